@@ -136,3 +136,78 @@ def test_flexlora_run_logs_server_svd_time_and_client_ranks(tmp_path):
     assert summary["clients"][0]["flops_per_seq"] > summary["clients"][1]["flops_per_seq"]
     server = [r for r in rd.read_metrics() if r["split"] == "server"]
     assert [r["round"] for r in server] == [1, 2] and all(r["svd_s"] >= 0 and r["aggregate_s"] >= r["svd_s"] for r in server)
+
+
+def _pruning_alg(lam=0.5, gamma=0.5):
+    alg = HetLoRA(_cfg(**{"algorithm.name": "hetlora", "algorithm.hetlora.prune_lambda": lam,
+                          "algorithm.hetlora.prune_gamma": gamma}))
+    alg.rank_levels, alg.r_max, alg.level_of, alg.pairs = [4, 2], 4, [0, 1], [PAIR]
+    return alg
+
+
+def test_hetlora_self_pruning_regularizer_by_hand():
+    alg = _pruning_alg(lam=0.5, gamma=0.5)
+    assert alg.init_private(0, None) == {"__rank": 4}
+    torch.manual_seed(0)
+    A = torch.randn(4, 5, requires_grad=True)   # (r_max, in)
+    B = torch.randn(3, 4, requires_grad=True)   # (out, r_max)
+    reg = alg.local_regularizer(0, {"__rank": 4})
+    val = reg({PAIR[0]: A, PAIR[1]: B})
+    # rank 4, γ = 0.5: the tail is components 2 and 3
+    want = 0.5 * torch.linalg.matrix_norm(B.detach()[:, 2:4] @ A.detach()[2:4, :])
+    torch.testing.assert_close(val.detach(), want, rtol=1e-5, atol=1e-6)
+    val.backward()
+    assert torch.all(A.grad[:2] == 0) and torch.all(B.grad[:, :2] == 0)  # the head is not regularised
+    assert A.grad[2:].abs().sum() > 0
+    # B = 0 (LoRA's initial state): the gradient stays finite
+    A2, B2 = torch.randn(4, 5, requires_grad=True), torch.zeros(3, 4, requires_grad=True)
+    reg({PAIR[0]: A2, PAIR[1]: B2}).backward()
+    assert torch.isfinite(A2.grad).all() and torch.isfinite(B2.grad).all()
+    assert _alg(HetLoRA).local_regularizer(0, {}) is None  # off by default
+
+
+def test_hetlora_self_pruning_drops_the_tail_when_its_norm_falls():
+    alg = _pruning_alg(lam=0.5, gamma=0.5)
+    A, B = torch.ones(4, 5), torch.ones(3, 4)
+    priv = alg.init_private(0, None)
+    # round 1: no previous tail norm -> keep rank 4, remember ‖B[:,2:4]A[2:4]‖ = 2·sqrt(15)
+    priv = alg.private_after_training(0, {PAIR[0]: A, PAIR[1]: B}, priv)
+    assert priv["__rank"] == 4 and priv["__tail_norm"] == pytest.approx(2 * 15 ** 0.5)
+    p = alg.payload(0, {PAIR[0]: A, PAIR[1]: B}, 10)
+    assert p.extra == {"rank": 4} and torch.equal(p.tensors[PAIR[0]], A)
+    # round 2: the tail grew -> keep rank 4
+    priv = alg.private_after_training(0, {PAIR[0]: 2 * A, PAIR[1]: B}, priv)
+    assert priv["__rank"] == 4
+    alg.payload(0, {PAIR[0]: 2 * A, PAIR[1]: B}, 10)
+    # round 3: the tail shrank -> rank ⌊0.5·4⌋ = 2; the payload carries zeros beyond it
+    small = A.clone()
+    small[2:] = 0.1
+    priv = alg.private_after_training(0, {PAIR[0]: small, PAIR[1]: B}, priv)
+    assert priv["__rank"] == 2
+    p = alg.payload(0, {PAIR[0]: small, PAIR[1]: B}, 10)
+    assert p.extra == {"rank": 2}
+    assert p.tensors[PAIR[0]][2:].abs().sum() == 0 and p.tensors[PAIR[1]][:, 2:].abs().sum() == 0
+    # the server records it and from then on truncates that client's downlink to rank 2
+    other = Payload(1, {PAIR[0]: A, PAIR[1]: B}, 10)
+    g, _ = alg.aggregate({PAIR[0]: A, PAIR[1]: B}, [p, other], {})
+    assert alg.current_rank(0, g) == 2 and alg.current_rank(1, g) == 2  # client 1's budget rank is 2
+    d = alg.downlink(g, 0)
+    assert set(d) == set(PAIR) and d[PAIR[0]][2:].abs().sum() == 0
+    g2, _ = alg.aggregate(g, [Payload(1, {PAIR[0]: A, PAIR[1]: B}, 10)], {})
+    assert alg.current_rank(0, g2) == 2  # a client that sat out keeps its pruned rank
+
+
+def test_hetlora_self_pruning_run_reports_pruned_ranks(tmp_path):
+    from fedmoe.federation import run_federated
+
+    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "algorithm.name=hetlora", "lora.rank=4",
+                             "algorithm.budgets.ranks=[4,2]", "data.partition.num_clients=2", "data.max_examples=160",
+                             "data.max_length=48", "train.max_steps=2", "train.batch_size=2", "eval.rouge=false",
+                             "algorithm.hetlora.prune_lambda=1000", "algorithm.hetlora.prune_gamma=0.5",
+                             "train.lr=0.01", "data.max_test_per_client=3", "federation.rounds=3",
+                             f"output_dir={tmp_path}", "name=prune"])
+    summary, rd = run_federated(cfg)
+    ck = torch.load(rd.checkpoint_dir / "state.pt", weights_only=False)
+    ranks = [c["rank"] for c in summary["clients"]]
+    assert ranks == [int(ck["private"][i]["__rank"]) for i in range(2)]
+    assert ranks[0] < 4 and ranks[1] < 2 and min(ranks) >= 1  # a strong λ shrinks every tail, so both prune

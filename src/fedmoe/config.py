@@ -112,6 +112,16 @@ class BudgetConfig(_Strict):
     probs: list[float] | None = None  # assign=distribution: probability of each level (seeded draw)
 
 
+class HetLoRAConfig(_Strict):
+    """HetLoRA's optional local rank self-pruning (Cho et al. 2024, §3.2; SPEC.md §2). Off when
+    prune_lambda = 0. A client adds λ·Σ‖B[:, ⌊γr⌋:r] A[⌊γr⌋:r, :]‖_F (its trailing components) to its
+    loss; when that tail norm is smaller after a round than after the client's previous round, the
+    client drops the tail: r ← max(1, ⌊γr⌋)."""
+
+    prune_lambda: float = Field(0.0, ge=0)
+    prune_gamma: float = Field(0.9, gt=0, lt=1)
+
+
 class FlexConfig(_Strict):
     """FLEx grafting options (SPEC.md §3)."""
 
@@ -134,6 +144,7 @@ class AlgorithmConfig(_Strict):
     rescaler: Literal["learned", "static", "none"] = "learned"  # FLAME's s_i
     rescaler_init: Literal["one", "ratio"] = "one"  # learned s_i starts at 1.0 or at k/k_i
     flex: FlexConfig = FlexConfig()
+    hetlora: HetLoRAConfig = HetLoRAConfig()
 
 
 class FederationConfig(_Strict):

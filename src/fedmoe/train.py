@@ -66,11 +66,13 @@ def train_local(
     reference_state: dict[str, torch.Tensor] | None = None,
     progress: Callable[[int, float], None] | None = None,
     grad_correction: dict[str, torch.Tensor] | None = None,
+    regularizer: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> LocalResult:
     """Train the model's trainable tensors on ``examples`` (dicts with input_ids and labels).
 
     ``reference_state`` is the round's global state for FedProx (used when cfg.proximal_mu > 0).
     ``seed`` fixes data order and dropout, so the same call gives the same result.
+    ``regularizer(params)`` is added to every micro-batch's loss (HetLoRA's self-pruning term).
     """
     if len(examples) == 0:
         raise ValueError("a client with no training examples cannot train; check the partition")
@@ -113,6 +115,8 @@ def train_local(
                 loss = loss + aux_coef * aux.float()
             if prox is not None:
                 loss = loss + 0.5 * cfg.proximal_mu * sum(((params[n] - prox[n]) ** 2).sum() for n in prox)
+            if regularizer is not None:
+                loss = loss + regularizer(params)
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
             seen += len(idx)

@@ -58,6 +58,7 @@ class Algorithm:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.setup_stats: dict[int, dict] = {}  # per client: what its one-shot setup cost (FLEx grafting)
 
     # 1. client setup ---------------------------------------------------------------------
     def setup(self, mm: MoEModel) -> None:
@@ -92,6 +93,15 @@ class Algorithm:
         """The part of the trained state the client keeps (default: nothing). ``context`` has the
         round's ``downlink``, local ``steps`` and ``lr`` (SCAFFOLD's control-variate update uses them)."""
         return private
+
+    def local_regularizer(self, client_id: int, private: State):
+        """A function of the trainable parameters (name -> tensor) whose value is added to the local
+        loss (HetLoRA's rank self-pruning term), or None."""
+        return None
+
+    def current_rank(self, client_id: int, global_state: State) -> int:
+        """The rank the client trains now (HetLoRA's self-pruning lowers it over rounds)."""
+        return self.client_rank(client_id)
 
     def grad_correction(self, client_id: int, private: State, downlink: State) -> State | None:
         """A tensor per trainable to add to its gradient during local training (SCAFFOLD: c − c_i)."""

@@ -58,8 +58,10 @@ class FLEx(Algorithm):
     def init_private(self, client_id: int, mm: MoEModel, calibration: list[dict] | None = None) -> State:
         for g in self.grafts:
             g.enabled = False  # score the pretrained model alone
+        stats: dict = {}
         chosen, scores = score_experts(mm, self._calibration_batches(calibration or []),
-                                       self.cfg.algorithm.flex.num_grafts)
+                                       self.cfg.algorithm.flex.num_grafts, stats=stats)
+        self.setup_stats[client_id] = stats
         for g, experts in zip(self.grafts, chosen):
             g.init_from(experts)  # gates from router rows; LoRA A random (seeded by the runtime), B zero
         self.graft_scores[client_id] = scores.tolist()

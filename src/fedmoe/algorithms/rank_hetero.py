@@ -105,15 +105,96 @@ class Trivial(_RankBudgets):
         return [min(levels)] * len(levels)
 
 
+RANK_KEY = "__hetlora_rank__/"  # global-state entry: a client's rank after self-pruning
+
+
+def tail_start(r: int, gamma: float) -> int:
+    """First trailing component HetLoRA's self-pruning regularises at rank r: ⌊γ r⌋."""
+    return int(math.floor(gamma * r + 1e-9))
+
+
 class HetLoRA(_RankBudgets):
+    """HetLoRA: zero-padding, Frobenius-norm-weighted averaging, truncation; optional local rank
+    self-pruning (``algorithm.hetlora.prune_lambda`` > 0)."""
+
     name = "hetlora"
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.prune = cfg.algorithm.hetlora
+        self._rank_after_training: dict[int, int] = {}  # set by the client, read by its payload
+
+    # ranks ----------------------------------------------------------------------------------
+    def current_rank(self, client_id: int, global_state: State) -> int:
+        t = global_state.get(f"{RANK_KEY}{client_id}")
+        return self.client_rank(client_id) if t is None else int(t)
+
+    def downlink(self, global_state: State, client_id: int | None) -> State:
+        tensors = {n: t for n, t in global_state.items() if not n.startswith(RANK_KEY)}
+        if client_id is None:
+            return tensors
+        r = self.current_rank(client_id, global_state)
+        if r == self.r_max:
+            return tensors
+        out = dict(tensors)
+        for a, b in self.pairs:
+            out[a], out[b] = truncate_rank(tensors[a], tensors[b], r)
+        return out
+
+    # self-pruning (client side) ---------------------------------------------------------------
+    def _tail_norm(self, state, r: int, differentiable: bool = False):
+        lo = tail_start(r, self.prune.prune_gamma)
+        total = 0.0
+        for a, b in self.pairs:
+            A, B = state[a][..., lo:r, :], state[b][..., :, lo:r]
+            if differentiable:  # ‖BA‖_F via the Gram trick; clamp keeps the gradient finite at B = 0
+                sq = ((B.transpose(-2, -1) @ B) * (A @ A.transpose(-2, -1))).sum(dim=(-2, -1))
+                total = total + sq.clamp_min(1e-20).sqrt().sum()
+            else:
+                total += float(frobenius_of_product(A, B))
+        return total
+
+    def init_private(self, client_id: int, mm: MoEModel, calibration=None) -> State:
+        return {"__rank": self.client_rank(client_id)} if self.prune.prune_lambda > 0 else {}
+
+    def local_regularizer(self, client_id: int, private: State):
+        if self.prune.prune_lambda <= 0:
+            return None
+        r, lam = private["__rank"], self.prune.prune_lambda
+        return lambda params: lam * self._tail_norm(params, r, differentiable=True)
+
+    def private_after_training(self, client_id: int, trained: State, private: State, **context) -> State:
+        if self.prune.prune_lambda <= 0:
+            return private
+        r = private["__rank"]
+        norm = self._tail_norm(trained, r)
+        prev = private.get("__tail_norm")
+        if prev is not None and norm < prev and r > 1:
+            r = max(1, tail_start(r, self.prune.prune_gamma))
+        self._rank_after_training[client_id] = r
+        return {**private, "__rank": r, "__tail_norm": norm}
+
+    def payload(self, client_id: int, trained: State, n_train: int, activation_counts=None,
+                tokens_per_layer=None) -> Payload:
+        r = self._rank_after_training.pop(client_id, None)
+        if r is None:
+            return Payload(client_id, trained, n_train)
+        out = dict(trained)
+        for a, b in self.pairs:  # a pruned client sends rank r (zeros beyond it after padding)
+            out[a], out[b] = truncate_rank(trained[a], trained[b], r)
+        return Payload(client_id, out, n_train, extra={"rank": r})
+
+    # server ---------------------------------------------------------------------------------
     def aggregate(self, global_state: State, payloads: list[Payload], server_state: dict):
         norms = [sum(float(frobenius_of_product(p.tensors[a], p.tensors[b])) for a, b in self.pairs)
                  for p in payloads]
         if sum(norms) <= 0:  # every update is zero (e.g. B still at init): fall back to n_i
             norms = [float(p.n_train) for p in payloads]
         new = weighted_average([p.tensors for p in payloads], norms)
+        new.update({n: t for n, t in global_state.items() if n.startswith(RANK_KEY)})
+        for p in payloads:
+            if "rank" in p.extra:
+                new[f"{RANK_KEY}{p.client_id}"] = torch.tensor(p.extra["rank"])
         return new, {**server_state, "last_weights": norms}
 
 

@@ -158,12 +158,23 @@ class FederatedRun:
         self.server_state = self.alg.init_server_state(self.global_state)
         self.private = {}
         self.setup_seconds = {}
+        self.setup_stats: dict = {}
+        cuda = self.mm.device.type == "cuda"
         for c in ([] if resuming else self.clients):  # a resumed run restores private state instead
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             t = time.perf_counter()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(seed, 4, c.id))
                 self.private[c.id] = self.alg.init_private(c.id, self.mm, c.train)
             self.setup_seconds[c.id] = time.perf_counter() - t
+            st = dict(self.alg.setup_stats.get(c.id, {}))
+            if cuda:
+                st["cuda_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
+            if st:
+                self.setup_stats[c.id] = {"seconds": self.setup_seconds[c.id], **st}
         self.completed_rounds = 0
         self.wall_before = 0.0
         self.global_eval: dict = {}
@@ -184,6 +195,7 @@ class FederatedRun:
             "zero_shot": self.zero_shot,
             "wall_s": self.wall_before + (time.time() - self._t0),
             "setup_seconds": self.setup_seconds,
+            "setup_stats": self.setup_stats,
             "rng": rng_states(),
         }
 
@@ -202,6 +214,7 @@ class FederatedRun:
         self.zero_shot = ck["zero_shot"]
         self.wall_before = ck["wall_s"]
         self.setup_seconds = ck.get("setup_seconds", {})
+        self.setup_stats = ck.get("setup_stats", {})
         restore_rng_states(ck["rng"])
 
     # ------------------------------------------------------------------ one client
@@ -222,7 +235,8 @@ class FederatedRun:
         res = train_local(self.mm, c.train, self.cfg.train, self.pad_id, lr,
                           seed=derive_seed(self.cfg.seed, 2, round_idx, cid), reference_state=down,
                           progress=lambda s, loss: prog.update(task, completed=s, info=f"loss {loss:.3f}"),
-                          grad_correction=self.alg.grad_correction(cid, self.private[cid], down))
+                          grad_correction=self.alg.grad_correction(cid, self.private[cid], down),
+                          regularizer=self.alg.local_regularizer(cid, self.private[cid]))
         prog.remove(task)
         trained = self.mm.get_state()
         self.private[cid] = self.alg.private_after_training(cid, trained, self.private[cid], downlink=down,
@@ -392,7 +406,7 @@ class FederatedRun:
         for c in self.clients:
             k = self.alg.client_top_k(c.id)
             k = k if k is not None else self.mm.default_top_k
-            rank = self.alg.client_rank(c.id)
+            rank = self.alg.current_rank(c.id, self.global_state)
             fl = self.client_flops(k, rank)
             clients.append({
                 "id": c.id, "k": k, "rank": rank,
@@ -423,7 +437,7 @@ class FederatedRun:
                    "top_k": self.mm.default_top_k, "trainable_tensors": len(self.global_state),
                    "trainable_params": int(sum(t.numel() for t in self.global_state.values())),
                    "data_skipped_rows": self.data.skipped, "zero_shot": self.zero_shot,
-                   "client_setup_seconds": self.setup_seconds},
+                   "client_setup_seconds": self.setup_seconds, "client_setup": self.setup_stats},
         )
         self.rd.write_summary(summary)
         write_report(self.rd, summary, self.rd.read_metrics(), self.data.histogram_markdown)
