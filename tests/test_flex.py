@@ -43,6 +43,12 @@ def test_flex_private_state_never_leaves_and_persists(tmp_path, monkeypatch):
         lora_b = [t for n, t in priv.items() if n.endswith("gate_up_lora_B")]
         assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # trained privately
     assert len(summary["client_setup_seconds"]) == 2 and all(v > 0 for v in summary["client_setup_seconds"].values())
+    setup = summary["client_setup"]
+    assert sorted(setup) == [0, 1] or sorted(setup) == ["0", "1"]
+    for v in setup.values():  # 4 calibration examples of <= 48 tokens, streamed in one batch
+        assert 0 < v["calibration_tokens"] <= 4 * 48 and v["scoring_peak_bytes"] > 0 and v["seconds"] > 0
+        assert v["cached_bytes"] == 2 * 4 * v["calibration_tokens"] * 128 * 4  # 4 layers, hidden 128, fp32
+    assert "## Client setup (expert grafting)" in rd.report_path.read_text()
     # resume: private grafts restored from the checkpoint, same final numbers
     _, rd2 = run_federated(load_config(None, TINY + [f"output_dir={tmp_path}", "name=cut"]), stop_after_round=1)
     resumed, _ = resume_federated(rd2.path)

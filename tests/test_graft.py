@@ -33,7 +33,13 @@ def _batches(n=2, seed=3):
 def test_scores_equal_a_hand_computation():
     mm = _mm()
     batches = _batches()
-    chosen, scores = score_experts(mm, batches)
+    stats = {}
+    chosen, scores = score_experts(mm, batches, stats=stats)
+    # memory and token accounting: 2 batches of 2x9 tokens, 3 padding each -> 2 x 15 scored tokens
+    L, H = len(mm.layers), mm.config.hidden_size
+    assert stats["calibration_tokens"] == 30
+    assert stats["cached_bytes"] == 2 * L * 30 * H * 4  # X and Z of every layer, float32
+    assert stats["scoring_peak_bytes"] == 15 * H * (4 + 4 + 3 * 8)  # one batch: X, Z fp32 + 3 float64
     # by hand: capture X and Z of layer 1 with a plain hook, non-padding rows only
     expected = torch.zeros(8, dtype=torch.float64)
     ex = mm.experts_module(1)

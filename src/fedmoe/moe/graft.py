@@ -24,9 +24,15 @@ def _expert_forward(base: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def score_experts(mm, batches, num_grafts: int = 1) -> tuple[list[list[int]], torch.Tensor]:
+def score_experts(mm, batches, num_grafts: int = 1, stats: dict | None = None) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy expert choice per MoE layer on calibration ``batches`` (dicts with input_ids and
     attention_mask). Returns (chosen expert ids per layer, the first step's scores (L, E) in float64).
+
+    ``stats``, if given, receives ``calibration_tokens`` (non-padding tokens scored),
+    ``scoring_peak_bytes`` (the largest set of scoring tensors alive at once: one layer's X, Z and
+    two float64 predictions for one batch; the batches are streamed, never all cached) and
+    ``cached_bytes`` (what caching X and Z of every layer for the whole calibration set in the
+    model's dtype would take, the approach the FLEx paper describes).
 
     Step 1 picks argmin_e Σ‖Z − E_e(X)‖_F; step s > 1 adds the expert that minimises
     Σ‖Z − Σ_{chosen ∪ {e}} E(X)‖_F (each retained expert with weight 1)."""
@@ -36,7 +42,8 @@ def score_experts(mm, batches, num_grafts: int = 1) -> tuple[list[list[int]], to
     L, E = len(mm.layers), mm.num_experts
     chosen: list[list[int]] = [[] for _ in range(L)]
     first_scores = None
-    for _ in range(num_grafts):
+    peak, tokens = 0, 0
+    for step in range(num_grafts):
         scores = torch.zeros(L, E, dtype=torch.float64)
         handles = []
         for layer in mm.layers:
@@ -49,6 +56,11 @@ def score_experts(mm, batches, num_grafts: int = 1) -> tuple[list[list[int]], to
                     x, output = x[mask], output[mask]
                 z = output.to(torch.float64)
                 base_sum = torch.zeros_like(z)
+                nonlocal peak, tokens
+                peak = max(peak, x.numel() * x.element_size() + output.numel() * output.element_size()
+                           + 3 * z.numel() * z.element_size())  # z, base_sum, pred
+                if step == 0 and li == 0:
+                    tokens += x.shape[0]
                 for c in chosen[li]:
                     base_sum += _expert_forward(module.base, c, x).to(torch.float64)
                 for e in range(E):
@@ -73,6 +85,10 @@ def score_experts(mm, batches, num_grafts: int = 1) -> tuple[list[list[int]], to
         for li in range(L):
             chosen[li].append(int(torch.argmin(scores[li])))
     model.train(was_training)
+    if stats is not None:
+        elem = next(mm.layers[0].block.experts.base.parameters()).element_size()
+        stats.update(calibration_tokens=tokens, scoring_peak_bytes=peak,
+                     cached_bytes=2 * L * tokens * mm.config.hidden_size * elem)
     return chosen, first_scores
 
 

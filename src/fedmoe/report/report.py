@@ -284,6 +284,27 @@ def format_examples(summary: dict, per_client: int = 1) -> list[str]:
     return ["## Sample answers (final model)", "", *lines, ""] if lines else []
 
 
+def format_client_setup(summary: dict) -> list[str]:
+    """The one-shot client setup (FLEx grafting): time and memory per client."""
+    setup = summary.get("client_setup") or {}
+    if not setup:
+        return []
+    cuda = any("cuda_peak_extra_bytes" in v for v in setup.values())
+    head = "| client | time | calibration tokens | scoring memory (peak) | caching X, Z instead |" + (" CUDA peak extra |" if cuda else "")
+    lines = ["## Client setup (expert grafting)", "",
+             "Scoring streams the calibration batches: the memory is one layer's X, Z and two float64 "
+             "predictions for one batch; caching every layer's X and Z for the whole calibration set would take "
+             "the last column.", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for cid in sorted(setup, key=int):
+        v = setup[cid]
+        row = (f"| {cid} | {format_duration(v.get('seconds'))} | {_plain(v.get('calibration_tokens'))} | "
+               f"{human_bytes(v.get('scoring_peak_bytes'))} | {human_bytes(v.get('cached_bytes'))} |")
+        if cuda:
+            row += f" {human_bytes(v.get('cuda_peak_extra_bytes'))} |"
+        lines.append(row)
+    return lines + [""]
+
+
 def write_report(
     run_dir: RunDir,
     summary: dict,
@@ -301,14 +322,15 @@ def write_report(
     parts += format_examples(summary)
     if histogram_markdown:
         parts += ["## Data: categories per client", "", histogram_markdown.strip(), ""]
+    parts += format_client_setup(summary)
     parts += ["## Learning curve", ""]
     if plot_learning_curve(metrics, run_dir.path / PLOT_NAME):
         parts += [f"![learning curve]({PLOT_NAME})", ""]
+    else:
+        parts += ["(no loss was logged in metrics.jsonl)", ""]
     if plot_expert_heatmap(summary, run_dir.path / HEATMAP_NAME):
         parts += ["## Expert activation per client", "",
                   "Share of each client's routed (token, expert) assignments per expert during local training "
                   "(all rounds), per MoE layer.", "", f"![expert activation]({HEATMAP_NAME})", ""]
-    else:
-        parts += ["(no loss was logged in metrics.jsonl)", ""]
     atomic_write_text(run_dir.report_path, "\n".join(parts))
     return run_dir.report_path
