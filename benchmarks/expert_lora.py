@@ -43,7 +43,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-OLMOE_CONFIG = Path("/work/shared/data/configs/allenai--OLMoE-1B-7B-0924.json")
+OLMOE_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "data" / "configs" / "allenai--OLMoE-1B-7B-0924.json"
 EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 

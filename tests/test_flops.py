@@ -20,7 +20,7 @@ from fedmoe.moe import SUPPORTED_ARCHITECTURES, ExpertsWithLoRA, MoEModel, Unsup
 from fedmoe.moe.tiny import tiny_config
 
 ARCHS = list(SUPPORTED_ARCHITECTURES)
-CONFIGS = Path("/work/shared/data/configs")
+CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "configs"  # ../shared beside the repo
 OLMOE = CONFIGS / "allenai--OLMoE-1B-7B-0924.json"
 QWEN15 = CONFIGS / "Qwen--Qwen1.5-MoE-A2.7B.json"
 DEEPSEEK_V1 = CONFIGS / "deepseek-ai--deepseek-moe-16b-base.json"
