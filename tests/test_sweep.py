@@ -58,6 +58,15 @@ def test_sweep_runs_tabulates_and_resumes(tmp_path):
     logs.clear()
     run_sweep(path, ["sweep.algorithm.name=[flame]"], log=logs.append)
     assert len(logs) == 1 and "name=flame" in logs[0]
+    # a point killed mid-run (checkpoint, no summary) is resumed, not refused or restarted
+    fedit_dir = tmp_path / "sw" / "name=fedit"
+    before = json.loads((fedit_dir / "summary.json").read_text())
+    (fedit_dir / "summary.json").unlink()
+    logs.clear()
+    run_sweep(path, log=logs.append)
+    assert "continuing from its checkpoint" in logs[0] and "done before, kept" in logs[1]
+    after = json.loads((fedit_dir / "summary.json").read_text())
+    assert [c["loss"] for c in after["clients"]] == [c["loss"] for c in before["clients"]]
 
 
 def test_every_shipped_config_and_sweep_point_validates():

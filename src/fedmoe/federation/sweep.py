@@ -7,7 +7,8 @@
         FedProx: {algorithm.name: fedit, train.proximal_mu: 0.01}
 
 runs the Cartesian product (8 runs) as ordinary runs under ``runs/<name>/<point>``; a point whose
-``summary.json`` exists is not run again, so an interrupted sweep continues where it stopped. The
+``summary.json`` exists is not run again and one with a checkpoint but no summary is resumed, so an
+interrupted sweep continues where it stopped. The
 combined ``sweep_report.md`` puts one row per client (= per budget level when clients map to budgets,
 as in FLAME's Table 2) and one column per sweep point.
 """
@@ -63,7 +64,8 @@ def load_sweep(path: str | Path) -> tuple[dict, dict | None]:
 
 
 def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progress: bool = False, log=print) -> Path:
-    from .runtime import run_federated
+    from .checkpoint import CHECKPOINT_FILE
+    from .runtime import resume_federated, run_federated
 
     tree, sweep = load_sweep(path)
     # `--set sweep.<key>=[values]` replaces one axis of the sweep (the key keeps its dots)
@@ -86,6 +88,9 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progres
         summary_path = root / point / "summary.json"
         if summary_path.is_file():
             log(f"[{i + 1}/{len(points)}] {point}: done before, kept")
+        elif (root / point / "checkpoints" / CHECKPOINT_FILE).is_file():
+            log(f"[{i + 1}/{len(points)}] {point}: continuing from its checkpoint")
+            resume_federated(root / point, show_progress=show_progress, log=log)
         else:
             log(f"[{i + 1}/{len(points)}] {point}")
             run_federated(cfg, show_progress=show_progress, log=log)
