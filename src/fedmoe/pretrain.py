@@ -10,6 +10,8 @@ bf16) plus tokenizer files and a model card into ``export_dir``.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import io
 import json
 import math
@@ -58,11 +60,15 @@ class ModelSpec(_Strict):
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
-    num_experts: int = 32
-    top_k: int = 8
-    intermediate_size: int = 64
+    num_experts: int = 16
+    top_k: int = 4
+    intermediate_size: int = 128
     max_position_embeddings: int = 1024
-    router_aux_loss_coef: float = 0.01
+    router_aux_loss_coef: float = 0.1
+    # per_layer: the load-balancing loss is computed in every MoE layer and averaged; global: Hugging
+    # Face's, on the router outputs of all layers concatenated, which lets one layer leave an expert
+    # unused as long as other layers use it (the first recipe shipped such a model)
+    balance: Literal["per_layer", "global"] = "per_layer"
 
 
 class TrainSpec(_Strict):
@@ -70,8 +76,8 @@ class TrainSpec(_Strict):
     batch_size: int = Field(16, ge=1)
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup_steps: int = 80
-    max_steps: int = Field(800, ge=1)
+    warmup_steps: int = 100
+    max_steps: int = Field(1200, ge=1)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 200
@@ -154,7 +160,8 @@ def train_tokenizer(texts: list[str], spec: TokenizerSpec):
 def pack(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
     """Concatenate texts (each followed by eos) and cut into (n_blocks, seq_len) blocks."""
     ids: list[int] = []
-    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    # verbose=False: texts longer than model_max_length are fine here, they are cut into blocks
+    for enc in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         ids.extend(enc)
         ids.append(tokenizer.eos_token_id)
     n = len(ids) // seq_len
@@ -173,6 +180,20 @@ def model_config(cfg: PretrainConfig, tokenizer):
         output_router_logits=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None, tie_word_embeddings=False,
     )
+
+
+def per_layer_balance_loss(router_logits, top_k: int) -> torch.Tensor:
+    """Switch/OLMoE load-balancing loss in each MoE layer, averaged over layers: per layer
+    E · Σ_e f_e · P_e with f_e the share of the layer's top-k slots given to expert e (per slot, as in
+    Hugging Face) and P_e the mean router probability of e. Uniform routing gives k."""
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)  # (tokens, E)
+        E = probs.shape[-1]
+        idx = probs.topk(top_k, dim=-1).indices
+        f = torch.nn.functional.one_hot(idx, E).float().mean(dim=0)  # (k, E)
+        losses.append(E * (f * probs.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
 
 
 def lr_at(step: int, t: TrainSpec) -> float:
@@ -198,6 +219,33 @@ def heldout_loss(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
 
 
 # ------------------------------------------------------------------------------ training
+def _recipe(cfg: PretrainConfig) -> dict:
+    """The settings a checkpoint depends on (not where it is written or how often; max_steps may grow
+    to train on)."""
+    d = cfg.model_dump()
+    d.pop("work_dir"), d.pop("export_dir")
+    for k in ("eval_every", "checkpoint_every", "threads", "max_steps"):
+        d["train"].pop(k)
+    return d
+
+
+def _check_same_recipe(saved: dict | None, now: dict, ck_path: Path) -> None:
+    if saved is None or saved == now:
+        return
+
+    def flat(d, pre=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+
+    a, b = flat(saved), flat(now)
+    diff = [f"{k}: checkpoint {a.get(k)!r}, config {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    raise ValueError(f"{ck_path} was written by a different recipe ({'; '.join(diff)}). Resume with the "
+                     f"config that wrote it, or set work_dir to a new folder (or delete {ck_path.parent}) "
+                     f"to start again.")
+
+
 def run_pretrain(cfg: PretrainConfig, show_progress: bool = True, log=print) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -237,6 +285,7 @@ def run_pretrain(cfg: PretrainConfig, show_progress: bool = True, log=print) -> 
     step, history, wall_before = 0, [], 0.0
     if ck_path.is_file():
         ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+        _check_same_recipe(ck.get("recipe"), _recipe(cfg), ck_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]
@@ -268,12 +317,16 @@ def run_pretrain(cfg: PretrainConfig, show_progress: bool = True, log=print) -> 
                 group["lr"] = lr_at(step, t)
             b = train_blocks[batch_indices(step)]
             out = model(input_ids=b, labels=b, output_router_logits=True)
+            loss, aux = out.loss, out.aux_loss
+            if cfg.model.balance == "per_layer":  # swap HF's global balance term for the per-layer one
+                aux = per_layer_balance_loss(out.router_logits, cfg.model.top_k)
+                loss = out.loss - cfg.model.router_aux_loss_coef * out.aux_loss + cfg.model.router_aux_loss_coef * aux
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             opt.step()
             step += 1
-            rec = {"step": step, "loss": out.loss.item(), "aux": out.aux_loss.item(), "lr": lr_at(step - 1, t)}
+            rec = {"step": step, "loss": loss.item(), "aux": aux.item(), "lr": lr_at(step - 1, t)}
             if step % t.eval_every == 0 or step == t.max_steps:
                 rec["heldout_loss"] = heldout_loss(model, eval_blocks)
                 log(f"step {step}: train {rec['loss']:.3f}, held-out {rec['heldout_loss']:.3f}")
@@ -283,6 +336,7 @@ def run_pretrain(cfg: PretrainConfig, show_progress: bool = True, log=print) -> 
             if step % t.checkpoint_every == 0 or step == t.max_steps:
                 buf = io.BytesIO()
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                            "recipe": _recipe(cfg),
                             "history": history, "wall_s": wall_before + time.time() - t0,
                             "torch_rng": torch.get_rng_state()}, buf)
                 atomic_write_bytes(ck_path, buf.getvalue())
@@ -369,7 +423,8 @@ def model_card(cfg: PretrainConfig, s: dict, history: list[dict]) -> str:
         "```bash", "fedmoe pretrain configs/pretrain-tiny-moe.yaml", "```", "",
         f"* architecture: `OlmoeForCausalLM`, {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads, "
         f"{m.num_experts} experts of intermediate size {m.intermediate_size}, top-{m.top_k}, `norm_topk_prob=false` "
-        f"(like OLMoE), load-balancing loss coefficient {m.router_aux_loss_coef}",
+        f"(like OLMoE), load-balancing loss coefficient {m.router_aux_loss_coef} "
+        f"({'in every layer, averaged' if m.balance == 'per_layer' else 'over all layers at once'})",
         f"* tokenizer: byte-level BPE trained on the training split, vocabulary {cfg.tokenizer.vocab_size} "
         f"(eos `{EOS}`, pad `{PAD}`; the Alpaca markers {', '.join('`' + x + '`' for x in TEMPLATE_MARKERS)} are single tokens)",
         "* data: Alpaca subsets, an Alpaca-GPT4 sample, AlpaGasus Claude-filtered and helpfulness sets, MedAlpaca",
