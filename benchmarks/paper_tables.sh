@@ -9,6 +9,8 @@
 #          per client, 48 new tokens.
 #   FLEx:  lr 5e-4 instead of 4e-5 (same reason); ROUGE-L on 40 test examples per client, 64 new
 #          tokens instead of 256; MMLU "quick" subset capped at 20 questions per subject (200).
+#   Both:  greedy decoding that never repeats a 3-gram (eval.no_repeat_ngram_size=3, the default run's
+#          setting) instead of plain greedy: the 11.6M model otherwise loops, and the loops decide ROUGE-L.
 # Results land in runs/<name>-cpu/sweep_report.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,15 +20,15 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 flame() {
   "$FEDMOE" run configs/flame-table2.yaml --quiet --set name=flame-table2-cpu \
     --set train.epochs=null --set train.max_steps=30 --set train.lr=1e-3 \
-    --set eval.max_examples=40 --set eval.max_new_tokens=48
+    --set eval.max_examples=40 --set eval.max_new_tokens=48 --set eval.no_repeat_ngram_size=3
   "$FEDMOE" run configs/flame-ablations.yaml --quiet --set name=flame-ablations-cpu \
     --set train.epochs=null --set train.max_steps=30 --set train.lr=1e-3 \
-    --set eval.max_examples=40 --set eval.max_new_tokens=48
+    --set eval.max_examples=40 --set eval.max_new_tokens=48 --set eval.no_repeat_ngram_size=3
 }
 
 flex() {
   local common=(--quiet --set train.lr=5e-4 --set eval.max_examples=40 --set eval.max_new_tokens=64
-                --set eval.mmlu_max_per_subject=20)
+                --set eval.mmlu_max_per_subject=20 --set eval.no_repeat_ngram_size=3)
   "$FEDMOE" run configs/flex-pathological.yaml --set name=flex-pathological-cpu "${common[@]}"
   "$FEDMOE" run configs/flex-ablations.yaml --set name=flex-ablations-cpu "${common[@]}"
 }

@@ -16,7 +16,7 @@ def test_defaults_are_the_default_run_and_match_configs_default_yaml():
     from pathlib import Path
 
     cfg = load_config(None)
-    assert (cfg.model.name, cfg.algorithm.name, cfg.federation.rounds) == ("builtin:tiny-moe", "fedit", 2)
+    assert (cfg.model.name, cfg.algorithm.name, cfg.federation.rounds) == ("builtin:tiny-moe", "fedit", 3)
     assert (cfg.data.partition.scheme, cfg.data.partition.num_clients, cfg.data.partition.alpha) == ("dirichlet", 4, 0.5)
     written = load_config(Path(__file__).parent.parent / "configs" / "default.yaml")
     assert written == cfg

@@ -117,6 +117,27 @@ def test_greedy_generate_cuts_at_eos(tiny_model):
     assert greedy_generate(tiny_model, [], pad_id=0, eos_id=EOS, max_new_tokens=4, batch_size=2, device="cpu") == []
 
 
+def test_no_repeat_ngram_blocks_repeats_and_matches_hugging_face(tiny_model):
+    prompts = [[5, 6, 7], [9, 9, 3, 4]]
+    plain = greedy_generate(tiny_model, prompts, pad_id=0, eos_id=EOS, max_new_tokens=24, batch_size=2, device="cpu")
+    blocked = greedy_generate(tiny_model, prompts, pad_id=0, eos_id=EOS, max_new_tokens=24, batch_size=2,
+                              device="cpu", no_repeat_ngram_size=2)
+
+    def repeats(prompt, toks):  # a bigram of prompt + output seen twice
+        seq = prompt + toks
+        grams = list(zip(seq, seq[1:]))
+        return len(grams) - len(set(grams))
+
+    assert any(repeats(p, t) > 0 for p, t in zip(prompts, plain))  # the random tiny model loops
+    assert all(repeats(p, t) == 0 for p, t in zip(prompts, blocked))
+    with torch.inference_mode():  # the same as Hugging Face's option on one unpadded prompt
+        out = tiny_model.generate(input_ids=torch.tensor([prompts[0]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
+                                  max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=EOS,
+                                  no_repeat_ngram_size=2)
+    toks = out[0, 3:].tolist()
+    assert blocked[0] == (toks[: toks.index(EOS)] if EOS in toks else toks)
+
+
 def test_evaluate_loss_token_weighted(tiny_model):
     g = torch.Generator().manual_seed(2)
     batches = []

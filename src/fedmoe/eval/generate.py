@@ -37,12 +37,15 @@ def greedy_generate(
     batch_size: int,
     device: torch.device | str,
     progress: Callable[[int], None] | None = None,
+    no_repeat_ngram_size: int = 0,
+    repetition_penalty: float = 1.0,
 ) -> list[list[int]]:
     """Greedy-decode each prompt; return only the new tokens, cut before the first ``eos_id``.
 
     Prompts are batched by length (longest first, so an out-of-memory shows up at once) and the
     results come back in the input order. ``progress(n)`` is called with the number of prompts
-    finished in each batch.
+    finished in each batch. ``no_repeat_ngram_size`` / ``repetition_penalty`` are Hugging Face's
+    (0 / 1.0 = plain greedy).
     """
     if batch_size < 1:
         raise ValueError(f"greedy_generate: batch_size must be >= 1, got {batch_size}")
@@ -65,6 +68,8 @@ def greedy_generate(
                 do_sample=False,
                 pad_token_id=pad_id,
                 eos_token_id=eos_id,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+                repetition_penalty=repetition_penalty,
             )
             new_tokens = generated[:, input_ids.shape[1] :].tolist()
             for i, toks in zip(idx, new_tokens):

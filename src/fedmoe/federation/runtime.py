@@ -286,7 +286,8 @@ class FederatedRun:
         if with_rouge and prompts:
             task = prog.task(f"  {label} generate", len(prompts))
             gen = greedy_generate(self.mm.model, prompts, self.pad_id, self.eos_id, self.cfg.eval.max_new_tokens, bs,
-                                  self.mm.device, progress=lambda n: prog.update(task, advance=n))
+                                  self.mm.device, progress=lambda n: prog.update(task, advance=n),
+                                  no_repeat_ngram_size=self.cfg.eval.no_repeat_ngram_size)
             prog.remove(task)
             preds = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
             res["rouge_scores"] = rouge_l_per_example(preds, refs)
