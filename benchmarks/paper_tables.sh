@@ -4,11 +4,12 @@
 # continue). The full-scale versions are the configs themselves: `fedmoe run configs/<name>.yaml`.
 #
 # What is reduced, against the configs (which follow the papers):
-#   FLAME: 30 local steps per round instead of 1 epoch (~190 steps); lr 1e-3 instead of 1.5e-4 (an
-#          11.6M-parameter model barely moves at 1.5e-4 in 60 steps); ROUGE-L on 40 test examples
+#   FLAME: 20 local steps per round instead of 1 epoch (~190 steps); lr 1e-3 instead of 1.5e-4 (an
+#          11.6M-parameter model barely moves at 1.5e-4 in 40 steps); ROUGE-L on 30 test examples
 #          per client, 48 new tokens.
-#   FLEx:  lr 5e-4 instead of 4e-5 (same reason); ROUGE-L on 40 test examples per client, 64 new
-#          tokens instead of 256; MMLU "quick" subset capped at 20 questions per subject (200).
+#   FLEx:  10 rounds instead of 20 (5 steps x batch 4 each, as the paper); lr 5e-4 instead of 4e-5
+#          (same reason); 30 test examples per client (ROUGE-L, 64 new tokens instead of 256) and 40 for
+#          the per-round loss; MMLU "quick" subset capped at 20 questions per subject (200).
 #   Both:  greedy decoding that never repeats a 3-gram (eval.no_repeat_ngram_size=3, the default run's
 #          setting) instead of plain greedy: the 11.6M model otherwise loops, and the loops decide ROUGE-L.
 # Results land in runs/<name>-cpu/sweep_report.md.
@@ -19,15 +20,16 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 
 flame() {
   "$FEDMOE" run configs/flame-table2.yaml --quiet --set name=flame-table2-cpu \
-    --set train.epochs=null --set train.max_steps=30 --set train.lr=1e-3 \
-    --set eval.max_examples=40 --set eval.max_new_tokens=48 --set eval.no_repeat_ngram_size=3
+    --set train.max_steps=20 --set train.lr=1e-3 \
+    --set eval.max_examples=30 --set eval.max_new_tokens=48 --set eval.no_repeat_ngram_size=3
   "$FEDMOE" run configs/flame-ablations.yaml --quiet --set name=flame-ablations-cpu \
-    --set train.epochs=null --set train.max_steps=30 --set train.lr=1e-3 \
-    --set eval.max_examples=40 --set eval.max_new_tokens=48 --set eval.no_repeat_ngram_size=3
+    --set train.max_steps=20 --set train.lr=1e-3 \
+    --set eval.max_examples=30 --set eval.max_new_tokens=48 --set eval.no_repeat_ngram_size=3
 }
 
 flex() {
-  local common=(--quiet --set train.lr=5e-4 --set eval.max_examples=40 --set eval.max_new_tokens=64
+  local common=(--quiet --set train.lr=5e-4 --set federation.rounds=10 --set data.max_test_per_client=40
+                --set eval.max_examples=30 --set eval.max_new_tokens=64
                 --set eval.mmlu_max_per_subject=20 --set eval.no_repeat_ngram_size=3)
   "$FEDMOE" run configs/flex-pathological.yaml --set name=flex-pathological-cpu "${common[@]}"
   "$FEDMOE" run configs/flex-ablations.yaml --set name=flex-ablations-cpu "${common[@]}"
