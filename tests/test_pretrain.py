@@ -90,14 +90,50 @@ def test_shipped_model_loads_offline_and_reproduces_recorded_loss():
 
 
 @needs_shipped
-@pytest.mark.xfail(strict=True, reason="the shipped model (load-balancing coefficient 0.01, 800 steps) has dead "
-                   "experts in layers 1-2 (0.0%-0.9% of held-out tokens); issue 3 stays open until a retrained model "
-                   "passes. Remove this mark then (strict: a pass fails the suite as a reminder)")
 def test_shipped_model_uses_every_expert():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedmoe.pretrain import activation_table
+
     stats = json.loads((SHIPPED / "pretrain_stats.json").read_text())
     cfg = load_pretrain_config(None)
-    # experts are used and specialised: in every layer each expert receives 1%..50% of held-out tokens
-    fractions = torch.tensor(stats["expert_token_fraction"])
+    fractions = torch.tensor(stats["expert_token_fraction"], dtype=torch.float64)
     assert fractions.shape == (cfg.model.num_layers, cfg.model.num_experts)
-    assert torch.allclose(fractions.sum(dim=1), torch.full((cfg.model.num_layers,), float(cfg.model.top_k)))
+    assert torch.allclose(fractions.sum(dim=1), torch.full((cfg.model.num_layers,), float(cfg.model.top_k),
+                                                          dtype=torch.float64))
+    # the recorded table is what the shipped weights route on the held-out split (recomputed here)
+    model = AutoModelForCausalLM.from_pretrained(str(SHIPPED), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED))
+    _, held = load_corpus(cfg)
+    now = torch.tensor(activation_table(model, pack(tok, held, cfg.train.seq_len)), dtype=torch.float64)
+    torch.testing.assert_close(now, fractions, rtol=0, atol=2e-3)
+    # experts are used and specialised: in every layer each expert receives 1%..50% of held-out tokens
     assert fractions.min() >= 0.01 and fractions.max() <= 0.5
+
+
+def test_resuming_with_a_different_recipe_is_refused(tmp_path):
+    run_pretrain(_tiny_recipe(tmp_path, "r", 2), show_progress=False, log=lambda *_: None)
+    other = _tiny_recipe(tmp_path, "r", 2).model_copy(deep=True)
+    other.model.num_experts = 8
+    with pytest.raises(ValueError, match=r"different recipe \(model.num_experts: checkpoint 4, config 8\)"):
+        run_pretrain(other, show_progress=False, log=lambda *_: None)
+
+
+def test_per_layer_balance_loss_matches_hugging_face_on_one_layer_and_averages():
+    from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+
+    from fedmoe.pretrain import per_layer_balance_loss
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g) * 3
+    for layer in (a, b):  # one layer: HF's pooled loss is the per-layer loss
+        torch.testing.assert_close(per_layer_balance_loss((layer,), 2), load_balancing_loss_func((layer,), 8, 2))
+    both = per_layer_balance_loss((a, b), 2)
+    torch.testing.assert_close(both, (per_layer_balance_loss((a,), 2) + per_layer_balance_loss((b,), 2)) / 2)
+    # a layer that sends every token to experts 0 and 1 is penalised even when another layer
+    # uses only experts 6 and 7 (pooled, the two layers look balanced over those 4 experts)
+    skew0 = torch.full((40, 8), -10.0)
+    skew0[:, :2] = 10
+    skew1 = torch.full((40, 8), -10.0)
+    skew1[:, 6:] = 10
+    assert per_layer_balance_loss((skew0, skew1), 2) > load_balancing_loss_func((skew0, skew1), 8, 2) * 1.5
