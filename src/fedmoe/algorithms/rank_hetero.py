@@ -28,6 +28,9 @@ from .fedit import FedIT
 _PAIR = re.compile(r"^(.*?)(lora_A|lora_B)$")
 
 
+RANK_KEY = "__hetlora_rank__/"  # global-state entry: a client's rank after self-pruning
+
+
 def default_rank_levels(rank: int) -> list[int]:
     """FLAME Table 1's ladder scaled to ``rank``: 20 -> 20, 12, 8, 6."""
     return [max(1, math.ceil(rank * f - 1e-9)) for f in (1.0, 0.6, 0.4, 0.3)]
@@ -85,12 +88,15 @@ class _RankBudgets(FedIT):
         mm.set_lora_scaling(self.cfg.lora.alpha / self.client_rank(client_id))
 
     def downlink(self, global_state: State, client_id: int | None) -> State:
-        r = self.client_rank(client_id)
+        """The global adapters truncated to the client's current rank (server-side per-client
+        entries, such as HetLoRA's pruned ranks, are not sent)."""
+        tensors = {n: t for n, t in global_state.items() if not n.startswith(RANK_KEY)}
+        r = self.r_max if client_id is None else self.current_rank(client_id, global_state)
         if r == self.r_max:
-            return global_state
-        out = dict(global_state)
+            return tensors
+        out = dict(tensors)
         for a, b in self.pairs:
-            out[a], out[b] = truncate_rank(global_state[a], global_state[b], r)
+            out[a], out[b] = truncate_rank(tensors[a], tensors[b], r)
         return out
 
 
@@ -103,9 +109,6 @@ class Trivial(_RankBudgets):
     def rank_ladder(self) -> list[int]:
         levels = super().rank_ladder()
         return [min(levels)] * len(levels)
-
-
-RANK_KEY = "__hetlora_rank__/"  # global-state entry: a client's rank after self-pruning
 
 
 def tail_start(r: int, gamma: float) -> int:
@@ -128,18 +131,6 @@ class HetLoRA(_RankBudgets):
     def current_rank(self, client_id: int, global_state: State) -> int:
         t = global_state.get(f"{RANK_KEY}{client_id}")
         return self.client_rank(client_id) if t is None else int(t)
-
-    def downlink(self, global_state: State, client_id: int | None) -> State:
-        tensors = {n: t for n, t in global_state.items() if not n.startswith(RANK_KEY)}
-        if client_id is None:
-            return tensors
-        r = self.current_rank(client_id, global_state)
-        if r == self.r_max:
-            return tensors
-        out = dict(tensors)
-        for a, b in self.pairs:
-            out[a], out[b] = truncate_rank(tensors[a], tensors[b], r)
-        return out
 
     # self-pruning (client side) ---------------------------------------------------------------
     def _tail_norm(self, state, r: int, differentiable: bool = False):
