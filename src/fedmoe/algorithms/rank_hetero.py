@@ -56,11 +56,15 @@ def truncate_rank(A: torch.Tensor, B: torch.Tensor, r: int) -> tuple[torch.Tenso
     return A, B
 
 
-def frobenius_of_product(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Σ over stacked weights of ‖B A‖_F, without forming B A: ‖BA‖² = Σ (BᵀB) ⊙ (AAᵀ)."""
-    A64, B64 = A.to(torch.float64), B.to(torch.float64)
-    sq = ((B64.transpose(-2, -1) @ B64) * (A64 @ A64.transpose(-2, -1))).sum(dim=(-2, -1))
-    return sq.clamp_min(0).sqrt().sum()
+def frobenius_of_product(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | None = torch.float64,
+                         floor: float = 0.0) -> torch.Tensor:
+    """Σ over stacked weights of ‖B A‖_F, without forming B A: ‖BA‖² = Σ (BᵀB) ⊙ (AAᵀ).
+    ``dtype`` None keeps the inputs' dtype (and autograd graph); ``floor`` > 0 keeps the gradient of
+    the square root finite where B A = 0."""
+    if dtype is not None:
+        A, B = A.to(dtype), B.to(dtype)
+    sq = ((B.transpose(-2, -1) @ B) * (A @ A.transpose(-2, -1))).sum(dim=(-2, -1))
+    return sq.clamp_min(floor).sqrt().sum()
 
 
 class _RankBudgets(FedIT):
@@ -138,9 +142,8 @@ class HetLoRA(_RankBudgets):
         total = 0.0
         for a, b in self.pairs:
             A, B = state[a][..., lo:r, :], state[b][..., :, lo:r]
-            if differentiable:  # ‖BA‖_F via the Gram trick; clamp keeps the gradient finite at B = 0
-                sq = ((B.transpose(-2, -1) @ B) * (A @ A.transpose(-2, -1))).sum(dim=(-2, -1))
-                total = total + sq.clamp_min(1e-20).sqrt().sum()
+            if differentiable:  # in the trainables' dtype, with a floor: finite gradient at B = 0
+                total = total + frobenius_of_product(A, B, dtype=None, floor=1e-20)
             else:
                 total += float(frobenius_of_product(A, B))
         return total
