@@ -157,6 +157,13 @@ def test_run_directory_contract_and_bytes(tmp_path):
     assert on_disk["zero_shot"]["loss"] == glob[0]["loss"]
     assert all(c["zero_shot"]["loss"] is not None for c in on_disk["clients"])
     assert "## Zero-shot vs federated fine-tuning" in rd.report_path.read_text()
+    # the paired change pools the same examples as the global means (FedIT: every client's model is global)
+    ch = on_disk["global"]["rouge_l_change"]
+    assert ch["n"] == sum(c["n_generated"] for c in on_disk["clients"])
+    assert ch["mean"] == pytest.approx(glob[2]["rouge_l"] - glob[0]["rouge_l"])
+    assert ch["better"] + ch["worse"] + ch["equal"] == ch["n"]
+    assert ch["low"] <= ch["mean"] <= ch["high"]
+    assert f"paired over the {ch['n']} generated test examples" in rd.report_path.read_text()
 
 
 def test_same_seed_same_numbers_and_exact_resume(tmp_path):
@@ -169,7 +176,7 @@ def test_same_seed_same_numbers_and_exact_resume(tmp_path):
     # a metrics row written after the checkpoint (a kill mid-round) is dropped on resume
     rd.log_metrics({"round": 2, "client": 0, "split": "train", "loss": 123.0})
     resumed, _ = resume_federated(rd.path)
-    for key in ("rouge_l", "loss", "perplexity"):
+    for key in ("rouge_l", "loss", "perplexity", "rouge_l_change"):  # zero-shot scores survive the checkpoint
         assert resumed["global"][key] == full["global"][key]
     for a, b in zip(full["clients"], resumed["clients"]):
         assert (a["loss"], a["rouge_l"], a["bytes_up"], a["bytes_down"]) == (b["loss"], b["rouge_l"], b["bytes_up"], b["bytes_down"])

@@ -6,6 +6,7 @@ from fedmoe.eval.generate import greedy_generate, left_pad
 from fedmoe.eval.mmlu import MMLU_SUBJECTS, MMLU_SUBSETS, Question, build_prompt, evaluate_mmlu, load_mmlu
 from fedmoe.eval.perplexity import evaluate_loss
 from fedmoe.eval.rouge import rouge_l, rouge_l_per_example
+from fedmoe.eval.stats import paired_bootstrap
 
 __all__ = [
     "FLOP_PARTS",
@@ -21,6 +22,7 @@ __all__ = [
     "left_pad",
     "load_mmlu",
     "load_model_config",
+    "paired_bootstrap",
     "rouge_l",
     "rouge_l_per_example",
     "state_bytes",

@@ -21,7 +21,7 @@ from ..algorithms import Algorithm, Payload, build_algorithm
 from ..config import ConfigError, RunConfig, config_to_dict, load_config
 from ..data import prepare_federated_data
 from ..data.tokenize import collate_sft, pad_token_id, tokenize_examples, tokenize_prompt
-from ..eval import count_flops, evaluate_loss, greedy_generate, rouge_l_per_example, state_bytes
+from ..eval import count_flops, evaluate_loss, greedy_generate, paired_bootstrap, rouge_l_per_example, state_bytes
 from ..moe import MoEModel, TopKError, load_tokenizer
 from ..report import RunDir, build_summary, format_results_table, write_report
 from ..report.rundir import atomic_write_bytes
@@ -51,6 +51,9 @@ class ClientRuntime:
     activation_counts: torch.Tensor | None = None  # cumulative (L, E) over local training
     last_eval: dict = field(default_factory=dict)
     zero_shot: dict = field(default_factory=dict)
+    # per-example ROUGE-L of the generated test examples: round 0 and the latest evaluation
+    zero_shot_scores: list[float] | None = None
+    last_scores: list[float] | None = None
 
 
 class Progress:
@@ -189,7 +192,8 @@ class FederatedRun:
             "private": self.private,
             "clients": {c.id: {"bytes_up": c.bytes_up, "bytes_down": c.bytes_down, "rounds_trained": c.rounds_trained,
                                "activation_counts": c.activation_counts, "last_eval": c.last_eval,
-                               "zero_shot": c.zero_shot}
+                               "zero_shot": c.zero_shot, "zero_shot_scores": c.zero_shot_scores,
+                               "last_scores": c.last_scores}
                         for c in self.clients},
             "global_eval": self.global_eval,
             "zero_shot": self.zero_shot,
@@ -313,8 +317,10 @@ class FederatedRun:
             if round_idx == 0:
                 c.zero_shot = {k: v for k, v in r.items()
                                if k in ("loss", "rouge_l", "perplexity", "general_loss", "general_perplexity", "mmlu")}
+                c.zero_shot_scores = r.get("rouge_scores")
             else:
                 c.last_eval = {k: v for k, v in r.items() if k != "rouge_scores"}
+                c.last_scores = r.get("rouge_scores")
             self.rd.log_metrics({"round": round_idx, "client": c.id, "split": "test", "loss": r["loss"],
                                  "perplexity": r["perplexity"],
                                  **{k: r[k] for k in ("rouge_l", "general_loss", "general_perplexity", "mmlu") if k in r}})
@@ -400,6 +406,19 @@ class FederatedRun:
         return count_flops(self.mm.config, self.cfg.eval.flops_seq_len, k=k, lora_rank=rank,
                            expert_lora=lc.experts, attention_lora_targets=lc.attention_targets)
 
+    def rouge_l_change(self) -> dict | None:
+        """The change of ROUGE-L from zero-shot to the final evaluation of each client's own model, paired
+        over every generated test example of every client, with a bootstrap confidence interval."""
+        after, before = [], []
+        for c in self.clients:
+            if c.zero_shot_scores is None or c.last_scores is None:
+                return None
+            after += c.last_scores
+            before += c.zero_shot_scores
+        if not after:
+            return None
+        return paired_bootstrap(after, before, seed=derive_seed(self.cfg.seed, 9))
+
     def finish(self) -> dict:
         cfg = self.cfg
         wall = self.wall_before + (time.time() - self._t0)
@@ -432,7 +451,8 @@ class FederatedRun:
                             "general_perplexity": g.get("general_perplexity"),
                             "expert_load_std": expert_load_std([c.activation_counts for c in self.clients]),
                             "perplexity": g.get("perplexity"), "rouge_l_by_category": g.get("rouge_l_by_category"),
-                            "examples_by_category": g.get("examples_by_category")},
+                            "examples_by_category": g.get("examples_by_category"),
+                            "rouge_l_change": self.rouge_l_change()},
             extra={"num_clients": len(self.clients), "fraction": cfg.federation.fraction,
                    "num_moe_layers": len(self.mm.layers), "num_experts": self.mm.num_experts,
                    "top_k": self.mm.default_top_k, "trainable_tensors": len(self.global_state),

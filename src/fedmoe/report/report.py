@@ -270,6 +270,15 @@ def format_zero_shot_comparison(summary: dict) -> list[str]:
             mb = sum(before.values()) / len(before)
             ma = sum(after[c] for c in before if c in after) / max(1, sum(1 for c in before if c in after))
             lines.append(f"| **mean over categories** | | {_num(mb, 2)} | {_num(ma, 2)} | {_num(ma - mb, 2)} |")
+    ch = g.get("rouge_l_change")
+    if ch:
+        verdict = ("the interval excludes 0: a real improvement" if ch["low"] > 0 else
+                   "the interval excludes 0: a real drop" if ch["high"] < 0 else
+                   "the interval contains 0: no change distinguishable from noise")
+        lines += ["", f"ROUGE-L change, paired over the {ch['n']} generated test examples (each client's own model, "
+                      f"final vs zero-shot): **{ch['mean']:+.2f}**, {100 * ch['confidence']:.0f}% bootstrap interval "
+                      f"[{ch['low']:+.2f}, {ch['high']:+.2f}] ({verdict}); higher on {ch['better']} examples, "
+                      f"lower on {ch['worse']}, equal on {ch['equal']}."]
     return lines + [""]
 
 
