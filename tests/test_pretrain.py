@@ -119,6 +119,21 @@ def test_resuming_with_a_different_recipe_is_refused(tmp_path):
         run_pretrain(other, show_progress=False, log=lambda *_: None)
 
 
+def test_device_and_precision_are_not_part_of_the_recipe(tmp_path):
+    from fedmoe.config import ConfigError
+    from fedmoe.pretrain import _recipe
+
+    cfg = _tiny_recipe(tmp_path, "d", 2)
+    moved = cfg.model_copy(deep=True)
+    moved.train.device, moved.train.precision = "cuda", "bf16"
+    assert _recipe(moved) == _recipe(cfg)  # a checkpoint resumes on another device
+    bad = cfg.model_copy(deep=True)
+    bad.train.precision = "bf16"
+    with pytest.raises(ConfigError, match=r"train.precision: bf16 autocast is for cuda.*'cpu'"):
+        run_pretrain(bad, show_progress=False, log=lambda *_: None)
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+
+
 def test_per_layer_balance_loss_matches_hugging_face_on_one_layer_and_averages():
     from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 

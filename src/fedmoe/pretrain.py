@@ -84,6 +84,10 @@ class TrainSpec(_Strict):
     eval_blocks: int = 64  # held-out blocks used for the periodic and final evaluation
     checkpoint_every: int = 100
     threads: int | None = 1
+    # where to train: cpu, cuda, cuda:N or auto (cuda when there is one); bf16 = bf16 autocast on cuda.
+    # Neither is part of the recipe's identity: a checkpoint resumes on another device.
+    device: str = "cpu"
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 class PretrainConfig(_Strict):
@@ -208,8 +212,9 @@ def heldout_loss(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
     was = model.training
     model.eval()
     total, n = 0.0, 0
+    device = next(model.parameters()).device
     for i in range(0, len(blocks), batch_size):
-        b = blocks[i : i + batch_size]
+        b = blocks[i : i + batch_size].to(device)
         out = model(input_ids=b, labels=b)
         k = b.shape[0] * (b.shape[1] - 1)
         total += out.loss.item() * k
@@ -224,7 +229,7 @@ def _recipe(cfg: PretrainConfig) -> dict:
     to train on)."""
     d = cfg.model_dump()
     d.pop("work_dir"), d.pop("export_dir")
-    for k in ("eval_every", "checkpoint_every", "threads", "max_steps"):
+    for k in ("eval_every", "checkpoint_every", "threads", "max_steps", "device", "precision"):
         d["train"].pop(k)
     return d
 
@@ -249,9 +254,15 @@ def _check_same_recipe(saved: dict | None, now: dict, ck_path: Path) -> None:
 def run_pretrain(cfg: PretrainConfig, show_progress: bool = True, log=print) -> dict:
     from transformers import AutoModelForCausalLM
 
+    from .moe.model import resolve_device
+
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    if t.precision == "bf16" and device.type != "cuda":
+        raise ConfigError(f"train.precision: bf16 autocast is for cuda, but train.device is {t.device!r} "
+                          f"(resolved to {device}); use precision fp32 on cpu")
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
@@ -274,7 +285,7 @@ def run_pretrain(cfg: PretrainConfig, show_progress: bool = True, log=print) -> 
 
     config = model_config(cfg, tokenizer)
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
@@ -315,12 +326,13 @@ def run_pretrain(cfg: PretrainConfig, show_progress: bool = True, log=print) -> 
         while step < t.max_steps:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, t)
-            b = train_blocks[batch_indices(step)]
-            out = model(input_ids=b, labels=b, output_router_logits=True)
-            loss, aux = out.loss, out.aux_loss
-            if cfg.model.balance == "per_layer":  # swap HF's global balance term for the per-layer one
-                aux = per_layer_balance_loss(out.router_logits, cfg.model.top_k)
-                loss = out.loss - cfg.model.router_aux_loss_coef * out.aux_loss + cfg.model.router_aux_loss_coef * aux
+            b = train_blocks[batch_indices(step)].to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+                out = model(input_ids=b, labels=b, output_router_logits=True)
+                loss, aux = out.loss, out.aux_loss
+                if cfg.model.balance == "per_layer":  # swap HF's global balance term for the per-layer one
+                    aux = per_layer_balance_loss(out.router_logits, cfg.model.top_k)
+                    loss = out.loss - cfg.model.router_aux_loss_coef * out.aux_loss + cfg.model.router_aux_loss_coef * aux
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -345,7 +357,10 @@ def run_pretrain(cfg: PretrainConfig, show_progress: bool = True, log=print) -> 
             progress.stop()
     wall = wall_before + time.time() - t0
     tokens_seen = step * t.batch_size * t.seq_len
-    return export(cfg, model, tokenizer, held_blocks, history, n_params, tokens_seen, wall, log)
+    machine = (f"{platform.machine()}, {torch.get_num_threads()} threads, cpu" if device.type != "cuda" else
+               f"cuda {torch.cuda.get_device_name(device)} ({t.precision})")
+    model.to("cpu")
+    return export(cfg, model, tokenizer, held_blocks, history, n_params, tokens_seen, wall, log, machine)
 
 
 # ------------------------------------------------------------------------------ export + card
@@ -378,7 +393,7 @@ def fixed_batch(held_blocks: torch.Tensor) -> torch.Tensor:
     return held_blocks[:4, :128]
 
 
-def export(cfg, model, tokenizer, held_blocks, history, n_params, tokens_seen, wall, log) -> dict:
+def export(cfg, model, tokenizer, held_blocks, history, n_params, tokens_seen, wall, log, machine: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     out = Path(cfg.export_dir)
@@ -397,8 +412,7 @@ def export(cfg, model, tokenizer, held_blocks, history, n_params, tokens_seen, w
     share = [[f / k for f in row] for row in freqs]  # share of routed assignments
     stats = {
         "name": cfg.name, "params": n_params, "steps": len(history), "tokens_seen": tokens_seen,
-        "wall_s": round(wall, 1), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-        f"{'cuda ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}",
+        "wall_s": round(wall, 1), "machine": machine,
         "date": date.today().isoformat(), "heldout_loss": held, "heldout_perplexity": math.exp(held),
         "heldout_tokens": int(held_blocks.numel()), "fixed_batch_loss": fixed,
         "final_train_loss": history[-1]["loss"] if history else None,
