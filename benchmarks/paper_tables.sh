@@ -10,9 +10,13 @@
 #   FLEx:  10 rounds instead of 20 (5 steps x batch 4 each, as the paper); lr 5e-4 instead of 4e-5
 #          (same reason); 30 test examples per client (ROUGE-L, 64 new tokens instead of 256) and 40 for
 #          the per-round loss; MMLU "quick" subset capped at 20 questions per subject (200).
+#   FLEx Dirichlet (10 clients): 6 rounds; 16 test examples per client for the loss, 12 for ROUGE-L;
+#          MMLU capped at 5 questions per subject (50), since each of FLEx's 10 personalised models
+#          is evaluated twice (zero-shot and final).
 #   Both:  greedy decoding that never repeats a 3-gram (eval.no_repeat_ngram_size=3, the default run's
 #          setting) instead of plain greedy: the 11.6M model otherwise loops, and the loops decide ROUGE-L.
-# Results land in runs/<name>-cpu/sweep_report.md.
+# Results land in runs/<name>-cpu/sweep_report.md. `dirichlet A` runs the FLEx Dirichlet sweep for one α
+# (two lanes: `dirichlet 0.5` and `dirichlet 1.0`); `dirichlet all` then writes its whole report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FEDMOE=${FEDMOE:-.venv/bin/fedmoe}
@@ -35,11 +39,21 @@ flex() {
   "$FEDMOE" run configs/flex-ablations.yaml --set name=flex-ablations-cpu "${common[@]}"
 }
 
+dirichlet() {
+  local alpha=$1 sweep=()
+  [ "$alpha" = all ] || sweep=(--set "sweep.data.partition.alpha=[$alpha]")
+  "$FEDMOE" run configs/flex-dirichlet.yaml --quiet --set name=flex-dirichlet-cpu "${sweep[@]}" \
+    --set train.lr=5e-4 --set federation.rounds=6 --set data.max_test_per_client=16 \
+    --set eval.max_examples=12 --set eval.max_new_tokens=64 --set eval.mmlu_max_per_subject=5 \
+    --set eval.no_repeat_ngram_size=3
+}
+
 case "${1:-all}" in
   flame) flame ;;
   flex) flex ;;
+  dirichlet) dirichlet "${2:?usage: $0 dirichlet 0.5|1.0|all}" ;;
   all) flame > runs/paper_tables_flame.log 2>&1 &
        flex > runs/paper_tables_flex.log 2>&1 &
        wait ;;
-  *) echo "usage: $0 [flame|flex|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [flame|flex|dirichlet ALPHA|all]" >&2; exit 2 ;;
 esac
