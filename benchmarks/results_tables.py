@@ -1,0 +1,159 @@
+"""Markdown tables for benchmarks/RESULTS.md from the sweeps that benchmarks/paper_tables.sh runs.
+
+    .venv/bin/python benchmarks/results_tables.py [RUNS_DIR]      # default: runs/
+
+Reads runs/<sweep>-cpu/<point>/summary.json and prints one table per layout: FLAME Table 2 (per
+budget, per method, both α), the FLAME ablations (rescaler, temperature), FLEx Table 1 (pathological),
+the FLEx ablations and FLEx Table 2 (Dirichlet). Missing points are left out, so it can be run while
+the sweeps are still going. Each ROUGE-L cell carries the zero-shot score of the same client's model
+in brackets; "paired change" is the mean per-example change with its 95% bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def fmt(x, digits=2):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def load(root: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(root.glob("*/summary.json"))}
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def client_mean(s, key):
+    return mean(c.get(key) for c in s["clients"])
+
+
+def zero_shot_mean(s, key="rouge_l"):
+    return mean((c.get("zero_shot") or {}).get(key) for c in s["clients"])
+
+
+def change(s):
+    ch = (s.get("global") or {}).get("rouge_l_change")
+    return "–" if not ch else f"{ch['mean']:+.2f} [{ch['low']:+.2f}, {ch['high']:+.2f}]"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def flame_table2(runs: Path) -> None:
+    res = load(runs / "flame-table2-cpu")
+    for alpha in ("5.0", "0.5"):
+        pts = [(m, res[f"name={m},alpha={alpha}"]) for m in ("trivial", "hetlora", "flexlora", "flame")
+               if f"name={m},alpha={alpha}" in res]
+        if not pts:
+            continue
+        print(f"\n#### Dirichlet α = {alpha}\n")
+        rows = []
+        for cid in range(4):
+            cells = []
+            for _, s in pts:
+                c = s["clients"][cid]
+                cells.append(f"{fmt(c['rouge_l'])} ({fmt(c['zero_shot']['rouge_l'])}; k={c['k']}, r={c['rank']}, "
+                             f"{c['flops_per_seq'] / 1e9:.3f}G)")
+            rows.append([f"β{cid + 1}"] + cells)
+        rows.append(["mean"] + [f"{fmt(client_mean(s, 'rouge_l'))} ({fmt(zero_shot_mean(s))})" for _, s in pts])
+        rows.append(["paired change, 95% interval"] + [change(s) for _, s in pts])
+        rows.append(["test loss (mean of clients)"] + [fmt(client_mean(s, "loss"), 4) for _, s in pts])
+        rows.append(["wall"] + [f"{s['wall_s'] / 60:.1f} min" for _, s in pts])
+        print(table(["budget"] + [f"{m} (zero-shot; k, r, FLOPs/seq)" for m, _ in pts], rows))
+
+
+def flame_ablations(runs: Path) -> None:
+    res = load(runs / "flame-ablations-cpu")
+    order = ["rescaler-none", "rescaler-static", "learned-t2", "learned-t0", "learned-t1", "learned-t4", "learned-t8"]
+    pts = [(v, res[f"variant={v}"]) for v in order if f"variant={v}" in res]
+    if not pts:
+        return
+    print("\n#### FLAME ablations (α = 0.5)\n")
+    rows = [[f"β{cid + 1} (k={pts[0][1]['clients'][cid]['k']})"] +
+            [f"{fmt(s['clients'][cid]['rouge_l'])} ({fmt(s['clients'][cid]['zero_shot']['rouge_l'])})" for _, s in pts]
+            for cid in range(4)]
+    rows.append(["mean"] + [f"{fmt(client_mean(s, 'rouge_l'))} ({fmt(zero_shot_mean(s))})" for _, s in pts])
+    rows.append(["paired change, 95% interval"] + [change(s) for _, s in pts])
+    rows.append(["test loss (mean of clients)"] + [fmt(client_mean(s, "loss"), 4) for _, s in pts])
+    print(table(["budget"] + [v for v, _ in pts], rows))
+
+
+def flex_rows(pts, labels) -> list[list[str]]:
+    def personal_or_global(s, key):
+        v = client_mean(s, key)
+        return v if v is not None else s["global"].get(key)
+
+    rows = [["average ROUGE-L (zero-shot)"] + [f"{fmt(client_mean(s, 'rouge_l'))} ({fmt(zero_shot_mean(s))})"
+                                               for _, s in pts],
+            ["paired change, 95% interval"] + [change(s) for _, s in pts],
+            ["MMLU, 5-shot"] + [fmt(personal_or_global(s, "mmlu"), 1) for _, s in pts],
+            ["general-text perplexity (zero-shot)"] + [
+                f"{fmt(personal_or_global(s, 'general_perplexity'))} ({fmt(zero_shot_mean(s, 'general_perplexity'))})"
+                for _, s in pts],
+            ["expert load std (mean of layers)"] + [fmt(mean(s["global"]["expert_load_std"]), 4) for _, s in pts],
+            ["bytes up per client per round"] + [
+                f"{s['clients'][0]['bytes_up'] / max(1, s['clients'][0]['rounds_trained']) / 1e6:.2f} MB" for _, s in pts],
+            ["wall"] + [f"{s['wall_s'] / 60:.1f} min" for _, s in pts]]
+    return rows
+
+
+METHODS = ["FLEx", "FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "SCAFFOLD"]
+
+
+def flex_pathological(runs: Path) -> None:
+    res = load(runs / "flex-pathological-cpu")
+    pts = [(m, res[f"method={m}"]) for m in METHODS if f"method={m}" in res]
+    if not pts:
+        return
+    print("\n#### FLEx, pathological split\n")
+    cats = ["closed_qa", "information_extraction", "classification", "summarization"]
+    rows = [[f"{cat} (client {cid})"] + [f"{fmt(s['clients'][cid]['rouge_l'])} ({fmt(s['clients'][cid]['zero_shot']['rouge_l'])})"
+                                         for _, s in pts] for cid, cat in enumerate(cats)]
+    print(table([""] + [m for m, _ in pts], rows + flex_rows(pts, METHODS)))
+
+
+def flex_ablations(runs: Path) -> None:
+    res = load(runs / "flex-ablations-cpu")
+    order = ["FLEx", "no-gate", "general-calibration", "two-grafts"]
+    pts = [(v, res[f"variant={v}"]) for v in order if f"variant={v}" in res]
+    if not pts:
+        return
+    print("\n#### FLEx ablations (pathological split)\n")
+    cats = ["closed_qa", "information_extraction", "classification", "summarization"]
+    rows = [[f"{cat} (client {cid})"] + [f"{fmt(s['clients'][cid]['rouge_l'])} ({fmt(s['clients'][cid]['zero_shot']['rouge_l'])})"
+                                         for _, s in pts] for cid, cat in enumerate(cats)]
+    rows += flex_rows(pts, order)
+    rows.append(["grafting seconds per client (min–max)"] + [
+        "–" if not s.get("client_setup") else
+        f"{min(v['seconds'] for v in s['client_setup'].values()):.1f}–{max(v['seconds'] for v in s['client_setup'].values()):.1f}"
+        for _, s in pts])
+    print(table([""] + [v for v, _ in pts], rows))
+
+
+def flex_dirichlet(runs: Path) -> None:
+    res = load(runs / "flex-dirichlet-cpu")
+    for alpha in ("0.5", "1.0"):
+        pts = [(m, res[f"alpha={alpha},method={m}"]) for m in METHODS if f"alpha={alpha},method={m}" in res]
+        if not pts:
+            continue
+        print(f"\n#### FLEx, Dirichlet α = {alpha} (10 clients)\n")
+        print(table([""] + [m for m, _ in pts], flex_rows(pts, METHODS)))
+
+
+def main(argv: list[str]) -> None:
+    runs = Path(argv[1] if len(argv) > 1 else "runs")
+    for f in (flame_table2, flame_ablations, flex_pathological, flex_ablations, flex_dirichlet):
+        f(runs)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
