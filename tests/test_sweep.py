@@ -37,7 +37,7 @@ def test_sweep_runs_tabulates_and_resumes(tmp_path):
     tree = {"name": "sw", "output_dir": str(tmp_path), "model": {"name": "builtin:tiny-olmoe"},
             "data": {"max_examples": 200, "max_length": 48, "partition": {"num_clients": 2}, "max_test_per_client": 3},
             "train": {"max_steps": 1, "batch_size": 2}, "lora": {"rank": 2},
-            "eval": {"max_examples": 2, "max_new_tokens": 2, "zero_shot": False}, "federation": {"rounds": 1},
+            "eval": {"max_examples": 2, "max_new_tokens": 2}, "federation": {"rounds": 1},
             "algorithm": {"budgets": {"top_k": [2, 1]}},
             "sweep": {"algorithm.name": ["fedit", "flame"]}}
     path = tmp_path / "sweep.yaml"
@@ -50,6 +50,8 @@ def test_sweep_runs_tabulates_and_resumes(tmp_path):
     flame = json.loads((tmp_path / "sw" / "name=flame" / "summary.json").read_text())
     assert [c["k"] for c in flame["clients"]] == [2, 1]
     assert "(k=1, r=2" in rows["1"] and f"{flame['clients'][1]['rouge_l']:.2f} (k=1" in rows["1"]
+    ch = flame["global"]["rouge_l_change"]
+    assert f"{ch['mean']:+.2f} [{ch['low']:+.2f}, {ch['high']:+.2f}]" in rows["ROUGE-L change from zero-shot, 95% interval"]
     # started again, finished points are kept, not rerun
     logs.clear()
     run_sweep(path, log=logs.append)

@@ -126,5 +126,12 @@ def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
             1 for c in s["clients"] if c.get("rouge_l") is not None))) for _, s in results) + " |")
     lines.append("| global model | " + " | ".join(_cell(s["global"].get("rouge_l")) for _, s in results) + " |")
     lines.append("| global test loss | " + " | ".join(_cell(s["global"].get("loss"), 4) for _, s in results) + " |")
+
+    def change(s):
+        ch = s["global"].get("rouge_l_change")
+        return "–" if not ch else f"{ch['mean']:+.2f} [{ch['low']:+.2f}, {ch['high']:+.2f}]"
+
+    if any(s["global"].get("rouge_l_change") for _, s in results):
+        lines.append("| ROUGE-L change from zero-shot, 95% interval | " + " | ".join(change(s) for _, s in results) + " |")
     lines += ["", "Runs: " + ", ".join(f"[{p}]({p}/report.md)" for p, _ in results), ""]
     return "\n".join(lines)
