@@ -10,7 +10,7 @@
 #   FLEx:  10 rounds instead of 20 (5 steps x batch 4 each, as the paper); lr 5e-4 instead of 4e-5
 #          (same reason); 30 test examples per client (ROUGE-L, 64 new tokens instead of 256) and 40 for
 #          the per-round loss; MMLU "quick" subset capped at 20 questions per subject (200).
-#   FLEx Dirichlet (10 clients): 6 rounds; 16 test examples per client for the loss, 12 for ROUGE-L;
+#   FLEx Dirichlet (10 clients): 4 rounds; 16 test examples per client for the loss, 12 for ROUGE-L;
 #          MMLU capped at 5 questions per subject (50), since each of FLEx's 10 personalised models
 #          is evaluated twice (zero-shot and final).
 #   Both:  greedy decoding that never repeats a 3-gram (eval.no_repeat_ngram_size=3, the default run's
@@ -43,7 +43,7 @@ dirichlet() {
   local alpha=$1 sweep=()
   [ "$alpha" = all ] || sweep=(--set "sweep.data.partition.alpha=[$alpha]")
   "$FEDMOE" run configs/flex-dirichlet.yaml --quiet --set name=flex-dirichlet-cpu "${sweep[@]}" \
-    --set train.lr=5e-4 --set federation.rounds=6 --set data.max_test_per_client=16 \
+    --set train.lr=5e-4 --set federation.rounds=4 --set data.max_test_per_client=16 \
     --set eval.max_examples=12 --set eval.max_new_tokens=64 --set eval.mmlu_max_per_subject=5 \
     --set eval.no_repeat_ngram_size=3
 }
