@@ -136,6 +136,10 @@ def test_flexlora_run_logs_server_svd_time_and_client_ranks(tmp_path):
     assert summary["clients"][0]["flops_per_seq"] > summary["clients"][1]["flops_per_seq"]
     server = [r for r in rd.read_metrics() if r["split"] == "server"]
     assert [r["round"] for r in server] == [1, 2] and all(r["svd_s"] >= 0 and r["aggregate_s"] >= r["svd_s"] for r in server)
+    report = rd.report_path.read_text()
+    assert "## Server time per round" in report
+    for r in server:  # the report's rows are the logged times
+        assert f"| {r['round']} | 2 | {r['aggregate_s']:.3f} s | {r['svd_s']:.3f} s |" in report
 
 
 def _pruning_alg(lam=0.5, gamma=0.5):

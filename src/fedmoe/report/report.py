@@ -314,6 +314,22 @@ def format_client_setup(summary: dict) -> list[str]:
     return lines + [""]
 
 
+def format_server_time(metrics: list[dict]) -> list[str]:
+    """Server-side aggregation time per round (and the SVD share, for FlexLoRA) from metrics.jsonl."""
+    rows = [r for r in metrics if r.get("split") == "server" and r.get("aggregate_s") is not None]
+    if not rows:
+        return []
+    svd = any("svd_s" in r for r in rows)
+    lines = ["## Server time per round", "", "| round | clients aggregated | aggregation |" + (" of which SVD |" if svd else ""),
+             "|---:|---:|---:|" + ("---:|" if svd else "")]
+    for r in rows:
+        line = f"| {r['round']} | {len(r.get('clients') or [])} | {r['aggregate_s']:.3f} s |"
+        if svd:
+            line += f" {r['svd_s']:.3f} s |" if "svd_s" in r else f" {DASH} |"
+        lines.append(line)
+    return lines + [""]
+
+
 def write_report(
     run_dir: RunDir,
     summary: dict,
@@ -332,6 +348,7 @@ def write_report(
     if histogram_markdown:
         parts += ["## Data: categories per client", "", histogram_markdown.strip(), ""]
     parts += format_client_setup(summary)
+    parts += format_server_time(metrics)
     parts += ["## Learning curve", ""]
     if plot_learning_curve(metrics, run_dir.path / PLOT_NAME):
         parts += [f"![learning curve]({PLOT_NAME})", ""]
