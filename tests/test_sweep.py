@@ -89,3 +89,28 @@ def test_every_shipped_config_and_sweep_point_validates():
             config_from_tree(apply_overrides(json.loads(json.dumps(tree)), sets), str(path))
             checked += 1
     assert checked == 1 + 8 + 12 + 7 + 8 + 16 + 4  # default, flame-table2, -clients40, -ablations, flex-*
+
+
+def test_sweep_report_rows_for_retention_balance_and_bytes():
+    from fedmoe.federation.sweep import format_sweep_report
+
+    def client(cid, cat, rouge, mmlu=None, ppl=None):
+        return {"id": cid, "k": 4, "rank": 8, "flops_per_seq": 1e9, "rouge_l": rouge, "mmlu": mmlu,
+                "general_perplexity": ppl, "bytes_up": 3_000_000, "rounds_trained": 3,
+                "category_counts": {cat: 10} if cat else {"a": 5, "b": 5}}
+
+    personal = {"clients": [client(0, "closed_qa", 10.0, 30.0, 20.0), client(1, "summarization", 12.0, 40.0, 30.0)],
+                "global": {"rouge_l": 11.5, "loss": 5.0, "mmlu": 99.0, "expert_load_std": [0.01, 0.03]}}
+    shared = {"clients": [client(0, "closed_qa", 9.0), client(1, "summarization", 11.0)],
+              "global": {"rouge_l": 10.0, "loss": 5.1, "mmlu": 25.0, "general_perplexity": 22.0,
+                         "expert_load_std": [0.02, 0.02]}}
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in format_sweep_report("x.yaml", [("p", personal), ("s", shared)]).splitlines()
+            if line.startswith("| ")}
+    assert rows["0 (closed_qa)"][0].startswith("10.00") and "1 (summarization)" in rows
+    assert rows["mean over clients"] == ["11.00", "10.00"]
+    # personalised: the mean of the clients' own models; otherwise the global model's value
+    assert rows["MMLU, 5-shot (%)"] == ["35.0", "25.0"]
+    assert rows["general-text perplexity"] == ["25.00", "22.00"]
+    assert rows["expert load std (mean over layers)"] == ["0.0200", "0.0200"]
+    assert rows["bytes up per client per round"] == ["1.00 MB", "1.00 MB"]

@@ -104,9 +104,33 @@ def _cell(x, digits=2):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _client_label(results: list[tuple[str, dict]], cid: int) -> str:
+    """The client's id, with its Dolly category when all its training data is one category."""
+    for _, s in results:
+        c = next((c for c in s["clients"] if c["id"] == cid), None)
+        cats = [k for k, n in ((c or {}).get("category_counts") or {}).items() if n]
+        if len(cats) == 1:
+            return f"{cid} ({cats[0]})"
+    return str(cid)
+
+
+def _personal_or_global(summary: dict, key: str):
+    """The mean over the clients' own models when they were measured one by one (personalised
+    methods), else the global model's value."""
+    vals = [c[key] for c in summary["clients"] if c.get(key) is not None]
+    return sum(vals) / len(vals) if vals else summary["global"].get(key)
+
+
+def _bytes_per_round(summary: dict) -> str:
+    per = [c["bytes_up"] / c["rounds_trained"] for c in summary["clients"] if c.get("rounds_trained")]
+    return "–" if not per else f"{sum(per) / len(per) / 1e6:.2f} MB"
+
+
 def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
     lines = [f"# Sweep: {source}", "", f"{len(results)} runs. ROUGE-L (0–100) of each client's model on its own test set; "
-             "the client's k, LoRA rank and forward FLOPs per sequence in brackets.", ""]
+             "the client's k, LoRA rank and forward FLOPs per sequence in brackets. Below the clients: the means, "
+             "the global model, and where the runs measured them MMLU and general-text perplexity (the mean over "
+             "the clients' own models for personalised methods), expert load balance and uplink bytes.", ""]
     n_clients = max(len(s["clients"]) for _, s in results)
     lines.append("| client | " + " | ".join(p for p, _ in results) + " |")
     lines.append("|---|" + "---:|" * len(results))
@@ -120,7 +144,7 @@ def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
             fl = c.get("flops_per_seq")
             cells.append(f"{_cell(c.get('rouge_l'))} (k={c.get('k')}, r={c.get('rank')}"
                          + (f", {fl / 1e6:.1f}M" if fl else "") + ")")
-        lines.append(f"| {cid} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_client_label(results, cid)} | " + " | ".join(cells) + " |")
     lines.append("| mean over clients | " + " | ".join(
         _cell(sum(c["rouge_l"] for c in s["clients"] if c.get("rouge_l") is not None) / max(1, sum(
             1 for c in s["clients"] if c.get("rouge_l") is not None))) for _, s in results) + " |")
@@ -133,5 +157,15 @@ def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
 
     if any(s["global"].get("rouge_l_change") for _, s in results):
         lines.append("| ROUGE-L change from zero-shot, 95% interval | " + " | ".join(change(s) for _, s in results) + " |")
+    # knowledge retention, load balance and communication, where the runs measured them
+    for label, key, digits in (("MMLU, 5-shot (%)", "mmlu", 1), ("general-text perplexity", "general_perplexity", 2)):
+        vals = [_personal_or_global(s, key) for _, s in results]
+        if any(v is not None for v in vals):
+            lines.append(f"| {label} | " + " | ".join(_cell(v, digits) for v in vals) + " |")
+    stds = [s["global"].get("expert_load_std") for _, s in results]
+    if any(stds):
+        lines.append("| expert load std (mean over layers) | " + " | ".join(
+            _cell(sum(v) / len(v), 4) if v else "–" for v in stds) + " |")
+    lines.append("| bytes up per client per round | " + " | ".join(_bytes_per_round(s) for _, s in results) + " |")
     lines += ["", "Runs: " + ", ".join(f"[{p}]({p}/report.md)" for p, _ in results), ""]
     return "\n".join(lines)
