@@ -87,7 +87,7 @@ def flame_ablations(runs: Path) -> None:
     print(table(["budget"] + [v for v, _ in pts], rows))
 
 
-def flex_rows(pts, labels) -> list[list[str]]:
+def flex_rows(pts) -> list[list[str]]:
     def personal_or_global(s, key):
         v = client_mean(s, key)
         return v if v is not None else s["global"].get(key)
@@ -106,6 +106,13 @@ def flex_rows(pts, labels) -> list[list[str]]:
     return rows
 
 
+def category_rows(pts) -> list[list[str]]:
+    """One row per client of the pathological split (client i holds one Dolly category)."""
+    cats = ["closed_qa", "information_extraction", "classification", "summarization"]
+    return [[f"{cat} (client {cid})"] + [f"{fmt(s['clients'][cid]['rouge_l'])} ({fmt(s['clients'][cid]['zero_shot']['rouge_l'])})"
+                                         for _, s in pts] for cid, cat in enumerate(cats)]
+
+
 METHODS = ["FLEx", "FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "SCAFFOLD"]
 
 
@@ -115,10 +122,7 @@ def flex_pathological(runs: Path) -> None:
     if not pts:
         return
     print("\n#### FLEx, pathological split\n")
-    cats = ["closed_qa", "information_extraction", "classification", "summarization"]
-    rows = [[f"{cat} (client {cid})"] + [f"{fmt(s['clients'][cid]['rouge_l'])} ({fmt(s['clients'][cid]['zero_shot']['rouge_l'])})"
-                                         for _, s in pts] for cid, cat in enumerate(cats)]
-    print(table([""] + [m for m, _ in pts], rows + flex_rows(pts, METHODS)))
+    print(table([""] + [m for m, _ in pts], category_rows(pts) + flex_rows(pts)))
 
 
 def flex_ablations(runs: Path) -> None:
@@ -128,10 +132,8 @@ def flex_ablations(runs: Path) -> None:
     if not pts:
         return
     print("\n#### FLEx ablations (pathological split)\n")
-    cats = ["closed_qa", "information_extraction", "classification", "summarization"]
-    rows = [[f"{cat} (client {cid})"] + [f"{fmt(s['clients'][cid]['rouge_l'])} ({fmt(s['clients'][cid]['zero_shot']['rouge_l'])})"
-                                         for _, s in pts] for cid, cat in enumerate(cats)]
-    rows += flex_rows(pts, order)
+    rows = category_rows(pts)
+    rows += flex_rows(pts)
     rows.append(["grafting seconds per client (min–max)"] + [
         "–" if not s.get("client_setup") else
         f"{min(v['seconds'] for v in s['client_setup'].values()):.1f}–{max(v['seconds'] for v in s['client_setup'].values()):.1f}"
@@ -146,7 +148,7 @@ def flex_dirichlet(runs: Path) -> None:
         if not pts:
             continue
         print(f"\n#### FLEx, Dirichlet α = {alpha} (10 clients)\n")
-        print(table([""] + [m for m, _ in pts], flex_rows(pts, METHODS)))
+        print(table([""] + [m for m, _ in pts], flex_rows(pts)))
 
 
 def main(argv: list[str]) -> None:
