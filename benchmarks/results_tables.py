@@ -15,6 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+from fedmoe.eval import format_change
+from fedmoe.federation.sweep import bytes_per_round, personal_or_global
+
 
 def fmt(x, digits=2):
     return "–" if x is None else f"{x:.{digits}f}"
@@ -38,8 +41,7 @@ def zero_shot_mean(s, key="rouge_l"):
 
 
 def change(s):
-    ch = (s.get("global") or {}).get("rouge_l_change")
-    return "–" if not ch else f"{ch['mean']:+.2f} [{ch['low']:+.2f}, {ch['high']:+.2f}]"
+    return format_change((s.get("global") or {}).get("rouge_l_change"))
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -88,10 +90,6 @@ def flame_ablations(runs: Path) -> None:
 
 
 def flex_rows(pts) -> list[list[str]]:
-    def personal_or_global(s, key):
-        v = client_mean(s, key)
-        return v if v is not None else s["global"].get(key)
-
     rows = [["average ROUGE-L (zero-shot)"] + [f"{fmt(client_mean(s, 'rouge_l'))} ({fmt(zero_shot_mean(s))})"
                                                for _, s in pts],
             ["paired change, 95% interval"] + [change(s) for _, s in pts],
@@ -100,8 +98,7 @@ def flex_rows(pts) -> list[list[str]]:
                 f"{fmt(personal_or_global(s, 'general_perplexity'))} ({fmt(zero_shot_mean(s, 'general_perplexity'))})"
                 for _, s in pts],
             ["expert load std (mean of layers)"] + [fmt(mean(s["global"]["expert_load_std"]), 4) for _, s in pts],
-            ["bytes up per client per round"] + [
-                f"{s['clients'][0]['bytes_up'] / max(1, s['clients'][0]['rounds_trained']) / 1e6:.2f} MB" for _, s in pts],
+            ["bytes up per client per round"] + [bytes_per_round(s) for _, s in pts],
             ["wall"] + [f"{s['wall_s'] / 60:.1f} min" for _, s in pts]]
     return rows
 

@@ -6,7 +6,7 @@ from fedmoe.eval.generate import greedy_generate, left_pad
 from fedmoe.eval.mmlu import MMLU_SUBJECTS, MMLU_SUBSETS, Question, build_prompt, evaluate_mmlu, load_mmlu
 from fedmoe.eval.perplexity import evaluate_loss
 from fedmoe.eval.rouge import rouge_l, rouge_l_per_example
-from fedmoe.eval.stats import paired_bootstrap
+from fedmoe.eval.stats import format_change, paired_bootstrap
 
 __all__ = [
     "FLOP_PARTS",
@@ -17,6 +17,7 @@ __all__ = [
     "count_flops",
     "evaluate_loss",
     "evaluate_mmlu",
+    "format_change",
     "format_flops_table",
     "greedy_generate",
     "left_pad",

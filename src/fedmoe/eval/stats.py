@@ -35,3 +35,8 @@ def paired_bootstrap(after: list[float], before: list[float], n_resamples: int =
     return {"n": int(d.size), "mean": float(d.mean()), "low": float(low), "high": float(high),
             "confidence": confidence, "better": int((d > 0).sum()), "worse": int((d < 0).sum()),
             "equal": int((d == 0).sum())}
+
+
+def format_change(change: dict | None) -> str:
+    """``+0.12 [-0.40, +0.64]``: a :func:`paired_bootstrap` result in one table cell ("–" when absent)."""
+    return "–" if not change else f"{change['mean']:+.2f} [{change['low']:+.2f}, {change['high']:+.2f}]"

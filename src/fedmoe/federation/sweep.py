@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError, apply_overrides, config_from_tree, parse_override
+from ..eval.stats import format_change
 from ..report.rundir import atomic_write_text
 
 
@@ -114,14 +115,15 @@ def _client_label(results: list[tuple[str, dict]], cid: int) -> str:
     return str(cid)
 
 
-def _personal_or_global(summary: dict, key: str):
+def personal_or_global(summary: dict, key: str):
     """The mean over the clients' own models when they were measured one by one (personalised
     methods), else the global model's value."""
     vals = [c[key] for c in summary["clients"] if c.get(key) is not None]
     return sum(vals) / len(vals) if vals else summary["global"].get(key)
 
 
-def _bytes_per_round(summary: dict) -> str:
+def bytes_per_round(summary: dict) -> str:
+    """Uplink per client per round, averaged over the clients that trained."""
     per = [c["bytes_up"] / c["rounds_trained"] for c in summary["clients"] if c.get("rounds_trained")]
     return "–" if not per else f"{sum(per) / len(per) / 1e6:.2f} MB"
 
@@ -150,22 +152,18 @@ def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
             1 for c in s["clients"] if c.get("rouge_l") is not None))) for _, s in results) + " |")
     lines.append("| global model | " + " | ".join(_cell(s["global"].get("rouge_l")) for _, s in results) + " |")
     lines.append("| global test loss | " + " | ".join(_cell(s["global"].get("loss"), 4) for _, s in results) + " |")
-
-    def change(s):
-        ch = s["global"].get("rouge_l_change")
-        return "–" if not ch else f"{ch['mean']:+.2f} [{ch['low']:+.2f}, {ch['high']:+.2f}]"
-
     if any(s["global"].get("rouge_l_change") for _, s in results):
-        lines.append("| ROUGE-L change from zero-shot, 95% interval | " + " | ".join(change(s) for _, s in results) + " |")
+        lines.append("| ROUGE-L change from zero-shot, 95% interval | " + " | ".join(
+            format_change(s["global"].get("rouge_l_change")) for _, s in results) + " |")
     # knowledge retention, load balance and communication, where the runs measured them
     for label, key, digits in (("MMLU, 5-shot (%)", "mmlu", 1), ("general-text perplexity", "general_perplexity", 2)):
-        vals = [_personal_or_global(s, key) for _, s in results]
+        vals = [personal_or_global(s, key) for _, s in results]
         if any(v is not None for v in vals):
             lines.append(f"| {label} | " + " | ".join(_cell(v, digits) for v in vals) + " |")
     stds = [s["global"].get("expert_load_std") for _, s in results]
     if any(stds):
         lines.append("| expert load std (mean over layers) | " + " | ".join(
             _cell(sum(v) / len(v), 4) if v else "–" for v in stds) + " |")
-    lines.append("| bytes up per client per round | " + " | ".join(_bytes_per_round(s) for _, s in results) + " |")
+    lines.append("| bytes up per client per round | " + " | ".join(bytes_per_round(s) for _, s in results) + " |")
     lines += ["", "Runs: " + ", ".join(f"[{p}]({p}/report.md)" for p, _ in results), ""]
     return "\n".join(lines)
