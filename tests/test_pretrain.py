@@ -12,7 +12,8 @@ import torch
 from fedmoe.data.sources import Example
 from fedmoe.data.template import format_prompt
 from fedmoe.moe.model import builtin_model_path
-from fedmoe.pretrain import TEMPLATE_MARKERS, fixed_batch, heldout_loss, load_corpus, load_pretrain_config, pack, run_pretrain
+from fedmoe.pretrain import (TEMPLATE_MARKERS, copy_test, fixed_batch, heldout_loss, load_corpus, load_pretrain_config, pack,
+                             repeat_spans, run_pretrain)
 
 SHIPPED = builtin_model_path("builtin:tiny-moe")
 needs_shipped = pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(),
@@ -39,7 +40,7 @@ def _tiny_recipe(tmp_path, name, steps):
         "corpus=[alpaca_gpt4_en_demo_1k.json.gz]", "tokenizer.vocab_size=600", "model.hidden_size=32",
         "model.num_layers=1", "model.num_heads=2", "model.num_experts=4", "model.top_k=2",
         "model.intermediate_size=16", "train.seq_len=32", "train.batch_size=4", f"train.max_steps={steps}",
-        "train.warmup_steps=2", "train.eval_every=1000", "train.checkpoint_every=2", "train.eval_blocks=4",
+        "train.warmup_steps=2", "train.repeat_fraction=0.5", "train.eval_every=1000", "train.checkpoint_every=2", "train.eval_blocks=4",
         f"work_dir={tmp_path}/{name}", f"export_dir={tmp_path}/{name}/export",
     ])
 
@@ -87,6 +88,32 @@ def test_shipped_model_loads_offline_and_reproduces_recorded_loss():
     _, held = load_corpus(cfg)
     loss = heldout_loss(model, fixed_batch(pack(tok, held, cfg.train.seq_len)))
     assert loss == pytest.approx(stats["fixed_batch_loss"], abs=1e-3)
+
+
+def test_repeat_spans_repeats_the_first_half_of_the_leading_rows():
+    batch = torch.arange(4 * 7).view(4, 7)
+    out = repeat_spans(batch, 0.5)
+    assert torch.equal(batch, torch.arange(4 * 7).view(4, 7))  # the input is not modified
+    # rows 0 and 1 (round(0.5 * 4)): positions 3..5 repeat positions 0..2; an odd length keeps its last token
+    assert out[0].tolist() == [0, 1, 2, 0, 1, 2, 6] and out[1].tolist() == [7, 8, 9, 7, 8, 9, 13]
+    assert torch.equal(out[2:], batch[2:])
+    assert repeat_spans(batch, 0.0) is batch and torch.equal(repeat_spans(batch, 0.3)[1:], batch[1:])
+
+
+@needs_shipped
+def test_shipped_model_copies_from_its_context():
+    """The copy curriculum's purpose: the shipped model predicts a repeated span of held-out text almost
+    perfectly (the first recipe's model, trained without it, scored 3.00 on the span and 3.05 on its repetition)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stats = json.loads((SHIPPED / "pretrain_stats.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(str(SHIPPED), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED))
+    cfg = load_pretrain_config(None)
+    _, held = load_corpus(cfg)
+    now = copy_test(model, pack(tok, held, cfg.train.seq_len))
+    assert now == pytest.approx(stats["copy_test"], abs=1e-3)
+    assert now["second"] < now["first"] / 5
 
 
 @needs_shipped
