@@ -478,8 +478,9 @@ def model_card(cfg: PretrainConfig, s: dict, history: list[dict]) -> str:
         f"* training: {s['steps']} steps × {t.batch_size} blocks × {t.seq_len} tokens = {s['tokens_seen']:,} tokens seen; "
         f"AdamW (β=0.9, 0.95, weight decay {t.weight_decay}), lr {t.lr} with {t.warmup_steps} warm-up steps and cosine "
         f"decay to {t.min_lr}, gradient clipping {t.grad_clip}, seed {cfg.seed}",
-        f"* copy curriculum: in every batch {t.repeat_fraction:.0%} of the blocks repeat their first half as their second "
-        f"half (a span of corpus text seen twice), so that the model learns to copy from its context",
+        (f"* copy curriculum: in every batch {t.repeat_fraction:.0%} of the blocks repeat their first half as their second "
+         f"half (a span of corpus text seen twice), so that the model learns to copy from its context"
+         if t.repeat_fraction else "* no copy curriculum (`train.repeat_fraction` 0)"),
         f"* wall time: {s['wall_s'] / 60:.1f} min on {s['machine']} ({s['date']})",
         "* weights stored in bf16 (safetensors); load with `AutoModelForCausalLM.from_pretrained(path)`.", "",
         "## Held-out evaluation (exported weights, fp32)", "",
