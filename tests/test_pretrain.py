@@ -19,6 +19,21 @@ SHIPPED = builtin_model_path("builtin:tiny-moe")
 needs_shipped = pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(),
                                    reason="the built-in model has not been pretrained into the package yet")
 
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped model (fp32, eval mode), its recorded stats and the held-out blocks, loaded once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (SHIPPED / "model.safetensors").is_file():
+        pytest.skip("the built-in model has not been pretrained into the package yet")
+    model = AutoModelForCausalLM.from_pretrained(str(SHIPPED), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED))
+    cfg = load_pretrain_config(None)
+    _, held = load_corpus(cfg)
+    stats = json.loads((SHIPPED / "pretrain_stats.json").read_text())
+    return {"model": model, "stats": stats, "cfg": cfg, "held": pack(tok, held, cfg.train.seq_len)}
+
+
 TEMPLATES = [
     format_prompt(Example("Summarize the text.", "MoE models route tokens to experts.", "", "", "t")) + "They route tokens.",
     format_prompt(Example("Name a colour.", "", "", "", "t")) + "Blue.\n\nÜmlauts, emoji 🙂 and  double  spaces.",
@@ -75,18 +90,12 @@ def test_shipped_tokenizer_round_trips_the_alpaca_template():
 
 
 @needs_shipped
-def test_shipped_model_loads_offline_and_reproduces_recorded_loss():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    stats = json.loads((SHIPPED / "pretrain_stats.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(str(SHIPPED), dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(SHIPPED))
+def test_shipped_model_loads_offline_and_reproduces_recorded_loss(shipped):
+    model, stats = shipped["model"], shipped["stats"]
     assert model.config.model_type == "olmoe" and model.config.norm_topk_prob is False
     assert 10e6 <= sum(p.numel() for p in model.parameters()) <= 20e6
     assert sum(f.stat().st_size for f in SHIPPED.iterdir()) < 30e6
-    cfg = load_pretrain_config(None)
-    _, held = load_corpus(cfg)
-    loss = heldout_loss(model, fixed_batch(pack(tok, held, cfg.train.seq_len)))
+    loss = heldout_loss(model, fixed_batch(shipped["held"]))
     assert loss == pytest.approx(stats["fixed_batch_loss"], abs=1e-3)
 
 
@@ -101,38 +110,25 @@ def test_repeat_spans_repeats_the_first_half_of_the_leading_rows():
 
 
 @needs_shipped
-def test_shipped_model_copies_from_its_context():
+def test_shipped_model_copies_from_its_context(shipped):
     """The copy curriculum's purpose: the shipped model predicts a repeated span of held-out text almost
-    perfectly (the first recipe's model, trained without it, scored 3.00 on the span and 3.05 on its repetition)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    stats = json.loads((SHIPPED / "pretrain_stats.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(str(SHIPPED), dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(str(SHIPPED))
-    cfg = load_pretrain_config(None)
-    _, held = load_corpus(cfg)
-    now = copy_test(model, pack(tok, held, cfg.train.seq_len))
-    assert now == pytest.approx(stats["copy_test"], abs=1e-3)
+    perfectly (the second recipe's model, trained without it, scored 3.00 on the span and 3.05 on its repetition)."""
+    now = copy_test(shipped["model"], shipped["held"])
+    assert now == pytest.approx(shipped["stats"]["copy_test"], abs=1e-3)
     assert now["second"] < now["first"] / 5
 
 
 @needs_shipped
-def test_shipped_model_uses_every_expert():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def test_shipped_model_uses_every_expert(shipped):
     from fedmoe.pretrain import activation_table
 
-    stats = json.loads((SHIPPED / "pretrain_stats.json").read_text())
-    cfg = load_pretrain_config(None)
+    stats, cfg = shipped["stats"], shipped["cfg"]
     fractions = torch.tensor(stats["expert_token_fraction"], dtype=torch.float64)
     assert fractions.shape == (cfg.model.num_layers, cfg.model.num_experts)
     assert torch.allclose(fractions.sum(dim=1), torch.full((cfg.model.num_layers,), float(cfg.model.top_k),
                                                           dtype=torch.float64))
     # the recorded table is what the shipped weights route on the held-out split (recomputed here)
-    model = AutoModelForCausalLM.from_pretrained(str(SHIPPED), dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(SHIPPED))
-    _, held = load_corpus(cfg)
-    now = torch.tensor(activation_table(model, pack(tok, held, cfg.train.seq_len)), dtype=torch.float64)
+    now = torch.tensor(activation_table(shipped["model"], shipped["held"]), dtype=torch.float64)
     torch.testing.assert_close(now, fractions, rtol=0, atol=2e-3)
     # experts are used and specialised: in every layer each expert receives 1%..50% of held-out tokens
     assert fractions.min() >= 0.01 and fractions.max() <= 0.5

@@ -191,7 +191,7 @@ def copy_test(model, blocks: torch.Tensor, rows: int = 32) -> dict:
     """Mean loss on the first half of ``rows`` held-out blocks and on the same half repeated after it.
 
     A model that copies from its context (induction) predicts the repetition almost perfectly; one
-    that cannot scores it like fresh text (the first recipe's model: 3.00 and 3.05).
+    that cannot scores it like fresh text (the second recipe's model: 3.00 and 3.05).
     """
     x = repeat_spans(blocks[:rows], 1.0)
     half = x.shape[1] // 2
