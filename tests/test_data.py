@@ -393,7 +393,6 @@ def test_prepare_federated_data(tmp_path):
     fd = prepare_federated_data(cfg, seed=0)
     assert fd.num_examples == 400 and fd.skipped == 0 and fd.unassigned == 0
     assert [(len(c.train), len(c.val), len(c.test)) for c in fd.clients] == [(50, 10, 7)] * 4
-    assert fd.global_test == [ex for c in fd.clients for ex in c.test]
     assert [c.id for c in fd.clients] == [0, 1, 2, 3]
     assert all(sum(c.category_counts.values()) == 50 for c in fd.clients)
     assert fd.histogram_markdown.splitlines()[-1].endswith("| 200 |")

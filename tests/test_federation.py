@@ -10,20 +10,22 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-from fedmoe.algorithms import FedIT, Payload, server_update, weighted_average
-from fedmoe.config import RunConfig, ServerOptimizerConfig, load_config
+from helpers import reply
+
+from fedmoe.algorithms import METHODS, ModelSpec, server_update, weighted_average
+from fedmoe.algorithms.server_opt import ServerOptimizerConfig
+from fedmoe.config import RunConfig, load_config
 from fedmoe.federation import resume_federated, run_federated, sample_clients
 from fedmoe.federation.runtime import RunDirError
 
 
 # ---------------------------------------------------------------------------- aggregation math
 def test_fedit_averages_A_and_B_separately_by_n():
-    cfg = RunConfig()
-    alg = FedIT(cfg)
     g = {"a": torch.zeros(2, 2), "b": torch.zeros(2)}
-    p1 = Payload(0, {"a": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([1.0, 0.0])}, n_train=1)
-    p2 = Payload(1, {"a": torch.tensor([[5.0, 6.0], [7.0, 8.0]]), "b": torch.tensor([0.0, 4.0])}, n_train=3)
-    new, _ = alg.aggregate(g, [p1, p2], {})
+    server = METHODS["fedit"].server(RunConfig(), ModelSpec(None, g, 0, 0, {}))
+    p1 = reply(0, {"a": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([1.0, 0.0])}, n=1)
+    p2 = reply(1, {"a": torch.tensor([[5.0, 6.0], [7.0, 8.0]]), "b": torch.tensor([0.0, 4.0])}, n=3)
+    new, _, _ = server.aggregate(g, {}, [p1, p2])
     # p = (1/4, 3/4)
     assert torch.allclose(new["a"], torch.tensor([[4.0, 5.0], [6.0, 7.0]]))
     assert torch.allclose(new["b"], torch.tensor([0.25, 3.0]))
@@ -86,6 +88,12 @@ def test_adaptive_server_optimizers_by_hand(name):
         assert first == pytest.approx(0.1 * 0.05 / (0.05000989902 + 0.001), rel=1e-6)
 
 
+def test_server_optimizer_keeps_the_methods_own_server_state():
+    for name in ("none", "fedavgm", "fedadam"):
+        _, st = server_update(_opt(name), {"w": torch.tensor([1.0])}, {"w": torch.tensor([5.0])}, {"c": 7, "m": {}})
+        assert st["c"] == 7
+
+
 def test_server_optimizer_none_is_fedavg():
     new, _ = server_update(_opt("none"), {"w": torch.tensor([1.0])}, {"w": torch.tensor([5.0])}, {})
     assert new["w"].item() == 5.0
@@ -130,13 +138,13 @@ def test_run_directory_contract_and_bytes(tmp_path):
     from fedmoe.moe import MoEModel
 
     mm = MoEModel.from_pretrained("builtin:tiny-olmoe")
-    FedIT(_cfg(tmp_path, "x", ["model.name=builtin:tiny-olmoe"])).setup(mm)
+    METHODS["fedit"].client.build(_cfg(tmp_path, "x", ["model.name=builtin:tiny-olmoe"]), mm)
     per_round = sum(t.numel() * 4 for t in mm.get_state().values())
     # 4 layers x (expert LoRA 8 experts x (r·128 + 512·r + r·256 + 128·r) + 4 attention x 2 x r·128), r=4
     r = 4
     assert per_round == 4 * 4 * (8 * (r * 128 + 512 * r + r * 256 + 128 * r) + 4 * 2 * r * 128)
-    for c in on_disk["clients"]:
-        assert c["bytes_up"] == 2 * per_round and c["bytes_down"] == 2 * per_round
+    for c in on_disk["clients"]:  # and n_i goes up with the tensors: one 8-byte scalar
+        assert c["bytes_up"] == 2 * (per_round + 8) and c["bytes_down"] == 2 * per_round
     # FLOPs per sequence of every client, from the analytic count at the client's k
     from fedmoe.eval import count_flops
 
@@ -144,7 +152,7 @@ def test_run_directory_contract_and_bytes(tmp_path):
     assert [c["flops_per_seq"] for c in on_disk["clients"]] == [expected] * 3
     rows = rd.read_metrics()
     train_rows = [r for r in rows if r["split"] == "train"]
-    assert len(train_rows) == 2 * 3 and all(r["bytes_up"] == per_round for r in train_rows)
+    assert len(train_rows) == 2 * 3 and all(r["bytes_up"] == per_round + 8 for r in train_rows)
     assert [r["round"] for r in rows if r["split"] == "test" and r["client"] is None] == [0, 1, 2]
     # ROUGE-L in the zero-shot round 0 and the final round only (eval.every_round is off)
     glob = {r["round"]: r for r in rows if r["client"] is None}
@@ -202,7 +210,7 @@ def test_partial_participation_trains_only_sampled_clients(tmp_path):
 
 def test_fedprox_and_server_optimizer_change_the_result(tmp_path):
     base, _ = run_federated(_cfg(tmp_path, "b", ["federation.rounds=1", "eval.rouge=false"]))
-    prox, _ = run_federated(_cfg(tmp_path, "p", ["federation.rounds=1", "eval.rouge=false", "train.proximal_mu=10.0"]))
+    prox, _ = run_federated(_cfg(tmp_path, "p", ["federation.rounds=1", "eval.rouge=false", "algorithm.fedit.proximal_mu=10.0"]))
     adam, _ = run_federated(_cfg(tmp_path, "a", ["federation.rounds=1", "eval.rouge=false",
                                                  "algorithm.server_optimizer.name=fedadam"]))
     assert base["global"]["loss"] != prox["global"]["loss"]
@@ -212,7 +220,7 @@ def test_fedprox_and_server_optimizer_change_the_result(tmp_path):
 def test_client_top_k_is_validated(tmp_path):
     from fedmoe.moe import TopKError
 
-    with pytest.raises(TopKError, match="1..2"):
+    with pytest.raises(TopKError, match="client 2 would activate k = 3 .* use 1..2"):
         run_federated(_cfg(tmp_path, "k", ["algorithm.client_top_k=[2,1,3]", "model.name=builtin:tiny-olmoe"]))
 
 

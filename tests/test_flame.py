@@ -8,25 +8,30 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-from fedmoe.algorithms import FLAME, FedIT, Payload
-from fedmoe.algorithms.budgets import client_levels, default_top_k_levels
-from fedmoe.algorithms.flame import activation_aware_average
-from fedmoe.config import BudgetConfig, load_config
+from helpers import built, reply
+
+from fedmoe.algorithms import METHODS
+from fedmoe.algorithms.budgets import BudgetConfig, client_levels, default_top_k_levels
+from fedmoe.algorithms.flame import COUNTS, TOKENS, activation_aware_average
+from fedmoe.config import load_config
 from fedmoe.moe import MoEModel
 from fedmoe.moe.tiny import tiny_config
 
 NAME = "model.layers.0.mlp.experts.down_lora_A"
 
 
-def _payload(cid, values, counts, tokens, n):
-    return Payload(cid, {NAME: torch.tensor(values).reshape(3, 1)}, n, torch.tensor([counts]), torch.tensor([tokens]))
+def _average(g, clients, temperature):
+    """clients: (values, counts, tokens, n) of one layer with 3 experts."""
+    return activation_aware_average(g, [{NAME: torch.tensor(v).reshape(3, 1)} for v, _, _, _ in clients],
+                                    [torch.tensor([c]) for _, c, _, _ in clients],
+                                    [torch.tensor([t]) for _, _, t, _ in clients],
+                                    [n for *_, n in clients], {NAME: 0}, temperature)[NAME].flatten()
 
 
 def test_activation_aware_average_by_hand():
     g = {NAME: torch.tensor([9.0, 9.0, 9.0]).reshape(3, 1)}
-    p1 = _payload(0, [1.0, 2.0, 3.0], [30, 10, 0], 20, n=1)  # layer saw 20 tokens, k=2 -> 40 assignments
-    p2 = _payload(1, [5.0, 6.0, 7.0], [10, 10, 0], 10, n=2)
-    out = activation_aware_average(g, [p1, p2], [NAME], {NAME: 0}, temperature=2.0)[NAME].flatten()
+    # layer saw 20 tokens, k=2 -> 40 assignments
+    out = _average(g, [([1.0, 2.0, 3.0], [30, 10, 0], 20, 1), ([5.0, 6.0, 7.0], [10, 10, 0], 10, 2)], 2.0)
     # expert 0: γ1 = (30/20)^2·1 = 2.25, γ2 = (10/10)^2·2 = 2 -> (2.25·1 + 2·5) / 4.25
     assert out[0].item() == pytest.approx((2.25 * 1 + 2 * 5) / 4.25)
     # expert 1: γ1 = (10/20)^2·1 = 0.25, γ2 = 1·2 = 2 -> (0.25·2 + 2·6) / 2.25
@@ -37,33 +42,31 @@ def test_activation_aware_average_by_hand():
 
 def test_temperature_zero_is_exactly_fedavg():
     g = {NAME: torch.zeros(3, 1)}
-    p1 = _payload(0, [1.0, 2.0, 3.0], [30, 10, 0], 20, n=1)
-    p2 = _payload(1, [5.0, 6.0, 7.0], [10, 10, 0], 10, n=3)
-    out = activation_aware_average(g, [p1, p2], [NAME], {NAME: 0}, temperature=0.0)[NAME].flatten()
+    out = _average(g, [([1.0, 2.0, 3.0], [30, 10, 0], 20, 1), ([5.0, 6.0, 7.0], [10, 10, 0], 10, 3)], 0.0)
     assert out.tolist() == pytest.approx([(1 + 15) / 4, (2 + 18) / 4, (3 + 21) / 4])
 
 
 def test_flame_aggregate_with_t0_equals_fedit_on_a_real_model():
-    cfg = load_config(None, ["algorithm.name=flame", "algorithm.temperature=0", "lora.rank=2",
+    cfg = load_config(None, ["algorithm.name=flame", "algorithm.flame.temperature=0", "lora.rank=2",
                              "data.partition.num_clients=2"])
-    mm = MoEModel.from_config(tiny_config("olmoe"))
-    flame = FLAME(cfg)
-    flame.setup(mm)
-    g = mm.get_state()
+    server, client, spec = built(METHODS["flame"], cfg, MoEModel.from_config(tiny_config("olmoe")))
+    fedit = METHODS["fedit"].server(cfg, spec)
+    g = server.initial_global()
+    assert not any("output_scale" in k for k in g)  # the rescaler is private: not in the global state
     torch.manual_seed(0)
-    payloads = []
+    replies = []
     for cid, n in ((0, 3), (1, 5)):
-        t = {k: torch.randn_like(v) for k, v in flame.downlink(g, cid).items()}
+        t = {k: torch.randn_like(v) for k, v in server.downlink(g, {}, cid).tensors.items()}
         counts = torch.randint(0, 50, (2, 8))
         counts[0, 3] = 0  # an expert one client never used still averages at t = 0
-        payloads.append(flame.payload(cid, {**t, **{r: torch.tensor(1.0) for r in flame.rescaler_names}}, n,
-                                      counts, torch.tensor([40, 40])))
-    new_flame, _ = flame.aggregate(g, payloads, {})
-    new_fedit, _ = FedIT(cfg).aggregate({k: v for k, v in g.items() if k in payloads[0].tensors}, payloads, {})
+        replies.append(reply(cid, {**t, COUNTS: counts, TOKENS: torch.tensor([40, 40])}, n))
+    new_flame, _, _ = server.aggregate(g, {}, replies)
+    plain = [reply(r.client, {k: v for k, v in r.message.tensors.items() if k in g}, r.message.scalars["n_train"])
+             for r in replies]
+    new_fedit, _, _ = fedit.aggregate(g, {}, plain)
+    assert set(new_flame) == set(new_fedit) == set(g)
     for k, v in new_fedit.items():
         torch.testing.assert_close(new_flame[k], v, rtol=0, atol=1e-6)
-    # the rescaler is private: never in a payload
-    assert not any("output_scale" in k for p in payloads for k in p.tensors)
 
 
 def test_budget_levels_and_assignment():
@@ -84,8 +87,8 @@ def test_rescaler_variants_scale_the_routed_output():
     captured = []
     h = mm.layers[0].block.register_forward_hook(lambda m, a, out: captured.append(out.detach()))
     mm.model(ids)
-    mm.add_rescaler(init=1.0, trainable=False)
-    mm.set_rescaler(2.5)
+    mm.add_output_scale(init=1.0, trainable=False)
+    mm.set_output_scale(2.5)
     mm.model(ids)
     h.remove()
     torch.testing.assert_close(captured[1], 2.5 * captured[0])
@@ -103,10 +106,11 @@ def test_flame_run_keeps_rescaler_private_and_counts_uplink(tmp_path):
     cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "name=flame", "federation.rounds=2", "train.lr=0.05"])
     summary, rd = run_federated(cfg)
     assert [c["k"] for c in summary["clients"]] == [2, 1]
-    # activation counts travel up: 4 layers x 8 experts + 4 token totals, int64
+    # activation counts travel up: 4 layers x 8 experts + 4 token totals, int64; and n_i
     rows = [r for r in rd.read_metrics() if r["split"] == "train"]
-    assert all(r["bytes_up"] == r["bytes_down"] + (4 * 8 + 4) * 8 for r in rows)
+    assert all(r["bytes_up"] == r["bytes_down"] + (4 * 8 + 4) * 8 + 8 for r in rows)
     ck = torch.load(rd.checkpoint_dir / "state.pt", weights_only=False)
+    assert all(n.endswith(".experts.output_scale") for c in (0, 1) for n in ck["private"][c])
     scales = [ck["private"][c][n].item() for c in (0, 1) for n in sorted(ck["private"][c])]
     assert len(scales) == 8 and all(s != 1.0 for s in scales)  # learned, per client, per layer
     # a resumed FLAME run (private rescalers restored) ends with the same numbers

@@ -9,9 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from fedmoe.algorithms.flex import GraftedExperts, _expert_forward, score_experts
 from fedmoe.moe import MoEModel
-from fedmoe.moe.graft import _expert_forward, attach_grafts, score_experts
 from fedmoe.moe.tiny import tiny_config
+
+
+def attach_grafts(mm, num_grafts=1, rank=8, alpha=16.0, train_full=False, gate="sigmoid"):
+    return mm.attach_to_blocks("grafted", lambda layer: GraftedExperts(layer, num_grafts, rank, alpha, train_full, gate))
 
 
 def _mm(arch="olmoe"):

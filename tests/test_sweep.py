@@ -19,11 +19,11 @@ def test_sweep_points_are_the_cartesian_product():
     assert pts[3][1] == ["algorithm.name=flame", "data.partition.alpha=0.5"]
     with pytest.raises(ConfigError, match="non-empty list"):
         sweep_points({"seed": 3})
-    named = sweep_points({"method": {"FedProx": {"algorithm.name": "fedit", "train.proximal_mu": 0.01},
+    named = sweep_points({"method": {"FedProx": {"algorithm.name": "fedit", "algorithm.fedit.proximal_mu": 0.01},
                                      "FLEx": {"algorithm.name": "flex"}}, "seed": [0, 1]})
     assert [p for p, _ in named] == ["method=FedProx,seed=0", "method=FedProx,seed=1", "method=FLEx,seed=0",
                                      "method=FLEx,seed=1"]
-    assert named[1][1] == ["algorithm.name=fedit", "train.proximal_mu=0.01", "seed=1"]
+    assert named[1][1] == ["algorithm.name=fedit", "algorithm.fedit.proximal_mu=0.01", "seed=1"]
 
 
 def test_a_config_with_a_sweep_is_not_a_single_run(tmp_path):

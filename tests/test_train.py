@@ -1,4 +1,4 @@
-"""Local training: schedule, step count, aux loss, FedProx, determinism."""
+"""Local training: schedule, step count, aux loss, a method's loss term (FedProx), determinism."""
 
 import math
 import os
@@ -8,6 +8,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
+from fedmoe.algorithms.base import Objective
+from fedmoe.algorithms.fedit import proximal_term
 from fedmoe.config import TrainConfig
 from fedmoe.moe import MoEModel
 from fedmoe.moe.tiny import tiny_config
@@ -64,9 +66,8 @@ def test_fedprox_pulls_towards_the_global_state():
     for mu in (0.0, 100.0):
         mm = _model()
         mm.load_state(start)
-        train_local(mm, EXAMPLES, TrainConfig(max_steps=4, batch_size=2, proximal_mu=mu, grad_clip=None), pad_id=0,
-                    lr=5e-2, seed=1, reference_state=start)
+        objective = Objective(loss_terms=[proximal_term(mu, start, mm.trainable_parameters())]) if mu else None
+        train_local(mm, EXAMPLES, TrainConfig(max_steps=4, batch_size=2, grad_clip=None), pad_id=0,
+                    lr=5e-2, seed=1, objective=objective)
         drift[mu] = sum(float((mm.get_state()[n] - start[n]).pow(2).sum()) for n in start)
     assert drift[100.0] < drift[0.0]
-    with pytest.raises(ValueError, match="FedProx"):
-        train_local(_model(), EXAMPLES, TrainConfig(max_steps=1, proximal_mu=1.0), pad_id=0, lr=1e-3, seed=0)

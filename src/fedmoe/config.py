@@ -6,19 +6,19 @@ Unknown keys and bad values raise :class:`ConfigError` naming the key (and the f
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
+from .algorithms.budgets import BudgetConfig
+from .algorithms.registry import METHODS
+from .algorithms.server_opt import ServerOptimizerConfig
+from .configbase import ConfigError, StrictModel, format_errors
 
-class ConfigError(ValueError):
-    """A user-fixable problem in a run configuration."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+_Strict = StrictModel
 
 
 class ModelConfig(_Strict):
@@ -88,63 +88,28 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     aux_loss: bool = False  # add the model's MoE load-balancing loss
     aux_loss_coef: float | None = Field(None, ge=0)  # None = the model config's router_aux_loss_coef
-    proximal_mu: float = Field(0.0, ge=0)  # FedProx: mu/2 * ||theta - theta_global||^2
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast on CUDA when auto
 
 
-class ServerOptimizerConfig(_Strict):
-    name: Literal["none", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = "none"
-    lr: float = Field(1.0, gt=0)  # server learning rate eta
-    momentum: float = Field(0.9, ge=0, lt=1)  # FedAvgM
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0)  # adaptivity
+def _algorithm_config():
+    """The ``algorithm`` section: the method's name, the options several methods share, and one
+    section per registered method (``algorithm.<name>``, defined beside the method's code)."""
+    fields: dict[str, Any] = {
+        "name": (Literal[tuple(METHODS)], "fedit"),
+        # FedAvgM / FedAdam / FedYogi / FedAdagrad on the aggregated update (methods that allow one)
+        "server_optimizer": (ServerOptimizerConfig, Field(default_factory=ServerOptimizerConfig)),
+        # Per-client number of activated experts k_i (None = the model's k for every client; FLAME
+        # derives it from the budgets).
+        "client_top_k": (list[int] | None, None),
+        "budgets": (BudgetConfig, Field(default_factory=BudgetConfig)),
+    }
+    for m in METHODS.values():
+        if m.config is not None:
+            fields[m.name] = (m.config, Field(default_factory=m.config))
+    return create_model("AlgorithmConfig", __base__=StrictModel, **fields)
 
 
-class BudgetConfig(_Strict):
-    """Client compute budgets β1..βB (FLAME Table 1). Level b gives a client k_i = top_k[b] activated
-    experts (FLAME) or LoRA rank ranks[b] (rank-compression baselines)."""
-
-    top_k: list[int] | None = None  # None = k, k/2, k/4, k/8 of the model (>= 1), as in FLAME
-    ranks: list[int] | None = None  # None = lora.rank x (1, 0.6, 0.4, 0.3), rounded up: 20 -> 20, 12, 8, 6
-    assign: Literal["uniform", "map", "distribution"] = "uniform"  # uniform: client i gets level i mod B
-    map: list[int] | None = None  # assign=map: level index per client
-    probs: list[float] | None = None  # assign=distribution: probability of each level (seeded draw)
-
-
-class HetLoRAConfig(_Strict):
-    """HetLoRA's optional local rank self-pruning (Cho et al. 2024, §3.2; SPEC.md §2). Off when
-    prune_lambda = 0. A client adds λ·Σ‖B[:, ⌊γr⌋:r] A[⌊γr⌋:r, :]‖_F (its trailing components) to its
-    loss; when that tail norm is smaller after a round than after the client's previous round, the
-    client drops the tail: r ← max(1, ⌊γr⌋)."""
-
-    prune_lambda: float = Field(0.0, ge=0)
-    prune_gamma: float = Field(0.9, gt=0, lt=1)
-
-
-class FlexConfig(_Strict):
-    """FLEx grafting options (SPEC.md §3)."""
-
-    calibration_size: int = Field(64, ge=1)  # calibration sequences per client
-    calibration: Literal["client", "general"] = "client"  # general = the built-in pretraining held-out text
-    num_grafts: int = Field(1, ge=1)  # grafted experts per layer (greedy)
-    gate: Literal["sigmoid", "none"] = "sigmoid"
-    train_full: bool = False  # train the grafted expert in full instead of LoRA on it
-    graft_rank: int | None = Field(None, ge=1)  # LoRA rank on the grafted expert (None = lora.rank)
-
-
-class AlgorithmConfig(_Strict):
-    name: Literal["fedit", "flame", "trivial", "hetlora", "flexlora", "flex", "scaffold"] = "fedit"
-    server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
-    # Per-client number of activated experts k_i (None = the model's k for every client; FLAME
-    # derives it from the budgets).
-    client_top_k: list[int] | None = None
-    budgets: BudgetConfig = BudgetConfig()
-    temperature: float = Field(2.0, ge=0)  # FLAME activation-aware aggregation: γ = (a/S)^t · n
-    rescaler: Literal["learned", "static", "none"] = "learned"  # FLAME's s_i
-    rescaler_init: Literal["one", "ratio"] = "one"  # learned s_i starts at 1.0 or at k/k_i
-    flex: FlexConfig = FlexConfig()
-    hetlora: HetLoRAConfig = HetLoRAConfig()
+AlgorithmConfig = _algorithm_config()
 
 
 class FederationConfig(_Strict):
@@ -196,26 +161,62 @@ class RunConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _method_options_apply(self):
+        alg = self.algorithm
+        method = METHODS[alg.name]
+        if alg.server_optimizer.name != "none" and not method.server.supports_server_optimizer:
+            raise ValueError(f"algorithm.server_optimizer.name = {alg.server_optimizer.name!r}, but {alg.name} "
+                             f"{method.server.server_optimizer_note}; set algorithm.server_optimizer.name: none")
+        for other in METHODS.values():
+            if other.config is None or other.name in method.sections:
+                continue
+            changed = _changed_keys(getattr(alg, other.name), other.config())
+            if changed:
+                keys = ", ".join(f"algorithm.{other.name}.{k}" for k in changed)
+                raise ValueError(f"{keys} configure the method '{other.name}', but algorithm.name is {alg.name!r}, "
+                                 f"which reads only algorithm.{{{', '.join(method.sections)}}}: remove them (in a "
+                                 "sweep, set them in that method's variant)")
+        return self
+
     def run_name(self) -> str:
         return self.name or self.algorithm.name
+
+
+def _changed_keys(section: StrictModel, default: StrictModel) -> list[str]:
+    return [k for k in type(section).model_fields if getattr(section, k) != getattr(default, k)]
 
 
 # ----------------------------------------------------------------------------------------------
 # loading
 
+# Keys that moved to the section of the method they configure. A config (or a run directory's
+# config.yaml) written before the move still loads: the value is moved, with a warning.
+MOVED_KEYS = {
+    "algorithm.temperature": "algorithm.flame.temperature",
+    "algorithm.rescaler": "algorithm.flame.rescaler",
+    "algorithm.rescaler_init": "algorithm.flame.rescaler_init",
+    "train.proximal_mu": "algorithm.fedit.proximal_mu",
+}
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  - unknown key '{key}': remove it or check its spelling")
-        elif e["type"] == "value_error":  # our own checks: the message names the keys
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  - {msg}" if key == "<root>" else f"  - {key}: {msg} (got {e.get('input')!r})")
-        else:
-            lines.append(f"  - {key}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+
+def migrate_moved_keys(tree: dict, source: str) -> dict:
+    for old, new in MOVED_KEYS.items():
+        *path, last = old.split(".")
+        node = tree
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            continue
+        value = node.pop(last)
+        *npath, nlast = new.split(".")
+        dst = _section(tree, npath, f"{source}: {new}")
+        if nlast in dst and dst[nlast] != value:
+            raise ConfigError(f"{source}: sets both '{old}' (the old key) and '{new}'; keep only '{new}'")
+        dst[nlast] = value
+        warnings.warn(f"{source}: '{old}' is now '{new}' (moved to the section of the method it configures)",
+                      stacklevel=3)
+    return tree
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -233,18 +234,23 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _section(tree: dict, path: list[str], what: str) -> dict:
+    """The nested section at ``path`` (created where missing); ``what`` names the key in errors."""
+    node = tree
+    for part in path:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(f"{what}: '{part}' is a value, not a section")
+        node = nxt
+    return node
+
+
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     for item in overrides:
         path, value = parse_override(item)
-        node = tree
-        for part in path[:-1]:
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            elif not isinstance(nxt, dict):
-                raise ConfigError(f"--set {'.'.join(path)}: '{part}' is a value, not a section")
-            node = nxt
-        node[path[-1]] = value
+        _section(tree, path[:-1], f"--set {'.'.join(path)}")[path[-1]] = value
     return tree
 
 
@@ -278,10 +284,11 @@ def config_from_tree(tree: dict, source: str = "config") -> RunConfig:
     if "sweep" in tree:
         raise ConfigError(f"{source}: has a 'sweep' section; run it with `fedmoe run` (which expands sweeps) "
                           "or remove the section")
+    tree = migrate_moved_keys(tree, source)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise ConfigError(format_errors(e, source)) from None
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

@@ -26,16 +26,11 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import ConfigError, _format_errors
-from .data.sources import load_examples
+from .configbase import ConfigError, format_errors as _format_errors
+from .data.general import DEFAULT_CORPUS, corpus_split, pack
 from .data.template import format_prompt
 from .report.rundir import atomic_write_bytes, atomic_write_text
 
-PRETRAIN_DIR = "assets/data/pretrain"
-DEFAULT_CORPUS = [
-    "alpaca_5000.json.gz", "alpaca_random_9k.json.gz", "alpaca_gpt4_en_demo_1k.json.gz",
-    "claude_t45.json.gz", "helpfulness_t45.json.gz", "medical_meadow_wikidoc_patient_information.json.gz",
-]
 EOS, PAD = "<|endoftext|>", "<|padding|>"
 TEMPLATE_MARKERS = ["### Instruction:", "### Input:", "### Response:"]
 CARD_PROMPTS = [
@@ -122,29 +117,9 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = 
 
 
 # ------------------------------------------------------------------------------ corpus
-def _corpus_path(name: str) -> str:
-    from importlib import resources
-
-    shipped = Path(str(resources.files("fedmoe") / PRETRAIN_DIR / name))
-    return str(shipped) if shipped.is_file() else name
-
-
 def load_corpus(cfg: PretrainConfig) -> tuple[list[str], list[str]]:
-    """(train texts, held-out texts): each example formatted with the Alpaca template + response,
-    exact duplicates removed, split by a seeded permutation."""
-    seen, texts = set(), []
-    for name in cfg.corpus:
-        for ex in load_examples(_corpus_path(name), on_bad_row="skip").examples:
-            text = format_prompt(ex) + ex.output
-            if text not in seen:
-                seen.add(text)
-                texts.append(text)
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(texts))
-    n_held = max(1, int(round(cfg.heldout_fraction * len(texts))))
-    held = [texts[i] for i in order[:n_held]]
-    train = [texts[i] for i in order[n_held:]]
-    return train, held
+    """(train texts, held-out texts) of the recipe's corpus (``fedmoe.data.general.corpus_split``)."""
+    return corpus_split(cfg.corpus, cfg.seed, cfg.heldout_fraction)
 
 
 def train_tokenizer(texts: list[str], spec: TokenizerSpec):
@@ -162,17 +137,6 @@ def train_tokenizer(texts: list[str], spec: TokenizerSpec):
     tok.add_tokens(TEMPLATE_MARKERS)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
                                    clean_up_tokenization_spaces=False, model_max_length=1024)
-
-
-def pack(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
-    """Concatenate texts (each followed by eos) and cut into (n_blocks, seq_len) blocks."""
-    ids: list[int] = []
-    # verbose=False: texts longer than model_max_length are fine here, they are cut into blocks
-    for enc in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
-        ids.extend(enc)
-        ids.append(tokenizer.eos_token_id)
-    n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
 def repeat_spans(batch: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Local training of one client for one round.
 
 Knows nothing about methods: it trains whatever tensors of the model require grad, on the
-client's tokenised examples, and reports loss, steps and the expert activation counts.
+client's tokenised examples, with whatever a method's :class:`~fedmoe.algorithms.base.Objective`
+adds (loss terms, a gradient correction), and reports loss, steps and the expert activation counts.
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TrainConfig
+from typing import TYPE_CHECKING
+
 from .data.tokenize import collate_sft
 from .moe import MoEModel
 from .moe.loss import labelled_token_loss
+
+if TYPE_CHECKING:
+    from .algorithms.base import Objective
+    from .config import TrainConfig
 
 
 @dataclass
@@ -26,11 +32,13 @@ class LocalResult:
     tokens: int  # non-padding tokens processed
     activation_counts: torch.Tensor  # (L, E) tokens routed to each expert
     tokens_per_layer: torch.Tensor  # (L,)
+    n_train: int  # the client's training examples
+    lr: float  # the learning rate of this round
 
 
 def round_lr(cfg: TrainConfig, round_idx: int, total_rounds: int) -> float:
-    """The learning rate of a round (1-based). ``cosine`` decays from lr to min_lr across rounds,
-    as FLEx does; ``constant`` keeps lr."""
+    """The learning rate of a round (1-based). ``cosine`` decays from lr to min_lr across rounds
+    (a schedule over the federation, not within a client's local steps); ``constant`` keeps lr."""
     if cfg.schedule == "constant" or total_rounds <= 1:
         return cfg.lr
     progress = (round_idx - 1) / (total_rounds - 1)
@@ -63,16 +71,14 @@ def train_local(
     pad_id: int,
     lr: float,
     seed: int,
-    reference_state: dict[str, torch.Tensor] | None = None,
     progress: Callable[[int, float], None] | None = None,
-    grad_correction: dict[str, torch.Tensor] | None = None,
-    regularizer: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    objective: Objective | None = None,
 ) -> LocalResult:
     """Train the model's trainable tensors on ``examples`` (dicts with input_ids and labels).
 
-    ``reference_state`` is the round's global state for FedProx (used when cfg.proximal_mu > 0).
-    ``seed`` fixes data order and dropout, so the same call gives the same result.
-    ``regularizer(params)`` is added to every micro-batch's loss (HetLoRA's self-pruning term).
+    ``seed`` fixes data order and dropout, so the same call gives the same result. ``objective``:
+    each of its ``loss_terms(params)`` is added to every micro-batch's loss, its ``grad_correction``
+    (a tensor per trainable) to the gradient before clipping and the optimizer step.
     """
     if len(examples) == 0:
         raise ValueError("a client with no training examples cannot train; check the partition")
@@ -81,13 +87,10 @@ def train_local(
     if not params:
         raise ValueError("the model has no trainable tensors: the algorithm added no adapters")
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=cfg.weight_decay)
-    prox = None
-    if cfg.proximal_mu > 0:
-        if reference_state is None:
-            raise ValueError("FedProx (train.proximal_mu > 0) needs the round's global state")
-        prox = {n: reference_state[n].to(device) for n in params if n in reference_state}
-
-    correction = None if grad_correction is None else {n: t.to(device) for n, t in grad_correction.items()}
+    terms = [] if objective is None else list(objective.loss_terms)
+    correction = None
+    if objective is not None and objective.grad_correction is not None:
+        correction = {n: t.to(device) for n, t in objective.grad_correction.items()}
     model = mm.model
     aux_coef = cfg.aux_loss_coef if cfg.aux_loss_coef is not None else getattr(model.config, "router_aux_loss_coef", 0.0)
     bf16 = use_bf16(cfg, device)
@@ -113,15 +116,13 @@ def train_local(
             loss = loss_sum / max(n_tok, 1)  # token mean of this micro-batch, as Hugging Face computes it
             if aux is not None:
                 loss = loss + aux_coef * aux.float()
-            if prox is not None:
-                loss = loss + 0.5 * cfg.proximal_mu * sum(((params[n] - prox[n]) ** 2).sum() for n in prox)
-            if regularizer is not None:
-                loss = loss + regularizer(params)
+            for term in terms:
+                loss = loss + term(params)
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
             seen += len(idx)
             tokens += int(batch["attention_mask"].sum())
-        if correction is not None:  # SCAFFOLD: g − c_i + c
+        if correction is not None:
             for n, corr in correction.items():
                 if params[n].grad is not None:
                     params[n].grad.add_(corr)
@@ -134,4 +135,4 @@ def train_local(
     model.eval()
     counts, per_layer = mm.activation_counts()
     return LocalResult(loss=sum(losses) / len(losses), steps=n_steps, examples_seen=seen, tokens=tokens,
-                       activation_counts=counts, tokens_per_layer=per_layer)
+                       activation_counts=counts, tokens_per_layer=per_layer, n_train=len(examples), lr=lr)

@@ -1,41 +1,49 @@
-"""The algorithm interface: the four decisions of SPEC.md as plain functions over named tensors.
+"""A method in two halves that meet only through messages.
 
-1. ``setup``      — what is added to the frozen model and what is trainable (same on every client);
-                    ``init_private`` gives a client's private state (never sent).
-2. ``payload``    — what a client sends up after local training.
-3. ``aggregate``  — how the server turns payloads into the new global state.
-4. ``downlink``   — what each client receives.
+**Server half** (:class:`Server`, one per run): the initial global state, from the model's config and
+the method's adapters (a :class:`ModelSpec`, never a live model); what each client is sent
+(:meth:`Server.downlink`); how the replies become the new global state (:meth:`Server.aggregate`).
+Its state between rounds is the global state plus a ``server_state`` dict, both returned, both
+checkpointed by the runtime. It never sees a client's private state.
 
-Algorithms do no I/O and run no training loops; the runtime calls them.
+**Client half** (:class:`Client`, one per client process; in-process one serves every client in turn):
+what the method adds to the frozen model (:meth:`Client.build`, also run on the server's weightless
+skeleton, so both halves agree on every tensor name); the client's one-shot setup before round 1
+(:meth:`Client.setup`); its model, built from the message it received plus its own private store
+(:meth:`Client.load`); the local objective's extra terms (:meth:`Client.objective`); and, after local
+training, the reply and the new private state (:meth:`Client.reply`). It has the run config and its
+own data, never the global state or another client's anything. Private state and reply are return
+values: nothing is kept on the objects between calls.
+
+Every server and client step also returns a metrics dict, which the runtime logs and the report
+shows by key (``*_s`` seconds, ``*_bytes`` bytes).
+
+A method is one file with its config section, its two halves and a :class:`Method` entry, plus one
+line in :mod:`fedmoe.algorithms.registry`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import RunConfig
-from ..moe import MoEModel
+from ..messages import Message, Reply
+from ..seeds import Stream, derive_seed
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+    from ..moe import MoEModel
+    from ..train import LocalResult
 
 State = dict[str, torch.Tensor]
+Private = dict[str, Any]  # a client's private store: tensors and small values, never sent
+N_TRAIN = "n_train"  # the scalar every reply carries: the client's number of training examples
 
 
-@dataclass
-class Payload:
-    client_id: int
-    tensors: State
-    n_train: int
-    activation_counts: torch.Tensor | None = None  # (L, E) tokens routed to each expert this round
-    tokens_per_layer: torch.Tensor | None = None  # (L,)
-    extra: dict = field(default_factory=dict)
-
-
-def model_tensors(state: State) -> State:
-    """The entries of a state that are model tensors (not "__"-prefixed private settings)."""
-    return {n: t for n, t in state.items() if not n.startswith("__")}
-
-
+# ------------------------------------------------------------------------------------ helpers
 def weighted_average(states: list[State], weights: list[float]) -> State:
     """Σ w_i · state_i per tensor, with w normalised to sum 1 (computed in float64, cast back)."""
     total = float(sum(weights))
@@ -50,75 +58,165 @@ def weighted_average(states: list[State], weights: list[float]) -> State:
     return out
 
 
-class Algorithm:
-    """Base class; FedIT's choices are the defaults."""
+def sizes(replies: list[Reply]) -> list[float]:
+    """n_i of every reply."""
+    return [float(r.message.scalars[N_TRAIN]) for r in replies]
 
-    name = "base"
+
+@dataclass
+class ModelSpec:
+    """What the server knows of the model: its config, its MoE layout, and every trainable tensor a
+    client's model has, at its seeded initial value (built on a weightless skeleton)."""
+
+    config: Any
+    initial: State  # name -> CPU tensor, in the model's parameter order
+    num_experts: int
+    top_k: int
+    decoder_to_moe: dict[int, int]  # decoder layer index -> MoE layer index
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.decoder_to_moe)
+
+    @classmethod
+    def of(cls, mm: MoEModel) -> ModelSpec:
+        """The spec of a model whose adapters are built (a skeleton, or a live model in tests)."""
+        return cls(config=mm.config, initial=mm.get_state(), num_experts=mm.num_experts, top_k=mm.default_top_k,
+                   decoder_to_moe={layer.decoder_layer: layer.index for layer in mm.layers})
+
+
+def model_spec(cfg: RunConfig, method: Method) -> ModelSpec:
+    """Build the method's adapters on a weightless skeleton of ``cfg.model`` with the run's adapter
+    seed: the same names, shapes and initial values every client's model gets."""
+    from ..moe import MoEModel
+
+    sk = MoEModel.skeleton(cfg.model.name, dtype=cfg.model.dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, Stream.ADAPTER_INIT))
+        method.client.build(cfg, sk)
+    return ModelSpec.of(sk)
+
+
+@dataclass
+class Objective:
+    """What a method adds to the plain local loss: terms added to every micro-batch's loss (each a
+    function of the trainable parameters, name -> tensor) and a tensor per trainable added to its
+    gradient before the optimizer step."""
+
+    loss_terms: list[Callable[[dict[str, torch.Tensor]], torch.Tensor]] = field(default_factory=list)
+    grad_correction: State | None = None
+
+
+# ------------------------------------------------------------------------------------ halves
+class Server:
+    """Server half; FedAvg over every trainable tensor is the default."""
+
+    supports_server_optimizer = True
+    server_optimizer_note = ""  # why not, when it does not (shown in the config error)
+
+    def __init__(self, cfg: RunConfig, spec: ModelSpec):
+        self.cfg = cfg
+        self.spec = spec
+
+    def initial_global(self) -> State:
+        """The global state before round 1 (default: every trainable tensor of the spec)."""
+        return {n: t.clone() for n, t in self.spec.initial.items()}
+
+    def initial_server_state(self, global_state: State) -> dict:
+        return {}
+
+    def downlink(self, global_state: State, server_state: dict, client: int | None) -> Message:
+        """What ``client`` receives (None: the global model, for evaluating it)."""
+        return Message(tensors=dict(global_state))
+
+    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply]) -> tuple[State, dict, dict]:
+        """(new global state, new server state, metrics) from this round's replies."""
+        raise NotImplementedError
+
+
+class Client:
+    """Client half; FedIT's client (train every trainable, send it all with n_i) is the default."""
+
     personalized = False  # True when a client's evaluated model differs from the global one
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.setup_stats: dict[int, dict] = {}  # per client: what its one-shot setup cost (FLEx grafting)
 
-    # 1. client setup ---------------------------------------------------------------------
-    def setup(self, mm: MoEModel) -> None:
+    @classmethod
+    def build(cls, cfg: RunConfig, mm: MoEModel) -> None:
+        """Add the method's trainable structure to the frozen model (the same on every client)."""
         raise NotImplementedError
 
-    def init_private(self, client_id: int, mm: MoEModel, calibration: list[dict] | None = None) -> State:
-        """A client's private state before round 1 (``calibration``: its tokenised training examples,
-        for one-shot setup such as FLEx's grafting). Keys starting with "__" are private settings
-        that are not model tensors (the runtime keeps and checkpoints them; ``prepare_client`` applies them)."""
-        return {}
-
-    def client_top_k(self, client_id: int | None) -> int | None:
-        """k_i of a client (None = the model's k); ``None`` as client means the global model."""
+    # settings of this client --------------------------------------------------------------------
+    def top_k(self, client: int | None, mm: MoEModel) -> int:
+        """k of this client (None: the global model, at the model's k)."""
         ks = self.cfg.algorithm.client_top_k
-        return None if ks is None or client_id is None else ks[client_id]
+        return mm.default_top_k if ks is None or client is None else ks[client]
 
-    def client_rank(self, client_id: int | None) -> int:
-        """LoRA rank client ``client_id`` trains (rank-heterogeneous baselines override)."""
+    def rank(self, client: int | None, private: Private) -> int:
+        """The LoRA rank this client trains."""
         return self.cfg.lora.rank
 
-    def prepare_client(self, mm: MoEModel, client_id: int | None, private: State | None = None) -> None:
-        """Set what is not trainable state before a client trains or is evaluated (default: nothing)."""
+    def profile(self, client: int, mm: MoEModel, private: Private) -> dict:
+        """What this client runs, for FLOPs and the summary: its k and LoRA rank."""
+        return {"k": self.top_k(client, mm), "rank": self.rank(client, private)}
 
-    # 2. payload --------------------------------------------------------------------------
-    def payload(self, client_id: int, trained: State, n_train: int, activation_counts=None,
-                tokens_per_layer=None) -> Payload:
-        """Default: every trained tensor and n_i. Activation counts are not sent unless the method
-        aggregates with them (FLAME, FC-MoE override this and pay for them in the uplink)."""
-        return Payload(client_id, trained, n_train)
+    def validate(self, mm: MoEModel, num_clients: int) -> None:
+        """Check the config against the model before anything runs."""
+        from ..moe import TopKError
 
-    def private_after_training(self, client_id: int, trained: State, private: State, **context) -> State:
-        """The part of the trained state the client keeps (default: nothing). ``context`` has the
-        round's ``downlink``, local ``steps`` and ``lr`` (SCAFFOLD's control-variate update uses them)."""
-        return private
+        for cid in range(num_clients):
+            k = self.top_k(cid, mm)
+            if not 1 <= k <= mm.default_top_k:
+                raise TopKError(f"client {cid} would activate k = {k} experts (algorithm.client_top_k / budgets), "
+                                f"but {self.cfg.model.name} routes each token to {mm.default_top_k}: use "
+                                f"1..{mm.default_top_k}")
 
-    def local_regularizer(self, client_id: int, private: State):
-        """A function of the trainable parameters (name -> tensor) whose value is added to the local
-        loss (HetLoRA's rank self-pruning term), or None."""
-        return None
+    # the client's model ----------------------------------------------------------------------
+    def setup(self, client: int, mm: MoEModel, train: list[dict]) -> tuple[Private, dict]:
+        """One-shot setup before round 1, on the freshly built model (initial adapters) and the
+        client's tokenised training examples: (private state, metrics)."""
+        return {}, {}
 
-    def current_rank(self, client_id: int, global_state: State) -> int:
-        """The rank the client trains now (HetLoRA's self-pruning lowers it over rounds)."""
-        return self.client_rank(client_id)
+    def model_state(self, client: int | None, mm: MoEModel, message: Message, private: Private) -> State:
+        """The trainable tensors of the client's model (default: the message's)."""
+        return dict(message.tensors)
 
-    def grad_correction(self, client_id: int, private: State, downlink: State) -> State | None:
-        """A tensor per trainable to add to its gradient during local training (SCAFFOLD: c − c_i)."""
-        return None
+    def configure(self, mm: MoEModel, client: int | None, private: Private) -> None:
+        """Settings that are not trainable state (a static output scale, a LoRA scaling)."""
 
-    # 3. aggregation ----------------------------------------------------------------------
-    def init_server_state(self, global_state: State) -> dict:
-        return {}
+    def load(self, mm: MoEModel, client: int | None, message: Message, private: Private) -> None:
+        """Put this client's model in place (``client`` None: the global model from its message)."""
+        mm.load_state(self.model_state(client, mm, message, private))
+        mm.set_top_k(self.top_k(client, mm))
+        self.configure(mm, client, private)
 
-    def aggregate(self, global_state: State, payloads: list[Payload], server_state: dict) -> tuple[State, dict]:
-        raise NotImplementedError
+    # local training ----------------------------------------------------------------------------
+    def objective(self, client: int, mm: MoEModel, message: Message, private: Private) -> Objective:
+        return Objective()
 
-    # 4. downlink -------------------------------------------------------------------------
-    def downlink(self, global_state: State, client_id: int) -> State:
-        return global_state
+    def reply(self, client: int, mm: MoEModel, message: Message, private: Private,
+              result: LocalResult) -> tuple[Message, Private, dict]:
+        """(reply message, new private state, metrics) after local training."""
+        return Message(tensors=mm.get_state(), scalars={N_TRAIN: result.n_train}), private, {}
 
-    def client_model_state(self, global_state: State, private: State, client_id: int | None) -> State:
-        """What the client's model holds when it trains or evaluates: downlink + private state
-        (``client_id`` None: the global model, evaluated on the global test set)."""
-        return model_tensors({**self.downlink(global_state, client_id), **private})
+
+@dataclass(frozen=True)
+class Method:
+    """A registry entry: the method's name, its halves and its config section ``algorithm.<name>``."""
+
+    name: str
+    server: type[Server]
+    client: type[Client]
+    config: type | None = None
+    reads: tuple[str, ...] = ()  # other methods' sections its halves honour (e.g. FedIT's FedProx)
+    summary: str = ""
+    notes: dict[str, str] = field(default_factory=dict)  # what its metric keys mean (shown in the report)
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        return ((self.name,) if self.config is not None else ()) + self.reads
+
+
+__all__ = ["Client", "Message", "Method", "ModelSpec", "N_TRAIN", "Objective", "Private", "Reply", "Server", "State",
+           "model_spec", "sizes", "weighted_average"]

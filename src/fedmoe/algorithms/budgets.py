@@ -1,10 +1,26 @@
-"""Client compute budgets (FLAME Table 1): which budget level each client has."""
+"""Client compute budgets (FLAME, Table 1): which budget level each client has.
+
+Shared by FLAME (a level gives k_i activated experts) and the rank-compression baselines (a level
+gives a LoRA rank r_i). The server and every client derive the levels from the run config alone.
+"""
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Literal
 
-from ..config import BudgetConfig
+from ..configbase import StrictModel
+from ..seeds import NumpyStream, numpy_rng
+
+
+class BudgetConfig(StrictModel):
+    """Client compute budgets β1..βB (FLAME Table 1). Level b gives a client k_i = top_k[b] activated
+    experts (FLAME) or LoRA rank ranks[b] (rank-compression baselines)."""
+
+    top_k: list[int] | None = None  # None = k, k/2, k/4, k/8 of the model (>= 1), as in FLAME
+    ranks: list[int] | None = None  # None = lora.rank x (1, 0.6, 0.4, 0.3), rounded up: 20 -> 20, 12, 8, 6
+    assign: Literal["uniform", "map", "distribution"] = "uniform"  # uniform: client i gets level i mod B
+    map: list[int] | None = None  # assign=map: level index per client
+    probs: list[float] | None = None  # assign=distribution: probability of each level (seeded draw)
 
 
 def default_top_k_levels(model_k: int, levels: int = 4) -> list[int]:
@@ -26,5 +42,5 @@ def client_levels(cfg: BudgetConfig, num_levels: int, num_clients: int, seed: in
     probs = cfg.probs
     if probs is None or len(probs) != num_levels or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
         raise ValueError(f"algorithm.budgets.probs must be {num_levels} probabilities summing to 1, got {probs}")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 3]))
+    rng = numpy_rng(seed, NumpyStream.BUDGETS)
     return [int(b) for b in rng.choice(num_levels, size=num_clients, p=probs)]

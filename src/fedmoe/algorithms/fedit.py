@@ -1,50 +1,77 @@
-"""FedIT: FedAvg on LoRA (SPEC.md §1).
+"""FedIT: FedAvg on LoRA (Zhang et al., "Towards Building the Federated GPT: Federated Instruction
+Tuning", ICASSP 2024), with FedProx (Li et al., MLSys 2020) as its client-side option.
 
-Setup: LoRA on the attention projections and, if ``lora.experts``, per-expert LoRA on the routed
-experts. Payload: every LoRA tensor and n_i. Aggregation: A and B averaged *separately* with
-p_i = n_i / Σ n, then the configured server optimizer. Downlink: the same state for everyone.
+Client: LoRA on the attention projections and, if ``lora.experts``, per-expert LoRA on the routed
+experts (all experts, or ``lora.experts_per_layer`` seeded random ones: FLEx's "MoE + X"
+baselines); trains every adapter, with μ/2·‖θ − θ_global‖² added to the loss when
+``algorithm.fedit.proximal_mu`` > 0; replies with every adapter tensor and n_i.
+Server: A and B averaged *separately* with p_i = n_i / Σ n, then the configured server optimizer;
+the same state to everyone.
 """
 
 from __future__ import annotations
 
-from ..moe import MoEModel
-from .base import Algorithm, Payload, State, weighted_average
+from pydantic import Field
+
+from ..configbase import StrictModel
+from ..messages import Reply
+from ..seeds import NumpyStream, numpy_rng
+from .base import Client, Method, Objective, Server, State, sizes, weighted_average
 from .server_opt import server_update
 
 
-def random_experts_per_layer(num_layers: int, num_experts: int, n: int, seed: int) -> dict[int, list[int]]:
-    """n distinct experts per MoE layer, seeded: every client builds the same choice."""
-    import numpy as np
+class FedITConfig(StrictModel):
+    # FedProx: mu/2 * ||theta - theta_global||^2 over the trainable tensors, added to the local loss
+    proximal_mu: float = Field(0.0, ge=0)
 
+
+def random_experts_per_layer(num_layers: int, num_experts: int, n: int, seed: int) -> dict[int, list[int]]:
+    """n distinct experts per MoE layer, seeded: every client (and the server) builds the same choice."""
     if n > num_experts:
         raise ValueError(f"lora.experts_per_layer = {n} but the model has {num_experts} experts per layer")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 5]))
+    rng = numpy_rng(seed, NumpyStream.LORA_EXPERTS)
     return {layer: sorted(int(e) for e in rng.choice(num_experts, size=n, replace=False)) for layer in range(num_layers)}
 
 
-class FedIT(Algorithm):
-    name = "fedit"
+def add_adapters(cfg, mm, rank: int) -> None:
+    """Expert LoRA (all experts, or lora.experts_per_layer random ones) and attention LoRA."""
+    lc = cfg.lora
+    if lc.experts:
+        subset = None
+        if lc.experts_per_layer is not None:
+            subset = random_experts_per_layer(len(mm.layers), mm.num_experts, lc.experts_per_layer, cfg.seed)
+        mm.add_expert_lora(rank, lc.alpha, lc.expert_targets, lc.dropout, experts=subset)
+    if lc.attention_targets is None or lc.attention_targets:
+        mm.add_attention_lora(rank, lc.alpha, lc.attention_targets, lc.dropout)
+    if not mm.trainable_names():
+        raise ValueError(f"{cfg.algorithm.name} has nothing to train: set lora.experts: true or some "
+                         "lora.attention_targets")
 
-    def setup(self, mm: MoEModel) -> None:
-        self.add_adapters(mm, self.cfg.lora.rank)
 
-    def add_adapters(self, mm: MoEModel, rank: int) -> None:
-        """Expert LoRA (all experts, or lora.experts_per_layer random ones) and attention LoRA."""
-        lc = self.cfg.lora
-        if lc.experts:
-            subset = None
-            if lc.experts_per_layer is not None:
-                subset = random_experts_per_layer(len(mm.layers), mm.num_experts, lc.experts_per_layer, self.cfg.seed)
-                self.lora_experts = subset
-            mm.add_expert_lora(rank, lc.alpha, lc.expert_targets, lc.dropout, experts=subset)
-        if lc.attention_targets is None or lc.attention_targets:
-            mm.add_attention_lora(rank, lc.alpha, lc.attention_targets, lc.dropout)
-        if not mm.trainable_names():
-            raise ValueError(f"{self.name} has nothing to train: set lora.experts: true or some lora.attention_targets")
+def proximal_term(mu: float, reference: State, params) -> callable:
+    """μ/2·Σ‖θ − θ_ref‖² over the trainables that ``reference`` holds (FedProx)."""
+    ref = {n: reference[n].to(p.device) for n, p in params.items() if n in reference}
+    return lambda p: 0.5 * mu * sum(((p[n] - ref[n]) ** 2).sum() for n in ref)
 
-    def init_server_state(self, global_state: State) -> dict:
-        return {}
 
-    def aggregate(self, global_state: State, payloads: list[Payload], server_state: dict) -> tuple[State, dict]:
-        averaged = weighted_average([p.tensors for p in payloads], [p.n_train for p in payloads])
-        return server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state)
+class FedITClient(Client):
+    @classmethod
+    def build(cls, cfg, mm) -> None:
+        add_adapters(cfg, mm, cfg.lora.rank)
+
+    def objective(self, client, mm, message, private) -> Objective:
+        mu = self.cfg.algorithm.fedit.proximal_mu
+        if mu <= 0:
+            return Objective()
+        return Objective(loss_terms=[proximal_term(mu, message.tensors, mm.trainable_parameters())])
+
+
+class FedITServer(Server):
+    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply]):
+        averaged = weighted_average([r.message.tensors for r in replies], sizes(replies))
+        new, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state)
+        return new, server_state, {}
+
+
+METHOD = Method("fedit", FedITServer, FedITClient, config=FedITConfig,
+                summary="FedAvg on LoRA; FedProx on the client; FedAvgM / FedAdam / FedYogi / FedAdagrad on the server")

@@ -1,42 +1,57 @@
-"""FLAME: resource-adaptive federated fine-tuning through the sparse MoE itself (SPEC.md §2).
+"""FLAME (Le et al., 2025, "FLAME: Towards Federated Fine-Tuning Large Language Models Through
+Adaptive SMoE"): resource-adaptive federated fine-tuning through the sparse MoE itself.
 
-Setup: per-expert LoRA of one rank r for every client on every routed expert (+ attention LoRA if
-configured); client i activates k_i <= k experts per token (its budget); a rescaler s_i per MoE
-layer multiplies the routed output (``learned``: trained, private; ``static``: k/k_i; ``none``: 1).
-Payload: LoRA tensors, n_i and the activation counts a_i^{l,j} (tokens routed to expert j of layer
-l) with S_i^l (tokens layer l processed). Aggregation: expert tensors with
-γ_i^j = (a_i^j / S_i)^t · n_i, an expert nobody routed to keeps its global value; attention LoRA
-with n_i. Downlink: the whole global LoRA to everyone.
+Client: per-expert LoRA of one rank r on every routed expert (+ attention LoRA if configured); client
+i activates k_i <= k experts per token (its budget level, ``algorithm.budgets``); a rescaler s_i per
+MoE layer multiplies the routed output (``learned``: trained, private; ``static``: k/k_i; ``none``:
+1). Reply: the LoRA tensors, n_i and the activation counts a_i^{l,j} (tokens layer l routed to expert
+j during local training) with S_i^l (tokens layer l processed). Server: expert tensors averaged with
+γ_i^j = (a_i^j / S_i)^t · n_i, an expert nobody routed to keeps its global value; every other tensor
+with n_i; the whole global LoRA to everyone. The global model runs at the model's k with s = 1.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from ..moe import MoEModel
-from .base import Payload, State, weighted_average
+from ..configbase import StrictModel
+from ..messages import Message, Reply
+from .base import N_TRAIN, Method, Private, State, sizes, weighted_average
 from .budgets import client_levels, default_top_k_levels
-from .fedit import FedIT
+from .fedit import FedITClient, FedITServer, random_experts_per_layer
 from .server_opt import server_update
 
+COUNTS = "activation_counts"  # reply: (L, E) tokens routed to each expert
+TOKENS = "tokens_per_layer"  # reply: (L,) tokens each MoE layer processed
 _EXPERT_TENSOR = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_lora_[AB]$")
 
 
-def activation_aware_average(global_state: State, payloads: list[Payload], names: list[str],
-                             layer_of: dict[str, int], temperature: float) -> State:
-    """FLAME's aggregation of per-expert tensors (expert = dim 0 of each tensor)."""
+class FlameConfig(StrictModel):
+    temperature: float = Field(2.0, ge=0)  # activation-aware aggregation: γ = (a/S)^t · n
+    rescaler: Literal["learned", "static", "none"] = "learned"  # s_i
+    rescaler_init: Literal["one", "ratio"] = "one"  # learned s_i starts at 1.0 or at k/k_i
+
+
+def activation_aware_average(global_state: State, tensors: list[State], counts: list[torch.Tensor],
+                             tokens: list[torch.Tensor], n: list[float], layer_of: dict[str, int],
+                             temperature: float, experts: dict[int, list[int]] | None = None) -> State:
+    """FLAME's aggregation of per-expert tensors (expert = dim 0 of each tensor): client i's weight for
+    expert j of MoE layer l is (a_i^{l,j} / S_i^l)^t · n_i, from that layer's counts. ``experts``
+    (MoE layer -> expert ids) when the tensors hold only some experts (``lora.experts_per_layer``)."""
     out: State = {}
-    n = torch.tensor([float(p.n_train) for p in payloads], dtype=torch.float64)
-    for name in names:
-        layer = layer_of[name]
+    n64 = torch.tensor(n, dtype=torch.float64)
+    for name, layer in layer_of.items():
         # (clients, experts) activation frequency a/S of this layer
-        freq = torch.stack([p.activation_counts[layer].to(torch.float64) / max(int(p.tokens_per_layer[layer]), 1)
-                            for p in payloads])
-        gamma = freq.pow(temperature) * n[:, None]  # 0^0 = 1: t = 0 is FedAvg on every expert
+        freq = torch.stack([c[layer].to(torch.float64) / max(int(s[layer]), 1) for c, s in zip(counts, tokens)])
+        if experts is not None:
+            freq = freq[:, experts[layer]]
+        gamma = freq.pow(temperature) * n64[:, None]  # 0^0 = 1: t = 0 is FedAvg on every expert
         total = gamma.sum(dim=0)  # (experts,)
-        stacked = torch.stack([p.tensors[name].to(torch.float64) for p in payloads])  # (C, E, ...)
+        stacked = torch.stack([t[name].to(torch.float64) for t in tensors])  # (C, E, ...)
         w = gamma / torch.where(total > 0, total, torch.ones_like(total))
         w = w.reshape(*w.shape, *([1] * (stacked.dim() - 2)))
         avg = (w * stacked).sum(dim=0)
@@ -46,82 +61,105 @@ def activation_aware_average(global_state: State, payloads: list[Payload], names
     return out
 
 
-class FLAME(FedIT):
-    name = "flame"
-    personalized = True  # clients evaluate with their own k_i and rescaler
+def expert_layers(names, decoder_to_moe: dict[int, int]) -> dict[str, int]:
+    """The MoE layer index of every expert LoRA tensor (by its decoder layer)."""
+    out = {}
+    for n in names:
+        m = _EXPERT_TENSOR.search(n)
+        if m:
+            out[n] = decoder_to_moe[int(m.group(1))]
+    return out
 
-    def setup(self, mm: MoEModel) -> None:
-        lc = self.cfg.lora
-        if not lc.experts:
-            raise ValueError("FLAME trains per-expert LoRA: set lora.experts: true")
-        super().setup(mm)
-        ac = self.cfg.algorithm
-        self.model_k = mm.default_top_k
-        self.levels_k = ac.budgets.top_k or default_top_k_levels(self.model_k)
-        bad = [k for k in self.levels_k if not 1 <= k <= self.model_k]
-        if bad:
-            raise ValueError(f"algorithm.budgets.top_k has {bad}: this model routes to {self.model_k} experts per "
-                             f"token, so each level must be in 1..{self.model_k}")
-        num_clients = self.cfg.data.partition.num_clients
-        self.level_of = client_levels(ac.budgets, len(self.levels_k), num_clients, self.cfg.seed)
-        self.rescaler_names = mm.add_rescaler(init=1.0, trainable=ac.rescaler == "learned")
-        if ac.rescaler != "learned":
-            self.rescaler_names = []  # a fixed value, set per client in prepare_client; not state
-        names = mm.trainable_names()
-        self.layer_of = {}
-        decoder_to_moe = {layer.decoder_layer: layer.index for layer in mm.layers}
-        for n in names:
-            m = _EXPERT_TENSOR.search(n)
-            if m:
-                self.layer_of[n] = decoder_to_moe[int(m.group(1))]
-        self.expert_names = list(self.layer_of)
 
-    # budgets -------------------------------------------------------------------------
-    def client_top_k(self, client_id: int | None) -> int | None:
-        if client_id is None:
-            return None
-        if self.cfg.algorithm.client_top_k is not None:
-            return self.cfg.algorithm.client_top_k[client_id]
-        return self.levels_k[self.level_of[client_id]]
+def is_rescaler(name: str) -> bool:
+    return name.endswith(".experts.output_scale")
 
-    def _ratio(self, client_id: int | None) -> float:
-        k = self.client_top_k(client_id)
-        return 1.0 if k is None else self.model_k / k
 
-    # private state: the learned rescaler ---------------------------------------------
-    def init_private(self, client_id: int, mm: MoEModel, calibration: list[dict] | None = None) -> State:
-        init = self._ratio(client_id) if self.cfg.algorithm.rescaler_init == "ratio" else 1.0
-        return {n: torch.tensor(init, dtype=torch.float32) for n in self.rescaler_names}
+class FlameServer(FedITServer):
+    def __init__(self, cfg, spec):
+        super().__init__(cfg, spec)
+        self.layer_of = expert_layers(spec.initial, spec.decoder_to_moe)
+        n = cfg.lora.experts_per_layer
+        self.experts = None if n is None else random_experts_per_layer(spec.num_moe_layers, spec.num_experts, n, cfg.seed)
 
-    def private_after_training(self, client_id: int, trained: State, private: State, **context) -> State:
-        return {n: trained[n].clone() for n in self.rescaler_names}
+    def initial_global(self) -> State:
+        return {n: t.clone() for n, t in self.spec.initial.items() if not is_rescaler(n)}
 
-    def prepare_client(self, mm: MoEModel, client_id: int | None, private: State | None = None) -> None:
-        variant = self.cfg.algorithm.rescaler
-        if variant == "static":
-            mm.set_rescaler(self._ratio(client_id))
-        elif variant == "none":
-            mm.set_rescaler(1.0)
-
-    def downlink(self, global_state: State, client_id: int | None) -> State:
-        return {n: t for n, t in global_state.items() if n not in self.rescaler_names}
-
-    def client_model_state(self, global_state: State, private: State, client_id: int | None) -> State:
-        if client_id is None:  # the global model: full k, rescaler 1
-            private = {n: torch.tensor(1.0) for n in self.rescaler_names}
-        return {**self.downlink(global_state, client_id), **private}
-
-    # payload and aggregation ---------------------------------------------------------
-    def payload(self, client_id, trained, n_train, activation_counts=None, tokens_per_layer=None) -> Payload:
-        tensors = {n: t for n, t in trained.items() if n not in self.rescaler_names}
-        return Payload(client_id, tensors, n_train, activation_counts, tokens_per_layer)
-
-    def aggregate(self, global_state: State, payloads: list[Payload], server_state: dict) -> tuple[State, dict]:
-        shared = [n for n in payloads[0].tensors if n not in self.layer_of]
+    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply]):
+        msgs = [r.message for r in replies]
+        n = sizes(replies)
+        shared = [name for name in global_state if name not in self.layer_of]
         averaged = dict(global_state)
         if shared:
-            averaged.update(weighted_average([{n: p.tensors[n] for n in shared} for p in payloads],
-                                             [p.n_train for p in payloads]))
-        averaged.update(activation_aware_average(global_state, payloads, self.expert_names, self.layer_of,
-                                                 self.cfg.algorithm.temperature))
-        return server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state)
+            averaged.update(weighted_average([{s: m.tensors[s] for s in shared} for m in msgs], n))
+        averaged.update(activation_aware_average(global_state, [m.tensors for m in msgs],
+                                                 [m.tensors[COUNTS] for m in msgs], [m.tensors[TOKENS] for m in msgs],
+                                                 n, self.layer_of, self.cfg.algorithm.flame.temperature, self.experts))
+        new, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state)
+        return new, server_state, {}
+
+
+class FlameClient(FedITClient):
+    personalized = True  # clients evaluate with their own k_i and rescaler
+
+    @classmethod
+    def build(cls, cfg, mm) -> None:
+        if not cfg.lora.experts:
+            raise ValueError("FLAME trains per-expert LoRA: set lora.experts: true")
+        super().build(cfg, mm)
+        mm.add_output_scale(init=1.0, trainable=cfg.algorithm.flame.rescaler == "learned")
+
+    def _levels_k(self, model_k: int) -> list[int]:
+        levels = self.cfg.algorithm.budgets.top_k or default_top_k_levels(model_k)
+        bad = [k for k in levels if not 1 <= k <= model_k]
+        if bad:
+            raise ValueError(f"algorithm.budgets.top_k has {bad}: this model routes to {model_k} experts per "
+                             f"token, so each level must be in 1..{model_k}")
+        return levels
+
+    def top_k(self, client, mm) -> int:
+        if client is None:
+            return mm.default_top_k
+        if self.cfg.algorithm.client_top_k is not None:
+            return self.cfg.algorithm.client_top_k[client]
+        levels = self._levels_k(mm.default_top_k)
+        level_of = client_levels(self.cfg.algorithm.budgets, len(levels), self.cfg.data.partition.num_clients,
+                                 self.cfg.seed)
+        return levels[level_of[client]]
+
+    def _ratio(self, client, mm) -> float:
+        return mm.default_top_k / self.top_k(client, mm)
+
+    # the rescaler: private (learned) or a setting (static, none) -------------------------------
+    def setup(self, client, mm, train):
+        fc = self.cfg.algorithm.flame
+        if fc.rescaler != "learned":
+            return {}, {}
+        init = self._ratio(client, mm) if fc.rescaler_init == "ratio" else 1.0
+        return {n: torch.tensor(init, dtype=torch.float32) for n in mm.trainable_names() if is_rescaler(n)}, {}
+
+    def model_state(self, client, mm, message, private) -> State:
+        if self.cfg.algorithm.flame.rescaler != "learned":
+            return dict(message.tensors)
+        if client is None:  # the global model: full k, rescaler 1
+            private = {n: torch.tensor(1.0) for n in mm.trainable_names() if is_rescaler(n)}
+        return {**message.tensors, **private}
+
+    def configure(self, mm, client, private: Private) -> None:
+        variant = self.cfg.algorithm.flame.rescaler
+        if variant == "static":
+            mm.set_output_scale(self._ratio(client, mm))
+        elif variant == "none":
+            mm.set_output_scale(1.0)
+
+    def reply(self, client, mm, message, private, result):
+        trained = mm.get_state()
+        tensors = {n: t for n, t in trained.items() if not is_rescaler(n)}
+        tensors[COUNTS], tensors[TOKENS] = result.activation_counts, result.tokens_per_layer
+        new_private = {n: t.clone() for n, t in trained.items() if is_rescaler(n)}
+        return Message(tensors=tensors, scalars={N_TRAIN: result.n_train}), new_private, {}
+
+
+METHOD = Method("flame", FlameServer, FlameClient, config=FlameConfig, reads=("fedit",),
+                summary="FLAME: per-client top-k_i from compute budgets, private learnable rescaler, "
+                        "activation-aware aggregation")

@@ -1,114 +1,283 @@
-"""FLEx: personalisation by grafting one pretrained expert per layer (SPEC.md §3).
+"""FLEx (Zhang et al., 2025, "FLEx: Personalized Federated Learning for Mixture-of-Experts LLMs via
+Expert Grafting"): personalisation by grafting one pretrained expert per layer.
 
-Setup: shared LoRA on the attention projections; every pretrained expert, router and shared expert
-frozen. Before round 1 each client grafts, per MoE layer, the expert that best reproduces the
+Client: shared LoRA on the attention projections; every pretrained expert, router and shared expert
+frozen. In its one-shot setup each client grafts, per MoE layer, the expert that best reproduces the
 layer's routed output on its own calibration data, behind a sigmoid gate initialised from that
-expert's router row. Private (never sent): the grafted experts' LoRA (or full weights), the gates,
-the chosen expert ids. Payload: the shared attention LoRA and n_i; aggregation: FedAvg by n_i (or a
-server optimizer); downlink: the averaged attention LoRA.
+expert's router row: y = MoE(x) + σ(g(x)) · G(x). Private (never sent): the grafted experts' LoRA (or
+full weights), the gates, the chosen expert ids. Reply: the shared attention LoRA and n_i. Server:
+FedAvg by n_i (or a server optimizer) over the shared tensors only; the global model has no grafts.
+
+Expert choice follows the expert-pruning criterion of Lu et al. (ACL 2024, "Not All Experts are
+Equal") with one retained expert: L_l(e) = Σ_batches ‖Z_l − E_e(X_l)‖_F, Z_l the routed output
+(shared experts excluded), in float64; several grafts are chosen greedily.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
 
+from ..configbase import StrictModel
+from ..data.general import general_examples
 from ..data.tokenize import collate_sft
-from ..moe import MoEModel
-from ..moe.graft import attach_grafts, score_experts
-from .base import Algorithm, Payload, State, weighted_average
-from .server_opt import server_update
+from ..messages import Message
+from ..moe.arch import MoELayer
+from ..moe.lora import ExpertsWithLoRA, _init_lora_A_, adapter_device
+from .base import N_TRAIN, Client, Method, State
+from .fedit import FedITServer
 
-GRAFT_INDEX = "__graft_index__"
+GRAFT_INDEX = "graft_index"  # private: the chosen expert ids, (MoE layers, grafts)
+GRAFTED = ".mlp.grafted."  # the grafted modules' parameter names contain this
 
 
-class FLEx(Algorithm):
-    name = "flex"
+class FlexConfig(StrictModel):
+    calibration_size: int = Field(64, ge=1)  # calibration sequences per client
+    calibration: Literal["client", "general"] = "client"  # general = the built-in pretraining held-out text
+    num_grafts: int = Field(1, ge=1)  # grafted experts per layer (greedy)
+    gate: Literal["sigmoid", "none"] = "sigmoid"
+    train_full: bool = False  # train the grafted expert in full instead of LoRA on it
+    graft_rank: int | None = Field(None, ge=1)  # LoRA rank on the grafted expert (None = lora.rank)
+
+
+# ------------------------------------------------------------------------------------ grafting
+def _expert_forward(base: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(x, base.gate_up_proj[e]).chunk(2, dim=-1)
+    return F.linear(base.act_fn(gate) * up, base.down_proj[e])
+
+
+@torch.inference_mode()
+def score_experts(mm, batches, num_grafts: int = 1, stats: dict | None = None) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy expert choice per MoE layer on calibration ``batches`` (dicts with input_ids and
+    attention_mask). Returns (chosen expert ids per layer, the first step's scores (L, E) in float64).
+
+    ``stats``, if given, receives ``calibration_tokens`` (non-padding tokens scored),
+    ``scoring_peak_bytes`` (the largest set of scoring tensors alive at once: one layer's X, Z and
+    two float64 predictions for one batch; the batches are streamed, never all cached) and
+    ``cached_bytes`` (what caching X and Z of every layer for the whole calibration set in the
+    model's dtype would take, the approach the FLEx paper describes).
+
+    Step 1 picks argmin_e Σ‖Z − E_e(X)‖_F; step s > 1 adds the expert that minimises
+    Σ‖Z − Σ_{chosen ∪ {e}} E(X)‖_F (each retained expert with weight 1)."""
+    model = mm.model
+    was_training = model.training
+    model.eval()
+    L, E = len(mm.layers), mm.num_experts
+    chosen: list[list[int]] = [[] for _ in range(L)]
+    first_scores = None
+    peak, tokens = 0, 0
+    for step in range(num_grafts):
+        scores = torch.zeros(L, E, dtype=torch.float64)
+        handles = []
+        for layer in mm.layers:
+            experts: ExpertsWithLoRA = layer.block.experts
+
+            def hook(module, args, output, li=layer.index):
+                x = args[0]
+                mask = mm.tracker.token_mask
+                if mask is not None and mask.numel() == x.shape[0]:
+                    x, output = x[mask], output[mask]
+                z = output.to(torch.float64)
+                base_sum = torch.zeros_like(z)
+                nonlocal peak, tokens
+                peak = max(peak, x.numel() * x.element_size() + output.numel() * output.element_size()
+                           + 3 * z.numel() * z.element_size())  # z, base_sum, pred
+                if step == 0 and li == 0:
+                    tokens += x.shape[0]
+                for c in chosen[li]:
+                    base_sum += _expert_forward(module.base, c, x).to(torch.float64)
+                for e in range(E):
+                    if e in chosen[li]:
+                        scores[li, e] = math.inf
+                        continue
+                    pred = base_sum + _expert_forward(module.base, e, x).to(torch.float64)
+                    scores[li, e] += torch.linalg.norm(z - pred)
+
+            handles.append(experts.register_forward_hook(hook))
+        try:
+            for batch in batches:
+                mask = batch.get("attention_mask")
+                with mm.tracking(mask):
+                    model(input_ids=batch["input_ids"].to(mm.device),
+                          attention_mask=None if mask is None else mask.to(mm.device))
+        finally:
+            for h in handles:
+                h.remove()
+        if first_scores is None:
+            first_scores = scores.clone()
+        for li in range(L):
+            chosen[li].append(int(torch.argmin(scores[li])))
+    model.train(was_training)
+    if stats is not None:
+        elem = next(mm.layers[0].block.experts.base.parameters()).element_size()
+        stats.update(calibration_tokens=tokens, scoring_peak_bytes=peak,
+                     cached_bytes=2 * L * tokens * mm.config.hidden_size * elem)
+    return chosen, first_scores
+
+
+class GraftedExperts(nn.Module):
+    """The personal experts of one MoE layer: copies of pretrained experts (by index into the
+    frozen expert stack, so nothing is duplicated unless trained in full), each with a gate
+    Linear(hidden -> 1) and either LoRA on its projections or full trainable weights."""
+
+    def __init__(self, layer: MoELayer, num_grafts: int = 1, rank: int = 8, alpha: float = 16.0,
+                 train_full: bool = False, gate: str = "sigmoid"):
+        super().__init__()
+        base = layer.experts
+        E, two_i, hidden = base.gate_up_proj.shape
+        inter = base.down_proj.shape[2]
+        dev, dt = adapter_device(base.gate_up_proj), base.gate_up_proj.dtype
+        self.base = [base]  # a list: not registered as a child (its weights stay the model's own)
+        self.router = [layer.router]
+        self.num_grafts, self.train_full, self.gate_kind = num_grafts, train_full, gate
+        self.register_buffer("source", torch.zeros(num_grafts, dtype=torch.long), persistent=False)
+        self.gate = nn.Parameter(torch.zeros(num_grafts, hidden, device=dev, dtype=dt))
+        n = num_grafts
+        if train_full:
+            self.gate_up_proj = nn.Parameter(torch.zeros(n, two_i, hidden, device=dev, dtype=dt))
+            self.down_proj = nn.Parameter(torch.zeros(n, hidden, inter, device=dev, dtype=dt))
+        else:
+            self.scaling = alpha / rank
+            self.gate_up_lora_A = nn.Parameter(torch.empty(n, rank, hidden, device=dev, dtype=dt))
+            self.gate_up_lora_B = nn.Parameter(torch.zeros(n, two_i, rank, device=dev, dtype=dt))
+            self.down_lora_A = nn.Parameter(torch.empty(n, rank, inter, device=dev, dtype=dt))
+            self.down_lora_B = nn.Parameter(torch.zeros(n, hidden, rank, device=dev, dtype=dt))
+            _init_lora_A_(self.gate_up_lora_A)
+            _init_lora_A_(self.down_lora_A)
+        self.enabled = True
+
+    def init_from(self, experts: list[int]) -> None:
+        """Point the grafts at these pretrained experts and reset their trainables: gates from the
+        experts' router rows, LoRA A random / B zero (or full weights copied)."""
+        router_w = self.router[0].weight
+        with torch.no_grad():
+            self.source.copy_(torch.tensor(experts, dtype=torch.long))
+            self.gate.copy_(router_w[self.source].to(self.gate.dtype))
+            if self.train_full:
+                self.gate_up_proj.copy_(self.base[0].gate_up_proj[self.source])
+                self.down_proj.copy_(self.base[0].down_proj[self.source])
+            else:
+                _init_lora_A_(self.gate_up_lora_A)
+                _init_lora_A_(self.down_lora_A)
+                self.gate_up_lora_B.zero_()
+                self.down_lora_B.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base[0]
+        out = torch.zeros_like(x)
+        for j in range(self.num_grafts):
+            e = int(self.source[j])
+            if self.train_full:
+                W_gu, W_d = self.gate_up_proj[j], self.down_proj[j]
+                gu = F.linear(x, W_gu)
+            else:
+                gu = F.linear(x, base.gate_up_proj[e]) + F.linear(
+                    F.linear(x, self.gate_up_lora_A[j]), self.gate_up_lora_B[j]) * self.scaling
+                W_d = base.down_proj[e]
+            gate_in, up = gu.chunk(2, dim=-1)
+            h = base.act_fn(gate_in) * up
+            y = F.linear(h, W_d)
+            if not self.train_full:
+                y = y + F.linear(F.linear(h, self.down_lora_A[j]), self.down_lora_B[j]) * self.scaling
+            if self.gate_kind == "sigmoid":
+                y = y * torch.sigmoid(F.linear(x, self.gate[j : j + 1].to(x.dtype)))
+            out = out + y
+        return out
+
+
+# ------------------------------------------------------------------------------------ halves
+def is_private(name: str) -> bool:
+    return GRAFTED in name
+
+
+class FlexServer(FedITServer):
+    """FedAvg (or a server optimizer) over the shared tensors; the grafts never reach the server."""
+
+    def initial_global(self) -> State:
+        return {n: t.clone() for n, t in self.spec.initial.items() if not is_private(n)}
+
+
+class FlexClient(Client):
     personalized = True
 
-    def setup(self, mm: MoEModel) -> None:
-        lc, fc = self.cfg.lora, self.cfg.algorithm.flex
+    @classmethod
+    def build(cls, cfg, mm) -> None:
+        lc, fc = cfg.lora, cfg.algorithm.flex
         if lc.attention_targets is None or lc.attention_targets:
             mm.add_attention_lora(lc.rank, lc.alpha, lc.attention_targets, lc.dropout)
-        self.grafts = attach_grafts(mm, fc.num_grafts, rank=fc.graft_rank or lc.rank, alpha=lc.alpha,
-                                    train_full=fc.train_full, gate=fc.gate)
-        names = mm.trainable_names()
-        self.private_names = [n for n in names if ".mlp.grafted." in n]
-        self.shared_names = [n for n in names if n not in self.private_names]
-        if not self.shared_names:
+        if not mm.trainable_names():
             raise ValueError("FLEx shares the attention LoRA: set lora.attention_targets (null = q, k, v, o)")
-        self.mm = mm
-        self.placeholder = {n: torch.zeros_like(t) for n, t in mm.get_state(self.private_names).items()}
-        self.graft_scores: dict[int, list[list[float]]] = {}
+        mm.attach_to_blocks("grafted", lambda layer: GraftedExperts(
+            layer, fc.num_grafts, rank=fc.graft_rank or lc.rank, alpha=lc.alpha, train_full=fc.train_full, gate=fc.gate))
 
-    # grafting: one-shot, before round 1 --------------------------------------------------
-    def _calibration_batches(self, calibration: list[dict]) -> list[dict]:
+    @staticmethod
+    def grafts(mm) -> list[GraftedExperts]:
+        return [layer.block.grafted for layer in mm.layers]
+
+    def _calibration_batches(self, mm, train: list[dict]) -> list[dict]:
         fc = self.cfg.algorithm.flex
         if fc.calibration == "general":
-            calibration = general_calibration(self.cfg.model.tokenizer or self.cfg.model.name,
-                                              self.cfg.data.max_length, fc.calibration_size)
-        examples = calibration[: fc.calibration_size]
+            from ..moe import load_tokenizer
+
+            tok = load_tokenizer(self.cfg.model.tokenizer or self.cfg.model.name)
+            train = general_examples(tok, self.cfg.data.max_length, fc.calibration_size)
+        examples = train[: fc.calibration_size]
         if not examples:
             raise ValueError("FLEx grafting needs calibration examples: this client has no training data")
-        pad = self.cfg_pad_id()
+        pad = int(getattr(mm.config, "pad_token_id", None) or 0)
         return [collate_sft(examples[i : i + 8], pad) for i in range(0, len(examples), 8)]
 
-    def cfg_pad_id(self) -> int:
-        return int(getattr(self.mm.config, "pad_token_id", None) or 0)
-
-    def init_private(self, client_id: int, mm: MoEModel, calibration: list[dict] | None = None) -> State:
-        for g in self.grafts:
-            g.enabled = False  # score the pretrained model alone
+    def setup(self, client, mm, train):
+        """Graft: score the experts on the pretrained model alone, point each layer's grafts at the best
+        ones (gates from their router rows, LoRA A random, B zero)."""
+        grafts = self.grafts(mm)
+        for g in grafts:
+            g.enabled = False
         stats: dict = {}
-        chosen, scores = score_experts(mm, self._calibration_batches(calibration or []),
-                                       self.cfg.algorithm.flex.num_grafts, stats=stats)
-        self.setup_stats[client_id] = stats
-        for g, experts in zip(self.grafts, chosen):
-            g.init_from(experts)  # gates from router rows; LoRA A random (seeded by the runtime), B zero
-        self.graft_scores[client_id] = scores.tolist()
-        private = mm.get_state(self.private_names)
+        chosen, _ = score_experts(mm, self._calibration_batches(mm, train), self.cfg.algorithm.flex.num_grafts,
+                                  stats=stats)
+        for g, experts in zip(grafts, chosen):
+            g.init_from(experts)
+        private = {n: t for n, t in mm.get_state().items() if is_private(n)}
         private[GRAFT_INDEX] = torch.tensor(chosen, dtype=torch.long)
-        return private
+        return private, stats
 
-    def prepare_client(self, mm: MoEModel, client_id: int | None, private: State | None = None) -> None:
-        if client_id is None or not private:
-            for g in self.grafts:  # the global model: no personal experts
+    def model_state(self, client, mm, message, private) -> State:
+        if client is None or not private:  # the global model: grafts off (zeros in their place)
+            grafted = {n: torch.zeros_like(t) for n, t in mm.trainable_parameters().items() if is_private(n)}
+        else:
+            grafted = {n: t for n, t in private.items() if n != GRAFT_INDEX}
+        return {**message.tensors, **grafted}
+
+    def configure(self, mm, client, private) -> None:
+        grafts = self.grafts(mm)
+        if client is None or not private:
+            for g in grafts:
                 g.enabled = False
             return
-        for g, experts in zip(self.grafts, private[GRAFT_INDEX].tolist()):
+        for g, experts in zip(grafts, private[GRAFT_INDEX].tolist()):
             g.enabled = True
             g.source.copy_(torch.tensor(experts, dtype=torch.long))
 
-    def client_model_state(self, global_state: State, private: State, client_id: int | None) -> State:
-        tensors = {n: t for n, t in private.items() if n != GRAFT_INDEX} if client_id is not None else self.placeholder
-        return {**self.downlink(global_state, client_id), **tensors}
-
-    # the four decisions ------------------------------------------------------------------
-    def downlink(self, global_state: State, client_id: int | None) -> State:
-        return {n: global_state[n] for n in self.shared_names}
-
-    def payload(self, client_id, trained, n_train, activation_counts=None, tokens_per_layer=None) -> Payload:
-        return Payload(client_id, {n: trained[n] for n in self.shared_names}, n_train)
-
-    def private_after_training(self, client_id: int, trained: State, private: State, **context) -> State:
-        return {**{n: trained[n].clone() for n in self.private_names}, GRAFT_INDEX: private[GRAFT_INDEX]}
-
-    def aggregate(self, global_state: State, payloads: list[Payload], server_state: dict):
-        shared = {n: global_state[n] for n in self.shared_names}
-        averaged = weighted_average([p.tensors for p in payloads], [p.n_train for p in payloads])
-        new_shared, server_state = server_update(self.cfg.algorithm.server_optimizer, shared, averaged, server_state)
-        return {**global_state, **new_shared}, server_state
+    def reply(self, client, mm, message, private, result):
+        trained = mm.get_state()
+        shared = {n: t for n, t in trained.items() if not is_private(n)}
+        new_private = {**{n: t.clone() for n, t in trained.items() if is_private(n)}, GRAFT_INDEX: private[GRAFT_INDEX]}
+        return Message(tensors=shared, scalars={N_TRAIN: result.n_train}), new_private, {}
 
 
-def general_calibration(tokenizer_name: str, max_length: int, n: int) -> list[dict]:
-    """The non-personalised ablation: the same general text for every client (the held-out split of
-    the built-in model's pretraining corpus, not Dolly), tokenised with the run's tokenizer."""
-    from ..moe import load_tokenizer
-    from ..pretrain import PretrainConfig, load_corpus
-
-    _, held = load_corpus(PretrainConfig())
-    tok = load_tokenizer(tokenizer_name)
-    out = []
-    for text in held[:n]:
-        ids = tok(text, add_special_tokens=False)["input_ids"][:max_length]
-        out.append({"input_ids": ids, "labels": ids})
-    return out
+METHOD = Method(
+    "flex", FlexServer, FlexClient, config=FlexConfig,
+    summary="FLEx: one pretrained expert per layer grafted per client behind a sigmoid gate; only the "
+            "attention LoRA is shared",
+    notes={"calibration_tokens": "non-padding calibration tokens the client scored",
+           "scoring_peak_bytes": "peak memory of expert scoring: one layer's X and Z and two float64 predictions "
+                                 "for one batch (the batches are streamed)",
+           "cached_bytes": "what caching every layer's X and Z for the whole calibration set would take instead, "
+                           "the approach the FLEx paper describes"},
+)

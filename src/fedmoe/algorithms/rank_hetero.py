@@ -1,13 +1,16 @@
-"""Rank-compression baselines of FLAME's Table 2 (SPEC.md §2): each budget gives a client a LoRA
-rank r_i (all k experts active).
+"""Rank-compression baselines of FLAME's Table 2: each budget level gives a client a LoRA rank r_i
+(all k experts active).
 
 Mechanics: adapters are built at r_max; client i uses their first r_i components (the rest are zero
 in its downlink, and stay zero while it trains: both their gradients vanish) with scaling alpha/r_i.
 
 * ``trivial``: every client uses the smallest rank of the budget list; FedIT aggregation.
-* ``hetlora`` (Cho et al. 2024): zero-pad to r_max, weight client i by w_i = Σ_modules ‖B_i A_i‖_F
-  (normalised), average the padded factors, send each client the first r_i components.
-* ``flexlora`` (Bai et al. 2024): per adapted weight W_g = Σ p_i (alpha/r_i) B_i A_i, SVD
+* ``hetlora`` (Cho et al., EMNLP 2024, "Heterogeneous LoRA for Federated Fine-tuning of On-Device
+  Foundation Models"): zero-pad to r_max, weight client i by w_i = Σ_modules ‖B_i A_i‖_F
+  (normalised), average the padded factors (then the configured server optimizer), send each client
+  the first r_i components; optional local rank self-pruning (the pruned rank is the client's own).
+* ``flexlora`` (Bai et al., NeurIPS 2024, "Federated Fine-tuning of Large Language Models under
+  Heterogeneous Tasks and Client Resources"): per adapted weight W_g = Σ p_i (alpha/r_i) B_i A_i, SVD
   W_g = U Σ Vᵀ (batched over experts), client i gets B_i = U[:, :r_i] Σ[:r_i] / (alpha/r_i),
   A_i = Vᵀ[:r_i]. The global state keeps the top r_max singular triplets.
 """
@@ -20,15 +23,26 @@ import time
 
 import torch
 
-from ..moe import MoEModel
-from .base import Payload, State, weighted_average
+from pydantic import Field
+
+from ..configbase import StrictModel
+from ..messages import Message, Reply
+from .base import N_TRAIN, Method, Objective, State, sizes, weighted_average
 from .budgets import client_levels
-from .fedit import FedIT
+from .fedit import FedITClient, FedITServer, add_adapters
+from .server_opt import server_update
 
 _PAIR = re.compile(r"^(.*?)(lora_A|lora_B)$")
 
 
-RANK_KEY = "__hetlora_rank__/"  # global-state entry: a client's rank after self-pruning
+class HetLoRAConfig(StrictModel):
+    """HetLoRA's optional local rank self-pruning (Cho et al. 2024, §3.2). Off when prune_lambda = 0.
+    A client adds λ·Σ‖B[:, ⌊γr⌋:r] A[⌊γr⌋:r, :]‖_F (its trailing components) to its loss; when that
+    tail norm is smaller after a round than after the client's previous round, the client drops the
+    tail: r ← max(1, ⌊γr⌋)."""
+
+    prune_lambda: float = Field(0.0, ge=0)
+    prune_gamma: float = Field(0.9, gt=0, lt=1)
 
 
 def default_rank_levels(rank: int) -> list[int]:
@@ -67,52 +81,74 @@ def frobenius_of_product(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | 
     return sq.clamp_min(floor).sqrt().sum()
 
 
-class _RankBudgets(FedIT):
-    """Shared budget handling: client rank r_i and scaling alpha/r_i."""
+class _RankBudgets:
+    """The budget ladder both halves derive from the run config: LoRA rank r_i per client, r_max."""
+
+    cfg = None
+
+    @classmethod
+    def ladder_of(cls, cfg) -> list[int]:
+        """LoRA rank of each budget level."""
+        return cfg.algorithm.budgets.ranks or default_rank_levels(cfg.lora.rank)
+
+    @property
+    def r_max(self) -> int:
+        return max(self.ladder_of(self.cfg))
+
+    def budget_rank(self, client: int | None) -> int:
+        if client is None:
+            return self.r_max
+        ladder = self.ladder_of(self.cfg)
+        levels = client_levels(self.cfg.algorithm.budgets, len(ladder), self.cfg.data.partition.num_clients, self.cfg.seed)
+        return ladder[levels[client]]
+
+
+class _TrivialLadder(_RankBudgets):
+    @classmethod
+    def ladder_of(cls, cfg) -> list[int]:
+        levels = super().ladder_of(cfg)
+        return [min(levels)] * len(levels)
+
+
+class RankClient(_RankBudgets, FedITClient):
+    """Adapters at r_max; the client trains the first r_i components (the rest are zero in its
+    downlink, and stay zero while it trains: both their gradients vanish) with scaling alpha/r_i."""
 
     personalized = True  # clients evaluate with their own rank
 
-    def setup(self, mm: MoEModel) -> None:
-        ac = self.cfg.algorithm
-        self.rank_levels = self.rank_ladder()
-        self.r_max = max(self.rank_levels)
-        self.level_of = client_levels(ac.budgets, len(self.rank_levels), self.cfg.data.partition.num_clients,
-                                      self.cfg.seed)
-        self.add_adapters(mm, self.r_max)
-        self.pairs = lora_pairs(mm.trainable_names())
+    @classmethod
+    def build(cls, cfg, mm) -> None:
+        add_adapters(cfg, mm, max(cls.ladder_of(cfg)))
 
-    def rank_ladder(self) -> list[int]:
-        """LoRA rank of each budget level."""
-        return self.cfg.algorithm.budgets.ranks or default_rank_levels(self.cfg.lora.rank)
+    def rank(self, client, private) -> int:
+        return self.budget_rank(client)
 
-    def client_rank(self, client_id: int | None) -> int:
-        return self.r_max if client_id is None else self.rank_levels[self.level_of[client_id]]
+    def configure(self, mm, client, private) -> None:
+        mm.set_lora_scaling(self.cfg.lora.alpha / self.budget_rank(client))
 
-    def prepare_client(self, mm: MoEModel, client_id: int | None, private: State | None = None) -> None:
-        mm.set_lora_scaling(self.cfg.lora.alpha / self.client_rank(client_id))
 
-    def downlink(self, global_state: State, client_id: int | None) -> State:
-        """The global adapters truncated to the client's current rank (server-side per-client
-        entries, such as HetLoRA's pruned ranks, are not sent)."""
-        tensors = {n: t for n, t in global_state.items() if not n.startswith(RANK_KEY)}
-        r = self.r_max if client_id is None else self.current_rank(client_id, global_state)
+class RankServer(_RankBudgets, FedITServer):
+    def __init__(self, cfg, spec):
+        super().__init__(cfg, spec)
+        self.pairs = lora_pairs(spec.initial)
+
+    def downlink(self, global_state, server_state, client) -> Message:
+        """The global adapters truncated to the client's budget rank."""
+        r = self.budget_rank(client)
         if r == self.r_max:
-            return tensors
-        out = dict(tensors)
+            return Message(tensors=dict(global_state))
+        out = dict(global_state)
         for a, b in self.pairs:
-            out[a], out[b] = truncate_rank(tensors[a], tensors[b], r)
-        return out
+            out[a], out[b] = truncate_rank(global_state[a], global_state[b], r)
+        return Message(tensors=out)
 
 
-class Trivial(_RankBudgets):
-    """Every client at the smallest budget's rank (k = all experts), FedIT aggregation."""
-
-    name = "trivial"
+class TrivialClient(_TrivialLadder, RankClient):
     personalized = False
 
-    def rank_ladder(self) -> list[int]:
-        levels = super().rank_ladder()
-        return [min(levels)] * len(levels)
+
+class TrivialServer(_TrivialLadder, RankServer):
+    """Every client at the smallest budget's rank (k = all experts), FedIT aggregation."""
 
 
 def tail_start(r: int, gamma: float) -> int:
@@ -120,111 +156,138 @@ def tail_start(r: int, gamma: float) -> int:
     return int(math.floor(gamma * r + 1e-9))
 
 
-class HetLoRA(_RankBudgets):
-    """HetLoRA: zero-padding, Frobenius-norm-weighted averaging, truncation; optional local rank
-    self-pruning (``algorithm.hetlora.prune_lambda`` > 0)."""
+def tail_norm(pairs, state, r: int, gamma: float, differentiable: bool = False):
+    """Σ over adapted weights of ‖B[:, ⌊γr⌋:r] A[⌊γr⌋:r, :]‖_F."""
+    lo = tail_start(r, gamma)
+    total = 0.0
+    for a, b in pairs:
+        A, B = state[a][..., lo:r, :], state[b][..., :, lo:r]
+        if differentiable:  # in the trainables' dtype, with a floor: finite gradient at B = 0
+            total = total + frobenius_of_product(A, B, dtype=None, floor=1e-20)
+        else:
+            total += float(frobenius_of_product(A, B))
+    return total
 
-    name = "hetlora"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.prune = cfg.algorithm.hetlora
-        self._rank_after_training: dict[int, int] = {}  # set by the client, read by its payload
+def pruning_term(pairs, r: int, lam: float, gamma: float):
+    """HetLoRA's self-pruning loss term at rank r: λ·Σ‖B[:, ⌊γr⌋:r] A[⌊γr⌋:r, :]‖_F (differentiable)."""
+    return lambda params: lam * tail_norm(pairs, params, r, gamma, differentiable=True)
 
-    # ranks ----------------------------------------------------------------------------------
-    def current_rank(self, client_id: int, global_state: State) -> int:
-        t = global_state.get(f"{RANK_KEY}{client_id}")
-        return self.client_rank(client_id) if t is None else int(t)
 
-    # self-pruning (client side) ---------------------------------------------------------------
-    def _tail_norm(self, state, r: int, differentiable: bool = False):
-        lo = tail_start(r, self.prune.prune_gamma)
-        total = 0.0
-        for a, b in self.pairs:
-            A, B = state[a][..., lo:r, :], state[b][..., :, lo:r]
-            if differentiable:  # in the trainables' dtype, with a floor: finite gradient at B = 0
-                total = total + frobenius_of_product(A, B, dtype=None, floor=1e-20)
-            else:
-                total += float(frobenius_of_product(A, B))
-        return total
+def prune(pairs, trained: State, private: dict, gamma: float) -> tuple[State, dict]:
+    """After local training: the tail norm at the client's rank r; if it fell since the client's
+    previous round, r ← max(1, ⌊γr⌋). Returns (the trained state truncated to the new rank, the new
+    private state with the rank and tail norm)."""
+    r = private["rank"]
+    norm = tail_norm(pairs, trained, r, gamma)
+    prev = private.get("tail_norm")
+    if prev is not None and norm < prev and r > 1:
+        r = max(1, tail_start(r, gamma))
+    out = dict(trained)
+    for a, b in pairs:  # a pruned client sends rank r (zeros beyond it after padding)
+        out[a], out[b] = truncate_rank(trained[a], trained[b], r)
+    return out, {**private, "rank": r, "tail_norm": norm}
 
-    def init_private(self, client_id: int, mm: MoEModel, calibration=None) -> State:
-        return {"__rank": self.client_rank(client_id)} if self.prune.prune_lambda > 0 else {}
 
-    def local_regularizer(self, client_id: int, private: State):
-        if self.prune.prune_lambda <= 0:
-            return None
-        r, lam = private["__rank"], self.prune.prune_lambda
-        return lambda params: lam * self._tail_norm(params, r, differentiable=True)
+class HetLoRAClient(RankClient):
+    """Self-pruning (``algorithm.hetlora.prune_lambda`` > 0): the client's current rank is private;
+    its model truncates the received adapters to it, and its reply carries it."""
 
-    def private_after_training(self, client_id: int, trained: State, private: State, **context) -> State:
-        if self.prune.prune_lambda <= 0:
-            return private
-        r = private["__rank"]
-        norm = self._tail_norm(trained, r)
-        prev = private.get("__tail_norm")
-        if prev is not None and norm < prev and r > 1:
-            r = max(1, tail_start(r, self.prune.prune_gamma))
-        self._rank_after_training[client_id] = r
-        return {**private, "__rank": r, "__tail_norm": norm}
+    pairs = staticmethod(lora_pairs)
 
-    def payload(self, client_id: int, trained: State, n_train: int, activation_counts=None,
-                tokens_per_layer=None) -> Payload:
-        r = self._rank_after_training.pop(client_id, None)
-        if r is None:
-            return Payload(client_id, trained, n_train)
-        out = dict(trained)
-        for a, b in self.pairs:  # a pruned client sends rank r (zeros beyond it after padding)
-            out[a], out[b] = truncate_rank(trained[a], trained[b], r)
-        return Payload(client_id, out, n_train, extra={"rank": r})
+    @property
+    def pruning(self) -> bool:
+        return self.cfg.algorithm.hetlora.prune_lambda > 0
 
-    # server ---------------------------------------------------------------------------------
-    def aggregate(self, global_state: State, payloads: list[Payload], server_state: dict):
-        norms = [sum(float(frobenius_of_product(p.tensors[a], p.tensors[b])) for a, b in self.pairs)
-                 for p in payloads]
+    def setup(self, client, mm, train):
+        return ({"rank": self.budget_rank(client)} if self.pruning else {}), {}
+
+    def rank(self, client, private) -> int:
+        return private.get("rank", self.budget_rank(client)) if private else self.budget_rank(client)
+
+    def model_state(self, client, mm, message, private) -> State:
+        r = self.rank(client, private)
+        out = dict(message.tensors)
+        if client is not None and r < self.budget_rank(client):
+            for a, b in self.pairs(out):
+                out[a], out[b] = truncate_rank(out[a], out[b], r)
+        return out
+
+    def objective(self, client, mm, message, private) -> Objective:
+        base = super().objective(client, mm, message, private)
+        if not self.pruning:
+            return base
+        hc = self.cfg.algorithm.hetlora
+        term = pruning_term(self.pairs(mm.trainable_names()), private["rank"], hc.prune_lambda, hc.prune_gamma)
+        return Objective(loss_terms=[*base.loss_terms, term], grad_correction=base.grad_correction)
+
+    def reply(self, client, mm, message, private, result):
+        if not self.pruning:
+            return super().reply(client, mm, message, private, result)
+        trained = mm.get_state()
+        sent, private = prune(self.pairs(trained), trained, private, self.cfg.algorithm.hetlora.prune_gamma)
+        r = private["rank"]
+        return Message(tensors=sent, scalars={N_TRAIN: result.n_train, "rank": r}), private, {"rank": r}
+
+
+class HetLoRAServer(RankServer):
+    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply]):
+        msgs = [r.message for r in replies]
+        norms = [sum(float(frobenius_of_product(m.tensors[a], m.tensors[b])) for a, b in self.pairs) for m in msgs]
         if sum(norms) <= 0:  # every update is zero (e.g. B still at init): fall back to n_i
-            norms = [float(p.n_train) for p in payloads]
-        new = weighted_average([p.tensors for p in payloads], norms)
-        new.update({n: t for n, t in global_state.items() if n.startswith(RANK_KEY)})
-        for p in payloads:
-            if "rank" in p.extra:
-                new[f"{RANK_KEY}{p.client_id}"] = torch.tensor(p.extra["rank"])
-        return new, {**server_state, "last_weights": norms}
+            norms = sizes(replies)
+        averaged = weighted_average([m.tensors for m in msgs], norms)
+        new, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state)
+        total = sum(norms)
+        return new, server_state, {"weights": [w / total for w in norms]}
 
 
-class FlexLoRA(_RankBudgets):
-    name = "flexlora"
+class FlexLoRAServer(RankServer):
+    supports_server_optimizer = False
+    server_optimizer_note = ("re-factorises the aggregated dense update by SVD every round, so there are no "
+                             "averaged factors for a server optimizer to step on")
 
-    def aggregate(self, global_state: State, payloads: list[Payload], server_state: dict):
+    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply]):
         alpha = self.cfg.lora.alpha
-        n = [float(p.n_train) for p in payloads]
+        n = sizes(replies)
         total = sum(n)
         new = dict(global_state)
         t0 = time.perf_counter()
         for a, b in self.pairs:
             dense = None
-            for p, w in zip(payloads, n):
-                r_i = self.client_rank(p.client_id)
-                upd = (w / total) * (alpha / r_i) * (p.tensors[b].to(torch.float64) @ p.tensors[a].to(torch.float64))
+            for r, w in zip(replies, n):
+                r_i = self.budget_rank(r.client)
+                upd = (w / total) * (alpha / r_i) * (r.message.tensors[b].to(torch.float64)
+                                                      @ r.message.tensors[a].to(torch.float64))
                 dense = upd if dense is None else dense + upd
             U, S, Vh = torch.linalg.svd(dense, full_matrices=False)  # batched over stacked experts
-            r = min(self.r_max, S.shape[-1])
+            k = min(self.r_max, S.shape[-1])
             B = torch.zeros(global_state[b].shape, dtype=torch.float64)
             A = torch.zeros(global_state[a].shape, dtype=torch.float64)
             # stored unscaled; downlink divides by alpha/r_i
-            B[..., :, :r] = U[..., :, :r] * S[..., None, :r]
-            A[..., :r, :] = Vh[..., :r, :]
+            B[..., :, :k] = U[..., :, :k] * S[..., None, :k]
+            A[..., :k, :] = Vh[..., :k, :]
             new[a], new[b] = A.to(global_state[a].dtype), B.to(global_state[b].dtype)
-        server_state = {**server_state, "svd_seconds": time.perf_counter() - t0}
-        return new, server_state
+        return new, server_state, {"svd_s": time.perf_counter() - t0}
 
-    def downlink(self, global_state: State, client_id: int | None) -> State:
+    def downlink(self, global_state, server_state, client) -> Message:
         if not any(torch.count_nonzero(global_state[b]) for _, b in self.pairs):
-            return super().downlink(global_state, client_id)  # round 1: the common initial adapters
-        r = self.client_rank(client_id)
+            return super().downlink(global_state, server_state, client)  # round 1: the common initial adapters
+        r = self.budget_rank(client)
         s = self.cfg.lora.alpha / r
         out = dict(global_state)
         for a, b in self.pairs:
             A, B = truncate_rank(global_state[a], global_state[b], r)
             out[a], out[b] = A, B / s
-        return out
+        return Message(tensors=out)
+
+
+TRIVIAL = Method("trivial", TrivialServer, TrivialClient, reads=("fedit",),
+                 summary="FLAME's rank baseline: every client at the smallest budget's rank")
+HETLORA = Method("hetlora", HetLoRAServer, HetLoRAClient, config=HetLoRAConfig, reads=("fedit",),
+                 summary="HetLoRA: zero-padding, update-norm-weighted averaging, truncation; optional self-pruning",
+                 notes={"weights": "each client's aggregation weight ‖B_i A_i‖_F / Σ_j ‖B_j A_j‖_F, in reply order",
+                        "rank": "the client's LoRA rank after this round's self-pruning"})
+FLEXLORA = Method("flexlora", FlexLoRAServer, RankClient, reads=("fedit",),
+                  summary="FlexLoRA: SVD of the weighted dense update, redistributed at each client's rank",
+                  notes={"svd_s": "time of the batched SVDs of the dense updates (part of the aggregation)"})

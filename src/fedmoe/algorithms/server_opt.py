@@ -12,18 +12,32 @@ bias correction. ``none`` is plain FedAvg: θ ← θ + Δ.
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
-from ..config import ServerOptimizerConfig
+import torch
+from pydantic import Field
+
+from ..configbase import StrictModel
 
 State = dict[str, torch.Tensor]
 
 
-def server_update(cfg: ServerOptimizerConfig, global_state: State, averaged: State, opt_state: dict) -> tuple[State, dict]:
+class ServerOptimizerConfig(StrictModel):
+    name: Literal["none", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = "none"
+    lr: float = Field(1.0, gt=0)  # server learning rate eta
+    momentum: float = Field(0.9, ge=0, lt=1)  # FedAvgM
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)  # adaptivity
+
+
+def server_update(cfg: ServerOptimizerConfig, global_state: State, averaged: State, server_state: dict) -> tuple[State, dict]:
+    """The new global state from the averaged client states, and the server state with the optimizer's
+    moments (``m``, ``v``) updated; every other key of ``server_state`` (the method's own) is kept."""
     if cfg.name == "none":
-        return {n: t.clone() for n, t in averaged.items()}, opt_state
-    m = opt_state.get("m", {})
-    v = opt_state.get("v", {})
+        return {n: t.clone() for n, t in averaged.items()}, server_state
+    m = dict(server_state.get("m", {}))
+    v = dict(server_state.get("v", {}))
     new: State = {}
     for name, theta in global_state.items():
         theta64 = theta.to(torch.float64)
@@ -46,4 +60,7 @@ def server_update(cfg: ServerOptimizerConfig, global_state: State, averaged: Sta
             raise ValueError(f"unknown server optimizer '{cfg.name}'")
         m[name], v[name] = m_n, v_n
         new[name] = (theta64 + cfg.lr * m_n / (v_n.sqrt() + cfg.tau)).to(theta.dtype)
-    return new, {"m": m, "v": v}
+    out = {**server_state, "m": m}
+    if cfg.name != "fedavgm":
+        out["v"] = v
+    return new, out

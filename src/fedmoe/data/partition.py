@@ -4,16 +4,16 @@ All randomness comes from ``numpy.random.default_rng`` generators built from the
 from a global RNG), so the same seed always gives the same partition. Partitions are lists of
 indices into the example list; each client's index list is sorted ascending.
 
-Schemes (SPEC section 5):
+Schemes (docs/methods.md, "Data"):
 
 ``iid``
     A seeded shuffle cut into ``num_clients`` near-equal parts (sizes differ by at most one).
 
 ``dirichlet``
     Label skew over ``Example.category``. Two formulations are in common use; ``partition``
-    implements both and uses the SPEC's by default:
+    implements both and uses the first by default:
 
-    * ``dirichlet_mode="client"`` (default, SPEC: "per-client mixture p_i ~ Dir(α·1)"). Every
+    * ``dirichlet_mode="client"`` (default: the per-client mixture of FLAME and FLEx). Every
       client i draws a category mixture ``p_i ~ Dir(α·1_C)`` over the C categories present, and
       gets a near-equal share of the examples (sizes as in ``iid``). The examples are dealt out
       one slot at a time, the slots of all clients interleaved in a seeded random order: the slot's
@@ -50,6 +50,7 @@ from typing import Literal
 
 import numpy as np
 
+from ..seeds import NumpyStream, numpy_rng
 from .sources import DataError, Example
 
 __all__ = [
@@ -57,30 +58,13 @@ __all__ = [
     "category_histogram",
     "format_histogram_table",
     "partition",
-    "rng_for",
     "split_client",
     "split_sizes",
 ]
 
 SCHEMES = ("iid", "dirichlet", "pathological", "source")
 
-# Stream tags: generators for different purposes are derived from (seed, tag, ...) so that they
-# never share random numbers. The partition itself uses default_rng(seed).
-_SPLIT_STREAM = 1
-SUBSAMPLE_STREAM = 2
 _MAX_REDRAWS = 100
-
-
-def _entropy(seed: int) -> int:
-    """A non-negative seed for numpy (negative run seeds are mapped two's-complement style)."""
-    return int(seed) & 0xFFFF_FFFF_FFFF_FFFF
-
-
-def rng_for(seed: int, *stream: int) -> np.random.Generator:
-    """``default_rng(seed)`` with no stream tags, else a generator for ``(seed, *stream)``."""
-    if not stream:
-        return np.random.default_rng(_entropy(seed))
-    return np.random.default_rng([_entropy(seed), *(int(s) for s in stream)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +224,7 @@ def partition(
             f"cannot give {num_clients} clients at least one example each: only {n} examples "
             "(lower data.partition.num_clients or raise data.max_examples)"
         )
-    rng = rng_for(seed)
+    rng = numpy_rng(seed)  # the partition itself: no stream
     if scheme == "iid":
         return _partition_iid(n, num_clients, rng)
     if not (alpha > 0 and math.isfinite(alpha)):
@@ -299,7 +283,7 @@ def split_client(
     part is a seeded random subsample). Sizes follow :func:`split_sizes`.
     """
     n_train, n_val, _ = split_sizes(len(indices), fractions)
-    rng = rng_for(seed, _SPLIT_STREAM, client)
+    rng = numpy_rng(seed, NumpyStream.DATA_SPLIT, client)
     items = list(indices)
     shuffled = [items[int(i)] for i in rng.permutation(len(items))]
     return shuffled[:n_train], shuffled[n_train : n_train + n_val], shuffled[n_train + n_val :]

@@ -5,16 +5,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..config import DataConfig
-from .partition import (
-    SUBSAMPLE_STREAM,
-    category_histogram,
-    format_histogram_table,
-    partition,
-    rng_for,
-    split_client,
-)
+from typing import TYPE_CHECKING
+
+from ..seeds import NumpyStream, numpy_rng
+from .partition import category_histogram, format_histogram_table, partition, split_client
 from .sources import DataError, Example, load_examples, source_name
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 __all__ = ["ClientData", "FederatedData", "prepare_federated_data"]
 
@@ -29,23 +27,17 @@ class ClientData:
     test: list[Example]
     category_counts: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def num_train(self) -> int:
-        return len(self.train)
-
 
 @dataclass
 class FederatedData:
     """Everything the federation runtime needs from the data side.
 
-    ``global_test`` is the union of the clients' test sets (client order). ``histogram_markdown``
-    tabulates the categories of the clients' training sets (after the caps). ``skipped`` counts
+    ``histogram_markdown`` tabulates the categories of the clients' training sets (after the caps). ``skipped`` counts
     the bad rows dropped while loading (``data.on_bad_row: skip``); ``unassigned`` counts the
     examples the partition gave to no client (only the ``pathological`` scheme leaves some out).
     """
 
     clients: list[ClientData]
-    global_test: list[Example]
     histogram_markdown: str
     skipped: int = 0
     skipped_reasons: dict[str, int] = field(default_factory=dict)
@@ -102,7 +94,7 @@ def prepare_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
             raise DataError("data.categories keeps no examples")
 
     if cfg.max_examples is not None and cfg.max_examples < len(examples):
-        rng = rng_for(seed, SUBSAMPLE_STREAM)
+        rng = numpy_rng(seed, NumpyStream.DATA_SUBSAMPLE)
         chosen = sorted(int(i) for i in rng.choice(len(examples), size=cfg.max_examples, replace=False))
         examples = [examples[i] for i in chosen]
 
@@ -133,7 +125,6 @@ def prepare_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
     )
     return FederatedData(
         clients=clients,
-        global_test=[ex for c in clients for ex in c.test],
         histogram_markdown=format_histogram_table(train_hist),
         skipped=skipped,
         skipped_reasons=reasons,

@@ -1,4 +1,4 @@
-"""The Stanford Alpaca prompt template (SPEC section 5), with and without an input.
+"""The Stanford Alpaca prompt template (Taori et al., 2023), with and without an input.
 
 The prompt ends with ``"### Response:\\n"``; the model's answer (the example's ``output``) follows it
 directly. An example whose ``input`` is empty or whitespace-only uses the no-input variant.

@@ -2,7 +2,7 @@
 
 Everything is computed from the model config alone: no weights, no model instance.
 
-Conventions (SPEC.md §2):
+Conventions (as FLAME, Table 1, counts them; docs/methods.md):
 
 * **FLOPs** = 2 × multiply–accumulates of every matrix product of one forward pass over one
   sequence of T tokens (batch 1, no KV cache): attention projections, attention scores, router,

@@ -1,6 +1,7 @@
-"""fedmoe.federation — the round loop, client sampling, checkpoint/resume, runtimes."""
+"""fedmoe.federation — the runtimes that pass a method's messages between its server half and its
+clients: client sampling, the round loop, evaluation, checkpoint/resume, sweeps."""
 
 from .runtime import FederatedRun, RunDirError, resume_federated, run_federated
-from .sampling import derive_seed, sample_clients
+from .sampling import sample_clients
 
-__all__ = ["FederatedRun", "RunDirError", "derive_seed", "resume_federated", "run_federated", "sample_clients"]
+__all__ = ["FederatedRun", "RunDirError", "resume_federated", "run_federated", "sample_clients"]

@@ -1,8 +1,10 @@
-"""The in-process runtime: one frozen base model, clients simulated one after another.
+"""The in-process runtime: the server half, and every client simulated one after another on one
+frozen base model, meeting only through messages.
 
-server: sample → downlink → [client: load state → local train → payload] → aggregate → eval → checkpoint
+    setup: each client's one-shot setup on the freshly built model
+    round: sample → downlink message per client → client: load, train, reply → aggregate → evaluate → checkpoint
 
-Method-specific math lives in ``fedmoe.algorithms``; this module only moves named tensors.
+The methods' math lives in ``fedmoe.algorithms``; this module moves messages and keeps the books.
 """
 
 from __future__ import annotations
@@ -11,98 +13,31 @@ import io
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..algorithms import Algorithm, Payload, build_algorithm
+from ..algorithms import get_method, model_spec
 from ..config import ConfigError, RunConfig, config_to_dict, load_config
 from ..data import prepare_federated_data
-from ..data.tokenize import collate_sft, pad_token_id, tokenize_examples, tokenize_prompt
-from ..eval import count_flops, evaluate_loss, greedy_generate, paired_bootstrap, rouge_l_per_example, state_bytes
-from ..moe import MoEModel, TopKError, load_tokenizer
-from ..report import RunDir, build_summary, format_results_table, write_report
+from ..messages import EVALUATE, TRAIN, Message, Reply
+from ..moe import MoEModel, load_tokenizer
+from ..report import RunDir, format_results_table, write_report
 from ..report.rundir import atomic_write_bytes
-from ..train import round_lr, train_local
+from ..seeds import Stream, derive_seed
 from .checkpoint import CHECKPOINT_FILE, restore_rng_states, rng_states
-from .sampling import derive_seed, sample_clients
+from .clients import ClientNode, client_sets
+from .evaluation import Evaluator
+from .progress import Progress
+from .sampling import sample_clients
+from .summary import ClientRecord, run_summary
+
+RUNTIME_TRAIN_KEYS = ("round", "client", "split", "loss", "steps", "lr", "tokens", "bytes_up", "bytes_down")
 
 
 class RunDirError(ConfigError):
     pass
-
-
-@dataclass
-class ClientRuntime:
-    """What the runtime keeps per client besides its private state."""
-
-    id: int
-    train: list[dict]
-    test: list[dict]
-    test_prompts: list[list[int]]
-    test_references: list[str]
-    test_categories: list[str]
-    n_train: int
-    bytes_up: int = 0
-    bytes_down: int = 0
-    rounds_trained: int = 0
-    activation_counts: torch.Tensor | None = None  # cumulative (L, E) over local training
-    last_eval: dict = field(default_factory=dict)
-    zero_shot: dict = field(default_factory=dict)
-    # per-example ROUGE-L of the generated test examples: round 0 and the latest evaluation
-    zero_shot_scores: list[float] | None = None
-    last_scores: list[float] | None = None
-
-
-class Progress:
-    """Rich progress bars for rounds, clients and evaluation (a no-op when disabled)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self._p = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
-
-            self._p = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False)
-            self._p.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._p is not None:
-            self._p.__exit__(*exc)
-
-    def task(self, description: str, total: int):
-        if self._p is None:
-            return None
-        return self._p.add_task(description, total=total, info="")
-
-    def update(self, task, advance: int = 0, completed: int | None = None, info: str = ""):
-        if self._p is not None and task is not None:
-            self._p.update(task, advance=advance, completed=completed, info=info)
-
-    def remove(self, task):
-        if self._p is not None and task is not None:
-            self._p.remove_task(task)
-
-    def print(self, msg: str):
-        if self._p is not None:
-            self._p.console.print(msg)
-
-
-def expert_load_std(counts: list) -> list[float] | None:
-    """Per MoE layer, the standard deviation over experts of their share of the routed tokens
-    (pooled over the given clients' local training): 0 = perfectly balanced."""
-    counts = [c for c in counts if c is not None]
-    if not counts:
-        return None
-    pooled = torch.stack(counts).sum(dim=0).double()  # (L, E)
-    share = pooled / pooled.sum(dim=1, keepdim=True).clamp_min(1)
-    return share.std(dim=1, unbiased=False).tolist()
 
 
 def _serialize(state: dict) -> bytes:
@@ -112,76 +47,63 @@ def _serialize(state: dict) -> bytes:
 
 
 class FederatedRun:
-    def __init__(self, cfg: RunConfig, run_dir: RunDir, show_progress: bool = False, log=print, resuming: bool = False):
-        self.cfg = cfg
-        self.rd = run_dir
-        self.show_progress = show_progress
-        self.log = log
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, show_progress: bool = False, log=print, resuming: bool = False,
+                 observe=None):
+        """``observe(kind, client, message)``, if given, sees every message the runtime passes (kind
+        "downlink", "reply" or "evaluate") — for logging and for tests."""
+        self.cfg, self.rd, self.show_progress, self.log = cfg, run_dir, show_progress, log
+        self.observe = observe or (lambda kind, client, message: None)
         seed = cfg.seed
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-        # data
+        # data: each client's own, tokenised
         self.data = prepare_federated_data(cfg.data, seed)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
-        self.pad_id = pad_token_id(self.tokenizer)
-        self.eos_id = self.tokenizer.eos_token_id
-        max_len = cfg.data.max_length
-        self.clients: list[ClientRuntime] = []
-        for c in self.data.clients:
-            gen_test = c.test if cfg.eval.max_examples is None else c.test[: cfg.eval.max_examples]
-            self.clients.append(ClientRuntime(
-                id=c.id,
-                train=tokenize_examples(self.tokenizer, c.train, max_len),
-                test=tokenize_examples(self.tokenizer, c.test, max_len),
-                test_prompts=[tokenize_prompt(self.tokenizer, ex, max_len) for ex in gen_test],
-                test_references=[ex.output for ex in gen_test],
-                test_categories=[ex.category for ex in gen_test],
-                n_train=len(c.train),
-            ))
+        self.sets = client_sets(self.data, self.tokenizer, cfg.data.max_length, cfg.eval.max_examples)
 
-        # model and method
+        # the server half: from the model's config and the method's adapters, no model
+        self.method = get_method(cfg.algorithm.name)
+        self.spec = model_spec(cfg, self.method)
+        self.server = self.method.server(cfg, self.spec)
+        self.global_state = self.server.initial_global()
+        self.server_state = self.server.initial_server_state(self.global_state)
+
+        # the clients' side: one frozen model serving every client in turn
         mc = cfg.model
         self.mm = MoEModel.from_pretrained(mc.name, dtype=mc.dtype, device=mc.device,
                                            attn_implementation=mc.attn_implementation, seed=seed)
         if len(self.tokenizer) > self.mm.config.vocab_size:
             raise ConfigError(f"tokenizer '{mc.tokenizer or mc.name}' has {len(self.tokenizer)} tokens but the model's "
                               f"vocabulary has {self.mm.config.vocab_size}; set model.tokenizer to the model's tokenizer")
-        self.alg: Algorithm = build_algorithm(cfg)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, 0))  # adapter initialisation
-            self.alg.setup(self.mm)
-        for cid in range(len(self.clients)):
-            k = self.alg.client_top_k(cid)
-            if k is not None and not 1 <= k <= self.mm.default_top_k:
-                raise TopKError(f"algorithm.client_top_k[{cid}] = {k}, but {mc.name} routes each token to "
-                                f"{self.mm.default_top_k} experts: use 1..{self.mm.default_top_k}")
-        self.global_state = self.mm.get_state()
-        self.server_state = self.alg.init_server_state(self.global_state)
-        self.private = {}
-        self.setup_seconds = {}
-        self.setup_stats: dict = {}
-        cuda = self.mm.device.type == "cuda"
-        for c in ([] if resuming else self.clients):  # a resumed run restores private state instead
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-            t = time.perf_counter()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(seed, 4, c.id))
-                self.private[c.id] = self.alg.init_private(c.id, self.mm, c.train)
-            self.setup_seconds[c.id] = time.perf_counter() - t
-            st = dict(self.alg.setup_stats.get(c.id, {}))
-            if cuda:
-                st["cuda_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
-            if st:
-                self.setup_stats[c.id] = {"seconds": self.setup_seconds[c.id], **st}
+            torch.manual_seed(derive_seed(seed, Stream.ADAPTER_INIT))
+            self.method.client.build(cfg, self.mm)
+        self._check_same_adapters()
+        self.half = self.method.client(cfg)
+        self.half.validate(self.mm, len(self.sets))
+        self.nodes = [ClientNode(s) for s in self.sets]
+
+        self.records = [ClientRecord() for _ in self.sets]
+        self.evaluator = Evaluator(cfg, self.mm, self.tokenizer, self.sets, self.rd.log_metrics)
         self.completed_rounds = 0
         self.wall_before = 0.0
         self.global_eval: dict = {}
         self.zero_shot: dict | None = None  # round-0 evaluation of the initial model
+        self.client_setup: dict = {}
+        if not resuming:  # a resumed run restores the private stores instead
+            for node in self.nodes:
+                self.client_setup[node.id] = node.setup(self.half, self.mm, self.spec.initial, seed)
+
+    def _check_same_adapters(self) -> None:
+        """The client's model must have exactly the trainable tensors the server's spec has."""
+        live = self.mm.get_state()
+        spec = self.spec.initial
+        if list(live) != list(spec) or any(live[n].shape != spec[n].shape or not torch.equal(live[n], spec[n])
+                                          for n in spec):
+            raise RuntimeError("the client's model and the server's skeleton disagree on the trainable tensors "
+                               f"({len(live)} vs {len(spec)}): the method's build() must depend on the config only")
 
     # ------------------------------------------------------------------ checkpointing
     def checkpoint_state(self) -> dict:
@@ -189,17 +111,12 @@ class FederatedRun:
             "round": self.completed_rounds,
             "global_state": self.global_state,
             "server_state": self.server_state,
-            "private": self.private,
-            "clients": {c.id: {"bytes_up": c.bytes_up, "bytes_down": c.bytes_down, "rounds_trained": c.rounds_trained,
-                               "activation_counts": c.activation_counts, "last_eval": c.last_eval,
-                               "zero_shot": c.zero_shot, "zero_shot_scores": c.zero_shot_scores,
-                               "last_scores": c.last_scores}
-                        for c in self.clients},
+            "private": {n.id: n.private for n in self.nodes},
+            "clients": {s.id: r.state() for s, r in zip(self.sets, self.records)},
             "global_eval": self.global_eval,
             "zero_shot": self.zero_shot,
             "wall_s": self.wall_before + (time.time() - self._t0),
-            "setup_seconds": self.setup_seconds,
-            "setup_stats": self.setup_stats,
+            "client_setup": self.client_setup,
             "rng": rng_states(),
         }
 
@@ -210,159 +127,54 @@ class FederatedRun:
         self.completed_rounds = ck["round"]
         self.global_state = ck["global_state"]
         self.server_state = ck["server_state"]
-        self.private = ck["private"]
-        for c in self.clients:
-            for k, v in ck["clients"][c.id].items():
-                setattr(c, k, v)
+        for node in self.nodes:
+            node.private = ck["private"][node.id]
+        self.records = [ClientRecord(**ck["clients"][s.id]) for s in self.sets]
         self.global_eval = ck["global_eval"]
         self.zero_shot = ck["zero_shot"]
         self.wall_before = ck["wall_s"]
-        self.setup_seconds = ck.get("setup_seconds", {})
-        self.setup_stats = ck.get("setup_stats", {})
+        self.client_setup = ck.get("client_setup", {})
         restore_rng_states(ck["rng"])
 
-    # ------------------------------------------------------------------ one client
-    def _load_client(self, cid: int | None) -> None:
-        """Put client ``cid``'s model in place (None: the global model at the model's k)."""
-        private = self.private[cid] if cid is not None else {}
-        self.mm.load_state(self.alg.client_model_state(self.global_state, private, cid))
-        k = self.alg.client_top_k(cid)
-        self.mm.set_top_k(k if k is not None else self.mm.default_top_k)
-        self.alg.prepare_client(self.mm, cid, private)
+    # ------------------------------------------------------------------ messages
+    def downlink(self, cid: int | None, kind: str, round_idx: int) -> Message:
+        msg = self.server.downlink(self.global_state, self.server_state, cid).with_header(kind=kind, round=round_idx)
+        self.observe("downlink" if kind == TRAIN else "evaluate", cid, msg)
+        return msg
 
-    def _train_client(self, cid: int, round_idx: int, lr: float, prog: Progress) -> Payload:
-        c = self.clients[cid]
-        down = self.alg.downlink(self.global_state, cid)
-        c.bytes_down += state_bytes(down)
-        self._load_client(cid)
+    def _load(self, cid: int | None, round_idx: int) -> None:
+        """Put a client's model (its evaluate message + its private store) or the global model in place."""
+        msg = self.downlink(cid, EVALUATE, round_idx)
+        if cid is None:
+            self.half.load(self.mm, None, msg, {})
+        else:
+            self.nodes[cid].load(self.half, self.mm, msg)
+
+    def _train_client(self, cid: int, round_idx: int, prog: Progress) -> Reply:
+        node, rec = self.nodes[cid], self.records[cid]
+        msg = self.downlink(cid, TRAIN, round_idx)
         task = prog.task(f"  client {cid} train", self.cfg.train.max_steps or 0)
-        res = train_local(self.mm, c.train, self.cfg.train, self.pad_id, lr,
-                          seed=derive_seed(self.cfg.seed, 2, round_idx, cid), reference_state=down,
-                          progress=lambda s, loss: prog.update(task, completed=s, info=f"loss {loss:.3f}"),
-                          grad_correction=self.alg.grad_correction(cid, self.private[cid], down),
-                          regularizer=self.alg.local_regularizer(cid, self.private[cid]))
+        reply, res, metrics = node.train(self.half, self.mm, msg, self.cfg,
+                                         progress=lambda s, loss: prog.update(task, completed=s, info=f"loss {loss:.3f}"))
         prog.remove(task)
-        trained = self.mm.get_state()
-        self.private[cid] = self.alg.private_after_training(cid, trained, self.private[cid], downlink=down,
-                                                            steps=res.steps, lr=lr)
-        payload = self.alg.payload(cid, trained, c.n_train, res.activation_counts, res.tokens_per_layer)
-        up = state_bytes(payload.tensors)
-        if payload.activation_counts is not None:
-            up += state_bytes({"a": payload.activation_counts, "s": payload.tokens_per_layer})
-        c.bytes_up += up
-        c.rounds_trained += 1
-        c.activation_counts = res.activation_counts if c.activation_counts is None else c.activation_counts + res.activation_counts
+        self.observe("reply", cid, reply)
+        down, up = msg.nbytes(), reply.nbytes()
+        rec.bytes_down += down
+        rec.bytes_up += up
+        rec.rounds_trained += 1
+        rec.add_counts(res.activation_counts)
+        clash = set(metrics) & set(RUNTIME_TRAIN_KEYS)
+        if clash:
+            raise ValueError(f"{self.method.name}'s client metrics use the runtime's keys {sorted(clash)}")
         self.rd.log_metrics({"round": round_idx, "client": cid, "split": "train", "loss": res.loss, "steps": res.steps,
-                             "lr": lr, "tokens": res.tokens, "bytes_up": up, "bytes_down": state_bytes(down)})
-        return payload
+                             "lr": res.lr, "tokens": res.tokens, "bytes_up": up, "bytes_down": down, **metrics})
+        return Reply(cid, reply)
 
-    # ------------------------------------------------------------------ evaluation
-    def _general_blocks(self) -> list[dict]:
-        """Held-out general text (the built-in model's pretraining held-out split), tokenised with the
-        run's tokenizer and packed into data.max_length blocks, loss on every token."""
-        if not hasattr(self, "_general"):
-            from ..pretrain import PretrainConfig, load_corpus, pack
-
-            _, held = load_corpus(PretrainConfig())
-            blocks = pack(self.tokenizer, held, self.cfg.data.max_length)[: self.cfg.eval.general_blocks]
-            self._general = [{"input_ids": b.tolist(), "labels": b.tolist()} for b in blocks]
-        return self._general
-
-    def _eval_model(self, test: list[dict], prompts: list[list[int]], refs: list[str], with_rouge: bool, prog: Progress,
-                    label: str, general: bool = False) -> dict:
-        bs = self.cfg.eval.batch_size
-        general_res = {}
-        if general and self.cfg.eval.general_blocks:
-            blocks = self._general_blocks()
-            g = evaluate_loss(self.mm.model, (collate_sft(blocks[i : i + bs], self.pad_id)
-                                              for i in range(0, len(blocks), bs)), self.mm.device)
-            general_res = {"general_loss": g["loss"], "general_perplexity": g["perplexity"]}
-        if general and self.cfg.eval.mmlu:
-            from ..eval.mmlu import evaluate_mmlu
-
-            m = evaluate_mmlu(self.mm.model, self.tokenizer, subjects=self.cfg.eval.mmlu,
-                              max_per_subject=self.cfg.eval.mmlu_max_per_subject, batch_size=bs,
-                              max_length=self.cfg.data.max_length * 4, device=self.mm.device)
-            general_res["mmlu"] = 100.0 * m["macro_accuracy"]
-        batches = (collate_sft(test[i : i + bs], self.pad_id) for i in range(0, len(test), bs))
-        out = evaluate_loss(self.mm.model, batches, self.mm.device) if test else {"loss": None, "perplexity": None, "tokens": 0}
-        res = {"loss": out["loss"], "perplexity": out["perplexity"], "tokens": out["tokens"], **general_res}
-        if with_rouge and prompts:
-            task = prog.task(f"  {label} generate", len(prompts))
-            gen = greedy_generate(self.mm.model, prompts, self.pad_id, self.eos_id, self.cfg.eval.max_new_tokens, bs,
-                                  self.mm.device, progress=lambda n: prog.update(task, advance=n),
-                                  no_repeat_ngram_size=self.cfg.eval.no_repeat_ngram_size)
-            prog.remove(task)
-            preds = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
-            res["rouge_scores"] = rouge_l_per_example(preds, refs)
-            res["rouge_l"] = float(np.mean(res["rouge_scores"]))
-            res["examples"] = [{"prediction": p, "reference": r} for p, r in list(zip(preds, refs))[:3]]
-        return res
-
-    def _evaluate(self, round_idx: int, final: bool, prog: Progress) -> None:
-        """Evaluate every client's model on its test set, and the global model; round 0 is the
-        zero-shot evaluation of the initial model (with ROUGE-L whenever the final round has it)."""
-        with_rouge = self.cfg.eval.rouge and (final or round_idx == 0 or self.cfg.eval.every_round)
-        task = prog.task(f"round {round_idx} eval", len(self.clients))
-        # A client's model equals the global one when the method keeps nothing private and the
-        # client uses the model's k: then the global metrics are pooled from the clients' ones.
-        all_global = not self.alg.personalized and all(
-            self.alg.client_top_k(c.id) in (None, self.mm.default_top_k) for c in self.clients)
-        per_client = {}
-        for c in self.clients:
-            self._load_client(c.id)
-            r = self._eval_model(c.test, c.test_prompts, c.test_references, with_rouge, prog, f"client {c.id}",
-                                 general=(final or round_idx == 0) and (not all_global or c is self.clients[0]))
-            per_client[c.id] = r
-            if round_idx == 0:
-                c.zero_shot = {k: v for k, v in r.items()
-                               if k in ("loss", "rouge_l", "perplexity", "general_loss", "general_perplexity", "mmlu")}
-                c.zero_shot_scores = r.get("rouge_scores")
-            else:
-                c.last_eval = {k: v for k, v in r.items() if k != "rouge_scores"}
-                c.last_scores = r.get("rouge_scores")
-            self.rd.log_metrics({"round": round_idx, "client": c.id, "split": "test", "loss": r["loss"],
-                                 "perplexity": r["perplexity"],
-                                 **{k: r[k] for k in ("rouge_l", "general_loss", "general_perplexity", "mmlu") if k in r}})
-            prog.update(task, advance=1)
-        prog.remove(task)
-        categories = [cat for c in self.clients for cat in c.test_categories]
-        if all_global:
-            tok = sum(r["tokens"] for r in per_client.values())
-            loss = sum(r["loss"] * r["tokens"] for r in per_client.values() if r["loss"] is not None) / max(tok, 1)
-            g = {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": tok}
-            scores = [s for r in per_client.values() for s in r.get("rouge_scores", [])]
-            if scores:
-                g["rouge_l"] = float(np.mean(scores))
-                g["rouge_scores"] = scores
-            first = next(iter(per_client.values()))
-            for key in ("general_loss", "general_perplexity", "mmlu"):
-                if key in first:  # every client model is the global model: any client's value
-                    g[key] = first[key]
-        else:
-            self._load_client(None)
-            test = [t for c in self.clients for t in c.test]
-            prompts = [p for c in self.clients for p in c.test_prompts]
-            refs = [r for c in self.clients for r in c.test_references]
-            g = self._eval_model(test, prompts, refs, with_rouge, prog, "global", general=final or round_idx == 0)
-        if self.alg.personalized and any("mmlu" in r for r in per_client.values()):
-            g["mmlu_clients_mean"] = float(np.mean([r["mmlu"] for r in per_client.values() if "mmlu" in r]))
-        if "rouge_scores" in g:
-            by_cat: dict[str, list[float]] = {}
-            for cat, score in zip(categories, g["rouge_scores"]):
-                by_cat.setdefault(cat, []).append(score)
-            g["rouge_l_by_category"] = {cat: float(np.mean(v)) for cat, v in sorted(by_cat.items())}
-            g["examples_by_category"] = {cat: len(v) for cat, v in sorted(by_cat.items())}
-        g = {k: v for k, v in g.items() if k not in ("rouge_scores", "examples")}
-        if round_idx == 0:
-            self.zero_shot = g
-        else:
-            self.global_eval = g
-        self.rd.log_metrics({"round": round_idx, "client": None, "split": "test", "loss": g["loss"],
-                             "perplexity": g["perplexity"],
-                             **{k: g[k] for k in ("rouge_l", "rouge_l_by_category", "examples_by_category",
-                                                  "general_loss", "general_perplexity", "mmlu", "mmlu_clients_mean")
-                                 if k in g}})
+    def _evaluate(self, round_idx: int, final: bool, prog: Progress) -> dict:
+        all_global = not self.half.personalized and all(
+            self.half.top_k(s.id, self.mm) == self.mm.default_top_k for s in self.sets)
+        return self.evaluator.evaluate_round(round_idx, final, self.records, lambda cid: self._load(cid, round_idx),
+                                             all_global, self.half.personalized, prog)
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop_after_round: int | None = None) -> dict | None:
@@ -373,25 +185,22 @@ class FederatedRun:
             rounds_task = prog.task("rounds", rounds)
             prog.update(rounds_task, completed=self.completed_rounds)
             if cfg.eval.zero_shot and self.completed_rounds == 0 and self.zero_shot is None:
-                self._evaluate(0, final=False, prog=prog)
+                self.zero_shot = self._evaluate(0, final=False, prog=prog)
                 self.save()
             for round_idx in range(self.completed_rounds + 1, rounds + 1):
-                sampled = sample_clients(len(self.clients), cfg.federation.fraction, cfg.seed, round_idx)
-                lr = round_lr(cfg.train, round_idx, rounds)
+                sampled = sample_clients(len(self.nodes), cfg.federation.fraction, cfg.seed, round_idx)
                 clients_task = prog.task(f"round {round_idx} clients", len(sampled))
-                payloads = []
+                replies = []
                 for cid in sampled:
-                    payloads.append(self._train_client(cid, round_idx, lr, prog))
+                    replies.append(self._train_client(cid, round_idx, prog))
                     prog.update(clients_task, advance=1)
                 prog.remove(clients_task)
                 t_agg = time.perf_counter()
-                self.global_state, self.server_state = self.alg.aggregate(self.global_state, payloads, self.server_state)
-                server_row = {"round": round_idx, "client": None, "split": "server",
-                              "aggregate_s": time.perf_counter() - t_agg, "clients": sampled}
-                if "svd_seconds" in self.server_state:
-                    server_row["svd_s"] = self.server_state["svd_seconds"]
-                self.rd.log_metrics(server_row)
-                self._evaluate(round_idx, final=round_idx == rounds, prog=prog)
+                self.global_state, self.server_state, metrics = self.server.aggregate(
+                    self.global_state, self.server_state, replies)
+                self.rd.log_metrics({"round": round_idx, "client": None, "split": "server",
+                                     "aggregate_s": time.perf_counter() - t_agg, "clients": sampled, **metrics})
+                self.global_eval = self._evaluate(round_idx, final=round_idx == rounds, prog=prog)
                 self.completed_rounds = round_idx
                 self.save()
                 prog.update(rounds_task, completed=round_idx,
@@ -400,66 +209,18 @@ class FederatedRun:
                     return None
         return self.finish()
 
-    def client_flops(self, k: int, rank: int) -> dict:
-        """Analytic forward FLOPs per sequence and FLAME Table 1 parameter columns at this k and rank."""
-        lc = self.cfg.lora
-        return count_flops(self.mm.config, self.cfg.eval.flops_seq_len, k=k, lora_rank=rank,
-                           expert_lora=lc.experts, attention_lora_targets=lc.attention_targets)
-
-    def rouge_l_change(self) -> dict | None:
-        """The change of ROUGE-L from zero-shot to the final evaluation of each client's own model, paired
-        over every generated test example of every client, with a bootstrap confidence interval."""
-        after, before = [], []
-        for c in self.clients:
-            if c.zero_shot_scores is None or c.last_scores is None:
-                return None
-            after += c.last_scores
-            before += c.zero_shot_scores
-        if not after:
-            return None
-        return paired_bootstrap(after, before, seed=derive_seed(self.cfg.seed, 9))
-
     def finish(self) -> dict:
-        cfg = self.cfg
         wall = self.wall_before + (time.time() - self._t0)
-        clients = []
-        for c in self.clients:
-            k = self.alg.client_top_k(c.id)
-            k = k if k is not None else self.mm.default_top_k
-            rank = self.alg.current_rank(c.id, self.global_state)
-            fl = self.client_flops(k, rank)
-            clients.append({
-                "id": c.id, "k": k, "rank": rank,
-                "n_train": c.n_train, "rouge_l": c.last_eval.get("rouge_l"), "loss": c.last_eval.get("loss"),
-                "bytes_up": c.bytes_up, "bytes_down": c.bytes_down, "flops_per_seq": fl["flops_per_seq"],
-                "active_params": fl["active_params"], "active_trainable": fl["active_trainable"],
-                "perplexity": c.last_eval.get("perplexity"), "rounds_trained": c.rounds_trained,
-                "general_perplexity": c.last_eval.get("general_perplexity"), "mmlu": c.last_eval.get("mmlu"),
-                "expert_load_std": expert_load_std([c.activation_counts]),
-                "zero_shot": c.zero_shot or None,
-                "n_test": len(c.test), "n_generated": len(c.test_prompts),
-                "category_counts": self.data.clients[c.id].category_counts,
-                "expert_activation": None if c.activation_counts is None else c.activation_counts.tolist(),
-                "examples": c.last_eval.get("examples", []),
-            })
-        g = self.global_eval
-        summary = build_summary(
-            algorithm=cfg.algorithm.name, model=cfg.model.name, rounds=cfg.federation.rounds, seed=cfg.seed,
-            wall_s=round(wall, 2), clients=clients,
-            global_metrics={"rouge_l": g.get("rouge_l"), "loss": g.get("loss"),
-                            "mmlu": g.get("mmlu_clients_mean", g.get("mmlu")), "mmlu_global_model": g.get("mmlu"),
-                            "general_perplexity": g.get("general_perplexity"),
-                            "expert_load_std": expert_load_std([c.activation_counts for c in self.clients]),
-                            "perplexity": g.get("perplexity"), "rouge_l_by_category": g.get("rouge_l_by_category"),
-                            "examples_by_category": g.get("examples_by_category"),
-                            "rouge_l_change": self.rouge_l_change()},
-            extra={"num_clients": len(self.clients), "fraction": cfg.federation.fraction,
-                   "num_moe_layers": len(self.mm.layers), "num_experts": self.mm.num_experts,
-                   "top_k": self.mm.default_top_k, "trainable_tensors": len(self.global_state),
-                   "trainable_params": int(sum(t.numel() for t in self.global_state.values())),
-                   "data_skipped_rows": self.data.skipped, "zero_shot": self.zero_shot,
-                   "client_setup_seconds": self.setup_seconds, "client_setup": self.setup_stats},
-        )
+        profiles = [self.half.profile(n.id, self.mm, n.private) for n in self.nodes]
+        trainable = self.spec.initial
+        summary = run_summary(
+            self.cfg, self.mm, self.sets, self.records, profiles, self.global_eval, self.zero_shot, wall,
+            extra={"trainable_tensors": len(trainable), "trainable_params": int(sum(t.numel() for t in trainable.values())),
+                   "shared_params": int(sum(t.numel() for t in self.global_state.values())),
+                   "data_skipped_rows": self.data.skipped,
+                   "client_setup": {cid: m for cid, m in self.client_setup.items() if len(m) > 1},
+                   "client_setup_seconds": {cid: m["seconds"] for cid, m in self.client_setup.items()},
+                   "metric_notes": self.method.notes})
         self.rd.write_summary(summary)
         write_report(self.rd, summary, self.rd.read_metrics(), self.data.histogram_markdown)
         return summary
@@ -479,15 +240,15 @@ def _prepare_run_dir(cfg: RunConfig) -> RunDir:
 
 
 def run_federated(cfg: RunConfig, show_progress: bool = False, stop_after_round: int | None = None,
-                  log=print) -> tuple[dict | None, RunDir]:
+                  log=print, observe=None) -> tuple[dict | None, RunDir]:
     """Run a configured federated experiment from scratch; returns (summary, run dir)."""
     rd = _prepare_run_dir(cfg)
-    run = FederatedRun(cfg, rd, show_progress=show_progress, log=log)
+    run = FederatedRun(cfg, rd, show_progress=show_progress, log=log, observe=observe)
     return run.run(stop_after_round=stop_after_round), rd
 
 
 def resume_federated(path: str | Path, show_progress: bool = False, stop_after_round: int | None = None,
-                     log=print) -> tuple[dict | None, RunDir]:
+                     log=print, observe=None) -> tuple[dict | None, RunDir]:
     """Continue the run in ``path`` from its last checkpoint (its own config.yaml is used)."""
     path = Path(path)
     if not (path / "config.yaml").is_file():
@@ -497,7 +258,7 @@ def resume_federated(path: str | Path, show_progress: bool = False, stop_after_r
         raise RunDirError(f"{path} has no checkpoint to resume from ({ck_path} is missing); start it again instead")
     cfg = load_config(path / "config.yaml")
     rd = RunDir(path)
-    run = FederatedRun(cfg, rd, show_progress=show_progress, log=log, resuming=True)
+    run = FederatedRun(cfg, rd, show_progress=show_progress, log=log, resuming=True, observe=observe)
     ck = torch.load(ck_path, map_location="cpu", weights_only=False)
     run.restore(ck)
     rd.truncate_metrics(after_round=run.completed_rounds)  # rows written after the checkpoint are redone

@@ -1,18 +1,16 @@
-"""Seeded client sampling and seed derivation: a function of (seed, round, ...) only, so a resumed
-run samples exactly what an uninterrupted one would."""
+"""Seeded client sampling: a function of (seed, round) only, so a resumed run samples exactly what an
+uninterrupted one would."""
 
 from __future__ import annotations
 
 import numpy as np
 
-
-def derive_seed(seed: int, *parts: int) -> int:
-    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
+from ..seeds import Stream, derive_seed
 
 
 def sample_clients(num_clients: int, fraction: float, seed: int, round_idx: int) -> list[int]:
     m = max(1, int(round(fraction * num_clients)))
     if m >= num_clients:
         return list(range(num_clients))
-    rng = np.random.default_rng(derive_seed(seed, 1, round_idx))
+    rng = np.random.default_rng(derive_seed(seed, Stream.CLIENT_SAMPLING, round_idx))
     return sorted(int(i) for i in rng.choice(num_clients, size=m, replace=False))

@@ -1,16 +1,16 @@
 """Sweeps: one config, a ``sweep:`` section of value lists, one command, one table.
 
     sweep:
-      algorithm.name: [trivial, hetlora, flexlora, flame]
       data.partition.alpha: [5.0, 0.5]
-      method:                      # named variants: several keys per point
-        FedProx: {algorithm.name: fedit, train.proximal_mu: 0.01}
+      lora.rank: [4, 8]
+      variant:                     # named variants: several keys per point
+        small: {lora.rank: 4, train.lr: 1.0e-3}
+        large: {lora.rank: 16, train.lr: 5.0e-4}
 
 runs the Cartesian product (8 runs) as ordinary runs under ``runs/<name>/<point>``; a point whose
 ``summary.json`` exists is not run again and one with a checkpoint but no summary is resumed, so an
-interrupted sweep continues where it stopped. The
-combined ``sweep_report.md`` puts one row per client (= per budget level when clients map to budgets,
-as in FLAME's Table 2) and one column per sweep point.
+interrupted sweep continues where it stopped. The combined ``sweep_report.md`` puts one row per
+client (= per budget level when clients map to budget levels) and one column per sweep point.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _fmt(v) -> str:
 def sweep_points(sweep: dict) -> list[tuple[str, list[str]]]:
     """(point name, ``key=value`` overrides) for every combination, in a stable order."""
     if not isinstance(sweep, dict) or not sweep:
-        raise ConfigError("sweep: must map config keys to lists of values, e.g. {algorithm.name: [fedit, flame]}")
+        raise ConfigError("sweep: must map config keys to lists of values, e.g. {lora.rank: [4, 8]}")
     keys = list(sweep)
     axes = []  # per key: list of (label, overrides)
     for k in keys:

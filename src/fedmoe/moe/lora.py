@@ -1,8 +1,12 @@
 """LoRA adapters: on attention projections (nn.Linear) and per expert on fused expert tensors.
 
-Notation as in SPEC.md: a pair A (r x in), B (out x r), update ΔW = (alpha / r) · B A. B starts at
-zero, A like nn.Linear's default (Kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))),
-so a fresh adapter changes nothing.
+A pair A (r x in), B (out x r), update ΔW = (alpha / r) · B A (Hu et al., 2021). B starts at zero,
+A like nn.Linear's default (Kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))), so a
+fresh adapter changes nothing.
+
+On a weightless skeleton (a model on PyTorch's meta device, which is how the server learns the
+names, shapes and initial values of the trainable tensors from the model's config alone) the
+adapters are created on the CPU, so their seeded initial values are real.
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ from torch import nn
 
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+def adapter_device(t: torch.Tensor) -> torch.device:
+    """Where an adapter of the frozen tensor ``t`` lives: beside it, or on the CPU for a meta skeleton."""
+    return torch.device("cpu") if t.device.type == "meta" else t.device
 
 
 def _init_lora_A_(a: torch.Tensor) -> None:
@@ -32,8 +41,9 @@ class LoRALinear(nn.Module):
         self.rank = rank
         self.scaling = alpha / rank
         p = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=p.device, dtype=p.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=p.device, dtype=p.dtype))
+        dev = adapter_device(p)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=p.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=p.dtype))
         _init_lora_A_(self.lora_A)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -100,7 +110,7 @@ class ExpertsWithLoRA(nn.Module):
     Trainables (each only if targeted):
       gate_up_lora_A (E, r, H), gate_up_lora_B (E, 2I, r)
       down_lora_A    (E, r, I), down_lora_B    (E, H, r)
-    ``output_scale`` (optional, set by FLAME) multiplies the routed output of the block.
+    ``output_scale`` (optional, :meth:`MoEModel.add_output_scale`) multiplies the routed output.
     """
 
     def __init__(
@@ -123,7 +133,7 @@ class ExpertsWithLoRA(nn.Module):
         self.rank = rank
         self.scaling = alpha / rank if rank else 0.0
         self.targets = tuple(targets) if rank else ()
-        dev, dt = base.gate_up_proj.device, base.gate_up_proj.dtype
+        dev, dt = adapter_device(base.gate_up_proj), base.gate_up_proj.dtype
         # LoRA on a subset of the experts (the "MoE + X" baselines: one random expert per layer):
         # the tensors hold only those experts; ``_full`` places them in the expert stack.
         self.lora_experts = None if lora_experts is None else sorted(int(e) for e in lora_experts)

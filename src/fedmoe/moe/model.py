@@ -6,7 +6,6 @@ A single base model in memory serves every client: a client's state (LoRA, resca
 
 from __future__ import annotations
 
-import contextlib
 from importlib import resources
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from .arch import MoELayer, UnsupportedModelError, find_moe_layers, model_type_of
-from .lora import ActivationTracker, ExpertsWithLoRA, LoRALinear
+from .lora import ActivationTracker, ExpertsWithLoRA, LoRALinear, adapter_device
 
 BUILTIN_PREFIX = "builtin:"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -142,6 +141,21 @@ class MoEModel:
             model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
         return cls(model.to(resolve_device(device)))
 
+    @classmethod
+    def skeleton(cls, name_or_path: str, dtype: str = "float32") -> "MoEModel":
+        """The model's structure without its weights: built from its config alone on PyTorch's meta
+        device (nothing is loaded or allocated). Adapters added to it live on the CPU
+        (:func:`fedmoe.moe.lora.adapter_device`), so the names, shapes and seeded initial values of a
+        method's trainable tensors are known without a live model."""
+        from transformers import AutoModelForCausalLM
+
+        from ..eval.flops import load_model_config
+
+        config = load_model_config(name_or_path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
+        return cls(model)
+
     @property
     def config(self):
         return self.model.config
@@ -193,24 +207,42 @@ class MoEModel:
                     mod = mod.base
                 setattr(attn, t, LoRALinear(mod, rank, alpha, dropout))
 
-    def add_rescaler(self, init: float = 1.0, trainable: bool = True) -> list[str]:
-        """FLAME's rescaler: one scalar per MoE layer multiplying the routed experts' output.
+    def add_output_scale(self, init: float = 1.0, trainable: bool = True) -> list[str]:
+        """One scalar per MoE layer multiplying the routed experts' output (FLAME's rescaler).
         Returns the parameter names (trainable ones appear in the trainable state)."""
-        names = []
         for layer in self.layers:
             ex = layer.block.experts
-            p = ex.gate_up_proj
-            ex.output_scale = nn.Parameter(torch.full((), float(init), device=p.device, dtype=torch.float32),
-                                           requires_grad=trainable)
-            names.append(f"model.layers.{layer.decoder_layer}.mlp.experts.output_scale")
-        return names
+            ex.output_scale = nn.Parameter(torch.full((), float(init), device=adapter_device(ex.gate_up_proj),
+                                                      dtype=torch.float32), requires_grad=trainable)
+        return [n for n, _ in self.model.named_parameters() if n.endswith(".experts.output_scale")]
 
-    def set_rescaler(self, values: float | list[float]) -> None:
-        """Set every layer's rescaler (e.g. FLAME's static k/k_i) without touching the trainable state."""
+    def set_output_scale(self, values: float | list[float]) -> None:
+        """Set every layer's output scale (one value, or one per MoE layer) outside the trainable state."""
         vals = values if isinstance(values, list) else [values] * len(self.layers)
         with torch.no_grad():
             for layer, v in zip(self.layers, vals):
                 layer.block.experts.output_scale.fill_(float(v))
+
+    def attach_to_blocks(self, name: str, make) -> list[nn.Module]:
+        """Add an extra module beside every MoE block (``make(layer)`` builds it; it is registered as
+        ``block.<name>``, so its parameters are named ``...mlp.<name>.*``) whose output on the block's
+        input is added to the block's output whenever its ``enabled`` attribute is true. Shared experts
+        stay where they are. Returns the modules, one per MoE layer (FLEx's grafted experts)."""
+        modules = []
+        for layer in self.layers:
+            module = make(layer)
+            module.enabled = True
+            setattr(layer.block, name, module)
+
+            def add_output(block, args, output, module=module):
+                if not module.enabled:
+                    return output
+                x = args[0]
+                return output + module(x.reshape(-1, x.shape[-1])).reshape(output.shape)
+
+            layer.block.register_forward_hook(add_output)
+            modules.append(module)
+        return modules
 
     def set_lora_scaling(self, scaling: float) -> None:
         """Set alpha/r of every LoRA module (rank-heterogeneous clients train the first r_i components
@@ -276,19 +308,3 @@ class MoEModel:
                 if params[n].shape != t.shape:
                     raise ValueError(f"'{n}': shape {tuple(t.shape)} does not match {tuple(params[n].shape)}")
                 params[n].copy_(t)
-
-    def zero_state(self, names=None) -> None:
-        params = self.trainable_parameters()
-        with torch.no_grad():
-            for n in (params if names is None else names):
-                params[n].zero_()
-
-    @contextlib.contextmanager
-    def top_k_scope(self, k: int | None):
-        prev = self.top_k
-        if k is not None:
-            self.set_top_k(k)
-        try:
-            yield
-        finally:
-            self.set_top_k(prev)

@@ -205,7 +205,7 @@ def plot_learning_curve(metrics: list[dict], path: str | Path) -> bool:
 
 
 def plot_expert_heatmap(summary: dict, path: str | Path) -> bool:
-    """Per-client expert activation frequency (FLAME Figure 2): one panel per MoE layer, clients x
+    """Per-client expert activation frequency: one panel per MoE layer, clients x
     experts, colour = share of the client's routed assignments that went to the expert."""
     rows = [(c["id"], c.get("expert_activation"), c.get("k")) for c in summary.get("clients", [])]
     rows = [r for r in rows if r[1]]
@@ -293,41 +293,63 @@ def format_examples(summary: dict, per_client: int = 1) -> list[str]:
     return ["## Sample answers (final model)", "", *lines, ""] if lines else []
 
 
+def format_metric(key: str, value) -> str:
+    """A metric by its key's suffix: ``*_s``/``seconds`` a duration, ``*_bytes`` bytes, else a number."""
+    if value is None:
+        return DASH
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if key == "seconds" or key.endswith("_s"):
+        return f"{float(value):.3f} s" if float(value) < 60 else format_duration(value)
+    if key.endswith("_bytes"):
+        return human_bytes(value)
+    if isinstance(value, int):
+        return str(value)
+    return _num(value, 4)
+
+
+def _scalar_keys(rows, skip=()) -> list[str]:
+    """Keys whose values are numbers in at least one row, in first-seen order."""
+    keys: list[str] = []
+    for r in rows:
+        for k, v in r.items():
+            if k not in skip and k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool):
+                keys.append(k)
+    return keys
+
+
+def _notes(summary: dict, keys) -> list[str]:
+    notes = summary.get("metric_notes") or {}
+    lines = [f"* `{k}`: {notes[k]}" for k in keys if k in notes]
+    return ["", *lines] if lines else []
+
+
 def format_client_setup(summary: dict) -> list[str]:
-    """The one-shot client setup (FLEx grafting): time and memory per client."""
+    """Each client's one-shot setup before round 1 (what the method reported: time, memory, ...)."""
     setup = summary.get("client_setup") or {}
     if not setup:
         return []
-    cuda = any("cuda_peak_extra_bytes" in v for v in setup.values())
-    head = "| client | time | calibration tokens | scoring memory (peak) | caching X, Z instead |" + (" CUDA peak extra |" if cuda else "")
-    lines = ["## Client setup (expert grafting)", "",
-             "Scoring streams the calibration batches: the memory is one layer's X, Z and two float64 "
-             "predictions for one batch; caching every layer's X and Z for the whole calibration set would take "
-             "the last column.", "", head, "|" + "---|" * (head.count("|") - 1)]
-    for cid in sorted(setup, key=int):
-        v = setup[cid]
-        row = (f"| {cid} | {format_duration(v.get('seconds'))} | {_plain(v.get('calibration_tokens'))} | "
-               f"{human_bytes(v.get('scoring_peak_bytes'))} | {human_bytes(v.get('cached_bytes'))} |")
-        if cuda:
-            row += f" {human_bytes(v.get('cuda_peak_extra_bytes'))} |"
-        lines.append(row)
-    return lines + [""]
+    cids = sorted(setup, key=int)
+    keys = _scalar_keys([setup[c] for c in cids])
+    lines = ["## Client setup", "", "The one-shot setup of each client before round 1, as the method reported it.", "",
+             "| client | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for cid in cids:
+        lines.append(f"| {cid} | " + " | ".join(format_metric(k, setup[cid].get(k)) for k in keys) + " |")
+    return lines + _notes(summary, keys) + [""]
 
 
-def format_server_time(metrics: list[dict]) -> list[str]:
-    """Server-side aggregation time per round (and the SVD share, for FlexLoRA) from metrics.jsonl."""
+def format_server_metrics(metrics: list[dict], summary: dict | None = None) -> list[str]:
+    """The server's aggregation per round, from metrics.jsonl: its time and whatever the method reported."""
     rows = [r for r in metrics if r.get("split") == "server" and r.get("aggregate_s") is not None]
     if not rows:
         return []
-    svd = any("svd_s" in r for r in rows)
-    lines = ["## Server time per round", "", "| round | clients aggregated | aggregation |" + (" of which SVD |" if svd else ""),
-             "|---:|---:|---:|" + ("---:|" if svd else "")]
+    keys = _scalar_keys(rows, skip=("round",))
+    lines = ["## Server per round", "", "| round | clients aggregated | " + " | ".join(keys) + " |",
+             "|---:|---:|" + "---:|" * len(keys)]
     for r in rows:
-        line = f"| {r['round']} | {len(r.get('clients') or [])} | {r['aggregate_s']:.3f} s |"
-        if svd:
-            line += f" {r['svd_s']:.3f} s |" if "svd_s" in r else f" {DASH} |"
-        lines.append(line)
-    return lines + [""]
+        lines.append(f"| {r['round']} | {len(r.get('clients') or [])} | "
+                     + " | ".join(format_metric(k, r.get(k)) for k in keys) + " |")
+    return lines + _notes(summary or {}, keys) + [""]
 
 
 def write_report(
@@ -348,7 +370,7 @@ def write_report(
     if histogram_markdown:
         parts += ["## Data: categories per client", "", histogram_markdown.strip(), ""]
     parts += format_client_setup(summary)
-    parts += format_server_time(metrics)
+    parts += format_server_metrics(metrics, summary)
     parts += ["## Learning curve", ""]
     if plot_learning_curve(metrics, run_dir.path / PLOT_NAME):
         parts += [f"![learning curve]({PLOT_NAME})", ""]

@@ -109,10 +109,6 @@ class RunDir:
         elif not self.path.is_dir():
             raise FileNotFoundError(f"run directory not found: {self.path}")
 
-    @classmethod
-    def for_run(cls, output_dir: str | Path, name: str, create: bool = True) -> "RunDir":
-        return cls(Path(output_dir) / name, create=create)
-
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 

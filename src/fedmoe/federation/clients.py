@@ -1,0 +1,111 @@
+"""The client side of a federation: each client's data, its private store, and what it does with a
+message. Nothing here sees the global state: a client acts on the message it was given, its own
+data and its own private store, through the method's client half.
+
+The in-process runtime runs every :class:`ClientNode` on one shared frozen model, one after another;
+the model holds only what the current client's message and private store put in it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..algorithms.base import Client, Private, State
+from ..data.tokenize import tokenize_examples, tokenize_prompt
+from ..messages import Message
+from ..moe import MoEModel
+from ..seeds import Stream, derive_seed
+from ..train import LocalResult, round_lr, train_local
+
+
+@dataclass
+class ClientSet:
+    """One client's tokenised data: training and test examples, and the test examples it answers."""
+
+    id: int
+    train: list[dict]
+    test: list[dict]
+    test_prompts: list[list[int]]
+    test_references: list[str]
+    test_categories: list[str]
+    category_counts: dict[str, int]
+    pad_id: int
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+
+def client_sets(data, tokenizer, max_length: int, max_generated: int | None) -> list[ClientSet]:
+    """The data pool: every client's examples tokenised (``data``: a ``FederatedData``)."""
+    from ..data.tokenize import pad_token_id
+
+    pad, out = pad_token_id(tokenizer), []
+    for c in data.clients:
+        gen = c.test if max_generated is None else c.test[:max_generated]
+        out.append(ClientSet(
+            id=c.id,
+            train=tokenize_examples(tokenizer, c.train, max_length),
+            test=tokenize_examples(tokenizer, c.test, max_length),
+            test_prompts=[tokenize_prompt(tokenizer, ex, max_length) for ex in gen],
+            test_references=[ex.output for ex in gen],
+            test_categories=[ex.category for ex in gen],
+            category_counts=c.category_counts,
+            pad_id=pad,
+        ))
+    return out
+
+
+@dataclass
+class ClientNode:
+    """One client: its data and its private store (None before its one-shot setup)."""
+
+    data: ClientSet
+    private: Private | None = None
+
+    @property
+    def id(self) -> int:
+        return self.data.id
+
+    def setup(self, half: Client, mm: MoEModel, initial: State, seed: int) -> dict:
+        """The one-shot setup, on the freshly built model (``initial``: its adapters' initial values).
+        Returns the metrics: the method's, its wall time and, on CUDA, the extra peak memory."""
+        cuda = mm.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        mm.load_state(initial)
+        mm.set_top_k(mm.default_top_k)
+        t = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, Stream.CLIENT_SETUP, self.id))
+            self.private, metrics = half.setup(self.id, mm, self.data.train)
+        metrics = {"seconds": time.perf_counter() - t, **metrics}
+        if cuda:
+            metrics["cuda_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
+        return metrics
+
+    def load(self, half: Client, mm: MoEModel, message: Message) -> None:
+        """Put this client's model in place: the message plus its private store."""
+        half.load(mm, self.id, message, self.private)
+
+    def train(self, half: Client, mm: MoEModel, message: Message, cfg,
+              progress: Callable[[int, float], None] | None = None) -> tuple[Message, LocalResult, dict]:
+        """One round of local training on ``message`` (its header names the round): (reply, the local
+        result, the method's metrics). The private store is replaced by the method's new one."""
+        round_idx = int(message.header["round"])
+        lr = round_lr(cfg.train, round_idx, cfg.federation.rounds)
+        self.load(half, mm, message)
+        result = train_local(mm, self.data.train, cfg.train, self.data.pad_id, lr,
+                             seed=derive_seed(cfg.seed, Stream.LOCAL_TRAINING, round_idx, self.id),
+                             progress=progress, objective=half.objective(self.id, mm, message, self.private))
+        reply, self.private, metrics = half.reply(self.id, mm, message, self.private, result)
+        return reply, result, metrics
+
+
+__all__ = ["ClientNode", "ClientSet", "client_sets"]

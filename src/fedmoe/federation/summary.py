@@ -1,0 +1,96 @@
+"""What the runtime records about each client as the run goes (bytes, rounds, expert activation,
+evaluations), and the summary.json built from it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..eval import count_flops, paired_bootstrap
+from ..report import build_summary
+from ..seeds import Stream, derive_seed
+
+
+@dataclass
+class ClientRecord:
+    """The runtime's ledger of one client (checkpointed)."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    rounds_trained: int = 0
+    activation_counts: torch.Tensor | None = None  # cumulative (L, E) over local training
+    last_eval: dict = field(default_factory=dict)
+    zero_shot: dict = field(default_factory=dict)
+    # per-example ROUGE-L of the generated test examples: round 0 and the latest evaluation
+    zero_shot_scores: list[float] | None = None
+    last_scores: list[float] | None = None
+
+    def state(self) -> dict:
+        return asdict(self)
+
+    def add_counts(self, counts: torch.Tensor) -> None:
+        self.activation_counts = counts.clone() if self.activation_counts is None else self.activation_counts + counts
+
+
+def expert_load_std(counts: list) -> list[float] | None:
+    """Per MoE layer, the standard deviation over experts of their share of the routed tokens
+    (pooled over the given clients' local training): 0 = perfectly balanced."""
+    counts = [c for c in counts if c is not None]
+    if not counts:
+        return None
+    pooled = torch.stack(counts).sum(dim=0).double()  # (L, E)
+    share = pooled / pooled.sum(dim=1, keepdim=True).clamp_min(1)
+    return share.std(dim=1, unbiased=False).tolist()
+
+
+def rouge_l_change(records: list[ClientRecord], seed: int) -> dict | None:
+    """The change of ROUGE-L from zero-shot to the final evaluation of each client's own model, paired
+    over every generated test example of every client, with a bootstrap confidence interval."""
+    after, before = [], []
+    for r in records:
+        if r.zero_shot_scores is None or r.last_scores is None:
+            return None
+        after += r.last_scores
+        before += r.zero_shot_scores
+    if not after:
+        return None
+    return paired_bootstrap(after, before, seed=derive_seed(seed, Stream.BOOTSTRAP))
+
+
+def run_summary(cfg, mm, sets, records: list[ClientRecord], profiles: list[dict], global_eval: dict,
+                zero_shot: dict | None, wall_s: float, extra: dict) -> dict:
+    """summary.json of a finished run (``profiles``: each client's k and LoRA rank)."""
+    lc = cfg.lora
+    clients = []
+    for s, r, prof in zip(sets, records, profiles):
+        fl = count_flops(mm.config, cfg.eval.flops_seq_len, k=prof["k"], lora_rank=prof["rank"],
+                         expert_lora=lc.experts, attention_lora_targets=lc.attention_targets)
+        clients.append({
+            "id": s.id, "k": prof["k"], "rank": prof["rank"],
+            "n_train": s.n_train, "rouge_l": r.last_eval.get("rouge_l"), "loss": r.last_eval.get("loss"),
+            "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "flops_per_seq": fl["flops_per_seq"],
+            "active_params": fl["active_params"], "active_trainable": fl["active_trainable"],
+            "perplexity": r.last_eval.get("perplexity"), "rounds_trained": r.rounds_trained,
+            "general_perplexity": r.last_eval.get("general_perplexity"), "mmlu": r.last_eval.get("mmlu"),
+            "expert_load_std": expert_load_std([r.activation_counts]),
+            "zero_shot": r.zero_shot or None,
+            "n_test": len(s.test), "n_generated": len(s.test_prompts),
+            "category_counts": s.category_counts,
+            "expert_activation": None if r.activation_counts is None else r.activation_counts.tolist(),
+            "examples": r.last_eval.get("examples", []),
+        })
+    g = global_eval
+    return build_summary(
+        algorithm=cfg.algorithm.name, model=cfg.model.name, rounds=cfg.federation.rounds, seed=cfg.seed,
+        wall_s=round(wall_s, 2), clients=clients,
+        global_metrics={"rouge_l": g.get("rouge_l"), "loss": g.get("loss"),
+                        "mmlu": g.get("mmlu_clients_mean", g.get("mmlu")), "mmlu_global_model": g.get("mmlu"),
+                        "general_perplexity": g.get("general_perplexity"),
+                        "expert_load_std": expert_load_std([r.activation_counts for r in records]),
+                        "perplexity": g.get("perplexity"), "rouge_l_by_category": g.get("rouge_l_by_category"),
+                        "examples_by_category": g.get("examples_by_category"),
+                        "rouge_l_change": rouge_l_change(records, cfg.seed)},
+        extra={"num_clients": len(sets), "fraction": cfg.federation.fraction, "num_moe_layers": len(mm.layers),
+               "num_experts": mm.num_experts, "top_k": mm.default_top_k, "zero_shot": zero_shot, **extra},
+    )
