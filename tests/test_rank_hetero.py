@@ -65,7 +65,7 @@ def test_hetlora_weights_by_update_norm_by_hand():
     A2[1, 1], B2[1, 1] = 1.0, 1.0  # rank-2 client, ‖B2 A2‖ = 1
     p = [reply(0, {PAIR[0]: A1, PAIR[1]: B1}, 10), reply(1, {PAIR[0]: A2, PAIR[1]: B2}, 10)]
     new, _, metrics = server.aggregate(server.initial_global(), {}, p)
-    assert metrics["weights"] == pytest.approx([0.75, 0.25])
+    assert metrics["norm_weights"] == pytest.approx([0.75, 0.25])
     torch.testing.assert_close(new[PAIR[0]], 0.75 * A1 + 0.25 * A2)
     torch.testing.assert_close(new[PAIR[1]], 0.75 * B1 + 0.25 * B2)
     # the rank-2 client receives the first 2 components only

@@ -13,7 +13,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, help="Federated f
 
 @app.callback()
 def _root():
-    """fedmoe: FLEx, FLAME, FC-MoE and their baselines on Hugging Face MoE models."""
+    """fedmoe: federated fine-tuning of MoE LLMs (FLEx, FLAME and their baselines; see `algorithm.name`)."""
 
 
 def _has_sweep(path: Path) -> bool:

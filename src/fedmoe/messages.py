@@ -15,6 +15,7 @@ import torch
 
 TRAIN = "train"
 EVALUATE = "evaluate"
+REPLY = "reply"
 SCALAR_BYTES = 8  # a scalar travels as an int64 or a float64
 
 
@@ -43,4 +44,4 @@ class Reply:
     message: Message
 
 
-__all__ = ["EVALUATE", "Message", "Reply", "SCALAR_BYTES", "TRAIN"]
+__all__ = ["EVALUATE", "Message", "REPLY", "Reply", "SCALAR_BYTES", "TRAIN"]

@@ -78,6 +78,14 @@ class ModelSpec:
     def num_moe_layers(self) -> int:
         return len(self.decoder_to_moe)
 
+    def check(self, mm: MoEModel) -> None:
+        """A client's built model must have exactly these trainable tensors, at these initial values."""
+        live = mm.get_state()
+        if list(live) != list(self.initial) or any(
+                live[n].shape != t.shape or not torch.equal(live[n], t) for n, t in self.initial.items()):
+            raise RuntimeError("the client's model and the server's skeleton disagree on the trainable tensors "
+                               f"({len(live)} vs {len(self.initial)}): a method's build() must depend on the config only")
+
     @classmethod
     def of(cls, mm: MoEModel) -> ModelSpec:
         """The spec of a model whose adapters are built (a skeleton, or a live model in tests)."""

@@ -227,7 +227,7 @@ class HetLoRAClient(RankClient):
         trained = mm.get_state()
         sent, private = prune(self.pairs(trained), trained, private, self.cfg.algorithm.hetlora.prune_gamma)
         r = private["rank"]
-        return Message(tensors=sent, scalars={N_TRAIN: result.n_train, "rank": r}), private, {"rank": r}
+        return Message(tensors=sent, scalars={N_TRAIN: result.n_train, "rank": r}), private, {"pruned_rank": r}
 
 
 class HetLoRAServer(RankServer):
@@ -239,7 +239,7 @@ class HetLoRAServer(RankServer):
         averaged = weighted_average([m.tensors for m in msgs], norms)
         new, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state)
         total = sum(norms)
-        return new, server_state, {"weights": [w / total for w in norms]}
+        return new, server_state, {"norm_weights": [w / total for w in norms]}
 
 
 class FlexLoRAServer(RankServer):
@@ -286,8 +286,8 @@ TRIVIAL = Method("trivial", TrivialServer, TrivialClient, reads=("fedit",),
                  summary="FLAME's rank baseline: every client at the smallest budget's rank")
 HETLORA = Method("hetlora", HetLoRAServer, HetLoRAClient, config=HetLoRAConfig, reads=("fedit",),
                  summary="HetLoRA: zero-padding, update-norm-weighted averaging, truncation; optional self-pruning",
-                 notes={"weights": "each client's aggregation weight ‖B_i A_i‖_F / Σ_j ‖B_j A_j‖_F, in reply order",
-                        "rank": "the client's LoRA rank after this round's self-pruning"})
+                 notes={"norm_weights": "each client's aggregation weight ‖B_i A_i‖_F / Σ_j ‖B_j A_j‖_F, in reply order",
+                        "pruned_rank": "the client's LoRA rank after this round's self-pruning"})
 FLEXLORA = Method("flexlora", FlexLoRAServer, RankClient, reads=("fedit",),
                   summary="FlexLoRA: SVD of the weighted dense update, redistributed at each client's rank",
                   notes={"svd_s": "time of the batched SVDs of the dense updates (part of the aggregation)"})

@@ -16,7 +16,7 @@ import torch
 
 from ..algorithms.base import Client, Private, State
 from ..data.tokenize import tokenize_examples, tokenize_prompt
-from ..messages import Message
+from ..messages import REPLY, Message
 from ..moe import MoEModel
 from ..seeds import Stream, derive_seed
 from ..train import LocalResult, round_lr, train_local
@@ -105,7 +105,7 @@ class ClientNode:
                              seed=derive_seed(cfg.seed, Stream.LOCAL_TRAINING, round_idx, self.id),
                              progress=progress, objective=half.objective(self.id, mm, message, self.private))
         reply, self.private, metrics = half.reply(self.id, mm, message, self.private, result)
-        return reply, result, metrics
+        return reply.with_header(kind=REPLY, round=round_idx), result, metrics
 
 
 __all__ = ["ClientNode", "ClientSet", "client_sets"]

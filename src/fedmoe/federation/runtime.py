@@ -80,7 +80,7 @@ class FederatedRun:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, Stream.ADAPTER_INIT))
             self.method.client.build(cfg, self.mm)
-        self._check_same_adapters()
+        self.spec.check(self.mm)
         self.half = self.method.client(cfg)
         self.half.validate(self.mm, len(self.sets))
         self.nodes = [ClientNode(s) for s in self.sets]
@@ -95,15 +95,6 @@ class FederatedRun:
         if not resuming:  # a resumed run restores the private stores instead
             for node in self.nodes:
                 self.client_setup[node.id] = node.setup(self.half, self.mm, self.spec.initial, seed)
-
-    def _check_same_adapters(self) -> None:
-        """The client's model must have exactly the trainable tensors the server's spec has."""
-        live = self.mm.get_state()
-        spec = self.spec.initial
-        if list(live) != list(spec) or any(live[n].shape != spec[n].shape or not torch.equal(live[n], spec[n])
-                                          for n in spec):
-            raise RuntimeError("the client's model and the server's skeleton disagree on the trainable tensors "
-                               f"({len(live)} vs {len(spec)}): the method's build() must depend on the config only")
 
     # ------------------------------------------------------------------ checkpointing
     def checkpoint_state(self) -> dict:

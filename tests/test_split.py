@@ -1,0 +1,179 @@
+"""The server/client split: a client acts on its message and its own store alone, the runtime and the
+report know no method, each method owns its config section, and the default run's numbers are pinned."""
+
+import copy
+import os
+import re
+import warnings
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+from helpers import built, reply
+
+from fedmoe.algorithms import METHODS, model_spec
+from fedmoe.config import ConfigError, RunConfig, load_config
+from fedmoe.data import prepare_federated_data
+from fedmoe.federation import run_federated
+from fedmoe.federation.clients import ClientNode, client_sets
+from fedmoe.moe import MoEModel, load_tokenizer
+from fedmoe.moe.tiny import tiny_config
+from fedmoe.seeds import Stream, derive_seed
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "fedmoe"
+TINY = ["model.name=builtin:tiny-olmoe", "data.max_examples=200", "data.max_length=48", "data.partition.num_clients=2",
+        "train.max_steps=2", "train.batch_size=2", "train.lr=0.05", "eval.max_examples=2", "eval.max_new_tokens=3",
+        "data.max_test_per_client=3", "lora.rank=4", "federation.rounds=2", "eval.zero_shot=false"]
+
+
+def _recording_run(tmp_path, sets):
+    """Run, recording every message the runtime passes: {(kind, round, client): message}."""
+    seen = {}
+
+    def observe(kind, cid, msg):
+        key = (kind, msg.header.get("round"), cid)
+        seen.setdefault(key, []).append(copy.deepcopy(msg))
+
+    cfg = load_config(None, TINY + sets + [f"output_dir={tmp_path}", "name=rec"])
+    summary, _ = run_federated(cfg, observe=observe)
+    return cfg, summary, seen
+
+
+@pytest.mark.parametrize("method", [["algorithm.name=flex", "lora.experts=false", "algorithm.flex.calibration_size=4"],
+                                    ["algorithm.name=scaffold", "federation.fraction=0.5", "federation.rounds=3"],
+                                    ["algorithm.name=hetlora", "algorithm.hetlora.prune_lambda=1000",
+                                     "algorithm.hetlora.prune_gamma=0.5", "algorithm.budgets.ranks=[4,2]"]])
+def test_a_client_needs_only_its_messages_and_its_own_store(tmp_path, method):
+    """Replay each client on its own fresh model, holding only its data and its private store and
+    given only the train messages it received: its replies equal the federated run's, bit for bit."""
+    cfg, _, seen = _recording_run(tmp_path, method)
+    data = prepare_federated_data(cfg.data, cfg.seed)
+    sets = client_sets(data, load_tokenizer(cfg.model.tokenizer or cfg.model.name), cfg.data.max_length,
+                       cfg.eval.max_examples)
+    m = METHODS[cfg.algorithm.name]
+    replayed = 0
+    for s in sets:
+        mm = MoEModel.from_pretrained(cfg.model.name)  # this client's own model, nobody else's
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, Stream.ADAPTER_INIT))
+            m.client.build(cfg, mm)
+        half, node = m.client(cfg), ClientNode(s)
+        node.setup(half, mm, mm.get_state(), cfg.seed)
+        for r in range(1, cfg.federation.rounds + 1):
+            if ("downlink", r, s.id) not in seen:
+                continue
+            [down] = seen[("downlink", r, s.id)]  # one train message per sampled client and round
+            [want] = seen[("reply", r, s.id)]
+            got, _, _ = node.train(half, mm, down, cfg)
+            assert got.scalars == want.scalars and list(got.tensors) == list(want.tensors)
+            assert all(torch.equal(got.tensors[n], want.tensors[n]) for n in want.tensors)
+            replayed += 1
+    assert replayed == sum(1 for k in seen if k[0] == "reply")
+
+
+def test_the_downlink_is_computed_once_per_sampled_client_and_round(tmp_path):
+    from fedmoe.federation import sample_clients
+
+    _, _, seen = _recording_run(tmp_path, ["algorithm.name=flexlora", "algorithm.budgets.ranks=[4,2]",
+                                           "data.partition.num_clients=3", "federation.fraction=0.67",
+                                           "federation.rounds=3"])
+    for r in (1, 2, 3):
+        sampled = sample_clients(3, 0.67, 0, r)
+        assert sorted(cid for kind, rr, cid in seen if kind == "downlink" and rr == r) == sampled
+        assert all(len(seen[("downlink", r, cid)]) == 1 for cid in sampled)
+
+
+def test_runtime_trainer_and_report_name_no_method():
+    words = set(METHODS) | {"fedprox", "proximal", "svd", "graft", "grafts", "grafted", "grafting", "rescaler",
+                            "calibration", "control variate", "control variates"}
+    for m in METHODS.values():
+        words |= set(m.notes)
+    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(words)) + r")\b", re.IGNORECASE)
+    files = [*sorted((SRC / "federation").glob("*.py")), SRC / "train.py", *sorted((SRC / "report").glob("*.py"))]
+    hits = [f"{f.relative_to(SRC)}:{i}: {line.strip()}" for f in files
+            for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not hits, "method names or method keys outside the methods:\n" + "\n".join(hits)
+
+
+def test_method_names_and_sections_come_from_the_registry():
+    cfg = RunConfig()
+    field = type(cfg.algorithm).model_fields["name"]
+    assert set(field.annotation.__args__) == set(METHODS)
+    for m in METHODS.values():
+        if m.config is not None:
+            assert isinstance(getattr(cfg.algorithm, m.name), m.config)
+    with pytest.raises(ConfigError, match="algorithm.name"):
+        load_config(None, ["algorithm.name=fedavg"])
+
+
+def test_another_methods_section_is_refused_moved_keys_still_load():
+    with pytest.raises(ConfigError, match=r"algorithm.flame.temperature configure the method 'flame'.*'fedit'"):
+        load_config(None, ["algorithm.flame.temperature=4"])
+    load_config(None, ["algorithm.name=flame", "algorithm.flame.temperature=4", "algorithm.fedit.proximal_mu=0.1"])
+    with pytest.raises(ConfigError, match="algorithm.fedit.proximal_mu .* 'flex'"):
+        load_config(None, ["algorithm.name=flex", "algorithm.fedit.proximal_mu=0.1"])
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        cfg = load_config(None, ["algorithm.name=flame", "algorithm.temperature=4", "train.proximal_mu=0.5"])
+    assert cfg.algorithm.flame.temperature == 4 and cfg.algorithm.fedit.proximal_mu == 0.5
+    assert any("'algorithm.temperature' is now 'algorithm.flame.temperature'" in str(x.message) for x in w)
+    with pytest.raises(ConfigError, match="sets both"):
+        load_config(None, ["algorithm.name=flame", "algorithm.temperature=4", "algorithm.flame.temperature=3"])
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_servers_spec_is_the_clients_model(name):
+    """The server knows every trainable tensor from the config alone (a weightless skeleton), with the
+    values a client's freshly built model has."""
+    sets = [f"algorithm.name={name}", "model.name=builtin:tiny-olmoe", "lora.rank=4"]
+    if name == "flex":
+        sets.append("lora.experts=false")
+    cfg = load_config(None, sets)
+    spec = model_spec(cfg, METHODS[name])
+    mm = MoEModel.from_pretrained("builtin:tiny-olmoe")
+    torch.manual_seed(derive_seed(cfg.seed, Stream.ADAPTER_INIT))
+    METHODS[name].client.build(cfg, mm)
+    live = mm.get_state()
+    assert list(spec.initial) == list(live)
+    assert all(torch.equal(spec.initial[n], live[n]) for n in live)
+    assert spec.num_moe_layers == 4 and spec.num_experts == 8 and spec.top_k == 2
+
+
+def test_flame_with_one_expert_per_layer_weights_that_experts_counts():
+    cfg = load_config(None, ["algorithm.name=flame", "lora.experts_per_layer=1", "lora.rank=2", "lora.attention_targets=[]",
+                             "data.partition.num_clients=2", "algorithm.flame.temperature=1"])
+    server, _, _ = built(METHODS["flame"], cfg, MoEModel.from_config(tiny_config("olmoe")))
+    g = server.initial_global()
+    name = next(n for n in g if n.endswith("layers.1.mlp.experts.down_lora_B"))
+    assert g[name].shape[0] == 1  # one expert's LoRA
+    expert = server.experts[1][0]
+    counts = [torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long)]
+    counts[0][1, expert], counts[1][1, expert] = 30, 10  # layer 1: a/S = 3/4 and 1/4
+    counts[0][0, expert], counts[1][0, expert] = 10, 30  # layer 0 the other way round
+    replies = [reply(i, {**{n: torch.full_like(t, float(i + 1)) for n, t in g.items()},
+                         "activation_counts": counts[i], "tokens_per_layer": torch.tensor([40, 40])}, 10)
+               for i in (0, 1)]
+    new, _, _ = server.aggregate(g, {}, replies)
+    # layer 1: weights 0.75 and 0.25 on values 1 and 2 (layer 0's counts would give 1.75)
+    torch.testing.assert_close(new[name], torch.full_like(g[name], 0.75 * 1 + 0.25 * 2))
+
+
+# the default run, at a small scale: its final numbers, pinned (they were the same before the split)
+# (tools/config_fingerprints.py, "default"; bytes up: 2 rounds x (1,048,576 B of LoRA tensors + the 8-byte n_i))
+PINNED = {"global_loss": 5.306911546356824, "global_rouge_l": 4.595397664908542,
+          "client_losses": [4.818529803936298, 5.393281936645508, 5.45326174222506, 5.597644329071045],
+          "bytes_up": [4194320] * 4}
+
+
+def test_default_run_final_numbers_are_pinned(tmp_path):
+    small = ["data.max_examples=480", "data.max_length=64", "train.max_steps=2", "train.batch_size=2",
+             "federation.rounds=2", "eval.max_examples=2", "eval.max_new_tokens=4", "eval.batch_size=4",
+             "data.max_test_per_client=4", f"output_dir={tmp_path}"]
+    summary, _ = run_federated(load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml", small))
+    g = summary["global"]
+    assert g["loss"] == pytest.approx(PINNED["global_loss"], rel=1e-6, abs=0)
+    assert g["rouge_l"] == pytest.approx(PINNED["global_rouge_l"], rel=1e-9, abs=0)
+    assert [c["loss"] for c in summary["clients"]] == pytest.approx(PINNED["client_losses"], rel=1e-6, abs=0)
+    assert [c["bytes_up"] for c in summary["clients"]] == PINNED["bytes_up"]
