@@ -110,8 +110,8 @@ def test_flame_run_keeps_rescaler_private_and_counts_uplink(tmp_path):
     rows = [r for r in rd.read_metrics() if r["split"] == "train"]
     assert all(r["bytes_up"] == r["bytes_down"] + (4 * 8 + 4) * 8 + 8 for r in rows)
     ck = torch.load(rd.checkpoint_dir / "state.pt", weights_only=False)
-    assert all(n.endswith(".experts.output_scale") for c in (0, 1) for n in ck["private"][c])
-    scales = [ck["private"][c][n].item() for c in (0, 1) for n in sorted(ck["private"][c])]
+    assert all(n.endswith(".experts.output_scale") for c in (0, 1) for n in ck["transport"]["private"][c])
+    scales = [ck["transport"]["private"][c][n].item() for c in (0, 1) for n in sorted(ck["transport"]["private"][c])]
     assert len(scales) == 8 and all(s != 1.0 for s in scales)  # learned, per client, per layer
     # a resumed FLAME run (private rescalers restored) ends with the same numbers
     cut, rd2 = run_federated(load_config(None, TINY + [f"output_dir={tmp_path}", "name=cut", "federation.rounds=2",

@@ -29,7 +29,7 @@ def test_flex_private_state_never_leaves_and_persists(tmp_path):
     assert all(c["bytes_up"] == 2 * per_round for c in summary["clients"])
     ck = torch.load(rd.checkpoint_dir / "state.pt", weights_only=False)
     for cid in (0, 1):
-        priv = ck["private"][cid]
+        priv = ck["transport"]["private"][cid]
         assert priv["graft_index"].shape == (4, 1)
         lora_b = [t for n, t in priv.items() if n.endswith("gate_up_lora_B")]
         assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # trained privately
@@ -53,4 +53,4 @@ def test_general_calibration_grafts_the_same_experts_everywhere(tmp_path):
                                     "federation.rounds=1", "eval.rouge=false"])
     summary, rd = run_federated(cfg)
     ck = torch.load(rd.checkpoint_dir / "state.pt", weights_only=False)
-    assert torch.equal(ck["private"][0]["graft_index"], ck["private"][1]["graft_index"])
+    assert torch.equal(ck["transport"]["private"][0]["graft_index"], ck["transport"]["private"][1]["graft_index"])

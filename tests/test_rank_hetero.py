@@ -226,6 +226,6 @@ def test_hetlora_self_pruning_run_reports_pruned_ranks(tmp_path):
     summary, rd = run_federated(cfg)
     ck = torch.load(rd.checkpoint_dir / "state.pt", weights_only=False)
     ranks = [c["rank"] for c in summary["clients"]]
-    assert ranks == [int(ck["private"][i]["rank"]) for i in range(2)]
+    assert ranks == [int(ck["transport"]["private"][i]["rank"]) for i in range(2)]
     assert not any("rank" in n for n in ck["global_state"])  # the rank is private, not global state
     assert ranks[0] < 4 and ranks[1] < 2 and min(ranks) >= 1  # a strong λ shrinks every tail, so both prune

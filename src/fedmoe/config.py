@@ -115,7 +115,14 @@ AlgorithmConfig = _algorithm_config()
 class FederationConfig(_Strict):
     rounds: int = Field(3, ge=1)
     fraction: float = Field(1.0, gt=0, le=1)  # clients sampled per round
-    runtime: Literal["local"] = "local"
+    # local: every client in this process (fastest); flower-sim: Flower's simulation engine;
+    # flower: a Flower SuperLink and SuperNodes (`fedmoe run --runtime`, README "Running on Flower")
+    runtime: Literal["local", "flower-sim", "flower"] = "local"
+    # a round is aggregated when at least this many sampled clients replied (None: half of them,
+    # rounded up); fewer stops the run with the last checkpoint intact
+    min_replies: int | None = Field(None, ge=1)
+    round_timeout_s: float | None = Field(None, gt=0)  # Flower: how long a round waits for replies (None: forever)
+    node_wait_s: float = Field(300.0, gt=0)  # Flower: how long the server waits for every client to connect
 
 
 class EvalConfig(_Strict):

@@ -39,6 +39,11 @@ class ClientSet:
     def n_train(self) -> int:
         return len(self.train)
 
+    def info(self, skipped_rows: int = 0, shared_source: bool = True) -> dict:
+        """What the client reports of its data (sizes and categories; never the examples)."""
+        return {"n_train": self.n_train, "n_test": len(self.test), "n_generated": len(self.test_prompts),
+                "category_counts": self.category_counts, "skipped_rows": skipped_rows, "shared_source": shared_source}
+
 
 def client_sets(data, tokenizer, max_length: int, max_generated: int | None) -> list[ClientSet]:
     """The data pool: every client's examples tokenised (``data``: a ``FederatedData``)."""
@@ -106,6 +111,14 @@ class ClientNode:
                              progress=progress, objective=half.objective(self.id, mm, message, self.private))
         reply, self.private, metrics = half.reply(self.id, mm, message, self.private, result)
         return reply.with_header(kind=REPLY, round=round_idx), result, metrics
+
+    def evaluate(self, half: Client, mm: MoEModel, evaluator, message: Message, with_rouge: bool, general: bool,
+                 prog=None) -> dict:
+        """This client's model (the message plus its private store) on its own test data, with what
+        it runs (``profile``: k and LoRA rank)."""
+        self.load(half, mm, message)
+        res = evaluator.evaluate_sets([self.data], with_rouge, general, prog, f"client {self.id}")
+        return {**res, "profile": half.profile(self.id, mm, self.private)}
 
 
 __all__ = ["ClientNode", "ClientSet", "client_sets"]

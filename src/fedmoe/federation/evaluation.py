@@ -1,4 +1,6 @@
-"""The evaluation policy of a run: which model is evaluated on what, and when.
+"""Evaluation: what a client measures on the model in place (:class:`ModelEvaluator`, client side),
+and the policy of a run (:class:`EvalPolicy`, server side): which model is evaluated on what, when,
+and how the results become the run's numbers.
 
 Every round, each client's own model (the message the server would send it plus its private store)
 is evaluated on that client's test set: loss every round; ROUGE-L of greedy answers in the zero-shot
@@ -25,10 +27,11 @@ ZERO_SHOT_KEYS = ("loss", "rouge_l", "perplexity", "general_loss", "general_perp
 GENERAL_KEYS = ("general_loss", "general_perplexity", "mmlu")
 
 
-class Evaluator:
-    def __init__(self, cfg, mm, tokenizer, sets, log_metrics: Callable[[dict], None]):
-        self.cfg, self.mm, self.tokenizer, self.sets, self.log_metrics = cfg, mm, tokenizer, sets, log_metrics
-        self.pad_id = sets[0].pad_id
+class ModelEvaluator:
+    """Evaluates the model now in place (one client's, or the global one) on test data."""
+
+    def __init__(self, cfg, mm, tokenizer, pad_id: int):
+        self.cfg, self.mm, self.tokenizer, self.pad_id = cfg, mm, tokenizer, pad_id
         self.eos_id = tokenizer.eos_token_id
         self._general: list[dict] | None = None
 
@@ -37,10 +40,11 @@ class Evaluator:
             self._general = general_blocks(self.tokenizer, self.cfg.data.max_length, self.cfg.eval.general_blocks)
         return self._general
 
-    def evaluate_model(self, test: list[dict], prompts: list[list[int]], refs: list[str], with_rouge: bool,
-                       prog: Progress, label: str, general: bool = False) -> dict:
-        """Loss (and ROUGE-L, general text, MMLU when asked) of the model now in place."""
+    def evaluate(self, test: list[dict], prompts: list[list[int]], refs: list[str], categories: list[str],
+                 with_rouge: bool, general: bool = False, prog: Progress | None = None, label: str = "") -> dict:
+        """Loss (and ROUGE-L per generated example, general text, MMLU when asked)."""
         ec, mm = self.cfg.eval, self.mm
+        prog = prog or Progress(False)
         bs = ec.batch_size
         general_res = {}
         if general and ec.general_blocks:
@@ -66,70 +70,79 @@ class Evaluator:
             preds = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
             res["rouge_scores"] = rouge_l_per_example(preds, refs)
             res["rouge_l"] = float(np.mean(res["rouge_scores"]))
+            res["categories"] = list(categories)
             res["examples"] = [{"prediction": p, "reference": r} for p, r in list(zip(preds, refs))[:3]]
         return res
 
-    def evaluate_round(self, round_idx: int, final: bool, records: list[ClientRecord], load: Callable,
-                       all_global: bool, personalized: bool, prog: Progress) -> dict:
-        """Evaluate every client's model (``load(cid)`` puts it in place; ``load(None)`` the global
-        model) and the global model; round 0 is the zero-shot evaluation. Returns the global metrics
-        (with personalised clients, MMLU also as the mean over the clients' own models)."""
-        with_rouge = self.cfg.eval.rouge and (final or round_idx == 0 or self.cfg.eval.every_round)
-        with_general = final or round_idx == 0
-        task = prog.task(f"round {round_idx} eval", len(self.sets))
-        per_client = {}
-        for s, rec in zip(self.sets, records):
-            load(s.id)
-            r = self.evaluate_model(s.test, s.test_prompts, s.test_references, with_rouge, prog, f"client {s.id}",
-                                    general=with_general and (not all_global or s is self.sets[0]))
-            per_client[s.id] = r
+    def evaluate_sets(self, sets, with_rouge: bool, general: bool, prog: Progress | None = None,
+                      label: str = "") -> dict:
+        """The model on the union of these clients' test data (one client: its own)."""
+        return self.evaluate([t for s in sets for t in s.test], [p for s in sets for p in s.test_prompts],
+                             [r for s in sets for r in s.test_references], [c for s in sets for c in s.test_categories],
+                             with_rouge, general, prog, label)
+
+
+def pooled(results: list[dict]) -> dict:
+    """One model's metrics from its evaluations on several test sets: token-weighted loss,
+    example-weighted ROUGE-L (scores and categories concatenated in order), the first set's
+    general-text numbers."""
+    tok = sum(r["tokens"] for r in results)
+    loss = sum(r["loss"] * r["tokens"] for r in results if r["loss"] is not None) / max(tok, 1)
+    g = {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": tok}
+    scores = [s for r in results for s in r.get("rouge_scores", [])]
+    if scores:
+        g["rouge_l"] = float(np.mean(scores))
+        g["rouge_scores"] = scores
+        g["categories"] = [c for r in results for c in r.get("categories", [])]
+    for key in GENERAL_KEYS:
+        if key in results[0]:
+            g[key] = results[0][key]
+    return g
+
+
+class EvalPolicy:
+    """The server side of evaluation: when, on which model, and the books."""
+
+    def __init__(self, cfg, log_metrics: Callable[[dict], None]):
+        self.cfg, self.log_metrics = cfg, log_metrics
+
+    def flags(self, round_idx: int, final: bool) -> tuple[bool, bool]:
+        """(ROUGE-L this round, general text and MMLU this round)."""
+        ec = self.cfg.eval
+        return ec.rouge and (final or round_idx == 0 or ec.every_round), final or round_idx == 0
+
+    def evaluate_round(self, round_idx: int, final: bool, records: dict[int, ClientRecord], evaluate_clients: Callable,
+                       evaluate_global: Callable, all_global: bool, personalized: bool) -> dict:
+        """``evaluate_clients(with_rouge, general_for)`` -> {client: its own model's results};
+        ``evaluate_global(with_rouge, general)`` -> the global model's results. Returns the global
+        metrics (with personalised clients, MMLU also as the mean over the clients' own models)."""
+        with_rouge, with_general = self.flags(round_idx, final)
+        cids = sorted(records)
+        general_for = {cid: with_general and (not all_global or cid == cids[0]) for cid in cids}
+        per_client = evaluate_clients(with_rouge, general_for)
+        for cid in cids:
+            r, rec = per_client[cid], records[cid]
             if round_idx == 0:
                 rec.zero_shot = {k: v for k, v in r.items() if k in ZERO_SHOT_KEYS}
                 rec.zero_shot_scores = r.get("rouge_scores")
             else:
-                rec.last_eval = {k: v for k, v in r.items() if k != "rouge_scores"}
+                rec.last_eval = {k: v for k, v in r.items() if k not in ("rouge_scores", "categories")}
                 rec.last_scores = r.get("rouge_scores")
-            self.log_metrics({"round": round_idx, "client": s.id, "split": "test", "loss": r["loss"],
+            self.log_metrics({"round": round_idx, "client": cid, "split": "test", "loss": r["loss"],
                               "perplexity": r["perplexity"],
                               **{k: r[k] for k in ("rouge_l", *GENERAL_KEYS) if k in r}})
-            prog.update(task, advance=1)
-        prog.remove(task)
-        if all_global:
-            g = self._pooled(per_client)
-        else:
-            load(None)
-            g = self.evaluate_model([t for s in self.sets for t in s.test], [p for s in self.sets for p in s.test_prompts],
-                                    [r for s in self.sets for r in s.test_references], with_rouge, prog, "global",
-                                    general=with_general)
+        g = pooled([per_client[c] for c in cids]) if all_global else evaluate_global(with_rouge, with_general)
         if personalized and any("mmlu" in r for r in per_client.values()):
             g["mmlu_clients_mean"] = float(np.mean([r["mmlu"] for r in per_client.values() if "mmlu" in r]))
         if "rouge_scores" in g:
             by_cat: dict[str, list[float]] = {}
-            categories = [cat for s in self.sets for cat in s.test_categories]
-            for cat, score in zip(categories, g["rouge_scores"]):
+            for cat, score in zip(g["categories"], g["rouge_scores"]):
                 by_cat.setdefault(cat, []).append(score)
             g["rouge_l_by_category"] = {cat: float(np.mean(v)) for cat, v in sorted(by_cat.items())}
             g["examples_by_category"] = {cat: len(v) for cat, v in sorted(by_cat.items())}
-        g = {k: v for k, v in g.items() if k not in ("rouge_scores", "examples")}
+        g = {k: v for k, v in g.items() if k not in ("rouge_scores", "examples", "categories")}
         self.log_metrics({"round": round_idx, "client": None, "split": "test", "loss": g["loss"],
                           "perplexity": g["perplexity"],
                           **{k: g[k] for k in ("rouge_l", "rouge_l_by_category", "examples_by_category", *GENERAL_KEYS,
                                                "mmlu_clients_mean") if k in g}})
-        return g
-
-    @staticmethod
-    def _pooled(per_client: dict) -> dict:
-        """The global metrics when every client's model is the global model: token-weighted loss,
-        example-weighted ROUGE-L, and any client's general-text numbers."""
-        tok = sum(r["tokens"] for r in per_client.values())
-        loss = sum(r["loss"] * r["tokens"] for r in per_client.values() if r["loss"] is not None) / max(tok, 1)
-        g = {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": tok}
-        scores = [s for r in per_client.values() for s in r.get("rouge_scores", [])]
-        if scores:
-            g["rouge_l"] = float(np.mean(scores))
-            g["rouge_scores"] = scores
-        first = next(iter(per_client.values()))
-        for key in GENERAL_KEYS:
-            if key in first:
-                g[key] = first[key]
         return g

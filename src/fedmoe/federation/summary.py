@@ -25,6 +25,10 @@ class ClientRecord:
     # per-example ROUGE-L of the generated test examples: round 0 and the latest evaluation
     zero_shot_scores: list[float] | None = None
     last_scores: list[float] | None = None
+    # what the client reported of itself: its data (n_train, n_test, n_generated, category_counts,
+    # skipped_rows) and what it runs (k, rank)
+    data: dict = field(default_factory=dict)
+    profile: dict = field(default_factory=dict)
 
     def state(self) -> dict:
         return asdict(self)
@@ -58,39 +62,50 @@ def rouge_l_change(records: list[ClientRecord], seed: int) -> dict | None:
     return paired_bootstrap(after, before, seed=derive_seed(seed, Stream.BOOTSTRAP))
 
 
-def run_summary(cfg, mm, sets, records: list[ClientRecord], profiles: list[dict], global_eval: dict,
-                zero_shot: dict | None, wall_s: float, extra: dict) -> dict:
-    """summary.json of a finished run (``profiles``: each client's k and LoRA rank)."""
+def skipped_rows(records: list[ClientRecord]) -> int:
+    """Bad rows dropped while loading: once for a source all clients share, summed over own files."""
+    own = [r.data.get("skipped_rows", 0) for r in records if not r.data.get("shared_source", True)]
+    shared = [r.data.get("skipped_rows", 0) for r in records if r.data.get("shared_source", True)]
+    return sum(own) + (shared[0] if shared else 0)
+
+
+def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, zero_shot: dict | None,
+                wall_s: float, extra: dict) -> dict:
+    """summary.json of a finished run (``spec``: the server's view of the model)."""
     lc = cfg.lora
     clients = []
-    for s, r, prof in zip(sets, records, profiles):
-        fl = count_flops(mm.config, cfg.eval.flops_seq_len, k=prof["k"], lora_rank=prof["rank"],
-                         expert_lora=lc.experts, attention_lora_targets=lc.attention_targets)
+    for cid in sorted(records):
+        r = records[cid]
+        k, rank = r.profile["k"], r.profile["rank"]
+        fl = count_flops(spec.config, cfg.eval.flops_seq_len, k=k, lora_rank=rank, expert_lora=lc.experts,
+                         attention_lora_targets=lc.attention_targets)
         clients.append({
-            "id": s.id, "k": prof["k"], "rank": prof["rank"],
-            "n_train": s.n_train, "rouge_l": r.last_eval.get("rouge_l"), "loss": r.last_eval.get("loss"),
+            "id": cid, "k": k, "rank": rank,
+            "n_train": r.data["n_train"], "rouge_l": r.last_eval.get("rouge_l"), "loss": r.last_eval.get("loss"),
             "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "flops_per_seq": fl["flops_per_seq"],
             "active_params": fl["active_params"], "active_trainable": fl["active_trainable"],
             "perplexity": r.last_eval.get("perplexity"), "rounds_trained": r.rounds_trained,
             "general_perplexity": r.last_eval.get("general_perplexity"), "mmlu": r.last_eval.get("mmlu"),
             "expert_load_std": expert_load_std([r.activation_counts]),
             "zero_shot": r.zero_shot or None,
-            "n_test": len(s.test), "n_generated": len(s.test_prompts),
-            "category_counts": s.category_counts,
+            "n_test": r.data["n_test"], "n_generated": r.data["n_generated"],
+            "category_counts": r.data["category_counts"],
             "expert_activation": None if r.activation_counts is None else r.activation_counts.tolist(),
             "examples": r.last_eval.get("examples", []),
         })
     g = global_eval
+    ordered = [records[c] for c in sorted(records)]
     return build_summary(
         algorithm=cfg.algorithm.name, model=cfg.model.name, rounds=cfg.federation.rounds, seed=cfg.seed,
         wall_s=round(wall_s, 2), clients=clients,
         global_metrics={"rouge_l": g.get("rouge_l"), "loss": g.get("loss"),
                         "mmlu": g.get("mmlu_clients_mean", g.get("mmlu")), "mmlu_global_model": g.get("mmlu"),
                         "general_perplexity": g.get("general_perplexity"),
-                        "expert_load_std": expert_load_std([r.activation_counts for r in records]),
+                        "expert_load_std": expert_load_std([r.activation_counts for r in ordered]),
                         "perplexity": g.get("perplexity"), "rouge_l_by_category": g.get("rouge_l_by_category"),
                         "examples_by_category": g.get("examples_by_category"),
-                        "rouge_l_change": rouge_l_change(records, cfg.seed)},
-        extra={"num_clients": len(sets), "fraction": cfg.federation.fraction, "num_moe_layers": len(mm.layers),
-               "num_experts": mm.num_experts, "top_k": mm.default_top_k, "zero_shot": zero_shot, **extra},
+                        "rouge_l_change": rouge_l_change(ordered, cfg.seed)},
+        extra={"num_clients": len(records), "fraction": cfg.federation.fraction, "num_moe_layers": spec.num_moe_layers,
+               "num_experts": spec.num_experts, "top_k": spec.top_k, "zero_shot": zero_shot,
+               "data_skipped_rows": skipped_rows(ordered), **extra},
     )

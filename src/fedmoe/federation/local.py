@@ -1,0 +1,107 @@
+"""The in-process transport: every client in this process, one after another, on one frozen model.
+
+It is the fastest runtime and the default (``federation.runtime: local``). The federation loop
+(:mod:`fedmoe.federation.runtime`) hands it messages; it runs each addressed client's
+:class:`~fedmoe.federation.clients.ClientNode` and hands back what a remote client would send.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ConfigError
+from ..data import prepare_federated_data
+from ..messages import Message
+from ..moe import MoEModel, load_tokenizer
+from ..seeds import Stream, derive_seed
+from .clients import ClientNode, client_sets
+from .evaluation import ModelEvaluator
+from .progress import Progress
+
+
+def load_client_model(cfg, method, tokenizer=None) -> MoEModel:
+    """A client's model: the frozen pretrained MoE with the method's adapters at their initial values
+    (the run's adapter seed: the same values the server's spec has)."""
+    mc = cfg.model
+    mm = MoEModel.from_pretrained(mc.name, dtype=mc.dtype, device=mc.device,
+                                  attn_implementation=mc.attn_implementation, seed=cfg.seed)
+    if tokenizer is not None and len(tokenizer) > mm.config.vocab_size:
+        raise ConfigError(f"tokenizer '{mc.tokenizer or mc.name}' has {len(tokenizer)} tokens but the model's "
+                          f"vocabulary has {mm.config.vocab_size}; set model.tokenizer to the model's tokenizer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, Stream.ADAPTER_INIT))
+        method.client.build(cfg, mm)
+    return mm
+
+
+class LocalTransport:
+    def __init__(self, cfg, method, spec, observe=None):
+        self.cfg = cfg
+        self.observe = observe or (lambda kind, client, message: None)
+        self.data = prepare_federated_data(cfg.data, cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
+        self.sets = client_sets(self.data, self.tokenizer, cfg.data.max_length, cfg.eval.max_examples)
+        self.mm = load_client_model(cfg, method, self.tokenizer)
+        self.initial = spec.initial
+        spec.check(self.mm)
+        self.half = method.client(cfg)
+        self.half.validate(self.mm, len(self.sets))
+        self.nodes = {s.id: ClientNode(s) for s in self.sets}
+        self.evaluator = ModelEvaluator(cfg, self.mm, self.tokenizer, self.sets[0].pad_id)
+
+    @property
+    def client_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def wait_for_clients(self) -> None:
+        """Every client is here."""
+
+    # ------------------------------------------------------------------ the client side, per message
+    def setup(self, prog: Progress) -> dict[int, dict]:
+        """Every client's one-shot setup: {client: {"setup": metrics, "data": its data, "profile": k, rank}}."""
+        out = {}
+        for cid, node in self.nodes.items():
+            metrics = node.setup(self.half, self.mm, self.initial, self.cfg.seed)
+            out[cid] = {"setup": metrics, "data": node.data.info(self.data.skipped),
+                        "profile": self.half.profile(cid, self.mm, node.private)}
+        return out
+
+    def train(self, round_idx: int, messages: dict[int, Message], prog: Progress):
+        """({client: (reply, report)}, {client: failure}) for this round's train messages."""
+        replies = {}
+        for cid, msg in messages.items():
+            self.observe("downlink", cid, msg)
+            task = prog.task(f"  client {cid} train", self.cfg.train.max_steps or 0)
+            reply, res, metrics = self.nodes[cid].train(
+                self.half, self.mm, msg, self.cfg, progress=lambda s, loss: prog.update(task, completed=s, info=f"loss {loss:.3f}"))
+            prog.remove(task)
+            self.observe("reply", cid, reply)
+            replies[cid] = (reply, {"loss": res.loss, "steps": res.steps, "lr": res.lr, "tokens": res.tokens,
+                                    "activation_counts": res.activation_counts, "metrics": metrics})
+        return replies, {}
+
+    def evaluate(self, round_idx: int, messages: dict[int, Message], with_rouge: bool, general_for: dict[int, bool],
+                 prog: Progress) -> dict[int, dict]:
+        """Each addressed client's own model on its test data."""
+        out = {}
+        for cid, msg in messages.items():
+            self.observe("evaluate", cid, msg)
+            out[cid] = self.nodes[cid].evaluate(self.half, self.mm, self.evaluator, msg, with_rouge, general_for[cid], prog)
+        return out
+
+    def evaluate_global(self, round_idx: int, message: Message, with_rouge: bool, general: bool, prog: Progress) -> dict:
+        """The global model on the union of the clients' test data (all here, in client order)."""
+        self.observe("evaluate", None, message)
+        self.half.load(self.mm, None, message, {})
+        return self.evaluator.evaluate_sets(self.sets, with_rouge, general, prog, "global")
+
+    # ------------------------------------------------------------------ what the clients keep
+    def state(self) -> dict:
+        return {"private": {cid: n.private for cid, n in self.nodes.items()}}
+
+    def restore(self, state: dict) -> None:
+        for cid, node in self.nodes.items():
+            node.private = state["private"][cid]
+
+    def close(self) -> None:
+        pass
