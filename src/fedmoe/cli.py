@@ -31,21 +31,29 @@ def run(
     config: Annotated[Optional[Path], typer.Argument(help="YAML config (default: the built-in default run)")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set train.lr=1e-4")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="continue the run in this directory")] = None,
+    runtime: Annotated[Optional[str], typer.Option(
+        "--runtime", help="local (default: every client in this process), flower-sim (Flower's simulation engine) "
+                          "or flower (a SuperLink and SuperNodes; with --federation)")] = None,
+    federation: Annotated[Optional[str], typer.Option(
+        "--federation", help="--runtime flower: the SuperLink's name in $FLWR_HOME/config.toml")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
 ):
     """Run a federated fine-tuning experiment (or continue one with --resume)."""
     from rich.console import Console
 
     from .config import ConfigError, load_config
-    from .federation import resume_federated, run_federated
+    from .federation.runtime import continue_run, start_run
     from .report import format_results_table
 
     console = Console()
+    if runtime is not None:
+        set_ = [*(set_ or []), f"federation.runtime={runtime}"]
     try:
         if resume is not None:
             if config is not None or set_:
-                raise ConfigError("--resume continues a run with its own config.yaml; do not pass a config or --set")
-            summary, rd = resume_federated(resume, show_progress=not quiet)
+                raise ConfigError("--resume continues a run with its own config.yaml (and runtime); do not pass a "
+                                  "config, --set or --runtime")
+            summary, rd = continue_run(resume, show_progress=not quiet, federation=federation)
         elif config is not None and _has_sweep(config):
             from .federation.sweep import run_sweep
 
@@ -57,8 +65,8 @@ def run(
             cfg = load_config(config, set_ or [])
             console.print(f"[bold]fedmoe run[/]: {cfg.algorithm.name} on {cfg.model.name}, "
                           f"{cfg.data.partition.num_clients} clients, {cfg.federation.rounds} rounds")
-            summary, rd = run_federated(cfg, show_progress=not quiet)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError) as e:
+            summary, rd = start_run(cfg, show_progress=not quiet, federation=federation)
+    except (ConfigError, ValueError, FileNotFoundError, KeyError, RuntimeError, TimeoutError) as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
     # plain print: the table and paths must not be re-wrapped by rich when piped

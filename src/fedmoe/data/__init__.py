@@ -12,7 +12,7 @@ from .partition import (
     split_client,
     split_sizes,
 )
-from .prepare import ClientData, FederatedData, prepare_federated_data
+from .prepare import ClientData, FederatedData, prepare_client_data, prepare_federated_data
 from .sources import (
     DEFAULT_FIELD_MAP,
     DOLLY_FIELD_MAP,
@@ -58,6 +58,7 @@ __all__ = [
     "load_examples",
     "pad_token_id",
     "partition",
+    "prepare_client_data",
     "prepare_federated_data",
     "source_name",
     "split_client",

@@ -14,7 +14,7 @@ from .sources import DataError, Example, load_examples, source_name
 if TYPE_CHECKING:
     from ..config import DataConfig
 
-__all__ = ["ClientData", "FederatedData", "prepare_federated_data"]
+__all__ = ["ClientData", "FederatedData", "prepare_client_data", "prepare_federated_data"]
 
 
 @dataclass
@@ -46,8 +46,9 @@ class FederatedData:
     sources: list[str] = field(default_factory=list)
 
 
-def _load_all(cfg: DataConfig) -> tuple[list[Example], int, dict[str, int], list[str]]:
-    sources = [cfg.source] if isinstance(cfg.source, str) else list(cfg.source)
+def _load_all(cfg: DataConfig, sources=None) -> tuple[list[Example], int, dict[str, int], list[str]]:
+    if sources is None:
+        sources = [cfg.source] if isinstance(cfg.source, str) else list(cfg.source)
     if not sources:
         raise DataError("data.source is an empty list; name at least one source")
     names = [source_name(s) for s in sources]
@@ -70,18 +71,8 @@ def _load_all(cfg: DataConfig) -> tuple[list[Example], int, dict[str, int], list
     return examples, skipped, dict(reasons), names
 
 
-def prepare_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
-    """Load, filter, subsample, partition and split the data of a run.
-
-    1. load every ``cfg.source`` (a list is concatenated in the given order);
-    2. keep only ``cfg.categories`` when set (unknown names raise :class:`DataError`);
-    3. subsample ``cfg.max_examples`` examples (seeded, original order kept);
-    4. partition across ``cfg.partition.num_clients`` clients (seeded by ``seed``);
-    5. split each client into train/val/test by ``cfg.split`` (seeded by ``(seed, client)``);
-    6. keep the first ``cfg.max_train_per_client`` / ``cfg.max_test_per_client`` of the seeded
-       train / test parts.
-    """
-    examples, skipped, reasons, names = _load_all(cfg)
+def _filter_and_subsample(cfg: DataConfig, examples: list[Example], seed: int) -> list[Example]:
+    """Keep ``cfg.categories`` (unknown names raise :class:`DataError`), then subsample ``max_examples``."""
 
     if cfg.categories is not None:
         known = sorted({ex.category for ex in examples})
@@ -98,26 +89,47 @@ def prepare_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
         chosen = sorted(int(i) for i in rng.choice(len(examples), size=cfg.max_examples, replace=False))
         examples = [examples[i] for i in chosen]
 
+    return examples
+
+
+def _client(cfg: DataConfig, examples: list[Example], part, seed: int, cid: int) -> ClientData:
+    """Client ``cid``'s train/val/test from its examples (``part``: their indices), with the caps."""
+    tr, va, te = split_client(part, cfg.split, seed=seed, client=cid)
+    if cfg.max_train_per_client is not None:
+        tr = tr[: cfg.max_train_per_client]
+    if cfg.max_test_per_client is not None:
+        te = te[: cfg.max_test_per_client]
+    train = [examples[i] for i in tr]
+    return ClientData(id=cid, train=train, val=[examples[i] for i in va], test=[examples[i] for i in te],
+                      category_counts=dict(sorted(Counter(ex.category for ex in train).items())))
+
+
+def prepare_client_data(cfg: DataConfig, seed: int, client: int, path: str) -> tuple[ClientData, int]:
+    """One client's data from its own file (a client of a real deployment, whose data never leaves
+    it): the whole file is this client's, filtered and subsampled as ``cfg`` says and split into
+    train/val/test seeded by ``(seed, client)``. Returns (its data, bad rows skipped while loading)."""
+    examples, skipped, _, _ = _load_all(cfg, [path])
+    examples = _filter_and_subsample(cfg, examples, seed)
+    return _client(cfg, examples, range(len(examples)), seed, client), skipped
+
+
+def prepare_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
+    """Load, filter, subsample, partition and split the data of a run.
+
+    1. load every ``cfg.source`` (a list is concatenated in the given order);
+    2. keep only ``cfg.categories`` when set (unknown names raise :class:`DataError`);
+    3. subsample ``cfg.max_examples`` examples (seeded, original order kept);
+    4. partition across ``cfg.partition.num_clients`` clients (seeded by ``seed``);
+    5. split each client into train/val/test by ``cfg.split`` (seeded by ``(seed, client)``);
+    6. keep the first ``cfg.max_train_per_client`` / ``cfg.max_test_per_client`` of the seeded
+       train / test parts.
+    """
+    examples, skipped, reasons, names = _load_all(cfg)
+    examples = _filter_and_subsample(cfg, examples, seed)
     pc = cfg.partition
     parts = partition(examples, pc.scheme, pc.num_clients, seed, alpha=pc.alpha, categories=pc.categories)
 
-    clients: list[ClientData] = []
-    for cid, part in enumerate(parts):
-        tr, va, te = split_client(part, cfg.split, seed=seed, client=cid)
-        if cfg.max_train_per_client is not None:
-            tr = tr[: cfg.max_train_per_client]
-        if cfg.max_test_per_client is not None:
-            te = te[: cfg.max_test_per_client]
-        train = [examples[i] for i in tr]
-        clients.append(
-            ClientData(
-                id=cid,
-                train=train,
-                val=[examples[i] for i in va],
-                test=[examples[i] for i in te],
-                category_counts=dict(sorted(Counter(ex.category for ex in train).items())),
-            )
-        )
+    clients = [_client(cfg, examples, part, seed, cid) for cid, part in enumerate(parts)]
 
     train_hist = category_histogram(
         [ex for c in clients for ex in c.train],

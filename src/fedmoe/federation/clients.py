@@ -45,24 +45,26 @@ class ClientSet:
                 "category_counts": self.category_counts, "skipped_rows": skipped_rows, "shared_source": shared_source}
 
 
-def client_sets(data, tokenizer, max_length: int, max_generated: int | None) -> list[ClientSet]:
-    """The data pool: every client's examples tokenised (``data``: a ``FederatedData``)."""
+def client_set(c, tokenizer, max_length: int, max_generated: int | None) -> ClientSet:
+    """One client's examples tokenised (``c``: its ``ClientData``)."""
     from ..data.tokenize import pad_token_id
 
-    pad, out = pad_token_id(tokenizer), []
-    for c in data.clients:
-        gen = c.test if max_generated is None else c.test[:max_generated]
-        out.append(ClientSet(
-            id=c.id,
-            train=tokenize_examples(tokenizer, c.train, max_length),
-            test=tokenize_examples(tokenizer, c.test, max_length),
-            test_prompts=[tokenize_prompt(tokenizer, ex, max_length) for ex in gen],
-            test_references=[ex.output for ex in gen],
-            test_categories=[ex.category for ex in gen],
-            category_counts=c.category_counts,
-            pad_id=pad,
-        ))
-    return out
+    gen = c.test if max_generated is None else c.test[:max_generated]
+    return ClientSet(
+        id=c.id,
+        train=tokenize_examples(tokenizer, c.train, max_length),
+        test=tokenize_examples(tokenizer, c.test, max_length),
+        test_prompts=[tokenize_prompt(tokenizer, ex, max_length) for ex in gen],
+        test_references=[ex.output for ex in gen],
+        test_categories=[ex.category for ex in gen],
+        category_counts=c.category_counts,
+        pad_id=pad_token_id(tokenizer),
+    )
+
+
+def client_sets(data, tokenizer, max_length: int, max_generated: int | None) -> list[ClientSet]:
+    """The data pool: every client's examples tokenised (``data``: a ``FederatedData``)."""
+    return [client_set(c, tokenizer, max_length, max_generated) for c in data.clients]
 
 
 @dataclass
@@ -121,4 +123,4 @@ class ClientNode:
         return {**res, "profile": half.profile(self.id, mm, self.private)}
 
 
-__all__ = ["ClientNode", "ClientSet", "client_sets"]
+__all__ = ["ClientNode", "ClientSet", "client_set", "client_sets"]

@@ -119,8 +119,10 @@ class EvalPolicy:
         with_rouge, with_general = self.flags(round_idx, final)
         cids = sorted(records)
         general_for = {cid: with_general and (not all_global or cid == cids[0]) for cid in cids}
-        per_client = evaluate_clients(with_rouge, general_for)
+        per_client = evaluate_clients(with_rouge, general_for)  # a client that failed is missing
         for cid in cids:
+            if cid not in per_client:
+                continue
             r, rec = per_client[cid], records[cid]
             if round_idx == 0:
                 rec.zero_shot = {k: v for k, v in r.items() if k in ZERO_SHOT_KEYS}
@@ -131,7 +133,10 @@ class EvalPolicy:
             self.log_metrics({"round": round_idx, "client": cid, "split": "test", "loss": r["loss"],
                               "perplexity": r["perplexity"],
                               **{k: r[k] for k in ("rouge_l", *GENERAL_KEYS) if k in r}})
-        g = pooled([per_client[c] for c in cids]) if all_global else evaluate_global(with_rouge, with_general)
+        if all_global:
+            g = pooled([per_client[c] for c in cids if c in per_client])
+        else:
+            g = evaluate_global(with_rouge, with_general)
         if personalized and any("mmlu" in r for r in per_client.values()):
             g["mmlu_clients_mean"] = float(np.mean([r["mmlu"] for r in per_client.values() if "mmlu" in r]))
         if "rouge_scores" in g:

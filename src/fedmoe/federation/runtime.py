@@ -32,7 +32,8 @@ from .progress import Progress
 from .sampling import sample_clients
 from .summary import ClientRecord, run_summary
 
-RUNTIME_TRAIN_KEYS = ("round", "client", "split", "loss", "steps", "lr", "tokens", "bytes_up", "bytes_down")
+RUNTIME_TRAIN_KEYS = ("round", "client", "split", "loss", "steps", "lr", "tokens", "bytes_up", "bytes_down",
+                      "load_s", "work_s")
 
 
 class RunDirError(ConfigError):
@@ -84,6 +85,7 @@ class Federation:
         self.global_eval: dict = {}
         self.zero_shot: dict | None = None  # round-0 evaluation of the initial model
         self.client_setup: dict = {}
+        self.failures: list[dict] = []  # clients that failed to train or evaluate: round, client, stage, error
         self.resuming = resuming
 
     # ------------------------------------------------------------------ checkpointing
@@ -98,6 +100,7 @@ class Federation:
             "zero_shot": self.zero_shot,
             "wall_s": self.wall_before + (time.time() - self._t0),
             "client_setup": self.client_setup,
+            "failures": self.failures,
             "rng": rng_states(),
         }
 
@@ -114,6 +117,7 @@ class Federation:
         self.zero_shot = ck["zero_shot"]
         self.wall_before = ck["wall_s"]
         self.client_setup = ck.get("client_setup", {})
+        self.failures = ck.get("failures", [])
         restore_rng_states(ck["rng"])
 
     # ------------------------------------------------------------------ steps
@@ -130,8 +134,7 @@ class Federation:
         messages = {cid: self._downlink(cid, TRAIN, round_idx) for cid in sampled}
         replies, failures = self.transport.train(round_idx, messages, prog)
         for cid, why in failures.items():
-            self.log(f"round {round_idx}: client {cid} failed: {why}")
-            self.rd.log_metrics({"round": round_idx, "client": cid, "split": "failure", "error": str(why)})
+            self._failed(round_idx, cid, "train", why)
         out = []
         for cid in sampled:
             if cid not in replies:
@@ -147,7 +150,8 @@ class Federation:
                 raise ValueError(f"{self.method.name}'s client metrics use the runtime's keys {sorted(clash)}")
             self.rd.log_metrics({"round": round_idx, "client": cid, "split": "train", "loss": report["loss"],
                                  "steps": report["steps"], "lr": report["lr"], "tokens": report["tokens"],
-                                 "bytes_up": up, "bytes_down": down, **report["metrics"]})
+                                 "bytes_up": up, "bytes_down": down, **report.get("overhead", {}),
+                                 **report["metrics"]})
             out.append(Reply(cid, reply))
         need = self.min_replies(len(sampled))
         if len(out) < need:
@@ -155,6 +159,11 @@ class Federation:
                               f"federation.min_replies ({need}); failed: {failures}. The last checkpoint "
                               f"(round {self.completed_rounds}) is intact: resume with `fedmoe run --resume {self.rd.path}`")
         return out
+
+    def _failed(self, round_idx: int, cid: int, stage: str, why) -> None:
+        self.log(f"round {round_idx}: client {cid} failed to {stage}: {why}")
+        self.failures.append({"round": round_idx, "client": cid, "stage": stage, "error": str(why)})
+        self.rd.log_metrics({"round": round_idx, "client": cid, "split": "failure", "stage": stage, "error": str(why)})
 
     def min_replies(self, sampled: int) -> int:
         m = self.cfg.federation.min_replies
@@ -169,6 +178,9 @@ class Federation:
             results = self.transport.evaluate(round_idx, msgs, with_rouge, general_for, prog)
             for cid, r in results.items():
                 self.records[cid].profile = r.pop("profile")
+                self.records[cid].evaluated_round = round_idx
+            for cid in sorted(set(msgs) - set(results)):
+                self._failed(round_idx, cid, "evaluate", "no evaluation came back")
             return results
 
         def global_model(with_rouge, general):
@@ -219,7 +231,7 @@ class Federation:
                    "shared_params": int(sum(t.numel() for t in self.global_state.values())),
                    "client_setup": {cid: m for cid, m in self.client_setup.items() if len(m) > 1},
                    "client_setup_seconds": {cid: m["seconds"] for cid, m in self.client_setup.items()},
-                   "metric_notes": self.method.notes})
+                   "metric_notes": self.method.notes, "failures": self.failures})
         self.rd.write_summary(summary)
         histogram = format_histogram_table({cid: r.data["category_counts"] for cid, r in self.records.items()})
         write_report(self.rd, summary, self.rd.read_metrics(), histogram)
@@ -275,5 +287,38 @@ def resume_federated(path: str | Path, show_progress: bool = False, stop_after_r
     return resume(run, ck, stop_after_round), rd
 
 
-__all__ = ["Federation", "RoundFailed", "RunDirError", "format_results_table", "resume_federated",
+def start_run(cfg: RunConfig, show_progress: bool = False, federation: str | None = None, log=print):
+    """A run from scratch on ``cfg.federation.runtime``; returns (summary, run dir). ``federation``:
+    the SuperLink's name in $FLWR_HOME/config.toml (runtime ``flower``)."""
+    if cfg.federation.runtime == "local":
+        return run_federated(cfg, show_progress=show_progress, log=log)
+    from .flower.launch import require_flower, run_deployment, run_simulation
+
+    require_flower()
+    rd = prepare_run_dir(cfg)
+    if cfg.federation.runtime == "flower-sim":
+        return run_simulation(cfg, rd), rd
+    return run_deployment(cfg, rd, _federation(federation)), rd
+
+
+def continue_run(path: str | Path, show_progress: bool = False, federation: str | None = None, log=print):
+    """Continue the run in ``path`` from its last checkpoint, on the runtime it ran on."""
+    cfg, rd, _ = open_run_dir(path)
+    if cfg.federation.runtime == "local":
+        return resume_federated(path, show_progress=show_progress, log=log)
+    from .flower.launch import run_deployment, run_simulation
+
+    if cfg.federation.runtime == "flower-sim":
+        return run_simulation(cfg, rd, resume=True), rd
+    return run_deployment(cfg, rd, _federation(federation), resume=True), rd
+
+
+def _federation(name: str | None) -> str:
+    if not name:
+        raise ConfigError("--runtime flower needs --federation NAME: the SuperLink's entry in $FLWR_HOME/config.toml "
+                          "(README, \"Running on Flower\")")
+    return name
+
+
+__all__ = ["Federation", "continue_run", "start_run", "RoundFailed", "RunDirError", "format_results_table", "resume_federated",
            "run_federated"]

@@ -29,6 +29,7 @@ class ClientRecord:
     # skipped_rows) and what it runs (k, rank)
     data: dict = field(default_factory=dict)
     profile: dict = field(default_factory=dict)
+    evaluated_round: int | None = None  # the round of last_eval (older than the last round if it failed since)
 
     def state(self) -> dict:
         return asdict(self)
@@ -85,6 +86,7 @@ def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, 
             "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "flops_per_seq": fl["flops_per_seq"],
             "active_params": fl["active_params"], "active_trainable": fl["active_trainable"],
             "perplexity": r.last_eval.get("perplexity"), "rounds_trained": r.rounds_trained,
+            "evaluated_round": r.evaluated_round,
             "general_perplexity": r.last_eval.get("general_perplexity"), "mmlu": r.last_eval.get("mmlu"),
             "expert_load_std": expert_load_std([r.activation_counts]),
             "zero_shot": r.zero_shot or None,

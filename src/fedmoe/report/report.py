@@ -352,6 +352,39 @@ def format_server_metrics(metrics: list[dict], summary: dict | None = None) -> l
     return lines + _notes(summary or {}, keys) + [""]
 
 
+def format_failures(summary: dict) -> list[str]:
+    """Clients that failed to train or to evaluate, and whose reported numbers are older than the run."""
+    failures = summary.get("failures") or []
+    if not failures:
+        return []
+    lines = ["## Failures", "", "| round | client | stage | error |", "|---:|---:|---|---|"]
+    lines += [f"| {f['round']} | {f['client']} | {f['stage']} | {f['error']} |" for f in failures]
+    stale = [c for c in summary.get("clients", []) if c.get("evaluated_round") not in (None, summary.get("rounds"))]
+    if stale:
+        lines += ["", "The results above show these clients' last evaluation: "
+                  + ", ".join(f"client {c['id']} from round {c['evaluated_round']}" for c in stale) + "."]
+    return lines + [""]
+
+
+def format_client_time(metrics: list[dict]) -> list[str]:
+    """Per round, the clients' time to load model and data for a message (0 while a process keeps
+    them) against their training time, where the runtime measured it."""
+    rows = [r for r in metrics if r.get("split") == "train" and r.get("load_s") is not None]
+    if not rows:
+        return []
+    by_round: dict = defaultdict(list)
+    for r in rows:
+        by_round[r["round"]].append(r)
+    lines = ["## Client time per round", "", "Each client process's time to load the model and its data for a "
+             "message (0 when the process kept them from an earlier message) and its training time.", "",
+             "| round | clients | load (mean) | load (max) | training (mean) |", "|---:|---:|---:|---:|---:|"]
+    for rnd, rs in sorted(by_round.items()):
+        loads, work = [r["load_s"] for r in rs], [r.get("work_s") or 0.0 for r in rs]
+        lines.append(f"| {rnd} | {len(rs)} | {format_metric('load_s', sum(loads) / len(loads))} | "
+                     f"{format_metric('load_s', max(loads))} | {format_metric('work_s', sum(work) / len(work))} |")
+    return lines + [""]
+
+
 def write_report(
     run_dir: RunDir,
     summary: dict,
@@ -365,12 +398,14 @@ def write_report(
         f"wall time: {format_duration(summary.get('wall_s'))}"
     )
     parts = [title, "", facts, "", "## Results", "", format_results_table(summary), ""]
+    parts += format_failures(summary)
     parts += format_zero_shot_comparison(summary)
     parts += format_examples(summary)
     if histogram_markdown:
         parts += ["## Data: categories per client", "", histogram_markdown.strip(), ""]
     parts += format_client_setup(summary)
     parts += format_server_metrics(metrics, summary)
+    parts += format_client_time(metrics)
     parts += ["## Learning curve", ""]
     if plot_learning_curve(metrics, run_dir.path / PLOT_NAME):
         parts += [f"![learning curve]({PLOT_NAME})", ""]

@@ -1,0 +1,142 @@
+"""A fedmoe client inside a Flower ClientApp: one SuperNode's data, its private store on its own
+disk, and the method's client half.
+
+The client is identified by its SuperNode's ``partition-id``; its data is its own file
+(``data-path`` in the node config, any format ``data.source`` accepts) or, without one, its
+partition of the run's shared ``data.source``. Its private store lives under ``state-dir`` (node
+config; in simulation the run directory's ``clients/``), one file per round it trained in, so it
+survives a SuperNode restart and a resumed run starts each round from exactly the state the
+interrupted one had. The model stays loaded while the process lives (Flower's simulation keeps its
+actors; a SuperNode starts a new process per message, so there it is loaded again each time, and the
+reply says how long that took).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from ...algorithms import get_method
+from ...config import ConfigError, RunConfig
+from ...data import prepare_client_data, prepare_federated_data
+from ...moe import load_tokenizer
+from ...report.rundir import atomic_write_bytes, atomic_write_text
+from ..clients import ClientNode, client_set
+from ..evaluation import ModelEvaluator
+from ..local import load_client_model
+from .records import from_records, jsonable, to_records
+
+_KEEP = 3  # private-store files kept per client (the newest)
+
+
+class PrivateStore:
+    """A client's private state on its own disk: ``private-r{round}.pt`` after its setup (round 0)
+    and after every round it trained in, written atomically; the newest few are kept."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _files(self) -> dict[int, Path]:
+        out = {}
+        for p in self.root.glob("private-r*.pt") if self.root.is_dir() else []:
+            m = re.fullmatch(r"private-r(\d+)\.pt", p.name)
+            if m:
+                out[int(m.group(1))] = p
+        return out
+
+    def save(self, round_idx: int, private: dict) -> None:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(private, buf)
+        atomic_write_bytes(self.root / f"private-r{round_idx:05d}.pt", buf.getvalue())
+        files = self._files()
+        for r in sorted(files)[:-_KEEP]:
+            if r != round_idx:
+                files[r].unlink(missing_ok=True)
+
+    def load(self, before: int) -> dict | None:
+        """The newest private state saved at a round < ``before`` (None: no setup yet)."""
+        rounds = [r for r in self._files() if r < before]
+        if not rounds:
+            return None
+        return torch.load(self._files()[max(rounds)], map_location="cpu", weights_only=False)
+
+    def setup_metrics(self) -> dict | None:
+        p = self.root / "setup.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def save_setup_metrics(self, metrics: dict) -> None:
+        atomic_write_text(self.root / "setup.json", json.dumps(metrics))
+
+
+class FlowerClient:
+    """Everything one client process needs, built once per process."""
+
+    def __init__(self, cfg: RunConfig, client: int, data_path: str | None, state_dir: Path):
+        t0 = time.perf_counter()
+        self.cfg, self.id, self.state_dir = cfg, client, Path(state_dir)
+        n = cfg.data.partition.num_clients
+        if not 0 <= client < n:
+            raise ConfigError(f"this SuperNode's partition-id is {client}, but the run has "
+                              f"data.partition.num_clients = {n}: give it a partition-id in 0..{n - 1}")
+        self.method = get_method(cfg.algorithm.name)
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
+        if data_path:
+            data, skipped = prepare_client_data(cfg.data, cfg.seed, client, data_path)
+        else:
+            fd = prepare_federated_data(cfg.data, cfg.seed)
+            data, skipped = fd.clients[client], fd.skipped
+        self.set = client_set(data, tokenizer, cfg.data.max_length, cfg.eval.max_examples)
+        self.data_info = self.set.info(skipped, shared_source=not data_path)
+        self.mm = load_client_model(cfg, self.method, tokenizer)
+        self.initial = self.mm.get_state()
+        self.half = self.method.client(cfg)
+        self.half.validate(self.mm, n)
+        self.evaluator = ModelEvaluator(cfg, self.mm, tokenizer, self.set.pad_id)
+        self.load_s = time.perf_counter() - t0
+        self.fresh = True  # the first message of this process pays load_s
+
+    def store(self, run_id: str) -> PrivateStore:
+        return PrivateStore(self.state_dir / run_id / f"client-{self.id}")
+
+    def handle(self, kind: str, content) -> object:
+        """A Flower message's content -> the reply's content."""
+        msg, info = from_records(content)
+        run_id, round_idx = msg.header["run_id"], int(msg.header["round"])
+        store = self.store(run_id)
+        node = ClientNode(self.set, store.load(before=round_idx + (0 if kind == "train" else 1)))
+        load_s = self.load_s if self.fresh else 0.0
+        self.fresh = False
+        t0 = time.perf_counter()
+        out = {"client": self.id, "load_s": load_s}
+        if kind == "query":  # the one-shot setup, once per run; later queries only report
+            if node.private is None:
+                metrics = node.setup(self.half, self.mm, self.initial, self.cfg.seed)
+                store.save(0, node.private)
+                store.save_setup_metrics(metrics)
+            out.update(data=self.data_info, setup=store.setup_metrics(),
+                       profile=self.half.profile(self.id, self.mm, node.private))
+            return to_records(None, out)
+        if node.private is None:
+            raise RuntimeError(f"client {self.id} has no private state for run {run_id} in {store.root}: its setup "
+                               "did not run here (was its state directory removed?)")
+        if kind == "train":
+            reply, res, metrics = node.train(self.half, self.mm, msg, self.cfg)
+            store.save(round_idx, node.private)
+            out["report"] = {"loss": res.loss, "steps": res.steps, "lr": res.lr, "tokens": res.tokens,
+                             "activation_counts": res.activation_counts.tolist(), "metrics": jsonable(metrics)}
+            out["work_s"] = time.perf_counter() - t0
+            return to_records(reply, out)
+        if kind == "evaluate":
+            res = node.evaluate(self.half, self.mm, self.evaluator, msg, info["with_rouge"], info["general"])
+        else:  # the global model on this client's test data
+            self.half.load(self.mm, None, msg, {})
+            res = self.evaluator.evaluate_sets([self.set], info["with_rouge"], info["general"])
+        out["result"] = jsonable(res)
+        out["work_s"] = time.perf_counter() - t0
+        return to_records(None, out)

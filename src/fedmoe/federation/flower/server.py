@@ -1,0 +1,170 @@
+"""The federation loop inside a Flower ServerApp: :class:`FlowerTransport` carries the method's
+messages to the SuperNodes over Flower's ``Grid`` and their replies back.
+
+Flower's built-in strategies want identical keys from every client in one ArrayRecord; fedmoe's
+methods do not send that (FLEx sends only the shared tensors, FLAME its activation counts, HetLoRA a
+rank), so the loop is fedmoe's own, over ``grid.send_and_receive``, with the methods' server halves
+unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from ...messages import Message
+from ..evaluation import pooled
+from .records import from_records, to_records
+
+QUERY, TRAIN, EVALUATE, EVALUATE_GLOBAL = "query", "train", "evaluate", "evaluate.global"
+
+
+def _message(content, kind: str, node: int, group: str):
+    from flwr.app import Message as FlowerMessage
+
+    return FlowerMessage(content, dst_node_id=node, message_type=kind, group_id=group)
+
+
+class FlowerTransport:
+    def __init__(self, grid, cfg, log=print, poll_s: float = 1.0):
+        self.grid, self.cfg, self.log, self.poll_s = grid, cfg, log, poll_s
+        self.run_id = uuid.uuid4().hex[:12]
+        self.node_of: dict[int, int] = {}  # client id -> Flower node id
+        self.infos: dict[int, dict] = {}
+        self.overhead: list[dict] = []  # per message: the client's load time and work time
+        self.failed: tuple[int, set[int]] = (-1, set())  # (round, clients that failed in it): not asked again
+
+    @property
+    def num_clients(self) -> int:
+        return self.cfg.data.partition.num_clients
+
+    # ------------------------------------------------------------------ nodes
+    def wait_for_clients(self) -> None:
+        """Wait (``federation.node_wait_s``) until every client's SuperNode is connected, then ask each
+        which client it is (and have it run its one-shot setup, once per run)."""
+        deadline = time.time() + self.cfg.federation.node_wait_s
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.num_clients:
+                break
+            if time.time() > deadline:
+                raise TimeoutError(
+                    f"{len(nodes)} of {self.num_clients} clients' SuperNodes connected within "
+                    f"federation.node_wait_s = {self.cfg.federation.node_wait_s:g} s: start the missing ones "
+                    f"(flower-supernode --superlink ... --node-config 'partition-id=N ...'), or lower "
+                    f"data.partition.num_clients")
+            time.sleep(self.poll_s)
+        self._query(nodes)
+
+    def _refresh(self) -> set[int]:
+        """Ask SuperNodes that connected since (a restarted one has a new node id) which client they
+        are; returns the clients whose node is not connected now."""
+        nodes = set(self.grid.get_node_ids())
+        new = sorted(nodes - set(self.node_of.values()))
+        if new:
+            self._query(new, partial=True)
+        return {cid for cid, nid in self.node_of.items() if nid not in nodes}
+
+    def _query(self, nodes: list[int], partial: bool = False) -> None:
+        header = Message(header={"kind": QUERY, "round": 0, "run_id": self.run_id})
+        msgs = [_message(to_records(header), QUERY, nid, "setup") for nid in nodes]
+        seen: dict[int, list[int]] = {}
+        for reply in self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout_s):
+            nid = reply.metadata.src_node_id
+            if reply.has_error():
+                raise RuntimeError(f"the SuperNode {nid} failed its setup: {reply.error.reason}")
+            _, info = from_records(reply.content)
+            seen.setdefault(info["client"], []).append(nid)
+            self.infos[info["client"]] = info
+            self._overhead(0, "setup", info)
+        dup = {c: n for c, n in seen.items() if len(n) > 1}
+        missing = [] if partial else sorted(set(range(self.num_clients)) - set(seen))
+        if dup or missing:
+            raise RuntimeError(f"the SuperNodes must be clients 0..{self.num_clients - 1}, each once (node config "
+                               f"partition-id): nodes {dup} claim the same client; clients {missing} are missing")
+        if partial:
+            for c, n in seen.items():
+                self.log(f"client {c} is back, on SuperNode {n[0]} (was {self.node_of.get(c)})")
+        self.node_of.update({c: n[0] for c, n in seen.items()})
+
+    def _overhead(self, round_idx: int, kind: str, info: dict) -> None:
+        self.overhead.append({"round": round_idx, "kind": kind, "client": info["client"],
+                              "load_s": info.get("load_s", 0.0), "work_s": info.get("work_s")})
+
+    def _send(self, round_idx: int, kind: str, messages: dict[int, Message], infos: dict[int, dict] | None = None):
+        """({client: (reply message, info)}, {client: why it failed}). A client that failed earlier in
+        this round, or whose SuperNode is not connected, is not asked."""
+        if self.failed[0] != round_idx:
+            self.failed = (round_idx, set())
+        gone = self._refresh()
+        failed = {cid: f"node {self.node_of[cid]}: not connected" for cid in messages if cid in gone}
+        failed.update({cid: "failed earlier in this round" for cid in messages if cid in self.failed[1]})
+        by_node = {}
+        out = []
+        for cid, msg in messages.items():
+            if cid in failed:
+                continue
+            nid = self.node_of[cid]
+            by_node[nid] = cid
+            content = to_records(msg.with_header(run_id=self.run_id), None if infos is None else infos[cid])
+            out.append(_message(content, kind, nid, str(round_idx)))
+        got = {}
+        for reply in self.grid.send_and_receive(out, timeout=self.cfg.federation.round_timeout_s) if out else []:
+            cid = by_node.get(reply.metadata.src_node_id)
+            if cid is None:
+                continue
+            if reply.has_error():
+                failed[cid] = f"node {reply.metadata.src_node_id}: {reply.error.reason} (code {reply.error.code})"
+                continue
+            msg, info = from_records(reply.content)
+            got[cid] = (msg, info)
+            self._overhead(round_idx, kind, info)
+        for cid in messages:
+            if cid not in got and cid not in failed:
+                failed[cid] = (f"node {self.node_of[cid]}: no reply within federation.round_timeout_s = "
+                               f"{self.cfg.federation.round_timeout_s} s")
+        self.failed[1].update(failed)
+        return got, failed
+
+    # ------------------------------------------------------------------ the transport
+    def setup(self, prog) -> dict[int, dict]:
+        return {cid: {"setup": info["setup"], "data": info["data"], "profile": info["profile"]}
+                for cid, info in sorted(self.infos.items())}
+
+    def train(self, round_idx: int, messages: dict[int, Message], prog):
+        import torch
+
+        got, failed = self._send(round_idx, TRAIN, messages)
+        replies = {}
+        for cid, (msg, info) in got.items():
+            report = dict(info["report"])
+            report["activation_counts"] = torch.tensor(report["activation_counts"], dtype=torch.long)
+            # the client's time to load its model and data (0 while its process keeps them) and its work
+            report["overhead"] = {"load_s": info["load_s"], "work_s": info["work_s"]}
+            replies[cid] = (msg, report)
+        return replies, failed
+
+    def evaluate(self, round_idx: int, messages: dict[int, Message], with_rouge: bool, general_for: dict[int, bool],
+                 prog) -> dict[int, dict]:
+        infos = {cid: {"with_rouge": with_rouge, "general": general_for[cid]} for cid in messages}
+        got, _ = self._send(round_idx, EVALUATE, messages, infos)
+        return {cid: info["result"] for cid, (_, info) in got.items()}
+
+    def evaluate_global(self, round_idx: int, message: Message, with_rouge: bool, general: bool, prog) -> dict:
+        """The global model evaluated by every client on its own test data, pooled in client order
+        (general text and MMLU by the first client)."""
+        cids = sorted(self.node_of)
+        infos = {cid: {"with_rouge": with_rouge, "general": general and cid == cids[0]} for cid in cids}
+        got, failed = self._send(round_idx, EVALUATE_GLOBAL, {cid: message for cid in cids}, infos)
+        if not got:
+            raise RuntimeError(f"round {round_idx}: no client could evaluate the global model: {failed}")
+        return pooled([got[cid][1]["result"] for cid in cids if cid in got])
+
+    def state(self) -> dict:
+        return {"run_id": self.run_id}
+
+    def restore(self, state: dict) -> None:
+        self.run_id = state["run_id"]
+
+    def close(self) -> None:
+        pass
