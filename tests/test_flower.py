@@ -96,7 +96,7 @@ def _free_port() -> int:
 class Deployment:
     """A SuperLink and one SuperNode per client, each its own process group, on 127.0.0.1."""
 
-    def __init__(self, root: Path, clients: int = 2):
+    def __init__(self, root: Path, clients: int = 2, data_paths: dict | None = None):
         self.root, self.procs = root, {}
         self.home = root / "flwr-home"
         self.home.mkdir(parents=True)
@@ -110,9 +110,10 @@ class Deployment:
         self.state = {}
         for i in range(clients):
             self.state[i] = root / f"state-{i}"
+            own = f' data-path="{data_paths[i]}"' if data_paths and i in data_paths else ""
             self._start(f"node{i}", [BIN / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                                      "--port", str(_free_port()), "--node-config",
-                                     f'partition-id={i} num-partitions={clients} state-dir="{self.state[i]}"'])
+                                     f'partition-id={i} num-partitions={clients} state-dir="{self.state[i]}"{own}'])
 
     def _start(self, name, cmd):
         log = open(self.root / f"{name}.log", "w")
@@ -171,7 +172,26 @@ def test_superlink_and_two_supernodes_run_every_method(deployment, tmp_path):
         assert "graft_index" in keys and any(k.endswith("output_scale") for k in keys)
 
 
-def test_a_supernode_killed_mid_run_leaves_the_run_to_the_other(deployment, tmp_path):
+def test_a_supernode_killed_mid_run_leaves_the_run_to_the_other(tmp_path):
+    """Client 0 trains on its own file (data-path); client 1's node is killed after round 1."""
+    from fedmoe.data import load_examples, prepare_client_data
+
+    own = tmp_path / "client0.jsonl"
+    rows = load_examples("dolly").examples[:60]
+    own.write_text("\n".join(json.dumps({"instruction": e.instruction, "input": e.input, "output": e.output,
+                                         "category": e.category}) for e in rows))
+    deployment = Deployment(tmp_path, data_paths={0: own})
+    try:
+        _killed_node_run(deployment, tmp_path)
+    finally:
+        deployment.stop()
+    cfg = load_config(None, TINY)
+    mine, _ = prepare_client_data(cfg.data, cfg.seed, 0, str(own))
+    summary = json.loads((tmp_path / "runs" / "kill" / "summary.json").read_text())
+    assert summary["clients"][0]["n_train"] == len(mine.train) == 48  # 80% of its 60 rows
+
+
+def _killed_node_run(deployment, tmp_path):
     run = tmp_path / "runs" / "kill"
     proc = deployment.run(TINY + ["federation.rounds=3", "federation.round_timeout_s=20",
                                   f"output_dir={tmp_path / 'runs'}", "name=kill"])

@@ -57,7 +57,7 @@ def run(
         elif config is not None and _has_sweep(config):
             from .federation.sweep import run_sweep
 
-            report = run_sweep(config, set_ or [], show_progress=not quiet, log=console.print)
+            report = run_sweep(config, set_ or [], show_progress=not quiet, log=console.print, federation=federation)
             print(report.read_text())
             print(f"sweep report: {report}")
             return

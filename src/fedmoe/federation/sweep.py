@@ -64,9 +64,10 @@ def load_sweep(path: str | Path) -> tuple[dict, dict | None]:
     return tree, tree.pop("sweep", None)
 
 
-def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progress: bool = False, log=print) -> Path:
+def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progress: bool = False, log=print,
+              federation: str | None = None) -> Path:
     from .checkpoint import CHECKPOINT_FILE
-    from .runtime import resume_federated, run_federated
+    from .runtime import continue_run, start_run
 
     tree, sweep = load_sweep(path)
     # `--set sweep.<key>=[values]` replaces one axis of the sweep (the key keeps its dots)
@@ -91,10 +92,10 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progres
             log(f"[{i + 1}/{len(points)}] {point}: done before, kept")
         elif (root / point / "checkpoints" / CHECKPOINT_FILE).is_file():
             log(f"[{i + 1}/{len(points)}] {point}: continuing from its checkpoint")
-            resume_federated(root / point, show_progress=show_progress, log=log)
+            continue_run(root / point, show_progress=show_progress, federation=federation, log=log)
         else:
             log(f"[{i + 1}/{len(points)}] {point}")
-            run_federated(cfg, show_progress=show_progress, log=log)
+            start_run(cfg, show_progress=show_progress, federation=federation, log=log)
         results.append((point, json.loads(summary_path.read_text())))
     report = root / "sweep_report.md"
     atomic_write_text(report, format_sweep_report(str(path), results))
