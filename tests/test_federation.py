@@ -154,8 +154,17 @@ def test_run_directory_contract_and_bytes(tmp_path):
     train_rows = [r for r in rows if r["split"] == "train"]
     assert len(train_rows) == 2 * 3 and all(r["bytes_up"] == per_round + 8 for r in train_rows)
     assert [r["round"] for r in rows if r["split"] == "test" and r["client"] is None] == [0, 1, 2]
+    # where each round's time went: the clients' training and evaluation, aggregation, the rest
+    for rnd in (1, 2):
+        [rr] = [r for r in rows if r["split"] == "round" and r["round"] == rnd]
+        work = sum(r["train_s"] for r in rows if r["split"] == "train" and r["round"] == rnd) + sum(
+            r["eval_s"] for r in rows if r["split"] == "test" and r["round"] == rnd and r["client"] is not None)
+        assert rr["clients_s"] == pytest.approx(work) and 0 < rr["clients_s"] < rr["wall_s"]
+        assert rr["overhead_s"] == pytest.approx(rr["wall_s"] - rr["clients_s"] - rr["aggregate_s"])
+        assert all(r["tokens_per_s"] == pytest.approx(r["tokens"] / r["train_s"]) for r in train_rows)
+    assert "## Time per round" in rd.report_path.read_text()
     # ROUGE-L in the zero-shot round 0 and the final round only (eval.every_round is off)
-    glob = {r["round"]: r for r in rows if r["client"] is None}
+    glob = {r["round"]: r for r in rows if r["client"] is None and r["split"] == "test"}
     assert "rouge_l" in glob[0] and "rouge_l" in glob[2] and "rouge_l" not in glob[1]
     # the per-category breakdown averages the same per-example scores as the global number
     cats = glob[2]["rouge_l_by_category"]

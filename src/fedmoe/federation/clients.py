@@ -118,9 +118,10 @@ class ClientNode:
                  prog=None) -> dict:
         """This client's model (the message plus its private store) on its own test data, with what
         it runs (``profile``: k and LoRA rank)."""
+        t0 = time.perf_counter()
         self.load(half, mm, message)
         res = evaluator.evaluate_sets([self.data], with_rouge, general, prog, f"client {self.id}")
-        return {**res, "profile": half.profile(self.id, mm, self.private)}
+        return {**res, "eval_s": time.perf_counter() - t0, "profile": half.profile(self.id, mm, self.private)}
 
 
 __all__ = ["ClientNode", "ClientSet", "client_set", "client_sets"]

@@ -132,11 +132,13 @@ class EvalPolicy:
                 rec.last_scores = r.get("rouge_scores")
             self.log_metrics({"round": round_idx, "client": cid, "split": "test", "loss": r["loss"],
                               "perplexity": r["perplexity"],
-                              **{k: r[k] for k in ("rouge_l", *GENERAL_KEYS) if k in r}})
+                              **{k: r[k] for k in ("rouge_l", *GENERAL_KEYS, "eval_s") if k in r}})
+        self.clients_s = sum(r.get("eval_s", 0.0) for r in per_client.values())
         if all_global:
             g = pooled([per_client[c] for c in cids if c in per_client])
         else:
             g = evaluate_global(with_rouge, with_general)
+            self.clients_s += g.get("eval_s", 0.0)
         if personalized and any("mmlu" in r for r in per_client.values()):
             g["mmlu_clients_mean"] = float(np.mean([r["mmlu"] for r in per_client.values() if "mmlu" in r]))
         if "rouge_scores" in g:
@@ -145,7 +147,7 @@ class EvalPolicy:
                 by_cat.setdefault(cat, []).append(score)
             g["rouge_l_by_category"] = {cat: float(np.mean(v)) for cat, v in sorted(by_cat.items())}
             g["examples_by_category"] = {cat: len(v) for cat, v in sorted(by_cat.items())}
-        g = {k: v for k, v in g.items() if k not in ("rouge_scores", "examples", "categories")}
+        g = {k: v for k, v in g.items() if k not in ("rouge_scores", "examples", "categories", "eval_s")}
         self.log_metrics({"round": round_idx, "client": None, "split": "test", "loss": g["loss"],
                           "perplexity": g["perplexity"],
                           **{k: g[k] for k in ("rouge_l", "rouge_l_by_category", "examples_by_category", *GENERAL_KEYS,

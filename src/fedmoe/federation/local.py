@@ -7,6 +7,8 @@ It is the fastest runtime and the default (``federation.runtime: local``). The f
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..config import ConfigError
@@ -72,12 +74,14 @@ class LocalTransport:
         for cid, msg in messages.items():
             self.observe("downlink", cid, msg)
             task = prog.task(f"  client {cid} train", self.cfg.train.max_steps or 0)
+            t0 = time.perf_counter()
             reply, res, metrics = self.nodes[cid].train(
                 self.half, self.mm, msg, self.cfg, progress=lambda s, loss: prog.update(task, completed=s, info=f"loss {loss:.3f}"))
             prog.remove(task)
             self.observe("reply", cid, reply)
             replies[cid] = (reply, {"loss": res.loss, "steps": res.steps, "lr": res.lr, "tokens": res.tokens,
-                                    "activation_counts": res.activation_counts, "metrics": metrics})
+                                    "activation_counts": res.activation_counts, "metrics": metrics,
+                                    "overhead": {"train_s": time.perf_counter() - t0}})
         return replies, {}
 
     def evaluate(self, round_idx: int, messages: dict[int, Message], with_rouge: bool, general_for: dict[int, bool],
@@ -92,8 +96,10 @@ class LocalTransport:
     def evaluate_global(self, round_idx: int, message: Message, with_rouge: bool, general: bool, prog: Progress) -> dict:
         """The global model on the union of the clients' test data (all here, in client order)."""
         self.observe("evaluate", None, message)
+        t0 = time.perf_counter()
         self.half.load(self.mm, None, message, {})
-        return self.evaluator.evaluate_sets(self.sets, with_rouge, general, prog, "global")
+        res = self.evaluator.evaluate_sets(self.sets, with_rouge, general, prog, "global")
+        return {**res, "eval_s": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ what the clients keep
     def state(self) -> dict:

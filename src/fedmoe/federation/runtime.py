@@ -33,7 +33,7 @@ from .sampling import sample_clients
 from .summary import ClientRecord, run_summary
 
 RUNTIME_TRAIN_KEYS = ("round", "client", "split", "loss", "steps", "lr", "tokens", "bytes_up", "bytes_down",
-                      "load_s", "work_s")
+                      "load_s", "train_s", "tokens_per_s")
 
 
 class RunDirError(ConfigError):
@@ -148,10 +148,13 @@ class Federation:
             clash = set(report["metrics"]) & set(RUNTIME_TRAIN_KEYS)
             if clash:
                 raise ValueError(f"{self.method.name}'s client metrics use the runtime's keys {sorted(clash)}")
+            timing = dict(report.get("overhead", {}))
+            if timing.get("train_s"):
+                timing["tokens_per_s"] = report["tokens"] / timing["train_s"]
+                self._clients_s += timing["train_s"]
             self.rd.log_metrics({"round": round_idx, "client": cid, "split": "train", "loss": report["loss"],
                                  "steps": report["steps"], "lr": report["lr"], "tokens": report["tokens"],
-                                 "bytes_up": up, "bytes_down": down, **report.get("overhead", {}),
-                                 **report["metrics"]})
+                                 "bytes_up": up, "bytes_down": down, **timing, **report["metrics"]})
             out.append(Reply(cid, reply))
         need = self.min_replies(len(sampled))
         if len(out) < need:
@@ -204,15 +207,23 @@ class Federation:
                 self.zero_shot = self._evaluate(0, final=False, prog=prog)
                 self.save()
             for round_idx in range(self.completed_rounds + 1, rounds + 1):
+                t_round, self._clients_s = time.perf_counter(), 0.0
                 sampled = sample_clients(len(self.records), cfg.federation.fraction, cfg.seed, round_idx)
                 replies = self._train(round_idx, sampled, prog)
                 t_agg = time.perf_counter()
                 self.global_state, self.server_state, metrics = self.server.aggregate(
                     self.global_state, self.server_state, replies)
-                self.rd.log_metrics({"round": round_idx, "client": None, "split": "server",
-                                     "aggregate_s": time.perf_counter() - t_agg,
+                aggregate_s = time.perf_counter() - t_agg
+                self.rd.log_metrics({"round": round_idx, "client": None, "split": "server", "aggregate_s": aggregate_s,
                                      "clients": [r.client for r in replies], **metrics})
                 self.global_eval = self._evaluate(round_idx, final=round_idx == rounds, prog=prog)
+                wall = time.perf_counter() - t_round
+                clients_s = self._clients_s + self.policy.clients_s
+                # the round's time that is neither the clients' training and evaluation nor aggregation
+                # (negative when clients work in parallel)
+                self.rd.log_metrics({"round": round_idx, "client": None, "split": "round", "wall_s": wall,
+                                     "clients_s": clients_s, "aggregate_s": aggregate_s,
+                                     "overhead_s": wall - clients_s - aggregate_s})
                 self.completed_rounds = round_idx
                 self.save()
                 prog.update(rounds_task, completed=round_idx,

@@ -366,6 +366,20 @@ def format_failures(summary: dict) -> list[str]:
     return lines + [""]
 
 
+def format_round_time(metrics: list[dict]) -> list[str]:
+    """Where each round's time went: the clients' training and evaluation, the aggregation, the rest."""
+    rows = [r for r in metrics if r.get("split") == "round" and r.get("wall_s") is not None]
+    if not rows:
+        return []
+    lines = ["## Time per round", "", "Clients: the sum of the clients' training and evaluation times (clients that "
+             "work in parallel can sum to more than the wall time: the overhead is then negative).", "",
+             "| round | wall | clients | aggregation | overhead |", "|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['round']} | " + " | ".join(format_metric("wall_s", r.get(k)) for k in
+                                                     ("wall_s", "clients_s", "aggregate_s", "overhead_s")) + " |")
+    return lines + [""]
+
+
 def format_client_time(metrics: list[dict]) -> list[str]:
     """Per round, the clients' time to load model and data for a message (0 while a process keeps
     them) against their training time, where the runtime measured it."""
@@ -379,7 +393,7 @@ def format_client_time(metrics: list[dict]) -> list[str]:
              "message (0 when the process kept them from an earlier message) and its training time.", "",
              "| round | clients | load (mean) | load (max) | training (mean) |", "|---:|---:|---:|---:|---:|"]
     for rnd, rs in sorted(by_round.items()):
-        loads, work = [r["load_s"] for r in rs], [r.get("work_s") or 0.0 for r in rs]
+        loads, work = [r["load_s"] for r in rs], [r.get("train_s") or 0.0 for r in rs]
         lines.append(f"| {rnd} | {len(rs)} | {format_metric('load_s', sum(loads) / len(loads))} | "
                      f"{format_metric('load_s', max(loads))} | {format_metric('work_s', sum(work) / len(work))} |")
     return lines + [""]
@@ -405,6 +419,7 @@ def write_report(
         parts += ["## Data: categories per client", "", histogram_markdown.strip(), ""]
     parts += format_client_setup(summary)
     parts += format_server_metrics(metrics, summary)
+    parts += format_round_time(metrics)
     parts += format_client_time(metrics)
     parts += ["## Learning curve", ""]
     if plot_learning_curve(metrics, run_dir.path / PLOT_NAME):

@@ -137,6 +137,7 @@ class FlowerClient:
         else:  # the global model on this client's test data
             self.half.load(self.mm, None, msg, {})
             res = self.evaluator.evaluate_sets([self.set], info["with_rouge"], info["general"])
+            res["eval_s"] = time.perf_counter() - t0
         out["result"] = jsonable(res)
         out["work_s"] = time.perf_counter() - t0
         return to_records(None, out)

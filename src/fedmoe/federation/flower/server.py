@@ -140,7 +140,7 @@ class FlowerTransport:
             report = dict(info["report"])
             report["activation_counts"] = torch.tensor(report["activation_counts"], dtype=torch.long)
             # the client's time to load its model and data (0 while its process keeps them) and its work
-            report["overhead"] = {"load_s": info["load_s"], "work_s": info["work_s"]}
+            report["overhead"] = {"load_s": info["load_s"], "train_s": info["work_s"]}
             replies[cid] = (msg, report)
         return replies, failed
 
@@ -158,7 +158,8 @@ class FlowerTransport:
         got, failed = self._send(round_idx, EVALUATE_GLOBAL, {cid: message for cid in cids}, infos)
         if not got:
             raise RuntimeError(f"round {round_idx}: no client could evaluate the global model: {failed}")
-        return pooled([got[cid][1]["result"] for cid in cids if cid in got])
+        res = [got[cid][1]["result"] for cid in cids if cid in got]
+        return {**pooled(res), "eval_s": sum(r.get("eval_s", 0.0) for r in res)}
 
     def state(self) -> dict:
         return {"run_id": self.run_id}
