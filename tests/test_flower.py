@@ -6,7 +6,6 @@ simulation resumed exactly."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 import flwr  # noqa: F401  (the flower extra is part of the test set-up: `make test` installs it)
 from fedmoe.config import load_config
 from fedmoe.federation import run_federated
+from fedmoe.federation.flower.localdeploy import LocalDeployment
 from fedmoe.federation.flower.records import from_records, to_records
 from fedmoe.messages import Message
 
@@ -87,65 +87,15 @@ def test_flower_simulation_gives_the_in_process_numbers(tmp_path, method):
 
 
 # ------------------------------------------------------------------------------- a real deployment
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Deployment:
-    """A SuperLink and one SuperNode per client, each its own process group, on 127.0.0.1."""
-
-    def __init__(self, root: Path, clients: int = 2, data_paths: dict | None = None):
-        self.root, self.procs = root, {}
-        self.home = root / "flwr-home"
-        self.home.mkdir(parents=True)
-        port = _free_port()
-        (self.home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
-                                               f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-        # the clients' processes run on one thread, like the in-process run they are compared with
-        self.env = _env(FLWR_HOME=str(self.home), OMP_NUM_THREADS="1")
-        self._start("superlink", [BIN / "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                                  "--port", str(port)])
-        self.state = {}
-        for i in range(clients):
-            self.state[i] = root / f"state-{i}"
-            own = f' data-path="{data_paths[i]}"' if data_paths and i in data_paths else ""
-            self._start(f"node{i}", [BIN / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                                     "--port", str(_free_port()), "--node-config",
-                                     f'partition-id={i} num-partitions={clients} state-dir="{self.state[i]}"{own}'])
-
-    def _start(self, name, cmd):
-        log = open(self.root / f"{name}.log", "w")
-        self.procs[name] = subprocess.Popen([str(c) for c in cmd], cwd=self.root, env=self.env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-
-    def kill(self, name):
-        p = self.procs.pop(name)
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
-
-    def stop(self):
-        for name in list(self.procs):
-            self.kill(name)
-
-    def run(self, args, timeout=600, **popen):
-        cmd = [sys.executable, "-m", "fedmoe.cli", "run", "--runtime", "flower", "--federation", "test", "--quiet",
-               *_sets(args)]
-        return subprocess.Popen(cmd, cwd=self.root, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, **popen)
+def _deploy(tmp_path, **kw):
+    # the clients' processes run on one thread, like the in-process run they are compared with
+    return LocalDeployment(tmp_path, threads=1, **kw)
 
 
 @pytest.fixture
 def deployment(tmp_path):
-    d = Deployment(tmp_path)
-    try:
+    with _deploy(tmp_path) as d:
         yield d
-    finally:
-        d.stop()
 
 
 def test_superlink_and_two_supernodes_run_every_method(deployment, tmp_path):
@@ -180,11 +130,8 @@ def test_a_supernode_killed_mid_run_leaves_the_run_to_the_other(tmp_path):
     rows = load_examples("dolly").examples[:60]
     own.write_text("\n".join(json.dumps({"instruction": e.instruction, "input": e.input, "output": e.output,
                                          "category": e.category}) for e in rows))
-    deployment = Deployment(tmp_path, data_paths={0: own})
-    try:
+    with _deploy(tmp_path, data_paths={0: own}) as deployment:
         _killed_node_run(deployment, tmp_path)
-    finally:
-        deployment.stop()
     cfg = load_config(None, TINY)
     mine, _ = prepare_client_data(cfg.data, cfg.seed, 0, str(own))
     summary = json.loads((tmp_path / "runs" / "kill" / "summary.json").read_text())

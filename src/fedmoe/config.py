@@ -123,6 +123,9 @@ class FederationConfig(_Strict):
     min_replies: int | None = Field(None, ge=1)
     round_timeout_s: float | None = Field(None, gt=0)  # Flower: how long a round waits for replies (None: forever)
     node_wait_s: float = Field(300.0, gt=0)  # Flower: how long the server waits for every client to connect
+    # Flower: at most this many messages out at once (None: every sampled client at once). Bounds the
+    # memory of SuperNodes that share one machine (each message starts a process with the model)
+    max_inflight: int | None = Field(None, ge=1)
 
 
 class EvalConfig(_Strict):

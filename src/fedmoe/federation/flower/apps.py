@@ -20,11 +20,13 @@ import yaml
 from ...config import config_from_tree
 from ...report import RunDir
 from ..runtime import Federation, open_run_dir, resume
-from .client import FlowerClient
+from .client import ClientModel, FlowerClient
 from .server import FlowerTransport
 
 DEFAULT_STATE_DIR = Path.home() / ".fedmoe" / "client-state"
-_CLIENTS: dict[tuple, FlowerClient] = {}  # one per process: the model stays loaded while it lives
+# while a process lives (a simulation actor) it keeps the run's model and every client it served
+_MODEL: dict[str, ClientModel] = {}
+_CLIENTS: dict[tuple, FlowerClient] = {}
 
 
 def _config(options):
@@ -54,10 +56,18 @@ def client_reply(message, context, options=None):
         raise ValueError("this SuperNode has no partition-id in its node config: start it with "
                          "--node-config 'partition-id=N' (N = its client id, 0..num_clients-1)")
     state_dir = node.get("state-dir") or opts.get("state-root") or str(DEFAULT_STATE_DIR)
-    key = (opts["fedmoe-config"], int(node["partition-id"]), node.get("data-path"), str(state_dir))
+    text = opts["fedmoe-config"]
+    key = (text, int(node["partition-id"]), node.get("data-path"), str(state_dir))
     if key not in _CLIENTS:
-        _CLIENTS.clear()  # another run in this process: its model is not needed any more
-        _CLIENTS[key] = FlowerClient(_config(opts), int(node["partition-id"]), node.get("data-path"), Path(state_dir))
+        model_s = 0.0
+        if text not in _MODEL:  # another run in this process: its model and clients are not needed any more
+            _MODEL.clear()
+            _CLIENTS.clear()
+            _MODEL[text] = ClientModel(_config(opts))
+            model_s = _MODEL[text].load_s
+        client = FlowerClient(_MODEL[text], int(node["partition-id"]), node.get("data-path"), Path(state_dir))
+        client.load_s += model_s
+        _CLIENTS[key] = client
     content = _CLIENTS[key].handle(message.metadata.message_type, message.content)
     return FlowerMessage(content, reply_to=message)
 

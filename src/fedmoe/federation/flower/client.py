@@ -74,32 +74,51 @@ class PrivateStore:
         atomic_write_text(self.root / "setup.json", json.dumps(metrics))
 
 
-class FlowerClient:
-    """Everything one client process needs, built once per process."""
+class ClientModel:
+    """What every client of a run shares in one process: the method's client half and the frozen
+    model with its adapters (loaded once; each message puts its client's state into it)."""
 
-    def __init__(self, cfg: RunConfig, client: int, data_path: str | None, state_dir: Path):
+    def __init__(self, cfg: RunConfig):
         t0 = time.perf_counter()
+        self.cfg = cfg
+        self.method = get_method(cfg.algorithm.name)
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
+        self.mm = load_client_model(cfg, self.method, self.tokenizer)
+        self.initial = self.mm.get_state()
+        self.half = self.method.client(cfg)
+        self.half.validate(self.mm, cfg.data.partition.num_clients)
+        self._shared = None
+        self.load_s = time.perf_counter() - t0
+
+    def shared_data(self):
+        """The partition of the config's shared ``data.source`` (built once per process)."""
+        if self._shared is None:
+            self._shared = prepare_federated_data(self.cfg.data, self.cfg.seed)
+        return self._shared
+
+
+class FlowerClient:
+    """One client in a process: its data, its private store, and the process's shared model."""
+
+    def __init__(self, model: ClientModel, client: int, data_path: str | None, state_dir: Path):
+        t0 = time.perf_counter()
+        cfg = model.cfg
         self.cfg, self.id, self.state_dir = cfg, client, Path(state_dir)
         n = cfg.data.partition.num_clients
         if not 0 <= client < n:
             raise ConfigError(f"this SuperNode's partition-id is {client}, but the run has "
                               f"data.partition.num_clients = {n}: give it a partition-id in 0..{n - 1}")
-        self.method = get_method(cfg.algorithm.name)
-        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
         if data_path:
             data, skipped = prepare_client_data(cfg.data, cfg.seed, client, data_path)
         else:
-            fd = prepare_federated_data(cfg.data, cfg.seed)
+            fd = model.shared_data()
             data, skipped = fd.clients[client], fd.skipped
-        self.set = client_set(data, tokenizer, cfg.data.max_length, cfg.eval.max_examples)
+        self.set = client_set(data, model.tokenizer, cfg.data.max_length, cfg.eval.max_examples)
         self.data_info = self.set.info(skipped, shared_source=not data_path)
-        self.mm = load_client_model(cfg, self.method, tokenizer)
-        self.initial = self.mm.get_state()
-        self.half = self.method.client(cfg)
-        self.half.validate(self.mm, n)
-        self.evaluator = ModelEvaluator(cfg, self.mm, tokenizer, self.set.pad_id)
-        self.load_s = time.perf_counter() - t0
-        self.fresh = True  # the first message of this process pays load_s
+        self.mm, self.initial, self.half = model.mm, model.initial, model.half
+        self.evaluator = ModelEvaluator(cfg, self.mm, model.tokenizer, self.set.pad_id)
+        self.load_s = time.perf_counter() - t0  # the caller adds the model's load when this process loaded it
+        self.fresh = True  # the first message of this client in this process pays load_s
 
     def store(self, run_id: str) -> PrivateStore:
         return PrivateStore(self.state_dir / run_id / f"client-{self.id}")

@@ -69,7 +69,7 @@ class FlowerTransport:
         header = Message(header={"kind": QUERY, "round": 0, "run_id": self.run_id})
         msgs = [_message(to_records(header), QUERY, nid, "setup") for nid in nodes]
         seen: dict[int, list[int]] = {}
-        for reply in self.grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout_s):
+        for reply in self._send_and_receive(msgs):
             nid = reply.metadata.src_node_id
             if reply.has_error():
                 raise RuntimeError(f"the SuperNode {nid} failed its setup: {reply.error.reason}")
@@ -109,7 +109,7 @@ class FlowerTransport:
             content = to_records(msg.with_header(run_id=self.run_id), None if infos is None else infos[cid])
             out.append(_message(content, kind, nid, str(round_idx)))
         got = {}
-        for reply in self.grid.send_and_receive(out, timeout=self.cfg.federation.round_timeout_s) if out else []:
+        for reply in self._send_and_receive(out):
             cid = by_node.get(reply.metadata.src_node_id)
             if cid is None:
                 continue
@@ -125,6 +125,15 @@ class FlowerTransport:
                                f"{self.cfg.federation.round_timeout_s} s")
         self.failed[1].update(failed)
         return got, failed
+
+    def _send_and_receive(self, messages: list) -> list:
+        """Every reply, at most ``federation.max_inflight`` messages out at once."""
+        step = self.cfg.federation.max_inflight or max(1, len(messages))
+        replies = []
+        for i in range(0, len(messages), step):
+            replies += list(self.grid.send_and_receive(messages[i : i + step],
+                                                       timeout=self.cfg.federation.round_timeout_s))
+        return replies
 
     # ------------------------------------------------------------------ the transport
     def setup(self, prog) -> dict[int, dict]:
