@@ -123,7 +123,8 @@ def test_superlink_and_two_supernodes_run_every_method(deployment, tmp_path):
 
 
 def test_a_supernode_killed_mid_run_leaves_the_run_to_the_other(tmp_path):
-    """Client 0 trains on its own file (data-path); client 1's node is killed after round 1."""
+    """Client 0 trains on its own file (data-path); client 1's node is killed after round 1, fails
+    round 2, and comes back (restarted) for round 3 with the private state it kept on its disk."""
     from fedmoe.data import load_examples, prepare_client_data
 
     own = tmp_path / "client0.jsonl"
@@ -140,24 +141,34 @@ def test_a_supernode_killed_mid_run_leaves_the_run_to_the_other(tmp_path):
 
 def _killed_node_run(deployment, tmp_path):
     run = tmp_path / "runs" / "kill"
-    proc = deployment.run(TINY + ["federation.rounds=3", "federation.round_timeout_s=20",
-                                  f"output_dir={tmp_path / 'runs'}", "name=kill"])
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill client 1's node once round 1 is evaluated
-        metrics = run / "metrics.jsonl"
-        if metrics.is_file() and '"round": 1, "client": null, "split": "test"' in metrics.read_text():
-            break
-        time.sleep(0.5)
+    proc = deployment.run(TINY + ["federation.rounds=3", "federation.round_timeout_s=20", "algorithm.name=flame",
+                                  "algorithm.budgets.top_k=[2,1]", f"output_dir={tmp_path / 'runs'}", "name=kill"])
+    metrics = run / "metrics.jsonl"
+
+    def wait_for(text):
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.is_file() and text in metrics.read_text():
+                return
+            time.sleep(0.5)
+
+    wait_for('"round": 1, "client": null, "split": "test"')  # kill client 1's node once round 1 is evaluated
     deployment.kill("node1")
+    wait_for('"round": 2, "client": 1, "split": "failure"')  # bring it back after it failed round 2
+    deployment.restart("node1")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
-    assert "client 1 failed to train" in out
+    assert "client 1 failed to train" in out and "client 1 is back" in out
     summary = json.loads((run / "summary.json").read_text())
-    assert [c["rounds_trained"] for c in summary["clients"]] == [3, 1]
-    assert {(f["round"], f["client"], f["stage"]) for f in summary["failures"]} >= {(2, 1, "train"), (3, 1, "train")}
-    assert summary["clients"][1]["evaluated_round"] == 1 and summary["clients"][0]["evaluated_round"] == 3
-    report = (run / "report.md").read_text()
-    assert "## Failures" in report and "client 1 from round 1" in report
+    assert [c["rounds_trained"] for c in summary["clients"]] == [3, 2]
+    assert {(f["round"], f["client"], f["stage"]) for f in summary["failures"]} >= {(2, 1, "train")}
+    assert not any(f["round"] == 3 for f in summary["failures"])
+    assert [c["evaluated_round"] for c in summary["clients"]] == [3, 3]
+    # its learned rescalers continued from its disk: the round-3 store differs from round 1's
+    store = deployment.state[1]
+    r1, r3 = (torch.load(next(store.glob(f"*/client-1/private-r0000{r}.pt")), weights_only=False) for r in (1, 3))
+    assert set(r1) == set(r3) and any(not torch.equal(r1[k], r3[k]) for k in r1)
+    assert "## Failures" in (run / "report.md").read_text()
 
 
 def test_a_killed_simulation_resumes_exactly(tmp_path):

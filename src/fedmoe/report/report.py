@@ -242,6 +242,42 @@ def plot_expert_heatmap(summary: dict, path: str | Path) -> bool:
     return True
 
 
+def plot_layer_metrics(metrics: list[dict], folder: Path) -> list[tuple[str, str]]:
+    """A heatmap (round x MoE layer) of every server metric that is a per-layer list (``*_by_layer``);
+    returns (key, file name) of the figures written."""
+    rows = [r for r in metrics if r.get("split") == "server"]
+    keys = sorted({k for r in rows for k, v in r.items() if k.endswith("_by_layer") and isinstance(v, list)})
+    if not keys:
+        return []
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = []
+    for key in keys:
+        have = [r for r in rows if isinstance(r.get(key), list)]
+        grid = np.array([[np.nan if v is None else float(v) for v in r[key]] for r in have], dtype=float)
+        fig = Figure(figsize=(1.2 + 0.5 * grid.shape[1], 1.0 + 0.3 * grid.shape[0]))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        im = ax.imshow(grid, aspect="auto", cmap="coolwarm_r", vmin=-1 if np.nanmin(grid) < 0 else None,
+                       interpolation="nearest")
+        ax.set_yticks(range(len(have)))
+        ax.set_yticklabels([str(r["round"]) for r in have], fontsize=7)
+        ax.set_xticks(range(grid.shape[1]))
+        ax.set_xlabel("MoE layer", fontsize=8)
+        ax.set_ylabel("round", fontsize=8)
+        ax.set_title(key, fontsize=9)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        name = f"{key}.png"
+        atomic_write_bytes(Path(folder) / name, buf.getvalue())
+        out.append((key, name))
+    return out
+
+
 def format_zero_shot_comparison(summary: dict) -> list[str]:
     """Zero-shot (the initial model, round 0) vs after federated training, per category and per client."""
     zs = summary.get("zero_shot")
@@ -419,6 +455,9 @@ def write_report(
         parts += ["## Data: categories per client", "", histogram_markdown.strip(), ""]
     parts += format_client_setup(summary)
     parts += format_server_metrics(metrics, summary)
+    for key, name in plot_layer_metrics(metrics, run_dir.path):
+        note = (summary.get("metric_notes") or {}).get(key, "")
+        parts += [f"## {key} per round and layer", "", note, "", f"![{key}]({name})", ""]
     parts += format_round_time(metrics)
     parts += format_client_time(metrics)
     parts += ["## Learning curve", ""]

@@ -30,7 +30,7 @@ class LocalDeployment:
                  threads: int | None = None):
         """``threads``: torch threads of every client process (OMP_NUM_THREADS); ``data_paths``: a
         client's own data file (the others take their partition of the config's source)."""
-        self.root, self.procs, self.state = Path(root), {}, {}
+        self.root, self.procs, self.state, self.cmds = Path(root), {}, {}, {}
         self.home = self.root / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
         port = free_port()
@@ -50,7 +50,8 @@ class LocalDeployment:
                                      f'partition-id={i} num-partitions={clients} state-dir="{self.state[i]}"{own}'])
 
     def _start(self, name: str, cmd) -> None:
-        with open(self.root / f"{name}.log", "w") as log:
+        self.cmds[name] = cmd
+        with open(self.root / f"{name}.log", "a") as log:
             self.procs[name] = subprocess.Popen([str(c) for c in cmd], cwd=self.root, env=self.env, stdout=log,
                                                 stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -62,6 +63,11 @@ class LocalDeployment:
         except ProcessLookupError:
             pass
         p.wait()
+
+    def restart(self, name: str) -> None:
+        """Start a killed process again with its command (a SuperNode comes back with a new node id,
+        the same client id and state directory)."""
+        self._start(name, self.cmds[name])
 
     def stop(self) -> None:
         for name in list(self.procs):

@@ -1,0 +1,155 @@
+"""FC-MoE: projection, importance weights by hand (per layer, per expert), retention on the client that
+owns the residual only, the reduction to FedIT, and residuals never going up."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+from helpers import built, reply
+
+from fedmoe.algorithms import METHODS
+from fedmoe.algorithms.fcmoe import RESIDUAL, FCMoEConfig, conflict_aware_average
+from fedmoe.algorithms.flame import COUNTS, TOKENS
+from fedmoe.config import load_config
+from fedmoe.moe import MoEModel
+from fedmoe.moe.tiny import tiny_config
+
+W = "model.layers.0.self_attn.q_proj.lora_A"
+
+
+def _shared(deltas, n, **cfg):
+    g = {W: torch.zeros(2, dtype=torch.float64)}
+    tensors = [{W: torch.tensor(d, dtype=torch.float64)} for d in deltas]
+    return conflict_aware_average(g, tensors, n, [{} for _ in deltas], {}, FCMoEConfig(**cfg))
+
+
+def test_a_conflicting_update_loses_its_part_along_the_consensus():
+    deltas = [[1.0, 0.0], [1.0, 0.2], [-1.0, 0.5]]
+    new, residuals, stats = _shared(deltas, [1, 1, 1], importance="n")
+    d = torch.tensor([1.0 / 3, 0.7 / 3], dtype=torch.float64)  # Σ w_i Δ_i, w = 1/3
+    c2 = torch.tensor(deltas[2], dtype=torch.float64)
+    r2 = (c2 @ d) / (d @ d) * d
+    assert torch.allclose(residuals[2][W], r2) and residuals[0] == {} and residuals[1] == {}
+    projected = c2 - r2
+    assert abs(float(projected @ d)) < 1e-12  # orthogonal to the consensus
+    want = (torch.tensor(deltas[0]) + torch.tensor(deltas[1])).double() / 3 + projected / 3
+    assert torch.allclose(new[W], want)  # the non-conflicting updates enter unchanged
+    assert stats["projected_fraction"] == pytest.approx(1 / 3)
+    # no projection: the plain weighted mean; a threshold above 1 projects everyone (all but zero-cosine)
+    plain, res, _ = _shared(deltas, [1, 1, 1], importance="n", projection=False)
+    assert torch.allclose(plain[W], torch.tensor(deltas, dtype=torch.float64).mean(0)) and res == [{}, {}, {}]
+
+
+def test_importance_weights_by_hand_per_layer_and_expert():
+    """3 clients, 2 MoE layers of 2 experts; layers route differently; expert 1 of layer 1 is used by nobody."""
+    A0, A1 = "model.layers.0.mlp.experts.down_lora_A", "model.layers.1.mlp.experts.down_lora_A"
+    g = {A0: torch.full((2, 1), 5.0), A1: torch.full((2, 1), 5.0)}
+    vals = [1.0, 2.0, 4.0]
+    tensors = [{A0: torch.full((2, 1), v), A1: torch.full((2, 1), v)} for v in vals]
+    n = [1.0, 2.0, 1.0]
+    freq = [{0: torch.tensor([0.5, 0.5]), 1: torch.tensor([1.0, 0.0])},
+            {0: torch.tensor([0.25, 0.75]), 1: torch.tensor([0.5, 0.0])},
+            {0: torch.tensor([1.0, 0.0]), 1: torch.tensor([0.0, 0.0])}]
+    cfg = FCMoEConfig(importance="n_f_t", temperature=1.0, projection=False)
+    new, _, _ = conflict_aware_average(g, tensors, n, freq, {A0: 0, A1: 1}, cfg)
+
+    def mean(c):
+        return sum(ci * v for ci, v in zip(c, vals)) / sum(c)
+
+    assert new[A0][0].item() == pytest.approx(mean([0.5, 0.5, 1.0]))      # n·f: 0.5, 0.5, 1.0
+    assert new[A0][1].item() == pytest.approx(mean([0.5, 1.5, 0.0]))      # 0.5, 1.5, 0
+    assert new[A1][0].item() == pytest.approx(mean([1.0, 1.0, 0.0]))      # layer 1's own counts
+    assert new[A1][1].item() == 5.0  # nobody routed to it: keeps its global value
+    # the norm-weighted default: c = n·f·‖Δ‖ with ‖Δ‖ = |v − 5|
+    new, _, _ = conflict_aware_average(g, tensors, n, freq, {A0: 0, A1: 1}, FCMoEConfig(projection=False))
+    norms = [4.0, 3.0, 1.0]
+    assert new[A1][0].item() == pytest.approx(mean([1.0 * 4.0, 1.0 * 3.0, 0.0]))
+    assert new[A0][1].item() == pytest.approx(mean([0.5 * 4, 1.5 * 3, 0.0 * norms[2]]))
+
+
+def _setup(*sets):
+    cfg = load_config(None, ["algorithm.name=fcmoe", "lora.rank=2", "data.partition.num_clients=3", *sets])
+    mm = MoEModel.from_config(tiny_config("olmoe"))
+    server, client, spec = built(METHODS["fcmoe"], cfg, mm)
+    return cfg, mm, server, client, spec
+
+
+def _replies(g, ns, seed=0, flip=None):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for cid, n in enumerate(ns):
+        t = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in g.items()}
+        if cid == flip:  # an update against the others': conflicts everywhere
+            t = {k: v - 3 * (t[k] - v) for k, v in g.items()}
+        counts = torch.randint(1, 50, (2, 8), generator=gen)
+        out.append(reply(cid, {**t, COUNTS: counts, TOKENS: torch.tensor([60, 60])}, n))
+    return out
+
+
+def test_uniform_importance_no_projection_no_retention_is_fedit_exactly():
+    cfg, mm, server, client, spec = _setup("algorithm.fcmoe.importance=n", "algorithm.fcmoe.projection=false",
+                                           "algorithm.fcmoe.retention=0")
+    g = server.initial_global()
+    replies = _replies(g, [3, 5, 2])
+    new, ss, _ = server.aggregate(g, server.initial_server_state(g), replies)
+    fedit = METHODS["fedit"].server(cfg, spec)
+    want, _, _ = fedit.aggregate(g, {}, [reply(r.client, {k: r.message.tensors[k] for k in g}, r.message.scalars["n_train"])
+                                         for r in replies])
+    assert set(new) == set(want) and all(torch.equal(new[k], want[k]) for k in want)
+    assert ss["residuals"] == {}
+
+
+def test_the_residual_goes_to_its_client_once_and_is_re_applied_with_lambda():
+    cfg, mm, server, client, _ = _setup("algorithm.fcmoe.retention=0.5")
+    g = server.initial_global()
+    ss = server.initial_server_state(g)
+    g2, ss, stats = server.aggregate(g, ss, _replies(g, [3, 5, 2], flip=2))
+    assert stats["projected_fraction"] > 0 and len(stats["mean_cosine_by_layer"]) == 2
+    res = ss["residuals"][2][1]
+    assert res  # client 2 went against the consensus: it has a residual
+    down = {cid: server.downlink(g2, ss, cid) for cid in range(3)}
+    assert {n[len(RESIDUAL):] for n in down[2].tensors if n.startswith(RESIDUAL)} == set(res)
+    assert down[2].nbytes() > down[0].nbytes()  # the residual costs downlink bytes, counted
+    assert not any(n.startswith(RESIDUAL) for n in server.downlink(g2, ss, None).tensors)  # not in the global model
+    private = client.setup(2, mm, [])[0]
+    mine = client.model_state(2, mm, down[2], private)
+    for n, t in g2.items():
+        want = t + 0.5 * res[n] if n in res else t
+        torch.testing.assert_close(mine[n], want)
+    others = {cid: client.model_state(cid, mm, down[cid], client.setup(cid, mm, [])[0]) for cid in (0, 1)}
+    for cid in (0, 1):  # a client without a residual of its own starts from the global state
+        assert all(torch.equal(others[cid][n], g2[n]) for n in g2)
+    # after training, the client keeps it: a message without it still re-applies it
+    mm.load_state(mine)
+    from fedmoe.train import LocalResult
+
+    result = LocalResult(0.0, 1, 1, 1, torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, dtype=torch.long), 10, 0.1)
+    up, private, _ = client.reply(2, mm, down[2], private, result)
+    assert not any(n.startswith(RESIDUAL) for n in up.tensors)  # never goes up
+    assert set(private["residual"]) == set(res)
+    plain = server.downlink(g2, {"residuals": {}}, 2)
+    again = client.model_state(2, mm, plain, private)
+    assert all(torch.equal(again[n], mine[n]) for n in mine)
+
+
+def test_fcmoe_run_sends_no_residual_up_and_reports_conflicts(tmp_path):
+    from fedmoe.federation import run_federated
+
+    seen = []
+    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "algorithm.name=fcmoe", "data.max_examples=200",
+                             "data.max_length=48", "data.partition.num_clients=3", "train.max_steps=2",
+                             "train.batch_size=2", "train.lr=0.05", "eval.rouge=false", "data.max_test_per_client=3",
+                             "lora.rank=4", "federation.rounds=3", f"output_dir={tmp_path}", "name=fc"])
+    summary, rd = run_federated(cfg, observe=lambda kind, cid, msg: seen.append((kind, cid, msg)))
+    ups = [m for kind, _, m in seen if kind == "reply"]
+    assert len(ups) == 9 and not any(n.startswith(RESIDUAL) for m in ups for n in m.tensors)
+    server_rows = [r for r in rd.read_metrics() if r["split"] == "server"]
+    assert all(0 <= r["projected_fraction"] <= 1 and len(r["mean_cosine_by_layer"]) == 4 for r in server_rows)
+    # a train message carries a residual exactly when the server kept one for that client
+    downs = [(cid, m) for kind, cid, m in seen if kind == "downlink" and m.header["round"] > 1]
+    assert any(any(n.startswith(RESIDUAL) for n in m.tensors) for _, m in downs) or all(
+        r["projected_fraction"] == 0 for r in server_rows)
+    report = rd.report_path.read_text()
+    assert "mean_cosine_by_layer" in report and "projected_fraction" in report
