@@ -148,9 +148,54 @@ def flex_dirichlet(runs: Path) -> None:
         print(table([""] + [m for m, _ in pts], flex_rows(pts)))
 
 
+FCMOE = ["FC-MoE", "FedIT", "FLAME", "no-importance", "no-projection", "no-retention"]
+
+
+def rounds_to(run: Path, target: float) -> str:
+    """The first round whose global test loss is at or below ``target``."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in sorted((r for r in rows if r["split"] == "test" and r["client"] is None), key=lambda r: r["round"]):
+        if r["round"] > 0 and r["loss"] is not None and r["loss"] <= target:
+            return str(r["round"])
+    return "not reached"
+
+
+def spread(xs) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / len(xs)) ** 0.5
+    return f"{m:.3f} ± {sd:.3f}"
+
+
+def fcmoe_dirichlet(runs: Path) -> None:
+    root = runs / "fcmoe-dirichlet"
+    res = load(root)
+    for alpha in ("0.1", "0.5", "1.0"):
+        pts = [(m, res[f"alpha={alpha},method={m}"]) for m in FCMOE if f"alpha={alpha},method={m}" in res]
+        if not pts:
+            continue
+        fedit = res.get(f"alpha={alpha},method=FedIT")
+        target = fedit["global"]["loss"] if fedit else None
+        print(f"\n#### FC-MoE, Dirichlet α = {alpha} (10 clients)\n")
+        rows = [["global test loss (zero-shot)"] + [f"{fmt(s['global']['loss'], 4)} ({fmt(s['zero_shot']['loss'], 4)})"
+                                                    for _, s in pts],
+                ["rounds to FedIT's final loss" + ("" if target is None else f" ({target:.4f})")] + [
+                    "–" if target is None else rounds_to(root / f"alpha={alpha},method={m}", target) for m, _ in pts],
+                ["global ROUGE-L (zero-shot)"] + [f"{fmt(s['global']['rouge_l'])} ({fmt(s['zero_shot']['rouge_l'])})"
+                                                  for _, s in pts],
+                ["paired change, 95% interval"] + [change(s) for _, s in pts],
+                ["client test loss, mean ± sd"] + [spread(c["loss"] for c in s["clients"]) for _, s in pts],
+                ["client ROUGE-L, mean ± sd"] + [spread(c["rouge_l"] for c in s["clients"]) for _, s in pts],
+                ["bytes up per client per round"] + [bytes_per_round(s) for _, s in pts],
+                ["wall"] + [f"{s['wall_s'] / 60:.1f} min" for _, s in pts]]
+        print(table([""] + [m for m, _ in pts], rows))
+
+
 def main(argv: list[str]) -> None:
     runs = Path(argv[1] if len(argv) > 1 else "runs")
-    for f in (flame_table2, flame_ablations, flex_pathological, flex_ablations, flex_dirichlet):
+    for f in (flame_table2, flame_ablations, flex_pathological, flex_ablations, flex_dirichlet, fcmoe_dirichlet):
         f(runs)
 
 

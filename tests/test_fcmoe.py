@@ -78,11 +78,11 @@ def _setup(*sets):
 
 def _replies(g, ns, seed=0, flip=None):
     gen = torch.Generator().manual_seed(seed)
+    states = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in g.items()} for _ in ns]
+    if flip is not None:  # an update against the others' (their sum, reversed): conflicts everywhere
+        states[flip] = {k: v - sum(s[k] - v for i, s in enumerate(states) if i != flip) for k, v in g.items()}
     out = []
-    for cid, n in enumerate(ns):
-        t = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in g.items()}
-        if cid == flip:  # an update against the others': conflicts everywhere
-            t = {k: v - 3 * (t[k] - v) for k, v in g.items()}
+    for cid, (n, t) in enumerate(zip(ns, states)):
         counts = torch.randint(1, 50, (2, 8), generator=gen)
         out.append(reply(cid, {**t, COUNTS: counts, TOKENS: torch.tensor([60, 60])}, n))
     return out
@@ -118,9 +118,14 @@ def test_the_residual_goes_to_its_client_once_and_is_re_applied_with_lambda():
     for n, t in g2.items():
         want = t + 0.5 * res[n] if n in res else t
         torch.testing.assert_close(mine[n], want)
-    others = {cid: client.model_state(cid, mm, down[cid], client.setup(cid, mm, [])[0]) for cid in (0, 1)}
-    for cid in (0, 1):  # a client without a residual of its own starts from the global state
-        assert all(torch.equal(others[cid][n], g2[n]) for n in g2)
+    for cid in (0, 1):  # the others start from the global state plus their own residual only
+        own = ss["residuals"].get(cid, (0, {}))[1]
+        assert {n[len(RESIDUAL):]: t for n, t in down[cid].tensors.items() if n.startswith(RESIDUAL)}.keys() == own.keys()
+        theirs = client.model_state(cid, mm, down[cid], client.setup(cid, mm, [])[0])
+        for n, t in g2.items():
+            torch.testing.assert_close(theirs[n], t + 0.5 * own[n] if n in own else t)
+            if n in res and n not in own:
+                assert torch.equal(theirs[n], t)  # client 2's residual is not theirs
     # after training, the client keeps it: a message without it still re-applies it
     mm.load_state(mine)
     from fedmoe.train import LocalResult
