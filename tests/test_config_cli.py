@@ -1,9 +1,5 @@
 """Config validation errors name the key and the file; the CLI turns them into exit code 2."""
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 import subprocess
 import sys
 

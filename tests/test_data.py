@@ -1,6 +1,4 @@
-import os
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 import gzip  # noqa: E402
 import importlib.util  # noqa: E402

@@ -1,7 +1,6 @@
+
+
 import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 import json
 import math
 

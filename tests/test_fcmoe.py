@@ -1,10 +1,6 @@
 """FC-MoE: projection, importance weights by hand (per layer, per expert), retention on the client that
 owns the residual only, the reduction to FedIT, and residuals never going up."""
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 import pytest
 import torch
 from helpers import built, reply

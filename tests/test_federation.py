@@ -3,9 +3,7 @@ checkpoint/resume of a real (tiny) federated run."""
 
 import json
 import math
-import os
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch

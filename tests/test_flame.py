@@ -1,10 +1,6 @@
 """FLAME: activation-aware aggregation against hand computations, its t = 0 reduction to FedIT,
 budgets, the private rescaler, and a real (tiny) FLAME run."""
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 import pytest
 import torch
 

@@ -1,10 +1,6 @@
 """FLEx end to end on a real tiny run: private state never leaves a client, persists across rounds
 and through a resume; the global model has no grafts; grafting is reported."""
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 import torch
 
 from fedmoe.config import load_config

@@ -1,10 +1,6 @@
 """Analytic FLOPs / parameter accounting (fedmoe.eval.flops) against torch's FlopCounterMode, meta-device
 models, and the trainables of MoEModel's adapters; the `fedmoe flops` CLI."""
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 import json
 import subprocess
 import sys
@@ -19,6 +15,8 @@ from fedmoe.eval.flops import FLOP_PARTS, count_flops, default_k_list, load_mode
 from fedmoe.moe import SUPPORTED_ARCHITECTURES, ExpertsWithLoRA, MoEModel, UnsupportedModelError
 from fedmoe.moe.tiny import tiny_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls
+
 ARCHS = list(SUPPORTED_ARCHITECTURES)
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "configs"  # ../shared beside the repo
 OLMOE = CONFIGS / "allenai--OLMoE-1B-7B-0924.json"
@@ -26,15 +24,6 @@ QWEN15 = CONFIGS / "Qwen--Qwen1.5-MoE-A2.7B.json"
 DEEPSEEK_V1 = CONFIGS / "deepseek-ai--deepseek-moe-16b-base.json"
 RANK = 4
 needs_configs = pytest.mark.skipif(not OLMOE.is_file(), reason="shared model configs not available")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: intra-op threads only add contention on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _adapted(arch, attn_implementation="eager"):

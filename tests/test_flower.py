@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch

@@ -1,10 +1,6 @@
 """FLEx grafting on real (tiny) models: expert scores by hand, the gated grafted expert's output,
 its place beside Qwen2-MoE's shared expert, greedy multi-expert grafts."""
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 import pytest
 import torch
 from torch import nn

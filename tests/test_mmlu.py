@@ -1,9 +1,5 @@
 """MMLU: bundled data counts, the exact k-shot prompt, letter scoring, batching, truncation, CLI."""
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 import collections
 import json
 
@@ -28,15 +24,9 @@ from fedmoe.eval.mmlu import (
     score_letters,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls
+
 SUBJECTS = ["abstract_algebra", "anatomy"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,7 @@
 PEFT's target_parameters), attention LoRA (against PEFT), top-k control, activation counting."""
 
 import copy
-import os
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch

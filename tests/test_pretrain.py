@@ -2,9 +2,7 @@
 shipped weights reproducing the held-out loss recorded in the model card."""
 
 import json
-import os
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch

@@ -1,10 +1,6 @@
 """Rank-heterogeneous baselines: HetLoRA padding/truncation and norm weights, FlexLoRA's SVD
 redistribution, and zero components staying zero while a low-rank client trains."""
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 import pytest
 import torch
 

@@ -1,10 +1,6 @@
 """SCAFFOLD control variates against their formulas on a real (tiny) model's adapters, the server
 control surviving a server optimizer, and MoE + X (one random expert per layer)."""
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 import torch
 from helpers import built, reply
 

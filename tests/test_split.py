@@ -2,12 +2,10 @@
 report know no method, each method owns its config section, and the default run's numbers are pinned."""
 
 import copy
-import os
 import re
 import warnings
 from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch

@@ -1,9 +1,7 @@
 """Local training: schedule, step count, aux loss, a method's loss term (FedProx), determinism."""
 
 import math
-import os
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
