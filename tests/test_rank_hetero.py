@@ -10,6 +10,7 @@ from fedmoe.algorithms import METHODS, ModelSpec
 from fedmoe.algorithms.rank_hetero import (default_rank_levels, frobenius_of_product, lora_pairs, prune, pruning_term,
                                            truncate_rank)
 from fedmoe.config import load_config
+from fedmoe.messages import Message
 from fedmoe.moe import MoEModel
 from fedmoe.moe.tiny import tiny_config
 
@@ -130,7 +131,8 @@ def test_low_rank_client_components_stay_zero_while_training():
     from fedmoe.moe import ExpertsWithLoRA, LoRALinear
 
     lora_modules = [m for m in mm.model.modules() if isinstance(m, (LoRALinear, ExpertsWithLoRA))]
-    assert lora_modules and all(m.scaling == 8 / 2 for m in lora_modules)  # alpha / r_i
+    # HetLoRA's default: the global model's alpha / r_max on every client (its model is the global one truncated)
+    assert lora_modules and all(m.scaling == 8 / 4 for m in lora_modules)
     ex = [{"input_ids": list(range(2, 20)), "labels": list(range(2, 20))} for _ in range(4)]
     train_local(mm, ex, cfg.train, pad_id=0, lr=0.05, seed=0)
     after = mm.get_state()
@@ -225,3 +227,28 @@ def test_hetlora_self_pruning_run_reports_pruned_ranks(tmp_path):
     assert ranks == [int(ck["transport"]["private"][i]["rank"]) for i in range(2)]
     assert not any("rank" in n for n in ck["global_state"])  # the rank is private, not global state
     assert ranks[0] < 4 and ranks[1] < 2 and min(ranks) >= 1  # a strong λ shrinks every tail, so both prune
+
+
+@pytest.mark.parametrize("method,scaling,want", [("hetlora", "shared", 8 / 4), ("hetlora", "per_rank", 8 / 2),
+                                                 ("flexlora", None, 8 / 2), ("trivial", None, 8 / 2)])
+def test_lora_scaling_of_a_low_rank_client(method, scaling, want):
+    """The rank-2 client's attention LoRA output, by hand: scaling x B[:, :2] A[:2] x. HetLoRA by default
+    applies alpha/r_max (a rank-2 client is the global model truncated), FlexLoRA and the trivial
+    baseline alpha/r_i (FlexLoRA's formula divides by it)."""
+    from fedmoe.moe import LoRALinear
+
+    extra = {} if scaling is None else {"algorithm.hetlora.scaling": scaling}
+    cfg = _cfg(**{"algorithm.name": method, **extra})
+    mm = MoEModel.from_config(tiny_config("olmoe"))
+    server, client, _ = built(METHODS[method], cfg, mm)
+    gen = torch.Generator().manual_seed(0)
+    g = {n: torch.randn(t.shape, generator=gen) for n, t in server.initial_global().items()}
+    if method == "trivial":
+        g = {n: t for n, t in server.downlink(g, {}, 1).tensors.items()}  # everyone at the smallest rank
+    client.load(mm, 1, Message(tensors=server.downlink(g, {}, 1).tensors), {})
+    lin = next(m for m in mm.model.modules() if isinstance(m, LoRALinear))
+    x = torch.randn(3, lin.lora_A.shape[1], generator=gen)
+    got = lin(x) - lin.base(x)
+    A, B = lin.lora_A.detach()[:2], lin.lora_B.detach()[:, :2]
+    torch.testing.assert_close(got, want * (x @ A.T @ B.T), rtol=1e-5, atol=1e-5)
+    assert lin.lora_A.detach()[2:].abs().sum() == 0  # truncated to rank 2

@@ -1,6 +1,8 @@
-"""SCAFFOLD control variates against their formulas on a real (tiny) model's adapters, the server
-control surviving a server optimizer, and MoE + X (one random expert per layer)."""
+"""SCAFFOLD control variates against their formulas on a real (tiny) model's adapters (option II with
+SGD, the mean local gradient with any optimizer: equal under SGD, gradient-sized under AdamW), the
+server control surviving a server optimizer, and MoE + X (one random expert per layer)."""
 
+import pytest
 import torch
 from helpers import built, reply
 
@@ -10,7 +12,11 @@ from fedmoe.config import load_config
 from fedmoe.messages import Reply
 from fedmoe.moe import MoEModel
 from fedmoe.moe.tiny import tiny_config
-from fedmoe.train import LocalResult
+from fedmoe.config import ConfigError
+from fedmoe.train import LocalResult, train_local
+
+EXAMPLES = [{"input_ids": list(range(2 + i, 30 + i)), "labels": [-100] * 6 + list(range(8 + i, 30 + i))}
+            for i in range(12)]
 
 
 def _setup(*sets):
@@ -26,7 +32,7 @@ def _result(steps, lr, n=10):
 
 
 def test_control_variates_by_formula():
-    cfg, mm, server, client = _setup()
+    cfg, mm, server, client = _setup("algorithm.scaffold.control=option2", "train.optimizer=sgd")
     g = server.initial_global()
     ss = server.initial_server_state(g)
     down = server.downlink(g, ss, 0)
@@ -95,3 +101,75 @@ def test_moe_plus_scaffold_run_with_one_random_expert_per_layer(tmp_path):
     _, rd2 = run_federated(load_config(None, sets + ["name=cut"]), stop_after_round=1)
     resumed, _ = resume_federated(rd2.path)
     assert [c["loss"] for c in resumed["clients"]] == [c["loss"] for c in summary["clients"]]
+
+
+def _train_round(client, mm, down, private, lr):
+    """One local round of the SCAFFOLD client on the tiny model: (reply, new private, start state x)."""
+    x = client.model_state(0, mm, down, private)
+    mm.load_state(x)
+    obj = client.objective(0, mm, down, private)
+    result = train_local(mm, EXAMPLES, client.cfg.train, pad_id=0, lr=lr, seed=3, objective=obj)
+    msg, new_private, _ = client.reply(0, mm, down, private, result)
+    return msg, new_private, x
+
+
+def _nonzero_control(g, scale):
+    gen = torch.Generator().manual_seed(7)
+    return {n: scale * torch.randn(t.shape, generator=gen) for n, t in g.items()}
+
+
+def _rms(d):
+    return (sum(float((t.double() ** 2).sum()) for t in d.values()) / sum(t.numel() for t in d.values())) ** 0.5
+
+
+def test_mean_gradient_control_is_option_two_under_sgd():
+    """With plain SGD steps (no clipping, no decay) c_i - c + (x - y)/(K lr) is the mean of the raw local
+    gradients: the two choices of c_i+ agree. A bug that took the corrected gradient (g - c_i + c), the last
+    step's gradient, or K-1 steps would not."""
+    sgd = ["train.optimizer=sgd", "train.grad_clip=null", "train.max_steps=5", "train.batch_size=4"]
+    out = {}
+    for control in ("option2", "mean_gradient"):
+        cfg, mm, server, client = _setup(f"algorithm.scaffold.control={control}", *sgd)
+        g = server.initial_global()
+        g = {n: t + 0.01 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) for n, t in g.items()}
+        down = server.downlink(g, {"c": _nonzero_control(g, 1e-3)}, 0)  # a correction that is not zero
+        private = {"c_i": _nonzero_control(g, 2e-3)}
+        msg, new_private, _ = _train_round(client, mm, down, private, lr=0.05)
+        out[control] = new_private["c_i"]
+    for n, t in out["option2"].items():
+        torch.testing.assert_close(out["mean_gradient"][n], t, rtol=2e-3, atol=2e-6)
+    assert _rms(out["mean_gradient"]) > 1e-4  # a real gradient, not zeros
+
+
+def test_control_is_gradient_sized_under_adamw():
+    """The issue's measurement: with AdamW local steps option II's (x - y)/(K lr) is ~1 per coordinate,
+    many times the gradient; the default control (the mean gradient) has the gradient's size."""
+    cfg, mm, server, client = _setup("train.max_steps=5", "train.batch_size=4", "train.grad_clip=null")
+    g = server.initial_global()
+    g = {n: t + 0.01 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) for n, t in g.items()}
+    down = server.downlink(g, server.initial_server_state(g), 0)
+    private = {"c_i": {n: torch.zeros_like(t) for n, t in g.items()}}
+    lr = 4e-5
+    msg, new_private, x = _train_round(client, mm, down, private, lr=lr)
+    # the gradient at x on one batch, by hand
+    mm.load_state(x)
+    params = mm.trainable_parameters()
+    from fedmoe.data.tokenize import collate_sft
+    from fedmoe.moe.loss import labelled_token_loss
+    batch = collate_sft(EXAMPLES[:4], 0)
+    loss_sum, n_tok, _ = labelled_token_loss(mm.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    grads = torch.autograd.grad(loss_sum / n_tok, list(params.values()), allow_unused=True)
+    grad = {n: (torch.zeros_like(p) if gr is None else gr) for (n, p), gr in zip(params.items(), grads)}
+    ratio = _rms(new_private["c_i"]) / _rms(grad)
+    assert 0.3 < ratio < 3, ratio
+    y = {n: t for n, t in msg.tensors.items() if not n.startswith(DC)}
+    option2 = {n: (x[n] - y[n]) / (5 * lr) for n in y}
+    print(f"control/gradient RMS: mean_gradient {ratio:.2f}, option II {_rms(option2) / _rms(grad):.1f}")
+    assert _rms(option2) / _rms(grad) > 10 * ratio  # what option II would have sent with Adam steps
+
+
+def test_option_two_needs_sgd():
+    with pytest.raises(ConfigError, match="train.optimizer: sgd"):
+        load_config(None, ["algorithm.name=scaffold", "algorithm.scaffold.control=option2"])
+    with pytest.raises(ConfigError, match="train.momentum"):
+        load_config(None, ["train.momentum=0.9"])

@@ -81,6 +81,10 @@ class TrainConfig(_Strict):
     min_lr: float = Field(0.0, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays across rounds (FLEx)
     weight_decay: float = Field(0.0, ge=0)
+    # the local optimizer: AdamW (the papers' choice), or plain SGD (with momentum) as SCAFFOLD's
+    # option II control variates assume
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.0, ge=0, lt=1)  # SGD only
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_steps: int | None = Field(40, ge=1)  # optimizer steps per round; None = use epochs
@@ -89,6 +93,13 @@ class TrainConfig(_Strict):
     aux_loss: bool = False  # add the model's MoE load-balancing loss
     aux_loss_coef: float | None = Field(None, ge=0)  # None = the model config's router_aux_loss_coef
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast on CUDA when auto
+
+    @model_validator(mode="after")
+    def _momentum_is_sgds(self):
+        if self.optimizer != "sgd" and self.momentum != 0:
+            raise ValueError(f"train.momentum = {self.momentum} applies to train.optimizer: sgd, but the optimizer is "
+                             f"{self.optimizer!r} (AdamW has its own moments): remove train.momentum or use sgd")
+        return self
 
 
 def _algorithm_config():
@@ -187,6 +198,7 @@ class RunConfig(_Strict):
                 raise ValueError(f"{keys} configure the method '{other.name}', but algorithm.name is {alg.name!r}, "
                                  f"which reads only algorithm.{{{', '.join(method.sections)}}}: remove them (in a "
                                  "sweep, set them in that method's variant)")
+        method.client.check_config(self)
         return self
 
     def run_name(self) -> str:

@@ -34,6 +34,9 @@ class LocalResult:
     tokens_per_layer: torch.Tensor  # (L,)
     n_train: int  # the client's training examples
     lr: float  # the learning rate of this round
+    # the mean over this round's steps of each trainable's gradient of the local loss (before any
+    # correction and clipping); only when the objective asks for it (a method's gradient estimate)
+    mean_gradient: dict[str, torch.Tensor] | None = None
 
 
 def round_lr(cfg: TrainConfig, round_idx: int, total_rounds: int) -> float:
@@ -64,6 +67,25 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.bf16 == "on" or (cfg.bf16 == "auto" and device.type == "cuda")
 
 
+def make_optimizer(cfg: TrainConfig, params: dict[str, torch.nn.Parameter], lr: float,
+                   options: dict[str, dict] | None = None) -> torch.optim.Optimizer:
+    """``train.optimizer`` over the trainables: one parameter group for the plain ones and one per
+    distinct option (``{"lr_scale": x, "weight_decay": y}`` for a name, e.g. a scalar with its own lr)."""
+    options = options or {}
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise ValueError(f"parameter options for tensors the model does not train: {unknown[:3]}")
+    groups: dict[tuple[float, float], list] = {}
+    for n, p in params.items():
+        o = options.get(n, {})
+        key = (float(o.get("lr_scale", 1.0)), float(o.get("weight_decay", cfg.weight_decay)))
+        groups.setdefault(key, []).append(p)
+    spec = [{"params": ps, "lr": lr * scale, "weight_decay": wd} for (scale, wd), ps in groups.items()]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(spec, lr=lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(spec, lr=lr)
+
+
 def train_local(
     mm: MoEModel,
     examples: Sequence[dict],
@@ -78,7 +100,9 @@ def train_local(
 
     ``seed`` fixes data order and dropout, so the same call gives the same result. ``objective``:
     each of its ``loss_terms(params)`` is added to every micro-batch's loss, its ``grad_correction``
-    (a tensor per trainable) to the gradient before clipping and the optimizer step.
+    (a tensor per trainable) to the gradient before clipping and the optimizer step; its
+    ``param_options`` give some trainables their own learning rate (a multiple of ``lr``) and weight
+    decay; with ``mean_gradient`` the result carries the mean over the steps of the raw gradients.
     """
     if len(examples) == 0:
         raise ValueError("a client with no training examples cannot train; check the partition")
@@ -86,8 +110,11 @@ def train_local(
     params = mm.trainable_parameters()
     if not params:
         raise ValueError("the model has no trainable tensors: the algorithm added no adapters")
-    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg, params, lr, None if objective is None else objective.param_options)
     terms = [] if objective is None else list(objective.loss_terms)
+    grad_sum = None
+    if objective is not None and objective.mean_gradient:
+        grad_sum = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     correction = None
     if objective is not None and objective.grad_correction is not None:
         correction = {n: t.to(device) for n, t in objective.grad_correction.items()}
@@ -122,6 +149,10 @@ def train_local(
             step_loss += loss.item() / cfg.grad_accum
             seen += len(idx)
             tokens += int(batch["attention_mask"].sum())
+        if grad_sum is not None:
+            for n, p in params.items():
+                if p.grad is not None:
+                    grad_sum[n] += p.grad.to(torch.float64)
         if correction is not None:
             for n, corr in correction.items():
                 if params[n].grad is not None:
@@ -134,5 +165,9 @@ def train_local(
             progress(step + 1, step_loss)
     model.eval()
     counts, per_layer = mm.activation_counts()
+    mean_gradient = None
+    if grad_sum is not None:
+        mean_gradient = {n: (g / n_steps).to(params[n].dtype).cpu() for n, g in grad_sum.items()}
     return LocalResult(loss=sum(losses) / len(losses), steps=n_steps, examples_seen=seen, tokens=tokens,
-                       activation_counts=counts, tokens_per_layer=per_layer, n_train=len(examples), lr=lr)
+                       activation_counts=counts, tokens_per_layer=per_layer, n_train=len(examples), lr=lr,
+                       mean_gradient=mean_gradient)

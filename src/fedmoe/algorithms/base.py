@@ -108,11 +108,15 @@ def model_spec(cfg: RunConfig, method: Method) -> ModelSpec:
 @dataclass
 class Objective:
     """What a method adds to the plain local loss: terms added to every micro-batch's loss (each a
-    function of the trainable parameters, name -> tensor) and a tensor per trainable added to its
-    gradient before the optimizer step."""
+    function of the trainable parameters, name -> tensor), a tensor per trainable added to its
+    gradient before the optimizer step, optimizer settings of some trainables (name ->
+    ``{"lr_scale": x, "weight_decay": y}``), and whether the trainer should return the mean of the
+    raw local gradients (:attr:`~fedmoe.train.LocalResult.mean_gradient`)."""
 
     loss_terms: list[Callable[[dict[str, torch.Tensor]], torch.Tensor]] = field(default_factory=list)
     grad_correction: State | None = None
+    param_options: dict[str, dict[str, float]] = field(default_factory=dict)
+    mean_gradient: bool = False
 
 
 # ------------------------------------------------------------------------------------ halves
@@ -154,6 +158,11 @@ class Client:
     def build(cls, cfg: RunConfig, mm: MoEModel) -> None:
         """Add the method's trainable structure to the frozen model (the same on every client)."""
         raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Refuse settings this method cannot honour (a ValueError naming the key and the fix); run when
+        the config is validated, before any model is built."""
 
     # settings of this client --------------------------------------------------------------------
     def top_k(self, client: int | None, mm: MoEModel) -> int:

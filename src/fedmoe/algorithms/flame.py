@@ -20,7 +20,7 @@ from pydantic import Field
 
 from ..configbase import StrictModel
 from ..messages import Message, Reply
-from .base import N_TRAIN, Method, Private, State, sizes, weighted_average
+from .base import N_TRAIN, Method, Objective, Private, State, sizes, weighted_average
 from .budgets import client_levels, default_top_k_levels
 from .fedit import FedITClient, FedITServer, random_experts_per_layer
 from .server_opt import server_update
@@ -34,6 +34,11 @@ class FlameConfig(StrictModel):
     temperature: float = Field(2.0, ge=0)  # activation-aware aggregation: γ = (a/S)^t · n
     rescaler: Literal["learned", "static", "none"] = "learned"  # s_i
     rescaler_init: Literal["one", "ratio"] = "one"  # learned s_i starts at 1.0 or at k/k_i
+    # (our choice; the paper is silent) the learned s_i's own learning rate, without weight decay. With the
+    # LoRA's lr (null) Adam moves s_i by about lr per step: at the paper's 1.5e-4 over ~376 steps at most
+    # ~0.06, while the static ratio k/k_i it stands in for is up to 8. It follows train.schedule in
+    # proportion (its lr is rescaler_lr x round lr / train.lr).
+    rescaler_lr: float | None = Field(1e-2, gt=0)
 
 
 def activation_aware_average(global_state: State, tensors: list[State], counts: list[torch.Tensor],
@@ -152,14 +157,28 @@ class FlameClient(FedITClient):
         elif variant == "none":
             mm.set_output_scale(1.0)
 
+    def objective(self, client, mm, message, private) -> Objective:
+        base = super().objective(client, mm, message, private)
+        fc = self.cfg.algorithm.flame
+        if fc.rescaler != "learned":
+            return base
+        scale = 1.0 if fc.rescaler_lr is None else fc.rescaler_lr / self.cfg.train.lr
+        options = {n: {"lr_scale": scale, "weight_decay": 0.0} for n in mm.trainable_names() if is_rescaler(n)}
+        return Objective(loss_terms=base.loss_terms, grad_correction=base.grad_correction, param_options=options)
+
     def reply(self, client, mm, message, private, result):
         trained = mm.get_state()
         tensors = {n: t for n, t in trained.items() if not is_rescaler(n)}
         tensors[COUNTS], tensors[TOKENS] = result.activation_counts, result.tokens_per_layer
         new_private = {n: t.clone() for n, t in trained.items() if is_rescaler(n)}
-        return Message(tensors=tensors, scalars={N_TRAIN: result.n_train}), new_private, {}
+        metrics = {}
+        if new_private:  # the learned s_i per MoE layer (the names are in layer order), for the report
+            metrics["rescaler_by_layer"] = [float(t) for t in new_private.values()]
+        return Message(tensors=tensors, scalars={N_TRAIN: result.n_train}), new_private, metrics
 
 
 METHOD = Method("flame", FlameServer, FlameClient, config=FlameConfig, reads=("fedit",),
                 summary="FLAME: per-client top-k_i from compute budgets, private learnable rescaler, "
-                        "activation-aware aggregation")
+                        "activation-aware aggregation",
+                notes={"rescaler_by_layer": "the client's learned rescaler s_i per MoE layer after its last round "
+                                            "(it starts at 1, or at k/k_i with rescaler_init: ratio)"})

@@ -2,7 +2,9 @@
 (all k experts active).
 
 Mechanics: adapters are built at r_max; client i uses their first r_i components (the rest are zero
-in its downlink, and stay zero while it trains: both their gradients vanish) with scaling alpha/r_i.
+in its downlink, and stay zero while it trains: both their gradients vanish). Scaling: alpha/r_i for
+``trivial`` and ``flexlora`` (FlexLoRA's formula has it); HetLoRA by default applies the global
+model's alpha/r_max on every client (``algorithm.hetlora.scaling``, see HetLoRAConfig).
 
 * ``trivial``: every client uses the smallest rank of the budget list; FedIT aggregation.
 * ``hetlora`` (Cho et al., EMNLP 2024, "Heterogeneous LoRA for Federated Fine-tuning of On-Device
@@ -21,8 +23,9 @@ import math
 import re
 import time
 
-import torch
+from typing import Literal
 
+import torch
 from pydantic import Field
 
 from ..configbase import StrictModel
@@ -43,6 +46,14 @@ class HetLoRAConfig(StrictModel):
 
     prune_lambda: float = Field(0.0, ge=0)
     prune_gamma: float = Field(0.9, gt=0, lt=1)
+    # The LoRA scaling a rank-r_i client applies. ``shared`` (default): alpha/r_max on every client, so a
+    # client's model is exactly the global model truncated to its rank — HetLoRA (Cho et al. 2024, §3)
+    # writes a client's update as the truncation B[:, :r_i] A[:r_i, :] of the global factors, with no
+    # rank-dependent rescaling, and its zero-padding aggregation averages factors that mean the same
+    # thing on every client. ``per_rank``: alpha/r_i (PEFT's default for a rank-r_i adapter), which
+    # makes a rank-6 client apply the shared leading components 20/6 = 3.3x as strongly as a rank-20
+    # client (the behaviour before this option existed).
+    scaling: Literal["shared", "per_rank"] = "shared"
 
 
 def default_rank_levels(rank: int) -> list[int]:
@@ -191,9 +202,15 @@ def prune(pairs, trained: State, private: dict, gamma: float) -> tuple[State, di
 
 class HetLoRAClient(RankClient):
     """Self-pruning (``algorithm.hetlora.prune_lambda`` > 0): the client's current rank is private;
-    its model truncates the received adapters to it, and its reply carries it."""
+    its model truncates the received adapters to it, and its reply carries it. Scaling: alpha/r_max on
+    every client by default (``algorithm.hetlora.scaling``)."""
 
     pairs = staticmethod(lora_pairs)
+
+    def configure(self, mm, client, private) -> None:
+        if self.cfg.algorithm.hetlora.scaling == "per_rank":
+            return super().configure(mm, client, private)
+        mm.set_lora_scaling(self.cfg.lora.alpha / self.r_max)
 
     @property
     def pruning(self) -> bool:

@@ -1,19 +1,30 @@
 """SCAFFOLD (Karimireddy et al., ICML 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated
-Learning"), option II control variates, on LoRA (one of FLEx's "MoE + X" baselines).
+Learning") on LoRA (one of FLEx's "MoE + X" baselines).
 
-Client i, starting from x with server control c and its own control c_i (private), trains with
-gradients g − c_i + c for K steps of learning rate η, giving y_i; then c_i⁺ = c_i − c + (x − y_i)/(K·η).
-It replies with y_i, n_i and Δc_i = c_i⁺ − c_i. Server: x ← Σ p_i y_i (then the configured server
-optimizer), c ← c + (1/N) Σ_{i∈S} Δc_i with N the number of clients. The downlink carries x and c
-(both count in the bytes); c lives in the server state.
-(our choice) with AdamW as the local optimizer the correction is added to the gradient before the
-optimizer step; K·η uses the round's lr.
+Client i, starting from x with server control c and its own control c_i (private), trains K steps on
+gradients g − c_i + c, giving y_i; it replies with y_i, n_i and Δc_i = c_i⁺ − c_i. Server:
+x ← Σ p_i y_i (then the configured server optimizer), c ← c + (1/N) Σ_{i∈S} Δc_i with N the number
+of clients. The downlink carries x and c (both count in the bytes); c lives in the server state.
+
+The new control c_i⁺ (``algorithm.scaffold.control``):
+
+- ``mean_gradient`` (default, our choice): the mean over the K local steps of the raw minibatch
+  gradients g_k of the local loss (before the correction and clipping). With plain SGD local steps this
+  *is* the paper's option II: y = x − η Σ_k (g_k − c_i + c), so c_i − c + (x − y)/(Kη) = mean_k g_k.
+  Unlike option II it stays gradient-sized under AdamW, the local optimizer the other methods use.
+- ``option2``: the paper's formula c_i⁺ = c_i − c + (x − y_i)/(K·η), K·η with the round's lr. It is
+  a mean gradient only for plain SGD steps (with AdamW each step moves each coordinate by about η, so
+  (x − y)/(Kη) is ~1 per coordinate — measured 50–100× the gradient on the tiny OLMoE — and from
+  round 2 the correction swamps the gradient), so it requires ``train.optimizer: sgd``.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
+from ..configbase import StrictModel
 from ..messages import Message, Reply
 from .base import N_TRAIN, Method, Objective, State, sizes, weighted_average
 from .fedit import FedITClient, FedITServer
@@ -21,6 +32,10 @@ from .server_opt import server_update
 
 C = "c/"  # downlink: the server control, per trainable tensor
 DC = "dc/"  # reply: the change of the client's control
+
+
+class ScaffoldConfig(StrictModel):
+    control: Literal["mean_gradient", "option2"] = "mean_gradient"  # how c_i⁺ is computed (module docstring)
 
 
 class ScaffoldServer(FedITServer):
@@ -37,10 +52,19 @@ class ScaffoldServer(FedITServer):
         new_x, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state)
         num_clients = self.cfg.data.partition.num_clients
         new_c = {n: c[n] + sum(r.message.tensors[DC + n] for r in replies) / num_clients for n in global_state}
-        return new_x, {**server_state, "c": new_c}, {}
+        rms = lambda d: (sum(float((t.double() ** 2).sum()) for t in d.values())  # noqa: E731
+                         / max(1, sum(t.numel() for t in d.values()))) ** 0.5
+        return new_x, {**server_state, "c": new_c}, {"control_rms": rms(new_c)}
 
 
 class ScaffoldClient(FedITClient):
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.algorithm.scaffold.control == "option2" and cfg.train.optimizer != "sgd":
+            raise ValueError("algorithm.scaffold.control = 'option2' computes c_i from (x − y)/(K·lr), a mean gradient "
+                             f"only for plain SGD local steps, but train.optimizer is {cfg.train.optimizer!r}: set "
+                             "train.optimizer: sgd, or use algorithm.scaffold.control: mean_gradient")
+
     def setup(self, client, mm, train):
         return {"c_i": {n: torch.zeros_like(t) for n, t in mm.get_state().items()}}, {}
 
@@ -50,15 +74,21 @@ class ScaffoldClient(FedITClient):
     def objective(self, client, mm, message, private) -> Objective:
         base = super().objective(client, mm, message, private)
         c = message.prefixed(C)
-        return Objective(loss_terms=base.loss_terms, grad_correction={n: c[n] - private["c_i"][n] for n in c})
+        return Objective(loss_terms=base.loss_terms, grad_correction={n: c[n] - private["c_i"][n] for n in c},
+                         mean_gradient=self.cfg.algorithm.scaffold.control == "mean_gradient")
 
     def reply(self, client, mm, message, private, result):
         y = mm.get_state()
-        x, c, c_i = self.model_state(client, mm, message, private), message.prefixed(C), private["c_i"]
-        new_ci = {n: c_i[n] - c[n] + (x[n] - y[n]) / (result.steps * result.lr) for n in y}
+        c_i = private["c_i"]
+        if self.cfg.algorithm.scaffold.control == "mean_gradient":
+            new_ci = {n: result.mean_gradient[n].to(c_i[n].dtype) for n in y}
+        else:
+            x, c = self.model_state(client, mm, message, private), message.prefixed(C)
+            new_ci = {n: c_i[n] - c[n] + (x[n] - y[n]) / (result.steps * result.lr) for n in y}
         tensors = {**y, **{DC + n: new_ci[n] - c_i[n] for n in y}}
         return Message(tensors=tensors, scalars={N_TRAIN: result.n_train}), {**private, "c_i": new_ci}, {}
 
 
-METHOD = Method("scaffold", ScaffoldServer, ScaffoldClient, reads=("fedit",),
-                summary="SCAFFOLD control variates (option II) on LoRA")
+METHOD = Method("scaffold", ScaffoldServer, ScaffoldClient, config=ScaffoldConfig, reads=("fedit",),
+                summary="SCAFFOLD control variates (the mean local gradient, or option II with SGD) on LoRA",
+                notes={"control_rms": "root mean square of the server control c after the round (gradient-sized)"})

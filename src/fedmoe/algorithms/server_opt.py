@@ -8,6 +8,14 @@ Optimization", Algorithm 2) over the aggregated delta Δ = Σ p_i (θ_i − θ):
 
 (our choice) the second moment starts at v = τ² as in the paper's algorithm (v_{-1} ≥ τ²); no
 bias correction. ``none`` is plain FedAvg: θ ← θ + Δ.
+
+Default server learning rates η (``lr: null``), per optimizer: FedAvgM 1.0 with momentum 0.9 (Hsu et
+al., 2019, "Measuring the Effects of Non-Identical Data Distribution for Federated Visual
+Classification"); FedAdam and FedYogi 1e-2, FedAdagrad 1e-1, with τ = 1e-3: the orders of magnitude
+Reddi et al. found best across their tasks for the adaptive optimizers (their grid: η ∈ 10^{-3..1}).
+Flower's strategies default to the same orders (FedYogi 1e-2, FedAdagrad 1e-1; FedAdam 1e-1). An
+adaptive step is ≈ η per coordinate whatever the size of Δ (m/√v is ≈ ±1 when Δ keeps its sign), so
+η = 1 would move every LoRA factor by ~1 per round: far beyond what local training moves them.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..configbase import StrictModel
 
@@ -24,11 +32,27 @@ State = dict[str, torch.Tensor]
 
 class ServerOptimizerConfig(StrictModel):
     name: Literal["none", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = "none"
-    lr: float = Field(1.0, gt=0)  # server learning rate eta
+    lr: float | None = Field(None, gt=0)  # server learning rate eta (None: the optimizer's default, DEFAULT_LR)
     momentum: float = Field(0.9, ge=0, lt=1)  # FedAvgM
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)  # adaptivity
+
+    @model_validator(mode="after")
+    def _lr_needs_an_optimizer(self):
+        if self.name == "none" and self.lr is not None:
+            raise ValueError(f"algorithm.server_optimizer.lr = {self.lr} is the server learning rate of a server "
+                             "optimizer, but algorithm.server_optimizer.name is 'none' (plain FedAvg): set a name "
+                             "(fedavgm, fedadam, fedyogi, fedadagrad) or remove the lr")
+        return self
+
+
+DEFAULT_LR = {"none": 1.0, "fedavgm": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2, "fedadagrad": 1e-1}
+
+
+def server_lr(cfg: ServerOptimizerConfig) -> float:
+    """η: the configured server learning rate, or the optimizer's default."""
+    return DEFAULT_LR[cfg.name] if cfg.lr is None else cfg.lr
 
 
 def server_update(cfg: ServerOptimizerConfig, global_state: State, averaged: State, server_state: dict) -> tuple[State, dict]:
@@ -36,6 +60,7 @@ def server_update(cfg: ServerOptimizerConfig, global_state: State, averaged: Sta
     moments (``m``, ``v``) updated; every other key of ``server_state`` (the method's own) is kept."""
     if cfg.name == "none":
         return {n: t.clone() for n, t in averaged.items()}, server_state
+    eta = server_lr(cfg)
     m = dict(server_state.get("m", {}))
     v = dict(server_state.get("v", {}))
     new: State = {}
@@ -45,7 +70,7 @@ def server_update(cfg: ServerOptimizerConfig, global_state: State, averaged: Sta
         if cfg.name == "fedavgm":
             m_n = cfg.momentum * m.get(name, torch.zeros_like(delta)) + delta
             m[name] = m_n
-            new[name] = (theta64 + cfg.lr * m_n).to(theta.dtype)
+            new[name] = (theta64 + eta * m_n).to(theta.dtype)
             continue
         m_n = cfg.beta1 * m.get(name, torch.zeros_like(delta)) + (1 - cfg.beta1) * delta
         v_prev = v.get(name, torch.full_like(delta, cfg.tau**2))
@@ -59,7 +84,7 @@ def server_update(cfg: ServerOptimizerConfig, global_state: State, averaged: Sta
         else:
             raise ValueError(f"unknown server optimizer '{cfg.name}'")
         m[name], v[name] = m_n, v_n
-        new[name] = (theta64 + cfg.lr * m_n / (v_n.sqrt() + cfg.tau)).to(theta.dtype)
+        new[name] = (theta64 + eta * m_n / (v_n.sqrt() + cfg.tau)).to(theta.dtype)
     out = {**server_state, "m": m}
     if cfg.name != "fedavgm":
         out["v"] = v

@@ -145,6 +145,7 @@ class Federation:
             rec.bytes_up += up
             rec.rounds_trained += 1
             rec.add_counts(report["activation_counts"])
+            rec.reported, rec.reported_round = dict(report["metrics"]), round_idx
             clash = set(report["metrics"]) & set(RUNTIME_TRAIN_KEYS)
             if clash:
                 raise ValueError(f"{self.method.name}'s client metrics use the runtime's keys {sorted(clash)}")

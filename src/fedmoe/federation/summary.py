@@ -30,6 +30,9 @@ class ClientRecord:
     data: dict = field(default_factory=dict)
     profile: dict = field(default_factory=dict)
     evaluated_round: int | None = None  # the round of last_eval (older than the last round if it failed since)
+    # the method's own metrics from the client's latest reply (e.g. a learned value per MoE layer)
+    reported: dict = field(default_factory=dict)
+    reported_round: int | None = None
 
     def state(self) -> dict:
         return asdict(self)
@@ -93,6 +96,7 @@ def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, 
             "n_test": r.data["n_test"], "n_generated": r.data["n_generated"],
             "category_counts": r.data["category_counts"],
             "expert_activation": None if r.activation_counts is None else r.activation_counts.tolist(),
+            "reported": r.reported or None, "reported_round": r.reported_round,
             "examples": r.last_eval.get("examples", []),
         })
     g = global_eval

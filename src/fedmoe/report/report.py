@@ -374,6 +374,30 @@ def format_client_setup(summary: dict) -> list[str]:
     return lines + _notes(summary, keys) + [""]
 
 
+def format_client_reported(summary: dict) -> list[str]:
+    """What the method reported of each client in its latest reply (numbers, and per-layer lists such as
+    a value learned per MoE layer), so a user sees what each client learned or decided."""
+    clients = [c for c in summary.get("clients") or [] if c.get("reported")]
+    if not clients:
+        return []
+    keys: list[str] = []
+    for c in clients:
+        keys += [k for k in c["reported"] if k not in keys]
+
+    def cell(k, v):
+        if isinstance(v, list):
+            return ", ".join(format_metric(k, x) for x in v)
+        return format_metric(k, v)
+
+    lines = ["## Client-reported values", "", "From each client's latest reply (the round it was sent in; per-layer "
+             "lists in MoE-layer order).", "", "| client | round | " + " | ".join(keys) + " |",
+             "|---|---:|" + "---|" * len(keys)]
+    for c in clients:
+        lines.append(f"| {c['id']} | {_plain(c.get('reported_round'))} | "
+                     + " | ".join(cell(k, c["reported"].get(k)) for k in keys) + " |")
+    return lines + _notes(summary, keys) + [""]
+
+
 def format_server_metrics(metrics: list[dict], summary: dict | None = None) -> list[str]:
     """The server's aggregation per round, from metrics.jsonl: its time and whatever the method reported."""
     rows = [r for r in metrics if r.get("split") == "server" and r.get("aggregate_s") is not None]
@@ -454,6 +478,7 @@ def write_report(
     if histogram_markdown:
         parts += ["## Data: categories per client", "", histogram_markdown.strip(), ""]
     parts += format_client_setup(summary)
+    parts += format_client_reported(summary)
     parts += format_server_metrics(metrics, summary)
     for key, name in plot_layer_metrics(metrics, run_dir.path):
         note = (summary.get("metric_notes") or {}).get(key, "")
