@@ -316,3 +316,32 @@ def test_write_report_without_metrics(tmp_path):
     text = write_report(rd, summary, []).read_text()
     assert "| global | – | – | – | – | – | – | – | – |" in text
     assert not (rd.path / "learning_curve.png").exists()
+
+
+@pytest.mark.parametrize("clients,layers,experts", [(10, 16, 64), (40, 4, 16), (2, 1, 8)])
+def test_expert_heatmap_labels_never_overlap_a_neighbouring_panel(clients, layers, experts):
+    """Every panel's box with its title, ticks and labels is clear of every other panel's; the client
+    labels are drawn once per panel row (left column), and the saved figure is cropped to its content."""
+    import itertools
+
+    from fedmoe.report.report import expert_heatmap_figure
+
+    gen = torch.Generator().manual_seed(0)
+    summary = {"clients": [{"id": c, "k": 2, "expert_activation": torch.randint(0, 50, (layers, experts), generator=gen).tolist()}
+                           for c in range(clients)]}
+    fig = expert_heatmap_figure(summary)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = [a for a in fig.axes if a.axison and a.get_label() != "<colorbar>"]
+    assert len(panels) == layers
+    boxes = [a.get_tightbbox(renderer) for a in panels]
+    assert not [(i, j) for i, j in itertools.combinations(range(len(boxes)), 2) if boxes[i].overlaps(boxes[j])]
+    cols = min(layers, 4)
+    for i, ax in enumerate(panels):
+        left = ax.yaxis.get_tick_params()["labelleft"]
+        assert left == (i % cols == 0)
+        if left:
+            assert [t.get_text() for t in ax.get_yticklabels()] == [f"c{c} (k=2)" for c in range(clients)]
+    content = fig.get_tightbbox(renderer)  # inches
+    w, h = fig.get_size_inches()
+    assert content.width > 0.85 * w and content.height > 0.85 * h  # no wide empty margin

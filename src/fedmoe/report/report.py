@@ -204,26 +204,32 @@ def plot_learning_curve(metrics: list[dict], path: str | Path) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def plot_expert_heatmap(summary: dict, path: str | Path) -> bool:
-    """Per-client expert activation frequency: one panel per MoE layer, clients x
-    experts, colour = share of the client's routed assignments that went to the expert."""
+def expert_heatmap_figure(summary: dict):
+    """The figure of :func:`plot_expert_heatmap` (None without activation counts). Panels share the
+    client axis: its labels are drawn once per panel row, and the constrained layout keeps every
+    title, label and the colour bar clear of the neighbouring panels."""
     rows = [(c["id"], c.get("expert_activation"), c.get("k")) for c in summary.get("clients", [])]
     rows = [r for r in rows if r[1]]
     if not rows:
-        return False
+        return None
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     counts = np.array([r[1] for r in rows], dtype=float)  # (clients, layers, experts)
     freq = counts / np.maximum(counts.sum(axis=2, keepdims=True), 1)
-    n_layers = freq.shape[1]
+    n_layers, n_experts = freq.shape[1], freq.shape[2]
     cols = min(n_layers, 4)
     nrows = (n_layers + cols - 1) // cols
-    fig = Figure(figsize=(3.2 * cols + 1, 0.35 * len(rows) * nrows + 1.2 * nrows))
+    panel_w = min(4.0, 1.2 + 0.06 * n_experts)
+    panel_h = 0.9 + 0.2 * len(rows)  # a title, the expert axis and one line per client
+    fig = Figure(figsize=(panel_w * cols + 2.2, panel_h * nrows + 0.3), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, cols, squeeze=False)
+    axes = fig.subplots(nrows, cols, squeeze=False, sharey=True)
     vmax = float(freq.max()) or 1.0
+    labels = [f"c{cid} (k={k})" for cid, _, k in rows]
+    im = None
     for layer in range(nrows * cols):
         ax = axes[layer // cols][layer % cols]
         if layer >= n_layers:
@@ -232,12 +238,25 @@ def plot_expert_heatmap(summary: dict, path: str | Path) -> bool:
         im = ax.imshow(freq[:, layer, :], aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
         ax.set_title(f"MoE layer {layer}", fontsize=9)
         ax.set_yticks(range(len(rows)))
-        ax.set_yticklabels([f"c{cid} (k={k})" for cid, _, k in rows], fontsize=7)
-        ax.set_xlabel("expert", fontsize=8)
+        if layer % cols == 0:
+            ax.set_yticklabels(labels, fontsize=7)
+        ax.tick_params(axis="y", labelleft=layer % cols == 0)
+        if layer // cols == nrows - 1 or layer + cols >= n_layers:
+            ax.set_xlabel("expert", fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
-    fig.colorbar(im, ax=axes, shrink=0.8, label="share of routed tokens")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(im, ax=axes, shrink=0.9, label="share of routed tokens")
+    return fig
+
+
+def plot_expert_heatmap(summary: dict, path: str | Path) -> bool:
+    """Per-client expert activation frequency: one panel per MoE layer, clients x experts, colour =
+    share of the client's routed assignments that went to the expert."""
+    fig = expert_heatmap_figure(summary)
+    if fig is None:
+        return False
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", pad_inches=0.05)
     atomic_write_bytes(Path(path), buf.getvalue())
     return True
 
