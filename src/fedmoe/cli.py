@@ -243,6 +243,26 @@ def mmlu(
         print(f"({result['truncated']} prompts lost shots to fit {result['max_length']} tokens)")
 
 
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="run directories (runs/<name>), finished or not")],
+    out: Annotated[Path, typer.Option("--out", help="folder for compare.md and compare.png")] = Path("compare"),
+):
+    """Several runs side by side: one table (method, rounds, global and client results, bytes, wall time)
+    and their learning curves overlaid in one PNG."""
+    from rich.console import Console
+
+    from .report.compare import compare_runs
+
+    try:
+        table, png = compare_runs(runs, out)
+    except (FileNotFoundError, ValueError) as e:
+        Console(stderr=True).print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    print(table)
+    print(f"\ntable: {out / 'compare.md'}" + (f"\ncurves: {png}" if png else "\n(no curves: no losses logged yet)"))
+
+
 def main():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

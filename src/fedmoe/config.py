@@ -159,6 +159,11 @@ class EvalConfig(_Strict):
     mmlu_max_per_subject: int | None = Field(None, ge=1)
 
 
+class ReportConfig(_Strict):
+    # every metrics row as TensorBoard scalars in <run>/tensorboard/ (extra: fedmoe[tensorboard])
+    tensorboard: bool = False
+
+
 class RunConfig(_Strict):
     name: str | None = None  # run directory name under output_dir (default: algorithm name)
     output_dir: str = "runs"
@@ -170,6 +175,7 @@ class RunConfig(_Strict):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     federation: FederationConfig = FederationConfig()
     eval: EvalConfig = EvalConfig()
+    report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")
     def _client_top_k_matches_clients(self):

@@ -198,6 +198,10 @@ class Federation:
         cfg = self.cfg
         self._t0 = time.time()
         rounds = cfg.federation.rounds
+        if cfg.report.tensorboard:
+            from ..report.tensorboard import require_tensorboard
+
+            require_tensorboard()
         with Progress(self.show_progress) as prog:
             self.transport.wait_for_clients()
             if not self.resuming:
@@ -227,6 +231,7 @@ class Federation:
                                      "overhead_s": wall - clients_s - aggregate_s})
                 self.completed_rounds = round_idx
                 self.save()
+                self._tensorboard()
                 prog.update(rounds_task, completed=round_idx,
                             info=f"test loss {self.global_eval['loss']:.3f}" if self.global_eval.get("loss") else "")
                 if stop_after_round is not None and round_idx >= stop_after_round and round_idx < rounds:
@@ -247,7 +252,15 @@ class Federation:
         self.rd.write_summary(summary)
         histogram = format_histogram_table({cid: r.data["category_counts"] for cid, r in self.records.items()})
         write_report(self.rd, summary, self.rd.read_metrics(), histogram)
+        self._tensorboard()
         return summary
+
+    def _tensorboard(self) -> None:
+        """``report.tensorboard``: the scalars of metrics.jsonl so far, rebuilt after every round."""
+        if self.cfg.report.tensorboard:
+            from ..report.tensorboard import write_tensorboard
+
+            write_tensorboard(self.rd.read_metrics(), self.rd.path)
 
 
 # ---------------------------------------------------------------------- entry points

@@ -23,6 +23,7 @@ import yaml
 
 from ..config import ConfigError, apply_overrides, config_from_tree, parse_override
 from ..eval.stats import format_change
+from ..report.compare import bytes_per_round, personal_or_global  # noqa: F401  (re-exported)
 from ..report.rundir import atomic_write_text
 
 
@@ -114,19 +115,6 @@ def _client_label(results: list[tuple[str, dict]], cid: int) -> str:
         if len(cats) == 1:
             return f"{cid} ({cats[0]})"
     return str(cid)
-
-
-def personal_or_global(summary: dict, key: str):
-    """The mean over the clients' own models when they were measured one by one (personalised
-    methods), else the global model's value."""
-    vals = [c[key] for c in summary["clients"] if c.get(key) is not None]
-    return sum(vals) / len(vals) if vals else summary["global"].get(key)
-
-
-def bytes_per_round(summary: dict) -> str:
-    """Uplink per client per round, averaged over the clients that trained."""
-    per = [c["bytes_up"] / c["rounds_trained"] for c in summary["clients"] if c.get("rounds_trained")]
-    return "–" if not per else f"{sum(per) / len(per) / 1e6:.2f} MB"
 
 
 def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:

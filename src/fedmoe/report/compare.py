@@ -1,0 +1,150 @@
+"""``fedmoe compare RUN_DIR...``: the runs side by side, one table and overlaid learning curves.
+
+A run that has not finished (no summary.json) is compared on what its metrics.jsonl holds so far,
+and the table says how far it got.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..eval.stats import format_change
+from .rundir import RunDir, atomic_write_bytes
+
+
+def personal_or_global(summary: dict, key: str):
+    """The mean over the clients' own models when they were measured one by one (personalised
+    methods), else the global model's value."""
+    vals = [c[key] for c in summary["clients"] if c.get(key) is not None]
+    return sum(vals) / len(vals) if vals else summary["global"].get(key)
+
+
+def bytes_per_round(summary: dict) -> str:
+    """Uplink per client per round, averaged over the clients that trained."""
+    per = [c["bytes_up"] / c["rounds_trained"] for c in summary["clients"] if c.get("rounds_trained")]
+    return "–" if not per else f"{sum(per) / len(per) / 1e6:.2f} MB"
+
+
+@dataclass
+class Run:
+    label: str
+    path: Path
+    config: dict
+    metrics: list[dict]
+    summary: dict | None  # None: not finished
+
+    @property
+    def rounds_done(self) -> int:
+        return max((r["round"] for r in self.metrics if r.get("split") == "round"), default=0)
+
+
+def load_run(path: str | Path, label: str | None = None) -> Run:
+    import yaml
+
+    rd = RunDir(path, create=False)
+    if not rd.config_path.exists() or not rd.metrics_path.exists():
+        raise FileNotFoundError(f"{rd.path} is not a fedmoe run directory (no config.yaml and metrics.jsonl): pass the "
+                                "folder `fedmoe run` wrote, e.g. runs/fedit")
+    summary = json.loads(rd.summary_path.read_text()) if rd.summary_path.exists() else None
+    return Run(label or rd.path.name, rd.path, yaml.safe_load(rd.config_path.read_text()), rd.read_metrics(), summary)
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """Each run's folder name, with its parent where two names clash."""
+    names = [p.name for p in paths]
+    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
+
+
+def _global_test(run: Run, key: str) -> list[tuple[int, float]]:
+    return sorted((r["round"], r[key]) for r in run.metrics
+                  if r.get("split") == "test" and r.get("client") is None and r.get(key) is not None)
+
+
+def _mean_train_loss(run: Run) -> list[tuple[int, float]]:
+    by_round: dict[int, list[float]] = {}
+    for r in run.metrics:
+        if r.get("split") == "train" and r.get("loss") is not None:
+            by_round.setdefault(r["round"], []).append(r["loss"])
+    return [(k, sum(v) / len(v)) for k, v in sorted(by_round.items())]
+
+
+def _cell(x, digits: int = 4) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def format_comparison(runs: list[Run]) -> str:
+    head = ["", *[r.label for r in runs]]
+    rows = [["method"] + [r.config.get("algorithm", {}).get("name", "–") for r in runs],
+            ["model"] + [r.config.get("model", {}).get("name", "–") for r in runs],
+            ["rounds done"] + [f"{r.rounds_done} of {r.config.get('federation', {}).get('rounds', '?')}"
+                               + ("" if r.summary else " (unfinished)") for r in runs]]
+
+    def zs(run, key, digits):
+        pts = _global_test(run, key)
+        last = pts[-1][1] if pts and pts[-1][0] > 0 else None
+        first = pts[0][1] if pts and pts[0][0] == 0 else None
+        return f"{_cell(last, digits)} ({_cell(first, digits)})"
+
+    rows.append(["global test loss (zero-shot)"] + [zs(r, "loss", 4) for r in runs])
+    rows.append(["global ROUGE-L (zero-shot)"] + [zs(r, "rouge_l", 2) for r in runs])
+    rows.append(["ROUGE-L change, 95% interval"] + [
+        format_change(r.summary["global"].get("rouge_l_change")) if r.summary else "–" for r in runs])
+    rows.append(["client test loss, mean"] + [
+        _cell(personal_or_global(r.summary, "loss")) if r.summary else "–" for r in runs])
+    rows.append(["bytes up per client per round"] + [bytes_per_round(r.summary) if r.summary else "–" for r in runs])
+    rows.append(["wall"] + [f"{r.summary['wall_s'] / 60:.1f} min" if r.summary else "–" for r in runs])
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(runs)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_comparison(runs: list[Run], path: str | Path) -> bool:
+    """Global test loss, mean client training loss and (when measured every round) global ROUGE-L
+    per round, one line per run."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [("global test loss", lambda r: _global_test(r, "loss")),
+              ("mean client training loss", _mean_train_loss)]
+    if any(len(_global_test(r, "rouge_l")) > 2 for r in runs):
+        panels.append(("global ROUGE-L", lambda r: _global_test(r, "rouge_l")))
+    if not any(f(r) for _, f in panels for r in runs):
+        return False
+    fig = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, series) in zip(axes, panels):
+        for run in runs:
+            pts = series(run)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=run.label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return True
+
+
+def compare_runs(paths: list[str | Path], out: str | Path) -> tuple[str, Path | None]:
+    """(the markdown table, the PNG written or None); writes ``out``/compare.md and compare.png."""
+    if not paths:
+        raise ValueError("fedmoe compare needs at least one run directory")
+    ps = [Path(p) for p in paths]
+    runs = [load_run(p, label) for p, label in zip(ps, _labels(ps))]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_comparison(runs)
+    png = out / "compare.png"
+    drawn = plot_comparison(runs, png)
+    from .rundir import atomic_write_text
+
+    atomic_write_text(out / "compare.md", "# fedmoe compare\n\n" + table + "\n\n"
+                      + ("![learning curves](compare.png)\n" if drawn else "") + "\nRuns: "
+                      + ", ".join(f"`{r.path}`" for r in runs) + "\n")
+    return table, png if drawn else None

@@ -1,0 +1,77 @@
+"""fedmoe compare: the table carries each run's own numbers, an unfinished run is compared on what it
+has (and marked), the curves hold one line per run, and a folder that is not a run is a clear error."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedmoe.config import load_config
+from fedmoe.federation import run_federated
+from fedmoe.report.compare import compare_runs, load_run, plot_comparison
+
+TINY = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32", "data.partition.num_clients=2",
+        "train.max_steps=1", "train.batch_size=2", "eval.rouge=false", "data.max_test_per_client=2", "lora.rank=2",
+        "federation.rounds=2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, sets in (("fedit", ["algorithm.name=fedit"]),
+                       ("flame", ["algorithm.name=flame", "algorithm.budgets.top_k=[2,1]"])):
+        summary, rd = run_federated(load_config(None, TINY + sets + [f"output_dir={root}", f"name={name}"]))
+        out[name] = (summary, rd.path)
+    _, rd = run_federated(load_config(None, TINY + [f"output_dir={root}", "name=cut"]), stop_after_round=1)
+    out["cut"] = (None, rd.path)
+    return out
+
+
+def test_the_table_holds_each_runs_numbers(runs, tmp_path):
+    paths = [runs[n][1] for n in ("fedit", "flame", "cut")]
+    table, png = compare_runs(paths, tmp_path / "cmp")
+    lines = table.splitlines()
+    assert lines[0] == "|  | fedit | flame | cut |"
+    row = dict((line.split(" | ")[0].lstrip("| "), line.split(" | ")[1:]) for line in lines[2:])
+    fedit, flame = runs["fedit"][0], runs["flame"][0]
+    assert row["method"][:2] == ["fedit", "flame"]
+    assert row["rounds done"][0] == "2 of 2" and row["rounds done"][2].rstrip(" |") == "1 of 2 (unfinished)"
+    zs = [json.loads(x) for x in (runs["fedit"][1] / "metrics.jsonl").read_text().splitlines()]
+    zero = next(r["loss"] for r in zs if r["split"] == "test" and r["client"] is None and r["round"] == 0)
+    assert row["global test loss (zero-shot)"][0] == f"{fedit['global']['loss']:.4f} ({zero:.4f})"
+    assert row["global test loss (zero-shot)"][1].startswith(f"{flame['global']['loss']:.4f} (")
+    # flame is personalised: the mean of its clients' own models
+    flame_mean = sum(c["loss"] for c in flame["clients"]) / 2
+    assert row["client test loss, mean"][1] == f"{flame_mean:.4f}"
+    assert row["wall"][2].rstrip(" |") == "–"  # unfinished: no wall time yet
+    assert png is not None and png.stat().st_size > 0 and (tmp_path / "cmp" / "compare.md").read_text().count("|") > 20
+
+
+def test_curves_have_one_line_per_run(runs, tmp_path):
+    from matplotlib.figure import Figure
+
+    loaded = [load_run(runs[n][1]) for n in ("fedit", "flame", "cut")]
+    seen = {}
+    orig = Figure.savefig
+
+    def capture(self, *a, **k):
+        seen["axes"] = [[(line.get_label(), list(line.get_xdata())) for line in ax.get_lines()] for ax in self.axes]
+        return orig(self, *a, **k)
+
+    Figure.savefig = capture
+    try:
+        assert plot_comparison(loaded, tmp_path / "c.png")
+    finally:
+        Figure.savefig = orig
+    test_loss = seen["axes"][0]
+    assert [label for label, _ in test_loss] == ["fedit", "flame", "cut"]
+    assert test_loss[0][1] == [0, 1, 2] and test_loss[2][1] == [0, 1]
+
+
+def test_a_folder_that_is_not_a_run_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run([sys.executable, "-m", "fedmoe.cli", "compare", str(tmp_path / "empty"), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and "empty is not a fedmoe run directory" in r.stderr.replace("\n", "")
