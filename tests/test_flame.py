@@ -26,20 +26,54 @@ def _average(g, clients, temperature):
 
 def test_activation_aware_average_by_hand():
     g = {NAME: torch.tensor([9.0, 9.0, 9.0]).reshape(3, 1)}
-    # layer saw 20 tokens, k=2 -> 40 assignments
-    out = _average(g, [([1.0, 2.0, 3.0], [30, 10, 0], 20, 1), ([5.0, 6.0, 7.0], [10, 10, 0], 10, 2)], 2.0)
-    # expert 0: γ1 = (30/20)^2·1 = 2.25, γ2 = (10/10)^2·2 = 2 -> (2.25·1 + 2·5) / 4.25
-    assert out[0].item() == pytest.approx((2.25 * 1 + 2 * 5) / 4.25)
-    # expert 1: γ1 = (10/20)^2·1 = 0.25, γ2 = 1·2 = 2 -> (0.25·2 + 2·6) / 2.25
-    assert out[1].item() == pytest.approx((0.25 * 2 + 2 * 6) / 2.25)
+    # k = 1: each token goes to one expert, so a layer's counts sum to its tokens S and a/S <= 1
+    out = _average(g, [([1.0, 2.0, 3.0], [15, 5, 0], 20, 1), ([5.0, 6.0, 7.0], [4, 6, 0], 10, 2)], 2.0)
+    # expert 0: γ1 = (15/20)^2·1 = 0.5625, γ2 = (4/10)^2·2 = 0.32 -> (0.5625·1 + 0.32·5) / 0.8825
+    assert out[0].item() == pytest.approx((0.5625 * 1 + 0.32 * 5) / 0.8825, rel=1e-6)
+    # expert 1: γ1 = (5/20)^2·1 = 0.0625, γ2 = (6/10)^2·2 = 0.72 -> (0.0625·2 + 0.72·6) / 0.7825
+    assert out[1].item() == pytest.approx((0.0625 * 2 + 0.72 * 6) / 0.7825, rel=1e-6)
     # expert 2: nobody routed to it -> keeps the previous global value
     assert out[2].item() == 9.0
 
 
+def test_activation_aware_average_uses_each_layers_own_counts():
+    """Two MoE layers with different counts: catches weights taken from layer 0's counts (or any one
+    layer's) for every layer. k = 1, so each layer's counts sum to S and a/S <= 1."""
+    names = ["model.layers.0.mlp.experts.down_lora_A", "model.layers.1.mlp.experts.gate_up_lora_B"]
+    g = {n: torch.full((3, 1), 9.0) for n in names}
+    values = [{names[0]: [1.0, 2.0, 3.0], names[1]: [10.0, 20.0, 30.0]},  # client 1, n = 1, S = 4
+              {names[0]: [5.0, 6.0, 7.0], names[1]: [50.0, 60.0, 70.0]}]  # client 2, n = 3, S = 5
+    counts = [torch.tensor([[2, 2, 0], [1, 0, 3]]), torch.tensor([[5, 0, 0], [0, 4, 1]])]
+    tokens = [torch.tensor([4, 4]), torch.tensor([5, 5])]
+    out = activation_aware_average(g, [{n: torch.tensor(v[n]).reshape(3, 1) for n in names} for v in values],
+                                   counts, tokens, [1, 3], {names[0]: 0, names[1]: 1}, temperature=2.0)
+    l0, l1 = out[names[0]].flatten().tolist(), out[names[1]].flatten().tolist()
+    # layer 0, expert 0: γ1 = (2/4)^2·1 = 0.25, γ2 = (5/5)^2·3 = 3
+    assert l0[0] == pytest.approx((0.25 * 1 + 3 * 5) / 3.25, rel=1e-6)
+    # layer 0, expert 1: γ1 = 0.25, γ2 = 0 -> client 1's value
+    assert l0[1] == pytest.approx(2.0, rel=1e-6)
+    # layer 0, expert 2: nobody routed to it -> global value
+    assert l0[2] == 9.0
+    # layer 1, expert 0: γ1 = (1/4)^2·1 = 0.0625, γ2 = 0 -> client 1's value
+    assert l1[0] == pytest.approx(10.0, rel=1e-6)
+    # layer 1, expert 1: γ1 = 0, γ2 = (4/5)^2·3 = 1.92 -> client 2's value
+    assert l1[1] == pytest.approx(60.0, rel=1e-6)
+    # layer 1, expert 2: γ1 = (3/4)^2·1 = 0.5625, γ2 = (1/5)^2·3 = 0.12
+    assert l1[2] == pytest.approx((0.5625 * 30 + 0.12 * 70) / 0.6825, rel=1e-6)
+
+
 def test_temperature_zero_is_exactly_fedavg():
     g = {NAME: torch.zeros(3, 1)}
-    out = _average(g, [([1.0, 2.0, 3.0], [30, 10, 0], 20, 1), ([5.0, 6.0, 7.0], [10, 10, 0], 10, 3)], 0.0)
+    out = _average(g, [([1.0, 2.0, 3.0], [15, 5, 0], 20, 1), ([5.0, 6.0, 7.0], [4, 6, 0], 10, 3)], 0.0)
     assert out.tolist() == pytest.approx([(1 + 15) / 4, (2 + 18) / 4, (3 + 21) / 4])
+
+
+def _routed_counts(gen, tokens, k, num_experts, never=()):
+    """Counts of a layer that routed ``tokens`` tokens to k distinct experts each (never to ``never``):
+    every count is <= tokens and the counts sum to k·tokens, as a real router's do."""
+    allowed = torch.tensor([e for e in range(num_experts) if e not in never])
+    picks = torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:k]] for _ in range(tokens)])
+    return torch.bincount(picks.flatten(), minlength=num_experts)
 
 
 def test_flame_aggregate_with_t0_equals_fedit_on_a_real_model():
@@ -50,11 +84,13 @@ def test_flame_aggregate_with_t0_equals_fedit_on_a_real_model():
     g = server.initial_global()
     assert not any("output_scale" in k for k in g)  # the rescaler is private: not in the global state
     torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
     replies = []
     for cid, n in ((0, 3), (1, 5)):
         t = {k: torch.randn_like(v) for k, v in server.downlink(g, {}, cid).tensors.items()}
-        counts = torch.randint(0, 50, (2, 8))
-        counts[0, 3] = 0  # an expert one client never used still averages at t = 0
+        # 40 tokens per layer, k = 2; client 0's layer 0 never used expert 3 (it still averages at t = 0)
+        counts = torch.stack([_routed_counts(gen, 40, 2, 8, never=(3,) if cid == 0 and layer == 0 else ())
+                              for layer in range(2)])
         replies.append(reply(cid, {**t, COUNTS: counts, TOKENS: torch.tensor([40, 40])}, n))
     new_flame, _, _ = server.aggregate(g, {}, replies)
     plain = [reply(r.client, {k: v for k, v in r.message.tensors.items() if k in g}, r.message.scalars["n_train"])
@@ -63,6 +99,51 @@ def test_flame_aggregate_with_t0_equals_fedit_on_a_real_model():
     assert set(new_flame) == set(new_fedit) == set(g)
     for k, v in new_fedit.items():
         torch.testing.assert_close(new_flame[k], v, rtol=0, atol=1e-6)
+
+
+def test_flame_weights_experts_by_moe_layer_when_the_first_decoder_layer_is_dense():
+    """Qwen2-MoE with a dense decoder layer 0 (``mlp_only_layers=[0]``): the expert LoRA of decoder
+    layers 1 and 2 belongs to MoE layers 0 and 1, so it must be weighted with rows 0 and 1 of the
+    (MoE layers, experts) counts. Catches indexing the counts by the decoder layer (the wrong row for
+    decoder layer 1, no row at all for decoder layer 2) or an off-by-one between the two indices."""
+    mc = tiny_config("qwen2_moe", num_layers=3)
+    mc.mlp_only_layers = [0]
+    mm = MoEModel.from_config(mc)
+    assert [(layer.decoder_layer, layer.index) for layer in mm.layers] == [(1, 0), (2, 1)]
+    moe_of_decoder = {1: 0, 2: 1}
+    cfg = load_config(None, ["algorithm.name=flame", "algorithm.flame.temperature=1", "lora.rank=2",
+                             "data.partition.num_clients=2"])
+    server, _, _ = built(METHODS["flame"], cfg, mm)
+    g = server.initial_global()
+    experts = {name: int(name.split(".")[2]) for name in g if ".mlp.experts." in name}
+    assert sorted(set(experts.values())) == [1, 2]
+    assert server.layer_of == {name: moe_of_decoder[d] for name, d in experts.items()}
+    # each client's counts come from a real forward pass of the tiny model (MoE layers 0 and 1)
+    gen = torch.Generator().manual_seed(0)
+    replies, per_client = [], []
+    for cid, n in ((0, 2), (1, 5)):
+        ids = torch.randint(2, 128, (1, 6 + 4 * cid), generator=gen)
+        mm.reset_activation_counts()
+        with mm.tracking(torch.ones_like(ids)):
+            mm.model(ids)
+        counts, tokens = mm.activation_counts()
+        assert counts.shape == (2, 8) and tokens.tolist() == [ids.numel()] * 2
+        t = {k: torch.randn(v.shape, generator=gen) for k, v in g.items()}
+        per_client.append((t, counts, tokens, n))
+        replies.append(reply(cid, {**t, COUNTS: counts, TOKENS: tokens}, n))
+    assert not torch.equal(per_client[0][1][0], per_client[0][1][1])  # the two layers routed differently
+    new, _, _ = server.aggregate(g, {}, replies)
+    for name, value in g.items():
+        if name not in experts:  # attention LoRA: plain n-weighted average
+            expected = sum(t[name].double() * n for t, _, _, n in per_client) / 7
+        else:  # γ_i = (a_i^{l,j} / S_i^l)^1 · n_i with l the MoE layer of this decoder layer
+            layer = moe_of_decoder[experts[name]]
+            expected = value.double().clone()
+            for j in range(8):
+                gammas = [c[layer, j].item() / s[layer].item() * n for _, c, s, n in per_client]
+                if sum(gammas) > 0:
+                    expected[j] = sum(gm * t[name][j].double() for gm, (t, *_) in zip(gammas, per_client)) / sum(gammas)
+        torch.testing.assert_close(new[name].double(), expected, rtol=0, atol=1e-6, msg=name)
 
 
 def test_budget_levels_and_assignment():

@@ -3,8 +3,13 @@ and through a resume; the global model has no grafts; grafting is reported."""
 
 import torch
 
+from helpers import built, reply
+
+from fedmoe.algorithms import METHODS
 from fedmoe.config import load_config
 from fedmoe.federation import resume_federated, run_federated
+from fedmoe.moe import MoEModel
+from fedmoe.moe.tiny import tiny_config
 
 TINY = ["model.name=builtin:tiny-olmoe", "algorithm.name=flex", "data.max_examples=240", "data.max_length=48",
         "data.partition.num_clients=2", "train.max_steps=2", "train.batch_size=2", "train.lr=0.05",
@@ -50,3 +55,20 @@ def test_general_calibration_grafts_the_same_experts_everywhere(tmp_path):
     summary, rd = run_federated(cfg)
     ck = torch.load(rd.checkpoint_dir / "state.pt", weights_only=False)
     assert torch.equal(ck["transport"]["private"][0]["graft_index"], ck["transport"]["private"][1]["graft_index"])
+
+
+def test_flex_server_averages_the_shared_lora_by_n():
+    """The shared attention LoRA is averaged with p_i = n_i / Σ n: catches a uniform mean over the
+    clients (here 3.0 instead of 4.0) and any grafted tensor reaching the global state."""
+    cfg = load_config(None, ["algorithm.name=flex", "lora.rank=2", "data.partition.num_clients=2"])
+    server, _, _ = built(METHODS["flex"], cfg, MoEModel.from_config(tiny_config("olmoe")))
+    g = server.initial_global()
+    assert g and all(".self_attn." in n and "lora_" in n for n in g)  # no grafted expert or gate
+    # client 0 (n = 1) sends 1·c, client 1 (n = 3) sends 5·c, c a per-tensor constant in 1..len(g)
+    consts = {name: float(i + 1) for i, name in enumerate(g)}
+    replies = [reply(0, {k: torch.full_like(v, 1.0 * consts[k]) for k, v in g.items()}, 1),
+               reply(1, {k: torch.full_like(v, 5.0 * consts[k]) for k, v in g.items()}, 3)]
+    new, _, _ = server.aggregate(g, {}, replies)
+    assert set(new) == set(g)
+    for k, v in new.items():  # (1·1 + 3·5) / 4 = 4
+        torch.testing.assert_close(v, torch.full_like(v, 4.0 * consts[k]), rtol=1e-6, atol=0)

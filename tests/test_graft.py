@@ -106,6 +106,39 @@ def test_grafted_expert_output_is_gated_copy_beside_the_block(arch):
         assert layer.shared_expert is not None and layer.block.shared_expert is layer.shared_expert
 
 
+def test_grafted_expert_lora_path_by_hand():
+    """Nonzero LoRA on two grafts of one layer: each graft computes σ(g_j·x) · E'_j(x), where E'_j is
+    pretrained expert e_j with merged weights W + (alpha/r)·B·A on both gate_up and down. Catches a
+    missing or wrong scaling, LoRA on the wrong path, the gate on only part of the output, and LoRA
+    or gate rows indexed by the expert id instead of the graft slot."""
+    mm = _mm()
+    rank, alpha = 4, 8.0  # s = alpha / r = 2
+    grafts = attach_grafts(mm, num_grafts=2, rank=rank, alpha=alpha)
+    graft = grafts[1]
+    graft.init_from([6, 2])
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in (graft.gate_up_lora_A, graft.gate_up_lora_B, graft.down_lora_A, graft.down_lora_B, graft.gate):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randn(5, 32, generator=g)
+    base = mm.layers[1].experts
+    s = alpha / rank
+    expected = torch.zeros(5, 32, dtype=torch.float64)
+    for j, e in enumerate([6, 2]):
+        w_gu = base.gate_up_proj[e].double() + s * graft.gate_up_lora_B[j].double() @ graft.gate_up_lora_A[j].double()
+        w_d = base.down_proj[e].double() + s * graft.down_lora_B[j].double() @ graft.down_lora_A[j].double()
+        gate_in, up = (x.double() @ w_gu.T).chunk(2, dim=-1)
+        y = (torch.nn.functional.silu(gate_in) * up) @ w_d.T  # OLMoE's expert activation is SiLU
+        expected += torch.sigmoid(x.double() @ graft.gate[j].double())[:, None] * y
+    out = graft(x).detach()
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    # the LoRA matters here: without it the output moves (the check above is not of base experts only)
+    with torch.no_grad():
+        graft.gate_up_lora_B.zero_()
+        graft.down_lora_B.zero_()
+    assert (graft(x).detach() - out).abs().max() > 1e-2
+
+
 def test_ungated_and_full_grafts_and_greedy_two_experts():
     mm = _mm()
     grafts = attach_grafts(mm, gate="none", train_full=True)

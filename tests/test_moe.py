@@ -185,6 +185,9 @@ def test_top_k_control_and_activation_counts(arch):
     mm.add_expert_lora(RANK, ALPHA)
     ids, mask = _batch()
     n_real = int(mask.sum())
+    layer0 = mm.layers[0]
+    captured = {}
+    hook = layer0.block.register_forward_pre_hook(lambda mod, args: captured.__setitem__("x", args[0].detach()))
     for k in (2, 1):
         mm.set_top_k(k)
         assert all(l.router.top_k == k for l in mm.layers)
@@ -195,7 +198,15 @@ def test_top_k_control_and_activation_counts(arch):
         assert counts.shape == (2, 8)
         assert tokens.tolist() == [n_real, n_real]
         assert counts.sum(dim=1).tolist() == [k * n_real, k * n_real]
-    # counts are exact: recompute layer 0's routing by hand for k=1
+    hook.remove()
+    # counts are exact: recompute layer 0's routing by hand for k=1 (catches counts of the wrong
+    # tokens or experts that still sum right): each non-padding token goes to its top-scoring expert
+    x = captured["x"].reshape(-1, layer0.hidden_size)[mask.reshape(-1).bool()]
+    scores = x @ layer0.router.weight.T  # softmax routers: the top probability is the top logit
+    if arch == "deepseek_v3":  # sigmoid scores + bias; every group is kept (topk_group = n_group)
+        assert mm.config.topk_group == mm.config.n_group
+        scores = torch.sigmoid(scores) + layer0.router.e_score_correction_bias
+    assert counts[0].tolist() == torch.bincount(scores.argmax(dim=-1), minlength=8).tolist()
     mm.set_top_k(2)
     with pytest.raises(TopKError, match="1..2"):
         mm.set_top_k(3)

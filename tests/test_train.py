@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from fedmoe.algorithms.base import Objective
-from fedmoe.algorithms.fedit import proximal_term
-from fedmoe.config import TrainConfig
+from fedmoe.algorithms.fedit import FedITClient, proximal_term
+from fedmoe.config import TrainConfig, load_config
+from fedmoe.messages import Message
 from fedmoe.moe import MoEModel
 from fedmoe.moe.tiny import tiny_config
 from fedmoe.train import round_lr, steps_for, train_local
@@ -69,3 +70,38 @@ def test_fedprox_pulls_towards_the_global_state():
                     lr=5e-2, seed=1, objective=objective)
         drift[mu] = sum(float((mm.get_state()[n] - start[n]).pow(2).sum()) for n in start)
     assert drift[100.0] < drift[0.0]
+
+
+def test_fedprox_term_is_half_mu_times_the_squared_distance():
+    """FedProx adds (μ/2)·‖w − w_g‖² to the loss: catches μ·‖w − w_g‖² (twice the value, twice the pull)."""
+    ref = {"a": torch.tensor([0.0, 1.0]), "b": torch.tensor([[0.5, 1.0]])}
+    params = {"a": torch.tensor([1.0, -2.0], requires_grad=True), "b": torch.tensor([[0.5, 3.0]], requires_grad=True)}
+    value = proximal_term(1.5, ref, params)(params)
+    # ‖w − w_g‖² = 1 + 9 + 0 + 4 = 14, and μ/2 · 14 = 0.75 · 14
+    assert value.item() == 10.5
+    value.backward()
+    # its gradient is μ·(w − w_g)
+    assert params["a"].grad.tolist() == [1.5, -4.5]
+    assert params["b"].grad.tolist() == [[0.0, 3.0]]
+
+
+def test_fedprox_sgd_step_pulls_by_exactly_mu_times_the_drift():
+    """One SGD step from w0 with algorithm.fedit.proximal_mu = μ, against the same step without it: the
+    data gradient is the same, so w_prox − w_plain = −lr·μ·(w0 − w_global) exactly (μ/2·‖·‖² in the loss)."""
+    mu, lr = 2.0, 0.1
+    cfg = load_config(None, ["algorithm.name=fedit", f"algorithm.fedit.proximal_mu={mu}"])
+    global_state = _model().get_state()
+    g = torch.Generator().manual_seed(2)
+    start = {n: t + 0.5 * torch.randn(t.shape, generator=g) for n, t in global_state.items()}  # w0 != w_global
+    trained = {}
+    for prox in (False, True):
+        mm = _model()
+        mm.load_state(start)
+        objective = FedITClient(cfg).objective(0, mm, Message(tensors=global_state), {}) if prox else None
+        assert objective is None or len(objective.loss_terms) == 1
+        train_local(mm, EXAMPLES, TrainConfig(max_steps=1, batch_size=2, optimizer="sgd", grad_clip=None), pad_id=0,
+                    lr=lr, seed=3, objective=objective)
+        trained[prox] = mm.get_state()
+    for n, w0 in start.items():
+        torch.testing.assert_close(trained[True][n] - trained[False][n], -lr * mu * (w0 - global_state[n]),
+                                   rtol=0, atol=1e-6, msg=n)
