@@ -26,12 +26,14 @@ RANK = 4
 needs_configs = pytest.mark.skipif(not OLMOE.is_file(), reason="shared model configs not available")
 
 
-def _adapted(arch, attn_implementation="eager"):
+def _adapted(arch, attn_implementation="eager", layout="fused", router=False):
     torch.manual_seed(0)
     cfg = tiny_config(arch)
     mm = MoEModel(AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation))
-    mm.add_expert_lora(RANK, 8.0)
+    mm.add_expert_lora(RANK, 8.0, layout=layout)
     mm.add_attention_lora(RANK, 8.0)
+    if router:
+        mm.add_router_lora(RANK, 8.0)
     return cfg, mm
 
 
@@ -42,12 +44,14 @@ def _meta_params(cfg) -> int:
 
 
 # ------------------------------------------------------------------------ FLOPs vs FlopCounterMode
-@pytest.mark.parametrize("arch", ARCHS)
-def test_forward_flops_match_flop_counter(arch):
+@pytest.mark.parametrize("arch,layout,router",
+                         [(a, "fused", False) for a in ARCHS] + [(a, "split", True) for a in ARCHS])
+def test_forward_flops_match_flop_counter(arch, layout, router):
     """Eager attention: QKᵀ and A·V are bmm's over the full T×T square, which is what we count. Expert
-    LoRA runs on routed tokens only, so the measured count falls with k like the analytic one."""
+    LoRA runs on routed tokens only, so the measured count falls with k like the analytic one; router
+    LoRA is merged into the router weight once per forward (B·A)."""
     T = 24
-    cfg, mm = _adapted(arch)
+    cfg, mm = _adapted(arch, layout=layout, router=router)
     # FlopCounterMode has no formula for grouped_mm, so count on the per-expert path (plain matmuls);
     # the two paths are numerically equal (tests/test_moe.py::test_grouped_and_per_expert_paths_agree)
     for layer in mm.layers:
@@ -59,7 +63,7 @@ def test_forward_flops_match_flop_counter(arch):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             mm.model(input_ids=ids)
         measured[k] = counter.get_total_flops()
-        analytic = count_flops(cfg, T, k=k, lora_rank=RANK)
+        analytic = count_flops(cfg, T, k=k, lora_rank=RANK, expert_lora_layout=layout, router_lora=router)
         assert measured[k] == pytest.approx(analytic["flops_per_seq"], rel=0.01), (k, analytic["flops_by_part"])
         assert analytic["flops_by_part"]["lora"] > 0 and analytic["flops_by_part"]["attention_scores"] > 0
     assert measured[1] < measured[2]
@@ -116,6 +120,66 @@ def test_lora_trainable_counts_match_moemodel(arch):
     assert all(isinstance(layer.block.experts, ExpertsWithLoRA) for layer in mm.layers)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("layout", ["fused", "split"])
+def test_counted_trainables_equal_the_built_model(arch, layout):
+    """P̂ and P̂_a from the config alone equal the trainable parameters MoEModel actually creates
+    (sum of numel), for both expert layouts, with and without router LoRA: the formula cannot drift
+    from the code."""
+    for router in (False, True):
+        cfg, mm = _adapted(arch, layout=layout, router=router)
+        params = mm.trainable_parameters()
+        expert = sum(p.numel() for n, p in params.items() if ".experts." in n)
+        shared = sum(p.numel() for n, p in params.items() if ".experts." not in n)  # attention + router
+        assert (shared > sum(p.numel() for n, p in params.items() if ".self_attn." in n)) == router
+        E = mm.num_experts
+        for k in (2, 1):
+            r = count_flops(cfg, 8, k=k, lora_rank=RANK, expert_lora_layout=layout, router_lora=router)
+            assert r["total_trainable"] == expert + shared == sum(p.numel() for p in params.values())
+            assert r["active_trainable"] * E == shared * E + expert * k
+    # the split layout has r·(H + I) more per expert than the fused one (a second A on H)
+    H = cfg.hidden_size
+    fused, split = (count_flops(cfg, 8, lora_rank=RANK, expert_lora_layout=lay)["total_trainable"]
+                    for lay in ("fused", "split"))
+    assert split - fused == len(mm.layers) * mm.num_experts * RANK * H
+
+
+@needs_configs
+def test_flame_table1_trainable_counts():
+    """FLAME Table 1 (OLMoE-1B-7B, r = 20): P̂ = 198M; P̂_a = 30M at k = 8, 9M at k = 1. Reproduced
+    within 3% by the split expert layout with q, k, v, o and router LoRA (PEFT's "all-linear" on the
+    pre-v5 checkpoint): P̂ = 194,662,400 (188,743,680 experts + 5,242,880 attention + 675,840 router),
+    P̂_a = 29,511,680 (k = 8), 17,715,200 (4), 11,816,960 (2), 8,867,840 (1).
+    Without the router: 193,986,560 / 28,835,840 (k = 8) / 8,192,000 (k = 1): 9% under at k = 1.
+    The fused layout: 152,719,360 / 24,268,800 / 8,212,480 with the router, 152,043,520 /
+    23,592,960 / 7,536,640 without (P̂ 23% under the paper)."""
+    cmd = [sys.executable, "-m", "fedmoe.cli", "flops", str(OLMOE), "--k", "8", "4", "2", "1", "--lora-rank", "20",
+           "--expert-layout", "split", "--attention-targets", "q_proj,k_proj,v_proj,o_proj", "--router-lora", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = {row["k"]: row for row in json.loads(r.stdout)}
+    assert rows[8]["total_trainable"] == pytest.approx(198e6, rel=0.03)
+    for k, paper in ((8, 30e6), (4, 18e6), (2, 12e6), (1, 9e6)):
+        assert rows[k]["active_trainable"] == pytest.approx(paper, rel=0.03), k
+    assert rows[8]["total_trainable"] == 194_662_400 and rows[1]["active_trainable"] == 8_867_840
+    cfg = load_model_config(str(OLMOE))
+
+    def count(layout, router, k):
+        return count_flops(cfg, 128, k=k, lora_rank=20, expert_lora_layout=layout, router_lora=router)
+
+    assert all(count("split", True, k)["active_trainable"] == row["active_trainable"] for k, row in rows.items())
+    assert count("split", False, 8)["total_trainable"] == 193_986_560
+    assert count("split", False, 1)["active_trainable"] == 8_192_000
+    assert [count("fused", True, k)["active_trainable"] for k in (8, 1)] == [24_268_800, 8_212_480]
+    assert count("fused", True, 8)["total_trainable"] == 152_719_360
+    assert [count("fused", False, k)["active_trainable"] for k in (8, 1)] == [23_592_960, 7_536_640]
+    assert count("fused", False, 8)["total_trainable"] == 152_043_520
+    # the rank baselines' column at k = 8 in the same layout: r = 12, 8, 6 -> 118M, 78M, 58M (within 3%)
+    for rank, paper in ((12, 118e6), (8, 78e6), (6, 58e6)):
+        got = count_flops(cfg, 128, lora_rank=rank, expert_lora_layout="split", router_lora=True)["total_trainable"]
+        assert got == pytest.approx(paper, rel=0.03), rank
+
+
 def test_options_and_errors():
     cfg = tiny_config("olmoe")
     base = count_flops(cfg, 16, k=2)
@@ -134,6 +198,17 @@ def test_options_and_errors():
         count_flops(cfg, 16, lora_rank=2, attention_lora_targets=["kv_b_proj"])
     with pytest.raises(ValueError, match="out of range"):
         count_flops(cfg, 16, k=0)
+    with pytest.raises(ValueError, match="layout"):
+        count_flops(cfg, 16, lora_rank=2, expert_lora_layout="stacked")
+    # split: gate and up adapters (H -> I each) in place of one gate_up adapter (H -> 2I); router LoRA
+    # costs B·A once (2·E·r·H per MoE layer) and r·(H + E) parameters per MoE layer
+    E = cfg.num_experts
+    split = count_flops(cfg, 16, k=2, lora_rank=0, expert_lora_rank=3, attention_lora_targets=[],
+                        expert_lora_layout="split")
+    assert split["flops_by_part"]["lora"] == 2 * 16 * 2 * 3 * (2 * (H + I) + (I + H)) * L
+    router = count_flops(cfg, 16, k=2, lora_rank=3, expert_lora=False, attention_lora_targets=[], router_lora=True)
+    assert router["flops_by_part"]["lora"] == 2 * E * 3 * H * L
+    assert router["total_trainable"] == router["active_trainable"] == 3 * (H + E) * L
     from transformers import LlamaConfig
 
     with pytest.raises(UnsupportedModelError, match="not supported"):

@@ -107,13 +107,21 @@ def flops(
     expert_lora_rank: Annotated[Optional[int], typer.Option("--expert-lora-rank",
                                                             help="expert LoRA rank (default: --lora-rank)")] = None,
     no_attention_lora: Annotated[bool, typer.Option("--no-attention-lora", help="LoRA on the experts only")] = False,
+    attention_targets: Annotated[Optional[str], typer.Option(
+        "--attention-targets", help="attention projections with LoRA, comma-separated: q_proj,k_proj,v_proj,o_proj "
+                                    "(default: the architecture's set, as lora.attention_targets: null)")] = None,
     no_expert_lora: Annotated[bool, typer.Option("--no-expert-lora", help="LoRA on attention only")] = False,
+    expert_layout: Annotated[str, typer.Option("--expert-layout", help="expert LoRA layout (lora.expert_layout): "
+                                               "fused (one pair on gate_up_proj) or split (gate, up, down)")] = "fused",
+    router_lora: Annotated[bool, typer.Option("--router-lora", help="LoRA on every router too (lora.router)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="a JSON list, one object per k")] = False,
 ):
-    """Forward FLOPs per sequence and (trainable) parameter counts per k (FLAME Table 1 columns).
+    """Forward FLOPs per sequence and (trainable) parameter counts per k (FLAME Table 1 columns: P_a, P,
+    P̂_a = active trainable, P̂ = total trainable).
 
     MODEL: a config.json, a folder holding one, builtin:<name>, or a hub id (cached, when offline).
     Example: fedmoe flops OLMoE-config.json --seq-len 128 --k 8 4 2 1 --lora-rank 20 [--json]
+    FLAME's Table 1 layout: ... --lora-rank 20 --expert-layout split --router-lora
     """
     import json
 
@@ -134,12 +142,16 @@ def flops(
         Console(stderr=True).print(f"[red]error:[/] unexpected extra arguments {ints} (did you mean --k {' '.join(ints)}?)")
         raise typer.Exit(2)
     ks = list(k or []) + [int(w) for w in ints]
+    targets = None if attention_targets is None else [t.strip() for t in attention_targets.split(",") if t.strip()]
     try:
+        if no_attention_lora and targets:
+            raise ValueError("give --attention-targets or --no-attention-lora, not both")
         cfg = load_model_config(others[0])
         ks = ks or default_k_list(cfg)
         rows = [count_flops(cfg, seq_len, k=kk, lora_rank=lora_rank, expert_lora_rank=expert_lora_rank,
-                            expert_lora=not no_expert_lora,
-                            attention_lora_targets=[] if no_attention_lora else None) for kk in ks]
+                            expert_lora=not no_expert_lora, expert_lora_layout=expert_layout,
+                            router_lora=router_lora,
+                            attention_lora_targets=[] if no_attention_lora else targets) for kk in ks]
     except (ValueError, FileNotFoundError) as e:
         Console(stderr=True).print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
@@ -149,12 +161,16 @@ def flops(
         print(json.dumps([{key: r[key] for key in keys} for r in rows], indent=2))
         return
     r_exp = lora_rank if expert_lora_rank is None else expert_lora_rank
-    lora = ("no LoRA" if (no_expert_lora or r_exp == 0) and (no_attention_lora or lora_rank == 0) else
-            f"LoRA r={lora_rank}" + ("" if r_exp == lora_rank else f" (experts r={r_exp})")
-            + (", experts only" if no_attention_lora else "") + (", attention only" if no_expert_lora else ""))
+    where = ([] if no_expert_lora or r_exp == 0 else [f"experts ({expert_layout})"])
+    if lora_rank and not (no_attention_lora or targets == []):
+        where.append(f"attention ({','.join(targets) if targets else 'default targets'})")
+    if lora_rank and router_lora:
+        where.append("router")
+    lora = ("no LoRA" if not where else
+            f"LoRA r={lora_rank}" + ("" if r_exp == lora_rank else f" (experts r={r_exp})") + " on " + ", ".join(where))
     print(format_flops_table(rows, title=f"{others[0]} ({cfg.model_type}), {seq_len} tokens, {lora}"))
     print("\nFLOPs = 2 x multiply-accumulates of the forward pass of one sequence; attention scores over the "
-          "full T x T square.")
+          "full T x T square. P̂ = trainable (LoRA) parameters; P̂_a = the non-expert ones + k/E of the expert ones.")
 
 
 @app.command(context_settings={"allow_extra_args": True})

@@ -39,6 +39,12 @@ class LoRAConfig(_Strict):
     # Per-expert LoRA on the fused routed experts (applied only to routed tokens).
     experts: bool = True
     expert_targets: list[Literal["gate_up_proj", "down_proj"]] = ["gate_up_proj", "down_proj"]
+    # fused: one pair on gate_up_proj (its A shared by gate and up) and one on down_proj; split: a pair
+    # each for gate, up and down (PEFT on per-expert nn.Linear, the layout FLAME's Table 1 counts)
+    expert_layout: Literal["fused", "split"] = "fused"
+    # LoRA on each MoE layer's router weight (E, H), shared like attention LoRA (PEFT's "all-linear"
+    # on pre-v5 checkpoints adapts the router mlp.gate too); no dropout on it
+    router: bool = False
     # LoRA on this many randomly chosen experts per layer only (seeded, the same on every client):
     # 1 = the "MoE + X" baselines of FLEx. None = every expert.
     experts_per_layer: int | None = Field(None, ge=1)

@@ -34,18 +34,22 @@ def random_experts_per_layer(num_layers: int, num_experts: int, n: int, seed: in
 
 
 def add_adapters(cfg, mm, rank: int) -> None:
-    """Expert LoRA (all experts, or lora.experts_per_layer random ones) and attention LoRA."""
+    """Expert LoRA (all experts, or lora.experts_per_layer random ones; lora.expert_layout), attention
+    LoRA and, with lora.router, router LoRA, in that order (so turning the router LoRA on leaves the
+    seeded initial values of the others as they were)."""
     lc = cfg.lora
     if lc.experts:
         subset = None
         if lc.experts_per_layer is not None:
             subset = random_experts_per_layer(len(mm.layers), mm.num_experts, lc.experts_per_layer, cfg.seed)
-        mm.add_expert_lora(rank, lc.alpha, lc.expert_targets, lc.dropout, experts=subset)
+        mm.add_expert_lora(rank, lc.alpha, lc.expert_targets, lc.dropout, experts=subset, layout=lc.expert_layout)
     if lc.attention_targets is None or lc.attention_targets:
         mm.add_attention_lora(rank, lc.alpha, lc.attention_targets, lc.dropout)
+    if lc.router:
+        mm.add_router_lora(rank, lc.alpha)
     if not mm.trainable_names():
-        raise ValueError(f"{cfg.algorithm.name} has nothing to train: set lora.experts: true or some "
-                         "lora.attention_targets")
+        raise ValueError(f"{cfg.algorithm.name} has nothing to train: set lora.experts: true, some "
+                         "lora.attention_targets or lora.router: true")
 
 
 def proximal_term(mu: float, reference: State, params) -> callable:

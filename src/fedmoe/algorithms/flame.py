@@ -27,7 +27,7 @@ from .server_opt import server_update
 
 COUNTS = "activation_counts"  # reply: (L, E) tokens routed to each expert
 TOKENS = "tokens_per_layer"  # reply: (L,) tokens each MoE layer processed
-_EXPERT_TENSOR = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_lora_[AB]$")
+_EXPERT_TENSOR = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|gate|up|down)_lora_[AB]$")
 
 
 class FlameConfig(StrictModel):

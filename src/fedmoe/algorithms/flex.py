@@ -28,7 +28,7 @@ from ..data.general import general_examples
 from ..data.tokenize import collate_sft
 from ..messages import Message
 from ..moe.arch import MoELayer
-from ..moe.lora import ExpertsWithLoRA, _init_lora_A_, adapter_device
+from ..moe.lora import ExpertsWithLoRA, _init_lora_A_, adapter_device, expert_lora_pairs
 from .base import N_TRAIN, Client, Method, State
 from .fedit import FedITServer
 
@@ -123,10 +123,11 @@ def score_experts(mm, batches, num_grafts: int = 1, stats: dict | None = None) -
 class GraftedExperts(nn.Module):
     """The personal experts of one MoE layer: copies of pretrained experts (by index into the
     frozen expert stack, so nothing is duplicated unless trained in full), each with a gate
-    Linear(hidden -> 1) and either LoRA on its projections or full trainable weights."""
+    Linear(hidden -> 1) and either LoRA on its projections (in ``lora.expert_layout``: one pair on
+    gate_up and one on down, or a pair each for gate, up and down) or full trainable weights."""
 
     def __init__(self, layer: MoELayer, num_grafts: int = 1, rank: int = 8, alpha: float = 16.0,
-                 train_full: bool = False, gate: str = "sigmoid"):
+                 train_full: bool = False, gate: str = "sigmoid", layout: str = "fused"):
         super().__init__()
         base = layer.experts
         E, two_i, hidden = base.gate_up_proj.shape
@@ -143,12 +144,14 @@ class GraftedExperts(nn.Module):
             self.down_proj = nn.Parameter(torch.zeros(n, hidden, inter, device=dev, dtype=dt))
         else:
             self.scaling = alpha / rank
-            self.gate_up_lora_A = nn.Parameter(torch.empty(n, rank, hidden, device=dev, dtype=dt))
-            self.gate_up_lora_B = nn.Parameter(torch.zeros(n, two_i, rank, device=dev, dtype=dt))
-            self.down_lora_A = nn.Parameter(torch.empty(n, rank, inter, device=dev, dtype=dt))
-            self.down_lora_B = nn.Parameter(torch.zeros(n, hidden, rank, device=dev, dtype=dt))
-            _init_lora_A_(self.gate_up_lora_A)
-            _init_lora_A_(self.down_lora_A)
+            pairs = expert_lora_pairs(layout, ("gate_up_proj", "down_proj"), hidden, inter)
+            self.pairs = [prefix for prefix, _, _ in pairs]  # gate_up, down | gate, up, down
+            for prefix, fan_in, fan_out in pairs:
+                setattr(self, f"{prefix}_lora_A", nn.Parameter(torch.empty(n, rank, fan_in, device=dev, dtype=dt)))
+                setattr(self, f"{prefix}_lora_B", nn.Parameter(torch.zeros(n, fan_out, rank, device=dev, dtype=dt)))
+            for prefix in self.pairs:  # A drawn after all are created, in pair order
+                _init_lora_A_(getattr(self, f"{prefix}_lora_A"))
+        self.layout = layout
         self.enabled = True
 
     def init_from(self, experts: list[int]) -> None:
@@ -162,28 +165,36 @@ class GraftedExperts(nn.Module):
                 self.gate_up_proj.copy_(self.base[0].gate_up_proj[self.source])
                 self.down_proj.copy_(self.base[0].down_proj[self.source])
             else:
-                _init_lora_A_(self.gate_up_lora_A)
-                _init_lora_A_(self.down_lora_A)
-                self.gate_up_lora_B.zero_()
-                self.down_lora_B.zero_()
+                for prefix in self.pairs:
+                    _init_lora_A_(getattr(self, f"{prefix}_lora_A"))
+                for prefix in self.pairs:
+                    getattr(self, f"{prefix}_lora_B").zero_()
+
+    def _lora(self, a: torch.Tensor, prefix: str, j: int) -> torch.Tensor:
+        A, B = getattr(self, f"{prefix}_lora_A")[j], getattr(self, f"{prefix}_lora_B")[j]
+        return F.linear(F.linear(a, A), B) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base[0]
         out = torch.zeros_like(x)
+        split = self.layout == "split" and not self.train_full
         for j in range(self.num_grafts):
             e = int(self.source[j])
             if self.train_full:
                 W_gu, W_d = self.gate_up_proj[j], self.down_proj[j]
                 gu = F.linear(x, W_gu)
             else:
-                gu = F.linear(x, base.gate_up_proj[e]) + F.linear(
-                    F.linear(x, self.gate_up_lora_A[j]), self.gate_up_lora_B[j]) * self.scaling
+                gu = F.linear(x, base.gate_up_proj[e])
+                if not split:
+                    gu = gu + self._lora(x, "gate_up", j)
                 W_d = base.down_proj[e]
             gate_in, up = gu.chunk(2, dim=-1)
+            if split:
+                gate_in, up = gate_in + self._lora(x, "gate", j), up + self._lora(x, "up", j)
             h = base.act_fn(gate_in) * up
             y = F.linear(h, W_d)
             if not self.train_full:
-                y = y + F.linear(F.linear(h, self.down_lora_A[j]), self.down_lora_B[j]) * self.scaling
+                y = y + self._lora(h, "down", j)
             if self.gate_kind == "sigmoid":
                 y = y * torch.sigmoid(F.linear(x, self.gate[j : j + 1].to(x.dtype)))
             out = out + y
@@ -210,10 +221,13 @@ class FlexClient(Client):
         lc, fc = cfg.lora, cfg.algorithm.flex
         if lc.attention_targets is None or lc.attention_targets:
             mm.add_attention_lora(lc.rank, lc.alpha, lc.attention_targets, lc.dropout)
-        if not mm.trainable_names():
+        if not mm.trainable_names() and not lc.router:
             raise ValueError("FLEx shares the attention LoRA: set lora.attention_targets (null = q, k, v, o)")
         mm.attach_to_blocks("grafted", lambda layer: GraftedExperts(
-            layer, fc.num_grafts, rank=fc.graft_rank or lc.rank, alpha=lc.alpha, train_full=fc.train_full, gate=fc.gate))
+            layer, fc.num_grafts, rank=fc.graft_rank or lc.rank, alpha=lc.alpha, train_full=fc.train_full, gate=fc.gate,
+            layout=lc.expert_layout))
+        if lc.router:  # shared like the attention LoRA; last, so the others' seeded initial values stay as they were
+            mm.add_router_lora(lc.rank, lc.alpha)
 
     @staticmethod
     def grafts(mm) -> list[GraftedExperts]:

@@ -16,15 +16,21 @@ Conventions (as FLAME, Table 1, counts them; docs/methods.md):
   kernel would do about half of this part. Sliding windows are ignored for the same reason.
 * **LoRA** on a linear (in → out) of rank r costs 2·T·r·(in + out) (the A then the B product). The
   expert LoRA runs only on the tokens routed to that expert (``ExpertsWithLoRA``), so it costs
-  k·T·2·r·(in + out) per MoE layer. ``lora_alpha`` changes no count (the scaling is element-wise).
+  k·T·2·r·(in + out) per MoE layer. Router LoRA (``RouterWithLoRA``) is merged into the router
+  weight once per forward: B·A, 2·E·r·H per MoE layer whatever T (the router product itself is
+  counted under "router"). ``lora_alpha`` changes no count (the scaling is element-wise).
 * **Parameters**: total P = every weight of the model (embeddings, untied LM head, norms, biases,
   router, all experts, shared experts, dense MLPs; buffers such as DeepSeek-V3's
   ``e_score_correction_bias`` are not parameters). Active P_a (FLAME style) = every non-routed-expert
   parameter, embeddings and LM head included, plus the k routed experts of each MoE layer.
-  Trainable P̂ = the LoRA parameters: attention LoRA on every decoder layer plus expert LoRA on
-  every routed expert (our fused layout: ``gate_up_proj`` A (r, H), B (2I, r); ``down_proj`` A
-  (r, I), B (H, r)). Active trainable P̂_a = attention LoRA + the expert LoRA of k experts per
-  MoE layer.
+  Trainable P̂ = the LoRA parameters: attention LoRA on every decoder layer, router LoRA (A (r, H),
+  B (E, r)) on every MoE layer if asked for, plus expert LoRA on every routed expert, per expert
+  r·(H + 2I) + r·(I + H) in the ``fused`` layout (``gate_up_proj`` A (r, H), B (2I, r); ``down_proj``
+  A (r, I), B (H, r)) and 3·r·(H + I) in the ``split`` layout (gate, up: A (r, H), B (I, r); down:
+  A (r, I), B (H, r)). Active trainable P̂_a = every non-expert trainable (attention and router
+  LoRA) + the expert LoRA of k experts per MoE layer, i.e. k/E of the expert LoRA. FLAME's Table 1
+  (OLMoE, r = 20: P̂ 198M, P̂_a 30M at k = 8 and 9M at k = 1) matches the split layout with q, k,
+  v, o and router LoRA (PEFT's "all-linear" on the pre-v5 checkpoint): 194.7M, 29.5M, 8.87M.
 
 Architectures: olmoe, qwen2_moe, qwen3_moe, mixtral, deepseek_v3 (multi-head latent attention,
 shared experts, ``first_k_dense_replace`` dense layers), and DeepSeekMoE v1 (``model_type``
@@ -46,6 +52,7 @@ FLOP_PARTS = ("attention_proj", "attention_scores", "router", "experts", "shared
               "lm_head")
 FLOPS_ARCHITECTURES = SUPPORTED_ARCHITECTURES + ("deepseek",)
 EXPERT_LORA_TARGETS = ("gate_up_proj", "down_proj")
+EXPERT_LORA_LAYOUTS = ("fused", "split")
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -234,13 +241,16 @@ def _shape(config) -> _Shape:
 def count_flops(config, seq_len: int, k: int | None = None, lora_rank: int = 0, lora_alpha: float | None = None,
                 expert_lora: bool = True, attention_lora_targets: list[str] | tuple[str, ...] | None = None,
                 expert_lora_rank: int | None = None,
-                expert_lora_targets: tuple[str, ...] = EXPERT_LORA_TARGETS) -> dict[str, Any]:
+                expert_lora_targets: tuple[str, ...] = EXPERT_LORA_TARGETS, expert_lora_layout: str = "fused",
+                router_lora: bool = False) -> dict[str, Any]:
     """Forward FLOPs of one sequence of ``seq_len`` tokens with ``k`` routed experts per token (default:
     the config's), and the FLAME Table 1 parameter columns. See the module docstring for conventions.
 
     ``lora_rank`` is the attention LoRA rank and, unless ``expert_lora_rank`` is given, the expert
     LoRA rank; 0 = no LoRA. ``attention_lora_targets``: None = the architecture's default set
     (``DEFAULT_ATTENTION_TARGETS``), [] = no attention LoRA. ``expert_lora=False``: no expert LoRA.
+    ``expert_lora_layout``: ``fused`` or ``split`` (``lora.expert_layout``). ``router_lora``: LoRA of
+    rank ``lora_rank`` on every MoE layer's router (``lora.router``).
     ``lora_alpha`` is accepted for symmetry with the adapters and changes nothing.
     """
     del lora_alpha  # scaling is element-wise: no matmul FLOPs, no parameters
@@ -280,10 +290,16 @@ def count_flops(config, seq_len: int, k: int | None = None, lora_rank: int = 0, 
     bad = [t for t in expert_lora_targets if t not in EXPERT_LORA_TARGETS]
     if bad:
         raise ValueError(f"expert LoRA targets {bad} unknown; choose from {EXPERT_LORA_TARGETS}")
-    exp_dims = {"gate_up_proj": H + 2 * I, "down_proj": I + H}
+    if expert_lora_layout not in EXPERT_LORA_LAYOUTS:
+        raise ValueError(f"expert LoRA layout {expert_lora_layout!r} unknown; choose from {EXPERT_LORA_LAYOUTS}")
+    # in + out of each adapted expert projection (split: gate_up_proj = a gate and an up adapter)
+    exp_dims = {"gate_up_proj": H + 2 * I if expert_lora_layout == "fused" else 2 * (H + I), "down_proj": I + H}
     expert_lora_per_expert = (r_exp * sum(exp_dims[t] for t in expert_lora_targets)) if expert_lora else 0
     attn_lora = attn_lora_per_layer * s.num_layers
-    parts["lora"] = 2 * T * attn_lora + 2 * T * k * expert_lora_per_expert * Lm
+    router_lora_params = r_attn * (H + E) * Lm if router_lora else 0
+    parts["lora"] = (2 * T * attn_lora + 2 * T * k * expert_lora_per_expert * Lm
+                     + (2 * E * r_attn * H * Lm if router_lora else 0))
+    non_expert_trainable = attn_lora + router_lora_params
 
     # ---- parameters
     attn_params = sum(lin.params for lin in s.attn) + s.attn_norm_params
@@ -302,8 +318,8 @@ def count_flops(config, seq_len: int, k: int | None = None, lora_rank: int = 0, 
         "flops_by_part": parts,
         "active_params": non_expert + Lm * k * expert_params,
         "total_params": non_expert + Lm * E * expert_params,
-        "active_trainable": attn_lora + Lm * k * expert_lora_per_expert,
-        "total_trainable": attn_lora + Lm * E * expert_lora_per_expert,
+        "active_trainable": non_expert_trainable + Lm * k * expert_lora_per_expert,
+        "total_trainable": non_expert_trainable + Lm * E * expert_lora_per_expert,
     }
 
 

@@ -82,7 +82,8 @@ def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, 
         r = records[cid]
         k, rank = r.profile["k"], r.profile["rank"]
         fl = count_flops(spec.config, cfg.eval.flops_seq_len, k=k, lora_rank=rank, expert_lora=lc.experts,
-                         attention_lora_targets=lc.attention_targets)
+                         attention_lora_targets=lc.attention_targets, expert_lora_targets=tuple(lc.expert_targets),
+                         expert_lora_layout=lc.expert_layout, router_lora=lc.router)
         clients.append({
             "id": cid, "k": k, "rank": rank,
             "n_train": r.data["n_train"], "rouge_l": r.last_eval.get("rouge_l"), "loss": r.last_eval.get("loss"),

@@ -100,6 +100,7 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
         if experts is None or router is None:
             continue  # a dense MLP layer
         base = getattr(experts, "base", experts)  # already wrapped by fedmoe
+        router = getattr(router, "base", router)  # the router itself, also under router LoRA
         if not (hasattr(base, "gate_up_proj") and hasattr(base, "down_proj")):
             raise UnsupportedModelError(
                 f"layer {i} of {model_type}: experts module {type(base).__name__} has no fused "

@@ -4,6 +4,11 @@ A pair A (r x in), B (out x r), update ΔW = (alpha / r) · B A (Hu et al., 2021
 A like nn.Linear's default (Kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))), so a
 fresh adapter changes nothing.
 
+Three places carry adapters: attention projections (:class:`LoRALinear`), the routed experts
+(:class:`ExpertsWithLoRA`: one pair per expert and projection, in the ``fused`` or ``split`` layout,
+see :func:`expert_lora_pairs`) and, optionally, each MoE layer's router weight
+(:class:`RouterWithLoRA`).
+
 On a weightless skeleton (a model on PyTorch's meta device, which is how the server learns the
 names, shapes and initial values of the trainable tensors from the model's config alone) the
 adapters are created on the CPU, so their seeded initial values are real.
@@ -32,6 +37,29 @@ def _init_lora_A_(a: torch.Tensor) -> None:
         a.uniform_(-bound, bound)
 
 
+EXPERT_LAYOUTS = ("fused", "split")
+
+
+def expert_lora_pairs(layout: str, targets, hidden: int, inter: int) -> list[tuple[str, int, int]]:
+    """(name prefix, fan_in, fan_out) of every per-expert LoRA pair, in creation order.
+
+    ``fused``: one pair on the fused ``gate_up_proj`` (H -> 2I; its A is shared by the gate and the
+    up projection) and one on ``down_proj`` (I -> H). ``split``: a pair of its own for the gate
+    (H -> I), the up (H -> I) and the down projection (I -> H), as PEFT puts on the per-expert
+    ``nn.Linear`` layers of pre-v5 checkpoints (the layout FLAME's Table 1 counts). The target
+    ``gate_up_proj`` means the gate and the up pair in the split layout. The tensors are
+    ``<prefix>_lora_A`` (E, r, fan_in) and ``<prefix>_lora_B`` (E, fan_out, r)."""
+    if layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert LoRA layout {layout!r} is unknown; choose from {EXPERT_LAYOUTS} (lora.expert_layout)")
+    pairs = []
+    if "gate_up_proj" in targets:
+        pairs += ([("gate_up", hidden, 2 * inter)] if layout == "fused"
+                  else [("gate", hidden, inter), ("up", hidden, inter)])
+    if "down_proj" in targets:
+        pairs.append(("down", inter, hidden))
+    return pairs
+
+
 class LoRALinear(nn.Module):
     """nn.Linear + LoRA; the base layer stays frozen and shared."""
 
@@ -54,6 +82,60 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return self.base(x) + lora * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scaling · B A (out, in), in float32: what merging adds to the base weight."""
+        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+
+
+class RouterWithLoRA(nn.Module):
+    """A MoE router with LoRA on its weight: the router's own forward (softmax or sigmoid scores,
+    grouping, top-k, normalisation: whatever the architecture does) run on W + (alpha / r) · B A.
+
+    Every supported router (transformers v5: OlmoeTopKRouter, Qwen2Moe/Qwen3Moe/Mixtral TopKRouter,
+    DeepseekV3TopkRouter) holds ``weight`` (E, H) and computes its logits as F.linear(hidden, weight).
+    Rather than re-implement five routing rules, the wrapped router is called with its weight
+    substituted (``torch.func.functional_call``): its base weight stays the frozen, shared tensor,
+    its own forward hooks (transformers records the router logits for the load-balancing loss there)
+    still fire, and the update is the plain LoRA one, logits = x · (W + (alpha / r) · B A)ᵀ. The
+    update is merged into the (E, H) weight once per forward, so ``lora.dropout`` does not apply to
+    the router (a dropout on x cannot be expressed in a merged weight).
+
+    Trainables: ``lora_A`` (r, H), ``lora_B`` (E, r): a non-expert tensor like attention LoRA.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.scaling = alpha / rank
+        w = base.weight
+        num_experts, hidden = w.shape
+        dev = adapter_device(w)
+        self.lora_A = nn.Parameter(torch.empty(rank, hidden, device=dev, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, rank, device=dev, dtype=w.dtype))
+        _init_lora_A_(self.lora_A)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective router weight W + (alpha / r) · B A."""
+        w = self.base.weight
+        return w + (self.lora_B.to(w.dtype) @ self.lora_A.to(w.dtype)) * self.scaling
+
+    @property
+    def top_k(self):  # read and set on the wrapped router, which the MoE block's routing uses
+        return self.base.top_k
+
+    @top_k.setter
+    def top_k(self, k):
+        self.base.top_k = k
+
+    def forward(self, hidden_states: torch.Tensor):
+        return torch.func.functional_call(self.base, {"weight": self.weight}, (hidden_states,))
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scaling · B A (E, H), in float32."""
+        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
 
 
 class ActivationTracker:
@@ -107,9 +189,14 @@ class ExpertsWithLoRA(nn.Module):
     pairs, i.e. with k. Nothing of size E x out x in is ever built (unlike PEFT's
     ``target_parameters``, which materialises W + ΔW for every expert at every step).
 
-    Trainables (each only if targeted):
+    Trainables (each only if targeted), ``layout="fused"`` (default):
       gate_up_lora_A (E, r, H), gate_up_lora_B (E, 2I, r)
       down_lora_A    (E, r, I), down_lora_B    (E, H, r)
+    ``layout="split"`` (separate adapters for the gate and the up projection, each with its own
+    dropout draw, as PEFT's adapters on separate nn.Linear layers):
+      gate_lora_A (E, r, H), gate_lora_B (E, I, r)
+      up_lora_A   (E, r, H), up_lora_B   (E, I, r)
+      down_lora_A (E, r, I), down_lora_B (E, H, r)
     ``output_scale`` (optional, :meth:`MoEModel.add_output_scale`) multiplies the routed output.
     """
 
@@ -123,12 +210,13 @@ class ExpertsWithLoRA(nn.Module):
         targets: tuple[str, ...] = ("gate_up_proj", "down_proj"),
         dropout: float = 0.0,
         lora_experts: list[int] | None = None,
+        layout: str = "fused",
     ):
         super().__init__()
         self.base = base
         self.layer_index = layer_index
         self.tracker = tracker
-        self.num_experts, two_i, hidden = base.gate_up_proj.shape
+        self.num_experts, _, hidden = base.gate_up_proj.shape
         inter = base.down_proj.shape[2]
         self.rank = rank
         self.scaling = alpha / rank if rank else 0.0
@@ -141,14 +229,13 @@ class ExpertsWithLoRA(nn.Module):
             self.register_buffer("_lora_index", torch.tensor(self.lora_experts, dtype=torch.long, device=dev),
                                  persistent=False)
         E = self.num_experts if self.lora_experts is None else len(self.lora_experts)
-        if "gate_up_proj" in self.targets:
-            self.gate_up_lora_A = nn.Parameter(torch.empty(E, rank, hidden, device=dev, dtype=dt))
-            self.gate_up_lora_B = nn.Parameter(torch.zeros(E, two_i, rank, device=dev, dtype=dt))
-            _init_lora_A_(self.gate_up_lora_A)
-        if "down_proj" in self.targets:
-            self.down_lora_A = nn.Parameter(torch.empty(E, rank, inter, device=dev, dtype=dt))
-            self.down_lora_B = nn.Parameter(torch.zeros(E, hidden, rank, device=dev, dtype=dt))
-            _init_lora_A_(self.down_lora_A)
+        self.layout = layout
+        # created (and A drawn) pair by pair in a fixed order: gate_up | gate, up; then down
+        for prefix, fan_in, fan_out in expert_lora_pairs(layout, self.targets, hidden, inter):
+            a = nn.Parameter(torch.empty(E, rank, fan_in, device=dev, dtype=dt))
+            setattr(self, f"{prefix}_lora_A", a)
+            setattr(self, f"{prefix}_lora_B", nn.Parameter(torch.zeros(E, fan_out, rank, device=dev, dtype=dt)))
+            _init_lora_A_(a)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.output_scale: nn.Parameter | None = None
         self.grouped = True  # use grouped_mm where torch has it (set False for the per-expert loop)
@@ -220,18 +307,21 @@ class ExpertsWithLoRA(nn.Module):
         def gmm(a, w):  # (S, in) @ per-expert (E, in, out) -> (S, out)
             return F.grouped_mm(a, w.to(a.dtype), offs=offs)
 
+        def lora(a, prefix):  # the prefix's LoRA on every expert's rows
+            A, B = self._full(getattr(self, f"{prefix}_lora_A")), self._full(getattr(self, f"{prefix}_lora_B"))
+            return gmm(gmm(self.dropout(a), A.transpose(-2, -1)), B.transpose(-2, -1)) * self.scaling
+
         gu = gmm(x, self.base.gate_up_proj.transpose(-2, -1))
-        if "gate_up_proj" in self.targets:
-            xd = self.dropout(x)
-            gu = gu + gmm(gmm(xd, self._full(self.gate_up_lora_A).transpose(-2, -1)),
-                          self._full(self.gate_up_lora_B).transpose(-2, -1)) * self.scaling
+        split = self.layout == "split"
+        if "gate_up_proj" in self.targets and not split:
+            gu = gu + lora(x, "gate_up")
         gate, up = gu.chunk(2, dim=-1)
+        if "gate_up_proj" in self.targets and split:
+            gate, up = gate + lora(x, "gate"), up + lora(x, "up")
         h = self.base.act_fn(gate) * up
         y = gmm(h, self.base.down_proj.transpose(-2, -1))
         if "down_proj" in self.targets:
-            hd = self.dropout(h)
-            y = y + gmm(gmm(hd, self._full(self.down_lora_A).transpose(-2, -1)),
-                        self._full(self.down_lora_B).transpose(-2, -1)) * self.scaling
+            y = y + lora(h, "down")
         return y
 
     def _experts_loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -241,6 +331,11 @@ class ExpertsWithLoRA(nn.Module):
                 else {e: i for i, e in enumerate(self.lora_experts)})
         has_gu = "gate_up_proj" in self.targets
         has_d = "down_proj" in self.targets
+        split = self.layout == "split"
+
+        def lora(a, prefix, j):
+            return self._lora(a, getattr(self, f"{prefix}_lora_A")[j], getattr(self, f"{prefix}_lora_B")[j])
+
         outputs = []
         start = 0
         for e, c in enumerate(counts):
@@ -250,17 +345,35 @@ class ExpertsWithLoRA(nn.Module):
             start += c
             j = slot.get(e)
             gu = F.linear(x, W_gu[e])
-            if has_gu and j is not None:
-                gu = gu + self._lora(x, self.gate_up_lora_A[j], self.gate_up_lora_B[j])
+            if has_gu and j is not None and not split:
+                gu = gu + lora(x, "gate_up", j)
             gate, up = gu.chunk(2, dim=-1)
+            if has_gu and j is not None and split:
+                gate, up = gate + lora(x, "gate", j), up + lora(x, "up", j)
             h = self.base.act_fn(gate) * up
             y = F.linear(h, W_d[e])
             if has_d and j is not None:
-                y = y + self._lora(h, self.down_lora_A[j], self.down_lora_B[j])
+                y = y + lora(h, "down", j)
             outputs.append(y)
         if not outputs:
             return x_sorted.new_zeros(0, W_d.shape[1])
         return torch.cat(outputs)
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        """What merging adds to the fused base tensors, in float32: ``gate_up_proj`` (E, 2I, H) and
+        ``down_proj`` (E, H, I) as targeted (zeros for experts without LoRA); split gate and up deltas
+        stack as the fused tensor's first and second halves (the forward's ``chunk(2)``)."""
+        def pair(prefix):
+            A = self._full(getattr(self, f"{prefix}_lora_A").detach().float())
+            B = self._full(getattr(self, f"{prefix}_lora_B").detach().float())
+            return (B @ A) * self.scaling
+
+        out = {}
+        if "gate_up_proj" in self.targets:
+            out["gate_up_proj"] = pair("gate_up") if self.layout == "fused" else torch.cat([pair("gate"), pair("up")], 1)
+        if "down_proj" in self.targets:
+            out["down_proj"] = pair("down")
+        return out
 
     # --- conversion to/from PEFT's ParamWrapper layout (used by tests and for interop) ---
     @staticmethod

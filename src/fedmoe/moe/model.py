@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .arch import MoELayer, UnsupportedModelError, find_moe_layers, model_type_of
-from .lora import ActivationTracker, ExpertsWithLoRA, LoRALinear, adapter_device
+from .lora import ActivationTracker, ExpertsWithLoRA, LoRALinear, RouterWithLoRA, adapter_device
 
 BUILTIN_PREFIX = "builtin:"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -105,9 +105,14 @@ class MoEModel:
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu",
                         attn_implementation: str = "sdpa", seed: int = 0) -> "MoEModel":
-        """A hub id, a local folder, or ``builtin:<name>``."""
+        """A hub id, a local folder, ``builtin:<name>``, or a folder written by ``fedmoe export`` in its
+        fedmoe form (the client's model restored exactly, its base loaded by name)."""
         from transformers import AutoModelForCausalLM
 
+        if (Path(name_or_path) / "fedmoe_model.json").is_file():  # a client's model from `fedmoe export`
+            from ..export import load_exported
+
+            return load_exported(name_or_path, dtype=dtype, device=device)
         if name_or_path.startswith(BUILTIN_PREFIX):
             key = name_or_path[len(BUILTIN_PREFIX):]
             if key not in BUILTIN_MODELS:
@@ -170,16 +175,25 @@ class MoEModel:
     # ------------------------------------------------------------------ adapters
     def add_expert_lora(self, rank: int, alpha: float, targets=("gate_up_proj", "down_proj"),
                         dropout: float = 0.0, layers: list[int] | None = None,
-                        experts: dict[int, list[int]] | None = None) -> None:
+                        experts: dict[int, list[int]] | None = None, layout: str = "fused") -> None:
         """Per-expert LoRA on the fused routed experts of the given MoE layers (default all);
-        ``experts`` restricts it to some experts per MoE layer ({layer index: [expert ids]})."""
+        ``experts`` restricts it to some experts per MoE layer ({layer index: [expert ids]}).
+        ``layout``: ``fused`` (one pair on gate_up_proj) or ``split`` (a pair each for gate, up and
+        down; :func:`fedmoe.moe.lora.expert_lora_pairs`)."""
         for layer in self.layers:
             if layers is not None and layer.index not in layers:
                 continue
             layer.block.experts = ExpertsWithLoRA(layer.experts, layer.index, self.tracker,
                                                   rank=rank, alpha=alpha, targets=tuple(targets),
                                                   dropout=dropout,
-                                                  lora_experts=None if experts is None else experts[layer.index])
+                                                  lora_experts=None if experts is None else experts[layer.index],
+                                                  layout=layout)
+
+    def add_router_lora(self, rank: int, alpha: float) -> None:
+        """LoRA on every MoE layer's router weight (E, H) (:class:`RouterWithLoRA`; parameters
+        ``...mlp.gate.lora_A`` (r, H), ``...mlp.gate.lora_B`` (E, r)). Adding it again replaces it."""
+        for layer in self.layers:
+            layer.block.gate = RouterWithLoRA(layer.router, rank, alpha)
 
     def add_attention_lora(self, rank: int, alpha: float, targets=None, dropout: float = 0.0) -> None:
         """LoRA on the attention projections ``targets`` (None = the architecture's default set)."""
@@ -248,7 +262,7 @@ class MoEModel:
         """Set alpha/r of every LoRA module (rank-heterogeneous clients train the first r_i components
         of r_max-sized adapters, with their own alpha/r_i)."""
         for m in self.model.modules():
-            if isinstance(m, (LoRALinear, ExpertsWithLoRA)) and getattr(m, "rank", None):
+            if isinstance(m, (LoRALinear, ExpertsWithLoRA, RouterWithLoRA)) and getattr(m, "rank", None):
                 m.scaling = scaling
 
     # ------------------------------------------------------------------ top-k control
