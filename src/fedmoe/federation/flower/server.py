@@ -72,6 +72,10 @@ class FlowerTransport:
         for reply in self._send_and_receive(msgs):
             nid = reply.metadata.src_node_id
             if reply.has_error():
+                if partial:  # a node seen mid-run that does not answer (yet): it is asked again next time
+                    self.log(f"a SuperNode that connected mid-run did not answer which client it is "
+                             f"({reply.error.reason}); asking again before the next message")
+                    continue
                 raise RuntimeError(f"the SuperNode {nid} failed its setup: {reply.error.reason}")
             _, info = from_records(reply.content)
             seen.setdefault(info["client"], []).append(nid)
