@@ -279,6 +279,80 @@ def compare(
     print(f"\ntable: {out / 'compare.md'}" + (f"\ncurves: {png}" if png else "\n(no curves: no losses logged yet)"))
 
 
+def _which(client: Optional[int], global_: bool) -> Optional[int]:
+    if client is not None and global_:
+        raise typer.BadParameter("give --client N or --global, not both")
+    return None if global_ else client
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (runs/<name>)")],
+    out: Annotated[Path, typer.Argument(help="a new folder to write")],
+    client: Annotated[Optional[int], typer.Option("--client", help="this client's own model")] = None,
+    global_: Annotated[bool, typer.Option("--global", help="the global model (the default)")] = False,
+    merged: Annotated[bool, typer.Option("--merged", help="a plain Hugging Face model with the LoRA folded in")] = False,
+    private: Annotated[Optional[Path], typer.Option(
+        "--private", help="Flower runs: the client's private store (its SuperNode's private-r*.pt files)")] = None,
+):
+    """Export a trained model: a PEFT adapter (default), a merged Hugging Face model (--merged), or,
+    where neither can express the model, a folder that MoEModel.from_pretrained restores exactly."""
+    from rich.console import Console
+
+    from .config import ConfigError
+    from .export import export_model
+
+    err = Console(stderr=True)
+    try:
+        form, why = export_model(run_dir, out, client=_which(client, global_), merged=merged, private_path=private)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    who = "the global model" if _which(client, global_) is None else f"client {client}"
+    text = {"peft": "a PEFT adapter: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), OUT)",
+            "merged": "a merged Hugging Face model: AutoModelForCausalLM.from_pretrained(OUT)",
+            "fedmoe": "a fedmoe model folder: fedmoe.moe.MoEModel.from_pretrained(OUT)"}[form]
+    print(f"{who} -> {out}: {text}")
+    if why:
+        print(f"not {'merged' if merged else 'PEFT'}, because: " + "; ".join(why))
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (runs/<name>)")],
+    prompt: Annotated[Optional[str], typer.Argument(help="an instruction (none: read instructions from stdin, "
+                                                         "one per line, until an empty line or end of input)")] = None,
+    client: Annotated[Optional[int], typer.Option("--client", help="this client's own model")] = None,
+    global_: Annotated[bool, typer.Option("--global", help="the global model (the default)")] = False,
+    context: Annotated[str, typer.Option("--input", help="the instruction's input (context), if any")] = "",
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="default: eval.max_new_tokens")] = None,
+    private: Annotated[Optional[Path], typer.Option("--private", help="Flower runs: the client's private store")] = None,
+):
+    """Answer instructions with a client's (or the global) model of a run, in the training prompt
+    template, decoded as the run's evaluation decodes."""
+    import sys
+
+    from rich.console import Console
+
+    from .config import ConfigError
+    from .export import answer, load_run_model
+
+    err = Console(stderr=True)
+    try:
+        loaded = load_run_model(run_dir, _which(client, global_), private)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    if prompt is not None:
+        print(answer(loaded, prompt, context, max_new_tokens))
+        return
+    err.print(f"{loaded.source}; one instruction per line, an empty line ends")
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        print(answer(loaded, line.strip(), "", max_new_tokens), flush=True)
+
+
 def main():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

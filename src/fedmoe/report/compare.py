@@ -47,7 +47,7 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     rd = RunDir(path, create=False)
     if not rd.config_path.exists() or not rd.metrics_path.exists():
         raise FileNotFoundError(f"{rd.path} is not a fedmoe run directory (no config.yaml and metrics.jsonl): pass the "
-                                "folder `fedmoe run` wrote, e.g. runs/fedit")
+                                "folder `fedmoe run` wrote (runs/<name>)")
     summary = json.loads(rd.summary_path.read_text()) if rd.summary_path.exists() else None
     return Run(label or rd.path.name, rd.path, yaml.safe_load(rd.config_path.read_text()), rd.read_metrics(), summary)
 

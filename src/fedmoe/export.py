@@ -1,0 +1,315 @@
+"""Take a trained model out of a run: a PEFT adapter, a merged Hugging Face model, or a fedmoe folder.
+
+The model of a client is what the run evaluated as that client's: the server's final message to it
+(:meth:`Server.downlink` on the final global and server state) loaded by the method's client half
+with the client's private state (its rescaler, grafted experts, residual, ...). ``client=None`` is
+the global model.
+
+Three forms, tried in this order:
+
+* **PEFT** (default): ``adapter_config.json`` + ``adapter_model.safetensors`` for
+  ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)``: attention LoRA as
+  standard LoRA, fused expert LoRA through PEFT's ``target_parameters`` on ``experts.gate_up_proj``
+  / ``experts.down_proj``. The base is named (its hub id or folder), not copied.
+* **merged** (``merged=True``): a plain Hugging Face model folder with W + ΔW folded into every
+  adapted weight (split expert LoRA and router LoRA too), a client's k_i written as the config's
+  ``num_experts_per_tok`` and a rescaler folded into the experts' ``down_proj``: loadable by
+  ``AutoModelForCausalLM.from_pretrained`` and so by serving engines. The tokenizer is included.
+* **fedmoe**: what neither can express (FLEx's grafted experts and their gate; PEFT: FLAME's
+  rescaler and k_i, split expert or router LoRA, a builtin base without weight files) is written as
+  a folder that ``MoEModel.from_pretrained(out)`` restores exactly: the run config, the client's
+  message tensors and private state; the base is named, not copied.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .algorithms import METHODS
+from .algorithms.base import model_spec
+from .config import ConfigError, config_from_tree, config_to_dict
+from .messages import Message
+from .moe import MoEModel
+from .moe.lora import ExpertsWithLoRA, LoRALinear, RouterWithLoRA
+from .moe.model import BUILTIN_PREFIX, builtin_model_path, load_tokenizer
+
+EXPORT_FILE = "fedmoe_model.json"
+_STATE = "state.safetensors"
+_PRIVATE = "private.pt"
+
+
+class ExportError(ValueError):
+    """The run, client or form asked for cannot be exported (the message says why and what to do)."""
+
+
+@dataclass
+class LoadedModel:
+    """A client's (or the global) model of a run, ready to use."""
+
+    cfg: object
+    mm: MoEModel
+    client: int | None
+    message: Message
+    private: dict
+    source: str  # where it came from, for messages
+
+
+def _private_from(path: Path) -> dict:
+    """A Flower client's private store: a ``private-r*.pt`` file, or its folder (the newest file)."""
+    path = Path(path)
+    files = sorted(path.glob("private-r*.pt")) if path.is_dir() else [path]
+    if not files or not files[-1].is_file():
+        raise ExportError(f"{path}: no private-r*.pt file (a SuperNode's state dir for this client holds them)")
+    return torch.load(files[-1], map_location="cpu", weights_only=False)
+
+
+def load_run_model(run_dir: str | Path, client: int | None = None, private_path: str | Path | None = None) -> LoadedModel:
+    """The model client ``client`` (None: the global model) ended the run with."""
+    from .federation.local import load_client_model
+    from .federation.runtime import open_run_dir
+
+    cfg, rd, ck = open_run_dir(run_dir)
+    n = cfg.data.partition.num_clients
+    if client is not None and not 0 <= client < n:
+        raise ExportError(f"--client {client}: the run {rd.path} has clients 0..{n - 1}")
+    method = METHODS[cfg.algorithm.name]
+    server = method.server(cfg, model_spec(cfg, method))
+    message = server.downlink(ck["global_state"], ck["server_state"], client)
+    private: dict = {}
+    if client is not None:
+        if private_path is not None:
+            private = _private_from(Path(private_path))
+        else:
+            stores = ck["transport"].get("private")
+            if stores is None:
+                raise ExportError(f"{rd.path} ran on Flower: client {client}'s private state is on its SuperNode; pass "
+                                  "--private <that node's state-dir for the client> (its private-r*.pt files)")
+            private = stores[client]
+    mm = load_client_model(cfg, method)
+    method.client(cfg).load(mm, client, message, private)
+    mm.model.eval()
+    who = "the global model" if client is None else f"client {client}"
+    return LoadedModel(cfg, mm, client, message, private, f"{who} of {rd.path} (after round {ck['round']})")
+
+
+# ---------------------------------------------------------------------------------- what fits where
+def _adapted_modules(mm: MoEModel):
+    """(name, module) of every module holding trainable tensors, and the names of those tensors no
+    known adapter holds (a method's own structure)."""
+    known, owned = [], set()
+    for name, mod in mm.model.named_modules():
+        if isinstance(mod, (LoRALinear, ExpertsWithLoRA, RouterWithLoRA)):
+            known.append((name, mod))
+            owned |= {f"{name}.{p}" for p, _ in mod.named_parameters() if not p.startswith("base.")}
+    other = [n for n in mm.trainable_names() if n not in owned]
+    return known, other
+
+
+def _base_source(cfg) -> str | None:
+    """What ``from_pretrained`` loads the base from: the hub id or folder; None for a builtin with no files."""
+    name = cfg.model.name
+    if name.startswith(BUILTIN_PREFIX):
+        folder = builtin_model_path(name)
+        return None if folder is None else str(folder)
+    return name
+
+
+def merge_blockers(mm: MoEModel) -> list[str]:
+    _, other = _adapted_modules(mm)
+    return [f"the method's own tensors ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in other}))}, e.g. FLEx's "
+            "grafted experts and their gate) are not LoRA on a base weight"] if other else []
+
+
+def peft_blockers(mm: MoEModel, cfg) -> list[str]:
+    """Why PEFT cannot express this model (empty: it can)."""
+    why = merge_blockers(mm)
+    known, _ = _adapted_modules(mm)
+    if any(isinstance(m, RouterWithLoRA) for _, m in known):
+        why.append("router LoRA (lora.router) has no PEFT target on transformers v5 routers")
+    if any(isinstance(m, ExpertsWithLoRA) and m.layout == "split" and m.targets for _, m in known):
+        why.append("split expert LoRA (separate gate and up adapters) has no PEFT form on the fused gate_up_proj")
+    scales = {round(float(m.output_scale.detach()), 7) for _, m in known if isinstance(m, ExpertsWithLoRA)
+              and m.output_scale is not None}
+    if scales - {1.0}:
+        why.append("a rescaler of the routed output (FLAME's s_i)")
+    if mm.top_k != mm.default_top_k:
+        why.append(f"the client activates k = {mm.top_k} of the model's {mm.default_top_k} experts")
+    lora = [m for _, m in known if getattr(m, "rank", None) and (not isinstance(m, ExpertsWithLoRA) or m.targets)]
+    if len({(m.rank, round(m.scaling, 9)) for m in lora}) > 1:
+        why.append("adapters of different ranks or scalings")
+    if _base_source(cfg) is None:
+        why.append(f"the base {cfg.model.name} has no weight files for from_pretrained (use --merged)")
+    return why
+
+
+# ---------------------------------------------------------------------------------------- writers
+def _plain_base(cfg):
+    """The frozen base as a plain Hugging Face model (the run's dtype, on the CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    from .moe.model import _DTYPES
+
+    source = _base_source(cfg)
+    if source is None:  # a builtin built from its config: the run's seeded initial weights, as MoEModel builds them
+        from .moe.model import BUILTIN_MODELS
+
+        config = BUILTIN_MODELS[cfg.model.name[len(BUILTIN_PREFIX):]]()
+        config._attn_implementation = cfg.model.attn_implementation
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return AutoModelForCausalLM.from_config(config, dtype=_DTYPES[cfg.model.dtype])
+    return AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[cfg.model.dtype],
+                                                attn_implementation=cfg.model.attn_implementation)
+
+
+def write_merged(loaded: LoadedModel, out: Path) -> None:
+    cfg, mm = loaded.cfg, loaded.mm
+    plain = _plain_base(cfg)
+    params = dict(plain.named_parameters())
+    known, _ = _adapted_modules(mm)
+    with torch.no_grad():
+        for name, mod in known:
+            if isinstance(mod, (LoRALinear, RouterWithLoRA)) and mod.rank:
+                w = params[f"{name}.weight"]
+                w.add_(mod.delta_weight().to(w.dtype))
+            elif isinstance(mod, ExpertsWithLoRA):
+                for pname, delta in mod.delta_weights().items():
+                    w = params[f"{name}.{pname}"]
+                    w.add_(delta.to(w.dtype))
+                if mod.output_scale is not None:  # the routed output is linear in down_proj
+                    w = params[f"{name}.down_proj"]
+                    w.mul_(float(mod.output_scale.detach()))
+    if mm.top_k != mm.default_top_k:
+        plain.config.num_experts_per_tok = mm.top_k
+    plain.save_pretrained(out)
+    load_tokenizer(cfg.model.tokenizer or cfg.model.name).save_pretrained(out)
+
+
+def write_peft(loaded: LoadedModel, out: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import ParamWrapper
+
+    cfg, mm = loaded.cfg, loaded.mm
+    known, _ = _adapted_modules(mm)
+    attention = [(n, m) for n, m in known if isinstance(m, LoRALinear)]
+    experts = [(n, m) for n, m in known if isinstance(m, ExpertsWithLoRA) and m.targets]
+    first = (attention or experts)[0][1]
+    target_modules = sorted({n.rsplit(".", 1)[-1] for n, _ in attention})
+    target_parameters = sorted({f"mlp.experts.{t}" for _, m in experts for t in m.targets})
+    config = LoraConfig(r=first.rank, lora_alpha=first.scaling * first.rank, target_modules=target_modules,
+                        target_parameters=target_parameters or None, lora_dropout=0.0)
+    peft_model = get_peft_model(_plain_base(cfg), config)
+    modules = dict(peft_model.named_modules())
+    wrappers = {}
+    for name, mod in modules.items():
+        if isinstance(mod, ParamWrapper):
+            wrappers[(name.split(".layers.")[1].split(".")[0], mod.parameter_name)] = mod
+    with torch.no_grad():
+        for name, mod in attention:
+            pm = modules[f"base_model.model.{name}"]
+            pm.lora_A["default"].weight.copy_(mod.lora_A)
+            pm.lora_B["default"].weight.copy_(mod.lora_B)
+        for name, mod in experts:
+            layer = name.split(".layers.")[1].split(".")[0]
+            for t in mod.targets:
+                prefix = t.removesuffix("_proj")
+                pa, pb = ExpertsWithLoRA.to_peft_layout(mod._full(getattr(mod, f"{prefix}_lora_A").detach()),
+                                                        mod._full(getattr(mod, f"{prefix}_lora_B").detach()))
+                w = wrappers[(layer, t)]
+                w.lora_A["default"].weight.copy_(pa)
+                w.lora_B["default"].weight.copy_(pb)
+    peft_model.peft_config["default"].base_model_name_or_path = _base_source(cfg)
+    peft_model.save_pretrained(out)
+    load_tokenizer(cfg.model.tokenizer or cfg.model.name).save_pretrained(out)
+
+
+def write_fedmoe(loaded: LoadedModel, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    from .report.rundir import atomic_write_bytes, atomic_write_text
+
+    tensors = {n: t.detach().contiguous().cpu() for n, t in loaded.message.tensors.items()}
+    save_file(tensors, str(out / _STATE))
+    import io
+
+    buf = io.BytesIO()
+    torch.save(loaded.private, buf)
+    atomic_write_bytes(out / _PRIVATE, buf.getvalue())
+    meta = {"format": 1, "base_model": loaded.cfg.model.name, "method": loaded.cfg.algorithm.name,
+            "client": loaded.client, "scalars": dict(loaded.message.scalars), "source": loaded.source,
+            "config": config_to_dict(loaded.cfg)}
+    load_tokenizer(loaded.cfg.model.tokenizer or loaded.cfg.model.name).save_pretrained(out)
+    atomic_write_text(out / EXPORT_FILE, json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def export_model(run_dir: str | Path, out: str | Path, client: int | None = None, merged: bool = False,
+                 private_path: str | Path | None = None) -> tuple[str, list[str]]:
+    """Write the model to ``out`` (a new or empty folder); returns (the form written, why not the one
+    asked for: empty when it is the one asked for)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} exists and is not empty: choose a new folder (nothing is overwritten)")
+    loaded = load_run_model(run_dir, client, private_path)
+    out.mkdir(parents=True, exist_ok=True)
+    if merged:
+        why = merge_blockers(loaded.mm)
+        if not why:
+            write_merged(loaded, out)
+            return "merged", []
+    else:
+        why = peft_blockers(loaded.mm, loaded.cfg)
+        if not why:
+            write_peft(loaded, out)
+            return "peft", []
+    write_fedmoe(loaded, out)
+    return "fedmoe", why
+
+
+def load_exported(folder: str | Path, dtype: str | None = None, device: str | None = None) -> MoEModel:
+    """A fedmoe export folder back as the model it was (``MoEModel.from_pretrained(folder)``)."""
+    from safetensors.torch import load_file
+
+    from .federation.local import load_client_model
+
+    folder = Path(folder)
+    meta = json.loads((folder / EXPORT_FILE).read_text())
+    if meta.get("format") != 1:
+        raise ConfigError(f"{folder / EXPORT_FILE}: format {meta.get('format')!r} is not one this fedmoe reads (1)")
+    tree = meta["config"]
+    if dtype is not None:
+        tree["model"]["dtype"] = dtype
+    if device is not None:
+        tree["model"]["device"] = device
+    cfg = config_from_tree(tree, str(folder / EXPORT_FILE))
+    method = METHODS[cfg.algorithm.name]
+    mm = load_client_model(cfg, method)
+    message = Message(tensors=load_file(str(folder / _STATE)), scalars=meta.get("scalars") or {})
+    private = torch.load(folder / _PRIVATE, map_location="cpu", weights_only=False)
+    method.client(cfg).load(mm, meta["client"], message, private)
+    mm.model.eval()
+    return mm
+
+
+def answer(loaded: LoadedModel, instruction: str, context: str = "", max_new_tokens: int | None = None) -> str:
+    """The model's answer to an instruction, in the training prompt template, decoded as the run's
+    evaluation decodes (greedy, ``eval.no_repeat_ngram_size``, ``eval.max_new_tokens``)."""
+    from .data.sources import Example
+    from .data.tokenize import _eos_id, pad_token_id, tokenize_prompt
+    from .eval.generate import greedy_generate
+
+    cfg = loaded.cfg
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
+    ex = Example(instruction=instruction, input=context, output="", category="", source="prompt")
+    ids = tokenize_prompt(tok, ex, cfg.data.max_length)
+    out = greedy_generate(loaded.mm.model, [ids], pad_token_id(tok), _eos_id(tok),
+                          max_new_tokens or cfg.eval.max_new_tokens, 1, loaded.mm.device,
+                          no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size)[0]
+    return tok.decode(out, skip_special_tokens=True).strip()
+
+
+__all__ = ["EXPORT_FILE", "answer", "ExportError", "LoadedModel", "export_model", "load_exported", "load_run_model",
+           "merge_blockers", "peft_blockers"]

@@ -1,0 +1,127 @@
+"""fedmoe export / generate: a PEFT adapter and a merged model that give the logits of fedmoe's own
+model of that client, and a fedmoe folder (for what PEFT cannot express) that MoEModel.from_pretrained
+restores exactly; the command says which form it wrote and why."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fedmoe.config import load_config
+from fedmoe.export import ExportError, export_model, load_run_model
+from fedmoe.federation import run_federated
+from fedmoe.moe import MoEModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["model.name=builtin:tiny-moe", "data.max_examples=120", "data.max_length=32", "data.partition.num_clients=2",
+        "train.max_steps=2", "train.batch_size=2", "train.lr=0.02", "eval.rouge=false", "eval.zero_shot=false",
+        "data.max_test_per_client=2", "lora.rank=4", "federation.rounds=1"]
+IDS = torch.tensor([[5, 17, 300, 42, 7, 9, 1200, 3], [8, 8, 15, 16, 23, 42, 99, 4]])
+
+
+def _run(root, name, *sets):
+    _, rd = run_federated(load_config(None, TINY + list(sets) + [f"output_dir={root}", f"name={name}"]))
+    return rd.path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return {"fedit": _run(root, "fedit", "algorithm.name=fedit"),
+            "flame": _run(root, "flame", "algorithm.name=flame", "algorithm.budgets.top_k=[4,1]",
+                          "lora.expert_layout=split", "lora.router=true"),
+            "flex": _run(root, "flex", "algorithm.name=flex", "lora.experts=false", "algorithm.flex.calibration_size=4")}
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _ours(run, client):
+    loaded = load_run_model(run, client)
+    return loaded, _logits(loaded.mm.model)
+
+
+def test_peft_adapter_gives_the_clients_logits(runs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    form, why = export_model(runs["fedit"], tmp_path / "a", client=1)
+    assert (form, why) == ("peft", [])
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], dtype=torch.float32), tmp_path / "a")
+    loaded, ours = _ours(runs["fedit"], 1)
+    base = _logits(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], dtype=torch.float32))
+    assert (ours - base).abs().max() > 1e-3  # the adapter does something: the comparison is not vacuous
+    torch.testing.assert_close(_logits(peft), ours, rtol=0, atol=2e-4)
+
+
+def test_merged_model_gives_the_logits_of_a_flame_client(runs, tmp_path):
+    """FLAME's k_i = 1 client with its rescaler, split expert LoRA and router LoRA: PEFT cannot say it,
+    a merged model can (k_i in the config, the rescaler folded into down_proj)."""
+    from transformers import AutoModelForCausalLM
+
+    form, why = export_model(runs["flame"], tmp_path / "p", client=1)
+    assert form == "fedmoe" and any("rescaler" in w for w in why) and any("k = 1" in w for w in why)
+    assert any("router" in w for w in why) and any("split" in w for w in why)
+    form, why = export_model(runs["flame"], tmp_path / "m", client=1, merged=True)
+    assert (form, why) == ("merged", [])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert merged.config.num_experts_per_tok == 1
+    loaded, ours = _ours(runs["flame"], 1)
+    assert loaded.mm.top_k == 1
+    torch.testing.assert_close(_logits(merged), ours, rtol=0, atol=2e-4)
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
+    # and the fedmoe folder restores it exactly
+    back = MoEModel.from_pretrained(str(tmp_path / "p"))
+    assert back.top_k == 1
+    torch.testing.assert_close(_logits(back.model), ours, rtol=0, atol=0)
+
+
+def test_flex_client_is_a_fedmoe_folder_restored_exactly(runs, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fedmoe.cli", "export", str(runs["flex"]), str(tmp_path / "x"),
+                        "--client", "0", "--merged"], capture_output=True, text=True, env=_env())
+    assert r.returncode == 0, r.stderr
+    assert "fedmoe model folder" in r.stdout and "grafted experts" in r.stdout  # which form, and why
+    back = MoEModel.from_pretrained(str(tmp_path / "x"))
+    _, ours = _ours(runs["flex"], 0)
+    torch.testing.assert_close(_logits(back.model), ours, rtol=0, atol=0)
+    _, other = _ours(runs["flex"], 1)
+    assert (other - ours).abs().max() > 1e-4  # client 0's own model, not any client's
+
+
+def test_bad_requests_are_named(runs, tmp_path):
+    with pytest.raises(ExportError, match="clients 0..1"):
+        export_model(runs["fedit"], tmp_path / "z", client=5)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not empty"):
+        export_model(runs["fedit"], tmp_path / "full")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_generate_answers_with_the_clients_model(runs):
+    from fedmoe.export import answer
+
+    loaded = load_run_model(runs["fedit"], 0)
+    want = answer(loaded, "Name a colour.", max_new_tokens=8)
+    r = subprocess.run([sys.executable, "-m", "fedmoe.cli", "generate", str(runs["fedit"]), "Name a colour.",
+                        "--client", "0", "--max-new-tokens", "8"], capture_output=True, text=True, env=_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == want and want
+    r = subprocess.run([sys.executable, "-m", "fedmoe.cli", "generate", str(runs["fedit"]), "--max-new-tokens", "8"],
+                       input="Name a colour.\n\n", capture_output=True, text=True, env=_env())
+    assert r.returncode == 0 and r.stdout.strip() == answer(load_run_model(runs["fedit"]), "Name a colour.",
+                                                           max_new_tokens=8)
+
+
+def _env():
+    import os
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
