@@ -11,11 +11,11 @@ in brackets; "paired change" is the mean per-example change with its 95% bootstr
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from fedmoe.eval import format_change
+from fedmoe.report.rundir import loads  # non-finite numbers ("NaN", "Infinity") read back as floats
 from fedmoe.federation.sweep import bytes_per_round, personal_or_global
 
 
@@ -24,7 +24,7 @@ def fmt(x, digits=2):
 
 
 def load(root: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in sorted(root.glob("*/summary.json"))}
+    return {p.parent.name: loads(p.read_text()) for p in sorted(root.glob("*/summary.json"))}
 
 
 def mean(xs):
@@ -153,7 +153,7 @@ FCMOE = ["FC-MoE", "FedIT", "FLAME", "no-importance", "no-projection", "no-reten
 
 def rounds_to(run: Path, target: float) -> str:
     """The first round whose global test loss is at or below ``target``."""
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     for r in sorted((r for r in rows if r["split"] == "test" and r["client"] is None), key=lambda r: r["round"]):
         if r["round"] > 0 and r["loss"] is not None and r["loss"] <= target:
             return str(r["round"])

@@ -16,13 +16,44 @@ def _root():
     """fedmoe: federated fine-tuning of MoE LLMs (FLEx, FLAME and their baselines; see `algorithm.name`)."""
 
 
+def _error(message, label: str = "error") -> None:
+    """``error: <cause and what to do>`` on stderr, never re-wrapped (one line stays one line when piped)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, soft_wrap=True, highlight=False).print(f"[red]{label}:[/] {escape(str(message))}")
+
+
+def _os_error(e: OSError) -> str:
+    """An OSError as its cause, the path, and what to do."""
+    if e.strerror and e.filename:
+        return f"{e.strerror}: {e.filename}: check that the path exists and that you may read (or write) it"
+    return str(e)
+
+
+def _interrupted(path: Optional[Path], sweep: Optional[Path]) -> str:
+    """What Ctrl-C left behind and how to go on."""
+    from .federation.runtime import has_checkpoint
+
+    if path is None:
+        return "stopped (Ctrl-C) before the run started: nothing was written"
+    if sweep is not None:
+        return (f"stopped (Ctrl-C) in the sweep point {path}: continue the sweep with `fedmoe run {sweep}` (finished "
+                "points are kept, this one " + ("resumes from its checkpoint)" if has_checkpoint(path) else "starts over)"))
+    if has_checkpoint(path):
+        return (f"stopped (Ctrl-C): the last checkpoint is in {path / 'checkpoints'}; continue with "
+                f"`fedmoe run --resume {path}`")
+    return (f"stopped (Ctrl-C) before the first checkpoint: nothing to resume in {path}; run the same command again "
+            "to start over")
+
+
 def _has_sweep(path: Path) -> bool:
     import yaml
 
     try:
         tree = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return False  # load_config reports it with the line
+    except (OSError, ValueError, yaml.YAMLError):
+        return False  # load_config reports it (the line, or a file that is not text)
     return isinstance(tree, dict) and "sweep" in tree
 
 
@@ -37,6 +68,9 @@ def run(
     federation: Annotated[Optional[str], typer.Option(
         "--federation", help="--runtime flower: the SuperLink's name in $FLWR_HOME/config.toml")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace the run in output_dir/name (default: a finished run there is kept and this run "
+                            "goes to name-2, name-3, ...)")] = False,
 ):
     """Run a federated fine-tuning experiment (or continue one with --resume)."""
     from rich.console import Console
@@ -48,15 +82,20 @@ def run(
     console = Console()
     if runtime is not None:
         set_ = [*(set_ or []), f"federation.runtime={runtime}"]
+    sweep = None
     try:
         if resume is not None:
-            if config is not None or set_:
+            if config is not None or set_ or overwrite:
                 raise ConfigError("--resume continues a run with its own config.yaml (and runtime); do not pass a "
-                                  "config, --set or --runtime")
+                                  "config, --set, --runtime or --overwrite")
             summary, rd = continue_run(resume, show_progress=not quiet, federation=federation)
         elif config is not None and _has_sweep(config):
             from .federation.sweep import run_sweep
 
+            if overwrite:
+                raise ConfigError("--overwrite replaces a single run; a sweep keeps its finished points and resumes the "
+                                  "others (delete a point's directory to run it again)")
+            sweep = config
             report = run_sweep(config, set_ or [], show_progress=not quiet, log=console.print, federation=federation)
             print(report.read_text())
             print(f"sweep report: {report}")
@@ -65,14 +104,25 @@ def run(
             cfg = load_config(config, set_ or [])
             console.print(f"[bold]fedmoe run[/]: {cfg.algorithm.name} on {cfg.model.name}, "
                           f"{cfg.data.partition.num_clients} clients, {cfg.federation.rounds} rounds")
-            summary, rd = start_run(cfg, show_progress=not quiet, federation=federation)
+            summary, rd = start_run(cfg, show_progress=not quiet, federation=federation, overwrite=overwrite)
+    except KeyboardInterrupt as e:  # Ctrl-C: say what is left and how to go on
+        _error(_interrupted(getattr(e, "path", None), sweep), label="interrupted")
+        raise typer.Exit(130)
     except (ConfigError, ValueError, FileNotFoundError, KeyError, RuntimeError, TimeoutError) as e:
-        console.print(f"[red]error:[/] {e}")
+        _error(e)
+        raise typer.Exit(2)
+    except OSError as e:
+        _error(_os_error(e))
         raise typer.Exit(2)
     # plain print: the table and paths must not be re-wrapped by rich when piped
     print()
     print(format_results_table(summary))
     print(f"\nreport: {rd.report_path}\nsummary: {rd.summary_path}")
+    from .federation.summary import EXIT_NONFINITE, nonfinite_exit_message
+
+    if (why := nonfinite_exit_message(summary)) is not None:
+        console.print(f"[yellow]warning:[/] {why}")
+        raise typer.Exit(EXIT_NONFINITE)
 
 
 @app.command()
@@ -81,15 +131,13 @@ def pretrain(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set train.max_steps=100")] = None,
 ):
     """Pretrain the built-in tiny MoE (tokenizer + model) and export it with a model card."""
-    from rich.console import Console
-
     from .config import ConfigError
     from .pretrain import load_pretrain_config, run_pretrain
 
     try:
         cfg = load_pretrain_config(config, set_ or [])
     except ConfigError as e:
-        Console().print(f"[red]error:[/] {e}")
+        _error(f"{e}")
         raise typer.Exit(2)
     stats = run_pretrain(cfg)
     print(f"held-out loss {stats['heldout_loss']:.4f}, perplexity {stats['heldout_perplexity']:.2f}; "
@@ -99,11 +147,14 @@ def pretrain(
 @app.command(context_settings={"allow_extra_args": True})
 def flops(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="config.json, a model folder, builtin:<name> or a (cached) hub id")],
-    seq_len: Annotated[int, typer.Option("--seq-len", help="tokens per sequence")] = 128,
+    model: Annotated[str, typer.Argument(help="config.json, a model folder, builtin:<name>, a (cached) hub id, or "
+                                               "a fedmoe run config (.yaml)")],
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="tokens per sequence (default 128; a run "
+                                                   "config: its eval.flops_seq_len)")] = None,
     k: Annotated[Optional[list[int]], typer.Option("--k", help="activated experts: --k 8 4 2 1 "
                                                     "(default: the model's k halved down to 1)")] = None,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank r (0 = no LoRA)")] = 0,
+    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank r (0 = no LoRA; default 0, a "
+                                                     "run config: its lora.rank)")] = None,
     expert_lora_rank: Annotated[Optional[int], typer.Option("--expert-lora-rank",
                                                             help="expert LoRA rank (default: --lora-rank)")] = None,
     no_attention_lora: Annotated[bool, typer.Option("--no-attention-lora", help="LoRA on the experts only")] = False,
@@ -111,21 +162,23 @@ def flops(
         "--attention-targets", help="attention projections with LoRA, comma-separated: q_proj,k_proj,v_proj,o_proj "
                                     "(default: the architecture's set, as lora.attention_targets: null)")] = None,
     no_expert_lora: Annotated[bool, typer.Option("--no-expert-lora", help="LoRA on attention only")] = False,
-    expert_layout: Annotated[str, typer.Option("--expert-layout", help="expert LoRA layout (lora.expert_layout): "
-                                               "fused (one pair on gate_up_proj) or split (gate, up, down)")] = "fused",
-    router_lora: Annotated[bool, typer.Option("--router-lora", help="LoRA on every router too (lora.router)")] = False,
+    expert_layout: Annotated[Optional[str], typer.Option(
+        "--expert-layout", help="expert LoRA layout (lora.expert_layout): fused (one pair on gate_up_proj, the "
+                                "default) or split (gate, up, down)")] = None,
+    router_lora: Annotated[Optional[bool], typer.Option("--router-lora/--no-router-lora",
+                                                        help="LoRA on every router too (lora.router)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="a JSON list, one object per k")] = False,
 ):
     """Forward FLOPs per sequence and (trainable) parameter counts per k (FLAME Table 1 columns: P_a, P,
     P̂_a = active trainable, P̂ = total trainable).
 
-    MODEL: a config.json, a folder holding one, builtin:<name>, or a hub id (cached, when offline).
+    MODEL: a config.json, a folder holding one, builtin:<name>, a hub id (cached, when offline), or a fedmoe
+    run config (.yaml): its model.name with its LoRA settings and eval.flops_seq_len, the figures its run
+    reports (options given override them).
     Example: fedmoe flops OLMoE-config.json --seq-len 128 --k 8 4 2 1 --lora-rank 20 [--json]
     FLAME's Table 1 layout: ... --lora-rank 20 --expert-layout split --router-lora
     """
     import json
-
-    from rich.console import Console
 
     from .eval.flops import count_flops, default_k_list, format_flops_table, load_model_config
 
@@ -135,25 +188,43 @@ def flops(
     ints = [w for w in words if w.lstrip("-").isdigit()]
     others = [w for w in words if not w.lstrip("-").isdigit()]
     if len(others) != 1:
-        Console(stderr=True).print(f"[red]error:[/] expected one MODEL_OR_CONFIG, got {others or 'none'} "
-                                   "(give --k values as integers: --k 8 4 2 1)")
+        _error(f"expected one MODEL_OR_CONFIG, got {others or 'none'} (give --k values as integers: --k 8 4 2 1)")
         raise typer.Exit(2)
     if ints and not k:
-        Console(stderr=True).print(f"[red]error:[/] unexpected extra arguments {ints} (did you mean --k {' '.join(ints)}?)")
+        _error(f"unexpected extra arguments {ints} (did you mean --k {' '.join(ints)}?)")
         raise typer.Exit(2)
     ks = list(k or []) + [int(w) for w in ints]
     targets = None if attention_targets is None else [t.strip() for t in attention_targets.split(",") if t.strip()]
+    source, expert_targets = others[0], None
     try:
         if no_attention_lora and targets:
             raise ValueError("give --attention-targets or --no-attention-lora, not both")
-        cfg = load_model_config(others[0])
+        if source.endswith((".yaml", ".yml")):  # a fedmoe run config: its model, LoRA and FLOPs sequence length
+            from .config import load_config
+
+            run_cfg = load_config(source)
+            lc = run_cfg.lora
+            source = run_cfg.model.name
+            lora_rank = lc.rank if lora_rank is None else lora_rank
+            no_expert_lora = no_expert_lora or not lc.experts
+            targets = lc.attention_targets if attention_targets is None else targets
+            expert_layout = expert_layout or lc.expert_layout
+            router_lora = lc.router if router_lora is None else router_lora
+            seq_len = run_cfg.eval.flops_seq_len if seq_len is None else seq_len
+            expert_targets = tuple(lc.expert_targets)
+            if targets == []:
+                no_attention_lora = True
+        lora_rank, expert_layout = lora_rank or 0, expert_layout or "fused"
+        seq_len = 128 if seq_len is None else seq_len
+        router_lora = bool(router_lora)
+        cfg = load_model_config(source)
         ks = ks or default_k_list(cfg)
         rows = [count_flops(cfg, seq_len, k=kk, lora_rank=lora_rank, expert_lora_rank=expert_lora_rank,
                             expert_lora=not no_expert_lora, expert_lora_layout=expert_layout,
-                            router_lora=router_lora,
+                            router_lora=router_lora, **({"expert_lora_targets": expert_targets} if expert_targets else {}),
                             attention_lora_targets=[] if no_attention_lora else targets) for kk in ks]
     except (ValueError, FileNotFoundError) as e:
-        Console(stderr=True).print(f"[red]error:[/] {e}")
+        _error(f"{e}")
         raise typer.Exit(2)
     keys = ("k", "flops_per_seq", "flops_by_part", "active_params", "total_params", "active_trainable",
             "total_trainable")
@@ -168,7 +239,8 @@ def flops(
         where.append("router")
     lora = ("no LoRA" if not where else
             f"LoRA r={lora_rank}" + ("" if r_exp == lora_rank else f" (experts r={r_exp})") + " on " + ", ".join(where))
-    print(format_flops_table(rows, title=f"{others[0]} ({cfg.model_type}), {seq_len} tokens, {lora}"))
+    name = others[0] if source == others[0] else f"{others[0]}: {source}"
+    print(format_flops_table(rows, title=f"{name} ({cfg.model_type}), {seq_len} tokens, {lora}"))
     print("\nFLOPs = 2 x multiply-accumulates of the forward pass of one sequence; attention scores over the "
           "full T x T square. P̂ = trainable (LoRA) parameters; P̂_a = the non-expert ones + k/E of the expert ones.")
 
@@ -212,10 +284,10 @@ def mmlu(
     extra = [w for w in words if w in MMLU_SUBJECTS]
     others = [w for w in words if w not in MMLU_SUBJECTS]
     if len(others) != 1:
-        err.print(f"[red]error:[/] expected one MODEL, got {others or 'none'}")
+        _error(f"expected one MODEL, got {others or 'none'}")
         raise typer.Exit(2)
     if extra and not subjects:
-        err.print(f"[red]error:[/] unexpected extra arguments {extra} (did you mean --subjects {' '.join(extra)}?)")
+        _error(f"unexpected extra arguments {extra} (did you mean --subjects {' '.join(extra)}?)")
         raise typer.Exit(2)
     names = [n for s in (subjects or []) for n in s.split(",") if n] + extra
     try:
@@ -226,8 +298,12 @@ def mmlu(
             raise ValueError("--max-per-subject must be >= 1")
         if not 0 <= k_shot <= 5:
             raise ValueError("--k-shot must be in 0..5")
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"--max-length must be at least 1 token, got {max_length}")
     except ValueError as e:
-        err.print(f"[red]error:[/] {e}")
+        _error(f"{e}")
         raise typer.Exit(2)
 
     from .moe.arch import UnsupportedModelError
@@ -237,7 +313,7 @@ def mmlu(
         lm = MoEModel.from_pretrained(others[0], dtype=dtype, device=device).model
         tokenizer = load_tokenizer(others[0])
     except (UnsupportedModelError, OSError, ValueError, KeyError) as e:
-        err.print(f"[red]error:[/] cannot load {others[0]}: {e}")
+        _error(f"cannot load {others[0]}: {e}")
         raise typer.Exit(2)
 
     total = sum(len(qs[:max_per_subject]) for qs in load_mmlu("test", selected).values())
@@ -266,14 +342,12 @@ def compare(
 ):
     """Several runs side by side: one table (method, rounds, global and client results, bytes, wall time)
     and their learning curves overlaid in one PNG."""
-    from rich.console import Console
-
     from .report.compare import compare_runs
 
     try:
         table, png = compare_runs(runs, out)
     except (FileNotFoundError, ValueError) as e:
-        Console(stderr=True).print(f"[red]error:[/] {e}")
+        _error(f"{e}")
         raise typer.Exit(2)
     print(table)
     print(f"\ntable: {out / 'compare.md'}" + (f"\ncurves: {png}" if png else "\n(no curves: no losses logged yet)"))
@@ -297,16 +371,13 @@ def export(
 ):
     """Export a trained model: a PEFT adapter (default), a merged Hugging Face model (--merged), or,
     where neither can express the model, a folder that MoEModel.from_pretrained restores exactly."""
-    from rich.console import Console
-
     from .config import ConfigError
     from .export import export_model
 
-    err = Console(stderr=True)
     try:
         form, why = export_model(run_dir, out, client=_which(client, global_), merged=merged, private_path=private)
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        err.print(f"[red]error:[/] {e}")
+        _error(f"{e}")
         raise typer.Exit(2)
     who = "the global model" if _which(client, global_) is None else f"client {client}"
     text = {"peft": "a PEFT adapter: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), OUT)",
@@ -341,7 +412,7 @@ def generate(
     try:
         loaded = load_run_model(run_dir, _which(client, global_), private)
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        err.print(f"[red]error:[/] {e}")
+        _error(f"{e}")
         raise typer.Exit(2)
     if prompt is not None:
         print(answer(loaded, prompt, context, max_new_tokens))

@@ -129,6 +129,17 @@ def _algorithm_config():
 AlgorithmConfig = _algorithm_config()
 
 
+class DPConfig(_Strict):
+    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018; ``federation.dp``): each
+    client's update is clipped to L2 norm ``clip_norm`` C, the sum of the clipped updates gets
+    Gaussian noise of std ``noise_multiplier``·C and is divided by the number of sampled clients m
+    (uniform weights, a fixed denominator); (ε, δ) per round from an RDP accountant (dp-accounting)."""
+
+    clip_norm: float = Field(gt=0)
+    noise_multiplier: float = Field(ge=0)  # σ; 0 = clipping only, no privacy (ε = ∞)
+    delta: float = Field(1e-5, gt=0, lt=1)  # the δ at which ε is reported (take δ < 1/number of clients)
+
+
 class FederationConfig(_Strict):
     rounds: int = Field(3, ge=1)
     fraction: float = Field(1.0, gt=0, le=1)  # clients sampled per round
@@ -143,6 +154,14 @@ class FederationConfig(_Strict):
     # Flower: at most this many messages out at once (None: every sampled client at once). Bounds the
     # memory of SuperNodes that share one machine (each message starts a process with the model)
     max_inflight: int | None = Field(None, ge=1)
+    # in-process runtime: a client whose local training raises stops the run (stop: the exception
+    # propagates) or is left out of the round like a client that did not reply (skip: the round is
+    # aggregated when min_replies others succeeded; the failure is in metrics.jsonl and the report).
+    # On Flower a client's error comes back as a failed reply and is always handled as skip.
+    on_client_error: Literal["stop", "skip"] = "stop"
+    # client-level differential privacy (null: off); only for methods whose aggregation is a sum of
+    # client updates (the others refuse it)
+    dp: DPConfig | None = None
 
 
 class EvalConfig(_Strict):
@@ -210,6 +229,9 @@ class RunConfig(_Strict):
                 raise ValueError(f"{keys} configure the method '{other.name}', but algorithm.name is {alg.name!r}, "
                                  f"which reads only algorithm.{{{', '.join(method.sections)}}}: remove them (in a "
                                  "sweep, set them in that method's variant)")
+        if self.federation.dp is not None and not method.server.supports_dp:
+            raise ValueError(f"federation.dp (client-level differential privacy) needs an aggregation that is a sum "
+                             f"of clipped client updates, but {alg.name} {method.server.dp_note}; remove federation.dp")
         method.client.check_config(self)
         return self
 
@@ -297,11 +319,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p} is not a text (UTF-8) file (byte {e.start} is 0x{e.object[e.start]:02x}): give "
+                              "the path of a YAML config") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{p}:{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+            why = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{p}:{where} is not valid YAML: {why}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -27,6 +27,7 @@ class Stream(IntEnum):
     LOCAL_TRAINING = 2  # (round, client): data order and dropout of a client's local training
     CLIENT_SETUP = 4  # (client): a client's one-shot setup before round 1 (e.g. FLEx's graft init)
     BOOTSTRAP = 9  # the paired bootstrap of the ROUGE-L change
+    DP_NOISE = 10  # (round): the Gaussian noise of client-level differential privacy (federation.dp)
 
 
 class NumpyStream(IntEnum):

@@ -125,6 +125,11 @@ class Server:
 
     supports_server_optimizer = True
     server_optimizer_note = ""  # why not, when it does not (shown in the config error)
+    # client-level DP (federation.dp) applies: the aggregation is θ + Σ_i w_i·(θ_i − θ) over the
+    # global tensors, each w_i in [0, 1] computed from reply i alone (dp_weights), then the server
+    # optimizer. The runtime then clips, sums with a fixed denominator and adds noise (federation.dp).
+    supports_dp = False
+    dp_note = "does not declare its aggregation a weighted sum of client updates (Server.supports_dp)"
 
     def __init__(self, cfg: RunConfig, spec: ModelSpec):
         self.cfg = cfg
@@ -144,6 +149,12 @@ class Server:
     def aggregate(self, global_state: State, server_state: dict, replies: list[Reply]) -> tuple[State, dict, dict]:
         """(new global state, new server state, metrics) from this round's replies."""
         raise NotImplementedError
+
+    def dp_weights(self, global_state: State, reply: Reply) -> dict[str, torch.Tensor]:
+        """Under client-level DP (``supports_dp``): this reply's weight per global tensor, in [0, 1], from
+        the reply alone (a tensor is broadcast along dim 0, e.g. one weight per expert); a tensor not
+        named weighs 1. The default, uniform weights, is DP-FedAvg's."""
+        return {}
 
 
 class Client:

@@ -170,6 +170,9 @@ def conflict_aware_average(global_state: State, tensors: list[State], n: list[fl
 # ------------------------------------------------------------------------------------ halves
 class FCMoEServer(FedITServer):
     supports_server_optimizer = False
+    supports_dp = False
+    dp_note = ("weights each client by its update's norm relative to the others', projects each update against "
+               "their mean and sends the removed part back to that client: data-dependent across clients")
     server_optimizer_note = ("steps along the projected updates itself (its retention re-anchors clients on "
                              "the exact global), so a server optimizer on top does not apply")
 

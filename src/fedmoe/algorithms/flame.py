@@ -103,6 +103,22 @@ class FlameServer(FedITServer):
         new, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state)
         return new, server_state, {}
 
+    def dp_weights(self, global_state: State, reply: Reply) -> dict[str, torch.Tensor]:
+        """Under client-level DP (federation.dp) the weights may depend on this reply only and stay in
+        [0, 1], so γ is normalised within the client instead of across clients (**ours**): expert j of MoE
+        layer l weighs (f_j / max_j' f_j')^t, f = a/S of this client's counts (its most used expert of the
+        layer 1, an expert it never routed to 0; t = 0: 1 everywhere, as FedAvg); other tensors weigh 1."""
+        t = self.cfg.algorithm.flame.temperature
+        counts, tokens = reply.message.tensors[COUNTS], reply.message.tensors[TOKENS]
+        out = {}
+        for name, layer in self.layer_of.items():
+            f = counts[layer].to(torch.float64) / max(int(tokens[layer]), 1)
+            if self.experts is not None:
+                f = f[self.experts[layer]]
+            top = f.max()
+            out[name] = (f / top if top > 0 else torch.zeros_like(f)).pow(t)  # 0^0 = 1
+        return out
+
 
 class FlameClient(FedITClient):
     personalized = True  # clients evaluate with their own k_i and rescaler

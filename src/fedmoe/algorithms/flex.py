@@ -96,7 +96,7 @@ def score_experts(mm, batches, num_grafts: int = 1, stats: dict | None = None) -
                         scores[li, e] = math.inf
                         continue
                     pred = base_sum + _expert_forward(module.base, e, x).to(torch.float64)
-                    scores[li, e] += torch.linalg.norm(z - pred)
+                    scores[li, e] += float(torch.linalg.norm(z - pred))  # a CPU table, any device
 
             handles.append(experts.register_forward_hook(hook))
         try:

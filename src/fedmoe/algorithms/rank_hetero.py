@@ -139,6 +139,10 @@ class RankClient(_RankBudgets, FedITClient):
 
 
 class RankServer(_RankBudgets, FedITServer):
+    supports_dp = False
+    dp_note = ("keeps the adapter components beyond each client's budget rank at zero (no client trains them), "
+               "while the Gaussian noise of DP would fill every component of the aggregate")
+
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
         self.pairs = lora_pairs(spec.initial)
@@ -248,6 +252,9 @@ class HetLoRAClient(RankClient):
 
 
 class HetLoRAServer(RankServer):
+    dp_note = ("weights each client by the norm of its update relative to the others' (normalised over the "
+               "clients), so one client moves every weight: clipping does not bound its influence")
+
     def aggregate(self, global_state: State, server_state: dict, replies: list[Reply]):
         msgs = [r.message for r in replies]
         norms = [sum(float(frobenius_of_product(m.tensors[a], m.tensors[b])) for a, b in self.pairs) for m in msgs]
@@ -263,6 +270,8 @@ class FlexLoRAServer(RankServer):
     supports_server_optimizer = False
     server_optimizer_note = ("re-factorises the aggregated dense update by SVD every round, so there are no "
                              "averaged factors for a server optimizer to step on")
+    dp_note = ("sums the clients' dense products B_i·A_i, not their factors, and re-factorises the sum by SVD: "
+               "clipping and noising the factors would not bound that sum")
 
     def aggregate(self, global_state: State, server_state: dict, replies: list[Reply]):
         alpha = self.cfg.lora.alpha

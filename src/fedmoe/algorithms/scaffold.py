@@ -39,6 +39,10 @@ class ScaffoldConfig(StrictModel):
 
 
 class ScaffoldServer(FedITServer):
+    supports_dp = False
+    dp_note = ("also sums the clients' control-variate changes Δc_i into the server control c, which is sent to "
+               "every client: a private SCAFFOLD would have to clip and noise those too")
+
     def initial_server_state(self, global_state: State) -> dict:
         return {"c": {n: torch.zeros_like(t) for n, t in global_state.items()}}
 

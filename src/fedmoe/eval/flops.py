@@ -113,7 +113,8 @@ def load_model_config(model_or_config: str):
         raise FileNotFoundError(
             f"'{s}' is not a config.json, a folder with one, or builtin:<name>; as a hub id its config could "
             f"not be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Offline "
-            "(HF_HUB_OFFLINE=1) only cached models work: pass a local config.json instead"
+            "(HF_HUB_OFFLINE=1) only models in the local Hugging Face cache load: download it while online, or give a "
+            "local model folder (or its config.json) instead"
         ) from None
     return _config_from_dict(d, s)
 

@@ -85,17 +85,19 @@ class ModelEvaluator:
 def pooled(results: list[dict]) -> dict:
     """One model's metrics from its evaluations on several test sets: token-weighted loss,
     example-weighted ROUGE-L (scores and categories concatenated in order), the first set's
-    general-text numbers."""
-    tok = sum(r["tokens"] for r in results)
-    loss = sum(r["loss"] * r["tokens"] for r in results if r["loss"] is not None) / max(tok, 1)
-    g = {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": tok}
+    general-text numbers. A set with no test tokens adds nothing; with none at all, loss and
+    perplexity are None ("no test data"), never 0 and 1."""
+    counted = [r for r in results if r["loss"] is not None and r["tokens"]]
+    tok = sum(r["tokens"] for r in counted)
+    loss = sum(r["loss"] * r["tokens"] for r in counted) / tok if tok else None
+    g = {"loss": loss, "perplexity": None if loss is None else float(np.exp(loss)), "tokens": tok}
     scores = [s for r in results for s in r.get("rouge_scores", [])]
     if scores:
         g["rouge_l"] = float(np.mean(scores))
         g["rouge_scores"] = scores
         g["categories"] = [c for r in results for c in r.get("categories", [])]
     for key in GENERAL_KEYS:
-        if key in results[0]:
+        if results and key in results[0]:
             g[key] = results[0][key]
     return g
 

@@ -69,20 +69,39 @@ class LocalTransport:
         return out
 
     def train(self, round_idx: int, messages: dict[int, Message], prog: Progress):
-        """({client: (reply, report)}, {client: failure}) for this round's train messages."""
-        replies = {}
+        """({client: (reply, report)}, {client: failure}) for this round's train messages. A client whose
+        training raises stops the run (``federation.on_client_error: stop``, the exception propagates) or
+        is a failure of this round (``skip``; its private store stays as it was before the round)."""
+        replies, failures = {}, {}
         for cid, msg in messages.items():
             self.observe("downlink", cid, msg)
             task = prog.task(f"  client {cid} train", self.cfg.train.max_steps or 0)
             t0 = time.perf_counter()
-            reply, res, metrics = self.nodes[cid].train(
-                self.half, self.mm, msg, self.cfg, progress=lambda s, loss: prog.update(task, completed=s, info=f"loss {loss:.3f}"))
-            prog.remove(task)
+            try:
+                reply, res, metrics = self.nodes[cid].train(
+                    self.half, self.mm, msg, self.cfg,
+                    progress=lambda s, loss: prog.update(task, completed=s, info=f"loss {loss:.3f}"))
+            except Exception as e:  # noqa: BLE001 -- any error of one client's training (out of memory, its data)
+                if self.cfg.federation.on_client_error != "skip":
+                    raise
+                failures[cid] = f"{type(e).__name__}: {e}".strip()
+                self._after_failure()
+                continue
+            finally:
+                prog.remove(task)
             self.observe("reply", cid, reply)
             replies[cid] = (reply, {"loss": res.loss, "steps": res.steps, "lr": res.lr, "tokens": res.tokens,
                                     "activation_counts": res.activation_counts, "metrics": metrics,
                                     "overhead": {"train_s": time.perf_counter() - t0}})
-        return replies, {}
+        return replies, failures
+
+    def _after_failure(self) -> None:
+        """Free what a failed client's training held (gradients; cached CUDA memory after an out-of-memory
+        error). The next client loads its own state into the model, so nothing else of it remains."""
+        for p in self.mm.model.parameters():
+            p.grad = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def evaluate(self, round_idx: int, messages: dict[int, Message], with_rouge: bool, general_for: dict[int, bool],
                  prog: Progress) -> dict[int, dict]:

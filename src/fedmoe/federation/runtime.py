@@ -11,7 +11,13 @@ module moves messages and keeps the books.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
+import itertools
+import json
+import math
+import os
 import random
 import shutil
 import time
@@ -25,12 +31,12 @@ from ..config import ConfigError, RunConfig, config_to_dict, load_config
 from ..data import format_histogram_table
 from ..messages import EVALUATE, TRAIN, Reply
 from ..report import RunDir, format_results_table, write_report
-from ..report.rundir import atomic_write_bytes
+from ..report.rundir import RunDirBusy, atomic_write_bytes
 from .checkpoint import CHECKPOINT_FILE, restore_rng_states, rng_states
 from .evaluation import EvalPolicy
 from .progress import Progress
 from .sampling import sample_clients
-from .summary import ClientRecord, run_summary
+from .summary import NONFINITE, ClientRecord, run_summary
 
 RUNTIME_TRAIN_KEYS = ("round", "client", "split", "loss", "steps", "lr", "tokens", "bytes_up", "bytes_down",
                       "load_s", "train_s", "tokens_per_s")
@@ -41,7 +47,25 @@ class RunDirError(ConfigError):
 
 
 class RoundFailed(RuntimeError):
-    """Too few clients replied for a round to be aggregated."""
+    """Too few clients replied with a usable update for a round to be aggregated."""
+
+
+def nonfinite(loss, message) -> str | None:
+    """Why a client's round is unusable (its training loss or a reply tensor or scalar is NaN or
+    infinite), or None."""
+    why = []
+    if isinstance(loss, float) and not math.isfinite(loss):
+        why.append(f"training loss {loss}")
+    for name, t in message.tensors.items():
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                why.append(f"{bad} of {t.numel()} values of {name}")
+    why += [f"{name} = {v}" for name, v in message.scalars.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not why:
+        return None
+    more = f" (and {len(why) - 3} more tensors)" if len(why) > 3 else ""
+    return "non-finite " + "; ".join(why[:3]) + more + ": the update is left out of the aggregation"
 
 
 def _serialize(state: dict) -> bytes:
@@ -87,6 +111,10 @@ class Federation:
         self.client_setup: dict = {}
         self.failures: list[dict] = []  # clients that failed to train or evaluate: round, client, stage, error
         self.resuming = resuming
+        if cfg.federation.dp is not None:
+            from .dp import require_dp_accounting
+
+            require_dp_accounting()
 
     # ------------------------------------------------------------------ checkpointing
     def checkpoint_state(self) -> dict:
@@ -102,10 +130,11 @@ class Federation:
             "client_setup": self.client_setup,
             "failures": self.failures,
             "rng": rng_states(),
+            "config_fingerprint": config_fingerprint(self.cfg),
         }
 
     def save(self) -> None:
-        atomic_write_bytes(self.rd.checkpoint_dir / CHECKPOINT_FILE, _serialize(self.checkpoint_state()))
+        write_checkpoint(self.rd.checkpoint_dir, _serialize(self.checkpoint_state()))
 
     def restore(self, ck: dict) -> None:
         self.completed_rounds = ck["round"]
@@ -135,7 +164,7 @@ class Federation:
         replies, failures = self.transport.train(round_idx, messages, prog)
         for cid, why in failures.items():
             self._failed(round_idx, cid, "train", why)
-        out = []
+        out, unusable = [], {}
         for cid in sampled:
             if cid not in replies:
                 continue
@@ -143,9 +172,11 @@ class Federation:
             rec, down, up = self.records[cid], messages[cid].nbytes(), reply.nbytes()
             rec.bytes_down += down
             rec.bytes_up += up
-            rec.rounds_trained += 1
-            rec.add_counts(report["activation_counts"])
-            rec.reported, rec.reported_round = dict(report["metrics"]), round_idx
+            bad = nonfinite(report["loss"], reply)
+            if bad is None:
+                rec.rounds_trained += 1
+                rec.add_counts(report["activation_counts"])
+                rec.reported, rec.reported_round = dict(report["metrics"]), round_idx
             clash = set(report["metrics"]) & set(RUNTIME_TRAIN_KEYS)
             if clash:
                 raise ValueError(f"{self.method.name}'s client metrics use the runtime's keys {sorted(clash)}")
@@ -156,16 +187,54 @@ class Federation:
             self.rd.log_metrics({"round": round_idx, "client": cid, "split": "train", "loss": report["loss"],
                                  "steps": report["steps"], "lr": report["lr"], "tokens": report["tokens"],
                                  "bytes_up": up, "bytes_down": down, **timing, **report["metrics"]})
+            if bad is not None:
+                self._failed(round_idx, cid, NONFINITE, bad)
+                unusable[cid] = bad
+                continue
             out.append(Reply(cid, reply))
         need = self.min_replies(len(sampled))
         if len(out) < need:
+            if unusable:
+                raise RoundFailed(
+                    f"round {round_idx}: {len(unusable)} of {len(sampled)} sampled clients sent non-finite values "
+                    f"({'; '.join(f'client {c}: {w}' for c, w in unusable.items())})"
+                    + (f", {len(failures)} failed ({failures})" if failures else "")
+                    + f", leaving {len(out)} usable updates, fewer than federation.min_replies ({need}). The round "
+                    f"was not applied; {self._intact()}. Non-finite training usually means the learning rate is "
+                    "too high or there is no gradient clipping: start again with a lower train.lr or with "
+                    "train.grad_clip set")
             raise RoundFailed(f"round {round_idx}: {len(out)} of {len(sampled)} sampled clients replied, fewer than "
                               f"federation.min_replies ({need}); failed: {failures}. The last checkpoint "
                               f"(round {self.completed_rounds}) is intact: resume with `fedmoe run --resume {self.rd.path}`")
         return out
 
+    def _aggregate(self, round_idx: int, sampled: int, replies: list[Reply]) -> tuple[dict, dict, dict]:
+        """The method's aggregation, or under ``federation.dp`` its private form (clipped updates, Gaussian
+        noise, the number of sampled clients as the denominator); a result that is not finite is not applied."""
+        if self.cfg.federation.dp is None:
+            new, server_state, metrics = self.server.aggregate(self.global_state, self.server_state, replies)
+        else:
+            from .dp import private_aggregate, round_metrics
+
+            new, server_state, metrics = private_aggregate(self.server, self.cfg, self.global_state, self.server_state,
+                                                           replies, sampled, round_idx)
+            metrics = {**metrics, **round_metrics(self.cfg, self.completed_rounds + 1)}
+        bad = [n for n, t in new.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise RoundFailed(f"round {round_idx}: the aggregate of {len(replies)} finite client updates is not finite "
+                              f"in {len(bad)} tensors ({', '.join(bad[:3])}): the round was not applied; "
+                              f"{self._intact()}")
+        return new, server_state, metrics
+
+    def _intact(self) -> str:
+        """What a round that stops the run leaves behind."""
+        path = self.rd.checkpoint_dir / CHECKPOINT_FILE
+        if not path.is_file():
+            return "no checkpoint had been written yet"
+        return f"the checkpoint of round {self.completed_rounds} ({path}) is intact"
+
     def _failed(self, round_idx: int, cid: int, stage: str, why) -> None:
-        self.log(f"round {round_idx}: client {cid} failed to {stage}: {why}")
+        self.log(f"round {round_idx}: client {cid} " + (f"sent {why}" if stage == NONFINITE else f"failed to {stage}: {why}"))
         self.failures.append({"round": round_idx, "client": cid, "stage": stage, "error": str(why)})
         self.rd.log_metrics({"round": round_idx, "client": cid, "split": "failure", "stage": stage, "error": str(why)})
 
@@ -216,12 +285,16 @@ class Federation:
                 sampled = sample_clients(len(self.records), cfg.federation.fraction, cfg.seed, round_idx)
                 replies = self._train(round_idx, sampled, prog)
                 t_agg = time.perf_counter()
-                self.global_state, self.server_state, metrics = self.server.aggregate(
-                    self.global_state, self.server_state, replies)
+                self.global_state, self.server_state, metrics = self._aggregate(round_idx, len(sampled), replies)
                 aggregate_s = time.perf_counter() - t_agg
                 self.rd.log_metrics({"round": round_idx, "client": None, "split": "server", "aggregate_s": aggregate_s,
                                      "clients": [r.client for r in replies], **metrics})
                 self.global_eval = self._evaluate(round_idx, final=round_idx == rounds, prog=prog)
+                loss = self.global_eval.get("loss")
+                if isinstance(loss, float) and not math.isfinite(loss):
+                    raise RoundFailed(f"round {round_idx}: the aggregated model's test loss is {loss} (its weights are "
+                                      "finite, but the clients' training diverged): the round was not saved; "
+                                      f"{self._intact()}. Start again with a lower train.lr or with train.grad_clip set")
                 wall = time.perf_counter() - t_round
                 clients_s = self._clients_s + self.policy.clients_s
                 # the round's time that is neither the clients' training and evaluation nor aggregation
@@ -248,12 +321,19 @@ class Federation:
                    "shared_params": int(sum(t.numel() for t in self.global_state.values())),
                    "client_setup": {cid: m for cid, m in self.client_setup.items() if len(m) > 1},
                    "client_setup_seconds": {cid: m["seconds"] for cid, m in self.client_setup.items()},
-                   "metric_notes": self.method.notes, "failures": self.failures})
+                   "metric_notes": self.method.notes, "failures": self.failures,
+                   **({} if self.cfg.federation.dp is None else {"privacy": self._privacy()})})
         self.rd.write_summary(summary)
         histogram = format_histogram_table({cid: r.data["category_counts"] for cid, r in self.records.items()})
         write_report(self.rd, summary, self.rd.read_metrics(), histogram)
         self._tensorboard()
         return summary
+
+    def _privacy(self) -> dict:
+        from .dp import privacy_summary
+
+        sampled = len(sample_clients(len(self.records), self.cfg.federation.fraction, self.cfg.seed, 1))
+        return privacy_summary(self.cfg, self.completed_rounds, sampled)
 
     def _tensorboard(self) -> None:
         """``report.tensorboard``: the scalars of metrics.jsonl so far, rebuilt after every round."""
@@ -263,39 +343,289 @@ class Federation:
             write_tensorboard(self.rd.read_metrics(), self.rd.path)
 
 
-# ---------------------------------------------------------------------- entry points
-def prepare_run_dir(cfg: RunConfig) -> RunDir:
-    path = Path(cfg.output_dir) / cfg.run_name()
-    if (path / "checkpoints" / CHECKPOINT_FILE).exists() and not (path / "summary.json").exists():
-        raise RunDirError(f"{path} holds an unfinished run: continue it with `fedmoe run --resume {path}`, "
-                          f"or choose another name with --set name=...")
-    if path.exists():
-        shutil.rmtree(path)  # a finished run of the same name is replaced
+# ---------------------------------------------------------------------- checkpoints
+# The checkpoint it replaces is kept as the previous round's (one round back), so that a latest
+# checkpoint that cannot be read (truncated, emptied, overwritten) still leaves a way forward.
+PREVIOUS_CHECKPOINT_FILE = "state.prev.pt"
+
+# Config keys that say where and how a run executes, not what it computes: a resumed run may change
+# them (another device or machine, other Flower timeouts, TensorBoard on or off, the directory moved).
+# Every other key is part of the run's fingerprint: a resume whose config.yaml differs in one is refused.
+EXECUTION_KEYS = ("name", "output_dir", "model.device", "federation.round_timeout_s", "federation.node_wait_s",
+                  "federation.max_inflight", "federation.on_client_error", "report.tensorboard")
+
+
+def write_checkpoint(folder: Path, data: bytes) -> None:
+    """``state.pt`` written atomically, after the one it replaces became ``state.prev.pt`` (a hard link
+    renamed into place, so that ``state.pt`` itself never goes missing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    latest = folder / CHECKPOINT_FILE
+    if latest.is_file():
+        tmp = folder / f".{PREVIOUS_CHECKPOINT_FILE}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(latest, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(latest, tmp)
+        os.replace(tmp, folder / PREVIOUS_CHECKPOINT_FILE)
+    atomic_write_bytes(latest, data)
+
+
+def has_checkpoint(path: str | Path) -> bool:
+    folder = Path(path) / RunDir.CHECKPOINTS
+    return (folder / CHECKPOINT_FILE).is_file() or (folder / PREVIOUS_CHECKPOINT_FILE).is_file()
+
+
+def load_checkpoint(path: str | Path, log=print) -> dict:
+    """The newest readable checkpoint of the run in ``path``: ``state.pt``, or, when that is missing or
+    cannot be read, the previous round's ``state.prev.pt`` (with a warning; the unreadable file is
+    named in the result's ``_unreadable`` so that a resume can set it aside)."""
+    folder = Path(path) / RunDir.CHECKPOINTS
+    problems, unreadable = [], None
+    for f in (folder / CHECKPOINT_FILE, folder / PREVIOUS_CHECKPOINT_FILE):
+        if not f.is_file():
+            problems.append(f"{f} is missing")
+            continue
+        try:
+            ck = torch.load(f, map_location="cpu", weights_only=False)
+            if not isinstance(ck, dict) or not {"round", "global_state", "rng"} <= set(ck):
+                raise ValueError("not a fedmoe checkpoint")
+        except Exception as e:  # noqa: BLE001 - a torn file raises anything from EOFError to UnpicklingError
+            why = str(e).splitlines()[0] if str(e) else "empty file" if f.stat().st_size == 0 else ""
+            problems.append(f"{f} is unreadable ({type(e).__name__}: {why})")
+            unreadable = unreadable or f
+            continue
+        if problems:
+            log(f"warning: {'; '.join(problems)}: falling back to the previous checkpoint {f} (round {ck['round']}); "
+                "the rounds after it are run again")
+            if unreadable is not None:
+                ck["_unreadable"] = str(unreadable)
+        return ck
+    raise RunDirError(f"{path} has no readable checkpoint ({'; '.join(problems)}), so the run cannot be resumed: "
+                      f"start it again with `fedmoe run {Path(path) / RunDir.CONFIG} --overwrite` (replaces {path}) "
+                      "or under another name (--set name=...)")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _execution_key(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in EXECUTION_KEYS)
+
+
+def config_fingerprint(cfg: RunConfig) -> dict:
+    """What defines a run: every config key but :data:`EXECUTION_KEYS`, flattened (``keys``), and its
+    SHA-256; stored in every checkpoint."""
+    keys = {k: v for k, v in _flat(config_to_dict(cfg)).items() if not _execution_key(k)}
+    return {"sha256": hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest(), "keys": keys}
+
+
+def check_fingerprint(cfg: RunConfig, ck: dict, path: str | Path, log=print) -> None:
+    """Refuse a run directory whose config.yaml differs from the config its checkpoint was written
+    with, naming the keys; a checkpoint written before fingerprints only gets a warning. A key a newer
+    fedmoe added counts as its default in an older fingerprint."""
+    stored = ck.get("config_fingerprint")
+    if stored is None:
+        log(f"warning: the checkpoint in {path} predates config fingerprints: resuming without checking that "
+            "config.yaml is still the config the run started with")
+        return
+    now = config_fingerprint(cfg)
+    if now["sha256"] == stored["sha256"]:
+        return
+    default, old, new, missing = config_fingerprint(RunConfig())["keys"], stored["keys"], now["keys"], object()
+
+    def show(v):
+        return "(not set)" if v is missing else json.dumps(v)
+
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, default.get(key, missing)), new.get(key, default.get(key, missing))
+        if before != after and not _execution_key(key):
+            diffs.append(f"{key}: {show(before)} -> {show(after)}")
+    if diffs:
+        raise RunDirError(f"{Path(path) / RunDir.CONFIG} differs from the config its checkpoint was written with "
+                          f"({'; '.join(diffs)}): a resumed run continues the run it checkpointed, so put back "
+                          f"{'that value' if len(diffs) == 1 else 'those values'} (only {', '.join(EXECUTION_KEYS)} "
+                          "may change on resume), or start a new run with the new config")
+
+
+# ---------------------------------------------------------------------- run directories
+def _run_dir_kind(path: Path) -> str:
+    """``new`` (absent or empty), ``started`` (a run's config.yaml, no checkpoint, no summary: it stopped
+    before its first checkpoint, nothing to resume), ``unfinished`` (a checkpoint, no summary),
+    ``finished`` (summary.json), ``other`` (files, but no fedmoe run) or ``file`` (not a directory)."""
+    if not path.exists():
+        return "new"
+    if not path.is_dir():
+        return "file"
+    if not {p.name for p in path.iterdir()} - {RunDir.LOCK}:
+        return "new"
+    if (path / RunDir.SUMMARY).is_file():
+        return "finished"
+    if has_checkpoint(path):
+        return "unfinished"
+    return "started" if (path / RunDir.CONFIG).is_file() else "other"
+
+
+def _claim(path: Path, overwrite: bool, fresh: bool, log) -> RunDir | None:
+    """``path`` emptied (but for its lock) and locked for a new run, or None when it is not to be used:
+    it holds a finished run (without ``overwrite``) or other files; ``fresh`` (a numbered directory):
+    anything but a new or started one, and one in use."""
+    kind = _run_dir_kind(path)
+    if kind == "file":
+        raise RunDirError(f"{path} exists and is not a directory: choose another name (--set name=...) or "
+                          "output_dir (--set output_dir=...)")
+    if kind == "other" and overwrite and not fresh:
+        raise RunDirError(f"{path} holds files that are not a fedmoe run (no config.yaml), which --overwrite does not "
+                          "delete: choose another name (--set name=...)")
+    if kind == "other" or (fresh and kind != "new" and kind != "started") or (kind == "finished" and not overwrite):
+        return None
     rd = RunDir(path)
-    rd.write_config(config_to_dict(cfg))
+    try:
+        rd.lock(log)
+    except RunDirBusy:
+        if fresh:
+            return None
+        raise
+    try:
+        kind = _run_dir_kind(path)  # again, now that no other run can change it
+        if kind == "unfinished" and not overwrite:
+            raise RunDirError(f"{path} holds an unfinished run (a checkpoint, no summary.json): continue it with "
+                              f"`fedmoe run --resume {path}`, start it over with --overwrite (its checkpoint is lost), "
+                              "or choose another name with --set name=...")
+        if kind in ("finished", "other") and not overwrite:
+            rd.unlock()
+            return None
+        for child in path.iterdir():
+            if child.name != RunDir.LOCK:
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+    except BaseException:
+        rd.unlock()
+        raise
     return rd
 
 
-def run_federated(cfg: RunConfig, show_progress: bool = False, stop_after_round: int | None = None,
-                  log=print, observe=None) -> tuple[dict | None, RunDir]:
-    """Run a configured federated experiment from scratch in this process; returns (summary, run dir)."""
-    rd = prepare_run_dir(cfg)
-    run = Federation(cfg, rd, show_progress=show_progress, log=log, observe=observe)
-    return run.run(stop_after_round=stop_after_round), rd
+def prepare_run_dir(cfg: RunConfig, overwrite: bool = False, log=print) -> RunDir:
+    """The directory of a new run, ``output_dir/name``, with its config.yaml, locked by this process
+    (release it with ``rd.unlock()``).
+
+    A finished run there is never deleted implicitly: the new run goes to the first free numbered
+    directory beside it (``name-2``, ``name-3``, ...), and says so, unless ``overwrite``. An unfinished
+    run (a checkpoint, no summary) is refused with the command that resumes it, unless ``overwrite``. A
+    run that stopped before its first checkpoint left nothing to resume: its directory is reused. A
+    directory that holds no fedmoe run is never deleted (a new run goes beside it)."""
+    base = Path(cfg.output_dir) / cfg.run_name()
+    try:
+        rd = _claim(base, overwrite, fresh=False, log=log)
+        if rd is None:
+            what = ("a finished run (kept; --overwrite replaces it)" if _run_dir_kind(base) == "finished"
+                    else "files that are not a fedmoe run (kept)")
+            rd = next(r for n in itertools.count(2)
+                      if (r := _claim(base.with_name(f"{base.name}-{n}"), False, fresh=True, log=log)) is not None)
+            log(f"{base} holds {what}: this run writes to {rd.path}")
+        try:
+            tree = config_to_dict(cfg)
+            if rd.path != base:
+                tree["name"] = rd.path.name  # config.yaml names the directory it is in
+            rd.write_config(tree)
+        except BaseException:
+            rd.unlock()
+            raise
+    except OSError as e:
+        raise RunDirError(f"cannot write the run directory {base}: {e.strerror or e}"
+                          + (f" ({e.filename})" if e.filename else "")
+                          + ": set output_dir to a writable directory (--set output_dir=...)") from None
+    return rd
 
 
-def open_run_dir(path: str | Path) -> tuple[RunConfig, RunDir, dict]:
-    """(config, run dir, checkpoint) of a run to resume."""
-    path = Path(path)
-    if not (path / "config.yaml").is_file():
+def _lock_existing(path: Path, log) -> RunDir:
+    """The existing run directory ``path``, locked by this process."""
+    if not (path / RunDir.CONFIG).is_file():
         raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
-    ck_path = path / "checkpoints" / CHECKPOINT_FILE
-    if not ck_path.is_file():
-        raise RunDirError(f"{path} has no checkpoint to resume from ({ck_path} is missing); start it again instead")
-    return load_config(path / "config.yaml"), RunDir(path), torch.load(ck_path, map_location="cpu", weights_only=False)
+    rd = RunDir(path, create=False)
+    rd.lock(log)
+    return rd
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run; ``path``: its run directory."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"interrupted: {path}")
+        self.path = Path(path)
+
+
+def _locked(rd: RunDir, work):
+    """``work()`` under the run directory's lock (already taken), released however it ends; Ctrl-C
+    becomes :class:`RunInterrupted` (naming the directory), a full or read-only disk a RunDirError
+    that says the last checkpoint is intact."""
+    try:
+        return work()
+    except KeyboardInterrupt:
+        raise RunInterrupted(rd.path) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        raise RunDirError(f"writing {e.filename or rd.path} failed: {e.strerror}. The last checkpoint in {rd.path} is "
+                          f"intact: make room (or make it writable), then `fedmoe run --resume {rd.path}`") from None
+    finally:
+        rd.unlock()
+
+
+def check_model(cfg: RunConfig) -> None:
+    """Before anything is written: the model's config can be read (a hub id offline is not), and
+    ``data.max_length`` fits its context."""
+    from ..eval.flops import load_model_config
+    from ..moe.model import check_context
+
+    try:
+        config = load_model_config(cfg.model.name)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"model.name: {e}") from None
+    check_context(config, cfg.data.max_length, cfg.model.name)
+
+
+# ---------------------------------------------------------------------- entry points
+def run_federated(cfg: RunConfig, show_progress: bool = False, stop_after_round: int | None = None,
+                  log=print, observe=None, overwrite: bool = False) -> tuple[dict | None, RunDir]:
+    """Run a configured federated experiment from scratch in this process; returns (summary, run dir).
+    ``overwrite``: replace a run in ``output_dir/name`` (else a finished one is kept and the run goes
+    to ``name-2``, ...; :func:`prepare_run_dir`)."""
+    check_model(cfg)
+    rd = prepare_run_dir(cfg, overwrite=overwrite, log=log)
+    return _locked(rd, lambda: Federation(cfg, rd, show_progress=show_progress, log=log, observe=observe).run(
+        stop_after_round=stop_after_round)), rd
+
+
+def open_run_dir(path: str | Path, log=print) -> tuple[RunConfig, RunDir, dict]:
+    """(config, run dir, checkpoint) of a run to resume: the newest readable checkpoint, and a
+    config.yaml that is still the config the run was checkpointed with."""
+    path = Path(path)
+    if not (path / RunDir.CONFIG).is_file():
+        raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
+    if not has_checkpoint(path):
+        raise RunDirError(f"{path} has no checkpoint to resume from ({path / RunDir.CHECKPOINTS / CHECKPOINT_FILE} is "
+                          f"missing): start it again with `fedmoe run {path / RunDir.CONFIG} --overwrite`")
+    cfg = load_config(path / RunDir.CONFIG)
+    ck = load_checkpoint(path, log)
+    check_fingerprint(cfg, ck, path, log)
+    return cfg, RunDir(path), ck
 
 
 def resume(run: Federation, ck: dict, stop_after_round: int | None = None) -> dict | None:
+    bad = ck.pop("_unreadable", None)
+    if bad is not None:  # set aside: the next checkpoint must not keep it as the previous one
+        os.replace(bad, f"{bad}.unreadable")
     run.restore(ck)
     run.rd.truncate_metrics(after_round=run.completed_rounds)  # rows written after the checkpoint are redone
     if run.completed_rounds >= run.cfg.federation.rounds:
@@ -307,35 +637,54 @@ def resume(run: Federation, ck: dict, stop_after_round: int | None = None) -> di
 def resume_federated(path: str | Path, show_progress: bool = False, stop_after_round: int | None = None,
                      log=print, observe=None) -> tuple[dict | None, RunDir]:
     """Continue the in-process run in ``path`` from its last checkpoint (its own config.yaml is used)."""
-    cfg, rd, ck = open_run_dir(path)
-    run = Federation(cfg, rd, show_progress=show_progress, log=log, resuming=True, observe=observe)
-    return resume(run, ck, stop_after_round), rd
+    rd = _lock_existing(Path(path), log)
+
+    def work():
+        cfg, _, ck = open_run_dir(path, log=log)
+        run = Federation(cfg, rd, show_progress=show_progress, log=log, resuming=True, observe=observe)
+        return resume(run, ck, stop_after_round)
+
+    return _locked(rd, work), rd
 
 
-def start_run(cfg: RunConfig, show_progress: bool = False, federation: str | None = None, log=print):
+def start_run(cfg: RunConfig, show_progress: bool = False, federation: str | None = None, log=print,
+              overwrite: bool = False):
     """A run from scratch on ``cfg.federation.runtime``; returns (summary, run dir). ``federation``:
-    the SuperLink's name in $FLWR_HOME/config.toml (runtime ``flower``)."""
+    the SuperLink's name in $FLWR_HOME/config.toml (runtime ``flower``); ``overwrite``: replace a run
+    of the same name (:func:`prepare_run_dir`)."""
     if cfg.federation.runtime == "local":
-        return run_federated(cfg, show_progress=show_progress, log=log)
+        return run_federated(cfg, show_progress=show_progress, log=log, overwrite=overwrite)
     from .flower.launch import require_flower, run_deployment, run_simulation
 
     require_flower()
-    rd = prepare_run_dir(cfg)
+    name = _federation(federation) if cfg.federation.runtime == "flower" else None
+    check_model(cfg)
+    rd = prepare_run_dir(cfg, overwrite=overwrite, log=log)
     if cfg.federation.runtime == "flower-sim":
-        return run_simulation(cfg, rd), rd
-    return run_deployment(cfg, rd, _federation(federation)), rd
+        return _locked(rd, lambda: run_simulation(cfg, rd)), rd
+    return _locked(rd, lambda: run_deployment(cfg, rd, name)), rd
 
 
 def continue_run(path: str | Path, show_progress: bool = False, federation: str | None = None, log=print):
     """Continue the run in ``path`` from its last checkpoint, on the runtime it ran on."""
-    cfg, rd, _ = open_run_dir(path)
+    path = Path(path)
+    if not (path / RunDir.CONFIG).is_file():
+        raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
+    cfg = load_config(path / RunDir.CONFIG)
     if cfg.federation.runtime == "local":
         return resume_federated(path, show_progress=show_progress, log=log)
     from .flower.launch import run_deployment, run_simulation
 
-    if cfg.federation.runtime == "flower-sim":
-        return run_simulation(cfg, rd, resume=True), rd
-    return run_deployment(cfg, rd, _federation(federation), resume=True), rd
+    name = _federation(federation) if cfg.federation.runtime == "flower" else None
+    rd = _lock_existing(path, log)
+
+    def work():
+        open_run_dir(path, log=log)  # a changed config or no readable checkpoint: refused before Flower starts
+        if cfg.federation.runtime == "flower-sim":
+            return run_simulation(cfg, rd, resume=True)
+        return run_deployment(cfg, rd, name, resume=True)
+
+    return _locked(rd, work), rd
 
 
 def _federation(name: str | None) -> str:
@@ -345,5 +694,5 @@ def _federation(name: str | None) -> str:
     return name
 
 
-__all__ = ["Federation", "continue_run", "start_run", "RoundFailed", "RunDirError", "format_results_table", "resume_federated",
-           "run_federated"]
+__all__ = ["Federation", "continue_run", "start_run", "RoundFailed", "RunDirBusy", "RunDirError", "RunInterrupted",
+           "format_results_table", "resume_federated", "run_federated"]

@@ -3,6 +3,7 @@ evaluations), and the summary.json built from it."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -10,6 +11,11 @@ import torch
 from ..eval import count_flops, paired_bootstrap
 from ..report import build_summary
 from ..seeds import Stream, derive_seed
+
+
+NONFINITE = "non-finite"  # failure stage: a client's loss or update was NaN/inf and was left out
+EXIT_NONFINITE = 3  # `fedmoe run`'s exit status when a finished run left such an update out
+COLLAPSE_TOLERANCE = 0.02  # a test loss within 2% of ln V (uniform output over V tokens) is flagged
 
 
 @dataclass
@@ -73,6 +79,41 @@ def skipped_rows(records: list[ClientRecord]) -> int:
     return sum(own) + (shared[0] if shared else 0)
 
 
+def loss_verdict(loss, uniform: float) -> str | None:
+    """What is wrong with a test loss, judged against ln V (``uniform``), or None."""
+    if loss is None:
+        return None
+    if not math.isfinite(loss):
+        return "non-finite"
+    if abs(loss - uniform) <= COLLAPSE_TOLERANCE * uniform:
+        return "uniform output"
+    if loss > uniform:
+        return "worse than uniform output"
+    return None
+
+
+def model_health(vocab_size: int, global_eval: dict, zero_shot: dict | None, records: dict[int, ClientRecord]) -> dict:
+    """Models whose final test loss is non-finite, within 2% of ln V (the loss of a uniform
+    distribution over the V tokens: the model predicts nothing, it collapsed or never learned) or
+    above it; each flagged model with its zero-shot loss, which tells the two apart."""
+    uniform = math.log(vocab_size)
+    models = [("global", global_eval.get("loss"), (zero_shot or {}).get("loss"))]
+    models += [(cid, records[cid].last_eval.get("loss"), records[cid].zero_shot.get("loss")) for cid in sorted(records)]
+    flagged = [{"model": m, "loss": loss, "zero_shot_loss": z, "verdict": v}
+               for m, loss, z in models if (v := loss_verdict(loss, uniform)) is not None]
+    return {"uniform_loss": uniform, "tolerance": COLLAPSE_TOLERANCE, "flagged": flagged}
+
+
+def nonfinite_exit_message(summary: dict) -> str | None:
+    """Why `fedmoe run` exits with EXIT_NONFINITE after a finished run, or None."""
+    bad = [f for f in summary.get("failures") or [] if f.get("stage") == NONFINITE]
+    if not bad:
+        return None
+    where = ", ".join(f"client {f['client']} in round {f['round']}" for f in bad[:5]) + (" ..." if len(bad) > 5 else "")
+    return (f"{len(bad)} client update(s) had non-finite values and were left out of the aggregation ({where}): "
+            f"the results come from the other clients' updates (report: Failures); exit status {EXIT_NONFINITE}")
+
+
 def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, zero_shot: dict | None,
                 wall_s: float, extra: dict) -> dict:
     """summary.json of a finished run (``spec``: the server's view of the model)."""
@@ -114,5 +155,6 @@ def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, 
                         "rouge_l_change": rouge_l_change(ordered, cfg.seed)},
         extra={"num_clients": len(records), "fraction": cfg.federation.fraction, "num_moe_layers": spec.num_moe_layers,
                "num_experts": spec.num_experts, "top_k": spec.top_k, "zero_shot": zero_shot,
-               "data_skipped_rows": skipped_rows(ordered), **extra},
+               "data_skipped_rows": skipped_rows(ordered),
+               "health": model_health(spec.config.vocab_size, g, zero_shot, records), **extra},
     )

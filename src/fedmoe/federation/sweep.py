@@ -24,7 +24,7 @@ import yaml
 from ..config import ConfigError, apply_overrides, config_from_tree, parse_override
 from ..eval.stats import format_change
 from ..report.compare import bytes_per_round, personal_or_global  # noqa: F401  (re-exported)
-from ..report.rundir import atomic_write_text
+from ..report.rundir import atomic_write_text, loads
 
 
 def _fmt(v) -> str:
@@ -67,8 +67,7 @@ def load_sweep(path: str | Path) -> tuple[dict, dict | None]:
 
 def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progress: bool = False, log=print,
               federation: str | None = None) -> Path:
-    from .checkpoint import CHECKPOINT_FILE
-    from .runtime import continue_run, start_run
+    from .runtime import continue_run, has_checkpoint, start_run
 
     tree, sweep = load_sweep(path)
     # `--set sweep.<key>=[values]` replaces one axis of the sweep (the key keeps its dots)
@@ -91,13 +90,15 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progres
         summary_path = root / point / "summary.json"
         if summary_path.is_file():
             log(f"[{i + 1}/{len(points)}] {point}: done before, kept")
-        elif (root / point / "checkpoints" / CHECKPOINT_FILE).is_file():
+        elif has_checkpoint(root / point):
             log(f"[{i + 1}/{len(points)}] {point}: continuing from its checkpoint")
             continue_run(root / point, show_progress=show_progress, federation=federation, log=log)
         else:
             log(f"[{i + 1}/{len(points)}] {point}")
-            start_run(cfg, show_progress=show_progress, federation=federation, log=log)
-        results.append((point, json.loads(summary_path.read_text())))
+            # a point's directory holds no run here (or one that stopped before its first checkpoint), so the
+            # run goes there; were it taken by other files, where it went
+            summary_path = start_run(cfg, show_progress=show_progress, federation=federation, log=log)[1].summary_path
+        results.append((point, loads(summary_path.read_text())))
     report = root / "sweep_report.md"
     atomic_write_text(report, format_sweep_report(str(path), results))
     return report

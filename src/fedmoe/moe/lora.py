@@ -32,9 +32,14 @@ def adapter_device(t: torch.Tensor) -> torch.device:
 
 
 def _init_lora_A_(a: torch.Tensor) -> None:
+    """U(-1/sqrt(in), 1/sqrt(in)), drawn from the CPU generator whatever the device: a client's adapters
+    on a GPU get the very values the server's CPU skeleton has (a CUDA generator would draw others)."""
     bound = 1.0 / math.sqrt(a.shape[-1])
     with torch.no_grad():
-        a.uniform_(-bound, bound)
+        if a.device.type == "cpu":
+            a.uniform_(-bound, bound)
+        else:
+            a.copy_(torch.empty(a.shape, dtype=a.dtype).uniform_(-bound, bound))
 
 
 EXPERT_LAYOUTS = ("fused", "split")

@@ -23,6 +23,53 @@ class TopKError(ValueError):
     pass
 
 
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded: the message names it, the cause and what to do."""
+
+
+def check_context(config, max_length: int, name: str) -> None:
+    """Refuse ``data.max_length`` above the model's context (``max_position_embeddings``): positions
+    beyond it were never trained, and some models cannot even embed them."""
+    ctx = getattr(config, "max_position_embeddings", None)
+    if isinstance(ctx, int) and max_length > ctx:
+        raise ModelLoadError(f"data.max_length = {max_length} is above the context of the model {name} "
+                             f"(max_position_embeddings = {ctx}): set data.max_length to at most {ctx}")
+
+
+def _bad_safetensors(folder: Path) -> list[str]:
+    """The safetensors files in ``folder`` whose header cannot be read (truncated or not safetensors)."""
+    from safetensors import safe_open
+
+    bad = []
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+            bad.append(f"{f} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    return bad
+
+
+def load_error(name_or_path: str, e: Exception) -> ModelLoadError:
+    """A one-line cause and what to do, for an exception of transformers' ``from_pretrained``."""
+    import os
+
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        bad = _bad_safetensors(folder)
+        if bad:
+            return ModelLoadError(f"model folder {folder}: corrupt or truncated weights file {'; '.join(bad)}: "
+                                  "download or export the model again")
+        return ModelLoadError(f"model folder {folder} cannot be loaded ({type(e).__name__}: {first}): check that it "
+                              "holds a complete Hugging Face model (config.json and its weights)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    return ModelLoadError(f"model '{name_or_path}' cannot be loaded ({type(e).__name__}: {first}): "
+                          + ("HF_HUB_OFFLINE is set, so only models in the local Hugging Face cache load: download it "
+                             "while online, or give a local model folder" if offline else
+                             "check the hub id (and your access to it), or give a local model folder"))
+
+
 def builtin_asset(path: str) -> Path:
     return Path(str(resources.files("fedmoe") / "assets" / path))
 
@@ -130,9 +177,16 @@ class MoEModel:
             else:
                 return cls.from_config(entry(), dtype=dtype, device=device,
                                        attn_implementation=attn_implementation, seed=seed)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=_DTYPES[dtype], attn_implementation=attn_implementation
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=_DTYPES[dtype], attn_implementation=attn_implementation
+            )
+        except (OSError, ValueError, RuntimeError) as e:  # missing/corrupt files, unknown ids
+            raise load_error(name_or_path, e) from None
+        except Exception as e:  # noqa: BLE001 - safetensors' own SafetensorError is a bare Exception
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise load_error(name_or_path, e) from None
         return cls(model.to(resolve_device(device)))
 
     @classmethod

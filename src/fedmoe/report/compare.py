@@ -7,7 +7,6 @@ and the table says how far it got.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     if not rd.config_path.exists() or not rd.metrics_path.exists():
         raise FileNotFoundError(f"{rd.path} is not a fedmoe run directory (no config.yaml and metrics.jsonl): pass the "
                                 "folder `fedmoe run` wrote (runs/<name>)")
-    summary = json.loads(rd.summary_path.read_text()) if rd.summary_path.exists() else None
+    summary = rd.read_summary() if rd.summary_path.exists() else None
     return Run(label or rd.path.name, rd.path, yaml.safe_load(rd.config_path.read_text()), rd.read_metrics(), summary)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from fedmoe.report.rundir import RunDir, atomic_write_bytes, atomic_write_text
 
 DASH = "–"  # shown for a missing value (None)
+NO_TEST = "no test data"  # shown for a test metric of a model that had no test tokens (never 0)
 PLOT_NAME = "learning_curve.png"
 HEATMAP_NAME = "expert_activation.png"
 
@@ -47,6 +48,11 @@ def _plain(x) -> str:
     return DASH if x is None else str(x)
 
 
+def _test_num(x, digits: int, no_test: bool) -> str:
+    """A test metric; ``no_test``: its model had no test data, so a missing value says so."""
+    return NO_TEST if x is None and no_test else _num(x, digits)
+
+
 def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return DASH
@@ -78,26 +84,28 @@ def format_results_table(summary: dict) -> str:
     ]
     clients = summary.get("clients") or []
     for c in clients:
+        no_test = c.get("n_test") == 0
         row = [
             _plain(c.get("id")),
             _plain(c.get("k")),
             _plain(c.get("rank")),
             _plain(c.get("n_train")),
-            _num(c.get("rouge_l"), 2),
-            _num(c.get("loss"), 4),
+            _test_num(c.get("rouge_l"), 2, no_test),
+            _test_num(c.get("loss"), 4, no_test),
             human_bytes(c.get("bytes_up")),
             human_bytes(c.get("bytes_down")),
             format_flops(c.get("flops_per_seq")),
         ]
         lines.append("| " + " | ".join(row) + " |")
     g = summary.get("global") or {}
+    no_test = bool(clients) and all(c.get("n_test") == 0 for c in clients)
     row = [
         "global",
         DASH,
         DASH,
         _plain(_sum_or_none(c.get("n_train") for c in clients)),
-        _num(g.get("rouge_l"), 2),
-        _num(g.get("loss"), 4),
+        _test_num(g.get("rouge_l"), 2, no_test),
+        _test_num(g.get("loss"), 4, no_test),
         human_bytes(_sum_or_none(c.get("bytes_up") for c in clients)),
         human_bytes(_sum_or_none(c.get("bytes_down") for c in clients)),
         DASH,
@@ -110,6 +118,11 @@ def format_results_table(summary: dict) -> str:
         extras.append(f"MMLU {_num(g['mmlu'], 2)}")
     if extras:
         lines += ["", "Global: " + " · ".join(extras)]
+    empty = [str(c.get("id")) for c in clients if c.get("n_test") == 0]
+    if empty:
+        lines += ["", (f"No test data for any client ({NO_TEST}): nothing was evaluated; give the clients test examples "
+                       "(data.split, data.max_examples, data.partition.num_clients)." if no_test else
+                       f"{NO_TEST} for client(s) {', '.join(empty)}: they count in no global or mean test metric.")]
     return "\n".join(lines)
 
 
@@ -125,6 +138,8 @@ def _curves(metrics: list[dict], split: str, key: str) -> dict:
     points: dict = defaultdict(dict)
     for row in metrics:
         if row.get("split") != split or row.get(key) is None or row.get("round") is None:
+            continue
+        if not math.isfinite(float(row[key])):  # NaN/inf (the report's tables show them): no point to draw
             continue
         points[row.get("client")][row["round"]] = float(row[key])
     return {client: sorted(by_round.items()) for client, by_round in points.items()}
@@ -436,12 +451,52 @@ def format_failures(summary: dict) -> list[str]:
     failures = summary.get("failures") or []
     if not failures:
         return []
-    lines = ["## Failures", "", "| round | client | stage | error |", "|---:|---:|---|---|"]
+    lines = ["## Failures", ""]
+    if any(f["stage"] == "non-finite" for f in failures):
+        lines += ["Stage non-finite: the client's training loss or update had NaN or infinite values; its update was "
+                  "left out of that round's aggregation (`fedmoe run` exits with status 3).", ""]
+    lines += ["| round | client | stage | error |", "|---:|---:|---|---|"]
     lines += [f"| {f['round']} | {f['client']} | {f['stage']} | {f['error']} |" for f in failures]
     stale = [c for c in summary.get("clients", []) if c.get("evaluated_round") not in (None, summary.get("rounds"))]
     if stale:
         lines += ["", "The results above show these clients' last evaluation: "
                   + ", ".join(f"client {c['id']} from round {c['evaluated_round']}" for c in stale) + "."]
+    return lines + [""]
+
+
+def format_health(summary: dict) -> list[str]:
+    """Models whose final test loss is non-finite or no better than a uniform output (ln V)."""
+    health = summary.get("health") or {}
+    flagged = health.get("flagged") or []
+    if not flagged:
+        return []
+    lines = ["## Warning: models that predict nothing", "",
+             f"A test loss within {100 * health['tolerance']:.0f}% of ln V = {health['uniform_loss']:.3f} is the loss "
+             "of a uniform distribution over the vocabulary: such a model has collapsed (or never learned). A zero-shot "
+             "loss at the same level means the starting model was already uninformative (e.g. random weights).", "",
+             "| model | final test loss | zero-shot loss | verdict |", "|---|---:|---:|---|"]
+    for f in flagged:
+        name = "global" if f["model"] == "global" else f"client {f['model']}"
+        lines.append(f"| {name} | {_num(f['loss'], 4)} | {_num(f.get('zero_shot_loss'), 4)} | {f['verdict']} |")
+    return lines + [""]
+
+
+def format_privacy(summary: dict, metrics: list[dict]) -> list[str]:
+    """Client-level differential privacy: the guarantee of the final model and ε after each round."""
+    p = summary.get("privacy")
+    if not p:
+        return []
+    lines = ["## Differential privacy (client level)", "",
+             f"(ε, δ) = ({_num(p['epsilon'], 3)}, {p['delta']:g}) after {p['rounds']} rounds: each round clips every "
+             f"client's update to L2 norm {p['clip_norm']:g}, adds Gaussian noise of std {p['noise_multiplier']:g} × "
+             f"{p['clip_norm']:g} to their sum and divides by the {p['clients_per_round']} clients sampled per round "
+             f"(noise std of the average: {p['noise_std_of_average']:.3g}). Accounting: {p['accounting']}. The guarantee "
+             "covers the global models; this report's per-client numbers are not private.", ""]
+    rows = [r for r in metrics if r.get("split") == "server" and r.get("dp_epsilon") is not None]
+    if rows:
+        lines += ["| round | ε | share of updates clipped |", "|---:|---:|---:|"]
+        lines += [f"| {r['round']} | {_num(r['dp_epsilon'], 3)} | {_num(r.get('dp_clipped_fraction'), 2)} |"
+                  for r in rows]
     return lines + [""]
 
 
@@ -491,7 +546,9 @@ def write_report(
         f"wall time: {format_duration(summary.get('wall_s'))}"
     )
     parts = [title, "", facts, "", "## Results", "", format_results_table(summary), ""]
+    parts += format_health(summary)
     parts += format_failures(summary)
+    parts += format_privacy(summary, metrics)
     parts += format_zero_shot_comparison(summary)
     parts += format_examples(summary)
     if histogram_markdown:

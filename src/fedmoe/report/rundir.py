@@ -65,8 +65,21 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> N
 # JSON that stays strict JSON
 
 
+# Non-finite numbers are written as these strings (strict JSON has no NaN): never as null, which would
+# read as "no value". fedmoe's readers (read_metrics, read_summary, loads) turn them back into floats.
+NONFINITE_TEXT = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+# values under these keys are text, never decoded (a generated answer may well be "NaN")
+TEXT_KEYS = frozenset({"examples", "prediction", "reference", "error", "category", "split", "stage", "algorithm",
+                       "model", "name", "verdict", "accounting"})
+
+
+def _nonfinite_text(value: float) -> str:
+    return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+
+
 def to_jsonable(value: Any) -> Any:
-    """Plain-JSON form of a value: tensors/numpy scalars -> python numbers, NaN/inf -> None."""
+    """Plain-JSON form of a value: tensors/numpy scalars -> python numbers, NaN/±inf -> the strings
+    "NaN", "Infinity", "-Infinity" (:func:`from_jsonable` reads them back)."""
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -74,7 +87,7 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
         return value
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        return value if math.isfinite(value) else _nonfinite_text(value)
     if isinstance(value, Path):
         return str(value)
     item = getattr(value, "item", None)  # torch / numpy scalars
@@ -88,6 +101,25 @@ def to_jsonable(value: Any) -> Any:
 
 def dumps(value: Any, **kwargs) -> str:
     return json.dumps(to_jsonable(value), allow_nan=False, **kwargs)
+
+
+def from_jsonable(value: Any, key: str | None = None) -> Any:
+    """The inverse of :func:`to_jsonable` for numbers: "NaN", "Infinity", "-Infinity" -> float
+    (except under the text keys in ``TEXT_KEYS``)."""
+    if key in TEXT_KEYS:
+        return value
+    if isinstance(value, dict):
+        return {k: from_jsonable(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_jsonable(v, key) for v in value]
+    if isinstance(value, str) and value in NONFINITE_TEXT:
+        return NONFINITE_TEXT[value]
+    return value
+
+
+def loads(text: str) -> Any:
+    """JSON written by fedmoe (metrics row, summary.json), non-finite numbers as floats."""
+    return from_jsonable(json.loads(text))
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +200,7 @@ class RunDir:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append(loads(line))
             except json.JSONDecodeError as e:
                 is_torn_tail = lineno == len(lines) and not text.endswith("\n")
                 if is_torn_tail:
@@ -196,4 +228,111 @@ class RunDir:
     def read_summary(self) -> dict:
         if not self.summary_path.exists():
             raise FileNotFoundError(f"no summary.json in {self.path}: the run has not finished")
-        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+        return loads(self.summary_path.read_text(encoding="utf-8"))
+
+    # -- lock --------------------------------------------------------------------------------
+    # One process writes a run directory at a time: two runs appending to one metrics.jsonl would
+    # double every row. The lock is a file naming its holder (pid, host), created atomically (written
+    # aside, then hard-linked into place, which fails if it exists), removed when the run ends. A lock
+    # whose process is gone (a crash, SIGKILL) is stale and taken over with a warning.
+
+    LOCK = "run.lock"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / self.LOCK
+
+    def lock_holder(self) -> dict | None:
+        """The lock's holder ({"pid", "host", "since"}), {} for an unreadable lock file, None if unlocked."""
+        try:
+            text = self.lock_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return {}
+        try:
+            holder = json.loads(text)
+        except json.JSONDecodeError:
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def lock(self, log=print) -> None:
+        """Take the run directory's lock, or raise :class:`RunDirBusy` naming the process that holds it."""
+        import socket
+        import time
+
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{self.LOCK}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(me, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, self.lock_path)  # atomic: fails when a lock exists
+                return
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links: create it exclusively, then fill it
+                try:
+                    fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    pass
+                else:
+                    with os.fdopen(fd, "w", encoding="utf-8") as f:
+                        json.dump(me, f)
+                    return
+            finally:
+                os.unlink(tmp)
+            holder = self.lock_holder()
+            if holder is None:
+                continue  # released meanwhile: try again
+            if _holder_alive(holder, me["host"]):
+                who = (f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}" if holder
+                       else f"unreadable lock file {self.lock_path}")
+                raise RunDirBusy(
+                    f"{self.path} is in use by another fedmoe run ({who}): wait for it to finish (or stop it), or "
+                    f"choose another directory (--set name=...). If no such process runs any more, delete "
+                    f"{self.lock_path}")
+            log(f"warning: {self.path}: the run that held it (pid {holder.get('pid')} on {holder.get('host')}) is no "
+                "longer running (it crashed or was killed); its stale lock is taken over")
+            try:
+                self.lock_path.unlink()
+            except FileNotFoundError:
+                pass
+        raise RunDirBusy(f"{self.path}: could not take the lock {self.lock_path} (another run keeps taking it)")
+
+    def unlock(self) -> None:
+        """Release the lock if this process holds it."""
+        holder = self.lock_holder()
+        if holder and holder.get("pid") == os.getpid():
+            import socket
+
+            if holder.get("host") == socket.gethostname():
+                try:
+                    self.lock_path.unlink()
+                except FileNotFoundError:
+                    pass
+
+
+class RunDirBusy(RuntimeError):
+    """The run directory is locked by another live fedmoe process."""
+
+
+def _holder_alive(holder: dict, host: str) -> bool:
+    """Whether the lock's holder may still be running: True unless it is on this host and its pid is gone
+    (or a zombie). An unreadable lock counts as held (it may be being written)."""
+    pid = holder.get("pid")
+    if holder.get("host") != host or not isinstance(pid, int):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process its parent has not reaped yet still has a pid
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

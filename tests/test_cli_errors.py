@@ -1,0 +1,180 @@
+"""What a user sees when something expected goes wrong: one line on stderr with the cause and what to
+do, exit status 2 (130 after Ctrl-C), never a traceback. Each case runs the real CLI in a subprocess."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmoe.config import load_config
+from fedmoe.eval import count_flops, load_model_config
+from fedmoe.federation import run_federated
+from fedmoe.moe.model import builtin_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32", "data.partition.num_clients=2",
+        "train.max_steps=1", "train.batch_size=2", "eval.rouge=false", "eval.batch_size=4", "data.max_test_per_client=3",
+        "lora.rank=4", "federation.rounds=1"]
+
+
+def _sets(sets):
+    return [x for a in sets for x in ("--set", a)]
+
+
+def fedmoe(*args, cwd, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fedmoe.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def error_line(r, code=2) -> str:
+    """The one ``error:`` line of a failed command (and no traceback)."""
+    out = r.stdout + r.stderr
+    assert r.returncode == code, out[-3000:]
+    assert "Traceback" not in out and "╭" not in out, out[-3000:]
+    [line] = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    return line
+
+
+def test_hub_id_while_offline(tmp_path):
+    r = fedmoe("run", "--quiet", *_sets(TINY + [f"output_dir={tmp_path / 'runs'}", "model.name=someone/not-a-model"]),
+               cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    line = error_line(r)
+    assert "model.name" in line and "'someone/not-a-model'" in line
+    assert "HF_HUB_OFFLINE" in line and "local model folder" in line
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_corrupt_or_truncated_safetensors(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(builtin_model_path("builtin:tiny-moe"), model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    r = fedmoe("run", "--quiet", *_sets(TINY + [f"output_dir={tmp_path / 'runs'}", f"model.name={model}"]), cwd=tmp_path)
+    line = error_line(r)
+    assert f"corrupt or truncated weights file {weights}" in line and "download or export the model again" in line
+    weights.write_bytes(b"\x00" * 64)  # not safetensors at all
+    r = fedmoe("mmlu", model, "--subjects", "anatomy", "--max-per-subject", "1", cwd=tmp_path)
+    line = error_line(r)
+    assert f"cannot load {model}" in line and f"corrupt or truncated weights file {weights}" in line
+
+
+def test_corrupt_or_empty_checkpoint(tmp_path):
+    cfg = load_config(None, TINY + ["federation.rounds=2", f"output_dir={tmp_path}", "name=ck"])
+    _, rd = run_federated(cfg, stop_after_round=1, log=lambda *a: None)
+    folder = rd.path / "checkpoints"
+    latest, prev = folder / "state.pt", folder / "state.prev.pt"
+    assert torch.load(prev, weights_only=False)["round"] == 0  # the zero-shot round's
+    saved = latest.read_bytes(), prev.read_bytes()
+    # both unreadable: no way to resume, and the message says how to start over
+    latest.write_bytes(b"")
+    prev.write_bytes(b"not a checkpoint")
+    r = fedmoe("run", "--quiet", "--resume", rd.path, cwd=tmp_path)
+    line = error_line(r)
+    assert f"{rd.path} has no readable checkpoint" in line and f"{latest} is unreadable" in line
+    assert f"fedmoe run {rd.path / 'config.yaml'} --overwrite" in line
+    # ... which works
+    r = fedmoe("run", "--quiet", rd.path / "config.yaml", "--overwrite", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert rd.summary_path.is_file() and not (tmp_path / "ck-2").exists()
+    # an empty latest checkpoint: resumed from the previous one, with a warning that says so
+    rd.summary_path.unlink()
+    latest.write_bytes(b"")
+    prev.write_bytes(saved[1])
+    r = fedmoe("run", "--quiet", "--resume", rd.path, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"warning: {latest} is unreadable" in r.stdout and f"falling back to the previous checkpoint {prev} (round 0)" in r.stdout
+    assert rd.summary_path.is_file()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_output_directory(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        r = fedmoe("run", "--quiet", *_sets(TINY + [f"output_dir={ro}"]), cwd=tmp_path)
+    finally:
+        ro.chmod(0o755)
+    line = error_line(r)
+    assert f"cannot write the run directory {ro / 'fedit'}" in line and "Permission denied" in line
+    assert "--set output_dir=" in line
+
+
+def test_output_directory_that_is_a_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = fedmoe("run", "--quiet", *_sets(TINY + [f"output_dir={tmp_path / 'afile'}"]), cwd=tmp_path)
+    line = error_line(r)
+    assert f"cannot write the run directory {tmp_path / 'afile' / 'fedit'}" in line and "Not a directory" in line
+    assert "--set output_dir=" in line
+    # and a run name that is a file
+    r = fedmoe("run", "--quiet", *_sets(TINY + [f"output_dir={tmp_path}", "name=afile"]), cwd=tmp_path)
+    line = error_line(r)
+    assert f"{tmp_path / 'afile'} exists and is not a directory" in line and "--set name=" in line
+
+
+def test_mmlu_batch_size_zero(tmp_path):
+    r = fedmoe("mmlu", "builtin:tiny-olmoe", "--subjects", "anatomy", "--batch-size", "0", cwd=tmp_path)
+    assert "--batch-size must be at least 1, got 0" in error_line(r)
+
+
+def test_sigint_during_a_run_says_where_the_checkpoint_is(tmp_path):
+    sets = TINY + ["federation.rounds=200", f"output_dir={tmp_path}", "name=int"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fedmoe.cli", "run", "--quiet", *_sets(sets)], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "int"
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "state.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "Traceback" not in out + err
+    [line] = [x for x in err.splitlines() if x.startswith("interrupted:")]
+    assert f"the last checkpoint is in {run / 'checkpoints'}" in line and f"`fedmoe run --resume {run}`" in line
+    assert not (run / "run.lock").exists() and not (run / "summary.json").exists()
+
+
+def test_binary_config_file(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    r = fedmoe("run", path, cwd=tmp_path)
+    line = error_line(r)
+    assert f"{path} is not a text (UTF-8) file" in line and "YAML config" in line
+
+
+def test_max_length_above_the_models_context(tmp_path):
+    r = fedmoe("run", "--quiet", *_sets(TINY + [f"output_dir={tmp_path / 'runs'}", "data.max_length=2048"]),
+               cwd=tmp_path)
+    line = error_line(r)
+    assert "data.max_length = 2048" in line and "max_position_embeddings = 1024" in line
+    assert "at most 1024" in line and not (tmp_path / "runs").exists()
+
+
+def test_flops_of_a_run_config_as_the_readme_shows(tmp_path):
+    assert "fedmoe flops configs/" in (ROOT / "README.md").read_text()
+    default = ROOT / "configs" / "default.yaml"
+    r = fedmoe("flops", default, "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    cfg = load_config(default)
+    mc, lc = load_model_config(cfg.model.name), cfg.lora
+    assert [row["k"] for row in rows] == [4, 2, 1]
+    for row in rows:
+        want = count_flops(mc, cfg.eval.flops_seq_len, k=row["k"], lora_rank=lc.rank, expert_lora=lc.experts,
+                           attention_lora_targets=lc.attention_targets, expert_lora_layout=lc.expert_layout,
+                           router_lora=lc.router)
+        assert row["flops_per_seq"] == want["flops_per_seq"] and row["total_trainable"] == want["total_trainable"]
+    # an option given overrides the config's value; the table names the config's model
+    r = fedmoe("flops", default, "--lora-rank", "0", "--k", "4", cwd=tmp_path)
+    assert r.returncode == 0 and f"{default}: builtin:tiny-moe (olmoe)" in r.stdout and "no LoRA" in r.stdout
+    r = fedmoe("flops", tmp_path / "missing.yaml", cwd=tmp_path)
+    assert "config file not found" in error_line(r)

@@ -1,0 +1,202 @@
+"""Client-level differential privacy (federation.dp, DP-FedAvg): every client's update is clipped to
+norm C, the sum gets Gaussian noise of std σC and is divided by the number of sampled clients, and the
+accountant's ε is dp-accounting's (the library Flower's own accountant wraps)."""
+
+import math
+
+import pytest
+import torch
+
+from helpers import reply
+
+from fedmoe.algorithms import METHODS, ModelSpec, get_method, model_spec
+from fedmoe.algorithms.flame import expert_layers
+from fedmoe.config import ConfigError, load_config
+from fedmoe.federation import run_federated
+from fedmoe.federation.dp import clip_update, epsilon, private_aggregate, update_norm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32", "train.max_steps=1",
+        "train.batch_size=2", "eval.rouge=false", "eval.batch_size=8", "data.max_test_per_client=4", "lora.rank=2",
+        "data.partition.num_clients=2", "eval.zero_shot=false"]
+
+
+def _dp_cfg(clip, sigma, *extra):
+    return load_config(None, [f"federation.dp.clip_norm={clip}", f"federation.dp.noise_multiplier={sigma}", *extra])
+
+
+def _server(cfg, state):
+    return METHODS[cfg.algorithm.name].server(cfg, ModelSpec(None, state, 0, 0, {}))
+
+
+# ---------------------------------------------------------------------------- clipping
+def test_clipping_bounds_every_clients_contribution():
+    gen = torch.Generator().manual_seed(0)
+    C = 0.5
+    for scale in (0.0, 0.1, 1.0, 10.0, 1e6):
+        update = {"a": torch.randn(7, 3, generator=gen) * scale, "b": torch.randn(5, generator=gen) * scale}
+        clipped, norm = clip_update(update, C)
+        assert norm == pytest.approx(update_norm(update))
+        after = update_norm(clipped)
+        assert after <= C * (1 + 1e-12)
+        if norm > C:  # scaled onto the sphere of radius C, direction kept
+            assert after == pytest.approx(C, rel=1e-12)
+            assert torch.allclose(clipped["a"] * norm / C, update["a"].double())
+        else:  # untouched (the zero update too)
+            assert all(torch.equal(clipped[n], update[n].double()) for n in update)
+    # through the aggregation: one client at a time, no noise, denominator 1 -> its contribution
+    cfg = _dp_cfg(C, 0)
+    theta = {"a": torch.randn(7, 3, generator=gen), "b": torch.randn(5, generator=gen)}
+    for scale in (0.01, 3.0, 1e4):
+        client = {n: t + scale * torch.randn(t.shape, generator=gen) for n, t in theta.items()}
+        new, _, metrics = private_aggregate(_server(cfg, theta), cfg, theta, {}, [reply(0, client, n=100)], 1, 1)
+        contribution = update_norm({n: new[n].double() - theta[n].double() for n in theta})
+        assert contribution <= C * (1 + 1e-6)  # float32 global state
+        assert metrics["dp_clipped_fraction"] == (1.0 if scale > 0.01 else 0.0)
+    # the weights n_i play no part: uniform weights over the sampled clients (fixed denominator)
+    zero = {n: torch.zeros_like(t) for n, t in theta.items()}
+    big = {n: torch.full_like(t, 10.0) for n, t in theta.items()}
+    new, _, _ = private_aggregate(_server(cfg, zero), cfg, zero, {}, [reply(0, big, n=1), reply(1, zero, n=1000)], 4, 1)
+    assert update_norm(new) == pytest.approx(C / 4, rel=1e-6)
+
+
+def test_clipping_equals_flowers_server_side_clipping():
+    np = pytest.importorskip("numpy")
+    dp_helpers = pytest.importorskip("flwr.supercore.differential_privacy")
+    gen = torch.Generator().manual_seed(1)
+    theta = {"a": torch.randn(4, 6, generator=gen, dtype=torch.float64), "b": torch.randn(3, generator=gen, dtype=torch.float64)}
+    client = {n: t + 2.0 * torch.randn(t.shape, generator=gen, dtype=torch.float64) for n, t in theta.items()}
+    ours, _ = clip_update({n: client[n] - theta[n] for n in theta}, 0.7)
+    flower = [client[n].numpy().copy() for n in theta]
+    dp_helpers.compute_clip_model_update(flower, [theta[n].numpy() for n in theta], 0.7)
+    for (n, t), f in zip(theta.items(), flower):
+        np.testing.assert_allclose((t + ours[n]).numpy(), f, rtol=1e-12, atol=1e-12)
+
+
+def test_flame_weights_depend_on_the_clients_own_counts_and_stay_in_0_1():
+    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "algorithm.name=flame", "algorithm.budgets.top_k=[2,1]",
+                             "federation.dp.clip_norm=1", "federation.dp.noise_multiplier=1", "lora.rank=2"])
+    spec = model_spec(cfg, get_method("flame"))
+    server = get_method("flame").server(cfg, spec)
+    L, E = spec.num_moe_layers, spec.num_experts
+    counts = torch.zeros(L, E, dtype=torch.long)
+    counts[:, 0], counts[:, 1], counts[:, 2] = 30, 15, 5  # expert 3.. never routed to
+    tokens = torch.full((L,), 25, dtype=torch.long)
+    r = reply(0, {"activation_counts": counts, "tokens_per_layer": tokens}, n=10)
+    weights = server.dp_weights(spec.initial, r)
+    assert weights and set(weights) <= set(spec.initial)
+    for w in weights.values():  # t = 2: (f / max f)^2
+        assert torch.allclose(w[:4], torch.tensor([1.0, 0.25, 1 / 36, 0.0], dtype=torch.float64))
+        assert ((w >= 0) & (w <= 1)).all()
+
+
+# ---------------------------------------------------------------------------- noise
+def test_the_noise_has_the_stated_scale():
+    C, sigma, m = 0.3, 1.2, 4
+    cfg = _dp_cfg(C, sigma)
+    theta = {"w": torch.zeros(400, 500)}
+    zero_updates = [reply(i, {"w": torch.zeros(400, 500)}, n=1) for i in range(3)]  # 3 of m = 4 replied
+    new, _, metrics = private_aggregate(_server(cfg, theta), cfg, theta, {}, zero_updates, m, 1)
+    stated = sigma * C / m  # Flower's compute_stdv(σ, C, m): N(0, (σC)²) on the sum, / m
+    assert metrics["dp_noise_std"] == pytest.approx(stated)
+    assert float(new["w"].double().std()) == pytest.approx(stated, rel=0.02)
+    assert abs(float(new["w"].double().mean())) < 5 * stated / math.sqrt(new["w"].numel())
+    flower = pytest.importorskip("flwr.supercore.differential_privacy")
+    assert flower.compute_stdv(sigma, C, m) == pytest.approx(stated)
+    # seeded per round: the same round draws the same noise (exact resume), another round other noise
+    again, _, _ = private_aggregate(_server(cfg, theta), cfg, theta, {}, zero_updates, m, 1)
+    other, _, _ = private_aggregate(_server(cfg, theta), cfg, theta, {}, zero_updates, m, 2)
+    assert torch.equal(again["w"], new["w"]) and not torch.equal(other["w"], new["w"])
+
+
+# ---------------------------------------------------------------------------- accounting
+def test_epsilon_matches_the_librarys_documented_example():
+    """dp-accounting's test_compute_epsilon_delta_gaussian: q = 1, σ = 4.530877117, 1 step is exactly
+    (1, 1e-6)-DP."""
+    assert epsilon(4.530877117, 1, 1e-6) == pytest.approx(1.0, abs=1e-5)
+    assert epsilon(1.0, 0, 1e-5) == 0.0 and epsilon(0.0, 3, 1e-5) == math.inf
+    eps = [epsilon(1.0, r, 1e-5) for r in (1, 2, 3, 10)]
+    assert eps == sorted(eps) and len(set(eps)) == 4
+
+
+def test_epsilon_equals_flowers_accountant():
+    pytest.importorskip("flwr")
+    from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig,
+                                                   SamplingMethod)
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    for sigma, rounds, delta in ((1.0, 3, 1e-5), (0.7, 20, 1e-6)):
+        acc = RdpAccountant(PrivacyConfig(delta, 4, NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                          SamplingMethod.NO_AMPLIFICATION))
+        acc.compose(GaussianPrivacyEvent(sigma, 4, 4), rounds)
+        assert epsilon(sigma, rounds, delta) == pytest.approx(acc.get_privacy_spent().epsilon, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- methods
+@pytest.mark.parametrize("name", ["scaffold", "hetlora", "flexlora", "trivial", "fcmoe"])
+def test_methods_whose_aggregation_is_not_a_sum_of_updates_refuse_dp(name):
+    with pytest.raises(ConfigError, match=rf"federation.dp .*but {name} .*remove federation.dp"):
+        _dp_cfg(1.0, 1.0, f"algorithm.name={name}")
+
+
+@pytest.mark.parametrize("name", ["fedit", "flame", "flex"])
+def test_methods_whose_aggregation_is_a_sum_of_updates_accept_dp(name):
+    assert _dp_cfg(1.0, 1.0, f"algorithm.name={name}").federation.dp.clip_norm == 1.0
+    with pytest.raises(ConfigError, match="clip_norm"):
+        load_config(None, [f"algorithm.name={name}", "federation.dp.noise_multiplier=1"])
+
+
+# ---------------------------------------------------------------------------- real runs
+def test_a_tiny_run_with_dp_reports_epsilon_per_round(tmp_path):
+    sigma, delta = 0.8, 1e-4
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "name=dp", "federation.rounds=2",
+                                    "federation.dp.clip_norm=0.01", f"federation.dp.noise_multiplier={sigma}",
+                                    f"federation.dp.delta={delta}", "algorithm.server_optimizer.name=fedadam"])
+    summary, rd = run_federated(cfg, log=lambda *a: None)
+    rows = [r for r in rd.read_metrics() if r["split"] == "server"]
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["dp_epsilon"] == pytest.approx(epsilon(sigma, r["round"], delta)) and r["dp_delta"] == delta
+        assert r["dp_noise_std"] == pytest.approx(sigma * 0.01 / 2)
+        assert r["dp_clipped_fraction"] == 1.0  # C = 0.01 is below any real update's norm
+    assert rows[0]["dp_epsilon"] < rows[1]["dp_epsilon"] < math.inf
+    p = summary["privacy"]
+    assert p["epsilon"] == pytest.approx(rows[-1]["dp_epsilon"]) and p["delta"] == delta and p["rounds"] == 2
+    assert p["clients_per_round"] == 2
+    report = rd.report_path.read_text()
+    assert "## Differential privacy (client level)" in report and f"{p['epsilon']:.3f}" in report
+
+
+def test_flame_under_dp_is_the_clipped_weighted_sum_by_hand(tmp_path):
+    """No noise (σ = 0): the new global state is θ + Σ_i w_i ⊙ clip(Δ_i) / m, w from each client's own counts."""
+    C = 0.05
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "name=flame", "federation.rounds=2",
+                                    "algorithm.name=flame", "algorithm.budgets.top_k=[2,1]",
+                                    f"federation.dp.clip_norm={C}", "federation.dp.noise_multiplier=0"])
+    seen, sent = {}, {}
+
+    def observe(kind, cid, msg):
+        if kind == "downlink":
+            sent[(msg.header["round"], cid)] = {n: t.clone() for n, t in msg.tensors.items()}
+        if kind == "reply" and msg.header["round"] == 1:
+            seen[cid] = {n: t.clone() for n, t in msg.tensors.items()}
+
+    summary, rd = run_federated(cfg, observe=observe, log=lambda *a: None)
+    assert summary["privacy"]["epsilon"] == math.inf  # no noise: no privacy, said so
+    theta, after = sent[(1, 0)], sent[(2, 0)]
+    layer_of = expert_layers(theta, {d: d for d in range(4)})  # tiny OLMoE: every decoder layer is an MoE layer
+    total = {n: torch.zeros(t.shape, dtype=torch.float64) for n, t in theta.items()}
+    for cid, r in seen.items():
+        delta = {n: r[n].double() - theta[n].double() for n in theta}
+        norm = math.sqrt(sum(float((d ** 2).sum()) for d in delta.values()))
+        s = min(1.0, C / norm)
+        for n in theta:
+            w = 1.0
+            if n in layer_of:
+                f = r["activation_counts"][layer_of[n]].double() / int(r["tokens_per_layer"][layer_of[n]])
+                w = ((f / f.max()) ** 2).reshape(-1, *([1] * (delta[n].dim() - 1)))
+            total[n] += w * delta[n] * s
+    assert layer_of
+    for n in theta:
+        torch.testing.assert_close(after[n].double(), theta[n].double() + total[n] / 2, rtol=1e-5, atol=1e-7)

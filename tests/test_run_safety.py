@@ -1,0 +1,230 @@
+"""Never lose a result, never report a wrong one: a finished run is never deleted by a new one, an
+empty test set reports "no test data" (never a perfect score), a resume checks its config, one run
+at a time per directory, and a checkpoint that cannot be read falls back to the previous round's."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from fedmoe.config import load_config
+from fedmoe.data.sources import DataError
+from fedmoe.federation import resume_federated, run_federated
+from fedmoe.federation.evaluation import pooled
+from fedmoe.federation.runtime import EXECUTION_KEYS, RunDirBusy, RunDirError
+from fedmoe.federation.sweep import run_sweep
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32", "data.partition.num_clients=2",
+        "train.max_steps=1", "train.batch_size=2", "eval.rouge=false", "eval.batch_size=4", "data.max_test_per_client=3",
+        "lora.rank=4", "federation.rounds=1"]
+
+
+def _cfg(tmp_path, name, extra=()):
+    return load_config(None, TINY + [f"output_dir={tmp_path}", f"name={name}", *extra])
+
+
+def _quiet(*a):
+    pass
+
+
+# ------------------------------------------------------------------ 1. a finished run is never deleted
+def test_a_new_run_never_deletes_a_finished_run(tmp_path):
+    first, rd = run_federated(_cfg(tmp_path, "r"), log=_quiet)
+    kept = rd.summary_path.read_bytes()
+    # the same name again, failing on a typo in the data path: the finished run is untouched
+    logs = []
+    with pytest.raises(DataError, match="nope.json"):
+        run_federated(_cfg(tmp_path, "r", ["data.source=nope.json"]), log=logs.append)
+    assert rd.summary_path.read_bytes() == kept and (rd.path / "checkpoints" / "state.pt").is_file()
+    assert any(f"{tmp_path / 'r'} holds a finished run" in line and str(tmp_path / "r-2") in line for line in logs)
+    # and again, successfully: a fresh numbered directory (the failed attempt's, which held nothing to resume)
+    logs.clear()
+    second, rd2 = run_federated(_cfg(tmp_path, "r"), log=logs.append)
+    assert rd2.path == tmp_path / "r-2" and rd2.summary_path.is_file()
+    assert rd.summary_path.read_bytes() == kept
+    assert any("this run writes to " + str(tmp_path / "r-2") in line for line in logs)
+    assert yaml.safe_load((rd2.path / "config.yaml").read_text())["name"] == "r-2"  # it names its directory
+    third, rd3 = run_federated(_cfg(tmp_path, "r"), log=_quiet)
+    assert rd3.path == tmp_path / "r-3"
+    # --overwrite replaces it
+    logs.clear()
+    _, rd4 = run_federated(_cfg(tmp_path, "r", ["seed=1"]), log=logs.append, overwrite=True)
+    assert rd4.path == tmp_path / "r" and rd4.summary_path.read_bytes() != kept
+    assert json.loads(rd4.summary_path.read_text())["seed"] == 1
+    assert not any("writes to" in line for line in logs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r", "r-2", "r-3"]
+
+
+def test_an_unfinished_run_is_refused_and_overwrite_starts_it_over(tmp_path):
+    cfg = _cfg(tmp_path, "u", ["federation.rounds=2"])
+    partial, rd = run_federated(cfg, stop_after_round=1, log=_quiet)
+    assert partial is None
+    with pytest.raises(RunDirError, match=f"fedmoe run --resume {rd.path}.*--overwrite"):
+        run_federated(cfg, log=_quiet)
+    assert (rd.path / "checkpoints" / "state.pt").is_file()
+    summary, rd2 = run_federated(cfg, log=_quiet, overwrite=True)
+    assert rd2.path == rd.path and summary is not None
+    assert len([r for r in rd.read_metrics() if r["split"] == "train"]) == 2 * 2  # started over, not appended
+
+
+def test_a_folder_that_is_not_a_run_is_never_deleted(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(RunDirError, match="not a fedmoe run.*--overwrite does not delete"):
+        run_federated(_cfg(tmp_path, "mine"), log=_quiet, overwrite=True)
+    _, rd = run_federated(_cfg(tmp_path, "mine"), log=_quiet)
+    assert rd.path == tmp_path / "mine-2" and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_sweep_points_are_kept_resumed_or_run_in_place(tmp_path):
+    tree = {"name": "sw", "output_dir": str(tmp_path), "model": {"name": "builtin:tiny-olmoe"},
+            "data": {"max_examples": 120, "max_length": 32, "partition": {"num_clients": 2}, "max_test_per_client": 3},
+            "train": {"max_steps": 1, "batch_size": 2}, "lora": {"rank": 2}, "eval": {"rouge": False},
+            "federation": {"rounds": 1}, "sweep": {"lora.rank": [2, 4]}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    run_sweep(path, log=_quiet)
+    root = tmp_path / "sw"
+    done = (root / "rank=2" / "summary.json").read_bytes()
+    # a point that stopped before its first checkpoint (config.yaml only) is run again in its own directory
+    (root / "rank=4" / "summary.json").unlink()
+    for f in (root / "rank=4" / "checkpoints").iterdir():
+        f.unlink()
+    logs = []
+    run_sweep(path, log=logs.append)
+    assert "done before, kept" in logs[0] and logs[1].endswith("rank=4")
+    assert (root / "rank=2" / "summary.json").read_bytes() == done and (root / "rank=4" / "summary.json").is_file()
+    assert sorted(p.name for p in root.iterdir()) == ["rank=2", "rank=4", "sweep_report.md"]  # no rank=2-2
+
+
+# ------------------------------------------------------------------ 3. no test data is not a perfect score
+@pytest.mark.parametrize("sets", [["data.partition.num_clients=15", "data.max_examples=20"], ["data.split=[1,0,0]"]])
+def test_empty_test_sets_report_no_test_data(tmp_path, sets):
+    summary, rd = run_federated(_cfg(tmp_path, "empty", ["eval.rouge=true", *sets]), log=_quiet)
+    assert all(c["n_test"] == 0 for c in summary["clients"])
+    assert summary["global"]["loss"] is None and summary["global"]["perplexity"] is None
+    assert summary["global"]["rouge_l"] is None
+    on_disk = json.loads(rd.summary_path.read_text())
+    assert on_disk["global"]["loss"] is None and on_disk["zero_shot"]["loss"] is None
+    tests = [r for r in rd.read_metrics() if r["split"] == "test"]
+    assert tests and all(r["loss"] is None and r["perplexity"] is None for r in tests)
+    report = rd.report_path.read_text()
+    global_row = next(line for line in report.splitlines() if line.startswith("| global |"))
+    assert global_row.count("no test data") == 2 and "0.0000" not in global_row
+    assert "No test data for any client" in report and "perplexity 1.000" not in report
+
+
+def test_pooled_metrics_leave_out_sets_without_test_data():
+    a = {"loss": 2.0, "perplexity": 7.39, "tokens": 10}
+    empty = {"loss": None, "perplexity": None, "tokens": 0}
+    g = pooled([a, empty])
+    assert g["loss"] == 2.0 and g["tokens"] == 10
+    assert g["perplexity"] == pytest.approx(7.389056, rel=1e-6)
+    g = pooled([empty, empty])
+    assert g["loss"] is None and g["perplexity"] is None and g["tokens"] == 0
+
+
+# ------------------------------------------------------------------ 4. resume checks the config
+def _edit_config(rd, **changes):
+    tree = yaml.safe_load(rd.config_path.read_text())
+    for key, value in changes.items():
+        *path, last = key.split("__")
+        node = tree
+        for part in path:
+            node = node[part]
+        node[last] = value
+    rd.config_path.write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
+def test_resume_refuses_a_changed_config_naming_the_keys(tmp_path):
+    cfg = _cfg(tmp_path, "c", ["federation.rounds=2"])
+    _, rd = run_federated(cfg, stop_after_round=1, log=_quiet)
+    original = rd.config_path.read_text()
+    _edit_config(rd, lora__rank=2, data__partition__num_clients=3)
+    with pytest.raises(RunDirError) as e:
+        resume_federated(rd.path, log=_quiet)
+    msg = str(e.value)
+    assert "data.partition.num_clients: 2 -> 3" in msg and "lora.rank: 4 -> 2" in msg and str(rd.config_path) in msg
+    assert "model.device" in msg  # what may change
+    assert not rd.summary_path.exists() and not (rd.path / "run.lock").exists()
+    # execution-only keys may change
+    rd.config_path.write_text(original)
+    _edit_config(rd, model__device="cpu", federation__node_wait_s=5.0, report__tensorboard=False,
+                 federation__max_inflight=2)
+    summary, _ = resume_federated(rd.path, log=_quiet)
+    assert summary is not None
+    assert {"model.device", "federation.round_timeout_s", "federation.node_wait_s", "federation.max_inflight",
+            "output_dir", "name"} <= set(EXECUTION_KEYS)
+
+
+def test_a_checkpoint_without_fingerprint_resumes_with_a_warning(tmp_path):
+    _, rd = run_federated(_cfg(tmp_path, "old", ["federation.rounds=2"]), stop_after_round=1, log=_quiet)
+    ck_path = rd.path / "checkpoints" / "state.pt"
+    ck = torch.load(ck_path, weights_only=False)
+    del ck["config_fingerprint"]  # as fedmoe wrote it before fingerprints
+    torch.save(ck, ck_path)
+    logs = []
+    summary, _ = resume_federated(rd.path, log=logs.append)
+    assert summary is not None
+    assert any("predates config fingerprints" in line for line in logs)
+
+
+# ------------------------------------------------------------------ 5. one run per directory
+def _cli(sets):
+    return [sys.executable, "-m", "fedmoe.cli", "run", "--quiet"] + [x for a in sets for x in ("--set", a)]
+
+
+def test_a_second_run_into_a_busy_directory_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    sets = TINY + ["federation.rounds=200", f"output_dir={tmp_path}", "name=busy"]
+    proc = subprocess.Popen(_cli(sets), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck, lock = tmp_path / "busy" / "checkpoints" / "state.pt", tmp_path / "busy" / "run.lock"
+    try:
+        deadline = time.time() + 300
+        while not ck.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert ck.exists() and proc.poll() is None
+        assert json.loads(lock.read_text())["pid"] == proc.pid
+        for attempt in (lambda: run_federated(_cfg(tmp_path, "busy"), log=_quiet),
+                        lambda: run_federated(_cfg(tmp_path, "busy"), log=_quiet, overwrite=True),
+                        lambda: resume_federated(tmp_path / "busy", log=_quiet)):
+            with pytest.raises(RunDirBusy, match=f"{tmp_path / 'busy'} is in use by another fedmoe run "
+                                                 f"\\(pid {proc.pid} on "):
+                attempt()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    rows = [r for r in (tmp_path / "busy").joinpath("metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == len(set(rows))  # nobody else wrote into it
+    assert lock.exists()  # a kill leaves its lock behind: stale, taken over with a warning
+    logs = []
+    summary, rd = run_federated(_cfg(tmp_path, "busy"), log=logs.append, overwrite=True)
+    assert summary is not None and rd.path == tmp_path / "busy"
+    assert any(f"pid {proc.pid}" in line and "no longer running" in line for line in logs)
+    assert not lock.exists()  # released at the end
+
+
+# ------------------------------------------------------------------ 6. an unreadable checkpoint falls back
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_round(tmp_path):
+    full, _ = run_federated(_cfg(tmp_path, "full", ["federation.rounds=3"]), log=_quiet)
+    _, rd = run_federated(_cfg(tmp_path, "cut", ["federation.rounds=3"]), stop_after_round=2, log=_quiet)
+    folder = rd.path / "checkpoints"
+    assert torch.load(folder / "state.pt", weights_only=False)["round"] == 2
+    assert torch.load(folder / "state.prev.pt", weights_only=False)["round"] == 1
+    data = (folder / "state.pt").read_bytes()
+    (folder / "state.pt").write_bytes(data[: len(data) // 2])  # truncated
+    logs = []
+    resumed, _ = resume_federated(rd.path, log=logs.append)
+    [warning] = [line for line in logs if line.startswith("warning:")]
+    assert f"{folder / 'state.pt'} is unreadable" in warning and "state.prev.pt (round 1)" in warning
+    assert resumed["global"]["loss"] == full["global"]["loss"]
+    assert [c["loss"] for c in resumed["clients"]] == [c["loss"] for c in full["clients"]]
+    assert (folder / "state.pt.unreadable").is_file()  # kept aside, not rotated into state.prev.pt
+    assert torch.load(folder / "state.prev.pt", weights_only=False)["round"] == 2
+    assert len([r for r in rd.read_metrics() if r["split"] == "train"]) == 3 * 2
