@@ -169,6 +169,22 @@ def spread(xs) -> str:
     return f"{m:.3f} ± {sd:.3f}"
 
 
+def conflict_stat(run: Path, key: str) -> str:
+    """FC-MoE's server metric averaged over rounds (and layers, for a per-layer list); – for other methods."""
+    vals = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = loads(line)
+        v = r.get(key) if r.get("split") == "server" else None
+        if isinstance(v, list):
+            vals += [x for x in v if isinstance(x, (int, float))]
+        elif isinstance(v, (int, float)):
+            vals.append(v)
+    if not vals:
+        return "–"
+    m = sum(vals) / len(vals)
+    return f"{100 * m:.2f}%" if key == "projected_fraction" else f"{m:.3f}"
+
+
 def fcmoe_dirichlet(runs: Path) -> None:
     root = runs / "fcmoe-dirichlet"
     res = load(root)
@@ -177,17 +193,24 @@ def fcmoe_dirichlet(runs: Path) -> None:
         if not pts:
             continue
         fedit = res.get(f"alpha={alpha},method=FedIT")
-        target = fedit["global"]["loss"] if fedit else None
+        # 90% of the loss reduction FedIT reached in the whole run (its final loss itself is reached by
+        # construction in the last round by every method that ties with it)
+        target = None if not fedit else (fedit["zero_shot"]["loss"]
+                                         - 0.9 * (fedit["zero_shot"]["loss"] - fedit["global"]["loss"]))
         print(f"\n#### FC-MoE, Dirichlet α = {alpha} (10 clients)\n")
         rows = [["global test loss (zero-shot)"] + [f"{fmt(s['global']['loss'], 4)} ({fmt(s['zero_shot']['loss'], 4)})"
                                                     for _, s in pts],
-                ["rounds to FedIT's final loss" + ("" if target is None else f" ({target:.4f})")] + [
+                ["rounds to 90% of FedIT's loss reduction" + ("" if target is None else f" ({target:.4f})")] + [
                     "–" if target is None else rounds_to(root / f"alpha={alpha},method={m}", target) for m, _ in pts],
                 ["global ROUGE-L (zero-shot)"] + [f"{fmt(s['global']['rouge_l'])} ({fmt(s['zero_shot']['rouge_l'])})"
                                                   for _, s in pts],
                 ["paired change, 95% interval"] + [change(s) for _, s in pts],
                 ["client test loss, mean ± sd"] + [spread(c["loss"] for c in s["clients"]) for _, s in pts],
                 ["client ROUGE-L, mean ± sd"] + [spread(c["rouge_l"] for c in s["clients"]) for _, s in pts],
+                ["updates projected (mean over rounds)"] + [
+                    conflict_stat(root / f"alpha={alpha},method={m}", "projected_fraction") for m, _ in pts],
+                ["cosine to the consensus (mean over layers and rounds)"] + [
+                    conflict_stat(root / f"alpha={alpha},method={m}", "mean_cosine_by_layer") for m, _ in pts],
                 ["bytes up per client per round"] + [bytes_per_round(s) for _, s in pts],
                 ["wall"] + [f"{s['wall_s'] / 60:.1f} min" for _, s in pts]]
         print(table([""] + [m for m, _ in pts], rows))
