@@ -93,7 +93,7 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.0, ge=0, lt=1)  # SGD only
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    max_steps: int | None = Field(40, ge=1)  # optimizer steps per round; None = use epochs
+    max_steps: int | None = Field(20, ge=1)  # optimizer steps per round; None = use epochs
     epochs: float = Field(1.0, gt=0)
     grad_clip: float | None = Field(1.0, gt=0)
     aux_loss: bool = False  # add the model's MoE load-balancing loss
