@@ -181,11 +181,7 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
-    if args.dry:
-        torch.set_num_threads(1)
-    res = common.Result(args.json, "d_bf16_step", dry=args.dry, argv=sys.argv)
-    return res.run(lambda r: run(r, args))
+    return common.run_script("d_bf16_step", parse, run, argv)
 
 
 if __name__ == "__main__":

@@ -159,13 +159,9 @@ class Device:
 
 
 def _proc_status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+    from expert_lora import _proc_status_kb as read  # benchmarks/ is on sys.path for every step script
+
+    return read(field)
 
 
 def cpu_model() -> str:
@@ -197,6 +193,18 @@ def matmul_peak(dev: Device, dtype, n: int = 8192, warmup: int = 3, iters: int =
 
 
 # ---------------------------------------------------------------------------------------- results
+def run_script(step: str, parse, run, argv=None) -> int:
+    """The main() of a step script: parse its arguments (``--dry``: one CPU thread), run it under a
+    :class:`Result` that writes the step's JSON whatever happens, return the exit status."""
+    import torch
+
+    args = parse(argv)
+    if args.dry:
+        torch.set_num_threads(1)
+    res = Result(args.json, step, dry=args.dry, argv=sys.argv)
+    return res.run(lambda r: run(r, args))
+
+
 class Result:
     """A step's result file: ``{"step", "ok", "complete", ..., "error"}``, rewritten by :meth:`save`."""
 

@@ -563,11 +563,7 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
-    if args.dry:
-        torch.set_num_threads(1)
-    res = common.Result(args.json, "b_expert_lora", dry=args.dry, argv=sys.argv)
-    return res.run(lambda r: run(r, args))
+    return common.run_script("b_expert_lora", parse, run, argv)
 
 
 if __name__ == "__main__":

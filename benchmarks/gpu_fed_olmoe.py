@@ -351,11 +351,7 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
-    if args.dry:
-        torch.set_num_threads(1)
-    res = common.Result(args.json, "c_federated_olmoe", dry=args.dry, argv=sys.argv)
-    return res.run(lambda r: run(r, args))
+    return common.run_script("c_federated_olmoe", parse, run, argv)
 
 
 if __name__ == "__main__":

@@ -19,3 +19,36 @@ def built(method, cfg, mm, seed: int = 0):
     method.client.build(cfg, mm)
     spec = ModelSpec.of(mm)
     return method.server(cfg, spec), method.client(cfg), spec
+
+
+def tiny_hf(arch: str, **kw):
+    """A tiny Hugging Face model of ``arch`` (``fedmoe.moe.tiny``), seeded, in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from fedmoe.moe.tiny import tiny_config
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, **kw)).float()
+
+
+def token_batch(seed: int = 1, batch: int = 3, seq: int = 11, vocab: int = 128, pad_last_row: bool = True):
+    """(ids, mask): random token ids with right padding on row 1 (4 positions) and, with
+    ``pad_last_row``, on row 2 (1 position)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -4:] = 0
+    if pad_last_row:
+        mask[2, -1:] = 0
+    return ids, mask
+
+
+def peft_wrappers(peft_model) -> dict:
+    """(decoder layer index, parameter name) -> PEFT's ParamWrapper (``target_parameters`` LoRA)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    out = {}
+    for name, mod in peft_model.named_modules():
+        if isinstance(mod, ParamWrapper):
+            out[(int(name.split(".layers.")[1].split(".")[0]), mod.parameter_name)] = mod
+    return out

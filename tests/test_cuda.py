@@ -24,6 +24,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import peft_wrappers as _peft_wrappers  # noqa: E402
 
 
 def _device() -> str | None:
@@ -97,14 +98,6 @@ def _batch(seed=1, batch=3, seq=11, vocab=256):
     return ids.to(_dev()), mask.to(_dev())
 
 
-def _peft_wrappers(peft_model):
-    from peft.tuners.lora.layer import ParamWrapper
-
-    out = {}
-    for name, mod in peft_model.named_modules():
-        if isinstance(mod, ParamWrapper):
-            out[(int(name.split(".layers.")[1].split(".")[0]), mod.parameter_name)] = mod
-    return out
 
 
 def _ours_and_peft(ref):

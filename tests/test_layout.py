@@ -8,12 +8,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from helpers import tiny_hf, token_batch
 
 import fedmoe.moe.lora as lora_mod
 from fedmoe.moe import SUPPORTED_ARCHITECTURES, MoEModel, RouterWithLoRA
 from fedmoe.moe.lora import expert_lora_pairs
-from fedmoe.moe.tiny import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls
 
@@ -22,17 +21,11 @@ RANK, ALPHA = 4, 8.0
 SPLIT = ("gate_lora_A", "gate_lora_B", "up_lora_A", "up_lora_B", "down_lora_A", "down_lora_B")
 
 
-def _hf(arch, **kw):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(tiny_config(arch, **kw)).float()
+_hf = tiny_hf
 
 
 def _batch(seed=1, batch=3, seq=11, vocab=128):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, vocab, (batch, seq), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, -4:] = 0  # right padding on one row
-    return ids, mask
+    return token_batch(seed, batch, seq, vocab, pad_last_row=False)
 
 
 def _randomise(mm, seed=11, scale=0.3):

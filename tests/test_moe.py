@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from peft.tuners.lora.layer import ParamWrapper
+from helpers import peft_wrappers, tiny_hf, token_batch
 from transformers import AutoModelForCausalLM
 
 from fedmoe.moe import SUPPORTED_ARCHITECTURES, ExpertsWithLoRA, LoRALinear, MoEModel, TopKError, UnsupportedModelError
@@ -18,18 +18,8 @@ RANK, ALPHA = 4, 8.0
 SHARED = {"olmoe": None, "qwen2_moe": "Qwen2MoeMLP", "qwen3_moe": None, "mixtral": None, "deepseek_v3": "DeepseekV3MLP"}
 
 
-def _hf(arch, **kw):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(tiny_config(arch, **kw)).float()
-
-
-def _batch(seed=1, batch=3, seq=11, vocab=128):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, vocab, (batch, seq), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, -4:] = 0  # right padding on one row
-    mask[2, -1:] = 0
-    return ids, mask
+_hf = tiny_hf
+_batch = token_batch
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -76,14 +66,7 @@ def _peft_expert_model(ref):
     return get_peft_model(ref, cfg)
 
 
-def _peft_wrappers(peft_model):
-    """(decoder layer index, parameter name) -> ParamWrapper."""
-    out = {}
-    for name, mod in peft_model.named_modules():
-        if isinstance(mod, ParamWrapper):
-            layer = int(name.split(".layers.")[1].split(".")[0])
-            out[(layer, mod.parameter_name)] = mod
-    return out
+_peft_wrappers = peft_wrappers
 
 
 @pytest.mark.parametrize("arch", ARCHS)

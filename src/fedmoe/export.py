@@ -155,13 +155,10 @@ def _plain_base(cfg):
 
     source = _base_source(cfg)
     if source is None:  # a builtin built from its config: the run's seeded initial weights, as MoEModel builds them
-        from .moe.model import BUILTIN_MODELS
+        from .moe.model import BUILTIN_MODELS, hf_from_config
 
-        config = BUILTIN_MODELS[cfg.model.name[len(BUILTIN_PREFIX):]]()
-        config._attn_implementation = cfg.model.attn_implementation
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            return AutoModelForCausalLM.from_config(config, dtype=_DTYPES[cfg.model.dtype])
+        return hf_from_config(BUILTIN_MODELS[cfg.model.name[len(BUILTIN_PREFIX):]](), cfg.model.dtype,
+                              cfg.model.attn_implementation, cfg.seed)
     return AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[cfg.model.dtype],
                                                 attn_implementation=cfg.model.attn_implementation)
 

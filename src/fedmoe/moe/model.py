@@ -130,6 +130,17 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
+def hf_from_config(config, dtype: str = "float32", attn_implementation: str = "sdpa", seed: int = 0):
+    """The plain Hugging Face model of ``config`` with the seeded random initialisation fedmoe uses
+    (a ``builtin:`` model built from its config; the base that ``fedmoe export`` merges into)."""
+    from transformers import AutoModelForCausalLM
+
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
+
+
 class MoEModel:
     """A Hugging Face MoE causal LM with fedmoe's adapters, top-k control and activation counting."""
 
@@ -192,13 +203,7 @@ class MoEModel:
     @classmethod
     def from_config(cls, config, dtype: str = "float32", device: str = "cpu",
                     attn_implementation: str = "sdpa", seed: int = 0) -> "MoEModel":
-        from transformers import AutoModelForCausalLM
-
-        config._attn_implementation = attn_implementation
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
-        return cls(model.to(resolve_device(device)))
+        return cls(hf_from_config(config, dtype, attn_implementation, seed).to(resolve_device(device)))
 
     @classmethod
     def skeleton(cls, name_or_path: str, dtype: str = "float32") -> "MoEModel":
