@@ -12,10 +12,8 @@ module moves messages and keeps the books.
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import itertools
-import json
 import math
 import os
 import random
@@ -31,8 +29,10 @@ from ..config import ConfigError, RunConfig, config_to_dict, load_config
 from ..data import format_histogram_table
 from ..messages import EVALUATE, TRAIN, Reply
 from ..report import RunDir, format_results_table, write_report
-from ..report.rundir import RunDirBusy, atomic_write_bytes
-from .checkpoint import CHECKPOINT_FILE, restore_rng_states, rng_states
+from ..report.rundir import RunDirBusy
+from .checkpoint import (CHECKPOINT_FILE, EXECUTION_KEYS, PREVIOUS_CHECKPOINT_FILE, RunDirError,  # noqa: F401
+                         check_fingerprint, config_fingerprint, has_checkpoint, load_checkpoint,
+                         restore_rng_states, rng_states, write_checkpoint)
 from .evaluation import EvalPolicy
 from .progress import Progress
 from .sampling import sample_clients
@@ -41,9 +41,6 @@ from .summary import NONFINITE, ClientRecord, run_summary
 RUNTIME_TRAIN_KEYS = ("round", "client", "split", "loss", "steps", "lr", "tokens", "bytes_up", "bytes_down",
                       "load_s", "train_s", "tokens_per_s")
 
-
-class RunDirError(ConfigError):
-    pass
 
 
 class RoundFailed(RuntimeError):
@@ -341,119 +338,6 @@ class Federation:
             from ..report.tensorboard import write_tensorboard
 
             write_tensorboard(self.rd.read_metrics(), self.rd.path)
-
-
-# ---------------------------------------------------------------------- checkpoints
-# The checkpoint it replaces is kept as the previous round's (one round back), so that a latest
-# checkpoint that cannot be read (truncated, emptied, overwritten) still leaves a way forward.
-PREVIOUS_CHECKPOINT_FILE = "state.prev.pt"
-
-# Config keys that say where and how a run executes, not what it computes: a resumed run may change
-# them (another device or machine, other Flower timeouts, TensorBoard on or off, the directory moved).
-# Every other key is part of the run's fingerprint: a resume whose config.yaml differs in one is refused.
-EXECUTION_KEYS = ("name", "output_dir", "model.device", "federation.round_timeout_s", "federation.node_wait_s",
-                  "federation.max_inflight", "federation.on_client_error", "report.tensorboard")
-
-
-def write_checkpoint(folder: Path, data: bytes) -> None:
-    """``state.pt`` written atomically, after the one it replaces became ``state.prev.pt`` (a hard link
-    renamed into place, so that ``state.pt`` itself never goes missing)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    latest = folder / CHECKPOINT_FILE
-    if latest.is_file():
-        tmp = folder / f".{PREVIOUS_CHECKPOINT_FILE}.tmp"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(latest, tmp)
-        except OSError:  # a file system without hard links
-            shutil.copyfile(latest, tmp)
-        os.replace(tmp, folder / PREVIOUS_CHECKPOINT_FILE)
-    atomic_write_bytes(latest, data)
-
-
-def has_checkpoint(path: str | Path) -> bool:
-    folder = Path(path) / RunDir.CHECKPOINTS
-    return (folder / CHECKPOINT_FILE).is_file() or (folder / PREVIOUS_CHECKPOINT_FILE).is_file()
-
-
-def load_checkpoint(path: str | Path, log=print) -> dict:
-    """The newest readable checkpoint of the run in ``path``: ``state.pt``, or, when that is missing or
-    cannot be read, the previous round's ``state.prev.pt`` (with a warning; the unreadable file is
-    named in the result's ``_unreadable`` so that a resume can set it aside)."""
-    folder = Path(path) / RunDir.CHECKPOINTS
-    problems, unreadable = [], None
-    for f in (folder / CHECKPOINT_FILE, folder / PREVIOUS_CHECKPOINT_FILE):
-        if not f.is_file():
-            problems.append(f"{f} is missing")
-            continue
-        try:
-            ck = torch.load(f, map_location="cpu", weights_only=False)
-            if not isinstance(ck, dict) or not {"round", "global_state", "rng"} <= set(ck):
-                raise ValueError("not a fedmoe checkpoint")
-        except Exception as e:  # noqa: BLE001 - a torn file raises anything from EOFError to UnpicklingError
-            why = str(e).splitlines()[0] if str(e) else "empty file" if f.stat().st_size == 0 else ""
-            problems.append(f"{f} is unreadable ({type(e).__name__}: {why})")
-            unreadable = unreadable or f
-            continue
-        if problems:
-            log(f"warning: {'; '.join(problems)}: falling back to the previous checkpoint {f} (round {ck['round']}); "
-                "the rounds after it are run again")
-            if unreadable is not None:
-                ck["_unreadable"] = str(unreadable)
-        return ck
-    raise RunDirError(f"{path} has no readable checkpoint ({'; '.join(problems)}), so the run cannot be resumed: "
-                      f"start it again with `fedmoe run {Path(path) / RunDir.CONFIG} --overwrite` (replaces {path}) "
-                      "or under another name (--set name=...)")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _execution_key(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in EXECUTION_KEYS)
-
-
-def config_fingerprint(cfg: RunConfig) -> dict:
-    """What defines a run: every config key but :data:`EXECUTION_KEYS`, flattened (``keys``), and its
-    SHA-256; stored in every checkpoint."""
-    keys = {k: v for k, v in _flat(config_to_dict(cfg)).items() if not _execution_key(k)}
-    return {"sha256": hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest(), "keys": keys}
-
-
-def check_fingerprint(cfg: RunConfig, ck: dict, path: str | Path, log=print) -> None:
-    """Refuse a run directory whose config.yaml differs from the config its checkpoint was written
-    with, naming the keys; a checkpoint written before fingerprints only gets a warning. A key a newer
-    fedmoe added counts as its default in an older fingerprint."""
-    stored = ck.get("config_fingerprint")
-    if stored is None:
-        log(f"warning: the checkpoint in {path} predates config fingerprints: resuming without checking that "
-            "config.yaml is still the config the run started with")
-        return
-    now = config_fingerprint(cfg)
-    if now["sha256"] == stored["sha256"]:
-        return
-    default, old, new, missing = config_fingerprint(RunConfig())["keys"], stored["keys"], now["keys"], object()
-
-    def show(v):
-        return "(not set)" if v is missing else json.dumps(v)
-
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        before, after = old.get(key, default.get(key, missing)), new.get(key, default.get(key, missing))
-        if before != after and not _execution_key(key):
-            diffs.append(f"{key}: {show(before)} -> {show(after)}")
-    if diffs:
-        raise RunDirError(f"{Path(path) / RunDir.CONFIG} differs from the config its checkpoint was written with "
-                          f"({'; '.join(diffs)}): a resumed run continues the run it checkpointed, so put back "
-                          f"{'that value' if len(diffs) == 1 else 'those values'} (only {', '.join(EXECUTION_KEYS)} "
-                          "may change on resume), or start a new run with the new config")
 
 
 # ---------------------------------------------------------------------- run directories
