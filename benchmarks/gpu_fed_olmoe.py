@@ -15,17 +15,6 @@ client), its training time and tokens; FLEx: each client's grafting (expert scor
 calibration data) time and peak memory. Whether the largest peak fits an 80 GB card (reserved <=
 79 GiB, the usable memory of an H100 80GB).
 
-Workarounds for two fedmoe bugs on CUDA (recorded in the result; ``--no-workarounds`` runs the code
-as it is, and tests/test_cuda.py checks both without them):
-
-* adapter init: LoRA A is drawn with the device's generator, so on CUDA a client's adapters differ
-  from the server's CPU skeleton and every run stops at its first check (``spec.check``). Here A is
-  drawn on the CPU and copied, as the skeleton does (applied only when the device's draws differ);
-* FLEx scoring: ``score_experts`` adds a CUDA scalar into a CPU tensor in place
-  (``scores[li, e] += torch.linalg.norm(...)``), which torch refuses. Tried as it is first; on that
-  error it is run again with ``torch.linalg.norm``'s result moved to the CPU (the module's ``torch``
-  seen through a proxy), nothing else changed.
-
     python benchmarks/gpu_fed_olmoe.py --json out.json          # GPU
     python benchmarks/gpu_fed_olmoe.py --dry --json out.json    # CPU: the tiny-olmoe config, fp32, 1 step
 """
@@ -33,11 +22,9 @@ as it is, and tests/test_cuda.py checks both without them):
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import sys
 import time
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -85,78 +72,6 @@ def patch_loader(folder: Path) -> None:
                                    seed=opts.get("seed", 0))
 
     MoEModel.from_pretrained = classmethod(from_pretrained)
-
-
-# ---------------------------------------------------------------------------------------- workarounds
-def adapter_init_workaround(device: torch.device, force: bool = False) -> str | None:
-    """Draw LoRA A on the CPU where the device's generator gives other numbers than the CPU's
-    (``force``: also where it does not, which changes no value; the dry run exercises it so)."""
-    from fedmoe.algorithms import flex
-    from fedmoe.moe import lora
-
-    probe, cpu = torch.empty(64, device=device), torch.empty(64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        probe.uniform_()
-        torch.manual_seed(0)
-        cpu.uniform_()
-    if torch.equal(probe.cpu(), cpu) and not force:
-        return None
-
-    def init_on_cpu(a):
-        bound = 1.0 / math.sqrt(a.shape[-1])
-        with torch.no_grad():
-            a.copy_(torch.empty(a.shape, dtype=a.dtype).uniform_(-bound, bound))
-
-    lora._init_lora_A_ = init_on_cpu
-    flex._init_lora_A_ = init_on_cpu
-    if force:
-        return "adapter init: LoRA A drawn on the CPU and copied (forced in the dry run, to exercise it: no value changes)"
-    return ("adapter init: LoRA A drawn on the CPU and copied to the device (fedmoe draws it with the device's "
-            "generator, so on this device a client's adapters differ from the server's CPU skeleton)")
-
-
-class _TorchNormOnCPU(types.ModuleType):
-    """``torch`` as fedmoe.algorithms.flex sees it, except that linalg.norm returns a CPU tensor."""
-
-    def __init__(self):
-        super().__init__("torch")
-        self.linalg = types.SimpleNamespace(norm=lambda *a, **kw: torch.linalg.norm(*a, **kw).cpu())
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-
-def flex_scoring_workaround(notes: list[str], force: bool = False) -> None:
-    """``force``: use the proxy from the start (the dry run exercises it so; on the CPU it changes nothing)."""
-    from fedmoe.algorithms import flex
-
-    original = flex.score_experts
-    state = {"patched": force}
-    if force:
-        notes.append("FLEx scoring: run with torch.linalg.norm's result moved to the CPU (forced in the dry run, to "
-                     "exercise it: no value changes)")
-
-    def score_experts(mm, *a, **kw):
-        if not state["patched"]:
-            try:
-                return original(mm, *a, **kw)
-            except RuntimeError as e:
-                msg = str(e)
-                if "device" not in msg.lower() and "cpu scalar" not in msg.lower():
-                    raise
-                state["patched"] = True
-                notes.append("FLEx scoring: fedmoe's score_experts failed on this device ("
-                             f"{common.error_text(e)[:300]}); run again with torch.linalg.norm's result moved to "
-                             "the CPU (scores[li, e] += <CUDA scalar> into a CPU tensor)")
-        saved = flex.torch
-        flex.torch = _TorchNormOnCPU()
-        try:
-            return original(mm, *a, **kw)
-        finally:
-            flex.torch = saved
-
-    flex.score_experts = score_experts
 
 
 # ---------------------------------------------------------------------------------------- runs
@@ -275,13 +190,6 @@ def run(res: common.Result, args) -> None:
     folder, source = write_model_folder(work, args.dry)
     res["model"] = {"config": source, "folder": str(folder), "dtype": "float32" if args.dry else "bfloat16"}
     patch_loader(folder)
-    notes: list[str] = []
-    res["workarounds"] = notes
-    if args.workarounds:
-        note = adapter_init_workaround(dev.device, force=args.dry)
-        if note:
-            notes.append(note)
-        flex_scoring_workaround(notes, force=args.dry)
     deadline = time.perf_counter() + args.time_budget if args.time_budget else None
     for method in ("flame", "flex"):
         if deadline is not None and time.perf_counter() > deadline:
@@ -321,8 +229,6 @@ def headline(res) -> list[str]:
             parts.append(s)
         out.append(f"{method}: {r.get('wall_s')} s; " + "; ".join(parts) +
                    f"; max reserved {r.get('max_peak_reserved_gb')} GB, fits 80 GB: {r.get('fits_80gb')}")
-    for n in res.get("workarounds", []):
-        out.append(f"workaround: {n[:160]}")
     return out
 
 
@@ -330,14 +236,12 @@ def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry", action="store_true", help="CPU, the tiny-olmoe config, fp32, 1 local step")
     ap.add_argument("--device", default=None, help="default: cuda (cpu with --dry)")
-    ap.add_argument("--rank", type=int, default=16,
-                    help="FLAME's LoRA rank (default 16: the paper's 20 is not 16-byte aligned in bf16, so "
-                         "ExpertsWithLoRA would fall back to its per-expert loop)")
+    ap.add_argument("--rank", type=int, default=20,
+                    help="FLAME's LoRA rank (default 20, the paper's; ExpertsWithLoRA pads it to 24 for grouped_mm)")
     ap.add_argument("--steps", type=int, default=None, help="local steps per client (default 3; dry 1)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--calibration", type=int, default=64, help="FLEx calibration sequences per client (default 64)")
-    ap.add_argument("--no-workarounds", dest="workarounds", action="store_false")
     ap.add_argument("--time-budget", type=float, default=None)
     ap.add_argument("--json", required=True)
     ap.add_argument("--work", default=None, help="scratch folder (default: <json folder>/work/c)")

@@ -273,36 +273,6 @@ def test_adapters_built_on_device_match_the_server_skeleton(tmp_path):
                             f"CPU skeleton's (e.g. {differ[0]}): initial values must not depend on the device's RNG")
 
 
-@pytest.fixture
-def cpu_drawn_adapter_init(monkeypatch, record_property):
-    """Draw LoRA A's initial values on the CPU and copy them to the device, as the server's skeleton
-    does, when the device's generator would give other numbers (then the check above fails: a
-    fedmoe bug on CUDA, reported there). On the CPU, and once fedmoe draws on the CPU itself, this
-    changes nothing. It lets the runs below check the rest of the federation on the device."""
-    import math
-
-    from fedmoe.algorithms import flex
-    from fedmoe.moe import lora
-
-    probe = torch.empty(64, device=_dev())
-    cpu = torch.empty(64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        probe.uniform_()
-        torch.manual_seed(0)
-        cpu.uniform_()
-    needed = not torch.equal(probe.cpu(), cpu)
-    record_property("adapter_init_shim", "active" if needed else "not needed")
-    if needed:
-        def init_on_cpu(a):
-            bound = 1.0 / math.sqrt(a.shape[-1])
-            with torch.no_grad():
-                a.copy_(torch.empty(a.shape, dtype=a.dtype).uniform_(-bound, bound))
-
-        monkeypatch.setattr(lora, "_init_lora_A_", init_on_cpu)
-        monkeypatch.setattr(flex, "_init_lora_A_", init_on_cpu)
-
-
 def _final(summary, rd):
     from fedmoe.federation.checkpoint import CHECKPOINT_FILE
 
@@ -319,7 +289,7 @@ ON_CPU = DEVICE is not None and torch.device(DEVICE).type == "cpu"
     pytest.param("fedit", "default", marks=pytest.mark.skipif(
         ON_CPU, reason="the CPU kernels are deterministic: the same as the deterministic case")),
 ])
-def test_two_rounds_on_device_resume_exactly(tmp_path, alg, mode, cpu_drawn_adapter_init, record_property):
+def test_two_rounds_on_device_resume_exactly(tmp_path, alg, mode, record_property):
     from fedmoe.federation import resume_federated, run_federated
 
     if mode == "deterministic":

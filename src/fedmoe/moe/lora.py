@@ -158,15 +158,17 @@ class ActivationTracker:
         self.reset()
 
     def reset(self) -> None:
-        self.counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.long)
-        self.tokens = torch.zeros(self.num_layers, dtype=torch.long)
+        # on the CPU whatever device context is active (a model built under ``with torch.device("cuda")``)
+        self.counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.long, device="cpu")
+        self.tokens = torch.zeros(self.num_layers, dtype=torch.long, device="cpu")
 
     def record(self, layer: int, top_k_index: torch.Tensor) -> None:
         idx = top_k_index
         mask = self.token_mask
         if mask is not None and mask.numel() == idx.shape[0]:
             idx = idx[mask.to(idx.device)]
-        self.counts[layer] += torch.bincount(idx.reshape(-1), minlength=self.num_experts)[: self.num_experts].cpu()
+        self.counts[layer] += torch.bincount(idx.reshape(-1), minlength=self.num_experts)[: self.num_experts].to(
+            self.counts.device)
         self.tokens[layer] += idx.shape[0]
 
     class _Tracking:
@@ -295,12 +297,14 @@ class ExpertsWithLoRA(nn.Module):
         return out
 
     def _grouped_ok(self, dtype: torch.dtype) -> bool:
-        """grouped_mm needs 16-byte aligned row strides: every inner size (H, 2I, I and the LoRA rank)
-        times the element size must be a multiple of 16 (a rank-2 fp32 LoRA is not)."""
+        """grouped_mm needs 16-byte aligned row strides: every inner size (H, 2I, I) times the element
+        size must be a multiple of 16. The LoRA rank need not be: :meth:`_experts_grouped` pads it with
+        zero rows of A and columns of B (rank 20 in bf16, FLAME's, would otherwise take the loop, ~9x
+        slower on an H200 at the OLMoE shape)."""
         if not _HAS_GROUPED_MM:
             return False
         two_i, hidden = self.base.gate_up_proj.shape[1:]
-        dims = [hidden, two_i, self.base.down_proj.shape[2]] + ([self.rank] if self.targets else [])
+        dims = [hidden, two_i, self.base.down_proj.shape[2]]
         size = torch.empty((), dtype=dtype).element_size()
         return all(d * size % 16 == 0 for d in dims)
 
@@ -312,8 +316,13 @@ class ExpertsWithLoRA(nn.Module):
         def gmm(a, w):  # (S, in) @ per-expert (E, in, out) -> (S, out)
             return F.grouped_mm(a, w.to(a.dtype), offs=offs)
 
+        align = 16 // x.element_size()
+        pad = -(self.rank or 0) % align  # zero rank components: the same product, aligned strides
+
         def lora(a, prefix):  # the prefix's LoRA on every expert's rows
             A, B = self._full(getattr(self, f"{prefix}_lora_A")), self._full(getattr(self, f"{prefix}_lora_B"))
+            if pad:
+                A, B = F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad))
             return gmm(gmm(self.dropout(a), A.transpose(-2, -1)), B.transpose(-2, -1)) * self.scaling
 
         gu = gmm(x, self.base.gate_up_proj.transpose(-2, -1))
