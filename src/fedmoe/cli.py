@@ -71,6 +71,9 @@ def run(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="replace the run in output_dir/name (default: a finished run there is kept and this run "
                             "goes to name-2, name-3, ...)")] = False,
+    jobs: Annotated[int, typer.Option(
+        "--jobs", help="a sweep: run this many points at once, each in its own process with an equal share of the "
+                       "CPU threads")] = 1,
 ):
     """Run a federated fine-tuning experiment (or continue one with --resume)."""
     from rich.console import Console
@@ -96,11 +99,14 @@ def run(
                 raise ConfigError("--overwrite replaces a single run; a sweep keeps its finished points and resumes the "
                                   "others (delete a point's directory to run it again)")
             sweep = config
-            report = run_sweep(config, set_ or [], show_progress=not quiet, log=console.print, federation=federation)
+            report = run_sweep(config, set_ or [], show_progress=not quiet and jobs == 1, log=console.print,
+                               federation=federation, jobs=jobs)
             print(report.read_text())
             print(f"sweep report: {report}")
             return
         else:
+            if jobs != 1:
+                raise ConfigError("--jobs runs the points of a sweep in parallel; this config has no sweep: section")
             cfg = load_config(config, set_ or [])
             console.print(f"[bold]fedmoe run[/]: {cfg.algorithm.name} on {cfg.model.name}, "
                           f"{cfg.data.partition.num_clients} clients, {cfg.federation.rounds} rounds")

@@ -6,6 +6,7 @@ Unknown keys and bad values raise :class:`ConfigError` naming the key (and the f
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -51,11 +52,36 @@ class LoRAConfig(_Strict):
 
 
 class PartitionConfig(_Strict):
-    scheme: Literal["iid", "dirichlet", "pathological", "source"] = "dirichlet"
+    scheme: Literal["iid", "dirichlet", "pathological", "shards", "source"] = "dirichlet"
     num_clients: int = Field(4, ge=1)
     alpha: float = Field(0.5, gt=0)  # Dirichlet concentration
     # pathological: explicit category per client (else the most frequent categories, in order)
     categories: list[str] | None = None
+    # shards (McMahan et al. 2017): sorted by category, cut into num_clients x shards_per_client shards,
+    # each client gets this many at random: 1-2 categories per client with 2
+    shards_per_client: int = Field(2, ge=1)
+
+
+class ConceptShiftConfig(_Strict):
+    """Clients in groups see inputs from the same distribution, but every group other than group 0 maps
+    a subset of the labels to other labels (a derangement of that subset, seeded): the same input has
+    different right answers in different groups (a label task only)."""
+
+    # the number of groups (clients dealt round-robin: client i is in group i mod G), or the group
+    # sizes in client order (they sum to data.partition.num_clients)
+    groups: int | list[int] = 2
+    # the labels whose meaning differs between groups (None: num_labels of them, chosen by the seed)
+    labels: list[str] | None = None
+    num_labels: int = Field(2, ge=2)
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v):
+        if isinstance(v, int) and v < 2:
+            raise ValueError(f"concept shift needs at least 2 groups, got {v}")
+        if isinstance(v, list) and (len(v) < 2 or min(v) < 1):
+            raise ValueError(f"concept shift group sizes must be at least two sizes >= 1, got {v}")
+        return v
 
 
 class DataConfig(_Strict):
@@ -67,7 +93,22 @@ class DataConfig(_Strict):
     categories: list[str] | None = None  # keep only these categories
     max_examples: int | None = Field(None, ge=1)  # random subsample (seeded) of the whole source
     max_length: int = Field(256, ge=8)
+    # a label task (data.field_map.label): its label set, fixed for the run. None: every label of the
+    # data (after data.categories and data.max_examples), sorted, read when the run starts and written
+    # into its config.yaml (required when clients bring their own data files)
+    labels: list[str] | None = None
+    # the instruction of a label task's prompt ({labels}, if present: the label set, comma-separated); the
+    # example's text (its instruction and input, at most label_text_chars characters) is the prompt's input
+    label_instruction: str = "Which of these labels fits the request below: {labels}? Answer with the label."
+    label_text_chars: int | None = Field(600, ge=1)
+    # examples held out before partitioning (stratified by category): a shared test set on which every
+    # client's own model and the global model are evaluated at round 0 and at the end
+    heldout: int = Field(0, ge=0)
     partition: PartitionConfig = PartitionConfig()
+    concept_shift: ConceptShiftConfig | None = None
+    # the centralised bound: every client trains on the union of all clients' training sets (run it
+    # with one client per round, federation.fraction = 1/num_clients, and num_clients x the local steps)
+    pool_train: bool = False
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # per-client train / val / test
     max_train_per_client: int | None = Field(None, ge=1)
     # The default run evaluates on 100 test examples per client so that it finishes in minutes on a
@@ -77,9 +118,29 @@ class DataConfig(_Strict):
     @field_validator("split")
     @classmethod
     def _split_sums_to_one(cls, v):
-        if abs(sum(v) - 1.0) > 1e-6 or min(v) < 0:
+        if not all(math.isfinite(x) for x in v) or abs(sum(v) - 1.0) > 1e-6 or min(v) < 0:
             raise ValueError(f"split fractions must be >= 0 and sum to 1, got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _label_task_options(self):
+        labelled = "label" in self.field_map
+        if self.concept_shift is not None and not labelled:
+            raise ValueError("data.concept_shift permutes labels: it needs a label task (data.field_map.label, e.g. "
+                             "{label: category} on Dolly)")
+        if self.labels is not None and not labelled:
+            raise ValueError("data.labels is the label set of a label task: set data.field_map.label too, or remove "
+                             "data.labels")
+        if self.labels is not None and (len(self.labels) < 2 or len(set(self.labels)) != len(self.labels)):
+            raise ValueError(f"data.labels must list at least two distinct labels, got {self.labels}")
+        cs = self.concept_shift
+        if cs is not None and isinstance(cs.groups, list) and sum(cs.groups) != self.partition.num_clients:
+            raise ValueError(f"data.concept_shift.groups sizes {cs.groups} sum to {sum(cs.groups)}, but "
+                             f"data.partition.num_clients is {self.partition.num_clients}")
+        if cs is not None and isinstance(cs.groups, int) and cs.groups > self.partition.num_clients:
+            raise ValueError(f"data.concept_shift.groups = {cs.groups} is more than the {self.partition.num_clients} "
+                             "clients")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -165,6 +226,10 @@ class FederationConfig(_Strict):
 
 
 class EvalConfig(_Strict):
+    # generate: greedy answers scored by ROUGE-L; choice: the option with the highest log-likelihood
+    # after the prompt (a label task's label set, or each example's own options), scored by accuracy
+    task: Literal["generate", "choice"] = "generate"
+    choice_normalize: Literal["mean", "sum"] = "mean"  # choice: per-token mean (default) or total log-likelihood
     rouge: bool = True
     max_new_tokens: int = Field(32, ge=1)
     # Greedy decoding that never repeats an n-gram of this size (Hugging Face's no_repeat_ngram_size).
@@ -176,6 +241,9 @@ class EvalConfig(_Strict):
     every_round: bool = False  # ROUGE-L each round (loss is always evaluated each round)
     zero_shot: bool = True  # evaluate the initial model first (round 0), on the same test examples
     flops_seq_len: int = Field(128, ge=1)  # sequence length of the FLOPs/seq figure (FLAME uses 128)
+    # every round, the agreement of the clients' updates: per expert (and for the shared tensors) the
+    # fraction of client pairs whose updates have a negative cosine (server metric update_conflict)
+    update_conflict: bool = False
     # knowledge retention: perplexity on this many blocks (data.max_length tokens) of held-out general
     # text (the built-in model's pretraining held-out split, not Dolly) at round 0 and at the end; 0 = off
     general_blocks: int = Field(0, ge=0)
@@ -211,6 +279,15 @@ class RunConfig(_Strict):
                 f"algorithm.client_top_k has {len(ks)} entries but data.partition.num_clients is {n}; "
                 "give one k per client"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _choice_needs_options(self):
+        fm = self.data.field_map
+        if self.eval.task == "choice" and "label" not in fm and "options" not in fm:
+            raise ValueError("eval.task: choice scores answer options: give the data a label (data.field_map.label, "
+                             "e.g. {label: category} for Dolly's category prediction) or per-example options "
+                             "(data.field_map.options)")
         return self
 
     @model_validator(mode="after")

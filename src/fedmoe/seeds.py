@@ -37,6 +37,8 @@ class NumpyStream(IntEnum):
     DATA_SUBSAMPLE = 2  # data.max_examples
     BUDGETS = 3  # a client's compute-budget level (assign: distribution)
     LORA_EXPERTS = 5  # lora.experts_per_layer: which experts carry LoRA
+    CONCEPT_SHIFT = 6  # data.concept_shift: which labels shift (no part), each group's derangement (group)
+    HELDOUT = 7  # data.heldout: the shared held-out test examples
 
 
 def _entropy(seed: int) -> int:

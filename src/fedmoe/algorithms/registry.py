@@ -1,7 +1,7 @@
 """The methods fedmoe knows: one line each. ``algorithm.name`` takes these names, and
 ``algorithm.<name>`` is the method's own config section (see each method's file)."""
 
-from . import fcmoe, fedit, flame, flex, rank_hetero, scaffold
+from . import fcmoe, fedit, flame, flex, local, rank_hetero, scaffold
 from .base import Method
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -13,6 +13,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     flex.METHOD,
     scaffold.METHOD,
     fcmoe.METHOD,
+    local.METHOD,
 )}
 
 

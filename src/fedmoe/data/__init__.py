@@ -12,7 +12,7 @@ from .partition import (
     split_client,
     split_sizes,
 )
-from .prepare import ClientData, FederatedData, prepare_client_data, prepare_federated_data
+from .prepare import ClientData, FederatedData, prepare_client_data, prepare_federated_data, resolve_labels
 from .sources import (
     DEFAULT_FIELD_MAP,
     DOLLY_FIELD_MAP,
@@ -60,6 +60,7 @@ __all__ = [
     "partition",
     "prepare_client_data",
     "prepare_federated_data",
+    "resolve_labels",
     "source_name",
     "split_client",
     "split_sizes",

@@ -36,6 +36,13 @@ Schemes (docs/methods.md, "Data"):
     most frequent categories ordered by count (descending), then name. Client i gets *all*
     examples of category i; examples of other categories are left out of the partition.
 
+``shards``
+    The pathological non-IID split of McMahan et al. (2017): the examples, in a seeded random order,
+    sorted by category (stably), are cut into ``num_clients * shards_per_client`` near-equal shards,
+    and each client gets ``shards_per_client`` of them at random. With 2 shards per client a client
+    holds one or two categories (more only where a shard straddles a category boundary). Every
+    example is assigned exactly once.
+
 ``source``
     One source per client: the distinct ``Example.source`` values in sorted order; client i gets
     every example of source i. The number of sources must equal ``num_clients``.
@@ -62,7 +69,7 @@ __all__ = [
     "split_sizes",
 ]
 
-SCHEMES = ("iid", "dirichlet", "pathological", "source")
+SCHEMES = ("iid", "dirichlet", "pathological", "shards", "source")
 
 _MAX_REDRAWS = 100
 
@@ -178,6 +185,21 @@ def _pathological(examples: Sequence[Example], k: int, categories: Sequence[str]
     return parts
 
 
+def _shards(examples: Sequence[Example], k: int, per_client: int, rng: np.random.Generator) -> list[list[int]]:
+    n = len(examples)
+    if per_client < 1:
+        raise DataError(f"shards_per_client must be >= 1, got {per_client}")
+    count = k * per_client
+    if count > n:
+        raise DataError(f"the shards partition cuts {n} examples into {k} x {per_client} = {count} shards: too "
+                        "few examples (lower data.partition.num_clients or shards_per_client)")
+    perm = rng.permutation(n)
+    order = sorted((int(i) for i in perm), key=lambda i: examples[i].category)
+    shards = np.array_split(np.asarray(order, dtype=np.int64), count)
+    owner = rng.permutation(count)
+    return [sorted(int(i) for j in owner[c * per_client : (c + 1) * per_client] for i in shards[j]) for c in range(k)]
+
+
 def _by_source(examples: Sequence[Example], k: int) -> list[list[int]]:
     sources = sorted({ex.source for ex in examples})
     if len(sources) != k:
@@ -195,17 +217,18 @@ def _by_source(examples: Sequence[Example], k: int) -> list[list[int]]:
 
 def partition(
     examples: Sequence[Example],
-    scheme: Literal["iid", "dirichlet", "pathological", "source"],
+    scheme: Literal["iid", "dirichlet", "pathological", "shards", "source"],
     num_clients: int,
     seed: int,
     alpha: float = 0.5,
     categories: Sequence[str] | None = None,
     dirichlet_mode: Literal["client", "category"] = "client",
+    shards_per_client: int = 2,
 ) -> list[list[int]]:
     """Assign example indices to ``num_clients`` clients (see the module docstring).
 
     Returns one sorted index list per client. Every index appears at most once; for ``iid``,
-    ``dirichlet`` and ``source`` every index appears exactly once, for ``pathological`` exactly the
+    ``dirichlet``, ``shards`` and ``source`` every index appears exactly once, for ``pathological`` exactly the
     examples of the chosen categories are assigned.
     """
     if scheme not in SCHEMES:
@@ -227,6 +250,8 @@ def partition(
     rng = numpy_rng(seed)  # the partition itself: no stream
     if scheme == "iid":
         return _partition_iid(n, num_clients, rng)
+    if scheme == "shards":
+        return _shards(examples, num_clients, shards_per_client, rng)
     if not (alpha > 0 and math.isfinite(alpha)):
         raise DataError(f"the Dirichlet concentration alpha must be a positive number, got {alpha}")
     if dirichlet_mode == "client":

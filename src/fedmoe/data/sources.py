@@ -9,7 +9,7 @@ A *source* is one of
 * a Hugging Face hub dataset id such as ``"databricks/databricks-dolly-15k"``, read through the
   ``datasets`` package when it is installed.
 
-Every record is mapped onto our four fields with a *field map*: ``our field -> the file's field``.
+Every record is mapped onto our fields with a *field map*: ``our field -> the file's field``.
 The defaults are :data:`DOLLY_FIELD_MAP` for Dolly and the identity map (Alpaca format:
 ``instruction / input / output / category``) for everything else; a user map overrides single
 entries of the default one.
@@ -17,7 +17,16 @@ entries of the default one.
 ``instruction`` and ``output`` are required and ``output`` must not be blank; ``input`` is
 optional (missing -> ``""``) and so is ``category`` (missing or blank -> the source name, i.e. the
 file name without its data suffixes, so that a category-less file such as Alpaca still forms one
-labelled group). A row that breaks these rules is a *bad row*: with ``on_bad_row="error"`` it
+labelled group). Two more fields are read only when the field map names them:
+
+* ``label`` (a classification task, e.g. ``{label: category}`` on Dolly: predict the request's
+  category): ``instruction`` (the text) and ``label`` are required, ``output`` is not read, and the
+  label becomes the example's output and category (so partitions skew labels).
+  :func:`fedmoe.data.tasks.as_choice` later puts the run's label set into the prompt;
+* ``options`` (a multiple-choice task with per-example options, as MMLU): a list of at least two
+  texts, one of which is the ``output``.
+
+A row that breaks these rules is a *bad row*: with ``on_bad_row="error"`` it
 raises :class:`DataError` saying where it is and how to fix it, with ``"skip"`` it is counted in
 :attr:`LoadResult.skipped` and dropped.
 """
@@ -37,6 +46,7 @@ from typing import Any, Iterator, Literal
 __all__ = [
     "DEFAULT_FIELD_MAP",
     "DOLLY_FIELD_MAP",
+    "OPTIONAL_FIELDS",
     "OUR_FIELDS",
     "REQUIRED_FIELDS",
     "DataError",
@@ -61,6 +71,11 @@ class Example:
     output: str
     category: str
     source: str
+    # a label task (data.field_map.label): the example's label (its output and category too)
+    label: str | None = None
+    # the answer options of a choice task (the run's label set, or the file's own per-example list);
+    # the right one is ``output``
+    options: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -72,8 +87,11 @@ class LoadResult:
     skipped_reasons: dict[str, int] = field(default_factory=dict)
 
 
-OUR_FIELDS = ("instruction", "input", "output", "category")
+OUR_FIELDS = ("instruction", "input", "output", "category", "label", "options")
 REQUIRED_FIELDS = ("instruction", "output")
+# read only when the field map names them: a label (a classification task: the label is the answer
+# and the category) and per-example answer options (a list of texts; the output is the right one)
+OPTIONAL_FIELDS = ("label", "options")
 
 DOLLY_FIELD_MAP: dict[str, str] = {
     "instruction": "instruction",
@@ -81,7 +99,7 @@ DOLLY_FIELD_MAP: dict[str, str] = {
     "output": "response",
     "category": "category",
 }
-DEFAULT_FIELD_MAP: dict[str, str] = {f: f for f in OUR_FIELDS}
+DEFAULT_FIELD_MAP: dict[str, str] = {f: f for f in OUR_FIELDS if f not in OPTIONAL_FIELDS}
 
 # Shipped data sets: name -> file inside the fedmoe package.
 _BUILTINS: dict[str, str] = {
@@ -100,6 +118,8 @@ _ALIASES = {
     "input": ("context", "input"),
     "output": ("response", "answer", "completion", "output"),
     "category": ("category", "label", "task"),
+    "label": ("label", "labels", "class", "category", "target"),
+    "options": ("options", "choices", "candidates"),
 }
 
 _FIX = "set data.on_bad_row: skip to drop such rows, or data.field_map to map your field names"
@@ -277,12 +297,16 @@ def _convert(rec: Any, fm: dict[str, str], name: str) -> tuple[Example | None, s
         return None, "invalid JSON", rec.msg
     if not isinstance(rec, dict):
         return None, "not an object", f"is a {type(rec).__name__}, not an object with named fields"
+    labelled = "label" in fm
+    required = ("instruction", "label") if labelled else REQUIRED_FIELDS  # a label task needs no output
     vals: dict[str, str] = {}
     for ours in OUR_FIELDS:
+        if ours == "options" or ours not in fm or (labelled and ours == "output"):
+            continue
         theirs = fm[ours]
         raw = rec.get(theirs)
         if raw is None:
-            if ours in REQUIRED_FIELDS:
+            if ours in required:
                 present = ", ".join(sorted(map(str, rec))) or "none"
                 return (
                     None,
@@ -296,12 +320,27 @@ def _convert(rec: Any, fm: dict[str, str], name: str) -> tuple[Example | None, s
         if text is None:
             return None, f"field '{theirs}' not text", f"field {theirs!r} ({ours}) is a {type(raw).__name__}, not text"
         vals[ours] = text
-    if not vals["output"].strip():
-        return None, "empty output", f"field {fm['output']!r} (output) is empty"
     if not vals["instruction"].strip():
         return None, "empty instruction", f"field {fm['instruction']!r} (instruction) is empty"
+    if labelled:
+        label = vals["label"].strip()
+        if not label:
+            return None, "empty label", f"field {fm['label']!r} (label) is empty"
+        return Example(vals["instruction"], vals["input"], label, label, name, label=label), "", ""
+    if not vals["output"].strip():
+        return None, "empty output", f"field {fm['output']!r} (output) is empty"
+    options = None
+    if "options" in fm:
+        raw = rec.get(fm["options"])
+        if not isinstance(raw, list) or len(raw) < 2 or not all(isinstance(o, str) and o.strip() for o in raw):
+            return None, "bad options", (f"field {fm['options']!r} (options) must be a list of at least two "
+                                         f"non-empty texts, got {raw!r:.80}")
+        options = tuple(raw)
+        if vals["output"] not in options:
+            return None, "answer not an option", (f"the output {vals['output']!r:.60} (field {fm['output']!r}) is "
+                                                  f"not one of its options {list(options)!r:.120}")
     category = vals["category"].strip() or name
-    return Example(vals["instruction"], vals["input"], vals["output"], category, name), "", ""
+    return Example(vals["instruction"], vals["input"], vals["output"], category, name, options=options), "", ""
 
 
 def _load_records(
@@ -320,10 +359,11 @@ def _load_records(
     return LoadResult(examples, sum(reasons.values()), dict(reasons))
 
 
-@lru_cache(maxsize=4)
-def _load_builtin_cached(key: str) -> tuple[tuple[Example, ...], int, tuple[tuple[str, int], ...]]:
+@lru_cache(maxsize=8)
+def _load_builtin_cached(key: str, fm_items: tuple[tuple[str, str], ...],
+                         on_bad_row: str) -> tuple[tuple[Example, ...], int, tuple[tuple[str, int], ...]]:
     path = builtin_path(key)
-    res = _load_records(_read_json_or_jsonl(path, jsonl=True), str(path), _BUILTIN_FIELD_MAPS[key], key, "error")
+    res = _load_records(_read_json_or_jsonl(path, jsonl=True), str(path), dict(fm_items), key, on_bad_row)
     return tuple(res.examples), res.skipped, tuple(res.skipped_reasons.items())
 
 
@@ -347,11 +387,8 @@ def load_examples(
     key = _builtin_key(source)
     if key is not None and not Path(source).exists():
         fm = _resolve_field_map(_BUILTIN_FIELD_MAPS[key], field_map)
-        if fm == _BUILTIN_FIELD_MAPS[key]:
-            exs, skipped, reasons = _load_builtin_cached(key)
-            return LoadResult(list(exs), skipped, dict(reasons))
-        path = builtin_path(key)
-        return _load_records(_read_json_or_jsonl(path, jsonl=True), str(path), fm, key, on_bad_row)
+        exs, skipped, reasons = _load_builtin_cached(key, tuple(sorted(fm.items())), on_bad_row)
+        return LoadResult(list(exs), skipped, dict(reasons))
 
     path = Path(source).expanduser()
     if path.is_file():

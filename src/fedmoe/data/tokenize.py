@@ -34,6 +34,7 @@ from .template import format_prompt
 __all__ = [
     "IGNORE_INDEX",
     "SFTDataset",
+    "option_ids",
     "collate_prompts",
     "collate_sft",
     "pad_token_id",
@@ -100,6 +101,14 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], max_length: int) -
     prompts = _ids(tokenizer, [format_prompt(ex) for ex in examples])
     resps = _ids(tokenizer, [ex.output for ex in examples])
     return [_assemble(p, r, eos, max_length) for p, r in zip(prompts, resps)]
+
+
+def option_ids(tokenizer, options: Sequence[str]) -> list[list[int]]:
+    """Each answer option as the model would produce it after the prompt: its text tokenised alone
+    (as a training response is) followed by eos, so that a label that is a prefix of another is told
+    apart by where the answer ends."""
+    eos = _eos_id(tokenizer)
+    return [ids + [eos] for ids in _ids(tokenizer, list(options))]
 
 
 def tokenize_prompt(tokenizer, ex: Example, max_length: int) -> list[int]:

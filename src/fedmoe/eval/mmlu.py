@@ -39,9 +39,8 @@ from importlib import resources
 from typing import Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from fedmoe.eval._modes import eval_mode
+from fedmoe.eval.choice import option_logprobs, right_pad, unwrap  # noqa: F401  (right_pad: re-exported)
 
 LETTERS = ("A", "B", "C", "D")
 SPLITS = ("dev", "val", "test")
@@ -221,12 +220,6 @@ def letter_token_ids(tokenizer) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------- scoring
-def _unwrap(model):
-    from fedmoe.moe.model import MoEModel
-
-    return model.model if isinstance(model, MoEModel) else model
-
-
 def _pad_id(model, tokenizer) -> int:
     for v in (getattr(tokenizer, "pad_token_id", None), getattr(model.config, "pad_token_id", None),
               getattr(tokenizer, "eos_token_id", None)):
@@ -235,60 +228,20 @@ def _pad_id(model, tokenizer) -> int:
     return 0
 
 
-def right_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, lengths): padded on the right, so the default position ids
-    0..L-1 of a plain forward are right for every row and causal attention never sees the pad."""
-    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    width = int(lengths.max())
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids, attention_mask, lengths
-
-
-def _last_logits(model, input_ids, attention_mask, lengths) -> torch.Tensor:
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    last = (lengths - 1).to(input_ids.device)
-    if hasattr(model, "model") and hasattr(model, "lm_head"):
-        # decoder once, LM head only at each row's last real position (not B x T x vocab)
-        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return model.lm_head(hidden[rows, last])
-    out = model(input_ids=input_ids, attention_mask=attention_mask)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits[rows, last]
-
-
 def score_letters(model, prompts: Sequence[Sequence[int]], letter_ids: Sequence[int], batch_size: int = 8,
                   device: torch.device | str | None = None, pad_id: int = 0,
                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """(N, 4) float32 next-token log-probabilities of the letter tokens after each prompt.
-
-    Prompts are batched longest first, right-padded, and the logits read at each row's last real
-    token; results come back in input order. ``progress(n)`` is called after each batch.
+    """(N, 4) float32 next-token log-probabilities of the letter tokens after each prompt: the
+    option scorer of :mod:`fedmoe.eval.choice` with the four one-token options " A" .. " D" (prompts
+    batched longest first, right-padded, the LM head read at each row's last real token; results in
+    input order). ``progress(n)`` is called after each batch.
     """
-    model = _unwrap(model)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty")
-    if device is None:
-        device = next(model.parameters()).device
-    letters = torch.tensor(list(letter_ids), dtype=torch.long)
-    out = torch.empty((len(prompts), len(letters)), dtype=torch.float32)
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-    with eval_mode(model), torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            input_ids, attention_mask, lengths = right_pad([prompts[i] for i in idx], pad_id)
-            logits = _last_logits(model, input_ids.to(device), attention_mask.to(device), lengths)
-            logprobs = F.log_softmax(logits.float(), dim=-1)
-            out[idx] = logprobs[:, letters.to(logprobs.device)].cpu()
-            if progress is not None:
-                progress(len(idx))
-    return out
+    options = [[[int(t)] for t in letter_ids]] * len(prompts)
+    scores = option_logprobs(model, prompts, options, batch_size=batch_size, device=device, pad_id=pad_id,
+                             progress=progress)
+    if not scores:
+        return torch.empty((0, len(letter_ids)), dtype=torch.float32)
+    return torch.stack(scores).float()
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -322,7 +275,7 @@ def evaluate_mmlu(model, tokenizer, subjects: str | Iterable[str] | None = None,
     ``max_length`` and ``truncated`` (prompts that lost shots); with ``return_predictions``
     also ``predictions`` ``{subject: [predicted index, ...]}``.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     if max_per_subject is not None and max_per_subject < 1:
         raise ValueError(f"max_per_subject must be >= 1, got {max_per_subject}")
     if not 0 <= k_shot <= 5:

@@ -34,6 +34,11 @@ class ClientSet:
     test_categories: list[str]
     category_counts: dict[str, int]
     pad_id: int
+    # a choice task: per answered test example, its options (token ids: the option's text and eos, as
+    # a training target ends) and the index of the right one; the run's label set where there is one
+    test_options: list[list[list[int]]] | None = None
+    test_answers: list[int] | None = None
+    labels: list[str] | None = None
 
     @property
     def n_train(self) -> int:
@@ -45,26 +50,54 @@ class ClientSet:
                 "category_counts": self.category_counts, "skipped_rows": skipped_rows, "shared_source": shared_source}
 
 
-def client_set(c, tokenizer, max_length: int, max_generated: int | None) -> ClientSet:
-    """One client's examples tokenised (``c``: its ``ClientData``)."""
-    from ..data.tokenize import pad_token_id
+def client_set(c, tokenizer, max_length: int, max_generated: int | None, labels: list[str] | None = None) -> ClientSet:
+    """One client's examples tokenised (``c``: its ``ClientData``; ``labels``: a label task's label set)."""
+    from ..data.tokenize import option_ids, pad_token_id
 
     gen = c.test if max_generated is None else c.test[:max_generated]
+    options = answers = None
+    prompt_len = max_length
+    if any(ex.options is not None for ex in gen):
+        cache: dict[tuple[str, ...], list[list[int]]] = {}
+        options, answers = [], []
+        for ex in gen:
+            if ex.options is None:
+                raise ValueError(f"client {c.id}: a test example has no answer options, others have (a choice task "
+                                 "needs options on every example)")
+            if ex.options not in cache:
+                cache[ex.options] = option_ids(tokenizer, ex.options)
+            options.append(cache[ex.options])
+            answers.append(ex.options.index(ex.output))
+        # prompt + the longest option within max_length (the model's context is checked against it)
+        prompt_len = max(1, max_length - max(len(o) for opts in options for o in opts))
     return ClientSet(
         id=c.id,
         train=tokenize_examples(tokenizer, c.train, max_length),
         test=tokenize_examples(tokenizer, c.test, max_length),
-        test_prompts=[tokenize_prompt(tokenizer, ex, max_length) for ex in gen],
+        test_prompts=[tokenize_prompt(tokenizer, ex, prompt_len) for ex in gen],
         test_references=[ex.output for ex in gen],
         test_categories=[ex.category for ex in gen],
         category_counts=c.category_counts,
         pad_id=pad_token_id(tokenizer),
+        test_options=options,
+        test_answers=answers,
+        labels=labels,
     )
 
 
 def client_sets(data, tokenizer, max_length: int, max_generated: int | None) -> list[ClientSet]:
     """The data pool: every client's examples tokenised (``data``: a ``FederatedData``)."""
-    return [client_set(c, tokenizer, max_length, max_generated) for c in data.clients]
+    return [client_set(c, tokenizer, max_length, max_generated, data.labels) for c in data.clients]
+
+
+def heldout_set(data, tokenizer, max_length: int) -> ClientSet | None:
+    """``data.heldout`` (the shared test examples) tokenised as a client's test data, or None."""
+    from .. import data as data_mod
+
+    if not data.heldout:
+        return None
+    held = data_mod.ClientData(id=-1, train=[], val=[], test=list(data.heldout))
+    return client_set(held, tokenizer, max_length, None, data.labels)
 
 
 @dataclass
@@ -114,14 +147,14 @@ class ClientNode:
         reply, self.private, metrics = half.reply(self.id, mm, message, self.private, result)
         return reply.with_header(kind=REPLY, round=round_idx), result, metrics
 
-    def evaluate(self, half: Client, mm: MoEModel, evaluator, message: Message, with_rouge: bool, general: bool,
+    def evaluate(self, half: Client, mm: MoEModel, evaluator, message: Message, with_answers: bool, general: bool,
                  prog=None) -> dict:
         """This client's model (the message plus its private store) on its own test data, with what
         it runs (``profile``: k and LoRA rank)."""
         t0 = time.perf_counter()
         self.load(half, mm, message)
-        res = evaluator.evaluate_sets([self.data], with_rouge, general, prog, f"client {self.id}")
+        res = evaluator.evaluate_sets([self.data], with_answers, general, prog, f"client {self.id}")
         return {**res, "eval_s": time.perf_counter() - t0, "profile": half.profile(self.id, mm, self.private)}
 
 
-__all__ = ["ClientNode", "ClientSet", "client_set", "client_sets"]
+__all__ = ["ClientNode", "ClientSet", "client_set", "client_sets", "heldout_set"]

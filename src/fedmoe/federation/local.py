@@ -16,7 +16,7 @@ from ..data import prepare_federated_data
 from ..messages import Message
 from ..moe import MoEModel, load_tokenizer
 from ..seeds import Stream, derive_seed
-from .clients import ClientNode, client_sets
+from .clients import ClientNode, client_sets, heldout_set
 from .evaluation import ModelEvaluator
 from .progress import Progress
 
@@ -49,7 +49,8 @@ class LocalTransport:
         self.half = method.client(cfg)
         self.half.validate(self.mm, len(self.sets))
         self.nodes = {s.id: ClientNode(s) for s in self.sets}
-        self.evaluator = ModelEvaluator(cfg, self.mm, self.tokenizer, self.sets[0].pad_id)
+        self.evaluator = ModelEvaluator(cfg, self.mm, self.tokenizer, self.sets[0].pad_id,
+                                        heldout=heldout_set(self.data, self.tokenizer, cfg.data.max_length))
 
     @property
     def client_ids(self) -> list[int]:
@@ -103,21 +104,21 @@ class LocalTransport:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def evaluate(self, round_idx: int, messages: dict[int, Message], with_rouge: bool, general_for: dict[int, bool],
+    def evaluate(self, round_idx: int, messages: dict[int, Message], with_answers: bool, general_for: dict[int, bool],
                  prog: Progress) -> dict[int, dict]:
         """Each addressed client's own model on its test data."""
         out = {}
         for cid, msg in messages.items():
             self.observe("evaluate", cid, msg)
-            out[cid] = self.nodes[cid].evaluate(self.half, self.mm, self.evaluator, msg, with_rouge, general_for[cid], prog)
+            out[cid] = self.nodes[cid].evaluate(self.half, self.mm, self.evaluator, msg, with_answers, general_for[cid], prog)
         return out
 
-    def evaluate_global(self, round_idx: int, message: Message, with_rouge: bool, general: bool, prog: Progress) -> dict:
+    def evaluate_global(self, round_idx: int, message: Message, with_answers: bool, general: bool, prog: Progress) -> dict:
         """The global model on the union of the clients' test data (all here, in client order)."""
         self.observe("evaluate", None, message)
         t0 = time.perf_counter()
         self.half.load(self.mm, None, message, {})
-        res = self.evaluator.evaluate_sets(self.sets, with_rouge, general, prog, "global")
+        res = self.evaluator.evaluate_sets(self.sets, with_answers, general, prog, "global")
         return {**res, "eval_s": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ what the clients keep

@@ -26,13 +26,14 @@ import torch
 
 from ..algorithms import get_method, model_spec
 from ..config import ConfigError, RunConfig, config_to_dict, load_config
-from ..data import format_histogram_table
+from ..data import format_histogram_table, resolve_labels
 from ..messages import EVALUATE, TRAIN, Reply
 from ..report import RunDir, format_results_table, write_report
 from ..report.rundir import RunDirBusy
 from .checkpoint import (CHECKPOINT_FILE, EXECUTION_KEYS, PREVIOUS_CHECKPOINT_FILE, RunDirError,  # noqa: F401
                          check_fingerprint, config_fingerprint, has_checkpoint, load_checkpoint,
                          restore_rng_states, rng_states, write_checkpoint)
+from .conflict import NOTES as CONFLICT_NOTES
 from .evaluation import EvalPolicy
 from .progress import Progress
 from .sampling import sample_clients
@@ -208,6 +209,13 @@ class Federation:
     def _aggregate(self, round_idx: int, sampled: int, replies: list[Reply]) -> tuple[dict, dict, dict]:
         """The method's aggregation, or under ``federation.dp`` its private form (clipped updates, Gaussian
         noise, the number of sampled clients as the denominator); a result that is not finite is not applied."""
+        conflict = {}
+        if self.cfg.eval.update_conflict:
+            from ..algorithms.flame import expert_layers
+            from .conflict import update_conflict
+
+            conflict = update_conflict(self.global_state, [r.message.tensors for r in replies],
+                                       expert_layers(self.global_state, self.spec.decoder_to_moe))
         if self.cfg.federation.dp is None:
             new, server_state, metrics = self.server.aggregate(self.global_state, self.server_state, replies)
         else:
@@ -216,6 +224,7 @@ class Federation:
             new, server_state, metrics = private_aggregate(self.server, self.cfg, self.global_state, self.server_state,
                                                            replies, sampled, round_idx)
             metrics = {**metrics, **round_metrics(self.cfg, self.completed_rounds + 1)}
+        metrics = {**conflict, **metrics}
         bad = [n for n, t in new.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if bad:
             raise RoundFailed(f"round {round_idx}: the aggregate of {len(replies)} finite client updates is not finite "
@@ -243,9 +252,9 @@ class Federation:
         personalized = self.method.client.personalized
         all_global = not personalized and all(r.profile["k"] == self.spec.top_k for r in self.records.values())
 
-        def clients(with_rouge, general_for):
+        def clients(with_answers, general_for):
             msgs = {cid: self._downlink(cid, EVALUATE, round_idx) for cid in sorted(self.records)}
-            results = self.transport.evaluate(round_idx, msgs, with_rouge, general_for, prog)
+            results = self.transport.evaluate(round_idx, msgs, with_answers, general_for, prog)
             for cid, r in results.items():
                 self.records[cid].profile = r.pop("profile")
                 self.records[cid].evaluated_round = round_idx
@@ -253,8 +262,8 @@ class Federation:
                 self._failed(round_idx, cid, "evaluate", "no evaluation came back")
             return results
 
-        def global_model(with_rouge, general):
-            return self.transport.evaluate_global(round_idx, self._downlink(None, EVALUATE, round_idx), with_rouge,
+        def global_model(with_answers, general):
+            return self.transport.evaluate_global(round_idx, self._downlink(None, EVALUATE, round_idx), with_answers,
                                                   general, prog)
 
         return self.policy.evaluate_round(round_idx, final, self.records, clients, global_model, all_global, personalized)
@@ -318,7 +327,8 @@ class Federation:
                    "shared_params": int(sum(t.numel() for t in self.global_state.values())),
                    "client_setup": {cid: m for cid, m in self.client_setup.items() if len(m) > 1},
                    "client_setup_seconds": {cid: m["seconds"] for cid, m in self.client_setup.items()},
-                   "metric_notes": self.method.notes, "failures": self.failures,
+                   "metric_notes": {**(CONFLICT_NOTES if self.cfg.eval.update_conflict else {}), **self.method.notes},
+                   "failures": self.failures,
                    **({} if self.cfg.federation.dp is None else {"privacy": self._privacy()})})
         self.rd.write_summary(summary)
         histogram = format_histogram_table({cid: r.data["category_counts"] for cid, r in self.records.items()})
@@ -486,6 +496,7 @@ def run_federated(cfg: RunConfig, show_progress: bool = False, stop_after_round:
     ``overwrite``: replace a run in ``output_dir/name`` (else a finished one is kept and the run goes
     to ``name-2``, ...; :func:`prepare_run_dir`)."""
     check_model(cfg)
+    cfg = resolve_labels(cfg)
     rd = prepare_run_dir(cfg, overwrite=overwrite, log=log)
     return _locked(rd, lambda: Federation(cfg, rd, show_progress=show_progress, log=log, observe=observe).run(
         stop_after_round=stop_after_round)), rd
@@ -543,6 +554,7 @@ def start_run(cfg: RunConfig, show_progress: bool = False, federation: str | Non
     require_flower()
     name = _federation(federation) if cfg.federation.runtime == "flower" else None
     check_model(cfg)
+    cfg = resolve_labels(cfg)
     rd = prepare_run_dir(cfg, overwrite=overwrite, log=log)
     if cfg.federation.runtime == "flower-sim":
         return _locked(rd, lambda: run_simulation(cfg, rd)), rd

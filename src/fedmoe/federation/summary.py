@@ -28,7 +28,7 @@ class ClientRecord:
     activation_counts: torch.Tensor | None = None  # cumulative (L, E) over local training
     last_eval: dict = field(default_factory=dict)
     zero_shot: dict = field(default_factory=dict)
-    # per-example ROUGE-L of the generated test examples: round 0 and the latest evaluation
+    # per-example answer scores (ROUGE-L, or 100/0 for a right/wrong choice): round 0 and the latest evaluation
     zero_shot_scores: list[float] | None = None
     last_scores: list[float] | None = None
     # what the client reported of itself: its data (n_train, n_test, n_generated, category_counts,
@@ -58,9 +58,10 @@ def expert_load_std(counts: list) -> list[float] | None:
     return share.std(dim=1, unbiased=False).tolist()
 
 
-def rouge_l_change(records: list[ClientRecord], seed: int) -> dict | None:
-    """The change of ROUGE-L from zero-shot to the final evaluation of each client's own model, paired
-    over every generated test example of every client, with a bootstrap confidence interval."""
+def answer_change(records: list[ClientRecord], seed: int) -> dict | None:
+    """The change of the answer metric (ROUGE-L, or accuracy in points) from zero-shot to the final
+    evaluation of each client's own model, paired over every answered test example of every client,
+    with a bootstrap confidence interval."""
     after, before = [], []
     for r in records:
         if r.zero_shot_scores is None or r.last_scores is None:
@@ -114,10 +115,24 @@ def nonfinite_exit_message(summary: dict) -> str | None:
             f"the results come from the other clients' updates (report: Failures); exit status {EXIT_NONFINITE}")
 
 
+def label_groups(cfg) -> dict | None:
+    """A label task's concept shift: each client's group and each group's shifted labels (from the
+    config alone, as the data side draws them)."""
+    cs = cfg.data.concept_shift
+    if cs is None or cfg.data.labels is None:
+        return None
+    from ..data.tasks import concept_shift
+
+    groups, maps = concept_shift(cs, cfg.data.labels, cfg.data.partition.num_clients, cfg.seed)
+    return {"client_group": groups,
+            "maps": [{a: b for a, b in m.items() if a != b} for m in maps]}
+
+
 def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, zero_shot: dict | None,
                 wall_s: float, extra: dict) -> dict:
     """summary.json of a finished run (``spec``: the server's view of the model)."""
     lc = cfg.lora
+    metric = "accuracy" if cfg.eval.task == "choice" else "rouge_l"
     clients = []
     for cid in sorted(records):
         r = records[cid]
@@ -127,12 +142,18 @@ def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, 
                          expert_lora_layout=lc.expert_layout, router_lora=lc.router)
         clients.append({
             "id": cid, "k": k, "rank": rank,
-            "n_train": r.data["n_train"], "rouge_l": r.last_eval.get("rouge_l"), "loss": r.last_eval.get("loss"),
+            "n_train": r.data["n_train"], "rouge_l": r.last_eval.get("rouge_l"), "accuracy": r.last_eval.get("accuracy"),
+            "loss": r.last_eval.get("loss"),
             "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "flops_per_seq": fl["flops_per_seq"],
             "active_params": fl["active_params"], "active_trainable": fl["active_trainable"],
             "perplexity": r.last_eval.get("perplexity"), "rounds_trained": r.rounds_trained,
             "evaluated_round": r.evaluated_round,
             "general_perplexity": r.last_eval.get("general_perplexity"), "mmlu": r.last_eval.get("mmlu"),
+            "heldout_accuracy": r.last_eval.get("heldout_accuracy"), "heldout_loss": r.last_eval.get("heldout_loss"),
+            "confusion": r.last_eval.get("confusion"),
+            # per answered test example (100 right / 0 wrong, or ROUGE-L), zero-shot and final: pairs across runs
+            "scores": r.last_scores, "zero_shot_scores": r.zero_shot_scores,
+            "heldout_scores": r.last_eval.get("heldout_scores"),
             "expert_load_std": expert_load_std([r.activation_counts]),
             "zero_shot": r.zero_shot or None,
             "n_test": r.data["n_test"], "n_generated": r.data["n_generated"],
@@ -146,14 +167,21 @@ def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, 
     return build_summary(
         algorithm=cfg.algorithm.name, model=cfg.model.name, rounds=cfg.federation.rounds, seed=cfg.seed,
         wall_s=round(wall_s, 2), clients=clients,
-        global_metrics={"rouge_l": g.get("rouge_l"), "loss": g.get("loss"),
+        global_metrics={"rouge_l": g.get("rouge_l"), "accuracy": g.get("accuracy"), "loss": g.get("loss"),
                         "mmlu": g.get("mmlu_clients_mean", g.get("mmlu")), "mmlu_global_model": g.get("mmlu"),
                         "general_perplexity": g.get("general_perplexity"),
                         "expert_load_std": expert_load_std([r.activation_counts for r in ordered]),
                         "perplexity": g.get("perplexity"), "rouge_l_by_category": g.get("rouge_l_by_category"),
+                        "accuracy_by_category": g.get("accuracy_by_category"),
                         "examples_by_category": g.get("examples_by_category"),
-                        "rouge_l_change": rouge_l_change(ordered, cfg.seed)},
-        extra={"num_clients": len(records), "fraction": cfg.federation.fraction, "num_moe_layers": spec.num_moe_layers,
+                        "heldout_accuracy": g.get("heldout_accuracy_clients_mean", g.get("heldout_accuracy")),
+                        "heldout_accuracy_global_model": g.get("heldout_accuracy"),
+                        "heldout_loss": g.get("heldout_loss_clients_mean", g.get("heldout_loss")),
+                        "confusion": g.get("confusion"),
+                        "heldout_scores": g.get("heldout_scores"),
+                        f"{metric}_change": answer_change(ordered, cfg.seed)},
+        extra={"task": cfg.eval.task, "labels": cfg.data.labels, "label_groups": label_groups(cfg),
+               "num_clients": len(records), "fraction": cfg.federation.fraction, "num_moe_layers": spec.num_moe_layers,
                "num_experts": spec.num_experts, "top_k": spec.top_k, "zero_shot": zero_shot,
                "data_skipped_rows": skipped_rows(ordered),
                "health": model_health(spec.config.vocab_size, g, zero_shot, records), **extra},

@@ -28,7 +28,7 @@ from ..report.rundir import atomic_write_text, loads
 
 
 def _fmt(v) -> str:
-    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return json.dumps(v) if isinstance(v, (list, dict)) or v is None else str(v)
 
 
 def sweep_points(sweep: dict) -> list[tuple[str, list[str]]]:
@@ -65,10 +65,42 @@ def load_sweep(path: str | Path) -> tuple[dict, dict | None]:
     return tree, tree.pop("sweep", None)
 
 
-def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progress: bool = False, log=print,
-              federation: str | None = None) -> Path:
+def _run_point(point: str, tree: dict, sets: list[str], root: str, source: str, show_progress: bool, log,
+               federation: str | None, threads: int | None = None) -> str:
+    """Run (or continue, or keep) one sweep point; returns its summary.json's path."""
     from .runtime import continue_run, has_checkpoint, start_run
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    root_p = Path(root)
+    summary_path = root_p / point / "summary.json"
+    if summary_path.is_file():
+        log(f"{point}: done before, kept")
+        return str(summary_path)
+    if has_checkpoint(root_p / point):
+        log(f"{point}: continuing from its checkpoint")
+        continue_run(root_p / point, show_progress=show_progress, federation=federation, log=log)
+        return str(summary_path)
+    cfg = config_from_tree(apply_overrides(json.loads(json.dumps(tree)), sets + [f"output_dir={root}", f"name={point}"]),
+                           f"{source} (sweep point {point})")
+    log(f"{point}: started")
+    # a point's directory holds no run here (or one that stopped before its first checkpoint), so the run goes
+    # there; were it taken by other files, where it went
+    return str(start_run(cfg, show_progress=show_progress, federation=federation, log=log)[1].summary_path)
+
+
+def _quiet_point(args) -> str:
+    """A worker process's sweep point (no progress bars; its log lines prefixed with the point)."""
+    point = args[0]
+    return _run_point(*args[:5], False, lambda msg: print(f"[{point}] {msg}", flush=True), *args[5:])
+
+
+def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progress: bool = False, log=print,
+              federation: str | None = None, jobs: int = 1) -> Path:
+    """Run every point of the sweep in ``path`` (``jobs`` > 1: that many points at once, each in its own
+    process with an equal share of the CPU threads) and write the combined ``sweep_report.md``."""
     tree, sweep = load_sweep(path)
     # `--set sweep.<key>=[values]` replaces one axis of the sweep (the key keeps its dots)
     plain = []
@@ -82,23 +114,39 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progres
     base = config_from_tree(tree, str(path))
     root = Path(base.output_dir) / base.run_name()
     root.mkdir(parents=True, exist_ok=True)
-    results = []
     points = sweep_points(sweep)
-    for i, (point, sets) in enumerate(points):
-        cfg = config_from_tree(apply_overrides(json.loads(json.dumps(tree)), sets + [f"output_dir={root}", f"name={point}"]),
-                               f"{path} (sweep point {point})")
-        summary_path = root / point / "summary.json"
-        if summary_path.is_file():
-            log(f"[{i + 1}/{len(points)}] {point}: done before, kept")
-        elif has_checkpoint(root / point):
-            log(f"[{i + 1}/{len(points)}] {point}: continuing from its checkpoint")
-            continue_run(root / point, show_progress=show_progress, federation=federation, log=log)
-        else:
-            log(f"[{i + 1}/{len(points)}] {point}")
-            # a point's directory holds no run here (or one that stopped before its first checkpoint), so the
-            # run goes there; were it taken by other files, where it went
-            summary_path = start_run(cfg, show_progress=show_progress, federation=federation, log=log)[1].summary_path
-        results.append((point, loads(summary_path.read_text())))
+    for point, sets in points:  # every point's config is valid before the first one runs
+        config_from_tree(apply_overrides(json.loads(json.dumps(tree)), sets), f"{path} (sweep point {point})")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if jobs == 1 or len(points) == 1:
+        paths = []
+        for i, (point, sets) in enumerate(points):
+            paths.append(_run_point(point, tree, sets, str(root), str(path), show_progress,
+                                    lambda msg, i=i: log(f"[{i + 1}/{len(points)}] {msg}"), federation))
+    else:
+        import multiprocessing as mp
+        import os
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        log(f"{len(points)} sweep points, {jobs} at a time ({threads} torch thread{'s' * (threads > 1)} each)")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_quiet_point, (point, tree, sets, str(root), str(path), federation, threads))
+                       for point, sets in points]
+            errors, paths = [], []
+            for (point, _), fut in zip(points, futures):
+                try:
+                    paths.append(fut.result())
+                except Exception as e:  # noqa: BLE001 -- the other points finish; the first error is raised below
+                    errors.append((point, e))
+                    paths.append(None)
+        if errors:
+            point, e = errors[0]
+            done = sum(p is not None for p in paths)
+            raise RuntimeError(f"sweep point {point} failed ({type(e).__name__}: {e}); {done} of {len(points)} points "
+                               f"finished (kept): run the sweep again to retry the others") from e
+    results = [(point, loads(Path(p).read_text())) for (point, _), p in zip(points, paths)]
     report = root / "sweep_report.md"
     atomic_write_text(report, format_sweep_report(str(path), results))
     return report
@@ -119,7 +167,10 @@ def _client_label(results: list[tuple[str, dict]], cid: int) -> str:
 
 
 def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
-    lines = [f"# Sweep: {source}", "", f"{len(results)} runs. ROUGE-L (0–100) of each client's model on its own test set; "
+    from ..report.report import answer_metric
+
+    key, name = answer_metric(results[0][1]) if results else ("rouge_l", "ROUGE-L")
+    lines = [f"# Sweep: {source}", "", f"{len(results)} runs. {name} (0–100) of each client's model on its own test set; "
              "the client's k, LoRA rank and forward FLOPs per sequence in brackets. Below the clients: the means, "
              "the global model, and where the runs measured them MMLU and general-text perplexity (the mean over "
              "the clients' own models for personalised methods), expert load balance and uplink bytes.", ""]
@@ -134,20 +185,21 @@ def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
                 cells.append("–")
                 continue
             fl = c.get("flops_per_seq")
-            cells.append(f"{_cell(c.get('rouge_l'))} (k={c.get('k')}, r={c.get('rank')}"
+            cells.append(f"{_cell(c.get(key))} (k={c.get('k')}, r={c.get('rank')}"
                          + (f", {fl / 1e6:.1f}M" if fl else "") + ")")
         lines.append(f"| {_client_label(results, cid)} | " + " | ".join(cells) + " |")
     lines.append("| mean over clients | " + " | ".join(
-        _cell(sum(c["rouge_l"] for c in s["clients"] if c.get("rouge_l") is not None) / max(1, sum(
-            1 for c in s["clients"] if c.get("rouge_l") is not None))) for _, s in results) + " |")
-    lines.append("| global model | " + " | ".join(_cell(s["global"].get("rouge_l")) for _, s in results) + " |")
+        _cell(sum(c[key] for c in s["clients"] if c.get(key) is not None) / max(1, sum(
+            1 for c in s["clients"] if c.get(key) is not None))) for _, s in results) + " |")
+    lines.append("| global model | " + " | ".join(_cell(s["global"].get(key)) for _, s in results) + " |")
     lines.append("| global test loss | " + " | ".join(_cell(s["global"].get("loss"), 4) for _, s in results) + " |")
-    if any(s["global"].get("rouge_l_change") for _, s in results):
-        lines.append("| ROUGE-L change from zero-shot, 95% interval | " + " | ".join(
-            format_change(s["global"].get("rouge_l_change")) for _, s in results) + " |")
+    if any(s["global"].get(f"{key}_change") for _, s in results):
+        lines.append(f"| {name} change from zero-shot, 95% interval | " + " | ".join(
+            format_change(s["global"].get(f"{key}_change")) for _, s in results) + " |")
     # knowledge retention, load balance and communication, where the runs measured them
-    for label, key, digits in (("MMLU, 5-shot (%)", "mmlu", 1), ("general-text perplexity", "general_perplexity", 2)):
-        vals = [personal_or_global(s, key) for _, s in results]
+    for label, k, digits in (("held-out accuracy, all labels (%)", "heldout_accuracy", 1),
+                             ("MMLU, 5-shot (%)", "mmlu", 1), ("general-text perplexity", "general_perplexity", 2)):
+        vals = [personal_or_global(s, k) for _, s in results]
         if any(v is not None for v in vals):
             lines.append(f"| {label} | " + " | ".join(_cell(v, digits) for v in vals) + " |")
     stds = [s["global"].get("expert_load_std") for _, s in results]

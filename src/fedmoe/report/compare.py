@@ -87,10 +87,12 @@ def format_comparison(runs: list[Run]) -> str:
         first = pts[0][1] if pts and pts[0][0] == 0 else None
         return f"{_cell(last, digits)} ({_cell(first, digits)})"
 
+    choice = any(r.config.get("eval", {}).get("task") == "choice" for r in runs)
+    key, name = ("accuracy", "accuracy") if choice else ("rouge_l", "ROUGE-L")
     rows.append(["global test loss (zero-shot)"] + [zs(r, "loss", 4) for r in runs])
-    rows.append(["global ROUGE-L (zero-shot)"] + [zs(r, "rouge_l", 2) for r in runs])
-    rows.append(["ROUGE-L change, 95% interval"] + [
-        format_change(r.summary["global"].get("rouge_l_change")) if r.summary else "–" for r in runs])
+    rows.append([f"global {name} (zero-shot)"] + [zs(r, key, 2) for r in runs])
+    rows.append([f"{name} change, 95% interval"] + [
+        format_change(r.summary["global"].get(f"{key}_change")) if r.summary else "–" for r in runs])
     rows.append(["client test loss, mean"] + [
         _cell(personal_or_global(r.summary, "loss")) if r.summary else "–" for r in runs])
     rows.append(["bytes up per client per round"] + [bytes_per_round(r.summary) if r.summary else "–" for r in runs])
@@ -108,8 +110,9 @@ def plot_comparison(runs: list[Run], path: str | Path) -> bool:
 
     panels = [("global test loss", lambda r: _global_test(r, "loss")),
               ("mean client training loss", _mean_train_loss)]
-    if any(len(_global_test(r, "rouge_l")) > 2 for r in runs):
-        panels.append(("global ROUGE-L", lambda r: _global_test(r, "rouge_l")))
+    for key, name in (("rouge_l", "ROUGE-L"), ("accuracy", "accuracy")):
+        if any(len(_global_test(r, key)) > 2 for r in runs):
+            panels.append((f"global {name}", lambda r, key=key: _global_test(r, key)))
     if not any(f(r) for _, f in panels for r in runs):
         return False
     fig = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")

@@ -13,6 +13,12 @@ DASH = "–"  # shown for a missing value (None)
 NO_TEST = "no test data"  # shown for a test metric of a model that had no test tokens (never 0)
 PLOT_NAME = "learning_curve.png"
 HEATMAP_NAME = "expert_activation.png"
+CONFUSION_NAME = "confusion.png"
+
+
+def answer_metric(summary: dict) -> tuple[str, str]:
+    """(key, display name) of a run's answer metric: accuracy (``eval.task: choice``) or ROUGE-L."""
+    return ("accuracy", "accuracy") if summary.get("task") == "choice" else ("rouge_l", "ROUGE-L")
 
 # --------------------------------------------------------------------------------------------
 # formatting
@@ -74,10 +80,12 @@ def _sum_or_none(values) -> int | float | None:
 def format_results_table(summary: dict) -> str:
     """The per-client results as a plain markdown table, with a last ``global`` row.
 
-    In the global row, n_train and bytes are totals over the clients; ROUGE-L and loss are the
-    global test metrics. Perplexity and MMLU, when known, follow on a line below the table.
+    In the global row, n_train and bytes are totals over the clients; the answer metric (ROUGE-L or
+    accuracy) and loss are the global test metrics. Perplexity, MMLU and the held-out set, when known,
+    follow on a line below the table.
     """
-    header = ["client", "k", "rank", "n_train", "ROUGE-L", "loss", "bytes up", "bytes down", "FLOPs/seq"]
+    key, name = answer_metric(summary)
+    header = ["client", "k", "rank", "n_train", name, "loss", "bytes up", "bytes down", "FLOPs/seq"]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -90,7 +98,7 @@ def format_results_table(summary: dict) -> str:
             _plain(c.get("k")),
             _plain(c.get("rank")),
             _plain(c.get("n_train")),
-            _test_num(c.get("rouge_l"), 2, no_test),
+            _test_num(c.get(key), 2, no_test),
             _test_num(c.get("loss"), 4, no_test),
             human_bytes(c.get("bytes_up")),
             human_bytes(c.get("bytes_down")),
@@ -104,7 +112,7 @@ def format_results_table(summary: dict) -> str:
         DASH,
         DASH,
         _plain(_sum_or_none(c.get("n_train") for c in clients)),
-        _test_num(g.get("rouge_l"), 2, no_test),
+        _test_num(g.get(key), 2, no_test),
         _test_num(g.get("loss"), 4, no_test),
         human_bytes(_sum_or_none(c.get("bytes_up") for c in clients)),
         human_bytes(_sum_or_none(c.get("bytes_down") for c in clients)),
@@ -116,6 +124,11 @@ def format_results_table(summary: dict) -> str:
         extras.append(f"perplexity {_num(g['perplexity'], 3)}")
     if g.get("mmlu") is not None:
         extras.append(f"MMLU {_num(g['mmlu'], 2)}")
+    if g.get("heldout_accuracy") is not None:
+        own = g.get("heldout_accuracy_global_model")
+        extras.append(f"held-out accuracy {_num(g['heldout_accuracy'], 2)}"
+                      + (f" (clients' own models, mean; the global model {_num(own, 2)})"
+                         if own is not None and own != g["heldout_accuracy"] else ""))
     if extras:
         lines += ["", "Global: " + " · ".join(extras)]
     empty = [str(c.get("id")) for c in clients if c.get("n_test") == 0]
@@ -149,11 +162,12 @@ def _client_sort_key(client):
     return (0, client, "") if isinstance(client, (int, float)) else (1, 0, str(client))
 
 
-def plot_learning_curve(metrics: list[dict], path: str | Path) -> bool:
-    """Write the learning-curve PNG; False (and nothing written) when no row has a loss."""
+def plot_learning_curve(metrics: list[dict], path: str | Path, metric: tuple[str, str] = ("rouge_l", "ROUGE-L")) -> bool:
+    """Write the learning-curve PNG (loss, and the answer metric ``metric``: (key, name)); False (and
+    nothing written) when no row has a loss."""
     test_loss = _curves(metrics, "test", "loss")
     train_loss = _curves(metrics, "train", "loss")
-    rouge = _curves(metrics, "test", "rouge_l")
+    rouge = _curves(metrics, "test", metric[0])
     if not test_loss and not train_loss:
         return False
 
@@ -202,8 +216,8 @@ def plot_learning_curve(metrics: list[dict], path: str | Path) -> bool:
             xs, ys = zip(*rouge[None])
             ax.plot(xs, ys, "-o", color="C0", lw=2.4, ms=4, label="global")
         ax.set_xlabel("round")
-        ax.set_ylabel("ROUGE-L")
-        ax.set_title("test ROUGE-L")
+        ax.set_ylabel(metric[1])
+        ax.set_title(f"test {metric[1]}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
 
@@ -264,16 +278,20 @@ def expert_heatmap_figure(summary: dict):
     return fig
 
 
-def plot_expert_heatmap(summary: dict, path: str | Path) -> bool:
-    """Per-client expert activation frequency: one panel per MoE layer, clients x experts, colour =
-    share of the client's routed assignments that went to the expert."""
-    fig = expert_heatmap_figure(summary)
+def _save_cropped(fig, path: str | Path) -> bool:
+    """Write ``fig`` as a PNG cropped to its content; False (nothing written) when ``fig`` is None."""
     if fig is None:
         return False
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", pad_inches=0.05)
     atomic_write_bytes(Path(path), buf.getvalue())
     return True
+
+
+def plot_expert_heatmap(summary: dict, path: str | Path) -> bool:
+    """Per-client expert activation frequency: one panel per MoE layer, clients x experts, colour =
+    share of the client's routed assignments that went to the expert."""
+    return _save_cropped(expert_heatmap_figure(summary), path)
 
 
 def plot_layer_metrics(metrics: list[dict], folder: Path) -> list[tuple[str, str]]:
@@ -291,6 +309,8 @@ def plot_layer_metrics(metrics: list[dict], folder: Path) -> list[tuple[str, str
     for key in keys:
         have = [r for r in rows if isinstance(r.get(key), list)]
         grid = np.array([[np.nan if v is None else float(v) for v in r[key]] for r in have], dtype=float)
+        if grid.size == 0 or np.isnan(grid).all():  # nothing measured (e.g. no client pair changed an expert)
+            continue
         fig = Figure(figsize=(1.2 + 0.5 * grid.shape[1], 1.0 + 0.3 * grid.shape[0]))
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
@@ -318,19 +338,20 @@ def format_zero_shot_comparison(summary: dict) -> list[str]:
     g = summary.get("global") or {}
     if not zs:
         return []
+    key, name = answer_metric(summary)
     lines = ["## Zero-shot vs federated fine-tuning", "",
              "The initial model (round 0) and the final model, on the same test examples.", "",
-             "| | zero-shot ROUGE-L | final ROUGE-L | zero-shot loss | final loss |", "|---|---:|---:|---:|---:|",
-             f"| global | {_num(zs.get('rouge_l'), 2)} | {_num(g.get('rouge_l'), 2)} | {_num(zs.get('loss'), 4)} | "
+             f"| | zero-shot {name} | final {name} | zero-shot loss | final loss |", "|---|---:|---:|---:|---:|",
+             f"| global | {_num(zs.get(key), 2)} | {_num(g.get(key), 2)} | {_num(zs.get('loss'), 4)} | "
              f"{_num(g.get('loss'), 4)} |"]
     for c in summary.get("clients", []):
         z = c.get("zero_shot") or {}
-        lines.append(f"| client {c['id']} | {_num(z.get('rouge_l'), 2)} | {_num(c.get('rouge_l'), 2)} | "
+        lines.append(f"| client {c['id']} | {_num(z.get(key), 2)} | {_num(c.get(key), 2)} | "
                      f"{_num(z.get('loss'), 4)} | {_num(c.get('loss'), 4)} |")
-    before, after = zs.get("rouge_l_by_category") or {}, g.get("rouge_l_by_category") or {}
+    before, after = zs.get(f"{key}_by_category") or {}, g.get(f"{key}_by_category") or {}
     if before or after:
         counts = g.get("examples_by_category") or zs.get("examples_by_category") or {}
-        lines += ["", "| category | test examples | zero-shot ROUGE-L | final ROUGE-L | change |",
+        lines += ["", f"| category | test examples | zero-shot {name} | final {name} | change |",
                   "|---|---:|---:|---:|---:|"]
         for cat in sorted(set(before) | set(after)):
             b, a = before.get(cat), after.get(cat)
@@ -340,15 +361,89 @@ def format_zero_shot_comparison(summary: dict) -> list[str]:
             mb = sum(before.values()) / len(before)
             ma = sum(after[c] for c in before if c in after) / max(1, sum(1 for c in before if c in after))
             lines.append(f"| **mean over categories** | | {_num(mb, 2)} | {_num(ma, 2)} | {_num(ma - mb, 2)} |")
-    ch = g.get("rouge_l_change")
+    ch = g.get(f"{key}_change")
     if ch:
         verdict = ("the interval excludes 0: a real improvement" if ch["low"] > 0 else
                    "the interval excludes 0: a real drop" if ch["high"] < 0 else
                    "the interval contains 0: no change distinguishable from noise")
-        lines += ["", f"ROUGE-L change, paired over the {ch['n']} generated test examples (each client's own model, "
+        what = "generated" if key == "rouge_l" else "answered"
+        unit = "" if key == "rouge_l" else " points"
+        lines += ["", f"{name} change{unit}, paired over the {ch['n']} {what} test examples (each client's own model, "
                       f"final vs zero-shot): **{ch['mean']:+.2f}**, {100 * ch['confidence']:.0f}% bootstrap interval "
                       f"[{ch['low']:+.2f}, {ch['high']:+.2f}] ({verdict}); higher on {ch['better']} examples, "
                       f"lower on {ch['worse']}, equal on {ch['equal']}."]
+    return lines + [""]
+
+
+def confusion_figure(summary: dict):
+    """One confusion matrix per client (its own model on its own test examples; rows: the right label,
+    columns: the model's answer, each row as shares of its examples) and the pooled one; None when the
+    run has none (a generate task, or per-example options)."""
+    labels = summary.get("labels")
+    panels = [(f"client {c['id']}", c["confusion"]) for c in summary.get("clients", []) if c.get("confusion")]
+    g = (summary.get("global") or {}).get("confusion")
+    if g:
+        panels.append(("global model", g))
+    if not labels or not panels:
+        return None
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(labels)
+    cols = min(len(panels), 4)
+    rows = (len(panels) + cols - 1) // cols
+    side = 1.6 + 0.32 * n
+    fig = Figure(figsize=(side * cols + 1.0, side * rows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    short = [lab if len(lab) <= 14 else lab[:13] + "…" for lab in labels]
+    im = None
+    for i in range(rows * cols):
+        ax = axes[i // cols][i % cols]
+        if i >= len(panels):
+            ax.axis("off")
+            continue
+        title, m = panels[i]
+        m = np.asarray(m, dtype=float)
+        share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+        im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        acc = np.trace(m) / max(m.sum(), 1)
+        ax.set_title(f"{title}: {100 * acc:.1f}% of {int(m.sum())}", fontsize=8)
+        ax.set_xticks(range(n))
+        ax.set_yticks(range(n))
+        ax.set_xticklabels(short, rotation=90, fontsize=6)
+        ax.set_yticklabels(short if i % cols == 0 else [], fontsize=6)
+        for r in range(n):
+            for c in range(n):
+                if m[r, c]:
+                    ax.text(c, r, int(m[r, c]), ha="center", va="center", fontsize=5,
+                            color="white" if share[r, c] > 0.6 else "black")
+        if i % cols == 0:
+            ax.set_ylabel("right label", fontsize=7)
+        ax.set_xlabel("answer", fontsize=7)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="share of the right label's examples")
+    return fig
+
+
+def plot_confusion(summary: dict, path: str | Path) -> bool:
+    return _save_cropped(confusion_figure(summary), path)
+
+
+def format_label_groups(summary: dict) -> list[str]:
+    """A label task's concept shift: which clients are in which group and what each group relabels."""
+    lg = summary.get("label_groups")
+    if not lg:
+        return []
+    members: dict = defaultdict(list)
+    for cid, grp in enumerate(lg["client_group"]):
+        members[grp].append(str(cid))
+    lines = ["## Concept shift: label groups", "", "The clients of a group read the same inputs as every other "
+             "group's but give some of them another label (group 0 keeps every label).", "",
+             "| group | clients | labels it maps to others |", "|---:|---|---|"]
+    for grp, m in enumerate(lg["maps"]):
+        shift = ", ".join(f"{a} → {b}" for a, b in sorted(m.items())) or "none"
+        lines.append(f"| {grp} | {', '.join(members[grp])} | {shift} |")
     return lines + [""]
 
 
@@ -550,6 +645,12 @@ def write_report(
     parts += format_failures(summary)
     parts += format_privacy(summary, metrics)
     parts += format_zero_shot_comparison(summary)
+    if plot_confusion(summary, run_dir.path / CONFUSION_NAME):
+        parts += ["## Confusion matrices (final models)", "",
+                  "Each client's own model on its own test examples; rows: the right label, columns: the model's "
+                  "answer (counts, coloured by the share of the row).", "", f"![confusion matrices]({CONFUSION_NAME})",
+                  ""]
+    parts += format_label_groups(summary)
     parts += format_examples(summary)
     if histogram_markdown:
         parts += ["## Data: categories per client", "", histogram_markdown.strip(), ""]
@@ -562,7 +663,7 @@ def write_report(
     parts += format_round_time(metrics)
     parts += format_client_time(metrics)
     parts += ["## Learning curve", ""]
-    if plot_learning_curve(metrics, run_dir.path / PLOT_NAME):
+    if plot_learning_curve(metrics, run_dir.path / PLOT_NAME, answer_metric(summary)):
         parts += [f"![learning curve]({PLOT_NAME})", ""]
     else:
         parts += ["(no loss was logged in metrics.jsonl)", ""]

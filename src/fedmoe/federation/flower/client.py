@@ -25,7 +25,7 @@ from ...config import ConfigError, RunConfig
 from ...data import prepare_client_data, prepare_federated_data
 from ...moe import load_tokenizer
 from ...report.rundir import atomic_write_bytes, atomic_write_text
-from ..clients import ClientNode, client_set
+from ..clients import ClientNode, client_set, heldout_set
 from ..evaluation import ModelEvaluator
 from ..local import load_client_model
 from .records import from_records, jsonable, to_records
@@ -113,10 +113,12 @@ class FlowerClient:
         else:
             fd = model.shared_data()
             data, skipped = fd.clients[client], fd.skipped
-        self.set = client_set(data, model.tokenizer, cfg.data.max_length, cfg.eval.max_examples)
+        self.set = client_set(data, model.tokenizer, cfg.data.max_length, cfg.eval.max_examples, cfg.data.labels)
         self.data_info = self.set.info(skipped, shared_source=not data_path)
         self.mm, self.initial, self.half = model.mm, model.initial, model.half
-        self.evaluator = ModelEvaluator(cfg, self.mm, model.tokenizer, self.set.pad_id)
+        # the shared held-out test set comes from the shared source (data.source), also for a client with its own file
+        held = heldout_set(model.shared_data(), model.tokenizer, cfg.data.max_length) if cfg.data.heldout else None
+        self.evaluator = ModelEvaluator(cfg, self.mm, model.tokenizer, self.set.pad_id, heldout=held)
         self.load_s = time.perf_counter() - t0  # the caller adds the model's load when this process loaded it
         self.fresh = True  # the first message of this client in this process pays load_s
 
@@ -152,10 +154,10 @@ class FlowerClient:
             out["work_s"] = time.perf_counter() - t0
             return to_records(reply, out)
         if kind == "evaluate":
-            res = node.evaluate(self.half, self.mm, self.evaluator, msg, info["with_rouge"], info["general"])
+            res = node.evaluate(self.half, self.mm, self.evaluator, msg, info["with_answers"], info["general"])
         else:  # the global model on this client's test data
             self.half.load(self.mm, None, msg, {})
-            res = self.evaluator.evaluate_sets([self.set], info["with_rouge"], info["general"])
+            res = self.evaluator.evaluate_sets([self.set], info["with_answers"], info["general"])
             res["eval_s"] = time.perf_counter() - t0
         out["result"] = jsonable(res)
         out["work_s"] = time.perf_counter() - t0

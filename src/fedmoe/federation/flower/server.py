@@ -157,17 +157,17 @@ class FlowerTransport:
             replies[cid] = (msg, report)
         return replies, failed
 
-    def evaluate(self, round_idx: int, messages: dict[int, Message], with_rouge: bool, general_for: dict[int, bool],
+    def evaluate(self, round_idx: int, messages: dict[int, Message], with_answers: bool, general_for: dict[int, bool],
                  prog) -> dict[int, dict]:
-        infos = {cid: {"with_rouge": with_rouge, "general": general_for[cid]} for cid in messages}
+        infos = {cid: {"with_answers": with_answers, "general": general_for[cid]} for cid in messages}
         got, _ = self._send(round_idx, EVALUATE, messages, infos)
         return {cid: info["result"] for cid, (_, info) in got.items()}
 
-    def evaluate_global(self, round_idx: int, message: Message, with_rouge: bool, general: bool, prog) -> dict:
+    def evaluate_global(self, round_idx: int, message: Message, with_answers: bool, general: bool, prog) -> dict:
         """The global model evaluated by every client on its own test data, pooled in client order
         (general text and MMLU by the first client)."""
         cids = sorted(self.node_of)
-        infos = {cid: {"with_rouge": with_rouge, "general": general and cid == cids[0]} for cid in cids}
+        infos = {cid: {"with_answers": with_answers, "general": general and cid == cids[0]} for cid in cids}
         got, failed = self._send(round_idx, EVALUATE_GLOBAL, {cid: message for cid in cids}, infos)
         if not got:
             raise RuntimeError(f"round {round_idx}: no client could evaluate the global model: {failed}")

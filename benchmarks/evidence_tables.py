@@ -1,0 +1,340 @@
+#!/usr/bin/env python
+"""The tables and verdicts of benchmarks/EVIDENCE.md, from the runs of the three evidence sweeps.
+
+    fedmoe run configs/evidence-concept-shift.yaml --jobs 2
+    python benchmarks/evidence_tables.py concept-shift          # or label-skew, compute, all
+    python benchmarks/evidence_tables.py all --runs /elsewhere/runs --out tables.md
+
+Reads ``<runs>/evidence-<scenario>/<point>/summary.json`` (and ``metrics.jsonl`` for the per-round
+server metrics). A point is named by its sweep axes (``seed=0,method=FedIT``); every table groups the
+points by everything but the seed. Numbers: the mean over seeds with a 95% t interval over seeds (2
+degrees of freedom for 3 seeds). A comparison A − B: the per-seed differences' mean and t interval, and
+the pooled paired bootstrap over every test example of every client of every seed (the same seed gives
+both methods the same test examples, in the same order). Verdicts follow the rule EVIDENCE.md states:
+*shown* / *refuted* when the pooled paired interval excludes 0 in / against the predicted direction,
+*not shown* when it contains 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from fedmoe.eval.stats import paired_bootstrap  # noqa: E402
+from fedmoe.report.rundir import loads  # noqa: E402
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+# ---------------------------------------------------------------------------------------- loading
+def parse_point(name: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in name.split(","))
+
+
+class Run:
+    def __init__(self, path: Path):
+        self.path = path
+        self.axes = parse_point(path.name)
+        self.seed = int(self.axes.pop("seed"))
+        self.key = tuple(sorted(self.axes.items()))
+        self.summary = loads((path / "summary.json").read_text())
+        self.metrics = [loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+    @property
+    def clients(self) -> list[dict]:
+        return self.summary["clients"]
+
+    def client_scores(self, cids) -> list[float]:
+        out = []
+        for c in self.clients:
+            if c["id"] in cids:
+                out += c.get("scores") or []
+        return out
+
+    def heldout_scores(self, cids) -> list[float]:
+        """Each client's own model on the shared held-out set (a method without personal models: the
+        global model's, once per client, so that the pairs line up)."""
+        g = self.summary["global"].get("heldout_scores") or []
+        out = []
+        for c in self.clients:
+            if c["id"] in cids:
+                out += c.get("heldout_scores") or g
+        return out
+
+    def server_mean(self, key: str) -> float | None:
+        vals = [r[key] for r in self.metrics if r.get("split") == "server" and isinstance(r.get(key), (int, float))]
+        return sum(vals) / len(vals) if vals else None
+
+
+def load_runs(folder: Path) -> dict[tuple, dict[int, Run]]:
+    """{axes without the seed: {seed: run}} for every finished point of a sweep folder."""
+    runs: dict[tuple, dict[int, Run]] = defaultdict(dict)
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and (p / "summary.json").is_file() and "=" in p.name:
+            r = Run(p)
+            runs[r.key][r.seed] = r
+    if not runs:
+        raise SystemExit(f"no finished runs in {folder}: run the sweep first (see EVIDENCE.md)")
+    return runs
+
+
+# ---------------------------------------------------------------------------------------- statistics
+def mean_ci(values: list[float]) -> tuple[float, float] | None:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+    return m, T975.get(len(vals) - 1, 1.96) * sd / math.sqrt(len(vals))
+
+
+def fmt(mc, digits: int = 1) -> str:
+    if mc is None:
+        return "–"
+    m, h = mc
+    return f"{m:.{digits}f}" if math.isnan(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
+
+
+def accuracy(scores: list[float]) -> float | None:
+    return sum(scores) / len(scores) if scores else None
+
+
+def compare(a: dict[int, Run], b: dict[int, Run], scores, direction: int) -> dict:
+    """A − B on the per-example ``scores(run)``: per-seed means, pooled paired bootstrap, verdict."""
+    seeds = sorted(set(a) & set(b))
+    per_seed, xa, xb = [], [], []
+    for s in seeds:
+        sa, sb = scores(a[s]), scores(b[s])
+        if len(sa) != len(sb):
+            raise ValueError(f"seed {s}: {len(sa)} vs {len(sb)} examples: not paired")
+        if not sa:
+            continue
+        per_seed.append(accuracy(sa) - accuracy(sb))
+        xa += sa
+        xb += sb
+    if not xa:
+        return {"n": 0}
+    boot = paired_bootstrap(xa, xb, seed=0)
+    if boot["low"] > 0:
+        sign = 1
+    elif boot["high"] < 0:
+        sign = -1
+    else:
+        sign = 0
+    verdict = "not shown" if sign == 0 else ("shown" if sign == direction else "refuted")
+    return {"n": boot["n"], "seeds": len(per_seed), "seed_ci": mean_ci(per_seed), "per_seed": per_seed,
+            "mean": boot["mean"], "low": boot["low"], "high": boot["high"], "verdict": verdict}
+
+
+def fmt_compare(c: dict) -> str:
+    if not c.get("n"):
+        return "no paired examples"
+    per = ", ".join(f"{d:+.1f}" for d in c["per_seed"])
+    return (f"{c['mean']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}] pooled over {c['n']} examples; "
+            f"seeds {fmt(c['seed_ci'])} ({per})")
+
+
+def find(runs, **axes) -> dict[int, Run]:
+    want = tuple(sorted(axes.items()))
+    for key, by_seed in runs.items():
+        if key == want:
+            return by_seed
+    raise KeyError(f"no runs with {axes}; have {[dict(k) for k in runs]}")
+
+
+def verdict_rows(preds) -> list[str]:
+    lines = ["| id | comparison | difference (points): pooled paired 95% interval; seeds: mean ± 95% interval (each) "
+             "| verdict |", "|---|---|---|---|"]
+    for pid, text, c in preds:
+        lines.append(f"| {pid} | {text} | {fmt_compare(c)} | **{c.get('verdict', '–')}** |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------- scenario 1
+def concept_shift(folder: Path) -> str:
+    runs = load_runs(folder)
+    methods = [dict(k)["method"] for k in runs]
+    any_run = next(iter(find(runs, method="FedIT").values()))
+    groups = any_run.summary["label_groups"]["client_group"]
+    major = {c for c, g in enumerate(groups) if g == 0}
+    minor = {c for c, g in enumerate(groups) if g != 0}
+    out = [f"### Scenario 1 tables ({folder.name}, {len(next(iter(runs.values())))} seeds)", "",
+           f"Majority: clients {sorted(major)} (original labels); minority: clients {sorted(minor)} (shifted). "
+           "Accuracy (%) of each client's own model on its own test set, mean over seeds ± 95% interval.", "",
+           "| method | all clients | majority | minority | global model | conflicting expert-update pairs | "
+           "FC-MoE: updates projected | zero-shot (all) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in methods:
+        by = find(runs, method=m)
+        seeds = sorted(by)
+        cell = lambda f: fmt(mean_ci([f(by[s]) for s in seeds]))  # noqa: E731
+        all_c = set(range(len(groups)))
+        zs = [accuracy([x for c in by[s].clients if c.get("zero_shot_scores") for x in c["zero_shot_scores"]])
+              for s in seeds]
+        out.append(f"| {m} | {cell(lambda r: accuracy(r.client_scores(all_c)))} | "
+                   f"{cell(lambda r: accuracy(r.client_scores(major)))} | {cell(lambda r: accuracy(r.client_scores(minor)))} | "
+                   f"{cell(lambda r: r.summary['global'].get('accuracy'))} | "
+                   f"{fmt(mean_ci([by[s].server_mean('update_conflict_experts') for s in seeds]), 3)} | "
+                   f"{fmt(mean_ci([by[s].server_mean('projected_fraction') for s in seeds]), 3)} | "
+                   f"{fmt(mean_ci(zs))} |")
+    # the premise: conflict with and without the shift, seed by seed
+    shift, ctrl = find(runs, method="FedIT"), find(runs, method="FedIT-no-shift")
+    seeds = sorted(set(shift) & set(ctrl))
+    pairs = [(shift[s].server_mean("update_conflict_experts"), ctrl[s].server_mean("update_conflict_experts"))
+             for s in seeds]
+    cos = [(shift[s].server_mean("update_cosine_experts"), ctrl[s].server_mean("update_cosine_experts")) for s in seeds]
+    holds = all(a is not None and b is not None and a > b for a, b in pairs)
+    fc = find(runs, method="FC-MoE")
+    cos_fc = [fc[s].server_mean("mean_cosine_shared") for s in sorted(fc)]
+    by_layer = [r.get("mean_cosine_by_layer") for s in sorted(fc) for r in fc[s].metrics if r.get("split") == "server"]
+    flat = [v for row in by_layer if row for v in row if v is not None]
+    out += ["", "**Premise C0** (FedIT, mean over rounds, per seed): conflicting expert-update pairs with the shift "
+            + ", ".join(f"{a:.3f}" for a, _ in pairs) + "; without it " + ", ".join(f"{b:.3f}" for _, b in pairs)
+            + "; mean pairwise cosine of expert updates with the shift " + ", ".join(f"{a:.3f}" for a, _ in cos)
+            + ", without " + ", ".join(f"{b:.3f}" for _, b in cos)
+            + f". C0 {'holds' if holds else 'does not hold'} (higher with the shift in every seed: {holds}).",
+            "", "FC-MoE's own test (cosine of each client's expert update to the weighted consensus): mean "
+            + (f"{sum(flat) / len(flat):.3f}, minimum {min(flat):.3f}" if flat else "–")
+            + " over every (round, layer) mean; shared tensors " + ", ".join(f"{v:.3f}" for v in cos_fc if v is not None)
+            + "."]
+    fedit, local = find(runs, method="FedIT"), find(runs, method="local")
+    preds = [
+        ("C1", "FedIT < local, minority", compare(fedit, local, lambda r: r.client_scores(minor), -1)),
+        ("C2", "FC-MoE > FedIT, minority", compare(fc, fedit, lambda r: r.client_scores(minor), 1)),
+        ("C3", "FC-MoE > FC-MoE-no-retention, minority",
+         compare(fc, find(runs, method="FC-MoE-no-retention"), lambda r: r.client_scores(minor), 1)),
+        ("C4", "FLEx > FedIT, minority", compare(find(runs, method="FLEx"), fedit, lambda r: r.client_scores(minor), 1)),
+        ("C5", "FedIT > local, majority", compare(fedit, local, lambda r: r.client_scores(major), 1)),
+    ]
+    return "\n".join(out + ["", *verdict_rows(preds), ""])
+
+
+# ---------------------------------------------------------------------------------------- scenario 2
+def label_skew(folder: Path) -> str:
+    runs = load_runs(folder)
+    skews = sorted({dict(k)["skew"] for k in runs})
+    methods = list(dict.fromkeys(dict(k)["method"] for k in runs))
+    out = [f"### Scenario 2 tables ({folder.name})", ""]
+    for skew in skews:
+        fed = find(runs, skew=skew, method="FedIT")
+        cids = {c["id"] for c in next(iter(fed.values())).clients}
+        # the premise: label concentration per client (training data), per seed
+        shares, nlab = [], []
+        for s in sorted(fed):
+            for c in fed[s].clients:
+                counts = c.get("category_counts") or {}
+                tot = sum(counts.values())
+                if tot:
+                    shares.append(max(counts.values()) / tot)
+                    nlab.append(sum(1 for v in counts.values() if v / tot >= 0.05))
+        ms, ml = sum(shares) / len(shares), sum(nlab) / len(nlab)
+        out += [f"**{skew}.** Premise L0: the mean client's largest label share {ms:.2f} (the whole data: 0.25), "
+                f"labels with ≥ 5% of a client's examples {ml:.1f} on average (of 8): "
+                f"{'holds' if ms >= 0.45 and ml <= 3 else 'does not hold'}.", "",
+                "| method | local accuracy | global accuracy (held-out, all labels) | general-text perplexity | "
+                "global model on held-out | zero-shot local | zero-shot global |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for m in methods:
+            by = find(runs, skew=skew, method=m)
+            seeds = sorted(by)
+            col = lambda f, d=1: fmt(mean_ci([f(by[s]) for s in seeds]), d)  # noqa: E731
+            gp = lambda r: (sum(v for v in (c.get("general_perplexity") for c in r.clients) if v is not None)  # noqa: E731
+                            / max(1, sum(1 for c in r.clients if c.get("general_perplexity") is not None))
+                            if any(c.get("general_perplexity") is not None for c in r.clients)
+                            else r.summary["global"].get("general_perplexity"))
+            zs_local = lambda r: accuracy([x for c in r.clients for x in (c.get("zero_shot_scores") or [])])  # noqa: E731
+            zs_held = lambda r: (r.summary.get("zero_shot") or {}).get("heldout_accuracy")  # noqa: E731
+            out.append(f"| {m} | {col(lambda r: accuracy(r.client_scores(cids)))} | "
+                       f"{col(lambda r: accuracy(r.heldout_scores(cids)))} | {col(gp, 2)} | "
+                       f"{col(lambda r: r.summary['global'].get('heldout_accuracy_global_model'))} | "
+                       f"{col(zs_local)} | {col(zs_held)} |")
+        flex, local = find(runs, skew=skew, method="FLEx"), find(runs, skew=skew, method="local")
+        nogate = find(runs, skew=skew, method="FLEx-no-gate")
+        own = lambda r, c=cids: r.client_scores(c)  # noqa: E731
+        held = lambda r, c=cids: r.heldout_scores(c)  # noqa: E731
+        preds = [
+            ("L1", f"FLEx > FedIT, local accuracy ({skew})", compare(flex, fed, own, 1)),
+            ("L2", f"FLEx > local, global accuracy ({skew})", compare(flex, local, held, 1)),
+            ("L3a", f"local > FedIT, local accuracy ({skew})", compare(local, fed, own, 1)),
+            ("L3b", f"local < FedIT, global accuracy ({skew})", compare(local, fed, held, -1)),
+            ("L4", f"FLEx > FLEx-no-gate, local accuracy ({skew})", compare(flex, nogate, own, 1)),
+        ]
+        gp_f = [r.summary["global"].get("general_perplexity") for r in fed.values()]
+        gp_x = [sum(c["general_perplexity"] for c in r.clients if c.get("general_perplexity") is not None)
+                / max(1, sum(1 for c in r.clients if c.get("general_perplexity") is not None)) for r in flex.values()]
+        out += ["", *verdict_rows(preds), "",
+                f"L5 (retention, general-text perplexity, lower is better; no per-example pairing: per seed): FLEx "
+                + ", ".join(f"{v:.3f}" for v in gp_x) + " (mean over its clients' own models); FedIT "
+                + ", ".join(f"{v:.3f}" for v in gp_f if v is not None) + f": "
+                + ("FLEx lower in every seed" if all(a < b for a, b in zip(gp_x, gp_f) if b is not None)
+                   else "not lower in every seed") + ".", ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------- scenario 3
+def compute(folder: Path) -> str:
+    runs = load_runs(folder)
+    methods = list(dict.fromkeys(dict(k)["method"] for k in runs))
+    any_run = next(iter(find(runs, method="FLAME").values()))
+    n_levels = 4
+    levels = {lv: {c["id"] for c in any_run.clients if c["id"] % n_levels == lv} for lv in range(n_levels)}
+    out = [f"### Scenario 3 tables ({folder.name})", "",
+           "Accuracy (%) of each client's own model on its own test set; per budget level (2 clients each); the "
+           "level's k, rank, forward FLOPs per 128-token sequence and active trainable parameters in brackets "
+           "(seed 0).", "",
+           "| method | all clients | " + " | ".join(f"β{lv + 1}" for lv in range(n_levels)) + " | zero-shot (all) |",
+           "|---|---:|" + "---:|" * n_levels + "---:|"]
+    all_c = {c["id"] for c in any_run.clients}
+    for m in methods:
+        by = find(runs, method=m)
+        seeds = sorted(by)
+        first = by[seeds[0]]
+        cells = []
+        for lv in range(n_levels):
+            c0 = next(c for c in first.clients if c["id"] in levels[lv])
+            acc = fmt(mean_ci([accuracy(by[s].client_scores(levels[lv])) for s in seeds]))
+            cells.append(f"{acc} (k={c0['k']}, r={c0['rank']}, {c0['flops_per_seq'] / 1e6:.0f}M, "
+                         f"{c0['active_trainable'] / 1e3:.0f}k)")
+        zs = [accuracy([x for c in by[s].clients for x in (c.get("zero_shot_scores") or [])]) for s in seeds]
+        out.append(f"| {m} | {fmt(mean_ci([accuracy(by[s].client_scores(all_c)) for s in seeds]))} | "
+                   + " | ".join(cells) + f" | {fmt(mean_ci(zs))} |")
+    flame = find(runs, method="FLAME")
+    low = levels[n_levels - 1]
+    allc = lambda r: r.client_scores(all_c)  # noqa: E731
+    lowc = lambda r: r.client_scores(low)  # noqa: E731
+    preds = [("B1", f"FLAME > {b}, all clients", compare(flame, find(runs, method=b), allc, 1))
+             for b in ("HetLoRA", "FlexLoRA", "trivial")]
+    preds += [("B2", f"FLAME > {b}, lowest budget (β4)", compare(flame, find(runs, method=b), lowc, 1))
+              for b in ("HetLoRA", "FlexLoRA", "trivial")]
+    preds += [("B3", "FLAME > FLAME-no-rescaler, lowest budget (β4)",
+               compare(flame, find(runs, method="FLAME-no-rescaler"), lowc, 1)),
+              ("B4", "FLAME > FLAME-t0, all clients", compare(flame, find(runs, method="FLAME-t0"), allc, 1))]
+    return "\n".join(out + ["", *verdict_rows(preds), ""])
+
+
+SCENARIOS = {"concept-shift": concept_shift, "label-skew": label_skew, "compute": compute}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("scenario", choices=[*SCENARIOS, "all"])
+    ap.add_argument("--runs", default="runs", help="the sweeps' output_dir (default: runs)")
+    ap.add_argument("--out", default=None, help="also write the markdown here")
+    args = ap.parse_args(argv)
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    text = "\n".join(SCENARIOS[n](Path(args.runs) / f"evidence-{n}") for n in names)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Multiple-choice scoring by option log-likelihood: the one scorer of ``eval.task: choice`` and MMLU.
+
+Each example is a prompt (token ids) and a list of options (each a list of token ids). The score of
+option o after prompt p is its log-likelihood under the model,
+
+    log P(o | p) = Σ_j log P(o_j | p, o_<j),
+
+and the model's answer is the option with the highest score, either as it is (``normalize="sum"``)
+or divided by the option's number of tokens (``normalize="mean"``, the default of ``eval.task:
+choice``: otherwise a long label such as "information_extraction" loses to a short one merely for
+having more tokens to pay for). With one-token options (MMLU's " A" .. " D") the two coincide and
+the score is the next-token log-probability of the option's token at the prompt's last position.
+
+How it is computed (``option_logprobs``): the prompts are batched longest first and right-padded;
+one forward pass over the prompts gives every option's first token; when some option has more
+tokens, the prompt's key/value cache is reused for the rest (each option's remaining tokens as a
+row that attends to its prompt, positions continuing from the prompt's length), so a prompt is
+encoded once, not once per option. A model without the Hugging Face ``model`` + ``lm_head``
+structure is scored the plain way, one full sequence per (prompt, option) pair
+(``reference=True`` forces that path: the tests compare the two).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fedmoe.eval._modes import eval_mode
+
+NORMALIZE = ("mean", "sum")
+
+
+def right_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, lengths): padded on the right, so the default position ids
+    0..L-1 of a plain forward are right for every row and causal attention never sees the pad."""
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    width = int(lengths.max())
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask, lengths
+
+
+def unwrap(model):
+    """The Hugging Face module of a :class:`~fedmoe.moe.model.MoEModel` (any other module as it is)."""
+    from fedmoe.moe.model import MoEModel
+
+    return model.model if isinstance(model, MoEModel) else model
+
+
+def _structured(model) -> bool:
+    return hasattr(model, "model") and hasattr(model, "lm_head")
+
+
+def _check(prompts, options) -> None:
+    if len(prompts) != len(options):
+        raise ValueError(f"option_logprobs: {len(prompts)} prompts but {len(options)} option lists")
+    for i, (p, opts) in enumerate(zip(prompts, options)):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if len(opts) == 0:
+            raise ValueError(f"example {i} has no options")
+        for j, o in enumerate(opts):
+            if len(o) == 0:
+                raise ValueError(f"example {i}, option {j} has no tokens")
+
+
+def _cached_batch(model, prompts, options, device, pad_id) -> list[torch.Tensor]:
+    """One batch through the prompt-once path: per example, a float64 tensor of option log-likelihoods."""
+    input_ids, attention_mask, lengths = right_pad(prompts, pad_id)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    rows = torch.arange(len(prompts), device=device)
+    last = (lengths - 1).to(device)
+    longer = any(len(o) > 1 for opts in options for o in opts)
+    out = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=longer)
+    first = F.log_softmax(model.lm_head(out.last_hidden_state[rows, last]).float(), dim=-1).cpu()  # (B, V)
+    scores = [first[b, torch.tensor([o[0] for o in opts])].double() for b, opts in enumerate(options)]
+    if not longer:
+        return scores
+    # the rest of every option with more than one token: one row each, over its prompt's cache
+    owner = [(b, j) for b, opts in enumerate(options) for j, o in enumerate(opts) if len(o) > 1]
+    width = max(len(options[b][j]) - 1 for b, j in owner)
+    cont = torch.full((len(owner), width), pad_id, dtype=torch.long)
+    cont_mask = torch.zeros((len(owner), width), dtype=torch.long)
+    targets = torch.zeros((len(owner), width), dtype=torch.long)
+    for r, (b, j) in enumerate(owner):
+        o = options[b][j]
+        cont[r, : len(o) - 1] = torch.tensor(o[:-1], dtype=torch.long)
+        targets[r, : len(o) - 1] = torch.tensor(o[1:], dtype=torch.long)
+        cont_mask[r, : len(o) - 1] = 1
+    which = torch.tensor([b for b, _ in owner], dtype=torch.long)
+    cache = out.past_key_values
+    cache.batch_select_indices(which.to(device))
+    mask = torch.cat([attention_mask[which.to(device)], cont_mask.to(device)], dim=1)
+    position_ids = lengths[which][:, None] + torch.arange(width)[None, :]
+    hidden = model.model(input_ids=cont.to(device), attention_mask=mask, position_ids=position_ids.to(device),
+                         past_key_values=cache, use_cache=True).last_hidden_state
+    logp = F.log_softmax(model.lm_head(hidden).float(), dim=-1)  # (R, T, V)
+    picked = logp.gather(-1, targets.to(device)[..., None]).squeeze(-1) * cont_mask.to(device)
+    rest = picked.sum(dim=1).double().cpu()
+    for r, (b, j) in enumerate(owner):
+        scores[b][j] += rest[r]
+    return scores
+
+
+def _reference_batch(model, prompts, options, device, pad_id) -> list[torch.Tensor]:
+    """One batch the plain way: every (prompt, option) pair as its own full sequence."""
+    seqs, owner = [], []
+    for b, (p, opts) in enumerate(zip(prompts, options)):
+        for j, o in enumerate(opts):
+            seqs.append(list(p) + list(o))
+            owner.append((b, j, len(p), len(o)))
+    input_ids, attention_mask, _ = right_pad(seqs, pad_id)
+    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    logp = F.log_softmax(logits.float(), dim=-1).cpu()
+    scores = [torch.zeros(len(opts), dtype=torch.float64) for opts in options]
+    for r, (b, j, n_p, n_o) in enumerate(owner):
+        toks = torch.tensor(seqs[r][n_p : n_p + n_o], dtype=torch.long)
+        pos = torch.arange(n_p - 1, n_p - 1 + n_o)
+        scores[b][j] = float(logp[r, pos, toks].double().sum())
+    return scores
+
+
+def option_logprobs(model, prompts: Sequence[Sequence[int]], options: Sequence[Sequence[Sequence[int]]],
+                    batch_size: int = 8, device: torch.device | str | None = None, pad_id: int = 0,
+                    progress: Callable[[int], None] | None = None, reference: bool = False) -> list[torch.Tensor]:
+    """log P(option | prompt) of every option of every example: one float64 tensor per example, in
+    input order. ``model``: a causal LM (``nn.Module`` or ``MoEModel``). ``progress(n)`` after each batch."""
+    model = unwrap(model)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check(prompts, options)
+    if device is None:
+        device = next(model.parameters()).device
+    score = _cached_batch if _structured(model) and not reference else _reference_batch
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    with eval_mode(model), torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            for i, s in zip(idx, score(model, [prompts[i] for i in idx], [options[i] for i in idx], device, pad_id)):
+                out[i] = s
+            if progress is not None:
+                progress(len(idx))
+    return out  # type: ignore[return-value]
+
+
+def choose(scores: Sequence[torch.Tensor], options: Sequence[Sequence[Sequence[int]]],
+           normalize: str = "mean") -> list[int]:
+    """The index of each example's answer: the highest log-likelihood, per token with ``mean``
+    (ties: the first option)."""
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    picks = []
+    for s, opts in zip(scores, options):
+        if normalize == "mean":
+            s = s / torch.tensor([len(o) for o in opts], dtype=torch.float64)
+        picks.append(int(torch.argmax(s)))
+    return picks
+
+
+def confusion_matrix(answers: Sequence[int], predictions: Sequence[int], num_options: int) -> list[list[int]]:
+    """``m[true][predicted]`` counts (rows: the right option, columns: the model's)."""
+    m = [[0] * num_options for _ in range(num_options)]
+    for a, p in zip(answers, predictions):
+        m[a][p] += 1
+    return m
+
+
+__all__ = ["NORMALIZE", "choose", "confusion_matrix", "option_logprobs", "right_pad", "unwrap"]
