@@ -110,6 +110,8 @@ def accuracy(scores: list[float]) -> float | None:
 
 def compare(a: dict[int, Run], b: dict[int, Run], scores, direction: int) -> dict:
     """A − B on the per-example ``scores(run)``: per-seed means, pooled paired bootstrap, verdict."""
+    if not a or not b:
+        return {"n": 0, "verdict": "not run"}
     seeds = sorted(set(a) & set(b))
     per_seed, xa, xb = [], [], []
     for s in seeds:
@@ -136,6 +138,8 @@ def compare(a: dict[int, Run], b: dict[int, Run], scores, direction: int) -> dic
 
 
 def fmt_compare(c: dict) -> str:
+    if c.get("verdict") == "not run":
+        return "(one side not run)"
     if not c.get("n"):
         return "no paired examples"
     per = ", ".join(f"{d:+.1f}" for d in c["per_seed"])
@@ -144,11 +148,9 @@ def fmt_compare(c: dict) -> str:
 
 
 def find(runs, **axes) -> dict[int, Run]:
-    want = tuple(sorted(axes.items()))
-    for key, by_seed in runs.items():
-        if key == want:
-            return by_seed
-    raise KeyError(f"no runs with {axes}; have {[dict(k) for k in runs]}")
+    """The runs (by seed) of one sweep point without its seed; {} when that point was not run (a smoke
+    variant runs a few methods: its comparisons are then "not run")."""
+    return runs.get(tuple(sorted(axes.items())), {})
 
 
 def verdict_rows(preds) -> list[str]:
@@ -163,7 +165,7 @@ def verdict_rows(preds) -> list[str]:
 def concept_shift(folder: Path) -> str:
     runs = load_runs(folder)
     methods = [dict(k)["method"] for k in runs]
-    any_run = next(iter(find(runs, method="FedIT").values()))
+    any_run = next(r for by in runs.values() for r in by.values() if r.summary.get("label_groups"))
     groups = any_run.summary["label_groups"]["client_group"]
     major = {c for c, g in enumerate(groups) if g == 0}
     minor = {c for c, g in enumerate(groups) if g != 0}
@@ -191,17 +193,19 @@ def concept_shift(folder: Path) -> str:
     pairs = [(shift[s].server_mean("update_conflict_experts"), ctrl[s].server_mean("update_conflict_experts"))
              for s in seeds]
     cos = [(shift[s].server_mean("update_cosine_experts"), ctrl[s].server_mean("update_cosine_experts")) for s in seeds]
-    holds = all(a is not None and b is not None and a > b for a, b in pairs)
+    holds = bool(pairs) and all(a is not None and b is not None and a > b for a, b in pairs)
+    num = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    out += ["", "**Premise C0** (FedIT, mean over rounds, per seed): conflicting expert-update pairs with the shift "
+            + ", ".join(num(a) for a, _ in pairs) + "; without it " + ", ".join(num(b) for _, b in pairs)
+            + "; mean pairwise cosine of expert updates with the shift " + ", ".join(num(a) for a, _ in cos)
+            + ", without " + ", ".join(num(b) for _, b in cos)
+            + f". C0 {'holds' if holds else 'does not hold'} (higher with the shift in every seed: {holds})."
+            if pairs else "(FedIT or FedIT-no-shift not run: no premise C0)"]
     fc = find(runs, method="FC-MoE")
     cos_fc = [fc[s].server_mean("mean_cosine_shared") for s in sorted(fc)]
     by_layer = [r.get("mean_cosine_by_layer") for s in sorted(fc) for r in fc[s].metrics if r.get("split") == "server"]
     flat = [v for row in by_layer if row for v in row if v is not None]
-    out += ["", "**Premise C0** (FedIT, mean over rounds, per seed): conflicting expert-update pairs with the shift "
-            + ", ".join(f"{a:.3f}" for a, _ in pairs) + "; without it " + ", ".join(f"{b:.3f}" for _, b in pairs)
-            + "; mean pairwise cosine of expert updates with the shift " + ", ".join(f"{a:.3f}" for a, _ in cos)
-            + ", without " + ", ".join(f"{b:.3f}" for _, b in cos)
-            + f". C0 {'holds' if holds else 'does not hold'} (higher with the shift in every seed: {holds}).",
-            "", "FC-MoE's own test (cosine of each client's expert update to the weighted consensus): mean "
+    out += ["", "FC-MoE's own test (cosine of each client's expert update to the weighted consensus): mean "
             + (f"{sum(flat) / len(flat):.3f}, minimum {min(flat):.3f}" if flat else "–")
             + " over every (round, layer) mean; shared tensors " + ", ".join(f"{v:.3f}" for v in cos_fc if v is not None)
             + "."]
@@ -225,6 +229,9 @@ def label_skew(folder: Path) -> str:
     out = [f"### Scenario 2 tables ({folder.name})", ""]
     for skew in skews:
         fed = find(runs, skew=skew, method="FedIT")
+        if not fed:
+            out += [f"**{skew}.** (FedIT not run)", ""]
+            continue
         cids = {c["id"] for c in next(iter(fed.values())).clients}
         # the premise: label concentration per client (training data), per seed
         shares, nlab = [], []
@@ -267,9 +274,10 @@ def label_skew(folder: Path) -> str:
             ("L3b", f"local < FedIT, global accuracy ({skew})", compare(local, fed, held, -1)),
             ("L4", f"FLEx > FLEx-no-gate, local accuracy ({skew})", compare(flex, nogate, own, 1)),
         ]
-        gp_f = [r.summary["global"].get("general_perplexity") for r in fed.values()]
-        gp_x = [sum(c["general_perplexity"] for c in r.clients if c.get("general_perplexity") is not None)
-                / max(1, sum(1 for c in r.clients if c.get("general_perplexity") is not None)) for r in flex.values()]
+        gp_f = [fed[s].summary["global"].get("general_perplexity") for s in sorted(fed) if s in flex]
+        gp_x = [sum(c["general_perplexity"] for c in flex[s].clients if c.get("general_perplexity") is not None)
+                / max(1, sum(1 for c in flex[s].clients if c.get("general_perplexity") is not None))
+                for s in sorted(flex) if s in fed]
         out += ["", *verdict_rows(preds), "",
                 f"L5 (retention, general-text perplexity, lower is better; no per-example pairing: per seed): FLEx "
                 + ", ".join(f"{v:.3f}" for v in gp_x) + " (mean over its clients' own models); FedIT "
@@ -283,7 +291,7 @@ def label_skew(folder: Path) -> str:
 def compute(folder: Path) -> str:
     runs = load_runs(folder)
     methods = list(dict.fromkeys(dict(k)["method"] for k in runs))
-    any_run = next(iter(find(runs, method="FLAME").values()))
+    any_run = next(r for by in runs.values() for r in by.values())
     n_levels = 4
     levels = {lv: {c["id"] for c in any_run.clients if c["id"] % n_levels == lv} for lv in range(n_levels)}
     out = [f"### Scenario 3 tables ({folder.name})", "",

@@ -9,6 +9,8 @@ suite keeps them alive (``bash benchmarks/gpu_check.sh --dry``).
 * activation counts equal a recount of the routers' choices by hand;
 * the adapters a client builds on the device equal the server's CPU skeleton (what every
   federated run checks first), and FLEx's expert scoring runs on the device;
+* the option scorer of ``eval.task: choice`` (prompt once, options over its key/value cache) equals
+  one full sequence per option on the device, and the CPU's scores;
 * a 2-round FedIT and FLAME run on a tiny model on the device resumes exactly (stop after round
   1, resume, same final numbers and global state), in deterministic mode; FedIT also in the
   default (non-deterministic) mode, where the difference is recorded and bounded.
@@ -331,3 +333,26 @@ def test_flex_expert_scoring_on_device():
     chosen_cpu, scores_cpu = score_experts(on_cpu, batches, num_grafts=2)
     assert chosen_dev == chosen_cpu
     torch.testing.assert_close(scores_dev, scores_cpu, rtol=1e-4, atol=1e-6)
+
+
+def test_option_scoring_on_device(fp32_exact):
+    """eval.task: choice on the device: the prompt-once path (its key/value cache, per-row positions and
+    padding holes) equals one full sequence per option, and both equal the CPU's scores."""
+    from fedmoe.eval.choice import option_logprobs
+    from fedmoe.moe import MoEModel
+
+    ref = _hf("olmoe")
+    on_dev = MoEModel(ref)
+    on_dev.add_expert_lora(RANK, ALPHA)
+    on_cpu = MoEModel(copy.deepcopy(ref).to("cpu"))
+    on_cpu.add_expert_lora(RANK, ALPHA)
+    on_cpu.load_state({n: t.cpu() for n, t in on_dev.get_state().items()})
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (9, 4, 13)]
+    options = [[torch.randint(2, 256, (n,), generator=g).tolist() for n in lens] for lens in ([1, 3], [2, 2, 4], [5])]
+    cached = option_logprobs(on_dev, prompts, options, batch_size=3)
+    plain = option_logprobs(on_dev, prompts, options, batch_size=3, reference=True)
+    cpu = option_logprobs(on_cpu, prompts, options, batch_size=3)
+    for a, b, c in zip(cached, plain, cpu):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+        torch.testing.assert_close(a, c, rtol=0, atol=2e-5)

@@ -42,7 +42,8 @@ def _recording_run(tmp_path, sets):
 @pytest.mark.parametrize("method", [["algorithm.name=flex", "lora.experts=false", "algorithm.flex.calibration_size=4"],
                                     ["algorithm.name=scaffold", "federation.fraction=0.5", "federation.rounds=3"],
                                     ["algorithm.name=hetlora", "algorithm.hetlora.prune_lambda=1000",
-                                     "algorithm.hetlora.prune_gamma=0.5", "algorithm.budgets.ranks=[4,2]"]])
+                                     "algorithm.hetlora.prune_gamma=0.5", "algorithm.budgets.ranks=[4,2]"],
+                                    ["algorithm.name=local_only"]])
 def test_a_client_needs_only_its_messages_and_its_own_store(tmp_path, method):
     """Replay each client on its own fresh model, holding only its data and its private store and
     given only the train messages it received: its replies equal the federated run's, bit for bit."""

@@ -177,3 +177,28 @@ def test_accuracy_and_confusion_match_a_recount():
     n = [len(s.test_answers) for s in sets]
     assert both["accuracy"] == pytest.approx((results[0]["accuracy"] * n[0] + results[1]["accuracy"] * n[1]) / sum(n))
     assert both["confusion"] == (torch.tensor(results[0]["confusion"]) + torch.tensor(results[1]["confusion"])).tolist()
+
+
+def test_per_example_options_file(tmp_path):
+    """MMLU-like data: each row has its own options and the answer is one of them."""
+    from fedmoe.federation.clients import client_set
+    from fedmoe.moe.model import load_tokenizer
+
+    path = tmp_path / "quiz.jsonl"
+    rows = [{"instruction": f"2 + {i} = ?", "output": str(2 + i), "options": [str(2 + i), str(3 + i), "no"]}
+            for i in range(12)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    exs = load_examples(str(path), field_map={"options": "options"}).examples
+    assert all(e.options == tuple(r["options"]) and e.output == r["output"] for e, r in zip(exs, rows))
+    cfg = DataConfig.model_validate({"source": str(path), "field_map": {"options": "options"},
+                                     "partition": {"scheme": "iid", "num_clients": 1}, "split": [0.5, 0.0, 0.5]})
+    data = prepare_federated_data(cfg, seed=0)
+    tok = load_tokenizer("builtin:tiny-moe")
+    s = client_set(data.clients[0], tok, 64, None, data.labels)
+    assert data.labels is None and s.labels is None
+    assert s.test_answers == [ex.options.index(ex.output) for ex in data.clients[0].test] == [0] * 6
+    assert all(len(o) == 3 and all(ids[-1] == tok.eos_token_id for ids in o) for o in s.test_options)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "x", "output": "7", "options": ["1", "2"]}) + "\n")
+    with pytest.raises(DataError, match=r"line 1: the output '7' .* is not one of its options"):
+        load_examples(str(bad), field_map={"options": "options"})

@@ -31,7 +31,8 @@ from ..configbase import StrictModel
 from ..messages import Message, Reply
 from .base import N_TRAIN, Method, State, sizes
 from .fedit import FedITClient, FedITServer
-from .flame import COUNTS, TOKENS, expert_layers
+from .experts import expert_groups, expert_layers, flat_group
+from .flame import COUNTS, TOKENS
 
 RESIDUAL = "residual/"  # downlink: the client's retained residual, once
 RESIDUAL_ROUND = "residual_round"  # downlink scalar: the round that residual comes from
@@ -47,24 +48,6 @@ class FCMoEConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------ aggregation
-def _groups(names: list[str], layer_of: dict[str, int], num_experts_of: dict[int, int]):
-    """[(group key, [(tensor name, expert row or None)])]: one group per expert (l, j), then the
-    shared group of every non-expert tensor."""
-    groups = []
-    for layer in sorted(set(layer_of.values())):
-        tensors = [n for n in names if layer_of.get(n) == layer]
-        for j in range(num_experts_of[layer]):
-            groups.append(((layer, j), [(n, j) for n in tensors]))
-    shared = [(n, None) for n in names if n not in layer_of]
-    if shared:
-        groups.append((None, shared))
-    return groups
-
-
-def _flat(state: State, members) -> torch.Tensor:
-    return torch.cat([(state[n] if j is None else state[n][j]).reshape(-1).to(torch.float64) for n, j in members])
-
-
 def _dense(state: State, members, scaling: float) -> torch.Tensor:
     """The group's dense update s·B·A per adapted weight, flattened (pairs of A and B names)."""
     parts = []
@@ -96,10 +79,10 @@ def conflict_aware_average(global_state: State, tensors: list[State], n: list[fl
     residual_parts: list[dict[str, torch.Tensor]] = [{} for _ in tensors]
     cos_by_layer: dict = {}
     n_projected = n_pairs = 0
-    for key, members in _groups(names, layer_of, num_experts):
+    for key, members in expert_groups(names, layer_of, num_experts):
         layer = None if key is None else key[0]
         f = [1.0 if key is None else float(fr[layer][key[1]]) for fr in freq]
-        flat = [_flat(d, members) for d in deltas]
+        flat = [flat_group(d, members) for d in deltas]
         if cfg.importance == "n":
             c = list(n)
         elif cfg.importance == "n_f_t":

@@ -12,7 +12,6 @@ with n_i; the whole global LoRA to everyone. The global model runs at the model'
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 import torch
@@ -22,12 +21,12 @@ from ..configbase import StrictModel
 from ..messages import Message, Reply
 from .base import N_TRAIN, Method, Objective, Private, State, sizes, weighted_average
 from .budgets import client_levels, default_top_k_levels
+from .experts import expert_layers  # noqa: F401  (re-exported: FLAME's per-expert aggregation reads it)
 from .fedit import FedITClient, FedITServer, random_experts_per_layer
 from .server_opt import server_update
 
 COUNTS = "activation_counts"  # reply: (L, E) tokens routed to each expert
 TOKENS = "tokens_per_layer"  # reply: (L,) tokens each MoE layer processed
-_EXPERT_TENSOR = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|gate|up|down)_lora_[AB]$")
 
 
 class FlameConfig(StrictModel):
@@ -63,16 +62,6 @@ def activation_aware_average(global_state: State, tensors: list[State], counts: 
         keep = (total == 0).reshape(-1, *([1] * (stacked.dim() - 2)))
         avg = torch.where(keep, global_state[name].to(torch.float64), avg)
         out[name] = avg.to(global_state[name].dtype)
-    return out
-
-
-def expert_layers(names, decoder_to_moe: dict[int, int]) -> dict[str, int]:
-    """The MoE layer index of every expert LoRA tensor (by its decoder layer)."""
-    out = {}
-    for n in names:
-        m = _EXPERT_TENSOR.search(n)
-        if m:
-            out[n] = decoder_to_moe[int(m.group(1))]
     return out
 
 

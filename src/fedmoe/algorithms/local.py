@@ -47,5 +47,5 @@ class LocalClient(FedITClient):
         return Message(tensors={}, scalars={N_TRAIN: result.n_train}), {STATE: mm.get_state()}, {}
 
 
-METHOD = Method("local", LocalServer, LocalClient,
+METHOD = Method("local_only", LocalServer, LocalClient,
                 summary="local-only training (no federation): each client trains alone, the lower bound")

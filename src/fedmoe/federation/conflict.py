@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..algorithms.fcmoe import _flat, _groups
+from ..algorithms.experts import expert_groups, flat_group
 
 
 def update_conflict(global_state: dict[str, torch.Tensor], tensors: list[dict[str, torch.Tensor]],
@@ -35,8 +35,8 @@ def update_conflict(global_state: dict[str, torch.Tensor], tensors: list[dict[st
     g = {n: global_state[n].to(torch.float64) for n in names}
     deltas = [{n: t[n].to(torch.float64) - g[n] for n in names} for t in tensors]
     by_layer: dict = {}
-    for key, members in _groups(names, layer_of, num_experts):
-        flat = [v for v in (_flat(d, members) for d in deltas) if bool(v.any())]
+    for key, members in expert_groups(names, layer_of, num_experts):
+        flat = [v for v in (flat_group(d, members) for d in deltas) if bool(v.any())]
         if len(flat) < 2:
             continue
         m = torch.stack(flat)

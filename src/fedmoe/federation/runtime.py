@@ -211,7 +211,7 @@ class Federation:
         noise, the number of sampled clients as the denominator); a result that is not finite is not applied."""
         conflict = {}
         if self.cfg.eval.update_conflict:
-            from ..algorithms.flame import expert_layers
+            from ..algorithms.experts import expert_layers
             from .conflict import update_conflict
 
             conflict = update_conflict(self.global_state, [r.message.tensors for r in replies],
