@@ -238,7 +238,10 @@ class EvalConfig(_Strict):
     no_repeat_ngram_size: int = Field(3, ge=0)
     batch_size: int = Field(8, ge=1)
     max_examples: int | None = Field(50, ge=1)  # per-client cap on generated test answers (null = all)
-    every_round: bool = False  # ROUGE-L each round (loss is always evaluated each round)
+    every_round: bool = False  # the answers (ROUGE-L or accuracy) each round, not only at round 0 and the end
+    # the test loss of every client's model and of the global model after every round (False: only at round 0
+    # and after the final round, which is what the summary reports; the learning curves then have two points)
+    loss_every_round: bool = True
     zero_shot: bool = True  # evaluate the initial model first (round 0), on the same test examples
     flops_seq_len: int = Field(128, ge=1)  # sequence length of the FLOPs/seq figure (FLAME uses 128)
     # every round, the agreement of the clients' updates: per expert (and for the shared tensors) the

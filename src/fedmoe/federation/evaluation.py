@@ -154,6 +154,7 @@ class EvalPolicy:
 
     def __init__(self, cfg, log_metrics: Callable[[dict], None]):
         self.cfg, self.log_metrics = cfg, log_metrics
+        self.clients_s = 0.0  # the clients' evaluation time of the latest evaluated round
 
     def flags(self, round_idx: int, final: bool) -> tuple[bool, bool]:
         """(the answers this round — ROUGE-L or accuracy —, general text, MMLU and held-out set this round)."""

@@ -287,7 +287,7 @@ class Federation:
                 self.zero_shot = self._evaluate(0, final=False, prog=prog)
                 self.save()
             for round_idx in range(self.completed_rounds + 1, rounds + 1):
-                t_round, self._clients_s = time.perf_counter(), 0.0
+                t_round, self._clients_s, self.policy.clients_s = time.perf_counter(), 0.0, 0.0
                 sampled = sample_clients(len(self.records), cfg.federation.fraction, cfg.seed, round_idx)
                 replies = self._train(round_idx, sampled, prog)
                 t_agg = time.perf_counter()
@@ -295,7 +295,9 @@ class Federation:
                 aggregate_s = time.perf_counter() - t_agg
                 self.rd.log_metrics({"round": round_idx, "client": None, "split": "server", "aggregate_s": aggregate_s,
                                      "clients": [r.client for r in replies], **metrics})
-                self.global_eval = self._evaluate(round_idx, final=round_idx == rounds, prog=prog)
+                final = round_idx == rounds
+                if final or cfg.eval.loss_every_round or cfg.eval.every_round:  # else the round is not evaluated
+                    self.global_eval = self._evaluate(round_idx, final=final, prog=prog)
                 loss = self.global_eval.get("loss")
                 if isinstance(loss, float) and not math.isfinite(loss):
                     raise RoundFailed(f"round {round_idx}: the aggregated model's test loss is {loss} (its weights are "
