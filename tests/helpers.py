@@ -17,7 +17,7 @@ def built(method, cfg, mm, seed: int = 0):
     """Build ``method``'s adapters on ``mm`` (seeded) and return (server half, client half, spec)."""
     torch.manual_seed(seed)
     method.client.build(cfg, mm)
-    spec = ModelSpec.of(mm)
+    spec = ModelSpec.of(mm, method.client.private_roles)
     return method.server(cfg, spec), method.client(cfg), spec
 
 

@@ -8,10 +8,9 @@ import torch
 from helpers import built
 
 from fedmoe.algorithms import METHODS
-from fedmoe.algorithms.flame import is_rescaler
 from fedmoe.algorithms.server_opt import DEFAULT_LR, ServerOptimizerConfig, server_update
 from fedmoe.config import ConfigError, load_config
-from fedmoe.moe import MoEModel
+from fedmoe.moe import MoEModel, Role
 from fedmoe.moe.tiny import tiny_config
 from fedmoe.train import train_local
 
@@ -36,8 +35,9 @@ def _flame_step(*sets):
                 objective=client.objective(0, mm, down, private))
     after = mm.get_state()
     moves = {n: (after[n] - before[n]).abs().max().item() for n in after}
-    scale = [v for n, v in moves.items() if is_rescaler(n)]
-    lora = max(v for n, v in moves.items() if not is_rescaler(n))
+    rescalers = set(mm.inventory().names(Role.RESCALER))
+    scale = [v for n, v in moves.items() if n in rescalers]
+    lora = max(v for n, v in moves.items() if n not in rescalers)
     return scale, lora
 
 

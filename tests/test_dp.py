@@ -10,7 +10,6 @@ import torch
 from helpers import reply
 
 from fedmoe.algorithms import METHODS, ModelSpec, get_method, model_spec
-from fedmoe.algorithms.flame import expert_layers
 from fedmoe.config import ConfigError, load_config
 from fedmoe.federation import run_federated
 from fedmoe.federation.dp import clip_update, epsilon, private_aggregate, update_norm
@@ -185,7 +184,7 @@ def test_flame_under_dp_is_the_clipped_weighted_sum_by_hand(tmp_path):
     summary, rd = run_federated(cfg, observe=observe, log=lambda *a: None)
     assert summary["privacy"]["epsilon"] == math.inf  # no noise: no privacy, said so
     theta, after = sent[(1, 0)], sent[(2, 0)]
-    layer_of = expert_layers(theta, {d: d for d in range(4)})  # tiny OLMoE: every decoder layer is an MoE layer
+    layer_of = model_spec(cfg, METHODS["flame"]).inventory.expert_layers()
     total = {n: torch.zeros(t.shape, dtype=torch.float64) for n, t in theta.items()}
     for cid, r in seen.items():
         delta = {n: r[n].double() - theta[n].double() for n in theta}

@@ -42,10 +42,8 @@ def test_update_conflict_by_hand():
     """Three clients, one MoE layer of 2 experts (rows of a fused A and B) and one shared tensor."""
     cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "lora.rank=2"])
     _, _, spec = built(METHODS["fedit"], cfg, MoEModel.from_config(tiny_config("olmoe")))
-    from fedmoe.algorithms.experts import expert_layers
-
     g = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in spec.initial.items()}
-    layer_of = expert_layers(g, spec.decoder_to_moe)
+    layer_of = spec.inventory.expert_layers()
     a_name = next(n for n in g if n.endswith("experts.gate_up_lora_A") and layer_of[n] == 0)
     shared = next(n for n in g if n not in layer_of)
     clients = []

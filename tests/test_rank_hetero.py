@@ -6,12 +6,14 @@ import torch
 
 from helpers import built, reply
 
-from fedmoe.algorithms import METHODS, ModelSpec
+from fedmoe.algorithms import METHODS, ModelSpec, model_spec
 from fedmoe.algorithms.rank_hetero import (default_rank_levels, frobenius_of_product, lora_pairs, prune, pruning_term,
                                            truncate_rank)
 from fedmoe.config import load_config
 from fedmoe.messages import Message
 from fedmoe.moe import MoEModel
+from fedmoe.moe.inventory import Inventory, Role
+from fedmoe.moe.lora import lora_pair_info
 from fedmoe.moe.tiny import tiny_config
 
 PAIR = ("m.q_proj.lora_A", "m.q_proj.lora_B")
@@ -19,11 +21,18 @@ PAIR = ("m.q_proj.lora_A", "m.q_proj.lora_B")
 
 def test_rank_ladder_and_pairs():
     assert default_rank_levels(20) == [20, 12, 8, 6]
-    names = ["model.layers.0.self_attn.q_proj.lora_A", "model.layers.0.self_attn.q_proj.lora_B",
-             "model.layers.0.mlp.experts.gate_up_lora_A", "model.layers.0.mlp.experts.gate_up_lora_B",
-             "model.layers.0.mlp.experts.output_scale"]
-    assert lora_pairs(names) == [("model.layers.0.mlp.experts.gate_up_lora_A", "model.layers.0.mlp.experts.gate_up_lora_B"),
-                                 ("model.layers.0.self_attn.q_proj.lora_A", "model.layers.0.self_attn.q_proj.lora_B")]
+    # the pairs come from the model's inventory: A with its B, the output scale (not a LoRA factor) left out
+    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "algorithm.name=flame", "lora.attention_targets=[q_proj]"])
+    spec = model_spec(cfg, METHODS["flame"])
+    assert any(n.endswith("output_scale") for n in spec.initial)
+    assert lora_pairs(spec.inventory)[:3] == [
+        ("model.layers.0.mlp.experts.down_lora_A", "model.layers.0.mlp.experts.down_lora_B"),
+        ("model.layers.0.mlp.experts.gate_up_lora_A", "model.layers.0.mlp.experts.gate_up_lora_B"),
+        ("model.layers.0.self_attn.q_proj.lora_A", "model.layers.0.self_attn.q_proj.lora_B")]
+    assert len(lora_pairs(spec.inventory)) == 4 * 3  # gate_up, down, q per layer
+    assert lora_pairs(spec.inventory, ["model.layers.0.self_attn.q_proj.lora_A", "model.layers.0.self_attn.q_proj.lora_B",
+                                       "model.layers.1.self_attn.q_proj.lora_A"]) == [
+        ("model.layers.0.self_attn.q_proj.lora_A", "model.layers.0.self_attn.q_proj.lora_B")]
 
 
 def test_truncation_keeps_first_components_with_shapes():
@@ -49,8 +58,10 @@ def _cfg(**kw):
 
 def _server(name, shape_a=(4, 3), shape_b=(2, 4), **kw):
     """The server half of a rank method over one adapted weight (PAIR), clients at ranks 4 and 2."""
-    spec = ModelSpec(config=None, initial={PAIR[0]: torch.zeros(shape_a), PAIR[1]: torch.zeros(shape_b)},
-                     num_experts=0, top_k=0, decoder_to_moe={})
+    a, b = torch.zeros(shape_a), torch.zeros(shape_b)
+    inventory = Inventory({t.name: t for t in lora_pair_info(*PAIR, a, b, Role.ATTENTION, shape_a[0], 2.0)})
+    spec = ModelSpec(config=None, initial={PAIR[0]: a, PAIR[1]: b}, num_experts=0, top_k=0, decoder_to_moe={},
+                     inventory=inventory)
     return METHODS[name].server(_cfg(**{"algorithm.name": name, **kw}), spec)
 
 
@@ -207,7 +218,9 @@ def test_hetlora_self_pruning_drops_the_tail_when_its_norm_falls():
     client = METHODS["hetlora"].client(_cfg(**{"algorithm.name": "hetlora", "algorithm.hetlora.prune_lambda": 0.5}))
     from fedmoe.messages import Message
 
-    state = client.model_state(0, None, Message(tensors={PAIR[0]: A, PAIR[1]: B}), priv)
+    pair = Inventory({t.name: t for t in lora_pair_info(*PAIR, A, B, Role.ATTENTION, 4, 2.0)})
+    model = type("OnePair", (), {"inventory": lambda self: pair})()  # what model_state asks of the model
+    state = client.model_state(0, model, Message(tensors={PAIR[0]: A, PAIR[1]: B}), priv)
     assert state[PAIR[0]][2:].abs().sum() == 0 and torch.equal(state[PAIR[0]][:2], A[:2])
     assert client.rank(0, priv) == 2 and client.rank(1, {"rank": 2}) == 2
 

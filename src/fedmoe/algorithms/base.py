@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..messages import Message, Reply
+from ..moe.inventory import Inventory, Role
 from ..seeds import Stream, derive_seed
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class ModelSpec:
     num_experts: int
     top_k: int
     decoder_to_moe: dict[int, int]  # decoder layer index -> MoE layer index
+    inventory: Inventory = field(default_factory=Inventory)  # what each tensor of ``initial`` is; private marked
 
     @property
     def num_moe_layers(self) -> int:
@@ -87,10 +89,30 @@ class ModelSpec:
                                f"({len(live)} vs {len(self.initial)}): a method's build() must depend on the config only")
 
     @classmethod
-    def of(cls, mm: MoEModel) -> ModelSpec:
-        """The spec of a model whose adapters are built (a skeleton, or a live model in tests)."""
+    def of(cls, mm: MoEModel, private_roles=()) -> ModelSpec:
+        """The spec of a model whose adapters are built (a skeleton, or a live model in tests);
+        ``private_roles``: the roles of the tensors the method keeps on the client."""
         return cls(config=mm.config, initial=mm.get_state(), num_experts=mm.num_experts, top_k=mm.default_top_k,
-                   decoder_to_moe={layer.decoder_layer: layer.index for layer in mm.layers})
+                   decoder_to_moe={layer.decoder_layer: layer.index for layer in mm.layers},
+                   inventory=mm.inventory(private_roles))
+
+    def shared(self) -> list[str]:
+        """The tensors the server holds: every trainable the method does not keep private."""
+        inv = self.inventory
+        return [n for n in self.initial if n not in inv or not inv[n].private]
+
+    def counts(self, k: int, rank: int | None = None, seq_len: int = 128) -> dict[str, int]:
+        """What a client at top-``k`` and LoRA ``rank`` runs, counted from the tensors that were built:
+        the model's FLOPs per sequence of ``seq_len`` tokens (the base model's at k plus the adapters'),
+        its active parameters, and its trainable parameters (total, active per token, shared)."""
+        from ..eval.flops import count_flops
+
+        base = count_flops(self.config, seq_len, k=k, lora_rank=0)
+        inv = self.inventory.counts(k, rank)
+        return {"flops_per_seq": base["flops_per_seq"] + self.inventory.adapter_flops(seq_len, k, rank),
+                "active_params": base["active_params"] + inv["frozen_active_params"],
+                "total_trainable": inv["total_trainable"], "active_trainable": inv["active_trainable"],
+                "shared_trainable": inv["shared_trainable"]}
 
 
 def model_spec(cfg: RunConfig, method: Method) -> ModelSpec:
@@ -102,7 +124,7 @@ def model_spec(cfg: RunConfig, method: Method) -> ModelSpec:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, Stream.ADAPTER_INIT))
         method.client.build(cfg, sk)
-    return ModelSpec.of(sk)
+    return ModelSpec.of(sk, method.client.private_roles)
 
 
 @dataclass
@@ -136,8 +158,10 @@ class Server:
         self.spec = spec
 
     def initial_global(self) -> State:
-        """The global state before round 1 (default: every trainable tensor of the spec)."""
-        return {n: t.clone() for n, t in self.spec.initial.items()}
+        """The global state before round 1 (default: every trainable tensor of the spec the method does
+        not keep private, :attr:`Client.private_roles`)."""
+        shared = set(self.spec.shared())
+        return {n: t.clone() for n, t in self.spec.initial.items() if n in shared}
 
     def initial_server_state(self, global_state: State) -> dict:
         return {}
@@ -161,6 +185,9 @@ class Client:
     """Client half; FedIT's client (train every trainable, send it all with n_i) is the default."""
 
     personalized = False  # True when a client's evaluated model differs from the global one
+    # the roles of the trainable tensors (fedmoe.moe.Role) the client keeps in its private store and never
+    # sends: the server's spec marks them (ModelSpec.inventory), its global state leaves them out
+    private_roles: tuple[Role, ...] = ()
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -206,9 +233,24 @@ class Client:
         client's tokenised training examples: (private state, metrics)."""
         return {}, {}
 
+    def private_names(self, mm: MoEModel) -> list[str]:
+        """The trainable tensors of ``mm`` this method keeps private (:attr:`private_roles`)."""
+        return mm.inventory(self.private_roles).private() if self.private_roles else []
+
+    def global_private(self, mm: MoEModel, names: list[str]) -> State:
+        """The values of the private tensors in the global model (which has no private store): zeros."""
+        params = mm.trainable_parameters()
+        return {n: torch.zeros_like(params[n], device="cpu") for n in names}
+
     def model_state(self, client: int | None, mm: MoEModel, message: Message, private: Private) -> State:
-        """The trainable tensors of the client's model (default: the message's)."""
-        return dict(message.tensors)
+        """The trainable tensors of the client's model: the message's, and the private ones from the
+        client's store (the global model, ``client`` None, or a store without them: :meth:`global_private`)."""
+        names = self.private_names(mm)
+        if not names:
+            return dict(message.tensors)
+        mine = {} if client is None else {n: private[n] for n in names if n in private}
+        missing = [n for n in names if n not in mine]
+        return {**message.tensors, **(self.global_private(mm, missing) if missing else {}), **mine}
 
     def configure(self, mm: MoEModel, client: int | None, private: Private) -> None:
         """Settings that are not trainable state (a static output scale, a LoRA scaling)."""
@@ -225,8 +267,13 @@ class Client:
 
     def reply(self, client: int, mm: MoEModel, message: Message, private: Private,
               result: LocalResult) -> tuple[Message, Private, dict]:
-        """(reply message, new private state, metrics) after local training."""
-        return Message(tensors=mm.get_state(), scalars={N_TRAIN: result.n_train}), private, {}
+        """(reply message, new private state, metrics) after local training: the shared tensors and n_i
+        are sent; the private tensors go back into the store (its other entries are kept)."""
+        trained = mm.get_state()
+        names = set(self.private_names(mm))
+        shared = {n: t for n, t in trained.items() if n not in names}
+        new_private = {**private, **{n: trained[n].clone() for n in trained if n in names}} if names else private
+        return Message(tensors=shared, scalars={N_TRAIN: result.n_train}), new_private, {}
 
 
 @dataclass(frozen=True)

@@ -2,27 +2,13 @@
 
 An expert LoRA tensor of a layer stacks every expert's factor on dim 0 (``(E, r, in)`` for A,
 ``(E, out, r)`` for B), so expert (l, j) is row j of each of its layer's expert tensors. FLAME, FC-MoE
-and the runtime's update-conflict diagnostic read the same grouping from here (the names are those
-:meth:`fedmoe.moe.model.MoEModel.add_expert_lora` gives).
+and the runtime's update-conflict diagnostic read the same grouping from here; which tensor belongs
+to which MoE layer comes from the model's inventory (:meth:`fedmoe.moe.Inventory.expert_layers`).
 """
 
 from __future__ import annotations
 
-import re
-
 import torch
-
-EXPERT_TENSOR = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|gate|up|down)_lora_[AB]$")
-
-
-def expert_layers(names, decoder_to_moe: dict[int, int]) -> dict[str, int]:
-    """The MoE layer index of every expert LoRA tensor (by its decoder layer)."""
-    out = {}
-    for n in names:
-        m = EXPERT_TENSOR.search(n)
-        if m:
-            out[n] = decoder_to_moe[int(m.group(1))]
-    return out
 
 
 def expert_groups(names: list[str], layer_of: dict[str, int], num_experts_of: dict[int, int]):
@@ -44,4 +30,4 @@ def flat_group(state: dict[str, torch.Tensor], members) -> torch.Tensor:
     return torch.cat([(state[n] if j is None else state[n][j]).reshape(-1).to(torch.float64) for n, j in members])
 
 
-__all__ = ["EXPERT_TENSOR", "expert_groups", "expert_layers", "flat_group"]
+__all__ = ["expert_groups", "flat_group"]

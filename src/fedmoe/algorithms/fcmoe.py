@@ -31,7 +31,7 @@ from ..configbase import StrictModel
 from ..messages import Message, Reply
 from .base import N_TRAIN, Method, State, sizes
 from .fedit import FedITClient, FedITServer
-from .experts import expert_groups, expert_layers, flat_group
+from .experts import expert_groups, flat_group
 from .flame import COUNTS, TOKENS
 
 RESIDUAL = "residual/"  # downlink: the client's retained residual, once
@@ -161,7 +161,7 @@ class FCMoEServer(FedITServer):
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
-        self.layer_of = expert_layers(spec.initial, spec.decoder_to_moe)
+        self.layer_of = spec.inventory.expert_layers()
 
     def initial_server_state(self, global_state: State) -> dict:
         return {"residuals": {}}  # client -> (round, its residual): sent to it once, in its next message

@@ -18,11 +18,11 @@ import torch
 from pydantic import Field
 
 from ..configbase import StrictModel
-from ..messages import Message, Reply
-from .base import N_TRAIN, Method, Objective, Private, State, sizes, weighted_average
+from ..messages import Reply
+from ..moe.inventory import Role
+from .base import Method, Objective, Private, State, sizes, weighted_average
 from .budgets import client_levels, default_top_k_levels
-from .experts import expert_layers  # noqa: F401  (re-exported: FLAME's per-expert aggregation reads it)
-from .fedit import FedITClient, FedITServer, random_experts_per_layer
+from .fedit import FedITClient, FedITServer
 from .server_opt import server_update
 
 COUNTS = "activation_counts"  # reply: (L, E) tokens routed to each expert
@@ -65,19 +65,13 @@ def activation_aware_average(global_state: State, tensors: list[State], counts: 
     return out
 
 
-def is_rescaler(name: str) -> bool:
-    return name.endswith(".experts.output_scale")
-
-
 class FlameServer(FedITServer):
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
-        self.layer_of = expert_layers(spec.initial, spec.decoder_to_moe)
-        n = cfg.lora.experts_per_layer
-        self.experts = None if n is None else random_experts_per_layer(spec.num_moe_layers, spec.num_experts, n, cfg.seed)
-
-    def initial_global(self) -> State:
-        return {n: t.clone() for n, t in self.spec.initial.items() if not is_rescaler(n)}
+        self.layer_of = spec.inventory.expert_layers()
+        rows = spec.inventory.expert_rows()  # MoE layer -> the expert of each row (all, or lora.experts_per_layer)
+        full = all(r == tuple(range(spec.num_experts)) for r in rows.values())
+        self.experts = None if full else {layer: list(r) for layer, r in rows.items()}
 
     def aggregate(self, global_state: State, server_state: dict, replies: list[Reply]):
         msgs = [r.message for r in replies]
@@ -111,6 +105,7 @@ class FlameServer(FedITServer):
 
 class FlameClient(FedITClient):
     personalized = True  # clients evaluate with their own k_i and rescaler
+    private_roles = (Role.RESCALER,)  # a learned s_i stays on the client
 
     @classmethod
     def build(cls, cfg, mm) -> None:
@@ -146,14 +141,10 @@ class FlameClient(FedITClient):
         if fc.rescaler != "learned":
             return {}, {}
         init = self._ratio(client, mm) if fc.rescaler_init == "ratio" else 1.0
-        return {n: torch.tensor(init, dtype=torch.float32) for n in mm.trainable_names() if is_rescaler(n)}, {}
+        return {n: torch.tensor(init, dtype=torch.float32) for n in self.private_names(mm)}, {}
 
-    def model_state(self, client, mm, message, private) -> State:
-        if self.cfg.algorithm.flame.rescaler != "learned":
-            return dict(message.tensors)
-        if client is None:  # the global model: full k, rescaler 1
-            private = {n: torch.tensor(1.0) for n in mm.trainable_names() if is_rescaler(n)}
-        return {**message.tensors, **private}
+    def global_private(self, mm, names) -> State:
+        return {n: torch.tensor(1.0) for n in names}  # the global model: full k, rescaler 1
 
     def configure(self, mm, client, private: Private) -> None:
         variant = self.cfg.algorithm.flame.rescaler
@@ -168,18 +159,16 @@ class FlameClient(FedITClient):
         if fc.rescaler != "learned":
             return base
         scale = 1.0 if fc.rescaler_lr is None else fc.rescaler_lr / self.cfg.train.lr
-        options = {n: {"lr_scale": scale, "weight_decay": 0.0} for n in mm.trainable_names() if is_rescaler(n)}
+        options = {n: {"lr_scale": scale, "weight_decay": 0.0} for n in self.private_names(mm)}
         return Objective(loss_terms=base.loss_terms, grad_correction=base.grad_correction, param_options=options)
 
     def reply(self, client, mm, message, private, result):
-        trained = mm.get_state()
-        tensors = {n: t for n, t in trained.items() if not is_rescaler(n)}
-        tensors[COUNTS], tensors[TOKENS] = result.activation_counts, result.tokens_per_layer
-        new_private = {n: t.clone() for n, t in trained.items() if is_rescaler(n)}
+        reply, new_private, _ = super().reply(client, mm, message, private, result)
+        reply.tensors[COUNTS], reply.tensors[TOKENS] = result.activation_counts, result.tokens_per_layer
         metrics = {}
         if new_private:  # the learned s_i per MoE layer (the names are in layer order), for the report
-            metrics["rescaler_by_layer"] = [float(t) for t in new_private.values()]
-        return Message(tensors=tensors, scalars={N_TRAIN: result.n_train}), new_private, metrics
+            metrics["rescaler_by_layer"] = [float(new_private[n]) for n in self.private_names(mm)]
+        return reply, new_private, metrics
 
 
 METHOD = Method("flame", FlameServer, FlameClient, config=FlameConfig, reads=("fedit",),

@@ -26,14 +26,13 @@ from torch import nn
 from ..configbase import StrictModel
 from ..data.general import general_examples
 from ..data.tokenize import collate_sft
-from ..messages import Message
 from ..moe.arch import MoELayer
-from ..moe.lora import ExpertsWithLoRA, _init_lora_A_, adapter_device, expert_lora_pairs
-from .base import N_TRAIN, Client, Method, State
+from ..moe.inventory import Role, TensorInfo
+from ..moe.lora import ExpertsWithLoRA, _init_lora_A_, adapter_device, expert_lora_pairs, lora_pair_info
+from .base import Client, Method
 from .fedit import FedITServer
 
 GRAFT_INDEX = "graft_index"  # private: the chosen expert ids, (MoE layers, grafts)
-GRAFTED = ".mlp.grafted."  # the grafted modules' parameter names contain this
 
 
 class FlexConfig(StrictModel):
@@ -170,6 +169,24 @@ class GraftedExperts(nn.Module):
                 for prefix in self.pairs:
                     getattr(self, f"{prefix}_lora_B").zero_()
 
+    def describe(self) -> list[TensorInfo]:
+        """The gates (and, in LoRA mode, the cost of running the grafted pretrained FFNs on every token),
+        then the LoRA pairs or the full weights; every tensor stacked over the grafts."""
+        n = self.num_grafts
+        _, two_i, hidden = self.base[0].gate_up_proj.shape
+        ffn = 3 * hidden * (two_i // 2)  # one expert's gate, up and down weights
+        frozen = 0 if self.train_full else n
+        out = [TensorInfo("gate", tuple(self.gate.shape), Role.GATE, stacked=True,
+                          frozen_flops_per_token=2 * ffn * frozen, frozen_params=ffn * frozen)]
+        if self.train_full:
+            return out + [TensorInfo(w, tuple(getattr(self, w).shape), Role.GRAFT, stacked=True)
+                          for w in ("gate_up_proj", "down_proj")]
+        for prefix in self.pairs:
+            A, B = getattr(self, f"{prefix}_lora_A"), getattr(self, f"{prefix}_lora_B")
+            out += lora_pair_info(f"{prefix}_lora_A", f"{prefix}_lora_B", A, B, Role.GRAFT, A.shape[1], self.scaling,
+                                  stacked=True)
+        return out
+
     def _lora(self, a: torch.Tensor, prefix: str, j: int) -> torch.Tensor:
         A, B = getattr(self, f"{prefix}_lora_A")[j], getattr(self, f"{prefix}_lora_B")[j]
         return F.linear(F.linear(a, A), B) * self.scaling
@@ -202,19 +219,13 @@ class GraftedExperts(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ halves
-def is_private(name: str) -> bool:
-    return GRAFTED in name
-
-
 class FlexServer(FedITServer):
     """FedAvg (or a server optimizer) over the shared tensors; the grafts never reach the server."""
-
-    def initial_global(self) -> State:
-        return {n: t.clone() for n, t in self.spec.initial.items() if not is_private(n)}
 
 
 class FlexClient(Client):
     personalized = True
+    private_roles = (Role.GRAFT, Role.GATE)  # the grafted experts stay on the client
 
     @classmethod
     def build(cls, cfg, mm) -> None:
@@ -257,16 +268,9 @@ class FlexClient(Client):
                                   stats=stats)
         for g, experts in zip(grafts, chosen):
             g.init_from(experts)
-        private = {n: t for n, t in mm.get_state().items() if is_private(n)}
+        private = mm.get_state(self.private_names(mm))
         private[GRAFT_INDEX] = torch.tensor(chosen, dtype=torch.long)
         return private, stats
-
-    def model_state(self, client, mm, message, private) -> State:
-        if client is None or not private:  # the global model: grafts off (zeros in their place)
-            grafted = {n: torch.zeros_like(t) for n, t in mm.trainable_parameters().items() if is_private(n)}
-        else:
-            grafted = {n: t for n, t in private.items() if n != GRAFT_INDEX}
-        return {**message.tensors, **grafted}
 
     def configure(self, mm, client, private) -> None:
         grafts = self.grafts(mm)
@@ -277,12 +281,6 @@ class FlexClient(Client):
         for g, experts in zip(grafts, private[GRAFT_INDEX].tolist()):
             g.enabled = True
             g.source.copy_(torch.tensor(experts, dtype=torch.long))
-
-    def reply(self, client, mm, message, private, result):
-        trained = mm.get_state()
-        shared = {n: t for n, t in trained.items() if not is_private(n)}
-        new_private = {**{n: t.clone() for n, t in trained.items() if is_private(n)}, GRAFT_INDEX: private[GRAFT_INDEX]}
-        return Message(tensors=shared, scalars={N_TRAIN: result.n_train}), new_private, {}
 
 
 METHOD = Method(

@@ -20,7 +20,6 @@ model's alpha/r_max on every client (``algorithm.hetlora.scaling``, see HetLoRAC
 from __future__ import annotations
 
 import math
-import re
 import time
 
 from typing import Literal
@@ -30,13 +29,11 @@ from pydantic import Field
 
 from ..configbase import StrictModel
 from ..messages import Message, Reply
+from ..moe.inventory import RANKED_ROLES, Inventory
 from .base import N_TRAIN, Method, Objective, State, sizes, weighted_average
 from .budgets import client_levels
 from .fedit import FedITClient, FedITServer, add_adapters
 from .server_opt import server_update
-
-_PAIR = re.compile(r"^(.*?)(lora_A|lora_B)$")
-
 
 class HetLoRAConfig(StrictModel):
     """HetLoRA's optional local rank self-pruning (Cho et al. 2024, §3.2). Off when prune_lambda = 0.
@@ -61,16 +58,12 @@ def default_rank_levels(rank: int) -> list[int]:
     return [max(1, math.ceil(rank * f - 1e-9)) for f in (1.0, 0.6, 0.4, 0.3)]
 
 
-def lora_pairs(names) -> list[tuple[str, str]]:
-    """(A name, B name) of every adapted weight: ``x.lora_A``/``x.lora_B`` (attention) and
-    ``experts.gate_up_lora_A``/``..._B`` (experts, stacked over experts)."""
-    pairs = []
-    names = set(names)
-    for n in sorted(names):
-        m = _PAIR.match(n)
-        if m and m.group(2) == "lora_A" and (m.group(1) + "lora_B") in names:
-            pairs.append((n, m.group(1) + "lora_B"))
-    return pairs
+def lora_pairs(inventory: Inventory, names=None) -> list[tuple[str, str]]:
+    """(A name, B name) of every LoRA pair at the client's rank (attention, expert and router LoRA: the
+    adapters built at r_max), from the model's inventory; ``names``: only pairs among these."""
+    keep = None if names is None else set(names)
+    return sorted((t.name, t.partner) for t in inventory if t.factor == "A" and t.role in RANKED_ROLES
+                  and (keep is None or (t.name in keep and t.partner in keep)))  # by name: a fixed summation order
 
 
 def truncate_rank(A: torch.Tensor, B: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +138,7 @@ class RankServer(_RankBudgets, FedITServer):
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
-        self.pairs = lora_pairs(spec.initial)
+        self.pairs = lora_pairs(spec.inventory)
 
     def downlink(self, global_state, server_state, client) -> Message:
         """The global adapters truncated to the client's budget rank."""
@@ -209,7 +202,9 @@ class HetLoRAClient(RankClient):
     its model truncates the received adapters to it, and its reply carries it. Scaling: alpha/r_max on
     every client by default (``algorithm.hetlora.scaling``)."""
 
-    pairs = staticmethod(lora_pairs)
+    @staticmethod
+    def pairs_of(mm, names=None) -> list[tuple[str, str]]:
+        return lora_pairs(mm.inventory(), names)
 
     def configure(self, mm, client, private) -> None:
         if self.cfg.algorithm.hetlora.scaling == "per_rank":
@@ -230,7 +225,7 @@ class HetLoRAClient(RankClient):
         r = self.rank(client, private)
         out = dict(message.tensors)
         if client is not None and r < self.budget_rank(client):
-            for a, b in self.pairs(out):
+            for a, b in self.pairs_of(mm, out):
                 out[a], out[b] = truncate_rank(out[a], out[b], r)
         return out
 
@@ -239,14 +234,14 @@ class HetLoRAClient(RankClient):
         if not self.pruning:
             return base
         hc = self.cfg.algorithm.hetlora
-        term = pruning_term(self.pairs(mm.trainable_names()), private["rank"], hc.prune_lambda, hc.prune_gamma)
+        term = pruning_term(self.pairs_of(mm), private["rank"], hc.prune_lambda, hc.prune_gamma)
         return Objective(loss_terms=[*base.loss_terms, term], grad_correction=base.grad_correction)
 
     def reply(self, client, mm, message, private, result):
         if not self.pruning:
             return super().reply(client, mm, message, private, result)
         trained = mm.get_state()
-        sent, private = prune(self.pairs(trained), trained, private, self.cfg.algorithm.hetlora.prune_gamma)
+        sent, private = prune(self.pairs_of(mm, trained), trained, private, self.cfg.algorithm.hetlora.prune_gamma)
         r = private["rank"]
         return Message(tensors=sent, scalars={N_TRAIN: result.n_train, "rank": r}), private, {"pruned_rank": r}
 

@@ -211,11 +211,10 @@ class Federation:
         noise, the number of sampled clients as the denominator); a result that is not finite is not applied."""
         conflict = {}
         if self.cfg.eval.update_conflict:
-            from ..algorithms.experts import expert_layers
             from .conflict import update_conflict
 
-            conflict = update_conflict(self.global_state, [r.message.tensors for r in replies],
-                                       expert_layers(self.global_state, self.spec.decoder_to_moe))
+            layer_of = {n: layer for n, layer in self.spec.inventory.expert_layers().items() if n in self.global_state}
+            conflict = update_conflict(self.global_state, [r.message.tensors for r in replies], layer_of)
         if self.cfg.federation.dp is None:
             new, server_state, metrics = self.server.aggregate(self.global_state, self.server_state, replies)
         else:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..eval import count_flops, paired_bootstrap
+from ..eval import paired_bootstrap
 from ..report import build_summary
 from ..seeds import Stream, derive_seed
 
@@ -131,21 +131,19 @@ def label_groups(cfg) -> dict | None:
 def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, zero_shot: dict | None,
                 wall_s: float, extra: dict) -> dict:
     """summary.json of a finished run (``spec``: the server's view of the model)."""
-    lc = cfg.lora
     metric = "accuracy" if cfg.eval.task == "choice" else "rouge_l"
     clients = []
     for cid in sorted(records):
         r = records[cid]
         k, rank = r.profile["k"], r.profile["rank"]
-        fl = count_flops(spec.config, cfg.eval.flops_seq_len, k=k, lora_rank=rank, expert_lora=lc.experts,
-                         attention_lora_targets=lc.attention_targets, expert_lora_targets=tuple(lc.expert_targets),
-                         expert_lora_layout=lc.expert_layout, router_lora=lc.router)
+        fl = spec.counts(k, rank, cfg.eval.flops_seq_len)  # from the tensors the method built
         clients.append({
             "id": cid, "k": k, "rank": rank,
             "n_train": r.data["n_train"], "rouge_l": r.last_eval.get("rouge_l"), "accuracy": r.last_eval.get("accuracy"),
             "loss": r.last_eval.get("loss"),
             "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "flops_per_seq": fl["flops_per_seq"],
             "active_params": fl["active_params"], "active_trainable": fl["active_trainable"],
+            "total_trainable": fl["total_trainable"],
             "perplexity": r.last_eval.get("perplexity"), "rounds_trained": r.rounds_trained,
             "evaluated_round": r.evaluated_round,
             "general_perplexity": r.last_eval.get("general_perplexity"), "mmlu": r.last_eval.get("mmlu"),

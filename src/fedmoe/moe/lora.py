@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inventory import Role, TensorInfo
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
@@ -65,6 +66,13 @@ def expert_lora_pairs(layout: str, targets, hidden: int, inter: int) -> list[tup
     return pairs
 
 
+def lora_pair_info(a_name: str, b_name: str, A: torch.Tensor, B: torch.Tensor, role: Role, rank: int,
+                   scaling: float, **kw) -> list[TensorInfo]:
+    """The two :class:`TensorInfo` of a LoRA pair (names relative to their module)."""
+    return [TensorInfo(a_name, tuple(A.shape), role, factor="A", partner=b_name, rank=rank, scaling=scaling, **kw),
+            TensorInfo(b_name, tuple(B.shape), role, factor="B", partner=a_name, rank=rank, scaling=scaling, **kw)]
+
+
 class LoRALinear(nn.Module):
     """nn.Linear + LoRA; the base layer stays frozen and shared."""
 
@@ -87,6 +95,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return self.base(x) + lora * self.scaling
+
+    def describe(self) -> list[TensorInfo]:
+        return lora_pair_info("lora_A", "lora_B", self.lora_A, self.lora_B, Role.ATTENTION, self.rank, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling · B A (out, in), in float32: what merging adds to the base weight."""
@@ -137,6 +148,9 @@ class RouterWithLoRA(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor):
         return torch.func.functional_call(self.base, {"weight": self.weight}, (hidden_states,))
+
+    def describe(self) -> list[TensorInfo]:
+        return lora_pair_info("lora_A", "lora_B", self.lora_A, self.lora_B, Role.ROUTER, self.rank, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling · B A (E, H), in float32."""
@@ -246,6 +260,19 @@ class ExpertsWithLoRA(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.output_scale: nn.Parameter | None = None
         self.grouped = True  # use grouped_mm where torch has it (set False for the per-expert loop)
+
+    def describe(self) -> list[TensorInfo]:
+        """Each LoRA pair (stacked over the experts it adapts: ``rows`` are their ids) and the output scale."""
+        rows = tuple(range(self.num_experts)) if self.lora_experts is None else tuple(self.lora_experts)
+        out = []
+        hidden, inter = self.base.gate_up_proj.shape[2], self.base.down_proj.shape[2]
+        for prefix, _, _ in expert_lora_pairs(self.layout, self.targets, hidden, inter):
+            out += lora_pair_info(f"{prefix}_lora_A", f"{prefix}_lora_B", getattr(self, f"{prefix}_lora_A"),
+                                  getattr(self, f"{prefix}_lora_B"), Role.EXPERT, self.rank, self.scaling,
+                                  stacked=True, rows=rows)
+        if self.output_scale is not None:
+            out.append(TensorInfo("output_scale", tuple(self.output_scale.shape), Role.RESCALER))
+        return out
 
     # transformers code may read these attributes from the experts module
     @property

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .arch import MoELayer, UnsupportedModelError, find_moe_layers, model_type_of
+from .inventory import Inventory, Role, TensorInfo
 from .lora import ActivationTracker, ExpertsWithLoRA, LoRALinear, RouterWithLoRA, adapter_device
 
 BUILTIN_PREFIX = "builtin:"
@@ -360,6 +361,38 @@ class MoEModel:
 
     def trainable_names(self) -> list[str]:
         return list(self.trainable_parameters())
+
+    def inventory(self, private_roles=()) -> Inventory:
+        """The typed inventory of the trainable tensors, in parameter order: each tensor as the module
+        that created it describes it (``describe()``), with its decoder and MoE layer; a trainable no
+        module describes is :attr:`Role.OTHER`. ``private_roles``: the roles the method keeps private."""
+        from dataclasses import replace
+
+        from .arch import decoder_layers
+
+        decoder_of, moe_of = {}, {}
+        for i, layer in enumerate(decoder_layers(self.model)):
+            for m in layer.modules():
+                decoder_of[id(m)] = i
+        for layer in self.layers:
+            for m in layer.block.modules():
+                moe_of[id(m)] = layer.index
+        described: dict[str, TensorInfo] = {}
+        for mname, mod in self.model.named_modules():
+            describe = getattr(mod, "describe", None)
+            if describe is None:
+                continue
+            prefix = f"{mname}." if mname else ""
+            for info in describe():
+                described[prefix + info.name] = replace(
+                    info, name=prefix + info.name, partner=None if info.partner is None else prefix + info.partner,
+                    decoder_layer=decoder_of.get(id(mod)), moe_layer=moe_of.get(id(mod)))
+        roles = frozenset(private_roles)
+        out = {}
+        for n, p in self.trainable_parameters().items():
+            info = described.get(n) or TensorInfo(n, tuple(p.shape), Role.OTHER)
+            out[n] = replace(info, private=info.role in roles)
+        return Inventory(out)
 
     def get_state(self, names=None) -> dict[str, torch.Tensor]:
         """A detached CPU copy of the trainable tensors (or of the named ones)."""
