@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from fedmoe.eval import format_change
-from fedmoe.report.rundir import loads  # non-finite numbers ("NaN", "Infinity") read back as floats
+from fedmoe.rundir import loads  # non-finite numbers ("NaN", "Infinity") read back as floats
 from fedmoe.federation.sweep import bytes_per_round, personal_or_global
 
 

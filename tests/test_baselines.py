@@ -28,7 +28,7 @@ def _flame_step(*sets):
     mm = MoEModel.from_config(tiny_config("olmoe"))
     server, client, _ = built(METHODS["flame"], cfg, mm)
     private, _ = client.setup(0, mm, EXAMPLES)
-    down = server.downlink(server.initial_global(), {}, 0)
+    down = server.downlink(server.initial_global(), {}, 0, round_idx=1)
     client.load(mm, 0, down, private)
     before = mm.get_state()
     train_local(mm, EXAMPLES, cfg.train, pad_id=0, lr=cfg.train.lr, seed=0,

@@ -173,6 +173,13 @@ def test_flops_of_a_run_config_as_the_readme_shows(tmp_path):
                            attention_lora_targets=lc.attention_targets, expert_lora_layout=lc.expert_layout,
                            router_lora=lc.router)
         assert row["flops_per_seq"] == want["flops_per_seq"] and row["total_trainable"] == want["total_trainable"]
+    # FLEx at its defaults: its attention LoRA and grafts (the hand count of tests/test_inventory.py), not the
+    # expert LoRA a config-only count would assume
+    flex = tmp_path / "flex.yaml"
+    flex.write_text("model: {name: 'builtin:tiny-olmoe'}\nalgorithm: {name: flex}\n")
+    r = fedmoe("flops", flex, "--json", "--k", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [(row["k"], row["total_trainable"], row["active_trainable"]) for row in json.loads(r.stdout)] == [(2, 66_048, 66_048)]
     # an option given overrides the config's value; the table names the config's model
     r = fedmoe("flops", default, "--lora-rank", "0", "--k", "4", cwd=tmp_path)
     assert r.returncode == 0 and f"{default}: builtin:tiny-moe (olmoe)" in r.stdout and "no LoRA" in r.stdout

@@ -15,9 +15,7 @@ from fedmoe.data import (  # noqa: E402
     IGNORE_INDEX,
     DataError,
     Example,
-    SFTDataset,
     category_histogram,
-    collate_prompts,
     collate_sft,
     format_histogram_table,
     format_prompt,
@@ -235,29 +233,20 @@ def test_tokenize_prompt_left_truncates(tok):
     assert tok.decode(cut).endswith("### Response:\n")
 
 
-def test_sft_dataset_and_collate(tok):
-    ds = SFTDataset([WITH_INPUT, NO_INPUT], tok, max_length=128)
-    assert len(ds) == 2
-    assert ds[1] == tokenize_example(tok, NO_INPUT, 128)
-    batch = collate_sft([ds[0], ds[1]], pad_id=1)
-    n0, n1 = len(ds[0]["input_ids"]), len(ds[1]["input_ids"])
+def test_tokenize_and_collate(tok):
+    items = [tokenize_example(tok, ex, 128) for ex in (WITH_INPUT, NO_INPUT)]
+    batch = collate_sft(items, pad_id=1)
+    n0, n1 = len(items[0]["input_ids"]), len(items[1]["input_ids"])
     assert n0 > n1
     assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (2, n0)
     assert batch["input_ids"][1, n1:].tolist() == [1] * (n0 - n1)
     assert batch["attention_mask"].tolist() == [[1] * n0, [1] * n1 + [0] * (n0 - n1)]
-    assert batch["labels"][1].tolist() == ds[1]["labels"] + [IGNORE_INDEX] * (n0 - n1)
+    assert batch["labels"][1].tolist() == items[1]["labels"] + [IGNORE_INDEX] * (n0 - n1)
 
     small = collate_sft([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
     assert small["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert small["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert small["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-
-
-def test_collate_prompts_left_pads():
-    out = collate_prompts([[5, 6, 7], [8], [9, 10]], pad_id=1)
-    assert out["input_ids"].dtype == torch.long
-    assert out["input_ids"].tolist() == [[5, 6, 7], [1, 1, 8], [1, 9, 10]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedmoe.eval import evaluate_loss, greedy_generate, rouge_l, rouge_l_per_example, state_bytes, tensor_bytes
+from fedmoe.eval import evaluate_loss, greedy_generate, rouge_l, rouge_l_per_example
 from fedmoe.eval.generate import left_pad
 from fedmoe.report import RunDir, atomic_write_text, build_summary, format_results_table, human_bytes, write_report
 
@@ -176,18 +176,6 @@ def test_evaluate_loss_no_labelled_tokens(tiny_model):
     ids = torch.randint(1, VOCAB, (1, 5))
     out = evaluate_loss(tiny_model, [{"input_ids": ids, "labels": torch.full_like(ids, -100)}], "cpu")
     assert out == {"loss": None, "perplexity": None, "tokens": 0}
-
-
-# ---------------------------------------------------------------------------------------------
-# communication bytes
-
-
-def test_state_bytes_exact():
-    assert tensor_bytes(torch.zeros(3, 5)) == 60
-    assert tensor_bytes(torch.zeros(3, 5, dtype=torch.bfloat16)) == 30
-    state = {"a": torch.zeros(4, 8), "b": torch.zeros(16, dtype=torch.bfloat16), "c": torch.zeros(2, dtype=torch.int64)}
-    assert state_bytes(state) == 4 * 8 * 4 + 16 * 2 + 2 * 8
-    assert state_bytes({}) == 0
 
 
 # ---------------------------------------------------------------------------------------------

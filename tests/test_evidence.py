@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedmoe.federation.sweep import run_sweep
-from fedmoe.report.rundir import loads
+from fedmoe.rundir import loads
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["federation.rounds=1", "train.max_steps=1", "data.max_examples=300", "data.max_test_per_client=4",

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from fedmoe.config import load_config
-from fedmoe.export import ExportError, export_model, load_run_model
+from fedmoe.export import ExportError, export_model, load_model, load_run_model
 from fedmoe.federation import run_federated
 from fedmoe.moe import MoEModel
+from fedmoe.moe.model import ModelLoadError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,7 +80,7 @@ def test_merged_model_gives_the_logits_of_a_flame_client(runs, tmp_path):
     torch.testing.assert_close(_logits(merged), ours, rtol=0, atol=2e-4)
     assert (tmp_path / "m" / "tokenizer.json").is_file()
     # and the fedmoe folder restores it exactly
-    back = MoEModel.from_pretrained(str(tmp_path / "p"))
+    back = load_model(str(tmp_path / "p"))
     assert back.top_k == 1
     torch.testing.assert_close(_logits(back.model), ours, rtol=0, atol=0)
 
@@ -89,7 +90,9 @@ def test_flex_client_is_a_fedmoe_folder_restored_exactly(runs, tmp_path):
                         "--client", "0", "--merged"], capture_output=True, text=True, env=_env())
     assert r.returncode == 0, r.stderr
     assert "fedmoe model folder" in r.stdout and "grafted experts" in r.stdout  # which form, and why
-    back = MoEModel.from_pretrained(str(tmp_path / "x"))
+    back = load_model(str(tmp_path / "x"))
+    with pytest.raises(ModelLoadError, match="fedmoe export folder.*fedmoe.export.load_model"):
+        MoEModel.from_pretrained(str(tmp_path / "x"))  # the model class loads models, and says where exports go
     _, ours = _ours(runs["flex"], 0)
     torch.testing.assert_close(_logits(back.model), ours, rtol=0, atol=0)
     _, other = _ours(runs["flex"], 1)

@@ -89,10 +89,10 @@ def test_uniform_importance_no_projection_no_retention_is_fedit_exactly():
                                            "algorithm.fcmoe.retention=0")
     g = server.initial_global()
     replies = _replies(g, [3, 5, 2])
-    new, ss, _ = server.aggregate(g, server.initial_server_state(g), replies)
+    new, ss, _ = server.aggregate(g, server.initial_server_state(g), replies, round_idx=1)
     fedit = METHODS["fedit"].server(cfg, spec)
     want, _, _ = fedit.aggregate(g, {}, [reply(r.client, {k: r.message.tensors[k] for k in g}, r.message.scalars["n_train"])
-                                         for r in replies])
+                                         for r in replies], round_idx=1)
     assert set(new) == set(want) and all(torch.equal(new[k], want[k]) for k in want)
     assert ss["residuals"] == {}
 
@@ -101,14 +101,15 @@ def test_the_residual_goes_to_its_client_once_and_is_re_applied_with_lambda():
     cfg, mm, server, client, _ = _setup("algorithm.fcmoe.retention=0.5")
     g = server.initial_global()
     ss = server.initial_server_state(g)
-    g2, ss, stats = server.aggregate(g, ss, _replies(g, [3, 5, 2], flip=2))
+    g2, ss, stats = server.aggregate(g, ss, _replies(g, [3, 5, 2], flip=2), round_idx=1)
     assert stats["projected_fraction"] > 0 and len(stats["mean_cosine_by_layer"]) == 2
+    assert ss["residuals"][2][0] == 1  # tagged with the round it comes from (a client keeps the newest)
     res = ss["residuals"][2][1]
     assert res  # client 2 went against the consensus: it has a residual
-    down = {cid: server.downlink(g2, ss, cid) for cid in range(3)}
+    down = {cid: server.downlink(g2, ss, cid, round_idx=1) for cid in range(3)}
     assert {n[len(RESIDUAL):] for n in down[2].tensors if n.startswith(RESIDUAL)} == set(res)
     assert down[2].nbytes() > down[0].nbytes()  # the residual costs downlink bytes, counted
-    assert not any(n.startswith(RESIDUAL) for n in server.downlink(g2, ss, None).tensors)  # not in the global model
+    assert not any(n.startswith(RESIDUAL) for n in server.downlink(g2, ss, None, round_idx=1).tensors)  # not global
     private = client.setup(2, mm, [])[0]
     mine = client.model_state(2, mm, down[2], private)
     for n, t in g2.items():
@@ -126,11 +127,11 @@ def test_the_residual_goes_to_its_client_once_and_is_re_applied_with_lambda():
     mm.load_state(mine)
     from fedmoe.train import LocalResult
 
-    result = LocalResult(0.0, 1, 1, 1, torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, dtype=torch.long), 10, 0.1)
+    result = LocalResult(0.0, 1, 1, torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, dtype=torch.long), 10, 0.1)
     up, private, _ = client.reply(2, mm, down[2], private, result)
     assert not any(n.startswith(RESIDUAL) for n in up.tensors)  # never goes up
     assert set(private["residual"]) == set(res)
-    plain = server.downlink(g2, {"residuals": {}}, 2)
+    plain = server.downlink(g2, {"residuals": {}}, 2, round_idx=1)
     again = client.model_state(2, mm, plain, private)
     assert all(torch.equal(again[n], mine[n]) for n in mine)
 
@@ -154,3 +155,19 @@ def test_fcmoe_run_sends_no_residual_up_and_reports_conflicts(tmp_path):
         r["projected_fraction"] == 0 for r in server_rows)
     report = rd.report_path.read_text()
     assert "mean_cosine_by_layer" in report and "projected_fraction" in report
+
+
+def test_the_dense_space_is_the_scaled_product_of_each_pair():
+    """space: dense compares updates as s·B·A of each adapted weight (the pairs and α/r from the inventory),
+    expert row by expert row; without the pairs it refuses rather than guess them from the names."""
+    from fedmoe.algorithms.fcmoe import _dense
+
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(3, 2, 4, generator=g), torch.randn(3, 5, 2, generator=g)  # 3 experts, rank 2
+    state = {"x.lora_A": A, "x.lora_B": B, "y": torch.randn(7, generator=g)}
+    members = [("x.lora_A", 1), ("x.lora_B", 1)]
+    got = _dense(state, members, {"x.lora_A": ("x.lora_B", 4.0)})
+    torch.testing.assert_close(got, (4.0 * B[1].double() @ A[1].double()).reshape(-1))
+    assert _dense(state, [("y", None)], {"x.lora_A": ("x.lora_B", 4.0)}).numel() == 0  # not a pair: no dense part
+    with pytest.raises(ValueError, match="dense space needs the LoRA pairs"):
+        conflict_aware_average(state, [state], [1.0], [{}], {}, FCMoEConfig(space="dense"))

@@ -23,7 +23,7 @@ def test_fedit_averages_A_and_B_separately_by_n():
     server = METHODS["fedit"].server(RunConfig(), ModelSpec(None, g, 0, 0, {}))
     p1 = reply(0, {"a": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([1.0, 0.0])}, n=1)
     p2 = reply(1, {"a": torch.tensor([[5.0, 6.0], [7.0, 8.0]]), "b": torch.tensor([0.0, 4.0])}, n=3)
-    new, _, _ = server.aggregate(g, {}, [p1, p2])
+    new, _, _ = server.aggregate(g, {}, [p1, p2], round_idx=1)
     # p = (1/4, 3/4)
     assert torch.allclose(new["a"], torch.tensor([[4.0, 5.0], [6.0, 7.0]]))
     assert torch.allclose(new["b"], torch.tensor([0.25, 3.0]))

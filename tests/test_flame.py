@@ -87,15 +87,15 @@ def test_flame_aggregate_with_t0_equals_fedit_on_a_real_model():
     gen = torch.Generator().manual_seed(1)
     replies = []
     for cid, n in ((0, 3), (1, 5)):
-        t = {k: torch.randn_like(v) for k, v in server.downlink(g, {}, cid).tensors.items()}
+        t = {k: torch.randn_like(v) for k, v in server.downlink(g, {}, cid, round_idx=1).tensors.items()}
         # 40 tokens per layer, k = 2; client 0's layer 0 never used expert 3 (it still averages at t = 0)
         counts = torch.stack([_routed_counts(gen, 40, 2, 8, never=(3,) if cid == 0 and layer == 0 else ())
                               for layer in range(2)])
         replies.append(reply(cid, {**t, COUNTS: counts, TOKENS: torch.tensor([40, 40])}, n))
-    new_flame, _, _ = server.aggregate(g, {}, replies)
+    new_flame, _, _ = server.aggregate(g, {}, replies, round_idx=1)
     plain = [reply(r.client, {k: v for k, v in r.message.tensors.items() if k in g}, r.message.scalars["n_train"])
              for r in replies]
-    new_fedit, _, _ = fedit.aggregate(g, {}, plain)
+    new_fedit, _, _ = fedit.aggregate(g, {}, plain, round_idx=1)
     assert set(new_flame) == set(new_fedit) == set(g)
     for k, v in new_fedit.items():
         torch.testing.assert_close(new_flame[k], v, rtol=0, atol=1e-6)
@@ -132,7 +132,7 @@ def test_flame_weights_experts_by_moe_layer_when_the_first_decoder_layer_is_dens
         per_client.append((t, counts, tokens, n))
         replies.append(reply(cid, {**t, COUNTS: counts, TOKENS: tokens}, n))
     assert not torch.equal(per_client[0][1][0], per_client[0][1][1])  # the two layers routed differently
-    new, _, _ = server.aggregate(g, {}, replies)
+    new, _, _ = server.aggregate(g, {}, replies, round_idx=1)
     for name, value in g.items():
         if name not in experts:  # attention LoRA: plain n-weighted average
             expected = sum(t[name].double() * n for t, _, _, n in per_client) / 7

@@ -68,7 +68,7 @@ def test_flex_server_averages_the_shared_lora_by_n():
     consts = {name: float(i + 1) for i, name in enumerate(g)}
     replies = [reply(0, {k: torch.full_like(v, 1.0 * consts[k]) for k, v in g.items()}, 1),
                reply(1, {k: torch.full_like(v, 5.0 * consts[k]) for k, v in g.items()}, 3)]
-    new, _, _ = server.aggregate(g, {}, replies)
+    new, _, _ = server.aggregate(g, {}, replies, round_idx=1)
     assert set(new) == set(g)
     for k, v in new.items():  # (1·1 + 3·5) / 4 = 4
         torch.testing.assert_close(v, torch.full_like(v, 4.0 * consts[k]), rtol=1e-6, atol=0)

@@ -96,7 +96,8 @@ def _client_model(name, cfg, cid, summary_client):
     mm = _tiny()
     server, client, spec = built(METHODS[name], cfg, mm)
     private, _ = client.setup(cid, mm, EXAMPLES)
-    message = server.downlink(server.initial_global(), server.initial_server_state(server.initial_global()), cid)
+    g = server.initial_global()
+    message = server.downlink(g, server.initial_server_state(g), cid, round_idx=1)
     client.load(mm, cid, message, private)
     assert mm.top_k == summary_client["k"]
     return mm, client, spec, message, private

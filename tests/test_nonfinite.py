@@ -16,7 +16,7 @@ from fedmoe.federation.clients import ClientNode
 from fedmoe.federation.runtime import RoundFailed
 from fedmoe.federation.summary import EXIT_NONFINITE, loss_verdict, model_health
 from fedmoe.report import RunDir, write_report
-from fedmoe.report.rundir import dumps, loads, to_jsonable
+from fedmoe.rundir import dumps, loads, to_jsonable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -72,21 +72,22 @@ def test_hetlora_weights_by_update_norm_by_hand():
     A2, B2 = torch.zeros(4, 3), torch.zeros(2, 4)
     A2[1, 1], B2[1, 1] = 1.0, 1.0  # rank-2 client, ‖B2 A2‖ = 1
     p = [reply(0, {PAIR[0]: A1, PAIR[1]: B1}, 10), reply(1, {PAIR[0]: A2, PAIR[1]: B2}, 10)]
-    new, _, metrics = server.aggregate(server.initial_global(), {}, p)
+    new, _, metrics = server.aggregate(server.initial_global(), {}, p, round_idx=1)
     assert metrics["norm_weights"] == pytest.approx([0.75, 0.25])
     torch.testing.assert_close(new[PAIR[0]], 0.75 * A1 + 0.25 * A2)
     torch.testing.assert_close(new[PAIR[1]], 0.75 * B1 + 0.25 * B2)
     # the rank-2 client receives the first 2 components only
-    down = server.downlink(new, {}, 1).tensors
+    down = server.downlink(new, {}, 1, round_idx=1).tensors
     assert down[PAIR[0]][2:].abs().sum() == 0 and down[PAIR[1]][:, 2:].abs().sum() == 0
-    assert torch.equal(server.downlink(new, {}, 0).tensors[PAIR[0]], new[PAIR[0]])
+    assert torch.equal(server.downlink(new, {}, 0, round_idx=1).tensors[PAIR[0]], new[PAIR[0]])
 
 
 def test_hetlora_takes_a_server_optimizer_flexlora_refuses_it():
     server = _server("hetlora", **{"algorithm.server_optimizer.name": "fedavgm", "algorithm.server_optimizer.lr": 0.5,
                                    "algorithm.server_optimizer.momentum": 0.0})
     A, B = torch.ones(4, 3), torch.ones(2, 4)
-    new, ss, _ = server.aggregate(server.initial_global(), {}, [reply(0, {PAIR[0]: A, PAIR[1]: B}, 1)])
+    new, ss, _ = server.aggregate(server.initial_global(), {}, [reply(0, {PAIR[0]: A, PAIR[1]: B}, 1)],
+                                  round_idx=1)
     torch.testing.assert_close(new[PAIR[0]], 0.5 * A)  # θ + η·Δ with Δ = A − 0
     assert "m" in ss
     from fedmoe.config import ConfigError
@@ -103,10 +104,10 @@ def test_flexlora_is_exact_when_every_client_has_full_rank():
     s = 8 / 3
     W_g = sum(w * s * (p.message.tensors[PAIR[1]].double() @ p.message.tensors[PAIR[0]].double())
               for w, p in zip((0.25, 0.75), payloads))
-    new, _, metrics = server.aggregate(server.initial_global(), {}, payloads)
-    assert metrics["svd_s"] >= 0
+    new, ss, metrics = server.aggregate(server.initial_global(), {}, payloads, round_idx=1)
+    assert metrics["svd_s"] >= 0 and ss == {"factored": True}  # the server knows its state is factored
     for cid in (0, 1):
-        d = server.downlink(new, {}, cid).tensors
+        d = server.downlink(new, ss, cid, round_idx=1).tensors
         torch.testing.assert_close((s * d[PAIR[1]].double() @ d[PAIR[0]].double()), W_g, rtol=0, atol=1e-5)
 
 
@@ -115,18 +116,23 @@ def test_flexlora_low_rank_client_gets_the_best_approximation():
     g = torch.Generator().manual_seed(2)
     payloads = [reply(i, {PAIR[0]: torch.randn(4, 6, generator=g), PAIR[1]: torch.randn(5, 4, generator=g)}, 1)
                 for i in (0, 1)]
-    new, _, _ = server.aggregate(server.initial_global(), {}, payloads)
+    new, ss, _ = server.aggregate(server.initial_global(), {}, payloads, round_idx=1)
     t = [p.message.tensors for p in payloads]
     W = 0.5 * (8 / 4) * t[0][PAIR[1]].double() @ t[0][PAIR[0]].double() \
         + 0.5 * (8 / 2) * t[1][PAIR[1]].double() @ t[1][PAIR[0]].double()
     U, S, Vh = torch.linalg.svd(W)
     best2 = U[:, :2] @ torch.diag(S[:2]) @ Vh[:2]
-    d = server.downlink(new, {}, 1).tensors
+    d = server.downlink(new, ss, 1, round_idx=1).tensors
     torch.testing.assert_close((8 / 2) * d[PAIR[1]].double() @ d[PAIR[0]].double(), best2, rtol=0, atol=1e-5)
     # the downlink is a function of the global state: computed again it is the same, the state untouched
     before = {n: v.clone() for n, v in new.items()}
-    again = server.downlink(new, {}, 1).tensors
+    again = server.downlink(new, ss, 1, round_idx=1).tensors
     assert all(torch.equal(again[n], d[n]) for n in d) and all(torch.equal(new[n], before[n]) for n in new)
+    # before any aggregation (the server's own state says so) a client gets the common adapters truncated to
+    # its rank, not re-factorised and rescaled by r_i
+    first = server.downlink(new, server.initial_server_state(new), 1, round_idx=1).tensors
+    assert torch.equal(first[PAIR[0]][:2], new[PAIR[0]][:2]) and first[PAIR[0]][2:].abs().sum() == 0
+    assert torch.equal(first[PAIR[1]][:, :2], new[PAIR[1]][:, :2]) and not torch.equal(first[PAIR[1]], d[PAIR[1]])
 
 
 def test_low_rank_client_components_stay_zero_while_training():
@@ -137,7 +143,7 @@ def test_low_rank_client_components_stay_zero_while_training():
     server, client, _ = built(METHODS["hetlora"], cfg, mm)
     g = server.initial_global()
     g = {n: (torch.randn_like(t) if "lora_B" in n else t) for n, t in g.items()}
-    down = server.downlink(g, {}, 1)
+    down = server.downlink(g, {}, 1, round_idx=1)
     client.load(mm, 1, down, {})
     from fedmoe.moe import ExpertsWithLoRA, LoRALinear
 
@@ -257,8 +263,8 @@ def test_lora_scaling_of_a_low_rank_client(method, scaling, want):
     gen = torch.Generator().manual_seed(0)
     g = {n: torch.randn(t.shape, generator=gen) for n, t in server.initial_global().items()}
     if method == "trivial":
-        g = {n: t for n, t in server.downlink(g, {}, 1).tensors.items()}  # everyone at the smallest rank
-    client.load(mm, 1, Message(tensors=server.downlink(g, {}, 1).tensors), {})
+        g = dict(server.downlink(g, {}, 1, round_idx=1).tensors)  # everyone at the smallest rank
+    client.load(mm, 1, Message(tensors=server.downlink(g, {}, 1, round_idx=1).tensors), {})
     lin = next(m for m in mm.model.modules() if isinstance(m, LoRALinear))
     x = torch.randn(3, lin.lora_A.shape[1], generator=gen)
     got = lin(x) - lin.base(x)

@@ -27,7 +27,7 @@ def _setup(*sets):
 
 
 def _result(steps, lr, n=10):
-    return LocalResult(loss=0.0, steps=steps, examples_seen=0, tokens=0, activation_counts=torch.zeros(2, 8),
+    return LocalResult(loss=0.0, steps=steps, tokens=0, activation_counts=torch.zeros(2, 8),
                        tokens_per_layer=torch.zeros(2), n_train=n, lr=lr)
 
 
@@ -35,7 +35,7 @@ def test_control_variates_by_formula():
     cfg, mm, server, client = _setup("algorithm.scaffold.control=option2", "train.optimizer=sgd")
     g = server.initial_global()
     ss = server.initial_server_state(g)
-    down = server.downlink(g, ss, 0)
+    down = server.downlink(g, ss, 0, round_idx=1)
     model_bytes = sum(t.numel() * t.element_size() for t in g.values())
     assert down.nbytes() == 2 * model_bytes  # x and c
     assert all(torch.equal(down.tensors[C + n], torch.zeros_like(t)) for n, t in g.items())  # c starts at 0
@@ -43,7 +43,7 @@ def test_control_variates_by_formula():
     rnd = lambda t: torch.randn(t.shape, generator=gen)  # noqa: E731
     c = {n: rnd(t) for n, t in g.items()}
     ss = {"c": c}
-    down = server.downlink(g, ss, 0)
+    down = server.downlink(g, ss, 0, round_idx=1)
     private = {"c_i": {n: rnd(t) for n, t in g.items()}}
     corr = client.objective(0, mm, down, private).grad_correction
     for n in g:
@@ -61,7 +61,7 @@ def test_control_variates_by_formula():
     y2 = {n: rnd(t) for n, t in g.items()}
     dc2 = {n: rnd(t) for n, t in g.items()}
     other = reply(1, {**y2, **{DC + n: t for n, t in dc2.items()}}, 30)
-    new_g, new_ss, _ = server.aggregate(g, ss, [Reply(0, msg), other])
+    new_g, new_ss, _ = server.aggregate(g, ss, [Reply(0, msg), other], round_idx=1)
     for n in g:
         torch.testing.assert_close(new_g[n], 0.25 * y[n] + 0.75 * y2[n], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(new_ss["c"][n], c[n] + (msg.tensors[DC + n] + dc2[n]) / 4, rtol=1e-6, atol=1e-6)
@@ -74,7 +74,7 @@ def test_server_control_survives_a_server_optimizer():
     dc = {n: torch.ones_like(t) for n, t in g.items()}
     for _ in range(2):
         r = reply(0, {**{n: t + 1 for n, t in g.items()}, **{DC + n: t for n, t in dc.items()}}, 5)
-        g, ss, _ = server.aggregate(g, ss, [r])
+        g, ss, _ = server.aggregate(g, ss, [r], round_idx=1)
     assert set(ss) == {"c", "m", "v"}
     assert all(torch.allclose(ss["c"][n], torch.full_like(t, 0.5)) for n, t in g.items())  # 2 rounds x 1/4
 
@@ -132,7 +132,7 @@ def test_mean_gradient_control_is_option_two_under_sgd():
         cfg, mm, server, client = _setup(f"algorithm.scaffold.control={control}", *sgd)
         g = server.initial_global()
         g = {n: t + 0.01 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) for n, t in g.items()}
-        down = server.downlink(g, {"c": _nonzero_control(g, 1e-3)}, 0)  # a correction that is not zero
+        down = server.downlink(g, {"c": _nonzero_control(g, 1e-3)}, 0, round_idx=1)  # a non-zero correction
         private = {"c_i": _nonzero_control(g, 2e-3)}
         msg, new_private, _ = _train_round(client, mm, down, private, lr=0.05)
         out[control] = new_private["c_i"]
@@ -147,7 +147,7 @@ def test_control_is_gradient_sized_under_adamw():
     cfg, mm, server, client = _setup("train.max_steps=5", "train.batch_size=4", "train.grad_clip=null")
     g = server.initial_global()
     g = {n: t + 0.01 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) for n, t in g.items()}
-    down = server.downlink(g, server.initial_server_state(g), 0)
+    down = server.downlink(g, server.initial_server_state(g), 0, round_idx=1)
     private = {"c_i": {n: torch.zeros_like(t) for n, t in g.items()}}
     lr = 4e-5
     msg, new_private, x = _train_round(client, mm, down, private, lr=lr)

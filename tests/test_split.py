@@ -2,7 +2,6 @@
 report know no method, each method owns its config section, and the default run's numbers are pinned."""
 
 import copy
-import re
 import warnings
 from pathlib import Path
 
@@ -84,16 +83,39 @@ def test_the_downlink_is_computed_once_per_sampled_client_and_round(tmp_path):
         assert all(len(seen[("downlink", r, cid)]) == 1 for cid in sampled)
 
 
-def test_runtime_trainer_and_report_name_no_method():
-    words = set(METHODS) | {"fedprox", "proximal", "svd", "graft", "grafts", "grafted", "grafting", "rescaler",
-                            "calibration", "control variate", "control variates"}
-    for m in METHODS.values():
-        words |= set(m.notes)
-    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(words)) + r")\b", re.IGNORECASE)
-    files = [*sorted((SRC / "federation").glob("*.py")), SRC / "train.py", *sorted((SRC / "report").glob("*.py"))]
-    hits = [f"{f.relative_to(SRC)}:{i}: {line.strip()}" for f in files
-            for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
-    assert not hits, "method names or method keys outside the methods:\n" + "\n".join(hits)
+# what outside fedmoe.algorithms may import from it: the halves' base, the registry and the shared parts
+SHARED_ALGORITHM_MODULES = {"fedmoe.algorithms", "fedmoe.algorithms.base", "fedmoe.algorithms.registry",
+                            "fedmoe.algorithms.budgets", "fedmoe.algorithms.server_opt", "fedmoe.algorithms.experts"}
+
+
+def test_nothing_outside_the_methods_knows_a_method():
+    """No module outside fedmoe.algorithms imports a method's module, names a method or one of its metric
+    keys in a string, or reads a method's config section (``cfg.algorithm.<method>``). The one exception:
+    the config's default method name."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("import_graph", SRC.parent.parent / "tools" / "import_graph.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    graph = tool.import_graph()
+    method_modules = {m for m in graph if m.startswith("fedmoe.algorithms.")} - SHARED_ALGORITHM_MODULES
+    assert {"fedmoe.algorithms.flame", "fedmoe.algorithms.flex", "fedmoe.algorithms.fcmoe"} <= method_modules
+    imports = sorted(f"{m} imports {t}" for m, ts in graph.items() if not m.startswith("fedmoe.algorithms")
+                     for t in ts & method_modules)
+    assert not imports, imports
+    words = set(METHODS) | {k for m in METHODS.values() for k in m.notes}
+    hits = []
+    for f in sorted(SRC.rglob("*.py")):
+        if "algorithms" in f.relative_to(SRC).parts:
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Constant) and node.value in words:
+                if not (f.name == "config.py" and node.value == "fedit"):  # the default algorithm.name
+                    hits.append(f"{f.relative_to(SRC)}:{node.lineno}: {node.value!r}")
+            if isinstance(node, ast.Attribute) and node.attr in METHODS and getattr(node.value, "attr", None) == "algorithm":
+                hits.append(f"{f.relative_to(SRC)}:{node.lineno}: algorithm.{node.attr}")
+    assert not hits, "method names, method keys or method sections outside the methods:\n" + "\n".join(hits)
 
 
 def test_method_names_and_sections_come_from_the_registry():
@@ -154,7 +176,7 @@ def test_flame_with_one_expert_per_layer_weights_that_experts_counts():
     replies = [reply(i, {**{n: torch.full_like(t, float(i + 1)) for n, t in g.items()},
                          "activation_counts": counts[i], "tokens_per_layer": torch.tensor([40, 40])}, 10)
                for i in (0, 1)]
-    new, _, _ = server.aggregate(g, {}, replies)
+    new, _, _ = server.aggregate(g, {}, replies, round_idx=1)
     # layer 1: weights 0.75 and 0.25 on values 1 and 2 (layer 0's counts would give 1.75)
     torch.testing.assert_close(new[name], torch.full_like(g[name], 0.75 * 1 + 0.25 * 2))
 

@@ -105,3 +105,24 @@ def test_fedprox_sgd_step_pulls_by_exactly_mu_times_the_drift():
     for n, w0 in start.items():
         torch.testing.assert_close(trained[True][n] - trained[False][n], -lr * mu * (w0 - global_state[n]),
                                    rtol=0, atol=1e-6, msg=n)
+
+
+def test_gradient_accumulation_weighs_every_labelled_token_the_same():
+    """Two micro-batches of one example each, with 3 and 18 labelled tokens: one step with grad_accum 2
+    equals one step on both examples in one batch (the token mean over the step). The mean of the two
+    micro-batch means would weigh each of the 3 short-answer tokens 6x as much as a long-answer token
+    (the update then differs by far more than float rounding); the reported loss is the same mean."""
+    short = {"input_ids": list(range(2, 22)), "labels": [-100] * 16 + list(range(18, 22))}  # 3 labelled targets
+    long = {"input_ids": list(range(30, 50)), "labels": [-100] + list(range(31, 50))}  # 18
+    pair = [short, long]
+    sgd = dict(max_steps=1, lr=0.5, optimizer="sgd", grad_clip=None)
+    one, two = _model(), _model()
+    before = one.get_state()
+    r1 = train_local(one, pair, TrainConfig(batch_size=2, **sgd), pad_id=0, lr=0.5, seed=3)
+    r2 = train_local(two, pair, TrainConfig(batch_size=1, grad_accum=2, **sgd), pad_id=0, lr=0.5, seed=3)
+    a, b = one.get_state(), two.get_state()
+    moved = max(float((a[n] - before[n]).abs().max()) for n in a)
+    assert moved > 1e-3
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=0, atol=1e-6 * max(moved, 1))
+    assert r2.loss == pytest.approx(r1.loss, rel=1e-5)

@@ -120,7 +120,7 @@ def compare(a: dict, b: dict) -> int:
     return 1 if bad else 0
 
 
-def runs(only: str | None):
+def runs(only: str | None, skip: str | None = None):
     import yaml
 
     from fedmoe.federation.sweep import sweep_points
@@ -133,7 +133,7 @@ def runs(only: str | None):
         points = sweep_points(sweep) if sweep else [("", [])]
         for point, sets in points:
             name = f"{path.stem}/{point}" if point else path.stem
-            if only and only not in name:
+            if (only and only not in name) or (skip and skip in name):
                 continue
             yield name, _translate_tree(json.loads(json.dumps(tree))), _translate(sets)
     for name, sets in EXTRA.items():
@@ -147,6 +147,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--only")
+    ap.add_argument("--skip", help="leave out the runs whose name contains this (e.g. evidence)")
     ap.add_argument("--compare", nargs=2)
     args = ap.parse_args()
     if args.compare:
@@ -159,7 +160,7 @@ def main() -> None:
     torch.set_num_threads(1)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, tree, sets in runs(args.only):
+        for name, tree, sets in runs(args.only, args.skip):
             tiny = list(TINY)
             if (tree.get("eval") or {}).get("general_blocks"):
                 tiny.append("eval.general_blocks=2")

@@ -79,7 +79,7 @@ def run(
     from rich.console import Console
 
     from .config import ConfigError, load_config
-    from .federation.runtime import continue_run, start_run
+    from .federation.entry import continue_run, start_run
     from .report import format_results_table
 
     console = Console()
@@ -202,33 +202,48 @@ def flops(
     ks = list(k or []) + [int(w) for w in ints]
     targets = None if attention_targets is None else [t.strip() for t in attention_targets.split(",") if t.strip()]
     source, expert_targets = others[0], None
+    is_run = source.endswith((".yaml", ".yml"))
+    by_hand = (lora_rank, expert_lora_rank, attention_targets, expert_layout, router_lora) != (None,) * 5 or \
+        no_attention_lora or no_expert_lora
     try:
         if no_attention_lora and targets:
             raise ValueError("give --attention-targets or --no-attention-lora, not both")
-        if source.endswith((".yaml", ".yml")):  # a fedmoe run config: its model, LoRA and FLOPs sequence length
+        if is_run and not by_hand:
+            # a fedmoe run config as it is: counted from the adapters its method builds (its summary's figures)
+            from .algorithms import METHODS
+            from .algorithms.base import method_flops
             from .config import load_config
 
             run_cfg = load_config(source)
-            lc = run_cfg.lora
-            source = run_cfg.model.name
-            lora_rank = lc.rank if lora_rank is None else lora_rank
-            no_expert_lora = no_expert_lora or not lc.experts
-            targets = lc.attention_targets if attention_targets is None else targets
-            expert_layout = expert_layout or lc.expert_layout
-            router_lora = lc.router if router_lora is None else router_lora
-            seq_len = run_cfg.eval.flops_seq_len if seq_len is None else seq_len
-            expert_targets = tuple(lc.expert_targets)
-            if targets == []:
-                no_attention_lora = True
-        lora_rank, expert_layout = lora_rank or 0, expert_layout or "fused"
-        seq_len = 128 if seq_len is None else seq_len
-        router_lora = bool(router_lora)
-        cfg = load_model_config(source)
-        ks = ks or default_k_list(cfg)
-        rows = [count_flops(cfg, seq_len, k=kk, lora_rank=lora_rank, expert_lora_rank=expert_lora_rank,
-                            expert_lora=not no_expert_lora, expert_lora_layout=expert_layout,
-                            router_lora=router_lora, **({"expert_lora_targets": expert_targets} if expert_targets else {}),
-                            attention_lora_targets=[] if no_attention_lora else targets) for kk in ks]
+            rows = method_flops(run_cfg, METHODS[run_cfg.algorithm.name], ks or None, seq_len)
+            source, seq_len = run_cfg.model.name, rows[0]["seq_len"]
+            cfg = load_model_config(source)
+        else:
+            if is_run:  # a run config with adapters described by hand: its model, the options win
+                from .config import load_config
+
+                run_cfg = load_config(source)
+                lc = run_cfg.lora
+                source = run_cfg.model.name
+                lora_rank = lc.rank if lora_rank is None else lora_rank
+                no_expert_lora = no_expert_lora or not lc.experts
+                targets = lc.attention_targets if attention_targets is None else targets
+                expert_layout = expert_layout or lc.expert_layout
+                router_lora = lc.router if router_lora is None else router_lora
+                seq_len = run_cfg.eval.flops_seq_len if seq_len is None else seq_len
+                expert_targets = tuple(lc.expert_targets)
+                if targets == []:
+                    no_attention_lora = True
+            lora_rank, expert_layout = lora_rank or 0, expert_layout or "fused"
+            seq_len = 128 if seq_len is None else seq_len
+            router_lora = bool(router_lora)
+            cfg = load_model_config(source)
+            ks = ks or default_k_list(cfg)
+            rows = [count_flops(cfg, seq_len, k=kk, lora_rank=lora_rank, expert_lora_rank=expert_lora_rank,
+                                expert_lora=not no_expert_lora, expert_lora_layout=expert_layout,
+                                router_lora=router_lora,
+                                **({"expert_lora_targets": expert_targets} if expert_targets else {}),
+                                attention_lora_targets=[] if no_attention_lora else targets) for kk in ks]
     except (ValueError, FileNotFoundError) as e:
         _error(f"{e}")
         raise typer.Exit(2)
@@ -237,14 +252,17 @@ def flops(
     if as_json:
         print(json.dumps([{key: r[key] for key in keys} for r in rows], indent=2))
         return
-    r_exp = lora_rank if expert_lora_rank is None else expert_lora_rank
-    where = ([] if no_expert_lora or r_exp == 0 else [f"experts ({expert_layout})"])
-    if lora_rank and not (no_attention_lora or targets == []):
-        where.append(f"attention ({','.join(targets) if targets else 'default targets'})")
-    if lora_rank and router_lora:
-        where.append("router")
-    lora = ("no LoRA" if not where else
-            f"LoRA r={lora_rank}" + ("" if r_exp == lora_rank else f" (experts r={r_exp})") + " on " + ", ".join(where))
+    if is_run and not by_hand:
+        lora = f"the adapters {run_cfg.algorithm.name} builds (lora.rank {run_cfg.lora.rank})"
+    else:
+        r_exp = lora_rank if expert_lora_rank is None else expert_lora_rank
+        where = ([] if no_expert_lora or r_exp == 0 else [f"experts ({expert_layout})"])
+        if lora_rank and not (no_attention_lora or targets == []):
+            where.append(f"attention ({','.join(targets) if targets else 'default targets'})")
+        if lora_rank and router_lora:
+            where.append("router")
+        lora = ("no LoRA" if not where else
+                f"LoRA r={lora_rank}" + ("" if r_exp == lora_rank else f" (experts r={r_exp})") + " on " + ", ".join(where))
     name = others[0] if source == others[0] else f"{others[0]}: {source}"
     print(format_flops_table(rows, title=f"{name} ({cfg.model_type}), {seq_len} tokens, {lora}"))
     print("\nFLOPs = 2 x multiply-accumulates of the forward pass of one sequence; attention scores over the "
@@ -312,11 +330,12 @@ def mmlu(
         _error(f"{e}")
         raise typer.Exit(2)
 
+    from .export import load_model
     from .moe.arch import UnsupportedModelError
-    from .moe.model import MoEModel, load_tokenizer
+    from .moe.model import load_tokenizer
 
     try:
-        lm = MoEModel.from_pretrained(others[0], dtype=dtype, device=device).model
+        lm = load_model(others[0], dtype=dtype, device=device).model
         tokenizer = load_tokenizer(others[0])
     except (UnsupportedModelError, OSError, ValueError, KeyError) as e:
         _error(f"cannot load {others[0]}: {e}")
@@ -388,7 +407,7 @@ def export(
     who = "the global model" if _which(client, global_) is None else f"client {client}"
     text = {"peft": "a PEFT adapter: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), OUT)",
             "merged": "a merged Hugging Face model: AutoModelForCausalLM.from_pretrained(OUT)",
-            "fedmoe": "a fedmoe model folder: fedmoe.moe.MoEModel.from_pretrained(OUT)"}[form]
+            "fedmoe": "a fedmoe model folder: fedmoe.export.load_model(OUT)"}[form]
     print(f"{who} -> {out}: {text}")
     if why:
         print(f"not {'merged' if merged else 'PEFT'}, because: " + "; ".join(why))

@@ -434,6 +434,3 @@ def config_from_tree(tree: dict, source: str = "config") -> RunConfig:
 def config_to_dict(cfg: RunConfig) -> dict:
     return cfg.model_dump(mode="json")
 
-
-def dump_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -17,7 +17,7 @@ Three forms, tried in this order:
   ``AutoModelForCausalLM.from_pretrained`` and so by serving engines. The tokenizer is included.
 * **fedmoe**: what neither can express (FLEx's grafted experts and their gate; PEFT: FLAME's
   rescaler and k_i, split expert or router LoRA, a builtin base without weight files) is written as
-  a folder that ``MoEModel.from_pretrained(out)`` restores exactly: the run config, the client's
+  a folder that :func:`load_exported` (or :func:`load_model`, which takes any model too) restores exactly: the run config, the client's
   message tensors and private state; the base is named, not copied.
 """
 
@@ -35,9 +35,9 @@ from .config import ConfigError, config_from_tree, config_to_dict
 from .messages import Message
 from .moe import MoEModel
 from .moe.lora import ExpertsWithLoRA, LoRALinear, RouterWithLoRA
-from .moe.model import BUILTIN_PREFIX, builtin_model_path, load_tokenizer
+from .moe.model import BUILTIN_PREFIX, EXPORT_MARKER, builtin_model_path, load_tokenizer
 
-EXPORT_FILE = "fedmoe_model.json"
+EXPORT_FILE = EXPORT_MARKER
 _STATE = "state.safetensors"
 _PRIVATE = "private.pt"
 
@@ -78,7 +78,7 @@ def load_run_model(run_dir: str | Path, client: int | None = None, private_path:
         raise ExportError(f"--client {client}: the run {rd.path} has clients 0..{n - 1}")
     method = METHODS[cfg.algorithm.name]
     server = method.server(cfg, model_spec(cfg, method))
-    message = server.downlink(ck["global_state"], ck["server_state"], client)
+    message = server.downlink(ck["global_state"], ck["server_state"], client, round_idx=ck["round"])
     private: dict = {}
     if client is not None:
         if private_path is not None:
@@ -227,7 +227,7 @@ def write_peft(loaded: LoadedModel, out: Path) -> None:
 def write_fedmoe(loaded: LoadedModel, out: Path) -> None:
     from safetensors.torch import save_file
 
-    from .report.rundir import atomic_write_bytes, atomic_write_text
+    from .rundir import atomic_write_bytes, atomic_write_text
 
     tensors = {n: t.detach().contiguous().cpu() for n, t in loaded.message.tensors.items()}
     save_file(tensors, str(out / _STATE))
@@ -267,7 +267,7 @@ def export_model(run_dir: str | Path, out: str | Path, client: int | None = None
 
 
 def load_exported(folder: str | Path, dtype: str | None = None, device: str | None = None) -> MoEModel:
-    """A fedmoe export folder back as the model it was (``MoEModel.from_pretrained(folder)``)."""
+    """A fedmoe export folder back as the model it was."""
     from safetensors.torch import load_file
 
     from .federation.local import load_client_model
@@ -291,6 +291,14 @@ def load_exported(folder: str | Path, dtype: str | None = None, device: str | No
     return mm
 
 
+def load_model(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu") -> MoEModel:
+    """Any model fedmoe can run: a fedmoe export folder (restored exactly) or what
+    :meth:`MoEModel.from_pretrained` loads (a hub id, a local Hugging Face folder, ``builtin:<name>``)."""
+    if (Path(name_or_path) / EXPORT_FILE).is_file():
+        return load_exported(name_or_path, dtype=dtype, device=device)
+    return MoEModel.from_pretrained(str(name_or_path), dtype=dtype, device=device)
+
+
 def answer(loaded: LoadedModel, instruction: str, context: str = "", max_new_tokens: int | None = None) -> str:
     """The model's answer to an instruction, in the training prompt template, decoded as the run's
     evaluation decodes (greedy, ``eval.no_repeat_ngram_size``, ``eval.max_new_tokens``)."""
@@ -308,5 +316,6 @@ def answer(loaded: LoadedModel, instruction: str, context: str = "", max_new_tok
     return tok.decode(out, skip_special_tokens=True).strip()
 
 
-__all__ = ["EXPORT_FILE", "answer", "ExportError", "LoadedModel", "export_model", "load_exported", "load_run_model",
+__all__ = ["EXPORT_FILE", "answer", "ExportError", "LoadedModel", "export_model", "load_exported", "load_model",
+           "load_run_model",
            "merge_blockers", "peft_blockers"]

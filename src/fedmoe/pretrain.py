@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .configbase import ConfigError, format_errors as _format_errors
 from .data.general import DEFAULT_CORPUS, corpus_split, pack
 from .data.template import format_prompt
-from .report.rundir import atomic_write_bytes, atomic_write_text
+from .rundir import atomic_write_bytes, atomic_write_text
 
 EOS, PAD = "<|endoftext|>", "<|padding|>"
 TEMPLATE_MARKERS = ["### Instruction:", "### Input:", "### Response:"]

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 class LocalResult:
     loss: float  # mean training loss over this round's optimizer steps
     steps: int
-    examples_seen: int
     tokens: int  # non-padding tokens processed
     activation_counts: torch.Tensor  # (L, E) tokens routed to each expert
     tokens_per_layer: torch.Tensor  # (L,)
@@ -129,25 +128,28 @@ def train_local(
     mm.reset_activation_counts()
     model.train()
     losses: list[float] = []
-    seen = tokens = 0
+    tokens = 0
     for step in range(n_steps):
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            idx = next(batches)
-            batch = collate_sft([examples[i] for i in idx], pad_id)
+        # the step's micro-batches first: its loss is the mean over every labelled token of the step (each
+        # token weighs the same, however the micro-batches split them), not a mean of micro-batch means,
+        # which would weigh the tokens of a micro-batch with short answers up. The aux loss and the method's
+        # terms are averaged over the micro-batches. With grad_accum = 1 both are the plain token mean.
+        micro = [collate_sft([examples[i] for i in next(batches)], pad_id) for _ in range(cfg.grad_accum)]
+        labelled = max(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), 1)
+        for batch in micro:
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), mm.tracking(batch["attention_mask"]):
-                loss_sum, n_tok, aux = labelled_token_loss(model, batch["input_ids"], batch["attention_mask"],
-                                                           batch["labels"], output_router_logits=cfg.aux_loss)
-            loss = loss_sum / max(n_tok, 1)  # token mean of this micro-batch, as Hugging Face computes it
+                loss_sum, _, aux = labelled_token_loss(model, batch["input_ids"], batch["attention_mask"],
+                                                       batch["labels"], output_router_logits=cfg.aux_loss)
+            loss = loss_sum / labelled  # this micro-batch's share of the step's token mean
             if aux is not None:
-                loss = loss + aux_coef * aux.float()
+                loss = loss + aux_coef * aux.float() / cfg.grad_accum
             for term in terms:
-                loss = loss + term(params)
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-            seen += len(idx)
+                loss = loss + term(params) / cfg.grad_accum
+            loss.backward()
+            step_loss += loss.item()
             tokens += int(batch["attention_mask"].sum())
         if grad_sum is not None:
             for n, p in params.items():
@@ -168,6 +170,6 @@ def train_local(
     mean_gradient = None
     if grad_sum is not None:
         mean_gradient = {n: (g / n_steps).to(params[n].dtype).cpu() for n, g in grad_sum.items()}
-    return LocalResult(loss=sum(losses) / len(losses), steps=n_steps, examples_seen=seen, tokens=tokens,
+    return LocalResult(loss=sum(losses) / len(losses), steps=n_steps, tokens=tokens,
                        activation_counts=counts, tokens_per_layer=per_layer, n_train=len(examples), lr=lr,
                        mean_gradient=mean_gradient)

@@ -115,6 +115,26 @@ class ModelSpec:
                 "shared_trainable": inv["shared_trainable"]}
 
 
+def method_flops(cfg: RunConfig, method: Method, ks: list[int] | None = None, seq_len: int | None = None) -> list[dict]:
+    """The FLOPs and parameter columns of ``cfg``'s ``method`` (FLAME Table 1 layout, one row per k; default
+    k: the model's, halved down to 1), counted from the adapters the method builds on the model's
+    skeleton at the configured rank — the figures the run's summary reports (``fedmoe flops RUN.yaml``).
+    ``flops_by_part["lora"]`` holds everything the adapters add (a grafted expert's FFN included)."""
+    from ..eval.flops import count_flops, default_k_list
+
+    spec = model_spec(cfg, method)
+    seq = cfg.eval.flops_seq_len if seq_len is None else int(seq_len)
+    rows = []
+    for k in ks or default_k_list(spec.config):
+        base = count_flops(spec.config, seq, k=k, lora_rank=0)
+        counts = spec.counts(k, None, seq)
+        adapters = counts["flops_per_seq"] - base["flops_per_seq"]
+        rows.append({**base, "flops_per_seq": counts["flops_per_seq"], "flops_by_part": {**base["flops_by_part"],
+                     "lora": adapters}, "active_params": counts["active_params"],
+                     "active_trainable": counts["active_trainable"], "total_trainable": counts["total_trainable"]})
+    return rows
+
+
 def model_spec(cfg: RunConfig, method: Method) -> ModelSpec:
     """Build the method's adapters on a weightless skeleton of ``cfg.model`` with the run's adapter
     seed: the same names, shapes and initial values every client's model gets."""
@@ -143,7 +163,8 @@ class Objective:
 
 # ------------------------------------------------------------------------------------ halves
 class Server:
-    """Server half; FedAvg over every trainable tensor is the default."""
+    """Server half: the global state (every shared trainable, by default), what each client is sent
+    (by default the global state) and the aggregation, which each method defines."""
 
     supports_server_optimizer = True
     server_optimizer_note = ""  # why not, when it does not (shown in the config error)
@@ -166,12 +187,15 @@ class Server:
     def initial_server_state(self, global_state: State) -> dict:
         return {}
 
-    def downlink(self, global_state: State, server_state: dict, client: int | None) -> Message:
-        """What ``client`` receives (None: the global model, for evaluating it)."""
+    def downlink(self, global_state: State, server_state: dict, client: int | None, *, round_idx: int) -> Message:
+        """What ``client`` receives (None: the global model, for evaluating it) in round ``round_idx`` (the
+        round the message belongs to: its training, or the evaluation after it; 0: before round 1)."""
         return Message(tensors=dict(global_state))
 
-    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply]) -> tuple[State, dict, dict]:
-        """(new global state, new server state, metrics) from this round's replies."""
+    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply], *,
+                  round_idx: int) -> tuple[State, dict, dict]:
+        """(new global state, new server state, metrics) from the replies of round ``round_idx`` (1-based).
+        Methods define it (FedIT's FedAvg is the usual base, :class:`fedmoe.algorithms.fedit.FedITServer`)."""
         raise NotImplementedError
 
     def dp_weights(self, global_state: State, reply: Reply) -> dict[str, torch.Tensor]:
@@ -294,4 +318,4 @@ class Method:
 
 
 __all__ = ["Client", "Message", "Method", "ModelSpec", "N_TRAIN", "Objective", "Private", "Reply", "Server", "State",
-           "model_spec", "sizes", "weighted_average"]
+           "method_flops", "model_spec", "sizes", "weighted_average"]

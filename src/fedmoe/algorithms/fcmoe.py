@@ -48,16 +48,14 @@ class FCMoEConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------ aggregation
-def _dense(state: State, members, scaling: float) -> torch.Tensor:
-    """The group's dense update s·B·A per adapted weight, flattened (pairs of A and B names)."""
+def _dense(state: State, members, pairs: dict[str, tuple[str, float]]) -> torch.Tensor:
+    """The group's dense update s·B·A per adapted weight, flattened (``pairs``: A name -> (B name, α/r))."""
     parts = []
     by_name = dict(members)
     for n, j in members:
-        if not n.endswith("lora_A") and not n.endswith("_lora_A"):
+        if n not in pairs or pairs[n][0] not in by_name:
             continue
-        b = n[: -len("A")] + "B"
-        if b not in by_name:
-            continue
+        b, scaling = pairs[n]
         A = state[n] if j is None else state[n][j]
         B = state[b] if j is None else state[b][j]
         parts.append((scaling * B.to(torch.float64) @ A.to(torch.float64)).reshape(-1))
@@ -65,9 +63,13 @@ def _dense(state: State, members, scaling: float) -> torch.Tensor:
 
 
 def conflict_aware_average(global_state: State, tensors: list[State], n: list[float], freq: list[dict],
-                           layer_of: dict[str, int], cfg: FCMoEConfig, scaling: float = 1.0):
+                           layer_of: dict[str, int], cfg: FCMoEConfig,
+                           pairs: dict[str, tuple[str, float]] | None = None):
     """(new global state, per-client residuals {name: tensor} of the groups they were projected in,
-    statistics). ``freq[i]``: {MoE layer: (E,) activation frequency a/S of client i}."""
+    statistics). ``freq[i]``: {MoE layer: (E,) activation frequency a/S of client i}. ``pairs`` (the
+    ``dense`` space): every LoRA A name -> (its B name, α/r), from the model's inventory."""
+    if cfg.space == "dense" and pairs is None:
+        raise ValueError("FC-MoE in the dense space needs the LoRA pairs (A -> B, alpha/r) of the inventory")
     names = list(global_state)
     num_experts = {layer: int(global_state[next(nm for nm in names if layer_of.get(nm) == layer)].shape[0])
                    for layer in set(layer_of.values())}
@@ -102,7 +104,7 @@ def conflict_aware_average(global_state: State, tensors: list[State], n: list[fl
         if not cfg.projection:
             continue
         d = sum(wi * v for wi, v in zip(w, flat))
-        space = flat if cfg.space == "factors" else [_dense(t, members, scaling) for t in deltas]
+        space = flat if cfg.space == "factors" else [_dense(t, members, pairs) for t in deltas]
         d_space = d if cfg.space == "factors" else sum(wi * v for wi, v in zip(w, space))
         dd = float(d_space @ d_space)
         if dd <= 0:
@@ -162,11 +164,12 @@ class FCMoEServer(FedITServer):
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
         self.layer_of = spec.inventory.expert_layers()
+        self.pairs = {t.name: (t.partner, t.scaling) for t in spec.inventory if t.factor == "A"}
 
     def initial_server_state(self, global_state: State) -> dict:
         return {"residuals": {}}  # client -> (round, its residual): sent to it once, in its next message
 
-    def downlink(self, global_state, server_state, client) -> Message:
+    def downlink(self, global_state, server_state, client, *, round_idx) -> Message:
         msg = Message(tensors=dict(global_state))
         pending = server_state["residuals"].get(client) if client is not None else None
         if pending is not None:
@@ -175,20 +178,19 @@ class FCMoEServer(FedITServer):
             msg.scalars[RESIDUAL_ROUND] = rnd
         return msg
 
-    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply]):
+    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply], *, round_idx: int):
         fc = self.cfg.algorithm.fcmoe
         msgs = [r.message for r in replies]
         freq = [{layer: m.tensors[COUNTS][layer].to(torch.float64) / max(int(m.tensors[TOKENS][layer]), 1)
                  for layer in set(self.layer_of.values())} for m in msgs]
         new, residuals, stats = conflict_aware_average(
             global_state, [{k: m.tensors[k] for k in global_state} for m in msgs], sizes(replies), freq,
-            self.layer_of, fc, scaling=self.cfg.lora.alpha / self.cfg.lora.rank)
-        rnd = server_state.get("round", 0) + 1
+            self.layer_of, fc, pairs=self.pairs)
         pending = dict(server_state["residuals"])
         if fc.retention > 0:
             for r, res in zip(replies, residuals):
-                pending[r.client] = (rnd, res)  # replaces the previous one (empty: nothing was removed)
-        return new, {**server_state, "round": rnd, "residuals": pending}, stats
+                pending[r.client] = (round_idx, res)  # replaces the previous one (empty: nothing was removed)
+        return new, {**server_state, "residuals": pending}, stats
 
 
 class FCMoEClient(FedITClient):

@@ -73,7 +73,7 @@ class FedITClient(Client):
 class FedITServer(Server):
     supports_dp = True  # a weighted sum of the clients' updates (uniform weights under federation.dp)
 
-    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply]):
+    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply], *, round_idx: int):
         averaged = weighted_average([r.message.tensors for r in replies], sizes(replies))
         new, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state)
         return new, server_state, {}

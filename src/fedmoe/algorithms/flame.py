@@ -73,7 +73,7 @@ class FlameServer(FedITServer):
         full = all(r == tuple(range(spec.num_experts)) for r in rows.values())
         self.experts = None if full else {layer: list(r) for layer, r in rows.items()}
 
-    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply]):
+    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply], *, round_idx: int):
         msgs = [r.message for r in replies]
         n = sizes(replies)
         shared = [name for name in global_state if name not in self.layer_of]

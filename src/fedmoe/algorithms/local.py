@@ -24,11 +24,11 @@ class LocalServer(Server):
     server_optimizer_note = "aggregates nothing (each client trains alone)"
     dp_note = "aggregates nothing: no client update reaches the server"
 
-    def downlink(self, global_state, server_state, client) -> Message:
+    def downlink(self, global_state, server_state, client, *, round_idx) -> Message:
         # the global model (client None) is the initial one; a client needs nothing: it has its own
         return Message(tensors=dict(global_state) if client is None else {})
 
-    def aggregate(self, global_state: State, server_state: dict, replies):
+    def aggregate(self, global_state: State, server_state: dict, replies, *, round_idx):
         return global_state, server_state, {}
 
 

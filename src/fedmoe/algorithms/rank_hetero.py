@@ -35,6 +35,9 @@ from .budgets import client_levels
 from .fedit import FedITClient, FedITServer, add_adapters
 from .server_opt import server_update
 
+FACTORED = "factored"  # FlexLoRA's server state: the global adapters are its SVD factors (after round 1)
+
+
 class HetLoRAConfig(StrictModel):
     """HetLoRA's optional local rank self-pruning (Cho et al. 2024, §3.2). Off when prune_lambda = 0.
     A client adds λ·Σ‖B[:, ⌊γr⌋:r] A[⌊γr⌋:r, :]‖_F (its trailing components) to its loss; when that
@@ -140,7 +143,7 @@ class RankServer(_RankBudgets, FedITServer):
         super().__init__(cfg, spec)
         self.pairs = lora_pairs(spec.inventory)
 
-    def downlink(self, global_state, server_state, client) -> Message:
+    def downlink(self, global_state, server_state, client, *, round_idx) -> Message:
         """The global adapters truncated to the client's budget rank."""
         r = self.budget_rank(client)
         if r == self.r_max:
@@ -250,7 +253,7 @@ class HetLoRAServer(RankServer):
     dp_note = ("weights each client by the norm of its update relative to the others' (normalised over the "
                "clients), so one client moves every weight: clipping does not bound its influence")
 
-    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply]):
+    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply], *, round_idx: int):
         msgs = [r.message for r in replies]
         norms = [sum(float(frobenius_of_product(m.tensors[a], m.tensors[b])) for a, b in self.pairs) for m in msgs]
         if sum(norms) <= 0:  # every update is zero (e.g. B still at init): fall back to n_i
@@ -268,7 +271,7 @@ class FlexLoRAServer(RankServer):
     dp_note = ("sums the clients' dense products B_i·A_i, not their factors, and re-factorises the sum by SVD: "
                "clipping and noising the factors would not bound that sum")
 
-    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply]):
+    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply], *, round_idx: int):
         alpha = self.cfg.lora.alpha
         n = sizes(replies)
         total = sum(n)
@@ -289,11 +292,17 @@ class FlexLoRAServer(RankServer):
             B[..., :, :k] = U[..., :, :k] * S[..., None, :k]
             A[..., :k, :] = Vh[..., :k, :]
             new[a], new[b] = A.to(global_state[a].dtype), B.to(global_state[b].dtype)
-        return new, server_state, {"svd_s": time.perf_counter() - t0}
+        return new, {**server_state, FACTORED: True}, {"svd_s": time.perf_counter() - t0}
 
-    def downlink(self, global_state, server_state, client) -> Message:
-        if not any(torch.count_nonzero(global_state[b]) for _, b in self.pairs):
-            return super().downlink(global_state, server_state, client)  # round 1: the common initial adapters
+    def initial_server_state(self, global_state: State) -> dict:
+        return {FACTORED: False}
+
+    def downlink(self, global_state, server_state, client, *, round_idx) -> Message:
+        factored = server_state.get(FACTORED)
+        if factored is None:  # a checkpoint written before the server kept this: factored once B is not all zero
+            factored = any(torch.count_nonzero(global_state[b]) for _, b in self.pairs)
+        if not factored:  # before the first aggregation: the common initial adapters
+            return super().downlink(global_state, server_state, client, round_idx=round_idx)
         r = self.budget_rank(client)
         s = self.cfg.lora.alpha / r
         out = dict(global_state)

@@ -46,10 +46,10 @@ class ScaffoldServer(FedITServer):
     def initial_server_state(self, global_state: State) -> dict:
         return {"c": {n: torch.zeros_like(t) for n, t in global_state.items()}}
 
-    def downlink(self, global_state, server_state, client) -> Message:
+    def downlink(self, global_state, server_state, client, *, round_idx) -> Message:
         return Message(tensors={**global_state, **{C + n: t for n, t in server_state["c"].items()}})
 
-    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply]):
+    def aggregate(self, global_state: State, server_state: dict, replies: list[Reply], *, round_idx: int):
         models = [{n: t for n, t in r.message.tensors.items() if not n.startswith(DC)} for r in replies]
         averaged = weighted_average(models, sizes(replies))
         c = server_state["c"]

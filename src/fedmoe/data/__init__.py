@@ -26,8 +26,6 @@ from .sources import (
 from .template import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_prompt
 from .tokenize import (
     IGNORE_INDEX,
-    SFTDataset,
-    collate_prompts,
     collate_sft,
     pad_token_id,
     tokenize_example,
@@ -48,10 +46,8 @@ __all__ = [
     "Example",
     "FederatedData",
     "LoadResult",
-    "SFTDataset",
     "builtin_path",
     "category_histogram",
-    "collate_prompts",
     "collate_sft",
     "format_histogram_table",
     "format_prompt",

@@ -26,16 +26,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.utils.data import Dataset
 
 from .sources import DataError, Example
 from .template import format_prompt
 
 __all__ = [
     "IGNORE_INDEX",
-    "SFTDataset",
     "option_ids",
-    "collate_prompts",
     "collate_sft",
     "pad_token_id",
     "tokenize_example",
@@ -119,31 +116,8 @@ def tokenize_prompt(tokenizer, ex: Example, max_length: int) -> list[int]:
     return ids[-max_length:]
 
 
-class SFTDataset(Dataset):
-    """Tokenised training examples (tokenised once, at construction).
-
-    Items are dicts ``{"input_ids": list[int], "labels": list[int], "prompt_len": int}``; batch
-    them with :func:`collate_sft`.
-    """
-
-    def __init__(self, examples: Sequence[Example], tokenizer, max_length: int):
-        self.examples = list(examples)
-        self.max_length = max_length
-        self.items = tokenize_examples(tokenizer, self.examples, max_length)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
-
-    def num_label_tokens(self) -> int:
-        """Total number of labelled (response) tokens."""
-        return sum(len(it["input_ids"]) - it["prompt_len"] for it in self.items)
-
-
 def collate_sft(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch of :class:`SFTDataset` items.
+    """Right-pad a batch of tokenised examples (dicts with ``input_ids`` and ``labels``).
 
     Returns LongTensors ``input_ids`` (padded with ``pad_id``), ``attention_mask`` (1 on real tokens)
     and ``labels`` (-100 on padding).
@@ -162,18 +136,3 @@ def collate_sft(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(it["labels"], dtype=torch.long)
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def collate_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad prompt id lists for batched generation -> ``{"input_ids", "attention_mask"}``."""
-    if not prompts:
-        raise DataError("collate_prompts got an empty batch")
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        n = len(p)
-        if n:
-            ids[row, width - n :] = torch.tensor(list(p), dtype=torch.long)
-            mask[row, width - n :] = 1
-    return {"input_ids": ids, "attention_mask": mask}

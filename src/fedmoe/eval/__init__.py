@@ -1,6 +1,5 @@
 """Evaluation: ROUGE-L, greedy generation, loss/perplexity, MMLU, communication bytes, FLOPs/parameters."""
 
-from fedmoe.eval.comm import state_bytes, tensor_bytes
 from fedmoe.eval.flops import FLOP_PARTS, count_flops, format_flops_table, load_model_config
 from fedmoe.eval.generate import greedy_generate, left_pad
 from fedmoe.eval.mmlu import MMLU_SUBJECTS, MMLU_SUBSETS, Question, build_prompt, evaluate_mmlu, load_mmlu
@@ -26,6 +25,4 @@ __all__ = [
     "paired_bootstrap",
     "rouge_l",
     "rouge_l_per_example",
-    "state_bytes",
-    "tensor_bytes",
 ]

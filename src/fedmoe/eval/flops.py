@@ -40,83 +40,17 @@ DeepSeek shared-expert MoE and ``first_k_dense_replace`` / ``moe_layer_freq`` de
 
 from __future__ import annotations
 
-import json
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from fedmoe.moe.arch import DEFAULT_ATTENTION_TARGETS, SUPPORTED_ARCHITECTURES, UnsupportedModelError
+from fedmoe.moe.arch import DEFAULT_ATTENTION_TARGETS, UnsupportedModelError
+from fedmoe.moe.model import CONFIG_ARCHITECTURES, load_model_config  # noqa: F401  (re-exported)
 
 FLOP_PARTS = ("attention_proj", "attention_scores", "router", "experts", "shared_experts", "dense_mlp", "lora",
               "lm_head")
-FLOPS_ARCHITECTURES = SUPPORTED_ARCHITECTURES + ("deepseek",)
+FLOPS_ARCHITECTURES = CONFIG_ARCHITECTURES
 EXPERT_LORA_TARGETS = ("gate_up_proj", "down_proj")
 EXPERT_LORA_LAYOUTS = ("fused", "split")
-
-
-# ---------------------------------------------------------------------------------------- loading
-def _config_from_dict(d: dict, source: str):
-    from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
-
-    d = dict(d)
-    model_type = d.pop("model_type", None)
-    if not model_type:
-        raise UnsupportedModelError(f"{source}: the config has no 'model_type'")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecated-key warnings of old config files (rope_scaling, ...)
-        if model_type in CONFIG_MAPPING:
-            return AutoConfig.for_model(model_type, **d)
-        if model_type == "deepseek":  # DeepSeekMoE v1: remote code only; a generic config carries its keys
-            return PretrainedConfig(model_type=model_type, **d)
-    raise UnsupportedModelError(
-        f"{source}: model type '{model_type}' is unknown to transformers; FLOPs accounting supports "
-        f"{', '.join(FLOPS_ARCHITECTURES)}"
-    )
-
-
-def load_model_config(model_or_config: str):
-    """A transformers config from a config.json path, a folder holding config.json,
-    ``builtin:<name>``, or a hub id (read from the local cache when offline)."""
-    from fedmoe.moe.model import BUILTIN_MODELS, BUILTIN_PREFIX, builtin_model_path
-
-    s = str(model_or_config)
-    if s.startswith(BUILTIN_PREFIX):
-        key = s[len(BUILTIN_PREFIX):]
-        if key not in BUILTIN_MODELS:
-            raise UnsupportedModelError(f"unknown built-in model '{s}'; available: "
-                                        + ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS))
-        folder = builtin_model_path(s)
-        if folder is None:
-            return BUILTIN_MODELS[key]()
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"the built-in model '{s}' has no config.json in {folder}; rebuild it with "
-                                    "`fedmoe pretrain configs/pretrain-tiny-moe.yaml`")
-        s = str(folder)
-    p = Path(s)
-    if p.is_dir():
-        p = p / "config.json"
-        if not p.is_file():
-            raise FileNotFoundError(f"{p.parent} is a folder without a config.json")
-    if p.is_file():
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not a JSON config ({e})") from None
-        return _config_from_dict(d, str(p))
-    # a hub id: the raw dict (works for remote-code configs too, e.g. DeepSeekMoE v1)
-    from transformers import PretrainedConfig
-
-    try:
-        d, _ = PretrainedConfig.get_config_dict(s)
-    except Exception as e:  # noqa: BLE001 - OSError, EnvironmentError, HF hub errors
-        raise FileNotFoundError(
-            f"'{s}' is not a config.json, a folder with one, or builtin:<name>; as a hub id its config could "
-            f"not be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Offline "
-            "(HF_HUB_OFFLINE=1) only models in the local Hugging Face cache load: download it while online, or give a "
-            "local model folder (or its config.json) instead"
-        ) from None
-    return _config_from_dict(d, s)
 
 
 # ---------------------------------------------------------------------------------------- shapes

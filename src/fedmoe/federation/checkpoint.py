@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, RunConfig, config_to_dict
-from ..report.rundir import RunDir, atomic_write_bytes
+from ..rundir import RunDir, atomic_write_bytes
 
 CHECKPOINT_FILE = "state.pt"
 

@@ -19,6 +19,7 @@ from ..seeds import Stream, derive_seed
 from .clients import ClientNode, client_sets, heldout_set
 from .evaluation import ModelEvaluator
 from .progress import Progress
+from .transport import TrainReport
 
 
 def load_client_model(cfg, method, tokenizer=None) -> MoEModel:
@@ -51,10 +52,6 @@ class LocalTransport:
         self.nodes = {s.id: ClientNode(s) for s in self.sets}
         self.evaluator = ModelEvaluator(cfg, self.mm, self.tokenizer, self.sets[0].pad_id,
                                         heldout=heldout_set(self.data, self.tokenizer, cfg.data.max_length))
-
-    @property
-    def client_ids(self) -> list[int]:
-        return list(self.nodes)
 
     def wait_for_clients(self) -> None:
         """Every client is here."""
@@ -91,9 +88,7 @@ class LocalTransport:
             finally:
                 prog.remove(task)
             self.observe("reply", cid, reply)
-            replies[cid] = (reply, {"loss": res.loss, "steps": res.steps, "lr": res.lr, "tokens": res.tokens,
-                                    "activation_counts": res.activation_counts, "metrics": metrics,
-                                    "overhead": {"train_s": time.perf_counter() - t0}})
+            replies[cid] = (reply, TrainReport.of(res, metrics, train_s=time.perf_counter() - t0))
         return replies, failures
 
     def _after_failure(self) -> None:
@@ -128,6 +123,3 @@ class LocalTransport:
     def restore(self, state: dict) -> None:
         for cid, node in self.nodes.items():
             node.private = state["private"][cid]
-
-    def close(self) -> None:
-        pass

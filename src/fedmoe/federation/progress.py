@@ -33,7 +33,3 @@ class Progress:
     def remove(self, task):
         if self._p is not None and task is not None:
             self._p.remove_task(task)
-
-    def print(self, msg: str):
-        if self._p is not None:
-            self._p.console.print(msg)

@@ -28,14 +28,15 @@ from ..algorithms import get_method, model_spec
 from ..config import ConfigError, RunConfig, config_to_dict, load_config
 from ..data import format_histogram_table, resolve_labels
 from ..messages import EVALUATE, TRAIN, Reply
-from ..report import RunDir, format_results_table, write_report
-from ..report.rundir import RunDirBusy
+from ..report import format_results_table, write_report
+from ..rundir import RunDir, RunDirBusy
 from .checkpoint import (CHECKPOINT_FILE, EXECUTION_KEYS, PREVIOUS_CHECKPOINT_FILE, RunDirError,  # noqa: F401
                          check_fingerprint, config_fingerprint, has_checkpoint, load_checkpoint,
                          restore_rng_states, rng_states, write_checkpoint)
 from .conflict import NOTES as CONFLICT_NOTES
 from .evaluation import EvalPolicy
 from .progress import Progress
+from .transport import Transport
 from .sampling import sample_clients
 from .summary import NONFINITE, ClientRecord, run_summary
 
@@ -83,8 +84,8 @@ def make_transport(cfg: RunConfig, method, spec, observe=None, **options):
 
 
 class Federation:
-    def __init__(self, cfg: RunConfig, run_dir: RunDir, transport=None, show_progress: bool = False, log=print,
-                 resuming: bool = False, observe=None):
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, transport: Transport | None = None, show_progress: bool = False,
+                 log=print, resuming: bool = False, observe=None):
         """``transport`` None: the one of ``cfg.federation.runtime`` (in-process by default).
         ``observe(kind, client, message)``, if given, sees every message the in-process transport passes
         (kind "downlink", "reply" or "evaluate") — for logging and for tests."""
@@ -149,7 +150,8 @@ class Federation:
 
     # ------------------------------------------------------------------ steps
     def _downlink(self, cid: int | None, kind: str, round_idx: int):
-        return self.server.downlink(self.global_state, self.server_state, cid).with_header(kind=kind, round=round_idx)
+        return self.server.downlink(self.global_state, self.server_state, cid,
+                                    round_idx=round_idx).with_header(kind=kind, round=round_idx)
 
     def _setup(self, prog: Progress) -> None:
         for cid, info in self.transport.setup(prog).items():
@@ -170,21 +172,21 @@ class Federation:
             rec, down, up = self.records[cid], messages[cid].nbytes(), reply.nbytes()
             rec.bytes_down += down
             rec.bytes_up += up
-            bad = nonfinite(report["loss"], reply)
+            bad = nonfinite(report.loss, reply)
             if bad is None:
                 rec.rounds_trained += 1
-                rec.add_counts(report["activation_counts"])
-                rec.reported, rec.reported_round = dict(report["metrics"]), round_idx
-            clash = set(report["metrics"]) & set(RUNTIME_TRAIN_KEYS)
+                rec.add_counts(report.activation_counts)
+                rec.reported, rec.reported_round = dict(report.metrics), round_idx
+            clash = set(report.metrics) & set(RUNTIME_TRAIN_KEYS)
             if clash:
                 raise ValueError(f"{self.method.name}'s client metrics use the runtime's keys {sorted(clash)}")
-            timing = dict(report.get("overhead", {}))
+            timing = dict(report.overhead)
             if timing.get("train_s"):
-                timing["tokens_per_s"] = report["tokens"] / timing["train_s"]
+                timing["tokens_per_s"] = report.tokens / timing["train_s"]
                 self._clients_s += timing["train_s"]
-            self.rd.log_metrics({"round": round_idx, "client": cid, "split": "train", "loss": report["loss"],
-                                 "steps": report["steps"], "lr": report["lr"], "tokens": report["tokens"],
-                                 "bytes_up": up, "bytes_down": down, **timing, **report["metrics"]})
+            self.rd.log_metrics({"round": round_idx, "client": cid, "split": "train", "loss": report.loss,
+                                 "steps": report.steps, "lr": report.lr, "tokens": report.tokens,
+                                 "bytes_up": up, "bytes_down": down, **timing, **report.metrics})
             if bad is not None:
                 self._failed(round_idx, cid, NONFINITE, bad)
                 unusable[cid] = bad
@@ -216,7 +218,8 @@ class Federation:
             layer_of = {n: layer for n, layer in self.spec.inventory.expert_layers().items() if n in self.global_state}
             conflict = update_conflict(self.global_state, [r.message.tensors for r in replies], layer_of)
         if self.cfg.federation.dp is None:
-            new, server_state, metrics = self.server.aggregate(self.global_state, self.server_state, replies)
+            new, server_state, metrics = self.server.aggregate(self.global_state, self.server_state, replies,
+                                                               round_idx=round_idx)
         else:
             from .dp import private_aggregate, round_metrics
 
@@ -543,53 +546,5 @@ def resume_federated(path: str | Path, show_progress: bool = False, stop_after_r
     return _locked(rd, work), rd
 
 
-def start_run(cfg: RunConfig, show_progress: bool = False, federation: str | None = None, log=print,
-              overwrite: bool = False):
-    """A run from scratch on ``cfg.federation.runtime``; returns (summary, run dir). ``federation``:
-    the SuperLink's name in $FLWR_HOME/config.toml (runtime ``flower``); ``overwrite``: replace a run
-    of the same name (:func:`prepare_run_dir`)."""
-    if cfg.federation.runtime == "local":
-        return run_federated(cfg, show_progress=show_progress, log=log, overwrite=overwrite)
-    from .flower.launch import require_flower, run_deployment, run_simulation
-
-    require_flower()
-    name = _federation(federation) if cfg.federation.runtime == "flower" else None
-    check_model(cfg)
-    cfg = resolve_labels(cfg)
-    rd = prepare_run_dir(cfg, overwrite=overwrite, log=log)
-    if cfg.federation.runtime == "flower-sim":
-        return _locked(rd, lambda: run_simulation(cfg, rd)), rd
-    return _locked(rd, lambda: run_deployment(cfg, rd, name)), rd
-
-
-def continue_run(path: str | Path, show_progress: bool = False, federation: str | None = None, log=print):
-    """Continue the run in ``path`` from its last checkpoint, on the runtime it ran on."""
-    path = Path(path)
-    if not (path / RunDir.CONFIG).is_file():
-        raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
-    cfg = load_config(path / RunDir.CONFIG)
-    if cfg.federation.runtime == "local":
-        return resume_federated(path, show_progress=show_progress, log=log)
-    from .flower.launch import run_deployment, run_simulation
-
-    name = _federation(federation) if cfg.federation.runtime == "flower" else None
-    rd = _lock_existing(path, log)
-
-    def work():
-        open_run_dir(path, log=log)  # a changed config or no readable checkpoint: refused before Flower starts
-        if cfg.federation.runtime == "flower-sim":
-            return run_simulation(cfg, rd, resume=True)
-        return run_deployment(cfg, rd, name, resume=True)
-
-    return _locked(rd, work), rd
-
-
-def _federation(name: str | None) -> str:
-    if not name:
-        raise ConfigError("--runtime flower needs --federation NAME: the SuperLink's entry in $FLWR_HOME/config.toml "
-                          "(README, \"Running on Flower\")")
-    return name
-
-
-__all__ = ["Federation", "continue_run", "start_run", "RoundFailed", "RunDirBusy", "RunDirError", "RunInterrupted",
-           "format_results_table", "resume_federated", "run_federated"]
+__all__ = ["Federation", "RoundFailed", "RunDirBusy", "RunDirError", "RunInterrupted", "format_results_table",
+           "resume_federated", "run_federated"]

@@ -24,7 +24,7 @@ import yaml
 from ..config import ConfigError, apply_overrides, config_from_tree, parse_override
 from ..eval.stats import format_change
 from ..report.compare import bytes_per_round, personal_or_global  # noqa: F401  (re-exported)
-from ..report.rundir import atomic_write_text, loads
+from ..rundir import atomic_write_text, loads
 
 
 def _fmt(v) -> str:
@@ -68,7 +68,8 @@ def load_sweep(path: str | Path) -> tuple[dict, dict | None]:
 def _run_point(point: str, tree: dict, sets: list[str], root: str, source: str, show_progress: bool, log,
                federation: str | None, threads: int | None = None) -> str:
     """Run (or continue, or keep) one sweep point; returns its summary.json's path."""
-    from .runtime import continue_run, has_checkpoint, start_run
+    from .entry import continue_run, start_run
+    from .runtime import has_checkpoint
 
     if threads is not None:
         import torch

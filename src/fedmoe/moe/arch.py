@@ -45,11 +45,10 @@ class MoELayer:
 
     index: int  # position among the MoE blocks (0..L-1)
     decoder_layer: int  # index of the decoder layer that holds it
-    name: str  # module path of the block, e.g. "model.layers.3.mlp"
     block: nn.Module
     router: nn.Module
     experts: nn.Module  # the original fused experts module (base weights)
-    shared_expert: nn.Module | None
+    shared_expert: nn.Module | None  # the always-on shared expert(s) of the block (Qwen2-MoE, DeepSeek), untouched
     shared_expert_gate: nn.Module | None
 
     @property
@@ -114,7 +113,6 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
             MoELayer(
                 index=len(found),
                 decoder_layer=i,
-                name=f"model.layers.{i}.mlp",
                 block=block,
                 router=router,
                 experts=base,

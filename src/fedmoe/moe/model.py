@@ -6,17 +6,20 @@ A single base model in memory serves every client: a client's state (LoRA, resca
 
 from __future__ import annotations
 
+import json
+import warnings
 from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .arch import MoELayer, UnsupportedModelError, find_moe_layers, model_type_of
+from .arch import SUPPORTED_ARCHITECTURES, MoELayer, UnsupportedModelError, find_moe_layers, model_type_of
 from .inventory import Inventory, Role, TensorInfo
 from .lora import ActivationTracker, ExpertsWithLoRA, LoRALinear, RouterWithLoRA, adapter_device
 
 BUILTIN_PREFIX = "builtin:"
+EXPORT_MARKER = "fedmoe_model.json"  # the file that makes a folder a fedmoe export (fedmoe.export)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -109,6 +112,72 @@ def builtin_model_path(name_or_path: str) -> Path | None:
     return builtin_asset(entry) if isinstance(entry, str) else None
 
 
+# ------------------------------------------------------------------ a model's config alone
+# the configs fedmoe reads without a model: the supported MoE families and DeepSeekMoE v1 (FLOPs accounting)
+CONFIG_ARCHITECTURES = SUPPORTED_ARCHITECTURES + ("deepseek",)
+
+
+def _config_from_dict(d: dict, source: str):
+    from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
+
+    d = dict(d)
+    model_type = d.pop("model_type", None)
+    if not model_type:
+        raise UnsupportedModelError(f"{source}: the config has no 'model_type'")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated-key warnings of old config files (rope_scaling, ...)
+        if model_type in CONFIG_MAPPING:
+            return AutoConfig.for_model(model_type, **d)
+        if model_type == "deepseek":  # DeepSeekMoE v1: remote code only; a generic config carries its keys
+            return PretrainedConfig(model_type=model_type, **d)
+    raise UnsupportedModelError(
+        f"{source}: model type '{model_type}' is unknown to transformers; FLOPs accounting supports "
+        f"{', '.join(CONFIG_ARCHITECTURES)}"
+    )
+
+
+def load_model_config(model_or_config: str):
+    """A transformers config from a config.json path, a folder holding config.json,
+    ``builtin:<name>``, or a hub id (read from the local cache when offline)."""
+    s = str(model_or_config)
+    if s.startswith(BUILTIN_PREFIX):
+        key = s[len(BUILTIN_PREFIX):]
+        if key not in BUILTIN_MODELS:
+            raise UnsupportedModelError(f"unknown built-in model '{s}'; available: "
+                                        + ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS))
+        folder = builtin_model_path(s)
+        if folder is None:
+            return BUILTIN_MODELS[key]()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"the built-in model '{s}' has no config.json in {folder}; rebuild it with "
+                                    "`fedmoe pretrain configs/pretrain-tiny-moe.yaml`")
+        s = str(folder)
+    p = Path(s)
+    if p.is_dir():
+        p = p / "config.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"{p.parent} is a folder without a config.json")
+    if p.is_file():
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not a JSON config ({e})") from None
+        return _config_from_dict(d, str(p))
+    # a hub id: the raw dict (works for remote-code configs too, e.g. DeepSeekMoE v1)
+    from transformers import PretrainedConfig
+
+    try:
+        d, _ = PretrainedConfig.get_config_dict(s)
+    except Exception as e:  # noqa: BLE001 - OSError, EnvironmentError, HF hub errors
+        raise FileNotFoundError(
+            f"'{s}' is not a config.json, a folder with one, or builtin:<name>; as a hub id its config could "
+            f"not be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Offline "
+            "(HF_HUB_OFFLINE=1) only models in the local Hugging Face cache load: download it while online, or give a "
+            "local model folder (or its config.json) instead"
+        ) from None
+    return _config_from_dict(d, s)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -164,14 +233,14 @@ class MoEModel:
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu",
                         attn_implementation: str = "sdpa", seed: int = 0) -> "MoEModel":
-        """A hub id, a local folder, ``builtin:<name>``, or a folder written by ``fedmoe export`` in its
-        fedmoe form (the client's model restored exactly, its base loaded by name)."""
+        """A hub id, a local folder or ``builtin:<name>`` (a folder written by ``fedmoe export`` in its
+        fedmoe form: :func:`fedmoe.export.load_model`)."""
         from transformers import AutoModelForCausalLM
 
-        if (Path(name_or_path) / "fedmoe_model.json").is_file():  # a client's model from `fedmoe export`
-            from ..export import load_exported
-
-            return load_exported(name_or_path, dtype=dtype, device=device)
+        if (Path(name_or_path) / EXPORT_MARKER).is_file():  # a client's model from `fedmoe export`
+            raise ModelLoadError(f"{name_or_path} is a fedmoe export folder (a client's model: a base model named in "
+                                 "it, plus adapters): load it with fedmoe.export.load_model(folder) (which also "
+                                 "loads any Hugging Face model) or fedmoe.export.load_exported(folder)")
         if name_or_path.startswith(BUILTIN_PREFIX):
             key = name_or_path[len(BUILTIN_PREFIX):]
             if key not in BUILTIN_MODELS:
@@ -213,8 +282,6 @@ class MoEModel:
         (:func:`fedmoe.moe.lora.adapter_device`), so the names, shapes and seeded initial values of a
         method's trainable tensors are known without a live model."""
         from transformers import AutoModelForCausalLM
-
-        from ..eval.flops import load_model_config
 
         config = load_model_config(name_or_path)
         with torch.device("meta"):

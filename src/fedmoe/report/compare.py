@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..eval.stats import format_change
-from .rundir import RunDir, atomic_write_bytes
+from ..rundir import RunDir, atomic_write_bytes
 
 
 def personal_or_global(summary: dict, key: str):
@@ -144,7 +144,7 @@ def compare_runs(paths: list[str | Path], out: str | Path) -> tuple[str, Path | 
     table = format_comparison(runs)
     png = out / "compare.png"
     drawn = plot_comparison(runs, png)
-    from .rundir import atomic_write_text
+    from ..rundir import atomic_write_text
 
     atomic_write_text(out / "compare.md", "# fedmoe compare\n\n" + table + "\n\n"
                       + ("![learning curves](compare.png)\n" if drawn else "") + "\nRuns: "

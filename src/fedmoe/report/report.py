@@ -7,7 +7,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from fedmoe.report.rundir import RunDir, atomic_write_bytes, atomic_write_text
+from fedmoe.rundir import RunDir, atomic_write_bytes, atomic_write_text
 
 DASH = "–"  # shown for a missing value (None)
 NO_TEST = "no test data"  # shown for a test metric of a model that had no test tokens (never 0)

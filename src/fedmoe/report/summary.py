@@ -6,7 +6,6 @@ from typing import Any
 
 CLIENT_KEYS = ("id", "k", "rank", "n_train", "rouge_l", "loss", "bytes_up", "bytes_down", "flops_per_seq")
 GLOBAL_KEYS = ("rouge_l", "loss", "mmlu", "perplexity")
-TOP_KEYS = ("algorithm", "model", "rounds", "seed", "wall_s", "clients", "global")
 
 
 def build_summary(

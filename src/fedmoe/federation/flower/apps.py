@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from ...config import config_from_tree
-from ...report import RunDir
+from ...rundir import RunDir
 from ..runtime import Federation, open_run_dir, resume
 from .client import ClientModel, FlowerClient
 from .server import FlowerTransport

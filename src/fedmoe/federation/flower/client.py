@@ -24,10 +24,11 @@ from ...algorithms import get_method
 from ...config import ConfigError, RunConfig
 from ...data import prepare_client_data, prepare_federated_data
 from ...moe import load_tokenizer
-from ...report.rundir import atomic_write_bytes, atomic_write_text
+from ...rundir import atomic_write_bytes, atomic_write_text
 from ..clients import ClientNode, client_set, heldout_set
 from ..evaluation import ModelEvaluator
 from ..local import load_client_model
+from ..transport import TrainReport
 from .records import from_records, jsonable, to_records
 
 _KEEP = 3  # private-store files kept per client (the newest)
@@ -149,8 +150,7 @@ class FlowerClient:
         if kind == "train":
             reply, res, metrics = node.train(self.half, self.mm, msg, self.cfg)
             store.save(round_idx, node.private)
-            out["report"] = {"loss": res.loss, "steps": res.steps, "lr": res.lr, "tokens": res.tokens,
-                             "activation_counts": res.activation_counts.tolist(), "metrics": jsonable(metrics)}
+            out["report"] = TrainReport.of(res, jsonable(metrics)).to_info()
             out["work_s"] = time.perf_counter() - t0
             return to_records(reply, out)
         if kind == "evaluate":

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from ...config import ConfigError, RunConfig, config_to_dict
-from ...report import RunDir
+from ...rundir import RunDir
 
 
 class FlowerMissing(ConfigError):

@@ -14,6 +14,7 @@ import uuid
 
 from ...messages import Message
 from ..evaluation import pooled
+from ..transport import TrainReport
 from .records import from_records, to_records
 
 QUERY, TRAIN, EVALUATE, EVALUATE_GLOBAL = "query", "train", "evaluate", "evaluate.global"
@@ -145,15 +146,11 @@ class FlowerTransport:
                 for cid, info in sorted(self.infos.items())}
 
     def train(self, round_idx: int, messages: dict[int, Message], prog):
-        import torch
-
         got, failed = self._send(round_idx, TRAIN, messages)
         replies = {}
         for cid, (msg, info) in got.items():
-            report = dict(info["report"])
-            report["activation_counts"] = torch.tensor(report["activation_counts"], dtype=torch.long)
             # the client's time to load its model and data (0 while its process keeps them) and its work
-            report["overhead"] = {"load_s": info["load_s"], "train_s": info["work_s"]}
+            report = TrainReport.from_info(info["report"], load_s=info["load_s"], train_s=info["work_s"])
             replies[cid] = (msg, report)
         return replies, failed
 
@@ -179,6 +176,3 @@ class FlowerTransport:
 
     def restore(self, state: dict) -> None:
         self.run_id = state["run_id"]
-
-    def close(self) -> None:
-        pass

@@ -1,0 +1,84 @@
+"""The contract between the federation loop and a runtime: what a transport does, and what a client
+reports of its local training.
+
+:class:`~fedmoe.federation.runtime.Federation` drives a :class:`Transport` — the in-process
+:class:`~fedmoe.federation.local.LocalTransport` or Flower's
+:class:`~fedmoe.federation.flower.server.FlowerTransport` — with the messages the server half made,
+and gets back each client's reply message and a :class:`TrainReport` (in-process: built from the
+local training result; on Flower: built by the ClientApp, sent as JSON beside the reply, read back
+here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from ..messages import Message
+    from ..train import LocalResult
+
+
+@dataclass
+class TrainReport:
+    """What a client reports of one round's local training, beside its reply message (never sent to
+    the server half: the runtime's ledger and metrics rows read it)."""
+
+    loss: float  # mean training loss over the round's optimizer steps
+    steps: int
+    lr: float
+    tokens: int  # non-padding tokens processed
+    activation_counts: torch.Tensor  # (MoE layers, experts): tokens routed to each expert
+    metrics: dict[str, Any]  # the method's client metrics (Client.reply)
+    overhead: dict[str, float] = field(default_factory=dict)  # the transport's timings: train_s, load_s
+
+    @classmethod
+    def of(cls, result: LocalResult, metrics: dict, **overhead: float) -> TrainReport:
+        return cls(loss=result.loss, steps=result.steps, lr=result.lr, tokens=result.tokens,
+                   activation_counts=result.activation_counts, metrics=dict(metrics), overhead=dict(overhead))
+
+    def to_info(self) -> dict:
+        """As JSON-able values (the activation counts as nested lists), without the transport's timings."""
+        return {"loss": self.loss, "steps": self.steps, "lr": self.lr, "tokens": self.tokens,
+                "activation_counts": self.activation_counts.tolist(), "metrics": self.metrics}
+
+    @classmethod
+    def from_info(cls, info: dict, **overhead: float) -> TrainReport:
+        return cls(loss=info["loss"], steps=int(info["steps"]), lr=info["lr"], tokens=int(info["tokens"]),
+                   activation_counts=torch.tensor(info["activation_counts"], dtype=torch.long),
+                   metrics=dict(info["metrics"]), overhead=dict(overhead))
+
+
+class Transport(Protocol):
+    """How the loop reaches the clients. Every method gets the messages the server half made (one per
+    client, by id) and returns what came back; a client that failed is named with why, never dropped
+    silently."""
+
+    def wait_for_clients(self) -> None:
+        """Block until every client of the run is reachable (or raise, naming who is missing)."""
+
+    def setup(self, prog) -> dict[int, dict]:
+        """Every client's one-shot setup: {client: {"setup": metrics, "data": its data, "profile": k, rank}}."""
+
+    def train(self, round_idx: int, messages: dict[int, Message],
+              prog) -> tuple[dict[int, tuple[Message, TrainReport]], dict[int, str]]:
+        """({client: (reply, report)}, {client: why it failed}) for this round's train messages."""
+
+    def evaluate(self, round_idx: int, messages: dict[int, Message], with_answers: bool,
+                 general_for: dict[int, bool], prog) -> dict[int, dict]:
+        """Each client's own model on its own test data: {client: results}."""
+
+    def evaluate_global(self, round_idx: int, message: Message, with_answers: bool, general: bool,
+                        prog) -> dict:
+        """The global model on the union of the clients' test data."""
+
+    def state(self) -> dict:
+        """What a checkpoint must hold to resume the transport (private stores, or where they are)."""
+
+    def restore(self, state: dict) -> None:
+        """Take back :meth:`state` from a checkpoint."""
+
+
+__all__ = ["TrainReport", "Transport"]
