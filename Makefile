@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml requirements.lock
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.lock
-	$(BIN)/pip install --quiet -e ".[dev,flower,tensorboard,dp]"
+	$(BIN)/pip install --quiet -e ".[dev,flower,tensorboard,dp,hf]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -18,7 +18,6 @@ both methods the same test examples, in the same order). Verdicts follow the rul
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import defaultdict
@@ -45,7 +44,9 @@ class Run:
         self.seed = int(self.axes.pop("seed"))
         self.key = tuple(sorted(self.axes.items()))
         self.summary = loads((path / "summary.json").read_text())
-        self.metrics = [loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        from fedmoe.rundir import RunDir
+
+        self.metrics = RunDir(path, create=False).read_metrics()  # rows of any fedmoe version (kind / split)
 
     @property
     def clients(self) -> list[dict]:
@@ -69,7 +70,7 @@ class Run:
         return out
 
     def server_mean(self, key: str) -> float | None:
-        vals = [r[key] for r in self.metrics if r.get("split") == "server" and isinstance(r.get(key), (int, float))]
+        vals = [r[key] for r in self.metrics if r.get("kind") == "server" and isinstance(r.get(key), (int, float))]
         return sum(vals) / len(vals) if vals else None
 
 
@@ -203,7 +204,7 @@ def concept_shift(folder: Path) -> str:
             if pairs else "(FedIT or FedIT-no-shift not run: no premise C0)"]
     fc = find(runs, method="FC-MoE")
     cos_fc = [fc[s].server_mean("mean_cosine_shared") for s in sorted(fc)]
-    by_layer = [r.get("mean_cosine_by_layer") for s in sorted(fc) for r in fc[s].metrics if r.get("split") == "server"]
+    by_layer = [r.get("mean_cosine_by_layer") for s in sorted(fc) for r in fc[s].metrics if r.get("kind") == "server"]
     flat = [v for row in by_layer if row for v in row if v is not None]
     out += ["", "FC-MoE's own test (cosine of each client's expert update to the weighted consensus): mean "
             + (f"{sum(flat) / len(flat):.3f}, minimum {min(flat):.3f}" if flat else "–")
@@ -279,9 +280,9 @@ def label_skew(folder: Path) -> str:
                 / max(1, sum(1 for c in flex[s].clients if c.get("general_perplexity") is not None))
                 for s in sorted(flex) if s in fed]
         out += ["", *verdict_rows(preds), "",
-                f"L5 (retention, general-text perplexity, lower is better; no per-example pairing: per seed): FLEx "
+                "L5 (retention, general-text perplexity, lower is better; no per-example pairing: per seed): FLEx "
                 + ", ".join(f"{v:.3f}" for v in gp_x) + " (mean over its clients' own models); FedIT "
-                + ", ".join(f"{v:.3f}" for v in gp_f if v is not None) + f": "
+                + ", ".join(f"{v:.3f}" for v in gp_f if v is not None) + ": "
                 + ("FLEx lower in every seed" if all(a < b for a, b in zip(gp_x, gp_f) if b is not None)
                    else "not lower in every seed") + ".", ""]
     return "\n".join(out)

@@ -151,7 +151,7 @@ def run_method(args, res: common.Result, method: str, folder: Path, work: Path, 
         out["wall_s"] = round(time.perf_counter() - t0, 2)
         out["clients"] = [clients[c] for c in sorted(clients)]
         res.save()
-    rows = [r for r in rd.read_metrics() if r.get("split") == "train"]
+    rows = [r for r in rd.read_metrics() if r.get("kind") == "train"]
     for r in rows:
         c = clients.setdefault(r["client"], {"client": r["client"]})
         c.update({k: r.get(k) for k in ("loss", "steps", "tokens", "train_s", "tokens_per_s")})

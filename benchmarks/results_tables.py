@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from fedmoe.eval import format_change
-from fedmoe.rundir import loads  # non-finite numbers ("NaN", "Infinity") read back as floats
+from fedmoe.rundir import RunDir, loads  # non-finite numbers ("NaN", "Infinity") read back as floats
 from fedmoe.federation.sweep import bytes_per_round, personal_or_global
 
 
@@ -153,8 +153,8 @@ FCMOE = ["FC-MoE", "FedIT", "FLAME", "no-importance", "no-projection", "no-reten
 
 def rounds_to(run: Path, target: float) -> str:
     """The first round whose global test loss is at or below ``target``."""
-    rows = [loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    for r in sorted((r for r in rows if r["split"] == "test" and r["client"] is None), key=lambda r: r["round"]):
+    rows = RunDir(run, create=False).read_metrics()  # rows of any fedmoe version (kind / split)
+    for r in sorted((r for r in rows if r["kind"] == "test" and r["client"] is None), key=lambda r: r["round"]):
         if r["round"] > 0 and r["loss"] is not None and r["loss"] <= target:
             return str(r["round"])
     return "not reached"
@@ -172,9 +172,8 @@ def spread(xs) -> str:
 def conflict_stat(run: Path, key: str) -> str:
     """FC-MoE's server metric averaged over rounds (and layers, for a per-layer list); – for other methods."""
     vals = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = loads(line)
-        v = r.get(key) if r.get("split") == "server" else None
+    for r in RunDir(run, create=False).read_metrics():
+        v = r.get(key) if r.get("kind") == "server" else None
         if isinstance(v, list):
             vals += [x for x in v if isinstance(x, (int, float))]
         elif isinstance(v, (int, float)):

@@ -52,9 +52,11 @@ def one(runtime: str, n: int, root: Path) -> dict:
         out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"{runtime} with {n} clients failed:\n{out[-3000:]}")
-    rows = [json.loads(x) for x in (root / f"{runtime}-{n}" / "metrics.jsonl").read_text().splitlines()]
-    rounds = [r for r in rows if r["split"] == "round"]
-    loads = [r["load_s"] for r in rows if r["split"] == "train" and "load_s" in r]
+    from fedmoe.rundir import RunDir
+
+    rows = RunDir(root / f"{runtime}-{n}", create=False).read_metrics()
+    rounds = [r for r in rows if r["kind"] == "round"]
+    loads = [r["load_s"] for r in rows if r["kind"] == "train" and "load_s" in r]
     return {"runtime": runtime, "clients": n, "total_s": time.time() - t0, "rounds": rounds,
             "load_s": sum(loads) / len(loads) if loads else 0.0}
 

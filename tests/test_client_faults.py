@@ -61,8 +61,8 @@ def test_skip_aggregates_the_others_and_reports_the_failures(tmp_path):
     assert all(f["error"].startswith("IndexError: index out of range") for f in summary["failures"])
     assert [c["rounds_trained"] for c in summary["clients"]] == [2, 0, 2]
     rows = fed.rd.read_metrics()
-    assert [r["clients"] for r in rows if r["split"] == "server"] == [[0, 2], [0, 2]]
-    assert [(r["round"], r["client"]) for r in rows if r["split"] == "failure"] == [(1, 1), (2, 1)]
+    assert [r["clients"] for r in rows if r["kind"] == "server"] == [[0, 2], [0, 2]]
+    assert [(r["round"], r["client"]) for r in rows if r["kind"] == "failure"] == [(1, 1), (2, 1)]
     report = fed.rd.report_path.read_text()
     assert "## Failures" in report and "| 2 | 1 | train | IndexError: index out of range" in report
     assert nonfinite_exit_message(summary) is None  # a failed client is not a non-finite update: exit 0

@@ -39,7 +39,7 @@ def test_the_table_holds_each_runs_numbers(runs, tmp_path):
     assert row["method"][:2] == ["fedit", "flame"]
     assert row["rounds done"][0] == "2 of 2" and row["rounds done"][2].rstrip(" |") == "1 of 2 (unfinished)"
     zs = [json.loads(x) for x in (runs["fedit"][1] / "metrics.jsonl").read_text().splitlines()]
-    zero = next(r["loss"] for r in zs if r["split"] == "test" and r["client"] is None and r["round"] == 0)
+    zero = next(r["loss"] for r in zs if r["kind"] == "test" and r["client"] is None and r["round"] == 0)
     assert row["global test loss (zero-shot)"][0] == f"{fedit['global']['loss']:.4f} ({zero:.4f})"
     assert row["global test loss (zero-shot)"][1].startswith(f"{flame['global']['loss']:.4f} (")
     # flame is personalised: the mean of its clients' own models

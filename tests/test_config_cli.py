@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from fedmoe.config import ConfigError, RunConfig, load_config
+from fedmoe.config import ConfigError, load_config
 
 
 def test_defaults_are_the_default_run_and_match_configs_default_yaml():

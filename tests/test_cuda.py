@@ -168,7 +168,8 @@ def _forward_backward(ours, peft_model, wrappers):
                 key = f"layer{layer.index}.{ours_name}_lora_{ab}"
                 grads_ours[key] = getattr(ex, f"{ours_name}_lora_{ab}").grad.float()
                 grads_peft[key] = g.float()
-    return out_ours.logits.detach().float(), out_peft.logits.detach().float(), grads_ours, grads_peft
+    real = mask.bool()  # padding never reaches fedmoe's experts (model.skip_padding): the real tokens compare
+    return out_ours.logits.detach().float()[real], out_peft.logits.detach().float()[real], grads_ours, grads_peft
 
 
 # ------------------------------------------------------------------------------- expert LoRA = PEFT
@@ -201,7 +202,7 @@ def test_expert_lora_matches_peft_bf16_on_device(record_property):
     ids, mask = _batch()
     out = ref32.model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
     out.loss.backward()
-    l32 = out.logits.detach()
+    l32 = out.logits.detach()[mask.bool()]
     g32 = {f"layer{layer.index}.{n}_lora_{ab}": getattr(ref32.experts_module(layer.index), f"{n}_lora_{ab}").grad
            for layer in ref32.layers for n in ("gate_up", "down") for ab in "AB"}
     rows = [("logits", lo, lp, l32)] + [(k, go[k], gp[k], g32[k]) for k in go]

@@ -161,6 +161,37 @@ def test_unknown_source_and_hub_id():
         with pytest.raises(DataError) as e:
             load_examples("databricks/databricks-dolly-15k")
         assert "databricks/databricks-dolly-15k" in str(e.value) and "path" in str(e.value)
+    else:  # offline, a hub id not in the cache is refused with what to do instead
+        with pytest.raises(DataError, match=r"cannot load hub dataset 'someone/not-cached'.*save_to_disk"):
+            load_examples("hf:someone/not-cached")
+
+
+def test_a_saved_hugging_face_dataset_folder(tmp_path):
+    """data.source: a folder written by the datasets library (a DatasetDict: data.hf_split picks the split),
+    with a field map; a folder of parquet files; a missing split named with the ones there are."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1), "topic": "math"} for i in range(6)]
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
+                               "test": datasets.Dataset.from_list(rows[4:])})
+    dd.save_to_disk(str(tmp_path / "saved"))
+    fm = {"instruction": "question", "output": "answer", "category": "topic"}
+    got = load_examples(str(tmp_path / "saved"), field_map=fm).examples
+    assert [(e.instruction, e.output, e.category) for e in got] == [(r["question"], r["answer"], "math") for r in rows[:4]]
+    test = load_examples(str(tmp_path / "saved"), field_map=fm, hf_split="test").examples
+    assert [e.output for e in test] == ["5", "6"]
+    with pytest.raises(DataError, match=r"splits \['test', 'train'\], not 'validation'"):
+        load_examples(str(tmp_path / "saved"), field_map=fm, hf_split="validation")
+    (tmp_path / "pq").mkdir()
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "pq" / "part-0.parquet"))
+    assert len(load_examples(str(tmp_path / "pq"), field_map=fm).examples) == 6
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="without a saved dataset"):
+        load_examples(str(tmp_path / "empty"), field_map=fm)
+    # through a run's data config
+    cfg = DataConfig.model_validate({"source": str(tmp_path / "saved"), "field_map": fm, "hf_split": "train",
+                                     "partition": {"scheme": "iid", "num_clients": 2}, "split": [0.5, 0.0, 0.5]})
+    data = prepare_federated_data(cfg, seed=0)
+    assert sum(len(c.train) + len(c.test) for c in data.clients) == 4
 
 
 # ----------------------------------------------------------------------------------------------

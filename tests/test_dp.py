@@ -153,7 +153,7 @@ def test_a_tiny_run_with_dp_reports_epsilon_per_round(tmp_path):
                                     "federation.dp.clip_norm=0.01", f"federation.dp.noise_multiplier={sigma}",
                                     f"federation.dp.delta={delta}", "algorithm.server_optimizer.name=fedadam"])
     summary, rd = run_federated(cfg, log=lambda *a: None)
-    rows = [r for r in rd.read_metrics() if r["split"] == "server"]
+    rows = [r for r in rd.read_metrics() if r["kind"] == "server"]
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
         assert r["dp_epsilon"] == pytest.approx(epsilon(sigma, r["round"], delta)) and r["dp_delta"] == delta

@@ -190,21 +190,21 @@ def test_rundir_metrics_append_read_truncate(tmp_path):
     assert rd.checkpoint_dir == rd.path / "checkpoints"
     assert rd.read_metrics() == []
     rows = [
-        {"round": r, "client": c, "split": "test", "loss": 2.0 - 0.1 * r}
+        {"round": r, "client": c, "kind": "test", "loss": 2.0 - 0.1 * r}
         for r in (1, 2, 3) for c in (0, None)
     ]
     for row in rows:
         rd.log_metrics(row)
     assert rd.read_metrics() == rows
-    rd.log_metrics({"round": 3, "client": 0, "split": "train", "loss": torch.tensor(1.5), "bad": float("nan")})
+    rd.log_metrics({"round": 3, "client": 0, "kind": "train", "loss": torch.tensor(1.5), "bad": float("nan")})
     last = rd.read_metrics()[-1]  # NaN is written as "NaN" and read back as a float, never as null
-    assert math.isnan(last.pop("bad")) and last == {"round": 3, "client": 0, "split": "train", "loss": 1.5}
+    assert math.isnan(last.pop("bad")) and last == {"round": 3, "client": 0, "kind": "train", "loss": 1.5}
     with pytest.raises(ValueError):
         rd.log_metrics({"client": 0})
     assert rd.truncate_metrics(after_round=2) == 3
     assert rd.read_metrics() == rows[:4]
     # appending after truncate continues the same file
-    rd.log_metrics({"round": 3, "client": None, "split": "test", "loss": 1.0})
+    rd.log_metrics({"round": 3, "client": None, "kind": "test", "loss": 1.0})
     assert len(rd.read_metrics()) == 5
     assert not [p for p in rd.path.iterdir() if p.name.endswith(".tmp")]
 
@@ -279,9 +279,9 @@ def test_write_report(tmp_path):
     metrics = []
     for r in (1, 2, 3):
         for c in (0, 1):
-            metrics.append({"round": r, "client": c, "split": "train", "loss": 3.0 - 0.2 * r, "bytes_up": 1, "steps": 10})
-            metrics.append({"round": r, "client": c, "split": "test", "loss": 2.8 - 0.2 * r, "rouge_l": 10.0 * r + c})
-        metrics.append({"round": r, "client": None, "split": "test", "loss": 2.7 - 0.2 * r})
+            metrics.append({"round": r, "client": c, "kind": "train", "loss": 3.0 - 0.2 * r, "bytes_up": 1, "steps": 10})
+            metrics.append({"round": r, "client": c, "kind": "test", "loss": 2.8 - 0.2 * r, "rouge_l": 10.0 * r + c})
+        metrics.append({"round": r, "client": None, "kind": "test", "loss": 2.7 - 0.2 * r})
     hist = "| client | qa |\n|---|---:|\n| 0 | 5 |"
     path = write_report(rd, summary, metrics, histogram_markdown=hist)
     assert path == rd.report_path

@@ -48,7 +48,7 @@ def test_scenario_smoke_runs_and_gets_verdicts(tmp_path, scenario):
     for name, s in summaries.items():
         assert s["labels"] and len(s["labels"]) == 8
         rows = [loads(x) for x in (folder / name / "metrics.jsonl").read_text().splitlines()]
-        server = [r for r in rows if r.get("split") == "server"]
+        server = [r for r in rows if r.get("kind") == "server"]
         if not name.endswith("method=local"):  # local-only: nothing reaches the server
             assert server and all("update_conflict_experts" in r or "update_conflict_shared" in r for r in server)
         for c in s["clients"]:

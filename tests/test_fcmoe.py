@@ -147,7 +147,7 @@ def test_fcmoe_run_sends_no_residual_up_and_reports_conflicts(tmp_path):
     summary, rd = run_federated(cfg, observe=lambda kind, cid, msg: seen.append((kind, cid, msg)))
     ups = [m for kind, _, m in seen if kind == "reply"]
     assert len(ups) == 9 and not any(n.startswith(RESIDUAL) for m in ups for n in m.tensors)
-    server_rows = [r for r in rd.read_metrics() if r["split"] == "server"]
+    server_rows = [r for r in rd.read_metrics() if r["kind"] == "server"]
     assert all(0 <= r["projected_fraction"] <= 1 and len(r["mean_cosine_by_layer"]) == 4 for r in server_rows)
     # a train message carries a residual exactly when the server kept one for that client
     downs = [(cid, m) for kind, cid, m in seen if kind == "downlink" and m.header["round"] > 1]

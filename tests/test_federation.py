@@ -14,7 +14,7 @@ from fedmoe.algorithms import METHODS, ModelSpec, server_update, weighted_averag
 from fedmoe.algorithms.server_opt import ServerOptimizerConfig
 from fedmoe.config import RunConfig, load_config
 from fedmoe.federation import resume_federated, run_federated, sample_clients
-from fedmoe.federation.runtime import RunDirError
+from fedmoe.federation.checkpoint import RunDirError
 
 
 # ---------------------------------------------------------------------------- aggregation math
@@ -152,20 +152,20 @@ def test_run_directory_contract_and_bytes(tmp_path):
     expected = count_flops(mm.config, 128, k=2, lora_rank=4)["flops_per_seq"]
     assert [c["flops_per_seq"] for c in on_disk["clients"]] == [expected] * 3
     rows = rd.read_metrics()
-    train_rows = [r for r in rows if r["split"] == "train"]
+    train_rows = [r for r in rows if r["kind"] == "train"]
     assert len(train_rows) == 2 * 3 and all(r["bytes_up"] == per_round + 8 for r in train_rows)
-    assert [r["round"] for r in rows if r["split"] == "test" and r["client"] is None] == [0, 1, 2]
+    assert [r["round"] for r in rows if r["kind"] == "test" and r["client"] is None] == [0, 1, 2]
     # where each round's time went: the clients' training and evaluation, aggregation, the rest
     for rnd in (1, 2):
-        [rr] = [r for r in rows if r["split"] == "round" and r["round"] == rnd]
-        work = sum(r["train_s"] for r in rows if r["split"] == "train" and r["round"] == rnd) + sum(
-            r["eval_s"] for r in rows if r["split"] == "test" and r["round"] == rnd and r["client"] is not None)
+        [rr] = [r for r in rows if r["kind"] == "round" and r["round"] == rnd]
+        work = sum(r["train_s"] for r in rows if r["kind"] == "train" and r["round"] == rnd) + sum(
+            r["eval_s"] for r in rows if r["kind"] == "test" and r["round"] == rnd and r["client"] is not None)
         assert rr["clients_s"] == pytest.approx(work) and 0 < rr["clients_s"] < rr["wall_s"]
         assert rr["overhead_s"] == pytest.approx(rr["wall_s"] - rr["clients_s"] - rr["aggregate_s"])
         assert all(r["tokens_per_s"] == pytest.approx(r["tokens"] / r["train_s"]) for r in train_rows)
     assert "## Time per round" in rd.report_path.read_text()
     # ROUGE-L in the zero-shot round 0 and the final round only (eval.every_round is off)
-    glob = {r["round"]: r for r in rows if r["client"] is None and r["split"] == "test"}
+    glob = {r["round"]: r for r in rows if r["client"] is None and r["kind"] == "test"}
     assert "rouge_l" in glob[0] and "rouge_l" in glob[2] and "rouge_l" not in glob[1]
     # the per-category breakdown averages the same per-example scores as the global number
     cats = glob[2]["rouge_l_by_category"]
@@ -192,7 +192,7 @@ def test_same_seed_same_numbers_and_exact_resume(tmp_path):
     with pytest.raises(RunDirError, match="--resume"):
         run_federated(_cfg(tmp_path, "killed"))
     # a metrics row written after the checkpoint (a kill mid-round) is dropped on resume
-    rd.log_metrics({"round": 2, "client": 0, "split": "train", "loss": 123.0})
+    rd.log_metrics({"round": 2, "client": 0, "kind": "train", "loss": 123.0})
     resumed, _ = resume_federated(rd.path)
     for key in ("rouge_l", "loss", "perplexity", "rouge_l_change"):  # zero-shot scores survive the checkpoint
         assert resumed["global"][key] == full["global"][key]
@@ -201,7 +201,7 @@ def test_same_seed_same_numbers_and_exact_resume(tmp_path):
         assert a["expert_activation"] == b["expert_activation"]
     rows = rd.read_metrics()
     assert not any(r.get("loss") == 123.0 for r in rows)
-    assert len([r for r in rows if r["split"] == "train"]) == 3 * 3
+    assert len([r for r in rows if r["kind"] == "train"]) == 3 * 3
     # and the same config again from scratch gives the same numbers (determinism on CPU)
     again, _ = run_federated(_cfg(tmp_path, "full"))
     assert again["global"]["loss"] == full["global"]["loss"]
@@ -211,7 +211,7 @@ def test_same_seed_same_numbers_and_exact_resume(tmp_path):
 def test_partial_participation_trains_only_sampled_clients(tmp_path):
     summary, rd = run_federated(_cfg(tmp_path, "frac", ["federation.fraction=0.34", "federation.rounds=2",
                                                          "eval.rouge=false"]))
-    rows = [r for r in rd.read_metrics() if r["split"] == "train"]
+    rows = [r for r in rd.read_metrics() if r["kind"] == "train"]
     expected = [(r, c) for r in (1, 2) for c in sample_clients(3, 0.34, 0, r)]
     assert [(r["round"], r["client"]) for r in rows] == expected
     trained = {c["id"]: c["rounds_trained"] for c in summary["clients"]}
@@ -266,7 +266,7 @@ def test_sigkill_then_cli_resume_matches_uninterrupted(tmp_path):
 def test_general_perplexity_and_expert_load_std(tmp_path):
     summary, rd = run_federated(_cfg(tmp_path, "gen", ["federation.rounds=1", "eval.rouge=false", "eval.general_blocks=2",
                                                        "model.name=builtin:tiny-olmoe"]))
-    rows = {r["round"]: r for r in rd.read_metrics() if r["client"] is None and r["split"] == "test"}
+    rows = {r["round"]: r for r in rd.read_metrics() if r["client"] is None and r["kind"] == "test"}
     assert rows[0]["general_perplexity"] > 1 and rows[1]["general_perplexity"] > 1
     assert summary["zero_shot"]["general_perplexity"] == rows[0]["general_perplexity"]
     # load std by hand from the pooled activation counts

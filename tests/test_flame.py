@@ -1,5 +1,6 @@
 """FLAME: activation-aware aggregation against hand computations, its t = 0 reduction to FedIT,
-budgets, the private rescaler, and a real (tiny) FLAME run."""
+budgets, the private rescaler (its own learning rate, no weight decay, reported per client), one
+expert per layer, the split layout with router LoRA, and real (tiny) FLAME runs."""
 
 import pytest
 import torch
@@ -10,8 +11,10 @@ from fedmoe.algorithms import METHODS
 from fedmoe.algorithms.budgets import BudgetConfig, client_levels, default_top_k_levels
 from fedmoe.algorithms.flame import COUNTS, TOKENS, activation_aware_average
 from fedmoe.config import load_config
-from fedmoe.moe import MoEModel
+from fedmoe.federation import run_federated
+from fedmoe.moe import MoEModel, Role
 from fedmoe.moe.tiny import tiny_config
+from fedmoe.train import train_local
 
 NAME = "model.layers.0.mlp.experts.down_lora_A"
 
@@ -178,13 +181,13 @@ TINY = ["data.max_examples=240", "data.max_length=64", "train.max_steps=2", "tra
 
 
 def test_flame_run_keeps_rescaler_private_and_counts_uplink(tmp_path):
-    from fedmoe.federation import resume_federated, run_federated
+    from fedmoe.federation import resume_federated
 
     cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "name=flame", "federation.rounds=2", "train.lr=0.05"])
     summary, rd = run_federated(cfg)
     assert [c["k"] for c in summary["clients"]] == [2, 1]
     # activation counts travel up: 4 layers x 8 experts + 4 token totals, int64; and n_i
-    rows = [r for r in rd.read_metrics() if r["split"] == "train"]
+    rows = [r for r in rd.read_metrics() if r["kind"] == "train"]
     assert all(r["bytes_up"] == r["bytes_down"] + (4 * 8 + 4) * 8 + 8 for r in rows)
     ck = torch.load(rd.checkpoint_dir / "state.pt", weights_only=False)
     assert all(n.endswith(".experts.output_scale") for c in (0, 1) for n in ck["transport"]["private"][c])
@@ -195,3 +198,101 @@ def test_flame_run_keeps_rescaler_private_and_counts_uplink(tmp_path):
                                                        "train.lr=0.05"]), stop_after_round=1)
     resumed, _ = resume_federated(rd2.path)
     assert [c["loss"] for c in resumed["clients"]] == [c["loss"] for c in summary["clients"]]
+
+
+EXAMPLES = [{"input_ids": list(range(2 + i, 26 + i)), "labels": [-100] * 4 + list(range(6 + i, 26 + i))}
+            for i in range(8)]
+
+
+def _flame_step(*sets):
+    """One AdamW step of a FLAME client (k_i = 1 of 2) from rescaler 1: (rescaler move, largest LoRA move)."""
+    cfg = load_config(None, ["algorithm.name=flame", "algorithm.budgets.top_k=[1]", "data.partition.num_clients=1",
+                             "lora.rank=2", "train.max_steps=1", "train.batch_size=4", "train.grad_clip=null",
+                             "train.lr=1e-4", *sets])
+    mm = MoEModel.from_config(tiny_config("olmoe"))
+    server, client, _ = built(METHODS["flame"], cfg, mm)
+    private, _ = client.setup(0, mm, EXAMPLES)
+    down = server.downlink(server.initial_global(), {}, 0, round_idx=1)
+    client.load(mm, 0, down, private)
+    before = mm.get_state()
+    train_local(mm, EXAMPLES, cfg.train, pad_id=0, lr=cfg.train.lr, seed=0,
+                objective=client.objective(0, mm, down, private))
+    after = mm.get_state()
+    moves = {n: (after[n] - before[n]).abs().max().item() for n in after}
+    rescalers = set(mm.inventory().names(Role.RESCALER))
+    scale = [v for n, v in moves.items() if n in rescalers]
+    lora = max(v for n, v in moves.items() if n not in rescalers)
+    return scale, lora
+
+
+def test_rescaler_trains_with_its_own_lr_and_no_weight_decay():
+    """Adam's first step moves a parameter by its lr (times g/(|g| + eps)); AdamW's decay would add
+    lr·wd·s. So the rescaler moves by exactly rescaler_lr, not train.lr and not rescaler_lr·(1 + wd)."""
+    scale, lora = _flame_step("algorithm.flame.rescaler_lr=0.01", "train.weight_decay=0.5")
+    assert len(scale) == 2  # one per MoE layer of the tiny model
+    assert all(v == pytest.approx(0.01, rel=1e-2) for v in scale), scale
+    assert lora <= 1e-4 * 1.001 + 1e-4 * 0.5 * 1.0  # the LoRA keeps train.lr (and its decay)
+    legacy, _ = _flame_step("algorithm.flame.rescaler_lr=null")  # the LoRA's lr: the rescaler hardly moves
+    assert all(v == pytest.approx(1e-4, rel=1e-2) for v in legacy), legacy
+
+
+def test_a_flame_run_reports_each_clients_learned_rescaler(tmp_path):
+
+    sets = ["model.name=builtin:tiny-olmoe", "algorithm.name=flame", "algorithm.budgets.top_k=[2,1]",
+            "data.max_examples=200", "data.max_length=48", "data.partition.num_clients=2", "train.max_steps=2",
+            "train.batch_size=2", "eval.rouge=false", "data.max_test_per_client=3", "lora.rank=4",
+            "federation.rounds=2", f"output_dir={tmp_path}", "name=r"]
+    summary, rd = run_federated(load_config(None, sets))
+    ck = torch.load(rd.checkpoint_dir / "state.pt", weights_only=False)
+    for c in summary["clients"]:
+        private = ck["transport"]["private"][c["id"]]
+        want = [float(private[n]) for n in private]  # layer order
+        assert c["reported"]["rescaler_by_layer"] == want and len(want) == 4 and c["reported_round"] == 2
+        assert all(abs(v - 1.0) > 1e-3 for v in want)  # it learned (rescaler_lr 1e-2, 4 steps)
+    report = rd.report_path.read_text()
+    assert "## Client-reported values" in report and "rescaler_by_layer" in report
+    row = next(line for line in report.splitlines() if line.startswith("| 1 | 2 |"))
+    assert f"{summary['clients'][1]['reported']['rescaler_by_layer'][0]:.4f}" in row
+
+
+def test_flame_run_with_split_layout_and_router_lora(tmp_path):
+    """A real (tiny) FLAME run: split expert LoRA aggregated per expert, the router LoRA like the
+    attention LoRA (by n_i), and the summary's trainable counts from the same layout."""
+    from fedmoe.config import load_config
+    from fedmoe.eval.flops import count_flops, load_model_config
+
+    cfg = load_config(None, [
+        "data.max_examples=120", "data.max_length=48", "train.max_steps=1", "train.batch_size=2", "eval.max_examples=2",
+        "eval.max_new_tokens=2", "data.max_test_per_client=2", "lora.rank=4", "model.name=builtin:tiny-olmoe",
+        "algorithm.name=flame", "algorithm.budgets.top_k=[2,1]", "data.partition.num_clients=2",
+        "eval.zero_shot=false", "federation.rounds=1", "train.lr=0.05", "lora.expert_layout=split", "lora.router=true",
+        f"output_dir={tmp_path}", "name=split"])
+    summary, rd = run_federated(cfg)
+    ck = torch.load(rd.checkpoint_dir / "state.pt", weights_only=False)
+    g = ck["global_state"]
+    assert "model.layers.0.mlp.experts.gate_lora_B" in g and "model.layers.0.mlp.gate.lora_B" in g
+    assert g["model.layers.0.mlp.gate.lora_B"].abs().sum() > 0  # trained and aggregated
+    fl = count_flops(load_model_config(cfg.model.name), cfg.eval.flops_seq_len, k=1, lora_rank=4,
+                     expert_lora_layout="split", router_lora=True)
+    # the client also trains its 4 private rescalers (one per MoE layer), which the config-only count lacks
+    assert summary["clients"][1]["active_trainable"] == fl["active_trainable"] + 4
+    assert summary["clients"][1]["total_trainable"] == summary["trainable_params"] == fl["total_trainable"] + 4
+
+
+def test_flame_with_one_expert_per_layer_weights_that_experts_counts():
+    cfg = load_config(None, ["algorithm.name=flame", "lora.experts_per_layer=1", "lora.rank=2", "lora.attention_targets=[]",
+                             "data.partition.num_clients=2", "algorithm.flame.temperature=1"])
+    server, _, _ = built(METHODS["flame"], cfg, MoEModel.from_config(tiny_config("olmoe")))
+    g = server.initial_global()
+    name = next(n for n in g if n.endswith("layers.1.mlp.experts.down_lora_B"))
+    assert g[name].shape[0] == 1  # one expert's LoRA
+    expert = server.experts[1][0]
+    counts = [torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long)]
+    counts[0][1, expert], counts[1][1, expert] = 30, 10  # layer 1: a/S = 3/4 and 1/4
+    counts[0][0, expert], counts[1][0, expert] = 10, 30  # layer 0 the other way round
+    replies = [reply(i, {**{n: torch.full_like(t, float(i + 1)) for n, t in g.items()},
+                         "activation_counts": counts[i], "tokens_per_layer": torch.tensor([40, 40])}, 10)
+               for i in (0, 1)]
+    new, _, _ = server.aggregate(g, {}, replies, round_idx=1)
+    # layer 1: weights 0.75 and 0.25 on values 1 and 2 (layer 0's counts would give 1.75)
+    torch.testing.assert_close(new[name], torch.full_like(g[name], 0.75 * 1 + 0.25 * 2))

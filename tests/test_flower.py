@@ -89,6 +89,16 @@ def test_a_train_report_travels_as_json_exactly():
     assert (back.loss, back.steps, back.lr, back.tokens, back.metrics) == (2.5, 3, 1e-3, 96, sent.metrics)
     assert back.activation_counts.dtype == torch.long and torch.equal(back.activation_counts, counts)
     assert back.overhead == {"load_s": 1.5, "train_s": 4.0} and "overhead" not in sent.to_info()
+    # the counts travel once: a reply that holds them (FLAME, FC-MoE) carries them, the report does not
+    from fedmoe.messages import ACTIVATION_COUNTS
+
+    reply = Message(tensors={ACTIVATION_COUNTS: counts.clone()}, scalars={"n_train": 12})
+    info = json.loads(json.dumps(sent.to_info(reply)))
+    assert ACTIVATION_COUNTS not in info
+    assert torch.equal(TrainReport.from_info(info, reply).activation_counts, counts)
+    assert ACTIVATION_COUNTS in sent.to_info(Message(tensors={}, scalars={"n_train": 12}))
+    with pytest.raises(ValueError, match="no activation counts"):
+        TrainReport.from_info(info)
 
 
 @pytest.mark.parametrize("method", sorted(SIM_METHODS))
@@ -138,7 +148,7 @@ def test_superlink_and_two_supernodes_run_flex(deployment, tmp_path):
             dirs = {p.name for p in state.glob("*/client-*")}
             assert dirs and dirs == {f"client-{i}"}, (method, i, dirs)
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        train = [r for r in rows if r["split"] == "train"]
+        train = [r for r in rows if r["kind"] == "train"]
         assert len(train) == 4 and all(r["load_s"] > 0 for r in train)  # a SuperNode loads the model per message
         assert "## Client time per round" in (run / "report.md").read_text()
     # FLEx's grafts: in the clients' stores, at every round they trained
@@ -179,9 +189,9 @@ def _killed_node_run(deployment, tmp_path):
                 return
             time.sleep(0.5)
 
-    wait_for('"round": 1, "client": null, "split": "test"')  # kill client 1's node once round 1 is evaluated
+    wait_for('"round": 1, "client": null, "kind": "test"')  # kill client 1's node once round 1 is evaluated
     deployment.kill("node1")
-    wait_for('"round": 2, "client": 1, "split": "failure"')  # bring it back after it failed round 2
+    wait_for('"round": 2, "client": 1, "kind": "failure"')  # bring it back after it failed round 2
     deployment.restart("node1")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]

@@ -1,7 +1,8 @@
-"""Expert LoRA layouts and router LoRA: the split layout (a pair each for gate, up and down) on both
-compute paths against each other, against the fused layout with a shared A, and against a hand
-computation; router LoRA's logits against x·(W + (α/r)·B·A)ᵀ on every architecture; both on a
-meta skeleton, in the methods' name parsing, in FLEx's grafted experts and in a real FLAME run."""
+"""Expert LoRA layouts and router LoRA: the split layout (a pair each for gate, up and down) against
+the fused layout with a shared A and against a hand computation (both layouts on both compute paths:
+tests/test_moe.py; in FLEx's grafts: tests/test_flex.py; in a FLAME run: tests/test_flame.py);
+router LoRA's logits against x·(W + (α/r)·B·A)ᵀ on every architecture; both on a meta skeleton and
+in the methods' name parsing."""
 
 import copy
 
@@ -81,29 +82,6 @@ def test_split_tensors_shapes_order_and_init():
 
 
 # ------------------------------------------------------------------------ split layout: equivalences
-@pytest.mark.parametrize("arch", ["olmoe", "qwen2_moe", "deepseek_v3"])
-def test_split_grouped_and_per_expert_paths_agree(arch):
-    if not lora_mod._HAS_GROUPED_MM:
-        pytest.skip("this torch has no grouped_mm")
-    mm = MoEModel(_hf(arch))
-    mm.add_expert_lora(RANK, ALPHA, layout="split")
-    assert all(mm.experts_module(layer.index)._grouped_ok(torch.float32) for layer in mm.layers)
-    _randomise(mm)
-    ids, mask = _batch()
-    results = []
-    for grouped in (True, False):
-        _set_grouped(mm, grouped)
-        mm.model.zero_grad()
-        out = mm.model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-        out.loss.backward()
-        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in mm.trainable_parameters().items()}))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-5)
-    assert set(results[0][1]) == set(results[1][1])
-    for n in results[0][1]:
-        assert results[0][1][n].abs().sum() > 0 or n.endswith("_A")  # every B gets a gradient
-        torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=0, atol=1e-5)
-
-
 @pytest.mark.parametrize("arch", ["olmoe", "mixtral"])
 def test_split_with_a_shared_A_equals_the_fused_layout(arch):
     """gate_lora_A = up_lora_A = A_fused and cat(gate_lora_B, up_lora_B) = B_fused make the split
@@ -156,30 +134,6 @@ def test_split_expert_output_by_hand(grouped):
         h = F.silu(gate) * up
         ref = (h @ W_d.T + s * (h @ ex.down_lora_A[e].T) @ ex.down_lora_B[e].T) * w
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-5)
-
-
-def test_split_lora_on_a_subset_of_experts_equals_full_lora_with_zeros_elsewhere():
-    full = MoEModel(_hf("olmoe"))
-    full.add_expert_lora(RANK, ALPHA, layout="split")
-    sub = MoEModel(_hf("olmoe"))
-    sub.add_expert_lora(RANK, ALPHA, experts={0: [3], 1: [5]}, layout="split")
-    g = torch.Generator().manual_seed(4)
-    sel = {0: 3, 1: 5}
-    with torch.no_grad():
-        for layer in (0, 1):
-            fe, se = full.experts_module(layer), sub.experts_module(layer)
-            for name in SPLIT:
-                fp, sp = getattr(fe, name), getattr(se, name)
-                assert sp.shape[0] == 1 and fp.shape[0] == 8
-                fp.zero_()
-                sp.copy_(torch.randn(sp.shape, generator=g) * 0.3)
-                fp[sel[layer]] = sp[0]
-    ids, mask = _batch()
-    for grouped in ((True, False) if lora_mod._HAS_GROUPED_MM else (False,)):
-        _set_grouped(full, grouped)
-        _set_grouped(sub, grouped)
-        torch.testing.assert_close(sub.model(ids, attention_mask=mask).logits,
-                                   full.model(ids, attention_mask=mask).logits, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------ router LoRA
@@ -285,61 +239,7 @@ def test_methods_parse_split_and_router_names():
     assert ("model.layers.2.mlp.gate.lora_A", "model.layers.2.mlp.gate.lora_B") in pairs
 
 
-def test_flame_run_with_split_layout_and_router_lora(tmp_path):
-    """A real (tiny) FLAME run: split expert LoRA aggregated per expert, the router LoRA like the
-    attention LoRA (by n_i), and the summary's trainable counts from the same layout."""
-    from fedmoe.config import load_config
-    from fedmoe.eval.flops import count_flops, load_model_config
-    from fedmoe.federation import run_federated
-
-    cfg = load_config(None, [
-        "data.max_examples=120", "data.max_length=48", "train.max_steps=1", "train.batch_size=2", "eval.max_examples=2",
-        "eval.max_new_tokens=2", "data.max_test_per_client=2", "lora.rank=4", "model.name=builtin:tiny-olmoe",
-        "algorithm.name=flame", "algorithm.budgets.top_k=[2,1]", "data.partition.num_clients=2",
-        "eval.zero_shot=false", "federation.rounds=1", "train.lr=0.05", "lora.expert_layout=split", "lora.router=true",
-        f"output_dir={tmp_path}", "name=split"])
-    summary, rd = run_federated(cfg)
-    ck = torch.load(rd.checkpoint_dir / "state.pt", weights_only=False)
-    g = ck["global_state"]
-    assert "model.layers.0.mlp.experts.gate_lora_B" in g and "model.layers.0.mlp.gate.lora_B" in g
-    assert g["model.layers.0.mlp.gate.lora_B"].abs().sum() > 0  # trained and aggregated
-    fl = count_flops(load_model_config(cfg.model.name), cfg.eval.flops_seq_len, k=1, lora_rank=4,
-                     expert_lora_layout="split", router_lora=True)
-    # the client also trains its 4 private rescalers (one per MoE layer), which the config-only count lacks
-    assert summary["clients"][1]["active_trainable"] == fl["active_trainable"] + 4
-    assert summary["clients"][1]["total_trainable"] == summary["trainable_params"] == fl["total_trainable"] + 4
-
-
-# ------------------------------------------------------------------------ FLEx grafts
-def test_flex_grafted_experts_in_the_split_layout():
-    from fedmoe.algorithms.flex import GraftedExperts
-
-    mm = MoEModel(_hf("olmoe"))
-    layer = mm.layers[0]
-    torch.manual_seed(0)
-    fused = GraftedExperts(layer, 1, rank=RANK, alpha=ALPHA)
-    split = GraftedExperts(layer, 1, rank=RANK, alpha=ALPHA, layout="split")
-    assert [n for n, _ in split.named_parameters()] == ["gate", *SPLIT]
-    for g in (fused, split):
-        g.init_from([3])
-    g_ = torch.Generator().manual_seed(1)
-    I = layer.intermediate_size
-    with torch.no_grad():
-        for p in fused.parameters():
-            p.copy_(torch.randn(p.shape, generator=g_) * 0.3)
-        split.gate.copy_(fused.gate)
-        split.gate_lora_A.copy_(fused.gate_up_lora_A)
-        split.up_lora_A.copy_(fused.gate_up_lora_A)
-        split.gate_lora_B.copy_(fused.gate_up_lora_B[:, :I])
-        split.up_lora_B.copy_(fused.gate_up_lora_B[:, I:])
-        split.down_lora_A.copy_(fused.down_lora_A)
-        split.down_lora_B.copy_(fused.down_lora_B)
-    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(split(x), fused(x), rtol=0, atol=1e-5)
-    split.init_from([2])  # reset: A redrawn, B zero
-    assert all(not getattr(split, n).any() for n in SPLIT if n.endswith("_B"))
-
-
+# ------------------------------------------------------------------------ config
 def test_config_keys():
     from fedmoe.config import ConfigError, load_config
 

@@ -73,14 +73,14 @@ def test_evaluating_only_at_the_ends_changes_no_result(tmp_path):
     every, _ = run_federated(load_config(None, base + ["name=every"]))
     ends, rd = run_federated(load_config(None, base + ["name=ends", "eval.loss_every_round=false"]))
     rows = rd.read_metrics()
-    assert sorted({r["round"] for r in rows if r.get("split") == "test"}) == [0, 3]
+    assert sorted({r["round"] for r in rows if r.get("kind") == "test"}) == [0, 3]
     # a round without evaluation counts no evaluation time (none carried over from round 0)
-    clients_s = {r["round"]: r["clients_s"] for r in rows if r.get("split") == "round"}
-    train_s = {rnd: sum(r["train_s"] for r in rows if r.get("split") == "train" and r["round"] == rnd) for rnd in (1, 2)}
+    clients_s = {r["round"]: r["clients_s"] for r in rows if r.get("kind") == "round"}
+    train_s = {rnd: sum(r["train_s"] for r in rows if r.get("kind") == "train" and r["round"] == rnd) for rnd in (1, 2)}
     assert all(clients_s[rnd] == pytest.approx(train_s[rnd]) for rnd in (1, 2))
     # without a zero-shot round either: only the last round is evaluated
     last, rd = run_federated(load_config(None, base + ["name=last", "eval.loss_every_round=false", "eval.zero_shot=false"]))
-    assert sorted({r["round"] for r in rd.read_metrics() if r.get("split") == "test"}) == [3]
+    assert sorted({r["round"] for r in rd.read_metrics() if r.get("kind") == "test"}) == [3]
     assert last["global"]["accuracy"] == ends["global"]["accuracy"]
     drop = ("wall_s", "client_setup_seconds", "client_setup")
     strip = lambda s: json.dumps({k: v for k, v in s.items() if k not in drop}, sort_keys=True, default=str)  # noqa: E731

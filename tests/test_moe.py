@@ -56,8 +56,11 @@ def test_wrapped_experts_equal_hf_forward(arch):
     ref = _hf(arch)
     mm = MoEModel(copy.deepcopy(ref))
     ids, mask = _batch()
-    torch.testing.assert_close(mm.model(ids, attention_mask=mask).logits,
-                               ref(ids, attention_mask=mask).logits, rtol=0, atol=1e-5)
+    want = ref(ids, attention_mask=mask).logits
+    real = mask.bool()  # padding skips the experts (model.skip_padding): the real tokens' logits are HF's
+    torch.testing.assert_close(mm.model(ids, attention_mask=mask).logits[real], want[real], rtol=0, atol=1e-5)
+    mm.tracker.skip_padding = False  # every slot routed, as Hugging Face does: every position equal
+    torch.testing.assert_close(mm.model(ids, attention_mask=mask).logits, want, rtol=0, atol=1e-5)
 
 
 def _peft_expert_model(ref):
@@ -99,7 +102,8 @@ def test_expert_lora_matches_peft_outputs_and_grads(arch):
     labels = ids.masked_fill(mask == 0, -100)
     out_ours = ours.model(ids, attention_mask=mask, labels=labels)
     out_peft = peft_model(input_ids=ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(out_ours.logits, out_peft.logits, rtol=0, atol=1e-5)
+    real = mask.bool()  # padding never reaches fedmoe's experts (model.skip_padding): compare the real tokens
+    torch.testing.assert_close(out_ours.logits[real], out_peft.logits[real], rtol=0, atol=1e-5)
     # the LoRA changes the output (so the comparison above is not vacuous)
     assert (out_ours.logits - base(ids, attention_mask=mask).logits).abs().max() > 1e-3
     out_ours.loss.backward()
@@ -136,8 +140,9 @@ def test_attention_lora_matches_peft(arch):
             n_set += 1
     assert n_set == len(targets) * tiny_config(arch).num_hidden_layers
     ids, mask = _batch()
-    torch.testing.assert_close(ours.model(ids, attention_mask=mask).logits,
-                               peft_model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-5)
+    real = mask.bool()
+    torch.testing.assert_close(ours.model(ids, attention_mask=mask).logits[real],
+                               peft_model(input_ids=ids, attention_mask=mask).logits[real], rtol=0, atol=1e-5)
 
 
 def test_default_attention_targets_per_architecture():
@@ -156,8 +161,9 @@ def test_fresh_adapters_change_nothing():
     mm.add_expert_lora(RANK, ALPHA)
     mm.add_attention_lora(RANK, ALPHA)
     ids, mask = _batch()
-    torch.testing.assert_close(mm.model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits,
-                               rtol=0, atol=1e-6)
+    real = mask.bool()
+    torch.testing.assert_close(mm.model(ids, attention_mask=mask).logits[real],
+                               ref(ids, attention_mask=mask).logits[real], rtol=0, atol=1e-6)
     # 2 layers x (gate_up A,B + down A,B) + 2 layers x 4 projections x (A,B)
     assert len(mm.trainable_names()) == 2 * 4 + 2 * 4 * 2
 
@@ -214,20 +220,23 @@ def test_activation_counts_match_router_by_hand():
     assert mm.activation_counts()[0][0].tolist() == expected.tolist()
 
 
-def test_expert_lora_cost_scales_with_k():
+def test_expert_lora_cost_scales_with_k(monkeypatch):
     """Lower k -> fewer routed (token, expert) pairs reach the LoRA; count LoRA matmul rows."""
+    import fedmoe.moe.lora as lora_mod
+
     mm = MoEModel(_hf("olmoe"))
     mm.add_expert_lora(RANK, ALPHA)
     rows = []
-    ex = mm.experts_module(0)
-    ex.grouped = False  # count the per-expert path's LoRA rows (the grouped path is checked equal below)
-    orig = ex._lora
+    # count the first layer's LoRA rows on the per-expert path (the others take the grouped path, which
+    # is checked equal below)
+    mm.experts_module(mm.layers[0].index).grouped = False
+    orig = lora_mod.lora_delta
 
-    def counting_lora(x, A, B):
+    def counting_lora(x, *args, **kw):
         rows.append(x.shape[0])
-        return orig(x, A, B)
+        return orig(x, *args, **kw)
 
-    ex._lora = counting_lora
+    monkeypatch.setattr(lora_mod, "lora_delta", counting_lora)
     ids = _batch(seq=8)[0][:2]
     for k in (2, 1):
         rows.clear()
@@ -258,16 +267,24 @@ def test_state_get_set_zero_roundtrip():
         mm.load_state(bad)
 
 
-@pytest.mark.parametrize("arch,rank", [("olmoe", RANK), ("qwen2_moe", RANK), ("olmoe", 3)])
-def test_grouped_and_per_expert_paths_agree(arch, rank):
-    """Rank 3 in fp32 (12-byte rows) is not 16-byte aligned: the grouped path pads it with zero rank
+def _set_grouped(mm, grouped: bool) -> None:
+    for layer in mm.layers:
+        mm.experts_module(layer.index).grouped = grouped
+
+
+@pytest.mark.parametrize("arch,rank,layout", [("olmoe", RANK, "fused"), ("qwen2_moe", RANK, "fused"), ("olmoe", 3, "fused"),
+                                              ("olmoe", RANK, "split"), ("qwen2_moe", RANK, "split"),
+                                              ("deepseek_v3", RANK, "split")])
+def test_grouped_and_per_expert_paths_agree(arch, rank, layout):
+    """Both LoRA layouts: logits and every gradient the same on the grouped path and the per-expert
+    loop. Rank 3 in fp32 (12-byte rows) is not 16-byte aligned: the grouped path pads it with zero rank
     components (as rank 20 in bf16, FLAME's, on a GPU) and must still equal the loop."""
     import fedmoe.moe.lora as lora_mod
 
     if not lora_mod._HAS_GROUPED_MM:
         pytest.skip("this torch has no grouped_mm")
     mm = MoEModel(_hf(arch))
-    mm.add_expert_lora(rank, ALPHA)
+    mm.add_expert_lora(rank, ALPHA, layout=layout)
     assert all(mm.experts_module(layer.index)._grouped_ok(torch.float32) for layer in mm.layers)
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
@@ -276,39 +293,45 @@ def test_grouped_and_per_expert_paths_agree(arch, rank):
     ids, mask = _batch()
     results = []
     for grouped in (True, False):
-        for layer in mm.layers:
-            mm.experts_module(layer.index).grouped = grouped
+        _set_grouped(mm, grouped)
         mm.model.zero_grad()
         out = mm.model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
         out.loss.backward()
         results.append((out.logits.detach(), {n: p.grad.clone() for n, p in mm.trainable_parameters().items()}))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-5)
+    assert set(results[0][1]) == set(results[1][1])
     for n in results[0][1]:
+        assert results[0][1][n].abs().sum() > 0 or n.endswith("_A")  # every B gets a gradient
         torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=0, atol=1e-5)
 
 
-def test_lora_on_a_subset_of_experts_equals_full_lora_with_zeros_elsewhere():
-    """MoE + X baseline: LoRA on expert 3 of layer 0 and expert 5 of layer 1 only."""
+@pytest.mark.parametrize("layout", ["fused", "split"])
+def test_lora_on_a_subset_of_experts_equals_full_lora_with_zeros_elsewhere(layout):
+    """MoE + X baseline: LoRA on expert 3 of layer 0 and expert 5 of layer 1 only, in both layouts and
+    on both expert paths."""
+    import fedmoe.moe.lora as lora_mod
+
     full = MoEModel(_hf("olmoe"))
-    full.add_expert_lora(RANK, ALPHA)
+    full.add_expert_lora(RANK, ALPHA, layout=layout)
     sub = MoEModel(_hf("olmoe"))
-    sub.add_expert_lora(RANK, ALPHA, experts={0: [3], 1: [5]})
+    sub.add_expert_lora(RANK, ALPHA, experts={0: [3], 1: [5]}, layout=layout)
+    names = [n for n, _ in sub.experts_module(0).named_parameters() if "lora" in n]
+    assert len(names) == (4 if layout == "fused" else 6)
     g = torch.Generator().manual_seed(4)
     sel = {0: 3, 1: 5}
     with torch.no_grad():
         for layer in (0, 1):
             fe, se = full.experts_module(layer), sub.experts_module(layer)
-            for name in ("gate_up_lora_A", "gate_up_lora_B", "down_lora_A", "down_lora_B"):
+            for name in names:
                 fp, sp = getattr(fe, name), getattr(se, name)
                 assert sp.shape[0] == 1 and fp.shape[0] == 8
                 fp.zero_()
                 sp.copy_(torch.randn(sp.shape, generator=g) * 0.3)
                 fp[sel[layer]] = sp[0]
     ids, mask = _batch()
-    for grouped in (True, False):
-        for mm in (full, sub):
-            for layer in mm.layers:
-                mm.experts_module(layer.index).grouped = grouped
+    for grouped in ((True, False) if lora_mod._HAS_GROUPED_MM else (False,)):
+        _set_grouped(full, grouped)
+        _set_grouped(sub, grouped)
         torch.testing.assert_close(sub.model(ids, attention_mask=mask).logits,
                                    full.model(ids, attention_mask=mask).logits, rtol=0, atol=1e-5)
     assert sum(t.numel() for t in sub.get_state().values()) * 8 == sum(t.numel() for t in full.get_state().values())

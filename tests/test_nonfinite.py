@@ -35,7 +35,7 @@ def _checkpoint(rd):
 # ---------------------------------------------------------------------------- JSON
 def test_nan_and_infinities_round_trip_as_strings_through_metrics_jsonl(tmp_path):
     rd = RunDir(tmp_path / "run")
-    rd.log_metrics({"round": 1, "client": 0, "split": "train", "loss": math.nan, "up": math.inf,
+    rd.log_metrics({"round": 1, "client": 0, "kind": "train", "loss": math.nan, "up": math.inf,
                     "down": -math.inf, "t": torch.tensor(float("nan")), "per_layer": [1.0, math.nan],
                     "error": "NaN"})
     line = rd.metrics_path.read_text()
@@ -65,7 +65,7 @@ def test_results_tables_and_the_report_read_non_finite_numbers(tmp_path):
     [(name, s)] = tables.load(tmp_path).items()
     assert math.isnan(tables.client_mean(s, "rouge_l")) and tables.client_mean(s, "loss") == math.inf
     assert tables.fmt(s["global"]["loss"]) == "nan"
-    rd.log_metrics({"round": 1, "client": None, "split": "test", "loss": math.nan})
+    rd.log_metrics({"round": 1, "client": None, "kind": "test", "loss": math.nan})
     assert tables.rounds_to(rd.path, 1.0) == "not reached"
     # the report: NaN in tables, not drawn in the curve
     summary = {"algorithm": "x", "model": "m", "rounds": 1, "clients": [{"id": 0, "loss": math.nan}],
@@ -112,8 +112,8 @@ def test_one_nan_element_in_one_reply_is_left_out_and_reported(tmp_path):
     assert [(f["round"], f["client"], f["stage"]) for f in summary["failures"]] == [(1, 1, "non-finite")]
     assert "1 of" in summary["failures"][0]["error"] and "left out" in summary["failures"][0]["error"]
     rows = rd.read_metrics()
-    assert [r for r in rows if r["split"] == "failure"][0]["stage"] == "non-finite"
-    [server] = [r for r in rows if r["split"] == "server"]
+    assert [r for r in rows if r["kind"] == "failure"][0]["stage"] == "non-finite"
+    [server] = [r for r in rows if r["kind"] == "server"]
     assert server["clients"] == [0, 2]
     assert [c["rounds_trained"] for c in summary["clients"]] == [1, 0, 1]
     report = rd.report_path.read_text()
@@ -162,7 +162,7 @@ def test_a_learning_rate_of_1e30_stops_with_a_clear_error_and_the_last_good_chec
     for name, t in ck["global_state"].items():
         assert torch.isfinite(t).all() and torch.equal(t, sent[1][name])
     rows = RunDir(tmp_path / "lr").read_metrics()
-    assert any(r["split"] == "test" and r["round"] == 1 and math.isnan(r["loss"]) for r in rows)
+    assert any(r["kind"] == "test" and r["round"] == 1 and math.isnan(r["loss"]) for r in rows)
 
 
 def test_fedmoe_run_exits_3_when_an_update_was_left_out(tmp_path, monkeypatch):

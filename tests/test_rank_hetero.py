@@ -169,7 +169,7 @@ def test_flexlora_run_logs_server_svd_time_and_client_ranks(tmp_path):
     summary, rd = run_federated(cfg)
     assert [c["rank"] for c in summary["clients"]] == [4, 2]
     assert summary["clients"][0]["flops_per_seq"] > summary["clients"][1]["flops_per_seq"]
-    server = [r for r in rd.read_metrics() if r["split"] == "server"]
+    server = [r for r in rd.read_metrics() if r["kind"] == "server"]
     assert [r["round"] for r in server] == [1, 2] and all(r["svd_s"] >= 0 and r["aggregate_s"] >= r["svd_s"] for r in server)
     report = rd.report_path.read_text()
     assert "## Server per round" in report and "| round | clients aggregated | aggregate_s | svd_s |" in report

@@ -16,7 +16,8 @@ from fedmoe.config import load_config
 from fedmoe.data.sources import DataError
 from fedmoe.federation import resume_federated, run_federated
 from fedmoe.federation.evaluation import pooled
-from fedmoe.federation.runtime import EXECUTION_KEYS, RunDirBusy, RunDirError
+from fedmoe.federation.checkpoint import EXECUTION_KEYS, RunDirError
+from fedmoe.rundir import RunDirBusy
 from fedmoe.federation.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,7 +72,7 @@ def test_an_unfinished_run_is_refused_and_overwrite_starts_it_over(tmp_path):
     assert (rd.path / "checkpoints" / "state.pt").is_file()
     summary, rd2 = run_federated(cfg, log=_quiet, overwrite=True)
     assert rd2.path == rd.path and summary is not None
-    assert len([r for r in rd.read_metrics() if r["split"] == "train"]) == 2 * 2  # started over, not appended
+    assert len([r for r in rd.read_metrics() if r["kind"] == "train"]) == 2 * 2  # started over, not appended
 
 
 def test_a_folder_that_is_not_a_run_is_never_deleted(tmp_path):
@@ -113,7 +114,7 @@ def test_empty_test_sets_report_no_test_data(tmp_path, sets):
     assert summary["global"]["rouge_l"] is None
     on_disk = json.loads(rd.summary_path.read_text())
     assert on_disk["global"]["loss"] is None and on_disk["zero_shot"]["loss"] is None
-    tests = [r for r in rd.read_metrics() if r["split"] == "test"]
+    tests = [r for r in rd.read_metrics() if r["kind"] == "test"]
     assert tests and all(r["loss"] is None and r["perplexity"] is None for r in tests)
     report = rd.report_path.read_text()
     global_row = next(line for line in report.splitlines() if line.startswith("| global |"))
@@ -227,4 +228,4 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_round(tmp_pa
     assert [c["loss"] for c in resumed["clients"]] == [c["loss"] for c in full["clients"]]
     assert (folder / "state.pt.unreadable").is_file()  # kept aside, not rotated into state.prev.pt
     assert torch.load(folder / "state.prev.pt", weights_only=False)["round"] == 2
-    assert len([r for r in rd.read_metrics() if r["split"] == "train"]) == 3 * 2
+    assert len([r for r in rd.read_metrics() if r["kind"] == "train"]) == 3 * 2

@@ -202,3 +202,41 @@ def test_per_example_options_file(tmp_path):
     bad.write_text(json.dumps({"instruction": "x", "output": "7", "options": ["1", "2"]}) + "\n")
     with pytest.raises(DataError, match=r"line 1: the output '7' .* is not one of its options"):
         load_examples(str(bad), field_map={"options": "options"})
+
+
+@pytest.mark.parametrize("max_length, max_generated", [(256, None), (112, 8)])
+def test_choice_round_loss_from_the_option_scores_equals_the_plain_loss(max_length, max_generated):
+    """In a round with answers, the test loss is taken from the right options' scores wherever the test
+    example is its prompt followed by its right option, and run through the model otherwise: with
+    max_length 112 some prompts are truncated (differently for the loss and for the prompt), and with 8
+    scored examples of 12 the rest go the plain way. Every case equals evaluate_loss over the test set.
+    The held-out loss likewise."""
+    from fedmoe.config import RunConfig
+    from fedmoe.federation.clients import client_set, heldout_set
+    from fedmoe.federation.evaluation import ModelEvaluator
+    from fedmoe.moe.model import MoEModel, load_tokenizer
+
+    cfg = RunConfig.model_validate({"data": {"field_map": {"label": "category"}, "max_length": max_length},
+                                    "eval": {"task": "choice"}})
+    data = prepare_federated_data(_cfg(max_examples=400, max_test_per_client=12, heldout=16), seed=0)
+    mm, tok = MoEModel.from_pretrained("builtin:tiny-moe"), load_tokenizer("builtin:tiny-moe")
+    mm.add_attention_lora(4, 8.0)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in mm.trainable_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    sets = [client_set(c, tok, max_length, max_generated, data.labels) for c in data.clients[:2]]
+    held = heldout_set(data, tok, max_length)
+    ev = ModelEvaluator(cfg, mm, tok, sets[0].pad_id, heldout=held)
+    both = ev.evaluate_sets(sets, True, True)
+    plain = ev._loss([t for s in sets for t in s.test])
+    assert both["tokens"] == plain["tokens"]
+    assert both["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    assert both["heldout_loss"] == pytest.approx(ev._loss(held.test)["loss"], rel=1e-6)
+    taken = sum(ex["input_ids"] == p + o[a] for s in sets
+                for ex, p, o, a in zip(s.test, s.test_prompts, s.test_options, s.test_answers))
+    if max_length == 256:
+        assert taken == sum(len(s.test) for s in sets)  # nothing run twice
+    else:
+        assert 0 < taken < sum(len(s.test) for s in sets)
+    assert "option_logprobs" not in both

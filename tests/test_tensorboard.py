@@ -17,12 +17,12 @@ def _read(folder):
 
 
 ROWS = [
-    {"round": 0, "client": None, "split": "test", "loss": 4.5, "rouge_l": None,
+    {"round": 0, "client": None, "kind": "test", "loss": 4.5, "rouge_l": None,
      "rouge_l_by_category": {"open_qa": 11.25, "summarization": 9.5}},
-    {"round": 1, "client": 3, "split": "train", "loss": 4.25, "steps": 40, "tokens_per_s": 1234.5},
-    {"round": 1, "client": None, "split": "server", "aggregate_s": 0.5, "clients": [0, 3],
+    {"round": 1, "client": 3, "kind": "train", "loss": 4.25, "steps": 40, "tokens_per_s": 1234.5},
+    {"round": 1, "client": None, "kind": "server", "aggregate_s": 0.5, "clients": [0, 3],
      "mean_cosine_by_layer": [0.25, None, -0.5]},
-    {"round": 1, "client": 2, "split": "failure", "stage": "train", "error": "gone"},
+    {"round": 1, "client": 2, "kind": "failure", "stage": "train", "error": "gone"},
 ]
 
 
@@ -56,7 +56,7 @@ def test_a_run_writes_them_and_a_resumed_run_shows_each_round_once(tmp_path):
     assert [s for s, _ in _read(rd.path / "tensorboard")["test/loss/global"]] == [0, 1]  # after round 1 already
     _, rd = resume_federated(rd.path)
     rows = [json.loads(x) for x in rd.metrics_path.read_text().splitlines()]
-    want = [(r["round"], pytest.approx(r["loss"])) for r in rows if r["split"] == "test" and r["client"] is None]
+    want = [(r["round"], pytest.approx(r["loss"])) for r in rows if r["kind"] == "test" and r["client"] is None]
     got = _read(rd.path / "tensorboard")
     assert got["test/loss/global"] == want and [s for s, _ in want] == [0, 1, 2]
     assert len(got) == len({t for t, _, _ in scalars(rows)})

@@ -33,7 +33,7 @@ def _os_error(e: OSError) -> str:
 
 def _interrupted(path: Optional[Path], sweep: Optional[Path]) -> str:
     """What Ctrl-C left behind and how to go on."""
-    from .federation.runtime import has_checkpoint
+    from .federation.checkpoint import has_checkpoint
 
     if path is None:
         return "stopped (Ctrl-C) before the run started: nothing was written"
@@ -129,6 +129,31 @@ def run(
     if (why := nonfinite_exit_message(summary)) is not None:
         console.print(f"[yellow]warning:[/] {why}")
         raise typer.Exit(EXIT_NONFINITE)
+
+
+@app.command()
+def plan(
+    config: Annotated[Optional[Path], typer.Argument(help="a run config (default: the default run)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set train.batch_size=4")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="check against this device's memory (cpu, "
+                                                  "cuda, cuda:1; default: model.device)")] = None,
+):
+    """Will it fit? The estimated peak memory of one client's training step per budget level (weights,
+    adapters, gradients, optimizer state, activations), before anything is loaded, and whether the device
+    has it."""
+    from .config import ConfigError, load_config
+    from .plan import device_memory, format_plan, memory_plan
+
+    try:
+        cfg = load_config(config, set_ or [])
+        plans = memory_plan(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        _error(f"{e}")
+        raise typer.Exit(2)
+    from .moe.model import resolve_device
+
+    what, available = device_memory(str(resolve_device(device or cfg.model.device)))
+    print(format_plan(cfg, plans, what, available))
 
 
 @app.command()
@@ -391,6 +416,9 @@ def export(
     client: Annotated[Optional[int], typer.Option("--client", help="this client's own model")] = None,
     global_: Annotated[bool, typer.Option("--global", help="the global model (the default)")] = False,
     merged: Annotated[bool, typer.Option("--merged", help="a plain Hugging Face model with the LoRA folded in")] = False,
+    format_: Annotated[Optional[str], typer.Option(
+        "--format", help="peft (default), merged (= --merged) or vllm (per-expert LoRA keys that serving "
+                         "engines load)")] = None,
     private: Annotated[Optional[Path], typer.Option(
         "--private", help="Flower runs: the client's private store (its SuperNode's private-r*.pt files)")] = None,
 ):
@@ -400,17 +428,20 @@ def export(
     from .export import export_model
 
     try:
-        form, why = export_model(run_dir, out, client=_which(client, global_), merged=merged, private_path=private)
+        form, why = export_model(run_dir, out, client=_which(client, global_), merged=merged, private_path=private,
+                                 form=format_)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _error(f"{e}")
         raise typer.Exit(2)
     who = "the global model" if _which(client, global_) is None else f"client {client}"
     text = {"peft": "a PEFT adapter: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), OUT)",
             "merged": "a merged Hugging Face model: AutoModelForCausalLM.from_pretrained(OUT)",
+            "vllm": "a LoRA adapter with per-expert keys (vLLM: LLM(base, enable_lora=True) + LoRARequest(.., OUT))",
             "fedmoe": "a fedmoe model folder: fedmoe.export.load_model(OUT)"}[form]
     print(f"{who} -> {out}: {text}")
     if why:
-        print(f"not {'merged' if merged else 'PEFT'}, because: " + "; ".join(why))
+        asked = format_ or ("merged" if merged else "peft")
+        print(f"not {asked}, because: " + "; ".join(why))
 
 
 @app.command()

@@ -29,6 +29,13 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"  # auto = cuda if available else cpu
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    # route only the tokens the attention mask keeps through the experts (padding costs nothing;
+    # real tokens' outputs are unchanged). false: every slot, padded or not (one host sync less per
+    # forward, for torch.compile(fullgraph=True)).
+    skip_padding: bool = True
+    # the frozen base in 4 or 8 bits (fedmoe.moe.quant): the fused expert tensors and the decoder's
+    # linears; LoRA on top in `dtype`. none | nf4 | fp4 | int8
+    quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
 
 
 class LoRAConfig(_Strict):
@@ -85,9 +92,12 @@ class ConceptShiftConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    # "dolly" (shipped), or a path to a .json/.jsonl/.parquet file; a list mixes several sources
-    # (the "source" partition gives one source per client).
+    # "dolly" (shipped), a path to a .json/.jsonl/.parquet file, a folder written by the datasets
+    # library's save_to_disk (or of .parquet/.arrow files), or a Hugging Face hub dataset "hf:ORG/NAME"
+    # (extra fedmoe[hf]); a list mixes several sources (the "source" partition gives one source per client).
     source: str | list[str] = "dolly"
+    hf_split: str = "train"  # the split of a datasets folder or hub dataset
+    revision: str | None = None  # a hub dataset's revision (a commit, tag or branch)
     field_map: dict[str, str] = Field(default_factory=dict)  # our field -> field in the file
     on_bad_row: Literal["error", "skip"] = "error"
     categories: list[str] | None = None  # keep only these categories

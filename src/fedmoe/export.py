@@ -5,7 +5,7 @@ The model of a client is what the run evaluated as that client's: the server's f
 with the client's private state (its rescaler, grafted experts, residual, ...). ``client=None`` is
 the global model.
 
-Three forms, tried in this order:
+The forms (the one asked for, or a fedmoe folder when it cannot express the model):
 
 * **PEFT** (default): ``adapter_config.json`` + ``adapter_model.safetensors`` for
   ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)``: attention LoRA as
@@ -15,6 +15,12 @@ Three forms, tried in this order:
   adapted weight (split expert LoRA and router LoRA too), a client's k_i written as the config's
   ``num_experts_per_tok`` and a rescaler folded into the experts' ``down_proj``: loadable by
   ``AutoModelForCausalLM.from_pretrained`` and so by serving engines. The tokenizer is included.
+* **vllm** (``form="vllm"``): the same adapters as PEFT, but the expert LoRA written per expert as
+  2-D LoRA on each expert's own projections (``…mlp.experts.{e}.gate_proj / up_proj / down_proj
+  .lora_A/.lora_B.weight``; Mixtral: ``w1`` / ``w3`` / ``w2``), the key layout of the per-expert
+  ``nn.Linear`` checkpoints that serving engines' LoRA loaders read (PEFT's ``target_parameters`` form
+  is not one they read). Both of fedmoe's expert layouts map onto it: the fused gate_up pair gives
+  gate and up the same A and the two halves of B. The base is named, not copied.
 * **fedmoe**: what neither can express (FLEx's grafted experts and their gate; PEFT: FLAME's
   rescaler and k_i, split expert or router LoRA, a builtin base without weight files) is written as
   a folder that :func:`load_exported` (or :func:`load_model`, which takes any model too) restores exactly: the run config, the client's
@@ -34,7 +40,7 @@ from .algorithms.base import model_spec
 from .config import ConfigError, config_from_tree, config_to_dict
 from .messages import Message
 from .moe import MoEModel
-from .moe.lora import ExpertsWithLoRA, LoRALinear, RouterWithLoRA
+from .moe.lora import ExpertsWithLoRA, LoRALinear, RouterWithLoRA, expert_lora_pairs
 from .moe.model import BUILTIN_PREFIX, EXPORT_MARKER, builtin_model_path, load_tokenizer
 
 EXPORT_FILE = EXPORT_MARKER
@@ -70,9 +76,10 @@ def _private_from(path: Path) -> dict:
 def load_run_model(run_dir: str | Path, client: int | None = None, private_path: str | Path | None = None) -> LoadedModel:
     """The model client ``client`` (None: the global model) ended the run with."""
     from .federation.local import load_client_model
-    from .federation.runtime import open_run_dir
+    from .federation.directories import open_run_dir
 
-    cfg, rd, ck = open_run_dir(run_dir)
+    cfg, rd, loaded = open_run_dir(run_dir)
+    ck = loaded.state
     n = cfg.data.partition.num_clients
     if client is not None and not 0 <= client < n:
         raise ExportError(f"--client {client}: the run {rd.path} has clients 0..{n - 1}")
@@ -224,6 +231,60 @@ def write_peft(loaded: LoadedModel, out: Path) -> None:
     load_tokenizer(cfg.model.tokenizer or cfg.model.name).save_pretrained(out)
 
 
+# per-expert projection names of the per-expert checkpoints (gate, up, down)
+_EXPERT_PROJ = {"mixtral": ("w1", "w3", "w2")}
+
+
+def vllm_blockers(mm: MoEModel, cfg) -> list[str]:
+    """Why the per-expert LoRA layout cannot express this model (empty: it can)."""
+    return [w for w in peft_blockers(mm, cfg) if not w.startswith("split expert LoRA")]
+
+
+def vllm_tensors(mm: MoEModel) -> tuple[dict[str, torch.Tensor], list[str], int, float]:
+    """(tensors by key, target module names, rank, alpha) of the per-expert LoRA layout."""
+    known, _ = _adapted_modules(mm)
+    gate, up, down = _EXPERT_PROJ.get(mm.model_type, ("gate_proj", "up_proj", "down_proj"))
+    out, targets, first = {}, set(), None
+    for name, mod in known:
+        if isinstance(mod, LoRALinear):
+            out[f"base_model.model.{name}.lora_A.weight"] = mod.lora_A.detach().float().contiguous()
+            out[f"base_model.model.{name}.lora_B.weight"] = mod.lora_B.detach().float().contiguous()
+            targets.add(name.rsplit(".", 1)[-1])
+            first = first or mod
+        elif isinstance(mod, ExpertsWithLoRA) and mod.targets:
+            first = first or mod
+            inter = mod.base.down_proj.shape[2]
+            pairs = {}  # projection -> (A (E, r, in), B (E, out, r))
+            for prefix, _, _ in expert_lora_pairs(mod.layout, mod.targets, 0, 0):
+                A = mod._full(getattr(mod, f"{prefix}_lora_A").detach().float())
+                B = mod._full(getattr(mod, f"{prefix}_lora_B").detach().float())
+                if prefix == "gate_up":  # ΔW_gate_up = s·B·A, its rows the gate's then the up's
+                    pairs[gate], pairs[up] = (A, B[:, :inter]), (A, B[:, inter:])
+                else:
+                    pairs[{"gate": gate, "up": up, "down": down}[prefix]] = (A, B)
+            for proj, (A, B) in pairs.items():
+                targets.add(proj)
+                for e in range(mod.num_experts):
+                    key = f"base_model.model.{name}.{e}.{proj}"
+                    out[f"{key}.lora_A.weight"] = A[e].clone()  # gate and up share A: a copy each
+                    out[f"{key}.lora_B.weight"] = B[e].clone()
+    return out, sorted(targets), first.rank, first.scaling * first.rank
+
+
+def write_vllm(loaded: LoadedModel, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    from .rundir import atomic_write_text
+
+    tensors, targets, rank, alpha = vllm_tensors(loaded.mm)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": _base_source(loaded.cfg),
+              "r": rank, "lora_alpha": alpha, "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False, "modules_to_save": None}
+    atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    load_tokenizer(loaded.cfg.model.tokenizer or loaded.cfg.model.name).save_pretrained(out)
+
+
 def write_fedmoe(loaded: LoadedModel, out: Path) -> None:
     from safetensors.torch import save_file
 
@@ -244,9 +305,14 @@ def write_fedmoe(loaded: LoadedModel, out: Path) -> None:
 
 
 def export_model(run_dir: str | Path, out: str | Path, client: int | None = None, merged: bool = False,
-                 private_path: str | Path | None = None) -> tuple[str, list[str]]:
-    """Write the model to ``out`` (a new or empty folder); returns (the form written, why not the one
-    asked for: empty when it is the one asked for)."""
+                 private_path: str | Path | None = None, form: str | None = None) -> tuple[str, list[str]]:
+    """Write the model to ``out`` (a new or empty folder) in ``form`` (``peft``, ``merged``, ``vllm``;
+    None: ``merged`` when ``merged`` else ``peft``), or as a fedmoe folder when that form cannot express
+    it; returns (the form written, why not the one asked for: empty when it is the one asked for)."""
+    form = form or ("merged" if merged else "peft")
+    if form not in ("peft", "merged", "vllm"):
+        raise ExportError(f"--format {form!r}: use peft, merged or vllm")
+    merged = form == "merged"
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty: choose a new folder (nothing is overwritten)")
@@ -257,6 +323,11 @@ def export_model(run_dir: str | Path, out: str | Path, client: int | None = None
         if not why:
             write_merged(loaded, out)
             return "merged", []
+    elif form == "vllm":
+        why = vllm_blockers(loaded.mm, loaded.cfg)
+        if not why:
+            write_vllm(loaded, out)
+            return "vllm", []
     else:
         why = peft_blockers(loaded.mm, loaded.cfg)
         if not why:

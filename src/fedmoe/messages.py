@@ -17,6 +17,9 @@ TRAIN = "train"
 EVALUATE = "evaluate"
 REPLY = "reply"
 SCALAR_BYTES = 8  # a scalar travels as an int64 or a float64
+# a reply tensor of the methods that aggregate by activation (FLAME, FC-MoE): (MoE layers, experts)
+# tokens routed to each expert in the round's training; the runtime's ledger reads it from there too
+ACTIVATION_COUNTS = "activation_counts"
 
 
 @dataclass

@@ -69,7 +69,7 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> N
 # read as "no value". fedmoe's readers (read_metrics, read_summary, loads) turn them back into floats.
 NONFINITE_TEXT = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 # values under these keys are text, never decoded (a generated answer may well be "NaN")
-TEXT_KEYS = frozenset({"examples", "prediction", "reference", "error", "category", "split", "stage", "algorithm",
+TEXT_KEYS = frozenset({"examples", "prediction", "reference", "error", "category", "kind", "split", "stage", "algorithm",
                        "model", "name", "verdict", "accounting"})
 
 
@@ -187,7 +187,9 @@ class RunDir:
             os.fsync(f.fileno())
 
     def read_metrics(self) -> list[dict]:
-        """All rows of metrics.jsonl ([] when there is none yet).
+        """All rows of metrics.jsonl ([] when there is none yet). Each row's ``kind`` says what it is:
+        ``train`` (a client's round), ``test`` (an evaluation: a client's own model, or the global one
+        with ``client`` None), ``server`` (aggregation), ``round`` (the round's timing), ``failure``.
 
         A torn last line (a crash mid-append) is skipped; a bad line elsewhere is an error.
         """
@@ -200,12 +202,15 @@ class RunDir:
             if not line.strip():
                 continue
             try:
-                rows.append(loads(line))
+                row = loads(line)
             except json.JSONDecodeError as e:
                 is_torn_tail = lineno == len(lines) and not text.endswith("\n")
                 if is_torn_tail:
                     break
                 raise ValueError(f"{self.metrics_path}: line {lineno} is not valid JSON: {e}") from None
+            if isinstance(row, dict) and "split" in row and "kind" not in row:
+                row["kind"] = row.pop("split")  # a row written before 2026-12-04 named its kind "split"
+            rows.append(row)
         return rows
 
     def truncate_metrics(self, after_round: int) -> int:

@@ -206,7 +206,13 @@ class Server:
 
 
 class Client:
-    """Client half; FedIT's client (train every trainable, send it all with n_i) is the default."""
+    """Client half; FedIT's client (train every trainable, send it all with n_i) is the default.
+
+    Its hooks, in the order a run calls them: :meth:`check_config` (the config alone, when it is
+    validated), :meth:`build` (the adapters, on every client's model and the server's skeleton),
+    :meth:`setup` (once per client), then per message :meth:`load` (the client's model in place),
+    :meth:`objective` and :meth:`reply`; :meth:`top_k`, :meth:`rank` and :meth:`profile` say what a
+    client runs."""
 
     personalized = False  # True when a client's evaluated model differs from the global one
     # the roles of the trainable tensors (fedmoe.moe.Role) the client keeps in its private store and never
@@ -240,17 +246,6 @@ class Client:
         """What this client runs, for FLOPs and the summary: its k and LoRA rank."""
         return {"k": self.top_k(client, mm), "rank": self.rank(client, private)}
 
-    def validate(self, mm: MoEModel, num_clients: int) -> None:
-        """Check the config against the model before anything runs."""
-        from ..moe import TopKError
-
-        for cid in range(num_clients):
-            k = self.top_k(cid, mm)
-            if not 1 <= k <= mm.default_top_k:
-                raise TopKError(f"client {cid} would activate k = {k} experts (algorithm.client_top_k / budgets), "
-                                f"but {self.cfg.model.name} routes each token to {mm.default_top_k}: use "
-                                f"1..{mm.default_top_k}")
-
     # the client's model ----------------------------------------------------------------------
     def setup(self, client: int, mm: MoEModel, train: list[dict]) -> tuple[Private, dict]:
         """One-shot setup before round 1, on the freshly built model (initial adapters) and the
@@ -276,14 +271,12 @@ class Client:
         missing = [n for n in names if n not in mine]
         return {**message.tensors, **(self.global_private(mm, missing) if missing else {}), **mine}
 
-    def configure(self, mm: MoEModel, client: int | None, private: Private) -> None:
-        """Settings that are not trainable state (a static output scale, a LoRA scaling)."""
-
     def load(self, mm: MoEModel, client: int | None, message: Message, private: Private) -> None:
-        """Put this client's model in place (``client`` None: the global model from its message)."""
+        """Put this client's model in place (``client`` None: the global model from its message): its
+        trainable tensors (:meth:`model_state`) and its k. A method with settings that are not trainable
+        state (a static output scale, a LoRA scaling, which grafts are on) sets them after this."""
         mm.load_state(self.model_state(client, mm, message, private))
         mm.set_top_k(self.top_k(client, mm))
-        self.configure(mm, client, private)
 
     # local training ----------------------------------------------------------------------------
     def objective(self, client: int, mm: MoEModel, message: Message, private: Private) -> Objective:
@@ -298,6 +291,18 @@ class Client:
         shared = {n: t for n, t in trained.items() if n not in names}
         new_private = {**private, **{n: trained[n].clone() for n in trained if n in names}} if names else private
         return Message(tensors=shared, scalars={N_TRAIN: result.n_train}), new_private, {}
+
+
+def check_top_k(half: Client, mm: MoEModel, num_clients: int) -> None:
+    """Every client's k within the model's before anything runs (a TopKError naming the client)."""
+    from ..moe import TopKError
+
+    for cid in range(num_clients):
+        k = half.top_k(cid, mm)
+        if not 1 <= k <= mm.default_top_k:
+            raise TopKError(f"client {cid} would activate k = {k} experts (algorithm.client_top_k / budgets), "
+                            f"but {half.cfg.model.name} routes each token to {mm.default_top_k}: use "
+                            f"1..{mm.default_top_k}")
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,14 @@ import torch
 from pydantic import Field
 
 from ..configbase import StrictModel
-from ..messages import Reply
+from ..messages import ACTIVATION_COUNTS, Reply
 from ..moe.inventory import Role
 from .base import Method, Objective, Private, State, sizes, weighted_average
 from .budgets import client_levels, default_top_k_levels
 from .fedit import FedITClient, FedITServer
 from .server_opt import server_update
 
-COUNTS = "activation_counts"  # reply: (L, E) tokens routed to each expert
+COUNTS = ACTIVATION_COUNTS  # reply: (L, E) tokens routed to each expert
 TOKENS = "tokens_per_layer"  # reply: (L,) tokens each MoE layer processed
 
 
@@ -146,7 +146,8 @@ class FlameClient(FedITClient):
     def global_private(self, mm, names) -> State:
         return {n: torch.tensor(1.0) for n in names}  # the global model: full k, rescaler 1
 
-    def configure(self, mm, client, private: Private) -> None:
+    def load(self, mm, client, message, private: Private) -> None:
+        super().load(mm, client, message, private)
         variant = self.cfg.algorithm.flame.rescaler
         if variant == "static":
             mm.set_output_scale(self._ratio(client, mm))

@@ -28,7 +28,9 @@ from ..data.general import general_examples
 from ..data.tokenize import collate_sft
 from ..moe.arch import MoELayer
 from ..moe.inventory import Role, TensorInfo
-from ..moe.lora import ExpertsWithLoRA, _init_lora_A_, adapter_device, expert_lora_pairs, lora_pair_info
+from ..moe.lora import (ExpertsWithLoRA, _init_lora_A_, adapter_device, expert_ffn, expert_lora_pairs, lora_delta,
+                        lora_pair_info)
+from ..moe.quant import quantized_proj
 from .base import Client, Method
 from .fedit import FedITServer
 
@@ -46,8 +48,7 @@ class FlexConfig(StrictModel):
 
 # ------------------------------------------------------------------------------------ grafting
 def _expert_forward(base: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-    gate, up = F.linear(x, base.gate_up_proj[e]).chunk(2, dim=-1)
-    return F.linear(base.act_fn(gate) * up, base.down_proj[e])
+    return expert_ffn(x, base.gate_up_proj[e], base.down_proj[e], base.act_fn)
 
 
 @torch.inference_mode()
@@ -113,7 +114,7 @@ def score_experts(mm, batches, num_grafts: int = 1, stats: dict | None = None) -
             chosen[li].append(int(torch.argmin(scores[li])))
     model.train(was_training)
     if stats is not None:
-        elem = next(mm.layers[0].block.experts.base.parameters()).element_size()
+        elem = mm.layers[0].experts.gate_up_proj.element_size()  # the model's dtype (a quantized base's too)
         stats.update(calibration_tokens=tokens, scoring_peak_bytes=peak,
                      cached_bytes=2 * L * tokens * mm.config.hidden_size * elem)
     return chosen, first_scores
@@ -187,31 +188,24 @@ class GraftedExperts(nn.Module):
                                   stacked=True)
         return out
 
-    def _lora(self, a: torch.Tensor, prefix: str, j: int) -> torch.Tensor:
-        A, B = getattr(self, f"{prefix}_lora_A")[j], getattr(self, f"{prefix}_lora_B")[j]
-        return F.linear(F.linear(a, A), B) * self.scaling
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base[0]
         out = torch.zeros_like(x)
-        split = self.layout == "split" and not self.train_full
         for j in range(self.num_grafts):
-            e = int(self.source[j])
             if self.train_full:
-                W_gu, W_d = self.gate_up_proj[j], self.down_proj[j]
-                gu = F.linear(x, W_gu)
+                y = expert_ffn(x, self.gate_up_proj[j], self.down_proj[j], base.act_fn)
             else:
-                gu = F.linear(x, base.gate_up_proj[e])
-                if not split:
-                    gu = gu + self._lora(x, "gate_up", j)
-                W_d = base.down_proj[e]
-            gate_in, up = gu.chunk(2, dim=-1)
-            if split:
-                gate_in, up = gate_in + self._lora(x, "gate", j), up + self._lora(x, "up", j)
-            h = base.act_fn(gate_in) * up
-            y = F.linear(h, W_d)
-            if not self.train_full:
-                y = y + self._lora(h, "down", j)
+                e = self.source[j : j + 1]  # gathered on the device: no host sync (and a plan on fake tensors works)
+
+                def delta(prefix, a, j=j):
+                    return lora_delta(a, getattr(self, f"{prefix}_lora_A")[j], getattr(self, f"{prefix}_lora_B")[j],
+                                      self.scaling)
+
+                if isinstance(base.gate_up_proj, torch.Tensor):
+                    gu_w, d_w, proj = base.gate_up_proj[e][0], base.down_proj[e][0], F.linear
+                else:  # a quantized base: dequantized in the forward and the backward, never kept
+                    gu_w, d_w, proj = (base.gate_up_proj, e), (base.down_proj, e), quantized_proj
+                y = expert_ffn(x, gu_w, d_w, base.act_fn, split=self.layout == "split", delta=delta, proj=proj)
             if self.gate_kind == "sigmoid":
                 y = y * torch.sigmoid(F.linear(x, self.gate[j : j + 1].to(x.dtype)))
             out = out + y
@@ -272,7 +266,8 @@ class FlexClient(Client):
         private[GRAFT_INDEX] = torch.tensor(chosen, dtype=torch.long)
         return private, stats
 
-    def configure(self, mm, client, private) -> None:
+    def load(self, mm, client, message, private) -> None:
+        super().load(mm, client, message, private)
         grafts = self.grafts(mm)
         if client is None or not private:
             for g in grafts:

@@ -130,7 +130,8 @@ class RankClient(_RankBudgets, FedITClient):
     def rank(self, client, private) -> int:
         return self.budget_rank(client)
 
-    def configure(self, mm, client, private) -> None:
+    def load(self, mm, client, message, private) -> None:
+        super().load(mm, client, message, private)
         mm.set_lora_scaling(self.cfg.lora.alpha / self.budget_rank(client))
 
 
@@ -209,10 +210,10 @@ class HetLoRAClient(RankClient):
     def pairs_of(mm, names=None) -> list[tuple[str, str]]:
         return lora_pairs(mm.inventory(), names)
 
-    def configure(self, mm, client, private) -> None:
-        if self.cfg.algorithm.hetlora.scaling == "per_rank":
-            return super().configure(mm, client, private)
-        mm.set_lora_scaling(self.cfg.lora.alpha / self.r_max)
+    def load(self, mm, client, message, private) -> None:
+        super().load(mm, client, message, private)  # alpha/r_i
+        if self.cfg.algorithm.hetlora.scaling != "per_rank":
+            mm.set_lora_scaling(self.cfg.lora.alpha / self.r_max)
 
     @property
     def pruning(self) -> bool:

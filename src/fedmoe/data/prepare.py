@@ -68,7 +68,8 @@ def _load_all(cfg: DataConfig, sources=None) -> tuple[list[Example], int, dict[s
     skipped = 0
     reasons: Counter[str] = Counter()
     for src in sources:
-        res = load_examples(src, field_map=cfg.field_map or None, on_bad_row=cfg.on_bad_row)
+        res = load_examples(src, field_map=cfg.field_map or None, on_bad_row=cfg.on_bad_row, hf_split=cfg.hf_split,
+                            revision=cfg.revision)
         if not res.examples:
             raise DataError(f"data source {src!r} gave no usable examples ({res.skipped} bad rows skipped)")
         examples.extend(res.examples)

@@ -110,6 +110,7 @@ _BUILTIN_FIELD_MAPS: dict[str, dict[str, str]] = {"dolly": DOLLY_FIELD_MAP}
 _DOLLY_HUB_IDS = {"databricks/databricks-dolly-15k"}
 
 _DATA_SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet")
+HF_PREFIX = "hf:"  # data.source: hf:ORG/NAME, a Hugging Face hub dataset (the datasets library)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 # Other names under which the fields are commonly found, used only for hints in error messages.
@@ -248,23 +249,62 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"record {i}", rec
 
 
-def _read_hub(dataset_id: str) -> Iterator[tuple[str, Any]]:
+def _datasets_module(source: str):
     try:
         import datasets  # noqa: PLC0415
     except ImportError:
-        extra = " (or use source: dolly, the copy shipped with fedmoe)" if dataset_id in _DOLLY_HUB_IDS else ""
+        extra = " (or use source: dolly, the copy shipped with fedmoe)" if source in _DOLLY_HUB_IDS else ""
         raise DataError(
-            f"data source {dataset_id!r} is not a file and looks like a Hugging Face hub dataset id, "
-            "but the 'datasets' package is not installed. Download the data as a .json/.jsonl/.parquet "
-            f"file and give its path as data.source, or pip install datasets{extra}"
+            f"data source {source!r} is a Hugging Face dataset, which needs the 'datasets' package: "
+            f"pip install 'fedmoe[hf]' (or download the data as a .json/.jsonl/.parquet file and give its "
+            f"path as data.source){extra}"
         ) from None
+    return datasets
+
+
+def _pick_split(datasets, ds, source: str, split: str):
+    """The ``split`` of a DatasetDict (a Dataset as it is)."""
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"data source {source!r} has the splits {sorted(ds)}, not {split!r}: set data.hf_split")
+        return ds[split]
+    return ds
+
+
+def _read_hub(dataset_id: str, split: str = "train", revision: str | None = None) -> Iterator[tuple[str, Any]]:
+    datasets = _datasets_module(dataset_id)
     try:
-        ds = datasets.load_dataset(dataset_id, split="train")
+        ds = datasets.load_dataset(dataset_id, split=split, revision=revision)
     except Exception as e:  # noqa: BLE001
         raise DataError(
-            f"cannot load hub dataset {dataset_id!r} ({type(e).__name__}: {e}); download it as a "
-            ".json/.jsonl/.parquet file and give its path as data.source"
+            f"cannot load hub dataset {dataset_id!r} (split {split!r}, revision {revision!r}; {type(e).__name__}: "
+            f"{e}); offline, only a dataset already in the Hugging Face cache loads: download it as a "
+            ".json/.jsonl/.parquet file or save it with Dataset.save_to_disk and give its path as data.source"
         ) from None
+    for i, rec in enumerate(ds):
+        yield f"record {i}", rec
+
+
+def _read_dataset_dir(path: Path, split: str) -> Iterator[tuple[str, Any]]:
+    """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, or a folder of
+    .parquet or .arrow files (read as one dataset)."""
+    datasets = _datasets_module(str(path))
+    saved = (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or \
+        (path / "state.json").is_file()
+    try:
+        if saved:
+            ds = _pick_split(datasets, datasets.load_from_disk(str(path)), str(path), split)
+        else:
+            kinds = {p.suffix for p in path.rglob("*") if p.suffix in (".parquet", ".arrow")}
+            if len(kinds) != 1:
+                raise DataError(f"data source {str(path)!r} is a directory without a saved dataset (dataset_info.json "
+                                "from save_to_disk) or .parquet / .arrow files of one kind; give a .json/.jsonl/"
+                                ".parquet file or such a folder")
+            ds = datasets.load_dataset(kinds.pop()[1:], data_dir=str(path), split=split)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot read the dataset folder {str(path)!r} ({type(e).__name__}: {e})") from None
     for i, rec in enumerate(ds):
         yield f"record {i}", rec
 
@@ -371,6 +411,8 @@ def load_examples(
     source: str,
     field_map: dict[str, str] | None = None,
     on_bad_row: Literal["error", "skip"] = "error",
+    hf_split: str = "train",
+    revision: str | None = None,
 ) -> LoadResult:
     """Read one source into :class:`Example` records (see the module docstring for the rules).
 
@@ -406,13 +448,15 @@ def load_examples(
                 ".jsonl (one object per line), either gzip-compressed (.gz), or .parquet"
             )
         return _load_records(records, str(path), fm, name, on_bad_row)
-    if path.exists():
-        raise DataError(f"data source {source!r} is a directory; give the path of a .json/.jsonl/.parquet file")
+    if path.is_dir():
+        fm = _resolve_field_map(DEFAULT_FIELD_MAP, field_map)
+        return _load_records(_read_dataset_dir(path, hf_split), f"dataset folder {path}", fm, name, on_bad_row)
 
-    if _HUB_ID.match(source) and not source.lower().endswith(_DATA_SUFFIXES):
-        default = DOLLY_FIELD_MAP if source in _DOLLY_HUB_IDS else DEFAULT_FIELD_MAP
+    hub = source[len(HF_PREFIX):] if source.startswith(HF_PREFIX) else source
+    if _HUB_ID.match(hub) and (source.startswith(HF_PREFIX) or not source.lower().endswith(_DATA_SUFFIXES)):
+        default = DOLLY_FIELD_MAP if hub in _DOLLY_HUB_IDS else DEFAULT_FIELD_MAP
         fm = _resolve_field_map(default, field_map)
-        return _load_records(_read_hub(source), f"hub dataset {source}", fm, name, on_bad_row)
+        return _load_records(_read_hub(hub, hf_split, revision), f"hub dataset {hub}", fm, name, on_bad_row)
 
     raise DataError(
         f"data source {source!r} not found: it is neither a file nor a built-in data set "

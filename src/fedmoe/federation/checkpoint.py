@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,10 +71,20 @@ def has_checkpoint(path: str | Path) -> bool:
     return (folder / CHECKPOINT_FILE).is_file() or (folder / PREVIOUS_CHECKPOINT_FILE).is_file()
 
 
-def load_checkpoint(path: str | Path, log=print) -> dict:
+@dataclass
+class Checkpoint:
+    """A checkpoint as read: the federation's state (``Federation.checkpoint_state``), the file it came
+    from, and the newer checkpoint file that could not be read, if any (a resume sets it aside)."""
+
+    state: dict
+    path: Path
+    unreadable: Path | None = None
+
+
+def load_checkpoint(path: str | Path, log=print) -> Checkpoint:
     """The newest readable checkpoint of the run in ``path``: ``state.pt``, or, when that is missing or
-    cannot be read, the previous round's ``state.prev.pt`` (with a warning; the unreadable file is
-    named in the result's ``_unreadable`` so that a resume can set it aside)."""
+    cannot be read, the previous round's ``state.prev.pt`` (with a warning, and the unreadable file
+    named in the result)."""
     folder = Path(path) / RunDir.CHECKPOINTS
     problems, unreadable = [], None
     for f in (folder / CHECKPOINT_FILE, folder / PREVIOUS_CHECKPOINT_FILE):
@@ -92,9 +103,7 @@ def load_checkpoint(path: str | Path, log=print) -> dict:
         if problems:
             log(f"warning: {'; '.join(problems)}: falling back to the previous checkpoint {f} (round {ck['round']}); "
                 "the rounds after it are run again")
-            if unreadable is not None:
-                ck["_unreadable"] = str(unreadable)
-        return ck
+        return Checkpoint(ck, f, unreadable)
     raise RunDirError(f"{path} has no readable checkpoint ({'; '.join(problems)}), so the run cannot be resumed: "
                       f"start it again with `fedmoe run {Path(path) / RunDir.CONFIG} --overwrite` (replaces {path}) "
                       "or under another name (--set name=...)")

@@ -1,7 +1,8 @@
-"""The entry points of a run on any runtime (``federation.runtime``): in-process (:mod:`.runtime`),
-Flower's simulation engine or a Flower deployment (:mod:`.flower.launch`). Here, not in the runtime,
-so the Flower apps (which drive :class:`~fedmoe.federation.runtime.Federation`) and the runtime do not
-import each other."""
+"""The entry points of a run on any runtime (``federation.runtime``): in-process (the loop of
+:mod:`.runtime` over :mod:`.local`'s transport), Flower's simulation engine or a Flower deployment
+(:mod:`.flower.launch`). Each checks the model, claims and locks a run directory
+(:mod:`.directories`) and runs the loop under that lock. Here, not in the runtime, so the Flower apps
+(which drive :class:`~fedmoe.federation.runtime.Federation`) and the runtime do not import each other."""
 
 from __future__ import annotations
 
@@ -10,8 +11,50 @@ from pathlib import Path
 from ..config import ConfigError, RunConfig, load_config
 from ..data import resolve_labels
 from ..rundir import RunDir
-from .runtime import (RunDirError, _lock_existing, _locked, check_model, open_run_dir, prepare_run_dir,
-                      resume_federated, run_federated)
+from .checkpoint import RunDirError
+from .directories import lock_existing, locked, open_run_dir, prepare_run_dir
+from .runtime import Federation
+
+
+def check_model(cfg: RunConfig, log=print) -> None:
+    """Before anything is written: the model's config can be read (a hub id offline is not),
+    ``data.max_length`` fits its context, and on a GPU the training step fits its memory
+    (:func:`fedmoe.plan.check_fits`)."""
+    from ..moe.model import check_context, load_model_config
+    from ..plan import check_fits
+
+    try:
+        config = load_model_config(cfg.model.name)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"model.name: {e}") from None
+    check_context(config, cfg.data.max_length, cfg.model.name)
+    check_fits(cfg, log)
+
+
+def run_federated(cfg: RunConfig, show_progress: bool = False, stop_after_round: int | None = None,
+                  log=print, observe=None, overwrite: bool = False) -> tuple[dict | None, RunDir]:
+    """Run a configured federated experiment from scratch in this process; returns (summary, run dir).
+    ``overwrite``: replace a run in ``output_dir/name`` (else a finished one is kept and the run goes
+    to ``name-2``, ...; :func:`~fedmoe.federation.directories.prepare_run_dir`)."""
+    check_model(cfg, log)
+    cfg = resolve_labels(cfg)
+    rd = prepare_run_dir(cfg, overwrite=overwrite, log=log)
+    return locked(rd, lambda: Federation(cfg, rd, show_progress=show_progress, log=log, observe=observe).run(
+        stop_after_round=stop_after_round)), rd
+
+
+def resume_federated(path: str | Path, show_progress: bool = False, stop_after_round: int | None = None,
+                     log=print, observe=None) -> tuple[dict | None, RunDir]:
+    """Continue the in-process run in ``path`` from its last checkpoint (its own config.yaml is used)."""
+    rd = lock_existing(Path(path), log)
+
+    def work():
+        cfg, _, ck = open_run_dir(path, log=log)
+        return Federation(cfg, rd, show_progress=show_progress, log=log, resuming=True,
+                          observe=observe).resume(ck, stop_after_round)
+
+    return locked(rd, work), rd
+
 
 
 def start_run(cfg: RunConfig, show_progress: bool = False, federation: str | None = None, log=print,
@@ -25,12 +68,12 @@ def start_run(cfg: RunConfig, show_progress: bool = False, federation: str | Non
 
     require_flower()
     name = _federation(federation) if cfg.federation.runtime == "flower" else None
-    check_model(cfg)
+    check_model(cfg, log)
     cfg = resolve_labels(cfg)
     rd = prepare_run_dir(cfg, overwrite=overwrite, log=log)
     if cfg.federation.runtime == "flower-sim":
-        return _locked(rd, lambda: run_simulation(cfg, rd)), rd
-    return _locked(rd, lambda: run_deployment(cfg, rd, name)), rd
+        return locked(rd, lambda: run_simulation(cfg, rd)), rd
+    return locked(rd, lambda: run_deployment(cfg, rd, name)), rd
 
 
 def continue_run(path: str | Path, show_progress: bool = False, federation: str | None = None, log=print):
@@ -44,7 +87,7 @@ def continue_run(path: str | Path, show_progress: bool = False, federation: str 
     from .flower.launch import run_deployment, run_simulation
 
     name = _federation(federation) if cfg.federation.runtime == "flower" else None
-    rd = _lock_existing(path, log)
+    rd = lock_existing(path, log)
 
     def work():
         open_run_dir(path, log=log)  # a changed config or no readable checkpoint: refused before Flower starts
@@ -52,7 +95,7 @@ def continue_run(path: str | Path, show_progress: bool = False, federation: str 
             return run_simulation(cfg, rd, resume=True)
         return run_deployment(cfg, rd, name, resume=True)
 
-    return _locked(rd, work), rd
+    return locked(rd, work), rd
 
 
 def _federation(name: str | None) -> str:
@@ -62,4 +105,4 @@ def _federation(name: str | None) -> str:
     return name
 
 
-__all__ = ["continue_run", "start_run"]
+__all__ = ["check_model", "continue_run", "resume_federated", "run_federated", "start_run"]

@@ -14,6 +14,7 @@ instead of being computed again.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -49,6 +50,34 @@ class ModelEvaluator:
             self._general = general_blocks(self.tokenizer, self.cfg.data.max_length, self.cfg.eval.general_blocks)
         return self._general
 
+    def _loss_after_choices(self, sets, option_logprobs) -> dict:
+        """The test loss of these sets, taken from the option scores where they already hold it: a test
+        example that is its prompt followed by its right option (the usual case: the option ends with
+        eos, as a training target does) has as loss sum minus its right option's log-likelihood, so
+        its sequence is not run again; the others (a prompt truncated differently, examples past
+        ``eval.max_examples``) go through the model. The same value as :meth:`_loss` up to float
+        rounding (tests/test_choice.py)."""
+        total, tokens, rest, first = 0.0, 0, [], 0
+        for s in sets:
+            for j, ex in enumerate(s.test):
+                if j < len(s.test_prompts):
+                    prompt, right = s.test_prompts[j], s.test_options[j][s.test_answers[j]]
+                    if ex["prompt_len"] == len(prompt) and ex["input_ids"] == prompt + right:
+                        total -= float(option_logprobs[first + j][s.test_answers[j]])
+                        tokens += len(right)
+                        continue
+                rest.append(ex)
+            first += len(s.test_prompts)
+        if rest:
+            r = self._loss(rest)
+            if r["tokens"]:
+                total += r["loss"] * r["tokens"]
+                tokens += r["tokens"]
+        if not tokens:
+            return {"loss": None, "perplexity": None, "tokens": 0}
+        loss = total / tokens
+        return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"), "tokens": tokens}
+
     def _loss(self, examples: list[dict]) -> dict:
         bs = self.cfg.eval.batch_size
         if not examples:
@@ -72,7 +101,8 @@ class ModelEvaluator:
         prog.remove(task)
         picks = choose(scores, options, self.cfg.eval.choice_normalize)
         per = [100.0 * (p == a) for p, a in zip(picks, answers)]
-        out = {"scores": per, "accuracy": float(np.mean(per)), "categories": [c for s in sets for c in s.test_categories]}
+        out = {"scores": per, "accuracy": float(np.mean(per)), "categories": [c for s in sets for c in s.test_categories],
+               "option_logprobs": scores}
         labels = sets[0].labels
         if labels is not None and all(s.labels == labels for s in sets):
             out["confusion"] = confusion_matrix(answers, picks, len(labels))
@@ -97,17 +127,21 @@ class ModelEvaluator:
                               batch_size=ec.batch_size, max_length=self.cfg.data.max_length * 4, device=mm.device)
             general_res["mmlu"] = 100.0 * m["macro_accuracy"]
         if general and self.heldout is not None:
-            general_res["heldout_loss"] = self._loss(self.heldout.test)["loss"]
             if ec.task == "choice":
                 held = self._choices([self.heldout], prog, f"{label} held-out")
+                general_res["heldout_loss"] = self._loss_after_choices([self.heldout], held.get("option_logprobs"))["loss"]
                 general_res["heldout_accuracy"] = held.get("accuracy")
                 general_res["heldout_scores"] = held.get("scores")
+            else:
+                general_res["heldout_loss"] = self._loss(self.heldout.test)["loss"]
+        if with_answers and ec.task == "choice":
+            ch = self._choices(sets, prog, label)
+            out = self._loss_after_choices(sets, ch.pop("option_logprobs", None))
+            return {"loss": out["loss"], "perplexity": out["perplexity"], "tokens": out["tokens"], **general_res, **ch}
         out = self._loss([t for s in sets for t in s.test])
         res = {"loss": out["loss"], "perplexity": out["perplexity"], "tokens": out["tokens"], **general_res}
         if not with_answers:
             return res
-        if ec.task == "choice":
-            return {**res, **self._choices(sets, prog, label)}
         prompts = [p for s in sets for p in s.test_prompts]
         if ec.rouge and prompts:
             refs = [r for s in sets for r in s.test_references]
@@ -183,7 +217,7 @@ class EvalPolicy:
             else:
                 rec.last_eval = {k: v for k, v in r.items() if k not in ("scores", "categories")}
                 rec.last_scores = r.get("scores")
-            self.log_metrics({"round": round_idx, "client": cid, "split": "test", "loss": r["loss"],
+            self.log_metrics({"round": round_idx, "client": cid, "kind": "test", "loss": r["loss"],
                               "perplexity": r["perplexity"],
                               **{k: r[k] for k in (metric, *GENERAL_KEYS, "eval_s") if k in r}})
         self.clients_s = sum(r.get("eval_s", 0.0) for r in per_client.values())
@@ -204,9 +238,9 @@ class EvalPolicy:
             g[f"{metric}_by_category"] = {cat: float(np.mean(v)) for cat, v in sorted(by_cat.items())}
             g["examples_by_category"] = {cat: len(v) for cat, v in sorted(by_cat.items())}
         g = {k: v for k, v in g.items() if k not in ("scores", "examples", "categories", "eval_s")}
-        self.log_metrics({"round": round_idx, "client": None, "split": "test", "loss": g["loss"],
+        self.log_metrics({"round": round_idx, "client": None, "kind": "test", "loss": g["loss"],
                           "perplexity": g["perplexity"],
                           **{k: g[k] for k in (metric, f"{metric}_by_category", "examples_by_category", *GENERAL_KEYS,
                                                "mmlu_clients_mean", "heldout_accuracy_clients_mean",
-                                               "heldout_loss_clients_mean") if k in g}})
+                                               "heldout_loss_clients_mean", "clients_missing") if k in g}})
         return g

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from ..algorithms.base import check_top_k
 from ..config import ConfigError
 from ..data import prepare_federated_data
 from ..messages import Message
@@ -28,6 +29,11 @@ def load_client_model(cfg, method, tokenizer=None) -> MoEModel:
     mc = cfg.model
     mm = MoEModel.from_pretrained(mc.name, dtype=mc.dtype, device=mc.device,
                                   attn_implementation=mc.attn_implementation, seed=cfg.seed)
+    mm.tracker.skip_padding = mc.skip_padding
+    if mc.quantization != "none":
+        from ..moe.quant import quantize_model
+
+        quantize_model(mm, mc.quantization)
     if tokenizer is not None and len(tokenizer) > mm.config.vocab_size:
         raise ConfigError(f"tokenizer '{mc.tokenizer or mc.name}' has {len(tokenizer)} tokens but the model's "
                           f"vocabulary has {mm.config.vocab_size}; set model.tokenizer to the model's tokenizer")
@@ -48,7 +54,7 @@ class LocalTransport:
         self.initial = spec.initial
         spec.check(self.mm)
         self.half = method.client(cfg)
-        self.half.validate(self.mm, len(self.sets))
+        check_top_k(self.half, self.mm, len(self.sets))
         self.nodes = {s.id: ClientNode(s) for s in self.sets}
         self.evaluator = ModelEvaluator(cfg, self.mm, self.tokenizer, self.sets[0].pad_id,
                                         heldout=heldout_set(self.data, self.tokenizer, cfg.data.max_length))
@@ -100,21 +106,22 @@ class LocalTransport:
             torch.cuda.empty_cache()
 
     def evaluate(self, round_idx: int, messages: dict[int, Message], with_answers: bool, general_for: dict[int, bool],
-                 prog: Progress) -> dict[int, dict]:
-        """Each addressed client's own model on its test data."""
+                 prog: Progress) -> tuple[dict[int, dict], dict[int, str]]:
+        """Each addressed client's own model on its test data (in-process, a failure is an exception)."""
         out = {}
         for cid, msg in messages.items():
             self.observe("evaluate", cid, msg)
             out[cid] = self.nodes[cid].evaluate(self.half, self.mm, self.evaluator, msg, with_answers, general_for[cid], prog)
-        return out
+        return out, {}
 
-    def evaluate_global(self, round_idx: int, message: Message, with_answers: bool, general: bool, prog: Progress) -> dict:
+    def evaluate_global(self, round_idx: int, message: Message, with_answers: bool, general: bool,
+                        prog: Progress) -> tuple[dict, dict[int, str]]:
         """The global model on the union of the clients' test data (all here, in client order)."""
         self.observe("evaluate", None, message)
         t0 = time.perf_counter()
         self.half.load(self.mm, None, message, {})
         res = self.evaluator.evaluate_sets(self.sets, with_answers, general, prog, "global")
-        return {**res, "eval_s": time.perf_counter() - t0}
+        return {**res, "eval_s": time.perf_counter() - t0}, {}
 
     # ------------------------------------------------------------------ what the clients keep
     def state(self) -> dict:

@@ -11,28 +11,22 @@ module moves messages and keeps the books.
 
 from __future__ import annotations
 
-import errno
 import io
-import itertools
 import math
 import os
 import random
-import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..algorithms import get_method, model_spec
-from ..config import ConfigError, RunConfig, config_to_dict, load_config
-from ..data import format_histogram_table, resolve_labels
+from ..config import ConfigError, RunConfig
+from ..data import format_histogram_table
 from ..messages import EVALUATE, TRAIN, Reply
-from ..report import format_results_table, write_report
-from ..rundir import RunDir, RunDirBusy
-from .checkpoint import (CHECKPOINT_FILE, EXECUTION_KEYS, PREVIOUS_CHECKPOINT_FILE, RunDirError,  # noqa: F401
-                         check_fingerprint, config_fingerprint, has_checkpoint, load_checkpoint,
-                         restore_rng_states, rng_states, write_checkpoint)
+from ..report import write_report
+from ..rundir import RunDir
+from .checkpoint import CHECKPOINT_FILE, Checkpoint, config_fingerprint, restore_rng_states, rng_states, write_checkpoint
 from .conflict import NOTES as CONFLICT_NOTES
 from .evaluation import EvalPolicy
 from .progress import Progress
@@ -40,7 +34,7 @@ from .transport import Transport
 from .sampling import sample_clients
 from .summary import NONFINITE, ClientRecord, run_summary
 
-RUNTIME_TRAIN_KEYS = ("round", "client", "split", "loss", "steps", "lr", "tokens", "bytes_up", "bytes_down",
+RUNTIME_TRAIN_KEYS = ("round", "client", "kind", "loss", "steps", "lr", "tokens", "bytes_up", "bytes_down",
                       "load_s", "train_s", "tokens_per_s")
 
 
@@ -184,7 +178,7 @@ class Federation:
             if timing.get("train_s"):
                 timing["tokens_per_s"] = report.tokens / timing["train_s"]
                 self._clients_s += timing["train_s"]
-            self.rd.log_metrics({"round": round_idx, "client": cid, "split": "train", "loss": report.loss,
+            self.rd.log_metrics({"round": round_idx, "client": cid, "kind": "train", "loss": report.loss,
                                  "steps": report.steps, "lr": report.lr, "tokens": report.tokens,
                                  "bytes_up": up, "bytes_down": down, **timing, **report.metrics})
             if bad is not None:
@@ -244,7 +238,7 @@ class Federation:
     def _failed(self, round_idx: int, cid: int, stage: str, why) -> None:
         self.log(f"round {round_idx}: client {cid} " + (f"sent {why}" if stage == NONFINITE else f"failed to {stage}: {why}"))
         self.failures.append({"round": round_idx, "client": cid, "stage": stage, "error": str(why)})
-        self.rd.log_metrics({"round": round_idx, "client": cid, "split": "failure", "stage": stage, "error": str(why)})
+        self.rd.log_metrics({"round": round_idx, "client": cid, "kind": "failure", "stage": stage, "error": str(why)})
 
     def min_replies(self, sampled: int) -> int:
         m = self.cfg.federation.min_replies
@@ -256,21 +250,40 @@ class Federation:
 
         def clients(with_answers, general_for):
             msgs = {cid: self._downlink(cid, EVALUATE, round_idx) for cid in sorted(self.records)}
-            results = self.transport.evaluate(round_idx, msgs, with_answers, general_for, prog)
+            results, failed = self.transport.evaluate(round_idx, msgs, with_answers, general_for, prog)
             for cid, r in results.items():
                 self.records[cid].profile = r.pop("profile")
                 self.records[cid].evaluated_round = round_idx
             for cid in sorted(set(msgs) - set(results)):
-                self._failed(round_idx, cid, "evaluate", "no evaluation came back")
+                self._failed(round_idx, cid, "evaluate", failed.get(cid, "no evaluation came back"))
             return results
 
         def global_model(with_answers, general):
-            return self.transport.evaluate_global(round_idx, self._downlink(None, EVALUATE, round_idx), with_answers,
-                                                  general, prog)
+            res, failed = self.transport.evaluate_global(round_idx, self._downlink(None, EVALUATE, round_idx),
+                                                         with_answers, general, prog)
+            for cid, why in sorted(failed.items()):  # the global numbers leave this client's test data out
+                self._failed(round_idx, cid, "evaluate the global model", why)
+            if failed:
+                res["clients_missing"] = sorted(failed)
+            return res
 
         return self.policy.evaluate_round(round_idx, final, self.records, clients, global_model, all_global, personalized)
 
     # ------------------------------------------------------------------ the loop
+    def resume(self, ck: Checkpoint, stop_after_round: int | None = None) -> dict | None:
+        """Continue from a checkpoint (:func:`~fedmoe.federation.directories.open_run_dir`): its state
+        restored, the metrics rows written after it dropped (those rounds are run again), a newer
+        checkpoint file that could not be read set aside (the next checkpoint must not keep it as the
+        previous one); a run whose rounds were all done only writes its summary again."""
+        if ck.unreadable is not None:
+            os.replace(ck.unreadable, f"{ck.unreadable}.unreadable")
+        self.restore(ck.state)
+        self.rd.truncate_metrics(after_round=self.completed_rounds)
+        if self.completed_rounds >= self.cfg.federation.rounds:
+            self._t0 = time.time()
+            return self.finish()
+        return self.run(stop_after_round=stop_after_round)
+
     def run(self, stop_after_round: int | None = None) -> dict | None:
         cfg = self.cfg
         self._t0 = time.time()
@@ -295,7 +308,7 @@ class Federation:
                 t_agg = time.perf_counter()
                 self.global_state, self.server_state, metrics = self._aggregate(round_idx, len(sampled), replies)
                 aggregate_s = time.perf_counter() - t_agg
-                self.rd.log_metrics({"round": round_idx, "client": None, "split": "server", "aggregate_s": aggregate_s,
+                self.rd.log_metrics({"round": round_idx, "client": None, "kind": "server", "aggregate_s": aggregate_s,
                                      "clients": [r.client for r in replies], **metrics})
                 final = round_idx == rounds
                 if final or cfg.eval.loss_every_round or cfg.eval.every_round:  # else the round is not evaluated
@@ -309,7 +322,7 @@ class Federation:
                 clients_s = self._clients_s + self.policy.clients_s
                 # the round's time that is neither the clients' training and evaluation nor aggregation
                 # (negative when clients work in parallel)
-                self.rd.log_metrics({"round": round_idx, "client": None, "split": "round", "wall_s": wall,
+                self.rd.log_metrics({"round": round_idx, "client": None, "kind": "round", "wall_s": wall,
                                      "clients_s": clients_s, "aggregate_s": aggregate_s,
                                      "overhead_s": wall - clients_s - aggregate_s})
                 self.completed_rounds = round_idx
@@ -354,197 +367,4 @@ class Federation:
             write_tensorboard(self.rd.read_metrics(), self.rd.path)
 
 
-# ---------------------------------------------------------------------- run directories
-def _run_dir_kind(path: Path) -> str:
-    """``new`` (absent or empty), ``started`` (a run's config.yaml, no checkpoint, no summary: it stopped
-    before its first checkpoint, nothing to resume), ``unfinished`` (a checkpoint, no summary),
-    ``finished`` (summary.json), ``other`` (files, but no fedmoe run) or ``file`` (not a directory)."""
-    if not path.exists():
-        return "new"
-    if not path.is_dir():
-        return "file"
-    if not {p.name for p in path.iterdir()} - {RunDir.LOCK}:
-        return "new"
-    if (path / RunDir.SUMMARY).is_file():
-        return "finished"
-    if has_checkpoint(path):
-        return "unfinished"
-    return "started" if (path / RunDir.CONFIG).is_file() else "other"
-
-
-def _claim(path: Path, overwrite: bool, fresh: bool, log) -> RunDir | None:
-    """``path`` emptied (but for its lock) and locked for a new run, or None when it is not to be used:
-    it holds a finished run (without ``overwrite``) or other files; ``fresh`` (a numbered directory):
-    anything but a new or started one, and one in use."""
-    kind = _run_dir_kind(path)
-    if kind == "file":
-        raise RunDirError(f"{path} exists and is not a directory: choose another name (--set name=...) or "
-                          "output_dir (--set output_dir=...)")
-    if kind == "other" and overwrite and not fresh:
-        raise RunDirError(f"{path} holds files that are not a fedmoe run (no config.yaml), which --overwrite does not "
-                          "delete: choose another name (--set name=...)")
-    if kind == "other" or (fresh and kind != "new" and kind != "started") or (kind == "finished" and not overwrite):
-        return None
-    rd = RunDir(path)
-    try:
-        rd.lock(log)
-    except RunDirBusy:
-        if fresh:
-            return None
-        raise
-    try:
-        kind = _run_dir_kind(path)  # again, now that no other run can change it
-        if kind == "unfinished" and not overwrite:
-            raise RunDirError(f"{path} holds an unfinished run (a checkpoint, no summary.json): continue it with "
-                              f"`fedmoe run --resume {path}`, start it over with --overwrite (its checkpoint is lost), "
-                              "or choose another name with --set name=...")
-        if kind in ("finished", "other") and not overwrite:
-            rd.unlock()
-            return None
-        for child in path.iterdir():
-            if child.name != RunDir.LOCK:
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
-    except BaseException:
-        rd.unlock()
-        raise
-    return rd
-
-
-def prepare_run_dir(cfg: RunConfig, overwrite: bool = False, log=print) -> RunDir:
-    """The directory of a new run, ``output_dir/name``, with its config.yaml, locked by this process
-    (release it with ``rd.unlock()``).
-
-    A finished run there is never deleted implicitly: the new run goes to the first free numbered
-    directory beside it (``name-2``, ``name-3``, ...), and says so, unless ``overwrite``. An unfinished
-    run (a checkpoint, no summary) is refused with the command that resumes it, unless ``overwrite``. A
-    run that stopped before its first checkpoint left nothing to resume: its directory is reused. A
-    directory that holds no fedmoe run is never deleted (a new run goes beside it)."""
-    base = Path(cfg.output_dir) / cfg.run_name()
-    try:
-        rd = _claim(base, overwrite, fresh=False, log=log)
-        if rd is None:
-            what = ("a finished run (kept; --overwrite replaces it)" if _run_dir_kind(base) == "finished"
-                    else "files that are not a fedmoe run (kept)")
-            rd = next(r for n in itertools.count(2)
-                      if (r := _claim(base.with_name(f"{base.name}-{n}"), False, fresh=True, log=log)) is not None)
-            log(f"{base} holds {what}: this run writes to {rd.path}")
-        try:
-            tree = config_to_dict(cfg)
-            if rd.path != base:
-                tree["name"] = rd.path.name  # config.yaml names the directory it is in
-            rd.write_config(tree)
-        except BaseException:
-            rd.unlock()
-            raise
-    except OSError as e:
-        raise RunDirError(f"cannot write the run directory {base}: {e.strerror or e}"
-                          + (f" ({e.filename})" if e.filename else "")
-                          + ": set output_dir to a writable directory (--set output_dir=...)") from None
-    return rd
-
-
-def _lock_existing(path: Path, log) -> RunDir:
-    """The existing run directory ``path``, locked by this process."""
-    if not (path / RunDir.CONFIG).is_file():
-        raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
-    rd = RunDir(path, create=False)
-    rd.lock(log)
-    return rd
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) during a run; ``path``: its run directory."""
-
-    def __init__(self, path: Path):
-        super().__init__(f"interrupted: {path}")
-        self.path = Path(path)
-
-
-def _locked(rd: RunDir, work):
-    """``work()`` under the run directory's lock (already taken), released however it ends; Ctrl-C
-    becomes :class:`RunInterrupted` (naming the directory), a full or read-only disk a RunDirError
-    that says the last checkpoint is intact."""
-    try:
-        return work()
-    except KeyboardInterrupt:
-        raise RunInterrupted(rd.path) from None
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            raise
-        raise RunDirError(f"writing {e.filename or rd.path} failed: {e.strerror}. The last checkpoint in {rd.path} is "
-                          f"intact: make room (or make it writable), then `fedmoe run --resume {rd.path}`") from None
-    finally:
-        rd.unlock()
-
-
-def check_model(cfg: RunConfig) -> None:
-    """Before anything is written: the model's config can be read (a hub id offline is not), and
-    ``data.max_length`` fits its context."""
-    from ..eval.flops import load_model_config
-    from ..moe.model import check_context
-
-    try:
-        config = load_model_config(cfg.model.name)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"model.name: {e}") from None
-    check_context(config, cfg.data.max_length, cfg.model.name)
-
-
-# ---------------------------------------------------------------------- entry points
-def run_federated(cfg: RunConfig, show_progress: bool = False, stop_after_round: int | None = None,
-                  log=print, observe=None, overwrite: bool = False) -> tuple[dict | None, RunDir]:
-    """Run a configured federated experiment from scratch in this process; returns (summary, run dir).
-    ``overwrite``: replace a run in ``output_dir/name`` (else a finished one is kept and the run goes
-    to ``name-2``, ...; :func:`prepare_run_dir`)."""
-    check_model(cfg)
-    cfg = resolve_labels(cfg)
-    rd = prepare_run_dir(cfg, overwrite=overwrite, log=log)
-    return _locked(rd, lambda: Federation(cfg, rd, show_progress=show_progress, log=log, observe=observe).run(
-        stop_after_round=stop_after_round)), rd
-
-
-def open_run_dir(path: str | Path, log=print) -> tuple[RunConfig, RunDir, dict]:
-    """(config, run dir, checkpoint) of a run to resume: the newest readable checkpoint, and a
-    config.yaml that is still the config the run was checkpointed with."""
-    path = Path(path)
-    if not (path / RunDir.CONFIG).is_file():
-        raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
-    if not has_checkpoint(path):
-        raise RunDirError(f"{path} has no checkpoint to resume from ({path / RunDir.CHECKPOINTS / CHECKPOINT_FILE} is "
-                          f"missing): start it again with `fedmoe run {path / RunDir.CONFIG} --overwrite`")
-    cfg = load_config(path / RunDir.CONFIG)
-    ck = load_checkpoint(path, log)
-    check_fingerprint(cfg, ck, path, log)
-    return cfg, RunDir(path), ck
-
-
-def resume(run: Federation, ck: dict, stop_after_round: int | None = None) -> dict | None:
-    bad = ck.pop("_unreadable", None)
-    if bad is not None:  # set aside: the next checkpoint must not keep it as the previous one
-        os.replace(bad, f"{bad}.unreadable")
-    run.restore(ck)
-    run.rd.truncate_metrics(after_round=run.completed_rounds)  # rows written after the checkpoint are redone
-    if run.completed_rounds >= run.cfg.federation.rounds:
-        run._t0 = time.time()
-        return run.finish()
-    return run.run(stop_after_round=stop_after_round)
-
-
-def resume_federated(path: str | Path, show_progress: bool = False, stop_after_round: int | None = None,
-                     log=print, observe=None) -> tuple[dict | None, RunDir]:
-    """Continue the in-process run in ``path`` from its last checkpoint (its own config.yaml is used)."""
-    rd = _lock_existing(Path(path), log)
-
-    def work():
-        cfg, _, ck = open_run_dir(path, log=log)
-        run = Federation(cfg, rd, show_progress=show_progress, log=log, resuming=True, observe=observe)
-        return resume(run, ck, stop_after_round)
-
-    return _locked(rd, work), rd
-
-
-__all__ = ["Federation", "RoundFailed", "RunDirBusy", "RunDirError", "RunInterrupted", "format_results_table",
-           "resume_federated", "run_federated"]
+__all__ = ["Federation", "RoundFailed", "make_transport", "nonfinite"]

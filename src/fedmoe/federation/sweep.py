@@ -69,7 +69,7 @@ def _run_point(point: str, tree: dict, sets: list[str], root: str, source: str, 
                federation: str | None, threads: int | None = None) -> str:
     """Run (or continue, or keep) one sweep point; returns its summary.json's path."""
     from .entry import continue_run, start_run
-    from .runtime import has_checkpoint
+    from .checkpoint import has_checkpoint
 
     if threads is not None:
         import torch

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from ..messages import ACTIVATION_COUNTS
+
 if TYPE_CHECKING:
     from ..messages import Message
     from ..train import LocalResult
@@ -39,15 +41,24 @@ class TrainReport:
         return cls(loss=result.loss, steps=result.steps, lr=result.lr, tokens=result.tokens,
                    activation_counts=result.activation_counts, metrics=dict(metrics), overhead=dict(overhead))
 
-    def to_info(self) -> dict:
-        """As JSON-able values (the activation counts as nested lists), without the transport's timings."""
-        return {"loss": self.loss, "steps": self.steps, "lr": self.lr, "tokens": self.tokens,
-                "activation_counts": self.activation_counts.tolist(), "metrics": self.metrics}
+    def to_info(self, reply: Message | None = None) -> dict:
+        """As JSON-able values, without the transport's timings. The activation counts travel once:
+        as nested lists here, unless the reply message already holds them (:data:`ACTIVATION_COUNTS`)."""
+        info = {"loss": self.loss, "steps": self.steps, "lr": self.lr, "tokens": self.tokens, "metrics": self.metrics}
+        if reply is None or ACTIVATION_COUNTS not in reply.tensors:
+            info[ACTIVATION_COUNTS] = self.activation_counts.tolist()
+        return info
 
     @classmethod
-    def from_info(cls, info: dict, **overhead: float) -> TrainReport:
+    def from_info(cls, info: dict, reply: Message | None = None, **overhead: float) -> TrainReport:
+        """The report :meth:`to_info` wrote, its activation counts from ``reply`` when they came with it."""
+        counts = info.get(ACTIVATION_COUNTS)
+        if counts is None:
+            if reply is None or ACTIVATION_COUNTS not in reply.tensors:
+                raise ValueError("the client's training report has no activation counts, nor has its reply")
+            counts = reply.tensors[ACTIVATION_COUNTS]
         return cls(loss=info["loss"], steps=int(info["steps"]), lr=info["lr"], tokens=int(info["tokens"]),
-                   activation_counts=torch.tensor(info["activation_counts"], dtype=torch.long),
+                   activation_counts=torch.as_tensor(counts, dtype=torch.long).clone(),
                    metrics=dict(info["metrics"]), overhead=dict(overhead))
 
 
@@ -67,12 +78,13 @@ class Transport(Protocol):
         """({client: (reply, report)}, {client: why it failed}) for this round's train messages."""
 
     def evaluate(self, round_idx: int, messages: dict[int, Message], with_answers: bool,
-                 general_for: dict[int, bool], prog) -> dict[int, dict]:
-        """Each client's own model on its own test data: {client: results}."""
+                 general_for: dict[int, bool], prog) -> tuple[dict[int, dict], dict[int, str]]:
+        """Each client's own model on its own test data: ({client: results}, {client: why it failed})."""
 
     def evaluate_global(self, round_idx: int, message: Message, with_answers: bool, general: bool,
-                        prog) -> dict:
-        """The global model on the union of the clients' test data."""
+                        prog) -> tuple[dict, dict[int, str]]:
+        """The global model on the union of the clients' test data: (results, {client whose test data
+        is missing from them: why})."""
 
     def state(self) -> dict:
         """What a checkpoint must hold to resume the transport (private stores, or where they are)."""

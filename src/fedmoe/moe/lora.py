@@ -73,6 +73,40 @@ def lora_pair_info(a_name: str, b_name: str, A: torch.Tensor, B: torch.Tensor, r
             TensorInfo(b_name, tuple(B.shape), role, factor="B", partner=a_name, rank=rank, scaling=scaling, **kw)]
 
 
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout=None) -> torch.Tensor:
+    """One LoRA pair's term on rows ``x``: (alpha/r) · B A x, with A (r, in) and B (out, r) (the
+    attention adapters, the per-expert loop and FLEx's grafts)."""
+    if dropout is not None:
+        x = dropout(x)
+    return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype)) * scaling
+
+
+def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn, *, split: bool = False,
+               delta=None, proj=F.linear) -> torch.Tensor:
+    """An expert FFN on its rows ``x``: ``down(act(gate) * up)`` with ``gate | up = gate_up(x)``, the one
+    forward of every routed expert (fedmoe's per-expert loop and grouped path) and grafted expert.
+
+    ``proj(a, w)`` applies a projection weight (``F.linear`` on one expert's (out, in) weight; the
+    grouped path passes a grouped matmul over the stacked weights). ``delta(name, a)``, if given,
+    returns the LoRA term added to projection ``name`` on input ``a``, or None: ``gate_up`` (fused
+    layout) or ``gate`` and ``up`` (``split``), then ``down``."""
+    gu = proj(x, gate_up)
+    if delta is not None and not split:
+        d = delta("gate_up", x)
+        gu = gu if d is None else gu + d
+    gate, up = gu.chunk(2, dim=-1)
+    if delta is not None and split:
+        dg, du = delta("gate", x), delta("up", x)
+        gate = gate if dg is None else gate + dg
+        up = up if du is None else up + du
+    h = act_fn(gate) * up
+    y = proj(h, down)
+    if delta is not None:
+        d = delta("down", h)
+        y = y if d is None else y + d
+    return y
+
+
 class LoRALinear(nn.Module):
     """nn.Linear + LoRA; the base layer stays frozen and shared."""
 
@@ -93,8 +127,7 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lora = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return self.base(x) + lora * self.scaling
+        return self.base(x) + lora_delta(x, self.lora_A, self.lora_B, self.scaling, self.dropout)
 
     def describe(self) -> list[TensorInfo]:
         return lora_pair_info("lora_A", "lora_B", self.lora_A, self.lora_B, Role.ATTENTION, self.rank, self.scaling)
@@ -169,7 +202,38 @@ class ActivationTracker:
         self.num_experts = num_experts
         self.token_mask: torch.Tensor | None = None
         self.enabled = False
+        self.forward_mask: torch.Tensor | None = None  # the attention mask of the forward in progress
+        self.skip_padding = True  # route only the tokens the attention mask keeps (model.skip_padding)
+        self.planning = False  # fake tensors (fedmoe.plan): the experts take an even split, nothing is read
+        self._rows: dict[int, torch.Tensor | None] = {}
         self.reset()
+
+    def set_forward_mask(self, mask) -> None:
+        """The (batch, seq) attention mask of the forward pass that starts now (None: every token is
+        real). Set by a pre-hook on the decoder (:class:`~fedmoe.moe.model.MoEModel`); it stays until
+        the next forward, so a gradient-checkpointed layer recomputed in the backward drops the same rows."""
+        usable = self.skip_padding and isinstance(mask, torch.Tensor) and mask.dim() == 2
+        self.forward_mask = mask.bool() if usable else None
+        self._rows = {}
+
+    def real_rows(self, num_tokens: int) -> torch.Tensor | None:
+        """The flattened token rows of the current forward that are not padding (their indices, in
+        order), or None when every row is real or the mask does not describe these rows. The rows are
+        the last ``num_tokens / batch`` positions of the mask (the queries of this forward: all of them,
+        or the new tokens after a key/value cache). Computed once per forward and row count: one
+        device-to-host sync per forward, not one per layer."""
+        m = self.forward_mask
+        if m is None:
+            return None
+        if num_tokens not in self._rows:
+            b, s = m.shape
+            rows = None
+            if num_tokens % b == 0 and 0 < num_tokens // b <= s:
+                q = m[:, s - num_tokens // b:].reshape(-1)
+                if not bool(q.all()):
+                    rows = q.nonzero().squeeze(1)
+            self._rows[num_tokens] = rows
+        return self._rows[num_tokens]
 
     def reset(self) -> None:
         # on the CPU whatever device context is active (a model built under ``with torch.device("cuda")``)
@@ -294,28 +358,39 @@ class ExpertsWithLoRA(nn.Module):
         full = t.new_zeros((self.num_experts, *t.shape[1:]))
         return full.index_copy(0, self._lora_index, t)
 
-    def _lora(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(self.dropout(x), A.to(x.dtype)), B.to(x.dtype)) * self.scaling
-
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         tracker = self.tracker
         if tracker is not None and tracker.enabled:
             tracker.record(self.layer_index, top_k_index)
-        num_tokens, k = top_k_index.shape
+        # padding never reaches the experts: only the rows the attention mask keeps are routed (a real
+        # token never attends to a padded one, so its output is the same; a pad's expert output is 0)
+        rows = tracker.real_rows(hidden_states.shape[0]) if tracker is not None else None
+        if rows is not None:
+            top_k_index, top_k_weights = top_k_index.index_select(0, rows), top_k_weights.index_select(0, rows)
+        k = top_k_index.shape[1]
         flat_expert = top_k_index.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)
-        token_of_slot = order // k
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)[: self.num_experts]
+        token_of_slot = order // k if rows is None else rows[order // k]
+        if tracker is not None and tracker.planning:
+            # a memory plan on fake tensors (fedmoe.plan): the routing's sizes without reading it, the
+            # T·k slots spread evenly over the experts
+            per, extra = divmod(flat_expert.numel(), self.num_experts)
+            count_list = [per + (e < extra) for e in range(self.num_experts)]
+            counts = torch.tensor(count_list, device=flat_expert.device)
+        else:
+            counts = torch.bincount(flat_expert, minlength=self.num_experts)[: self.num_experts]
+            count_list = None
         # index_select, not hidden_states[token_of_slot]: the backward of advanced indexing with repeated
         # indices (each token appears k times) is an atomic scatter-add on CPU whose summation order
         # depends on thread timing; index_select's backward (index_add_) is deterministic.
         x_sorted = hidden_states.index_select(0, token_of_slot)
         w_sorted = top_k_weights.reshape(-1)[order]
-        n_valid = int(counts.sum())  # slots routed to experts of this module (all of them, without EP)
-        if self.grouped and self._grouped_ok(hidden_states.dtype):
+        # slots routed to experts of this module (all of them, without EP)
+        n_valid = flat_expert.numel() if count_list is not None else int(counts.sum())
+        if self.grouped and count_list is None and self._grouped_ok(hidden_states.dtype):
             y_sorted = self._experts_grouped(x_sorted, counts)
         else:
-            y_sorted = self._experts_loop(x_sorted, counts.tolist())
+            y_sorted = self._experts_loop(x_sorted, count_list if count_list is not None else counts.tolist())
         out = torch.zeros_like(hidden_states)
         y_sorted = y_sorted[:n_valid] * w_sorted[:n_valid, None].to(y_sorted.dtype)
         out.index_add_(0, token_of_slot[:n_valid], y_sorted.to(out.dtype))
@@ -328,8 +403,8 @@ class ExpertsWithLoRA(nn.Module):
         size must be a multiple of 16. The LoRA rank need not be: :meth:`_experts_grouped` pads it with
         zero rows of A and columns of B (rank 20 in bf16, FLAME's, would otherwise take the loop, ~9x
         slower on an H200 at the OLMoE shape)."""
-        if not _HAS_GROUPED_MM:
-            return False
+        if not _HAS_GROUPED_MM or not isinstance(self.base.gate_up_proj, torch.Tensor):
+            return False  # a quantized stack is dequantized expert by expert (the per-expert path)
         two_i, hidden = self.base.gate_up_proj.shape[1:]
         dims = [hidden, two_i, self.base.down_proj.shape[2]]
         size = torch.empty((), dtype=dtype).element_size()
@@ -346,37 +421,38 @@ class ExpertsWithLoRA(nn.Module):
         align = 16 // x.element_size()
         pad = -(self.rank or 0) % align  # zero rank components: the same product, aligned strides
 
-        def lora(a, prefix):  # the prefix's LoRA on every expert's rows
+        def lora(prefix, a):  # the prefix's LoRA on every expert's rows (None: not targeted)
+            if not self._targets(prefix):
+                return None
             A, B = self._full(getattr(self, f"{prefix}_lora_A")), self._full(getattr(self, f"{prefix}_lora_B"))
             if pad:
                 A, B = F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad))
             return gmm(gmm(self.dropout(a), A.transpose(-2, -1)), B.transpose(-2, -1)) * self.scaling
 
-        gu = gmm(x, self.base.gate_up_proj.transpose(-2, -1))
-        split = self.layout == "split"
-        if "gate_up_proj" in self.targets and not split:
-            gu = gu + lora(x, "gate_up")
-        gate, up = gu.chunk(2, dim=-1)
-        if "gate_up_proj" in self.targets and split:
-            gate, up = gate + lora(x, "gate"), up + lora(x, "up")
-        h = self.base.act_fn(gate) * up
-        y = gmm(h, self.base.down_proj.transpose(-2, -1))
-        if "down_proj" in self.targets:
-            y = y + lora(h, "down")
-        return y
+        return expert_ffn(x, self.base.gate_up_proj, self.base.down_proj, self.base.act_fn,
+                          split=self.layout == "split", delta=lora, proj=lambda a, w: gmm(a, w.transpose(-2, -1)))
+
+    def _targets(self, prefix: str) -> bool:
+        """Whether this module has the LoRA pair ``prefix`` (gate_up, gate, up: on gate_up_proj; down)."""
+        return ("down_proj" if prefix == "down" else "gate_up_proj") in self.targets
 
     def _experts_loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """One expert at a time (the fallback where grouped_mm is unavailable)."""
         W_gu, W_d = self.base.gate_up_proj, self.base.down_proj
         slot = ({e: e for e in range(self.num_experts)} if self.lora_experts is None
                 else {e: i for i, e in enumerate(self.lora_experts)})
-        has_gu = "gate_up_proj" in self.targets
-        has_d = "down_proj" in self.targets
-        split = self.layout == "split"
 
-        def lora(a, prefix, j):
-            return self._lora(a, getattr(self, f"{prefix}_lora_A")[j], getattr(self, f"{prefix}_lora_B")[j])
+        def lora_of(j):
+            def delta(prefix, a):
+                if j is None or not self._targets(prefix):
+                    return None
+                return lora_delta(a, getattr(self, f"{prefix}_lora_A")[j], getattr(self, f"{prefix}_lora_B")[j],
+                                  self.scaling, self.dropout)
+            return delta
 
+        quantized = not isinstance(W_gu, torch.Tensor)  # a QuantizedWeight: one expert dequantized at a time
+        if quantized:
+            from .quant import quantized_proj
         outputs = []
         start = 0
         for e, c in enumerate(counts):
@@ -384,18 +460,12 @@ class ExpertsWithLoRA(nn.Module):
                 continue
             x = x_sorted[start : start + c]
             start += c
-            j = slot.get(e)
-            gu = F.linear(x, W_gu[e])
-            if has_gu and j is not None and not split:
-                gu = gu + lora(x, "gate_up", j)
-            gate, up = gu.chunk(2, dim=-1)
-            if has_gu and j is not None and split:
-                gate, up = gate + lora(x, "gate", j), up + lora(x, "up", j)
-            h = self.base.act_fn(gate) * up
-            y = F.linear(h, W_d[e])
-            if has_d and j is not None:
-                y = y + lora(h, "down", j)
-            outputs.append(y)
+            if quantized:
+                outputs.append(expert_ffn(x, (W_gu, e), (W_d, e), self.base.act_fn, split=self.layout == "split",
+                                          delta=lora_of(slot.get(e)), proj=quantized_proj))
+            else:
+                outputs.append(expert_ffn(x, W_gu[e], W_d[e], self.base.act_fn, split=self.layout == "split",
+                                          delta=lora_of(slot.get(e))))
         if not outputs:
             return x_sorted.new_zeros(0, W_d.shape[1])
         return torch.cat(outputs)

@@ -8,7 +8,6 @@ Face's shifted token-mean cross-entropy.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 

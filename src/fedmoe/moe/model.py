@@ -228,6 +228,15 @@ class MoEModel:
         for layer in self.layers:
             if not isinstance(layer.block.experts, ExpertsWithLoRA):
                 layer.block.experts = ExpertsWithLoRA(layer.experts, layer.index, self.tracker)
+        # the experts see the attention mask of every forward (they route only the real tokens)
+        decoder = getattr(model, "model", model)
+        tracker = self.tracker
+
+        def capture_mask(module, args, kwargs):
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            tracker.set_forward_mask(mask)
+
+        decoder.register_forward_pre_hook(capture_mask, with_kwargs=True)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -335,7 +344,9 @@ class MoEModel:
             attn = getattr(layer, "self_attn", None)
             if attn is None:
                 raise UnsupportedModelError(f"decoder layer {i} has no self_attn module")
-            present = {n for n, m in attn.named_children() if isinstance(m, (nn.Linear, LoRALinear))}
+            from .quant import QuantizedLinear
+
+            present = {n for n, m in attn.named_children() if isinstance(m, (nn.Linear, LoRALinear, QuantizedLinear))}
             missing = [t for t in targets if t not in present]
             if missing:
                 raise UnsupportedModelError(
@@ -378,8 +389,12 @@ class MoEModel:
             def add_output(block, args, output, module=module):
                 if not module.enabled:
                     return output
-                x = args[0]
-                return output + module(x.reshape(-1, x.shape[-1])).reshape(output.shape)
+                x = args[0].reshape(-1, args[0].shape[-1])
+                rows = self.tracker.real_rows(x.shape[0])  # padding skipped, as in the routed experts
+                if rows is None:
+                    return output + module(x).reshape(output.shape)
+                y = x.new_zeros(x.shape).index_copy(0, rows, module(x.index_select(0, rows)))
+                return output + y.reshape(output.shape)
 
             layer.block.register_forward_hook(add_output)
             modules.append(module)
@@ -432,8 +447,15 @@ class MoEModel:
     def inventory(self, private_roles=()) -> Inventory:
         """The typed inventory of the trainable tensors, in parameter order: each tensor as the module
         that created it describes it (``describe()``), with its decoder and MoE layer; a trainable no
-        module describes is :attr:`Role.OTHER`. ``private_roles``: the roles the method keeps private."""
+        module describes is :attr:`Role.OTHER`. ``private_roles``: the roles the method keeps private.
+        Built once per set of trainables and private roles (a client's model is loaded twice a round)."""
         from dataclasses import replace
+
+        params = self.trainable_parameters()
+        key = (frozenset(private_roles), tuple((n, tuple(p.shape)) for n, p in params.items()))
+        cached = getattr(self, "_inventory", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
 
         from .arch import decoder_layers
 
@@ -456,10 +478,11 @@ class MoEModel:
                     decoder_layer=decoder_of.get(id(mod)), moe_layer=moe_of.get(id(mod)))
         roles = frozenset(private_roles)
         out = {}
-        for n, p in self.trainable_parameters().items():
+        for n, p in params.items():
             info = described.get(n) or TensorInfo(n, tuple(p.shape), Role.OTHER)
             out[n] = replace(info, private=info.role in roles)
-        return Inventory(out)
+        self._inventory = (key, Inventory(out))
+        return self._inventory[1]
 
     def get_state(self, names=None) -> dict[str, torch.Tensor]:
         """A detached CPU copy of the trainable tensors (or of the named ones)."""

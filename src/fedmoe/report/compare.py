@@ -37,7 +37,7 @@ class Run:
 
     @property
     def rounds_done(self) -> int:
-        return max((r["round"] for r in self.metrics if r.get("split") == "round"), default=0)
+        return max((r["round"] for r in self.metrics if r.get("kind") == "round"), default=0)
 
 
 def load_run(path: str | Path, label: str | None = None) -> Run:
@@ -59,13 +59,13 @@ def _labels(paths: list[Path]) -> list[str]:
 
 def _global_test(run: Run, key: str) -> list[tuple[int, float]]:
     return sorted((r["round"], r[key]) for r in run.metrics
-                  if r.get("split") == "test" and r.get("client") is None and r.get(key) is not None)
+                  if r.get("kind") == "test" and r.get("client") is None and r.get(key) is not None)
 
 
 def _mean_train_loss(run: Run) -> list[tuple[int, float]]:
     by_round: dict[int, list[float]] = {}
     for r in run.metrics:
-        if r.get("split") == "train" and r.get("loss") is not None:
+        if r.get("kind") == "train" and r.get("loss") is not None:
             by_round.setdefault(r["round"], []).append(r["loss"])
     return [(k, sum(v) / len(v)) for k, v in sorted(by_round.items())]
 

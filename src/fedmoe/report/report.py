@@ -150,7 +150,7 @@ def _curves(metrics: list[dict], split: str, key: str) -> dict:
     """
     points: dict = defaultdict(dict)
     for row in metrics:
-        if row.get("split") != split or row.get(key) is None or row.get("round") is None:
+        if row.get("kind") != split or row.get(key) is None or row.get("round") is None:
             continue
         if not math.isfinite(float(row[key])):  # NaN/inf (the report's tables show them): no point to draw
             continue
@@ -297,7 +297,7 @@ def plot_expert_heatmap(summary: dict, path: str | Path) -> bool:
 def plot_layer_metrics(metrics: list[dict], folder: Path) -> list[tuple[str, str]]:
     """A heatmap (round x MoE layer) of every server metric that is a per-layer list (``*_by_layer``);
     returns (key, file name) of the figures written."""
-    rows = [r for r in metrics if r.get("split") == "server"]
+    rows = [r for r in metrics if r.get("kind") == "server"]
     keys = sorted({k for r in rows for k, v in r.items() if k.endswith("_by_layer") and isinstance(v, list)})
     if not keys:
         return []
@@ -529,7 +529,7 @@ def format_client_reported(summary: dict) -> list[str]:
 
 def format_server_metrics(metrics: list[dict], summary: dict | None = None) -> list[str]:
     """The server's aggregation per round, from metrics.jsonl: its time and whatever the method reported."""
-    rows = [r for r in metrics if r.get("split") == "server" and r.get("aggregate_s") is not None]
+    rows = [r for r in metrics if r.get("kind") == "server" and r.get("aggregate_s") is not None]
     if not rows:
         return []
     keys = _scalar_keys(rows, skip=("round",))
@@ -587,7 +587,7 @@ def format_privacy(summary: dict, metrics: list[dict]) -> list[str]:
              f"{p['clip_norm']:g} to their sum and divides by the {p['clients_per_round']} clients sampled per round "
              f"(noise std of the average: {p['noise_std_of_average']:.3g}). Accounting: {p['accounting']}. The guarantee "
              "covers the global models; this report's per-client numbers are not private.", ""]
-    rows = [r for r in metrics if r.get("split") == "server" and r.get("dp_epsilon") is not None]
+    rows = [r for r in metrics if r.get("kind") == "server" and r.get("dp_epsilon") is not None]
     if rows:
         lines += ["| round | ε | share of updates clipped |", "|---:|---:|---:|"]
         lines += [f"| {r['round']} | {_num(r['dp_epsilon'], 3)} | {_num(r.get('dp_clipped_fraction'), 2)} |"
@@ -597,7 +597,7 @@ def format_privacy(summary: dict, metrics: list[dict]) -> list[str]:
 
 def format_round_time(metrics: list[dict]) -> list[str]:
     """Where each round's time went: the clients' training and evaluation, the aggregation, the rest."""
-    rows = [r for r in metrics if r.get("split") == "round" and r.get("wall_s") is not None]
+    rows = [r for r in metrics if r.get("kind") == "round" and r.get("wall_s") is not None]
     if not rows:
         return []
     lines = ["## Time per round", "", "Clients: the sum of the clients' training and evaluation times (clients that "
@@ -612,7 +612,7 @@ def format_round_time(metrics: list[dict]) -> list[str]:
 def format_client_time(metrics: list[dict]) -> list[str]:
     """Per round, the clients' time to load model and data for a message (0 while a process keeps
     them) against their training time, where the runtime measured it."""
-    rows = [r for r in metrics if r.get("split") == "train" and r.get("load_s") is not None]
+    rows = [r for r in metrics if r.get("kind") == "train" and r.get("load_s") is not None]
     if not rows:
         return []
     by_round: dict = defaultdict(list)

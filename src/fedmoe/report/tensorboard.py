@@ -1,6 +1,6 @@
 """metrics.jsonl as TensorBoard scalars (``report.tensorboard: true``; extra ``fedmoe[tensorboard]``).
 
-Every numeric value of every row becomes a scalar at step = round, tagged ``<split>/<key>`` with
+Every numeric value of every row becomes a scalar at step = round, tagged ``<kind>/<key>`` with
 ``/global`` (rows of no client: the global model, the server, the round) or ``/client_<id>``; a
 per-layer list adds ``/layer_<i>``, a dict (ROUGE-L by category) ``/<name>``. The folder is rebuilt
 from metrics.jsonl as a whole (into a temporary folder, then swapped in), so a resumed run, whose
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 FOLDER = "tensorboard"
-_SKIP = {"round", "client", "split", "clients", "error", "stage"}
+_SKIP = {"round", "client", "kind", "clients", "error", "stage"}
 
 
 def require_tensorboard() -> None:
@@ -33,12 +33,12 @@ def scalars(rows: list[dict]) -> Iterator[tuple[str, float, int]]:
         if not isinstance(step, (int, float)):
             continue
         who = "global" if row.get("client") is None else f"client_{row['client']}"
-        split = row.get("split", "metrics")
+        kind = row.get("kind", "metrics")
         for key, value in row.items():
             if key in _SKIP:
                 continue
             for suffix, v in _flatten(value):
-                yield f"{split}/{key}/{who}{suffix}", float(v), int(step)
+                yield f"{kind}/{key}/{who}{suffix}", float(v), int(step)
 
 
 def _flatten(value, suffix: str = ""):

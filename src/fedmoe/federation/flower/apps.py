@@ -19,7 +19,8 @@ import yaml
 
 from ...config import config_from_tree
 from ...rundir import RunDir
-from ..runtime import Federation, open_run_dir, resume
+from ..directories import open_run_dir
+from ..runtime import Federation
 from .client import ClientModel, FlowerClient
 from .server import FlowerTransport
 
@@ -40,7 +41,7 @@ def server_main(grid, context, options=None) -> None:
     if opts.get("resume"):
         cfg, rd, ck = open_run_dir(opts["run-dir"])
         transport.cfg = cfg
-        resume(Federation(cfg, rd, transport=transport, resuming=True), ck)
+        Federation(cfg, rd, transport=transport, resuming=True).resume(ck)
     else:
         cfg = _config(opts)
         Federation(cfg, RunDir(opts["run-dir"]), transport=transport).run()

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ...algorithms import get_method
+from ...algorithms.base import check_top_k
 from ...config import ConfigError, RunConfig
 from ...data import prepare_client_data, prepare_federated_data
 from ...moe import load_tokenizer
@@ -87,7 +88,7 @@ class ClientModel:
         self.mm = load_client_model(cfg, self.method, self.tokenizer)
         self.initial = self.mm.get_state()
         self.half = self.method.client(cfg)
-        self.half.validate(self.mm, cfg.data.partition.num_clients)
+        check_top_k(self.half, self.mm, cfg.data.partition.num_clients)
         self._shared = None
         self.load_s = time.perf_counter() - t0
 
@@ -150,7 +151,7 @@ class FlowerClient:
         if kind == "train":
             reply, res, metrics = node.train(self.half, self.mm, msg, self.cfg)
             store.save(round_idx, node.private)
-            out["report"] = TrainReport.of(res, jsonable(metrics)).to_info()
+            out["report"] = TrainReport.of(res, jsonable(metrics)).to_info(reply)
             out["work_s"] = time.perf_counter() - t0
             return to_records(reply, out)
         if kind == "evaluate":

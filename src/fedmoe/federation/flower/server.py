@@ -150,26 +150,27 @@ class FlowerTransport:
         replies = {}
         for cid, (msg, info) in got.items():
             # the client's time to load its model and data (0 while its process keeps them) and its work
-            report = TrainReport.from_info(info["report"], load_s=info["load_s"], train_s=info["work_s"])
+            report = TrainReport.from_info(info["report"], msg, load_s=info["load_s"], train_s=info["work_s"])
             replies[cid] = (msg, report)
         return replies, failed
 
     def evaluate(self, round_idx: int, messages: dict[int, Message], with_answers: bool, general_for: dict[int, bool],
-                 prog) -> dict[int, dict]:
+                 prog) -> tuple[dict[int, dict], dict[int, str]]:
         infos = {cid: {"with_answers": with_answers, "general": general_for[cid]} for cid in messages}
-        got, _ = self._send(round_idx, EVALUATE, messages, infos)
-        return {cid: info["result"] for cid, (_, info) in got.items()}
+        got, failed = self._send(round_idx, EVALUATE, messages, infos)
+        return {cid: info["result"] for cid, (_, info) in got.items()}, failed
 
-    def evaluate_global(self, round_idx: int, message: Message, with_answers: bool, general: bool, prog) -> dict:
+    def evaluate_global(self, round_idx: int, message: Message, with_answers: bool, general: bool,
+                        prog) -> tuple[dict, dict[int, str]]:
         """The global model evaluated by every client on its own test data, pooled in client order
-        (general text and MMLU by the first client)."""
+        (general text and MMLU by the first client that answers); the clients that failed are named."""
         cids = sorted(self.node_of)
         infos = {cid: {"with_answers": with_answers, "general": general and cid == cids[0]} for cid in cids}
         got, failed = self._send(round_idx, EVALUATE_GLOBAL, {cid: message for cid in cids}, infos)
         if not got:
             raise RuntimeError(f"round {round_idx}: no client could evaluate the global model: {failed}")
         res = [got[cid][1]["result"] for cid in cids if cid in got]
-        return {**pooled(res), "eval_s": sum(r.get("eval_s", 0.0) for r in res)}
+        return {**pooled(res), "eval_s": sum(r.get("eval_s", 0.0) for r in res)}, failed
 
     def state(self) -> dict:
         return {"run_id": self.run_id}

@@ -1,4 +1,4 @@
-"""The server/client split: a client acts on its message and its own store alone, the runtime and the
+"""The two halves of a method (server and client): a client acts on its message and its own store alone, the runtime and the
 report know no method, each method owns its config section, and the default run's numbers are pinned."""
 
 import copy
@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import built, reply
 
 from fedmoe.algorithms import METHODS, model_spec
 from fedmoe.config import ConfigError, RunConfig, load_config
@@ -16,7 +15,6 @@ from fedmoe.data import prepare_federated_data
 from fedmoe.federation import run_federated
 from fedmoe.federation.clients import ClientNode, client_sets
 from fedmoe.moe import MoEModel, load_tokenizer
-from fedmoe.moe.tiny import tiny_config
 from fedmoe.seeds import Stream, derive_seed
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedmoe"
@@ -160,25 +158,6 @@ def test_the_servers_spec_is_the_clients_model(name):
     assert list(spec.initial) == list(live)
     assert all(torch.equal(spec.initial[n], live[n]) for n in live)
     assert spec.num_moe_layers == 4 and spec.num_experts == 8 and spec.top_k == 2
-
-
-def test_flame_with_one_expert_per_layer_weights_that_experts_counts():
-    cfg = load_config(None, ["algorithm.name=flame", "lora.experts_per_layer=1", "lora.rank=2", "lora.attention_targets=[]",
-                             "data.partition.num_clients=2", "algorithm.flame.temperature=1"])
-    server, _, _ = built(METHODS["flame"], cfg, MoEModel.from_config(tiny_config("olmoe")))
-    g = server.initial_global()
-    name = next(n for n in g if n.endswith("layers.1.mlp.experts.down_lora_B"))
-    assert g[name].shape[0] == 1  # one expert's LoRA
-    expert = server.experts[1][0]
-    counts = [torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long)]
-    counts[0][1, expert], counts[1][1, expert] = 30, 10  # layer 1: a/S = 3/4 and 1/4
-    counts[0][0, expert], counts[1][0, expert] = 10, 30  # layer 0 the other way round
-    replies = [reply(i, {**{n: torch.full_like(t, float(i + 1)) for n, t in g.items()},
-                         "activation_counts": counts[i], "tokens_per_layer": torch.tensor([40, 40])}, 10)
-               for i in (0, 1)]
-    new, _, _ = server.aggregate(g, {}, replies, round_idx=1)
-    # layer 1: weights 0.75 and 0.25 on values 1 and 2 (layer 0's counts would give 1.75)
-    torch.testing.assert_close(new[name], torch.full_like(g[name], 0.75 * 1 + 0.25 * 2))
 
 
 # the default run, at a small scale: its final numbers, pinned (they were the same before the split)

@@ -1,0 +1,124 @@
+"""A quantized base on the OLMoE-1B-7B shape with fewer layers, side by side in one run: the bytes
+the frozen base holds, the peak resident memory of building it and running training steps (each
+scheme in a fresh process: VmHWM), and the step time (forward + backward + AdamW over expert and
+attention LoRA, r = 8) with every scheme's model built in one process and the steps interleaved, so
+the ratios share the machine's state.
+
+    python benchmarks/quant_base.py --layers 1 --steps 3 [--schemes none nf4 int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+OLMOE_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "data" / "configs" / "allenai--OLMoE-1B-7B-0924.json"
+
+
+def build(layers: int, scheme: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    from fedmoe.moe import MoEModel
+    from fedmoe.moe.model import load_model_config
+    from fedmoe.moe.quant import quantize_model
+
+    config = load_model_config(str(OLMOE_CONFIG))
+    config.num_hidden_layers = layers
+    torch.manual_seed(seed)
+    mm = MoEModel(AutoModelForCausalLM.from_config(config))
+    quantize_model(mm, scheme)
+    torch.manual_seed(1)
+    mm.add_expert_lora(8, 16.0)
+    mm.add_attention_lora(8, 16.0)
+    return mm
+
+
+def batch(mm, size: int, seq: int):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, mm.config.vocab_size, (size, seq), generator=g)
+    labels = ids.clone()
+    labels[:, : seq // 2] = -100
+    return ids, torch.ones_like(ids), labels
+
+
+def step(mm, opt, ids, mask, labels) -> None:
+    from fedmoe.moe.loss import labelled_token_loss
+
+    loss, n, _ = labelled_token_loss(mm.model, ids, mask, labels)
+    (loss / n).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def memory_child(args) -> None:
+    """One scheme in this process: the base's stored bytes and the peak RSS of building it and stepping."""
+    from fedmoe.moe.quant import stored_bytes
+
+    mm = build(args.layers, args.child)
+    held = stored_bytes(mm.model)
+    opt = torch.optim.AdamW(list(mm.trainable_parameters().values()), lr=1e-4)
+    ids, mask, labels = batch(mm, args.batch, args.seq)
+    for _ in range(2):
+        step(mm, opt, ids, mask, labels)
+    hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+               if line.startswith("VmHWM:"))
+    print(json.dumps({"scheme": args.child, "stored_bytes": held, "peak_rss_bytes": hwm * 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--schemes", nargs="+", default=["none", "nf4", "int8"])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        return memory_child(args)
+    mem = {}
+    for s in args.schemes:
+        out = subprocess.run([sys.executable, __file__, "--child", s, "--layers", str(args.layers), "--batch",
+                              str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)],
+                             capture_output=True, text=True, check=True)
+        mem[s] = json.loads(out.stdout.strip().splitlines()[-1])
+    models = {s: build(args.layers, s) for s in args.schemes}
+    opts = {s: torch.optim.AdamW(list(m.trainable_parameters().values()), lr=1e-4) for s, m in models.items()}
+    data = batch(next(iter(models.values())), args.batch, args.seq)
+    for s in args.schemes:  # warm-up
+        step(models[s], opts[s], *data)
+    times = {s: 0.0 for s in args.schemes}
+    for _ in range(args.steps):
+        for s in args.schemes:
+            t = time.perf_counter()
+            step(models[s], opts[s], *data)
+            times[s] += time.perf_counter() - t
+    ref = args.schemes[0]
+    print(f"## Quantized base, OLMoE-1B-7B shape with {args.layers} layer(s)")
+    print(f"{date.today()}, {platform.processor() or platform.machine()}, {args.threads} thread(s), batch "
+          f"{args.batch} x {args.seq}, {args.steps} interleaved steps: `python benchmarks/quant_base.py --layers "
+          f"{args.layers} --steps {args.steps}`\n")
+    print(f"| scheme | base held | / {ref} | peak RSS (build + 2 steps) | / {ref} | step time | / {ref} |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for s in args.schemes:
+        m, r = mem[s], mem[ref]
+        print(f"| {s} | {m['stored_bytes'] / 2**30:.2f} GiB | {m['stored_bytes'] / r['stored_bytes']:.3f} | "
+              f"{m['peak_rss_bytes'] / 2**30:.2f} GiB | {m['peak_rss_bytes'] / r['peak_rss_bytes']:.3f} | "
+              f"{times[s] / args.steps:.2f} s | {times[s] / times[ref]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

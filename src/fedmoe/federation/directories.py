@@ -1,0 +1,160 @@
+"""Run directories: which directory a new run takes (a finished run is never deleted implicitly), the
+lock that keeps two processes out of one run, what Ctrl-C and a full disk become, and the opening of
+a run to resume (its newest readable checkpoint and a config that still matches it). The loop that
+fills a directory is :class:`~fedmoe.federation.runtime.Federation`; the entry points that join the
+two are in :mod:`fedmoe.federation.entry`."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import shutil
+from pathlib import Path
+
+from ..config import RunConfig, config_to_dict, load_config
+from ..rundir import RunDir, RunDirBusy
+from .checkpoint import (CHECKPOINT_FILE, Checkpoint, RunDirError, check_fingerprint, has_checkpoint,
+                         load_checkpoint)
+
+
+def _run_dir_kind(path: Path) -> str:
+    """``new`` (absent or empty), ``started`` (a run's config.yaml, no checkpoint, no summary: it stopped
+    before its first checkpoint, nothing to resume), ``unfinished`` (a checkpoint, no summary),
+    ``finished`` (summary.json), ``other`` (files, but no fedmoe run) or ``file`` (not a directory)."""
+    if not path.exists():
+        return "new"
+    if not path.is_dir():
+        return "file"
+    if not {p.name for p in path.iterdir()} - {RunDir.LOCK}:
+        return "new"
+    if (path / RunDir.SUMMARY).is_file():
+        return "finished"
+    if has_checkpoint(path):
+        return "unfinished"
+    return "started" if (path / RunDir.CONFIG).is_file() else "other"
+
+
+def _claim(path: Path, overwrite: bool, fresh: bool, log) -> RunDir | None:
+    """``path`` emptied (but for its lock) and locked for a new run, or None when it is not to be used:
+    it holds a finished run (without ``overwrite``) or other files; ``fresh`` (a numbered directory):
+    anything but a new or started one, and one in use."""
+    kind = _run_dir_kind(path)
+    if kind == "file":
+        raise RunDirError(f"{path} exists and is not a directory: choose another name (--set name=...) or "
+                          "output_dir (--set output_dir=...)")
+    if kind == "other" and overwrite and not fresh:
+        raise RunDirError(f"{path} holds files that are not a fedmoe run (no config.yaml), which --overwrite does not "
+                          "delete: choose another name (--set name=...)")
+    if kind == "other" or (fresh and kind != "new" and kind != "started") or (kind == "finished" and not overwrite):
+        return None
+    rd = RunDir(path)
+    try:
+        rd.lock(log)
+    except RunDirBusy:
+        if fresh:
+            return None
+        raise
+    try:
+        kind = _run_dir_kind(path)  # again, now that no other run can change it
+        if kind == "unfinished" and not overwrite:
+            raise RunDirError(f"{path} holds an unfinished run (a checkpoint, no summary.json): continue it with "
+                              f"`fedmoe run --resume {path}`, start it over with --overwrite (its checkpoint is lost), "
+                              "or choose another name with --set name=...")
+        if kind in ("finished", "other") and not overwrite:
+            rd.unlock()
+            return None
+        for child in path.iterdir():
+            if child.name != RunDir.LOCK:
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+    except BaseException:
+        rd.unlock()
+        raise
+    return rd
+
+
+def prepare_run_dir(cfg: RunConfig, overwrite: bool = False, log=print) -> RunDir:
+    """The directory of a new run, ``output_dir/name``, with its config.yaml, locked by this process
+    (release it with ``rd.unlock()``).
+
+    A finished run there is never deleted implicitly: the new run goes to the first free numbered
+    directory beside it (``name-2``, ``name-3``, ...), and says so, unless ``overwrite``. An unfinished
+    run (a checkpoint, no summary) is refused with the command that resumes it, unless ``overwrite``. A
+    run that stopped before its first checkpoint left nothing to resume: its directory is reused. A
+    directory that holds no fedmoe run is never deleted (a new run goes beside it)."""
+    base = Path(cfg.output_dir) / cfg.run_name()
+    try:
+        rd = _claim(base, overwrite, fresh=False, log=log)
+        if rd is None:
+            what = ("a finished run (kept; --overwrite replaces it)" if _run_dir_kind(base) == "finished"
+                    else "files that are not a fedmoe run (kept)")
+            rd = next(r for n in itertools.count(2)
+                      if (r := _claim(base.with_name(f"{base.name}-{n}"), False, fresh=True, log=log)) is not None)
+            log(f"{base} holds {what}: this run writes to {rd.path}")
+        try:
+            tree = config_to_dict(cfg)
+            if rd.path != base:
+                tree["name"] = rd.path.name  # config.yaml names the directory it is in
+            rd.write_config(tree)
+        except BaseException:
+            rd.unlock()
+            raise
+    except OSError as e:
+        raise RunDirError(f"cannot write the run directory {base}: {e.strerror or e}"
+                          + (f" ({e.filename})" if e.filename else "")
+                          + ": set output_dir to a writable directory (--set output_dir=...)") from None
+    return rd
+
+
+def lock_existing(path: Path, log) -> RunDir:
+    """The existing run directory ``path``, locked by this process."""
+    if not (path / RunDir.CONFIG).is_file():
+        raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
+    rd = RunDir(path, create=False)
+    rd.lock(log)
+    return rd
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run; ``path``: its run directory."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"interrupted: {path}")
+        self.path = Path(path)
+
+
+def locked(rd: RunDir, work):
+    """``work()`` under the run directory's lock (already taken), released however it ends; Ctrl-C
+    becomes :class:`RunInterrupted` (naming the directory), a full or read-only disk a RunDirError
+    that says the last checkpoint is intact."""
+    try:
+        return work()
+    except KeyboardInterrupt:
+        raise RunInterrupted(rd.path) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        raise RunDirError(f"writing {e.filename or rd.path} failed: {e.strerror}. The last checkpoint in {rd.path} is "
+                          f"intact: make room (or make it writable), then `fedmoe run --resume {rd.path}`") from None
+    finally:
+        rd.unlock()
+
+
+def open_run_dir(path: str | Path, log=print) -> tuple[RunConfig, RunDir, Checkpoint]:
+    """(config, run dir, checkpoint) of a run to resume: the newest readable checkpoint, and a
+    config.yaml that is still the config the run was checkpointed with."""
+    path = Path(path)
+    if not (path / RunDir.CONFIG).is_file():
+        raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
+    if not has_checkpoint(path):
+        raise RunDirError(f"{path} has no checkpoint to resume from ({path / RunDir.CHECKPOINTS / CHECKPOINT_FILE} is "
+                          f"missing): start it again with `fedmoe run {path / RunDir.CONFIG} --overwrite`")
+    cfg = load_config(path / RunDir.CONFIG)
+    ck = load_checkpoint(path, log)
+    check_fingerprint(cfg, ck.state, path, log)
+    return cfg, RunDir(path), ck
+
+
+__all__ = ["RunInterrupted", "lock_existing", "locked", "open_run_dir", "prepare_run_dir"]

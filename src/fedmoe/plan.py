@@ -1,0 +1,219 @@
+"""Will it fit? The memory of one client's training step, before anything is loaded.
+
+``memory_plan(cfg)`` builds the configured model with the run's method's adapters and quantization on
+PyTorch's fake tensors (shapes and dtypes, no storage: nothing is read from disk or allocated) and
+runs two training steps of it — forward, backward, optimizer step, at the configured batch size and
+``data.max_length``, every token real — counting the bytes of every tensor the steps create while it
+lives (a dispatch mode; the same count on real tensors is what the tests compare with), once per
+budget level (its k; FLAME's clients
+activate fewer experts, so they keep fewer activations). The peak it reports is what the real step
+holds in tensors at its peak: the frozen weights (quantized or not) and the trainable adapters, then
+what the step creates at its peak — the adapters' gradients and optimizer state (counted from their
+sizes) and the rest, activations and temporaries; it does not count the
+allocator's caching or fragmentation, the CUDA context, or the evaluation pass (which keeps no
+gradients and is smaller). ``fedmoe plan CONFIG`` prints it; ``fedmoe run`` checks it against the
+device before loading anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("weights", "adapters", "gradients", "optimizer", "activations")
+
+
+@dataclass
+class LevelPlan:
+    """The estimated peak of one budget level's training step, in bytes by kind."""
+
+    k: int
+    clients: list[int]
+    peak: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.peak.values())
+
+
+def _levels(cfg, method, default_k: int) -> dict[int, list[int]]:
+    """k -> the clients that run at it (the method's own k per client)."""
+    half = method.client(cfg)
+
+    class _K:  # what Client.top_k reads of a model
+        pass
+
+    probe = _K()
+    probe.default_top_k = default_k
+    out: dict[int, list[int]] = {}
+    for cid in range(cfg.data.partition.num_clients):
+        out.setdefault(int(half.top_k(cid, probe)), []).append(cid)
+    return dict(sorted(out.items(), reverse=True))
+
+
+class _LiveBytes:
+    """A dispatch mode that counts the bytes of every tensor storage an op creates while they live (a
+    storage shared by views counts once), and their peak."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.now, self.peak, self._refs = 0, 0, {}
+
+            def _add(self, t: torch.Tensor) -> None:
+                import weakref
+
+                st = t.untyped_storage()
+                key = st._cdata
+                if key in self._refs:
+                    return
+                n = st.nbytes()
+
+                def gone(_, key=key, n=n):
+                    self._refs.pop(key, None)
+                    self.now -= n
+
+                self._refs[key] = weakref.ref(st, gone)
+                self.now += n
+                self.peak = max(self.peak, self.now)
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                from torch.utils import _pytree as pytree
+
+                out = func(*args, **(kwargs or {}))
+                for t in pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        self._add(t)
+                return out
+
+        return Mode()
+
+
+def training_step_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int]:
+    """The bytes of one client's training step at k (see the module docstring), by kind. ``fake``:
+    on fake tensors (the plan); False: on real ones (what a test measures it against)."""
+    from contextlib import nullcontext
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .moe.model import MoEModel, hf_from_config, load_model_config
+    from .moe.quant import QuantizedWeight, quantize_model
+    from .seeds import Stream, derive_seed
+
+    config = load_model_config(cfg.model.name)
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
+        hf = hf_from_config(config, cfg.model.dtype, cfg.model.attn_implementation, cfg.seed)
+        mm = MoEModel(hf)
+        mm.tracker.planning = fake  # the experts take an even split of the routed slots (nothing read)
+        quantize_model(mm, cfg.model.quantization)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, Stream.ADAPTER_INIT))
+            method.client.build(cfg, mm)
+        mm.set_top_k(k)
+        params = list(mm.trainable_parameters().values())
+        adamw = cfg.train.optimizer != "sgd"
+        opt = (torch.optim.AdamW(params, lr=1e-3) if adamw
+               else torch.optim.SGD(params, lr=1e-3, momentum=cfg.train.momentum))
+        b, L = cfg.train.batch_size, cfg.data.max_length
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, config.vocab_size, (b, L), generator=g)
+        # a full batch (the longest sequences the run allows: no padding, no mask) with response-only
+        # labels on its second half: the LM head runs on half the positions, as labelled_token_loss does
+        half = L // 2
+        frozen = sum(w.nbytes_stored() for w in mm.model.modules() if isinstance(w, QuantizedWeight))
+        frozen += sum(p.numel() * p.element_size() for p in mm.model.parameters() if not p.requires_grad)
+        frozen += sum(buf.numel() * buf.element_size() for m in mm.model.modules() if not isinstance(m, QuantizedWeight)
+                      for buf in m.buffers(recurse=False))
+        adapters = sum(p.numel() * p.element_size() for p in params)
+        mm.model.train()
+        live = _LiveBytes()
+        with live:
+            for _ in range(2):  # the second step holds the optimizer state of the first
+                hidden = mm.model.model(input_ids=ids).last_hidden_state[:, half - 1 : -1]
+                logits = mm.model.lm_head(hidden.reshape(-1, hidden.shape[-1])).float()
+                loss = torch.nn.functional.cross_entropy(logits, ids[:, half:].reshape(-1))
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    grads = adapters
+    optim = 2 * adapters if adamw else (adapters if cfg.train.momentum else 0)
+    return {"weights": int(frozen), "adapters": int(adapters), "gradients": int(grads), "optimizer": int(optim),
+            "activations": max(0, int(live.peak) - grads - optim)}
+
+
+def memory_plan(cfg) -> list[LevelPlan]:
+    """One :class:`LevelPlan` per budget level (largest k first)."""
+    from .algorithms import get_method
+    from .moe.model import load_model_config
+
+    method = get_method(cfg.algorithm.name)
+    config = load_model_config(cfg.model.name)
+    default_k = int(getattr(config, "num_experts_per_tok"))
+    return [LevelPlan(k, clients, training_step_bytes(cfg, method, k))
+            for k, clients in _levels(cfg, method, default_k).items()]
+
+
+def device_memory(device: str) -> tuple[str, int | None]:
+    """(what, bytes) of the memory a run on ``device`` has: the GPU's free memory, or this machine's RAM."""
+    import os
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return f"free memory of {torch.cuda.get_device_name(torch.device(device))}", int(free)
+    try:
+        return "this machine's memory", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return "this machine's memory", None
+
+
+def fits(plans: list[LevelPlan], available: int | None) -> bool:
+    return available is None or max(p.total for p in plans) <= available
+
+
+HINTS = ("model.quantization=nf4 (the frozen base in 4 bits)", "train.batch_size (activations scale with it)",
+         "data.max_length (activations scale with it)", "lora.rank (adapters, gradients, optimizer state)")
+
+
+def format_plan(cfg, plans: list[LevelPlan], what: str | None = None, available: int | None = None) -> str:
+    def gib(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+    lines = [f"memory plan of one training step: {cfg.model.name}, {cfg.algorithm.name}, quantization "
+             f"{cfg.model.quantization}, batch {cfg.train.batch_size} x {cfg.data.max_length} tokens, {cfg.model.dtype}",
+             "| k | clients | " + " | ".join(KINDS) + " | peak |", "|---:|---|" + "---:|" * (len(KINDS) + 1)]
+    for p in plans:
+        who = ", ".join(map(str, p.clients)) if len(p.clients) <= 8 else f"{len(p.clients)} clients"
+        lines.append(f"| {p.k} | {who} | " + " | ".join(gib(p.peak[kind]) for kind in KINDS) + f" | {gib(p.total)} |")
+    if available is not None:
+        worst = max(p.total for p in plans)
+        verdict = "fits" if worst <= available else "does NOT fit"
+        lines.append(f"{what}: {gib(available)}; the largest level's peak {gib(worst)} {verdict}")
+        if worst > available:
+            lines.append("to make it fit: " + "; ".join(HINTS))
+    return "\n".join(lines)
+
+
+def check_fits(cfg, log=print) -> None:
+    """Before an in-process run on a GPU (where running out of memory ends a run mid-round): refuse a
+    config whose largest level's planned peak exceeds the GPU's free memory, with the plan and the keys
+    that shrink it. On the CPU nothing is checked (the system swaps before it fails; `fedmoe plan` shows
+    the figures)."""
+    from .config import ConfigError
+    from .moe.model import resolve_device
+
+    dev = resolve_device(cfg.model.device)
+    if dev.type != "cuda" or cfg.federation.runtime != "local":
+        return
+    plans = memory_plan(cfg)
+    what, available = device_memory(str(dev))
+    if not fits(plans, available):
+        raise ConfigError(format_plan(cfg, plans, what, available))
+    log(f"memory plan: peak {max(p.total for p in plans) / 2**30:.2f} GiB of {available / 2**30:.2f} GiB ({what})")
+
+
+__all__ = ["KINDS", "LevelPlan", "check_fits", "device_memory", "fits", "format_plan", "memory_plan",
+           "training_step_bytes"]

@@ -1,0 +1,84 @@
+"""The memory plan (fedmoe plan): estimated on fake tensors, within 15% of the same training step run
+on real tensors, per budget level, with the weights and adapters counted exactly; a run on a GPU
+whose plan exceeds the free memory is refused before anything is loaded, naming the keys to change."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fedmoe.algorithms import get_method
+from fedmoe.config import ConfigError, load_config
+from fedmoe.plan import check_fits, format_plan, memory_plan, training_step_bytes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = ["model.name=builtin:tiny-olmoe", "data.max_length=48", "train.batch_size=2"]
+
+
+@pytest.mark.parametrize("sets", [["algorithm.name=fedit"], ["algorithm.name=fedit", "model.quantization=nf4"],
+                                  ["algorithm.name=flame", "algorithm.budgets.top_k=[2,1]"],
+                                  ["algorithm.name=flex", "lora.experts=false"]],
+                         ids=["fedit", "fedit-nf4", "flame", "flex"])
+def test_plan_is_within_15_percent_of_the_real_step(sets):
+    cfg = load_config(None, [*SMALL, *sets])
+    plans = memory_plan(cfg)
+    method = get_method(cfg.algorithm.name)
+    for p in plans:
+        real = training_step_bytes(cfg, method, p.k, fake=False)
+        assert abs(p.total - sum(real.values())) <= 0.15 * sum(real.values()), (p.peak, real)
+        assert p.peak["weights"] == real["weights"] and p.peak["adapters"] == real["adapters"]
+        assert p.peak["optimizer"] == 2 * p.peak["adapters"] == 2 * p.peak["gradients"]  # AdamW: m and v
+        assert p.peak["activations"] > 0
+
+
+def test_plan_counts_what_the_model_holds():
+    """Weights: every frozen tensor's bytes (an NF4 base: its codes and scales); adapters: the
+    trainables the method builds; FLAME's lower k keeps fewer activations."""
+    from fedmoe.federation.local import load_client_model
+    from fedmoe.moe.quant import stored_bytes
+
+    for sets in (["algorithm.name=fedit"], ["algorithm.name=fedit", "model.quantization=nf4"]):
+        cfg = load_config(None, [*SMALL, *sets])
+        mm = load_client_model(cfg, get_method("fedit"))
+        trainable = sum(p.numel() * p.element_size() for p in mm.trainable_parameters().values())
+        (plan,) = memory_plan(cfg)
+        assert plan.peak["adapters"] == trainable
+        assert plan.peak["weights"] + plan.peak["adapters"] == stored_bytes(mm.model)
+    flame = memory_plan(load_config(None, [*SMALL, "algorithm.name=flame", "algorithm.budgets.top_k=[2,1]"]))
+    assert [p.k for p in flame] == [2, 1] and flame[0].clients == [0, 2] and flame[1].clients == [1, 3]
+    assert flame[0].peak["activations"] > flame[1].peak["activations"]
+    nf4 = memory_plan(load_config(None, [*SMALL, "model.quantization=nf4"]))[0]
+    full = memory_plan(load_config(None, SMALL))[0]
+    assert nf4.peak["weights"] < full.peak["weights"]
+
+
+def test_a_gpu_run_that_does_not_fit_is_refused_naming_the_keys(monkeypatch):
+    import fedmoe.plan as plan_mod
+    import fedmoe.moe.model as model_mod
+
+    cfg = load_config(None, [*SMALL, "model.device=cuda"])
+    monkeypatch.setattr(model_mod, "resolve_device", lambda d: __import__("torch").device("cuda"))
+    monkeypatch.setattr(plan_mod, "device_memory", lambda d: ("free memory of a test GPU", 10 * 2**20))
+    with pytest.raises(ConfigError) as e:
+        check_fits(cfg, log=lambda *a: None)
+    text = str(e.value)
+    assert "does NOT fit" in text and "model.quantization=nf4" in text and "train.batch_size" in text
+    monkeypatch.setattr(plan_mod, "device_memory", lambda d: ("free memory of a test GPU", 80 * 2**30))
+    said = []
+    check_fits(cfg, log=said.append)
+    assert said and "memory plan: peak" in said[0]
+    cpu = load_config(None, [*SMALL, "model.device=cpu"])
+    monkeypatch.setattr(model_mod, "resolve_device", lambda d: __import__("torch").device("cpu"))
+    check_fits(cpu, log=lambda *a: pytest.fail("a CPU run is not checked"))
+
+
+def test_fedmoe_plan_command(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fedmoe.cli", "plan", "--set", "model.name=builtin:tiny-olmoe",
+                          "--set", "data.max_length=48", "--set", "train.batch_size=2", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "| k | clients | weights | adapters | gradients | optimizer | activations | peak |" in out.stdout
+    assert "this machine's memory" in out.stdout and "fits" in out.stdout
+    cfg = load_config(None, SMALL)
+    assert format_plan(cfg, memory_plan(cfg)).splitlines()[3].startswith("| 2 | 0, 1, 2, 3 |")
