@@ -1,6 +1,7 @@
-"""A quantized base on the OLMoE-1B-7B shape with fewer layers, side by side in one run: the bytes
-the frozen base holds, the peak resident memory of building it and running training steps (each
-scheme in a fresh process: VmHWM), and the step time (forward + backward + AdamW over expert and
+"""A quantized base on the OLMoE-1B-7B shape (bf16, as its config says) with fewer layers, side by side
+in one run: the bytes the frozen base holds, the peak resident memory (each scheme in a fresh
+process: VmHWM) of building it — the full-precision model is built, then quantized slab by slab — and
+of two training steps after that, and the step time (forward + backward + AdamW over expert and
 attention LoRA, r = 8) with every scheme's model built in one process and the steps interleaved, so
 the ratios share the machine's state.
 
@@ -65,15 +66,30 @@ def memory_child(args) -> None:
     """One scheme in this process: the base's stored bytes and the peak RSS of building it and stepping."""
     from fedmoe.moe.quant import stored_bytes
 
+    def hwm() -> int:
+        return 1024 * next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                            if line.startswith("VmHWM:"))
+
     mm = build(args.layers, args.child)
     held = stored_bytes(mm.model)
+    build_peak = hwm()
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give back what the full-precision build freed (glibc keeps it)
+    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark from here on: the training steps
+    from fedmoe.plan import _LiveBytes
+
     opt = torch.optim.AdamW(list(mm.trainable_parameters().values()), lr=1e-4)
     ids, mask, labels = batch(mm, args.batch, args.seq)
-    for _ in range(2):
-        step(mm, opt, ids, mask, labels)
-    hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-               if line.startswith("VmHWM:"))
-    print(json.dumps({"scheme": args.child, "stored_bytes": held, "peak_rss_bytes": hwm * 1024}))
+    live = _LiveBytes()
+    live.exclude([*mm.model.parameters(), *mm.model.buffers()])  # the base and adapters are in held
+    with live:  # every tensor the steps create, while it lives (fedmoe.plan's count, on real tensors)
+        for _ in range(2):
+            step(mm, opt, ids, mask, labels)
+    print(json.dumps({"scheme": args.child, "stored_bytes": held, "build_peak": build_peak, "step_peak": hwm(),
+                      "tensor_peak": held + live.peak}))
 
 
 def main() -> None:
@@ -111,12 +127,14 @@ def main() -> None:
     print(f"{date.today()}, {platform.processor() or platform.machine()}, {args.threads} thread(s), batch "
           f"{args.batch} x {args.seq}, {args.steps} interleaved steps: `python benchmarks/quant_base.py --layers "
           f"{args.layers} --steps {args.steps}`\n")
-    print(f"| scheme | base held | / {ref} | peak RSS (build + 2 steps) | / {ref} | step time | / {ref} |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| scheme | base held | / {ref} | tensors at the steps' peak | / {ref} | peak RSS, build | peak RSS, "
+          f"steps | step time | / {ref} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in args.schemes:
         m, r = mem[s], mem[ref]
         print(f"| {s} | {m['stored_bytes'] / 2**30:.2f} GiB | {m['stored_bytes'] / r['stored_bytes']:.3f} | "
-              f"{m['peak_rss_bytes'] / 2**30:.2f} GiB | {m['peak_rss_bytes'] / r['peak_rss_bytes']:.3f} | "
+              f"{m['tensor_peak'] / 2**30:.2f} GiB | {m['tensor_peak'] / r['tensor_peak']:.3f} | "
+              f"{m['build_peak'] / 2**30:.2f} GiB | {m['step_peak'] / 2**30:.2f} GiB | "
               f"{times[s] / args.steps:.2f} s | {times[s] / times[ref]:.2f} |")
 
 

@@ -64,6 +64,17 @@ class _LiveBytes:
                 super().__init__()
                 self.now, self.peak, self._refs = 0, 0, {}
 
+            def exclude(self, tensors) -> None:
+                """Storages that exist already (the model's weights and adapters): an op that returns one
+                of them (``w.to(w.dtype)`` returns ``w``) does not count it again."""
+                import weakref
+
+                for t in tensors:
+                    st = t.untyped_storage()
+                    key = st._cdata
+                    if key not in self._refs:
+                        self._refs[key] = weakref.ref(st, lambda _, key=key: self._refs.pop(key, None))
+
             def _add(self, t: torch.Tensor) -> None:
                 import weakref
 
@@ -131,6 +142,7 @@ def training_step_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int
         adapters = sum(p.numel() * p.element_size() for p in params)
         mm.model.train()
         live = _LiveBytes()
+        live.exclude([*mm.model.parameters(), *mm.model.buffers()])
         with live:
             for _ in range(2):  # the second step holds the optimizer state of the first
                 hidden = mm.model.model(input_ids=ids).last_hidden_state[:, half - 1 : -1]

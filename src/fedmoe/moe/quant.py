@@ -82,14 +82,29 @@ def quantize_tensor(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.T
     return codes.contiguous(), absmax, b
 
 
+_PAIRS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _byte_table(scheme: str, device: torch.device) -> torch.Tensor:
+    """(256, 2): the two levels a packed byte holds (high nibble first): one lookup per byte."""
+    key = (scheme, device)
+    if key in _PAIRS:
+        return _PAIRS[key]
+    levels = _levels(scheme)
+    b = torch.arange(256)
+    table = torch.stack([levels[b >> 4], levels[b & 0xF]], dim=-1).to(device)
+    if type(table) is torch.Tensor:  # not a fake tensor of a memory plan (fedmoe.plan): those are not kept
+        _PAIRS[key] = table
+    return table
+
+
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, block: int, scheme: str, dtype: torch.dtype) -> torch.Tensor:
     """The tensor that :func:`quantize_tensor` encoded, in ``dtype``."""
     if scheme == "int8":
-        return (codes.float() * (absmax[..., None] / 127)).to(dtype)
-    idx = torch.stack([codes >> 4, codes & 0xF], dim=-1).reshape(*codes.shape[:-1], codes.shape[-1] * 2)
-    vals = _levels(scheme).to(codes.device)[idx.long()]
-    blocks = vals.reshape(*idx.shape[:-1], idx.shape[-1] // block, block) * absmax[..., None]
-    return blocks.reshape(idx.shape).to(dtype)
+        return (codes.to(torch.float32) * (absmax[..., None] / 127)).to(dtype)
+    n = codes.shape[-1] * 2
+    vals = _byte_table(scheme, codes.device)[codes.long()].reshape(*codes.shape[:-1], n // block, block)
+    return (vals * absmax[..., None]).reshape(*codes.shape[:-1], n).to(dtype)
 
 
 class QuantizedWeight(nn.Module):
@@ -98,9 +113,13 @@ class QuantizedWeight(nn.Module):
     :meth:`dequantize` the whole tensor. It answers ``shape``, ``dtype``, ``device`` and
     ``element_size()`` as the full-precision tensor did."""
 
-    def __init__(self, w: torch.Tensor, scheme: str):
+    def __init__(self, w: torch.Tensor, scheme: str, chunk: int = 2**22):
         super().__init__()
-        codes, absmax, block = quantize_tensor(w, scheme)
+        # a slab of the first dimension at a time (an expert, or rows of a linear): the float32 working
+        # copies of quantization stay ~``chunk`` elements, never the size of a whole expert stack
+        step = max(1, chunk // max(1, w[0].numel())) if w.dim() > 1 else w.shape[0]
+        parts = [quantize_tensor(w[i : i + step], scheme) for i in range(0, w.shape[0], step)]
+        codes, absmax, block = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), parts[0][2]
         self.register_buffer("codes", codes)
         self.register_buffer("absmax", absmax)
         self.scheme, self.block, self.shape, self.dtype = scheme, block, tuple(w.shape), w.dtype
