@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fedmoe's GPU check (issue 17): one short script that a session with a GPU runs first, and that
-# leaves its numbers behind. At most ~8 minutes on one H100/H200 (each step has a time budget and
+# leaves its numbers behind. At most ~9.5 minutes on one H100/H200 (each step has a time budget and
 # is killed past it); `--dry` runs the same steps on the CPU with tiny shapes in well under a minute
 # (tests/test_gpu_check.py runs it, so the script does not rot while no GPU is at hand).
 #
@@ -14,11 +14,13 @@
 #   c  c_federated_olmoe  benchmarks/gpu_fed_olmoe.py: one round of FLAME (k_i = 8, 4, 2, 1) and of FLEx
 #                         (grafting included) on the OLMoE-1B-7B shape: peak memory per client, fits 80 GB
 #   d  d_bf16_step        benchmarks/gpu_bf16_step.py: a bf16 autocast training step against fp32 (tiny model)
+#   e  e_quantized_base   benchmarks/gpu_quant.py: nf4 / int8 base (experts included) vs bf16 on the OLMoE-1B-7B
+#                         shape: base bytes, peak memory, step time, loss
 # Then summary.json and summary.txt; logs, pytest's JUnit XML and the profile tables go into logs.tar.gz.
-# $OUT ends with 8 files: env.json, the four step files, summary.json, summary.txt, logs.tar.gz.
+# $OUT ends with 9 files: env.json, the five step files, summary.json, summary.txt, logs.tar.gz.
 #
 # Environment: PYTHON (default: .venv/bin/python when it sees a GPU (or with --dry), else python3);
-# GPU_CHECK_TIMEOUT_A/B/C/D (seconds per step; on the GPU 90/130/170/40, i.e. 430 s + 5 s grace each;
+# GPU_CHECK_TIMEOUT_A/B/C/D/E (seconds per step; on the GPU 90/130/170/40/120, i.e. 550 s + 5 s grace each;
 # 120 each with --dry); a step past its budget gets SIGTERM, saves what it measured, and is killed 5 s later;
 # GPU_CHECK_TESTS (default tests/test_cuda.py); KEEP_WORK=1 keeps the work folder beside the tarball;
 # FEDMOE_OLMOE_CONFIG (the OLMoE config.json; default ../shared/data/configs/..., else an embedded copy).
@@ -42,7 +44,7 @@ OUT_DIR="${OUT:-$ROOT/benchmarks/gpu_out}"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 WORK="$OUT_DIR/work"
-STEPS=(a_cuda_tests b_expert_lora c_federated_olmoe d_bf16_step)
+STEPS=(a_cuda_tests b_expert_lora c_federated_olmoe d_bf16_step e_quantized_base)
 for s in "${STEPS[@]}" env summary; do rm -f "$OUT_DIR/$s.json"; done
 rm -rf "$WORK" "$OUT_DIR/summary.txt" "$OUT_DIR/logs.tar.gz"
 mkdir -p "$WORK"
@@ -64,8 +66,10 @@ if [[ $DRY == 1 ]]; then
   DRYFLAG=(--dry)
   export FEDMOE_TEST_DEVICE="${FEDMOE_TEST_DEVICE:-cpu}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   TA="${GPU_CHECK_TIMEOUT_A:-120}" TB="${GPU_CHECK_TIMEOUT_B:-120}" TC="${GPU_CHECK_TIMEOUT_C:-120}" TD="${GPU_CHECK_TIMEOUT_D:-120}"
+  TE="${GPU_CHECK_TIMEOUT_E:-120}"
 else
   TA="${GPU_CHECK_TIMEOUT_A:-90}" TB="${GPU_CHECK_TIMEOUT_B:-130}" TC="${GPU_CHECK_TIMEOUT_C:-170}" TD="${GPU_CHECK_TIMEOUT_D:-40}"
+  TE="${GPU_CHECK_TIMEOUT_E:-120}"
 fi
 TESTS="${GPU_CHECK_TESTS:-tests/test_cuda.py}"
 
@@ -119,6 +123,10 @@ ensure c_federated_olmoe
 # d. bf16 autocast step vs fp32 on the tiny model
 run_step d_bf16_step "$TD" "$PY" "$HERE/gpu_bf16_step.py" ${DRYFLAG[@]+"${DRYFLAG[@]}"} --json "$OUT_DIR/d_bf16_step.json"
 ensure d_bf16_step
+
+# e. a quantized base (nf4, int8) against bf16 on the OLMoE-1B-7B shape
+run_step e_quantized_base "$TE" "$PY" "$HERE/gpu_quant.py" ${DRYFLAG[@]+"${DRYFLAG[@]}"} --json "$OUT_DIR/e_quantized_base.json"
+ensure e_quantized_base
 
 echo "=== summary (after $((SECONDS - START)) s) ==="
 "$PY" "$HERE/gpu_common.py" summary "$OUT_DIR" ${DRYFLAG[@]+"${DRYFLAG[@]}"} || true

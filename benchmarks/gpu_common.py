@@ -424,7 +424,8 @@ def cmd_ensure(out: str, step: str, rc: int, log: str) -> int:
 
 
 STEPS = [("a_cuda_tests", "a. pytest -m cuda"), ("b_expert_lora", "b. expert LoRA step, ours vs PEFT{shape}"),
-         ("c_federated_olmoe", "c. one round of FLAME and of FLEx{shape}"), ("d_bf16_step", "d. bf16 autocast vs fp32 step")]
+         ("c_federated_olmoe", "c. one round of FLAME and of FLEx{shape}"), ("d_bf16_step", "d. bf16 autocast vs fp32 step"),
+         ("e_quantized_base", "e. nf4 / int8 base vs bf16{shape}")]
 
 
 def cmd_summary(out_dir: str, dry: bool) -> int:

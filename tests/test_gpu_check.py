@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["a_cuda_tests", "b_expert_lora", "c_federated_olmoe", "d_bf16_step"]
+STEPS = ["a_cuda_tests", "b_expert_lora", "c_federated_olmoe", "d_bf16_step", "e_quantized_base"]
 # at most 8 files come back from the GPU machine's $OUT
 EXPECTED_FILES = sorted([*(f"{s}.json" for s in STEPS), "env.json", "summary.json", "summary.txt", "logs.tar.gz"])
 
