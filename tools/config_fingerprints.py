@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--only")
     ap.add_argument("--skip", help="leave out the runs whose name contains this (e.g. evidence)")
     ap.add_argument("--compare", nargs=2)
+    ap.add_argument("--set", action="append", default=[], dest="overrides",
+                    help="an override for every run (e.g. model.skip_padding=false on code that has the key)")
     args = ap.parse_args()
     if args.compare:
         sys.exit(compare(*(json.loads(Path(p).read_text()) for p in args.compare)))
@@ -166,7 +168,8 @@ def main() -> None:
                 tiny.append("eval.general_blocks=2")
             if (tree.get("eval") or {}).get("mmlu"):
                 tiny.append("eval.mmlu=[abstract_algebra,anatomy]")
-            cfg = config_from_tree(apply_overrides(tree, sets + tiny + [f"output_dir={tmp}", f"name={name.replace('/', '_')}"]), name)
+            cfg = config_from_tree(apply_overrides(tree, sets + tiny + args.overrides
+                                                   + [f"output_dir={tmp}", f"name={name.replace('/', '_')}"]), name)
             summary, _ = run_federated(cfg, log=lambda *a, **k: None)
             out[name] = fingerprint(summary)
             print(name, "global loss", out[name]["global"]["loss"], flush=True)

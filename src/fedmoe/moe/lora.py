@@ -127,7 +127,9 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + lora_delta(x, self.lora_A, self.lora_B, self.scaling, self.dropout)
+        # the LoRA branch first: the backward then sums x's two gradients in the order it always has
+        lora = lora_delta(x, self.lora_A, self.lora_B, self.scaling, self.dropout)
+        return self.base(x) + lora
 
     def describe(self) -> list[TensorInfo]:
         return lora_pair_info("lora_A", "lora_B", self.lora_A, self.lora_B, Role.ATTENTION, self.rank, self.scaling)
