@@ -17,9 +17,12 @@ device before loading anything.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 KINDS = ("weights", "adapters", "gradients", "optimizer", "activations")
 
@@ -52,56 +55,44 @@ def _levels(cfg, method, default_k: int) -> dict[int, list[int]]:
     return dict(sorted(out.items(), reverse=True))
 
 
-class _LiveBytes:
+class _LiveBytes(TorchDispatchMode):
     """A dispatch mode that counts the bytes of every tensor storage an op creates while they live (a
     storage shared by views counts once), and their peak."""
 
-    def __new__(cls):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    def __init__(self):
+        super().__init__()
+        self.now, self.peak, self._refs = 0, 0, {}
 
-        class Mode(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.now, self.peak, self._refs = 0, 0, {}
+    def exclude(self, tensors) -> None:
+        """Storages that exist already (the model's weights and adapters): an op that returns one of
+        them (``w.to(w.dtype)`` returns ``w``) does not count it again."""
+        for t in tensors:
+            st = t.untyped_storage()
+            key = st._cdata
+            if key not in self._refs:
+                self._refs[key] = weakref.ref(st, lambda _, key=key: self._refs.pop(key, None))
 
-            def exclude(self, tensors) -> None:
-                """Storages that exist already (the model's weights and adapters): an op that returns one
-                of them (``w.to(w.dtype)`` returns ``w``) does not count it again."""
-                import weakref
+    def _add(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self._refs:
+            return
+        n = st.nbytes()
 
-                for t in tensors:
-                    st = t.untyped_storage()
-                    key = st._cdata
-                    if key not in self._refs:
-                        self._refs[key] = weakref.ref(st, lambda _, key=key: self._refs.pop(key, None))
+        def gone(_, key=key, n=n):
+            self._refs.pop(key, None)
+            self.now -= n
 
-            def _add(self, t: torch.Tensor) -> None:
-                import weakref
+        self._refs[key] = weakref.ref(st, gone)
+        self.now += n
+        self.peak = max(self.peak, self.now)
 
-                st = t.untyped_storage()
-                key = st._cdata
-                if key in self._refs:
-                    return
-                n = st.nbytes()
-
-                def gone(_, key=key, n=n):
-                    self._refs.pop(key, None)
-                    self.now -= n
-
-                self._refs[key] = weakref.ref(st, gone)
-                self.now += n
-                self.peak = max(self.peak, self.now)
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                from torch.utils import _pytree as pytree
-
-                out = func(*args, **(kwargs or {}))
-                for t in pytree.tree_leaves(out):
-                    if isinstance(t, torch.Tensor):
-                        self._add(t)
-                return out
-
-        return Mode()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        return out
 
 
 def training_step_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int]:
