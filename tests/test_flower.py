@@ -1,7 +1,8 @@
 """fedmoe on Flower: messages as records exactly; Flower's simulation gives the in-process numbers; a
-real SuperLink with two SuperNodes (separate processes on 127.0.0.1) runs FLEx, each client's private
-state only on its own node's disk; a SuperNode killed mid-run (FLAME); a killed
-simulation resumed exactly."""
+real SuperLink with two SuperNodes (separate processes on 127.0.0.1) runs FLEx, one SuperNode loading
+the model per message, the other relaying to its `fedmoe worker`, each client's private state only on
+its own node's disk; a SuperNode killed mid-run (FLAME) takes its running worker back; a worker killed
+mid-train is restarted; a worker with two ranks; a killed simulation resumed exactly."""
 
 import json
 import os
@@ -19,6 +20,7 @@ import flwr  # noqa: F401  (the flower extra is part of the test set-up: `make t
 from fedmoe.config import load_config
 from fedmoe.federation import run_federated
 from fedmoe.federation.flower.localdeploy import LocalDeployment
+from fedmoe.federation.flower.relay import kill_worker
 from fedmoe.federation.flower.records import from_records, to_records
 from fedmoe.messages import Message
 
@@ -118,21 +120,25 @@ def _deploy(tmp_path, **kw):
     return LocalDeployment(tmp_path, threads=1, **kw)
 
 
-@pytest.fixture
-def deployment(tmp_path):
-    with _deploy(tmp_path) as d:
-        yield d
-
-
 # a real deployment starts a ClientApp process per message: evaluated once, after the last round (the
 # evaluation at every round is the simulation's test above), each method's run takes half the messages
 ENDS_ONLY = ["eval.zero_shot=false", "eval.loss_every_round=false"]
 
 
-def test_superlink_and_two_supernodes_run_flex(deployment, tmp_path):
+def _rows(run: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_superlink_and_two_supernodes_run_flex(tmp_path):
     """FLEx: its shared attention LoRA gives the in-process numbers, its private grafts stay on the nodes'
-    disks. FLAME on a real deployment is the killed-node test's method (its private rescalers continue
-    from the node's disk)."""
+    disks. Client 0's SuperNode loads the model for every message; client 1's relays to its worker, which
+    loads it once: the same numbers either way. FLAME on a real deployment is the killed-node test's
+    method (its private rescalers continue from the node's disk)."""
+    with _deploy(tmp_path, workers={1: 1}) as deployment:
+        _flex_run(deployment, tmp_path)
+
+
+def _flex_run(deployment, tmp_path):
     for method in ("flex",):
         sets = METHODS[method]
         sets = sets + ENDS_ONLY
@@ -147,9 +153,11 @@ def test_superlink_and_two_supernodes_run_flex(deployment, tmp_path):
         for i, state in deployment.state.items():
             dirs = {p.name for p in state.glob("*/client-*")}
             assert dirs and dirs == {f"client-{i}"}, (method, i, dirs)
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        train = [r for r in rows if r["kind"] == "train"]
-        assert len(train) == 4 and all(r["load_s"] > 0 for r in train)  # a SuperNode loads the model per message
+        train = _rows(run, "train")
+        assert len(train) == 4
+        # without a worker the SuperNode loads the model per message; the worker loaded it once, at the query
+        assert all(r["load_s"] > 0 for r in train if r["client"] == 0)
+        assert all(r["load_s"] == 0 for r in train if r["client"] == 1)
         assert "## Client time per round" in (run / "report.md").read_text()
     # FLEx's grafts: in the clients' stores, at every round they trained
     for i, state in deployment.state.items():
@@ -160,15 +168,18 @@ def test_superlink_and_two_supernodes_run_flex(deployment, tmp_path):
 
 def test_a_supernode_killed_mid_run_leaves_the_run_to_the_other(tmp_path):
     """Client 0 trains on its own file (data-path); client 1's node is killed after round 1, fails
-    round 2, and comes back (restarted) for round 3 with the private state it kept on its disk."""
+    round 2, and comes back (restarted) for round 3 with the private state it kept on its disk. Both
+    relay to workers: the restarted SuperNode takes its running worker back (nothing is loaded again)."""
     from fedmoe.data import load_examples, prepare_client_data
 
     own = tmp_path / "client0.jsonl"
     rows = load_examples("dolly").examples[:60]
     own.write_text("\n".join(json.dumps({"instruction": e.instruction, "input": e.input, "output": e.output,
                                          "category": e.category}) for e in rows))
-    with _deploy(tmp_path, data_paths={0: own}) as deployment:
+    with _deploy(tmp_path, data_paths={0: own}, workers=True) as deployment:
         _killed_node_run(deployment, tmp_path)
+        assert all(r["load_s"] == 0 for r in _rows(tmp_path / "runs" / "kill", "train"))
+        assert (tmp_path / "worker-1.sock.log").read_text().count("listening on") == 1
     cfg = load_config(None, TINY)
     mine, _ = prepare_client_data(cfg.data, cfg.seed, 0, str(own))
     summary = json.loads((tmp_path / "runs" / "kill" / "summary.json").read_text())
@@ -206,6 +217,62 @@ def _killed_node_run(deployment, tmp_path):
     r1, r3 = (torch.load(next(store.glob(f"*/client-1/private-r0000{r}.pt")), weights_only=False) for r in (1, 3))
     assert set(r1) == set(r3) and any(not torch.equal(r1[k], r3[k]) for k in r1)
     assert "## Failures" in (run / "report.md").read_text()
+
+
+def _worker_log_wait(log: Path, text: str, count: int, proc, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and log.read_text().count(text) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"'{text}' x{count} did not appear in {log}")
+
+
+def test_a_worker_killed_mid_train_is_restarted_and_the_client_comes_back(tmp_path):
+    """FedIT, 3 rounds, both clients on workers: client 1's worker is SIGKILLed while it trains round 1. The
+    round is aggregated from client 0 (the relay reports the failure at once, not at a timeout); round 2's
+    message starts a new worker, which loads the model and continues from the client's store of round 0."""
+    with _deploy(tmp_path, workers=True) as deployment:
+        run = tmp_path / "runs" / "wk"
+        proc = deployment.run(TINY + ["federation.rounds=3", "train.max_steps=30", "eval.zero_shot=false",
+                                      "eval.loss_every_round=false", "federation.round_timeout_s=120",
+                                      f"output_dir={tmp_path / 'runs'}", "name=wk"])
+        log = tmp_path / "worker-1.sock.log"
+        _worker_log_wait(log, "partition 1: train ...", 1, proc)
+        t_kill = time.time()
+        kill_worker(deployment.sockets[1])
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+        summary = json.loads((run / "summary.json").read_text())
+        assert [c["rounds_trained"] for c in summary["clients"]] == [3, 2]
+        assert [(f["round"], f["client"], f["stage"]) for f in summary["failures"]] == [(1, 1, "train")]
+        assert "WorkerError" in summary["failures"][0]["error"] and "closed the connection" in summary["failures"][0]["error"]
+        rounds = _rows(run, "round")
+        assert rounds[0]["wall_s"] < 60 and time.time() - t_kill < 300  # not the 120 s timeout
+        train = {(r["round"], r["client"]): r for r in _rows(run, "train")}
+        assert set(train) == {(1, 0), (2, 0), (2, 1), (3, 0), (3, 1)}
+        assert train[(2, 1)]["load_s"] > 0 and train[(3, 1)]["load_s"] == 0  # the new worker loaded once
+        assert log.read_text().count("listening on") == 2
+        store = sorted(p.name for p in deployment.state[1].glob("*/client-1/private-r*.pt"))
+        assert store == ["private-r00000.pt", "private-r00002.pt", "private-r00003.pt"]
+
+
+def test_a_worker_with_two_ranks_gives_the_in_process_numbers(tmp_path):
+    """Client 0's worker trains on two gloo ranks (torchrun), each half of every batch: the run's numbers
+    are the in-process run's to float rounding (client 1, one rank, sees them through the global model).
+    SGD: Adam's normalised step would turn rounding in near-zero gradients into steps of size lr."""
+    sets = ["algorithm.name=fedit", "train.batch_size=4", "train.optimizer=sgd", "train.lr=0.5"] + ENDS_ONLY
+    with _deploy(tmp_path, workers={0: 2, 1: 1}) as deployment:
+        proc = deployment.run(TINY + sets + [f"output_dir={tmp_path / 'runs'}", "name=ranks"])
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+        assert "(2 ranks)" in (tmp_path / "worker-0.sock.log").read_text()
+    ranks = json.loads((tmp_path / "runs" / "ranks" / "summary.json").read_text())
+    local = _local(tmp_path, "local-ranks", sets)
+    for a, b in zip(local["clients"], ranks["clients"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert (a["bytes_up"], a["bytes_down"], a["n_train"]) == (b["bytes_up"], b["bytes_down"], b["n_train"])
+    assert ranks["global"]["loss"] == pytest.approx(local["global"]["loss"], rel=1e-5)
 
 
 def test_a_killed_simulation_resumes_exactly(tmp_path):

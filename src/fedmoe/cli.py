@@ -157,6 +157,30 @@ def plan(
 
 
 @app.command()
+def worker(
+    socket_path: Annotated[Path, typer.Option("--socket", help="the Unix socket the SuperNode's node config names "
+                                              "(worker=PATH)")],
+    node_config: Annotated[Optional[str], typer.Option(
+        "--node-config", help="serve only the SuperNode with this node config's identity ('partition-id=0 "
+                              "state-dir=\"...\" [data-path=...]'; default: the SuperNode that relays to it)")] = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="ranks that train each client together (torchrun; "
+                                       "one GPU each on CUDA, gloo on CPU)")] = 1,
+):
+    """A long-running client worker beside a SuperNode: loads the model and the client's data once and
+    answers the messages the SuperNode's ClientApp relays to it (node config worker=PATH). The relay
+    starts one itself when none runs; start it yourself to choose --nproc or to see its output."""
+    from .federation.flower.launch import require_flower
+    from .federation.flower.worker import WorkerBusy, main as worker_main
+
+    try:
+        require_flower()
+        worker_main(str(socket_path), node_config, nproc)
+    except (WorkerBusy, ValueError) as e:
+        _error(f"{e}")
+        raise typer.Exit(2)
+
+
+@app.command()
 def pretrain(
     config: Annotated[Optional[Path], typer.Argument(help="pretraining YAML (default: the built-in model's recipe)")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set train.max_steps=100")] = None,

@@ -38,6 +38,46 @@ class LocalResult:
     mean_gradient: dict[str, torch.Tensor] | None = None
 
 
+@dataclass
+class Parallel:
+    """The ranks that train one client together (``fedmoe worker --nproc N``): data parallel, as DDP
+    does it. Every rank holds the same model and draws the same batches; each runs its contiguous share
+    of every micro-batch, and before each optimizer step the gradients (and the step's loss) are summed
+    over the ranks in one all-reduce. The loss is normalised by the whole step's labelled tokens, so the
+    summed gradient is the one-rank gradient up to float rounding. Only the aux loss (a function of a
+    batch's routing, not a sum over tokens) is each rank's own, averaged over the ranks."""
+
+    rank: int
+    world: int
+    group: object = None  # the torch.distributed process group (None: the default one)
+
+    def share(self, indices: list[int]) -> list[int]:
+        n = len(indices)
+        return indices[n * self.rank // self.world : n * (self.rank + 1) // self.world]
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def sync_step(self, params: dict[str, torch.nn.Parameter], step_loss: float) -> float:
+        """Sum every trainable's gradient over the ranks (a tensor no rank has a gradient for keeps none,
+        as on one rank) and return the step's loss summed over the ranks."""
+        ps = list(params.values())
+        flat = torch.cat([torch.zeros(p.numel(), dtype=torch.float32, device=p.device) if p.grad is None
+                          else p.grad.detach().reshape(-1).float() for p in ps]
+                         + [torch.tensor([float(p.grad is not None) for p in ps] + [step_loss], device=ps[0].device)])
+        self.all_reduce(flat)
+        offset = 0
+        for i, p in enumerate(ps):
+            n = p.numel()
+            has = flat[flat.numel() - len(ps) - 1 + i] > 0
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype).clone() if has else None
+            offset += n
+        return float(flat[-1])
+
+
 def round_lr(cfg: TrainConfig, round_idx: int, total_rounds: int) -> float:
     """The learning rate of a round (1-based). ``cosine`` decays from lr to min_lr across rounds
     (a schedule over the federation, not within a client's local steps); ``constant`` keeps lr."""
@@ -60,6 +100,16 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
         perm = torch.randperm(n, generator=generator).tolist()
         for i in range(0, n, batch_size):
             yield perm[i : i + batch_size]
+
+
+def _rows(batch: dict, parallel: Parallel) -> dict | None:
+    """A rank's contiguous share of a collated batch's rows, trimmed to its own longest row (None: none)."""
+    rows = parallel.share(list(range(batch["input_ids"].shape[0])))
+    if not rows:
+        return None
+    part = {k: v[rows[0] : rows[-1] + 1] for k, v in batch.items()}
+    width = int(part["attention_mask"].sum(1).max())
+    return {k: v[:, :width] for k, v in part.items()}
 
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
@@ -94,6 +144,7 @@ def train_local(
     seed: int,
     progress: Callable[[int, float], None] | None = None,
     objective: Objective | None = None,
+    parallel: Parallel | None = None,
 ) -> LocalResult:
     """Train the model's trainable tensors on ``examples`` (dicts with input_ids and labels).
 
@@ -102,6 +153,8 @@ def train_local(
     (a tensor per trainable) to the gradient before clipping and the optimizer step; its
     ``param_options`` give some trainables their own learning rate (a multiple of ``lr``) and weight
     decay; with ``mean_gradient`` the result carries the mean over the steps of the raw gradients.
+    ``parallel``: this rank's share of the data-parallel ranks that train together (:class:`Parallel`);
+    every rank returns the same result.
     """
     if len(examples) == 0:
         raise ValueError("a client with no training examples cannot train; check the partition")
@@ -138,19 +191,26 @@ def train_local(
         # terms are averaged over the micro-batches. With grad_accum = 1 both are the plain token mean.
         micro = [collate_sft([examples[i] for i in next(batches)], pad_id) for _ in range(cfg.grad_accum)]
         labelled = max(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), 1)
+        if parallel is not None:  # this rank's rows of each micro-batch (the labelled count is the whole step's)
+            micro = [_rows(b, parallel) for b in micro]
+        ranks = 1 if parallel is None else parallel.world
         for batch in micro:
+            if batch is None:
+                continue
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), mm.tracking(batch["attention_mask"]):
                 loss_sum, _, aux = labelled_token_loss(model, batch["input_ids"], batch["attention_mask"],
                                                        batch["labels"], output_router_logits=cfg.aux_loss)
             loss = loss_sum / labelled  # this micro-batch's share of the step's token mean
             if aux is not None:
-                loss = loss + aux_coef * aux.float() / cfg.grad_accum
-            for term in terms:
-                loss = loss + term(params) / cfg.grad_accum
+                loss = loss + aux_coef * aux.float() / (cfg.grad_accum * ranks)
+            for term in terms:  # once in the sum over the ranks
+                loss = loss + term(params) / (cfg.grad_accum * ranks)
             loss.backward()
             step_loss += loss.item()
             tokens += int(batch["attention_mask"].sum())
+        if parallel is not None:
+            step_loss = parallel.sync_step(params, step_loss)
         if grad_sum is not None:
             for n, p in params.items():
                 if p.grad is not None:
@@ -167,6 +227,11 @@ def train_local(
             progress(step + 1, step_loss)
     model.eval()
     counts, per_layer = mm.activation_counts()
+    if parallel is not None:  # every rank's routed tokens and processed tokens, summed
+        both = parallel.all_reduce(torch.cat([counts.reshape(-1), per_layer, torch.tensor([tokens])]).to(device))
+        both = both.cpu()
+        counts, per_layer = both[: counts.numel()].view_as(counts), both[counts.numel() : -1]
+        tokens = int(both[-1])
     mean_gradient = None
     if grad_sum is not None:
         mean_gradient = {n: (g / n_steps).to(params[n].dtype).cpu() for n, g in grad_sum.items()}

@@ -1,9 +1,18 @@
 """fedmoe.federation — the runtimes that pass a method's messages between its server half and its
-clients: client sampling, the round loop, evaluation, checkpoint/resume, sweeps."""
+clients: client sampling, the round loop, evaluation, checkpoint/resume, sweeps.
 
-from .checkpoint import RunDirError
-from .entry import resume_federated, run_federated
-from .runtime import Federation
-from .sampling import sample_clients
+The names below are imported on first use, so that a module of a subpackage (the Flower relay, which
+a SuperNode starts for every message) can be imported without torch."""
 
-__all__ = ["Federation", "RunDirError", "resume_federated", "run_federated", "sample_clients"]
+from importlib import import_module
+
+_NAMES = {"Federation": ".runtime", "RunDirError": ".checkpoint", "resume_federated": ".entry",
+          "run_federated": ".entry", "sample_clients": ".sampling"}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        return getattr(import_module(_NAMES[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

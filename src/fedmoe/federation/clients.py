@@ -19,7 +19,7 @@ from ..data.tokenize import tokenize_examples, tokenize_prompt
 from ..messages import REPLY, Message
 from ..moe import MoEModel
 from ..seeds import Stream, derive_seed
-from ..train import LocalResult, round_lr, train_local
+from ..train import LocalResult, Parallel, round_lr, train_local
 
 
 @dataclass
@@ -135,15 +135,18 @@ class ClientNode:
         half.load(mm, self.id, message, self.private)
 
     def train(self, half: Client, mm: MoEModel, message: Message, cfg,
-              progress: Callable[[int, float], None] | None = None) -> tuple[Message, LocalResult, dict]:
+              progress: Callable[[int, float], None] | None = None,
+              parallel: Parallel | None = None) -> tuple[Message, LocalResult, dict]:
         """One round of local training on ``message`` (its header names the round): (reply, the local
-        result, the method's metrics). The private store is replaced by the method's new one."""
+        result, the method's metrics). The private store is replaced by the method's new one.
+        ``parallel``: this process's rank among the ranks that train this client together."""
         round_idx = int(message.header["round"])
         lr = round_lr(cfg.train, round_idx, cfg.federation.rounds)
         self.load(half, mm, message)
         result = train_local(mm, self.data.train, cfg.train, self.data.pad_id, lr,
                              seed=derive_seed(cfg.seed, Stream.LOCAL_TRAINING, round_idx, self.id),
-                             progress=progress, objective=half.objective(self.id, mm, message, self.private))
+                             progress=progress, objective=half.objective(self.id, mm, message, self.private),
+                             parallel=parallel)
         reply, self.private, metrics = half.reply(self.id, mm, message, self.private, result)
         return reply.with_header(kind=REPLY, round=round_idx), result, metrics
 

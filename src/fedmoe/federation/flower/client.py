@@ -1,14 +1,14 @@
-"""A fedmoe client inside a Flower ClientApp: one SuperNode's data, its private store on its own
-disk, and the method's client half.
+"""A fedmoe client inside a Flower ClientApp (or a ``fedmoe worker``): one SuperNode's data, its
+private store on its own disk, and the method's client half.
 
 The client is identified by its SuperNode's ``partition-id``; its data is its own file
 (``data-path`` in the node config, any format ``data.source`` accepts) or, without one, its
 partition of the run's shared ``data.source``. Its private store lives under ``state-dir`` (node
 config; in simulation the run directory's ``clients/``), one file per round it trained in, so it
 survives a SuperNode restart and a resumed run starts each round from exactly the state the
-interrupted one had. The model stays loaded while the process lives (Flower's simulation keeps its
-actors; a SuperNode starts a new process per message, so there it is loaded again each time, and the
-reply says how long that took).
+interrupted one had. :class:`ClientCache` keeps the model and the clients while the process lives:
+a simulation actor, or a ``fedmoe worker`` beside a SuperNode (which starts a new process per
+message, so without a worker the model is loaded again for each, and the reply says how long that took).
 """
 
 from __future__ import annotations
@@ -19,13 +19,16 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from ...algorithms import get_method
 from ...algorithms.base import check_top_k
-from ...config import ConfigError, RunConfig
+from ...config import ConfigError, RunConfig, config_from_tree
 from ...data import prepare_client_data, prepare_federated_data
 from ...moe import load_tokenizer
+from ...moe.model import resolve_device
 from ...rundir import atomic_write_bytes, atomic_write_text
+from ...train import Parallel
 from ..clients import ClientNode, client_set, heldout_set
 from ..evaluation import ModelEvaluator
 from ..local import load_client_model
@@ -102,9 +105,13 @@ class ClientModel:
 class FlowerClient:
     """One client in a process: its data, its private store, and the process's shared model."""
 
-    def __init__(self, model: ClientModel, client: int, data_path: str | None, state_dir: Path):
+    def __init__(self, model: ClientModel, client: int, data_path: str | None, state_dir: Path,
+                 parallel: Parallel | None = None):
+        """``parallel``: this process's rank among the ranks that train this client together (a
+        ``fedmoe worker --nproc N``); rank 0 answers, keeps the private store and evaluates."""
         t0 = time.perf_counter()
         cfg = model.cfg
+        self.parallel = parallel
         self.cfg, self.id, self.state_dir = cfg, client, Path(state_dir)
         n = cfg.data.partition.num_clients
         if not 0 <= client < n:
@@ -132,6 +139,9 @@ class FlowerClient:
         msg, info = from_records(content)
         run_id, round_idx = msg.header["run_id"], int(msg.header["round"])
         store = self.store(run_id)
+        lead = self.parallel is None or self.parallel.rank == 0
+        if not lead and kind != "train":  # the other ranks only train (with rank 0); rank 0 answers the rest
+            return None
         node = ClientNode(self.set, store.load(before=round_idx + (0 if kind == "train" else 1)))
         load_s = self.load_s if self.fresh else 0.0
         self.fresh = False
@@ -149,7 +159,9 @@ class FlowerClient:
             raise RuntimeError(f"client {self.id} has no private state for run {run_id} in {store.root}: its setup "
                                "did not run here (was its state directory removed?)")
         if kind == "train":
-            reply, res, metrics = node.train(self.half, self.mm, msg, self.cfg)
+            reply, res, metrics = node.train(self.half, self.mm, msg, self.cfg, parallel=self.parallel)
+            if not lead:
+                return None
             store.save(round_idx, node.private)
             out["report"] = TrainReport.of(res, jsonable(metrics)).to_info(reply)
             out["work_s"] = time.perf_counter() - t0
@@ -163,3 +175,48 @@ class FlowerClient:
         out["result"] = jsonable(res)
         out["work_s"] = time.perf_counter() - t0
         return to_records(None, out)
+
+
+DEFAULT_STATE_DIR = Path.home() / ".fedmoe" / "client-state"
+
+
+def node_identity(node_config, options: dict) -> tuple[int, str | None, str]:
+    """(client id, its own data file or None, its state directory) from a SuperNode's node config."""
+    if "partition-id" not in node_config:
+        raise ValueError("this SuperNode has no partition-id in its node config: start it with "
+                         "--node-config 'partition-id=N' (N = its client id, 0..num_clients-1)")
+    state_dir = node_config.get("state-dir") or options.get("state-root") or str(DEFAULT_STATE_DIR)
+    return int(node_config["partition-id"]), node_config.get("data-path") or None, str(state_dir)
+
+
+class ClientCache:
+    """The model of the run a process serves and every client it served, kept while the process lives
+    (a simulation actor, a ``fedmoe worker``): a message of another run drops them and loads its own."""
+
+    def __init__(self, parallel: Parallel | None = None, cuda_index: int | None = None):
+        """``cuda_index``: the GPU of this rank (a run on CUDA is put on it)."""
+        self.parallel, self.cuda_index = parallel, cuda_index
+        self.model: tuple[str, ClientModel] | None = None
+        self.clients: dict[tuple, FlowerClient] = {}
+
+    def client(self, options: dict, node_config) -> FlowerClient:
+        text = options["fedmoe-config"]
+        cid, data_path, state_dir = node_identity(node_config, options)
+        key = (text, cid, data_path, state_dir)
+        if key not in self.clients:
+            model_s = 0.0
+            if self.model is None or self.model[0] != text:
+                self.model, self.clients = None, {}
+                cfg = config_from_tree(yaml.safe_load(text), "the Flower run config 'fedmoe-config'")
+                if self.cuda_index is not None and resolve_device(cfg.model.device).type == "cuda":
+                    cfg.model.device = f"cuda:{self.cuda_index}"
+                self.model = (text, ClientModel(cfg))
+                model_s = self.model[1].load_s
+            client = FlowerClient(self.model[1], cid, data_path, Path(state_dir), self.parallel)
+            client.load_s += model_s
+            self.clients[key] = client
+        return self.clients[key]
+
+    def reply(self, kind: str, content, options: dict, node_config):
+        """A message's content -> its reply's content (None on a rank other than 0)."""
+        return self.client(options, node_config).handle(kind, content)

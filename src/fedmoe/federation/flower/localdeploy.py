@@ -27,16 +27,21 @@ def free_port() -> int:
 
 class LocalDeployment:
     def __init__(self, root: Path, clients: int = 2, data_paths: dict[int, Path] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, workers: bool | dict[int, int] = False):
         """``threads``: torch threads of every client process (OMP_NUM_THREADS); ``data_paths``: a
-        client's own data file (the others take their partition of the config's source)."""
+        client's own data file (the others take their partition of the config's source); ``workers``:
+        each SuperNode (True) or those named ({client: ranks}) relays to a ``fedmoe worker`` with that
+        many ranks on ``ROOT/worker-N.sock`` (started by its first message; :meth:`stop` stops them too)."""
         self.root, self.procs, self.state, self.cmds = Path(root), {}, {}, {}
+        self.sockets: dict[int, Path] = {}
         self.home = self.root / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
         port = free_port()
         (self.home / "config.toml").write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
                                                f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+        # the SuperNodes' SuperExec looks for a message to run every 0.1 s instead of every 1 s
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         if threads is not None:
             self.env["OMP_NUM_THREADS"] = str(threads)
@@ -45,6 +50,10 @@ class LocalDeployment:
         for i in range(clients):
             self.state[i] = self.root / f"state-{i}"
             own = f' data-path="{data_paths[i]}"' if data_paths and i in data_paths else ""
+            ranks = (1 if workers is True else 0) if not isinstance(workers, dict) else workers.get(i, 0)
+            if ranks:
+                self.sockets[i] = self.root.resolve() / f"worker-{i}.sock"
+                own += f' worker="{self.sockets[i]}" worker-nproc={ranks}'
             self._start(f"node{i}", [BIN / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                                      "--port", str(free_port()), "--node-config",
                                      f'partition-id={i} num-partitions={clients} state-dir="{self.state[i]}"{own}'])
@@ -70,8 +79,12 @@ class LocalDeployment:
         self._start(name, self.cmds[name])
 
     def stop(self) -> None:
+        from .relay import kill_worker
+
         for name in list(self.procs):
             self.kill(name)
+        for path in self.sockets.values():
+            kill_worker(path)
 
     def run(self, sets: list[str], config: str | None = None) -> subprocess.Popen:
         """``fedmoe run [config] --runtime flower`` on this deployment (stdout and stderr piped)."""

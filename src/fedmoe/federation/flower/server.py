@@ -27,8 +27,8 @@ def _message(content, kind: str, node: int, group: str):
 
 
 class FlowerTransport:
-    def __init__(self, grid, cfg, log=print, poll_s: float = 1.0):
-        self.grid, self.cfg, self.log, self.poll_s = grid, cfg, log, poll_s
+    def __init__(self, grid, cfg, log=print, poll_s: float = 1.0, reply_poll_s: float = 0.1):
+        self.grid, self.cfg, self.log, self.poll_s, self.reply_poll_s = grid, cfg, log, poll_s, reply_poll_s
         self.run_id = uuid.uuid4().hex[:12]
         self.node_of: dict[int, int] = {}  # client id -> Flower node id
         self.infos: dict[int, dict] = {}
@@ -132,12 +132,23 @@ class FlowerTransport:
         return got, failed
 
     def _send_and_receive(self, messages: list) -> list:
-        """Every reply, at most ``federation.max_inflight`` messages out at once."""
+        """Every reply, at most ``federation.max_inflight`` messages out at once. Replies are pulled every
+        ``reply_poll_s`` (Flower's own ``send_and_receive`` pulls every 3 s on a deployment, which a
+        round pays once per message type)."""
         step = self.cfg.federation.max_inflight or max(1, len(messages))
+        timeout = self.cfg.federation.round_timeout_s
         replies = []
         for i in range(0, len(messages), step):
-            replies += list(self.grid.send_and_receive(messages[i : i + step],
-                                                       timeout=self.cfg.federation.round_timeout_s))
+            waiting = set(self.grid.push_messages(messages[i : i + step]))
+            end = None if timeout is None else time.monotonic() + timeout
+            while waiting:
+                got = list(self.grid.pull_messages(waiting))
+                replies += got
+                waiting -= {m.metadata.reply_to_message_id for m in got}
+                if waiting and end is not None and time.monotonic() >= end:
+                    break
+                if waiting:
+                    time.sleep(self.reply_poll_s)
         return replies
 
     # ------------------------------------------------------------------ the transport
