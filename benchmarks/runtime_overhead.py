@@ -1,6 +1,8 @@
-"""Round overhead of the three runtimes, side by side in one run: the same small federation on
-``local`` (in-process), ``flower-sim`` (Flower's simulation engine) and ``flower`` (a SuperLink and
-one SuperNode per client on this machine), for a few client counts.
+"""Round overhead of the runtimes, side by side in one run: the same small federation on ``local``
+(in-process), ``flower-sim`` (Flower's simulation engine), ``flower`` (a SuperLink and one SuperNode
+per client on this machine, each message a new process that loads the model) and ``flower+worker``
+(the same, each SuperNode relaying to a ``fedmoe worker`` that keeps the model loaded), for a few
+client counts.
 
 Per round the runtime logs its wall time, the clients' training + evaluation time (summed over
 clients) and the aggregation time; overhead = wall − clients − aggregation. In-process the clients
@@ -9,7 +11,8 @@ parallel (one simulation actor per core; one process per message on a SuperNode,
 machine with one torch thread each), so the sum of their work can exceed the wall time; the
 clients' model-and-data load per message is reported apart.
 
-    python benchmarks/runtime_overhead.py --clients 4 40 [--runtimes local flower-sim flower]
+    python benchmarks/runtime_overhead.py --clients 4 40 [--runtimes local flower-sim flower flower+worker]
+        [--plain-flower-up-to 4]   # plain `flower` only up to this many clients (40 took 17 minutes)
 """
 
 from __future__ import annotations
@@ -36,15 +39,23 @@ WORK = ["model.name=builtin:tiny-moe", "data.max_examples=800", "data.max_length
 def one(runtime: str, n: int, root: Path) -> dict:
     sets = WORK + [f"data.partition.num_clients={n}", f"output_dir={root}", f"name={runtime}-{n}"]
     t0 = time.time()
-    if runtime == "flower":
+    rss = None
+    if runtime in ("flower", "flower+worker"):
         from fedmoe.federation.flower.localdeploy import LocalDeployment
 
+        workers = runtime == "flower+worker"
         # one torch thread per client process: n processes on this machine's cores at once would
         # otherwise each start one thread per core and slow down by orders of magnitude
-        with LocalDeployment(root / f"deploy-{n}", clients=n, threads=1) as lab:
-            # 8 messages out at once: each starts a process holding the model (about 0.5 GB here)
-            proc = lab.run(sets + ["federation.node_wait_s=600", "federation.max_inflight=8"])
+        with LocalDeployment(root / f"deploy-{runtime}-{n}", clients=n, threads=1, workers=workers) as lab:
+            # without workers, 8 messages out at once: each starts a process holding the model (about 0.5 GB).
+            # With workers, 20: a SuperNode gives each message's process 30 s to start before it starts
+            # another (Flower's HEARTBEAT_DEFAULT_INTERVAL), which 40 processes starting at once on two
+            # cores exceed (each then started again, and again: 195 processes for 40 messages)
+            inflight = 20 if workers else 8
+            proc = lab.run(sets + ["federation.node_wait_s=600", f"federation.max_inflight={inflight}"])
             out, _ = proc.communicate()
+            if workers:
+                rss = _worker_rss(lab)
     else:
         cmd = [sys.executable, "-m", "fedmoe.cli", "run", "--runtime", runtime, "--quiet",
                *[x for s in sets for x in ("--set", s)]]
@@ -58,31 +69,54 @@ def one(runtime: str, n: int, root: Path) -> dict:
     rounds = [r for r in rows if r["kind"] == "round"]
     loads = [r["load_s"] for r in rows if r["kind"] == "train" and "load_s" in r]
     return {"runtime": runtime, "clients": n, "total_s": time.time() - t0, "rounds": rounds,
-            "load_s": sum(loads) / len(loads) if loads else 0.0}
+            "load_s": sum(loads) / len(loads) if loads else 0.0, "worker_rss_mb": rss}
+
+
+def _worker_rss(lab) -> float:
+    """The mean resident memory of the deployment's workers (MB), read before they are stopped."""
+    from fedmoe.federation.flower.relay import pid_path
+
+    sizes = []
+    for sock in lab.sockets.values():
+        for pid in pid_path(sock).read_text().split():
+            status = Path(f"/proc/{pid}/status")
+            if status.is_file():
+                kb = [int(x.split()[1]) for x in status.read_text().splitlines() if x.startswith("VmRSS:")]
+                sizes += kb
+    return sum(sizes) / len(sizes) / 1024 if sizes else float("nan")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, nargs="+", default=[4, 40])
-    ap.add_argument("--runtimes", nargs="+", default=["local", "flower-sim", "flower"])
+    ap.add_argument("--runtimes", nargs="+", default=["local", "flower-sim", "flower", "flower+worker"])
+    ap.add_argument("--plain-flower-up-to", type=int, default=None,
+                    help="run plain `flower` (a model load per message) only up to this many clients")
     args = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.clients:
             for rt in args.runtimes:
+                if rt == "flower" and args.plain_flower_up_to is not None and n > args.plain_flower_up_to:
+                    continue
                 res = one(rt, n, Path(tmp))
                 results.append(res)
                 print(json.dumps({k: v for k, v in res.items() if k != "rounds"}), flush=True)
     print(f"\n{date.today()}, {platform.node()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
           f"`python benchmarks/runtime_overhead.py --clients {' '.join(map(str, args.clients))}`\n")
-    print("| clients | runtime | run wall | round 2 wall | clients' work (sum) | aggregation | overhead "
+    print("| clients | runtime | run wall | round 2 wall | ÷ flower-sim | clients' work (sum) | aggregation | overhead "
           "| client load per message (mean) |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    sim = {r["clients"]: r["rounds"][-1]["wall_s"] for r in results if r["runtime"] == "flower-sim"}
     for r in results:
         last = r["rounds"][-1]
-        print(f"| {r['clients']} | {r['runtime']} | {r['total_s']:.1f} s | {last['wall_s']:.2f} s | "
+        ratio = f"{last['wall_s'] / sim[r['clients']]:.1f}x" if r["clients"] in sim else "–"
+        print(f"| {r['clients']} | {r['runtime']} | {r['total_s']:.1f} s | {last['wall_s']:.2f} s | {ratio} | "
               f"{last['clients_s']:.2f} s | {last['aggregate_s']:.3f} s | {last['overhead_s']:+.2f} s | "
               f"{r['load_s']:.2f} s |")
+    for r in results:
+        if r["worker_rss_mb"] is not None:
+            print(f"\n{r['clients']} clients: a worker holds {r['worker_rss_mb']:.0f} MB resident (mean)")
 
 
 if __name__ == "__main__":

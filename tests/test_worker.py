@@ -183,3 +183,14 @@ def test_frames_refuse_what_is_not_a_frame():
         a.sendall(b"HTTP" + b"\x00" * 12)
         with pytest.raises(ConnectionError, match="not a fedmoe worker frame"):
             recv_frame(b)
+
+
+def test_an_idle_worker_exits_and_leaves_no_socket(tmp_path):
+    """A worker the relay started must not hold the model (and a GPU) for ever after the run: with
+    --idle-exit-s it exits once no message came for that long, removing its socket and pid file."""
+    path = tmp_path / "idle.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "fedmoe.cli", "worker", "--socket", str(path), "--idle-exit-s", "2"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "no message for 2 s: exiting" in out, out
+    assert not path.exists() and not pid_path(path).exists() and not worker_alive(path)

@@ -165,6 +165,9 @@ def worker(
                               "state-dir=\"...\" [data-path=...]'; default: the SuperNode that relays to it)")] = None,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="ranks that train each client together (torchrun; "
                                        "one GPU each on CUDA, gloo on CPU)")] = 1,
+    idle_exit_s: Annotated[Optional[float], typer.Option(
+        "--idle-exit-s", min=1, help="exit after this many seconds without a message (default: never; a worker "
+                                     "the relay starts: 3600, node config worker-idle-s)")] = None,
 ):
     """A long-running client worker beside a SuperNode: loads the model and the client's data once and
     answers the messages the SuperNode's ClientApp relays to it (node config worker=PATH). The relay
@@ -174,7 +177,7 @@ def worker(
 
     try:
         require_flower()
-        worker_main(str(socket_path), node_config, nproc)
+        worker_main(str(socket_path), node_config, nproc, idle_exit_s)
     except (WorkerBusy, ValueError) as e:
         _error(f"{e}")
         raise typer.Exit(2)

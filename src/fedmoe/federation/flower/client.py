@@ -206,7 +206,13 @@ class ClientCache:
         if key not in self.clients:
             model_s = 0.0
             if self.model is None or self.model[0] != text:
-                self.model, self.clients = None, {}
+                if self.model is not None:  # another run: the last one's model goes (and its GPU memory)
+                    self.model, self.clients = None, {}
+                    import gc
+
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
                 cfg = config_from_tree(yaml.safe_load(text), "the Flower run config 'fedmoe-config'")
                 if self.cuda_index is not None and resolve_device(cfg.model.device).type == "cuda":
                     cfg.model.device = f"cuda:{self.cuda_index}"

@@ -35,6 +35,7 @@ _PREFIX = struct.Struct(">4sIQ")
 MAX_HEADER = 64 << 20  # a header (JSON: the run config, metrics) larger than this is not a fedmoe frame
 DEFAULT_TIMEOUT_S = 6 * 3600.0  # the longest a relay waits for one reply when neither the run nor the node says
 START_TIMEOUT_S = 120.0  # the longest a relay waits for a worker it started to listen
+IDLE_EXIT_S = 3600.0  # a worker the relay started exits after this long without a message (worker-idle-s)
 
 
 class WorkerError(RuntimeError):
@@ -189,7 +190,9 @@ def start_worker(path: Path, node_config, wait_s: float = START_TIMEOUT_S) -> No
     proc = None
     if not worker_alive(path):
         nproc = int((node_config or {}).get("worker-nproc", 1))
-        cmd = [sys.executable, "-m", "fedmoe.cli", "worker", "--socket", str(path), "--nproc", str(nproc)]
+        idle = float((node_config or {}).get("worker-idle-s", IDLE_EXIT_S))
+        cmd = [sys.executable, "-m", "fedmoe.cli", "worker", "--socket", str(path), "--nproc", str(nproc),
+               "--idle-exit-s", str(idle)]
         with open(log_path(path), "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)

@@ -67,10 +67,14 @@ class Worker:
     """One worker: its socket, its lock, and the clients it keeps (``serves``: the node config it was
     started for, or None to serve the SuperNode that relays to it)."""
 
-    def __init__(self, path: Path, serves: dict | None = None, parallel=None, ctrl_group=None, log=print):
+    def __init__(self, path: Path, serves: dict | None = None, parallel=None, ctrl_group=None, log=print,
+                 idle_exit_s: float | None = None):
+        """``idle_exit_s``: exit after this long without a message (a worker the relay started: it holds
+        the model, on the GPU, after the run has ended; the next message starts it again)."""
         from .client import ClientCache
 
         self.path, self.serves, self.parallel, self.ctrl, self.log = Path(path), serves or None, parallel, ctrl_group, log
+        self.idle_exit_s = idle_exit_s
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.cache = ClientCache(parallel, cuda_index=local_rank if parallel is not None else None)
         self.lead = parallel is None or parallel.rank == 0
@@ -138,10 +142,16 @@ class Worker:
                 pass
             return
         self.bind()
+        self.sock.settimeout(self.idle_exit_s)
         try:
             while True:
-                conn, _ = self.sock.accept()
+                try:
+                    conn, _ = self.sock.accept()
+                except TimeoutError:
+                    self.log(f"no message for {self.idle_exit_s:g} s: exiting (the next message starts a worker again)")
+                    return
                 with conn:
+                    conn.settimeout(None)
                     self._serve(conn)
         finally:
             if self.parallel is not None:
@@ -265,7 +275,7 @@ def _init_ranks():
     return Parallel(dist.get_rank(), dist.get_world_size()), ctrl
 
 
-def main(socket_path: str, node_config: str | None = None, nproc: int = 1) -> None:
+def main(socket_path: str, node_config: str | None = None, nproc: int = 1, idle_exit_s: float | None = None) -> None:
     """The ``fedmoe worker`` command (with ``--nproc N`` > 1: starts torchrun, which runs this N times)."""
     path = Path(socket_path).expanduser().resolve()
     serves = parse_node_config(node_config)
@@ -274,7 +284,8 @@ def main(socket_path: str, node_config: str | None = None, nproc: int = 1) -> No
         # the ranks read the socket and node config from the environment (torchrun would take options after
         # the module for its own)
         os.environ.update({"FEDMOE_WORKER_SOCKET": str(path), "FEDMOE_WORKER_NODE_CONFIG": node_config or "",
-                           "FEDMOE_WORKER_LAUNCHER": str(os.getpgid(0))})
+                           "FEDMOE_WORKER_LAUNCHER": str(os.getpgid(0)),
+                           "FEDMOE_WORKER_IDLE_EXIT_S": "" if idle_exit_s is None else str(idle_exit_s)})
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   f"--nproc-per-node={nproc}", "-m", "fedmoe.federation.flower.worker"])
     if "RANK" not in os.environ:
@@ -287,7 +298,7 @@ def main(socket_path: str, node_config: str | None = None, nproc: int = 1) -> No
     def log(line: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}{'' if parallel is None else f' rank {rank}'}] {line}", flush=True)
 
-    worker = Worker(path, serves, parallel, ctrl, log)
+    worker = Worker(path, serves, parallel, ctrl, log, idle_exit_s)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         worker.serve_forever()
@@ -298,4 +309,6 @@ def main(socket_path: str, node_config: str | None = None, nproc: int = 1) -> No
 
 
 if __name__ == "__main__":  # a rank under torchrun (``fedmoe worker --nproc N`` starts them)
-    main(os.environ["FEDMOE_WORKER_SOCKET"], os.environ.get("FEDMOE_WORKER_NODE_CONFIG") or None)
+    idle = os.environ.get("FEDMOE_WORKER_IDLE_EXIT_S")
+    main(os.environ["FEDMOE_WORKER_SOCKET"], os.environ.get("FEDMOE_WORKER_NODE_CONFIG") or None,
+         idle_exit_s=float(idle) if idle else None)
