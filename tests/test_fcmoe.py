@@ -171,3 +171,93 @@ def test_the_dense_space_is_the_scaled_product_of_each_pair():
     assert _dense(state, [("y", None)], {"x.lora_A": ("x.lora_B", 4.0)}).numel() == 0  # not a pair: no dense part
     with pytest.raises(ValueError, match="dense space needs the LoRA pairs"):
         conflict_aware_average(state, [state], [1.0], [{}], {}, FCMoEConfig(space="dense"))
+
+
+def test_the_dense_space_projects_the_dense_update_by_hand():
+    """space: dense decides and scales by ΔW_i = s·(B_i A_i − B A), against Σ w_i ΔW_i. Built so that the
+    dense updates and the factor differences disagree: client 1's product update opposes client 0's,
+    while the product of its factor differences agrees with it."""
+    A, B = "x.lora_A", "x.lora_B"
+    g = {A: torch.tensor([[1.0, 0.0]], dtype=torch.float64), B: torch.tensor([[1.0], [0.0]], dtype=torch.float64)}
+    c0 = {A: torch.tensor([[1.5, 0.0]], dtype=torch.float64), B: torch.tensor([[1.5], [0.0]], dtype=torch.float64)}
+    c1 = {A: torch.tensor([[0.5, 0.0]], dtype=torch.float64), B: torch.tensor([[0.5], [0.0]], dtype=torch.float64)}
+    s = 2.0
+    pairs = {A: (B, s)}
+
+    def dense(t):
+        return s * t[B] @ t[A]
+
+    dw = [(dense(c) - dense(g)).reshape(-1) for c in (c0, c1)]  # +2.5·e11 and −1.5·e11: opposed
+    fd = [(s * (c[B] - g[B]) @ (c[A] - g[A])).reshape(-1) for c in (c0, c1)]  # +0.5 and +0.5: agree
+    assert float(dw[0] @ dw[1]) < 0 < float(fd[0] @ fd[1])
+    n = [3.0, 1.0]
+    cfg = FCMoEConfig(importance="n", space="dense")
+    new, residuals, stats = conflict_aware_average(g, [c0, c1], n, [{}, {}], {}, cfg, pairs=pairs)
+    w = [0.75, 0.25]
+    d_dense = w[0] * dw[0] + w[1] * dw[1]  # +1.5: client 1 (−1.5) conflicts
+    coef = float(dw[1] @ d_dense) / float(d_dense @ d_dense)  # −1
+    d = {k: w[0] * (c0[k] - g[k]) + w[1] * (c1[k] - g[k]) for k in g}  # the factors' consensus
+    assert residuals[0] == {} and stats["projected_fraction"] == pytest.approx(0.5)
+    for k in g:
+        torch.testing.assert_close(residuals[1][k], coef * d[k])
+        torch.testing.assert_close(new[k], g[k] + d[k] - w[1] * coef * d[k])
+
+
+def test_a_client_with_weight_zero_is_neither_projected_nor_retained():
+    """Expert 0 of the layer: client 1 routed nothing to it (f = 0, weight 0) and its update there opposes
+    client 0's. It gets no residual and none of it enters the global; on expert 1 (f > 0) the same
+    opposing update is projected and retained."""
+    A = "model.layers.0.mlp.experts.down_lora_A"
+    g = {A: torch.zeros(2, 2, dtype=torch.float64)}
+    c0 = {A: torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)}
+    c1 = {A: torch.tensor([[-1.0, 0.2], [-1.0, 0.2]], dtype=torch.float64)}
+    freq = [{0: torch.tensor([0.5, 0.5])}, {0: torch.tensor([0.0, 0.2])}]
+    cfg = FCMoEConfig(importance="n_f_t")
+    new, residuals, stats = conflict_aware_average(g, [c0, c1], [1.0, 1.0], freq, {A: 0}, cfg)
+    torch.testing.assert_close(new[A][0], c0[A][0])  # expert 0: client 0's update alone
+    assert torch.equal(residuals[1][A][0], torch.zeros(2, dtype=torch.float64))  # no residual for weight 0
+    assert residuals[1][A][1].abs().sum() > 0  # expert 1: projected and retained
+    assert stats["projected_fraction"] == pytest.approx(1 / 3)  # 3 (client, expert) pairs with weight > 0
+
+
+def test_a_threshold_above_zero_compares_normalised_cosines():
+    """threshold 0.5: an update at cos 0.6 to the consensus is kept, one at cos 0.3 is projected, whatever
+    their lengths (an unnormalised ⟨Δ_i, d⟩ would rank them by length)."""
+    import math
+
+    d_dir = torch.tensor([1.0, 0.0], dtype=torch.float64)
+
+    def at(cos, length):
+        return [length * cos, length * math.sqrt(1 - cos * cos)]
+
+    # two clients whose weighted mean lies along e1: a long update at cos 0.3 and a short one mirrored
+    long_ = at(0.3, 10.0)
+    deltas = [long_, [long_[0] * 1.0, -long_[1]]]  # the mean is along e1; both at cos 0.3
+    new, residuals, stats = _shared(deltas, [1, 1], importance="n", threshold=0.5)
+    assert stats["projected_fraction"] == 1.0 and residuals[0] and residuals[1]
+    deltas = [at(0.6, 0.01), [at(0.6, 0.01)[0], -at(0.6, 0.01)[1]]]  # tiny, but at cos 0.6
+    new, residuals, stats = _shared(deltas, [1, 1], importance="n", threshold=0.5)
+    assert stats["projected_fraction"] == 0.0 and residuals == [{}, {}]
+    assert torch.allclose(new[W], 0.6 * 0.01 * d_dir)
+
+
+def test_a_residual_replaces_the_last_one_over_rounds():
+    """Round 2's residual replaces round 1's in the server's pending store and in the client's private
+    store; the client's model adds λ·r of the newest only (a sum would add both)."""
+    cfg, mm, server, client, _ = _setup("algorithm.fcmoe.retention=0.5")
+    g = server.initial_global()
+    ss = server.initial_server_state(g)
+    g2, ss, _ = server.aggregate(g, ss, _replies(g, [3, 5, 2], flip=2), round_idx=1)
+    r1 = ss["residuals"][2][1]
+    private = client.setup(2, mm, [])[0]
+    private = client._take(server.downlink(g2, ss, 2, round_idx=2), private)
+    g3, ss, _ = server.aggregate(g2, ss, _replies(g2, [3, 5, 2], seed=1, flip=2), round_idx=2)
+    r2 = ss["residuals"][2][1]
+    assert ss["residuals"][2][0] == 2 and any(not torch.equal(r1[n], r2[n]) for n in r2)
+    down = server.downlink(g3, ss, 2, round_idx=3)
+    mine = client.model_state(2, mm, down, private)
+    for n, t in g3.items():
+        want = t + 0.5 * r2[n] if n in r2 else t
+        torch.testing.assert_close(mine[n], want)
+    assert set(client._take(down, private)["residual"]) == set(r2)
+    assert client._take(down, private)["residual_round"] == 2

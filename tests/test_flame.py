@@ -174,6 +174,30 @@ def test_rescaler_variants_scale_the_routed_output():
     torch.testing.assert_close(captured[1], 2.5 * captured[0])
 
 
+def test_the_static_rescaler_is_k_over_k_i():
+    """rescaler: static sets s_i = k / k_i (the full model's k over the client's): 2 for a client at k_i = 1
+    of k = 2, 1 at full k and for the global model; 'none' keeps 1. An inverted ratio (k_i / k) gives 0.5."""
+    from helpers import built
+
+    from fedmoe.algorithms import METHODS
+    from fedmoe.config import load_config
+
+    for variant, want in (("static", {0: 1.0, 1: 2.0, None: 1.0}), ("none", {0: 1.0, 1: 1.0, None: 1.0})):
+        cfg = load_config(None, ["algorithm.name=flame", f"algorithm.flame.rescaler={variant}", "lora.rank=2",
+                                 "algorithm.client_top_k=[2,1]", "data.partition.num_clients=2"])
+        mm = MoEModel.from_config(tiny_config("olmoe"))
+        assert mm.default_top_k == 2
+        server, client, _ = built(METHODS["flame"], cfg, mm)
+        g = server.initial_global()
+        ss = server.initial_server_state(g)
+        assert client.setup(1, mm, [])[0] == {}  # nothing private: the rescaler is a setting
+        for cid, scale in want.items():
+            client.load(mm, cid, server.downlink(g, ss, cid, round_idx=1), {})
+            scales = [float(layer.block.experts.output_scale) for layer in mm.layers]
+            assert scales == [scale] * len(mm.layers), (variant, cid, scales)
+            assert mm.top_k == ([2, 1][cid] if cid is not None else 2)
+
+
 TINY = ["data.max_examples=240", "data.max_length=64", "train.max_steps=2", "train.batch_size=2",
         "eval.max_examples=2", "eval.max_new_tokens=3", "data.max_test_per_client=4", "lora.rank=4",
         "model.name=builtin:tiny-olmoe", "algorithm.name=flame", "algorithm.budgets.top_k=[2,1]",

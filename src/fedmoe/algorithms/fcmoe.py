@@ -10,8 +10,10 @@ Only the abstract is public; fedmoe's reading (docs/methods.md marks every choic
   (1 for the shared group); w_i = c_i / Σ c; a group with Σ c = 0 keeps its global value;
 * gradient-consensus projection: d = Σ w_i Δ_i; an update with cos(Δ_i, d) below the threshold loses
   its component along d, r_i = (⟨Δ_i, d⟩ / ‖d‖²)·d; the new global is θ + Σ w_i (Δ_i − r_i). The
-  space is the flattened LoRA factors (default) or, per expert, the dense update ΔW = s·B·A (the
-  coefficient and the decision from the dense products, removed along the factors' consensus);
+  space is the flattened LoRA factors (default) or, per expert, the dense update
+  ΔW_i = s·(B_i A_i − B A) (the coefficient and the decision from the dense updates, removed along
+  the factors' consensus); a client with weight 0 for a group is neither projected nor given a
+  residual (none of its update enters the global);
 * local knowledge retention: r_i is client i's: the server sends it to that client once, in its
   next message, and the client keeps it privately (replacing the previous one) and starts from
   θ_global + λ·r_i (λ = 0.5); its own model (evaluation) is θ_global + λ·r_i too. It never goes up.
@@ -104,13 +106,17 @@ def conflict_aware_average(global_state: State, tensors: list[State], n: list[fl
         if not cfg.projection:
             continue
         d = sum(wi * v for wi, v in zip(w, flat))
-        space = flat if cfg.space == "factors" else [_dense(t, members, pairs) for t in deltas]
+        if cfg.space == "factors":
+            space = flat
+        else:  # the dense update of each client: ΔW_i = s·(B_i A_i − B A), not s·(B_i − B)(A_i − A)
+            before = _dense(g64, members, pairs)
+            space = [_dense({k: t[k].to(torch.float64) for k in names}, members, pairs) - before for t in tensors]
         d_space = d if cfg.space == "factors" else sum(wi * v for wi, v in zip(w, space))
         dd = float(d_space @ d_space)
         if dd <= 0:
             continue
         for i, (wi, v) in enumerate(zip(w, space)):
-            if wi <= 0:
+            if wi <= 0:  # weighted out (it routed nothing to this expert): none of it enters, nothing to retain
                 continue
             n_pairs += 1
             cos = float(v @ d_space) / max(float(torch.linalg.vector_norm(v)) * dd ** 0.5, 1e-300)

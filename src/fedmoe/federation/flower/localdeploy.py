@@ -39,9 +39,7 @@ class LocalDeployment:
         port = free_port()
         (self.home / "config.toml").write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
                                                f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-        # the SuperNodes' SuperExec looks for a message to run every 0.1 s instead of every 1 s
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
-                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         if threads is not None:
             self.env["OMP_NUM_THREADS"] = str(threads)
