@@ -250,3 +250,24 @@ def test_ungated_and_full_grafts_and_greedy_two_experts():
     assert all(len(c) == 2 and c[0] != c[1] for c in chosen)
     single, _ = score_experts(mm2, _batches(), num_grafts=1)
     assert [c[0] for c in chosen] == [c[0] for c in single]
+
+
+def test_flex_adapts_q_k_v_by_default_and_refuses_router_lora():
+    """The method's attention LoRA is on q, k and v (not o, which the other methods add by default); a
+    config that names targets gets those; lora.router is refused (FLEx trains no router)."""
+    from fedmoe.config import ConfigError
+
+    def projections(*sets):
+        cfg = load_config(None, ["algorithm.name=flex", "lora.experts=false", "lora.rank=2", *sets])
+        mm = MoEModel.from_config(tiny_config("olmoe"))
+        built(METHODS["flex"], cfg, mm)
+        return {n.split(".self_attn.")[1].split(".")[0] for n in mm.trainable_names() if ".self_attn." in n}
+
+    assert projections() == {"q_proj", "k_proj", "v_proj"}
+    assert projections("lora.attention_targets=[q_proj,o_proj]") == {"q_proj", "o_proj"}
+    cfg = load_config(None, ["algorithm.name=fedit", "lora.rank=2"])
+    mm = MoEModel.from_config(tiny_config("olmoe"))
+    built(METHODS["fedit"], cfg, mm)
+    assert any(".self_attn.o_proj." in n for n in mm.trainable_names())  # FedIT keeps q, k, v, o
+    with pytest.raises((ConfigError, ValueError), match="FLEx keeps every router frozen"):
+        load_config(None, ["algorithm.name=flex", "lora.router=true"])

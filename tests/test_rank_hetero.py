@@ -82,6 +82,39 @@ def test_hetlora_weights_by_update_norm_by_hand():
     assert torch.equal(server.downlink(new, {}, 0, round_idx=1).tensors[PAIR[0]], new[PAIR[0]])
 
 
+def test_hetlora_per_rank_weights_by_the_applied_update():
+    """scaling: per_rank, each client applied (α/r_i)·B_i A_i: the rank-4 client's ‖·‖ = (8/4)·3 = 6, the
+    rank-2 client's (8/2)·1 = 4 (from its budget, or the pruned rank its reply names): weights 0.6, 0.4."""
+    server = _server("hetlora", **{"algorithm.hetlora.scaling": "per_rank"})
+    A1, B1 = torch.zeros(4, 3), torch.zeros(2, 4)
+    A1[0, 0], B1[0, 0] = 1.0, 3.0
+    A2, B2 = torch.zeros(4, 3), torch.zeros(2, 4)
+    A2[1, 1], B2[1, 1] = 1.0, 1.0
+    p = [reply(0, {PAIR[0]: A1, PAIR[1]: B1}, 10), reply(1, {PAIR[0]: A2, PAIR[1]: B2}, 10)]
+    _, _, metrics = server.aggregate(server.initial_global(), {}, p, round_idx=1)
+    assert metrics["norm_weights"] == pytest.approx([0.6, 0.4])
+    pruned = [p[0], reply(1, {PAIR[0]: A2, PAIR[1]: B2}, 10, rank=1)]  # pruned to rank 1: (8/1)·1 = 8
+    _, _, metrics = server.aggregate(server.initial_global(), {}, pruned, round_idx=1)
+    assert metrics["norm_weights"] == pytest.approx([6 / 14, 8 / 14])
+
+
+def test_flexlora_reports_what_truncating_the_global_model_leaves_out():
+    """Two rank-2 clients with updates in orthogonal subspaces: W_g has rank 4, the global model keeps its top
+    r_max = 2 components; global_truncation = ‖dropped singular values‖ / ‖all‖, by hand."""
+    server = _server("flexlora", shape_a=(2, 6), shape_b=(5, 2), **{"algorithm.budgets.ranks": "[2,2]",
+                                                                   "lora.rank": 2})
+    g = torch.Generator().manual_seed(3)
+    payloads = [reply(i, {PAIR[0]: torch.randn(2, 6, generator=g), PAIR[1]: torch.randn(5, 2, generator=g)}, 1)
+                for i in (0, 1)]
+    W = sum(0.5 * (8 / 2) * p.message.tensors[PAIR[1]].double() @ p.message.tensors[PAIR[0]].double()
+            for p in payloads)
+    S = torch.linalg.svdvals(W)
+    assert int((S > 1e-9).sum()) == 4
+    _, _, metrics = server.aggregate(server.initial_global(), {}, payloads, round_idx=1)
+    assert metrics["global_truncation"] == pytest.approx(float((S[2:] ** 2).sum() / (S ** 2).sum()) ** 0.5, rel=1e-9)
+    assert 0 < metrics["global_truncation"] < 1
+
+
 def test_hetlora_takes_a_server_optimizer_flexlora_refuses_it():
     server = _server("hetlora", **{"algorithm.server_optimizer.name": "fedavgm", "algorithm.server_optimizer.lr": 0.5,
                                    "algorithm.server_optimizer.momentum": 0.0})
@@ -220,6 +253,11 @@ def test_hetlora_self_pruning_drops_the_tail_when_its_norm_falls():
     sent, priv = prune([PAIR], {PAIR[0]: small, PAIR[1]: B}, priv, gamma=0.5)
     assert priv["rank"] == 2
     assert sent[PAIR[0]][2:].abs().sum() == 0 and sent[PAIR[1]][:, 2:].abs().sum() == 0
+    # what the next round compares with: the tail of rank 2 (component 1), ‖B[:,1:2] A[1:2]‖ = sqrt(15), not the
+    # old rank-4 tail (0.1·sqrt(15)·2, which the rank-2 tail would exceed and never prune again)
+    assert priv["tail_norm"] == pytest.approx(15 ** 0.5)
+    _, after = prune([PAIR], {PAIR[0]: 0.5 * sent[PAIR[0]], PAIR[1]: sent[PAIR[1]]}, priv, gamma=0.5)
+    assert after["rank"] == 1  # rank 2's tail halved: pruned again
     # the pruned rank is the client's own: its model truncates what the server sends to rank 2
     client = METHODS["hetlora"].client(_cfg(**{"algorithm.name": "hetlora", "algorithm.hetlora.prune_lambda": 0.5}))
     from fedmoe.messages import Message
@@ -229,6 +267,16 @@ def test_hetlora_self_pruning_drops_the_tail_when_its_norm_falls():
     state = client.model_state(0, model, Message(tensors={PAIR[0]: A, PAIR[1]: B}), priv)
     assert state[PAIR[0]][2:].abs().sum() == 0 and torch.equal(state[PAIR[0]][:2], A[:2])
     assert client.rank(0, priv) == 2 and client.rank(1, {"rank": 2}) == 2
+    # with scaling: per_rank, a pruned client applies alpha/r at its pruned rank
+    from fedmoe.moe import LoRALinear
+
+    cfg = _cfg(**{"algorithm.name": "hetlora", "algorithm.hetlora.prune_lambda": 0.5,
+                  "algorithm.hetlora.scaling": "per_rank"})
+    mm = MoEModel.from_config(tiny_config("olmoe"))
+    server, client, _ = built(METHODS["hetlora"], cfg, mm)
+    client.load(mm, 0, server.downlink(server.initial_global(), {}, 0, round_idx=1), {"rank": 1})
+    lin = next(m for m in mm.model.modules() if isinstance(m, LoRALinear))
+    assert lin.scaling == pytest.approx(8 / 1)
 
 
 def test_hetlora_self_pruning_run_reports_pruned_ranks(tmp_path):

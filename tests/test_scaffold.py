@@ -57,14 +57,21 @@ def test_control_variates_by_formula():
         torch.testing.assert_close(msg.tensors[DC + n], want - private["c_i"][n], rtol=1e-6, atol=1e-6)
         assert torch.equal(msg.tensors[n], y[n])
     assert msg.nbytes() == 2 * model_bytes + 8  # y, Δc and n_i
-    # server: x <- Σ p_i y_i (p = n / Σ n), c <- c + (1/N) Σ Δc_i with N = 4 clients in total
+    # server: x <- Σ p_i y_i (p = 1/|S|, the paper's, by default; n / Σ n with weights: n),
+    # c <- c + (1/N) Σ Δc_i with N = 4 clients in total
     y2 = {n: rnd(t) for n, t in g.items()}
     dc2 = {n: rnd(t) for n, t in g.items()}
     other = reply(1, {**y2, **{DC + n: t for n, t in dc2.items()}}, 30)
     new_g, new_ss, _ = server.aggregate(g, ss, [Reply(0, msg), other], round_idx=1)
     for n in g:
-        torch.testing.assert_close(new_g[n], 0.25 * y[n] + 0.75 * y2[n], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(new_g[n], 0.5 * y[n] + 0.5 * y2[n], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(new_ss["c"][n], c[n] + (msg.tensors[DC + n] + dc2[n]) / 4, rtol=1e-6, atol=1e-6)
+    cfg_n, _, server_n, _ = _setup("algorithm.scaffold.control=option2", "train.optimizer=sgd",
+                                   "algorithm.scaffold.weights=n")
+    new_g, new_ss_n, _ = server_n.aggregate(g, ss, [Reply(0, msg), other], round_idx=1)
+    for n in g:
+        torch.testing.assert_close(new_g[n], 0.25 * y[n] + 0.75 * y2[n], rtol=1e-6, atol=1e-6)  # n = 10, 30
+        assert torch.equal(new_ss_n["c"][n], new_ss["c"][n])  # the control does not depend on p
 
 
 def test_server_control_survives_a_server_optimizer():

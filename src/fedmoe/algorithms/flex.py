@@ -1,8 +1,8 @@
 """FLEx (Zhang et al., 2025, "FLEx: Personalized Federated Learning for Mixture-of-Experts LLMs via
 Expert Grafting"): personalisation by grafting one pretrained expert per layer.
 
-Client: shared LoRA on the attention projections; every pretrained expert, router and shared expert
-frozen. In its one-shot setup each client grafts, per MoE layer, the expert that best reproduces the
+Client: shared LoRA on the attention projections (q, k, v by default, as the paper); every pretrained
+expert, router and shared expert frozen (router LoRA is refused). In its one-shot setup each client grafts, per MoE layer, the expert that best reproduces the
 layer's routed output on its own calibration data, behind a sigmoid gate initialised from that
 expert's router row: y = MoE(x) + σ(g(x)) · G(x). Private (never sent): the grafted experts' LoRA (or
 full weights), the gates, the chosen expert ids. Reply: the shared attention LoRA and n_i. Server:
@@ -222,17 +222,34 @@ class FlexClient(Client):
     private_roles = (Role.GRAFT, Role.GATE)  # the grafted experts stay on the client
 
     @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.lora.router:
+            raise ValueError("FLEx keeps every router frozen (it adapts attention and the grafted expert, whose gate "
+                             "is its router row): set lora.router: false")
+
+    @staticmethod
+    def attention_targets(cfg, mm) -> list[str]:
+        """``lora.attention_targets``, or FLEx's default: the query, key and value projections (the paper's
+        q, k, v; not o), as the model family names them."""
+        if cfg.lora.attention_targets is not None:
+            return list(cfg.lora.attention_targets)
+        from ..moe.arch import DEFAULT_ATTENTION_TARGETS
+
+        targets = DEFAULT_ATTENTION_TARGETS[mm.model_type]
+        if mm.model_type == "deepseek_v3" and getattr(mm.config, "q_lora_rank", None):
+            targets = ("q_b_proj", "kv_b_proj", "o_proj")
+        return [t for t in targets if t != "o_proj"]
+
+    @classmethod
     def build(cls, cfg, mm) -> None:
         lc, fc = cfg.lora, cfg.algorithm.flex
-        if lc.attention_targets is None or lc.attention_targets:
-            mm.add_attention_lora(lc.rank, lc.alpha, lc.attention_targets, lc.dropout)
-        if not mm.trainable_names() and not lc.router:
-            raise ValueError("FLEx shares the attention LoRA: set lora.attention_targets (null = q, k, v, o)")
+        targets = cls.attention_targets(cfg, mm)
+        if not targets:
+            raise ValueError("FLEx shares the attention LoRA: set lora.attention_targets (null = q, k, v)")
+        mm.add_attention_lora(lc.rank, lc.alpha, targets, lc.dropout)
         mm.attach_to_blocks("grafted", lambda layer: GraftedExperts(
             layer, fc.num_grafts, rank=fc.graft_rank or lc.rank, alpha=lc.alpha, train_full=fc.train_full, gate=fc.gate,
             layout=lc.expert_layout))
-        if lc.router:  # shared like the attention LoRA; last, so the others' seeded initial values stay as they were
-            mm.add_router_lora(lc.rank, lc.alpha)
 
     @staticmethod
     def grafts(mm) -> list[GraftedExperts]:

@@ -14,7 +14,9 @@ model's alpha/r_max on every client (``algorithm.hetlora.scaling``, see HetLoRAC
 * ``flexlora`` (Bai et al., NeurIPS 2024, "Federated Fine-tuning of Large Language Models under
   Heterogeneous Tasks and Client Resources"): per adapted weight W_g = Σ p_i (alpha/r_i) B_i A_i, SVD
   W_g = U Σ Vᵀ (batched over experts), client i gets B_i = U[:, :r_i] Σ[:r_i] / (alpha/r_i),
-  A_i = Vᵀ[:r_i]. The global state keeps the top r_max singular triplets.
+  A_i = Vᵀ[:r_i]. The global state keeps the top r_max singular triplets: the model evaluated as
+  "global" is W_g truncated to rank r_max, and the server metric ``global_truncation`` says how much
+  of W_g (relative Frobenius norm) that leaves out.
 """
 
 from __future__ import annotations
@@ -189,7 +191,8 @@ def pruning_term(pairs, r: int, lam: float, gamma: float):
 def prune(pairs, trained: State, private: dict, gamma: float) -> tuple[State, dict]:
     """After local training: the tail norm at the client's rank r; if it fell since the client's
     previous round, r ← max(1, ⌊γr⌋). Returns (the trained state truncated to the new rank, the new
-    private state with the rank and tail norm)."""
+    private state with the rank and the tail norm at that rank: after a prune, the tail of the new
+    rank's components, so that the next round compares like with like)."""
     r = private["rank"]
     norm = tail_norm(pairs, trained, r, gamma)
     prev = private.get("tail_norm")
@@ -198,6 +201,8 @@ def prune(pairs, trained: State, private: dict, gamma: float) -> tuple[State, di
     out = dict(trained)
     for a, b in pairs:  # a pruned client sends rank r (zeros beyond it after padding)
         out[a], out[b] = truncate_rank(trained[a], trained[b], r)
+    if r != private["rank"]:  # the next round compares the new rank's tail with the new rank's tail
+        norm = tail_norm(pairs, out, r, gamma)
     return out, {**private, "rank": r, "tail_norm": norm}
 
 
@@ -211,8 +216,10 @@ class HetLoRAClient(RankClient):
         return lora_pairs(mm.inventory(), names)
 
     def load(self, mm, client, message, private) -> None:
-        super().load(mm, client, message, private)  # alpha/r_i
-        if self.cfg.algorithm.hetlora.scaling != "per_rank":
+        super().load(mm, client, message, private)
+        if self.cfg.algorithm.hetlora.scaling == "per_rank":  # alpha/r_i at the client's current (pruned) rank
+            mm.set_lora_scaling(self.cfg.lora.alpha / self.rank(client, private))
+        else:
             mm.set_lora_scaling(self.cfg.lora.alpha / self.r_max)
 
     @property
@@ -257,6 +264,9 @@ class HetLoRAServer(RankServer):
     def aggregate(self, global_state: State, server_state: dict, replies: list[Reply], *, round_idx: int):
         msgs = [r.message for r in replies]
         norms = [sum(float(frobenius_of_product(m.tensors[a], m.tensors[b])) for a, b in self.pairs) for m in msgs]
+        if self.cfg.algorithm.hetlora.scaling == "per_rank":  # the update each client applied: (alpha/r_i)·B_i A_i
+            norms = [w * self.cfg.lora.alpha / int(r.message.scalars.get("rank", self.budget_rank(r.client)))
+                     for w, r in zip(norms, replies)]
         if sum(norms) <= 0:  # every update is zero (e.g. B still at init): fall back to n_i
             norms = sizes(replies)
         averaged = weighted_average([m.tensors for m in msgs], norms)
@@ -278,6 +288,7 @@ class FlexLoRAServer(RankServer):
         total = sum(n)
         new = dict(global_state)
         t0 = time.perf_counter()
+        kept = dropped = 0.0
         for a, b in self.pairs:
             dense = None
             for r, w in zip(replies, n):
@@ -287,13 +298,17 @@ class FlexLoRAServer(RankServer):
                 dense = upd if dense is None else dense + upd
             U, S, Vh = torch.linalg.svd(dense, full_matrices=False)  # batched over stacked experts
             k = min(self.r_max, S.shape[-1])
+            kept += float((S[..., :k] ** 2).sum())
+            dropped += float((S[..., k:] ** 2).sum())
             B = torch.zeros(global_state[b].shape, dtype=torch.float64)
             A = torch.zeros(global_state[a].shape, dtype=torch.float64)
             # stored unscaled; downlink divides by alpha/r_i
             B[..., :, :k] = U[..., :, :k] * S[..., None, :k]
             A[..., :k, :] = Vh[..., :k, :]
             new[a], new[b] = A.to(global_state[a].dtype), B.to(global_state[b].dtype)
-        return new, {**server_state, FACTORED: True}, {"svd_s": time.perf_counter() - t0}
+        truncated = (dropped / (kept + dropped)) ** 0.5 if kept + dropped > 0 else 0.0
+        return new, {**server_state, FACTORED: True}, {"svd_s": time.perf_counter() - t0,
+                                                        "global_truncation": truncated}
 
     def initial_server_state(self, global_state: State) -> dict:
         return {FACTORED: False}
@@ -321,4 +336,7 @@ HETLORA = Method("hetlora", HetLoRAServer, HetLoRAClient, config=HetLoRAConfig, 
                         "pruned_rank": "the client's LoRA rank after this round's self-pruning"})
 FLEXLORA = Method("flexlora", FlexLoRAServer, RankClient, reads=("fedit",),
                   summary="FlexLoRA: SVD of the weighted dense update, redistributed at each client's rank",
-                  notes={"svd_s": "time of the batched SVDs of the dense updates (part of the aggregation)"})
+                  notes={"svd_s": "time of the batched SVDs of the dense updates (part of the aggregation)",
+                         "global_truncation": "the global model (evaluated as 'global') is W_g = Σ p_i (α/r_i) B_i A_i "
+                                              "truncated to its top r_max singular components: ‖dropped‖_F / ‖W_g‖_F "
+                                              "over every adapted weight (0: the global model is W_g exactly)"})

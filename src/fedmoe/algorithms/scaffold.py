@@ -3,8 +3,10 @@ Learning") on LoRA (one of FLEx's "MoE + X" baselines).
 
 Client i, starting from x with server control c and its own control c_i (private), trains K steps on
 gradients g − c_i + c, giving y_i; it replies with y_i, n_i and Δc_i = c_i⁺ − c_i. Server:
-x ← Σ p_i y_i (then the configured server optimizer), c ← c + (1/N) Σ_{i∈S} Δc_i with N the number
-of clients. The downlink carries x and c (both count in the bytes); c lives in the server state.
+x ← Σ_{i∈S} p_i y_i (then the configured server optimizer), c ← c + (1/N) Σ_{i∈S} Δc_i with N the
+number of clients. p_i (``algorithm.scaffold.weights``): ``uniform`` (default), 1/|S| — the paper's
+x ← x + (η_g/|S|) Σ Δy_i with η_g = 1 —, or ``n``, n_i / Σ n (FedAvg's, what fedmoe used before).
+The downlink carries x and c (both count in the bytes); c lives in the server state.
 
 The new control c_i⁺ (``algorithm.scaffold.control``):
 
@@ -36,6 +38,7 @@ DC = "dc/"  # reply: the change of the client's control
 
 class ScaffoldConfig(StrictModel):
     control: Literal["mean_gradient", "option2"] = "mean_gradient"  # how c_i⁺ is computed (module docstring)
+    weights: Literal["uniform", "n"] = "uniform"  # p_i of x ← Σ p_i y_i: 1/|S| (the paper) or n_i / Σ n
 
 
 class ScaffoldServer(FedITServer):
@@ -51,7 +54,8 @@ class ScaffoldServer(FedITServer):
 
     def aggregate(self, global_state: State, server_state: dict, replies: list[Reply], *, round_idx: int):
         models = [{n: t for n, t in r.message.tensors.items() if not n.startswith(DC)} for r in replies]
-        averaged = weighted_average(models, sizes(replies))
+        p = [1.0] * len(replies) if self.cfg.algorithm.scaffold.weights == "uniform" else sizes(replies)
+        averaged = weighted_average(models, p)
         c = server_state["c"]
         new_x, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state)
         num_clients = self.cfg.data.partition.num_clients
