@@ -36,7 +36,7 @@ WORK = ["model.name=builtin:tiny-moe", "data.max_examples=800", "data.max_length
         "federation.rounds=2", "lora.rank=8"]
 
 
-def one(runtime: str, n: int, root: Path) -> dict:
+def one(runtime: str, n: int, root: Path, args) -> dict:
     sets = WORK + [f"data.partition.num_clients={n}", f"output_dir={root}", f"name={runtime}-{n}"]
     t0 = time.time()
     rss = None
@@ -46,7 +46,11 @@ def one(runtime: str, n: int, root: Path) -> dict:
         workers = runtime == "flower+worker"
         # one torch thread per client process: n processes on this machine's cores at once would
         # otherwise each start one thread per core and slow down by orders of magnitude
-        with LocalDeployment(root / f"deploy-{runtime}-{n}", clients=n, threads=1, workers=workers) as lab:
+        # 40 SuperNodes, 40 SuperExecs and 40 workers (0.66 GB resident each) do not fit in 24 GB: above
+        # --own-workers-up-to clients, the SuperNodes share --shared-workers workers (a lab machine's choice)
+        shared = args.shared_workers if workers and n > args.own_workers_up_to else None
+        with LocalDeployment(root / f"deploy-{runtime}-{n}", clients=n, threads=1, workers=workers,
+                             shared_workers=shared) as lab:
             # without workers, 8 messages out at once: each starts a process holding the model (about 0.5 GB).
             # With workers, 20: a SuperNode gives each message's process 30 s to start before it starts
             # another (Flower's HEARTBEAT_DEFAULT_INTERVAL), which 40 processes starting at once on two
@@ -68,6 +72,8 @@ def one(runtime: str, n: int, root: Path) -> dict:
     rows = RunDir(root / f"{runtime}-{n}", create=False).read_metrics()
     rounds = [r for r in rows if r["kind"] == "round"]
     loads = [r["load_s"] for r in rows if r["kind"] == "train" and "load_s" in r]
+    if runtime == "flower+worker" and n > args.own_workers_up_to:
+        runtime = f"flower+worker ({args.shared_workers} shared)"
     return {"runtime": runtime, "clients": n, "total_s": time.time() - t0, "rounds": rounds,
             "load_s": sum(loads) / len(loads) if loads else 0.0, "worker_rss_mb": rss}
 
@@ -90,6 +96,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, nargs="+", default=[4, 40])
     ap.add_argument("--runtimes", nargs="+", default=["local", "flower-sim", "flower", "flower+worker"])
+    ap.add_argument("--own-workers-up-to", type=int, default=20,
+                    help="up to this many clients every SuperNode has its own worker; above, they share")
+    ap.add_argument("--shared-workers", type=int, default=4, help="workers the SuperNodes share above that")
     ap.add_argument("--plain-flower-up-to", type=int, default=None,
                     help="run plain `flower` (a model load per message) only up to this many clients")
     args = ap.parse_args()
@@ -99,7 +108,7 @@ def main() -> None:
             for rt in args.runtimes:
                 if rt == "flower" and args.plain_flower_up_to is not None and n > args.plain_flower_up_to:
                     continue
-                res = one(rt, n, Path(tmp))
+                res = one(rt, n, Path(tmp), args)
                 results.append(res)
                 print(json.dumps({k: v for k, v in res.items() if k != "rounds"}), flush=True)
     print(f"\n{date.today()}, {platform.node()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "

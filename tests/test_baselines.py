@@ -34,3 +34,57 @@ def test_fedopt_default_server_learning_rates(name, eta):
 def test_server_lr_without_a_server_optimizer_is_refused():
     with pytest.raises(ConfigError, match="server_optimizer.lr"):
         load_config(None, ["algorithm.server_optimizer.lr=0.1"])
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad", "fedavgm"])
+def test_the_flower_convention_reproduces_flowers_strategies(name):
+    """The same aggregated states, three rounds, into Flower 1.42's strategy and into fedmoe's server
+    optimizer: equal to 1e-12 under convention: flower; under reddi (v0 = τ², no bias correction, FedAdagrad's
+    β1 = 0.9) the adaptive ones differ."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp import strategy as fs
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # a Message outside a Flower run needs the ids a ServerApp's process has: set for this test only
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        _flower_convention(name, fs, np, Array, ArrayRecord, Message, MetricRecord, RecordDict)
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _flower_convention(name, fs, np, Array, ArrayRecord, Message, MetricRecord, RecordDict):
+    kw = dict(eta=0.05, tau=1e-3) if name != "fedavgm" else dict(server_learning_rate=0.7, server_momentum=0.9)
+    if name in ("fedadam", "fedyogi"):
+        kw.update(beta_1=0.8, beta_2=0.95)
+    flower = {"fedadam": fs.FedAdam, "fedyogi": fs.FedYogi, "fedadagrad": fs.FedAdagrad, "fedavgm": fs.FedAvgM}[name](**kw)
+    ours = {"name": name, "lr": kw.get("eta", kw.get("server_learning_rate")), "tau": 1e-3,
+            "momentum": 0.9, "beta1": kw.get("beta_1", 0.9), "beta2": kw.get("beta_2", 0.99)}
+    gen = torch.Generator().manual_seed(4)
+    theta = {"a": torch.randn(3, 4, generator=gen, dtype=torch.float64), "b": torch.randn(5, generator=gen, dtype=torch.float64)}
+    results = {}
+    for convention in ("flower", "reddi"):
+        cfg = ServerOptimizerConfig(**ours, convention=convention)
+        g, ss, fl = dict(theta), {}, {k: v.numpy().copy() for k, v in theta.items()}
+        for rnd in (1, 2, 3):
+            averaged = {k: v + 0.1 * torch.randn(v.shape, generator=torch.Generator().manual_seed(10 * rnd + len(k)),
+                                                  dtype=torch.float64) for k, v in g.items()}
+            g, ss = server_update(cfg, g, averaged, ss, round_idx=rnd)
+            if convention == "flower":  # Flower: one reply holding the averaged state, weight 1
+                # what configure_train leaves: FedOpt's strategies a dict of arrays, FedAvgM an ArrayRecord
+                current = {k: np.asarray(v) for k, v in fl.items()}
+                flower.current_arrays = (ArrayRecord({k: Array(v) for k, v in current.items()}) if name == "fedavgm"
+                                         else current)
+                reply = Message(RecordDict({"arrays": ArrayRecord({k: Array(v.numpy()) for k, v in averaged.items()}),
+                                            "metrics": MetricRecord({"num-examples": 1})}), dst_node_id=1,
+                                message_type="train")
+                arrays, _ = flower.aggregate_train(rnd, [reply])
+                fl = {k: a.numpy() for k, a in arrays.items()}
+                for k in g:
+                    np.testing.assert_allclose(g[k].numpy(), fl[k], rtol=0, atol=1e-12)
+                g = {k: torch.from_numpy(v.copy()) for k, v in fl.items()}  # both go on from the same state
+        results[convention] = g
+    gap = max(float((results["flower"][k] - results["reddi"][k]).abs().max()) for k in theta)
+    assert (gap > 1e-6) if name != "fedavgm" else (gap == 0.0)

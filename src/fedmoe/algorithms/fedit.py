@@ -75,7 +75,8 @@ class FedITServer(Server):
 
     def aggregate(self, global_state: State, server_state: dict, replies: list[Reply], *, round_idx: int):
         averaged = weighted_average([r.message.tensors for r in replies], sizes(replies))
-        new, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state)
+        new, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state,
+                                          round_idx=round_idx)
         return new, server_state, {}
 
 

@@ -83,7 +83,8 @@ class FlameServer(FedITServer):
         averaged.update(activation_aware_average(global_state, [m.tensors for m in msgs],
                                                  [m.tensors[COUNTS] for m in msgs], [m.tensors[TOKENS] for m in msgs],
                                                  n, self.layer_of, self.cfg.algorithm.flame.temperature, self.experts))
-        new, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state)
+        new, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state,
+                                          round_idx=round_idx)
         return new, server_state, {}
 
     def dp_weights(self, global_state: State, reply: Reply) -> dict[str, torch.Tensor]:

@@ -270,7 +270,8 @@ class HetLoRAServer(RankServer):
         if sum(norms) <= 0:  # every update is zero (e.g. B still at init): fall back to n_i
             norms = sizes(replies)
         averaged = weighted_average([m.tensors for m in msgs], norms)
-        new, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state)
+        new, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state,
+                                          round_idx=round_idx)
         total = sum(norms)
         return new, server_state, {"norm_weights": [w / total for w in norms]}
 

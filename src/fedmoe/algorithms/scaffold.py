@@ -57,7 +57,8 @@ class ScaffoldServer(FedITServer):
         p = [1.0] * len(replies) if self.cfg.algorithm.scaffold.weights == "uniform" else sizes(replies)
         averaged = weighted_average(models, p)
         c = server_state["c"]
-        new_x, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state)
+        new_x, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state,
+                                          round_idx=round_idx)
         num_clients = self.cfg.data.partition.num_clients
         new_c = {n: c[n] + sum(r.message.tensors[DC + n] for r in replies) / num_clients for n in global_state}
         rms = lambda d: (sum(float((t.double() ** 2).sum()) for t in d.values())  # noqa: E731

@@ -6,8 +6,11 @@ Optimization", Algorithm 2) over the aggregated delta Δ = Σ p_i (θ_i − θ):
   FedAdam    m ← β1·m + (1−β1)·Δ; v ← β2·v + (1−β2)·Δ²
   FedYogi    m ← β1·m + (1−β1)·Δ; v ← v − (1−β2)·Δ²·sign(v − Δ²)
 
-(our choice) the second moment starts at v = τ² as in the paper's algorithm (v_{-1} ≥ τ²); no
-bias correction. ``none`` is plain FedAvg: θ ← θ + Δ.
+(our choice, ``convention: reddi``, default) the second moment starts at v = τ² as in the paper's
+algorithm (v_{-1} ≥ τ²); no bias correction. ``convention: flower`` reproduces Flower 1.42's
+strategies (``flwr.serverapp.strategy``) exactly: v starts at 0, FedAdam's step is bias-corrected
+with η·√(1 − β2^(t+1)) / (1 − β1^(t+1)) at round t, FedAdagrad has β1 = 0 (m = Δ); FedYogi and
+FedAvgM are the same under both. ``none`` is plain FedAvg: θ ← θ + Δ.
 
 Default server learning rates η (``lr: null``), per optimizer: FedAvgM 1.0 with momentum 0.9 (Hsu et
 al., 2019, "Measuring the Effects of Non-Identical Data Distribution for Federated Visual
@@ -37,6 +40,8 @@ class ServerOptimizerConfig(StrictModel):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)  # adaptivity
+    # reddi: Reddi et al.'s algorithm (v0 = τ², no bias correction); flower: Flower 1.42's strategies
+    convention: Literal["reddi", "flower"] = "reddi"
 
     @model_validator(mode="after")
     def _lr_needs_an_optimizer(self):
@@ -55,12 +60,20 @@ def server_lr(cfg: ServerOptimizerConfig) -> float:
     return DEFAULT_LR[cfg.name] if cfg.lr is None else cfg.lr
 
 
-def server_update(cfg: ServerOptimizerConfig, global_state: State, averaged: State, server_state: dict) -> tuple[State, dict]:
+def server_update(cfg: ServerOptimizerConfig, global_state: State, averaged: State, server_state: dict,
+                  round_idx: int | None = None) -> tuple[State, dict]:
     """The new global state from the averaged client states, and the server state with the optimizer's
-    moments (``m``, ``v``) updated; every other key of ``server_state`` (the method's own) is kept."""
+    moments (``m``, ``v``) updated; every other key of ``server_state`` (the method's own) is kept.
+    ``round_idx`` (1-based): FedAdam's bias correction under ``convention: flower``."""
     if cfg.name == "none":
         return {n: t.clone() for n, t in averaged.items()}, server_state
     eta = server_lr(cfg)
+    flower = cfg.convention == "flower"
+    beta1 = 0.0 if flower and cfg.name == "fedadagrad" else cfg.beta1
+    if flower and cfg.name == "fedadam":
+        if round_idx is None:
+            raise ValueError("FedAdam under convention: flower needs the round (its bias correction)")
+        eta = eta * (1 - cfg.beta2 ** (round_idx + 1.0)) ** 0.5 / (1 - cfg.beta1 ** (round_idx + 1.0))
     m = dict(server_state.get("m", {}))
     v = dict(server_state.get("v", {}))
     new: State = {}
@@ -72,8 +85,8 @@ def server_update(cfg: ServerOptimizerConfig, global_state: State, averaged: Sta
             m[name] = m_n
             new[name] = (theta64 + eta * m_n).to(theta.dtype)
             continue
-        m_n = cfg.beta1 * m.get(name, torch.zeros_like(delta)) + (1 - cfg.beta1) * delta
-        v_prev = v.get(name, torch.full_like(delta, cfg.tau**2))
+        m_n = beta1 * m.get(name, torch.zeros_like(delta)) + (1 - beta1) * delta
+        v_prev = v.get(name, torch.zeros_like(delta) if flower else torch.full_like(delta, cfg.tau**2))
         d2 = delta * delta
         if cfg.name == "fedadagrad":
             v_n = v_prev + d2

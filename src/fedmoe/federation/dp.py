@@ -96,7 +96,8 @@ def private_aggregate(server, cfg, global_state: State, server_state: dict, repl
     for n, t in global_state.items():
         noisy = total[n] + gaussian_noise(t.shape, sigma * C, gen) if sigma > 0 else total[n]
         averaged[n] = (t.to(torch.float64) + noisy / denominator).to(t.dtype)
-    new, server_state = server_update(cfg.algorithm.server_optimizer, global_state, averaged, server_state)
+    new, server_state = server_update(cfg.algorithm.server_optimizer, global_state, averaged, server_state,
+                                          round_idx=round_idx)
     return new, server_state, {"dp_clipped_fraction": clipped / max(1, len(replies)),
                                "dp_noise_std": sigma * C / denominator}
 

@@ -27,11 +27,13 @@ def free_port() -> int:
 
 class LocalDeployment:
     def __init__(self, root: Path, clients: int = 2, data_paths: dict[int, Path] | None = None,
-                 threads: int | None = None, workers: bool | dict[int, int] = False):
+                 threads: int | None = None, workers: bool | dict[int, int] = False, shared_workers: int | None = None):
         """``threads``: torch threads of every client process (OMP_NUM_THREADS); ``data_paths``: a
         client's own data file (the others take their partition of the config's source); ``workers``:
         each SuperNode (True) or those named ({client: ranks}) relays to a ``fedmoe worker`` with that
-        many ranks on ``ROOT/worker-N.sock`` (started by its first message; :meth:`stop` stops them too)."""
+        many ranks on ``ROOT/worker-N.sock`` (started by its first message; :meth:`stop` stops them too);
+        ``shared_workers`` = k: client i relays to worker ``i mod k`` instead (a lab machine too small for a
+        worker per SuperNode: each worker keeps one model and serves its SuperNodes one message at a time)."""
         self.root, self.procs, self.state, self.cmds = Path(root), {}, {}, {}
         self.sockets: dict[int, Path] = {}
         self.home = self.root / "flwr-home"
@@ -50,7 +52,7 @@ class LocalDeployment:
             own = f' data-path="{data_paths[i]}"' if data_paths and i in data_paths else ""
             ranks = (1 if workers is True else 0) if not isinstance(workers, dict) else workers.get(i, 0)
             if ranks:
-                self.sockets[i] = self.root.resolve() / f"worker-{i}.sock"
+                self.sockets[i] = self.root.resolve() / f"worker-{i if shared_workers is None else i % shared_workers}.sock"
                 own += f' worker="{self.sockets[i]}" worker-nproc={ranks}'
             self._start(f"node{i}", [BIN / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                                      "--port", str(free_port()), "--node-config",
@@ -81,7 +83,7 @@ class LocalDeployment:
 
         for name in list(self.procs):
             self.kill(name)
-        for path in self.sockets.values():
+        for path in set(self.sockets.values()):
             kill_worker(path)
 
     def run(self, sets: list[str], config: str | None = None) -> subprocess.Popen:

@@ -238,16 +238,24 @@ def kill_worker(path: Path) -> None:
 def ask_worker(path: Path, header: dict, payload=b"", timeout: float = DEFAULT_TIMEOUT_S,
                node_config=None, start: bool = True) -> tuple[dict, bytearray]:
     """Send one request to the worker on ``path`` (starting it when none runs and ``start``) and wait at
-    most ``timeout`` s for its reply; a worker that does not answer in time is killed."""
+    most ``timeout`` s in all for its reply (a worker serving other SuperNodes' messages first keeps this
+    one in its queue); a worker that does not answer in time is killed."""
+    deadline = time.monotonic() + timeout
     try:
-        sock = _connect(path, 10.0)
+        sock = _connect(path, timeout)
     except (FileNotFoundError, ConnectionRefusedError):
         if not start:
             raise WorkerError(f"no fedmoe worker listens on {path}") from None
         start_worker(path, node_config)
-        sock = _connect(path, 10.0)
+        sock = _connect(path, max(1.0, deadline - time.monotonic()))
+    except TimeoutError:
+        sock = None
+    if sock is None:
+        kill_worker(path)
+        raise WorkerError(f"the fedmoe worker on {path} did not take the message within {timeout:g} s; it was "
+                          "stopped (the next message starts a new one)")
     with sock:
-        sock.settimeout(timeout)
+        sock.settimeout(max(1.0, deadline - time.monotonic()))
         try:
             send_frame(sock, header, payload)
             reply, body = recv_frame(sock)

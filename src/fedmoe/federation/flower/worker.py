@@ -103,7 +103,7 @@ class Worker:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
-        sock.listen(8)
+        sock.listen(128)  # SuperNodes sharing a worker queue here while it serves one message at a time
         self.sock = sock
         pid_path(path).write_text("".join(f"{g}\n" for g in self.groups))
         self.log(f"fedmoe worker {os.getpid()} listening on {path}"
