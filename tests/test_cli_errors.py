@@ -179,7 +179,7 @@ def test_flops_of_a_run_config_as_the_readme_shows(tmp_path):
     flex.write_text("model: {name: 'builtin:tiny-olmoe'}\nalgorithm: {name: flex}\n")
     r = fedmoe("flops", flex, "--json", "--k", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert [(row["k"], row["total_trainable"], row["active_trainable"]) for row in json.loads(r.stdout)] == [(2, 66_048, 66_048)]
+    assert [(row["k"], row["total_trainable"], row["active_trainable"]) for row in json.loads(r.stdout)] == [(2, 57_856, 57_856)]
     # an option given overrides the config's value; the table names the config's model
     r = fedmoe("flops", default, "--lora-rank", "0", "--k", "4", cwd=tmp_path)
     assert r.returncode == 0 and f"{default}: builtin:tiny-moe (olmoe)" in r.stdout and "no LoRA" in r.stdout

@@ -79,15 +79,16 @@ def test_every_adapter_describes_itself():
 
 
 def test_flex_counts_the_grafts_it_built():
-    """Hand count on the tiny OLMoE (H 128, I 256, 4 layers, rank 8): attention LoRA 4·4·8·(128+128) =
-    32,768; per layer one graft = gate 128 + gate_up 8·128 + 512·8 + down 8·256 + 128·8 = 8,320, and a
-    graft is on every token's path, so active = total = 32,768 + 4·8,320 = 66,048. The config-only count
-    (expert LoRA at k = 2, which FLEx does not build) said 98,304; its FLOPs missed the grafted FFN."""
+    """Hand count on the tiny OLMoE (H 128, I 256, 4 layers, rank 8): attention LoRA on q, k, v (FLEx's
+    default; not o) 4·3·8·(128+128) = 24,576; per layer one graft = gate 128 + gate_up 8·128 + 512·8 +
+    down 8·256 + 128·8 = 8,320, and a graft is on every token's path, so active = total = 24,576 + 4·8,320
+    = 57,856 (66,048 with o as well). The config-only count (expert LoRA at k = 2, which FLEx does not
+    build) said 98,304; its FLOPs missed the grafted FFN."""
     cfg = load_config(None, ["algorithm.name=flex"])  # defaults: lora.experts is true, FLEx ignores it
     _, _, spec = built(METHODS["flex"], cfg, _tiny())
     c = spec.counts(k=2, rank=8, seq_len=T)
-    assert c["total_trainable"] == c["active_trainable"] == 66_048
-    assert c["shared_trainable"] == 32_768
+    assert c["total_trainable"] == c["active_trainable"] == 57_856
+    assert c["shared_trainable"] == 24_576
     assert spec.inventory.counts(2)["frozen_active_params"] == 4 * 3 * 128 * 256  # one pretrained expert per layer
 
 

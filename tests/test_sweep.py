@@ -86,8 +86,9 @@ def test_every_shipped_config_and_sweep_point_validates():
         for _, sets in points:
             config_from_tree(apply_overrides(json.loads(json.dumps(tree)), sets), str(path))
             checked += 1
-    # default, flame-table2, -clients40, -ablations, flex-*, fcmoe-dirichlet, evidence-concept-shift, -label-skew, -compute
-    assert checked == 1 + 8 + 12 + 7 + 8 + 16 + 4 + 18 + 27 + 30 + 24
+    # default, flame-table2, -clients40, -ablations, flex-*, fcmoe-dirichlet, evidence-concept-shift, -label-skew, -compute,
+    # -fcmoe-paper
+    assert checked == 1 + 8 + 12 + 7 + 8 + 16 + 4 + 18 + 27 + 30 + 24 + 6
 
 
 def test_sweep_report_rows_for_retention_balance_and_bytes():

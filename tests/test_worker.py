@@ -144,7 +144,8 @@ def test_another_user_is_refused():
                     "os.setgid(65534); os.setuid(65534)\n"
                     "s = socket.socket(socket.AF_UNIX)\n"
                     "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    print('EACCES'); raise SystemExit\n"
-                    "send_frame(s, {'op': 'ping'}); print(recv_frame(s)[0])\n")
+                    "try:\n    send_frame(s, {'op': 'ping'})\nexcept BrokenPipeError:\n    pass\n"
+                    "print(recv_frame(s)[0])\n")
             as_nobody = [sys.executable, "-c", code, str(path)]
             out = subprocess.run(as_nobody, capture_output=True, text=True, env=ENV, timeout=60)
             assert out.stdout.strip() == "EACCES", out.stdout + out.stderr
@@ -194,3 +195,23 @@ def test_an_idle_worker_exits_and_leaves_no_socket(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "no message for 2 s: exiting" in out, out
     assert not path.exists() and not pid_path(path).exists() and not worker_alive(path)
+
+
+def test_a_hostile_run_id_is_refused_by_the_worker(worker, tmp_path):
+    """A message whose run_id is a path ('../../x') would make a SuperNode write, prune and load its private
+    store outside its state directory: the worker refuses it and writes nothing."""
+    import yaml
+
+    from fedmoe.config import config_to_dict, load_config
+    from fedmoe.federation.flower.relay import records_to_wire
+
+    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "data.max_examples=40", "data.max_length=32",
+                             "data.partition.num_clients=2", "lora.rank=2"])
+    options = {"fedmoe-config": yaml.safe_dump(config_to_dict(cfg), sort_keys=False)}
+    desc, payload = records_to_wire(to_records(Message(header={"kind": "query", "round": 0, "run_id": "../../x"})))
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(WorkerError, match="run_id '../../x' is not a plain name"):
+        ask_worker(worker, {"op": "handle", "kind": "query", "records": desc, "options": options,
+                            "node": {"partition-id": 0, "state-dir": str(tmp_path / "state")}}, payload, start=False)
+    created = {p for p in set(tmp_path.rglob("*")) - before if "state" in p.parts or p.parent == tmp_path.parent}
+    assert not created and not (tmp_path.parent / "x").exists()

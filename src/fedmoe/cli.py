@@ -183,6 +183,22 @@ def worker(
         raise typer.Exit(2)
 
 
+@app.command("migrate-checkpoint")
+def migrate_checkpoint(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory whose checkpoints an older fedmoe wrote")],
+):
+    """Rewrite a run's checkpoints written by fedmoe before 2026-12-05 in the current format, which loads
+    without running code. It reads them the old way (pickle) once: only for runs you trust (your own)."""
+    from .federation.checkpoint import migrate_checkpoints
+
+    try:
+        done = migrate_checkpoints(run_dir)
+    except (OSError, ValueError) as e:
+        _error(f"{e}")
+        raise typer.Exit(2)
+    print(f"{len(done)} checkpoint file(s) rewritten" if done else f"{run_dir}: nothing to rewrite (already current)")
+
+
 @app.command()
 def pretrain(
     config: Annotated[Optional[Path], typer.Argument(help="pretraining YAML (default: the built-in model's recipe)")] = None,

@@ -283,6 +283,20 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     report: ReportConfig = ReportConfig()
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_path_component(cls, v):
+        """The run directory is output_dir/name: a name that is a path (a separator, '..', '.', absolute)
+        would write, and on --overwrite delete, outside output_dir."""
+        if v is None:
+            return v
+        if (not v.strip() or v in (".", "..") or "/" in v or "\\" in v or "\0" in v or v != v.strip()
+                or Path(v).is_absolute()):
+            raise ValueError(f"name = {v!r}: a run's name is one folder name under output_dir (no '/', '\\', "
+                             "'..' or '.', not absolute, no leading or trailing spaces); to write elsewhere set "
+                             "output_dir")
+        return v
+
     @model_validator(mode="after")
     def _client_top_k_matches_clients(self):
         ks = self.algorithm.client_top_k

@@ -39,6 +39,7 @@ from .algorithms import METHODS
 from .algorithms.base import model_spec
 from .config import ConfigError, config_from_tree, config_to_dict
 from .messages import Message
+from .rundir import load_tensor_file
 from .moe import MoEModel
 from .moe.lora import ExpertsWithLoRA, LoRALinear, RouterWithLoRA, expert_lora_pairs
 from .moe.model import BUILTIN_PREFIX, EXPORT_MARKER, builtin_model_path, load_tokenizer
@@ -70,7 +71,7 @@ def _private_from(path: Path) -> dict:
     files = sorted(path.glob("private-r*.pt")) if path.is_dir() else [path]
     if not files or not files[-1].is_file():
         raise ExportError(f"{path}: no private-r*.pt file (a SuperNode's state dir for this client holds them)")
-    return torch.load(files[-1], map_location="cpu", weights_only=False)
+    return load_tensor_file(files[-1], "private store")
 
 
 def load_run_model(run_dir: str | Path, client: int | None = None, private_path: str | Path | None = None) -> LoadedModel:
@@ -353,10 +354,10 @@ def load_exported(folder: str | Path, dtype: str | None = None, device: str | No
     if device is not None:
         tree["model"]["device"] = device
     cfg = config_from_tree(tree, str(folder / EXPORT_FILE))
+    private = load_tensor_file(folder / _PRIVATE, "export's private state")  # refused before any model loads
     method = METHODS[cfg.algorithm.name]
     mm = load_client_model(cfg, method)
     message = Message(tensors=load_file(str(folder / _STATE)), scalars=meta.get("scalars") or {})
-    private = torch.load(folder / _PRIVATE, map_location="cpu", weights_only=False)
     method.client(cfg).load(mm, meta["client"], message, private)
     mm.model.eval()
     return mm

@@ -258,6 +258,11 @@ def run_pretrain(cfg: PretrainConfig, show_progress: bool = True, log=print) -> 
                           f"(resolved to {device}); use precision fp32 on cpu")
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    ck_path = work / "checkpoint.pt"
+    # read (and a file that is not tensors and plain values refused) before any work is done
+    from .rundir import load_tensor_file
+
+    ck = load_tensor_file(ck_path, "pretraining checkpoint") if ck_path.is_file() else None
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -285,10 +290,8 @@ def run_pretrain(cfg: PretrainConfig, show_progress: bool = True, log=print) -> 
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95))
 
-    ck_path = work / "checkpoint.pt"
     step, history, wall_before = 0, [], 0.0
-    if ck_path.is_file():
-        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+    if ck is not None:
         _check_same_recipe(ck.get("recipe"), _recipe(cfg), ck_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])

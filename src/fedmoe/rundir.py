@@ -73,6 +73,28 @@ TEXT_KEYS = frozenset({"examples", "prediction", "reference", "error", "category
                        "model", "name", "verdict", "accounting"})
 
 
+class UnsafeFileError(ValueError):
+    """A .pt file that holds Python objects (a pickle) rather than tensors and plain values."""
+
+
+def load_tensor_file(path: str | Path, what: str = "file"):
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers of them, never
+    code. A file holding other Python objects (an old fedmoe checkpoint, or a planted payload) is refused
+    with one line that names it; nothing in it runs."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = next((line.split("GLOBAL", 1)[1].split()[0] for line in str(e).splitlines() if "GLOBAL" in line), "?")
+        raise UnsafeFileError(f"{path}: this {what} holds a Python object ({found}), not only tensors and plain values, "
+                              "so it was not loaded (loading it could run code). A checkpoint written by fedmoe before "
+                              "2026-12-05 held numpy objects: if you wrote it yourself, convert it once with `fedmoe "
+                              "migrate-checkpoint RUN_DIR`") from None
+
+
 def _nonfinite_text(value: float) -> str:
     return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
 

@@ -16,19 +16,24 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, RunConfig, config_to_dict
-from ..rundir import RunDir, atomic_write_bytes
+from ..rundir import UnsafeFileError, load_tensor_file, RunDir, atomic_write_bytes
 
 CHECKPOINT_FILE = "state.pt"
 
 
 def rng_states() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """Every global RNG's state in types ``torch.load(weights_only=True)`` reads back (numpy's key array
+    as a tensor, not a pickled ndarray)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                      int(has_gauss), float(cached)],
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def restore_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(states["python"])
     if states.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -92,9 +97,13 @@ def load_checkpoint(path: str | Path, log=print) -> Checkpoint:
             problems.append(f"{f} is missing")
             continue
         try:
-            ck = torch.load(f, map_location="cpu", weights_only=False)
+            ck = load_tensor_file(f, "checkpoint")
             if not isinstance(ck, dict) or not {"round", "global_state", "rng"} <= set(ck):
                 raise ValueError("not a fedmoe checkpoint")
+        except UnsafeFileError as e:  # never loaded: named as such, with the way out
+            problems.append(str(e))
+            unreadable = unreadable or f
+            continue
         except Exception as e:  # noqa: BLE001 - a torn file raises anything from EOFError to UnpicklingError
             why = str(e).splitlines()[0] if str(e) else "empty file" if f.stat().st_size == 0 else ""
             problems.append(f"{f} is unreadable ({type(e).__name__}: {why})")
@@ -157,3 +166,37 @@ def check_fingerprint(cfg: RunConfig, ck: dict, path: str | Path, log=print) -> 
                           f"({'; '.join(diffs)}): a resumed run continues the run it checkpointed, so put back "
                           f"{'that value' if len(diffs) == 1 else 'those values'} (only {', '.join(EXECUTION_KEYS)} "
                           "may change on resume), or start a new run with the new config")
+
+
+def migrate_checkpoints(path: str | Path, log=print) -> list[Path]:
+    """Rewrite the checkpoints of the run in ``path`` that an older fedmoe wrote (numpy's RNG state
+    pickled as numpy objects) in today's format, which loads without running code. This loads them
+    with pickle once: only for files the user trusts (their own). Returns the files rewritten."""
+    import io
+
+    folder = Path(path) / RunDir.CHECKPOINTS
+    done = []
+    for f in (folder / CHECKPOINT_FILE, folder / PREVIOUS_CHECKPOINT_FILE):
+        if not f.is_file():
+            continue
+        try:
+            load_tensor_file(f, "checkpoint")
+            continue  # already safe
+        except UnsafeFileError:
+            pass
+        ck = torch.load(f, map_location="cpu", weights_only=False)  # the user vouched for this file
+        rng = ck.get("rng", {})
+        if isinstance(rng.get("numpy"), tuple):
+            name, keys, pos, has_gauss, cached = rng["numpy"]
+            rng["numpy"] = [name, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss),
+                            float(cached)]
+        buf = io.BytesIO()
+        torch.save(ck, buf)
+        try:
+            torch.load(io.BytesIO(buf.getvalue()), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise RunDirError(f"{f}: still holds objects other than tensors after the conversion ({e}); not rewritten")
+        atomic_write_bytes(f, buf.getvalue())
+        log(f"rewrote {f} in the current checkpoint format")
+        done.append(f)
+    return done

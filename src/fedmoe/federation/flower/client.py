@@ -27,7 +27,7 @@ from ...config import ConfigError, RunConfig, config_from_tree
 from ...data import prepare_client_data, prepare_federated_data
 from ...moe import load_tokenizer
 from ...moe.model import resolve_device
-from ...rundir import atomic_write_bytes, atomic_write_text
+from ...rundir import atomic_write_bytes, atomic_write_text, load_tensor_file
 from ...train import Parallel
 from ..clients import ClientNode, client_set, heldout_set
 from ..evaluation import ModelEvaluator
@@ -69,7 +69,7 @@ class PrivateStore:
         rounds = [r for r in self._files() if r < before]
         if not rounds:
             return None
-        return torch.load(self._files()[max(rounds)], map_location="cpu", weights_only=False)
+        return load_tensor_file(self._files()[max(rounds)], "private store")
 
     def setup_metrics(self) -> dict | None:
         p = self.root / "setup.json"
@@ -77,6 +77,16 @@ class PrivateStore:
 
     def save_setup_metrics(self, metrics: dict) -> None:
         atomic_write_text(self.root / "setup.json", json.dumps(metrics))
+
+
+def store_path(state_dir: Path, run_id, client: int) -> Path:
+    """Where client ``client`` keeps its private store for the run ``run_id`` (the id the server names in
+    every message, 12 hex digits): a run id that is not a plain name (a path, '..') is refused, so a
+    message cannot make a SuperNode write, prune or load files outside its state directory."""
+    if not isinstance(run_id, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+        raise ValueError(f"refused a message whose run_id {str(run_id)[:80]!r} is not a plain name of letters, "
+                         "digits, '-' and '_' (a fedmoe server sends 12 hex digits)")
+    return Path(state_dir) / run_id / f"client-{int(client)}"
 
 
 class ClientModel:
@@ -132,7 +142,7 @@ class FlowerClient:
         self.fresh = True  # the first message of this client in this process pays load_s
 
     def store(self, run_id: str) -> PrivateStore:
-        return PrivateStore(self.state_dir / run_id / f"client-{self.id}")
+        return PrivateStore(store_path(self.state_dir, run_id, self.id))
 
     def handle(self, kind: str, content) -> object:
         """A Flower message's content -> the reply's content."""

@@ -257,7 +257,10 @@ def ask_worker(path: Path, header: dict, payload=b"", timeout: float = DEFAULT_T
     with sock:
         sock.settimeout(max(1.0, deadline - time.monotonic()))
         try:
-            send_frame(sock, header, payload)
+            try:
+                send_frame(sock, header, payload)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a worker that refused the connection said why before closing it: read that below
             reply, body = recv_frame(sock)
         except TimeoutError:
             kill_worker(path)
