@@ -121,3 +121,79 @@ def test_a_hostile_run_id_never_becomes_a_path(tmp_path, bad):
     with pytest.raises(ValueError, match="run_id .* is not a plain name"):
         store_path(tmp_path, bad, 0)
     assert store_path(tmp_path, "0123456789ab", 3) == tmp_path / "0123456789ab" / "client-3"
+
+
+# ------------------------------------------------------------------------------------------ hostile replies
+def _sent():
+    from fedmoe.messages import Message
+
+    return Message(tensors={"a": torch.zeros(3, 4), "b": torch.zeros(5)}, header={"kind": "train", "round": 1})
+
+
+def _reply(tensors=None, n=10, **scalars):
+    from fedmoe.messages import Message
+
+    t = {"a": torch.ones(3, 4), "b": torch.ones(5)} if tensors is None else tensors
+    return Message(tensors=t, scalars={"n_train": n, **scalars})
+
+
+@pytest.mark.parametrize("case,want", [
+    ({"n": 1e15}, "more than the 40 training examples"),
+    ({"n": -3}, "not a positive integer"),
+    ({"n": 2.5}, "not a positive integer"),
+    ({"n": True}, "not a positive integer"),
+    ({"tensors": {"a": torch.ones(1), "b": torch.ones(5)}}, "a is (1,) float32, it was sent (3, 4) float32"),
+    ({"tensors": {"a": torch.zeros(3, 4, dtype=torch.int64), "b": torch.ones(5)}}, "a is (3, 4) int64"),
+    ({"tensors": {"a": torch.ones(3, 4, dtype=torch.float64) * 1e6, "b": torch.ones(5)}}, "float64"),
+    ({"tensors": {"a": torch.ones(3, 4, dtype=torch.bool), "b": torch.ones(5)}}, "bool"),
+    ({"tensors": {"a": torch.ones(3, 4)}}, "1 of the model's 2 tensors are missing (b"),
+    ({"tensors": {"a": torch.ones(4, 4), "b": torch.ones(5)}}, "a is (4, 4)"),
+    ({"metrics": {"loss": 0.0}}, "metrics use the runtime's names ['loss']"),
+])
+def test_a_reply_that_does_not_fit_what_was_sent_is_invalid(case, want):
+    from fedmoe.federation.runtime import invalid_reply
+
+    reply = _reply(case.get("tensors"), case.get("n", 10))
+    why = invalid_reply(_sent(), reply, ["a", "b"], 40, case.get("metrics", {}))
+    assert why is not None and want in why and why.startswith("an invalid reply"), why
+    assert invalid_reply(_sent(), _reply(), ["a", "b"], 40, {"rescaler": 1.0}) is None
+    # a reply that carries no global tensor (local_only) or extra ones (counts, SCAFFOLD's dc/) is fine
+    assert invalid_reply(_sent(), _reply({}), ["a", "b"], 40, {}) is None
+    assert invalid_reply(_sent(), _reply({"a": torch.ones(3, 4), "b": torch.ones(5), "dc/a": torch.ones(3, 4)}),
+                         ["a", "b"], 40, {}) is None
+
+
+def test_a_client_claiming_1e15_examples_is_left_out_and_the_round_goes_on(tmp_path):
+    """In-process: client 1 replies with n_train = 1e15 (which would make the global model its own). Its
+    updates are left out of both rounds (a failure row each), the global model is client 0's alone, the run
+    finishes."""
+    from fedmoe.config import load_config
+    from fedmoe.federation.directories import prepare_run_dir
+    from fedmoe.federation.local import LocalTransport
+    from fedmoe.federation.runtime import Federation
+
+    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32",
+                             "data.partition.num_clients=2", "train.max_steps=1", "train.batch_size=2", "lora.rank=2",
+                             "eval.rouge=false", "eval.zero_shot=false", "data.max_test_per_client=2",
+                             "federation.rounds=2", "federation.min_replies=1", f"output_dir={tmp_path}", "name=lie"])
+
+    class Liar(LocalTransport):
+        def train(self, round_idx, messages, prog):
+            replies, failures = super().train(round_idx, messages, prog)
+            if 1 in replies:
+                reply, report = replies[1]
+                reply.scalars["n_train"] = 1e15
+                replies[1] = (reply, report)
+            return replies, failures
+
+    rd = prepare_run_dir(cfg, log=lambda *a: None)
+    fed = Federation(cfg, rd, log=lambda *a: None)
+    honest = fed.transport
+    fed.transport = Liar.__new__(Liar)
+    fed.transport.__dict__.update(honest.__dict__)
+    summary = fed.run()
+    rd.unlock()
+    assert [c["rounds_trained"] for c in summary["clients"]] == [2, 0]
+    fails = [(f["round"], f["client"], f["stage"]) for f in summary["failures"]]
+    assert fails == [(1, 1, "invalid"), (2, 1, "invalid")]
+    assert "more than the" in summary["failures"][0]["error"]

@@ -23,7 +23,8 @@ import torch
 from ..algorithms import get_method, model_spec
 from ..config import ConfigError, RunConfig
 from ..data import format_histogram_table
-from ..messages import EVALUATE, TRAIN, Reply
+from ..algorithms.base import N_TRAIN
+from ..messages import EVALUATE, TRAIN, Message, Reply
 from ..report import write_report
 from ..rundir import RunDir
 from .checkpoint import CHECKPOINT_FILE, Checkpoint, config_fingerprint, restore_rng_states, rng_states, write_checkpoint
@@ -59,6 +60,38 @@ def nonfinite(loss, message) -> str | None:
         return None
     more = f" (and {len(why) - 3} more tensors)" if len(why) > 3 else ""
     return "non-finite " + "; ".join(why[:3]) + more + ": the update is left out of the aggregation"
+
+
+INVALID = "invalid"  # failure stage: a reply that does not fit what the client was sent
+
+
+def invalid_reply(sent: Message, reply: Message, global_names, declared_n: int | None, metric_names) -> str | None:
+    """Why a client's reply cannot touch the aggregate, or None: a tensor it was sent and returns with another
+    shape or dtype (a (1,)-shaped tensor would broadcast over a matrix, int64 zeros turn the global state
+    into integers), only some of the global tensors, an n_train that is not a positive integer or exceeds
+    what the client declared at setup (one client's 1e15 would make the global model its own), or a metric
+    that takes a name the runtime logs itself."""
+    why = []
+    for name, t in reply.tensors.items():
+        ref = sent.tensors.get(name)
+        if ref is not None and (tuple(t.shape) != tuple(ref.shape) or t.dtype != ref.dtype):
+            why.append(f"{name} is {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}, it was sent "
+                       f"{tuple(ref.shape)} {str(ref.dtype).removeprefix('torch.')}")
+    present = [n for n in global_names if n in reply.tensors]
+    if present and len(present) < len(global_names):
+        missing = [n for n in global_names if n not in reply.tensors]
+        why.append(f"{len(missing)} of the model's {len(global_names)} tensors are missing ({missing[0]}, ...)")
+    n = reply.scalars.get(N_TRAIN)
+    if not isinstance(n, (int, float)) or isinstance(n, bool) or n != int(n) or n < 1:
+        why.append(f"n_train = {n!r} is not a positive integer")
+    elif declared_n is not None and n > declared_n:
+        why.append(f"n_train = {n:g} is more than the {declared_n} training examples it declared at setup")
+    clash = sorted(set(metric_names) & set(RUNTIME_TRAIN_KEYS))
+    if clash:
+        why.append(f"its metrics use the runtime's names {clash}")
+    if not why:
+        return None
+    return "an invalid reply: " + "; ".join(why[:3]) + ": the update is left out of the aggregation"
 
 
 def _serialize(state: dict) -> bytes:
@@ -153,6 +186,10 @@ class Federation:
             self.records[cid].data = info["data"]
             self.records[cid].profile = info["profile"]
 
+    @property
+    def _global_names(self) -> list[str]:
+        return list(self.global_state)
+
     def _train(self, round_idx: int, sampled: list[int], prog: Progress) -> list[Reply]:
         messages = {cid: self._downlink(cid, TRAIN, round_idx) for cid in sampled}
         replies, failures = self.transport.train(round_idx, messages, prog)
@@ -166,23 +203,23 @@ class Federation:
             rec, down, up = self.records[cid], messages[cid].nbytes(), reply.nbytes()
             rec.bytes_down += down
             rec.bytes_up += up
-            bad = nonfinite(report.loss, reply)
+            declared = (rec.data or {}).get("n_train")
+            bad = invalid_reply(messages[cid], reply, self._global_names, declared, report.metrics) \
+                or nonfinite(report.loss, reply)
             if bad is None:
                 rec.rounds_trained += 1
                 rec.add_counts(report.activation_counts)
                 rec.reported, rec.reported_round = dict(report.metrics), round_idx
-            clash = set(report.metrics) & set(RUNTIME_TRAIN_KEYS)
-            if clash:
-                raise ValueError(f"{self.method.name}'s client metrics use the runtime's keys {sorted(clash)}")
             timing = dict(report.overhead)
             if timing.get("train_s"):
                 timing["tokens_per_s"] = report.tokens / timing["train_s"]
                 self._clients_s += timing["train_s"]
+            metrics = {k: v for k, v in report.metrics.items() if k not in RUNTIME_TRAIN_KEYS}
             self.rd.log_metrics({"round": round_idx, "client": cid, "kind": "train", "loss": report.loss,
                                  "steps": report.steps, "lr": report.lr, "tokens": report.tokens,
-                                 "bytes_up": up, "bytes_down": down, **timing, **report.metrics})
+                                 "bytes_up": up, "bytes_down": down, **timing, **metrics})
             if bad is not None:
-                self._failed(round_idx, cid, NONFINITE, bad)
+                self._failed(round_idx, cid, INVALID if bad.startswith("an invalid reply") else NONFINITE, bad)
                 unusable[cid] = bad
                 continue
             out.append(Reply(cid, reply))
@@ -190,7 +227,7 @@ class Federation:
         if len(out) < need:
             if unusable:
                 raise RoundFailed(
-                    f"round {round_idx}: {len(unusable)} of {len(sampled)} sampled clients sent non-finite values "
+                    f"round {round_idx}: {len(unusable)} of {len(sampled)} sampled clients sent non-finite or invalid updates "
                     f"({'; '.join(f'client {c}: {w}' for c, w in unusable.items())})"
                     + (f", {len(failures)} failed ({failures})" if failures else "")
                     + f", leaving {len(out)} usable updates, fewer than federation.min_replies ({need}). The round "
