@@ -1,18 +1,19 @@
 #!/usr/bin/env python
-"""The tables and verdicts of benchmarks/EVIDENCE.md, from the runs of the three evidence sweeps.
+"""The tables and verdicts of benchmarks/EVIDENCE.md, from the runs of the four evidence sweeps.
 
     fedmoe run configs/evidence-concept-shift.yaml --jobs 2
-    python benchmarks/evidence_tables.py concept-shift          # or label-skew, compute, all
+    python benchmarks/evidence_tables.py concept-shift          # or label-skew, compute, fcmoe-paper, all
     python benchmarks/evidence_tables.py all --runs /elsewhere/runs --out tables.md
 
 Reads ``<runs>/evidence-<scenario>/<point>/summary.json`` (and ``metrics.jsonl`` for the per-round
-server metrics). A point is named by its sweep axes (``seed=0,method=FedIT``); every table groups the
-points by everything but the seed. Numbers: the mean over seeds with a 95% t interval over seeds (2
+server metrics). A point is named by its sweep axes (``seed=0,method=FedIT``; a sweep without a seed axis,
+``alpha=dirichlet-0.1,method=FedIT``, takes the seed from summary.json); every table groups the points by
+everything but the seed. Numbers: the mean over seeds with a 95% t interval over seeds (2
 degrees of freedom for 3 seeds). A comparison A − B: the per-seed differences' mean and t interval, and
 the pooled paired bootstrap over every test example of every client of every seed (the same seed gives
 both methods the same test examples, in the same order). Verdicts follow the rule EVIDENCE.md states:
 *shown* / *refuted* when the pooled paired interval excludes 0 in / against the predicted direction,
-*not shown* when it contains 0.
+*not shown* when it contains 0. ``all`` prints fcmoe-paper only when its sweep folder exists.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ class Run:
     def __init__(self, path: Path):
         self.path = path
         self.axes = parse_point(path.name)
-        self.seed = int(self.axes.pop("seed"))
-        self.key = tuple(sorted(self.axes.items()))
         self.summary = loads((path / "summary.json").read_text())
+        self.seed = int(self.axes.pop("seed", self.summary.get("seed", 0)))  # a sweep without a seed axis
+        self.key = tuple(sorted(self.axes.items()))
         from fedmoe.rundir import RunDir
 
         self.metrics = RunDir(path, create=False).read_metrics()  # rows of any fedmoe version (kind / split)
@@ -77,7 +78,7 @@ class Run:
 def load_runs(folder: Path) -> dict[tuple, dict[int, Run]]:
     """{axes without the seed: {seed: run}} for every finished point of a sweep folder."""
     runs: dict[tuple, dict[int, Run]] = defaultdict(dict)
-    for p in sorted(folder.iterdir()):
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         if p.is_dir() and (p / "summary.json").is_file() and "=" in p.name:
             r = Run(p)
             runs[r.key][r.seed] = r
@@ -146,6 +147,20 @@ def fmt_compare(c: dict) -> str:
     per = ", ".join(f"{d:+.1f}" for d in c["per_seed"])
     return (f"{c['mean']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}] pooled over {c['n']} examples; "
             f"seeds {fmt(c['seed_ci'])} ({per})")
+
+
+def label_concentration(by: dict[int, Run]) -> tuple[float, float]:
+    """The premise of a label skew, from the clients' training labels over every seed: the mean client's
+    largest label share and its number of labels with at least 5% of its examples."""
+    shares, nlab = [], []
+    for s in sorted(by):
+        for c in by[s].clients:
+            counts = c.get("category_counts") or {}
+            tot = sum(counts.values())
+            if tot:
+                shares.append(max(counts.values()) / tot)
+                nlab.append(sum(1 for v in counts.values() if v / tot >= 0.05))
+    return sum(shares) / len(shares), sum(nlab) / len(nlab)
 
 
 def find(runs, **axes) -> dict[int, Run]:
@@ -234,16 +249,7 @@ def label_skew(folder: Path) -> str:
             out += [f"**{skew}.** (FedIT not run)", ""]
             continue
         cids = {c["id"] for c in next(iter(fed.values())).clients}
-        # the premise: label concentration per client (training data), per seed
-        shares, nlab = [], []
-        for s in sorted(fed):
-            for c in fed[s].clients:
-                counts = c.get("category_counts") or {}
-                tot = sum(counts.values())
-                if tot:
-                    shares.append(max(counts.values()) / tot)
-                    nlab.append(sum(1 for v in counts.values() if v / tot >= 0.05))
-        ms, ml = sum(shares) / len(shares), sum(nlab) / len(nlab)
+        ms, ml = label_concentration(fed)  # the premise: label concentration per client (training data)
         out += [f"**{skew}.** Premise L0: the mean client's largest label share {ms:.2f} (the whole data: 0.25), "
                 f"labels with ≥ 5% of a client's examples {ml:.1f} on average (of 8): "
                 f"{'holds' if ms >= 0.45 and ml <= 3 else 'does not hold'}.", "",
@@ -329,7 +335,96 @@ def compute(folder: Path) -> str:
     return "\n".join(out + ["", *verdict_rows(preds), ""])
 
 
-SCENARIOS = {"concept-shift": concept_shift, "label-skew": label_skew, "compute": compute}
+# ---------------------------------------------------------------------------------------- scenario 4
+def fcmoe_paper(folder: Path) -> str:
+    runs = load_runs(folder)
+    alphas = sorted({dict(k)["alpha"] for k in runs}, key=lambda a: float(a.rsplit("-", 1)[-1]))
+    methods = list(dict.fromkeys(dict(k)["method"] for k in runs))
+    n_seeds = max(len(by) for by in runs.values())
+    out = [f"### Scenario 4 tables ({folder.name}, {n_seeds} seed{'s' if n_seeds > 1 else ''}"
+           + (": no seed interval)" if n_seeds == 1 else ")"), "",
+           "Local accuracy: each client's own model on its own test set; global accuracy: each client's own model "
+           "on the shared held-out set (all labels); accuracy (%), mean over seeds"
+           + (" (one seed: the number itself)" if n_seeds == 1 else " ± 95% interval") + ". Server metrics: mean "
+           "over rounds.", "",
+           "| α | method | local accuracy | global accuracy (held-out, all labels) | global model on the test sets | "
+           "global model on held-out | conflicting expert-update pairs | FC-MoE: updates projected | "
+           "zero-shot local | zero-shot global |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    premise = []
+    for a in alphas:
+        fed = find(runs, alpha=a, method="FedIT")
+        if fed:
+            ms, ml = label_concentration(fed)
+            premise.append(f"{a}: {ms:.2f} and {ml:.1f}")
+        for m in methods:
+            by = find(runs, alpha=a, method=m)
+            if not by:
+                continue
+            seeds = sorted(by)
+            cids = {c["id"] for c in by[seeds[0]].clients}
+            col = lambda f, d=1: fmt(mean_ci([f(by[s]) for s in seeds]), d)  # noqa: E731
+            zs_local = lambda r: accuracy([x for c in r.clients for x in (c.get("zero_shot_scores") or [])])  # noqa: E731
+            zs_held = lambda r: (r.summary.get("zero_shot") or {}).get("heldout_accuracy")  # noqa: E731
+            out.append(f"| {a} | {m} | {col(lambda r: accuracy(r.client_scores(cids)))} | "
+                       f"{col(lambda r: accuracy(r.heldout_scores(cids)))} | "
+                       f"{col(lambda r: r.summary['global'].get('accuracy'))} | "
+                       f"{col(lambda r: r.summary['global'].get('heldout_accuracy_global_model'))} | "
+                       f"{col(lambda r: r.server_mean('update_conflict_experts'), 3)} | "
+                       f"{col(lambda r: r.server_mean('projected_fraction'), 3)} | "
+                       f"{col(zs_local)} | {col(zs_held)} |")
+    out += ["", "Label skew of the partition (training labels; the mean client's largest label share, and its labels "
+            "with ≥ 5% of its examples, of 8): " + "; ".join(premise) + "."]
+    # FC-MoE's projection, round by round (seed by seed)
+    pf = {}
+    for a in alphas:
+        fc = find(runs, alpha=a, method="FC-MoE")
+        if not fc:
+            continue
+        pf[a] = mean_ci([fc[s].server_mean("projected_fraction") for s in sorted(fc)])
+        per_round = [", ".join(f"{r['projected_fraction']:.3f}" for r in fc[s].metrics
+                               if r.get("kind") == "server" and isinstance(r.get("projected_fraction"), (int, float)))
+                     for s in sorted(fc)]
+        out += [] if not any(per_round) else ["", f"FC-MoE's projected fraction per round ({a}" + (f", seeds {', '.join(map(str, sorted(fc)))}"
+                if len(fc) > 1 else f", seed {next(iter(fc))}") + "): " + "; ".join(per_round) + "."]
+    # FC-MoE − FedIT per alpha: local and global accuracy
+    preds, local_diff = [], {}
+    lo, hi = alphas[0], alphas[-1]
+    for a in alphas:
+        fc, fed = find(runs, alpha=a, method="FC-MoE"), find(runs, alpha=a, method="FedIT")
+        cids = {c["id"] for by in (fc, fed) for r in by.values() for c in r.clients}
+        own = lambda r, c=cids: r.client_scores(c)  # noqa: E731
+        held = lambda r, c=cids: r.heldout_scores(c)  # noqa: E731
+        local_diff[a] = compare(fc, fed, own, 1)
+        preds += [("P1" if a == lo else "(P3)" if a == hi else "–", f"FC-MoE > FedIT, local accuracy ({a})",
+                   local_diff[a]),
+                  ("P2" if a == lo else "–", f"FC-MoE > FedIT, global accuracy ({a})", compare(fc, fed, held, 1))]
+    out += ["", *verdict_rows(preds), ""]
+    # P0 and P3: two numbers compared
+    num = lambda mc: "–" if mc is None else f"{mc[0]:.3f}"  # noqa: E731
+    if lo in pf and hi in pf and pf[lo] is not None and pf[hi] is not None:
+        p0 = ("does not hold (FC-MoE projected nothing at either α)" if pf[lo][0] == pf[hi][0] == 0
+              else "holds" if pf[lo][0] > pf[hi][0] else "does not hold")
+    else:
+        p0 = "not measured (no FC-MoE run with projected_fraction at one of the two α)"
+    out += (f"**P0** (premise: FC-MoE's projected fraction larger at {lo} than at {hi}): "
+            f"{num(pf.get(lo))} vs {num(pf.get(hi))}: **{p0}**.", "")
+    d_lo, d_hi = local_diff.get(lo, {}), local_diff.get(hi, {})
+    if d_lo.get("n") and d_hi.get("n"):
+        overlap = d_lo["low"] <= d_hi["high"] and d_hi["low"] <= d_lo["high"]
+        larger = d_lo["mean"] > d_hi["mean"]
+        p3 = "not shown" if overlap else ("shown" if larger else "refuted")
+        out.append(f"**P3** (FC-MoE − FedIT, local accuracy, larger at {lo} than at {hi}): "
+                   f"{d_lo['mean']:+.1f} [{d_lo['low']:+.1f}, {d_lo['high']:+.1f}] vs "
+                   f"{d_hi['mean']:+.1f} [{d_hi['low']:+.1f}, {d_hi['high']:+.1f}]: "
+                   f"{'larger' if larger else 'not larger'} at {lo}, the intervals "
+                   f"{'overlap' if overlap else 'do not overlap'}: **{p3}**.")
+    else:
+        out.append("**P3**: (a side not run)")
+    return "\n".join(out + [""])
+
+
+SCENARIOS = {"concept-shift": concept_shift, "label-skew": label_skew, "compute": compute, "fcmoe-paper": fcmoe_paper}
+OPTIONAL = {"fcmoe-paper"}  # in ``all`` only when its sweep folder exists
 
 
 def main(argv=None) -> None:
@@ -338,7 +433,8 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", default="runs", help="the sweeps' output_dir (default: runs)")
     ap.add_argument("--out", default=None, help="also write the markdown here")
     args = ap.parse_args(argv)
-    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    names = ([n for n in SCENARIOS if n not in OPTIONAL or (Path(args.runs) / f"evidence-{n}").is_dir()]
+             if args.scenario == "all" else [args.scenario])
     text = "\n".join(SCENARIOS[n](Path(args.runs) / f"evidence-{n}") for n in names)
     print(text)
     if args.out:
