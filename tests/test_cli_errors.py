@@ -128,8 +128,12 @@ def test_mmlu_batch_size_zero(tmp_path):
 def test_sigint_during_a_run_says_where_the_checkpoint_is(tmp_path):
     sets = TINY + ["federation.rounds=200", f"output_dir={tmp_path}", "name=int"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # the child starts with SIGINT unblocked and handled by default, as from a terminal (once in a full-suite
+    # run the signal was not acted on and the run went to its end; the cause was not found)
     proc = subprocess.Popen([sys.executable, "-m", "fedmoe.cli", "run", "--quiet", *_sets(sets)], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: (signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT]),
+                                                signal.signal(signal.SIGINT, signal.default_int_handler)))
     run = tmp_path / "int"
     deadline = time.time() + 300
     while not (run / "checkpoints" / "state.pt").exists() and proc.poll() is None and time.time() < deadline:
