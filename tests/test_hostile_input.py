@@ -197,3 +197,18 @@ def test_a_client_claiming_1e15_examples_is_left_out_and_the_round_goes_on(tmp_p
     fails = [(f["round"], f["client"], f["stage"]) for f in summary["failures"]]
     assert fails == [(1, 1, "invalid"), (2, 1, "invalid")]
     assert "more than the" in summary["failures"][0]["error"]
+
+
+def test_activation_counts_that_cannot_be_right_are_invalid():
+    """FLAME and FC-MoE weigh every expert by a client's counts: (L, E) non-negative integers, at most k routed
+    experts per token a layer processed."""
+    from fedmoe.federation.runtime import invalid_counts
+
+    good, tokens = torch.tensor([[3, 1, 0, 4], [2, 2, 2, 2]]), torch.tensor([4, 4])
+    assert invalid_counts(good, (2, 4), 2, tokens) is None and invalid_counts(good, (2, 4), 2) is None
+    assert "shape (4, 2)" in invalid_counts(good.T, (2, 4), 2, tokens)
+    assert "not non-negative integers" in invalid_counts(good.float(), (2, 4), 2, tokens)
+    assert "not non-negative integers" in invalid_counts(good - 5, (2, 4), 2, tokens)
+    assert "MoE layer 1 routed more than k = 2" in invalid_counts(good * torch.tensor([[1], [2]]), (2, 4), 2, tokens)
+    assert "tokens per layer of shape (3,)" in invalid_counts(good, (2, 4), 2, torch.tensor([4, 4, 4]))
+    assert "activation counts of shape ()" in invalid_counts([[1]], (2, 4), 2)

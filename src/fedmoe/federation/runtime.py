@@ -65,6 +65,23 @@ def nonfinite(loss, message) -> str | None:
 INVALID = "invalid"  # failure stage: a reply that does not fit what the client was sent
 
 
+def invalid_counts(counts, shape: tuple[int, int], top_k: int, tokens=None) -> str | None:
+    """Why a client's expert activation counts cannot be used (FLAME and FC-MoE weigh experts by them, the
+    report shows them), or None: an (L, E) tensor of non-negative integers, a layer routing at most k
+    experts per token it processed (``tokens``: the reply's tokens per layer, where it sends them)."""
+    if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != tuple(shape):
+        return f"activation counts of shape {tuple(getattr(counts, 'shape', ()))}, the model's are {tuple(shape)}"
+    if counts.is_floating_point() or counts.dtype == torch.bool or bool((counts < 0).any()):
+        return "activation counts that are not non-negative integers"
+    if tokens is not None:
+        if not isinstance(tokens, torch.Tensor) or tuple(tokens.shape) != (shape[0],) or bool((tokens < 0).any()):
+            return f"tokens per layer of shape {tuple(getattr(tokens, 'shape', ()))}, the model has {shape[0]} MoE layers"
+        over = (counts.sum(1) > top_k * tokens).nonzero().flatten().tolist()
+        if over:
+            return f"MoE layer {over[0]} routed more than k = {top_k} experts per token it processed"
+    return None
+
+
 def invalid_reply(sent: Message, reply: Message, global_names, declared_n: int | None, metric_names) -> str | None:
     """Why a client's reply cannot touch the aggregate, or None: a tensor it was sent and returns with another
     shape or dtype (a (1,)-shaped tensor would broadcast over a matrix, int64 zeros turn the global state
@@ -204,8 +221,12 @@ class Federation:
             rec.bytes_down += down
             rec.bytes_up += up
             declared = (rec.data or {}).get("n_train")
-            bad = invalid_reply(messages[cid], reply, self._global_names, declared, report.metrics) \
-                or nonfinite(report.loss, reply)
+            shape = (self.spec.num_moe_layers, self.spec.num_experts)
+            bad = invalid_reply(messages[cid], reply, self._global_names, declared, report.metrics)
+            if bad is None:
+                why = invalid_counts(report.activation_counts, shape, self.spec.top_k, reply.tensors.get("tokens_per_layer"))
+                bad = None if why is None else f"an invalid reply: {why}: the update is left out of the aggregation"
+            bad = bad or nonfinite(report.loss, reply)
             if bad is None:
                 rec.rounds_trained += 1
                 rec.add_counts(report.activation_counts)

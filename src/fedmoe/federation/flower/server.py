@@ -161,7 +161,11 @@ class FlowerTransport:
         replies = {}
         for cid, (msg, info) in got.items():
             # the client's time to load its model and data (0 while its process keeps them) and its work
-            report = TrainReport.from_info(info["report"], msg, load_s=info["load_s"], train_s=info["work_s"])
+            try:
+                report = TrainReport.from_info(info["report"], msg, load_s=info["load_s"], train_s=info["work_s"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a malformed report: this client fails
+                failed[cid] = f"node {self.node_of[cid]}: an unreadable training report ({type(e).__name__}: {e})"
+                continue
             replies[cid] = (msg, report)
         return replies, failed
 
