@@ -20,6 +20,8 @@ SCALAR_BYTES = 8  # a scalar travels as an int64 or a float64
 # a reply tensor of the methods that aggregate by activation (FLAME, FC-MoE): (MoE layers, experts)
 # tokens routed to each expert in the round's training; the runtime's ledger reads it from there too
 ACTIVATION_COUNTS = "activation_counts"
+# beside it: (MoE layers,) tokens each layer processed (the runtime checks the counts against it)
+TOKENS_PER_LAYER = "tokens_per_layer"
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from ..configbase import StrictModel
-from ..messages import ACTIVATION_COUNTS, Reply
+from ..messages import ACTIVATION_COUNTS, TOKENS_PER_LAYER, Reply
 from ..moe.inventory import Role
 from .base import Method, Objective, Private, State, sizes, weighted_average
 from .budgets import client_levels, default_top_k_levels
@@ -26,7 +26,7 @@ from .fedit import FedITClient, FedITServer
 from .server_opt import server_update
 
 COUNTS = ACTIVATION_COUNTS  # reply: (L, E) tokens routed to each expert
-TOKENS = "tokens_per_layer"  # reply: (L,) tokens each MoE layer processed
+TOKENS = TOKENS_PER_LAYER  # reply: (L,) tokens each MoE layer processed
 
 
 class FlameConfig(StrictModel):

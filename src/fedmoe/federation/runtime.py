@@ -24,7 +24,7 @@ from ..algorithms import get_method, model_spec
 from ..config import ConfigError, RunConfig
 from ..data import format_histogram_table
 from ..algorithms.base import N_TRAIN
-from ..messages import EVALUATE, TRAIN, Message, Reply
+from ..messages import EVALUATE, TOKENS_PER_LAYER, TRAIN, Message, Reply
 from ..report import write_report
 from ..rundir import RunDir
 from .checkpoint import CHECKPOINT_FILE, Checkpoint, config_fingerprint, restore_rng_states, rng_states, write_checkpoint
@@ -224,7 +224,7 @@ class Federation:
             shape = (self.spec.num_moe_layers, self.spec.num_experts)
             bad = invalid_reply(messages[cid], reply, self._global_names, declared, report.metrics)
             if bad is None:
-                why = invalid_counts(report.activation_counts, shape, self.spec.top_k, reply.tensors.get("tokens_per_layer"))
+                why = invalid_counts(report.activation_counts, shape, self.spec.top_k, reply.tensors.get(TOKENS_PER_LAYER))
                 bad = None if why is None else f"an invalid reply: {why}: the update is left out of the aggregation"
             bad = bad or nonfinite(report.loss, reply)
             if bad is None:

@@ -87,8 +87,7 @@ def records_to_wire(rd) -> tuple[dict, bytes]:
             desc[name] = {"type": "arrays", "arrays": arrays}
         elif isinstance(rec, (MetricRecord, ConfigRecord)):
             values = dict(rec)
-            if any(isinstance(v, (bytes, list)) and (isinstance(v, bytes) or any(isinstance(x, bytes) for x in v))
-                   for v in values.values()):
+            if any(isinstance(x, bytes) for v in values.values() for x in (v if isinstance(v, list) else [v])):
                 raise TypeError(f"record '{name}' holds bytes, which the worker wire does not carry")
             desc[name] = {"type": "metrics" if isinstance(rec, MetricRecord) else "config", "values": values}
         else:
