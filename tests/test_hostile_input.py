@@ -5,6 +5,7 @@ never runs. A checkpoint in the current format loads; one an older fedmoe wrote 
 request (`fedmoe migrate-checkpoint`), after which a resume gives the same RNG streams. No path escapes:
 a run's name is one folder name, and a SuperNode builds its store's path from a validated run id."""
 
+import math
 import json
 import os
 import random
@@ -137,30 +138,95 @@ def _reply(tensors=None, n=10, **scalars):
     return Message(tensors=t, scalars={"n_train": n, **scalars})
 
 
+_GLOBAL = {"a": torch.zeros(3, 4), "b": torch.zeros(5)}
+
+
 @pytest.mark.parametrize("case,want", [
     ({"n": 1e15}, "more than the 40 training examples"),
     ({"n": -3}, "not a positive integer"),
     ({"n": 2.5}, "not a positive integer"),
     ({"n": True}, "not a positive integer"),
-    ({"tensors": {"a": torch.ones(1), "b": torch.ones(5)}}, "a is (1,) float32, it was sent (3, 4) float32"),
+    ({"n": float("nan")}, "not a positive integer"),
+    ({"tensors": {"a": torch.ones(1), "b": torch.ones(5)}}, "a is (1,) float32, the method expects (3, 4) float32"),
     ({"tensors": {"a": torch.zeros(3, 4, dtype=torch.int64), "b": torch.ones(5)}}, "a is (3, 4) int64"),
     ({"tensors": {"a": torch.ones(3, 4, dtype=torch.float64) * 1e6, "b": torch.ones(5)}}, "float64"),
     ({"tensors": {"a": torch.ones(3, 4, dtype=torch.bool), "b": torch.ones(5)}}, "bool"),
     ({"tensors": {"a": torch.ones(3, 4)}}, "1 of the model's 2 tensors are missing (b"),
     ({"tensors": {"a": torch.ones(4, 4), "b": torch.ones(5)}}, "a is (4, 4)"),
+    ({"tensors": {"a": torch.ones(3, 4), "b": torch.ones(5), "evil": torch.ones(2)}}, "a tensor 'evil' the method does not"),
+    ({"scalars": {"rank": 4}}, "scalars the method does not expect: ['rank']"),
     ({"metrics": {"loss": 0.0}}, "metrics use the runtime's names ['loss']"),
+    ({"metrics": {"accuracy_boost": 1.0}}, "metrics outside the method's namespace ['rescaler_by_layer']: ['accuracy_boost']"),
+    ({"metrics": {"rescaler_by_layer": [1.0, float("nan")]}}, "['rescaler_by_layer'] that are not finite numbers"),
+    ({"metrics": {"rescaler_by_layer": "x" * 10}}, "that are not finite numbers"),
 ])
 def test_a_reply_that_does_not_fit_what_was_sent_is_invalid(case, want):
     from fedmoe.federation.runtime import invalid_reply
 
-    reply = _reply(case.get("tensors"), case.get("n", 10))
-    why = invalid_reply(_sent(), reply, ["a", "b"], 40, case.get("metrics", {}))
+    reply = _reply(case.get("tensors"), case.get("n", 10), **case.get("scalars", {}))
+    ns = ("rescaler_by_layer",)
+    why = invalid_reply(_sent(), reply, _GLOBAL, 40, case.get("metrics", {}), client_metrics=ns)
     assert why is not None and want in why and why.startswith("an invalid reply"), why
-    assert invalid_reply(_sent(), _reply(), ["a", "b"], 40, {"rescaler": 1.0}) is None
-    # a reply that carries no global tensor (local_only) or extra ones (counts, SCAFFOLD's dc/) is fine
-    assert invalid_reply(_sent(), _reply({}), ["a", "b"], 40, {}) is None
-    assert invalid_reply(_sent(), _reply({"a": torch.ones(3, 4), "b": torch.ones(5), "dc/a": torch.ones(3, 4)}),
-                         ["a", "b"], 40, {}) is None
+    assert invalid_reply(_sent(), _reply(), _GLOBAL, 40, {"rescaler_by_layer": [1.0, 0.5]}, client_metrics=ns) is None
+    # a reply that carries no global tensor (local_only) is fine
+    assert invalid_reply(_sent(), _reply({}), _GLOBAL, 40, {}) is None
+
+
+def _server(method_name, *overrides):
+    from fedmoe.algorithms import get_method, model_spec
+    from fedmoe.config import load_config
+
+    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "lora.rank=2", f"algorithm.name={method_name}", *overrides])
+    method = get_method(method_name)
+    server = method.server(cfg, model_spec(cfg, method))
+    return method, server, server.initial_global()
+
+
+def test_the_extras_a_method_declares_are_required_and_checked():
+    """SCAFFOLD's reply must carry dc/<name> of each global tensor's shape and dtype, FLAME's its counts; a
+    HetLoRA reply may carry its rank; nothing else is accepted."""
+    from fedmoe.federation.runtime import invalid_reply
+    from fedmoe.messages import ACTIVATION_COUNTS, TOKENS_PER_LAYER, Message
+
+    method, server, g = _server("scaffold")
+    sent = server.downlink(g, server.initial_server_state(g), 0, round_idx=1)
+    good = {**g, **{"dc/" + n: torch.zeros_like(t) for n, t in g.items()}}
+    assert invalid_reply(sent, Message(good, {"n_train": 3}), g, 5, {}, server) is None
+    first = next(iter(g))
+    no_dc = {k: v for k, v in good.items() if k != "dc/" + first}
+    assert f"no dc/{first}" in invalid_reply(sent, Message(no_dc, {"n_train": 3}), g, 5, {}, server)
+    wide = {**good, "dc/" + first: torch.zeros(1)}
+    assert f"dc/{first} is (1,) float32" in invalid_reply(sent, Message(wide, {"n_train": 3}), g, 5, {}, server)
+
+    method, server, g = _server("flame")
+    sent = server.downlink(g, server.initial_server_state(g), 0, round_idx=1)
+    why = invalid_reply(sent, Message(dict(g), {"n_train": 3}), g, 5, {}, server, method.client_metrics)
+    assert f"no {ACTIVATION_COUNTS} (and 1 more" in why
+    counts = {ACTIVATION_COUNTS: torch.zeros(2, 4, dtype=torch.long), TOKENS_PER_LAYER: torch.zeros(2, dtype=torch.long)}
+    assert invalid_reply(sent, Message({**g, **counts}, {"n_train": 3}), g, 5, {"rescaler_by_layer": [1.0, 1.0]},
+                         server, method.client_metrics) is None
+
+    method, server, g = _server("hetlora")
+    sent = server.downlink(g, server.initial_server_state(g), 0, round_idx=1)
+    assert invalid_reply(sent, Message(dict(g), {"n_train": 3, "rank": 2}), g, 5, {"pruned_rank": 2}, server,
+                         method.client_metrics) is None
+
+
+def _run_through(cfg, transport_class) -> dict:
+    """The in-process run of ``cfg`` with its transport replaced by ``transport_class`` (a LocalTransport
+    subclass that changes what the honest clients return): its summary."""
+    from fedmoe.federation.directories import prepare_run_dir
+    from fedmoe.federation.runtime import Federation
+
+    rd = prepare_run_dir(cfg, log=lambda *a: None)
+    fed = Federation(cfg, rd, log=lambda *a: None)
+    honest = fed.transport
+    fed.transport = transport_class.__new__(transport_class)
+    fed.transport.__dict__.update(honest.__dict__)
+    try:
+        return fed.run()
+    finally:
+        rd.unlock()
 
 
 def test_a_client_claiming_1e15_examples_is_left_out_and_the_round_goes_on(tmp_path):
@@ -168,9 +234,7 @@ def test_a_client_claiming_1e15_examples_is_left_out_and_the_round_goes_on(tmp_p
     updates are left out of both rounds (a failure row each), the global model is client 0's alone, the run
     finishes."""
     from fedmoe.config import load_config
-    from fedmoe.federation.directories import prepare_run_dir
     from fedmoe.federation.local import LocalTransport
-    from fedmoe.federation.runtime import Federation
 
     cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32",
                              "data.partition.num_clients=2", "train.max_steps=1", "train.batch_size=2", "lora.rank=2",
@@ -186,13 +250,7 @@ def test_a_client_claiming_1e15_examples_is_left_out_and_the_round_goes_on(tmp_p
                 replies[1] = (reply, report)
             return replies, failures
 
-    rd = prepare_run_dir(cfg, log=lambda *a: None)
-    fed = Federation(cfg, rd, log=lambda *a: None)
-    honest = fed.transport
-    fed.transport = Liar.__new__(Liar)
-    fed.transport.__dict__.update(honest.__dict__)
-    summary = fed.run()
-    rd.unlock()
+    summary = _run_through(cfg, Liar)
     assert [c["rounds_trained"] for c in summary["clients"]] == [2, 0]
     fails = [(f["round"], f["client"], f["stage"]) for f in summary["failures"]]
     assert fails == [(1, 1, "invalid"), (2, 1, "invalid")]
@@ -212,3 +270,68 @@ def test_activation_counts_that_cannot_be_right_are_invalid():
     assert "MoE layer 1 routed more than k = 2" in invalid_counts(good * torch.tensor([[1], [2]]), (2, 4), 2, tokens)
     assert "tokens per layer of shape (3,)" in invalid_counts(good, (2, 4), 2, torch.tensor([4, 4, 4]))
     assert "activation counts of shape ()" in invalid_counts([[1]], (2, 4), 2)
+
+
+# ------------------------------------------------------------------------------------------ hostile evaluations
+@pytest.mark.parametrize("result,want", [
+    ({"loss": -5.0, "tokens": 40}, "a test loss of -5.0 over 40 tokens"),
+    ({"loss": 2.0, "tokens": 0}, "a test loss of 2.0 over 0 tokens"),
+    ({"loss": None, "tokens": 12}, "no test loss over 12 test tokens"),
+    ({"loss": 2.0, "tokens": -1}, "test tokens = -1"),
+    ({"loss": 2.0, "tokens": 4.5}, "test tokens = 4.5"),
+    ({"loss": 2.0, "tokens": 5, "scores": [50.0, 101.0], "categories": ["a", "b"]}, "not numbers in [0, 100]"),
+    ({"loss": 2.0, "tokens": 5, "scores": [50.0] * 4, "categories": ["a"] * 4}, "4 scored test examples, more than the 3"),
+    ({"loss": 2.0, "tokens": 5, "scores": [50.0], "categories": []}, "one category per scored example"),
+    ({"loss": 2.0, "tokens": 5, "scores": [100.0, 0.0], "categories": ["a", "a"], "labels": ["x", "y"],
+      "confusion": [[5, 0], [0, 0]]}, "confusion matrix"),
+    ({"loss": 2.0, "tokens": 5, "mmlu": 250.0}, "mmlu = 250.0"),
+    ({"loss": 2.0, "tokens": 5, "general_loss": float("inf")}, "general_loss = inf"),
+    ("nonsense", "not a mapping"),
+])
+def test_an_evaluation_that_cannot_be_right_is_invalid(result, want):
+    from fedmoe.federation.evaluation import invalid_evaluation
+
+    why = invalid_evaluation(result, 3)
+    assert why is not None and want in why, why
+    assert invalid_evaluation({"loss": 2.0, "tokens": 5, "scores": [100.0, 0.0], "categories": ["a", "a"],
+                               "labels": ["x", "y"], "confusion": [[1, 0], [1, 0]]}, 3) is None
+
+
+def test_perplexity_and_the_answer_metric_are_derived_not_taken():
+    """A client's perplexity and its ROUGE-L are recomputed from its loss and per-example scores; a non-finite
+    loss is left out while another client's is finite, and kept when every client's is (the model diverged)."""
+    from fedmoe.federation.evaluation import screened
+
+    ok, bad = screened({0: {"loss": 1.0, "perplexity": 1e-9, "tokens": 4, "rouge_l": 99.0, "scores": [10.0, 30.0],
+                            "categories": ["a", "b"]},
+                        1: {"loss": float("nan"), "perplexity": 1.0, "tokens": 4}}, {0: 2, 1: 2})
+    assert ok[0]["perplexity"] == pytest.approx(math.e) and ok[0]["rouge_l"] == 20.0
+    assert list(bad) == [1] and "non-finite test loss" in bad[1]
+    both, none = screened({0: {"loss": float("nan"), "tokens": 4}, 1: {"loss": float("inf"), "tokens": 4}}, {})
+    assert sorted(both) == [0, 1] and none == {}
+
+
+def test_a_client_reporting_a_negative_test_loss_is_left_out_of_the_global_loss(tmp_path):
+    """In-process FedIT, every client's model is the global one, so the global loss is pooled from the clients'
+    own evaluations: client 1 says its loss is -5. It is left out (a failure row per evaluated round), and the
+    global loss is client 0's alone, not pulled down."""
+    from fedmoe.config import load_config
+    from fedmoe.federation.local import LocalTransport
+
+    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32",
+                             "data.partition.num_clients=2", "train.max_steps=1", "train.batch_size=2", "lora.rank=2",
+                             "eval.rouge=false", "eval.zero_shot=false", "data.max_test_per_client=2",
+                             "federation.rounds=1", f"output_dir={tmp_path}", "name=evil-eval"])
+    seen = {}
+
+    class Liar(LocalTransport):
+        def evaluate(self, round_idx, messages, with_answers, general_for, prog):
+            results, failed = super().evaluate(round_idx, messages, with_answers, general_for, prog)
+            seen.update({cid: dict(r) for cid, r in results.items()})
+            results[1]["loss"] = -5.0
+            return results, failed
+
+    summary = _run_through(cfg, Liar)
+    assert summary["global"]["loss"] == pytest.approx(seen[0]["loss"], rel=1e-12)
+    assert [(f["round"], f["client"], f["stage"]) for f in summary["failures"]] == [(1, 1, "evaluate")]
+    assert "a test loss of -5.0" in summary["failures"][0]["error"]

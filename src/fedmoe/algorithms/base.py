@@ -172,6 +172,8 @@ class Server:
     # global tensors, each w_i in [0, 1] computed from reply i alone (dp_weights), then the server
     # optimizer. The runtime then clips, sums with a fixed denominator and adds noise (federation.dp).
     supports_dp = False
+    # the scalars a client's train reply carries (any other makes the reply invalid)
+    reply_scalars: tuple[str, ...] = (N_TRAIN,)
     dp_note = "does not declare its aggregation a weighted sum of client updates (Server.supports_dp)"
 
     def __init__(self, cfg: RunConfig, spec: ModelSpec):
@@ -197,6 +199,12 @@ class Server:
         """(new global state, new server state, metrics) from the replies of round ``round_idx`` (1-based).
         Methods define it (FedIT's FedAvg is the usual base, :class:`fedmoe.algorithms.fedit.FedITServer`)."""
         raise NotImplementedError
+
+    def reply_extras(self, global_state: State) -> dict[str, tuple[tuple[int, ...], torch.dtype] | None]:
+        """The tensors a client's train reply must carry besides the global ones: name -> (shape, dtype),
+        or None where the runtime checks it by its own rule (the activation counts). Any tensor that is
+        neither global, nor sent, nor named here makes the reply invalid."""
+        return {}
 
     def dp_weights(self, global_state: State, reply: Reply) -> dict[str, torch.Tensor]:
         """Under client-level DP (``supports_dp``): this reply's weight per global tensor, in [0, 1], from
@@ -316,6 +324,8 @@ class Method:
     reads: tuple[str, ...] = ()  # other methods' sections its halves honour (e.g. FedIT's FedProx)
     summary: str = ""
     notes: dict[str, str] = field(default_factory=dict)  # what its metric keys mean (shown in the report)
+    # the metric names its client half reports (Client.reply): its namespace; a reply with another is invalid
+    client_metrics: tuple[str, ...] = ()
 
     @property
     def sections(self) -> tuple[str, ...]:

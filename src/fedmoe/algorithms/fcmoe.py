@@ -160,6 +160,9 @@ def conflict_aware_average(global_state: State, tensors: list[State], n: list[fl
 
 # ------------------------------------------------------------------------------------ halves
 class FCMoEServer(FedITServer):
+    def reply_extras(self, global_state):
+        return {COUNTS: None, TOKENS: None}
+
     supports_server_optimizer = False
     supports_dp = False
     dp_note = ("weights each client by its update's norm relative to the others', projects each update against "

@@ -66,6 +66,9 @@ def activation_aware_average(global_state: State, tensors: list[State], counts: 
 
 
 class FlameServer(FedITServer):
+    def reply_extras(self, global_state):
+        return {COUNTS: None, TOKENS: None}
+
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
         self.layer_of = spec.inventory.expert_layers()
@@ -176,5 +179,6 @@ class FlameClient(FedITClient):
 METHOD = Method("flame", FlameServer, FlameClient, config=FlameConfig, reads=("fedit",),
                 summary="FLAME: per-client top-k_i from compute budgets, private learnable rescaler, "
                         "activation-aware aggregation",
+                client_metrics=("rescaler_by_layer",),
                 notes={"rescaler_by_layer": "the client's learned rescaler s_i per MoE layer after its last round "
                                             "(it starts at 1, or at k/k_i with rescaler_init: ratio)"})

@@ -138,6 +138,8 @@ class RankClient(_RankBudgets, FedITClient):
 
 
 class RankServer(_RankBudgets, FedITServer):
+    reply_scalars = (N_TRAIN, "rank")
+
     supports_dp = False
     dp_note = ("keeps the adapter components beyond each client's budget rank at zero (no client trains them), "
                "while the Gaussian noise of DP would fill every component of the aggregate")
@@ -333,6 +335,7 @@ TRIVIAL = Method("trivial", TrivialServer, TrivialClient, reads=("fedit",),
                  summary="FLAME's rank baseline: every client at the smallest budget's rank")
 HETLORA = Method("hetlora", HetLoRAServer, HetLoRAClient, config=HetLoRAConfig, reads=("fedit",),
                  summary="HetLoRA: zero-padding, update-norm-weighted averaging, truncation; optional self-pruning",
+                 client_metrics=("pruned_rank",),
                  notes={"norm_weights": "each client's aggregation weight ‖B_i A_i‖_F / Σ_j ‖B_j A_j‖_F, in reply order",
                         "pruned_rank": "the client's LoRA rank after this round's self-pruning"})
 FLEXLORA = Method("flexlora", FlexLoRAServer, RankClient, reads=("fedit",),

@@ -42,6 +42,9 @@ class ScaffoldConfig(StrictModel):
 
 
 class ScaffoldServer(FedITServer):
+    def reply_extras(self, global_state):
+        return {DC + n: (tuple(t.shape), t.dtype) for n, t in global_state.items()}
+
     supports_dp = False
     dp_note = ("also sums the clients' control-variate changes Δc_i into the server control c, which is sent to "
                "every client: a private SCAFFOLD would have to clip and noise those too")

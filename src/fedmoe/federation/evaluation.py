@@ -158,6 +158,84 @@ class ModelEvaluator:
         return res
 
 
+def _number(v, lo: float = -math.inf, hi: float = math.inf) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+
+
+def invalid_evaluation(r, n_generated: int | None) -> str | None:
+    """Why a client's evaluation result cannot enter the run's numbers, or None. A client's word is all
+    the server has of its test set, so what it says must at least be possible: a test loss that is a
+    cross-entropy (finite, ≥ 0; a -5 would pull the pooled loss down), a token count that is a
+    non-negative integer (no loss without tokens), per-example scores in [0, 100], no more than the
+    ``n_generated`` answered examples it declared at setup, one category per score, the general-text,
+    MMLU and held-out numbers finite and in range. The perplexity and the answer metric are not taken
+    from the reply: :func:`recomputed` derives them from the loss and the scores."""
+    if not isinstance(r, dict):
+        return f"an evaluation result that is a {type(r).__name__}, not a mapping"
+    loss, tokens = r.get("loss"), r.get("tokens")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        return f"test tokens = {tokens!r}, not a non-negative integer"
+    if loss is None:
+        if tokens:
+            return f"no test loss over {tokens} test tokens"
+    elif not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss):
+        return f"a non-finite test loss ({loss!r})"
+    elif loss < 0 or not tokens:
+        return f"a test loss of {loss!r} over {tokens} tokens (a cross-entropy is ≥ 0 and needs tokens)"
+    scores = r.get("scores")
+    if scores is not None:
+        if not isinstance(scores, list) or not all(_number(s, 0.0, 100.0) for s in scores):
+            return "per-example scores that are not numbers in [0, 100]"
+        if n_generated is not None and len(scores) > n_generated:
+            return f"{len(scores)} scored test examples, more than the {n_generated} it declared at setup"
+        cats = r.get("categories")
+        if not isinstance(cats, list) or len(cats) != len(scores) or not all(isinstance(c, str) for c in cats):
+            return "categories that do not name one category per scored example"
+    conf = r.get("confusion")
+    if conf is not None:
+        labels = r.get("labels")
+        n = len(labels) if isinstance(labels, list) else -1
+        if (not isinstance(conf, list) or len(conf) != n or any(not isinstance(row, list) or len(row) != n for row in conf)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for row in conf for v in row)
+                or sum(map(sum, conf)) != len(scores or [])):
+            return "a confusion matrix that is not labels × labels non-negative counts of its scored examples"
+    for key in ("mmlu", "heldout_accuracy"):
+        if r.get(key) is not None and not _number(r[key], 0.0, 100.0):
+            return f"{key} = {r[key]!r}, not a number in [0, 100]"
+    for key in ("general_loss", "heldout_loss"):
+        if r.get(key) is not None and not _number(r[key], 0.0):
+            return f"{key} = {r[key]!r}, not a finite number ≥ 0"
+    held = r.get("heldout_scores")
+    if held is not None and (not isinstance(held, list) or not all(_number(s, 0.0, 100.0) for s in held)):
+        return "held-out scores that are not numbers in [0, 100]"
+    return None
+
+
+def recomputed(r: dict) -> dict:
+    """A client's evaluation result with what follows from its loss and scores derived here, not taken
+    from the reply: the perplexities and the answer metric (the mean of the scores)."""
+    out = dict(r)
+    for key, ppl in (("loss", "perplexity"), ("general_loss", "general_perplexity")):
+        if key in out:
+            out[ppl] = None if out[key] is None else (math.exp(out[key]) if out[key] < 700 else float("inf"))
+    if out.get("scores"):
+        metric = "accuracy" if "accuracy" in out else "rouge_l"
+        out[metric] = float(np.mean(out["scores"]))
+    return out
+
+
+def screened(results: dict[int, dict], n_generated: dict[int, int | None]) -> tuple[dict[int, dict], dict[int, str]]:
+    """(the usable evaluation results, {client: why its result was left out}). A result with a non-finite
+    loss is left out while another client's is finite; when every client's is non-finite, they are kept
+    (the model diverged: the loop's own check stops the run with that)."""
+    why = {cid: invalid_evaluation(r, n_generated.get(cid)) for cid, r in results.items()}
+    diverged = [cid for cid, w in why.items() if w is not None and w.startswith("a non-finite test loss")]
+    if diverged and len(diverged) == len(results):
+        return dict(results), {}
+    bad = {cid: f"an invalid evaluation: {w}: it is left out of the round's numbers" for cid, w in why.items() if w}
+    return {cid: recomputed(r) for cid, r in results.items() if cid not in bad}, bad
+
+
 def pooled(results: list[dict]) -> dict:
     """One model's metrics from its evaluations on several test sets: token-weighted loss,
     example-weighted answer metric (ROUGE-L or accuracy: scores and categories concatenated in

@@ -29,7 +29,7 @@ from ..report import write_report
 from ..rundir import RunDir
 from .checkpoint import CHECKPOINT_FILE, Checkpoint, config_fingerprint, restore_rng_states, rng_states, write_checkpoint
 from .conflict import NOTES as CONFLICT_NOTES
-from .evaluation import EvalPolicy
+from .evaluation import EvalPolicy, screened
 from .progress import Progress
 from .transport import Transport
 from .sampling import sample_clients
@@ -82,30 +82,63 @@ def invalid_counts(counts, shape: tuple[int, int], top_k: int, tokens=None) -> s
     return None
 
 
-def invalid_reply(sent: Message, reply: Message, global_names, declared_n: int | None, metric_names) -> str | None:
-    """Why a client's reply cannot touch the aggregate, or None: a tensor it was sent and returns with another
-    shape or dtype (a (1,)-shaped tensor would broadcast over a matrix, int64 zeros turn the global state
-    into integers), only some of the global tensors, an n_train that is not a positive integer or exceeds
-    what the client declared at setup (one client's 1e15 would make the global model its own), or a metric
-    that takes a name the runtime logs itself."""
+def _dtype(d) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def _metric_value(v) -> bool:
+    """A client metric's value: a finite number or a list of at most 100 000 of them (FLAME's rescaler per layer)."""
+    def num(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return num(v) or (isinstance(v, list) and len(v) <= 100_000 and all(num(x) for x in v))
+
+
+def invalid_reply(sent: Message, reply: Message, global_state, declared_n: int | None, metrics: dict,
+                  server=None, client_metrics=()) -> str | None:
+    """Why a client's reply cannot touch the aggregate, or None. Its tensors must be the global ones (all
+    or none), ones it was sent, or the extras its method declares (``server.reply_extras``: SCAFFOLD's
+    control change, FLAME's counts), each with the shape and dtype it was sent or declared (a (1,)-shaped
+    tensor would broadcast over a matrix, int64 zeros turn the global state into integers); its scalars
+    the method's (``server.reply_scalars``); n_train a positive integer no larger than what the client
+    declared at setup (one client's 1e15 would make the global model its own); its metrics from the
+    method's namespace (``Method.client_metrics``), each a finite number or a list of them."""
     why = []
+    extras = {} if server is None else server.reply_extras(global_state)
+    allowed = set(global_state) | set(sent.tensors) | set(extras)
     for name, t in reply.tensors.items():
-        ref = sent.tensors.get(name)
-        if ref is not None and (tuple(t.shape) != tuple(ref.shape) or t.dtype != ref.dtype):
-            why.append(f"{name} is {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}, it was sent "
-                       f"{tuple(ref.shape)} {str(ref.dtype).removeprefix('torch.')}")
-    present = [n for n in global_names if n in reply.tensors]
-    if present and len(present) < len(global_names):
-        missing = [n for n in global_names if n not in reply.tensors]
-        why.append(f"{len(missing)} of the model's {len(global_names)} tensors are missing ({missing[0]}, ...)")
+        if name not in allowed:
+            why.append(f"a tensor {name!r} the method does not expect")
+            continue
+        ref = sent.tensors.get(name, global_state.get(name))
+        want = (tuple(ref.shape), ref.dtype) if ref is not None else extras.get(name)
+        if want is not None and (tuple(t.shape) != tuple(want[0]) or t.dtype != want[1]):
+            why.append(f"{name} is {tuple(t.shape)} {_dtype(t.dtype)}, the method expects {tuple(want[0])} "
+                       f"{_dtype(want[1])}")
+    present = [n for n in global_state if n in reply.tensors]
+    if present and len(present) < len(global_state):
+        missing = [n for n in global_state if n not in reply.tensors]
+        why.append(f"{len(missing)} of the model's {len(global_state)} tensors are missing ({missing[0]}, ...)")
+    lacking = [n for n in extras if n not in reply.tensors]
+    if lacking:
+        why.append(f"no {lacking[0]}" + (f" (and {len(lacking) - 1} more the method needs)" if len(lacking) > 1 else ""))
+    scalars = (N_TRAIN,) if server is None else server.reply_scalars
+    strange = sorted(set(reply.scalars) - set(scalars))
+    if strange:
+        why.append(f"scalars the method does not expect: {strange}")
     n = reply.scalars.get(N_TRAIN)
-    if not isinstance(n, (int, float)) or isinstance(n, bool) or n != int(n) or n < 1:
+    if not isinstance(n, (int, float)) or isinstance(n, bool) or not math.isfinite(n) or n != int(n) or n < 1:
         why.append(f"n_train = {n!r} is not a positive integer")
     elif declared_n is not None and n > declared_n:
         why.append(f"n_train = {n:g} is more than the {declared_n} training examples it declared at setup")
-    clash = sorted(set(metric_names) & set(RUNTIME_TRAIN_KEYS))
+    clash = sorted(set(metrics) & set(RUNTIME_TRAIN_KEYS))
     if clash:
         why.append(f"its metrics use the runtime's names {clash}")
+    foreign = sorted(set(metrics) - set(client_metrics) - set(clash))
+    if foreign:
+        why.append(f"metrics outside the method's namespace {sorted(client_metrics)}: {foreign[:3]}")
+    odd = sorted(k for k in set(metrics) & set(client_metrics) if not _metric_value(metrics[k]))
+    if odd:
+        why.append(f"metrics {odd} that are not finite numbers (or lists of them)")
     if not why:
         return None
     return "an invalid reply: " + "; ".join(why[:3]) + ": the update is left out of the aggregation"
@@ -203,10 +236,6 @@ class Federation:
             self.records[cid].data = info["data"]
             self.records[cid].profile = info["profile"]
 
-    @property
-    def _global_names(self) -> list[str]:
-        return list(self.global_state)
-
     def _train(self, round_idx: int, sampled: list[int], prog: Progress) -> list[Reply]:
         messages = {cid: self._downlink(cid, TRAIN, round_idx) for cid in sampled}
         replies, failures = self.transport.train(round_idx, messages, prog)
@@ -222,7 +251,8 @@ class Federation:
             rec.bytes_up += up
             declared = (rec.data or {}).get("n_train")
             shape = (self.spec.num_moe_layers, self.spec.num_experts)
-            bad = invalid_reply(messages[cid], reply, self._global_names, declared, report.metrics)
+            bad = invalid_reply(messages[cid], reply, self.global_state, declared, report.metrics, self.server,
+                                self.method.client_metrics)
             if bad is None:
                 why = invalid_counts(report.activation_counts, shape, self.spec.top_k, reply.tensors.get(TOKENS_PER_LAYER))
                 bad = None if why is None else f"an invalid reply: {why}: the update is left out of the aggregation"
@@ -309,6 +339,8 @@ class Federation:
         def clients(with_answers, general_for):
             msgs = {cid: self._downlink(cid, EVALUATE, round_idx) for cid in sorted(self.records)}
             results, failed = self.transport.evaluate(round_idx, msgs, with_answers, general_for, prog)
+            results, bad = screened(results, {cid: (self.records[cid].data or {}).get("n_generated") for cid in results})
+            failed = {**failed, **bad}
             for cid, r in results.items():
                 self.records[cid].profile = r.pop("profile")
                 self.records[cid].evaluated_round = round_idx

@@ -13,7 +13,7 @@ import time
 import uuid
 
 from ...messages import Message
-from ..evaluation import pooled
+from ..evaluation import pooled, screened
 from ..transport import TrainReport
 from .records import from_records, to_records
 
@@ -184,7 +184,12 @@ class FlowerTransport:
         got, failed = self._send(round_idx, EVALUATE_GLOBAL, {cid: message for cid in cids}, infos)
         if not got:
             raise RuntimeError(f"round {round_idx}: no client could evaluate the global model: {failed}")
-        res = [got[cid][1]["result"] for cid in cids if cid in got]
+        results, bad = screened({cid: got[cid][1]["result"] for cid in cids if cid in got},
+                                {cid: self.infos.get(cid, {}).get("data", {}).get("n_generated") for cid in cids})
+        failed.update(bad)
+        if not results:
+            raise RuntimeError(f"round {round_idx}: no client could evaluate the global model: {failed}")
+        res = [results[cid] for cid in cids if cid in results]
         return {**pooled(res), "eval_s": sum(r.get("eval_s", 0.0) for r in res)}, failed
 
     def state(self) -> dict:
