@@ -257,6 +257,11 @@ class EvalConfig(_Strict):
     # every round, the agreement of the clients' updates: per expert (and for the shared tensors) the
     # fraction of client pairs whose updates have a negative cosine (server metric update_conflict)
     update_conflict: bool = False
+    # Flower runtimes: the clients also send the server their sample answers with references, the category of
+    # each scored example (the per-category scores), their category histograms and confusion matrices. Off by
+    # default: these are the clients' data and stay with them (a SuperNode may also refuse with its node config
+    # share-examples=false); the report says what it did not receive. In-process runs keep them (one process).
+    share_examples: bool = False
     # knowledge retention: perplexity on this many blocks (data.max_length tokens) of held-out general
     # text (the built-in model's pretraining held-out split, not Dolly) at round 0 and at the end; 0 = off
     general_blocks: int = Field(0, ge=0)

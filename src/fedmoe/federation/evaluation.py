@@ -188,7 +188,7 @@ def invalid_evaluation(r, n_generated: int | None) -> str | None:
             return "per-example scores that are not numbers in [0, 100]"
         if n_generated is not None and len(scores) > n_generated:
             return f"{len(scores)} scored test examples, more than the {n_generated} it declared at setup"
-        cats = r.get("categories")
+        cats = r.get("categories", [""] * len(scores))  # a client that keeps them to itself sends none
         if not isinstance(cats, list) or len(cats) != len(scores) or not all(isinstance(c, str) for c in cats):
             return "categories that do not name one category per scored example"
     conf = r.get("confusion")
@@ -250,7 +250,9 @@ def pooled(results: list[dict]) -> dict:
         metric = "accuracy" if any("accuracy" in r for r in results) else "rouge_l"
         g[metric] = float(np.mean(scores))
         g["scores"] = scores
-        g["categories"] = [c for r in results for c in r.get("categories", [])]
+        cats = [c for r in results for c in r.get("categories", [])]
+        if len(cats) == len(scores):  # else some client kept its categories (eval.share_examples)
+            g["categories"] = cats
     mats = [r["confusion"] for r in results if r.get("confusion") is not None]
     if mats and len(mats) == len([r for r in results if r.get("scores")]):
         g["confusion"] = np.sum(np.asarray(mats, dtype=np.int64), axis=0).tolist()
@@ -309,7 +311,7 @@ class EvalPolicy:
                 vals = [r[key] for r in per_client.values() if r.get(key) is not None]
                 if vals:
                     g[f"{key}_clients_mean"] = float(np.mean(vals))
-        if "scores" in g:
+        if "scores" in g and "categories" in g:
             by_cat: dict[str, list[float]] = {}
             for cat, score in zip(g["categories"], g["scores"]):
                 by_cat.setdefault(cat, []).append(score)

@@ -427,6 +427,7 @@ class Federation:
     def finish(self) -> dict:
         wall = self.wall_before + (time.time() - self._t0)
         trainable = self.spec.initial
+        withheld = self.transport.withheld_by_clients() if hasattr(self.transport, "withheld_by_clients") else {}
         summary = run_summary(
             self.cfg, self.spec, self.records, self.global_eval, self.zero_shot, wall,
             extra={"runtime": self.cfg.federation.runtime, "trainable_tensors": len(trainable),
@@ -436,9 +437,11 @@ class Federation:
                    "client_setup_seconds": {cid: m["seconds"] for cid, m in self.client_setup.items()},
                    "metric_notes": {**(CONFLICT_NOTES if self.cfg.eval.update_conflict else {}), **self.method.notes},
                    "failures": self.failures,
+                   **({"withheld_by_clients": withheld} if withheld else {}),
                    **({} if self.cfg.federation.dp is None else {"privacy": self._privacy()})})
         self.rd.write_summary(summary)
-        histogram = format_histogram_table({cid: r.data["category_counts"] for cid, r in self.records.items()})
+        counts = {cid: r.data["category_counts"] for cid, r in self.records.items() if r.data.get("category_counts") is not None}
+        histogram = format_histogram_table(counts) if counts else None
         write_report(self.rd, summary, self.rd.read_metrics(), histogram)
         self._tensorboard()
         return summary

@@ -447,6 +447,19 @@ def format_label_groups(summary: dict) -> list[str]:
     return lines + [""]
 
 
+def format_withheld(summary: dict) -> list[str]:
+    """What the clients kept to themselves (Flower, ``eval.share_examples`` off or refused by a SuperNode)."""
+    withheld = summary.get("withheld_by_clients") or {}
+    if not withheld:
+        return []
+    lines = ["## What stayed on the clients", "",
+             "These are the clients' data and were not sent to the server, so this report has no section built from "
+             "them (eval.share_examples: true asks the clients for them; a SuperNode can still refuse with its node "
+             "config share-examples=false):", ""]
+    lines += [f"* {what}: clients {', '.join(map(str, clients))}" for what, clients in withheld.items()]
+    return lines + [""]
+
+
 def format_examples(summary: dict, per_client: int = 1) -> list[str]:
     """A few generated answers next to their references (the first test examples of each client)."""
     lines = []
@@ -652,6 +665,7 @@ def write_report(
                   ""]
     parts += format_label_groups(summary)
     parts += format_examples(summary)
+    parts += format_withheld(summary)
     if histogram_markdown:
         parts += ["## Data: categories per client", "", histogram_markdown.strip(), ""]
     parts += format_client_setup(summary)

@@ -36,6 +36,27 @@ from ..transport import TrainReport
 from .records import from_records, jsonable, to_records
 
 _KEEP = 3  # private-store files kept per client (the newest)
+# what a client keeps to itself on Flower unless eval.share_examples (and its node config allow it):
+# result key -> what it is, as the server's report names it
+WITHHELD = {"examples": "sample answers with their references", "categories": "the category of each scored test "
+            "example (per-category scores)", "confusion": "confusion matrices",
+            "category_counts": "category histograms of its training data"}
+
+
+def kept_here(values: dict, share: bool) -> tuple[dict, list[str]]:
+    """(what of ``values`` (an evaluation result, or the data a client describes at setup) leaves the client,
+    the keys it kept): without ``share``, the keys of :data:`WITHHELD`."""
+    if share:
+        return values, []
+    kept = [k for k in WITHHELD if k in values]
+    return {k: v for k, v in values.items() if k not in WITHHELD}, kept
+
+
+def node_shares(node_config, cfg) -> bool:
+    """Whether this client sends its examples: the run asks (``eval.share_examples``) and its SuperNode does
+    not refuse (node config ``share-examples=false``)."""
+    refuse = str(node_config.get("share-examples", "true")).strip().lower() in ("false", "0", "no")
+    return bool(cfg.eval.share_examples) and not refuse
 
 
 class PrivateStore:
@@ -116,11 +137,13 @@ class FlowerClient:
     """One client in a process: its data, its private store, and the process's shared model."""
 
     def __init__(self, model: ClientModel, client: int, data_path: str | None, state_dir: Path,
-                 parallel: Parallel | None = None):
+                 parallel: Parallel | None = None, share: bool = False):
         """``parallel``: this process's rank among the ranks that train this client together (a
-        ``fedmoe worker --nproc N``); rank 0 answers, keeps the private store and evaluates."""
+        ``fedmoe worker --nproc N``); rank 0 answers, keeps the private store and evaluates. ``share``: send
+        the server what :data:`WITHHELD` names (:func:`node_shares`)."""
         t0 = time.perf_counter()
         cfg = model.cfg
+        self.share = share
         self.parallel = parallel
         self.cfg, self.id, self.state_dir = cfg, client, Path(state_dir)
         n = cfg.data.partition.num_clients
@@ -162,7 +185,8 @@ class FlowerClient:
                 metrics = node.setup(self.half, self.mm, self.initial, self.cfg.seed)
                 store.save(0, node.private)
                 store.save_setup_metrics(metrics)
-            out.update(data=self.data_info, setup=store.setup_metrics(),
+            data, kept = kept_here(self.data_info, self.share)
+            out.update(data=data, withheld=kept, setup=store.setup_metrics(),
                        profile=self.half.profile(self.id, self.mm, node.private))
             return to_records(None, out)
         if node.private is None:
@@ -182,7 +206,7 @@ class FlowerClient:
             self.half.load(self.mm, None, msg, {})
             res = self.evaluator.evaluate_sets([self.set], info["with_answers"], info["general"])
             res["eval_s"] = time.perf_counter() - t0
-        out["result"] = jsonable(res)
+        out["result"], out["withheld"] = kept_here(jsonable(res), self.share)
         out["work_s"] = time.perf_counter() - t0
         return to_records(None, out)
 
@@ -212,7 +236,7 @@ class ClientCache:
     def client(self, options: dict, node_config) -> FlowerClient:
         text = options["fedmoe-config"]
         cid, data_path, state_dir = node_identity(node_config, options)
-        key = (text, cid, data_path, state_dir)
+        key = (text, cid, data_path, state_dir, str(node_config.get("share-examples")))
         if key not in self.clients:
             model_s = 0.0
             if self.model is None or self.model[0] != text:
@@ -228,7 +252,8 @@ class ClientCache:
                     cfg.model.device = f"cuda:{self.cuda_index}"
                 self.model = (text, ClientModel(cfg))
                 model_s = self.model[1].load_s
-            client = FlowerClient(self.model[1], cid, data_path, Path(state_dir), self.parallel)
+            client = FlowerClient(self.model[1], cid, data_path, Path(state_dir), self.parallel,
+                                  share=node_shares(node_config, self.model[1].cfg))
             client.load_s += model_s
             self.clients[key] = client
         return self.clients[key]

@@ -34,6 +34,7 @@ class FlowerTransport:
         self.infos: dict[int, dict] = {}
         self.overhead: list[dict] = []  # per message: the client's load time and work time
         self.failed: tuple[int, set[int]] = (-1, set())  # (round, clients that failed in it): not asked again
+        self.withheld: dict[int, set[str]] = {}  # client -> what it kept to itself (flower.client.WITHHELD keys)
 
     @property
     def num_clients(self) -> int:
@@ -79,6 +80,7 @@ class FlowerTransport:
                     continue
                 raise RuntimeError(f"the SuperNode {nid} failed its setup: {reply.error.reason}")
             _, info = from_records(reply.content)
+            self._note_withheld(info)
             seen.setdefault(info["client"], []).append(nid)
             self.infos[info["client"]] = info
             self._overhead(0, "setup", info)
@@ -91,6 +93,21 @@ class FlowerTransport:
             for c, n in seen.items():
                 self.log(f"client {c} is back, on SuperNode {n[0]} (was {self.node_of.get(c)})")
         self.node_of.update({c: n[0] for c, n in seen.items()})
+
+    def _note_withheld(self, info: dict, cid: int | None = None) -> None:
+        kept = info.get("withheld")
+        if isinstance(kept, list) and kept:
+            self.withheld.setdefault(info.get("client") if cid is None else cid, set()).update(map(str, kept))
+
+    def withheld_by_clients(self) -> dict[str, list[int]]:
+        """What the server did not receive, and from which clients: {what: [client, ...]}."""
+        from .client import WITHHELD
+
+        out: dict[str, list[int]] = {}
+        for cid, keys in sorted(self.withheld.items()):
+            for k in sorted(keys & set(WITHHELD)):
+                out.setdefault(WITHHELD[k], []).append(cid)
+        return out
 
     def _overhead(self, round_idx: int, kind: str, info: dict) -> None:
         self.overhead.append({"round": round_idx, "kind": kind, "client": info["client"],
@@ -122,6 +139,7 @@ class FlowerTransport:
                 failed[cid] = f"node {reply.metadata.src_node_id}: {reply.error.reason} (code {reply.error.code})"
                 continue
             msg, info = from_records(reply.content)
+            self._note_withheld(info, cid)
             got[cid] = (msg, info)
             self._overhead(round_idx, kind, info)
         for cid in messages:
@@ -193,7 +211,8 @@ class FlowerTransport:
         return {**pooled(res), "eval_s": sum(r.get("eval_s", 0.0) for r in res)}, failed
 
     def state(self) -> dict:
-        return {"run_id": self.run_id}
+        return {"run_id": self.run_id, "withheld": {str(c): sorted(k) for c, k in self.withheld.items()}}
 
     def restore(self, state: dict) -> None:
         self.run_id = state["run_id"]
+        self.withheld = {int(c): set(k) for c, k in state.get("withheld", {}).items()}
