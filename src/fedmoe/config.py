@@ -211,6 +211,20 @@ class DPConfig(_Strict):
     delta: float = Field(1e-5, gt=0, lt=1)  # the δ at which ε is reported (take δ < 1/number of clients)
 
 
+class RobustConfig(_Strict):
+    """Byzantine-robust aggregation (``federation.robust``) for the methods whose aggregation is a weighted sum
+    of client updates: each update's L2 norm bounded (``norm_bound``), then the method's own weighted mean
+    (``rule: mean``) or, unweighted over the clients as Flower's FedMedian / FedTrimmedAvg / Krum, the
+    coordinate-wise median, the coordinate-wise mean without the ``trim`` share of largest and smallest values,
+    or (multi-)Krum."""
+
+    rule: Literal["mean", "median", "trimmed_mean", "krum"] = "median"
+    norm_bound: float | None = Field(None, gt=0)  # every update θ_i − θ scaled to at most this L2 norm
+    trim: float = Field(0.2, ge=0, lt=0.5)  # trimmed_mean: the share cut from each end, per coordinate
+    krum_malicious: int = Field(1, ge=0)  # krum: f, the clients assumed malicious (score: the n − f − 2 nearest)
+    krum_keep: int = Field(0, ge=0)  # krum: 0 = the one best update (Krum); m > 0: the n-weighted mean of the m best
+
+
 class FederationConfig(_Strict):
     rounds: int = Field(3, ge=1)
     fraction: float = Field(1.0, gt=0, le=1)  # clients sampled per round
@@ -233,6 +247,8 @@ class FederationConfig(_Strict):
     # client-level differential privacy (null: off); only for methods whose aggregation is a sum of
     # client updates (the others refuse it)
     dp: DPConfig | None = None
+    # robust aggregation against poisoned updates (null: the method's own aggregation); same methods as dp
+    robust: RobustConfig | None = None
 
 
 class EvalConfig(_Strict):
@@ -341,6 +357,23 @@ class RunConfig(_Strict):
         if self.federation.dp is not None and not method.server.supports_dp:
             raise ValueError(f"federation.dp (client-level differential privacy) needs an aggregation that is a sum "
                              f"of clipped client updates, but {alg.name} {method.server.dp_note}; remove federation.dp")
+        robust = self.federation.robust
+        if robust is not None:
+            if not method.server.supports_dp:
+                raise ValueError(f"federation.robust replaces a weighted sum of client updates by a robust statistic, "
+                                 f"but {alg.name} {method.server.dp_note}; remove federation.robust")
+            if self.federation.dp is not None:
+                raise ValueError("federation.robust and federation.dp together: DP already bounds each update "
+                                 "(clip_norm) and its accounting assumes the sum of the clipped updates, which a "
+                                 "median, trimmed mean or Krum is not; keep one of them")
+            sampled = max(1, int(round(self.federation.fraction * self.data.partition.num_clients)))
+            if robust.rule == "krum" and sampled < 2 * robust.krum_malicious + 3:
+                raise ValueError(f"federation.robust.rule = krum with krum_malicious = {robust.krum_malicious} needs "
+                                 f"at least 2f + 3 = {2 * robust.krum_malicious + 3} clients per round, the run "
+                                 f"samples {sampled}: lower krum_malicious or sample more clients")
+            if robust.krum_keep > sampled:
+                raise ValueError(f"federation.robust.krum_keep = {robust.krum_keep} is more than the {sampled} "
+                                 "clients sampled per round")
         method.client.check_config(self)
         return self
 

@@ -299,7 +299,12 @@ class Federation:
 
             layer_of = {n: layer for n, layer in self.spec.inventory.expert_layers().items() if n in self.global_state}
             conflict = update_conflict(self.global_state, [r.message.tensors for r in replies], layer_of)
-        if self.cfg.federation.dp is None:
+        if self.cfg.federation.robust is not None:
+            from .robust import robust_aggregate
+
+            new, server_state, metrics = robust_aggregate(self.server, self.cfg, self.global_state, self.server_state,
+                                                          replies, round_idx)
+        elif self.cfg.federation.dp is None:
             new, server_state, metrics = self.server.aggregate(self.global_state, self.server_state, replies,
                                                                round_idx=round_idx)
         else:
@@ -438,6 +443,7 @@ class Federation:
                    "metric_notes": {**(CONFLICT_NOTES if self.cfg.eval.update_conflict else {}), **self.method.notes},
                    "failures": self.failures,
                    **({"withheld_by_clients": withheld} if withheld else {}),
+                   **({} if self.cfg.federation.robust is None else {"robust": self.cfg.federation.robust.model_dump()}),
                    **({} if self.cfg.federation.dp is None else {"privacy": self._privacy()})})
         self.rd.write_summary(summary)
         counts = {cid: r.data["category_counts"] for cid, r in self.records.items() if r.data.get("category_counts") is not None}

@@ -653,6 +653,12 @@ def write_report(
         f"rounds: {_plain(summary.get('rounds'))} · seed: {_plain(summary.get('seed'))} · "
         f"wall time: {format_duration(summary.get('wall_s'))}"
     )
+    robust = summary.get("robust")
+    if robust:
+        rule = robust["rule"] + (f" (trim {robust['trim']:g})" if robust["rule"] == "trimmed_mean" else "")
+        rule += (f" (f = {robust['krum_malicious']}, keep {robust['krum_keep'] or 1})" if robust["rule"] == "krum" else "")
+        bound = f", each update's norm bounded to {robust['norm_bound']:g}" if robust.get("norm_bound") else ""
+        facts += f" · robust aggregation: {rule}{bound}"
     parts = [title, "", facts, "", "## Results", "", format_results_table(summary), ""]
     parts += format_health(summary)
     parts += format_failures(summary)
