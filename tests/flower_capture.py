@@ -1,36 +1,65 @@
-"""`fedmoe run` with every Flower message the server sends or receives written to a file (tests/test_flower.py's
-check that a client's test data does not leave it): each message's records, its JSON and metrics as text and its
-arrays' raw bytes, appended to ``sys.argv[1]``; the rest of the arguments are `fedmoe`'s."""
+"""`fedmoe run` with every Flower message the server sends or receives recorded (tests/test_flower.py's checks
+that a client's test data and its unmasked update do not leave it). The ServerApp's grid is wrapped, so the
+messages of fedmoe's loop and of SecAgg+ are all seen: each one's records are appended to ``sys.argv[1]`` (its
+JSON and metrics as text, its arrays' raw bytes) and one line per message to ``sys.argv[1] + ".jsonl"``
+(direction, message type, each record's arrays with dtype and size); the rest of the arguments are `fedmoe`'s."""
 
+import json
 import sys
 
 from fedmoe.federation.flower import server
 
 
-def _dump(out, message) -> None:
+def _dump(path, message, direction: str) -> None:
     content = message.content if message.has_content() else None
-    if content is None:
-        out.write(f"[error] {message.error.reason}\n".encode())
-        return
-    for name, record in content.items():
-        out.write(f"[{message.metadata.message_type} {name}]\n".encode())
-        for key, value in record.items():
-            data = getattr(value, "data", None)
-            out.write(data if isinstance(data, bytes) else f"{key}={value}\n".encode())
+    line = {"direction": direction, "type": message.metadata.message_type, "records": {}}
+    with open(path, "ab") as out:
+        if content is None:
+            out.write(f"[error] {message.error.reason}\n".encode())
+        else:
+            for name, record in content.items():
+                out.write(f"[{message.metadata.message_type} {name}]\n".encode())
+                arrays = {}
+                for key, value in record.items():
+                    data = getattr(value, "data", None)
+                    if isinstance(data, bytes):
+                        arrays[key] = {"dtype": str(value.dtype), "bytes": len(data)}
+                        out.write(data)
+                    else:
+                        out.write(f"{key}={value}\n".encode())
+                line["records"][name] = arrays
+    with open(f"{path}.jsonl", "a") as index:
+        index.write(json.dumps(line) + "\n")
+
+
+class RecordingGrid:
+    def __init__(self, grid, path):
+        self._grid, self._path = grid, path
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for m in messages:
+            _dump(self._path, m, "to-client")
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, ids):
+        got = list(self._grid.pull_messages(ids))
+        for m in got:
+            _dump(self._path, m, "from-client")
+        return got
 
 
 def main() -> None:
     path, sys.argv = sys.argv[1], [sys.argv[0], *sys.argv[2:]]
-    plain = server.FlowerTransport._send_and_receive
+    plain = server.FlowerTransport.__init__
 
-    def recorded(self, messages):
-        replies = plain(self, messages)
-        with open(path, "ab") as out:
-            for m in [*messages, *replies]:
-                _dump(out, m)
-        return replies
+    def recording(self, grid, *args, **kwargs):
+        plain(self, RecordingGrid(grid, path), *args, **kwargs)
 
-    server.FlowerTransport._send_and_receive = recorded
+    server.FlowerTransport.__init__ = recording
     from fedmoe.cli import main as cli
 
     cli()

@@ -199,3 +199,88 @@ def test_flame_under_dp_is_the_clipped_weighted_sum_by_hand(tmp_path):
     assert layer_of
     for n in theta:
         torch.testing.assert_close(after[n].double(), theta[n].double() + total[n] / 2, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------- local DP (where: client)
+def test_a_client_clips_its_update_and_adds_the_noise_itself():
+    """privatize_reply: σ = 0 gives θ + Δ·min(1, C/‖Δ‖) over the sent tensors together (a tensor not sent —
+    FLAME's counts — is left as it is); σ > 0 adds N(0, σ²C²) per value, from the client's secret (another
+    secret, other noise) or, seeded, from the run's seed (the same noise again)."""
+    from fedmoe.federation.dp import client_secret, privatize_reply
+    from fedmoe.messages import Message
+
+    gen = torch.Generator().manual_seed(0)
+    theta = {"a": torch.randn(300, 40, generator=gen), "b": torch.randn(500, generator=gen)}
+    sent = Message(dict(theta))
+    reply = Message({n: t + 0.1 * torch.randn(t.shape, generator=gen) for n, t in theta.items()} |
+                    {"activation_counts": torch.ones(2, 4, dtype=torch.long)}, {"n_train": 7})
+    delta = {n: reply.tensors[n].double() - theta[n].double() for n in theta}
+    norm = update_norm(delta)
+    C = norm / 4
+    cfg = load_config(None, [f"federation.dp.clip_norm={C}", "federation.dp.noise_multiplier=0",
+                             "federation.dp.where=client"])
+    out, got_norm = privatize_reply(cfg, reply, sent, 0, 1, client_secret())
+    assert got_norm == pytest.approx(norm)
+    for n in theta:
+        torch.testing.assert_close(out.tensors[n].double(), theta[n].double() + delta[n] / 4, rtol=0, atol=1e-6)
+    assert torch.equal(out.tensors["activation_counts"], reply.tensors["activation_counts"])
+    assert out.scalars == {"n_train": 7}
+
+    def noise(noise_kind, secret, client=0):
+        c = load_config(None, [f"federation.dp.clip_norm={C}", "federation.dp.noise_multiplier=2",
+                               "federation.dp.where=client", f"federation.dp.client_noise={noise_kind}"])
+        o, _ = privatize_reply(c, reply, sent, client, 1, secret)
+        return torch.cat([(o.tensors[n].double() - theta[n].double() - delta[n] / 4).reshape(-1) for n in theta])
+
+    secret = client_secret()
+    z = noise("secret", secret)
+    assert float(z.std()) == pytest.approx(2 * C, rel=0.05)
+    assert torch.equal(z, noise("secret", secret)) and not torch.allclose(z, noise("secret", client_secret()))
+    assert torch.equal(noise("seeded", None), noise("seeded", None))
+    assert not torch.allclose(noise("seeded", None), noise("seeded", None, client=1))
+
+
+def test_a_run_with_local_dp(tmp_path):
+    """FedIT, where: client, σ = 1: every reply the server receives is θ + a clipped update + noise of std σC per
+    value (its distance to θ is ≈ √d·σC, far beyond C); the global model is the method's own n-weighted mean of
+    those replies; ε per client is dp-accounting's for σ/2 over the rounds it trained in. Two runs of the same
+    config differ (each client's noise comes from its own secret); with client_noise: seeded they repeat."""
+    from dp_accounting import GaussianDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    C, sigma, delta = 0.01, 1.0, 1e-4
+
+    def run(name, *extra):
+        cfg = load_config(None, TINY + [f"output_dir={tmp_path}", f"name={name}", "federation.rounds=2",
+                                        f"federation.dp.clip_norm={C}", f"federation.dp.noise_multiplier={sigma}",
+                                        f"federation.dp.delta={delta}", "federation.dp.where=client", *extra])
+        sent, seen = {}, {}
+
+        def observe(kind, cid, msg):
+            if kind == "downlink":
+                sent[(msg.header["round"], cid)] = {n: t.clone() for n, t in msg.tensors.items()}
+            if kind == "reply":
+                seen[(msg.header["round"], cid)] = msg
+        summary, rd = run_federated(cfg, observe=observe, log=lambda *a: None)
+        return summary, rd, sent, seen
+
+    summary, rd, sent, seen = run("secret")
+    theta = sent[(1, 0)]
+    d = sum(t.numel() for t in theta.values())
+    for cid in (0, 1):
+        dist = update_norm({n: seen[(1, cid)].tensors[n].double() - theta[n].double() for n in theta})
+        assert dist == pytest.approx(math.sqrt(d) * sigma * C, rel=0.05)
+    n = [float(seen[(1, c)].scalars["n_train"]) for c in (0, 1)]
+    for name in theta:
+        want = sum(w * seen[(1, c)].tensors[name].double() for w, c in zip(n, (0, 1))) / sum(n)
+        torch.testing.assert_close(sent[(2, 0)][name].double(), want, rtol=0, atol=1e-6)
+    acc = RdpAccountant()
+    acc.compose(GaussianDpEvent(sigma / 2), 2)
+    p = summary["privacy"]
+    assert p["where"] == "client" and p["epsilon_by_client"] == {0: pytest.approx(acc.get_epsilon(delta))} | {
+        1: pytest.approx(acc.get_epsilon(delta))}
+    assert "## Differential privacy (local, on each client)" in rd.report_path.read_text()
+    again = run("secret-again")[3]
+    assert not torch.equal(again[(1, 0)].tensors[next(iter(theta))], seen[(1, 0)].tensors[next(iter(theta))])
+    s1, s2 = run("seeded", "federation.dp.client_noise=seeded")[3], run("seeded-2", "federation.dp.client_noise=seeded")[3]
+    assert all(torch.equal(s1[(1, 0)].tensors[k], s2[(1, 0)].tensors[k]) for k in theta)

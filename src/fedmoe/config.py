@@ -209,6 +209,15 @@ class DPConfig(_Strict):
     clip_norm: float = Field(gt=0)
     noise_multiplier: float = Field(ge=0)  # σ; 0 = clipping only, no privacy (ε = ∞)
     delta: float = Field(1e-5, gt=0, lt=1)  # the δ at which ε is reported (take δ < 1/number of clients)
+    # server: the server clips each update and noises their sum (central DP: it sees every raw update).
+    # client: each client clips its own update and adds the noise N(0, σ²C²) itself before sending (local DP:
+    # no raw update leaves a client; ε per client, over the rounds it trained in; the aggregation after that
+    # is the method's own, post-processing)
+    where: Literal["server", "client"] = "server"
+    # where: client — the noise's seed: a secret each client draws once and keeps in its private store
+    # (secret), or derived from the run's seed (seeded: the numbers repeat, but whoever has the config can
+    # remove the noise: for simulations only)
+    client_noise: Literal["secret", "seeded"] = "secret"
 
 
 class RobustConfig(_Strict):
@@ -223,6 +232,18 @@ class RobustConfig(_Strict):
     trim: float = Field(0.2, ge=0, lt=0.5)  # trimmed_mean: the share cut from each end, per coordinate
     krum_malicious: int = Field(1, ge=0)  # krum: f, the clients assumed malicious (score: the n − f − 2 nearest)
     krum_keep: int = Field(0, ge=0)  # krum: 0 = the one best update (Krum); m > 0: the n-weighted mean of the m best
+
+
+class SecAggConfig(_Strict):
+    """Secure aggregation with Flower's SecAgg+ (``federation.secagg``; Bell et al. 2020): on the Flower
+    runtimes each client's update is quantised and masked, so the server learns only the weighted mean of
+    the updates of the clients that took part, never one client's. Costs four extra message round trips per
+    round and a quantisation error of about clipping_range / quantization_range per value."""
+
+    clipping_range: float = Field(8.0, gt=0)  # a client refuses (drops out) when a weighted update value exceeds it
+    quantization_range: int | None = Field(None, ge=2, le=2**30)  # None: the largest safe one for the client count
+    share_fraction: float = Field(1.0, gt=0, le=1)  # the share of the clients each client shares its keys with
+    threshold_fraction: float = Field(0.5, gt=0, le=1)  # the share of those shares needed to unmask a dropout
 
 
 class FederationConfig(_Strict):
@@ -249,6 +270,8 @@ class FederationConfig(_Strict):
     dp: DPConfig | None = None
     # robust aggregation against poisoned updates (null: the method's own aggregation); same methods as dp
     robust: RobustConfig | None = None
+    # secure aggregation (Flower runtimes; null: every client's update reaches the server as it is)
+    secagg: SecAggConfig | None = None
 
 
 class EvalConfig(_Strict):
@@ -362,10 +385,11 @@ class RunConfig(_Strict):
             if not method.server.supports_dp:
                 raise ValueError(f"federation.robust replaces a weighted sum of client updates by a robust statistic, "
                                  f"but {alg.name} {method.server.dp_note}; remove federation.robust")
-            if self.federation.dp is not None:
+            if self.federation.dp is not None and self.federation.dp.where == "server":
                 raise ValueError("federation.robust and federation.dp together: DP already bounds each update "
                                  "(clip_norm) and its accounting assumes the sum of the clipped updates, which a "
-                                 "median, trimmed mean or Krum is not; keep one of them")
+                                 "median, trimmed mean or Krum is not; keep one of them, or let the clients add the "
+                                 "noise (federation.dp.where: client), after which any aggregation is private")
             sampled = max(1, int(round(self.federation.fraction * self.data.partition.num_clients)))
             if robust.rule == "krum" and sampled < 2 * robust.krum_malicious + 3:
                 raise ValueError(f"federation.robust.rule = krum with krum_malicious = {robust.krum_malicious} needs "
@@ -374,6 +398,22 @@ class RunConfig(_Strict):
             if robust.krum_keep > sampled:
                 raise ValueError(f"federation.robust.krum_keep = {robust.krum_keep} is more than the {sampled} "
                                  "clients sampled per round")
+        if self.federation.secagg is not None:
+            why = method.server.secagg_refusal(self)
+            server_dp = self.federation.dp is not None and self.federation.dp.where == "server"
+            clash = [k for k, on in (("federation.dp (where: server)", server_dp),
+                                     ("federation.robust", robust is not None),
+                                     ("eval.update_conflict", self.eval.update_conflict)) if on]
+            if why:
+                raise ValueError(f"federation.secagg gives the server only the weighted mean of the clients' updates, "
+                                 f"but {alg.name} {why}; remove federation.secagg")
+            if clash:
+                raise ValueError(f"federation.secagg hides each client's update from the server, and {clash[0]} needs "
+                                 "them one by one; keep one of the two")
+            if self.federation.runtime == "local":
+                raise ValueError("federation.secagg protects the clients' updates from the server over Flower; "
+                                 "in-process the server is the clients' own process: run with --runtime flower-sim "
+                                 "or flower, or remove federation.secagg")
         method.client.check_config(self)
         return self
 

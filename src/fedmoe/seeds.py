@@ -28,6 +28,7 @@ class Stream(IntEnum):
     CLIENT_SETUP = 4  # (client): a client's one-shot setup before round 1 (e.g. FLEx's graft init)
     BOOTSTRAP = 9  # the paired bootstrap of the ROUGE-L change
     DP_NOISE = 10  # (round): the Gaussian noise of client-level differential privacy (federation.dp)
+    CLIENT_DP_NOISE = 11  # (round, client): a client's own noise (federation.dp.where: client, client_noise: seeded)
 
 
 class NumpyStream(IntEnum):

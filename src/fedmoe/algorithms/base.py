@@ -200,6 +200,24 @@ class Server:
         Methods define it (FedIT's FedAvg is the usual base, :class:`fedmoe.algorithms.fedit.FedITServer`)."""
         raise NotImplementedError
 
+    # under federation.secagg, each client's weight in the mean: its n_i ("n") or 1 ("uniform")
+    @classmethod
+    def secagg_weights(cls, cfg) -> str:
+        return "n"
+
+    @classmethod
+    def secagg_refusal(cls, cfg) -> str | None:
+        """Why this method cannot aggregate from the weighted mean of the clients' updates alone
+        (``federation.secagg``), or None: then :meth:`secure_aggregate` does it."""
+        return "needs each client's update to aggregate (Server.secagg_refusal)"
+
+    def secure_aggregate(self, global_state: State, server_state: dict, mean: State, replies: int, *,
+                         round_idx: int) -> tuple[State, dict, dict]:
+        """(new global state, server state, metrics) from ``mean``: the n_i-weighted mean of the ``replies``
+        clients' updates (each global tensor θ_i − θ; each extra of :meth:`reply_extras` as sent), which is
+        all the server learns under ``federation.secagg``."""
+        raise NotImplementedError
+
     def reply_extras(self, global_state: State) -> dict[str, tuple[tuple[int, ...], torch.dtype] | None]:
         """The tensors a client's train reply must carry besides the global ones: name -> (shape, dtype),
         or None where the runtime checks it by its own rule (the activation counts). Any tensor that is

@@ -160,6 +160,10 @@ def conflict_aware_average(global_state: State, tensors: list[State], n: list[fl
 
 # ------------------------------------------------------------------------------------ halves
 class FCMoEServer(FedITServer):
+    @classmethod
+    def secagg_refusal(cls, cfg):
+        return "projects each client's update against the consensus of all of them and sends it the removed part"
+
     def reply_extras(self, global_state):
         return {COUNTS: None, TOKENS: None}
 

@@ -11,6 +11,7 @@ the same state to everyone.
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 
 from ..configbase import StrictModel
@@ -72,6 +73,17 @@ class FedITClient(Client):
 
 class FedITServer(Server):
     supports_dp = True  # a weighted sum of the clients' updates (uniform weights under federation.dp)
+
+    @classmethod
+    def secagg_refusal(cls, cfg) -> str | None:
+        return None
+
+    def secure_aggregate(self, global_state, server_state, mean, replies, *, round_idx):
+        """FedAvg's n-weighted mean is θ + the n-weighted mean of the updates; then the server optimizer."""
+        averaged = {n: (t.to(torch.float64) + mean[n]).to(t.dtype) for n, t in global_state.items()}
+        new, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state,
+                                          round_idx=round_idx)
+        return new, server_state, {}
 
     def aggregate(self, global_state: State, server_state: dict, replies: list[Reply], *, round_idx: int):
         averaged = weighted_average([r.message.tensors for r in replies], sizes(replies))

@@ -66,6 +66,10 @@ def activation_aware_average(global_state: State, tensors: list[State], counts: 
 
 
 class FlameServer(FedITServer):
+    @classmethod
+    def secagg_refusal(cls, cfg):
+        return "weighs each expert by the clients' activation counts relative to each other's"
+
     def reply_extras(self, global_state):
         return {COUNTS: None, TOKENS: None}
 

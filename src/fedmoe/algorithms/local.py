@@ -24,6 +24,10 @@ class LocalServer(Server):
     server_optimizer_note = "aggregates nothing (each client trains alone)"
     dp_note = "aggregates nothing: no client update reaches the server"
 
+    @classmethod
+    def secagg_refusal(cls, cfg):
+        return cls.dp_note
+
     def downlink(self, global_state, server_state, client, *, round_idx) -> Message:
         # the global model (client None) is the initial one; a client needs nothing: it has its own
         return Message(tensors=dict(global_state) if client is None else {})

@@ -138,6 +138,10 @@ class RankClient(_RankBudgets, FedITClient):
 
 
 class RankServer(_RankBudgets, FedITServer):
+    @classmethod
+    def secagg_refusal(cls, cfg):
+        return "zero-pads, weighs or re-factorises each client's rank-r_i factors on their own before combining them"
+
     reply_scalars = (N_TRAIN, "rank")
 
     supports_dp = False

@@ -41,6 +41,11 @@ class ScaffoldConfig(StrictModel):
     weights: Literal["uniform", "n"] = "uniform"  # p_i of x ← Σ p_i y_i: 1/|S| (the paper) or n_i / Σ n
 
 
+def _rms(d: State) -> float:
+    """The root mean square of all values of ``d``."""
+    return (sum(float((t.double() ** 2).sum()) for t in d.values()) / max(1, sum(t.numel() for t in d.values()))) ** 0.5
+
+
 class ScaffoldServer(FedITServer):
     def reply_extras(self, global_state):
         return {DC + n: (tuple(t.shape), t.dtype) for n, t in global_state.items()}
@@ -48,6 +53,26 @@ class ScaffoldServer(FedITServer):
     supports_dp = False
     dp_note = ("also sums the clients' control-variate changes Δc_i into the server control c, which is sent to "
                "every client: a private SCAFFOLD would have to clip and noise those too")
+
+    @classmethod
+    def secagg_refusal(cls, cfg):
+        if cfg.algorithm.scaffold.weights != "uniform":
+            return ("with algorithm.scaffold.weights: n averages the models by n_i but sums the control changes "
+                    "unweighted, two sums SecAgg+ cannot give in one (set weights: uniform)")
+        return None
+
+    @classmethod
+    def secagg_weights(cls, cfg) -> str:
+        return "uniform"
+
+    def secure_aggregate(self, global_state, server_state, mean, replies, *, round_idx):
+        """x ← the server optimizer on x + mean(Δy_i); c ← c + (|S|/N)·mean(Δc_i) = c + Σ Δc_i / N."""
+        averaged = {n: (t.to(torch.float64) + mean[n]).to(t.dtype) for n, t in global_state.items()}
+        new_x, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state,
+                                            round_idx=round_idx)
+        c, num_clients = server_state["c"], self.cfg.data.partition.num_clients
+        new_c = {n: (c[n].to(torch.float64) + mean[DC + n] * replies / num_clients).to(c[n].dtype) for n in global_state}
+        return new_x, {**server_state, "c": new_c}, {"control_rms": _rms(new_c)}
 
     def initial_server_state(self, global_state: State) -> dict:
         return {"c": {n: torch.zeros_like(t) for n, t in global_state.items()}}
@@ -64,9 +89,7 @@ class ScaffoldServer(FedITServer):
                                           round_idx=round_idx)
         num_clients = self.cfg.data.partition.num_clients
         new_c = {n: c[n] + sum(r.message.tensors[DC + n] for r in replies) / num_clients for n in global_state}
-        rms = lambda d: (sum(float((t.double() ** 2).sum()) for t in d.values())  # noqa: E731
-                         / max(1, sum(t.numel() for t in d.values()))) ** 0.5
-        return new_x, {**server_state, "c": new_c}, {"control_rms": rms(new_c)}
+        return new_x, {**server_state, "c": new_c}, {"control_rms": _rms(new_c)}
 
 
 class ScaffoldClient(FedITClient):

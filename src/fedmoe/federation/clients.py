@@ -148,6 +148,13 @@ class ClientNode:
                              progress=progress, objective=half.objective(self.id, mm, message, self.private),
                              parallel=parallel)
         reply, self.private, metrics = half.reply(self.id, mm, message, self.private, result)
+        dp = cfg.federation.dp
+        if dp is not None and dp.where == "client":  # clipped and noised here: no raw update leaves this client
+            from .dp import SECRET, client_secret, privatize_reply
+
+            if dp.client_noise == "secret" and SECRET not in self.private:
+                self.private = {**self.private, SECRET: client_secret()}
+            reply, _ = privatize_reply(cfg, reply, message, self.id, round_idx, self.private.get(SECRET))
         return reply.with_header(kind=REPLY, round=round_idx), result, metrics
 
     def evaluate(self, half: Client, mm: MoEModel, evaluator, message: Message, with_answers: bool, general: bool,

@@ -42,6 +42,8 @@ from ..config import ConfigError
 from ..seeds import Stream, derive_seed
 
 State = dict[str, torch.Tensor]
+CLIENT_ACCOUNTING = ("Rényi DP (dp-accounting) per client: one Gaussian mechanism of sensitivity 2C and noise σC "
+                     "(noise multiplier σ/2) per round the client trained in, its data replaced by any other")
 ACCOUNTING = ("Rényi DP (dp-accounting), one Gaussian mechanism per round, add-or-remove-one client, "
               "no amplification by client sampling")
 
@@ -102,6 +104,49 @@ def private_aggregate(server, cfg, global_state: State, server_state: dict, repl
                                "dp_noise_std": sigma * C / denominator}
 
 
+SECRET = "_dp_secret"  # a client's private-store entry: the seed of its own DP noise (where: client)
+
+
+def client_secret() -> torch.Tensor:
+    """Four random 63-bit words from the operating system: a client's noise seed, drawn once and kept in its
+    private store (never sent), so no one else can reproduce — and remove — its noise."""
+    import os
+
+    return torch.tensor([int.from_bytes(os.urandom(8), "little") >> 1 for _ in range(4)], dtype=torch.int64)
+
+
+def privatize_reply(cfg, reply, sent, client: int, round_idx: int, secret: torch.Tensor | None):
+    """``federation.dp.where: client``: the reply with each tensor it was sent replaced by θ + Δ̃, where
+    Δ = θ_i − θ over those tensors together is clipped to L2 norm C and Δ̃ = Δ + N(0, σ²C²) (the noise drawn
+    here, from the client's ``secret`` or, ``client_noise: seeded``, from the run's seed). Returns (reply,
+    ‖Δ‖ before clipping). Each release is a Gaussian mechanism of sensitivity 2C (any two clipped updates of
+    this client differ by at most 2C) and noise σC; what the server does with it is post-processing."""
+    from ..messages import Message
+    import numpy as np
+
+    dp = cfg.federation.dp
+    names = [n for n in sorted(reply.tensors) if n in sent.tensors and reply.tensors[n].is_floating_point()]
+    delta = {n: reply.tensors[n].to(torch.float64) - sent.tensors[n].to(torch.float64) for n in names}
+    delta, norm = clip_update(delta, dp.clip_norm)
+    if dp.client_noise == "seeded":
+        seed = derive_seed(cfg.seed, Stream.CLIENT_DP_NOISE, round_idx, client)
+    else:
+        seed = int(np.random.SeedSequence([*(int(w) for w in secret.tolist()), int(round_idx)]).generate_state(1)[0])
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(reply.tensors)
+    for n in names:
+        noisy = delta[n] + gaussian_noise(delta[n].shape, dp.noise_multiplier * dp.clip_norm, gen)
+        out[n] = (sent.tensors[n].to(torch.float64) + noisy).to(reply.tensors[n].dtype)
+    return Message(out, dict(reply.scalars), dict(reply.header)), norm
+
+
+def client_epsilon(cfg, rounds: int) -> float:
+    """ε at δ of one client that released ``rounds`` locally privatised updates (where: client): Gaussian
+    mechanisms of sensitivity 2C and noise σC, i.e. noise multiplier σ/2."""
+    dp = cfg.federation.dp
+    return epsilon(dp.noise_multiplier / 2, rounds, dp.delta)
+
+
 def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     """ε at ``delta`` after ``rounds`` Gaussian mechanisms of noise multiplier σ (RDP accountant of
     dp-accounting, add-or-remove-one, no sampling amplification); ∞ without noise, 0 before round 1."""
@@ -117,16 +162,24 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
-def round_metrics(cfg, rounds: int) -> dict:
-    """What a round's server row reports: ε after ``rounds`` applied rounds, and δ."""
+def round_metrics(cfg, rounds: int, client_rounds: list[int] | None = None) -> dict:
+    """What a round's server row reports: ε after ``rounds`` applied rounds (where: client, ε of the client
+    that trained in the most rounds so far, ``client_rounds``), and δ."""
     dp = cfg.federation.dp
+    if dp.where == "client":
+        return {"dp_epsilon": client_epsilon(cfg, max(client_rounds or [0])), "dp_delta": dp.delta}
     return {"dp_epsilon": epsilon(dp.noise_multiplier, rounds, dp.delta), "dp_delta": dp.delta}
 
 
-def privacy_summary(cfg, rounds: int, denominator: int) -> dict:
-    """summary.json's ``privacy`` block."""
+def privacy_summary(cfg, rounds: int, denominator: int, client_rounds: dict[int, int] | None = None) -> dict:
+    """summary.json's ``privacy`` block (where: client, with each client's ε over the rounds it trained in)."""
     dp = cfg.federation.dp
-    return {"epsilon": epsilon(dp.noise_multiplier, rounds, dp.delta), "delta": dp.delta, "rounds": rounds,
+    if dp.where == "client":
+        per = {cid: client_epsilon(cfg, n) for cid, n in sorted((client_rounds or {}).items())}
+        return {"where": "client", "epsilon": max(per.values(), default=0.0), "epsilon_by_client": per,
+                "delta": dp.delta, "rounds": rounds, "clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier,
+                "client_noise": dp.client_noise, "accounting": CLIENT_ACCOUNTING}
+    return {"where": "server", "epsilon": epsilon(dp.noise_multiplier, rounds, dp.delta), "delta": dp.delta, "rounds": rounds,
             "clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier, "clients_per_round": denominator,
             "noise_std_of_average": dp.noise_multiplier * dp.clip_norm / denominator, "accounting": ACCOUNTING}
 

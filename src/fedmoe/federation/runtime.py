@@ -94,16 +94,21 @@ def _metric_value(v) -> bool:
 
 
 def invalid_reply(sent: Message, reply: Message, global_state, declared_n: int | None, metrics: dict,
-                  server=None, client_metrics=()) -> str | None:
+                  server=None, client_metrics=(), secure: bool = False) -> str | None:
     """Why a client's reply cannot touch the aggregate, or None. Its tensors must be the global ones (all
     or none), ones it was sent, or the extras its method declares (``server.reply_extras``: SCAFFOLD's
     control change, FLAME's counts), each with the shape and dtype it was sent or declared (a (1,)-shaped
     tensor would broadcast over a matrix, int64 zeros turn the global state into integers); its scalars
     the method's (``server.reply_scalars``); n_train a positive integer no larger than what the client
     declared at setup (one client's 1e15 would make the global model its own); its metrics from the
-    method's namespace (``Method.client_metrics``), each a finite number or a list of them."""
+    method's namespace (``Method.client_metrics``), each a finite number or a list of them. ``secure``
+    (``federation.secagg``): the update goes masked through SecAgg+, the reply carries no tensor."""
     why = []
     extras = {} if server is None else server.reply_extras(global_state)
+    if secure:
+        extras = {}
+        if reply.tensors:
+            why.append(f"tensors in a SecAgg+ round, which must go masked ({sorted(reply.tensors)[:3]})")
     allowed = set(global_state) | set(sent.tensors) | set(extras)
     for name, t in reply.tensors.items():
         if name not in allowed:
@@ -227,8 +232,18 @@ class Federation:
 
     # ------------------------------------------------------------------ steps
     def _downlink(self, cid: int | None, kind: str, round_idx: int):
-        return self.server.downlink(self.global_state, self.server_state, cid,
-                                    round_idx=round_idx).with_header(kind=kind, round=round_idx)
+        msg = self.server.downlink(self.global_state, self.server_state, cid,
+                                   round_idx=round_idx).with_header(kind=kind, round=round_idx)
+        if kind == TRAIN and self.cfg.federation.secagg is not None:  # keep the update for SecAgg+, send none
+            msg = msg.with_header(secagg=self.server.secagg_weights(self.cfg))
+        return msg
+
+    def secagg_spec(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The tensors of a client's masked update under ``federation.secagg``, in the order its vector holds
+        them: every global tensor (θ_i − θ) and every extra its method declares (as sent), by name."""
+        extras = self.server.reply_extras(self.global_state)
+        shapes = {**{n: tuple(t.shape) for n, t in self.global_state.items()}, **{n: tuple(s[0]) for n, s in extras.items()}}
+        return sorted(shapes.items())
 
     def _setup(self, prog: Progress) -> None:
         for cid, info in self.transport.setup(prog).items():
@@ -251,8 +266,9 @@ class Federation:
             rec.bytes_up += up
             declared = (rec.data or {}).get("n_train")
             shape = (self.spec.num_moe_layers, self.spec.num_experts)
+            secure = self.cfg.federation.secagg is not None
             bad = invalid_reply(messages[cid], reply, self.global_state, declared, report.metrics, self.server,
-                                self.method.client_metrics)
+                                self.method.client_metrics, secure=secure)
             if bad is None:
                 why = invalid_counts(report.activation_counts, shape, self.spec.top_k, reply.tensors.get(TOKENS_PER_LAYER))
                 bad = None if why is None else f"an invalid reply: {why}: the update is left out of the aggregation"
@@ -299,20 +315,26 @@ class Federation:
 
             layer_of = {n: layer for n, layer in self.spec.inventory.expert_layers().items() if n in self.global_state}
             conflict = update_conflict(self.global_state, [r.message.tensors for r in replies], layer_of)
-        if self.cfg.federation.robust is not None:
+        if self.cfg.federation.secagg is not None:
+            new, server_state, metrics = self._secure_aggregate(round_idx, sampled, replies)
+        elif self.cfg.federation.robust is not None:
             from .robust import robust_aggregate
 
             new, server_state, metrics = robust_aggregate(self.server, self.cfg, self.global_state, self.server_state,
                                                           replies, round_idx)
-        elif self.cfg.federation.dp is None:
+        elif self.cfg.federation.dp is None or self.cfg.federation.dp.where == "client":
             new, server_state, metrics = self.server.aggregate(self.global_state, self.server_state, replies,
                                                                round_idx=round_idx)
         else:
-            from .dp import private_aggregate, round_metrics
+            from .dp import private_aggregate
 
             new, server_state, metrics = private_aggregate(self.server, self.cfg, self.global_state, self.server_state,
                                                            replies, sampled, round_idx)
-            metrics = {**metrics, **round_metrics(self.cfg, self.completed_rounds + 1)}
+        if self.cfg.federation.dp is not None:
+            from .dp import round_metrics
+
+            trained = [rec.rounds_trained for rec in self.records.values()]  # this round's replies counted
+            metrics = {**metrics, **round_metrics(self.cfg, self.completed_rounds + 1, trained)}
         metrics = {**conflict, **metrics}
         bad = [n for n, t in new.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if bad:
@@ -320,6 +342,28 @@ class Federation:
                               f"in {len(bad)} tensors ({', '.join(bad[:3])}): the round was not applied; "
                               f"{self._intact()}")
         return new, server_state, metrics
+
+    def _secure_aggregate(self, round_idx: int, sampled: int, replies: list[Reply]) -> tuple[dict, dict, dict]:
+        """SecAgg+ over the clients that trained: the server gets the weighted mean of their masked updates
+        (:meth:`secagg_spec`), never one of them, and the method aggregates from it."""
+        uniform = self.server.secagg_weights(self.cfg) == "uniform"
+        weights = {r.client: 1.0 if uniform else float(r.message.scalars[N_TRAIN]) for r in replies}
+        spec = self.secagg_spec()
+        mean, included, failed, metrics = self.transport.secure_mean(round_idx, weights, spec)
+        for cid, why in sorted(failed.items()):
+            self._failed(round_idx, cid, "secure aggregation", why)
+        vector_bytes = 4 * (sum(math.prod(s) for _, s in spec) + 1)  # the masked int32 vector each client sent
+        for cid in included:
+            self.records[cid].bytes_up += vector_bytes
+        need = self.min_replies(sampled)
+        if mean is None or len(included) < need:
+            raise RoundFailed(f"round {round_idx}: secure aggregation gave no mean ({metrics.get('halted') or ''}): "
+                              f"{len(included)} of {sampled} sampled clients took part, federation.min_replies is "
+                              f"{need}; failed: {failed}. The round was not applied; {self._intact()}")
+        new, server_state, own = self.server.secure_aggregate(self.global_state, self.server_state, mean, len(included),
+                                                              round_idx=round_idx)
+        return new, server_state, {**own, **{k: v for k, v in metrics.items() if k != "halted"},
+                                   "secagg_clients": sorted(included), "secagg_vector_bytes": vector_bytes}
 
     def _intact(self) -> str:
         """What a round that stops the run leaves behind."""
@@ -456,7 +500,8 @@ class Federation:
         from .dp import privacy_summary
 
         sampled = len(sample_clients(len(self.records), self.cfg.federation.fraction, self.cfg.seed, 1))
-        return privacy_summary(self.cfg, self.completed_rounds, sampled)
+        return privacy_summary(self.cfg, self.completed_rounds, sampled,
+                               {cid: r.rounds_trained for cid, r in self.records.items()})
 
     def _tensorboard(self) -> None:
         """``report.tensorboard``: the scalars of metrics.jsonl so far, rebuilt after every round."""

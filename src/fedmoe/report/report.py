@@ -594,6 +594,18 @@ def format_privacy(summary: dict, metrics: list[dict]) -> list[str]:
     p = summary.get("privacy")
     if not p:
         return []
+    if p.get("where") == "client":
+        per = ", ".join(f"client {c}: {_num(e, 3)}" for c, e in (p.get("epsilon_by_client") or {}).items())
+        lines = ["## Differential privacy (local, on each client)", "",
+                 f"Each client clipped its own update to L2 norm {p['clip_norm']:g} and added Gaussian noise of std "
+                 f"{p['noise_multiplier']:g} × {p['clip_norm']:g} before sending it, so no raw update left a client. "
+                 f"(ε, δ) per client at δ = {p['delta']:g}, over the rounds it trained in: {per or 'none'}. "
+                 f"Accounting: {p['accounting']}."
+                 + (" The noise was seeded from the run's seed (client_noise: seeded): whoever has the config can "
+                    "remove it, so this holds only against those who do not." if p.get("client_noise") == "seeded" else
+                    " Each client's noise comes from a secret it drew itself and never sent.")
+                 + " The clients' reported losses, counts and evaluation numbers are not covered.", ""]
+        return lines
     lines = ["## Differential privacy (client level)", "",
              f"(ε, δ) = ({_num(p['epsilon'], 3)}, {p['delta']:g}) after {p['rounds']} rounds: each round clips every "
              f"client's update to L2 norm {p['clip_norm']:g}, adds Gaussian noise of std {p['noise_multiplier']:g} × "

@@ -15,6 +15,7 @@ test data).
 from __future__ import annotations
 
 from .relay import relay, worker_socket
+from .secagg import is_secagg_message, secaggplus_mod_if_marked
 
 # the ClientApp of a process without a worker (a simulation actor; a SuperNode's per-message process)
 # keeps the run's model and every client it served while the process lives
@@ -37,7 +38,7 @@ def server_main(grid, context, options=None) -> None:
     from .server import FlowerTransport
 
     opts = dict(options or context.run_config)
-    transport = FlowerTransport(grid, _config(opts))
+    transport = FlowerTransport(grid, _config(opts), context=context)
     if opts.get("resume"):
         cfg, rd, ck = open_run_dir(opts["run-dir"])
         transport.cfg = cfg
@@ -66,6 +67,35 @@ def client_reply(message, context, options=None):
     return FlowerMessage(_CACHE.reply(kind, message.content, opts, node), reply_to=message)
 
 
+def secagg_answer(message, context, options=None):
+    """This client's update of the round, kept on its disk at its train message (``secagg-rNNNNN.npy`` and
+    its weight beside it), as the SecAgg+ fit result the mod masks; the files are removed once read. No
+    torch: this runs in the ClientApp process, which holds the mod's protocol state."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from .paths import node_identity, store_path
+    from .secagg import read_secagg_instruction, secagg_reply
+
+    opts = dict(options or context.run_config)
+    cid, _, state_dir = node_identity(context.node_config, opts)
+    ins = read_secagg_instruction(message)
+    if ins.config.get("fedmoe.client") != cid:
+        raise ValueError(f"a SecAgg+ instruction for client {ins.config.get('fedmoe.client')} reached client {cid}")
+    base = Path(store_path(state_dir, ins.config.get("fedmoe.run_id"), cid)) / f"secagg-r{ins.round_idx:05d}"
+    if not base.with_suffix(".npy").is_file():
+        raise RuntimeError(f"client {cid} has no update of round {ins.round_idx} to aggregate securely "
+                           f"({base}.npy): it did not train in that round here")
+    vector = np.load(base.with_suffix(".npy"), allow_pickle=False)
+    weight = json.loads(base.with_suffix(".json").read_text())["weight"]
+    reply = secagg_reply(message, vector, weight)
+    base.with_suffix(".npy").unlink()
+    base.with_suffix(".json").unlink()
+    return reply
+
+
 def make_apps(options: dict | None = None):
     """(ServerApp, ClientApp); ``options`` None: read from Flower's run config (deployment)."""
     from flwr.clientapp import ClientApp
@@ -81,8 +111,10 @@ def make_apps(options: dict | None = None):
     def _query(message, context):
         return client_reply(message, context, options)
 
-    @client_app.train()
+    @client_app.train(mods=[secaggplus_mod_if_marked])
     def _train(message, context):
+        if is_secagg_message(message):  # SecAgg+'s collect stage: the update this client kept, masked by the mod
+            return secagg_answer(message, context, options)
         return client_reply(message, context, options)
 
     @client_app.evaluate()

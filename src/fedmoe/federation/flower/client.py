@@ -22,9 +22,10 @@ import torch
 import yaml
 
 from ...algorithms import get_method
-from ...algorithms.base import check_top_k
+from ...algorithms.base import N_TRAIN, check_top_k
 from ...config import ConfigError, RunConfig, config_from_tree
 from ...data import prepare_client_data, prepare_federated_data
+from ...messages import Message
 from ...moe import load_tokenizer
 from ...moe.model import resolve_device
 from ...rundir import atomic_write_bytes, atomic_write_text, load_tensor_file
@@ -33,6 +34,7 @@ from ..clients import ClientNode, client_set, heldout_set
 from ..evaluation import ModelEvaluator
 from ..local import load_client_model
 from ..transport import TrainReport
+from .paths import DEFAULT_STATE_DIR, node_identity, store_path  # noqa: F401 (re-exported)
 from .records import from_records, jsonable, to_records
 
 _KEEP = 3  # private-store files kept per client (the newest)
@@ -100,14 +102,30 @@ class PrivateStore:
         atomic_write_text(self.root / "setup.json", json.dumps(metrics))
 
 
-def store_path(state_dir: Path, run_id, client: int) -> Path:
-    """Where client ``client`` keeps its private store for the run ``run_id`` (the id the server names in
-    every message, 12 hex digits): a run id that is not a plain name (a path, '..') is refused, so a
-    message cannot make a SuperNode write, prune or load files outside its state directory."""
-    if not isinstance(run_id, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
-        raise ValueError(f"refused a message whose run_id {str(run_id)[:80]!r} is not a plain name of letters, "
-                         "digits, '-' and '_' (a fedmoe server sends 12 hex digits)")
-    return Path(state_dir) / run_id / f"client-{int(client)}"
+def keep_for_secagg(root: Path, round_idx: int, sent: Message, reply: Message, weights: str) -> Message:
+    """Under ``federation.secagg``: this client's update of the round written to its own disk
+    (``secagg-rNNNNN.npy``: float64, every reply tensor in name order, a tensor it was sent as θ_i − θ,
+    the others as they are; its weight — n_i, or 1 for ``weights`` "uniform" — beside it), for the SecAgg+
+    stage that masks it (:func:`fedmoe.federation.flower.apps.secagg_answer`). The reply keeps only its
+    scalars: no tensor of this client reaches the server unmasked."""
+    import io
+
+    import numpy as np
+
+    parts = []
+    for name in sorted(reply.tensors):
+        t = reply.tensors[name].to(torch.float64)
+        parts.append((t - sent.tensors[name].to(torch.float64) if name in sent.tensors else t).reshape(-1))
+    vector = torch.cat(parts).numpy() if parts else np.zeros(0)
+    buf = io.BytesIO()
+    np.save(buf, vector, allow_pickle=False)
+    base = root / f"secagg-r{round_idx:05d}"
+    for old in root.glob("secagg-r*.*"):  # an earlier round's update that SecAgg+ never asked for
+        old.unlink(missing_ok=True)
+    weight = 1.0 if weights == "uniform" else float(reply.scalars[N_TRAIN])
+    atomic_write_bytes(base.with_suffix(".npy"), buf.getvalue())
+    atomic_write_text(base.with_suffix(".json"), json.dumps({"weight": weight}))
+    return Message(tensors={}, scalars=dict(reply.scalars), header=dict(reply.header))
 
 
 class ClientModel:
@@ -197,6 +215,8 @@ class FlowerClient:
             if not lead:
                 return None
             store.save(round_idx, node.private)
+            if msg.header.get("secagg"):
+                reply = keep_for_secagg(store.root, round_idx, msg, reply, msg.header["secagg"])
             out["report"] = TrainReport.of(res, jsonable(metrics)).to_info(reply)
             out["work_s"] = time.perf_counter() - t0
             return to_records(reply, out)
@@ -209,18 +229,6 @@ class FlowerClient:
         out["result"], out["withheld"] = kept_here(jsonable(res), self.share)
         out["work_s"] = time.perf_counter() - t0
         return to_records(None, out)
-
-
-DEFAULT_STATE_DIR = Path.home() / ".fedmoe" / "client-state"
-
-
-def node_identity(node_config, options: dict) -> tuple[int, str | None, str]:
-    """(client id, its own data file or None, its state directory) from a SuperNode's node config."""
-    if "partition-id" not in node_config:
-        raise ValueError("this SuperNode has no partition-id in its node config: start it with "
-                         "--node-config 'partition-id=N' (N = its client id, 0..num_clients-1)")
-    state_dir = node_config.get("state-dir") or options.get("state-root") or str(DEFAULT_STATE_DIR)
-    return int(node_config["partition-id"]), node_config.get("data-path") or None, str(state_dir)
 
 
 class ClientCache:

@@ -27,8 +27,10 @@ def _message(content, kind: str, node: int, group: str):
 
 
 class FlowerTransport:
-    def __init__(self, grid, cfg, log=print, poll_s: float = 1.0, reply_poll_s: float = 0.1):
+    def __init__(self, grid, cfg, log=print, poll_s: float = 1.0, reply_poll_s: float = 0.1, context=None):
+        """``context``: the ServerApp's Flower Context (SecAgg+ takes the run's id from it)."""
         self.grid, self.cfg, self.log, self.poll_s, self.reply_poll_s = grid, cfg, log, poll_s, reply_poll_s
+        self.context = context
         self.run_id = uuid.uuid4().hex[:12]
         self.node_of: dict[int, int] = {}  # client id -> Flower node id
         self.infos: dict[int, dict] = {}
@@ -209,6 +211,37 @@ class FlowerTransport:
             raise RuntimeError(f"round {round_idx}: no client could evaluate the global model: {failed}")
         res = [results[cid] for cid in cids if cid in results]
         return {**pooled(res), "eval_s": sum(r.get("eval_s", 0.0) for r in res)}, failed
+
+    def secure_mean(self, round_idx: int, weights: dict[int, float], spec: list[tuple[str, tuple[int, ...]]]):
+        """(the weighted mean of the clients' masked updates as named float64 tensors, or None; the clients
+        included; {client: why it failed}; metrics) through SecAgg+ (:mod:`.secagg`): each client in
+        ``weights`` answers with the update it kept at its last train message, weighted by its weight."""
+        import numpy as np
+        import torch
+
+        from .secagg import secure_weighted_sum
+
+        sc = self.cfg.federation.secagg
+        nodes = {self.node_of[cid]: cid for cid in sorted(weights)}
+        payloads = {nid: {"fedmoe.run_id": self.run_id, "fedmoe.client": cid} for nid, cid in nodes.items()}
+        length = sum(int(np.prod(shape)) for _, shape in spec)
+        res = secure_weighted_sum(self.grid, list(nodes), payloads, length, max_weight=max(weights.values()),
+                                  round_idx=round_idx, num_shares=float(sc.share_fraction),
+                                  reconstruction_threshold=float(sc.threshold_fraction),
+                                  clipping_range=sc.clipping_range, quantization_range=sc.quantization_range,
+                                  timeout=self.cfg.federation.round_timeout_s, poll_s=self.reply_poll_s,
+                                  context=self.context)
+        failed = {nodes[nid]: f"node {nid}: {why}" for nid, why in res.failures.items() if nid in nodes}
+        included = [nodes[nid] for nid in res.included if nid in nodes]
+        metrics = {"secagg_s": res.seconds, "halted": res.halted}
+        if res.mean is None:
+            return None, included, failed, metrics
+        mean, at = {}, 0
+        for name, shape in spec:
+            size = int(np.prod(shape))
+            mean[name] = torch.from_numpy(res.mean[at : at + size].copy()).reshape(shape)
+            at += size
+        return mean, included, failed, metrics
 
     def state(self) -> dict:
         return {"run_id": self.run_id, "withheld": {str(c): sorted(k) for c, k in self.withheld.items()}}
