@@ -335,3 +335,30 @@ def test_a_client_reporting_a_negative_test_loss_is_left_out_of_the_global_loss(
     assert summary["global"]["loss"] == pytest.approx(seen[0]["loss"], rel=1e-12)
     assert [(f["round"], f["client"], f["stage"]) for f in summary["failures"]] == [(1, 1, "evaluate")]
     assert "a test loss of -5.0" in summary["failures"][0]["error"]
+
+
+def test_hostile_replies_through_flower_are_those_clients_failures(tmp_path):
+    """On Flower's simulation, the train replies of clients 1 and 2 arrive changed (tests/flower_tamper.py): one
+    claims 1e15 examples, one names a dtype that would make the server call torch.load. Both are left out of
+    every round as failures (invalid, unreadable), the run finishes on client 0's updates."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sets = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32", "data.partition.num_clients=3",
+            "train.max_steps=1", "train.batch_size=2", "lora.rank=2", "eval.rouge=false", "eval.zero_shot=false",
+            "data.max_test_per_client=2", "eval.loss_every_round=false", "federation.rounds=1",
+            "federation.min_replies=1", f"output_dir={tmp_path}", "name=tampered"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = [sys.executable, str(Path(__file__).parent / "flower_tamper.py"), "run", "--runtime", "flower-sim", "--quiet",
+           *[x for a in sets for x in ("--set", a)]]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((tmp_path / "tampered" / "summary.json").read_text())
+    fails = {(f["client"], f["stage"]): f["error"] for f in summary["failures"]}
+    assert "more than the" in fails[(1, "invalid")]
+    assert "an unreadable reply" in fails[(2, "train")] and "'load'" in fails[(2, "train")]
+    assert [c["rounds_trained"] for c in summary["clients"]] == [1, 0, 0]

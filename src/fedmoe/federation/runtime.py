@@ -391,7 +391,9 @@ class Federation:
             results, bad = screened(results, {cid: (self.records[cid].data or {}).get("n_generated") for cid in results})
             failed = {**failed, **bad}
             for cid, r in results.items():
-                self.records[cid].profile = r.pop("profile")
+                profile = r.pop("profile", None)  # what the client runs (k, rank): kept unless it says otherwise
+                if isinstance(profile, dict) and isinstance(profile.get("k"), int):
+                    self.records[cid].profile = profile
                 self.records[cid].evaluated_round = round_idx
             for cid in sorted(set(msgs) - set(results)):
                 self._failed(round_idx, cid, "evaluate", failed.get(cid, "no evaluation came back"))

@@ -45,11 +45,15 @@ def from_records(rd) -> tuple[Message | None, dict]:
     if "tensors" not in rd:
         return None, info
     dtypes = json.loads(rd["header"]["dtypes"])
+    bitcast = {str(d).removeprefix("torch."): d for d in BITCAST}
     tensors = {}
     for name, arr in rd["tensors"].items():
         t = torch.from_numpy(np.array(arr.numpy(), copy=True))
         if name in dtypes:
-            t = t.view(getattr(torch, dtypes[name]))
+            if dtypes[name] not in bitcast or t.dtype != BITCAST[bitcast[dtypes[name]]]:
+                raise ValueError(f"tensor {name!r}: a dtype {str(dtypes[name])[:40]!r} over {t.dtype} bits is not one "
+                                 f"that travels bit-cast ({sorted(bitcast)})")
+            t = t.view(bitcast[dtypes[name]])
         tensors[name] = t
     return Message(tensors=tensors, scalars=dict(rd["scalars"]), header=json.loads(rd["header"]["json"])), info
 

@@ -140,7 +140,13 @@ class FlowerTransport:
             if reply.has_error():
                 failed[cid] = f"node {reply.metadata.src_node_id}: {reply.error.reason} (code {reply.error.code})"
                 continue
-            msg, info = from_records(reply.content)
+            try:
+                msg, info = from_records(reply.content)
+                if not isinstance(info, dict):
+                    raise ValueError(f"its info is a {type(info).__name__}")
+            except Exception as e:  # noqa: BLE001 — whatever a client sent, it is that client's failure
+                failed[cid] = f"node {reply.metadata.src_node_id}: an unreadable reply ({type(e).__name__}: {str(e)[:200]})"
+                continue
             self._note_withheld(info, cid)
             got[cid] = (msg, info)
             self._overhead(round_idx, kind, info)
@@ -193,7 +199,7 @@ class FlowerTransport:
                  prog) -> tuple[dict[int, dict], dict[int, str]]:
         infos = {cid: {"with_answers": with_answers, "general": general_for[cid]} for cid in messages}
         got, failed = self._send(round_idx, EVALUATE, messages, infos)
-        return {cid: info["result"] for cid, (_, info) in got.items()}, failed
+        return {cid: info.get("result") for cid, (_, info) in got.items()}, failed
 
     def evaluate_global(self, round_idx: int, message: Message, with_answers: bool, general: bool,
                         prog) -> tuple[dict, dict[int, str]]:
@@ -204,7 +210,7 @@ class FlowerTransport:
         got, failed = self._send(round_idx, EVALUATE_GLOBAL, {cid: message for cid in cids}, infos)
         if not got:
             raise RuntimeError(f"round {round_idx}: no client could evaluate the global model: {failed}")
-        results, bad = screened({cid: got[cid][1]["result"] for cid in cids if cid in got},
+        results, bad = screened({cid: got[cid][1].get("result") for cid in cids if cid in got},
                                 {cid: self.infos.get(cid, {}).get("data", {}).get("n_generated") for cid in cids})
         failed.update(bad)
         if not results:
