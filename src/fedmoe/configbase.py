@@ -6,17 +6,122 @@ this module, never :mod:`fedmoe.config` (which assembles the whole tree from the
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 
 class ConfigError(ValueError):
     """A user-fixable problem in a run configuration."""
 
 
-class StrictModel(BaseModel):
-    """A config section: unknown keys are errors, assignments are validated."""
+def _members(annotation) -> list:
+    """The types a field's annotation admits at its top level (through Optional, unions, Annotated and
+    Literal, whose values' types count)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return [m for a in get_args(annotation) for m in _members(a)]
+    if origin is Literal:
+        return [type(a) for a in get_args(annotation)]
+    return [annotation]
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+def _misfit(value, annotation) -> str | None:
+    """Why ``value`` must not pass as a number where ``annotation`` wants one (None: let pydantic decide).
+    pydantic's lax mode reads true as 1 and "3" as 3; here a boolean is never a number, and text is a
+    whole number's only where the field also takes text or a float (YAML 1.1 reads ``1e-4`` as text)."""
+    members = _members(annotation)
+    if Any in members or object in members:
+        return None
+    if isinstance(value, bool):
+        if bool not in members and (int in members or float in members):
+            return "a number is expected, not true/false"
+        return None
+    if isinstance(value, str):
+        if int in members and not {str, float} & set(members):
+            return f"a whole number is expected, not the text {value!r}"
+        return None
+    for m in members:
+        origin, args = get_origin(m), get_args(m)
+        if isinstance(value, (list, tuple)) and origin in (list, tuple, set, frozenset) and args:
+            if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+                items = list(zip(value, args))
+            else:
+                items = [(v, args[0]) for v in value]
+            for i, (v, a) in enumerate(items):
+                why = _misfit(v, a)
+                if why:
+                    return f"item {i}: {why}"
+        elif isinstance(value, dict) and origin is dict and len(args) == 2:
+            for k, v in value.items():
+                why = _misfit(v, args[1])
+                if why:
+                    return f"{k}: {why}"
+    return None
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors, assignments are validated, a number is never NaN or
+    ±infinity, and a boolean (or text, for an int field) never passes as a number (pydantic's lax mode
+    would read ``rounds: true`` as 1)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_or_text_as_number(cls, value, info: ValidationInfo):
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        why = None if field is None else _misfit(value, field.annotation)
+        if why:
+            raise ValueError(why)
+        return value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a mapping that sets one key twice is an error (PyYAML keeps the last value)."""
+
+    source = "config"
+
+    def construct_document(self, node):
+        _check_duplicate_keys(node, [], self.source, set())
+        return super().construct_document(node)
+
+
+def _check_duplicate_keys(node, path: list[str], source: str, seen: set) -> None:
+    if id(node) in seen:  # an alias of a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        for key, child in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                name = (key.tag, key.value)
+                where = ".".join([*path, key.value])
+                if name in first:
+                    raise ConfigError(f"{source}: the key '{where}' is set twice (lines {first[name] + 1} and "
+                                      f"{key.start_mark.line + 1}); keep one of them")
+                first[name] = key.start_mark.line
+                _check_duplicate_keys(child, [*path, key.value], source, seen)
+            else:
+                _check_duplicate_keys(child, path, source, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, child in enumerate(node.value):
+            _check_duplicate_keys(child, [*path[:-1], f"{path[-1]}[{i}]"] if path else [f"[{i}]"], source, seen)
+
+
+def load_yaml(text: str, source: str):
+    """``yaml.safe_load(text)``, refusing a mapping that sets a key twice with a :class:`ConfigError` that
+    names ``source``, the key's path and both lines. Other YAML errors raise ``yaml.YAMLError`` as usual."""
+    loader = _UniqueKeyLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def format_errors(err: ValidationError, source: str) -> str:
@@ -33,4 +138,4 @@ def format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ConfigError", "StrictModel", "format_errors"]
+__all__ = ["ConfigError", "StrictModel", "format_errors", "load_yaml"]

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
-from .configbase import ConfigError, format_errors as _format_errors
+from .configbase import ConfigError, StrictModel, format_errors as _format_errors, load_yaml
 from .data.general import DEFAULT_CORPUS, corpus_split, pack
 from .data.template import format_prompt
 from .rundir import atomic_write_bytes, atomic_write_text
@@ -42,8 +41,8 @@ CARD_PROMPTS = [
 ]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Strict(StrictModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
 
 class TokenizerSpec(_Strict):
@@ -108,7 +107,7 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = load_yaml(p.read_text(encoding="utf-8"), str(p)) or {}
     tree = apply_overrides(tree, overrides or [])
     try:
         return PretrainConfig.model_validate(tree)

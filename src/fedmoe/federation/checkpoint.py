@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, RunConfig, config_to_dict
-from ..rundir import UnsafeFileError, load_tensor_file, RunDir, atomic_write_bytes
+from ..rundir import UnsafeFileError, load_tensor_file, RunDir, atomic_write_bytes, atomic_write_leftovers
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -55,10 +55,26 @@ EXECUTION_KEYS = ("name", "output_dir", "model.device", "federation.round_timeou
                   "federation.max_inflight", "federation.on_client_error", "report.tensorboard")
 
 
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files a checkpoint write killed midway left in ``folder`` (``.state.pt.XXXXXXXX.tmp``,
+    ``.state.prev.pt.XXXXXXXX.tmp``: :func:`~fedmoe.rundir.atomic_write_leftovers`; ``.state.prev.pt.tmp``, the
+    hard link of :func:`write_checkpoint`), nothing else; returns them. Only under the run's lock."""
+    folder = Path(folder)
+    stale = [*atomic_write_leftovers(folder / CHECKPOINT_FILE), *atomic_write_leftovers(folder / PREVIOUS_CHECKPOINT_FILE)]
+    link = folder / f".{PREVIOUS_CHECKPOINT_FILE}.tmp"
+    if link.is_file() and not link.is_symlink():
+        stale.append(link)
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return stale
+
+
 def write_checkpoint(folder: Path, data: bytes) -> None:
     """``state.pt`` written atomically, after the one it replaces became ``state.prev.pt`` (a hard link
-    renamed into place, so that ``state.pt`` itself never goes missing)."""
+    renamed into place, so that ``state.pt`` itself never goes missing); what an earlier write killed
+    midway left behind is removed first (:func:`remove_stale_temporaries`)."""
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
     latest = folder / CHECKPOINT_FILE
     if latest.is_file():
         tmp = folder / f".{PREVIOUS_CHECKPOINT_FILE}.tmp"
@@ -166,6 +182,88 @@ def check_fingerprint(cfg: RunConfig, ck: dict, path: str | Path, log=print) -> 
                           f"({'; '.join(diffs)}): a resumed run continues the run it checkpointed, so put back "
                           f"{'that value' if len(diffs) == 1 else 'those values'} (only {', '.join(EXECUTION_KEYS)} "
                           "may change on resume), or start a new run with the new config")
+
+
+# ---------------------------------------------------------------------- the data a run reads
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _source_files(source: str) -> tuple[str, Path | None, list[str]]:
+    """(kind, where, files) of one ``data.source`` as :func:`fedmoe.data.sources.load_examples` resolves it
+    here: ``builtin`` (the shipped file), ``file``, ``dir`` (its files, relative, sorted) or ``other`` (a hub
+    dataset, or nothing at that path on this machine: not fingerprinted)."""
+    from ..data.sources import DataError, _builtin_key, builtin_path
+
+    if _builtin_key(source) is not None and not Path(source).exists():
+        try:
+            return "builtin", builtin_path(source), ["."]
+        except DataError:
+            return "other", None, []
+    path = Path(source).expanduser()
+    if path.is_file():
+        return "file", path, ["."]
+    if path.is_dir():
+        return "dir", path, sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    return "other", None, []
+
+
+def data_fingerprint(cfg: RunConfig) -> dict:
+    """Every local file of ``data.source`` (the shipped file for the built-in data, every file under a
+    folder): its size and SHA-256 (streamed); stored in every checkpoint, checked on resume
+    (:func:`check_data_fingerprint`). Only what this process (the server) can read at ``data.source``:
+    on the Flower runtimes a client with its own data file (node config ``data-path``) or a SuperNode on
+    another machine reads data this fingerprint does not cover, and a hub dataset (``hf:``) is covered only
+    by ``data.revision`` in the config fingerprint."""
+    sources = cfg.data.source if isinstance(cfg.data.source, list) else [cfg.data.source]
+    out = []
+    for source in sources:
+        kind, where, files = _source_files(source)
+        out.append({"source": source, "kind": kind,
+                    "files": {f: [(where / f).stat().st_size, _sha256(where / f)] for f in files}})
+    return {"sources": out}
+
+
+def check_data_fingerprint(cfg: RunConfig, ck: dict, path: str | Path, log=print) -> None:
+    """Refuse to resume the run in ``path`` when a data file its checkpoint fingerprinted
+    (:func:`data_fingerprint`) is missing or differs now, naming the file; a checkpoint written before
+    data fingerprints only gets a warning."""
+    stored = ck.get("data_fingerprint")
+    if stored is None:
+        log(f"warning: the checkpoint in {path} predates data fingerprints: resuming without checking that the data "
+            f"(data.source) is still the data the run started with")
+        return
+    for old in stored["sources"]:
+        if old["kind"] == "other" or not old["files"]:
+            continue
+        kind, where, files = _source_files(old["source"])
+        now = set(files) if kind == old["kind"] else set()
+        base = where if where is not None else Path(old["source"]).expanduser()
+        why = None
+        for f in sorted(set(old["files"]) | now):
+            shown = base if f == "." else base / f
+            if f not in now:
+                why = f"{shown} is missing"
+            elif f not in old["files"]:
+                why = f"{shown} was added"
+            else:
+                size = (base / f).stat().st_size
+                if size != old["files"][f][0]:
+                    why = f"{shown} changed (size {old['files'][f][0]} -> {size} bytes)"
+                elif _sha256(base / f) != old["files"][f][1]:
+                    why = f"{shown} changed (same size, other content: SHA-256 differs)"
+            if why:
+                restore = ("install the fedmoe version that started the run (this is the data it ships)"
+                           if old["kind"] == "builtin" else "put the data back as it was")
+                raise RunDirError(
+                    f"the data of the run in {path} changed since its checkpoint: {why} (data.source: "
+                    f"{old['source']!r}): a resumed run must read the data it started with, so {restore}, or start "
+                    f"a new run (`fedmoe run {Path(path) / RunDir.CONFIG} --overwrite` replaces this one, --set "
+                    "name=... keeps it)")
 
 
 def migrate_checkpoints(path: str | Path, log=print) -> list[Path]:

@@ -49,7 +49,7 @@ def resume_federated(path: str | Path, show_progress: bool = False, stop_after_r
     rd = lock_existing(Path(path), log)
 
     def work():
-        cfg, _, ck = open_run_dir(path, log=log)
+        cfg, _, ck = open_run_dir(path, log=log, check_data=True)
         return Federation(cfg, rd, show_progress=show_progress, log=log, resuming=True,
                           observe=observe).resume(ck, stop_after_round)
 
@@ -90,7 +90,9 @@ def continue_run(path: str | Path, show_progress: bool = False, federation: str 
     rd = lock_existing(path, log)
 
     def work():
-        open_run_dir(path, log=log)  # a changed config or no readable checkpoint: refused before Flower starts
+        # a changed config (or, in a simulation, data) or no readable checkpoint: refused before Flower starts. A
+        # deployment's ServerApp may see data.source elsewhere (another machine): it checks the data itself
+        open_run_dir(path, log=log, check_data=cfg.federation.runtime == "flower-sim")
         if cfg.federation.runtime == "flower-sim":
             return run_simulation(cfg, rd, resume=True)
         return run_deployment(cfg, rd, name, resume=True)

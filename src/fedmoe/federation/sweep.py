@@ -19,9 +19,8 @@ import itertools
 import json
 from pathlib import Path
 
-import yaml
-
 from ..config import ConfigError, apply_overrides, config_from_tree, parse_override
+from ..configbase import load_yaml
 from ..eval.stats import format_change
 from ..report.compare import bytes_per_round, personal_or_global  # noqa: F401  (re-exported)
 from ..rundir import atomic_write_text, loads
@@ -59,7 +58,7 @@ def sweep_points(sweep: dict) -> list[tuple[str, list[str]]]:
 
 def load_sweep(path: str | Path) -> tuple[dict, dict | None]:
     """The config tree without its ``sweep`` section, and that section (None if absent)."""
-    tree = yaml.safe_load(Path(path).read_text()) or {}
+    tree = load_yaml(Path(path).read_text(encoding="utf-8"), str(path)) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return tree, tree.pop("sweep", None)
