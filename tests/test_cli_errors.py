@@ -189,3 +189,134 @@ def test_flops_of_a_run_config_as_the_readme_shows(tmp_path):
     assert r.returncode == 0 and f"{default}: builtin:tiny-moe (olmoe)" in r.stdout and "no LoRA" in r.stdout
     r = fedmoe("flops", tmp_path / "missing.yaml", cwd=tmp_path)
     assert "config file not found" in error_line(r)
+
+
+# ------------------------------------------------- export, generate, compare and DP settings (issue 26)
+def cli(*args, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    """``fedmoe ARGS`` in this process (no interpreter start: these cases run many commands), as the
+    subprocess helper returns it; an exception that escaped the command is its traceback on stderr."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from fedmoe.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args], input=stdin)
+    err = res.stderr
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        err += "".join(traceback.format_exception(res.exception))
+    return subprocess.CompletedProcess(args, res.exit_code, res.stdout, err)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """One finished one-round run, shared by the tests below (which only read it or copy its files)."""
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path_factory.mktemp('runs')}", "name=tiny"])
+    _, rd = run_federated(cfg, log=lambda *a: None)
+    return rd.path
+
+
+def test_export_into_a_file(tiny_run, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    line = error_line(fedmoe("export", tiny_run, afile, cwd=tmp_path))  # one real command line
+    assert f"{afile} exists and is a file, not a folder" in line and "give a new folder to export into" in line
+    line = error_line(cli("export", tiny_run, afile / "sub"))
+    assert f"cannot create the folder {afile / 'sub'}: {afile} is a file, not a folder" in line
+    assert afile.read_text() == "x"
+
+
+def test_export_into_a_read_only_folder(tiny_run, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("this user writes into read-only directories (root)")
+        r = cli("export", tiny_run, ro)
+    finally:
+        ro.chmod(0o755)
+    line = error_line(r)
+    assert f"cannot write into {ro} (Permission denied)" in line and "choose a folder you may write" in line
+    assert f"chmod u+w {ro}" in line and not any(ro.iterdir())
+
+
+def test_generate_bad_input(tiny_run, tmp_path):
+    import typer
+
+    from fedmoe.cli import app
+
+    for n in (-5, 0):  # refused before the model loads; 0 is not "the default"
+        line = error_line(cli("generate", tiny_run, "hi", "--max-new-tokens", n))
+        assert f"--max-new-tokens must be at least 1, got {n}" in line
+        assert "leave it out for the run's eval.max_new_tokens" in line
+    [option] = [p for p in typer.main.get_command(app).commands["generate"].params if p.name == "max_new_tokens"]
+    assert "at least 1 (0 is refused" in option.help
+    r = cli("generate", tiny_run, "--max-new-tokens", "1", stdin=b"Say hello.\nsay \xff\xfe hello\n")
+    line = error_line(r)
+    assert "stdin line 2 is not UTF-8 text (byte 4 is 0xff)" in line and "give the instructions in UTF-8" in line
+    assert len(r.stdout.splitlines()) == 1  # line 1 was answered
+
+
+def test_compare_damaged_runs(tiny_run, tmp_path):
+    def damaged(name, file, content: bytes, drop_summary=False):
+        run = tmp_path / name
+        run.mkdir()
+        for f in ("config.yaml", "metrics.jsonl", "summary.json"):
+            if not (drop_summary and f == "summary.json"):
+                shutil.copy(tiny_run / f, run / f)
+        (run / file).write_bytes(content)
+        return run
+
+    def compare(run, out=tmp_path / "out"):
+        return error_line(cli("compare", tiny_run, run, "--out", out))
+
+    metrics = (tiny_run / "metrics.jsonl").read_bytes()
+    n = len(metrics.splitlines())
+    summary = (tiny_run / "summary.json").read_bytes()
+    leave_out = "restore it or leave this run out of the comparison"
+    run = damaged("badyaml", "config.yaml", b"model: {name: [1, 2\n")
+    line = compare(run)
+    assert f"{run / 'config.yaml'}: line 2, column 1 is not valid YAML" in line and leave_out in line
+    run = damaged("listyaml", "config.yaml", b"- model\n- data\n")
+    line = compare(run)
+    assert f"{run / 'config.yaml'}: the top level is list, not the mapping of sections" in line and leave_out in line
+    run = damaged("noround", "metrics.jsonl", metrics + b'{"kind": "round"}\n', drop_summary=True)
+    line = compare(run)
+    assert f'{run / "metrics.jsonl"}: line {n + 1} has no "round"' in line and "repair or delete that line" in line
+    run = damaged("xround", "metrics.jsonl", metrics + b'{"kind": "round", "round": "x"}\n')
+    line = compare(run)
+    assert f'{run / "metrics.jsonl"}: line {n + 1} has "round": "x", not a whole number' in line
+    assert "repair or delete that line" in line
+    run = damaged("truncated", "summary.json", summary[:len(summary) // 2])
+    line = compare(run)
+    assert f"{run / 'summary.json'} is not valid JSON" in line and "truncated or damaged" in line
+    assert "move it away to compare the run as unfinished" in line
+    run = damaged("binary", "metrics.jsonl", metrics + b'{"kind": "\xff"}\n')
+    line = compare(run)
+    assert f"{run / 'metrics.jsonl'} is not UTF-8 text (byte {len(metrics) + 10} is 0xff)" in line and leave_out in line
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    line = error_line(fedmoe("compare", tiny_run, "--out", afile, cwd=tmp_path))  # one real command line
+    assert f"--out {afile} is a file, not a folder" in line and afile.read_text() == "x"
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_dp_settings_out_of_range(tmp_path):
+    from fedmoe.federation.dp import epsilon
+
+    def run(*sets):
+        return cli("run", "--quiet", *_sets(TINY + [f"output_dir={tmp_path / 'runs'}", *sets]))
+
+    r = run("federation.dp.clip_norm=.inf", "federation.dp.noise_multiplier=1")
+    error_line(r)
+    assert "federation.dp.clip_norm: the L2 norm every client update is clipped to: give a finite number in " \
+           "(0, 1e6]" in r.stderr
+    r = run("federation.dp.clip_norm=1", "federation.dp.noise_multiplier=1e300")
+    error_line(r)
+    assert "federation.dp.noise_multiplier: σ, the noise std in units of clip_norm: give a finite number in " \
+           "[0, 1e6]" in r.stderr
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+    assert load_config(None, ["federation.dp.clip_norm=1e6", "federation.dp.noise_multiplier=1e6"]).federation.dp
+    # the accountant overflows past σ ≈ 1e154: ε from the closed-form (zCDP) bound instead, never an exception
+    assert 0 <= epsilon(1e155, 10, 1e-5) < 1e-150 and epsilon(1e300, 10, 1e-5) == 0

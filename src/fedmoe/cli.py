@@ -442,6 +442,9 @@ def compare(
     except (FileNotFoundError, ValueError) as e:
         _error(f"{e}")
         raise typer.Exit(2)
+    except OSError as e:
+        _error(_os_error(e))
+        raise typer.Exit(2)
     print(table)
     print(f"\ntable: {out / 'compare.md'}" + (f"\ncurves: {png}" if png else "\n(no curves: no losses logged yet)"))
 
@@ -463,25 +466,32 @@ def export(
         "--format", help="peft (default), merged (= --merged) or vllm (per-expert LoRA keys that serving "
                          "engines load)")] = None,
     private: Annotated[Optional[Path], typer.Option(
-        "--private", help="Flower runs: the client's private store (its SuperNode's private-r*.pt files)")] = None,
+        "--private", help="Flower runs: the client's store: its SuperNode's state-dir (the run's folder in it is "
+                          "found), that folder, or a private-r*.pt file")] = None,
+    round_: Annotated[Optional[int], typer.Option(
+        "--round", help="the model after this round (one of the run's two checkpoints), on purpose: needed for a run "
+                        "that did not finish, or whose last checkpoint is damaged (default: the finished run's last)")] = None,
 ):
     """Export a trained model: a PEFT adapter (default), a merged Hugging Face model (--merged), or,
     where neither can express the model, a folder that MoEModel.from_pretrained restores exactly."""
     from .config import ConfigError
     from .export import export_model
 
+    exported: dict = {}
     try:
         form, why = export_model(run_dir, out, client=_which(client, global_), merged=merged, private_path=private,
-                                 form=format_)
+                                 form=format_, round_idx=round_, exported=exported)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _error(f"{e}")
         raise typer.Exit(2)
-    who = "the global model" if _which(client, global_) is None else f"client {client}"
+    except OSError as e:
+        _error(_os_error(e))
+        raise typer.Exit(2)
     text = {"peft": "a PEFT adapter: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), OUT)",
             "merged": "a merged Hugging Face model: AutoModelForCausalLM.from_pretrained(OUT)",
             "vllm": "a LoRA adapter with per-expert keys (vLLM: LLM(base, enable_lora=True) + LoRARequest(.., OUT))",
             "fedmoe": "a fedmoe model folder: fedmoe.export.load_model(OUT)"}[form]
-    print(f"{who} -> {out}: {text}")
+    print(f"{exported['source']} -> {out}: {text}")
     if why:
         asked = format_ or ("merged" if merged else "peft")
         print(f"not {asked}, because: " + "; ".join(why))
@@ -495,8 +505,13 @@ def generate(
     client: Annotated[Optional[int], typer.Option("--client", help="this client's own model")] = None,
     global_: Annotated[bool, typer.Option("--global", help="the global model (the default)")] = False,
     context: Annotated[str, typer.Option("--input", help="the instruction's input (context), if any")] = "",
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="default: eval.max_new_tokens")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        "--max-new-tokens", help="the most tokens an answer may have: at least 1 (0 is refused; default: the run's "
+                                 "eval.max_new_tokens)")] = None,
     private: Annotated[Optional[Path], typer.Option("--private", help="Flower runs: the client's private store")] = None,
+    round_: Annotated[Optional[int], typer.Option(
+        "--round", help="the model after this round (one of the run's two checkpoints), on purpose: needed for a run "
+                        "that did not finish, or whose last checkpoint is damaged (default: the finished run's last)")] = None,
 ):
     """Answer instructions with a client's (or the global) model of a run, in the training prompt
     template, decoded as the run's evaluation decodes."""
@@ -508,8 +523,18 @@ def generate(
     from .export import answer, load_run_model
 
     err = Console(stderr=True)
+    if max_new_tokens is not None and max_new_tokens < 1:
+        _error(f"--max-new-tokens must be at least 1, got {max_new_tokens} (leave it out for the run's "
+               "eval.max_new_tokens)")
+        raise typer.Exit(2)
+    for what, text in (("the instruction", prompt), ("--input", context)):
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError:  # an argument of bytes that are not UTF-8 (Python keeps them as surrogates)
+            _error(f"{what} is not UTF-8 text: give it in UTF-8 (convert with iconv -f <its encoding> -t UTF-8)")
+            raise typer.Exit(2)
     try:
-        loaded = load_run_model(run_dir, _which(client, global_), private)
+        loaded = load_run_model(run_dir, _which(client, global_), private, round_)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _error(f"{e}")
         raise typer.Exit(2)
@@ -517,7 +542,13 @@ def generate(
         print(answer(loaded, prompt, context, max_new_tokens))
         return
     err.print(f"{loaded.source}; one instruction per line, an empty line ends")
-    for line in sys.stdin:
+    for lineno, raw in enumerate(sys.stdin.buffer, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _error(f"stdin line {lineno} is not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x}): give the "
+                   "instructions in UTF-8 (convert with iconv -f <their encoding> -t UTF-8)")
+            raise typer.Exit(2)
         if not line.strip():
             break
         print(answer(loaded, line.strip(), "", max_new_tokens), flush=True)

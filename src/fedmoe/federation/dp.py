@@ -157,9 +157,17 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     from dp_accounting import GaussianDpEvent, NeighboringRelation
     from dp_accounting.rdp import RdpAccountant
 
-    accountant = RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
-    accountant.compose(GaussianDpEvent(noise_multiplier), rounds)
-    return float(accountant.get_epsilon(delta))
+    try:
+        accountant = RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
+        accountant.compose(GaussianDpEvent(noise_multiplier), rounds)
+        return float(accountant.get_epsilon(delta))
+    except (OverflowError, ZeroDivisionError, FloatingPointError):
+        # σ far outside any real setting (σ² overflows past ~1e154): the closed-form bound of the same
+        # composition instead, never a crash. T Gaussian mechanisms are ρ-zCDP with ρ = T / (2σ²), which is
+        # (ρ + 2·sqrt(ρ·log(1/δ)), δ)-DP (Bun & Steinke 2016, Prop. 1.3): a valid ε for the same δ
+        rho = rounds / 2 / noise_multiplier / noise_multiplier
+        bound = rho + 2 * math.sqrt(rho * math.log(1 / delta))
+        return bound if math.isfinite(bound) else math.inf
 
 
 def round_metrics(cfg, rounds: int, client_rounds: list[int] | None = None) -> dict:

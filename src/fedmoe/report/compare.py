@@ -7,6 +7,8 @@ and the table says how far it got.
 from __future__ import annotations
 
 import io
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,16 +41,87 @@ class Run:
     def rounds_done(self) -> int:
         return max((r["round"] for r in self.metrics if r.get("kind") == "round"), default=0)
 
+    def setting(self, section: str, key: str, default=None):
+        """``config[section][key]`` of the run's config.yaml (``default`` where it has no such setting)."""
+        sec = self.config.get(section)
+        return sec.get(key, default) if isinstance(sec, dict) else default
 
-def load_run(path: str | Path, label: str | None = None) -> Run:
+
+_LEAVE_OUT = "restore it or leave this run out of the comparison"
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"{path} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}): the file is damaged; "
+                      + _LEAVE_OUT)
+
+
+def _read_config(path: Path) -> dict:
     import yaml
 
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{path}:{where} is not valid YAML ({why}): {_LEAVE_OUT}") from None
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path}: the top level is {type(tree).__name__ if tree is not None else 'empty'}, not the "
+                         f"mapping of sections (model:, data:, ...) that `fedmoe run` writes: {_LEAVE_OUT}")
+    return tree
+
+
+def _read_metrics(rd: RunDir) -> list[dict]:
+    """The rows of metrics.jsonl, each a JSON object with a whole-number ``round`` (what every reader here
+    relies on); anything else is refused naming the file and the line."""
+    path = rd.metrics_path
+    try:
+        rows = rd.read_metrics()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+    linenos = [n for n, line in enumerate(text.split("\n"), start=1) if line.strip()]  # rows are the non-blank lines
+    for lineno, row in zip(linenos, rows):
+        if not isinstance(row, dict):
+            why = f"is {type(row).__name__}, not a JSON object"
+        elif "round" not in row:
+            why = 'has no "round"'
+        elif not isinstance(row["round"], int) or isinstance(row["round"], bool) or row["round"] < 0:
+            why = f'has "round": {json.dumps(row["round"])}, not a whole number >= 0'
+        else:
+            continue
+        raise ValueError(f"{path}: line {lineno} {why} (every row `fedmoe run` writes has a whole-number \"round\"): "
+                         "repair or delete that line, or leave this run out of the comparison")
+    return rows
+
+
+def _read_summary(rd: RunDir) -> dict | None:
+    path = rd.summary_path
+    if not path.exists():
+        return None
+    try:
+        summary = rd.read_summary()
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the file is truncated or damaged; move it away to compare "
+                         "the run as unfinished (on its metrics.jsonl), or leave this run out") from None
+    if not (isinstance(summary, dict) and isinstance(summary.get("global"), dict)
+            and isinstance(summary.get("clients"), list) and all(isinstance(c, dict) for c in summary["clients"])):
+        raise ValueError(f"{path} is not a fedmoe summary (a JSON object with \"global\" and \"clients\"): move it "
+                         "away to compare the run as unfinished (on its metrics.jsonl), or leave this run out")
+    return summary
+
+
+def load_run(path: str | Path, label: str | None = None) -> Run:
     rd = RunDir(path, create=False)
     if not rd.config_path.exists() or not rd.metrics_path.exists():
         raise FileNotFoundError(f"{rd.path} is not a fedmoe run directory (no config.yaml and metrics.jsonl): pass the "
                                 "folder `fedmoe run` wrote (runs/<name>)")
-    summary = rd.read_summary() if rd.summary_path.exists() else None
-    return Run(label or rd.path.name, rd.path, yaml.safe_load(rd.config_path.read_text()), rd.read_metrics(), summary)
+    config = _read_config(rd.config_path)
+    return Run(label or rd.path.name, rd.path, config, _read_metrics(rd), _read_summary(rd))
 
 
 def _labels(paths: list[Path]) -> list[str]:
@@ -76,9 +149,9 @@ def _cell(x, digits: int = 4) -> str:
 
 def format_comparison(runs: list[Run]) -> str:
     head = ["", *[r.label for r in runs]]
-    rows = [["method"] + [r.config.get("algorithm", {}).get("name", "–") for r in runs],
-            ["model"] + [r.config.get("model", {}).get("name", "–") for r in runs],
-            ["rounds done"] + [f"{r.rounds_done} of {r.config.get('federation', {}).get('rounds', '?')}"
+    rows = [["method"] + [r.setting("algorithm", "name", "–") for r in runs],
+            ["model"] + [r.setting("model", "name", "–") for r in runs],
+            ["rounds done"] + [f"{r.rounds_done} of {r.setting('federation', 'rounds', '?')}"
                                + ("" if r.summary else " (unfinished)") for r in runs]]
 
     def zs(run, key, digits):
@@ -87,7 +160,7 @@ def format_comparison(runs: list[Run]) -> str:
         first = pts[0][1] if pts and pts[0][0] == 0 else None
         return f"{_cell(last, digits)} ({_cell(first, digits)})"
 
-    choice = any(r.config.get("eval", {}).get("task") == "choice" for r in runs)
+    choice = any(r.setting("eval", "task") == "choice" for r in runs)
     key, name = ("accuracy", "accuracy") if choice else ("rouge_l", "ROUGE-L")
     rows.append(["global test loss (zero-shot)"] + [zs(r, "loss", 4) for r in runs])
     rows.append([f"global {name} (zero-shot)"] + [zs(r, key, 2) for r in runs])
@@ -137,10 +210,20 @@ def compare_runs(paths: list[str | Path], out: str | Path) -> tuple[str, Path | 
     """(the markdown table, the PNG written or None); writes ``out``/compare.md and compare.png."""
     if not paths:
         raise ValueError("fedmoe compare needs at least one run directory")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: give a folder for compare.md and compare.png (a new "
+                         "one is created)")
     ps = [Path(p) for p in paths]
     runs = [load_run(p, label) for p, label in zip(ps, _labels(ps))]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the folder ({e.strerror or e}): give a folder you may write "
+                         "for compare.md and compare.png") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write into it (Permission denied): give a folder you may write for "
+                         "compare.md and compare.png")
     table = format_comparison(runs)
     png = out / "compare.png"
     drawn = plot_comparison(runs, png)
