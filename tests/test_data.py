@@ -434,3 +434,17 @@ def test_prepare_federated_data(tmp_path):
     with pytest.raises(DataError) as e:
         prepare_federated_data(DataConfig(categories=["poetry"]), seed=0)
     assert "poetry" in str(e.value) and "open_qa" in str(e.value)
+
+
+def test_the_field_map_hint_names_every_field_the_template_uses(tmp_path):
+    """A Dolly-shaped file read with the default field names: the hint maps output AND input (its context would
+    otherwise be dropped without a word), not only the field that is missing."""
+    import json
+
+    from fedmoe.data.sources import DataError, load_examples
+
+    path = tmp_path / "notes.jsonl"
+    path.write_text(json.dumps({"instruction": "Name it.", "context": "It is KLM.", "response": "KLM",
+                                "category": "closed_qa"}) + "\n")
+    with pytest.raises(DataError, match=r"set data.field_map: \{input: context, output: response\}"):
+        load_examples(str(path))

@@ -201,3 +201,48 @@ def test_vllm_layout_of_the_split_experts_and_mixtral_names():
 def test_vllm_export_of_what_it_cannot_express_is_a_fedmoe_folder(runs, tmp_path):
     form, why = export_model(runs["flame"], tmp_path / "f", client=1, form="vllm")
     assert form == "fedmoe" and any("router LoRA" in w for w in why) and not any("split" in w for w in why)
+
+
+def test_export_takes_the_finished_runs_last_round_or_exactly_the_round_asked(tmp_path):
+    """An unfinished run is refused (its checkpoint may be its initial adapters), offering its rounds; a finished
+    run exports its last round; when that checkpoint is damaged, export refuses rather than fall back to the
+    older one, which --round takes on purpose. The model says which round it is."""
+    from fedmoe.federation import resume_federated
+
+    cfg = load_config(None, TINY + ["federation.rounds=2", f"output_dir={tmp_path}", "name=r2"])
+    _, rd = run_federated(cfg, stop_after_round=1, log=lambda *a: None)
+    with pytest.raises(ExportError, match=r"did not finish.*round 1 of 2.*--resume.*--round 1 \(state.pt\)"):
+        load_run_model(rd.path)
+    assert "after round 1" in load_run_model(rd.path, round_idx=1).source
+    resume_federated(rd.path, log=lambda *a: None)
+    assert "after round 2" in load_run_model(rd.path).source
+    (rd.checkpoint_dir / "state.pt").write_bytes(b"torn")
+    with pytest.raises(ExportError, match=r"finished 2 rounds, but its checkpoint of round 2 cannot be read.*state.pt "
+                                          r"is unreadable.*--round 1 \(state.prev.pt\)"):
+        load_run_model(rd.path)
+    with pytest.raises(ExportError, match="no checkpoint of round 2; it has: --round 1"):
+        load_run_model(rd.path, round_idx=2)
+    assert "after round 1" in load_run_model(rd.path, round_idx=1).source
+
+
+def test_a_private_store_of_another_run_or_client_is_refused(tmp_path):
+    """--private: a SuperNode's state-dir (the run's client folder is found in it), that folder, or a file; a
+    store of another run or another client is refused naming both; the state of the exported round is taken."""
+    from fedmoe.export import _private_from
+    from fedmoe.federation.flower.client import PrivateStore
+
+    for run_id, client in (("aaaa", 1), ("bbbb", 0)):
+        store = PrivateStore(tmp_path / run_id / f"client-{client}")
+        for r in (0, 1, 2):
+            store.save(r, {"s": torch.tensor([float(r)])})
+    assert float(_private_from(tmp_path, "aaaa", 1, 2)["s"]) == 2.0
+    assert float(_private_from(tmp_path / "aaaa" / "client-1", "aaaa", 1, 1)["s"]) == 1.0
+    with pytest.raises(ExportError, match="client 0 of run bbbb, not of client 1 of run aaaa"):
+        _private_from(tmp_path / "bbbb" / "client-0", "aaaa", 1, 2)
+    with pytest.raises(ExportError, match="no private store of client 3 of run aaaa"):
+        _private_from(tmp_path, "aaaa", 3, 2)
+    moved = tmp_path / "copy" / "aaaa" / "client-1"  # copied elsewhere: its identity.json still says whose it is
+    moved.parent.mkdir(parents=True)
+    (tmp_path / "bbbb" / "client-0").rename(moved)
+    with pytest.raises(ExportError, match="client 0 of run bbbb"):
+        _private_from(moved, "aaaa", 1, 2)

@@ -138,23 +138,61 @@ def test_superlink_and_two_supernodes_run_flex(tmp_path):
         _flex_run(deployment, tmp_path)
 
 
+def _resume(deployment, run):
+    cmd = [sys.executable, "-m", "fedmoe.cli", "run", "--resume", str(run), "--federation", "local", "--quiet"]
+    return subprocess.Popen(cmd, cwd=deployment.root, env=deployment.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_row(run: Path, text: str, proc, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and text in (run / "metrics.jsonl").read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} did not appear in {run / 'metrics.jsonl'}")
+
+
 def _flex_run(deployment, tmp_path):
+    """Three rounds, operated: `fedmoe run` SIGKILLed after round 1 leaves its ServerApp running, so a resume is
+    refused (naming `flwr stop`); once stopped, a resume Ctrl-C'd after its round 2 stops its own Flower run on
+    the SuperLink; the last resume finishes with the uninterrupted in-process numbers."""
+    from fedmoe.federation.flower.launch import FLOWER_RUN, flower_run_status
+
     for method in ("flex",):
-        sets = METHODS[method]
-        sets = sets + ENDS_ONLY
-        proc = deployment.run(TINY + sets + [f"output_dir={tmp_path / 'runs'}", f"name={method}"])
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out[-4000:]
+        sets = METHODS[method] + ENDS_ONLY + ["federation.rounds=3"]
         run = tmp_path / "runs" / method
+        proc = deployment.run(TINY + sets + [f"output_dir={tmp_path / 'runs'}", f"name={method}"])
+        _wait_for_row(run, '"round": 1, "client": null, "kind": "round"', proc)
+        proc.kill()
+        proc.communicate()
+        first = json.loads((run / FLOWER_RUN).read_text())["flower_run_id"]
+        refused = _resume(deployment, run)
+        out, _ = refused.communicate(timeout=300)
+        assert refused.returncode != 0 and f"stop it with `flwr stop {first} local`" in out, out[-3000:]
+        assert "Traceback" not in out
+        subprocess.run([str(BIN / "flwr"), "stop", str(first), "local"], env=deployment.env, check=True,
+                       capture_output=True, timeout=120)
+        interrupted = _resume(deployment, run)
+        _wait_for_row(run, '"round": 2, "client": null, "kind": "round"', interrupted)
+        interrupted.send_signal(signal.SIGINT)
+        out, _ = interrupted.communicate(timeout=300)
+        second = json.loads((run / FLOWER_RUN).read_text())["flower_run_id"]
+        assert second != first and f"stopped the Flower run {second} on local" in out, out[-3000:]
+        status = flower_run_status(second, "local", deployment.env)
+        assert status is not None and status.startswith("finished"), status
+        last = _resume(deployment, run)
+        out, _ = last.communicate(timeout=600)
+        assert last.returncode == 0, out[-4000:]
         summary = json.loads((run / "summary.json").read_text())
-        assert summary["runtime"] == "flower" and [c["rounds_trained"] for c in summary["clients"]] == [2, 2]
+        assert summary["runtime"] == "flower" and [c["rounds_trained"] for c in summary["clients"]] == [3, 3]
         _same_numbers(_local(tmp_path, f"local-{method}", sets), summary)
         # each client's private state lives only in its own node's state directory
         for i, state in deployment.state.items():
             dirs = {p.name for p in state.glob("*/client-*")}
             assert dirs and dirs == {f"client-{i}"}, (method, i, dirs)
         train = _rows(run, "train")
-        assert len(train) == 4
+        assert len(train) == 6
         # without a worker the SuperNode loads the model per message; the worker loaded it once, at the query
         assert all(r["load_s"] > 0 for r in train if r["client"] == 0)
         assert all(r["load_s"] == 0 for r in train if r["client"] == 1)

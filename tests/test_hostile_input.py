@@ -64,8 +64,8 @@ def test_every_other_loaded_file_refuses_a_payload(tmp_path, where):
     elif where == "export-private":
         from fedmoe.export import _private_from
 
-        _plant(tmp_path / "store" / "private-r00003.pt", marker)
-        call = lambda: _private_from(tmp_path / "store")  # noqa: E731
+        _plant(tmp_path / "state" / "run1" / "client-0" / "private-r00003.pt", marker)
+        call = lambda: _private_from(tmp_path / "state", "run1", 0, 3)  # noqa: E731
     elif where == "export-folder":
         from fedmoe.export import EXPORT_FILE, load_exported
 

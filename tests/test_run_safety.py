@@ -84,6 +84,58 @@ def test_a_folder_that_is_not_a_run_is_never_deleted(tmp_path):
     assert rd.path == tmp_path / "mine-2" and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+def test_only_a_directory_fedmoe_marked_is_ever_replaced(tmp_path):
+    """A folder that holds a config.yaml (someone's project, notes) or a symlink to one is not a fedmoe run
+    without fedmoe's marker: a new run goes beside it, --overwrite refuses it, nothing in it changes."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: own\n")
+    (mine / "notes.txt").write_text("keep")
+    (tmp_path / "link").symlink_to(mine, target_is_directory=True)
+    for name in ("mine", "link"):
+        with pytest.raises(RunDirError, match=r"no \.fedmoe-run marker.*delete them yourself"):
+            run_federated(_cfg(tmp_path, name), log=_quiet, overwrite=True)
+        _, rd = run_federated(_cfg(tmp_path, name), log=_quiet)
+        assert rd.path == tmp_path / f"{name}-2"
+    assert sorted(p.name for p in mine.iterdir()) == ["config.yaml", "notes.txt"]
+    assert (mine / "notes.txt").read_text() == "keep" and (mine / "config.yaml").read_text() == "my: own\n"
+
+
+def test_overwrite_by_a_run_that_fails_before_its_setup_keeps_the_old_run(tmp_path):
+    """--overwrite of a finished run by a run whose data cannot be read: the old run is moved aside, not
+    deleted, and put back when the new one fails; every file as it was."""
+    _, rd = run_federated(_cfg(tmp_path, "r"), log=_quiet)
+    before = {p.relative_to(rd.path): p.read_bytes() for p in rd.path.rglob("*") if p.is_file()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("this is not json\n")
+    with pytest.raises(DataError):
+        run_federated(_cfg(tmp_path, "r", [f"data.source={bad}"]), log=_quiet, overwrite=True)
+    after = {p.relative_to(rd.path): p.read_bytes() for p in rd.path.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_replacement_killed_before_its_setup_is_undone_by_the_next_run(tmp_path):
+    """A run replacing another was killed after moving the old run aside (its partial files and a stale lock
+    left): the next run in that directory puts the old run back first, then treats it as the finished run
+    it is (the new run goes beside it)."""
+    from fedmoe.rundir import RunDir
+
+    _, rd = run_federated(_cfg(tmp_path, "r"), log=_quiet)
+    summary = rd.summary_path.read_bytes()
+    assert rd.set_aside()
+    rd.write_config({"name": "half-started"})
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    rd.lock_path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
+    logs = []
+    _, rd2 = run_federated(_cfg(tmp_path, "r"), log=logs.append)
+    assert rd2.path == tmp_path / "r-2" and any("the replaced run is restored" in line for line in logs)
+    assert rd.summary_path.read_bytes() == summary and not (rd.path / RunDir.ASIDE).exists()
+    assert yaml.safe_load(rd.config_path.read_text())["name"] == "r"
+
+
 def test_sweep_points_are_kept_resumed_or_run_in_place(tmp_path):
     tree = {"name": "sw", "output_dir": str(tmp_path), "model": {"name": "builtin:tiny-olmoe"},
             "data": {"max_examples": 120, "max_length": 32, "partition": {"num_clients": 2}, "max_test_per_client": 3},

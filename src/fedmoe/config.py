@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 from .algorithms.budgets import BudgetConfig
 from .algorithms.registry import METHODS
 from .algorithms.server_opt import ServerOptimizerConfig
-from .configbase import ConfigError, StrictModel, format_errors
+from .configbase import ConfigError, StrictModel, format_errors, load_yaml
 
 _Strict = StrictModel
 
@@ -218,6 +218,25 @@ class DPConfig(_Strict):
     # (secret), or derived from the run's seed (seeded: the numbers repeat, but whoever has the config can
     # remove the noise: for simulations only)
     client_noise: Literal["secret", "seeded"] = "secret"
+
+    # C and σ beyond these are no DP setting anyone means (an update's L2 norm is far below 1e6; σ = 1e6
+    # already reports ε ≈ 0) and overflow the noise (σ·C) or the accountant (σ² past ~1e154)
+    @field_validator("clip_norm", "noise_multiplier", mode="wrap")
+    @classmethod
+    def _sane_dp_number(cls, v, handler, info):
+        sane = {"clip_norm": "the L2 norm every client update is clipped to: give a finite number in (0, 1e6] "
+                             "(typically 0.1 to 10, about the norm of one client's update)",
+                "noise_multiplier": "σ, the noise std in units of clip_norm: give a finite number in [0, 1e6] "
+                                    "(typically 0.5 to 5; 0 = clipping only, no privacy)"}[info.field_name]
+        try:
+            v = handler(v)
+        except ValidationError as e:
+            if all(x["type"] in ("finite_number", "greater_than", "greater_than_equal") for x in e.errors()):
+                raise ValueError(sane) from None
+            raise
+        if v > 1e6:
+            raise ValueError(sane)
+        return v
 
 
 class RobustConfig(_Strict):
@@ -466,7 +485,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"--set has an empty key in {item!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"--set {key}") if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
     return key.split("."), value
@@ -501,7 +520,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = load_yaml(p.read_text(encoding="utf-8"), str(p))
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p} is not a text (UTF-8) file (byte {e.start} is 0x{e.object[e.start]:02x}): give "
                               "the path of a YAML config") from None

@@ -65,22 +65,85 @@ class LoadedModel:
     source: str  # where it came from, for messages
 
 
-def _private_from(path: Path) -> dict:
-    """A Flower client's private store: a ``private-r*.pt`` file, or its folder (the newest file)."""
+def _private_from(path: Path, run_id: str | None, client: int, round_idx: int) -> dict:
+    """A Flower client's private state after round ``round_idx``: from its SuperNode's ``state-dir`` (the run's
+    folder ``<run id>/client-<N>`` is found in it), that folder itself, or one ``private-r*.pt`` file. A store
+    of another run or another client is refused (the folder names, and the ``identity.json`` a store keeps)."""
+    import re
+
     path = Path(path)
-    files = sorted(path.glob("private-r*.pt")) if path.is_dir() else [path]
-    if not files or not files[-1].is_file():
-        raise ExportError(f"{path}: no private-r*.pt file (a SuperNode's state dir for this client holds them)")
-    return load_tensor_file(files[-1], "private store")
+    if path.is_file():
+        folder, files = path.parent, [path]
+    else:
+        folder = next((f for f in ([path / run_id / f"client-{client}"] if run_id else []) + [path / f"client-{client}", path]
+                       if f.is_dir() and any(f.glob("private-r*.pt"))), None)
+        if folder is None:
+            raise ExportError(f"{path}: no private store of client {client}" + (f" of run {run_id}" if run_id else "")
+                              + " (a SuperNode's state-dir holds <run id>/client-<N>/private-r*.pt)")
+        files = sorted(folder.glob("private-r*.pt"))
+    ident_file = folder / "identity.json"
+    if ident_file.is_file():
+        ident = json.loads(ident_file.read_text())
+        who = (ident.get("run_id"), ident.get("client"))
+    else:
+        who = (folder.parent.name, int(folder.name[7:]) if re.fullmatch(r"client-\d+", folder.name) else None)
+    if who != (run_id, client) and run_id is not None:
+        raise ExportError(f"{folder} holds the private state of client {who[1]} of run {who[0]}, not of client {client} "
+                          f"of run {run_id}: pass that run's and client's store (--private <its SuperNode's state-dir>)")
+    rounds = {int(m.group(1)): f for f in files if (m := re.fullmatch(r"private-r(\d+)\.pt", f.name))}
+    upto = [r for r in rounds if r <= round_idx]
+    if not upto:
+        raise ExportError(f"{folder}: no private state of round {round_idx} or before ({sorted(rounds)})")
+    return load_tensor_file(rounds[max(upto)], "private store")
 
 
-def load_run_model(run_dir: str | Path, client: int | None = None, private_path: str | Path | None = None) -> LoadedModel:
-    """The model client ``client`` (None: the global model) ended the run with."""
-    from .federation.local import load_client_model
+def _checkpoint_to_export(run_dir: str | Path, round_idx: int | None):
+    """(config, run dir, checkpoint state) of the round an export takes: the finished run's last round, or
+    (``round_idx``) exactly that round, which must be one of the run's two checkpoints. Anything else is
+    refused with what there is: a run that did not finish (no summary.json: it stopped, or a round failed,
+    and its checkpoint may be its initial adapters), or a finished run whose newest checkpoint is unreadable
+    (the readable one is an older round)."""
+    from .federation.checkpoint import CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE
     from .federation.directories import open_run_dir
 
-    cfg, rd, loaded = open_run_dir(run_dir)
-    ck = loaded.state
+    notes: list[str] = []
+    cfg, rd, loaded = open_run_dir(run_dir, log=notes.append)
+    have = {}
+    for f in (rd.checkpoint_dir / CHECKPOINT_FILE, rd.checkpoint_dir / PREVIOUS_CHECKPOINT_FILE):
+        if f == loaded.path:
+            have[loaded.state["round"]] = (f, loaded.state)
+        elif f.is_file() and (loaded.unreadable is None or f != loaded.unreadable):
+            try:
+                state = load_tensor_file(f, "checkpoint")
+                have.setdefault(state["round"], (f, state))
+            except Exception:  # noqa: BLE001 - an unreadable older checkpoint is simply not on offer
+                pass
+    finished = rd.summary_path.is_file()
+    rounds = cfg.federation.rounds
+    offer = ", ".join(f"--round {r} ({f.name})" for r, (f, _) in sorted(have.items(), reverse=True))
+    if round_idx is not None:
+        if round_idx not in have:
+            raise ExportError(f"{rd.path} has no checkpoint of round {round_idx}; it has: {offer}")
+        return cfg, rd, have[round_idx][1]
+    if not finished:
+        raise ExportError(f"{rd.path} did not finish (no summary.json; its newest readable checkpoint is round "
+                          f"{max(have)} of {rounds}): continue it with `fedmoe run --resume {rd.path}`, or export a "
+                          f"round it has on purpose with {offer}")
+    if rounds not in have:
+        bad = f" ({loaded.unreadable} is unreadable)" if loaded.unreadable is not None else ""
+        raise ExportError(f"{rd.path} finished {rounds} rounds, but its checkpoint of round {rounds} cannot be read{bad}: "
+                          f"the model it ended with is lost. Export an older round on purpose with {offer}, or run it "
+                          "again")
+    return cfg, rd, have[rounds][1]
+
+
+def load_run_model(run_dir: str | Path, client: int | None = None, private_path: str | Path | None = None,
+                   round_idx: int | None = None) -> LoadedModel:
+    """The model client ``client`` (None: the global model) ended the run with, or had after round
+    ``round_idx`` (one of the run's two checkpoints; :func:`_checkpoint_to_export`)."""
+    from .federation.local import load_client_model
+
+    cfg, rd, ck = _checkpoint_to_export(run_dir, round_idx)
     n = cfg.data.partition.num_clients
     if client is not None and not 0 <= client < n:
         raise ExportError(f"--client {client}: the run {rd.path} has clients 0..{n - 1}")
@@ -89,13 +152,16 @@ def load_run_model(run_dir: str | Path, client: int | None = None, private_path:
     message = server.downlink(ck["global_state"], ck["server_state"], client, round_idx=ck["round"])
     private: dict = {}
     if client is not None:
+        stores = ck["transport"].get("private")
+        run_id = ck["transport"].get("run_id")
+        if private_path is None and stores is None and cfg.federation.runtime == "flower-sim":
+            private_path = rd.path / "clients"  # a simulation keeps its clients' stores in the run directory
         if private_path is not None:
-            private = _private_from(Path(private_path))
+            private = _private_from(Path(private_path), run_id, client, ck["round"])
         else:
-            stores = ck["transport"].get("private")
             if stores is None:
                 raise ExportError(f"{rd.path} ran on Flower: client {client}'s private state is on its SuperNode; pass "
-                                  "--private <that node's state-dir for the client> (its private-r*.pt files)")
+                                  f"--private <that node's state-dir> (it holds {run_id}/client-{client}/private-r*.pt)")
             private = stores[client]
     mm = load_client_model(cfg, method)
     method.client(cfg).load(mm, client, message, private)
@@ -305,8 +371,30 @@ def write_fedmoe(loaded: LoadedModel, out: Path) -> None:
     atomic_write_text(out / EXPORT_FILE, json.dumps(meta, indent=2, default=str) + "\n")
 
 
+def _check_out_folder(out: Path) -> None:
+    """Refuse, before the model loads, an ``out`` that is not a new or empty folder this process may write."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is a file, not a folder: give a new folder to export into as OUT "
+                          "(nothing is overwritten)")
+    if out.is_dir() and any(out.iterdir()):
+        raise ExportError(f"{out} exists and is not empty: choose a new folder (nothing is overwritten)")
+    # the folder itself, or the nearest part of its path that exists: where the files (or folders) are created
+    where = out.absolute()
+    while not where.exists():
+        where = where.parent
+    if not where.is_dir():
+        raise ExportError(f"cannot create the folder {out}: {where} is a file, not a folder; choose a new folder "
+                          "(OUT)")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write into {where} (Permission denied): choose a folder you may write as OUT, "
+                          f"or make it writable (chmod u+w {where})")
+
+
 def export_model(run_dir: str | Path, out: str | Path, client: int | None = None, merged: bool = False,
-                 private_path: str | Path | None = None, form: str | None = None) -> tuple[str, list[str]]:
+                 private_path: str | Path | None = None, form: str | None = None,
+                 round_idx: int | None = None, exported: dict | None = None) -> tuple[str, list[str]]:
     """Write the model to ``out`` (a new or empty folder) in ``form`` (``peft``, ``merged``, ``vllm``;
     None: ``merged`` when ``merged`` else ``peft``), or as a fedmoe folder when that form cannot express
     it; returns (the form written, why not the one asked for: empty when it is the one asked for)."""
@@ -315,10 +403,15 @@ def export_model(run_dir: str | Path, out: str | Path, client: int | None = None
         raise ExportError(f"--format {form!r}: use peft, merged or vllm")
     merged = form == "merged"
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out} exists and is not empty: choose a new folder (nothing is overwritten)")
-    loaded = load_run_model(run_dir, client, private_path)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out_folder(out)
+    loaded = load_run_model(run_dir, client, private_path, round_idx)
+    if exported is not None:  # what was exported, for the caller's message: "client 1 of RUN (after round 3)"
+        exported["source"] = loaded.source
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create the folder {out}: {e.strerror or e}; choose a new folder you may write "
+                          "(OUT)") from None
     if merged:
         why = merge_blockers(loaded.mm)
         if not why:
@@ -383,7 +476,7 @@ def answer(loaded: LoadedModel, instruction: str, context: str = "", max_new_tok
     ex = Example(instruction=instruction, input=context, output="", category="", source="prompt")
     ids = tokenize_prompt(tok, ex, cfg.data.max_length)
     out = greedy_generate(loaded.mm.model, [ids], pad_token_id(tok), _eos_id(tok),
-                          max_new_tokens or cfg.eval.max_new_tokens, 1, loaded.mm.device,
+                          cfg.eval.max_new_tokens if max_new_tokens is None else max_new_tokens, 1, loaded.mm.device,
                           no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size)[0]
     return tok.decode(out, skip_special_tokens=True).strip()
 

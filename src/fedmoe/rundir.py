@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
     atomic_write_bytes(path, text.encode(encoding))
+
+
+# mkstemp's names: prefix, 8 characters of tempfile's alphabet, suffix (as atomic_write_bytes calls it)
+_TMP_NAME = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def atomic_write_leftovers(path: str | Path) -> list[Path]:
+    """The temporary files :func:`atomic_write_bytes` ``(path, ...)`` left beside ``path`` when its process was
+    killed mid-write (``.NAME.XXXXXXXX.tmp``, regular files of exactly that pattern, nothing else). Remove them
+    only while no other process may be writing ``path`` (under the run's lock)."""
+    path = Path(path)
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return []
+    return [Path(e.path) for e in entries
+            if (m := _TMP_NAME.fullmatch(e.name)) and m["target"] == path.name and e.is_file(follow_symlinks=False)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,10 +207,64 @@ class RunDir:
     # -- config ------------------------------------------------------------------------------
 
     def write_config(self, config: dict) -> None:
-        """Write the fully resolved config (a plain dict, e.g. ``config_to_dict(cfg)``) as YAML."""
+        """Write the fully resolved config (a plain dict, e.g. ``config_to_dict(cfg)``) as YAML, and the marker
+        that says fedmoe made this directory (:attr:`MARKER`)."""
         import yaml
 
+        if not (self.path / self.MARKER).is_file():
+            atomic_write_text(self.path / self.MARKER, json.dumps({"written_by": "fedmoe", "what": "a run directory: "
+                                                                   "fedmoe may replace what it holds"}) + "\n")
         atomic_write_text(self.config_path, yaml.safe_dump(to_jsonable(config), sort_keys=False))
+
+    # -- replacing a run ---------------------------------------------------------------------
+    # fedmoe deletes only a directory it can prove it made (its MARKER), and a run that replaces another
+    # (--overwrite, or a run that stopped before its first checkpoint) first moves the old files aside
+    # (ASIDE) and deletes them only once its own setup finished (data and model loaded, every client set up);
+    # a run that fails before that puts them back.
+
+    MARKER = ".fedmoe-run"
+    ASIDE = ".fedmoe-replaced"
+
+    @property
+    def aside_path(self) -> Path:
+        return self.path / self.ASIDE
+
+    def _own_entries(self) -> list[Path]:
+        return [p for p in self.path.iterdir() if p.name not in (self.LOCK, self.ASIDE)]
+
+    def set_aside(self) -> bool:
+        """Move everything here (but the lock) into :attr:`ASIDE`; True when there was something to move."""
+        entries = self._own_entries()
+        if not entries:
+            return False
+        self.aside_path.mkdir()
+        for p in entries:
+            os.replace(p, self.aside_path / p.name)
+        return True
+
+    def finish_replacement(self) -> None:
+        """The new run finished its setup: the run it replaces is deleted."""
+        import shutil
+
+        if self.aside_path.is_dir():
+            shutil.rmtree(self.aside_path)
+
+    def restore_replaced(self) -> bool:
+        """The new run failed before its setup finished: its files are removed and the replaced run's put back.
+        True when there was one to put back."""
+        import shutil
+
+        if not self.aside_path.is_dir():
+            return False
+        for p in self._own_entries():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        for p in self.aside_path.iterdir():
+            os.replace(p, self.path / p.name)
+        self.aside_path.rmdir()
+        return True
 
     # -- metrics -----------------------------------------------------------------------------
 

@@ -324,11 +324,22 @@ def _text(value: Any) -> str | None:
     return None
 
 
-def _hint_for_missing(ours: str, rec: dict) -> str:
-    for alias in _ALIASES.get(ours, ()):
-        if alias in rec:
-            return f" (the row has a field {alias!r}: set data.field_map: {{{ours}: {alias}}})"
-    return ""
+def _hint_for_missing(ours: str, rec: dict, fm: dict[str, str] | None = None) -> str:
+    """A field map for this row: the missing field's likely name and every other field the prompt template or
+    the categories use that the row has under another name (a Dolly row also needs ``input: context``, or its
+    context would be silently dropped)."""
+    fm = fm or {}
+    suggest = {}
+    for name in ("instruction", "input", "output", "category"):
+        if name != ours and fm.get(name, name) in rec:
+            continue
+        alias = next((a for a in _ALIASES.get(name, ()) if a in rec and a != name), None)
+        if alias is not None:
+            suggest[name] = alias
+    if ours not in suggest:
+        return ""
+    return f" (the row has {', '.join(repr(a) for a in suggest.values())}: set data.field_map: {{" + ", ".join(
+        f"{k}: {v}" for k, v in suggest.items()) + "})"
 
 
 def _convert(rec: Any, fm: dict[str, str], name: str) -> tuple[Example | None, str, str]:
@@ -352,7 +363,7 @@ def _convert(rec: Any, fm: dict[str, str], name: str) -> tuple[Example | None, s
                     None,
                     f"missing field '{theirs}'",
                     f"has no field {theirs!r} (needed for {ours}; its fields: {present})"
-                    + _hint_for_missing(ours, rec),
+                    + _hint_for_missing(ours, rec, fm),
                 )
             vals[ours] = ""
             continue

@@ -8,25 +8,27 @@ from __future__ import annotations
 
 import errno
 import itertools
-import shutil
 from pathlib import Path
 
 from ..config import RunConfig, config_to_dict, load_config
 from ..rundir import RunDir, RunDirBusy
-from .checkpoint import (CHECKPOINT_FILE, Checkpoint, RunDirError, check_fingerprint, has_checkpoint,
-                         load_checkpoint)
+from .checkpoint import (CHECKPOINT_FILE, Checkpoint, RunDirError, check_data_fingerprint, check_fingerprint,
+                         has_checkpoint, load_checkpoint)
 
 
 def _run_dir_kind(path: Path) -> str:
     """``new`` (absent or empty), ``started`` (a run's config.yaml, no checkpoint, no summary: it stopped
     before its first checkpoint, nothing to resume), ``unfinished`` (a checkpoint, no summary),
-    ``finished`` (summary.json), ``other`` (files, but no fedmoe run) or ``file`` (not a directory)."""
+    ``finished`` (summary.json), ``other`` (files fedmoe cannot prove it wrote: no :attr:`RunDir.MARKER`,
+    whatever else is there) or ``file`` (not a directory)."""
     if not path.exists():
         return "new"
     if not path.is_dir():
         return "file"
     if not {p.name for p in path.iterdir()} - {RunDir.LOCK}:
         return "new"
+    if not (path / RunDir.MARKER).is_file():
+        return "other"
     if (path / RunDir.SUMMARY).is_file():
         return "finished"
     if has_checkpoint(path):
@@ -34,19 +36,9 @@ def _run_dir_kind(path: Path) -> str:
     return "started" if (path / RunDir.CONFIG).is_file() else "other"
 
 
-def _claim(path: Path, overwrite: bool, fresh: bool, log) -> RunDir | None:
-    """``path`` emptied (but for its lock) and locked for a new run, or None when it is not to be used:
-    it holds a finished run (without ``overwrite``) or other files; ``fresh`` (a numbered directory):
-    anything but a new or started one, and one in use."""
-    kind = _run_dir_kind(path)
-    if kind == "file":
-        raise RunDirError(f"{path} exists and is not a directory: choose another name (--set name=...) or "
-                          "output_dir (--set output_dir=...)")
-    if kind == "other" and overwrite and not fresh:
-        raise RunDirError(f"{path} holds files that are not a fedmoe run (no config.yaml), which --overwrite does not "
-                          "delete: choose another name (--set name=...)")
-    if kind == "other" or (fresh and kind != "new" and kind != "started") or (kind == "finished" and not overwrite):
-        return None
+def _lock(path: Path, fresh: bool, log) -> RunDir | None:
+    """``path`` locked by this process; None when another run holds it and ``fresh`` (a numbered directory: the
+    next one is tried), else :class:`RunDirBusy`."""
     rd = RunDir(path)
     try:
         rd.lock(log)
@@ -54,21 +46,46 @@ def _claim(path: Path, overwrite: bool, fresh: bool, log) -> RunDir | None:
         if fresh:
             return None
         raise
+    return rd
+
+
+def _claim(path: Path, overwrite: bool, fresh: bool, log) -> RunDir | None:
+    """``path`` emptied (but for its lock) and locked for a new run, or None when it is not to be used:
+    it holds a finished run (without ``overwrite``) or other files; ``fresh`` (a numbered directory):
+    anything but a new or started one, and one in use."""
+    if (path / RunDir.ASIDE).is_dir():  # a run that was replacing the one here was killed before its setup finished
+        rd = _lock(path, fresh, log)
+        if rd is None:
+            return None
+        try:
+            if rd.restore_replaced():
+                log(f"warning: {path}: a run that was replacing the one here stopped before its setup finished; the "
+                    "replaced run is restored")
+        finally:
+            rd.unlock()
+    kind = _run_dir_kind(path)
+    if kind == "file":
+        raise RunDirError(f"{path} exists and is not a directory: choose another name (--set name=...) or "
+                          "output_dir (--set output_dir=...)")
+    if kind == "other" and overwrite and not fresh:
+        raise RunDirError(f"{path} holds files that are not a fedmoe run (no {RunDir.MARKER} marker: not written by "
+                          "fedmoe, or by a fedmoe older than the marker), which --overwrite does not delete: delete them "
+                          "yourself, or choose another name (--set name=...)")
+    if kind == "other" or (fresh and kind != "new" and kind != "started") or (kind == "finished" and not overwrite):
+        return None
+    rd = _lock(path, fresh, log)
+    if rd is None:
+        return None
     try:
         kind = _run_dir_kind(path)  # again, now that no other run can change it
         if kind == "unfinished" and not overwrite:
             raise RunDirError(f"{path} holds an unfinished run (a checkpoint, no summary.json): continue it with "
                               f"`fedmoe run --resume {path}`, start it over with --overwrite (its checkpoint is lost), "
                               "or choose another name with --set name=...")
-        if kind in ("finished", "other") and not overwrite:
+        if kind == "other" or (kind == "finished" and not overwrite):
             rd.unlock()
             return None
-        for child in path.iterdir():
-            if child.name != RunDir.LOCK:
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
+        rd.set_aside()  # deleted once the new run's setup finished, put back if it fails before
     except BaseException:
         rd.unlock()
         raise
@@ -83,7 +100,9 @@ def prepare_run_dir(cfg: RunConfig, overwrite: bool = False, log=print) -> RunDi
     directory beside it (``name-2``, ``name-3``, ...), and says so, unless ``overwrite``. An unfinished
     run (a checkpoint, no summary) is refused with the command that resumes it, unless ``overwrite``. A
     run that stopped before its first checkpoint left nothing to resume: its directory is reused. A
-    directory that holds no fedmoe run is never deleted (a new run goes beside it)."""
+    directory without fedmoe's marker is never touched (a new run goes beside it). What a new run
+    replaces is moved aside, deleted once its setup finished and put back if it fails before
+    (:meth:`RunDir.set_aside`, :func:`locked`)."""
     base = Path(cfg.output_dir) / cfg.run_name()
     try:
         rd = _claim(base, overwrite, fresh=False, log=log)
@@ -128,23 +147,33 @@ class RunInterrupted(KeyboardInterrupt):
 def locked(rd: RunDir, work):
     """``work()`` under the run directory's lock (already taken), released however it ends; Ctrl-C
     becomes :class:`RunInterrupted` (naming the directory), a full or read-only disk a RunDirError
-    that says the last checkpoint is intact."""
+    that says the last checkpoint is intact. A run that fails before its setup finished puts back the
+    run it was to replace (:meth:`RunDir.restore_replaced`)."""
     try:
-        return work()
-    except KeyboardInterrupt:
-        raise RunInterrupted(rd.path) from None
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            raise
-        raise RunDirError(f"writing {e.filename or rd.path} failed: {e.strerror}. The last checkpoint in {rd.path} is "
-                          f"intact: make room (or make it writable), then `fedmoe run --resume {rd.path}`") from None
+        try:
+            return work()
+        except KeyboardInterrupt:
+            raise RunInterrupted(rd.path) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            raise RunDirError(f"writing {e.filename or rd.path} failed: {e.strerror}. The last checkpoint in {rd.path} "
+                              f"is intact: make room (or make it writable), then `fedmoe run --resume {rd.path}`") from None
+    except BaseException:
+        if rd.restore_replaced():
+            import sys
+
+            print(f"{rd.path}: this run stopped before its setup finished; the run it was to replace is restored",
+                  file=sys.stderr)
+        raise
     finally:
         rd.unlock()
 
 
-def open_run_dir(path: str | Path, log=print) -> tuple[RunConfig, RunDir, Checkpoint]:
+def open_run_dir(path: str | Path, log=print, check_data: bool = False) -> tuple[RunConfig, RunDir, Checkpoint]:
     """(config, run dir, checkpoint) of a run to resume: the newest readable checkpoint, and a
-    config.yaml that is still the config the run was checkpointed with."""
+    config.yaml that is still the config the run was checkpointed with; ``check_data`` (a resume, not a
+    read of its model): the data files it fingerprinted are unchanged too (:func:`check_data_fingerprint`)."""
     path = Path(path)
     if not (path / RunDir.CONFIG).is_file():
         raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
@@ -154,6 +183,8 @@ def open_run_dir(path: str | Path, log=print) -> tuple[RunConfig, RunDir, Checkp
     cfg = load_config(path / RunDir.CONFIG)
     ck = load_checkpoint(path, log)
     check_fingerprint(cfg, ck.state, path, log)
+    if check_data:
+        check_data_fingerprint(cfg, ck.state, path, log)
     return cfg, RunDir(path), ck
 
 

@@ -27,7 +27,8 @@ from ..algorithms.base import N_TRAIN
 from ..messages import EVALUATE, TOKENS_PER_LAYER, TRAIN, Message, Reply
 from ..report import write_report
 from ..rundir import RunDir
-from .checkpoint import CHECKPOINT_FILE, Checkpoint, config_fingerprint, restore_rng_states, rng_states, write_checkpoint
+from .checkpoint import (CHECKPOINT_FILE, Checkpoint, config_fingerprint, data_fingerprint, remove_stale_temporaries,
+                         restore_rng_states, rng_states, write_checkpoint)
 from .conflict import NOTES as CONFLICT_NOTES
 from .evaluation import EvalPolicy, screened
 from .progress import Progress
@@ -167,7 +168,7 @@ def make_transport(cfg: RunConfig, method, spec, observe=None, **options):
 
 class Federation:
     def __init__(self, cfg: RunConfig, run_dir: RunDir, transport: Transport | None = None, show_progress: bool = False,
-                 log=print, resuming: bool = False, observe=None):
+                 log=print, resuming: bool = False, observe=None, round_lines: bool = False):
         """``transport`` None: the one of ``cfg.federation.runtime`` (in-process by default).
         ``observe(kind, client, message)``, if given, sees every message the in-process transport passes
         (kind "downlink", "reply" or "evaluate") — for logging and for tests."""
@@ -192,6 +193,9 @@ class Federation:
         self.client_setup: dict = {}
         self.failures: list[dict] = []  # clients that failed to train or evaluate: round, client, stage, error
         self.resuming = resuming
+        # the data files as the run starts (a resume takes its checkpoint's, checked against them: open_run_dir)
+        self.data_fingerprint = None if resuming else data_fingerprint(cfg)
+        self.round_lines = round_lines  # a line per round through ``log`` (a Flower ServerApp: its run's log)
         if cfg.federation.dp is not None:
             from .dp import require_dp_accounting
 
@@ -212,6 +216,7 @@ class Federation:
             "failures": self.failures,
             "rng": rng_states(),
             "config_fingerprint": config_fingerprint(self.cfg),
+            "data_fingerprint": self.data_fingerprint,
         }
 
     def save(self) -> None:
@@ -228,6 +233,8 @@ class Federation:
         self.wall_before = ck["wall_s"]
         self.client_setup = ck.get("client_setup", {})
         self.failures = ck.get("failures", [])
+        # a checkpoint written before data fingerprints: the data as the run goes on from here
+        self.data_fingerprint = ck.get("data_fingerprint") or data_fingerprint(self.cfg)
         restore_rng_states(ck["rng"])
 
     # ------------------------------------------------------------------ steps
@@ -418,6 +425,10 @@ class Federation:
         previous one); a run whose rounds were all done only writes its summary again."""
         if ck.unreadable is not None:
             os.replace(ck.unreadable, f"{ck.unreadable}.unreadable")
+        stale = remove_stale_temporaries(self.rd.checkpoint_dir)  # a checkpoint write killed midway
+        if stale:
+            self.log(f"removed {len(stale)} temporary file(s) an interrupted checkpoint write left in "
+                     f"{self.rd.checkpoint_dir}: {', '.join(f.name for f in stale)}")
         self.restore(ck.state)
         self.rd.truncate_metrics(after_round=self.completed_rounds)
         if self.completed_rounds >= self.cfg.federation.rounds:
@@ -437,6 +448,7 @@ class Federation:
             self.transport.wait_for_clients()
             if not self.resuming:
                 self._setup(prog)
+                self.rd.finish_replacement()  # data, model and clients are ready: a run this one replaces goes
             rounds_task = prog.task("rounds", rounds)
             prog.update(rounds_task, completed=self.completed_rounds)
             if cfg.eval.zero_shot and self.completed_rounds == 0 and self.zero_shot is None:
@@ -468,6 +480,12 @@ class Federation:
                                      "overhead_s": wall - clients_s - aggregate_s})
                 self.completed_rounds = round_idx
                 self.save()
+                if self.round_lines:
+                    failed = sum(f["round"] == round_idx for f in self.failures)
+                    loss = self.global_eval.get("loss") if self.global_eval else None
+                    self.log(f"round {round_idx}/{rounds}: {len(replies)} of {len(sampled)} sampled clients aggregated, "
+                             f"{failed} failures, " + (f"test loss {loss:.4f}, " if isinstance(loss, float) else "")
+                             + f"{wall:.1f} s")
                 self._tensorboard()
                 prog.update(rounds_task, completed=round_idx,
                             info=f"test loss {self.global_eval['loss']:.3f}" if self.global_eval.get("loss") else "")
@@ -482,6 +500,7 @@ class Federation:
         summary = run_summary(
             self.cfg, self.spec, self.records, self.global_eval, self.zero_shot, wall,
             extra={"runtime": self.cfg.federation.runtime, "trainable_tensors": len(trainable),
+                   **({"run_id": self.transport.run_id} if isinstance(getattr(self.transport, "run_id", None), str) else {}),
                    "trainable_params": int(sum(t.numel() for t in trainable.values())),
                    "shared_params": int(sum(t.numel() for t in self.global_state.values())),
                    "client_setup": {cid: m for cid, m in self.client_setup.items() if len(m) > 1},

@@ -40,12 +40,17 @@ def server_main(grid, context, options=None) -> None:
     opts = dict(options or context.run_config)
     transport = FlowerTransport(grid, _config(opts), context=context)
     if opts.get("resume"):
-        cfg, rd, ck = open_run_dir(opts["run-dir"])
+        cfg, rd, ck = open_run_dir(opts["run-dir"], check_data=True)
         transport.cfg = cfg
-        Federation(cfg, rd, transport=transport, resuming=True).resume(ck)
+        fed = Federation(cfg, rd, transport=transport, resuming=True, round_lines=True)
+        print(f"fedmoe: resuming {rd.path} from round {ck.state['round']}; run id {ck.state['transport']['run_id']} "
+              "(each client's store: <its state-dir>/<run id>/client-<N>)", flush=True)
+        fed.resume(ck)
     else:
         cfg = _config(opts)
-        Federation(cfg, RunDir(opts["run-dir"]), transport=transport).run()
+        print(f"fedmoe: run {opts['run-dir']}, run id {transport.run_id} (each client's store: "
+              "<its state-dir>/<run id>/client-<N>)", flush=True)
+        Federation(cfg, RunDir(opts["run-dir"]), transport=transport, round_lines=True).run()
 
 
 def client_reply(message, context, options=None):

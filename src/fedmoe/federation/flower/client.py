@@ -79,6 +79,10 @@ class PrivateStore:
     def save(self, round_idx: int, private: dict) -> None:
         import io
 
+        ident = self.root / "identity.json"  # whose state this is: fedmoe export --private checks it
+        named = re.fullmatch(r"client-(\d+)", self.root.name)
+        if named and not ident.is_file():
+            atomic_write_text(ident, json.dumps({"run_id": self.root.parent.name, "client": int(named.group(1))}))
         buf = io.BytesIO()
         torch.save(private, buf)
         atomic_write_bytes(self.root / f"private-r{round_idx:05d}.pt", buf.getvalue())

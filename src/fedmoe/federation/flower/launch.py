@@ -89,15 +89,103 @@ def write_app(rd: RunDir, options: dict) -> Path:
     return app
 
 
+FLOWER_RUN = "flower-run.json"  # in the run directory: the Flower run that writes it, and on which SuperLink
+
+
+def _flwr() -> str:
+    return shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
+
+
+def _env() -> dict:
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0")}
+
+
+def flower_run_status(run_id: int, federation: str, env: dict | None = None) -> str | None:
+    """The status the SuperLink gives the Flower run ``run_id`` (``running``, ``finished:stopped``, ...), or
+    None when it cannot say (unreachable, unknown run). ``env``: the environment of ``flwr`` (its FLWR_HOME)."""
+    import json
+
+    r = subprocess.run([_flwr(), "ls", federation, "--run-id", str(run_id), "--format", "json"], env=env or _env(),
+                       capture_output=True, text=True, timeout=120)
+    try:
+        runs = json.loads(r.stdout).get("runs") or []
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return next((str(x.get("status")) for x in runs if str(x.get("run-id")) == str(run_id)), None)
+
+
+def refuse_if_alive(rd: RunDir) -> None:
+    """A run directory whose Flower run still runs on its SuperLink (its ``fedmoe run`` was killed, the
+    ServerApp was not) must not get a second ServerApp: refused, naming the command that stops it."""
+    import json
+
+    path = Path(rd.path) / FLOWER_RUN
+    if not path.is_file():
+        return
+    rec = json.loads(path.read_text())
+    status = flower_run_status(rec["flower_run_id"], rec["superlink"])
+    if status is not None and not status.startswith("finished"):
+        from ..checkpoint import RunDirError
+
+        raise RunDirError(f"{rd.path} is still being written by Flower run {rec['flower_run_id']} on the SuperLink "
+                          f"{rec['superlink']!r} (status {status}): stop it with `flwr stop {rec['flower_run_id']} "
+                          f"{rec['superlink']}` (or let it finish), then resume")
+
+
+def stop_flower_run(run_id: int, federation: str, log=print) -> None:
+    r = subprocess.run([_flwr(), "stop", str(run_id), federation], env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    log(f"stopped the Flower run {run_id} on {federation}" if r.returncode == 0 else
+        f"could not stop the Flower run {run_id} on {federation} ({(r.stderr or r.stdout).strip()[-300:]}): stop it "
+        f"with `flwr stop {run_id} {federation}` before resuming")
+
+
 def run_deployment(cfg: RunConfig, rd: RunDir, federation: str, resume: bool = False, stream: bool = True) -> dict:
     """The run on a running SuperLink (``federation``: its name in $FLWR_HOME/config.toml) through
-    ``flwr run``; the SuperNodes connect to that SuperLink on their own machines."""
+    ``flwr run``; the SuperNodes connect to that SuperLink on their own machines. The Flower run's id is
+    kept in the run directory (:data:`FLOWER_RUN`); Ctrl-C or SIGTERM of this process stops that Flower
+    run on the SuperLink (``flwr stop``), and a resume refuses while it still runs (:func:`refuse_if_alive`)."""
+    import json
+    import re
+    import signal
+
+    from ...rundir import atomic_write_text
+
     require_flower()
+    refuse_if_alive(rd)
     app = write_app(rd, run_options(cfg, rd, resume))
-    flwr = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
-    cmd = [flwr, "run", str(app), federation] + (["--stream"] if stream else [])
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0")}
-    proc = subprocess.run(cmd, env=env)
+    cmd = [_flwr(), "run", str(app), federation, "--stream"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True)  # Ctrl-C reaches this process; it stops the Flower run
+    run_id = None
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if main else None
+    try:
+        for line in proc.stdout:
+            if stream:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            m = re.search(r"Successfully started run (\d+)", line)
+            if m and run_id is None:
+                run_id = int(m.group(1))
+                atomic_write_text(Path(rd.path) / FLOWER_RUN,
+                                  json.dumps({"flower_run_id": run_id, "superlink": federation}) + "\n")
+        proc.wait()
+    except KeyboardInterrupt:
+        if run_id is not None:
+            stop_flower_run(run_id, federation)
+        proc.terminate()
+        proc.wait()
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); see its output above")
     return _finished(rd, "Flower run")

@@ -59,7 +59,7 @@ class LocalDeployment:
                 own += f' worker="{self.sockets[i]}" worker-nproc={ranks}'
             self._start(f"node{i}", [BIN / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                                      "--port", str(free_port()), "--node-config",
-                                     f'partition-id={i} num-partitions={clients} state-dir="{self.state[i]}"{own}'])
+                                     f'partition-id={i} state-dir="{self.state[i]}"{own}'])
 
     def _start(self, name: str, cmd) -> None:
         self.cmds[name] = cmd

@@ -58,7 +58,29 @@ class FlowerTransport:
                     f"(flower-supernode --superlink ... --node-config 'partition-id=N ...'), or lower "
                     f"data.partition.num_clients")
             time.sleep(self.poll_s)
-        self._query(nodes)
+        # ask which client each node is; a node that has not answered (a slow machine, a ClientApp still
+        # starting) is asked again until node_wait_s is over
+        seen: dict[int, list[int]] = {}
+        while True:
+            asked = sorted(set(self.grid.get_node_ids()) - {n for ns in seen.values() for n in ns})
+            left = deadline - time.time()
+            for c, ns in self._query(asked, wait_s=max(left, self.poll_s)).items():
+                seen.setdefault(c, []).extend(ns)
+            if len(seen) >= self.num_clients or time.time() >= deadline:
+                break
+            time.sleep(self.poll_s)
+        dup = {c: n for c, n in seen.items() if len(n) > 1}
+        missing = sorted(set(range(self.num_clients)) - set(seen))
+        if not seen:
+            raise TimeoutError(f"no SuperNode answered which client it is within federation.node_wait_s = "
+                               f"{self.cfg.federation.node_wait_s:g} s ({len(nodes)} connected): see the SuperNodes' "
+                               "logs (their ClientApps may fail to start), or raise federation.node_wait_s on a slow "
+                               "machine")
+        if dup or missing:
+            raise RuntimeError(f"the SuperNodes must be clients 0..{self.num_clients - 1}, each once (node config "
+                               f"partition-id): nodes {dup} claim the same client; clients {missing} did not answer "
+                               f"within federation.node_wait_s = {self.cfg.federation.node_wait_s:g} s")
+        self.node_of.update({c: n[0] for c, n in seen.items()})
 
     def _refresh(self) -> set[int]:
         """Ask SuperNodes that connected since (a restarted one has a new node id) which client they
@@ -66,14 +88,19 @@ class FlowerTransport:
         nodes = set(self.grid.get_node_ids())
         new = sorted(nodes - set(self.node_of.values()))
         if new:
-            self._query(new, partial=True)
+            seen = self._query(new, partial=True)
+            for c, n in seen.items():
+                self.log(f"client {c} is back, on SuperNode {n[0]} (was {self.node_of.get(c)})")
+            self.node_of.update({c: n[0] for c, n in seen.items()})
         return {cid for cid, nid in self.node_of.items() if nid not in nodes}
 
-    def _query(self, nodes: list[int], partial: bool = False) -> None:
+    def _query(self, nodes: list[int], partial: bool = False, wait_s: float | None = None) -> dict[int, list[int]]:
+        """{client: the nodes that said they are it} of the ``nodes`` that answered (within ``wait_s``, else
+        ``federation.round_timeout_s``); a node that fails its setup is an error unless ``partial`` (mid-run)."""
         header = Message(header={"kind": QUERY, "round": 0, "run_id": self.run_id})
         msgs = [_message(to_records(header), QUERY, nid, "setup") for nid in nodes]
         seen: dict[int, list[int]] = {}
-        for reply in self._send_and_receive(msgs):
+        for reply in self._send_and_receive(msgs, timeout=wait_s):
             nid = reply.metadata.src_node_id
             if reply.has_error():
                 if partial:  # a node seen mid-run that does not answer (yet): it is asked again next time
@@ -86,15 +113,7 @@ class FlowerTransport:
             seen.setdefault(info["client"], []).append(nid)
             self.infos[info["client"]] = info
             self._overhead(0, "setup", info)
-        dup = {c: n for c, n in seen.items() if len(n) > 1}
-        missing = [] if partial else sorted(set(range(self.num_clients)) - set(seen))
-        if dup or missing:
-            raise RuntimeError(f"the SuperNodes must be clients 0..{self.num_clients - 1}, each once (node config "
-                               f"partition-id): nodes {dup} claim the same client; clients {missing} are missing")
-        if partial:
-            for c, n in seen.items():
-                self.log(f"client {c} is back, on SuperNode {n[0]} (was {self.node_of.get(c)})")
-        self.node_of.update({c: n[0] for c, n in seen.items()})
+        return seen
 
     def _note_withheld(self, info: dict, cid: int | None = None) -> None:
         kept = info.get("withheld")
@@ -157,12 +176,12 @@ class FlowerTransport:
         self.failed[1].update(failed)
         return got, failed
 
-    def _send_and_receive(self, messages: list) -> list:
-        """Every reply, at most ``federation.max_inflight`` messages out at once. Replies are pulled every
-        ``reply_poll_s`` (Flower's own ``send_and_receive`` pulls every 3 s on a deployment, which a
-        round pays once per message type)."""
+    def _send_and_receive(self, messages: list, timeout: float | None = None) -> list:
+        """Every reply, at most ``federation.max_inflight`` messages out at once, waiting ``timeout`` s (None:
+        ``federation.round_timeout_s``). Replies are pulled every ``reply_poll_s`` (Flower's own
+        ``send_and_receive`` pulls every 3 s on a deployment, which a round pays once per message type)."""
         step = self.cfg.federation.max_inflight or max(1, len(messages))
-        timeout = self.cfg.federation.round_timeout_s
+        timeout = self.cfg.federation.round_timeout_s if timeout is None else timeout
         replies = []
         for i in range(0, len(messages), step):
             waiting = set(self.grid.push_messages(messages[i : i + step]))
