@@ -16,3 +16,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# `make test` runs the suite on two workers (pytest-xdist, --dist loadgroup). The tests that start real
+# processes and wait on them with timeouts (Flower deployments and simulations, workers, signals) run one
+# after another on one worker, so they never compete with each other for the CPU; everything else shares
+# the other worker (and the same one when it is free).
+PROCESS_MODULES = {"test_flower.py", "test_worker.py", "test_secagg.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in PROCESS_MODULES or item.get_closest_marker("processes"):
+            item.add_marker(pytest.mark.xdist_group("processes"))

@@ -125,6 +125,7 @@ def test_mmlu_batch_size_zero(tmp_path):
     assert "--batch-size must be at least 1, got 0" in error_line(r)
 
 
+@pytest.mark.processes
 def test_sigint_during_a_run_says_where_the_checkpoint_is(tmp_path):
     sets = TINY + ["federation.rounds=200", f"output_dir={tmp_path}", "name=int"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

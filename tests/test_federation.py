@@ -234,6 +234,7 @@ def test_client_top_k_is_validated(tmp_path):
         run_federated(_cfg(tmp_path, "k", ["algorithm.client_top_k=[2,1,3]", "model.name=builtin:tiny-olmoe"]))
 
 
+@pytest.mark.processes
 def test_sigkill_then_cli_resume_matches_uninterrupted(tmp_path):
     """A real kill: the CLI run is SIGKILLed once its round-1 checkpoint exists, then resumed."""
     import signal

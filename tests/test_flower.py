@@ -134,7 +134,7 @@ def test_superlink_and_two_supernodes_run_flex(tmp_path):
     disks. Client 0's SuperNode loads the model for every message; client 1's relays to its worker, which
     loads it once: the same numbers either way. FLAME on a real deployment is the killed-node test's
     method (its private rescalers continue from the node's disk)."""
-    with _deploy(tmp_path, workers={1: 1}) as deployment:
+    with _deploy(tmp_path, workers={1: 1}, database=True) as deployment:
         _flex_run(deployment, tmp_path)
 
 
@@ -154,13 +154,15 @@ def _wait_for_row(run: Path, text: str, proc, timeout: float = 300) -> None:
 
 
 def _flex_run(deployment, tmp_path):
-    """Three rounds, operated: `fedmoe run` SIGKILLed after round 1 leaves its ServerApp running, so a resume is
-    refused (naming `flwr stop`); once stopped, a resume Ctrl-C'd after its round 2 stops its own Flower run on
-    the SuperLink; the last resume finishes with the uninterrupted in-process numbers."""
+    """Four rounds, operated: `fedmoe run` SIGKILLed after round 1 leaves its ServerApp running, so a resume is
+    refused (naming `flwr stop`); once stopped, a resume loses its SuperLink after its round 2 (killed and
+    restarted on its database: the SuperNodes stay up, the lost Flower run is marked failed); the next resume,
+    Ctrl-C'd after round 3, stops its own Flower run on the SuperLink; the last resume finishes with the
+    uninterrupted in-process numbers."""
     from fedmoe.federation.flower.launch import FLOWER_RUN, flower_run_status
 
     for method in ("flex",):
-        sets = METHODS[method] + ENDS_ONLY + ["federation.rounds=3"]
+        sets = METHODS[method] + ENDS_ONLY + ["federation.rounds=4"]
         run = tmp_path / "runs" / method
         proc = deployment.run(TINY + sets + [f"output_dir={tmp_path / 'runs'}", f"name={method}"])
         _wait_for_row(run, '"round": 1, "client": null, "kind": "round"', proc)
@@ -173,26 +175,39 @@ def _flex_run(deployment, tmp_path):
         assert "Traceback" not in out
         subprocess.run([str(BIN / "flwr"), "stop", str(first), "local"], env=deployment.env, check=True,
                        capture_output=True, timeout=120)
+        lost = _resume(deployment, run)
+        _wait_for_row(run, '"round": 2, "client": null, "kind": "round"', lost)
+        deployment.kill("superlink")
+        deployment.restart("superlink")
+        out, _ = lost.communicate(timeout=300)
+        assert lost.returncode != 0 and "Traceback" not in out, out[-3000:]
+        lost_id = json.loads((run / FLOWER_RUN).read_text())["flower_run_id"]
+        assert all(deployment.procs[f"node{i}"].poll() is None for i in (0, 1))  # the SuperNodes stayed up
+        deadline = time.time() + 60
+        while not str(status := flower_run_status(lost_id, "local", deployment.env)).startswith("finished") \
+                and time.time() < deadline:
+            time.sleep(0.5)  # the restarted SuperLink marks the run it lost as failed after a few seconds
+        assert status is not None and status.startswith("finished"), status
         interrupted = _resume(deployment, run)
-        _wait_for_row(run, '"round": 2, "client": null, "kind": "round"', interrupted)
+        _wait_for_row(run, '"round": 3, "client": null, "kind": "round"', interrupted)
         interrupted.send_signal(signal.SIGINT)
         out, _ = interrupted.communicate(timeout=300)
         second = json.loads((run / FLOWER_RUN).read_text())["flower_run_id"]
-        assert second != first and f"stopped the Flower run {second} on local" in out, out[-3000:]
+        assert second not in (first, lost_id) and f"stopped the Flower run {second} on local" in out, out[-3000:]
         status = flower_run_status(second, "local", deployment.env)
         assert status is not None and status.startswith("finished"), status
         last = _resume(deployment, run)
         out, _ = last.communicate(timeout=600)
         assert last.returncode == 0, out[-4000:]
         summary = json.loads((run / "summary.json").read_text())
-        assert summary["runtime"] == "flower" and [c["rounds_trained"] for c in summary["clients"]] == [3, 3]
+        assert summary["runtime"] == "flower" and [c["rounds_trained"] for c in summary["clients"]] == [4, 4]
         _same_numbers(_local(tmp_path, f"local-{method}", sets), summary)
         # each client's private state lives only in its own node's state directory
         for i, state in deployment.state.items():
             dirs = {p.name for p in state.glob("*/client-*")}
             assert dirs and dirs == {f"client-{i}"}, (method, i, dirs)
         train = _rows(run, "train")
-        assert len(train) == 6
+        assert len(train) == 8
         # without a worker the SuperNode loads the model per message; the worker loaded it once, at the query
         assert all(r["load_s"] > 0 for r in train if r["client"] == 0)
         assert all(r["load_s"] == 0 for r in train if r["client"] == 1)

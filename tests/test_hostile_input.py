@@ -337,6 +337,7 @@ def test_a_client_reporting_a_negative_test_loss_is_left_out_of_the_global_loss(
     assert "a test loss of -5.0" in summary["failures"][0]["error"]
 
 
+@pytest.mark.processes
 def test_hostile_replies_through_flower_are_those_clients_failures(tmp_path):
     """On Flower's simulation, the train replies of clients 1 and 2 arrive changed (tests/flower_tamper.py): one
     claims 1e15 examples, one names a dtype that would make the server call torch.load. Both are left out of

@@ -27,13 +27,16 @@ def free_port() -> int:
 
 class LocalDeployment:
     def __init__(self, root: Path, clients: int = 2, data_paths: dict[int, Path] | None = None,
-                 threads: int | None = None, workers: bool | dict[int, int] = False, shared_workers: int | None = None):
+                 threads: int | None = None, workers: bool | dict[int, int] = False, shared_workers: int | None = None,
+                 database: bool = False):
         """``threads``: torch threads of every client process (OMP_NUM_THREADS); ``data_paths``: a
         client's own data file (the others take their partition of the config's source); ``workers``:
         each SuperNode (True) or those named ({client: ranks}) relays to a ``fedmoe worker`` with that
         many ranks on ``ROOT/worker-N.sock`` (started by its first message; :meth:`stop` stops them too);
         ``shared_workers`` = k: client i relays to worker ``i mod k`` instead (a lab machine too small for a
-        worker per SuperNode: each worker keeps one model and serves its SuperNodes one message at a time)."""
+        worker per SuperNode: each worker keeps one model and serves its SuperNodes one message at a time);
+        ``database``: the SuperLink keeps its state in ``ROOT/superlink.db``, so a restarted SuperLink knows its
+        SuperNodes (which then stay up) and marks the run it lost as failed (about 3 s more per round here)."""
         self.root, self.procs, self.state, self.cmds = Path(root), {}, {}, {}
         self.sockets: dict[int, Path] = {}
         self.home = self.root / "flwr-home"
@@ -48,8 +51,11 @@ class LocalDeployment:
         if clients <= 8:  # a SuperExec looks for a message to run every 0.1 s, not 1 s (with 40 on one machine
             # their polling alone kept two cores busy)
             self.env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+        # the SuperLink keeps its state (nodes, runs, messages) in a database file, so a restarted one knows
+        # its SuperNodes (without it, a restart makes every SuperNode's heartbeat a 401 and it exits)
         self._start("superlink", [BIN / "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                                  "--port", str(port)])
+                                  "--port", str(port)]
+                    + (["--database", str(self.root.resolve() / "superlink.db")] if database else []))
         for i in range(clients):
             self.state[i] = self.root / f"state-{i}"
             own = f' data-path="{data_paths[i]}"' if data_paths and i in data_paths else ""
