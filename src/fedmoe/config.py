@@ -170,6 +170,9 @@ class TrainConfig(_Strict):
     aux_loss: bool = False  # add the model's MoE load-balancing loss
     aux_loss_coef: float | None = Field(None, ge=0)  # None = the model config's router_aux_loss_coef
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast on CUDA when auto
+    # batches of examples of similar length (less padding, as transformers' group_by_length): each pass's
+    # shuffled order is sorted by length within chunks of 50 batches (fedmoe.train._batches)
+    group_by_length: bool = False
 
     @model_validator(mode="after")
     def _momentum_is_sgds(self):

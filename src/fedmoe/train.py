@@ -94,12 +94,27 @@ def steps_for(cfg: TrainConfig, n_train: int) -> int:
     return max(1, math.ceil(cfg.epochs * n_train / per_step))
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator):
-    """Endless seeded shuffled index batches (a new permutation each pass over the data)."""
+GROUP_MEGABATCH = 50  # train.group_by_length: batches are formed within chunks of this many batches' examples
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator, lengths: Sequence[int] | None = None):
+    """Endless seeded shuffled index batches (a new permutation each pass over the data). ``lengths``
+    (``train.group_by_length``): each pass's permutation is cut into chunks of ``GROUP_MEGABATCH`` batches,
+    each chunk sorted by length (longest first, ties in shuffled order) and cut into batches, so a batch
+    holds examples of similar length and pads little (as transformers' ``LengthGroupedSampler``); then the
+    pass's batches are shuffled, so a round of ``max_steps`` shorter than a pass trains on batches drawn
+    from every length alike, not on the longest examples of a chunk first."""
     while True:
         perm = torch.randperm(n, generator=generator).tolist()
-        for i in range(0, n, batch_size):
-            yield perm[i : i + batch_size]
+        if lengths is None:
+            for i in range(0, n, batch_size):
+                yield perm[i : i + batch_size]
+            continue
+        size = GROUP_MEGABATCH * batch_size
+        grouped = [i for c in range(0, n, size) for i in sorted(perm[c : c + size], key=lambda j: -lengths[j])]
+        batches = [grouped[i : i + batch_size] for i in range(0, n, batch_size)]
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[b]
 
 
 def _rows(batch: dict, parallel: Parallel) -> dict | None:
@@ -175,7 +190,8 @@ def train_local(
     bf16 = use_bf16(cfg, device)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
-    batches = _batches(len(examples), cfg.batch_size, gen)
+    lengths = [len(ex["input_ids"]) for ex in examples] if cfg.group_by_length else None
+    batches = _batches(len(examples), cfg.batch_size, gen, lengths)
     n_steps = steps_for(cfg, len(examples))
 
     mm.reset_activation_counts()

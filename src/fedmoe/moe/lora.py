@@ -75,10 +75,11 @@ def lora_pair_info(a_name: str, b_name: str, A: torch.Tensor, B: torch.Tensor, r
 
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout=None) -> torch.Tensor:
     """One LoRA pair's term on rows ``x``: (alpha/r) · B A x, with A (r, in) and B (out, r) (the
-    attention adapters, the per-expert loop and FLEx's grafts)."""
+    attention adapters, the per-expert loop and FLEx's grafts). The scale multiplies the r-dimensional
+    intermediate A x, not the output: the same value, r instead of ``out`` multiplications per row."""
     if dropout is not None:
         x = dropout(x)
-    return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype)) * scaling
+    return F.linear(F.linear(x, A.to(x.dtype)) * scaling, B.to(x.dtype))
 
 
 def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn, *, split: bool = False,
@@ -171,7 +172,7 @@ class RouterWithLoRA(nn.Module):
     def weight(self) -> torch.Tensor:
         """The effective router weight W + (alpha / r) · B A."""
         w = self.base.weight
-        return w + (self.lora_B.to(w.dtype) @ self.lora_A.to(w.dtype)) * self.scaling
+        return w + (self.lora_B.to(w.dtype) * self.scaling) @ self.lora_A.to(w.dtype)  # scale the (E, r) factor
 
     @property
     def top_k(self):  # read and set on the wrapped router, which the MoE block's routing uses
@@ -429,7 +430,7 @@ class ExpertsWithLoRA(nn.Module):
             A, B = self._full(getattr(self, f"{prefix}_lora_A")), self._full(getattr(self, f"{prefix}_lora_B"))
             if pad:
                 A, B = F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad))
-            return gmm(gmm(self.dropout(a), A.transpose(-2, -1)), B.transpose(-2, -1)) * self.scaling
+            return gmm(gmm(self.dropout(a), A.transpose(-2, -1)) * self.scaling, B.transpose(-2, -1))
 
         return expert_ffn(x, self.base.gate_up_proj, self.base.down_proj, self.base.act_fn,
                           split=self.layout == "split", delta=lora, proj=lambda a, w: gmm(a, w.transpose(-2, -1)))
