@@ -108,7 +108,8 @@ def prepare_run_dir(cfg: RunConfig, overwrite: bool = False, log=print) -> RunDi
         rd = _claim(base, overwrite, fresh=False, log=log)
         if rd is None:
             what = ("a finished run (kept; --overwrite replaces it)" if _run_dir_kind(base) == "finished"
-                    else "files that are not a fedmoe run (kept)")
+                    else f"files fedmoe did not mark as its own run (kept; a run an older fedmoe wrote has no "
+                         f"{RunDir.MARKER})")
             rd = next(r for n in itertools.count(2)
                       if (r := _claim(base.with_name(f"{base.name}-{n}"), False, fresh=True, log=log)) is not None)
             log(f"{base} holds {what}: this run writes to {rd.path}")
