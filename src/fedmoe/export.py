@@ -108,18 +108,20 @@ def _checkpoint_to_export(run_dir: str | Path, round_idx: int | None):
 
     notes: list[str] = []
     cfg, rd, loaded = open_run_dir(run_dir, log=notes.append)
-    have = {}
+    finished = rd.summary_path.is_file()
+    rounds = cfg.federation.rounds
+    want = rounds if round_idx is None else round_idx
+    have = {loaded.state["round"]: (loaded.path, loaded.state)}
+    if want in have and (finished or round_idx is not None):
+        return cfg, rd, have[want][1]
+    # not the round wanted: the run's other checkpoint is read (for the round asked, or to name what is on offer)
     for f in (rd.checkpoint_dir / CHECKPOINT_FILE, rd.checkpoint_dir / PREVIOUS_CHECKPOINT_FILE):
-        if f == loaded.path:
-            have[loaded.state["round"]] = (f, loaded.state)
-        elif f.is_file() and (loaded.unreadable is None or f != loaded.unreadable):
+        if f.is_file() and f not in (loaded.path, loaded.unreadable):
             try:
                 state = load_tensor_file(f, "checkpoint")
                 have.setdefault(state["round"], (f, state))
             except Exception:  # noqa: BLE001 - an unreadable older checkpoint is simply not on offer
                 pass
-    finished = rd.summary_path.is_file()
-    rounds = cfg.federation.rounds
     offer = ", ".join(f"--round {r} ({f.name})" for r, (f, _) in sorted(have.items(), reverse=True))
     if round_idx is not None:
         if round_idx not in have:

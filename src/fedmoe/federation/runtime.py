@@ -264,6 +264,8 @@ class Federation:
         for cid, why in failures.items():
             self._failed(round_idx, cid, "train", why)
         out, unusable = [], {}
+        shape = (self.spec.num_moe_layers, self.spec.num_experts)  # of the activation counts
+        secure = self.cfg.federation.secagg is not None
         for cid in sampled:
             if cid not in replies:
                 continue
@@ -272,8 +274,6 @@ class Federation:
             rec.bytes_down += down
             rec.bytes_up += up
             declared = (rec.data or {}).get("n_train")
-            shape = (self.spec.num_moe_layers, self.spec.num_experts)
-            secure = self.cfg.federation.secagg is not None
             bad = invalid_reply(messages[cid], reply, self.global_state, declared, report.metrics, self.server,
                                 self.method.client_metrics, secure=secure)
             if bad is None:

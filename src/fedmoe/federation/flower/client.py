@@ -116,11 +116,10 @@ def keep_for_secagg(root: Path, round_idx: int, sent: Message, reply: Message, w
 
     import numpy as np
 
-    parts = []
-    for name in sorted(reply.tensors):
-        t = reply.tensors[name].to(torch.float64)
-        parts.append((t - sent.tensors[name].to(torch.float64) if name in sent.tensors else t).reshape(-1))
-    vector = torch.cat(parts).numpy() if parts else np.zeros(0)
+    from .secagg import flatten_tensors
+
+    vector, _ = flatten_tensors({n: t.double() - sent.tensors[n].double() if n in sent.tensors else t
+                                 for n, t in reply.tensors.items()})
     buf = io.BytesIO()
     np.save(buf, vector, allow_pickle=False)
     base = root / f"secagg-r{round_idx:05d}"

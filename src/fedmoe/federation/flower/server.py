@@ -241,15 +241,14 @@ class FlowerTransport:
         """(the weighted mean of the clients' masked updates as named float64 tensors, or None; the clients
         included; {client: why it failed}; metrics) through SecAgg+ (:mod:`.secagg`): each client in
         ``weights`` answers with the update it kept at its last train message, weighted by its weight."""
-        import numpy as np
-        import torch
+        import math
 
-        from .secagg import secure_weighted_sum
+        from .secagg import secure_weighted_sum, unflatten_tensors
 
         sc = self.cfg.federation.secagg
         nodes = {self.node_of[cid]: cid for cid in sorted(weights)}
         payloads = {nid: {"fedmoe.run_id": self.run_id, "fedmoe.client": cid} for nid, cid in nodes.items()}
-        length = sum(int(np.prod(shape)) for _, shape in spec)
+        length = sum(math.prod(shape) for _, shape in spec)
         res = secure_weighted_sum(self.grid, list(nodes), payloads, length, max_weight=max(weights.values()),
                                   round_idx=round_idx, num_shares=float(sc.share_fraction),
                                   reconstruction_threshold=float(sc.threshold_fraction),
@@ -261,12 +260,7 @@ class FlowerTransport:
         metrics = {"secagg_s": res.seconds, "halted": res.halted}
         if res.mean is None:
             return None, included, failed, metrics
-        mean, at = {}, 0
-        for name, shape in spec:
-            size = int(np.prod(shape))
-            mean[name] = torch.from_numpy(res.mean[at : at + size].copy()).reshape(shape)
-            at += size
-        return mean, included, failed, metrics
+        return unflatten_tensors(res.mean, [(n, s, "float64") for n, s in spec]), included, failed, metrics
 
     def state(self) -> dict:
         return {"run_id": self.run_id, "withheld": {str(c): sorted(k) for c, k in self.withheld.items()}}
