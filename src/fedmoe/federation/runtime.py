@@ -359,9 +359,10 @@ class Federation:
         mean, included, failed, metrics = self.transport.secure_mean(round_idx, weights, spec)
         for cid, why in sorted(failed.items()):
             self._failed(round_idx, cid, "secure aggregation", why)
-        vector_bytes = 4 * (sum(math.prod(s) for _, s in spec) + 1)  # the masked int32 vector each client sent
-        for cid in included:
-            self.records[cid].bytes_up += vector_bytes
+        sent = metrics.pop("bytes", {})  # what each client sent and received in SecAgg+'s four stages, measured
+        for cid, (up, down) in sent.items():
+            self.records[cid].bytes_up += up
+            self.records[cid].bytes_down += down
         need = self.min_replies(sampled)
         if mean is None or len(included) < need:
             raise RoundFailed(f"round {round_idx}: secure aggregation gave no mean ({metrics.get('halted') or ''}): "
@@ -370,7 +371,8 @@ class Federation:
         new, server_state, own = self.server.secure_aggregate(self.global_state, self.server_state, mean, len(included),
                                                               round_idx=round_idx)
         return new, server_state, {**own, **{k: v for k, v in metrics.items() if k != "halted"},
-                                   "secagg_clients": sorted(included), "secagg_vector_bytes": vector_bytes}
+                                   "secagg_clients": sorted(included),
+                                   "secagg_bytes_up": {c: up for c, (up, _) in sorted(sent.items())}}
 
     def _intact(self) -> str:
         """What a round that stops the run leaves behind."""

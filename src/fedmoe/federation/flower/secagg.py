@@ -247,19 +247,41 @@ class SecAggResult:
     failures: dict[int, str] = field(default_factory=dict)
     halted: str | None = None
     seconds: float = 0.0
+    bytes_up: dict[int, int] = field(default_factory=dict)  # per node: payload bytes it sent in the four stages
+    bytes_down: dict[int, int] = field(default_factory=dict)  # and received
 
     @property
     def weighted_sum(self) -> np.ndarray | None:
         return None if self.mean is None else self.mean * self.total_weight
 
 
+def content_bytes(content) -> int:
+    """The payload bytes of a message's records: every array's bytes, every bytes value (lists of them
+    too: the masked vectors and key shares travel so), 8 per number, a string's UTF-8 length."""
+    total = 0
+    for record in content.values():
+        for value in record.values():
+            data = getattr(value, "data", None)
+            for v in (value if isinstance(value, list) else [data if isinstance(data, bytes) else value]):
+                if isinstance(v, bytes):
+                    total += len(v)
+                elif isinstance(v, str):
+                    total += len(v.encode())
+                elif isinstance(v, (int, float, bool)):
+                    total += 8
+    return total
+
+
 class _TrackingGrid:
     """The grid for the workflow: ``send_and_receive`` over ``push_messages`` / ``pull_messages``,
     polling every ``poll_s`` (the deployment grid's own polls every 3 s, once per stage), noting
-    each node's error or missing reply by stage."""
+    each node's error or missing reply by stage and the payload bytes each node sent and received
+    over the four stages (:func:`content_bytes`)."""
 
     def __init__(self, grid, poll_s: float, failures: dict[int, str]):
         self._grid, self._poll_s, self.failures = grid, poll_s, failures
+        self.bytes_up: dict[int, int] = {}
+        self.bytes_down: dict[int, int] = {}
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
@@ -270,6 +292,9 @@ class _TrackingGrid:
         for m in messages:
             cfg = m.content.config_records.get(SECAGG_CONFIGS)
             stage[m.metadata.dst_node_id] = cfg.get("stage", "?") if cfg is not None else "?"
+        for m in messages:
+            nid = m.metadata.dst_node_id
+            self.bytes_down[nid] = self.bytes_down.get(nid, 0) + content_bytes(m.content)
         ids = list(self._grid.push_messages(messages))
         dst = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}
         waiting, replies = set(ids), []
@@ -282,6 +307,9 @@ class _TrackingGrid:
                 break
             time.sleep(self._poll_s)
         for m in replies:
+            if m.has_content():
+                nid = m.metadata.src_node_id
+                self.bytes_up[nid] = self.bytes_up.get(nid, 0) + content_bytes(m.content)
             if m.has_error():
                 nid = m.metadata.src_node_id
                 self.failures.setdefault(nid, f"{stage.get(nid, '?')}: {m.error.reason}")
@@ -434,7 +462,8 @@ def secure_weighted_sum(grid, node_ids: list[int], payloads: Mapping[int, Any] |
                                  clipping_range=float(clipping_range), quantization_range=q,
                                  modulus_range=modulus_range, timeout=timeout, records=records)
     t0 = time.monotonic()
-    workflow(_TrackingGrid(grid, poll_s, failures), lctx)
+    tracking = _TrackingGrid(grid, poll_s, failures)
+    workflow(tracking, lctx)
     seconds = time.monotonic() - t0
     weights = out.get("weights", {})
     arrays = out.get("arrays")
@@ -449,4 +478,4 @@ def secure_weighted_sum(grid, node_ids: list[int], payloads: Mapping[int, Any] |
             raise RuntimeError(f"SecAgg+ returned {[a.shape for a in arrays]}, one vector of {vector_len} expected")
     return SecAggResult(mean=mean, total_weight=float(sum(weights.values())), included=sorted(weights),
                         weights=weights, metrics=out.get("metrics", {}), failures=failures, halted=halted,
-                        seconds=seconds)
+                        seconds=seconds, bytes_up=tracking.bytes_up, bytes_down=tracking.bytes_down)

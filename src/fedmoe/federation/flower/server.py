@@ -257,7 +257,8 @@ class FlowerTransport:
                                   context=self.context)
         failed = {nodes[nid]: f"node {nid}: {why}" for nid, why in res.failures.items() if nid in nodes}
         included = [nodes[nid] for nid in res.included if nid in nodes]
-        metrics = {"secagg_s": res.seconds, "halted": res.halted}
+        metrics = {"secagg_s": res.seconds, "halted": res.halted,
+                   "bytes": {cid: (res.bytes_up.get(nid, 0), res.bytes_down.get(nid, 0)) for nid, cid in nodes.items()}}
         if res.mean is None:
             return None, included, failed, metrics
         return unflatten_tensors(res.mean, [(n, s, "float64") for n, s in spec]), included, failed, metrics
