@@ -214,7 +214,7 @@ class DPConfig(_Strict):
     delta: float = Field(1e-5, gt=0, lt=1)  # the δ at which ε is reported (take δ < 1/number of clients)
     # server: the server clips each update and noises their sum (central DP: it sees every raw update).
     # client: each client clips its own update and adds the noise N(0, σ²C²) itself before sending (local DP:
-    # no raw update leaves a client; ε per client, over the rounds it trained in; the aggregation after that
+    # no raw update leaves a client; ε per client, over the updates it sent; the aggregation after that
     # is the method's own, post-processing)
     where: Literal["server", "client"] = "server"
     # where: client — the noise's seed: a secret each client draws once and keeps in its private store

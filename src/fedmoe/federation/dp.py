@@ -43,7 +43,7 @@ from ..seeds import Stream, derive_seed
 
 State = dict[str, torch.Tensor]
 CLIENT_ACCOUNTING = ("Rényi DP (dp-accounting) per client: one Gaussian mechanism of sensitivity 2C and noise σC "
-                     "(noise multiplier σ/2) per round the client trained in, its data replaced by any other")
+                     "(noise multiplier σ/2) per update the client sent (usable or not), its data replaced by any other")
 ACCOUNTING = ("Rényi DP (dp-accounting), one Gaussian mechanism per round, add-or-remove-one client, "
               "no amplification by client sampling")
 
@@ -172,7 +172,7 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
 
 def round_metrics(cfg, rounds: int, client_rounds: list[int] | None = None) -> dict:
     """What a round's server row reports: ε after ``rounds`` applied rounds (where: client, ε of the client
-    that trained in the most rounds so far, ``client_rounds``), and δ."""
+    that sent the most updates so far, ``client_rounds``), and δ."""
     dp = cfg.federation.dp
     if dp.where == "client":
         return {"dp_epsilon": client_epsilon(cfg, max(client_rounds or [0])), "dp_delta": dp.delta}
@@ -180,7 +180,7 @@ def round_metrics(cfg, rounds: int, client_rounds: list[int] | None = None) -> d
 
 
 def privacy_summary(cfg, rounds: int, denominator: int, client_rounds: dict[int, int] | None = None) -> dict:
-    """summary.json's ``privacy`` block (where: client, with each client's ε over the rounds it trained in)."""
+    """summary.json's ``privacy`` block (where: client, with each client's ε over the updates it sent)."""
     dp = cfg.federation.dp
     if dp.where == "client":
         per = {cid: client_epsilon(cfg, n) for cid, n in sorted((client_rounds or {}).items())}

@@ -273,6 +273,7 @@ class Federation:
             rec, down, up = self.records[cid], messages[cid].nbytes(), reply.nbytes()
             rec.bytes_down += down
             rec.bytes_up += up
+            rec.replies_sent += 1
             declared = (rec.data or {}).get("n_train")
             bad = invalid_reply(messages[cid], reply, self.global_state, declared, report.metrics, self.server,
                                 self.method.client_metrics, secure=secure)
@@ -340,7 +341,8 @@ class Federation:
         if self.cfg.federation.dp is not None:
             from .dp import round_metrics
 
-            trained = [rec.rounds_trained for rec in self.records.values()]  # this round's replies counted
+            # local DP: every reply a client sent is a release, also one left out here (invalid, non-finite)
+            trained = [rec.replies_sent for rec in self.records.values()]
             metrics = {**metrics, **round_metrics(self.cfg, self.completed_rounds + 1, trained)}
         metrics = {**conflict, **metrics}
         bad = [n for n, t in new.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
@@ -524,7 +526,7 @@ class Federation:
 
         sampled = len(sample_clients(len(self.records), self.cfg.federation.fraction, self.cfg.seed, 1))
         return privacy_summary(self.cfg, self.completed_rounds, sampled,
-                               {cid: r.rounds_trained for cid, r in self.records.items()})
+                               {cid: r.replies_sent for cid, r in self.records.items()})
 
     def _tensorboard(self) -> None:
         """``report.tensorboard``: the scalars of metrics.jsonl so far, rebuilt after every round."""

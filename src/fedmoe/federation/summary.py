@@ -25,6 +25,8 @@ class ClientRecord:
     bytes_up: int = 0
     bytes_down: int = 0
     rounds_trained: int = 0
+    # replies the server received from it, usable or not (each one a release under federation.dp.where: client)
+    replies_sent: int = 0
     activation_counts: torch.Tensor | None = None  # cumulative (L, E) over local training
     last_eval: dict = field(default_factory=dict)
     zero_shot: dict = field(default_factory=dict)

@@ -599,7 +599,7 @@ def format_privacy(summary: dict, metrics: list[dict]) -> list[str]:
         lines = ["## Differential privacy (local, on each client)", "",
                  f"Each client clipped its own update to L2 norm {p['clip_norm']:g} and added Gaussian noise of std "
                  f"{p['noise_multiplier']:g} × {p['clip_norm']:g} before sending it, so no raw update left a client. "
-                 f"(ε, δ) per client at δ = {p['delta']:g}, over the rounds it trained in: {per or 'none'}. "
+                 f"(ε, δ) per client at δ = {p['delta']:g}, over the updates it sent: {per or 'none'}. "
                  f"Accounting: {p['accounting']}."
                  + (" The noise was seeded from the run's seed (client_noise: seeded): whoever has the config can "
                     "remove it, so this holds only against those who do not." if p.get("client_noise") == "seeded" else
