@@ -8,10 +8,12 @@ The step is fedmoe's own ``train_local`` (one optimizer step on a batch of Dolly
 ``train.bf16`` off / on; on CUDA "auto" means on), from the same initial state and seed, so the two
 losses are the same forward pass in two precisions. Reported: both losses, their absolute and
 relative difference, how far the step moved the LoRA tensors in each (and how far apart the two
-updates are), each step's time, and what reaches the experts under autocast (the dtype of the
-hidden states ``ExpertsWithLoRA`` receives and which path ran: grouped_mm is not on autocast's
-list, so with fp32 weights it runs in fp32 - on CUDA that is torch's per-expert fallback, not the
-bf16 grouped kernel). Also the same step with bf16 weights (``model.dtype: bfloat16``, no autocast).
+updates are), each step's time, and what reaches the experts under autocast: the dtype of the
+hidden states ``ExpertsWithLoRA`` receives (fp32: the residual stream of an fp32 model), which path
+ran, and every matmul kernel with its operands' dtypes (``_grouped_mm(bfloat16, bfloat16)`` when the
+experts compute in autocast's dtype; grouped_mm is not on autocast's list, so before issue 27 they
+ran ``_grouped_mm(float32, float32)``). Also the same step with bf16 weights (``model.dtype:
+bfloat16``, no autocast).
 
     python benchmarks/gpu_bf16_step.py --json out.json          # GPU
     python benchmarks/gpu_bf16_step.py --dry --json out.json    # CPU (autocast to bf16 on the CPU)
@@ -43,6 +45,29 @@ def examples(cfg, tokenizer, n: int) -> list[dict]:
     return tokenize_examples(tokenizer, data.clients[0].train[:n], cfg.data.max_length)
 
 
+class KernelOperands:
+    """Which matmul kernels ran (``aten._grouped_mm``, ``aten.mm``/``addmm``/``bmm``) and the dtypes of
+    their two operands, counted (a dispatch mode: what the device was really asked to compute)."""
+
+    KERNELS = ("_grouped_mm", "mm", "addmm", "bmm")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen: dict[str, int] = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if name in KernelOperands.KERNELS:
+                    a, b = (args[1], args[2]) if name == "addmm" else (args[0], args[1])
+                    key = f"{name}({str(a.dtype).replace('torch.', '')}, {str(b.dtype).replace('torch.', '')})"
+                    seen[key] = seen.get(key, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self.seen, self.mode = seen, Mode()
+
+
 def spy_experts(mm) -> tuple[dict, list]:
     """What ExpertsWithLoRA receives (dtype of the hidden states) and which path it takes."""
     seen = {"input_dtypes": set(), "grouped": 0, "loop": 0}
@@ -71,23 +96,30 @@ def unspy(handles) -> None:
             h.remove()
 
 
-def one_step(mm, init_state, data, cfg, pad_id, bf16: str, dev: common.Device) -> dict:
+def one_step(mm, init_state, data, cfg, pad_id, bf16: str, dev: common.Device, spy_kernels: bool = True) -> dict:
+    """One training step from ``init_state``; ``spy_kernels``: record the matmul kernels and their
+    operand dtypes (a dispatch mode, which slows the step: the timed repeats run without it)."""
     from fedmoe.train import train_local
 
     mm.load_state(init_state)
     tc = cfg.train.model_copy(update={"bf16": bf16, "max_steps": 1})
     seen, handles = spy_experts(mm)
+    kernels = KernelOperands()
     try:
         dev.sync()
         t = time.perf_counter()
-        res = train_local(mm, data, tc, pad_id, lr=tc.lr, seed=123)
+        if spy_kernels:
+            with kernels.mode:
+                res = train_local(mm, data, tc, pad_id, lr=tc.lr, seed=123)
+        else:
+            res = train_local(mm, data, tc, pad_id, lr=tc.lr, seed=123)
         dev.sync()
         dt = time.perf_counter() - t
     finally:
         unspy(handles)
     after = mm.get_state()
     return {"loss": res.loss, "seconds": dt, "tokens": res.tokens, "after": after,
-            "experts_input_dtypes": sorted(seen["input_dtypes"]),
+            "experts_input_dtypes": sorted(seen["input_dtypes"]), "matmul_kernels": dict(sorted(kernels.seen.items())),
             "experts_path_calls": {"grouped_mm": seen["grouped"], "per-expert loop": seen["loop"]}}
 
 
@@ -126,8 +158,8 @@ def run(res: common.Result, args) -> None:
     res["setup"]["tokens"] = fp32["tokens"]
     amp = one_step(mm, init, data, cfg, pad, "on", dev)
     # again, timed warm (the first step of each pays one-off costs)
-    fp32_t = one_step(mm, init, data, cfg, pad, "off", dev)["seconds"]
-    amp_t = one_step(mm, init, data, cfg, pad, "on", dev)["seconds"]
+    fp32_t = one_step(mm, init, data, cfg, pad, "off", dev, spy_kernels=False)["seconds"]
+    amp_t = one_step(mm, init, data, cfg, pad, "on", dev, spy_kernels=False)["seconds"]
     diff = abs(amp["loss"] - fp32["loss"])
     rel = diff / max(abs(fp32["loss"]), 1e-12)
     res["fp32"] = {k: v for k, v in fp32.items() if k != "after"} | {"warm_seconds": fp32_t}
@@ -159,6 +191,7 @@ def run(res: common.Result, args) -> None:
         f"{res['update']['update_cosine']:.4f}",
         f"step time fp32 {fp32_t:.4f} s, bf16 autocast {amp_t:.4f} s; under autocast the experts get "
         f"{amp['experts_input_dtypes']} via {amp['experts_path_calls']}",
+        f"matmul kernels under autocast (operand dtypes: calls): {amp['matmul_kernels']}",
     ]
     if "loss" in res["bf16_weights"]:
         w = res["bf16_weights"]

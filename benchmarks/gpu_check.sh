@@ -13,7 +13,8 @@
 #                         PEFT at k = 8, 4, 2, 1; TFLOP/s and MFU against the measured bf16 matmul peak
 #   c  c_federated_olmoe  benchmarks/gpu_fed_olmoe.py: one round of FLAME (k_i = 8, 4, 2, 1) and of FLEx
 #                         (grafting included) on the OLMoE-1B-7B shape: peak memory per client, fits 80 GB
-#   d  d_bf16_step        benchmarks/gpu_bf16_step.py: a bf16 autocast training step against fp32 (tiny model)
+#   d  d_bf16_step        benchmarks/gpu_bf16_step.py: a bf16 autocast training step against fp32 (tiny model),
+#                         with every matmul kernel that ran and its operand dtypes
 #   e  e_quantized_base   benchmarks/gpu_quant.py: nf4 / int8 base (experts included) vs bf16 on the OLMoE-1B-7B
 #                         shape: base bytes, peak memory, step time, loss
 # Then summary.json and summary.txt; logs, pytest's JUnit XML and the profile tables go into logs.tar.gz.

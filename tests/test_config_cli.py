@@ -56,6 +56,17 @@ def test_overrides_parse_yaml_values_and_nest():
         load_config(None, ["train.lr=1", "train.lr.x=2"])
 
 
+def test_yaml_on_and_off_mean_the_words_for_train_bf16(tmp_path):
+    """YAML 1.1 reads a bare on / off as true / false: `bf16: on` in a file and `--set train.bf16=on`
+    are the setting's words, not a type error; a number is still refused."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  bf16: off\n")
+    assert load_config(str(f)).train.bf16 == "off"
+    assert load_config(None, ["train.bf16=on"]).train.bf16 == "on"
+    with pytest.raises(ConfigError, match="train.bf16"):
+        load_config(None, ["train.bf16=1"])
+
+
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fedmoe.cli", "run", "--set", "train.nope=1"],
                        capture_output=True, text=True, cwd=tmp_path)

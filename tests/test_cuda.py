@@ -7,6 +7,8 @@ suite keeps them alive (``bash benchmarks/gpu_check.sh --dry``).
 * expert LoRA on the device, through the grouped_mm path, equals PEFT ``target_parameters`` in
   fp32 (1e-5, as on the CPU: tests/test_moe.py) and in bf16 (see ``BF16_TOL``), gradients included;
 * activation counts equal a recount of the routers' choices by hand;
+* every MoE block's forward and backward runs without a host sync (``set_sync_debug_mode("error")``),
+  and with fp32 weights under bf16 autocast the grouped matmuls get bf16 operands;
 * the adapters a client builds on the device equal the server's CPU skeleton (what every
   federated run checks first), and FLEx's expert scoring runs on the device;
 * the option scorer of ``eval.task: choice`` (prompt once, options over its key/value cache) equals
@@ -244,6 +246,58 @@ def test_activation_counts_match_recount_on_device():
     finally:
         for h in hooks:
             h.remove()
+
+
+# ------------------------------------------------------------------------------- no host sync
+@pytest.mark.parametrize("weights,autocast", [(torch.bfloat16, False), (torch.float32, True)],
+                         ids=["bf16-weights", "fp32-weights-bf16-autocast"])
+def test_moe_blocks_run_without_host_sync_on_device(weights, autocast):
+    """Every MoE block's forward and backward (router, routing, counting, grouped experts with LoRA,
+    scatter) under ``torch.cuda.set_sync_debug_mode("error")``: any device-to-host read raises (a
+    ``bincount``, ``int(counts.sum())``, a boolean-mask index, counts copied to the host per layer).
+    The CPU test (tests/test_expert_path.py) reads the compiled graph; this one also sees what a
+    fake tensor hides (bincount's size). Padding skipping is off: it reads the mask, once per forward.
+    With fp32 weights under bf16 autocast the grouped matmuls get bf16 operands."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fedmoe.moe import MoEModel
+
+    if _dev().type != "cuda":
+        pytest.skip("the sync debug mode is CUDA's (tests/test_expert_path.py checks the graph on the CPU)")
+    mm = MoEModel(_hf("olmoe", dtype=weights))
+    mm.add_expert_lora(RANK, ALPHA)
+    mm.tracker.skip_padding = False
+    ids, mask = _batch()
+    x = mm.model.model.embed_tokens(ids).detach()
+    dtypes = set()
+
+    class GroupedOperands(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._grouped_mm:
+                dtypes.add((args[0].dtype, args[1].dtype))
+            return func(*args, **(kwargs or {}))
+
+    blocks = [layer.block for layer in mm.layers]
+    for b in blocks:  # warm up (first calls may allocate or query the device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast), mm.tracking(mask):
+            b(x.float() if autocast else x)[0].float().sum().backward()
+    torch.cuda.synchronize()
+    mm.reset_activation_counts()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b in blocks:
+            h = (x.float() if autocast else x).requires_grad_(True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast), mm.tracking(mask), GroupedOperands():
+                y = b(h)
+                y = y[0] if isinstance(y, tuple) else y
+                y.float().pow(2).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert dtypes == {(torch.bfloat16, torch.bfloat16)}, dtypes
+    counts, tokens = mm.activation_counts()
+    real = int(mask.sum())
+    assert tokens.tolist() == [real] * len(blocks)
+    assert counts.sum(1).tolist() == [real * mm.default_top_k] * len(blocks)
 
 
 # ------------------------------------------------------------------------------- federation on the device

@@ -53,6 +53,22 @@ def test_plan_counts_what_the_model_holds():
     assert nf4.peak["weights"] < full.peak["weights"]
 
 
+def test_plan_follows_the_precision_the_run_trains_in():
+    """Under bf16 autocast (`train.bf16: on`, or auto on CUDA) the plan's step runs under autocast too:
+    other activations (bf16 matmul outputs, the frozen dense weights' bf16 copies kept for the
+    backward), the same weights; the experts take the grouped path as the run does, so the plan is the
+    real step's count. `auto` on the CPU trains in fp32, and so does its plan."""
+    off = memory_plan(load_config(None, [*SMALL, "train.bf16=off"]))[0]
+    on_cfg = load_config(None, [*SMALL, "train.bf16=on"])
+    on = memory_plan(on_cfg)[0]
+    auto_cpu = memory_plan(load_config(None, [*SMALL, "model.device=cpu"]))[0]
+    assert on.peak["weights"] == off.peak["weights"] and on.peak["adapters"] == off.peak["adapters"]
+    assert on.peak["activations"] != off.peak["activations"]
+    assert auto_cpu.peak == off.peak
+    real = training_step_bytes(on_cfg, get_method("fedit"), on.k, fake=False)
+    assert abs(on.total - sum(real.values())) <= 0.01 * sum(real.values()), (on.peak, real)
+
+
 def test_a_gpu_run_that_does_not_fit_is_refused_naming_the_keys(monkeypatch):
     import fedmoe.plan as plan_mod
     import fedmoe.moe.model as model_mod

@@ -174,6 +174,12 @@ class TrainConfig(_Strict):
     # shuffled order is sorted by length within chunks of 50 batches (fedmoe.train._batches)
     group_by_length: bool = False
 
+    @field_validator("bf16", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        # YAML reads a bare on / off as a boolean: `bf16: on` and `--set train.bf16=on` mean "on"
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     @model_validator(mode="after")
     def _momentum_is_sgds(self):
         if self.optimizer != "sgd" and self.momentum != 0:

@@ -3,7 +3,7 @@
 ``memory_plan(cfg)`` builds the configured model with the run's method's adapters and quantization on
 PyTorch's fake tensors (shapes and dtypes, no storage: nothing is read from disk or allocated) and
 runs two training steps of it — forward, backward, optimizer step, at the configured batch size and
-``data.max_length``, every token real — counting the bytes of every tensor the steps create while it
+``data.max_length``, every token real, under bf16 autocast where the run trains with it — counting the bytes of every tensor the steps create while it
 lives (a dispatch mode; the same count on real tensors is what the tests compare with), once per
 budget level (its k; FLAME's clients
 activate fewer experts, so they keep fewer activations). The peak it reports is what the real step
@@ -102,9 +102,10 @@ def training_step_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .moe.model import MoEModel, hf_from_config, load_model_config
+    from .moe.model import MoEModel, hf_from_config, load_model_config, resolve_device
     from .moe.quant import QuantizedWeight, quantize_model
     from .seeds import Stream, derive_seed
+    from .train import use_bf16
 
     config = load_model_config(cfg.model.name)
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
@@ -134,7 +135,10 @@ def training_step_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int
         mm.model.train()
         live = _LiveBytes()
         live.exclude([*mm.model.parameters(), *mm.model.buffers()])
-        with live:
+        # the step in the precision the run trains in: bf16 autocast on CUDA unless `train.bf16: off`
+        # (CPU autocast's op lists stand in for CUDA's: matmuls and linears in bf16, reductions in fp32)
+        bf16 = use_bf16(cfg.train, resolve_device(cfg.model.device))
+        with live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for _ in range(2):  # the second step holds the optimizer state of the first
                 hidden = mm.model.model(input_ids=ids).last_hidden_state[:, half - 1 : -1]
                 logits = mm.model.lm_head(hidden.reshape(-1, hidden.shape[-1])).float()

@@ -239,18 +239,52 @@ class ActivationTracker:
         return self._rows[num_tokens]
 
     def reset(self) -> None:
-        # on the CPU whatever device context is active (a model built under ``with torch.device("cuda")``)
-        self.counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.long, device="cpu")
-        self.tokens = torch.zeros(self.num_layers, dtype=torch.long, device="cpu")
+        # the tables live where the routing happens (made there at the first record after a reset, so
+        # counting never moves data between the device and the host); read through ``counts``/``tokens``
+        self._counts: torch.Tensor | None = None
+        self._tokens: torch.Tensor | None = None
+        self._mask_on: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """(layers, experts) tokens routed to each expert since the reset, on the CPU (one copy from the
+        device per read: read once per local training, never per layer)."""
+        if self._counts is None:
+            return torch.zeros(self.num_layers, self.num_experts, dtype=torch.long, device="cpu")
+        return self._counts.to("cpu", copy=True)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """(layers,) tokens counted in each MoE layer since the reset, on the CPU."""
+        if self._tokens is None:
+            return torch.zeros(self.num_layers, dtype=torch.long, device="cpu")
+        return self._tokens.to("cpu", copy=True)
 
     def record(self, layer: int, top_k_index: torch.Tensor) -> None:
+        """Add one MoE layer's routing (``top_k_index``: (tokens, k)) to the counts: only the tokens the
+        tracking mask keeps, each expert once per token routed to it. No host sync, no shape that
+        depends on the data (a padded token is counted with weight 0, not dropped): it runs in a
+        captured graph (``torch.compile(fullgraph=True)``, CUDA graphs)."""
         idx = top_k_index
+        dev = idx.device
+        if self._counts is None or self._counts.device != dev:
+            counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.long, device=dev)
+            tokens = torch.zeros(self.num_layers, dtype=torch.long, device=dev)
+            if self._counts is not None:  # counted on another device before: carried over (rare)
+                counts += self._counts.to(dev)
+                tokens += self._tokens.to(dev)
+            self._counts, self._tokens = counts, tokens
         mask = self.token_mask
         if mask is not None and mask.numel() == idx.shape[0]:
-            idx = idx[mask.to(idx.device)]
-        self.counts[layer] += torch.bincount(idx.reshape(-1), minlength=self.num_experts)[: self.num_experts].to(
-            self.counts.device)
-        self.tokens[layer] += idx.shape[0]
+            keep = self._mask_on.get(dev)
+            if keep is None:  # the mask on the routing's device, once per tracking context
+                keep = self._mask_on[dev] = mask.to(dev, torch.long)
+            weight = keep[:, None].expand(idx.shape)
+            self._tokens[layer] += keep.sum()
+        else:
+            weight = torch.ones((), dtype=torch.long, device=dev).expand(idx.shape)
+            self._tokens[layer] += idx.shape[0]
+        self._counts[layer].index_add_(0, idx.reshape(-1), weight.reshape(-1))
 
     class _Tracking:
         def __init__(self, tracker, mask):
@@ -259,14 +293,34 @@ class ActivationTracker:
         def __enter__(self):
             self.tracker.enabled = True
             self.tracker.token_mask = None if self.mask is None else self.mask.reshape(-1).bool()
+            self.tracker._mask_on = {}
             return self.tracker
 
         def __exit__(self, *exc):
             self.tracker.enabled = False
             self.tracker.token_mask = None
+            self.tracker._mask_on = {}
 
     def tracking(self, attention_mask: torch.Tensor | None):
         return ActivationTracker._Tracking(self, attention_mask)
+
+
+class _FrozenCastGroupedMM(torch.autograd.Function):
+    """``grouped_mm(a, w.to(a.dtype), offs)`` for a frozen weight stack ``w`` in another dtype (an fp32
+    model's experts under bf16 autocast). Autograd would keep the cast copy for the backward — one
+    bf16 copy of every layer's expert stack alive until the backward reaches it (16 × 0.8 GB on
+    OLMoE-1B-7B); here the backward casts again from ``w``, which is kept anyway. No gradient for ``w``
+    or ``offs``."""
+
+    @staticmethod
+    def forward(ctx, a, w, offs):
+        ctx.save_for_backward(w, offs)
+        return F.grouped_mm(a, w.to(a.dtype), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, offs = ctx.saved_tensors
+        return F.grouped_mm(grad, w.to(grad.dtype).transpose(-2, -1), offs=offs), None, None
 
 
 class ExpertsWithLoRA(nn.Module):
@@ -381,25 +435,43 @@ class ExpertsWithLoRA(nn.Module):
             count_list = [per + (e < extra) for e in range(self.num_experts)]
             counts = torch.tensor(count_list, device=flat_expert.device)
         else:
-            counts = torch.bincount(flat_expert, minlength=self.num_experts)[: self.num_experts]
+            # on the device, without reading it: a histogram over the E experts (bincount's size would
+            # depend on the largest id, a host sync on a GPU)
+            counts = flat_expert.new_zeros(self.num_experts).index_add_(
+                0, flat_expert, torch.ones((), dtype=flat_expert.dtype, device=flat_expert.device).expand_as(flat_expert))
             count_list = None
         # index_select, not hidden_states[token_of_slot]: the backward of advanced indexing with repeated
         # indices (each token appears k times) is an atomic scatter-add on CPU whose summation order
         # depends on thread timing; index_select's backward (index_add_) is deterministic.
         x_sorted = hidden_states.index_select(0, token_of_slot)
-        w_sorted = top_k_weights.reshape(-1)[order]
-        # slots routed to experts of this module (all of them, without EP)
-        n_valid = flat_expert.numel() if count_list is not None else int(counts.sum())
-        if self.grouped and count_list is None and self._grouped_ok(hidden_states.dtype):
-            y_sorted = self._experts_grouped(x_sorted, counts)
+        w_sorted = top_k_weights.reshape(-1).index_select(0, order)
+        compute = self._compute_dtype(hidden_states)
+        # a plan takes the grouped path where torch can trace it on fake tensors (bf16 only), so its
+        # count is of what the run keeps (the per-expert loop under autocast keeps each cast weight)
+        traceable = count_list is None or compute == torch.bfloat16
+        if self.grouped and traceable and self._grouped_ok(compute):
+            # every one of the T·k slots belongs to an expert of this module: no count is read here
+            y_sorted = self._experts_grouped(x_sorted.to(compute), counts)
         else:
             y_sorted = self._experts_loop(x_sorted, count_list if count_list is not None else counts.tolist())
         out = torch.zeros_like(hidden_states)
-        y_sorted = y_sorted[:n_valid] * w_sorted[:n_valid, None].to(y_sorted.dtype)
-        out.index_add_(0, token_of_slot[:n_valid], y_sorted.to(out.dtype))
+        y_sorted = y_sorted * w_sorted[:, None].to(y_sorted.dtype)
+        out.index_add_(0, token_of_slot, y_sorted.to(out.dtype))
         if self.output_scale is not None:
             out = out * self.output_scale.to(out.dtype)
         return out
+
+    @staticmethod
+    def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+        """The dtype the grouped experts compute in: autocast's (bf16) where autocast is on for ``x``'s
+        device, else ``x``'s. grouped_mm is not on autocast's list, so without this the experts of an
+        fp32 model under bf16 autocast ran in fp32 (measured on an H200: no faster than fp32). The
+        routed rows and the expert weights are cast, as autocast casts a linear layer's input and
+        weight; the outputs are scattered back in ``x``'s dtype (no bf16 atomics into an fp32 model)."""
+        dt = x.device.type
+        if x.is_floating_point() and torch.is_autocast_enabled(dt):
+            return torch.get_autocast_dtype(dt)
+        return x.dtype
 
     def _grouped_ok(self, dtype: torch.dtype) -> bool:
         """grouped_mm needs 16-byte aligned row strides: every inner size (H, 2I, I) times the element
@@ -419,6 +491,8 @@ class ExpertsWithLoRA(nn.Module):
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
 
         def gmm(a, w):  # (S, in) @ per-expert (E, in, out) -> (S, out)
+            if w.dtype != a.dtype and not w.requires_grad:  # a frozen stack in another dtype (autocast)
+                return _FrozenCastGroupedMM.apply(a, w, offs)
             return F.grouped_mm(a, w.to(a.dtype), offs=offs)
 
         align = 16 // x.element_size()
