@@ -157,9 +157,37 @@ def run(res: common.Result, args) -> None:
     fp32 = one_step(mm, init, data, cfg, pad, "off", dev)
     res["setup"]["tokens"] = fp32["tokens"]
     amp = one_step(mm, init, data, cfg, pad, "on", dev)
-    # again, timed warm (the first step of each pays one-off costs)
-    fp32_t = one_step(mm, init, data, cfg, pad, "off", dev, spy_kernels=False)["seconds"]
-    amp_t = one_step(mm, init, data, cfg, pad, "on", dev, spy_kernels=False)["seconds"]
+    # timed warm (the first step of each pays one-off costs): fp32, autocast, and autocast through the
+    # experts' old path (fp32 grouped_mm, before issue 27), interleaved, the median of 3 each
+    from fedmoe.moe.lora import ExpertsWithLoRA
+
+    def old_path(run):
+        orig = ExpertsWithLoRA.__dict__["_compute_dtype"]
+        ExpertsWithLoRA._compute_dtype = staticmethod(lambda x: x.dtype)
+        try:
+            return run()
+        finally:
+            ExpertsWithLoRA._compute_dtype = orig
+
+    old = old_path(lambda: one_step(mm, init, data, cfg, pad, "on", dev))
+    times: dict[str, list[float]] = {"fp32": [], "autocast": [], "autocast_old_path": []}
+    peaks: dict[str, float] = {}
+    for _ in range(3):
+        for name, run in (("fp32", lambda: one_step(mm, init, data, cfg, pad, "off", dev, spy_kernels=False)),
+                          ("autocast", lambda: one_step(mm, init, data, cfg, pad, "on", dev, spy_kernels=False)),
+                          ("autocast_old_path", lambda: old_path(
+                              lambda: one_step(mm, init, data, cfg, pad, "on", dev, spy_kernels=False)))):
+            dev.reset_peak()
+            times[name].append(run()["seconds"])
+            peaks[name] = dev.peak_gb()
+    med = {n: sorted(t)[1] for n, t in times.items()}
+    fp32_t, amp_t = med["fp32"], med["autocast"]
+    res["autocast_old_path"] = {"loss": old["loss"], "matmul_kernels": old["matmul_kernels"],
+                                "warm_seconds": med["autocast_old_path"], "peak_gb": peaks["autocast_old_path"],
+                                "new_over_old_time": amp_t / med["autocast_old_path"],
+                                "loss_abs_diff_vs_new": abs(old["loss"] - amp["loss"])}
+    res["peak_gb"] = peaks
+    res["times_s"] = times
     diff = abs(amp["loss"] - fp32["loss"])
     rel = diff / max(abs(fp32["loss"]), 1e-12)
     res["fp32"] = {k: v for k, v in fp32.items() if k != "after"} | {"warm_seconds": fp32_t}
@@ -192,6 +220,9 @@ def run(res: common.Result, args) -> None:
         f"step time fp32 {fp32_t:.4f} s, bf16 autocast {amp_t:.4f} s; under autocast the experts get "
         f"{amp['experts_input_dtypes']} via {amp['experts_path_calls']}",
         f"matmul kernels under autocast (operand dtypes: calls): {amp['matmul_kernels']}",
+        f"the experts' old path under autocast (fp32 grouped_mm): {med['autocast_old_path']:.4f} s; new/old "
+        f"{res['autocast_old_path']['new_over_old_time']:.3f}; peak GB new {peaks['autocast']:.3f}, old "
+        f"{peaks['autocast_old_path']:.3f}; kernels {old['matmul_kernels']}",
     ]
     if "loss" in res["bf16_weights"]:
         w = res["bf16_weights"]
