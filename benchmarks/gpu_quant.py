@@ -7,7 +7,9 @@ fused experts and the decoder's linears), given expert and attention LoRA (r = 8
 training steps (AdamW, batch 4 x 256 tokens). Recorded per scheme: the bytes the base holds, the
 device's peak allocated memory during the steps (CUDA: ``max_memory_allocated``; the dry run on the
 CPU counts live tensors as ``fedmoe.plan`` does), the step time, and the loss (finite, and near the
-bf16 model's on the same batch). The ratios to bf16 are the headline.
+bf16 model's on the same batch). The ratios to bf16 are the headline. First, one layer's NF4 expert
+stack dequantized expert by expert by fedmoe and by bitsandbytes (``dequantize_4bit``), timed side
+by side, with the largest difference of the two results.
 
     python benchmarks/gpu_quant.py --json out.json          # GPU
     python benchmarks/gpu_quant.py --dry --json out.json    # CPU, 2 layers of a small shape
@@ -48,6 +50,45 @@ def build(cfg_hf, scheme: str, device: str, dtype):
     return mm
 
 
+def dequantize_vs_bitsandbytes(cfg_hf, dev, dtype, repeats: int) -> dict:
+    """One MoE layer's NF4 ``gate_up_proj`` stack, dequantized one expert at a time as the expert
+    forward does: fedmoe's ``QuantizedWeight[e]`` (a byte-table lookup in plain torch) against
+    bitsandbytes' ``dequantize_4bit`` of the same expert (its CUDA kernel on a GPU), each the median
+    of ``repeats`` passes over all experts; and whether the two give the same tensor (their codes are
+    equal: tests/test_quant.py)."""
+    import bitsandbytes
+    import bitsandbytes.functional as bnbf
+
+    from fedmoe.moe.quant import QuantizedWeight
+
+    E, I2, H = cfg_hf.num_experts, 2 * cfg_hf.intermediate_size, cfg_hf.hidden_size
+    g = torch.Generator().manual_seed(3)
+    stack = (torch.randn(E, I2, H, generator=g) * 0.02).to(dtype).to(dev.device)
+    ours = QuantizedWeight(stack, "nf4")
+    theirs = [bnbf.quantize_4bit(stack[e].contiguous(), blocksize=64, quant_type="nf4") for e in range(E)]
+
+    def timed(fn) -> float:
+        out = []
+        for _ in range(repeats):
+            dev.sync()
+            t = time.perf_counter()
+            for e in range(E):
+                fn(e)
+            dev.sync()
+            out.append(time.perf_counter() - t)
+        return sorted(out)[len(out) // 2]
+
+    t_ours = timed(lambda e: ours[e])
+    t_bnb = timed(lambda e: bnbf.dequantize_4bit(theirs[e][0], theirs[e][1]))
+    worst = max(float((ours[e].float() - bnbf.dequantize_4bit(*theirs[e]).float().reshape(I2, H)).abs().max())
+                for e in range(E))
+    gb = E * I2 * H * torch.empty((), dtype=dtype).element_size() / 1e9
+    return {"bitsandbytes": bitsandbytes.__version__, "experts": E, "expert_shape": [I2, H],
+            "fedmoe_s": t_ours, "bitsandbytes_s": t_bnb, "fedmoe_over_bitsandbytes": t_ours / t_bnb,
+            "fedmoe_GBps_written": gb / t_ours, "bitsandbytes_GBps_written": gb / t_bnb,
+            "max_abs_diff": worst}
+
+
 def run(res: common.Result, args) -> None:
     from fedmoe.moe.loss import labelled_token_loss
     from fedmoe.moe.quant import stored_bytes
@@ -64,6 +105,11 @@ def run(res: common.Result, args) -> None:
         cfg_hf, source = common.olmoe_config()
     res["config"] = source
     dtype = torch.float32 if args.dry else torch.bfloat16
+    try:
+        res["dequantize_vs_bitsandbytes"] = dequantize_vs_bitsandbytes(cfg_hf, dev, dtype, repeats=5 if args.dry else 50)
+    except Exception as e:  # noqa: BLE001 - a comparison, recorded (bitsandbytes may lack this CUDA's binary)
+        res["dequantize_vs_bitsandbytes"] = {"error": common.error_text(e)}
+    res.save()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg_hf.vocab_size, (args.batch, args.seq), generator=g).to(dev.device)
     mask = torch.ones_like(ids)
@@ -105,6 +151,11 @@ def run(res: common.Result, args) -> None:
     for s, v in res["schemes"].items():
         if s != "none" and abs(v["first_loss"] - ref["first_loss"]) > 0.1 * abs(ref["first_loss"]):
             res["errors"].append(f"{s}: first loss {v['first_loss']:.4f} is not near bf16's {ref['first_loss']:.4f}")
+    dq = res["dequantize_vs_bitsandbytes"]
+    res["headline"].append(
+        f"NF4 dequantization of {dq['experts']} experts one at a time: fedmoe {dq['fedmoe_s'] * 1e3:.2f} ms, "
+        f"bitsandbytes {dq['bitsandbytes_s'] * 1e3:.2f} ms ({dq['fedmoe_over_bitsandbytes']:.2f}x), max |diff| "
+        f"{dq['max_abs_diff']:.1e}" if "error" not in dq else f"bitsandbytes comparison: {dq['error']}")
     print("\n".join(res["headline"]), flush=True)
 
 

@@ -5,7 +5,10 @@ of two training steps after that, and the step time (forward + backward + AdamW 
 attention LoRA, r = 8) with every scheme's model built in one process and the steps interleaved, so
 the ratios share the machine's state.
 
-    python benchmarks/quant_base.py --layers 1 --steps 3 [--schemes none nf4 int8]
+    python benchmarks/quant_base.py --layers 1 --steps 3 [--schemes none nf4 int8 nf4-plain]
+
+``nf4-plain``: NF4 dequantized by fedmoe's plain PyTorch path even where bitsandbytes is installed
+(``fedmoe.moe.quant.USE_BITSANDBYTES = False``), beside ``nf4`` through bitsandbytes' kernel.
 """
 
 from __future__ import annotations
@@ -27,12 +30,22 @@ import torch  # noqa: E402
 OLMOE_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "data" / "configs" / "allenai--OLMoE-1B-7B-0924.json"
 
 
+def use_scheme(scheme: str) -> str:
+    """The quantization scheme of a benchmark scheme name, with the dequantization path it asks for set."""
+    from fedmoe.moe import quant
+
+    quant.USE_BITSANDBYTES = not scheme.endswith("-plain")
+    return scheme.removesuffix("-plain")
+
+
 def build(layers: int, scheme: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     from fedmoe.moe import MoEModel
     from fedmoe.moe.model import load_model_config
     from fedmoe.moe.quant import quantize_model
+
+    scheme = use_scheme(scheme)
 
     config = load_model_config(str(OLMOE_CONFIG))
     config.num_hidden_layers = layers
@@ -85,6 +98,7 @@ def memory_child(args) -> None:
     ids, mask, labels = batch(mm, args.batch, args.seq)
     live = _LiveBytes()
     live.exclude([*mm.model.parameters(), *mm.model.buffers()])  # the base and adapters are in held
+    use_scheme(args.child)
     with live:  # every tensor the steps create, while it lives (fedmoe.plan's count, on real tensors)
         for _ in range(2):
             step(mm, opt, ids, mask, labels)
@@ -115,10 +129,12 @@ def main() -> None:
     opts = {s: torch.optim.AdamW(list(m.trainable_parameters().values()), lr=1e-4) for s, m in models.items()}
     data = batch(next(iter(models.values())), args.batch, args.seq)
     for s in args.schemes:  # warm-up
+        use_scheme(s)
         step(models[s], opts[s], *data)
     times = {s: 0.0 for s in args.schemes}
     for _ in range(args.steps):
         for s in args.schemes:
+            use_scheme(s)
             t = time.perf_counter()
             step(models[s], opts[s], *data)
             times[s] += time.perf_counter() - t

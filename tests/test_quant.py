@@ -53,6 +53,55 @@ def test_levels_are_exact_and_the_error_is_bounded(scheme):
         torch.testing.assert_close(dequantize(c, a, b, scheme, torch.float32), exact, rtol=0, atol=1e-6)
 
 
+def test_nf4_is_bitsandbytes_nf4_bit_for_bit():
+    """fedmoe's NF4 of a fused expert stack is bitsandbytes' ``quantize_4bit(quant_type="nf4",
+    blocksize=64)`` of it, the reference QLoRA implementation: the same packed codes (high nibble
+    first), the same float32 absmax per block, the same dequantized tensor — through
+    :class:`QuantizedWeight` too, expert by expert. (fedmoe's ``fp4`` is not bitsandbytes' fp4: it
+    takes the OCP e2m1 levels, see ``fedmoe.moe.quant``; their codes differ by design.)"""
+    import bitsandbytes.functional as bnbf
+
+    g = torch.Generator().manual_seed(11)
+    stack = torch.randn(4, 128, 256, generator=g) * torch.rand(4, 128, 1, generator=g)  # rows of other scales
+    stack[1, 3, :64] = 0.0  # an all-zero block
+    ref_codes, state = bnbf.quantize_4bit(stack.reshape(-1, 256).contiguous(), blocksize=64, quant_type="nf4")
+    codes, absmax, block = quantize_tensor(stack, "nf4")
+    assert block == 64 and codes.shape == (4, 128, 128)
+    assert torch.equal(codes.reshape(-1), ref_codes.reshape(-1))
+    assert torch.equal(absmax.reshape(-1), state.absmax.reshape(-1))
+    ref = bnbf.dequantize_4bit(ref_codes, state).reshape(stack.shape)
+    assert torch.equal(dequantize(codes, absmax, block, "nf4", torch.float32), ref)
+    qw = QuantizedWeight(stack, "nf4")
+    for e in range(4):
+        assert torch.equal(qw[e].float(), ref[e])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nf4_dequantization_through_bitsandbytes_is_the_plain_one(monkeypatch, dtype):
+    """Where bitsandbytes is installed, NF4 is dequantized by its kernel: the very tensor fedmoe's plain
+    PyTorch path gives (levels times absmax in float32, rounded to the dtype once), for blocks it
+    supports (32, 64) and through the plain path for one it does not (16); FP4 (other levels than
+    bitsandbytes' fp4) always takes the plain path."""
+    from fedmoe.moe import quant
+
+    calls = []
+    kernel = quant._bnb_dequant()
+    assert kernel is not None  # bitsandbytes is a dev dependency: this test compares the two paths
+    monkeypatch.setattr(quant, "_BNB_DEQUANT", lambda *a: calls.append(a[2]) or kernel(*a))
+    g = torch.Generator().manual_seed(5)
+    for shape in [(3, 40, 128), (2, 6, 32), (5, 16)]:
+        w = torch.randn(*shape, generator=g) * 0.05
+        for scheme in ("nf4", "fp4"):
+            codes, absmax, block = quantize_tensor(w, scheme)
+            monkeypatch.setattr(quant, "USE_BITSANDBYTES", True)
+            fast = dequantize(codes, absmax, block, scheme, dtype)
+            monkeypatch.setattr(quant, "USE_BITSANDBYTES", False)
+            plain = dequantize(codes, absmax, block, scheme, dtype)
+            assert fast.dtype == plain.dtype == dtype and fast.shape == w.shape
+            assert torch.equal(fast, plain), (shape, scheme)
+    assert calls == [64, 32]  # nf4 at blocks 64 and 32 went through bitsandbytes; block 16 and fp4 did not
+
+
 def test_block_size():
     assert block_size(2048) == 64 and block_size(32) == 32 and block_size(16) == 16 and block_size(96) == 48
     with pytest.raises(ValueError, match="odd"):
