@@ -322,6 +322,9 @@ def cmd_env(out: str, dry: bool) -> int:
             problems.append(f"{m} {v} is older than fedmoe's requirement >= {need} (pyproject.toml)")
     res["python"] = f"{sys.executable} ({platform.python_version()})"
     res["versions"] = versions
+    # what the device has of the engines fedmoe's exports and quantization meet (not required: recorded,
+    # so a session knows whether a serving check can run there without carrying them)
+    res["optional"] = {m: _version(m) for m in ("bitsandbytes", "torchao", "vllm", "sglang", "flwr", "kernels")}
     res["problems"] = problems
     try:
         import torch
@@ -338,7 +341,7 @@ def cmd_env(out: str, dry: bool) -> int:
     res["ok"] = not problems
     res["complete"] = True
     res.save()
-    print(json.dumps({k: res.data[k] for k in ("versions", "problems", "cuda_available")}, indent=1))
+    print(json.dumps({k: res.data[k] for k in ("versions", "optional", "problems", "cuda_available")}, indent=1))
     return 0
 
 
@@ -434,7 +437,7 @@ def cmd_summary(out_dir: str, dry: bool) -> int:
     env = out / "env.json"
     if env.is_file():
         e = json.loads(env.read_text())
-        summary["env"] = {k: e.get(k) for k in ("versions", "device", "problems", "python")}
+        summary["env"] = {k: e.get(k) for k in ("versions", "optional", "device", "problems", "python")}
     lines = [f"fedmoe GPU check ({'dry run on the CPU' if dry else 'GPU'}) - {summary['date']}"]
     if "env" in summary and summary["env"].get("device"):
         d = summary["env"]["device"]
