@@ -67,6 +67,17 @@ def test_plan_follows_the_precision_the_run_trains_in():
     assert auto_cpu.peak == off.peak
     real = training_step_bytes(on_cfg, get_method("fedit"), on.k, fake=False)
     assert abs(on.total - sum(real.values())) <= 0.01 * sum(real.values()), (on.peak, real)
+    # planned here for a GPU run (`fedmoe plan --device cuda`): its precision, and no verdict without the GPU
+    from fedmoe.plan import device_memory
+
+    cuda_cfg = load_config(None, [*SMALL, "model.device=cuda"])
+    cuda = memory_plan(cuda_cfg)
+    assert cuda[0].peak == on.peak
+    text = format_plan(cuda_cfg, cuda, *device_memory("cuda"))
+    assert text.splitlines()[0].endswith("float32 on cuda with bf16 autocast")
+    if not __import__("torch").cuda.is_available():
+        assert text.splitlines()[-1].startswith("cuda: no CUDA device on this machine") and "fits" not in text
+        check_fits(cuda_cfg, log=lambda *a: pytest.fail("nothing to check against"))
 
 
 def test_a_gpu_run_that_does_not_fit_is_refused_naming_the_keys(monkeypatch):

@@ -135,8 +135,9 @@ def run(
 def plan(
     config: Annotated[Optional[Path], typer.Argument(help="a run config (default: the default run)")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set train.batch_size=4")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="check against this device's memory (cpu, "
-                                                  "cuda, cuda:1; default: model.device)")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="plan for a run on this device (cpu, cuda, "
+                                                  "cuda:1; sets model.device: its precision and memory; default: "
+                                                  "model.device)")] = None,
 ):
     """Will it fit? The estimated peak memory of one client's training step per budget level (weights,
     adapters, gradients, optimizer state, activations), before anything is loaded, and whether the device
@@ -145,14 +146,14 @@ def plan(
     from .plan import device_memory, format_plan, memory_plan
 
     try:
-        cfg = load_config(config, set_ or [])
+        cfg = load_config(config, [*(set_ or []), *([f"model.device={device}"] if device else [])])
         plans = memory_plan(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _error(f"{e}")
         raise typer.Exit(2)
     from .moe.model import resolve_device
 
-    what, available = device_memory(str(resolve_device(device or cfg.model.device)))
+    what, available = device_memory(str(resolve_device(cfg.model.device)))
     print(format_plan(cfg, plans, what, available))
 
 

@@ -168,7 +168,9 @@ def device_memory(device: str) -> tuple[str, int | None]:
     """(what, bytes) of the memory a run on ``device`` has: the GPU's free memory, or this machine's RAM."""
     import os
 
-    if device.startswith("cuda") and torch.cuda.is_available():
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():  # planning here for a GPU elsewhere: nothing to compare with
+            return f"{device}: no CUDA device on this machine (compare the peak with the GPU's memory)", None
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return f"free memory of {torch.cuda.get_device_name(torch.device(device))}", int(free)
     try:
@@ -189,12 +191,19 @@ def format_plan(cfg, plans: list[LevelPlan], what: str | None = None, available:
     def gib(n: int) -> str:
         return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
+    from .moe.model import resolve_device
+    from .train import use_bf16
+
+    dev = resolve_device(cfg.model.device)
+    precision = f"{cfg.model.dtype} on {dev.type}" + (" with bf16 autocast" if use_bf16(cfg.train, dev) else "")
     lines = [f"memory plan of one training step: {cfg.model.name}, {cfg.algorithm.name}, quantization "
-             f"{cfg.model.quantization}, batch {cfg.train.batch_size} x {cfg.data.max_length} tokens, {cfg.model.dtype}",
+             f"{cfg.model.quantization}, batch {cfg.train.batch_size} x {cfg.data.max_length} tokens, {precision}",
              "| k | clients | " + " | ".join(KINDS) + " | peak |", "|---:|---|" + "---:|" * (len(KINDS) + 1)]
     for p in plans:
         who = ", ".join(map(str, p.clients)) if len(p.clients) <= 8 else f"{len(p.clients)} clients"
         lines.append(f"| {p.k} | {who} | " + " | ".join(gib(p.peak[kind]) for kind in KINDS) + f" | {gib(p.total)} |")
+    if available is None and what:
+        lines.append(what)
     if available is not None:
         worst = max(p.total for p in plans)
         verdict = "fits" if worst <= available else "does NOT fit"
@@ -215,8 +224,10 @@ def check_fits(cfg, log=print) -> None:
     dev = resolve_device(cfg.model.device)
     if dev.type != "cuda" or cfg.federation.runtime != "local":
         return
-    plans = memory_plan(cfg)
     what, available = device_memory(str(dev))
+    if available is None:
+        return  # no such device here: loading the model says so
+    plans = memory_plan(cfg)
     if not fits(plans, available):
         raise ConfigError(format_plan(cfg, plans, what, available))
     log(f"memory plan: peak {max(p.total for p in plans) / 2**30:.2f} GiB of {available / 2**30:.2f} GiB ({what})")
