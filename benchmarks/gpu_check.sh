@@ -16,13 +16,16 @@
 #   d  d_bf16_step        benchmarks/gpu_bf16_step.py: a bf16 autocast training step against fp32 (tiny model),
 #                         with every matmul kernel that ran and its operand dtypes
 #   e  e_quantized_base   benchmarks/gpu_quant.py: nf4 / int8 base (experts included) vs bf16 on the OLMoE-1B-7B
-#                         shape: base bytes, peak memory, step time, loss
-# Then summary.json and summary.txt; logs, pytest's JUnit XML and the profile tables go into logs.tar.gz.
-# $OUT ends with 9 files: env.json, the five step files, summary.json, summary.txt, logs.tar.gz.
+#                         shape: base bytes, peak memory, step time, loss; NF4 dequantization, fedmoe vs bitsandbytes
+#   f  f_memory_plan      benchmarks/gpu_plan.py: `fedmoe plan` against the peak CUDA memory of train_local (bf16,
+#                         nf4, fp32 + bf16 autocast) on the OLMoE-1B-7B shape cut to 4 layers
+# Then summary.json (the environment and every step's whole result) and summary.txt; the step files,
+# logs, pytest's JUnit XML and the profile tables go into logs.tar.gz. $OUT ends with 3 files:
+# summary.json, summary.txt, logs.tar.gz (the device machine returns at most 8).
 #
 # Environment: PYTHON (default: .venv/bin/python when it sees a GPU (or with --dry), else python3);
-# GPU_CHECK_TIMEOUT_A/B/C/D/E (seconds per step; on the GPU 90/130/170/40/120, i.e. 550 s + 5 s grace each;
-# 120 each with --dry); a step past its budget gets SIGTERM, saves what it measured, and is killed 5 s later;
+# GPU_CHECK_TIMEOUT_A/B/C/D/E/F (seconds per step; on the GPU 90/130/170/40/120/90, i.e. 640 s + 5 s grace
+# each; 120 each with --dry); a step past its budget gets SIGTERM, saves what it measured, and is killed 5 s later;
 # GPU_CHECK_TESTS (default tests/test_cuda.py); KEEP_WORK=1 keeps the work folder beside the tarball;
 # FEDMOE_OLMOE_CONFIG (the OLMoE config.json; default ../shared/data/configs/..., else an embedded copy).
 set -euo pipefail
@@ -45,7 +48,7 @@ OUT_DIR="${OUT:-$ROOT/benchmarks/gpu_out}"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 WORK="$OUT_DIR/work"
-STEPS=(a_cuda_tests b_expert_lora c_federated_olmoe d_bf16_step e_quantized_base)
+STEPS=(a_cuda_tests b_expert_lora c_federated_olmoe d_bf16_step e_quantized_base f_memory_plan)
 for s in "${STEPS[@]}" env summary; do rm -f "$OUT_DIR/$s.json"; done
 rm -rf "$WORK" "$OUT_DIR/summary.txt" "$OUT_DIR/logs.tar.gz"
 mkdir -p "$WORK"
@@ -67,10 +70,10 @@ if [[ $DRY == 1 ]]; then
   DRYFLAG=(--dry)
   export FEDMOE_TEST_DEVICE="${FEDMOE_TEST_DEVICE:-cpu}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   TA="${GPU_CHECK_TIMEOUT_A:-120}" TB="${GPU_CHECK_TIMEOUT_B:-120}" TC="${GPU_CHECK_TIMEOUT_C:-120}" TD="${GPU_CHECK_TIMEOUT_D:-120}"
-  TE="${GPU_CHECK_TIMEOUT_E:-120}"
+  TE="${GPU_CHECK_TIMEOUT_E:-120}" TF="${GPU_CHECK_TIMEOUT_F:-120}"
 else
   TA="${GPU_CHECK_TIMEOUT_A:-90}" TB="${GPU_CHECK_TIMEOUT_B:-130}" TC="${GPU_CHECK_TIMEOUT_C:-170}" TD="${GPU_CHECK_TIMEOUT_D:-40}"
-  TE="${GPU_CHECK_TIMEOUT_E:-120}"
+  TE="${GPU_CHECK_TIMEOUT_E:-120}" TF="${GPU_CHECK_TIMEOUT_F:-90}"
 fi
 TESTS="${GPU_CHECK_TESTS:-tests/test_cuda.py}"
 
@@ -129,10 +132,20 @@ ensure d_bf16_step
 run_step e_quantized_base "$TE" "$PY" "$HERE/gpu_quant.py" ${DRYFLAG[@]+"${DRYFLAG[@]}"} --json "$OUT_DIR/e_quantized_base.json"
 ensure e_quantized_base
 
+# f. the memory plan against the peak memory of fedmoe's training on the device
+run_step f_memory_plan "$TF" "$PY" "$HERE/gpu_plan.py" ${DRYFLAG[@]+"${DRYFLAG[@]}"} --json "$OUT_DIR/f_memory_plan.json"
+ensure f_memory_plan
+
 echo "=== summary (after $((SECONDS - START)) s) ==="
 "$PY" "$HERE/gpu_common.py" summary "$OUT_DIR" ${DRYFLAG[@]+"${DRYFLAG[@]}"} || true
-tar -czf "$OUT_DIR/logs.tar.gz" -C "$OUT_DIR" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.bin' work \
-  || echo "gpu_check: could not write logs.tar.gz" >&2
+STEP_FILES=()
+for s in env "${STEPS[@]}"; do [[ -f "$OUT_DIR/$s.json" ]] && STEP_FILES+=("$s.json"); done
+if tar -czf "$OUT_DIR/logs.tar.gz" -C "$OUT_DIR" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.bin' work \
+    ${STEP_FILES[@]+"${STEP_FILES[@]}"}; then
+  for f in ${STEP_FILES[@]+"${STEP_FILES[@]}"}; do rm -f "$OUT_DIR/$f"; done  # in summary.json and the tarball
+else
+  echo "gpu_check: could not write logs.tar.gz" >&2
+fi
 if [[ "${KEEP_WORK:-0}" != 1 ]]; then rm -rf "$WORK"; fi
 echo "gpu_check: done in $((SECONDS - START)) s; results in $OUT_DIR"
 "$PY" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("ok") else 1)' "$OUT_DIR/summary.json"

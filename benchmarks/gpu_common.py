@@ -193,6 +193,26 @@ def matmul_peak(dev: Device, dtype, n: int = 8192, warmup: int = 3, iters: int =
 
 
 # ---------------------------------------------------------------------------------------- results
+def parse_shape_args(doc: str, argv=None, extra=None):
+    """The arguments of a step on a model shape: --dry (the CPU, a tiny shape), --device (cuda; cpu
+    with --dry), --batch (4; 2 dry), --seq (256; 32 dry), --json; ``extra(parser)`` adds a step's own."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--dry", action="store_true", help="on the CPU, a tiny 2-layer shape")
+    ap.add_argument("--device", default=None, help="default: cuda (cpu with --dry)")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--json", required=True)
+    if extra is not None:
+        extra(ap)
+    args = ap.parse_args(argv)
+    args.device = args.device or ("cpu" if args.dry else "cuda")
+    args.batch = args.batch or (2 if args.dry else 4)
+    args.seq = args.seq or (32 if args.dry else 256)
+    return args
+
+
 def run_script(step: str, parse, run, argv=None) -> int:
     """The main() of a step script: parse its arguments (``--dry``: one CPU thread), run it under a
     :class:`Result` that writes the step's JSON whatever happens, return the exit status."""
@@ -428,7 +448,8 @@ def cmd_ensure(out: str, step: str, rc: int, log: str) -> int:
 
 STEPS = [("a_cuda_tests", "a. pytest -m cuda"), ("b_expert_lora", "b. expert LoRA step, ours vs PEFT{shape}"),
          ("c_federated_olmoe", "c. one round of FLAME and of FLEx{shape}"), ("d_bf16_step", "d. bf16 autocast vs fp32 step"),
-         ("e_quantized_base", "e. nf4 / int8 base vs bf16{shape}")]
+         ("e_quantized_base", "e. nf4 / int8 base vs bf16{shape}"),
+         ("f_memory_plan", "f. memory plan vs measured peak{shape}")]
 
 
 def cmd_summary(out_dir: str, dry: bool) -> int:
@@ -437,7 +458,7 @@ def cmd_summary(out_dir: str, dry: bool) -> int:
     env = out / "env.json"
     if env.is_file():
         e = json.loads(env.read_text())
-        summary["env"] = {k: e.get(k) for k in ("versions", "optional", "device", "problems", "python")}
+        summary["env"] = e  # the whole environment record (env.json goes into logs.tar.gz)
     lines = [f"fedmoe GPU check ({'dry run on the CPU' if dry else 'GPU'}) - {summary['date']}"]
     if "env" in summary and summary["env"].get("device"):
         d = summary["env"]["device"]
@@ -453,7 +474,7 @@ def cmd_summary(out_dir: str, dry: bool) -> int:
             continue
         r = json.loads(p.read_text())
         entry = {"ok": bool(r.get("ok")), "wall_s": r.get("wall_s"), "errors": r.get("errors", [])[:10],
-                 "headline": r.get("headline")}
+                 "headline": r.get("headline"), "result": r}  # the step's whole file (it goes into the tarball)
         summary["steps"][step] = entry
         lines.append(f"[{'ok' if entry['ok'] else 'FAIL'}] {title} ({r.get('pytest_s', r.get('wall_s', '?'))} s)")
         for h in (r.get("headline") or []):

@@ -17,7 +17,6 @@ by side, with the largest difference of the two results.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -52,10 +51,11 @@ def build(cfg_hf, scheme: str, device: str, dtype):
 
 def dequantize_vs_bitsandbytes(cfg_hf, dev, dtype, repeats: int) -> dict:
     """One MoE layer's NF4 ``gate_up_proj`` stack, dequantized one expert at a time as the expert
-    forward does: fedmoe's ``QuantizedWeight[e]`` (a byte-table lookup in plain torch) against
-    bitsandbytes' ``dequantize_4bit`` of the same expert (its CUDA kernel on a GPU), each the median
-    of ``repeats`` passes over all experts; and whether the two give the same tensor (their codes are
-    equal: tests/test_quant.py)."""
+    forward does: fedmoe's plain PyTorch path (``QuantizedWeight[e]`` with ``USE_BITSANDBYTES`` off: a
+    byte-table lookup) against bitsandbytes' ``dequantize_4bit`` of the same expert (its CUDA kernel on
+    a GPU) and fedmoe's codes through that kernel (what a run does where bitsandbytes is installed),
+    each the median of ``repeats`` passes over all experts; and whether the plain path and
+    bitsandbytes give the same tensor (their codes are equal: tests/test_quant.py)."""
     import bitsandbytes
     import bitsandbytes.functional as bnbf
 
@@ -78,13 +78,22 @@ def dequantize_vs_bitsandbytes(cfg_hf, dev, dtype, repeats: int) -> dict:
             out.append(time.perf_counter() - t)
         return sorted(out)[len(out) // 2]
 
-    t_ours = timed(lambda e: ours[e])
+    from fedmoe.moe import quant
+
+    quant.USE_BITSANDBYTES = False  # fedmoe's own plain PyTorch path
+    try:
+        t_ours = timed(lambda e: ours[e])
+        plain = [ours[e] for e in range(E)]
+    finally:
+        quant.USE_BITSANDBYTES = True
     t_bnb = timed(lambda e: bnbf.dequantize_4bit(theirs[e][0], theirs[e][1]))
-    worst = max(float((ours[e].float() - bnbf.dequantize_4bit(*theirs[e]).float().reshape(I2, H)).abs().max())
+    t_run = timed(lambda e: ours[e])  # what a run does: fedmoe's codes through bitsandbytes' kernel
+    worst = max(float((plain[e].float() - bnbf.dequantize_4bit(*theirs[e]).float().reshape(I2, H)).abs().max())
                 for e in range(E))
     gb = E * I2 * H * torch.empty((), dtype=dtype).element_size() / 1e9
     return {"bitsandbytes": bitsandbytes.__version__, "experts": E, "expert_shape": [I2, H],
             "fedmoe_s": t_ours, "bitsandbytes_s": t_bnb, "fedmoe_over_bitsandbytes": t_ours / t_bnb,
+            "fedmoe_through_bitsandbytes_s": t_run,
             "fedmoe_GBps_written": gb / t_ours, "bitsandbytes_GBps_written": gb / t_bnb,
             "max_abs_diff": worst}
 
@@ -153,9 +162,9 @@ def run(res: common.Result, args) -> None:
             res["errors"].append(f"{s}: first loss {v['first_loss']:.4f} is not near bf16's {ref['first_loss']:.4f}")
     dq = res["dequantize_vs_bitsandbytes"]
     res["headline"].append(
-        f"NF4 dequantization of {dq['experts']} experts one at a time: fedmoe {dq['fedmoe_s'] * 1e3:.2f} ms, "
-        f"bitsandbytes {dq['bitsandbytes_s'] * 1e3:.2f} ms ({dq['fedmoe_over_bitsandbytes']:.2f}x), max |diff| "
-        f"{dq['max_abs_diff']:.1e}" if "error" not in dq else f"bitsandbytes comparison: {dq['error']}")
+        f"NF4 dequantization of {dq['experts']} experts one at a time: fedmoe's plain path {dq['fedmoe_s'] * 1e3:.2f} "
+        f"ms, bitsandbytes {dq['bitsandbytes_s'] * 1e3:.2f} ms ({dq['fedmoe_over_bitsandbytes']:.2f}x), fedmoe through "
+        f"bitsandbytes {dq['fedmoe_through_bitsandbytes_s'] * 1e3:.2f} ms; max |diff| {dq['max_abs_diff']:.1e}" if "error" not in dq else f"bitsandbytes comparison: {dq['error']}")
     print("\n".join(res["headline"]), flush=True)
 
 
@@ -168,18 +177,7 @@ class _null:
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dry", action="store_true", help="on the CPU, a tiny 2-layer shape")
-    ap.add_argument("--device", default=None, help="default: cuda (cpu with --dry)")
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--seq", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--json", required=True)
-    args = ap.parse_args(argv)
-    args.device = args.device or ("cpu" if args.dry else "cuda")
-    args.batch = args.batch or (2 if args.dry else 4)
-    args.seq = args.seq or (32 if args.dry else 256)
-    return args
+    return common.parse_shape_args(__doc__, argv, lambda ap: ap.add_argument("--steps", type=int, default=2))
 
 
 def main(argv=None) -> int:

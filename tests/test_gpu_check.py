@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["a_cuda_tests", "b_expert_lora", "c_federated_olmoe", "d_bf16_step", "e_quantized_base"]
-# at most 8 files come back from the GPU machine's $OUT
-EXPECTED_FILES = sorted([*(f"{s}.json" for s in STEPS), "env.json", "summary.json", "summary.txt", "logs.tar.gz"])
+STEPS = ["a_cuda_tests", "b_expert_lora", "c_federated_olmoe", "d_bf16_step", "e_quantized_base", "f_memory_plan"]
+# at most 8 files come back from the GPU machine's $OUT: the step files travel in summary.json and the tarball
+EXPECTED_FILES = ["logs.tar.gz", "summary.json", "summary.txt"]
 
 
 def test_gpu_check_dry_run_succeeds_in_every_step(tmp_path):
@@ -20,11 +20,17 @@ def test_gpu_check_dry_run_succeeds_in_every_step(tmp_path):
                        capture_output=True, text=True, timeout=600)
     out = r.stdout[-6000:] + r.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == EXPECTED_FILES, out
-    results = {s: json.loads((tmp_path / f"{s}.json").read_text()) for s in STEPS}
-    for step, data in results.items():
-        assert data["complete"] and data["ok"] and not data.get("errors"), (step, data.get("errors"), out)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["ok"] and summary["dry"] and set(summary["steps"]) == set(STEPS)
+    results = {s: summary["steps"][s]["result"] for s in STEPS}
+    for step, data in results.items():
+        assert data["complete"] and data["ok"] and not data.get("errors"), (step, data.get("errors"), out)
+    import tarfile
+
+    with tarfile.open(tmp_path / "logs.tar.gz") as tar:  # the step files themselves, as they were written
+        names = set(tar.getnames())
+        assert {f"{s}.json" for s in [*STEPS, "env"]} <= names, names
+        assert json.load(tar.extractfile("f_memory_plan.json")) == results["f_memory_plan"]
     assert r.returncode == 0, out
 
     a = results["a_cuda_tests"]  # the CUDA cases ran (on the CPU), none failed
@@ -46,4 +52,11 @@ def test_gpu_check_dry_run_succeeds_in_every_step(tmp_path):
     d = results["d_bf16_step"]  # the two losses and their difference
     assert d["loss_abs_diff"] == abs(d["bf16_autocast"]["loss"] - d["fp32"]["loss"])
     assert d["loss_rel_diff"] <= d["loss_rel_tolerance"]
+    assert d["bf16_autocast"]["matmul_kernels"] and all("bfloat16" in k for k in d["bf16_autocast"]["matmul_kernels"])
+    assert all("float32" in k for k in d["autocast_old_path"]["matmul_kernels"] if k.startswith("_grouped_mm"))
+    e = results["e_quantized_base"]  # fedmoe's NF4 dequantization = bitsandbytes', timed beside it
+    assert e["dequantize_vs_bitsandbytes"]["max_abs_diff"] == 0.0 and e["dequantize_vs_bitsandbytes"]["fedmoe_s"] > 0
+    f = results["f_memory_plan"]  # the plan against train_local's tensors, every case within the tolerance
+    assert set(f["cases"]) == {"bf16", "nf4", "fp32-autocast"}
+    assert all(abs(c["plan_over_measured"] - 1) <= f["tolerance"] for c in f["cases"].values())
     assert "all steps succeeded" in (tmp_path / "summary.txt").read_text()

@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Step f of benchmarks/gpu_check.sh: the memory plan (``fedmoe plan``, issue 22) against the peak
+memory of fedmoe's own training on the device.
+
+For each case — a bf16 base, an NF4 base, an fp32 base trained under bf16 autocast — on the
+OLMoE-1B-7B shape cut to ``--layers`` decoder layers (random weights; FedIT: expert LoRA and q/k/v/o
+LoRA, r = 8; AdamW; batch 4 × 256 tokens): the plan is ``fedmoe.plan.memory_plan`` of the run's
+config (fake tensors, nothing allocated), the measurement is ``torch.cuda.max_memory_allocated`` over
+the model's building and two optimizer steps of ``fedmoe.train.train_local`` on examples of exactly
+``data.max_length`` tokens with labels on their second half (the batch the plan assumes: no padding).
+Recorded: both, by kind where the plan has kinds, and plan / measured (the CPU tests hold the plan
+within 15% of the same step counted on real tensors; this is the GPU's allocator itself).
+
+    python benchmarks/gpu_plan.py --json out.json          # GPU
+    python benchmarks/gpu_plan.py --dry --json out.json    # CPU: a tiny 2-layer shape, tensors counted
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_common as common  # noqa: E402
+
+common.setup_paths()
+
+import torch  # noqa: E402
+
+TOLERANCE = 0.15
+CASES = {  # name -> config overrides
+    "bf16": ["model.dtype=bfloat16", "model.quantization=none", "train.bf16=off"],
+    "nf4": ["model.dtype=bfloat16", "model.quantization=nf4", "train.bf16=off"],
+    "fp32-autocast": ["model.dtype=float32", "model.quantization=none", "train.bf16=on"],
+}
+
+
+def model_folder(args, work: Path) -> tuple[Path, str]:
+    """A folder with the config.json of the shape measured (the OLMoE-1B-7B config cut to --layers)."""
+    if args.dry:
+        from fedmoe.moe.tiny import tiny_config
+
+        cfg, source = tiny_config("olmoe", hidden_size=64, intermediate_size=32, vocab_size=256, num_layers=2), "tiny"
+    else:
+        cfg, source = common.olmoe_config()
+        cfg.num_hidden_layers = args.layers
+    folder = work / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg.to_json_file(str(folder / "config.json"))
+    return folder, source
+
+
+def examples(n: int, length: int, vocab: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(2, vocab, (length,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2:]})
+    return out
+
+
+def measure(cfg, dev: common.Device) -> dict:
+    """The device's peak while the client model is built and trains two steps (CUDA: allocated bytes;
+    the dry run on the CPU: every tensor alive, as fedmoe.plan counts them)."""
+    from fedmoe.algorithms import get_method
+    from fedmoe.federation.local import load_client_model
+    from fedmoe.moe.quant import stored_bytes
+    from fedmoe.plan import _LiveBytes
+    from fedmoe.train import train_local
+
+    method = get_method(cfg.algorithm.name)
+    dev.free_cache()
+    base = dev.current_gb() * 2**30 if dev.cuda else 0
+    dev.reset_peak()
+    mm = load_client_model(cfg, method)
+    held = stored_bytes(mm.model)
+    data = examples(cfg.train.batch_size * 2, cfg.data.max_length, mm.config.vocab_size)
+    tc = cfg.train.model_copy(update={"max_steps": 2})
+    live = _LiveBytes()
+    live.exclude([*mm.model.parameters(), *mm.model.buffers()])
+    if dev.cuda:
+        res = train_local(mm, data, tc, pad_id=0, lr=1e-4, seed=0)
+        peak = dev.peak_gb() * 2**30 - base
+    else:
+        with live:
+            res = train_local(mm, data, tc, pad_id=0, lr=1e-4, seed=0)
+        peak = held + live.peak
+    out = {"peak_bytes": int(peak), "base_bytes": int(held), "loss": res.loss, "tokens": res.tokens}
+    del mm
+    dev.free_cache()
+    return out
+
+
+def run(res: common.Result, args) -> None:
+    from fedmoe.config import load_config
+    from fedmoe.plan import memory_plan
+
+    dev = common.Device(args.device)
+    res["device"] = dev.info()
+    res["errors"] = []
+    res["tolerance"] = TOLERANCE
+    from gpu_fed_olmoe import patch_loader
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, source = model_folder(args, Path(tmp))
+        patch_loader(folder)  # the folder has no weights: the model is built from its config on the device
+        res["config"] = {"source": source, "layers": 2 if args.dry else args.layers}
+        res["cases"] = {}
+        for name, sets in CASES.items():
+            cfg = load_config(None, [f"model.name={folder}", f"model.device={dev.device}", "lora.rank=8",
+                                     "lora.alpha=16", "train.lr=1e-4", f"train.batch_size={args.batch}",
+                                     f"data.max_length={args.seq}", "train.grad_clip=1.0", *sets])
+            try:
+                (plan,) = memory_plan(cfg)
+                real = measure(cfg, dev)
+            except Exception as e:  # noqa: BLE001 - one case, recorded; the next runs
+                res["cases"][name] = {"error": common.error_text(e)}
+                res["errors"].append(f"{name}: {common.error_text(e)}")
+                res.save()
+                continue
+            ratio = plan.total / real["peak_bytes"]
+            res["cases"][name] = {"plan": plan.peak, "plan_total": plan.total, "measured": real,
+                                  "plan_over_measured": ratio}
+            if abs(ratio - 1) > TOLERANCE:
+                res["errors"].append(f"{name}: plan {plan.total / 2**30:.2f} GiB vs measured "
+                                     f"{real['peak_bytes'] / 2**30:.2f} GiB ({ratio:.2f}x)")
+            res.save()
+    res["headline"] = [
+        f"{n}: plan {c['plan_total'] / 2**30:.2f} GiB, measured {c['measured']['peak_bytes'] / 2**30:.2f} GiB "
+        f"({c['plan_over_measured']:.3f}x)" if "error" not in c else f"{n}: {c['error']}"
+        for n, c in res["cases"].items()]
+    print("\n".join(res["headline"]), flush=True)
+    print(json.dumps({n: c.get("plan_over_measured") for n, c in res["cases"].items()}), flush=True)
+
+
+def parse(argv=None):
+    return common.parse_shape_args(__doc__, argv, lambda ap: ap.add_argument(
+        "--layers", type=int, default=4, help="decoder layers of the OLMoE-1B-7B shape (GPU)"))
+
+
+def main(argv=None) -> int:
+    return common.run_script("f_memory_plan", parse, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
