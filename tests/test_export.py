@@ -124,6 +124,34 @@ def test_generate_answers_with_the_clients_model(runs):
                                                            max_new_tokens=8)
 
 
+def test_generate_answers_with_an_exported_model(runs, tmp_path):
+    """`fedmoe generate OUT` on a merged export or a fedmoe folder: the answers of the run's own model, in
+    the run's template and decoding (the export's fedmoe-source.json / fedmoe folder carry the run's
+    config); an adapter is refused naming its run; --client on an export is refused."""
+    from fedmoe.export import SOURCE_FILE, answer, load_for_answers
+
+    assert export_model(runs["fedit"], tmp_path / "m", client=0, merged=True)[0] == "merged"
+    meta = json.loads((tmp_path / "m" / SOURCE_FILE).read_text())
+    assert meta["form"] == "merged" and meta["client"] == 0 and meta["source"].startswith("client 0 of ")
+    assert meta["config"]["data"]["max_length"] == 32 and meta["config"]["algorithm"]["name"] == "fedit"
+    want = answer(load_run_model(runs["fedit"], 0), "Name a colour.", max_new_tokens=8)
+    merged = load_for_answers(tmp_path / "m")
+    assert merged.cfg.data.max_length == 32 and merged.cfg.model.name == str(tmp_path / "m")
+    assert answer(merged, "Name a colour.", max_new_tokens=8) == want and want
+    r = subprocess.run([sys.executable, "-m", "fedmoe.cli", "generate", str(tmp_path / "m"), "Name a colour.",
+                        "--max-new-tokens", "8"], capture_output=True, text=True, env=_env())
+    assert r.returncode == 0 and r.stdout.strip() == want, r.stderr
+    assert export_model(runs["flex"], tmp_path / "x", client=0, merged=True)[0] == "fedmoe"
+    assert (answer(load_for_answers(tmp_path / "x"), "Name a colour.", max_new_tokens=8)
+            == answer(load_run_model(runs["flex"], 0), "Name a colour.", max_new_tokens=8))
+    assert export_model(runs["fedit"], tmp_path / "a", client=0)[0] == "peft"
+    assert json.loads((tmp_path / "a" / SOURCE_FILE).read_text())["form"] == "peft"
+    with pytest.raises(ExportError, match=r"LoRA adapter of client 0 of .*--merged"):
+        load_for_answers(tmp_path / "a")
+    with pytest.raises(ExportError, match="export of one model"):
+        load_for_answers(tmp_path / "m", client=1)
+
+
 def _env():
     import os
 
@@ -178,12 +206,16 @@ def test_vllm_export_rebuilds_every_experts_delta_from_its_files(runs, tmp_path)
 
 
 def test_vllm_layout_of_the_split_experts_and_mixtral_names():
-    """The split layout maps its own gate, up and down pairs; Mixtral's per-expert names are w1, w3, w2."""
+    """The split layout maps its own gate, up and down pairs; Mixtral's per-expert names are its original
+    checkpoint's, block_sparse_moe.experts.{e}.w1 / w3 / w2 (transformers v5 calls the block mlp; vLLM's
+    Mixtral does not, and would accept keys under mlp.experts and never apply them)."""
     from helpers import tiny_hf
 
     from fedmoe.export import vllm_tensors
 
-    for arch, names in (("olmoe", ("gate_proj", "up_proj", "down_proj")), ("mixtral", ("w1", "w3", "w2"))):
+    for arch, names, block in (("olmoe", ("gate_proj", "up_proj", "down_proj"), "mlp"),
+                               ("qwen3_moe", ("gate_proj", "up_proj", "down_proj"), "mlp"),
+                               ("mixtral", ("w1", "w3", "w2"), "block_sparse_moe")):
         mm = MoEModel(tiny_hf(arch))
         mm.add_expert_lora(4, 8.0, layout="split")
         g = torch.Generator().manual_seed(0)
@@ -192,10 +224,39 @@ def test_vllm_layout_of_the_split_experts_and_mixtral_names():
                 p.copy_(torch.randn(p.shape, generator=g))
         tensors, targets, rank, alpha = vllm_tensors(mm)
         assert targets == sorted(names) and (rank, alpha) == (4, 8.0)
-        want = _expected_expert_deltas(mm, names)
+        assert all(f".{block}.experts." in k for k in tensors) and len(tensors) == 2 * 3 * 8 * len(mm.layers)
+        want = {k.replace(".mlp.experts.", f".{block}.experts."): w for k, w in _expected_expert_deltas(mm, names).items()}
         for k, w in want.items():
             got = 2.0 * tensors[f"base_model.model.{k}.lora_B.weight"] @ tensors[f"base_model.model.{k}.lora_A.weight"]
             torch.testing.assert_close(got, w, rtol=0, atol=1e-5)
+
+
+def test_vllm_export_gives_every_expert_all_three_projections():
+    """LoRA on the down projection only (lora.expert_targets): every expert still carries a gate, an up and
+    a down pair (vLLM packs the three together and refuses an expert without one); the gate's and the
+    up's are zero (ΔW = 0), the down's is the trained one."""
+    from helpers import tiny_hf
+
+    from fedmoe.export import vllm_tensors
+
+    mm = MoEModel(tiny_hf("olmoe"))
+    mm.add_expert_lora(4, 8.0, targets=("down_proj",))
+    with torch.no_grad():
+        for p in mm.trainable_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    tensors, targets, _, _ = vllm_tensors(mm)
+    assert targets == ["down_proj", "gate_proj", "up_proj"]
+    E, inter, hidden = 8, mm.layers[0].experts.down_proj.shape[2], mm.layers[0].experts.down_proj.shape[1]
+    for layer in mm.layers:
+        for e in range(E):
+            key = f"base_model.model.model.layers.{layer.decoder_layer}.mlp.experts.{e}"
+            for proj, fan_in, fan_out in (("gate_proj", hidden, inter), ("up_proj", hidden, inter)):
+                A, B = tensors[f"{key}.{proj}.lora_A.weight"], tensors[f"{key}.{proj}.lora_B.weight"]
+                assert A.shape == (4, fan_in) and B.shape == (fan_out, 4) and not A.any() and not B.any()
+            d = mm.layers[layer.index].block.experts.delta_weights()["down_proj"][e]
+            got = 2.0 * tensors[f"{key}.down_proj.lora_B.weight"] @ tensors[f"{key}.down_proj.lora_A.weight"]
+            torch.testing.assert_close(got, d, rtol=0, atol=1e-5)
+            assert d.abs().max() > 1e-3
 
 
 def test_vllm_export_of_what_it_cannot_express_is_a_fedmoe_folder(runs, tmp_path):

@@ -500,7 +500,8 @@ def export(
 
 @app.command()
 def generate(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory (runs/<name>)")],
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (runs/<name>), or a model fedmoe export wrote "
+                                                 "(a merged model or a fedmoe folder)")],
     prompt: Annotated[Optional[str], typer.Argument(help="an instruction (none: read instructions from stdin, "
                                                          "one per line, until an empty line or end of input)")] = None,
     client: Annotated[Optional[int], typer.Option("--client", help="this client's own model")] = None,
@@ -514,14 +515,14 @@ def generate(
         "--round", help="the model after this round (one of the run's two checkpoints), on purpose: needed for a run "
                         "that did not finish, or whose last checkpoint is damaged (default: the finished run's last)")] = None,
 ):
-    """Answer instructions with a client's (or the global) model of a run, in the training prompt
-    template, decoded as the run's evaluation decodes."""
+    """Answer instructions with a client's (or the global) model of a run, or with an exported model, in
+    the training prompt template, decoded as the run's evaluation decodes."""
     import sys
 
     from rich.console import Console
 
     from .config import ConfigError
-    from .export import answer, load_run_model
+    from .export import answer, load_for_answers
 
     err = Console(stderr=True)
     if max_new_tokens is not None and max_new_tokens < 1:
@@ -535,7 +536,7 @@ def generate(
             _error(f"{what} is not UTF-8 text: give it in UTF-8 (convert with iconv -f <its encoding> -t UTF-8)")
             raise typer.Exit(2)
     try:
-        loaded = load_run_model(run_dir, _which(client, global_), private, round_)
+        loaded = load_for_answers(run_dir, _which(client, global_), private, round_)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _error(f"{e}")
         raise typer.Exit(2)

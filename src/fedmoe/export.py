@@ -47,6 +47,10 @@ from .moe.model import BUILTIN_PREFIX, EXPORT_MARKER, builtin_model_path, load_t
 EXPORT_FILE = EXPORT_MARKER
 _STATE = "state.safetensors"
 _PRIVATE = "private.pt"
+# beside a merged model or an adapter: which run, client and round it is, and that run's config (its
+# prompt template and decoding: what `fedmoe generate OUT` answers with); Hugging Face, PEFT and serving
+# engines ignore a file they do not know
+SOURCE_FILE = "fedmoe-source.json"
 
 
 class ExportError(ValueError):
@@ -302,6 +306,10 @@ def write_peft(loaded: LoadedModel, out: Path) -> None:
 
 # per-expert projection names of the per-expert checkpoints (gate, up, down)
 _EXPERT_PROJ = {"mixtral": ("w1", "w3", "w2")}
+# the MoE block's name in the per-expert checkpoints where transformers v5 renamed it to ``mlp`` (a serving
+# engine names modules as the original checkpoint does: vLLM's Mixtral holds block_sparse_moe.experts, and an
+# adapter under mlp.experts would pass its name check and never be applied)
+_MOE_BLOCK = {"mixtral": "block_sparse_moe"}
 
 
 def vllm_blockers(mm: MoEModel, cfg) -> list[str]:
@@ -331,6 +339,15 @@ def vllm_tensors(mm: MoEModel) -> tuple[dict[str, torch.Tensor], list[str], int,
                     pairs[gate], pairs[up] = (A, B[:, :inter]), (A, B[:, inter:])
                 else:
                     pairs[{"gate": gate, "up": up, "down": down}[prefix]] = (A, B)
+            # every expert carries all three projections (vLLM packs gate, up and down together and refuses an
+            # expert without one): a projection not adapted gets a zero pair, ΔW = 0
+            E, r = mod.num_experts, mod.rank
+            hidden = mod.base.gate_up_proj.shape[2]
+            for proj, fan_in, fan_out in ((gate, hidden, inter), (up, hidden, inter), (down, inter, hidden)):
+                pairs.setdefault(proj, (torch.zeros(E, r, fan_in), torch.zeros(E, fan_out, r)))
+            block = _MOE_BLOCK.get(mm.model_type)
+            if block is not None:
+                name = name.replace(".mlp.experts", f".{block}.experts")
             for proj, (A, B) in pairs.items():
                 targets.add(proj)
                 for e in range(mod.num_experts):
@@ -418,23 +435,39 @@ def export_model(run_dir: str | Path, out: str | Path, client: int | None = None
         why = merge_blockers(loaded.mm)
         if not why:
             write_merged(loaded, out)
+            _write_source(loaded, out, "merged")
             return "merged", []
     elif form == "vllm":
         why = vllm_blockers(loaded.mm, loaded.cfg)
         if not why:
             write_vllm(loaded, out)
+            _write_source(loaded, out, "vllm")
             return "vllm", []
     else:
         why = peft_blockers(loaded.mm, loaded.cfg)
         if not why:
             write_peft(loaded, out)
+            _write_source(loaded, out, "peft")
             return "peft", []
     write_fedmoe(loaded, out)
     return "fedmoe", why
 
 
+def _write_source(loaded: LoadedModel, out: Path, form: str) -> None:
+    from .rundir import atomic_write_text
+
+    meta = {"format": 1, "form": form, "source": loaded.source, "base_model": loaded.cfg.model.name,
+            "method": loaded.cfg.algorithm.name, "client": loaded.client, "config": config_to_dict(loaded.cfg)}
+    atomic_write_text(out / SOURCE_FILE, json.dumps(meta, indent=2, default=str) + "\n")
+
+
 def load_exported(folder: str | Path, dtype: str | None = None, device: str | None = None) -> MoEModel:
     """A fedmoe export folder back as the model it was."""
+    return _load_exported(folder, dtype, device)[0]
+
+
+def _load_exported(folder: str | Path, dtype: str | None = None, device: str | None = None):
+    """(model, its run's config, the folder's metadata) of a fedmoe export folder."""
     from safetensors.torch import load_file
 
     from .federation.local import load_client_model
@@ -455,7 +488,43 @@ def load_exported(folder: str | Path, dtype: str | None = None, device: str | No
     message = Message(tensors=load_file(str(folder / _STATE)), scalars=meta.get("scalars") or {})
     method.client(cfg).load(mm, meta["client"], message, private)
     mm.model.eval()
-    return mm
+    return mm, cfg, meta
+
+
+def load_for_answers(path: str | Path, client: int | None = None, private_path: str | Path | None = None,
+                     round_idx: int | None = None) -> LoadedModel:
+    """What ``fedmoe generate PATH`` answers with: a run directory's model (the global one or
+    ``client``'s), or an export of one — a fedmoe folder (restored exactly) or a merged model — in the
+    prompt template and decoding of the run it came from (``fedmoe-source.json``; a Hugging Face model
+    folder without one: fedmoe's defaults). An adapter (PEFT or vllm form) is refused, naming the run."""
+    path = Path(path)
+    is_export = (path / EXPORT_FILE).is_file() or (path / SOURCE_FILE).is_file()
+    if is_export and (client is not None or private_path is not None or round_idx is not None):
+        raise ExportError(f"{path} is an export of one model: --client, --private and --round choose a model of a run "
+                          "directory; leave them out")
+    if (path / EXPORT_FILE).is_file():
+        mm, cfg, meta = _load_exported(path)
+        return LoadedModel(cfg, mm, meta.get("client"), Message(), {}, f"{meta.get('source')}, exported to {path}")
+    if (path / "adapter_config.json").is_file():
+        origin = ""
+        if (path / SOURCE_FILE).is_file():
+            origin = f" of {json.loads((path / SOURCE_FILE).read_text()).get('source')}"
+        raise ExportError(f"{path} is a LoRA adapter{origin}, not a model: answer with the run directory it was "
+                          "exported from, or export it with --merged")
+    if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        if (path / SOURCE_FILE).is_file():
+            meta = json.loads((path / SOURCE_FILE).read_text())
+            tree = meta["config"]
+            source = f"{meta.get('source')}, merged into {path}"
+        else:
+            tree, source = {}, f"the Hugging Face model in {path} (fedmoe's default prompt template and decoding)"
+        tree.setdefault("model", {}).update({"name": str(path), "tokenizer": None, "quantization": "none"})
+        cfg = config_from_tree(tree, str(path / SOURCE_FILE))
+        mm = MoEModel.from_pretrained(str(path), dtype=cfg.model.dtype, device=cfg.model.device,
+                                      attn_implementation=cfg.model.attn_implementation)
+        mm.model.eval()
+        return LoadedModel(cfg, mm, None, Message(), {}, source)
+    return load_run_model(path, client, private_path, round_idx)
 
 
 def load_model(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu") -> MoEModel:
@@ -483,6 +552,6 @@ def answer(loaded: LoadedModel, instruction: str, context: str = "", max_new_tok
     return tok.decode(out, skip_special_tokens=True).strip()
 
 
-__all__ = ["EXPORT_FILE", "answer", "ExportError", "LoadedModel", "export_model", "load_exported", "load_model",
-           "load_run_model",
+__all__ = ["EXPORT_FILE", "SOURCE_FILE", "answer", "ExportError", "LoadedModel", "export_model", "load_exported",
+           "load_for_answers", "load_model", "load_run_model",
            "merge_blockers", "peft_blockers"]
