@@ -155,10 +155,11 @@ def _wait_for_row(run: Path, text: str, proc, timeout: float = 300) -> None:
 
 def _flex_run(deployment, tmp_path):
     """Four rounds, operated: `fedmoe run` SIGKILLed after round 1 leaves its ServerApp running, so a resume is
-    refused (naming `flwr stop`); once stopped, a resume loses its SuperLink after its round 2 (killed and
-    restarted on its database: the SuperNodes stay up, the lost Flower run is marked failed); the next resume,
-    Ctrl-C'd after round 3, stops its own Flower run on the SuperLink; the last resume finishes with the
-    uninterrupted in-process numbers."""
+    refused (naming `flwr stop`); once stopped, a resume Ctrl-C'd after round 2 stops its own Flower run on the
+    SuperLink; the next resume loses its SuperLink during round 4 (killed and restarted on its database: the
+    SuperNodes stay up). Then either the restarted SuperLink marks the run it lost as failed and a last resume
+    finishes it, or — the ServerApp reconnected before the SuperLink gave up on it — the run finished as it
+    was; which one depends on timing, and both end with the uninterrupted in-process numbers."""
     from fedmoe.federation.flower.launch import FLOWER_RUN, flower_run_status
 
     for method in ("flex",):
@@ -175,30 +176,32 @@ def _flex_run(deployment, tmp_path):
         assert "Traceback" not in out
         subprocess.run([str(BIN / "flwr"), "stop", str(first), "local"], env=deployment.env, check=True,
                        capture_output=True, timeout=120)
-        lost = _resume(deployment, run)
-        _wait_for_row(run, '"round": 2, "client": null, "kind": "round"', lost)
-        deployment.kill("superlink")
-        deployment.restart("superlink")
-        out, _ = lost.communicate(timeout=300)
-        assert lost.returncode != 0 and "Traceback" not in out, out[-3000:]
-        lost_id = json.loads((run / FLOWER_RUN).read_text())["flower_run_id"]
-        assert all(deployment.procs[f"node{i}"].poll() is None for i in (0, 1))  # the SuperNodes stayed up
-        deadline = time.time() + 60
-        while not str(status := flower_run_status(lost_id, "local", deployment.env)).startswith("finished") \
-                and time.time() < deadline:
-            time.sleep(0.5)  # the restarted SuperLink marks the run it lost as failed after a few seconds
-        assert status is not None and status.startswith("finished"), status
         interrupted = _resume(deployment, run)
-        _wait_for_row(run, '"round": 3, "client": null, "kind": "round"', interrupted)
+        _wait_for_row(run, '"round": 2, "client": null, "kind": "round"', interrupted)
         interrupted.send_signal(signal.SIGINT)
         out, _ = interrupted.communicate(timeout=300)
         second = json.loads((run / FLOWER_RUN).read_text())["flower_run_id"]
-        assert second not in (first, lost_id) and f"stopped the Flower run {second} on local" in out, out[-3000:]
+        assert second != first and f"stopped the Flower run {second} on local" in out, out[-3000:]
         status = flower_run_status(second, "local", deployment.env)
         assert status is not None and status.startswith("finished"), status
-        last = _resume(deployment, run)
-        out, _ = last.communicate(timeout=600)
-        assert last.returncode == 0, out[-4000:]
+        lost = _resume(deployment, run)
+        _wait_for_row(run, '"round": 3, "client": null, "kind": "round"', lost)
+        deployment.kill("superlink")
+        deployment.restart("superlink")
+        out, _ = lost.communicate(timeout=300)
+        assert "Traceback" not in out, out[-3000:]
+        assert all(deployment.procs[f"node{i}"].poll() is None for i in (0, 1))  # the SuperNodes stayed up
+        if lost.returncode != 0:  # the SuperLink lost the run: it marks it failed, and a resume finishes it
+            lost_id = json.loads((run / FLOWER_RUN).read_text())["flower_run_id"]
+            assert lost_id not in (first, second)
+            deadline = time.time() + 60
+            while not str(status := flower_run_status(lost_id, "local", deployment.env)).startswith("finished") \
+                    and time.time() < deadline:
+                time.sleep(0.5)  # the restarted SuperLink marks the run it lost as failed after a few seconds
+            assert status is not None and status.startswith("finished"), status
+            last = _resume(deployment, run)
+            out, _ = last.communicate(timeout=600)
+            assert last.returncode == 0, out[-4000:]
         summary = json.loads((run / "summary.json").read_text())
         assert summary["runtime"] == "flower" and [c["rounds_trained"] for c in summary["clients"]] == [4, 4]
         _same_numbers(_local(tmp_path, f"local-{method}", sets), summary)
