@@ -3,9 +3,16 @@
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the hub: everything it loads ships with fedmoe
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test`: two workers on two cores. One thread each (and in every process a test starts, which
+    # inherits the variable), so the workers' matmuls do not oversubscribe the cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # torch may have read the variable before this file
 
 
 @pytest.fixture(scope="module")

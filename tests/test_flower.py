@@ -153,17 +153,50 @@ def _wait_for_row(run: Path, text: str, proc, timeout: float = 300) -> None:
     raise AssertionError(f"{text!r} did not appear in {run / 'metrics.jsonl'}")
 
 
+class _Output:
+    """A process's combined output, read line by line as it comes (a thread), so a test can wait for a
+    line the process itself printed — not a metrics row another process (a ServerApp left running by a
+    killed `fedmoe run`) may have written."""
+
+    def __init__(self, proc):
+        import threading
+
+        self.proc, self.lines = proc, []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> str:
+        import re
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for line in list(self.lines):
+                if re.search(pattern, line):
+                    return line
+            if self.proc.poll() is not None and not self.thread.is_alive():
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"no line matching {pattern!r} in the output:\n{''.join(self.lines)[-3000:]}")
+
+    def finish(self, timeout: float = 300) -> str:
+        self.proc.wait(timeout=timeout)
+        self.thread.join(timeout=30)
+        return "".join(self.lines)
+
+
 def _flex_run(deployment, tmp_path):
-    """Four rounds, operated: `fedmoe run` SIGKILLed after round 1 leaves its ServerApp running, so a resume is
-    refused (naming `flwr stop`); once stopped, a resume Ctrl-C'd after round 2 stops its own Flower run on the
-    SuperLink; the next resume loses its SuperLink during round 4 (killed and restarted on its database: the
-    SuperNodes stay up). Then either the restarted SuperLink marks the run it lost as failed and a last resume
-    finishes it, or — the ServerApp reconnected before the SuperLink gave up on it — the run finished as it
-    was; which one depends on timing, and both end with the uninterrupted in-process numbers."""
+    """Five rounds, operated: `fedmoe run` SIGKILLed after round 1 leaves its ServerApp running, so a resume is
+    refused (naming `flwr stop`; the ServerApp may finish a round or two more before it is stopped); once
+    stopped, a resume Ctrl-C'd after its first round stops its own Flower run on the SuperLink; the next resume
+    loses its SuperLink after its first round (killed and restarted on its database: the SuperNodes stay up).
+    Then either the restarted SuperLink marks the run it lost as failed and a last resume finishes it, or —
+    the ServerApp reconnected before the SuperLink gave up on it — the run finished as it was; which one
+    depends on timing, and both end with the uninterrupted in-process numbers. Each stage waits for a round
+    line its own process printed."""
     from fedmoe.federation.flower.launch import FLOWER_RUN, flower_run_status
 
     for method in ("flex",):
-        sets = METHODS[method] + ENDS_ONLY + ["federation.rounds=4"]
+        sets = METHODS[method] + ENDS_ONLY + ["federation.rounds=5", "federation.node_wait_s=90"]
         run = tmp_path / "runs" / method
         proc = deployment.run(TINY + sets + [f"output_dir={tmp_path / 'runs'}", f"name={method}"])
         _wait_for_row(run, '"round": 1, "client": null, "kind": "round"', proc)
@@ -177,18 +210,20 @@ def _flex_run(deployment, tmp_path):
         subprocess.run([str(BIN / "flwr"), "stop", str(first), "local"], env=deployment.env, check=True,
                        capture_output=True, timeout=120)
         interrupted = _resume(deployment, run)
-        _wait_for_row(run, '"round": 2, "client": null, "kind": "round"', interrupted)
+        watch = _Output(interrupted)
+        watch.wait_for(r"round \d/5: ")
         interrupted.send_signal(signal.SIGINT)
-        out, _ = interrupted.communicate(timeout=300)
+        out = watch.finish()
         second = json.loads((run / FLOWER_RUN).read_text())["flower_run_id"]
         assert second != first and f"stopped the Flower run {second} on local" in out, out[-3000:]
         status = flower_run_status(second, "local", deployment.env)
         assert status is not None and status.startswith("finished"), status
         lost = _resume(deployment, run)
-        _wait_for_row(run, '"round": 3, "client": null, "kind": "round"', lost)
+        watch = _Output(lost)
+        watch.wait_for(r"round \d/5: ")
         deployment.kill("superlink")
         deployment.restart("superlink")
-        out, _ = lost.communicate(timeout=300)
+        out = watch.finish()
         assert "Traceback" not in out, out[-3000:]
         assert all(deployment.procs[f"node{i}"].poll() is None for i in (0, 1))  # the SuperNodes stayed up
         if lost.returncode != 0:  # the SuperLink lost the run: it marks it failed, and a resume finishes it
@@ -201,23 +236,36 @@ def _flex_run(deployment, tmp_path):
             assert status is not None and status.startswith("finished"), status
             last = _resume(deployment, run)
             out, _ = last.communicate(timeout=600)
+            if last.returncode != 0 and "did not answer" in out:
+                # Flower 1.42: a SuperNode that was pulling a message of the run the SuperLink lost keeps it and
+                # answers one message late from then on (a race; fedmoe's error names it and the remedy): the
+                # operator restarts the silent SuperNodes, and the resume finishes
+                import re
+
+                silent = [int(c) for c in re.search(r"clients \[([\d, ]+)\] did not answer", out).group(1).split(",")]
+                assert "restart that SuperNode" in out, out[-3000:]
+                for c in silent:
+                    deployment.kill(f"node{c}")
+                    deployment.restart(f"node{c}")
+                last = _resume(deployment, run)
+                out, _ = last.communicate(timeout=600)
             assert last.returncode == 0, out[-4000:]
         summary = json.loads((run / "summary.json").read_text())
-        assert summary["runtime"] == "flower" and [c["rounds_trained"] for c in summary["clients"]] == [4, 4]
+        assert summary["runtime"] == "flower" and [c["rounds_trained"] for c in summary["clients"]] == [5, 5]
         _same_numbers(_local(tmp_path, f"local-{method}", sets), summary)
         # each client's private state lives only in its own node's state directory
         for i, state in deployment.state.items():
             dirs = {p.name for p in state.glob("*/client-*")}
             assert dirs and dirs == {f"client-{i}"}, (method, i, dirs)
         train = _rows(run, "train")
-        assert len(train) == 8
+        assert len(train) == 10
         # without a worker the SuperNode loads the model per message; the worker loaded it once, at the query
         assert all(r["load_s"] > 0 for r in train if r["client"] == 0)
         assert all(r["load_s"] == 0 for r in train if r["client"] == 1)
         assert "## Client time per round" in (run / "report.md").read_text()
-    # FLEx's grafts: in the clients' stores, at every round they trained
+    # FLEx's grafts: in the clients' stores (the last round's; a store keeps its newest rounds)
     for i, state in deployment.state.items():
-        privates = [torch.load(p, weights_only=False) for p in sorted(state.glob("*/client-*/private-r00002.pt"))]
+        privates = [torch.load(p, weights_only=False) for p in sorted(state.glob("*/client-*/private-r00005.pt"))]
         keys = set().union(*(p.keys() for p in privates))
         assert "graft_index" in keys and any(".mlp.grafted." in k for k in keys)
 

@@ -77,9 +77,14 @@ class FlowerTransport:
                                "logs (their ClientApps may fail to start), or raise federation.node_wait_s on a slow "
                                "machine")
         if dup or missing:
+            late = ("" if not missing else
+                    "; a SuperNode that is connected but silent may be one message behind: Flower 1.42's SuperNode "
+                    "keeps a message of a run that stopped (or that a restarted SuperLink lost) while it was pulling "
+                    "it, and from then on sends each reply only when the next message arrives: restart that "
+                    "SuperNode (its state-dir keeps the client's private state), then resume")
             raise RuntimeError(f"the SuperNodes must be clients 0..{self.num_clients - 1}, each once (node config "
                                f"partition-id): nodes {dup} claim the same client; clients {missing} did not answer "
-                               f"within federation.node_wait_s = {self.cfg.federation.node_wait_s:g} s")
+                               f"within federation.node_wait_s = {self.cfg.federation.node_wait_s:g} s{late}")
         self.node_of.update({c: n[0] for c, n in seen.items()})
 
     def _refresh(self) -> set[int]:
