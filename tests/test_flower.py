@@ -196,7 +196,7 @@ def _flex_run(deployment, tmp_path):
     from fedmoe.federation.flower.launch import FLOWER_RUN, flower_run_status
 
     for method in ("flex",):
-        sets = METHODS[method] + ENDS_ONLY + ["federation.rounds=5", "federation.node_wait_s=90"]
+        sets = METHODS[method] + ENDS_ONLY + ["federation.rounds=5", "federation.node_wait_s=60"]
         run = tmp_path / "runs" / method
         proc = deployment.run(TINY + sets + [f"output_dir={tmp_path / 'runs'}", f"name={method}"])
         _wait_for_row(run, '"round": 1, "client": null, "kind": "round"', proc)
