@@ -150,6 +150,10 @@ def test_generate_answers_with_an_exported_model(runs, tmp_path):
         load_for_answers(tmp_path / "a")
     with pytest.raises(ExportError, match="export of one model"):
         load_for_answers(tmp_path / "m", client=1)
+    for bad in ("[1, 2]", "{not json", '{"config": "x"}'):  # a damaged or foreign file: one clear line
+        (tmp_path / "m" / SOURCE_FILE).write_text(bad)
+        with pytest.raises(ExportError, match=r"fedmoe-source.json .*remove it"):
+            load_for_answers(tmp_path / "m")
 
 
 def _env():

@@ -491,6 +491,20 @@ def _load_exported(folder: str | Path, dtype: str | None = None, device: str | N
     return mm, cfg, meta
 
 
+def _read_source(folder: Path) -> dict:
+    """An export's ``fedmoe-source.json``, checked: a JSON object whose ``config`` is one."""
+    f = folder / SOURCE_FILE
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ExportError(f"{f} cannot be read ({type(e).__name__}: {e}): remove it to use the model with "
+                          "fedmoe's default template and decoding") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ExportError(f"{f} is not what fedmoe export writes (a JSON object with the run's config): remove it "
+                          "to use the model with fedmoe's default template and decoding")
+    return meta
+
+
 def load_for_answers(path: str | Path, client: int | None = None, private_path: str | Path | None = None,
                      round_idx: int | None = None) -> LoadedModel:
     """What ``fedmoe generate PATH`` answers with: a run directory's model (the global one or
@@ -508,12 +522,12 @@ def load_for_answers(path: str | Path, client: int | None = None, private_path: 
     if (path / "adapter_config.json").is_file():
         origin = ""
         if (path / SOURCE_FILE).is_file():
-            origin = f" of {json.loads((path / SOURCE_FILE).read_text()).get('source')}"
+            origin = f" of {_read_source(path).get('source')}"
         raise ExportError(f"{path} is a LoRA adapter{origin}, not a model: answer with the run directory it was "
                           "exported from, or export it with --merged")
     if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
         if (path / SOURCE_FILE).is_file():
-            meta = json.loads((path / SOURCE_FILE).read_text())
+            meta = _read_source(path)
             tree = meta["config"]
             source = f"{meta.get('source')}, merged into {path}"
         else:
