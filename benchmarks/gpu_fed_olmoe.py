@@ -38,7 +38,9 @@ FITS_GIB = 79.0  # an H100 80GB holds 79.6 GiB; leave a little for the CUDA cont
 
 
 # ---------------------------------------------------------------------------------------- model by config
-def write_model_folder(work: Path, dry: bool) -> tuple[Path, str]:
+def write_model_folder(work: Path, dry: bool, layers: int | None = None) -> tuple[Path, str]:
+    """A folder with only the config.json of the shape measured (``layers``: the OLMoE-1B-7B config cut
+    to that many decoder layers)."""
     if dry:
         from fedmoe.moe.model import builtin_tiny_olmoe_config
 
@@ -47,6 +49,9 @@ def write_model_folder(work: Path, dry: bool) -> tuple[Path, str]:
     else:
         cfg, source = common.olmoe_config()
         folder = work / "olmoe-1b-7b-random"
+        if layers is not None:
+            cfg.num_hidden_layers = layers
+            source += f", cut to {layers} layers"
     folder.mkdir(parents=True, exist_ok=True)
     cfg.to_json_file(str(folder / "config.json"))
     return folder, source

@@ -3,7 +3,7 @@
 memory of fedmoe's own training on the device.
 
 For each case — a bf16 base, an NF4 base, an fp32 base trained under bf16 autocast — on the
-OLMoE-1B-7B shape cut to ``--layers`` decoder layers (random weights; FedIT: expert LoRA and q/k/v/o
+OLMoE-1B-7B shape cut to ``--layers`` decoder layers (dry: builtin:tiny-olmoe's shape) (random weights; FedIT: expert LoRA and q/k/v/o
 LoRA, r = 8; AdamW; batch 4 × 256 tokens): the plan is ``fedmoe.plan.memory_plan`` of the run's
 config (fake tensors, nothing allocated), the measurement is ``torch.cuda.max_memory_allocated`` over
 the model's building and two optimizer steps of ``fedmoe.train.train_local`` on examples of exactly
@@ -12,7 +12,7 @@ Recorded: both, by kind where the plan has kinds, and plan / measured (the CPU t
 within 15% of the same step counted on real tensors; this is the GPU's allocator itself).
 
     python benchmarks/gpu_plan.py --json out.json          # GPU
-    python benchmarks/gpu_plan.py --dry --json out.json    # CPU: a tiny 2-layer shape, tensors counted
+    python benchmarks/gpu_plan.py --dry --json out.json    # CPU: the tiny-olmoe shape, tensors counted
 """
 
 from __future__ import annotations
@@ -35,21 +35,6 @@ CASES = {  # name -> config overrides
     "nf4": ["model.dtype=bfloat16", "model.quantization=nf4", "train.bf16=off"],
     "fp32-autocast": ["model.dtype=float32", "model.quantization=none", "train.bf16=on"],
 }
-
-
-def model_folder(args, work: Path) -> tuple[Path, str]:
-    """A folder with the config.json of the shape measured (the OLMoE-1B-7B config cut to --layers)."""
-    if args.dry:
-        from fedmoe.moe.tiny import tiny_config
-
-        cfg, source = tiny_config("olmoe", hidden_size=64, intermediate_size=32, vocab_size=256, num_layers=2), "tiny"
-    else:
-        cfg, source = common.olmoe_config()
-        cfg.num_hidden_layers = args.layers
-    folder = work / "model"
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg.to_json_file(str(folder / "config.json"))
-    return folder, source
 
 
 def examples(n: int, length: int, vocab: int) -> list[dict]:
@@ -101,12 +86,12 @@ def run(res: common.Result, args) -> None:
     res["device"] = dev.info()
     res["errors"] = []
     res["tolerance"] = TOLERANCE
-    from gpu_fed_olmoe import patch_loader
+    from gpu_fed_olmoe import patch_loader, write_model_folder
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder, source = model_folder(args, Path(tmp))
+        folder, source = write_model_folder(Path(tmp), args.dry, None if args.dry else args.layers)
         patch_loader(folder)  # the folder has no weights: the model is built from its config on the device
-        res["config"] = {"source": source, "layers": 2 if args.dry else args.layers}
+        res["config"] = {"source": source}
         res["cases"] = {}
         for name, sets in CASES.items():
             cfg = load_config(None, [f"model.name={folder}", f"model.device={dev.device}", "lora.rank=8",
