@@ -3,10 +3,10 @@
 ``memory_plan(cfg)`` builds the configured model with the run's method's adapters and quantization on
 PyTorch's fake tensors (shapes and dtypes, no storage: nothing is read from disk or allocated) and
 runs two training steps of it — forward, backward, optimizer step, at the configured batch size and
-``data.max_length``, every token real, under bf16 autocast where the run trains with it — counting the bytes of every tensor the steps create while it
-lives (a dispatch mode; the same count on real tensors is what the tests compare with), once per
-budget level (its k; FLAME's clients
-activate fewer experts, so they keep fewer activations). The peak it reports is what the real step
+``data.max_length``, every token real, under bf16 autocast where the run trains with it — counting the
+bytes of every tensor the steps create while it lives (a dispatch mode; the same count on real tensors
+is what the tests compare with), once per budget level (its k; FLAME's clients activate fewer experts,
+so they keep fewer activations). The peak it reports is what the real step
 holds in tensors at its peak: the frozen weights (quantized or not) and the trainable adapters, then
 what the step creates at its peak — the adapters' gradients and optimizer state (counted from their
 sizes) and the rest, activations and temporaries; it does not count the

@@ -193,6 +193,18 @@ class RouterWithLoRA(nn.Module):
         return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
 
 
+def expert_histogram(idx: torch.Tensor, num_experts: int, weight: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """How many of ``idx``'s entries (expert ids, any shape) name each expert, each counted with its
+    ``weight`` (same shape; None: 1), added into ``out`` (a (num_experts,) long tensor; None: a new one).
+    On ``idx``'s device, without reading it: ``bincount``'s size is the largest id + 1, a host sync on a
+    GPU and a data-dependent shape in a compiled graph."""
+    flat = idx.reshape(-1)
+    ones = weight.reshape(-1) if weight is not None else torch.ones((), dtype=flat.dtype, device=flat.device).expand_as(flat)
+    target = flat.new_zeros(num_experts) if out is None else out
+    return target.index_add_(0, flat, ones)
+
+
 class ActivationTracker:
     """Counts, per MoE layer and expert, the non-padding tokens routed there.
 
@@ -279,12 +291,11 @@ class ActivationTracker:
             keep = self._mask_on.get(dev)
             if keep is None:  # the mask on the routing's device, once per tracking context
                 keep = self._mask_on[dev] = mask.to(dev, torch.long)
-            weight = keep[:, None].expand(idx.shape)
+            expert_histogram(idx, self.num_experts, keep[:, None].expand(idx.shape), out=self._counts[layer])
             self._tokens[layer] += keep.sum()
         else:
-            weight = torch.ones((), dtype=torch.long, device=dev).expand(idx.shape)
+            expert_histogram(idx, self.num_experts, out=self._counts[layer])
             self._tokens[layer] += idx.shape[0]
-        self._counts[layer].index_add_(0, idx.reshape(-1), weight.reshape(-1))
 
     class _Tracking:
         def __init__(self, tracker, mask):
@@ -435,10 +446,7 @@ class ExpertsWithLoRA(nn.Module):
             count_list = [per + (e < extra) for e in range(self.num_experts)]
             counts = torch.tensor(count_list, device=flat_expert.device)
         else:
-            # on the device, without reading it: a histogram over the E experts (bincount's size would
-            # depend on the largest id, a host sync on a GPU)
-            counts = flat_expert.new_zeros(self.num_experts).index_add_(
-                0, flat_expert, torch.ones((), dtype=flat_expert.dtype, device=flat_expert.device).expand_as(flat_expert))
+            counts = expert_histogram(flat_expert, self.num_experts)  # on the device, nothing read
             count_list = None
         # index_select, not hidden_states[token_of_slot]: the backward of advanced indexing with repeated
         # indices (each token appears k times) is an atomic scatter-add on CPU whose summation order

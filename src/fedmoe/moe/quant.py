@@ -140,9 +140,10 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, block: int, scheme: st
         return (codes.to(torch.float32) * (absmax[..., None] / 127)).to(dtype)
     n = codes.shape[-1] * 2
     shape = (*codes.shape[:-1], n)
-    if (scheme == "nf4" and USE_BITSANDBYTES and block in BNB_BLOCKS and type(codes) is torch.Tensor
-            and dtype in (torch.float32, torch.bfloat16, torch.float16) and _bnb_dequant() is not None):
-        return _bnb_dequant()(codes.contiguous().reshape(-1, 1), absmax.reshape(-1).float(), block, "nf4", shape, dtype)
+    kernel = (_bnb_dequant() if scheme == "nf4" and USE_BITSANDBYTES and block in BNB_BLOCKS
+              and type(codes) is torch.Tensor and dtype in (torch.float32, torch.bfloat16, torch.float16) else None)
+    if kernel is not None:
+        return kernel(codes.contiguous().reshape(-1, 1), absmax.reshape(-1).float(), block, "nf4", shape, dtype)
     # one float32 pair per byte (int32 indices: a quarter of int64's traffic), scaled in place
     vals = _byte_table(scheme, codes.device).index_select(0, codes.reshape(-1).int())
     vals = vals.reshape(*codes.shape[:-1], n // block, block).mul_(absmax[..., None])
