@@ -26,6 +26,14 @@ def _message(content, kind: str, node: int, group: str):
     return FlowerMessage(content, dst_node_id=node, message_type=kind, group_id=group)
 
 
+# a connected SuperNode that stays silent (no answer, or the SuperLink's "Node Unavailable": no heartbeat)
+SILENT_NODE_HINT = (
+    "a SuperNode that is connected but silent may be one message behind: Flower 1.42's SuperNode keeps a message "
+    "of a run that stopped (or that a restarted SuperLink lost) while it was pulling it, and from then on sends "
+    "each reply only when the next message arrives: restart that SuperNode (its state-dir keeps the client's "
+    "private state), then resume")
+
+
 class FlowerTransport:
     def __init__(self, grid, cfg, log=print, poll_s: float = 1.0, reply_poll_s: float = 0.1, context=None):
         """``context``: the ServerApp's Flower Context (SecAgg+ takes the run's id from it)."""
@@ -77,11 +85,7 @@ class FlowerTransport:
                                "logs (their ClientApps may fail to start), or raise federation.node_wait_s on a slow "
                                "machine")
         if dup or missing:
-            late = ("" if not missing else
-                    "; a SuperNode that is connected but silent may be one message behind: Flower 1.42's SuperNode "
-                    "keeps a message of a run that stopped (or that a restarted SuperLink lost) while it was pulling "
-                    "it, and from then on sends each reply only when the next message arrives: restart that "
-                    "SuperNode (its state-dir keeps the client's private state), then resume")
+            late = "" if not missing else f"; {SILENT_NODE_HINT}"
             raise RuntimeError(f"the SuperNodes must be clients 0..{self.num_clients - 1}, each once (node config "
                                f"partition-id): nodes {dup} claim the same client; clients {missing} did not answer "
                                f"within federation.node_wait_s = {self.cfg.federation.node_wait_s:g} s{late}")
@@ -112,7 +116,8 @@ class FlowerTransport:
                     self.log(f"a SuperNode that connected mid-run did not answer which client it is "
                              f"({reply.error.reason}); asking again before the next message")
                     continue
-                raise RuntimeError(f"the SuperNode {nid} failed its setup: {reply.error.reason}")
+                stuck = f"; {SILENT_NODE_HINT}" if "Node Unavailable" in str(reply.error.reason) else ""
+                raise RuntimeError(f"the SuperNode {nid} failed its setup: {reply.error.reason}{stuck}")
             _, info = from_records(reply.content)
             self._note_withheld(info)
             seen.setdefault(info["client"], []).append(nid)
