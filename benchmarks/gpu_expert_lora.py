@@ -23,7 +23,9 @@ Also: the k=1 / k=8 step-time ratio against the FLOPs ratio; the goals of issue 
 MFU at k = 8, k = 1 within 1.1x of the FLOPs ratio, faster than PEFT at every k); ours at rank 20
 (FLAME's rank; in bf16 20 x 2 bytes is not 16-byte aligned, so ExpertsWithLoRA takes its per-expert
 loop, not grouped_mm: which path ran is recorded); one MoE layer's experts alone (forward + input
-and LoRA backward on balanced random routing: the grouped path's own efficiency); a profile of our
+and LoRA backward on balanced random routing: the grouped path's own efficiency; ours also with
+``combine = "gather"``, the expert outputs gathered and summed per token instead of scatter-added with
+atomics, timed beside it); a profile of our
 step at k = 8 and k = 1 (device time by kernel, grouped into matmul / routing (sort, gather, scatter,
 index) / attention / other).
 
@@ -359,8 +361,10 @@ def phase_layer(b: Bench, res, peak_tflops: float):
         weights, idx = torch.topk(torch.softmax(logits, -1), k, dim=-1)
         weights = weights.to(b.dtype)
         row = {"k": k, "flops": experts_layer_flops(b.cfg, T, k, args.rank)}
-        for m in METHODS:
-            mod = b.mods[m][0]
+        for m in (*METHODS, "ours_gather"):
+            mod = b.mods["ours" if m == "ours_gather" else m][0]
+            if m != "peft":  # ours with the scatter-add back to the tokens, and with gather-and-sum
+                mod.combine = "gather" if m == "ours_gather" else "index_add"
             xr = x.detach().clone().requires_grad_(True)
             params = [p for p in mod.parameters() if p.requires_grad]
 
@@ -385,9 +389,16 @@ def phase_layer(b: Bench, res, peak_tflops: float):
                 row[f"{m}_mfu"] = row[f"{m}_tflops"] / peak_tflops
             except Exception as e:  # noqa: BLE001
                 row[f"{m}_error"] = common.error_text(e)
+            finally:
+                if m != "peft":
+                    mod.combine = "index_add"
+        if row.get("ours_median_s") and row.get("ours_gather_median_s"):
+            row["gather_over_index_add"] = row["ours_gather_median_s"] / row["ours_median_s"]
         rows.append(row)
-        print(f"one MoE layer, k={k}: ours {row.get('ours_median_s')}, PEFT {row.get('peft_median_s')}", flush=True)
-    res["moe_layer"] = {"tokens": T, "routing": "softmax top-k of N(0, 1) logits (balanced)", "rows": rows}
+        print(f"one MoE layer, k={k}: ours {row.get('ours_median_s')} (gather-and-sum: {row.get('ours_gather_median_s')}), "
+              f"PEFT {row.get('peft_median_s')}", flush=True)
+    res["moe_layer"] = {"tokens": T, "routing": "softmax top-k of N(0, 1) logits (balanced)", "rows": rows,
+                        "ours_gather": "ours with ExpertsWithLoRA.combine = 'gather' (no scatter-add atomics)"}
     res.save()
 
 
@@ -509,6 +520,10 @@ def headline(res, rows, kmax) -> list[str]:
         out.append(f"rank {e['rank']} ({e['path']}): " + ", ".join(
             f"k={r['k']} {r['median_s']:.4f} s ({r['mfu'] * 100:.1f}% MFU)" for r in e["rows"]) + (
             f" error: {e['error']}" if e.get("error") else ""))
+    layer = [r for r in res.get("moe_layer", {}).get("rows", []) if r.get("gather_over_index_add")]
+    if layer:
+        out.append("one MoE layer, gather-and-sum / scatter-add time: " + ", ".join(
+            f"k={r['k']} {r['gather_over_index_add']:.2f}" for r in layer))
     return out
 
 

@@ -13,8 +13,8 @@ from tests.helpers import tiny_hf
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _model(arch: str, layout: str = "fused", router: bool = False) -> MoEModel:
-    mm = MoEModel(tiny_hf(arch))
+def _model(arch: str, layout: str = "fused", router: bool = False, **config) -> MoEModel:
+    mm = MoEModel(tiny_hf(arch, **config))
     mm.add_expert_lora(4, 8.0, layout=layout)
     if router:
         mm.add_router_lora(2, 4.0)
@@ -210,3 +210,64 @@ def test_autocast_keeps_no_cast_copy_of_the_expert_stack_for_the_backward(monkey
     assert grads.keys() == plain_grads.keys()
     for n in grads:
         assert torch.equal(grads[n], plain_grads[n]), n
+
+
+def _set_combine(mm, combine: str) -> None:
+    for layer in mm.layers:
+        mm.experts_module(layer.index).combine = combine
+
+
+@pytest.mark.parametrize("skip_padding", [True, False], ids=["padding-skipped", "all-rows"])
+def test_gather_combine_equals_the_scatter_add(skip_padding):
+    """``combine = "gather"`` (each token's k expert rows gathered and summed, no atomics on a GPU) gives
+    the scatter-add's logits and every gradient bit for bit in fp32 on a CPU: the same additions in the
+    same order (a token's slots in expert order). Summing them in top-k order instead, or dropping the
+    padding rows' zeros, would differ (top-4: with two terms the order cannot matter). In bf16 both stay
+    within bf16 rounding of the fp32 result."""
+    mm = _model("olmoe", "fused", router=True, top_k=4)
+    mm.tracker.skip_padding = skip_padding
+    ids = torch.randint(2, 100, (3, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    mask[2, 3:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def run(combine, dtype=torch.float32):
+        _set_combine(mm, combine)
+        mm.model.zero_grad()
+        mm.reset_activation_counts()
+        with mm.tracking(mask):
+            out = mm.model(ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in mm.trainable_parameters().items()}
+        return out.logits.detach(), grads, mm.activation_counts()[0]
+
+    a, b = run("index_add"), run("gather")
+    assert torch.equal(a[0], b[0])
+    assert a[1].keys() == b[1].keys() and len(a[1]) >= 6
+    for name in a[1]:
+        assert torch.equal(a[1][name], b[1][name]), name
+    assert torch.equal(a[2], b[2])
+    mm.model.to(torch.bfloat16)
+    for combine in ("index_add", "gather"):
+        logits = run(combine)[0].float()
+        torch.testing.assert_close(logits, a[0], rtol=0.05, atol=0.05)
+
+
+def test_gather_combine_compiles_without_host_sync():
+    """The gather path (inverse permutation by a scatter, a per-token sort of k positions) is one graph
+    forward and backward with no host read, like the scatter-add."""
+    torch._dynamo.reset()
+    mm = _model("olmoe")
+    mm.model.to(torch.bfloat16)
+    mm.tracker.skip_padding = False
+    _set_combine(mm, "gather")
+    block = mm.layers[0].block
+    x = torch.randn(2, 5, mm.model.config.hidden_size, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    want = _block_run(mm, block, x)
+    finder = _SyncFinder()
+    got = _block_run(mm, block, x, run=torch.compile(block, fullgraph=True, backend=finder.backend))
+    assert finder.graphs == 2 and finder.found == []
+    assert torch.equal(got[0], want[0])
+    for name in want[1]:
+        assert torch.equal(got[1][name], want[1][name]), name

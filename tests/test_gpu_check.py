@@ -43,6 +43,7 @@ def test_gpu_check_dry_run_succeeds_in_every_step(tmp_path):
     assert b["setup"]["ours_path"] == "grouped_mm" and b["peak"]["tflops"] > 0
     assert set(b["goals"]) >= {"mfu_at_kmax_ge_0.40", "k1_within_1.1x_of_flops_ratio", "faster_than_peft_at_every_k"}
     assert b["extra_ranks"][0]["rank"] == 20 and b["moe_layer"]["rows"] and set(b["profile"]["by_k"]) == {"8", "1"}
+    assert all(r["gather_over_index_add"] > 0 for r in b["moe_layer"]["rows"])  # both ways back to the tokens timed
     c = results["c_federated_olmoe"]  # a round of each method, every client measured
     for method in ("flame", "flex"):
         clients = c["runs"][method]["clients"]

@@ -392,6 +392,10 @@ class ExpertsWithLoRA(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.output_scale: nn.Parameter | None = None
         self.grouped = True  # use grouped_mm where torch has it (set False for the per-expert loop)
+        # how the expert outputs return to their tokens: "index_add" (a scatter-add of the T·k rows,
+        # atomic on a GPU) or "gather" (each token's k rows gathered and summed, no atomics); the
+        # same numbers on a CPU in fp32 (tested), and index_add is faster there
+        self.combine = "index_add"
 
     def describe(self) -> list[TensorInfo]:
         """Each LoRA pair (stacked over the experts it adapts: ``rows`` are their ids) and the output scale."""
@@ -462,12 +466,29 @@ class ExpertsWithLoRA(nn.Module):
             y_sorted = self._experts_grouped(x_sorted.to(compute), counts)
         else:
             y_sorted = self._experts_loop(x_sorted, count_list if count_list is not None else counts.tolist())
-        out = torch.zeros_like(hidden_states)
-        y_sorted = y_sorted * w_sorted[:, None].to(y_sorted.dtype)
-        out.index_add_(0, token_of_slot, y_sorted.to(out.dtype))
+        y_sorted = (y_sorted * w_sorted[:, None].to(y_sorted.dtype)).to(hidden_states.dtype)
+        if self.combine == "gather":
+            out = self._gather_sum(y_sorted, order, k, rows, hidden_states)
+        else:
+            out = torch.zeros_like(hidden_states).index_add_(0, token_of_slot, y_sorted)
         if self.output_scale is not None:
             out = out * self.output_scale.to(out.dtype)
         return out
+
+    @staticmethod
+    def _gather_sum(y_sorted: torch.Tensor, order: torch.Tensor, k: int, rows: torch.Tensor | None,
+                    hidden_states: torch.Tensor) -> torch.Tensor:
+        """Each token's k expert outputs gathered from the expert-sorted rows and summed: no scatter-add
+        (bf16 atomics on a GPU). A token's slots are summed in the order of their position among the
+        sorted rows (expert order), as index_add_ adds them on a CPU, and in fp32."""
+        slot = torch.arange(order.numel(), device=order.device)
+        position = torch.empty_like(order).scatter_(0, order, slot)  # where each (token, j) slot went
+        position = position.view(-1, k).sort(dim=1).values.reshape(-1)
+        summed = y_sorted.index_select(0, position).view(-1, k, y_sorted.shape[1]).sum(1, dtype=torch.float32)
+        summed = summed.to(hidden_states.dtype)
+        if rows is None:
+            return summed
+        return torch.zeros_like(hidden_states).index_copy(0, rows, summed)
 
     @staticmethod
     def _compute_dtype(x: torch.Tensor) -> torch.dtype:
