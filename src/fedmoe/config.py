@@ -173,6 +173,18 @@ class TrainConfig(_Strict):
     # batches of examples of similar length (less padding, as transformers' group_by_length): each pass's
     # shuffled order is sorted by length within chunks of 50 batches (fedmoe.train._batches)
     group_by_length: bool = False
+    # activation (gradient) checkpointing: keep only each decoder layer's input in the forward and
+    # recompute the layer in the backward (true: every layer; n: every n-th layer). Less activation
+    # memory for about one more forward's compute; the numbers are the same (CPU: bit for bit)
+    activation_checkpointing: bool | int = False
+
+    @field_validator("activation_checkpointing")
+    @classmethod
+    def _every_n_layers(cls, v):
+        if not isinstance(v, bool) and v < 1:
+            raise ValueError(f"train.activation_checkpointing = {v}: use true (every decoder layer), false, or a "
+                             "number n >= 1 (every n-th layer)")
+        return v
 
     @field_validator("bf16", mode="before")
     @classmethod

@@ -105,7 +105,7 @@ def training_step_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int
     from .moe.model import MoEModel, hf_from_config, load_model_config, resolve_device
     from .moe.quant import QuantizedWeight, quantize_model
     from .seeds import Stream, derive_seed
-    from .train import use_bf16
+    from .train import activation_checkpointing, use_bf16
 
     config = load_model_config(cfg.model.name)
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
@@ -138,9 +138,10 @@ def training_step_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int
         # the step in the precision the run trains in: bf16 autocast on CUDA unless `train.bf16: off`
         # (CPU autocast's op lists stand in for CUDA's: matmuls and linears in bf16, reductions in fp32)
         bf16 = use_bf16(cfg.train, resolve_device(cfg.model.device))
-        with live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+                activation_checkpointing(mm.model, cfg.train.activation_checkpointing):
             for _ in range(2):  # the second step holds the optimizer state of the first
-                hidden = mm.model.model(input_ids=ids).last_hidden_state[:, half - 1 : -1]
+                hidden = mm.model.model(input_ids=ids, use_cache=False).last_hidden_state[:, half - 1 : -1]
                 logits = mm.model.lm_head(hidden.reshape(-1, hidden.shape[-1])).float()
                 loss = torch.nn.functional.cross_entropy(logits, ids[:, half:].reshape(-1))
                 loss.backward()
@@ -183,7 +184,9 @@ def fits(plans: list[LevelPlan], available: int | None) -> bool:
     return available is None or max(p.total for p in plans) <= available
 
 
-HINTS = ("model.quantization=nf4 (the frozen base in 4 bits)", "train.batch_size (activations scale with it)",
+HINTS = ("model.quantization=nf4 (the frozen base in 4 bits)",
+         "train.activation_checkpointing=true (a decoder layer's activations are recomputed in the backward)",
+         "train.batch_size (activations scale with it)",
          "data.max_length (activations scale with it)", "lora.rank (adapters, gradients, optimizer state)")
 
 
@@ -196,6 +199,9 @@ def format_plan(cfg, plans: list[LevelPlan], what: str | None = None, available:
 
     dev = resolve_device(cfg.model.device)
     precision = f"{cfg.model.dtype} on {dev.type}" + (" with bf16 autocast" if use_bf16(cfg.train, dev) else "")
+    ac = cfg.train.activation_checkpointing
+    if ac:
+        precision += ", activation checkpointing " + ("on" if ac is True else f"every {ac} layers")
     lines = [f"memory plan of one training step: {cfg.model.name}, {cfg.algorithm.name}, quantization "
              f"{cfg.model.quantization}, batch {cfg.train.batch_size} x {cfg.data.max_length} tokens, {precision}",
              "| k | clients | " + " | ".join(KINDS) + " | peak |", "|---:|---|" + "---:|" * (len(KINDS) + 1)]

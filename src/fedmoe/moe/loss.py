@@ -17,7 +17,7 @@ def labelled_token_loss(model, input_ids, attention_mask, labels, output_router_
     The aux loss is the model family's own load-balancing loss (its ``load_balancing_loss_func``,
     with the model's current top-k), unscaled."""
     outputs = model.model(input_ids=input_ids, attention_mask=attention_mask,
-                          output_router_logits=output_router_logits)
+                          output_router_logits=output_router_logits, use_cache=False)
     hidden = outputs.last_hidden_state[:, :-1]
     target = labels[:, 1:]
     keep = target != -100

@@ -1,0 +1,129 @@
+"""`train.activation_checkpointing`: each decoder layer keeps only its input in the forward and runs
+again in the backward. It must change memory only: the same losses, adapters, expert counts and
+tokens bit for bit on the CPU, for every method's model (FLEx's grafted experts behind their hook,
+FLAME's rescaler at a client's lower k, a quantized base, shared experts, dropout, padding skipped,
+accumulated micro-batches), and a run may be resumed with it switched on (after running out of
+memory) and end where the uninterrupted run ends."""
+
+import pytest
+import torch
+
+from fedmoe.algorithms import get_method
+from fedmoe.config import ConfigError, load_config
+from fedmoe.federation import resume_federated, run_federated
+from fedmoe.federation.local import load_client_model
+from fedmoe.plan import memory_plan, training_step_bytes
+from fedmoe.train import train_local
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = ["model.name=builtin:tiny-olmoe", "data.max_length=48", "train.batch_size=2", "lora.rank=4"]
+
+
+def _examples(n=6):
+    """Token sequences of different lengths (so batches carry padding), prompt masked out of the labels."""
+    g = torch.Generator().manual_seed(9)
+    out = []
+    for i in range(n):
+        length = 10 + 3 * i
+        ids = torch.randint(3, 100, (length,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * 4 + ids[4:]})
+    return out
+
+
+def _train(sets, setting):
+    """(result, trainable state, forward calls of the decoder layers' attention) of a client's local training."""
+    cfg = load_config(None, [*SMALL, *sets, f"train.activation_checkpointing={setting}"])
+    method = get_method(cfg.algorithm.name)
+    mm = load_client_model(cfg, method)
+    half = method.client(cfg)
+    mm.set_top_k(half.top_k(1, mm))  # client 1: FLAME's lower budget level
+    calls = []
+    layers = mm.model.model.layers
+    # on the attention inside each layer: transformers checkpoints a layer's forward, not its __call__
+    hooks = [layer.self_attn.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, layer in enumerate(layers)]
+    result = train_local(mm, _examples(), cfg.train, pad_id=0, lr=cfg.train.lr, seed=4)
+    for h in hooks:
+        h.remove()
+    assert not any(getattr(layer, "gradient_checkpointing", False) for layer in layers)  # off again afterwards
+    return result, {n: p.detach().clone() for n, p in mm.trainable_parameters().items()}, calls
+
+
+@pytest.mark.parametrize("sets", [
+    ["algorithm.name=fedit", "lora.dropout=0.1", "train.grad_accum=2"],
+    ["algorithm.name=flex"],
+    ["algorithm.name=flame", "algorithm.budgets.top_k=[2,1]"],
+    ["algorithm.name=fedit", "model.quantization=nf4"],
+], ids=["fedit-dropout-accum", "flex", "flame-k1", "fedit-nf4"])
+def test_checkpointed_training_gives_the_same_numbers(sets):
+    plain, state, calls = _train(sets, "false")
+    n_layers, steps = max(calls) + 1, plain.steps
+    micro = steps * (2 if "train.grad_accum=2" in sets else 1)
+    assert len(calls) == micro * n_layers  # one forward per layer and micro-batch
+    for setting, recomputed in (("true", n_layers), ("2", (n_layers + 1) // 2)):
+        got, got_state, got_calls = _train(sets, setting)
+        assert len(got_calls) == micro * (n_layers + recomputed), setting  # the checkpointed layers ran again
+        assert got.loss == plain.loss and got.tokens == plain.tokens
+        assert torch.equal(got.activation_counts, plain.activation_counts)  # the recompute counted nothing
+        assert torch.equal(got.tokens_per_layer, plain.tokens_per_layer)
+        assert got_state.keys() == state.keys()
+        for name in state:
+            assert torch.equal(got_state[name], state[name]), (setting, name)
+
+
+def test_the_plan_counts_fewer_activations_with_checkpointing():
+    """The plan runs its step with the run's setting: on the built-in model (4 layers, 128 tokens) the
+    activations fall to under half with every layer checkpointed, and between the two with every 2nd;
+    the same weights and adapters; still within 15% of the same step on real tensors."""
+    method = get_method("fedit")
+    base = ["model.name=builtin:tiny-moe", "data.max_length=128", "train.batch_size=4"]
+    plans = {s: memory_plan(load_config(None, [*base, f"train.activation_checkpointing={s}"]))[0]
+             for s in ("false", "true", "2")}
+    plain, every, second = plans["false"].peak, plans["true"].peak, plans["2"].peak
+    assert every["weights"] == plain["weights"] and every["adapters"] == plain["adapters"]
+    assert every["activations"] < 0.5 * plain["activations"], (every, plain)
+    assert every["activations"] < second["activations"] < plain["activations"]
+    cfg = load_config(None, [*base, "train.activation_checkpointing=true"])
+    real = training_step_bytes(cfg, method, plans["true"].k, fake=False)
+    assert abs(plans["true"].total - sum(real.values())) <= 0.15 * sum(real.values()), (every, real)
+
+
+def test_the_setting_is_checked():
+    assert load_config(None, ["train.activation_checkpointing=on"]).train.activation_checkpointing is True
+    assert load_config(None, ["train.activation_checkpointing=3"]).train.activation_checkpointing == 3
+    with pytest.raises(ConfigError, match=r"train.activation_checkpointing = 0: use true"):
+        load_config(None, ["train.activation_checkpointing=0"])
+
+
+def test_a_run_resumed_with_checkpointing_ends_as_the_uninterrupted_run(tmp_path):
+    """Checkpointing is an execution setting: a run stopped after round 1 and resumed with it on (as
+    after running out of memory) ends with the uninterrupted run's metrics and adapters."""
+    import yaml
+
+    tiny = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32",
+            "data.partition.num_clients=2", "train.max_steps=2", "train.batch_size=2", "eval.rouge=false",
+            "eval.batch_size=4", "data.max_test_per_client=3", "lora.rank=4", "federation.rounds=2",
+            f"output_dir={tmp_path}"]
+
+    def quiet(*a):
+        pass
+
+    _, whole = run_federated(load_config(None, [*tiny, "name=whole"]), log=quiet)
+    _, rd = run_federated(load_config(None, [*tiny, "name=resumed"]), stop_after_round=1, log=quiet)
+    tree = yaml.safe_load(rd.config_path.read_text())
+    tree["train"]["activation_checkpointing"] = True
+    rd.config_path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    resume_federated(rd.path, log=quiet)
+
+    def rows(path):
+        import json
+
+        keep = ("round", "client", "split", "kind", "loss", "perplexity", "steps", "tokens")
+        return [{k: r.get(k) for k in keep} for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())]
+
+    assert rows(rd.path) == rows(whole.path) and len(rows(whole.path)) > 4
+    a = torch.load(whole.path / "checkpoints" / "state.pt", weights_only=True)
+    b = torch.load(rd.path / "checkpoints" / "state.pt", weights_only=True)
+    assert a["round"] == b["round"] == 2
+    ga, gb = a["global_state"], b["global_state"]
+    assert ga.keys() == gb.keys() and all(torch.equal(ga[n], gb[n]) for n in ga)
