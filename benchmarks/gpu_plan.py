@@ -2,7 +2,8 @@
 """Step f of benchmarks/gpu_check.sh: the memory plan (``fedmoe plan``, issue 22) against the peak
 memory of fedmoe's own training on the device.
 
-For each case — a bf16 base, an NF4 base, an fp32 base trained under bf16 autocast — on the
+For each case — a bf16 base, an NF4 base, an fp32 base trained under bf16 autocast, a bf16 base with
+activation checkpointing — on the
 OLMoE-1B-7B shape cut to ``--layers`` decoder layers (dry: builtin:tiny-olmoe's shape) (random weights; FedIT: expert LoRA and q/k/v/o
 LoRA, r = 8; AdamW; batch 4 × 256 tokens): the plan is ``fedmoe.plan.memory_plan`` of the run's
 config (fake tensors, nothing allocated), the measurement is ``torch.cuda.max_memory_allocated`` over
@@ -34,6 +35,8 @@ CASES = {  # name -> config overrides
     "bf16": ["model.dtype=bfloat16", "model.quantization=none", "train.bf16=off"],
     "nf4": ["model.dtype=bfloat16", "model.quantization=nf4", "train.bf16=off"],
     "fp32-autocast": ["model.dtype=float32", "model.quantization=none", "train.bf16=on"],
+    "bf16-checkpointed": ["model.dtype=bfloat16", "model.quantization=none", "train.bf16=off",
+                          "train.activation_checkpointing=true"],
 }
 
 

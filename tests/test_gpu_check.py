@@ -58,6 +58,6 @@ def test_gpu_check_dry_run_succeeds_in_every_step(tmp_path):
     e = results["e_quantized_base"]  # fedmoe's NF4 dequantization = bitsandbytes', timed beside it
     assert e["dequantize_vs_bitsandbytes"]["max_abs_diff"] == 0.0 and e["dequantize_vs_bitsandbytes"]["fedmoe_s"] > 0
     f = results["f_memory_plan"]  # the plan against train_local's tensors, every case within the tolerance
-    assert set(f["cases"]) == {"bf16", "nf4", "fp32-autocast"}
+    assert set(f["cases"]) == {"bf16", "nf4", "fp32-autocast", "bf16-checkpointed"}
     assert all(abs(c["plan_over_measured"] - 1) <= f["tolerance"] for c in f["cases"].values())
     assert "all steps succeeded" in (tmp_path / "summary.txt").read_text()
