@@ -148,12 +148,28 @@ def test_generate_answers_with_an_exported_model(runs, tmp_path):
     assert json.loads((tmp_path / "a" / SOURCE_FILE).read_text())["form"] == "peft"
     with pytest.raises(ExportError, match=r"LoRA adapter of client 0 of .*--merged"):
         load_for_answers(tmp_path / "a")
+    _assert_ordinary_permissions(tmp_path / "m", tmp_path / "x", tmp_path / "a")
     with pytest.raises(ExportError, match="export of one model"):
         load_for_answers(tmp_path / "m", client=1)
     for bad in ("[1, 2]", "{not json", '{"config": "x"}'):  # a damaged or foreign file: one clear line
         (tmp_path / "m" / SOURCE_FILE).write_text(bad)
         with pytest.raises(ExportError, match=r"fedmoe-source.json .*remove it"):
             load_for_answers(tmp_path / "m")
+
+
+def _assert_ordinary_permissions(*folders):
+    """Every file of an export has the umask's ordinary permissions (0644 under 022), weights included:
+    safetensors writes 0600, which a server running as another user could not read."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in folders:
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in files), folder
+        modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+        assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
 def _env():
@@ -207,6 +223,7 @@ def test_vllm_export_rebuilds_every_experts_delta_from_its_files(runs, tmp_path)
     for k, w in want.items():
         torch.testing.assert_close(got[k], w, rtol=0, atol=1e-6)
     assert any(float(w.abs().max()) > 1e-4 for w in want.values())  # trained: not all zero
+    _assert_ordinary_permissions(tmp_path / "v")
 
 
 def test_vllm_layout_of_the_split_experts_and_mixtral_names():
@@ -220,6 +237,7 @@ def test_vllm_layout_of_the_split_experts_and_mixtral_names():
     for arch, names, block in (("olmoe", ("gate_proj", "up_proj", "down_proj"), "mlp"),
                                ("qwen3_moe", ("gate_proj", "up_proj", "down_proj"), "mlp"),
                                ("mixtral", ("w1", "w3", "w2"), "block_sparse_moe")):
+        # target_modules names the roles for every family (SGLang 0.5.23 refuses w1 / w2 / w3 there)
         mm = MoEModel(tiny_hf(arch))
         mm.add_expert_lora(4, 8.0, layout="split")
         g = torch.Generator().manual_seed(0)
@@ -227,7 +245,7 @@ def test_vllm_layout_of_the_split_experts_and_mixtral_names():
             for p in mm.trainable_parameters().values():
                 p.copy_(torch.randn(p.shape, generator=g))
         tensors, targets, rank, alpha = vllm_tensors(mm)
-        assert targets == sorted(names) and (rank, alpha) == (4, 8.0)
+        assert targets == ["down_proj", "gate_proj", "up_proj"] and (rank, alpha) == (4, 8.0)
         assert all(f".{block}.experts." in k for k in tensors) and len(tensors) == 2 * 3 * 8 * len(mm.layers)
         want = {k.replace(".mlp.experts.", f".{block}.experts."): w for k, w in _expected_expert_deltas(mm, names).items()}
         for k, w in want.items():

@@ -39,7 +39,7 @@ from .algorithms import METHODS
 from .algorithms.base import model_spec
 from .config import ConfigError, config_from_tree, config_to_dict
 from .messages import Message
-from .rundir import load_tensor_file
+from .rundir import load_tensor_file, ordinary_permissions
 from .moe import MoEModel
 from .moe.lora import ExpertsWithLoRA, LoRALinear, RouterWithLoRA, expert_lora_pairs
 from .moe.model import BUILTIN_PREFIX, EXPORT_MARKER, builtin_model_path, load_tokenizer
@@ -348,8 +348,11 @@ def vllm_tensors(mm: MoEModel) -> tuple[dict[str, torch.Tensor], list[str], int,
             block = _MOE_BLOCK.get(mm.model_type)
             if block is not None:
                 name = name.replace(".mlp.experts", f".{block}.experts")
+            # target_modules names the roles (SGLang maps them onto its fused gate_up / down and refuses w1/w2/w3;
+            # vLLM does not read them); the keys keep the checkpoint's own names (Mixtral's w1 / w3 / w2)
+            role = {gate: "gate_proj", up: "up_proj", down: "down_proj"}
             for proj, (A, B) in pairs.items():
-                targets.add(proj)
+                targets.add(role[proj])
                 for e in range(mod.num_experts):
                     key = f"base_model.model.{name}.{e}.{proj}"
                     out[f"{key}.lora_A.weight"] = A[e].clone()  # gate and up share A: a copy each
@@ -423,6 +426,15 @@ def export_model(run_dir: str | Path, out: str | Path, client: int | None = None
     merged = form == "merged"
     out = Path(out)
     _check_out_folder(out)
+    try:
+        return _export_into(out, run_dir, client, merged, private_path, form, round_idx, exported)
+    finally:  # safetensors writes 0600 files: a server running as another user could not read the export
+        if out.is_dir():  # a new or empty folder: every file in it is the export's
+            ordinary_permissions(out.rglob("*"))
+
+
+def _export_into(out: Path, run_dir, client, merged: bool, private_path, form: str, round_idx,
+                 exported: dict | None) -> tuple[str, list[str]]:
     loaded = load_run_model(run_dir, client, private_path, round_idx)
     if exported is not None:  # what was exported, for the caller's message: "client 1 of RUN (after round 3)"
         exported["source"] = loaded.source

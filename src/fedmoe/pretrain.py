@@ -391,11 +391,14 @@ def fixed_batch(held_blocks: torch.Tensor) -> torch.Tensor:
 def export(cfg, model, tokenizer, held_blocks, history, n_params, tokens_seen, wall, log, machine: str) -> dict:
     from transformers import AutoModelForCausalLM
 
+    from .rundir import ordinary_permissions
+
     out = Path(cfg.export_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    ordinary_permissions(out.glob("*.safetensors"))  # safetensors writes 0600; the tokenizer's files are 0644
     # every number below is measured on the exported (bf16) weights loaded back in fp32
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     model.eval()

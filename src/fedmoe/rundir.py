@@ -37,6 +37,15 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def ordinary_permissions(paths) -> None:
+    """Give each of ``paths`` (files fedmoe wrote) the permissions of a file created under the process's
+    umask (0644 under umask 022): safetensors' ``save_file`` (0.8) writes 0600, which a serving engine
+    running as another user cannot read. Symbolic links and folders are left alone."""
+    for path in paths:
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.chmod(path, 0o666 & ~_UMASK)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the new one."""
     path = Path(path)
