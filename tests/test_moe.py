@@ -15,7 +15,8 @@ from fedmoe.moe.tiny import tiny_config
 
 ARCHS = list(SUPPORTED_ARCHITECTURES)
 RANK, ALPHA = 4, 8.0
-SHARED = {"olmoe": None, "qwen2_moe": "Qwen2MoeMLP", "qwen3_moe": None, "mixtral": None, "deepseek_v3": "DeepseekV3MLP"}
+SHARED = {"olmoe": None, "qwen2_moe": "Qwen2MoeMLP", "qwen3_moe": None, "mixtral": None, "deepseek_v2": "DeepseekV2MLP",
+          "deepseek_v3": "DeepseekV3MLP"}
 
 
 _hf = tiny_hf
@@ -25,7 +26,7 @@ _batch = token_batch
 @pytest.mark.parametrize("arch", ARCHS)
 def test_discovery(arch):
     mm = MoEModel(_hf(arch))
-    n_dense = 1 if arch == "deepseek_v3" else 0
+    n_dense = 1 if arch.startswith("deepseek") else 0
     assert len(mm.layers) == 2
     assert [l.decoder_layer for l in mm.layers] == [n_dense, n_dense + 1]
     assert mm.num_experts == 8 and mm.default_top_k == 2
@@ -42,7 +43,7 @@ def test_dense_and_unknown_models_are_rejected():
 
     dense = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(UnsupportedModelError, match="olmoe, qwen2_moe, qwen3_moe, mixtral, deepseek_v3"):
+    with pytest.raises(UnsupportedModelError, match="olmoe, qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3"):
         MoEModel(dense)
     # a supported MoE family whose config makes every layer dense
     cfg = tiny_config("qwen2_moe")
@@ -119,7 +120,7 @@ def test_expert_lora_matches_peft_outputs_and_grads(arch):
             assert getattr(ex, f"{ours_name}_lora_B").grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v2", "deepseek_v3"])
 def test_attention_lora_matches_peft(arch):
     ref = _hf(arch)
     ours = MoEModel(copy.deepcopy(ref))
@@ -146,10 +147,23 @@ def test_attention_lora_matches_peft(arch):
 
 
 def test_default_attention_targets_per_architecture():
-    mm = MoEModel(_hf("deepseek_v3"))
-    mm.add_attention_lora(RANK, ALPHA)
-    names = mm.trainable_names()
-    assert any(".kv_b_proj.lora_A" in n for n in names) and not any("k_proj" in n for n in names)
+    """Multi-head latent attention (DeepSeek-V2, -V3) has no k/v projections: q_proj, kv_b_proj and o_proj
+    get LoRA, and with a low-rank query (q_lora_rank, as DeepSeek-V2 and V3 have; V2-Lite has none) its
+    up-projection q_b_proj stands in for q_proj — in the model, FLEx's targets and the FLOPs count."""
+    from fedmoe.algorithms.flex import FlexClient
+    from fedmoe.config import load_config
+    from fedmoe.eval.flops import _shape
+
+    for arch in ("deepseek_v2", "deepseek_v3"):
+        for q_lora_rank, q in ((None, "q_proj"), (8, "q_b_proj")):
+            config = tiny_config(arch)
+            config.q_lora_rank = q_lora_rank
+            mm = MoEModel(AutoModelForCausalLM.from_config(config))
+            mm.add_attention_lora(RANK, ALPHA)
+            got = sorted({n.split(".")[-2] for n in mm.trainable_names()})
+            assert got == sorted([q, "kv_b_proj", "o_proj"]), (arch, q_lora_rank)
+            assert FlexClient.attention_targets(load_config(None, []), mm) == [q, "kv_b_proj"]
+            assert _shape(config).default_attention_targets == (q, "kv_b_proj", "o_proj")
     mm = MoEModel(_hf("mixtral"))
     with pytest.raises(UnsupportedModelError, match="query_key"):
         mm.add_attention_lora(RANK, ALPHA, ["query_key"])

@@ -233,12 +233,9 @@ class FlexClient(Client):
         q, k, v; not o), as the model family names them."""
         if cfg.lora.attention_targets is not None:
             return list(cfg.lora.attention_targets)
-        from ..moe.arch import DEFAULT_ATTENTION_TARGETS
+        from ..moe.arch import default_attention_targets
 
-        targets = DEFAULT_ATTENTION_TARGETS[mm.model_type]
-        if mm.model_type == "deepseek_v3" and getattr(mm.config, "q_lora_rank", None):
-            targets = ("q_b_proj", "kv_b_proj", "o_proj")
-        return [t for t in targets if t != "o_proj"]
+        return [t for t in default_attention_targets(mm.model_type, mm.config) if t != "o_proj"]
 
     @classmethod
     def build(cls, cfg, mm) -> None:

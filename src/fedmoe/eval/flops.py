@@ -32,7 +32,7 @@ Conventions (as FLAME, Table 1, counts them; docs/methods.md):
   (OLMoE, r = 20: P̂ 198M, P̂_a 30M at k = 8 and 9M at k = 1) matches the split layout with q, k,
   v, o and router LoRA (PEFT's "all-linear" on the pre-v5 checkpoint): 194.7M, 29.5M, 8.87M.
 
-Architectures: olmoe, qwen2_moe, qwen3_moe, mixtral, deepseek_v3 (multi-head latent attention,
+Architectures: olmoe, qwen2_moe, qwen3_moe, mixtral, deepseek_v2 and deepseek_v3 (multi-head latent attention,
 shared experts, ``first_k_dense_replace`` dense layers), and DeepSeekMoE v1 (``model_type``
 "deepseek", which transformers does not ship: plain multi-head attention q/k/v/o with the
 DeepSeek shared-expert MoE and ``first_k_dense_replace`` / ``moe_layer_freq`` dense layers).
@@ -43,7 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedmoe.moe.arch import DEFAULT_ATTENTION_TARGETS, UnsupportedModelError
+from fedmoe.moe.arch import DEFAULT_ATTENTION_TARGETS, MLA_ARCHITECTURES, UnsupportedModelError, default_attention_targets
 from fedmoe.moe.model import CONFIG_ARCHITECTURES, load_model_config  # noqa: F401  (re-exported)
 
 FLOP_PARTS = ("attention_proj", "attention_scores", "router", "experts", "shared_experts", "dense_mlp", "lora",
@@ -116,7 +116,7 @@ def _shape(config) -> _Shape:
         raise UnsupportedModelError(f"this {mt} config has no routed experts: not a sparse MoE")
 
     # ---- attention
-    if mt == "deepseek_v3":
+    if mt in MLA_ARCHITECTURES:
         nope, rope, vd = int(config.qk_nope_head_dim), int(config.qk_rope_head_dim), int(config.v_head_dim)
         qlr, kvlr = config.q_lora_rank, int(config.kv_lora_rank)
         ab = bool(getattr(config, "attention_bias", False))
@@ -130,7 +130,7 @@ def _shape(config) -> _Shape:
                  _Linear("kv_b_proj", kvlr, nh * (nope + vd)),
                  _Linear("o_proj", nh * vd, H, ab)]
         qk_width, v_width = nh * (nope + rope), nh * vd
-        targets = ("q_b_proj", "kv_b_proj", "o_proj") if qlr else DEFAULT_ATTENTION_TARGETS[mt]
+        targets = default_attention_targets(mt, config)
     else:
         hd = int(_get(config, "head_dim", default=H // nh))
         if mt == "qwen2_moe":
@@ -159,7 +159,7 @@ def _shape(config) -> _Shape:
         if mt == "qwen2_moe":
             shared_inter = int(_get(config, "shared_expert_intermediate_size", default=0))
             shared_gate = True
-    else:  # deepseek_v3, deepseek (v1)
+    else:  # deepseek_v2, deepseek_v3, deepseek (v1)
         first = int(_get(config, "first_k_dense_replace", default=0))
         freq = int(_get(config, "moe_layer_freq", default=1)) if mt == "deepseek" else 1
         moe = [i >= first and i % freq == 0 for i in range(L)]

@@ -12,7 +12,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-SUPPORTED_ARCHITECTURES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3")
+SUPPORTED_ARCHITECTURES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
+
+# multi-head latent attention (DeepSeek-V2, -V2-Lite, -V3, Moonlight): no k/v projections, and a low-rank
+# query (q_a_proj, q_b_proj) where the config sets q_lora_rank
+MLA_ARCHITECTURES = ("deepseek_v2", "deepseek_v3")
 
 # model_type -> (attribute of the shared expert, attribute of its gate) inside the MoE block
 _SHARED_EXPERT_ATTRS = {
@@ -20,6 +24,7 @@ _SHARED_EXPERT_ATTRS = {
     "qwen2_moe": ("shared_expert", "shared_expert_gate"),
     "qwen3_moe": (None, None),
     "mixtral": (None, None),
+    "deepseek_v2": ("shared_experts", None),
     "deepseek_v3": ("shared_experts", None),
 }
 
@@ -31,8 +36,17 @@ DEFAULT_ATTENTION_TARGETS = {
     "qwen2_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "mixtral": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "deepseek_v2": ("q_proj", "kv_b_proj", "o_proj"),
     "deepseek_v3": ("q_proj", "kv_b_proj", "o_proj"),
 }
+
+
+def default_attention_targets(model_type: str, config) -> tuple[str, ...]:
+    """The attention projections that get LoRA when the config names none, for this model's config: with
+    a low-rank query (MLA with ``q_lora_rank``) its up-projection ``q_b_proj`` stands in for ``q_proj``."""
+    if model_type in MLA_ARCHITECTURES and getattr(config, "q_lora_rank", None):
+        return ("q_b_proj", "kv_b_proj", "o_proj")
+    return DEFAULT_ATTENTION_TARGETS[model_type]
 
 
 class UnsupportedModelError(ValueError):

@@ -333,12 +333,10 @@ class MoEModel:
 
     def add_attention_lora(self, rank: int, alpha: float, targets=None, dropout: float = 0.0) -> None:
         """LoRA on the attention projections ``targets`` (None = the architecture's default set)."""
-        from .arch import DEFAULT_ATTENTION_TARGETS, decoder_layers
+        from .arch import decoder_layers, default_attention_targets
 
         if targets is None:
-            targets = DEFAULT_ATTENTION_TARGETS[self.model_type]
-            if self.model_type == "deepseek_v3" and getattr(self.config, "q_lora_rank", None):
-                targets = ("q_b_proj", "kv_b_proj", "o_proj")
+            targets = default_attention_targets(self.model_type, self.config)
 
         for i, layer in enumerate(decoder_layers(self.model)):
             attn = getattr(layer, "self_attn", None)

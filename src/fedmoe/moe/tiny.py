@@ -27,9 +27,17 @@ def tiny_config(arch: str, vocab_size: int = 128, num_experts: int = 8, top_k: i
     if arch == "mixtral":
         return tf.MixtralConfig(**common, intermediate_size=intermediate_size,
                                 num_local_experts=num_experts, num_experts_per_tok=top_k)
-    if arch == "deepseek_v3":
+    if arch in ("deepseek_v2", "deepseek_v3"):
         common["num_hidden_layers"] = num_layers + 1  # the first layer is dense, like the real model
         common["num_key_value_heads"] = common["num_attention_heads"]  # MLA: one kv head per head
+    if arch == "deepseek_v2":  # DeepSeek-V2-Lite's routing: greedy softmax top-k, no renormalisation
+        return tf.DeepseekV2Config(**common, intermediate_size=2 * intermediate_size,
+                                   moe_intermediate_size=intermediate_size, n_routed_experts=num_experts,
+                                   num_experts_per_tok=top_k, n_shared_experts=2, topk_method="greedy",
+                                   first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16,
+                                   qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+                                   routed_scaling_factor=1.0)
+    if arch == "deepseek_v3":
         return tf.DeepseekV3Config(**common, intermediate_size=2 * intermediate_size,
                                    moe_intermediate_size=intermediate_size, n_routed_experts=num_experts,
                                    num_experts_per_tok=top_k, n_shared_experts=1, n_group=2, topk_group=2,
