@@ -93,12 +93,15 @@ def _cached_batch(model, prompts, options, device, pad_id) -> list[torch.Tensor]
         targets[r, : len(o) - 1] = torch.tensor(o[1:], dtype=torch.long)
         cont_mask[r, : len(o) - 1] = 1
     which = torch.tensor([b for b, _ in owner], dtype=torch.long)
-    cache = out.past_key_values
+    # transformers 5.24 renamed the key/value cache `cache` (output field and forward argument; the old
+    # name warns and goes in 5.40); 5.23 knows only `past_key_values`
+    cache_name = "cache" if "cache" in getattr(out, "__dataclass_fields__", {}) else "past_key_values"
+    cache = getattr(out, cache_name)
     cache.batch_select_indices(which.to(device))
     mask = torch.cat([attention_mask[which.to(device)], cont_mask.to(device)], dim=1)
     position_ids = lengths[which][:, None] + torch.arange(width)[None, :]
     hidden = model.model(input_ids=cont.to(device), attention_mask=mask, position_ids=position_ids.to(device),
-                         past_key_values=cache, use_cache=True).last_hidden_state
+                         use_cache=True, **{cache_name: cache}).last_hidden_state
     logp = F.log_softmax(model.lm_head(hidden).float(), dim=-1)  # (R, T, V)
     picked = logp.gather(-1, targets.to(device)[..., None]).squeeze(-1) * cont_mask.to(device)
     rest = picked.sum(dim=1).double().cpu()
