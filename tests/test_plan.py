@@ -91,6 +91,9 @@ def test_a_gpu_run_that_does_not_fit_is_refused_naming_the_keys(monkeypatch):
         check_fits(cfg, log=lambda *a: None)
     text = str(e.value)
     assert "does NOT fit" in text and "model.quantization=nf4" in text and "train.batch_size" in text
+    # nothing of what was planned again fits 10 MiB: every change tried, then the other keys
+    assert "train.activation_checkpointing=true: " in text and "train.batch_size=1 train.grad_accum=2: " in text
+    assert " fits" not in text and "other keys that shrink it" in text
     monkeypatch.setattr(plan_mod, "device_memory", lambda d: ("free memory of a test GPU", 80 * 2**30))
     said = []
     check_fits(cfg, log=said.append)
@@ -109,3 +112,28 @@ def test_fedmoe_plan_command(tmp_path):
     assert "this machine's memory" in out.stdout and "fits" in out.stdout
     cfg = load_config(None, SMALL)
     assert format_plan(cfg, memory_plan(cfg)).splitlines()[3].startswith("| 2 | 0, 1, 2, 3 |")
+
+
+def test_the_plan_says_which_changes_make_it_fit():
+    """A plan that does not fit is planned again with each change on top of the ones before —
+    activation checkpointing (the same numbers), half the batch with twice the accumulation (the same
+    step), then an NF4 base — until one fits; each peak is that config's own plan. With room between
+    the checkpointed and the halved-batch peak, the list stops at the halved batch."""
+    from fedmoe.plan import remedies
+
+    cfg = load_config(None, [*SMALL, "train.batch_size=4"])
+    plans = memory_plan(cfg)
+    ckpt = memory_plan(load_config(None, [*SMALL, "train.batch_size=4", "train.activation_checkpointing=true"]))[0]
+    half = memory_plan(load_config(None, [*SMALL, "train.batch_size=2", "train.grad_accum=2",
+                                          "train.activation_checkpointing=true"]))[0]
+    assert half.total < ckpt.total < plans[0].total
+    tried = remedies(cfg, plans, available=(ckpt.total + half.total) // 2)
+    assert tried == [(["train.activation_checkpointing=true"], ckpt.total),
+                     (["train.batch_size=2", "train.grad_accum=2"], half.total)]
+    text = format_plan(cfg, plans, "free memory of a test GPU", (ckpt.total + half.total) // 2)
+    assert "train.batch_size=2 train.grad_accum=2: " in text and text.rstrip().endswith("fits")
+    assert "other keys" not in text
+    # every change already made: nothing to try, the other keys are named
+    done = load_config(None, [*SMALL, "train.batch_size=1", "train.activation_checkpointing=true",
+                              "model.quantization=nf4"])
+    assert remedies(done, memory_plan(done), available=1) == []

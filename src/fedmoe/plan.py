@@ -190,6 +190,38 @@ HINTS = ("model.quantization=nf4 (the frozen base in 4 bits)",
          "data.max_length (activations scale with it)", "lora.rank (adapters, gradients, optimizer state)")
 
 
+def remedies(cfg, plans: list[LevelPlan], available: int, max_plans: int = 6) -> list[tuple[list[str], int]]:
+    """What makes the largest level fit, planned rather than guessed: changes tried one after the other,
+    each on top of the ones before, in the order of what they change — nothing (activation
+    checkpointing), the step's float rounding only (half the batch, twice the accumulation: the same
+    examples and token mean per step), the frozen base's numerics (NF4) — each planned again at the
+    largest level's k, until one fits (at most ``max_plans``). Returns (the change, the peak with it and
+    every change before it)."""
+    from .algorithms import get_method
+    from .config import apply_overrides, config_from_tree, config_to_dict
+
+    steps: list[list[str]] = []
+    if not cfg.train.activation_checkpointing:
+        steps.append(["train.activation_checkpointing=true"])
+    batch, accum = cfg.train.batch_size, cfg.train.grad_accum
+    while batch > 1 and batch % 2 == 0:
+        batch, accum = batch // 2, accum * 2
+        steps.append([f"train.batch_size={batch}", f"train.grad_accum={accum}"])
+    if cfg.model.quantization == "none":
+        steps.append(["model.quantization=nf4"])
+    method = get_method(cfg.algorithm.name)
+    worst = max(plans, key=lambda p: p.total)
+    sets: list[str] = []
+    tried: list[tuple[list[str], int]] = []
+    for step in steps[:max_plans]:
+        sets += step  # a later value of a key replaces the earlier one
+        changed = config_from_tree(apply_overrides(config_to_dict(cfg), sets), "the plan's remedies")
+        tried.append((step, sum(training_step_bytes(changed, method, worst.k).values())))
+        if tried[-1][1] <= available:
+            break
+    return tried
+
+
 def format_plan(cfg, plans: list[LevelPlan], what: str | None = None, available: int | None = None) -> str:
     def gib(n: int) -> str:
         return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
@@ -215,7 +247,13 @@ def format_plan(cfg, plans: list[LevelPlan], what: str | None = None, available:
         verdict = "fits" if worst <= available else "does NOT fit"
         lines.append(f"{what}: {gib(available)}; the largest level's peak {gib(worst)} {verdict}")
         if worst > available:
-            lines.append("to make it fit: " + "; ".join(HINTS))
+            tried = remedies(cfg, plans, available)
+            if tried:
+                lines.append("planned again with each change on top of the ones above it:")
+                lines += [f"  {' '.join(step)}: {gib(peak)}" + (" fits" if peak <= available else "")
+                          for step, peak in tried]
+            if not tried or tried[-1][1] > available:
+                lines.append("other keys that shrink it: " + "; ".join(HINTS))
     return "\n".join(lines)
 
 
@@ -239,5 +277,5 @@ def check_fits(cfg, log=print) -> None:
     log(f"memory plan: peak {max(p.total for p in plans) / 2**30:.2f} GiB of {available / 2**30:.2f} GiB ({what})")
 
 
-__all__ = ["KINDS", "LevelPlan", "check_fits", "device_memory", "fits", "format_plan", "memory_plan",
+__all__ = ["KINDS", "LevelPlan", "check_fits", "device_memory", "fits", "format_plan", "memory_plan", "remedies",
            "training_step_bytes"]
