@@ -46,6 +46,7 @@ def _train(sets, setting):
     for h in hooks:
         h.remove()
     assert not any(getattr(layer, "gradient_checkpointing", False) for layer in layers)  # off again afterwards
+    assert not mm.model.get_input_embeddings()._forward_hooks  # no hook left behind (one more each round)
     return result, {n: p.detach().clone() for n, p in mm.trainable_parameters().items()}, calls
 
 

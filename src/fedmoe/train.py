@@ -146,6 +146,10 @@ def activation_checkpointing(model, setting: bool | int) -> Iterator[None]:
     every = 1 if setting is True else int(setting)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
                                           every_n_layers=every)
+    # transformers also hooks the input embeddings to make their output require grad (which the reentrant
+    # checkpoint needs, not this one) and its disable does not remove the hook: one more per round, and
+    # the gradient through layer 0's input computed for nothing. Removed at once.
+    model.disable_input_require_grads()
     try:
         yield
     finally:
