@@ -2,8 +2,8 @@
 again in the backward. It must change memory only: the same losses, adapters, expert counts and
 tokens bit for bit on the CPU, for every method's model (FLEx's grafted experts behind their hook,
 FLAME's rescaler at a client's lower k, a quantized base, shared experts, dropout, padding skipped,
-accumulated micro-batches), and a run may be resumed with it switched on (after running out of
-memory) and end where the uninterrupted run ends."""
+accumulated micro-batches), and a run that ran out of memory says to switch it on and resume, and then
+ends where the uninterrupted run ends."""
 
 import pytest
 import torch
@@ -96,10 +96,18 @@ def test_the_setting_is_checked():
         load_config(None, ["train.activation_checkpointing=0"])
 
 
-def test_a_run_resumed_with_checkpointing_ends_as_the_uninterrupted_run(tmp_path):
-    """Checkpointing is an execution setting: a run stopped after round 1 and resumed with it on (as
-    after running out of memory) ends with the uninterrupted run's metrics and adapters."""
+def test_a_run_that_ran_out_of_memory_resumes_with_checkpointing_and_ends_as_the_uninterrupted_run(
+        tmp_path, monkeypatch):
+    """A client's training runs out of memory in round 2 (injected: torch.OutOfMemoryError from the
+    second round's first local training). The run stops with one line that says what to do — set
+    train.activation_checkpointing in its config.yaml and resume — and, done as said, the resumed run
+    ends with the uninterrupted run's metrics and adapters (checkpointing is an execution key)."""
+    import json
+
     import yaml
+
+    import fedmoe.federation.clients as clients
+    from fedmoe.federation.checkpoint import RunDirError
 
     tiny = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32",
             "data.partition.num_clients=2", "train.max_steps=2", "train.batch_size=2", "eval.rouge=false",
@@ -110,21 +118,41 @@ def test_a_run_resumed_with_checkpointing_ends_as_the_uninterrupted_run(tmp_path
         pass
 
     _, whole = run_federated(load_config(None, [*tiny, "name=whole"]), log=quiet)
-    _, rd = run_federated(load_config(None, [*tiny, "name=resumed"]), stop_after_round=1, log=quiet)
-    tree = yaml.safe_load(rd.config_path.read_text())
+    real, calls = clients.train_local, []
+
+    def oom_in_round_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # round 1: clients 0 and 1; round 2: client 0
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(clients, "train_local", oom_in_round_2)
+    run_dir = tmp_path / "resumed"
+    with pytest.raises(RunDirError) as e:
+        run_federated(load_config(None, [*tiny, "name=resumed"]), log=quiet)
+    msg = str(e.value)
+    assert msg.startswith("out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
+    assert f"set `train.activation_checkpointing: true` in {run_dir / 'config.yaml'}" in msg
+    assert f"`fedmoe run --resume {run_dir}`" in msg
+    monkeypatch.setattr(clients, "train_local", real)
+    config = run_dir / "config.yaml"
+    tree = yaml.safe_load(config.read_text())
     tree["train"]["activation_checkpointing"] = True
-    rd.config_path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    resume_federated(rd.path, log=quiet)
+    config.write_text(yaml.safe_dump(tree, sort_keys=False))
+    resume_federated(run_dir, log=quiet)
 
     def rows(path):
-        import json
-
         keep = ("round", "client", "split", "kind", "loss", "perplexity", "steps", "tokens")
         return [{k: r.get(k) for k in keep} for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())]
 
-    assert rows(rd.path) == rows(whole.path) and len(rows(whole.path)) > 4
+    assert rows(run_dir) == rows(whole.path) and len(rows(whole.path)) > 4
     a = torch.load(whole.path / "checkpoints" / "state.pt", weights_only=True)
-    b = torch.load(rd.path / "checkpoints" / "state.pt", weights_only=True)
+    b = torch.load(run_dir / "checkpoints" / "state.pt", weights_only=True)
     assert a["round"] == b["round"] == 2
     ga, gb = a["global_state"], b["global_state"]
     assert ga.keys() == gb.keys() and all(torch.equal(ga[n], gb[n]) for n in ga)
+    # with checkpointing on already, the advice is the plan and a new run, not a resume
+    from fedmoe.federation.directories import out_of_memory_advice
+
+    advice = out_of_memory_advice(run_dir, torch.OutOfMemoryError("CUDA out of memory"))
+    assert "is on already" in advice and f"`fedmoe plan {config}`" in advice and "--resume" not in advice

@@ -145,6 +145,36 @@ class RunInterrupted(KeyboardInterrupt):
         self.path = Path(path)
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError))
+
+
+def out_of_memory_advice(path: Path, e: BaseException) -> str:
+    """What to do after a run ran out of memory: it stopped at its last checkpoint; activation
+    checkpointing changes no number (an execution key), so the run resumes with it; the other remedies
+    change the run, so they start a new one."""
+    path = Path(path)
+    config = path / RunDir.CONFIG
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    head = f"out of memory ({first[:200]})"
+    try:
+        on = bool(load_config(config).train.activation_checkpointing)
+    except Exception:  # noqa: BLE001 - an unreadable config.yaml: advise as if it were off
+        on = False
+    resumable = (path / "checkpoints" / CHECKPOINT_FILE).is_file()
+    if not on:
+        how = (f"set `train.activation_checkpointing: true` in {config} (it changes no number, only memory; "
+               f"`fedmoe plan {config} --set train.activation_checkpointing=true` shows the new peak), then ")
+        return head + (f". The run stopped at its last checkpoint: {how}`fedmoe run --resume {path}`" if resumable
+                       else f" before its first checkpoint: {how}run the same command again")
+    return (head + f". Activation checkpointing is on already: `fedmoe plan {config}` says which keys make the step "
+            "fit (a smaller train.batch_size with more train.grad_accum, model.quantization=nf4, a shorter "
+            "data.max_length); they change the run, so start a new run with them")
+
+
 def locked(rd: RunDir, work):
     """``work()`` under the run directory's lock (already taken), released however it ends; Ctrl-C
     becomes :class:`RunInterrupted` (naming the directory), a full or read-only disk a RunDirError
@@ -155,6 +185,10 @@ def locked(rd: RunDir, work):
             return work()
         except KeyboardInterrupt:
             raise RunInterrupted(rd.path) from None
+        except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not _out_of_memory(e):
+                raise
+            raise RunDirError(out_of_memory_advice(rd.path, e)) from e
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise
