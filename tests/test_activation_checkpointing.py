@@ -99,9 +99,10 @@ def test_the_setting_is_checked():
 def test_a_run_that_ran_out_of_memory_resumes_with_checkpointing_and_ends_as_the_uninterrupted_run(
         tmp_path, monkeypatch):
     """A client's training runs out of memory in round 2 (injected: torch.OutOfMemoryError from the
-    second round's first local training). The run stops with one line that says what to do — set
-    train.activation_checkpointing in its config.yaml and resume — and, done as said, the resumed run
-    ends with the uninterrupted run's metrics and adapters (checkpointing is an execution key)."""
+    second round's first local training). The run stops with one line that says what to do — resume
+    with `--set train.activation_checkpointing=true` — and, done as said (the key written into its
+    config.yaml), the resumed run ends with the uninterrupted run's metrics and adapters. A --set of a key
+    that would make it another run is refused, naming it, and changes nothing."""
     import json
 
     import yaml
@@ -132,14 +133,15 @@ def test_a_run_that_ran_out_of_memory_resumes_with_checkpointing_and_ends_as_the
         run_federated(load_config(None, [*tiny, "name=resumed"]), log=quiet)
     msg = str(e.value)
     assert msg.startswith("out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
-    assert f"set `train.activation_checkpointing: true` in {run_dir / 'config.yaml'}" in msg
-    assert f"`fedmoe run --resume {run_dir}`" in msg
+    assert f"`fedmoe run --resume {run_dir} --set train.activation_checkpointing=true`" in msg
     monkeypatch.setattr(clients, "train_local", real)
     config = run_dir / "config.yaml"
-    tree = yaml.safe_load(config.read_text())
-    tree["train"]["activation_checkpointing"] = True
-    config.write_text(yaml.safe_dump(tree, sort_keys=False))
-    resume_federated(run_dir, log=quiet)
+    before = config.read_text()
+    with pytest.raises(RunDirError, match=r"--resume --set lora.rank: .* only model.device, .*train.activation_checkp"):
+        resume_federated(run_dir, log=quiet, overrides=["lora.rank=8", "train.activation_checkpointing=true"])
+    assert config.read_text() == before  # refused: nothing written
+    resume_federated(run_dir, log=quiet, overrides=["train.activation_checkpointing=true"])  # as the message says
+    assert yaml.safe_load(config.read_text())["train"]["activation_checkpointing"] is True
 
     def rows(path):
         keep = ("round", "client", "split", "kind", "loss", "perplexity", "steps", "tokens")

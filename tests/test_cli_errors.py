@@ -321,3 +321,17 @@ def test_dp_settings_out_of_range(tmp_path):
     assert load_config(None, ["federation.dp.clip_norm=1e6", "federation.dp.noise_multiplier=1e6"]).federation.dp
     # the accountant overflows past σ ≈ 1e154: ε from the closed-form (zCDP) bound instead, never an exception
     assert 0 <= epsilon(1e155, 10, 1e-5) < 1e-150 and epsilon(1e300, 10, 1e-5) == 0
+
+
+def test_resume_with_a_set_that_would_make_another_run(tiny_run, tmp_path):
+    """`fedmoe run --resume DIR --set KEY=V` takes only what may change on resume; another key is one
+    error line naming it (nothing written), as are --runtime and a config."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = (run / "config.yaml").read_text()
+    line = error_line(cli("run", "--resume", run, "--set", "lora.rank=8"))
+    assert "--resume --set lora.rank: a resumed run continues the run it checkpointed" in line
+    assert "train.activation_checkpointing" in line and "start a new run" in line
+    line = error_line(cli("run", "--resume", run, "--runtime", "flower-sim"))
+    assert "do not pass a config, --runtime or --overwrite" in line and "--set only for" in line
+    assert (run / "config.yaml").read_text() == before

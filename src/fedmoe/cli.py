@@ -88,10 +88,11 @@ def run(
     sweep = None
     try:
         if resume is not None:
-            if config is not None or set_ or overwrite:
+            if config is not None or overwrite or runtime is not None:
                 raise ConfigError("--resume continues a run with its own config.yaml (and runtime); do not pass a "
-                                  "config, --set, --runtime or --overwrite")
-            summary, rd = continue_run(resume, show_progress=not quiet, federation=federation)
+                                  "config, --runtime or --overwrite (--set only for what may change on resume, e.g. "
+                                  "--set train.activation_checkpointing=true)")
+            summary, rd = continue_run(resume, show_progress=not quiet, federation=federation, overrides=set_ or [])
         elif config is not None and _has_sweep(config):
             from .federation.sweep import run_sweep
 

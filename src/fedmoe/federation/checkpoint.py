@@ -150,6 +150,23 @@ def _execution_key(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in EXECUTION_KEYS)
 
 
+# the execution keys `fedmoe run --resume DIR --set KEY=VALUE` may change (name and output_dir are the
+# directory itself: move it instead)
+RESUME_SET_KEYS = tuple(k for k in EXECUTION_KEYS if k not in ("name", "output_dir"))
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    """Refuse, naming them, ``--set`` keys a resumed run may not change (everything but
+    :data:`RESUME_SET_KEYS`: another value would make it another run)."""
+    from ..config import parse_override
+
+    bad = [".".join(path) for path, _ in map(parse_override, overrides)
+           if not any(".".join(path) == k or ".".join(path).startswith(k + ".") for k in RESUME_SET_KEYS)]
+    if bad:
+        raise RunDirError(f"--resume --set {', '.join(bad)}: a resumed run continues the run it checkpointed, so only "
+                          f"{', '.join(RESUME_SET_KEYS)} may change; start a new run to change the others")
+
+
 def config_fingerprint(cfg: RunConfig) -> dict:
     """What defines a run: every config key but :data:`EXECUTION_KEYS`, flattened (``keys``), and its
     SHA-256; stored in every checkpoint."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import RunConfig, config_to_dict, load_config
 from ..rundir import RunDir, RunDirBusy
 from .checkpoint import (CHECKPOINT_FILE, Checkpoint, RunDirError, check_data_fingerprint, check_fingerprint,
-                         has_checkpoint, load_checkpoint)
+                         check_resume_overrides, has_checkpoint, load_checkpoint)
 
 
 def _run_dir_kind(path: Path) -> str:
@@ -166,10 +166,13 @@ def out_of_memory_advice(path: Path, e: BaseException) -> str:
         on = False
     resumable = (path / "checkpoints" / CHECKPOINT_FILE).is_file()
     if not on:
-        how = (f"set `train.activation_checkpointing: true` in {config} (it changes no number, only memory; "
-               f"`fedmoe plan {config} --set train.activation_checkpointing=true` shows the new peak), then ")
-        return head + (f". The run stopped at its last checkpoint: {how}`fedmoe run --resume {path}`" if resumable
-                       else f" before its first checkpoint: {how}run the same command again")
+        why = (" (activation checkpointing changes no number, only memory; `fedmoe plan "
+               f"{config} --set train.activation_checkpointing=true` shows the new peak)")
+        if resumable:
+            return (head + ". The run stopped at its last checkpoint: continue it with `fedmoe run --resume "
+                    f"{path} --set train.activation_checkpointing=true`" + why)
+        return (head + " before its first checkpoint: run it again with `--set train.activation_checkpointing=true`"
+                + why)
     return (head + f". Activation checkpointing is on already: `fedmoe plan {config}` says which keys make the step "
             "fit (a smaller train.batch_size with more train.grad_accum, model.quantization=nf4, a shorter "
             "data.max_length); they change the run, so start a new run with them")
@@ -205,16 +208,24 @@ def locked(rd: RunDir, work):
         rd.unlock()
 
 
-def open_run_dir(path: str | Path, log=print, check_data: bool = False) -> tuple[RunConfig, RunDir, Checkpoint]:
+def open_run_dir(path: str | Path, log=print, check_data: bool = False,
+                 overrides: list[str] | None = None) -> tuple[RunConfig, RunDir, Checkpoint]:
     """(config, run dir, checkpoint) of a run to resume: the newest readable checkpoint, and a
     config.yaml that is still the config the run was checkpointed with; ``check_data`` (a resume, not a
-    read of its model): the data files it fingerprinted are unchanged too (:func:`check_data_fingerprint`)."""
+    read of its model): the data files it fingerprinted are unchanged too (:func:`check_data_fingerprint`).
+    ``overrides``: ``--set`` of execution keys (:data:`RESUME_SET_KEYS`), written into config.yaml first
+    (call it under the run's lock), so the directory keeps describing the run as it continues."""
     path = Path(path)
     if not (path / RunDir.CONFIG).is_file():
         raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
     if not has_checkpoint(path):
         raise RunDirError(f"{path} has no checkpoint to resume from ({path / RunDir.CHECKPOINTS / CHECKPOINT_FILE} is "
                           f"missing): start it again with `fedmoe run {path / RunDir.CONFIG} --overwrite`")
+    if overrides:
+        check_resume_overrides(overrides)
+        changed = load_config(path / RunDir.CONFIG, overrides)
+        RunDir(path).write_config(config_to_dict(changed))
+        log(f"{path / RunDir.CONFIG}: " + ", ".join(overrides))
     cfg = load_config(path / RunDir.CONFIG)
     ck = load_checkpoint(path, log)
     check_fingerprint(cfg, ck.state, path, log)

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..config import ConfigError, RunConfig, load_config
 from ..data import resolve_labels
 from ..rundir import RunDir
-from .checkpoint import RunDirError
+from .checkpoint import RunDirError, check_resume_overrides
 from .directories import lock_existing, locked, open_run_dir, prepare_run_dir
 from .runtime import Federation
 
@@ -44,12 +44,15 @@ def run_federated(cfg: RunConfig, show_progress: bool = False, stop_after_round:
 
 
 def resume_federated(path: str | Path, show_progress: bool = False, stop_after_round: int | None = None,
-                     log=print, observe=None) -> tuple[dict | None, RunDir]:
-    """Continue the in-process run in ``path`` from its last checkpoint (its own config.yaml is used)."""
+                     log=print, observe=None, overrides: list[str] | None = None) -> tuple[dict | None, RunDir]:
+    """Continue the in-process run in ``path`` from its last checkpoint (its own config.yaml is used, with
+    ``overrides`` of execution keys written into it first)."""
+    if overrides:
+        check_resume_overrides(overrides)  # before the lock: a refused key changes nothing
     rd = lock_existing(Path(path), log)
 
     def work():
-        cfg, _, ck = open_run_dir(path, log=log, check_data=True)
+        cfg, _, ck = open_run_dir(path, log=log, check_data=True, overrides=overrides)
         return Federation(cfg, rd, show_progress=show_progress, log=log, resuming=True,
                           observe=observe).resume(ck, stop_after_round)
 
@@ -76,23 +79,29 @@ def start_run(cfg: RunConfig, show_progress: bool = False, federation: str | Non
     return locked(rd, lambda: run_deployment(cfg, rd, name)), rd
 
 
-def continue_run(path: str | Path, show_progress: bool = False, federation: str | None = None, log=print):
-    """Continue the run in ``path`` from its last checkpoint, on the runtime it ran on."""
+def continue_run(path: str | Path, show_progress: bool = False, federation: str | None = None, log=print,
+                 overrides: list[str] | None = None):
+    """Continue the run in ``path`` from its last checkpoint, on the runtime it ran on; ``overrides``:
+    ``--set`` of execution keys (:data:`~fedmoe.federation.checkpoint.RESUME_SET_KEYS`), written into its
+    config.yaml under the run's lock."""
     path = Path(path)
     if not (path / RunDir.CONFIG).is_file():
         raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
-    cfg = load_config(path / RunDir.CONFIG)
-    if cfg.federation.runtime == "local":
-        return resume_federated(path, show_progress=show_progress, log=log)
+    if overrides:
+        check_resume_overrides(overrides)
+    was = load_config(path / RunDir.CONFIG)  # its runtime (not an execution key: the overrides keep it)
+    if was.federation.runtime == "local":
+        return resume_federated(path, show_progress=show_progress, log=log, overrides=overrides)
     from .flower.launch import run_deployment, run_simulation
 
-    name = _federation(federation) if cfg.federation.runtime == "flower" else None
+    name = _federation(federation) if was.federation.runtime == "flower" else None
     rd = lock_existing(path, log)
 
     def work():
         # a changed config (or, in a simulation, data) or no readable checkpoint: refused before Flower starts. A
         # deployment's ServerApp may see data.source elsewhere (another machine): it checks the data itself
-        open_run_dir(path, log=log, check_data=cfg.federation.runtime == "flower-sim")
+        cfg, _, _ = open_run_dir(path, log=log, check_data=was.federation.runtime == "flower-sim",
+                                 overrides=overrides)
         if cfg.federation.runtime == "flower-sim":
             return run_simulation(cfg, rd, resume=True)
         return run_deployment(cfg, rd, name, resume=True)
