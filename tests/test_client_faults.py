@@ -74,3 +74,30 @@ def test_skip_still_stops_when_fewer_than_min_replies_succeed(tmp_path):
     with pytest.raises(RoundFailed, match=r"round 1: 1 of 2 sampled clients replied, fewer than "
                                           r"federation.min_replies \(2\).*IndexError"):
         fed.run()
+
+
+def test_a_client_out_of_memory_is_reported_with_what_to_do(tmp_path, monkeypatch):
+    """`skip`: a client whose training runs out of memory is a failure of the round whose text says what
+    changes no number (activation checkpointing, on resume); a Flower node's reason gets the same, any
+    other failure is left as it is."""
+    import fedmoe.federation.clients as clients
+    from fedmoe.federation.directories import with_memory_hint
+
+    real = clients.train_local
+
+    def oom_for_client_1(mm, examples, *args, **kwargs):
+        if examples is fed.transport.nodes[1].data.train:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+        return real(mm, examples, *args, **kwargs)
+
+    fed = _federation(tmp_path, "oom", "data.partition.num_clients=3", "federation.rounds=1",
+                      "federation.on_client_error=skip", broken=())
+    monkeypatch.setattr(clients, "train_local", oom_for_client_1)
+    summary = fed.run()
+    [failure] = summary["failures"]
+    assert (failure["round"], failure["client"], failure["stage"]) == (1, 1, "train")
+    assert failure["error"].startswith("OutOfMemoryError: CUDA out of memory. Tried to allocate 1.50 GiB [out of memory:")
+    assert "--set train.activation_checkpointing=true" in failure["error"]
+    flower = "node 42: <class 'torch.OutOfMemoryError'>:<'CUDA out of memory'> (code 0)"
+    assert with_memory_hint(flower).startswith(flower + " [out of memory:")
+    assert with_memory_hint("node 42: ValueError: bad shard (code 0)") == "node 42: ValueError: bad shard (code 0)"

@@ -178,6 +178,17 @@ def out_of_memory_advice(path: Path, e: BaseException) -> str:
             "data.max_length); they change the run, so start a new run with them")
 
 
+def with_memory_hint(failure: str) -> str:
+    """A client's failure text, with what to do when it says the client ran out of memory (a node's
+    reason arrives as text: CUDA's and the CPU allocator's wording are recognised)."""
+    low = failure.lower()
+    if "out of memory" in low or "outofmemoryerror" in low or "memoryerror" in low or "can't allocate memory" in low:
+        return (failure + " [out of memory: `train.activation_checkpointing: true` changes no number and may be set on "
+                "resume (`fedmoe run --resume DIR --set train.activation_checkpointing=true`); `fedmoe plan` says what "
+                "else fits]")
+    return failure
+
+
 def locked(rd: RunDir, work):
     """``work()`` under the run directory's lock (already taken), released however it ends; Ctrl-C
     becomes :class:`RunInterrupted` (naming the directory), a full or read-only disk a RunDirError
@@ -234,4 +245,5 @@ def open_run_dir(path: str | Path, log=print, check_data: bool = False,
     return cfg, RunDir(path), ck
 
 
-__all__ = ["RunInterrupted", "lock_existing", "locked", "open_run_dir", "prepare_run_dir"]
+__all__ = ["RunInterrupted", "lock_existing", "locked", "open_run_dir", "out_of_memory_advice", "prepare_run_dir",
+           "with_memory_hint"]

@@ -18,6 +18,7 @@ from ..messages import Message
 from ..moe import MoEModel, load_tokenizer
 from ..seeds import Stream, derive_seed
 from .clients import ClientNode, client_sets, heldout_set
+from .directories import with_memory_hint
 from .evaluation import ModelEvaluator
 from .progress import Progress
 from .transport import TrainReport
@@ -88,7 +89,7 @@ class LocalTransport:
             except Exception as e:  # noqa: BLE001 -- any error of one client's training (out of memory, its data)
                 if self.cfg.federation.on_client_error != "skip":
                     raise
-                failures[cid] = f"{type(e).__name__}: {e}".strip()
+                failures[cid] = with_memory_hint(f"{type(e).__name__}: {e}".strip())
                 self._after_failure()
                 continue
             finally:

@@ -13,6 +13,7 @@ import time
 import uuid
 
 from ...messages import Message
+from ..directories import with_memory_hint
 from ..evaluation import pooled, screened
 from ..transport import TrainReport
 from .records import from_records, to_records
@@ -167,7 +168,8 @@ class FlowerTransport:
             if cid is None:
                 continue
             if reply.has_error():
-                failed[cid] = f"node {reply.metadata.src_node_id}: {reply.error.reason} (code {reply.error.code})"
+                failed[cid] = with_memory_hint(
+                    f"node {reply.metadata.src_node_id}: {reply.error.reason} (code {reply.error.code})")
                 continue
             try:
                 msg, info = from_records(reply.content)
