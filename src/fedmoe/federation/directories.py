@@ -164,7 +164,7 @@ def out_of_memory_advice(path: Path, e: BaseException) -> str:
         on = bool(load_config(config).train.activation_checkpointing)
     except Exception:  # noqa: BLE001 - an unreadable config.yaml: advise as if it were off
         on = False
-    resumable = (path / "checkpoints" / CHECKPOINT_FILE).is_file()
+    resumable = has_checkpoint(path)
     if not on:
         why = (" (activation checkpointing changes no number, only memory; `fedmoe plan "
                f"{config} --set train.activation_checkpointing=true` shows the new peak)")
