@@ -137,3 +137,25 @@ def test_the_plan_says_which_changes_make_it_fit():
     done = load_config(None, [*SMALL, "train.batch_size=1", "train.activation_checkpointing=true",
                               "model.quantization=nf4"])
     assert remedies(done, memory_plan(done), available=1) == []
+
+
+def test_a_quantized_plan_runs_eight_experts_a_layer_and_counts_the_same(monkeypatch):
+    """On fake tensors a quantized stack takes the per-expert loop, and a layer's routed slots go to the
+    first 8 experts (of the built-in model's 16): the step keeps what depends on the slots, not on how
+    many experts share them. Spread over all 16 (the mutation) the plan counts within 1% of it, with
+    twice the loop."""
+    import fedmoe.moe.lora as lora_mod
+    import fedmoe.moe.quant as quant
+
+    seen = []
+    real = quant.quantized_proj
+    monkeypatch.setattr(quant, "quantized_proj", lambda a, w: (seen.append(w[1]), real(a, w))[1])
+    cfg = load_config(None, ["model.name=builtin:tiny-moe", "data.max_length=64", "train.batch_size=2",
+                             "model.quantization=nf4"])
+    (eight,) = memory_plan(cfg)
+    assert seen and set(seen) == set(range(8))
+    seen.clear()
+    monkeypatch.setattr(lora_mod, "PLAN_EXPERT_GROUPS", 16)
+    (sixteen,) = memory_plan(cfg)
+    assert set(seen) == set(range(16))
+    assert abs(eight.total - sixteen.total) <= 0.01 * sixteen.total, (eight.peak, sixteen.peak)
