@@ -97,7 +97,12 @@ def test_a_gpu_run_that_does_not_fit_is_refused_naming_the_keys(monkeypatch):
     monkeypatch.setattr(plan_mod, "device_memory", lambda d: ("free memory of a test GPU", 80 * 2**30))
     said = []
     check_fits(cfg, log=said.append)
-    assert said and "memory plan: peak" in said[0]
+    assert said and "memory plan: peak" in said[0] and "tight" not in said[0]
+    peak = max(p.total for p in memory_plan(cfg))  # within 10% of the free memory: said to be tight
+    monkeypatch.setattr(plan_mod, "device_memory", lambda d: ("free memory of a test GPU", int(peak / 0.95)))
+    said.clear()
+    check_fits(cfg, log=said.append)
+    assert "tight (over 90%)" in said[0] and "train.activation_checkpointing=true would leave more room" in said[0]
     cpu = load_config(None, [*SMALL, "model.device=cpu"])
     monkeypatch.setattr(model_mod, "resolve_device", lambda d: __import__("torch").device("cpu"))
     check_fits(cpu, log=lambda *a: pytest.fail("a CPU run is not checked"))

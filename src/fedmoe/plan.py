@@ -257,6 +257,10 @@ def format_plan(cfg, plans: list[LevelPlan], what: str | None = None, available:
     return "\n".join(lines)
 
 
+# a planned peak above this share of the free memory is reported as tight (check_fits)
+TIGHT = 0.9
+
+
 def check_fits(cfg, log=print) -> None:
     """Before an in-process run on a GPU (where running out of memory ends a run mid-round): refuse a
     config whose largest level's planned peak exceeds the GPU's free memory, with the plan and the keys
@@ -274,7 +278,13 @@ def check_fits(cfg, log=print) -> None:
     plans = memory_plan(cfg)
     if not fits(plans, available):
         raise ConfigError(format_plan(cfg, plans, what, available))
-    log(f"memory plan: peak {max(p.total for p in plans) / 2**30:.2f} GiB of {available / 2**30:.2f} GiB ({what})")
+    peak = max(p.total for p in plans)
+    line = f"memory plan: peak {peak / 2**30:.2f} GiB of {available / 2**30:.2f} GiB ({what})"
+    if peak > TIGHT * available:  # the allocator's cache and fragmentation are not in the plan
+        line += (f"; tight (over {TIGHT:.0%}): the allocator's cache is not counted"
+                 + ("" if cfg.train.activation_checkpointing else
+                    ", and train.activation_checkpointing=true would leave more room without changing a number"))
+    log(line)
 
 
 __all__ = ["KINDS", "LevelPlan", "check_fits", "device_memory", "fits", "format_plan", "memory_plan", "remedies",
