@@ -7,6 +7,7 @@ adds (loss terms, a gradient correction), and reports loss, steps and the expert
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -156,6 +157,15 @@ def activation_checkpointing(model, setting: bool | int) -> Iterator[None]:
         model.activation_checkpointing_disable()
 
 
+def _under_activation_checkpointing(train):
+    """``train(mm, examples, cfg, ...)`` run under ``cfg.activation_checkpointing`` on ``mm.model``."""
+    @functools.wraps(train)
+    def run(mm, examples, cfg, *args, **kwargs):
+        with activation_checkpointing(mm.model, cfg.activation_checkpointing):
+            return train(mm, examples, cfg, *args, **kwargs)
+    return run
+
+
 def make_optimizer(cfg: TrainConfig, params: dict[str, torch.nn.Parameter], lr: float,
                    options: dict[str, dict] | None = None) -> torch.optim.Optimizer:
     """``train.optimizer`` over the trainables: one parameter group for the plain ones and one per
@@ -175,6 +185,7 @@ def make_optimizer(cfg: TrainConfig, params: dict[str, torch.nn.Parameter], lr: 
     return torch.optim.AdamW(spec, lr=lr)
 
 
+@_under_activation_checkpointing
 def train_local(
     mm: MoEModel,
     examples: Sequence[dict],
@@ -223,50 +234,49 @@ def train_local(
     model.train()
     losses: list[float] = []
     tokens = 0
-    with activation_checkpointing(model, cfg.activation_checkpointing):
-        for step in range(n_steps):
-            opt.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            # the step's micro-batches first: its loss is the mean over every labelled token of the step (each
-            # token weighs the same, however the micro-batches split them), not a mean of micro-batch means,
-            # which would weigh the tokens of a micro-batch with short answers up. The aux loss and the method's
-            # terms are averaged over the micro-batches. With grad_accum = 1 both are the plain token mean.
-            micro = [collate_sft([examples[i] for i in next(batches)], pad_id) for _ in range(cfg.grad_accum)]
-            labelled = max(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), 1)
-            if parallel is not None:  # this rank's rows of each micro-batch (the labelled count is the whole step's)
-                micro = [_rows(b, parallel) for b in micro]
-            ranks = 1 if parallel is None else parallel.world
-            for batch in micro:
-                if batch is None:
-                    continue
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), mm.tracking(batch["attention_mask"]):
-                    loss_sum, _, aux = labelled_token_loss(model, batch["input_ids"], batch["attention_mask"],
-                                                           batch["labels"], output_router_logits=cfg.aux_loss)
-                loss = loss_sum / labelled  # this micro-batch's share of the step's token mean
-                if aux is not None:
-                    loss = loss + aux_coef * aux.float() / (cfg.grad_accum * ranks)
-                for term in terms:  # once in the sum over the ranks
-                    loss = loss + term(params) / (cfg.grad_accum * ranks)
-                loss.backward()
-                step_loss += loss.item()
-                tokens += int(batch["attention_mask"].sum())
-            if parallel is not None:
-                step_loss = parallel.sync_step(params, step_loss)
-            if grad_sum is not None:
-                for n, p in params.items():
-                    if p.grad is not None:
-                        grad_sum[n] += p.grad.to(torch.float64)
-            if correction is not None:
-                for n, corr in correction.items():
-                    if params[n].grad is not None:
-                        params[n].grad.add_(corr)
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
-            opt.step()
-            losses.append(step_loss)
-            if progress is not None:
-                progress(step + 1, step_loss)
+    for step in range(n_steps):
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        # the step's micro-batches first: its loss is the mean over every labelled token of the step (each
+        # token weighs the same, however the micro-batches split them), not a mean of micro-batch means,
+        # which would weigh the tokens of a micro-batch with short answers up. The aux loss and the method's
+        # terms are averaged over the micro-batches. With grad_accum = 1 both are the plain token mean.
+        micro = [collate_sft([examples[i] for i in next(batches)], pad_id) for _ in range(cfg.grad_accum)]
+        labelled = max(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), 1)
+        if parallel is not None:  # this rank's rows of each micro-batch (the labelled count is the whole step's)
+            micro = [_rows(b, parallel) for b in micro]
+        ranks = 1 if parallel is None else parallel.world
+        for batch in micro:
+            if batch is None:
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), mm.tracking(batch["attention_mask"]):
+                loss_sum, _, aux = labelled_token_loss(model, batch["input_ids"], batch["attention_mask"],
+                                                       batch["labels"], output_router_logits=cfg.aux_loss)
+            loss = loss_sum / labelled  # this micro-batch's share of the step's token mean
+            if aux is not None:
+                loss = loss + aux_coef * aux.float() / (cfg.grad_accum * ranks)
+            for term in terms:  # once in the sum over the ranks
+                loss = loss + term(params) / (cfg.grad_accum * ranks)
+            loss.backward()
+            step_loss += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        if parallel is not None:
+            step_loss = parallel.sync_step(params, step_loss)
+        if grad_sum is not None:
+            for n, p in params.items():
+                if p.grad is not None:
+                    grad_sum[n] += p.grad.to(torch.float64)
+        if correction is not None:
+            for n, corr in correction.items():
+                if params[n].grad is not None:
+                    params[n].grad.add_(corr)
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
+        opt.step()
+        losses.append(step_loss)
+        if progress is not None:
+            progress(step + 1, step_loss)
     model.eval()
     counts, per_layer = mm.activation_counts()
     if parallel is not None:  # every rank's routed tokens and processed tokens, summed

@@ -146,8 +146,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _execution_key(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in EXECUTION_KEYS)
+def _execution_key(key: str, keys: tuple[str, ...] = EXECUTION_KEYS) -> bool:
+    """``key`` is one of ``keys`` or inside one of them."""
+    return any(key == k or key.startswith(k + ".") for k in keys)
 
 
 # the execution keys `fedmoe run --resume DIR --set KEY=VALUE` may change (name and output_dir are the
@@ -160,8 +161,8 @@ def check_resume_overrides(overrides: list[str]) -> None:
     :data:`RESUME_SET_KEYS`: another value would make it another run)."""
     from ..config import parse_override
 
-    bad = [".".join(path) for path, _ in map(parse_override, overrides)
-           if not any(".".join(path) == k or ".".join(path).startswith(k + ".") for k in RESUME_SET_KEYS)]
+    keys = [".".join(path) for path, _ in map(parse_override, overrides)]
+    bad = [key for key in keys if not _execution_key(key, RESUME_SET_KEYS)]
     if bad:
         raise RunDirError(f"--resume --set {', '.join(bad)}: a resumed run continues the run it checkpointed, so only "
                           f"{', '.join(RESUME_SET_KEYS)} may change; start a new run to change the others")

@@ -182,7 +182,7 @@ def with_memory_hint(failure: str) -> str:
     """A client's failure text, with what to do when it says the client ran out of memory (a node's
     reason arrives as text: CUDA's and the CPU allocator's wording are recognised)."""
     low = failure.lower()
-    if "out of memory" in low or "outofmemoryerror" in low or "memoryerror" in low or "can't allocate memory" in low:
+    if "out of memory" in low or "memoryerror" in low or "can't allocate memory" in low:  # OutOfMemoryError too
         return (failure + " [out of memory: `train.activation_checkpointing: true` changes no number and may be set on "
                 "resume (`fedmoe run --resume DIR --set train.activation_checkpointing=true`); `fedmoe plan` says what "
                 "else fits]")

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..config import ConfigError, RunConfig, load_config
 from ..data import resolve_labels
 from ..rundir import RunDir
-from .checkpoint import RunDirError, check_resume_overrides
+from .checkpoint import RunDirError
 from .directories import lock_existing, locked, open_run_dir, prepare_run_dir
 from .runtime import Federation
 
@@ -46,9 +46,8 @@ def run_federated(cfg: RunConfig, show_progress: bool = False, stop_after_round:
 def resume_federated(path: str | Path, show_progress: bool = False, stop_after_round: int | None = None,
                      log=print, observe=None, overrides: list[str] | None = None) -> tuple[dict | None, RunDir]:
     """Continue the in-process run in ``path`` from its last checkpoint (its own config.yaml is used, with
-    ``overrides`` of execution keys written into it first)."""
-    if overrides:
-        check_resume_overrides(overrides)  # before the lock: a refused key changes nothing
+    ``overrides`` of execution keys written into it first: :func:`open_run_dir`, which refuses any other key
+    before it writes)."""
     rd = lock_existing(Path(path), log)
 
     def work():
@@ -87,8 +86,6 @@ def continue_run(path: str | Path, show_progress: bool = False, federation: str 
     path = Path(path)
     if not (path / RunDir.CONFIG).is_file():
         raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
-    if overrides:
-        check_resume_overrides(overrides)
     was = load_config(path / RunDir.CONFIG)  # its runtime (not an execution key: the overrides keep it)
     if was.federation.runtime == "local":
         return resume_federated(path, show_progress=show_progress, log=log, overrides=overrides)
