@@ -101,6 +101,31 @@ def test_published_sizes_and_deepseek_v1():
     assert default_k_list(ds_cfg) == [6, 3, 1]
 
 
+
+
+def test_published_sizes_glm45_air_glm47_flash_and_flexolmo():
+    """GLM-4.5-Air (106B total, 12B active: zai-org's model card) is transformers' default Glm4MoeConfig with
+    q/k/v biases and 128-wide heads (its config.json; Megatron's `--add-qkv-bias --kv-channels 128` for
+    glm4.5-106B-A12B in THUDM/slime). The published active count leaves out the embeddings and LM head.
+    FlexOlmo-7x7B-1T (transformers' default FlexOlmoConfig): 7 OLMo-2-7B feed-forwards per layer, 33.3B."""
+    import transformers as tf
+
+    glm = tf.Glm4MoeConfig(attention_bias=True, head_dim=128)
+    r = count_flops(glm, 128)
+    assert r["total_params"] == _meta_params(glm)
+    embeddings = 2 * glm.vocab_size * glm.hidden_size  # untied
+    assert int(r["total_params"] / 1e9) == 106 and round((r["active_params"] - embeddings) / 1e9) == 12
+    assert r["flops_by_part"]["shared_experts"] > 0 and r["flops_by_part"]["dense_mlp"] > 0  # layer 0 is dense
+    # GLM-4.7-Flash ("30B-A3B"; transformers' default Glm4MoeLiteConfig): latent attention, layer 0 dense
+    flash = tf.Glm4MoeLiteConfig()
+    r = count_flops(flash, 128)
+    assert r["total_params"] == _meta_params(flash)
+    embeddings = 2 * flash.vocab_size * flash.hidden_size
+    assert round(r["total_params"] / 1e9) == 30 and round((r["active_params"] - embeddings) / 1e9) == 3
+    assert r["flops_by_part"]["dense_mlp"] > 0
+    flex = tf.FlexOlmoConfig()
+    r = count_flops(flex, 128)
+    assert r["total_params"] == _meta_params(flex) and round(r["total_params"] / 1e9, 1) == 33.3
 # ------------------------------------------------------------------------ trainables vs MoEModel
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_trainable_counts_match_moemodel(arch):

@@ -15,8 +15,9 @@ from fedmoe.moe.tiny import tiny_config
 
 ARCHS = list(SUPPORTED_ARCHITECTURES)
 RANK, ALPHA = 4, 8.0
-SHARED = {"olmoe": None, "qwen2_moe": "Qwen2MoeMLP", "qwen3_moe": None, "mixtral": None, "deepseek_v2": "DeepseekV2MLP",
-          "deepseek_v3": "DeepseekV3MLP"}
+SHARED = {"olmoe": None, "flex_olmo": None, "qwen2_moe": "Qwen2MoeMLP", "qwen3_moe": None, "mixtral": None,
+          "deepseek_v2": "DeepseekV2MLP", "deepseek_v3": "DeepseekV3MLP", "glm4_moe": "Glm4MoeMLP",
+          "glm4_moe_lite": "Glm4MoeLiteMLP"}
 
 
 _hf = tiny_hf
@@ -26,7 +27,7 @@ _batch = token_batch
 @pytest.mark.parametrize("arch", ARCHS)
 def test_discovery(arch):
     mm = MoEModel(_hf(arch))
-    n_dense = 1 if arch.startswith("deepseek") else 0
+    n_dense = 1 if arch.startswith(("deepseek", "glm4_moe")) else 0
     assert len(mm.layers) == 2
     assert [l.decoder_layer for l in mm.layers] == [n_dense, n_dense + 1]
     assert mm.num_experts == 8 and mm.default_top_k == 2
@@ -43,7 +44,7 @@ def test_dense_and_unknown_models_are_rejected():
 
     dense = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(UnsupportedModelError, match="olmoe, qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3"):
+    with pytest.raises(UnsupportedModelError, match="olmoe, flex_olmo, qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3, glm4_moe, glm4_moe_lite"):
         MoEModel(dense)
     # a supported MoE family whose config makes every layer dense
     cfg = tiny_config("qwen2_moe")
@@ -120,11 +121,11 @@ def test_expert_lora_matches_peft_outputs_and_grads(arch):
             assert getattr(ex, f"{ours_name}_lora_B").grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite"])
 def test_attention_lora_matches_peft(arch):
     ref = _hf(arch)
     ours = MoEModel(copy.deepcopy(ref))
-    targets = ["q_proj", "o_proj"]
+    targets = ["q_b_proj" if getattr(ref.config, "q_lora_rank", None) else "q_proj", "o_proj"]  # GLM-4.7-Flash: q_b
     ours.add_attention_lora(RANK, ALPHA, targets)
     peft_model = get_peft_model(ref, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets))
     g = torch.Generator().manual_seed(5)
@@ -147,14 +148,14 @@ def test_attention_lora_matches_peft(arch):
 
 
 def test_default_attention_targets_per_architecture():
-    """Multi-head latent attention (DeepSeek-V2, -V3) has no k/v projections: q_proj, kv_b_proj and o_proj
+    """Multi-head latent attention (DeepSeek-V2, -V3, GLM-4.7-Flash) has no k/v projections: q_proj, kv_b_proj and o_proj
     get LoRA, and with a low-rank query (q_lora_rank, as DeepSeek-V2 and V3 have; V2-Lite has none) its
     up-projection q_b_proj stands in for q_proj — in the model, FLEx's targets and the FLOPs count."""
     from fedmoe.algorithms.flex import FlexClient
     from fedmoe.config import load_config
     from fedmoe.eval.flops import _shape
 
-    for arch in ("deepseek_v2", "deepseek_v3"):
+    for arch in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite"):
         for q_lora_rank, q in ((None, "q_proj"), (8, "q_b_proj")):
             config = tiny_config(arch)
             config.q_lora_rank = q_lora_rank

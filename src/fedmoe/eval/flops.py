@@ -32,8 +32,10 @@ Conventions (as FLAME, Table 1, counts them; docs/methods.md):
   (OLMoE, r = 20: P̂ 198M, P̂_a 30M at k = 8 and 9M at k = 1) matches the split layout with q, k,
   v, o and router LoRA (PEFT's "all-linear" on the pre-v5 checkpoint): 194.7M, 29.5M, 8.87M.
 
-Architectures: olmoe, qwen2_moe, qwen3_moe, mixtral, deepseek_v2 and deepseek_v3 (multi-head latent attention,
-shared experts, ``first_k_dense_replace`` dense layers), and DeepSeekMoE v1 (``model_type``
+Architectures: olmoe, flex_olmo, qwen2_moe, qwen3_moe, mixtral, deepseek_v2 and deepseek_v3 (multi-head latent
+attention, shared experts, ``first_k_dense_replace`` dense layers), glm4_moe (DeepSeek-V3's MoE with grouped-query
+attention), glm4_moe_lite (GLM's MoE with DeepSeek-V3's latent attention; dense layers by ``mlp_layer_types``),
+and DeepSeekMoE v1 (``model_type``
 "deepseek", which transformers does not ship: plain multi-head attention q/k/v/o with the
 DeepSeek shared-expert MoE and ``first_k_dense_replace`` / ``moe_layer_freq`` dense layers).
 """
@@ -137,18 +139,25 @@ def _shape(config) -> _Shape:
             qkv_bias, o_bias = bool(getattr(config, "qkv_bias", True)), False
         elif mt == "mixtral":
             qkv_bias = o_bias = False
-        else:  # olmoe, qwen3_moe, deepseek (v1)
+        elif mt == "glm4_moe":  # GLM-4.5: attention_bias is q/k/v's; o_proj has none
+            qkv_bias, o_bias = bool(getattr(config, "attention_bias", False)), False
+        else:  # olmoe, flex_olmo, qwen3_moe, deepseek (v1)
             qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
         attn = [_Linear("q_proj", H, nh * hd, qkv_bias), _Linear("k_proj", H, nkv * hd, qkv_bias),
                 _Linear("v_proj", H, nkv * hd, qkv_bias), _Linear("o_proj", nh * hd, H, o_bias)]
-        norms = {"olmoe": H + (H // nh) * nkv, "qwen3_moe": 2 * hd}.get(mt, 0)
+        if mt in ("olmoe", "flex_olmo"):  # q and k norms over the projections' whole width
+            norms = (nh + nkv) * hd
+        elif mt == "qwen3_moe" or (mt == "glm4_moe" and getattr(config, "use_qk_norm", False)):
+            norms = 2 * hd  # per-head q and k norms
+        else:
+            norms = 0
         qk_width = v_width = nh * hd
         targets = DEFAULT_ATTENTION_TARGETS.get(mt, ("q_proj", "k_proj", "v_proj", "o_proj"))
 
     # ---- which layers are sparse, expert sizes
     shared_inter, shared_gate = 0, False
     dense_inter = int(_get(config, "intermediate_size", default=0))
-    if mt in ("olmoe", "mixtral"):
+    if mt in ("olmoe", "flex_olmo", "mixtral"):
         moe = [True] * L
         expert_inter = int(config.intermediate_size)
     elif mt in ("qwen2_moe", "qwen3_moe"):
@@ -159,10 +168,12 @@ def _shape(config) -> _Shape:
         if mt == "qwen2_moe":
             shared_inter = int(_get(config, "shared_expert_intermediate_size", default=0))
             shared_gate = True
-    else:  # deepseek_v2, deepseek_v3, deepseek (v1)
+    else:  # deepseek_v2, deepseek_v3, glm4_moe, glm4_moe_lite, deepseek (v1)
         first = int(_get(config, "first_k_dense_replace", default=0))
         freq = int(_get(config, "moe_layer_freq", default=1)) if mt == "deepseek" else 1
         moe = [i >= first and i % freq == 0 for i in range(L)]
+        if getattr(config, "mlp_layer_types", None) is not None:  # GLM-4.7-Flash names each layer's kind
+            moe = [t == "sparse" for t in config.mlp_layer_types]
         expert_inter = int(config.moe_intermediate_size)
         shared_inter = expert_inter * int(_get(config, "n_shared_experts", default=0))
         for key in ("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok"):

@@ -12,20 +12,24 @@ from dataclasses import dataclass
 
 from torch import nn
 
-SUPPORTED_ARCHITECTURES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
+SUPPORTED_ARCHITECTURES = ("olmoe", "flex_olmo", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3",
+                           "glm4_moe", "glm4_moe_lite")
 
-# multi-head latent attention (DeepSeek-V2, -V2-Lite, -V3, Moonlight): no k/v projections, and a low-rank
-# query (q_a_proj, q_b_proj) where the config sets q_lora_rank
-MLA_ARCHITECTURES = ("deepseek_v2", "deepseek_v3")
+# multi-head latent attention (DeepSeek-V2, -V2-Lite, -V3, Moonlight, GLM-4.7-Flash): no k/v projections, and a
+# low-rank query (q_a_proj, q_b_proj) where the config sets q_lora_rank
+MLA_ARCHITECTURES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")
 
 # model_type -> (attribute of the shared expert, attribute of its gate) inside the MoE block
 _SHARED_EXPERT_ATTRS = {
     "olmoe": (None, None),
+    "flex_olmo": (None, None),
     "qwen2_moe": ("shared_expert", "shared_expert_gate"),
     "qwen3_moe": (None, None),
     "mixtral": (None, None),
     "deepseek_v2": ("shared_experts", None),
     "deepseek_v3": ("shared_experts", None),
+    "glm4_moe": ("shared_experts", None),
+    "glm4_moe_lite": ("shared_experts", None),
 }
 
 
@@ -33,11 +37,14 @@ _SHARED_EXPERT_ATTRS = {
 # attention has no k/v projections: its query and its latent key/value up-projection stand in.
 DEFAULT_ATTENTION_TARGETS = {
     "olmoe": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "flex_olmo": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "qwen2_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "mixtral": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "deepseek_v2": ("q_proj", "kv_b_proj", "o_proj"),
     "deepseek_v3": ("q_proj", "kv_b_proj", "o_proj"),
+    "glm4_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "glm4_moe_lite": ("q_proj", "kv_b_proj", "o_proj"),
 }
 
 

@@ -29,7 +29,7 @@ def labelled_token_loss(model, input_ids, attention_mask, labels, output_router_
 
         fn = getattr(import_module(type(model).__module__), "load_balancing_loss_func", None)
         if fn is None:
-            raise ValueError(f"{model.config.model_type} has no load-balancing loss in transformers (DeepSeek-V2 "
-                             "and -V3 ship none); set train.aux_loss: false")
+            raise ValueError(f"{model.config.model_type} has no load-balancing loss in transformers (DeepSeek-V2, "
+                             "-V3 and GLM ship none); set train.aux_loss: false")
         aux = fn(outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
     return loss_sum, int(keep.sum()), aux

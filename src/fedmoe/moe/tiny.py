@@ -13,6 +13,9 @@ def tiny_config(arch: str, vocab_size: int = 128, num_experts: int = 8, top_k: i
     if arch == "olmoe":
         return tf.OlmoeConfig(**common, intermediate_size=intermediate_size, num_experts=num_experts,
                               num_experts_per_tok=top_k, norm_topk_prob=False)
+    if arch == "flex_olmo":  # FlexOlmo: OLMoE's block, OLMo-2's attention (q/k norms over the whole width)
+        return tf.FlexOlmoConfig(**common, intermediate_size=intermediate_size, num_experts=num_experts,
+                                 num_experts_per_tok=top_k, norm_topk_prob=False)
     if arch == "qwen2_moe":
         return tf.Qwen2MoeConfig(**common, intermediate_size=2 * intermediate_size,
                                  moe_intermediate_size=intermediate_size,
@@ -27,8 +30,9 @@ def tiny_config(arch: str, vocab_size: int = 128, num_experts: int = 8, top_k: i
     if arch == "mixtral":
         return tf.MixtralConfig(**common, intermediate_size=intermediate_size,
                                 num_local_experts=num_experts, num_experts_per_tok=top_k)
-    if arch in ("deepseek_v2", "deepseek_v3"):
+    if arch in ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite"):
         common["num_hidden_layers"] = num_layers + 1  # the first layer is dense, like the real model
+    if arch in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite"):
         common["num_key_value_heads"] = common["num_attention_heads"]  # MLA: one kv head per head
     if arch == "deepseek_v2":  # DeepSeek-V2-Lite's routing: greedy softmax top-k, no renormalisation
         return tf.DeepseekV2Config(**common, intermediate_size=2 * intermediate_size,
@@ -44,4 +48,16 @@ def tiny_config(arch: str, vocab_size: int = 128, num_experts: int = 8, top_k: i
                                    first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16,
                                    qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
                                    norm_topk_prob=True, routed_scaling_factor=1.0)
+    if arch == "glm4_moe":  # GLM-4.5's layout: biased q/k/v, per-head q/k norms, sigmoid routing in groups
+        return tf.Glm4MoeConfig(**common, intermediate_size=2 * intermediate_size,
+                                moe_intermediate_size=intermediate_size, n_routed_experts=num_experts,
+                                num_experts_per_tok=top_k, n_shared_experts=1, n_group=2, topk_group=2,
+                                first_k_dense_replace=1, attention_bias=True, use_qk_norm=True, head_dim=16,
+                                norm_topk_prob=True, routed_scaling_factor=1.0)
+    if arch == "glm4_moe_lite":  # GLM-4.7-Flash: DeepSeek-V3's latent attention with a low-rank query, GLM's MoE
+        return tf.Glm4MoeLiteConfig(**common, intermediate_size=2 * intermediate_size,
+                                    moe_intermediate_size=intermediate_size, n_routed_experts=num_experts,
+                                    num_experts_per_tok=top_k, n_shared_experts=1, q_lora_rank=12, kv_lora_rank=16,
+                                    qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, norm_topk_prob=True,
+                                    routed_scaling_factor=1.8)
     raise ValueError(f"no tiny config for '{arch}'")
