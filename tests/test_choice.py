@@ -86,6 +86,37 @@ def test_cached_path_equals_one_sequence_per_option(arch):
     assert len({round(float(x), 4) for x in ref[0]}) == 3
 
 
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5_moe_text"])
+def test_hybrid_models_score_each_option_as_one_unpadded_sequence(arch):
+    """Linear attention carries a recurrent state, and a right-padded prompt's state has run through its
+    padding: the scorer gives every option the log-likelihood of prompt + option run alone, unpadded."""
+    from tests.helpers import tiny_hf
+
+    from fedmoe.moe.model import MoEModel
+
+    mm = MoEModel(tiny_hf(arch))
+    g = torch.Generator().manual_seed(4)
+    V = mm.config.vocab_size
+    prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (7, 3, 10)]
+    options = [[torch.randint(3, V, (n,), generator=g).tolist() for n in lens] for lens in ([1, 3], [2, 1, 4], [3])]
+    letters = [[[5], [6], [7]]] * 3  # one-token options (MMLU's letters): the prompts' one forward, no cache
+    for opts_of, got in ((options, option_logprobs(mm, prompts, options, batch_size=3)),
+                         (letters, option_logprobs(mm, prompts, letters, batch_size=3))):
+        _assert_alone(mm, prompts, opts_of, got)
+
+
+def _assert_alone(mm, prompts, options, got):
+    """Each option's score is the log-likelihood of prompt + option run alone."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        for p, opts, scores in zip(prompts, options, got):
+            for o, score in zip(opts, scores):
+                logp = F.log_softmax(mm.model(torch.tensor([p + o])).logits[0].double(), dim=-1)
+                alone = sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(o))
+                assert float(score) == pytest.approx(alone, abs=2e-5)
+
+
 def test_mmlu_numbers_unchanged_by_the_shared_scorer():
     """The letter log-probabilities of the built-in model on six 5-shot anatomy questions, as the
     MMLU scorer computed them before it became a case of the option scorer (2026-12-04)."""

@@ -37,6 +37,11 @@ def _adapted(arch, attn_implementation="eager", layout="fused", router=False):
     return cfg, mm
 
 
+def _attention(name: str) -> bool:
+    """A parameter of a token mixer: attention, or a hybrid model's linear attention."""
+    return ".self_attn." in name or ".linear_attn." in name
+
+
 def _meta_params(cfg) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
@@ -103,7 +108,7 @@ def test_published_sizes_and_deepseek_v1():
 
 
 
-def test_published_sizes_glm45_air_glm47_flash_and_flexolmo():
+def test_published_sizes_of_glm_qwen3_next_qwen35_and_flexolmo():
     """GLM-4.5-Air (106B total, 12B active: zai-org's model card) is transformers' default Glm4MoeConfig with
     q/k/v biases and 128-wide heads (its config.json; Megatron's `--add-qkv-bias --kv-channels 128` for
     glm4.5-106B-A12B in THUDM/slime). The published active count leaves out the embeddings and LM head.
@@ -123,6 +128,12 @@ def test_published_sizes_glm45_air_glm47_flash_and_flexolmo():
     embeddings = 2 * flash.vocab_size * flash.hidden_size
     assert round(r["total_params"] / 1e9) == 30 and round((r["active_params"] - embeddings) / 1e9) == 3
     assert r["flops_by_part"]["dense_mlp"] > 0
+    # Qwen3-Next-80B-A3B and Qwen3.5-35B-A3B (transformers' defaults; the 35B counts a vision tower of ~0.4B
+    # that the causal LM leaves out): three linear-attention layers to one softmax one
+    for config, total in ((tf.Qwen3NextConfig(), 80), (tf.Qwen3_5MoeTextConfig(), 35)):
+        r = count_flops(config, 128)
+        assert r["total_params"] == _meta_params(config)
+        assert round(r["total_params"] / 1e9) == total and 3e9 <= r["active_params"] < 4e9
     flex = tf.FlexOlmoConfig()
     r = count_flops(flex, 128)
     assert r["total_params"] == _meta_params(flex) and round(r["total_params"] / 1e9, 1) == 33.3
@@ -132,7 +143,7 @@ def test_lora_trainable_counts_match_moemodel(arch):
     cfg, mm = _adapted(arch)
     params = mm.trainable_parameters()
     expert = sum(p.numel() for n, p in params.items() if ".experts." in n)
-    attention = sum(p.numel() for n, p in params.items() if ".self_attn." in n)
+    attention = sum(p.numel() for n, p in params.items() if _attention(n))
     assert expert + attention == sum(p.numel() for p in params.values())
     E = mm.num_experts
     for k in (2, 1):
@@ -156,7 +167,7 @@ def test_counted_trainables_equal_the_built_model(arch, layout):
         params = mm.trainable_parameters()
         expert = sum(p.numel() for n, p in params.items() if ".experts." in n)
         shared = sum(p.numel() for n, p in params.items() if ".experts." not in n)  # attention + router
-        assert (shared > sum(p.numel() for n, p in params.items() if ".self_attn." in n)) == router
+        assert (shared > sum(p.numel() for n, p in params.items() if _attention(n))) == router
         E = mm.num_experts
         for k in (2, 1):
             r = count_flops(cfg, 8, k=k, lora_rank=RANK, expert_lora_layout=layout, router_lora=router)

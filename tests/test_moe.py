@@ -15,7 +15,8 @@ from fedmoe.moe.tiny import tiny_config
 
 ARCHS = list(SUPPORTED_ARCHITECTURES)
 RANK, ALPHA = 4, 8.0
-SHARED = {"olmoe": None, "flex_olmo": None, "qwen2_moe": "Qwen2MoeMLP", "qwen3_moe": None, "mixtral": None,
+SHARED = {"olmoe": None, "flex_olmo": None, "qwen2_moe": "Qwen2MoeMLP", "qwen3_moe": None, "qwen3_next": "Qwen3NextMLP",
+          "qwen3_5_moe_text": "Qwen3_5MoeMLP", "mixtral": None,
           "deepseek_v2": "DeepseekV2MLP", "deepseek_v3": "DeepseekV3MLP", "glm4_moe": "Glm4MoeMLP",
           "glm4_moe_lite": "Glm4MoeLiteMLP"}
 
@@ -34,7 +35,7 @@ def test_discovery(arch):
     for l in mm.layers:
         assert l.experts.gate_up_proj.shape == (8, 32, 32) and l.experts.down_proj.shape == (8, 32, 16)
         assert type(l.shared_expert).__name__ == SHARED[arch] if SHARED[arch] else l.shared_expert is None
-    assert (mm.layers[0].shared_expert_gate is not None) == (arch == "qwen2_moe")
+    assert (mm.layers[0].shared_expert_gate is not None) == (arch in ("qwen2_moe", "qwen3_next", "qwen3_5_moe_text"))
     # everything of the base model is frozen
     assert mm.trainable_parameters() == {}
 
@@ -44,7 +45,8 @@ def test_dense_and_unknown_models_are_rejected():
 
     dense = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(UnsupportedModelError, match="olmoe, flex_olmo, qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3, glm4_moe, glm4_moe_lite"):
+    with pytest.raises(UnsupportedModelError, match="olmoe, flex_olmo, qwen2_moe, qwen3_moe, qwen3_next, qwen3_5_moe_text, mixtral, deepseek_v2, "
+                       "deepseek_v3, glm4_moe, glm4_moe_lite"):
         MoEModel(dense)
     # a supported MoE family whose config makes every layer dense
     cfg = tiny_config("qwen2_moe")

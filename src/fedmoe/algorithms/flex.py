@@ -230,12 +230,13 @@ class FlexClient(Client):
     @staticmethod
     def attention_targets(cfg, mm) -> list[str]:
         """``lora.attention_targets``, or FLEx's default: the query, key and value projections (the paper's
-        q, k, v; not o), as the model family names them."""
+        q, k, v; not o), as the model family names them — in a hybrid model's linear-attention layers their
+        input projections, not ``out_proj``."""
         if cfg.lora.attention_targets is not None:
             return list(cfg.lora.attention_targets)
-        from ..moe.arch import default_attention_targets
+        from ..moe.arch import OUTPUT_PROJECTIONS, default_attention_targets
 
-        return [t for t in default_attention_targets(mm.model_type, mm.config) if t != "o_proj"]
+        return [t for t in default_attention_targets(mm.model_type, mm.config) if t not in OUTPUT_PROJECTIONS]
 
     @classmethod
     def build(cls, cfg, mm) -> None:

@@ -17,7 +17,9 @@ tokens, the prompt's key/value cache is reused for the rest (each option's remai
 row that attends to its prompt, positions continuing from the prompt's length), so a prompt is
 encoded once, not once per option. A model without the Hugging Face ``model`` + ``lm_head``
 structure is scored the plain way, one full sequence per (prompt, option) pair
-(``reference=True`` forces that path: the tests compare the two).
+(``reference=True`` forces that path: the tests compare the two), and so are options of more than one
+token on a model with linear-attention layers (Qwen3-Next, Qwen3.5), whose recurrent state cannot be
+continued from a right-padded prompt.
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ def unwrap(model):
 
 def _structured(model) -> bool:
     return hasattr(model, "model") and hasattr(model, "lm_head")
+
+
+def _recurrent(model) -> bool:
+    """Does the model carry a recurrent state (linear attention: Qwen3-Next, Qwen3.5)? Its state after a
+    right-padded prompt has run through the padding, so no option may continue from it."""
+    return "linear_attention" in (getattr(getattr(model, "config", None), "layer_types", None) or ())
 
 
 def _check(prompts, options) -> None:
@@ -140,7 +148,14 @@ def option_logprobs(model, prompts: Sequence[Sequence[int]], options: Sequence[S
     _check(prompts, options)
     if device is None:
         device = next(model.parameters()).device
-    score = _cached_batch if _structured(model) and not reference else _reference_batch
+    plain = reference or not _structured(model)
+    recurrent = _recurrent(model)
+
+    def score(model, prompts, options, device, pad_id):
+        # a recurrent model continues no prompt: one-token options (MMLU's letters) still take the one forward
+        if plain or (recurrent and any(len(o) > 1 for opts in options for o in opts)):
+            return _reference_batch(model, prompts, options, device, pad_id)
+        return _cached_batch(model, prompts, options, device, pad_id)
     out: list[torch.Tensor | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     with eval_mode(model), torch.inference_mode():

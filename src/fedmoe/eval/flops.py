@@ -45,7 +45,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedmoe.moe.arch import DEFAULT_ATTENTION_TARGETS, MLA_ARCHITECTURES, UnsupportedModelError, default_attention_targets
+from fedmoe.moe.arch import (
+    DEFAULT_ATTENTION_TARGETS,
+    HYBRID_ARCHITECTURES,
+    MLA_ARCHITECTURES,
+    UnsupportedModelError,
+    default_attention_targets,
+)
 from fedmoe.moe.model import CONFIG_ARCHITECTURES, load_model_config  # noqa: F401  (re-exported)
 
 FLOP_PARTS = ("attention_proj", "attention_scores", "router", "experts", "shared_experts", "dense_mlp", "lora",
@@ -87,10 +93,44 @@ class _Shape:
     shared_inter: int = 0
     shared_gate: bool = False  # Qwen2-MoE's sigmoid gate Linear(hidden, 1)
     default_attention_targets: tuple[str, ...] = field(default_factory=tuple)
+    # hybrid models: the decoder layers that mix tokens by linear attention (a gated delta rule) instead
+    linear_layers: list[bool] = field(default_factory=list)
+    linear: "_LinearAttention | None" = None
 
     @property
     def num_moe_layers(self) -> int:
         return sum(self.moe_layers)
+
+    @property
+    def num_linear_layers(self) -> int:
+        return sum(self.linear_layers)
+
+
+@dataclass(frozen=True)
+class _LinearAttention:
+    """A gated-delta-rule layer (Qwen3-Next, Qwen3.5): its projections, its other parameters, and the sizes
+    its short convolution and chunked delta rule multiply with."""
+
+    proj: list[_Linear]
+    other_params: int  # the depthwise convolution, dt_bias, A_log, the gated norm
+    v_heads: int
+    k_head_dim: int
+    v_head_dim: int
+    conv_dim: int
+    conv_kernel: int
+    chunk: int = 64  # transformers' chunk_size of torch_chunk_gated_delta_rule (and the fla kernels')
+
+    def mixer_flops(self, T: int) -> int:
+        """The convolution and the delta rule's matrix products over one sequence of T tokens, as
+        transformers' reference path (``torch_chunk_gated_delta_rule``) computes them: the sequence padded to
+        whole chunks of c; per chunk and value head, K_β·Kᵀ and Q·Kᵀ (c×d_k×c each), then the scan's reads
+        and write of the (d_k × d_v) state and the intra-chunk product (3·c·d_k·d_v + c²·d_v). The two
+        unitriangular solves per chunk are not matrix products and are not counted."""
+        c, dk, dv = self.chunk, self.k_head_dim, self.v_head_dim
+        padded = -(-T // c) * c
+        rule = 2 * self.v_heads * padded * (2 * c * dk + 3 * dk * dv + c * dv)
+        conv = 2 * self.conv_dim * self.conv_kernel * (T + self.conv_kernel - 1)  # padded both sides, cut after
+        return rule + conv
 
 
 def _get(config, *names, default=None):
@@ -143,11 +183,12 @@ def _shape(config) -> _Shape:
             qkv_bias, o_bias = bool(getattr(config, "attention_bias", False)), False
         else:  # olmoe, flex_olmo, qwen3_moe, deepseek (v1)
             qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
-        attn = [_Linear("q_proj", H, nh * hd, qkv_bias), _Linear("k_proj", H, nkv * hd, qkv_bias),
+        gated = mt in HYBRID_ARCHITECTURES  # Qwen3-Next, Qwen3.5: q_proj also gives the output gate
+        attn = [_Linear("q_proj", H, nh * hd * (2 if gated else 1), qkv_bias), _Linear("k_proj", H, nkv * hd, qkv_bias),
                 _Linear("v_proj", H, nkv * hd, qkv_bias), _Linear("o_proj", nh * hd, H, o_bias)]
         if mt in ("olmoe", "flex_olmo"):  # q and k norms over the projections' whole width
             norms = (nh + nkv) * hd
-        elif mt == "qwen3_moe" or (mt == "glm4_moe" and getattr(config, "use_qk_norm", False)):
+        elif mt in ("qwen3_moe", *HYBRID_ARCHITECTURES) or (mt == "glm4_moe" and getattr(config, "use_qk_norm", False)):
             norms = 2 * hd  # per-head q and k norms
         else:
             norms = 0
@@ -160,12 +201,12 @@ def _shape(config) -> _Shape:
     if mt in ("olmoe", "flex_olmo", "mixtral"):
         moe = [True] * L
         expert_inter = int(config.intermediate_size)
-    elif mt in ("qwen2_moe", "qwen3_moe"):
+    elif mt in ("qwen2_moe", "qwen3_moe", *HYBRID_ARCHITECTURES):
         only = set(getattr(config, "mlp_only_layers", None) or [])
         step = int(_get(config, "decoder_sparse_step", default=1))
         moe = [(i not in only) and (i + 1) % step == 0 for i in range(L)]
         expert_inter = int(config.moe_intermediate_size)
-        if mt == "qwen2_moe":
+        if mt != "qwen3_moe":  # Qwen2-MoE, Qwen3-Next, Qwen3.5: a gated shared expert
             shared_inter = int(_get(config, "shared_expert_intermediate_size", default=0))
             shared_gate = True
     else:  # deepseek_v2, deepseek_v3, glm4_moe, glm4_moe_lite, deepseek (v1)
@@ -179,8 +220,22 @@ def _shape(config) -> _Shape:
         for key in ("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok"):
             if getattr(config, key, None) is None:
                 raise UnsupportedModelError(f"this {mt} config lacks '{key}': cannot count its MoE layers")
+    linear_layers, linear = [False] * L, None
+    if mt in HYBRID_ARCHITECTURES:
+        linear_layers = [t == "linear_attention" for t in config.layer_types]
+        nkh, nvh = int(config.linear_num_key_heads), int(config.linear_num_value_heads)
+        dk, dv = int(config.linear_key_head_dim), int(config.linear_value_head_dim)
+        kd, vd, K = nkh * dk, nvh * dv, int(config.linear_conv_kernel_dim)
+        if mt == "qwen3_next":
+            proj = [_Linear("in_proj_qkvz", H, 2 * kd + 2 * vd), _Linear("in_proj_ba", H, 2 * nvh)]
+        else:
+            proj = [_Linear("in_proj_qkv", H, 2 * kd + vd), _Linear("in_proj_z", H, vd), _Linear("in_proj_b", H, nvh),
+                    _Linear("in_proj_a", H, nvh)]
+        proj.append(_Linear("out_proj", vd, H))
+        conv_dim = 2 * kd + vd
+        linear = _LinearAttention(proj, conv_dim * K + 2 * nvh + dv, nvh, dk, dv, conv_dim, K)
     return _Shape(mt, H, V, L, tie, attn, norms, qk_width, v_width, moe, E, k, expert_inter, dense_inter,
-                  shared_inter, shared_gate, tuple(targets))
+                  shared_inter, shared_gate, tuple(targets), linear_layers, linear)
 
 
 # ---------------------------------------------------------------------------------------- counting
@@ -209,12 +264,15 @@ def count_flops(config, seq_len: int, k: int | None = None, lora_rank: int = 0, 
         raise ValueError(f"k = {k} is out of range: this {s.model_type} model has {s.num_experts} routed experts")
     H, E, I, Lm = s.hidden, s.num_experts, s.expert_inter, s.num_moe_layers
     Ld = s.num_layers - Lm
+    Ll = s.num_linear_layers  # linear-attention layers (hybrid models); the others have softmax attention
+    La = s.num_layers - Ll
+    linear_proj = s.linear.proj if s.linear else []
 
     # ---- base FLOPs (2 × MACs)
     proj_macs = sum(lin.fan_in * lin.fan_out for lin in s.attn)
     parts = dict.fromkeys(FLOP_PARTS, 0)
-    parts["attention_proj"] = 2 * T * proj_macs * s.num_layers
-    parts["attention_scores"] = 2 * T * T * (s.qk_width + s.v_width) * s.num_layers
+    parts["attention_proj"] = 2 * T * (proj_macs * La + sum(lin.fan_in * lin.fan_out for lin in linear_proj) * Ll)
+    parts["attention_scores"] = 2 * T * T * (s.qk_width + s.v_width) * La + (s.linear.mixer_flops(T) * Ll if Ll else 0)
     parts["router"] = 2 * T * H * E * Lm
     parts["experts"] = 2 * T * k * 3 * H * I * Lm
     parts["shared_experts"] = 2 * T * (3 * H * s.shared_inter + (H if s.shared_gate else 0)) * Lm
@@ -228,11 +286,15 @@ def count_flops(config, seq_len: int, k: int | None = None, lora_rank: int = 0, 
         raise ValueError("LoRA ranks must be >= 0")
     targets = s.default_attention_targets if attention_lora_targets is None else tuple(attention_lora_targets)
     by_name = {lin.name: lin for lin in s.attn}
-    unknown = [t for t in targets if t not in by_name]
+    linear_by_name = {lin.name: lin for lin in linear_proj}
+    unknown = [t for t in targets if t not in by_name and t not in linear_by_name]
     if unknown:
         raise UnsupportedModelError(f"attention LoRA targets {unknown} are not projections of {s.model_type}; "
-                                    f"its projections are: {sorted(by_name)}")
-    attn_lora_per_layer = r_attn * sum(by_name[t].fan_in + by_name[t].fan_out for t in targets)
+                                    f"its projections are: {sorted(by_name | linear_by_name)}")
+    # each layer adapts the targets its token mixer has
+    attn_lora = r_attn * (sum(by_name[t].fan_in + by_name[t].fan_out for t in targets if t in by_name) * La
+                          + sum(linear_by_name[t].fan_in + linear_by_name[t].fan_out
+                                for t in targets if t in linear_by_name) * Ll)
     bad = [t for t in expert_lora_targets if t not in EXPERT_LORA_TARGETS]
     if bad:
         raise ValueError(f"expert LoRA targets {bad} unknown; choose from {EXPERT_LORA_TARGETS}")
@@ -241,7 +303,6 @@ def count_flops(config, seq_len: int, k: int | None = None, lora_rank: int = 0, 
     # in + out of each adapted expert projection (split: gate_up_proj = a gate and an up adapter)
     exp_dims = {"gate_up_proj": H + 2 * I if expert_lora_layout == "fused" else 2 * (H + I), "down_proj": I + H}
     expert_lora_per_expert = (r_exp * sum(exp_dims[t] for t in expert_lora_targets)) if expert_lora else 0
-    attn_lora = attn_lora_per_layer * s.num_layers
     router_lora_params = r_attn * (H + E) * Lm if router_lora else 0
     parts["lora"] = (2 * T * attn_lora + 2 * T * k * expert_lora_per_expert * Lm
                      + (2 * E * r_attn * H * Lm if router_lora else 0))
@@ -249,11 +310,12 @@ def count_flops(config, seq_len: int, k: int | None = None, lora_rank: int = 0, 
 
     # ---- parameters
     attn_params = sum(lin.params for lin in s.attn) + s.attn_norm_params
+    linear_params = sum(lin.params for lin in linear_proj) + (s.linear.other_params if s.linear else 0)
     expert_params = 3 * H * I
     shared_params = 3 * H * s.shared_inter + (H if s.shared_gate else 0)
     non_expert = (
         s.vocab * H * (1 if s.tie else 2) + H  # embeddings, LM head, final norm
-        + s.num_layers * (attn_params + 2 * H)  # attention + the two layer norms
+        + La * attn_params + Ll * linear_params + s.num_layers * 2 * H  # token mixers + the two layer norms
         + Lm * (E * H + shared_params)  # router + shared experts
         + Ld * 3 * H * s.dense_inter
     )

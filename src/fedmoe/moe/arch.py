@@ -12,8 +12,16 @@ from dataclasses import dataclass
 
 from torch import nn
 
-SUPPORTED_ARCHITECTURES = ("olmoe", "flex_olmo", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3",
-                           "glm4_moe", "glm4_moe_lite")
+SUPPORTED_ARCHITECTURES = ("olmoe", "flex_olmo", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text", "mixtral",
+                           "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite")
+
+# hybrid models (Qwen3-Next, Qwen3.5): most decoder layers mix tokens by linear attention (a gated delta rule,
+# ``linear_attn``), every few by softmax attention (``self_attn``)
+HYBRID_ARCHITECTURES = ("qwen3_next", "qwen3_5_moe_text")
+# the decoder layer's token mixers, by the attribute that holds them
+TOKEN_MIXERS = ("self_attn", "linear_attn")
+# the projections that write a token mixer's output back to the residual stream (FLEx adapts only the others)
+OUTPUT_PROJECTIONS = ("o_proj", "out_proj")
 
 # multi-head latent attention (DeepSeek-V2, -V2-Lite, -V3, Moonlight, GLM-4.7-Flash): no k/v projections, and a
 # low-rank query (q_a_proj, q_b_proj) where the config sets q_lora_rank
@@ -25,6 +33,8 @@ _SHARED_EXPERT_ATTRS = {
     "flex_olmo": (None, None),
     "qwen2_moe": ("shared_expert", "shared_expert_gate"),
     "qwen3_moe": (None, None),
+    "qwen3_next": ("shared_expert", "shared_expert_gate"),
+    "qwen3_5_moe_text": ("shared_expert", "shared_expert_gate"),
     "mixtral": (None, None),
     "deepseek_v2": ("shared_experts", None),
     "deepseek_v3": ("shared_experts", None),
@@ -34,12 +44,17 @@ _SHARED_EXPERT_ATTRS = {
 
 
 # Attention projections that get LoRA when the config names none. DeepSeek-V3's multi-head latent
-# attention has no k/v projections: its query and its latent key/value up-projection stand in.
+# attention has no k/v projections: its query and its latent key/value up-projection stand in. A hybrid
+# model's linear-attention layers have projections of their own.
 DEFAULT_ATTENTION_TARGETS = {
     "olmoe": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "flex_olmo": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "qwen2_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    # hybrid: every linear of both token mixers (a layer takes those it has)
+    "qwen3_next": ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj"),
+    "qwen3_5_moe_text": ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
+                         "out_proj"),
     "mixtral": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "deepseek_v2": ("q_proj", "kv_b_proj", "o_proj"),
     "deepseek_v3": ("q_proj", "kv_b_proj", "o_proj"),
@@ -96,6 +111,11 @@ def check_supported(model_type: str) -> None:
             f"model type '{model_type}' is not a supported MoE architecture; fedmoe supports "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (transformers v5 fused-expert layout)"
         )
+
+
+def token_mixers(layer: nn.Module) -> list[nn.Module]:
+    """The modules of a decoder layer that mix tokens: its attention, or its linear attention (hybrid models)."""
+    return [m for m in (getattr(layer, a, None) for a in TOKEN_MIXERS) if m is not None]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

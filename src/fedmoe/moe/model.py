@@ -127,7 +127,11 @@ def _config_from_dict(d: dict, source: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecated-key warnings of old config files (rope_scaling, ...)
         if model_type in CONFIG_MAPPING:
-            return AutoConfig.for_model(model_type, **d)
+            config = AutoConfig.for_model(model_type, **d)
+            text = config.get_text_config(decoder=True)
+            if model_type not in CONFIG_ARCHITECTURES and getattr(text, "model_type", None) in CONFIG_ARCHITECTURES:
+                return text  # a vision-language checkpoint (Qwen3.5): its language model, as AutoModelForCausalLM loads
+            return config
         if model_type == "deepseek":  # DeepSeekMoE v1: remote code only; a generic config carries its keys
             return PretrainedConfig(model_type=model_type, **d)
     raise UnsupportedModelError(
@@ -333,29 +337,37 @@ class MoEModel:
 
     def add_attention_lora(self, rank: int, alpha: float, targets=None, dropout: float = 0.0) -> None:
         """LoRA on the attention projections ``targets`` (None = the architecture's default set)."""
-        from .arch import decoder_layers, default_attention_targets
+        from .arch import TOKEN_MIXERS, decoder_layers, default_attention_targets, token_mixers
 
         if targets is None:
             targets = default_attention_targets(self.model_type, self.config)
 
-        for i, layer in enumerate(decoder_layers(self.model)):
-            attn = getattr(layer, "self_attn", None)
-            if attn is None:
-                raise UnsupportedModelError(f"decoder layer {i} has no self_attn module")
-            from .quant import QuantizedLinear
+        from .quant import QuantizedLinear
 
-            present = {n for n, m in attn.named_children() if isinstance(m, (nn.Linear, LoRALinear, QuantizedLinear))}
-            missing = [t for t in targets if t not in present]
-            if missing:
-                raise UnsupportedModelError(
-                    f"attention LoRA targets {missing} not found in layer {i} of {self.model_type}; "
-                    f"its projections are: {sorted(present)} (set lora.attention_targets)"
-                )
-            for t in targets:
-                mod = getattr(attn, t)
+        # every layer's token mixers and their projections; a hybrid model's layers differ, so a target must be
+        # a projection of every layer whose kind of mixer has it (each layer takes the targets it has)
+        plan, kinds = [], {}
+        for i, layer in enumerate(decoder_layers(self.model)):
+            mixers = token_mixers(layer)
+            if not mixers:
+                raise UnsupportedModelError(f"decoder layer {i} has no attention module ({' or '.join(TOKEN_MIXERS)})")
+            for mixer in mixers:
+                present = {n for n, m in mixer.named_children()
+                           if isinstance(m, (nn.Linear, LoRALinear, QuantizedLinear))}
+                kinds.setdefault(type(mixer).__name__, present)
+                plan.append((mixer, [t for t in targets if t in present]))
+        every = set().union(*kinds.values())
+        missing = [t for t in targets if t not in every]
+        if missing:
+            have = "; ".join(f"{kind}: {sorted(p)}" for kind, p in kinds.items())
+            raise UnsupportedModelError(f"attention LoRA targets {missing} are not projections of {self.model_type}; "
+                                        f"its projections are {have} (set lora.attention_targets)")
+        for mixer, names in plan:
+            for t in names:
+                mod = getattr(mixer, t)
                 if isinstance(mod, LoRALinear):
                     mod = mod.base
-                setattr(attn, t, LoRALinear(mod, rank, alpha, dropout))
+                setattr(mixer, t, LoRALinear(mod, rank, alpha, dropout))
 
     def add_output_scale(self, init: float = 1.0, trainable: bool = True) -> list[str]:
         """One scalar per MoE layer multiplying the routed experts' output (FLAME's rescaler).

@@ -27,6 +27,16 @@ def tiny_config(arch: str, vocab_size: int = 128, num_experts: int = 8, top_k: i
                                  moe_intermediate_size=intermediate_size, num_experts=num_experts,
                                  num_experts_per_tok=top_k, norm_topk_prob=True,
                                  decoder_sparse_step=1, mlp_only_layers=[])
+    if arch in ("qwen3_next", "qwen3_5_moe_text"):  # hybrid: a linear-attention layer, then a softmax one
+        hybrid = dict(common, intermediate_size=2 * intermediate_size, head_dim=8, moe_intermediate_size=intermediate_size,
+                      shared_expert_intermediate_size=2 * intermediate_size, num_experts=num_experts,
+                      num_experts_per_tok=top_k, linear_num_key_heads=2, linear_num_value_heads=4,
+                      linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+                      layer_types=["linear_attention", "full_attention"] * (num_layers // 2)
+                      + ["linear_attention"] * (num_layers % 2))
+        if arch == "qwen3_next":
+            return tf.Qwen3NextConfig(**hybrid, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+        return tf.Qwen3_5MoeTextConfig(**hybrid)
     if arch == "mixtral":
         return tf.MixtralConfig(**common, intermediate_size=intermediate_size,
                                 num_local_experts=num_experts, num_experts_per_tok=top_k)
