@@ -335,3 +335,41 @@ def test_resume_with_a_set_that_would_make_another_run(tiny_run, tmp_path):
     line = error_line(cli("run", "--resume", run, "--runtime", "flower-sim"))
     assert "do not pass a config, --runtime or --overwrite" in line and "--set only for" in line
     assert (run / "config.yaml").read_text() == before
+
+
+def test_a_dense_model_or_a_missing_device_is_refused_before_anything_is_written(tmp_path):
+    """A model that is not an MoE (run and plan), a device string that is none, a CUDA device this machine
+    lacks (run, mmlu), a run directory that does not exist (migrate-checkpoint): one line each, exit 2, and a
+    run leaves no directory behind."""
+    from transformers import LlamaConfig
+
+    dense = tmp_path / "dense"
+    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2).save_pretrained(dense)
+    runs = tmp_path / "runs"
+    for args in (("run", "--quiet", *_sets(TINY + [f"output_dir={runs}", f"model.name={dense}"])),
+                 ("plan", *_sets([f"model.name={dense}"]))):
+        line = error_line(fedmoe(*args, cwd=tmp_path))
+        assert "'llama' is not a supported MoE architecture" in line and "olmoe" in line
+    assert "model.device: 'cuda:x' is not a device: use auto, cpu, cuda or cuda:N" in fedmoe(
+        "plan", "--device", "cuda:x", cwd=tmp_path).stderr
+    if not torch.cuda.is_available():
+        line = error_line(fedmoe("run", "--quiet", *_sets(TINY + [f"output_dir={runs}", "model.device=cuda"]),
+                                 cwd=tmp_path))
+        assert "model.device = cuda, but this machine has no CUDA device" in line and "auto or cpu" in line
+        line = error_line(fedmoe("mmlu", "builtin:tiny-moe", "--device", "cuda", "--subset", "quick", cwd=tmp_path))
+        assert "--device = cuda, but this machine has no CUDA device" in line
+    assert not runs.exists()
+    line = error_line(fedmoe("migrate-checkpoint", tmp_path / "nope", cwd=tmp_path))
+    assert "is not a fedmoe run directory" in line
+
+
+def test_plan_of_a_sweep_plans_each_distinct_setting(tmp_path):
+    """flame-table2's 8 points (4 methods x 2 Dirichlet alphas) are 4 plans: alpha changes no memory."""
+    r = fedmoe("plan", ROOT / "configs" / "flame-table2.yaml", *_sets(["data.max_length=16", "train.batch_size=2"]),
+               cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    heads = [x for x in r.stdout.splitlines() if x.startswith("sweep points ")]
+    assert len(heads) == 4 and all("alpha=5.0" in h and "alpha=0.5" in h for h in heads)
+    assert sum(x.startswith("memory plan of one training step") for x in r.stdout.splitlines()) == 4
+    assert "| 1 | 3 |" in r.stdout  # FLAME's k = 1 level, client 3

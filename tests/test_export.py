@@ -365,3 +365,25 @@ def test_every_architecture_trains_federated_and_exports(arch, tmp_path):
     assert set(got) == set(want) and len(want) == 2 * 8 * 3 + len(attention)
     for k, w in want.items():
         torch.testing.assert_close(got[k], w, rtol=0, atol=1e-6)
+
+
+def test_export_notes_say_what_differs_from_the_run():
+    """A quantized run's adapters on the full-precision base, the dtype to load a PEFT base in, and vLLM's
+    latent attention that never applies kv_b_proj's LoRA: each said where it applies, and only there."""
+    from helpers import tiny_hf
+
+    from fedmoe.export import export_notes
+
+    plain = load_config(None, ["model.dtype=bfloat16"])
+    assert export_notes(plain, "merged") == [] and export_notes(plain, "peft") == []
+    nf4 = load_config(None, ["model.quantization=nf4"])
+    assert any("NF4 base" in n for n in export_notes(nf4, "merged"))
+    assert not any("NF4" in n for n in export_notes(nf4, "fedmoe"))
+    assert any("dtype=torch.float32" in n for n in export_notes(nf4, "peft"))
+    mla = MoEModel(tiny_hf("deepseek_v3"))
+    mla.add_attention_lora(4, 8.0)  # q_proj, kv_b_proj, o_proj
+    assert any("kv_b_proj" in n for n in export_notes(plain, "vllm", mla))
+    assert not any("kv_b_proj" in n for n in export_notes(plain, "merged", mla))
+    mla = MoEModel(tiny_hf("deepseek_v3"))
+    mla.add_attention_lora(4, 8.0, ["q_proj", "o_proj"])
+    assert export_notes(plain, "vllm", mla) == []

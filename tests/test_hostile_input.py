@@ -101,6 +101,9 @@ def test_a_current_checkpoint_loads_safely_and_an_old_one_migrates(tmp_path):
     torch.save({"round": 2, "global_state": {"w": torch.ones(2)}, "rng": old}, path)
     with pytest.raises(Exception, match="migrate-checkpoint"):
         load_checkpoint(tmp_path / "run", log=lambda *a: None)
+    with pytest.raises(FileNotFoundError, match="not a fedmoe run directory"):  # a run's folder: its config.yaml
+        migrate_checkpoints(tmp_path / "run", log=lambda *a: None)
+    (tmp_path / "run" / "config.yaml").write_text("name: run\n")
     assert migrate_checkpoints(tmp_path / "run", log=lambda *a: None) == [path]
     assert load_tensor_file(path)["round"] == 2
     assert migrate_checkpoints(tmp_path / "run", log=lambda *a: None) == []  # nothing left to do

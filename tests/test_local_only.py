@@ -36,6 +36,14 @@ def test_local_only_sends_nothing_and_keeps_the_global_model(tmp_path):
     # each client's model moved away from it, and differently
     assert all(c["loss"] != summary["zero_shot"]["loss"] for c in summary["clients"])
     assert len({round(c["loss"], 6) for c in summary["clients"]}) == 3
+    # and says so: the summary, the report, and export / generate, which want a client's model
+    from fedmoe.export import ExportError, export_model
+
+    assert summary["global_model_trained"] is False
+    assert "trains no global model" in rd.report_path.read_text()
+    with pytest.raises(ExportError, match="trains no global model.*--client 0..2"):
+        export_model(rd.path, tmp_path / "out")
+    assert export_model(rd.path, tmp_path / "c1", client=1)[0] in ("peft", "fedmoe")  # a client's own model
 
 
 def test_update_conflict_by_hand():

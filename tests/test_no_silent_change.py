@@ -66,6 +66,12 @@ def test_a_boolean_text_or_fraction_is_not_a_whole_number(tmp_path):
     assert "algorithm.client_top_k: item 0: a number is expected, not true/false" in _error(
         tmp_path, "algorithm:\n  client_top_k: [true, 2, 2, 2]\n")
     assert "federation.rounds: a number is expected" in _error(tmp_path, "", ["federation.rounds=true"])
+    # nor a number a boolean (pydantic reads 1 as true and 0 as false): a switch is true or false
+    assert "lora.router: true or false is expected, not the number 1" in _error(tmp_path, "", ["lora.router=1"])
+    assert "model.skip_padding: true or false is expected, not the number 0" in _error(
+        tmp_path, "model:\n  skip_padding: 0\n")
+    _, cfg = _load(tmp_path, "", ["train.activation_checkpointing=2"])  # true, or every n-th layer: a number fits
+    assert cfg.train.activation_checkpointing == 2
     # what stays: --set's text parsed as YAML, an int where a float goes, YAML 1.1's text 1e-4 for a float
     _, cfg = _load(tmp_path, "train:\n  lr: 1\n  min_lr: 1e-5\n", ["federation.rounds=3"])
     assert cfg.federation.rounds == 3 and cfg.train.lr == 1.0 and cfg.train.min_lr == 1e-5

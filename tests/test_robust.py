@@ -118,7 +118,9 @@ def test_one_poisoning_client_moves_fedavg_far_and_the_robust_rules_little():
 
 
 @pytest.mark.parametrize("sets,want", [
-    (["algorithm.name=scaffold", "federation.robust.rule=median"], "federation.robust replaces a weighted sum"),
+    (["algorithm.name=scaffold", "federation.robust.rule=median"], "federation.robust replaces a weighted mean.*"
+                                                                     "control-variate changes"),
+    (["algorithm.name=trivial", "federation.robust.rule=median"], "re-factorises each client's rank-r_i factors"),
     (["federation.robust.rule=median", "federation.dp.clip_norm=1", "federation.dp.noise_multiplier=1"],
      "federation.robust and federation.dp together"),
     (["federation.robust.rule=krum", "federation.robust.krum_malicious=2"], r"at least 2f \+ 3 = 7 clients"),

@@ -143,19 +143,36 @@ def plan(
     """Will it fit? The estimated peak memory of one client's training step per budget level (weights,
     adapters, gradients, optimizer state, activations), before anything is loaded, and whether the device
     has it."""
-    from .config import ConfigError, load_config
-    from .plan import device_memory, format_plan, memory_plan
+    import json
 
+    from .config import ConfigError, load_config
+    from .plan import PLAN_SECTIONS, device_memory, format_plan, memory_plan
+
+    sets = [*(set_ or []), *([f"model.device={device}"] if device else [])]
     try:
-        cfg = load_config(config, [*(set_ or []), *([f"model.device={device}"] if device else [])])
-        plans = memory_plan(cfg)
+        from .federation.sweep import expand_sweep, load_sweep
+
+        if config is not None and config.is_file() and load_sweep(config)[1] is not None:
+            # a sweep: one plan per distinct memory-relevant setting, naming the points it covers
+            configs: dict[str, tuple] = {}
+            for point, cfg in expand_sweep(config, sets)[2]:
+                key = json.dumps({s: cfg.model_dump(mode="json")[s] for s in PLAN_SECTIONS} | {
+                    "max_length": cfg.data.max_length, "clients": cfg.data.partition.num_clients}, sort_keys=True)
+                configs.setdefault(key, (cfg, []))[1].append(point)
+            todo = list(configs.values())
+        else:
+            todo = [(load_config(config, sets), None)]
+        done = [(cfg, points, memory_plan(cfg)) for cfg, points in todo]
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _error(f"{e}")
         raise typer.Exit(2)
     from .moe.model import resolve_device
 
-    what, available = device_memory(str(resolve_device(cfg.model.device)))
-    print(format_plan(cfg, plans, what, available))
+    for i, (cfg, points, plans) in enumerate(done):
+        what, available = device_memory(str(resolve_device(cfg.model.device)))
+        if points is not None:
+            print(("\n" if i else "") + f"sweep points {', '.join(points)}:")
+        print(format_plan(cfg, plans, what, available))
 
 
 @app.command()
@@ -396,6 +413,9 @@ def mmlu(
             raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"--max-length must be at least 1 token, got {max_length}")
+        from .moe.model import check_device
+
+        check_device(device, "--device")
     except ValueError as e:
         _error(f"{e}")
         raise typer.Exit(2)
@@ -475,7 +495,7 @@ def export(
                         "that did not finish, or whose last checkpoint is damaged (default: the finished run's last)")] = None,
 ):
     """Export a trained model: a PEFT adapter (default), a merged Hugging Face model (--merged), or,
-    where neither can express the model, a folder that MoEModel.from_pretrained restores exactly."""
+    where neither can express the model, a fedmoe folder that fedmoe.export.load_model restores exactly."""
     from .config import ConfigError
     from .export import export_model
 
@@ -489,11 +509,13 @@ def export(
     except OSError as e:
         _error(_os_error(e))
         raise typer.Exit(2)
-    text = {"peft": "a PEFT adapter: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), OUT)",
+    text = {"peft": "a PEFT adapter: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=..), OUT)",
             "merged": "a merged Hugging Face model: AutoModelForCausalLM.from_pretrained(OUT)",
             "vllm": "a LoRA adapter with per-expert keys (vLLM: LLM(base, enable_lora=True) + LoRARequest(.., OUT))",
             "fedmoe": "a fedmoe model folder: fedmoe.export.load_model(OUT)"}[form]
     print(f"{exported['source']} -> {out}: {text}")
+    for note in exported.get("notes", []) if not why else []:
+        print(f"note: {note}")
     if why:
         asked = format_ or ("merged" if merged else "peft")
         print(f"not {asked}, because: " + "; ".join(why))
@@ -558,7 +580,14 @@ def generate(
 
 
 def main():
+    import logging
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # noise a command's user cannot act on: bitsandbytes' import (through PEFT) warns that an optional CPU matmul
+    # kernel fedmoe never calls is missing; PEFT asks transformers a question under its deprecated name
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     app()
 
 

@@ -37,6 +37,18 @@ class ModelConfig(_Strict):
     # linears; LoRA on top in `dtype`. none | nf4 | fp4 | int8
     quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
 
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, value: str) -> str:
+        import torch
+
+        if value != "auto":
+            try:
+                torch.device(value)
+            except RuntimeError:
+                raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        return value
+
 
 class LoRAConfig(_Strict):
     rank: int = Field(8, ge=1)
@@ -423,8 +435,10 @@ class RunConfig(_Strict):
         robust = self.federation.robust
         if robust is not None:
             if not method.server.supports_dp:
-                raise ValueError(f"federation.robust replaces a weighted sum of client updates by a robust statistic, "
-                                 f"but {alg.name} {method.server.dp_note}; remove federation.robust")
+                server = method.server  # the aggregation's own reason, not DP's noise
+                why = server.robust_note or server.secagg_refusal(self) or server.dp_note
+                raise ValueError(f"federation.robust replaces a weighted mean of client updates by a robust statistic, "
+                                 f"but {alg.name} {why}; remove federation.robust")
             if self.federation.dp is not None and self.federation.dp.where == "server":
                 raise ValueError("federation.robust and federation.dp together: DP already bounds each update "
                                  "(clip_norm) and its accounting assumes the sum of the clipped updates, which a "
@@ -539,7 +553,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         source = str(p)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"config file not found: {p}: give the path of a YAML config "
+                              "(e.g. configs/default.yaml)")
         try:
             loaded = load_yaml(p.read_text(encoding="utf-8"), str(p))
         except UnicodeDecodeError as e:

@@ -31,9 +31,10 @@ def _members(annotation) -> list:
 
 
 def _misfit(value, annotation) -> str | None:
-    """Why ``value`` must not pass as a number where ``annotation`` wants one (None: let pydantic decide).
-    pydantic's lax mode reads true as 1 and "3" as 3; here a boolean is never a number, and text is a
-    whole number's only where the field also takes text or a float (YAML 1.1 reads ``1e-4`` as text)."""
+    """Why ``value`` must not pass as a number where ``annotation`` wants one, or as a boolean (None: let
+    pydantic decide). pydantic's lax mode reads true as 1, 1 as true and "3" as 3; here a boolean is never a
+    number nor a number a boolean, and text is a whole number's only where the field also takes text or a
+    float (YAML 1.1 reads ``1e-4`` as text)."""
     members = _members(annotation)
     if Any in members or object in members:
         return None
@@ -41,6 +42,8 @@ def _misfit(value, annotation) -> str | None:
         if bool not in members and (int in members or float in members):
             return "a number is expected, not true/false"
         return None
+    if isinstance(value, (int, float)) and bool in members and not {int, float} & set(members):
+        return f"true or false is expected, not the number {value!r}"
     if isinstance(value, str):
         if int in members and not {str, float} & set(members):
             return f"a whole number is expected, not the text {value!r}"

@@ -154,6 +154,9 @@ def load_run_model(run_dir: str | Path, client: int | None = None, private_path:
     if client is not None and not 0 <= client < n:
         raise ExportError(f"--client {client}: the run {rd.path} has clients 0..{n - 1}")
     method = METHODS[cfg.algorithm.name]
+    if client is None and not method.server.trains_global_model:
+        raise ExportError(f"{rd.path} ran {cfg.algorithm.name}, which trains no global model (its global model is the "
+                          f"initial one; each client trained alone): name a client's model with --client 0..{n - 1}")
     server = method.server(cfg, model_spec(cfg, method))
     message = server.downlink(ck["global_state"], ck["server_state"], client, round_idx=ck["round"])
     private: dict = {}
@@ -438,6 +441,7 @@ def _export_into(out: Path, run_dir, client, merged: bool, private_path, form: s
     loaded = load_run_model(run_dir, client, private_path, round_idx)
     if exported is not None:  # what was exported, for the caller's message: "client 1 of RUN (after round 3)"
         exported["source"] = loaded.source
+        exported["notes"] = export_notes(loaded.cfg, form, loaded.mm)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -463,6 +467,25 @@ def _export_into(out: Path, run_dir, client, merged: bool, private_path, form: s
             return "peft", []
     write_fedmoe(loaded, out)
     return "fedmoe", why
+
+
+def export_notes(cfg, form: str, mm: MoEModel | None = None) -> list[str]:
+    """What a user of an export in ``form`` must know to get the run's own numbers back from it."""
+    notes = []
+    if form == "vllm" and mm is not None and any(n.endswith(".kv_b_proj") and isinstance(m, LoRALinear)
+                                                  for n, m in mm.model.named_modules()):
+        notes.append("vLLM (0.34) loads LoRA on kv_b_proj but does not apply it under multi-head latent attention "
+                     "(its attention keeps its own reference to the base layer); SGLang applies it. For vLLM, "
+                     "train with lora.attention_targets leaving kv_b_proj out, or export --merged")
+    q = cfg.model.quantization
+    if q != "none" and form in ("peft", "merged", "vllm"):
+        notes.append(f"the run trained and was evaluated on an {q.upper()} base; this export applies its adapters to the "
+                     "full-precision base, so its outputs differ from the evaluated model's by the quantization "
+                     "error (fedmoe generate RUN, or a fedmoe folder, uses the quantized base)")
+    if form == "peft" and cfg.model.dtype != "bfloat16":
+        notes.append(f"the run computed in {cfg.model.dtype}: load the base with dtype=torch.{cfg.model.dtype} "
+                     "(a checkpoint stored in bf16 loads in bf16 by default)")
+    return notes
 
 
 def _write_source(loaded: LoadedModel, out: Path, form: str) -> None:

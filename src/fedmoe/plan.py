@@ -153,13 +153,20 @@ def training_step_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int
             "activations": max(0, int(live.peak) - grads - optim)}
 
 
+# the config sections a plan reads (with data.max_length and the number of clients): sweep points that agree on
+# them have one plan
+PLAN_SECTIONS = ("model", "lora", "train", "algorithm")
+
+
 def memory_plan(cfg) -> list[LevelPlan]:
     """One :class:`LevelPlan` per budget level (largest k first)."""
     from .algorithms import get_method
+    from .moe.arch import check_supported
     from .moe.model import load_model_config
 
     method = get_method(cfg.algorithm.name)
     config = load_model_config(cfg.model.name)
+    check_supported(config.model_type)  # a dense model has no experts to plan
     default_k = int(getattr(config, "num_experts_per_tok"))
     return [LevelPlan(k, clients, training_step_bytes(cfg, method, k))
             for k, clients in _levels(cfg, method, default_k).items()]

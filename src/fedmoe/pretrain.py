@@ -106,7 +106,8 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = 
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"config file not found: {p}: give the path of a YAML config "
+                              "(e.g. configs/pretrain-tiny-moe.yaml)")
         tree = load_yaml(p.read_text(encoding="utf-8"), str(p)) or {}
     tree = apply_overrides(tree, overrides or [])
     try:

@@ -175,6 +175,10 @@ class Server:
     # the scalars a client's train reply carries (any other makes the reply invalid)
     reply_scalars: tuple[str, ...] = (N_TRAIN,)
     dp_note = "does not declare its aggregation a weighted sum of client updates (Server.supports_dp)"
+    # why federation.robust does not apply, where neither secagg_refusal nor dp_note says it
+    robust_note: str | None = None
+    # False: the global model is the initial one (local_only): nothing to export or ask without a client
+    trains_global_model = True
 
     def __init__(self, cfg: RunConfig, spec: ModelSpec):
         self.cfg = cfg

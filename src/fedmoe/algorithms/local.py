@@ -20,6 +20,7 @@ STATE = "state"  # private: the client's own adapters
 
 
 class LocalServer(Server):
+    trains_global_model = False
     supports_server_optimizer = False
     server_optimizer_note = "aggregates nothing (each client trains alone)"
     dp_note = "aggregates nothing: no client update reaches the server"

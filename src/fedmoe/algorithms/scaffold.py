@@ -51,6 +51,8 @@ class ScaffoldServer(FedITServer):
         return {DC + n: (tuple(t.shape), t.dtype) for n, t in global_state.items()}
 
     supports_dp = False
+    robust_note = ("also sums the clients' control-variate changes Δc_i into the server control c, which a robust "
+                   "statistic of the model updates would leave unbounded")
     dp_note = ("also sums the clients' control-variate changes Δc_i into the server control c, which is sent to "
                "every client: a private SCAFFOLD would have to clip and noise those too")
 

@@ -293,6 +293,8 @@ def migrate_checkpoints(path: str | Path, log=print) -> list[Path]:
     import io
 
     folder = Path(path) / RunDir.CHECKPOINTS
+    if not (Path(path) / RunDir.CONFIG).is_file():
+        raise FileNotFoundError(f"{path} is not a fedmoe run directory (no {RunDir.CONFIG}): give the folder of a run")
     done = []
     for f in (folder / CHECKPOINT_FILE, folder / PREVIOUS_CHECKPOINT_FILE):
         if not f.is_file():

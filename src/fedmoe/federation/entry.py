@@ -20,14 +20,18 @@ def check_model(cfg: RunConfig, log=print) -> None:
     """Before anything is written: the model's config can be read (a hub id offline is not),
     ``data.max_length`` fits its context, and on a GPU the training step fits its memory
     (:func:`fedmoe.plan.check_fits`)."""
-    from ..moe.model import check_context, load_model_config
+    from ..moe.arch import check_supported
+    from ..moe.model import check_context, check_device, load_model_config
     from ..plan import check_fits
 
     try:
         config = load_model_config(cfg.model.name)
+        check_supported(config.model_type)  # a dense model is refused before a directory is made
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"model.name: {e}") from None
     check_context(config, cfg.data.max_length, cfg.model.name)
+    if cfg.federation.runtime != "flower":  # a deployment's clients train on their own machines' devices
+        check_device(cfg.model.device)
     check_fits(cfg, log)
 
 

@@ -130,6 +130,12 @@ def label_groups(cfg) -> dict | None:
             "maps": [{a: b for a, b in m.items() if a != b} for m in maps]}
 
 
+def _trains_global_model(cfg) -> bool:
+    from ..algorithms.registry import METHODS
+
+    return METHODS[cfg.algorithm.name].server.trains_global_model
+
+
 def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, zero_shot: dict | None,
                 wall_s: float, extra: dict) -> dict:
     """summary.json of a finished run (``spec``: the server's view of the model)."""
@@ -181,6 +187,8 @@ def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, 
                         "heldout_scores": g.get("heldout_scores"),
                         f"{metric}_change": answer_change(ordered, cfg.seed)},
         extra={"task": cfg.eval.task, "labels": cfg.data.labels, "label_groups": label_groups(cfg),
+               # False (local_only): the "global" model numbers are the initial model's
+               "global_model_trained": _trains_global_model(cfg),
                "num_clients": len(records), "fraction": cfg.federation.fraction, "num_moe_layers": spec.num_moe_layers,
                "num_experts": spec.num_experts, "top_k": spec.top_k, "zero_shot": zero_shot,
                "data_skipped_rows": skipped_rows(ordered),

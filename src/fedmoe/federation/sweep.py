@@ -97,12 +97,13 @@ def _quiet_point(args) -> str:
     return _run_point(*args[:5], False, lambda msg: print(f"[{point}] {msg}", flush=True), *args[5:])
 
 
-def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progress: bool = False, log=print,
-              federation: str | None = None, jobs: int = 1) -> Path:
-    """Run every point of the sweep in ``path`` (``jobs`` > 1: that many points at once, each in its own
-    process with an equal share of the CPU threads) and write the combined ``sweep_report.md``."""
+def expand_sweep(path: str | Path, overrides: list[str] | None = None):
+    """(the config tree without its sweep, [(point, its overrides)], [(point, its validated config)]) of the sweep
+    in ``path``: ``overrides`` apply to the tree, then each point's own on top; ``--set sweep.<key>=[values]``
+    replaces one axis of the sweep (the key keeps its dots)."""
     tree, sweep = load_sweep(path)
-    # `--set sweep.<key>=[values]` replaces one axis of the sweep (the key keeps its dots)
+    if sweep is None:
+        raise ConfigError(f"{path}: has no sweep section")
     plain = []
     for item in overrides or []:
         if item.startswith("sweep."):
@@ -111,12 +112,20 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progres
         else:
             plain.append(item)
     tree = apply_overrides(tree, plain)
+    points = sweep_points(sweep)
+    configs = [(point, config_from_tree(apply_overrides(json.loads(json.dumps(tree)), sets),
+                                        f"{path} (sweep point {point})")) for point, sets in points]
+    return tree, points, configs
+
+
+def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progress: bool = False, log=print,
+              federation: str | None = None, jobs: int = 1) -> Path:
+    """Run every point of the sweep in ``path`` (``jobs`` > 1: that many points at once, each in its own
+    process with an equal share of the CPU threads) and write the combined ``sweep_report.md``."""
+    tree, points, _ = expand_sweep(path, overrides)  # every point's config is valid before the first runs
     base = config_from_tree(tree, str(path))
     root = Path(base.output_dir) / base.run_name()
     root.mkdir(parents=True, exist_ok=True)
-    points = sweep_points(sweep)
-    for point, sets in points:  # every point's config is valid before the first one runs
-        config_from_tree(apply_overrides(json.loads(json.dumps(tree)), sets), f"{path} (sweep point {point})")
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if jobs == 1 or len(points) == 1:

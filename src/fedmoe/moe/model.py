@@ -188,6 +188,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_device(device: str, what: str = "model.device") -> None:
+    """Refuse a device that is not one, or a CUDA device this machine does not have, before anything is
+    loaded or written."""
+    try:
+        d = resolve_device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"{device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"{what} = {device}, but this machine has no CUDA device (torch "
+                                 f"{torch.__version__}, {'built without CUDA' if torch.version.cuda is None else 'no GPU visible'}):"
+                                 " use auto or cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"{what} = {device}, but this machine has {torch.cuda.device_count()} CUDA "
+                                 f"device(s): use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 

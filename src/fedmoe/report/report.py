@@ -672,6 +672,9 @@ def write_report(
         bound = f", each update's norm bounded to {robust['norm_bound']:g}" if robust.get("norm_bound") else ""
         facts += f" · robust aggregation: {rule}{bound}"
     parts = [title, "", facts, "", "## Results", "", format_results_table(summary), ""]
+    if summary.get("global_model_trained") is False:
+        parts += [f"{summary.get('algorithm')} trains no global model: the global row is the initial model, and the "
+                  "change from zero-shot is that of the clients' own models.", ""]
     parts += format_health(summary)
     parts += format_failures(summary)
     parts += format_privacy(summary, metrics)
