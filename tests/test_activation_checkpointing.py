@@ -12,6 +12,7 @@ from fedmoe.algorithms import get_method
 from fedmoe.config import ConfigError, load_config
 from fedmoe.federation import resume_federated, run_federated
 from fedmoe.federation.local import load_client_model
+from fedmoe.moe.arch import token_mixers
 from fedmoe.plan import memory_plan, training_step_bytes
 from fedmoe.train import train_local
 
@@ -41,7 +42,8 @@ def _train(sets, setting):
     calls = []
     layers = mm.model.model.layers
     # on the attention inside each layer: transformers checkpoints a layer's forward, not its __call__
-    hooks = [layer.self_attn.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, layer in enumerate(layers)]
+    hooks = [token_mixers(layer)[0].register_forward_hook(lambda *a, i=i: calls.append(i))
+             for i, layer in enumerate(layers)]
     result = train_local(mm, _examples(), cfg.train, pad_id=0, lr=cfg.train.lr, seed=4)
     for h in hooks:
         h.remove()
@@ -50,13 +52,25 @@ def _train(sets, setting):
     return result, {n: p.detach().clone() for n, p in mm.trainable_parameters().items()}, calls
 
 
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    """A tiny Qwen3.5 (linear attention in layers 0 and 2, softmax attention in 1 and 3) as a model folder."""
+    from helpers import tiny_hf
+
+    folder = tmp_path_factory.mktemp("qwen35")
+    tiny_hf("qwen3_5_moe_text", num_layers=4).save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.parametrize("sets", [
     ["algorithm.name=fedit", "lora.dropout=0.1", "train.grad_accum=2"],
     ["algorithm.name=flex"],
     ["algorithm.name=flame", "algorithm.budgets.top_k=[2,1]"],
     ["algorithm.name=fedit", "model.quantization=nf4"],
-], ids=["fedit-dropout-accum", "flex", "flame-k1", "fedit-nf4"])
-def test_checkpointed_training_gives_the_same_numbers(sets):
+    ["algorithm.name=flame", "algorithm.budgets.top_k=[2,1]", "model.name={hybrid}"],
+], ids=["fedit-dropout-accum", "flex", "flame-k1", "fedit-nf4", "flame-k1-hybrid"])
+def test_checkpointed_training_gives_the_same_numbers(sets, hybrid):
+    sets = [s.format(hybrid=hybrid) for s in sets]  # the hybrid model's recurrent layers recompute their state
     plain, state, calls = _train(sets, "false")
     n_layers, steps = max(calls) + 1, plain.steps
     micro = steps * (2 if "train.grad_accum=2" in sets else 1)

@@ -108,7 +108,7 @@ def test_block_size():
         block_size(7)
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "qwen3_5_moe_text"])  # and a hybrid's linear attention
 @pytest.mark.parametrize("scheme,rel", [("nf4", 0.12), ("fp4", 0.12), ("int8", 0.01)])
 def test_quantized_model_stores_the_experts_in_4_or_8_bits_and_stays_close(arch, scheme, rel):
     """The fused expert tensors and the attention linears become codes (uint8 / int8) + float32 scales;
@@ -132,6 +132,10 @@ def test_quantized_model_stores_the_experts_in_4_or_8_bits_and_stays_close(arch,
             assert w.codes.numel() == (full if scheme == "int8" else full // 2)
     attn = [m for m in mm.model.modules() if isinstance(m, QuantizedLinear)]
     assert len(attn) >= 4 * mm.config.num_hidden_layers
+    from fedmoe.moe.arch import decoder_layers, token_mixers
+
+    mixers = [m for layer in decoder_layers(mm.model) for m in token_mixers(layer)]
+    assert not [n for m in mixers for n, c in m.named_children() if type(c) is torch.nn.Linear]  # linear attention too
     assert stats["bytes_before"] - stats["bytes_after"] == before - after > 0
     assert stats["bytes_after"] < stats["bytes_before"] * (0.3 if scheme == "int8" else 0.2)
     with torch.no_grad():
