@@ -373,3 +373,24 @@ def test_plan_of_a_sweep_plans_each_distinct_setting(tmp_path):
     assert len(heads) == 4 and all("alpha=5.0" in h and "alpha=0.5" in h for h in heads)
     assert sum(x.startswith("memory plan of one training step") for x in r.stdout.splitlines()) == 4
     assert "| 1 | 3 |" in r.stdout  # FLAME's k = 1 level, client 3
+
+
+def test_plan_of_a_sweep_keeps_apart_points_whose_seed_draws_other_levels(tmp_path):
+    """With budgets assigned by a distribution, the seed decides which k levels the clients run at (and the
+    peak): points of different seeds share a plan only where they draw the same levels for the same clients."""
+    from fedmoe.algorithms import get_method
+    from fedmoe.federation.sweep import expand_sweep
+    from fedmoe.plan import _levels, distinct_plans
+
+    p = tmp_path / "s.yaml"
+    p.write_text("model: {name: builtin:tiny-moe}\ndata: {partition: {scheme: iid, num_clients: 2}}\n"
+                 "algorithm: {name: flame, budgets: {assign: distribution, probs: [0.5, 0.5, 0.0, 0.0]}}\n"
+                 "sweep: {seed: [0, 1, 2, 3, 4, 5]}\n")
+    points = expand_sweep(p)[2]
+    groups = distinct_plans(points)
+    levels = {point: _levels(cfg, get_method("flame"), 4) for point, cfg in points}
+    assert len({str(v) for v in levels.values()}) > 1  # the seed matters here: the test is not vacuous
+    assert sorted(q for _, ps in groups for q in ps) == sorted(levels)
+    for cfg, ps in groups:
+        assert len({str(levels[q]) for q in ps}) == 1  # one plan only for points with the same levels
+    assert len(groups) == len({str(v) for v in levels.values()})

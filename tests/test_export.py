@@ -374,12 +374,12 @@ def test_export_notes_say_what_differs_from_the_run():
 
     from fedmoe.export import export_notes
 
-    plain = load_config(None, ["model.dtype=bfloat16"])
+    plain = load_config(None, ["model.dtype=bfloat16"])  # the built-in base is stored in bf16: nothing to say
     assert export_notes(plain, "merged") == [] and export_notes(plain, "peft") == []
     nf4 = load_config(None, ["model.quantization=nf4"])
     assert any("NF4 base" in n for n in export_notes(nf4, "merged"))
     assert not any("NF4" in n for n in export_notes(nf4, "fedmoe"))
-    assert any("dtype=torch.float32" in n for n in export_notes(nf4, "peft"))
+    assert any("dtype=torch.float32" in n and "bfloat16" in n for n in export_notes(nf4, "peft"))
     mla = MoEModel(tiny_hf("deepseek_v3"))
     mla.add_attention_lora(4, 8.0)  # q_proj, kv_b_proj, o_proj
     assert any("kv_b_proj" in n for n in export_notes(plain, "vllm", mla))

@@ -81,6 +81,29 @@ def test_total_params_match_meta_model_tiny(arch):
     assert count_flops(cfg, 8)["total_params"] == _meta_params(cfg)
 
 
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5_moe_text"])
+def test_linear_attention_flops_and_parameters_exactly(arch):
+    """One linear-attention layer against FlopCounterMode, exactly (the whole-model test's 1% tolerance would
+    let its convolution go uncounted), at lengths within one chunk, on a chunk's edge and over three chunks,
+    for head shapes where keys and values differ; and its parameters."""
+    from fedmoe.eval.flops import _shape
+
+    for nkh, nvh, dk, dv, K in ((2, 4, 8, 8, 4), (1, 4, 8, 16, 3)):
+        cfg = tiny_config(arch)
+        cfg.linear_num_key_heads, cfg.linear_num_value_heads = nkh, nvh
+        cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim = dk, dv, K
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        mixer = next(layer.linear_attn for layer in model.model.layers if hasattr(layer, "linear_attn"))
+        linear = _shape(cfg).linear
+        assert sum(p.numel() for p in mixer.parameters()) == sum(lin.params for lin in linear.proj) + linear.other_params
+        for T in (1, 5, 64, 65, 130):
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                mixer(torch.randn(1, T, cfg.hidden_size))
+            proj = 2 * T * sum(lin.fan_in * lin.fan_out for lin in linear.proj)
+            assert counter.get_total_flops() == proj + linear.mixer_flops(T), (nkh, nvh, dk, dv, K, T)
+
+
 @needs_configs
 @pytest.mark.parametrize("path", [OLMOE, QWEN15], ids=["olmoe-1b-7b", "qwen1.5-moe-a2.7b"])
 def test_total_params_match_meta_model_real(path):

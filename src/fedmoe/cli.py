@@ -143,23 +143,16 @@ def plan(
     """Will it fit? The estimated peak memory of one client's training step per budget level (weights,
     adapters, gradients, optimizer state, activations), before anything is loaded, and whether the device
     has it."""
-    import json
-
     from .config import ConfigError, load_config
-    from .plan import PLAN_SECTIONS, device_memory, format_plan, memory_plan
+    from .plan import device_memory, distinct_plans, format_plan, memory_plan
 
     sets = [*(set_ or []), *([f"model.device={device}"] if device else [])]
     try:
-        from .federation.sweep import expand_sweep, load_sweep
+        if config is not None and _has_sweep(config):
+            from .federation.sweep import expand_sweep
 
-        if config is not None and config.is_file() and load_sweep(config)[1] is not None:
             # a sweep: one plan per distinct memory-relevant setting, naming the points it covers
-            configs: dict[str, tuple] = {}
-            for point, cfg in expand_sweep(config, sets)[2]:
-                key = json.dumps({s: cfg.model_dump(mode="json")[s] for s in PLAN_SECTIONS} | {
-                    "max_length": cfg.data.max_length, "clients": cfg.data.partition.num_clients}, sort_keys=True)
-                configs.setdefault(key, (cfg, []))[1].append(point)
-            todo = list(configs.values())
+            todo = distinct_plans(expand_sweep(config, sets)[2])
         else:
             todo = [(load_config(config, sets), None)]
         done = [(cfg, points, memory_plan(cfg)) for cfg, points in todo]

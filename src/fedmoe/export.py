@@ -42,7 +42,7 @@ from .messages import Message
 from .rundir import load_tensor_file, ordinary_permissions
 from .moe import MoEModel
 from .moe.lora import ExpertsWithLoRA, LoRALinear, RouterWithLoRA, expert_lora_pairs
-from .moe.model import BUILTIN_PREFIX, EXPORT_MARKER, builtin_model_path, load_tokenizer
+from .moe.model import BUILTIN_PREFIX, EXPORT_MARKER, builtin_model_path, load_model_config, load_tokenizer
 
 EXPORT_FILE = EXPORT_MARKER
 _STATE = "state.safetensors"
@@ -482,10 +482,20 @@ def export_notes(cfg, form: str, mm: MoEModel | None = None) -> list[str]:
         notes.append(f"the run trained and was evaluated on an {q.upper()} base; this export applies its adapters to the "
                      "full-precision base, so its outputs differ from the evaluated model's by the quantization "
                      "error (fedmoe generate RUN, or a fedmoe folder, uses the quantized base)")
-    if form == "peft" and cfg.model.dtype != "bfloat16":
+    stored = _stored_dtype(cfg.model.name) if form == "peft" else None
+    if form == "peft" and stored != cfg.model.dtype:
         notes.append(f"the run computed in {cfg.model.dtype}: load the base with dtype=torch.{cfg.model.dtype} "
-                     "(a checkpoint stored in bf16 loads in bf16 by default)")
+                     + ("(it loads in the dtype it is stored in by default" + (f", {stored})" if stored else ")")))
     return notes
+
+
+def _stored_dtype(name: str) -> str | None:
+    """The dtype a base model's checkpoint is stored in (what from_pretrained loads it in), if its config says."""
+    try:
+        dtype = getattr(load_model_config(name), "dtype", None)
+    except (OSError, ValueError):
+        return None
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _write_source(loaded: LoadedModel, out: Path, form: str) -> None:

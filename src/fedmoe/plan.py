@@ -153,9 +153,29 @@ def training_step_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int
             "activations": max(0, int(live.peak) - grads - optim)}
 
 
-# the config sections a plan reads (with data.max_length and the number of clients): sweep points that agree on
-# them have one plan
+# the config sections a plan reads (with data.max_length and the budget levels the clients run at): sweep points
+# that agree on them have one plan
 PLAN_SECTIONS = ("model", "lora", "train", "algorithm")
+
+
+def distinct_plans(points) -> list[tuple[object, list[str]]]:
+    """[(config, the sweep points that share its plan)] for [(point, config)]: points whose memory-relevant
+    settings agree — ``PLAN_SECTIONS``, ``data.max_length`` and the levels their clients run at (which a
+    seed decides under ``algorithm.budgets.assign: distribution``) — share one."""
+    import json
+
+    from .algorithms import get_method
+    from .moe.model import load_model_config
+
+    groups: dict[str, tuple[object, list[str]]] = {}
+    for point, cfg in points:
+        dump = cfg.model_dump(mode="json")
+        default_k = int(getattr(load_model_config(cfg.model.name), "num_experts_per_tok"))
+        levels = _levels(cfg, get_method(cfg.algorithm.name), default_k)
+        key = json.dumps({**{s: dump[s] for s in PLAN_SECTIONS}, "max_length": cfg.data.max_length,
+                          "levels": {str(k): v for k, v in levels.items()}}, sort_keys=True)
+        groups.setdefault(key, (cfg, []))[1].append(point)
+    return list(groups.values())
 
 
 def memory_plan(cfg) -> list[LevelPlan]:
