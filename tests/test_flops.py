@@ -131,7 +131,7 @@ def test_published_sizes_and_deepseek_v1():
 
 
 
-def test_published_sizes_of_glm_qwen3_next_qwen35_and_flexolmo():
+def test_published_sizes_of_glm_qwen3_next_qwen35_ernie_and_flexolmo():
     """GLM-4.5-Air (106B total, 12B active: zai-org's model card) is transformers' default Glm4MoeConfig with
     q/k/v biases and 128-wide heads (its config.json; Megatron's `--add-qkv-bias --kv-channels 128` for
     glm4.5-106B-A12B in THUDM/slime). The published active count leaves out the embeddings and LM head.
@@ -157,6 +157,15 @@ def test_published_sizes_of_glm_qwen3_next_qwen35_and_flexolmo():
         r = count_flops(config, 128)
         assert r["total_params"] == _meta_params(config)
         assert round(r["total_params"] / 1e9) == total and 3e9 <= r["active_params"] < 4e9
+    # ERNIE-4.5-21B-A3B (transformers' default Ernie4_5_MoeConfig; tied embeddings): 21B total, 3B active; and
+    # with use_bias, whose biases sit on attention, shared experts and dense MLPs, not on the experts
+    ernie = tf.Ernie4_5_MoeConfig()
+    r = count_flops(ernie, 128)
+    assert r["total_params"] == _meta_params(ernie) and int(r["total_params"] / 1e9) == 21
+    assert round(r["active_params"] / 1e9) == 3
+    biased = tiny_config("ernie4_5_moe")
+    biased.use_bias = True
+    assert count_flops(biased, 8)["total_params"] == _meta_params(biased)
     flex = tf.FlexOlmoConfig()
     r = count_flops(flex, 128)
     assert r["total_params"] == _meta_params(flex) and round(r["total_params"] / 1e9, 1) == 33.3

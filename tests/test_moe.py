@@ -18,7 +18,7 @@ RANK, ALPHA = 4, 8.0
 SHARED = {"olmoe": None, "flex_olmo": None, "qwen2_moe": "Qwen2MoeMLP", "qwen3_moe": None, "qwen3_next": "Qwen3NextMLP",
           "qwen3_5_moe_text": "Qwen3_5MoeMLP", "mixtral": None,
           "deepseek_v2": "DeepseekV2MLP", "deepseek_v3": "DeepseekV3MLP", "glm4_moe": "Glm4MoeMLP",
-          "glm4_moe_lite": "Glm4MoeLiteMLP"}
+          "glm4_moe_lite": "Glm4MoeLiteMLP", "ernie4_5_moe": "Ernie4_5_MoeMLP"}
 
 
 _hf = tiny_hf
@@ -28,7 +28,7 @@ _batch = token_batch
 @pytest.mark.parametrize("arch", ARCHS)
 def test_discovery(arch):
     mm = MoEModel(_hf(arch))
-    n_dense = 1 if arch.startswith(("deepseek", "glm4_moe")) else 0
+    n_dense = 1 if arch.startswith(("deepseek", "glm4_moe", "ernie")) else 0
     assert len(mm.layers) == 2
     assert [l.decoder_layer for l in mm.layers] == [n_dense, n_dense + 1]
     assert mm.num_experts == 8 and mm.default_top_k == 2
@@ -46,7 +46,7 @@ def test_dense_and_unknown_models_are_rejected():
     dense = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(UnsupportedModelError, match="olmoe, flex_olmo, qwen2_moe, qwen3_moe, qwen3_next, qwen3_5_moe_text, mixtral, deepseek_v2, "
-                       "deepseek_v3, glm4_moe, glm4_moe_lite"):
+                       "deepseek_v3, glm4_moe, glm4_moe_lite, ernie4_5_moe"):
         MoEModel(dense)
     # a supported MoE family whose config makes every layer dense
     cfg = tiny_config("qwen2_moe")

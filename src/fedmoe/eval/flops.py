@@ -35,7 +35,9 @@ Conventions (as FLAME, Table 1, counts them; docs/methods.md):
 Architectures: olmoe, flex_olmo, qwen2_moe, qwen3_moe, mixtral, deepseek_v2 and deepseek_v3 (multi-head latent
 attention, shared experts, ``first_k_dense_replace`` dense layers), glm4_moe (DeepSeek-V3's MoE with grouped-query
 attention), glm4_moe_lite (GLM's MoE with DeepSeek-V3's latent attention; dense layers by ``mlp_layer_types``),
-and DeepSeekMoE v1 (``model_type``
+ernie4_5_moe (shared experts; MoE layers from ``moe_layer_start_index`` to ``moe_layer_end_index`` every
+``moe_layer_interval``), qwen3_next and qwen3_5_moe_text (hybrid: linear attention in most layers), and
+DeepSeekMoE v1 (``model_type``
 "deepseek", which transformers does not ship: plain multi-head attention q/k/v/o with the
 DeepSeek shared-expert MoE and ``first_k_dense_replace`` / ``moe_layer_freq`` dense layers).
 """
@@ -96,6 +98,8 @@ class _Shape:
     # hybrid models: the decoder layers that mix tokens by linear attention (a gated delta rule) instead
     linear_layers: list[bool] = field(default_factory=list)
     linear: "_LinearAttention | None" = None
+    mlp_bias: bool = False  # biases on the shared experts', dense MLPs' and LM head's linears (ERNIE-4.5's use_bias)
+    router_extra: int = 0  # router parameters beside its weight (ERNIE-4.5's selection bias, a Parameter there)
 
     @property
     def num_moe_layers(self) -> int:
@@ -181,6 +185,8 @@ def _shape(config) -> _Shape:
             qkv_bias = o_bias = False
         elif mt == "glm4_moe":  # GLM-4.5: attention_bias is q/k/v's; o_proj has none
             qkv_bias, o_bias = bool(getattr(config, "attention_bias", False)), False
+        elif mt == "ernie4_5_moe":  # ERNIE-4.5: use_bias for every linear but the experts and the router
+            qkv_bias = o_bias = bool(getattr(config, "use_bias", False))
         else:  # olmoe, flex_olmo, qwen3_moe, deepseek (v1)
             qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
         gated = mt in HYBRID_ARCHITECTURES  # Qwen3-Next, Qwen3.5: q_proj also gives the output gate
@@ -196,7 +202,7 @@ def _shape(config) -> _Shape:
         targets = DEFAULT_ATTENTION_TARGETS.get(mt, ("q_proj", "k_proj", "v_proj", "o_proj"))
 
     # ---- which layers are sparse, expert sizes
-    shared_inter, shared_gate = 0, False
+    shared_inter, shared_gate, mlp_bias, router_extra = 0, False, False, 0
     dense_inter = int(_get(config, "intermediate_size", default=0))
     if mt in ("olmoe", "flex_olmo", "mixtral"):
         moe = [True] * L
@@ -209,6 +215,14 @@ def _shape(config) -> _Shape:
         if mt != "qwen3_moe":  # Qwen2-MoE, Qwen3-Next, Qwen3.5: a gated shared expert
             shared_inter = int(_get(config, "shared_expert_intermediate_size", default=0))
             shared_gate = True
+    elif mt == "ernie4_5_moe":
+        start, end, step = (int(config.moe_layer_start_index), int(config.moe_layer_end_index),
+                            int(config.moe_layer_interval))
+        moe = [(i + 1) % step == 0 and start <= i <= end for i in range(L)]
+        expert_inter = int(config.moe_intermediate_size)
+        shared_inter = expert_inter * int(_get(config, "moe_num_shared_experts", default=0))
+        mlp_bias = bool(getattr(config, "use_bias", False))
+        router_extra = E  # moe_statics.e_score_correction_bias: a frozen nn.Parameter, not a buffer
     else:  # deepseek_v2, deepseek_v3, glm4_moe, glm4_moe_lite, deepseek (v1)
         first = int(_get(config, "first_k_dense_replace", default=0))
         freq = int(_get(config, "moe_layer_freq", default=1)) if mt == "deepseek" else 1
@@ -235,7 +249,7 @@ def _shape(config) -> _Shape:
         conv_dim = 2 * kd + vd
         linear = _LinearAttention(proj, conv_dim * K + 2 * nvh + dv, nvh, dk, dv, conv_dim, K)
     return _Shape(mt, H, V, L, tie, attn, norms, qk_width, v_width, moe, E, k, expert_inter, dense_inter,
-                  shared_inter, shared_gate, tuple(targets), linear_layers, linear)
+                  shared_inter, shared_gate, tuple(targets), linear_layers, linear, mlp_bias, router_extra)
 
 
 # ---------------------------------------------------------------------------------------- counting
@@ -312,12 +326,14 @@ def count_flops(config, seq_len: int, k: int | None = None, lora_rank: int = 0, 
     attn_params = sum(lin.params for lin in s.attn) + s.attn_norm_params
     linear_params = sum(lin.params for lin in linear_proj) + (s.linear.other_params if s.linear else 0)
     expert_params = 3 * H * I
-    shared_params = 3 * H * s.shared_inter + (H if s.shared_gate else 0)
+    shared_params = 3 * H * s.shared_inter + (H if s.shared_gate else 0) + (
+        2 * s.shared_inter + H if s.mlp_bias and s.shared_inter else 0)
     non_expert = (
         s.vocab * H * (1 if s.tie else 2) + H  # embeddings, LM head, final norm
+        + (s.vocab if s.mlp_bias else 0)  # ERNIE-4.5's use_bias also gives the LM head a bias
         + La * attn_params + Ll * linear_params + s.num_layers * 2 * H  # token mixers + the two layer norms
-        + Lm * (E * H + shared_params)  # router + shared experts
-        + Ld * 3 * H * s.dense_inter
+        + Lm * (E * H + s.router_extra + shared_params)  # router + shared experts
+        + Ld * (3 * H * s.dense_inter + (2 * s.dense_inter + H if s.mlp_bias else 0))
     )
     return {
         "k": k,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 SUPPORTED_ARCHITECTURES = ("olmoe", "flex_olmo", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text", "mixtral",
-                           "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite")
+                           "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "ernie4_5_moe")
 
 # hybrid models (Qwen3-Next, Qwen3.5): most decoder layers mix tokens by linear attention (a gated delta rule,
 # ``linear_attn``), every few by softmax attention (``self_attn``)
@@ -40,6 +40,7 @@ _SHARED_EXPERT_ATTRS = {
     "deepseek_v3": ("shared_experts", None),
     "glm4_moe": ("shared_experts", None),
     "glm4_moe_lite": ("shared_experts", None),
+    "ernie4_5_moe": ("shared_experts", None),
 }
 
 
@@ -60,6 +61,7 @@ DEFAULT_ATTENTION_TARGETS = {
     "deepseek_v3": ("q_proj", "kv_b_proj", "o_proj"),
     "glm4_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "glm4_moe_lite": ("q_proj", "kv_b_proj", "o_proj"),
+    "ernie4_5_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
 
 

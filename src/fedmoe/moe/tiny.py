@@ -40,7 +40,7 @@ def tiny_config(arch: str, vocab_size: int = 128, num_experts: int = 8, top_k: i
     if arch == "mixtral":
         return tf.MixtralConfig(**common, intermediate_size=intermediate_size,
                                 num_local_experts=num_experts, num_experts_per_tok=top_k)
-    if arch in ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite"):
+    if arch in ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "ernie4_5_moe"):
         common["num_hidden_layers"] = num_layers + 1  # the first layer is dense, like the real model
     if arch in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite"):
         common["num_key_value_heads"] = common["num_attention_heads"]  # MLA: one kv head per head
@@ -70,4 +70,8 @@ def tiny_config(arch: str, vocab_size: int = 128, num_experts: int = 8, top_k: i
                                     num_experts_per_tok=top_k, n_shared_experts=1, q_lora_rank=12, kv_lora_rank=16,
                                     qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, norm_topk_prob=True,
                                     routed_scaling_factor=1.8)
+    if arch == "ernie4_5_moe":  # ERNIE-4.5: softmax routing with a selection bias, shared experts, layer 0 dense
+        return tf.Ernie4_5_MoeConfig(**common, intermediate_size=2 * intermediate_size,
+                                     moe_intermediate_size=intermediate_size, moe_num_experts=num_experts,
+                                     moe_k=top_k, moe_num_shared_experts=2, moe_layer_start_index=1)
     raise ValueError(f"no tiny config for '{arch}'")
