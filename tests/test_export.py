@@ -387,3 +387,12 @@ def test_export_notes_say_what_differs_from_the_run():
     mla = MoEModel(tiny_hf("deepseek_v3"))
     mla.add_attention_lora(4, 8.0, ["q_proj", "o_proj"])
     assert export_notes(plain, "vllm", mla) == []
+    # SGLang: a hybrid model's linear-attention LoRA (refused at start-up), FlexOlmo's q/k/v (dropped)
+    for arch, targets, said in (("qwen3_5_moe_text", None, "linear-attention"), ("flex_olmo", None, "FlexOlmo")):
+        mm = MoEModel(tiny_hf(arch))
+        mm.add_attention_lora(4, 8.0, targets)
+        assert any(said in n for n in export_notes(plain, "vllm", mm)) and export_notes(plain, "merged", mm) == []
+    for arch, targets in (("qwen3_5_moe_text", ["q_proj", "k_proj", "v_proj", "o_proj"]), ("flex_olmo", ["o_proj"])):
+        mm = MoEModel(tiny_hf(arch))
+        mm.add_attention_lora(4, 8.0, targets)
+        assert export_notes(plain, "vllm", mm) == []

@@ -477,6 +477,16 @@ def export_notes(cfg, form: str, mm: MoEModel | None = None) -> list[str]:
         notes.append("vLLM (0.34) loads LoRA on kv_b_proj but does not apply it under multi-head latent attention "
                      "(its attention keeps its own reference to the base layer); SGLang applies it. For vLLM, "
                      "train with lora.attention_targets leaving kv_b_proj out, or export --merged")
+    if form == "vllm" and mm is not None and any(".linear_attn." in n and isinstance(m, LoRALinear)
+                                                  for n, m in mm.model.named_modules()):
+        notes.append("SGLang (0.5.23) refuses LoRA on linear-attention projections at start-up; vLLM applies it. "
+                     "For SGLang, train with lora.attention_targets: [q_proj, k_proj, v_proj, o_proj], or export "
+                     "--merged")
+    if form == "vllm" and mm is not None and mm.model_type == "flex_olmo" and any(
+            n.endswith(("q_proj", "k_proj", "v_proj")) and isinstance(m, LoRALinear) for n, m in mm.model.named_modules()):
+        notes.append("SGLang (0.5.23) serves FlexOlmo through its Transformers backend, which drops q/k/v LoRA "
+                     "without a word; vLLM applies it. For SGLang, train with lora.attention_targets: [o_proj], or "
+                     "export --merged")
     q = cfg.model.quantization
     if q != "none" and form in ("peft", "merged", "vllm"):
         notes.append(f"the run trained and was evaluated on an {q.upper()} base; this export applies its adapters to the "
