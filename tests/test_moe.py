@@ -167,6 +167,10 @@ def test_default_attention_targets_per_architecture():
             assert got == sorted([q, "kv_b_proj", "o_proj"]), (arch, q_lora_rank)
             assert FlexClient.attention_targets(load_config(None, []), mm) == [q, "kv_b_proj"]
             assert _shape(config).default_attention_targets == (q, "kv_b_proj", "o_proj")
+    # a hybrid model: FLEx adapts both mixers' input projections, neither output projection
+    mm = MoEModel(_hf("qwen3_5_moe_text"))
+    assert FlexClient.attention_targets(load_config(None, []), mm) == [
+        "q_proj", "k_proj", "v_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"]
     mm = MoEModel(_hf("mixtral"))
     with pytest.raises(UnsupportedModelError, match="query_key"):
         mm.add_attention_lora(RANK, ALPHA, ["query_key"])

@@ -472,18 +472,18 @@ def _export_into(out: Path, run_dir, client, merged: bool, private_path, form: s
 def export_notes(cfg, form: str, mm: MoEModel | None = None) -> list[str]:
     """What a user of an export in ``form`` must know to get the run's own numbers back from it."""
     notes = []
-    if form == "vllm" and mm is not None and any(n.endswith(".kv_b_proj") and isinstance(m, LoRALinear)
-                                                  for n, m in mm.model.named_modules()):
+    # the projections with attention LoRA (what the serving engines treat differently)
+    adapted = [] if form != "vllm" or mm is None else [n for n, m in mm.model.named_modules()
+                                                          if isinstance(m, LoRALinear)]
+    if any(n.endswith(".kv_b_proj") for n in adapted):
         notes.append("vLLM (0.34) loads LoRA on kv_b_proj but does not apply it under multi-head latent attention "
                      "(its attention keeps its own reference to the base layer); SGLang applies it. For vLLM, "
                      "train with lora.attention_targets leaving kv_b_proj out, or export --merged")
-    if form == "vllm" and mm is not None and any(".linear_attn." in n and isinstance(m, LoRALinear)
-                                                  for n, m in mm.model.named_modules()):
+    if any(".linear_attn." in n for n in adapted):
         notes.append("SGLang (0.5.23) refuses LoRA on linear-attention projections at start-up; vLLM applies it. "
                      "For SGLang, train with lora.attention_targets: [q_proj, k_proj, v_proj, o_proj], or export "
                      "--merged")
-    if form == "vllm" and mm is not None and mm.model_type == "flex_olmo" and any(
-            n.endswith(("q_proj", "k_proj", "v_proj")) and isinstance(m, LoRALinear) for n, m in mm.model.named_modules()):
+    if any(n.endswith(("q_proj", "k_proj", "v_proj")) for n in adapted) and mm.model_type == "flex_olmo":
         notes.append("SGLang (0.5.23) serves FlexOlmo through its Transformers backend, which drops q/k/v LoRA "
                      "without a word; vLLM applies it. For SGLang, train with lora.attention_targets: [o_proj], or "
                      "export --merged")

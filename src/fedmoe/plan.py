@@ -168,10 +168,12 @@ def distinct_plans(points) -> list[tuple[object, list[str]]]:
     from .moe.model import load_model_config
 
     groups: dict[str, tuple[object, list[str]]] = {}
+    default_k: dict[str, int] = {}  # the model's own k, read once per model a sweep names
     for point, cfg in points:
         dump = cfg.model_dump(mode="json")
-        default_k = int(getattr(load_model_config(cfg.model.name), "num_experts_per_tok"))
-        levels = _levels(cfg, get_method(cfg.algorithm.name), default_k)
+        if cfg.model.name not in default_k:
+            default_k[cfg.model.name] = int(getattr(load_model_config(cfg.model.name), "num_experts_per_tok"))
+        levels = _levels(cfg, get_method(cfg.algorithm.name), default_k[cfg.model.name])
         key = json.dumps({**{s: dump[s] for s in PLAN_SECTIONS}, "max_length": cfg.data.max_length,
                           "levels": {str(k): v for k, v in levels.items()}}, sort_keys=True)
         groups.setdefault(key, (cfg, []))[1].append(point)
