@@ -2,7 +2,7 @@
 that a client's test data and its unmasked update do not leave it). The ServerApp's grid is wrapped, so the
 messages of fedmoe's loop and of SecAgg+ are all seen: each one's records are appended to ``sys.argv[1]`` (its
 JSON and metrics as text, its arrays' raw bytes) and one line per message to ``sys.argv[1] + ".jsonl"``
-(direction, message type, each record's arrays with dtype and size); the rest of the arguments are `fedmoe`'s."""
+(direction, message type, each record's arrays with dtype and size, and its other values); the rest of the arguments are `fedmoe`'s."""
 
 import json
 import sys
@@ -12,14 +12,14 @@ from fedmoe.federation.flower import server
 
 def _dump(path, message, direction: str) -> None:
     content = message.content if message.has_content() else None
-    line = {"direction": direction, "type": message.metadata.message_type, "records": {}}
+    line = {"direction": direction, "type": message.metadata.message_type, "records": {}, "values": {}}
     with open(path, "ab") as out:
         if content is None:
             out.write(f"[error] {message.error.reason}\n".encode())
         else:
             for name, record in content.items():
                 out.write(f"[{message.metadata.message_type} {name}]\n".encode())
-                arrays = {}
+                arrays, values = {}, {}
                 for key, value in record.items():
                     data = getattr(value, "data", None)
                     if isinstance(data, bytes):
@@ -27,7 +27,9 @@ def _dump(path, message, direction: str) -> None:
                         out.write(data)
                     else:
                         out.write(f"{key}={value}\n".encode())
+                        values[key] = value if isinstance(value, (int, float, str)) else str(value)
                 line["records"][name] = arrays
+                line["values"][name] = values
     with open(f"{path}.jsonl", "a") as index:
         index.write(json.dumps(line) + "\n")
 

@@ -218,13 +218,24 @@ def test_a_client_clips_its_update_and_adds_the_noise_itself():
     norm = update_norm(delta)
     C = norm / 4
     cfg = load_config(None, [f"federation.dp.clip_norm={C}", "federation.dp.noise_multiplier=0",
-                             "federation.dp.where=client"])
+                             "federation.dp.where=client", "federation.dp.reports=send"])
     out, got_norm = privatize_reply(cfg, reply, sent, 0, 1, client_secret())
     assert got_norm == pytest.approx(norm)
     for n in theta:
         torch.testing.assert_close(out.tensors[n].double(), theta[n].double() + delta[n] / 4, rtol=0, atol=1e-6)
     assert torch.equal(out.tensors["activation_counts"], reply.tensors["activation_counts"])
     assert out.scalars == {"n_train": 7}
+    # withheld reports (the default): only the tensors it was sent, n_train = 1; the method's weights (one per
+    # row of "a") multiply the clipped update before the noise
+    cfg = load_config(None, [f"federation.dp.clip_norm={C}", "federation.dp.noise_multiplier=0",
+                             "federation.dp.where=client"])
+    assert cfg.federation.dp.reports == "withhold"
+    w = torch.rand(300, generator=gen, dtype=torch.float64)
+    out, _ = privatize_reply(cfg, reply, sent, 0, 1, client_secret(), {"a": w})
+    assert set(out.tensors) == set(theta) and out.scalars == {"n_train": 1}
+    torch.testing.assert_close(out.tensors["a"].double(), theta["a"].double() + w[:, None] * delta["a"] / 4,
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.tensors["b"].double(), theta["b"].double() + delta["b"] / 4, rtol=0, atol=1e-6)
 
     def noise(noise_kind, secret, client=0):
         c = load_config(None, [f"federation.dp.clip_norm={C}", "federation.dp.noise_multiplier=2",
@@ -241,7 +252,7 @@ def test_a_client_clips_its_update_and_adds_the_noise_itself():
 
 
 def test_a_run_with_local_dp(tmp_path):
-    """FedIT, where: client, σ = 1: every reply the server receives is θ + a clipped update + noise of std σC per
+    """FedIT, where: client, reports: send, σ = 1: every reply the server receives is θ + a clipped update + noise of std σC per
     value (its distance to θ is ≈ √d·σC, far beyond C); the global model is the method's own n-weighted mean of
     those replies; ε per client is dp-accounting's for σ/2 over the rounds it trained in. Two runs of the same
     config differ (each client's noise comes from its own secret); with client_noise: seeded they repeat."""
@@ -253,7 +264,8 @@ def test_a_run_with_local_dp(tmp_path):
     def run(name, *extra):
         cfg = load_config(None, TINY + [f"output_dir={tmp_path}", f"name={name}", "federation.rounds=2",
                                         f"federation.dp.clip_norm={C}", f"federation.dp.noise_multiplier={sigma}",
-                                        f"federation.dp.delta={delta}", "federation.dp.where=client", *extra])
+                                        f"federation.dp.delta={delta}", "federation.dp.where=client",
+                                        "federation.dp.reports=send", *extra])
         sent, seen = {}, {}
 
         def observe(kind, cid, msg):
@@ -284,3 +296,112 @@ def test_a_run_with_local_dp(tmp_path):
     assert not torch.equal(again[(1, 0)].tensors[next(iter(theta))], seen[(1, 0)].tensors[next(iter(theta))])
     s1, s2 = run("seeded", "federation.dp.client_noise=seeded")[3], run("seeded-2", "federation.dp.client_noise=seeded")[3]
     assert all(torch.equal(s1[(1, 0)].tensors[k], s2[(1, 0)].tensors[k]) for k in theta)
+
+
+def _local_run(tmp_path, name, *sets, observe=None):
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", f"name={name}", *sets])
+    return run_federated(cfg, observe=observe, log=lambda *a: None)
+
+
+def test_withheld_reports_leave_only_the_noised_update_and_weigh_every_client_alike(tmp_path):
+    """FedIT, where: client (reports: withhold, the default), σ = 1: a reply holds the global tensors and
+    n_train = 1, nothing else; the global model is θ + the plain mean of the replies' updates (not n-weighted:
+    the two clients' n differ); the training rows, the summary and the report hold no training loss, token
+    count, expert count or data size of a client, and say what was withheld and what ε does not cover."""
+    seen, sent = {}, {}
+
+    def observe(kind, cid, msg):
+        if kind == "downlink":
+            sent[(msg.header["round"], cid)] = {n: t.clone() for n, t in msg.tensors.items()}
+        if kind == "reply":
+            seen[(msg.header["round"], cid)] = msg
+
+    dp = ["federation.dp.clip_norm=0.01", "federation.dp.noise_multiplier=1", "federation.dp.where=client",
+          "federation.rounds=2", "data.partition.scheme=pathological"]
+    summary, rd = _local_run(tmp_path, "withheld", *dp, observe=observe)
+    theta = sent[(1, 0)]
+    for (rnd, cid), msg in seen.items():
+        assert set(msg.tensors) == set(theta) and msg.scalars == {"n_train": 1}
+    n = [c["n_train"] for c in _local_run(tmp_path, "plain", "federation.rounds=1",
+                                          "data.partition.scheme=pathological")[0]["clients"]]
+    assert n[0] != n[1]  # an n-weighted mean would differ from the plain one
+    for name in theta:
+        want = theta[name].double() + sum(seen[(1, c)].tensors[name].double() - theta[name].double() for c in (0, 1)) / 2
+        torch.testing.assert_close(sent[(2, 0)][name].double(), want, rtol=0, atol=1e-6)
+    rows = [r for r in rd.read_metrics() if r["kind"] == "train"]
+    assert len(rows) == 4
+    for r in rows:
+        assert r["withheld"] == ["loss", "steps", "tokens", "activation_counts", "metrics"]
+        assert not {"loss", "steps", "tokens", "tokens_per_s"} & set(r) and r["lr"] > 0
+    for c in summary["clients"]:
+        assert c["n_train"] is None and c["category_counts"] is None and c["expert_activation"] is None
+        assert c["rounds_trained"] == 2 and c["loss"] is not None  # evaluated: that is sent
+    p = summary["privacy"]
+    assert p["reports"] == "withhold" and "evaluation results" in p["not_covered"]
+    report = rd.report_path.read_text()
+    assert "stayed on it (reports: withhold)" in report and p["not_covered"] in report
+
+
+def test_flame_with_withheld_reports_is_central_dp_flame_computed_on_the_clients(tmp_path):
+    """σ = 0, so the two runs differ only in where things happen. Central DP: the server clips each update and
+    weighs expert j of layer l by (f_j / max f)^t from the client's counts, sums and divides by m = 2. Local DP
+    with withheld reports: each client clips and weighs its own update (the counts never leave it) and the
+    server takes the plain mean. The global models after each round are the same; no reply carries a count."""
+    flame = ["algorithm.name=flame", "algorithm.budgets.top_k=[2,1]", "federation.rounds=2",
+             "federation.dp.clip_norm=0.05", "federation.dp.noise_multiplier=0"]
+    replies = []
+    central = _local_run(tmp_path, "central", *flame)[1]
+    local = _local_run(tmp_path, "local", *flame, "federation.dp.where=client", "federation.dp.client_noise=seeded",
+                       observe=lambda kind, cid, msg: replies.append(msg) if kind == "reply" else None)[1]
+    from fedmoe.federation.checkpoint import load_checkpoint
+
+    a = load_checkpoint(central.path, log=lambda *a: None).state["global_state"]
+    b = load_checkpoint(local.path, log=lambda *a: None).state["global_state"]
+    layer_of = model_spec(load_config(None, TINY + flame), METHODS["flame"]).inventory.expert_layers()
+    assert layer_of and set(layer_of) <= set(a)
+    initial = model_spec(load_config(None, TINY + flame), METHODS["flame"]).initial
+    assert max(float((a[n] - initial[n]).abs().max()) for n in layer_of) > 1e-4  # the experts moved
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=0, atol=1e-6)  # the replies travel in float32
+    assert len(replies) == 4 and all("activation_counts" not in m.tensors and m.scalars == {"n_train": 1}
+                                     for m in replies)
+
+
+def test_a_withheld_report_and_reply_are_checked_as_such():
+    """A withheld training report carries lr and the names of what it withheld, nothing else (a report that
+    says it withheld and still sends a loss is refused); under withheld reports a reply's n_train must be 1 and
+    FLAME's counts are no longer expected; reports is a setting of local DP only."""
+    import json
+
+    from fedmoe.federation.dp import WITHHELD_TRAINING, WithheldReports
+    from fedmoe.federation.runtime import invalid_reply
+    from fedmoe.federation.transport import TrainReport
+    from fedmoe.messages import Message
+    from fedmoe.train import LocalResult
+
+    res = LocalResult(loss=2.5, steps=3, lr=1e-3, tokens=96, activation_counts=torch.ones(2, 4, dtype=torch.long),
+                      tokens_per_layer=torch.full((2,), 48), n_train=12)
+    kept = TrainReport.of(res, {"rescaler_by_layer": [1.0]}, withhold=True)
+    info = json.loads(json.dumps(kept.to_info()))
+    assert info == {"lr": 1e-3, "withheld": list(WITHHELD_TRAINING)}
+    back = TrainReport.from_info(info, train_s=2.0)
+    assert (back.loss, back.tokens, back.activation_counts, back.metrics, back.withheld) == (
+        None, None, None, {}, WITHHELD_TRAINING) and back.overhead == {"train_s": 2.0}
+    with pytest.raises(ValueError, match="carry only lr"):
+        TrainReport.from_info({**info, "loss": 2.5})
+    cfg = _dp_cfg(1, 1, "federation.dp.where=client", "algorithm.name=flame")
+    method = get_method("flame")
+    server = method.server(cfg, model_spec(cfg, method))
+    g = server.initial_global()
+    receiver = WithheldReports(server, cfg)
+    assert receiver.reply_extras(g) == {} and server.reply_extras(g)  # FLAME's own server wants the counts
+    sent = Message(dict(g))
+    assert invalid_reply(sent, Message(dict(g), {"n_train": 1}), g, 1, {}, receiver, withheld=True) is None
+    why = invalid_reply(sent, Message(dict(g), {"n_train": 12}), g, 1, {}, receiver, withheld=True)
+    assert "n_train = 12, where under federation.dp.reports: withhold every reply carries 1" in why
+    counts = {"activation_counts": torch.ones(2, 4, dtype=torch.long)}
+    assert "does not expect" in invalid_reply(sent, Message({**g, **counts}, {"n_train": 1}), g, 1, {}, receiver,
+                                              withheld=True)
+    with pytest.raises(ConfigError, match="federation.dp.reports says what a client keeps to itself"):
+        _dp_cfg(1, 1, "federation.dp.reports=send")
+    assert _dp_cfg(1, 1).federation.dp.reports is None

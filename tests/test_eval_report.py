@@ -334,3 +334,12 @@ def test_expert_heatmap_labels_never_overlap_a_neighbouring_panel(clients, layer
     content = fig.get_tightbbox(renderer)  # inches
     w, h = fig.get_size_inches()
     assert content.width > 0.85 * w and content.height > 0.85 * h  # no wide empty margin
+
+
+def test_a_small_metric_is_not_printed_as_zero():
+    """A server row's dp_delta of 1e-05 printed as 0.0000 read as no δ at all; small values keep 3 digits."""
+    from fedmoe.report.report import format_metric
+
+    assert format_metric("dp_delta", 1e-5) == "1e-05" and format_metric("dp_delta", -2.5e-7) == "-2.5e-07"
+    assert format_metric("loss", 0.12345) == "0.1235" and format_metric("loss", 0.0) == "0.0000"
+    assert format_metric("loss", float("nan")) == "nan"

@@ -114,6 +114,47 @@ def test_flower_simulation_gives_the_in_process_numbers(tmp_path, method):
     _same_numbers(_local(tmp_path, "local", SIM_METHODS[method]), sim)
 
 
+def test_flame_under_local_dp_on_flower_sends_only_noised_updates(tmp_path):
+    """FLAME with local DP and withheld reports (the default) on Flower's simulation, every message recorded at
+    the server's grid: the same global model and numbers as in-process (the noise seeded), and what the clients
+    sent is only the noised tensors they were sent, n_train = 1, a training report of lr and the names of what
+    it withheld, and a setup without the size or categories of its data or FLEx-style calibration counts; no
+    activation count, loss or token count of a client reaches the server."""
+    from fedmoe.federation.checkpoint import load_checkpoint
+
+    sets = METHODS["flame"] + ["federation.dp.clip_norm=0.05", "federation.dp.noise_multiplier=0.5",
+                               "federation.dp.where=client", "federation.dp.client_noise=seeded", "federation.rounds=1",
+                               "eval.zero_shot=false"]
+    dump = tmp_path / "messages.bin"
+    cmd = [sys.executable, str(Path(__file__).parent / "flower_capture.py"), str(dump), "run", "--runtime",
+           "flower-sim", "--quiet", *_sets(TINY + sets + [f"output_dir={tmp_path}", "name=sim"])]
+    r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sim = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    local = _local(tmp_path, "local", sets)
+    _same_numbers(local, sim)
+    a = load_checkpoint(tmp_path / "sim", log=lambda *a: None).state["global_state"]
+    b = load_checkpoint(tmp_path / "local", log=lambda *a: None).state["global_state"]
+    assert all(torch.equal(a[n], b[n]) for n in b)
+    from_clients = [json.loads(x) for x in Path(f"{dump}.jsonl").read_text().splitlines()]
+    from_clients = [m for m in from_clients if m["direction"] == "from-client"]
+    trains = [m for m in from_clients if m["type"] == "train"]
+    assert len(trains) == 2
+    for m in trains:
+        assert set(m["records"]["tensors"]) == set(b)  # the global tensors, no activation or token counts
+        assert m["values"]["scalars"] == {"n_train": 1}
+        info = json.loads(m["values"]["info"]["json"])
+        assert info["report"] == {"lr": info["report"]["lr"], "withheld": ["loss", "steps", "tokens",
+                                                                           "activation_counts", "metrics"]}
+    setups = [json.loads(m["values"]["info"]["json"]) for m in from_clients if "info" in m["values"]
+              and "data" in json.loads(m["values"]["info"]["json"])]
+    assert len(setups) == 2
+    for info in setups:
+        assert not {"n_train", "category_counts"} & set(info["data"]) and set(info["setup"]) == {"seconds"}
+    assert all(c["n_train"] is None and c["expert_activation"] is None for c in sim["clients"])
+    assert sim["privacy"]["reports"] == "withhold"
+
+
 # ------------------------------------------------------------------------------- a real deployment
 def _deploy(tmp_path, **kw):
     # the clients' processes run on one thread, like the in-process run they are compared with

@@ -62,7 +62,7 @@ def test_a_client_needs_only_its_messages_and_its_own_store(tmp_path, method):
                 continue
             [down] = seen[("downlink", r, s.id)]  # one train message per sampled client and round
             [want] = seen[("reply", r, s.id)]
-            got, _, _ = node.train(half, mm, down, cfg)
+            got, _ = node.train(half, mm, down, cfg)
             assert got.scalars == want.scalars and list(got.tensors) == list(want.tensors)
             assert all(torch.equal(got.tensors[n], want.tensors[n]) for n in want.tensors)
             replayed += 1

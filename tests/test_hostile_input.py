@@ -260,6 +260,41 @@ def test_a_client_claiming_1e15_examples_is_left_out_and_the_round_goes_on(tmp_p
     assert "more than the" in summary["failures"][0]["error"]
 
 
+def test_a_client_that_sends_what_local_dp_withholds_is_left_out(tmp_path):
+    """Local DP with withheld reports: client 1 replies with its training report after all (its loss, counts)
+    and its true n_train; the server does not log or use either: both rounds leave it out (invalid), the
+    metrics rows hold no loss, the global model is client 0's update alone."""
+    import dataclasses
+
+    from fedmoe.config import load_config
+    from fedmoe.federation.local import LocalTransport
+    from fedmoe.federation.transport import TrainReport
+
+    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32",
+                             "data.partition.num_clients=2", "train.max_steps=1", "train.batch_size=2", "lora.rank=2",
+                             "eval.rouge=false", "eval.zero_shot=false", "data.max_test_per_client=2",
+                             "federation.rounds=2", "federation.min_replies=1", f"output_dir={tmp_path}", "name=tells",
+                             "federation.dp.clip_norm=0.1", "federation.dp.noise_multiplier=1",
+                             "federation.dp.where=client"])
+
+    class Teller(LocalTransport):
+        def train(self, round_idx, messages, prog):
+            replies, failures = super().train(round_idx, messages, prog)
+            reply, report = replies[1]
+            told = TrainReport(loss=2.0, steps=1, lr=report.lr, tokens=10,
+                               activation_counts=torch.zeros(4, 8, dtype=torch.long), metrics={})
+            replies[1] = (reply, dataclasses.replace(told, overhead=report.overhead))
+            return replies, failures
+
+    summary = _run_through(cfg, Teller)
+    assert [c["rounds_trained"] for c in summary["clients"]] == [2, 0]
+    assert [(f["round"], f["client"], f["stage"]) for f in summary["failures"]] == [(1, 1, "invalid"), (2, 1, "invalid")]
+    assert "its training report sent under federation.dp.reports: withhold" in summary["failures"][0]["error"]
+    rows = [json.loads(x) for x in (tmp_path / "tells" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["kind"] == "train"]
+    assert len(rows) == 4 and all("loss" not in r and "tokens" not in r and r["withheld"] for r in rows)
+
+
 def test_activation_counts_that_cannot_be_right_are_invalid():
     """FLAME and FC-MoE weigh every expert by a client's counts: (L, E) non-negative integers, at most k routed
     experts per token a layer processed."""

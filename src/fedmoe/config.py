@@ -244,13 +244,31 @@ class DPConfig(_Strict):
     delta: float = Field(1e-5, gt=0, lt=1)  # the δ at which ε is reported (take δ < 1/number of clients)
     # server: the server clips each update and noises their sum (central DP: it sees every raw update).
     # client: each client clips its own update and adds the noise N(0, σ²C²) itself before sending (local DP:
-    # no raw update leaves a client; ε per client, over the updates it sent; the aggregation after that
-    # is the method's own, post-processing)
+    # no raw update leaves a client; ε per client, over the updates it sent; the aggregation after that is
+    # post-processing: the plain mean of the noised updates, or with reports: send the method's own)
     where: Literal["server", "client"] = "server"
     # where: client — the noise's seed: a secret each client draws once and keeps in its private store
     # (secret), or derived from the run's seed (seeded: the numbers repeat, but whoever has the config can
     # remove the noise: for simulations only)
     client_noise: Literal["secret", "seeded"] = "secret"
+    # where: client — what else leaves a client. withhold: nothing its training data decides but the noised
+    # update: its reply weighs 1 (n_train = 1, every client alike, as DP-FedAvg's estimator), the method's
+    # own per-expert weights (FLAME's, from its activation counts) are applied on the client before the noise
+    # and the counts stay there, and its training report (loss, steps, tokens, expert counts, the method's
+    # metrics) and the size and categories of its training data are kept on the client. send: all of these
+    # reach the server unnoised, as without DP (the method's own n-weighted aggregation; ε does not cover them)
+    # (None: withhold under where: client; only where: client takes it)
+    reports: Literal["withhold", "send"] | None = None
+
+    @model_validator(mode="after")
+    def _reports_only_local(self):
+        if self.where == "server" and self.reports is not None:
+            raise ValueError("federation.dp.reports says what a client keeps to itself under local DP (where: "
+                             "client); with where: server the server sees every raw update anyway: remove "
+                             "federation.dp.reports or set federation.dp.where: client")
+        if self.where == "client" and self.reports is None:
+            self.__dict__["reports"] = "withhold"
+        return self
 
     # C and σ beyond these are no DP setting anyone means (an update's L2 norm is far below 1e6; σ = 1e6
     # already reports ε ≈ 0) and overflow the noise (σ·C) or the accountant (σ² past ~1e154)

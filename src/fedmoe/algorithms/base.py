@@ -322,6 +322,12 @@ class Client:
         new_private = {**private, **{n: trained[n].clone() for n in trained if n in names}} if names else private
         return Message(tensors=shared, scalars={N_TRAIN: result.n_train}), new_private, {}
 
+    def dp_weights(self, mm: MoEModel, reply: Message) -> dict[str, torch.Tensor]:
+        """Under local DP with withheld reports (``federation.dp.reports: withhold``): the weights of
+        :meth:`Server.dp_weights`, computed on the client from its own ``reply`` and applied to its clipped
+        update before the noise, so that what they come from stays here. Uniform (none) by default."""
+        return {}
+
 
 def check_top_k(half: Client, mm: MoEModel, num_clients: int) -> None:
     """Every client's k within the model's before anything runs (a TopKError naming the client)."""

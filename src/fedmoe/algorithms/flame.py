@@ -65,6 +65,30 @@ def activation_aware_average(global_state: State, tensors: list[State], counts: 
     return out
 
 
+def expert_layout(inventory, num_experts: int) -> tuple[dict[str, int], dict[int, list[int]] | None]:
+    """(MoE layer of each expert LoRA tensor, the expert of each row per MoE layer, or None when every
+    tensor holds every expert; ``lora.experts_per_layer`` holds some)."""
+    rows = inventory.expert_rows()
+    full = all(r == tuple(range(num_experts)) for r in rows.values())
+    return inventory.expert_layers(), None if full else {layer: list(r) for layer, r in rows.items()}
+
+
+def own_expert_weights(reply, layer_of: dict[str, int], experts: dict[int, list[int]] | None,
+                       temperature: float) -> dict[str, torch.Tensor]:
+    """The weights of FLAME's aggregation under client-level DP, from one reply's counts alone (**ours**):
+    expert j of MoE layer l weighs (f_j / max_j' f_j')^t, f = a/S of this client's counts (its most used
+    expert of the layer 1, an expert it never routed to 0; t = 0: 1 everywhere, as FedAvg)."""
+    counts, tokens = reply.tensors[COUNTS], reply.tensors[TOKENS]
+    out = {}
+    for name, layer in layer_of.items():
+        f = counts[layer].to(torch.float64) / max(int(tokens[layer]), 1)
+        if experts is not None:
+            f = f[experts[layer]]
+        top = f.max()
+        out[name] = (f / top if top > 0 else torch.zeros_like(f)).pow(temperature)  # 0^0 = 1
+    return out
+
+
 class FlameServer(FedITServer):
     @classmethod
     def secagg_refusal(cls, cfg):
@@ -75,10 +99,7 @@ class FlameServer(FedITServer):
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
-        self.layer_of = spec.inventory.expert_layers()
-        rows = spec.inventory.expert_rows()  # MoE layer -> the expert of each row (all, or lora.experts_per_layer)
-        full = all(r == tuple(range(spec.num_experts)) for r in rows.values())
-        self.experts = None if full else {layer: list(r) for layer, r in rows.items()}
+        self.layer_of, self.experts = expert_layout(spec.inventory, spec.num_experts)
 
     def aggregate(self, global_state: State, server_state: dict, replies: list[Reply], *, round_idx: int):
         msgs = [r.message for r in replies]
@@ -99,16 +120,7 @@ class FlameServer(FedITServer):
         [0, 1], so γ is normalised within the client instead of across clients (**ours**): expert j of MoE
         layer l weighs (f_j / max_j' f_j')^t, f = a/S of this client's counts (its most used expert of the
         layer 1, an expert it never routed to 0; t = 0: 1 everywhere, as FedAvg); other tensors weigh 1."""
-        t = self.cfg.algorithm.flame.temperature
-        counts, tokens = reply.message.tensors[COUNTS], reply.message.tensors[TOKENS]
-        out = {}
-        for name, layer in self.layer_of.items():
-            f = counts[layer].to(torch.float64) / max(int(tokens[layer]), 1)
-            if self.experts is not None:
-                f = f[self.experts[layer]]
-            top = f.max()
-            out[name] = (f / top if top > 0 else torch.zeros_like(f)).pow(t)  # 0^0 = 1
-        return out
+        return own_expert_weights(reply.message, self.layer_of, self.experts, self.cfg.algorithm.flame.temperature)
 
 
 class FlameClient(FedITClient):
@@ -178,6 +190,12 @@ class FlameClient(FedITClient):
         if new_private:  # the learned s_i per MoE layer (the names are in layer order), for the report
             metrics["rescaler_by_layer"] = [float(new_private[n]) for n in self.private_names(mm)]
         return reply, new_private, metrics
+
+    def dp_weights(self, mm, reply) -> dict[str, torch.Tensor]:
+        """Local DP with withheld reports: the server's DP weights (:meth:`FlameServer.dp_weights`), applied
+        here, so that the counts they come from never leave the client."""
+        layer_of, experts = expert_layout(mm.inventory(self.private_roles), mm.num_experts)
+        return own_expert_weights(reply, layer_of, experts, self.cfg.algorithm.flame.temperature)
 
 
 METHOD = Method("flame", FlameServer, FlameClient, config=FlameConfig, reads=("fedit",),

@@ -19,7 +19,8 @@ from ..data.tokenize import tokenize_examples, tokenize_prompt
 from ..messages import REPLY, Message
 from ..moe import MoEModel
 from ..seeds import Stream, derive_seed
-from ..train import LocalResult, Parallel, round_lr, train_local
+from ..train import Parallel, round_lr, train_local
+from .transport import TrainReport
 
 
 @dataclass
@@ -136,10 +137,11 @@ class ClientNode:
 
     def train(self, half: Client, mm: MoEModel, message: Message, cfg,
               progress: Callable[[int, float], None] | None = None,
-              parallel: Parallel | None = None) -> tuple[Message, LocalResult, dict]:
-        """One round of local training on ``message`` (its header names the round): (reply, the local
-        result, the method's metrics). The private store is replaced by the method's new one.
-        ``parallel``: this process's rank among the ranks that train this client together."""
+              parallel: Parallel | None = None) -> tuple[Message, TrainReport]:
+        """One round of local training on ``message`` (its header names the round): (reply, what the
+        client reports of its training). The private store is replaced by the method's new one.
+        ``parallel``: this process's rank among the ranks that train this client together. Under local DP
+        the reply is privatised here, and with withheld reports the report says only what it withheld."""
         round_idx = int(message.header["round"])
         lr = round_lr(cfg.train, round_idx, cfg.federation.rounds)
         self.load(half, mm, message)
@@ -149,13 +151,16 @@ class ClientNode:
                              parallel=parallel)
         reply, self.private, metrics = half.reply(self.id, mm, message, self.private, result)
         dp = cfg.federation.dp
+        withhold = False
         if dp is not None and dp.where == "client":  # clipped and noised here: no raw update leaves this client
-            from .dp import SECRET, client_secret, privatize_reply
+            from .dp import SECRET, client_secret, privatize_reply, withholds
 
             if dp.client_noise == "secret" and SECRET not in self.private:
                 self.private = {**self.private, SECRET: client_secret()}
-            reply, _ = privatize_reply(cfg, reply, message, self.id, round_idx, self.private.get(SECRET))
-        return reply.with_header(kind=REPLY, round=round_idx), result, metrics
+            withhold = withholds(cfg)
+            weights = half.dp_weights(mm, reply) if withhold else None  # from what the reply is about to lose
+            reply, _ = privatize_reply(cfg, reply, message, self.id, round_idx, self.private.get(SECRET), weights)
+        return reply.with_header(kind=REPLY, round=round_idx), TrainReport.of(result, metrics, withhold=withhold)
 
     def evaluate(self, half: Client, mm: MoEModel, evaluator, message: Message, with_answers: bool, general: bool,
                  prog=None) -> dict:

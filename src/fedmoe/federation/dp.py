@@ -24,6 +24,11 @@ Clipping is done by the server on each reply (central DP: the server is trusted 
 updates, as in Flower's server-side fixed clipping); what the guarantee covers is the sequence of
 global models. The run's own logs (per-client losses, activation counts, the report) are not private.
 
+Local DP (``where: client``): each client clips and noises its own update (:func:`privatize_reply`); with
+``reports: withhold`` (the default) it applies its method's weights itself, sends nothing else its data
+decides (n_train = 1; no counts, loss or data sizes) and the server takes the plain mean of the noised
+updates (:class:`WithheldReports`, :func:`uniform_aggregate`).
+
 Why not Flower's helpers (``flwr.supercore.differential_privacy``): fedmoe runs its own loop on both
 runtimes (the methods' replies are not the identical ArrayRecords Flower's strategies wrap), its
 noise helper draws from NumPy's global generator (fedmoe draws every random number from a named,
@@ -37,6 +42,7 @@ import math
 
 import torch
 
+from ..algorithms.base import N_TRAIN
 from ..algorithms.server_opt import server_update
 from ..config import ConfigError
 from ..seeds import Stream, derive_seed
@@ -44,6 +50,13 @@ from ..seeds import Stream, derive_seed
 State = dict[str, torch.Tensor]
 CLIENT_ACCOUNTING = ("Rényi DP (dp-accounting) per client: one Gaussian mechanism of sensitivity 2C and noise σC "
                      "(noise multiplier σ/2) per update the client sent (usable or not), its data replaced by any other")
+# what reaches the server from a client under local DP besides its noised updates, which ε does not cover
+NOT_COVERED = {
+    "withhold": "its evaluation results (test loss and scores of the models it is sent, on its own test data) "
+                "and how long its work took",
+    "send": "its number of training examples, its training report (loss, steps, tokens, expert counts, the "
+            "method's metrics), FLAME's activation counts, the categories of its data, and its evaluation results",
+}
 ACCOUNTING = ("Rényi DP (dp-accounting), one Gaussian mechanism per round, add-or-remove-one client, "
               "no amplification by client sampling")
 
@@ -115,12 +128,37 @@ def client_secret() -> torch.Tensor:
     return torch.tensor([int.from_bytes(os.urandom(8), "little") >> 1 for _ in range(4)], dtype=torch.int64)
 
 
-def privatize_reply(cfg, reply, sent, client: int, round_idx: int, secret: torch.Tensor | None):
+def withholds(cfg) -> bool:
+    """Local DP with withheld reports (``federation.dp.where: client``, ``reports: withhold``)."""
+    dp = cfg.federation.dp
+    return dp is not None and dp.where == "client" and dp.reports == "withhold"
+
+
+# what a client keeps to itself under withheld reports: of its training report, and of what it says of its data
+WITHHELD_TRAINING = ("loss", "steps", "tokens", "activation_counts", "metrics")
+WITHHELD_DATA = ("n_train", "category_counts")
+
+
+def withhold_setup(cfg, metrics: dict, data: dict) -> tuple[dict, dict]:
+    """What a client's one-shot setup tells the server: under withheld reports its time only, and its data's
+    description without :data:`WITHHELD_DATA` (the size and categories of its training data; FLEx's
+    calibration token count and the memory it took, which follow from them)."""
+    if not withholds(cfg):
+        return metrics, data
+    return ({k: v for k, v in metrics.items() if k == "seconds"},
+            {k: v for k, v in data.items() if k not in WITHHELD_DATA})
+
+
+def privatize_reply(cfg, reply, sent, client: int, round_idx: int, secret: torch.Tensor | None,
+                    weights: dict[str, torch.Tensor] | None = None):
     """``federation.dp.where: client``: the reply with each tensor it was sent replaced by θ + Δ̃, where
-    Δ = θ_i − θ over those tensors together is clipped to L2 norm C and Δ̃ = Δ + N(0, σ²C²) (the noise drawn
-    here, from the client's ``secret`` or, ``client_noise: seeded``, from the run's seed). Returns (reply,
-    ‖Δ‖ before clipping). Each release is a Gaussian mechanism of sensitivity 2C (any two clipped updates of
-    this client differ by at most 2C) and noise σC; what the server does with it is post-processing."""
+    Δ = θ_i − θ over those tensors together is clipped to L2 norm C, multiplied by ``weights`` (each in
+    [0, 1]: the method's own, :meth:`Client.dp_weights`; a tensor not named weighs 1) and Δ̃ = Δ + N(0, σ²C²)
+    (the noise drawn here, from the client's ``secret`` or, ``client_noise: seeded``, from the run's seed).
+    Returns (reply, ‖Δ‖ before clipping). Each release is a Gaussian mechanism of sensitivity 2C (any two
+    weighted clipped updates of this client differ by at most 2C) and noise σC; what the server does with it
+    is post-processing. With ``reports: withhold`` the reply keeps only those tensors and n_train = 1: any
+    other tensor (FLAME's counts) and scalar were computed from the data without noise."""
     from ..messages import Message
     import numpy as np
 
@@ -128,6 +166,8 @@ def privatize_reply(cfg, reply, sent, client: int, round_idx: int, secret: torch
     names = [n for n in sorted(reply.tensors) if n in sent.tensors and reply.tensors[n].is_floating_point()]
     delta = {n: reply.tensors[n].to(torch.float64) - sent.tensors[n].to(torch.float64) for n in names}
     delta, norm = clip_update(delta, dp.clip_norm)
+    for n, w in (weights or {}).items():
+        delta[n] = _broadcast(w, delta[n]) * delta[n]
     if dp.client_noise == "seeded":
         seed = derive_seed(cfg.seed, Stream.CLIENT_DP_NOISE, round_idx, client)
     else:
@@ -137,7 +177,43 @@ def privatize_reply(cfg, reply, sent, client: int, round_idx: int, secret: torch
     for n in names:
         noisy = delta[n] + gaussian_noise(delta[n].shape, dp.noise_multiplier * dp.clip_norm, gen)
         out[n] = (sent.tensors[n].to(torch.float64) + noisy).to(reply.tensors[n].dtype)
-    return Message(out, dict(reply.scalars), dict(reply.header)), norm
+    scalars = dict(reply.scalars)
+    if withholds(cfg):
+        out = {n: t for n, t in out.items() if n in sent.tensors}
+        scalars = {N_TRAIN: 1}
+    return Message(out, scalars, dict(reply.header)), norm
+
+
+def uniform_aggregate(cfg, global_state: State, server_state: dict, replies, round_idx: int) -> tuple[State, dict, dict]:
+    """Local DP with withheld reports: θ + the plain mean of the replies' (noised) updates over the global
+    tensors, then the server optimizer. The weights a method would give a reply (n_i, FLAME's counts) stayed on
+    its client: FLAME's were applied there (:meth:`Client.dp_weights`), as central DP applies them on the server."""
+    averaged = {}
+    for n, t in global_state.items():
+        total = sum(r.message.tensors[n].to(torch.float64) - t.to(torch.float64) for r in replies)
+        averaged[n] = (t.to(torch.float64) + total / len(replies)).to(t.dtype)
+    new, server_state = server_update(cfg.algorithm.server_optimizer, global_state, averaged, server_state,
+                                      round_idx=round_idx)
+    return new, server_state, {}
+
+
+class WithheldReports:
+    """The server half as the runtime meets the clients' replies under withheld reports: a reply carries the
+    global tensors and n_train = 1 only (no method extras, no other scalar), and the aggregation is
+    :func:`uniform_aggregate`. Everything else is the method's server half."""
+
+    def __init__(self, server, cfg):
+        self._server, self._cfg = server, cfg
+        self.reply_scalars = (N_TRAIN,)
+
+    def __getattr__(self, name):
+        return getattr(self._server, name)
+
+    def reply_extras(self, global_state: State) -> dict:
+        return {}
+
+    def aggregate(self, global_state: State, server_state: dict, replies, *, round_idx: int):
+        return uniform_aggregate(self._cfg, global_state, server_state, replies, round_idx)
 
 
 def client_epsilon(cfg, rounds: int) -> float:
@@ -186,10 +262,12 @@ def privacy_summary(cfg, rounds: int, denominator: int, client_rounds: dict[int,
         per = {cid: client_epsilon(cfg, n) for cid, n in sorted((client_rounds or {}).items())}
         return {"where": "client", "epsilon": max(per.values(), default=0.0), "epsilon_by_client": per,
                 "delta": dp.delta, "rounds": rounds, "clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier,
-                "client_noise": dp.client_noise, "accounting": CLIENT_ACCOUNTING}
+                "client_noise": dp.client_noise, "accounting": CLIENT_ACCOUNTING, "reports": dp.reports,
+                "not_covered": NOT_COVERED[dp.reports]}
     return {"where": "server", "epsilon": epsilon(dp.noise_multiplier, rounds, dp.delta), "delta": dp.delta, "rounds": rounds,
             "clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier, "clients_per_round": denominator,
             "noise_std_of_average": dp.noise_multiplier * dp.clip_norm / denominator, "accounting": ACCOUNTING}
 
 
-__all__ = ["clip_update", "epsilon", "private_aggregate", "privacy_summary", "require_dp_accounting", "update_norm"]
+__all__ = ["WithheldReports", "clip_update", "epsilon", "private_aggregate", "privacy_summary", "privatize_reply",
+           "require_dp_accounting", "uniform_aggregate", "update_norm", "withhold_setup", "withholds"]

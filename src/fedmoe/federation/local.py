@@ -21,7 +21,7 @@ from .clients import ClientNode, client_sets, heldout_set
 from .directories import with_memory_hint
 from .evaluation import ModelEvaluator
 from .progress import Progress
-from .transport import TrainReport
+from .dp import withhold_setup
 
 
 def load_client_model(cfg, method, tokenizer=None) -> MoEModel:
@@ -68,9 +68,9 @@ class LocalTransport:
         """Every client's one-shot setup: {client: {"setup": metrics, "data": its data, "profile": k, rank}}."""
         out = {}
         for cid, node in self.nodes.items():
-            metrics = node.setup(self.half, self.mm, self.initial, self.cfg.seed)
-            out[cid] = {"setup": metrics, "data": node.data.info(self.data.skipped),
-                        "profile": self.half.profile(cid, self.mm, node.private)}
+            metrics, data = withhold_setup(self.cfg, node.setup(self.half, self.mm, self.initial, self.cfg.seed),
+                                           node.data.info(self.data.skipped))
+            out[cid] = {"setup": metrics, "data": data, "profile": self.half.profile(cid, self.mm, node.private)}
         return out
 
     def train(self, round_idx: int, messages: dict[int, Message], prog: Progress):
@@ -83,7 +83,7 @@ class LocalTransport:
             task = prog.task(f"  client {cid} train", self.cfg.train.max_steps or 0)
             t0 = time.perf_counter()
             try:
-                reply, res, metrics = self.nodes[cid].train(
+                reply, report = self.nodes[cid].train(
                     self.half, self.mm, msg, self.cfg,
                     progress=lambda s, loss: prog.update(task, completed=s, info=f"loss {loss:.3f}"))
             except Exception as e:  # noqa: BLE001 -- any error of one client's training (out of memory, its data)
@@ -95,7 +95,8 @@ class LocalTransport:
             finally:
                 prog.remove(task)
             self.observe("reply", cid, reply)
-            replies[cid] = (reply, TrainReport.of(res, metrics, train_s=time.perf_counter() - t0))
+            report.overhead["train_s"] = time.perf_counter() - t0
+            replies[cid] = (reply, report)
         return replies, failures
 
     def _after_failure(self) -> None:

@@ -30,6 +30,7 @@ from ..rundir import RunDir
 from .checkpoint import (CHECKPOINT_FILE, Checkpoint, config_fingerprint, data_fingerprint, remove_stale_temporaries,
                          restore_rng_states, rng_states, write_checkpoint)
 from .conflict import NOTES as CONFLICT_NOTES
+from .dp import WITHHELD_TRAINING
 from .evaluation import EvalPolicy, screened
 from .progress import Progress
 from .transport import Transport
@@ -95,7 +96,7 @@ def _metric_value(v) -> bool:
 
 
 def invalid_reply(sent: Message, reply: Message, global_state, declared_n: int | None, metrics: dict,
-                  server=None, client_metrics=(), secure: bool = False) -> str | None:
+                  server=None, client_metrics=(), secure: bool = False, withheld: bool = False) -> str | None:
     """Why a client's reply cannot touch the aggregate, or None. Its tensors must be the global ones (all
     or none), ones it was sent, or the extras its method declares (``server.reply_extras``: SCAFFOLD's
     control change, FLAME's counts), each with the shape and dtype it was sent or declared (a (1,)-shaped
@@ -103,7 +104,8 @@ def invalid_reply(sent: Message, reply: Message, global_state, declared_n: int |
     the method's (``server.reply_scalars``); n_train a positive integer no larger than what the client
     declared at setup (one client's 1e15 would make the global model its own); its metrics from the
     method's namespace (``Method.client_metrics``), each a finite number or a list of them. ``secure``
-    (``federation.secagg``): the update goes masked through SecAgg+, the reply carries no tensor."""
+    (``federation.secagg``): the update goes masked through SecAgg+, the reply carries no tensor. ``withheld``
+    (``federation.dp.reports: withhold``): n_train must be 1."""
     why = []
     extras = {} if server is None else server.reply_extras(global_state)
     if secure:
@@ -134,6 +136,8 @@ def invalid_reply(sent: Message, reply: Message, global_state, declared_n: int |
     n = reply.scalars.get(N_TRAIN)
     if not isinstance(n, (int, float)) or isinstance(n, bool) or not math.isfinite(n) or n != int(n) or n < 1:
         why.append(f"n_train = {n!r} is not a positive integer")
+    elif withheld and n != 1:
+        why.append(f"n_train = {n:g}, where under federation.dp.reports: withhold every reply carries 1")
     elif declared_n is not None and n > declared_n:
         why.append(f"n_train = {n:g} is more than the {declared_n} training examples it declared at setup")
     clash = sorted(set(metrics) & set(RUNTIME_TRAIN_KEYS))
@@ -196,10 +200,15 @@ class Federation:
         # the data files as the run starts (a resume takes its checkpoint's, checked against them: open_run_dir)
         self.data_fingerprint = None if resuming else data_fingerprint(cfg)
         self.round_lines = round_lines  # a line per round through ``log`` (a Flower ServerApp: its run's log)
+        # what the runtime checks replies against and aggregates with: the method's server half or, under local DP
+        # with withheld reports, that half with replies of the global tensors and n_train = 1, averaged uniformly
+        self.receiver = self.server
         if cfg.federation.dp is not None:
-            from .dp import require_dp_accounting
+            from .dp import WithheldReports, require_dp_accounting, withholds
 
             require_dp_accounting()
+            if withholds(cfg):
+                self.receiver = WithheldReports(self.server, cfg)
 
     # ------------------------------------------------------------------ checkpointing
     def checkpoint_state(self) -> dict:
@@ -248,7 +257,7 @@ class Federation:
     def secagg_spec(self) -> list[tuple[str, tuple[int, ...]]]:
         """The tensors of a client's masked update under ``federation.secagg``, in the order its vector holds
         them: every global tensor (θ_i − θ) and every extra its method declares (as sent), by name."""
-        extras = self.server.reply_extras(self.global_state)
+        extras = self.receiver.reply_extras(self.global_state)
         shapes = {**{n: tuple(t.shape) for n, t in self.global_state.items()}, **{n: tuple(s[0]) for n, s in extras.items()}}
         return sorted(shapes.items())
 
@@ -274,24 +283,33 @@ class Federation:
             rec.bytes_down += down
             rec.bytes_up += up
             rec.replies_sent += 1
-            declared = (rec.data or {}).get("n_train")
-            bad = invalid_reply(messages[cid], reply, self.global_state, declared, report.metrics, self.server,
-                                self.method.client_metrics, secure=secure)
-            if bad is None:
+            withheld = self.receiver is not self.server
+            declared = 1 if withheld else (rec.data or {}).get("n_train")
+            bad = invalid_reply(messages[cid], reply, self.global_state, declared, report.metrics, self.receiver,
+                                self.method.client_metrics, secure=secure, withheld=withheld)
+            if bad is None and bool(report.withheld) != withheld:
+                bad = ("an invalid reply: " + ("its training report withheld, which the run did not ask for" if
+                       report.withheld else "its training report sent under federation.dp.reports: withhold") +
+                       ": the update is left out of the aggregation")
+            if bad is None and not withheld:
                 why = invalid_counts(report.activation_counts, shape, self.spec.top_k, reply.tensors.get(TOKENS_PER_LAYER))
                 bad = None if why is None else f"an invalid reply: {why}: the update is left out of the aggregation"
             bad = bad or nonfinite(report.loss, reply)
             if bad is None:
                 rec.rounds_trained += 1
-                rec.add_counts(report.activation_counts)
+                if report.activation_counts is not None:  # (None when withheld: then nothing else is used)
+                    rec.add_counts(report.activation_counts)
                 rec.reported, rec.reported_round = dict(report.metrics), round_idx
             timing = dict(report.overhead)
             if timing.get("train_s"):
-                timing["tokens_per_s"] = report.tokens / timing["train_s"]
+                if report.tokens is not None and not withheld:
+                    timing["tokens_per_s"] = report.tokens / timing["train_s"]
                 self._clients_s += timing["train_s"]
-            metrics = {k: v for k, v in report.metrics.items() if k not in RUNTIME_TRAIN_KEYS}
-            self.rd.log_metrics({"round": round_idx, "client": cid, "kind": "train", "loss": report.loss,
-                                 "steps": report.steps, "lr": report.lr, "tokens": report.tokens,
+            # under withheld reports nothing a client's report says is logged, also from a client that sent it
+            metrics = {} if withheld else {k: v for k, v in report.metrics.items() if k not in RUNTIME_TRAIN_KEYS}
+            told = ({"withheld": list(WITHHELD_TRAINING)} if withheld else
+                    {"loss": report.loss, "steps": report.steps, "tokens": report.tokens})
+            self.rd.log_metrics({"round": round_idx, "client": cid, "kind": "train", **told, "lr": report.lr,
                                  "bytes_up": up, "bytes_down": down, **timing, **metrics})
             if bad is not None:
                 self._failed(round_idx, cid, INVALID if bad.startswith("an invalid reply") else NONFINITE, bad)
@@ -328,11 +346,11 @@ class Federation:
         elif self.cfg.federation.robust is not None:
             from .robust import robust_aggregate
 
-            new, server_state, metrics = robust_aggregate(self.server, self.cfg, self.global_state, self.server_state,
+            new, server_state, metrics = robust_aggregate(self.receiver, self.cfg, self.global_state, self.server_state,
                                                           replies, round_idx)
         elif self.cfg.federation.dp is None or self.cfg.federation.dp.where == "client":
-            new, server_state, metrics = self.server.aggregate(self.global_state, self.server_state, replies,
-                                                               round_idx=round_idx)
+            new, server_state, metrics = self.receiver.aggregate(self.global_state, self.server_state, replies,
+                                                                 round_idx=round_idx)
         else:
             from .dp import private_aggregate
 

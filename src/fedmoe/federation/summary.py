@@ -147,7 +147,7 @@ def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, 
         fl = spec.counts(k, rank, cfg.eval.flops_seq_len)  # from the tensors the method built
         clients.append({
             "id": cid, "k": k, "rank": rank,
-            "n_train": r.data["n_train"], "rouge_l": r.last_eval.get("rouge_l"), "accuracy": r.last_eval.get("accuracy"),
+            "n_train": r.data.get("n_train"), "rouge_l": r.last_eval.get("rouge_l"), "accuracy": r.last_eval.get("accuracy"),
             "loss": r.last_eval.get("loss"),
             "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "flops_per_seq": fl["flops_per_seq"],
             "active_params": fl["active_params"], "active_trainable": fl["active_trainable"],

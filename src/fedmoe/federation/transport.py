@@ -26,24 +26,34 @@ if TYPE_CHECKING:
 @dataclass
 class TrainReport:
     """What a client reports of one round's local training, beside its reply message (never sent to
-    the server half: the runtime's ledger and metrics rows read it)."""
+    the server half: the runtime's ledger and metrics rows read it). Under local DP with withheld reports
+    (``federation.dp.reports: withhold``) the client keeps what its data decides to itself: those fields are
+    None (the metrics empty) and ``withheld`` names them."""
 
-    loss: float  # mean training loss over the round's optimizer steps
-    steps: int
+    loss: float | None  # mean training loss over the round's optimizer steps
+    steps: int | None
     lr: float
-    tokens: int  # non-padding tokens processed
-    activation_counts: torch.Tensor  # (MoE layers, experts): tokens routed to each expert
+    tokens: int | None  # non-padding tokens processed
+    activation_counts: torch.Tensor | None  # (MoE layers, experts): tokens routed to each expert
     metrics: dict[str, Any]  # the method's client metrics (Client.reply)
     overhead: dict[str, float] = field(default_factory=dict)  # the transport's timings: train_s, load_s
+    withheld: tuple[str, ...] = ()  # the fields the client kept to itself (dp.WITHHELD_TRAINING)
 
     @classmethod
-    def of(cls, result: LocalResult, metrics: dict, **overhead: float) -> TrainReport:
+    def of(cls, result: LocalResult, metrics: dict, withhold: bool = False, **overhead: float) -> TrainReport:
+        if withhold:
+            from .dp import WITHHELD_TRAINING
+
+            return cls(loss=None, steps=None, lr=result.lr, tokens=None, activation_counts=None, metrics={},
+                       overhead=dict(overhead), withheld=WITHHELD_TRAINING)
         return cls(loss=result.loss, steps=result.steps, lr=result.lr, tokens=result.tokens,
                    activation_counts=result.activation_counts, metrics=dict(metrics), overhead=dict(overhead))
 
     def to_info(self, reply: Message | None = None) -> dict:
         """As JSON-able values, without the transport's timings. The activation counts travel once:
         as nested lists here, unless the reply message already holds them (:data:`ACTIVATION_COUNTS`)."""
+        if self.withheld:
+            return {"lr": self.lr, "withheld": list(self.withheld)}
         info = {"loss": self.loss, "steps": self.steps, "lr": self.lr, "tokens": self.tokens, "metrics": self.metrics}
         if reply is None or ACTIVATION_COUNTS not in reply.tensors:
             info[ACTIVATION_COUNTS] = self.activation_counts.tolist()
@@ -51,7 +61,16 @@ class TrainReport:
 
     @classmethod
     def from_info(cls, info: dict, reply: Message | None = None, **overhead: float) -> TrainReport:
-        """The report :meth:`to_info` wrote, its activation counts from ``reply`` when they came with it."""
+        """The report :meth:`to_info` wrote, its activation counts from ``reply`` when they came with it.
+        A report that says it withheld something carries nothing else (the runtime checks that the run asked
+        for it)."""
+        if "withheld" in info:
+            from .dp import WITHHELD_TRAINING
+
+            if tuple(info["withheld"]) != WITHHELD_TRAINING or set(info) != {"lr", "withheld"}:
+                raise ValueError(f"a withheld report must name {list(WITHHELD_TRAINING)} and carry only lr")
+            return cls(loss=None, steps=None, lr=float(info["lr"]), tokens=None, activation_counts=None, metrics={},
+                       overhead=dict(overhead), withheld=WITHHELD_TRAINING)
         counts = info.get(ACTIVATION_COUNTS)
         if counts is None:
             if reply is None or ACTIVATION_COUNTS not in reply.tensors:

@@ -483,6 +483,8 @@ def format_metric(key: str, value) -> str:
         return human_bytes(value)
     if isinstance(value, int):
         return str(value)
+    if math.isfinite(value) and 0 < abs(value) < 5e-5:  # would print as 0.0000 (a DP δ of 1e-05)
+        return f"{value:.3g}"
     return _num(value, 4)
 
 
@@ -604,7 +606,13 @@ def format_privacy(summary: dict, metrics: list[dict]) -> list[str]:
                  + (" The noise was seeded from the run's seed (client_noise: seeded): whoever has the config can "
                     "remove it, so this holds only against those who do not." if p.get("client_noise") == "seeded" else
                     " Each client's noise comes from a secret it drew itself and never sent.")
-                 + " The clients' reported losses, counts and evaluation numbers are not covered.", ""]
+                 + (" Each client's training loss, steps, token and expert counts, the method's metrics and the size "
+                    "and categories of its training data stayed on it (reports: withhold): every update "
+                    "weighed the same, and FLAME's per-expert weights were applied on the client before the noise."
+                    if p.get("reports") == "withhold" else " The clients sent their reports as without DP "
+                    "(reports: send), and the aggregation weighed them by their sizes.")
+                 + (f" Not covered by ε: {p['not_covered']}." if p.get("not_covered") else
+                    " The clients' reported losses, counts and evaluation numbers are not covered."), ""]
         return lines
     lines = ["## Differential privacy (client level)", "",
              f"(ε, δ) = ({_num(p['epsilon'], 3)}, {p['delta']:g}) after {p['rounds']} rounds: each round clips every "

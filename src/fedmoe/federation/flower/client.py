@@ -33,7 +33,7 @@ from ...train import Parallel
 from ..clients import ClientNode, client_set, heldout_set
 from ..evaluation import ModelEvaluator
 from ..local import load_client_model
-from ..transport import TrainReport
+from ..dp import withhold_setup
 from .paths import DEFAULT_STATE_DIR, node_identity, store_path  # noqa: F401 (re-exported)
 from .records import from_records, jsonable, to_records
 
@@ -206,21 +206,23 @@ class FlowerClient:
                 metrics = node.setup(self.half, self.mm, self.initial, self.cfg.seed)
                 store.save(0, node.private)
                 store.save_setup_metrics(metrics)
-            data, kept = kept_here(self.data_info, self.share)
-            out.update(data=data, withheld=kept, setup=store.setup_metrics(),
+            setup, data = withhold_setup(self.cfg, store.setup_metrics(), self.data_info)
+            data, kept = kept_here(data, self.share)
+            out.update(data=data, withheld=kept, setup=setup,
                        profile=self.half.profile(self.id, self.mm, node.private))
             return to_records(None, out)
         if node.private is None:
             raise RuntimeError(f"client {self.id} has no private state for run {run_id} in {store.root}: its setup "
                                "did not run here (was its state directory removed?)")
         if kind == "train":
-            reply, res, metrics = node.train(self.half, self.mm, msg, self.cfg, parallel=self.parallel)
+            reply, report = node.train(self.half, self.mm, msg, self.cfg, parallel=self.parallel)
             if not lead:
                 return None
             store.save(round_idx, node.private)
             if msg.header.get("secagg"):
                 reply = keep_for_secagg(store.root, round_idx, msg, reply, msg.header["secagg"])
-            out["report"] = TrainReport.of(res, jsonable(metrics)).to_info(reply)
+            report.metrics = jsonable(report.metrics)
+            out["report"] = report.to_info(reply)
             out["work_s"] = time.perf_counter() - t0
             return to_records(reply, out)
         if kind == "evaluate":
