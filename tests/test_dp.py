@@ -139,6 +139,24 @@ def test_methods_whose_aggregation_is_not_a_sum_of_updates_refuse_dp(name):
         _dp_cfg(1.0, 1.0, f"algorithm.name={name}")
 
 
+@pytest.mark.parametrize("name", ["scaffold", "hetlora", "flexlora", "trivial", "local_only"])
+def test_methods_whose_replies_local_dp_cannot_cover_refuse_it(name):
+    with pytest.raises(ConfigError, match=rf"federation.dp with where: client .* does not suit {name}, which "
+                                          r".*; remove federation.dp"):
+        _dp_cfg(1.0, 1.0, f"algorithm.name={name}", "federation.dp.where=client")
+
+
+def test_fcmoe_takes_local_dp_where_its_counts_are_sent_or_not_read():
+    """FC-MoE under local DP: its aggregation is post-processing of the noised updates, so it takes it, except
+    where its importance reads the activation counts the clients withhold."""
+    with pytest.raises(ConfigError, match=r"does not suit fcmoe, which weighs each expert by the clients' "
+                                          r"activation counts \(importance: n_f_norm\).*otherwise remove federation.dp"):
+        _dp_cfg(1.0, 1.0, "algorithm.name=fcmoe", "federation.dp.where=client")
+    for extra in (["algorithm.fcmoe.importance=n"], ["federation.dp.reports=send"],
+                  ["federation.dp.reports=send", "algorithm.fcmoe.importance=n_f_t"]):
+        assert _dp_cfg(1.0, 1.0, "algorithm.name=fcmoe", "federation.dp.where=client", *extra).federation.dp
+
+
 @pytest.mark.parametrize("name", ["fedit", "flame", "flex"])
 def test_methods_whose_aggregation_is_a_sum_of_updates_accept_dp(name):
     assert _dp_cfg(1.0, 1.0, f"algorithm.name={name}").federation.dp.clip_norm == 1.0
@@ -405,3 +423,46 @@ def test_a_withheld_report_and_reply_are_checked_as_such():
     with pytest.raises(ConfigError, match="federation.dp.reports says what a client keeps to itself"):
         _dp_cfg(1, 1, "federation.dp.reports=send")
     assert _dp_cfg(1, 1).federation.dp.reports is None
+
+
+def test_fcmoe_under_local_dp_aggregates_the_noised_updates_as_its_own(tmp_path):
+    """FC-MoE, local DP with withheld reports, importance n, σ = 1: the replies hold the global tensors and
+    n_train = 1 only; the global model after round 1 is FC-MoE's own conflict-aware average of those noised
+    replies with every client weighing 1 (projection and all), and the residual each client is sent in round 2
+    is the part removed from its own noised update. With reports: send and importance n_f_norm the replies carry
+    the counts and the run finishes."""
+    from fedmoe.algorithms.fcmoe import RESIDUAL, FCMoEConfig, conflict_aware_average
+
+    seen, sent = {}, {}
+
+    def observe(kind, cid, msg):
+        if kind == "downlink":
+            sent[(msg.header["round"], cid)] = {n: t.clone() for n, t in msg.tensors.items()}
+        if kind == "reply":
+            seen[(msg.header["round"], cid)] = msg
+
+    sets = ["algorithm.name=fcmoe", "algorithm.fcmoe.importance=n", "algorithm.fcmoe.threshold=0.9", "federation.rounds=2",
+            "federation.dp.clip_norm=0.05", "federation.dp.noise_multiplier=1", "federation.dp.where=client"]
+    summary, rd = _local_run(tmp_path, "fcmoe", *sets, observe=observe)
+    theta = sent[(1, 0)]
+    for c in (0, 1):
+        assert set(seen[(1, c)].tensors) == set(theta) and seen[(1, c)].scalars == {"n_train": 1}
+    cfg = load_config(None, TINY + sets)
+    spec = model_spec(cfg, METHODS["fcmoe"])
+    pairs = {t.name: (t.partner, t.scaling) for t in spec.inventory if t.factor == "A"}
+    fc = FCMoEConfig(importance="n", threshold=0.9)
+    new, residuals, stats = conflict_aware_average(theta, [seen[(1, c)].tensors for c in (0, 1)], [1.0, 1.0], None,
+                                                   spec.inventory.expert_layers(), fc, pairs=pairs)
+    assert stats["projected_fraction"] > 0  # two noised updates: each has cos ≈ 0.7 with their mean, below 0.9
+    for name in theta:
+        torch.testing.assert_close(sent[(2, 0)][name], new[name], rtol=0, atol=1e-7)
+    for c in (0, 1):
+        got = {n[len(RESIDUAL):]: t for n, t in sent[(2, c)].items() if n.startswith(RESIDUAL)}
+        assert set(got) == set(residuals[c]) and got
+        for name in got:
+            torch.testing.assert_close(got[name], residuals[c][name], rtol=0, atol=1e-7)
+    seen.clear()
+    _local_run(tmp_path, "fcmoe-send", "algorithm.name=fcmoe", "federation.rounds=1", "federation.dp.clip_norm=0.05",
+               "federation.dp.noise_multiplier=1", "federation.dp.where=client", "federation.dp.reports=send",
+               observe=observe)
+    assert all("activation_counts" in m.tensors and m.scalars["n_train"] > 1 for m in seen.values())

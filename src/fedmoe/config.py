@@ -447,7 +447,14 @@ class RunConfig(_Strict):
                 raise ValueError(f"{keys} configure the method '{other.name}', but algorithm.name is {alg.name!r}, "
                                  f"which reads only algorithm.{{{', '.join(method.sections)}}}: remove them (in a "
                                  "sweep, set them in that method's variant)")
-        if self.federation.dp is not None and not method.server.supports_dp:
+        dp = self.federation.dp
+        if dp is not None and dp.where == "client":
+            why = method.server.local_dp_refusal(self)
+            if why:
+                raise ValueError(f"federation.dp with where: client (local differential privacy: each client clips and "
+                                 f"noises its own update) does not suit {alg.name}, which {why}; "
+                                 + ("otherwise remove federation.dp" if "; set " in why else "remove federation.dp"))
+        elif dp is not None and not method.server.supports_dp:
             raise ValueError(f"federation.dp (client-level differential privacy) needs an aggregation that is a sum "
                              f"of clipped client updates, but {alg.name} {method.server.dp_note}; remove federation.dp")
         robust = self.federation.robust

@@ -184,6 +184,15 @@ class Server:
         self.cfg = cfg
         self.spec = spec
 
+    @classmethod
+    def local_dp_refusal(cls, cfg) -> str | None:
+        """Why local DP (``federation.dp.where: client``) cannot apply to this method under ``cfg``, or None.
+        There each client clips and noises its own update and the aggregation is post-processing: a method
+        qualifies when its reply holds nothing else its data decides (or the run sends that knowingly,
+        ``reports: send``) and noise in every component does it no harm. By default: the methods that take
+        central DP (``supports_dp``), whose estimator the runtime then uses (``dp.uniform_aggregate``)."""
+        return None if cls.supports_dp else cls.dp_note
+
     def initial_global(self) -> State:
         """The global state before round 1 (default: every trainable tensor of the spec the method does
         not keep private, :attr:`Client.private_roles`)."""

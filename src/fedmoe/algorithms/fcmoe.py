@@ -64,11 +64,12 @@ def _dense(state: State, members, pairs: dict[str, tuple[str, float]]) -> torch.
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
-def conflict_aware_average(global_state: State, tensors: list[State], n: list[float], freq: list[dict],
+def conflict_aware_average(global_state: State, tensors: list[State], n: list[float], freq: list[dict] | None,
                            layer_of: dict[str, int], cfg: FCMoEConfig,
                            pairs: dict[str, tuple[str, float]] | None = None):
     """(new global state, per-client residuals {name: tensor} of the groups they were projected in,
-    statistics). ``freq[i]``: {MoE layer: (E,) activation frequency a/S of client i}. ``pairs`` (the
+    statistics). ``freq[i]``: {MoE layer: (E,) activation frequency a/S of client i} (None with
+    ``importance: n``, which does not read it). ``pairs`` (the
     ``dense`` space): every LoRA A name -> (its B name, α/r), from the model's inventory."""
     if cfg.space == "dense" and pairs is None:
         raise ValueError("FC-MoE in the dense space needs the LoRA pairs (A -> B, alpha/r) of the inventory")
@@ -85,7 +86,7 @@ def conflict_aware_average(global_state: State, tensors: list[State], n: list[fl
     n_projected = n_pairs = 0
     for key, members in expert_groups(names, layer_of, num_experts):
         layer = None if key is None else key[0]
-        f = [1.0 if key is None else float(fr[layer][key[1]]) for fr in freq]
+        f = [1.0] * len(tensors) if key is None or freq is None else [float(fr[layer][key[1]]) for fr in freq]
         flat = [flat_group(d, members) for d in deltas]
         if cfg.importance == "n":
             c = list(n)
@@ -174,6 +175,18 @@ class FCMoEServer(FedITServer):
     server_optimizer_note = ("steps along the projected updates itself (its retention re-anchors clients on "
                              "the exact global), so a server optimizer on top does not apply")
 
+    @classmethod
+    def local_dp_refusal(cls, cfg):
+        """Local DP: the importance weights, norms and projections are computed from the noised updates
+        (post-processing; r_i goes back to client i only), so FC-MoE takes it, but with reports: withhold
+        the activation counts its n_f_norm and n_f_t importances read stay on the clients."""
+        if cfg.federation.dp.reports == "withhold" and cfg.algorithm.fcmoe.importance != "n":
+            return (f"weighs each expert by the clients' activation counts (importance: "
+                    f"{cfg.algorithm.fcmoe.importance}), which local DP with federation.dp.reports: withhold keeps "
+                    "on the clients; set algorithm.fcmoe.importance: n (every client alike), or "
+                    "federation.dp.reports: send (the counts then reach the server unnoised)")
+        return None
+
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
         self.layer_of = spec.inventory.expert_layers()
@@ -194,8 +207,10 @@ class FCMoEServer(FedITServer):
     def aggregate(self, global_state: State, server_state: dict, replies: list[Reply], *, round_idx: int):
         fc = self.cfg.algorithm.fcmoe
         msgs = [r.message for r in replies]
-        freq = [{layer: m.tensors[COUNTS][layer].to(torch.float64) / max(int(m.tensors[TOKENS][layer]), 1)
-                 for layer in set(self.layer_of.values())} for m in msgs]
+        # (importance: n reads no counts: under local DP with withheld reports the replies carry none)
+        freq = None if fc.importance == "n" else [
+            {layer: m.tensors[COUNTS][layer].to(torch.float64) / max(int(m.tensors[TOKENS][layer]), 1)
+             for layer in set(self.layer_of.values())} for m in msgs]
         new, residuals, stats = conflict_aware_average(
             global_state, [{k: m.tensors[k] for k in global_state} for m in msgs], sizes(replies), freq,
             self.layer_of, fc, pairs=self.pairs)

@@ -148,6 +148,11 @@ class RankServer(_RankBudgets, FedITServer):
     dp_note = ("keeps the adapter components beyond each client's budget rank at zero (no client trains them), "
                "while the Gaussian noise of DP would fill every component of the aggregate")
 
+    @classmethod
+    def local_dp_refusal(cls, cfg):
+        # each client's noise would fill the components beyond its rank (HetLoRA and FlexLoRA too)
+        return RankServer.dp_note
+
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
         self.pairs = lora_pairs(spec.inventory)

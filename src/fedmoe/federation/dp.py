@@ -199,8 +199,10 @@ def uniform_aggregate(cfg, global_state: State, server_state: dict, replies, rou
 
 class WithheldReports:
     """The server half as the runtime meets the clients' replies under withheld reports: a reply carries the
-    global tensors and n_train = 1 only (no method extras, no other scalar), and the aggregation is
-    :func:`uniform_aggregate`. Everything else is the method's server half."""
+    global tensors and n_train = 1 only (no method extras, no other scalar). The aggregation of a method that
+    takes central DP (``supports_dp``) is its DP estimator, :func:`uniform_aggregate` (its weights applied on
+    the clients); another method that takes local DP (FC-MoE with ``importance: n``) aggregates as its own,
+    every client weighing 1. Everything else is the method's server half."""
 
     def __init__(self, server, cfg):
         self._server, self._cfg = server, cfg
@@ -213,6 +215,8 @@ class WithheldReports:
         return {}
 
     def aggregate(self, global_state: State, server_state: dict, replies, *, round_idx: int):
+        if not self._server.supports_dp:
+            return self._server.aggregate(global_state, server_state, replies, round_idx=round_idx)
         return uniform_aggregate(self._cfg, global_state, server_state, replies, round_idx)
 
 
