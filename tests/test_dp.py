@@ -284,13 +284,7 @@ def test_a_run_with_local_dp(tmp_path):
                                         f"federation.dp.clip_norm={C}", f"federation.dp.noise_multiplier={sigma}",
                                         f"federation.dp.delta={delta}", "federation.dp.where=client",
                                         "federation.dp.reports=send", *extra])
-        sent, seen = {}, {}
-
-        def observe(kind, cid, msg):
-            if kind == "downlink":
-                sent[(msg.header["round"], cid)] = {n: t.clone() for n, t in msg.tensors.items()}
-            if kind == "reply":
-                seen[(msg.header["round"], cid)] = msg
+        sent, seen, observe = _recorder()
         summary, rd = run_federated(cfg, observe=observe, log=lambda *a: None)
         return summary, rd, sent, seen
 
@@ -316,6 +310,18 @@ def test_a_run_with_local_dp(tmp_path):
     assert all(torch.equal(s1[(1, 0)].tensors[k], s2[(1, 0)].tensors[k]) for k in theta)
 
 
+def _recorder():
+    """(downlinks by (round, client), replies by (round, client), the observe hook that fills them)."""
+    sent, seen = {}, {}
+
+    def observe(kind, cid, msg):
+        if kind == "downlink":
+            sent[(msg.header["round"], cid)] = {n: t.clone() for n, t in msg.tensors.items()}
+        if kind == "reply":
+            seen[(msg.header["round"], cid)] = msg
+    return sent, seen, observe
+
+
 def _local_run(tmp_path, name, *sets, observe=None):
     cfg = load_config(None, TINY + [f"output_dir={tmp_path}", f"name={name}", *sets])
     return run_federated(cfg, observe=observe, log=lambda *a: None)
@@ -326,13 +332,7 @@ def test_withheld_reports_leave_only_the_noised_update_and_weigh_every_client_al
     n_train = 1, nothing else; the global model is θ + the plain mean of the replies' updates (not n-weighted:
     the two clients' n differ); the training rows, the summary and the report hold no training loss, token
     count, expert count or data size of a client, and say what was withheld and what ε does not cover."""
-    seen, sent = {}, {}
-
-    def observe(kind, cid, msg):
-        if kind == "downlink":
-            sent[(msg.header["round"], cid)] = {n: t.clone() for n, t in msg.tensors.items()}
-        if kind == "reply":
-            seen[(msg.header["round"], cid)] = msg
+    sent, seen, observe = _recorder()
 
     dp = ["federation.dp.clip_norm=0.01", "federation.dp.noise_multiplier=1", "federation.dp.where=client",
           "federation.rounds=2", "data.partition.scheme=pathological"]
@@ -433,13 +433,7 @@ def test_fcmoe_under_local_dp_aggregates_the_noised_updates_as_its_own(tmp_path)
     the counts and the run finishes."""
     from fedmoe.algorithms.fcmoe import RESIDUAL, FCMoEConfig, conflict_aware_average
 
-    seen, sent = {}, {}
-
-    def observe(kind, cid, msg):
-        if kind == "downlink":
-            sent[(msg.header["round"], cid)] = {n: t.clone() for n, t in msg.tensors.items()}
-        if kind == "reply":
-            seen[(msg.header["round"], cid)] = msg
+    sent, seen, observe = _recorder()
 
     sets = ["algorithm.name=fcmoe", "algorithm.fcmoe.importance=n", "algorithm.fcmoe.threshold=0.9", "federation.rounds=2",
             "federation.dp.clip_norm=0.05", "federation.dp.noise_multiplier=1", "federation.dp.where=client"]
