@@ -229,6 +229,27 @@ def test_a_checkpoint_without_fingerprint_resumes_with_a_warning(tmp_path):
     assert any("predates config fingerprints" in line for line in logs)
 
 
+def test_a_key_a_newer_fedmoe_added_inside_an_optional_section_counts_as_its_default():
+    """federation.dp.reports came after runs with federation.dp were checkpointed: their fingerprints lack it.
+    A central-DP run's config (reports: none) still matches its checkpoint; a local-DP run's (reports: withhold,
+    where such a run sent its reports before) is refused, naming the key, not resumed under another rule."""
+    from fedmoe.federation.checkpoint import RunDirError, check_fingerprint, config_fingerprint
+
+    def older(cfg):
+        keys = {k: v for k, v in config_fingerprint(cfg)["keys"].items() if k != "federation.dp.reports"}
+        return {"config_fingerprint": {"sha256": "older", "keys": keys}}
+
+    dp = ["federation.dp.clip_norm=1", "federation.dp.noise_multiplier=1"]
+    central = load_config(None, dp)
+    check_fingerprint(central, older(central), "run")
+    local = load_config(None, dp + ["federation.dp.where=client"])
+    with pytest.raises(RunDirError, match=r'federation.dp.reports: null -> "withhold"'):
+        check_fingerprint(local, older(local), "run")
+    changed = load_config(None, dp + ["federation.dp.delta=1e-6"])
+    with pytest.raises(RunDirError, match=r"federation.dp.delta: 1e-05 -> 1e-06"):
+        check_fingerprint(changed, older(central), "run")
+
+
 # ------------------------------------------------------------------ 5. one run per directory
 def _cli(sets):
     return [sys.executable, "-m", "fedmoe.cli", "run", "--quiet"] + [x for a in sets for x in ("--set", a)]

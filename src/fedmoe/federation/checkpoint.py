@@ -146,6 +146,30 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _field_default(key: str, missing):
+    """The default of the config field at dotted ``key`` by the config's models, through sections that are
+    absent by default (``federation.dp.reports`` of a run with ``federation.dp``), or ``missing``."""
+    import typing
+
+    from pydantic import BaseModel
+
+    model = RunConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return missing
+        if i == len(parts) - 1:
+            value = field.get_default(call_default_factory=True)
+            return missing if isinstance(value, BaseModel) else value
+        inner = [a for a in (field.annotation, *typing.get_args(field.annotation))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return missing
+        model = inner[0]
+    return missing
+
+
 def _execution_key(key: str, keys: tuple[str, ...] = EXECUTION_KEYS) -> bool:
     """``key`` is one of ``keys`` or inside one of them."""
     return any(key == k or key.startswith(k + ".") for k in keys)
@@ -192,9 +216,13 @@ def check_fingerprint(cfg: RunConfig, ck: dict, path: str | Path, log=print) -> 
     def show(v):
         return "(not set)" if v is missing else json.dumps(v)
 
+    def added(key):  # a key the stored fingerprint lacks: the config's default, also inside an optional section
+        return default[key] if key in default else _field_default(key, missing)
+
     diffs = []
     for key in sorted(set(old) | set(new)):
-        before, after = old.get(key, default.get(key, missing)), new.get(key, default.get(key, missing))
+        before = old[key] if key in old else added(key)
+        after = new[key] if key in new else added(key)
         if before != after and not _execution_key(key):
             diffs.append(f"{key}: {show(before)} -> {show(after)}")
     if diffs:
