@@ -460,3 +460,42 @@ def test_fcmoe_under_local_dp_aggregates_the_noised_updates_as_its_own(tmp_path)
                "federation.dp.noise_multiplier=1", "federation.dp.where=client", "federation.dp.reports=send",
                observe=observe)
     assert all("activation_counts" in m.tensors and m.scalars["n_train"] > 1 for m in seen.values())
+
+
+@pytest.mark.parametrize("where", ["server", "client"])
+def test_a_target_epsilon_gives_the_smallest_noise_that_keeps_within_it(where):
+    """σ from target_epsilon: ε after federation.rounds rounds at σ is within the target, and at a σ 1e-4
+    smaller it is not (the smallest, to the digits written); local DP needs twice central DP's σ (each release has
+    sensitivity 2C). A σ given beside a target must keep within it."""
+    from fedmoe.federation.dp import resolve_noise
+
+    def cfg(*extra):
+        return load_config(None, ["federation.dp.clip_norm=1", "federation.dp.target_epsilon=3", "federation.rounds=20",
+                                  f"federation.dp.where={where}", *extra])
+
+    sigma = resolve_noise(cfg()).federation.dp.noise_multiplier
+    eff = sigma / 2 if where == "client" else sigma
+    assert epsilon(eff, 20, 1e-5) <= 3 < epsilon(eff * (1 - 1e-4), 20, 1e-5)
+    central = resolve_noise(load_config(None, ["federation.dp.clip_norm=1", "federation.dp.target_epsilon=3",
+                                               "federation.rounds=20"])).federation.dp.noise_multiplier
+    assert sigma == pytest.approx(central * (2 if where == "client" else 1), rel=1e-5)
+    assert resolve_noise(cfg(f"federation.dp.noise_multiplier={sigma * 1.5}")).federation.dp.noise_multiplier == sigma * 1.5
+    with pytest.raises(ConfigError, match=r"noise_multiplier = .* spends ε = .* over 20 rounds .* more than "
+                                          r"federation.dp.target_epsilon = 3: remove noise_multiplier"):
+        resolve_noise(cfg(f"federation.dp.noise_multiplier={sigma * 0.9}"))
+    with pytest.raises(ConfigError, match="give federation.dp.noise_multiplier .* or federation.dp.target_epsilon"):
+        load_config(None, ["federation.dp.clip_norm=1"])
+
+
+def test_a_run_with_a_target_epsilon_spends_it_and_fixes_sigma_in_its_config(tmp_path):
+    """The run's config.yaml holds the computed σ (a resume uses it, not a new computation), the last round's ε
+    is the target to the digits of σ, and the report says how σ was chosen."""
+    summary, rd = _local_run(tmp_path, "target", "federation.rounds=2", "federation.dp.clip_norm=0.01",
+                             "federation.dp.target_epsilon=8")
+    written = load_config(rd.path / "config.yaml").federation.dp
+    assert written.target_epsilon == 8 and written.noise_multiplier > 0
+    p = summary["privacy"]
+    assert p["noise_multiplier"] == written.noise_multiplier and p["target_rounds"] == 2
+    assert 8 * (1 - 1e-4) < p["epsilon"] <= 8
+    assert f"σ = {written.noise_multiplier:g} was computed as the smallest that keeps ε within the target 8 over the " \
+           "run's 2 rounds" in rd.report_path.read_text()

@@ -240,7 +240,11 @@ class DPConfig(_Strict):
     (uniform weights, a fixed denominator); (ε, δ) per round from an RDP accountant (dp-accounting)."""
 
     clip_norm: float = Field(gt=0)
-    noise_multiplier: float = Field(ge=0)  # σ; 0 = clipping only, no privacy (ε = ∞)
+    noise_multiplier: float | None = Field(None, ge=0)  # σ; 0 = clipping only, no privacy (ε = ∞)
+    # instead of σ: the ε (at delta) the run may spend over federation.rounds rounds (local DP: each client);
+    # σ is then the smallest that keeps ε at or below it, computed when the run starts and written into its
+    # config.yaml (both given: σ must keep ε within the target)
+    target_epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)  # the δ at which ε is reported (take δ < 1/number of clients)
     # server: the server clips each update and noises their sum (central DP: it sees every raw update).
     # client: each client clips its own update and adds the noise N(0, σ²C²) itself before sending (local DP:
@@ -262,6 +266,10 @@ class DPConfig(_Strict):
 
     @model_validator(mode="after")
     def _reports_only_local(self):
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("give federation.dp.noise_multiplier (σ, the noise std in units of clip_norm) or "
+                             "federation.dp.target_epsilon (the ε to spend over federation.rounds rounds: σ is then "
+                             "computed)")
         if self.where == "server" and self.reports is not None:
             raise ValueError("federation.dp.reports says what a client keeps to itself under local DP (where: "
                              "client); with where: server the server sees every raw update anyway: remove "
@@ -285,7 +293,7 @@ class DPConfig(_Strict):
             if all(x["type"] in ("finite_number", "greater_than", "greater_than_equal") for x in e.errors()):
                 raise ValueError(sane) from None
             raise
-        if v > 1e6:
+        if v is not None and v > 1e6:
             raise ValueError(sane)
         return v
 

@@ -250,6 +250,57 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
         return bound if math.isfinite(bound) else math.inf
 
 
+def planned_epsilon(cfg, noise_multiplier: float | None = None) -> float:
+    """ε at ``delta`` after ``federation.rounds`` rounds at σ (``noise_multiplier``, else the config's): the
+    whole run's for central DP, a client's that sends an update every round for local DP (noise multiplier
+    σ/2 per release)."""
+    dp = cfg.federation.dp
+    sigma = dp.noise_multiplier if noise_multiplier is None else noise_multiplier
+    return epsilon(sigma / 2 if dp.where == "client" else sigma, cfg.federation.rounds, dp.delta)
+
+
+def noise_for_epsilon(cfg) -> float:
+    """The smallest σ (to 6 significant digits, rounded up) whose :func:`planned_epsilon` is at most
+    ``federation.dp.target_epsilon``: bisection on ε(σ), which falls as σ grows."""
+    target = cfg.federation.dp.target_epsilon
+    hi = 1.0
+    while planned_epsilon(cfg, hi) > target:
+        hi *= 2
+        if hi > 1e6:  # ε(1e6) ≈ 0 for any real number of rounds: not reached
+            raise ConfigError(f"federation.dp.target_epsilon = {target:g} needs σ above 1e6 over "
+                              f"{cfg.federation.rounds} rounds: raise target_epsilon or lower federation.rounds")
+    lo = 0.0
+    while hi - lo > 1e-7 * hi:
+        mid = (lo + hi) / 2
+        if planned_epsilon(cfg, mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    digits = 5 - math.floor(math.log10(hi))
+    sigma = math.ceil(hi * 10 ** digits) / 10 ** digits  # up: ε stays within the target
+    return sigma if planned_epsilon(cfg, sigma) <= target else hi
+
+
+def resolve_noise(cfg):
+    """``cfg`` with ``federation.dp.noise_multiplier`` computed from ``target_epsilon`` where it is not given,
+    so that the run's config.yaml fixes σ (a resume uses the same); a σ that is given must keep ε within a
+    target given beside it. Other configs unchanged."""
+    dp = cfg.federation.dp
+    if dp is None or dp.target_epsilon is None:
+        return cfg
+    require_dp_accounting()
+    if dp.noise_multiplier is None:
+        dp = dp.model_copy(update={"noise_multiplier": noise_for_epsilon(cfg)})
+        return cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"dp": dp})})
+    spent = planned_epsilon(cfg)
+    if spent > dp.target_epsilon:
+        raise ConfigError(f"federation.dp.noise_multiplier = {dp.noise_multiplier:g} spends ε = {spent:.4g} over "
+                          f"{cfg.federation.rounds} rounds (δ = {dp.delta:g}), more than federation.dp.target_epsilon = "
+                          f"{dp.target_epsilon:g}: remove noise_multiplier to have the smallest σ that keeps within "
+                          "the target computed, or raise it")
+    return cfg
+
+
 def round_metrics(cfg, rounds: int, client_rounds: list[int] | None = None) -> dict:
     """What a round's server row reports: ε after ``rounds`` applied rounds (where: client, ε of the client
     that sent the most updates so far, ``client_rounds``), and δ."""
@@ -257,6 +308,11 @@ def round_metrics(cfg, rounds: int, client_rounds: list[int] | None = None) -> d
     if dp.where == "client":
         return {"dp_epsilon": client_epsilon(cfg, max(client_rounds or [0])), "dp_delta": dp.delta}
     return {"dp_epsilon": epsilon(dp.noise_multiplier, rounds, dp.delta), "dp_delta": dp.delta}
+
+
+def _target(cfg) -> dict:
+    dp = cfg.federation.dp
+    return {"target_epsilon": dp.target_epsilon, "target_rounds": cfg.federation.rounds} if dp.target_epsilon else {}
 
 
 def privacy_summary(cfg, rounds: int, denominator: int, client_rounds: dict[int, int] | None = None) -> dict:
@@ -267,10 +323,11 @@ def privacy_summary(cfg, rounds: int, denominator: int, client_rounds: dict[int,
         return {"where": "client", "epsilon": max(per.values(), default=0.0), "epsilon_by_client": per,
                 "delta": dp.delta, "rounds": rounds, "clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier,
                 "client_noise": dp.client_noise, "accounting": CLIENT_ACCOUNTING, "reports": dp.reports,
-                "not_covered": NOT_COVERED[dp.reports]}
+                "not_covered": NOT_COVERED[dp.reports], **_target(cfg)}
     return {"where": "server", "epsilon": epsilon(dp.noise_multiplier, rounds, dp.delta), "delta": dp.delta, "rounds": rounds,
             "clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier, "clients_per_round": denominator,
-            "noise_std_of_average": dp.noise_multiplier * dp.clip_norm / denominator, "accounting": ACCOUNTING}
+            "noise_std_of_average": dp.noise_multiplier * dp.clip_norm / denominator, "accounting": ACCOUNTING,
+            **_target(cfg)}
 
 
 __all__ = ["WithheldReports", "clip_update", "epsilon", "private_aggregate", "privacy_summary", "privatize_reply",

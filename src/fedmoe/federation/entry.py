@@ -13,6 +13,7 @@ from ..data import resolve_labels
 from ..rundir import RunDir
 from .checkpoint import RunDirError
 from .directories import lock_existing, locked, open_run_dir, prepare_run_dir
+from .dp import resolve_noise
 from .runtime import Federation
 
 
@@ -41,7 +42,7 @@ def run_federated(cfg: RunConfig, show_progress: bool = False, stop_after_round:
     ``overwrite``: replace a run in ``output_dir/name`` (else a finished one is kept and the run goes
     to ``name-2``, ...; :func:`~fedmoe.federation.directories.prepare_run_dir`)."""
     check_model(cfg, log)
-    cfg = resolve_labels(cfg)
+    cfg = resolve_noise(resolve_labels(cfg))
     rd = prepare_run_dir(cfg, overwrite=overwrite, log=log)
     return locked(rd, lambda: Federation(cfg, rd, show_progress=show_progress, log=log, observe=observe).run(
         stop_after_round=stop_after_round)), rd
@@ -75,7 +76,7 @@ def start_run(cfg: RunConfig, show_progress: bool = False, federation: str | Non
     require_flower()
     name = _federation(federation) if cfg.federation.runtime == "flower" else None
     check_model(cfg, log)
-    cfg = resolve_labels(cfg)
+    cfg = resolve_noise(resolve_labels(cfg))
     rd = prepare_run_dir(cfg, overwrite=overwrite, log=log)
     if cfg.federation.runtime == "flower-sim":
         return locked(rd, lambda: run_simulation(cfg, rd)), rd

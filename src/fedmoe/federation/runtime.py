@@ -207,6 +207,10 @@ class Federation:
             from .dp import WithheldReports, require_dp_accounting, withholds
 
             require_dp_accounting()
+            if cfg.federation.dp.noise_multiplier is None:
+                raise ConfigError("federation.dp.target_epsilon: σ is computed from it when a run starts "
+                                  "(fedmoe run, fedmoe.federation.run_federated or start_run), which this config did "
+                                  "not go through: start it so, or give federation.dp.noise_multiplier")
             if withholds(cfg):
                 self.receiver = WithheldReports(self.server, cfg)
 

@@ -596,6 +596,8 @@ def format_privacy(summary: dict, metrics: list[dict]) -> list[str]:
     p = summary.get("privacy")
     if not p:
         return []
+    target = (f" σ = {p['noise_multiplier']:g} was computed as the smallest that keeps ε within the target "
+              f"{p['target_epsilon']:g} over the run's {p.get('target_rounds')} rounds." if p.get("target_epsilon") else "")
     if p.get("where") == "client":
         per = ", ".join(f"client {c}: {_num(e, 3)}" for c, e in (p.get("epsilon_by_client") or {}).items())
         lines = ["## Differential privacy (local, on each client)", "",
@@ -612,14 +614,16 @@ def format_privacy(summary: dict, metrics: list[dict]) -> list[str]:
                     if p.get("reports") == "withhold" else " The clients sent their reports as without DP "
                     "(reports: send), and the aggregation weighed them by their sizes.")
                  + (f" Not covered by ε: {p['not_covered']}." if p.get("not_covered") else
-                    " The clients' reported losses, counts and evaluation numbers are not covered."), ""]
+                    " The clients' reported losses, counts and evaluation numbers are not covered.")
+                 + target, ""]
         return lines
     lines = ["## Differential privacy (client level)", "",
              f"(ε, δ) = ({_num(p['epsilon'], 3)}, {p['delta']:g}) after {p['rounds']} rounds: each round clips every "
              f"client's update to L2 norm {p['clip_norm']:g}, adds Gaussian noise of std {p['noise_multiplier']:g} × "
              f"{p['clip_norm']:g} to their sum and divides by the {p['clients_per_round']} clients sampled per round "
              f"(noise std of the average: {p['noise_std_of_average']:.3g}). Accounting: {p['accounting']}. The guarantee "
-             "covers the global models; this report's per-client numbers are not private.", ""]
+             "covers the global models; this report's per-client numbers are not private." + target,
+             ""]
     rows = [r for r in metrics if r.get("kind") == "server" and r.get("dp_epsilon") is not None]
     if rows:
         lines += ["| round | ε | share of updates clipped |", "|---:|---:|---:|"]
