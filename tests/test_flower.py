@@ -5,6 +5,7 @@ its own node's disk; a SuperNode killed mid-run (FLAME) takes its running worker
 mid-train is restarted; a worker with two ranks; a killed simulation resumed exactly."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -101,6 +102,14 @@ def test_a_train_report_travels_as_json_exactly():
     assert ACTIVATION_COUNTS in sent.to_info(Message(tensors={}, scalars={"n_train": 12}))
     with pytest.raises(ValueError, match="no activation counts"):
         TrainReport.from_info(info)
+    # a hostile report's numbers: text, booleans, fractions of a step and a non-finite lr are refused (the
+    # report's curves would choke on a text loss); a NaN loss is reported (the runtime leaves that update out)
+    good = json.loads(json.dumps(sent.to_info()))
+    for key, bad in (("loss", "low"), ("loss", True), ("lr", float("inf")), ("lr", "1e-3"), ("steps", 2.5),
+                     ("steps", -1), ("tokens", "96"), ("tokens", False)):
+        with pytest.raises(ValueError, match=f"{key} = "):
+            TrainReport.from_info({**good, key: bad})
+    assert math.isnan(TrainReport.from_info({**good, "loss": float("nan")}).loss)
 
 
 @pytest.mark.parametrize("method", sorted(SIM_METHODS))

@@ -11,6 +11,7 @@ here).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -69,16 +70,33 @@ class TrainReport:
 
             if tuple(info["withheld"]) != WITHHELD_TRAINING or set(info) != {"lr", "withheld"}:
                 raise ValueError(f"a withheld report must name {list(WITHHELD_TRAINING)} and carry only lr")
-            return cls(loss=None, steps=None, lr=float(info["lr"]), tokens=None, activation_counts=None, metrics={},
+            return cls(loss=None, steps=None, lr=_number(info, "lr"), tokens=None, activation_counts=None, metrics={},
                        overhead=dict(overhead), withheld=WITHHELD_TRAINING)
         counts = info.get(ACTIVATION_COUNTS)
         if counts is None:
             if reply is None or ACTIVATION_COUNTS not in reply.tensors:
                 raise ValueError("the client's training report has no activation counts, nor has its reply")
             counts = reply.tensors[ACTIVATION_COUNTS]
-        return cls(loss=info["loss"], steps=int(info["steps"]), lr=info["lr"], tokens=int(info["tokens"]),
-                   activation_counts=torch.as_tensor(counts, dtype=torch.long).clone(),
+        return cls(loss=_number(info, "loss", finite=False), steps=_count(info, "steps"), lr=_number(info, "lr"),
+                   tokens=_count(info, "tokens"), activation_counts=torch.as_tensor(counts, dtype=torch.long).clone(),
                    metrics=dict(info["metrics"]), overhead=dict(overhead))
+
+
+def _number(info: dict, key: str, finite: bool = True) -> float:
+    """``info[key]`` as a float: a JSON number (not a boolean or text; NaN or ±inf only where ``finite`` is
+    False: a training loss that went non-finite is reported, and the runtime leaves that update out)."""
+    v = info[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (finite and not math.isfinite(v)):
+        raise ValueError(f"{key} = {str(v)[:40]!r} is not a{' finite' if finite else ''} number")
+    return float(v)
+
+
+def _count(info: dict, key: str) -> int:
+    """``info[key]`` as a non-negative integer (a JSON integer, not a boolean, text or fraction)."""
+    v = info[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{key} = {str(v)[:40]!r} is not a non-negative integer")
+    return v
 
 
 class Transport(Protocol):
