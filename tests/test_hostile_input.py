@@ -7,6 +7,7 @@ a run's name is one folder name, and a SuperNode builds its store's path from a 
 
 import math
 import json
+import re
 import os
 import random
 import subprocess
@@ -293,6 +294,34 @@ def test_a_client_that_sends_what_local_dp_withholds_is_left_out(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "tells" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["kind"] == "train"]
     assert len(rows) == 4 and all("loss" not in r and "tokens" not in r and r["withheld"] for r in rows)
+
+
+@pytest.mark.parametrize("part,key,bad,want", [
+    ("profile", "k", 99, "profile k = 99, not an integer in 1..2"),
+    ("profile", "rank", "r", "profile rank = 'r', not an integer in 0..2"),
+    ("data", "n_train", -5, "data n_train = -5"),
+    ("data", "category_counts", {"x": "many"}, "data category_counts = {'x': 'many'}"),
+    ("setup", "seconds", "soon", "setup metrics that are not finite numbers")])
+def test_a_setup_report_that_cannot_be_right_stops_the_run_before_round_1(tmp_path, part, key, bad, want):
+    """What a client says at setup sets the summary's FLOPs (k, rank), its data sizes and the bound on the
+    n_train its replies may claim: one value fedmoe's client would never send stops the run before round 1,
+    naming the client and the value."""
+    from fedmoe.config import load_config
+    from fedmoe.federation.local import LocalTransport
+
+    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32",
+                             "data.partition.num_clients=2", "train.max_steps=1", "train.batch_size=2", "lora.rank=2",
+                             "eval.rouge=false", "eval.zero_shot=false", "data.max_test_per_client=2",
+                             "federation.rounds=1", f"output_dir={tmp_path}", "name=setup"])
+
+    class Odd(LocalTransport):
+        def setup(self, prog):
+            out = super().setup(prog)
+            out[1][part][key] = bad
+            return out
+
+    with pytest.raises(RuntimeError, match=rf"client 1's setup is not one fedmoe's client sends \({re.escape(want)}"):
+        _run_through(cfg, Odd)
 
 
 def test_activation_counts_that_cannot_be_right_are_invalid():

@@ -154,6 +154,37 @@ def invalid_reply(sent: Message, reply: Message, global_state, declared_n: int |
     return "an invalid reply: " + "; ".join(why[:3]) + ": the update is left out of the aggregation"
 
 
+def invalid_setup(info: dict, top_k: int, max_rank: int) -> str | None:
+    """Why a client's one-shot setup report cannot be taken, or None: its profile an integer k in 1..top_k and
+    rank in 0..max_rank (they set the FLOPs the summary reports), what it says of its data counts (non-negative
+    integers, categories by name) and its setup metrics finite numbers or lists of them."""
+    why = []
+    profile, data, setup = info.get("profile"), info.get("data"), info.get("setup")
+    if not isinstance(profile, dict):
+        why.append("no profile")
+    else:
+        for key, top in (("k", top_k), ("rank", max_rank)):
+            v = profile.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or not (key == "rank" or v >= 1) or not 0 <= v <= top:
+                why.append(f"profile {key} = {repr(v)[:40]}, not an integer in {1 if key == 'k' else 0}..{top}")
+    if not isinstance(data, dict):
+        why.append("no data description")
+    else:
+        for key, v in data.items():
+            if key == "shared_source":
+                ok = isinstance(v, bool)
+            elif key == "category_counts":
+                ok = v is None or (isinstance(v, dict) and all(isinstance(c, str) and isinstance(n, int) and
+                                                               not isinstance(n, bool) and n >= 0 for c, n in v.items()))
+            else:
+                ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            if not ok:
+                why.append(f"data {key} = {repr(v)[:40]}")
+    if not isinstance(setup, dict) or not all(_metric_value(v) for v in setup.values()):
+        why.append("setup metrics that are not finite numbers")
+    return "; ".join(why[:3]) or None
+
+
 def _serialize(state: dict) -> bytes:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -266,7 +297,14 @@ class Federation:
         return sorted(shapes.items())
 
     def _setup(self, prog: Progress) -> None:
+        budgets = getattr(self.cfg.algorithm, "budgets", None)
+        max_rank = max([self.cfg.lora.rank, *((budgets.ranks or []) if budgets is not None else [])])
         for cid, info in self.transport.setup(prog).items():
+            why = invalid_setup(info, self.spec.top_k, max_rank)
+            if why:
+                raise RuntimeError(f"client {cid}'s setup is not one fedmoe's client sends ({why}): the run was not "
+                                   "started; check that every SuperNode runs this fedmoe version, and whose node "
+                                   "answers as that client")
             self.client_setup[cid] = info["setup"]
             self.records[cid].data = info["data"]
             self.records[cid].profile = info["profile"]
