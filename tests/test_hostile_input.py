@@ -324,6 +324,29 @@ def test_a_setup_report_that_cannot_be_right_stops_the_run_before_round_1(tmp_pa
         _run_through(cfg, Odd)
 
 
+def test_a_profile_out_of_bounds_in_an_evaluation_is_not_taken(tmp_path):
+    """An evaluation may update what a client runs (HetLoRA's pruned rank); one with k = 99 is not taken: the
+    summary keeps the k it said at setup, and its FLOPs."""
+    from fedmoe.config import load_config
+    from fedmoe.federation.local import LocalTransport
+
+    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32",
+                             "data.partition.num_clients=2", "train.max_steps=1", "train.batch_size=2", "lora.rank=2",
+                             "eval.rouge=false", "eval.zero_shot=false", "data.max_test_per_client=2",
+                             "federation.rounds=1", f"output_dir={tmp_path}", "name=profile"])
+
+    class Odd(LocalTransport):
+        def evaluate(self, round_idx, messages, with_answers, general_for, prog):
+            out, failed = super().evaluate(round_idx, messages, with_answers, general_for, prog)
+            if 1 in out:
+                out[1]["profile"] = {"k": 99, "rank": 2}
+            return out, failed
+
+    summary = _run_through(cfg, Odd)
+    assert [c["k"] for c in summary["clients"]] == [2, 2]
+    assert summary["clients"][1]["flops_per_seq"] == summary["clients"][0]["flops_per_seq"]
+
+
 def test_activation_counts_that_cannot_be_right_are_invalid():
     """FLAME and FC-MoE weigh every expert by a client's counts: (L, E) non-negative integers, at most k routed
     experts per token a layer processed."""

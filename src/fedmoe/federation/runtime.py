@@ -154,19 +154,25 @@ def invalid_reply(sent: Message, reply: Message, global_state, declared_n: int |
     return "an invalid reply: " + "; ".join(why[:3]) + ": the update is left out of the aggregation"
 
 
+def invalid_profile(profile, top_k: int, max_rank: int) -> list[str]:
+    """Why what a client says it runs cannot be taken (empty: it can): an integer k in 1..top_k and rank in
+    0..max_rank."""
+    if not isinstance(profile, dict):
+        return ["no profile"]
+    why = []
+    for key, low, top in (("k", 1, top_k), ("rank", 0, max_rank)):
+        v = profile.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= top:
+            why.append(f"profile {key} = {repr(v)[:40]}, not an integer in {low}..{top}")
+    return why
+
+
 def invalid_setup(info: dict, top_k: int, max_rank: int) -> str | None:
     """Why a client's one-shot setup report cannot be taken, or None: its profile an integer k in 1..top_k and
     rank in 0..max_rank (they set the FLOPs the summary reports), what it says of its data counts (non-negative
     integers, categories by name) and its setup metrics finite numbers or lists of them."""
-    why = []
     profile, data, setup = info.get("profile"), info.get("data"), info.get("setup")
-    if not isinstance(profile, dict):
-        why.append("no profile")
-    else:
-        for key, top in (("k", top_k), ("rank", max_rank)):
-            v = profile.get(key)
-            if isinstance(v, bool) or not isinstance(v, int) or not (key == "rank" or v >= 1) or not 0 <= v <= top:
-                why.append(f"profile {key} = {repr(v)[:40]}, not an integer in {1 if key == 'k' else 0}..{top}")
+    why = invalid_profile(profile, top_k, max_rank)
     if not isinstance(data, dict):
         why.append("no data description")
     else:
@@ -296,11 +302,14 @@ class Federation:
         shapes = {**{n: tuple(t.shape) for n, t in self.global_state.items()}, **{n: tuple(s[0]) for n, s in extras.items()}}
         return sorted(shapes.items())
 
-    def _setup(self, prog: Progress) -> None:
+    def _max_rank(self) -> int:
+        """The largest LoRA rank a client of this run may train (lora.rank, or a budget level's)."""
         budgets = getattr(self.cfg.algorithm, "budgets", None)
-        max_rank = max([self.cfg.lora.rank, *((budgets.ranks or []) if budgets is not None else [])])
+        return max([self.cfg.lora.rank, *((budgets.ranks or []) if budgets is not None else [])])
+
+    def _setup(self, prog: Progress) -> None:
         for cid, info in self.transport.setup(prog).items():
-            why = invalid_setup(info, self.spec.top_k, max_rank)
+            why = invalid_setup(info, self.spec.top_k, self._max_rank())
             if why:
                 raise RuntimeError(f"client {cid}'s setup is not one fedmoe's client sends ({why}): the run was not "
                                    "started; check that every SuperNode runs this fedmoe version, and whose node "
@@ -462,8 +471,9 @@ class Federation:
             results, bad = screened(results, {cid: (self.records[cid].data or {}).get("n_generated") for cid in results})
             failed = {**failed, **bad}
             for cid, r in results.items():
-                profile = r.pop("profile", None)  # what the client runs (k, rank): kept unless it says otherwise
-                if isinstance(profile, dict) and isinstance(profile.get("k"), int):
+                # what the client runs (k, rank): kept unless it says otherwise, in the run's bounds
+                profile = r.pop("profile", None)
+                if profile is not None and not invalid_profile(profile, self.spec.top_k, self._max_rank()):
                     self.records[cid].profile = profile
                 self.records[cid].evaluated_round = round_idx
             for cid in sorted(set(msgs) - set(results)):
