@@ -173,12 +173,12 @@ def test_fedmoe_run_exits_3_when_an_update_was_left_out(tmp_path, monkeypatch):
     train = ClientNode.train
 
     def poisoned(self, *args, **kwargs):  # fedmoe's own client: client 0 replies one infinite value
-        reply, result, metrics = train(self, *args, **kwargs)
+        reply, report = train(self, *args, **kwargs)
         if self.id == 0:
             name = next(iter(reply.tensors))
             reply.tensors[name] = reply.tensors[name].clone()
             reply.tensors[name].view(-1)[0] = math.inf
-        return reply, result, metrics
+        return reply, report
 
     monkeypatch.setattr(ClientNode, "train", poisoned)
     args = TINY + ["data.partition.num_clients=2", "federation.rounds=1", "eval.zero_shot=false",
