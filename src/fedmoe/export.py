@@ -234,7 +234,7 @@ def _plain_base(cfg):
     """The frozen base as a plain Hugging Face model (the run's dtype, on the CPU)."""
     from transformers import AutoModelForCausalLM
 
-    from .moe.model import _DTYPES
+    from .moe.model import pretrained_kwargs
 
     source = _base_source(cfg)
     if source is None:  # a builtin built from its config: the run's seeded initial weights, as MoEModel builds them
@@ -242,8 +242,8 @@ def _plain_base(cfg):
 
         return hf_from_config(BUILTIN_MODELS[cfg.model.name[len(BUILTIN_PREFIX):]](), cfg.model.dtype,
                               cfg.model.attn_implementation, cfg.seed)
-    return AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[cfg.model.dtype],
-                                                attn_implementation=cfg.model.attn_implementation)
+    return AutoModelForCausalLM.from_pretrained(source, **pretrained_kwargs(source, cfg.model.dtype,
+                                                                            cfg.model.attn_implementation))
 
 
 def write_merged(loaded: LoadedModel, out: Path) -> None:
@@ -259,10 +259,12 @@ def write_merged(loaded: LoadedModel, out: Path) -> None:
             elif isinstance(mod, ExpertsWithLoRA):
                 for pname, delta in mod.delta_weights().items():
                     w = params[f"{name}.{pname}"]
-                    w.add_(delta.to(w.dtype))
-                if mod.output_scale is not None:  # the routed output is linear in down_proj
-                    w = params[f"{name}.down_proj"]
-                    w.mul_(float(mod.output_scale.detach()))
+                    w.add_(mod.form.to_stored(delta).to(w.dtype))  # gpt-oss's stacks are stored (in, out)
+                if mod.output_scale is not None:  # the routed output is linear in down_proj (and its bias)
+                    scale = float(mod.output_scale.detach())
+                    params[f"{name}.down_proj"].mul_(scale)
+                    if mod.form.bias:
+                        params[f"{name}.down_proj_bias"].mul_(scale)
     if mm.top_k != mm.default_top_k:
         plain.config.num_experts_per_tok = mm.top_k
     plain.save_pretrained(out)
@@ -333,19 +335,20 @@ def vllm_tensors(mm: MoEModel) -> tuple[dict[str, torch.Tensor], list[str], int,
             first = first or mod
         elif isinstance(mod, ExpertsWithLoRA) and mod.targets:
             first = first or mod
-            inter = mod.base.down_proj.shape[2]
+            inter = mod.intermediate_size
             pairs = {}  # projection -> (A (E, r, in), B (E, out, r))
             for prefix, _, _ in expert_lora_pairs(mod.layout, mod.targets, 0, 0):
                 A = mod._full(getattr(mod, f"{prefix}_lora_A").detach().float())
                 B = mod._full(getattr(mod, f"{prefix}_lora_B").detach().float())
                 if prefix == "gate_up":  # ΔW_gate_up = s·B·A, its rows the gate's then the up's
-                    pairs[gate], pairs[up] = (A, B[:, :inter]), (A, B[:, inter:])
+                    gate_rows, up_rows = mod.form.gate_rows(inter)
+                    pairs[gate], pairs[up] = (A, B[:, gate_rows]), (A, B[:, up_rows])
                 else:
                     pairs[{"gate": gate, "up": up, "down": down}[prefix]] = (A, B)
             # every expert carries all three projections (vLLM packs gate, up and down together and refuses an
             # expert without one): a projection not adapted gets a zero pair, ΔW = 0
             E, r = mod.num_experts, mod.rank
-            hidden = mod.base.gate_up_proj.shape[2]
+            hidden = mod.hidden_size
             for proj, fan_in, fan_out in ((gate, hidden, inter), (up, hidden, inter), (down, inter, hidden)):
                 pairs.setdefault(proj, (torch.zeros(E, r, fan_in), torch.zeros(E, fan_out, r)))
             block = _MOE_BLOCK.get(mm.model_type)
