@@ -17,7 +17,7 @@ from torch import nn
 from .experts import ExpertForm, expert_form
 
 SUPPORTED_ARCHITECTURES = ("olmoe", "flex_olmo", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text", "mixtral",
-                           "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "ernie4_5_moe")
+                           "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "ernie4_5_moe", "gpt_oss")
 
 # the MoE block's attribute that holds its router, where it is not ``gate``
 _ROUTER_ATTRS = {"gpt_oss": "router"}
@@ -52,6 +52,7 @@ _SHARED_EXPERT_ATTRS = {
     "glm4_moe": ("shared_experts", None),
     "glm4_moe_lite": ("shared_experts", None),
     "ernie4_5_moe": ("shared_experts", None),
+    "gpt_oss": (None, None),
 }
 
 
@@ -73,6 +74,7 @@ DEFAULT_ATTENTION_TARGETS = {
     "glm4_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "glm4_moe_lite": ("q_proj", "kv_b_proj", "o_proj"),
     "ernie4_5_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gpt_oss": ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
 
 
