@@ -28,7 +28,19 @@ def tiny_hf(arch: str, **kw):
     from fedmoe.moe.tiny import tiny_config
 
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(tiny_config(arch, **kw)).float()
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **kw)).float()
+    if arch == "gpt_oss":
+        random_expert_biases_(model)
+    return model
+
+
+def random_expert_biases_(model, std: float = 0.02) -> None:
+    """gpt-oss's expert biases (gate_up_proj_bias, down_proj_bias), which transformers starts at zero, drawn
+    from N(0, std²) (the global generator), so that every test of a tiny gpt-oss runs them."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.experts.gate_up_proj_bias.normal_(0, std)
+            layer.mlp.experts.down_proj_bias.normal_(0, std)
 
 
 def token_batch(seed: int = 1, batch: int = 3, seq: int = 11, vocab: int = 128, pad_last_row: bool = True):

@@ -178,7 +178,7 @@ def _env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _delta_from_files(folder):
+def _delta_from_files(folder, num_experts=8):
     """{(module name, expert or None, projection): ΔW} rebuilt from an exported adapter's files alone."""
     from safetensors.torch import load_file
 
@@ -189,17 +189,33 @@ def _delta_from_files(folder):
     for key in t:
         if key.endswith(".lora_A.weight"):
             stem = key[len("base_model.model."):-len(".lora_A.weight")]
-            out[stem] = s * t[stem.join(("base_model.model.", ".lora_B.weight"))] @ t[key]
+            A, B = t[key], t[stem.join(("base_model.model.", ".lora_B.weight"))]
+            if stem.endswith((".experts", ".experts.base_layer")):  # the fused 3-D form (gpt-oss): PEFT's keys
+                # A (E·r, in), B (out, r·E), read per expert as vLLM reads them: A (E, r, in), B (E, out, r)
+                module, proj = ((stem[: -len(".base_layer")], "gate_up_proj") if stem.endswith(".base_layer")
+                                else (stem, "down_proj"))
+                A3, B3 = A.reshape(num_experts, -1, A.shape[-1]), B.reshape(B.shape[0], -1, num_experts).permute(2, 0, 1)
+                for e in range(num_experts):
+                    out[f"{module}.{e}.{proj}"] = s * B3[e] @ A3[e]
+            else:
+                out[stem] = s * B @ A
     return cfg, out
 
 
 def _expected_expert_deltas(mm, names=("gate_proj", "up_proj", "down_proj")):
+    """Each expert's ΔW by projection, from fedmoe's own adapters. gpt-oss: its fused gate_up ΔW (2I, H), rows in
+    its stored order (gate, up interleaved), and down's, as vLLM's fused 3-D form holds them."""
     from fedmoe.moe.lora import ExpertsWithLoRA
 
     want = {}
     for name, mod in mm.model.named_modules():
-        if isinstance(mod, ExpertsWithLoRA) and mod.targets:
-            d, inter = mod.delta_weights(), mod.base.down_proj.shape[2]
+        if isinstance(mod, ExpertsWithLoRA) and mod.targets and mm.model_type == "gpt_oss":
+            d = mod.delta_weights()
+            for e in range(mod.num_experts):
+                want[f"{name}.{e}.gate_up_proj"] = d["gate_up_proj"][e]
+                want[f"{name}.{e}.down_proj"] = d["down_proj"][e]
+        elif isinstance(mod, ExpertsWithLoRA) and mod.targets:
+            d, inter = mod.delta_weights(), mod.intermediate_size
             for e in range(mod.num_experts):
                 want[f"{name}.{e}.{names[0]}"] = d["gate_up_proj"][e][:inter]
                 want[f"{name}.{e}.{names[1]}"] = d["gate_up_proj"][e][inter:]
@@ -345,7 +361,12 @@ def test_every_architecture_trains_federated_and_exports(arch, tmp_path):
     config = tiny_config(arch, vocab_size=8192, top_k=4)  # the built-in tokenizer's vocabulary
     config.pad_token_id, config.eos_token_id = 1, 0
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_config(config)
+    if arch == "gpt_oss":  # its expert biases, zero in transformers' init: nonzero, so the export must keep them
+        from helpers import random_expert_biases_
+
+        random_expert_biases_(model)
+    model.save_pretrained(tmp_path / "base")
     AutoTokenizer.from_pretrained(builtin_model_path("builtin:tiny-moe")).save_pretrained(tmp_path / "base")
     run = _run(tmp_path, "r", f"model.name={tmp_path / 'base'}", "algorithm.name=fedit")
     loaded = load_run_model(run, None)
@@ -362,7 +383,8 @@ def test_every_architecture_trains_federated_and_exports(arch, tmp_path):
         want = {k.replace(".mlp.experts.", ".block_sparse_moe.experts."): w for k, w in want.items()}
     attention = {n: m.delta_weight() for n, m in loaded.mm.model.named_modules() if isinstance(m, LoRALinear)}
     want.update(attention)
-    assert set(got) == set(want) and len(want) == 2 * 8 * 3 + len(attention)
+    projections = 2 if arch == "gpt_oss" else 3  # gpt-oss: vLLM's fused 3-D form, gate_up and down per expert
+    assert set(got) == set(want) and len(want) == 2 * 8 * projections + len(attention)
     for k, w in want.items():
         torch.testing.assert_close(got[k], w, rtol=0, atol=1e-6)
 

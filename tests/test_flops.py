@@ -169,6 +169,38 @@ def test_published_sizes_of_glm_qwen3_next_qwen35_ernie_and_flexolmo():
     flex = tf.FlexOlmoConfig()
     r = count_flops(flex, 128)
     assert r["total_params"] == _meta_params(flex) and round(r["total_params"] / 1e9, 1) == 33.3
+
+
+def test_published_sizes_of_gpt_oss():
+    """gpt-oss-120b and gpt-oss-20b against OpenAI's model card ("gpt-oss-120b & gpt-oss-20b Model Card", 2025,
+    Table 1: 116.83B total and 5.13B active parameters for the 120b, 20.91B and 3.61B for the 20b; 36 and 24
+    layers, 128 and 32 experts, 4 active). transformers' default GptOssConfig is the 120b's config.json (hidden
+    2880, intermediate 2880, 64 query and 8 key/value heads of 64, vocabulary 201088, sliding window 128); the
+    20b's config.json differs in num_hidden_layers (24) and num_local_experts (32). The card's active count
+    leaves out the embedding table (not the unembedding): it is the count here less vocab x hidden. Every
+    parameter counted (attention biases and sinks, the router's bias, each expert's biases) equals the meta
+    model's."""
+    import transformers as tf
+
+    for config, total, active in ((tf.GptOssConfig(), 116.8, 5.1),
+                                  (tf.GptOssConfig(num_hidden_layers=24, num_local_experts=32), 20.9, 3.6)):
+        r = count_flops(config, 128)
+        assert r["total_params"] == _meta_params(config)
+        assert round(r["total_params"] / 1e9, 1) == total
+        assert round((r["active_params"] - config.vocab_size * config.hidden_size) / 1e9, 1) == active
+        assert r["flops_by_part"]["shared_experts"] == r["flops_by_part"]["dense_mlp"] == 0
+    # the card's parts of the 20b: MLP 19.12B (experts and routers), attention 0.64B, embedding and unembedding
+    # 1.16B
+    config = tf.GptOssConfig(num_hidden_layers=24, num_local_experts=32)
+    H, I, E, L = 2880, 2880, 32, 24
+    experts = L * E * (3 * H * I + 2 * I + H)
+    assert round((experts + L * (E * H + E)) / 1e9, 2) == 19.12
+    attention = L * (H * 64 * 64 + 64 * 64 + 2 * (H * 8 * 64 + 8 * 64) + 64 * 64 * H + H + 64)
+    assert round(attention / 1e9, 2) == 0.64
+    r = count_flops(config, 128)
+    assert r["total_params"] == experts + L * (E * H + E) + attention + 2 * 201088 * H + (2 * L + 1) * H
+
+
 # ------------------------------------------------------------------------ trainables vs MoEModel
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_trainable_counts_match_moemodel(arch):

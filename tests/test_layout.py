@@ -82,23 +82,25 @@ def test_split_tensors_shapes_order_and_init():
 
 
 # ------------------------------------------------------------------------ split layout: equivalences
-@pytest.mark.parametrize("arch", ["olmoe", "mixtral"])
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "gpt_oss"])
 def test_split_with_a_shared_A_equals_the_fused_layout(arch):
     """gate_lora_A = up_lora_A = A_fused and cat(gate_lora_B, up_lora_B) = B_fused make the split
-    adapters the fused one, on both compute paths."""
+    adapters the fused one, on both compute paths (gpt-oss: B_fused's rows interleave the gate's and the
+    up's, as its gate_up_proj's outputs do)."""
     fused = MoEModel(_hf(arch))
     fused.add_expert_lora(RANK, ALPHA)
     _randomise(fused)
     split = MoEModel(_hf(arch))
     split.add_expert_lora(RANK, ALPHA, layout="split")
     I = split.layers[0].intermediate_size
+    gate_rows, up_rows = (slice(0, None, 2), slice(1, None, 2)) if arch == "gpt_oss" else (slice(0, I), slice(I, None))
     with torch.no_grad():
         for layer in fused.layers:
             f, s = fused.experts_module(layer.index), split.experts_module(layer.index)
             s.gate_lora_A.copy_(f.gate_up_lora_A)
             s.up_lora_A.copy_(f.gate_up_lora_A)
-            s.gate_lora_B.copy_(f.gate_up_lora_B[:, :I])
-            s.up_lora_B.copy_(f.gate_up_lora_B[:, I:])
+            s.gate_lora_B.copy_(f.gate_up_lora_B[:, gate_rows])
+            s.up_lora_B.copy_(f.gate_up_lora_B[:, up_rows])
             s.down_lora_A.copy_(f.down_lora_A)
             s.down_lora_B.copy_(f.down_lora_B)
     ids, mask = _batch()
@@ -139,24 +141,29 @@ def test_split_expert_output_by_hand(grouped):
 # ------------------------------------------------------------------------ router LoRA
 @pytest.mark.parametrize("arch", ARCHS)
 def test_router_lora_logits_by_hand(arch):
-    """Router logits = x·(W + (α/r)·B·A)ᵀ; the rest of the routing is the architecture's own, on that
-    weight; the base weight stays frozen; the logits the model records (aux loss) are these."""
+    """Router logits = x·(W + (α/r)·B·A)ᵀ (+ b: gpt-oss's router is a linear with a bias, which stays as it
+    is); the rest of the routing is the architecture's own, on that weight; the base weight stays frozen;
+    the logits the model records (aux loss) are these."""
     mm = MoEModel(_hf(arch))
     layer = mm.layers[0]
     base = layer.router
     mm.add_router_lora(RANK, ALPHA)
-    router = layer.block.gate
+    attr = "router" if arch == "gpt_oss" else "gate"  # gpt-oss's MoE block holds its router as mlp.router
+    router = getattr(layer.block, attr)
     assert isinstance(router, RouterWithLoRA) and router.base is base
     names = [n for n in mm.trainable_names()]
     d = layer.decoder_layer
-    assert names[:2] == [f"model.layers.{d}.mlp.gate.lora_A", f"model.layers.{d}.mlp.gate.lora_B"]
+    assert names[:2] == [f"model.layers.{d}.mlp.{attr}.lora_A", f"model.layers.{d}.mlp.{attr}.lora_B"]
+    bias = getattr(base, "bias", None)
+    assert (bias is not None) == (arch == "gpt_oss")
+    bias = 0 if bias is None else bias
     E, H = base.weight.shape
     assert router.lora_A.shape == (RANK, H) and router.lora_B.shape == (E, RANK) and not router.lora_B.any()
     _randomise(mm, scale=0.5)
     x = torch.randn(9, H, generator=torch.Generator().manual_seed(5))
     logits, scores, index = router(x)
     merged = base.weight + (ALPHA / RANK) * router.lora_B @ router.lora_A
-    torch.testing.assert_close(logits, (x @ merged.T).to(logits.dtype), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, (x @ merged.T + bias).to(logits.dtype), rtol=0, atol=1e-5)
     # the same scores and choice as the architecture's router holding the merged weight
     ref = copy.deepcopy(base)
     with torch.no_grad():
@@ -178,7 +185,7 @@ def test_router_lora_logits_by_hand(arch):
     out = mm.model(ids, attention_mask=mask, output_router_logits=True)
     hook.remove()
     h = captured[0].reshape(-1, H)
-    torch.testing.assert_close(out.router_logits[0], (h @ router.weight.T).to(out.router_logits[0].dtype),
+    torch.testing.assert_close(out.router_logits[0], (h @ router.weight.T + bias).to(out.router_logits[0].dtype),
                                rtol=0, atol=1e-5)
 
 

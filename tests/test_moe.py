@@ -18,7 +18,7 @@ RANK, ALPHA = 4, 8.0
 SHARED = {"olmoe": None, "flex_olmo": None, "qwen2_moe": "Qwen2MoeMLP", "qwen3_moe": None, "qwen3_next": "Qwen3NextMLP",
           "qwen3_5_moe_text": "Qwen3_5MoeMLP", "mixtral": None,
           "deepseek_v2": "DeepseekV2MLP", "deepseek_v3": "DeepseekV3MLP", "glm4_moe": "Glm4MoeMLP",
-          "glm4_moe_lite": "Glm4MoeLiteMLP", "ernie4_5_moe": "Ernie4_5_MoeMLP"}
+          "glm4_moe_lite": "Glm4MoeLiteMLP", "ernie4_5_moe": "Ernie4_5_MoeMLP", "gpt_oss": None}
 
 
 _hf = tiny_hf
@@ -33,7 +33,11 @@ def test_discovery(arch):
     assert [l.decoder_layer for l in mm.layers] == [n_dense, n_dense + 1]
     assert mm.num_experts == 8 and mm.default_top_k == 2
     for l in mm.layers:
-        assert l.experts.gate_up_proj.shape == (8, 32, 32) and l.experts.down_proj.shape == (8, 32, 16)
+        assert l.hidden_size == 32 and l.intermediate_size == 16
+        # gpt-oss stores each expert's weights (in, out): (E, H, 2I) and (E, I, H)
+        down = (8, 16, 32) if arch == "gpt_oss" else (8, 32, 16)
+        assert l.experts.gate_up_proj.shape == (8, 32, 32) and l.experts.down_proj.shape == down
+        assert l.router is getattr(l.block, "router" if arch == "gpt_oss" else "gate")
         assert type(l.shared_expert).__name__ == SHARED[arch] if SHARED[arch] else l.shared_expert is None
     assert (mm.layers[0].shared_expert_gate is not None) == (arch in ("qwen2_moe", "qwen3_next", "qwen3_5_moe_text"))
     # everything of the base model is frozen
@@ -46,7 +50,7 @@ def test_dense_and_unknown_models_are_rejected():
     dense = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(UnsupportedModelError, match="olmoe, flex_olmo, qwen2_moe, qwen3_moe, qwen3_next, qwen3_5_moe_text, mixtral, deepseek_v2, "
-                       "deepseek_v3, glm4_moe, glm4_moe_lite, ernie4_5_moe"):
+                       "deepseek_v3, glm4_moe, glm4_moe_lite, ernie4_5_moe, gpt_oss"):
         MoEModel(dense)
     # a supported MoE family whose config makes every layer dense
     cfg = tiny_config("qwen2_moe")
@@ -123,7 +127,7 @@ def test_expert_lora_matches_peft_outputs_and_grads(arch):
             assert getattr(ex, f"{ours_name}_lora_B").grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite"])
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "gpt_oss"])
 def test_attention_lora_matches_peft(arch):
     ref = _hf(arch)
     ours = MoEModel(copy.deepcopy(ref))
@@ -213,6 +217,8 @@ def test_top_k_control_and_activation_counts(arch):
     # tokens or experts that still sum right): each non-padding token goes to its top-scoring expert
     x = captured["x"].reshape(-1, layer0.hidden_size)[mask.reshape(-1).bool()]
     scores = x @ layer0.router.weight.T  # softmax routers: the top probability is the top logit
+    if getattr(layer0.router, "bias", None) is not None:  # gpt-oss's router is a linear with a bias
+        scores = scores + layer0.router.bias
     if arch == "deepseek_v3":  # sigmoid scores + bias; every group is kept (topk_group = n_group)
         assert mm.config.topk_group == mm.config.n_group
         scores = torch.sigmoid(scores) + layer0.router.e_score_correction_bias
@@ -295,7 +301,8 @@ def _set_grouped(mm, grouped: bool) -> None:
 
 @pytest.mark.parametrize("arch,rank,layout", [("olmoe", RANK, "fused"), ("qwen2_moe", RANK, "fused"), ("olmoe", 3, "fused"),
                                               ("olmoe", RANK, "split"), ("qwen2_moe", RANK, "split"),
-                                              ("deepseek_v3", RANK, "split")])
+                                              ("deepseek_v3", RANK, "split"), ("gpt_oss", RANK, "fused"),
+                                              ("gpt_oss", RANK, "split")])
 def test_grouped_and_per_expert_paths_agree(arch, rank, layout):
     """Both LoRA layouts: logits and every gradient the same on the grouped path and the per-expert
     loop. Rank 3 in fp32 (12-byte rows) is not 16-byte aligned: the grouped path pads it with zero rank

@@ -11,7 +11,7 @@ from helpers import tiny_hf
 
 from fedmoe.config import load_config
 from fedmoe.federation import resume_federated, run_federated
-from fedmoe.moe import MoEModel
+from fedmoe.moe import MoEModel, find_moe_layers
 from fedmoe.moe.quant import (FP4_LEVELS, NF4_LEVELS, QuantizedLinear, QuantizedWeight, block_size, dequantize,
                               quantize_model, quantize_tensor, stored_bytes)
 
@@ -108,18 +108,35 @@ def test_block_size():
         block_size(7)
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "qwen3_5_moe_text"])  # and a hybrid's linear attention
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "qwen3_5_moe_text", "gpt_oss"])  # a hybrid's linear
+# attention; gpt-oss's transposed, biased stacks
 @pytest.mark.parametrize("scheme,rel", [("nf4", 0.12), ("fp4", 0.12), ("int8", 0.01)])
 def test_quantized_model_stores_the_experts_in_4_or_8_bits_and_stays_close(arch, scheme, rel):
     """The fused expert tensors and the attention linears become codes (uint8 / int8) + float32 scales;
     the logits move by less than ``rel`` of their RMS (measured 2026-12-04: nf4 0.076 / 0.082, fp4 0.085 /
-    0.087, int8 0.0046 / 0.0049 on the tiny OLMoE / Qwen3-MoE, whose 32-wide rows make 32-weight blocks)."""
+    0.087, int8 0.0046 / 0.0049 on the tiny OLMoE / Qwen3-MoE, whose 32-wide rows make 32-weight blocks).
+    gpt-oss's stacks, stored (in, out), are quantized as their transposes: blocks along the input features
+    as the others', the codes (E, out, in / 2).
+
+    The quantized model routes each token as the full-precision one did (each router's output replaced by
+    the reference's; the same numbers for the other families): a random tiny router's near ties, flipped by
+    a 4-bit perturbation of the attention, would otherwise decide the number for gpt-oss, whose experts are
+    near-linear in x at this scale ((up + 1) * glu), so their output is a large part of its residual stream:
+    a flipped tie moved its logits by 0.26 of their RMS with NF4; with the routing pinned, 0.043 (fp4 0.045,
+    int8 0.0024)."""
     ref = tiny_hf(arch)
     mm = MoEModel(tiny_hf(arch))
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(2, mm.config.vocab_size, (3, 12), generator=g)
+    routed = {}
+    hooks = [layer.router.register_forward_hook(lambda m, a, o, i=layer.index: routed.__setitem__(i, o))
+             for layer in find_moe_layers(ref)]
     with torch.no_grad():
         want = ref(input_ids=ids).logits
+    for h in hooks:
+        h.remove()
+    for layer in mm.layers:
+        layer.router.register_forward_hook(lambda m, a, o, i=layer.index: routed[i])
     before = stored_bytes(mm.model)
     stats = quantize_model(mm, scheme)
     after = stored_bytes(mm.model)
@@ -130,6 +147,8 @@ def test_quantized_model_stores_the_experts_in_4_or_8_bits_and_stays_close(arch,
             assert w.codes.dtype == (torch.int8 if scheme == "int8" else torch.uint8)
             full = w.shape[0] * w.shape[1] * w.shape[2]
             assert w.codes.numel() == (full if scheme == "int8" else full // 2)
+            fan_in = w.shape[1] if arch == "gpt_oss" else w.shape[2]
+            assert w.codes.shape[-1] == (fan_in if scheme == "int8" else fan_in // 2)
     attn = [m for m in mm.model.modules() if isinstance(m, QuantizedLinear)]
     assert len(attn) >= 4 * mm.config.num_hidden_layers
     from fedmoe.moe.arch import decoder_layers, token_mixers

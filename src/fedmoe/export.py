@@ -20,7 +20,11 @@ The forms (the one asked for, or a fedmoe folder when it cannot express the mode
   .lora_A/.lora_B.weight``; Mixtral: ``w1`` / ``w3`` / ``w2``), the key layout of the per-expert
   ``nn.Linear`` checkpoints that serving engines' LoRA loaders read (PEFT's ``target_parameters`` form
   is not one they read). Both of fedmoe's expert layouts map onto it: the fused gate_up pair gives
-  gate and up the same A and the two halves of B. The base is named, not copied.
+  gate and up the same A and the two halves of B. The base is named, not copied. gpt-oss is the
+  exception: vLLM's ``GptOssForCausalLM`` takes its expert LoRA only in the fused 3-D form
+  (``is_3d_moe_weight``), PEFT's ``target_parameters`` keys (``…mlp.experts.base_layer`` for
+  ``gate_up_proj``, ``…mlp.experts`` for ``down_proj``), which is what is written for it (the split layout,
+  two A's on gate_up, has no such form: refused there).
 * **fedmoe**: what neither can express (FLEx's grafted experts and their gate; PEFT: FLAME's
   rescaler and k_i, split expert or router LoRA, a builtin base without weight files) is written as
   a folder that :func:`load_exported` (or :func:`load_model`, which takes any model too) restores exactly: the run config, the client's
@@ -234,7 +238,7 @@ def _plain_base(cfg):
     """The frozen base as a plain Hugging Face model (the run's dtype, on the CPU)."""
     from transformers import AutoModelForCausalLM
 
-    from .moe.model import _DTYPES
+    from .moe.model import pretrained_kwargs
 
     source = _base_source(cfg)
     if source is None:  # a builtin built from its config: the run's seeded initial weights, as MoEModel builds them
@@ -242,8 +246,8 @@ def _plain_base(cfg):
 
         return hf_from_config(BUILTIN_MODELS[cfg.model.name[len(BUILTIN_PREFIX):]](), cfg.model.dtype,
                               cfg.model.attn_implementation, cfg.seed)
-    return AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[cfg.model.dtype],
-                                                attn_implementation=cfg.model.attn_implementation)
+    return AutoModelForCausalLM.from_pretrained(source, **pretrained_kwargs(source, cfg.model.dtype,
+                                                                            cfg.model.attn_implementation))
 
 
 def write_merged(loaded: LoadedModel, out: Path) -> None:
@@ -259,10 +263,12 @@ def write_merged(loaded: LoadedModel, out: Path) -> None:
             elif isinstance(mod, ExpertsWithLoRA):
                 for pname, delta in mod.delta_weights().items():
                     w = params[f"{name}.{pname}"]
-                    w.add_(delta.to(w.dtype))
-                if mod.output_scale is not None:  # the routed output is linear in down_proj
-                    w = params[f"{name}.down_proj"]
-                    w.mul_(float(mod.output_scale.detach()))
+                    w.add_(mod.form.to_stored(delta).to(w.dtype))  # gpt-oss's stacks are stored (in, out)
+                if mod.output_scale is not None:  # the routed output is linear in down_proj (and its bias)
+                    scale = float(mod.output_scale.detach())
+                    params[f"{name}.down_proj"].mul_(scale)
+                    if mod.form.bias:
+                        params[f"{name}.down_proj_bias"].mul_(scale)
     if mm.top_k != mm.default_top_k:
         plain.config.num_experts_per_tok = mm.top_k
     plain.save_pretrained(out)
@@ -315,13 +321,25 @@ _EXPERT_PROJ = {"mixtral": ("w1", "w3", "w2")}
 _MOE_BLOCK = {"mixtral": "block_sparse_moe"}
 
 
+# the families whose expert LoRA vLLM reads only in the fused 3-D form (its model class sets is_3d_moe_weight: it
+# joins experts.base_layer (gate_up_proj) and experts (down_proj) of PEFT's target_parameters keys into its w13 and
+# w2 LoRA, gate_up's rows in the checkpoint's own order; GptOssForCausalLM, vllm/model_executor/models/gpt_oss.py)
+VLLM_3D_EXPERT_LORA = ("gpt_oss",)
+
+
 def vllm_blockers(mm: MoEModel, cfg) -> list[str]:
-    """Why the per-expert LoRA layout cannot express this model (empty: it can)."""
-    return [w for w in peft_blockers(mm, cfg) if not w.startswith("split expert LoRA")]
+    """Why the vllm form cannot express this model (empty: it can): the per-expert layout takes what PEFT
+    takes and the split layout; the fused 3-D form of gpt-oss takes what PEFT takes."""
+    why = peft_blockers(mm, cfg)
+    if mm.model_type in VLLM_3D_EXPERT_LORA:
+        return [w.replace("no PEFT form on the fused gate_up_proj", "no form in the fused 3-D expert LoRA vLLM reads "
+                          f"for {mm.model_type} (one A on gate_up_proj)") for w in why]
+    return [w for w in why if not w.startswith("split expert LoRA")]
 
 
 def vllm_tensors(mm: MoEModel) -> tuple[dict[str, torch.Tensor], list[str], int, float]:
-    """(tensors by key, target module names, rank, alpha) of the per-expert LoRA layout."""
+    """(tensors by key, target module names, rank, alpha) of the vllm form: attention LoRA as PEFT writes it, the
+    expert LoRA per expert (2-D), or for gpt-oss in PEFT's fused 3-D form (:data:`VLLM_3D_EXPERT_LORA`)."""
     known, _ = _adapted_modules(mm)
     gate, up, down = _EXPERT_PROJ.get(mm.model_type, ("gate_proj", "up_proj", "down_proj"))
     out, targets, first = {}, set(), None
@@ -331,21 +349,35 @@ def vllm_tensors(mm: MoEModel) -> tuple[dict[str, torch.Tensor], list[str], int,
             out[f"base_model.model.{name}.lora_B.weight"] = mod.lora_B.detach().float().contiguous()
             targets.add(name.rsplit(".", 1)[-1])
             first = first or mod
+        elif isinstance(mod, ExpertsWithLoRA) and mod.targets and mm.model_type in VLLM_3D_EXPERT_LORA:
+            # PEFT's target_parameters keys, both projections always (vLLM asserts both; zero where not adapted)
+            first = first or mod
+            E, r, H, I = mod.num_experts, mod.rank, mod.hidden_size, mod.intermediate_size
+            for prefix, key, fan_in, fan_out in (("gate_up", f"{name}.base_layer", H, 2 * I), ("down", name, I, H)):
+                if mod._targets(prefix):
+                    A = mod._full(getattr(mod, f"{prefix}_lora_A").detach().float())
+                    B = mod._full(getattr(mod, f"{prefix}_lora_B").detach().float())
+                else:
+                    A, B = torch.zeros(E, r, fan_in), torch.zeros(E, fan_out, r)
+                pa, pb = ExpertsWithLoRA.to_peft_layout(A, B)
+                out[f"base_model.model.{key}.lora_A.weight"] = pa.contiguous()
+                out[f"base_model.model.{key}.lora_B.weight"] = pb.contiguous()
         elif isinstance(mod, ExpertsWithLoRA) and mod.targets:
             first = first or mod
-            inter = mod.base.down_proj.shape[2]
+            inter = mod.intermediate_size
             pairs = {}  # projection -> (A (E, r, in), B (E, out, r))
             for prefix, _, _ in expert_lora_pairs(mod.layout, mod.targets, 0, 0):
                 A = mod._full(getattr(mod, f"{prefix}_lora_A").detach().float())
                 B = mod._full(getattr(mod, f"{prefix}_lora_B").detach().float())
                 if prefix == "gate_up":  # ΔW_gate_up = s·B·A, its rows the gate's then the up's
-                    pairs[gate], pairs[up] = (A, B[:, :inter]), (A, B[:, inter:])
+                    gate_rows, up_rows = mod.form.gate_rows(inter)
+                    pairs[gate], pairs[up] = (A, B[:, gate_rows]), (A, B[:, up_rows])
                 else:
                     pairs[{"gate": gate, "up": up, "down": down}[prefix]] = (A, B)
             # every expert carries all three projections (vLLM packs gate, up and down together and refuses an
             # expert without one): a projection not adapted gets a zero pair, ΔW = 0
             E, r = mod.num_experts, mod.rank
-            hidden = mod.base.gate_up_proj.shape[2]
+            hidden = mod.hidden_size
             for proj, fan_in, fan_out in ((gate, hidden, inter), (up, hidden, inter), (down, inter, hidden)):
                 pairs.setdefault(proj, (torch.zeros(E, r, fan_in), torch.zeros(E, fan_out, r)))
             block = _MOE_BLOCK.get(mm.model_type)
@@ -373,6 +405,8 @@ def write_vllm(loaded: LoadedModel, out: Path) -> None:
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": _base_source(loaded.cfg),
               "r": rank, "lora_alpha": alpha, "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
               "fan_in_fan_out": False, "modules_to_save": None}
+    if any(k.endswith(".experts.base_layer.lora_A.weight") for k in tensors):  # the fused 3-D form (gpt-oss)
+        config["target_parameters"] = ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
     atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")
     load_tokenizer(loaded.cfg.model.tokenizer or loaded.cfg.model.name).save_pretrained(out)
 
@@ -483,6 +517,11 @@ def export_notes(cfg, form: str, mm: MoEModel | None = None) -> list[str]:
         notes.append("SGLang (0.5.23) refuses LoRA on linear-attention projections at start-up; vLLM applies it. "
                      "For SGLang, train with lora.attention_targets: [q_proj, k_proj, v_proj, o_proj], or export "
                      "--merged")
+    if form == "vllm" and mm is not None and mm.model_type in VLLM_3D_EXPERT_LORA and any(
+            isinstance(m, ExpertsWithLoRA) and m.targets for m in mm.model.modules()):
+        notes.append(f"the expert LoRA of {mm.model_type} is written in the fused 3-D form vLLM reads for it (PEFT's "
+                     "target_parameters keys: experts.base_layer = gate_up_proj, experts = down_proj), not per expert; "
+                     "read in vLLM's source, not served here; SGLang was not checked")
     if any(n.endswith(("q_proj", "k_proj", "v_proj")) for n in adapted) and mm.model_type == "flex_olmo":
         notes.append("SGLang (0.5.23) serves FlexOlmo through its Transformers backend, which drops q/k/v LoRA "
                      "without a word; vLLM applies it. For SGLang, train with lora.attention_targets: [o_proj], or "

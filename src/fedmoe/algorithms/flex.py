@@ -27,6 +27,7 @@ from ..configbase import StrictModel
 from ..data.general import general_examples
 from ..data.tokenize import collate_sft
 from ..moe.arch import MoELayer
+from ..moe.experts import expert_biases, expert_form
 from ..moe.inventory import Role, TensorInfo
 from ..moe.lora import (ExpertsWithLoRA, _init_lora_A_, adapter_device, expert_ffn, expert_lora_pairs, lora_delta,
                         lora_pair_info)
@@ -48,7 +49,10 @@ class FlexConfig(StrictModel):
 
 # ------------------------------------------------------------------------------------ grafting
 def _expert_forward(base: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-    return expert_ffn(x, base.gate_up_proj[e], base.down_proj[e], base.act_fn)
+    """Pretrained expert ``e`` of a fused stack on rows ``x`` (its biases and activation as its family's)."""
+    form = expert_form(base)
+    bias = tuple(None if b is None else b[e] for b in expert_biases(base, form))
+    return expert_ffn(x, base.gate_up_proj[e], base.down_proj[e], getattr(base, "act_fn", None), form=form, bias=bias)
 
 
 @torch.inference_mode()
@@ -124,24 +128,33 @@ class GraftedExperts(nn.Module):
     """The personal experts of one MoE layer: copies of pretrained experts (by index into the
     frozen expert stack, so nothing is duplicated unless trained in full), each with a gate
     Linear(hidden -> 1) and either LoRA on its projections (in ``lora.expert_layout``: one pair on
-    gate_up and one on down, or a pair each for gate, up and down) or full trainable weights."""
+    gate_up and one on down, or a pair each for gate, up and down) or full trainable weights.
+    A grafted expert computes as its family's experts do (gpt-oss: its biases, interleaved gate and
+    up, clamped SwiGLU; a full copy keeps the stored orientation and trains the biases too), and where
+    the router has a bias (gpt-oss) the gate has one, started from the expert's router bias."""
 
     def __init__(self, layer: MoELayer, num_grafts: int = 1, rank: int = 8, alpha: float = 16.0,
                  train_full: bool = False, gate: str = "sigmoid", layout: str = "fused"):
         super().__init__()
         base = layer.experts
-        E, two_i, hidden = base.gate_up_proj.shape
-        inter = base.down_proj.shape[2]
+        form = self.form = layer.form
+        hidden, inter = layer.hidden_size, layer.intermediate_size
         dev, dt = adapter_device(base.gate_up_proj), base.gate_up_proj.dtype
         self.base = [base]  # a list: not registered as a child (its weights stay the model's own)
         self.router = [layer.router]
         self.num_grafts, self.train_full, self.gate_kind = num_grafts, train_full, gate
         self.register_buffer("source", torch.zeros(num_grafts, dtype=torch.long), persistent=False)
         self.gate = nn.Parameter(torch.zeros(num_grafts, hidden, device=dev, dtype=dt))
+        router_bias = getattr(layer.router, "bias", None)
+        self.gate_bias = (nn.Parameter(torch.zeros(num_grafts, device=dev, dtype=dt))
+                          if isinstance(router_bias, torch.Tensor) else None)
         n = num_grafts
         if train_full:
-            self.gate_up_proj = nn.Parameter(torch.zeros(n, two_i, hidden, device=dev, dtype=dt))
-            self.down_proj = nn.Parameter(torch.zeros(n, hidden, inter, device=dev, dtype=dt))
+            self.gate_up_proj = nn.Parameter(torch.zeros(form.stack_shape(n, 2 * inter, hidden), device=dev, dtype=dt))
+            self.down_proj = nn.Parameter(torch.zeros(form.stack_shape(n, hidden, inter), device=dev, dtype=dt))
+            if form.bias:
+                self.gate_up_proj_bias = nn.Parameter(torch.zeros(n, 2 * inter, device=dev, dtype=dt))
+                self.down_proj_bias = nn.Parameter(torch.zeros(n, hidden, device=dev, dtype=dt))
         else:
             self.scaling = alpha / rank
             pairs = expert_lora_pairs(layout, ("gate_up_proj", "down_proj"), hidden, inter)
@@ -161,9 +174,14 @@ class GraftedExperts(nn.Module):
         with torch.no_grad():
             self.source.copy_(torch.tensor(experts, dtype=torch.long))
             self.gate.copy_(router_w[self.source].to(self.gate.dtype))
+            if self.gate_bias is not None:
+                self.gate_bias.copy_(self.router[0].bias[self.source].to(self.gate_bias.dtype))
             if self.train_full:
                 self.gate_up_proj.copy_(self.base[0].gate_up_proj[self.source])
                 self.down_proj.copy_(self.base[0].down_proj[self.source])
+                if self.form.bias:
+                    self.gate_up_proj_bias.copy_(self.base[0].gate_up_proj_bias[self.source])
+                    self.down_proj_bias.copy_(self.base[0].down_proj_bias[self.source])
             else:
                 for prefix in self.pairs:
                     _init_lora_A_(getattr(self, f"{prefix}_lora_A"))
@@ -174,14 +192,18 @@ class GraftedExperts(nn.Module):
         """The gates (and, in LoRA mode, the cost of running the grafted pretrained FFNs on every token),
         then the LoRA pairs or the full weights; every tensor stacked over the grafts."""
         n = self.num_grafts
-        _, two_i, hidden = self.base[0].gate_up_proj.shape
-        ffn = 3 * hidden * (two_i // 2)  # one expert's gate, up and down weights
+        hidden, inter = self.gate.shape[1], self.form.inter(self.base[0].down_proj)
+        ffn = 3 * hidden * inter  # one expert's gate, up and down weights
+        biases = 2 * inter + hidden if self.form.bias else 0  # and its biases (gpt-oss; no FLOPs counted)
         frozen = 0 if self.train_full else n
         out = [TensorInfo("gate", tuple(self.gate.shape), Role.GATE, stacked=True,
-                          frozen_flops_per_token=2 * ffn * frozen, frozen_params=ffn * frozen)]
+                          frozen_flops_per_token=2 * ffn * frozen, frozen_params=(ffn + biases) * frozen)]
+        if self.gate_bias is not None:
+            out.append(TensorInfo("gate_bias", tuple(self.gate_bias.shape), Role.GATE, stacked=True, bias=True))
         if self.train_full:
-            return out + [TensorInfo(w, tuple(getattr(self, w).shape), Role.GRAFT, stacked=True)
-                          for w in ("gate_up_proj", "down_proj")]
+            full = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if self.form.bias else ())
+            return out + [TensorInfo(w, tuple(getattr(self, w).shape), Role.GRAFT, stacked=True, bias=w.endswith("_bias"))
+                          for w in full]
         for prefix in self.pairs:
             A, B = getattr(self, f"{prefix}_lora_A"), getattr(self, f"{prefix}_lora_B")
             out += lora_pair_info(f"{prefix}_lora_A", f"{prefix}_lora_B", A, B, Role.GRAFT, A.shape[1], self.scaling,
@@ -190,10 +212,12 @@ class GraftedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base[0]
+        form, act_fn = self.form, getattr(base, "act_fn", None)
         out = torch.zeros_like(x)
         for j in range(self.num_grafts):
             if self.train_full:
-                y = expert_ffn(x, self.gate_up_proj[j], self.down_proj[j], base.act_fn)
+                bias = (self.gate_up_proj_bias[j], self.down_proj_bias[j]) if form.bias else (None, None)
+                y = expert_ffn(x, self.gate_up_proj[j], self.down_proj[j], act_fn, form=form, bias=bias)
             else:
                 e = self.source[j : j + 1]  # gathered on the device: no host sync (and a plan on fake tensors works)
 
@@ -202,12 +226,15 @@ class GraftedExperts(nn.Module):
                                       self.scaling)
 
                 if isinstance(base.gate_up_proj, torch.Tensor):
-                    gu_w, d_w, proj = base.gate_up_proj[e][0], base.down_proj[e][0], F.linear
+                    gu_w, d_w, proj = base.gate_up_proj[e][0], base.down_proj[e][0], form.linear
                 else:  # a quantized base: dequantized in the forward and the backward, never kept
                     gu_w, d_w, proj = (base.gate_up_proj, e), (base.down_proj, e), quantized_proj
-                y = expert_ffn(x, gu_w, d_w, base.act_fn, split=self.layout == "split", delta=delta, proj=proj)
+                bias = tuple(None if b is None else b[e][0] for b in expert_biases(base, form))
+                y = expert_ffn(x, gu_w, d_w, act_fn, split=self.layout == "split", delta=delta, proj=proj, form=form,
+                               bias=bias)
             if self.gate_kind == "sigmoid":
-                y = y * torch.sigmoid(F.linear(x, self.gate[j : j + 1].to(x.dtype)))
+                gb = None if self.gate_bias is None else self.gate_bias[j : j + 1].to(x.dtype)
+                y = y * torch.sigmoid(F.linear(x, self.gate[j : j + 1].to(x.dtype), gb))
             out = out + y
         return out
 

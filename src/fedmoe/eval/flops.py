@@ -36,8 +36,10 @@ Architectures: olmoe, flex_olmo, qwen2_moe, qwen3_moe, mixtral, deepseek_v2 and 
 attention, shared experts, ``first_k_dense_replace`` dense layers), glm4_moe (DeepSeek-V3's MoE with grouped-query
 attention), glm4_moe_lite (GLM's MoE with DeepSeek-V3's latent attention; dense layers by ``mlp_layer_types``),
 ernie4_5_moe (shared experts; MoE layers from ``moe_layer_start_index`` to ``moe_layer_end_index`` every
-``moe_layer_interval``), qwen3_next and qwen3_5_moe_text (hybrid: linear attention in most layers), and
-DeepSeekMoE v1 (``model_type``
+``moe_layer_interval``), qwen3_next and qwen3_5_moe_text (hybrid: linear attention in most layers), gpt_oss
+(q/k/v/o with biases and one attention sink per head, a sliding window every other layer, which the count ignores
+as above; a router with a bias; experts with biases, gate_up (H -> 2I) and down (I -> H) as the others', the
+bias adds not counted as FLOPs; no dense layer, no shared expert), and DeepSeekMoE v1 (``model_type``
 "deepseek", which transformers does not ship: plain multi-head attention q/k/v/o with the
 DeepSeek shared-expert MoE and ``first_k_dense_replace`` / ``moe_layer_freq`` dense layers).
 """
@@ -100,6 +102,7 @@ class _Shape:
     linear: "_LinearAttention | None" = None
     mlp_bias: bool = False  # biases on the shared experts', dense MLPs' and LM head's linears (ERNIE-4.5's use_bias)
     router_extra: int = 0  # router parameters beside its weight (ERNIE-4.5's selection bias, a Parameter there)
+    expert_bias: bool = False  # each routed expert's gate_up (2I) and down (H) biases (gpt-oss)
 
     @property
     def num_moe_layers(self) -> int:
@@ -187,6 +190,8 @@ def _shape(config) -> _Shape:
             qkv_bias, o_bias = bool(getattr(config, "attention_bias", False)), False
         elif mt == "ernie4_5_moe":  # ERNIE-4.5: use_bias for every linear but the experts and the router
             qkv_bias = o_bias = bool(getattr(config, "use_bias", False))
+        elif mt == "gpt_oss":  # gpt-oss: attention_bias (True in its configs) on q, k, v and o
+            qkv_bias = o_bias = bool(getattr(config, "attention_bias", True))
         else:  # olmoe, flex_olmo, qwen3_moe, deepseek (v1)
             qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
         gated = mt in HYBRID_ARCHITECTURES  # Qwen3-Next, Qwen3.5: q_proj also gives the output gate
@@ -196,17 +201,21 @@ def _shape(config) -> _Shape:
             norms = (nh + nkv) * hd
         elif mt in ("qwen3_moe", *HYBRID_ARCHITECTURES) or (mt == "glm4_moe" and getattr(config, "use_qk_norm", False)):
             norms = 2 * hd  # per-head q and k norms
+        elif mt == "gpt_oss":
+            norms = nh  # no q/k norms: one attention sink (a learned logit) per head
         else:
             norms = 0
         qk_width = v_width = nh * hd
         targets = DEFAULT_ATTENTION_TARGETS.get(mt, ("q_proj", "k_proj", "v_proj", "o_proj"))
 
     # ---- which layers are sparse, expert sizes
-    shared_inter, shared_gate, mlp_bias, router_extra = 0, False, False, 0
+    shared_inter, shared_gate, mlp_bias, router_extra, expert_bias = 0, False, False, 0, False
     dense_inter = int(_get(config, "intermediate_size", default=0))
-    if mt in ("olmoe", "flex_olmo", "mixtral"):
+    if mt in ("olmoe", "flex_olmo", "mixtral", "gpt_oss"):
         moe = [True] * L
         expert_inter = int(config.intermediate_size)
+        if mt == "gpt_oss":  # a linear router with a bias; biased experts
+            router_extra, expert_bias = E, True
     elif mt in ("qwen2_moe", "qwen3_moe", *HYBRID_ARCHITECTURES):
         only = set(getattr(config, "mlp_only_layers", None) or [])
         step = int(_get(config, "decoder_sparse_step", default=1))
@@ -249,7 +258,7 @@ def _shape(config) -> _Shape:
         conv_dim = 2 * kd + vd
         linear = _LinearAttention(proj, conv_dim * K + 2 * nvh + dv, nvh, dk, dv, conv_dim, K)
     return _Shape(mt, H, V, L, tie, attn, norms, qk_width, v_width, moe, E, k, expert_inter, dense_inter,
-                  shared_inter, shared_gate, tuple(targets), linear_layers, linear, mlp_bias, router_extra)
+                  shared_inter, shared_gate, tuple(targets), linear_layers, linear, mlp_bias, router_extra, expert_bias)
 
 
 # ---------------------------------------------------------------------------------------- counting
@@ -325,7 +334,7 @@ def count_flops(config, seq_len: int, k: int | None = None, lora_rank: int = 0, 
     # ---- parameters
     attn_params = sum(lin.params for lin in s.attn) + s.attn_norm_params
     linear_params = sum(lin.params for lin in linear_proj) + (s.linear.other_params if s.linear else 0)
-    expert_params = 3 * H * I
+    expert_params = 3 * H * I + (2 * I + H if s.expert_bias else 0)
     shared_params = 3 * H * s.shared_inter + (H if s.shared_gate else 0) + (
         2 * s.shared_inter + H if s.mlp_bias and s.shared_inter else 0)
     non_expert = (

@@ -1,9 +1,11 @@
 """Find the sparse MoE blocks of a Hugging Face (transformers v5) MoE causal LM.
 
 In transformers v5 every supported architecture has the same shape inside a decoder layer's
-``mlp``: a router ``gate`` (with ``top_k``) and a fused ``experts`` module holding
+``mlp``: a router (``gate``; gpt-oss: ``router``) with ``top_k`` and a fused ``experts`` module holding
 ``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I), called as
-``experts(hidden_states, top_k_index, top_k_weights)``. Shared experts differ per family.
+``experts(hidden_states, top_k_index, top_k_weights)``. Shared experts differ per family. gpt-oss holds
+its stacks transposed, gate and up interleaved, with biases and a clamped SwiGLU
+(:mod:`fedmoe.moe.experts`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,17 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .experts import ExpertForm, expert_form
+
 SUPPORTED_ARCHITECTURES = ("olmoe", "flex_olmo", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text", "mixtral",
-                           "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "ernie4_5_moe")
+                           "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "ernie4_5_moe", "gpt_oss")
+
+# the MoE block's attribute that holds its router, where it is not ``gate``
+_ROUTER_ATTRS = {"gpt_oss": "router"}
+# the families whose fused experts are not held as the others' (fedmoe.moe.experts): the form each must have
+_EXPERT_FORMS = {"gpt_oss": dict(transposed=True, interleaved=True, bias=True)}
+# the families transformers has no SDPA attention for (gpt-oss: its attention sinks): they run eager attention
+EAGER_ONLY_ARCHITECTURES = ("gpt_oss",)
 
 # hybrid models (Qwen3-Next, Qwen3.5): most decoder layers mix tokens by linear attention (a gated delta rule,
 # ``linear_attn``), every few by softmax attention (``self_attn``)
@@ -41,6 +52,7 @@ _SHARED_EXPERT_ATTRS = {
     "glm4_moe": ("shared_experts", None),
     "glm4_moe_lite": ("shared_experts", None),
     "ernie4_5_moe": ("shared_experts", None),
+    "gpt_oss": (None, None),
 }
 
 
@@ -62,6 +74,7 @@ DEFAULT_ATTENTION_TARGETS = {
     "glm4_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "glm4_moe_lite": ("q_proj", "kv_b_proj", "o_proj"),
     "ernie4_5_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gpt_oss": ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
 
 
@@ -88,6 +101,8 @@ class MoELayer:
     experts: nn.Module  # the original fused experts module (base weights)
     shared_expert: nn.Module | None  # the always-on shared expert(s) of the block (Qwen2-MoE, DeepSeek), untouched
     shared_expert_gate: nn.Module | None
+    router_attr: str = "gate"  # the block's attribute that holds the router (gpt-oss: router)
+    form: ExpertForm = ExpertForm()  # how the experts hold and compute their weights (fedmoe.moe.experts)
 
     @property
     def num_experts(self) -> int:
@@ -95,11 +110,16 @@ class MoELayer:
 
     @property
     def hidden_size(self) -> int:
-        return self.experts.gate_up_proj.shape[2]
+        return self.form.hidden(self.experts.gate_up_proj)
 
     @property
     def intermediate_size(self) -> int:
-        return self.experts.down_proj.shape[2]
+        return self.form.inter(self.experts.down_proj)
+
+
+def router_attr(model_type: str) -> str:
+    """The MoE block's attribute that holds the router: ``gate``, or gpt-oss's ``router``."""
+    return _ROUTER_ATTRS.get(model_type, "gate")
 
 
 def model_type_of(model: nn.Module) -> str:
@@ -134,11 +154,13 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     model_type = model_type_of(model)
     check_supported(model_type)
     shared_attr, shared_gate_attr = _SHARED_EXPERT_ATTRS[model_type]
+    rattr = router_attr(model_type)
+    want_form = _EXPERT_FORMS.get(model_type, dict(transposed=False, interleaved=False, bias=False))
     found: list[MoELayer] = []
     for i, layer in enumerate(decoder_layers(model)):
         block = getattr(layer, "mlp", None)
         experts = getattr(block, "experts", None)
-        router = getattr(block, "gate", None)
+        router = getattr(block, rattr, None)
         if experts is None or router is None:
             continue  # a dense MLP layer
         base = getattr(experts, "base", experts)  # already wrapped by fedmoe
@@ -148,9 +170,18 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
                 f"layer {i} of {model_type}: experts module {type(base).__name__} has no fused "
                 "gate_up_proj/down_proj tensors; fedmoe needs transformers>=5 (fused experts)"
             )
-        if getattr(base, "is_transposed", False) or getattr(base, "has_bias", False):
+        if type(base).__name__.startswith("Mxfp4"):
             raise UnsupportedModelError(
-                f"layer {i} of {model_type}: transposed or biased fused experts are not supported"
+                f"layer {i} of {model_type}: its experts are still in MXFP4 ({type(base).__name__}, transformers' "
+                "inference-only kernels): load the checkpoint with quantization_config=Mxfp4Config(dequantize=True), "
+                "as MoEModel.from_pretrained does"
+            )
+        form = expert_form(base)
+        have = dict(transposed=form.transposed, interleaved=form.interleaved, bias=form.bias)
+        if have != want_form or not getattr(base, "has_gate", True) or getattr(base, "has_post_expert_norm", False):
+            raise UnsupportedModelError(
+                f"layer {i} of {model_type}: its experts module {type(base).__name__} holds its weights as fedmoe "
+                f"does not know for this family ({have}; expected {want_form}, a gate and no post-expert norm)"
             )
         found.append(
             MoELayer(
@@ -161,6 +192,8 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
                 experts=base,
                 shared_expert=getattr(block, shared_attr) if shared_attr else None,
                 shared_expert_gate=getattr(block, shared_gate_attr) if shared_gate_attr else None,
+                router_attr=rattr,
+                form=form,
             )
         )
     if not found:

@@ -58,6 +58,7 @@ class TensorInfo:
     private: bool = False
     frozen_flops_per_token: int = 0
     frozen_params: int = 0  # frozen parameters its module adds to each token's path (a graft's expert)
+    bias: bool = False  # a bias (gpt-oss's grafted gate and full-copy expert biases): added, no FLOPs counted
 
     @property
     def numel(self) -> int:
@@ -142,14 +143,15 @@ class Inventory:
 
     def adapter_flops(self, seq_len: int, k: int, rank: int | None = None) -> int:
         """Forward FLOPs (2 × MACs) the adapters add to one sequence of ``seq_len`` tokens: a LoRA
-        factor (or a grafted expert's full weight, or a gate) costs 2 × its active elements per token;
+        factor (or a grafted expert's full weight, or a gate) costs 2 × its active elements per token (a
+        bias nothing: element-wise);
         a router LoRA is merged into the router weight once per forward (2·E·r·H); a rescaler is
         element-wise (0); a grafted expert also runs its frozen FFN on every token."""
         T = int(seq_len)
         flops = 0
         for t in self:
             flops += T * t.frozen_flops_per_token
-            if t.role is Role.RESCALER or t.role is Role.OTHER:
+            if t.role is Role.RESCALER or t.role is Role.OTHER or t.bias:
                 continue
             n = t.numel_at_rank(rank)
             if t.role is Role.ROUTER:

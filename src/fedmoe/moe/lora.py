@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .experts import STANDARD, ExpertForm, expert_biases, expert_form
 from .inventory import Role, TensorInfo
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -82,26 +83,35 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
     return F.linear(F.linear(x, A.to(x.dtype)) * scaling, B.to(x.dtype))
 
 
-def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn, *, split: bool = False,
-               delta=None, proj=F.linear) -> torch.Tensor:
-    """An expert FFN on its rows ``x``: ``down(act(gate) * up)`` with ``gate | up = gate_up(x)``, the one
+def expert_ffn(x: torch.Tensor, gate_up, down, act_fn, *, split: bool = False, delta=None, proj=None,
+               form: ExpertForm = STANDARD, bias=(None, None)) -> torch.Tensor:
+    """An expert FFN on its rows ``x``: ``down(glu(gate, up))`` with ``gate, up`` from ``gate_up(x)``, the one
     forward of every routed expert (fedmoe's per-expert loop and grouped path) and grafted expert.
 
-    ``proj(a, w)`` applies a projection weight (``F.linear`` on one expert's (out, in) weight; the
-    grouped path passes a grouped matmul over the stacked weights). ``delta(name, a)``, if given,
-    returns the LoRA term added to projection ``name`` on input ``a``, or None: ``gate_up`` (fused
-    layout) or ``gate`` and ``up`` (``split``), then ``down``."""
+    ``form`` says how the family's experts compute (:class:`fedmoe.moe.experts.ExpertForm`): which of
+    gate_up's outputs are the gate's, the activation (``act_fn(gate) * up``, or gpt-oss's clamped SwiGLU) and
+    how a weight is stored. ``proj(a, w)`` applies a projection weight (default: one expert's weight as the
+    form stores it; the grouped path passes a grouped matmul over the stacked weights, a quantized stack its
+    dequantizing product). ``bias``: the (gate_up, down) biases to add to the projections' outputs (one
+    expert's rows, or one row per input row), or None. ``delta(name, a)``, if given, returns the LoRA term
+    added to projection ``name`` on input ``a``, or None: ``gate_up`` (fused layout) or ``gate`` and ``up``
+    (``split``), then ``down``."""
+    proj = form.linear if proj is None else proj
     gu = proj(x, gate_up)
+    if bias[0] is not None:
+        gu = gu + bias[0].to(gu.dtype)
     if delta is not None and not split:
         d = delta("gate_up", x)
         gu = gu if d is None else gu + d
-    gate, up = gu.chunk(2, dim=-1)
+    gate, up = form.split(gu)
     if delta is not None and split:
         dg, du = delta("gate", x), delta("up", x)
         gate = gate if dg is None else gate + dg
         up = up if du is None else up + du
-    h = act_fn(gate) * up
+    h = form.glu(gate, up, act_fn)
     y = proj(h, down)
+    if bias[1] is not None:
+        y = y + bias[1].to(y.dtype)
     if delta is not None:
         d = delta("down", h)
         y = y if d is None else y + d
@@ -355,6 +365,11 @@ class ExpertsWithLoRA(nn.Module):
       up_lora_A   (E, r, H), up_lora_B   (E, I, r)
       down_lora_A (E, r, I), down_lora_B (E, H, r)
     ``output_scale`` (optional, :meth:`MoEModel.add_output_scale`) multiplies the routed output.
+
+    The stacks are read as the family holds them (``self.form``, :mod:`fedmoe.moe.experts`): gpt-oss's
+    are transposed, interleave the gate's and the up's outputs, carry biases (gathered per routed row on the
+    grouped path) and compute a clamped SwiGLU; its LoRA tensors have the same shapes as every family's,
+    gate_up_lora_B's rows in the stacked tensor's own output order (interleaved), as PEFT's are.
     """
 
     def __init__(
@@ -373,8 +388,11 @@ class ExpertsWithLoRA(nn.Module):
         self.base = base
         self.layer_index = layer_index
         self.tracker = tracker
-        self.num_experts, _, hidden = base.gate_up_proj.shape
-        inter = base.down_proj.shape[2]
+        # how the family's experts hold and compute their weights (gpt-oss: transposed, interleaved, biased,
+        # a clamped SwiGLU; fedmoe.moe.experts)
+        self.form = expert_form(base)
+        self.num_experts = base.gate_up_proj.shape[0]
+        hidden, inter = self.form.hidden(base.gate_up_proj), self.form.inter(base.down_proj)
         self.rank = rank
         self.scaling = alpha / rank if rank else 0.0
         self.targets = tuple(targets) if rank else ()
@@ -405,8 +423,7 @@ class ExpertsWithLoRA(nn.Module):
         """Each LoRA pair (stacked over the experts it adapts: ``rows`` are their ids) and the output scale."""
         rows = tuple(range(self.num_experts)) if self.lora_experts is None else tuple(self.lora_experts)
         out = []
-        hidden, inter = self.base.gate_up_proj.shape[2], self.base.down_proj.shape[2]
-        for prefix, _, _ in expert_lora_pairs(self.layout, self.targets, hidden, inter):
+        for prefix, _, _ in expert_lora_pairs(self.layout, self.targets, 0, 0):
             out += lora_pair_info(f"{prefix}_lora_A", f"{prefix}_lora_B", getattr(self, f"{prefix}_lora_A"),
                                   getattr(self, f"{prefix}_lora_B"), Role.EXPERT, self.rank, self.scaling,
                                   stacked=True, rows=rows)
@@ -424,8 +441,16 @@ class ExpertsWithLoRA(nn.Module):
         return self.base.down_proj
 
     @property
-    def act_fn(self):
-        return self.base.act_fn
+    def act_fn(self):  # the standard families' activation (gpt-oss's experts have none: ExpertForm.glu)
+        return getattr(self.base, "act_fn", None)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.form.hidden(self.base.gate_up_proj)
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.form.inter(self.base.down_proj)
 
     def _full(self, t: torch.Tensor) -> torch.Tensor:
         """A LoRA tensor over all experts (zeros for experts without LoRA)."""
@@ -517,14 +542,14 @@ class ExpertsWithLoRA(nn.Module):
         slower on an H200 at the OLMoE shape)."""
         if not _HAS_GROUPED_MM or not isinstance(self.base.gate_up_proj, torch.Tensor):
             return False  # a quantized stack is dequantized expert by expert (the per-expert path)
-        two_i, hidden = self.base.gate_up_proj.shape[1:]
-        dims = [hidden, two_i, self.base.down_proj.shape[2]]
+        dims = [self.hidden_size, 2 * self.intermediate_size, self.intermediate_size]
         size = torch.empty((), dtype=dtype).element_size()
         return all(d * size % 16 == 0 for d in dims)
 
     def _experts_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """All experts in one grouped matmul per projection (rows sorted by expert, ``offs`` the
-        cumulative row counts): no Python loop, and each expert's LoRA sees only its rows."""
+        cumulative row counts): no Python loop, and each expert's LoRA sees only its rows. A biased
+        family's (gpt-oss) biases are gathered per row, by each sorted row's expert."""
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
 
         def gmm(a, w):  # (S, in) @ per-expert (E, in, out) -> (S, out)
@@ -543,8 +568,14 @@ class ExpertsWithLoRA(nn.Module):
                 A, B = F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad))
             return gmm(gmm(self.dropout(a), A.transpose(-2, -1)) * self.scaling, B.transpose(-2, -1))
 
-        return expert_ffn(x, self.base.gate_up_proj, self.base.down_proj, self.base.act_fn,
-                          split=self.layout == "split", delta=lora, proj=lambda a, w: gmm(a, w.transpose(-2, -1)))
+        form = self.form
+        bias = expert_biases(self.base, form)
+        if form.bias:  # each row's expert, from the counts (output_size given: no host sync)
+            expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=counts.device), counts,
+                                                    output_size=x.shape[0])
+            bias = tuple(b.index_select(0, expert_of_row) for b in bias)
+        return expert_ffn(x, self.base.gate_up_proj, self.base.down_proj, self.act_fn, split=self.layout == "split",
+                          delta=lora, proj=lambda a, w: gmm(a, form.in_out(w)), form=form, bias=bias)
 
     def _targets(self, prefix: str) -> bool:
         """Whether this module has the LoRA pair ``prefix`` (gate_up, gate, up: on gate_up_proj; down)."""
@@ -567,6 +598,8 @@ class ExpertsWithLoRA(nn.Module):
         quantized = not isinstance(W_gu, torch.Tensor)  # a QuantizedWeight: one expert dequantized at a time
         if quantized:
             from .quant import quantized_proj
+        form, split = self.form, self.layout == "split"
+        b_gu, b_d = expert_biases(self.base, form)
         outputs = []
         start = 0
         for e, c in enumerate(counts):
@@ -574,20 +607,23 @@ class ExpertsWithLoRA(nn.Module):
                 continue
             x = x_sorted[start : start + c]
             start += c
+            bias = (None if b_gu is None else b_gu[e], None if b_d is None else b_d[e])
             if quantized:
-                outputs.append(expert_ffn(x, (W_gu, e), (W_d, e), self.base.act_fn, split=self.layout == "split",
-                                          delta=lora_of(slot.get(e)), proj=quantized_proj))
+                outputs.append(expert_ffn(x, (W_gu, e), (W_d, e), self.act_fn, split=split, delta=lora_of(slot.get(e)),
+                                          proj=quantized_proj, form=form, bias=bias))
             else:
-                outputs.append(expert_ffn(x, W_gu[e], W_d[e], self.base.act_fn, split=self.layout == "split",
-                                          delta=lora_of(slot.get(e))))
+                outputs.append(expert_ffn(x, W_gu[e], W_d[e], self.act_fn, split=split, delta=lora_of(slot.get(e)),
+                                          form=form, bias=bias))
         if not outputs:
-            return x_sorted.new_zeros(0, W_d.shape[1])
+            return x_sorted.new_zeros(0, self.hidden_size)
         return torch.cat(outputs)
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
-        """What merging adds to the fused base tensors, in float32: ``gate_up_proj`` (E, 2I, H) and
-        ``down_proj`` (E, H, I) as targeted (zeros for experts without LoRA); split gate and up deltas
-        stack as the fused tensor's first and second halves (the forward's ``chunk(2)``)."""
+        """Each expert's ΔW = s·B·A, (out, in) as ``nn.Linear`` holds a weight, in float32: ``gate_up_proj``
+        (E, 2I, H) and ``down_proj`` (E, H, I) as targeted (zeros for experts without LoRA). gate_up's rows
+        are in the stored order of its outputs: split gate and up deltas are joined as the forward splits
+        them (halves; gpt-oss: interleaved). A stack stored transposed (gpt-oss, (E, in, out)) takes the
+        transpose (:meth:`ExpertForm.to_stored`; what ``fedmoe export --merged`` adds)."""
         def pair(prefix):
             A = self._full(getattr(self, f"{prefix}_lora_A").detach().float())
             B = self._full(getattr(self, f"{prefix}_lora_B").detach().float())
@@ -595,7 +631,7 @@ class ExpertsWithLoRA(nn.Module):
 
         out = {}
         if "gate_up_proj" in self.targets:
-            out["gate_up_proj"] = pair("gate_up") if self.layout == "fused" else torch.cat([pair("gate"), pair("up")], 1)
+            out["gate_up_proj"] = pair("gate_up") if self.layout == "fused" else self.form.join(pair("gate"), pair("up"), 1)
         if "down_proj" in self.targets:
             out["down_proj"] = pair("down")
         return out

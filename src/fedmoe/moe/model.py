@@ -221,12 +221,48 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
+def attention_for(model_type: str | None, requested: str) -> str:
+    """The attention implementation a model of ``model_type`` runs for ``model.attn_implementation``:
+    the one asked for, but eager where transformers has no SDPA path for the family (gpt-oss, whose
+    attention sinks SDPA cannot take: its from_pretrained refuses ``sdpa``)."""
+    from .arch import EAGER_ONLY_ARCHITECTURES
+
+    return "eager" if requested == "sdpa" and model_type in EAGER_ONLY_ARCHITECTURES else requested
+
+
+def is_mxfp4(config) -> bool:
+    """Whether a config is of a checkpoint whose experts are stored in MXFP4 (gpt-oss on the hub)."""
+    q = getattr(config, "quantization_config", None)
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    return method is not None and str(getattr(method, "value", method)) == "mxfp4"
+
+
+def pretrained_kwargs(name_or_path: str, dtype: str = "float32", attn_implementation: str = "sdpa") -> dict:
+    """The keyword arguments of ``AutoModelForCausalLM.from_pretrained`` for a model fedmoe loads: its
+    dtype, its attention (:func:`attention_for`), and for a checkpoint stored in MXFP4 (gpt-oss on the
+    hub) ``Mxfp4Config(dequantize=True)``: its experts dequantized into ``dtype`` while loading, the fused
+    tensors fedmoe's expert path (and its own ``model.quantization``) works on. Without it transformers
+    keeps them in MXFP4 where the ``kernels`` package and Triton are installed on a GPU (a module with no
+    fused stacks, for inference only) and dequantizes them elsewhere."""
+    kw = {"dtype": _DTYPES[dtype], "attn_implementation": attn_implementation}
+    try:
+        config = load_model_config(name_or_path)
+    except Exception:  # noqa: BLE001 - from_pretrained then says what is wrong with the name or folder
+        return kw
+    kw["attn_implementation"] = attention_for(getattr(config, "model_type", None), attn_implementation)
+    if is_mxfp4(config):
+        from transformers import Mxfp4Config
+
+        kw["quantization_config"] = Mxfp4Config(dequantize=True)
+    return kw
+
+
 def hf_from_config(config, dtype: str = "float32", attn_implementation: str = "sdpa", seed: int = 0):
     """The plain Hugging Face model of ``config`` with the seeded random initialisation fedmoe uses
     (a ``builtin:`` model built from its config; the base that ``fedmoe export`` merges into)."""
     from transformers import AutoModelForCausalLM
 
-    config._attn_implementation = attn_implementation
+    config._attn_implementation = attention_for(getattr(config, "model_type", None), attn_implementation)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
@@ -264,7 +300,8 @@ class MoEModel:
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu",
                         attn_implementation: str = "sdpa", seed: int = 0) -> "MoEModel":
         """A hub id, a local folder or ``builtin:<name>`` (a folder written by ``fedmoe export`` in its
-        fedmoe form: :func:`fedmoe.export.load_model`)."""
+        fedmoe form: :func:`fedmoe.export.load_model`). An MXFP4 checkpoint (gpt-oss) is dequantized
+        into ``dtype`` as it loads (:func:`pretrained_kwargs`)."""
         from transformers import AutoModelForCausalLM
 
         if (Path(name_or_path) / EXPORT_MARKER).is_file():  # a client's model from `fedmoe export`
@@ -290,7 +327,7 @@ class MoEModel:
                                        attn_implementation=attn_implementation, seed=seed)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                name_or_path, dtype=_DTYPES[dtype], attn_implementation=attn_implementation
+                name_or_path, **pretrained_kwargs(name_or_path, dtype, attn_implementation)
             )
         except (OSError, ValueError, RuntimeError) as e:  # missing/corrupt files, unknown ids
             raise load_error(name_or_path, e) from None
@@ -348,9 +385,10 @@ class MoEModel:
 
     def add_router_lora(self, rank: int, alpha: float) -> None:
         """LoRA on every MoE layer's router weight (E, H) (:class:`RouterWithLoRA`; parameters
-        ``...mlp.gate.lora_A`` (r, H), ``...mlp.gate.lora_B`` (E, r)). Adding it again replaces it."""
+        ``...mlp.gate.lora_A`` (r, H), ``...mlp.gate.lora_B`` (E, r); gpt-oss: ``...mlp.router.lora_A/B``).
+        Adding it again replaces it."""
         for layer in self.layers:
-            layer.block.gate = RouterWithLoRA(layer.router, rank, alpha)
+            setattr(layer.block, layer.router_attr, RouterWithLoRA(layer.router, rank, alpha))
 
     def add_attention_lora(self, rank: int, alpha: float, targets=None, dropout: float = 0.0) -> None:
         """LoRA on the attention projections ``targets`` (None = the architecture's default set)."""
@@ -416,12 +454,16 @@ class MoEModel:
             def add_output(block, args, output, module=module):
                 if not module.enabled:
                     return output
+                # gpt-oss's block returns (hidden states, router scores): the module adds to the first
+                hidden, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
                 x = args[0].reshape(-1, args[0].shape[-1])
                 rows = self.tracker.real_rows(x.shape[0])  # padding skipped, as in the routed experts
                 if rows is None:
-                    return output + module(x).reshape(output.shape)
-                y = x.new_zeros(x.shape).index_copy(0, rows, module(x.index_select(0, rows)))
-                return output + y.reshape(output.shape)
+                    y = module(x)
+                else:
+                    y = x.new_zeros(x.shape).index_copy(0, rows, module(x.index_select(0, rows)))
+                hidden = hidden + y.reshape(hidden.shape)
+                return hidden if rest is None else (hidden, *rest)
 
             layer.block.register_forward_hook(add_output)
             modules.append(module)

@@ -24,6 +24,11 @@ per block; tests/test_quant.py), so where bitsandbytes is installed its dequanti
 CUDA) reads fedmoe's codes and gives the same tensor as the plain PyTorch path here; without it the
 plain path runs (``USE_BITSANDBYTES = False`` forces it).
 
+A stack stored transposed (gpt-oss: (E, H, 2I) and (E, I, H), each expert's weight (in, out)) is quantized
+as its transpose, so its blocks and int8 rows run along the input features as every other family's do
+(``QuantizedWeight(w, scheme, transposed=True)``); it still answers the stored shape, and ``w[e]`` gives the
+expert's weight as stored.
+
 A 4-bit block holds 64 weights unless the input dimension is smaller or not a multiple of 64 (the
 tiny test models): then the largest even divisor of it up to 64. The absmax scales are kept in
 float32 (QLoRA's second quantization of them is not done: 0.5 bits per weight more at block 64).
@@ -154,18 +159,26 @@ class QuantizedWeight(nn.Module):
     """A frozen weight held quantized (buffers ``codes`` and ``absmax``), read in ``dtype``: ``w[e]``
     dequantizes the rows of its first dimension that are asked for (one expert of a fused stack),
     :meth:`dequantize` the whole tensor. It answers ``shape``, ``dtype``, ``device`` and
-    ``element_size()`` as the full-precision tensor did."""
+    ``element_size()`` as the full-precision tensor did. ``transposed``: a stack of (in, out) weights
+    (gpt-oss), quantized as its transpose (blocks along the input features); ``w[e]`` and
+    :meth:`dequantize` give it back as stored, :func:`linear_q` multiplies by it as by the others."""
 
-    def __init__(self, w: torch.Tensor, scheme: str, chunk: int = 2**22):
+    def __init__(self, w: torch.Tensor, scheme: str, chunk: int = 2**22, transposed: bool = False):
         super().__init__()
+        if transposed and w.dim() != 3:
+            raise ValueError("only a stack of expert weights (3-D) is held transposed")
         # a slab of the first dimension at a time (an expert, or rows of a linear): the float32 working
         # copies of quantization stay ~``chunk`` elements, never the size of a whole expert stack
         step = max(1, chunk // max(1, w[0].numel())) if w.dim() > 1 else w.shape[0]
-        parts = [quantize_tensor(w[i : i + step], scheme) for i in range(0, w.shape[0], step)]
+        parts = [quantize_tensor(w[i : i + step].transpose(-2, -1) if transposed else w[i : i + step], scheme)
+                 for i in range(0, w.shape[0], step)]
         codes, absmax, block = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), parts[0][2]
         self.register_buffer("codes", codes)
         self.register_buffer("absmax", absmax)
         self.scheme, self.block, self.shape, self.dtype = scheme, block, tuple(w.shape), w.dtype
+        self.transposed = transposed
+        # the shape of what the codes hold: (…, out, in)
+        self.linear_shape = (*self.shape[:-2], self.shape[-1], self.shape[-2]) if transposed else self.shape
         self.requires_grad = False
 
     @property
@@ -184,13 +197,16 @@ class QuantizedWeight(nn.Module):
         return self.codes.numel() * self.codes.element_size() + self.absmax.numel() * self.absmax.element_size()
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize(self.codes, self.absmax, self.block, self.scheme, self.dtype)
+        w = dequantize(self.codes, self.absmax, self.block, self.scheme, self.dtype)
+        return w.transpose(-2, -1) if self.transposed else w
 
     def __getitem__(self, idx) -> torch.Tensor:
-        return dequantize(self.codes[idx], self.absmax[idx], self.block, self.scheme, self.dtype)
+        w = dequantize(self.codes[idx], self.absmax[idx], self.block, self.scheme, self.dtype)
+        return w.transpose(-2, -1) if self.transposed else w
 
     def extra_repr(self) -> str:
-        return f"{self.scheme}, shape={self.shape}, dtype={self.dtype}, block={self.block}"
+        return (f"{self.scheme}, shape={self.shape}, dtype={self.dtype}, block={self.block}"
+                + (", transposed" if self.transposed else ""))
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -216,7 +232,7 @@ def linear_q(x: torch.Tensor, w: QuantizedWeight, idx=None) -> torch.Tensor:
     """``F.linear(x, w[idx])`` (or of the whole 2-D ``w``) without keeping the dequantized weight for the
     backward. ``idx``: an expert (an int, or a one-element index tensor: no host sync)."""
     codes, absmax = (w.codes, w.absmax) if idx is None else (w.codes[idx], w.absmax[idx])
-    return _DequantLinear.apply(x, codes, absmax, w.block, w.scheme, w.dtype, tuple(w.shape[-2:]))
+    return _DequantLinear.apply(x, codes, absmax, w.block, w.scheme, w.dtype, tuple(w.linear_shape[-2:]))
 
 
 def quantized_proj(a: torch.Tensor, w) -> torch.Tensor:
@@ -245,7 +261,7 @@ def is_quantized(w) -> bool:
 
 def quantize_model(mm, scheme: str) -> dict:
     """Quantize ``mm``'s frozen base in place: every MoE layer's fused ``gate_up_proj`` and ``down_proj``
-    and every ``nn.Linear`` inside the decoder layers but the routers and linears with an odd input
+    (gpt-oss's transposed stacks as their transposes; their biases stay as they are) and every ``nn.Linear`` inside the decoder layers but the routers and linears with an odd input
     size (attention, shared experts, dense MLPs). Returns {"tensors": n, "bytes_before": ..,
     "bytes_after": ..} over what was quantized. Call before adapters are added (they wrap the
     quantized modules)."""
@@ -271,7 +287,7 @@ def quantize_model(mm, scheme: str) -> dict:
             w = getattr(experts, name)
             if is_quantized(w):
                 continue
-            q = QuantizedWeight(w, scheme)
+            q = QuantizedWeight(w, scheme, transposed=layer.form.transposed)
             count(w, q)
             delattr(experts, name)
             setattr(experts, name, q)

@@ -74,4 +74,12 @@ def tiny_config(arch: str, vocab_size: int = 128, num_experts: int = 8, top_k: i
         return tf.Ernie4_5_MoeConfig(**common, intermediate_size=2 * intermediate_size,
                                      moe_intermediate_size=intermediate_size, moe_num_experts=num_experts,
                                      moe_k=top_k, moe_num_shared_experts=2, moe_layer_start_index=1)
+    if arch == "gpt_oss":  # gpt-oss: transposed, interleaved, biased experts with a clamped SwiGLU; a biased
+        # router; attention with q/k/v/o biases and sinks, a sliding window (4 here) every other layer; YaRN RoPE
+        # as the real model's (its factor 32 over an original context of max_position_embeddings / 32)
+        rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "truncate": False, "original_max_position_embeddings": common["max_position_embeddings"] // 32}
+        return tf.GptOssConfig(**common, head_dim=hidden_size // common["num_attention_heads"],
+                               intermediate_size=intermediate_size, num_local_experts=num_experts,
+                               num_experts_per_tok=top_k, sliding_window=4, rope_parameters=rope)
     raise ValueError(f"no tiny config for '{arch}'")
