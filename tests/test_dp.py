@@ -254,6 +254,13 @@ def test_a_client_clips_its_update_and_adds_the_noise_itself():
     torch.testing.assert_close(out.tensors["a"].double(), theta["a"].double() + w[:, None] * delta["a"] / 4,
                                rtol=0, atol=1e-6)
     torch.testing.assert_close(out.tensors["b"].double(), theta["b"].double() + delta["b"] / 4, rtol=0, atol=1e-6)
+    # a diverged update (NaN would never be clipped, inf turns into NaN) sends nothing of itself: θ + the noise
+    for bad in (math.nan, math.inf):
+        broken = Message({**reply.tensors, "a": reply.tensors["a"].clone()}, reply.scalars)
+        broken.tensors["a"][0, 0] = bad
+        out, got_norm = privatize_reply(cfg, broken, sent, 0, 1, client_secret())
+        assert not math.isfinite(got_norm)
+        assert all(torch.equal(out.tensors[n], theta[n]) for n in theta)
 
     def noise(noise_kind, secret, client=0):
         c = load_config(None, [f"federation.dp.clip_norm={C}", "federation.dp.noise_multiplier=2",
@@ -497,5 +504,35 @@ def test_a_run_with_a_target_epsilon_spends_it_and_fixes_sigma_in_its_config(tmp
     p = summary["privacy"]
     assert p["noise_multiplier"] == written.noise_multiplier and p["target_rounds"] == 2
     assert 8 * (1 - 1e-4) < p["epsilon"] <= 8
-    assert f"σ = {written.noise_multiplier:g} was computed as the smallest that keeps ε within the target 8 over the " \
-           "run's 2 rounds" in rd.report_path.read_text()
+    assert f"σ = {written.noise_multiplier:g} keeps ε within the target 8 over the run's 2 rounds" in \
+        rd.report_path.read_text()
+
+
+def test_local_dp_counts_every_training_request_as_a_release(tmp_path):
+    """A client whose reply never reaches the server (lost, too late) may still have released an update: its ε
+    counts the request. Client 1's replies are dropped in both rounds: its ε is that of 2 releases."""
+    from dp_accounting import GaussianDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    from fedmoe.federation.directories import prepare_run_dir
+    from fedmoe.federation.local import LocalTransport
+    from fedmoe.federation.runtime import Federation
+
+    class Lossy(LocalTransport):
+        def train(self, round_idx, messages, prog):
+            replies, failures = super().train(round_idx, messages, prog)
+            replies.pop(1, None)
+            return replies, {**failures, 1: "no reply within federation.round_timeout_s"}
+
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "name=lossy", "federation.rounds=2", "federation.min_replies=1",
+                                    "federation.dp.clip_norm=0.01", "federation.dp.noise_multiplier=1",
+                                    "federation.dp.where=client"])
+    fed = Federation(cfg, prepare_run_dir(cfg, log=lambda *a: None), log=lambda *a: None)
+    honest = fed.transport
+    fed.transport = Lossy.__new__(Lossy)
+    fed.transport.__dict__.update(honest.__dict__)
+    summary = fed.run()
+    acc = RdpAccountant()
+    acc.compose(GaussianDpEvent(0.5), 2)
+    assert [c["rounds_trained"] for c in summary["clients"]] == [2, 0]
+    assert summary["privacy"]["epsilon_by_client"][1] == pytest.approx(acc.get_epsilon(1e-5))

@@ -301,7 +301,9 @@ def test_a_client_that_sends_what_local_dp_withholds_is_left_out(tmp_path):
     ("profile", "rank", "r", "profile rank = 'r', not an integer in 0..2"),
     ("data", "n_train", -5, "data n_train = -5"),
     ("data", "category_counts", {"x": "many"}, "data category_counts = {'x': 'many'}"),
-    ("setup", "seconds", "soon", "setup metrics that are not finite numbers")])
+    ("setup", "seconds", "soon", "setup metrics that are not finite numbers"),
+    ("setup", "seconds", 10 ** 400, "setup metrics that are not finite numbers"),
+    ("data", "n_test", None, "no data n_test")])
 def test_a_setup_report_that_cannot_be_right_stops_the_run_before_round_1(tmp_path, part, key, bad, want):
     """What a client says at setup sets the summary's FLOPs (k, rank), its data sizes and the bound on the
     n_train its replies may claim: one value fedmoe's client would never send stops the run before round 1,
@@ -318,6 +320,8 @@ def test_a_setup_report_that_cannot_be_right_stops_the_run_before_round_1(tmp_pa
         def setup(self, prog):
             out = super().setup(prog)
             out[1][part][key] = bad
+            if bad is None:  # the key left out
+                del out[1][part][key]
             return out
 
     with pytest.raises(RuntimeError, match=rf"client 1's setup is not one fedmoe's client sends \({re.escape(want)}"):

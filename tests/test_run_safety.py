@@ -3,6 +3,7 @@ empty test set reports "no test data" (never a perfect score), a resume checks i
 at a time per directory, and a checkpoint that cannot be read falls back to the previous round's."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -248,6 +249,22 @@ def test_a_key_a_newer_fedmoe_added_inside_an_optional_section_counts_as_its_def
     changed = load_config(None, dp + ["federation.dp.delta=1e-6"])
     with pytest.raises(RunDirError, match=r"federation.dp.delta: 1e-05 -> 1e-06"):
         check_fingerprint(changed, older(central), "run")
+
+
+@pytest.mark.parametrize("section", [["federation.robust.rule=median"],
+                                     ["federation.secagg.clipping_range=8", "federation.runtime=flower-sim"],
+                                     ["federation.dp.clip_norm=1", "federation.dp.noise_multiplier=1"],
+                                     ["data.concept_shift.groups=2", "data.field_map.label=category"]])
+def test_a_section_added_or_removed_on_resume_is_refused_even_at_its_defaults(section):
+    """A section whose every key is at its default (robust: median; secagg: clipping_range 8) differs from no
+    section at all: dropping secagg on resume would send the updates unmasked. Both ways refused, by name."""
+    from fedmoe.federation.checkpoint import RunDirError, check_fingerprint, config_fingerprint
+
+    name = section[0].rsplit(".", 1)[0]
+    plain, with_it = load_config(None, section[1:] if "dp" not in name else []), load_config(None, section)
+    for before, after in ((with_it, plain), (plain, with_it)):
+        with pytest.raises(RunDirError, match=re.escape(name)):
+            check_fingerprint(after, {"config_fingerprint": config_fingerprint(before)}, "run")
 
 
 # ------------------------------------------------------------------ 5. one run per directory

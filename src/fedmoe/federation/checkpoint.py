@@ -160,6 +160,8 @@ def _field_default(key: str, missing):
         if field is None:
             return missing
         if i == len(parts) - 1:
+            if field.is_required():
+                return missing
             value = field.get_default(call_default_factory=True)
             return missing if isinstance(value, BaseModel) else value
         inner = [a for a in (field.annotation, *typing.get_args(field.annotation))
@@ -216,13 +218,19 @@ def check_fingerprint(cfg: RunConfig, ck: dict, path: str | Path, log=print) -> 
     def show(v):
         return "(not set)" if v is missing else json.dumps(v)
 
-    def added(key):  # a key the stored fingerprint lacks: the config's default, also inside an optional section
+    def added(key, side):
+        """A key ``side`` lacks: the config's default where a newer fedmoe added it (also inside an optional
+        section that ``side`` has), never where ``side`` lacks the whole section or has it whole (a section
+        added or removed is a change)."""
+        parts = key.split(".")
+        if any(".".join(parts[:i]) in side for i in range(1, len(parts))) or any(k.startswith(key + ".") for k in side):
+            return missing
         return default[key] if key in default else _field_default(key, missing)
 
     diffs = []
     for key in sorted(set(old) | set(new)):
-        before = old[key] if key in old else added(key)
-        after = new[key] if key in new else added(key)
+        before = old[key] if key in old else added(key, old)
+        after = new[key] if key in new else added(key, new)
         if before != after and not _execution_key(key):
             diffs.append(f"{key}: {show(before)} -> {show(after)}")
     if diffs:

@@ -52,8 +52,11 @@ CLIENT_ACCOUNTING = ("Rényi DP (dp-accounting) per client: one Gaussian mechani
                      "(noise multiplier σ/2) per update the client sent (usable or not), its data replaced by any other")
 # what reaches the server from a client under local DP besides its noised updates, which ε does not cover
 NOT_COVERED = {
-    "withhold": "its evaluation results (test loss and scores of the models it is sent, on its own test data) "
-                "and how long its work took",
+    "withhold": "its evaluation results — the test loss and scores, on its own test data, of the models it is "
+                "sent, which for a personalised method (FLAME's rescaler, FLEx's grafts) hold private parameters it "
+                "trained without noise — and its test set's size (sent at setup and shown by every evaluation; its "
+                "training set's size follows from it by the train/val/test split); with eval.share_examples, sample "
+                "answers with their references; a failed client's error message; and how long its work took",
     "send": "its number of training examples, its training report (loss, steps, tokens, expert counts, the "
             "method's metrics), FLAME's activation counts, the categories of its data, and its evaluation results",
 }
@@ -136,7 +139,7 @@ def withholds(cfg) -> bool:
 
 # what a client keeps to itself under withheld reports: of its training report, and of what it says of its data
 WITHHELD_TRAINING = ("loss", "steps", "tokens", "activation_counts", "metrics")
-WITHHELD_DATA = ("n_train", "category_counts")
+WITHHELD_DATA = ("n_train", "category_counts", "skipped_rows")
 
 
 def withhold_setup(cfg, metrics: dict, data: dict) -> tuple[dict, dict]:
@@ -155,7 +158,8 @@ def privatize_reply(cfg, reply, sent, client: int, round_idx: int, secret: torch
     Δ = θ_i − θ over those tensors together is clipped to L2 norm C, multiplied by ``weights`` (each in
     [0, 1]: the method's own, :meth:`Client.dp_weights`; a tensor not named weighs 1) and Δ̃ = Δ + N(0, σ²C²)
     (the noise drawn here, from the client's ``secret`` or, ``client_noise: seeded``, from the run's seed).
-    Returns (reply, ‖Δ‖ before clipping). Each release is a Gaussian mechanism of sensitivity 2C (any two
+    Returns (reply, ‖Δ‖ before clipping). A Δ that is not finite is replaced by zeros (the release is the noise
+    alone; whether training diverged is itself data-dependent). Each release is a Gaussian mechanism of sensitivity 2C (any two
     weighted clipped updates of this client differ by at most 2C) and noise σC; what the server does with it
     is post-processing. With ``reports: withhold`` the reply keeps only those tensors and n_train = 1: any
     other tensor (FLAME's counts) and scalar were computed from the data without noise."""
@@ -166,6 +170,8 @@ def privatize_reply(cfg, reply, sent, client: int, round_idx: int, secret: torch
     names = [n for n in sorted(reply.tensors) if n in sent.tensors and reply.tensors[n].is_floating_point()]
     delta = {n: reply.tensors[n].to(torch.float64) - sent.tensors[n].to(torch.float64) for n in names}
     delta, norm = clip_update(delta, dp.clip_norm)
+    if not math.isfinite(norm):  # a diverged update (NaN: never clipped; inf: 0 · inf): nothing of it goes, noise only
+        delta = {n: torch.zeros_like(d) for n, d in delta.items()}
     for n, w in (weights or {}).items():
         delta[n] = _broadcast(w, delta[n]) * delta[n]
     if dp.client_noise == "seeded":

@@ -30,7 +30,7 @@ from ..rundir import RunDir
 from .checkpoint import (CHECKPOINT_FILE, Checkpoint, config_fingerprint, data_fingerprint, remove_stale_temporaries,
                          restore_rng_states, rng_states, write_checkpoint)
 from .conflict import NOTES as CONFLICT_NOTES
-from .dp import WITHHELD_TRAINING
+from .dp import WITHHELD_DATA, WITHHELD_TRAINING
 from .evaluation import EvalPolicy, screened
 from .progress import Progress
 from .transport import Transport
@@ -91,7 +91,12 @@ def _dtype(d) -> str:
 def _metric_value(v) -> bool:
     """A client metric's value: a finite number or a list of at most 100 000 of them (FLAME's rescaler per layer)."""
     def num(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        if not isinstance(x, (int, float)) or isinstance(x, bool):
+            return False
+        try:
+            return math.isfinite(x)
+        except OverflowError:  # an integer of hundreds of digits
+            return False
     return num(v) or (isinstance(v, list) and len(v) <= 100_000 and all(num(x) for x in v))
 
 
@@ -167,15 +172,22 @@ def invalid_profile(profile, top_k: int, max_rank: int) -> list[str]:
     return why
 
 
-def invalid_setup(info: dict, top_k: int, max_rank: int) -> str | None:
+def invalid_setup(info: dict, top_k: int, max_rank: int, withheld: tuple[str, ...] = ()) -> str | None:
     """Why a client's one-shot setup report cannot be taken, or None: its profile an integer k in 1..top_k and
     rank in 0..max_rank (they set the FLOPs the summary reports), what it says of its data counts (non-negative
-    integers, categories by name) and its setup metrics finite numbers or lists of them."""
+    integers, categories by name; n_train, n_test and n_generated there unless ``withheld``, what ``withheld``
+    names absent) and its setup metrics finite numbers or lists of them."""
     profile, data, setup = info.get("profile"), info.get("data"), info.get("setup")
     why = invalid_profile(profile, top_k, max_rank)
     if not isinstance(data, dict):
         why.append("no data description")
     else:
+        lacking = [k for k in ("n_train", "n_test", "n_generated") if k not in data and k not in withheld]
+        if lacking:
+            why.append(f"no data {lacking[0]}")
+        sent = [k for k in withheld if k in data]
+        if sent:
+            why.append(f"data {sent[0]} sent under federation.dp.reports: withhold")
         for key, v in data.items():
             if key == "shared_source":
                 ok = isinstance(v, bool)
@@ -309,7 +321,8 @@ class Federation:
 
     def _setup(self, prog: Progress) -> None:
         for cid, info in self.transport.setup(prog).items():
-            why = invalid_setup(info, self.spec.top_k, self._max_rank())
+            why = invalid_setup(info, self.spec.top_k, self._max_rank(),
+                                WITHHELD_DATA if self.receiver is not self.server else ())
             if why:
                 raise RuntimeError(f"client {cid}'s setup is not one fedmoe's client sends ({why}): the run was not "
                                    "started; check that every SuperNode runs this fedmoe version, and whose node "
@@ -327,13 +340,15 @@ class Federation:
         shape = (self.spec.num_moe_layers, self.spec.num_experts)  # of the activation counts
         secure = self.cfg.federation.secagg is not None
         for cid in sampled:
+            # a training request may have made the client release an update, also one that never came back
+            # (too late, lost): local DP's ε counts every request
+            self.records[cid].replies_sent += 1
             if cid not in replies:
                 continue
             reply, report = replies[cid]
             rec, down, up = self.records[cid], messages[cid].nbytes(), reply.nbytes()
             rec.bytes_down += down
             rec.bytes_up += up
-            rec.replies_sent += 1
             withheld = self.receiver is not self.server
             declared = 1 if withheld else (rec.data or {}).get("n_train")
             bad = invalid_reply(messages[cid], reply, self.global_state, declared, report.metrics, self.receiver,

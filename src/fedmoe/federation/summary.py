@@ -25,7 +25,8 @@ class ClientRecord:
     bytes_up: int = 0
     bytes_down: int = 0
     rounds_trained: int = 0
-    # replies the server received from it, usable or not (each one a release under federation.dp.where: client)
+    # the training requests it was sent, answered or not (each one a possible release under federation.dp.where:
+    # client; the name is that of earlier checkpoints)
     replies_sent: int = 0
     activation_counts: torch.Tensor | None = None  # cumulative (L, E) over local training
     last_eval: dict = field(default_factory=dict)

@@ -86,9 +86,22 @@ def _number(info: dict, key: str, finite: bool = True) -> float:
     """``info[key]`` as a float: a JSON number (not a boolean or text; NaN or ±inf only where ``finite`` is
     False: a training loss that went non-finite is reported, and the runtime leaves that update out)."""
     v = info[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (finite and not math.isfinite(v)):
+    try:
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and (not finite or math.isfinite(v))
+        v = float(v) if ok else v
+    except OverflowError:  # an integer of hundreds of digits
+        ok = False
+    if not ok:
         raise ValueError(f"{key} = {str(v)[:40]!r} is not a{' finite' if finite else ''} number")
-    return float(v)
+    return v
+
+
+def seconds(info: dict, key: str) -> float:
+    """``info[key]`` as a duration: a finite non-negative number (a client's timings, summed per round)."""
+    v = _number(info, key)
+    if v < 0:
+        raise ValueError(f"{key} = {v!r} is negative")
+    return v
 
 
 def _count(info: dict, key: str) -> int:

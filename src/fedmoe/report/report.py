@@ -596,8 +596,9 @@ def format_privacy(summary: dict, metrics: list[dict]) -> list[str]:
     p = summary.get("privacy")
     if not p:
         return []
-    target = (f" σ = {p['noise_multiplier']:g} was computed as the smallest that keeps ε within the target "
-              f"{p['target_epsilon']:g} over the run's {p.get('target_rounds')} rounds." if p.get("target_epsilon") else "")
+    target = (f" σ = {p['noise_multiplier']:g} keeps ε within the target {p['target_epsilon']:g} over the run's "
+              f"{p.get('target_rounds')} rounds (federation.dp.target_epsilon; without a σ given, the smallest that "
+              "does)." if p.get("target_epsilon") else "")
     if p.get("where") == "client":
         per = ", ".join(f"client {c}: {_num(e, 3)}" for c, e in (p.get("epsilon_by_client") or {}).items())
         lines = ["## Differential privacy (local, on each client)", "",

@@ -15,7 +15,7 @@ import uuid
 from ...messages import Message
 from ..directories import with_memory_hint
 from ..evaluation import pooled, screened
-from ..transport import TrainReport
+from ..transport import TrainReport, seconds
 from .records import from_records, to_records
 
 QUERY, TRAIN, EVALUATE, EVALUATE_GLOBAL = "query", "train", "evaluate", "evaluate.global"
@@ -219,8 +219,9 @@ class FlowerTransport:
         for cid, (msg, info) in got.items():
             # the client's time to load its model and data (0 while its process keeps them) and its work
             try:
-                report = TrainReport.from_info(info["report"], msg, load_s=info["load_s"], train_s=info["work_s"])
-            except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a malformed report: this client fails
+                times = {k: seconds(info, k) for k in ("load_s", "work_s")}
+                report = TrainReport.from_info(info["report"], msg, load_s=times["load_s"], train_s=times["work_s"])
+            except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # malformed: this client fails
                 failed[cid] = f"node {self.node_of[cid]}: an unreadable training report ({type(e).__name__}: {e})"
                 continue
             replies[cid] = (msg, report)
