@@ -35,12 +35,15 @@ def tiny_hf(arch: str, **kw):
 
 
 def random_expert_biases_(model, std: float = 0.02) -> None:
-    """gpt-oss's expert biases (gate_up_proj_bias, down_proj_bias), which transformers starts at zero, drawn
-    from N(0, std²) (the global generator), so that every test of a tiny gpt-oss runs them."""
+    """gpt-oss's expert biases (gate_up_proj_bias, down_proj_bias) and attention biases (q/k/v/o), which
+    transformers starts at zero, drawn from N(0, std²) (the global generator), so that every test of a tiny
+    gpt-oss runs them (a LoRA wrapper, a quantized linear or an export that dropped one would show)."""
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.experts.gate_up_proj_bias.normal_(0, std)
             layer.mlp.experts.down_proj_bias.normal_(0, std)
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(layer.self_attn, proj).bias.normal_(0, std)
 
 
 def token_batch(seed: int = 1, batch: int = 3, seq: int = 11, vocab: int = 128, pad_last_row: bool = True):

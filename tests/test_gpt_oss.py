@@ -390,15 +390,9 @@ def _to_mxfp4(w: torch.Tensor):
     return (idx[..., 0::2] | (idx[..., 1::2] << 4)).to(torch.uint8), (exp + 127).to(torch.uint8), held
 
 
-def test_an_mxfp4_checkpoint_loads_dequantized_and_plans(tmp_path):
-    """The hub's gpt-oss checkpoints store the experts as MXFP4 blocks and scales with a quantization_config
-    (quant_method mxfp4): fedmoe loads them with Mxfp4Config(dequantize=True), so the experts are the fused
-    stacks in the run's dtype, holding exactly the values the codes encode, and the config keeps no
-    quantization_config (a merged export is a plain model). sdpa, fedmoe's default, becomes eager (transformers
-    has no SDPA for gpt-oss's sinks). fedmoe plan takes the checkpoint's config.json."""
-    import subprocess
-    import sys
-
+def _mxfp4_checkpoint(tmp_path):
+    """(a tiny gpt-oss folder, the same model with its experts stored in the hub's MXFP4 layout — blocks, scales
+    and a quantization_config —, transformers' model of the first holding exactly the values the codes encode)."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
@@ -417,13 +411,59 @@ def test_an_mxfp4_checkpoint_loads_dequantized_and_plans(tmp_path):
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (mx / "config.json").write_text(json.dumps(config))
+    return folder, mx, reference
+
+
+def test_a_merged_export_of_an_mxfp4_base_is_a_plain_model(tmp_path):
+    """fedmoe export --merged from a hub-style MXFP4 base: the saved folder holds the fused stacks under their
+    own names (transformers would write them back under *_blocks, with no scales, and a reload would leave
+    the experts random with a warning), and transformers' reload gives fedmoe's logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fedmoe.export import write_merged
+
+    _, mx, _ = _mxfp4_checkpoint(tmp_path)
+    loaded = _loaded(mx)
+    loaded.mm.tracker.skip_padding = False
+    with torch.no_grad():
+        ours = loaded.mm.model(IDS).logits
+    write_merged(loaded, tmp_path / "m")
+    keys = set(load_file(str(tmp_path / "m" / "model.safetensors")))
+    assert not [k for k in keys if k.endswith(("_blocks", "_scales"))]
+    assert "model.layers.0.mlp.experts.gate_up_proj" in keys and "model.layers.1.mlp.experts.down_proj" in keys
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert getattr(merged.config, "quantization_config", None) is None
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, ours, rtol=0, atol=2e-5)
+    from fedmoe.export import export_notes
+
+    # a PEFT adapter on this base needs the base dequantized as fedmoe loaded it; a base stored plainly does not
+    assert any("Mxfp4Config(dequantize=True)" in n for n in export_notes(loaded.cfg, "peft", loaded.mm))
+    plain = loaded.cfg.model_copy(update={"model": loaded.cfg.model.model_copy(update={"name": str(tmp_path / "m")})})
+    assert not any("MXFP4" in n for n in export_notes(plain, "peft", loaded.mm))
+    assert any("vLLM issue 22380" in n for n in export_notes(loaded.cfg, "merged", loaded.mm))
+
+
+def test_an_mxfp4_checkpoint_loads_dequantized_and_plans(tmp_path):
+    """The hub's gpt-oss checkpoints store the experts as MXFP4 blocks and scales with a quantization_config
+    (quant_method mxfp4): fedmoe loads them with Mxfp4Config(dequantize=True), so the experts are the fused
+    stacks in the run's dtype, holding exactly the values the codes encode, and the config keeps no
+    quantization_config (a merged export is a plain model). sdpa, fedmoe's default, becomes eager (transformers
+    has no SDPA for gpt-oss's sinks). fedmoe plan takes the checkpoint's config.json."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    folder, mx, reference = _mxfp4_checkpoint(tmp_path)
 
     from transformers import Mxfp4Config
 
     from fedmoe.moe.model import pretrained_kwargs
 
     # asked for, not left to transformers' choice (on a GPU with the kernels package and Triton it would keep
-    # the MXFP4 experts: a module with no fused stacks, for inference only); on this CPU it dequantizes anyway
+    # the MXFP4 experts: packed uint8 stacks, for inference only); on this CPU it dequantizes anyway
     kw = pretrained_kwargs(str(mx))
     assert isinstance(kw["quantization_config"], Mxfp4Config) and kw["quantization_config"].dequantize
     assert "quantization_config" not in pretrained_kwargs(str(folder)) and kw["attn_implementation"] == "eager"

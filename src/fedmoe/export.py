@@ -238,7 +238,7 @@ def _plain_base(cfg):
     """The frozen base as a plain Hugging Face model (the run's dtype, on the CPU)."""
     from transformers import AutoModelForCausalLM
 
-    from .moe.model import pretrained_kwargs
+    from .moe.model import forget_mxfp4_conversions, pretrained_kwargs
 
     source = _base_source(cfg)
     if source is None:  # a builtin built from its config: the run's seeded initial weights, as MoEModel builds them
@@ -246,8 +246,9 @@ def _plain_base(cfg):
 
         return hf_from_config(BUILTIN_MODELS[cfg.model.name[len(BUILTIN_PREFIX):]](), cfg.model.dtype,
                               cfg.model.attn_implementation, cfg.seed)
-    return AutoModelForCausalLM.from_pretrained(source, **pretrained_kwargs(source, cfg.model.dtype,
-                                                                            cfg.model.attn_implementation))
+    plain = AutoModelForCausalLM.from_pretrained(source, **pretrained_kwargs(source, cfg.model.dtype,
+                                                                             cfg.model.attn_implementation))
+    return forget_mxfp4_conversions(plain)
 
 
 def write_merged(loaded: LoadedModel, out: Path) -> None:
@@ -521,11 +522,21 @@ def export_notes(cfg, form: str, mm: MoEModel | None = None) -> list[str]:
             isinstance(m, ExpertsWithLoRA) and m.targets for m in mm.model.modules()):
         notes.append(f"the expert LoRA of {mm.model_type} is written in the fused 3-D form vLLM reads for it (PEFT's "
                      "target_parameters keys: experts.base_layer = gate_up_proj, experts = down_proj), not per expert; "
-                     "read in vLLM's source, not served here; SGLang was not checked")
+                     "read in vLLM's source, not served here (a vLLM started with --enable-mixed-moe-lora-format takes "
+                     "it as 3-D only when the request says is_3d_lora_weight); SGLang was not checked")
     if any(n.endswith(("q_proj", "k_proj", "v_proj")) for n in adapted) and mm.model_type == "flex_olmo":
         notes.append("SGLang (0.5.23) serves FlexOlmo through its Transformers backend, which drops q/k/v LoRA "
                      "without a word; vLLM applies it. For SGLang, train with lora.attention_targets: [o_proj], or "
                      "export --merged")
+    if form == "peft" and _mxfp4_base(cfg.model.name):
+        notes.append("the base checkpoint stores its experts in MXFP4: load it with "
+                     "quantization_config=Mxfp4Config(dequantize=True) before applying this adapter (as fedmoe did); "
+                     "where transformers keeps MXFP4 experts (a GPU with its kernels package) the adapter's "
+                     "gate_up_proj/down_proj LoRA does not fit them")
+    if form == "merged" and mm is not None and mm.model_type == "gpt_oss":
+        notes.append("a merged gpt-oss is a bf16/fp32 model, not MXFP4: transformers loads it; vLLM's serving of "
+                     "gpt-oss in bf16 has open reports of wrong outputs (vLLM issue 22380), so check its answers "
+                     "against transformers' before serving it there")
     q = cfg.model.quantization
     if q != "none" and form in ("peft", "merged", "vllm"):
         notes.append(f"the run trained and was evaluated on an {q.upper()} base; this export applies its adapters to the "
@@ -536,6 +547,16 @@ def export_notes(cfg, form: str, mm: MoEModel | None = None) -> list[str]:
         notes.append(f"the run computed in {cfg.model.dtype}: load the base with dtype=torch.{cfg.model.dtype} "
                      + ("(it loads in the dtype it is stored in by default" + (f", {stored})" if stored else ")")))
     return notes
+
+
+def _mxfp4_base(name: str) -> bool:
+    """Whether a base model's checkpoint stores its experts in MXFP4 (gpt-oss on the hub), if its config says."""
+    from .moe.model import is_mxfp4
+
+    try:
+        return is_mxfp4(load_model_config(name))
+    except (OSError, ValueError):
+        return False
 
 
 def _stored_dtype(name: str) -> str | None:

@@ -242,8 +242,8 @@ def pretrained_kwargs(name_or_path: str, dtype: str = "float32", attn_implementa
     dtype, its attention (:func:`attention_for`), and for a checkpoint stored in MXFP4 (gpt-oss on the
     hub) ``Mxfp4Config(dequantize=True)``: its experts dequantized into ``dtype`` while loading, the fused
     tensors fedmoe's expert path (and its own ``model.quantization``) works on. Without it transformers
-    keeps them in MXFP4 where the ``kernels`` package and Triton are installed on a GPU (a module with no
-    fused stacks, for inference only) and dequantizes them elsewhere."""
+    keeps them in MXFP4 where the ``kernels`` package and Triton are installed on a GPU (packed uint8 stacks
+    of another module, for inference only) and dequantizes them elsewhere."""
     kw = {"dtype": _DTYPES[dtype], "attn_implementation": attn_implementation}
     try:
         config = load_model_config(name_or_path)
@@ -255,6 +255,18 @@ def pretrained_kwargs(name_or_path: str, dtype: str = "float32", attn_implementa
 
         kw["quantization_config"] = Mxfp4Config(dequantize=True)
     return kw
+
+
+def forget_mxfp4_conversions(model):
+    """``model`` (loaded by ``from_pretrained`` with :func:`pretrained_kwargs`) without the record that its experts
+    came from MXFP4 blocks and scales: ``save_pretrained`` reverses the conversions it loaded with, and would write
+    the dequantized stacks back under the ``*_blocks`` names, with no scales and no quantization_config, which a
+    reload ignores (its experts then random, with a warning only). A merged export is a plain model."""
+    kept = [c for c in (getattr(model, "_weight_conversions", None) or [])
+            if not any(str(p).endswith(("_blocks", "_scales")) for p in getattr(c, "source_patterns", ()))]
+    if getattr(model, "_weight_conversions", None) is not None:
+        model._weight_conversions = kept or None
+    return model
 
 
 def hf_from_config(config, dtype: str = "float32", attn_implementation: str = "sdpa", seed: int = 0):
