@@ -222,9 +222,10 @@ def test_flame_under_dp_is_the_clipped_weighted_sum_by_hand(tmp_path):
 # ---------------------------------------------------------------------------- local DP (where: client)
 def test_a_client_clips_its_update_and_adds_the_noise_itself():
     """privatize_reply: σ = 0 gives θ + Δ·min(1, C/‖Δ‖) over the sent tensors together (a tensor not sent —
-    FLAME's counts — is left as it is); σ > 0 adds N(0, σ²C²) per value, from the client's secret (another
-    secret, other noise) or, seeded, from the run's seed (the same noise again)."""
-    from fedmoe.federation.dp import client_secret, privatize_reply
+    FLAME's counts — is left as it is); σ > 0 adds N(0, σ²C²) per value, drawn from the operating system for
+    each release (the same update released twice gets other noise: the two would otherwise give away the
+    difference of two updates) or, seeded, from the run's seed (the same noise again)."""
+    from fedmoe.federation.dp import privatize_reply
     from fedmoe.messages import Message
 
     gen = torch.Generator().manual_seed(0)
@@ -237,7 +238,7 @@ def test_a_client_clips_its_update_and_adds_the_noise_itself():
     C = norm / 4
     cfg = load_config(None, [f"federation.dp.clip_norm={C}", "federation.dp.noise_multiplier=0",
                              "federation.dp.where=client", "federation.dp.reports=send"])
-    out, got_norm = privatize_reply(cfg, reply, sent, 0, 1, client_secret())
+    out, got_norm = privatize_reply(cfg, reply, sent, 0, 1)
     assert got_norm == pytest.approx(norm)
     for n in theta:
         torch.testing.assert_close(out.tensors[n].double(), theta[n].double() + delta[n] / 4, rtol=0, atol=1e-6)
@@ -249,7 +250,7 @@ def test_a_client_clips_its_update_and_adds_the_noise_itself():
                              "federation.dp.where=client"])
     assert cfg.federation.dp.reports == "withhold"
     w = torch.rand(300, generator=gen, dtype=torch.float64)
-    out, _ = privatize_reply(cfg, reply, sent, 0, 1, client_secret(), {"a": w})
+    out, _ = privatize_reply(cfg, reply, sent, 0, 1, {"a": w})
     assert set(out.tensors) == set(theta) and out.scalars == {"n_train": 1}
     torch.testing.assert_close(out.tensors["a"].double(), theta["a"].double() + w[:, None] * delta["a"] / 4,
                                rtol=0, atol=1e-6)
@@ -258,22 +259,21 @@ def test_a_client_clips_its_update_and_adds_the_noise_itself():
     for bad in (math.nan, math.inf):
         broken = Message({**reply.tensors, "a": reply.tensors["a"].clone()}, reply.scalars)
         broken.tensors["a"][0, 0] = bad
-        out, got_norm = privatize_reply(cfg, broken, sent, 0, 1, client_secret())
+        out, got_norm = privatize_reply(cfg, broken, sent, 0, 1)
         assert not math.isfinite(got_norm)
         assert all(torch.equal(out.tensors[n], theta[n]) for n in theta)
 
-    def noise(noise_kind, secret, client=0):
+    def noise(noise_kind, client=0):
         c = load_config(None, [f"federation.dp.clip_norm={C}", "federation.dp.noise_multiplier=2",
                                "federation.dp.where=client", f"federation.dp.client_noise={noise_kind}"])
-        o, _ = privatize_reply(c, reply, sent, client, 1, secret)
+        o, _ = privatize_reply(c, reply, sent, client, 1)
         return torch.cat([(o.tensors[n].double() - theta[n].double() - delta[n] / 4).reshape(-1) for n in theta])
 
-    secret = client_secret()
-    z = noise("secret", secret)
+    z = noise("secret")
     assert float(z.std()) == pytest.approx(2 * C, rel=0.05)
-    assert torch.equal(z, noise("secret", secret)) and not torch.allclose(z, noise("secret", client_secret()))
-    assert torch.equal(noise("seeded", None), noise("seeded", None))
-    assert not torch.allclose(noise("seeded", None), noise("seeded", None, client=1))
+    assert not torch.allclose(z, noise("secret"))  # the same round and client again: new noise
+    assert torch.equal(noise("seeded"), noise("seeded"))
+    assert not torch.allclose(noise("seeded"), noise("seeded", client=1))
 
 
 def test_a_run_with_local_dp(tmp_path):
@@ -536,3 +536,44 @@ def test_local_dp_counts_every_training_request_as_a_release(tmp_path):
     acc.compose(GaussianDpEvent(0.5), 2)
     assert [c["rounds_trained"] for c in summary["clients"]] == [2, 0]
     assert summary["privacy"]["epsilon_by_client"][1] == pytest.approx(acc.get_epsilon(1e-5))
+
+
+def test_a_round_that_fails_and_runs_again_counts_twice_toward_local_dp(tmp_path):
+    """Local DP: round 2's replies are lost, so the round fails and the run stops at round 1's checkpoint; its
+    requests may still have made the clients release updates. Resumed, round 2 runs again: each client's ε is
+    that of 3 releases (the failed round's counted from the run directory, where the checkpoint does not hold
+    it), not 2."""
+    from dp_accounting import GaussianDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    from fedmoe.federation import resume_federated
+    from fedmoe.federation.directories import locked, prepare_run_dir
+    from fedmoe.federation.local import LocalTransport
+    from fedmoe.federation.runtime import Federation, RoundFailed
+
+    class LostRound2(LocalTransport):
+        def train(self, round_idx, messages, prog):
+            replies, failures = super().train(round_idx, messages, prog)
+            if round_idx == 2:
+                return {}, {cid: "no reply within federation.round_timeout_s" for cid in messages}
+            return replies, failures
+
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "name=again", "federation.rounds=2",
+                                    "federation.dp.clip_norm=0.01", "federation.dp.noise_multiplier=1",
+                                    "federation.dp.where=client"])
+    rd = prepare_run_dir(cfg, log=lambda *a: None)
+    fed = Federation(cfg, rd, log=lambda *a: None)
+    honest = fed.transport
+    fed.transport = LostRound2.__new__(LostRound2)
+    fed.transport.__dict__.update(honest.__dict__)
+    with pytest.raises(RoundFailed, match="round 2"):
+        locked(rd, fed.run)
+    summary, _ = resume_federated(rd.path, log=lambda *a: None)
+
+    def eps(releases):
+        acc = RdpAccountant()
+        acc.compose(GaussianDpEvent(0.5), releases)
+        return acc.get_epsilon(1e-5)
+
+    assert [c["rounds_trained"] for c in summary["clients"]] == [2, 2]
+    assert summary["privacy"]["epsilon_by_client"] == {0: pytest.approx(eps(3)), 1: pytest.approx(eps(3))}

@@ -153,13 +153,11 @@ class ClientNode:
         dp = cfg.federation.dp
         withhold = False
         if dp is not None and dp.where == "client":  # clipped and noised here: no raw update leaves this client
-            from .dp import SECRET, client_secret, privatize_reply, withholds
+            from .dp import privatize_reply, withholds
 
-            if dp.client_noise == "secret" and SECRET not in self.private:
-                self.private = {**self.private, SECRET: client_secret()}
             withhold = withholds(cfg)
             weights = half.dp_weights(mm, reply) if withhold else None  # from what the reply is about to lose
-            reply, _ = privatize_reply(cfg, reply, message, self.id, round_idx, self.private.get(SECRET), weights)
+            reply, _ = privatize_reply(cfg, reply, message, self.id, round_idx, weights)
         return reply.with_header(kind=REPLY, round=round_idx), TrainReport.of(result, metrics, withhold=withhold)
 
     def evaluate(self, half: Client, mm: MoEModel, evaluator, message: Message, with_answers: bool, general: bool,

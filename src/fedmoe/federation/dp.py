@@ -120,15 +120,14 @@ def private_aggregate(server, cfg, global_state: State, server_state: dict, repl
                                "dp_noise_std": sigma * C / denominator}
 
 
-SECRET = "_dp_secret"  # a client's private-store entry: the seed of its own DP noise (where: client)
-
-
-def client_secret() -> torch.Tensor:
-    """Four random 63-bit words from the operating system: a client's noise seed, drawn once and kept in its
-    private store (never sent), so no one else can reproduce — and remove — its noise."""
+def fresh_seed() -> int:
+    """A noise seed from the operating system's randomness (``client_noise: secret``): drawn for each release and
+    kept nowhere, so no one can reproduce — and remove — the noise, and no two releases share it (a round
+    sent again, by a restart or by a server replaying it with another model, gets new noise; two releases
+    with the same noise would give away the difference of their updates)."""
     import os
 
-    return torch.tensor([int.from_bytes(os.urandom(8), "little") >> 1 for _ in range(4)], dtype=torch.int64)
+    return int.from_bytes(os.urandom(8), "little") >> 1
 
 
 def withholds(cfg) -> bool:
@@ -152,19 +151,18 @@ def withhold_setup(cfg, metrics: dict, data: dict) -> tuple[dict, dict]:
             {k: v for k, v in data.items() if k not in WITHHELD_DATA})
 
 
-def privatize_reply(cfg, reply, sent, client: int, round_idx: int, secret: torch.Tensor | None,
-                    weights: dict[str, torch.Tensor] | None = None):
+def privatize_reply(cfg, reply, sent, client: int, round_idx: int, weights: dict[str, torch.Tensor] | None = None):
     """``federation.dp.where: client``: the reply with each tensor it was sent replaced by θ + Δ̃, where
     Δ = θ_i − θ over those tensors together is clipped to L2 norm C, multiplied by ``weights`` (each in
     [0, 1]: the method's own, :meth:`Client.dp_weights`; a tensor not named weighs 1) and Δ̃ = Δ + N(0, σ²C²)
-    (the noise drawn here, from the client's ``secret`` or, ``client_noise: seeded``, from the run's seed).
+    (the noise drawn here, from the operating system's randomness, :func:`fresh_seed`, or, ``client_noise:
+    seeded``, from the run's seed).
     Returns (reply, ‖Δ‖ before clipping). A Δ that is not finite is replaced by zeros (the release is the noise
     alone; whether training diverged is itself data-dependent). Each release is a Gaussian mechanism of sensitivity 2C (any two
     weighted clipped updates of this client differ by at most 2C) and noise σC; what the server does with it
     is post-processing. With ``reports: withhold`` the reply keeps only those tensors and n_train = 1: any
     other tensor (FLAME's counts) and scalar were computed from the data without noise."""
     from ..messages import Message
-    import numpy as np
 
     dp = cfg.federation.dp
     names = [n for n in sorted(reply.tensors) if n in sent.tensors and reply.tensors[n].is_floating_point()]
@@ -177,7 +175,7 @@ def privatize_reply(cfg, reply, sent, client: int, round_idx: int, secret: torch
     if dp.client_noise == "seeded":
         seed = derive_seed(cfg.seed, Stream.CLIENT_DP_NOISE, round_idx, client)
     else:
-        seed = int(np.random.SeedSequence([*(int(w) for w in secret.tolist()), int(round_idx)]).generate_state(1)[0])
+        seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     out = dict(reply.tensors)
     for n in names:

@@ -12,6 +12,7 @@ module moves messages and keeps the books.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import random
@@ -27,8 +28,8 @@ from ..algorithms.base import N_TRAIN
 from ..messages import EVALUATE, TOKENS_PER_LAYER, TRAIN, Message, Reply
 from ..report import write_report
 from ..rundir import RunDir
-from .checkpoint import (CHECKPOINT_FILE, Checkpoint, config_fingerprint, data_fingerprint, remove_stale_temporaries,
-                         restore_rng_states, rng_states, write_checkpoint)
+from .checkpoint import (CHECKPOINT_FILE, Checkpoint, RunDirError, config_fingerprint, data_fingerprint,
+                         remove_stale_temporaries, restore_rng_states, rng_states, write_checkpoint)
 from .conflict import NOTES as CONFLICT_NOTES
 from .dp import WITHHELD_DATA, WITHHELD_TRAINING
 from .evaluation import EvalPolicy, screened
@@ -331,8 +332,41 @@ class Federation:
             self.records[cid].data = info["data"]
             self.records[cid].profile = info["profile"]
 
+    REQUESTS_FILE = "dp-requests.json"  # local DP: every training request each client was sent, failed rounds too
+
+    def _count_requests(self, sampled: list[int]) -> None:
+        """A training request may make its client release an update — also one that never comes back (late,
+        lost) or whose round fails and runs again after a resume: under local DP each counts toward the client's
+        ε, and the counts are written to the run directory before the requests go out (a checkpoint holds only
+        applied rounds)."""
+        for cid in sampled:
+            self.records[cid].replies_sent += 1
+        dp = self.cfg.federation.dp
+        if dp is not None and dp.where == "client":
+            from ..rundir import atomic_write_text
+
+            counts = {str(cid): rec.replies_sent for cid, rec in sorted(self.records.items())}
+            atomic_write_text(self.rd.path / self.REQUESTS_FILE, json.dumps(counts) + "\n")
+
+    def _counted_requests(self) -> None:
+        """After a restore: each client's requests as the run directory counted them, where more than the
+        checkpoint's (the rounds sent after it)."""
+        path = self.rd.path / self.REQUESTS_FILE
+        if not path.is_file():
+            return
+        try:
+            counts = json.loads(path.read_text())
+            for cid, rec in self.records.items():
+                n = counts.get(str(cid), 0)
+                if isinstance(n, int) and not isinstance(n, bool) and n > rec.replies_sent:
+                    rec.replies_sent = n
+        except (ValueError, AttributeError) as e:
+            raise RunDirError(f"{path} is not readable ({e}): it counts the training requests each client was sent "
+                              "under local DP; restore it, or start a new run") from None
+
     def _train(self, round_idx: int, sampled: list[int], prog: Progress) -> list[Reply]:
         messages = {cid: self._downlink(cid, TRAIN, round_idx) for cid in sampled}
+        self._count_requests(sampled)
         replies, failures = self.transport.train(round_idx, messages, prog)
         for cid, why in failures.items():
             self._failed(round_idx, cid, "train", why)
@@ -340,9 +374,6 @@ class Federation:
         shape = (self.spec.num_moe_layers, self.spec.num_experts)  # of the activation counts
         secure = self.cfg.federation.secagg is not None
         for cid in sampled:
-            # a training request may have made the client release an update, also one that never came back
-            # (too late, lost): local DP's ε counts every request
-            self.records[cid].replies_sent += 1
             if cid not in replies:
                 continue
             reply, report = replies[cid]
@@ -519,6 +550,7 @@ class Federation:
             self.log(f"removed {len(stale)} temporary file(s) an interrupted checkpoint write left in "
                      f"{self.rd.checkpoint_dir}: {', '.join(f.name for f in stale)}")
         self.restore(ck.state)
+        self._counted_requests()
         self.rd.truncate_metrics(after_round=self.completed_rounds)
         if self.completed_rounds >= self.cfg.federation.rounds:
             self._t0 = time.time()
