@@ -158,9 +158,9 @@ def privatize_reply(cfg, reply, sent, client: int, round_idx: int, weights: dict
     (the noise drawn here, from the operating system's randomness, :func:`fresh_seed`, or, ``client_noise:
     seeded``, from the run's seed).
     Returns (reply, ‖Δ‖ before clipping). A Δ that is not finite is replaced by zeros (the release is the noise
-    alone; whether training diverged is itself data-dependent). Each release is a Gaussian mechanism of sensitivity 2C (any two
-    weighted clipped updates of this client differ by at most 2C) and noise σC; what the server does with it
-    is post-processing. With ``reports: withhold`` the reply keeps only those tensors and n_train = 1: any
+    alone; whether training diverged is itself data-dependent). Each release is a Gaussian mechanism of
+    sensitivity 2C (any two weighted clipped updates of this client differ by at most 2C) and noise σC; what
+    the server does with it is post-processing. With ``reports: withhold`` the reply keeps only those tensors and n_train = 1: any
     other tensor (FLAME's counts) and scalar were computed from the data without noise."""
     from ..messages import Message
 
