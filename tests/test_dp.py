@@ -577,3 +577,19 @@ def test_a_round_that_fails_and_runs_again_counts_twice_toward_local_dp(tmp_path
 
     assert [c["rounds_trained"] for c in summary["clients"]] == [2, 2]
     assert summary["privacy"]["epsilon_by_client"] == {0: pytest.approx(eps(3)), 1: pytest.approx(eps(3))}
+
+
+def test_fedmoe_run_prints_the_privacy_it_spent(tmp_path):
+    """Under the results, `fedmoe run` says what the run spent: ε at δ, σ (here computed from the target), C."""
+    from typer.testing import CliRunner
+
+    from fedmoe.cli import app
+
+    args = TINY + ["federation.rounds=1", f"output_dir={tmp_path}", "name=cli", "federation.dp.clip_norm=0.01",
+                   "federation.dp.target_epsilon=8"]
+    r = CliRunner().invoke(app, ["run", "--quiet", *[x for a in args for x in ("--set", a)]])
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    sigma = load_config(tmp_path / "cli" / "config.yaml").federation.dp.noise_multiplier
+    assert f"privacy (central DP): ε = 8.000 at δ = 1e-05 after 1 rounds, σ = {sigma:g}, C = 0.01, within the " \
+           "target 8" in out

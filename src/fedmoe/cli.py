@@ -124,6 +124,11 @@ def run(
     # plain print: the table and paths must not be re-wrapped by rich when piped
     print()
     print(format_results_table(summary))
+    from .report.report import privacy_line
+
+    line = privacy_line(summary)
+    if line:
+        print(line)
     print(f"\nreport: {rd.report_path}\nsummary: {rd.summary_path}")
     from .federation.summary import EXIT_NONFINITE, nonfinite_exit_message
 

@@ -591,6 +591,17 @@ def format_health(summary: dict) -> list[str]:
     return lines + [""]
 
 
+def privacy_line(summary: dict) -> str | None:
+    """One line of a finished run's privacy (``fedmoe run`` prints it under the results), or None without DP."""
+    p = summary.get("privacy")
+    if not p:
+        return None
+    where = "local DP, the client that sent the most" if p.get("where") == "client" else "central DP"
+    target = f", within the target {p['target_epsilon']:g}" if p.get("target_epsilon") else ""
+    return (f"privacy ({where}): ε = {_num(p.get('epsilon'), 3)} at δ = {p['delta']:g} after {p['rounds']} rounds, "
+            f"σ = {p['noise_multiplier']:g}, C = {p['clip_norm']:g}{target}")
+
+
 def format_privacy(summary: dict, metrics: list[dict]) -> list[str]:
     """Client-level differential privacy: the guarantee of the final model and ε after each round."""
     p = summary.get("privacy")
