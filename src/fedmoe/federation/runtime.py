@@ -34,7 +34,7 @@ from .conflict import NOTES as CONFLICT_NOTES
 from .dp import WITHHELD_DATA, WITHHELD_TRAINING
 from .evaluation import EvalPolicy, screened
 from .progress import Progress
-from .transport import Transport
+from .transport import Transport, is_number
 from .sampling import sample_clients
 from .summary import NONFINITE, ClientRecord, run_summary
 
@@ -91,14 +91,7 @@ def _dtype(d) -> str:
 
 def _metric_value(v) -> bool:
     """A client metric's value: a finite number or a list of at most 100 000 of them (FLAME's rescaler per layer)."""
-    def num(x):
-        if not isinstance(x, (int, float)) or isinstance(x, bool):
-            return False
-        try:
-            return math.isfinite(x)
-        except OverflowError:  # an integer of hundreds of digits
-            return False
-    return num(v) or (isinstance(v, list) and len(v) <= 100_000 and all(num(x) for x in v))
+    return is_number(v) or (isinstance(v, list) and len(v) <= 100_000 and all(is_number(x) for x in v))
 
 
 def invalid_reply(sent: Message, reply: Message, global_state, declared_n: int | None, metrics: dict,

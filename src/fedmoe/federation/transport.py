@@ -82,18 +82,24 @@ class TrainReport:
                    metrics=dict(info["metrics"]), overhead=dict(overhead))
 
 
+def is_number(v, finite: bool = True) -> bool:
+    """Whether a value a client sent is a number a float holds (not a boolean or text, not an integer of
+    hundreds of digits), finite where ``finite``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v)) or not finite
+    except OverflowError:
+        return False
+
+
 def _number(info: dict, key: str, finite: bool = True) -> float:
     """``info[key]`` as a float: a JSON number (not a boolean or text; NaN or ±inf only where ``finite`` is
     False: a training loss that went non-finite is reported, and the runtime leaves that update out)."""
     v = info[key]
-    try:
-        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and (not finite or math.isfinite(v))
-        v = float(v) if ok else v
-    except OverflowError:  # an integer of hundreds of digits
-        ok = False
-    if not ok:
+    if not is_number(v, finite):
         raise ValueError(f"{key} = {str(v)[:40]!r} is not a{' finite' if finite else ''} number")
-    return v
+    return float(v)
 
 
 def seconds(info: dict, key: str) -> float:
