@@ -463,3 +463,40 @@ def test_a_killed_simulation_resumes_exactly(tmp_path):
     resumed = json.loads((tmp_path / "cut" / "summary.json").read_text())
     full = _local(tmp_path, "full", ["federation.rounds=3", "algorithm.name=flame", "algorithm.budgets.top_k=[2,1]"])
     _same_numbers(full, resumed)
+
+
+def test_supernodes_under_their_own_privacy_budgets(tmp_path):
+    """FedIT with local DP (σ = 1, 2 rounds) on two SuperNodes with budgets in their node configs, both on
+    workers. Node 0's dp-epsilon admits one release: it trains round 1 and refuses round 2 (its failure names
+    the budget; the round is the other client's), and its ledger holds its one release. Its evaluation stays on
+    it: no test row and no failure of it, the global row names it, its setup had no test-set size. Node 1
+    (dp-evaluation=send) trains and evaluates both rounds as usual."""
+    from fedmoe.federation.dp import epsilon
+    from fedmoe.federation.flower.budget import PrivacyLedger
+
+    budget = (epsilon(0.5, 1, 1e-5) + epsilon(0.5, 2, 1e-5)) / 2
+    nodes = {0: f"dp-epsilon={budget}", 1: 'dp-epsilon=1000 dp-evaluation="send"'}
+    sets = ["algorithm.name=fedit", "federation.dp.clip_norm=0.05", "federation.dp.noise_multiplier=1",
+            "federation.dp.where=client", "federation.min_replies=1", "eval.zero_shot=false"]
+    with _deploy(tmp_path, workers=True, node_config=nodes) as deployment:
+        proc = deployment.run(TINY + sets + [f"output_dir={tmp_path / 'runs'}", "name=budget"])
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+        ledgers = [PrivacyLedger(deployment.state[c]).releases() for c in (0, 1)]
+    run = tmp_path / "runs" / "budget"
+    summary = json.loads((run / "summary.json").read_text())
+    # a client that failed a round is not asked again in it (its evaluation of round 2 fails with it)
+    assert [(f["round"], f["client"], f["stage"]) for f in summary["failures"]] == [(2, 0, "train"), (2, 0, "evaluate")]
+    assert "privacy budget is spent" in summary["failures"][0]["error"]
+    assert [c["rounds_trained"] for c in summary["clients"]] == [1, 2]
+    assert [(r["round"], r["noise_multiplier"]) for r in ledgers[0]] == [(1, 0.5)]
+    assert [r["round"] for r in ledgers[1]] == [1, 2]
+    tests = _rows(run, "test")
+    assert [(r["round"], r["client"]) for r in tests] == [(1, 1), (1, None), (2, 1), (2, None)]
+    assert tests[1]["clients_withheld"] == [0] and "clients_withheld" not in tests[3]
+    assert tests[3]["clients_missing"] == [0] and "clients_missing" not in tests[1]
+    assert summary["global"]["clients_missing"] == [0]
+    assert "The global numbers leave out the test data of clients 0: they failed" in (run / "report.md").read_text()
+    assert tests[1]["loss"] == pytest.approx(tests[0]["loss"], rel=1e-12)  # the global numbers are client 1's alone
+    assert summary["clients"][0]["n_test"] is None and summary["clients"][1]["n_test"] == 3
+    assert summary["clients"][0]["evaluated_round"] is None

@@ -216,6 +216,26 @@ def migrate_checkpoint(
     print(f"{len(done)} checkpoint file(s) rewritten" if done else f"{run_dir}: nothing to rewrite (already current)")
 
 
+@app.command("node-privacy")
+def node_privacy(
+    state_dir: Annotated[Path, typer.Argument(help="a SuperNode's state-dir (its node config state-dir)")],
+    delta: Annotated[float, typer.Option(help="the δ of the node's budget (its node config dp-delta)")] = 1e-5,
+    budget: Annotated[Optional[float], typer.Option(help="the node's dp-epsilon, to show what is left")] = None,
+):
+    """What a SuperNode's own privacy ledger holds (node config dp-epsilon): every update it released, by run,
+    and the ε they make at δ, counted on the node itself."""
+    from .federation.flower.budget import BudgetRefusal, ledger_report
+
+    if not 0 < delta < 1:
+        _error(f"--delta {delta:g}: give a number in (0, 1)")
+        raise typer.Exit(2)
+    try:
+        print(ledger_report(state_dir, delta, budget))
+    except BudgetRefusal as e:
+        _error(f"{e}")
+        raise typer.Exit(2)
+
+
 @app.command()
 def pretrain(
     config: Annotated[Optional[Path], typer.Argument(help="pretraining YAML (default: the built-in model's recipe)")] = None,

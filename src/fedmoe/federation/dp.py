@@ -55,8 +55,9 @@ NOT_COVERED = {
     "withhold": "its evaluation results — the test loss and scores, on its own test data, of the models it is "
                 "sent, which for a personalised method (FLAME's rescaler, FLEx's grafts) hold private parameters it "
                 "trained without noise — and its test set's size (sent at setup and shown by every evaluation; its "
-                "training set's size follows from it by the train/val/test split); with eval.share_examples, sample "
-                "answers with their references; a failed client's error message; and how long its work took",
+                "training set's size follows from it by the train/val/test split; a node under its own privacy budget, "
+                "node config dp-epsilon, keeps both); with eval.share_examples, sample answers with their references; a "
+                "failed client's error message; and how long its work took",
     "send": "its number of training examples, its training report (loss, steps, tokens, expert counts, the "
             "method's metrics), FLAME's activation counts, the categories of its data, and its evaluation results",
 }
@@ -234,22 +235,32 @@ def client_epsilon(cfg, rounds: int) -> float:
 def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     """ε at ``delta`` after ``rounds`` Gaussian mechanisms of noise multiplier σ (RDP accountant of
     dp-accounting, add-or-remove-one, no sampling amplification); ∞ without noise, 0 before round 1."""
-    if rounds <= 0:
+    return composed_epsilon({noise_multiplier: rounds}, delta)
+
+
+def composed_epsilon(releases: dict[float, int], delta: float) -> float:
+    """ε at ``delta`` of Gaussian mechanisms composed, ``releases`` = {noise multiplier: how many} (RDP
+    accountant of dp-accounting, add-or-remove-one, no sampling amplification): ∞ if any has no noise, 0 for
+    none."""
+    releases = {float(z): int(n) for z, n in releases.items() if n > 0}
+    if not releases:
         return 0.0
-    if noise_multiplier <= 0:
+    if min(releases) <= 0:
         return math.inf
     from dp_accounting import GaussianDpEvent, NeighboringRelation
     from dp_accounting.rdp import RdpAccountant
 
     try:
         accountant = RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
-        accountant.compose(GaussianDpEvent(noise_multiplier), rounds)
+        for z, n in sorted(releases.items()):
+            accountant.compose(GaussianDpEvent(z), n)
         return float(accountant.get_epsilon(delta))
     except (OverflowError, ZeroDivisionError, FloatingPointError):
         # σ far outside any real setting (σ² overflows past ~1e154): the closed-form bound of the same
-        # composition instead, never a crash. T Gaussian mechanisms are ρ-zCDP with ρ = T / (2σ²), which is
-        # (ρ + 2·sqrt(ρ·log(1/δ)), δ)-DP (Bun & Steinke 2016, Prop. 1.3): a valid ε for the same δ
-        rho = rounds / 2 / noise_multiplier / noise_multiplier
+        # composition instead, never a crash. n Gaussian mechanisms of noise multiplier z are ρ-zCDP with
+        # ρ = Σ n / (2z²), which is (ρ + 2·sqrt(ρ·log(1/δ)), δ)-DP (Bun & Steinke 2016, Prop. 1.3): a valid ε
+        # for the same δ
+        rho = sum(n / 2 / z / z for z, n in releases.items())
         bound = rho + 2 * math.sqrt(rho * math.log(1 / delta))
         return bound if math.isfinite(bound) else math.inf
 
@@ -334,5 +345,5 @@ def privacy_summary(cfg, rounds: int, denominator: int, client_rounds: dict[int,
             **_target(cfg)}
 
 
-__all__ = ["WithheldReports", "clip_update", "epsilon", "private_aggregate", "privacy_summary", "privatize_reply",
-           "require_dp_accounting", "uniform_aggregate", "update_norm", "withhold_setup", "withholds"]
+__all__ = ["WithheldReports", "clip_update", "composed_epsilon", "epsilon", "privacy_summary", "private_aggregate",
+           "privatize_reply", "require_dp_accounting", "uniform_aggregate", "update_norm", "withhold_setup", "withholds"]

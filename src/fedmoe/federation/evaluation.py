@@ -27,6 +27,11 @@ from .summary import ClientRecord
 
 ZERO_SHOT_KEYS = ("loss", "rouge_l", "accuracy", "perplexity", "general_loss", "general_perplexity", "mmlu",
                   "heldout_loss", "heldout_accuracy")
+# a client's evaluation that its node kept (its own privacy budget: fedmoe.federation.flower.budget), as the
+# transport hands it to the runtime: neither a result nor a failure
+WITHHELD_EVALUATION = "withheld"
+# what such a client keeps of its data's description besides: the size of its test set
+WITHHELD_WITH_EVALUATION = ("n_test", "n_generated")
 GENERAL_KEYS = ("general_loss", "general_perplexity", "mmlu", "heldout_loss", "heldout_accuracy")
 
 
@@ -287,6 +292,8 @@ class EvalPolicy:
         cids = sorted(records)
         general_for = {cid: with_general and (not all_global or cid == cids[0]) for cid in cids}
         per_client = evaluate_clients(with_answers, general_for)  # a client that failed is missing
+        held = sorted(cid for cid, r in per_client.items() if r == WITHHELD_EVALUATION)  # its node kept it
+        per_client = {cid: r for cid, r in per_client.items() if cid not in held}
         for cid in cids:
             if cid not in per_client:
                 continue
@@ -303,6 +310,8 @@ class EvalPolicy:
         self.clients_s = sum(r.get("eval_s", 0.0) for r in per_client.values())
         if all_global:
             g = pooled([per_client[c] for c in cids if c in per_client])
+            missing = [c for c in cids if c not in per_client and c not in held]  # failed: named, as evaluate_global does
+            g.update({k: v for k, v in (("clients_missing", missing), ("clients_withheld", held)) if v})
         else:
             g = evaluate_global(with_answers, with_general)
             self.clients_s += g.get("eval_s", 0.0)
@@ -322,5 +331,5 @@ class EvalPolicy:
                           "perplexity": g["perplexity"],
                           **{k: g[k] for k in (metric, f"{metric}_by_category", "examples_by_category", *GENERAL_KEYS,
                                                "mmlu_clients_mean", "heldout_accuracy_clients_mean",
-                                               "heldout_loss_clients_mean", "clients_missing") if k in g}})
+                                               "heldout_loss_clients_mean", "clients_missing", "clients_withheld") if k in g}})
         return g

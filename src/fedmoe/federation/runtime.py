@@ -32,7 +32,7 @@ from .checkpoint import (CHECKPOINT_FILE, Checkpoint, RunDirError, config_finger
                          remove_stale_temporaries, restore_rng_states, rng_states, write_checkpoint)
 from .conflict import NOTES as CONFLICT_NOTES
 from .dp import WITHHELD_DATA, WITHHELD_TRAINING
-from .evaluation import EvalPolicy, screened
+from .evaluation import WITHHELD_EVALUATION, WITHHELD_WITH_EVALUATION, EvalPolicy, screened
 from .progress import Progress
 from .transport import Transport, is_number
 from .sampling import sample_clients
@@ -315,8 +315,10 @@ class Federation:
 
     def _setup(self, prog: Progress) -> None:
         for cid, info in self.transport.setup(prog).items():
-            why = invalid_setup(info, self.spec.top_k, self._max_rank(),
-                                WITHHELD_DATA if self.receiver is not self.server else ())
+            withheld = WITHHELD_DATA if self.receiver is not self.server else ()
+            if "evaluation" in (info.get("withheld") or ()):  # its node keeps its evaluation, and its test set's size
+                withheld = (*withheld, *WITHHELD_WITH_EVALUATION)
+            why = invalid_setup(info, self.spec.top_k, self._max_rank(), withheld)
             if why:
                 raise RuntimeError(f"client {cid}'s setup is not one fedmoe's client sends ({why}): the run was not "
                                    "started; check that every SuperNode runs this fedmoe version, and whose node "
@@ -507,6 +509,8 @@ class Federation:
         def clients(with_answers, general_for):
             msgs = {cid: self._downlink(cid, EVALUATE, round_idx) for cid in sorted(self.records)}
             results, failed = self.transport.evaluate(round_idx, msgs, with_answers, general_for, prog)
+            held = {cid: r for cid, r in results.items() if r == WITHHELD_EVALUATION}  # kept by the client's node
+            results = {cid: r for cid, r in results.items() if cid not in held}
             results, bad = screened(results, {cid: (self.records[cid].data or {}).get("n_generated") for cid in results})
             failed = {**failed, **bad}
             for cid, r in results.items():
@@ -515,9 +519,9 @@ class Federation:
                 if profile is not None and not invalid_profile(profile, self.spec.top_k, self._max_rank()):
                     self.records[cid].profile = profile
                 self.records[cid].evaluated_round = round_idx
-            for cid in sorted(set(msgs) - set(results)):
+            for cid in sorted(set(msgs) - set(results) - set(held)):
                 self._failed(round_idx, cid, "evaluate", failed.get(cid, "no evaluation came back"))
-            return results
+            return {**results, **held}
 
         def global_model(with_answers, general):
             res, failed = self.transport.evaluate_global(round_idx, self._downlink(None, EVALUATE, round_idx),

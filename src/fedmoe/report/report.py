@@ -131,6 +131,12 @@ def format_results_table(summary: dict) -> str:
                          if own is not None and own != g["heldout_accuracy"] else ""))
     if extras:
         lines += ["", "Global: " + " · ".join(extras)]
+    for key, why in (("clients_missing", "failed to evaluate the global model"),
+                     ("clients_withheld", "keep their evaluation results on their nodes (a node's own privacy budget, "
+                                          "node config dp-epsilon)")):
+        if g.get(key):
+            lines += ["", f"The global numbers leave out the test data of clients {', '.join(map(str, g[key]))}: they "
+                          f"{why}."]
     empty = [str(c.get("id")) for c in clients if c.get("n_test") == 0]
     if empty:
         lines += ["", (f"No test data for any client ({NO_TEST}): nothing was evaluated; give the clients test examples "

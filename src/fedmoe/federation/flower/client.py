@@ -31,8 +31,9 @@ from ...moe.model import resolve_device
 from ...rundir import atomic_write_bytes, atomic_write_text, load_tensor_file
 from ...train import Parallel
 from ..clients import ClientNode, client_set, heldout_set
-from ..evaluation import ModelEvaluator
+from ..evaluation import WITHHELD_WITH_EVALUATION, ModelEvaluator
 from ..local import load_client_model
+from .budget import NodeBudget, PrivacyLedger, budget_refusal, node_budget
 from ..dp import withhold_setup
 from .paths import DEFAULT_STATE_DIR, node_identity, store_path  # noqa: F401 (re-exported)
 from .records import from_records, jsonable, to_records
@@ -42,7 +43,9 @@ _KEEP = 3  # private-store files kept per client (the newest)
 # result key -> what it is, as the server's report names it
 WITHHELD = {"examples": "sample answers with their references", "categories": "the category of each scored test "
             "example (per-category scores)", "confusion": "confusion matrices",
-            "category_counts": "category histograms of its training data"}
+            "category_counts": "category histograms of its training data",
+            "evaluation": "its evaluation results and the size of its test set (its node's privacy budget: node config "
+                          "dp-epsilon without dp-evaluation=\"send\")"}
 
 
 def kept_here(values: dict, share: bool) -> tuple[dict, list[str]]:
@@ -158,13 +161,14 @@ class FlowerClient:
     """One client in a process: its data, its private store, and the process's shared model."""
 
     def __init__(self, model: ClientModel, client: int, data_path: str | None, state_dir: Path,
-                 parallel: Parallel | None = None, share: bool = False):
+                 parallel: Parallel | None = None, share: bool = False, budget: NodeBudget | None = None):
         """``parallel``: this process's rank among the ranks that train this client together (a
         ``fedmoe worker --nproc N``); rank 0 answers, keeps the private store and evaluates. ``share``: send
-        the server what :data:`WITHHELD` names (:func:`node_shares`)."""
+        the server what :data:`WITHHELD` names (:func:`node_shares`). ``budget``: the node's own privacy budget
+        (:mod:`.budget`), enforced here whatever the run's config says."""
         t0 = time.perf_counter()
         cfg = model.cfg
-        self.share = share
+        self.share, self.budget = share, budget
         self.parallel = parallel
         self.cfg, self.id, self.state_dir = cfg, client, Path(state_dir)
         n = cfg.data.partition.num_clients
@@ -185,6 +189,11 @@ class FlowerClient:
         self.load_s = time.perf_counter() - t0  # the caller adds the model's load when this process loaded it
         self.fresh = True  # the first message of this client in this process pays load_s
 
+    @property
+    def withholds_evaluation(self) -> bool:
+        """Whether this node's privacy budget keeps its evaluation results here (no ``dp-evaluation=send``)."""
+        return self.budget is not None and not self.budget.send_evaluation
+
     def store(self, run_id: str) -> PrivateStore:
         return PrivateStore(store_path(self.state_dir, run_id, self.id))
 
@@ -196,6 +205,12 @@ class FlowerClient:
         lead = self.parallel is None or self.parallel.rank == 0
         if not lead and kind != "train":  # the other ranks only train (with rank 0); rank 0 answers the rest
             return None
+        if self.budget is not None and kind in ("query", "train"):
+            why = budget_refusal(self.cfg, self.budget)
+            if why:
+                raise PermissionError(f"client {self.id}: {why}")
+            if kind == "train":  # refused before the work when even this release would exceed it
+                PrivacyLedger(self.state_dir).check(self.budget, self.cfg.federation.dp.noise_multiplier / 2)
         node = ClientNode(self.set, store.load(before=round_idx + (0 if kind == "train" else 1)))
         load_s = self.load_s if self.fresh else 0.0
         self.fresh = False
@@ -208,6 +223,9 @@ class FlowerClient:
                 store.save_setup_metrics(metrics)
             setup, data = withhold_setup(self.cfg, store.setup_metrics(), self.data_info)
             data, kept = kept_here(data, self.share)
+            if self.withholds_evaluation:
+                data = {k: v for k, v in data.items() if k not in WITHHELD_WITH_EVALUATION}
+                kept.append("evaluation")
             out.update(data=data, withheld=kept, setup=setup,
                        profile=self.half.profile(self.id, self.mm, node.private))
             return to_records(None, out)
@@ -218,6 +236,9 @@ class FlowerClient:
             reply, report = node.train(self.half, self.mm, msg, self.cfg, parallel=self.parallel)
             if not lead:
                 return None
+            if self.budget is not None:  # in the node's ledger before the reply leaves (and refused if over)
+                PrivacyLedger(self.state_dir).record(self.budget, self.cfg.federation.dp.noise_multiplier / 2, run_id,
+                                                     round_idx, self.id)
             store.save(round_idx, node.private)
             if msg.header.get("secagg"):
                 reply = keep_for_secagg(store.root, round_idx, msg, reply, msg.header["secagg"])
@@ -225,6 +246,9 @@ class FlowerClient:
             out["report"] = report.to_info(reply)
             out["work_s"] = time.perf_counter() - t0
             return to_records(reply, out)
+        if self.withholds_evaluation:  # nothing of it leaves this node: no result, and the server is told so
+            out.update(result=None, withheld=["evaluation"], work_s=time.perf_counter() - t0)
+            return to_records(None, out)
         if kind == "evaluate":
             res = node.evaluate(self.half, self.mm, self.evaluator, msg, info["with_answers"], info["general"])
         else:  # the global model on this client's test data
@@ -249,7 +273,8 @@ class ClientCache:
     def client(self, options: dict, node_config) -> FlowerClient:
         text = options["fedmoe-config"]
         cid, data_path, state_dir = node_identity(node_config, options)
-        key = (text, cid, data_path, state_dir, str(node_config.get("share-examples")))
+        budget = node_budget(node_config)
+        key = (text, cid, data_path, state_dir, str(node_config.get("share-examples")), budget)
         if key not in self.clients:
             model_s = 0.0
             if self.model is None or self.model[0] != text:
@@ -266,7 +291,7 @@ class ClientCache:
                 self.model = (text, ClientModel(cfg))
                 model_s = self.model[1].load_s
             client = FlowerClient(self.model[1], cid, data_path, Path(state_dir), self.parallel,
-                                  share=node_shares(node_config, self.model[1].cfg))
+                                  share=node_shares(node_config, self.model[1].cfg), budget=budget)
             client.load_s += model_s
             self.clients[key] = client
         return self.clients[key]

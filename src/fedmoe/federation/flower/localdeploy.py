@@ -28,7 +28,7 @@ def free_port() -> int:
 class LocalDeployment:
     def __init__(self, root: Path, clients: int = 2, data_paths: dict[int, Path] | None = None,
                  threads: int | None = None, workers: bool | dict[int, int] = False, shared_workers: int | None = None,
-                 database: bool = False):
+                 database: bool = False, node_config: dict[int, str] | None = None):
         """``threads``: torch threads of every client process (OMP_NUM_THREADS); ``data_paths``: a
         client's own data file (the others take their partition of the config's source); ``workers``:
         each SuperNode (True) or those named ({client: ranks}) relays to a ``fedmoe worker`` with that
@@ -36,7 +36,8 @@ class LocalDeployment:
         ``shared_workers`` = k: client i relays to worker ``i mod k`` instead (a lab machine too small for a
         worker per SuperNode: each worker keeps one model and serves its SuperNodes one message at a time);
         ``database``: the SuperLink keeps its state in ``ROOT/superlink.db``, so a restarted SuperLink knows its
-        SuperNodes (which then stay up) and marks the run it lost as failed (about 3 s more per round here)."""
+        SuperNodes (which then stay up) and marks the run it lost as failed (about 3 s more per round here);
+        ``node_config``: more of a SuperNode's node config, by client (e.g. its privacy budget, ``dp-epsilon=8``)."""
         self.root, self.procs, self.state, self.cmds = Path(root), {}, {}, {}
         self.sockets: dict[int, Path] = {}
         self.home = self.root / "flwr-home"
@@ -59,6 +60,7 @@ class LocalDeployment:
         for i in range(clients):
             self.state[i] = self.root / f"state-{i}"
             own = f' data-path="{data_paths[i]}"' if data_paths and i in data_paths else ""
+            own += f" {node_config[i]}" if node_config and i in node_config else ""
             ranks = (1 if workers is True else 0) if not isinstance(workers, dict) else workers.get(i, 0)
             if ranks:
                 self.sockets[i] = self.root.resolve() / f"worker-{i if shared_workers is None else i % shared_workers}.sock"

@@ -14,11 +14,17 @@ import uuid
 
 from ...messages import Message
 from ..directories import with_memory_hint
-from ..evaluation import pooled, screened
+from ..evaluation import WITHHELD_EVALUATION, pooled, screened
 from ..transport import TrainReport, seconds
 from .records import from_records, to_records
 
 QUERY, TRAIN, EVALUATE, EVALUATE_GLOBAL = "query", "train", "evaluate", "evaluate.global"
+
+
+def _withholds_evaluation(info: dict) -> bool:
+    """Whether a client's evaluation reply says its node keeps the result (its privacy budget) and has none."""
+    kept = info.get("withheld")
+    return isinstance(kept, list) and "evaluation" in kept and info.get("result") is None
 
 
 def _message(content, kind: str, node: int, group: str):
@@ -210,7 +216,8 @@ class FlowerTransport:
 
     # ------------------------------------------------------------------ the transport
     def setup(self, prog) -> dict[int, dict]:
-        return {cid: {"setup": info["setup"], "data": info["data"], "profile": info["profile"]}
+        return {cid: {"setup": info["setup"], "data": info["data"], "profile": info["profile"],
+                      "withheld": info.get("withheld") if isinstance(info.get("withheld"), list) else []}
                 for cid, info in sorted(self.infos.items())}
 
     def train(self, round_idx: int, messages: dict[int, Message], prog):
@@ -231,7 +238,8 @@ class FlowerTransport:
                  prog) -> tuple[dict[int, dict], dict[int, str]]:
         infos = {cid: {"with_answers": with_answers, "general": general_for[cid]} for cid in messages}
         got, failed = self._send(round_idx, EVALUATE, messages, infos)
-        return {cid: info.get("result") for cid, (_, info) in got.items()}, failed
+        return {cid: WITHHELD_EVALUATION if _withholds_evaluation(info) else info.get("result")
+                for cid, (_, info) in got.items()}, failed
 
     def evaluate_global(self, round_idx: int, message: Message, with_answers: bool, general: bool,
                         prog) -> tuple[dict, dict[int, str]]:
@@ -240,15 +248,18 @@ class FlowerTransport:
         cids = sorted(self.node_of)
         infos = {cid: {"with_answers": with_answers, "general": general and cid == cids[0]} for cid in cids}
         got, failed = self._send(round_idx, EVALUATE_GLOBAL, {cid: message for cid in cids}, infos)
+        held = [cid for cid in cids if cid in got and _withholds_evaluation(got[cid][1])]
         if not got:
             raise RuntimeError(f"round {round_idx}: no client could evaluate the global model: {failed}")
-        results, bad = screened({cid: got[cid][1].get("result") for cid in cids if cid in got},
+        results, bad = screened({cid: got[cid][1].get("result") for cid in cids if cid in got and cid not in held},
                                 {cid: self.infos.get(cid, {}).get("data", {}).get("n_generated") for cid in cids})
         failed.update(bad)
-        if not results:
+        if not results and not held:
             raise RuntimeError(f"round {round_idx}: no client could evaluate the global model: {failed}")
         res = [results[cid] for cid in cids if cid in results]
-        return {**pooled(res), "eval_s": sum(r.get("eval_s", 0.0) for r in res)}, failed
+        # the clients whose nodes keep their evaluation (a node's privacy budget) are not in the numbers: named
+        return {**pooled(res), "eval_s": sum(r.get("eval_s", 0.0) for r in res),
+                **({"clients_withheld": held} if held else {})}, failed
 
     def secure_mean(self, round_idx: int, weights: dict[int, float], spec: list[tuple[str, tuple[int, ...]]]):
         """(the weighted mean of the clients' masked updates as named float64 tensors, or None; the clients

@@ -1,0 +1,192 @@
+"""A data owner's own privacy budget, kept and enforced on its node (a SuperNode's node config).
+
+Local DP (``federation.dp.where: client``) protects a client's data from the server only as long as the
+client, not the server, decides what leaves it. On Flower the run's config reaches a client from the
+server: a server that sets ``noise_multiplier`` to 0, ``where: server`` (raw updates), ``client_noise:
+seeded`` (noise it can compute and subtract) or ``reports: send`` (unnoised losses, counts and sizes), or that
+simply asks for more rounds than were agreed, would get more than the data owner agreed to give.
+
+With ``dp-epsilon=E`` in its node config a node trains only for runs that noise on the client with a secret
+seed and withhold its reports, and keeps its own ledger of every update it released (``dp-ledger.json`` in
+its state-dir, written before the reply leaves): its ε at ``dp-delta`` (default 1e-5) over every release
+recorded there — of every run, by the σ each release was noised with — never exceeds E. A release that would
+exceed it is refused (the server sees that client fail the round, with the reason). The ledger counts what
+the node sent, not what a server says it used: a round asked twice counts twice.
+
+Evaluation results are not covered by ε (they are each client's scores on its own test data). Under a
+budget a node withholds them, and the size of its test set, unless its node config says
+``dp-evaluation=send``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LEDGER = "dp-ledger.json"
+BUDGET_KEYS = ("dp-epsilon", "dp-delta", "dp-evaluation")
+
+
+class BudgetRefusal(RuntimeError):
+    """This node's privacy budget refuses the run's request."""
+
+
+@dataclass(frozen=True)
+class NodeBudget:
+    epsilon: float  # the most ε this node's data may spend, over every release in its ledger
+    delta: float = 1e-5  # the δ at which the node counts ε
+    send_evaluation: bool = False  # dp-evaluation=send: evaluation results leave the node (ε does not cover them)
+
+
+def _number(node_config, key: str, lo: float, hi: float, default: float | None) -> float | None:
+    raw = node_config.get(key)
+    if raw is None or str(raw).strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (lo < value < hi):
+        raise ValueError(f"node config {key} = {raw!r}: give a number in ({lo:g}, {hi:g}), e.g. "
+                         f"--node-config '{key}={'8' if key == 'dp-epsilon' else '1e-5'}'")
+    return value
+
+
+def node_budget(node_config) -> NodeBudget | None:
+    """The privacy budget a SuperNode's node config sets (``dp-epsilon``, ``dp-delta``, ``dp-evaluation``), or
+    None (none set: the node follows the run's config). A malformed value is an error naming the key."""
+    node_config = node_config or {}
+    eps = _number(node_config, "dp-epsilon", 0.0, math.inf, None)
+    if eps is None:
+        stray = [k for k in BUDGET_KEYS[1:] if node_config.get(k) not in (None, "")]
+        if stray:
+            raise ValueError(f"node config {stray[0]} is set without dp-epsilon: give the node's budget too "
+                             "(--node-config 'dp-epsilon=E ...'), or remove it")
+        return None
+    delta = _number(node_config, "dp-delta", 0.0, 1.0, 1e-5)
+    evaluation = str(node_config.get("dp-evaluation", "withhold")).strip().lower()
+    if evaluation not in ("withhold", "send"):
+        raise ValueError(f"node config dp-evaluation = {node_config.get('dp-evaluation')!r}: give \"withhold\" (the "
+                         "default: this node's evaluation results stay on it) or \"send\", quoted as Flower takes a "
+                         "string: --node-config 'dp-evaluation=\"send\"'")
+    return NodeBudget(eps, delta, evaluation == "send")
+
+
+def budget_refusal(cfg, budget: NodeBudget) -> str | None:
+    """Why the run's config asks this node for more than its budget allows its data to give, or None."""
+    from ..dp import withholds
+
+    dp = cfg.federation.dp
+    why = None
+    if dp is None:
+        why = "the run has no federation.dp (its updates would leave unnoised)"
+    elif dp.where != "client":
+        why = f"federation.dp.where = {dp.where} (the server would see the raw update)"
+    elif dp.client_noise != "secret":
+        why = (f"federation.dp.client_noise = {dp.client_noise} (the noise is derived from the run's seed, which the "
+               "server knows, so it can be removed)")
+    elif not withholds(cfg):
+        why = "federation.dp.reports = send (the training report, data sizes and counts would leave unnoised)"
+    elif not dp.noise_multiplier:
+        why = "federation.dp.noise_multiplier = 0 (no noise)"
+    if why is None:
+        return None
+    return (f"this node trains only under local DP with a secret noise seed and withheld reports (node config "
+            f"dp-epsilon = {budget.epsilon:g}), and this run asks otherwise: {why}")
+
+
+class PrivacyLedger:
+    """The releases of one node (its state-dir): each locally privatised update it sent, with the noise
+    multiplier of its Gaussian mechanism (σ/2: sensitivity 2C, noise σC)."""
+
+    def __init__(self, state_dir):
+        self.path = Path(state_dir) / LEDGER
+
+    def releases(self) -> list[dict]:
+        """The recorded releases. A ledger that cannot be read is an error, never taken for an empty one."""
+        if not self.path.exists():
+            return []
+        try:
+            data = json.loads(self.path.read_text())
+            rel = data["releases"]
+            if not isinstance(rel, list) or not all(
+                    isinstance(r, dict) and isinstance(r.get("noise_multiplier"), (int, float))
+                    and not isinstance(r.get("noise_multiplier"), bool) and r["noise_multiplier"] >= 0 for r in rel):
+                raise ValueError("a release without a noise multiplier ≥ 0")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise BudgetRefusal(f"this node's privacy ledger {self.path} cannot be read ({type(e).__name__}: {e}); "
+                                "it trains no more until the ledger is mended or restored from a backup — never "
+                                "removed, which would forget what its data has spent") from None
+        return rel
+
+    @staticmethod
+    def spent(releases: list[dict], delta: float) -> float:
+        from ..dp import composed_epsilon
+
+        counts: dict[float, int] = {}
+        for r in releases:
+            counts[float(r["noise_multiplier"])] = counts.get(float(r["noise_multiplier"]), 0) + 1
+        return composed_epsilon(counts, delta)
+
+    def epsilon(self, delta: float) -> float:
+        """ε at ``delta`` over every release recorded."""
+        return self.spent(self.releases(), delta)
+
+    def check(self, budget: NodeBudget, noise_multiplier: float) -> float:
+        """ε after one more release at ``noise_multiplier``; :class:`BudgetRefusal` if that exceeds the budget."""
+        releases = self.releases()
+        after = self.spent([*releases, {"noise_multiplier": noise_multiplier}], budget.delta)
+        if after > budget.epsilon:
+            raise BudgetRefusal(
+                f"this node's privacy budget is spent: its {len(releases)} release(s) so far make ε = "
+                f"{self.spent(releases, budget.delta):.4g} at δ = {budget.delta:g} ({self.path}); one more at noise "
+                f"multiplier {noise_multiplier:g} (σ = {2 * noise_multiplier:g}) would make ε = {after:.4g}, over its "
+                f"dp-epsilon = {budget.epsilon:g}")
+        return after
+
+    def record(self, budget: NodeBudget, noise_multiplier: float, run_id: str, round_idx: int, client: int) -> float:
+        """Record one release, checked against the budget under an exclusive lock (two processes of a node
+        cannot both take its last share); written atomically before the reply leaves. Returns ε after it."""
+        import fcntl
+
+        from ...rundir import atomic_write_text
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(LEDGER + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                after = self.check(budget, noise_multiplier)
+                releases = self.releases()
+                releases.append({"run_id": str(run_id), "round": int(round_idx), "client": int(client),
+                                 "noise_multiplier": float(noise_multiplier), "time": time.time()})
+                atomic_write_text(self.path, json.dumps({"releases": releases}, indent=1))
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return after
+
+
+def ledger_report(state_dir, delta: float = 1e-5, budget: float | None = None) -> str:
+    """What a node's ledger says, for its operator (``fedmoe node-privacy``): its releases by run, and ε at
+    ``delta`` over all of them (and what is left of ``budget``)."""
+    ledger = PrivacyLedger(state_dir)
+    releases = ledger.releases()
+    if not releases:
+        return f"{ledger.path}: no release recorded (ε = 0)"
+    by_run: dict[str, list[dict]] = {}
+    for r in releases:
+        by_run.setdefault(str(r.get("run_id")), []).append(r)
+    lines = [f"{ledger.path}: {len(releases)} release(s)"]
+    for run, rs in by_run.items():
+        sigmas = sorted({2 * float(r["noise_multiplier"]) for r in rs})
+        lines.append(f"  run {run}: {len(rs)} (rounds {', '.join(str(r.get('round')) for r in rs)}; σ = "
+                     f"{', '.join(f'{x:g}' for x in sigmas)}), ε = {ledger.spent(rs, delta):.4g} alone")
+    spent = ledger.spent(releases, delta)
+    lines.append(f"ε = {spent:.4g} at δ = {delta:g} over all of them"
+                 + ("" if budget is None else f"; of dp-epsilon = {budget:g}, {max(0.0, budget - spent):.4g} left"))
+    return "\n".join(lines)
+
+
+__all__ = ["BUDGET_KEYS", "LEDGER", "BudgetRefusal", "NodeBudget", "PrivacyLedger", "budget_refusal", "ledger_report", "node_budget"]

@@ -1,0 +1,211 @@
+"""A data owner's own privacy budget on its node (node config dp-epsilon, fedmoe.federation.flower.budget): the
+client a SuperNode (or its worker) runs refuses a run whose config would let its data leave unnoised or with
+noise the server can remove, keeps a ledger of every update it released and refuses the release that would
+take its ε past the budget (counted by dp-accounting over releases of different σ), and keeps its evaluation
+results and test-set size unless told to send them. The server takes a client that keeps its evaluation as
+neither a result nor a failure. The messages are those an in-process run sends, as Flower's records."""
+
+import json
+import math
+
+import pytest
+import yaml
+
+pytest.importorskip("flwr")
+pytest.importorskip("dp_accounting")
+
+from fedmoe.config import config_to_dict, load_config
+from fedmoe.federation import run_federated
+from fedmoe.federation.dp import composed_epsilon
+from fedmoe.federation.evaluation import WITHHELD_EVALUATION, EvalPolicy
+from fedmoe.federation.flower.budget import LEDGER, BudgetRefusal, PrivacyLedger, node_budget
+from fedmoe.federation.flower.client import ClientCache
+from fedmoe.federation.flower.records import from_records, to_records
+from fedmoe.federation.runtime import invalid_setup
+from fedmoe.federation.summary import ClientRecord
+from fedmoe.messages import Message
+
+TINY = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32", "train.max_steps=1",
+        "train.batch_size=2", "eval.rouge=false", "eval.batch_size=8", "data.max_test_per_client=4", "lora.rank=2",
+        "data.partition.num_clients=2", "eval.zero_shot=false"]
+SIGMA = 1.0
+LOCAL_DP = ["federation.dp.clip_norm=0.05", f"federation.dp.noise_multiplier={SIGMA}", "federation.dp.where=client"]
+
+
+def _eps(*sigmas, delta=1e-5):
+    """ε of local-DP releases at these σ, each a Gaussian mechanism of noise multiplier σ/2 (dp-accounting)."""
+    from dp_accounting import GaussianDpEvent, NeighboringRelation
+    from dp_accounting.rdp import RdpAccountant
+
+    acc = RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
+    for s in sigmas:
+        acc.compose(GaussianDpEvent(s / 2))
+    return acc.get_epsilon(delta)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(config, the train messages an in-process local-DP run sent, by (round, client)): 3 rounds."""
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, TINY + LOCAL_DP + [f"output_dir={tmp}", "name=r", "federation.rounds=3"])
+    sent = {}
+
+    def observe(kind, cid, msg):
+        if kind == "downlink":
+            sent[(msg.header["round"], cid)] = msg
+    run_federated(cfg, observe=observe, log=lambda *a: None)
+    return cfg, sent
+
+
+def _node(tmp_path, **config):
+    return {"partition-id": 0, "state-dir": str(tmp_path / "state"), **config}
+
+
+def _ask(cache, cfg, node, kind, msg=None, **info):
+    """One message to this node's client, as the Flower ClientApp hands it over: the reply's (message, info)."""
+    msg = msg or Message(header={"kind": kind, "round": 0})
+    content = to_records(msg.with_header(run_id="run-a"), info or None)
+    options = {"fedmoe-config": yaml.safe_dump(config_to_dict(cfg), sort_keys=False)}
+    return from_records(cache.reply(kind, content, options, node))
+
+
+def _with(*sets):
+    """The fixture's run config with ``sets`` on top."""
+    return load_config(None, TINY + LOCAL_DP + ["federation.rounds=3", *sets])
+
+
+def test_node_config_budget_is_parsed_or_refused_naming_the_key():
+    assert node_budget({"partition-id": 0}) is None
+    b = node_budget({"dp-epsilon": "8", "dp-delta": "1e-6", "dp-evaluation": "send"})
+    assert (b.epsilon, b.delta, b.send_evaluation) == (8.0, 1e-6, True)
+    assert node_budget({"dp-epsilon": 3}).delta == 1e-5 and not node_budget({"dp-epsilon": 3}).send_evaluation
+    for bad, key in (({"dp-epsilon": "lots"}, "dp-epsilon = 'lots'"), ({"dp-epsilon": "-1"}, "dp-epsilon = '-1'"),
+                     ({"dp-epsilon": "inf"}, "dp-epsilon"), ({"dp-epsilon": 1, "dp-delta": "1"}, "dp-delta = '1'"),
+                     ({"dp-epsilon": 1, "dp-evaluation": "maybe"}, "dp-evaluation = 'maybe'"),
+                     ({"dp-delta": "1e-6"}, "dp-delta is set without dp-epsilon")):
+        with pytest.raises(ValueError, match=key):
+            node_budget(bad)
+
+
+def test_a_node_refuses_a_run_that_would_let_its_data_leave_unnoised(run, tmp_path):
+    """Each setting a server could use to get more than noised updates is refused at setup and at training,
+    naming it; the same run with local DP as the node asks is set up."""
+    cfg, sent = run
+    cache, node = ClientCache(), _node(tmp_path, **{"dp-epsilon": "100"})
+    for sets, why in ((["federation.dp=null"], "no federation.dp"),
+                      (["federation.dp.where=server", "federation.dp.reports=null"], "where = server"),
+                      (["federation.dp.client_noise=seeded"], "client_noise = seeded"),
+                      (["federation.dp.reports=send"], "reports = send"),
+                      (["federation.dp.noise_multiplier=0"], "noise_multiplier = 0")):
+        bad = _with(*sets)
+        for kind, msg in (("query", None), ("train", sent[(1, 0)])):
+            with pytest.raises(PermissionError, match=f"client 0: this node trains only under local DP.*{why}"):
+                _ask(cache, bad, node, kind, msg)
+    assert not (tmp_path / "state" / LEDGER).exists()  # nothing released
+    _, info = _ask(cache, cfg, node, "query")
+    assert info["client"] == 0 and "evaluation" in info["withheld"]
+    # no budget: the node follows the run's config (the seeded run trains)
+    _, info = _ask(ClientCache(), _with("federation.dp.client_noise=seeded"), _node(tmp_path / "free"), "query")
+    assert "evaluation" not in info["withheld"]
+
+
+def test_the_ledger_counts_every_release_and_refuses_the_one_past_the_budget(run, tmp_path):
+    """A budget between ε(2 releases) and ε(3 releases) at σ: rounds 1 and 2 are released and recorded before
+    their replies leave; round 1 asked again (a server replaying it) is a third release and is refused, with
+    the ε spent and the ε it would make; the ledger keeps the two. A ledger of releases at two σ gives
+    dp-accounting's composition of both; a damaged ledger stops training, naming the file, and is kept."""
+    cfg, sent = run
+    two, three = _eps(SIGMA, SIGMA), _eps(SIGMA, SIGMA, SIGMA)
+    assert _eps(2 * SIGMA, 2 * SIGMA, 2 * SIGMA) < two  # counting σ as the noise multiplier would let a third through
+    budget = (two + three) / 2
+    cache, node = ClientCache(), _node(tmp_path, **{"dp-epsilon": str(budget)})
+    _ask(cache, cfg, node, "query")
+    for r in (1, 2):
+        reply, info = _ask(cache, cfg, node, "train", sent[(r, 0)])
+        assert set(reply.tensors) == set(sent[(r, 0)].tensors) and reply.scalars == {"n_train": 1}
+    ledger = PrivacyLedger(tmp_path / "state")
+    assert [(x["run_id"], x["round"], x["client"], x["noise_multiplier"]) for x in ledger.releases()] == \
+        [("run-a", 1, 0, SIGMA / 2), ("run-a", 2, 0, SIGMA / 2)]
+    assert ledger.epsilon(1e-5) == pytest.approx(two, rel=1e-12)
+    with pytest.raises(BudgetRefusal, match=rf"2 release\(s\) so far make ε = {two:.4g} .* would make ε = {three:.4g}, "
+                                            rf"over its dp-epsilon = {budget:g}"):
+        _ask(cache, cfg, node, "train", sent[(1, 0)])
+    assert len(ledger.releases()) == 2
+    # releases at different σ compose as dp-accounting composes them
+    mixed = PrivacyLedger(tmp_path / "mixed")
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / LEDGER).write_text(json.dumps({"releases": [{"noise_multiplier": 0.5}, {"noise_multiplier": 2.0},
+                                                                      {"noise_multiplier": 0.5}]}))
+    assert mixed.epsilon(1e-5) == pytest.approx(_eps(1.0, 4.0, 1.0), rel=1e-12)
+    assert composed_epsilon({0.5: 2, 2.0: 1}, 1e-5) == pytest.approx(_eps(1.0, 4.0, 1.0), rel=1e-12)
+    assert composed_epsilon({0.5: 2, 0.0: 1}, 1e-5) == math.inf and composed_epsilon({}, 1e-5) == 0.0
+    # a damaged ledger is never taken for an empty one
+    (tmp_path / "state" / LEDGER).write_text('{"releases": [{"noise_multiplier": "x"}]}')
+    with pytest.raises(BudgetRefusal, match=f"ledger {tmp_path / 'state' / LEDGER} cannot be read"):
+        _ask(ClientCache(), cfg, _node(tmp_path, **{"dp-epsilon": "1e9"}), "train", sent[(2, 0)])
+    assert "\"x\"" in (tmp_path / "state" / LEDGER).read_text()
+
+
+def test_a_node_under_a_budget_keeps_its_evaluation_unless_told_to_send_it(run, tmp_path):
+    cfg, sent = run
+    evaluate = sent[(1, 0)].with_header(kind="evaluate")
+    for node, keeps in ((_node(tmp_path, **{"dp-epsilon": "100"}), True),
+                        (_node(tmp_path / "send", **{"dp-epsilon": "100", "dp-evaluation": "send"}), False)):
+        cache = ClientCache()
+        _, setup = _ask(cache, cfg, node, "query")
+        assert keeps == ("n_test" not in setup["data"] and "n_generated" not in setup["data"])
+        assert keeps == ("evaluation" in setup["withheld"])
+        for kind in ("evaluate", "evaluate.global"):
+            _, info = _ask(cache, cfg, node, kind, evaluate, with_answers=True, general=False)
+            if keeps:
+                assert info["result"] is None and info["withheld"] == ["evaluation"]
+            else:
+                assert info["result"]["tokens"] > 0 and info["result"]["loss"] > 0
+    # the server takes such a setup (its test-set size absent) only from a client that says it keeps its evaluation
+    kept = {"profile": {"k": 2, "rank": 2}, "data": {"n_train": 5, "shared_source": True}, "setup": {}}
+    assert invalid_setup(kept, 2, 2, ("n_test", "n_generated")) is None
+    assert invalid_setup(kept, 2, 2) == "no data n_test"
+
+
+def test_the_server_counts_a_kept_evaluation_as_neither_a_result_nor_a_failure(tmp_path):
+    """EvalPolicy with one client's evaluation kept by its node: that client has no row and no failure; the
+    global numbers are the other's and name the client left out; with every client's kept, no number at all."""
+    cfg = load_config(None, TINY)
+    rows = []
+    policy = EvalPolicy(cfg, rows.append)
+    records = {0: ClientRecord(0), 1: ClientRecord(1)}
+    result = {"loss": 2.0, "perplexity": math.exp(2.0), "tokens": 10}
+    g = policy.evaluate_round(1, False, records, lambda a, g: {0: WITHHELD_EVALUATION, 1: dict(result)},
+                              None, True, False)
+    assert g["loss"] == 2.0 and g["clients_withheld"] == [0]
+    assert [r["client"] for r in rows] == [1, None] and rows[1]["clients_withheld"] == [0]
+    rows.clear()
+    g = policy.evaluate_round(2, False, records, lambda a, g: {0: WITHHELD_EVALUATION, 1: WITHHELD_EVALUATION},
+                              None, True, False)
+    assert g["loss"] is None and g["perplexity"] is None and g["tokens"] == 0 and g["clients_withheld"] == [0, 1]
+    assert [r["client"] for r in rows] == [None]
+    # a client that failed is named as missing from the global numbers, not withheld
+    g = policy.evaluate_round(3, False, records, lambda a, g: {1: dict(result)}, None, True, False)
+    assert g["clients_missing"] == [0] and "clients_withheld" not in g and g["loss"] == 2.0
+
+
+def test_fedmoe_node_privacy_shows_the_ledger(tmp_path):
+    """The operator's view of a node's ledger through the CLI: releases by run, ε at the δ given (dp-accounting's,
+    over runs of different σ together), and what is left of the budget; a damaged ledger is an error naming it."""
+    from typer.testing import CliRunner
+
+    from fedmoe.cli import app
+
+    (tmp_path / LEDGER).write_text(json.dumps({"releases": [
+        {"run_id": "a", "round": 1, "noise_multiplier": 0.5}, {"run_id": "a", "round": 2, "noise_multiplier": 0.5},
+        {"run_id": "b", "round": 1, "noise_multiplier": 2.0}]}))
+    out = CliRunner().invoke(app, ["node-privacy", str(tmp_path), "--delta", "1e-6", "--budget", "50"])
+    assert out.exit_code == 0, out.output
+    total = _eps(1.0, 1.0, 4.0, delta=1e-6)
+    assert "3 release(s)" in out.output and "run a: 2 (rounds 1, 2; σ = 1)" in out.output
+    assert f"run b: 1 (rounds 1; σ = 4), ε = {_eps(4.0, delta=1e-6):.4g} alone" in out.output
+    assert f"ε = {total:.4g} at δ = 1e-06 over all of them; of dp-epsilon = 50, {50 - total:.4g} left" in out.output
+    assert CliRunner().invoke(app, ["node-privacy", str(tmp_path / "none")]).output.strip().endswith("(ε = 0)")
+    (tmp_path / LEDGER).write_text("{")
+    bad = CliRunner().invoke(app, ["node-privacy", str(tmp_path)])
+    assert bad.exit_code == 2 and "cannot be read" in bad.output
