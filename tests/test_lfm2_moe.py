@@ -8,7 +8,7 @@ parameters against FlopCounterMode and the meta model, quantization and a federa
 * a hybrid: gated short convolutions (``conv``: in_proj, a depthwise causal convolution, out_proj) in most layers,
   attention (q/k/v/out_proj, per-head q/k norms) in the others: attention LoRA on both mixers' linears by default,
   FLEx's on their input projections; the convolution's FLOPs and parameters exactly; a padded prompt's convolution
-  state cannot be continued, so multi-token options are scored whole;
+  state cannot be continued, so multi-token options are scored whole; left-padded generation is each prompt's own;
 * the hub checkpoints' per-expert w1/w3/w2 keys loaded into the fused stacks, and written back by an export;
 * exports: a PEFT adapter PEFT loads to fedmoe's logits, a merged model with every kind of adapter, the vllm form's
   per-expert keys as vLLM's Lfm2MoeForCausalLM names them (feed_forward.experts.{e}.w1 / w3 / w2);
@@ -147,6 +147,20 @@ def test_multi_token_options_are_scored_whole():
         assert "batch_select_indices" in str(e)
     else:
         assert max(float((a - b).abs().max()) for a, b in zip(forced, want)) > 1e-3
+
+
+def test_batched_generation_equals_one_prompt_at_a_time():
+    """ROUGE-L's answers: greedy decoding of left-padded prompts of different lengths, with trained adapters, gives each
+    prompt's own tokens (the convolutions see zeros for the padding, the experts route none of it)."""
+    from fedmoe.eval.generate import greedy_generate
+
+    mm = MoEModel(tiny_hf("lfm2_moe"))
+    mm.add_expert_lora(RANK, ALPHA)
+    mm.add_attention_lora(RANK, ALPHA)
+    randomise_(mm)
+    prompts = [[5, 17, 30, 42, 7, 9, 3, 4], [8, 8, 15], [9, 4, 4, 5, 6]]
+    batched = greedy_generate(mm.model, prompts, 0, 1, 6, 8, "cpu")
+    assert batched == [greedy_generate(mm.model, [p], 0, 1, 6, 1, "cpu")[0] for p in prompts]
 
 
 def test_hub_layout_and_exports(tmp_path):
