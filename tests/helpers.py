@@ -29,9 +29,23 @@ def tiny_hf(arch: str, **kw):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **kw)).float()
-    if arch == "gpt_oss":
-        random_expert_biases_(model)
+    random_zero_inits_(model)
     return model
+
+
+def random_zero_inits_(model) -> None:
+    """The family's tensors that transformers starts at zero and a trained checkpoint does not hold at zero, drawn
+    (the global generator), so that every test of a tiny model runs them: gpt-oss's expert and attention biases,
+    LFM2-MoE's routing bias (``expert_bias``, a buffer added to the sigmoid scores to choose the experts)."""
+    model_type = model.config.model_type
+    if model_type == "gpt_oss":
+        random_expert_biases_(model)
+    elif model_type == "lfm2_moe":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                bias = getattr(layer.feed_forward, "expert_bias", None)
+                if bias is not None:
+                    bias.normal_(0, 0.05)  # the sigmoid scores of a tiny random router are 0.5 +- ~0.05
 
 
 def random_expert_biases_(model, std: float = 0.02) -> None:
@@ -67,3 +81,70 @@ def peft_wrappers(peft_model) -> dict:
         if isinstance(mod, ParamWrapper):
             out[(int(name.split(".layers.")[1].split(".")[0]), mod.parameter_name)] = mod
     return out
+
+
+def hf_folder(tmp_path, arch: str, name: str = "base", **kw):
+    """A tiny model of ``arch`` saved as a Hugging Face folder (``tmp_path / name``), as a user's model is: the
+    built-in tokenizer's vocabulary (8192) and its pad and eos ids, the family's zero-initialised tensors drawn
+    (:func:`random_zero_inits_`), the tokenizer beside it. ``kw`` go to ``tiny_config``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedmoe.moe.model import builtin_model_path
+    from fedmoe.moe.tiny import tiny_config
+
+    config = tiny_config(arch, vocab_size=8192, **kw)
+    config.pad_token_id, config.eos_token_id = 1, 0
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    random_zero_inits_(model)
+    model.save_pretrained(tmp_path / name)
+    AutoTokenizer.from_pretrained(builtin_model_path("builtin:tiny-moe")).save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def randomise_(mm, seed: int = 11, scale: float = 0.3) -> None:
+    """Every trainable tensor of ``mm`` drawn from N(0, scale²) (a seeded generator of its own)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mm.trainable_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def loaded_model(folder, layout: str = "fused", router: bool = False, scale: float | None = None,
+                 top_k: int | None = None, rank: int = 4, alpha: float = 8.0):
+    """A ``LoadedModel`` of the base in ``folder`` with random expert and attention adapters (and router LoRA, a
+    rescaler, a lower k), evaluation mode: what fedmoe.export's writers take."""
+    from fedmoe.config import load_config
+    from fedmoe.export import LoadedModel
+    from fedmoe.messages import Message
+    from fedmoe.moe import MoEModel
+
+    cfg = load_config(None, [f"model.name={folder}", f"lora.expert_layout={layout}"])
+    mm = MoEModel.from_pretrained(str(folder))
+    mm.add_expert_lora(rank, alpha, layout=layout)
+    mm.add_attention_lora(rank, alpha)
+    if router:
+        mm.add_router_lora(rank, alpha)
+    if scale is not None:
+        mm.add_output_scale(scale)
+    randomise_(mm, scale=0.1)
+    if top_k is not None:
+        mm.set_top_k(top_k)
+    mm.model.eval()
+    return LoadedModel(cfg, mm, None, Message(), {}, "a test's model")
+
+
+def one_small_round(folder, tmp_path, *sets: str):
+    """(summary, run dir) of one federated round of two clients on the model in ``folder``, two local steps of
+    batch 2 at 32 tokens, no ROUGE and no zero-shot round, with ``sets`` on top: how the family tests run a
+    method through the federation."""
+    from fedmoe.config import load_config
+    from fedmoe.federation import run_federated
+
+    base = ["data.max_examples=120", "data.max_length=32", "data.partition.num_clients=2", "train.max_steps=2",
+            "train.batch_size=2", "train.lr=0.02", "eval.rouge=false", "eval.zero_shot=false",
+            "data.max_test_per_client=2", "lora.rank=4", "federation.rounds=1", f"model.name={folder}",
+            f"output_dir={tmp_path}", "name=r"]
+    summary, rd = run_federated(load_config(None, [*base, *sets]))
+    assert all(torch.isfinite(torch.tensor(float(c["loss"]))) for c in summary["clients"])
+    return summary, rd

@@ -245,14 +245,16 @@ def test_vllm_export_rebuilds_every_experts_delta_from_its_files(runs, tmp_path)
 def test_vllm_layout_of_the_split_experts_and_mixtral_names():
     """The split layout maps its own gate, up and down pairs; Mixtral's per-expert names are its original
     checkpoint's, block_sparse_moe.experts.{e}.w1 / w3 / w2 (transformers v5 calls the block mlp; vLLM's
-    Mixtral does not, and would accept keys under mlp.experts and never apply them)."""
+    Mixtral does not, and would accept keys under mlp.experts and never apply them); LFM2-MoE's are its hub
+    checkpoint's and vLLM's expert mapping's, feed_forward.experts.{e}.w1 / w3 / w2."""
     from helpers import tiny_hf
 
     from fedmoe.export import vllm_tensors
 
     for arch, names, block in (("olmoe", ("gate_proj", "up_proj", "down_proj"), "mlp"),
                                ("qwen3_moe", ("gate_proj", "up_proj", "down_proj"), "mlp"),
-                               ("mixtral", ("w1", "w3", "w2"), "block_sparse_moe")):
+                               ("mixtral", ("w1", "w3", "w2"), "block_sparse_moe"),
+                               ("lfm2_moe", ("w1", "w3", "w2"), "feed_forward")):
         # target_modules names the roles for every family (SGLang 0.5.23 refuses w1 / w2 / w3 there)
         mm = MoEModel(tiny_hf(arch))
         mm.add_expert_lora(4, 8.0, layout="split")
@@ -351,23 +353,15 @@ def test_a_private_store_of_another_run_or_client_is_refused(tmp_path):
 def test_every_architecture_trains_federated_and_exports(arch, tmp_path):
     """A tiny model of each supported family (saved as a Hugging Face folder, as a user's model is) through a
     federated FedIT round, then exported: the merged model reloaded by transformers gives the logits of
-    fedmoe's own global model, and the vllm export's files rebuild every expert's and attention ΔW."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    fedmoe's own global model, and the vllm export's files rebuild every expert's and attention ΔW (Granite-MoE:
+    refused, naming --merged: vLLM takes no LoRA for it)."""
+    from helpers import hf_folder
+    from transformers import AutoModelForCausalLM
 
     from fedmoe.moe.lora import LoRALinear
-    from fedmoe.moe.model import builtin_model_path
-    from fedmoe.moe.tiny import tiny_config
 
-    config = tiny_config(arch, vocab_size=8192, top_k=4)  # the built-in tokenizer's vocabulary
-    config.pad_token_id, config.eos_token_id = 1, 0
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    if arch == "gpt_oss":  # its expert biases, zero in transformers' init: nonzero, so the export must keep them
-        from helpers import random_expert_biases_
-
-        random_expert_biases_(model)
-    model.save_pretrained(tmp_path / "base")
-    AutoTokenizer.from_pretrained(builtin_model_path("builtin:tiny-moe")).save_pretrained(tmp_path / "base")
+    # gpt-oss's expert biases, LFM2-MoE's routing bias, zero in transformers' init, drawn: the export must keep them
+    hf_folder(tmp_path, arch, top_k=4)
     run = _run(tmp_path, "r", f"model.name={tmp_path / 'base'}", "algorithm.name=fedit")
     loaded = load_run_model(run, None)
     ours = _logits(loaded.mm.model)
@@ -375,9 +369,13 @@ def test_every_architecture_trains_federated_and_exports(arch, tmp_path):
     assert (ours - base).abs().max() > 1e-4  # trained: the comparisons below are not vacuous
     assert export_model(run, tmp_path / "m", merged=True) == ("merged", [])
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m")), ours, rtol=0, atol=2e-4)
+    if arch == "granitemoe":
+        form, why = export_model(run, tmp_path / "v", form="vllm")
+        assert form == "fedmoe" and len(why) == 1 and "--merged" in why[0] and "get_expert_mapping" in why[0]
+        return
     assert export_model(run, tmp_path / "v", form="vllm") == ("vllm", [])
     _, got = _delta_from_files(tmp_path / "v")
-    names = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    names = ("w1", "w3", "w2") if arch in ("mixtral", "lfm2_moe") else ("gate_proj", "up_proj", "down_proj")
     want = _expected_expert_deltas(loaded.mm, names)
     if arch == "mixtral":
         want = {k.replace(".mlp.experts.", ".block_sparse_moe.experts."): w for k, w in want.items()}

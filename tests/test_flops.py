@@ -38,8 +38,10 @@ def _adapted(arch, attn_implementation="eager", layout="fused", router=False):
 
 
 def _attention(name: str) -> bool:
-    """A parameter of a token mixer: attention, or a hybrid model's linear attention."""
-    return ".self_attn." in name or ".linear_attn." in name
+    """A parameter of a token mixer: attention, or a hybrid model's linear attention or short convolution."""
+    from fedmoe.moe.arch import TOKEN_MIXERS
+
+    return any(f".{mixer}." in name for mixer in TOKEN_MIXERS)
 
 
 def _meta_params(cfg) -> int:
@@ -199,6 +201,65 @@ def test_published_sizes_of_gpt_oss():
     assert round(attention / 1e9, 2) == 0.64
     r = count_flops(config, 128)
     assert r["total_params"] == experts + L * (E * H + E) + attention + 2 * 201088 * H + (2 * L + 1) * H
+
+
+def granite_moe_configs():
+    """granite-3.1-1b-a400m and granite-3.1-3b-a800m (the 3.0 models have the same shapes). The 1b: its config.json
+    (hidden 1024, 24 layers, 16 query and 8 key/value heads, 32 experts of intermediate 512, top-8, vocabulary 49155,
+    tied embeddings, multipliers 12 / 0.22 / 1/64 and logits / 6; as copied in GitHub leok7v/nano-lamma,
+    models/granite-3.1-1b-a400m-instruct). The 3b: the model card's architecture table (embedding size 1536, 32
+    layers, 24 heads of 64, 8 key/value heads, MLP hidden size 512, 40 experts, top-8) with the 1b's vocabulary and
+    tied embeddings."""
+    import transformers as tf
+
+    one = tf.GraniteMoeConfig(vocab_size=49155, hidden_size=1024, intermediate_size=512, num_hidden_layers=24,
+                              num_attention_heads=16, num_key_value_heads=8, num_local_experts=32, num_experts_per_tok=8,
+                              tie_word_embeddings=True, embedding_multiplier=12.0, residual_multiplier=0.22,
+                              attention_multiplier=0.015625, logits_scaling=6.0, max_position_embeddings=131072)
+    three = tf.GraniteMoeConfig(vocab_size=49155, hidden_size=1536, intermediate_size=512, num_hidden_layers=32,
+                                num_attention_heads=24, num_key_value_heads=8, num_local_experts=40,
+                                num_experts_per_tok=8, tie_word_embeddings=True, max_position_embeddings=131072)
+    return one, three
+
+
+def lfm2_8b_a1b_config():
+    """LFM2-8B-A1B: transformers' Lfm2MoeConfig defaults (its docstring's checkpoint: hidden 2048, dense intermediate
+    7168, 32 experts of 1792, top-4, 32 query and 8 key/value heads, vocabulary 65536, conv_L_cache 3, two dense
+    layers, tied embeddings) with the checkpoint's 24 layers, attention at layers 2, 6, 10, 14, 18 and 21 and short
+    convolutions in the other 18 (LiquidAI's model card: 18 convolution and 6 attention blocks)."""
+    import transformers as tf
+
+    attention = (2, 6, 10, 14, 18, 21)
+    return tf.Lfm2MoeConfig(num_hidden_layers=24,
+                            layer_types=["full_attention" if i in attention else "conv" for i in range(24)])
+
+
+def test_published_sizes_of_granite_moe_and_lfm2_moe():
+    """Granite-3.1 MoE against IBM's model card (ibm-granite/granite-3.1-1b-a400m-instruct, "Model Architecture":
+    1.3B parameters with 400M active, 3.3B with 800M active): the card's active counts leave out the (tied)
+    embedding table, 0.38B and 0.81B; with it they would be 0.43B and 0.88B. LFM2-8B-A1B against LiquidAI's model
+    card and transformers' model page (8.3B total, 1.5B active): 8.34B, 1.56B active with the embedding table (1.42B
+    without it; the card's 1.5B is 1.56B cut, not rounded). Every count equals the meta model's; the FLOPs of the
+    convolutions, the routers and the dense layers are counted (LFM2) and the multipliers are not (Granite)."""
+    for config, total, active in ((granite_moe_configs()[0], 1.3, 0.4), (granite_moe_configs()[1], 3.3, 0.8)):
+        r = count_flops(config, 128)
+        assert r["total_params"] == _meta_params(config)
+        assert round(r["total_params"] / 1e9, 1) == total
+        assert round((r["active_params"] - config.vocab_size * config.hidden_size) / 1e9, 1) == active
+        assert r["flops_by_part"]["shared_experts"] == r["flops_by_part"]["dense_mlp"] == 0
+    config = lfm2_8b_a1b_config()
+    r = count_flops(config, 128)
+    assert r["total_params"] == _meta_params(config) and round(r["total_params"] / 1e9, 2) == 8.34
+    assert round(r["active_params"] / 1e9, 2) == 1.56
+    assert round((r["active_params"] - config.vocab_size * config.hidden_size) / 1e9, 2) == 1.42
+    H, I, E, L, V = 2048, 1792, 32, 24, 65536
+    experts = 22 * E * 3 * H * I
+    attention = 6 * (H * H + 2 * H * 512 + H * H + 2 * 64)  # q, k, v, out_proj, the per-head q/k norms
+    conv = 18 * (H * 3 * H + H * H + 3 * H)  # in_proj, out_proj, the depthwise kernel
+    assert r["total_params"] == experts + 22 * E * H + attention + conv + 2 * 3 * H * 7168 + V * H + (2 * L + 1) * H
+    parts = r["flops_by_part"]
+    assert parts["dense_mlp"] == 2 * 128 * 2 * 3 * H * 7168 and parts["router"] == 2 * 128 * 22 * E * H
+    assert parts["attention_scores"] == 2 * 128 * 128 * 2 * H * 6 + 18 * 2 * H * 3 * (128 + 2)
 
 
 # ------------------------------------------------------------------------ trainables vs MoEModel

@@ -22,7 +22,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import peft_wrappers, random_expert_biases_, tiny_hf, token_batch
+from helpers import hf_folder, loaded_model, one_small_round, peft_wrappers, randomise_, tiny_hf, token_batch
 
 import fedmoe.moe.lora as lora_mod
 from fedmoe.moe import ExpertsWithLoRA, MoEModel
@@ -51,11 +51,7 @@ def _assert_the_clamp_acts(gate, up):
         assert frac.float().mean() > 0.03, what
 
 
-def _randomise(mm, seed=11, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in mm.trainable_parameters().values():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
+_randomise = randomise_
 
 
 # ------------------------------------------------------------------------ the expert path
@@ -270,40 +266,10 @@ def test_flex_counts_on_gpt_oss_equal_the_model(train_full):
 # ------------------------------------------------------------------------ exports
 def _base_folder(tmp_path, **kw):
     """A tiny gpt-oss (nonzero expert biases) saved as a Hugging Face folder, with the built-in tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from fedmoe.moe.model import builtin_model_path
-    from fedmoe.moe.tiny import tiny_config
-
-    config = tiny_config("gpt_oss", vocab_size=8192, **kw)
-    config.pad_token_id, config.eos_token_id = 1, 0
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    random_expert_biases_(model)
-    model.save_pretrained(tmp_path / "base")
-    AutoTokenizer.from_pretrained(builtin_model_path("builtin:tiny-moe")).save_pretrained(tmp_path / "base")
-    return tmp_path / "base"
+    return hf_folder(tmp_path, "gpt_oss", **kw)
 
 
-def _loaded(folder, layout="fused", router=False, scale=None, top_k=None):
-    """A LoadedModel of the tiny base with random adapters (as the export writers take one)."""
-    from fedmoe.config import load_config
-    from fedmoe.export import LoadedModel
-    from fedmoe.messages import Message
-
-    cfg = load_config(None, [f"model.name={folder}", f"lora.expert_layout={layout}"])
-    mm = MoEModel.from_pretrained(str(folder))
-    mm.add_expert_lora(RANK, ALPHA, layout=layout)
-    mm.add_attention_lora(RANK, ALPHA)
-    if router:
-        mm.add_router_lora(RANK, ALPHA)
-    if scale is not None:
-        mm.add_output_scale(scale)
-    _randomise(mm, scale=0.1)
-    if top_k is not None:
-        mm.set_top_k(top_k)
-    mm.model.eval()
-    return LoadedModel(cfg, mm, None, Message(), {}, "a test's model")
+_loaded = loaded_model  # a LoadedModel of the tiny base with random adapters (as the export writers take one)
 
 
 IDS = torch.tensor([[5, 17, 300, 42, 7, 9, 1200, 3, 8, 11, 4], [8, 8, 15, 16, 23, 42, 99, 4, 4, 5, 6]])
@@ -505,17 +471,9 @@ def test_federated_rounds(tmp_path, method):
     client exports merged to the logits fedmoe evaluates it with; FLEx grafts an expert per layer."""
     from transformers import AutoModelForCausalLM
 
-    from fedmoe.config import load_config
     from fedmoe.export import export_model, load_run_model
-    from fedmoe.federation import run_federated
 
-    folder = _base_folder(tmp_path)
-    sets = ["data.max_examples=120", "data.max_length=32", "data.partition.num_clients=2", "train.max_steps=2",
-            "train.batch_size=2", "train.lr=0.02", "eval.rouge=false", "eval.zero_shot=false",
-            "data.max_test_per_client=2", "lora.rank=4", "federation.rounds=1", f"model.name={folder}",
-            f"output_dir={tmp_path}", "name=r"]
-    summary, rd = run_federated(load_config(None, sets + method))
-    assert all(torch.isfinite(torch.tensor(float(c["loss"]))) for c in summary["clients"])
+    _, rd = one_small_round(_base_folder(tmp_path), tmp_path, *method)
     name = method[0].split("=")[1]
     if name == "flame":
         loaded = load_run_model(rd.path, 1)

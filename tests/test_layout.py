@@ -142,18 +142,23 @@ def test_split_expert_output_by_hand(grouped):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_router_lora_logits_by_hand(arch):
     """Router logits = x·(W + (α/r)·B·A)ᵀ (+ b: gpt-oss's router is a linear with a bias, which stays as it
-    is); the rest of the routing is the architecture's own, on that weight; the base weight stays frozen;
-    the logits the model records (aux loss) are these."""
+    is); the rest of the routing is the architecture's own, on that weight (LFM2-MoE's block passes its routing
+    bias along: gate(x, expert_bias)); the base weight stays frozen; the logits the model records (aux loss) are
+    these."""
+    from fedmoe.moe.arch import moe_block_attr, router_attr
+
     mm = MoEModel(_hf(arch))
     layer = mm.layers[0]
     base = layer.router
     mm.add_router_lora(RANK, ALPHA)
-    attr = "router" if arch == "gpt_oss" else "gate"  # gpt-oss's MoE block holds its router as mlp.router
+    attr = router_attr(arch)  # gpt-oss's and Granite-MoE's MoE block holds its router as router
+    assert attr == ("router" if arch in ("gpt_oss", "granitemoe") else "gate")
     router = getattr(layer.block, attr)
     assert isinstance(router, RouterWithLoRA) and router.base is base
     names = [n for n in mm.trainable_names()]
-    d = layer.decoder_layer
-    assert names[:2] == [f"model.layers.{d}.mlp.{attr}.lora_A", f"model.layers.{d}.mlp.{attr}.lora_B"]
+    d, block = layer.decoder_layer, moe_block_attr(arch)
+    assert names[:2] == [f"model.layers.{d}.{block}.{attr}.lora_A", f"model.layers.{d}.{block}.{attr}.lora_B"]
+    extra = (layer.block.expert_bias,) if arch == "lfm2_moe" else ()  # what the block passes its router
     bias = getattr(base, "bias", None)
     assert (bias is not None) == (arch == "gpt_oss")
     bias = 0 if bias is None else bias
@@ -161,18 +166,18 @@ def test_router_lora_logits_by_hand(arch):
     assert router.lora_A.shape == (RANK, H) and router.lora_B.shape == (E, RANK) and not router.lora_B.any()
     _randomise(mm, scale=0.5)
     x = torch.randn(9, H, generator=torch.Generator().manual_seed(5))
-    logits, scores, index = router(x)
+    logits, scores, index = router(x, *extra)
     merged = base.weight + (ALPHA / RANK) * router.lora_B @ router.lora_A
     torch.testing.assert_close(logits, (x @ merged.T + bias).to(logits.dtype), rtol=0, atol=1e-5)
     # the same scores and choice as the architecture's router holding the merged weight
     ref = copy.deepcopy(base)
     with torch.no_grad():
         ref.weight.copy_(merged)
-        ref_logits, ref_scores, ref_index = ref(x)
+        ref_logits, ref_scores, ref_index = ref(x, *extra)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-6)
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-6)
     assert torch.equal(index, ref_index)
-    assert not torch.equal(index, base(x)[2])  # the adapter changes the routing
+    assert not torch.equal(index, base(x, *extra)[2])  # the adapter changes the routing
     # gradients reach A and B, not the frozen base weight
     logits.sum().backward()
     assert router.lora_A.grad.abs().sum() > 0 and router.lora_B.grad.abs().sum() > 0 and base.weight.grad is None

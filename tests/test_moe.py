@@ -18,7 +18,11 @@ RANK, ALPHA = 4, 8.0
 SHARED = {"olmoe": None, "flex_olmo": None, "qwen2_moe": "Qwen2MoeMLP", "qwen3_moe": None, "qwen3_next": "Qwen3NextMLP",
           "qwen3_5_moe_text": "Qwen3_5MoeMLP", "mixtral": None,
           "deepseek_v2": "DeepseekV2MLP", "deepseek_v3": "DeepseekV3MLP", "glm4_moe": "Glm4MoeMLP",
-          "glm4_moe_lite": "Glm4MoeLiteMLP", "ernie4_5_moe": "Ernie4_5_MoeMLP", "gpt_oss": None}
+          "glm4_moe_lite": "Glm4MoeLiteMLP", "ernie4_5_moe": "Ernie4_5_MoeMLP", "gpt_oss": None, "granitemoe": None,
+          "lfm2_moe": None}
+# the MoE block (decoder layer's attribute) and its router (block's attribute), where not mlp and gate
+BLOCK = {"granitemoe": "block_sparse_moe", "lfm2_moe": "feed_forward"}
+ROUTER = {"gpt_oss": "router", "granitemoe": "router"}
 
 
 _hf = tiny_hf
@@ -28,7 +32,7 @@ _batch = token_batch
 @pytest.mark.parametrize("arch", ARCHS)
 def test_discovery(arch):
     mm = MoEModel(_hf(arch))
-    n_dense = 1 if arch.startswith(("deepseek", "glm4_moe", "ernie")) else 0
+    n_dense = 1 if arch.startswith(("deepseek", "glm4_moe", "ernie", "lfm2")) else 0
     assert len(mm.layers) == 2
     assert [l.decoder_layer for l in mm.layers] == [n_dense, n_dense + 1]
     assert mm.num_experts == 8 and mm.default_top_k == 2
@@ -37,7 +41,8 @@ def test_discovery(arch):
         # gpt-oss stores each expert's weights (in, out): (E, H, 2I) and (E, I, H)
         down = (8, 16, 32) if arch == "gpt_oss" else (8, 32, 16)
         assert l.experts.gate_up_proj.shape == (8, 32, 32) and l.experts.down_proj.shape == down
-        assert l.router is getattr(l.block, "router" if arch == "gpt_oss" else "gate")
+        assert l.block is getattr(mm.model.model.layers[l.decoder_layer], BLOCK.get(arch, "mlp"))
+        assert l.router is getattr(l.block, ROUTER.get(arch, "gate"))
         assert type(l.shared_expert).__name__ == SHARED[arch] if SHARED[arch] else l.shared_expert is None
     assert (mm.layers[0].shared_expert_gate is not None) == (arch in ("qwen2_moe", "qwen3_next", "qwen3_5_moe_text"))
     # everything of the base model is frozen
@@ -50,7 +55,7 @@ def test_dense_and_unknown_models_are_rejected():
     dense = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(UnsupportedModelError, match="olmoe, flex_olmo, qwen2_moe, qwen3_moe, qwen3_next, qwen3_5_moe_text, mixtral, deepseek_v2, "
-                       "deepseek_v3, glm4_moe, glm4_moe_lite, ernie4_5_moe, gpt_oss"):
+                       "deepseek_v3, glm4_moe, glm4_moe_lite, ernie4_5_moe, gpt_oss, granitemoe, lfm2_moe"):
         MoEModel(dense)
     # a supported MoE family whose config makes every layer dense
     cfg = tiny_config("qwen2_moe")
@@ -72,8 +77,9 @@ def test_wrapped_experts_equal_hf_forward(arch):
 
 
 def _peft_expert_model(ref):
+    block = BLOCK.get(ref.config.model_type, "mlp")
     cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=[],
-                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+                     target_parameters=[f"{block}.experts.gate_up_proj", f"{block}.experts.down_proj"])
     return get_peft_model(ref, cfg)
 
 
@@ -127,7 +133,8 @@ def test_expert_lora_matches_peft_outputs_and_grads(arch):
             assert getattr(ex, f"{ours_name}_lora_B").grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "gpt_oss",
+                                  "granitemoe"])  # LFM2-MoE's mixers: tests/test_lfm2_moe.py
 def test_attention_lora_matches_peft(arch):
     ref = _hf(arch)
     ours = MoEModel(copy.deepcopy(ref))
@@ -222,6 +229,9 @@ def test_top_k_control_and_activation_counts(arch):
     if arch == "deepseek_v3":  # sigmoid scores + bias; every group is kept (topk_group = n_group)
         assert mm.config.topk_group == mm.config.n_group
         scores = torch.sigmoid(scores) + layer0.router.e_score_correction_bias
+    if arch == "lfm2_moe":  # sigmoid scores + the block's load-balancing bias (drawn in the tiny model: helpers)
+        assert layer0.block.expert_bias.abs().min() > 0
+        scores = torch.sigmoid(scores) + layer0.block.expert_bias
     assert counts[0].tolist() == torch.bincount(scores.argmax(dim=-1), minlength=8).tolist()
     mm.set_top_k(2)
     with pytest.raises(TopKError, match="1..2"):

@@ -32,6 +32,19 @@ def test_plan_is_within_15_percent_of_the_real_step(sets):
         assert p.peak["activations"] > 0
 
 
+@pytest.mark.parametrize("arch", ["granitemoe", "lfm2_moe"])
+def test_plan_of_a_granite_or_lfm2_model_is_within_15_percent_of_the_real_step(arch, tmp_path):
+    """The plan of a saved tiny Granite-MoE (its multipliers) and LFM2-MoE (short convolutions, a dense layer), what
+    README's will-it-fit rows for them rest on, against the same step on real tensors."""
+    from helpers import hf_folder
+
+    cfg = load_config(None, [f"model.name={hf_folder(tmp_path, arch)}", "data.max_length=48", "train.batch_size=2"])
+    (plan,) = memory_plan(cfg)
+    real = training_step_bytes(cfg, get_method("fedit"), plan.k, fake=False)
+    assert abs(plan.total - sum(real.values())) <= 0.15 * sum(real.values()), (plan.peak, real)
+    assert plan.peak["weights"] == real["weights"] and plan.peak["activations"] > 0
+
+
 def test_plan_counts_what_the_model_holds():
     """Weights: every frozen tensor's bytes (an NF4 base: its codes and scales); adapters: the
     trainables the method builds; FLAME's lower k keeps fewer activations."""

@@ -108,8 +108,9 @@ def test_block_size():
         block_size(7)
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "qwen3_5_moe_text", "gpt_oss"])  # a hybrid's linear
-# attention; gpt-oss's transposed, biased stacks
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "qwen3_5_moe_text", "gpt_oss", "granitemoe", "lfm2_moe"])
+# a hybrid's linear attention; gpt-oss's transposed, biased stacks; Granite-MoE's multipliers; LFM2-MoE's short
+# convolutions and dense MLP
 @pytest.mark.parametrize("scheme,rel", [("nf4", 0.12), ("fp4", 0.12), ("int8", 0.01)])
 def test_quantized_model_stores_the_experts_in_4_or_8_bits_and_stays_close(arch, scheme, rel):
     """The fused expert tensors and the attention linears become codes (uint8 / int8) + float32 scales;
@@ -149,9 +150,13 @@ def test_quantized_model_stores_the_experts_in_4_or_8_bits_and_stays_close(arch,
             assert w.codes.numel() == (full if scheme == "int8" else full // 2)
             fan_in = w.shape[1] if arch == "gpt_oss" else w.shape[2]
             assert w.codes.shape[-1] == (fan_in if scheme == "int8" else fan_in // 2)
-    attn = [m for m in mm.model.modules() if isinstance(m, QuantizedLinear)]
-    assert len(attn) >= 4 * mm.config.num_hidden_layers
     from fedmoe.moe.arch import decoder_layers, token_mixers
+
+    # every linear of the decoder layers (attention, a hybrid's other mixer, shared experts, dense MLPs; no router is
+    # a linear here) but a 1-wide one (Qwen's shared-expert gate)
+    attn = [m for m in mm.model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(attn) == sum(type(m) is torch.nn.Linear and m.out_features > 1 for layer in decoder_layers(ref)
+                            for m in layer.modules())
 
     mixers = [m for layer in decoder_layers(mm.model) for m in token_mixers(layer)]
     assert not [n for m in mixers for n, c in m.named_children() if type(c) is torch.nn.Linear]  # linear attention too

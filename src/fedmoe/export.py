@@ -45,6 +45,7 @@ from .config import ConfigError, config_from_tree, config_to_dict
 from .messages import Message
 from .rundir import load_tensor_file, ordinary_permissions
 from .moe import MoEModel
+from .moe.arch import moe_block_attr
 from .moe.lora import ExpertsWithLoRA, LoRALinear, RouterWithLoRA, expert_lora_pairs
 from .moe.model import BUILTIN_PREFIX, EXPORT_MARKER, builtin_model_path, load_model_config, load_tokenizer
 
@@ -286,7 +287,8 @@ def write_peft(loaded: LoadedModel, out: Path) -> None:
     experts = [(n, m) for n, m in known if isinstance(m, ExpertsWithLoRA) and m.targets]
     first = (attention or experts)[0][1]
     target_modules = sorted({n.rsplit(".", 1)[-1] for n, _ in attention})
-    target_parameters = sorted({f"mlp.experts.{t}" for _, m in experts for t in m.targets})
+    block = moe_block_attr(mm.model_type)  # mlp; Granite-MoE's block_sparse_moe, LFM2-MoE's feed_forward
+    target_parameters = sorted({f"{block}.experts.{t}" for _, m in experts for t in m.targets})
     config = LoraConfig(r=first.rank, lora_alpha=first.scaling * first.rank, target_modules=target_modules,
                         target_parameters=target_parameters or None, lora_dropout=0.0)
     peft_model = get_peft_model(_plain_base(cfg), config)
@@ -314,8 +316,10 @@ def write_peft(loaded: LoadedModel, out: Path) -> None:
     load_tokenizer(cfg.model.tokenizer or cfg.model.name).save_pretrained(out)
 
 
-# per-expert projection names of the per-expert checkpoints (gate, up, down)
-_EXPERT_PROJ = {"mixtral": ("w1", "w3", "w2")}
+# per-expert projection names of the per-expert checkpoints (gate, up, down): those of the experts' keys in the
+# hub's checkpoints, which vLLM's expert mapping reads (FusedMoE.make_expert_params_mapping with w1 / w2 / w3 in
+# MixtralForCausalLM and Lfm2MoeForCausalLM.get_expert_mapping)
+_EXPERT_PROJ = {"mixtral": ("w1", "w3", "w2"), "lfm2_moe": ("w1", "w3", "w2")}
 # the MoE block's name in the per-expert checkpoints where transformers v5 renamed it to ``mlp`` (a serving
 # engine names modules as the original checkpoint does: vLLM's Mixtral holds block_sparse_moe.experts, and an
 # adapter under mlp.experts would pass its name check and never be applied)
@@ -326,12 +330,22 @@ _MOE_BLOCK = {"mixtral": "block_sparse_moe"}
 # joins experts.base_layer (gate_up_proj) and experts (down_proj) of PEFT's target_parameters keys into its w13 and
 # w2 LoRA, gate_up's rows in the checkpoint's own order; GptOssForCausalLM, vllm/model_executor/models/gpt_oss.py)
 VLLM_3D_EXPERT_LORA = ("gpt_oss",)
+# the families whose vLLM model class takes no LoRA adapter at all, and why (read in vLLM's source, not run): vLLM's
+# LoRA manager asks a model with fused MoE layers for its expert mapping (process_packed_modules_mapping, vllm/lora/
+# utils.py: get_expert_mapping on the model or its direct children, else AttributeError "To support LoRA for MoE
+# model, 'get_expert_mapping' must be implemented"); GraniteMoeForCausalLM and GraniteMoeModel
+# (vllm/model_executor/models/granitemoe.py) define none: its per-expert mapping lives inside its weight loader
+VLLM_NO_LORA = {"granitemoe": "vLLM's GraniteMoeForCausalLM takes no LoRA adapter (its LoRA manager needs a "
+                              "get_expert_mapping, which that class does not define: read in vLLM's source, not run): "
+                              "export --merged, a plain Granite-MoE model vLLM serves"}
 
 
 def vllm_blockers(mm: MoEModel, cfg) -> list[str]:
     """Why the vllm form cannot express this model (empty: it can): the per-expert layout takes what PEFT
     takes and the split layout; the fused 3-D form of gpt-oss takes what PEFT takes."""
     why = peft_blockers(mm, cfg)
+    if mm.model_type in VLLM_NO_LORA:
+        return [*why, VLLM_NO_LORA[mm.model_type]]
     if mm.model_type in VLLM_3D_EXPERT_LORA:
         return [w.replace("no PEFT form on the fused gate_up_proj", "no form in the fused 3-D expert LoRA vLLM reads "
                           f"for {mm.model_type} (one A on gate_up_proj)") for w in why]
@@ -524,6 +538,13 @@ def export_notes(cfg, form: str, mm: MoEModel | None = None) -> list[str]:
                      "target_parameters keys: experts.base_layer = gate_up_proj, experts = down_proj), not per expert; "
                      "read in vLLM's source, not served here (a vLLM started with --enable-mixed-moe-lora-format takes "
                      "it as 3-D only when the request says is_3d_lora_weight); SGLang was not checked")
+    if form == "vllm" and mm is not None and mm.model_type == "lfm2_moe":
+        notes.append("LFM2-MoE's expert LoRA is written under vLLM's expert names (feed_forward.experts.{e}.w1 / w3 / "
+                     "w2, its Lfm2MoeForCausalLM.get_expert_mapping) and the short convolutions' in_proj / out_proj "
+                     "LoRA under theirs: read in vLLM's source, not served here (in_proj is vLLM's merged B, C, x "
+                     "linear: its LoRA with tensor parallelism was not checked); SGLang was not checked")
+    if form in ("peft", "vllm") and mm is not None and mm.model_type in VLLM_NO_LORA:
+        notes.append(VLLM_NO_LORA[mm.model_type])
     if any(n.endswith(("q_proj", "k_proj", "v_proj")) for n in adapted) and mm.model_type == "flex_olmo":
         notes.append("SGLang (0.5.23) serves FlexOlmo through its Transformers backend, which drops q/k/v LoRA "
                      "without a word; vLLM applies it. For SGLang, train with lora.attention_targets: [o_proj], or "

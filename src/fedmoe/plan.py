@@ -102,6 +102,7 @@ def training_step_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from .moe.loss import lm_logits
     from .moe.model import MoEModel, hf_from_config, load_model_config, resolve_device
     from .moe.quant import QuantizedWeight, quantize_model
     from .seeds import Stream, derive_seed
@@ -142,7 +143,7 @@ def training_step_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int
                 activation_checkpointing(mm.model, cfg.train.activation_checkpointing):
             for _ in range(2):  # the second step holds the optimizer state of the first
                 hidden = mm.model.model(input_ids=ids, use_cache=False).last_hidden_state[:, half - 1 : -1]
-                logits = mm.model.lm_head(hidden.reshape(-1, hidden.shape[-1])).float()
+                logits = lm_logits(mm.model, hidden.reshape(-1, hidden.shape[-1])).float()
                 loss = torch.nn.functional.cross_entropy(logits, ids[:, half:].reshape(-1))
                 loss.backward()
                 opt.step()

@@ -18,8 +18,8 @@ row that attends to its prompt, positions continuing from the prompt's length), 
 encoded once, not once per option. A model without the Hugging Face ``model`` + ``lm_head``
 structure is scored the plain way, one full sequence per (prompt, option) pair
 (``reference=True`` forces that path: the tests compare the two), and so are options of more than one
-token on a model with linear-attention layers (Qwen3-Next, Qwen3.5), whose recurrent state cannot be
-continued from a right-padded prompt.
+token on a hybrid model (linear attention: Qwen3-Next, Qwen3.5; short convolutions: LFM2-MoE), whose recurrent
+state cannot be continued from a right-padded prompt.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fedmoe.eval._modes import eval_mode
+from fedmoe.moe.loss import lm_logits
 
 NORMALIZE = ("mean", "sum")
 
@@ -59,9 +60,12 @@ def _structured(model) -> bool:
 
 
 def _recurrent(model) -> bool:
-    """Does the model carry a recurrent state (linear attention: Qwen3-Next, Qwen3.5)? Its state after a
-    right-padded prompt has run through the padding, so no option may continue from it."""
-    return "linear_attention" in (getattr(getattr(model, "config", None), "layer_types", None) or ())
+    """Does the model carry a recurrent state (linear attention: Qwen3-Next, Qwen3.5; a short convolution's last
+    tokens: LFM2-MoE)? Its state after a right-padded prompt has run through the padding, so no option may
+    continue from it."""
+    from fedmoe.moe.arch import HYBRID_ARCHITECTURES
+
+    return getattr(getattr(model, "config", None), "model_type", None) in HYBRID_ARCHITECTURES
 
 
 def _check(prompts, options) -> None:
@@ -85,7 +89,7 @@ def _cached_batch(model, prompts, options, device, pad_id) -> list[torch.Tensor]
     last = (lengths - 1).to(device)
     longer = any(len(o) > 1 for opts in options for o in opts)
     out = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=longer)
-    first = F.log_softmax(model.lm_head(out.last_hidden_state[rows, last]).float(), dim=-1).cpu()  # (B, V)
+    first = F.log_softmax(lm_logits(model, out.last_hidden_state[rows, last]).float(), dim=-1).cpu()  # (B, V)
     scores = [first[b, torch.tensor([o[0] for o in opts])].double() for b, opts in enumerate(options)]
     if not longer:
         return scores
@@ -110,7 +114,7 @@ def _cached_batch(model, prompts, options, device, pad_id) -> list[torch.Tensor]
     position_ids = lengths[which][:, None] + torch.arange(width)[None, :]
     hidden = model.model(input_ids=cont.to(device), attention_mask=mask, position_ids=position_ids.to(device),
                          use_cache=True, **{cache_name: cache}).last_hidden_state
-    logp = F.log_softmax(model.lm_head(hidden).float(), dim=-1)  # (R, T, V)
+    logp = F.log_softmax(lm_logits(model, hidden).float(), dim=-1)  # (R, T, V)
     picked = logp.gather(-1, targets.to(device)[..., None]).squeeze(-1) * cont_mask.to(device)
     rest = picked.sum(dim=1).double().cpu()
     for r, (b, j) in enumerate(owner):

@@ -39,7 +39,12 @@ ernie4_5_moe (shared experts; MoE layers from ``moe_layer_start_index`` to ``moe
 ``moe_layer_interval``), qwen3_next and qwen3_5_moe_text (hybrid: linear attention in most layers), gpt_oss
 (q/k/v/o with biases and one attention sink per head, a sliding window every other layer, which the count ignores
 as above; a router with a bias; experts with biases, gate_up (H -> 2I) and down (I -> H) as the others', the
-bias adds not counted as FLOPs; no dense layer, no shared expert), and DeepSeekMoE v1 (``model_type``
+bias adds not counted as FLOPs; no dense layer, no shared expert), granitemoe (Mixtral's layout; its scalar
+multipliers of the embeddings, the residual branches, the attention scores and the logits are element-wise, not
+counted), lfm2_moe (hybrid: a gated short convolution — in_proj H -> 3H, a depthwise causal convolution of
+``conv_L_cache`` taps, out_proj H -> H — in most layers, attention with q/k/v/out_proj and per-head q/k norms in the
+others; ``num_dense_layers`` dense MLPs first; a sigmoid router whose load-balancing bias is a buffer, not a
+parameter), and DeepSeekMoE v1 (``model_type``
 "deepseek", which transformers does not ship: plain multi-head attention q/k/v/o with the
 DeepSeek shared-expert MoE and ``first_k_dense_replace`` / ``moe_layer_freq`` dense layers).
 """
@@ -52,6 +57,7 @@ from typing import Any
 from fedmoe.moe.arch import (
     DEFAULT_ATTENTION_TARGETS,
     HYBRID_ARCHITECTURES,
+    LINEAR_ATTENTION_ARCHITECTURES,
     MLA_ARCHITECTURES,
     UnsupportedModelError,
     default_attention_targets,
@@ -97,9 +103,10 @@ class _Shape:
     shared_inter: int = 0
     shared_gate: bool = False  # Qwen2-MoE's sigmoid gate Linear(hidden, 1)
     default_attention_targets: tuple[str, ...] = field(default_factory=tuple)
-    # hybrid models: the decoder layers that mix tokens by linear attention (a gated delta rule) instead
+    # hybrid models: the decoder layers that mix tokens by a recurrent mixer (a gated delta rule; LFM2-MoE's short
+    # convolution) instead of attention, and that mixer
     linear_layers: list[bool] = field(default_factory=list)
-    linear: "_LinearAttention | None" = None
+    linear: "_LinearAttention | _ShortConv | None" = None
     mlp_bias: bool = False  # biases on the shared experts', dense MLPs' and LM head's linears (ERNIE-4.5's use_bias)
     router_extra: int = 0  # router parameters beside its weight (ERNIE-4.5's selection bias, a Parameter there)
     expert_bias: bool = False  # each routed expert's gate_up (2I) and down (H) biases (gpt-oss)
@@ -138,6 +145,22 @@ class _LinearAttention:
         rule = 2 * self.v_heads * padded * (2 * c * dk + 3 * dk * dv + c * dv)
         conv = 2 * self.conv_dim * self.conv_kernel * (T + self.conv_kernel - 1)  # padded both sides, cut after
         return rule + conv
+
+
+@dataclass(frozen=True)
+class _ShortConv:
+    """LFM2's gated short convolution: in_proj (H -> 3H: B, C, x), a depthwise causal convolution of B·x with
+    ``kernel`` taps per channel, C times its output through out_proj (H -> H)."""
+
+    proj: list[_Linear]
+    other_params: int  # the depthwise kernel (and its bias)
+    channels: int
+    kernel: int
+
+    def mixer_flops(self, T: int) -> int:
+        """The depthwise convolution over T tokens, as transformers' reference path runs it (padded by kernel - 1
+        on both sides, the extra outputs cut after): 2 · channels · kernel · (T + kernel - 1)."""
+        return 2 * self.channels * self.kernel * (T + self.kernel - 1)
 
 
 def _get(config, *names, default=None):
@@ -192,15 +215,18 @@ def _shape(config) -> _Shape:
             qkv_bias = o_bias = bool(getattr(config, "use_bias", False))
         elif mt == "gpt_oss":  # gpt-oss: attention_bias (True in its configs) on q, k, v and o
             qkv_bias = o_bias = bool(getattr(config, "attention_bias", True))
-        else:  # olmoe, flex_olmo, qwen3_moe, deepseek (v1)
+        elif mt == "lfm2_moe":  # no attention biases
+            qkv_bias = o_bias = False
+        else:  # olmoe, flex_olmo, qwen3_moe, granitemoe, deepseek (v1)
             qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
-        gated = mt in HYBRID_ARCHITECTURES  # Qwen3-Next, Qwen3.5: q_proj also gives the output gate
+        gated = mt in LINEAR_ATTENTION_ARCHITECTURES  # Qwen3-Next, Qwen3.5: q_proj also gives the output gate
+        out_name = "out_proj" if mt == "lfm2_moe" else "o_proj"
         attn = [_Linear("q_proj", H, nh * hd * (2 if gated else 1), qkv_bias), _Linear("k_proj", H, nkv * hd, qkv_bias),
-                _Linear("v_proj", H, nkv * hd, qkv_bias), _Linear("o_proj", nh * hd, H, o_bias)]
+                _Linear("v_proj", H, nkv * hd, qkv_bias), _Linear(out_name, nh * hd, H, o_bias)]
         if mt in ("olmoe", "flex_olmo"):  # q and k norms over the projections' whole width
             norms = (nh + nkv) * hd
         elif mt in ("qwen3_moe", *HYBRID_ARCHITECTURES) or (mt == "glm4_moe" and getattr(config, "use_qk_norm", False)):
-            norms = 2 * hd  # per-head q and k norms
+            norms = 2 * hd  # per-head q and k norms (LFM2-MoE's q_layernorm, k_layernorm)
         elif mt == "gpt_oss":
             norms = nh  # no q/k norms: one attention sink (a learned logit) per head
         else:
@@ -211,12 +237,15 @@ def _shape(config) -> _Shape:
     # ---- which layers are sparse, expert sizes
     shared_inter, shared_gate, mlp_bias, router_extra, expert_bias = 0, False, False, 0, False
     dense_inter = int(_get(config, "intermediate_size", default=0))
-    if mt in ("olmoe", "flex_olmo", "mixtral", "gpt_oss"):
+    if mt in ("olmoe", "flex_olmo", "mixtral", "gpt_oss", "granitemoe"):
         moe = [True] * L
         expert_inter = int(config.intermediate_size)
         if mt == "gpt_oss":  # a linear router with a bias; biased experts
             router_extra, expert_bias = E, True
-    elif mt in ("qwen2_moe", "qwen3_moe", *HYBRID_ARCHITECTURES):
+    elif mt == "lfm2_moe":  # the first num_dense_layers are dense (intermediate_size), the rest MoE
+        moe = [i >= int(config.num_dense_layers) for i in range(L)]
+        expert_inter = int(config.moe_intermediate_size)
+    elif mt in ("qwen2_moe", "qwen3_moe", *LINEAR_ATTENTION_ARCHITECTURES):
         only = set(getattr(config, "mlp_only_layers", None) or [])
         step = int(_get(config, "decoder_sparse_step", default=1))
         moe = [(i not in only) and (i + 1) % step == 0 for i in range(L)]
@@ -244,7 +273,12 @@ def _shape(config) -> _Shape:
             if getattr(config, key, None) is None:
                 raise UnsupportedModelError(f"this {mt} config lacks '{key}': cannot count its MoE layers")
     linear_layers, linear = [False] * L, None
-    if mt in HYBRID_ARCHITECTURES:
+    if mt == "lfm2_moe":  # the short-convolution layers (in_proj, out_proj and the kernel biased by conv_bias)
+        linear_layers = [t == "conv" for t in config.layer_types]
+        K, cb = int(config.conv_L_cache), bool(getattr(config, "conv_bias", False))
+        linear = _ShortConv([_Linear("in_proj", H, 3 * H, cb), _Linear("out_proj", H, H, cb)], H * K + (H if cb else 0),
+                            H, K)
+    elif mt in LINEAR_ATTENTION_ARCHITECTURES:
         linear_layers = [t == "linear_attention" for t in config.layer_types]
         nkh, nvh = int(config.linear_num_key_heads), int(config.linear_num_value_heads)
         dk, dv = int(config.linear_key_head_dim), int(config.linear_value_head_dim)

@@ -1,10 +1,10 @@
 """Find the sparse MoE blocks of a Hugging Face (transformers v5) MoE causal LM.
 
-In transformers v5 every supported architecture has the same shape inside a decoder layer's
-``mlp``: a router (``gate``; gpt-oss: ``router``) with ``top_k`` and a fused ``experts`` module holding
-``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I), called as
-``experts(hidden_states, top_k_index, top_k_weights)``. Shared experts differ per family. gpt-oss holds
-its stacks transposed, gate and up interleaved, with biases and a clamped SwiGLU
+In transformers v5 every supported architecture has the same shape inside a decoder layer's MoE block
+(``mlp``; Granite-MoE: ``block_sparse_moe``, LFM2-MoE: ``feed_forward``): a router (``gate``; gpt-oss and
+Granite-MoE: ``router``) with ``top_k`` and a fused ``experts`` module holding ``gate_up_proj`` (E, 2I, H) and
+``down_proj`` (E, H, I), called as ``experts(hidden_states, top_k_index, top_k_weights)``. Shared experts differ
+per family. gpt-oss holds its stacks transposed, gate and up interleaved, with biases and a clamped SwiGLU
 (:mod:`fedmoe.moe.experts`).
 """
 
@@ -17,20 +17,27 @@ from torch import nn
 from .experts import ExpertForm, expert_form
 
 SUPPORTED_ARCHITECTURES = ("olmoe", "flex_olmo", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text", "mixtral",
-                           "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "ernie4_5_moe", "gpt_oss")
+                           "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "ernie4_5_moe", "gpt_oss",
+                           "granitemoe", "lfm2_moe")
 
+# the decoder layer's attribute that holds its MoE block, where it is not ``mlp`` (LFM2-MoE's first
+# ``num_dense_layers`` hold a dense MLP there, skipped as DeepSeek's dense layers are)
+_MOE_BLOCK_ATTRS = {"granitemoe": "block_sparse_moe", "lfm2_moe": "feed_forward"}
 # the MoE block's attribute that holds its router, where it is not ``gate``
-_ROUTER_ATTRS = {"gpt_oss": "router"}
+_ROUTER_ATTRS = {"gpt_oss": "router", "granitemoe": "router"}
 # the families whose fused experts are not held as the others' (fedmoe.moe.experts): the form each must have
 _EXPERT_FORMS = {"gpt_oss": dict(transposed=True, interleaved=True, bias=True)}
 # the families transformers has no SDPA attention for (gpt-oss: its attention sinks): they run eager attention
 EAGER_ONLY_ARCHITECTURES = ("gpt_oss",)
 
-# hybrid models (Qwen3-Next, Qwen3.5): most decoder layers mix tokens by linear attention (a gated delta rule,
-# ``linear_attn``), every few by softmax attention (``self_attn``)
-HYBRID_ARCHITECTURES = ("qwen3_next", "qwen3_5_moe_text")
+# hybrid models: most decoder layers mix tokens by a recurrent mixer, every few by softmax attention (``self_attn``):
+# Qwen3-Next and Qwen3.5 by linear attention (a gated delta rule, ``linear_attn``), LFM2-MoE by a gated short
+# convolution (``conv``: in_proj to B, C, x; a depthwise causal convolution of B·x; C times it through out_proj). Each
+# carries a state along the sequence, which a right-padded prompt runs through its padding (fedmoe.eval.choice)
+LINEAR_ATTENTION_ARCHITECTURES = ("qwen3_next", "qwen3_5_moe_text")
+HYBRID_ARCHITECTURES = LINEAR_ATTENTION_ARCHITECTURES + ("lfm2_moe",)
 # the decoder layer's token mixers, by the attribute that holds them
-TOKEN_MIXERS = ("self_attn", "linear_attn")
+TOKEN_MIXERS = ("self_attn", "linear_attn", "conv")
 # the projections that write a token mixer's output back to the residual stream (FLEx adapts only the others)
 OUTPUT_PROJECTIONS = ("o_proj", "out_proj")
 
@@ -53,6 +60,8 @@ _SHARED_EXPERT_ATTRS = {
     "glm4_moe_lite": ("shared_experts", None),
     "ernie4_5_moe": ("shared_experts", None),
     "gpt_oss": (None, None),
+    "granitemoe": (None, None),
+    "lfm2_moe": (None, None),
 }
 
 
@@ -75,6 +84,10 @@ DEFAULT_ATTENTION_TARGETS = {
     "glm4_moe_lite": ("q_proj", "kv_b_proj", "o_proj"),
     "ernie4_5_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "gpt_oss": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "granitemoe": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    # hybrid: every linear of both token mixers, as for Qwen3-Next (attention's q/k/v/out_proj; the short
+    # convolution's in_proj and out_proj, not its depthwise kernel)
+    "lfm2_moe": ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj"),
 }
 
 
@@ -101,7 +114,8 @@ class MoELayer:
     experts: nn.Module  # the original fused experts module (base weights)
     shared_expert: nn.Module | None  # the always-on shared expert(s) of the block (Qwen2-MoE, DeepSeek), untouched
     shared_expert_gate: nn.Module | None
-    router_attr: str = "gate"  # the block's attribute that holds the router (gpt-oss: router)
+    router_attr: str = "gate"  # the block's attribute that holds the router (gpt-oss, Granite-MoE: router)
+    block_attr: str = "mlp"  # the decoder layer's attribute that holds the block (moe_block_attr)
     form: ExpertForm = ExpertForm()  # how the experts hold and compute their weights (fedmoe.moe.experts)
 
     @property
@@ -118,8 +132,14 @@ class MoELayer:
 
 
 def router_attr(model_type: str) -> str:
-    """The MoE block's attribute that holds the router: ``gate``, or gpt-oss's ``router``."""
+    """The MoE block's attribute that holds the router: ``gate``, or gpt-oss's and Granite-MoE's ``router``."""
     return _ROUTER_ATTRS.get(model_type, "gate")
+
+
+def moe_block_attr(model_type: str) -> str:
+    """The decoder layer's attribute that holds the MoE block: ``mlp``, Granite-MoE's ``block_sparse_moe``,
+    LFM2-MoE's ``feed_forward`` (also the names in their parameters and adapters: ``…layers.N.<attr>.experts``)."""
+    return _MOE_BLOCK_ATTRS.get(model_type, "mlp")
 
 
 def model_type_of(model: nn.Module) -> str:
@@ -150,15 +170,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     """Every sparse MoE block in decoder order. Dense layers (DeepSeek's first_k_dense_replace,
-    Qwen's mlp_only_layers) are skipped; a model with no MoE block at all is an error."""
+    Qwen's mlp_only_layers, LFM2-MoE's num_dense_layers) are skipped; a model with no MoE block at all is an
+    error."""
     model_type = model_type_of(model)
     check_supported(model_type)
     shared_attr, shared_gate_attr = _SHARED_EXPERT_ATTRS[model_type]
-    rattr = router_attr(model_type)
+    rattr, battr = router_attr(model_type), moe_block_attr(model_type)
     want_form = _EXPERT_FORMS.get(model_type, dict(transposed=False, interleaved=False, bias=False))
     found: list[MoELayer] = []
     for i, layer in enumerate(decoder_layers(model)):
-        block = getattr(layer, "mlp", None)
+        block = getattr(layer, battr, None)
         experts = getattr(block, "experts", None)
         router = getattr(block, rattr, None)
         if experts is None or router is None:
@@ -193,6 +214,7 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
                 shared_expert=getattr(block, shared_attr) if shared_attr else None,
                 shared_expert_gate=getattr(block, shared_gate_attr) if shared_gate_attr else None,
                 router_attr=rattr,
+                block_attr=battr,
                 form=form,
             )
         )

@@ -155,7 +155,9 @@ class RouterWithLoRA(nn.Module):
     grouping, top-k, normalisation: whatever the architecture does) run on W + (alpha / r) · B A.
 
     Every supported router (transformers v5: OlmoeTopKRouter, Qwen2Moe/Qwen3Moe/Mixtral TopKRouter,
-    DeepseekV3TopkRouter) holds ``weight`` (E, H) and computes its logits as F.linear(hidden, weight).
+    DeepseekV3TopkRouter, GraniteMoeTopKRouter, Lfm2MoeTopKRouter, ...) holds ``weight`` (E, H) and computes its
+    logits as F.linear(hidden, weight). Whatever else its block passes it is passed on as it is (LFM2-MoE's block
+    calls ``gate(hidden, expert_bias)``: the block's load-balancing bias, added to the sigmoid scores to choose).
     Rather than re-implement five routing rules, the wrapped router is called with its weight
     substituted (``torch.func.functional_call``): its base weight stays the frozen, shared tensor,
     its own forward hooks (transformers records the router logits for the load-balancing loss there)
@@ -192,8 +194,8 @@ class RouterWithLoRA(nn.Module):
     def top_k(self, k):
         self.base.top_k = k
 
-    def forward(self, hidden_states: torch.Tensor):
-        return torch.func.functional_call(self.base, {"weight": self.weight}, (hidden_states,))
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return torch.func.functional_call(self.base, {"weight": self.weight}, (hidden_states, *args), kwargs)
 
     def describe(self) -> list[TensorInfo]:
         return lora_pair_info("lora_A", "lora_B", self.lora_A, self.lora_B, Role.ROUTER, self.rank, self.scaling)

@@ -11,6 +11,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 
+def lm_logits(model, hidden):
+    """The logits of decoder outputs ``hidden`` as the model's own forward makes them: its ``lm_head``, and for
+    Granite-MoE divided by the config's ``logits_scaling`` (6 in granite-3.1-1b-a400m: the softmax, the loss and
+    every score are of the scaled logits). Whoever runs ``model.model`` and the head apart takes them here."""
+    logits = model.lm_head(hidden)
+    scaling = getattr(model.config, "logits_scaling", None)  # Granite's forward: lm_head(h) / logits_scaling
+    return logits if scaling is None else logits / scaling
+
+
 def labelled_token_loss(model, input_ids, attention_mask, labels, output_router_logits: bool = False):
     """Returns (sum of token losses in float32, number of labelled tokens, aux loss or None).
 
@@ -21,7 +30,7 @@ def labelled_token_loss(model, input_ids, attention_mask, labels, output_router_
     hidden = outputs.last_hidden_state[:, :-1]
     target = labels[:, 1:]
     keep = target != -100
-    logits = model.lm_head(hidden[keep]).float()
+    logits = lm_logits(model, hidden[keep]).float()
     loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
     aux = None
     if output_router_logits:
@@ -30,6 +39,6 @@ def labelled_token_loss(model, input_ids, attention_mask, labels, output_router_
         fn = getattr(import_module(type(model).__module__), "load_balancing_loss_func", None)
         if fn is None:
             raise ValueError(f"{model.config.model_type} has no load-balancing loss in transformers (DeepSeek-V2, "
-                             "-V3 and GLM ship none); set train.aux_loss: false")
+                             "-V3, GLM and LFM2-MoE ship none); set train.aux_loss: false")
         aux = fn(outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
     return loss_sum, int(keep.sum()), aux

@@ -82,4 +82,20 @@ def tiny_config(arch: str, vocab_size: int = 128, num_experts: int = 8, top_k: i
         return tf.GptOssConfig(**common, head_dim=hidden_size // common["num_attention_heads"],
                                intermediate_size=intermediate_size, num_local_experts=num_experts,
                                num_experts_per_tok=top_k, sliding_window=4, rope_parameters=rope)
+    if arch == "granitemoe":  # Granite-MoE: Mixtral's layout with scalar multipliers (as granite-3.1-1b-a400m's: the
+        # embeddings times 12, each residual branch times 0.22, attention scores times 1/head_dim, logits / 6) and
+        # tied embeddings
+        return tf.GraniteMoeConfig(**dict(common, tie_word_embeddings=True), intermediate_size=intermediate_size,
+                                   num_local_experts=num_experts, num_experts_per_tok=top_k, embedding_multiplier=12.0,
+                                   residual_multiplier=0.22,
+                                   attention_multiplier=common["num_attention_heads"] / hidden_size, logits_scaling=6.0)
+    if arch == "lfm2_moe":  # LFM2-MoE: a dense first layer, then MoE blocks; gated short convolutions and attention
+        # (conv, conv, attention: LFM2-8B-A1B's first three layers); sigmoid routing with a load-balancing bias; tied
+        # embeddings
+        layers = num_layers + 1
+        types = ["conv"] + ["conv", "full_attention"] * (num_layers // 2) + ["conv"] * (num_layers % 2)
+        return tf.Lfm2MoeConfig(**dict(common, num_hidden_layers=layers, tie_word_embeddings=True),
+                                intermediate_size=2 * intermediate_size, moe_intermediate_size=intermediate_size,
+                                num_experts=num_experts, num_experts_per_tok=top_k, num_dense_layers=1,
+                                layer_types=types, conv_L_cache=3, use_expert_bias=True, norm_topk_prob=True)
     raise ValueError(f"no tiny config for '{arch}'")
