@@ -276,6 +276,48 @@ def test_a_client_clips_its_update_and_adds_the_noise_itself():
     assert not torch.allclose(noise("seeded"), noise("seeded", client=1))
 
 
+def test_secret_noise_is_drawn_from_the_operating_systems_bytes_alone(monkeypatch):
+    """client_noise: secret: every noise value is Box–Muller of 16 fresh os.urandom bytes per pair, by hand —
+    no seed behind it (torch's generator keeps 32 bits of a seed: 2^32 noise streams a server could try against
+    a release and subtract). With the operating system's bytes all zero a release is the clipped update exactly.
+    The real draws are standard normal (moments and a Kolmogorov–Smirnov test)."""
+    import os
+    import struct
+
+    from fedmoe.federation.dp import privatize_reply, secret_normal
+    from fedmoe.messages import Message
+
+    stream = bytes(range(256)) * 4
+    asked = []
+
+    def fake_urandom(n):
+        asked.append(n)
+        return stream[:n]
+
+    monkeypatch.setattr(os, "urandom", fake_urandom)
+    z = secret_normal((5,))
+    assert asked == [48]  # 3 pairs, 16 bytes each
+    u = [(v >> 11) * 2.0 ** -53 for v in struct.unpack("<6Q", stream[:48])]
+    want = [math.sqrt(-2 * math.log(1 - u[i])) * f(2 * math.pi * u[3 + i]) for f in (math.cos, math.sin) for i in range(3)]
+    assert z.dtype == torch.float64 and z.tolist() == pytest.approx(want[:5], rel=1e-12)
+    # all-zero bytes: radius 0, no noise at all (a seeded generator would still add its stream)
+    monkeypatch.setattr(os, "urandom", lambda n: bytes(n))
+    theta = {"a": torch.zeros(7, 3)}
+    cfg = load_config(None, ["federation.dp.clip_norm=10", "federation.dp.noise_multiplier=3", "federation.dp.where=client"])
+    out, _ = privatize_reply(cfg, Message({"a": torch.full((7, 3), 0.5)}), Message(dict(theta)), 0, 1)
+    assert torch.equal(out.tensors["a"], torch.full((7, 3), 0.5))
+    monkeypatch.undo()
+    n = 400_001
+    z = secret_normal((n,))
+    assert z.shape == (n,) and abs(float(z.mean())) < 0.01 and float(z.std()) == pytest.approx(1.0, abs=0.01)
+    # Kolmogorov–Smirnov against Φ: the largest gap between the empirical and the normal CDF, below its critical
+    # value at α = 1e-4, sqrt(ln(2/α) / 2) / sqrt(n)
+    cdf = torch.special.ndtr(z.sort().values)
+    gap = max(float((torch.arange(1, n + 1) / n - cdf).max()), float((cdf - torch.arange(n) / n).max()))
+    assert gap < math.sqrt(math.log(2 / 1e-4) / 2) / math.sqrt(n)
+    assert not torch.equal(secret_normal((8,)), secret_normal((8,)))
+
+
 def test_a_run_with_local_dp(tmp_path):
     """FedIT, where: client, reports: send, σ = 1: every reply the server receives is θ + a clipped update + noise of std σC per
     value (its distance to θ is ≈ √d·σC, far beyond C); the global model is the method's own n-weighted mean of

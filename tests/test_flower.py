@@ -496,7 +496,7 @@ def test_supernodes_under_their_own_privacy_budgets(tmp_path):
     assert tests[1]["clients_withheld"] == [0] and "clients_withheld" not in tests[3]
     assert tests[3]["clients_missing"] == [0] and "clients_missing" not in tests[1]
     assert summary["global"]["clients_missing"] == [0]
-    assert "The global numbers leave out the test data of clients 0: they failed" in (run / "report.md").read_text()
+    assert "The global numbers leave out the test data of clients 0: they failed their evaluation" in (run / "report.md").read_text()
     assert tests[1]["loss"] == pytest.approx(tests[0]["loss"], rel=1e-12)  # the global numbers are client 1's alone
     assert summary["clients"][0]["n_test"] is None and summary["clients"][1]["n_test"] == 3
     assert summary["clients"][0]["evaluated_round"] is None

@@ -7,6 +7,7 @@ neither a result nor a failure. The messages are those an in-process run sends, 
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -82,7 +83,8 @@ def test_node_config_budget_is_parsed_or_refused_naming_the_key():
     for bad, key in (({"dp-epsilon": "lots"}, "dp-epsilon = 'lots'"), ({"dp-epsilon": "-1"}, "dp-epsilon = '-1'"),
                      ({"dp-epsilon": "inf"}, "dp-epsilon"), ({"dp-epsilon": 1, "dp-delta": "1"}, "dp-delta = '1'"),
                      ({"dp-epsilon": 1, "dp-evaluation": "maybe"}, "dp-evaluation = 'maybe'"),
-                     ({"dp-delta": "1e-6"}, "dp-delta is set without dp-epsilon")):
+                     ({"dp-delta": "1e-6"}, "dp-delta is set without dp-epsilon"), ({"dp-epsilon": True}, "dp-epsilon = True"),
+                     ({"dp-epsilon": "nan"}, "dp-epsilon"), ({"dp-epsilon": 0}, "dp-epsilon = 0")):
         with pytest.raises(ValueError, match=key):
             node_budget(bad)
 
@@ -187,6 +189,16 @@ def test_the_server_counts_a_kept_evaluation_as_neither_a_result_nor_a_failure(t
     # a client that failed is named as missing from the global numbers, not withheld
     g = policy.evaluate_round(3, False, records, lambda a, g: {1: dict(result)}, None, True, False)
     assert g["clients_missing"] == [0] and "clients_withheld" not in g and g["loss"] == 2.0
+    # the numbers on shared data (general text, MMLU, held-out) are asked of the first client that sends its
+    # evaluation: not client 0, whose node kept its test-set size at setup
+    records[0].data, records[1].data = {"n_train": 5}, {"n_train": 5, "n_test": 3, "n_generated": 3}
+    asked = {}
+
+    def clients(answers, general_for):
+        asked.update(general_for)
+        return {0: WITHHELD_EVALUATION, 1: {**result, "general_loss": 1.5}}
+    g = policy.evaluate_round(4, True, records, clients, None, True, False)
+    assert asked == {0: False, 1: True} and g["general_loss"] == 1.5
 
 
 def test_fedmoe_node_privacy_shows_the_ledger(tmp_path):
@@ -209,3 +221,24 @@ def test_fedmoe_node_privacy_shows_the_ledger(tmp_path):
     (tmp_path / LEDGER).write_text("{")
     bad = CliRunner().invoke(app, ["node-privacy", str(tmp_path)])
     assert bad.exit_code == 2 and "cannot be read" in bad.output
+
+
+def test_a_server_cannot_choose_where_a_node_keeps_its_files(tmp_path):
+    """On a deployment the run config comes from the server: a state-root in it is not taken (it would have a
+    node write its stores anywhere its user may, and start its privacy ledger afresh wherever the server likes).
+    The node's state-dir, else the default, holds them; only the in-process simulation passes a state-root."""
+    from flwr.app import Context, RecordDict
+
+    from fedmoe.federation.flower.apps import client_options
+    from fedmoe.federation.flower.paths import DEFAULT_STATE_DIR, node_identity
+
+    sent = {"fedmoe-config": "{}", "state-root": str(tmp_path / "server-chosen")}
+    for node, want in (({"partition-id": 0}, str(DEFAULT_STATE_DIR)),
+                       ({"partition-id": 0, "state-dir": str(tmp_path / "mine")}, str(tmp_path / "mine"))):
+        ctx = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config=sent)
+        opts = client_options(None, ctx)
+        assert "state-root" not in opts and opts["fedmoe-config"] == "{}"
+        assert node_identity(node, opts)[2] == want
+        assert PrivacyLedger(node_identity(node, opts)[2]).path.parent == Path(want)
+    simulation = {"fedmoe-config": "{}", "state-root": "/run/clients"}
+    assert node_identity({"partition-id": 0}, client_options(simulation, ctx))[2] == "/run/clients"

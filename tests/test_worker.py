@@ -112,6 +112,11 @@ def test_the_worker_socket_admits_only_its_user_and_its_node(worker, tmp_path):
     with pytest.raises(WorkerError, match=r"serves partition-id=0 .* has partition-id=1"):
         ask_worker(worker, {"op": "handle", "kind": "query", "records": {}, "options": options,
                             "node": {"partition-id": 1, "state-dir": str(tmp_path / "state")}}, start=False)
+    # the same SuperNode with a privacy budget the worker was not started with: refused, as neither may drop it
+    with pytest.raises(WorkerError, match=r"started with the privacy budget None, .* has NodeBudget\(epsilon=8\.0"):
+        ask_worker(worker, {"op": "handle", "kind": "query", "records": {}, "options": options,
+                            "node": {"partition-id": 0, "state-dir": str(tmp_path / "state"), "dp-epsilon": 8}},
+                   start=False)
     # garbage on the socket: that connection ends, the worker goes on
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(worker))

@@ -251,9 +251,9 @@ class DPConfig(_Strict):
     # no raw update leaves a client; ε per client, over the updates it sent; the aggregation after that is
     # post-processing: the plain mean of the noised updates, or with reports: send the method's own)
     where: Literal["server", "client"] = "server"
-    # where: client — the noise's seed: drawn by the client from the operating system for each release, kept
-    # nowhere and never reused (secret), or derived from the run's seed (seeded: the numbers repeat, but
-    # whoever has the config can remove the noise: for simulations only)
+    # where: client — the noise: drawn by the client from the operating system's cryptographic generator for each
+    # release, no seed behind it, kept nowhere and never reused (secret), or from a generator seeded by the run's
+    # seed (seeded: the numbers repeat, but whoever has the config can remove the noise: for simulations only)
     client_noise: Literal["secret", "seeded"] = "secret"
     # where: client — what else leaves a client. withhold: nothing its training data decides but the noised
     # update: its reply weighs 1 (n_train = 1, every client alike, as DP-FedAvg's estimator), the method's

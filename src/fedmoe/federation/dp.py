@@ -121,14 +121,27 @@ def private_aggregate(server, cfg, global_state: State, server_state: dict, repl
                                "dp_noise_std": sigma * C / denominator}
 
 
-def fresh_seed() -> int:
-    """A noise seed from the operating system's randomness (``client_noise: secret``): drawn for each release and
-    kept nowhere, so no one can reproduce — and remove — the noise, and no two releases share it (a round
-    sent again, by a restart or by a server replaying it with another model, gets new noise; two releases
-    with the same noise would give away the difference of their updates)."""
+def secret_normal(shape) -> torch.Tensor:
+    """Standard normal float64 values of ``shape`` drawn from the operating system's cryptographic generator
+    (``client_noise: secret``): each pair by Box–Muller from two 53-bit uniforms of fresh ``os.urandom`` bytes,
+    kept nowhere. No seed stands behind them that a server could search: a generator seeded with a number (torch's
+    CPU generator keeps 32 bits of its seed; PCG64's state can be recovered from its output) has few enough
+    streams to try each against a release and subtract the noise; Opacus's secure mode draws its noise from a
+    cryptographic generator for the same reason. No two releases share noise (a round sent again, by a restart or
+    by a server replaying it with another model, gets new noise; two releases with the same noise would give away
+    the difference of their updates). The values reach about 8.6 in magnitude (a uniform of 2^-53)."""
     import os
 
-    return int.from_bytes(os.urandom(8), "little") >> 1
+    import numpy as np
+
+    n = math.prod(shape)
+    pairs = (n + 1) // 2
+    bits = np.frombuffer(os.urandom(16 * pairs), dtype="<u8")
+    u = (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53  # uniform on [0, 1) in steps of 2^-53
+    radius = np.sqrt(-2.0 * np.log1p(-u[:pairs]))  # 1 - u in (0, 1]: no log(0)
+    angle = 2.0 * np.pi * u[pairs:]
+    z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+    return torch.from_numpy(z.copy()).reshape(shape)
 
 
 def withholds(cfg) -> bool:
@@ -156,8 +169,8 @@ def privatize_reply(cfg, reply, sent, client: int, round_idx: int, weights: dict
     """``federation.dp.where: client``: the reply with each tensor it was sent replaced by θ + Δ̃, where
     Δ = θ_i − θ over those tensors together is clipped to L2 norm C, multiplied by ``weights`` (each in
     [0, 1]: the method's own, :meth:`Client.dp_weights`; a tensor not named weighs 1) and Δ̃ = Δ + N(0, σ²C²)
-    (the noise drawn here, from the operating system's randomness, :func:`fresh_seed`, or, ``client_noise:
-    seeded``, from the run's seed).
+    (the noise drawn here, from the operating system's cryptographic generator, :func:`secret_normal`, or,
+    ``client_noise: seeded``, from the run's seed).
     Returns (reply, ‖Δ‖ before clipping). A Δ that is not finite is replaced by zeros (the release is the noise
     alone; whether training diverged is itself data-dependent). Each release is a Gaussian mechanism of
     sensitivity 2C (any two weighted clipped updates of this client differ by at most 2C) and noise σC; what
@@ -173,14 +186,15 @@ def privatize_reply(cfg, reply, sent, client: int, round_idx: int, weights: dict
         delta = {n: torch.zeros_like(d) for n, d in delta.items()}
     for n, w in (weights or {}).items():
         delta[n] = _broadcast(w, delta[n]) * delta[n]
-    if dp.client_noise == "seeded":
-        seed = derive_seed(cfg.seed, Stream.CLIENT_DP_NOISE, round_idx, client)
+    std = dp.noise_multiplier * dp.clip_norm
+    if dp.client_noise == "seeded":  # reproducible, and removable by whoever has the config: simulations only
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, Stream.CLIENT_DP_NOISE, round_idx, client))
+        draw = lambda shape: gaussian_noise(shape, std, gen)  # noqa: E731
     else:
-        seed = fresh_seed()
-    gen = torch.Generator().manual_seed(seed)
+        draw = lambda shape: secret_normal(shape) * std  # noqa: E731
     out = dict(reply.tensors)
     for n in names:
-        noisy = delta[n] + gaussian_noise(delta[n].shape, dp.noise_multiplier * dp.clip_norm, gen)
+        noisy = delta[n] + draw(delta[n].shape)
         out[n] = (sent.tensors[n].to(torch.float64) + noisy).to(reply.tensors[n].dtype)
     scalars = dict(reply.scalars)
     if withholds(cfg):
@@ -346,4 +360,4 @@ def privacy_summary(cfg, rounds: int, denominator: int, client_rounds: dict[int,
 
 
 __all__ = ["WithheldReports", "clip_update", "composed_epsilon", "epsilon", "privacy_summary", "private_aggregate",
-           "privatize_reply", "require_dp_accounting", "uniform_aggregate", "update_norm", "withhold_setup", "withholds"]
+           "privatize_reply", "require_dp_accounting", "secret_normal", "uniform_aggregate", "update_norm", "withhold_setup", "withholds"]

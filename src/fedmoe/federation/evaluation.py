@@ -244,7 +244,7 @@ def screened(results: dict[int, dict], n_generated: dict[int, int | None]) -> tu
 def pooled(results: list[dict]) -> dict:
     """One model's metrics from its evaluations on several test sets: token-weighted loss,
     example-weighted answer metric (ROUGE-L or accuracy: scores and categories concatenated in
-    order; confusion matrices summed), the first set's general-text numbers. A set with no test
+    order; confusion matrices summed), the general-text numbers of the first set that has them. A set with no test
     tokens adds nothing; with none at all, loss and perplexity are None ("no test data"), never 0 and 1."""
     counted = [r for r in results if r["loss"] is not None and r["tokens"]]
     tok = sum(r["tokens"] for r in counted)
@@ -262,10 +262,18 @@ def pooled(results: list[dict]) -> dict:
     if mats and len(mats) == len([r for r in results if r.get("scores")]):
         g["confusion"] = np.sum(np.asarray(mats, dtype=np.int64), axis=0).tolist()
         g["labels"] = next(r["labels"] for r in results if r.get("labels"))
-    for key in (*GENERAL_KEYS, "heldout_scores"):
-        if results and key in results[0]:
-            g[key] = results[0][key]
+    for key in (*GENERAL_KEYS, "heldout_scores"):  # computed by one client (the first that evaluated them)
+        with_key = [r for r in results if key in r]
+        if with_key:
+            g[key] = with_key[0][key]
     return g
+
+
+def first_evaluating(clients: list[tuple[int, dict | None]]) -> int | None:
+    """Of (client, what it said of its data at setup), in order, the first that sends its evaluation: it computes
+    the numbers on shared data (general text, MMLU, the held-out set) once for all when they are the same for every
+    client. A client whose node keeps its evaluation sent no test-set size (``WITHHELD_WITH_EVALUATION``)."""
+    return next((cid for cid, data in clients if data is None or "n_test" in data), clients[0][0] if clients else None)
 
 
 class EvalPolicy:
@@ -290,7 +298,8 @@ class EvalPolicy:
         with_answers, with_general = self.flags(round_idx, final)
         metric = answer_metric(self.cfg)
         cids = sorted(records)
-        general_for = {cid: with_general and (not all_global or cid == cids[0]) for cid in cids}
+        first = first_evaluating([(cid, records[cid].data) for cid in cids])
+        general_for = {cid: with_general and (not all_global or cid == first) for cid in cids}
         per_client = evaluate_clients(with_answers, general_for)  # a client that failed is missing
         held = sorted(cid for cid, r in per_client.items() if r == WITHHELD_EVALUATION)  # its node kept it
         per_client = {cid: r for cid, r in per_client.items() if cid not in held}

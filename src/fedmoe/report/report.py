@@ -131,7 +131,7 @@ def format_results_table(summary: dict) -> str:
                          if own is not None and own != g["heldout_accuracy"] else ""))
     if extras:
         lines += ["", "Global: " + " · ".join(extras)]
-    for key, why in (("clients_missing", "failed to evaluate the global model"),
+    for key, why in (("clients_missing", "failed their evaluation in that round"),
                      ("clients_withheld", "keep their evaluation results on their nodes (a node's own privacy budget, "
                                           "node config dp-epsilon)")):
         if g.get(key):
@@ -625,7 +625,8 @@ def format_privacy(summary: dict, metrics: list[dict]) -> list[str]:
                  f"Accounting: {p['accounting']}."
                  + (" The noise was seeded from the run's seed (client_noise: seeded): whoever has the config can "
                     "remove it, so this holds only against those who do not." if p.get("client_noise") == "seeded" else
-                    " Each client's noise comes from a secret it drew itself and never sent.")
+                    " Each client drew its noise from its operating system's cryptographic generator and kept nothing of "
+                    "it.")
                  + (" Each client's training loss, steps, token and expert counts, the method's metrics and the size "
                     "and categories of its training data stayed on it (reports: withhold): every update "
                     "weighed the same, and FLAME's per-expert weights were applied on the client before the noise."

@@ -53,6 +53,17 @@ def server_main(grid, context, options=None) -> None:
         Federation(cfg, RunDir(opts["run-dir"]), transport=transport, round_lines=True).run()
 
 
+def client_options(options, context) -> dict:
+    """The run's options as a client takes them: as given in-process (Flower's simulation, whose ``state-root`` puts
+    the clients' stores in the run directory), else the run config the server sent, without ``state-root``: where a
+    SuperNode keeps its files — its private stores, its privacy ledger — is its own node config's word
+    (``state-dir``, else the default), never the server's (which could otherwise have a node write anywhere its
+    user may, or start a node's privacy ledger afresh in a new place)."""
+    if options is not None:
+        return dict(options)
+    return {k: v for k, v in context.run_config.items() if k != "state-root"}
+
+
 def client_reply(message, context, options=None):
     """The ClientApp: this SuperNode's client answers one message, here or (node config ``worker``)
     through the fedmoe worker beside the SuperNode, which keeps the model loaded. The relay path
@@ -60,7 +71,7 @@ def client_reply(message, context, options=None):
     global _CACHE
     from flwr.app import Message as FlowerMessage
 
-    opts = dict(options or context.run_config)
+    opts = client_options(options, context)
     kind, node = message.metadata.message_type, context.node_config
     path = worker_socket(node)
     if path is not None:
@@ -84,7 +95,7 @@ def secagg_answer(message, context, options=None):
     from .paths import node_identity, store_path
     from .secagg import read_secagg_instruction, secagg_reply
 
-    opts = dict(options or context.run_config)
+    opts = client_options(options, context)
     cid, _, state_dir = node_identity(context.node_config, opts)
     ins = read_secagg_instruction(message)
     if ins.config.get("fedmoe.client") != cid:

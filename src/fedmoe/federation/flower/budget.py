@@ -46,7 +46,7 @@ def _number(node_config, key: str, lo: float, hi: float, default: float | None) 
     if raw is None or str(raw).strip() == "":
         return default
     try:
-        value = float(raw)
+        value = math.nan if isinstance(raw, bool) else float(raw)  # Flower gives dp-epsilon=true as a boolean
     except (TypeError, ValueError):
         value = math.nan
     if not (lo < value < hi):

@@ -14,7 +14,7 @@ import uuid
 
 from ...messages import Message
 from ..directories import with_memory_hint
-from ..evaluation import WITHHELD_EVALUATION, pooled, screened
+from ..evaluation import WITHHELD_EVALUATION, first_evaluating, pooled, screened
 from ..transport import TrainReport, seconds
 from .records import from_records, to_records
 
@@ -246,7 +246,8 @@ class FlowerTransport:
         """The global model evaluated by every client on its own test data, pooled in client order
         (general text and MMLU by the first client that answers); the clients that failed are named."""
         cids = sorted(self.node_of)
-        infos = {cid: {"with_answers": with_answers, "general": general and cid == cids[0]} for cid in cids}
+        first = first_evaluating([(cid, self.infos.get(cid, {}).get("data")) for cid in cids])
+        infos = {cid: {"with_answers": with_answers, "general": general and cid == first} for cid in cids}
         got, failed = self._send(round_idx, EVALUATE_GLOBAL, {cid: message for cid in cids}, infos)
         held = [cid for cid in cids if cid in got and _withholds_evaluation(got[cid][1])]
         if not got:

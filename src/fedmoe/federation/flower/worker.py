@@ -207,6 +207,11 @@ class Worker:
             return (f"refused: this worker serves partition-id={mine[0]} data-path={mine[1]} state-dir={mine[2]}, "
                     f"the SuperNode relaying to it has partition-id={theirs[0]} data-path={theirs[1]} "
                     f"state-dir={theirs[2]}: give each SuperNode its own worker socket")
+        from .budget import node_budget
+
+        if node_budget(self.serves) != node_budget(node):  # its privacy budget too: neither may drop the other's
+            return (f"refused: this worker was started with the privacy budget {node_budget(self.serves)}, the SuperNode "
+                    f"relaying to it has {node_budget(node)}: give both the same dp-epsilon, dp-delta and dp-evaluation")
         return None
 
     def _handle(self, header: dict, payload) -> tuple[dict, bytes]:
