@@ -242,3 +242,32 @@ def test_a_server_cannot_choose_where_a_node_keeps_its_files(tmp_path):
         assert PrivacyLedger(node_identity(node, opts)[2]).path.parent == Path(want)
     simulation = {"fedmoe-config": "{}", "state-root": "/run/clients"}
     assert node_identity({"partition-id": 0}, client_options(simulation, ctx))[2] == "/run/clients"
+
+
+def test_a_missing_ledger_beside_trained_stores_stops_training_until_started_knowingly(run, tmp_path):
+    """A node whose state-dir shows it trained (a store of a round ≥ 1) but holds no ledger — the ledger deleted,
+    or a budget set on a node that trained without one — does not take that for ε = 0: training is refused,
+    naming the state-dir and the command that starts a ledger; `fedmoe node-privacy --start` starts an empty one
+    (and never overwrites one), after which the node trains and counts again."""
+    from typer.testing import CliRunner
+
+    from fedmoe.cli import app
+
+    cfg, sent = run
+    node = _node(tmp_path, **{"dp-epsilon": "100"})
+    cache = ClientCache()
+    _ask(cache, cfg, node, "query")
+    _ask(cache, cfg, node, "train", sent[(1, 0)])
+    ledger = tmp_path / "state" / LEDGER
+    assert len(json.loads(ledger.read_text())["releases"]) == 1
+    ledger.unlink()  # an operator's clean-up
+    with pytest.raises(BudgetRefusal, match=rf"state-dir {tmp_path / 'state'} holds the stores of 1 round\(s\) .* "
+                                            "fedmoe node-privacy .* --start"):
+        _ask(cache, cfg, node, "train", sent[(2, 0)])
+    assert not ledger.exists()
+    out = CliRunner().invoke(app, ["node-privacy", str(tmp_path / "state"), "--start"])
+    assert out.exit_code == 0 and "started, empty" in out.output and "no release recorded" in out.output
+    _ask(cache, cfg, node, "train", sent[(2, 0)])
+    assert [r["round"] for r in json.loads(ledger.read_text())["releases"]] == [2]
+    again = CliRunner().invoke(app, ["node-privacy", str(tmp_path / "state"), "--start"])
+    assert "already, kept as it is" in again.output and len(json.loads(ledger.read_text())["releases"]) == 1

@@ -105,9 +105,39 @@ class PrivacyLedger:
     def __init__(self, state_dir):
         self.path = Path(state_dir) / LEDGER
 
+    def trained_stores(self) -> list[Path]:
+        """The private stores in this state-dir of rounds its client trained in (``<run>/client-<N>/private-rR.pt``,
+        R ≥ 1): each after an update that left the node."""
+        found = []
+        for p in sorted(self.path.parent.glob("*/client-*/private-r*.pt")):
+            digits = p.stem[len("private-r"):]
+            if digits.isdigit() and int(digits) >= 1:
+                found.append(p)
+        return found
+
+    def start(self) -> bool:
+        """Start an empty ledger where there is none (the operator's word that what the data spent before is
+        accounted for elsewhere, or is to be ignored); False where one exists (it is never overwritten)."""
+        from ...rundir import atomic_write_text
+
+        if self.path.exists():
+            return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps({"releases": []}, indent=1))
+        return True
+
     def releases(self) -> list[dict]:
-        """The recorded releases. A ledger that cannot be read is an error, never taken for an empty one."""
+        """The recorded releases. A ledger that cannot be read is an error, never taken for an empty one; so is a
+        missing ledger in a state-dir whose stores show the node released updates before (a ledger deleted, or
+        a budget set on a node that trained without one): what its data spent then is not known."""
         if not self.path.exists():
+            trained = self.trained_stores()
+            if trained:
+                raise BudgetRefusal(
+                    f"this node's state-dir {self.path.parent} holds the stores of {len(trained)} round(s) its client "
+                    f"trained in (e.g. {trained[0]}) but no privacy ledger ({self.path.name}): what its data spent "
+                    "then is not known, so it trains no more under a budget. Restore the ledger from a backup if it "
+                    f"was deleted, or start one knowingly: fedmoe node-privacy {self.path.parent} --start")
             return []
         try:
             data = json.loads(self.path.read_text())
