@@ -198,6 +198,48 @@ def test_the_static_rescaler_is_k_over_k_i():
             assert mm.top_k == ([2, 1][cid] if cid is not None else 2)
 
 
+def test_a_router_that_renormalises_its_top_k_weights_refuses_the_static_ratio():
+    """The static rescaler k/k_i (and rescaler_init: ratio) makes up for the routed output a k_i client loses where
+    the routing weights are the full softmax's (OLMoE, norm_topk_prob false: half of it at k_i = 1 of 2, measured
+    here). Where the router renormalises (Qwen3-MoE's norm_topk_prob, Granite's softmax over the top-k) the top-k
+    weights sum to 1 at any k and nothing is lost: there the ratio is refused, naming the setting and the fix. The
+    learned rescaler from 1 and 'none' are taken; so is the ratio where every client runs at the full k."""
+    from fedmoe.algorithms.base import check_top_k
+    from fedmoe.config import ConfigError
+
+    def half(arch, *sets, ks="[2,1]", **model):
+        cfg = load_config(None, ["algorithm.name=flame", "lora.rank=2", f"algorithm.client_top_k={ks}",
+                                 "data.partition.num_clients=2", *sets])
+        mm = MoEModel.from_config(tiny_config(arch, **model))
+        METHODS["flame"].client.build(cfg, mm)
+        return METHODS["flame"].client(cfg), mm
+
+    for arch, sets, refused in (("olmoe", ["algorithm.flame.rescaler=static"], False),
+                                ("qwen3_moe", ["algorithm.flame.rescaler=static"], True),
+                                ("granitemoe", ["algorithm.flame.rescaler_init=ratio"], True),
+                                ("qwen3_moe", ["algorithm.flame.rescaler=learned"], False),
+                                ("granitemoe", ["algorithm.flame.rescaler=none"], False)):
+        client, mm = half(arch, *sets)
+        if refused:
+            with pytest.raises(ConfigError, match=rf"{sets[0].split('=')[0]}: .* this {arch} model's router .* "
+                                                  r"k_i = 1 .* multiply its output by 2: use"):
+                check_top_k(client, mm, 2)
+        else:
+            check_top_k(client, mm, 2)
+    check_top_k(*half("qwen3_moe", "algorithm.flame.rescaler=static", ks="[2,2]"), 2)
+    # what the ratio is for, measured: OLMoE's routed weights at k = 1 sum to about half of those at k = 2
+    sums = {}
+    mm = MoEModel.from_config(tiny_config("olmoe"))
+    def keep(module, args):  # the top-k weights the experts receive, by k (returns None: args unchanged)
+        sums.setdefault(mm.top_k, args[2].sum(-1))
+    mm.layers[0].block.experts.register_forward_pre_hook(keep)
+    ids = torch.randint(2, 128, (2, 9))
+    for k in (2, 1):
+        mm.set_top_k(k)
+        mm.model(ids)
+    assert 0.4 < float((sums[1] / sums[2]).mean()) < 0.6
+
+
 TINY = ["data.max_examples=240", "data.max_length=64", "train.max_steps=2", "train.batch_size=2",
         "eval.max_examples=2", "eval.max_new_tokens=3", "data.max_test_per_client=4", "lora.rank=4",
         "model.name=builtin:tiny-olmoe", "algorithm.name=flame", "algorithm.budgets.top_k=[2,1]",

@@ -396,3 +396,32 @@ def test_backward_is_bitwise_deterministic_with_threads():
         assert all(torch.equal(grads[0], g) for g in grads[1:])
     finally:
         torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_renormalises_top_k_says_what_the_router_does(arch):
+    """fedmoe.moe.arch.renormalises_top_k (which FLAME's static rescaler reads) against each family's router as
+    transformers runs it: the top-k weights the experts receive have the same sum at k and at k = 1 exactly when it
+    says so; a norm_topk_prob family is checked with the flag both ways."""
+    from fedmoe.moe.arch import renormalises_top_k
+    from fedmoe.moe.tiny import tiny_config
+
+    configs = [tiny_config(arch)]
+    if hasattr(configs[0], "norm_topk_prob") and arch not in ("qwen3_5_moe_text", "ernie4_5_moe"):
+        flipped = tiny_config(arch)
+        flipped.norm_topk_prob = not flipped.norm_topk_prob
+        configs.append(flipped)
+    for config in configs:
+        torch.manual_seed(0)
+        mm = MoEModel.from_config(config)
+        sums = {}
+        def keep(module, args):  # the top-k weights the experts receive, by k (returns None: args unchanged)
+            sums.setdefault(mm.top_k, args[2].float().sum(-1))
+        mm.layers[0].block.experts.register_forward_pre_hook(keep)
+        ids = torch.randint(2, 100, (2, 9))
+        for k in (2, 1):
+            mm.set_top_k(k)
+            with torch.no_grad():
+                mm.model(ids)
+        same = torch.allclose(sums[1], sums[2], rtol=1e-5)
+        assert same == renormalises_top_k(config), (arch, getattr(config, "norm_topk_prob", None))

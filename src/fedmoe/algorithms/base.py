@@ -271,6 +271,10 @@ class Client:
         """Refuse settings this method cannot honour (a ValueError naming the key and the fix); run when
         the config is validated, before any model is built."""
 
+    def check_model(self, mm: MoEModel) -> None:
+        """Refuse settings this model cannot honour (a ConfigError naming the key and the fix); run when a
+        client's model is loaded, before anything runs (:func:`check_top_k`)."""
+
     # settings of this client --------------------------------------------------------------------
     def top_k(self, client: int | None, mm: MoEModel) -> int:
         """k of this client (None: the global model, at the model's k)."""
@@ -339,9 +343,11 @@ class Client:
 
 
 def check_top_k(half: Client, mm: MoEModel, num_clients: int) -> None:
-    """Every client's k within the model's before anything runs (a TopKError naming the client)."""
+    """Every client's k within the model's before anything runs (a TopKError naming the client), and the
+    method's settings this model can honour (:meth:`Client.check_model`)."""
     from ..moe import TopKError
 
+    half.check_model(mm)
     for cid in range(num_clients):
         k = half.top_k(cid, mm)
         if not 1 <= k <= mm.default_top_k:

@@ -134,6 +134,29 @@ class FlameClient(FedITClient):
         super().build(cfg, mm)
         mm.add_output_scale(init=1.0, trainable=cfg.algorithm.flame.rescaler == "learned")
 
+    def check_model(self, mm) -> None:
+        """The static rescaler k/k_i (and a learned one started there) makes up for the routed output a k_i client
+        loses with fewer experts where the routing weights are the full softmax's probabilities (the paper's
+        OLMoE). A router that gives its top-k weights the same sum at any k (``renormalises_top_k``) loses no scale:
+        there k/k_i would multiply the client's output by up to k / min k_i, so it is refused."""
+        from ..config import ConfigError
+        from ..moe.arch import renormalises_top_k
+
+        fc = self.cfg.algorithm.flame
+        setting = ("algorithm.flame.rescaler: static" if fc.rescaler == "static" else
+                   "algorithm.flame.rescaler_init: ratio" if fc.rescaler == "learned" and fc.rescaler_init == "ratio"
+                   else None)
+        if setting is None or not renormalises_top_k(mm.model.config):
+            return
+        lowest = min(self.top_k(c, mm) for c in range(self.cfg.data.partition.num_clients))
+        if lowest < mm.default_top_k:
+            raise ConfigError(
+                f"{setting} (s_i = k/k_i) makes up for the routed output a client loses with fewer experts where the "
+                f"routing weights are the full softmax's probabilities (OLMoE's); this {mm.model_type} model's router "
+                f"gives its top-k weights the same sum at any k (renormalised), so a client at k_i = {lowest} loses no "
+                f"scale and k/k_i would multiply its output by {mm.default_top_k / lowest:g}: use "
+                "algorithm.flame.rescaler: learned with rescaler_init: one (the default), or rescaler: none")
+
     def _levels_k(self, model_k: int) -> list[int]:
         levels = self.cfg.algorithm.budgets.top_k or default_top_k_levels(model_k)
         bad = [k for k in levels if not 1 <= k <= model_k]

@@ -159,7 +159,8 @@ class _ShortConv:
 
     def mixer_flops(self, T: int) -> int:
         """The depthwise convolution over T tokens, as transformers' reference path runs it (padded by kernel - 1
-        on both sides, the extra outputs cut after): 2 · channels · kernel · (T + kernel - 1)."""
+        on both sides, the extra outputs cut after): 2 · channels · kernel · (T + kernel - 1). The causal_conv1d
+        kernel on a GPU computes only the T outputs kept, 2 · channels · kernel · T: K - 1 positions fewer."""
         return 2 * self.channels * self.kernel * (T + self.kernel - 1)
 
 

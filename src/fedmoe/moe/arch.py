@@ -131,6 +131,24 @@ class MoELayer:
         return self.form.inter(self.experts.down_proj)
 
 
+# the families whose router always gives its top-k weights a fixed sum, whatever k (a softmax over the top-k
+# logits alone — Granite-MoE, gpt-oss —, or renormalised after the top-k — Mixtral, Qwen3.5, ERNIE-4.5); the others
+# do so where their config's norm_topk_prob says (DeepSeek-V3 and GLM also times routed_scaling_factor), but
+# DeepSeek-V2, whose router (transformers 5.23) never renormalises, whatever its config's flag
+_RENORMALISED_TOP_K = ("mixtral", "qwen3_5_moe_text", "ernie4_5_moe", "gpt_oss", "granitemoe")
+_SOFTMAX_TOP_K = ("deepseek_v2",)
+
+
+def renormalises_top_k(config) -> bool:
+    """Whether this model's top-k routing weights have the same sum at any k: with fewer experts a token's
+    routed output then keeps its scale (each expert weighs more) instead of shrinking as it does where the
+    weights are the full softmax's probabilities (OLMoE, Qwen2-MoE, DeepSeek-V2-Lite: norm_topk_prob false)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in _SOFTMAX_TOP_K:
+        return False
+    return model_type in _RENORMALISED_TOP_K or bool(getattr(config, "norm_topk_prob", False))
+
+
 def router_attr(model_type: str) -> str:
     """The MoE block's attribute that holds the router: ``gate``, or gpt-oss's and Granite-MoE's ``router``."""
     return _ROUTER_ATTRS.get(model_type, "gate")

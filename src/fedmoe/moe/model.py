@@ -397,7 +397,9 @@ class MoEModel:
 
     def add_router_lora(self, rank: int, alpha: float) -> None:
         """LoRA on every MoE layer's router weight (E, H) (:class:`RouterWithLoRA`; parameters
-        ``...mlp.gate.lora_A`` (r, H), ``...mlp.gate.lora_B`` (E, r); gpt-oss: ``...mlp.router.lora_A/B``).
+        ``...mlp.gate.lora_A`` (r, H), ``...mlp.gate.lora_B`` (E, r); gpt-oss: ``...mlp.router.lora_A/B``; under the
+        family's block, ``moe_block_attr``: Granite-MoE ``...block_sparse_moe.router.lora_A/B``, LFM2-MoE
+        ``...feed_forward.gate.lora_A/B``).
         Adding it again replaces it."""
         for layer in self.layers:
             setattr(layer.block, layer.router_attr, RouterWithLoRA(layer.router, rank, alpha))
@@ -454,7 +456,8 @@ class MoEModel:
 
     def attach_to_blocks(self, name: str, make) -> list[nn.Module]:
         """Add an extra module beside every MoE block (``make(layer)`` builds it; it is registered as
-        ``block.<name>``, so its parameters are named ``...mlp.<name>.*``) whose output on the block's
+        ``block.<name>``, so its parameters are named ``...mlp.<name>.*``, under the family's block name:
+        ``moe_block_attr``) whose output on the block's
         input is added to the block's output whenever its ``enabled`` attribute is true. Shared experts
         stay where they are. Returns the modules, one per MoE layer (FLEx's grafted experts)."""
         modules = []
