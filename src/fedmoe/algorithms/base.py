@@ -272,7 +272,7 @@ class Client:
         the config is validated, before any model is built."""
 
     def check_model(self, mm: MoEModel) -> None:
-        """Refuse settings this model cannot honour (a ConfigError naming the key and the fix); run when a
+        """Refuse settings this model cannot honour (a ValueError naming the key and the fix); run when a
         client's model is loaded, before anything runs (:func:`check_top_k`)."""
 
     # settings of this client --------------------------------------------------------------------

@@ -139,7 +139,6 @@ class FlameClient(FedITClient):
         loses with fewer experts where the routing weights are the full softmax's probabilities (the paper's
         OLMoE). A router that gives its top-k weights the same sum at any k (``renormalises_top_k``) loses no scale:
         there k/k_i would multiply the client's output by up to k / min k_i, so it is refused."""
-        from ..config import ConfigError
         from ..moe.arch import renormalises_top_k
 
         fc = self.cfg.algorithm.flame
@@ -150,7 +149,7 @@ class FlameClient(FedITClient):
             return
         lowest = min(self.top_k(c, mm) for c in range(self.cfg.data.partition.num_clients))
         if lowest < mm.default_top_k:
-            raise ConfigError(
+            raise ValueError(
                 f"{setting} (s_i = k/k_i) makes up for the routed output a client loses with fewer experts where the "
                 f"routing weights are the full softmax's probabilities (OLMoE's); this {mm.model_type} model's router "
                 f"gives its top-k weights the same sum at any k (renormalised), so a client at k_i = {lowest} loses no "
