@@ -94,7 +94,7 @@ def budget_refusal(cfg, budget: NodeBudget) -> str | None:
         why = "federation.dp.noise_multiplier = 0 (no noise)"
     if why is None:
         return None
-    return (f"this node trains only under local DP with a secret noise seed and withheld reports (node config "
+    return (f"this node trains only under local DP with secret noise and withheld reports (node config "
             f"dp-epsilon = {budget.epsilon:g}), and this run asks otherwise: {why}")
 
 
