@@ -380,6 +380,9 @@ def test_activation_counts_that_cannot_be_right_are_invalid():
       "confusion": [[5, 0], [0, 0]]}, "confusion matrix"),
     ({"loss": 2.0, "tokens": 5, "mmlu": 250.0}, "mmlu = 250.0"),
     ({"loss": 2.0, "tokens": 5, "general_loss": float("inf")}, "general_loss = inf"),
+    ({"loss": 2.0, "tokens": 5, "mmlu": 10**400}, "mmlu = 1000"),  # no float holds it: refused, not a crash
+    ({"loss": 10**400, "tokens": 5}, "a non-finite test loss"),
+    ({"loss": 2.0, "tokens": 5, "scores": [10**400], "categories": ["a"]}, "not numbers in [0, 100]"),
     ("nonsense", "not a mapping"),
 ])
 def test_an_evaluation_that_cannot_be_right_is_invalid(result, want):

@@ -24,6 +24,7 @@ from ..data.tokenize import collate_sft
 from ..eval import evaluate_loss, greedy_generate, rouge_l_per_example
 from .progress import Progress
 from .summary import ClientRecord
+from .transport import is_number
 
 ZERO_SHOT_KEYS = ("loss", "rouge_l", "accuracy", "perplexity", "general_loss", "general_perplexity", "mmlu",
                   "heldout_loss", "heldout_accuracy")
@@ -164,7 +165,7 @@ class ModelEvaluator:
 
 
 def _number(v, lo: float = -math.inf, hi: float = math.inf) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+    return is_number(v) and lo <= v <= hi  # (an integer of hundreds of digits is no number: is_number)
 
 
 def invalid_evaluation(r, n_generated: int | None) -> str | None:
@@ -183,7 +184,7 @@ def invalid_evaluation(r, n_generated: int | None) -> str | None:
     if loss is None:
         if tokens:
             return f"no test loss over {tokens} test tokens"
-    elif not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss):
+    elif not is_number(loss):
         return f"a non-finite test loss ({loss!r})"
     elif loss < 0 or not tokens:
         return f"a test loss of {loss!r} over {tokens} tokens (a cross-entropy is ≥ 0 and needs tokens)"
