@@ -28,9 +28,10 @@ from .transport import is_number
 
 ZERO_SHOT_KEYS = ("loss", "rouge_l", "accuracy", "perplexity", "general_loss", "general_perplexity", "mmlu",
                   "heldout_loss", "heldout_accuracy")
-# a client's evaluation that its node kept (its own privacy budget: fedmoe.federation.flower.budget), as the
-# transport hands it to the runtime: neither a result nor a failure
-WITHHELD_EVALUATION = "withheld"
+# a client's evaluation that its node kept (its own privacy budget: fedmoe.federation.flower.budget): the name
+# the client gives it among what it withheld, and what the transport hands the runtime in place of a result —
+# neither a result nor a failure
+WITHHELD_EVALUATION = "evaluation"
 # what such a client keeps of its data's description besides: the size of its test set
 WITHHELD_WITH_EVALUATION = ("n_test", "n_generated")
 GENERAL_KEYS = ("general_loss", "general_perplexity", "mmlu", "heldout_loss", "heldout_accuracy")

@@ -316,7 +316,7 @@ class Federation:
     def _setup(self, prog: Progress) -> None:
         for cid, info in self.transport.setup(prog).items():
             withheld = WITHHELD_DATA if self.receiver is not self.server else ()
-            if "evaluation" in (info.get("withheld") or ()):  # its node keeps its evaluation, and its test set's size
+            if WITHHELD_EVALUATION in (info.get("withheld") or ()):  # its node keeps its evaluation, and its test set's size
                 withheld = (*withheld, *WITHHELD_WITH_EVALUATION)
             why = invalid_setup(info, self.spec.top_k, self._max_rank(), withheld)
             if why:

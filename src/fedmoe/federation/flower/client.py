@@ -31,7 +31,7 @@ from ...moe.model import resolve_device
 from ...rundir import atomic_write_bytes, atomic_write_text, load_tensor_file
 from ...train import Parallel
 from ..clients import ClientNode, client_set, heldout_set
-from ..evaluation import WITHHELD_WITH_EVALUATION, ModelEvaluator
+from ..evaluation import WITHHELD_EVALUATION, WITHHELD_WITH_EVALUATION, ModelEvaluator
 from ..local import load_client_model
 from .budget import NodeBudget, PrivacyLedger, budget_refusal, node_budget
 from ..dp import withhold_setup
@@ -44,7 +44,7 @@ _KEEP = 3  # private-store files kept per client (the newest)
 WITHHELD = {"examples": "sample answers with their references", "categories": "the category of each scored test "
             "example (per-category scores)", "confusion": "confusion matrices",
             "category_counts": "category histograms of its training data",
-            "evaluation": "its evaluation results and the size of its test set (its node's privacy budget: node config "
+            WITHHELD_EVALUATION: "its evaluation results and the size of its test set (its node's privacy budget: node config "
                           "dp-epsilon without dp-evaluation=\"send\")"}
 
 
@@ -225,7 +225,7 @@ class FlowerClient:
             data, kept = kept_here(data, self.share)
             if self.withholds_evaluation:
                 data = {k: v for k, v in data.items() if k not in WITHHELD_WITH_EVALUATION}
-                kept.append("evaluation")
+                kept.append(WITHHELD_EVALUATION)
             out.update(data=data, withheld=kept, setup=setup,
                        profile=self.half.profile(self.id, self.mm, node.private))
             return to_records(None, out)
@@ -247,7 +247,7 @@ class FlowerClient:
             out["work_s"] = time.perf_counter() - t0
             return to_records(reply, out)
         if self.withholds_evaluation:  # nothing of it leaves this node: no result, and the server is told so
-            out.update(result=None, withheld=["evaluation"], work_s=time.perf_counter() - t0)
+            out.update(result=None, withheld=[WITHHELD_EVALUATION], work_s=time.perf_counter() - t0)
             return to_records(None, out)
         if kind == "evaluate":
             res = node.evaluate(self.half, self.mm, self.evaluator, msg, info["with_answers"], info["general"])

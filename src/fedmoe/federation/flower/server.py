@@ -24,7 +24,7 @@ QUERY, TRAIN, EVALUATE, EVALUATE_GLOBAL = "query", "train", "evaluate", "evaluat
 def _withholds_evaluation(info: dict) -> bool:
     """Whether a client's evaluation reply says its node keeps the result (its privacy budget) and has none."""
     kept = info.get("withheld")
-    return isinstance(kept, list) and "evaluation" in kept and info.get("result") is None
+    return isinstance(kept, list) and WITHHELD_EVALUATION in kept and info.get("result") is None
 
 
 def _message(content, kind: str, node: int, group: str):
