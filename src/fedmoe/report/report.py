@@ -629,7 +629,8 @@ def format_privacy(summary: dict, metrics: list[dict]) -> list[str]:
                     "it.")
                  + (" Each client's training loss, steps, token and expert counts, the method's metrics and the size "
                     "and categories of its training data stayed on it (reports: withhold): every update "
-                    "weighed the same, and FLAME's per-expert weights were applied on the client before the noise."
+                    "weighed the same, and a method's own weights of an update (per expert, from the client's own "
+                    "counts) were applied on the client before the noise."
                     if p.get("reports") == "withhold" else " The clients sent their reports as without DP "
                     "(reports: send), and the aggregation weighed them by their sizes.")
                  + (f" Not covered by ε: {p['not_covered']}." if p.get("not_covered") else
