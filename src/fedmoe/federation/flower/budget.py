@@ -165,9 +165,10 @@ class PrivacyLedger:
         """ε at ``delta`` over every release recorded."""
         return self.spent(self.releases(), delta)
 
-    def check(self, budget: NodeBudget, noise_multiplier: float) -> float:
-        """ε after one more release at ``noise_multiplier``; :class:`BudgetRefusal` if that exceeds the budget."""
-        releases = self.releases()
+    def check(self, budget: NodeBudget, noise_multiplier: float, releases: list[dict] | None = None) -> float:
+        """ε after one more release at ``noise_multiplier`` (after ``releases``, else the ledger's);
+        :class:`BudgetRefusal` if that exceeds the budget."""
+        releases = self.releases() if releases is None else releases
         after = self.spent([*releases, {"noise_multiplier": noise_multiplier}], budget.delta)
         if after > budget.epsilon:
             raise BudgetRefusal(
@@ -188,8 +189,8 @@ class PrivacyLedger:
         with open(self.path.with_name(LEDGER + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                after = self.check(budget, noise_multiplier)
                 releases = self.releases()
+                after = self.check(budget, noise_multiplier, releases)
                 releases.append({"run_id": str(run_id), "round": int(round_idx), "client": int(client),
                                  "noise_multiplier": float(noise_multiplier), "time": time.time()})
                 atomic_write_text(self.path, json.dumps({"releases": releases}, indent=1))
