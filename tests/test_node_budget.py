@@ -98,7 +98,8 @@ def test_a_node_refuses_a_run_that_would_let_its_data_leave_unnoised(run, tmp_pa
                       (["federation.dp.where=server", "federation.dp.reports=null"], "where = server"),
                       (["federation.dp.client_noise=seeded"], "client_noise = seeded"),
                       (["federation.dp.reports=send"], "reports = send"),
-                      (["federation.dp.noise_multiplier=0"], "noise_multiplier = 0")):
+                      (["federation.dp.noise_multiplier=0"], "noise_multiplier = 0"),
+                      (["train.max_steps=null"], "max_steps = null .epoch-based training")):
         bad = _with(*sets)
         for kind, msg in (("query", None), ("train", sent[(1, 0)])):
             with pytest.raises(PermissionError, match=f"client 0: this node trains only under local DP.*{why}"):
@@ -271,3 +272,36 @@ def test_a_missing_ledger_beside_trained_stores_stops_training_until_started_kno
     assert [r["round"] for r in json.loads(ledger.read_text())["releases"]] == [2]
     again = CliRunner().invoke(app, ["node-privacy", str(tmp_path / "state"), "--start"])
     assert "already, kept as it is" in again.output and len(json.loads(ledger.read_text())["releases"]) == 1
+
+
+@pytest.mark.parametrize("mode", ["late", "early"])
+def test_ranks_training_together_follow_rank_0s_reading_of_the_ledger(run, tmp_path, mode):
+    """``--nproc 2``: rank 0 reads the ledger and both ranks follow it. ``late``: the other rank's own reading would
+    refuse (a release recorded in between by another process of the node) — both train and rank 0 records the
+    release; ``early``: it would admit while rank 0's refuses — both refuse, so neither waits for the other in an
+    all-reduce (each case a hang, or one rank trained and the other refused, without the shared verdict)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    cfg, sent = run
+    node = _node(tmp_path, **{"dp-epsilon": "1e9" if mode == "late" else "1"})
+    _ask(ClientCache(), cfg, node, "query")  # the setup (rank 0 answers it alone)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    (tmp_path / "node.json").write_text(json.dumps(node))
+    torch.save(sent[(1, 0)], tmp_path / "train.pt")
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(here.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                    str(here / "budget_rank.py"), str(tmp_path), mode], env=env, check=True, timeout=240,
+                   capture_output=True)
+    did = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    releases = PrivacyLedger(tmp_path / "state").releases()
+    if mode == "late":
+        assert did == ["trained", "trained"] and len(releases) == 1
+    else:
+        assert did[0].startswith("refused: this node's privacy budget is spent") and not releases
+        assert did[1] == "refused: client 0: rank 0 refused this release (this node's privacy budget)"

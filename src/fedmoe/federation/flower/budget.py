@@ -6,12 +6,16 @@ server: a server that sets ``noise_multiplier`` to 0, ``where: server`` (raw upd
 seeded`` (noise it can compute and subtract) or ``reports: send`` (unnoised losses, counts and sizes), or that
 simply asks for more rounds than were agreed, would get more than the data owner agreed to give.
 
-With ``dp-epsilon=E`` in its node config a node trains only for runs that noise on the client with a secret
-seed and withhold its reports, and keeps its own ledger of every update it released (``dp-ledger.json`` in
+With ``dp-epsilon=E`` in its node config a node trains only for runs that noise on the client with secret
+noise (``client_noise: secret``) and withhold its reports, and keeps its own ledger of every update it released (``dp-ledger.json`` in
 its state-dir, written before the reply leaves): its ε at ``dp-delta`` (default 1e-5) over every release
 recorded there — of every run, by the σ each release was noised with — never exceeds E. A release that would
 exceed it is refused (the server sees that client fail the round, with the reason). The ledger counts what
 the node sent, not what a server says it used: a round asked twice counts twice.
+
+A node under a budget also refuses epoch-based training (``train.max_steps: null``): its steps, withheld from its
+reports, would show in how long its rounds take. With a fixed number of steps a round's length still follows the
+data as far as the last, shorter batch of a pass over it (and the setup's, its tokenisation).
 
 Evaluation results are not covered by ε (they are each client's scores on its own test data). Under a
 budget a node withholds them, and the size of its test set, unless its node config says
@@ -92,10 +96,13 @@ def budget_refusal(cfg, budget: NodeBudget) -> str | None:
         why = "federation.dp.reports = send (the training report, data sizes and counts would leave unnoised)"
     elif not dp.noise_multiplier:
         why = "federation.dp.noise_multiplier = 0 (no noise)"
+    elif cfg.train.max_steps is None:
+        why = ("train.max_steps = null (epoch-based training: the number of steps, and so how long each round takes "
+               "this node, would follow its training set's size, which withheld reports keep from the server)")
     if why is None:
         return None
-    return (f"this node trains only under local DP with secret noise and withheld reports (node config "
-            f"dp-epsilon = {budget.epsilon:g}), and this run asks otherwise: {why}")
+    return (f"this node trains only under local DP with secret noise, withheld reports and a fixed number of steps "
+            f"(node config dp-epsilon = {budget.epsilon:g}), and this run asks otherwise: {why}")
 
 
 class PrivacyLedger:

@@ -33,7 +33,7 @@ from ...train import Parallel
 from ..clients import ClientNode, client_set, heldout_set
 from ..evaluation import WITHHELD_EVALUATION, WITHHELD_WITH_EVALUATION, ModelEvaluator
 from ..local import load_client_model
-from .budget import NodeBudget, PrivacyLedger, budget_refusal, node_budget
+from .budget import BudgetRefusal, NodeBudget, PrivacyLedger, budget_refusal, node_budget
 from ..dp import withhold_setup
 from .paths import DEFAULT_STATE_DIR, node_identity, store_path  # noqa: F401 (re-exported)
 from .records import from_records, jsonable, to_records
@@ -194,6 +194,24 @@ class FlowerClient:
         """Whether this node's privacy budget keeps its evaluation results here (no ``dp-evaluation=send``)."""
         return self.budget is not None and not self.budget.send_evaluation
 
+    def _admit_release(self, lead: bool) -> None:
+        """Refuse (:class:`BudgetRefusal`) a training whose release would take the node past its budget. With ranks
+        training together (``--nproc N``) rank 0 reads the ledger and every rank follows its verdict: a rank that
+        read it a moment later (another process of the node having recorded a release in between) would otherwise
+        refuse while the others train, and they would wait for it in their first all-reduce."""
+        refusal = None
+        if lead:
+            try:
+                PrivacyLedger(self.state_dir).check(self.budget, self.cfg.federation.dp.noise_multiplier / 2)
+            except BudgetRefusal as e:
+                refusal = e
+        if self.parallel is not None:
+            verdict = torch.tensor([0.0 if refusal is None else 1.0], device=self.mm.device)
+            if float(self.parallel.all_reduce(verdict)[0]) and refusal is None:
+                raise BudgetRefusal(f"client {self.id}: rank 0 refused this release (this node's privacy budget)")
+        if refusal is not None:
+            raise refusal
+
     def store(self, run_id: str) -> PrivateStore:
         return PrivateStore(store_path(self.state_dir, run_id, self.id))
 
@@ -210,7 +228,7 @@ class FlowerClient:
             if why:
                 raise PermissionError(f"client {self.id}: {why}")
             if kind == "train":  # refused before the work when even this release would exceed it
-                PrivacyLedger(self.state_dir).check(self.budget, self.cfg.federation.dp.noise_multiplier / 2)
+                self._admit_release(lead)
         node = ClientNode(self.set, store.load(before=round_idx + (0 if kind == "train" else 1)))
         load_s = self.load_s if self.fresh else 0.0
         self.fresh = False
