@@ -151,8 +151,8 @@ def test_router_lora_logits_by_hand(arch):
     layer = mm.layers[0]
     base = layer.router
     mm.add_router_lora(RANK, ALPHA)
-    attr = router_attr(arch)  # gpt-oss's and Granite-MoE's MoE block holds its router as router
-    assert attr == ("router" if arch in ("gpt_oss", "granitemoe") else "gate")
+    attr = router_attr(arch)  # gpt-oss's, Granite-MoE's and Phi-3.5-MoE's MoE block holds its router as router
+    assert attr == ("router" if arch in ("gpt_oss", "granitemoe", "phimoe") else "gate")
     router = getattr(layer.block, attr)
     assert isinstance(router, RouterWithLoRA) and router.base is base
     names = [n for n in mm.trainable_names()]

@@ -334,10 +334,19 @@ VLLM_3D_EXPERT_LORA = ("gpt_oss",)
 # LoRA manager asks a model with fused MoE layers for its expert mapping (process_packed_modules_mapping, vllm/lora/
 # utils.py: get_expert_mapping on the model or its direct children, else AttributeError "To support LoRA for MoE
 # model, 'get_expert_mapping' must be implemented"); GraniteMoeForCausalLM and GraniteMoeModel
-# (vllm/model_executor/models/granitemoe.py) define none: its per-expert mapping lives inside its weight loader
+# (vllm/model_executor/models/granitemoe.py) define none: its per-expert mapping lives inside its weight loader.
+# PhiMoEForCausalLM and PhiMoEModel (vllm/model_executor/models/phimoe.py at vllm-project/vllm commit c18f8240, the
+# one version of it this index holds; lora/utils.py read at 0fd15707) define none either: the per-expert mapping
+# (FusedMoE.make_expert_params_mapping with w1 / w2 / w3) is built inside PhiMoEModel.load_weights, and its LoRA
+# packed_modules_mapping names only qkv_proj. Copies of a later phimoe.py seen elsewhere define one;
+# none was read in vLLM's own repository, so no key names are written for it
 VLLM_NO_LORA = {"granitemoe": "vLLM's GraniteMoeForCausalLM takes no LoRA adapter (its LoRA manager needs a "
                               "get_expert_mapping, which that class does not define: read in vLLM's source, not run): "
-                              "export --merged, a plain Granite-MoE model vLLM serves"}
+                              "export --merged, a plain Granite-MoE model vLLM serves",
+                "phimoe": "vLLM's PhiMoEForCausalLM takes no expert LoRA (its LoRA manager needs a get_expert_mapping "
+                          "of a fused-MoE model, which that class does not define in vLLM's phimoe.py at commit "
+                          "c18f8240: read in vLLM's source, not run): export --merged, a plain Phi-3.5-MoE model "
+                          "vLLM serves"}
 
 
 def vllm_blockers(mm: MoEModel, cfg) -> list[str]:
