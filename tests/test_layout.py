@@ -82,7 +82,7 @@ def test_split_tensors_shapes_order_and_init():
 
 
 # ------------------------------------------------------------------------ split layout: equivalences
-@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "gpt_oss", "phimoe"])
 def test_split_with_a_shared_A_equals_the_fused_layout(arch):
     """gate_lora_A = up_lora_A = A_fused and cat(gate_lora_B, up_lora_B) = B_fused make the split
     adapters the fused one, on both compute paths (gpt-oss: B_fused's rows interleave the gate's and the

@@ -45,7 +45,7 @@ from .config import ConfigError, config_from_tree, config_to_dict
 from .messages import Message
 from .rundir import load_tensor_file, ordinary_permissions
 from .moe import MoEModel
-from .moe.arch import moe_block_attr
+from .moe.arch import SPARSEMIXER_ARCHITECTURES, moe_block_attr
 from .moe.lora import ExpertsWithLoRA, LoRALinear, RouterWithLoRA, expert_lora_pairs
 from .moe.model import BUILTIN_PREFIX, EXPORT_MARKER, builtin_model_path, load_model_config, load_tokenizer
 
@@ -208,8 +208,13 @@ def _base_source(cfg) -> str | None:
 
 def merge_blockers(mm: MoEModel) -> list[str]:
     _, other = _adapted_modules(mm)
-    return [f"the method's own tensors ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in other}))}, e.g. FLEx's "
-            "grafted experts and their gate) are not LoRA on a base weight"] if other else []
+    why = [f"the method's own tensors ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in other}))}, e.g. FLEx's "
+           "grafted experts and their gate) are not LoRA on a base weight"] if other else []
+    if mm.model_type in SPARSEMIXER_ARCHITECTURES and mm.top_k < mm.default_top_k:
+        why.append(f"this client activates k = {mm.top_k} (sparsemixer's first choice alone, as fedmoe runs it); a "
+                   f"plain {mm.model_type} model routes every token to two experts whatever its num_experts_per_tok "
+                   "(transformers' sparsemixer reads no top_k), so it has no merged form: the fedmoe form keeps it")
+    return why
 
 
 def peft_blockers(mm: MoEModel, cfg) -> list[str]:
