@@ -86,12 +86,13 @@ def test_a_config_that_does_not_route_to_two_is_refused():
 def test_the_block_in_training_equals_transformers_given_the_same_random_stream(k):
     """In training the block multiplies its input by U(1 - j, 1 + j) (and the router again, in place: the experts
     see both), and sparsemixer draws its choice (Gumbel) and a midpoint mask. With the random stream seeded alike,
-    fedmoe's block (its own expert path, zero-init expert LoRA) gives transformers' output and input gradient
-    exactly; at k = 1 transformers' experts given the first choice alone. Another seed gives other numbers (the
+    fedmoe's block (its own expert path, zero-init expert and router LoRA: the router's in-place jitter must reach
+    the experts through RouterWithLoRA too) gives transformers' output and input gradient exactly; at k = 1 transformers' experts given the first choice alone. Another seed gives other numbers (the
     randomness is there); eval mode gives transformers' eval output."""
     ref = tiny_hf("phimoe").train()
     mm = MoEModel(copy.deepcopy(ref))
     mm.add_expert_lora(RANK, ALPHA)
+    mm.add_router_lora(RANK, ALPHA)
     mm.model.train()
     mm.set_top_k(k)
     ours, theirs = mm.layers[0].block, ref.model.layers[0].mlp
