@@ -262,6 +262,33 @@ def test_published_sizes_of_granite_moe_and_lfm2_moe():
     assert parts["attention_scores"] == 2 * 128 * 128 * 2 * H * 6 + 18 * 2 * H * 3 * (128 + 2)
 
 
+def phi_3_5_moe_config():
+    """Phi-3.5-MoE: Microsoft's model card (microsoft/Phi-3.5-MoE-instruct: 16 experts, 2 active, vocabulary 32064)
+    and transformers' PhimoeConfig defaults (its docstring's checkpoint: hidden 4096, 32 layers, intermediate 6400, 32
+    query and 8 key/value heads), with q/k/v/o and LM-head biases (vLLM's phimoe.py builds qkv_proj, o_proj and
+    lm_head with bias=True for it)."""
+    import transformers as tf
+
+    return tf.PhimoeConfig(vocab_size=32064, hidden_size=4096, intermediate_size=6400, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, num_local_experts=16, num_experts_per_tok=2,
+                           attention_bias=True, lm_head_bias=True, max_position_embeddings=131072)
+
+
+def test_published_size_of_phi_3_5_moe():
+    """The card's 41.9B total and 6.6B active parameters (with the embedding table and the LM head: 6.38B without):
+    41.87B and 6.64B, equal to the meta model; by hand, the LayerNorms' biases (two per layer and the final norm)
+    and the attention and LM-head biases counted."""
+    config = phi_3_5_moe_config()
+    r = count_flops(config, 128)
+    assert r["total_params"] == _meta_params(config) == 41_873_153_344 and round(r["total_params"] / 1e9, 1) == 41.9
+    assert r["active_params"] == 6_640_999_744 and round(r["active_params"] / 1e9, 1) == 6.6
+    H, I, E, L, V = 4096, 6400, 16, 32, 32064
+    attention = 2 * (H * H + H) + 2 * (H * 1024 + 1024)  # q and o, k and v, with biases
+    per_layer = E * 3 * H * I + E * H + attention + 2 * 2 * H  # experts, router, attention, two LayerNorms
+    assert r["total_params"] == L * per_layer + 2 * V * H + V + 2 * H
+    assert r["flops_by_part"]["router"] == 2 * 128 * L * E * H and r["flops_by_part"]["experts"] == 2 * 128 * 2 * 3 * H * I * L
+
+
 # ------------------------------------------------------------------------ trainables vs MoEModel
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_trainable_counts_match_moemodel(arch):

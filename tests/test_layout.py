@@ -82,7 +82,7 @@ def test_split_tensors_shapes_order_and_init():
 
 
 # ------------------------------------------------------------------------ split layout: equivalences
-@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "gpt_oss", "phimoe"])
 def test_split_with_a_shared_A_equals_the_fused_layout(arch):
     """gate_lora_A = up_lora_A = A_fused and cat(gate_lora_B, up_lora_B) = B_fused make the split
     adapters the fused one, on both compute paths (gpt-oss: B_fused's rows interleave the gate's and the
@@ -151,8 +151,8 @@ def test_router_lora_logits_by_hand(arch):
     layer = mm.layers[0]
     base = layer.router
     mm.add_router_lora(RANK, ALPHA)
-    attr = router_attr(arch)  # gpt-oss's and Granite-MoE's MoE block holds its router as router
-    assert attr == ("router" if arch in ("gpt_oss", "granitemoe") else "gate")
+    attr = router_attr(arch)  # gpt-oss's, Granite-MoE's and Phi-3.5-MoE's MoE block holds its router as router
+    assert attr == ("router" if arch in ("gpt_oss", "granitemoe", "phimoe") else "gate")
     router = getattr(layer.block, attr)
     assert isinstance(router, RouterWithLoRA) and router.base is base
     names = [n for n in mm.trainable_names()]

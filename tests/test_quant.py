@@ -108,9 +108,10 @@ def test_block_size():
         block_size(7)
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "qwen3_5_moe_text", "gpt_oss", "granitemoe", "lfm2_moe"])
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "qwen3_5_moe_text", "gpt_oss", "granitemoe", "lfm2_moe",
+                                  "phimoe"])
 # a hybrid's linear attention; gpt-oss's transposed, biased stacks; Granite-MoE's multipliers; LFM2-MoE's short
-# convolutions and dense MLP
+# convolutions and dense MLP; Phi-3.5-MoE's biased attention and sparsemixer router
 @pytest.mark.parametrize("scheme,rel", [("nf4", 0.12), ("fp4", 0.12), ("int8", 0.01)])
 def test_quantized_model_stores_the_experts_in_4_or_8_bits_and_stays_close(arch, scheme, rel):
     """The fused expert tensors and the attention linears become codes (uint8 / int8) + float32 scales;

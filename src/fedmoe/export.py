@@ -45,7 +45,7 @@ from .config import ConfigError, config_from_tree, config_to_dict
 from .messages import Message
 from .rundir import load_tensor_file, ordinary_permissions
 from .moe import MoEModel
-from .moe.arch import moe_block_attr
+from .moe.arch import SPARSEMIXER_ARCHITECTURES, moe_block_attr
 from .moe.lora import ExpertsWithLoRA, LoRALinear, RouterWithLoRA, expert_lora_pairs
 from .moe.model import BUILTIN_PREFIX, EXPORT_MARKER, builtin_model_path, load_model_config, load_tokenizer
 
@@ -208,8 +208,13 @@ def _base_source(cfg) -> str | None:
 
 def merge_blockers(mm: MoEModel) -> list[str]:
     _, other = _adapted_modules(mm)
-    return [f"the method's own tensors ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in other}))}, e.g. FLEx's "
-            "grafted experts and their gate) are not LoRA on a base weight"] if other else []
+    why = [f"the method's own tensors ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in other}))}, e.g. FLEx's "
+           "grafted experts and their gate) are not LoRA on a base weight"] if other else []
+    if mm.model_type in SPARSEMIXER_ARCHITECTURES and mm.top_k < mm.default_top_k:
+        why.append(f"this client activates k = {mm.top_k} (sparsemixer's first choice alone, as fedmoe runs it); a "
+                   f"plain {mm.model_type} model routes every token to two experts whatever its num_experts_per_tok "
+                   "(transformers' sparsemixer reads no top_k), so it has no merged form: the fedmoe form keeps it")
+    return why
 
 
 def peft_blockers(mm: MoEModel, cfg) -> list[str]:
@@ -334,10 +339,19 @@ VLLM_3D_EXPERT_LORA = ("gpt_oss",)
 # LoRA manager asks a model with fused MoE layers for its expert mapping (process_packed_modules_mapping, vllm/lora/
 # utils.py: get_expert_mapping on the model or its direct children, else AttributeError "To support LoRA for MoE
 # model, 'get_expert_mapping' must be implemented"); GraniteMoeForCausalLM and GraniteMoeModel
-# (vllm/model_executor/models/granitemoe.py) define none: its per-expert mapping lives inside its weight loader
+# (vllm/model_executor/models/granitemoe.py) define none: its per-expert mapping lives inside its weight loader.
+# PhiMoEForCausalLM and PhiMoEModel (vllm/model_executor/models/phimoe.py at vllm-project/vllm commit c18f8240, the
+# one version of it this index holds; lora/utils.py read at 0fd15707) define none either: the per-expert mapping
+# (FusedMoE.make_expert_params_mapping with w1 / w2 / w3) is built inside PhiMoEModel.load_weights, and its LoRA
+# packed_modules_mapping names only qkv_proj. Copies of a later phimoe.py seen elsewhere define one;
+# none was read in vLLM's own repository, so no key names are written for it
 VLLM_NO_LORA = {"granitemoe": "vLLM's GraniteMoeForCausalLM takes no LoRA adapter (its LoRA manager needs a "
                               "get_expert_mapping, which that class does not define: read in vLLM's source, not run): "
-                              "export --merged, a plain Granite-MoE model vLLM serves"}
+                              "export --merged, a plain Granite-MoE model vLLM serves",
+                "phimoe": "vLLM's PhiMoEForCausalLM takes no expert LoRA (its LoRA manager needs a get_expert_mapping "
+                          "of a fused-MoE model, which that class does not define in vLLM's phimoe.py at commit "
+                          "c18f8240: read in vLLM's source, not run): export --merged, a plain Phi-3.5-MoE model "
+                          "vLLM serves"}
 
 
 def vllm_blockers(mm: MoEModel, cfg) -> list[str]:

@@ -44,7 +44,9 @@ multipliers of the embeddings, the residual branches, the attention scores and t
 counted), lfm2_moe (hybrid: a gated short convolution — in_proj H -> 3H, a depthwise causal convolution of
 ``conv_L_cache`` taps, out_proj H -> H — in most layers, attention with q/k/v/out_proj and per-head q/k norms in the
 others; ``num_dense_layers`` dense MLPs first; a sigmoid router whose load-balancing bias is a buffer, not a
-parameter), and DeepSeekMoE v1 (``model_type``
+parameter), phimoe (Phi-3.5-MoE: Mixtral's layout with q/k/v/o biases (``attention_bias``), LayerNorms with a
+bias where the others have RMSNorms, a biased LM head (``lm_head_bias``); its sparsemixer router is one linear, as the
+others', its masked softmaxes element-wise), and DeepSeekMoE v1 (``model_type``
 "deepseek", which transformers does not ship: plain multi-head attention q/k/v/o with the
 DeepSeek shared-expert MoE and ``first_k_dense_replace`` / ``moe_layer_freq`` dense layers).
 """
@@ -110,6 +112,8 @@ class _Shape:
     mlp_bias: bool = False  # biases on the shared experts', dense MLPs' and LM head's linears (ERNIE-4.5's use_bias)
     router_extra: int = 0  # router parameters beside its weight (ERNIE-4.5's selection bias, a Parameter there)
     expert_bias: bool = False  # each routed expert's gate_up (2I) and down (H) biases (gpt-oss)
+    norm_bias: bool = False  # the layer norms (two per layer, the final one) hold a bias beside their weight (Phi-3.5-MoE)
+    head_bias: bool = False  # the LM head has a bias (Phi-3.5-MoE's lm_head_bias)
 
     @property
     def num_moe_layers(self) -> int:
@@ -218,7 +222,7 @@ def _shape(config) -> _Shape:
             qkv_bias = o_bias = bool(getattr(config, "attention_bias", True))
         elif mt == "lfm2_moe":  # no attention biases
             qkv_bias = o_bias = False
-        else:  # olmoe, flex_olmo, qwen3_moe, granitemoe, deepseek (v1)
+        else:  # olmoe, flex_olmo, qwen3_moe, granitemoe, phimoe (q/k/v/o), deepseek (v1)
             qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
         gated = mt in LINEAR_ATTENTION_ARCHITECTURES  # Qwen3-Next, Qwen3.5: q_proj also gives the output gate
         out_name = "out_proj" if mt == "lfm2_moe" else "o_proj"
@@ -238,7 +242,7 @@ def _shape(config) -> _Shape:
     # ---- which layers are sparse, expert sizes
     shared_inter, shared_gate, mlp_bias, router_extra, expert_bias = 0, False, False, 0, False
     dense_inter = int(_get(config, "intermediate_size", default=0))
-    if mt in ("olmoe", "flex_olmo", "mixtral", "gpt_oss", "granitemoe"):
+    if mt in ("olmoe", "flex_olmo", "mixtral", "gpt_oss", "granitemoe", "phimoe"):
         moe = [True] * L
         expert_inter = int(config.intermediate_size)
         if mt == "gpt_oss":  # a linear router with a bias; biased experts
@@ -292,8 +296,12 @@ def _shape(config) -> _Shape:
         proj.append(_Linear("out_proj", vd, H))
         conv_dim = 2 * kd + vd
         linear = _LinearAttention(proj, conv_dim * K + 2 * nvh + dv, nvh, dk, dv, conv_dim, K)
+    norm_bias = head_bias = False
+    if mt == "phimoe":  # nn.LayerNorm (weight and bias) in place of RMSNorm; the LM head biased by lm_head_bias
+        norm_bias, head_bias = True, bool(getattr(config, "lm_head_bias", False))
     return _Shape(mt, H, V, L, tie, attn, norms, qk_width, v_width, moe, E, k, expert_inter, dense_inter,
-                  shared_inter, shared_gate, tuple(targets), linear_layers, linear, mlp_bias, router_extra, expert_bias)
+                  shared_inter, shared_gate, tuple(targets), linear_layers, linear, mlp_bias, router_extra, expert_bias,
+                  norm_bias, head_bias)
 
 
 # ---------------------------------------------------------------------------------------- counting
@@ -372,10 +380,11 @@ def count_flops(config, seq_len: int, k: int | None = None, lora_rank: int = 0, 
     expert_params = 3 * H * I + (2 * I + H if s.expert_bias else 0)
     shared_params = 3 * H * s.shared_inter + (H if s.shared_gate else 0) + (
         2 * s.shared_inter + H if s.mlp_bias and s.shared_inter else 0)
+    norm = 2 * H if s.norm_bias else H  # one layer norm: its weight (and bias)
     non_expert = (
-        s.vocab * H * (1 if s.tie else 2) + H  # embeddings, LM head, final norm
-        + (s.vocab if s.mlp_bias else 0)  # ERNIE-4.5's use_bias also gives the LM head a bias
-        + La * attn_params + Ll * linear_params + s.num_layers * 2 * H  # token mixers + the two layer norms
+        s.vocab * H * (1 if s.tie else 2) + norm  # embeddings, LM head, final norm
+        + (s.vocab if s.mlp_bias or s.head_bias else 0)  # ERNIE-4.5's use_bias also gives the LM head a bias
+        + La * attn_params + Ll * linear_params + s.num_layers * 2 * norm  # token mixers + the two layer norms
         + Lm * (E * H + s.router_extra + shared_params)  # router + shared experts
         + Ld * (3 * H * s.dense_inter + (2 * s.dense_inter + H if s.mlp_bias else 0))
     )

@@ -2,10 +2,11 @@
 
 In transformers v5 every supported architecture has the same shape inside a decoder layer's MoE block
 (``mlp``; Granite-MoE: ``block_sparse_moe``, LFM2-MoE: ``feed_forward``): a router (``gate``; gpt-oss and
-Granite-MoE: ``router``) with ``top_k`` and a fused ``experts`` module holding ``gate_up_proj`` (E, 2I, H) and
+Granite-MoE, Phi-3.5-MoE: ``router``) with ``top_k`` and a fused ``experts`` module holding ``gate_up_proj`` (E, 2I, H) and
 ``down_proj`` (E, H, I), called as ``experts(hidden_states, top_k_index, top_k_weights)``. Shared experts differ
 per family. gpt-oss holds its stacks transposed, gate and up interleaved, with biases and a clamped SwiGLU
-(:mod:`fedmoe.moe.experts`).
+(:mod:`fedmoe.moe.experts`). Phi-3.5-MoE's router (``PhimoeTopKRouter``) chooses by sparsemixer, which always
+picks two experts whatever its ``top_k`` (:data:`SPARSEMIXER_ARCHITECTURES`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from .experts import ExpertForm, expert_form
 
 SUPPORTED_ARCHITECTURES = ("olmoe", "flex_olmo", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text", "mixtral",
                            "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "ernie4_5_moe", "gpt_oss",
-                           "granitemoe", "lfm2_moe")
+                           "granitemoe", "lfm2_moe", "phimoe")
 
 # the decoder layer's attribute that holds its MoE block, where it is not ``mlp`` (LFM2-MoE's first
 # ``num_dense_layers`` hold a dense MLP there, skipped as DeepSeek's dense layers are)
 _MOE_BLOCK_ATTRS = {"granitemoe": "block_sparse_moe", "lfm2_moe": "feed_forward"}
 # the MoE block's attribute that holds its router, where it is not ``gate``
-_ROUTER_ATTRS = {"gpt_oss": "router", "granitemoe": "router"}
+_ROUTER_ATTRS = {"gpt_oss": "router", "granitemoe": "router", "phimoe": "router"}
 # the families whose fused experts are not held as the others' (fedmoe.moe.experts): the form each must have
 _EXPERT_FORMS = {"gpt_oss": dict(transposed=True, interleaved=True, bias=True)}
 # the families transformers has no SDPA attention for (gpt-oss: its attention sinks): they run eager attention
@@ -62,6 +63,7 @@ _SHARED_EXPERT_ATTRS = {
     "gpt_oss": (None, None),
     "granitemoe": (None, None),
     "lfm2_moe": (None, None),
+    "phimoe": (None, None),
 }
 
 
@@ -88,6 +90,7 @@ DEFAULT_ATTENTION_TARGETS = {
     # hybrid: every linear of both token mixers, as for Qwen3-Next (attention's q/k/v/out_proj; the short
     # convolution's in_proj and out_proj, not its depthwise kernel)
     "lfm2_moe": ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj"),
+    "phimoe": ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
 
 
@@ -114,7 +117,7 @@ class MoELayer:
     experts: nn.Module  # the original fused experts module (base weights)
     shared_expert: nn.Module | None  # the always-on shared expert(s) of the block (Qwen2-MoE, DeepSeek), untouched
     shared_expert_gate: nn.Module | None
-    router_attr: str = "gate"  # the block's attribute that holds the router (gpt-oss, Granite-MoE: router)
+    router_attr: str = "gate"  # the block's attribute that holds the router (gpt-oss, Granite-MoE, Phi-3.5-MoE: router)
     block_attr: str = "mlp"  # the decoder layer's attribute that holds the block (moe_block_attr)
     form: ExpertForm = ExpertForm()  # how the experts hold and compute their weights (fedmoe.moe.experts)
 
@@ -134,15 +137,25 @@ class MoELayer:
 # the families whose router always gives its top-k weights a fixed sum, whatever k (a softmax over the top-k
 # logits alone — Granite-MoE, gpt-oss —, or renormalised after the top-k — Mixtral, Qwen3.5, ERNIE-4.5); the others
 # do so where their config's norm_topk_prob says (DeepSeek-V3 and GLM also times routed_scaling_factor), but
-# DeepSeek-V2, whose router (transformers 5.23) never renormalises, whatever its config's flag
+# DeepSeek-V2, whose router (transformers 5.23) never renormalises, whatever its config's flag, and Phi-3.5-MoE, whose
+# sparsemixer weighs each of its two selections on its own (below)
 _RENORMALISED_TOP_K = ("mixtral", "qwen3_5_moe_text", "ernie4_5_moe", "gpt_oss", "granitemoe")
-_SOFTMAX_TOP_K = ("deepseek_v2",)
+_SOFTMAX_TOP_K = ("deepseek_v2", "phimoe")
+
+# the families whose router chooses by sparsemixer (Phi-3.5-MoE's PhimoeTopKRouter, transformers 5.23): two
+# selections in turn, each the largest logit among those not yet chosen (in training a Gumbel draw among the logits
+# within a relative 2·router_jitter_noise of it), weighted by its own softmax over those near logits (about 1 each,
+# so the two weights sum to about 2, not to a fixed value: not renormalised). It reads no ``top_k``: it always
+# returns two. fedmoe's k = 1 keeps the first selection and its weight (MoEModel.set_top_k), which is sparsemixer's
+# first step exactly; its config must route to two (num_experts_per_tok: 2)
+SPARSEMIXER_ARCHITECTURES = ("phimoe",)
 
 
 def renormalises_top_k(config) -> bool:
     """Whether this model's top-k routing weights have the same sum at any k: with fewer experts a token's
     routed output then keeps its scale (each expert weighs more) instead of shrinking as it does where the
-    weights are the full softmax's probabilities (OLMoE, Qwen2-MoE, DeepSeek-V2-Lite: norm_topk_prob false)."""
+    weights are the full softmax's probabilities (OLMoE, Qwen2-MoE, DeepSeek-V2-Lite: norm_topk_prob false) or each
+    selection's own (Phi-3.5-MoE's sparsemixer: at k = 1 the first of its two weights, about half the sum)."""
     model_type = getattr(config, "model_type", None)
     if model_type in _SOFTMAX_TOP_K:
         return False
@@ -150,7 +163,8 @@ def renormalises_top_k(config) -> bool:
 
 
 def router_attr(model_type: str) -> str:
-    """The MoE block's attribute that holds the router: ``gate``, or gpt-oss's and Granite-MoE's ``router``."""
+    """The MoE block's attribute that holds the router: ``gate``, or gpt-oss's, Granite-MoE's and Phi-3.5-MoE's
+    ``router``."""
     return _ROUTER_ATTRS.get(model_type, "gate")
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import SUPPORTED_ARCHITECTURES, MoELayer, UnsupportedModelError, find_moe_layers, model_type_of
+from .arch import (SPARSEMIXER_ARCHITECTURES, SUPPORTED_ARCHITECTURES, MoELayer, UnsupportedModelError,
+                   find_moe_layers, model_type_of)
 from .inventory import Inventory, Role, TensorInfo
 from .lora import ActivationTracker, ExpertsWithLoRA, LoRALinear, RouterWithLoRA, adapter_device
 
@@ -280,6 +281,17 @@ def hf_from_config(config, dtype: str = "float32", attn_implementation: str = "s
         return AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype])
 
 
+def _first_selections(router, args, output):
+    """Forward hook of a sparsemixer router (Phi-3.5-MoE): its (logits, weights, experts) with the first
+    ``router.top_k`` of its two selections kept. transformers' sparsemixer reads no top_k and always chooses two, one
+    after the other (:data:`fedmoe.moe.arch.SPARSEMIXER_ARCHITECTURES`); at k = 1 this keeps the first, with the
+    weight and the gradient estimator of sparsemixer's first step, as it computes them (the second step's random
+    draws are still made, so a run's random stream is the same at either k)."""
+    k = int(router.top_k)
+    logits, weights, experts = output
+    return (logits, weights[..., :k], experts[..., :k]) if k < weights.shape[-1] else output
+
+
 class MoEModel:
     """A Hugging Face MoE causal LM with fedmoe's adapters, top-k control and activation counting."""
 
@@ -290,6 +302,14 @@ class MoEModel:
         self.num_experts = self.layers[0].num_experts
         self.default_top_k = int(self.layers[0].router.top_k)
         self.top_k = self.default_top_k
+        if self.model_type in SPARSEMIXER_ARCHITECTURES:
+            if self.default_top_k != 2:
+                raise UnsupportedModelError(
+                    f"this {self.model_type} config routes to num_experts_per_tok = {self.default_top_k} experts, but "
+                    "its sparsemixer router (transformers) always chooses two: fedmoe takes a phimoe model with "
+                    "num_experts_per_tok: 2 (Phi-3.5-MoE's)")
+            for layer in self.layers:  # k = 1 keeps sparsemixer's first selection (its own router ignores top_k)
+                layer.router.register_forward_hook(_first_selections)
         self.tracker = ActivationTracker(len(self.layers), self.num_experts)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -493,7 +513,9 @@ class MoEModel:
 
     # ------------------------------------------------------------------ top-k control
     def set_top_k(self, k: int) -> None:
-        """Activate k experts per token on every router (k <= the model's k), without reloading."""
+        """Activate k experts per token on every router (k <= the model's k), without reloading. Phi-3.5-MoE's
+        sparsemixer router chooses its two experts one after the other whatever its top_k: at k = 1 fedmoe keeps the
+        first choice and its weight (:func:`_first_selections`)."""
         k = int(k)
         if k < 1 or k > self.default_top_k:
             raise TopKError(

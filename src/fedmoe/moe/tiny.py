@@ -98,4 +98,12 @@ def tiny_config(arch: str, vocab_size: int = 128, num_experts: int = 8, top_k: i
                                 intermediate_size=2 * intermediate_size, moe_intermediate_size=intermediate_size,
                                 num_experts=num_experts, num_experts_per_tok=top_k, num_dense_layers=1,
                                 layer_types=types, conv_L_cache=3, use_expert_bias=True, norm_topk_prob=True)
+    if arch == "phimoe":  # Phi-3.5-MoE: Mixtral's layout with q/k/v/o biases, LayerNorms, a biased LM head and the
+        # sparsemixer router (two experts whatever top_k: a phimoe config routes to 2). Training-time jitter on:
+        # the block's input times U(0.99, 1.01), and a router_jitter_noise wide enough (0.2: logits within 40% of the
+        # largest are candidates) that a tiny random router's tokens often have several candidates, so that the masked
+        # softmax weights are not all 1 and training draws among them
+        return tf.PhimoeConfig(**common, intermediate_size=intermediate_size, num_local_experts=num_experts,
+                               num_experts_per_tok=top_k, attention_bias=True, lm_head_bias=True,
+                               input_jitter_noise=0.01, router_jitter_noise=0.2)
     raise ValueError(f"no tiny config for '{arch}'")
