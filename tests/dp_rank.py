@@ -37,7 +37,7 @@ def run(parallel):
     mm = model()
     initial = {n: t.clone() for n, t in mm.get_state().items()}
     res = train_local(mm, EXAMPLES, CFG, pad_id=0, lr=1e-2, seed=7, objective=objective(mm), parallel=parallel)
-    return {"loss": res.loss, "tokens": res.tokens, "counts": res.activation_counts, "per_layer": res.tokens_per_layer,
+    return {"draws_seed": torch.initial_seed(), "loss": res.loss, "tokens": res.tokens, "counts": res.activation_counts, "per_layer": res.tokens_per_layer,
             "update": {n: t - initial[n] for n, t in mm.get_state().items()}, "mean_gradient": res.mean_gradient}
 
 

@@ -254,6 +254,7 @@ def test_vllm_layout_of_the_split_experts_and_mixtral_names():
     for arch, names, block in (("olmoe", ("gate_proj", "up_proj", "down_proj"), "mlp"),
                                ("qwen3_moe", ("gate_proj", "up_proj", "down_proj"), "mlp"),
                                ("mixtral", ("w1", "w3", "w2"), "block_sparse_moe"),
+                               ("phimoe", ("w1", "w3", "w2"), "block_sparse_moe"),
                                ("lfm2_moe", ("w1", "w3", "w2"), "feed_forward")):
         # target_modules names the roles for every family (SGLang 0.5.23 refuses w1 / w2 / w3 there)
         mm = MoEModel(tiny_hf(arch))
@@ -353,9 +354,9 @@ def test_a_private_store_of_another_run_or_client_is_refused(tmp_path):
 def test_every_architecture_trains_federated_and_exports(arch, tmp_path):
     """A tiny model of each supported family (saved as a Hugging Face folder, as a user's model is) through a
     federated FedIT round, then exported: the merged model reloaded by transformers gives the logits of
-    fedmoe's own global model, and the vllm export's files rebuild every expert's and attention ΔW (Granite-MoE,
-    Phi-3.5-MoE: refused, naming --merged: vLLM takes no expert LoRA for them). Phi-3.5-MoE's sparsemixer routes to
-    two experts whatever the config says: its model routes to 2."""
+    fedmoe's own global model, and the vllm export's files rebuild every expert's and attention ΔW (Granite-MoE:
+    refused, naming --merged: vLLM takes no LoRA for it). Phi-3.5-MoE's sparsemixer routes to two experts whatever
+    the config says: its model routes to 2."""
     from helpers import hf_folder
     from transformers import AutoModelForCausalLM
 
@@ -370,15 +371,15 @@ def test_every_architecture_trains_federated_and_exports(arch, tmp_path):
     assert (ours - base).abs().max() > 1e-4  # trained: the comparisons below are not vacuous
     assert export_model(run, tmp_path / "m", merged=True) == ("merged", [])
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m")), ours, rtol=0, atol=2e-4)
-    if arch in ("granitemoe", "phimoe"):
+    if arch == "granitemoe":
         form, why = export_model(run, tmp_path / "v", form="vllm")
         assert form == "fedmoe" and len(why) == 1 and "--merged" in why[0] and "get_expert_mapping" in why[0]
         return
     assert export_model(run, tmp_path / "v", form="vllm") == ("vllm", [])
     _, got = _delta_from_files(tmp_path / "v")
-    names = ("w1", "w3", "w2") if arch in ("mixtral", "lfm2_moe") else ("gate_proj", "up_proj", "down_proj")
+    names = ("w1", "w3", "w2") if arch in ("mixtral", "lfm2_moe", "phimoe") else ("gate_proj", "up_proj", "down_proj")
     want = _expected_expert_deltas(loaded.mm, names)
-    if arch == "mixtral":
+    if arch in ("mixtral", "phimoe"):
         want = {k.replace(".mlp.experts.", ".block_sparse_moe.experts."): w for k, w in want.items()}
     attention = {n: m.delta_weight() for n, m in loaded.mm.model.named_modules() if isinstance(m, LoRALinear)}
     want.update(attention)

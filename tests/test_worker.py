@@ -61,7 +61,8 @@ def test_the_relay_imports_neither_torch_nor_the_client():
 def test_ranks_that_train_together_give_the_one_rank_result(tmp_path):
     """Two gloo ranks, each its share of every micro-batch (3 rows: shares of 1 and 2), a loss term and
     gradient clipping: the same step losses, tokens, routed counts, mean gradients and trained tensors as
-    one rank, to float rounding."""
+    one rank, to float rounding. What training draws at random for its rows (dropout; none here) each rank draws
+    from its own stream: rank 0 from the client's seed, rank 1 from another."""
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     script = str(HERE / "dp_rank.py")
     subprocess.run([sys.executable, script, str(tmp_path / "single.pt")], env=env, check=True, timeout=300)
@@ -69,6 +70,7 @@ def test_ranks_that_train_together_give_the_one_rank_result(tmp_path):
                     str(tmp_path / "ranks.pt")], env=env, check=True, timeout=300, capture_output=True)
     one = torch.load(tmp_path / "single.pt", weights_only=False)
     r0, r1 = (torch.load(tmp_path / f"ranks-{r}.pt", weights_only=False) for r in (0, 1))
+    assert one["draws_seed"] == r0["draws_seed"] == 7 and r1["draws_seed"] not in (7, r0["draws_seed"])
     assert one["loss"] == pytest.approx(r0["loss"], rel=1e-5) and r0["loss"] == r1["loss"]
     assert one["tokens"] == r0["tokens"] and torch.equal(one["counts"], r0["counts"])
     assert torch.equal(one["per_layer"], r0["per_layer"])

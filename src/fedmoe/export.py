@@ -323,12 +323,12 @@ def write_peft(loaded: LoadedModel, out: Path) -> None:
 
 # per-expert projection names of the per-expert checkpoints (gate, up, down): those of the experts' keys in the
 # hub's checkpoints, which vLLM's expert mapping reads (FusedMoE.make_expert_params_mapping with w1 / w2 / w3 in
-# MixtralForCausalLM and Lfm2MoeForCausalLM.get_expert_mapping)
-_EXPERT_PROJ = {"mixtral": ("w1", "w3", "w2"), "lfm2_moe": ("w1", "w3", "w2")}
+# MixtralForCausalLM, Lfm2MoeForCausalLM and PhiMoEForCausalLM.get_expert_mapping)
+_EXPERT_PROJ = {"mixtral": ("w1", "w3", "w2"), "lfm2_moe": ("w1", "w3", "w2"), "phimoe": ("w1", "w3", "w2")}
 # the MoE block's name in the per-expert checkpoints where transformers v5 renamed it to ``mlp`` (a serving
 # engine names modules as the original checkpoint does: vLLM's Mixtral holds block_sparse_moe.experts, and an
 # adapter under mlp.experts would pass its name check and never be applied)
-_MOE_BLOCK = {"mixtral": "block_sparse_moe"}
+_MOE_BLOCK = {"mixtral": "block_sparse_moe", "phimoe": "block_sparse_moe"}
 
 
 # the families whose expert LoRA vLLM reads only in the fused 3-D form (its model class sets is_3d_moe_weight: it
@@ -340,18 +340,12 @@ VLLM_3D_EXPERT_LORA = ("gpt_oss",)
 # utils.py: get_expert_mapping on the model or its direct children, else AttributeError "To support LoRA for MoE
 # model, 'get_expert_mapping' must be implemented"); GraniteMoeForCausalLM and GraniteMoeModel
 # (vllm/model_executor/models/granitemoe.py) define none: its per-expert mapping lives inside its weight loader.
-# PhiMoEForCausalLM and PhiMoEModel (vllm/model_executor/models/phimoe.py at vllm-project/vllm commit c18f8240, the
-# one version of it this index holds; lora/utils.py read at 0fd15707) define none either: the per-expert mapping
-# (FusedMoE.make_expert_params_mapping with w1 / w2 / w3) is built inside PhiMoEModel.load_weights, and its LoRA
-# packed_modules_mapping names only qkv_proj. Copies of a later phimoe.py seen elsewhere define one;
-# none was read in vLLM's own repository, so no key names are written for it
+# (PhiMoEForCausalLM did the same in vLLM's phimoe.py at commit c18f8240; at 01524004 it defines get_expert_mapping,
+# w1 / w2 / w3 under block_sparse_moe.experts, as Mixtral's: _EXPERT_PROJ. Its router asserts top-2, and transformers'
+# sparsemixer ignores top_k, so a k = 1 client has no PEFT or vllm form: peft_blockers)
 VLLM_NO_LORA = {"granitemoe": "vLLM's GraniteMoeForCausalLM takes no LoRA adapter (its LoRA manager needs a "
                               "get_expert_mapping, which that class does not define: read in vLLM's source, not run): "
-                              "export --merged, a plain Granite-MoE model vLLM serves",
-                "phimoe": "vLLM's PhiMoEForCausalLM takes no expert LoRA (its LoRA manager needs a get_expert_mapping "
-                          "of a fused-MoE model, which that class does not define in vLLM's phimoe.py at commit "
-                          "c18f8240: read in vLLM's source, not run): export --merged, a plain Phi-3.5-MoE model "
-                          "vLLM serves"}
+                              "export --merged, a plain Granite-MoE model vLLM serves"}
 
 
 def vllm_blockers(mm: MoEModel, cfg) -> list[str]:
@@ -557,6 +551,12 @@ def export_notes(cfg, form: str, mm: MoEModel | None = None) -> list[str]:
                      "w2, its Lfm2MoeForCausalLM.get_expert_mapping) and the short convolutions' in_proj / out_proj "
                      "LoRA under theirs: read in vLLM's source, not served here (in_proj is vLLM's merged B, C, x "
                      "linear: its LoRA with tensor parallelism was not checked); SGLang was not checked")
+    if form == "vllm" and mm is not None and mm.model_type == "phimoe":
+        notes.append("Phi-3.5-MoE's expert LoRA is written under vLLM's expert names (block_sparse_moe.experts.{e}.w1 / "
+                     "w3 / w2, the get_expert_mapping of PhiMoEForCausalLM in vLLM's phimoe.py at commit 01524004): "
+                     "read in vLLM's source, not served here; an older vLLM whose PhiMoE defines no get_expert_mapping "
+                     "(as at commit c18f8240) takes no LoRA adapter for it at all (export --merged); SGLang was not "
+                     "checked")
     if form in ("peft", "vllm") and mm is not None and mm.model_type in VLLM_NO_LORA:
         notes.append(VLLM_NO_LORA[mm.model_type])
     if any(n.endswith(("q_proj", "k_proj", "v_proj")) for n in adapted) and mm.model_type == "flex_olmo":

@@ -47,7 +47,9 @@ class Parallel:
     of every micro-batch, and before each optimizer step the gradients (and the step's loss) are summed
     over the ranks in one all-reduce. The loss is normalised by the whole step's labelled tokens, so the
     summed gradient is the one-rank gradient up to float rounding. Only the aux loss (a function of a
-    batch's routing, not a sum over tokens) is each rank's own, averaged over the ranks."""
+    batch's routing, not a sum over tokens) is each rank's own, averaged over the ranks. What training draws at
+    random for its rows (LoRA dropout, Phi-3.5-MoE's jitter) each rank draws from its own stream (:func:`rank_seed`):
+    such a run is another draw of the same training, not the one-rank numbers."""
 
     rank: int
     world: int
@@ -78,6 +80,17 @@ class Parallel:
             p.grad = flat[offset : offset + n].view_as(p).to(p.dtype).clone() if has else None
             offset += n
         return float(flat[-1])
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of a rank's own random draws in training (dropout, Phi-3.5-MoE's jitter): rank 0 (and one rank
+    alone) the client's ``seed``, every other rank one of its own, so that no two ranks draw the same numbers for
+    their different rows. The batches every rank takes come from a generator seeded alike on all of them."""
+    if rank == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
 
 
 def round_lr(cfg: TrainConfig, round_idx: int, total_rounds: int) -> float:
@@ -225,7 +238,7 @@ def train_local(
     aux_coef = cfg.aux_loss_coef if cfg.aux_loss_coef is not None else getattr(model.config, "router_aux_loss_coef", 0.0)
     bf16 = use_bf16(cfg, device)
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout
+    torch.manual_seed(rank_seed(seed, 0 if parallel is None else parallel.rank))  # dropout, jitter: the rank's own
     lengths = [len(ex["input_ids"]) for ex in examples] if cfg.group_by_length else None
     batches = _batches(len(examples), cfg.batch_size, gen, lengths)
     n_steps = steps_for(cfg, len(examples))

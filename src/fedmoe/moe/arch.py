@@ -144,10 +144,12 @@ _SOFTMAX_TOP_K = ("deepseek_v2", "phimoe")
 
 # the families whose router chooses by sparsemixer (Phi-3.5-MoE's PhimoeTopKRouter, transformers 5.23): two
 # selections in turn, each the largest logit among those not yet chosen (in training a Gumbel draw among the logits
-# within a relative 2·router_jitter_noise of it), weighted by its own softmax over those near logits (about 1 each,
-# so the two weights sum to about 2, not to a fixed value: not renormalised). It reads no ``top_k``: it always
-# returns two. fedmoe's k = 1 keeps the first selection and its weight (MoEModel.set_top_k), which is sparsemixer's
-# first step exactly; its config must route to two (num_experts_per_tok: 2)
+# within a relative 2·router_jitter_noise of it), weighted by its own softmax over those near logits (about 1 each
+# at inference, so the two weights sum to about 2, not to a fixed value: not renormalised; in training a choice that
+# was not the largest logit is weighed by about 1/3 three times in four, sparsemixer's midpoint mask). It reads no
+# ``top_k``: it always returns two. fedmoe's k = 1 keeps the first selection and its weight (a forward hook on each
+# router, registered by MoEModel: model._first_selections), which is sparsemixer's first step exactly; its config
+# must route to two (num_experts_per_tok: 2)
 SPARSEMIXER_ARCHITECTURES = ("phimoe",)
 
 
