@@ -67,6 +67,21 @@ def test_sweep_runs_tabulates_and_resumes(tmp_path):
     assert "continuing from its checkpoint" in logs[0] and "done before, kept" in logs[1]
     after = json.loads((fedit_dir / "summary.json").read_text())
     assert [c["loss"] for c in after["clients"]] == [c["loss"] for c in before["clients"]]
+    # the sweep's config changed since (the file or --set): its points ran with another config, so the sweep is
+    # refused before any point runs, naming each point and key — never the old results reported as the new config's
+    # (a key that does not define a run, e.g. a timeout, may change)
+    logs.clear()
+    with pytest.raises(ConfigError, match=r"name=fedit \(.*\): train\.lr: 0\.002 -> 0\.0001 \| name=flame .*train\.lr: "
+                                          r"0\.002 -> 0\.0001.*--set name=NEW"):
+        run_sweep(path, ["train.lr=1e-4"], log=logs.append)
+    with pytest.raises(ConfigError, match=r"name=flame \(.*\): train\.max_steps: 1 -> 2"):
+        run_sweep(path, ["sweep.algorithm.name=[flame]", "train.max_steps=2"], log=logs.append)
+    assert logs == []  # nothing ran
+    (fedit_dir / "summary.json").unlink()  # a point to continue is checked too
+    with pytest.raises(ConfigError, match=r"name=fedit \(.*\): lora\.rank: 2 -> 4"):
+        run_sweep(path, ["lora.rank=4", "sweep.algorithm.name=[fedit]"], log=logs.append)
+    run_sweep(path, ["federation.round_timeout_s=1000"], log=logs.append)
+    assert "continuing from its checkpoint" in logs[0] and "done before, kept" in logs[1]
 
 
 def test_every_shipped_config_and_sweep_point_validates():

@@ -213,7 +213,18 @@ def check_fingerprint(cfg: RunConfig, ck: dict, path: str | Path, log=print) -> 
     now = config_fingerprint(cfg)
     if now["sha256"] == stored["sha256"]:
         return
-    default, old, new, missing = config_fingerprint(RunConfig())["keys"], stored["keys"], now["keys"], object()
+    diffs = fingerprint_diffs(stored["keys"], now["keys"])
+    if diffs:
+        raise RunDirError(f"{Path(path) / RunDir.CONFIG} differs from the config its checkpoint was written with "
+                          f"({'; '.join(diffs)}): a resumed run continues the run it checkpointed, so put back "
+                          f"{'that value' if len(diffs) == 1 else 'those values'} (only {', '.join(EXECUTION_KEYS)} "
+                          "may change on resume), or start a new run with the new config")
+
+
+def fingerprint_diffs(old: dict, new: dict) -> list[str]:
+    """``key: before -> after`` for each key in which two fingerprints' ``keys`` (:func:`config_fingerprint`)
+    differ. A key a newer fedmoe added counts as its default where the other side lacks it."""
+    default, missing = config_fingerprint(RunConfig())["keys"], object()
 
     def show(v):
         return "(not set)" if v is missing else json.dumps(v)
@@ -233,11 +244,7 @@ def check_fingerprint(cfg: RunConfig, ck: dict, path: str | Path, log=print) -> 
         after = new[key] if key in new else added(key, new)
         if before != after and not _execution_key(key):
             diffs.append(f"{key}: {show(before)} -> {show(after)}")
-    if diffs:
-        raise RunDirError(f"{Path(path) / RunDir.CONFIG} differs from the config its checkpoint was written with "
-                          f"({'; '.join(diffs)}): a resumed run continues the run it checkpointed, so put back "
-                          f"{'that value' if len(diffs) == 1 else 'those values'} (only {', '.join(EXECUTION_KEYS)} "
-                          "may change on resume), or start a new run with the new config")
+    return diffs
 
 
 # ---------------------------------------------------------------------- the data a run reads

@@ -9,7 +9,9 @@
 
 runs the Cartesian product (8 runs) as ordinary runs under ``runs/<name>/<point>``; a point whose
 ``summary.json`` exists is not run again and one with a checkpoint but no summary is resumed, so an
-interrupted sweep continues where it stopped. The combined ``sweep_report.md`` puts one row per
+interrupted sweep continues where it stopped — but only with the config it ran with: a point whose directory
+holds a run of another config (the sweep's file or ``--set`` changed since) refuses the whole sweep before any
+point runs, naming the keys (:func:`stale_points`), never reporting the old run as the new config's. The combined ``sweep_report.md`` puts one row per
 client (= per budget level when clients map to budget levels) and one column per sweep point.
 """
 
@@ -62,6 +64,30 @@ def load_sweep(path: str | Path) -> tuple[dict, dict | None]:
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return tree, tree.pop("sweep", None)
+
+
+def stale_points(root: Path, configs) -> list[str]:
+    """Of [(point, its config)], each point whose directory under ``root`` holds a run (finished, or with a
+    checkpoint to continue) of another config than the point's now, as ``point (dir): key: before -> after; ...``.
+    The config a point's run would write is the one compared (a label set and a σ computed from the target ε, as
+    the run fixes them); the keys that do not define a run (execution keys: where it runs, threads, progress)
+    may differ."""
+    from ..config import load_config
+    from ..data.prepare import resolve_labels
+    from ..rundir import RunDir
+    from .checkpoint import config_fingerprint, fingerprint_diffs, has_checkpoint
+    from .dp import resolve_noise
+
+    stale = []
+    for point, cfg in configs:
+        d = root / point
+        if not (d / RunDir.CONFIG).is_file() or not ((d / "summary.json").is_file() or has_checkpoint(d)):
+            continue
+        ran = config_fingerprint(load_config(d / RunDir.CONFIG))["keys"]
+        diffs = fingerprint_diffs(ran, config_fingerprint(resolve_noise(resolve_labels(cfg)))["keys"])
+        if diffs:
+            stale.append(f"{point} ({d}): {'; '.join(diffs)}")
+    return stale
 
 
 def _run_point(point: str, tree: dict, sets: list[str], root: str, source: str, show_progress: bool, log,
@@ -122,9 +148,16 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progres
               federation: str | None = None, jobs: int = 1) -> Path:
     """Run every point of the sweep in ``path`` (``jobs`` > 1: that many points at once, each in its own
     process with an equal share of the CPU threads) and write the combined ``sweep_report.md``."""
-    tree, points, _ = expand_sweep(path, overrides)  # every point's config is valid before the first runs
+    tree, points, configs = expand_sweep(path, overrides)  # every point's config is valid before the first runs
     base = config_from_tree(tree, str(path))
     root = Path(base.output_dir) / base.run_name()
+    stale = stale_points(root, configs)
+    if stale:
+        raise ConfigError(
+            f"{root} holds sweep point(s) run with another config than {path} gives them now (before -> now): "
+            + " | ".join(stale) + ". Kept and continued, their results would be reported as this config's: give this "
+            "sweep another name (--set name=NEW), or move those points' directories away to run them again with this "
+            "config")
     root.mkdir(parents=True, exist_ok=True)
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
