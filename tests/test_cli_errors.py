@@ -359,6 +359,20 @@ def test_a_dense_model_or_a_missing_device_is_refused_before_anything_is_written
         assert "model.device = cuda, but this machine has no CUDA device" in line and "auto or cpu" in line
         line = error_line(fedmoe("mmlu", "builtin:tiny-moe", "--device", "cuda", "--subset", "quick", cwd=tmp_path))
         assert "--device = cuda, but this machine has no CUDA device" in line
+    # train.aux_loss on a family that ships no load-balancing loss (DeepSeek-V2): refused by run and plan alike
+    # before anything is loaded or written, not after the zero-shot evaluation and the first checkpoint
+    from transformers import DeepseekV2Config
+
+    ds = tmp_path / "ds"
+    DeepseekV2Config(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=1,
+                     num_attention_heads=2, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=0,
+                     kv_lora_rank=8, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4
+                     ).save_pretrained(ds)
+    aux = [f"model.name={ds}", "model.tokenizer=builtin:tiny-moe", "train.aux_loss=true"]
+    for args in (("run", "--quiet", *_sets(TINY + [f"output_dir={runs}", *aux])), ("plan", *_sets(aux))):
+        line = error_line(fedmoe(*args, cwd=tmp_path))
+        assert "train.aux_loss: true, but deepseek_v2 has no load-balancing loss" in line, line
+        assert "set train.aux_loss: false" in line
     assert not runs.exists()
     line = error_line(fedmoe("migrate-checkpoint", tmp_path / "nope", cwd=tmp_path))
     assert "is not a fedmoe run directory" in line

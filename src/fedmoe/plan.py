@@ -185,11 +185,14 @@ def memory_plan(cfg) -> list[LevelPlan]:
     """One :class:`LevelPlan` per budget level (largest k first)."""
     from .algorithms import get_method
     from .moe.arch import check_supported
+    from .moe.loss import load_balancing_loss, no_aux_loss
     from .moe.model import load_model_config
 
     method = get_method(cfg.algorithm.name)
     config = load_model_config(cfg.model.name)
     check_supported(config.model_type)  # a dense model has no experts to plan
+    if cfg.train.aux_loss and load_balancing_loss(config) is None:  # nor a run that cannot start
+        raise ValueError(no_aux_loss(config.model_type))
     default_k = int(getattr(config, "num_experts_per_tok"))
     return [LevelPlan(k, clients, training_step_bytes(cfg, method, k))
             for k, clients in _levels(cfg, method, default_k).items()]

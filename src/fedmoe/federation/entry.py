@@ -19,9 +19,10 @@ from .runtime import Federation
 
 def check_model(cfg: RunConfig, log=print) -> None:
     """Before anything is written: the model's config can be read (a hub id offline is not),
-    ``data.max_length`` fits its context, and on a GPU the training step fits its memory
-    (:func:`fedmoe.plan.check_fits`)."""
+    ``data.max_length`` fits its context, ``train.aux_loss`` has the family's load-balancing loss, and on a GPU
+    the training step fits its memory (:func:`fedmoe.plan.check_fits`)."""
     from ..moe.arch import check_supported
+    from ..moe.loss import load_balancing_loss, no_aux_loss
     from ..moe.model import check_context, check_device, load_model_config
     from ..plan import check_fits
 
@@ -31,6 +32,8 @@ def check_model(cfg: RunConfig, log=print) -> None:
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"model.name: {e}") from None
     check_context(config, cfg.data.max_length, cfg.model.name)
+    if cfg.train.aux_loss and load_balancing_loss(config) is None:
+        raise ConfigError(no_aux_loss(config.model_type))
     if cfg.federation.runtime != "flower":  # a deployment's clients train on their own machines' devices
         check_device(cfg.model.device)
     check_fits(cfg, log)

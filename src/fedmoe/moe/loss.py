@@ -20,6 +20,23 @@ def lm_logits(model, hidden):
     return logits if scaling is None else logits / scaling
 
 
+def load_balancing_loss(config):
+    """The family's own load-balancing loss function in transformers (``load_balancing_loss_func`` of the module
+    that defines its causal LM), or None where it ships none (DeepSeek-V2, -V3, GLM, LFM2-MoE)."""
+    from importlib import import_module
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return None if cls is None else getattr(import_module(cls.__module__), "load_balancing_loss_func", None)
+
+
+def no_aux_loss(model_type: str) -> str:
+    """Why ``train.aux_loss`` cannot be on for this family."""
+    return (f"train.aux_loss: true, but {model_type} has no load-balancing loss in transformers (DeepSeek-V2, -V3, "
+            "GLM and LFM2-MoE ship none): set train.aux_loss: false")
+
+
 def labelled_token_loss(model, input_ids, attention_mask, labels, output_router_logits: bool = False):
     """Returns (sum of token losses in float32, number of labelled tokens, aux loss or None).
 
@@ -34,11 +51,8 @@ def labelled_token_loss(model, input_ids, attention_mask, labels, output_router_
     loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
     aux = None
     if output_router_logits:
-        from importlib import import_module
-
-        fn = getattr(import_module(type(model).__module__), "load_balancing_loss_func", None)
+        fn = load_balancing_loss(model.config)
         if fn is None:
-            raise ValueError(f"{model.config.model_type} has no load-balancing loss in transformers (DeepSeek-V2, "
-                             "-V3, GLM and LFM2-MoE ship none); set train.aux_loss: false")
+            raise ValueError(no_aux_loss(model.config.model_type))
         aux = fn(outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
     return loss_sum, int(keep.sum()), aux
