@@ -115,6 +115,33 @@ def test_overwrite_by_a_run_that_fails_before_its_setup_keeps_the_old_run(tmp_pa
     assert after == before
 
 
+def test_a_run_that_fails_before_writing_anything_leaves_no_directory(tmp_path, capsys):
+    """A run whose data cannot be read leaves no run directory (it wrote only its config); run again, it says
+    nothing of a run "restored" (there is none) and leaves none either. A directory that a run killed after its
+    setup left (its config and metrics rows, no checkpoint) is put back when its replacement fails."""
+    from fedmoe.rundir import RunDir
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("this is not json\n")
+    for _ in range(2):
+        with pytest.raises(DataError):
+            run_federated(_cfg(tmp_path / "out", "r", [f"data.source={bad}"]), log=_quiet)
+        assert "restored" not in capsys.readouterr().err
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+    started = tmp_path / "out" / "r"
+    RunDir(started).write_config({"name": "r"})  # a run killed in its setup: only its config (nothing to restore)
+    with pytest.raises(DataError):
+        run_federated(_cfg(tmp_path / "out", "r", [f"data.source={bad}"]), log=_quiet)
+    assert "restored" not in capsys.readouterr().err and not started.exists()
+    RunDir(started).write_config({"name": "r"})
+    (started / RunDir.METRICS).write_text('{"round": 0, "client": 0, "kind": "test", "loss": 1.5}\n')
+    before = {p.name: p.read_bytes() for p in started.iterdir()}
+    with pytest.raises(DataError):
+        run_federated(_cfg(tmp_path / "out", "r", [f"data.source={bad}"]), log=_quiet)
+    assert "the run it was to replace is restored" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in started.iterdir()} == before
+
+
 def test_a_replacement_killed_before_its_setup_is_undone_by_the_next_run(tmp_path):
     """A run replacing another was killed after moving the old run aside (its partial files and a stale lock
     left): the next run in that directory puts the old run back first, then treats it as the finished run

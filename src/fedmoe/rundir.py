@@ -260,7 +260,9 @@ class RunDir:
 
     def restore_replaced(self) -> bool:
         """The new run failed before its setup finished: its files are removed and the replaced run's put back.
-        True when there was one to put back."""
+        True when there was one to put back. A replaced "run" that is only its config (one that itself failed
+        before it wrote anything else: no metrics, no checkpoint, no summary) holds nothing to restore: it is
+        deleted with the new run's files, and False returned."""
         import shutil
 
         if not self.aside_path.is_dir():
@@ -270,10 +272,35 @@ class RunDir:
                 shutil.rmtree(p)
             else:
                 p.unlink()
+        if self.only_config(list(self.aside_path.iterdir())):
+            shutil.rmtree(self.aside_path)
+            return False
         for p in self.aside_path.iterdir():
             os.replace(p, self.path / p.name)
         self.aside_path.rmdir()
         return True
+
+    def only_config(self, entries: list[Path] | None = None) -> bool:
+        """Whether ``entries`` (default: what this directory holds but its lock) are only what a new run writes
+        before anything else: fedmoe's marker and config.yaml (a run that failed there left no result)."""
+        entries = self._own_entries() if entries is None else entries
+        return {p.name for p in entries} <= {self.MARKER, self.CONFIG}
+
+    def remove_unstarted(self) -> bool:
+        """Delete this directory if it holds only its marker and config.yaml (:meth:`only_config`): a run that
+        failed before it wrote anything else leaves no directory behind. Call it under the lock; the directory
+        itself goes only once empty (after :meth:`unlock`: :meth:`remove_if_empty`). True when it did."""
+        if not self.path.is_dir() or self.aside_path.exists() or not self.only_config():
+            return False
+        for p in self._own_entries():
+            p.unlink()
+        return True
+
+    def remove_if_empty(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError:  # not empty (another run took it meanwhile), or gone
+            pass
 
     # -- metrics -----------------------------------------------------------------------------
 

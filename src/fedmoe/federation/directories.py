@@ -193,7 +193,9 @@ def locked(rd: RunDir, work):
     """``work()`` under the run directory's lock (already taken), released however it ends; Ctrl-C
     becomes :class:`RunInterrupted` (naming the directory), a full or read-only disk a RunDirError
     that says the last checkpoint is intact. A run that fails before its setup finished puts back the
-    run it was to replace (:meth:`RunDir.restore_replaced`)."""
+    run it was to replace (:meth:`RunDir.restore_replaced`); one that fails before it wrote anything but its
+    config (a data source or model that cannot be read) leaves no directory behind (:meth:`RunDir.remove_unstarted`)."""
+    removed = False
     try:
         try:
             return work()
@@ -214,9 +216,13 @@ def locked(rd: RunDir, work):
 
             print(f"{rd.path}: this run stopped before its setup finished; the run it was to replace is restored",
                   file=sys.stderr)
+        else:
+            removed = rd.remove_unstarted()
         raise
     finally:
         rd.unlock()
+        if removed:
+            rd.remove_if_empty()
 
 
 def open_run_dir(path: str | Path, log=print, check_data: bool = False,
