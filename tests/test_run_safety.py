@@ -142,6 +142,21 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_directory(tmp_path, 
     assert {p.name: p.read_bytes() for p in started.iterdir()} == before
 
 
+def test_resuming_a_finished_run_changes_nothing_of_it(tmp_path):
+    """--resume of a finished run: nothing to continue; its summary (its wall time), report and config stay as it
+    wrote them, and the summary comes back; a --set there is refused (config.yaml would name what it never ran)."""
+    from fedmoe.federation.entry import continue_run
+
+    _, rd = run_federated(_cfg(tmp_path, "r"), log=_quiet)
+    before = {p.relative_to(rd.path): p.read_bytes() for p in rd.path.rglob("*") if p.is_file()}
+    logs = []
+    summary, _ = continue_run(rd.path, log=logs.append)
+    assert summary == json.loads(rd.summary_path.read_text()) and "holds a finished run: nothing to resume" in logs[0]
+    with pytest.raises(RunDirError, match="finished run .*--set train.activation_checkpointing=true would make"):
+        continue_run(rd.path, log=_quiet, overrides=["train.activation_checkpointing=true"])
+    assert {p.relative_to(rd.path): p.read_bytes() for p in rd.path.rglob("*") if p.is_file()} == before
+
+
 def test_a_replacement_killed_before_its_setup_is_undone_by_the_next_run(tmp_path):
     """A run replacing another was killed after moving the old run aside (its partial files and a stale lock
     left): the next run in that directory puts the old run back first, then treats it as the finished run

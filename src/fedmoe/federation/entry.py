@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import ConfigError, RunConfig, load_config
 from ..data import resolve_labels
-from ..rundir import RunDir
+from ..rundir import RunDir, loads
 from .checkpoint import RunDirError
 from .directories import lock_existing, locked, open_run_dir, prepare_run_dir
 from .dp import resolve_noise
@@ -94,6 +94,12 @@ def continue_run(path: str | Path, show_progress: bool = False, federation: str 
     path = Path(path)
     if not (path / RunDir.CONFIG).is_file():
         raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
+    if (path / RunDir.SUMMARY).is_file():  # finished: nothing to continue, and nothing of it is written again
+        if overrides:
+            raise RunDirError(f"{path} holds a finished run (summary.json): there is nothing to resume, and --set "
+                              f"{', '.join(overrides)} would make its config.yaml name settings it never ran with")
+        log(f"{path} holds a finished run: nothing to resume (its summary.json and report.md are as it wrote them)")
+        return loads((path / RunDir.SUMMARY).read_text()), RunDir(path, create=False)
     was = load_config(path / RunDir.CONFIG)  # its runtime (not an execution key: the overrides keep it)
     if was.federation.runtime == "local":
         return resume_federated(path, show_progress=show_progress, log=log, overrides=overrides)
