@@ -217,6 +217,19 @@ def test_empty_test_sets_report_no_test_data(tmp_path, sets):
     assert "No test data for any client" in report and "perplexity 1.000" not in report
 
 
+def test_the_global_loss_is_recomputed_from_the_client_rows(tmp_path):
+    """FedIT's global test loss is the clients' losses pooled by their test tokens, which each client's test row
+    carries (so metrics.jsonl alone gives the global number, not the plain mean of the clients' losses)."""
+    _, rd = run_federated(_cfg(tmp_path, "r", ["data.max_test_per_client=5", "eval.zero_shot=true"]), log=_quiet)
+    rows = [r for r in rd.read_metrics() if r["kind"] == "test"]
+    for rnd in (0, 1):
+        clients = [r for r in rows if r["round"] == rnd and r["client"] is not None]
+        (glob,) = [r for r in rows if r["round"] == rnd and r["client"] is None]
+        assert len(clients) == 2 and len({r["tokens"] for r in clients}) == 2  # unequal weights: the test can fail
+        assert glob["tokens"] == sum(r["tokens"] for r in clients)
+        assert glob["loss"] == pytest.approx(sum(r["loss"] * r["tokens"] for r in clients) / glob["tokens"], rel=1e-12)
+
+
 def test_pooled_metrics_leave_out_sets_without_test_data():
     a = {"loss": 2.0, "perplexity": 7.39, "tokens": 10}
     empty = {"loss": None, "perplexity": None, "tokens": 0}

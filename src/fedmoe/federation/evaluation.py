@@ -316,8 +316,8 @@ class EvalPolicy:
                 rec.last_eval = {k: v for k, v in r.items() if k not in ("scores", "categories")}
                 rec.last_scores = r.get("scores")
             self.log_metrics({"round": round_idx, "client": cid, "kind": "test", "loss": r["loss"],
-                              "perplexity": r["perplexity"],
-                              **{k: r[k] for k in (metric, *GENERAL_KEYS, "eval_s") if k in r}})
+                              "perplexity": r["perplexity"],  # tokens: the pooled loss weighs each client's by them
+                              **{k: r[k] for k in ("tokens", metric, *GENERAL_KEYS, "eval_s") if k in r}})
         self.clients_s = sum(r.get("eval_s", 0.0) for r in per_client.values())
         if all_global:
             g = pooled([per_client[c] for c in cids if c in per_client])
@@ -340,7 +340,7 @@ class EvalPolicy:
         g = {k: v for k, v in g.items() if k not in ("scores", "examples", "categories", "eval_s")}
         self.log_metrics({"round": round_idx, "client": None, "kind": "test", "loss": g["loss"],
                           "perplexity": g["perplexity"],
-                          **{k: g[k] for k in (metric, f"{metric}_by_category", "examples_by_category", *GENERAL_KEYS,
+                          **{k: g[k] for k in ("tokens", metric, f"{metric}_by_category", "examples_by_category", *GENERAL_KEYS,
                                                "mmlu_clients_mean", "heldout_accuracy_clients_mean",
                                                "heldout_loss_clients_mean", "clients_missing", "clients_withheld") if k in g}})
         return g
