@@ -49,7 +49,7 @@ def test_sweep_runs_tabulates_and_resumes(tmp_path):
     assert [c["k"] for c in flame["clients"]] == [2, 1]
     assert "(k=1, r=2" in rows["1"] and f"{flame['clients'][1]['rouge_l']:.2f} (k=1" in rows["1"]
     ch = flame["global"]["rouge_l_change"]
-    assert f"{ch['mean']:+.2f} [{ch['low']:+.2f}, {ch['high']:+.2f}]" in rows["ROUGE-L change from zero-shot, 95% interval"]
+    assert f"{ch['mean']:+.2f} [{ch['low']:+.2f}, {ch['high']:+.2f}]" in rows["ROUGE-L change from zero-shot (each client's own model), 95% interval"]
     # started again, finished points are kept, not rerun
     logs.clear()
     run_sweep(path, log=logs.append)

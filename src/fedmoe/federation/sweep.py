@@ -236,7 +236,7 @@ def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
     lines.append("| global model | " + " | ".join(_cell(s["global"].get(key)) for _, s in results) + " |")
     lines.append("| global test loss | " + " | ".join(_cell(s["global"].get("loss"), 4) for _, s in results) + " |")
     if any(s["global"].get(f"{key}_change") for _, s in results):
-        lines.append(f"| {name} change from zero-shot, 95% interval | " + " | ".join(
+        lines.append(f"| {name} change from zero-shot (each client's own model), 95% interval | " + " | ".join(
             format_change(s["global"].get(f"{key}_change")) for _, s in results) + " |")
     # knowledge retention, load balance and communication, where the runs measured them
     for label, k, digits in (("held-out accuracy, all labels (%)", "heldout_accuracy", 1),
