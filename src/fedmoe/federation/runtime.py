@@ -417,8 +417,7 @@ class Federation:
                     + (f", {len(failures)} failed ({failures})" if failures else "")
                     + f", leaving {len(out)} usable updates, fewer than federation.min_replies ({need}). The round "
                     f"was not applied; {self._intact()}. Non-finite training usually means the learning rate is "
-                    "too high or there is no gradient clipping: start again with a lower train.lr or with "
-                    "train.grad_clip set")
+                    f"too high or there is no gradient clipping: {self._start_again()}")
             raise RoundFailed(f"round {round_idx}: {len(out)} of {len(sampled)} sampled clients replied, fewer than "
                               f"federation.min_replies ({need}); failed: {failures}. The last checkpoint "
                               f"(round {self.completed_rounds}) is intact: resume with `fedmoe run --resume {self.rd.path}`")
@@ -485,6 +484,11 @@ class Federation:
         return new, server_state, {**own, **{k: v for k, v in metrics.items() if k != "halted"},
                                    "secagg_clients": sorted(included),
                                    "secagg_bytes_up": {c: up for c, (up, _) in sorted(sent.items())}}
+
+    def _start_again(self) -> str:
+        """How to start this run again with other settings (a new run: this directory keeps the stopped one)."""
+        return ("start a new run with a lower train.lr or with train.grad_clip set (this directory keeps the stopped "
+                "run: give the new one another name with --set name=..., or replace it with --overwrite)")
 
     def _intact(self) -> str:
         """What a round that stops the run leaves behind."""
@@ -588,7 +592,7 @@ class Federation:
                 if isinstance(loss, float) and not math.isfinite(loss):
                     raise RoundFailed(f"round {round_idx}: the aggregated model's test loss is {loss} (its weights are "
                                       "finite, but the clients' training diverged): the round was not saved; "
-                                      f"{self._intact()}. Start again with a lower train.lr or with train.grad_clip set")
+                                      f"{self._intact()}. {self._start_again().capitalize()}")
                 wall = time.perf_counter() - t_round
                 clients_s = self._clients_s + self.policy.clients_s
                 # the round's time that is neither the clients' training and evaluation nor aggregation
