@@ -330,6 +330,24 @@ def test_dirichlet_every_client_nonempty_when_tiny():
             assert all(len(p) == 1 for p in parts)
 
 
+@pytest.mark.parametrize("mode", ["client", "category"])
+def test_dirichlet_refuses_one_category(tmp_path, mode):
+    """Dir(alpha) over one category is [1.0] for every client: the split would silently be an even random one."""
+    exs = [Example(f"i{i}", "", f"o{i}", "alpaca", "alpaca") for i in range(8)]
+    with pytest.raises(DataError) as err:
+        partition(exs, "dirichlet", 2, seed=0, alpha=0.5, dirichlet_mode=mode)
+    msg = str(err.value)
+    assert "data.partition.scheme: dirichlet" in msg and "one category ('alpaca')" in msg
+    assert "data.field_map" in msg and "data.partition.scheme: iid" in msg
+    # a category-less file through the run's data preparation: the same refusal, before any training
+    src = tmp_path / "alpaca.jsonl"
+    src.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(8)))
+    with pytest.raises(DataError, match=r"one category \('alpaca'\)"):
+        prepare_federated_data(DataConfig(source=str(src), partition=PartitionConfig(scheme="dirichlet", num_clients=2)), seed=0)
+    assert len(prepare_federated_data(DataConfig(source=str(src), partition=PartitionConfig(scheme="iid", num_clients=2)),
+                                      seed=0).clients) == 2
+
+
 def test_dirichlet_alpha_controls_heterogeneity(dolly):
     for mode in ("client", "category"):
         tv_small = np.mean([_mean_tv(dolly, partition(dolly, "dirichlet", 4, s, alpha=0.1, dirichlet_mode=mode)) for s in range(3)])
