@@ -222,22 +222,25 @@ def node_privacy(
     delta: Annotated[float, typer.Option(help="the δ of the node's budget (its node config dp-delta)")] = 1e-5,
     budget: Annotated[Optional[float], typer.Option(help="the node's dp-epsilon, to show what is left")] = None,
     start: Annotated[bool, typer.Option("--start", help="start an empty ledger where there is none (what the node "
-                                        "released before it is not counted): never overwrites one")] = False,
+                                        "released before it is not counted), creating the state-dir if it does "
+                                        "not exist: never overwrites one")] = False,
 ):
     """What a SuperNode's own privacy ledger holds (node config dp-epsilon): every update it released, by run,
-    and the ε they make at δ, counted on the node itself."""
-    from .federation.flower.budget import BudgetRefusal, PrivacyLedger, ledger_report
+    and the ε they make at δ, counted on the node itself. A STATE_DIR that does not exist or is a file is an
+    error (exit 2), not an empty ledger."""
+    from .federation.flower.budget import BudgetRefusal, PrivacyLedger, check_state_dir, ledger_report
 
     if not 0 < delta < 1:
         _error(f"--delta {delta:g}: give a number in (0, 1)")
         raise typer.Exit(2)
-    if start:
-        ledger = PrivacyLedger(state_dir)
-        print(f"{ledger.path}: started, empty" if ledger.start() else f"{ledger.path}: a ledger is there already, "
-              "kept as it is")
     try:
+        if start:
+            check_state_dir(state_dir, missing_ok=True)  # --start on a new folder: the operator's word to begin one
+            ledger = PrivacyLedger(state_dir)
+            print(f"{ledger.path}: started, empty" if ledger.start() else f"{ledger.path}: a ledger is there already, "
+                  "kept as it is")
         print(ledger_report(state_dir, delta, budget))
-    except BudgetRefusal as e:
+    except (BudgetRefusal, OSError) as e:
         _error(f"{e}")
         raise typer.Exit(2)
 
