@@ -4,6 +4,7 @@ has (and marked), the curves hold one line per run, and a folder that is not a r
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,17 @@ def test_a_folder_that_is_not_a_run_is_named(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fedmoe.cli", "compare", str(tmp_path / "empty"), "--out",
                         str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and "empty is not a fedmoe run directory" in r.stderr.replace("\n", "")
+
+
+def test_a_run_given_by_its_bare_folder_name_is_labelled_by_it(tmp_path, monkeypatch):
+    """`fedmoe compare fedit runs/fedit` from inside a folder: the one-component path's parent is empty as written,
+    so its label comes from the absolute path (`<cwd>/fedit`), never `/fedit`; `.` is labelled by its folder."""
+    from fedmoe.report.compare import _labels
+
+    (tmp_path / "mine" / "runs").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "mine")
+    assert _labels([Path("fedit"), Path("runs/fedit")]) == ["mine/fedit", "runs/fedit"]
+    assert _labels([Path("fedit/"), Path("flame")]) == ["fedit", "flame"]
+    monkeypatch.chdir(tmp_path / "mine" / "runs")
+    assert _labels([Path("."), Path("../fedit")]) == ["runs", "fedit"]
+

@@ -125,9 +125,12 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
 
 
 def _labels(paths: list[Path]) -> list[str]:
-    """Each run's folder name, with its parent where two names clash."""
-    names = [p.name for p in paths]
-    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
+    """Each run's folder name, with its parent where two names clash; both read from the absolute path, so a
+    run given as ``fedit`` or ``.`` is labelled by its folder (``runs/fedit``), never ``/fedit`` or an empty name."""
+    full = [Path(os.path.abspath(p)) for p in paths]
+    names = [p.name or str(p) for p in full]
+    return [(f"{p.parent.name}/{p.name}" if p.parent.name else str(p)) if names.count(n) > 1 else n
+            for p, n in zip(full, names)]
 
 
 def _global_test(run: Run, key: str) -> list[tuple[int, float]]:
