@@ -167,7 +167,10 @@ def format_comparison(runs: list[Run]) -> str:
     key, name = ("accuracy", "accuracy") if choice else ("rouge_l", "ROUGE-L")
     rows.append(["global test loss (zero-shot)"] + [zs(r, "loss", 4) for r in runs])
     rows.append([f"global {name} (zero-shot)"] + [zs(r, key, 2) for r in runs])
-    rows.append([f"{name} change, 95% interval"] + [
+    # summary.global.<key>_change pairs each client's own model's final answers with its zero-shot ones (the global
+    # model's only where every client ends with it): said in the row, which sits under the global model's rows
+    unit = "" if key == "rouge_l" else " (points)"
+    rows.append([f"{name} change{unit} of the clients' own models (final vs zero-shot), 95% interval"] + [
         format_change(r.summary["global"].get(f"{key}_change")) if r.summary else "–" for r in runs])
     rows.append(["client test loss, mean"] + [
         _cell(personal_or_global(r.summary, "loss")) if r.summary else "–" for r in runs])
