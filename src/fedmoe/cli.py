@@ -147,9 +147,10 @@ def plan(
 ):
     """Will it fit? The estimated peak memory of one client's training step per budget level (weights,
     adapters, gradients, optimizer state, activations), before anything is loaded, and whether the device
-    has it."""
+    has it. Exit status: 0 when it fits (or there is no memory here to compare with: a GPU planned on a
+    machine without one), 1 when it does NOT fit (for a sweep: any of its plans), 2 on an error."""
     from .config import ConfigError, load_config
-    from .plan import device_memory, distinct_plans, format_plan, memory_plan
+    from .plan import device_memory, distinct_plans, fits, format_plan, memory_plan
 
     sets = [*(set_ or []), *([f"model.device={device}"] if device else [])]
     try:
@@ -166,11 +167,15 @@ def plan(
         raise typer.Exit(2)
     from .moe.model import resolve_device
 
+    too_big = False
     for i, (cfg, points, plans) in enumerate(done):
         what, available = device_memory(str(resolve_device(cfg.model.device)))
         if points is not None:
             print(("\n" if i else "") + f"sweep points {', '.join(points)}:")
         print(format_plan(cfg, plans, what, available))
+        too_big |= not fits(plans, available)
+    if too_big:
+        raise typer.Exit(1)
 
 
 @app.command()
