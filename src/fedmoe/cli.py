@@ -123,8 +123,9 @@ def run(
         raise typer.Exit(2)
     # plain print: the table and paths must not be re-wrapped by rich when piped
     print()
-    print(format_results_table(summary))
-    from .report.report import privacy_line
+    from .report.report import flops_seq_len, privacy_line
+
+    print(format_results_table(summary, flops_seq_len(rd)))
 
     line = privacy_line(summary)
     if line:
