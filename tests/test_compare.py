@@ -4,6 +4,7 @@ has (and marked), the curves hold one line per run, and a folder that is not a r
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,30 @@ def test_a_folder_that_is_not_a_run_is_named(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fedmoe.cli", "compare", str(tmp_path / "empty"), "--out",
                         str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and "empty is not a fedmoe run directory" in r.stderr.replace("\n", "")
+
+
+def test_a_run_given_by_its_bare_folder_name_is_labelled_by_it(tmp_path, monkeypatch):
+    """`fedmoe compare fedit runs/fedit` from inside a folder: the one-component path's parent is empty as written,
+    so its label comes from the absolute path (`<cwd>/fedit`), never `/fedit`; `.` is labelled by its folder."""
+    from fedmoe.report.compare import _labels
+
+    (tmp_path / "mine" / "runs").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "mine")
+    assert _labels([Path("fedit"), Path("runs/fedit")]) == ["mine/fedit", "runs/fedit"]
+    assert _labels([Path("fedit/"), Path("flame")]) == ["fedit", "flame"]
+    monkeypatch.chdir(tmp_path / "mine" / "runs")
+    assert _labels([Path("."), Path("../fedit")]) == ["runs", "fedit"]
+
+
+def test_the_change_row_says_it_measures_the_clients_own_models():
+    """summary.global.rouge_l_change pairs each client's own model (final vs zero-shot), not the global model: the
+    row that sits under the global ROUGE-L says so, as the report does; the summary key is read as before."""
+    from fedmoe.eval import format_change, paired_bootstrap
+    from fedmoe.report.compare import Run, format_comparison
+
+    ch = paired_bootstrap([30.0, 40.0, 50.0, 10.0], [20.0, 40.0, 45.0, 12.0], seed=0)
+    summary = {"global": {"rouge_l": 11.0, "rouge_l_change": ch}, "clients": [], "wall_s": 60.0}
+    table = format_comparison([Run("flame", Path("flame"), {"algorithm": {"name": "flame"}}, [], summary)])
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1].rstrip(" |") for line in table.splitlines()[2:]}
+    assert rows["ROUGE-L change of the clients' own models (final vs zero-shot), 95% interval"] == format_change(ch)
+    assert not any(k.startswith("ROUGE-L change,") for k in rows)

@@ -26,6 +26,27 @@ def test_unknown_key_is_named_with_the_file(tmp_path):
     assert "unknown key 'train.learning_rate'" in str(e.value) and str(p) in str(e.value)
 
 
+def test_an_unknown_key_close_to_a_known_one_gets_a_suggestion(tmp_path):
+    """train.batchsize -> 'did you mean train.batch_size?', from a YAML file and from --set alike, at every depth; a
+    key like none of its section's gets no guess."""
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  batchsize: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert e.value.args[0].splitlines()[1] == ("  - unknown key 'train.batchsize': remove it or check its spelling; did "
+                                               "you mean 'train.batch_size'?")
+    for override, suggestion in (("train.batchsize=4", "train.batch_size"), ("trian.lr=1", "train"),
+                                 ("algorithm.flame.temprature=2", "algorithm.flame.temperature"),
+                                 ("data.partition.num_client=2", "data.partition.num_clients")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [override])
+        key = override.split("=")[0] if suggestion != "train" else "trian"
+        assert f"unknown key '{key}': remove it or check its spelling; did you mean '{suggestion}'?" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.zzz=1"])
+    assert str(e.value).endswith("unknown key 'train.zzz': remove it or check its spelling")
+
+
 def test_bad_value_is_named():
     with pytest.raises(ConfigError, match=r"train.lr: .*greater than 0.*-1"):
         load_config(None, ["train.lr=-1"])

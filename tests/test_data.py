@@ -164,6 +164,35 @@ def test_unknown_source_and_hub_id():
     else:  # offline, a hub id not in the cache is refused with what to do instead
         with pytest.raises(DataError, match=r"cannot load hub dataset 'someone/not-cached'.*save_to_disk"):
             load_examples("hf:someone/not-cached")
+        # a bare ORG/NAME that is no local path: tried on the hub, and the error says both
+        with pytest.raises(DataError, match=r"^data.source 'someone/not-cached': no such local file or folder .*"
+                                            r"write hub datasets as hf:ORG/NAME\): cannot load hub dataset"):
+            load_examples("someone/not-cached")
+
+
+def test_a_mistyped_local_folder_is_not_taken_for_a_hub_dataset(tmp_path, monkeypatch):
+    """data.source cfg/mydata where cfg/ is a folder here (or ./x, ../x, /x, ~/x, x.jsonl): a local path that does
+    not exist, said so with how a hub dataset is named, not an offline-hub error."""
+    (tmp_path / "cfg").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for source in ("cfg/mydata", "./mydata", str(tmp_path / "cfg" / "mydata"), "cfg/a/b"):
+        with pytest.raises(DataError) as e:
+            load_examples(source)
+        msg = str(e.value)
+        assert msg.startswith(f"data.source {source!r}: no such local file or folder (relative paths are read from "
+                              f"{tmp_path})") and msg.endswith("name a Hugging Face hub dataset as hf:ORG/NAME"), msg
+        assert "hub dataset" in msg and "cannot load hub" not in msg and "offline" not in msg
+
+
+def test_a_dataset_the_hub_does_not_have_says_what_to_do():
+    """The hub's "not found" (online: a misspelt or gated id) asks for the spelling or a login, not for a local copy."""
+    datasets = pytest.importorskip("datasets")
+    from fedmoe.data.sources import _hub_failure_advice
+
+    advice = _hub_failure_advice("org/nme", datasets.exceptions.DatasetNotFoundError("Dataset 'org/nme' doesn't exist"))
+    assert "check ORG/NAME" in advice and "https://huggingface.co/datasets/org/nme" in advice and "login" in advice
+    offline = _hub_failure_advice("org/nme", ConnectionError("Couldn't reach 'org/nme' on the Hub (OfflineModeIsEnabled)"))
+    assert "offline" in offline and "save_to_disk" in offline
 
 
 def test_a_saved_hugging_face_dataset_folder(tmp_path):
@@ -328,6 +357,24 @@ def test_dirichlet_every_client_nonempty_when_tiny():
             parts = partition(exs, "dirichlet", 6, seed=seed, alpha=0.01, dirichlet_mode=mode)
             _assert_exact_cover(parts, 6)
             assert all(len(p) == 1 for p in parts)
+
+
+@pytest.mark.parametrize("mode", ["client", "category"])
+def test_dirichlet_refuses_one_category(tmp_path, mode):
+    """Dir(alpha) over one category is [1.0] for every client: the split would silently be an even random one."""
+    exs = [Example(f"i{i}", "", f"o{i}", "alpaca", "alpaca") for i in range(8)]
+    with pytest.raises(DataError) as err:
+        partition(exs, "dirichlet", 2, seed=0, alpha=0.5, dirichlet_mode=mode)
+    msg = str(err.value)
+    assert "data.partition.scheme: dirichlet" in msg and "one category ('alpaca')" in msg
+    assert "data.field_map" in msg and "data.partition.scheme: iid" in msg
+    # a category-less file through the run's data preparation: the same refusal, before any training
+    src = tmp_path / "alpaca.jsonl"
+    src.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(8)))
+    with pytest.raises(DataError, match=r"one category \('alpaca'\)"):
+        prepare_federated_data(DataConfig(source=str(src), partition=PartitionConfig(scheme="dirichlet", num_clients=2)), seed=0)
+    assert len(prepare_federated_data(DataConfig(source=str(src), partition=PartitionConfig(scheme="iid", num_clients=2)),
+                                      seed=0).clients) == 2
 
 
 def test_dirichlet_alpha_controls_heterogeneity(dolly):

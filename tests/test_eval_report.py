@@ -299,6 +299,19 @@ def test_write_report(tmp_path):
     assert format_results_table(summary) in text
 
 
+def test_the_flops_column_says_its_sequence_length(tmp_path):
+    """FLOPs/seq is the forward FLOPs of one sequence of eval.flops_seq_len tokens: the report's header says how many
+    (from the run's config.yaml); without a readable config it says what it has, no length."""
+    rd = RunDir(tmp_path / "r")
+    rd.write_config({"eval": {"flops_seq_len": 64}})
+    summary = build_summary("flame", "tiny-olmoe", 3, 7, 125.0, _clients(), {"rouge_l": 30.0, "loss": 2.2})
+    text = write_report(rd, summary, []).read_text(encoding="utf-8")
+    assert "| bytes down | FLOPs/seq (64 tokens) |" in text.splitlines()[text.splitlines().index("## Results") + 2]
+    assert format_results_table(summary, 64) in text
+    rd.config_path.write_text("eval: [")
+    assert "| bytes down | FLOPs/seq |" in write_report(rd, summary, []).read_text(encoding="utf-8")
+
+
 def test_write_report_without_metrics(tmp_path):
     rd = RunDir(tmp_path / "r")
     summary = build_summary("fedit", "m", 1, 0, 3.0, [], {})

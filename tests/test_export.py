@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedmoe.config import load_config
-from fedmoe.export import ExportError, export_model, load_model, load_run_model
+from fedmoe.export import ExportError, export_model, load_for_answers, load_model, load_run_model
 from fedmoe.federation import run_federated
 from fedmoe.moe import SUPPORTED_ARCHITECTURES, MoEModel
 from fedmoe.moe.model import ModelLoadError
@@ -315,6 +315,11 @@ def test_export_takes_the_finished_runs_last_round_or_exactly_the_round_asked(tm
     _, rd = run_federated(cfg, stop_after_round=1, log=lambda *a: None)
     with pytest.raises(ExportError, match=r"did not finish.*round 1 of 2.*--resume.*--round 1 \(state.pt\)"):
         load_run_model(rd.path)
+    with pytest.raises(ExportError, match=r"or export a round it has on purpose with --round 1 \(state.pt\)$"):
+        load_run_model(rd.path)
+    # fedmoe generate says what it does with the round (it exports nothing)
+    with pytest.raises(ExportError, match=r"or generate from a round it has on purpose with --round 1 \(state.pt\)$"):
+        load_for_answers(rd.path)
     assert "after round 1" in load_run_model(rd.path, round_idx=1).source
     resume_federated(rd.path, log=lambda *a: None)
     assert "after round 2" in load_run_model(rd.path).source
@@ -322,6 +327,8 @@ def test_export_takes_the_finished_runs_last_round_or_exactly_the_round_asked(tm
     with pytest.raises(ExportError, match=r"finished 2 rounds, but its checkpoint of round 2 cannot be read.*state.pt "
                                           r"is unreadable.*--round 1 \(state.prev.pt\)"):
         load_run_model(rd.path)
+    with pytest.raises(ExportError, match=r"is lost. Generate from an older round on purpose with --round 1"):
+        load_for_answers(rd.path)
     with pytest.raises(ExportError, match="no checkpoint of round 2; it has: --round 1"):
         load_run_model(rd.path, round_idx=2)
     assert "after round 1" in load_run_model(rd.path, round_idx=1).source

@@ -386,6 +386,9 @@ def test_options_and_errors():
         count_flops(cfg, 16, lora_rank=2, attention_lora_targets=["kv_b_proj"])
     with pytest.raises(ValueError, match="out of range"):
         count_flops(cfg, 16, k=0)
+    with pytest.raises(ValueError, match=rf"k = {cfg.num_experts_per_tok + 1} is out of range: .* give k in "
+                                         rf"1\.\.{cfg.num_experts_per_tok}$"):  # above the model's top-k
+        count_flops(cfg, 16, k=cfg.num_experts_per_tok + 1)
     with pytest.raises(ValueError, match="layout"):
         count_flops(cfg, 16, lora_rank=2, expert_lora_layout="stacked")
     # split: gate and up adapters (H -> I each) in place of one gate_up adapter (H -> 2I); router LoRA
@@ -439,3 +442,15 @@ def test_cli_json_schema(tmp_path):
     # the library gives the same numbers
     cfg = load_model_config(str(OLMOE))
     assert rows[0]["flops_per_seq"] == count_flops(cfg, 128, k=8, lora_rank=20)["flops_per_seq"]
+
+
+def test_fedmoe_flops_refuses_k_above_the_models_top_k():
+    """OLMoE routes each token to 8 of its 64 experts: --k 9 is refused naming its k (exit 2), as a client's k is."""
+    from typer.testing import CliRunner
+
+    from fedmoe.cli import app
+
+    out = CliRunner().invoke(app, ["flops", str(OLMOE), "--k", "9"])
+    assert out.exit_code == 2 and out.output.startswith("error: k = 9 is out of range"), out.output
+    assert "routes each token to 8 of its 64 experts (its top-k), so give k in 1..8" in out.output
+    assert CliRunner().invoke(app, ["flops", str(OLMOE), "--k", "8"]).exit_code == 0

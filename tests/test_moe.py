@@ -426,3 +426,23 @@ def test_renormalises_top_k_says_what_the_router_does(arch):
                 mm.model(ids)
         same = torch.allclose(sums[1], sums[2], rtol=1e-5)
         assert same == renormalises_top_k(config), (arch, getattr(config, "norm_topk_prob", None))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe"])
+def test_a_model_folder_without_a_tokenizer_names_the_folder_and_model_tokenizer(tmp_path, arch):
+    """A model folder without tokenizer files: transformers either fails ("Couldn't instantiate the backend
+    tokenizer ... install sentencepiece": Mixtral's) or builds an empty tokenizer that encodes text to nothing
+    (OLMoE's). Both are fedmoe's error naming the folder and model.tokenizer; the folder with the tokenizer loads."""
+    from transformers import AutoTokenizer
+
+    from fedmoe.moe.model import ModelLoadError, builtin_model_path, load_tokenizer
+
+    folder = tmp_path / arch
+    tiny_config(arch).save_pretrained(folder)
+    with pytest.raises(ModelLoadError) as e:
+        load_tokenizer(str(folder))
+    msg = str(e.value)
+    assert msg.startswith(f"no usable tokenizer in {str(folder)!r}") and "model.tokenizer" in msg
+    assert "sentencepiece" not in msg
+    AutoTokenizer.from_pretrained(builtin_model_path("builtin:tiny-moe")).save_pretrained(folder)
+    assert load_tokenizer(str(folder))("hello")["input_ids"]

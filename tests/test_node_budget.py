@@ -218,7 +218,17 @@ def test_fedmoe_node_privacy_shows_the_ledger(tmp_path):
     assert "3 release(s)" in out.output and "run a: 2 (rounds 1, 2; σ = 1)" in out.output
     assert f"run b: 1 (rounds 1; σ = 4), ε = {_eps(4.0, delta=1e-6):.4g} alone" in out.output
     assert f"ε = {total:.4g} at δ = 1e-06 over all of them; of dp-epsilon = 50, {50 - total:.4g} left" in out.output
-    assert CliRunner().invoke(app, ["node-privacy", str(tmp_path / "none")]).output.strip().endswith("(ε = 0)")
+    empty = tmp_path / "empty"  # a state-dir with no ledger (and no stores): nothing released
+    empty.mkdir()
+    assert CliRunner().invoke(app, ["node-privacy", str(empty)]).output.strip().endswith("(ε = 0)")
+    # a mistyped path or a file is an error naming it, never "ε = 0" (and nothing is created)
+    for wrong, says in ((tmp_path / "none", "no such folder"), (tmp_path / LEDGER, "is a file, not a SuperNode's state-dir")):
+        out = CliRunner().invoke(app, ["node-privacy", str(wrong)])
+        assert out.exit_code == 2 and out.output.startswith(f"error: {wrong}") and says in out.output, out.output
+        assert "ε = 0" not in out.output and len(out.output.strip().splitlines()) == 1
+    assert not (tmp_path / "none").exists()
+    out = CliRunner().invoke(app, ["node-privacy", str(tmp_path / LEDGER), "--start"])
+    assert out.exit_code == 2 and "is a file" in out.output and "started" not in out.output
     (tmp_path / LEDGER).write_text("{")
     bad = CliRunner().invoke(app, ["node-privacy", str(tmp_path)])
     assert bad.exit_code == 2 and "cannot be read" in bad.output
@@ -268,6 +278,8 @@ def test_a_missing_ledger_beside_trained_stores_stops_training_until_started_kno
     assert not ledger.exists()
     out = CliRunner().invoke(app, ["node-privacy", str(tmp_path / "state"), "--start"])
     assert out.exit_code == 0 and "started, empty" in out.output and "no release recorded" in out.output
+    new = CliRunner().invoke(app, ["node-privacy", str(tmp_path / "new" / "state"), "--start"])  # --start creates it
+    assert new.exit_code == 0 and "started, empty" in new.output and (tmp_path / "new" / "state" / LEDGER).is_file()
     _ask(cache, cfg, node, "train", sent[(2, 0)])
     assert [r["round"] for r in json.loads(ledger.read_text())["releases"]] == [2]
     again = CliRunner().invoke(app, ["node-privacy", str(tmp_path / "state"), "--start"])

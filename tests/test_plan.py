@@ -177,3 +177,22 @@ def test_a_quantized_plan_runs_eight_experts_a_layer_and_counts_the_same(monkeyp
     (sixteen,) = memory_plan(cfg)
     assert set(seen) == set(range(16))
     assert abs(eight.total - sixteen.total) <= 0.01 * sixteen.total, (eight.peak, sixteen.peak)
+
+
+
+def test_fedmoe_plan_exits_1_when_it_does_not_fit(tmp_path):
+    """A script can test the verdict: 0 when the plan fits (test_fedmoe_plan_command), 1 when it does NOT fit (here
+    an OLMoE-shaped config of 0.4 TB of weights, planned on fake tensors), with the plan and what would
+    shrink it still printed."""
+    from typer.testing import CliRunner
+
+    from fedmoe.cli import app
+    from fedmoe.moe.tiny import tiny_config
+
+    huge = tiny_config("olmoe", vocab_size=128, num_experts=8, top_k=2)
+    huge.hidden_size, huge.intermediate_size, huge.num_hidden_layers = 32768, 131072, 1
+    huge.save_pretrained(tmp_path)
+    out = CliRunner().invoke(app, ["plan", "--set", f"model.name={tmp_path / 'config.json'}", "--set",
+                                   "data.max_length=16", "--set", "train.batch_size=1", "--device", "cpu"])
+    assert out.exit_code == 1, out.output
+    assert "this machine's memory" in out.output and "does NOT fit" in out.output and "other keys that shrink it" in out.output

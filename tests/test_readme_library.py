@@ -1,4 +1,5 @@
-"""The README's "As a library" example runs as pasted (a user's first contact with the API)."""
+"""The README as a user meets it: its "As a library" example runs as pasted, its benchmark command runs as printed,
+and it names no path outside the repository."""
 
 import re
 from pathlib import Path
@@ -18,3 +19,33 @@ def test_the_library_example_runs_as_written():
     assert tuple(counts.shape) == (4, 16)  # the built-in model's layers and experts
     real = int(batch["attention_mask"].sum())
     assert tokens.tolist() == [real] * 4 and counts.sum(dim=1).tolist() == [2 * real] * 4  # k = 2 after set_top_k
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_readmes_evidence_tables_command_runs_as_printed(tmp_path):
+    """`python benchmarks/evidence_tables.py ...` as README prints it: argparse takes it (it needs a scenario), and
+    without the sweeps' runs it says to run them first (exit 1), never a usage error (exit 2)."""
+    import shlex
+    import subprocess
+    import sys
+
+    cmds = re.findall(r"`(python benchmarks/evidence_tables\.py[^`]*)`", (ROOT / "README.md").read_text())
+    assert cmds
+    for cmd in cmds:
+        argv = shlex.split(cmd)[1:]
+        r = subprocess.run([sys.executable, *argv, "--runs", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 1 and "run the sweep first" in r.stdout + r.stderr, (cmd, r.stderr[-500:])
+
+
+def test_the_readme_names_no_path_outside_the_repository():
+    """A checkout has only what is in it: README names no `../` path, and the model configs its will-it-fit table
+    was planned on are in the repository."""
+    readme = (ROOT / "README.md").read_text()
+    assert not re.findall(r"[`(]\.\./[^`)\s]*", readme)
+    configs = ROOT / "benchmarks" / "model-configs"
+    assert "(config: [`benchmarks/model-configs`](benchmarks/model-configs)" in readme
+    assert {p.name for p in configs.glob("*.json")} >= {"allenai--OLMoE-1B-7B-0924.json", "Qwen--Qwen1.5-MoE-A2.7B.json",
+                                                        "Qwen--Qwen3-30B-A3B.json", "mistralai--Mixtral-8x7B-v0.1.json"}

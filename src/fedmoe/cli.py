@@ -123,8 +123,9 @@ def run(
         raise typer.Exit(2)
     # plain print: the table and paths must not be re-wrapped by rich when piped
     print()
-    print(format_results_table(summary))
-    from .report.report import privacy_line
+    from .report.report import flops_seq_len, privacy_line
+
+    print(format_results_table(summary, flops_seq_len(rd)))
 
     line = privacy_line(summary)
     if line:
@@ -147,9 +148,10 @@ def plan(
 ):
     """Will it fit? The estimated peak memory of one client's training step per budget level (weights,
     adapters, gradients, optimizer state, activations), before anything is loaded, and whether the device
-    has it."""
+    has it. Exit status: 0 when it fits (or there is no memory here to compare with: a GPU planned on a
+    machine without one), 1 when it does NOT fit (for a sweep: any of its plans), 2 on an error."""
     from .config import ConfigError, load_config
-    from .plan import device_memory, distinct_plans, format_plan, memory_plan
+    from .plan import device_memory, distinct_plans, fits, format_plan, memory_plan
 
     sets = [*(set_ or []), *([f"model.device={device}"] if device else [])]
     try:
@@ -166,11 +168,15 @@ def plan(
         raise typer.Exit(2)
     from .moe.model import resolve_device
 
+    too_big = False
     for i, (cfg, points, plans) in enumerate(done):
         what, available = device_memory(str(resolve_device(cfg.model.device)))
         if points is not None:
             print(("\n" if i else "") + f"sweep points {', '.join(points)}:")
         print(format_plan(cfg, plans, what, available))
+        too_big |= not fits(plans, available)
+    if too_big:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -222,22 +228,25 @@ def node_privacy(
     delta: Annotated[float, typer.Option(help="the δ of the node's budget (its node config dp-delta)")] = 1e-5,
     budget: Annotated[Optional[float], typer.Option(help="the node's dp-epsilon, to show what is left")] = None,
     start: Annotated[bool, typer.Option("--start", help="start an empty ledger where there is none (what the node "
-                                        "released before it is not counted): never overwrites one")] = False,
+                                        "released before it is not counted), creating the state-dir if it does "
+                                        "not exist: never overwrites one")] = False,
 ):
     """What a SuperNode's own privacy ledger holds (node config dp-epsilon): every update it released, by run,
-    and the ε they make at δ, counted on the node itself."""
-    from .federation.flower.budget import BudgetRefusal, PrivacyLedger, ledger_report
+    and the ε they make at δ, counted on the node itself. A STATE_DIR that does not exist or is a file is an
+    error (exit 2), not an empty ledger."""
+    from .federation.flower.budget import BudgetRefusal, PrivacyLedger, check_state_dir, ledger_report
 
     if not 0 < delta < 1:
         _error(f"--delta {delta:g}: give a number in (0, 1)")
         raise typer.Exit(2)
-    if start:
-        ledger = PrivacyLedger(state_dir)
-        print(f"{ledger.path}: started, empty" if ledger.start() else f"{ledger.path}: a ledger is there already, "
-              "kept as it is")
     try:
+        if start:
+            check_state_dir(state_dir, missing_ok=True)  # --start on a new folder: the operator's word to begin one
+            ledger = PrivacyLedger(state_dir)
+            print(f"{ledger.path}: started, empty" if ledger.start() else f"{ledger.path}: a ledger is there already, "
+                  "kept as it is")
         print(ledger_report(state_dir, delta, budget))
-    except BudgetRefusal as e:
+    except (BudgetRefusal, OSError) as e:
         _error(f"{e}")
         raise typer.Exit(2)
 

@@ -618,7 +618,7 @@ def config_from_tree(tree: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(format_errors(e, source)) from None
+        raise ConfigError(format_errors(e, source, RunConfig)) from None
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

@@ -127,12 +127,37 @@ def load_yaml(text: str, source: str):
         loader.dispose()
 
 
-def format_errors(err: ValidationError, source: str) -> str:
+def _section_keys(model: type[BaseModel] | None, path: tuple) -> list[str]:
+    """The keys the section at ``path`` (a key path below ``model``) may have; [] where it is not a section."""
+    for part in path:
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return []
+        model = next((m for m in _members(field.annotation) if isinstance(m, type) and issubclass(m, BaseModel)), None)
+    if model is None:
+        return []
+    return sorted({name for name in model.model_fields} | {f.alias for f in model.model_fields.values() if f.alias})
+
+
+def unknown_key_hint(model: type[BaseModel] | None, loc: tuple) -> str:
+    """``; did you mean 'train.batch_size'?`` for an unknown key ``loc`` whose name is close to one its section has
+    (difflib), else ``""``."""
+    import difflib
+
+    if not loc:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), _section_keys(model, tuple(str(p) for p in loc[:-1])), n=1)
+    return f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+
+
+def format_errors(err: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
+    """The errors of validating ``model`` (the config's class: it gives an unknown key's close match) read from
+    ``source``, one line each, naming the key."""
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  - unknown key '{key}': remove it or check its spelling")
+            lines.append(f"  - unknown key '{key}': remove it or check its spelling{unknown_key_hint(model, e['loc'])}")
         elif e["type"] == "value_error":  # our own checks: the message names the keys
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"  - {msg}" if key == "<root>" else f"  - {key}: {msg} (got {e.get('input')!r})")

@@ -106,12 +106,13 @@ def _private_from(path: Path, run_id: str | None, client: int, round_idx: int) -
     return load_tensor_file(rounds[max(upto)], "private store")
 
 
-def _checkpoint_to_export(run_dir: str | Path, round_idx: int | None):
+def _checkpoint_to_export(run_dir: str | Path, round_idx: int | None, verb: str = "export"):
     """(config, run dir, checkpoint state) of the round an export takes: the finished run's last round, or
     (``round_idx``) exactly that round, which must be one of the run's two checkpoints. Anything else is
     refused with what there is: a run that did not finish (no summary.json: it stopped, or a round failed,
     and its checkpoint may be its initial adapters), or a finished run whose newest checkpoint is unreadable
-    (the readable one is an older round)."""
+    (the readable one is an older round). ``verb`` is what the command does with a round, for its errors
+    ("export", or "generate from" for ``fedmoe generate``)."""
     from .federation.checkpoint import CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE
     from .federation.directories import open_run_dir
 
@@ -138,23 +139,24 @@ def _checkpoint_to_export(run_dir: str | Path, round_idx: int | None):
         return cfg, rd, have[round_idx][1]
     if not finished:
         raise ExportError(f"{rd.path} did not finish (no summary.json; its newest readable checkpoint is round "
-                          f"{max(have)} of {rounds}): continue it with `fedmoe run --resume {rd.path}`, or export a "
+                          f"{max(have)} of {rounds}): continue it with `fedmoe run --resume {rd.path}`, or {verb} a "
                           f"round it has on purpose with {offer}")
     if rounds not in have:
         bad = f" ({loaded.unreadable} is unreadable)" if loaded.unreadable is not None else ""
         raise ExportError(f"{rd.path} finished {rounds} rounds, but its checkpoint of round {rounds} cannot be read{bad}: "
-                          f"the model it ended with is lost. Export an older round on purpose with {offer}, or run it "
+                          f"the model it ended with is lost. {verb[0].upper()}{verb[1:]} an older round on purpose with {offer}, or "
+                          "run it "
                           "again")
     return cfg, rd, have[rounds][1]
 
 
 def load_run_model(run_dir: str | Path, client: int | None = None, private_path: str | Path | None = None,
-                   round_idx: int | None = None) -> LoadedModel:
+                   round_idx: int | None = None, verb: str = "export") -> LoadedModel:
     """The model client ``client`` (None: the global model) ended the run with, or had after round
-    ``round_idx`` (one of the run's two checkpoints; :func:`_checkpoint_to_export`)."""
+    ``round_idx`` (one of the run's two checkpoints; :func:`_checkpoint_to_export`, whose errors say ``verb``)."""
     from .federation.local import load_client_model
 
-    cfg, rd, ck = _checkpoint_to_export(run_dir, round_idx)
+    cfg, rd, ck = _checkpoint_to_export(run_dir, round_idx, verb)
     n = cfg.data.partition.num_clients
     if client is not None and not 0 <= client < n:
         raise ExportError(f"--client {client}: the run {rd.path} has clients 0..{n - 1}")
@@ -688,7 +690,7 @@ def load_for_answers(path: str | Path, client: int | None = None, private_path: 
                                       attn_implementation=cfg.model.attn_implementation)
         mm.model.eval()
         return LoadedModel(cfg, mm, None, Message(), {}, source)
-    return load_run_model(path, client, private_path, round_idx)
+    return load_run_model(path, client, private_path, round_idx, verb="generate from")
 
 
 def load_model(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu") -> MoEModel:

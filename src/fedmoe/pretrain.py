@@ -113,7 +113,7 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = 
     try:
         return PretrainConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, str(path or "defaults"))) from None
+        raise ConfigError(_format_errors(e, str(path or "defaults"), PretrainConfig)) from None
 
 
 # ------------------------------------------------------------------------------ corpus

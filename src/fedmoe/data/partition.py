@@ -25,6 +25,9 @@ Schemes (docs/methods.md, "Data"):
       category pools run out, a client's realised mixture is ``p_i`` pulled towards the global
       one; with a large α every client ends up close to the global mixture, with a small α each
       client is dominated by one or two categories.
+    * Both modes refuse data with a single category (``Dir(α)`` over one category is ``[1.0]``
+      for every client, so the split would silently be an even random one): map a category field
+      (``data.field_map``) or use ``iid``.
     * ``dirichlet_mode="category"`` (Hsu et al. 2019; FedML / Shepherd style). For each category
       (in sorted order) ``q_c ~ Dir(α·1_N)`` over the clients and the category's shuffled examples
       are cut at ``floor(cumsum(q_c) * n_c)``. Client sizes vary too. If a client ends up empty the
@@ -254,6 +257,13 @@ def partition(
         return _shards(examples, num_clients, shards_per_client, rng)
     if not (alpha > 0 and math.isfinite(alpha)):
         raise DataError(f"the Dirichlet concentration alpha must be a positive number, got {alpha}")
+    cats = sorted({ex.category for ex in examples})
+    if len(cats) == 1:  # Dir(alpha) over one category is [1.0] for every client: an even random split
+        raise DataError(
+            f"data.partition.scheme: dirichlet skews categories across clients, but the data has one category "
+            f"({cats[0]!r}): the split would be an even random one. Map a category field in the data with "
+            "data.field_map (e.g. {category: task}), or set data.partition.scheme: iid"
+        )
     if dirichlet_mode == "client":
         return _dirichlet_client(examples, num_clients, alpha, rng)
     if dirichlet_mode == "category":

@@ -271,15 +271,26 @@ def _pick_split(datasets, ds, source: str, split: str):
     return ds
 
 
-def _read_hub(dataset_id: str, split: str = "train", revision: str | None = None) -> Iterator[tuple[str, Any]]:
+def _hub_failure_advice(dataset_id: str, error: BaseException) -> str:
+    """What to do after ``datasets.load_dataset`` failed with ``error``: a dataset the hub does not have (or will
+    not show) asks for another spelling or a login; anything else (offline mode included) for a local copy."""
+    if "NotFound" in type(error).__name__ or isinstance(error, FileNotFoundError):
+        return (f"the hub has no dataset {dataset_id!r} that this machine may read: check ORG/NAME (spelling and case) "
+                f"at https://huggingface.co/datasets/{dataset_id}, and data.revision / data.hf_split if set; a gated or "
+                "private dataset needs `huggingface-cli login` (or HF_TOKEN) first")
+    return ("offline, only a dataset already in the Hugging Face cache loads: download it as a .json/.jsonl/.parquet "
+            "file or save it with Dataset.save_to_disk and give its path as data.source")
+
+
+def _read_hub(dataset_id: str, split: str = "train", revision: str | None = None,
+              note: str = "") -> Iterator[tuple[str, Any]]:
     datasets = _datasets_module(dataset_id)
     try:
         ds = datasets.load_dataset(dataset_id, split=split, revision=revision)
     except Exception as e:  # noqa: BLE001
         raise DataError(
-            f"cannot load hub dataset {dataset_id!r} (split {split!r}, revision {revision!r}; {type(e).__name__}: "
-            f"{e}); offline, only a dataset already in the Hugging Face cache loads: download it as a "
-            ".json/.jsonl/.parquet file or save it with Dataset.save_to_disk and give its path as data.source"
+            f"{note}cannot load hub dataset {dataset_id!r} (split {split!r}, revision {revision!r}; "
+            f"{type(e).__name__}: {e}); {_hub_failure_advice(dataset_id, e)}"
         ) from None
     for i, rec in enumerate(ds):
         yield f"record {i}", rec
@@ -463,13 +474,27 @@ def load_examples(
         fm = _resolve_field_map(DEFAULT_FIELD_MAP, field_map)
         return _load_records(_read_dataset_dir(path, hf_split), f"dataset folder {path}", fm, name, on_bad_row)
 
+    no_local = (f"data.source {source!r}: no such local file or folder (relative paths are read from "
+                f"{Path.cwd()})")
     hub = source[len(HF_PREFIX):] if source.startswith(HF_PREFIX) else source
-    if _HUB_ID.match(hub) and (source.startswith(HF_PREFIX) or not source.lower().endswith(_DATA_SUFFIXES)):
+    if _HUB_ID.match(hub) and (source.startswith(HF_PREFIX) or not _looks_like_path(source)):
         default = DOLLY_FIELD_MAP if hub in _DOLLY_HUB_IDS else DEFAULT_FIELD_MAP
         fm = _resolve_field_map(default, field_map)
-        return _load_records(_read_hub(hub, hf_split, revision), f"hub dataset {hub}", fm, name, on_bad_row)
+        # a bare ORG/NAME may be a mistyped local path as well: its error says both
+        note = "" if source.startswith(HF_PREFIX) else (
+            f"{no_local}, so it was taken for a hub dataset (write hub datasets as hf:ORG/NAME): ")
+        return _load_records(_read_hub(hub, hf_split, revision, note), f"hub dataset {hub}", fm, name, on_bad_row)
 
     raise DataError(
-        f"data source {source!r} not found: it is neither a file nor a built-in data set "
-        f"({', '.join(sorted(_BUILTINS))}) nor a hub dataset id (owner/name)"
+        f"{no_local}, and it is not a built-in data set ({', '.join(sorted(_BUILTINS))}): check the path, or "
+        f"name a Hugging Face hub dataset as {HF_PREFIX}ORG/NAME"
     )
+
+
+def _looks_like_path(source: str) -> bool:
+    """A ``data.source`` written as a path rather than a hub id (ORG/NAME): absolute, relative to ``.``/``..``/``~``,
+    with a data file's suffix, or under a folder that exists here (``cfg/mydata`` where ``cfg/`` is a folder)."""
+    if source.startswith(("/", ".", "~")) or "\\" in source or source.lower().endswith(_DATA_SUFFIXES):
+        return True
+    parts = Path(source).parts
+    return len(parts) > 1 and Path(parts[0]).is_dir()

@@ -326,8 +326,9 @@ def count_flops(config, seq_len: int, k: int | None = None, lora_rank: int = 0, 
     if T < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     k = s.default_k if k is None else int(k)
-    if not 1 <= k <= s.num_experts:
-        raise ValueError(f"k = {k} is out of range: this {s.model_type} model has {s.num_experts} routed experts")
+    if not 1 <= k <= s.default_k:  # as MoEModel.set_top_k: a client runs at most the model's own top-k
+        raise ValueError(f"k = {k} is out of range: this {s.model_type} model routes each token to {s.default_k} of "
+                         f"its {s.num_experts} experts (its top-k), so give k in 1..{s.default_k}")
     H, E, I, Lm = s.hidden, s.num_experts, s.expert_inter, s.num_moe_layers
     Ld = s.num_layers - Lm
     Ll = s.num_linear_layers  # linear-attention layers (hybrid models); the others have softmax attention

@@ -207,7 +207,17 @@ def check_device(device: str, what: str = "model.device") -> None:
 
 
 def load_tokenizer(name_or_path: str):
+    """The tokenizer of ``name_or_path`` (``model.tokenizer`` or else ``model.name``). One that cannot be built
+    there (a model folder without tokenizer files: transformers' "Couldn't instantiate the backend tokenizer"),
+    or that is built empty (transformers builds some families' tokenizers from nothing, and they encode text to
+    no ids), is a :class:`ModelLoadError` naming the folder or id and ``model.tokenizer``."""
     from transformers import AutoTokenizer
+
+    def unusable(cause: str) -> ModelLoadError:
+        return ModelLoadError(
+            f"no usable tokenizer in {name_or_path!r} ({cause}): put the model's tokenizer files (tokenizer.json, "
+            "tokenizer_config.json, ...) there, or name a folder or hub id that has them with model.tokenizer "
+            "(--set model.tokenizer=PATH_OR_ID)")
 
     folder = builtin_model_path(name_or_path)
     if folder is not None:
@@ -215,7 +225,15 @@ def load_tokenizer(name_or_path: str):
     elif name_or_path.startswith(BUILTIN_PREFIX):
         tok = AutoTokenizer.from_pretrained(str(builtin_asset("tokenizers/olmoe")))
     else:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        try:
+            tok = AutoTokenizer.from_pretrained(name_or_path)
+        except (ValueError, OSError) as e:
+            said = " ".join(str(e).split())
+            raise unusable("transformers could not build its tokenizer from the files there" if "backend tokenizer" in said
+                           else f"{type(e).__name__}: {said[:300]}") from None
+        if not tok("a", add_special_tokens=False)["input_ids"]:
+            raise unusable(f"transformers built a {type(tok).__name__} of {len(tok)} token(s) that encodes text to "
+                           "nothing")
     # fedmoe truncates token ids itself (data.max_length); without this every long Dolly context
     # prints a "longer than the maximum sequence length" warning that does not apply
     tok.model_max_length = int(1e12)

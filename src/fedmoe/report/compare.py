@@ -125,9 +125,12 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
 
 
 def _labels(paths: list[Path]) -> list[str]:
-    """Each run's folder name, with its parent where two names clash."""
-    names = [p.name for p in paths]
-    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
+    """Each run's folder name, with its parent where two names clash; both read from the absolute path, so a
+    run given as ``fedit`` or ``.`` is labelled by its folder (``runs/fedit``), never ``/fedit`` or an empty name."""
+    full = [Path(os.path.abspath(p)) for p in paths]
+    names = [p.name or str(p) for p in full]
+    return [(f"{p.parent.name}/{p.name}" if p.parent.name else str(p)) if names.count(n) > 1 else n
+            for p, n in zip(full, names)]
 
 
 def _global_test(run: Run, key: str) -> list[tuple[int, float]]:
@@ -164,7 +167,10 @@ def format_comparison(runs: list[Run]) -> str:
     key, name = ("accuracy", "accuracy") if choice else ("rouge_l", "ROUGE-L")
     rows.append(["global test loss (zero-shot)"] + [zs(r, "loss", 4) for r in runs])
     rows.append([f"global {name} (zero-shot)"] + [zs(r, key, 2) for r in runs])
-    rows.append([f"{name} change, 95% interval"] + [
+    # summary.global.<key>_change pairs each client's own model's final answers with its zero-shot ones (the global
+    # model's only where every client ends with it): said in the row, which sits under the global model's rows
+    unit = "" if key == "rouge_l" else " (points)"
+    rows.append([f"{name} change{unit} of the clients' own models (final vs zero-shot), 95% interval"] + [
         format_change(r.summary["global"].get(f"{key}_change")) if r.summary else "–" for r in runs])
     rows.append(["client test loss, mean"] + [
         _cell(personal_or_global(r.summary, "loss")) if r.summary else "–" for r in runs])

@@ -77,15 +77,30 @@ def _sum_or_none(values) -> int | float | None:
     return sum(values)
 
 
-def format_results_table(summary: dict) -> str:
+def flops_seq_len(run_dir: RunDir) -> int | None:
+    """The sequence length of a run's FLOPs/seq figures (its config.yaml's ``eval.flops_seq_len``), or None where
+    the run directory has no readable config saying it."""
+    import yaml
+
+    try:
+        tree = yaml.safe_load(run_dir.config_path.read_text(encoding="utf-8"))
+        n = tree["eval"]["flops_seq_len"]
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def format_results_table(summary: dict, seq_len: int | None = None) -> str:
     """The per-client results as a plain markdown table, with a last ``global`` row.
 
     In the global row, n_train and bytes are totals over the clients; the answer metric (ROUGE-L or
     accuracy) and loss are the global test metrics. Perplexity, MMLU and the held-out set, when known,
-    follow on a line below the table.
+    follow on a line below the table. ``seq_len`` (``eval.flops_seq_len``, :func:`flops_seq_len`) goes into
+    the FLOPs/seq header: the forward FLOPs of one sequence of that many tokens.
     """
     key, name = answer_metric(summary)
-    header = ["client", "k", "rank", "n_train", name, "loss", "bytes up", "bytes down", "FLOPs/seq"]
+    flops = "FLOPs/seq" if seq_len is None else f"FLOPs/seq ({seq_len} tokens)"
+    header = ["client", "k", "rank", "n_train", name, "loss", "bytes up", "bytes down", flops]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -703,7 +718,7 @@ def write_report(
         rule += (f" (f = {robust['krum_malicious']}, keep {robust['krum_keep'] or 1})" if robust["rule"] == "krum" else "")
         bound = f", each update's norm bounded to {robust['norm_bound']:g}" if robust.get("norm_bound") else ""
         facts += f" · robust aggregation: {rule}{bound}"
-    parts = [title, "", facts, "", "## Results", "", format_results_table(summary), ""]
+    parts = [title, "", facts, "", "## Results", "", format_results_table(summary, flops_seq_len(run_dir)), ""]
     if summary.get("global_model_trained") is False:
         parts += [f"{summary.get('algorithm')} trains no global model: the global row is the initial model, and the "
                   "change from zero-shot is that of the clients' own models.", ""]

@@ -206,9 +206,24 @@ class PrivacyLedger:
         return after
 
 
+def check_state_dir(state_dir, missing_ok: bool = False) -> None:
+    """Raise :class:`FileNotFoundError` / :class:`NotADirectoryError`, naming the path, unless ``state_dir`` is a
+    folder (or, with ``missing_ok``, does not exist yet)."""
+    p = Path(state_dir)
+    if p.is_dir() or (missing_ok and not p.exists()):
+        return
+    if p.exists():
+        raise NotADirectoryError(f"{p} is a file, not a SuperNode's state-dir: give the folder of its node config "
+                                 f"state-dir (the one that holds {LEDGER})")
+    raise FileNotFoundError(f"{p}: no such folder, so no ledger was read (its releases are not known, not zero): give "
+                            "the SuperNode's node config state-dir, or start an empty ledger there knowingly with --start")
+
+
 def ledger_report(state_dir, delta: float = 1e-5, budget: float | None = None) -> str:
     """What a node's ledger says, for its operator (``fedmoe node-privacy``): its releases by run, and ε at
-    ``delta`` over all of them (and what is left of ``budget``)."""
+    ``delta`` over all of them (and what is left of ``budget``). A ``state_dir`` that is not a folder is an
+    error (a mistyped path must not read as "nothing spent")."""
+    check_state_dir(state_dir)
     ledger = PrivacyLedger(state_dir)
     releases = ledger.releases()
     if not releases:
@@ -227,4 +242,4 @@ def ledger_report(state_dir, delta: float = 1e-5, budget: float | None = None) -
     return "\n".join(lines)
 
 
-__all__ = ["BUDGET_KEYS", "LEDGER", "BudgetRefusal", "NodeBudget", "PrivacyLedger", "budget_refusal", "ledger_report", "node_budget"]
+__all__ = ["BUDGET_KEYS", "LEDGER", "BudgetRefusal", "NodeBudget", "PrivacyLedger", "budget_refusal", "check_state_dir", "ledger_report", "node_budget"]
