@@ -99,11 +99,16 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
 
 
 def test_cli_runs_a_tiny_experiment_end_to_end(tmp_path):
+    """A user's model folder (transformers shows a "Loading weights" bar for it), run --quiet: no bar at all."""
+    from helpers import hf_folder
+
+    hf_folder(tmp_path, "olmoe")
     args = ["data.max_examples=120", "data.max_length=48", "data.partition.num_clients=2", "train.max_steps=1",
             "train.batch_size=2", "eval.max_examples=2", "eval.max_new_tokens=3", "data.max_test_per_client=3",
-            "federation.rounds=1", "lora.rank=2", f"output_dir={tmp_path}", "name=cli"]
+            "federation.rounds=1", "lora.rank=2", f"output_dir={tmp_path}", "name=cli", f"model.name={tmp_path / 'base'}"]
     cmd = [sys.executable, "-m", "fedmoe.cli", "run", "--quiet"] + [x for a in args for x in ("--set", a)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert "Loading weights" not in r.stdout + r.stderr and "%|" not in r.stdout + r.stderr
     assert "| global |" in r.stdout and f"report: {tmp_path}/cli/report.md" in r.stdout
     assert (tmp_path / "cli" / "summary.json").is_file()

@@ -47,6 +47,13 @@ def _interrupted(path: Optional[Path], sweep: Optional[Path]) -> str:
             "to start over")
 
 
+def _no_library_bars() -> None:
+    """--quiet: no progress bar of the libraries either (transformers' "Loading weights" of a model folder)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _has_sweep(path: Path) -> bool:
     import yaml
 
@@ -83,6 +90,8 @@ def run(
     from .report import format_results_table
 
     console = Console()
+    if quiet:
+        _no_library_bars()
     if runtime is not None:
         set_ = [*(set_ or []), f"federation.runtime={runtime}"]
     sweep = None
@@ -413,6 +422,9 @@ def mmlu(
     Example: fedmoe mmlu builtin:tiny-olmoe --subset quick --max-per-subject 20 [--json]
     """
     import json
+
+    if quiet:
+        _no_library_bars()
 
     from rich.console import Console
 
