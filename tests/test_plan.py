@@ -181,18 +181,20 @@ def test_a_quantized_plan_runs_eight_experts_a_layer_and_counts_the_same(monkeyp
 
 
 def test_fedmoe_plan_exits_1_when_it_does_not_fit(tmp_path):
-    """A script can test the verdict: 0 when the plan fits (test_fedmoe_plan_command), 1 when it does NOT fit (here
-    an OLMoE-shaped config of 0.4 TB of weights, planned on fake tensors), with the plan and what would
-    shrink it still printed."""
+    """A script can test the verdict: 0 when the plan fits, 1 when it does NOT fit, with the plan and what would
+    shrink it still printed; --memory GiB compares with that much memory in place of the device's (a card on
+    another machine)."""
     from typer.testing import CliRunner
 
     from fedmoe.cli import app
     from fedmoe.moe.tiny import tiny_config
 
-    huge = tiny_config("olmoe", vocab_size=128, num_experts=8, top_k=2)
-    huge.hidden_size, huge.intermediate_size, huge.num_hidden_layers = 32768, 131072, 1
-    huge.save_pretrained(tmp_path)
-    out = CliRunner().invoke(app, ["plan", "--set", f"model.name={tmp_path / 'config.json'}", "--set",
-                                   "data.max_length=16", "--set", "train.batch_size=1", "--device", "cpu"])
+    tiny_config("olmoe").save_pretrained(tmp_path)
+    args = ["plan", "--set", f"model.name={tmp_path / 'config.json'}", "--set", "data.max_length=16", "--set",
+            "train.batch_size=1", "--device", "cpu"]
+    out = CliRunner().invoke(app, [*args, "--memory", "0.0001"])
     assert out.exit_code == 1, out.output
-    assert "this machine's memory" in out.output and "does NOT fit" in out.output and "other keys that shrink it" in out.output
+    assert "--memory 0.0001 GiB: 0.1 MiB" in out.output and "does NOT fit" in out.output
+    assert "other keys that shrink it" in out.output
+    out = CliRunner().invoke(app, [*args, "--memory", "1"])
+    assert out.exit_code == 0 and "--memory 1 GiB: 1.00 GiB; the largest level's peak 0.5 MiB fits" in out.output, out.output

@@ -154,11 +154,15 @@ def plan(
     device: Annotated[Optional[str], typer.Option("--device", help="plan for a run on this device (cpu, cuda, "
                                                   "cuda:1; sets model.device: its precision and memory; default: "
                                                   "model.device)")] = None,
+    memory: Annotated[Optional[float], typer.Option("--memory", min=1e-6, help="compare with this much memory, in "
+                                                    "GiB, in place of the device's free memory (a card on another "
+                                                    "machine: --device cuda --memory 24)")] = None,
 ):
     """Will it fit? The estimated peak memory of one client's training step per budget level (weights,
     adapters, gradients, optimizer state, activations), before anything is loaded, and whether the device
-    has it. Exit status: 0 when it fits (or there is no memory here to compare with: a GPU planned on a
-    machine without one), 1 when it does NOT fit (for a sweep: any of its plans), 2 on an error."""
+    has it (or --memory GiB). Exit status: 0 when it fits (or there is no memory to compare with: a GPU
+    planned on a machine without one, and no --memory), 1 when it does NOT fit (for a sweep: any of its
+    plans), 2 on an error."""
     from .config import ConfigError, load_config
     from .plan import device_memory, distinct_plans, fits, format_plan, memory_plan
 
@@ -180,6 +184,8 @@ def plan(
     too_big = False
     for i, (cfg, points, plans) in enumerate(done):
         what, available = device_memory(str(resolve_device(cfg.model.device)))
+        if memory is not None:
+            what, available = f"--memory {memory:g} GiB", int(memory * 2**30)
         if points is not None:
             print(("\n" if i else "") + f"sweep points {', '.join(points)}:")
         print(format_plan(cfg, plans, what, available))
