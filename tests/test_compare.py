@@ -103,3 +103,19 @@ def test_the_change_row_says_it_measures_the_clients_own_models():
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1].rstrip(" |") for line in table.splitlines()[2:]}
     assert rows["ROUGE-L change of the clients' own models (final vs zero-shot), 95% interval"] == format_change(ch)
     assert not any(k.startswith("ROUGE-L change,") for k in rows)
+
+
+def test_runs_scored_on_different_test_data_are_said_to_differ(runs, tmp_path):
+    """Runs whose test examples or scoring differ (here data.max_test_per_client and eval.max_new_tokens) are
+    compared with a line naming each such setting and its values; runs that differ only in the method get none."""
+    from fedmoe.report.compare import scoring_differences
+
+    root = tmp_path / "other"
+    run_federated(load_config(None, TINY + ["data.max_test_per_client=3", "eval.max_new_tokens=5", "federation.rounds=1",
+                                            f"output_dir={root}", "name=more"]))
+    same = [load_run(runs[n][1]) for n in ("fedit", "flame")]
+    assert scoring_differences(same) == []
+    assert "Not like for like" not in compare_runs([runs["fedit"][1], runs["flame"][1]], tmp_path / "a")[0]
+    table, _ = compare_runs([runs["fedit"][1], root / "more"], tmp_path / "b")
+    assert ("Not like for like: these runs were scored on different test data or scoring (data.max_test_per_client: "
+            "2 | 3; eval.max_new_tokens: 32 | 5)") in table

@@ -178,7 +178,39 @@ def format_comparison(runs: list[Run]) -> str:
     rows.append(["wall"] + [f"{r.summary['wall_s'] / 60:.1f} min" if r.summary else "–" for r in runs])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(runs)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    differ = scoring_differences(runs)
+    if differ:
+        lines += ["", "Not like for like: these runs were scored on different test data or scoring ("
+                  + "; ".join(differ) + "), so their test numbers differ by that too."]
     return "\n".join(lines)
+
+
+# the settings that decide which test examples a run is scored on, and how: every data key but those that touch
+# only the training data, the seed (the split and partition), and the evaluation's scoring
+_TRAIN_ONLY_DATA = ("max_train_per_client", "pool_train", "on_bad_row")
+_SCORING = ("task", "choice_normalize", "rouge", "max_new_tokens", "no_repeat_ngram_size", "max_examples")
+
+
+def _flat(tree, prefix: str) -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}"))
+    return out
+
+
+def scoring_differences(runs: list[Run]) -> list[str]:
+    """``key: value | value | ...`` (one value per run) for each setting of the test data or its scoring in which
+    the runs differ: their test numbers are then not like for like."""
+    def settings(run: Run) -> dict:
+        data = {k: v for k, v in (run.config.get("data") or {}).items() if k not in _TRAIN_ONLY_DATA}
+        scoring = {k: v for k, v in (run.config.get("eval") or {}).items() if k in _SCORING}
+        return {**_flat(data, "data"), **_flat(scoring, "eval"), "seed": run.config.get("seed")}
+
+    each = [settings(r) for r in runs]
+    keys = sorted({k for s in each for k in s})
+    return [f"{k}: " + " | ".join(json.dumps(s.get(k)) for s in each) for k in keys if len({json.dumps(s.get(k)) for s in each}) > 1]
 
 
 def plot_comparison(runs: list[Run], path: str | Path) -> bool:
