@@ -11,7 +11,7 @@ from pathlib import Path
 from ..config import ConfigError, RunConfig, load_config
 from ..data import resolve_labels
 from ..rundir import RunDir, loads
-from .checkpoint import RunDirError
+from .checkpoint import RunDirError, check_resume_overrides
 from .directories import lock_existing, locked, open_run_dir, prepare_run_dir
 from .dp import resolve_noise
 from .runtime import Federation
@@ -96,6 +96,7 @@ def continue_run(path: str | Path, show_progress: bool = False, federation: str 
         raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
     if (path / RunDir.SUMMARY).is_file():  # finished: nothing to continue, and nothing of it is written again
         if overrides:
+            check_resume_overrides(overrides)  # a key no resume may change is named as such first
             raise RunDirError(f"{path} holds a finished run (summary.json): there is nothing to resume, and --set "
                               f"{', '.join(overrides)} would make its config.yaml name settings it never ran with")
         log(f"{path} holds a finished run: nothing to resume (its summary.json and report.md are as it wrote them)")
