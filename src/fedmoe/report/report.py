@@ -157,6 +157,9 @@ def format_results_table(summary: dict, seq_len: int | None = None) -> str:
         lines += ["", (f"No test data for any client ({NO_TEST}): nothing was evaluated; give the clients test examples "
                        "(data.split, data.max_examples, data.partition.num_clients)." if no_test else
                        f"{NO_TEST} for client(s) {', '.join(empty)}: they count in no global or mean test metric.")]
+    if summary.get("global_model_trained") is False:  # said with the table, wherever it is shown
+        lines += ["", f"{summary.get('algorithm')} trains no global model: the global row is the initial model, and the "
+                      "change from zero-shot is that of the clients' own models."]
     return "\n".join(lines)
 
 
@@ -719,9 +722,6 @@ def write_report(
         bound = f", each update's norm bounded to {robust['norm_bound']:g}" if robust.get("norm_bound") else ""
         facts += f" · robust aggregation: {rule}{bound}"
     parts = [title, "", facts, "", "## Results", "", format_results_table(summary, flops_seq_len(run_dir)), ""]
-    if summary.get("global_model_trained") is False:
-        parts += [f"{summary.get('algorithm')} trains no global model: the global row is the initial model, and the "
-                  "change from zero-shot is that of the clients' own models.", ""]
     parts += format_health(summary)
     parts += format_failures(summary)
     parts += format_privacy(summary, metrics)
