@@ -133,6 +133,10 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_directory(tmp_path, 
     with pytest.raises(DataError):
         run_federated(_cfg(tmp_path / "out", "r", [f"data.source={bad}"]), log=_quiet)
     assert "restored" not in capsys.readouterr().err and not started.exists()
+    RunDir(started).write_config({"name": "r"})  # such a leftover resumed: refused naming its config.yaml, kept
+    with pytest.raises(RunDirError, match=r"has no checkpoint to resume from.*fedmoe run .*config.yaml --overwrite"):
+        resume_federated(started, log=_quiet)
+    assert (started / RunDir.CONFIG).is_file()
     RunDir(started).write_config({"name": "r"})
     (started / RunDir.METRICS).write_text('{"round": 0, "client": 0, "kind": "test", "loss": 1.5}\n')
     before = {p.name: p.read_bytes() for p in started.iterdir()}

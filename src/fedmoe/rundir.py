@@ -185,6 +185,7 @@ class RunDir:
 
     def __init__(self, path: str | Path, create: bool = True):
         self.path = Path(path)
+        self.new_run = False  # a new run's directory (prepare_run_dir), not one being resumed or read
         if create:
             self.path.mkdir(parents=True, exist_ok=True)
         elif not self.path.is_dir():
@@ -287,11 +288,11 @@ class RunDir:
         return {p.name for p in entries} <= {self.MARKER, self.CONFIG}
 
     def remove_unstarted(self) -> bool:
-        """Delete this directory if it holds only its marker and config.yaml (:meth:`only_config`): a run that
-        failed before it wrote anything else leaves no directory behind. Call it under the lock; the directory
+        """Delete this new run's directory (:attr:`new_run`) if it holds only its marker and config.yaml
+        (:meth:`only_config`): a run that failed before it wrote anything else leaves no directory behind. Call it under the lock; the directory
         itself goes only once empty (after :meth:`unlock`: :meth:`remove_if_empty`). True when it did."""
-        if not self.path.is_dir() or self.aside_path.exists() or not self.only_config():
-            return False
+        if not self.new_run or not self.path.is_dir() or self.aside_path.exists() or not self.only_config():
+            return False  # a resumed run's directory is never removed (its config.yaml is what a resume names)
         for p in self._own_entries():
             p.unlink()
         return True

@@ -118,6 +118,7 @@ def prepare_run_dir(cfg: RunConfig, overwrite: bool = False, log=print) -> RunDi
             if rd.path != base:
                 tree["name"] = rd.path.name  # config.yaml names the directory it is in
             rd.write_config(tree)
+            rd.new_run = True
         except BaseException:
             rd.unlock()
             raise

@@ -11,8 +11,9 @@ runs the Cartesian product (8 runs) as ordinary runs under ``runs/<name>/<point>
 ``summary.json`` exists is not run again and one with a checkpoint but no summary is resumed, so an
 interrupted sweep continues where it stopped — but only with the config it ran with: a point whose directory
 holds a run of another config (the sweep's file or ``--set`` changed since) refuses the whole sweep before any
-point runs, naming the keys (:func:`stale_points`), never reporting the old run as the new config's. The combined ``sweep_report.md`` puts one row per
-client (= per budget level when clients map to budget levels) and one column per sweep point.
+point runs, naming the keys (:func:`stale_points`), never reporting the old run as the new config's. The
+combined ``sweep_report.md`` puts one row per client (= per budget level when clients map to budget levels) and
+one column per sweep point.
 """
 
 from __future__ import annotations
