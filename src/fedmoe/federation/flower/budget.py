@@ -8,8 +8,9 @@ simply asks for more rounds than were agreed, would get more than the data owner
 
 With ``dp-epsilon=E`` in its node config a node trains only for runs that noise on the client with secret
 noise (``client_noise: secret``) and withhold its reports, and keeps its own ledger of every update it
-released (``dp-ledger.json`` in its state-dir, written before the reply leaves): its ε at ``dp-delta`` (default 1e-5) over every release
-recorded there — of every run, by the σ each release was noised with — never exceeds E. A release that would
+released (``dp-ledger.json`` in its state-dir, written before the reply leaves): its ε at ``dp-delta``
+(default 1e-5) over every release recorded there — of every run, by the σ each release was noised with — never
+exceeds E. A release that would
 exceed it is refused (the server sees that client fail the round, with the reason). The ledger counts what
 the node sent, not what a server says it used: a round asked twice counts twice.
 
