@@ -37,4 +37,5 @@ if __name__ == "__main__":
     except BudgetRefusal as e:
         did = f"refused: {e}"
     (work / f"rank-{rank}.json").write_text(json.dumps(did))
+    dist.barrier()  # neither rank tears the group down while the other may still be reading its last message
     dist.destroy_process_group()

@@ -49,4 +49,5 @@ if __name__ == "__main__":
         dist.init_process_group("gloo")
         res = run(Parallel(dist.get_rank(), dist.get_world_size()))
         torch.save(res, out.replace(".pt", f"-{dist.get_rank()}.pt"))
+        dist.barrier()  # neither rank tears the group down while the other may still be reading its last message
         dist.destroy_process_group()

@@ -307,9 +307,10 @@ def test_ranks_training_together_follow_rank_0s_reading_of_the_ledger(run, tmp_p
     here = Path(__file__).resolve().parent
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(here.parent / "src"), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                    str(here / "budget_rank.py"), str(tmp_path), mode], env=env, check=True, timeout=240,
-                   capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(here / "budget_rank.py"), str(tmp_path), mode], env=env, timeout=240, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     did = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     releases = PrivacyLedger(tmp_path / "state").releases()
     if mode == "late":
