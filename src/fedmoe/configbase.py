@@ -150,6 +150,17 @@ def unknown_key_hint(model: type[BaseModel] | None, loc: tuple) -> str:
     return f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
 
 
+def flat_keys(tree: dict, prefix: str = "") -> dict:
+    """A config tree as ``{"section.key": value}`` (an empty section stays one key, its value ``{}``)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def format_errors(err: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
     """The errors of validating ``model`` (the config's class: it gives an unknown key's close match) read from
     ``source``, one line each, naming the key."""

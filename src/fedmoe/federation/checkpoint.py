@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, RunConfig, config_to_dict
+from ..configbase import flat_keys
 from ..rundir import UnsafeFileError, load_tensor_file, RunDir, atomic_write_bytes, atomic_write_leftovers
 
 CHECKPOINT_FILE = "state.pt"
@@ -136,16 +137,6 @@ def load_checkpoint(path: str | Path, log=print) -> Checkpoint:
                       "or under another name (--set name=...)")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _field_default(key: str, missing):
     """The default of the config field at dotted ``key`` by the config's models, through sections that are
     absent by default (``federation.dp.reports`` of a run with ``federation.dp``), or ``missing``."""
@@ -197,7 +188,7 @@ def check_resume_overrides(overrides: list[str]) -> None:
 def config_fingerprint(cfg: RunConfig) -> dict:
     """What defines a run: every config key but :data:`EXECUTION_KEYS`, flattened (``keys``), and its
     SHA-256; stored in every checkpoint."""
-    keys = {k: v for k, v in _flat(config_to_dict(cfg)).items() if not _execution_key(k)}
+    keys = {k: v for k, v in flat_keys(config_to_dict(cfg)).items() if not _execution_key(k)}
     return {"sha256": hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest(), "keys": keys}
 
 

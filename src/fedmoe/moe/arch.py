@@ -140,7 +140,7 @@ class MoELayer:
 # DeepSeek-V2, whose router (transformers 5.23) never renormalises, whatever its config's flag, and Phi-3.5-MoE, whose
 # sparsemixer weighs each of its two selections on its own (below)
 _RENORMALISED_TOP_K = ("mixtral", "qwen3_5_moe_text", "ernie4_5_moe", "gpt_oss", "granitemoe")
-_SOFTMAX_TOP_K = ("deepseek_v2", "phimoe")
+_NEVER_RENORMALISED_TOP_K = ("deepseek_v2", "phimoe")
 
 # the families whose router chooses by sparsemixer (Phi-3.5-MoE's PhimoeTopKRouter, transformers 5.23): two
 # selections in turn, each the largest logit among those not yet chosen (in training a Gumbel draw among the logits
@@ -159,7 +159,7 @@ def renormalises_top_k(config) -> bool:
     weights are the full softmax's probabilities (OLMoE, Qwen2-MoE, DeepSeek-V2-Lite: norm_topk_prob false) or each
     selection's own (Phi-3.5-MoE's sparsemixer: at k = 1 the first of its two weights, about half the sum)."""
     model_type = getattr(config, "model_type", None)
-    if model_type in _SOFTMAX_TOP_K:
+    if model_type in _NEVER_RENORMALISED_TOP_K:
         return False
     return model_type in _RENORMALISED_TOP_K or bool(getattr(config, "norm_topk_prob", False))
 

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..configbase import flat_keys
 from ..eval.stats import format_change
 from ..rundir import RunDir, atomic_write_bytes
 
@@ -191,22 +192,13 @@ _TRAIN_ONLY_DATA = ("max_train_per_client", "pool_train", "on_bad_row")
 _SCORING = ("task", "choice_normalize", "rouge", "max_new_tokens", "no_repeat_ngram_size", "max_examples")
 
 
-def _flat(tree, prefix: str) -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}.{k}"))
-    return out
-
-
 def scoring_differences(runs: list[Run]) -> list[str]:
     """``key: value | value | ...`` (one value per run) for each setting of the test data or its scoring in which
     the runs differ: their test numbers are then not like for like."""
     def settings(run: Run) -> dict:
         data = {k: v for k, v in (run.config.get("data") or {}).items() if k not in _TRAIN_ONLY_DATA}
         scoring = {k: v for k, v in (run.config.get("eval") or {}).items() if k in _SCORING}
-        return {**_flat(data, "data"), **_flat(scoring, "eval"), "seed": run.config.get("seed")}
+        return flat_keys({"data": data, "eval": scoring, "seed": run.config.get("seed")})
 
     each = [settings(r) for r in runs]
     keys = sorted({k for s in each for k in s})
