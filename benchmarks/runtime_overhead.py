@@ -13,6 +13,9 @@ clients' model-and-data load per message is reported apart.
 
     python benchmarks/runtime_overhead.py --clients 4 40 [--runtimes local flower-sim flower flower+worker]
         [--plain-flower-up-to 4]   # plain `flower` only up to this many clients (40 took 17 minutes)
+        [--set KEY=VALUE ...]      # on top of the federation below (another method, more rounds)
+        [--before SRC]             # each runtime also run with the fedmoe in SRC (another commit's src/),
+                                   # before the current one, and the round wall of the two as a ratio
 """
 
 from __future__ import annotations
@@ -36,8 +39,23 @@ WORK = ["model.name=builtin:tiny-moe", "data.max_examples=800", "data.max_length
         "federation.rounds=2", "lora.rank=8"]
 
 
-def one(runtime: str, n: int, root: Path, args) -> dict:
-    sets = WORK + [f"data.partition.num_clients={n}", f"output_dir={root}", f"name={runtime}-{n}"]
+def one(runtime: str, n: int, root: Path, args, src: str | None = None) -> dict:
+    """``src``: run the runtime's processes with the fedmoe of that directory (PYTHONPATH)."""
+    before = os.environ.get("PYTHONPATH")
+    if src is not None:
+        os.environ["PYTHONPATH"] = src
+    try:
+        res = _one(runtime, n, root / ("before" if src else "now"), args)
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
+    return {**res, "code": "before" if src else "now"}
+
+
+def _one(runtime: str, n: int, root: Path, args) -> dict:
+    sets = WORK + args.set + [f"data.partition.num_clients={n}", f"output_dir={root}", f"name={runtime}-{n}"]
     t0 = time.time()
     rss = None
     if runtime in ("flower", "flower+worker"):
@@ -63,7 +81,7 @@ def one(runtime: str, n: int, root: Path, args) -> dict:
     else:
         cmd = [sys.executable, "-m", "fedmoe.cli", "run", "--runtime", runtime, "--quiet",
                *[x for s in sets for x in ("--set", s)]]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"{runtime} with {n} clients failed:\n{out[-3000:]}")
@@ -92,6 +110,21 @@ def _worker_rss(lab) -> float:
     return sum(sizes) / len(sizes) / 1024 if sizes else float("nan")
 
 
+def _print_before_now(results: list[dict]) -> None:
+    """Each runtime with the code before and now: the mean wall of the rounds after the first, and their ratio."""
+    print("| clients | runtime | rounds | round wall, before | round wall, now | now ÷ before | run wall, before | "
+          "run wall, now |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    pairs: dict[tuple, dict] = {}
+    for r in results:
+        pairs.setdefault((r["clients"], r["runtime"]), {})[r["code"]] = r
+    for (n, rt), p in pairs.items():
+        walls = {c: [x["wall_s"] for x in p[c]["rounds"][1:]] for c in p}
+        mean = {c: sum(w) / len(w) for c, w in walls.items()}
+        print(f"| {n} | {rt} | {len(walls['now'])} | {mean['before']:.2f} s | {mean['now']:.2f} s | "
+              f"{mean['now'] / mean['before']:.2f} | {p['before']['total_s']:.1f} s | {p['now']['total_s']:.1f} s |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, nargs="+", default=[4, 40])
@@ -101,6 +134,9 @@ def main() -> None:
     ap.add_argument("--shared-workers", type=int, default=4, help="workers the SuperNodes share above that")
     ap.add_argument("--plain-flower-up-to", type=int, default=None,
                     help="run plain `flower` (a model load per message) only up to this many clients")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="on top of the federation")
+    ap.add_argument("--before", default=None, metavar="SRC",
+                    help="also run each runtime with the fedmoe of SRC (a src/ directory), for a ratio")
     args = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,11 +144,15 @@ def main() -> None:
             for rt in args.runtimes:
                 if rt == "flower" and args.plain_flower_up_to is not None and n > args.plain_flower_up_to:
                     continue
-                res = one(rt, n, Path(tmp), args)
-                results.append(res)
-                print(json.dumps({k: v for k, v in res.items() if k != "rounds"}), flush=True)
+                for src in ([args.before] if args.before else []) + [None]:
+                    res = one(rt, n, Path(tmp), args, src)
+                    results.append(res)
+                    print(json.dumps({k: v for k, v in res.items() if k != "rounds"}), flush=True)
     print(f"\n{date.today()}, {platform.node()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
-          f"`python benchmarks/runtime_overhead.py --clients {' '.join(map(str, args.clients))}`\n")
+          f"`python {' '.join(sys.argv)}`\n")
+    if args.before:
+        _print_before_now(results)
+        return
     print("| clients | runtime | run wall | round 2 wall | ÷ flower-sim | clients' work (sum) | aggregation | overhead "
           "| client load per message (mean) |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -22,7 +22,7 @@ from fedmoe.config import load_config
 from fedmoe.federation import run_federated
 from fedmoe.federation.flower.localdeploy import LocalDeployment
 from fedmoe.federation.flower.relay import kill_worker
-from fedmoe.federation.flower.records import from_records, to_records
+from fedmoe.federation.flower.records import also_from_records, from_records, to_records
 from fedmoe.messages import Message
 
 BIN = Path(sys.executable).parent
@@ -78,6 +78,24 @@ def test_messages_travel_as_records_exactly():
     for n, t in msg.tensors.items():
         assert back.tensors[n].dtype == t.dtype and torch.equal(back.tensors[n], t)
     assert back.nbytes() == msg.nbytes() == 12 * 4 + 5 * 2 + 6 * 8 + 2 * 2 + 3 * 8
+    # a second message beside it (an evaluation's global model): what it shares with the first, by name and value,
+    # travels once; the rest (another value, another dtype, a name of its own) travels, and both come back exactly
+    also = Message(tensors={"a": msg.tensors["a"].clone(), "b": msg.tensors["b"] + 1, "c": msg.tensors["c"].float(),
+                            "e": torch.ones(4, dtype=torch.bfloat16)}, scalars={"k": 2}, header={"kind": "evaluate"})
+    rd = to_records(msg, None, also)
+    assert sorted(rd["also.tensors"].keys()) == ["b", "c", "e"] and json.loads(rd["also.header"]["shared"]) == ["a"]
+    first, _ = from_records(rd)
+    second = also_from_records(rd, first)
+    assert second.header == also.header and second.scalars == also.scalars and set(second.tensors) == set(also.tensors)
+    for n, t in also.tensors.items():
+        assert second.tensors[n].dtype == t.dtype and torch.equal(second.tensors[n], t)
+    assert second.tensors["a"].data_ptr() != first.tensors["a"].data_ptr()  # loading one cannot change the other
+    assert also_from_records(to_records(msg), msg) is None
+    for shared in (["zz"], "a", ["b"]):  # a name the first lacks, not a list, a name the second also holds
+        bad = to_records(msg, None, also)
+        bad["also.header"]["shared"] = json.dumps(shared)
+        with pytest.raises(ValueError, match="shared"):
+            also_from_records(bad, first)
 
 
 def test_a_train_report_travels_as_json_exactly():
@@ -326,6 +344,9 @@ def _flex_run(deployment, tmp_path):
         assert all(r["load_s"] > 0 for r in train if r["client"] == 0)
         assert all(r["load_s"] == 0 for r in train if r["client"] == 1)
         assert "## Client time per round" in (run / "report.md").read_text()
+        # FLEx's clients run their own models: each evaluates the global model in the same message, no second one
+        log = (deployment.root / "node0.log").read_text()
+        assert "Receiving: evaluate message" in log and "evaluate.global" not in log
     # FLEx's grafts: in the clients' stores (the last round's; a store keeps its newest rounds)
     for i, state in deployment.state.items():
         privates = [torch.load(p, weights_only=False) for p in sorted(state.glob("*/client-*/private-r00005.pt"))]

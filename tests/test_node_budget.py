@@ -62,10 +62,10 @@ def _node(tmp_path, **config):
     return {"partition-id": 0, "state-dir": str(tmp_path / "state"), **config}
 
 
-def _ask(cache, cfg, node, kind, msg=None, **info):
+def _ask(cache, cfg, node, kind, msg=None, also=None, **info):
     """One message to this node's client, as the Flower ClientApp hands it over: the reply's (message, info)."""
     msg = msg or Message(header={"kind": kind, "round": 0})
-    content = to_records(msg.with_header(run_id="run-a"), info or None)
+    content = to_records(msg.with_header(run_id="run-a"), info or None, also)
     options = {"fedmoe-config": yaml.safe_dump(config_to_dict(cfg), sort_keys=False)}
     return from_records(cache.reply(kind, content, options, node))
 
@@ -158,12 +158,15 @@ def test_a_node_under_a_budget_keeps_its_evaluation_unless_told_to_send_it(run, 
         _, setup = _ask(cache, cfg, node, "query")
         assert keeps == ("n_test" not in setup["data"] and "n_generated" not in setup["data"])
         assert keeps == ("evaluation" in setup["withheld"])
-        for kind in ("evaluate", "evaluate.global"):
-            _, info = _ask(cache, cfg, node, kind, evaluate, with_answers=True, general=False)
+        for both in (False, True):  # its own model; its own and the global model in one message
+            extra = {"global": {"general": False}} if both else {}
+            _, info = _ask(cache, cfg, node, "evaluate", evaluate, with_answers=True, general=False, also=evaluate,
+                           **extra)
+            results = [info.get("result"), *([info.get("global_result")] if both else [])]
             if keeps:
-                assert info["result"] is None and info["withheld"] == ["evaluation"]
+                assert results == [None] * len(results) and info["withheld"] == ["evaluation"]
             else:
-                assert info["result"]["tokens"] > 0 and info["result"]["loss"] > 0
+                assert all(r["tokens"] > 0 and r["loss"] > 0 for r in results)
     # the server takes such a setup (its test-set size absent) only from a client that says it keeps its evaluation
     kept = {"profile": {"k": 2, "rank": 2}, "data": {"n_train": 5, "shared_source": True}, "setup": {}}
     assert invalid_setup(kept, 2, 2, ("n_test", "n_generated")) is None
@@ -178,24 +181,24 @@ def test_the_server_counts_a_kept_evaluation_as_neither_a_result_nor_a_failure(t
     policy = EvalPolicy(cfg, rows.append)
     records = {0: ClientRecord(0), 1: ClientRecord(1)}
     result = {"loss": 2.0, "perplexity": math.exp(2.0), "tokens": 10}
-    g = policy.evaluate_round(1, False, records, lambda a, g: {0: WITHHELD_EVALUATION, 1: dict(result)},
+    g = policy.evaluate_round(1, False, records, lambda a, g, general: {0: WITHHELD_EVALUATION, 1: dict(result)},
                               None, True, False)
     assert g["loss"] == 2.0 and g["clients_withheld"] == [0]
     assert [r["client"] for r in rows] == [1, None] and rows[1]["clients_withheld"] == [0]
     rows.clear()
-    g = policy.evaluate_round(2, False, records, lambda a, g: {0: WITHHELD_EVALUATION, 1: WITHHELD_EVALUATION},
+    g = policy.evaluate_round(2, False, records, lambda a, g, general: {0: WITHHELD_EVALUATION, 1: WITHHELD_EVALUATION},
                               None, True, False)
     assert g["loss"] is None and g["perplexity"] is None and g["tokens"] == 0 and g["clients_withheld"] == [0, 1]
     assert [r["client"] for r in rows] == [None]
     # a client that failed is named as missing from the global numbers, not withheld
-    g = policy.evaluate_round(3, False, records, lambda a, g: {1: dict(result)}, None, True, False)
+    g = policy.evaluate_round(3, False, records, lambda a, g, general: {1: dict(result)}, None, True, False)
     assert g["clients_missing"] == [0] and "clients_withheld" not in g and g["loss"] == 2.0
     # the numbers on shared data (general text, MMLU, held-out) are asked of the first client that sends its
     # evaluation: not client 0, whose node kept its test-set size at setup
     records[0].data, records[1].data = {"n_train": 5}, {"n_train": 5, "n_test": 3, "n_generated": 3}
     asked = {}
 
-    def clients(answers, general_for):
+    def clients(answers, general_for, general):
         asked.update(general_for)
         return {0: WITHHELD_EVALUATION, 1: {**result, "general_loss": 1.5}}
     g = policy.evaluate_round(4, True, records, clients, None, True, False)

@@ -293,8 +293,9 @@ class EvalPolicy:
 
     def evaluate_round(self, round_idx: int, final: bool, records: dict[int, ClientRecord], evaluate_clients: Callable,
                        evaluate_global: Callable, all_global: bool, personalized: bool) -> dict:
-        """``evaluate_clients(with_answers, general_for)`` -> {client: its own model's results};
-        ``evaluate_global(with_answers, general)`` -> the global model's results. Returns the global
+        """``evaluate_clients(with_answers, general_for, general)`` -> {client: its own model's results} (and, unless
+        ``all_global``, the global model evaluated beside them, the general text and MMLU if ``general``);
+        ``evaluate_global()`` -> the global model's results of that call. Returns the global
         metrics (with personalised clients, MMLU and the held-out numbers also as the mean over the
         clients' own models)."""
         with_answers, with_general = self.flags(round_idx, final)
@@ -302,7 +303,7 @@ class EvalPolicy:
         cids = sorted(records)
         first = first_evaluating([(cid, records[cid].data) for cid in cids])
         general_for = {cid: with_general and (not all_global or cid == first) for cid in cids}
-        per_client = evaluate_clients(with_answers, general_for)  # a client that failed is missing
+        per_client = evaluate_clients(with_answers, general_for, with_general)  # a client that failed is missing
         held = sorted(cid for cid, r in per_client.items() if r == WITHHELD_EVALUATION)  # its node kept it
         per_client = {cid: r for cid, r in per_client.items() if cid not in held}
         for cid in cids:
@@ -324,7 +325,7 @@ class EvalPolicy:
             missing = [c for c in cids if c not in per_client and c not in held]  # failed: named, as evaluate_global does
             g.update({k: v for k, v in (("clients_missing", missing), ("clients_withheld", held)) if v})
         else:
-            g = evaluate_global(with_answers, with_general)
+            g = evaluate_global()
             self.clients_s += g.get("eval_s", 0.0)
         if personalized:
             for key in ("mmlu", "heldout_accuracy", "heldout_loss"):

@@ -116,14 +116,16 @@ class LocalTransport:
             out[cid] = self.nodes[cid].evaluate(self.half, self.mm, self.evaluator, msg, with_answers, general_for[cid], prog)
         return out, {}
 
-    def evaluate_global(self, round_idx: int, message: Message, with_answers: bool, general: bool,
-                        prog: Progress) -> tuple[dict, dict[int, str]]:
-        """The global model on the union of the clients' test data (all here, in client order)."""
-        self.observe("evaluate", None, message)
+    def evaluate_with_global(self, round_idx: int, messages: dict[int, Message], global_message: Message,
+                             with_answers: bool, general_for: dict[int, bool], general: bool, prog: Progress):
+        """The clients' own models (:meth:`evaluate`), then the global model on the union of their test data (all
+        here, in client order, in one pass)."""
+        own, failed = self.evaluate(round_idx, messages, with_answers, general_for, prog)
+        self.observe("evaluate", None, global_message)
         t0 = time.perf_counter()
-        self.half.load(self.mm, None, message, {})
+        self.half.load(self.mm, None, global_message, {})
         res = self.evaluator.evaluate_sets(self.sets, with_answers, general, prog, "global")
-        return {**res, "eval_s": time.perf_counter() - t0}, {}
+        return own, failed, {**res, "eval_s": time.perf_counter() - t0}, {}
 
     # ------------------------------------------------------------------ what the clients keep
     def state(self) -> dict:

@@ -510,9 +510,16 @@ class Federation:
         personalized = self.method.client.personalized
         all_global = not personalized and all(r.profile["k"] == self.spec.top_k for r in self.records.values())
 
-        def clients(with_answers, general_for):
+        global_part = []  # with the clients' own models, the global model's (results, failed): one message each
+
+        def clients(with_answers, general_for, general):
             msgs = {cid: self._downlink(cid, EVALUATE, round_idx) for cid in sorted(self.records)}
-            results, failed = self.transport.evaluate(round_idx, msgs, with_answers, general_for, prog)
+            if all_global:
+                results, failed = self.transport.evaluate(round_idx, msgs, with_answers, general_for, prog)
+            else:
+                results, failed, *both = self.transport.evaluate_with_global(
+                    round_idx, msgs, self._downlink(None, EVALUATE, round_idx), with_answers, general_for, general, prog)
+                global_part.append(both)
             held = {cid: r for cid, r in results.items() if r == WITHHELD_EVALUATION}  # kept by the client's node
             results = {cid: r for cid, r in results.items() if cid not in held}
             results, bad = screened(results, {cid: (self.records[cid].data or {}).get("n_generated") for cid in results})
@@ -527,11 +534,12 @@ class Federation:
                 self._failed(round_idx, cid, "evaluate", failed.get(cid, "no evaluation came back"))
             return {**results, **held}
 
-        def global_model(with_answers, general):
-            res, failed = self.transport.evaluate_global(round_idx, self._downlink(None, EVALUATE, round_idx),
-                                                         with_answers, general, prog)
+        def global_model():
+            (res, failed), = global_part
             for cid, why in sorted(failed.items()):  # the global numbers leave this client's test data out
                 self._failed(round_idx, cid, "evaluate the global model", why)
+            if res is None:
+                raise RuntimeError(f"round {round_idx}: no client could evaluate the global model: {failed}")
             if failed:
                 res["clients_missing"] = sorted(failed)
             return res

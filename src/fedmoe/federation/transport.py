@@ -137,10 +137,13 @@ class Transport(Protocol):
                  general_for: dict[int, bool], prog) -> tuple[dict[int, dict], dict[int, str]]:
         """Each client's own model on its own test data: ({client: results}, {client: why it failed})."""
 
-    def evaluate_global(self, round_idx: int, message: Message, with_answers: bool, general: bool,
-                        prog) -> tuple[dict, dict[int, str]]:
-        """The global model on the union of the clients' test data: (results, {client whose test data
-        is missing from them: why})."""
+    def evaluate_with_global(self, round_idx: int, messages: dict[int, Message], global_message: Message,
+                             with_answers: bool, general_for: dict[int, bool], general: bool,
+                             prog) -> tuple[dict[int, dict], dict[int, str], dict | None, dict[int, str]]:
+        """:meth:`evaluate`, and the global model (``global_message``) on the union of the clients' test data
+        (the general text and MMLU if ``general``): (each client's own results, {client: why it failed}, the
+        global results or None when no client could give them, {client whose test data is missing from them:
+        why}). A runtime whose clients are elsewhere asks each for both in one message."""
 
     def state(self) -> dict:
         """What a checkpoint must hold to resume the transport (private stores, or where they are)."""

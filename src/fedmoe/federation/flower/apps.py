@@ -7,9 +7,9 @@ A ClientApp reads its own SuperNode's node config: ``partition-id`` (which clien
 ``state-dir`` (where its private state lives) and ``worker`` (the Unix socket of a ``fedmoe worker``
 on this machine: the ClientApp then only relays each message to it, :mod:`.relay`).
 
-Message types: ``query`` (which client are you; run your one-shot setup once per run), ``train``,
-``evaluate`` (your own model on your test data) and ``evaluate.global`` (the global model on your
-test data).
+Message types: ``query`` (which client are you; run your one-shot setup once per run), ``train`` and
+``evaluate`` (your own model on your test data; when the run evaluates a global model other than the
+clients' own, that model too, in the same message).
 """
 
 from __future__ import annotations
@@ -135,10 +135,6 @@ def make_apps(options: dict | None = None):
 
     @client_app.evaluate()
     def _evaluate(message, context):
-        return client_reply(message, context, options)
-
-    @client_app.evaluate("global")
-    def _evaluate_global(message, context):
         return client_reply(message, context, options)
 
     return server_app, client_app

@@ -36,7 +36,7 @@ from ..local import load_client_model
 from .budget import BudgetRefusal, NodeBudget, PrivacyLedger, budget_refusal, node_budget
 from ..dp import withhold_setup
 from .paths import DEFAULT_STATE_DIR, node_identity, store_path  # noqa: F401 (re-exported)
-from .records import from_records, jsonable, to_records
+from .records import also_from_records, from_records, jsonable, to_records
 
 _KEEP = 3  # private-store files kept per client (the newest)
 # what a client keeps to itself on Flower unless eval.share_examples (and its node config allow it):
@@ -267,13 +267,18 @@ class FlowerClient:
         if self.withholds_evaluation:  # nothing of it leaves this node: no result, and the server is told so
             out.update(result=None, withheld=[WITHHELD_EVALUATION], work_s=time.perf_counter() - t0)
             return to_records(None, out)
-        if kind == "evaluate":
-            res = node.evaluate(self.half, self.mm, self.evaluator, msg, info["with_answers"], info["general"])
-        else:  # the global model on this client's test data
-            self.half.load(self.mm, None, msg, {})
-            res = self.evaluator.evaluate_sets([self.set], info["with_answers"], info["general"])
-            res["eval_s"] = time.perf_counter() - t0
+        res = node.evaluate(self.half, self.mm, self.evaluator, msg, info["with_answers"], info["general"])
         out["result"], out["withheld"] = kept_here(jsonable(res), self.share)
+        if "global" in info:  # the global model too, on this client's test data, in the same message
+            global_msg = also_from_records(content, msg)
+            if global_msg is None:
+                raise ValueError(f"client {self.id}: an evaluation of the global model that carries no global model")
+            t1 = time.perf_counter()
+            self.half.load(self.mm, None, global_msg, {})
+            res = self.evaluator.evaluate_sets([self.set], info["with_answers"], bool(info["global"]["general"]))
+            res["eval_s"] = time.perf_counter() - t1
+            out["global_result"], kept = kept_here(jsonable(res), self.share)
+            out["withheld"] = sorted(set(out["withheld"]) | set(kept))
         out["work_s"] = time.perf_counter() - t0
         return to_records(None, out)
 

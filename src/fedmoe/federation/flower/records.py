@@ -4,7 +4,9 @@ A :class:`~fedmoe.messages.Message` travels as a Flower ``RecordDict``: its tens
 ``ArrayRecord`` (bfloat16, which Flower's arrays cannot hold, as its int16 bit pattern, the dtype
 named beside it), its scalars in a ``MetricRecord``, its header in a ``ConfigRecord``. Anything else
 a side reports (metrics with lists, the client's data description, generated examples) goes as one
-JSON string.
+JSON string. A second message may ride along (``also``: an evaluation's global model beside the
+client's own), under ``also.``-prefixed records; a tensor it shares with the first, name and value,
+travels once.
 """
 
 from __future__ import annotations
@@ -19,24 +21,50 @@ from ...messages import Message
 BITCAST = {torch.bfloat16: torch.int16}  # dtypes numpy lacks: sent as their bits
 
 
-def to_records(msg: Message | None, info: dict | None = None):
-    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+ALSO = "also."  # the records of a second message in the same RecordDict
+
+
+def to_records(msg: Message | None, info: dict | None = None, also: Message | None = None):
+    """``also``: a second message (needs ``msg``); its tensors equal to ``msg``'s of the same name are not sent
+    again (:func:`also_from_records` takes them from ``msg``)."""
+    from flwr.app import RecordDict
 
     rd = RecordDict()
     if msg is not None:
-        arrays, dtypes = {}, {}
-        for name, t in msg.tensors.items():
-            t = t.detach().cpu().contiguous()
-            if t.dtype in BITCAST:
-                dtypes[name] = str(t.dtype).removeprefix("torch.")
-                t = t.view(BITCAST[t.dtype])
-            arrays[name] = Array(t.numpy())
-        rd["tensors"] = ArrayRecord(array_dict=arrays)
-        rd["scalars"] = MetricRecord(dict(msg.scalars))
-        rd["header"] = ConfigRecord({"json": json.dumps(msg.header), "dtypes": json.dumps(dtypes)})
+        _put(rd, "", msg)
+    if also is not None:
+        if msg is None:
+            raise ValueError("a second message rides only beside a first")
+        shared = sorted(n for n, t in also.tensors.items() if n in msg.tensors and _same(t, msg.tensors[n]))
+        _put(rd, ALSO, Message(tensors={n: t for n, t in also.tensors.items() if n not in shared},
+                               scalars=also.scalars, header=also.header), shared)
     if info is not None:
+        from flwr.app import ConfigRecord
+
         rd["info"] = ConfigRecord({"json": json.dumps(info)})
     return rd
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a.detach().cpu(), b.detach().cpu()))
+
+
+def _put(rd, prefix: str, msg: Message, shared: list[str] | None = None) -> None:
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+    arrays, dtypes = {}, {}
+    for name, t in msg.tensors.items():
+        t = t.detach().cpu().contiguous()
+        if t.dtype in BITCAST:
+            dtypes[name] = str(t.dtype).removeprefix("torch.")
+            t = t.view(BITCAST[t.dtype])
+        arrays[name] = Array(t.numpy())
+    rd[prefix + "tensors"] = ArrayRecord(array_dict=arrays)
+    rd[prefix + "scalars"] = MetricRecord(dict(msg.scalars))
+    header = {"json": json.dumps(msg.header), "dtypes": json.dumps(dtypes)}
+    if shared is not None:
+        header["shared"] = json.dumps(shared)
+    rd[prefix + "header"] = ConfigRecord(header)
 
 
 def from_records(rd) -> tuple[Message | None, dict]:
@@ -44,10 +72,29 @@ def from_records(rd) -> tuple[Message | None, dict]:
     info = json.loads(rd["info"]["json"]) if "info" in rd else {}
     if "tensors" not in rd:
         return None, info
-    dtypes = json.loads(rd["header"]["dtypes"])
+    return _get(rd, ""), info
+
+
+def also_from_records(rd, msg: Message) -> Message | None:
+    """The second message of a RecordDict (:func:`to_records`' ``also``), or None; ``msg``: its first, which
+    holds the tensors the two share."""
+    if ALSO + "tensors" not in rd:
+        return None
+    also = _get(rd, ALSO)
+    shared = json.loads(rd[ALSO + "header"].get("shared", "[]"))
+    if not isinstance(shared, list) or any(not isinstance(n, str) or n not in msg.tensors for n in shared):
+        raise ValueError(f"the second message names shared tensors the first does not hold: {str(shared)[:200]}")
+    if set(shared) & set(also.tensors):
+        raise ValueError(f"the second message holds tensors it also names as shared: {sorted(set(shared) & set(also.tensors))[:5]}")
+    return Message(tensors={**{n: msg.tensors[n].clone() for n in shared}, **also.tensors}, scalars=also.scalars,
+                   header=also.header)
+
+
+def _get(rd, prefix: str) -> Message:
+    dtypes = json.loads(rd[prefix + "header"]["dtypes"])
     bitcast = {str(d).removeprefix("torch."): d for d in BITCAST}
     tensors = {}
-    for name, arr in rd["tensors"].items():
+    for name, arr in rd[prefix + "tensors"].items():
         t = torch.from_numpy(np.array(arr.numpy(), copy=True))
         if name in dtypes:
             if dtypes[name] not in bitcast or t.dtype != BITCAST[bitcast[dtypes[name]]]:
@@ -55,7 +102,8 @@ def from_records(rd) -> tuple[Message | None, dict]:
                                  f"that travels bit-cast ({sorted(bitcast)})")
             t = t.view(bitcast[dtypes[name]])
         tensors[name] = t
-    return Message(tensors=tensors, scalars=dict(rd["scalars"]), header=json.loads(rd["header"]["json"])), info
+    return Message(tensors=tensors, scalars=dict(rd[prefix + "scalars"]),
+                   header=json.loads(rd[prefix + "header"]["json"]))
 
 
 def jsonable(x):

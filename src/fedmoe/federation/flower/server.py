@@ -18,13 +18,14 @@ from ..evaluation import WITHHELD_EVALUATION, first_evaluating, pooled, screened
 from ..transport import TrainReport, seconds
 from .records import from_records, to_records
 
-QUERY, TRAIN, EVALUATE, EVALUATE_GLOBAL = "query", "train", "evaluate", "evaluate.global"
+QUERY, TRAIN, EVALUATE = "query", "train", "evaluate"
 
 
 def _withholds_evaluation(info: dict) -> bool:
     """Whether a client's evaluation reply says its node keeps the result (its privacy budget) and has none."""
     kept = info.get("withheld")
-    return isinstance(kept, list) and WITHHELD_EVALUATION in kept and info.get("result") is None
+    return (isinstance(kept, list) and WITHHELD_EVALUATION in kept and info.get("result") is None
+            and info.get("global_result") is None)
 
 
 def _message(content, kind: str, node: int, group: str):
@@ -151,9 +152,11 @@ class FlowerTransport:
         self.overhead.append({"round": round_idx, "kind": kind, "client": info["client"],
                               "load_s": info.get("load_s", 0.0), "work_s": info.get("work_s")})
 
-    def _send(self, round_idx: int, kind: str, messages: dict[int, Message], infos: dict[int, dict] | None = None):
+    def _send(self, round_idx: int, kind: str, messages: dict[int, Message], infos: dict[int, dict] | None = None,
+              also: Message | None = None):
         """({client: (reply message, info)}, {client: why it failed}). A client that failed earlier in
-        this round, or whose SuperNode is not connected, is not asked."""
+        this round, or whose SuperNode is not connected, is not asked. ``also``: a second message sent to every
+        client beside its own (:func:`~.records.to_records`)."""
         if self.failed[0] != round_idx:
             self.failed = (round_idx, set())
         gone = self._refresh()
@@ -166,7 +169,8 @@ class FlowerTransport:
                 continue
             nid = self.node_of[cid]
             by_node[nid] = cid
-            content = to_records(msg.with_header(run_id=self.run_id), None if infos is None else infos[cid])
+            content = to_records(msg.with_header(run_id=self.run_id), None if infos is None else infos[cid],
+                                 None if also is None else also.with_header(run_id=self.run_id))
             out.append(_message(content, kind, nid, str(round_idx)))
         got = {}
         for reply in self._send_and_receive(out):
@@ -238,29 +242,37 @@ class FlowerTransport:
                  prog) -> tuple[dict[int, dict], dict[int, str]]:
         infos = {cid: {"with_answers": with_answers, "general": general_for[cid]} for cid in messages}
         got, failed = self._send(round_idx, EVALUATE, messages, infos)
-        return {cid: WITHHELD_EVALUATION if _withholds_evaluation(info) else info.get("result")
-                for cid, (_, info) in got.items()}, failed
+        return self._own_results(got), failed
 
-    def evaluate_global(self, round_idx: int, message: Message, with_answers: bool, general: bool,
-                        prog) -> tuple[dict, dict[int, str]]:
-        """The global model evaluated by every client on its own test data, pooled in client order
-        (general text and MMLU by the first client that answers); the clients that failed are named."""
+    @staticmethod
+    def _own_results(got: dict) -> dict[int, dict]:
+        return {cid: WITHHELD_EVALUATION if _withholds_evaluation(info) else info.get("result")
+                for cid, (_, info) in got.items()}
+
+    def evaluate_with_global(self, round_idx: int, messages: dict[int, Message], global_message: Message,
+                             with_answers: bool, general_for: dict[int, bool], general: bool, prog):
+        """Each client's own model and the global model on its own test data, in one message per client (the
+        global model's tensors that equal the client's own downlink travel once): a round trip less than two
+        messages, which on a SuperNode without a worker is a process start and a model load less. The global
+        results are pooled in client order (general text and MMLU by the first client that answers); a client
+        that failed is missing from both, named in each. The global results are None when no client gave any."""
         cids = sorted(self.node_of)
         first = first_evaluating([(cid, self.infos.get(cid, {}).get("data")) for cid in cids])
-        infos = {cid: {"with_answers": with_answers, "general": general and cid == first} for cid in cids}
-        got, failed = self._send(round_idx, EVALUATE_GLOBAL, {cid: message for cid in cids}, infos)
-        held = [cid for cid in cids if cid in got and _withholds_evaluation(got[cid][1])]
-        if not got:
-            raise RuntimeError(f"round {round_idx}: no client could evaluate the global model: {failed}")
-        results, bad = screened({cid: got[cid][1].get("result") for cid in cids if cid in got and cid not in held},
+        infos = {cid: {"with_answers": with_answers, "general": general_for[cid],
+                       "global": {"general": general and cid == first}} for cid in messages}
+        got, failed = self._send(round_idx, EVALUATE, messages, infos, also=global_message)
+        own = self._own_results(got)
+        held = [cid for cid in cids if own.get(cid) == WITHHELD_EVALUATION]
+        results, bad = screened({cid: got[cid][1].get("global_result") for cid in cids if cid in got and cid not in held},
                                 {cid: self.infos.get(cid, {}).get("data", {}).get("n_generated") for cid in cids})
-        failed.update(bad)
-        if not results and not held:
-            raise RuntimeError(f"round {round_idx}: no client could evaluate the global model: {failed}")
+        global_failed = {**failed, **bad}
+        if not results and not held:  # the loop names the failures and stops
+            return own, failed, None, global_failed
         res = [results[cid] for cid in cids if cid in results]
         # the clients whose nodes keep their evaluation (a node's privacy budget) are not in the numbers: named
-        return {**pooled(res), "eval_s": sum(r.get("eval_s", 0.0) for r in res),
-                **({"clients_withheld": held} if held else {})}, failed
+        pooled_res = {**pooled(res), "eval_s": sum(r.get("eval_s", 0.0) for r in res),
+                      **({"clients_withheld": held} if held else {})}
+        return own, failed, pooled_res, global_failed
 
     def secure_mean(self, round_idx: int, weights: dict[int, float], spec: list[tuple[str, tuple[int, ...]]]):
         """(the weighted mean of the clients' masked updates as named float64 tensors, or None; the clients
