@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 
-from helpers import tiny_hf
+from helpers import tiny_hf, whole_and_resumed
 
 from fedmoe.config import load_config
-from fedmoe.federation import resume_federated, run_federated
 from fedmoe.moe import MoEModel, find_moe_layers
 from fedmoe.moe.quant import (FP4_LEVELS, NF4_LEVELS, QuantizedLinear, QuantizedWeight, block_size, dequantize,
                               quantize_model, quantize_tensor, stored_bytes)
@@ -240,13 +239,7 @@ def test_a_federated_nf4_run_is_finite_and_resumes_exactly(tmp_path, method):
     sets = [f"algorithm.name={method}", "model.name=builtin:tiny-olmoe", "model.quantization=nf4", "data.max_examples=160", "data.max_length=32",
             "data.partition.num_clients=2", "train.max_steps=2", "train.batch_size=2", "federation.rounds=2",
             "eval.rouge=false", "data.max_test_per_client=3", "lora.rank=2"]
-    whole, _ = run_federated(load_config(None, [*sets, f"output_dir={tmp_path}", "name=whole"]), log=lambda *a: None)
-    _, rd = run_federated(load_config(None, [*sets, f"output_dir={tmp_path}", "name=cut"]), stop_after_round=1,
-                          log=lambda *a: None)
-    resumed, _ = resume_federated(rd.path, log=lambda *a: None)
-    assert whole["global"]["loss"] == resumed["global"]["loss"]
-    assert [c["loss"] for c in whole["clients"]] == [c["loss"] for c in resumed["clients"]]
-    assert all(isinstance(c["loss"], float) and c["loss"] == c["loss"] for c in whole["clients"])
+    _, resumed, rd = whole_and_resumed(tmp_path, sets)
     # the checkpoint holds the adapters, not the quantized base
     state = torch.load(rd.checkpoint_dir / "state.pt", weights_only=False)
     assert not any("codes" in n for n in state["global_state"])
