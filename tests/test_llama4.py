@@ -372,7 +372,8 @@ def _vision_language_folder(tmp_path):
 
 def test_a_vision_language_checkpoint_loads_its_language_model_and_exports_merged(tmp_path):
     """transformers 5.23 refuses the config as saved (attn_temperature_tuning: 4, a number in 4.51); fedmoe reads it
-    as 4.51 did and loads the language model (Llama4ForCausalLM, the weights under language_model.*), nothing of the
+    as 4.51 did (a quantized checkpoint's quantization_config carried to the text config, as AutoModelForCausalLM
+    carries it) and loads the language model (Llama4ForCausalLM, the weights under language_model.*), nothing of the
     vision tower: its logits are the vision-language model's on text; the tokenizer loads; the FLOPs count is of that
     model. A client's model (split expert LoRA, router LoRA, a rescaler, k = 1) exports merged: a plain Llama-4
     language model that gives its logits (no vision tower, which the export's notes say), and no vllm form."""
@@ -387,6 +388,11 @@ def test_a_vision_language_checkpoint_loads_its_language_model_and_exports_merge
     config = load_model_config(str(folder))
     assert config.model_type == "llama4_text" and config.attn_temperature_tuning is True
     assert vision_language_type(str(folder)) == "llama4" and vision_language_type("builtin:tiny-moe") is None
+    quantized = tmp_path / "fp8" / "config.json"  # a quantized checkpoint's: its text config carries it, as transformers'
+    quantized.parent.mkdir()
+    quantized.write_text(json.dumps(dict(json.loads((folder / "config.json").read_text()),
+                                         quantization_config={"quant_method": "fbgemm_fp8"})))
+    assert load_model_config(str(quantized)).quantization_config == {"quant_method": "fbgemm_fp8"}
     mm = MoEModel.from_pretrained(str(folder))
     assert type(mm.model).__name__ == "Llama4ForCausalLM" and mm.model.config.attn_temperature_tuning is True
     assert not [n for n, _ in mm.model.named_parameters() if "vision" in n or "projector" in n]

@@ -158,7 +158,11 @@ def _config_from_dict(d: dict, source: str):
             text = config.get_text_config(decoder=True)
             if model_type not in CONFIG_ARCHITECTURES and getattr(text, "model_type", None) in CONFIG_ARCHITECTURES:
                 # a vision-language checkpoint (Qwen3.5, Llama-4's llama4): its language model, as AutoModelForCausalLM
-                # loads
+                # loads it, with the checkpoint's quantization_config (as AutoModelForCausalLM carries it over: a
+                # Llama-4 given to from_pretrained as this config must load its weights as stored)
+                quantization = getattr(config, "quantization_config", None)
+                if quantization is not None and getattr(text, "quantization_config", None) is None:
+                    text.quantization_config = quantization
                 return text
             return config
         if model_type == "deepseek":  # DeepSeekMoE v1: remote code only; a generic config carries its keys
