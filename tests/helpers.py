@@ -152,3 +152,19 @@ def one_small_round(folder, tmp_path, *sets: str):
     summary, rd = run_federated(load_config(None, [*base, *sets]))
     assert all(torch.isfinite(torch.tensor(float(c["loss"]))) for c in summary["clients"])
     return summary, rd
+
+
+def whole_and_resumed(tmp_path, sets: list[str]):
+    """(summary of the uninterrupted run, summary of the resumed one, the stopped run's RunDir) of a federated run of
+    config ``sets`` run whole, then again stopped after round 1 and resumed: the two give the same losses, each finite."""
+    from fedmoe.config import load_config
+    from fedmoe.federation import resume_federated, run_federated
+
+    whole, _ = run_federated(load_config(None, [*sets, f"output_dir={tmp_path}", "name=whole"]), log=lambda *a: None)
+    _, rd = run_federated(load_config(None, [*sets, f"output_dir={tmp_path}", "name=cut"]), stop_after_round=1,
+                          log=lambda *a: None)
+    resumed, _ = resume_federated(rd.path, log=lambda *a: None)
+    assert whole["global"]["loss"] == resumed["global"]["loss"]
+    assert [c["loss"] for c in whole["clients"]] == [c["loss"] for c in resumed["clients"]]
+    assert all(isinstance(c["loss"], float) and c["loss"] == c["loss"] for c in whole["clients"])
+    return whole, resumed, rd

@@ -82,7 +82,7 @@ def test_split_tensors_shapes_order_and_init():
 
 
 # ------------------------------------------------------------------------ split layout: equivalences
-@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "gpt_oss", "phimoe"])
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "gpt_oss", "phimoe", "llama4_text"])
 def test_split_with_a_shared_A_equals_the_fused_layout(arch):
     """gate_lora_A = up_lora_A = A_fused and cat(gate_lora_B, up_lora_B) = B_fused make the split
     adapters the fused one, on both compute paths (gpt-oss: B_fused's rows interleave the gate's and the
@@ -139,6 +139,16 @@ def test_split_expert_output_by_hand(grouped):
 
 
 # ------------------------------------------------------------------------ router LoRA
+def _route(arch, router, x, *extra):
+    """(logits, scores, chosen experts) of a router's output. Llama-4's router returns (scores, logits): the sigmoid
+    of its top-k logits scattered over all experts (0 elsewhere), and the logits; its choice is their top-k."""
+    out = router(x, *extra)
+    if arch != "llama4_text":
+        return out
+    scores, logits = out
+    return logits, scores, torch.topk(logits, router.top_k, dim=-1).indices
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_router_lora_logits_by_hand(arch):
     """Router logits = x·(W + (α/r)·B·A)ᵀ (+ b: gpt-oss's router is a linear with a bias, which stays as it
@@ -151,8 +161,8 @@ def test_router_lora_logits_by_hand(arch):
     layer = mm.layers[0]
     base = layer.router
     mm.add_router_lora(RANK, ALPHA)
-    attr = router_attr(arch)  # gpt-oss's, Granite-MoE's and Phi-3.5-MoE's MoE block holds its router as router
-    assert attr == ("router" if arch in ("gpt_oss", "granitemoe", "phimoe") else "gate")
+    attr = router_attr(arch)  # gpt-oss's, Granite-MoE's, Phi-3.5-MoE's and Llama-4's MoE block holds it as router
+    assert attr == ("router" if arch in ("gpt_oss", "granitemoe", "phimoe", "llama4_text") else "gate")
     router = getattr(layer.block, attr)
     assert isinstance(router, RouterWithLoRA) and router.base is base
     names = [n for n in mm.trainable_names()]
@@ -166,18 +176,18 @@ def test_router_lora_logits_by_hand(arch):
     assert router.lora_A.shape == (RANK, H) and router.lora_B.shape == (E, RANK) and not router.lora_B.any()
     _randomise(mm, scale=0.5)
     x = torch.randn(9, H, generator=torch.Generator().manual_seed(5))
-    logits, scores, index = router(x, *extra)
+    logits, scores, index = _route(arch, router, x, *extra)
     merged = base.weight + (ALPHA / RANK) * router.lora_B @ router.lora_A
     torch.testing.assert_close(logits, (x @ merged.T + bias).to(logits.dtype), rtol=0, atol=1e-5)
     # the same scores and choice as the architecture's router holding the merged weight
     ref = copy.deepcopy(base)
     with torch.no_grad():
         ref.weight.copy_(merged)
-        ref_logits, ref_scores, ref_index = ref(x, *extra)
+        ref_logits, ref_scores, ref_index = _route(arch, ref, x, *extra)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-6)
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-6)
     assert torch.equal(index, ref_index)
-    assert not torch.equal(index, base(x, *extra)[2])  # the adapter changes the routing
+    assert not torch.equal(index, _route(arch, base, x, *extra)[2])  # the adapter changes the routing
     # gradients reach A and B, not the frozen base weight
     logits.sum().backward()
     assert router.lora_A.grad.abs().sum() > 0 and router.lora_B.grad.abs().sum() > 0 and base.weight.grad is None

@@ -19,10 +19,12 @@ SHARED = {"olmoe": None, "flex_olmo": None, "qwen2_moe": "Qwen2MoeMLP", "qwen3_m
           "qwen3_5_moe_text": "Qwen3_5MoeMLP", "mixtral": None,
           "deepseek_v2": "DeepseekV2MLP", "deepseek_v3": "DeepseekV3MLP", "glm4_moe": "Glm4MoeMLP",
           "glm4_moe_lite": "Glm4MoeLiteMLP", "ernie4_5_moe": "Ernie4_5_MoeMLP", "gpt_oss": None, "granitemoe": None,
-          "lfm2_moe": None, "phimoe": None}
+          "lfm2_moe": None, "phimoe": None, "llama4_text": "Llama4TextMLP"}
 # the MoE block (decoder layer's attribute) and its router (block's attribute), where not mlp and gate
-BLOCK = {"granitemoe": "block_sparse_moe", "lfm2_moe": "feed_forward"}
-ROUTER = {"gpt_oss": "router", "granitemoe": "router", "phimoe": "router"}
+BLOCK = {"granitemoe": "block_sparse_moe", "lfm2_moe": "feed_forward", "llama4_text": "feed_forward"}
+ROUTER = {"gpt_oss": "router", "granitemoe": "router", "phimoe": "router", "llama4_text": "router"}
+# the families whose experts hold each weight (in, out): (E, H, 2I) and (E, I, H)
+TRANSPOSED = ("gpt_oss", "llama4_text")
 
 
 _hf = tiny_hf
@@ -34,12 +36,13 @@ def test_discovery(arch):
     mm = MoEModel(_hf(arch))
     n_dense = 1 if arch.startswith(("deepseek", "glm4_moe", "ernie", "lfm2")) else 0
     assert len(mm.layers) == 2
-    assert [l.decoder_layer for l in mm.layers] == [n_dense, n_dense + 1]
+    # Llama-4's tiny config interleaves a dense layer before each MoE one (as Maverick)
+    assert [l.decoder_layer for l in mm.layers] == ([1, 3] if arch == "llama4_text" else [n_dense, n_dense + 1])
     assert mm.num_experts == 8 and mm.default_top_k == 2
     for l in mm.layers:
         assert l.hidden_size == 32 and l.intermediate_size == 16
-        # gpt-oss stores each expert's weights (in, out): (E, H, 2I) and (E, I, H)
-        down = (8, 16, 32) if arch == "gpt_oss" else (8, 32, 16)
+        # gpt-oss and Llama-4 store each expert's weights (in, out): (E, H, 2I) and (E, I, H)
+        down = (8, 16, 32) if arch in TRANSPOSED else (8, 32, 16)
         assert l.experts.gate_up_proj.shape == (8, 32, 32) and l.experts.down_proj.shape == down
         assert l.block is getattr(mm.model.model.layers[l.decoder_layer], BLOCK.get(arch, "mlp"))
         assert l.router is getattr(l.block, ROUTER.get(arch, "gate"))
@@ -55,7 +58,8 @@ def test_dense_and_unknown_models_are_rejected():
     dense = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(UnsupportedModelError, match="olmoe, flex_olmo, qwen2_moe, qwen3_moe, qwen3_next, qwen3_5_moe_text, mixtral, deepseek_v2, "
-                       "deepseek_v3, glm4_moe, glm4_moe_lite, ernie4_5_moe, gpt_oss, granitemoe, lfm2_moe, phimoe"):
+                       "deepseek_v3, glm4_moe, glm4_moe_lite, ernie4_5_moe, gpt_oss, granitemoe, lfm2_moe, phimoe, "
+                       "llama4_text"):
         MoEModel(dense)
     # a supported MoE family whose config makes every layer dense
     cfg = tiny_config("qwen2_moe")
@@ -78,6 +82,13 @@ def test_wrapped_experts_equal_hf_forward(arch):
 
 def _peft_expert_model(ref):
     block = BLOCK.get(ref.config.model_type, "mlp")
+    if ref.config.model_type == "llama4_text":
+        # PEFT's target_parameters reads a 3-D stack as (E, out, in) unless its module says is_transposed, which
+        # transformers' Llama4TextExperts does not (tests/test_llama4.py): marked here, so that PEFT adds each
+        # expert's ΔW in the stacks' own (E, in, out) orientation, the reference fedmoe's expert LoRA is held to
+        for layer in ref.model.layers:
+            if hasattr(layer.feed_forward, "experts"):
+                layer.feed_forward.experts.is_transposed = True
     cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=[],
                      target_parameters=[f"{block}.experts.gate_up_proj", f"{block}.experts.down_proj"])
     return get_peft_model(ref, cfg)

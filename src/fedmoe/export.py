@@ -47,7 +47,8 @@ from .rundir import load_tensor_file, ordinary_permissions
 from .moe import MoEModel
 from .moe.arch import SPARSEMIXER_ARCHITECTURES, moe_block_attr
 from .moe.lora import ExpertsWithLoRA, LoRALinear, RouterWithLoRA, expert_lora_pairs
-from .moe.model import BUILTIN_PREFIX, EXPORT_MARKER, builtin_model_path, load_model_config, load_tokenizer
+from .moe.model import (BUILTIN_PREFIX, EXPORT_MARKER, builtin_model_path, load_model_config, load_tokenizer,
+                        vision_language_type)
 
 EXPORT_FILE = EXPORT_MARKER
 _STATE = "state.safetensors"
@@ -208,6 +209,16 @@ def _base_source(cfg) -> str | None:
     return name
 
 
+# the families whose fused expert stacks PEFT's target_parameters misreads: PEFT (0.21) takes a 3-D parameter as
+# (E, out, in) unless its module says is_transposed, and transformers 5.23's Llama4TextExperts holds (E, in, out)
+# without saying so (tests/test_llama4.py: the adapter PEFT builds from fedmoe's tensors computes another model)
+PEFT_UNMARKED_TRANSPOSED = {
+    "llama4_text": "expert LoRA on Llama-4 has no PEFT form PEFT applies as trained: PEFT (0.21) reads a 3-D expert "
+                   "stack as (E, out, in) unless its module is marked is_transposed, and transformers' "
+                   "Llama4TextExperts holds (E, in, out) unmarked, so PEFT would add each expert's update transposed "
+                   "(a shape error, or where hidden = 2·intermediate another model): export --merged"}
+
+
 def merge_blockers(mm: MoEModel) -> list[str]:
     _, other = _adapted_modules(mm)
     why = [f"the method's own tensors ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in other}))}, e.g. FLEx's "
@@ -227,6 +238,8 @@ def peft_blockers(mm: MoEModel, cfg) -> list[str]:
         why.append("router LoRA (lora.router) has no PEFT target on transformers v5 routers")
     if any(isinstance(m, ExpertsWithLoRA) and m.layout == "split" and m.targets for _, m in known):
         why.append("split expert LoRA (separate gate and up adapters) has no PEFT form on the fused gate_up_proj")
+    if mm.model_type in PEFT_UNMARKED_TRANSPOSED and any(isinstance(m, ExpertsWithLoRA) and m.targets for _, m in known):
+        why.append(PEFT_UNMARKED_TRANSPOSED[mm.model_type])
     scales = {round(float(m.output_scale.detach()), 7) for _, m in known if isinstance(m, ExpertsWithLoRA)
               and m.output_scale is not None}
     if scales - {1.0}:
@@ -345,9 +358,22 @@ VLLM_3D_EXPERT_LORA = ("gpt_oss",)
 # (PhiMoEForCausalLM did the same in vLLM's phimoe.py at commit c18f8240; at 01524004 it defines get_expert_mapping,
 # w1 / w2 / w3 under block_sparse_moe.experts, as Mixtral's: _EXPERT_PROJ. Its router asserts top-2, and transformers'
 # sparsemixer ignores top_k, so a k = 1 client has no PEFT or vllm form: peft_blockers)
+# Llama-4 (vllm/model_executor/models/llama4.py at 0303cbd8, mllama4.py at 60d375cb, lora/utils.py at 0fd15707; read,
+# not run): the hub's checkpoints name Llama4ForConditionalGeneration, whose vLLM class is SupportsMultiModal and
+# SupportsPP but not SupportsLoRA; the text Llama4ForCausalLM (a LlamaForCausalLM, SupportsLoRA) defines no
+# get_expert_mapping (its per-expert mapping is built in Llama4Model.load_weights), so its LoRA manager refuses an
+# adapter on it. Its FusedMoE takes the routing weight on the input (apply_router_weight_on_input, sigmoid scores, no
+# renormalisation) as transformers does; its loader also permutes q_proj's and k_proj's rows into its rotary layout
+# (permute_qk_weight_for_rotary), which a LoRA on them would have to follow. A merged export is a plain
+# Llama4ForCausalLM, which its Llama4ForCausalLM loads (the permutation then applies to the merged weights)
 VLLM_NO_LORA = {"granitemoe": "vLLM's GraniteMoeForCausalLM takes no LoRA adapter (its LoRA manager needs a "
                               "get_expert_mapping, which that class does not define: read in vLLM's source, not run): "
-                              "export --merged, a plain Granite-MoE model vLLM serves"}
+                              "export --merged, a plain Granite-MoE model vLLM serves",
+                "llama4_text": "vLLM takes no LoRA adapter for Llama-4 (read in vLLM's source at commits 0303cbd8 and "
+                               "60d375cb, not run: its Llama4ForConditionalGeneration, the class of the hub's "
+                               "checkpoints, does not support LoRA, and its Llama4ForCausalLM defines no "
+                               "get_expert_mapping, which its LoRA manager requires of a fused-MoE model): export "
+                               "--merged, a plain Llama-4 language model (Llama4ForCausalLM) vLLM serves"}
 
 
 def vllm_blockers(mm: MoEModel, cfg) -> list[str]:
@@ -561,6 +587,14 @@ def export_notes(cfg, form: str, mm: MoEModel | None = None) -> list[str]:
                      "checked")
     if form in ("peft", "vllm") and mm is not None and mm.model_type in VLLM_NO_LORA:
         notes.append(VLLM_NO_LORA[mm.model_type])
+    vision_language = vision_language_type(cfg.model.name) if form in ("merged", "peft", "vllm") else None
+    if vision_language:
+        notes.append(f"the base {cfg.model.name} is a vision-language checkpoint ({vision_language}): fedmoe loaded and "
+                     "trained its language model alone, the model AutoModelForCausalLM builds from it (no vision tower "
+                     "or projector); " + ("this merged model is that language model: it reads text, not images"
+                                          if form == "merged" else
+                                          "this adapter applies to that language model, not to the checkpoint's "
+                                          "vision-language class"))
     if any(n.endswith(("q_proj", "k_proj", "v_proj")) for n in adapted) and mm.model_type == "flex_olmo":
         notes.append("SGLang (0.5.23) serves FlexOlmo through its Transformers backend, which drops q/k/v LoRA "
                      "without a word; vLLM applies it. For SGLang, train with lora.attention_targets: [o_proj], or "

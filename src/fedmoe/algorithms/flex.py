@@ -4,7 +4,8 @@ Expert Grafting"): personalisation by grafting one pretrained expert per layer.
 Client: shared LoRA on the attention projections (q, k, v by default, as the paper); every pretrained
 expert, router and shared expert frozen (router LoRA is refused). In its one-shot setup each client grafts, per MoE layer, the expert that best reproduces the
 layer's routed output on its own calibration data, behind a sigmoid gate initialised from that
-expert's router row: y = MoE(x) + σ(g(x)) · G(x). Private (never sent): the grafted experts' LoRA (or
+expert's router row: y = MoE(x) + σ(g(x)) · G(x) (where the family weighs its routed experts' input, Llama-4:
+y = MoE(x) + G(σ(g(x)) · x), ``gate_on``). Private (never sent): the grafted experts' LoRA (or
 full weights), the gates, the chosen expert ids. Reply: the shared attention LoRA and n_i. Server:
 FedAvg by n_i (or a server optimizer) over the shared tensors only; the global model has no grafts.
 
@@ -45,6 +46,10 @@ class FlexConfig(StrictModel):
     gate: Literal["sigmoid", "none"] = "sigmoid"
     train_full: bool = False  # train the grafted expert in full instead of LoRA on it
     graft_rank: int | None = Field(None, ge=1)  # LoRA rank on the grafted expert (None = lora.rank)
+    # (our choice; the paper's model weighs its experts' outputs) where the sigmoid gate acts: "auto" = as the model's
+    # routed experts are weighed, on the grafted expert's input for a family whose routing weight scales the expert's
+    # input (Llama-4: G(σ(g(x))·x)), on its output for the others (σ(g(x))·G(x)); "output" or "input" force one
+    gate_on: Literal["auto", "output", "input"] = "auto"
 
 
 # ------------------------------------------------------------------------------------ grafting
@@ -131,11 +136,17 @@ class GraftedExperts(nn.Module):
     gate_up and one on down, or a pair each for gate, up and down) or full trainable weights.
     A grafted expert computes as its family's experts do (gpt-oss: its biases, interleaved gate and
     up, clamped SwiGLU; a full copy keeps the stored orientation and trains the biases too), and where
-    the router has a bias (gpt-oss) the gate has one, started from the expert's router bias."""
+    the router has a bias (gpt-oss) the gate has one, started from the expert's router bias. The gate weighs the
+    grafted expert as the family's router weighs its experts (``gate_on: auto``): its output, σ(g(x))·G(x), or, where
+    the routing weight scales the expert's input (Llama-4, whose router gives a chosen expert σ(its logit), the very
+    σ(g(x)) this gate starts as), its input, G(σ(g(x))·x)."""
 
     def __init__(self, layer: MoELayer, num_grafts: int = 1, rank: int = 8, alpha: float = 16.0,
-                 train_full: bool = False, gate: str = "sigmoid", layout: str = "fused"):
+                 train_full: bool = False, gate: str = "sigmoid", layout: str = "fused", gate_on: str = "auto"):
         super().__init__()
+        if gate_on not in ("auto", "output", "input"):
+            raise ValueError(f"algorithm.flex.gate_on = {gate_on!r}: use auto, output or input")
+        self.gate_input = layer.scales_input if gate_on == "auto" else gate_on == "input"
         base = layer.experts
         form = self.form = layer.form
         hidden, inter = layer.hidden_size, layer.intermediate_size
@@ -210,14 +221,21 @@ class GraftedExperts(nn.Module):
                                   stacked=True)
         return out
 
+    def _gate(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        """σ(g_j(x)) per row, (rows, 1)."""
+        gb = None if self.gate_bias is None else self.gate_bias[j : j + 1].to(x.dtype)
+        return torch.sigmoid(F.linear(x, self.gate[j : j + 1].to(x.dtype), gb))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base[0]
         form, act_fn = self.form, getattr(base, "act_fn", None)
         out = torch.zeros_like(x)
         for j in range(self.num_grafts):
+            gated = self.gate_kind == "sigmoid"
+            xin = x * self._gate(x, j) if gated and self.gate_input else x  # Llama-4's way: the gate scales the input
             if self.train_full:
                 bias = (self.gate_up_proj_bias[j], self.down_proj_bias[j]) if form.bias else (None, None)
-                y = expert_ffn(x, self.gate_up_proj[j], self.down_proj[j], act_fn, form=form, bias=bias)
+                y = expert_ffn(xin, self.gate_up_proj[j], self.down_proj[j], act_fn, form=form, bias=bias)
             else:
                 e = self.source[j : j + 1]  # gathered on the device: no host sync (and a plan on fake tensors works)
 
@@ -230,11 +248,10 @@ class GraftedExperts(nn.Module):
                 else:  # a quantized base: dequantized in the forward and the backward, never kept
                     gu_w, d_w, proj = (base.gate_up_proj, e), (base.down_proj, e), quantized_proj
                 bias = tuple(None if b is None else b[e][0] for b in expert_biases(base, form))
-                y = expert_ffn(x, gu_w, d_w, act_fn, split=self.layout == "split", delta=delta, proj=proj, form=form,
+                y = expert_ffn(xin, gu_w, d_w, act_fn, split=self.layout == "split", delta=delta, proj=proj, form=form,
                                bias=bias)
-            if self.gate_kind == "sigmoid":
-                gb = None if self.gate_bias is None else self.gate_bias[j : j + 1].to(x.dtype)
-                y = y * torch.sigmoid(F.linear(x, self.gate[j : j + 1].to(x.dtype), gb))
+            if gated and not self.gate_input:
+                y = y * self._gate(x, j)
             out = out + y
         return out
 
@@ -274,7 +291,7 @@ class FlexClient(Client):
         mm.add_attention_lora(lc.rank, lc.alpha, targets, lc.dropout)
         mm.attach_to_blocks("grafted", lambda layer: GraftedExperts(
             layer, fc.num_grafts, rank=fc.graft_rank or lc.rank, alpha=lc.alpha, train_full=fc.train_full, gate=fc.gate,
-            layout=lc.expert_layout))
+            layout=lc.expert_layout, gate_on=fc.gate_on))
 
     @staticmethod
     def grafts(mm) -> list[GraftedExperts]:

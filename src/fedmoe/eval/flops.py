@@ -46,7 +46,13 @@ counted), lfm2_moe (hybrid: a gated short convolution — in_proj H -> 3H, a dep
 others; ``num_dense_layers`` dense MLPs first; a sigmoid router whose load-balancing bias is a buffer, not a
 parameter), phimoe (Phi-3.5-MoE: Mixtral's layout with q/k/v/o biases (``attention_bias``), LayerNorms with a
 bias where the others have RMSNorms, a biased LM head (``lm_head_bias``); its sparsemixer router is one linear, as the
-others', its masked softmaxes element-wise), and DeepSeekMoE v1 (``model_type``
+others', its masked softmaxes element-wise), llama4_text (Llama-4's language model: q/k/v/o without biases, its L2
+q/k norm without parameters, chunked attention on its RoPE layers counted over the full square as sliding windows
+are, temperature tuning element-wise; a sparse block where ``moe_layers`` says — Scout every layer, Maverick every
+other — with a shared expert as wide as a routed one (``intermediate_size``) and a linear router, a dense MLP of
+``intermediate_size_mlp`` elsewhere; the routing weight scales the expert's input, element-wise; of a vision-language
+checkpoint its language model, which fedmoe loads: the vision tower and projector are not counted), and DeepSeekMoE
+v1 (``model_type``
 "deepseek", which transformers does not ship: plain multi-head attention q/k/v/o with the
 DeepSeek shared-expert MoE and ``first_k_dense_replace`` / ``moe_layer_freq`` dense layers).
 """
@@ -258,6 +264,12 @@ def _shape(config) -> _Shape:
         if mt != "qwen3_moe":  # Qwen2-MoE, Qwen3-Next, Qwen3.5: a gated shared expert
             shared_inter = int(_get(config, "shared_expert_intermediate_size", default=0))
             shared_gate = True
+    elif mt == "llama4_text":  # the layers moe_layers names are sparse (derived from interleave_moe_layer_step), each
+        # with a shared expert of intermediate_size; the others a dense MLP of intermediate_size_mlp
+        sparse = set(config.moe_layers)
+        moe = [i in sparse for i in range(L)]
+        expert_inter = shared_inter = int(config.intermediate_size)
+        dense_inter = int(config.intermediate_size_mlp)
     elif mt == "ernie4_5_moe":
         start, end, step = (int(config.moe_layer_start_index), int(config.moe_layer_end_index),
                             int(config.moe_layer_interval))

@@ -1,12 +1,14 @@
 """Find the sparse MoE blocks of a Hugging Face (transformers v5) MoE causal LM.
 
 In transformers v5 every supported architecture has the same shape inside a decoder layer's MoE block
-(``mlp``; Granite-MoE: ``block_sparse_moe``, LFM2-MoE: ``feed_forward``): a router (``gate``; gpt-oss and
-Granite-MoE, Phi-3.5-MoE: ``router``) with ``top_k`` and a fused ``experts`` module holding ``gate_up_proj`` (E, 2I, H) and
-``down_proj`` (E, H, I), called as ``experts(hidden_states, top_k_index, top_k_weights)``. Shared experts differ
-per family. gpt-oss holds its stacks transposed, gate and up interleaved, with biases and a clamped SwiGLU
-(:mod:`fedmoe.moe.experts`). Phi-3.5-MoE's router (``PhimoeTopKRouter``) chooses by sparsemixer, which always
-picks two experts whatever its ``top_k`` (:data:`SPARSEMIXER_ARCHITECTURES`).
+(``mlp``; Granite-MoE: ``block_sparse_moe``, LFM2-MoE, Llama-4: ``feed_forward``): a router (``gate``; gpt-oss and
+Granite-MoE, Phi-3.5-MoE, Llama-4: ``router``) with ``top_k`` and a fused ``experts`` module holding ``gate_up_proj``
+(E, 2I, H) and ``down_proj`` (E, H, I), called as ``experts(hidden_states, top_k_index, top_k_weights)``. Shared
+experts differ per family. gpt-oss holds its stacks transposed, gate and up interleaved, with biases and a clamped
+SwiGLU (:mod:`fedmoe.moe.experts`). Phi-3.5-MoE's router (``PhimoeTopKRouter``) chooses by sparsemixer, which always
+picks two experts whatever its ``top_k`` (:data:`SPARSEMIXER_ARCHITECTURES`). Llama-4's block
+(``Llama4TextMoe``) is the exception to the call: its experts take every token, each scaled by its sigmoid routing
+score, through all E experts at once (:data:`SCALES_EXPERT_INPUT_ARCHITECTURES`; fedmoe routes them instead).
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from .experts import ExpertForm, expert_form
 
 SUPPORTED_ARCHITECTURES = ("olmoe", "flex_olmo", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text", "mixtral",
                            "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "ernie4_5_moe", "gpt_oss",
-                           "granitemoe", "lfm2_moe", "phimoe")
+                           "granitemoe", "lfm2_moe", "phimoe", "llama4_text")
 
 # the decoder layer's attribute that holds its MoE block, where it is not ``mlp`` (LFM2-MoE's first
-# ``num_dense_layers`` hold a dense MLP there, skipped as DeepSeek's dense layers are)
-_MOE_BLOCK_ATTRS = {"granitemoe": "block_sparse_moe", "lfm2_moe": "feed_forward"}
+# ``num_dense_layers`` hold a dense MLP there, skipped as DeepSeek's dense layers are; so do Llama-4's layers not in
+# its config's ``moe_layers``: Maverick's every other layer, whose MLP is ``intermediate_size_mlp`` wide)
+_MOE_BLOCK_ATTRS = {"granitemoe": "block_sparse_moe", "lfm2_moe": "feed_forward", "llama4_text": "feed_forward"}
 # the MoE block's attribute that holds its router, where it is not ``gate``
-_ROUTER_ATTRS = {"gpt_oss": "router", "granitemoe": "router", "phimoe": "router"}
+_ROUTER_ATTRS = {"gpt_oss": "router", "granitemoe": "router", "phimoe": "router", "llama4_text": "router"}
 # the families whose fused experts are not held as the others' (fedmoe.moe.experts): the form each must have
-_EXPERT_FORMS = {"gpt_oss": dict(transposed=True, interleaved=True, bias=True)}
+# (Llama-4's Llama4TextExperts: (E, H, 2I) and (E, I, H), multiplied as torch.bmm(x, W); gate | up halves, no biases)
+_EXPERT_FORMS = {"gpt_oss": dict(transposed=True, interleaved=True, bias=True),
+                 "llama4_text": dict(transposed=True, interleaved=False, bias=False)}
 # the families transformers has no SDPA attention for (gpt-oss: its attention sinks): they run eager attention
 EAGER_ONLY_ARCHITECTURES = ("gpt_oss",)
 
@@ -64,6 +69,7 @@ _SHARED_EXPERT_ATTRS = {
     "granitemoe": (None, None),
     "lfm2_moe": (None, None),
     "phimoe": (None, None),
+    "llama4_text": ("shared_expert", None),  # Llama4TextMLP, intermediate_size wide, no gate: always added
 }
 
 
@@ -91,6 +97,7 @@ DEFAULT_ATTENTION_TARGETS = {
     # convolution's in_proj and out_proj, not its depthwise kernel)
     "lfm2_moe": ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj"),
     "phimoe": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "llama4_text": ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
 
 
@@ -120,6 +127,7 @@ class MoELayer:
     router_attr: str = "gate"  # the block's attribute that holds the router (gpt-oss, Granite-MoE, Phi-3.5-MoE: router)
     block_attr: str = "mlp"  # the decoder layer's attribute that holds the block (moe_block_attr)
     form: ExpertForm = ExpertForm()  # how the experts hold and compute their weights (fedmoe.moe.experts)
+    scales_input: bool = False  # the routing weight scales the expert's input, not its output (scales_expert_input)
 
     @property
     def num_experts(self) -> int:
@@ -137,10 +145,25 @@ class MoELayer:
 # the families whose router always gives its top-k weights a fixed sum, whatever k (a softmax over the top-k
 # logits alone — Granite-MoE, gpt-oss —, or renormalised after the top-k — Mixtral, Qwen3.5, ERNIE-4.5); the others
 # do so where their config's norm_topk_prob says (DeepSeek-V3 and GLM also times routed_scaling_factor), but
-# DeepSeek-V2, whose router (transformers 5.23) never renormalises, whatever its config's flag, and Phi-3.5-MoE, whose
-# sparsemixer weighs each of its two selections on its own (below)
+# DeepSeek-V2, whose router (transformers 5.23) never renormalises, whatever its config's flag, Phi-3.5-MoE, whose
+# sparsemixer weighs each of its two selections on its own (below), and Llama-4, whose router (Llama4Router) gives
+# each of its top-k logits its own sigmoid (the weights of k experts sum to anything in (0, k))
 _RENORMALISED_TOP_K = ("mixtral", "qwen3_5_moe_text", "ernie4_5_moe", "gpt_oss", "granitemoe")
-_NEVER_RENORMALISED_TOP_K = ("deepseek_v2", "phimoe")
+_NEVER_RENORMALISED_TOP_K = ("deepseek_v2", "phimoe", "llama4_text")
+
+# the families whose routing weight scales the routed expert's input instead of its output: transformers' Llama-4
+# block (Llama4TextMoe, 5.23) multiplies each token by its score before the experts, so a token's routed output is
+# Σ_e expert_e(s_e · x), not Σ_e s_e · expert_e(x) (a SwiGLU expert is not linear in its input: the two differ). Its
+# block runs every token through every expert (a score of 0 where not chosen, sigmoid(-inf)); fedmoe's block forward
+# (MoEModel) routes the chosen (token, expert) pairs to its expert path instead, which scales their input
+# (ExpertsWithLoRA.scale_input); FLEx's grafted expert does the same with its gate (fedmoe.algorithms.flex)
+SCALES_EXPERT_INPUT_ARCHITECTURES = ("llama4_text",)
+
+
+def scales_expert_input(model_type: str) -> bool:
+    """Whether this family's routing weight multiplies the routed expert's input (Llama-4: expert(w·x)) rather than
+    its output (every other family: w·expert(x))."""
+    return model_type in SCALES_EXPERT_INPUT_ARCHITECTURES
 
 # the families whose router chooses by sparsemixer (Phi-3.5-MoE's PhimoeTopKRouter, transformers 5.23): two
 # selections in turn, each the largest logit among those not yet chosen (in training a Gumbel draw among the logits
@@ -157,7 +180,8 @@ def renormalises_top_k(config) -> bool:
     """Whether this model's top-k routing weights have the same sum at any k: with fewer experts a token's
     routed output then keeps its scale (each expert weighs more) instead of shrinking as it does where the
     weights are the full softmax's probabilities (OLMoE, Qwen2-MoE, DeepSeek-V2-Lite: norm_topk_prob false) or each
-    selection's own (Phi-3.5-MoE's sparsemixer: at k = 1 the first of its two weights, about half the sum)."""
+    selection's own (Phi-3.5-MoE's sparsemixer: at k = 1 the first of its two weights, about half the sum; Llama-4's
+    sigmoid of each chosen logit)."""
     model_type = getattr(config, "model_type", None)
     if model_type in _NEVER_RENORMALISED_TOP_K:
         return False
@@ -165,14 +189,14 @@ def renormalises_top_k(config) -> bool:
 
 
 def router_attr(model_type: str) -> str:
-    """The MoE block's attribute that holds the router: ``gate``, or gpt-oss's, Granite-MoE's and Phi-3.5-MoE's
-    ``router``."""
+    """The MoE block's attribute that holds the router: ``gate``, or gpt-oss's, Granite-MoE's, Phi-3.5-MoE's and
+    Llama-4's ``router``."""
     return _ROUTER_ATTRS.get(model_type, "gate")
 
 
 def moe_block_attr(model_type: str) -> str:
     """The decoder layer's attribute that holds the MoE block: ``mlp``, Granite-MoE's ``block_sparse_moe``,
-    LFM2-MoE's ``feed_forward`` (also the names in their parameters and adapters: ``…layers.N.<attr>.experts``)."""
+    LFM2-MoE's and Llama-4's ``feed_forward`` (also the names in their parameters and adapters: ``…layers.N.<attr>.experts``)."""
     return _MOE_BLOCK_ATTRS.get(model_type, "mlp")
 
 
@@ -204,7 +228,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     """Every sparse MoE block in decoder order. Dense layers (DeepSeek's first_k_dense_replace,
-    Qwen's mlp_only_layers, LFM2-MoE's num_dense_layers) are skipped; a model with no MoE block at all is an
+    Qwen's mlp_only_layers, LFM2-MoE's num_dense_layers, the layers not in Llama-4's moe_layers) are skipped; a model with no MoE block at all is an
     error."""
     model_type = model_type_of(model)
     check_supported(model_type)
@@ -250,6 +274,7 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
                 router_attr=rattr,
                 block_attr=battr,
                 form=form,
+                scales_input=scales_expert_input(model_type),
             )
         )
     if not found:

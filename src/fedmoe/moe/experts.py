@@ -12,7 +12,10 @@ transformers v5 holds every supported family's routed experts as two stacked ten
   ``(up + 1) * gate * sigmoid(alpha * gate)`` (``swiglu_limit`` 7.0, ``swiglu_alpha`` 1.702).
 
 transformers marks the first three on the module (``is_transposed``, ``is_concatenated``, ``has_bias``: set by its
-``use_experts_implementation``); the activation is the family's own (``GptOssExperts._apply_gate``).
+``use_experts_implementation``); the activation is the family's own (``GptOssExperts._apply_gate``). Llama-4's
+``Llama4TextExperts`` is not built that way and carries no marks, but is transposed too: (E, H, 2I) and (E, I, H),
+multiplied as ``torch.bmm(x, W)``, gate | up halves, no biases, ``down(act(gate) * up)``
+(:data:`UNMARKED_TRANSPOSED_EXPERTS`).
 :class:`ExpertForm` holds these facts for one experts module. fedmoe's expert forward (the per-expert loop, the
 grouped path, FLEx's grafts and its scoring), its quantization and its exports read the stacks through it. A LoRA
 pair on ``gate_up_proj`` is a map H -> 2I whose outputs are in the stored order (interleaved for gpt-oss), as
@@ -28,6 +31,9 @@ import torch.nn.functional as F
 
 # the families whose experts compute the clamped SwiGLU (their module holds ``limit`` and ``alpha``)
 CLAMPED_SWIGLU_ARCHITECTURES = ("gpt_oss",)
+# transformers' fused experts modules that hold their stacks (E, in, out) without an ``is_transposed`` mark (they are
+# not built by use_experts_implementation), by class name: Llama-4's (transformers 5.23), which has no config to tell
+UNMARKED_TRANSPOSED_EXPERTS = ("Llama4TextExperts",)
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,8 @@ def expert_form(experts) -> ExpertForm:
     experts = getattr(experts, "base", experts)
     model_type = getattr(getattr(experts, "config", None), "model_type", None)
     clamped = model_type in CLAMPED_SWIGLU_ARCHITECTURES
-    return ExpertForm(transposed=bool(getattr(experts, "is_transposed", False)),
+    transposed = bool(getattr(experts, "is_transposed", False)) or type(experts).__name__ in UNMARKED_TRANSPOSED_EXPERTS
+    return ExpertForm(transposed=transposed,
                       interleaved=not bool(getattr(experts, "is_concatenated", True)),
                       bias=bool(getattr(experts, "has_bias", False)),
                       limit=float(experts.limit) if clamped else None,
@@ -113,4 +120,4 @@ def expert_biases(experts, form: ExpertForm) -> tuple[torch.Tensor | None, torch
     return experts.gate_up_proj_bias, experts.down_proj_bias
 
 
-__all__ = ["CLAMPED_SWIGLU_ARCHITECTURES", "STANDARD", "ExpertForm", "expert_biases", "expert_form"]
+__all__ = ["CLAMPED_SWIGLU_ARCHITECTURES", "STANDARD", "UNMARKED_TRANSPOSED_EXPERTS", "ExpertForm", "expert_biases", "expert_form"]

@@ -368,6 +368,10 @@ class ExpertsWithLoRA(nn.Module):
       down_lora_A (E, r, I), down_lora_B (E, H, r)
     ``output_scale`` (optional, :meth:`MoEModel.add_output_scale`) multiplies the routed output.
 
+    ``scale_input``: the routing weight multiplies each routed row before its expert, expert(w·x), where the family's
+    block does so (Llama-4: :func:`fedmoe.moe.arch.scales_expert_input`); otherwise the expert's output, w·expert(x).
+    The LoRA then sees the scaled rows, as it would inside a merged weight.
+
     The stacks are read as the family holds them (``self.form``, :mod:`fedmoe.moe.experts`): gpt-oss's
     are transposed, interleave the gate's and the up's outputs, carry biases (gathered per routed row on the
     grouped path) and compute a clamped SwiGLU; its LoRA tensors have the same shapes as every family's,
@@ -385,9 +389,11 @@ class ExpertsWithLoRA(nn.Module):
         dropout: float = 0.0,
         lora_experts: list[int] | None = None,
         layout: str = "fused",
+        scale_input: bool = False,
     ):
         super().__init__()
         self.base = base
+        self.scale_input = scale_input
         self.layer_index = layer_index
         self.tracker = tracker
         # how the family's experts hold and compute their weights (gpt-oss: transposed, interleaved, biased,
@@ -492,6 +498,8 @@ class ExpertsWithLoRA(nn.Module):
         # depends on thread timing; index_select's backward (index_add_) is deterministic.
         x_sorted = hidden_states.index_select(0, token_of_slot)
         w_sorted = top_k_weights.reshape(-1).index_select(0, order)
+        if self.scale_input:  # Llama-4: each routed row times its weight before the expert, in the rows' dtype
+            x_sorted = x_sorted * w_sorted[:, None].to(x_sorted.dtype)
         compute = self._compute_dtype(hidden_states)
         # a plan takes the grouped path where torch can trace it on fake tensors (bf16 only), so its
         # count is of what the run keeps (the per-expert loop under autocast keeps each cast weight)
@@ -501,7 +509,9 @@ class ExpertsWithLoRA(nn.Module):
             y_sorted = self._experts_grouped(x_sorted.to(compute), counts)
         else:
             y_sorted = self._experts_loop(x_sorted, count_list if count_list is not None else counts.tolist())
-        y_sorted = (y_sorted * w_sorted[:, None].to(y_sorted.dtype)).to(hidden_states.dtype)
+        if not self.scale_input:
+            y_sorted = y_sorted * w_sorted[:, None].to(y_sorted.dtype)
+        y_sorted = y_sorted.to(hidden_states.dtype)
         if self.combine == "gather":
             out = self._gather_sum(y_sorted, order, k, rows, hidden_states)
         else:

@@ -22,7 +22,7 @@ def lm_logits(model, hidden):
 
 def load_balancing_loss(config):
     """The family's own load-balancing loss function in transformers (``load_balancing_loss_func`` of the module
-    that defines its causal LM), or None where it ships none (DeepSeek-V2, -V3, GLM, LFM2-MoE)."""
+    that defines its causal LM), or None where it ships none (DeepSeek-V2, -V3, GLM, LFM2-MoE, Llama-4)."""
     from importlib import import_module
 
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -34,7 +34,7 @@ def load_balancing_loss(config):
 def no_aux_loss(model_type: str) -> str:
     """Why ``train.aux_loss`` cannot be on for this family."""
     return (f"train.aux_loss: true, but {model_type} has no load-balancing loss in transformers (DeepSeek-V2, -V3, "
-            "GLM and LFM2-MoE ship none): set train.aux_loss: false")
+            "GLM, Llama-4 and LFM2-MoE ship none): set train.aux_loss: false")
 
 
 def labelled_token_loss(model, input_ids, attention_mask, labels, output_router_logits: bool = False):

@@ -7,6 +7,7 @@ A single base model in memory serves every client: a client's state (LoRA, resca
 from __future__ import annotations
 
 import json
+import types
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -118,10 +119,35 @@ def builtin_model_path(name_or_path: str) -> Path | None:
 CONFIG_ARCHITECTURES = SUPPORTED_ARCHITECTURES + ("deepseek",)
 
 
+def _number_as_flag(v):
+    """A number where a flag is now expected, read as a number-valued flag was (> 0); anything else unchanged."""
+    return v > 0 if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+# config values that older transformers wrote and transformers 5.23's typed configs refuse, by model_type: key -> how
+# the old value reads. Llama-4's attn_temperature_tuning was a number in the configs transformers 4.51 saved (the hub's
+# Llama-4 configs hold 4; 4.51 tested it as > 0), a bool since: 5.23 refuses the int ("Field 'attn_temperature_tuning'
+# expected bool, got int"), in AutoConfig, from_pretrained and AutoTokenizer alike
+_LEGACY_VALUES = {"llama4_text": {"attn_temperature_tuning": _number_as_flag}}
+
+
+def _legacy_values(d: dict) -> dict:
+    """``d`` (a config.json's dict) with the old values of :data:`_LEGACY_VALUES` read as the transformers that wrote
+    them read them, in a vision-language checkpoint's ``text_config`` too; ``d`` itself is left as it is."""
+    def fixed(sub: dict) -> dict:
+        rules = _LEGACY_VALUES.get(sub.get("model_type"), {})
+        return {k: rules[k](v) if k in rules else v for k, v in sub.items()}
+
+    d = fixed(d)
+    if isinstance(d.get("text_config"), dict):
+        d["text_config"] = fixed(d["text_config"])
+    return d
+
+
 def _config_from_dict(d: dict, source: str):
     from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
-    d = dict(d)
+    d = _legacy_values(d)
     model_type = d.pop("model_type", None)
     if not model_type:
         raise UnsupportedModelError(f"{source}: the config has no 'model_type'")
@@ -131,7 +157,13 @@ def _config_from_dict(d: dict, source: str):
             config = AutoConfig.for_model(model_type, **d)
             text = config.get_text_config(decoder=True)
             if model_type not in CONFIG_ARCHITECTURES and getattr(text, "model_type", None) in CONFIG_ARCHITECTURES:
-                return text  # a vision-language checkpoint (Qwen3.5): its language model, as AutoModelForCausalLM loads
+                # a vision-language checkpoint (Qwen3.5, Llama-4's llama4): its language model, as AutoModelForCausalLM
+                # loads it, with the checkpoint's quantization_config (as AutoModelForCausalLM carries it over: a
+                # Llama-4 given to from_pretrained as this config must load its weights as stored)
+                quantization = getattr(config, "quantization_config", None)
+                if quantization is not None and getattr(text, "quantization_config", None) is None:
+                    text.quantization_config = quantization
+                return text
             return config
         if model_type == "deepseek":  # DeepSeekMoE v1: remote code only; a generic config carries its keys
             return PretrainedConfig(model_type=model_type, **d)
@@ -141,9 +173,9 @@ def _config_from_dict(d: dict, source: str):
     )
 
 
-def load_model_config(model_or_config: str):
-    """A transformers config from a config.json path, a folder holding config.json,
-    ``builtin:<name>``, or a hub id (read from the local cache when offline)."""
+def _read_config(model_or_config: str):
+    """(the config.json's dict, where it was read), or (a built-in's config object, its name) for a built-in built
+    from its config: :func:`load_model_config`'s reading."""
     s = str(model_or_config)
     if s.startswith(BUILTIN_PREFIX):
         key = s[len(BUILTIN_PREFIX):]
@@ -152,7 +184,7 @@ def load_model_config(model_or_config: str):
                                         + ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS))
         folder = builtin_model_path(s)
         if folder is None:
-            return BUILTIN_MODELS[key]()
+            return BUILTIN_MODELS[key](), s
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"the built-in model '{s}' has no config.json in {folder}; rebuild it with "
                                     "`fedmoe pretrain configs/pretrain-tiny-moe.yaml`")
@@ -164,10 +196,9 @@ def load_model_config(model_or_config: str):
             raise FileNotFoundError(f"{p.parent} is a folder without a config.json")
     if p.is_file():
         try:
-            d = json.loads(p.read_text())
+            return json.loads(p.read_text()), str(p)
         except json.JSONDecodeError as e:
             raise ValueError(f"{p}: not a JSON config ({e})") from None
-        return _config_from_dict(d, str(p))
     # a hub id: the raw dict (works for remote-code configs too, e.g. DeepSeekMoE v1)
     from transformers import PretrainedConfig
 
@@ -180,7 +211,29 @@ def load_model_config(model_or_config: str):
             "(HF_HUB_OFFLINE=1) only models in the local Hugging Face cache load: download it while online, or give a "
             "local model folder (or its config.json) instead"
         ) from None
-    return _config_from_dict(d, s)
+    return d, s
+
+
+def load_model_config(model_or_config: str):
+    """A transformers config from a config.json path, a folder holding config.json,
+    ``builtin:<name>``, or a hub id (read from the local cache when offline). Of a vision-language checkpoint
+    (Llama-4's, Qwen3.5's) the config of its language model, the model fedmoe loads."""
+    d, source = _read_config(model_or_config)
+    return _config_from_dict(d, source) if isinstance(d, dict) else d
+
+
+def vision_language_type(model_or_config: str) -> str | None:
+    """The ``model_type`` of a vision-language checkpoint of which fedmoe loads the language model alone (Llama-4's
+    ``llama4``, Qwen3.5's ``qwen3_5_moe``: AutoModelForCausalLM's text model, no vision tower), else None (also where
+    the config cannot be read)."""
+    try:
+        d, _ = _read_config(model_or_config)
+    except Exception:  # noqa: BLE001 - not readable here: nothing to say about it
+        return None
+    if not isinstance(d, dict) or not isinstance(d.get("text_config"), dict):
+        return None
+    model_type = d.get("model_type")
+    return model_type if model_type not in CONFIG_ARCHITECTURES else None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -211,6 +264,7 @@ def load_tokenizer(name_or_path: str):
     there (a model folder without tokenizer files: transformers' "Couldn't instantiate the backend tokenizer"),
     or that is built empty (transformers builds some families' tokenizers from nothing, and they encode text to
     no ids), is a :class:`ModelLoadError` naming the folder or id and ``model.tokenizer``."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoTokenizer
 
     def unusable(cause: str) -> ModelLoadError:
@@ -226,7 +280,10 @@ def load_tokenizer(name_or_path: str):
         tok = AutoTokenizer.from_pretrained(str(builtin_asset("tokenizers/olmoe")))
     else:
         try:
-            tok = AutoTokenizer.from_pretrained(name_or_path)
+            try:
+                tok = AutoTokenizer.from_pretrained(name_or_path)
+            except StrictDataclassError:  # AutoTokenizer reads the model's config too: a value transformers now refuses
+                tok = AutoTokenizer.from_pretrained(name_or_path, config=load_model_config(name_or_path))
         except (ValueError, OSError) as e:
             said = " ".join(str(e).split())
             raise unusable("transformers could not build its tokenizer from the files there" if "backend tokenizer" in said
@@ -262,13 +319,18 @@ def pretrained_kwargs(name_or_path: str, dtype: str = "float32", attn_implementa
     hub) ``Mxfp4Config(dequantize=True)``: its experts dequantized into ``dtype`` while loading, the fused
     tensors fedmoe's expert path (and its own ``model.quantization``) works on. Without it transformers
     keeps them in MXFP4 where the ``kernels`` package and Triton are installed on a GPU (packed uint8 stacks
-    of another module, for inference only) and dequantizes them elsewhere."""
+    of another module, for inference only) and dequantizes them elsewhere. A family whose hub configs hold values
+    transformers now refuses (Llama-4's, :data:`_LEGACY_VALUES`) gets ``config``: fedmoe's reading of it, its
+    language model's config for a vision-language checkpoint, which is what AutoModelForCausalLM builds from it
+    (transformers' own reading refuses it)."""
     kw = {"dtype": _DTYPES[dtype], "attn_implementation": attn_implementation}
     try:
         config = load_model_config(name_or_path)
     except Exception:  # noqa: BLE001 - from_pretrained then says what is wrong with the name or folder
         return kw
     kw["attn_implementation"] = attention_for(getattr(config, "model_type", None), attn_implementation)
+    if getattr(config, "model_type", None) in _LEGACY_VALUES:
+        kw["config"] = config
     if is_mxfp4(config):
         from transformers import Mxfp4Config
 
@@ -310,6 +372,29 @@ def _first_selections(router, args, output):
     return (logits, weights[..., :k], experts[..., :k]) if k < weights.shape[-1] else output
 
 
+def _routed_llama4_forward(block, hidden_states):
+    """``Llama4TextMoe.forward`` (transformers 5.23) with its experts on the routed tokens only (fedmoe's expert path,
+    ExpertsWithLoRA: LoRA, counting, padding skipped, FLAME's k_i and rescaler). transformers' block scatters the
+    router's top-k scores — each the sigmoid of its logit, not renormalised — into an (T, E) table (0 elsewhere:
+    sigmoid(-inf)), multiplies every token by each expert's score and runs all E experts on all T tokens
+    (``routed_in = x.repeat(E, 1) * scores``); an expert given 0 returns 0 (no biases, silu(0) = 0), so that equals
+    Σ_{e ∈ top-k} expert_e(s_e · x), which the routed path computes (its ``scale_input``). The top-k experts are the
+    router's own: the same ``torch.topk`` of the logits it returns (through router LoRA too), their weights its
+    scores there. Returns (shared expert + routed, router logits) as the block does (the logits feed transformers'
+    router-logit outputs)."""
+    x = hidden_states.reshape(-1, block.hidden_dim)
+    router = block.router
+    scores, logits = router(x)
+    index = torch.topk(logits, router.top_k, dim=1).indices
+    routed = block.experts(x, index, scores.gather(1, index))
+    return block.shared_expert(x) + routed, logits
+
+
+# the families whose transformers MoE block does not hand its experts the routing (experts(hidden, index, weights)):
+# its forward is replaced by one that does, on each block (a bound method: the block's hooks still fire)
+_ROUTED_BLOCK_FORWARDS = {"llama4_text": _routed_llama4_forward}
+
+
 class MoEModel:
     """A Hugging Face MoE causal LM with fedmoe's adapters, top-k control and activation counting."""
 
@@ -334,7 +419,12 @@ class MoEModel:
         # Wrap every experts module once, so counting works with or without expert LoRA.
         for layer in self.layers:
             if not isinstance(layer.block.experts, ExpertsWithLoRA):
-                layer.block.experts = ExpertsWithLoRA(layer.experts, layer.index, self.tracker)
+                layer.block.experts = ExpertsWithLoRA(layer.experts, layer.index, self.tracker,
+                                                      scale_input=layer.scales_input)
+        routed_forward = _ROUTED_BLOCK_FORWARDS.get(self.model_type)
+        if routed_forward is not None:  # Llama-4: its block runs every expert on every token; fedmoe routes them
+            for layer in self.layers:
+                layer.block.forward = types.MethodType(routed_forward, layer.block)
         # the experts see the attention mask of every forward (they route only the real tokens)
         decoder = getattr(model, "model", model)
         tracker = self.tracker
@@ -431,7 +521,7 @@ class MoEModel:
                                                   rank=rank, alpha=alpha, targets=tuple(targets),
                                                   dropout=dropout,
                                                   lora_experts=None if experts is None else experts[layer.index],
-                                                  layout=layout)
+                                                  layout=layout, scale_input=layer.scales_input)
 
     def add_router_lora(self, rank: int, alpha: float) -> None:
         """LoRA on every MoE layer's router weight (E, H) (:class:`RouterWithLoRA`; parameters

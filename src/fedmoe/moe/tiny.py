@@ -106,4 +106,14 @@ def tiny_config(arch: str, vocab_size: int = 128, num_experts: int = 8, top_k: i
         return tf.PhimoeConfig(**common, intermediate_size=intermediate_size, num_local_experts=num_experts,
                                num_experts_per_tok=top_k, attention_bias=True, lm_head_bias=True,
                                input_jitter_noise=0.01, router_jitter_noise=0.2)
+    if arch == "llama4_text":  # Llama-4 (its language model): as Maverick, a dense layer (intermediate_size_mlp wide)
+        # before each MoE one (interleave_moe_layer_step 2: twice num_layers decoder layers); a shared expert beside
+        # the routed ones; the sigmoid top-k router scaling the experts' input; RoPE layers with chunked attention
+        # (chunks of 4 tokens) and L2 q/k norms, every fourth layer NoPE with attention temperature tuning acting
+        # from position 2 (floor_scale 2, where the real models' 8192 would leave a short sequence alone)
+        return tf.Llama4TextConfig(**dict(common, num_hidden_layers=2 * num_layers), head_dim=8,
+                                   intermediate_size=intermediate_size, intermediate_size_mlp=3 * intermediate_size,
+                                   num_local_experts=num_experts, num_experts_per_tok=top_k, interleave_moe_layer_step=2,
+                                   attention_chunk_size=4, use_qk_norm=True, attn_temperature_tuning=True,
+                                   floor_scale=2, attn_scale=0.1)
     raise ValueError(f"no tiny config for '{arch}'")
