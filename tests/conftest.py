@@ -3,11 +3,14 @@
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the hub: everything it loads ships with fedmoe
-# the processes a test starts (python -m fedmoe.cli, in the test's own directory) import this checkout's fedmoe: a
-# relative PYTHONPATH=src means another folder there, and they would import whichever fedmoe the environment has
-# installed (from a git worktree: the main checkout's, a test of other code than this one)
+# the processes a test starts (python -m fedmoe.cli, in the test's own directory) import the fedmoe this process
+# imports: a relative PYTHONPATH=src would mean another folder there, and they would import whichever fedmoe the
+# environment has installed (from a git worktree: the main checkout's, a test of other code than this one). Its
+# entries are made absolute; without one, this checkout's src comes first (an explicit absolute one is kept first:
+# a copy of src with a planted mistake stays the code under test)
 _SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-os.environ["PYTHONPATH"] = os.pathsep.join([_SRC, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+_PATHS = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+os.environ["PYTHONPATH"] = os.pathsep.join(_PATHS or [_SRC])
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test`: two workers on two cores. One thread each (and in every process a test starts, which
     # inherits the variable), so the workers' matmuls do not oversubscribe the cores.
