@@ -108,7 +108,7 @@ def test_the_change_row_says_it_measures_the_clients_own_models():
 def test_runs_scored_on_different_test_data_are_said_to_differ(runs, tmp_path):
     """Runs whose test examples or scoring differ (here data.max_test_per_client and eval.max_new_tokens) are
     compared with a line naming each such setting and its values; runs that differ only in the method get none."""
-    from fedmoe.report.compare import scoring_differences
+    from fedmoe.report.compare import Run, format_comparison, scoring_differences
 
     root = tmp_path / "other"
     run_federated(load_config(None, TINY + ["data.max_test_per_client=3", "eval.max_new_tokens=5", "federation.rounds=1",
@@ -119,3 +119,11 @@ def test_runs_scored_on_different_test_data_are_said_to_differ(runs, tmp_path):
     table, _ = compare_runs([runs["fedit"][1], root / "more"], tmp_path / "b")
     assert ("Not like for like: these runs were scored on different test data or scoring (data.max_test_per_client: "
             "2 | 3; eval.max_new_tokens: 32 | 5)") in table
+    # runs that differ only in their seed (a seed study): said so, as the draw of the test split, not as a mismatch
+    seeds = [Run(f"s{i}", Path(f"s{i}"), {"seed": i, "data": {"source": "dolly"}}, [], None) for i in (0, 1)]
+    table = format_comparison(seeds)
+    assert "Seeds differ (seed: 0 | 1): each run's seed also drew its partition and test split" in table
+    assert "Not like for like" not in table
+    seeds[1].config["data"]["source"] = "alpaca"  # a seed and another setting: not like for like, both named
+    assert "Not like for like: these runs were scored on different test data or scoring (data.source: \"dolly\" | " \
+           "\"alpaca\"; seed: 0 | 1)" in format_comparison(seeds)

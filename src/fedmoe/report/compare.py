@@ -180,7 +180,10 @@ def format_comparison(runs: list[Run]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(runs)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     differ = scoring_differences(runs)
-    if differ:
+    if differ and all(d.startswith("seed: ") for d in differ):  # a seed study: a spread that includes the split's
+        lines += ["", f"Seeds differ ({differ[0]}): each run's seed also drew its partition and test split, so their "
+                  "test numbers differ by the test examples as well as by training."]
+    elif differ:
         lines += ["", "Not like for like: these runs were scored on different test data or scoring ("
                   + "; ".join(differ) + "), so their test numbers differ by that too."]
     return "\n".join(lines)
