@@ -398,7 +398,7 @@ def test_every_architecture_trains_federated_and_exports(arch, tmp_path):
         torch.testing.assert_close(got[k], w, rtol=0, atol=1e-6)
 
 
-def test_export_notes_say_what_differs_from_the_run():
+def test_export_notes_say_what_differs_from_the_run(tmp_path):
     """A quantized run's adapters on the full-precision base, the dtype to load a PEFT base in, and vLLM's
     latent attention that never applies kv_b_proj's LoRA: each said where it applies, and only there."""
     from helpers import tiny_hf
@@ -427,3 +427,16 @@ def test_export_notes_say_what_differs_from_the_run():
         mm = MoEModel(tiny_hf(arch))
         mm.add_attention_lora(4, 8.0, targets)
         assert export_notes(plain, "vllm", mm) == []
+    # a Qwen3.5 vision-language base: fedmoe trained its language model; vLLM serves the adapter on the
+    # vision-language class with --enable-mixed-moe-lora-format (README), which PEFT's form does not apply to
+    import transformers
+
+    vl = tmp_path / "qwen35-vl"
+    vl.mkdir()
+    (vl / "config.json").write_text(json.dumps(transformers.Qwen3_5MoeConfig(
+        text_config=tiny_hf("qwen3_5_moe_text").config.to_dict()).to_dict()))
+    base = load_config(None, [f"model.name={vl}"])
+    said = {form: " ".join(n for n in export_notes(base, form, mm) if "vision-language checkpoint" in n)
+            for form in ("vllm", "peft", "merged")}
+    assert "--enable-mixed-moe-lora-format" in said["vllm"] and "not to the checkpoint's" not in said["vllm"]
+    assert "not to the checkpoint's vision-language class" in said["peft"] and "not images" in said["merged"]

@@ -26,6 +26,7 @@ from helpers import loaded_model, randomise_, tiny_hf, token_batch, whole_and_re
 
 from fedmoe.eval.flops import count_flops
 from fedmoe.moe import MoEModel, TopKError
+from fedmoe.moe.arch import UnsupportedModelError
 from fedmoe.moe.arch import renormalises_top_k, scales_expert_input
 from fedmoe.moe.model import load_model_config, load_tokenizer, vision_language_type
 from fedmoe.moe.tiny import tiny_config
@@ -315,7 +316,7 @@ def test_published_sizes_of_scout_and_maverick():
     """Meta's cards: Scout 109B total / 17B active, Maverick 400B / 17B. From their config.json (benchmarks/
     model-configs) fedmoe counts the language model it loads: Scout 107.77B / 17.17B, Maverick 400.71B / 17.18B, equal
     to the meta model and to a hand count; the vision tower and projector (0.87B, the vision-language model on the
-    meta device) make the whole checkpoint 108.64B and 401.58B: the cards' totals, rounded."""
+    meta device) make the whole checkpoint 108.64B and 401.58B: the cards' 109B and (their round) 400B."""
     from transformers import AutoConfig, AutoModelForCausalLM, Llama4ForConditionalGeneration
 
     H, I, I_mlp, V, L = 5120, 8192, 16384, 202048, 48
@@ -415,6 +416,30 @@ def test_a_vision_language_checkpoint_loads_its_language_model_and_exports_merge
     notes = export_notes(client.cfg, "merged", client.mm)
     assert any("vision-language checkpoint (llama4)" in n and "not images" in n for n in notes)
     assert any("--merged" in w and "get_expert_mapping" in w for w in vllm_blockers(client.mm, client.cfg))
+    # an attention-only client has a PEFT form: written (PEFT's embedding check would re-read the stored config with
+    # transformers' strict reader, which refuses it), and applied to the base read with fedmoe's config it gives the
+    # client's logits; the note says to read the base that way
+    import peft
+
+    from fedmoe.export import LoadedModel, write_peft
+
+    attention = MoEModel.from_pretrained(str(folder))
+    attention.add_attention_lora(4, 8.0)
+    randomise_(attention, scale=0.1)
+    attention.model.eval()
+    write_peft(LoadedModel(client.cfg, attention, None, client.message, {}, "a test's model"), tmp_path / "p")
+    base = AutoModelForCausalLM.from_pretrained(folder, config=load_model_config(str(folder)))
+    applied = peft.PeftModel.from_pretrained(base, tmp_path / "p").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(applied(ids).logits, attention.model(ids).logits, rtol=0, atol=1e-5)
+    peft_notes = export_notes(client.cfg, "peft", attention)
+    assert any("attn_temperature_tuning" in n and "config=fedmoe.moe.model.load_model_config(base)" in n
+               for n in peft_notes)
+    assert not any("attn_temperature_tuning" in n for n in notes)  # said of the PEFT form, which loads the base
+    # a checkpoint stored quantized (here FP8) is refused before transformers builds other expert modules from it
+    (tmp_path / "fp8" / "model.safetensors").symlink_to(folder / "model.safetensors")
+    with pytest.raises(UnsupportedModelError, match="stored quantized .*fbgemm_fp8.*model.quantization"):
+        MoEModel.from_pretrained(str(tmp_path / "fp8"))
 
 
 def test_a_federated_run_on_the_checkpoint_resumes_exactly(tmp_path):

@@ -47,8 +47,8 @@ from .rundir import load_tensor_file, ordinary_permissions
 from .moe import MoEModel
 from .moe.arch import SPARSEMIXER_ARCHITECTURES, moe_block_attr
 from .moe.lora import ExpertsWithLoRA, LoRALinear, RouterWithLoRA, expert_lora_pairs
-from .moe.model import (BUILTIN_PREFIX, EXPORT_MARKER, builtin_model_path, load_model_config, load_tokenizer,
-                        vision_language_type)
+from .moe.model import (BUILTIN_PREFIX, EXPORT_MARKER, builtin_model_path, legacy_values_in, load_model_config,
+                        load_tokenizer, vision_language_type)
 
 EXPORT_FILE = EXPORT_MARKER
 _STATE = "state.safetensors"
@@ -332,7 +332,9 @@ def write_peft(loaded: LoadedModel, out: Path) -> None:
                 w.lora_A["default"].weight.copy_(pa)
                 w.lora_B["default"].weight.copy_(pb)
     peft_model.peft_config["default"].base_model_name_or_path = _base_source(cfg)
-    peft_model.save_pretrained(out)
+    # fedmoe trains no embedding: PEFT's "auto" check of them re-reads the base's config with transformers' strict
+    # reader, which refuses the values of older configs fedmoe reads (Llama-4's attn_temperature_tuning: 4)
+    peft_model.save_pretrained(out, save_embedding_layers=False)
     load_tokenizer(cfg.model.tokenizer or cfg.model.name).save_pretrained(out)
 
 
@@ -594,7 +596,17 @@ def export_notes(cfg, form: str, mm: MoEModel | None = None) -> list[str]:
                      "or projector); " + ("this merged model is that language model: it reads text, not images"
                                           if form == "merged" else
                                           "this adapter applies to that language model, not to the checkpoint's "
-                                          "vision-language class"))
+                                          "vision-language class" if form == "peft" else
+                                          "its keys name that language model's modules (vLLM serves them on the "
+                                          "vision-language class when started with --enable-mixed-moe-lora-format)"))
+    legacy = legacy_values_in(cfg.model.name) if form == "peft" else []
+    if legacy:
+        import transformers
+
+        notes.append(f"transformers {transformers.__version__} refuses this base's config as stored (values an older "
+                     "transformers wrote: " + ", ".join(legacy) + "): load the base with "
+                     "config=fedmoe.moe.model.load_model_config(base), which reads them as that transformers did, "
+                     "before applying this adapter")
     if any(n.endswith(("q_proj", "k_proj", "v_proj")) for n in adapted) and mm.model_type == "flex_olmo":
         notes.append("SGLang (0.5.23) serves FlexOlmo through its Transformers backend, which drops q/k/v LoRA "
                      "without a word; vLLM applies it. For SGLang, train with lora.attention_targets: [o_proj], or "

@@ -120,22 +120,37 @@ CONFIG_ARCHITECTURES = SUPPORTED_ARCHITECTURES + ("deepseek",)
 
 
 def _number_as_flag(v):
-    """A number where a flag is now expected, read as a number-valued flag was (> 0); anything else unchanged."""
-    return v > 0 if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+    """A number where a flag is now expected, read as a number-valued flag was (its truth: 0 false, any other true);
+    anything else unchanged."""
+    return bool(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
 # config values that older transformers wrote and transformers 5.23's typed configs refuse, by model_type: key -> how
-# the old value reads. Llama-4's attn_temperature_tuning was a number in the configs transformers 4.51 saved (the hub's
-# Llama-4 configs hold 4; 4.51 tested it as > 0), a bool since: 5.23 refuses the int ("Field 'attn_temperature_tuning'
-# expected bool, got int"), in AutoConfig, from_pretrained and AutoTokenizer alike
-_LEGACY_VALUES = {"llama4_text": {"attn_temperature_tuning": _number_as_flag}}
+# the old value reads. Llama-4's attn_temperature_tuning was a number in configs transformers 4.51 saved (some Llama-4
+# configs in use hold 4: a 4.51 dump of Scout's, fine-tuned Scouts'; 4.51 tested its truth, `if
+# self.attn_temperature_tuning and not self.use_rope`), a bool since: 5.23 refuses the int ("Field
+# 'attn_temperature_tuning' expected bool, got int"), in AutoConfig, from_pretrained and AutoTokenizer alike
+LEGACY_CONFIG_VALUES = {"llama4_text": {"attn_temperature_tuning": _number_as_flag}}
+
+
+def legacy_values_in(model_or_config: str) -> list[str]:
+    """The keys of a model's stored config that hold a value of :data:`LEGACY_CONFIG_VALUES` transformers now refuses
+    (read as the transformers that wrote them did); [] also where the config cannot be read."""
+    try:
+        d, _ = _read_config(model_or_config)
+    except Exception:  # noqa: BLE001 - not readable here: nothing to say about it
+        return []
+    subs = [d, d.get("text_config")] if isinstance(d, dict) else []
+    return sorted(k for sub in subs if isinstance(sub, dict)
+                  for k, rule in LEGACY_CONFIG_VALUES.get(sub.get("model_type"), {}).items()
+                  if k in sub and rule(sub[k]) is not sub[k])
 
 
 def _legacy_values(d: dict) -> dict:
-    """``d`` (a config.json's dict) with the old values of :data:`_LEGACY_VALUES` read as the transformers that wrote
+    """``d`` (a config.json's dict) with the old values of :data:`LEGACY_CONFIG_VALUES` read as the transformers that wrote
     them read them, in a vision-language checkpoint's ``text_config`` too; ``d`` itself is left as it is."""
     def fixed(sub: dict) -> dict:
-        rules = _LEGACY_VALUES.get(sub.get("model_type"), {})
+        rules = LEGACY_CONFIG_VALUES.get(sub.get("model_type"), {})
         return {k: rules[k](v) if k in rules else v for k, v in sub.items()}
 
     d = fixed(d)
@@ -306,11 +321,29 @@ def attention_for(model_type: str | None, requested: str) -> str:
     return "eager" if requested == "sdpa" and model_type in EAGER_ONLY_ARCHITECTURES else requested
 
 
-def is_mxfp4(config) -> bool:
-    """Whether a config is of a checkpoint whose experts are stored in MXFP4 (gpt-oss on the hub)."""
+def _quant_method(config) -> str | None:
+    """The ``quant_method`` of a config's ``quantization_config`` (a checkpoint stored quantized), or None."""
     q = getattr(config, "quantization_config", None)
     method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
-    return method is not None and str(getattr(method, "value", method)) == "mxfp4"
+    return None if method is None else str(getattr(method, "value", method))
+
+
+def is_mxfp4(config) -> bool:
+    """Whether a config is of a checkpoint whose experts are stored in MXFP4 (gpt-oss on the hub)."""
+    return _quant_method(config) == "mxfp4"
+
+
+def check_not_prequantized(config, name_or_path: str) -> None:
+    """Refuse a checkpoint stored quantized (FP8, GPTQ, AWQ, compressed-tensors, bitsandbytes...) other than gpt-oss's
+    MXFP4 (dequantized as it loads): transformers then builds its experts as another module (Llama-4's FP8 experts are
+    FbgemmFp8Llama4TextExperts, transposed, which fedmoe could not tell from the stacks it reads) or leaves them in
+    bf16 beside quantized linears; fedmoe trains on a full-precision base and quantizes that itself."""
+    method = _quant_method(config)
+    if method is not None and method != "mxfp4":
+        raise UnsupportedModelError(
+            f"{name_or_path} is stored quantized (quantization_config quant_method: {method}); fedmoe trains on a "
+            "full-precision base and quantizes it itself, fused experts included: give the model's bf16 checkpoint "
+            "and set model.quantization: nf4, fp4 or int8")
 
 
 def pretrained_kwargs(name_or_path: str, dtype: str = "float32", attn_implementation: str = "sdpa") -> dict:
@@ -320,7 +353,7 @@ def pretrained_kwargs(name_or_path: str, dtype: str = "float32", attn_implementa
     tensors fedmoe's expert path (and its own ``model.quantization``) works on. Without it transformers
     keeps them in MXFP4 where the ``kernels`` package and Triton are installed on a GPU (packed uint8 stacks
     of another module, for inference only) and dequantizes them elsewhere. A family whose hub configs hold values
-    transformers now refuses (Llama-4's, :data:`_LEGACY_VALUES`) gets ``config``: fedmoe's reading of it, its
+    transformers now refuses (Llama-4's, :data:`LEGACY_CONFIG_VALUES`) gets ``config``: fedmoe's reading of it, its
     language model's config for a vision-language checkpoint, which is what AutoModelForCausalLM builds from it
     (transformers' own reading refuses it)."""
     kw = {"dtype": _DTYPES[dtype], "attn_implementation": attn_implementation}
@@ -328,8 +361,9 @@ def pretrained_kwargs(name_or_path: str, dtype: str = "float32", attn_implementa
         config = load_model_config(name_or_path)
     except Exception:  # noqa: BLE001 - from_pretrained then says what is wrong with the name or folder
         return kw
+    check_not_prequantized(config, name_or_path)
     kw["attn_implementation"] = attention_for(getattr(config, "model_type", None), attn_implementation)
-    if getattr(config, "model_type", None) in _LEGACY_VALUES:
+    if getattr(config, "model_type", None) in LEGACY_CONFIG_VALUES:
         kw["config"] = config
     if is_mxfp4(config):
         from transformers import Mxfp4Config
@@ -465,10 +499,9 @@ class MoEModel:
             else:
                 return cls.from_config(entry(), dtype=dtype, device=device,
                                        attn_implementation=attn_implementation, seed=seed)
+        kwargs = pretrained_kwargs(name_or_path, dtype, attn_implementation)  # a checkpoint stored quantized: refused
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                name_or_path, **pretrained_kwargs(name_or_path, dtype, attn_implementation)
-            )
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         except (OSError, ValueError, RuntimeError) as e:  # missing/corrupt files, unknown ids
             raise load_error(name_or_path, e) from None
         except Exception as e:  # noqa: BLE001 - safetensors' own SafetensorError is a bare Exception
