@@ -460,3 +460,39 @@ def test_hostile_replies_through_flower_are_those_clients_failures(tmp_path):
     assert "more than the" in fails[(1, "invalid")]
     assert "an unreadable reply" in fails[(2, "train")] and "'load'" in fails[(2, "train")]
     assert [c["rounds_trained"] for c in summary["clients"]] == [1, 0, 0]
+
+
+def test_the_server_reads_each_half_of_an_evaluation_reply_on_its_own():
+    """A client's one evaluate reply holds its own results and the global model's (FlowerTransport._both_results):
+    a global half that failed on the node leaves its own results and is that client's failure of the global stage
+    (with the memory hint where it ran out of memory); a reply without a global half names the version mismatch; a
+    result that is only the text of the withheld marker is not taken for a kept evaluation (its global half counts);
+    a lying global half is left out and named; the global numbers are pooled from the others alone."""
+    from fedmoe.config import load_config
+    from fedmoe.federation.evaluation import WITHHELD_EVALUATION
+    from fedmoe.federation.flower.server import FlowerTransport
+
+    transport = FlowerTransport(None, load_config(None, ["data.partition.num_clients=5"]))
+    transport.node_of = {c: 10 + c for c in range(5)}
+    transport.infos = {c: {"data": {"n_generated": 3}} for c in range(5)}
+
+    def result(loss, tokens):
+        return {"loss": loss, "perplexity": 1.0, "tokens": tokens}
+    got = {0: (None, {"result": result(2.0, 10), "global_result": result(1.0, 10)}),
+           1: (None, {"result": result(2.0, 10), "global_error": "OutOfMemoryError: CUDA out of memory."}),
+           2: (None, {"result": result(2.0, 10)}),
+           3: (None, {"result": WITHHELD_EVALUATION, "withheld": [], "global_result": result(3.0, 30)}),
+           4: (None, {"result": result(2.0, 10), "global_result": result(-5.0, 10)})}
+    own, failed, pooled, global_failed = transport._both_results(got, {})
+    assert failed == {} and [c for c, r in own.items() if isinstance(r, dict)] == [0, 1, 2, 4]
+    assert own[3] != WITHHELD_EVALUATION and "clients_withheld" not in pooled  # its node kept nothing: not kept
+    assert sorted(global_failed) == [1, 2, 4]
+    assert global_failed[1].startswith("node 11: OutOfMemoryError") and "activation_checkpointing" in global_failed[1]
+    assert "carries no evaluation of the global model" in global_failed[2] and "a test loss of -5.0" in global_failed[4]
+    assert pooled["tokens"] == 40 and pooled["loss"] == (1.0 * 10 + 3.0 * 30) / 40
+    # a node that keeps its evaluation (its privacy budget) keeps both halves: counted as withheld, not failed
+    got = {0: (None, {"result": None, "withheld": [WITHHELD_EVALUATION]}), 1: got[0]}
+    own, _, pooled, global_failed = transport._both_results(got, {})
+    assert own[0] == WITHHELD_EVALUATION and pooled["clients_withheld"] == [0] and 0 not in global_failed
+    # no global result from anyone and none kept: None (the loop names the failures and stops)
+    assert transport._both_results({1: (None, {"result": result(2.0, 10)})}, {})[2] is None

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 pytest.importorskip("flwr")
@@ -171,6 +172,38 @@ def test_a_node_under_a_budget_keeps_its_evaluation_unless_told_to_send_it(run, 
     kept = {"profile": {"k": 2, "rank": 2}, "data": {"n_train": 5, "shared_source": True}, "setup": {}}
     assert invalid_setup(kept, 2, 2, ("n_test", "n_generated")) is None
     assert invalid_setup(kept, 2, 2) == "no data n_test"
+
+
+def test_a_global_evaluation_that_fails_leaves_the_clients_own_and_a_malformed_one_is_refused(run, tmp_path):
+    """One evaluate message holds the client's own model and the global model: the global half failing (here a
+    global model whose tensor has another shape) leaves the own evaluation in the reply and says why the global one
+    failed; a message whose 'global' part or second message's records are malformed is refused before any work,
+    naming what is wrong."""
+    cfg, sent = run
+    evaluate = sent[(1, 0)].with_header(kind="evaluate")
+    node, cache = _node(tmp_path), ClientCache()
+    _ask(cache, cfg, node, "query")
+    name = sorted(evaluate.tensors)[0]
+    broken = Message(tensors={**evaluate.tensors, name: torch.zeros(3, 1)}, scalars=evaluate.scalars,
+                     header=evaluate.header)
+    _, info = _ask(cache, cfg, node, "evaluate", evaluate, also=broken, with_answers=False, general=False,
+                   **{"global": {"general": False}})
+    assert info["result"]["tokens"] > 0 and info["result"]["loss"] > 0 and "global_result" not in info
+    assert info["global_error"].startswith(f"ValueError: '{name}': shape (3, 1) does not match"), info["global_error"]
+    _, info = _ask(cache, cfg, node, "evaluate", evaluate, also=evaluate, with_answers=False, general=False,
+                   **{"global": {"general": False}})
+    assert "global_error" not in info and info["global_result"]["tokens"] == info["result"]["tokens"]
+    with pytest.raises(ValueError, match="'global' is 'True', not"):
+        _ask(cache, cfg, node, "evaluate", evaluate, also=evaluate, with_answers=False, general=False,
+             **{"global": True})
+    with pytest.raises(ValueError, match="carries no global model"):
+        _ask(cache, cfg, node, "evaluate", evaluate, with_answers=False, general=False, **{"global": {"general": False}})
+    content = to_records(evaluate.with_header(run_id="run-a"), {"with_answers": False, "general": False,
+                                                                "global": {"general": False}}, evaluate)
+    del content["also.header"]
+    options = {"fedmoe-config": yaml.safe_dump(config_to_dict(cfg), sort_keys=False)}
+    with pytest.raises(ValueError, match="second message's records are malformed"):
+        cache.reply("evaluate", content, options, node)
 
 
 def test_the_server_counts_a_kept_evaluation_as_neither_a_result_nor_a_failure(tmp_path):

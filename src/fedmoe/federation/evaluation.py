@@ -322,7 +322,7 @@ class EvalPolicy:
         self.clients_s = sum(r.get("eval_s", 0.0) for r in per_client.values())
         if all_global:
             g = pooled([per_client[c] for c in cids if c in per_client])
-            missing = [c for c in cids if c not in per_client and c not in held]  # failed: named, as evaluate_global does
+            missing = [c for c in cids if c not in per_client and c not in held]  # failed: named, as the global evaluation names them
             g.update({k: v for k, v in (("clients_missing", missing), ("clients_withheld", held)) if v})
         else:
             g = evaluate_global()

@@ -267,18 +267,30 @@ class FlowerClient:
         if self.withholds_evaluation:  # nothing of it leaves this node: no result, and the server is told so
             out.update(result=None, withheld=[WITHHELD_EVALUATION], work_s=time.perf_counter() - t0)
             return to_records(None, out)
-        res = node.evaluate(self.half, self.mm, self.evaluator, msg, info["with_answers"], info["general"])
-        out["result"], out["withheld"] = kept_here(jsonable(res), self.share)
-        if "global" in info:  # the global model too, on this client's test data, in the same message
+        global_msg = None
+        if "global" in info:  # the global model too, on this client's test data, in the same message: read first
+            asked = info["global"]
+            if not isinstance(asked, dict) or not isinstance(asked.get("general"), bool):
+                raise ValueError(f"client {self.id}: an evaluate message's 'global' is {str(asked)[:80]!r}, not "
+                                 "{'general': true or false}")
             global_msg = also_from_records(content, msg)
             if global_msg is None:
                 raise ValueError(f"client {self.id}: an evaluation of the global model that carries no global model")
+        res = node.evaluate(self.half, self.mm, self.evaluator, msg, info["with_answers"], info["general"])
+        out["result"], out["withheld"] = kept_here(jsonable(res), self.share)
+        if global_msg is not None:
             t1 = time.perf_counter()
-            self.half.load(self.mm, None, global_msg, {})
-            res = self.evaluator.evaluate_sets([self.set], info["with_answers"], bool(info["global"]["general"]))
-            res["eval_s"] = time.perf_counter() - t1
-            out["global_result"], kept = kept_here(jsonable(res), self.share)
-            out["withheld"] = sorted(set(out["withheld"]) | set(kept))
+            try:
+                self.half.load(self.mm, None, global_msg, {})
+                res = self.evaluator.evaluate_sets([self.set], info["with_answers"], info["global"]["general"])
+            except Exception as e:  # noqa: BLE001 — its own evaluation stands; the server names this one's failure
+                out["global_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            else:
+                res["eval_s"] = time.perf_counter() - t1
+                out["global_result"], kept = kept_here(jsonable(res), self.share)
+                out["withheld"] = sorted(set(out["withheld"]) | set(kept))
         out["work_s"] = time.perf_counter() - t0
         return to_records(None, out)
 

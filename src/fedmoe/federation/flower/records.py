@@ -46,7 +46,11 @@ def to_records(msg: Message | None, info: dict | None = None, also: Message | No
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a.detach().cpu(), b.detach().cpu()))
+    """The same tensor to the bit (torch.equal alone takes -0.0 for 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = a.detach().cpu(), b.detach().cpu()
+    return bool(torch.equal(a, b)) and (not a.is_floating_point() or bool(torch.equal(a.signbit(), b.signbit())))
 
 
 def _put(rd, prefix: str, msg: Message, shared: list[str] | None = None) -> None:
@@ -80,8 +84,11 @@ def also_from_records(rd, msg: Message) -> Message | None:
     holds the tensors the two share."""
     if ALSO + "tensors" not in rd:
         return None
-    also = _get(rd, ALSO)
-    shared = json.loads(rd[ALSO + "header"].get("shared", "[]"))
+    try:
+        also = _get(rd, ALSO)
+        shared = json.loads(rd[ALSO + "header"].get("shared", "[]"))
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the second message's records are malformed ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(shared, list) or any(not isinstance(n, str) or n not in msg.tensors for n in shared):
         raise ValueError(f"the second message names shared tensors the first does not hold: {str(shared)[:200]}")
     if set(shared) & set(also.tensors):

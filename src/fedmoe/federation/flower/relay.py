@@ -138,7 +138,8 @@ def log_path(sock: Path) -> Path:
 
 def relay_timeout(options: dict, node_config) -> float:
     """How long the relay waits for one reply: the run's ``federation.round_timeout_s``, else the node's
-    ``worker-timeout-s``, else :data:`DEFAULT_TIMEOUT_S`."""
+    ``worker-timeout-s``, else :data:`DEFAULT_TIMEOUT_S` (twice that for an evaluation that also holds the global
+    model's: :func:`relay`)."""
     import yaml
 
     tree = yaml.safe_load(options.get("fedmoe-config") or "{}") or {}
@@ -278,5 +279,9 @@ def relay(path: Path, kind: str, content, options: dict, node_config) -> object:
     desc, payload = records_to_wire(content)
     header = {"op": "handle", "kind": kind, "records": desc, "options": dict(options),
               "node": dict(node_config)}
-    reply, body = ask_worker(path, header, payload, relay_timeout(options, node_config), node_config)
+    timeout = relay_timeout(options, node_config)
+    # the client's own evaluation and the global model's (records.ALSO: the relay imports no torch)
+    if kind == "evaluate" and "also.tensors" in content:
+        timeout *= 2
+    reply, body = ask_worker(path, header, payload, timeout, node_config)
     return records_from_wire(reply["records"], body)

@@ -153,10 +153,10 @@ class FlowerTransport:
                               "load_s": info.get("load_s", 0.0), "work_s": info.get("work_s")})
 
     def _send(self, round_idx: int, kind: str, messages: dict[int, Message], infos: dict[int, dict] | None = None,
-              also: Message | None = None):
+              also: Message | None = None, timeout: float | None = None):
         """({client: (reply message, info)}, {client: why it failed}). A client that failed earlier in
         this round, or whose SuperNode is not connected, is not asked. ``also``: a second message sent to every
-        client beside its own (:func:`~.records.to_records`)."""
+        client beside its own (:func:`~.records.to_records`); ``timeout``: in place of ``federation.round_timeout_s``."""
         if self.failed[0] != round_idx:
             self.failed = (round_idx, set())
         gone = self._refresh()
@@ -173,7 +173,7 @@ class FlowerTransport:
                                  None if also is None else also.with_header(run_id=self.run_id))
             out.append(_message(content, kind, nid, str(round_idx)))
         got = {}
-        for reply in self._send_and_receive(out):
+        for reply in self._send_and_receive(out, timeout):
             cid = by_node.get(reply.metadata.src_node_id)
             if cid is None:
                 continue
@@ -193,8 +193,10 @@ class FlowerTransport:
             self._overhead(round_idx, kind, info)
         for cid in messages:
             if cid not in got and cid not in failed:
-                failed[cid] = (f"node {self.node_of[cid]}: no reply within federation.round_timeout_s = "
-                               f"{self.cfg.federation.round_timeout_s} s")
+                failed[cid] = (f"node {self.node_of[cid]}: no reply within "
+                               + (f"{timeout:g} s (twice federation.round_timeout_s: the message holds two evaluations)"
+                                  if timeout is not None else
+                                  f"federation.round_timeout_s = {self.cfg.federation.round_timeout_s} s"))
         self.failed[1].update(failed)
         return got, failed
 
@@ -246,26 +248,56 @@ class FlowerTransport:
 
     @staticmethod
     def _own_results(got: dict) -> dict[int, dict]:
-        return {cid: WITHHELD_EVALUATION if _withholds_evaluation(info) else info.get("result")
-                for cid, (_, info) in got.items()}
+        """{client: its own model's results}, the marker of a kept evaluation where its reply says its node keeps it;
+        a reply that only sends the marker's text as its result is not taken for one (it is an invalid result)."""
+        def own(info):
+            if _withholds_evaluation(info):
+                return WITHHELD_EVALUATION
+            r = info.get("result")
+            return [r] if r == WITHHELD_EVALUATION else r
+
+        return {cid: own(info) for cid, (_, info) in got.items()}
 
     def evaluate_with_global(self, round_idx: int, messages: dict[int, Message], global_message: Message,
                              with_answers: bool, general_for: dict[int, bool], general: bool, prog):
         """Each client's own model and the global model on its own test data, in one message per client (the
         global model's tensors that equal the client's own downlink travel once): a round trip less than two
-        messages, which on a SuperNode without a worker is a process start and a model load less. The global
-        results are pooled in client order (general text and MMLU by the first client that answers); a client
-        that failed is missing from both, named in each. The global results are None when no client gave any."""
+        messages, which on a SuperNode without a worker is a process start and a model load less. The message
+        covers two evaluations, so it is given twice ``federation.round_timeout_s`` (as the two messages were). The
+        global results are pooled in client order; the general text and MMLU on the global model are asked of one
+        client, chosen before the message is sent (:func:`~fedmoe.federation.evaluation.first_evaluating`: if it
+        fails, the round's global numbers lack them). A client whose message failed is missing from both results,
+        named in each; one whose global evaluation alone failed keeps its own. The global results are None when no
+        client gave any and none kept its evaluation."""
         cids = sorted(self.node_of)
         first = first_evaluating([(cid, self.infos.get(cid, {}).get("data")) for cid in cids])
         infos = {cid: {"with_answers": with_answers, "general": general_for[cid],
                        "global": {"general": general and cid == first}} for cid in messages}
-        got, failed = self._send(round_idx, EVALUATE, messages, infos, also=global_message)
+        timeout = self.cfg.federation.round_timeout_s
+        got, failed = self._send(round_idx, EVALUATE, messages, infos, also=global_message,
+                                 timeout=None if timeout is None else 2 * timeout)
+        return self._both_results(got, failed)
+
+    def _both_results(self, got: dict, failed: dict[int, str]):
+        """:meth:`evaluate_with_global`'s four results from the replies that came back (``got``: {client: (message,
+        info)}) and the clients whose message failed."""
+        cids = sorted(self.node_of)
         own = self._own_results(got)
-        held = [cid for cid in cids if own.get(cid) == WITHHELD_EVALUATION]
-        results, bad = screened({cid: got[cid][1].get("global_result") for cid in cids if cid in got and cid not in held},
-                                {cid: self.infos.get(cid, {}).get("data", {}).get("n_generated") for cid in cids})
-        global_failed = {**failed, **bad}
+        held = [cid for cid in cids if cid in got and _withholds_evaluation(got[cid][1])]
+        global_failed, given = dict(failed), {}
+        for cid in cids:
+            if cid not in got or cid in held:
+                continue
+            info = got[cid][1]
+            if "global_error" in info:  # its own evaluation stands
+                global_failed[cid] = with_memory_hint(f"node {self.node_of[cid]}: {str(info['global_error'])[:500]}")
+            elif "global_result" not in info:
+                global_failed[cid] = (f"node {self.node_of[cid]}: its reply carries no evaluation of the global model "
+                                      "(does that SuperNode run this fedmoe version? every node must)")
+            else:
+                given[cid] = info["global_result"]
+        results, bad = screened(given, {cid: self.infos.get(cid, {}).get("data", {}).get("n_generated") for cid in cids})
+        global_failed.update(bad)
         if not results and not held:  # the loop names the failures and stops
             return own, failed, None, global_failed
         res = [results[cid] for cid in cids if cid in results]
