@@ -401,11 +401,19 @@ def test_perplexity_and_the_answer_metric_are_derived_not_taken():
 
     ok, bad = screened({0: {"loss": 1.0, "perplexity": 1e-9, "tokens": 4, "rouge_l": 99.0, "scores": [10.0, 30.0],
                             "categories": ["a", "b"]},
-                        1: {"loss": float("nan"), "perplexity": 1.0, "tokens": 4}}, {0: 2, 1: 2})
+                        1: {"loss": float("nan"), "perplexity": 1.0, "tokens": 4}},
+                       {0: {"n_generated": 2}, 1: {"n_generated": 2}}, 32)
     assert ok[0]["perplexity"] == pytest.approx(math.e) and ok[0]["rouge_l"] == 20.0
     assert list(bad) == [1] and "non-finite test loss" in bad[1]
-    both, none = screened({0: {"loss": float("nan"), "tokens": 4}, 1: {"loss": float("inf"), "tokens": 4}}, {})
+    both, none = screened({0: {"loss": float("nan"), "tokens": 4}, 1: {"loss": float("inf"), "tokens": 4}}, {}, 32)
     assert sorted(both) == [0, 1] and none == {}
+    # more test tokens than the test examples a client declared can hold (n_test × data.max_length): its word would
+    # weigh its loss in the pooled one by as much as it likes; at the bound, and with the size kept on its node, taken
+    declared = {0: {"n_test": 3}, 1: {"n_test": 3}, 2: None}
+    ok, bad = screened({0: {"loss": 1.0, "tokens": 96}, 1: {"loss": 0.0, "tokens": 10**15}, 2: {"loss": 1.0, "tokens": 7}},
+                       declared, 32)
+    assert sorted(ok) == [0, 2] and list(bad) == [1]
+    assert "1000000000000000 test tokens, more than the 96 its declared test examples hold" in bad[1]
 
 
 def test_a_client_reporting_a_negative_test_loss_is_left_out_of_the_global_loss(tmp_path):

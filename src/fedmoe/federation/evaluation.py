@@ -169,12 +169,13 @@ def _number(v, lo: float = -math.inf, hi: float = math.inf) -> bool:
     return is_number(v) and lo <= v <= hi  # (an integer of hundreds of digits is no number: is_number)
 
 
-def invalid_evaluation(r, n_generated: int | None) -> str | None:
+def invalid_evaluation(r, n_generated: int | None, max_tokens: int | None = None) -> str | None:
     """Why a client's evaluation result cannot enter the run's numbers, or None. A client's word is all
     the server has of its test set, so what it says must at least be possible: a test loss that is a
     cross-entropy (finite, ≥ 0; a -5 would pull the pooled loss down), a token count that is a
     non-negative integer (no loss without tokens), per-example scores in [0, 100], no more than the
-    ``n_generated`` answered examples it declared at setup, one category per score, the general-text,
+    ``n_generated`` answered examples it declared at setup, no more test tokens than ``max_tokens`` (the test
+    examples it declared, each at most ``data.max_length`` tokens), one category per score, the general-text,
     MMLU and held-out numbers finite and in range. The perplexity and the answer metric are not taken
     from the reply: :func:`recomputed` derives them from the loss and the scores."""
     if not isinstance(r, dict):
@@ -182,6 +183,9 @@ def invalid_evaluation(r, n_generated: int | None) -> str | None:
     loss, tokens = r.get("loss"), r.get("tokens")
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
         return f"test tokens = {tokens!r}, not a non-negative integer"
+    if max_tokens is not None and tokens > max_tokens:
+        return (f"{tokens} test tokens, more than the {max_tokens} its declared test examples hold at "
+                "data.max_length tokens each")
     if loss is None:
         if tokens:
             return f"no test loss over {tokens} test tokens"
@@ -231,11 +235,18 @@ def recomputed(r: dict) -> dict:
     return out
 
 
-def screened(results: dict[int, dict], n_generated: dict[int, int | None]) -> tuple[dict[int, dict], dict[int, str]]:
-    """(the usable evaluation results, {client: why its result was left out}). A result with a non-finite
-    loss is left out while another client's is finite; when every client's is non-finite, they are kept
-    (the model diverged: the loop's own check stops the run with that)."""
-    why = {cid: invalid_evaluation(r, n_generated.get(cid)) for cid, r in results.items()}
+def screened(results: dict[int, dict], declared: dict[int, dict | None],
+             max_length: int) -> tuple[dict[int, dict], dict[int, str]]:
+    """(the usable evaluation results, {client: why its result was left out}), each checked against what its client
+    declared of its test set at setup (``declared``: its data, n_test and n_generated unless its node keeps them) and
+    ``data.max_length``. A result with a non-finite loss is left out while another client's is finite; when every
+    client's is non-finite, they are kept (the model diverged: the loop's own check stops the run with that)."""
+    def bounds(cid):
+        data = declared.get(cid) or {}
+        n_test = data.get("n_test")
+        return data.get("n_generated"), (n_test * max_length if isinstance(n_test, int) else None)
+
+    why = {cid: invalid_evaluation(r, *bounds(cid)) for cid, r in results.items()}
     diverged = [cid for cid, w in why.items() if w is not None and w.startswith("a non-finite test loss")]
     if diverged and len(diverged) == len(results):
         return dict(results), {}

@@ -522,7 +522,7 @@ class Federation:
                 global_part.append(both)
             held = {cid: r for cid, r in results.items() if r == WITHHELD_EVALUATION}  # kept by the client's node
             results = {cid: r for cid, r in results.items() if cid not in held}
-            results, bad = screened(results, {cid: (self.records[cid].data or {}).get("n_generated") for cid in results})
+            results, bad = screened(results, {cid: self.records[cid].data for cid in results}, self.cfg.data.max_length)
             failed = {**failed, **bad}
             for cid, r in results.items():
                 # what the client runs (k, rank): kept unless it says otherwise, in the run's bounds

@@ -296,7 +296,7 @@ class FlowerTransport:
                                       "(does that SuperNode run this fedmoe version? every node must)")
             else:
                 given[cid] = info["global_result"]
-        results, bad = screened(given, {cid: self.infos.get(cid, {}).get("data", {}).get("n_generated") for cid in cids})
+        results, bad = screened(given, {cid: self.infos.get(cid, {}).get("data") for cid in cids}, self.cfg.data.max_length)
         global_failed.update(bad)
         if not results and not held:  # the loop names the failures and stops
             return own, failed, None, global_failed
