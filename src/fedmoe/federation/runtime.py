@@ -510,16 +510,15 @@ class Federation:
         personalized = self.method.client.personalized
         all_global = not personalized and all(r.profile["k"] == self.spec.top_k for r in self.records.values())
 
-        global_part = []  # with the clients' own models, the global model's (results, failed): one message each
+        global_part = {}  # the global model's results and failures, evaluated beside the clients' own (one message each)
 
         def clients(with_answers, general_for, general):
             msgs = {cid: self._downlink(cid, EVALUATE, round_idx) for cid in sorted(self.records)}
             if all_global:
                 results, failed = self.transport.evaluate(round_idx, msgs, with_answers, general_for, prog)
             else:
-                results, failed, *both = self.transport.evaluate_with_global(
+                results, failed, global_part["results"], global_part["failed"] = self.transport.evaluate_with_global(
                     round_idx, msgs, self._downlink(None, EVALUATE, round_idx), with_answers, general_for, general, prog)
-                global_part.append(both)
             held = {cid: r for cid, r in results.items() if r == WITHHELD_EVALUATION}  # kept by the client's node
             results = {cid: r for cid, r in results.items() if cid not in held}
             results, bad = screened(results, {cid: self.records[cid].data for cid in results}, self.cfg.data.max_length)
@@ -535,7 +534,7 @@ class Federation:
             return {**results, **held}
 
         def global_model():
-            (res, failed), = global_part
+            res, failed = global_part["results"], global_part["failed"]
             for cid, why in sorted(failed.items()):  # the global numbers leave this client's test data out
                 self._failed(round_idx, cid, "evaluate the global model", why)
             if res is None:
