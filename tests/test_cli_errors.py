@@ -1,5 +1,8 @@
 """What a user sees when something expected goes wrong: one line on stderr with the cause and what to
-do, exit status 2 (130 after Ctrl-C), never a traceback. Each case runs the real CLI in a subprocess."""
+do, exit status 2 (130 after Ctrl-C), never a traceback. Each case runs the real CLI: most in this process
+(typer's runner: the command's exit status and its stderr, without an interpreter start per command), and
+in a subprocess where the process itself is under test (`python -m fedmoe.cli`, Ctrl-C) — at least once per
+kind of command, so the module entry point's exit status and stderr are checked as a shell sees them."""
 
 import json
 import os
@@ -28,10 +31,21 @@ def _sets(sets):
     return [x for a in sets for x in ("--set", a)]
 
 
-def fedmoe(*args, cwd, env=None):
+def fedmoe_process(*args, cwd, env=None):
+    """``python -m fedmoe.cli ARGS`` in a subprocess started in ``cwd``."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "fedmoe.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=600)
+
+
+def fedmoe(*args, cwd):
+    """``fedmoe ARGS`` in this process (:func:`cli`), run from ``cwd``."""
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return cli(*args)
+    finally:
+        os.chdir(here)
 
 
 def error_line(r, code=2) -> str:
@@ -44,7 +58,7 @@ def error_line(r, code=2) -> str:
 
 
 def test_hub_id_while_offline(tmp_path):
-    r = fedmoe("run", "--quiet", *_sets(TINY + [f"output_dir={tmp_path / 'runs'}", "model.name=someone/not-a-model"]),
+    r = fedmoe_process("run", "--quiet", *_sets(TINY + [f"output_dir={tmp_path / 'runs'}", "model.name=someone/not-a-model"]),
                cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
     line = error_line(r)
     assert "model.name" in line and "'someone/not-a-model'" in line
@@ -121,7 +135,7 @@ def test_output_directory_that_is_a_file(tmp_path):
 
 
 def test_mmlu_batch_size_zero(tmp_path):
-    r = fedmoe("mmlu", "builtin:tiny-olmoe", "--subjects", "anatomy", "--batch-size", "0", cwd=tmp_path)
+    r = fedmoe_process("mmlu", "builtin:tiny-olmoe", "--subjects", "anatomy", "--batch-size", "0", cwd=tmp_path)
     assert "--batch-size must be at least 1, got 0" in error_line(r)
 
 
@@ -151,7 +165,7 @@ def test_sigint_during_a_run_says_where_the_checkpoint_is(tmp_path):
 def test_binary_config_file(tmp_path):
     path = tmp_path / "model.bin"
     path.write_bytes(bytes(range(256)) * 4)
-    r = fedmoe("run", path, cwd=tmp_path)
+    r = fedmoe_process("run", path, cwd=tmp_path)
     line = error_line(r)
     assert f"{path} is not a text (UTF-8) file" in line and "YAML config" in line
 
@@ -167,7 +181,7 @@ def test_max_length_above_the_models_context(tmp_path):
 def test_flops_of_a_run_config_as_the_readme_shows(tmp_path):
     assert "fedmoe flops configs/" in (ROOT / "README.md").read_text()
     default = ROOT / "configs" / "default.yaml"
-    r = fedmoe("flops", default, "--json", cwd=tmp_path)
+    r = fedmoe_process("flops", default, "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     cfg = load_config(default)
@@ -220,7 +234,7 @@ def tiny_run(tmp_path_factory) -> Path:
 def test_export_into_a_file(tiny_run, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    line = error_line(fedmoe("export", tiny_run, afile, cwd=tmp_path))  # one real command line
+    line = error_line(fedmoe_process("export", tiny_run, afile, cwd=tmp_path))  # one real command line
     assert f"{afile} exists and is a file, not a folder" in line and "give a new folder to export into" in line
     line = error_line(cli("export", tiny_run, afile / "sub"))
     assert f"cannot create the folder {afile / 'sub'}: {afile} is a file, not a folder" in line
@@ -298,7 +312,7 @@ def test_compare_damaged_runs(tiny_run, tmp_path):
     assert f"{run / 'metrics.jsonl'} is not UTF-8 text (byte {len(metrics) + 10} is 0xff)" in line and leave_out in line
     afile = tmp_path / "afile"
     afile.write_text("x")
-    line = error_line(fedmoe("compare", tiny_run, "--out", afile, cwd=tmp_path))  # one real command line
+    line = error_line(fedmoe_process("compare", tiny_run, "--out", afile, cwd=tmp_path))  # one real command line
     assert f"--out {afile} is a file, not a folder" in line and afile.read_text() == "x"
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
@@ -351,7 +365,7 @@ def test_a_dense_model_or_a_missing_device_is_refused_before_anything_is_written
                  ("plan", *_sets([f"model.name={dense}"]))):
         line = error_line(fedmoe(*args, cwd=tmp_path))
         assert "'llama' is not a supported MoE architecture" in line and "olmoe" in line
-    assert "model.device: 'cuda:x' is not a device: use auto, cpu, cuda or cuda:N" in fedmoe(
+    assert "model.device: 'cuda:x' is not a device: use auto, cpu, cuda or cuda:N" in fedmoe_process(
         "plan", "--device", "cuda:x", cwd=tmp_path).stderr
     if not torch.cuda.is_available():
         line = error_line(fedmoe("run", "--quiet", *_sets(TINY + [f"output_dir={runs}", "model.device=cuda"]),
@@ -374,7 +388,7 @@ def test_a_dense_model_or_a_missing_device_is_refused_before_anything_is_written
         assert "train.aux_loss: true, but deepseek_v2 has no load-balancing loss" in line, line
         assert "set train.aux_loss: false" in line
     assert not runs.exists()
-    line = error_line(fedmoe("migrate-checkpoint", tmp_path / "nope", cwd=tmp_path))
+    line = error_line(fedmoe_process("migrate-checkpoint", tmp_path / "nope", cwd=tmp_path))
     assert "is not a fedmoe run directory" in line
 
 
