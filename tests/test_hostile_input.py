@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -504,3 +505,104 @@ def test_the_server_reads_each_half_of_an_evaluation_reply_on_its_own():
     assert own[0] == WITHHELD_EVALUATION and pooled["clients_withheld"] == [0] and 0 not in global_failed
     # no global result from anyone and none kept: None (the loop names the failures and stops)
     assert transport._both_results({1: (None, {"result": result(2.0, 10)})}, {})[2] is None
+
+
+# ------------------------------------------------------- the numbers on shared data when their client fails
+GENERAL_CFG = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32",
+               "data.partition.num_clients=3", "train.max_steps=1", "train.batch_size=2", "lora.rank=2",
+               "eval.rouge=false", "data.max_test_per_client=2", "federation.rounds=1", "eval.general_blocks=1",
+               "eval.mmlu=[anatomy]", "eval.mmlu_max_per_subject=2"]
+
+
+def _global_rows(summary_run: Path) -> dict[int, dict]:
+    rows = [json.loads(x) for x in (summary_run / "metrics.jsonl").read_text().splitlines()]
+    return {r["round"]: r for r in rows if r["kind"] == "test" and r["client"] is None}
+
+
+@pytest.mark.parametrize("second_fails", [False, True])
+def test_the_general_numbers_come_from_the_next_client_when_theirs_fails(tmp_path, second_fails):
+    """FedIT (every client runs the global model): the general text and MMLU are asked of one client, 0. Its
+    evaluation fails in every evaluated round; the loop asks client 1 for them in a message of its own, and the
+    global rows hold the very numbers of the run where nothing failed (the same model, the same data). If client
+    1 fails them too, that is its failure of that stage, and the global rows lack them (no number from nowhere)."""
+    from fedmoe.config import load_config
+    from fedmoe.federation.local import LocalTransport
+
+    asked = []
+
+    class Failing(LocalTransport):
+        def evaluate(self, round_idx, messages, with_answers, general_for, prog):
+            asked.append((round_idx, sorted(messages), sorted(c for c, g in general_for.items() if g)))
+            failing = [c for c in messages if general_for[c] and (c == 0 or second_fails)]
+            out, failed = super().evaluate(round_idx, {c: m for c, m in messages.items() if c not in failing},
+                                           with_answers, general_for, prog)
+            return out, {**failed, **{c: f"node {10 + c}: it broke" for c in failing}}
+
+    honest = _run_through(load_config(None, [*GENERAL_CFG, f"output_dir={tmp_path}", "name=honest"]), LocalTransport)
+    summary = _run_through(load_config(None, [*GENERAL_CFG, f"output_dir={tmp_path}", "name=failing"]), Failing)
+    assert asked == [(0, [0, 1, 2], [0]), (0, [1], [1]), (1, [0, 1, 2], [0]), (1, [1], [1])]
+    want, got = _global_rows(tmp_path / "honest"), _global_rows(tmp_path / "failing")
+    stages = [(f["round"], f["client"], f["stage"]) for f in summary["failures"]]
+    if not second_fails:
+        assert stages == [(0, 0, "evaluate"), (1, 0, "evaluate")]
+        for r in (0, 1):
+            assert want[r]["mmlu"] is not None and want[r]["general_loss"] > 0
+            assert {k: got[r][k] for k in ("general_loss", "general_perplexity", "mmlu")} == \
+                   {k: want[r][k] for k in ("general_loss", "general_perplexity", "mmlu")}
+        assert summary["global"]["mmlu"] == honest["global"]["mmlu"]
+    else:
+        general = "evaluate the general text and MMLU on the global model"
+        assert stages == [(0, 0, "evaluate"), (0, 1, general), (1, 0, "evaluate"), (1, 1, general)]
+        assert all("general_loss" not in got[r] and "mmlu" not in got[r] for r in (0, 1))
+        assert summary["global"]["mmlu"] is None and summary["global"]["loss"] is not None
+
+
+@pytest.mark.parametrize("silent", [False, True])
+def test_the_global_models_general_numbers_come_from_the_next_client_when_theirs_fails(tmp_path, silent):
+    """FLAME at k_i: each client evaluates its own model and the global one in one message; the global model's
+    general text and MMLU are asked of client 0, whose global half fails (as on Flower), or comes back without them
+    (``silent``: not asked again). The loop asks client 1 for them, beside its own model, in a message of its own:
+    the global rows hold the numbers of the honest run."""
+    from fedmoe.config import load_config
+    from fedmoe.federation.local import LocalTransport
+
+    sets = [*GENERAL_CFG, "algorithm.name=flame", "algorithm.budgets.top_k=[2,1,1]", f"output_dir={tmp_path}"]
+    asked = []
+
+    class Failing(LocalTransport):
+        def evaluate_with_global(self, round_idx, messages, global_message, with_answers, general_for, general, prog):
+            asked.append((round_idx, sorted(messages), general))
+            own, failed, res, global_failed = super().evaluate_with_global(
+                round_idx, messages, global_message, with_answers, general_for, general, prog)
+            if len(messages) > 1 and general:  # client 0 was to give them: its global half failed
+                res = {k: v for k, v in res.items() if k not in ("general_loss", "general_perplexity", "mmlu")}
+                global_failed = global_failed if silent else {**global_failed, 0: "node 10: OutOfMemoryError"}
+            return own, failed, res, global_failed
+
+    _run_through(load_config(None, [*sets, "name=honest"]), LocalTransport)
+    summary = _run_through(load_config(None, [*sets, "name=failing"]), Failing)
+    assert asked == [(0, [0, 1, 2], True), (0, [1], True), (1, [0, 1, 2], True), (1, [1], True)]
+    want, got = _global_rows(tmp_path / "honest"), _global_rows(tmp_path / "failing")
+    for r in (0, 1):
+        assert want[r]["mmlu"] is not None
+        assert {k: got[r][k] for k in ("general_loss", "mmlu")} == {k: want[r][k] for k in ("general_loss", "mmlu")}
+    assert [(f["round"], f["client"], f["stage"]) for f in summary["failures"]] == \
+           ([] if silent else [(0, 0, "evaluate the global model"), (1, 0, "evaluate the global model")])
+
+
+def test_flower_asks_the_first_addressed_client_for_the_global_general_numbers():
+    """FlowerTransport.evaluate_with_global asks the general text and MMLU on the global model of the first of
+    the clients it addresses that sends its evaluation (the loop's second ask addresses the next one alone)."""
+    from fedmoe.config import load_config
+    from fedmoe.federation.flower.server import FlowerTransport
+
+    transport = FlowerTransport(None, load_config(None, ["data.partition.num_clients=4"]))
+    transport.node_of = {c: 10 + c for c in range(4)}
+    transport.infos = {0: {"data": {"n_test": 2}}, 1: {"data": {}}, 2: {"data": {"n_test": 2}},
+                       3: {"data": {"n_test": 2}}}  # client 1's node keeps its evaluation
+    sent = []
+    transport._send = lambda round_idx, kind, messages, infos, also, timeout: (sent.append(infos), ({}, {}))[1]
+    for messages in ([0, 1, 2, 3], [1, 2, 3], [3]):
+        transport.evaluate_with_global(1, dict.fromkeys(messages), None, False, dict.fromkeys(messages, False), True,
+                                       None)
+    assert [[c for c, i in infos.items() if i["global"]["general"]] for infos in sent] == [[0], [2], [3]]

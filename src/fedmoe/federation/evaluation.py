@@ -35,6 +35,12 @@ WITHHELD_EVALUATION = "evaluation"
 # what such a client keeps of its data's description besides: the size of its test set
 WITHHELD_WITH_EVALUATION = ("n_test", "n_generated")
 GENERAL_KEYS = ("general_loss", "general_perplexity", "mmlu", "heldout_loss", "heldout_accuracy")
+GENERAL_PARTS = (*GENERAL_KEYS, "heldout_scores")  # what an evaluation with ``general`` adds to its results
+
+
+def has_general(result: dict) -> bool:
+    """Whether an evaluation's results hold the numbers on shared data (general text, MMLU, held-out set)."""
+    return any(k in result for k in GENERAL_KEYS)
 
 
 def answer_metric(cfg) -> str:
@@ -275,7 +281,7 @@ def pooled(results: list[dict]) -> dict:
     if mats and len(mats) == len([r for r in results if r.get("scores")]):
         g["confusion"] = np.sum(np.asarray(mats, dtype=np.int64), axis=0).tolist()
         g["labels"] = next(r["labels"] for r in results if r.get("labels"))
-    for key in (*GENERAL_KEYS, "heldout_scores"):  # computed by one client (the first that evaluated them)
+    for key in GENERAL_PARTS:  # computed by one client (the first that evaluated them)
         with_key = [r for r in results if key in r]
         if with_key:
             g[key] = with_key[0][key]

@@ -32,7 +32,8 @@ from .checkpoint import (CHECKPOINT_FILE, Checkpoint, RunDirError, config_finger
                          remove_stale_temporaries, restore_rng_states, rng_states, write_checkpoint)
 from .conflict import NOTES as CONFLICT_NOTES
 from .dp import WITHHELD_DATA, WITHHELD_TRAINING
-from .evaluation import WITHHELD_EVALUATION, WITHHELD_WITH_EVALUATION, EvalPolicy, screened
+from .evaluation import (GENERAL_PARTS, WITHHELD_EVALUATION, WITHHELD_WITH_EVALUATION, EvalPolicy, first_evaluating,
+                         has_general, screened)
 from .progress import Progress
 from .transport import Transport, is_number
 from .sampling import sample_clients
@@ -506,6 +507,41 @@ class Federation:
         m = self.cfg.federation.min_replies
         return max(1, (sampled + 1) // 2) if m is None else min(m, sampled)
 
+    def _general_wanted(self) -> bool:
+        """Whether an evaluation with ``general`` computes anything: the general text, MMLU or the held-out set."""
+        return bool(self.cfg.eval.general_blocks or self.cfg.eval.mmlu or self.cfg.data.heldout)
+
+    def _general_again(self, round_idx: int, msgs: dict[int, Message], global_msg: Message | None,
+                       into: dict, failed: dict[int, str], prog: Progress) -> None:
+        """The numbers on shared data (general text, MMLU, the held-out set) of the global model, asked again of
+        one more client when the client chosen for them (:func:`~.evaluation.first_evaluating`) did not give them
+        (it failed, or its reply lacked them): the next client whose evaluation came back, in a message of its own
+        (``global_msg``: evaluated beside its own model, as in the round's message; None: its own model is the global
+        one). Its general numbers go into ``into`` (the results that should have held them: that client's own, or
+        the pooled global ones); if it fails as well, it is named, and the round's global numbers lack them."""
+        chosen = first_evaluating([(cid, self.records[cid].data) for cid in sorted(msgs)])  # it did not give them
+        alt = first_evaluating([(cid, self.records[cid].data) for cid in sorted(msgs) if cid not in failed
+                                and cid != chosen and (global_msg is not None or cid in into)])
+        if alt is None or (self.records[alt].data is not None and "n_test" not in self.records[alt].data):
+            return  # no client that sends its evaluation is left to ask
+        data = {alt: self.records[alt].data}
+        if global_msg is None:
+            got, why = self.transport.evaluate(round_idx, {alt: msgs[alt]}, False, {alt: True}, prog)
+            got, bad = screened({c: r for c, r in got.items() if r != WITHHELD_EVALUATION}, data,
+                                self.cfg.data.max_length)
+            res = got.get(alt)
+        else:
+            _, why, res, bad = self.transport.evaluate_with_global(round_idx, {alt: msgs[alt]}, global_msg, False,
+                                                                   {alt: False}, True, prog)
+        if res is None or not has_general(res):
+            self._failed(round_idx, alt, "evaluate the general text and MMLU on the global model",
+                         {**why, **bad}.get(alt, "its reply held no general numbers"))
+            return
+        target = into[alt] if global_msg is None else into
+        target.update({k: res[k] for k in GENERAL_PARTS if k in res})
+        target["eval_s"] = target.get("eval_s", 0.0) + res.get("eval_s", 0.0)  # the clients' evaluation time
+        self.log(f"round {round_idx}: the general text and MMLU on the global model came from client {alt}")
+
     def _evaluate(self, round_idx: int, final: bool, prog: Progress) -> dict:
         personalized = self.method.client.personalized
         all_global = not personalized and all(r.profile["k"] == self.spec.top_k for r in self.records.values())
@@ -514,15 +550,17 @@ class Federation:
 
         def clients(with_answers, general_for, general):
             msgs = {cid: self._downlink(cid, EVALUATE, round_idx) for cid in sorted(self.records)}
+            global_msg = None if all_global else self._downlink(None, EVALUATE, round_idx)
             if all_global:
                 results, failed = self.transport.evaluate(round_idx, msgs, with_answers, general_for, prog)
             else:
                 results, failed, global_part["results"], global_part["failed"] = self.transport.evaluate_with_global(
-                    round_idx, msgs, self._downlink(None, EVALUATE, round_idx), with_answers, general_for, general, prog)
+                    round_idx, msgs, global_msg, with_answers, general_for, general, prog)
+                global_part.update(msgs=msgs, message=global_msg, general=general)
             held = {cid: r for cid, r in results.items() if r == WITHHELD_EVALUATION}  # kept by the client's node
             results = {cid: r for cid, r in results.items() if cid not in held}
             results, bad = screened(results, {cid: self.records[cid].data for cid in results}, self.cfg.data.max_length)
-            failed = {**failed, **bad}
+            failed = global_part["own_failed"] = {**failed, **bad}
             for cid, r in results.items():
                 # what the client runs (k, rank): kept unless it says otherwise, in the run's bounds
                 profile = r.pop("profile", None)
@@ -531,6 +569,8 @@ class Federation:
                 self.records[cid].evaluated_round = round_idx
             for cid in sorted(set(msgs) - set(results) - set(held)):
                 self._failed(round_idx, cid, "evaluate", failed.get(cid, "no evaluation came back"))
+            if all_global and general and self._general_wanted() and not any(map(has_general, results.values())):
+                self._general_again(round_idx, msgs, None, results, failed, prog)
             return {**results, **held}
 
         def global_model():
@@ -539,6 +579,9 @@ class Federation:
                 self._failed(round_idx, cid, "evaluate the global model", why)
             if res is None:
                 raise RuntimeError(f"round {round_idx}: no client could evaluate the global model: {failed}")
+            if global_part["general"] and self._general_wanted() and not has_general(res):
+                self._general_again(round_idx, global_part["msgs"], global_part["message"], res,
+                                    {**global_part["own_failed"], **failed}, prog)
             if failed:
                 res["clients_missing"] = sorted(failed)
             return res

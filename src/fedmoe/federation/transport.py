@@ -141,9 +141,10 @@ class Transport(Protocol):
                              with_answers: bool, general_for: dict[int, bool], general: bool,
                              prog) -> tuple[dict[int, dict], dict[int, str], dict | None, dict[int, str]]:
         """:meth:`evaluate`, and the global model (``global_message``) on the union of the clients' test data
-        (the general text and MMLU if ``general``): (each client's own results, {client: why it failed}, the
-        global results or None when no client could give them, {client whose test data is missing from them:
-        why}). A runtime whose clients are elsewhere asks each for both in one message."""
+        (the general text and MMLU if ``general``, of one addressed client's evaluation where clients compute it):
+        (each client's own results, {client: why it failed}, the global results or None when no client could give
+        them, {client whose test data is missing from them: why}). A runtime whose clients are elsewhere asks each
+        for both in one message."""
 
     def state(self) -> dict:
         """What a checkpoint must hold to resume the transport (private stores, or where they are)."""

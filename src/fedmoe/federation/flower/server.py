@@ -265,12 +265,11 @@ class FlowerTransport:
         messages, which on a SuperNode without a worker is a process start and a model load less. The message
         covers two evaluations, so it is given twice ``federation.round_timeout_s`` (as the two messages were). The
         global results are pooled in client order; the general text and MMLU on the global model are asked of one
-        client, chosen before the message is sent (:func:`~fedmoe.federation.evaluation.first_evaluating`: if it
-        fails, the round's global numbers lack them). A client whose message failed is missing from both results,
-        named in each; one whose global evaluation alone failed keeps its own. The global results are None when no
-        client gave any and none kept its evaluation."""
-        cids = sorted(self.node_of)
-        first = first_evaluating([(cid, self.infos.get(cid, {}).get("data")) for cid in cids])
+        of the addressed clients, chosen before the message is sent (:func:`~fedmoe.federation.evaluation.
+        first_evaluating`: if it fails, the loop asks the next one). A client whose message failed is missing from
+        both results, named in each; one whose global evaluation alone failed keeps its own. The global results are
+        None when no client gave any and none kept its evaluation."""
+        first = first_evaluating([(cid, self.infos.get(cid, {}).get("data")) for cid in sorted(messages)])
         infos = {cid: {"with_answers": with_answers, "general": general_for[cid],
                        "global": {"general": general and cid == first}} for cid in messages}
         timeout = self.cfg.federation.round_timeout_s
