@@ -173,3 +173,39 @@ def test_per_layer_balance_loss_matches_hugging_face_on_one_layer_and_averages()
     skew1 = torch.full((40, 8), -10.0)
     skew1[:, 6:] = 10
     assert per_layer_balance_loss((skew0, skew1), 2) > load_balancing_loss_func((skew0, skew1), 8, 2) * 1.5
+
+
+def test_an_export_dir_holding_another_model_is_refused_before_training(tmp_path):
+    """The recipe's export_dir is the shipped model's folder: pretraining into it (or into any folder holding
+    what this work_dir's run did not write) is refused before anything is trained or written, by the library
+    and by `fedmoe pretrain` (one error line, exit 2); --overwrite replaces it; a resumed run replaces its own
+    export (test_pretrain_resumes_to_the_same_weights)."""
+    from typer.testing import CliRunner
+
+    from fedmoe.cli import app
+    from fedmoe.config import ConfigError
+    from fedmoe.moe.model import builtin_model_path
+
+    shipped = builtin_model_path("builtin:tiny-moe")
+    before = {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()}
+    cfg = _tiny_recipe(tmp_path, "w", 2).model_copy(update={"export_dir": str(shipped)})
+    with pytest.raises(ConfigError, match="holds the shipped model builtin:tiny-moe: pretraining would replace"):
+        run_pretrain(cfg, show_progress=False, log=lambda *_: None)
+    res = CliRunner().invoke(app, ["pretrain", "--set", f"work_dir={tmp_path / 'w'}", "--set", f"export_dir={shipped}"])
+    assert res.exit_code == 2 and "error: export_dir" in res.stderr and "--overwrite" in res.stderr, res.stderr
+    assert not (tmp_path / "w").exists() and {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()} == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    cfg = _tiny_recipe(tmp_path, "o", 2).model_copy(update={"export_dir": str(other)})
+    with pytest.raises(ConfigError, match="holds files this run did not write"):
+        run_pretrain(cfg, show_progress=False, log=lambda *_: None)
+    stats = run_pretrain(cfg, show_progress=False, log=lambda *_: None, overwrite=True)
+    assert stats["steps"] == 2 and (other / "model.safetensors").is_file()
+    # another work_dir's run (one that has exported before: it has a token of its own) does not take this export
+    # for its own
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "export_token").write_text("0" * 32)
+    with pytest.raises(ConfigError, match="holds files this run did not write"):
+        run_pretrain(_tiny_recipe(tmp_path, "p", 2).model_copy(update={"export_dir": str(other)}),
+                     show_progress=False, log=lambda *_: None)

@@ -270,17 +270,22 @@ def node_privacy(
 def pretrain(
     config: Annotated[Optional[Path], typer.Argument(help="pretraining YAML (default: the built-in model's recipe)")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set train.max_steps=100")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace what export_dir holds (the recipe's "
+                                            "export_dir is the shipped model's folder)")] = False,
 ):
-    """Pretrain the built-in tiny MoE (tokenizer + model) and export it with a model card."""
+    """Pretrain the built-in tiny MoE (tokenizer + model) and export it with a model card. An export_dir that
+    holds anything this run did not write (the shipped model included) is refused before training, unless
+    --overwrite."""
     from .config import ConfigError
-    from .pretrain import load_pretrain_config, run_pretrain
+    from .pretrain import check_export_dir, load_pretrain_config, run_pretrain
 
     try:
         cfg = load_pretrain_config(config, set_ or [])
+        check_export_dir(cfg, overwrite)
     except ConfigError as e:
         _error(f"{e}")
         raise typer.Exit(2)
-    stats = run_pretrain(cfg)
+    stats = run_pretrain(cfg, overwrite=overwrite)
     print(f"held-out loss {stats['heldout_loss']:.4f}, perplexity {stats['heldout_perplexity']:.2f}; "
           f"model card: {cfg.export_dir}/README.md")
 

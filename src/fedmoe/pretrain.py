@@ -15,6 +15,7 @@ from typing import Literal
 import io
 import json
 import math
+import os
 import platform
 import random
 import time
@@ -244,7 +245,43 @@ def _check_same_recipe(saved: dict | None, now: dict, ck_path: Path) -> None:
                      f"to start again.")
 
 
-def run_pretrain(cfg: PretrainConfig, show_progress: bool = True, log=print) -> dict:
+EXPORT_MARK = ".fedmoe-pretrain"  # in an export folder: the token of the work_dir whose run wrote it
+
+
+def _export_token(work: Path) -> str:
+    """The token that marks the exports of the run in ``work`` (made at its first start, kept with its
+    checkpoints): a resumed run replaces its own export, never another model."""
+    path = work / "export_token"
+    if not path.is_file():
+        atomic_write_text(path, os.urandom(16).hex())
+    return path.read_text().strip()
+
+
+def check_export_dir(cfg: PretrainConfig, overwrite: bool) -> None:
+    """Refuse, before any training, an ``export_dir`` that the export would overwrite: a file, or a folder
+    that holds something not written by this work_dir's run (the shipped built-in model, another run's export,
+    anything else), unless ``overwrite``."""
+    out, token_file = Path(cfg.export_dir), Path(cfg.work_dir) / "export_token"
+    token = token_file.read_text().strip() if token_file.is_file() else None
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export_dir {out} is a file, not a folder: give --set export_dir=NEW_FOLDER")
+    if overwrite or not out.is_dir() or not any(out.iterdir()):
+        return
+    mark = out / EXPORT_MARK
+    if token is not None and mark.is_file() and mark.read_text().strip() == token:
+        return  # this run's own earlier export (it resumed)
+    from .moe.model import BUILTIN_MODELS, builtin_model_path
+
+    shipped = [f"builtin:{name}" for name in BUILTIN_MODELS
+               if (path := builtin_model_path(f"builtin:{name}")) is not None and path.resolve() == out.resolve()]
+    what = f"the shipped model {shipped[0]}" if shipped else "files this run did not write"
+    raise ConfigError(f"export_dir {out} holds {what}: pretraining would replace them; give --set "
+                      f"export_dir=NEW_FOLDER, or pass --overwrite to replace them")
+
+
+def run_pretrain(cfg: PretrainConfig, show_progress: bool = True, log=print, overwrite: bool = False) -> dict:
+    """Pretrain (resuming from ``work_dir``'s checkpoint) and export into ``export_dir``, which must be new,
+    empty, or this run's own export unless ``overwrite`` (:func:`check_export_dir`, before any training)."""
     from transformers import AutoModelForCausalLM
 
     from .moe.model import resolve_device
@@ -257,7 +294,9 @@ def run_pretrain(cfg: PretrainConfig, show_progress: bool = True, log=print) -> 
         raise ConfigError(f"train.precision: bf16 autocast is for cuda, but train.device is {t.device!r} "
                           f"(resolved to {device}); use precision fp32 on cpu")
     work = Path(cfg.work_dir)
+    check_export_dir(cfg, overwrite)
     work.mkdir(parents=True, exist_ok=True)
+    token = _export_token(work)
     ck_path = work / "checkpoint.pt"
     # read (and a file that is not tensors and plain values refused) before any work is done
     from .rundir import load_tensor_file
@@ -356,7 +395,7 @@ def run_pretrain(cfg: PretrainConfig, show_progress: bool = True, log=print) -> 
     machine = (f"{platform.machine()}, {torch.get_num_threads()} threads, cpu" if device.type != "cuda" else
                f"cuda {torch.cuda.get_device_name(device)} ({t.precision})")
     model.to("cpu")
-    return export(cfg, model, tokenizer, held_blocks, history, n_params, tokens_seen, wall, log, machine)
+    return export(cfg, model, tokenizer, held_blocks, history, n_params, tokens_seen, wall, log, machine, token)
 
 
 # ------------------------------------------------------------------------------ export + card
@@ -389,13 +428,16 @@ def fixed_batch(held_blocks: torch.Tensor) -> torch.Tensor:
     return held_blocks[:4, :128]
 
 
-def export(cfg, model, tokenizer, held_blocks, history, n_params, tokens_seen, wall, log, machine: str) -> dict:
+def export(cfg, model, tokenizer, held_blocks, history, n_params, tokens_seen, wall, log, machine: str,
+           token: str | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     from .rundir import ordinary_permissions
 
     out = Path(cfg.export_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if token is not None:
+        atomic_write_text(out / EXPORT_MARK, token)
     model.eval()
     model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
@@ -434,7 +476,7 @@ def model_card(cfg: PretrainConfig, s: dict, history: list[dict]) -> str:
         "recipe, so that federated fine-tuning in fedmoe starts from a model that already writes English.",
         "It is a research toy (~{:.1f}M parameters), not a useful assistant.".format(s["params"] / 1e6), "",
         "## Recipe", "",
-        "```bash", "fedmoe pretrain configs/pretrain-tiny-moe.yaml", "```", "",
+        "```bash", "fedmoe pretrain configs/pretrain-tiny-moe.yaml --overwrite   # replaces this folder", "```", "",
         f"* architecture: `OlmoeForCausalLM`, {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads, "
         f"{m.num_experts} experts of intermediate size {m.intermediate_size}, top-{m.top_k}, `norm_topk_prob=false` "
         f"(like OLMoE), load-balancing loss coefficient {m.router_aux_loss_coef} "
