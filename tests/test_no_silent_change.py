@@ -73,7 +73,7 @@ def test_a_boolean_text_or_fraction_is_not_a_whole_number(tmp_path):
     _, cfg = _load(tmp_path, "", ["train.activation_checkpointing=2"])  # true, or every n-th layer: a number fits
     assert cfg.train.activation_checkpointing == 2
     # what stays: --set's text parsed as YAML, an int where a float goes, YAML 1.1's text 1e-4 for a float
-    _, cfg = _load(tmp_path, "train:\n  lr: 1\n  min_lr: 1e-5\n", ["federation.rounds=3"])
+    _, cfg = _load(tmp_path, "train:\n  lr: 1\n  min_lr: 1e-5\n  schedule: cosine\n", ["federation.rounds=3"])
     assert cfg.federation.rounds == 3 and cfg.train.lr == 1.0 and cfg.train.min_lr == 1e-5
     assert isinstance(cfg.federation.rounds, int) and not isinstance(cfg.federation.rounds, bool)
 
@@ -88,6 +88,24 @@ def test_a_boolean_text_or_fraction_is_not_a_whole_number(tmp_path):
 ])
 def test_nan_and_infinity_are_refused_naming_the_key(tmp_path, text, want):
     assert want in _error(tmp_path, text)
+
+
+def test_epochs_beside_max_steps_and_a_floor_without_cosine_are_refused_not_ignored(tmp_path):
+    """max_steps decides a round's steps; epochs count only without it: epochs = 3 beside max_steps = 20 was
+    accepted and trained 20 steps. Refused, naming both and the null that makes epochs count; the default
+    epochs (1) beside max_steps stays accepted (every run directory's config.yaml holds both)."""
+    assert ("train.epochs = 3, but train.max_steps = 20 decides how many steps a round trains"
+            in _error(tmp_path, "train:\n  max_steps: 20\n", ["train.epochs=3"]))
+    assert "set train.max_steps: null to train by epochs" in _error(tmp_path, "train:\n  epochs: 0.5\n")
+    _, cfg = _load(tmp_path, "train:\n  epochs: 3\n  max_steps: null\n")
+    assert (cfg.train.epochs, cfg.train.max_steps) == (3.0, None)
+    _, cfg = _load(tmp_path, "train:\n  epochs: 1\n  max_steps: 7\n")
+    assert (cfg.train.epochs, cfg.train.max_steps) == (1.0, 7)
+    # likewise the floor of a cosine schedule under the constant one
+    assert "train.min_lr = 1e-05 is the floor of schedule: cosine, but train.schedule is constant" in _error(
+        tmp_path, "train:\n  min_lr: 1.0e-5\n")
+    _, cfg = _load(tmp_path, "train:\n  min_lr: 1.0e-5\n  schedule: cosine\n")
+    assert cfg.train.min_lr == 1e-5
 
 
 def test_null_is_still_no_value(tmp_path):
@@ -163,3 +181,13 @@ def test_a_resume_refuses_changed_data_naming_the_file_and_resumes_when_it_is_ba
     names = {p.name for p in rd.checkpoint_dir.iterdir()}
     assert not names & set(LEFTOVERS) and set(KEPT) <= names
     assert any("removed 3 temporary file(s) an interrupted checkpoint write left" in str(x) for x in logs)
+
+
+def test_a_label_task_scored_as_free_text_is_refused(tmp_path):
+    """data.field_map.label makes each answer its label's name; under eval.task: generate every client scored
+    ROUGE-L 0.00 of free text against 'brainstorming'. Refused, naming the label field and eval.task: choice."""
+    why = _error(tmp_path, "data:\n  field_map: {label: category}\n")
+    assert "data.field_map.label = 'category' makes each example's answer its label" in why
+    assert "set eval.task: choice" in why
+    _, cfg = _load(tmp_path, "data:\n  field_map: {label: category}\neval:\n  task: choice\n")
+    assert cfg.eval.task == "choice"

@@ -313,7 +313,8 @@ def test_a_key_a_newer_fedmoe_added_inside_an_optional_section_counts_as_its_def
 @pytest.mark.parametrize("section", [["federation.robust.rule=median"],
                                      ["federation.secagg.clipping_range=8", "federation.runtime=flower-sim"],
                                      ["federation.dp.clip_norm=1", "federation.dp.noise_multiplier=1"],
-                                     ["data.concept_shift.groups=2", "data.field_map.label=category"]])
+                                     ["data.concept_shift.groups=2", "data.field_map.label=category",
+                                      "eval.task=choice"]])
 def test_a_section_added_or_removed_on_resume_is_refused_even_at_its_defaults(section):
     """A section whose every key is at its default (robust: median; secagg: clipping_range 8) differs from no
     section at all: dropping secagg on resume would send the updates unmasked. Both ways refused, by name."""

@@ -177,7 +177,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_steps: int | None = Field(20, ge=1)  # optimizer steps per round; None = use epochs
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0)  # passes over the client's data per round, when max_steps is null
     grad_clip: float | None = Field(1.0, gt=0)
     aux_loss: bool = False  # add the model's MoE load-balancing loss
     aux_loss_coef: float | None = Field(None, ge=0)  # None = the model config's router_aux_loss_coef
@@ -203,6 +203,18 @@ class TrainConfig(_Strict):
     def _yaml_on_off(cls, v):
         # YAML reads a bare on / off as a boolean: `bf16: on` and `--set train.bf16=on` mean "on"
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _no_value_that_would_be_ignored(self):
+        # epochs other than the default while max_steps decides the round would be ignored without a word
+        if self.max_steps is not None and self.epochs != 1.0:
+            raise ValueError(f"train.epochs = {self.epochs:g}, but train.max_steps = {self.max_steps} decides how many "
+                             "steps a round trains (epochs are used only without it): set train.max_steps: null to "
+                             "train by epochs, or remove train.epochs")
+        if self.schedule == "constant" and self.min_lr != 0:
+            raise ValueError(f"train.min_lr = {self.min_lr:g} is the floor of schedule: cosine, but train.schedule is "
+                             "constant (lr throughout): set train.schedule: cosine, or remove train.min_lr")
+        return self
 
     @model_validator(mode="after")
     def _momentum_is_sgds(self):
@@ -428,6 +440,16 @@ class RunConfig(_Strict):
                 f"algorithm.client_top_k has {len(ks)} entries but data.partition.num_clients is {n}; "
                 "give one k per client"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _label_is_scored_by_choice(self):
+        # a label's name as the reference of a generated answer: ROUGE-L of free text against 'brainstorming'
+        if "label" in self.data.field_map and self.eval.task != "choice":
+            raise ValueError(f"data.field_map.label = {self.data.field_map['label']!r} makes each example's answer "
+                             "its label, which eval.task: generate would score by ROUGE-L of free text against the "
+                             "label's name: set eval.task: choice (accuracy over the labels), or map the answer "
+                             "text instead (data.field_map.output)")
         return self
 
     @model_validator(mode="after")
