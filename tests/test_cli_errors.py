@@ -140,7 +140,10 @@ def test_mmlu_batch_size_zero(tmp_path):
 
 
 @pytest.mark.processes
-def test_sigint_during_a_run_says_where_the_checkpoint_is(tmp_path):
+@pytest.mark.parametrize("sig, code, cause", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_sigint_during_a_run_says_where_the_checkpoint_is(tmp_path, sig, code, cause):
+    """Ctrl-C, or the SIGTERM a batch scheduler or `kill` sends, stops a run with its lock released and one line
+    saying where its checkpoint is and how to resume (exit 130, 143); SIGTERM had killed it silently, the lock left."""
     sets = TINY + ["federation.rounds=200", f"output_dir={tmp_path}", "name=int"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     # the child starts with SIGINT unblocked and handled by default, as from a terminal (once in a full-suite
@@ -153,12 +156,13 @@ def test_sigint_during_a_run_says_where_the_checkpoint_is(tmp_path):
     deadline = time.time() + 300
     while not (run / "checkpoints" / "state.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert proc.returncode == code, out[-2000:] + err[-2000:]
     assert "Traceback" not in out + err
     [line] = [x for x in err.splitlines() if x.startswith("interrupted:")]
-    assert f"the last checkpoint is in {run / 'checkpoints'}" in line and f"`fedmoe run --resume {run}`" in line
+    assert f"stopped ({cause}): the last checkpoint is in {run / 'checkpoints'}" in line
+    assert f"`fedmoe run --resume {run}`" in line
     assert not (run / "run.lock").exists() and not (run / "summary.json").exists()
 
 

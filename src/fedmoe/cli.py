@@ -31,19 +31,35 @@ def _os_error(e: OSError) -> str:
     return str(e)
 
 
-def _interrupted(path: Optional[Path], sweep: Optional[Path]) -> str:
-    """What Ctrl-C left behind and how to go on."""
+# `fedmoe run` in a process of its own (main): SIGTERM — what a batch scheduler or `kill` sends — stops the run as
+# Ctrl-C does (the lock released, where to resume said), exit status 143; other commands keep dying of it
+_STOP = {"running": False, "signal": None}
+
+
+def _on_sigterm(signum, frame):
+    if not _STOP["running"]:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    _STOP["signal"] = "SIGTERM"
+    raise KeyboardInterrupt
+
+
+def _interrupted(path: Optional[Path], sweep: Optional[Path], cause: str = "Ctrl-C") -> str:
+    """What Ctrl-C (or SIGTERM: ``cause``) left behind and how to go on."""
     from .federation.checkpoint import has_checkpoint
 
     if path is None:
-        return "stopped (Ctrl-C) before the run started: nothing was written"
+        return f"stopped ({cause}) before the run started: nothing was written"
     if sweep is not None:
-        return (f"stopped (Ctrl-C) in the sweep point {path}: continue the sweep with `fedmoe run {sweep}` (finished "
+        return (f"stopped ({cause}) in the sweep point {path}: continue the sweep with `fedmoe run {sweep}` (finished "
                 "points are kept, this one " + ("resumes from its checkpoint)" if has_checkpoint(path) else "starts over)"))
     if has_checkpoint(path):
-        return (f"stopped (Ctrl-C): the last checkpoint is in {path / 'checkpoints'}; continue with "
+        return (f"stopped ({cause}): the last checkpoint is in {path / 'checkpoints'}; continue with "
                 f"`fedmoe run --resume {path}`")
-    return (f"stopped (Ctrl-C) before the first checkpoint: nothing to resume in {path}; run the same command again "
+    return (f"stopped ({cause}) before the first checkpoint: nothing to resume in {path}; run the same command again "
             "to start over")
 
 
@@ -90,6 +106,7 @@ def run(
     from .report import format_results_table
 
     console = Console()
+    _STOP["running"] = True
     if quiet:
         _no_library_bars()
     if runtime is not None:
@@ -121,9 +138,10 @@ def run(
             console.print(f"[bold]fedmoe run[/]: {cfg.algorithm.name} on {cfg.model.name}, "
                           f"{cfg.data.partition.num_clients} clients, {cfg.federation.rounds} rounds")
             summary, rd = start_run(cfg, show_progress=not quiet, federation=federation, overwrite=overwrite)
-    except KeyboardInterrupt as e:  # Ctrl-C: say what is left and how to go on
-        _error(_interrupted(getattr(e, "path", None), sweep), label="interrupted")
-        raise typer.Exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say what is left and how to go on
+        sigterm = _STOP["signal"] == "SIGTERM"
+        _error(_interrupted(getattr(e, "path", None), sweep, "SIGTERM" if sigterm else "Ctrl-C"), label="interrupted")
+        raise typer.Exit(143 if sigterm else 130)
     except (ConfigError, ValueError, FileNotFoundError, KeyError, RuntimeError, TimeoutError) as e:
         _error(e)
         raise typer.Exit(2)
@@ -644,6 +662,9 @@ def main():
     # kernel fedmoe never calls is missing; PEFT asks transformers a question under its deprecated name
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app()
 
 

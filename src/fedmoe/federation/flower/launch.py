@@ -161,6 +161,8 @@ def run_deployment(cfg: RunConfig, rd: RunDir, federation: str, resume: bool = F
     run_id = None
 
     def terminate(signum, frame):
+        if callable(previous):  # fedmoe's own (the CLI's: it records that SIGTERM stopped the run)
+            previous(signum, frame)
         raise KeyboardInterrupt
 
     import threading
