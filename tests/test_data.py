@@ -495,3 +495,22 @@ def test_the_field_map_hint_names_every_field_the_template_uses(tmp_path):
                                 "category": "closed_qa"}) + "\n")
     with pytest.raises(DataError, match=r"set data.field_map: \{input: context, output: response\}"):
         load_examples(str(path))
+
+
+def test_the_dirichlet_mode_is_a_config_key():
+    """data.partition.dirichlet_mode reaches the partition: `client` (default) gives near-equal client sizes,
+    `category` (Hsu et al.) the sizes its per-category draw gives — those of partition(..., "category")."""
+    def sizes(mode):
+        cfg = DataConfig.model_validate({"max_examples": 600, "partition": {
+            "scheme": "dirichlet", "num_clients": 4, "alpha": 0.3, **({"dirichlet_mode": mode} if mode else {})}})
+        return [len(c.train) + len(c.val) + len(c.test) for c in prepare_federated_data(cfg, seed=3).clients]
+
+    client, default, category = sizes("client"), sizes(None), sizes("category")
+    assert client == default and max(client) - min(client) <= 1
+    assert max(category) - min(category) > 20
+    from fedmoe.data import load_examples, partition
+    from fedmoe.data.prepare import _filter_and_subsample
+
+    examples = _filter_and_subsample(DataConfig(max_examples=600), load_examples("dolly").examples, 3)
+    assert sorted(category) == sorted(len(p) for p in partition(examples, "dirichlet", 4, 3, alpha=0.3,
+                                                                dirichlet_mode="category"))

@@ -74,6 +74,10 @@ class PartitionConfig(_Strict):
     scheme: Literal["iid", "dirichlet", "pathological", "shards", "source"] = "dirichlet"
     num_clients: int = Field(4, ge=1)
     alpha: float = Field(0.5, gt=0)  # Dirichlet concentration
+    # dirichlet: "client", each client a category mixture p_i ~ Dir(alpha) and near-equal client sizes (FLAME,
+    # FLEx); "category", each category split over the clients by q_c ~ Dir(alpha), client sizes vary too
+    # (Hsu et al. 2019)
+    dirichlet_mode: Literal["client", "category"] = "client"
     # pathological: explicit category per client (else the most frequent categories, in order)
     categories: list[str] | None = None
     # shards (McMahan et al. 2017): sorted by category, cut into num_clients x shards_per_client shards,

@@ -193,7 +193,7 @@ def prepare_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
     examples, heldout = hold_out(examples, cfg.heldout, seed)
     pc = cfg.partition
     parts = partition(examples, pc.scheme, pc.num_clients, seed, alpha=pc.alpha, categories=pc.categories,
-                      shards_per_client=pc.shards_per_client)
+                      shards_per_client=pc.shards_per_client, dirichlet_mode=pc.dirichlet_mode)
     groups, maps = _shift(cfg, labels, seed)
     clients = [_client(cfg, examples, part, seed, cid, None if maps is None else maps[groups[cid]])
                for cid, part in enumerate(parts)]
