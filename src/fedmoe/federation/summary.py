@@ -8,8 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..config import config_to_dict
 from ..eval import paired_bootstrap
 from ..report import build_summary
+from ..report.method import method_info
 from ..seeds import Stream, derive_seed
 
 
@@ -189,7 +191,7 @@ def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, 
                         # the clients whose test data the global numbers leave out: failed, or kept by their nodes
                         "clients_missing": g.get("clients_missing"), "clients_withheld": g.get("clients_withheld"),
                         f"{metric}_change": answer_change(ordered, cfg.seed)},
-        extra={"task": cfg.eval.task, "labels": cfg.data.labels, "label_groups": label_groups(cfg),
+        extra={"method": method_info(config_to_dict(cfg)), "task": cfg.eval.task, "labels": cfg.data.labels, "label_groups": label_groups(cfg),
                # False (local_only): the "global" model numbers are the initial model's
                "global_model_trained": _trains_global_model(cfg),
                "num_clients": len(records), "fraction": cfg.federation.fraction, "num_moe_layers": spec.num_moe_layers,

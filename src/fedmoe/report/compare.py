@@ -15,6 +15,7 @@ from pathlib import Path
 from ..configbase import flat_keys
 from ..eval.stats import format_change
 from ..rundir import RunDir, atomic_write_bytes
+from .method import config_robust, format_method, method_info
 
 
 def personal_or_global(summary: dict, key: str):
@@ -151,9 +152,22 @@ def _cell(x, digits: int = 4) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def run_method(run: Run) -> str:
+    """The run's method with its server optimizer (settings as resolved), FedProx's μ and robust aggregation: from
+    its summary.json's ``method`` (as the run resolved it), else — an unfinished run, or one written before the
+    summary had it — from its config.yaml (an ``lr: null`` resolved by this fedmoe's defaults)."""
+    summary = run.summary or {}
+    method = summary.get("method")
+    if not isinstance(method, dict):
+        method = method_info(run.config)
+    robust = summary.get("robust") or config_robust(run.config)
+    return format_method(method, robust if isinstance(robust, dict) else None,
+                         name=method.get("name") or run.setting("algorithm", "name", "–"))
+
+
 def format_comparison(runs: list[Run]) -> str:
     head = ["", *[r.label for r in runs]]
-    rows = [["method"] + [r.setting("algorithm", "name", "–") for r in runs],
+    rows = [["method"] + [run_method(r) for r in runs],
             ["model"] + [r.setting("model", "name", "–") for r in runs],
             ["rounds done"] + [f"{r.rounds_done} of {r.setting('federation', 'rounds', '?')}"
                                + ("" if r.summary else " (unfinished)") for r in runs]]

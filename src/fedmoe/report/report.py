@@ -7,6 +7,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from fedmoe.report.method import method_parts
 from fedmoe.rundir import RunDir, atomic_write_bytes, atomic_write_text
 
 DASH = "–"  # shown for a missing value (None)
@@ -715,12 +716,8 @@ def write_report(
         f"rounds: {_plain(summary.get('rounds'))} · seed: {_plain(summary.get('seed'))} · "
         f"wall time: {format_duration(summary.get('wall_s'))}"
     )
-    robust = summary.get("robust")
-    if robust:
-        rule = robust["rule"] + (f" (trim {robust['trim']:g})" if robust["rule"] == "trimmed_mean" else "")
-        rule += (f" (f = {robust['krum_malicious']}, keep {robust['krum_keep'] or 1})" if robust["rule"] == "krum" else "")
-        bound = f", each update's norm bounded to {robust['norm_bound']:g}" if robust.get("norm_bound") else ""
-        facts += f" · robust aggregation: {rule}{bound}"
+    # what the method runs beyond its name: the server optimizer as resolved, FedProx's μ, robust aggregation
+    facts += "".join(f" · {part}" for part in method_parts(summary.get("method"), summary.get("robust")))
     parts = [title, "", facts, "", "## Results", "", format_results_table(summary, flops_seq_len(run_dir)), ""]
     parts += format_health(summary)
     parts += format_failures(summary)
