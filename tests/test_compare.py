@@ -197,3 +197,33 @@ def test_the_method_row_of_a_run_without_summary_method_is_read_from_its_config(
         "| method | fedit · server optimizer fedavgm (η = 0.5, momentum = 0.9) | fedit · server optimizer fedavgm "
         "(η = 0.7, momentum = 0.9) |")
 
+
+def test_each_score_has_its_n_and_bytes_say_total_or_per_round(adam_runs, tmp_path):
+    """The results table (fedmoe run's and report.md's) gives each ROUGE-L the number of test examples it is the mean
+    over; its bytes are each client's total over the run (the sum of its train rows in metrics.jsonl), compare's are
+    that total per round trained; the last row is the global model's, its summed cells marked Σ and said so."""
+    from fedmoe.report import format_results_table, human_bytes
+    from fedmoe.report.compare import BYTES_PER_ROUND
+
+    cfg, summary, path = adam_runs["fedadam"]
+    lines = format_results_table(summary, cfg.eval.flops_seq_len).splitlines()
+    head = [h.strip() for h in lines[0].strip("|").split("|")]
+    assert head[4:9] == ["ROUGE-L", "n scored", "loss", "bytes up (total, all rounds)", "bytes down (total, all rounds)"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:5]]
+    train = [r for r in load_run(path).metrics if r["kind"] == "train"]
+    for c, row in zip(summary["clients"], rows):
+        assert c["n_scored"] == len(c["scores"]) == 1 and row[4] == f"{c['rouge_l']:.2f}" and row[5] == "1"
+        assert c["bytes_up"] == sum(r["bytes_up"] for r in train if r["client"] == c["id"])
+        assert row[7] == human_bytes(c["bytes_up"]) and row[8] == human_bytes(c["bytes_down"])
+        assert c["rounds_trained"] == 2
+    g = rows[2]
+    assert g[0] == "global model" and g[3] == f"Σ {sum(c['n_train'] for c in summary['clients'])}"
+    assert g[4] == f"{summary['global']['rouge_l']:.2f}" and g[5] == "2" == str(summary["global"]["n_scored"])
+    assert g[7] == "Σ " + human_bytes(sum(c["bytes_up"] for c in summary["clients"]))
+    assert "Σ marks a sum over the clients above (n_train, bytes); ROUGE-L, n scored and loss are the global model's own" \
+        in lines[6]
+    assert "\n".join(lines) in (path / "report.md").read_text()
+    table, _ = compare_runs([path], tmp_path / "cmp")
+    per_round = next(line for line in table.splitlines() if line.startswith(f"| {BYTES_PER_ROUND} |"))
+    mean = sum(c["bytes_up"] / c["rounds_trained"] for c in summary["clients"]) / 2
+    assert per_round == f"| {BYTES_PER_ROUND} | {mean / 1e6:.2f} MB |" and "total" in BYTES_PER_ROUND

@@ -110,7 +110,7 @@ def test_cli_runs_a_tiny_experiment_end_to_end(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "Loading weights" not in r.stdout + r.stderr and "%|" not in r.stdout + r.stderr
-    assert "| global |" in r.stdout and f"report: {tmp_path}/cli/report.md" in r.stdout
+    assert "| global model |" in r.stdout and f"report: {tmp_path}/cli/report.md" in r.stdout
     assert (tmp_path / "cli" / "summary.json").is_file()
 
 

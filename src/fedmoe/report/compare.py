@@ -25,8 +25,13 @@ def personal_or_global(summary: dict, key: str):
     return sum(vals) / len(vals) if vals else summary["global"].get(key)
 
 
+# what bytes_per_round is: the results table's bytes are each client's total over the run, this divides it
+BYTES_PER_ROUND = "bytes up per client per round (its total ÷ rounds it trained, mean over clients)"
+
+
 def bytes_per_round(summary: dict) -> str:
-    """Uplink per client per round, averaged over the clients that trained."""
+    """Uplink per client per round: each client's total ``bytes_up`` over the run divided by the rounds it trained,
+    averaged over the clients that trained (:data:`BYTES_PER_ROUND`)."""
     per = [c["bytes_up"] / c["rounds_trained"] for c in summary["clients"] if c.get("rounds_trained")]
     return "–" if not per else f"{sum(per) / len(per) / 1e6:.2f} MB"
 
@@ -189,7 +194,7 @@ def format_comparison(runs: list[Run]) -> str:
         format_change(r.summary["global"].get(f"{key}_change")) if r.summary else "–" for r in runs])
     rows.append(["client test loss, mean"] + [
         _cell(personal_or_global(r.summary, "loss")) if r.summary else "–" for r in runs])
-    rows.append(["bytes up per client per round"] + [bytes_per_round(r.summary) if r.summary else "–" for r in runs])
+    rows.append([BYTES_PER_ROUND] + [bytes_per_round(r.summary) if r.summary else "–" for r in runs])
     rows.append(["wall"] + [f"{r.summary['wall_s'] / 60:.1f} min" if r.summary else "–" for r in runs])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(runs)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
