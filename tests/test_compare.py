@@ -127,3 +127,103 @@ def test_runs_scored_on_different_test_data_are_said_to_differ(runs, tmp_path):
     seeds[1].config["data"]["source"] = "alpaca"  # a seed and another setting: not like for like, both named
     assert "Not like for like: these runs were scored on different test data or scoring (data.source: \"dolly\" | " \
            "\"alpaca\"; seed: 0 | 1)" in format_comparison(seeds)
+
+
+# ------------------------------------------------------------------ what ran and what was scored, said where shown
+ADAM = ["algorithm.server_optimizer.name=fedadam", "algorithm.fedit.proximal_mu=0.01"]
+# data.max_examples=30 over 2 clients: one test example each, the case a reader took for a measured ROUGE-L
+SCORED = [s for s in TINY if not s.startswith(("eval.rouge", "data.max_examples"))] + [
+    "data.max_examples=30", "eval.max_new_tokens=3"]
+
+
+@pytest.fixture(scope="module")
+def adam_runs(tmp_path_factory):
+    """A FedIT run and a FedAdam + FedProx run of the same config, ROUGE-L scored on one example per client."""
+    root = tmp_path_factory.mktemp("adam")
+    out = {}
+    for name, sets in (("fedit", []), ("fedadam", ADAM)):
+        cfg = load_config(None, SCORED + sets + [f"output_dir={root}", f"name={name}"])
+        summary, rd = run_federated(cfg)
+        out[name] = (cfg, summary, rd.path)
+    return out
+
+
+def test_the_server_optimizer_and_mu_are_named_wherever_the_method_is(adam_runs, tmp_path):
+    """A FedIT vs FedAdam (+ FedProx) comparison read "method fedit" twice and the report's header named neither:
+    summary.json's method, the report's header and compare's method row now name the optimizer with η as resolved
+    (lr: null -> FedAdam's 1e-2, the η its update used) and its β, τ, and μ; plain FedIT stays "fedit"."""
+    from fedmoe.algorithms.server_opt import server_lr
+
+    cfg, summary, path = adam_runs["fedadam"]
+    assert cfg.algorithm.server_optimizer.lr is None  # config.yaml keeps null (README: resolved at the start)
+    assert summary["method"] == {"name": "fedit", "proximal_mu": 0.01, "server_optimizer": {
+        "name": "fedadam", "lr": server_lr(cfg.algorithm.server_optimizer), "beta1": 0.9, "beta2": 0.99, "tau": 0.001,
+        "convention": "reddi"}}
+    assert json.loads((path / "summary.json").read_text())["method"] == summary["method"]
+    assert adam_runs["fedit"][1]["method"] == {"name": "fedit", "server_optimizer": None, "proximal_mu": None}
+    said = "server optimizer fedadam (η = 0.01, β1 = 0.9, β2 = 0.99, τ = 0.001) · FedProx μ = 0.01"
+    header = (path / "report.md").read_text().splitlines()[2]
+    assert header.startswith("rounds: 2 · seed: 0 · wall time:") and header.endswith(" · " + said)
+    assert "server optimizer" not in (adam_runs["fedit"][2] / "report.md").read_text().splitlines()[2]
+    table, _ = compare_runs([adam_runs["fedit"][2], path], tmp_path / "cmp")
+    row = next(line for line in table.splitlines() if line.startswith("| method |"))
+    assert row == f"| method | fedit | fedit · {said} |"
+
+
+def test_the_method_row_of_a_run_without_summary_method_is_read_from_its_config():
+    """Runs written before summary.json had "method" (or unfinished: no summary) are named from config.yaml: the
+    optimizer's η resolved by its default where config.yaml says null, μ also where an older config.yaml keeps it
+    under train.proximal_mu; a summary's own method (η as the run resolved it) wins over its config."""
+    from fedmoe.report.compare import Run, format_comparison
+
+    def method_row(*runs):
+        return next(line for line in format_comparison(list(runs)).splitlines() if line.startswith("| method |"))
+
+    old = {"algorithm": {"name": "scaffold", "server_optimizer": {"name": "fedyogi", "lr": None, "beta1": 0.8,
+                                                                   "convention": "flower"}},
+           "train": {"proximal_mu": 0.1}, "federation": {"robust": {"rule": "median", "norm_bound": 2.0}}}
+    finished = {"global": {}, "clients": [], "wall_s": 1.0, "algorithm": "scaffold"}
+    assert method_row(Run("old", Path("old"), old, [], finished), Run("cut", Path("cut"), old, [], None)) == (
+        "| method | " + " | ".join(["scaffold · server optimizer fedyogi (η = 0.01, β1 = 0.8, β2 = 0.99, τ = 0.001, "
+                                    "Flower's convention) · FedProx μ = 0.1 · robust aggregation: median, each update's "
+                                    "norm bounded to 2"] * 2) + " |")
+    plain = {"algorithm": {"name": "fedit", "server_optimizer": {"name": "none", "lr": None},
+                           "fedit": {"proximal_mu": 0.0}}}
+    assert method_row(Run("fedit", Path("fedit"), plain, [], finished)) == "| method | fedit |"
+    avgm = {"algorithm": {"name": "fedit", "server_optimizer": {"name": "fedavgm", "lr": 0.5}}}
+    recorded = {**finished, "method": {"name": "fedit", "server_optimizer": {"name": "fedavgm", "lr": 0.7,
+                                                                            "momentum": 0.9}, "proximal_mu": None}}
+    assert method_row(Run("a", Path("a"), avgm, [], finished), Run("b", Path("b"), avgm, [], recorded)) == (
+        "| method | fedit · server optimizer fedavgm (η = 0.5, momentum = 0.9) | fedit · server optimizer fedavgm "
+        "(η = 0.7, momentum = 0.9) |")
+
+
+def test_each_score_has_its_n_and_bytes_say_total_or_per_round(adam_runs, tmp_path):
+    """The results table (fedmoe run's and report.md's) gives each ROUGE-L the number of test examples it is the mean
+    over; its bytes are each client's total over the run (the sum of its train rows in metrics.jsonl), compare's are
+    that total per round trained; the last row is the global model's, its summed cells marked Σ and said so."""
+    from fedmoe.report import format_results_table, human_bytes
+    from fedmoe.report.compare import BYTES_PER_ROUND
+
+    cfg, summary, path = adam_runs["fedadam"]
+    lines = format_results_table(summary, cfg.eval.flops_seq_len).splitlines()
+    head = [h.strip() for h in lines[0].strip("|").split("|")]
+    assert head[4:9] == ["ROUGE-L", "n scored", "loss", "bytes up (total, all rounds)", "bytes down (total, all rounds)"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:5]]
+    train = [r for r in load_run(path).metrics if r["kind"] == "train"]
+    for c, row in zip(summary["clients"], rows):
+        assert c["n_scored"] == len(c["scores"]) == 1 and row[4] == f"{c['rouge_l']:.2f}" and row[5] == "1"
+        assert c["bytes_up"] == sum(r["bytes_up"] for r in train if r["client"] == c["id"])
+        assert row[7] == human_bytes(c["bytes_up"]) and row[8] == human_bytes(c["bytes_down"])
+        assert c["rounds_trained"] == 2
+    g = rows[2]
+    assert g[0] == "global model" and g[3] == f"Σ {sum(c['n_train'] for c in summary['clients'])}"
+    assert g[4] == f"{summary['global']['rouge_l']:.2f}" and g[5] == "2" == str(summary["global"]["n_scored"])
+    assert g[7] == "Σ " + human_bytes(sum(c["bytes_up"] for c in summary["clients"]))
+    assert "Σ marks a sum over the clients above (n_train, bytes); ROUGE-L, n scored and loss are the global model's own" \
+        in lines[6]
+    assert "\n".join(lines) in (path / "report.md").read_text()
+    table, _ = compare_runs([path], tmp_path / "cmp")
+    per_round = next(line for line in table.splitlines() if line.startswith(f"| {BYTES_PER_ROUND} |"))
+    mean = sum(c["bytes_up"] / c["rounds_trained"] for c in summary["clients"]) / 2
+    assert per_round == f"| {BYTES_PER_ROUND} | {mean / 1e6:.2f} MB |" and "total" in BYTES_PER_ROUND

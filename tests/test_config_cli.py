@@ -110,7 +110,7 @@ def test_cli_runs_a_tiny_experiment_end_to_end(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "Loading weights" not in r.stdout + r.stderr and "%|" not in r.stdout + r.stderr
-    assert "| global |" in r.stdout and f"report: {tmp_path}/cli/report.md" in r.stdout
+    assert "| global model |" in r.stdout and f"report: {tmp_path}/cli/report.md" in r.stdout
     assert (tmp_path / "cli" / "summary.json").is_file()
 
 
@@ -138,3 +138,28 @@ def test_every_positional_argument_shows_its_help():
             assert " ".join(help_text.split()[:4]) in out, (name, p.name, out[:2000])
             checked += 1
     assert checked >= 8
+
+
+def test_the_start_line_names_the_server_optimizer_and_mu(monkeypatch):
+    """`fedmoe run --set algorithm.server_optimizer.name=fedyogi --set algorithm.fedit.proximal_mu=0.01` said only
+    "fedit on ...": its first line names the optimizer with η as resolved (lr: null -> FedYogi's 1e-2), its β, τ, and
+    μ; a plain run's line is as before."""
+    from typer.testing import CliRunner
+
+    import fedmoe.federation.entry as entry
+    from fedmoe.cli import app
+
+    def stop(*a, **k):
+        raise ValueError("stopped before the run")
+
+    monkeypatch.setattr(entry, "start_run", stop)
+    sets = ["algorithm.server_optimizer.name=fedyogi", "algorithm.server_optimizer.beta2=0.9",
+            "algorithm.fedit.proximal_mu=0.01"]
+    res = CliRunner().invoke(app, ["run", *[x for s in sets for x in ("--set", s)]])
+    out = " ".join(res.output.split())  # rich wraps the line at the terminal's width
+    assert res.exit_code == 2 and "stopped before the run" in out
+    assert ("fedmoe run: fedit on builtin:tiny-moe, 4 clients, 3 rounds · server optimizer fedyogi (η = 0.01, β1 = 0.9, "
+            "β2 = 0.9, τ = 0.001) · FedProx μ = 0.01") in out
+    res = CliRunner().invoke(app, ["run", "--set", "federation.robust.rule=median"])
+    assert "fedmoe run: fedit on builtin:tiny-moe, 4 clients, 3 rounds · robust aggregation: median" in \
+        " ".join(res.output.split())

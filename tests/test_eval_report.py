@@ -288,9 +288,9 @@ def test_write_report(tmp_path):
     text = path.read_text(encoding="utf-8")
     assert "flame" in text and "tiny-olmoe" in text and "rounds: 3" in text and "seed: 7" in text
     assert "2m 05s" in text
-    assert "| 0 | 8 | 20 | 900 | 31.20 | 2.1000 | 1.23 MB | 2.00 MB | 3.40e+11 |" in text
-    assert "| 1 | 4 | 8 | 100 | – | 2.5432 | 999 B | 12.35 kB | – |" in text
-    assert "| global | – | – | 1000 | 30.00 | 2.2000 | 1.24 MB | 2.01 MB | – |" in text
+    assert "| 0 | 8 | 20 | 900 | 31.20 | – | 2.1000 | 1.23 MB | 2.00 MB | 3.40e+11 |" in text
+    assert "| 1 | 4 | 8 | 100 | – | – | 2.5432 | 999 B | 12.35 kB | – |" in text
+    assert "| global model | – | – | Σ 1000 | 30.00 | – | 2.2000 | Σ 1.24 MB | Σ 2.01 MB | – |" in text
     assert "perplexity 9.025" in text
     assert hist in text
     assert "![learning curve](learning_curve.png)" in text
@@ -306,17 +306,18 @@ def test_the_flops_column_says_its_sequence_length(tmp_path):
     rd.write_config({"eval": {"flops_seq_len": 64}})
     summary = build_summary("flame", "tiny-olmoe", 3, 7, 125.0, _clients(), {"rouge_l": 30.0, "loss": 2.2})
     text = write_report(rd, summary, []).read_text(encoding="utf-8")
-    assert "| bytes down | FLOPs/seq (64 tokens) |" in text.splitlines()[text.splitlines().index("## Results") + 2]
+    assert "| bytes down (total, all rounds) | FLOPs/seq (64 tokens) |" in text.splitlines()[
+        text.splitlines().index("## Results") + 2]
     assert format_results_table(summary, 64) in text
     rd.config_path.write_text("eval: [")
-    assert "| bytes down | FLOPs/seq |" in write_report(rd, summary, []).read_text(encoding="utf-8")
+    assert "| bytes down (total, all rounds) | FLOPs/seq |" in write_report(rd, summary, []).read_text(encoding="utf-8")
 
 
 def test_write_report_without_metrics(tmp_path):
     rd = RunDir(tmp_path / "r")
     summary = build_summary("fedit", "m", 1, 0, 3.0, [], {})
     text = write_report(rd, summary, []).read_text()
-    assert "| global | – | – | – | – | – | – | – | – |" in text
+    assert "| global model | – | – | – | – | – | – | – | – | – |" in text
     assert not (rd.path / "learning_curve.png").exists()
 
 
@@ -356,3 +357,30 @@ def test_a_small_metric_is_not_printed_as_zero():
     assert format_metric("dp_delta", 1e-5) == "1e-05" and format_metric("dp_delta", -2.5e-7) == "-2.5e-07"
     assert format_metric("loss", 0.12345) == "0.1235" and format_metric("loss", 0.0) == "0.0000"
     assert format_metric("loss", float("nan")) == "nan"
+
+
+def test_a_score_says_how_many_examples_it_is_the_mean_of():
+    """A ROUGE-L of 28.57 from one test example read like a measurement: each score has its n beside it
+    (summary.json's n_scored; in a summary written before that field, the length of its per-example scores); a client
+    with no test data shows "no test data" and 0 scored, never a score of 0."""
+    clients = [
+        {"id": 0, "k": 2, "rank": 4, "n_train": 9, "rouge_l": 28.57, "loss": 2.0, "bytes_up": 10, "bytes_down": 10,
+         "flops_per_seq": None, "n_test": 1, "n_scored": 1, "scores": [28.57]},
+        {"id": 1, "k": 2, "rank": 4, "n_train": 9, "rouge_l": None, "loss": None, "bytes_up": 10, "bytes_down": 10,
+         "flops_per_seq": None, "n_test": 0, "n_scored": 0, "scores": None},
+        {"id": 2, "k": 2, "rank": 4, "n_train": 9, "rouge_l": 0.0, "loss": 2.5, "bytes_up": 10, "bytes_down": 10,
+         "flops_per_seq": None, "n_test": 5, "scores": [0.0, 0.0, 0.0]},  # an older summary: no n_scored; 3 of its 5
+        # test examples answered (eval.max_examples=3), all 5 in its loss
+    ]
+    table = format_results_table(build_summary("fedit", "m", 1, 0, 1.0, clients,
+                                               {"rouge_l": 7.14, "loss": 2.3, "n_scored": 4}))
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:6]}
+    assert rows["0"][3:6] == ["28.57", "1", "2.0000"]
+    assert rows["1"][3:6] == ["no test data", "0", "no test data"]
+    assert rows["2"][3:6] == ["0.00", "3", "2.5000"]
+    assert rows["global model"][3:5] == ["7.14", "4"]
+    del clients[1]["n_scored"]  # an older summary's client without test data: none scored all the same
+    assert format_results_table(build_summary("fedit", "m", 1, 0, 1.0, clients, {})).splitlines()[3].split(
+        " | ")[4:7] == ["no test data", "0", "no test data"]
+    old = format_results_table(build_summary("fedit", "m", 1, 0, 1.0, clients[:1], {"rouge_l": 1.0, "scores": None}))
+    assert old.splitlines()[3].split(" | ")[4:6] == ["1.00", "–"]  # no count known: said as unknown, not guessed

@@ -43,9 +43,9 @@ def test_local_only_sends_nothing_and_keeps_the_global_model(tmp_path):
     assert "trains no global model" in rd.report_path.read_text()
     from fedmoe.report.report import format_results_table  # the table fedmoe run prints says it too
 
-    assert format_results_table(summary).endswith("local_only trains no global model: the global row is the initial "
-                                                  "model, and the change from zero-shot is that of the clients' own "
-                                                  "models.")
+    assert format_results_table(summary).endswith("local_only trains no global model: the global model row is the "
+                                                  "initial model, and the change from zero-shot is that of the "
+                                                  "clients' own models.")
     with pytest.raises(ExportError, match="trains no global model.*--client 0..2"):
         export_model(rd.path, tmp_path / "out")
     assert export_model(rd.path, tmp_path / "c1", client=1)[0] in ("peft", "fedmoe")  # a client's own model

@@ -73,7 +73,7 @@ def test_results_tables_and_the_report_read_non_finite_numbers(tmp_path):
                "health": model_health(100, {"loss": math.nan}, {"loss": 4.6}, {})}
     write_report(rd, summary, rd.read_metrics())
     text = rd.report_path.read_text()
-    assert "| global | – | – | – | – | nan |" in text and "non-finite" in text
+    assert "| global model | – | – | – | – | – | nan |" in text and "non-finite" in text
 
 
 def test_a_loss_at_ln_v_is_flagged_as_uniform_output():

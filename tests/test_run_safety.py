@@ -216,8 +216,13 @@ def test_empty_test_sets_report_no_test_data(tmp_path, sets):
     tests = [r for r in rd.read_metrics() if r["kind"] == "test"]
     assert tests and all(r["loss"] is None and r["perplexity"] is None for r in tests)
     report = rd.report_path.read_text()
-    global_row = next(line for line in report.splitlines() if line.startswith("| global |"))
+    global_row = next(line for line in report.splitlines() if line.startswith("| global model |"))
     assert global_row.count("no test data") == 2 and "0.0000" not in global_row
+    # and none scored, said as 0 beside the score it has not (summary.json's n_scored)
+    assert all(c["n_scored"] == 0 for c in summary["clients"]) and summary["global"]["n_scored"] is None
+    assert global_row.split(" | ")[4:7] == ["no test data", "0", "no test data"]
+    client_row = next(line for line in report.splitlines() if line.startswith("| 0 |"))
+    assert client_row.split(" | ")[4:7] == ["no test data", "0", "no test data"]
     assert "No test data for any client" in report and "perplexity 1.000" not in report
 
 

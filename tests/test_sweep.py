@@ -107,7 +107,7 @@ def test_every_shipped_config_and_sweep_point_validates():
 
 
 def test_sweep_report_rows_for_retention_balance_and_bytes():
-    from fedmoe.federation.sweep import format_sweep_report
+    from fedmoe.federation.sweep import BYTES_PER_ROUND, format_sweep_report
 
     def client(cid, cat, rouge, mmlu=None, ppl=None):
         return {"id": cid, "k": 4, "rank": 8, "flops_per_seq": 1e9, "rouge_l": rouge, "mmlu": mmlu,
@@ -128,4 +128,4 @@ def test_sweep_report_rows_for_retention_balance_and_bytes():
     assert rows["MMLU, 5-shot (%)"] == ["35.0", "25.0"]
     assert rows["general-text perplexity"] == ["25.00", "22.00"]
     assert rows["expert load std (mean over layers)"] == ["0.0200", "0.0200"]
-    assert rows["bytes up per client per round"] == ["1.00 MB", "1.00 MB"]
+    assert rows[BYTES_PER_ROUND] == ["1.00 MB", "1.00 MB"]  # 3 MB over 3 rounds trained

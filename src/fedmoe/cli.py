@@ -135,8 +135,9 @@ def run(
             if jobs != 1:
                 raise ConfigError("--jobs runs the points of a sweep in parallel; this config has no sweep: section")
             cfg = load_config(config, set_ or [])
-            console.print(f"[bold]fedmoe run[/]: {cfg.algorithm.name} on {cfg.model.name}, "
-                          f"{cfg.data.partition.num_clients} clients, {cfg.federation.rounds} rounds")
+            from .report.method import run_banner
+
+            console.print(f"[bold]fedmoe run[/]: {run_banner(cfg)}")
             summary, rd = start_run(cfg, show_progress=not quiet, federation=federation, overwrite=overwrite)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say what is left and how to go on
         sigterm = _STOP["signal"] == "SIGTERM"

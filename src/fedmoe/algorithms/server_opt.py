@@ -60,6 +60,33 @@ def server_lr(cfg: ServerOptimizerConfig) -> float:
     return DEFAULT_LR[cfg.name] if cfg.lr is None else cfg.lr
 
 
+def effective(section) -> dict | None:
+    """The server optimizer as :func:`server_update` runs it, for the run's record (summary.json's ``method``, the
+    report's header, ``fedmoe run``'s banner, ``fedmoe compare``): its name, η as resolved (``lr: null`` → its
+    optimizer's :data:`DEFAULT_LR`) and only the settings its update reads (FedAvgM: the momentum; FedAdagrad: no
+    β2, and β1 = 0 under ``convention: flower``); None for plain FedAvg (``none``). ``section``: a
+    :class:`ServerOptimizerConfig` or its dict as a run's config.yaml holds it (a key it lacks: the default)."""
+    d = section.model_dump() if isinstance(section, ServerOptimizerConfig) else dict(section or {})
+    defaults = ServerOptimizerConfig().model_dump()
+
+    def get(key):
+        return defaults.get(key) if d.get(key) is None else d[key]
+
+    name = get("name")
+    if name == "none":
+        return None
+    if name not in DEFAULT_LR:  # not one this fedmoe knows: named, nothing resolved
+        return {"name": name}
+    out = {"name": name, "lr": DEFAULT_LR[name] if d.get("lr") is None else d["lr"]}
+    if name == "fedavgm":
+        return {**out, "momentum": get("momentum")}
+    flower = get("convention") == "flower"
+    out["beta1"] = 0.0 if flower and name == "fedadagrad" else get("beta1")
+    if name != "fedadagrad":
+        out["beta2"] = get("beta2")
+    return {**out, "tau": get("tau"), "convention": get("convention")}
+
+
 def server_update(cfg: ServerOptimizerConfig, global_state: State, averaged: State, server_state: dict,
                   round_idx: int | None = None) -> tuple[State, dict]:
     """The new global state from the averaged client states, and the server state with the optimizer's

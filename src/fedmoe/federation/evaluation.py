@@ -355,6 +355,8 @@ class EvalPolicy:
                 by_cat.setdefault(cat, []).append(score)
             g[f"{metric}_by_category"] = {cat: float(np.mean(v)) for cat, v in sorted(by_cat.items())}
             g["examples_by_category"] = {cat: len(v) for cat, v in sorted(by_cat.items())}
+        if "scores" in g:  # the examples its answer metric is the mean over (summary.json's global.n_scored)
+            g["n_scored"] = len(g["scores"])
         g = {k: v for k, v in g.items() if k not in ("scores", "examples", "categories", "eval_s")}
         self.log_metrics({"round": round_idx, "client": None, "kind": "test", "loss": g["loss"],
                           "perplexity": g["perplexity"],

@@ -8,8 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..config import config_to_dict
 from ..eval import paired_bootstrap
 from ..report import build_summary
+from ..report.method import method_info
 from ..seeds import Stream, derive_seed
 
 
@@ -131,6 +133,14 @@ def label_groups(cfg) -> dict | None:
             "maps": [{a: b for a, b in m.items() if a != b} for m in maps]}
 
 
+def n_scored(r: ClientRecord) -> int | None:
+    """How many test examples a client's latest answer metric is the mean over (0: it has none to answer), or None
+    where it has no such metric (``eval.rouge: false``, an evaluation its node kept)."""
+    if r.last_scores is not None:
+        return len(r.last_scores)
+    return 0 if r.data.get("n_generated") == 0 else None
+
+
 def _trains_global_model(cfg) -> bool:
     from ..algorithms.registry import METHODS
 
@@ -161,6 +171,8 @@ def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, 
             # per answered test example (100 right / 0 wrong, or ROUGE-L), zero-shot and final: pairs across runs
             "scores": r.last_scores, "zero_shot_scores": r.zero_shot_scores,
             "heldout_scores": r.last_eval.get("heldout_scores"),
+            # how many test examples its answer metric (rouge_l / accuracy) is the mean over: len(scores)
+            "n_scored": n_scored(r),
             "expert_load_std": expert_load_std([r.activation_counts]),
             "zero_shot": r.zero_shot or None,
             "n_test": r.data.get("n_test"), "n_generated": r.data.get("n_generated"),
@@ -186,10 +198,12 @@ def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, 
                         "heldout_loss": g.get("heldout_loss_clients_mean", g.get("heldout_loss")),
                         "confusion": g.get("confusion"),
                         "heldout_scores": g.get("heldout_scores"),
+                        # the test examples the global model's answer metric is the mean over
+                        "n_scored": g.get("n_scored"),
                         # the clients whose test data the global numbers leave out: failed, or kept by their nodes
                         "clients_missing": g.get("clients_missing"), "clients_withheld": g.get("clients_withheld"),
                         f"{metric}_change": answer_change(ordered, cfg.seed)},
-        extra={"task": cfg.eval.task, "labels": cfg.data.labels, "label_groups": label_groups(cfg),
+        extra={"method": method_info(config_to_dict(cfg)), "task": cfg.eval.task, "labels": cfg.data.labels, "label_groups": label_groups(cfg),
                # False (local_only): the "global" model numbers are the initial model's
                "global_model_trained": _trains_global_model(cfg),
                "num_clients": len(records), "fraction": cfg.federation.fraction, "num_moe_layers": spec.num_moe_layers,

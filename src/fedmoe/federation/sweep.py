@@ -25,7 +25,7 @@ from pathlib import Path
 from ..config import ConfigError, apply_overrides, config_from_tree, parse_override
 from ..configbase import load_yaml
 from ..eval.stats import format_change
-from ..report.compare import bytes_per_round, personal_or_global  # noqa: F401  (re-exported)
+from ..report.compare import BYTES_PER_ROUND, bytes_per_round, personal_or_global  # noqa: F401  (re-exported)
 from ..rundir import atomic_write_text, loads
 
 
@@ -249,6 +249,6 @@ def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
     if any(stds):
         lines.append("| expert load std (mean over layers) | " + " | ".join(
             _cell(sum(v) / len(v), 4) if v else "–" for v in stds) + " |")
-    lines.append("| bytes up per client per round | " + " | ".join(bytes_per_round(s) for _, s in results) + " |")
+    lines.append(f"| {BYTES_PER_ROUND} | " + " | ".join(bytes_per_round(s) for _, s in results) + " |")
     lines += ["", "Runs: " + ", ".join(f"[{p}]({p}/report.md)" for p, _ in results), ""]
     return "\n".join(lines)

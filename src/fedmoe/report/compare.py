@@ -15,6 +15,7 @@ from pathlib import Path
 from ..configbase import flat_keys
 from ..eval.stats import format_change
 from ..rundir import RunDir, atomic_write_bytes
+from .method import config_robust, format_method, method_info
 
 
 def personal_or_global(summary: dict, key: str):
@@ -24,8 +25,13 @@ def personal_or_global(summary: dict, key: str):
     return sum(vals) / len(vals) if vals else summary["global"].get(key)
 
 
+# what bytes_per_round is: the results table's bytes are each client's total over the run, this divides it
+BYTES_PER_ROUND = "bytes up per client per round (its total ÷ rounds it trained, mean over clients)"
+
+
 def bytes_per_round(summary: dict) -> str:
-    """Uplink per client per round, averaged over the clients that trained."""
+    """Uplink per client per round: each client's total ``bytes_up`` over the run divided by the rounds it trained,
+    averaged over the clients that trained (:data:`BYTES_PER_ROUND`)."""
     per = [c["bytes_up"] / c["rounds_trained"] for c in summary["clients"] if c.get("rounds_trained")]
     return "–" if not per else f"{sum(per) / len(per) / 1e6:.2f} MB"
 
@@ -151,9 +157,22 @@ def _cell(x, digits: int = 4) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def run_method(run: Run) -> str:
+    """The run's method with its server optimizer (settings as resolved), FedProx's μ and robust aggregation: from
+    its summary.json's ``method`` (as the run resolved it), else — an unfinished run, or one written before the
+    summary had it — from its config.yaml (an ``lr: null`` resolved by this fedmoe's defaults)."""
+    summary = run.summary or {}
+    method = summary.get("method")
+    if not isinstance(method, dict):
+        method = method_info(run.config)
+    robust = summary.get("robust") or config_robust(run.config)
+    return format_method(method, robust if isinstance(robust, dict) else None,
+                         name=method.get("name") or run.setting("algorithm", "name", "–"))
+
+
 def format_comparison(runs: list[Run]) -> str:
     head = ["", *[r.label for r in runs]]
-    rows = [["method"] + [r.setting("algorithm", "name", "–") for r in runs],
+    rows = [["method"] + [run_method(r) for r in runs],
             ["model"] + [r.setting("model", "name", "–") for r in runs],
             ["rounds done"] + [f"{r.rounds_done} of {r.setting('federation', 'rounds', '?')}"
                                + ("" if r.summary else " (unfinished)") for r in runs]]
@@ -175,7 +194,7 @@ def format_comparison(runs: list[Run]) -> str:
         format_change(r.summary["global"].get(f"{key}_change")) if r.summary else "–" for r in runs])
     rows.append(["client test loss, mean"] + [
         _cell(personal_or_global(r.summary, "loss")) if r.summary else "–" for r in runs])
-    rows.append(["bytes up per client per round"] + [bytes_per_round(r.summary) if r.summary else "–" for r in runs])
+    rows.append([BYTES_PER_ROUND] + [bytes_per_round(r.summary) if r.summary else "–" for r in runs])
     rows.append(["wall"] + [f"{r.summary['wall_s'] / 60:.1f} min" if r.summary else "–" for r in runs])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(runs)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

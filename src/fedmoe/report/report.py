@@ -7,6 +7,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from fedmoe.report.method import method_parts
 from fedmoe.rundir import RunDir, atomic_write_bytes, atomic_write_text
 
 DASH = "–"  # shown for a missing value (None)
@@ -90,17 +91,37 @@ def flops_seq_len(run_dir: RunDir) -> int | None:
     return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
-def format_results_table(summary: dict, seq_len: int | None = None) -> str:
-    """The per-client results as a plain markdown table, with a last ``global`` row.
+GLOBAL_ROW = "global model"  # the results table's last row: Σ-marked cells sum the clients, the rest are the model's
+SUM = "Σ "  # marks a cell of the global model's row that is the sum over the clients' rows
 
-    In the global row, n_train and bytes are totals over the clients; the answer metric (ROUGE-L or
-    accuracy) and loss are the global test metrics. Perplexity, MMLU and the held-out set, when known,
-    follow on a line below the table. ``seq_len`` (``eval.flops_seq_len``, :func:`flops_seq_len`) goes into
-    the FLOPs/seq header: the forward FLOPs of one sequence of that many tokens.
+
+def n_scored(entry: dict) -> int | None:
+    """How many test examples a client's (or the global model's) answer metric is the mean over: summary.json's
+    ``n_scored``, or the length of its per-example ``scores`` in a summary written before that field."""
+    n = entry.get("n_scored")
+    if n is None and isinstance(entry.get("scores"), list):
+        n = len(entry["scores"])
+    return n
+
+
+def _summed(text: str) -> str:
+    return text if text == DASH else SUM + text
+
+
+def format_results_table(summary: dict, seq_len: int | None = None) -> str:
+    """The per-client results as a plain markdown table, with a last row for the global model.
+
+    Each answer metric (ROUGE-L or accuracy) has beside it the number of test examples it is the mean over (``n
+    scored``); bytes are each client's total over the run (every round it was sent a training message). In the last
+    row the cells marked Σ (n_train, bytes) are sums over the clients; the answer metric, its n and the loss are the
+    global model's own test metrics, said in a line below the table. Perplexity, MMLU and the held-out set, when
+    known, follow on a line below. ``seq_len`` (``eval.flops_seq_len``, :func:`flops_seq_len`) goes into the
+    FLOPs/seq header: the forward FLOPs of one sequence of that many tokens.
     """
     key, name = answer_metric(summary)
     flops = "FLOPs/seq" if seq_len is None else f"FLOPs/seq ({seq_len} tokens)"
-    header = ["client", "k", "rank", "n_train", name, "loss", "bytes up", "bytes down", flops]
+    header = ["client", "k", "rank", "n_train", name, "n scored", "loss", "bytes up (total, all rounds)",
+              "bytes down (total, all rounds)", flops]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -108,12 +129,14 @@ def format_results_table(summary: dict, seq_len: int | None = None) -> str:
     clients = summary.get("clients") or []
     for c in clients:
         no_test = c.get("n_test") == 0
+        n = n_scored(c)
         row = [
             _plain(c.get("id")),
             _plain(c.get("k")),
             _plain(c.get("rank")),
             _plain(c.get("n_train")),
-            _test_num(c.get(key), 2, no_test),
+            _test_num(c.get(key), 2, no_test or n == 0),
+            "0" if no_test and n is None else _plain(n),
             _test_num(c.get("loss"), 4, no_test),
             human_bytes(c.get("bytes_up")),
             human_bytes(c.get("bytes_down")),
@@ -122,18 +145,23 @@ def format_results_table(summary: dict, seq_len: int | None = None) -> str:
         lines.append("| " + " | ".join(row) + " |")
     g = summary.get("global") or {}
     no_test = bool(clients) and all(c.get("n_test") == 0 for c in clients)
+    n = n_scored(g)
     row = [
-        "global",
+        GLOBAL_ROW,
         DASH,
         DASH,
-        _plain(_sum_or_none(c.get("n_train") for c in clients)),
-        _test_num(g.get(key), 2, no_test),
+        _summed(_plain(_sum_or_none(c.get("n_train") for c in clients))),
+        _test_num(g.get(key), 2, no_test or n == 0),
+        "0" if no_test and n is None else _plain(n),
         _test_num(g.get("loss"), 4, no_test),
-        human_bytes(_sum_or_none(c.get("bytes_up") for c in clients)),
-        human_bytes(_sum_or_none(c.get("bytes_down") for c in clients)),
+        _summed(human_bytes(_sum_or_none(c.get("bytes_up") for c in clients))),
+        _summed(human_bytes(_sum_or_none(c.get("bytes_down") for c in clients))),
         DASH,
     ]
     lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"{GLOBAL_ROW}: {SUM.strip()} marks a sum over the clients above (n_train, bytes); {name}, n scored and "
+                  f"loss are the global model's own, on the test examples of all clients together (not an average of "
+                  f"the client rows). n scored: how many test examples each {name} is the mean over."]
     extras = []
     if g.get("perplexity") is not None:
         extras.append(f"perplexity {_num(g['perplexity'], 3)}")
@@ -158,8 +186,8 @@ def format_results_table(summary: dict, seq_len: int | None = None) -> str:
                        "(data.split, data.max_examples, data.partition.num_clients)." if no_test else
                        f"{NO_TEST} for client(s) {', '.join(empty)}: they count in no global or mean test metric.")]
     if summary.get("global_model_trained") is False:  # said with the table, wherever it is shown
-        lines += ["", f"{summary.get('algorithm')} trains no global model: the global row is the initial model, and the "
-                      "change from zero-shot is that of the clients' own models."]
+        lines += ["", f"{summary.get('algorithm')} trains no global model: the global model row is the initial model, and "
+                      "the change from zero-shot is that of the clients' own models."]
     return "\n".join(lines)
 
 
@@ -365,12 +393,13 @@ def format_zero_shot_comparison(summary: dict) -> list[str]:
     key, name = answer_metric(summary)
     lines = ["## Zero-shot vs federated fine-tuning", "",
              "The initial model (round 0) and the final model, on the same test examples.", "",
-             f"| | zero-shot {name} | final {name} | zero-shot loss | final loss |", "|---|---:|---:|---:|---:|",
-             f"| global | {_num(zs.get(key), 2)} | {_num(g.get(key), 2)} | {_num(zs.get('loss'), 4)} | "
-             f"{_num(g.get('loss'), 4)} |"]
+             f"| | n scored | zero-shot {name} | final {name} | zero-shot loss | final loss |",
+             "|---|---:|---:|---:|---:|---:|",
+             f"| global model | {_plain(n_scored(g))} | {_num(zs.get(key), 2)} | {_num(g.get(key), 2)} | "
+             f"{_num(zs.get('loss'), 4)} | {_num(g.get('loss'), 4)} |"]
     for c in summary.get("clients", []):
         z = c.get("zero_shot") or {}
-        lines.append(f"| client {c['id']} | {_num(z.get(key), 2)} | {_num(c.get(key), 2)} | "
+        lines.append(f"| client {c['id']} | {_plain(n_scored(c))} | {_num(z.get(key), 2)} | {_num(c.get(key), 2)} | "
                      f"{_num(z.get('loss'), 4)} | {_num(c.get('loss'), 4)} |")
     before, after = zs.get(f"{key}_by_category") or {}, g.get(f"{key}_by_category") or {}
     if before or after:
@@ -715,12 +744,8 @@ def write_report(
         f"rounds: {_plain(summary.get('rounds'))} · seed: {_plain(summary.get('seed'))} · "
         f"wall time: {format_duration(summary.get('wall_s'))}"
     )
-    robust = summary.get("robust")
-    if robust:
-        rule = robust["rule"] + (f" (trim {robust['trim']:g})" if robust["rule"] == "trimmed_mean" else "")
-        rule += (f" (f = {robust['krum_malicious']}, keep {robust['krum_keep'] or 1})" if robust["rule"] == "krum" else "")
-        bound = f", each update's norm bounded to {robust['norm_bound']:g}" if robust.get("norm_bound") else ""
-        facts += f" · robust aggregation: {rule}{bound}"
+    # what the method runs beyond its name: the server optimizer as resolved, FedProx's μ, robust aggregation
+    facts += "".join(f" · {part}" for part in method_parts(summary.get("method"), summary.get("robust")))
     parts = [title, "", facts, "", "## Results", "", format_results_table(summary, flops_seq_len(run_dir)), ""]
     parts += format_health(summary)
     parts += format_failures(summary)
