@@ -389,7 +389,7 @@ def test_a_dense_model_or_a_missing_device_is_refused_before_anything_is_written
         assert "set train.aux_loss: false" in line
     assert not runs.exists()
     line = error_line(fedmoe_process("migrate-checkpoint", tmp_path / "nope", cwd=tmp_path))
-    assert "is not a fedmoe run directory" in line
+    assert f"{tmp_path / 'nope'} does not exist: give the directory of a run" in line
 
 
 def test_plan_of_a_sweep_plans_each_distinct_setting(tmp_path):
@@ -422,3 +422,35 @@ def test_plan_of_a_sweep_keeps_apart_points_whose_seed_draws_other_levels(tmp_pa
     for cfg, ps in groups:
         assert len({str(levels[q]) for q in ps}) == 1  # one plan only for points with the same levels
     assert len(groups) == len({str(v) for v in levels.values()})
+
+
+# ------------------------------------------------- the CLI's new-user review: flags, sweeps, quoting, circles
+def _unfinished_copy(tiny_run, dest: Path) -> Path:
+    """``tiny_run`` copied to ``dest`` without its summary.json: a run with a checkpoint that did not finish."""
+    shutil.copytree(tiny_run, dest)
+    (dest / "summary.json").unlink()
+    return dest
+
+
+def test_errors_that_went_in_circles(tiny_run, tmp_path):
+    """A config path that is not there names the default run and where the shipped configs are (and the one meant);
+    a run directory given as the config says what to do with it; --resume of a path that is not there says so."""
+    from fedmoe.config import shipped_configs
+
+    line = error_line(fedmoe("run", "configs/default.yaml", cwd=tmp_path))
+    assert f"config file not found: configs/default.yaml (looked for from {tmp_path})" in line
+    assert "`fedmoe run` with no config runs the default run" in line
+    shipped = shipped_configs()  # this checkout's configs/ (the source tree fedmoe is imported from)
+    assert shipped is not None and (shipped / "flame-table2.yaml").is_file()
+    assert f"the shipped configs are in {shipped}; did you mean {shipped / 'default.yaml'}?" in line
+    line = error_line(cli("run", tiny_run))
+    assert f"{tiny_run} is the directory of a finished run, not a config file" in line
+    assert f"`fedmoe export {tiny_run} OUT`" in line and f"give its config, {tiny_run / 'config.yaml'}" in line
+    unfinished = _unfinished_copy(tiny_run, tmp_path / "unfinished")
+    line = error_line(cli("run", unfinished))
+    assert f"{unfinished} is a run directory, not a config file: continue that run with `fedmoe run --resume " \
+           f"{unfinished}`" in line
+    line = error_line(cli("run", "--resume", tmp_path / "nope"))
+    assert f"{tmp_path / 'nope'} does not exist: give the directory of a run" in line
+    line = error_line(cli("run", "--resume", ROOT / "configs" / "default.yaml"))
+    assert f"is a config file, not a run directory: start a run from it with `fedmoe run {ROOT / 'configs' / 'default.yaml'}`" in line

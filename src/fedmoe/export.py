@@ -107,6 +107,10 @@ def _private_from(path: Path, run_id: str | None, client: int, round_idx: int) -
     return load_tensor_file(rounds[max(upto)], "private store")
 
 
+# the command behind each verb, for what a path that is no run directory is told (rundir.run_dir_problem)
+_USE = {"export": "export", "generate from": "generate", "evaluate": "mmlu"}
+
+
 def _checkpoint_to_export(run_dir: str | Path, round_idx: int | None, verb: str = "export"):
     """(config, run dir, checkpoint state) of the round an export takes: the finished run's last round, or
     (``round_idx``) exactly that round, which must be one of the run's two checkpoints. Anything else is
@@ -118,7 +122,7 @@ def _checkpoint_to_export(run_dir: str | Path, round_idx: int | None, verb: str 
     from .federation.directories import open_run_dir
 
     notes: list[str] = []
-    cfg, rd, loaded = open_run_dir(run_dir, log=notes.append)
+    cfg, rd, loaded = open_run_dir(run_dir, log=notes.append, use=_USE.get(verb, "export"))
     finished = rd.summary_path.is_file()
     rounds = cfg.federation.rounds
     want = rounds if round_idx is None else round_idx

@@ -17,7 +17,8 @@ import torch
 
 from ..config import ConfigError, RunConfig, config_to_dict
 from ..configbase import flat_keys
-from ..rundir import UnsafeFileError, load_tensor_file, RunDir, atomic_write_bytes, atomic_write_leftovers
+from ..rundir import (UnsafeFileError, load_tensor_file, RunDir, atomic_write_bytes, atomic_write_leftovers,
+                      run_dir_problem)
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -327,8 +328,8 @@ def migrate_checkpoints(path: str | Path, log=print) -> list[Path]:
     import io
 
     folder = Path(path) / RunDir.CHECKPOINTS
-    if not (Path(path) / RunDir.CONFIG).is_file():
-        raise FileNotFoundError(f"{path} is not a fedmoe run directory (no {RunDir.CONFIG}): give the folder of a run")
+    if (problem := run_dir_problem(path, "migrate-checkpoint")) is not None:
+        raise FileNotFoundError(problem)
     done = []
     for f in (folder / CHECKPOINT_FILE, folder / PREVIOUS_CHECKPOINT_FILE):
         if not f.is_file():

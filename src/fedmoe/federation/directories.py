@@ -11,7 +11,7 @@ import itertools
 from pathlib import Path
 
 from ..config import RunConfig, config_to_dict, load_config
-from ..rundir import RunDir, RunDirBusy
+from ..rundir import RunDir, RunDirBusy, run_dir_problem
 from .checkpoint import (CHECKPOINT_FILE, Checkpoint, RunDirError, check_data_fingerprint, check_fingerprint,
                          check_resume_overrides, has_checkpoint, load_checkpoint)
 
@@ -131,8 +131,8 @@ def prepare_run_dir(cfg: RunConfig, overwrite: bool = False, log=print) -> RunDi
 
 def lock_existing(path: Path, log) -> RunDir:
     """The existing run directory ``path``, locked by this process."""
-    if not (path / RunDir.CONFIG).is_file():
-        raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
+    if (problem := run_dir_problem(path, "resume")) is not None:
+        raise RunDirError(problem)
     rd = RunDir(path, create=False)
     rd.lock(log)
     return rd
@@ -226,16 +226,18 @@ def locked(rd: RunDir, work):
             rd.remove_if_empty()
 
 
-def open_run_dir(path: str | Path, log=print, check_data: bool = False,
-                 overrides: list[str] | None = None) -> tuple[RunConfig, RunDir, Checkpoint]:
+def open_run_dir(path: str | Path, log=print, check_data: bool = False, overrides: list[str] | None = None,
+                 use: str = "resume") -> tuple[RunConfig, RunDir, Checkpoint]:
     """(config, run dir, checkpoint) of a run to resume: the newest readable checkpoint, and a
     config.yaml that is still the config the run was checkpointed with; ``check_data`` (a resume, not a
     read of its model): the data files it fingerprinted are unchanged too (:func:`check_data_fingerprint`).
     ``overrides``: ``--set`` of execution keys (:data:`RESUME_SET_KEYS`), written into config.yaml first
-    (call it under the run's lock), so the directory keeps describing the run as it continues."""
+    (call it under the run's lock), so the directory keeps describing the run as it continues. ``use``: the command
+    that opens it (``resume``, ``export``, ...), for what a path that is no run directory is told
+    (:func:`~fedmoe.rundir.run_dir_problem`)."""
     path = Path(path)
-    if not (path / RunDir.CONFIG).is_file():
-        raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
+    if (problem := run_dir_problem(path, use)) is not None:
+        raise RunDirError(problem)
     if not has_checkpoint(path):
         raise RunDirError(f"{path} has no checkpoint to resume from ({path / RunDir.CHECKPOINTS / CHECKPOINT_FILE} is "
                           f"missing): start it again with `fedmoe run {path / RunDir.CONFIG} --overwrite`")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import ConfigError, RunConfig, load_config
 from ..data import resolve_labels
-from ..rundir import RunDir, loads
+from ..rundir import RunDir, loads, run_dir_problem
 from .checkpoint import RunDirError, check_resume_overrides
 from .directories import lock_existing, locked, open_run_dir, prepare_run_dir
 from .dp import resolve_noise
@@ -92,8 +92,8 @@ def continue_run(path: str | Path, show_progress: bool = False, federation: str 
     ``--set`` of execution keys (:data:`~fedmoe.federation.checkpoint.RESUME_SET_KEYS`), written into its
     config.yaml under the run's lock."""
     path = Path(path)
-    if not (path / RunDir.CONFIG).is_file():
-        raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
+    if (problem := run_dir_problem(path, "resume")) is not None:
+        raise RunDirError(problem)
     if (path / RunDir.SUMMARY).is_file():  # finished: nothing to continue, and nothing of it is written again
         if overrides:
             check_resume_overrides(overrides)  # a key no resume may change is named as such first
