@@ -432,6 +432,42 @@ def _unfinished_copy(tiny_run, dest: Path) -> Path:
     return dest
 
 
+def _pasted(line: str) -> list[list[str]]:
+    """Every command a message suggests (between backquotes), as a POSIX shell splits it when pasted."""
+    import re
+    import shlex
+
+    return [shlex.split(c) for c in re.findall(r"`([^`]+)`", line)]
+
+
+def test_suggested_commands_paste_into_a_shell(tiny_run, tmp_path):
+    """With output_dir "my runs" and name "c d", every command a message suggests still names the run's directory
+    when pasted into a shell (quoted), where a plain path stays as it is."""
+    from fedmoe.cli import _interrupted, _sweep_command
+    from fedmoe.federation.directories import out_of_memory_advice
+
+    run = _unfinished_copy(tiny_run, tmp_path / "my runs" / "c d")
+    resume = ["fedmoe", "run", "--resume", str(run)]
+    line = error_line(cli("run", "--quiet", *_sets(TINY + [f"output_dir={tmp_path / 'my runs'}", "name=c d"])))
+    assert "holds an unfinished run" in line and _pasted(line)[0] == resume
+    line = error_line(cli("export", run, tmp_path / "out"))
+    assert _pasted(line) == [resume]
+    assert _pasted(_interrupted(run, None)) == [resume]
+    assert _pasted(out_of_memory_advice(run, MemoryError())) == [
+        [*resume, "--set", "train.activation_checkpointing=true"],
+        ["fedmoe", "plan", str(run / "config.yaml"), "--set", "train.activation_checkpointing=true"]]
+    assert _pasted(_interrupted(run, _sweep_command(Path("my sweep.yaml"), ["name=c d", "seed=1"], "my lab"))) == [
+        ["fedmoe", "run", "my sweep.yaml", "--set", "name=c d", "--set", "seed=1", "--federation", "my lab"]]
+    line = error_line(cli("run", run))
+    assert _pasted(line) == [resume, ["fedmoe", "run", str(run / "config.yaml"), "--overwrite"]]
+    shutil.rmtree(run / "checkpoints")
+    line = error_line(cli("run", "--resume", run))
+    assert _pasted(line) == [["fedmoe", "run", str(run / "config.yaml"), "--overwrite"]]
+    # a plain path is written as it is
+    plain = _unfinished_copy(tiny_run, tmp_path / "plain")
+    assert f"`fedmoe run --resume {plain}`" in _interrupted(plain, None)
+
+
 def test_errors_that_went_in_circles(tiny_run, tmp_path):
     """A config path that is not there names the default run and where the shipped configs are (and the one meant);
     a run directory given as the config says what to do with it; --resume of a path that is not there says so."""

@@ -31,20 +31,29 @@ def _os_error(e: OSError) -> str:
     return str(e)
 
 
-def _interrupted(path: Optional[Path], sweep: Optional[Path]) -> str:
-    """What Ctrl-C left behind and how to go on."""
+def _interrupted(path: Optional[Path], sweep: Optional[str]) -> str:
+    """What Ctrl-C left behind and how to go on; ``sweep``: the command line that continues the sweep."""
     from .federation.checkpoint import has_checkpoint
+    from .rundir import shell_quote
 
     if path is None:
         return "stopped (Ctrl-C) before the run started: nothing was written"
     if sweep is not None:
-        return (f"stopped (Ctrl-C) in the sweep point {path}: continue the sweep with `fedmoe run {sweep}` (finished "
+        return (f"stopped (Ctrl-C) in the sweep point {path}: continue the sweep with `{sweep}` (finished "
                 "points are kept, this one " + ("resumes from its checkpoint)" if has_checkpoint(path) else "starts over)"))
     if has_checkpoint(path):
         return (f"stopped (Ctrl-C): the last checkpoint is in {path / 'checkpoints'}; continue with "
-                f"`fedmoe run --resume {path}`")
+                f"`fedmoe run --resume {shell_quote(path)}`")
     return (f"stopped (Ctrl-C) before the first checkpoint: nothing to resume in {path}; run the same command again "
             "to start over")
+
+
+def _sweep_command(config: Path, sets: list[str], federation: Optional[str]) -> str:
+    """The command line that runs (and so continues) a sweep as it was started: its config and --set options."""
+    from .rundir import shell_quote
+
+    return " ".join(["fedmoe run", shell_quote(config), *(f"--set {shell_quote(s)}" for s in sets),
+                     *([f"--federation {shell_quote(federation)}"] if federation else [])])
 
 
 def _no_library_bars() -> None:
@@ -108,7 +117,7 @@ def run(
             if overwrite:
                 raise ConfigError("--overwrite replaces a single run; a sweep keeps its finished points and resumes the "
                                   "others (delete a point's directory to run it again)")
-            sweep = config
+            sweep = _sweep_command(config, set_ or [], federation)
             report = run_sweep(config, set_ or [], show_progress=not quiet and jobs == 1, log=console.print,
                                federation=federation, jobs=jobs)
             print(report.read_text())

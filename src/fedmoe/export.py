@@ -43,7 +43,7 @@ from .algorithms import METHODS
 from .algorithms.base import model_spec
 from .config import ConfigError, config_from_tree, config_to_dict
 from .messages import Message
-from .rundir import load_tensor_file, ordinary_permissions
+from .rundir import load_tensor_file, ordinary_permissions, shell_quote
 from .moe import MoEModel
 from .moe.arch import SPARSEMIXER_ARCHITECTURES, moe_block_attr
 from .moe.lora import ExpertsWithLoRA, LoRALinear, RouterWithLoRA, expert_lora_pairs
@@ -144,8 +144,8 @@ def _checkpoint_to_export(run_dir: str | Path, round_idx: int | None, verb: str 
         return cfg, rd, have[round_idx][1]
     if not finished:
         raise ExportError(f"{rd.path} did not finish (no summary.json; its newest readable checkpoint is round "
-                          f"{max(have)} of {rounds}): continue it with `fedmoe run --resume {rd.path}`, or {verb} a "
-                          f"round it has on purpose with {offer}")
+                          f"{max(have)} of {rounds}): continue it with `fedmoe run --resume {shell_quote(rd.path)}`, "
+                          f"or {verb} a round it has on purpose with {offer}")
     if rounds not in have:
         bad = f" ({loaded.unreadable} is unreadable)" if loaded.unreadable is not None else ""
         raise ExportError(f"{rd.path} finished {rounds} rounds, but its checkpoint of round {rounds} cannot be read{bad}: "
@@ -505,7 +505,7 @@ def _check_out_folder(out: Path) -> None:
                           "(OUT)")
     if not os.access(where, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write into {where} (Permission denied): choose a folder you may write as OUT, "
-                          f"or make it writable (chmod u+w {where})")
+                          f"or make it writable (chmod u+w {shell_quote(where)})")
 
 
 def export_model(run_dir: str | Path, out: str | Path, client: int | None = None, merged: bool = False,

@@ -11,7 +11,7 @@ import itertools
 from pathlib import Path
 
 from ..config import RunConfig, config_to_dict, load_config
-from ..rundir import RunDir, RunDirBusy, run_dir_problem
+from ..rundir import RunDir, RunDirBusy, run_dir_problem, shell_quote
 from .checkpoint import (CHECKPOINT_FILE, Checkpoint, RunDirError, check_data_fingerprint, check_fingerprint,
                          check_resume_overrides, has_checkpoint, load_checkpoint)
 
@@ -80,8 +80,8 @@ def _claim(path: Path, overwrite: bool, fresh: bool, log) -> RunDir | None:
         kind = _run_dir_kind(path)  # again, now that no other run can change it
         if kind == "unfinished" and not overwrite:
             raise RunDirError(f"{path} holds an unfinished run (a checkpoint, no summary.json): continue it with "
-                              f"`fedmoe run --resume {path}`, start it over with --overwrite (its checkpoint is lost), "
-                              "or choose another name with --set name=...")
+                              f"`fedmoe run --resume {shell_quote(path)}`, start it over with --overwrite (its checkpoint "
+                              "is lost), or choose another name with --set name=...")
         if kind == "other" or (kind == "finished" and not overwrite):
             rd.unlock()
             return None
@@ -168,14 +168,14 @@ def out_of_memory_advice(path: Path, e: BaseException) -> str:
     resumable = has_checkpoint(path)
     if not on:
         why = (" (activation checkpointing changes no number, only memory; `fedmoe plan "
-               f"{config} --set train.activation_checkpointing=true` shows the new peak)")
+               f"{shell_quote(config)} --set train.activation_checkpointing=true` shows the new peak)")
         if resumable:
             return (head + ". The run stopped at its last checkpoint: continue it with `fedmoe run --resume "
-                    f"{path} --set train.activation_checkpointing=true`" + why)
+                    f"{shell_quote(path)} --set train.activation_checkpointing=true`" + why)
         return (head + " before its first checkpoint: run it again with `--set train.activation_checkpointing=true`"
                 + why)
-    return (head + f". Activation checkpointing is on already: `fedmoe plan {config}` says which keys make the step "
-            "fit (a smaller train.batch_size with more train.grad_accum, model.quantization=nf4, a shorter "
+    return (head + f". Activation checkpointing is on already: `fedmoe plan {shell_quote(config)}` says which keys "
+            "make the step fit (a smaller train.batch_size with more train.grad_accum, model.quantization=nf4, a shorter "
             "data.max_length); they change the run, so start a new run with them")
 
 
@@ -210,7 +210,8 @@ def locked(rd: RunDir, work):
             if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise
             raise RunDirError(f"writing {e.filename or rd.path} failed: {e.strerror}. The last checkpoint in {rd.path} "
-                              f"is intact: make room (or make it writable), then `fedmoe run --resume {rd.path}`") from None
+                              "is intact: make room (or make it writable), then "
+                              f"`fedmoe run --resume {shell_quote(rd.path)}`") from None
     except BaseException:
         if rd.restore_replaced():
             import sys
@@ -240,7 +241,7 @@ def open_run_dir(path: str | Path, log=print, check_data: bool = False, override
         raise RunDirError(problem)
     if not has_checkpoint(path):
         raise RunDirError(f"{path} has no checkpoint to resume from ({path / RunDir.CHECKPOINTS / CHECKPOINT_FILE} is "
-                          f"missing): start it again with `fedmoe run {path / RunDir.CONFIG} --overwrite`")
+                          f"missing): start it again with `fedmoe run {shell_quote(path / RunDir.CONFIG)} --overwrite`")
     if overrides:
         check_resume_overrides(overrides)
         changed = load_config(path / RunDir.CONFIG, overrides)
