@@ -490,3 +490,36 @@ def test_errors_that_went_in_circles(tiny_run, tmp_path):
     assert f"{tmp_path / 'nope'} does not exist: give the directory of a run" in line
     line = error_line(cli("run", "--resume", ROOT / "configs" / "default.yaml"))
     assert f"is a config file, not a run directory: start a run from it with `fedmoe run {ROOT / 'configs' / 'default.yaml'}`" in line
+
+
+def test_mmlu_of_a_run_directory_evaluates_its_global_model(tiny_run, monkeypatch):
+    """`fedmoe mmlu RUN` evaluates the run's global model — the trained tensors of its last checkpoint on the base,
+    as export and generate load it — with the run's own prompt limit (4 x data.max_length), not a transformers
+    error about a folder without config.json; --client N evaluates that client's."""
+    import fedmoe.eval.mmlu as mmlu
+
+    from fedmoe.rundir import load_tensor_file
+
+    seen = {}
+    real = mmlu.evaluate_mmlu
+
+    def spy(model, tokenizer, **kw):
+        seen.update(model=model, tokenizer=tokenizer, **kw)
+        return real(model, tokenizer, **kw)
+
+    monkeypatch.setattr(mmlu, "evaluate_mmlu", spy)
+    r = cli("mmlu", tiny_run, "--subjects", "anatomy", "--max-per-subject", "2", "--k-shot", "0", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["model"] == str(tiny_run) and out["source"] == f"the global model of {tiny_run} (after round 1)"
+    assert seen["max_length"] == 4 * 32 and out["max_length"] == 128
+    params = dict(seen["model"].named_parameters())
+    trained = load_tensor_file(tiny_run / "checkpoints" / "state.pt")["global_state"]
+    assert any(n.endswith("lora_B") or "lora_B" in n for n in trained)
+    assert any(t.abs().sum() > 0 for n, t in trained.items() if "lora_B" in n)  # trained, not the initial zeros
+    for name, t in trained.items():
+        assert torch.equal(params[name].detach(), t), name
+    r = cli("mmlu", tiny_run, "--client", "1", "--subjects", "anatomy", "--max-per-subject", "1", "--k-shot", "0",
+            "--max-length", "64")
+    assert r.returncode == 0 and f"MMLU 0-shot, client 1 of {tiny_run} (after round 1)" in r.stdout
+    assert seen["max_length"] == 64

@@ -416,7 +416,9 @@ def flops(
 @app.command(context_settings={"allow_extra_args": True})
 def mmlu(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="builtin:<name>, a hub id or a local model folder")],
+    model: Annotated[str, typer.Argument(help="builtin:<name>, a hub id, a local model folder, a model fedmoe export "
+                                              "wrote, or a run directory (runs/<name>: its global model, or --client "
+                                              "N's)")],
     subjects: Annotated[Optional[list[str]], typer.Option("--subjects", help="subjects: --subjects anatomy "
                                                           "virology (or comma-separated)")] = None,
     subset: Annotated[Optional[str], typer.Option("--subset", help="a named selection: quick (10 subjects) "
@@ -428,12 +430,23 @@ def mmlu(
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="prompt token limit (default: "
                                                       "the model's max_position_embeddings, else 2048)")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")] = "float32",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16 (default: float32; a "
+                                                 "run directory: its model.dtype)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    client: Annotated[Optional[int], typer.Option("--client", help="a run directory: this client's own model "
+                                                  "(default: the global model)")] = None,
+    private: Annotated[Optional[Path], typer.Option("--private", help="a run directory of a Flower run: the "
+                                                    "client's private store")] = None,
+    round_: Annotated[Optional[int], typer.Option(
+        "--round", help="a run directory: the model after this round (one of its two checkpoints; default: the "
+                        "finished run's last)")] = None,
 ):
     """MMLU k-shot accuracy (bundled 57-subject test set): per-subject table, macro and micro average.
 
+    MODEL may be a run directory: its global model (or --client N's), loaded as `fedmoe export` and `fedmoe
+    generate` load it (the quantized base of a quantized run), with the run's prompt limit (4 x data.max_length)
+    unless --max-length is given: the figure the run reports with eval.mmlu.
     Example: fedmoe mmlu builtin:tiny-olmoe --subset quick --max-per-subject 20 [--json]
     """
     import json
@@ -473,6 +486,8 @@ def mmlu(
             raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"--max-length must be at least 1 token, got {max_length}")
+        if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype {dtype}: use float32, bfloat16 or float16")
         from .moe.model import check_device
 
         check_device(device, "--device")
@@ -480,13 +495,31 @@ def mmlu(
         _error(f"{e}")
         raise typer.Exit(2)
 
-    from .export import load_model
+    from .export import load_model, load_run_model
     from .moe.arch import UnsupportedModelError
     from .moe.model import load_tokenizer
+    from .rundir import RunDir, run_dir_problem, sweep_points_in
 
+    source = others[0]
+    # a run directory (its config.yaml; a model folder holds a config.json) or a sweep's folder of them
+    is_run = (Path(source) / RunDir.CONFIG).is_file() and not (Path(source) / "config.json").is_file()
+    if sweep_points_in(source) is not None:
+        _error(run_dir_problem(source, "mmlu"))
+        raise typer.Exit(2)
+    if not is_run and (client, private, round_) != (None, None, None):
+        _error(f"{source} is not a run directory: --client, --private and --round choose a model of a run directory "
+               "(runs/<name>); leave them out")
+        raise typer.Exit(2)
     try:
-        lm = load_model(others[0], dtype=dtype, device=device).model
-        tokenizer = load_tokenizer(others[0])
+        if is_run:
+            loaded = load_run_model(source, client, private, round_, verb="evaluate", dtype=dtype, device=device)
+            lm, source = loaded.mm.model, loaded.source
+            tokenizer = load_tokenizer(loaded.cfg.model.tokenizer or loaded.cfg.model.name)
+            if max_length is None:  # the limit the run's own MMLU evaluation takes (federation.evaluation)
+                max_length = 4 * loaded.cfg.data.max_length
+        else:
+            lm = load_model(source, dtype=dtype or "float32", device=device).model
+            tokenizer = load_tokenizer(source)
     except (UnsupportedModelError, OSError, ValueError, KeyError) as e:
         _error(f"cannot load {others[0]}: {e}")
         raise typer.Exit(2)
@@ -500,11 +533,13 @@ def mmlu(
     if as_json:
         out = {k: v for k, v in result.items() if k != "per_subject"}
         out["model"] = others[0]
+        if is_run:
+            out["source"] = source
         out["per_subject"] = {s: {"correct": c, "total": t, "accuracy": a}
                               for s, (c, t, a) in result["per_subject"].items()}
         print(json.dumps(out, indent=2))
         return
-    print(f"MMLU {k_shot}-shot, {others[0]}")
+    print(f"MMLU {k_shot}-shot, {source}")
     print(format_mmlu_table(result))
     if result["truncated"]:
         print(f"({result['truncated']} prompts lost shots to fit {result['max_length']} tokens)")

@@ -156,9 +156,11 @@ def _checkpoint_to_export(run_dir: str | Path, round_idx: int | None, verb: str 
 
 
 def load_run_model(run_dir: str | Path, client: int | None = None, private_path: str | Path | None = None,
-                   round_idx: int | None = None, verb: str = "export") -> LoadedModel:
+                   round_idx: int | None = None, verb: str = "export", dtype: str | None = None,
+                   device: str | None = None) -> LoadedModel:
     """The model client ``client`` (None: the global model) ended the run with, or had after round
-    ``round_idx`` (one of the run's two checkpoints; :func:`_checkpoint_to_export`, whose errors say ``verb``)."""
+    ``round_idx`` (one of the run's two checkpoints; :func:`_checkpoint_to_export`, whose errors say ``verb``).
+    ``dtype``, ``device``: load it so rather than in the run's ``model.dtype`` / ``model.device``."""
     from .federation.local import load_client_model
 
     cfg, rd, ck = _checkpoint_to_export(run_dir, round_idx, verb)
@@ -184,6 +186,9 @@ def load_run_model(run_dir: str | Path, client: int | None = None, private_path:
                 raise ExportError(f"{rd.path} ran on Flower: client {client}'s private state is on its SuperNode; pass "
                                   f"--private <that node's state-dir> (it holds {run_id}/client-{client}/private-r*.pt)")
             private = stores[client]
+    if dtype is not None or device is not None:  # where and in what precision it runs changes no trained tensor
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
+            **({"dtype": dtype} if dtype is not None else {}), **({"device": device} if device is not None else {})})})
     mm = load_client_model(cfg, method)
     method.client(cfg).load(mm, client, message, private)
     mm.model.eval()
