@@ -432,6 +432,48 @@ def _unfinished_copy(tiny_run, dest: Path) -> Path:
     return dest
 
 
+def test_flag_combinations_that_would_be_ignored_are_refused(tiny_run, tmp_path):
+    """A flag that would change nothing in this combination is refused, naming the combination meant, before
+    anything is loaded or written: --federation without --runtime flower (a new run, a resume, a sweep), --jobs with
+    --resume, --merged with another --format, --private for the global model, --client with --global, --input
+    without an instruction, mmlu's run options on a model."""
+    runs = tmp_path / "runs"
+    line = error_line(cli("run", "--quiet", "--federation", "lab", *_sets(TINY + [f"output_dir={runs}"])))
+    assert "--federation lab names the SuperLink of a Flower deployment (--runtime flower)" in line
+    assert "federation.runtime is local" in line and "add --runtime flower" in line
+    line = error_line(cli("run", "--quiet", "--runtime", "flower-sim", "--federation", "lab",
+                          *_sets(TINY + [f"output_dir={runs}"])))
+    assert "federation.runtime is flower-sim" in line
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"output_dir: {runs}\nsweep: {{seed: [0, 1]}}\n")
+    line = error_line(cli("run", "--quiet", sweep, "--federation", "lab", *_sets(TINY)))
+    assert "--federation lab names the SuperLink" in line
+    assert not runs.exists()  # none of them started
+    unfinished = _unfinished_copy(tiny_run, tmp_path / "unfinished")
+    line = error_line(cli("run", "--quiet", "--resume", unfinished, "--federation", "lab"))
+    assert "this run ran on federation.runtime local, which a resume keeps: leave --federation out" in line
+    line = error_line(cli("run", "--quiet", "--resume", unfinished, "--jobs", "2"))
+    assert "--jobs 2 runs the points of a sweep in parallel, and --resume continues one run" in line
+    assert not (unfinished / "summary.json").exists()
+
+    out = tmp_path / "out"
+    for fmt in ("vllm", "peft"):
+        line = error_line(cli("export", tiny_run, out, "--merged", "--format", fmt))
+        assert f"--merged and --format {fmt} ask for two forms: --merged is --format merged" in line
+    line = error_line(cli("export", tiny_run, out, "--private", tmp_path))
+    assert f"--private {tmp_path} is a client's private store, and the global model has none: add --client N" in line
+    line = error_line(cli("export", tiny_run, out, "--client", "0", "--global"))
+    assert "--client 0 and --global name two models: give one of them" in line
+    assert not out.exists()
+    line = error_line(cli("generate", tiny_run, "--input", "some context", stdin=b"Say hello.\n"))
+    assert "--input is the context of the one instruction given as PROMPT" in line
+    line = error_line(cli("generate", tiny_run, "hi", "--private", tmp_path))
+    assert "the global model has none" in line
+
+    line = error_line(cli("mmlu", "builtin:tiny-moe", "--client", "0", "--subjects", "anatomy"))
+    assert "builtin:tiny-moe is not a run directory: --client, --private and --round choose a model of a run" in line
+
+
 def _pasted(line: str) -> list[list[str]]:
     """Every command a message suggests (between backquotes), as a POSIX shell splits it when pasted."""
     import re

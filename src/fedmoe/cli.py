@@ -110,6 +110,9 @@ def run(
                 raise ConfigError("--resume continues a run with its own config.yaml (and runtime); do not pass a "
                                   "config, --runtime or --overwrite (--set only for what may change on resume, e.g. "
                                   "--set train.activation_checkpointing=true)")
+            if jobs != 1:
+                raise ConfigError(f"--jobs {jobs} runs the points of a sweep in parallel, and --resume continues one run: "
+                                  "leave --jobs out (a sweep continues with `fedmoe run CONFIG --jobs N`, its config)")
             summary, rd = continue_run(resume, show_progress=not quiet, federation=federation, overrides=set_ or [])
         elif config is not None and _has_sweep(config):
             from .federation.sweep import run_sweep
@@ -568,7 +571,8 @@ def compare(
 
 def _which(client: Optional[int], global_: bool) -> Optional[int]:
     if client is not None and global_:
-        raise typer.BadParameter("give --client N or --global, not both")
+        _error(f"--client {client} and --global name two models: give one of them (the global model is the default)")
+        raise typer.Exit(2)
     return None if global_ else client
 
 
@@ -643,6 +647,10 @@ def generate(
     from .export import answer, load_for_answers
 
     err = Console(stderr=True)
+    if prompt is None and context:
+        _error("--input is the context of the one instruction given as PROMPT; instructions read from stdin (no PROMPT) "
+               "take none: give the instruction as an argument with --input, or leave --input out")
+        raise typer.Exit(2)
     if max_new_tokens is not None and max_new_tokens < 1:
         _error(f"--max-new-tokens must be at least 1, got {max_new_tokens} (leave it out for the run's "
                "eval.max_new_tokens)")

@@ -163,6 +163,10 @@ def load_run_model(run_dir: str | Path, client: int | None = None, private_path:
     ``dtype``, ``device``: load it so rather than in the run's ``model.dtype`` / ``model.device``."""
     from .federation.local import load_client_model
 
+    if client is None and private_path is not None:  # checked before anything is read: it would go unused
+        raise ExportError(f"--private {private_path} is a client's private store, and the global model has none: add "
+                          "--client N (the client whose store it is), or leave --private out for the global model")
+
     cfg, rd, ck = _checkpoint_to_export(run_dir, round_idx, verb)
     n = cfg.data.partition.num_clients
     if client is not None and not 0 <= client < n:
@@ -518,7 +522,11 @@ def export_model(run_dir: str | Path, out: str | Path, client: int | None = None
                  round_idx: int | None = None, exported: dict | None = None) -> tuple[str, list[str]]:
     """Write the model to ``out`` (a new or empty folder) in ``form`` (``peft``, ``merged``, ``vllm``;
     None: ``merged`` when ``merged`` else ``peft``), or as a fedmoe folder when that form cannot express
-    it; returns (the form written, why not the one asked for: empty when it is the one asked for)."""
+    it; returns (the form written, why not the one asked for: empty when it is the one asked for). ``merged`` with
+    another ``form`` asks for two forms and is refused."""
+    if merged and form not in (None, "merged"):
+        raise ExportError(f"--merged and --format {form} ask for two forms: --merged is --format merged (a plain Hugging "
+                          f"Face model with the LoRA folded in), --format {form} another; give one of them")
     form = form or ("merged" if merged else "peft")
     if form not in ("peft", "merged", "vllm"):
         raise ExportError(f"--format {form!r}: use peft, merged or vllm")

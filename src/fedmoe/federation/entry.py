@@ -72,6 +72,7 @@ def start_run(cfg: RunConfig, show_progress: bool = False, federation: str | Non
     """A run from scratch on ``cfg.federation.runtime``; returns (summary, run dir). ``federation``:
     the SuperLink's name in $FLWR_HOME/config.toml (runtime ``flower``); ``overwrite``: replace a run
     of the same name (:func:`prepare_run_dir`)."""
+    check_federation_name(federation, [cfg.federation.runtime])
     if cfg.federation.runtime == "local":
         return run_federated(cfg, show_progress=show_progress, log=log, overwrite=overwrite)
     from .flower.launch import require_flower, run_deployment, run_simulation
@@ -102,6 +103,7 @@ def continue_run(path: str | Path, show_progress: bool = False, federation: str 
         log(f"{path} holds a finished run: nothing to resume (its summary.json and report.md are as it wrote them)")
         return loads((path / RunDir.SUMMARY).read_text()), RunDir(path, create=False)
     was = load_config(path / RunDir.CONFIG)  # its runtime (not an execution key: the overrides keep it)
+    check_federation_name(federation, [was.federation.runtime], resume=True)
     if was.federation.runtime == "local":
         return resume_federated(path, show_progress=show_progress, log=log, overrides=overrides)
     from .flower.launch import run_deployment, run_simulation
@@ -121,6 +123,20 @@ def continue_run(path: str | Path, show_progress: bool = False, federation: str 
     return locked(rd, work), rd
 
 
+def check_federation_name(federation: str | None, runtimes: list[str], resume: bool = False) -> None:
+    """``--federation NAME`` names the SuperLink of a Flower deployment: refused (rather than ignored) where none of
+    the runs it would apply to (``runtimes``: the run's, or a sweep's points') runs on ``flower``."""
+    if federation is None or "flower" in runtimes:
+        return
+    ran = ", ".join(sorted(set(runtimes)))
+    if resume:
+        raise ConfigError(f"--federation {federation} names the SuperLink of a Flower deployment, but this run ran on "
+                          f"federation.runtime {ran}, which a resume keeps: leave --federation out")
+    raise ConfigError(f"--federation {federation} names the SuperLink of a Flower deployment (--runtime flower), but "
+                      f"this run's federation.runtime is {ran}: add --runtime flower to run on that SuperLink, or leave "
+                      "--federation out to run as configured")
+
+
 def _federation(name: str | None) -> str:
     if not name:
         raise ConfigError("--runtime flower needs --federation NAME: the SuperLink's entry in $FLWR_HOME/config.toml "
@@ -128,4 +144,4 @@ def _federation(name: str | None) -> str:
     return name
 
 
-__all__ = ["check_model", "continue_run", "resume_federated", "run_federated", "start_run"]
+__all__ = ["check_federation_name", "check_model", "continue_run", "resume_federated", "run_federated", "start_run"]
