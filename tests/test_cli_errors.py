@@ -474,6 +474,75 @@ def test_flag_combinations_that_would_be_ignored_are_refused(tiny_run, tmp_path)
     assert "builtin:tiny-moe is not a run directory: --client, --private and --round choose a model of a run" in line
 
 
+def _sweep_folder(tiny_run, root: Path, report: bool = True) -> Path:
+    """A sweep's folder as `fedmoe run` leaves it: two finished points (copies of ``tiny_run``), one unfinished,
+    and (``report``) the sweep_report.md naming the config and listing the finished points in the sweep's order."""
+    root.mkdir()
+    for point in ("rank=8", "rank=4"):
+        shutil.copytree(tiny_run, root / point)
+    _unfinished_copy(tiny_run, root / "rank=2")
+    if report:
+        (root / "sweep_report.md").write_text("# Sweep: my configs/s.yaml\n\n2 runs.\n\nRuns: [rank=8](rank=8/report.md), "
+                                              "[rank=4](rank=4/report.md)\n")
+    return root
+
+
+def test_a_sweep_folder_is_named_as_one(tiny_run, tmp_path):
+    """A sweep's folder given where one run is wanted: --resume says that a sweep resumes by running its config (named
+    from its report, quoted), export, generate and mmlu name its points, compare takes its finished points in the
+    sweep's order (and says which it left out), and `fedmoe run FOLDER` says it is no config."""
+    sw = _sweep_folder(tiny_run, tmp_path / "sw")
+    line = error_line(cli("run", "--resume", sw))
+    assert f"{sw} is a sweep's folder (points: rank=8, rank=4, rank=2), not one run" in line
+    assert "a sweep resumes by running it again, `fedmoe run 'my configs/s.yaml'`" in line
+    assert "its finished points are kept and the others continue from their checkpoints" in line
+    assert f"one point alone resumes with `fedmoe run --resume {sw / 'rank=8'}`" in line
+    for args, example in ((("export", sw, tmp_path / "out"), f"fedmoe export {sw / 'rank=8'} OUT"),
+                          (("generate", sw, "hi"), f"fedmoe generate {sw / 'rank=8'}"),
+                          (("mmlu", sw, "--subjects", "anatomy"), f"fedmoe mmlu {sw / 'rank=8'}")):
+        line = error_line(cli(*args))
+        assert f"{sw} is a sweep's folder, not one run: give one of its points, e.g. `{example}`; its points: rank=8, " \
+               "rank=4, rank=2" in line
+    assert not (tmp_path / "out").exists()
+    line = error_line(cli("run", sw))
+    assert f"{sw} is a sweep's folder, not a config file" in line and "sweep: section" in line
+
+    r = cli("compare", sw, "--out", tmp_path / "cmp")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == (f"note: {sw} is a sweep's folder: comparing its 2 finished points; not finished "
+                                        "(give a point's folder to compare it as it is so far): rank=2")
+    assert r.stdout.splitlines()[1] == "|  | rank=8 | rank=4 |"  # the sweep's order, not the folders' sorted order
+    line = error_line(cli("compare", sw, sw / "rank=4", "--out", tmp_path / "cmp"))
+    assert f"{sw / 'rank=4'} (a point of the sweep {sw}) and {sw / 'rank=4'} are the same run" in line
+
+    # a sweep stopped before its report: still known by its points' names, its config not
+    (sw / "sweep_report.md").unlink()
+    line = error_line(cli("run", "--resume", sw))
+    assert "a sweep resumes by running it again, `fedmoe run CONFIG` with the sweep's config" in line
+    for point in ("rank=8", "rank=4"):
+        (sw / point / "summary.json").unlink()
+    line = error_line(cli("compare", sw, "--out", tmp_path / "cmp"))
+    assert f"{sw} is a sweep's folder with no finished point (points: rank=2, rank=4, rank=8)" in line
+    # an output_dir of ordinary runs is no sweep
+    (tmp_path / "runs").mkdir()
+    shutil.copytree(tiny_run, tmp_path / "runs" / "fedit")
+    assert f"{tmp_path / 'runs'} is not a fedmoe run directory (no config.yaml)" in error_line(
+        cli("run", "--resume", tmp_path / "runs"))
+
+
+def test_compare_refuses_the_same_run_twice(tiny_run, tmp_path):
+    """The same run directory however written (as given twice, with a trailing / or .., through a symbolic link)
+    would be two identical columns: refused, naming it."""
+    line = error_line(cli("compare", tiny_run, tiny_run, "--out", tmp_path / "o"))
+    assert f"{tiny_run} is given twice: a run is compared once" in line
+    other = f"{tiny_run.parent}/../{tiny_run.parent.name}/{tiny_run.name}/"
+    line = error_line(cli("compare", tiny_run, other, "--out", tmp_path / "o"))
+    assert f"{tiny_run} and {Path(other)} are the same run ({tiny_run.resolve()})" in line
+    (tmp_path / "link").symlink_to(tiny_run)
+    assert "are the same run" in error_line(cli("compare", tmp_path / "link", tiny_run, "--out", tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
 def _pasted(line: str) -> list[list[str]]:
     """Every command a message suggests (between backquotes), as a POSIX shell splits it when pasted."""
     import re

@@ -550,15 +550,17 @@ def mmlu(
 
 @app.command()
 def compare(
-    runs: Annotated[list[Path], typer.Argument(help="run directories (runs/<name>), finished or not")],
+    runs: Annotated[list[Path], typer.Argument(help="run directories (runs/<name>), finished or not, or a sweep's "
+                                                    "folder (its finished points)")],
     out: Annotated[Path, typer.Option("--out", help="folder for compare.md and compare.png")] = Path("compare"),
 ):
     """Several runs side by side: one table (method, rounds, global and client results, bytes, wall time)
-    and their learning curves overlaid in one PNG."""
+    and their learning curves overlaid in one PNG. A sweep's folder (runs/<sweep name>) stands for its finished
+    points; the same run given twice is refused."""
     from .report.compare import compare_runs
 
     try:
-        table, png = compare_runs(runs, out)
+        table, png = compare_runs(runs, out, log=lambda m: print(f"note: {m}"))
     except (FileNotFoundError, ValueError) as e:
         _error(f"{e}")
         raise typer.Exit(2)
