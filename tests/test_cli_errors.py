@@ -436,7 +436,7 @@ def test_flag_combinations_that_would_be_ignored_are_refused(tiny_run, tmp_path)
     """A flag that would change nothing in this combination is refused, naming the combination meant, before
     anything is loaded or written: --federation without --runtime flower (a new run, a resume, a sweep), --jobs with
     --resume, --merged with another --format, --private for the global model, --client with --global, --input
-    without an instruction, mmlu's run options on a model."""
+    without an instruction, flops options that describe adapters of rank 0, mmlu's run options on a model."""
     runs = tmp_path / "runs"
     line = error_line(cli("run", "--quiet", "--federation", "lab", *_sets(TINY + [f"output_dir={runs}"])))
     assert "--federation lab names the SuperLink of a Flower deployment (--runtime flower)" in line
@@ -470,6 +470,15 @@ def test_flag_combinations_that_would_be_ignored_are_refused(tiny_run, tmp_path)
     line = error_line(cli("generate", tiny_run, "hi", "--private", tmp_path))
     assert "the global model has none" in line
 
+    for args, want in ((["--router-lora"], "--router-lora: router LoRA takes the rank --lora-rank, which is 0 here"),
+                       (["--attention-targets", "q_proj"], "--attention-targets q_proj: attention LoRA takes the rank "
+                                                           "--lora-rank, which is 0 here"),
+                       (["--expert-layout", "split"], "--expert-layout split: the expert LoRA rank is 0 here"),
+                       (["--lora-rank", "4", "--no-expert-lora", "--expert-lora-rank", "8"],
+                        "--expert-lora-rank describes the expert LoRA, which --no-expert-lora leaves out")):
+        assert want in error_line(cli("flops", "builtin:tiny-moe", *args))
+    r = cli("flops", "builtin:tiny-moe", "--expert-lora-rank", "4", "--expert-layout", "split", "--k", "4")
+    assert r.returncode == 0 and "LoRA r=0 (experts r=4) on experts (split)" in r.stdout  # rank 0 on attention only
     line = error_line(cli("mmlu", "builtin:tiny-moe", "--client", "0", "--subjects", "anatomy"))
     assert "builtin:tiny-moe is not a run directory: --client, --private and --round choose a model of a run" in line
 
@@ -634,3 +643,24 @@ def test_mmlu_of_a_run_directory_evaluates_its_global_model(tiny_run, monkeypatc
             "--max-length", "64")
     assert r.returncode == 0 and f"MMLU 0-shot, client 1 of {tiny_run} (after round 1)" in r.stdout
     assert seen["max_length"] == 64
+
+
+def test_flops_of_a_sweep_counts_each_distinct_point(tmp_path):
+    """`fedmoe flops SWEEP.yaml` takes a sweep config as `fedmoe plan` does: one table per distinct count, naming
+    the points it covers (the seed changes no count here, the rank does), each the count of its points' own config."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("model: {name: 'builtin:tiny-moe'}\nsweep: {lora.rank: [4, 8], seed: [0, 1]}\n")
+    r = cli("flops", sweep, "--json", "--k", "4", "2")
+    assert r.returncode == 0, r.stderr
+    groups = json.loads(r.stdout)
+    assert [g["points"] for g in groups] == [["rank=4,seed=0", "rank=4,seed=1"], ["rank=8,seed=0", "rank=8,seed=1"]]
+    for g, rank in zip(groups, (4, 8)):
+        one = tmp_path / f"r{rank}.yaml"
+        one.write_text(f"model: {{name: 'builtin:tiny-moe'}}\nlora: {{rank: {rank}}}\n")
+        alone = cli("flops", one, "--json", "--k", "4", "2")
+        assert g["rows"] == json.loads(alone.stdout)
+    assert groups[0]["rows"][0]["total_trainable"] < groups[1]["rows"][0]["total_trainable"]
+    r = cli("flops", sweep, "--k", "4")
+    heads = [x for x in r.stdout.splitlines() if x.startswith("sweep points ")]
+    assert heads == ["sweep points rank=4,seed=0, rank=4,seed=1:", "sweep points rank=8,seed=0, rank=8,seed=1:"]
+    assert f"**{sweep}: builtin:tiny-moe (olmoe), 128 tokens, the adapters fedit builds (lora.rank 8)**" in r.stdout

@@ -348,70 +348,99 @@ def flops(
         raise typer.Exit(2)
     ks = list(k or []) + [int(w) for w in ints]
     targets = None if attention_targets is None else [t.strip() for t in attention_targets.split(",") if t.strip()]
-    source, expert_targets = others[0], None
+    source = others[0]
     is_run = source.endswith((".yaml", ".yml"))
     by_hand = (lora_rank, expert_lora_rank, attention_targets, expert_layout, router_lora) != (None,) * 5 or \
         no_attention_lora or no_expert_lora
-    try:
-        if no_attention_lora and targets:
-            raise ValueError("give --attention-targets or --no-attention-lora, not both")
-        if is_run and not by_hand:
+
+    def counted(run_cfg=None):
+        """(rows, title) of the model given, or of a run config's model (``run_cfg``): its adapters as its method
+        builds them, or as the options describe them (each option not given: the config's value)."""
+        name, r, r_exp, tgts, layout = source, lora_rank, expert_lora_rank, targets, expert_layout
+        no_exp, no_attn, router, seq, exp_targets = no_expert_lora, no_attention_lora, router_lora, seq_len, None
+        if run_cfg is not None and not by_hand:
             # a fedmoe run config as it is: counted from the adapters its method builds (its summary's figures)
             from .algorithms import METHODS
             from .algorithms.base import method_flops
+
+            rows = method_flops(run_cfg, METHODS[run_cfg.algorithm.name], ks or None, seq)
+            mc = load_model_config(run_cfg.model.name)
+            lora = f"the adapters {run_cfg.algorithm.name} builds (lora.rank {run_cfg.lora.rank})"
+            return rows, f"{run_cfg.model.name} ({mc.model_type}), {rows[0]['seq_len']} tokens, {lora}"
+        if run_cfg is not None:  # a run config with adapters described by hand: its model, the options win
+            lc = run_cfg.lora
+            name = run_cfg.model.name
+            r = lc.rank if r is None else r
+            no_exp = no_exp or not lc.experts
+            tgts = lc.attention_targets if attention_targets is None else tgts
+            layout = layout or lc.expert_layout
+            router = lc.router if router is None else router
+            seq = run_cfg.eval.flops_seq_len if seq is None else seq
+            exp_targets = tuple(lc.expert_targets)
+        no_attn = no_attn or tgts == []
+        r, layout, seq, router = r or 0, layout or "fused", 128 if seq is None else seq, bool(router)
+        r_exp = r if r_exp is None else r_exp
+        # an option that describes adapters of rank 0 would change nothing: refused, not ignored
+        if r == 0 and targets:
+            raise ValueError(f"--attention-targets {attention_targets}: attention LoRA takes the rank --lora-rank, "
+                             "which is 0 here (no attention LoRA): give --lora-rank R, or leave --attention-targets out")
+        if r == 0 and router_lora:
+            raise ValueError("--router-lora: router LoRA takes the rank --lora-rank, which is 0 here (no LoRA): give "
+                             "--lora-rank R, or leave --router-lora out")
+        if r_exp == 0 and expert_layout is not None and not no_expert_lora:
+            raise ValueError(f"--expert-layout {expert_layout}: the expert LoRA rank is 0 here (no expert LoRA): give "
+                             "--lora-rank R or --expert-lora-rank R, or leave --expert-layout out")
+        mc = load_model_config(name)
+        rows = [count_flops(mc, seq, k=kk, lora_rank=r, expert_lora_rank=expert_lora_rank, expert_lora=not no_exp,
+                            expert_lora_layout=layout, router_lora=router,
+                            **({"expert_lora_targets": exp_targets} if exp_targets else {}),
+                            attention_lora_targets=[] if no_attn else tgts) for kk in (ks or default_k_list(mc))]
+        where = [] if no_exp or r_exp == 0 else [f"experts ({layout})"]
+        if r and not no_attn:
+            where.append(f"attention ({','.join(tgts) if tgts else 'default targets'})")
+        if r and router:
+            where.append("router")
+        lora = ("no LoRA" if not where else
+                f"LoRA r={r}" + ("" if r_exp == r else f" (experts r={r_exp})") + " on " + ", ".join(where))
+        return rows, f"{name} ({mc.model_type}), {seq} tokens, {lora}"
+
+    try:
+        if no_attention_lora and targets:
+            raise ValueError("give --attention-targets or --no-attention-lora, not both")
+        if no_expert_lora and (expert_lora_rank is not None or expert_layout is not None):
+            raise ValueError(f"--{'expert-lora-rank' if expert_lora_rank is not None else 'expert-layout'} describes "
+                             "the expert LoRA, which --no-expert-lora leaves out: give one or the other")
+        if is_run and _has_sweep(Path(source)):
+            # a sweep: one table per distinct count, naming the points it covers (as `fedmoe plan` does)
+            from .federation.sweep import expand_sweep
+
+            groups: dict[str, tuple[list[dict], str, list[str]]] = {}
+            for point, run_cfg in expand_sweep(source)[2]:
+                rows, title = counted(run_cfg)
+                key = json.dumps([rows, title], sort_keys=True, default=str)
+                groups.setdefault(key, (rows, title, []))[2].append(point)
+            tables = list(groups.values())
+        else:
             from .config import load_config
 
-            run_cfg = load_config(source)
-            rows = method_flops(run_cfg, METHODS[run_cfg.algorithm.name], ks or None, seq_len)
-            source, seq_len = run_cfg.model.name, rows[0]["seq_len"]
-            cfg = load_model_config(source)
-        else:
-            if is_run:  # a run config with adapters described by hand: its model, the options win
-                from .config import load_config
-
-                run_cfg = load_config(source)
-                lc = run_cfg.lora
-                source = run_cfg.model.name
-                lora_rank = lc.rank if lora_rank is None else lora_rank
-                no_expert_lora = no_expert_lora or not lc.experts
-                targets = lc.attention_targets if attention_targets is None else targets
-                expert_layout = expert_layout or lc.expert_layout
-                router_lora = lc.router if router_lora is None else router_lora
-                seq_len = run_cfg.eval.flops_seq_len if seq_len is None else seq_len
-                expert_targets = tuple(lc.expert_targets)
-                if targets == []:
-                    no_attention_lora = True
-            lora_rank, expert_layout = lora_rank or 0, expert_layout or "fused"
-            seq_len = 128 if seq_len is None else seq_len
-            router_lora = bool(router_lora)
-            cfg = load_model_config(source)
-            ks = ks or default_k_list(cfg)
-            rows = [count_flops(cfg, seq_len, k=kk, lora_rank=lora_rank, expert_lora_rank=expert_lora_rank,
-                                expert_lora=not no_expert_lora, expert_lora_layout=expert_layout,
-                                router_lora=router_lora,
-                                **({"expert_lora_targets": expert_targets} if expert_targets else {}),
-                                attention_lora_targets=[] if no_attention_lora else targets) for kk in ks]
+            tables = [(*counted(load_config(source) if is_run else None), None)]
     except (ValueError, FileNotFoundError) as e:
         _error(f"{e}")
         raise typer.Exit(2)
     keys = ("k", "flops_per_seq", "flops_by_part", "active_params", "total_params", "active_trainable",
             "total_trainable")
     if as_json:
-        print(json.dumps([{key: r[key] for key in keys} for r in rows], indent=2))
+        if tables[0][2] is None:
+            print(json.dumps([{key: r[key] for key in keys} for r in tables[0][0]], indent=2))
+        else:  # a sweep: one object per distinct count
+            print(json.dumps([{"points": points, "rows": [{key: r[key] for key in keys} for r in rows]}
+                              for rows, _, points in tables], indent=2))
         return
-    if is_run and not by_hand:
-        lora = f"the adapters {run_cfg.algorithm.name} builds (lora.rank {run_cfg.lora.rank})"
-    else:
-        r_exp = lora_rank if expert_lora_rank is None else expert_lora_rank
-        where = ([] if no_expert_lora or r_exp == 0 else [f"experts ({expert_layout})"])
-        if lora_rank and not (no_attention_lora or targets == []):
-            where.append(f"attention ({','.join(targets) if targets else 'default targets'})")
-        if lora_rank and router_lora:
-            where.append("router")
-        lora = ("no LoRA" if not where else
-                f"LoRA r={lora_rank}" + ("" if r_exp == lora_rank else f" (experts r={r_exp})") + " on " + ", ".join(where))
-    name = others[0] if source == others[0] else f"{others[0]}: {source}"
-    print(format_flops_table(rows, title=f"{name} ({cfg.model_type}), {seq_len} tokens, {lora}"))
+    for i, (rows, title, points) in enumerate(tables):
+        if points is not None:
+            print(("\n" if i else "") + f"sweep points {', '.join(points)}:")
+        name = title if not is_run else f"{source}: {title}"
+        print(format_flops_table(rows, title=name))
     print("\nFLOPs = 2 x multiply-accumulates of the forward pass of one sequence; attention scores over the "
           "full T x T square. P̂ = trainable (LoRA) parameters; P̂_a = the non-expert ones + k/E of the expert ones.")
 
