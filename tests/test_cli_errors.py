@@ -393,7 +393,7 @@ def test_a_dense_model_or_a_missing_device_is_refused_before_anything_is_written
         assert "set train.aux_loss: false" in line
     assert not runs.exists()
     line = error_line(fedmoe_process("migrate-checkpoint", tmp_path / "nope", cwd=tmp_path))
-    assert "is not a fedmoe run directory" in line
+    assert f"{tmp_path / 'nope'} does not exist: give the directory of a run" in line
 
 
 def test_plan_of_a_sweep_plans_each_distinct_setting(tmp_path):
@@ -426,3 +426,245 @@ def test_plan_of_a_sweep_keeps_apart_points_whose_seed_draws_other_levels(tmp_pa
     for cfg, ps in groups:
         assert len({str(levels[q]) for q in ps}) == 1  # one plan only for points with the same levels
     assert len(groups) == len({str(v) for v in levels.values()})
+
+
+# ------------------------------------------------- the CLI's new-user review: flags, sweeps, quoting, circles
+def _unfinished_copy(tiny_run, dest: Path) -> Path:
+    """``tiny_run`` copied to ``dest`` without its summary.json: a run with a checkpoint that did not finish."""
+    shutil.copytree(tiny_run, dest)
+    (dest / "summary.json").unlink()
+    return dest
+
+
+def test_flag_combinations_that_would_be_ignored_are_refused(tiny_run, tmp_path):
+    """A flag that would change nothing in this combination is refused, naming the combination meant, before
+    anything is loaded or written: --federation without --runtime flower (a new run, a resume, a sweep), --jobs with
+    --resume, --merged with another --format, --private for the global model, --client with --global, --input
+    without an instruction, flops options that describe adapters of rank 0, mmlu's run options on a model."""
+    runs = tmp_path / "runs"
+    line = error_line(cli("run", "--quiet", "--federation", "lab", *_sets(TINY + [f"output_dir={runs}"])))
+    assert "--federation lab names the SuperLink of a Flower deployment (--runtime flower)" in line
+    assert "federation.runtime is local" in line and "add --runtime flower" in line
+    line = error_line(cli("run", "--quiet", "--runtime", "flower-sim", "--federation", "lab",
+                          *_sets(TINY + [f"output_dir={runs}"])))
+    assert "federation.runtime is flower-sim" in line
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"output_dir: {runs}\nsweep: {{seed: [0, 1]}}\n")
+    line = error_line(cli("run", "--quiet", sweep, "--federation", "lab", *_sets(TINY)))
+    assert "--federation lab names the SuperLink" in line
+    assert not runs.exists()  # none of them started
+    unfinished = _unfinished_copy(tiny_run, tmp_path / "unfinished")
+    line = error_line(cli("run", "--quiet", "--resume", unfinished, "--federation", "lab"))
+    assert "this run ran on federation.runtime local, which a resume keeps: leave --federation out" in line
+    line = error_line(cli("run", "--quiet", "--resume", unfinished, "--jobs", "2"))
+    assert "--jobs 2 runs the points of a sweep in parallel, and --resume continues one run" in line
+    assert not (unfinished / "summary.json").exists()
+
+    out = tmp_path / "out"
+    for fmt in ("vllm", "peft"):
+        line = error_line(cli("export", tiny_run, out, "--merged", "--format", fmt))
+        assert f"--merged and --format {fmt} ask for two forms: --merged is --format merged" in line
+    line = error_line(cli("export", tiny_run, out, "--private", tmp_path))
+    assert f"--private {tmp_path} is a client's private store, and the global model has none: add --client N" in line
+    line = error_line(cli("export", tiny_run, out, "--client", "0", "--global"))
+    assert "--client 0 and --global name two models: give one of them" in line
+    assert not out.exists()
+    line = error_line(cli("generate", tiny_run, "--input", "some context", stdin=b"Say hello.\n"))
+    assert "--input is the context of the one instruction given as PROMPT" in line
+    line = error_line(cli("generate", tiny_run, "hi", "--private", tmp_path))
+    assert "the global model has none" in line
+
+    for args, want in ((["--router-lora"], "--router-lora: router LoRA takes the rank --lora-rank, which is 0 here"),
+                       (["--attention-targets", "q_proj"], "--attention-targets q_proj: attention LoRA takes the rank "
+                                                           "--lora-rank, which is 0 here"),
+                       (["--expert-layout", "split"], "--expert-layout split: the expert LoRA rank is 0 here"),
+                       (["--lora-rank", "4", "--no-expert-lora", "--expert-lora-rank", "8"],
+                        "--expert-lora-rank describes the expert LoRA, which --no-expert-lora leaves out")):
+        assert want in error_line(cli("flops", "builtin:tiny-moe", *args))
+    r = cli("flops", "builtin:tiny-moe", "--expert-lora-rank", "4", "--expert-layout", "split", "--k", "4")
+    assert r.returncode == 0 and "LoRA r=0 (experts r=4) on experts (split)" in r.stdout  # rank 0 on attention only
+    line = error_line(cli("mmlu", "builtin:tiny-moe", "--client", "0", "--subjects", "anatomy"))
+    assert "builtin:tiny-moe is not a run directory: --client, --private and --round choose a model of a run" in line
+
+
+def _sweep_folder(tiny_run, root: Path, report: bool = True) -> Path:
+    """A sweep's folder as `fedmoe run` leaves it: two finished points (copies of ``tiny_run``), one unfinished,
+    and (``report``) the sweep_report.md naming the config and listing the finished points in the sweep's order."""
+    root.mkdir()
+    for point in ("rank=8", "rank=4"):
+        shutil.copytree(tiny_run, root / point)
+    _unfinished_copy(tiny_run, root / "rank=2")
+    if report:
+        (root / "sweep_report.md").write_text("# Sweep: my configs/s.yaml\n\n2 runs.\n\nRuns: [rank=8](rank=8/report.md), "
+                                              "[rank=4](rank=4/report.md)\n")
+    return root
+
+
+def test_a_sweep_folder_is_named_as_one(tiny_run, tmp_path):
+    """A sweep's folder given where one run is wanted: --resume says that a sweep resumes by running its config (named
+    from its report, quoted), export, generate and mmlu name its points, compare takes its finished points in the
+    sweep's order (and says which it left out), and `fedmoe run FOLDER` says it is no config."""
+    sw = _sweep_folder(tiny_run, tmp_path / "sw")
+    line = error_line(cli("run", "--resume", sw))
+    assert f"{sw} is a sweep's folder (points: rank=8, rank=4, rank=2), not one run" in line
+    assert "a sweep resumes by running it again, `fedmoe run 'my configs/s.yaml'`" in line
+    assert "its finished points are kept and the others continue from their checkpoints" in line
+    assert f"one point alone resumes with `fedmoe run --resume {sw / 'rank=8'}`" in line
+    for args, example in ((("export", sw, tmp_path / "out"), f"fedmoe export {sw / 'rank=8'} OUT"),
+                          (("generate", sw, "hi"), f"fedmoe generate {sw / 'rank=8'}"),
+                          (("mmlu", sw, "--subjects", "anatomy"), f"fedmoe mmlu {sw / 'rank=8'}")):
+        line = error_line(cli(*args))
+        assert f"{sw} is a sweep's folder, not one run: give one of its points, e.g. `{example}`; its points: rank=8, " \
+               "rank=4, rank=2" in line
+    assert not (tmp_path / "out").exists()
+    line = error_line(cli("run", sw))
+    assert f"{sw} is a sweep's folder, not a config file" in line and "sweep: section" in line
+
+    r = cli("compare", sw, "--out", tmp_path / "cmp")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == (f"note: {sw} is a sweep's folder: comparing its 2 finished points; not finished "
+                                        "(give a point's folder to compare it as it is so far): rank=2")
+    assert r.stdout.splitlines()[1] == "|  | rank=8 | rank=4 |"  # the sweep's order, not the folders' sorted order
+    line = error_line(cli("compare", sw, sw / "rank=4", "--out", tmp_path / "cmp"))
+    assert f"{sw / 'rank=4'} (a point of the sweep {sw}) and {sw / 'rank=4'} are the same run" in line
+
+    # a sweep stopped before its report: still known by its points' names, its config not
+    (sw / "sweep_report.md").unlink()
+    line = error_line(cli("run", "--resume", sw))
+    assert "a sweep resumes by running it again, `fedmoe run CONFIG` with the sweep's config" in line
+    for point in ("rank=8", "rank=4"):
+        (sw / point / "summary.json").unlink()
+    line = error_line(cli("compare", sw, "--out", tmp_path / "cmp"))
+    assert f"{sw} is a sweep's folder with no finished point (points: rank=2, rank=4, rank=8)" in line
+    # an output_dir of ordinary runs is no sweep
+    (tmp_path / "runs").mkdir()
+    shutil.copytree(tiny_run, tmp_path / "runs" / "fedit")
+    assert f"{tmp_path / 'runs'} is not a fedmoe run directory (no config.yaml)" in error_line(
+        cli("run", "--resume", tmp_path / "runs"))
+
+
+def test_compare_refuses_the_same_run_twice(tiny_run, tmp_path):
+    """The same run directory however written (as given twice, with a trailing / or .., through a symbolic link)
+    would be two identical columns: refused, naming it."""
+    line = error_line(cli("compare", tiny_run, tiny_run, "--out", tmp_path / "o"))
+    assert f"{tiny_run} is given twice: a run is compared once" in line
+    other = f"{tiny_run.parent}/../{tiny_run.parent.name}/{tiny_run.name}/"
+    line = error_line(cli("compare", tiny_run, other, "--out", tmp_path / "o"))
+    assert f"{tiny_run} and {Path(other)} are the same run ({tiny_run.resolve()})" in line
+    (tmp_path / "link").symlink_to(tiny_run)
+    assert "are the same run" in error_line(cli("compare", tmp_path / "link", tiny_run, "--out", tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def _pasted(line: str) -> list[list[str]]:
+    """Every command a message suggests (between backquotes), as a POSIX shell splits it when pasted."""
+    import re
+    import shlex
+
+    return [shlex.split(c) for c in re.findall(r"`([^`]+)`", line)]
+
+
+def test_suggested_commands_paste_into_a_shell(tiny_run, tmp_path):
+    """With output_dir "my runs" and name "c d", every command a message suggests still names the run's directory
+    when pasted into a shell (quoted), where a plain path stays as it is."""
+    from fedmoe.cli import _interrupted, _sweep_command
+    from fedmoe.federation.directories import out_of_memory_advice
+
+    run = _unfinished_copy(tiny_run, tmp_path / "my runs" / "c d")
+    resume = ["fedmoe", "run", "--resume", str(run)]
+    line = error_line(cli("run", "--quiet", *_sets(TINY + [f"output_dir={tmp_path / 'my runs'}", "name=c d"])))
+    assert "holds an unfinished run" in line and _pasted(line)[0] == resume
+    line = error_line(cli("export", run, tmp_path / "out"))
+    assert _pasted(line) == [resume]
+    assert _pasted(_interrupted(run, None)) == [resume]
+    assert _pasted(out_of_memory_advice(run, MemoryError())) == [
+        [*resume, "--set", "train.activation_checkpointing=true"],
+        ["fedmoe", "plan", str(run / "config.yaml"), "--set", "train.activation_checkpointing=true"]]
+    assert _pasted(_interrupted(run, _sweep_command(Path("my sweep.yaml"), ["name=c d", "seed=1"], "my lab"))) == [
+        ["fedmoe", "run", "my sweep.yaml", "--set", "name=c d", "--set", "seed=1", "--federation", "my lab"]]
+    line = error_line(cli("run", run))
+    assert _pasted(line) == [resume, ["fedmoe", "run", str(run / "config.yaml"), "--overwrite"]]
+    shutil.rmtree(run / "checkpoints")
+    line = error_line(cli("run", "--resume", run))
+    assert _pasted(line) == [["fedmoe", "run", str(run / "config.yaml"), "--overwrite"]]
+    # a plain path is written as it is
+    plain = _unfinished_copy(tiny_run, tmp_path / "plain")
+    assert f"`fedmoe run --resume {plain}`" in _interrupted(plain, None)
+
+
+def test_errors_that_went_in_circles(tiny_run, tmp_path):
+    """A config path that is not there names the default run and where the shipped configs are (and the one meant);
+    a run directory given as the config says what to do with it; --resume of a path that is not there says so."""
+    from fedmoe.config import shipped_configs
+
+    line = error_line(fedmoe("run", "configs/default.yaml", cwd=tmp_path))
+    assert f"config file not found: configs/default.yaml (looked for from {tmp_path})" in line
+    assert "`fedmoe run` with no config runs the default run" in line
+    shipped = shipped_configs()  # this checkout's configs/ (the source tree fedmoe is imported from)
+    assert shipped is not None and (shipped / "flame-table2.yaml").is_file()
+    assert f"the shipped configs are in {shipped}; did you mean {shipped / 'default.yaml'}?" in line
+    line = error_line(cli("run", tiny_run))
+    assert f"{tiny_run} is the directory of a finished run, not a config file" in line
+    assert f"`fedmoe export {tiny_run} OUT`" in line and f"give its config, {tiny_run / 'config.yaml'}" in line
+    unfinished = _unfinished_copy(tiny_run, tmp_path / "unfinished")
+    line = error_line(cli("run", unfinished))
+    assert f"{unfinished} is a run directory, not a config file: continue that run with `fedmoe run --resume " \
+           f"{unfinished}`" in line
+    line = error_line(cli("run", "--resume", tmp_path / "nope"))
+    assert f"{tmp_path / 'nope'} does not exist: give the directory of a run" in line
+    line = error_line(cli("run", "--resume", ROOT / "configs" / "default.yaml"))
+    assert f"is a config file, not a run directory: start a run from it with `fedmoe run {ROOT / 'configs' / 'default.yaml'}`" in line
+
+
+def test_mmlu_of_a_run_directory_evaluates_its_global_model(tiny_run, monkeypatch):
+    """`fedmoe mmlu RUN` evaluates the run's global model — the trained tensors of its last checkpoint on the base,
+    as export and generate load it — with the run's own prompt limit (4 x data.max_length), not a transformers
+    error about a folder without config.json; --client N evaluates that client's."""
+    import fedmoe.eval.mmlu as mmlu
+
+    from fedmoe.rundir import load_tensor_file
+
+    seen = {}
+    real = mmlu.evaluate_mmlu
+
+    def spy(model, tokenizer, **kw):
+        seen.update(model=model, tokenizer=tokenizer, **kw)
+        return real(model, tokenizer, **kw)
+
+    monkeypatch.setattr(mmlu, "evaluate_mmlu", spy)
+    r = cli("mmlu", tiny_run, "--subjects", "anatomy", "--max-per-subject", "2", "--k-shot", "0", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["model"] == str(tiny_run) and out["source"] == f"the global model of {tiny_run} (after round 1)"
+    assert seen["max_length"] == 4 * 32 and out["max_length"] == 128
+    params = dict(seen["model"].named_parameters())
+    trained = load_tensor_file(tiny_run / "checkpoints" / "state.pt")["global_state"]
+    assert any(n.endswith("lora_B") or "lora_B" in n for n in trained)
+    assert any(t.abs().sum() > 0 for n, t in trained.items() if "lora_B" in n)  # trained, not the initial zeros
+    for name, t in trained.items():
+        assert torch.equal(params[name].detach(), t), name
+    r = cli("mmlu", tiny_run, "--client", "1", "--subjects", "anatomy", "--max-per-subject", "1", "--k-shot", "0",
+            "--max-length", "64")
+    assert r.returncode == 0 and f"MMLU 0-shot, client 1 of {tiny_run} (after round 1)" in r.stdout
+    assert seen["max_length"] == 64
+
+
+def test_flops_of_a_sweep_counts_each_distinct_point(tmp_path):
+    """`fedmoe flops SWEEP.yaml` takes a sweep config as `fedmoe plan` does: one table per distinct count, naming
+    the points it covers (the seed changes no count here, the rank does), each the count of its points' own config."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("model: {name: 'builtin:tiny-moe'}\nsweep: {lora.rank: [4, 8], seed: [0, 1]}\n")
+    r = cli("flops", sweep, "--json", "--k", "4", "2")
+    assert r.returncode == 0, r.stderr
+    groups = json.loads(r.stdout)
+    assert [g["points"] for g in groups] == [["rank=4,seed=0", "rank=4,seed=1"], ["rank=8,seed=0", "rank=8,seed=1"]]
+    for g, rank in zip(groups, (4, 8)):
+        one = tmp_path / f"r{rank}.yaml"
+        one.write_text(f"model: {{name: 'builtin:tiny-moe'}}\nlora: {{rank: {rank}}}\n")
+        alone = cli("flops", one, "--json", "--k", "4", "2")
+        assert g["rows"] == json.loads(alone.stdout)
+    assert groups[0]["rows"][0]["total_trainable"] < groups[1]["rows"][0]["total_trainable"]
+    r = cli("flops", sweep, "--k", "4")
+    heads = [x for x in r.stdout.splitlines() if x.startswith("sweep points ")]
+    assert heads == ["sweep points rank=4,seed=0, rank=4,seed=1:", "sweep points rank=8,seed=0, rank=8,seed=1:"]
+    assert f"**{sweep}: builtin:tiny-moe (olmoe), 128 tokens, the adapters fedit builds (lora.rank 8)**" in r.stdout

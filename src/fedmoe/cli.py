@@ -47,20 +47,30 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
-def _interrupted(path: Optional[Path], sweep: Optional[Path], cause: str = "Ctrl-C") -> str:
-    """What Ctrl-C (or SIGTERM: ``cause``) left behind and how to go on."""
+def _interrupted(path: Optional[Path], sweep: Optional[str], cause: str = "Ctrl-C") -> str:
+    """What Ctrl-C (or SIGTERM: ``cause``) left behind and how to go on; ``sweep``: the command line that continues
+    the sweep."""
     from .federation.checkpoint import has_checkpoint
+    from .rundir import shell_quote
 
     if path is None:
         return f"stopped ({cause}) before the run started: nothing was written"
     if sweep is not None:
-        return (f"stopped ({cause}) in the sweep point {path}: continue the sweep with `fedmoe run {sweep}` (finished "
+        return (f"stopped ({cause}) in the sweep point {path}: continue the sweep with `{sweep}` (finished "
                 "points are kept, this one " + ("resumes from its checkpoint)" if has_checkpoint(path) else "starts over)"))
     if has_checkpoint(path):
         return (f"stopped ({cause}): the last checkpoint is in {path / 'checkpoints'}; continue with "
-                f"`fedmoe run --resume {path}`")
+                f"`fedmoe run --resume {shell_quote(path)}`")
     return (f"stopped ({cause}) before the first checkpoint: nothing to resume in {path}; run the same command again "
             "to start over")
+
+
+def _sweep_command(config: Path, sets: list[str], federation: Optional[str]) -> str:
+    """The command line that runs (and so continues) a sweep as it was started: its config and --set options."""
+    from .rundir import shell_quote
+
+    return " ".join(["fedmoe run", shell_quote(config), *(f"--set {shell_quote(s)}" for s in sets),
+                     *([f"--federation {shell_quote(federation)}"] if federation else [])])
 
 
 def _no_library_bars() -> None:
@@ -118,6 +128,9 @@ def run(
                 raise ConfigError("--resume continues a run with its own config.yaml (and runtime); do not pass a "
                                   "config, --runtime or --overwrite (--set only for what may change on resume, e.g. "
                                   "--set train.activation_checkpointing=true)")
+            if jobs != 1:
+                raise ConfigError(f"--jobs {jobs} runs the points of a sweep in parallel, and --resume continues one run: "
+                                  "leave --jobs out (a sweep continues with `fedmoe run CONFIG --jobs N`, its config)")
             summary, rd = continue_run(resume, show_progress=not quiet, federation=federation, overrides=set_ or [])
         elif config is not None and _has_sweep(config):
             from .federation.sweep import run_sweep
@@ -125,7 +138,7 @@ def run(
             if overwrite:
                 raise ConfigError("--overwrite replaces a single run; a sweep keeps its finished points and resumes the "
                                   "others (delete a point's directory to run it again)")
-            sweep = config
+            sweep = _sweep_command(config, set_ or [], federation)
             report = run_sweep(config, set_ or [], show_progress=not quiet and jobs == 1, log=console.print,
                                federation=federation, jobs=jobs)
             print(report.read_text())
@@ -360,70 +373,99 @@ def flops(
         raise typer.Exit(2)
     ks = list(k or []) + [int(w) for w in ints]
     targets = None if attention_targets is None else [t.strip() for t in attention_targets.split(",") if t.strip()]
-    source, expert_targets = others[0], None
+    source = others[0]
     is_run = source.endswith((".yaml", ".yml"))
     by_hand = (lora_rank, expert_lora_rank, attention_targets, expert_layout, router_lora) != (None,) * 5 or \
         no_attention_lora or no_expert_lora
-    try:
-        if no_attention_lora and targets:
-            raise ValueError("give --attention-targets or --no-attention-lora, not both")
-        if is_run and not by_hand:
+
+    def counted(run_cfg=None):
+        """(rows, title) of the model given, or of a run config's model (``run_cfg``): its adapters as its method
+        builds them, or as the options describe them (each option not given: the config's value)."""
+        name, r, r_exp, tgts, layout = source, lora_rank, expert_lora_rank, targets, expert_layout
+        no_exp, no_attn, router, seq, exp_targets = no_expert_lora, no_attention_lora, router_lora, seq_len, None
+        if run_cfg is not None and not by_hand:
             # a fedmoe run config as it is: counted from the adapters its method builds (its summary's figures)
             from .algorithms import METHODS
             from .algorithms.base import method_flops
+
+            rows = method_flops(run_cfg, METHODS[run_cfg.algorithm.name], ks or None, seq)
+            mc = load_model_config(run_cfg.model.name)
+            lora = f"the adapters {run_cfg.algorithm.name} builds (lora.rank {run_cfg.lora.rank})"
+            return rows, f"{run_cfg.model.name} ({mc.model_type}), {rows[0]['seq_len']} tokens, {lora}"
+        if run_cfg is not None:  # a run config with adapters described by hand: its model, the options win
+            lc = run_cfg.lora
+            name = run_cfg.model.name
+            r = lc.rank if r is None else r
+            no_exp = no_exp or not lc.experts
+            tgts = lc.attention_targets if attention_targets is None else tgts
+            layout = layout or lc.expert_layout
+            router = lc.router if router is None else router
+            seq = run_cfg.eval.flops_seq_len if seq is None else seq
+            exp_targets = tuple(lc.expert_targets)
+        no_attn = no_attn or tgts == []
+        r, layout, seq, router = r or 0, layout or "fused", 128 if seq is None else seq, bool(router)
+        r_exp = r if r_exp is None else r_exp
+        # an option that describes adapters of rank 0 would change nothing: refused, not ignored
+        if r == 0 and targets:
+            raise ValueError(f"--attention-targets {attention_targets}: attention LoRA takes the rank --lora-rank, "
+                             "which is 0 here (no attention LoRA): give --lora-rank R, or leave --attention-targets out")
+        if r == 0 and router_lora:
+            raise ValueError("--router-lora: router LoRA takes the rank --lora-rank, which is 0 here (no LoRA): give "
+                             "--lora-rank R, or leave --router-lora out")
+        if r_exp == 0 and expert_layout is not None and not no_expert_lora:
+            raise ValueError(f"--expert-layout {expert_layout}: the expert LoRA rank is 0 here (no expert LoRA): give "
+                             "--lora-rank R or --expert-lora-rank R, or leave --expert-layout out")
+        mc = load_model_config(name)
+        rows = [count_flops(mc, seq, k=kk, lora_rank=r, expert_lora_rank=expert_lora_rank, expert_lora=not no_exp,
+                            expert_lora_layout=layout, router_lora=router,
+                            **({"expert_lora_targets": exp_targets} if exp_targets else {}),
+                            attention_lora_targets=[] if no_attn else tgts) for kk in (ks or default_k_list(mc))]
+        where = [] if no_exp or r_exp == 0 else [f"experts ({layout})"]
+        if r and not no_attn:
+            where.append(f"attention ({','.join(tgts) if tgts else 'default targets'})")
+        if r and router:
+            where.append("router")
+        lora = ("no LoRA" if not where else
+                f"LoRA r={r}" + ("" if r_exp == r else f" (experts r={r_exp})") + " on " + ", ".join(where))
+        return rows, f"{name} ({mc.model_type}), {seq} tokens, {lora}"
+
+    try:
+        if no_attention_lora and targets:
+            raise ValueError("give --attention-targets or --no-attention-lora, not both")
+        if no_expert_lora and (expert_lora_rank is not None or expert_layout is not None):
+            raise ValueError(f"--{'expert-lora-rank' if expert_lora_rank is not None else 'expert-layout'} describes "
+                             "the expert LoRA, which --no-expert-lora leaves out: give one or the other")
+        if is_run and _has_sweep(Path(source)):
+            # a sweep: one table per distinct count, naming the points it covers (as `fedmoe plan` does)
+            from .federation.sweep import expand_sweep
+
+            groups: dict[str, tuple[list[dict], str, list[str]]] = {}
+            for point, run_cfg in expand_sweep(source)[2]:
+                rows, title = counted(run_cfg)
+                key = json.dumps([rows, title], sort_keys=True, default=str)
+                groups.setdefault(key, (rows, title, []))[2].append(point)
+            tables = list(groups.values())
+        else:
             from .config import load_config
 
-            run_cfg = load_config(source)
-            rows = method_flops(run_cfg, METHODS[run_cfg.algorithm.name], ks or None, seq_len)
-            source, seq_len = run_cfg.model.name, rows[0]["seq_len"]
-            cfg = load_model_config(source)
-        else:
-            if is_run:  # a run config with adapters described by hand: its model, the options win
-                from .config import load_config
-
-                run_cfg = load_config(source)
-                lc = run_cfg.lora
-                source = run_cfg.model.name
-                lora_rank = lc.rank if lora_rank is None else lora_rank
-                no_expert_lora = no_expert_lora or not lc.experts
-                targets = lc.attention_targets if attention_targets is None else targets
-                expert_layout = expert_layout or lc.expert_layout
-                router_lora = lc.router if router_lora is None else router_lora
-                seq_len = run_cfg.eval.flops_seq_len if seq_len is None else seq_len
-                expert_targets = tuple(lc.expert_targets)
-                if targets == []:
-                    no_attention_lora = True
-            lora_rank, expert_layout = lora_rank or 0, expert_layout or "fused"
-            seq_len = 128 if seq_len is None else seq_len
-            router_lora = bool(router_lora)
-            cfg = load_model_config(source)
-            ks = ks or default_k_list(cfg)
-            rows = [count_flops(cfg, seq_len, k=kk, lora_rank=lora_rank, expert_lora_rank=expert_lora_rank,
-                                expert_lora=not no_expert_lora, expert_lora_layout=expert_layout,
-                                router_lora=router_lora,
-                                **({"expert_lora_targets": expert_targets} if expert_targets else {}),
-                                attention_lora_targets=[] if no_attention_lora else targets) for kk in ks]
+            tables = [(*counted(load_config(source) if is_run else None), None)]
     except (ValueError, FileNotFoundError) as e:
         _error(f"{e}")
         raise typer.Exit(2)
     keys = ("k", "flops_per_seq", "flops_by_part", "active_params", "total_params", "active_trainable",
             "total_trainable")
     if as_json:
-        print(json.dumps([{key: r[key] for key in keys} for r in rows], indent=2))
+        if tables[0][2] is None:
+            print(json.dumps([{key: r[key] for key in keys} for r in tables[0][0]], indent=2))
+        else:  # a sweep: one object per distinct count
+            print(json.dumps([{"points": points, "rows": [{key: r[key] for key in keys} for r in rows]}
+                              for rows, _, points in tables], indent=2))
         return
-    if is_run and not by_hand:
-        lora = f"the adapters {run_cfg.algorithm.name} builds (lora.rank {run_cfg.lora.rank})"
-    else:
-        r_exp = lora_rank if expert_lora_rank is None else expert_lora_rank
-        where = ([] if no_expert_lora or r_exp == 0 else [f"experts ({expert_layout})"])
-        if lora_rank and not (no_attention_lora or targets == []):
-            where.append(f"attention ({','.join(targets) if targets else 'default targets'})")
-        if lora_rank and router_lora:
-            where.append("router")
-        lora = ("no LoRA" if not where else
-                f"LoRA r={lora_rank}" + ("" if r_exp == lora_rank else f" (experts r={r_exp})") + " on " + ", ".join(where))
-    name = others[0] if source == others[0] else f"{others[0]}: {source}"
-    print(format_flops_table(rows, title=f"{name} ({cfg.model_type}), {seq_len} tokens, {lora}"))
+    for i, (rows, title, points) in enumerate(tables):
+        if points is not None:
+            print(("\n" if i else "") + f"sweep points {', '.join(points)}:")
+        name = title if not is_run else f"{source}: {title}"
+        print(format_flops_table(rows, title=name))
     print("\nFLOPs = 2 x multiply-accumulates of the forward pass of one sequence; attention scores over the "
           "full T x T square. P̂ = trainable (LoRA) parameters; P̂_a = the non-expert ones + k/E of the expert ones.")
 
@@ -431,7 +473,9 @@ def flops(
 @app.command(context_settings={"allow_extra_args": True})
 def mmlu(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="builtin:<name>, a hub id or a local model folder")],
+    model: Annotated[str, typer.Argument(help="builtin:<name>, a hub id, a local model folder, a model fedmoe export "
+                                              "wrote, or a run directory (runs/<name>: its global model, or --client "
+                                              "N's)")],
     subjects: Annotated[Optional[list[str]], typer.Option("--subjects", help="subjects: --subjects anatomy "
                                                           "virology (or comma-separated)")] = None,
     subset: Annotated[Optional[str], typer.Option("--subset", help="a named selection: quick (10 subjects) "
@@ -443,12 +487,23 @@ def mmlu(
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="prompt token limit (default: "
                                                       "the model's max_position_embeddings, else 2048)")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")] = "float32",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16 (default: float32; a "
+                                                 "run directory: its model.dtype)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    client: Annotated[Optional[int], typer.Option("--client", help="a run directory: this client's own model "
+                                                  "(default: the global model)")] = None,
+    private: Annotated[Optional[Path], typer.Option("--private", help="a run directory of a Flower run: the "
+                                                    "client's private store")] = None,
+    round_: Annotated[Optional[int], typer.Option(
+        "--round", help="a run directory: the model after this round (one of its two checkpoints; default: the "
+                        "finished run's last)")] = None,
 ):
     """MMLU k-shot accuracy (bundled 57-subject test set): per-subject table, macro and micro average.
 
+    MODEL may be a run directory: its global model (or --client N's), loaded as `fedmoe export` and `fedmoe
+    generate` load it (the quantized base of a quantized run), with the run's prompt limit (4 x data.max_length)
+    unless --max-length is given: the figure the run reports with eval.mmlu.
     Example: fedmoe mmlu builtin:tiny-olmoe --subset quick --max-per-subject 20 [--json]
     """
     import json
@@ -488,6 +543,8 @@ def mmlu(
             raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"--max-length must be at least 1 token, got {max_length}")
+        if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype {dtype}: use float32, bfloat16 or float16")
         from .moe.model import check_device
 
         check_device(device, "--device")
@@ -495,13 +552,31 @@ def mmlu(
         _error(f"{e}")
         raise typer.Exit(2)
 
-    from .export import load_model
+    from .export import load_model, load_run_model
     from .moe.arch import UnsupportedModelError
     from .moe.model import load_tokenizer
+    from .rundir import RunDir, run_dir_problem, sweep_points_in
 
+    source = others[0]
+    # a run directory (its config.yaml; a model folder holds a config.json) or a sweep's folder of them
+    is_run = (Path(source) / RunDir.CONFIG).is_file() and not (Path(source) / "config.json").is_file()
+    if sweep_points_in(source) is not None:
+        _error(run_dir_problem(source, "mmlu"))
+        raise typer.Exit(2)
+    if not is_run and (client, private, round_) != (None, None, None):
+        _error(f"{source} is not a run directory: --client, --private and --round choose a model of a run directory "
+               "(runs/<name>); leave them out")
+        raise typer.Exit(2)
     try:
-        lm = load_model(others[0], dtype=dtype, device=device).model
-        tokenizer = load_tokenizer(others[0])
+        if is_run:
+            loaded = load_run_model(source, client, private, round_, verb="evaluate", dtype=dtype, device=device)
+            lm, source = loaded.mm.model, loaded.source
+            tokenizer = load_tokenizer(loaded.cfg.model.tokenizer or loaded.cfg.model.name)
+            if max_length is None:  # the limit the run's own MMLU evaluation takes (federation.evaluation)
+                max_length = 4 * loaded.cfg.data.max_length
+        else:
+            lm = load_model(source, dtype=dtype or "float32", device=device).model
+            tokenizer = load_tokenizer(source)
     except (UnsupportedModelError, OSError, ValueError, KeyError) as e:
         _error(f"cannot load {others[0]}: {e}")
         raise typer.Exit(2)
@@ -515,11 +590,13 @@ def mmlu(
     if as_json:
         out = {k: v for k, v in result.items() if k != "per_subject"}
         out["model"] = others[0]
+        if is_run:
+            out["source"] = source
         out["per_subject"] = {s: {"correct": c, "total": t, "accuracy": a}
                               for s, (c, t, a) in result["per_subject"].items()}
         print(json.dumps(out, indent=2))
         return
-    print(f"MMLU {k_shot}-shot, {others[0]}")
+    print(f"MMLU {k_shot}-shot, {source}")
     print(format_mmlu_table(result))
     if result["truncated"]:
         print(f"({result['truncated']} prompts lost shots to fit {result['max_length']} tokens)")
@@ -527,15 +604,17 @@ def mmlu(
 
 @app.command()
 def compare(
-    runs: Annotated[list[Path], typer.Argument(help="run directories (runs/<name>), finished or not")],
+    runs: Annotated[list[Path], typer.Argument(help="run directories (runs/<name>), finished or not, or a sweep's "
+                                                    "folder (its finished points)")],
     out: Annotated[Path, typer.Option("--out", help="folder for compare.md and compare.png")] = Path("compare"),
 ):
     """Several runs side by side: one table (method, rounds, global and client results, bytes, wall time)
-    and their learning curves overlaid in one PNG."""
+    and their learning curves overlaid in one PNG. A sweep's folder (runs/<sweep name>) stands for its finished
+    points; the same run given twice is refused."""
     from .report.compare import compare_runs
 
     try:
-        table, png = compare_runs(runs, out)
+        table, png = compare_runs(runs, out, log=lambda m: print(f"note: {m}"))
     except (FileNotFoundError, ValueError) as e:
         _error(f"{e}")
         raise typer.Exit(2)
@@ -548,7 +627,8 @@ def compare(
 
 def _which(client: Optional[int], global_: bool) -> Optional[int]:
     if client is not None and global_:
-        raise typer.BadParameter("give --client N or --global, not both")
+        _error(f"--client {client} and --global name two models: give one of them (the global model is the default)")
+        raise typer.Exit(2)
     return None if global_ else client
 
 
@@ -623,6 +703,10 @@ def generate(
     from .export import answer, load_for_answers
 
     err = Console(stderr=True)
+    if prompt is None and context:
+        _error("--input is the context of the one instruction given as PROMPT; instructions read from stdin (no PROMPT) "
+               "take none: give the instruction as an argument with --input, or leave --input out")
+        raise typer.Exit(2)
     if max_new_tokens is not None and max_new_tokens < 1:
         _error(f"--max-new-tokens must be at least 1, got {max_new_tokens} (leave it out for the run's "
                "eval.max_new_tokens)")

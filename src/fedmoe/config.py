@@ -605,6 +605,43 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+def shipped_configs() -> Path | None:
+    """The ``configs/`` folder of the fedmoe source tree this package runs from (an editable install or a checkout
+    on PYTHONPATH), None where it is not there (a wheel ships no configs)."""
+    folder = Path(__file__).resolve().parents[2] / "configs"
+    return folder if (folder / "default.yaml").is_file() else None
+
+
+def _not_a_config_file(p: Path) -> str:
+    """What ``p``, given as a config, is instead (nothing, a run directory, a sweep's folder, another folder), and
+    what to give: never a pointer back to a path that is not there."""
+    from .rundir import RunDir, shell_quote, sweep_points_in
+
+    q = shell_quote(p)
+    if (p / RunDir.CONFIG).is_file():  # a run directory: continue it, or use what it trained
+        if (p / RunDir.SUMMARY).is_file():
+            return (f"{p} is the directory of a finished run, not a config file: use what it trained with `fedmoe export "
+                    f"{q} OUT`, `fedmoe generate {q}` or `fedmoe compare {q} ...`; to start a new run with its "
+                    f"settings give its config, {shell_quote(p / RunDir.CONFIG)}")
+        return (f"{p} is a run directory, not a config file: continue that run with `fedmoe run --resume {q}`; to start "
+                f"it over give its config, `fedmoe run {shell_quote(p / RunDir.CONFIG)} --overwrite`")
+    if sweep_points_in(p) is not None:
+        return (f"{p} is a sweep's folder, not a config file: a sweep runs (and continues) from its config, the YAML "
+                "file with the sweep: section")
+    if p.is_dir():
+        yamls = sorted(f.name for f in p.glob("*.y*ml") if f.suffix in (".yaml", ".yml"))
+        return (f"{p} is a folder, not a config file: give the path of a YAML config"
+                + (f" (it holds {', '.join(yamls[:8])}{', ...' if len(yamls) > 8 else ''})" if yamls else ""))
+    shipped = shipped_configs()
+    there = (f"the shipped configs are in {shipped}" if shipped is not None else
+             "the shipped configs are in the configs/ folder of fedmoe's source repository (a pip install has none)")
+    near = shipped / p.name if shipped is not None and p.suffix in (".yaml", ".yml") else None
+    hint = f"; did you mean {shell_quote(near)}?" if near is not None and near.is_file() else ""
+    where = "" if p.is_absolute() else f" (looked for from {Path.cwd()})"
+    return (f"config file not found: {p}{where}: `fedmoe run` with no config runs the default run "
+            f"(configs/default.yaml written out); {there}{hint}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     tree: dict = {}
     source = "defaults"
@@ -612,8 +649,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         source = str(p)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}: give the path of a YAML config "
-                              "(e.g. configs/default.yaml)")
+            raise ConfigError(_not_a_config_file(p))
         try:
             loaded = load_yaml(p.read_text(encoding="utf-8"), str(p))
         except UnicodeDecodeError as e:

@@ -43,7 +43,7 @@ from .algorithms import METHODS
 from .algorithms.base import model_spec
 from .config import ConfigError, config_from_tree, config_to_dict
 from .messages import Message
-from .rundir import load_tensor_file, ordinary_permissions
+from .rundir import load_tensor_file, ordinary_permissions, shell_quote
 from .moe import MoEModel
 from .moe.arch import SPARSEMIXER_ARCHITECTURES, moe_block_attr
 from .moe.lora import ExpertsWithLoRA, LoRALinear, RouterWithLoRA, expert_lora_pairs
@@ -107,6 +107,10 @@ def _private_from(path: Path, run_id: str | None, client: int, round_idx: int) -
     return load_tensor_file(rounds[max(upto)], "private store")
 
 
+# the command behind each verb, for what a path that is no run directory is told (rundir.run_dir_problem)
+_USE = {"export": "export", "generate from": "generate", "evaluate": "mmlu"}
+
+
 def _checkpoint_to_export(run_dir: str | Path, round_idx: int | None, verb: str = "export"):
     """(config, run dir, checkpoint state) of the round an export takes: the finished run's last round, or
     (``round_idx``) exactly that round, which must be one of the run's two checkpoints. Anything else is
@@ -118,7 +122,7 @@ def _checkpoint_to_export(run_dir: str | Path, round_idx: int | None, verb: str 
     from .federation.directories import open_run_dir
 
     notes: list[str] = []
-    cfg, rd, loaded = open_run_dir(run_dir, log=notes.append)
+    cfg, rd, loaded = open_run_dir(run_dir, log=notes.append, use=_USE.get(verb, "export"))
     finished = rd.summary_path.is_file()
     rounds = cfg.federation.rounds
     want = rounds if round_idx is None else round_idx
@@ -140,8 +144,8 @@ def _checkpoint_to_export(run_dir: str | Path, round_idx: int | None, verb: str 
         return cfg, rd, have[round_idx][1]
     if not finished:
         raise ExportError(f"{rd.path} did not finish (no summary.json; its newest readable checkpoint is round "
-                          f"{max(have)} of {rounds}): continue it with `fedmoe run --resume {rd.path}`, or {verb} a "
-                          f"round it has on purpose with {offer}")
+                          f"{max(have)} of {rounds}): continue it with `fedmoe run --resume {shell_quote(rd.path)}`, "
+                          f"or {verb} a round it has on purpose with {offer}")
     if rounds not in have:
         bad = f" ({loaded.unreadable} is unreadable)" if loaded.unreadable is not None else ""
         raise ExportError(f"{rd.path} finished {rounds} rounds, but its checkpoint of round {rounds} cannot be read{bad}: "
@@ -152,10 +156,16 @@ def _checkpoint_to_export(run_dir: str | Path, round_idx: int | None, verb: str 
 
 
 def load_run_model(run_dir: str | Path, client: int | None = None, private_path: str | Path | None = None,
-                   round_idx: int | None = None, verb: str = "export") -> LoadedModel:
+                   round_idx: int | None = None, verb: str = "export", dtype: str | None = None,
+                   device: str | None = None) -> LoadedModel:
     """The model client ``client`` (None: the global model) ended the run with, or had after round
-    ``round_idx`` (one of the run's two checkpoints; :func:`_checkpoint_to_export`, whose errors say ``verb``)."""
+    ``round_idx`` (one of the run's two checkpoints; :func:`_checkpoint_to_export`, whose errors say ``verb``).
+    ``dtype``, ``device``: load it so rather than in the run's ``model.dtype`` / ``model.device``."""
     from .federation.local import load_client_model
+
+    if client is None and private_path is not None:  # checked before anything is read: it would go unused
+        raise ExportError(f"--private {private_path} is a client's private store, and the global model has none: add "
+                          "--client N (the client whose store it is), or leave --private out for the global model")
 
     cfg, rd, ck = _checkpoint_to_export(run_dir, round_idx, verb)
     n = cfg.data.partition.num_clients
@@ -180,6 +190,9 @@ def load_run_model(run_dir: str | Path, client: int | None = None, private_path:
                 raise ExportError(f"{rd.path} ran on Flower: client {client}'s private state is on its SuperNode; pass "
                                   f"--private <that node's state-dir> (it holds {run_id}/client-{client}/private-r*.pt)")
             private = stores[client]
+    if dtype is not None or device is not None:  # where and in what precision it runs changes no trained tensor
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
+            **({"dtype": dtype} if dtype is not None else {}), **({"device": device} if device is not None else {})})})
     mm = load_client_model(cfg, method)
     method.client(cfg).load(mm, client, message, private)
     mm.model.eval()
@@ -501,7 +514,7 @@ def _check_out_folder(out: Path) -> None:
                           "(OUT)")
     if not os.access(where, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write into {where} (Permission denied): choose a folder you may write as OUT, "
-                          f"or make it writable (chmod u+w {where})")
+                          f"or make it writable (chmod u+w {shell_quote(where)})")
 
 
 def export_model(run_dir: str | Path, out: str | Path, client: int | None = None, merged: bool = False,
@@ -509,7 +522,11 @@ def export_model(run_dir: str | Path, out: str | Path, client: int | None = None
                  round_idx: int | None = None, exported: dict | None = None) -> tuple[str, list[str]]:
     """Write the model to ``out`` (a new or empty folder) in ``form`` (``peft``, ``merged``, ``vllm``;
     None: ``merged`` when ``merged`` else ``peft``), or as a fedmoe folder when that form cannot express
-    it; returns (the form written, why not the one asked for: empty when it is the one asked for)."""
+    it; returns (the form written, why not the one asked for: empty when it is the one asked for). ``merged`` with
+    another ``form`` asks for two forms and is refused."""
+    if merged and form not in (None, "merged"):
+        raise ExportError(f"--merged and --format {form} ask for two forms: --merged is --format merged (a plain Hugging "
+                          f"Face model with the LoRA folded in), --format {form} another; give one of them")
     form = form or ("merged" if merged else "peft")
     if form not in ("peft", "merged", "vllm"):
         raise ExportError(f"--format {form!r}: use peft, merged or vllm")

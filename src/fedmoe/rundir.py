@@ -472,3 +472,90 @@ def _holder_alive(holder: dict, host: str) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+# --------------------------------------------------------------------------------------------
+# commands a message suggests, and a folder given where a run directory is wanted
+
+
+def shell_quote(value) -> str:
+    """``value`` (a path, a name) as it must be typed in a command a message suggests for pasting: quoted for a
+    POSIX shell where it holds a space or another character the shell would read (:func:`shlex.quote`), as it is
+    otherwise (``runs/fedit`` stays ``runs/fedit``)."""
+    import shlex
+
+    return shlex.quote(str(value))
+
+
+SWEEP_REPORT = "sweep_report.md"
+_REPORT_LINK = re.compile(r"\[([^\]\n]+)\]\(\1/report\.md\)")
+
+
+def sweep_points_in(path: str | Path) -> list[Path] | None:
+    """The point directories (those holding a config.yaml) of a sweep's folder — ``output_dir/name`` of a config
+    with a ``sweep:`` section, which holds its ``sweep_report.md`` (once the sweep finished) and one run directory
+    per point, each named ``key=value,...`` — in the sweep's order where its report lists them; None when ``path``
+    is not a sweep's folder (a run directory, an ``output_dir`` of runs, any other folder)."""
+    path = Path(path)
+    if not path.is_dir() or (path / RunDir.CONFIG).exists():
+        return None
+    try:
+        points = sorted(p for p in path.iterdir() if p.is_dir() and (p / RunDir.CONFIG).is_file())
+    except OSError:
+        return None
+    report = path / SWEEP_REPORT
+    if not report.is_file() and not (points and all("=" in p.name for p in points)):
+        return None
+    try:
+        order = _REPORT_LINK.findall(report.read_text(encoding="utf-8")) if report.is_file() else []
+    except (OSError, UnicodeDecodeError):
+        order = []
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(points, key=lambda p: (rank.get(p.name, len(rank)), p.name))
+
+
+def sweep_source(path: str | Path) -> str | None:
+    """The config a sweep's folder was run from, as its ``sweep_report.md`` names it (``# Sweep: CONFIG``, the
+    path as it was given then); None without a readable report."""
+    try:
+        first = (Path(path) / SWEEP_REPORT).read_text(encoding="utf-8").split("\n", 1)[0]
+    except (OSError, UnicodeDecodeError):
+        return None
+    return first.removeprefix("# Sweep:").strip() or None if first.startswith("# Sweep:") else None
+
+
+# what to give instead of a sweep's folder, per command that wants one run (the first point as the example)
+_ONE_POINT = {"export": "fedmoe export {} OUT", "generate": "fedmoe generate {}", "mmlu": "fedmoe mmlu {}",
+              "migrate-checkpoint": "fedmoe migrate-checkpoint {}", "compare": "fedmoe compare {}"}
+
+
+def run_dir_problem(path: str | Path, use: str) -> str | None:
+    """Why ``path`` is not a run directory, and what to do instead, for the command ``use`` that wants one
+    (``resume``, ``export``, ``generate``, ``mmlu``, ``migrate-checkpoint``, ``compare``); None when it is one
+    (it holds a config.yaml). A path that does not exist, a file (a config given to ``--resume``) and a sweep's
+    folder (:func:`sweep_points_in`) are each named as such."""
+    path = Path(path)
+    if (path / RunDir.CONFIG).is_file():
+        return None
+    give = "give the directory of a run (`fedmoe run` writes output_dir/name, e.g. runs/fedit)"
+    if not path.exists():
+        return f"{path} does not exist: {give}"
+    if not path.is_dir():
+        if use == "resume" and path.suffix in (".yaml", ".yml"):
+            return (f"{path} is a config file, not a run directory: start a run from it with `fedmoe run "
+                    f"{shell_quote(path)}` (--resume continues the run in a directory `fedmoe run` wrote)")
+        return f"{path} is a file, not a run directory: {give}"
+    points = sweep_points_in(path)
+    if points is None:
+        return f"{path} is not a fedmoe run directory (no config.yaml): {give}"
+    names = ", ".join(p.name for p in points) or "none with a config.yaml"
+    if use == "resume":
+        source = sweep_source(path)
+        how = (f"`fedmoe run {shell_quote(source)}` (the config its sweep_report.md names, as it was given then)"
+               if source else "`fedmoe run CONFIG` with the sweep's config")
+        return (f"{path} is a sweep's folder (points: {names}), not one run: a sweep resumes by running it again, "
+                f"{how}, with the --set options it ran with: its finished points are kept and the others continue from "
+                "their checkpoints" + (f"; one point alone resumes with `fedmoe run --resume {shell_quote(points[0])}`"
+                                       if points else ""))
+    example = f", e.g. `{_ONE_POINT[use].format(shell_quote(points[0]))}`" if points and use in _ONE_POINT else ""
+    return f"{path} is a sweep's folder, not one run: give one of its points{example}; its points: {names}"

@@ -17,7 +17,8 @@ import torch
 
 from ..config import ConfigError, RunConfig, config_to_dict
 from ..configbase import flat_keys
-from ..rundir import UnsafeFileError, load_tensor_file, RunDir, atomic_write_bytes, atomic_write_leftovers
+from ..rundir import (UnsafeFileError, load_tensor_file, RunDir, atomic_write_bytes, atomic_write_leftovers,
+                      run_dir_problem, shell_quote)
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -133,8 +134,8 @@ def load_checkpoint(path: str | Path, log=print) -> Checkpoint:
                 "the rounds after it are run again")
         return Checkpoint(ck, f, unreadable)
     raise RunDirError(f"{path} has no readable checkpoint ({'; '.join(problems)}), so the run cannot be resumed: "
-                      f"start it again with `fedmoe run {Path(path) / RunDir.CONFIG} --overwrite` (replaces {path}) "
-                      "or under another name (--set name=...)")
+                      f"start it again with `fedmoe run {shell_quote(Path(path) / RunDir.CONFIG)} --overwrite` "
+                      f"(replaces {path}) or under another name (--set name=...)")
 
 
 def _field_default(key: str, missing):
@@ -316,8 +317,8 @@ def check_data_fingerprint(cfg: RunConfig, ck: dict, path: str | Path, log=print
                 raise RunDirError(
                     f"the data of the run in {path} changed since its checkpoint: {why} (data.source: "
                     f"{old['source']!r}): a resumed run must read the data it started with, so {restore}, or start "
-                    f"a new run (`fedmoe run {Path(path) / RunDir.CONFIG} --overwrite` replaces this one, --set "
-                    "name=... keeps it)")
+                    f"a new run (`fedmoe run {shell_quote(Path(path) / RunDir.CONFIG)} --overwrite` replaces this "
+                    "one, --set name=... keeps it)")
 
 
 def migrate_checkpoints(path: str | Path, log=print) -> list[Path]:
@@ -327,8 +328,8 @@ def migrate_checkpoints(path: str | Path, log=print) -> list[Path]:
     import io
 
     folder = Path(path) / RunDir.CHECKPOINTS
-    if not (Path(path) / RunDir.CONFIG).is_file():
-        raise FileNotFoundError(f"{path} is not a fedmoe run directory (no {RunDir.CONFIG}): give the folder of a run")
+    if (problem := run_dir_problem(path, "migrate-checkpoint")) is not None:
+        raise FileNotFoundError(problem)
     done = []
     for f in (folder / CHECKPOINT_FILE, folder / PREVIOUS_CHECKPOINT_FILE):
         if not f.is_file():

@@ -11,7 +11,7 @@ import itertools
 from pathlib import Path
 
 from ..config import RunConfig, config_to_dict, load_config
-from ..rundir import RunDir, RunDirBusy
+from ..rundir import RunDir, RunDirBusy, run_dir_problem, shell_quote
 from .checkpoint import (CHECKPOINT_FILE, Checkpoint, RunDirError, check_data_fingerprint, check_fingerprint,
                          check_resume_overrides, has_checkpoint, load_checkpoint)
 
@@ -80,8 +80,8 @@ def _claim(path: Path, overwrite: bool, fresh: bool, log) -> RunDir | None:
         kind = _run_dir_kind(path)  # again, now that no other run can change it
         if kind == "unfinished" and not overwrite:
             raise RunDirError(f"{path} holds an unfinished run (a checkpoint, no summary.json): continue it with "
-                              f"`fedmoe run --resume {path}`, start it over with --overwrite (its checkpoint is lost), "
-                              "or choose another name with --set name=...")
+                              f"`fedmoe run --resume {shell_quote(path)}`, start it over with --overwrite (its checkpoint "
+                              "is lost), or choose another name with --set name=...")
         if kind == "other" or (kind == "finished" and not overwrite):
             rd.unlock()
             return None
@@ -131,8 +131,8 @@ def prepare_run_dir(cfg: RunConfig, overwrite: bool = False, log=print) -> RunDi
 
 def lock_existing(path: Path, log) -> RunDir:
     """The existing run directory ``path``, locked by this process."""
-    if not (path / RunDir.CONFIG).is_file():
-        raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
+    if (problem := run_dir_problem(path, "resume")) is not None:
+        raise RunDirError(problem)
     rd = RunDir(path, create=False)
     rd.lock(log)
     return rd
@@ -168,14 +168,14 @@ def out_of_memory_advice(path: Path, e: BaseException) -> str:
     resumable = has_checkpoint(path)
     if not on:
         why = (" (activation checkpointing changes no number, only memory; `fedmoe plan "
-               f"{config} --set train.activation_checkpointing=true` shows the new peak)")
+               f"{shell_quote(config)} --set train.activation_checkpointing=true` shows the new peak)")
         if resumable:
             return (head + ". The run stopped at its last checkpoint: continue it with `fedmoe run --resume "
-                    f"{path} --set train.activation_checkpointing=true`" + why)
+                    f"{shell_quote(path)} --set train.activation_checkpointing=true`" + why)
         return (head + " before its first checkpoint: run it again with `--set train.activation_checkpointing=true`"
                 + why)
-    return (head + f". Activation checkpointing is on already: `fedmoe plan {config}` says which keys make the step "
-            "fit (a smaller train.batch_size with more train.grad_accum, model.quantization=nf4, a shorter "
+    return (head + f". Activation checkpointing is on already: `fedmoe plan {shell_quote(config)}` says which keys "
+            "make the step fit (a smaller train.batch_size with more train.grad_accum, model.quantization=nf4, a shorter "
             "data.max_length); they change the run, so start a new run with them")
 
 
@@ -210,7 +210,8 @@ def locked(rd: RunDir, work):
             if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise
             raise RunDirError(f"writing {e.filename or rd.path} failed: {e.strerror}. The last checkpoint in {rd.path} "
-                              f"is intact: make room (or make it writable), then `fedmoe run --resume {rd.path}`") from None
+                              "is intact: make room (or make it writable), then "
+                              f"`fedmoe run --resume {shell_quote(rd.path)}`") from None
     except BaseException:
         if rd.restore_replaced():
             import sys
@@ -226,19 +227,21 @@ def locked(rd: RunDir, work):
             rd.remove_if_empty()
 
 
-def open_run_dir(path: str | Path, log=print, check_data: bool = False,
-                 overrides: list[str] | None = None) -> tuple[RunConfig, RunDir, Checkpoint]:
+def open_run_dir(path: str | Path, log=print, check_data: bool = False, overrides: list[str] | None = None,
+                 use: str = "resume") -> tuple[RunConfig, RunDir, Checkpoint]:
     """(config, run dir, checkpoint) of a run to resume: the newest readable checkpoint, and a
     config.yaml that is still the config the run was checkpointed with; ``check_data`` (a resume, not a
     read of its model): the data files it fingerprinted are unchanged too (:func:`check_data_fingerprint`).
     ``overrides``: ``--set`` of execution keys (:data:`RESUME_SET_KEYS`), written into config.yaml first
-    (call it under the run's lock), so the directory keeps describing the run as it continues."""
+    (call it under the run's lock), so the directory keeps describing the run as it continues. ``use``: the command
+    that opens it (``resume``, ``export``, ...), for what a path that is no run directory is told
+    (:func:`~fedmoe.rundir.run_dir_problem`)."""
     path = Path(path)
-    if not (path / RunDir.CONFIG).is_file():
-        raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
+    if (problem := run_dir_problem(path, use)) is not None:
+        raise RunDirError(problem)
     if not has_checkpoint(path):
         raise RunDirError(f"{path} has no checkpoint to resume from ({path / RunDir.CHECKPOINTS / CHECKPOINT_FILE} is "
-                          f"missing): start it again with `fedmoe run {path / RunDir.CONFIG} --overwrite`")
+                          f"missing): start it again with `fedmoe run {shell_quote(path / RunDir.CONFIG)} --overwrite`")
     if overrides:
         check_resume_overrides(overrides)
         changed = load_config(path / RunDir.CONFIG, overrides)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import ConfigError, RunConfig, load_config
 from ..data import resolve_labels
-from ..rundir import RunDir, loads
+from ..rundir import RunDir, loads, run_dir_problem
 from .checkpoint import RunDirError, check_resume_overrides
 from .directories import lock_existing, locked, open_run_dir, prepare_run_dir
 from .dp import resolve_noise
@@ -72,6 +72,7 @@ def start_run(cfg: RunConfig, show_progress: bool = False, federation: str | Non
     """A run from scratch on ``cfg.federation.runtime``; returns (summary, run dir). ``federation``:
     the SuperLink's name in $FLWR_HOME/config.toml (runtime ``flower``); ``overwrite``: replace a run
     of the same name (:func:`prepare_run_dir`)."""
+    check_federation_name(federation, [cfg.federation.runtime])
     if cfg.federation.runtime == "local":
         return run_federated(cfg, show_progress=show_progress, log=log, overwrite=overwrite)
     from .flower.launch import require_flower, run_deployment, run_simulation
@@ -92,8 +93,8 @@ def continue_run(path: str | Path, show_progress: bool = False, federation: str 
     ``--set`` of execution keys (:data:`~fedmoe.federation.checkpoint.RESUME_SET_KEYS`), written into its
     config.yaml under the run's lock."""
     path = Path(path)
-    if not (path / RunDir.CONFIG).is_file():
-        raise RunDirError(f"{path} is not a fedmoe run directory (no config.yaml)")
+    if (problem := run_dir_problem(path, "resume")) is not None:
+        raise RunDirError(problem)
     if (path / RunDir.SUMMARY).is_file():  # finished: nothing to continue, and nothing of it is written again
         if overrides:
             check_resume_overrides(overrides)  # a key no resume may change is named as such first
@@ -102,6 +103,7 @@ def continue_run(path: str | Path, show_progress: bool = False, federation: str 
         log(f"{path} holds a finished run: nothing to resume (its summary.json and report.md are as it wrote them)")
         return loads((path / RunDir.SUMMARY).read_text()), RunDir(path, create=False)
     was = load_config(path / RunDir.CONFIG)  # its runtime (not an execution key: the overrides keep it)
+    check_federation_name(federation, [was.federation.runtime], resume=True)
     if was.federation.runtime == "local":
         return resume_federated(path, show_progress=show_progress, log=log, overrides=overrides)
     from .flower.launch import run_deployment, run_simulation
@@ -121,6 +123,20 @@ def continue_run(path: str | Path, show_progress: bool = False, federation: str 
     return locked(rd, work), rd
 
 
+def check_federation_name(federation: str | None, runtimes: list[str], resume: bool = False) -> None:
+    """``--federation NAME`` names the SuperLink of a Flower deployment: refused (rather than ignored) where none of
+    the runs it would apply to (``runtimes``: the run's, or a sweep's points') runs on ``flower``."""
+    if federation is None or "flower" in runtimes:
+        return
+    ran = ", ".join(sorted(set(runtimes)))
+    if resume:
+        raise ConfigError(f"--federation {federation} names the SuperLink of a Flower deployment, but this run ran on "
+                          f"federation.runtime {ran}, which a resume keeps: leave --federation out")
+    raise ConfigError(f"--federation {federation} names the SuperLink of a Flower deployment (--runtime flower), but "
+                      f"this run's federation.runtime is {ran}: add --runtime flower to run on that SuperLink, or leave "
+                      "--federation out to run as configured")
+
+
 def _federation(name: str | None) -> str:
     if not name:
         raise ConfigError("--runtime flower needs --federation NAME: the SuperLink's entry in $FLWR_HOME/config.toml "
@@ -128,4 +144,4 @@ def _federation(name: str | None) -> str:
     return name
 
 
-__all__ = ["check_model", "continue_run", "resume_federated", "run_federated", "start_run"]
+__all__ = ["check_federation_name", "check_model", "continue_run", "resume_federated", "run_federated", "start_run"]

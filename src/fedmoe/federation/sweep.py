@@ -149,7 +149,10 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progres
               federation: str | None = None, jobs: int = 1) -> Path:
     """Run every point of the sweep in ``path`` (``jobs`` > 1: that many points at once, each in its own
     process with an equal share of the CPU threads) and write the combined ``sweep_report.md``."""
+    from .entry import check_federation_name
+
     tree, points, configs = expand_sweep(path, overrides)  # every point's config is valid before the first runs
+    check_federation_name(federation, [cfg.federation.runtime for _, cfg in configs])
     base = config_from_tree(tree, str(path))
     root = Path(base.output_dir) / base.run_name()
     stale = stale_points(root, configs)

@@ -1,7 +1,8 @@
 """``fedmoe compare RUN_DIR...``: the runs side by side, one table and overlaid learning curves.
 
 A run that has not finished (no summary.json) is compared on what its metrics.jsonl holds so far,
-and the table says how far it got.
+and the table says how far it got. A sweep's folder stands for its finished points; a run given twice
+(the same folder however written) is refused.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from ..configbase import flat_keys
 from ..eval.stats import format_change
-from ..rundir import RunDir, atomic_write_bytes
+from ..rundir import RunDir, atomic_write_bytes, run_dir_problem, shell_quote, sweep_points_in
 from .method import config_robust, format_method, method_info
 
 
@@ -123,6 +124,8 @@ def _read_summary(rd: RunDir) -> dict | None:
 
 
 def load_run(path: str | Path, label: str | None = None) -> Run:
+    if (problem := run_dir_problem(path, "compare")) is not None:  # missing, a file, a sweep's folder, no config.yaml
+        raise FileNotFoundError(problem)
     rd = RunDir(path, create=False)
     if not rd.config_path.exists() or not rd.metrics_path.exists():
         raise FileNotFoundError(f"{rd.path} is not a fedmoe run directory (no config.yaml and metrics.jsonl): pass the "
@@ -258,15 +261,47 @@ def plot_comparison(runs: list[Run], path: str | Path) -> bool:
     return True
 
 
-def compare_runs(paths: list[str | Path], out: str | Path) -> tuple[str, Path | None]:
-    """(the markdown table, the PNG written or None); writes ``out``/compare.md and compare.png."""
+def expand_sweeps(paths: list[str | Path], log=print) -> list[Path]:
+    """``paths`` as given, a sweep's folder (:func:`~fedmoe.rundir.sweep_points_in`) replaced by its finished points
+    in the sweep's order (its unfinished ones are named to ``log``: give a point's folder to compare it as it is so
+    far); a sweep with no finished point is refused, naming its points. A run given twice — the same folder after
+    symbolic links, ``..`` and a trailing ``/``, directly or as a sweep's point — is refused, naming it."""
+    expanded: list[tuple[Path, str]] = []  # (path, how it was given)
+    for p in map(Path, paths):
+        points = sweep_points_in(p)
+        if points is None:
+            expanded.append((p, str(p)))
+            continue
+        done = [q for q in points if (q / RunDir.SUMMARY).is_file()]
+        rest = [q.name for q in points if q not in done]
+        if not done:
+            raise ValueError(f"{p} is a sweep's folder with no finished point (points: {', '.join(rest) or 'none'}): "
+                             "compare a point as it is so far by giving its folder"
+                             + (f", e.g. `fedmoe compare {shell_quote(points[0])}`" if points else ""))
+        if rest:
+            log(f"{p} is a sweep's folder: comparing its {len(done)} finished points; not finished (give a point's folder "
+                f"to compare it as it is so far): {', '.join(rest)}")
+        expanded += [(q, f"{q} (a point of the sweep {p})") for q in done]
+    seen: dict[Path, str] = {}
+    for p, given in expanded:
+        key = p.resolve()
+        if key in seen:
+            what = f"{given} is given twice" if seen[key] == given else f"{seen[key]} and {given} are the same run ({key})"
+            raise ValueError(f"{what}: a run is compared once; leave one of them out")
+        seen[key] = given
+    return [p for p, _ in expanded]
+
+
+def compare_runs(paths: list[str | Path], out: str | Path, log=print) -> tuple[str, Path | None]:
+    """(the markdown table, the PNG written or None); writes ``out``/compare.md and compare.png. A sweep's folder
+    among ``paths`` is its finished points (:func:`expand_sweeps`, which says to ``log`` what it leaves out)."""
     if not paths:
         raise ValueError("fedmoe compare needs at least one run directory")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder: give a folder for compare.md and compare.png (a new "
                          "one is created)")
-    ps = [Path(p) for p in paths]
+    ps = expand_sweeps(paths, log)
     runs = [load_run(p, label) for p, label in zip(ps, _labels(ps))]
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,8 @@ class PrivacyLedger:
                     f"this node's state-dir {self.path.parent} holds the stores of {len(trained)} round(s) its client "
                     f"trained in (e.g. {trained[0]}) but no privacy ledger ({self.path.name}): what its data spent "
                     "then is not known, so it trains no more under a budget. Restore the ledger from a backup if it "
-                    f"was deleted, or start one knowingly: fedmoe node-privacy {self.path.parent} --start")
+                    "was deleted, or start one knowingly: fedmoe node-privacy "
+                    f"{shlex.quote(str(self.path.parent))} --start")
             return []
         try:
             data = json.loads(self.path.read_text())

@@ -4,6 +4,7 @@ SuperNodes on other machines (``flower``, through ``flwr run``)."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from ...config import ConfigError, RunConfig, config_to_dict
-from ...rundir import RunDir
+from ...rundir import RunDir, shell_quote
 
 
 class FlowerMissing(ConfigError):
@@ -38,7 +39,7 @@ def _finished(rd: RunDir, what: str) -> dict | None:
         return rd.read_summary()
     if (rd.checkpoint_dir / "state.pt").is_file():
         raise RuntimeError(f"the {what} ended before the run finished; its last checkpoint is in {rd.checkpoint_dir}: "
-                           f"see the log above, then continue with `fedmoe run --resume {rd.path}`")
+                           f"see the log above, then continue with `fedmoe run --resume {shell_quote(rd.path)}`")
     raise RuntimeError(f"the {what} ended without a checkpoint; see the log above")
 
 
@@ -129,8 +130,8 @@ def refuse_if_alive(rd: RunDir) -> None:
 
         raise RunDirError(f"{rd.path} is still being written by Flower run {rec['flower_run_id']} on the SuperLink "
                           f"{rec['superlink']!r} (status {status}): stop it with `flwr stop {rec['flower_run_id']} "
-                          f"{rec['superlink']}` (or let it finish), then resume. (A SuperLink that restarted marks the run it "
-                          "lost as failed a few seconds after it is up again.)")
+                          f"{shell_quote(rec['superlink'])}` (or let it finish), then resume. (A SuperLink that "
+                          "restarted marks the run it lost as failed a few seconds after it is up again.)")
 
 
 def stop_flower_run(run_id: int, federation: str, log=print) -> None:
@@ -138,7 +139,7 @@ def stop_flower_run(run_id: int, federation: str, log=print) -> None:
                        timeout=120)
     log(f"stopped the Flower run {run_id} on {federation}" if r.returncode == 0 else
         f"could not stop the Flower run {run_id} on {federation} ({(r.stderr or r.stdout).strip()[-300:]}): stop it "
-        f"with `flwr stop {run_id} {federation}` before resuming")
+        f"with `flwr stop {run_id} {shell_quote(federation)}` before resuming")
 
 
 def run_deployment(cfg: RunConfig, rd: RunDir, federation: str, resume: bool = False, stream: bool = True) -> dict:
@@ -190,5 +191,5 @@ def run_deployment(cfg: RunConfig, rd: RunDir, federation: str, resume: bool = F
         if main:
             signal.signal(signal.SIGTERM, previous)
     if proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); see its output above")
+        raise RuntimeError(f"`{shlex.join(map(str, cmd))}` failed (exit {proc.returncode}); see its output above")
     return _finished(rd, "Flower run")
