@@ -19,7 +19,7 @@ run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/fedmoe run
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 tests
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/expert_lora.py

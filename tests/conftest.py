@@ -33,14 +33,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-# `make test` runs the suite on two workers (pytest-xdist, --dist loadgroup). The tests that start real
-# processes and wait on them with timeouts (Flower deployments and simulations, workers, signals) run one
-# after another on one worker, so they never compete with each other for the CPU; everything else shares
-# the other worker (and the same one when it is free).
+# `make test` runs the suite on two workers (pytest-xdist). The tests that start real processes and wait on them
+# with timeouts (Flower deployments and simulations, workers, signals: test_flower, test_worker, test_secagg and
+# those marked `processes`) run beside the others, each on whichever worker is free, so their timeouts allow for a
+# busy machine. (An xdist_group meant to run them one after another never took effect: this file's hook ran after
+# xdist had read the groups. Taking effect, it would chain ~15 minutes of them on one worker.)
 PROCESS_MODULES = {"test_flower.py", "test_worker.py", "test_secagg.py"}
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in PROCESS_MODULES or item.get_closest_marker("processes"):
-            item.add_marker(pytest.mark.xdist_group("processes"))
+    for item in items:  # every test of these files starts processes: marked, so `-m "not processes"` leaves them out
+        if item.path.name in PROCESS_MODULES:
+            item.add_marker(pytest.mark.processes)

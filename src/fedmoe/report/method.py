@@ -8,16 +8,16 @@ from __future__ import annotations
 def method_info(tree: dict) -> dict:
     """summary.json's ``method`` from a run's config as a plain tree (``config_to_dict(cfg)``, or a run directory's
     config.yaml as read): ``name``; ``server_optimizer``: None for plain FedAvg, else its name, η as resolved and the
-    settings its update reads (:func:`fedmoe.algorithms.server_opt.effective`); ``proximal_mu``: FedProx's μ, None
-    when 0 (no proximal term). A config.yaml written before ``train.proximal_mu`` moved to
-    ``algorithm.fedit.proximal_mu`` is read where it has it."""
+    settings its update reads (:func:`fedmoe.algorithms.server_opt.effective`); ``proximal_mu``: FedProx's μ from
+    the running method's own section (``algorithm.<name>.proximal_mu``), None when 0 (no proximal term). A
+    config.yaml written before ``train.proximal_mu`` moved into the method's section is read where it has it."""
     from ..algorithms.server_opt import effective
 
     tree = tree if isinstance(tree, dict) else {}
     alg = tree.get("algorithm") if isinstance(tree.get("algorithm"), dict) else {}
-    fedit = alg.get("fedit") if isinstance(alg.get("fedit"), dict) else {}
+    own = alg.get(str(alg.get("name"))) if isinstance(alg.get(str(alg.get("name"))), dict) else {}  # its section
     train = tree.get("train") if isinstance(tree.get("train"), dict) else {}
-    mu = fedit.get("proximal_mu", train.get("proximal_mu"))
+    mu = own.get("proximal_mu", train.get("proximal_mu"))
     opt = alg.get("server_optimizer")
     return {"name": alg.get("name"), "server_optimizer": effective(opt if isinstance(opt, dict) else {}),
             "proximal_mu": mu if isinstance(mu, (int, float)) and not isinstance(mu, bool) and mu > 0 else None}
