@@ -33,7 +33,8 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-# `make test` runs the suite on two workers (pytest-xdist). The tests that start real processes and wait on them
+# `make test` runs the suite on two workers (pytest-xdist, `--dist loadgroup` without groups: each test goes to
+# whichever worker is free). The tests that start real processes and wait on them
 # with timeouts (Flower deployments and simulations, workers, signals: test_flower, test_worker, test_secagg and
 # those marked `processes`) run beside the others, each on whichever worker is free, so their timeouts allow for a
 # busy machine. (An xdist_group meant to run them one after another never took effect: this file's hook ran after
