@@ -18,8 +18,8 @@ setup: $(STAMP)
 run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/fedmoe run
 
-# --dist loadgroup (no groups are declared): one test at a time to whichever worker is free; xdist's default
-# `load` hands out chunks ahead and left one worker a long tail of Flower tests (17.4 min against ~13-14.5)
+# --dist loadgroup (no groups are declared): one test at a time to whichever worker is free (xdist's default
+# `load` hands out chunks ahead; on the same host on the same day the two took 17 min 26 s and 17 min 48 s)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
