@@ -309,15 +309,14 @@ def pretrain(
     holds anything this run did not write (the shipped model included) is refused before training, unless
     --overwrite."""
     from .config import ConfigError
-    from .pretrain import check_export_dir, load_pretrain_config, run_pretrain
+    from .pretrain import load_pretrain_config, run_pretrain
 
-    try:
+    try:  # run_pretrain refuses an export_dir it would overwrite (and a bad precision) before any training
         cfg = load_pretrain_config(config, set_ or [])
-        check_export_dir(cfg, overwrite)
+        stats = run_pretrain(cfg, overwrite=overwrite)
     except ConfigError as e:
         _error(f"{e}")
         raise typer.Exit(2)
-    stats = run_pretrain(cfg, overwrite=overwrite)
     print(f"held-out loss {stats['heldout_loss']:.4f}, perplexity {stats['heldout_perplexity']:.2f}; "
           f"model card: {cfg.export_dir}/README.md")
 

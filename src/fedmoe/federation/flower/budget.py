@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ...rundir import shell_quote
 
 LEDGER = "dp-ledger.json"
 BUDGET_KEYS = ("dp-epsilon", "dp-delta", "dp-evaluation")
@@ -147,7 +148,7 @@ class PrivacyLedger:
                     f"trained in (e.g. {trained[0]}) but no privacy ledger ({self.path.name}): what its data spent "
                     "then is not known, so it trains no more under a budget. Restore the ledger from a backup if it "
                     "was deleted, or start one knowingly: fedmoe node-privacy "
-                    f"{shlex.quote(str(self.path.parent))} --start")
+                    f"{shell_quote(self.path.parent)} --start")
             return []
         try:
             data = json.loads(self.path.read_text())
