@@ -168,3 +168,14 @@ def whole_and_resumed(tmp_path, sets: list[str]):
     assert [c["loss"] for c in whole["clients"]] == [c["loss"] for c in resumed["clients"]]
     assert all(isinstance(c["loss"], float) and c["loss"] == c["loss"] for c in whole["clients"])
     return whole, resumed, rd
+
+
+def interruptible() -> None:
+    """A ``preexec_fn`` for a child process a test sends SIGINT: it starts with SIGINT unblocked and not ignored, as
+    from a terminal. A test runner started in the background (``cmd &`` in a script, some CI wrappers) ignores
+    SIGINT, its children inherit that, and Python then installs no KeyboardInterrupt handler: the signal would be
+    dropped and the interrupted run would go on to its end."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -24,6 +24,7 @@ from fedmoe.federation.flower.localdeploy import LocalDeployment
 from fedmoe.federation.flower.relay import kill_worker
 from fedmoe.federation.flower.records import also_from_records, from_records, to_records
 from fedmoe.messages import Message
+from helpers import interruptible
 
 BIN = Path(sys.executable).parent
 TINY = ["model.name=builtin:tiny-olmoe", "data.max_examples=200", "data.max_length=48", "data.partition.num_clients=2",
@@ -199,17 +200,17 @@ def _rows(run: Path, kind: str) -> list[dict]:
 
 def test_superlink_and_two_supernodes_run_flex(tmp_path):
     """FLEx: its shared attention LoRA gives the in-process numbers, its private grafts stay on the nodes'
-    disks. Client 0's SuperNode loads the model for every message; client 1's relays to its worker, which
-    loads it once: the same numbers either way. FLAME on a real deployment is the killed-node test's
-    method (its private rescalers continue from the node's disk)."""
-    with _deploy(tmp_path, workers={1: 1}, database=True) as deployment:
+    disks, each read back by the node's worker for every message. (A SuperNode without a worker, loading the
+    model for every message, is the two-ranks test's client 1.) FLAME on a real deployment is the killed-node
+    test's method (its private rescalers continue from the node's disk)."""
+    with _deploy(tmp_path, workers=True, database=True) as deployment:
         _flex_run(deployment, tmp_path)
 
 
 def _resume(deployment, run):
     cmd = [sys.executable, "-m", "fedmoe.cli", "run", "--resume", str(run), "--federation", "local", "--quiet"]
     return subprocess.Popen(cmd, cwd=deployment.root, env=deployment.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=interruptible)
 
 
 def _resume_watching(deployment, run):
@@ -340,9 +341,8 @@ def _flex_run(deployment, tmp_path):
             assert dirs and dirs == {f"client-{i}"}, (method, i, dirs)
         train = _rows(run, "train")
         assert len(train) == 10
-        # without a worker the SuperNode loads the model per message; the worker loaded it once, at the query
-        assert all(r["load_s"] > 0 for r in train if r["client"] == 0)
-        assert all(r["load_s"] == 0 for r in train if r["client"] == 1)
+        # the workers loaded the model once, at the first query (a resume's query reaches the same workers)
+        assert all(r["load_s"] == 0 for r in train)
         assert "## Client time per round" in (run / "report.md").read_text()
         # FLEx's clients run their own models: each evaluates the global model in the same message, no second one
         log = (deployment.root / "node0.log").read_text()
@@ -447,15 +447,21 @@ def test_a_worker_killed_mid_train_is_restarted_and_the_client_comes_back(tmp_pa
 
 def test_a_worker_with_two_ranks_gives_the_in_process_numbers(tmp_path):
     """Client 0's worker trains on two gloo ranks (torchrun), each half of every batch: the run's numbers
-    are the in-process run's to float rounding (client 1, one rank, sees them through the global model).
-    SGD: Adam's normalised step would turn rounding in near-zero gradients into steps of size lr."""
+    are the in-process run's to float rounding (client 1 sees them through the global model). Client 1's
+    SuperNode has no worker: it loads the model for every message, in the ClientApp process Flower starts
+    for it. SGD: Adam's normalised step would turn rounding in near-zero gradients into steps of size lr."""
     sets = ["algorithm.name=fedit", "train.batch_size=4", "train.optimizer=sgd", "train.lr=0.5"] + ENDS_ONLY
-    with _deploy(tmp_path, workers={0: 2, 1: 1}) as deployment:
+    with _deploy(tmp_path, workers={0: 2}) as deployment:
         proc = deployment.run(TINY + sets + [f"output_dir={tmp_path / 'runs'}", "name=ranks"])
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out[-4000:]
         assert "(2 ranks)" in (tmp_path / "worker-0.sock.log").read_text()
+        assert not (tmp_path / "worker-1.sock.log").exists()
     ranks = json.loads((tmp_path / "runs" / "ranks" / "summary.json").read_text())
+    # the worker loaded the model once, at the query; client 1's SuperNode for each message
+    train = _rows(tmp_path / "runs" / "ranks", "train")
+    assert sorted((r["round"], r["client"]) for r in train) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert all((r["load_s"] > 0) == (r["client"] == 1) for r in train)
     local = _local(tmp_path, "local-ranks", sets)
     for a, b in zip(local["clients"], ranks["clients"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
