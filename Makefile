@@ -18,10 +18,11 @@ setup: $(STAMP)
 run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/fedmoe run
 
-# --dist loadgroup (no groups are declared): one test at a time to whichever worker is free (xdist's default
-# `load` hands out chunks ahead; on the same host on the same day the two took 17 min 26 s and 17 min 48 s)
+# three workers on two cores, each test to whichever worker is free (--maxschedchunk 2: xdist's `load` would
+# otherwise hand each worker a quarter of the suite ahead); the tests that start processes and wait on them go
+# first, the longest first (tests/conftest.py), and a third worker fills the time they leave a core idle
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 3 --dist load --maxschedchunk 2 tests
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/expert_lora.py

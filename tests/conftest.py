@@ -12,8 +12,8 @@ _SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 _PATHS = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 os.environ["PYTHONPATH"] = os.pathsep.join(_PATHS or [_SRC])
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test`: two workers on two cores. One thread each (and in every process a test starts, which
-    # inherits the variable), so the workers' matmuls do not oversubscribe the cores.
+    # `make test`: three workers on two cores. One thread each (and in every process a test starts, which
+    # inherits the variable), so the workers' matmuls do not oversubscribe the cores further.
     os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
@@ -33,16 +33,30 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-# `make test` runs the suite on two workers (pytest-xdist, `--dist loadgroup` without groups: each test goes to
-# whichever worker is free). The tests that start real processes and wait on them
-# with timeouts (Flower deployments and simulations, workers, signals: test_flower, test_worker, test_secagg and
-# those marked `processes`) run beside the others, each on whichever worker is free, so their timeouts allow for a
-# busy machine. (An xdist_group meant to run them one after another never took effect: this file's hook ran after
-# xdist had read the groups. Taking effect, it would chain ~15 minutes of them on one worker.)
-PROCESS_MODULES = {"test_flower.py", "test_worker.py", "test_secagg.py"}
+# `make test` runs the suite on three workers on two cores (pytest-xdist, `--dist load --maxschedchunk 2`: each
+# test goes to whichever worker is free). The tests that start real processes and wait on them (Flower deployments
+# and simulations, workers, signals: test_flower, test_worker, test_secagg, the GPU check's dry run) keep a core
+# only ~60 % busy: a third worker runs the other tests in the rest. They are put first, the longest first, so
+# that none is left running alone at the end; their timeouts allow for a busy machine. Marked `processes`, so
+# `-m "not processes"` leaves them out.
+PROCESS_MODULES = {"test_flower.py", "test_worker.py", "test_secagg.py", "test_gpu_check.py"}
+# the longest, by their durations in a full run (each several times longer than any test not named here)
+LONGEST_FIRST = ["test_superlink_and_two_supernodes_run_flex", "test_a_supernode_killed_mid_run_leaves_the_run_to_the_other",
+                 "test_a_worker_killed_mid_train_is_restarted_and_the_client_comes_back",
+                 "test_a_worker_with_two_ranks_gives_the_in_process_numbers", "test_a_killed_simulation_resumes_exactly",
+                 "test_gpu_check_dry_run_succeeds_in_every_step", "test_supernodes_under_their_own_privacy_budgets",
+                 "test_flower_simulation_gives_the_in_process_numbers"]
+
+
+def _first(item) -> tuple[int, int]:
+    name = item.originalname if hasattr(item, "originalname") else item.name
+    if name in LONGEST_FIRST:
+        return (0, LONGEST_FIRST.index(name))
+    return (1, 0) if item.path.name in PROCESS_MODULES else (2, 0)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:  # every test of these files starts processes: marked, so `-m "not processes"` leaves them out
         if item.path.name in PROCESS_MODULES:
             item.add_marker(pytest.mark.processes)
+    items.sort(key=_first)  # stable: the order within each class is pytest's
