@@ -35,12 +35,12 @@ def one_thread():
 
 # `make test` runs the suite on three workers on two cores (pytest-xdist, `--dist load --maxschedchunk 2`: each
 # test goes to whichever worker is free). The tests that start real processes and wait on them (Flower deployments
-# and simulations, workers, signals: test_flower, test_worker, test_secagg, the GPU check's dry run) keep a core
-# only ~60 % busy: a third worker runs the other tests in the rest. They are put first, the longest first, so
-# that none is left running alone at the end; their timeouts allow for a busy machine. Marked `processes`, so
-# `-m "not processes"` leaves them out.
+# and simulations, workers, signals: test_flower, test_worker, test_secagg, the GPU check's dry run) leave the
+# cores idle while they wait (on a timeout, on Flower's polling); a third worker fills that time (a full run kept
+# both cores 99.6 % busy). They are put first, the longest first, so that none is left running alone at the end;
+# their timeouts allow for a busy machine. Marked `processes`, so `-m "not processes"` leaves them out.
 PROCESS_MODULES = {"test_flower.py", "test_worker.py", "test_secagg.py", "test_gpu_check.py"}
-# the longest, by their durations in a full run (each several times longer than any test not named here)
+# the longest of them, by their durations in full runs (20 s to 3 min each, alone; 2026-12-06)
 LONGEST_FIRST = ["test_superlink_and_two_supernodes_run_flex", "test_a_supernode_killed_mid_run_leaves_the_run_to_the_other",
                  "test_a_worker_killed_mid_train_is_restarted_and_the_client_comes_back",
                  "test_a_worker_with_two_ranks_gives_the_in_process_numbers", "test_a_killed_simulation_resumes_exactly",
