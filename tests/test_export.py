@@ -87,8 +87,9 @@ def test_merged_model_gives_the_logits_of_a_flame_client(runs, tmp_path):
 
 def test_flex_client_is_a_fedmoe_folder_restored_exactly(runs, tmp_path):
     r = subprocess.run([sys.executable, "-m", "fedmoe.cli", "export", str(runs["flex"]), str(tmp_path / "x"),
-                        "--client", "0", "--merged"], capture_output=True, text=True, env=_env())
+                        "--client", "0", "--merged", "--quiet"], capture_output=True, text=True, env=_env())
     assert r.returncode == 0, r.stderr
+    assert "it/s]" not in r.stderr  # --quiet: no progress bar of transformers
     assert "fedmoe model folder" in r.stdout and "grafted experts" in r.stdout  # which form, and why
     back = load_model(str(tmp_path / "x"))
     with pytest.raises(ModelLoadError, match="fedmoe export folder.*fedmoe.export.load_model"):
@@ -139,8 +140,9 @@ def test_generate_answers_with_an_exported_model(runs, tmp_path):
     assert merged.cfg.data.max_length == 32 and merged.cfg.model.name == str(tmp_path / "m")
     assert answer(merged, "Name a colour.", max_new_tokens=8) == want and want
     r = subprocess.run([sys.executable, "-m", "fedmoe.cli", "generate", str(tmp_path / "m"), "Name a colour.",
-                        "--max-new-tokens", "8"], capture_output=True, text=True, env=_env())
+                        "--max-new-tokens", "8", "--quiet"], capture_output=True, text=True, env=_env())
     assert r.returncode == 0 and r.stdout.strip() == want, r.stderr
+    assert "it/s]" not in r.stderr  # --quiet: no "Loading weights" bar of the model folder
     assert export_model(runs["flex"], tmp_path / "x", client=0, merged=True)[0] == "fedmoe"
     assert (answer(load_for_answers(tmp_path / "x"), "Name a colour.", max_new_tokens=8)
             == answer(load_run_model(runs["flex"], 0), "Name a colour.", max_new_tokens=8))

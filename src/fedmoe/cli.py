@@ -74,7 +74,8 @@ def _sweep_command(config: Path, sets: list[str], federation: Optional[str]) -> 
 
 
 def _no_library_bars() -> None:
-    """--quiet: no progress bar of the libraries either (transformers' "Loading weights" of a model folder)."""
+    """--quiet: no progress bar of the libraries either (transformers' "Loading weights" of a model folder, its
+    "Writing model shards" of a merged export)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -647,11 +648,15 @@ def export(
     round_: Annotated[Optional[int], typer.Option(
         "--round", help="the model after this round (one of the run's two checkpoints), on purpose: needed for a run "
                         "that did not finish, or whose last checkpoint is damaged (default: the finished run's last)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars (transformers' loading and writing)")] = False,
 ):
     """Export a trained model: a PEFT adapter (default), a merged Hugging Face model (--merged), or,
     where neither can express the model, a fedmoe folder that fedmoe.export.load_model restores exactly."""
     from .config import ConfigError
     from .export import export_model
+
+    if quiet:
+        _no_library_bars()
 
     exported: dict = {}
     try:
@@ -691,10 +696,14 @@ def generate(
     round_: Annotated[Optional[int], typer.Option(
         "--round", help="the model after this round (one of the run's two checkpoints), on purpose: needed for a run "
                         "that did not finish, or whose last checkpoint is damaged (default: the finished run's last)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar (transformers' loading of a model folder)")] = False,
 ):
     """Answer instructions with a client's (or the global) model of a run, or with an exported model, in
     the training prompt template, decoded as the run's evaluation decodes."""
     import sys
+
+    if quiet:
+        _no_library_bars()
 
     from rich.console import Console
 
