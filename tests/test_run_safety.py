@@ -384,3 +384,16 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_round(tmp_pa
     assert (folder / "state.pt.unreadable").is_file()  # kept aside, not rotated into state.prev.pt
     assert torch.load(folder / "state.prev.pt", weights_only=False)["round"] == 2
     assert len([r for r in rd.read_metrics() if r["kind"] == "train"]) == 3 * 2
+
+
+def test_summary_json_is_written_last(tmp_path, monkeypatch):
+    """summary.json marks a run finished (a resume, `fedmoe run` on Flower returning when it sees it): when it is
+    written the report is already there, so nothing that sees a finished run finds it without its report."""
+    from fedmoe.rundir import RunDir
+
+    seen = []
+    real = RunDir.write_summary
+    monkeypatch.setattr(RunDir, "write_summary", lambda rd, s: (seen.append(rd.report_path.is_file()), real(rd, s)))
+    run_federated(load_config(None, TINY + ["federation.rounds=1", f"output_dir={tmp_path}", "name=order"]),
+                  log=lambda *a: None)
+    assert seen == [True]

@@ -683,10 +683,12 @@ class Federation:
                    **({"withheld_by_clients": withheld} if withheld else {}),
                    **({} if self.cfg.federation.robust is None else {"robust": self.cfg.federation.robust.model_dump()}),
                    **({} if self.cfg.federation.dp is None else {"privacy": self._privacy()})})
-        self.rd.write_summary(summary)
         counts = {cid: r.data["category_counts"] for cid, r in self.records.items() if r.data.get("category_counts") is not None}
         histogram = format_histogram_table(counts) if counts else None
         write_report(self.rd, summary, self.rd.read_metrics(), histogram)
+        # summary.json last: it marks the run finished (for a resume, and for `fedmoe run` on Flower, which returns
+        # when it sees it: a ServerApp that outlived its SuperLink's restart may still be writing)
+        self.rd.write_summary(summary)
         self._tensorboard()
         return summary
 
