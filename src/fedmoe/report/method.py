@@ -15,7 +15,8 @@ def method_info(tree: dict) -> dict:
 
     tree = tree if isinstance(tree, dict) else {}
     alg = tree.get("algorithm") if isinstance(tree.get("algorithm"), dict) else {}
-    own = alg.get(str(alg.get("name"))) if isinstance(alg.get(str(alg.get("name"))), dict) else {}  # its section
+    own = alg.get(str(alg.get("name")))  # the running method's own section
+    own = own if isinstance(own, dict) else {}
     train = tree.get("train") if isinstance(tree.get("train"), dict) else {}
     mu = own.get("proximal_mu", train.get("proximal_mu"))
     opt = alg.get("server_optimizer")
