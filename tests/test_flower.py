@@ -434,11 +434,11 @@ def test_a_worker_killed_mid_train_is_restarted_and_the_client_comes_back(tmp_pa
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out[-4000:]
         summary = json.loads((run / "summary.json").read_text())
-        assert [c["rounds_trained"] for c in summary["clients"]] == [3, 2]
+        assert [c["rounds_trained"] for c in summary["clients"]] == [3, 2], summary["failures"]
         assert [(f["round"], f["client"], f["stage"]) for f in summary["failures"]] == [(1, 1, "train")]
         assert "WorkerError" in summary["failures"][0]["error"] and "closed the connection" in summary["failures"][0]["error"]
         rounds = _rows(run, "round")
-        assert rounds[0]["wall_s"] < 60 and time.time() - t_kill < 300  # not the 120 s timeout
+        assert rounds[0]["wall_s"] < 100 and time.time() - t_kill < 300  # not the 120 s timeout (margin for a loaded host)
         train = {(r["round"], r["client"]): r for r in _rows(run, "train")}
         assert set(train) == {(1, 0), (2, 0), (2, 1), (3, 0), (3, 1)}
         assert train[(2, 1)]["load_s"] > 0 and train[(3, 1)]["load_s"] == 0  # the new worker loaded once
