@@ -313,6 +313,31 @@ def test_the_flops_column_says_its_sequence_length(tmp_path):
     assert "| bytes down (total, all rounds) | FLOPs/seq |" in write_report(rd, summary, []).read_text(encoding="utf-8")
 
 
+def test_client_time_shows_each_process_start_before_its_round():
+    """A start row (a client process that started for a round: its load, the model's share of it) comes before
+    that round's training rows; a process that served two clients loaded the model once, and says so."""
+    from fedmoe.report.report import format_client_time
+
+    metrics = [{"round": 1, "client": 0, "kind": "start", "load_s": 3.0, "model_s": 2.5},
+               {"round": 1, "client": 1, "kind": "start", "load_s": 0.5, "model_s": 0.0}]
+    metrics += [{"round": r, "client": c, "kind": "train", "load_s": 0.0, "train_s": 1.0 + 2 * c}
+                for r in (1, 2) for c in (0, 1)]
+    metrics += [{"round": 3, "client": 1, "kind": "start", "load_s": 4.0, "model_s": 3.5},  # its node came back
+                {"round": 3, "client": 1, "kind": "train", "load_s": 0.0, "train_s": 2.0},
+                {"round": 3, "client": 0, "kind": "train", "load_s": 0.0, "train_s": 1.0}]
+    lines = format_client_time(metrics)
+    table = lines[lines.index("| round | clients | load (mean) | load (max) | model load (at start) | training (mean) |"):]
+    assert table[2:8] == ["| 1, start | 2 | 1.750 s | 3.000 s | 2.500 s (1 load) | – |",
+                          "| 1 | 2 | 0.000 s | 0.000 s | – | 2.000 s |",
+                          "| 2 | 2 | 0.000 s | 0.000 s | – | 2.000 s |",
+                          "| 3, start | 1 | 4.000 s | 4.000 s | 3.500 s (1 load) | – |",
+                          "| 3 | 2 | 0.000 s | 0.000 s | – | 1.500 s |", ""]
+    # a client of an older fedmoe sends no model_s; an in-process run has no start rows and no load times
+    assert "| 1, start | 1 | 3.000 s | 3.000 s | – | – |" in format_client_time(
+        [{"round": 1, "client": 0, "kind": "start", "load_s": 3.0}])
+    assert format_client_time([{"round": 1, "client": 0, "kind": "train", "train_s": 1.0}]) == []
+
+
 def test_write_report_without_metrics(tmp_path):
     rd = RunDir(tmp_path / "r")
     summary = build_summary("fedit", "m", 1, 0, 3.0, [], {})

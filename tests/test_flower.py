@@ -35,7 +35,9 @@ METHODS = {"fedit": ["algorithm.name=fedit"],
            "flex": ["algorithm.name=flex", "lora.experts=false", "algorithm.flex.calibration_size=4"]}
 # on Flower's simulation: FLAME (private rescalers, activation counts in the reply) and FC-MoE (residuals in the
 # downlink, a 3rd round); FedIT's and FLEx's numbers are checked on the real deployment below
-SIM_METHODS = {"flame": METHODS["flame"], "fcmoe": ["algorithm.name=fcmoe", "federation.rounds=3"]}
+# FC-MoE's clients reserve both CPUs of a two-core machine: one simulated client at a time, in one Ray actor
+SIM_METHODS = {"flame": METHODS["flame"], "fcmoe": ["algorithm.name=fcmoe", "federation.rounds=3",
+                                                    "federation.simulation.client_cpus=2"]}
 
 
 def _env(**extra):
@@ -135,11 +137,21 @@ def test_a_train_report_travels_as_json_exactly():
 def test_flower_simulation_gives_the_in_process_numbers(tmp_path, method):
     cmd = [sys.executable, "-m", "fedmoe.cli", "run", "--runtime", "flower-sim", "--quiet",
            *_sets(TINY + SIM_METHODS[method] + [f"output_dir={tmp_path}", "name=sim"])]
-    r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    # no OMP_NUM_THREADS: Ray gives each client as many torch threads as the CPUs it reserves
+    env = {k: v for k, v in _env().items() if k != "OMP_NUM_THREADS"}
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sim = json.loads((tmp_path / "sim" / "summary.json").read_text())
     assert sim["runtime"] == "flower-sim"
-    _same_numbers(_local(tmp_path, "local", SIM_METHODS[method]), sim)
+    cpus = 2 if "federation.simulation.client_cpus=2" in SIM_METHODS[method] else 1
+    _same_numbers(_local(tmp_path, "local", SIM_METHODS[method], threads=cpus), sim)
+    assert f"each client reserves {cpus} CPU(s) and no GPU" in r.stdout
+    # each client's process start is in the record: its load, and the model's when its process loaded it
+    starts = _rows(tmp_path / "sim", "start")
+    assert sorted(r["client"] for r in starts) == [0, 1] and {r["round"] for r in starts} == {1}
+    assert all(r["load_s"] >= r["model_s"] >= 0 for r in starts)
+    loads = sum(r["model_s"] > 0 for r in starts)
+    assert loads == 1 if cpus == 2 else 1 <= loads <= 2, starts  # one actor (both CPUs each) loads the model once
 
 
 def test_flame_under_local_dp_on_flower_sends_only_noised_updates(tmp_path):
@@ -407,6 +419,13 @@ def _killed_node_run(deployment, tmp_path):
     r1, r3 = (torch.load(next(store.glob(f"*/client-1/private-r0000{r}.pt")), weights_only=False) for r in (1, 3))
     assert set(r1) == set(r3) and any(not torch.equal(r1[k], r3[k]) for k in r1)
     assert "## Failures" in (run / "report.md").read_text()
+    # the record of each client process's start: both workers loaded the model for round 1; client 1's restarted
+    # SuperNode, seen again in round 2 or 3, found its worker with the model and its data (nothing loaded)
+    starts = {(r["round"], r["client"]): r for r in _rows(run, "start")}
+    back = [k for k in starts if k[0] > 1]
+    assert set(starts) - set(back) == {(1, 0), (1, 1)} and len(back) == 1 and back[0][1] == 1 and back[0][0] in (2, 3)
+    assert starts[(1, 0)]["model_s"] > 0 and starts[(1, 1)]["model_s"] > 0
+    assert starts[back[0]]["load_s"] == starts[back[0]]["model_s"] == 0
 
 
 def _worker_log_wait(log: Path, text: str, count: int, proc, timeout: float = 300) -> None:
@@ -529,3 +548,37 @@ def test_supernodes_under_their_own_privacy_budgets(tmp_path):
     assert tests[1]["loss"] == pytest.approx(tests[0]["loss"], rel=1e-12)  # the global numbers are client 1's alone
     assert summary["clients"][0]["n_test"] is None and summary["clients"][1]["n_test"] == 3
     assert summary["clients"][0]["evaluated_round"] is None
+
+
+def test_what_a_simulated_client_reserves_is_checked_against_the_machine():
+    """federation.simulation as Ray's client_resources, for a machine of `cpus` CPUs and `gpus` CUDA devices (given,
+    so that GPU machines are checked here too): the default is a GPU per client where model.device is a GPU; what no
+    client would fit, a GPU Ray hides or renumbers, and a GPU on a machine without one are refused, naming the key."""
+    from fedmoe.config import ConfigError
+    from fedmoe.federation.flower.launch import simulation_resources
+
+    def resources(sets, cpus=2, gpus=0):
+        return simulation_resources(load_config(None, TINY + sets), cpus=cpus, gpus=gpus)
+
+    assert resources([]) == {"num_cpus": 1, "num_gpus": 0.0}  # a CPU machine
+    assert resources([], gpus=1) == {"num_cpus": 1, "num_gpus": 1.0}  # device auto on a GPU machine: a GPU each
+    assert resources(["model.device=cuda", "federation.simulation.client_gpus=0.25"], gpus=2) == \
+        {"num_cpus": 1, "num_gpus": 0.25}  # four clients' models on each GPU
+    assert resources(["federation.simulation.client_cpus=8"], cpus=16) == {"num_cpus": 8, "num_gpus": 0.0}
+    # auto, and the user wants the clients on the CPU beside a GPU: Ray hides it from them
+    assert resources(["federation.simulation.client_gpus=0"], gpus=1) == {"num_cpus": 1, "num_gpus": 0.0}
+    refused = {
+        "federation.simulation.client_cpus = 4, but this machine has 2 CPUs": (["federation.simulation.client_cpus=4"], 0),
+        "client_gpus = 0.5, but this machine has no CUDA device": (["federation.simulation.client_gpus=0.5"], 0),
+        "model.device = cuda, but this machine has no CUDA device": (["model.device=cuda"], 0),
+        "client_gpus = 1 reserves a GPU for each client, but model.device is cpu":
+            (["model.device=cpu", "federation.simulation.client_gpus=1"], 1),
+        "model.device = cuda:1: Ray gives each simulated client its own GPU": (["model.device=cuda:1"], 2),
+        "model.device = cuda, but federation.simulation.client_gpus = 0: Ray hides the GPUs":
+            (["model.device=cuda", "federation.simulation.client_gpus=0"], 1),
+    }
+    for why, (sets, gpus) in refused.items():
+        with pytest.raises(ConfigError, match=why.replace("(", r"\(").replace(")", r"\)")):
+            resources(sets, gpus=gpus)
+    with pytest.raises(ConfigError, match="client_gpus"):  # a share above one GPU: a client uses one device
+        load_config(None, TINY + ["federation.simulation.client_gpus=2"])

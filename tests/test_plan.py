@@ -121,6 +121,36 @@ def test_a_gpu_run_that_does_not_fit_is_refused_naming_the_keys(monkeypatch):
     check_fits(cpu, log=lambda *a: pytest.fail("a CPU run is not checked"))
 
 
+def test_a_simulated_client_is_checked_against_its_share_of_the_gpu(monkeypatch):
+    """flower-sim puts 1 / client_gpus clients, each with its model, on a GPU: each is planned against that share
+    of the free memory; a deployment's clients train elsewhere (nothing checked here)."""
+    import fedmoe.moe.model as model_mod
+    import fedmoe.plan as plan_mod
+
+    monkeypatch.setattr(model_mod, "resolve_device", lambda d: __import__("torch").device("cuda"))
+    sim = [*SMALL, "model.device=cuda", "federation.runtime=flower-sim"]
+    peak = max(p.total for p in memory_plan(load_config(None, sim)))
+    monkeypatch.setattr(plan_mod, "device_memory", lambda d: ("free memory of a test GPU", int(peak * 1.5)))
+    said = []
+    check_fits(load_config(None, sim), log=said.append)  # a GPU per client (the default): fits
+    assert said and "of the free memory of a test GPU" not in said[0]
+    with pytest.raises(ConfigError) as e:  # half a GPU each: 0.75 of the peak
+        check_fits(load_config(None, [*sim, "federation.simulation.client_gpus=0.5"]), log=lambda *a: None)
+    assert "does NOT fit" in str(e.value) and "federation.simulation.client_gpus = 0.5 of the free memory" in str(e.value)
+    check_fits(load_config(None, [*sim, "federation.simulation.client_gpus=0.7"]), log=said.append)
+    assert f"of {int(peak * 1.5 * 0.7) / 2**30:.2f} GiB" in said[-1]
+    check_fits(load_config(None, [*sim[:-1], "federation.runtime=flower", "federation.simulation.client_gpus=0.1"]),
+               log=lambda *a: pytest.fail("a deployment is not checked here"))
+    # `fedmoe plan --memory 1` (a card elsewhere) for a simulation at a quarter of a GPU per client: a quarter of it
+    from fedmoe.plan import client_memory
+
+    quarter = load_config(None, [*sim, "federation.simulation.client_gpus=0.25"])
+    assert client_memory(quarter, ("--memory 1 GiB", 2**30)) == (
+        "federation.simulation.client_gpus = 0.25 of the --memory 1 GiB (each simulated client's share; a larger one "
+        "puts fewer clients on a GPU)", 2**28)
+    assert client_memory(load_config(None, sim[:-1]), ("--memory 1 GiB", 2**30)) == ("--memory 1 GiB", 2**30)
+
+
 def test_fedmoe_plan_command(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fedmoe.cli", "plan", "--set", "model.name=builtin:tiny-olmoe",
                           "--set", "data.max_length=48", "--set", "train.batch_size=2", "--device", "cpu"],

@@ -279,7 +279,7 @@ def test_resume_refuses_a_changed_config_naming_the_keys(tmp_path):
     summary, _ = resume_federated(rd.path, log=_quiet)
     assert summary is not None
     assert {"model.device", "federation.round_timeout_s", "federation.node_wait_s", "federation.max_inflight",
-            "output_dir", "name"} <= set(EXECUTION_KEYS)
+            "federation.simulation", "output_dir", "name"} <= set(EXECUTION_KEYS)
 
 
 def test_a_checkpoint_without_fingerprint_resumes_with_a_warning(tmp_path):

@@ -197,7 +197,7 @@ def plan(
     planned on a machine without one, and no --memory), 1 when it does NOT fit (for a sweep: any of its
     plans), 2 on an error."""
     from .config import ConfigError, load_config
-    from .plan import device_memory, distinct_plans, fits, format_plan, memory_plan
+    from .plan import client_memory, distinct_plans, fits, format_plan, memory_plan
 
     sets = [*(set_ or []), *([f"model.device={device}"] if device else [])]
     try:
@@ -212,13 +212,10 @@ def plan(
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _error(f"{e}")
         raise typer.Exit(2)
-    from .moe.model import resolve_device
-
     too_big = False
     for i, (cfg, points, plans) in enumerate(done):
-        what, available = device_memory(str(resolve_device(cfg.model.device)))
-        if memory is not None:
-            what, available = f"--memory {memory:g} GiB", int(memory * 2**30)
+        # (a simulated client: its share of the GPU)
+        what, available = client_memory(cfg, None if memory is None else (f"--memory {memory:g} GiB", int(memory * 2**30)))
         if points is not None:
             print(("\n" if i else "") + f"sweep points {', '.join(points)}:")
         print(format_plan(cfg, plans, what, available))

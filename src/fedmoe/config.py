@@ -340,6 +340,26 @@ class SecAggConfig(_Strict):
     threshold_fraction: float = Field(0.5, gt=0, le=1)  # the share of those shares needed to unmask a dropout
 
 
+class SimulationConfig(_Strict):
+    """What each simulated client reserves on Flower's simulation (``flower-sim``; Ray's ``client_resources``):
+    Ray runs as many clients at once as fit the machine, each in a process that keeps the model."""
+
+    # CPUs per client: clients at once = this machine's CPUs / client_cpus; also each client's torch threads
+    # (Ray sets OMP_NUM_THREADS to it when the environment does not)
+    client_cpus: int = Field(1, ge=1)
+    # the share of a GPU per client: 1 = a GPU each, 0.5 = two clients (two models) per GPU, 0 = the clients train
+    # on the CPU (Ray hides the GPUs from them); None = 1 when model.device is a GPU (auto on a machine with
+    # one, cuda), else 0
+    client_gpus: float | None = Field(None, ge=0, le=1)
+
+    def gpu_share(self, on_gpu: bool) -> float:
+        """The share of a GPU each simulated client takes: ``client_gpus``, resolved for a run whose
+        ``model.device`` is (``on_gpu``) or is not a GPU."""
+        if self.client_gpus is not None:
+            return float(self.client_gpus)
+        return 1.0 if on_gpu else 0.0
+
+
 class FederationConfig(_Strict):
     rounds: int = Field(3, ge=1)
     fraction: float = Field(1.0, gt=0, le=1)  # clients sampled per round
@@ -366,6 +386,8 @@ class FederationConfig(_Strict):
     robust: RobustConfig | None = None
     # secure aggregation (Flower runtimes; null: every client's update reaches the server as it is)
     secagg: SecAggConfig | None = None
+    # flower-sim: the CPUs and the share of a GPU each simulated client reserves
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
 
 
 class EvalConfig(_Strict):

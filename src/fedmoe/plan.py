@@ -213,6 +213,21 @@ def device_memory(device: str) -> tuple[str, int | None]:
         return "this machine's memory", None
 
 
+def client_memory(cfg, memory: tuple[str, int] | None = None) -> tuple[str, int | None]:
+    """(what, bytes) of the memory one client of ``cfg`` has: :func:`device_memory` of its device (or ``memory``,
+    (what, bytes) given in its place), and on Flower's simulation, which puts 1 / client_gpus clients (each with
+    its model) on a GPU, a client's share of it."""
+    from .moe.model import resolve_device
+
+    dev = resolve_device(cfg.model.device)
+    what, available = memory or device_memory(str(dev))
+    share = cfg.federation.simulation.gpu_share(True) if cfg.federation.runtime == "flower-sim" else 1.0
+    if dev.type == "cuda" and available is not None and 0 < share < 1:
+        return (f"federation.simulation.client_gpus = {share:g} of the {what} (each simulated client's share; a "
+                "larger one puts fewer clients on a GPU)"), int(available * share)
+    return what, available
+
+
 def fits(plans: list[LevelPlan], available: int | None) -> bool:
     return available is None or max(p.total for p in plans) <= available
 
@@ -295,17 +310,18 @@ TIGHT = 0.9
 
 
 def check_fits(cfg, log=print) -> None:
-    """Before an in-process run on a GPU (where running out of memory ends a run mid-round): refuse a
-    config whose largest level's planned peak exceeds the GPU's free memory, with the plan and the keys
-    that shrink it. On the CPU nothing is checked (the system swaps before it fails; `fedmoe plan` shows
-    the figures)."""
+    """Before an in-process or simulated run on a GPU (where running out of memory ends a run mid-round):
+    refuse a config whose largest level's planned peak exceeds the GPU's free memory (a simulated client's
+    share of it, ``federation.simulation.client_gpus``), with the plan and the keys that shrink it. On the CPU
+    nothing is checked (the system swaps before it fails; `fedmoe plan` shows the figures)."""
     from .config import ConfigError
     from .moe.model import resolve_device
 
-    dev = resolve_device(cfg.model.device)
-    if dev.type != "cuda" or cfg.federation.runtime != "local":
-        return
-    what, available = device_memory(str(dev))
+    if resolve_device(cfg.model.device).type != "cuda" or cfg.federation.runtime == "flower":
+        return  # (a deployment's clients train on their own machines)
+    if cfg.federation.runtime == "flower-sim" and cfg.federation.simulation.gpu_share(True) == 0:
+        return  # the simulated clients train on the CPU
+    what, available = client_memory(cfg)
     if available is None:
         return  # no such device here: loading the model says so
     plans = memory_plan(cfg)
@@ -320,5 +336,5 @@ def check_fits(cfg, log=print) -> None:
     log(line)
 
 
-__all__ = ["KINDS", "LevelPlan", "check_fits", "device_memory", "fits", "format_plan", "memory_plan", "remedies",
+__all__ = ["KINDS", "LevelPlan", "check_fits", "client_memory", "device_memory", "fits", "format_plan", "memory_plan", "remedies",
            "training_step_bytes"]

@@ -52,11 +52,12 @@ PREVIOUS_CHECKPOINT_FILE = "state.prev.pt"
 
 # Config keys that say where and how a run executes, not what it computes: a resumed run may change
 # them (another device or machine, other Flower timeouts, TensorBoard on or off, the directory moved,
-# activation checkpointing after running out of memory: the same numbers with less memory).
+# activation checkpointing after running out of memory: the same numbers with less memory; the resources a
+# simulated client reserves on another machine).
 # Every other key is part of the run's fingerprint: a resume whose config.yaml differs in one is refused.
 EXECUTION_KEYS = ("name", "output_dir", "model.device", "federation.round_timeout_s", "federation.node_wait_s",
                   "federation.max_inflight", "federation.on_client_error", "report.tensorboard",
-                  "train.activation_checkpointing")
+                  "train.activation_checkpointing", "federation.simulation")
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

@@ -19,8 +19,9 @@ from .runtime import Federation
 
 def check_model(cfg: RunConfig, log=print) -> None:
     """Before anything is written: the model's config can be read (a hub id offline is not),
-    ``data.max_length`` fits its context, ``train.aux_loss`` has the family's load-balancing loss, and on a GPU
-    the training step fits its memory (:func:`fedmoe.plan.check_fits`)."""
+    ``data.max_length`` fits its context, ``train.aux_loss`` has the family's load-balancing loss, a simulated
+    client's reservation fits this machine, and on a GPU the training step fits its memory
+    (:func:`fedmoe.plan.check_fits`)."""
     from ..moe.arch import check_supported
     from ..moe.loss import load_balancing_loss, no_aux_loss
     from ..moe.model import check_context, check_device, load_model_config
@@ -36,6 +37,10 @@ def check_model(cfg: RunConfig, log=print) -> None:
         raise ConfigError(no_aux_loss(config.model_type))
     if cfg.federation.runtime != "flower":  # a deployment's clients train on their own machines' devices
         check_device(cfg.model.device)
+    if cfg.federation.runtime == "flower-sim":  # what each simulated client reserves fits this machine
+        from .flower.launch import simulation_resources
+
+        simulation_resources(cfg)
     check_fits(cfg, log)
 
 
@@ -83,7 +88,7 @@ def start_run(cfg: RunConfig, show_progress: bool = False, federation: str | Non
     cfg = resolve_noise(resolve_labels(cfg))
     rd = prepare_run_dir(cfg, overwrite=overwrite, log=log)
     if cfg.federation.runtime == "flower-sim":
-        return locked(rd, lambda: run_simulation(cfg, rd)), rd
+        return locked(rd, lambda: run_simulation(cfg, rd, log=log)), rd
     return locked(rd, lambda: run_deployment(cfg, rd, name)), rd
 
 
@@ -117,7 +122,7 @@ def continue_run(path: str | Path, show_progress: bool = False, federation: str 
         cfg, _, _ = open_run_dir(path, log=log, check_data=was.federation.runtime == "flower-sim",
                                  overrides=overrides)
         if cfg.federation.runtime == "flower-sim":
-            return run_simulation(cfg, rd, resume=True)
+            return run_simulation(cfg, rd, resume=True, log=log)
         return run_deployment(cfg, rd, name, resume=True)
 
     return locked(rd, work), rd

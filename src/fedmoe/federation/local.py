@@ -73,6 +73,9 @@ class LocalTransport:
             out[cid] = {"setup": metrics, "data": data, "profile": self.half.profile(cid, self.mm, node.private)}
         return out
 
+    def started(self) -> list[dict]:
+        return []  # the clients run in this process, on the model the runtime loaded once
+
     def train(self, round_idx: int, messages: dict[int, Message], prog: Progress):
         """({client: (reply, report)}, {client: failure}) for this round's train messages. A client whose
         training raises stops the run (``federation.on_client_error: stop``, the exception propagates) or

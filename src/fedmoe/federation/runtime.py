@@ -328,6 +328,13 @@ class Federation:
             self.records[cid].data = info["data"]
             self.records[cid].profile = info["profile"]
 
+    def _log_starts(self, round_idx: int) -> None:
+        """metrics.jsonl rows (kind ``start``) of the client processes that started for round ``round_idx``: the
+        run's start or resume, a node that came back; what each loaded, and in how long."""
+        for s in self.transport.started():
+            self.rd.log_metrics({"round": round_idx, "client": s["client"], "kind": "start", "load_s": s["load_s"],
+                                 **({"model_s": s["model_s"]} if "model_s" in s else {})})
+
     REQUESTS_FILE = "dp-requests.json"  # local DP: every training request each client was sent, failed rounds too
 
     def _count_requests(self, sampled: list[int]) -> None:
@@ -619,6 +626,7 @@ class Federation:
             require_tensorboard()
         with Progress(self.show_progress) as prog:
             self.transport.wait_for_clients()
+            self._log_starts(self.completed_rounds + 1)
             if not self.resuming:
                 self._setup(prog)
                 self.rd.finish_replacement()  # data, model and clients are ready: a run this one replaces goes
@@ -644,6 +652,7 @@ class Federation:
                     raise RoundFailed(f"round {round_idx}: the aggregated model's test loss is {loss} (its weights are "
                                       "finite, but the clients' training diverged): the round was not saved; "
                                       f"{self._intact()}. {self._start_again().capitalize()}")
+                self._log_starts(round_idx)  # a client whose node came back in this round
                 wall = time.perf_counter() - t_round
                 clients_s = self._clients_s + self.policy.clients_s
                 # the round's time that is neither the clients' training and evaluation nor aggregation

@@ -715,20 +715,41 @@ def format_round_time(metrics: list[dict]) -> list[str]:
 
 def format_client_time(metrics: list[dict]) -> list[str]:
     """Per round, the clients' time to load model and data for a message (0 while a process keeps
-    them) against their training time, where the runtime measured it."""
+    them) against their training time, where the runtime measured it; before a round's row, the client
+    processes that started for it (the run's start or resume, a node that came back) and what they loaded."""
     rows = [r for r in metrics if r.get("kind") == "train" and r.get("load_s") is not None]
-    if not rows:
+    starts = [r for r in metrics if r.get("kind") == "start" and r.get("load_s") is not None]
+    if not rows and not starts:
         return []
     by_round: dict = defaultdict(list)
     for r in rows:
         by_round[r["round"]].append(r)
+    started: dict = defaultdict(list)
+    for r in starts:
+        started[r["round"]].append(r)
     lines = ["## Client time per round", "", "Each client process's time to load the model and its data for a "
-             "message (0 when the process kept them from an earlier message) and its training time.", "",
-             "| round | clients | load (mean) | load (max) | training (mean) |", "|---:|---:|---:|---:|---:|"]
-    for rnd, rs in sorted(by_round.items()):
-        loads, work = [r["load_s"] for r in rs], [r.get("train_s") or 0.0 for r in rs]
-        lines.append(f"| {rnd} | {len(rs)} | {format_metric('load_s', sum(loads) / len(loads))} | "
-                     f"{format_metric('load_s', max(loads))} | {format_metric('work_s', sum(work) / len(work))} |")
+             "message (0 when the process kept them from an earlier message) and its training time. A row "
+             "*start* counts the clients whose process started for that round (the run's start or resume, a node "
+             "that came back): its load, and the model's share of it — a process that serves several clients loads "
+             "the model once.", "",
+             "| round | clients | load (mean) | load (max) | model load (at start) | training (mean) |",
+             "|---:|---:|---:|---:|---:|---:|"]
+
+    def load(rs):
+        loads = [r["load_s"] for r in rs]
+        return f"{format_metric('load_s', sum(loads) / len(loads))} | {format_metric('load_s', max(loads))}"
+
+    for rnd in sorted(set(by_round) | set(started)):
+        if started.get(rnd):
+            rs = started[rnd]
+            models = [r["model_s"] for r in rs if r.get("model_s") is not None]
+            n = sum(m > 0 for m in models)
+            model = f"{format_metric('load_s', sum(models))} ({n} load{'' if n == 1 else 's'})" if models else DASH
+            lines.append(f"| {rnd}, start | {len(rs)} | {load(rs)} | {model} | {DASH} |")
+        if by_round.get(rnd):
+            rs = by_round[rnd]
+            work = [r.get("train_s") or 0.0 for r in rs]
+            lines.append(f"| {rnd} | {len(rs)} | {load(rs)} | {DASH} | {format_metric('work_s', sum(work) / len(work))} |")
     return lines + [""]
 
 

@@ -187,6 +187,7 @@ class FlowerClient:
         held = heldout_set(model.shared_data(), model.tokenizer, cfg.data.max_length) if cfg.data.heldout else None
         self.evaluator = ModelEvaluator(cfg, self.mm, model.tokenizer, self.set.pad_id, heldout=held)
         self.load_s = time.perf_counter() - t0  # the caller adds the model's load when this process loaded it
+        self.model_s = 0.0  # of which the model's load (the process's first client loads it)
         self.fresh = True  # the first message of this client in this process pays load_s
 
     @property
@@ -230,10 +231,10 @@ class FlowerClient:
             if kind == "train":  # refused before the work when even this release would exceed it
                 self._admit_release(lead)
         node = ClientNode(self.set, store.load(before=round_idx + (0 if kind == "train" else 1)))
-        load_s = self.load_s if self.fresh else 0.0
+        load_s, model_s = (self.load_s, self.model_s) if self.fresh else (0.0, 0.0)
         self.fresh = False
         t0 = time.perf_counter()
-        out = {"client": self.id, "load_s": load_s}
+        out = {"client": self.id, "load_s": load_s, "model_s": model_s}
         if kind == "query":  # the one-shot setup, once per run; later queries only report
             if node.private is None:
                 metrics = node.setup(self.half, self.mm, self.initial, self.cfg.seed)
@@ -328,6 +329,7 @@ class ClientCache:
             client = FlowerClient(self.model[1], cid, data_path, Path(state_dir), self.parallel,
                                   share=node_shares(node_config, self.model[1].cfg), budget=budget)
             client.load_s += model_s
+            client.model_s = model_s
             self.clients[key] = client
         return self.clients[key]
 

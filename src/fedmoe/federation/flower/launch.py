@@ -43,20 +43,55 @@ def _finished(rd: RunDir, what: str) -> dict | None:
     raise RuntimeError(f"the {what} ended without a checkpoint; see the log above")
 
 
-def run_simulation(cfg: RunConfig, rd: RunDir, resume: bool = False) -> dict:
+def simulation_resources(cfg: RunConfig, cpus: int | None = None, gpus: int | None = None) -> dict:
+    """Ray's ``client_resources`` for each simulated client (``federation.simulation``), checked against this
+    machine's ``cpus`` and CUDA ``gpus`` (default: counted here) before Ray starts: a reservation no client
+    fits would leave Flower's actor pool empty, and a GPU Ray hides or renumbers would fail in every client."""
+    import torch
+
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    sim, device = cfg.federation.simulation, cfg.model.device
+    key = "federation.simulation.client_gpus"
+    if sim.client_cpus > cpus:
+        raise ConfigError(f"federation.simulation.client_cpus = {sim.client_cpus}, but this machine has {cpus} CPUs: "
+                          f"no simulated client would fit; set it to at most {cpus}")
+    if device.startswith("cuda") and gpus == 0:
+        raise ConfigError(f"model.device = {device}, but this machine has no CUDA device: use auto or cpu")
+    share = sim.gpu_share(device.startswith("cuda") or (device == "auto" and gpus > 0))
+    if share > 0 and gpus == 0:
+        raise ConfigError(f"{key} = {share:g}, but this machine has no CUDA device: set it to 0 (or leave it null) for "
+                          "clients on the CPU")
+    if share > 0 and device.startswith("cpu"):
+        raise ConfigError(f"{key} = {share:g} reserves a GPU for each client, but model.device is cpu: set "
+                          f"{key}: 0, or model.device: auto")
+    if share > 0 and ":" in device:
+        raise ConfigError(f"model.device = {device}: Ray gives each simulated client its own GPU, which it sees as "
+                          f"cuda:0; set model.device: cuda (or auto), and {key} to the share of a GPU a client takes")
+    if share == 0 and device.startswith("cuda"):
+        raise ConfigError(f"model.device = {device}, but {key} = 0: Ray hides the GPUs from clients that reserve none; "
+                          f"set {key} to the share of a GPU each client takes (1: one client per GPU at a time)")
+    return {"num_cpus": sim.client_cpus, "num_gpus": share}
+
+
+def run_simulation(cfg: RunConfig, rd: RunDir, resume: bool = False, log=print) -> dict:
     """The run on Flower's simulation engine (Ray): one virtual SuperNode per client, each client's
-    private state in the run directory's ``clients/``."""
+    private state in the run directory's ``clients/``; each client reserves ``federation.simulation``'s
+    CPUs and share of a GPU (:func:`simulation_resources`), so Ray runs as many at once as fit."""
     require_flower()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    resources = simulation_resources(cfg)
     from flwr.simulation import run_simulation as flower_run_simulation
 
     from .apps import make_apps
 
     options = {**run_options(cfg, rd, resume), "state-root": str(Path(rd.path).resolve() / "clients")}
     server_app, client_app = make_apps(options)
+    log(f"Flower simulation: each client reserves {resources['num_cpus']} CPU(s)"
+        + (f" and {resources['num_gpus']:g} of a GPU" if resources["num_gpus"] else " and no GPU (it trains on the CPU)"))
     flower_run_simulation(server_app=server_app, client_app=client_app,
                           num_supernodes=cfg.data.partition.num_clients,
-                          backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+                          backend_config={"client_resources": resources})
     return _finished(rd, "Flower simulation")
 
 

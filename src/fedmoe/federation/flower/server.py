@@ -50,7 +50,7 @@ class FlowerTransport:
         self.run_id = uuid.uuid4().hex[:12]
         self.node_of: dict[int, int] = {}  # client id -> Flower node id
         self.infos: dict[int, dict] = {}
-        self.overhead: list[dict] = []  # per message: the client's load time and work time
+        self.starts: list[dict] = []  # each client process's start (its load times), not yet taken by started()
         self.failed: tuple[int, set[int]] = (-1, set())  # (round, clients that failed in it): not asked again
         self.withheld: dict[int, set[str]] = {}  # client -> what it kept to itself (flower.client.WITHHELD keys)
 
@@ -130,7 +130,7 @@ class FlowerTransport:
             self._note_withheld(info)
             seen.setdefault(info["client"], []).append(nid)
             self.infos[info["client"]] = info
-            self._overhead(0, "setup", info)
+            self._note_start(info)
         return seen
 
     def _note_withheld(self, info: dict, cid: int | None = None) -> None:
@@ -148,9 +148,22 @@ class FlowerTransport:
                 out.setdefault(WITHHELD[k], []).append(cid)
         return out
 
-    def _overhead(self, round_idx: int, kind: str, info: dict) -> None:
-        self.overhead.append({"round": round_idx, "kind": kind, "client": info["client"],
-                              "load_s": info.get("load_s", 0.0), "work_s": info.get("work_s")})
+    def _note_start(self, info: dict) -> None:
+        """A query's reply: the client's process loaded its data (``load_s``), and the model (``model_s``, part of
+        it) when it was the process's first client; 0 when the process had them already. A timing that is not a
+        duration is not recorded (a client that lies about it loses nothing but the row)."""
+        try:
+            times = {k: seconds(info, k) for k in ("load_s", "model_s") if k in info}
+        except ValueError:
+            return
+        c = info.get("client")
+        if "load_s" in times and isinstance(c, int) and not isinstance(c, bool) and 0 <= c < self.num_clients:
+            self.starts.append({"client": c, **times})
+
+    def started(self) -> list[dict]:
+        """The client process starts since the last call: [{"client", "load_s", "model_s"}]."""
+        starts, self.starts = self.starts, []
+        return starts
 
     def _send(self, round_idx: int, kind: str, messages: dict[int, Message], infos: dict[int, dict] | None = None,
               also: Message | None = None, timeout: float | None = None):
@@ -190,7 +203,6 @@ class FlowerTransport:
                 continue
             self._note_withheld(info, cid)
             got[cid] = (msg, info)
-            self._overhead(round_idx, kind, info)
         for cid in messages:
             if cid not in got and cid not in failed:
                 failed[cid] = (f"node {self.node_of[cid]}: no reply within "
