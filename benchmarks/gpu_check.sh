@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fedmoe's GPU check (issue 17): one short script that a session with a GPU runs first, and that
-# leaves its numbers behind. At most ~9.5 minutes on one H100/H200 (each step has a time budget and
+# leaves its numbers behind. At most ~11.7 minutes on one H100/H200 (each step has a time budget and
 # is killed past it); `--dry` runs the same steps on the CPU with tiny shapes in well under a minute
 # (tests/test_gpu_check.py runs it, so the script does not rot while no GPU is at hand).
 #
@@ -25,7 +25,7 @@
 # summary.json, summary.txt, logs.tar.gz (the device machine returns at most 8).
 #
 # Environment: PYTHON (default: .venv/bin/python when it sees a GPU (or with --dry), else python3);
-# GPU_CHECK_TIMEOUT_A/B/C/D/E/F (seconds per step; on the GPU 90/130/170/40/120/90, i.e. 640 s + 5 s grace
+# GPU_CHECK_TIMEOUT_A/B/C/D/E/F (seconds per step; on the GPU 120/130/170/40/120/90, i.e. 670 s + 5 s grace
 # each; 120 each with --dry); a step past its budget gets SIGTERM, saves what it measured, and is killed 5 s later;
 # GPU_CHECK_TESTS (default tests/test_cuda.py); KEEP_WORK=1 keeps the work folder beside the tarball;
 # FEDMOE_OLMOE_CONFIG (the OLMoE config.json; default ../shared/data/configs/..., else an embedded copy).
@@ -73,7 +73,7 @@ if [[ $DRY == 1 ]]; then
   TA="${GPU_CHECK_TIMEOUT_A:-120}" TB="${GPU_CHECK_TIMEOUT_B:-120}" TC="${GPU_CHECK_TIMEOUT_C:-120}" TD="${GPU_CHECK_TIMEOUT_D:-120}"
   TE="${GPU_CHECK_TIMEOUT_E:-120}" TF="${GPU_CHECK_TIMEOUT_F:-120}"
 else
-  TA="${GPU_CHECK_TIMEOUT_A:-90}" TB="${GPU_CHECK_TIMEOUT_B:-130}" TC="${GPU_CHECK_TIMEOUT_C:-170}" TD="${GPU_CHECK_TIMEOUT_D:-40}"
+  TA="${GPU_CHECK_TIMEOUT_A:-120}" TB="${GPU_CHECK_TIMEOUT_B:-130}" TC="${GPU_CHECK_TIMEOUT_C:-170}" TD="${GPU_CHECK_TIMEOUT_D:-40}"
   TE="${GPU_CHECK_TIMEOUT_E:-120}" TF="${GPU_CHECK_TIMEOUT_F:-90}"
 fi
 TESTS="${GPU_CHECK_TESTS:-tests/test_cuda.py}"

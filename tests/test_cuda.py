@@ -15,12 +15,15 @@ suite keeps them alive (``bash benchmarks/gpu_check.sh --dry``).
   one full sequence per option on the device, and the CPU's scores;
 * a 2-round FedIT and FLAME run on a tiny model on the device resumes exactly (stop after round
   1, resume, same final numbers and global state), in deterministic mode; FedIT also in the
-  default (non-deterministic) mode, where the difference is recorded and bounded.
+  default (non-deterministic) mode, where the difference is recorded and bounded;
+* Flower's simulation gives its clients the GPU (``model.device: auto``, half a GPU each: both clients'
+  models on one GPU at once): every client process starts on CUDA.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 # cuBLAS needs this before its first handle to be deterministic (torch.use_deterministic_algorithms)
@@ -411,3 +414,34 @@ def test_option_scoring_on_device(fp32_exact):
     for a, b, c in zip(cached, plain, cpu):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
         torch.testing.assert_close(a, c, rtol=0, atol=2e-5)
+
+
+# ------------------------------------------------------------------------------- Flower's simulation on the GPU
+@pytest.mark.skipif(ON_CPU, reason="a simulation on the CPU is tests/test_flower.py's")
+def test_flower_simulation_gives_its_clients_the_gpu(tmp_path, record_property):
+    """flower-sim with model.device auto and federation.simulation.client_gpus 0.5: Ray gives each client half a
+    GPU (until fedmoe reserved none, Ray hid the GPU from every client, and they trained on the CPU); each client's
+    process says it started on CUDA, and both clients trained both rounds to a finite loss."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    sets = ["model.name=builtin:tiny-olmoe", "model.device=auto", "algorithm.name=fedit", "data.max_examples=48",
+            "data.max_length=48", "data.partition.num_clients=2", "train.max_steps=2", "train.batch_size=2",
+            "eval.max_examples=2", "eval.max_new_tokens=4", "data.max_test_per_client=3", "federation.rounds=2",
+            "lora.rank=8", "federation.simulation.client_gpus=0.5", f"output_dir={tmp_path}", "name=sim"]
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "fedmoe.cli", "run", "--runtime", "flower-sim", "--quiet",
+                        *[x for s in sets for x in ("--set", s)]], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0"})
+    record_property("wall_s", time.time() - t0)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "each client reserves 1 CPU(s) and 0.5 of a GPU" in r.stdout
+    rows = [json.loads(line) for line in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()]
+    starts = [row for row in rows if row["kind"] == "start"]
+    record_property("starts", starts)
+    assert sorted(s["client"] for s in starts) == [0, 1] and all(s["device"].startswith("cuda") for s in starts)
+    summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    assert [c["rounds_trained"] for c in summary["clients"]] == [2, 2]
+    assert all(math.isfinite(c["loss"]) for c in summary["clients"])

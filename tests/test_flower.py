@@ -149,7 +149,7 @@ def test_flower_simulation_gives_the_in_process_numbers(tmp_path, method):
     # each client's process start is in the record: its load, and the model's when its process loaded it
     starts = _rows(tmp_path / "sim", "start")
     assert sorted(r["client"] for r in starts) == [0, 1] and {r["round"] for r in starts} == {1}
-    assert all(r["load_s"] >= r["model_s"] >= 0 for r in starts)
+    assert all(r["load_s"] >= r["model_s"] >= 0 and r["device"] == "cpu" for r in starts)
     loads = sum(r["model_s"] > 0 for r in starts)
     assert loads == 1 if cpus == 2 else 1 <= loads <= 2, starts  # one actor (both CPUs each) loads the model once
 

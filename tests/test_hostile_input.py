@@ -471,6 +471,25 @@ def test_hostile_replies_through_flower_are_those_clients_failures(tmp_path):
     assert [c["rounds_trained"] for c in summary["clients"]] == [1, 0, 0]
 
 
+def test_a_start_a_client_reports_is_recorded_only_as_durations_and_a_device_name():
+    """What a query's reply says of its process's start (load times, device) goes into metrics.jsonl's start rows:
+    a timing that is not a non-negative finite number drops the row, a client id out of range or not an integer
+    too, and a device that is not a device's name (a path, a long text) is left out of it."""
+    from fedmoe.config import load_config
+    from fedmoe.federation.flower.server import FlowerTransport
+
+    transport = FlowerTransport(None, load_config(None, ["data.partition.num_clients=3"]))
+    good = {"client": 1, "load_s": 2.5, "model_s": 2.0, "device": "cuda:0"}
+    transport._note_start(good)
+    for bad in ({"load_s": -1.0}, {"load_s": float("nan")}, {"load_s": "2"}, {"model_s": True}, {"client": 3},
+                {"client": True}, {"client": "1"}, {"load_s": 1e400}):
+        transport._note_start({**good, **bad})
+    for device in ("../../etc", "cuda 0", "x" * 40, 7, None):
+        transport._note_start({**good, "device": device})
+    assert transport.started() == [good] + [{k: v for k, v in good.items() if k != "device"}] * 5
+    assert transport.started() == []  # taken once
+
+
 def test_the_server_reads_each_half_of_an_evaluation_reply_on_its_own():
     """A client's one evaluate reply holds its own results and the global model's (FlowerTransport._both_results):
     a global half that failed on the node leaves its own results and is that client's failure of the global stage

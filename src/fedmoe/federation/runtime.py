@@ -330,10 +330,10 @@ class Federation:
 
     def _log_starts(self, round_idx: int) -> None:
         """metrics.jsonl rows (kind ``start``) of the client processes that started for round ``round_idx``: the
-        run's start or resume, a node that came back; what each loaded, and in how long."""
+        run's start or resume, a node that came back; what each loaded, in how long, and its device."""
         for s in self.transport.started():
             self.rd.log_metrics({"round": round_idx, "client": s["client"], "kind": "start", "load_s": s["load_s"],
-                                 **({"model_s": s["model_s"]} if "model_s" in s else {})})
+                                 **{k: s[k] for k in ("model_s", "device") if k in s}})
 
     REQUESTS_FILE = "dp-requests.json"  # local DP: every training request each client was sent, failed rounds too
 

@@ -130,9 +130,9 @@ class Transport(Protocol):
         """Every client's one-shot setup: {client: {"setup": metrics, "data": its data, "profile": k, rank}}."""
 
     def started(self) -> list[dict]:
-        """The client processes that started since the last call, each with its load times: [{"client", "load_s"
-        (its data and, when it loaded it, the model), "model_s" (the model)}]; [] where clients run in this
-        process (the runtime loaded the model once)."""
+        """The client processes that started since the last call, each with its load times and device: [{"client",
+        "load_s" (its data and, when it loaded it, the model), "model_s" (the model), "device"}]; [] where clients
+        run in this process (the runtime loaded the model once)."""
 
     def train(self, round_idx: int, messages: dict[int, Message],
               prog) -> tuple[dict[int, tuple[Message, TrainReport]], dict[int, str]]:

@@ -245,7 +245,7 @@ class FlowerClient:
             if self.withholds_evaluation:
                 data = {k: v for k, v in data.items() if k not in WITHHELD_WITH_EVALUATION}
                 kept.append(WITHHELD_EVALUATION)
-            out.update(data=data, withheld=kept, setup=setup,
+            out.update(data=data, withheld=kept, setup=setup, device=str(self.mm.device),
                        profile=self.half.profile(self.id, self.mm, node.private))
             return to_records(None, out)
         if node.private is None:

@@ -150,18 +150,21 @@ class FlowerTransport:
 
     def _note_start(self, info: dict) -> None:
         """A query's reply: the client's process loaded its data (``load_s``), and the model (``model_s``, part of
-        it) when it was the process's first client; 0 when the process had them already. A timing that is not a
-        duration is not recorded (a client that lies about it loses nothing but the row)."""
+        it) when it was the process's first client; 0 when the process had them already; and the device it trains
+        on. A timing that is not a duration is not recorded (a client that lies about it loses nothing but the
+        row), nor a device that is not a device's name."""
         try:
             times = {k: seconds(info, k) for k in ("load_s", "model_s") if k in info}
         except ValueError:
             return
-        c = info.get("client")
+        c, device = info.get("client"), info.get("device")
         if "load_s" in times and isinstance(c, int) and not isinstance(c, bool) and 0 <= c < self.num_clients:
-            self.starts.append({"client": c, **times})
+            # the device it runs on, as torch names it (cpu, cuda:0, ...)
+            ok = isinstance(device, str) and device.replace(":", "").isalnum() and len(device) <= 32
+            self.starts.append({"client": c, **times, **({"device": device} if ok else {})})
 
     def started(self) -> list[dict]:
-        """The client process starts since the last call: [{"client", "load_s", "model_s"}]."""
+        """The client process starts since the last call: [{"client", "load_s", "model_s", "device"}]."""
         starts, self.starts = self.starts, []
         return starts
 
