@@ -57,7 +57,16 @@ DEFAULT_LR = {"none": 1.0, "fedavgm": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2, "fe
 
 def server_lr(cfg: ServerOptimizerConfig) -> float:
     """η: the configured server learning rate, or the optimizer's default."""
-    return DEFAULT_LR[cfg.name] if cfg.lr is None else cfg.lr
+    return _lr(cfg.name, cfg.lr)
+
+
+def _lr(name: str, lr: float | None) -> float:
+    return DEFAULT_LR[name] if lr is None else lr
+
+
+def _beta1(name: str, convention: str, beta1: float) -> float:
+    """β1 as the update uses it: Flower's FedAdagrad has none (m = Δ)."""
+    return 0.0 if convention == "flower" and name == "fedadagrad" else beta1
 
 
 def effective(section) -> dict | None:
@@ -77,11 +86,10 @@ def effective(section) -> dict | None:
         return None
     if name not in DEFAULT_LR:  # not one this fedmoe knows: named, nothing resolved
         return {"name": name}
-    out = {"name": name, "lr": DEFAULT_LR[name] if d.get("lr") is None else d["lr"]}
+    out = {"name": name, "lr": _lr(name, d.get("lr"))}
     if name == "fedavgm":
         return {**out, "momentum": get("momentum")}
-    flower = get("convention") == "flower"
-    out["beta1"] = 0.0 if flower and name == "fedadagrad" else get("beta1")
+    out["beta1"] = _beta1(name, get("convention"), get("beta1"))
     if name != "fedadagrad":
         out["beta2"] = get("beta2")
     return {**out, "tau": get("tau"), "convention": get("convention")}
@@ -96,7 +104,7 @@ def server_update(cfg: ServerOptimizerConfig, global_state: State, averaged: Sta
         return {n: t.clone() for n, t in averaged.items()}, server_state
     eta = server_lr(cfg)
     flower = cfg.convention == "flower"
-    beta1 = 0.0 if flower and cfg.name == "fedadagrad" else cfg.beta1
+    beta1 = _beta1(cfg.name, cfg.convention, cfg.beta1)
     if flower and cfg.name == "fedadam":
         if round_idx is None:
             raise ValueError("FedAdam under convention: flower needs the round (its bias correction)")
