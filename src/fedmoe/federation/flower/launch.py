@@ -166,7 +166,8 @@ def refuse_if_alive(rd: RunDir) -> None:
         raise RunDirError(f"{rd.path} is still being written by Flower run {rec['flower_run_id']} on the SuperLink "
                           f"{rec['superlink']!r} (status {status}): stop it with `flwr stop {rec['flower_run_id']} "
                           f"{shell_quote(rec['superlink'])}` (or let it finish), then resume. (A SuperLink that "
-                          "restarted marks the run it lost as failed a few seconds after it is up again.)")
+                          "restarted marks the run it lost as failed within about a minute: two missed 30 s heartbeats "
+                          "of its ServerApp.)")
 
 
 def stop_flower_run(run_id: int, federation: str, log=print) -> None:
