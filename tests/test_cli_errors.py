@@ -576,6 +576,9 @@ def test_suggested_commands_paste_into_a_shell(tiny_run, tmp_path):
     line = error_line(cli("export", run, tmp_path / "out"))
     assert _pasted(line) == [resume]
     assert _pasted(_interrupted(run, None)) == [resume]
+    # Ctrl-C as the run ended (its summary written): nothing to resume, and said so
+    assert _interrupted(tiny_run, None) == (f"Ctrl-C came after the run finished: its results are in {tiny_run} "
+                                            "(summary.json, report.md)")
     assert _pasted(out_of_memory_advice(run, MemoryError())) == [
         [*resume, "--set", "train.activation_checkpointing=true"],
         ["fedmoe", "plan", str(run / "config.yaml"), "--set", "train.activation_checkpointing=true"]]

@@ -301,6 +301,10 @@ def _flex_run(deployment, tmp_path):
         run = tmp_path / "runs" / method
         proc = deployment.run(TINY + sets + [f"output_dir={tmp_path / 'runs'}", f"name={method}"])
         _wait_for_row(run, '"round": 1, "client": null, "kind": "round"', proc)
+        # the SuperNodes paused: the ServerApp this kill leaves running finishes no round until it is stopped (on a
+        # loaded host it otherwise got through round 4 of 5 meanwhile, leaving the Ctrl-C below nothing to stop)
+        for c in (0, 1):
+            os.killpg(deployment.procs[f"node{c}"].pid, signal.SIGSTOP)
         proc.kill()
         proc.communicate()
         first = json.loads((run / FLOWER_RUN).read_text())["flower_run_id"]
@@ -310,6 +314,17 @@ def _flex_run(deployment, tmp_path):
         assert "Traceback" not in out
         subprocess.run([str(BIN / "flwr"), "stop", str(first), "local"], env=deployment.env, check=True,
                        capture_output=True, timeout=120)
+        for c in (0, 1):
+            os.killpg(deployment.procs[f"node{c}"].pid, signal.SIGCONT)
+        # Ctrl-C as a run ends: stopping it finds it finished, and says so (not "could not stop ... before resuming")
+        from unittest.mock import patch
+
+        from fedmoe.federation.flower.launch import stop_flower_run
+
+        said = []
+        with patch.dict(os.environ, {"FLWR_HOME": str(deployment.home)}):
+            stop_flower_run(first, "local", log=said.append)
+        assert said == [f"the Flower run {first} on local had already finished: nothing to stop"], said
         interrupted, watch = _resume_watching(deployment, run)
         interrupted.send_signal(signal.SIGINT)
         out = watch.finish()

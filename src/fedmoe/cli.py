@@ -55,6 +55,9 @@ def _interrupted(path: Optional[Path], sweep: Optional[str], cause: str = "Ctrl-
 
     if path is None:
         return f"stopped ({cause}) before the run started: nothing was written"
+    if (Path(path) / "summary.json").is_file() and sweep is None:  # the run ended as the signal came (on Flower,
+        # its ServerApp finished the last round before the stop reached it): nothing is lost, nothing to resume
+        return f"{cause} came after the run finished: its results are in {path} (summary.json, report.md)"
     if sweep is not None:
         return (f"stopped ({cause}) in the sweep point {path}: continue the sweep with `{sweep}` (finished "
                 "points are kept, this one " + ("resumes from its checkpoint)" if has_checkpoint(path) else "starts over)"))

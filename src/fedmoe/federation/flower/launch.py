@@ -173,9 +173,13 @@ def refuse_if_alive(rd: RunDir) -> None:
 def stop_flower_run(run_id: int, federation: str, log=print) -> None:
     r = subprocess.run([_flwr(), "stop", str(run_id), federation], env=_env(), capture_output=True, text=True,
                        timeout=120)
-    log(f"stopped the Flower run {run_id} on {federation}" if r.returncode == 0 else
-        f"could not stop the Flower run {run_id} on {federation} ({(r.stderr or r.stdout).strip()[-300:]}): stop it "
-        f"with `flwr stop {run_id} {shell_quote(federation)}` before resuming")
+    if r.returncode == 0:
+        log(f"stopped the Flower run {run_id} on {federation}")
+    elif str(flower_run_status(run_id, federation)).startswith("finished"):  # it ended before the stop reached it
+        log(f"the Flower run {run_id} on {federation} had already finished: nothing to stop")
+    else:
+        log(f"could not stop the Flower run {run_id} on {federation} ({(r.stderr or r.stdout).strip()[-300:]}): stop "
+            f"it with `flwr stop {run_id} {shell_quote(federation)}` before resuming")
 
 
 def run_deployment(cfg: RunConfig, rd: RunDir, federation: str, resume: bool = False, stream: bool = True) -> dict:
