@@ -146,6 +146,8 @@ def test_flower_simulation_gives_the_in_process_numbers(tmp_path, method):
     cpus = 2 if "federation.simulation.client_cpus=2" in SIM_METHODS[method] else 1
     _same_numbers(_local(tmp_path, "local", SIM_METHODS[method], threads=cpus), sim)
     assert f"each client reserves {cpus} CPU(s) and no GPU" in r.stdout
+    # notices to fedmoe's developers (Flower's deprecation of run_simulation, Ray's tip on hidden GPUs) are not shown
+    assert "DEPRECATED FEATURE" not in r.stdout + r.stderr and "RAY_ACCEL_ENV_VAR" not in r.stdout + r.stderr
     # each client's process start is in the record: its load, and the model's when its process loaded it
     starts = _rows(tmp_path / "sim", "start")
     assert sorted(r["client"] for r in starts) == [0, 1] and {r["round"] for r in starts} == {1}

@@ -43,6 +43,29 @@ def _finished(rd: RunDir, what: str) -> dict | None:
     raise RuntimeError(f"the {what} ended without a checkpoint; see the log above")
 
 
+class _NotForTheUser:
+    """A logging filter: Flower's notice that ``run_simulation`` is deprecated speaks to fedmoe's code, not to the
+    person who ran ``fedmoe run --runtime flower-sim`` (who has nothing to change); every other record passes."""
+
+    def filter(self, record) -> bool:
+        return "The `run_simulation` function is deprecated" not in record.getMessage()
+
+
+def _developer_notices_off() -> None:
+    """Flower's deprecation of ``run_simulation`` (flwr is pinned at 1.42.0, where it still works; the way on is
+    ``flwr run`` against a SuperLink in simulation mode) and Ray's tip that a future Ray will stop hiding the GPUs
+    from a client that reserves none (fedmoe reserves them explicitly, ``federation.simulation.client_gpus``):
+    both address fedmoe's code, and only they are silenced."""
+    import logging
+    import warnings
+
+    flower = logging.getLogger("flwr")
+    if not any(isinstance(f, _NotForTheUser) for f in flower.filters):
+        flower.addFilter(_NotForTheUser())
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray, Ray will no longer override",
+                            category=FutureWarning)
+
+
 def simulation_resources(cfg: RunConfig, cpus: int | None = None, gpus: int | None = None) -> dict:
     """Ray's ``client_resources`` for each simulated client (``federation.simulation``), checked against this
     machine's ``cpus`` and CUDA ``gpus`` (default: counted here) before Ray starts: a reservation no client
@@ -87,6 +110,7 @@ def run_simulation(cfg: RunConfig, rd: RunDir, resume: bool = False, log=print) 
 
     options = {**run_options(cfg, rd, resume), "state-root": str(Path(rd.path).resolve() / "clients")}
     server_app, client_app = make_apps(options)
+    _developer_notices_off()
     log(f"Flower simulation: each client reserves {resources['num_cpus']} CPU(s)"
         + (f" and {resources['num_gpus']:g} of a GPU" if resources["num_gpus"] else " and no GPU (it trains on the CPU)"))
     flower_run_simulation(server_app=server_app, client_app=client_app,
