@@ -77,8 +77,8 @@ class TrainReport:
             if reply is None or ACTIVATION_COUNTS not in reply.tensors:
                 raise ValueError("the client's training report has no activation counts, nor has its reply")
             counts = reply.tensors[ACTIVATION_COUNTS]
-        return cls(loss=_number(info, "loss", finite=False), steps=_count(info, "steps"), lr=_number(info, "lr"),
-                   tokens=_count(info, "tokens"), activation_counts=torch.as_tensor(counts, dtype=torch.long).clone(),
+        return cls(loss=_number(info, "loss", finite=False), steps=count(info, "steps"), lr=_number(info, "lr"),
+                   tokens=count(info, "tokens"), activation_counts=torch.as_tensor(counts, dtype=torch.long).clone(),
                    metrics=dict(info["metrics"]), overhead=dict(overhead))
 
 
@@ -110,7 +110,7 @@ def seconds(info: dict, key: str) -> float:
     return v
 
 
-def _count(info: dict, key: str) -> int:
+def count(info: dict, key: str) -> int:
     """``info[key]`` as a non-negative integer (a JSON integer, not a boolean, text or fraction)."""
     v = info[key]
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -234,7 +234,7 @@ class FlowerClient:
         load_s, model_s = (self.load_s, self.model_s) if self.fresh else (0.0, 0.0)
         self.fresh = False
         t0 = time.perf_counter()
-        out = {"client": self.id, "load_s": load_s, "model_s": model_s}
+        out = {"client": self.id, "load_s": load_s}
         if kind == "query":  # the one-shot setup, once per run; later queries only report
             if node.private is None:
                 metrics = node.setup(self.half, self.mm, self.initial, self.cfg.seed)
@@ -245,7 +245,8 @@ class FlowerClient:
             if self.withholds_evaluation:
                 data = {k: v for k, v in data.items() if k not in WITHHELD_WITH_EVALUATION}
                 kept.append(WITHHELD_EVALUATION)
-            out.update(data=data, withheld=kept, setup=setup, device=str(self.mm.device),
+            # what this process loaded for the client (the model's part of it) and where it runs: its start's record
+            out.update(data=data, withheld=kept, setup=setup, model_s=model_s, device=str(self.mm.device),
                        profile=self.half.profile(self.id, self.mm, node.private))
             return to_records(None, out)
         if node.private is None:

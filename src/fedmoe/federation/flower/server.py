@@ -15,7 +15,7 @@ import uuid
 from ...messages import Message
 from ..directories import with_memory_hint
 from ..evaluation import WITHHELD_EVALUATION, first_evaluating, pooled, screened
-from ..transport import TrainReport, seconds
+from ..transport import TrainReport, count, seconds
 from .records import from_records, to_records
 
 QUERY, TRAIN, EVALUATE = "query", "train", "evaluate"
@@ -155,10 +155,11 @@ class FlowerTransport:
         row), nor a device that is not a device's name."""
         try:
             times = {k: seconds(info, k) for k in ("load_s", "model_s") if k in info}
-        except ValueError:
+            c = count(info, "client")
+        except (KeyError, ValueError):
             return
-        c, device = info.get("client"), info.get("device")
-        if "load_s" in times and isinstance(c, int) and not isinstance(c, bool) and 0 <= c < self.num_clients:
+        device = info.get("device")
+        if "load_s" in times and c < self.num_clients:
             # the device it runs on, as torch names it (cpu, cuda:0, ...)
             ok = isinstance(device, str) and device.replace(":", "").isalnum() and len(device) <= 32
             self.starts.append({"client": c, **times, **({"device": device} if ok else {})})
