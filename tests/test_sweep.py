@@ -129,3 +129,33 @@ def test_sweep_report_rows_for_retention_balance_and_bytes():
     assert rows["general-text perplexity"] == ["25.00", "22.00"]
     assert rows["expert load std (mean over layers)"] == ["0.0200", "0.0200"]
     assert rows[BYTES_PER_ROUND] == ["1.00 MB", "1.00 MB"]  # 3 MB over 3 rounds trained
+
+
+def test_a_mean_over_no_client_is_a_dash_not_zero():
+    """A sweep point whose clients report no answer metric (eval.rouge: false, or every client's evaluation kept
+    on its node) has no mean over clients: a dash, never 0.00 from dividing an empty sum by one."""
+    from fedmoe.federation.sweep import format_sweep_report
+
+    scored = {"clients": [{"id": 0, "rouge_l": 8.0}, {"id": 1, "rouge_l": None}], "global": {"rouge_l": 8.0, "loss": 5.0}}
+    unscored = {"clients": [{"id": 0}, {"id": 1}], "global": {"loss": 5.2}}
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in format_sweep_report("x.yaml", [("a", scored), ("b", unscored)]).splitlines()
+            if line.startswith("| ")}
+    assert rows["mean over clients"] == ["8.00", "–"]  # the one client that has it; none
+    assert rows["global model"] == ["8.00", "–"]
+
+
+def test_the_mean_over_categories_compares_the_same_categories():
+    """The zero-shot and final means over categories are taken over the categories both have (a client that failed
+    in the final round takes its categories' final scores away): each side's mean over the same set, and no row
+    when no category has both."""
+    from fedmoe.report.report import format_zero_shot_comparison
+
+    def summary(before, after):
+        return {"zero_shot": {"rouge_l": 10.0, "loss": 5.0, "rouge_l_by_category": before},
+                "global": {"rouge_l": 11.0, "loss": 4.9, "rouge_l_by_category": after}, "clients": []}
+
+    row = [x for x in format_zero_shot_comparison(summary({"a": 10.0, "b": 20.0, "c": 90.0}, {"a": 12.0, "b": 21.0}))
+           if "mean over categories" in x]
+    assert [c.strip() for c in row[0].split("|")[3:6]] == ["15.00", "16.50", "1.50"]
+    assert not [x for x in format_zero_shot_comparison(summary({"a": 10.0}, {"b": 12.0})) if "mean over categories" in x]

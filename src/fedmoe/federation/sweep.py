@@ -202,6 +202,13 @@ def _cell(x, digits=2):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _clients_mean(summary: dict, key: str) -> float | None:
+    """The mean of ``key`` over the clients that report it; None (a dash) when none does (answers not scored,
+    every client's evaluation kept on its node): never a 0 from no client."""
+    vals = [c[key] for c in summary["clients"] if c.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
 def _client_label(results: list[tuple[str, dict]], cid: int) -> str:
     """The client's id, with its Dolly category when all its training data is one category."""
     for _, s in results:
@@ -234,9 +241,7 @@ def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
             cells.append(f"{_cell(c.get(key))} (k={c.get('k')}, r={c.get('rank')}"
                          + (f", {fl / 1e6:.1f}M" if fl else "") + ")")
         lines.append(f"| {_client_label(results, cid)} | " + " | ".join(cells) + " |")
-    lines.append("| mean over clients | " + " | ".join(
-        _cell(sum(c[key] for c in s["clients"] if c.get(key) is not None) / max(1, sum(
-            1 for c in s["clients"] if c.get(key) is not None))) for _, s in results) + " |")
+    lines.append("| mean over clients | " + " | ".join(_cell(_clients_mean(s, key)) for _, s in results) + " |")
     lines.append("| global model | " + " | ".join(_cell(s["global"].get(key)) for _, s in results) + " |")
     lines.append("| global test loss | " + " | ".join(_cell(s["global"].get("loss"), 4) for _, s in results) + " |")
     if any(s["global"].get(f"{key}_change") for _, s in results):

@@ -410,9 +410,9 @@ def format_zero_shot_comparison(summary: dict) -> list[str]:
             b, a = before.get(cat), after.get(cat)
             change = _num(a - b, 2) if a is not None and b is not None else DASH
             lines.append(f"| {cat} | {counts.get(cat, DASH)} | {_num(b, 2)} | {_num(a, 2)} | {change} |")
-        if before and after:
-            mb = sum(before.values()) / len(before)
-            ma = sum(after[c] for c in before if c in after) / max(1, sum(1 for c in before if c in after))
+        both = [c for c in before if c in after]  # the mean of each side over the same categories
+        if both:
+            mb, ma = (sum(side[c] for c in both) / len(both) for side in (before, after))
             lines.append(f"| **mean over categories** | | {_num(mb, 2)} | {_num(ma, 2)} | {_num(ma - mb, 2)} |")
     ch = g.get(f"{key}_change")
     if ch:
