@@ -36,7 +36,8 @@ METHODS = {"fedit": ["algorithm.name=fedit"],
 # on Flower's simulation: FLAME (private rescalers, activation counts in the reply) and FC-MoE (residuals in the
 # downlink, a 3rd round); FedIT's and FLEx's numbers are checked on the real deployment below
 # FC-MoE's clients reserve both CPUs of a two-core machine: one simulated client at a time, in one Ray actor
-SIM_METHODS = {"flame": METHODS["flame"], "fcmoe": ["algorithm.name=fcmoe", "federation.rounds=3",
+# FLAME measures its validation loss too (eval.val_loss): its clients' own models and the global one pooled from them
+SIM_METHODS = {"flame": METHODS["flame"] + ["eval.val_loss=true"], "fcmoe": ["algorithm.name=fcmoe", "federation.rounds=3",
                                                     "federation.simulation.client_cpus=2"]}
 
 
@@ -69,6 +70,11 @@ def _same_numbers(a, b):
     # the global model: the in-process runtime evaluates it on the union of the test sets in one pass,
     # Flower's clients each on their own test set (other batches): equal up to float rounding
     assert b["global"]["loss"] == pytest.approx(a["global"]["loss"], rel=1e-6)
+    assert [c.get("val_loss") for c in a["clients"]] == [c.get("val_loss") for c in b["clients"]]
+    assert [c.get("n_val") for c in a["clients"]] == [c.get("n_val") for c in b["clients"]]
+    if "val_loss" in a["global"]:
+        assert a["global"]["val_loss"] > 0 and b["global"]["val_loss"] == pytest.approx(a["global"]["val_loss"], rel=1e-6)
+        assert b["global"]["val_loss_lowest"]["round"] == a["global"]["val_loss_lowest"]["round"]
 
 
 def test_messages_travel_as_records_exactly():

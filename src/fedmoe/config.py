@@ -140,6 +140,8 @@ class DataConfig(_Strict):
     # The default run evaluates on 100 test examples per client so that it finishes in minutes on a
     # 2-core CPU; set null for the full test sets.
     max_test_per_client: int | None = Field(100, ge=1)
+    # the validation examples per client whose loss eval.val_loss measures (the same cap as the test set's by default)
+    max_val_per_client: int | None = Field(100, ge=1)
 
     @field_validator("split")
     @classmethod
@@ -408,6 +410,10 @@ class EvalConfig(_Strict):
     # and after the final round, which is what the summary reports; the learning curves then have two points)
     loss_every_round: bool = True
     zero_shot: bool = True  # evaluate the initial model first (round 0), on the same test examples
+    # the loss on each client's validation split (data.split's middle share, at most data.max_val_per_client
+    # examples) whenever the test loss is measured, of each client's model and of the global model on their union:
+    # the number to choose hyperparameters, a sweep's point or a round by, leaving the test set to report
+    val_loss: bool = False
     flops_seq_len: int = Field(128, ge=1)  # sequence length of the FLOPs/seq figure (FLAME uses 128)
     # every round, the agreement of the clients' updates: per expert (and for the shared tensors) the
     # fraction of client pairs whose updates have a negative cosine (server metric update_conflict)
@@ -466,6 +472,14 @@ class RunConfig(_Strict):
                 f"algorithm.client_top_k has {len(ks)} entries but data.partition.num_clients is {n}; "
                 "give one k per client"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _validation_needs_a_split(self):
+        if self.eval.val_loss and self.data.split[1] == 0:
+            raise ValueError(f"eval.val_loss measures the loss on each client's validation split, but data.split = "
+                             f"{list(self.data.split)} holds none (its middle share): give it one, e.g. data.split: "
+                             "[0.8, 0.1, 0.1], or set eval.val_loss: false")
         return self
 
     @model_validator(mode="after")

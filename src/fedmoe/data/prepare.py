@@ -137,6 +137,8 @@ def _client(cfg: DataConfig, examples: list[Example], part, seed: int, cid: int,
         tr = tr[: cfg.max_train_per_client]
     if cfg.max_test_per_client is not None:
         te = te[: cfg.max_test_per_client]
+    if cfg.max_val_per_client is not None:
+        va = va[: cfg.max_val_per_client]
     train, val, test = ([examples[i] for i in idx] for idx in (tr, va, te))
     if label_map is not None:
         train, val, test = relabel(train, label_map), relabel(val, label_map), relabel(test, label_map)
@@ -182,8 +184,8 @@ def prepare_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
     5. hold out ``cfg.heldout`` examples (balanced over the categories, seeded) as the shared test set;
     6. partition across ``cfg.partition.num_clients`` clients (seeded by ``seed``);
     7. split each client into train/val/test by ``cfg.split`` (seeded by ``(seed, client)``);
-    8. keep the first ``cfg.max_train_per_client`` / ``cfg.max_test_per_client`` of the seeded
-       train / test parts;
+    8. keep the first ``cfg.max_train_per_client`` / ``cfg.max_val_per_client`` / ``cfg.max_test_per_client`` of
+       the seeded train / val / test parts;
     9. ``cfg.concept_shift``: relabel each client's examples by its group's label map;
     10. ``cfg.pool_train``: every client trains on the union of the clients' training sets.
     """

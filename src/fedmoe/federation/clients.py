@@ -40,6 +40,8 @@ class ClientSet:
     test_options: list[list[list[int]]] | None = None
     test_answers: list[int] | None = None
     labels: list[str] | None = None
+    # the validation examples whose loss eval.val_loss measures; None: not measured (not even tokenised)
+    val: list[dict] | None = None
 
     @property
     def n_train(self) -> int:
@@ -47,12 +49,15 @@ class ClientSet:
 
     def info(self, skipped_rows: int = 0, shared_source: bool = True) -> dict:
         """What the client reports of its data (sizes and categories; never the examples)."""
-        return {"n_train": self.n_train, "n_test": len(self.test), "n_generated": len(self.test_prompts),
+        info = {"n_train": self.n_train, "n_test": len(self.test), "n_generated": len(self.test_prompts),
                 "category_counts": self.category_counts, "skipped_rows": skipped_rows, "shared_source": shared_source}
+        return info if self.val is None else {**info, "n_val": len(self.val)}
 
 
-def client_set(c, tokenizer, max_length: int, max_generated: int | None, labels: list[str] | None = None) -> ClientSet:
-    """One client's examples tokenised (``c``: its ``ClientData``; ``labels``: a label task's label set)."""
+def client_set(c, tokenizer, max_length: int, max_generated: int | None, labels: list[str] | None = None,
+               val: bool = False) -> ClientSet:
+    """One client's examples tokenised (``c``: its ``ClientData``; ``labels``: a label task's label set; ``val``:
+    its validation examples too, ``eval.val_loss``)."""
     from ..data.tokenize import option_ids, pad_token_id
 
     gen = c.test if max_generated is None else c.test[:max_generated]
@@ -83,12 +88,14 @@ def client_set(c, tokenizer, max_length: int, max_generated: int | None, labels:
         test_options=options,
         test_answers=answers,
         labels=labels,
+        val=tokenize_examples(tokenizer, c.val, max_length) if val else None,
     )
 
 
-def client_sets(data, tokenizer, max_length: int, max_generated: int | None) -> list[ClientSet]:
-    """The data pool: every client's examples tokenised (``data``: a ``FederatedData``)."""
-    return [client_set(c, tokenizer, max_length, max_generated, data.labels) for c in data.clients]
+def client_sets(data, tokenizer, max_length: int, max_generated: int | None, val: bool = False) -> list[ClientSet]:
+    """The data pool: every client's examples tokenised (``data``: a ``FederatedData``; ``val``: with their
+    validation examples)."""
+    return [client_set(c, tokenizer, max_length, max_generated, data.labels, val) for c in data.clients]
 
 
 def heldout_set(data, tokenizer, max_length: int) -> ClientSet | None:

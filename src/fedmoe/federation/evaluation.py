@@ -27,13 +27,15 @@ from .summary import ClientRecord
 from .transport import is_number
 
 ZERO_SHOT_KEYS = ("loss", "rouge_l", "accuracy", "perplexity", "general_loss", "general_perplexity", "mmlu",
-                  "heldout_loss", "heldout_accuracy")
+                  "heldout_loss", "heldout_accuracy", "val_loss")
+# eval.val_loss: a model's loss on validation examples and the tokens it is the mean over (beside its test loss)
+VAL_KEYS = ("val_loss", "val_tokens")
 # a client's evaluation that its node kept (its own privacy budget: fedmoe.federation.flower.budget): the name
 # the client gives it among what it withheld, and what the transport hands the runtime in place of a result —
 # neither a result nor a failure
 WITHHELD_EVALUATION = "evaluation"
-# what such a client keeps of its data's description besides: the size of its test set
-WITHHELD_WITH_EVALUATION = ("n_test", "n_generated")
+# what such a client keeps of its data's description besides: the size of its test and validation sets
+WITHHELD_WITH_EVALUATION = ("n_test", "n_generated", "n_val")
 GENERAL_KEYS = ("general_loss", "general_perplexity", "mmlu", "heldout_loss", "heldout_accuracy")
 GENERAL_PARTS = (*GENERAL_KEYS, "heldout_scores")  # what an evaluation with ``general`` adds to its results
 
@@ -122,11 +124,20 @@ class ModelEvaluator:
             out["labels"] = list(labels)
         return out
 
+    def _val(self, sets) -> dict:
+        """``eval.val_loss``: the loss on the union of the sets' validation examples and its token count (None
+        and 0 where they hold none: no loss from zero tokens); {} where the sets carry none."""
+        if all(s.val is None for s in sets):
+            return {}
+        out = self._loss([t for s in sets for t in s.val or ()])
+        return {"val_loss": out["loss"], "val_tokens": out["tokens"]}
+
     def evaluate_sets(self, sets, with_answers: bool, general: bool, prog: Progress | None = None,
                       label: str = "") -> dict:
         """The model on the union of these clients' test data (one client: its own): loss; the answers
         when asked (ROUGE-L of greedy answers, or accuracy by option log-likelihood); general text,
-        MMLU and the shared held-out set when ``general``."""
+        MMLU and the shared held-out set when ``general``; the loss on their validation examples where they carry
+        them (``eval.val_loss``)."""
         ec, mm = self.cfg.eval, self.mm
         prog = prog or Progress(False)
         general_res = {}
@@ -147,6 +158,7 @@ class ModelEvaluator:
                 general_res["heldout_scores"] = held.get("scores")
             else:
                 general_res["heldout_loss"] = self._loss(self.heldout.test)["loss"]
+        general_res.update(self._val(sets))
         if with_answers and ec.task == "choice":
             ch = self._choices(sets, prog, label)
             out = self._loss_after_choices(sets, ch.pop("option_logprobs", None))
@@ -175,30 +187,26 @@ def _number(v, lo: float = -math.inf, hi: float = math.inf) -> bool:
     return is_number(v) and lo <= v <= hi  # (an integer of hundreds of digits is no number: is_number)
 
 
-def invalid_evaluation(r, n_generated: int | None, max_tokens: int | None = None) -> str | None:
+def invalid_evaluation(r, n_generated: int | None, max_tokens: int | None = None,
+                       max_val_tokens: int | None = None) -> str | None:
     """Why a client's evaluation result cannot enter the run's numbers, or None. A client's word is all
     the server has of its test set, so what it says must at least be possible: a test loss that is a
     cross-entropy (finite, ≥ 0; a -5 would pull the pooled loss down), a token count that is a
     non-negative integer (no loss without tokens), per-example scores in [0, 100], no more than the
     ``n_generated`` answered examples it declared at setup, no more test tokens than ``max_tokens`` (the test
     examples it declared, each at most ``data.max_length`` tokens), one category per score, the general-text,
-    MMLU and held-out numbers finite and in range. The perplexity and the answer metric are not taken
-    from the reply: :func:`recomputed` derives them from the loss and the scores."""
+    MMLU and held-out numbers finite and in range, a validation loss held to the same rules as the test loss (its
+    tokens within ``max_val_tokens``, from the validation examples it declared). The perplexity and the answer
+    metric are not taken from the reply: :func:`recomputed` derives them from the loss and the scores."""
     if not isinstance(r, dict):
         return f"an evaluation result that is a {type(r).__name__}, not a mapping"
-    loss, tokens = r.get("loss"), r.get("tokens")
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
-        return f"test tokens = {tokens!r}, not a non-negative integer"
-    if max_tokens is not None and tokens > max_tokens:
-        return (f"{tokens} test tokens, more than the {max_tokens} its declared test examples hold at "
-                "data.max_length tokens each")
-    if loss is None:
-        if tokens:
-            return f"no test loss over {tokens} test tokens"
-    elif not is_number(loss):
-        return f"a non-finite test loss ({loss!r})"
-    elif loss < 0 or not tokens:
-        return f"a test loss of {loss!r} over {tokens} tokens (a cross-entropy is ≥ 0 and needs tokens)"
+    why = _invalid_loss(r.get("loss"), r.get("tokens"), max_tokens, "test")
+    if why:
+        return why
+    if any(k in r for k in VAL_KEYS):
+        why = _invalid_loss(r.get("val_loss"), r.get("val_tokens"), max_val_tokens, "validation")
+        if why:
+            return why
     scores = r.get("scores")
     if scores is not None:
         if not isinstance(scores, list) or not all(_number(s, 0.0, 100.0) for s in scores):
@@ -228,6 +236,23 @@ def invalid_evaluation(r, n_generated: int | None, max_tokens: int | None = None
     return None
 
 
+def _invalid_loss(loss, tokens, max_tokens: int | None, what: str) -> str | None:
+    """Why a reported (loss, tokens) on a client's ``what`` examples is impossible, or None."""
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        return f"{what} tokens = {tokens!r}, not a non-negative integer"
+    if max_tokens is not None and tokens > max_tokens:
+        return (f"{tokens} {what} tokens, more than the {max_tokens} its declared {what} examples hold at "
+                "data.max_length tokens each")
+    if loss is None:
+        if tokens:
+            return f"no {what} loss over {tokens} {what} tokens"
+    elif not is_number(loss):
+        return f"a non-finite {what} loss ({loss!r})"
+    elif loss < 0 or not tokens:
+        return f"a {what} loss of {loss!r} over {tokens} tokens (a cross-entropy is ≥ 0 and needs tokens)"
+    return None
+
+
 def recomputed(r: dict) -> dict:
     """A client's evaluation result with what follows from its loss and scores derived here, not taken
     from the reply: the perplexities and the answer metric (the mean of the scores)."""
@@ -249,8 +274,9 @@ def screened(results: dict[int, dict], declared: dict[int, dict | None],
     client's is non-finite, they are kept (the model diverged: the loop's own check stops the run with that)."""
     def bounds(cid):
         data = declared.get(cid) or {}
-        n_test = data.get("n_test")
-        return data.get("n_generated"), (n_test * max_length if isinstance(n_test, int) else None)
+        n_test, n_val = data.get("n_test"), data.get("n_val")
+        return (data.get("n_generated"), n_test * max_length if isinstance(n_test, int) else None,
+                n_val * max_length if isinstance(n_val, int) else None)
 
     why = {cid: invalid_evaluation(r, *bounds(cid)) for cid, r in results.items()}
     diverged = [cid for cid, w in why.items() if w is not None and w.startswith("a non-finite test loss")]
@@ -269,6 +295,10 @@ def pooled(results: list[dict]) -> dict:
     tok = sum(r["tokens"] for r in counted)
     loss = sum(r["loss"] * r["tokens"] for r in counted) / tok if tok else None
     g = {"loss": loss, "perplexity": None if loss is None else float(np.exp(loss)), "tokens": tok}
+    if any("val_tokens" in r for r in results):  # the same token weighting over the validation examples
+        val = [r for r in results if r.get("val_loss") is not None and r.get("val_tokens")]
+        g["val_tokens"] = sum(r["val_tokens"] for r in val)
+        g["val_loss"] = sum(r["val_loss"] * r["val_tokens"] for r in val) / g["val_tokens"] if g["val_tokens"] else None
     scores = [s for r in results for s in r.get("scores", [])]
     if scores:
         metric = "accuracy" if any("accuracy" in r for r in results) else "rouge_l"
@@ -335,7 +365,7 @@ class EvalPolicy:
                 rec.last_scores = r.get("scores")
             self.log_metrics({"round": round_idx, "client": cid, "kind": "test", "loss": r["loss"],
                               "perplexity": r["perplexity"],  # tokens: the pooled loss weighs each client's by them
-                              **{k: r[k] for k in ("tokens", metric, *GENERAL_KEYS, "eval_s") if k in r}})
+                              **{k: r[k] for k in ("tokens", *VAL_KEYS, metric, *GENERAL_KEYS, "eval_s") if k in r}})
         self.clients_s = sum(r.get("eval_s", 0.0) for r in per_client.values())
         if all_global:
             g = pooled([per_client[c] for c in cids if c in per_client])
@@ -360,7 +390,8 @@ class EvalPolicy:
         g = {k: v for k, v in g.items() if k not in ("scores", "examples", "categories", "eval_s")}
         self.log_metrics({"round": round_idx, "client": None, "kind": "test", "loss": g["loss"],
                           "perplexity": g["perplexity"],
-                          **{k: g[k] for k in ("tokens", metric, f"{metric}_by_category", "examples_by_category", *GENERAL_KEYS,
+                          **{k: g[k] for k in ("tokens", *VAL_KEYS, metric, f"{metric}_by_category", "examples_by_category",
+                                               *GENERAL_KEYS,
                                                "mmlu_clients_mean", "heldout_accuracy_clients_mean",
                                                "heldout_loss_clients_mean", "clients_missing", "clients_withheld") if k in g}})
         return g

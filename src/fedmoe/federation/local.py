@@ -50,7 +50,8 @@ class LocalTransport:
         self.observe = observe or (lambda kind, client, message: None)
         self.data = prepare_federated_data(cfg.data, cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
-        self.sets = client_sets(self.data, self.tokenizer, cfg.data.max_length, cfg.eval.max_examples)
+        self.sets = client_sets(self.data, self.tokenizer, cfg.data.max_length, cfg.eval.max_examples,
+                                cfg.eval.val_loss)
         self.mm = load_client_model(cfg, method, self.tokenizer)
         self.initial = spec.initial
         spec.check(self.mm)

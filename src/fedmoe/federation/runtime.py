@@ -37,7 +37,7 @@ from .evaluation import (GENERAL_PARTS, WITHHELD_EVALUATION, WITHHELD_WITH_EVALU
 from .progress import Progress
 from .transport import Transport, is_number
 from .sampling import sample_clients
-from .summary import NONFINITE, ClientRecord, run_summary
+from .summary import NONFINITE, ClientRecord, lowest_val_loss, run_summary
 
 RUNTIME_TRAIN_KEYS = ("round", "client", "kind", "loss", "steps", "lr", "tokens", "bytes_up", "bytes_down",
                       "load_s", "train_s", "tokens_per_s")
@@ -679,8 +679,10 @@ class Federation:
         wall = self.wall_before + (time.time() - self._t0)
         trainable = self.spec.initial
         withheld = self.transport.withheld_by_clients() if hasattr(self.transport, "withheld_by_clients") else {}
+        metrics = self.rd.read_metrics()
         summary = run_summary(
-            self.cfg, self.spec, self.records, self.global_eval, self.zero_shot, wall,
+            self.cfg, self.spec, self.records, {**self.global_eval, "val_loss_lowest": lowest_val_loss(metrics)},
+            self.zero_shot, wall,
             extra={"runtime": self.cfg.federation.runtime, "trainable_tensors": len(trainable),
                    **({"run_id": self.transport.run_id} if isinstance(getattr(self.transport, "run_id", None), str) else {}),
                    "trainable_params": int(sum(t.numel() for t in trainable.values())),
@@ -694,7 +696,7 @@ class Federation:
                    **({} if self.cfg.federation.dp is None else {"privacy": self._privacy()})})
         counts = {cid: r.data["category_counts"] for cid, r in self.records.items() if r.data.get("category_counts") is not None}
         histogram = format_histogram_table(counts) if counts else None
-        write_report(self.rd, summary, self.rd.read_metrics(), histogram)
+        write_report(self.rd, summary, metrics, histogram)
         # summary.json last: it marks the run finished (for a resume, and for `fedmoe run` on Flower, which returns
         # when it sees it: a ServerApp that outlived its SuperLink's restart may still be writing)
         self.rd.write_summary(summary)

@@ -133,6 +133,18 @@ def label_groups(cfg) -> dict | None:
             "maps": [{a: b for a, b in m.items() if a != b} for m in maps]}
 
 
+def lowest_val_loss(metrics: list[dict]) -> dict | None:
+    """Of the global model's validation losses in metrics.jsonl's rows (round 0, the initial model, included), the
+    lowest and its round (the earliest of equal ones): the round a run would have best stopped at, by data that is
+    not the test set. None where no round measured one (``eval.val_loss`` off, no validation examples)."""
+    by_round = {row["round"]: row["val_loss"] for row in metrics if row.get("kind") == "test" and row.get("client") is None
+                and isinstance(row.get("val_loss"), float) and math.isfinite(row["val_loss"])}
+    if not by_round:
+        return None
+    best = min(sorted(by_round), key=lambda r: by_round[r])
+    return {"round": best, "val_loss": by_round[best], "rounds_measured": len(by_round)}
+
+
 def n_scored(r: ClientRecord) -> int | None:
     """How many test examples a client's latest answer metric is the mean over (0: it has none to answer), or None
     where it has no such metric (``eval.rouge: false``, an evaluation its node kept)."""
@@ -160,6 +172,8 @@ def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, 
             "id": cid, "k": k, "rank": rank,
             "n_train": r.data.get("n_train"), "rouge_l": r.last_eval.get("rouge_l"), "accuracy": r.last_eval.get("accuracy"),
             "loss": r.last_eval.get("loss"),
+            # eval.val_loss: its own model's loss on its validation examples (n_val of them), in the last evaluation
+            **({"val_loss": r.last_eval.get("val_loss"), "n_val": r.data.get("n_val")} if cfg.eval.val_loss else {}),
             "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "flops_per_seq": fl["flops_per_seq"],
             "active_params": fl["active_params"], "active_trainable": fl["active_trainable"],
             "total_trainable": fl["total_trainable"],
@@ -202,6 +216,8 @@ def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, 
                         "n_scored": g.get("n_scored"),
                         # the clients whose test data the global numbers leave out: failed, or kept by their nodes
                         "clients_missing": g.get("clients_missing"), "clients_withheld": g.get("clients_withheld"),
+                        **({"val_loss": g.get("val_loss"), "val_loss_lowest": g.get("val_loss_lowest")}
+                           if cfg.eval.val_loss else {}),
                         f"{metric}_change": answer_change(ordered, cfg.seed)},
         extra={"method": method_info(config_to_dict(cfg)), "task": cfg.eval.task, "labels": cfg.data.labels, "label_groups": label_groups(cfg),
                # False (local_only): the "global" model numbers are the initial model's

@@ -244,6 +244,12 @@ def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
     lines.append("| mean over clients | " + " | ".join(_cell(_clients_mean(s, key)) for _, s in results) + " |")
     lines.append("| global model | " + " | ".join(_cell(s["global"].get(key)) for _, s in results) + " |")
     lines.append("| global test loss | " + " | ".join(_cell(s["global"].get("loss"), 4) for _, s in results) + " |")
+    if any("val_loss" in s["global"] for _, s in results):  # eval.val_loss: choose a point by these, not by the test
+        lines.append("| global validation loss | " + " | ".join(_cell(s["global"].get("val_loss"), 4)
+                                                               for _, s in results) + " |")
+        lines.append("| lowest global validation loss, at round | " + " | ".join(
+            f"{_cell(low['val_loss'], 4)} at {low['round']}" if (low := s["global"].get("val_loss_lowest")) else "–"
+            for _, s in results) + " |")
     if any(s["global"].get(f"{key}_change") for _, s in results):
         lines.append(f"| {name} change from zero-shot (each client's own model), 95% interval | " + " | ".join(
             format_change(s["global"].get(f"{key}_change")) for _, s in results) + " |")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,14 @@ def _global_test(run: Run, key: str) -> list[tuple[int, float]]:
                   if r.get("kind") == "test" and r.get("client") is None and r.get(key) is not None)
 
 
+def _lowest(run: Run) -> str:
+    pts = [(v, rnd) for rnd, v in _global_test(run, "val_loss") if math.isfinite(v)]
+    if not pts:
+        return "–"
+    v, rnd = min(pts)
+    return f"{_cell(v)} at {rnd}"
+
+
 def _mean_train_loss(run: Run) -> list[tuple[int, float]]:
     by_round: dict[int, list[float]] = {}
     for r in run.metrics:
@@ -190,6 +199,9 @@ def format_comparison(runs: list[Run]) -> str:
     key, name = ("accuracy", "accuracy") if choice else ("rouge_l", "ROUGE-L")
     rows.append(["global test loss (zero-shot)"] + [zs(r, "loss", 4) for r in runs])
     rows.append([f"global {name} (zero-shot)"] + [zs(r, key, 2) for r in runs])
+    if any(_global_test(r, "val_loss") for r in runs):  # eval.val_loss: the number to choose between these runs by
+        rows.append(["global validation loss (zero-shot)"] + [zs(r, "val_loss", 4) for r in runs])
+        rows.append(["lowest global validation loss, at round"] + [_lowest(r) for r in runs])
     # summary.global.<key>_change pairs each client's own model's final answers with its zero-shot ones (the global
     # model's only where every client ends with it): said in the row, which sits under the global model's rows
     unit = "" if key == "rouge_l" else " (points)"
@@ -212,8 +224,8 @@ def format_comparison(runs: list[Run]) -> str:
 
 
 # the settings that decide which test examples a run is scored on, and how: every data key but those that touch
-# only the training data, the seed (the split and partition), and the evaluation's scoring
-_TRAIN_ONLY_DATA = ("max_train_per_client", "pool_train", "on_bad_row")
+# only the training (or validation) data, the seed (the split and partition), and the evaluation's scoring
+_TRAIN_ONLY_DATA = ("max_train_per_client", "pool_train", "on_bad_row", "max_val_per_client")
 _SCORING = ("task", "choice_normalize", "rouge", "max_new_tokens", "no_repeat_ngram_size", "max_examples")
 
 

@@ -104,6 +104,14 @@ def n_scored(entry: dict) -> int | None:
     return n
 
 
+def _lowest_val(lowest: dict | None) -> str:
+    """The round of the lowest global validation loss, said beside the final one (``eval.val_loss``)."""
+    if not lowest:
+        return " (no validation examples)"
+    return (f" (eval.val_loss; its lowest, {_num(lowest['val_loss'], 4)}, at round {lowest['round']}"
+            f"{' — the initial model' if lowest['round'] == 0 else ''} of the {lowest['rounds_measured']} rounds measured)")
+
+
 def _summed(text: str) -> str:
     return text if text == DASH else SUM + text
 
@@ -172,6 +180,8 @@ def format_results_table(summary: dict, seq_len: int | None = None) -> str:
         extras.append(f"held-out accuracy {_num(g['heldout_accuracy'], 2)}"
                       + (f" (clients' own models, mean; the global model {_num(own, 2)})"
                          if own is not None and own != g["heldout_accuracy"] else ""))
+    if "val_loss" in g:
+        extras.append(f"validation loss {_num(g['val_loss'], 4)}" + _lowest_val(g.get("val_loss_lowest")))
     if extras:
         lines += ["", "Global: " + " · ".join(extras)]
     for key, why in (("clients_missing", "failed their evaluation in that round"),
@@ -255,6 +265,10 @@ def plot_learning_curve(metrics: list[dict], path: str | Path, metric: tuple[str
     if None in test_loss:
         xs, ys = zip(*test_loss[None])
         ax.plot(xs, ys, "-o", color="C0", lw=2.4, ms=4, label="global test")
+    val = _curves(metrics, "test", "val_loss").get(None)  # eval.val_loss
+    if val:
+        xs, ys = zip(*val)
+        ax.plot(xs, ys, "--s", color="C0", lw=1.8, ms=4, label="global validation")
     ax.set_xlabel("round")
     ax.set_ylabel("loss")
     ax.set_title("loss")

@@ -180,7 +180,8 @@ class FlowerClient:
         else:
             fd = model.shared_data()
             data, skipped = fd.clients[client], fd.skipped
-        self.set = client_set(data, model.tokenizer, cfg.data.max_length, cfg.eval.max_examples, cfg.data.labels)
+        self.set = client_set(data, model.tokenizer, cfg.data.max_length, cfg.eval.max_examples, cfg.data.labels,
+                              cfg.eval.val_loss)
         self.data_info = self.set.info(skipped, shared_source=not data_path)
         self.mm, self.initial, self.half = model.mm, model.initial, model.half
         # the shared held-out test set comes from the shared source (data.source), also for a client with its own file
