@@ -143,6 +143,22 @@ class DataConfig(_Strict):
     # the validation examples per client whose loss eval.val_loss measures (the same cap as the test set's by default)
     max_val_per_client: int | None = Field(100, ge=1)
 
+    @field_validator("label_instruction")
+    @classmethod
+    def _labels_placeholder_only(cls, v):
+        # the instruction is str.format'ted with labels=...: any other field, an index or a stray brace would fail
+        # (or read an attribute) when the data is prepared, mid-start
+        import string
+
+        try:
+            bad = next((f"not {{{f}}}" for _, f, _, _ in string.Formatter().parse(v) if f not in (None, "labels")), "")
+        except ValueError as e:
+            bad = f"and a brace alone is none ({e})"
+        if bad:
+            raise ValueError(f"data.label_instruction = {v!r}: its one placeholder is {{labels}} (the label set), "
+                             f"{bad}; write a literal brace as {{{{ or }}}}")
+        return v
+
     @field_validator("split")
     @classmethod
     def _split_sums_to_one(cls, v):

@@ -478,6 +478,12 @@ def _holder_alive(holder: dict, host: str) -> bool:
 # commands a message suggests, and a folder given where a run directory is wanted
 
 
+def md_cell(text) -> str:
+    """``text`` as one cell of a markdown table: its pipes escaped and its line breaks made spaces (a category or
+    label name from the user's data may hold either, and would break the table's columns or rows)."""
+    return " ".join(str(text).replace("\\", "\\\\").replace("|", "\\|").splitlines())
+
+
 def shell_quote(value) -> str:
     """``value`` (a path, a name) as it must be typed in a command a message suggests for pasting: quoted for a
     POSIX shell where it holds a space or another character the shell would read (:func:`shlex.quote`), as it is

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sources import load_examples
+from .sources import DataError, load_examples
 from .template import format_prompt
 
 PRETRAIN_DIR = "assets/data/pretrain"
@@ -68,9 +68,15 @@ def pack(tokenizer, texts, seq_len: int) -> torch.Tensor:
 
 
 def general_blocks(tokenizer, seq_len: int, n: int) -> list[dict]:
-    """The first ``n`` blocks of ``seq_len`` tokens of general text, loss on every token."""
-    blocks = pack(tokenizer, general_texts(), seq_len)[:n]
-    return [{"input_ids": b.tolist(), "labels": b.tolist()} for b in blocks]
+    """The first ``n`` blocks of ``seq_len`` tokens of general text, loss on every token. The text holds a
+    number of blocks that shrinks with ``seq_len``: asking for more is an error (``eval.general_blocks``), never a
+    perplexity over fewer blocks than the config says."""
+    blocks = pack(tokenizer, general_texts(), seq_len)
+    if n > len(blocks):
+        raise DataError(f"eval.general_blocks = {n}, but the general text holds {len(blocks)} blocks of "
+                        f"data.max_length = {seq_len} tokens (with this tokenizer): set eval.general_blocks to "
+                        f"{len(blocks)} or fewer")
+    return [{"input_ids": b.tolist(), "labels": b.tolist()} for b in blocks[:n]]
 
 
 def general_examples(tokenizer, max_length: int, n: int) -> list[dict]:

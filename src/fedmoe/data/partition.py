@@ -60,6 +60,7 @@ from typing import Literal
 
 import numpy as np
 
+from ..rundir import md_cell
 from ..seeds import NumpyStream, numpy_rng
 from .sources import DataError, Example
 
@@ -338,7 +339,7 @@ def category_histogram(examples: Sequence[Example], parts: Sequence[Sequence[int
 def format_histogram_table(hist: dict[int, dict[str, int]]) -> str:
     """Markdown table: one row per client, one column per category, a total column and a total row."""
     cats = sorted({cat for row in hist.values() for cat in row})
-    header = ["client", *[cat if cat else "(none)" for cat in cats], "total"]
+    header = ["client", *[md_cell(cat) if cat else "(none)" for cat in cats], "total"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     col_totals = dict.fromkeys(cats, 0)
     for client in sorted(hist):

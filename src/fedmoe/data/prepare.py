@@ -68,8 +68,14 @@ def _load_all(cfg: DataConfig, sources=None) -> tuple[list[Example], int, dict[s
     skipped = 0
     reasons: Counter[str] = Counter()
     for src in sources:
-        res = load_examples(src, field_map=cfg.field_map or None, on_bad_row=cfg.on_bad_row, hf_split=cfg.hf_split,
-                            revision=cfg.revision)
+        try:
+            res = load_examples(src, field_map=cfg.field_map or None, on_bad_row=cfg.on_bad_row,
+                                hf_split=cfg.hf_split, revision=cfg.revision)
+        except DataError as e:
+            if len(sources) > 1 and cfg.field_map:  # a map made for one source's names breaks another's
+                raise DataError(f"{e} (data.field_map applies to every source in data.source: rename the fields "
+                                "of the sources to one set of names)") from None
+            raise
         if not res.examples:
             raise DataError(f"data source {src!r} gave no usable examples ({res.skipped} bad rows skipped)")
         examples.extend(res.examples)
@@ -174,6 +180,15 @@ def prepare_client_data(cfg: DataConfig, seed: int, client: int, path: str) -> t
     return _client(cfg, examples, range(len(examples)), seed, client, label_map), skipped
 
 
+def _before_partitioning(cfg: DataConfig) -> str:
+    """What took examples away before the partition saw them, said after a partition's error (which counts only
+    what was left: a source or a category they emptied looks absent)."""
+    steps = [f"data.{k} = {v}" for k, v in (("categories", cfg.categories), ("max_examples", cfg.max_examples),
+                                            ("heldout", cfg.heldout or None)) if v is not None]
+    return (f" (counted after {', '.join(steps)} took examples away before partitioning: a source or category they "
+            "emptied is not there)") if steps else ""
+
+
 def prepare_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
     """Load, filter, subsample, partition and split the data of a run.
 
@@ -194,8 +209,11 @@ def prepare_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
     examples, labels = labelled(cfg, examples)
     examples, heldout = hold_out(examples, cfg.heldout, seed)
     pc = cfg.partition
-    parts = partition(examples, pc.scheme, pc.num_clients, seed, alpha=pc.alpha, categories=pc.categories,
-                      shards_per_client=pc.shards_per_client, dirichlet_mode=pc.dirichlet_mode)
+    try:
+        parts = partition(examples, pc.scheme, pc.num_clients, seed, alpha=pc.alpha, categories=pc.categories,
+                          shards_per_client=pc.shards_per_client, dirichlet_mode=pc.dirichlet_mode)
+    except DataError as e:
+        raise DataError(f"{e}{_before_partitioning(cfg)}") from None
     groups, maps = _shift(cfg, labels, seed)
     clients = [_client(cfg, examples, part, seed, cid, None if maps is None else maps[groups[cid]])
                for cid, part in enumerate(parts)]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import gzip
 import importlib.resources
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -187,42 +188,78 @@ class _BadJSON:
         self.msg = msg
 
 
-def _open_text(path: Path):
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
-def _iter_jsonl_text(text_lines) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(text_lines, start=1):
-        if not line.strip():
+def _parse(text: str) -> Any:
+    """``json.loads``, with what it raises besides JSONDecodeError — nesting deeper than Python's recursion
+    limit, an integer of more than 4300 digits — as a JSONDecodeError-like ``ValueError`` message."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    """``raw`` as text (a byte-order mark at its start dropped, as Windows tools write one); a byte that is not
+    UTF-8 raises ``UnicodeDecodeError`` with ``where`` and its position said in its reason."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UnicodeDecodeError("utf-8", raw, e.start, e.end,
+                                 f"byte 0x{raw[e.start]:02x} at {where}line {line}, column {col} is not UTF-8 "
+                                 "(save the file as UTF-8)") from None
+
+
+def _iter_jsonl_lines(lines: Iterator[bytes]) -> Iterator[tuple[str, Any]]:
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue  # blank lines (e.g. a trailing newline) are not rows
         try:
-            yield f"line {lineno}", json.loads(line)
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            yield f"line {lineno}", _BadJSON(f"byte 0x{raw[e.start]:02x} at column {e.start + 1} is not UTF-8 "
+                                             "(save the file as UTF-8)")
+            continue
+        try:
+            yield f"line {lineno}", _parse(line)
         except json.JSONDecodeError as e:
             yield f"line {lineno}", _BadJSON(f"not valid JSON ({e.msg} at column {e.colno})")
+        except ValueError as e:  # nested too deeply, an integer too long to read
+            yield f"line {lineno}", _BadJSON(f"not valid JSON ({str(e).split(';')[0]})")
 
 
 def _read_json_or_jsonl(path: Path, jsonl: bool) -> Iterator[tuple[str, Any]]:
     try:
-        with _open_text(path) as fh:
+        with _open_binary(path) as fh:
             if jsonl:
-                yield from _iter_jsonl_text(fh)
+                yield from _iter_jsonl_lines(fh)
                 return
-            text = fh.read()
-    except (OSError, UnicodeDecodeError, EOFError) as e:
+            raw = fh.read()
+        text = _utf8(raw, "")
+    except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read the file: {e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {e.reason}") from None
     try:
-        data = json.loads(text)
+        data = _parse(text)
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":
-            # Many ".json" instruction files are really JSON Lines.
-            yield from _iter_jsonl_text(text.splitlines())
+        first = text.lstrip().split("\n", 1)[0]
+        if e.msg == "Extra data" and _one_value(first):
+            # Many ".json" instruction files are really JSON Lines: their first line is a whole value.
+            yield from _iter_jsonl_lines(iter(text.encode("utf-8").splitlines()))
             return
+        more = (" after the first JSON value ended: the file holds more than one (files joined together?)"
+                if e.msg == "Extra data" else "")
         raise DataError(
-            f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); a .json source "
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}{more}); a .json source "
             "must hold a list of objects (use .jsonl for one object per line)"
         ) from None
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({str(e).split(';')[0]})") from None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         hint = f" (it is an object; the records may be under {lists[0]!r}: save that list alone)" if lists else ""
@@ -231,6 +268,14 @@ def _read_json_or_jsonl(path: Path, jsonl: bool) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: the top level of a .json source must be a list of records")
     for i, rec in enumerate(data):
         yield f"record {i}", rec
+
+
+def _one_value(line: str) -> bool:
+    try:
+        _parse(line)
+    except ValueError:  # JSONDecodeError included
+        return False
+    return True
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
@@ -335,6 +380,21 @@ def _text(value: Any) -> str | None:
     return None
 
 
+def _not_a_value(raw: Any, text: str) -> str | None:
+    """Why a field's value, read as ``text``, is no text to train on, or None: a NaN or infinite number (how
+    pandas writes a gap in a numeric column: it would become the answer or the class "nan"), or a string with a
+    lone UTF-16 surrogate (JSON's "\\ud83d" without its pair: half of an emoji, no character; the tokenizer
+    would fail on it mid-run)."""
+    if isinstance(raw, float) and not math.isfinite(raw):
+        return f"is {raw}, not a value (a gap in the column?)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"holds {text[e.start:e.end]!r} at character {e.start}: half of a UTF-16 surrogate pair (a broken "
+                "emoji?), which is no character")
+    return None
+
+
 def _hint_for_missing(ours: str, rec: dict, fm: dict[str, str] | None = None) -> str:
     """A field map for this row: the missing field's likely name and every other field the prompt template or
     the categories use that the row has under another name (a Dolly row also needs ``input: context``, or its
@@ -369,6 +429,8 @@ def _convert(rec: Any, fm: dict[str, str], name: str) -> tuple[Example | None, s
         raw = rec.get(theirs)
         if raw is None:
             if ours in required:
+                if theirs in rec:
+                    return None, f"field '{theirs}' null", f"field {theirs!r} ({ours}) is null"
                 present = ", ".join(sorted(map(str, rec))) or "none"
                 return (
                     None,
@@ -381,6 +443,9 @@ def _convert(rec: Any, fm: dict[str, str], name: str) -> tuple[Example | None, s
         text = _text(raw)
         if text is None:
             return None, f"field '{theirs}' not text", f"field {theirs!r} ({ours}) is a {type(raw).__name__}, not text"
+        why = _not_a_value(raw, text)
+        if why:
+            return None, f"field '{theirs}' not a value", f"field {theirs!r} ({ours}) {why}"
         vals[ours] = text
     if not vals["instruction"].strip():
         return None, "empty instruction", f"field {fm['instruction']!r} (instruction) is empty"
@@ -397,6 +462,9 @@ def _convert(rec: Any, fm: dict[str, str], name: str) -> tuple[Example | None, s
         if not isinstance(raw, list) or len(raw) < 2 or not all(isinstance(o, str) and o.strip() for o in raw):
             return None, "bad options", (f"field {fm['options']!r} (options) must be a list of at least two "
                                          f"non-empty texts, got {raw!r:.80}")
+        why = next((w for o in raw if (w := _not_a_value(o, o))), None)
+        if why:
+            return None, "bad options", f"an option of field {fm['options']!r} (options) {why}"
         options = tuple(raw)
         if vals["output"] not in options:
             return None, "answer not an option", (f"the output {vals['output']!r:.60} (field {fm['output']!r}) is "
@@ -406,11 +474,19 @@ def _convert(rec: Any, fm: dict[str, str], name: str) -> tuple[Example | None, s
 
 
 def _load_records(
-    records: Iterator[tuple[str, Any]], where: str, fm: dict[str, str], name: str, on_bad_row: str
+    records: Iterator[tuple[str, Any]], where: str, fm: dict[str, str], name: str, on_bad_row: str,
+    user_map: dict[str, str] | None = None,
 ) -> LoadResult:
+    """The examples of ``records``. A field the user's map (``user_map``) names for an optional field (input,
+    category) that no row has is an error: it would otherwise leave every prompt without its context, or every
+    example in one category, without a word."""
     examples: list[Example] = []
     reasons: Counter[str] = Counter()
+    optional = {ours: theirs for ours, theirs in (user_map or {}).items() if ours in ("input", "category")}
+    unseen = set(optional.values())
     for loc, rec in records:
+        if unseen and isinstance(rec, dict):
+            unseen.difference_update(rec)
         ex, reason, detail = _convert(rec, fm, name)
         if ex is not None:
             examples.append(ex)
@@ -418,14 +494,21 @@ def _load_records(
         if on_bad_row == "error":
             raise DataError(f"{where}: {loc}: {detail}; {_FIX}")
         reasons[reason] += 1
+    for ours, theirs in optional.items():
+        if theirs in unseen and examples:
+            raise DataError(f"{where}: data.field_map.{ours} = {theirs!r}, but no row has a field {theirs!r}: "
+                            f"correct the name (the field your file keeps the {ours} in), or remove "
+                            f"data.field_map.{ours}")
     return LoadResult(examples, sum(reasons.values()), dict(reasons))
 
 
 @lru_cache(maxsize=8)
-def _load_builtin_cached(key: str, fm_items: tuple[tuple[str, str], ...],
-                         on_bad_row: str) -> tuple[tuple[Example, ...], int, tuple[tuple[str, int], ...]]:
+def _load_builtin_cached(key: str, fm_items: tuple[tuple[str, str], ...], on_bad_row: str,
+                         user_items: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[Example, ...], int,
+                                                                           tuple[tuple[str, int], ...]]:
     path = builtin_path(key)
-    res = _load_records(_read_json_or_jsonl(path, jsonl=True), str(path), dict(fm_items), key, on_bad_row)
+    res = _load_records(_read_json_or_jsonl(path, jsonl=True), str(path), dict(fm_items), key, on_bad_row,
+                        dict(user_items))
     return tuple(res.examples), res.skipped, tuple(res.skipped_reasons.items())
 
 
@@ -451,7 +534,8 @@ def load_examples(
     key = _builtin_key(source)
     if key is not None and not Path(source).exists():
         fm = _resolve_field_map(_BUILTIN_FIELD_MAPS[key], field_map)
-        exs, skipped, reasons = _load_builtin_cached(key, tuple(sorted(fm.items())), on_bad_row)
+        exs, skipped, reasons = _load_builtin_cached(key, tuple(sorted(fm.items())), on_bad_row,
+                                                     tuple(sorted((field_map or {}).items())))
         return LoadResult(list(exs), skipped, dict(reasons))
 
     path = Path(source).expanduser()
@@ -469,10 +553,11 @@ def load_examples(
                 f"data source {source!r}: unsupported file type; use .json (a list of objects), "
                 ".jsonl (one object per line), either gzip-compressed (.gz), or .parquet"
             )
-        return _load_records(records, str(path), fm, name, on_bad_row)
+        return _load_records(records, str(path), fm, name, on_bad_row, field_map)
     if path.is_dir():
         fm = _resolve_field_map(DEFAULT_FIELD_MAP, field_map)
-        return _load_records(_read_dataset_dir(path, hf_split), f"dataset folder {path}", fm, name, on_bad_row)
+        return _load_records(_read_dataset_dir(path, hf_split), f"dataset folder {path}", fm, name, on_bad_row,
+                             field_map)
 
     no_local = (f"data.source {source!r}: no such local file or folder (relative paths are read from "
                 f"{Path.cwd()})")
@@ -483,7 +568,8 @@ def load_examples(
         # a bare ORG/NAME may be a mistyped local path as well: its error says both
         note = "" if source.startswith(HF_PREFIX) else (
             f"{no_local}, so it was taken for a hub dataset (write hub datasets as hf:ORG/NAME): ")
-        return _load_records(_read_hub(hub, hf_split, revision, note), f"hub dataset {hub}", fm, name, on_bad_row)
+        return _load_records(_read_hub(hub, hf_split, revision, note), f"hub dataset {hub}", fm, name, on_bad_row,
+                             field_map)
 
     raise DataError(
         f"{no_local}, and it is not a built-in data set ({', '.join(sorted(_BUILTINS))}): check the path, or "

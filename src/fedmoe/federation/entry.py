@@ -41,7 +41,23 @@ def check_model(cfg: RunConfig, log=print) -> None:
         from .flower.launch import simulation_resources
 
         simulation_resources(cfg)
+    if cfg.eval.general_blocks and cfg.federation.runtime != "flower":  # (a deployment's clients check it)
+        _check_general_blocks(cfg)
     check_fits(cfg, log)
+
+
+def _check_general_blocks(cfg: RunConfig) -> None:
+    """``eval.general_blocks`` within what the general text holds at ``data.max_length`` (a fraction of a second),
+    before the run starts rather than at its round-0 evaluation."""
+    from ..data import DataError
+    from ..data.general import general_blocks
+    from ..moe.model import load_tokenizer
+
+    try:
+        general_blocks(load_tokenizer(cfg.model.tokenizer or cfg.model.name), cfg.data.max_length,
+                       cfg.eval.general_blocks)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
 
 
 def run_federated(cfg: RunConfig, show_progress: bool = False, stop_after_round: int | None = None,

@@ -26,7 +26,7 @@ from ..config import ConfigError, apply_overrides, config_from_tree, parse_overr
 from ..configbase import load_yaml
 from ..eval.stats import format_change
 from ..report.compare import BYTES_PER_ROUND, bytes_per_round, personal_or_global  # noqa: F401  (re-exported)
-from ..rundir import atomic_write_text, loads
+from ..rundir import atomic_write_text, loads, md_cell
 
 
 def _fmt(v) -> str:
@@ -215,7 +215,7 @@ def _client_label(results: list[tuple[str, dict]], cid: int) -> str:
         c = next((c for c in s["clients"] if c["id"] == cid), None)
         cats = [k for k, n in ((c or {}).get("category_counts") or {}).items() if n]
         if len(cats) == 1:
-            return f"{cid} ({cats[0]})"
+            return f"{cid} ({md_cell(cats[0])})"
     return str(cid)
 
 

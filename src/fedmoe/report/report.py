@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fedmoe.report.method import method_parts
-from fedmoe.rundir import RunDir, atomic_write_bytes, atomic_write_text
+from fedmoe.rundir import RunDir, atomic_write_bytes, atomic_write_text, md_cell
 
 DASH = "–"  # shown for a missing value (None)
 NO_TEST = "no test data"  # shown for a test metric of a model that had no test tokens (never 0)
@@ -423,7 +423,7 @@ def format_zero_shot_comparison(summary: dict) -> list[str]:
         for cat in sorted(set(before) | set(after)):
             b, a = before.get(cat), after.get(cat)
             change = _num(a - b, 2) if a is not None and b is not None else DASH
-            lines.append(f"| {cat} | {counts.get(cat, DASH)} | {_num(b, 2)} | {_num(a, 2)} | {change} |")
+            lines.append(f"| {md_cell(cat)} | {counts.get(cat, DASH)} | {_num(b, 2)} | {_num(a, 2)} | {change} |")
         both = [c for c in before if c in after]  # the mean of each side over the same categories
         if both:
             mb, ma = (sum(side[c] for c in both) / len(both) for side in (before, after))
