@@ -442,3 +442,57 @@ def test_export_notes_say_what_differs_from_the_run(tmp_path):
             for form in ("vllm", "peft", "merged")}
     assert "--enable-mixed-moe-lora-format" in said["vllm"] and "not to the checkpoint's" not in said["vllm"]
     assert "not to the checkpoint's vision-language class" in said["peft"] and "not images" in said["merged"]
+
+
+def test_two_exports_into_one_folder_never_mix_and_a_failed_one_leaves_nothing(runs, tmp_path, monkeypatch):
+    """An export holds its OUT from the start (IN_PROGRESS, created exclusively): a second export into the same
+    folder, past the emptiness check before either wrote, is refused instead of writing its files over the first's
+    (both succeeded, the folder holding one run's weights under the other's label). An export that fails midway
+    leaves no folder it made, and an empty folder it was given empty."""
+    import fedmoe.export as ex
+
+    out = tmp_path / "race"
+    seen = {}
+
+    def second_export_meanwhile(*a, **kw):  # while the first export loads its model, another one starts
+        with pytest.raises(ExportError, match="is being written by another export"):
+            ex._claim(out)
+        seen["refused"] = True
+        return real(*a, **kw)
+
+    real = ex.load_run_model
+    monkeypatch.setattr(ex, "load_run_model", second_export_meanwhile)
+    assert export_model(runs["fedit"], out, client=0)[0] == "peft"
+    assert seen == {"refused": True} and not (out / ex.IN_PROGRESS).exists()
+    with pytest.raises(ExportError, match="not empty"):
+        export_model(runs["fedit"], out, client=1)
+    (tmp_path / "stale").mkdir()
+    (tmp_path / "stale" / ex.IN_PROGRESS).touch()  # an export killed midway
+    with pytest.raises(ExportError, match="holds an unfinished export"):
+        export_model(runs["fedit"], tmp_path / "stale", client=1)
+
+    def fails(*a, **kw):
+        (a[1] / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ex, "load_run_model", real)
+    monkeypatch.setattr(ex, "write_peft", fails)
+    with pytest.raises(OSError, match="disk full"):
+        export_model(runs["fedit"], tmp_path / "new" / "deep", client=0)
+    assert not (tmp_path / "new" / "deep").exists()
+    (tmp_path / "given").mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        export_model(runs["fedit"], tmp_path / "given", client=0)
+    assert (tmp_path / "given").is_dir() and not any((tmp_path / "given").iterdir())
+
+
+def test_private_is_refused_for_a_run_whose_checkpoint_holds_the_stores(runs, tmp_path):
+    """An in-process run's checkpoint holds every client's private state: a --private store (which it has no
+    identity to check against) would silently replace it — FLAME's client 0 exported with client 1's rescaler."""
+    from fedmoe.federation.flower.client import PrivateStore
+
+    store = PrivateStore(tmp_path / "priv")
+    store.save(1, {"s": torch.tensor([1.0])})
+    with pytest.raises(ExportError, match="ran in-process, and its checkpoint holds client 0's private state"):
+        export_model(runs["flame"], tmp_path / "p0", client=0, private_path=tmp_path / "priv")
+    assert not (tmp_path / "p0").exists()

@@ -231,3 +231,31 @@ def test_cli_json(lm):
     assert out["n"] == 2 and list(out["per_subject"]) == SUBJECTS and out["k_shot"] == 1
     bad = CliRunner().invoke(app, ["mmlu", "builtin:tiny-olmoe", "--subjects", "astrology"])
     assert bad.exit_code == 2
+
+
+def test_non_finite_letter_scores_are_an_error_not_answer_a():
+    """A model that outputs NaN scored as the share of questions whose answer is A (argmax of all-NaN rows is 0):
+    an ordinary-looking accuracy. Non-finite letter scores are an error naming how many."""
+    from fedmoe.moe.model import MoEModel, load_tokenizer
+
+    model, tok = MoEModel.from_pretrained("builtin:tiny-olmoe").model, load_tokenizer("builtin:tiny-olmoe")
+    with torch.no_grad():
+        model.get_output_embeddings().weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"not finite \(NaN or inf\) for 3 of 3 MMLU questions"):
+        evaluate_mmlu(model, tok, subjects=["anatomy"], max_per_subject=3, k_shot=0)
+
+
+def test_a_question_cut_to_fit_is_counted(lm):
+    """``truncated`` counts prompts that lost shots; a prompt whose question itself was cut from the left (every
+    shot gone, 0-shot included) is counted in ``questions_cut``, which a 0-shot run's ``truncated`` never showed."""
+    model, tok = lm
+    s = "high_school_european_history"  # long passages
+    short = evaluate_mmlu(model, tok, subjects=[s], max_per_subject=4, k_shot=0, max_length=64)
+    assert (short["truncated"], short["questions_cut"]) == (0, 4)
+    whole = evaluate_mmlu(model, tok, subjects=[s], max_per_subject=4, k_shot=0, max_length=4096)
+    assert (whole["truncated"], whole["questions_cut"]) == (0, 0)
+    q = load_mmlu("test", [s])[s][0]
+    n = len(encode(tok, build_prompt(s, [], q, 0)))
+    exact = evaluate_mmlu(model, tok, subjects=[s], max_per_subject=1, k_shot=0, max_length=n)
+    assert exact["questions_cut"] == 0  # a question that fits exactly is not cut
+    assert evaluate_mmlu(model, tok, subjects=[s], max_per_subject=1, k_shot=0, max_length=n - 1)["questions_cut"] == 1

@@ -598,8 +598,11 @@ def mmlu(
         return
     print(f"MMLU {k_shot}-shot, {source}")
     print(format_mmlu_table(result))
-    if result["truncated"]:
-        print(f"({result['truncated']} prompts lost shots to fit {result['max_length']} tokens)")
+    cut = [f"{n} {what}" for n, what in ((result["truncated"], "prompts lost shots"),
+                                         (result["questions_cut"], "lost the start of the question itself"))
+           if n]
+    if cut:
+        print(f"({'; '.join(cut)} to fit {result['max_length']} tokens)")
 
 
 @app.command()

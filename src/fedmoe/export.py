@@ -183,6 +183,10 @@ def load_run_model(run_dir: str | Path, client: int | None = None, private_path:
         run_id = ck["transport"].get("run_id")
         if private_path is None and stores is None and cfg.federation.runtime == "flower-sim":
             private_path = rd.path / "clients"  # a simulation keeps its clients' stores in the run directory
+        if private_path is not None and stores is not None:  # an in-process run's stores are in its checkpoint
+            raise ExportError(f"--private {private_path}: {rd.path} ran in-process, and its checkpoint holds client "
+                              f"{client}'s private state itself (no store it could be checked against: another "
+                              "client's or run's would be taken without a word); leave --private out")
         if private_path is not None:
             private = _private_from(Path(private_path), run_id, client, ck["round"])
         else:
@@ -504,6 +508,9 @@ def _check_out_folder(out: Path) -> None:
         raise ExportError(f"{out} exists and is a file, not a folder: give a new folder to export into as OUT "
                           "(nothing is overwritten)")
     if out.is_dir() and any(out.iterdir()):
+        if (out / IN_PROGRESS).exists():
+            raise ExportError(f"{out} holds an unfinished export ({IN_PROGRESS}): another export is writing it, or one "
+                              "was stopped midway; choose a new folder, or remove that one once no export writes it")
         raise ExportError(f"{out} exists and is not empty: choose a new folder (nothing is overwritten)")
     # the folder itself, or the nearest part of its path that exists: where the files (or folders) are created
     where = out.absolute()
@@ -515,6 +522,49 @@ def _check_out_folder(out: Path) -> None:
     if not os.access(where, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write into {where} (Permission denied): choose a folder you may write as OUT, "
                           f"or make it writable (chmod u+w {shell_quote(where)})")
+
+
+IN_PROGRESS = ".fedmoe-export-in-progress"  # the file by which an export holds its OUT until it is written
+
+
+def _claim(out: Path) -> bool:
+    """Hold ``out`` (a new or empty folder) for this export: the folder made if needed and :data:`IN_PROGRESS`
+    created in it exclusively, so that a second export into it — started at the same time, past the emptiness check
+    before either wrote — is refused instead of writing its files over this one's. Returns whether the folder was
+    made here."""
+    import os
+
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / IN_PROGRESS, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise ExportError(f"{out} is being written by another export (it holds {IN_PROGRESS}): choose another folder "
+                          "(nothing is overwritten)") from None
+    except OSError as e:
+        raise ExportError(f"cannot create the folder {out}: {e.strerror or e}; choose a new folder you may write "
+                          "(OUT)") from None
+    os.close(fd)
+    if [p.name for p in out.iterdir()] != [IN_PROGRESS]:  # another export finished into it meanwhile
+        (out / IN_PROGRESS).unlink()
+        raise ExportError(f"{out} was written by another export meanwhile: choose a new folder (nothing is "
+                          "overwritten)")
+    return made
+
+
+def _release(out: Path, made: bool, written: bool) -> None:
+    """End the hold of :func:`_claim`: a finished export keeps its files; one that failed midway leaves nothing of
+    itself (the folder, if it made it; else the folder empty, as it was)."""
+    import shutil
+
+    (out / IN_PROGRESS).unlink(missing_ok=True)
+    if written:
+        return
+    if made:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for p in out.iterdir():
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def export_model(run_dir: str | Path, out: str | Path, client: int | None = None, merged: bool = False,
@@ -533,11 +583,15 @@ def export_model(run_dir: str | Path, out: str | Path, client: int | None = None
     merged = form == "merged"
     out = Path(out)
     _check_out_folder(out)
+    made, written = _claim(out), False
     try:
-        return _export_into(out, run_dir, client, merged, private_path, form, round_idx, exported)
-    finally:  # safetensors writes 0600 files: a server running as another user could not read the export
-        if out.is_dir():  # a new or empty folder: every file in it is the export's
-            ordinary_permissions(out.rglob("*"))
+        result = _export_into(out, run_dir, client, merged, private_path, form, round_idx, exported)
+        # safetensors writes 0600 files: a server running as another user could not read the export
+        ordinary_permissions(p for p in out.rglob("*") if p.name != IN_PROGRESS)
+        written = True
+        return result
+    finally:
+        _release(out, made, written)
 
 
 def _export_into(out: Path, run_dir, client, merged: bool, private_path, form: str, round_idx,
@@ -546,11 +600,6 @@ def _export_into(out: Path, run_dir, client, merged: bool, private_path, form: s
     if exported is not None:  # what was exported, for the caller's message: "client 1 of RUN (after round 3)"
         exported["source"] = loaded.source
         exported["notes"] = export_notes(loaded.cfg, form, loaded.mm)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot create the folder {out}: {e.strerror or e}; choose a new folder you may write "
-                          "(OUT)") from None
     if merged:
         why = merge_blockers(loaded.mm)
         if not why:

@@ -272,8 +272,10 @@ def evaluate_mmlu(model, tokenizer, subjects: str | Iterable[str] | None = None,
     model's ``max_position_embeddings``, else 2048); longer prompts lose their oldest shots.
     Returns ``macro_accuracy`` (mean over subjects), ``micro_accuracy`` (over questions),
     ``per_subject`` ``{subject: (correct, total, accuracy)}``, ``n``, plus ``k_shot``,
-    ``max_length`` and ``truncated`` (prompts that lost shots); with ``return_predictions``
-    also ``predictions`` ``{subject: [predicted index, ...]}``.
+    ``max_length``, ``truncated`` (prompts that lost shots) and ``questions_cut`` (prompts whose question itself
+    was cut from the left, every shot gone); with ``return_predictions`` also ``predictions``
+    ``{subject: [predicted index, ...]}``. Letter scores that are not finite (a model whose weights or dtype
+    overflowed) are an error: argmax would read them as answer A.
     """
     model = unwrap(model)
     if max_per_subject is not None and max_per_subject < 1:
@@ -289,15 +291,21 @@ def evaluate_mmlu(model, tokenizer, subjects: str | Iterable[str] | None = None,
 
     prompts: list[list[int]] = []
     owners: list[tuple[str, int]] = []
-    truncated = 0
+    truncated = cut = 0
     for s in names:
         for q in tests[s][:max_per_subject]:
             ids, kept = fit_prompt(tokenizer, s, dev[s], q, k_shot, max_length)
             truncated += kept < k_shot
+            cut += kept == 0 and len(ids) == max_length and len(encode(tokenizer, build_prompt(s, [], q, 0))) > max_length
             prompts.append(ids)
             owners.append((s, q.answer))
     scores = score_letters(model, prompts, letter_ids, batch_size=batch_size, device=device,
                            pad_id=_pad_id(model, tokenizer), progress=progress)
+    bad = int((~torch.isfinite(scores).all(dim=-1)).sum())
+    if bad:
+        raise ValueError(f"the model's answer-letter scores are not finite (NaN or inf) for {bad} of {len(prompts)} "
+                         "MMLU questions: its weights hold non-finite values, or its dtype overflowed (try --dtype "
+                         "float32); no accuracy is computed from them")
     preds = scores.argmax(dim=-1).tolist()
 
     counts = {s: [0, 0] for s in names}
@@ -307,7 +315,7 @@ def evaluate_mmlu(model, tokenizer, subjects: str | Iterable[str] | None = None,
         counts[s][1] += 1
         predictions[s].append(pred)
     result = aggregate_accuracy({s: (c, t) for s, (c, t) in counts.items()})
-    result.update(k_shot=k_shot, max_length=max_length, truncated=truncated)
+    result.update(k_shot=k_shot, max_length=max_length, truncated=truncated, questions_cut=cut)
     if return_predictions:
         result["predictions"] = predictions
     return result
