@@ -30,6 +30,29 @@ def test_rouge_l_stemming_and_mean():
     assert rouge_l(["running dogs", "xyz"], ["run dog", "abc"]) == pytest.approx(50.0)
 
 
+def test_rouge_l_of_text_in_other_scripts():
+    """rouge_score's tokenizer keeps a-z and 0-9 only: a Chinese or Russian reference scored 0 against itself. The
+    unicode tokenizer scores by the words of every script (a Han character each) and gives rouge_score's scores on
+    a-z text; the latin one refuses references mostly in another script instead of scoring them 0."""
+    import random
+
+    from fedmoe.eval.rouge import UnicodeTokenizer
+
+    zh, ru = "北京是中国的首都", "Привет, мир"
+    assert rouge_l_per_example([zh, ru], [zh, ru], "unicode") == [100.0, 100.0]
+    # LCS of 北京是首都 in 北京是中国的首都: 5 of 5 and 5 of 8 characters
+    assert rouge_l(["北京是首都"], [zh], "unicode") == pytest.approx(100 * 2 * (5 / 5) * (5 / 8) / (5 / 5 + 5 / 8))
+    assert UnicodeTokenizer().tokenize("Running x_y café 3D東京") == ["run", "x", "y", "café", "3d", "東", "京"]
+    rng = random.Random(0)
+    words = "the cat sat on mat running quickly dogs jumped over 12 3d don't".split()
+    preds = [" ".join(rng.choices(words, k=8)) for _ in range(100)]
+    refs = [" ".join(rng.choices(words, k=8)) for _ in range(100)]
+    assert rouge_l_per_example(preds, refs, "unicode") == rouge_l_per_example(preds, refs)
+    with pytest.raises(ValueError, match=r"2 of 3 references have no word in a-z or 0-9 .* eval.rouge_tokenizer: unicode"):
+        rouge_l_per_example(["a", "b", "c"], [zh, ru, "the cat"])
+    assert rouge_l_per_example(["a", "b", "the cat"], [zh, "ok", "the cat"]) == [0.0, 0.0, 100.0]  # 1 of 3: scored
+
+
 def test_rouge_l_rejects_empty_and_mismatch():
     with pytest.raises(ValueError):
         rouge_l([], [])

@@ -414,6 +414,10 @@ class EvalConfig(_Strict):
     task: Literal["generate", "choice"] = "generate"
     choice_normalize: Literal["mean", "sum"] = "mean"  # choice: per-token mean (default) or total log-likelihood
     rouge: bool = True
+    # ROUGE-L's words: "latin" is rouge_score's own (a-z and 0-9 only, Porter stemming: the papers' ROUGE-L; text
+    # in another script has no word and scores 0, which is refused when most references are such text); "unicode"
+    # keeps the words of every script, each Han, kana or Hangul character a word (the same scores on a-z text)
+    rouge_tokenizer: Literal["latin", "unicode"] = "latin"
     max_new_tokens: int = Field(32, ge=1)
     # Greedy decoding that never repeats an n-gram of this size (Hugging Face's no_repeat_ngram_size).
     # 3 by default: small models otherwise loop ("8, 8, 8, 8, ...") and the loops, not the content,

@@ -176,7 +176,7 @@ class ModelEvaluator:
                                   no_repeat_ngram_size=ec.no_repeat_ngram_size)
             prog.remove(task)
             preds = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
-            res["scores"] = rouge_l_per_example(preds, refs)
+            res["scores"] = rouge_l_per_example(preds, refs, ec.rouge_tokenizer)
             res["rouge_l"] = float(np.mean(res["scores"]))
             res["categories"] = [c for s in sets for c in s.test_categories]
             res["examples"] = [{"prediction": p, "reference": r} for p, r in list(zip(preds, refs))[:3]]

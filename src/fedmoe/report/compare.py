@@ -226,7 +226,8 @@ def format_comparison(runs: list[Run]) -> str:
 # the settings that decide which test examples a run is scored on, and how: every data key but those that touch
 # only the training (or validation) data, the seed (the split and partition), and the evaluation's scoring
 _TRAIN_ONLY_DATA = ("max_train_per_client", "pool_train", "on_bad_row", "max_val_per_client")
-_SCORING = ("task", "choice_normalize", "rouge", "max_new_tokens", "no_repeat_ngram_size", "max_examples")
+_SCORING = ("task", "choice_normalize", "rouge", "rouge_tokenizer", "max_new_tokens", "no_repeat_ngram_size",
+            "max_examples")
 
 
 def scoring_differences(runs: list[Run]) -> list[str]:
@@ -237,9 +238,14 @@ def scoring_differences(runs: list[Run]) -> list[str]:
         scoring = {k: v for k, v in (run.config.get("eval") or {}).items() if k in _SCORING}
         return flat_keys({"data": data, "eval": scoring, "seed": run.config.get("seed")})
 
+    from ..config import RunConfig, config_to_dict
+
+    # a key a run's config.yaml lacks (written before fedmoe had it) has its default, e.g. eval.rouge_tokenizer
+    default = flat_keys(config_to_dict(RunConfig()))
     each = [settings(r) for r in runs]
     keys = sorted({k for s in each for k in s})
-    return [f"{k}: " + " | ".join(json.dumps(s.get(k)) for s in each) for k in keys if len({json.dumps(s.get(k)) for s in each}) > 1]
+    value = [{k: json.dumps(s[k] if k in s else default.get(k)) for k in keys} for s in each]
+    return [f"{k}: " + " | ".join(v[k] for v in value) for k in keys if len({v[k] for v in value}) > 1]
 
 
 def plot_comparison(runs: list[Run], path: str | Path) -> bool:
