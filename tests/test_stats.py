@@ -53,3 +53,19 @@ def test_bad_input_is_named():
         paired_bootstrap([], [])
     with pytest.raises(ValueError, match="confidence"):
         paired_bootstrap([1.0], [0.0], confidence=1.5)
+
+
+def test_too_few_pairs_get_no_verdict():
+    """Two examples that both rose give the interval [their two differences], which excludes 0: "a real
+    improvement" said of n = 2. Under 10 pairs the verdict and the table cell say the interval tells nothing."""
+    from fedmoe.eval.stats import MIN_PAIRS, change_verdict, format_change
+
+    few = paired_bootstrap([10.0, 20.0], [0.0, 0.0])
+    assert few["low"] > 0  # the interval alone would call it real
+    assert change_verdict(few).startswith("too few examples (2, fewer than 10)")
+    assert format_change(few).endswith("(n = 2: too few)")
+    rng = np.random.default_rng(0)
+    before = rng.uniform(0, 50, MIN_PAIRS)
+    enough = paired_bootstrap((before + 5).tolist(), before.tolist())
+    assert change_verdict(enough) == "the interval excludes 0: a real improvement" and "too few" not in format_change(enough)
+    assert change_verdict(paired_bootstrap((before - 5).tolist(), before.tolist())).endswith("a real drop")

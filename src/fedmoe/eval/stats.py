@@ -37,6 +37,28 @@ def paired_bootstrap(after: list[float], before: list[float], n_resamples: int =
             "equal": int((d == 0).sum())}
 
 
+# fewer paired examples than this and a percentile bootstrap interval says nothing: with 1 or 2 examples it is
+# the examples' own differences (n = 1: a single point), which exclude 0 whenever they share a sign
+MIN_PAIRS = 10
+
+
+def change_verdict(change: dict) -> str:
+    """What a :func:`paired_bootstrap` interval says of the change, in words; with fewer than :data:`MIN_PAIRS`
+    examples, that it says nothing."""
+    if change["n"] < MIN_PAIRS:
+        return (f"too few examples ({change['n']}, fewer than {MIN_PAIRS}) for the interval to tell a change from "
+                "noise")
+    if change["low"] > 0:
+        return "the interval excludes 0: a real improvement"
+    if change["high"] < 0:
+        return "the interval excludes 0: a real drop"
+    return "the interval contains 0: no change distinguishable from noise"
+
+
 def format_change(change: dict | None) -> str:
-    """``+0.12 [-0.40, +0.64]``: a :func:`paired_bootstrap` result in one table cell ("–" when absent)."""
-    return "–" if not change else f"{change['mean']:+.2f} [{change['low']:+.2f}, {change['high']:+.2f}]"
+    """``+0.12 [-0.40, +0.64]``: a :func:`paired_bootstrap` result in one table cell ("–" when absent; its n
+    added when under :data:`MIN_PAIRS`)."""
+    if not change:
+        return "–"
+    few = f" (n = {change['n']}: too few)" if change["n"] < MIN_PAIRS else ""
+    return f"{change['mean']:+.2f} [{change['low']:+.2f}, {change['high']:+.2f}]{few}"

@@ -7,6 +7,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from fedmoe.eval.stats import change_verdict
 from fedmoe.report.method import method_parts
 from fedmoe.rundir import RunDir, atomic_write_bytes, atomic_write_text, md_cell
 
@@ -430,9 +431,7 @@ def format_zero_shot_comparison(summary: dict) -> list[str]:
             lines.append(f"| **mean over categories** | | {_num(mb, 2)} | {_num(ma, 2)} | {_num(ma - mb, 2)} |")
     ch = g.get(f"{key}_change")
     if ch:
-        verdict = ("the interval excludes 0: a real improvement" if ch["low"] > 0 else
-                   "the interval excludes 0: a real drop" if ch["high"] < 0 else
-                   "the interval contains 0: no change distinguishable from noise")
+        verdict = change_verdict(ch)
         what = "generated" if key == "rouge_l" else "answered"
         unit = "" if key == "rouge_l" else " points"
         lines += ["", f"{name} change{unit}, paired over the {ch['n']} {what} test examples (each client's own model, "
