@@ -496,3 +496,25 @@ def test_private_is_refused_for_a_run_whose_checkpoint_holds_the_stores(runs, tm
     with pytest.raises(ExportError, match="ran in-process, and its checkpoint holds client 0's private state"):
         export_model(runs["flame"], tmp_path / "p0", client=0, private_path=tmp_path / "priv")
     assert not (tmp_path / "p0").exists()
+
+
+def test_a_run_on_a_device_this_machine_lacks_exports_with_device(runs, tmp_path):
+    """A run trained on a GPU and exported where there is none: an error naming --device (was a traceback from
+    torch), and with --device cpu the same model (where it loads changes no trained tensor)."""
+    import shutil
+
+    from fedmoe.export import load_for_answers
+
+    run = tmp_path / "gpu-run"
+    shutil.copytree(runs["fedit"], run)
+    cfg = (run / "config.yaml").read_text()
+    assert "device: auto" in cfg
+    (run / "config.yaml").write_text(cfg.replace("device: auto", "device: cuda:99"))  # an execution key
+    with pytest.raises(ExportError, match=r"model.device = cuda:99, but this machine has .*pass --device cpu"):
+        export_model(run, tmp_path / "x", client=0)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ExportError, match="pass --device cpu"):
+        load_for_answers(run)
+    assert export_model(run, tmp_path / "y", client=0, device="cpu")[0] == "peft"
+    ours = _logits(load_for_answers(run, 0, device="cpu").mm.model)
+    assert torch.equal(ours, _ours(runs["fedit"], 0)[1])

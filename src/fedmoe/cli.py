@@ -651,6 +651,8 @@ def export(
     round_: Annotated[Optional[int], typer.Option(
         "--round", help="the model after this round (one of the run's two checkpoints), on purpose: needed for a run "
                         "that did not finish, or whose last checkpoint is damaged (default: the finished run's last)")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help="load the model on auto, cpu, cuda, cuda:1, ... (default: the run's model.device)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars (transformers' loading and writing)")] = False,
 ):
     """Export a trained model: a PEFT adapter (default), a merged Hugging Face model (--merged), or,
@@ -663,8 +665,12 @@ def export(
 
     exported: dict = {}
     try:
+        if device is not None:
+            from .moe.model import check_device
+
+            check_device(device, "--device")
         form, why = export_model(run_dir, out, client=_which(client, global_), merged=merged, private_path=private,
-                                 form=format_, round_idx=round_, exported=exported)
+                                 form=format_, round_idx=round_, exported=exported, device=device)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _error(f"{e}")
         raise typer.Exit(2)
@@ -699,6 +705,8 @@ def generate(
     round_: Annotated[Optional[int], typer.Option(
         "--round", help="the model after this round (one of the run's two checkpoints), on purpose: needed for a run "
                         "that did not finish, or whose last checkpoint is damaged (default: the finished run's last)")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help="load the model on auto, cpu, cuda, cuda:1, ... (default: the run's model.device)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar (transformers' loading of a model folder)")] = False,
 ):
     """Answer instructions with a client's (or the global) model of a run, or with an exported model, in
@@ -729,7 +737,11 @@ def generate(
             _error(f"{what} is not UTF-8 text: give it in UTF-8 (convert with iconv -f <its encoding> -t UTF-8)")
             raise typer.Exit(2)
     try:
-        loaded = load_for_answers(run_dir, _which(client, global_), private, round_)
+        if device is not None:
+            from .moe.model import check_device
+
+            check_device(device, "--device")
+        loaded = load_for_answers(run_dir, _which(client, global_), private, round_, device)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _error(f"{e}")
         raise typer.Exit(2)

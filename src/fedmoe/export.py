@@ -168,6 +168,14 @@ def load_run_model(run_dir: str | Path, client: int | None = None, private_path:
                           "--client N (the client whose store it is), or leave --private out for the global model")
 
     cfg, rd, ck = _checkpoint_to_export(run_dir, round_idx, verb)
+    if device is None:  # the run's own device: one this machine may lack (a GPU run exported on a laptop)
+        from .moe.model import check_device
+
+        try:
+            check_device(cfg.model.device)
+        except ValueError as e:
+            raise ExportError(f"{rd.path}: {e}; or pass --device cpu (or auto) to load the run's model here: where it "
+                              "loads changes no trained tensor") from None
     n = cfg.data.partition.num_clients
     if client is not None and not 0 <= client < n:
         raise ExportError(f"--client {client}: the run {rd.path} has clients 0..{n - 1}")
@@ -569,7 +577,8 @@ def _release(out: Path, made: bool, written: bool) -> None:
 
 def export_model(run_dir: str | Path, out: str | Path, client: int | None = None, merged: bool = False,
                  private_path: str | Path | None = None, form: str | None = None,
-                 round_idx: int | None = None, exported: dict | None = None) -> tuple[str, list[str]]:
+                 round_idx: int | None = None, exported: dict | None = None,
+                 device: str | None = None) -> tuple[str, list[str]]:
     """Write the model to ``out`` (a new or empty folder) in ``form`` (``peft``, ``merged``, ``vllm``;
     None: ``merged`` when ``merged`` else ``peft``), or as a fedmoe folder when that form cannot express
     it; returns (the form written, why not the one asked for: empty when it is the one asked for). ``merged`` with
@@ -585,7 +594,7 @@ def export_model(run_dir: str | Path, out: str | Path, client: int | None = None
     _check_out_folder(out)
     made, written = _claim(out), False
     try:
-        result = _export_into(out, run_dir, client, merged, private_path, form, round_idx, exported)
+        result = _export_into(out, run_dir, client, merged, private_path, form, round_idx, exported, device)
         # safetensors writes 0600 files: a server running as another user could not read the export
         ordinary_permissions(p for p in out.rglob("*") if p.name != IN_PROGRESS)
         written = True
@@ -595,8 +604,8 @@ def export_model(run_dir: str | Path, out: str | Path, client: int | None = None
 
 
 def _export_into(out: Path, run_dir, client, merged: bool, private_path, form: str, round_idx,
-                 exported: dict | None) -> tuple[str, list[str]]:
-    loaded = load_run_model(run_dir, client, private_path, round_idx)
+                 exported: dict | None, device: str | None = None) -> tuple[str, list[str]]:
+    loaded = load_run_model(run_dir, client, private_path, round_idx, device=device)
     if exported is not None:  # what was exported, for the caller's message: "client 1 of RUN (after round 3)"
         exported["source"] = loaded.source
         exported["notes"] = export_notes(loaded.cfg, form, loaded.mm)
@@ -770,18 +779,19 @@ def _read_source(folder: Path) -> dict:
 
 
 def load_for_answers(path: str | Path, client: int | None = None, private_path: str | Path | None = None,
-                     round_idx: int | None = None) -> LoadedModel:
+                     round_idx: int | None = None, device: str | None = None) -> LoadedModel:
     """What ``fedmoe generate PATH`` answers with: a run directory's model (the global one or
     ``client``'s), or an export of one — a fedmoe folder (restored exactly) or a merged model — in the
     prompt template and decoding of the run it came from (``fedmoe-source.json``; a Hugging Face model
-    folder without one: fedmoe's defaults). An adapter (PEFT or vllm form) is refused, naming the run."""
+    folder without one: fedmoe's defaults). An adapter (PEFT or vllm form) is refused, naming the run. ``device``:
+    load it there rather than on the run's ``model.device``."""
     path = Path(path)
     is_export = (path / EXPORT_FILE).is_file() or (path / SOURCE_FILE).is_file()
     if is_export and (client is not None or private_path is not None or round_idx is not None):
         raise ExportError(f"{path} is an export of one model: --client, --private and --round choose a model of a run "
                           "directory; leave them out")
     if (path / EXPORT_FILE).is_file():
-        mm, cfg, meta = _load_exported(path)
+        mm, cfg, meta = _load_exported(path, device=device)
         return LoadedModel(cfg, mm, meta.get("client"), Message(), {}, f"{meta.get('source')}, exported to {path}")
     if (path / "adapter_config.json").is_file():
         origin = ""
@@ -796,13 +806,14 @@ def load_for_answers(path: str | Path, client: int | None = None, private_path: 
             source = f"{meta.get('source')}, merged into {path}"
         else:
             tree, source = {}, f"the Hugging Face model in {path} (fedmoe's default prompt template and decoding)"
-        tree.setdefault("model", {}).update({"name": str(path), "tokenizer": None, "quantization": "none"})
+        tree.setdefault("model", {}).update({"name": str(path), "tokenizer": None, "quantization": "none",
+                                             **({"device": device} if device is not None else {})})
         cfg = config_from_tree(tree, str(path / SOURCE_FILE))
         mm = MoEModel.from_pretrained(str(path), dtype=cfg.model.dtype, device=cfg.model.device,
                                       attn_implementation=cfg.model.attn_implementation)
         mm.model.eval()
         return LoadedModel(cfg, mm, None, Message(), {}, source)
-    return load_run_model(path, client, private_path, round_idx, verb="generate from")
+    return load_run_model(path, client, private_path, round_idx, verb="generate from", device=device)
 
 
 def load_model(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu") -> MoEModel:
