@@ -518,3 +518,39 @@ def test_a_run_on_a_device_this_machine_lacks_exports_with_device(runs, tmp_path
     assert export_model(run, tmp_path / "y", client=0, device="cpu")[0] == "peft"
     ours = _logits(load_for_answers(run, 0, device="cpu").mm.model)
     assert torch.equal(ours, _ours(runs["fedit"], 0)[1])
+
+
+def test_a_checkpoint_with_a_flipped_bit_is_refused_not_exported(runs, tmp_path):
+    """torch.load does not check the CRC-32 each record of its zip carries: a flipped bit in a tensor's bytes was
+    exported as 'after round 1' with a LoRA value changed. Every .pt fedmoe reads is checked against them first; the
+    run then reads as one whose last checkpoint is damaged (a resume falls back to the previous round, export
+    refuses), and a flipped bit anywhere in a file is caught. (The fall-back to state.prev.pt is
+    tests/test_federation.py's, for any unreadable latest checkpoint.)"""
+    import random
+    import shutil
+
+    from fedmoe.federation.checkpoint import RunDirError, load_checkpoint
+    from fedmoe.rundir import DamagedFileError, load_tensor_file
+
+    run = tmp_path / "flipped"
+    shutil.copytree(runs["fedit"], run)
+    state = run / "checkpoints" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    state.write_bytes(bytes(data))
+    with pytest.raises(DamagedFileError, match=r"state.pt: this checkpoint is damaged: its record .* does not match"):
+        load_tensor_file(state, "checkpoint")
+    # a one-round run without a zero-shot checkpoint has no previous one to fall back to: no readable checkpoint
+    with pytest.raises(RunDirError, match=r"no readable checkpoint .*state.pt: this checkpoint is damaged"):
+        load_checkpoint(run, log=lambda *a: None)
+    with pytest.raises(RunDirError, match="this checkpoint is damaged"):
+        export_model(run, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    original = (runs["fedit"] / "checkpoints" / "state.pt").read_bytes()
+    rng = random.Random(0)
+    for _ in range(50):  # any single flipped bit, metadata or tensor bytes
+        b = bytearray(original)
+        b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+        state.write_bytes(bytes(b))
+        with pytest.raises(DamagedFileError):
+            load_tensor_file(state)

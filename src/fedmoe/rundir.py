@@ -104,14 +104,40 @@ class UnsafeFileError(ValueError):
     """A .pt file that holds Python objects (a pickle) rather than tensors and plain values."""
 
 
+class DamagedFileError(ValueError):
+    """A file whose bytes no longer match the checksums written with them (a bit changed on disk or in a copy)."""
+
+
+def check_zip_records(path: str | Path, what: str = "file") -> None:
+    """Every record of a zip-format file (what ``torch.save`` writes) against the CRC-32 stored with it: torch.load
+    does not check them, so a flipped bit in a tensor's bytes loaded as a silently different number. Raises
+    :class:`DamagedFileError` naming the record; a file that is no zip is left to its reader."""
+    import zipfile
+
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError):  # not a zip, or torn: the reader says what it is
+        return
+    with z:
+        try:
+            bad = z.testzip()
+        except Exception as e:  # noqa: BLE001 - a damaged record header raises BadZipFile, a codec error, ...
+            bad = f"(unreadable: {type(e).__name__}: {e})"
+    if bad is not None:
+        raise DamagedFileError(f"{path}: this {what} is damaged: its record {bad} does not match the checksum written "
+                               "with it (a bit changed on disk or in a copy), so it was not loaded")
+
+
 def load_tensor_file(path: str | Path, what: str = "file"):
     """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers of them, never
-    code. A file holding other Python objects (an old fedmoe checkpoint, or a planted payload) is refused
-    with one line that names it; nothing in it runs."""
+    code, after every record's checksum (:func:`check_zip_records`: a damaged file is refused, not loaded
+    with a changed number). A file holding other Python objects (an old fedmoe checkpoint, or a planted payload)
+    is refused with one line that names it; nothing in it runs."""
     import pickle
 
     import torch
 
+    check_zip_records(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
