@@ -183,3 +183,13 @@ def test_a_lying_clients_validation_loss_is_left_out(bad, why):
     kept, left = screened({0: good, 1: {"loss": 2.0, "tokens": 20, **bad}}, declared, max_length=48)
     assert list(kept) == [0] and why in left[1], left
     assert math.isclose(kept[0]["val_loss"], 2.5)
+
+
+def test_validation_numbers_a_run_did_not_ask_for_are_refused():
+    """A client that declared no validation set (the run measures none) cannot put validation rows into it."""
+    from fedmoe.federation.evaluation import screened
+
+    declared = {0: {"n_test": 3, "n_generated": 2}, 1: {"n_test": 3, "n_generated": 2}}
+    plain = {"loss": 2.0, "tokens": 20}
+    kept, left = screened({0: plain, 1: {**plain, "val_loss": 0.1, "val_tokens": 5}}, declared, max_length=48)
+    assert list(kept) == [0] and "5 validation tokens, more than the 0" in left[1]

@@ -274,7 +274,9 @@ def screened(results: dict[int, dict], declared: dict[int, dict | None],
     client's is non-finite, they are kept (the model diverged: the loop's own check stops the run with that)."""
     def bounds(cid):
         data = declared.get(cid) or {}
-        n_test, n_val = data.get("n_test"), data.get("n_val")
+        n_test = data.get("n_test")
+        # no n_val beside its test set's size: it declared no validation set (the run measures none)
+        n_val = data.get("n_val", 0 if isinstance(n_test, int) else None)
         return (data.get("n_generated"), n_test * max_length if isinstance(n_test, int) else None,
                 n_val * max_length if isinstance(n_val, int) else None)
 
