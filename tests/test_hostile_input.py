@@ -173,8 +173,22 @@ def test_a_reply_that_does_not_fit_what_was_sent_is_invalid(case, want):
     why = invalid_reply(_sent(), reply, _GLOBAL, 40, case.get("metrics", {}), client_metrics=ns)
     assert why is not None and want in why and why.startswith("an invalid reply"), why
     assert invalid_reply(_sent(), _reply(), _GLOBAL, 40, {"rescaler_by_layer": [1.0, 0.5]}, client_metrics=ns) is None
-    # a reply that carries no global tensor (local_only) is fine
-    assert invalid_reply(_sent(), _reply({}), _GLOBAL, 40, {}) is None
+    # a reply that carries no global tensor: fine for a method that aggregates none (local_only) and under SecAgg+
+    # (masked); for any other it left the aggregate without the model's tensors (KeyError, or a global state of
+    # none checkpointed as intact)
+    assert "2 of the model's 2 tensors are missing" in invalid_reply(_sent(), _reply({}), _GLOBAL, 40, {})
+    assert invalid_reply(_sent(), _reply({}), _GLOBAL, 40, {}, secure=True) is None
+
+
+def test_an_empty_reply_is_invalid_for_every_method_that_aggregates_updates():
+    from fedmoe.federation.runtime import invalid_reply
+    from fedmoe.messages import Message
+
+    for name in ("fedit", "flex", "scaffold", "flame", "fcmoe", "local_only"):
+        method, server, g = _server(name)
+        sent = server.downlink(g, server.initial_server_state(g), 0, round_idx=1)
+        why = invalid_reply(sent, Message({}, {"n_train": 3}), g, 5, {}, server)
+        assert (why is None) == (name == "local_only"), (name, why)
 
 
 def _server(method_name, *overrides):
@@ -488,6 +502,93 @@ def test_a_start_a_client_reports_is_recorded_only_as_durations_and_a_device_nam
         transport._note_start({**good, "device": device})
     assert transport.started() == [good] + [{k: v for k, v in good.items() if k != "device"}] * 5
     assert transport.started() == []  # taken once
+
+
+@pytest.mark.parametrize("result,want", [
+    ({"loss": 2.0, "tokens": 5, "rouge_l": 1e6}, "a rouge_l without the per-example scores"),
+    ({"loss": 2.0, "tokens": 5, "accuracy": "hello"}, "a accuracy without the per-example scores"),
+    ({"loss": 2.0, "tokens": 5, "eval_s": "hello"}, "eval_s = 'hello'"),
+    ({"loss": 2.0, "tokens": 5, "eval_s": -1.0}, "eval_s = '-1.0', not a duration"),
+])
+def test_what_a_client_could_claim_beside_its_loss_is_checked(result, want):
+    """A ROUGE-L or accuracy without the scores it is recomputed from was taken as sent (1e6 in the report; a text
+    one crashed the report after the last round, no summary written); a non-numeric eval_s crashed the server."""
+    from fedmoe.federation.evaluation import invalid_evaluation
+
+    why = invalid_evaluation(result, 3)
+    assert why is not None and want in why, why
+
+
+def _flower_reply(nid: int, info, msg=None):
+    """A Flower reply as the server pulls it: its sender node, no error, the records a client sends."""
+    from types import SimpleNamespace
+
+    from fedmoe.federation.flower.records import to_records
+    from fedmoe.messages import Message
+
+    content = to_records(msg or Message(), info)
+    if msg is None:
+        del content["tensors"]
+    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=nid), has_error=lambda: False, content=content)
+
+
+def test_a_train_reply_without_tensors_or_with_a_huge_count_is_that_clients_failure():
+    """A train reply with no tensors record reached the loop as None (AttributeError: the run died); a report's
+    token count of 10**400, legal JSON, overflowed the first float it met (OverflowError: the run died)."""
+    from fedmoe.config import load_config
+    from fedmoe.federation.flower.server import FlowerTransport
+    from fedmoe.messages import Message
+
+    transport = FlowerTransport(None, load_config(None, ["data.partition.num_clients=2"]))
+    transport.node_of = {0: 10, 1: 11}
+    report = {"loss": 1.0, "steps": 1, "lr": 0.1, "tokens": 10**400, "activation_counts": [[1]], "metrics": {}}
+    timing = {"load_s": 0.0, "work_s": 1.0}
+    transport._send = lambda *a, **k: ({0: (None, {"report": {**report, "tokens": 5}, **timing}),
+                                        1: (Message({}, {"n_train": 1}), {"report": report, **timing})}, {})
+    replies, failed = transport.train(1, {0: Message(), 1: Message()}, None)
+    assert replies == {} and "without its tensors record" in failed[0]
+    assert "tokens = '1000" in failed[1] and "below 2**53" in failed[1]
+
+
+def test_a_node_that_comes_back_mid_run_is_held_to_what_its_client_declared(monkeypatch):
+    """Which client a SuperNode is, asked mid-run of a node that connected since: an id that is not one of the run's
+    clients, or unreadable, is not taken (a list crashed the server, a text id would later); a node claiming a
+    client whose node is still connected is not taken (it received that client's messages and answered for it:
+    two votes in a robust aggregation); a client that comes back keeps the data it declared at setup (the new node
+    re-declared 10**6 test examples, and the global loss it sent passed the check); two new nodes claiming one
+    client are neither taken."""
+    from fedmoe.config import load_config
+    from fedmoe.federation.flower import server
+    from fedmoe.federation.flower.server import FlowerTransport
+
+    monkeypatch.setattr(server, "_message", lambda *a: None)  # the query's outgoing message: never sent here
+    transport = FlowerTransport(None, load_config(None, ["data.partition.num_clients=3"]))
+    logged = []
+    transport.log = logged.append
+    transport.node_of = {0: 10, 1: 11, 2: 12}
+    transport.infos = {c: {"client": c, "data": {"n_test": 4, "n_generated": 2}} for c in range(3)}
+    answers = {20: {"client": [1]}, 21: {"client": "1"}, 22: {"nope": 1}, 23: {"client": 0},
+               24: {"client": 2, "data": {"n_test": 10**6, "n_generated": 2}}, 25: {"client": 5}}
+    transport._send_and_receive = lambda msgs, timeout=None: [_flower_reply(n, a) for n, a in answers.items()]
+
+    class Grid:  # the nodes connected now: client 2's node 12 is gone, client 0's node 10 is still there
+        @staticmethod
+        def get_node_ids():
+            return [10, 11, *answers]
+
+    transport.grid = Grid()
+    transport.run_id = "r"
+    gone = transport._refresh()
+    assert transport.node_of == {0: 10, 1: 11, 2: 24} and gone == set()
+    assert transport.infos[2]["data"] == {"n_test": 4, "n_generated": 2}  # as declared at setup
+    text = "\n".join(logged)
+    assert text.count("answered which client it is unreadably") == 4  # [1], "1", no client, 5
+    assert "SuperNode 23 says it is client 0, whose SuperNode 10 is still connected: it is not taken" in text
+    answers.clear()
+    answers.update({30: {"client": 1}, 31: {"client": 1}})
+    Grid.get_node_ids = staticmethod(lambda: [10, 24, 30, 31])  # client 1's node 11 is gone; two claim it
+    assert transport._refresh() == {1} and transport.node_of[1] == 11
+    assert "SuperNodes [30, 31] all say they are client 1: none of them is taken" in "\n".join(logged)
 
 
 def test_the_server_reads_each_half_of_an_evaluation_reply_on_its_own():

@@ -90,6 +90,27 @@ def test_node_config_budget_is_parsed_or_refused_naming_the_key():
             node_budget(bad)
 
 
+def test_node_paths_do_not_depend_on_where_the_node_was_started(tmp_path, monkeypatch):
+    """A relative state-dir followed the SuperNode's working directory: started elsewhere, the node found no stores
+    and no privacy ledger (its budget began again at zero). It is refused; ~ is expanded. A worker socket path that
+    is a symbolic link is followed, as the worker follows it (the relay looked for the lock and pid files beside the
+    link and never stopped a hung worker)."""
+    from fedmoe.federation.flower.paths import node_identity
+    from fedmoe.federation.flower.relay import lock_path, worker_socket
+
+    with pytest.raises(ValueError, match="state-dir = 'state': give it as an absolute path"):
+        node_identity({"partition-id": 0, "state-dir": "state"}, {})
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert node_identity({"partition-id": 1, "state-dir": "~/fl"}, {})[2] == str(tmp_path / "fl")
+    assert node_identity({"partition-id": 1, "state-dir": "/srv/fl"}, {}) == (1, None, "/srv/fl")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    sock = worker_socket({"worker": str(tmp_path / "link" / "w.sock")})
+    assert sock == tmp_path / "real" / "w.sock" and lock_path(sock) == tmp_path / "real" / "w.sock.lock"
+    (tmp_path / "real" / "alias.sock").symlink_to(tmp_path / "real" / "w.sock")
+    assert worker_socket({"worker": str(tmp_path / "real" / "alias.sock")}) == tmp_path / "real" / "w.sock"
+
+
 def test_a_node_refuses_a_run_that_would_let_its_data_leave_unnoised(run, tmp_path):
     """Each setting a server could use to get more than noised updates is refused at setup and at training,
     naming it; the same run with local DP as the node asks is set up."""

@@ -37,6 +37,36 @@ def _drop_at_setup(msg, ctx, call_next):
     return call_next(msg, ctx)
 
 
+# rounds 6-8: one node's reply of one stage is malformed (what Flower's workflow indexes without checking, and
+# raised on, stopping the run): (round, partition, stage) -> the corruption
+CORRUPT = {6: (2, "collect_masked_vectors", "no configs record"), 7: (3, "collect_masked_vectors", "short vector"),
+           8: (1, "unmask", "a share of a node not in the round")}
+
+
+def _corrupt(msg, ctx, call_next):
+    """Fault injection: the reply of :data:`CORRUPT`'s node, made after its SecAgg+ mod answered."""
+    cfg = msg.content.config_records.get(sa.SECAGG_CONFIGS)
+    asked = None if cfg is None else cfg.get("stage")  # read first: the SecAgg+ mod consumes the record
+    rnd = int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else None
+    reply = call_next(msg, ctx)
+    if rnd not in CORRUPT:
+        return reply
+    pid, stage, how = CORRUPT[rnd]
+    if int(ctx.node_config["partition-id"]) != pid or asked != stage:
+        return reply
+    from flwr.common import ndarray_to_bytes
+
+    out = reply.content.config_records[sa.SECAGG_CONFIGS]
+    if how == "no configs record":
+        del reply.content[sa.SECAGG_CONFIGS]
+    elif how == "short vector":
+        out["masked_params"] = [ndarray_to_bytes(np.zeros(3, dtype=np.int64))]
+    else:
+        out["nids"] = [*out["nids"], 987654321]
+        out["shares"] = [*out["shares"], b"not a share"]
+    return reply
+
+
 def _apps(results: dict):
     from flwr.app import Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
@@ -44,7 +74,7 @@ def _apps(results: dict):
 
     client_app, server_app = ClientApp(), ServerApp()
 
-    @client_app.train(mods=[_drop_at_setup, sa.secaggplus_mod_if_marked])
+    @client_app.train(mods=[_corrupt, _drop_at_setup, sa.secaggplus_mod_if_marked])
     def _train(msg, ctx):
         pid = int(ctx.node_config["partition-id"])
         if not sa.is_secagg_message(msg):  # the loop's own train message
@@ -79,6 +109,8 @@ def _apps(results: dict):
         extra = RecordDict({"extra": MetricRecord({"shift": 0.25})})
         results[4] = sa.secure_weighted_sum(grid, nodes, {n: extra for n in nodes}, DIM, round_idx=4, **kw)
         results[5] = sa.secure_weighted_sum(grid, nodes[:1], None, DIM, round_idx=5, **kw)
+        for rnd in CORRUPT:
+            results[rnd] = sa.secure_weighted_sum(grid, nodes, None, DIM, round_idx=rnd, **kw)
         results["plain_last"] = plain(20.0)
 
     return server_app, client_app
@@ -150,6 +182,18 @@ def test_dropout_at_setup_is_forgotten(sim):
 
 def test_recorddict_payload_reaches_the_handler_and_state_is_reused(sim):
     _check(sim[4], sim, 4, [0, 1, 2, 3], shift=0.25)
+
+
+@pytest.mark.parametrize("rnd", sorted(CORRUPT))
+def test_a_malformed_reply_is_that_nodes_dropout_not_the_end_of_the_run(sim, rnd):
+    """A node whose reply lacks the record Flower's workflow reads, holds a masked vector of another shape, or
+    sends a share of a node that is not in the round: the workflow raised (KeyError, IndexError) and the run
+    stopped. The reply is now dropped as that node's dropout, which the protocol recovers from: a missing masked
+    vector leaves the node out of the mean; a missing unmask reply only its shares of the others."""
+    pid, stage, _ = CORRUPT[rnd]
+    (nid, why), = sim[rnd].failures.items()
+    assert sim["pid_of"][nid] == pid and why.startswith(f"{stage}: a malformed reply")
+    _check(sim[rnd], sim, rnd, [p for p in range(4) if p != pid] if stage != "unmask" else [0, 1, 2, 3])
 
 
 def test_one_node_halts(sim):

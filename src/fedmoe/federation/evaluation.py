@@ -194,7 +194,8 @@ def invalid_evaluation(r, n_generated: int | None, max_tokens: int | None = None
     cross-entropy (finite, ≥ 0; a -5 would pull the pooled loss down), a token count that is a
     non-negative integer (no loss without tokens), per-example scores in [0, 100], no more than the
     ``n_generated`` answered examples it declared at setup, no more test tokens than ``max_tokens`` (the test
-    examples it declared, each at most ``data.max_length`` tokens), one category per score, the general-text,
+    examples it declared, each at most ``data.max_length`` tokens), an answer metric only with the per-example
+    scores it is recomputed from, a non-negative ``eval_s``, one category per score, the general-text,
     MMLU and held-out numbers finite and in range, a validation loss held to the same rules as the test loss (its
     tokens within ``max_val_tokens``, from the validation examples it declared). The perplexity and the answer
     metric are not taken from the reply: :func:`recomputed` derives them from the loss and the scores."""
@@ -207,7 +208,12 @@ def invalid_evaluation(r, n_generated: int | None, max_tokens: int | None = None
         why = _invalid_loss(r.get("val_loss"), r.get("val_tokens"), max_val_tokens, "validation")
         if why:
             return why
+    if "eval_s" in r and not _number(r["eval_s"], 0.0):
+        return f"eval_s = {str(r['eval_s'])[:40]!r}, not a duration in seconds"
     scores = r.get("scores")
+    claimed = [k for k in ("rouge_l", "accuracy") if r.get(k) is not None]
+    if claimed and not scores:  # the answer metric is the mean of the scores, recomputed here: none, no metric
+        return f"a {claimed[0]} without the per-example scores it is the mean of"
     if scores is not None:
         if not isinstance(scores, list) or not all(_number(s, 0.0, 100.0) for s in scores):
             return "per-example scores that are not numbers in [0, 100]"

@@ -97,8 +97,8 @@ def _metric_value(v) -> bool:
 
 def invalid_reply(sent: Message, reply: Message, global_state, declared_n: int | None, metrics: dict,
                   server=None, client_metrics=(), secure: bool = False, withheld: bool = False) -> str | None:
-    """Why a client's reply cannot touch the aggregate, or None. Its tensors must be the global ones (all
-    or none), ones it was sent, or the extras its method declares (``server.reply_extras``: SCAFFOLD's
+    """Why a client's reply cannot touch the aggregate, or None. Its tensors must be the global ones (all of
+    them; none only where the method aggregates no update, ``local_only``, or under SecAgg+), ones it was sent, or the extras its method declares (``server.reply_extras``: SCAFFOLD's
     control change, FLAME's counts), each with the shape and dtype it was sent or declared (a (1,)-shaped
     tensor would broadcast over a matrix, int64 zeros turn the global state into integers); its scalars
     the method's (``server.reply_scalars``); n_train a positive integer no larger than what the client
@@ -123,7 +123,9 @@ def invalid_reply(sent: Message, reply: Message, global_state, declared_n: int |
             why.append(f"{name} is {tuple(t.shape)} {_dtype(t.dtype)}, the method expects {tuple(want[0])} "
                        f"{_dtype(want[1])}")
     present = [n for n in global_state if n in reply.tensors]
-    if present and len(present) < len(global_state):
+    # none of them: only a method whose server reads no update (local_only), or a SecAgg+ round (masked)
+    none_allowed = secure or (server is not None and not server.trains_global_model)
+    if (present or not none_allowed) and len(present) < len(global_state):
         missing = [n for n in global_state if n not in reply.tensors]
         why.append(f"{len(missing)} of the model's {len(global_state)} tensors are missing ({missing[0]}, ...)")
     lacking = [n for n in extras if n not in reply.tensors]

@@ -110,11 +110,15 @@ def seconds(info: dict, key: str) -> float:
     return v
 
 
+MAX_COUNT = 2**53  # beyond any token or example count; above it a float no longer holds every integer
+
+
 def count(info: dict, key: str) -> int:
-    """``info[key]`` as a non-negative integer (a JSON integer, not a boolean, text or fraction)."""
+    """``info[key]`` as a non-negative integer (a JSON integer, not a boolean, text or fraction) below
+    :data:`MAX_COUNT` (JSON integers have no bound: 10**400 would overflow the first float it meets)."""
     v = info[key]
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"{key} = {str(v)[:40]!r} is not a non-negative integer")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < MAX_COUNT:
+        raise ValueError(f"{key} = {str(v)[:40]!r} is not a non-negative integer below 2**53")
     return v
 
 

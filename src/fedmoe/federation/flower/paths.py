@@ -26,7 +26,13 @@ def node_identity(node_config, options: dict) -> tuple[int, str | None, str]:
         raise ValueError("this SuperNode has no partition-id in its node config: start it with "
                          "--node-config 'partition-id=N' (N = its client id, 0..num_clients-1)")
     state_dir = node_config.get("state-dir") or options.get("state-root") or str(DEFAULT_STATE_DIR)
-    return int(node_config["partition-id"]), node_config.get("data-path") or None, str(state_dir)
+    if not Path(str(state_dir)).expanduser().is_absolute():
+        # relative to whatever directory the SuperNode (or a worker) was started in: another start elsewhere would
+        # find no private stores and no privacy ledger, and its node's budget would begin again at zero
+        raise ValueError(f"node config state-dir = '{state_dir}': give it as an absolute path (e.g. "
+                         "state-dir=\"/var/lib/fedmoe\"): a relative one depends on the directory the SuperNode "
+                         "was started in")
+    return int(node_config["partition-id"]), node_config.get("data-path") or None, str(Path(str(state_dir)).expanduser())
 
 
 __all__ = ["DEFAULT_STATE_DIR", "node_identity", "store_path"]

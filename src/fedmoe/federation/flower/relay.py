@@ -121,7 +121,10 @@ def worker_socket(node_config) -> Path | None:
     if not path.is_absolute():
         raise ValueError(f"node config worker = '{value}': give the worker's Unix socket as an absolute path "
                          "(e.g. worker=\"/var/lib/fedmoe/worker.sock\")")
-    return path
+    # the worker serves its socket's resolved path, and keeps its lock and pid files beside it: a socket path that
+    # is a symbolic link (or under one) is followed here too, or the relay would find neither and never stop a
+    # hung worker
+    return path.resolve()
 
 
 def lock_path(sock: Path) -> Path:

@@ -278,13 +278,18 @@ class _TrackingGrid:
     each node's error or missing reply by stage and the payload bytes each node sent and received
     over the four stages (:func:`content_bytes`)."""
 
-    def __init__(self, grid, poll_s: float, failures: dict[int, str]):
+    def __init__(self, grid, poll_s: float, failures: dict[int, str], vector_len: int | None = None):
         self._grid, self._poll_s, self.failures = grid, poll_s, failures
+        self.vector_len = vector_len  # the masked vector's length (None: not checked)
         self.bytes_up: dict[int, int] = {}
         self.bytes_down: dict[int, int] = {}
+        self.nodes: set[int] = set()  # every node addressed (the protocol's sampled nodes)
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
+
+    def malformed(self, m, stage: str) -> str | None:
+        return _malformed_reply(m, stage, self.nodes, self.vector_len)
 
     def send_and_receive(self, messages, *, timeout: float | None = None):
         messages = list(messages)
@@ -294,6 +299,7 @@ class _TrackingGrid:
             stage[m.metadata.dst_node_id] = cfg.get("stage", "?") if cfg is not None else "?"
         for m in messages:
             nid = m.metadata.dst_node_id
+            self.nodes.add(nid)
             self.bytes_down[nid] = self.bytes_down.get(nid, 0) + content_bytes(m.content)
         ids = list(self._grid.push_messages(messages))
         dst = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}
@@ -306,17 +312,74 @@ class _TrackingGrid:
             if not waiting or (end is not None and time.monotonic() >= end):
                 break
             time.sleep(self._poll_s)
+        kept = []
         for m in replies:
+            nid = m.metadata.src_node_id
             if m.has_content():
-                nid = m.metadata.src_node_id
                 self.bytes_up[nid] = self.bytes_up.get(nid, 0) + content_bytes(m.content)
             if m.has_error():
-                nid = m.metadata.src_node_id
                 self.failures.setdefault(nid, f"{stage.get(nid, '?')}: {m.error.reason}")
+            elif (why := self.malformed(m, stage.get(nid, "?"))) is not None:
+                # left out as a node that did not answer: the protocol's own dropout (Flower's workflow would
+                # raise on it and stop the run)
+                self.failures.setdefault(nid, f"{stage.get(nid, '?')}: a malformed reply ({why}): dropped out")
+                continue
+            kept.append(m)
+        replies = kept
         for mid in waiting:
             nid = dst[mid]
             self.failures.setdefault(nid, f"{stage.get(nid, '?')}: no reply within {timeout} s")
         return replies
+
+
+def _is_list_of(v, kind) -> bool:
+    return isinstance(v, list) and all(isinstance(x, kind) and not isinstance(x, bool) for x in v)
+
+
+def _malformed_reply(m, stage: str, nodes: set[int], vector_len: int | None) -> str | None:
+    """Why a node's SecAgg+ reply of ``stage`` is not what Flower's workflow reads (it indexes it without
+    checking: a missing record, a list of the wrong type or length, a share for a node that is not in the round or
+    a masked vector of another shape raise inside the workflow), or None."""
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+    from flwr.supercore.primitives.asymmetric import bytes_to_public_key  # as the workflow reads them
+
+    cfg = m.content.config_records.get(SECAGG_CONFIGS)
+    if cfg is None:
+        return f"no {SECAGG_CONFIGS} record"
+    if stage == Stage.SETUP:
+        keys = [cfg.get(Key.PUBLIC_KEY_1), cfg.get(Key.PUBLIC_KEY_2)]
+        if not all(isinstance(k, bytes) for k in keys):
+            return "public keys that are not bytes"
+        try:
+            for k in keys:
+                bytes_to_public_key(k)
+        except Exception:  # noqa: BLE001
+            return "public keys that are not keys"
+    elif stage == Stage.SHARE_KEYS:
+        dsts, ctxts = cfg.get(Key.DESTINATION_LIST), cfg.get(Key.CIPHERTEXT_LIST)
+        if not _is_list_of(dsts, int) or not _is_list_of(ctxts, bytes) or len(dsts) != len(ctxts):
+            return "destinations and ciphertexts that are not two lists of node ids and bytes of one length"
+    elif stage == Stage.COLLECT_MASKED_VECTORS:
+        masked = cfg.get(Key.MASKED_PARAMETERS)
+        if not _is_list_of(masked, bytes):
+            return "masked parameters that are not a list of bytes"
+        try:
+            shapes = [bytes_to_ndarray(b).shape for b in masked]
+            from flwr.compat.common.recorddict_compat import recorddict_to_fitres
+
+            recorddict_to_fitres(m.content, True)
+        except Exception as e:  # noqa: BLE001
+            return f"unreadable masked parameters or fit records ({type(e).__name__})"
+        if vector_len is not None and shapes != [(1,), (vector_len,)]:
+            return f"a masked vector of shapes {shapes[:3]}, not [(1,), ({vector_len},)]"
+    elif stage == Stage.UNMASK:
+        nids, shares = cfg.get(Key.NODE_ID_LIST), cfg.get(Key.SHARE_LIST)
+        if not _is_list_of(nids, int) or not _is_list_of(shares, bytes) or len(nids) != len(shares):
+            return "node ids and shares that are not two lists of ints and bytes of one length"
+        if not set(nids) <= nodes:
+            return f"shares of nodes that are not in the round ({sorted(set(nids) - nodes)[:3]})"
+    return None
 
 
 def _workflow_class():
@@ -462,16 +525,20 @@ def secure_weighted_sum(grid, node_ids: list[int], payloads: Mapping[int, Any] |
                                  clipping_range=float(clipping_range), quantization_range=q,
                                  modulus_range=modulus_range, timeout=timeout, records=records)
     t0 = time.monotonic()
-    tracking = _TrackingGrid(grid, poll_s, failures)
-    workflow(tracking, lctx)
+    tracking = _TrackingGrid(grid, poll_s, failures, vector_len)
+    crashed = None
+    try:
+        workflow(tracking, lctx)
+    except Exception as e:  # noqa: BLE001 - a reply the checks above did not foresee: the round has no mean
+        crashed, out = f"the protocol stopped ({type(e).__name__}: {str(e)[:200]})", {}
     seconds = time.monotonic() - t0
     weights = out.get("weights", {})
     arrays = out.get("arrays")
     halted = None
     mean = None
     if arrays is None:
-        halted = ("fewer than 2 nodes" if len(nodes) < 2 else
-                  "too few nodes stayed for the reconstruction threshold (see failures)")
+        halted = crashed or ("fewer than 2 nodes" if len(nodes) < 2 else
+                             "too few nodes stayed for the reconstruction threshold (see failures)")
     else:
         mean = np.asarray(arrays[0], dtype=np.float64).reshape(-1)
         if len(arrays) != 1 or mean.size != vector_len:

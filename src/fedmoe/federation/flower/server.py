@@ -105,15 +105,23 @@ class FlowerTransport:
         nodes = set(self.grid.get_node_ids())
         new = sorted(nodes - set(self.node_of.values()))
         if new:
-            seen = self._query(new, partial=True)
+            seen = self._query(new, partial=True, connected=nodes)
             for c, n in seen.items():
+                if len(n) > 1:  # two new nodes for one client: neither is taken (the client's node stays gone)
+                    self.log(f"SuperNodes {n} all say they are client {c}: none of them is taken")
+                    continue
                 self.log(f"client {c} is back, on SuperNode {n[0]} (was {self.node_of.get(c)})")
-            self.node_of.update({c: n[0] for c, n in seen.items()})
+                self.node_of[c] = n[0]
         return {cid for cid, nid in self.node_of.items() if nid not in nodes}
 
-    def _query(self, nodes: list[int], partial: bool = False, wait_s: float | None = None) -> dict[int, list[int]]:
+    def _query(self, nodes: list[int], partial: bool = False, wait_s: float | None = None,
+               connected: set[int] | None = None) -> dict[int, list[int]]:
         """{client: the nodes that said they are it} of the ``nodes`` that answered (within ``wait_s``, else
-        ``federation.round_timeout_s``); a node that fails its setup is an error unless ``partial`` (mid-run)."""
+        ``federation.round_timeout_s``); a node that fails its setup, or answers with no client id of this run, is an
+        error unless ``partial`` (mid-run), where it is left out with a line in the log, as is a node that says it
+        is a client whose node is still ``connected`` (it would get that client's messages and answer for it). A
+        client that comes back keeps the data description it gave at the run's setup (what its results are held
+        to), whatever the new node says."""
         header = Message(header={"kind": QUERY, "round": 0, "run_id": self.run_id})
         msgs = [_message(to_records(header), QUERY, nid, "setup") for nid in nodes]
         seen: dict[int, list[int]] = {}
@@ -126,10 +134,29 @@ class FlowerTransport:
                     continue
                 stuck = f"; {SILENT_NODE_HINT}" if "Node Unavailable" in str(reply.error.reason) else ""
                 raise RuntimeError(f"the SuperNode {nid} failed its setup: {reply.error.reason}{stuck}")
-            _, info = from_records(reply.content)
+            try:
+                _, info = from_records(reply.content)
+                client = info.get("client") if isinstance(info, dict) else None
+                if isinstance(client, bool) or not isinstance(client, int) or not 0 <= client < self.num_clients:
+                    raise ValueError(f"it says it is client {str(client)[:40]!r}, not one of 0..{self.num_clients - 1}")
+            except Exception as e:  # noqa: BLE001 - whatever a node sent
+                why = f"the SuperNode {nid} answered which client it is unreadably ({type(e).__name__}: {str(e)[:200]})"
+                if partial:
+                    self.log(f"{why}: it is not taken")
+                    continue
+                raise RuntimeError(f"{why}: the run was not started; check that every SuperNode runs this fedmoe "
+                                   "version") from None
+            if partial:
+                serving = self.node_of.get(client)
+                if serving is not None and serving in (connected or ()):
+                    self.log(f"SuperNode {nid} says it is client {client}, whose SuperNode {serving} is still "
+                             "connected: it is not taken")
+                    continue
+                if client in self.infos:  # what its results are screened against stays what it declared at setup
+                    info = {**info, "data": self.infos[client].get("data")}
             self._note_withheld(info)
-            seen.setdefault(info["client"], []).append(nid)
-            self.infos[info["client"]] = info
+            seen.setdefault(client, []).append(nid)
+            self.infos[client] = info
             self._note_start(info)
         return seen
 
@@ -246,6 +273,9 @@ class FlowerTransport:
         got, failed = self._send(round_idx, TRAIN, messages)
         replies = {}
         for cid, (msg, info) in got.items():
+            if msg is None:  # a reply without its message's records: no update to read
+                failed[cid] = f"node {self.node_of[cid]}: a training reply without its tensors record"
+                continue
             # the client's time to load its model and data (0 while its process keeps them) and its work
             try:
                 times = {k: seconds(info, k) for k in ("load_s", "work_s")}
