@@ -553,8 +553,9 @@ def test_a_train_reply_without_tensors_or_with_a_huge_count_is_that_clients_fail
 def test_a_node_that_comes_back_mid_run_is_held_to_what_its_client_declared(monkeypatch):
     """Which client a SuperNode is, asked mid-run of a node that connected since: an id that is not one of the run's
     clients, or unreadable, is not taken (a list crashed the server, a text id would later); a node claiming a
-    client whose node is still connected is not taken (it received that client's messages and answered for it:
-    two votes in a robust aggregation); a client that comes back keeps the data it declared at setup (the new node
+    client whose node is still connected and answering is not taken (it received that client's messages and
+    answered for it: two votes in a robust aggregation), one whose node failed a message since is (a killed node
+    stays listed for up to a minute); a client that comes back keeps the data it declared at setup (the new node
     re-declared 10**6 test examples, and the global loss it sent passed the check); two new nodes claiming one
     client are neither taken."""
     from fedmoe.config import load_config
@@ -583,10 +584,15 @@ def test_a_node_that_comes_back_mid_run_is_held_to_what_its_client_declared(monk
     assert transport.infos[2]["data"] == {"n_test": 4, "n_generated": 2}  # as declared at setup
     text = "\n".join(logged)
     assert text.count("answered which client it is unreadably") == 4  # [1], "1", no client, 5
-    assert "SuperNode 23 says it is client 0, whose SuperNode 10 is still connected: it is not taken" in text
+    assert "SuperNode 23 says it is client 0, whose SuperNode 10 is still connected and answering: it is not taken" in text
+    transport.unanswered.add(0)  # client 0's node failed a message since: killed, and Flower still lists it
+    answers.clear()
+    answers[40] = {"client": 0}
+    Grid.get_node_ids = staticmethod(lambda: [10, 11, 24, 40])
+    assert transport._refresh() == set() and transport.node_of[0] == 40 and 0 not in transport.unanswered
     answers.clear()
     answers.update({30: {"client": 1}, 31: {"client": 1}})
-    Grid.get_node_ids = staticmethod(lambda: [10, 24, 30, 31])  # client 1's node 11 is gone; two claim it
+    Grid.get_node_ids = staticmethod(lambda: [40, 24, 30, 31])  # client 1's node 11 is gone; two claim it
     assert transport._refresh() == {1} and transport.node_of[1] == 11
     assert "SuperNodes [30, 31] all say they are client 1: none of them is taken" in "\n".join(logged)
 

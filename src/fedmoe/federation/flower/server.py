@@ -52,6 +52,9 @@ class FlowerTransport:
         self.infos: dict[int, dict] = {}
         self.starts: list[dict] = []  # each client process's start (its load times), not yet taken by started()
         self.failed: tuple[int, set[int]] = (-1, set())  # (round, clients that failed in it): not asked again
+        # clients whose node failed a message since it was taken (killed, hung, gone): another node may take them
+        # over while Flower still lists the old one as connected (until two 30 s heartbeats are missed)
+        self.unanswered: set[int] = set()
         self.withheld: dict[int, set[str]] = {}  # client -> what it kept to itself (flower.client.WITHHELD keys)
 
     @property
@@ -112,6 +115,7 @@ class FlowerTransport:
                     continue
                 self.log(f"client {c} is back, on SuperNode {n[0]} (was {self.node_of.get(c)})")
                 self.node_of[c] = n[0]
+                self.unanswered.discard(c)
         return {cid for cid, nid in self.node_of.items() if nid not in nodes}
 
     def _query(self, nodes: list[int], partial: bool = False, wait_s: float | None = None,
@@ -119,7 +123,9 @@ class FlowerTransport:
         """{client: the nodes that said they are it} of the ``nodes`` that answered (within ``wait_s``, else
         ``federation.round_timeout_s``); a node that fails its setup, or answers with no client id of this run, is an
         error unless ``partial`` (mid-run), where it is left out with a line in the log, as is a node that says it
-        is a client whose node is still ``connected`` (it would get that client's messages and answer for it). A
+        is a client whose node is still ``connected`` and has failed no message since it was taken (it would get
+        that client's messages and answer for it; a node killed and restarted is taken at once: its old node failed
+        the message it did not answer, though Flower lists it for up to a minute). A
         client that comes back keeps the data description it gave at the run's setup (what its results are held
         to), whatever the new node says."""
         header = Message(header={"kind": QUERY, "round": 0, "run_id": self.run_id})
@@ -148,9 +154,9 @@ class FlowerTransport:
                                    "version") from None
             if partial:
                 serving = self.node_of.get(client)
-                if serving is not None and serving in (connected or ()):
+                if serving is not None and serving in (connected or ()) and client not in self.unanswered:
                     self.log(f"SuperNode {nid} says it is client {client}, whose SuperNode {serving} is still "
-                             "connected: it is not taken")
+                             "connected and answering: it is not taken")
                     continue
                 if client in self.infos:  # what its results are screened against stays what it declared at setup
                     info = {**info, "data": self.infos[client].get("data")}
@@ -241,6 +247,7 @@ class FlowerTransport:
                                   if timeout is not None else
                                   f"federation.round_timeout_s = {self.cfg.federation.round_timeout_s} s"))
         self.failed[1].update(failed)
+        self.unanswered.update(failed)
         return got, failed
 
     def _send_and_receive(self, messages: list, timeout: float | None = None) -> list:
