@@ -163,3 +163,13 @@ def test_the_start_line_names_the_server_optimizer_and_mu(monkeypatch):
     res = CliRunner().invoke(app, ["run", "--set", "federation.robust.rule=median"])
     assert "fedmoe run: fedit on builtin:tiny-moe, 4 clients, 3 rounds · robust aggregation: median" in \
         " ".join(res.output.split())
+
+
+def test_a_sweep_axis_set_on_a_config_without_a_sweep_is_refused():
+    """`fedmoe run --set 'sweep.seed=[0,1]'` on a config with no sweep: section was told to run it with `fedmoe run`
+    (what it ran): the message now says there is no sweep to change an axis of, and what to do."""
+    from fedmoe.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"--set sweep.seed=\[0,1\]: changes an axis of a sweep, and the default "
+                                          r"config has no sweep: section"):
+        load_config(None, ["sweep.seed=[0,1]"])

@@ -166,14 +166,11 @@ def test_a_learning_rate_of_1e30_stops_with_a_clear_error_and_the_last_good_chec
     assert any(r["kind"] == "test" and r["round"] == 1 and math.isnan(r["loss"]) for r in rows)
 
 
-def test_fedmoe_run_exits_3_when_an_update_was_left_out(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from fedmoe.cli import app
-
+def _poison_client_0(monkeypatch):
+    """fedmoe's own client, with client 0 replying one infinite value."""
     train = ClientNode.train
 
-    def poisoned(self, *args, **kwargs):  # fedmoe's own client: client 0 replies one infinite value
+    def poisoned(self, *args, **kwargs):
         reply, report = train(self, *args, **kwargs)
         if self.id == 0:
             name = next(iter(reply.tensors))
@@ -182,6 +179,14 @@ def test_fedmoe_run_exits_3_when_an_update_was_left_out(tmp_path, monkeypatch):
         return reply, report
 
     monkeypatch.setattr(ClientNode, "train", poisoned)
+
+
+def test_fedmoe_run_exits_3_when_an_update_was_left_out(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fedmoe.cli import app
+
+    _poison_client_0(monkeypatch)
     args = TINY + ["data.partition.num_clients=2", "federation.rounds=1", "eval.zero_shot=false",
                    f"output_dir={tmp_path}", "name=cli"]
     r = CliRunner().invoke(app, ["run", "--quiet", *[x for a in args for x in ("--set", a)]])
@@ -189,3 +194,23 @@ def test_fedmoe_run_exits_3_when_an_update_was_left_out(tmp_path, monkeypatch):
     out = " ".join(r.output.split())  # rich wraps long lines
     assert "non-finite" in out and "client 0 in round 1" in out and "exit status 3" in out
     assert (tmp_path / "cli" / "summary.json").is_file()
+
+
+def test_a_sweep_whose_points_left_updates_out_exits_3(tmp_path, monkeypatch):
+    """A sweep exited 0 and its table said nothing when its points left non-finite updates out; each point's run
+    alone exits 3."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from fedmoe.cli import app
+
+    _poison_client_0(monkeypatch)
+    path = tmp_path / "sw.yaml"
+    path.write_text(yaml.safe_dump({"name": "sw", "output_dir": str(tmp_path), "sweep": {"lora.rank": [2, 4]}}))
+    args = [a for a in TINY if not a.startswith("lora.rank")] + ["data.partition.num_clients=2", "federation.rounds=1",
+                                                                  "eval.zero_shot=false"]
+    r = CliRunner().invoke(app, ["run", str(path), "--quiet", *[x for a in args for x in ("--set", a)]])
+    assert r.exit_code == EXIT_NONFINITE, r.output
+    out = " ".join(r.output.split())
+    assert "points rank=2, rank=4 left non-finite client updates out" in out and "exit status 3" in out
+    assert "| client failures (of them non-finite updates left out) | 1 (1) | 1 (1) |" in r.output

@@ -3,6 +3,7 @@ empty test set reports "no test data" (never a perfect score), a resume checks i
 at a time per directory, and a checkpoint that cannot be read falls back to the previous round's."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -397,3 +398,133 @@ def test_summary_json_is_written_last(tmp_path, monkeypatch):
     run_federated(load_config(None, TINY + ["federation.rounds=1", f"output_dir={tmp_path}", "name=order"]),
                   log=lambda *a: None)
     assert seen == [True]
+
+
+# ------------------------------------------------------------------ 7. sweeps: stopped, and where they write
+def _sweep_file(tmp_path, name="sw", **extra):
+    tree = {"output_dir": str(tmp_path), "model": {"name": "builtin:tiny-olmoe"},
+            "data": {"max_examples": 120, "max_length": 32, "partition": {"num_clients": 2}, "max_test_per_client": 3},
+            "train": {"max_steps": 1, "batch_size": 2}, "lora": {"rank": 2}, "eval": {"rouge": False},
+            "federation": {"rounds": 1}, "sweep": {"lora.rank": [2, 4]}, **({"name": name} if name else {}), **extra}
+    path = tmp_path / f"{name or 'unnamed'}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_a_sweep_never_writes_into_a_runs_directory(tmp_path):
+    """A sweep without a name: its folder is output_dir/<method>, where a single run of that method lives: its
+    points went inside the run's directory, and `fedmoe run --overwrite` of the run then deleted them all."""
+    from fedmoe.config import ConfigError
+
+    run_federated(_cfg(tmp_path, "fedit"), log=_quiet)
+    path = _sweep_file(tmp_path, name=None)
+    with pytest.raises(ConfigError, match=r"fedit holds a run \(its config.yaml\), not a sweep: .*--set name=NEW"):
+        run_sweep(path, log=_quiet)
+    assert sorted(p.name for p in (tmp_path / "fedit").iterdir() if "=" in p.name) == []
+    with pytest.raises(ConfigError, match="--jobs must be >= 1"):
+        run_sweep(_sweep_file(tmp_path, name="j"), log=_quiet, jobs=0)
+    assert not (tmp_path / "j").exists()
+
+
+def test_a_sweep_refuses_what_it_would_ignore_or_fail_on_later(tmp_path):
+    """A --set of a key the sweep sets was ignored (each point's own value won); a point whose settings cannot run
+    (a context the model lacks) failed only after the points before it ran, for hours on a real model."""
+    from fedmoe.config import ConfigError
+
+    path = _sweep_file(tmp_path)
+    with pytest.raises(ConfigError, match=r"--set lora.rank=16: the sweep sets lora.rank .* --set 'sweep.lora.rank=\[...\]'"):
+        run_sweep(path, ["lora.rank=16"], log=_quiet)
+    with pytest.raises(ConfigError, match=r"sweep point rank=2,max_length=100000: data.max_length = 100000 is above"):
+        run_sweep(path, ["sweep.data.max_length=[32,100000]"], log=_quiet)
+    assert not (tmp_path / "sw").exists()  # nothing ran
+
+
+def test_a_sweep_between_its_points_stops_as_a_sweep(tmp_path, monkeypatch):
+    """Ctrl-C between two points (or before a point's run had its directory) said 'nothing was written' of a sweep
+    whose first point had finished: it names the sweep's folder and the command that continues it."""
+    from fedmoe.cli import _interrupted
+    from fedmoe.federation import sweep as sw
+
+    real, calls = sw._run_point, []
+
+    def second_is_interrupted(point, *a, **k):
+        calls.append(point)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(point, *a, **k)
+
+    monkeypatch.setattr(sw, "_run_point", second_is_interrupted)
+    with pytest.raises(sw.SweepInterrupted) as info:
+        run_sweep(_sweep_file(tmp_path), log=_quiet)
+    assert info.value.sweep_root == tmp_path / "sw" and (tmp_path / "sw" / "rank=2" / "summary.json").is_file()
+    text = _interrupted(None, "fedmoe run sw.yaml", "Ctrl-C", info.value.sweep_root)
+    assert text.startswith(f"stopped (Ctrl-C) the sweep in {tmp_path / 'sw'}: its finished points are kept")
+    assert text.endswith("continue it with `fedmoe run sw.yaml`")
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_sigterm_stops_a_parallel_sweep_and_no_queued_point_starts(tmp_path, how):
+    """`fedmoe run SWEEP --jobs 2` under SIGTERM: the pool kept running every queued point to its end (97 s, four
+    points, the two not started included) and then said 'nothing was written'. Now the queued points never start,
+    the running ones stop as a run stops (checkpoint kept), exit 143 with the command that continues the sweep."""
+    path = _sweep_file(tmp_path, name="par", federation={"rounds": 200},
+                       sweep={"lora.rank": [2, 4], "seed": [0, 1]})
+    proc = subprocess.Popen([sys.executable, "-m", "fedmoe.cli", "run", str(path), "--quiet", "--jobs", "2"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: Ctrl-C reaches the group
+    root = tmp_path / "par"
+    try:
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline and not list(root.glob("*/checkpoints/state.pt")):
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+        if how == "SIGTERM":  # to the sweep's process alone, as a scheduler sends it
+            proc.send_signal(signal.SIGTERM)
+        else:  # a terminal's Ctrl-C: SIGINT to the foreground process group, the point processes included
+            os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == (143 if how == "SIGTERM" else 130), err
+    assert f"stopped ({how}) the sweep in {root}" in err and f"fedmoe run {path}" in err
+    started = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert 1 <= len(started) <= 2, started  # the two queued points never started (the second running one may not
+    # have made its directory yet when the signal came)
+    for point in started:
+        assert not (root / point / "summary.json").exists() and not (root / point / "run.lock").exists()
+
+
+def test_a_sweep_whose_data_changed_since_its_points_ran_is_refused(tmp_path):
+    """Finished points were kept after data.source's file was replaced, and a new point trained on the new data sat
+    beside them in one table. A point's checkpoint has its data's fingerprint: the sweep is refused, naming it."""
+    from fedmoe.config import ConfigError
+
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}", "category": f"c{i % 2}"})
+                              for i in range(60)))
+    path = _sweep_file(tmp_path, name="dat", data={"source": str(data), "max_length": 32,
+                                                   "partition": {"num_clients": 2, "scheme": "iid"},
+                                                   "max_test_per_client": 3})
+    run_sweep(path, log=_quiet)
+    data.write_text(data.read_text().replace("a1\"", "changed\""))
+    with pytest.raises(ConfigError, match=r"rank=2 \(.*\): its data changed since \(.*mine.jsonl changed"):
+        run_sweep(path, ["sweep.lora.rank=[2,4,8]"], log=_quiet)
+    assert not (tmp_path / "dat" / "rank=8").exists()
+
+
+def test_a_resume_on_a_device_this_machine_lacks_is_refused_before_anything_is_written(tmp_path):
+    """`fedmoe run --resume RUN --set model.device=cuda` on a machine without one: a torch traceback, after
+    config.yaml had been rewritten with the device (so the plain resume failed the same way). Refused first, naming
+    --set model.device=cpu; config.yaml as it was."""
+    from fedmoe.config import ConfigError
+    from fedmoe.federation.entry import continue_run
+
+    _, rd = run_federated(_cfg(tmp_path, "dev", ["federation.rounds=2"]), stop_after_round=1, log=_quiet)
+    before = rd.config_path.read_bytes()
+    with pytest.raises(ConfigError, match=r"model.device = cuda:99, but this machine has .*resume with --set "
+                                          r"model.device=cpu"):
+        continue_run(rd.path, log=_quiet, overrides=["model.device=cuda:99"])
+    assert rd.config_path.read_bytes() == before
+    summary, _ = continue_run(rd.path, log=_quiet, overrides=["model.device=cpu"])
+    assert summary is not None and yaml.safe_load(rd.config_path.read_text())["model"]["device"] == "cpu"

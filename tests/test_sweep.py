@@ -80,8 +80,13 @@ def test_sweep_runs_tabulates_and_resumes(tmp_path):
     (fedit_dir / "summary.json").unlink()  # a point to continue is checked too
     with pytest.raises(ConfigError, match=r"name=fedit \(.*\): lora\.rank: 2 -> 4"):
         run_sweep(path, ["lora.rank=4", "sweep.algorithm.name=[fedit]"], log=logs.append)
+    # a --set of an execution key reaches the point that is continued (as `fedmoe run --resume --set` would: e.g.
+    # activation checkpointing after running out of memory); the finished point keeps its config as it ran
     run_sweep(path, ["federation.round_timeout_s=1000"], log=logs.append)
-    assert "continuing from its checkpoint" in logs[0] and "done before, kept" in logs[1]
+    assert "continuing from its checkpoint" in logs[0] and "done before, kept" in logs[-1]
+    assert yaml.safe_load((fedit_dir / "config.yaml").read_text())["federation"]["round_timeout_s"] == 1000
+    flame_cfg = yaml.safe_load((tmp_path / "sw" / "name=flame" / "config.yaml").read_text())
+    assert flame_cfg["federation"]["round_timeout_s"] != 1000
 
 
 def test_every_shipped_config_and_sweep_point_validates():
@@ -159,3 +164,25 @@ def test_the_mean_over_categories_compares_the_same_categories():
            if "mean over categories" in x]
     assert [c.strip() for c in row[0].split("|")[3:6]] == ["15.00", "16.50", "1.50"]
     assert not [x for x in format_zero_shot_comparison(summary({"a": 10.0}, {"b": 12.0})) if "mean over categories" in x]
+
+
+def test_a_clients_category_label_holds_for_every_point_and_failures_are_counted():
+    """A seed axis over a pathological split gives client 1 another category in each point: the row was labelled
+    with the first point's category for every column. A point's failures (non-finite updates left out) are counted
+    in the table, and `fedmoe run` of the sweep exits 3 as one such run does (nonfinite_points)."""
+    from fedmoe.federation.sweep import format_sweep_report, nonfinite_points
+
+    def point(cat1, failures=()):
+        return {"clients": [{"id": 0, "rouge_l": 5.0, "category_counts": {"closed_qa": 9}},
+                            {"id": 1, "rouge_l": 6.0, "category_counts": {cat1: 9}}],
+                "global": {"loss": 1.0}, "failures": list(failures)}
+
+    bad = [{"round": 1, "client": 1, "stage": "non-finite"}, {"round": 2, "client": 0, "stage": "train"}]
+    results = [("seed=0", point("closed_qa")), ("seed=1", point("brainstorming", bad))]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in format_sweep_report("s.yaml", results).splitlines() if line.startswith("| ")}
+    assert "0 (closed_qa)" in rows and "1" in rows and not any(k.startswith("1 (") for k in rows)
+    assert rows["client failures (of them non-finite updates left out)"] == ["0 (0)", "2 (1)"]
+    assert nonfinite_points(results) == ["seed=1"]
+    clean = format_sweep_report("s.yaml", [("seed=0", point("closed_qa"))])
+    assert "client failures" not in clean

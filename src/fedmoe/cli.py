@@ -47,12 +47,16 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
-def _interrupted(path: Optional[Path], sweep: Optional[str], cause: str = "Ctrl-C") -> str:
+def _interrupted(path: Optional[Path], sweep: Optional[str], cause: str = "Ctrl-C",
+                 sweep_root: Optional[Path] = None) -> str:
     """What Ctrl-C (or SIGTERM: ``cause``) left behind and how to go on; ``sweep``: the command line that continues
-    the sweep."""
+    the sweep; ``sweep_root``: its folder, where the signal came between its points' runs (or stopped several)."""
     from .federation.checkpoint import has_checkpoint
     from .rundir import shell_quote
 
+    if path is None and sweep is not None and sweep_root is not None:
+        return (f"stopped ({cause}) the sweep in {sweep_root}: its finished points are kept, a point that was running "
+                f"resumes from its checkpoint, the others start; continue it with `{sweep}`")
     if path is None:
         return f"stopped ({cause}) before the run started: nothing was written"
     if (Path(path) / "summary.json").is_file() and sweep is None:  # the run ended as the signal came (on Flower,
@@ -147,7 +151,18 @@ def run(
                                federation=federation, jobs=jobs)
             print(report.read_text())
             print(f"sweep report: {report}")
-            return
+            from .federation.summary import EXIT_NONFINITE
+            from .federation.sweep import expand_sweep, nonfinite_points
+            from .rundir import loads
+
+            bad = nonfinite_points([(pt, loads((report.parent / pt / "summary.json").read_text()))
+                                    for pt, _ in expand_sweep(config, set_ or [])[1]])
+            if not bad:
+                return
+            # as one run that left such an update out (typer.Exit is a RuntimeError: raised after this try)
+            _error(f"points {', '.join(bad)} left non-finite client updates out of their aggregation (each "
+                   f"point's report: Failures): their results come from the other clients; exit status "
+                   f"{EXIT_NONFINITE}", label="warning")
         else:
             if jobs != 1:
                 raise ConfigError("--jobs runs the points of a sweep in parallel; this config has no sweep: section")
@@ -158,7 +173,8 @@ def run(
             summary, rd = start_run(cfg, show_progress=not quiet, federation=federation, overwrite=overwrite)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say what is left and how to go on
         sigterm = _STOP["signal"] == "SIGTERM"
-        _error(_interrupted(getattr(e, "path", None), sweep, "SIGTERM" if sigterm else "Ctrl-C"), label="interrupted")
+        _error(_interrupted(getattr(e, "path", None), sweep, "SIGTERM" if sigterm else "Ctrl-C",
+                            getattr(e, "sweep_root", None)), label="interrupted")
         raise typer.Exit(143 if sigterm else 130)
     except (ConfigError, ValueError, FileNotFoundError, KeyError, RuntimeError, TimeoutError) as e:
         _error(e)
@@ -166,6 +182,10 @@ def run(
     except OSError as e:
         _error(_os_error(e))
         raise typer.Exit(2)
+    if sweep is not None:  # a sweep whose points left non-finite updates out (its table is printed)
+        from .federation.summary import EXIT_NONFINITE
+
+        raise typer.Exit(EXIT_NONFINITE)
     # plain print: the table and paths must not be re-wrapped by rich when piped
     print()
     from .report.report import flops_seq_len, privacy_line

@@ -722,6 +722,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
         tree = loaded
     if overrides:
+        if "sweep" not in tree and any(o.startswith("sweep.") for o in overrides):
+            raise ConfigError(f"--set {next(o for o in overrides if o.startswith('sweep.'))}: changes an axis of a "
+                              f"sweep, and {'the default config' if source == 'defaults' else source} has no "
+                              "sweep: section; put one in the config to run a sweep "
+                              "(sweep: {lora.rank: [4, 8]}), or set the key itself (--set lora.rank=4)")
         tree = apply_overrides(tree, overrides)
         source += " + --set " + " ".join(overrides)
     return config_from_tree(tree, source)

@@ -17,11 +17,12 @@ from .dp import resolve_noise
 from .runtime import Federation
 
 
-def check_model(cfg: RunConfig, log=print) -> None:
+def check_model(cfg: RunConfig, log=print, fits: bool = True) -> None:
     """Before anything is written: the model's config can be read (a hub id offline is not),
     ``data.max_length`` fits its context, ``train.aux_loss`` has the family's load-balancing loss, a simulated
     client's reservation fits this machine, and on a GPU the training step fits its memory
-    (:func:`fedmoe.plan.check_fits`)."""
+    (:func:`fedmoe.plan.check_fits`; ``fits=False`` leaves that out: a sweep checks its points' other settings
+    before the first point runs, each point plans its own memory when it starts)."""
     from ..moe.arch import check_supported
     from ..moe.loss import load_balancing_loss, no_aux_loss
     from ..moe.model import check_context, check_device, load_model_config
@@ -43,7 +44,8 @@ def check_model(cfg: RunConfig, log=print) -> None:
         simulation_resources(cfg)
     if cfg.eval.general_blocks and cfg.federation.runtime != "flower":  # (a deployment's clients check it)
         _check_general_blocks(cfg)
-    check_fits(cfg, log)
+    if fits:
+        check_fits(cfg, log)
 
 
 def _check_general_blocks(cfg: RunConfig) -> None:
@@ -125,6 +127,20 @@ def continue_run(path: str | Path, show_progress: bool = False, federation: str 
         return loads((path / RunDir.SUMMARY).read_text()), RunDir(path, create=False)
     was = load_config(path / RunDir.CONFIG)  # its runtime (not an execution key: the overrides keep it)
     check_federation_name(federation, [was.federation.runtime], resume=True)
+    if overrides:
+        check_resume_overrides(overrides)
+    # as a start checks it, before anything is written (config.yaml gets the overrides): the device it would run on
+    # here (a run from a GPU machine resumed on another), the context, the memory
+    now = load_config(path / RunDir.CONFIG, overrides or [])
+    if now.federation.runtime != "flower":  # (a deployment's clients train on their own devices)
+        from ..moe.model import check_device
+
+        try:
+            check_device(now.model.device)
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}; resume with --set model.device=cpu (or auto): where a run executes "
+                              "changes none of its numbers") from None
+    check_model(now, log)
     if was.federation.runtime == "local":
         return resume_federated(path, show_progress=show_progress, log=log, overrides=overrides)
     from .flower.launch import run_deployment, run_simulation

@@ -69,14 +69,16 @@ def load_sweep(path: str | Path) -> tuple[dict, dict | None]:
 
 def stale_points(root: Path, configs) -> list[str]:
     """Of [(point, its config)], each point whose directory under ``root`` holds a run (finished, or with a
-    checkpoint to continue) of another config than the point's now, as ``point (dir): key: before -> after; ...``.
+    checkpoint to continue) of another config than the point's now, as ``point (dir): key: before -> after; ...``,
+    or on data files that changed since (its checkpoint's data fingerprint).
     The config a point's run would write is the one compared (a label set and a σ computed from the target ε, as
     the run fixes them); the keys that do not define a run (execution keys: where it runs, threads, progress)
     may differ."""
     from ..config import load_config
     from ..data.prepare import resolve_labels
     from ..rundir import RunDir
-    from .checkpoint import config_fingerprint, fingerprint_diffs, has_checkpoint
+    from .checkpoint import (RunDirError, check_data_fingerprint, config_fingerprint, fingerprint_diffs, has_checkpoint,
+                             load_checkpoint)
     from .dp import resolve_noise
 
     stale = []
@@ -88,12 +90,20 @@ def stale_points(root: Path, configs) -> list[str]:
         diffs = fingerprint_diffs(ran, config_fingerprint(resolve_noise(resolve_labels(cfg)))["keys"])
         if diffs:
             stale.append(f"{point} ({d}): {'; '.join(diffs)}")
+            continue
+        try:  # the data it ran on: a file of data.source replaced since would mix two datasets in one table
+            check_data_fingerprint(cfg, load_checkpoint(d, log=lambda *a: None).state, d, log=lambda *a: None)
+        except RunDirError as e:
+            if "has no readable checkpoint" not in str(e):  # (that one is the point's own run to report)
+                stale.append(f"{point} ({d}): its data changed since ({str(e).split(': ', 1)[-1][:300]})")
     return stale
 
 
 def _run_point(point: str, tree: dict, sets: list[str], root: str, source: str, show_progress: bool, log,
-               federation: str | None, threads: int | None = None) -> str:
-    """Run (or continue, or keep) one sweep point; returns its summary.json's path."""
+               federation: str | None, threads: int | None = None, resume_sets: list[str] | None = None) -> str:
+    """Run (or continue, or keep) one sweep point; returns its summary.json's path. ``resume_sets``: the sweep's
+    ``--set`` of execution keys, written into a continued point's config.yaml (as ``fedmoe run --resume --set``
+    does: activation checkpointing after running out of memory, another device)."""
     from .entry import continue_run, start_run
     from .checkpoint import has_checkpoint
 
@@ -108,7 +118,8 @@ def _run_point(point: str, tree: dict, sets: list[str], root: str, source: str, 
         return str(summary_path)
     if has_checkpoint(root_p / point):
         log(f"{point}: continuing from its checkpoint")
-        continue_run(root_p / point, show_progress=show_progress, federation=federation, log=log)
+        continue_run(root_p / point, show_progress=show_progress, federation=federation, log=log,
+                     overrides=resume_sets or None)
         return str(summary_path)
     cfg = config_from_tree(apply_overrides(json.loads(json.dumps(tree)), sets + [f"output_dir={root}", f"name={point}"]),
                            f"{source} (sweep point {point})")
@@ -118,14 +129,40 @@ def _run_point(point: str, tree: dict, sets: list[str], root: str, source: str, 
     return str(start_run(cfg, show_progress=show_progress, federation=federation, log=log)[1].summary_path)
 
 
+_STOPPING = {"now": False}  # in a sweep's worker process: the sweep was stopped (SIGTERM from its parent)
+
+
 def _quiet_point(args) -> str:
-    """A worker process's sweep point (no progress bars; its log lines prefixed with the point)."""
+    """A worker process's sweep point (no progress bars; its log lines prefixed with the point). SIGTERM (which the
+    parent sends when the sweep is stopped) and Ctrl-C stop it as Ctrl-C stops a run (its checkpoint kept, its lock
+    released), and no point queued to this process starts after."""
+    import signal
+
+    def stop(signum, frame):
+        if _STOPPING["now"]:  # stopping already (Ctrl-C, then the parent's SIGTERM): let the run's cleanup finish
+            return
+        _STOPPING["now"] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)  # Ctrl-C reaches the whole process group: this process too
+    if _STOPPING["now"]:  # a point the pool had queued to this process before the sweep was stopped: never started
+        raise KeyboardInterrupt
     point = args[0]
     return _run_point(*args[:5], False, lambda msg: print(f"[{point}] {msg}", flush=True), *args[5:])
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a sweep: ``sweep_root`` is the sweep's folder (its finished points kept)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.sweep_root = path
+
+
 def expand_sweep(path: str | Path, overrides: list[str] | None = None):
-    """(the config tree without its sweep, [(point, its overrides)], [(point, its validated config)]) of the sweep
+    """(the config tree without its sweep, [(point, its overrides)], [(point, its validated config)], the plain
+    overrides) of the sweep
     in ``path``: ``overrides`` apply to the tree, then each point's own on top; ``--set sweep.<key>=[values]``
     replaces one axis of the sweep (the key keeps its dots)."""
     tree, sweep = load_sweep(path)
@@ -138,11 +175,36 @@ def expand_sweep(path: str | Path, overrides: list[str] | None = None):
             sweep[".".join(key[1:])] = value
         else:
             plain.append(item)
-    tree = apply_overrides(tree, plain)
     points = sweep_points(sweep)
+    swept = {o.split("=", 1)[0] for _, sets in points for o in sets}
+    for item in plain:  # the point's own value would win, and the --set be ignored without a word
+        key = ".".join(parse_override(item)[0])
+        hit = next((k for k in swept if k == key or k.startswith(key + ".") or key.startswith(k + ".")), None)
+        if hit is not None:
+            raise ConfigError(f"--set {item}: the sweep sets {hit} in each of its points, which would win over "
+                              f"--set: give the sweep's values instead, --set 'sweep.{hit}=[...]' (or a named "
+                              "variant's own keys in the config)")
+    tree = apply_overrides(tree, plain)
     configs = [(point, config_from_tree(apply_overrides(json.loads(json.dumps(tree)), sets),
                                         f"{path} (sweep point {point})")) for point, sets in points]
-    return tree, points, configs
+    return tree, points, configs, plain
+
+
+def _stop_pool(pool) -> None:
+    """Cancel the points not started and stop the running ones as Ctrl-C stops a run (SIGTERM: their
+    :func:`_quiet_point` handler), waiting for them to write what they hold."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        if proc.is_alive():
+            try:
+                proc.terminate()  # SIGTERM
+            except OSError:
+                pass
+    for proc in procs:
+        proc.join(timeout=120)
+        if proc.is_alive():
+            proc.kill()
 
 
 def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progress: bool = False, log=print,
@@ -151,25 +213,45 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progres
     process with an equal share of the CPU threads) and write the combined ``sweep_report.md``."""
     from .entry import check_federation_name
 
-    tree, points, configs = expand_sweep(path, overrides)  # every point's config is valid before the first runs
+    from ..rundir import RunDir
+    from .checkpoint import _execution_key
+    from .entry import check_model
+
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    tree, points, configs, plain = expand_sweep(path, overrides)  # every point's config is valid before the first runs
     check_federation_name(federation, [cfg.federation.runtime for _, cfg in configs])
     base = config_from_tree(tree, str(path))
     root = Path(base.output_dir) / base.run_name()
+    if (root / RunDir.CONFIG).is_file():  # a run's directory: `fedmoe run --overwrite` of that run would take the points
+        raise ConfigError(f"{root} holds a run (its config.yaml), not a sweep: a sweep writes its points into a folder "
+                          f"of its own; give this sweep a name (name: in {path}, or --set name=NEW)")
+    for point, cfg in configs:  # a mistyped model, a context too short, a missing device: before any point runs
+        try:
+            check_model(cfg, log=lambda *a: None, fits=False)
+        except (ConfigError, ValueError) as e:
+            raise ConfigError(f"sweep point {point}: {e}") from None
     stale = stale_points(root, configs)
     if stale:
         raise ConfigError(
-            f"{root} holds sweep point(s) run with another config than {path} gives them now (before -> now): "
+            f"{root} holds sweep point(s) run with another config than {path} gives them now, or on other data "
+            "(before -> now): "
             + " | ".join(stale) + ". Kept and continued, their results would be reported as this config's: give this "
             "sweep another name (--set name=NEW), or move those points' directories away to run them again with this "
             "config")
     root.mkdir(parents=True, exist_ok=True)
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    resume_sets = [o for o in plain if _execution_key(".".join(parse_override(o)[0]))]
     if jobs == 1 or len(points) == 1:
         paths = []
-        for i, (point, sets) in enumerate(points):
-            paths.append(_run_point(point, tree, sets, str(root), str(path), show_progress,
-                                    lambda msg, i=i: log(f"[{i + 1}/{len(points)}] {msg}"), federation))
+        try:
+            for i, (point, sets) in enumerate(points):
+                paths.append(_run_point(point, tree, sets, str(root), str(path), show_progress,
+                                        lambda msg, i=i: log(f"[{i + 1}/{len(points)}] {msg}"), federation,
+                                        resume_sets=resume_sets))
+        except KeyboardInterrupt as e:
+            if getattr(e, "path", None) is None:  # between points, or before a point's run had its directory
+                raise SweepInterrupted(root) from None
+            raise
     else:
         import multiprocessing as mp
         import os
@@ -177,8 +259,10 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progres
 
         threads = max(1, (os.cpu_count() or 1) // jobs)
         log(f"{len(points)} sweep points, {jobs} at a time ({threads} torch thread{'s' * (threads > 1)} each)")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_quiet_point, (point, tree, sets, str(root), str(path), federation, threads))
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
+        try:
+            futures = [pool.submit(_quiet_point, (point, tree, sets, str(root), str(path), federation, threads,
+                                                  resume_sets))
                        for point, sets in points]
             errors, paths = [], []
             for (point, _), fut in zip(points, futures):
@@ -187,6 +271,10 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progres
                 except Exception as e:  # noqa: BLE001 -- the other points finish; the first error is raised below
                     errors.append((point, e))
                     paths.append(None)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: no queued point starts, the running ones stop at a checkpoint
+            _stop_pool(pool)
+            raise SweepInterrupted(root) from None
+        pool.shutdown(wait=True)
         if errors:
             point, e = errors[0]
             done = sum(p is not None for p in paths)
@@ -210,13 +298,23 @@ def _clients_mean(summary: dict, key: str) -> float | None:
 
 
 def _client_label(results: list[tuple[str, dict]], cid: int) -> str:
-    """The client's id, with its Dolly category when all its training data is one category."""
+    """The client's id, with its category when all its training data is one category, the same in every point that
+    says (a seed or partition axis gives the client other data in other points: then its id alone)."""
+    labels = set()
     for _, s in results:
         c = next((c for c in s["clients"] if c["id"] == cid), None)
-        cats = [k for k, n in ((c or {}).get("category_counts") or {}).items() if n]
-        if len(cats) == 1:
-            return f"{cid} ({md_cell(cats[0])})"
-    return str(cid)
+        if c is None:  # a point without this client says nothing of it
+            continue
+        cats = [k for k, n in (c.get("category_counts") or {}).items() if n]
+        labels.add(cats[0] if len(cats) == 1 else None)
+    return f"{cid} ({md_cell(labels.pop())})" if len(labels) == 1 and None not in labels else str(cid)
+
+
+def nonfinite_points(results: list[tuple[str, dict]]) -> list[str]:
+    """The points whose runs left a client's non-finite update out (``fedmoe run``'s exit status 3 for one run)."""
+    from .summary import NONFINITE
+
+    return [point for point, s in results if any(f.get("stage") == NONFINITE for f in s.get("failures") or [])]
 
 
 def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
@@ -264,5 +362,11 @@ def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
         lines.append("| expert load std (mean over layers) | " + " | ".join(
             _cell(sum(v) / len(v), 4) if v else "–" for v in stds) + " |")
     lines.append(f"| {BYTES_PER_ROUND} | " + " | ".join(bytes_per_round(s) for _, s in results) + " |")
+    if any(s.get("failures") for _, s in results):  # what each point's report lists under Failures
+        from .summary import NONFINITE
+
+        lines.append("| client failures (of them non-finite updates left out) | " + " | ".join(
+            f"{len(s.get('failures') or [])} ({sum(f.get('stage') == NONFINITE for f in s.get('failures') or [])})"
+            for _, s in results) + " |")
     lines += ["", "Runs: " + ", ".join(f"[{p}]({p}/report.md)" for p, _ in results), ""]
     return "\n".join(lines)
