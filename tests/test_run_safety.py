@@ -171,6 +171,10 @@ def test_a_replacement_killed_before_its_setup_is_undone_by_the_next_run(tmp_pat
     _, rd = run_federated(_cfg(tmp_path, "r"), log=_quiet)
     summary = rd.summary_path.read_bytes()
     assert rd.set_aside()
+    from fedmoe.rundir import run_dir_problem
+
+    # killed before it wrote its own config: --resume, compare, export say where the run is, not "no run here"
+    assert "holds a run that another run with its name set aside (.fedmoe-replaced)" in run_dir_problem(rd.path, "resume")
     rd.write_config({"name": "half-started"})
     import socket
 

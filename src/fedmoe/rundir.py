@@ -578,6 +578,10 @@ def run_dir_problem(path: str | Path, use: str) -> str | None:
                     f"{shell_quote(path)}` (--resume continues the run in a directory `fedmoe run` wrote)")
         return f"{path} is a file, not a run directory: {give}"
     points = sweep_points_in(path)
+    if points is None and (path / RunDir.ASIDE / RunDir.CONFIG).is_file():
+        return (f"{path} holds a run that another run with its name set aside ({RunDir.ASIDE}) and was stopped before "
+                f"its setup finished: the next `fedmoe run` of that name puts it back, or move the contents of "
+                f"{path / RunDir.ASIDE} back into {path} yourself")
     if points is None:
         return f"{path} is not a fedmoe run directory (no config.yaml): {give}"
     names = ", ".join(p.name for p in points) or "none with a config.yaml"
