@@ -110,8 +110,19 @@ def test_one_field_map_for_several_sources_says_so(tmp_path):
     cfg = DataConfig(source=[a, b], field_map={"instruction": "question", "output": "answer"},
                      partition=PartitionConfig(scheme="source", num_clients=2))
     with pytest.raises(DataError, match=r"b.jsonl: line 1: has no field 'question'.*data.field_map applies to every "
-                                        r"source in data.source"):
+                                        r"source in data.source: give this one its own entries, data.field_maps"):
         prepare_federated_data(cfg, 0)
+    # each source with the names its file uses: the first source's own map, the second the defaults
+    both = DataConfig(source=[a, b], field_maps={a: {"instruction": "question", "output": "answer"}},
+                      partition=PartitionConfig(scheme="source", num_clients=2))
+    data = prepare_federated_data(both, 0)
+    firsts = sorted(ex.instruction for c in data.clients for ex in c.train + c.val + c.test)
+    assert firsts == sorted([f"q{i}" for i in range(4)] + [f"do {i}" for i in range(4)])
+    with pytest.raises(ValueError, match=r"data.field_maps names 'c.jsonl', which is not in data.source"):
+        DataConfig(source=[a, b], field_maps={"c.jsonl": {"output": "answer"}})
+    with pytest.raises(ValueError, match=r"data.field_maps\[.*\] sets label, but data.field_map lacks it"):
+        DataConfig(source=[a, b], field_maps={a: {"label": "answer"}})
+    assert DataConfig(source=[a, b], field_map={"label": "answer"}, field_maps={b: {"label": "output"}})
 
 
 def test_a_partition_error_names_what_emptied_the_data_before_it(tmp_path):

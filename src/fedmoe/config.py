@@ -115,6 +115,9 @@ class DataConfig(_Strict):
     hf_split: str = "train"  # the split of a datasets folder or hub dataset
     revision: str | None = None  # a hub dataset's revision (a commit, tag or branch)
     field_map: dict[str, str] = Field(default_factory=dict)  # our field -> field in the file
+    # one source's own entries on top of field_map, by the source as data.source lists it (sources whose files name
+    # their fields differently: one hospital's "question" is another's "prompt")
+    field_maps: dict[str, dict[str, str]] = Field(default_factory=dict)
     on_bad_row: Literal["error", "skip"] = "error"
     categories: list[str] | None = None  # keep only these categories
     max_examples: int | None = Field(None, ge=1)  # random subsample (seeded) of the whole source
@@ -165,6 +168,21 @@ class DataConfig(_Strict):
         if not all(math.isfinite(x) for x in v) or abs(sum(v) - 1.0) > 1e-6 or min(v) < 0:
             raise ValueError(f"split fractions must be >= 0 and sum to 1, got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _field_maps_name_sources(self):
+        sources = [self.source] if isinstance(self.source, str) else list(self.source)
+        for src, fm in self.field_maps.items():
+            if src not in sources:  # it would apply to nothing
+                raise ValueError(f"data.field_maps names {src!r}, which is not in data.source ({sources}): name a source "
+                                 "exactly as data.source lists it")
+            for kind in ("label", "options"):  # the task is the run's: a source may rename the field, not add it
+                if (kind in fm) != (kind in self.field_map):
+                    raise ValueError(f"data.field_maps[{src!r}] {'sets' if kind in fm else 'lacks'} {kind}, but "
+                                     f"data.field_map {'lacks' if kind in fm else 'sets'} it: every source of a run is "
+                                     f"the same task; give {kind} in data.field_map (and a source's own name for the "
+                                     "field in data.field_maps)")
+        return self
 
     @model_validator(mode="after")
     def _label_task_options(self):

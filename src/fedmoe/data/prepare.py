@@ -68,13 +68,14 @@ def _load_all(cfg: DataConfig, sources=None) -> tuple[list[Example], int, dict[s
     skipped = 0
     reasons: Counter[str] = Counter()
     for src in sources:
+        fm = {**cfg.field_map, **cfg.field_maps.get(src, {})}
         try:
-            res = load_examples(src, field_map=cfg.field_map or None, on_bad_row=cfg.on_bad_row,
+            res = load_examples(src, field_map=fm or None, on_bad_row=cfg.on_bad_row,
                                 hf_split=cfg.hf_split, revision=cfg.revision)
         except DataError as e:
-            if len(sources) > 1 and cfg.field_map:  # a map made for one source's names breaks another's
-                raise DataError(f"{e} (data.field_map applies to every source in data.source: rename the fields "
-                                "of the sources to one set of names)") from None
+            if len(sources) > 1 and cfg.field_map and src not in cfg.field_maps:  # a map for another source's names
+                raise DataError(f"{e} (data.field_map applies to every source in data.source: give this one its own "
+                                f"entries, data.field_maps: {{{src}: {{...}}}})") from None
             raise
         if not res.examples:
             raise DataError(f"data source {src!r} gave no usable examples ({res.skipped} bad rows skipped)")
