@@ -4,6 +4,7 @@ accountant's ε is dp-accounting's (the library Flower's own accountant wraps)."
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,10 +104,30 @@ def test_the_noise_has_the_stated_scale():
     assert abs(float(new["w"].double().mean())) < 5 * stated / math.sqrt(new["w"].numel())
     flower = pytest.importorskip("flwr.supercore.differential_privacy")
     assert flower.compute_stdv(sigma, C, m) == pytest.approx(stated)
-    # seeded per round: the same round draws the same noise (exact resume), another round other noise
+    # secret by default: every SuperNode has the config and its seed, and a noise drawn from it could be rebuilt
+    # and subtracted from the released model (3700 times the update's norm came off to 6e-8); the same round drawn
+    # again gets other noise
     again, _, _ = private_aggregate(_server(cfg, theta), cfg, theta, {}, zero_updates, m, 1)
-    other, _, _ = private_aggregate(_server(cfg, theta), cfg, theta, {}, zero_updates, m, 2)
-    assert torch.equal(again["w"], new["w"]) and not torch.equal(other["w"], new["w"])
+    assert not torch.equal(again["w"], new["w"])
+    assert float(again["w"].double().std()) == pytest.approx(stated, rel=0.02)
+    # server_noise: seeded (simulations whose numbers must repeat): the same round the same noise, another other
+    seeded = _dp_cfg(C, sigma, "federation.dp.server_noise=seeded")
+    one, _, _ = private_aggregate(_server(seeded, theta), seeded, theta, {}, zero_updates, m, 1)
+    again, _, _ = private_aggregate(_server(seeded, theta), seeded, theta, {}, zero_updates, m, 1)
+    other, _, _ = private_aggregate(_server(seeded, theta), seeded, theta, {}, zero_updates, m, 2)
+    assert torch.equal(again["w"], one["w"]) and not torch.equal(other["w"], one["w"])
+    assert float(one["w"].double().std()) == pytest.approx(stated, rel=0.02)
+
+
+def test_each_sides_noise_key_is_refused_on_the_other_side():
+    """client_noise: secret under where: server did nothing (the server's noise was seeded whatever it said)."""
+    from fedmoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="federation.dp.client_noise = seeded is the noise of where: client, but "
+                                          "federation.dp.where is server: set federation.dp.server_noise instead"):
+        _dp_cfg(1, 1, "federation.dp.client_noise=seeded")
+    with pytest.raises(ConfigError, match="server_noise = seeded is the noise of where: server"):
+        _dp_cfg(1, 1, "federation.dp.where=client", "federation.dp.server_noise=seeded")
 
 
 # ---------------------------------------------------------------------------- accounting
@@ -635,3 +656,49 @@ def test_fedmoe_run_prints_the_privacy_it_spent(tmp_path):
     sigma = load_config(tmp_path / "cli" / "config.yaml").federation.dp.noise_multiplier
     assert f"privacy (central DP): ε = 8.000 at δ = 1e-05 after 1 rounds, σ = {sigma:g}, C = 0.01, within the " \
            "target 8" in out
+
+
+def _hockey_stick(p_pdf, q_pdf, eps: float) -> float:
+    """δ(ε) = ∫ max(0, p − e^ε q) of two densities on a fine grid (one coordinate: the clipped sum's direction)."""
+    x = np.linspace(-60, 60, 2_400_001)
+    return float(np.maximum(p_pdf(x) - math.exp(eps) * q_pdf(x), 0).sum() * (x[1] - x[0]))
+
+
+@pytest.mark.parametrize("num_clients, fraction, sigma", [(4, 0.75, 1.0), (10, 0.5, 2.0)])
+def test_the_epsilon_of_a_sampled_round_holds_for_the_mechanism_it_runs(num_clients, fraction, sigma):
+    """A fixed number m < N of clients sampled without replacement: a client added to the population may take the
+    place of one that would have been sampled (probability q = m/(N+1)), so the clipped sum moves by up to 2C and a
+    round's output is (1-q)·N(0, σ²C²) + q·N(2C, σ²C²) against N(0, σ²C²). The ε reported for δ = 1e-5 was that of
+    σ (sensitivity C): the true δ at it was 1.5e-2. Accounted with σ/2 it holds, in both directions; every client in
+    every round keeps σ."""
+    from scipy.stats import norm
+
+    from fedmoe.federation.dp import privacy_summary, round_metrics
+
+    delta = 1e-5
+    cfg = load_config(None, [f"data.partition.num_clients={num_clients}", f"federation.fraction={fraction}",
+                             "federation.dp.clip_norm=1", f"federation.dp.noise_multiplier={sigma}"])
+    m = round(fraction * num_clients)
+    eps = round_metrics(cfg, 1)["dp_epsilon"]
+    assert eps == pytest.approx(epsilon(sigma / 2, 1, delta))
+    assert privacy_summary(cfg, 1, m)["epsilon"] == eps and "sensitivity 2C" in privacy_summary(cfg, 1, m)["accounting"]
+    q = m / (num_clients + 1)
+    mixture = lambda x: (1 - q) * norm.pdf(x, 0, sigma) + q * norm.pdf(x, 2, sigma)  # noqa: E731
+    plain = lambda x: norm.pdf(x, 0, sigma)  # noqa: E731
+    assert max(_hockey_stick(mixture, plain, eps), _hockey_stick(plain, mixture, eps)) <= delta
+    old = epsilon(sigma, 1, delta)  # what was reported: the mechanism does not meet it
+    assert _hockey_stick(mixture, plain, old) > 10 * delta
+    full = load_config(None, [f"data.partition.num_clients={num_clients}", "federation.dp.clip_norm=1",
+                              f"federation.dp.noise_multiplier={sigma}"])
+    assert round_metrics(full, 1)["dp_epsilon"] == pytest.approx(epsilon(sigma, 1, delta))
+
+
+def test_a_target_epsilon_under_sampling_takes_the_doubled_sensitivity():
+    from fedmoe.federation.dp import resolve_noise
+
+    def sigma_for(fraction):
+        cfg = load_config(None, ["data.partition.num_clients=10", f"federation.fraction={fraction}",
+                                 "federation.dp.clip_norm=1", "federation.dp.target_epsilon=4", "federation.rounds=5"])
+        return resolve_noise(cfg).federation.dp.noise_multiplier
+
+    assert sigma_for(0.5) == pytest.approx(2 * sigma_for(1.0), rel=1e-4)

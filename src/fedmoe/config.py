@@ -307,6 +307,10 @@ class DPConfig(_Strict):
     # release, no seed behind it, kept nowhere and never reused (secret), or from a generator seeded by the run's
     # seed (seeded: the numbers repeat, but whoever has the config can remove the noise: for simulations only)
     client_noise: Literal["secret", "seeded"] = "secret"
+    # where: server — the noise the server adds to the sum, likewise: secret (the operating system's cryptographic
+    # generator, every round's fresh) or seeded by the run's seed (the numbers repeat; every SuperNode gets the
+    # config, so any of them could rebuild the noise and subtract it from the global model: simulations only)
+    server_noise: Literal["secret", "seeded"] = "secret"
     # where: client — what else leaves a client. withhold: nothing its training data decides but the noised
     # update: its reply weighs 1 (n_train = 1, every client alike, as DP-FedAvg's estimator), the method's
     # own per-expert weights (FLAME's, from its activation counts) are applied on the client before the noise
@@ -328,6 +332,11 @@ class DPConfig(_Strict):
                              "federation.dp.reports or set federation.dp.where: client")
         if self.where == "client" and self.reports is None:
             self.__dict__["reports"] = "withhold"
+        for key, side in (("client_noise", "client"), ("server_noise", "server")):  # the other side's: ignored
+            if getattr(self, key) != "secret" and self.where != side:
+                raise ValueError(f"federation.dp.{key} = {getattr(self, key)} is the noise of where: {side}, but "
+                                 f"federation.dp.where is {self.where}: set federation.dp."
+                                 f"{'server_noise' if side == 'client' else 'client_noise'} instead, or remove it")
         return self
 
     # C and σ beyond these are no DP setting anyone means (an update's L2 norm is far below 1e6; σ = 1e6

@@ -17,8 +17,11 @@ added to the average before the server optimizer, so its moments are computed fr
 
 Accounting: Rényi DP of Google's ``dp-accounting`` (the library Flower's own ``RdpAccountant``
 wraps), one Gaussian event per applied round, add-or-remove-one client, no amplification by client
-sampling (``federation.fraction`` < 1 samples a fixed number of clients, not Poisson: the ε reported is
-then an upper bound). This is the accounting Flower's fixed-clipping DP strategies support.
+sampling. With ``federation.fraction`` < 1 a fixed number m < N of clients is sampled without
+replacement: a client added to the population may take the place of one that would have been sampled, so
+the clipped sum moves by up to 2C and a round is accounted with noise multiplier σ/2
+(:func:`central_multiplier`; the σ-accounting, which Flower's fixed-clipping strategies use, understates ε
+there: a δ of 1e-2 at the ε it gives for 1e-5).
 
 Clipping is done by the server on each reply (central DP: the server is trusted with individual
 updates, as in Flower's server-side fixed clipping); what the guarantee covers is the sequence of
@@ -63,6 +66,9 @@ NOT_COVERED = {
 }
 ACCOUNTING = ("Rényi DP (dp-accounting), one Gaussian mechanism per round, add-or-remove-one client, "
               "no amplification by client sampling")
+ACCOUNTING_SAMPLED = ("Rényi DP (dp-accounting), one Gaussian mechanism per round of sensitivity 2C (noise multiplier "
+                      "σ/2: a fixed number of clients is sampled, so one client added may replace one that would have "
+                      "been sampled), add-or-remove-one client, no amplification by client sampling")
 
 
 def require_dp_accounting() -> None:
@@ -110,10 +116,14 @@ def private_aggregate(server, cfg, global_state: State, server_state: dict, repl
         weights = server.dp_weights(global_state, r)
         for n in total:
             total[n] += delta[n] if n not in weights else _broadcast(weights[n], delta[n]) * delta[n]
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, Stream.DP_NOISE, round_idx))
+    if dp.server_noise == "seeded":  # reproducible, and removable by whoever has the config: simulations only
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, Stream.DP_NOISE, round_idx))
+        draw = lambda shape: gaussian_noise(shape, sigma * C, gen)  # noqa: E731
+    else:  # every SuperNode has the config (its seed): a seeded noise could be rebuilt and subtracted
+        draw = lambda shape: secret_normal(shape) * (sigma * C)  # noqa: E731
     averaged = {}
     for n, t in global_state.items():
-        noisy = total[n] + gaussian_noise(t.shape, sigma * C, gen) if sigma > 0 else total[n]
+        noisy = total[n] + draw(t.shape) if sigma > 0 else total[n]
         averaged[n] = (t.to(torch.float64) + noisy / denominator).to(t.dtype)
     new, server_state = server_update(cfg.algorithm.server_optimizer, global_state, averaged, server_state,
                                           round_idx=round_idx)
@@ -279,13 +289,31 @@ def composed_epsilon(releases: dict[float, int], delta: float) -> float:
         return bound if math.isfinite(bound) else math.inf
 
 
+def samples_everyone(cfg) -> bool:
+    """Whether every round samples every client (``federation.fraction`` rounds to all of them)."""
+    from .sampling import sample_clients
+
+    n = cfg.data.partition.num_clients
+    return len(sample_clients(n, cfg.federation.fraction, cfg.seed, 1)) == n
+
+
+def central_multiplier(cfg, sigma: float | None = None) -> float:
+    """The noise multiplier one round of central DP is accounted with: σ when every client is in every round (one
+    client added or removed moves the clipped sum by at most C); σ/2 when a fixed number m < N is sampled without
+    replacement: a client added may take the place of one that would have been sampled, and the sum moves by up to
+    2C (sensitivity 2C, noise σC). Not amplified by the sampling (a fixed-size sample is no Poisson one)."""
+    sigma = cfg.federation.dp.noise_multiplier if sigma is None else sigma
+    return sigma if samples_everyone(cfg) else sigma / 2
+
+
 def planned_epsilon(cfg, noise_multiplier: float | None = None) -> float:
     """ε at ``delta`` after ``federation.rounds`` rounds at σ (``noise_multiplier``, else the config's): the
-    whole run's for central DP, a client's that sends an update every round for local DP (noise multiplier
-    σ/2 per release)."""
+    whole run's for central DP (:func:`central_multiplier`), a client's that sends an update every round for local
+    DP (noise multiplier σ/2 per release)."""
     dp = cfg.federation.dp
     sigma = dp.noise_multiplier if noise_multiplier is None else noise_multiplier
-    return epsilon(sigma / 2 if dp.where == "client" else sigma, cfg.federation.rounds, dp.delta)
+    return epsilon(sigma / 2 if dp.where == "client" else central_multiplier(cfg, sigma), cfg.federation.rounds,
+                   dp.delta)
 
 
 def noise_for_epsilon(cfg) -> float:
@@ -336,7 +364,7 @@ def round_metrics(cfg, rounds: int, client_rounds: list[int] | None = None) -> d
     dp = cfg.federation.dp
     if dp.where == "client":
         return {"dp_epsilon": client_epsilon(cfg, max(client_rounds or [0])), "dp_delta": dp.delta}
-    return {"dp_epsilon": epsilon(dp.noise_multiplier, rounds, dp.delta), "dp_delta": dp.delta}
+    return {"dp_epsilon": epsilon(central_multiplier(cfg), rounds, dp.delta), "dp_delta": dp.delta}
 
 
 def _target(cfg) -> dict:
@@ -353,10 +381,10 @@ def privacy_summary(cfg, rounds: int, denominator: int, client_rounds: dict[int,
                 "delta": dp.delta, "rounds": rounds, "clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier,
                 "client_noise": dp.client_noise, "accounting": CLIENT_ACCOUNTING, "reports": dp.reports,
                 "not_covered": NOT_COVERED[dp.reports], **_target(cfg)}
-    return {"where": "server", "epsilon": epsilon(dp.noise_multiplier, rounds, dp.delta), "delta": dp.delta, "rounds": rounds,
+    return {"where": "server", "epsilon": epsilon(central_multiplier(cfg), rounds, dp.delta), "delta": dp.delta, "rounds": rounds,
             "clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier, "clients_per_round": denominator,
-            "noise_std_of_average": dp.noise_multiplier * dp.clip_norm / denominator, "accounting": ACCOUNTING,
-            **_target(cfg)}
+            "noise_std_of_average": dp.noise_multiplier * dp.clip_norm / denominator,
+            "accounting": ACCOUNTING if samples_everyone(cfg) else ACCOUNTING_SAMPLED, **_target(cfg)}
 
 
 __all__ = ["WithheldReports", "clip_update", "composed_epsilon", "epsilon", "privacy_summary", "private_aggregate",
