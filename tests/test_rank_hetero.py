@@ -319,3 +319,45 @@ def test_lora_scaling_of_a_low_rank_client(method, scaling, want):
     A, B = lin.lora_A.detach()[:2], lin.lora_B.detach()[:, :2]
     torch.testing.assert_close(got, want * (x @ A.T @ B.T), rtol=1e-5, atol=1e-5)
     assert lin.lora_A.detach()[2:].abs().sum() == 0  # truncated to rank 2
+
+
+def test_fedprox_under_self_pruning_keeps_the_pruned_components_zero():
+    """FedProx's reference was the message as sent (the server's rank-4 truncation) while the client's model was
+    pruned to rank 2: the proximal pull −μ·ref filled the components beyond rank 2 as it trained (118 after three
+    steps). The reference is what the client loaded: the pruned components stay zero while it trains."""
+    from fedmoe.algorithms import METHODS
+    from fedmoe.algorithms.base import ModelSpec
+    from fedmoe.algorithms.rank_hetero import lora_pairs
+    from fedmoe.config import load_config
+    from fedmoe.moe import MoEModel
+    from fedmoe.moe.tiny import tiny_config
+    from fedmoe.train import train_local
+
+    tails = {}
+    for mu in (0.0, 1.0):
+        cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "algorithm.name=hetlora", "lora.rank=4",
+                                 "algorithm.budgets.ranks=[4,2]", "data.partition.num_clients=2",
+                                 "algorithm.hetlora.prune_lambda=0.1", f"algorithm.fedit.proximal_mu={mu}",
+                                 "train.max_steps=3", "train.batch_size=2", "train.lr=0.01"])
+        torch.manual_seed(0)
+        mm = MoEModel.from_config(tiny_config("olmoe"))
+        method = METHODS["hetlora"]
+        method.client.build(cfg, mm)
+        spec = ModelSpec.of(mm, method.client.private_roles)
+        server, client = method.server(cfg, spec), method.client(cfg)
+        g = {n: t + 0.05 * torch.randn_like(t) for n, t in server.initial_global().items()}  # every component set
+        msg = server.downlink(g, {}, 0, round_idx=3)  # client 0's budget: rank 4
+        private = {"rank": 2, "tail_norm": 1.0}  # self-pruned to rank 2 in an earlier round
+        client.load(mm, 0, msg, private)
+        pairs = lora_pairs(mm.inventory())
+
+        def tail():
+            state = mm.get_state()
+            return sum(float(state[a][..., 2:, :].abs().sum() + state[b][..., :, 2:].abs().sum()) for a, b in pairs)
+
+        assert tail() == 0.0
+        examples = [{"input_ids": torch.randint(2, 100, (12,)).tolist(), "labels": torch.randint(2, 100, (12,)).tolist()}
+                    for _ in range(4)]
+        train_local(mm, examples, cfg.train, 0, 0.01, seed=0, objective=client.objective(0, mm, msg, private))
+        tails[mu] = tail()
+    assert tails == {0.0: 0.0, 1.0: 0.0}

@@ -96,8 +96,9 @@ def test_fedprox_sgd_step_pulls_by_exactly_mu_times_the_drift():
     trained = {}
     for prox in (False, True):
         mm = _model()
-        mm.load_state(start)
+        mm.load_state(global_state)  # what the client loaded (the objective's reference), then drifted to w0
         objective = FedITClient(cfg).objective(0, mm, Message(tensors=global_state), {}) if prox else None
+        mm.load_state(start)
         assert objective is None or len(objective.loss_terms) == 1
         train_local(mm, EXAMPLES, TrainConfig(max_steps=1, batch_size=2, optimizer="sgd", grad_clip=None), pad_id=0,
                     lr=lr, seed=3, objective=objective)

@@ -68,7 +68,12 @@ class FedITClient(Client):
         mu = self.cfg.algorithm.fedit.proximal_mu
         if mu <= 0:
             return Objective()
-        return Objective(loss_terms=[proximal_term(mu, message.tensors, mm.trainable_parameters())])
+        # the reference is what the client starts from, the message's tensors as its method loaded them: the global
+        # model for FedIT; under HetLoRA's self-pruning its pruned rank (the sent rank would pull the pruned
+        # components away from zero); FC-MoE's θ + λ·r_i (θ alone would pull against the retained part)
+        params = mm.trainable_parameters()
+        start = {n: params[n].detach().clone() for n in message.tensors if n in params}
+        return Objective(loss_terms=[proximal_term(mu, start, params)])
 
 
 class FedITServer(Server):
