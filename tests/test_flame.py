@@ -361,3 +361,31 @@ def test_flame_with_one_expert_per_layer_weights_that_experts_counts():
     new, _, _ = server.aggregate(g, {}, replies, round_idx=1)
     # layer 1: weights 0.75 and 0.25 on values 1 and 2 (layer 0's counts would give 1.75)
     torch.testing.assert_close(new[name], torch.full_like(g[name], 0.75 * 1 + 0.25 * 2))
+
+
+def test_an_expert_no_client_routed_to_keeps_its_value_under_a_server_optimizer():
+    """SPEC: an expert no client routed to keeps its previous global value. Its averaged update is 0, but FedAvgM's
+    momentum from the round before moved it (0.009, beside 0.019 for a routed expert); FedAdam likewise."""
+    for opt in ("fedavgm", "fedadam"):
+        cfg = load_config(None, ["algorithm.name=flame", "lora.rank=2", "data.partition.num_clients=2",
+                                 f"algorithm.server_optimizer.name={opt}"])
+        server, _, _ = built(METHODS["flame"], cfg, MoEModel.from_config(tiny_config("olmoe")))
+        g = server.initial_global()
+        gen = torch.Generator().manual_seed(1)
+        state = server.initial_server_state(g)
+
+        def round_(g, state, never, rnd):
+            replies = []
+            for cid, n in ((0, 3), (1, 5)):
+                t = {k: v + 0.1 * torch.randn(v.shape, generator=gen)
+                     for k, v in server.downlink(g, state, cid, round_idx=rnd).tensors.items()}
+                counts = torch.stack([_routed_counts(gen, 40, 2, 8, never=never) for _ in range(2)])
+                replies.append(reply(cid, {**t, COUNTS: counts, TOKENS: torch.tensor([40, 40])}, n))
+            new, state, _ = server.aggregate(g, state, replies, round_idx=rnd)
+            return new, state
+
+        g1, state = round_(g, state, (), 1)  # every expert routed: the optimizer's state moves every expert
+        g2, state = round_(g1, state, (0,), 2)  # no client routes to expert 0 in round 2
+        for name in server.layer_of:
+            assert torch.equal(g2[name][0], g1[name][0]), (opt, name)
+            assert not torch.equal(g2[name][1], g1[name][1])

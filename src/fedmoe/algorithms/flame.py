@@ -42,10 +42,13 @@ class FlameConfig(StrictModel):
 
 def activation_aware_average(global_state: State, tensors: list[State], counts: list[torch.Tensor],
                              tokens: list[torch.Tensor], n: list[float], layer_of: dict[str, int],
-                             temperature: float, experts: dict[int, list[int]] | None = None) -> State:
+                             temperature: float, experts: dict[int, list[int]] | None = None,
+                             kept: dict[str, torch.Tensor] | None = None) -> State:
     """FLAME's aggregation of per-expert tensors (expert = dim 0 of each tensor): client i's weight for
     expert j of MoE layer l is (a_i^{l,j} / S_i^l)^t · n_i, from that layer's counts. ``experts``
-    (MoE layer -> expert ids) when the tensors hold only some experts (``lora.experts_per_layer``)."""
+    (MoE layer -> expert ids) when the tensors hold only some experts (``lora.experts_per_layer``). ``kept``, if
+    given, receives per tensor the mask (experts, 1, ...) of the experts no client weighed, which keep their
+    global value."""
     out: State = {}
     n64 = torch.tensor(n, dtype=torch.float64)
     for name, layer in layer_of.items():
@@ -62,6 +65,8 @@ def activation_aware_average(global_state: State, tensors: list[State], counts: 
         keep = (total == 0).reshape(-1, *([1] * (stacked.dim() - 2)))
         avg = torch.where(keep, global_state[name].to(torch.float64), avg)
         out[name] = avg.to(global_state[name].dtype)
+        if kept is not None:
+            kept[name] = keep
     return out
 
 
@@ -108,11 +113,17 @@ class FlameServer(FedITServer):
         averaged = dict(global_state)
         if shared:
             averaged.update(weighted_average([{s: m.tensors[s] for s in shared} for m in msgs], n))
+        kept: dict[str, torch.Tensor] = {}
         averaged.update(activation_aware_average(global_state, [m.tensors for m in msgs],
                                                  [m.tensors[COUNTS] for m in msgs], [m.tensors[TOKENS] for m in msgs],
-                                                 n, self.layer_of, self.cfg.algorithm.flame.temperature, self.experts))
+                                                 n, self.layer_of, self.cfg.algorithm.flame.temperature, self.experts,
+                                                 kept))
         new, server_state = server_update(self.cfg.algorithm.server_optimizer, global_state, averaged, server_state,
                                           round_idx=round_idx)
+        # an expert no client routed to keeps its global value (SPEC): a server optimizer's momentum would move it
+        for name, keep in kept.items():
+            if bool(keep.any()):
+                new[name] = torch.where(keep, global_state[name], new[name])
         return new, server_state, {}
 
     def dp_weights(self, global_state: State, reply: Reply) -> dict[str, torch.Tensor]:
