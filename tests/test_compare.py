@@ -227,3 +227,17 @@ def test_each_score_has_its_n_and_bytes_say_total_or_per_round(adam_runs, tmp_pa
     per_round = next(line for line in table.splitlines() if line.startswith(f"| {BYTES_PER_ROUND} |"))
     mean = sum(c["bytes_up"] / c["rounds_trained"] for c in summary["clients"]) / 2
     assert per_round == f"| {BYTES_PER_ROUND} | {mean / 1e6:.2f} MB |" and "total" in BYTES_PER_ROUND
+
+
+def test_fedprox_is_named_for_every_method_that_honours_it():
+    """flame, scaffold, fcmoe and the rank methods train with FedIT's algorithm.fedit.proximal_mu (Method.reads),
+    but the method's description looked only in their own section: a FLAME run with μ = 50 was described, and
+    compared, as plain FLAME."""
+    from fedmoe.algorithms.registry import METHODS
+    from fedmoe.report.method import method_info
+
+    for name, method in METHODS.items():
+        info = method_info({"algorithm": {"name": name, "fedit": {"proximal_mu": 0.5}}})
+        honours = name == "fedit" or "fedit" in method.reads
+        assert info["proximal_mu"] == (0.5 if honours else None), name
+    assert {n for n, m in METHODS.items() if "fedit" in m.reads} >= {"flame", "scaffold", "fcmoe", "hetlora"}

@@ -432,3 +432,14 @@ def test_a_score_says_how_many_examples_it_is_the_mean_of():
         " | ")[4:7] == ["no test data", "0", "no test data"]
     old = format_results_table(build_summary("fedit", "m", 1, 0, 1.0, clients[:1], {"rouge_l": 1.0, "scores": None}))
     assert old.splitlines()[3].split(" | ")[4:6] == ["1.00", "–"]  # no count known: said as unknown, not guessed
+
+
+def test_a_personalised_runs_mmlu_says_whose_it_is():
+    """A personalised method's MMLU in the summary is the mean over the clients' own models; the report's Global line
+    said "MMLU 15.62" as if it were the global model's (16.25), unlike the held-out accuracy beside it."""
+    from fedmoe.report.report import format_results_table
+
+    summary = {"clients": [], "global": {"loss": 2.0, "mmlu": 15.625, "mmlu_global_model": 16.25}}
+    assert "MMLU 15.62 (clients' own models, mean; the global model 16.25)" in format_results_table(summary)
+    summary["global"]["mmlu_global_model"] = 15.625
+    assert "MMLU 15.62" in format_results_table(summary) and "clients' own" not in format_results_table(summary)

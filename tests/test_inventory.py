@@ -132,3 +132,19 @@ def test_summary_counts_are_what_each_client_trains(tmp_path, name):
         sent = set(client.reply(c["id"], mm, message, private, result)[0].tensors) & set(after)
         assert sent == (set() if name == "local_only" else set(spec.shared())), name
         assert c["active_trainable"] <= c["total_trainable"]
+
+
+def test_a_stack_of_some_experts_counts_the_share_a_token_meets():
+    """With lora.experts_per_layer = n of the layer's E experts, a token's k experts are spread over the E: it meets
+    n·k/E of the adapted rows on average, not min(k, n). The count said k of them (94,208 active = every trainable
+    element of a one-expert stack at any k; FLOPs 3x the measured expert-LoRA part), the same at k = 4 and k = 1."""
+    for n in (1, 3, 8):
+        cfg = load_config(None, ["algorithm.name=fedit", "lora.rank=4", f"lora.experts_per_layer={n}"])
+        _, _, spec = built(METHODS["fedit"], cfg, _tiny())
+        inv = spec.inventory
+        expert = sum(t.numel for t in inv if t.role is Role.EXPERT)
+        other = sum(t.numel for t in inv if t.role is not Role.EXPERT)
+        E = 8
+        for k in (2, 1):
+            assert inv.counts(k)["active_trainable"] == other + round(expert * (min(k, n) if n == E else n * k / E) / n)
+            assert all(t.of_experts == E for t in inv if t.role is Role.EXPERT)

@@ -59,6 +59,7 @@ class TensorInfo:
     frozen_flops_per_token: int = 0
     frozen_params: int = 0  # frozen parameters its module adds to each token's path (a graft's expert)
     bias: bool = False  # a bias (gpt-oss's grafted gate and full-copy expert biases): added, no FLOPs counted
+    of_experts: int | None = None  # a routed-expert stack: the experts its layer routes among (E)
 
     @property
     def numel(self) -> int:
@@ -76,12 +77,17 @@ class TensorInfo:
             return self.numel
         return self.numel // self.rank * int(rank)
 
-    def rows_active(self, k: int) -> int:
-        """Rows of dim 0 one token uses: k of a routed-expert stack (at most its rows), every graft."""
+    def rows_active(self, k: int) -> float:
+        """Rows of dim 0 one token uses: k of a routed-expert stack that holds every expert; of one that holds n of
+        the layer's E experts (``lora.experts_per_layer``), the n·k/E a token meets on average (its k are spread
+        over the E, and only those among the n rows run their LoRA); every row of a graft."""
         if not self.stacked:
             return 1
         n = self.shape[0]
-        return min(int(k), n) if self.role is Role.EXPERT else n
+        if self.role is not Role.EXPERT:
+            return n
+        E = self.of_experts or n
+        return min(int(k), n) if n >= E else n * min(int(k), E) / E
 
 
 @dataclass
@@ -137,7 +143,7 @@ class Inventory:
             frozen += t.frozen_params
             total += n
             shared += 0 if t.private else n
-            active += n // t.shape[0] * t.rows_active(k) if t.stacked else n
+            active += round(n // t.shape[0] * t.rows_active(k)) if t.stacked else n
         return {"total_trainable": total, "active_trainable": active, "shared_trainable": shared,
                 "frozen_active_params": frozen}
 
@@ -159,7 +165,7 @@ class Inventory:
                     partner = self.tensors[t.partner]
                     flops += 2 * n * partner.shape[-1]
                 continue
-            per_token = n // t.shape[0] * t.rows_active(k) if t.stacked else n
+            per_token = round(n // t.shape[0] * t.rows_active(k)) if t.stacked else n
             flops += 2 * T * per_token
         return flops
 

@@ -434,7 +434,7 @@ class ExpertsWithLoRA(nn.Module):
         for prefix, _, _ in expert_lora_pairs(self.layout, self.targets, 0, 0):
             out += lora_pair_info(f"{prefix}_lora_A", f"{prefix}_lora_B", getattr(self, f"{prefix}_lora_A"),
                                   getattr(self, f"{prefix}_lora_B"), Role.EXPERT, self.rank, self.scaling,
-                                  stacked=True, rows=rows)
+                                  stacked=True, rows=rows, of_experts=self.num_experts)
         if self.output_scale is not None:
             out.append(TensorInfo("output_scale", tuple(self.output_scale.shape), Role.RESCALER))
         return out

@@ -9,7 +9,8 @@ def method_info(tree: dict) -> dict:
     """summary.json's ``method`` from a run's config as a plain tree (``config_to_dict(cfg)``, or a run directory's
     config.yaml as read): ``name``; ``server_optimizer``: None for plain FedAvg, else its name, η as resolved and the
     settings its update reads (:func:`fedmoe.algorithms.server_opt.effective`); ``proximal_mu``: FedProx's μ from
-    the running method's own section (``algorithm.<name>.proximal_mu``), None when 0 (no proximal term). A
+    the running method's own section (``algorithm.<name>.proximal_mu``) or FedIT's where the method honours it
+    (``Method.reads``), None when 0 (no proximal term). A
     config.yaml written before ``train.proximal_mu`` moved into the method's section is read where it has it."""
     from ..algorithms.server_opt import effective
 
@@ -19,6 +20,13 @@ def method_info(tree: dict) -> dict:
     own = own if isinstance(own, dict) else {}
     train = tree.get("train") if isinstance(tree.get("train"), dict) else {}
     mu = own.get("proximal_mu", train.get("proximal_mu"))
+    if mu is None:  # a method that honours FedIT's FedProx (Method.reads): flame, scaffold, fcmoe, the rank methods
+        from ..algorithms.registry import METHODS
+
+        method = METHODS.get(str(alg.get("name")))
+        fedit = alg.get("fedit") if isinstance(alg.get("fedit"), dict) else {}
+        if method is not None and "fedit" in method.reads:
+            mu = fedit.get("proximal_mu")
     opt = alg.get("server_optimizer")
     return {"name": alg.get("name"), "server_optimizer": effective(opt if isinstance(opt, dict) else {}),
             "proximal_mu": mu if isinstance(mu, (int, float)) and not isinstance(mu, bool) and mu > 0 else None}

@@ -175,7 +175,9 @@ def format_results_table(summary: dict, seq_len: int | None = None) -> str:
     if g.get("perplexity") is not None:
         extras.append(f"perplexity {_num(g['perplexity'], 3)}")
     if g.get("mmlu") is not None:
-        extras.append(f"MMLU {_num(g['mmlu'], 2)}")
+        own = g.get("mmlu_global_model")  # a personalised method's figure is the mean over the clients' own models
+        extras.append(f"MMLU {_num(g['mmlu'], 2)}" + (f" (clients' own models, mean; the global model {_num(own, 2)})"
+                                                      if own is not None and own != g["mmlu"] else ""))
     if g.get("heldout_accuracy") is not None:
         own = g.get("heldout_accuracy_global_model")
         extras.append(f"held-out accuracy {_num(g['heldout_accuracy'], 2)}"
