@@ -20,13 +20,15 @@ def method_info(tree: dict) -> dict:
     own = own if isinstance(own, dict) else {}
     train = tree.get("train") if isinstance(tree.get("train"), dict) else {}
     mu = own.get("proximal_mu", train.get("proximal_mu"))
-    if mu is None:  # a method that honours FedIT's FedProx (Method.reads): flame, scaffold, fcmoe, the rank methods
+    if mu is None:  # a method that honours another's FedProx (Method.reads): flame, scaffold, fcmoe, the rank methods
         from ..algorithms.registry import METHODS
 
         method = METHODS.get(str(alg.get("name")))
-        fedit = alg.get("fedit") if isinstance(alg.get("fedit"), dict) else {}
-        if method is not None and "fedit" in method.reads:
-            mu = fedit.get("proximal_mu")
+        for section in method.reads if method is not None else ():
+            read = alg.get(section) if isinstance(alg.get(section), dict) else {}
+            if "proximal_mu" in read:
+                mu = read["proximal_mu"]
+                break
     opt = alg.get("server_optimizer")
     return {"name": alg.get("name"), "server_optimizer": effective(opt if isinstance(opt, dict) else {}),
             "proximal_mu": mu if isinstance(mu, (int, float)) and not isinstance(mu, bool) and mu > 0 else None}
