@@ -147,16 +147,15 @@ def run(
                 raise ConfigError("--overwrite replaces a single run; a sweep keeps its finished points and resumes the "
                                   "others (delete a point's directory to run it again)")
             sweep = _sweep_command(config, set_ or [], federation)
+            results: list = []
             report = run_sweep(config, set_ or [], show_progress=not quiet and jobs == 1, log=console.print,
-                               federation=federation, jobs=jobs)
+                               federation=federation, jobs=jobs, results=results)
             print(report.read_text())
             print(f"sweep report: {report}")
             from .federation.summary import EXIT_NONFINITE
-            from .federation.sweep import expand_sweep, nonfinite_points
-            from .rundir import loads
+            from .federation.sweep import nonfinite_points
 
-            bad = nonfinite_points([(pt, loads((report.parent / pt / "summary.json").read_text()))
-                                    for pt, _ in expand_sweep(config, set_ or [])[1]])
+            bad = nonfinite_points(results)
             if not bad:
                 return
             # as one run that left such an update out (typer.Exit is a RuntimeError: raised after this try)

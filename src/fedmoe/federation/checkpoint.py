@@ -165,7 +165,7 @@ def _field_default(key: str, missing):
     return missing
 
 
-def _execution_key(key: str, keys: tuple[str, ...] = EXECUTION_KEYS) -> bool:
+def execution_key(key: str, keys: tuple[str, ...] = EXECUTION_KEYS) -> bool:
     """``key`` is one of ``keys`` or inside one of them."""
     return any(key == k or key.startswith(k + ".") for k in keys)
 
@@ -181,7 +181,7 @@ def check_resume_overrides(overrides: list[str]) -> None:
     from ..config import parse_override
 
     keys = [".".join(path) for path, _ in map(parse_override, overrides)]
-    bad = [key for key in keys if not _execution_key(key, RESUME_SET_KEYS)]
+    bad = [key for key in keys if not execution_key(key, RESUME_SET_KEYS)]
     if bad:
         raise RunDirError(f"--resume --set {', '.join(bad)}: a resumed run continues the run it checkpointed, so only "
                           f"{', '.join(RESUME_SET_KEYS)} may change; start a new run to change the others")
@@ -190,7 +190,7 @@ def check_resume_overrides(overrides: list[str]) -> None:
 def config_fingerprint(cfg: RunConfig) -> dict:
     """What defines a run: every config key but :data:`EXECUTION_KEYS`, flattened (``keys``), and its
     SHA-256; stored in every checkpoint."""
-    keys = {k: v for k, v in flat_keys(config_to_dict(cfg)).items() if not _execution_key(k)}
+    keys = {k: v for k, v in flat_keys(config_to_dict(cfg)).items() if not execution_key(k)}
     return {"sha256": hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest(), "keys": keys}
 
 
@@ -235,7 +235,7 @@ def fingerprint_diffs(old: dict, new: dict) -> list[str]:
     for key in sorted(set(old) | set(new)):
         before = old[key] if key in old else added(key, old)
         after = new[key] if key in new else added(key, new)
-        if before != after and not _execution_key(key):
+        if before != after and not execution_key(key):
             diffs.append(f"{key}: {show(before)} -> {show(after)}")
     return diffs
 

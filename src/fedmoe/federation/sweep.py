@@ -208,13 +208,14 @@ def _stop_pool(pool) -> None:
 
 
 def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progress: bool = False, log=print,
-              federation: str | None = None, jobs: int = 1) -> Path:
+              federation: str | None = None, jobs: int = 1, results: list | None = None) -> Path:
     """Run every point of the sweep in ``path`` (``jobs`` > 1: that many points at once, each in its own
-    process with an equal share of the CPU threads) and write the combined ``sweep_report.md``."""
+    process with an equal share of the CPU threads) and write the combined ``sweep_report.md``; ``results``, if
+    given, receives [(point, its summary)] as the report tabulates them."""
     from .entry import check_federation_name
 
     from ..rundir import RunDir
-    from .checkpoint import _execution_key
+    from .checkpoint import execution_key
     from .entry import check_model
 
     if jobs < 1:
@@ -240,7 +241,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progres
             "sweep another name (--set name=NEW), or move those points' directories away to run them again with this "
             "config")
     root.mkdir(parents=True, exist_ok=True)
-    resume_sets = [o for o in plain if _execution_key(".".join(parse_override(o)[0]))]
+    resume_sets = [o for o in plain if execution_key(".".join(parse_override(o)[0]))]
     if jobs == 1 or len(points) == 1:
         paths = []
         try:
@@ -280,9 +281,11 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progres
             done = sum(p is not None for p in paths)
             raise RuntimeError(f"sweep point {point} failed ({type(e).__name__}: {e}); {done} of {len(points)} points "
                                f"finished (kept): run the sweep again to retry the others") from e
-    results = [(point, loads(Path(p).read_text())) for (point, _), p in zip(points, paths)]
+    done = [(point, loads(Path(p).read_text())) for (point, _), p in zip(points, paths)]
+    if results is not None:  # the caller's: [(point, its summary)] as tabulated
+        results.extend(done)
     report = root / "sweep_report.md"
-    atomic_write_text(report, format_sweep_report(str(path), results))
+    atomic_write_text(report, format_sweep_report(str(path), done))
     return report
 
 
