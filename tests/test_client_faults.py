@@ -40,13 +40,15 @@ def test_stop_is_the_default_and_the_error_ends_the_run(tmp_path):
 
 
 def test_skip_aggregates_the_others_and_reports_the_failures(tmp_path):
-    seen, sent = {}, {}
+    seen, sent, down = {}, {}, {}
 
     def observe(kind, cid, msg):
         if kind == "reply" and msg.header["round"] == 1:
             seen[cid] = ({n: t.clone() for n, t in msg.tensors.items()}, msg.scalars["n_train"])
         if kind == "downlink" and msg.header["round"] == 2:
             sent[cid] = {n: t.clone() for n, t in msg.tensors.items()}
+        if kind == "downlink":
+            down[cid] = down.get(cid, 0) + msg.nbytes()
 
     fed = _federation(tmp_path, "skip", "data.partition.num_clients=3", "federation.rounds=2",
                       "federation.on_client_error=skip", observe=observe)
@@ -60,6 +62,10 @@ def test_skip_aggregates_the_others_and_reports_the_failures(tmp_path):
     assert [(f["round"], f["client"], f["stage"]) for f in summary["failures"]] == [(1, 1, "train"), (2, 1, "train")]
     assert all(f["error"].startswith("IndexError: index out of range") for f in summary["failures"])
     assert [c["rounds_trained"] for c in summary["clients"]] == [2, 0, 2]
+    # the failed client was sent both rounds' messages: they count (its uplink: nothing came)
+    assert [c["bytes_down"] for c in summary["clients"]] == [down[0], down[1], down[2]] and down[1] == down[0] > 0
+    assert [c["bytes_up"] > 0 for c in summary["clients"]] == [True, False, True]
+    assert [c["replies_received"] for c in summary["clients"]] == [2, 0, 2]
     rows = fed.rd.read_metrics()
     assert [r["clients"] for r in rows if r["kind"] == "server"] == [[0, 2], [0, 2]]
     assert [(r["round"], r["client"]) for r in rows if r["kind"] == "failure"] == [(1, 1), (2, 1)]

@@ -116,6 +116,13 @@ def test_one_nan_element_in_one_reply_is_left_out_and_reported(tmp_path):
     [server] = [r for r in rows if r["kind"] == "server"]
     assert server["clients"] == [0, 2]
     assert [c["rounds_trained"] for c in summary["clients"]] == [1, 0, 1]
+    # its bytes were sent: counted, with the reply they came in, so that bytes per round stays per reply (before,
+    # client 1's uplink was divided by its 0 aggregated rounds and left out of the mean)
+    assert [c["replies_received"] for c in summary["clients"]] == [1, 1, 1]
+    assert summary["clients"][1]["bytes_up"] == summary["clients"][0]["bytes_up"] > 0
+    from fedmoe.report.compare import bytes_per_round
+
+    assert bytes_per_round(summary) == f"{summary['clients'][0]['bytes_up'] / 1e6:.2f} MB"
     report = rd.report_path.read_text()
     assert "## Failures" in report and "| 1 | 1 | non-finite |" in report and "status 3" in report
     # the built-in tiny OLMoE has random weights: its test loss is that of a uniform output, flagged

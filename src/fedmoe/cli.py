@@ -166,6 +166,9 @@ def run(
             if jobs != 1:
                 raise ConfigError("--jobs runs the points of a sweep in parallel; this config has no sweep: section")
             cfg = load_config(config, set_ or [])
+            from .config import refuse_unread
+
+            refuse_unread(cfg, f"{config or 'the default config'}" + (" with --set" if set_ else ""))
             from .report.method import run_banner
 
             console.print(f"[bold]fedmoe run[/]: {run_banner(cfg)}")

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 from .algorithms.budgets import BudgetConfig
 from .algorithms.registry import METHODS
 from .algorithms.server_opt import ServerOptimizerConfig
+from .algorithms.server_opt import unread as server_optimizer_unread
 from .configbase import ConfigError, StrictModel, format_errors, load_yaml
 
 _Strict = StrictModel
@@ -619,6 +620,69 @@ class RunConfig(_Strict):
 
 def _changed_keys(section: StrictModel, default: StrictModel) -> list[str]:
     return [k for k in type(section).model_fields if getattr(section, k) != getattr(default, k)]
+
+
+def _value(cfg: RunConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def unread_settings(cfg: RunConfig) -> list[tuple[str, str]]:
+    """The settings of ``cfg`` set away from their defaults that its run would not read, each with why (key, why):
+    a value that changes nothing, which its user believes changes something (a server optimizer's β2 under
+    FedAvgM, robust aggregation's trim under the median, a budget key the method takes nothing from, a Flower
+    setting in-process). A new single run refuses them (:func:`refuse_unread`); a sweep, whose base config may
+    hold keys for only some of its points, refuses those no point reads."""
+    out: list[tuple[str, str]] = []
+    changed = lambda section, keys: [k for k in keys if getattr(section, k) != getattr(type(section)(), k)]  # noqa: E731
+    method = METHODS[cfg.algorithm.name]
+    out += method.client.unread(cfg)
+    out += server_optimizer_unread(cfg.algorithm.server_optimizer)
+    if not cfg.train.aux_loss and cfg.train.aux_loss_coef is not None:
+        out.append(("train.aux_loss_coef", "train.aux_loss is false (no load-balancing loss is added)"))
+    robust = cfg.federation.robust
+    if robust is not None:
+        default = RobustConfig()
+        if robust.rule != "trimmed_mean" and robust.trim != default.trim:
+            out.append(("federation.robust.trim", f"federation.robust.rule is {robust.rule!r}, not trimmed_mean"))
+        out += [(f"federation.robust.{k}", f"federation.robust.rule is {robust.rule!r}, not krum")
+                for k in ("krum_malicious", "krum_keep") if robust.rule != "krum" and getattr(robust, k) != getattr(default, k)]
+    fed = cfg.federation
+    if fed.runtime == "local":
+        out += [(f"federation.{k}", "federation.runtime is local (every client in this process): it is a Flower "
+                                    "runtime's setting")
+                for k in changed(fed, ("round_timeout_s", "node_wait_s", "max_inflight"))]
+        if cfg.eval.share_examples:
+            out.append(("eval.share_examples", "federation.runtime is local: in-process runs keep every client's "
+                                               "examples already (it says what Flower clients send)"))
+    if fed.runtime != "flower-sim":
+        out += [(f"federation.simulation.{k}", f"federation.runtime is {fed.runtime}, not flower-sim")
+                for k in changed(fed.simulation, tuple(SimulationConfig.model_fields))]
+    ec = cfg.eval
+    if ec.task == "choice":
+        out += [(f"eval.{k}", "eval.task is choice (scored by accuracy, no ROUGE-L)")
+                for k in changed(ec, ("rouge", "rouge_tokenizer"))]
+    else:
+        out += [(f"eval.{k}", "eval.task is generate (no answer options to score)") for k in changed(ec, ("choice_normalize",))]
+        if not ec.rouge:
+            out += [(f"eval.{k}", "eval.rouge is false") for k in changed(ec, ("rouge_tokenizer",))]
+    if ec.mmlu is None and ec.mmlu_max_per_subject is not None:
+        out.append(("eval.mmlu_max_per_subject", "eval.mmlu is null (no MMLU)"))
+    if not ec.val_loss and cfg.data.max_val_per_client != DataConfig().max_val_per_client:
+        out.append(("data.max_val_per_client", "eval.val_loss is false (no validation loss is measured)"))
+    return out
+
+
+def refuse_unread(cfg: RunConfig, source: str = "config") -> None:
+    """A :class:`ConfigError` naming every setting of ``cfg`` its run would not read (:func:`unread_settings`)."""
+    unread = unread_settings(cfg)
+    if unread:
+        raise ConfigError(f"{source}: {'this setting' if len(unread) == 1 else 'these settings'} would change nothing "
+                          "in this run: " + "; ".join(f"{k} = {_value(cfg, k)!r} ({why})" for k, why in unread)
+                          + ": remove " + ("it" if len(unread) == 1 else "them") + " (or set what would read "
+                          + ("it" if len(unread) == 1 else "them") + ")")
 
 
 # ----------------------------------------------------------------------------------------------

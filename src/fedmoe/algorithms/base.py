@@ -271,6 +271,29 @@ class Client:
         """Refuse settings this method cannot honour (a ValueError naming the key and the fix); run when
         the config is validated, before any model is built."""
 
+    @classmethod
+    def budget_keys(cls, cfg: RunConfig) -> frozenset[str]:
+        """The ``algorithm.budgets`` keys this method reads under ``cfg`` (none by default)."""
+        return frozenset()
+
+    @classmethod
+    def unread(cls, cfg: RunConfig) -> list[tuple[str, str]]:
+        """The settings set away from their defaults that this method would not read under ``cfg``, each with why
+        (key, why): keys of its own section under its other options, budget keys (:meth:`budget_keys`), expert-LoRA
+        options it does not use. A new single run refuses them (:func:`fedmoe.config.unread_settings`)."""
+        from .budgets import unread_budgets
+
+        return unread_budgets(cfg, cls.budget_keys(cfg)) + cls.unread_lora(cfg)
+
+    @classmethod
+    def unread_lora(cls, cfg: RunConfig) -> list[tuple[str, str]]:
+        """The ``lora`` keys of :meth:`unread`: by default the expert-LoRA options when ``lora.experts`` is false."""
+        lc, default = cfg.lora, type(cfg.lora)()
+        if lc.experts:
+            return []
+        return [(f"lora.{k}", "lora.experts is false (no LoRA on the routed experts)")
+                for k in ("expert_targets", "expert_layout", "experts_per_layer") if getattr(lc, k) != getattr(default, k)]
+
     def check_model(self, mm: MoEModel) -> None:
         """Refuse settings this model cannot honour (a ValueError naming the key and the fix); run when a
         client's model is loaded, before anything runs (:func:`check_top_k`)."""

@@ -44,3 +44,30 @@ def client_levels(cfg: BudgetConfig, num_levels: int, num_clients: int, seed: in
         raise ValueError(f"algorithm.budgets.probs must be {num_levels} probabilities summing to 1, got {probs}")
     rng = numpy_rng(seed, NumpyStream.BUDGETS)
     return [int(b) for b in rng.choice(num_levels, size=num_clients, p=probs)]
+
+
+# what each budget key gives a client: the methods that read it say which of them they read
+BUDGET_USE = {"top_k": "client's k (activated experts)", "ranks": "LoRA rank", "assign": "level assignment",
+              "map": "level assignment", "probs": "level assignment"}
+
+
+def unread_budgets(cfg, reads: frozenset[str] | set[str]) -> list[tuple[str, str]]:
+    """The ``algorithm.budgets`` keys of ``cfg`` (a RunConfig) set away from their defaults that its run would not
+    read, each with why: those outside ``reads`` (the keys its method reads), and ``map`` / ``probs`` unless
+    ``assign`` is ``map`` / ``distribution``."""
+    b, default = cfg.algorithm.budgets, BudgetConfig()
+    out = []
+    for key in BudgetConfig.model_fields:
+        if getattr(b, key) == getattr(default, key):
+            continue
+        if key not in reads:
+            why = (f"algorithm.name {cfg.algorithm.name} takes no {BUDGET_USE[key]} from the budgets"
+                   + (" (algorithm.client_top_k gives each client's k)" if key == "top_k"
+                      and cfg.algorithm.client_top_k is not None else ""))
+            out.append((f"algorithm.budgets.{key}", why))
+        elif key == "map" and b.assign != "map":
+            out.append(("algorithm.budgets.map", f"algorithm.budgets.assign is {b.assign!r}, not map"))
+        elif key == "probs" and b.assign != "distribution":
+            out.append(("algorithm.budgets.probs", f"algorithm.budgets.assign is {b.assign!r}, not distribution"))
+    return out
+

@@ -224,6 +224,18 @@ class FCMoEServer(FedITServer):
 class FCMoEClient(FedITClient):
     personalized = True  # with retention a client's model is θ_global + λ·r_i
 
+    @classmethod
+    def unread(cls, cfg) -> list[tuple[str, str]]:
+        fc, default = cfg.algorithm.fcmoe, FCMoEConfig()
+        out = super().unread(cfg)
+        if fc.importance != "n_f_t" and fc.temperature != default.temperature:
+            out.append(("algorithm.fcmoe.temperature", f"it is t of importance n_f_t, and algorithm.fcmoe.importance "
+                                                       f"is {fc.importance!r}"))
+        if not fc.projection:
+            out += [(f"algorithm.fcmoe.{k}", "algorithm.fcmoe.projection is false (no consensus projection)")
+                    for k in ("threshold", "space") if getattr(fc, k) != getattr(default, k)]
+        return out
+
     def setup(self, client, mm, train):
         return {"residual": {}, "residual_round": 0}, {}
 

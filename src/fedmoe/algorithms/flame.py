@@ -139,6 +139,20 @@ class FlameClient(FedITClient):
     private_roles = (Role.RESCALER,)  # a learned s_i stays on the client
 
     @classmethod
+    def budget_keys(cls, cfg) -> frozenset[str]:
+        # algorithm.client_top_k, when given, is each client's k: the levels are not read
+        return frozenset() if cfg.algorithm.client_top_k is not None else frozenset({"top_k", "assign", "map", "probs"})
+
+    @classmethod
+    def unread(cls, cfg) -> list[tuple[str, str]]:
+        fc, default = cfg.algorithm.flame, FlameConfig()
+        out = super().unread(cfg)
+        if fc.rescaler != "learned":
+            out += [(f"algorithm.flame.{k}", f"algorithm.flame.rescaler is {fc.rescaler!r}: nothing is learned")
+                    for k in ("rescaler_init", "rescaler_lr") if getattr(fc, k) != getattr(default, k)]
+        return out
+
+    @classmethod
     def build(cls, cfg, mm) -> None:
         if not cfg.lora.experts:
             raise ValueError("FLAME trains per-expert LoRA: set lora.experts: true")

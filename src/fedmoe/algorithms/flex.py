@@ -271,6 +271,18 @@ class FlexClient(Client):
             raise ValueError("FLEx keeps every router frozen (it adapts attention and the grafted expert, whose gate "
                              "is its router row): set lora.router: false")
 
+    @classmethod
+    def unread_lora(cls, cfg) -> list[tuple[str, str]]:
+        lc, default, fc = cfg.lora, type(cfg.lora)(), cfg.algorithm.flex
+        out = [(f"lora.{k}", "FLEx adapts no routed expert (its LoRA is on the grafted experts: "
+                             "algorithm.flex.graft_rank, lora.expert_layout)")
+               for k in ("expert_targets", "experts_per_layer") if getattr(lc, k) != getattr(default, k)]
+        if fc.train_full:
+            out += [(key, "algorithm.flex.train_full is true (the grafted experts train in full, without LoRA)")
+                    for key, changed in (("algorithm.flex.graft_rank", fc.graft_rank is not None),
+                                         ("lora.expert_layout", lc.expert_layout != default.expert_layout)) if changed]
+        return out
+
     @staticmethod
     def attention_targets(cfg, mm) -> list[str]:
         """``lora.attention_targets``, or FLEx's default: the query, key and value projections (the paper's

@@ -126,6 +126,10 @@ class RankClient(_RankBudgets, FedITClient):
     personalized = True  # clients evaluate with their own rank
 
     @classmethod
+    def budget_keys(cls, cfg) -> frozenset[str]:
+        return frozenset({"ranks", "assign", "map", "probs"})
+
+    @classmethod
     def build(cls, cfg, mm) -> None:
         add_adapters(cfg, mm, max(cls.ladder_of(cfg)))
 
@@ -170,6 +174,10 @@ class RankServer(_RankBudgets, FedITServer):
 
 class TrivialClient(_TrivialLadder, RankClient):
     personalized = False
+
+    @classmethod
+    def budget_keys(cls, cfg) -> frozenset[str]:
+        return frozenset({"ranks"})  # every client at the smallest: which level a client has changes nothing
 
 
 class TrivialServer(_TrivialLadder, RankServer):
@@ -221,6 +229,14 @@ class HetLoRAClient(RankClient):
     """Self-pruning (``algorithm.hetlora.prune_lambda`` > 0): the client's current rank is private;
     its model truncates the received adapters to it, and its reply carries it. Scaling: alpha/r_max on
     every client by default (``algorithm.hetlora.scaling``)."""
+
+    @classmethod
+    def unread(cls, cfg) -> list[tuple[str, str]]:
+        hc = cfg.algorithm.hetlora
+        out = super().unread(cfg)
+        if hc.prune_lambda == 0 and hc.prune_gamma != HetLoRAConfig().prune_gamma:
+            out.append(("algorithm.hetlora.prune_gamma", "algorithm.hetlora.prune_lambda is 0 (no self-pruning)"))
+        return out
 
     @staticmethod
     def pairs_of(mm, names=None) -> list[tuple[str, str]]:

@@ -95,6 +95,22 @@ def effective(section) -> dict | None:
     return {**out, "tau": get("tau"), "convention": get("convention")}
 
 
+def unread(cfg: ServerOptimizerConfig) -> list[tuple[str, str]]:
+    """The settings of ``algorithm.server_optimizer`` set away from their defaults that its update does not read
+    (FedAvgM reads only the momentum; FedAdagrad no β2, and no β1 under ``convention: flower``), each with why."""
+    default = ServerOptimizerConfig()
+    reads = {"none": set(), "fedavgm": {"momentum"}, "fedadam": {"beta1", "beta2", "tau", "convention"},
+             "fedyogi": {"beta1", "beta2", "tau", "convention"},
+             "fedadagrad": {"tau", "convention"} | ({"beta1"} if cfg.convention == "reddi" else set())}[cfg.name]
+    out = []
+    for key in ("momentum", "beta1", "beta2", "tau", "convention"):
+        if key not in reads and getattr(cfg, key) != getattr(default, key):
+            why = ("Flower's FedAdagrad has no first moment (convention: flower)" if key == "beta1"
+                   and cfg.name == "fedadagrad" else f"algorithm.server_optimizer.name {cfg.name!r} has no {key}")
+            out.append((f"algorithm.server_optimizer.{key}", why))
+    return out
+
+
 def server_update(cfg: ServerOptimizerConfig, global_state: State, averaged: State, server_state: dict,
                   round_idx: int | None = None) -> tuple[State, dict]:
     """The new global state from the averaged client states, and the server state with the optimizer's

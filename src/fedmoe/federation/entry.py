@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, load_config
+from ..config import ConfigError, RunConfig, load_config, refuse_unread
 from ..data import resolve_labels
 from ..rundir import RunDir, loads, run_dir_problem
 from .checkpoint import RunDirError, check_resume_overrides
@@ -91,10 +91,13 @@ def resume_federated(path: str | Path, show_progress: bool = False, stop_after_r
 
 
 def start_run(cfg: RunConfig, show_progress: bool = False, federation: str | None = None, log=print,
-              overwrite: bool = False):
+              overwrite: bool = False, unread_ok: bool = False):
     """A run from scratch on ``cfg.federation.runtime``; returns (summary, run dir). ``federation``:
     the SuperLink's name in $FLWR_HOME/config.toml (runtime ``flower``); ``overwrite``: replace a run
-    of the same name (:func:`prepare_run_dir`)."""
+    of the same name (:func:`prepare_run_dir`). A setting the run would not read is refused
+    (:func:`~fedmoe.config.refuse_unread`) unless ``unread_ok`` (a sweep's point: the sweep checked its points)."""
+    if not unread_ok:
+        refuse_unread(cfg)
     check_federation_name(federation, [cfg.federation.runtime])
     if cfg.federation.runtime == "local":
         return run_federated(cfg, show_progress=show_progress, log=log, overwrite=overwrite)

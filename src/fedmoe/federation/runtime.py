@@ -374,6 +374,8 @@ class Federation:
         self._count_requests(sampled)
         replies, failures = self.transport.train(round_idx, messages, prog)
         for cid, why in failures.items():
+            if cid in messages:  # the message went out: its bytes count as sent, whatever became of the reply
+                self.records[cid].bytes_down += messages[cid].nbytes()
             self._failed(round_idx, cid, "train", why)
         out, unusable = [], {}
         shape = (self.spec.num_moe_layers, self.spec.num_experts)  # of the activation counts
@@ -385,6 +387,7 @@ class Federation:
             rec, down, up = self.records[cid], messages[cid].nbytes(), reply.nbytes()
             rec.bytes_down += down
             rec.bytes_up += up
+            rec.replies_received += 1
             withheld = self.receiver is not self.server
             declared = 1 if withheld else (rec.data or {}).get("n_train")
             bad = invalid_reply(messages[cid], reply, self.global_state, declared, report.metrics, self.receiver,

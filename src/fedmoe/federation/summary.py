@@ -24,9 +24,10 @@ COLLAPSE_TOLERANCE = 0.02  # a test loss within 2% of ln V (uniform output over 
 class ClientRecord:
     """The runtime's ledger of one client (checkpointed)."""
 
-    bytes_up: int = 0
-    bytes_down: int = 0
-    rounds_trained: int = 0
+    bytes_up: int = 0  # every reply it sent, those left out of the aggregation (invalid, non-finite) included
+    bytes_down: int = 0  # every message sent to it, those of rounds it failed included
+    rounds_trained: int = 0  # the rounds whose update was aggregated
+    replies_received: int = 0  # the training replies its bytes_up counts (a checkpoint before it: 0)
     # the training requests it was sent, answered or not (each one a possible release under federation.dp.where:
     # client; the name is that of earlier checkpoints)
     replies_sent: int = 0
@@ -178,6 +179,7 @@ def run_summary(cfg, spec, records: dict[int, ClientRecord], global_eval: dict, 
             "active_params": fl["active_params"], "active_trainable": fl["active_trainable"],
             "total_trainable": fl["total_trainable"],
             "perplexity": r.last_eval.get("perplexity"), "rounds_trained": r.rounds_trained,
+            "replies_received": r.replies_received,
             "evaluated_round": r.evaluated_round,
             "general_perplexity": r.last_eval.get("general_perplexity"), "mmlu": r.last_eval.get("mmlu"),
             "heldout_accuracy": r.last_eval.get("heldout_accuracy"), "heldout_loss": r.last_eval.get("heldout_loss"),

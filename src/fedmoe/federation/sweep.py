@@ -22,7 +22,7 @@ import itertools
 import json
 from pathlib import Path
 
-from ..config import ConfigError, apply_overrides, config_from_tree, parse_override
+from ..config import ConfigError, apply_overrides, config_from_tree, parse_override, unread_settings
 from ..configbase import load_yaml
 from ..eval.stats import format_change
 from ..report.compare import BYTES_PER_ROUND, bytes_per_round, personal_or_global  # noqa: F401  (re-exported)
@@ -126,7 +126,7 @@ def _run_point(point: str, tree: dict, sets: list[str], root: str, source: str, 
     log(f"{point}: started")
     # a point's directory holds no run here (or one that stopped before its first checkpoint), so the run goes
     # there; were it taken by other files, where it went
-    return str(start_run(cfg, show_progress=show_progress, federation=federation, log=log)[1].summary_path)
+    return str(start_run(cfg, show_progress=show_progress, federation=federation, log=log, unread_ok=True)[1].summary_path)
 
 
 _STOPPING = {"now": False}  # in a sweep's worker process: the sweep was stopped (SIGTERM from its parent)
@@ -190,6 +190,36 @@ def expand_sweep(path: str | Path, overrides: list[str] | None = None):
     return tree, points, configs, plain
 
 
+def check_unread(path, configs, narrowed: bool = False) -> list[str]:
+    """A sweep's settings no point would read are refused (:func:`~fedmoe.config.unread_settings`); returns a note on
+    each of those only some points read (its base config's budget levels of one method among several), naming the
+    points that do not. ``narrowed``: an axis was replaced by ``--set sweep.KEY=[...]``, and the points left out may
+    be the ones that read a key: no refusal, every such key gets a note."""
+    points_of: dict[str, list[str]] = {}
+    why: dict[str, list[str]] = {}
+    for point, cfg in configs:
+        for key, reason in unread_settings(cfg):
+            points_of.setdefault(key, []).append(point)
+            if reason not in why.setdefault(key, []):
+                why[key].append(reason)
+
+    def reasons(key: str) -> str:
+        return "; ".join(why[key][:3]) + ("; ..." if len(why[key]) > 3 else "")
+
+    never = [] if narrowed else [k for k, pts in points_of.items() if len(pts) == len(configs)]
+    if never:
+        raise ConfigError(f"{path}: no point of this sweep would read "
+                          + "; ".join(f"{k} ({reasons(k)})" for k in never) + ": remove "
+                          + ("it" if len(never) == 1 else "them") + " (or set what would read "
+                          + ("it" if len(never) == 1 else "them") + ")")
+    notes = []
+    for key, pts in points_of.items():
+        shown = ", ".join(pts[:4]) + (f" and {len(pts) - 4} more" if len(pts) > 4 else "")
+        notes.append(f"note: {key} changes nothing in {len(pts)} of the {len(configs)} sweep points ({shown}): "
+                     f"{reasons(key)}")
+    return notes
+
+
 def _stop_pool(pool) -> None:
     """Cancel the points not started and stop the running ones as Ctrl-C stops a run (SIGTERM: their
     :func:`_quiet_point` handler), waiting for them to write what they hold."""
@@ -232,6 +262,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progres
             check_model(cfg, log=lambda *a: None, fits=False)
         except (ConfigError, ValueError) as e:
             raise ConfigError(f"sweep point {point}: {e}") from None
+    notes = check_unread(path, configs, narrowed=any(o.startswith("sweep.") for o in overrides or []))
     stale = stale_points(root, configs)
     if stale:
         raise ConfigError(
@@ -240,6 +271,8 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progres
             + " | ".join(stale) + ". Kept and continued, their results would be reported as this config's: give this "
             "sweep another name (--set name=NEW), or move those points' directories away to run them again with this "
             "config")
+    for note in notes:
+        log(note)
     root.mkdir(parents=True, exist_ok=True)
     resume_sets = [o for o in plain if execution_key(".".join(parse_override(o)[0]))]
     if jobs == 1 or len(points) == 1:

@@ -28,13 +28,14 @@ def personal_or_global(summary: dict, key: str):
 
 
 # what bytes_per_round is: the results table's bytes are each client's total over the run, this divides it
-BYTES_PER_ROUND = "bytes up per client per round (its total ÷ rounds it trained, mean over clients)"
+BYTES_PER_ROUND = "bytes up per client per round (its total ÷ the replies it sent, mean over clients)"
 
 
 def bytes_per_round(summary: dict) -> str:
-    """Uplink per client per round: each client's total ``bytes_up`` over the run divided by the rounds it trained,
-    averaged over the clients that trained (:data:`BYTES_PER_ROUND`)."""
-    per = [c["bytes_up"] / c["rounds_trained"] for c in summary["clients"] if c.get("rounds_trained")]
+    """Uplink per client per round: each client's total ``bytes_up`` over the run divided by the training replies it
+    sent (those left out of the aggregation included, as their bytes are; a summary written before that count: the
+    rounds it trained), averaged over the clients that replied (:data:`BYTES_PER_ROUND`)."""
+    per = [c["bytes_up"] / n for c in summary["clients"] if (n := c.get("replies_received") or c.get("rounds_trained"))]
     return "–" if not per else f"{sum(per) / len(per) / 1e6:.2f} MB"
 
 
