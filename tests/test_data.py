@@ -277,12 +277,15 @@ def test_truncation_bounds(tok):
             assert len(out["input_ids"]) == len(out["labels"]) <= L
             assert n_lab >= 1
             p = out["prompt_len"]
-            assert out["input_ids"][:p] == prompt_ids[:p]  # prompt head kept
+            assert out["input_ids"][:p] == prompt_ids[len(prompt_ids) - p:]  # prompt tail kept, as generation's
             assert out["input_ids"][p:] == resp_ids[: len(out["input_ids"]) - p]  # response head kept
             if len(prompt_ids) + len(resp_ids) > L:
                 assert len(out["input_ids"]) == L
     out = tokenize_example(tok, long_in, 64)  # both long: the prompt gets half of the budget
     assert out["prompt_len"] == 32 and len(out["input_ids"]) == 64
+    # a cut training prompt ends as the prompt generation is given: with the response marker, the same tokens
+    assert tok.decode(out["input_ids"][:32]).endswith("### Response:\n")
+    assert out["input_ids"][:32] == tokenize_prompt(tok, long_in, 32)
 
 
 def test_tokenize_prompt_left_truncates(tok):

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class LocalResult:
-    loss: float  # mean training loss over this round's optimizer steps
+    # mean training loss over this round's optimizer steps: the language-model loss (the mean over the labelled
+    # tokens), without the aux loss or the method's terms added to what is minimised (FedProx's proximal term...)
+    loss: float
     steps: int
     tokens: int  # non-padding tokens processed
     activation_counts: torch.Tensor  # (L, E) tokens routed to each expert
@@ -94,11 +96,14 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def round_lr(cfg: TrainConfig, round_idx: int, total_rounds: int) -> float:
-    """The learning rate of a round (1-based). ``cosine`` decays from lr to min_lr across rounds
-    (a schedule over the federation, not within a client's local steps); ``constant`` keeps lr."""
-    if cfg.schedule == "constant" or total_rounds <= 1:
+    """The learning rate of a round (1-based). ``cosine`` decays from lr toward min_lr across rounds
+    (a schedule over the federation, not within a client's local steps), as transformers' cosine schedule over
+    ``total_rounds`` steps: round r at progress (r − 1) / total_rounds, so that the last round still trains (it
+    reached min_lr, 0 by default, at the last round: a round of compute that changed nothing, and SCAFFOLD's
+    option II divided by its lr); ``constant`` keeps lr."""
+    if cfg.schedule == "constant":
         return cfg.lr
-    progress = (round_idx - 1) / (total_rounds - 1)
+    progress = (round_idx - 1) / total_rounds
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -267,12 +272,12 @@ def train_local(
                 loss_sum, _, aux = labelled_token_loss(model, batch["input_ids"], batch["attention_mask"],
                                                        batch["labels"], output_router_logits=cfg.aux_loss)
             loss = loss_sum / labelled  # this micro-batch's share of the step's token mean
+            step_loss += loss.item()  # the reported loss: the language model's alone
             if aux is not None:
                 loss = loss + aux_coef * aux.float() / (cfg.grad_accum * ranks)
             for term in terms:  # once in the sum over the ranks
                 loss = loss + term(params) / (cfg.grad_accum * ranks)
             loss.backward()
-            step_loss += loss.item()
             tokens += int(batch["attention_mask"].sum())
         if parallel is not None:
             step_loss = parallel.sync_step(params, step_loss)

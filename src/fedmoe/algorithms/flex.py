@@ -30,8 +30,8 @@ from ..data.tokenize import collate_sft
 from ..moe.arch import MoELayer
 from ..moe.experts import expert_biases, expert_form
 from ..moe.inventory import Role, TensorInfo
-from ..moe.lora import (ExpertsWithLoRA, _init_lora_A_, adapter_device, expert_ffn, expert_lora_pairs, lora_delta,
-                        lora_pair_info)
+from ..moe.lora import (ExpertsWithLoRA, _init_lora_A_, adapter_device, adapter_dtype, expert_ffn, expert_lora_pairs,
+                        lora_delta, lora_pair_info)
 from ..moe.quant import quantized_proj
 from .base import Client, Method
 from .fedit import FedITServer
@@ -150,7 +150,7 @@ class GraftedExperts(nn.Module):
         base = layer.experts
         form = self.form = layer.form
         hidden, inter = layer.hidden_size, layer.intermediate_size
-        dev, dt = adapter_device(base.gate_up_proj), base.gate_up_proj.dtype
+        dev, dt = adapter_device(base.gate_up_proj), adapter_dtype(base.gate_up_proj)
         self.base = [base]  # a list: not registered as a child (its weights stay the model's own)
         self.router = [layer.router]
         self.num_grafts, self.train_full, self.gate_kind = num_grafts, train_full, gate

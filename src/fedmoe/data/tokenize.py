@@ -8,9 +8,11 @@ token id on every response position (the model shifts labels itself).
 Truncation rule (when ``len(prompt) + len(response) + 1 > max_length``), with ``R`` the response
 ids plus eos and ``L = max_length``:
 
-* the prompt keeps its *head*, ``p = min(len(prompt), max(L - len(R), L // 2), L - 1)`` tokens:
+* the prompt keeps its *tail*, ``p = min(len(prompt), max(L - len(R), L // 2), L - 1)`` tokens:
   everything the full response leaves over, but at least half of the budget when it needs it,
-  and never the whole budget;
+  and never the whole budget. The tail, as generation keeps it: the prompt ends with ``### Response:``
+  there, and a trained prompt ends the same way (its head, kept before, cut the marker off long
+  contexts, and the model learned to answer prompts it is never given);
 * the response keeps its head in the remaining ``L - p`` positions (the eos is dropped when the
   response itself is cut, because the text did not end there).
 
@@ -70,7 +72,7 @@ def truncation_lengths(prompt_len: int, target_len: int, max_length: int) -> tup
 def _assemble(prompt_ids: Sequence[int], resp_ids: Sequence[int], eos: int, max_length: int) -> dict:
     target = list(resp_ids) + [eos]
     p, r = truncation_lengths(len(prompt_ids), len(target), max_length)
-    prompt = list(prompt_ids[:p])
+    prompt = list(prompt_ids[len(prompt_ids) - p:])
     target = target[:r]
     return {
         "input_ids": prompt + target,

@@ -33,6 +33,15 @@ def adapter_device(t: torch.Tensor) -> torch.device:
     return torch.device("cpu") if t.device.type == "meta" else t.device
 
 
+def adapter_dtype(t) -> torch.dtype:
+    """The dtype of a trainable adapter of the frozen tensor ``t``: float32 where ``t`` is bf16 or fp16 (as PEFT's
+    ``autocast_adapter_dtype``), else ``t``'s. An update of an Adam step is about lr; in bf16 (8 bits of mantissa) it
+    is rounded away from a weight much larger than 256·lr, and in fp16 Adam's ε of 1e-8 is 0, so the first step
+    (LoRA B = 0: A's gradient 0) divides 0 by 0. The forward casts the adapter to its input's dtype; its gradient
+    and optimizer state stay float32."""
+    return torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
+
+
 def _init_lora_A_(a: torch.Tensor) -> None:
     """U(-1/sqrt(in), 1/sqrt(in)), drawn from the CPU generator whatever the device: a client's adapters
     on a GPU get the very values the server's CPU skeleton has (a CUDA generator would draw others)."""
@@ -128,8 +137,8 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / rank
         p = base.weight
         dev = adapter_device(p)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=p.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=p.dtype))
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=adapter_dtype(p)))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=adapter_dtype(p)))
         _init_lora_A_(self.lora_A)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -176,8 +185,8 @@ class RouterWithLoRA(nn.Module):
         w = base.weight
         num_experts, hidden = w.shape
         dev = adapter_device(w)
-        self.lora_A = nn.Parameter(torch.empty(rank, hidden, device=dev, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, rank, device=dev, dtype=w.dtype))
+        self.lora_A = nn.Parameter(torch.empty(rank, hidden, device=dev, dtype=adapter_dtype(w)))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, rank, device=dev, dtype=adapter_dtype(w)))
         _init_lora_A_(self.lora_A)
 
     @property
@@ -404,7 +413,7 @@ class ExpertsWithLoRA(nn.Module):
         self.rank = rank
         self.scaling = alpha / rank if rank else 0.0
         self.targets = tuple(targets) if rank else ()
-        dev, dt = adapter_device(base.gate_up_proj), base.gate_up_proj.dtype
+        dev, dt = adapter_device(base.gate_up_proj), adapter_dtype(base.gate_up_proj)
         # LoRA on a subset of the experts (the "MoE + X" baselines: one random expert per layer):
         # the tensors hold only those experts; ``_full`` places them in the expert stack.
         self.lora_experts = None if lora_experts is None else sorted(int(e) for e in lora_experts)
