@@ -202,6 +202,14 @@ def test_flops_of_a_run_config_as_the_readme_shows(tmp_path):
     r = fedmoe("flops", flex, "--json", "--k", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert [(row["k"], row["total_trainable"], row["active_trainable"]) for row in json.loads(r.stdout)] == [(2, 57_856, 57_856)]
+    # each k one of the run's clients runs at is a row naming its clients (FLAME's k = 3 was missing: rows were the
+    # model's k halved)
+    flame = tmp_path / "flame.yaml"
+    flame.write_text("model: {name: 'builtin:tiny-moe'}\nalgorithm: {name: flame, budgets: {top_k: [4, 3, 2, 1]}}\n")
+    r = fedmoe("flops", flame, "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [(row["k"], row["rank"], row["clients"]) for row in json.loads(r.stdout)] == [
+        (4, 8, [0]), (3, 8, [1]), (2, 8, [2]), (1, 8, [3])]
     # an option given overrides the config's value; the table names the config's model
     r = fedmoe("flops", default, "--lora-rank", "0", "--k", "4", cwd=tmp_path)
     assert r.returncode == 0 and f"{default}: builtin:tiny-moe (olmoe)" in r.stdout and "no LoRA" in r.stdout
@@ -669,4 +677,4 @@ def test_flops_of_a_sweep_counts_each_distinct_point(tmp_path):
     r = cli("flops", sweep, "--k", "4")
     heads = [x for x in r.stdout.splitlines() if x.startswith("sweep points ")]
     assert heads == ["sweep points rank=4,seed=0, rank=4,seed=1:", "sweep points rank=8,seed=0, rank=8,seed=1:"]
-    assert f"**{sweep}: builtin:tiny-moe (olmoe), 128 tokens, the adapters fedit builds (lora.rank 8)**" in r.stdout
+    assert f"**{sweep}: builtin:tiny-moe (olmoe), 128 tokens, the adapters fedit builds**" in r.stdout

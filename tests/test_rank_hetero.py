@@ -202,6 +202,18 @@ def test_flexlora_run_logs_server_svd_time_and_client_ranks(tmp_path):
     summary, rd = run_federated(cfg)
     assert [c["rank"] for c in summary["clients"]] == [4, 2]
     assert summary["clients"][0]["flops_per_seq"] > summary["clients"][1]["flops_per_seq"]
+    # `fedmoe flops RUN.yaml` lists each client's (k, rank) level with the figures its summary reports (the rank-2
+    # client was missing: every row was at the rank built, 4)
+    from fedmoe.algorithms import METHODS
+    from fedmoe.algorithms.base import method_flops
+
+    rows = {(r["k"], r["rank"]): r for r in method_flops(cfg, METHODS["flexlora"])}
+    for c in summary["clients"]:
+        row = rows[(c["k"], c["rank"])]
+        assert row["clients"] == [c["id"]]
+        assert [row[key] for key in ("flops_per_seq", "active_params", "active_trainable", "total_trainable")] == \
+            [c[key] for key in ("flops_per_seq", "active_params", "active_trainable", "total_trainable")]
+    assert sorted(rows) == [(1, 4), (2, 2), (2, 4)]  # the model's k halved (2, 1) at the rank built, and client 1's
     server = [r for r in rd.read_metrics() if r["kind"] == "server"]
     assert [r["round"] for r in server] == [1, 2] and all(r["svd_s"] >= 0 and r["aggregate_s"] >= r["svd_s"] for r in server)
     report = rd.report_path.read_text()

@@ -412,7 +412,7 @@ def flops(
 
             rows = method_flops(run_cfg, METHODS[run_cfg.algorithm.name], ks or None, seq)
             mc = load_model_config(run_cfg.model.name)
-            lora = f"the adapters {run_cfg.algorithm.name} builds (lora.rank {run_cfg.lora.rank})"
+            lora = f"the adapters {run_cfg.algorithm.name} builds"
             return rows, f"{run_cfg.model.name} ({mc.model_type}), {rows[0]['seq_len']} tokens, {lora}"
         if run_cfg is not None:  # a run config with adapters described by hand: its model, the options win
             lc = run_cfg.lora
@@ -477,11 +477,14 @@ def flops(
     keys = ("k", "flops_per_seq", "flops_by_part", "active_params", "total_params", "active_trainable",
             "total_trainable")
     if as_json:
+        def fields(r):  # a run config's rows also name their LoRA rank and clients
+            return {key: r[key] for key in (*keys, "rank", "clients") if key in r}
+
         if tables[0][2] is None:
-            print(json.dumps([{key: r[key] for key in keys} for r in tables[0][0]], indent=2))
+            print(json.dumps([fields(r) for r in tables[0][0]], indent=2))
         else:  # a sweep: one object per distinct count
-            print(json.dumps([{"points": points, "rows": [{key: r[key] for key in keys} for r in rows]}
-                              for rows, _, points in tables], indent=2))
+            print(json.dumps([{"points": points, "rows": [fields(r) for r in rows]} for rows, _, points in tables],
+                             indent=2))
         return
     for i, (rows, title, points) in enumerate(tables):
         if points is not None:

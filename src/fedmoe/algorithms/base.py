@@ -115,23 +115,44 @@ class ModelSpec:
                 "shared_trainable": inv["shared_trainable"]}
 
 
+def client_levels(cfg: RunConfig, method: Method) -> dict[tuple[int, int], list[int]]:
+    """(k_i, r_i) -> the clients of ``cfg`` that run at it, as the run's client half gives them (their profile at
+    setup; a rank that changes in the run, HetLoRA's self-pruning, at its start)."""
+    from ..moe import MoEModel
+
+    sk = MoEModel.skeleton(cfg.model.name, dtype=cfg.model.dtype)
+    half = method.client(cfg)
+    out: dict[tuple[int, int], list[int]] = {}
+    for cid in range(cfg.data.partition.num_clients):
+        out.setdefault((half.top_k(cid, sk), half.rank(cid, {})), []).append(cid)
+    return out
+
+
 def method_flops(cfg: RunConfig, method: Method, ks: list[int] | None = None, seq_len: int | None = None) -> list[dict]:
     """The FLOPs and parameter columns of ``cfg``'s ``method`` (FLAME Table 1 layout, one row per k; default
-    k: the model's, halved down to 1), counted from the adapters the method builds on the model's
-    skeleton at the configured rank — the figures the run's summary reports (``fedmoe flops RUN.yaml``).
-    ``flops_by_part["lora"]`` holds everything the adapters add (a grafted expert's FFN included)."""
+    k: the model's, halved down to 1, and every k and LoRA rank one of the run's clients runs at, each row naming
+    its ``clients``), counted from the adapters the method builds on the model's skeleton — the figures the run's
+    summary reports (``fedmoe flops RUN.yaml``). A row has the ``rank`` it counts the LoRA pairs at (the one built,
+    unless a client trains fewer components). ``flops_by_part["lora"]`` holds everything the adapters add (a grafted
+    expert's FFN included)."""
     from ..eval.flops import count_flops, default_k_list
 
     spec = model_spec(cfg, method)
     seq = cfg.eval.flops_seq_len if seq_len is None else int(seq_len)
+    built = method.client(cfg).rank(None, {})  # the global model's rank: the adapters as built
+    levels = client_levels(cfg, method)
+    wanted = {(k, built) for k in (ks or default_k_list(spec.config))}
+    if not ks:
+        wanted |= set(levels)
     rows = []
-    for k in ks or default_k_list(spec.config):
+    for k, rank in sorted(wanted, key=lambda kr: (-kr[0], -kr[1])):
         base = count_flops(spec.config, seq, k=k, lora_rank=0)
-        counts = spec.counts(k, None, seq)
+        counts = spec.counts(k, None if rank == built else rank, seq)
         adapters = counts["flops_per_seq"] - base["flops_per_seq"]
         rows.append({**base, "flops_per_seq": counts["flops_per_seq"], "flops_by_part": {**base["flops_by_part"],
                      "lora": adapters}, "active_params": counts["active_params"],
-                     "active_trainable": counts["active_trainable"], "total_trainable": counts["total_trainable"]})
+                     "active_trainable": counts["active_trainable"], "total_trainable": counts["total_trainable"],
+                     "rank": rank, "clients": levels.get((k, rank), [])})
     return rows
 
 

@@ -434,12 +434,15 @@ def human(n: float, digits: int = 1) -> str:
 
 def format_flops_table(rows: list[dict], title: str | None = None) -> str:
     """A markdown table with FLAME's Table 1 columns plus the per-part FLOPs split."""
-    head = ["k", "FLOPs/seq", "P_a", "P", "P̂_a", "P̂"] + [p.replace("_", " ") for p in FLOP_PARTS]
+    levels = all("clients" in r for r in rows)  # a run's rows: each with its LoRA rank and the clients at it
+    head = (["k"] + (["rank", "clients"] if levels else []) + ["FLOPs/seq", "P_a", "P", "P̂_a", "P̂"]
+            + [p.replace("_", " ") for p in FLOP_PARTS])
     lines = [f"**{title}**", ""] if title else []
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
     for r in rows:
-        cells = [str(r["k"]), human(r["flops_per_seq"]), human(r["active_params"], 2), human(r["total_params"], 2),
-                 human(r["active_trainable"], 2), human(r["total_trainable"], 2)]
+        cells = [str(r["k"])] + ([str(r["rank"]), ", ".join(map(str, r["clients"])) or "–"] if levels else [])
+        cells += [human(r["flops_per_seq"]), human(r["active_params"], 2), human(r["total_params"], 2),
+                  human(r["active_trainable"], 2), human(r["total_trainable"], 2)]
         cells += [human(r["flops_by_part"][p]) for p in FLOP_PARTS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
