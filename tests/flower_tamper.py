@@ -1,6 +1,7 @@
 """`fedmoe run` whose server receives hostile train replies through Flower (tests/test_hostile_input.py): the
-ServerApp's grid is wrapped and the train replies of client 1 and client 2 are changed as they arrive — client
-1 claims n_train = 1e15, client 2 names a dtype that is not one fedmoe bit-casts. The arguments are `fedmoe`'s."""
+ServerApp's grid is wrapped and the train replies of clients 1, 2 and 3 are changed as they arrive — client
+1 claims n_train = 1e15, client 2 names a dtype that is not one fedmoe bit-casts, client 3 adds a 32 MiB tensor
+the method does not expect. The arguments are `fedmoe`'s."""
 
 import json
 import sys
@@ -26,6 +27,11 @@ class TamperingGrid:
             elif client == 2:
                 name = next(iter(m.content["tensors"].keys()))
                 m.content["header"]["dtypes"] = json.dumps({name: "load"})
+            elif client == 3:
+                import numpy as np
+                from flwr.app import Array
+
+                m.content["tensors"]["junk"] = Array(np.zeros(8 << 20, dtype=np.float32))
         return got
 
 

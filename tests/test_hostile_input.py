@@ -459,16 +459,17 @@ def test_a_client_reporting_a_negative_test_loss_is_left_out_of_the_global_loss(
 
 @pytest.mark.processes
 def test_hostile_replies_through_flower_are_those_clients_failures(tmp_path):
-    """On Flower's simulation, the train replies of clients 1 and 2 arrive changed (tests/flower_tamper.py): one
-    claims 1e15 examples, one names a dtype that would make the server call torch.load. Both are left out of
-    every round as failures (invalid, unreadable), the run finishes on client 0's updates."""
+    """On Flower's simulation, the train replies of clients 1, 2 and 3 arrive changed (tests/flower_tamper.py): one
+    claims 1e15 examples, one names a dtype that would make the server call torch.load, one carries a 32 MiB tensor
+    the method does not expect (refused from its header, not decoded). Each is left out of every round as a failure
+    (invalid, unreadable), the run finishes on client 0's updates."""
     import json
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    sets = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32", "data.partition.num_clients=3",
+    sets = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32", "data.partition.num_clients=4",
             "train.max_steps=1", "train.batch_size=2", "lora.rank=2", "eval.rouge=false", "eval.zero_shot=false",
             "data.max_test_per_client=2", "eval.loss_every_round=false", "federation.rounds=1",
             "federation.min_replies=1", f"output_dir={tmp_path}", "name=tampered"]
@@ -482,7 +483,38 @@ def test_hostile_replies_through_flower_are_those_clients_failures(tmp_path):
     fails = {(f["client"], f["stage"]): f["error"] for f in summary["failures"]}
     assert "more than the" in fails[(1, "invalid")]
     assert "an unreadable reply" in fails[(2, "train")] and "'load'" in fails[(2, "train")]
-    assert [c["rounds_trained"] for c in summary["clients"]] == [1, 0, 0]
+    assert "a tensor 'junk' the method does not expect (33554" in fails[(3, "train")]  # its npy bytes, unread
+    assert [c["rounds_trained"] for c in summary["clients"]] == [1, 0, 0, 0]
+
+
+def test_a_reply_tensor_beyond_what_the_method_expects_is_refused_before_it_is_decoded():
+    """from_records with the names and shapes a reply may hold refuses an unexpected tensor, or one of another shape,
+    from its array's header: the refusal allocates next to nothing (decoded and copied, 64 MiB more than the
+    message already held)."""
+    import tracemalloc
+
+    import numpy as np
+    from flwr.app import Array
+
+    from fedmoe.federation.flower.records import from_records, to_records
+    from fedmoe.messages import Message
+
+    msg = Message({"w": torch.zeros(4, 3)}, {"n_train": 2})
+    rd = to_records(msg, {"client": 0})
+    assert torch.equal(from_records(rd, {"w": (4, 3)})[0].tensors["w"], msg.tensors["w"])
+    assert torch.equal(from_records(rd, {"w": None})[0].tensors["w"], msg.tensors["w"])  # any shape
+    with pytest.raises(ValueError, match=r"w is \(4, 3\), the method expects \(3, 4\) \(refused unread\)"):
+        from_records(rd, {"w": (3, 4)})
+    rd["tensors"]["junk"] = Array(np.ones(8 << 20, dtype=np.float32))
+    assert set(from_records(rd)[0].tensors) == {"w", "junk"}  # unchecked: decoded
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"a tensor 'junk' the method does not expect \(\d+ bytes, refused unread\)"):
+            from_records(rd, {"w": (4, 3)})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
 
 
 def test_a_start_a_client_reports_is_recorded_only_as_durations_and_a_device_name():

@@ -74,12 +74,15 @@ def _put(rd, prefix: str, msg: Message, shared: list[str] | None = None) -> None
     rd[prefix + "header"] = ConfigRecord(header)
 
 
-def from_records(rd) -> tuple[Message | None, dict]:
-    """(the fedmoe message or None, the info dict) of a Flower RecordDict."""
+def from_records(rd, expect: dict[str, tuple[int, ...] | None] | None = None) -> tuple[Message | None, dict]:
+    """(the fedmoe message or None, the info dict) of a Flower RecordDict. ``expect``: the tensors the message may
+    hold, name -> shape (None: any); one outside it, or of another shape, is refused (a ValueError) from the
+    array's header, before its bytes are decoded (a hostile reply's 256 MiB extra tensor would cost twice that
+    again decoded and copied, only to be refused by the reply's check)."""
     info = json.loads(rd["info"]["json"]) if "info" in rd else {}
     if "tensors" not in rd:
         return None, info
-    return _get(rd, ""), info
+    return _get(rd, "", expect), info
 
 
 def also_from_records(rd, msg: Message) -> Message | None:
@@ -100,11 +103,20 @@ def also_from_records(rd, msg: Message) -> Message | None:
                    header=also.header)
 
 
-def _get(rd, prefix: str) -> Message:
+def _get(rd, prefix: str, expect: dict[str, tuple[int, ...] | None] | None = None) -> Message:
     dtypes = json.loads(rd[prefix + "header"]["dtypes"])
     bitcast = {str(d).removeprefix("torch."): d for d in BITCAST}
+    arrays = rd[prefix + "tensors"]
+    if expect is not None:
+        for name, arr in arrays.items():
+            if name not in expect:
+                raise ValueError(f"a tensor {str(name)[:100]!r} the method does not expect ({len(arr.data)} bytes, "
+                                 "refused unread)")
+            if expect[name] is not None and tuple(arr.shape) != tuple(expect[name]):
+                raise ValueError(f"{str(name)[:100]} is {tuple(arr.shape)[:8]}, the method expects "
+                                 f"{tuple(expect[name])} (refused unread)")
     tensors = {}
-    for name, arr in rd[prefix + "tensors"].items():
+    for name, arr in arrays.items():
         t = torch.from_numpy(np.array(arr.numpy(), copy=True))
         if name in dtypes:
             if dtypes[name] not in bitcast or t.dtype != BITCAST[bitcast[dtypes[name]]]:

@@ -56,6 +56,9 @@ class FlowerTransport:
         # over while Flower still lists the old one as connected (until two 30 s heartbeats are missed)
         self.unanswered: set[int] = set()
         self.withheld: dict[int, set[str]] = {}  # client -> what it kept to itself (flower.client.WITHHELD keys)
+        # the tensors a train reply may hold besides those it was sent: name -> shape (None: any), set by the runtime
+        # (the global tensors and the method's extras); None: not checked before decoding
+        self.reply_spec: dict[str, tuple[int, ...] | None] | None = None
 
     @property
     def num_clients(self) -> int:
@@ -203,10 +206,11 @@ class FlowerTransport:
         return starts
 
     def _send(self, round_idx: int, kind: str, messages: dict[int, Message], infos: dict[int, dict] | None = None,
-              also: Message | None = None, timeout: float | None = None):
+              also: Message | None = None, timeout: float | None = None, expect: dict[int, dict] | None = None):
         """({client: (reply message, info)}, {client: why it failed}). A client that failed earlier in
         this round, or whose SuperNode is not connected, is not asked. ``also``: a second message sent to every
-        client beside its own (:func:`~.records.to_records`); ``timeout``: in place of ``federation.round_timeout_s``."""
+        client beside its own (:func:`~.records.to_records`); ``timeout``: in place of ``federation.round_timeout_s``;
+        ``expect``: per client, the tensors its reply may hold (:func:`~.records.from_records`)."""
         if self.failed[0] != round_idx:
             self.failed = (round_idx, set())
         gone = self._refresh()
@@ -232,7 +236,7 @@ class FlowerTransport:
                     f"node {reply.metadata.src_node_id}: {reply.error.reason} (code {reply.error.code})")
                 continue
             try:
-                msg, info = from_records(reply.content)
+                msg, info = from_records(reply.content, None if expect is None else expect.get(cid))
                 if not isinstance(info, dict):
                     raise ValueError(f"its info is a {type(info).__name__}")
             except Exception as e:  # noqa: BLE001 — whatever a client sent, it is that client's failure
@@ -277,7 +281,11 @@ class FlowerTransport:
                 for cid, info in sorted(self.infos.items())}
 
     def train(self, round_idx: int, messages: dict[int, Message], prog):
-        got, failed = self._send(round_idx, TRAIN, messages)
+        # what a reply may hold (the runtime's rule, invalid_reply): the tensors it was sent, the global ones and the
+        # method's extras; a tensor beyond them is refused before it is decoded
+        expect = {cid: {**self.reply_spec, **{n: tuple(t.shape) for n, t in msg.tensors.items()}}
+                  for cid, msg in messages.items()} if self.reply_spec is not None else None
+        got, failed = self._send(round_idx, TRAIN, messages, expect=expect)
         replies = {}
         for cid, (msg, info) in got.items():
             if msg is None:  # a reply without its message's records: no update to read
