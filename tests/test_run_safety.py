@@ -515,6 +515,15 @@ def test_a_sweep_whose_data_changed_since_its_points_ran_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"rank=2 \(.*\): its data changed since \(.*mine.jsonl changed"):
         run_sweep(path, ["sweep.lora.rank=[2,4,8]"], log=_quiet)
     assert not (tmp_path / "dat" / "rank=8").exists()
+    # the fingerprint is read from checkpoints/data-fingerprint.json, not from the checkpoint (a full read of the
+    # model's state per point): with every point's state.pt unreadable the change is still found
+    for point in ("rank=2", "rank=4"):
+        ck = tmp_path / "dat" / point / "checkpoints"
+        assert json.loads((ck / "data-fingerprint.json").read_text())["data_fingerprint"]["sources"][0]["files"]
+        for f in ck.glob("state*.pt"):
+            f.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"rank=2 \(.*\): its data changed since \(.*mine.jsonl changed"):
+        run_sweep(path, log=_quiet)
 
 
 def test_a_resume_on_a_device_this_machine_lacks_is_refused_before_anything_is_written(tmp_path):

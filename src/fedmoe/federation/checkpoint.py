@@ -18,7 +18,7 @@ import torch
 from ..config import ConfigError, RunConfig, config_to_dict
 from ..configbase import flat_keys
 from ..rundir import (UnsafeFileError, load_tensor_file, RunDir, atomic_write_bytes, atomic_write_leftovers,
-                      run_dir_problem, shell_quote)
+                      atomic_write_text, run_dir_problem, shell_quote)
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -282,6 +282,36 @@ def data_fingerprint(cfg: RunConfig) -> dict:
         out.append({"source": source, "kind": kind,
                     "files": {f: [(where / f).stat().st_size, _sha256(where / f)] for f in files}})
     return {"sources": out}
+
+
+DATA_FINGERPRINT_FILE = "data-fingerprint.json"  # beside the checkpoints: the data fingerprint alone, to read cheaply
+
+
+def write_data_fingerprint(folder: Path, fingerprint: dict | None) -> None:
+    """The run's data fingerprint as ``folder/data-fingerprint.json`` (atomically; once, or when it differs), so that
+    whoever checks the data of a run (a sweep before it continues its points) need not read a whole checkpoint."""
+    if fingerprint is None:
+        return
+    path = Path(folder) / DATA_FINGERPRINT_FILE
+    text = json.dumps({"data_fingerprint": fingerprint}, sort_keys=True) + "\n"
+    try:
+        if path.read_text() == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)
+
+
+def stored_data_fingerprint(path: str | Path) -> dict:
+    """``{"data_fingerprint": ...}`` of the run in ``path``: from ``checkpoints/data-fingerprint.json`` when it is
+    readable, else from its checkpoint (a run written before that file: a full read)."""
+    try:
+        got = json.loads((Path(path) / RunDir.CHECKPOINTS / DATA_FINGERPRINT_FILE).read_text())
+        if isinstance(got, dict) and isinstance(got.get("data_fingerprint"), dict):
+            return got
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    return load_checkpoint(path, log=lambda *a: None).state
 
 
 def check_data_fingerprint(cfg: RunConfig, ck: dict, path: str | Path, log=print) -> None:

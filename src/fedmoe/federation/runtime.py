@@ -29,7 +29,8 @@ from ..messages import EVALUATE, TOKENS_PER_LAYER, TRAIN, Message, Reply
 from ..report import write_report
 from ..rundir import RunDir, shell_quote
 from .checkpoint import (CHECKPOINT_FILE, Checkpoint, RunDirError, config_fingerprint, data_fingerprint,
-                         remove_stale_temporaries, restore_rng_states, rng_states, write_checkpoint)
+                         remove_stale_temporaries, restore_rng_states, rng_states, write_checkpoint,
+                         write_data_fingerprint)
 from .conflict import NOTES as CONFLICT_NOTES
 from .dp import WITHHELD_DATA, WITHHELD_TRAINING
 from .evaluation import (GENERAL_PARTS, WITHHELD_EVALUATION, WITHHELD_WITH_EVALUATION, EvalPolicy, first_evaluating,
@@ -280,6 +281,7 @@ class Federation:
 
     def save(self) -> None:
         write_checkpoint(self.rd.checkpoint_dir, _serialize(self.checkpoint_state()))
+        write_data_fingerprint(self.rd.checkpoint_dir, self.data_fingerprint)
 
     def restore(self, ck: dict) -> None:
         self.completed_rounds = ck["round"]

@@ -78,7 +78,7 @@ def stale_points(root: Path, configs) -> list[str]:
     from ..data.prepare import resolve_labels
     from ..rundir import RunDir
     from .checkpoint import (RunDirError, check_data_fingerprint, config_fingerprint, fingerprint_diffs, has_checkpoint,
-                             load_checkpoint)
+                             stored_data_fingerprint)
     from .dp import resolve_noise
 
     stale = []
@@ -92,7 +92,7 @@ def stale_points(root: Path, configs) -> list[str]:
             stale.append(f"{point} ({d}): {'; '.join(diffs)}")
             continue
         try:  # the data it ran on: a file of data.source replaced since would mix two datasets in one table
-            check_data_fingerprint(cfg, load_checkpoint(d, log=lambda *a: None).state, d, log=lambda *a: None)
+            check_data_fingerprint(cfg, stored_data_fingerprint(d), d, log=lambda *a: None)
         except RunDirError as e:
             if "has no readable checkpoint" not in str(e):  # (that one is the point's own run to report)
                 stale.append(f"{point} ({d}): its data changed since ({str(e).split(': ', 1)[-1][:300]})")
