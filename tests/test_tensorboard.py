@@ -21,7 +21,8 @@ ROWS = [
      "rouge_l_by_category": {"open_qa": 11.25, "summarization": 9.5}},
     {"round": 1, "client": 3, "kind": "train", "loss": 4.25, "steps": 40, "tokens_per_s": 1234.5},
     {"round": 1, "client": None, "kind": "server", "aggregate_s": 0.5, "clients": [0, 3],
-     "mean_cosine_by_layer": [0.25, None, -0.5]},
+     "mean_cosine_by_layer": [0.25, None, -0.5], "krum_selected": [3], "secagg_clients": [0, 3],
+     "secagg_bytes_up": {"0": 100, "3": 200}, "weights": [0.25, 0.75]},
     {"round": 1, "client": 2, "kind": "failure", "stage": "train", "error": "gone"},
 ]
 
@@ -38,6 +39,9 @@ def test_every_number_becomes_a_scalar_with_its_round(tmp_path):
         "server/aggregate_s/global": [(1, 0.5)],
         "server/mean_cosine_by_layer/global/layer_0": [(1, 0.25)],
         "server/mean_cosine_by_layer/global/layer_2": [(1, -0.5)],
+        # bytes by client under the client's id, a list that is not per layer by its index; client ids make none
+        "server/secagg_bytes_up/global/0": [(1, 100.0)], "server/secagg_bytes_up/global/3": [(1, 200.0)],
+        "server/weights/global/0": [(1, 0.25)], "server/weights/global/1": [(1, 0.75)],
     }
     assert got == want and n == len(want)  # None (not measured) and text are not scalars
 

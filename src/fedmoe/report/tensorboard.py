@@ -2,7 +2,9 @@
 
 Every numeric value of every row becomes a scalar at step = round, tagged ``<kind>/<key>`` with
 ``/global`` (rows of no client: the global model, the server, the round) or ``/client_<id>``; a
-per-layer list adds ``/layer_<i>``, a dict (ROUGE-L by category) ``/<name>``. The folder is rebuilt
+per-layer list (a key ending in ``_by_layer`` or ``_per_layer``) adds ``/layer_<i>``, another list ``/<i>``, a dict
+(ROUGE-L by category, bytes by client) ``/<name>``. Lists of client ids (the clients aggregated, Krum's choice,
+SecAgg+'s participants) are not measurements and make no scalar. The folder is rebuilt
 from metrics.jsonl as a whole (into a temporary folder, then swapped in), so a resumed run, whose
 redone rounds replace their rows, never shows a round twice.
 """
@@ -14,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 FOLDER = "tensorboard"
-_SKIP = {"round", "client", "kind", "clients", "error", "stage"}
+_SKIP = {"round", "client", "kind", "clients", "error", "stage", "krum_selected", "secagg_clients"}
+PER_LAYER = ("_by_layer", "_per_layer")  # the suffixes of the keys whose lists run over the MoE layers
 
 
 def require_tensorboard() -> None:
@@ -37,11 +40,11 @@ def scalars(rows: list[dict]) -> Iterator[tuple[str, float, int]]:
         for key, value in row.items():
             if key in _SKIP:
                 continue
-            for suffix, v in _flatten(value):
+            for suffix, v in _flatten(value, per_layer=key.endswith(PER_LAYER)):
                 yield f"{kind}/{key}/{who}{suffix}", float(v), int(step)
 
 
-def _flatten(value, suffix: str = ""):
+def _flatten(value, suffix: str = "", per_layer: bool = False):
     if isinstance(value, bool) or value is None:
         return
     if isinstance(value, (int, float)):
@@ -50,10 +53,10 @@ def _flatten(value, suffix: str = ""):
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) or v is None for v in value):
             for i, v in enumerate(value):
                 if v is not None:
-                    yield f"{suffix}/layer_{i}", v
+                    yield f"{suffix}/{'layer_' if per_layer else ''}{i}", v
     elif isinstance(value, dict):
         for k, v in value.items():
-            yield from _flatten(v, f"{suffix}/{k}")
+            yield from _flatten(v, f"{suffix}/{k}", per_layer)
 
 
 def write_tensorboard(rows: list[dict], run_path: str | Path) -> int:
