@@ -25,6 +25,7 @@ from fedmoe.data import (  # noqa: E402
     split_client,
     split_sizes,
     tokenize_example,
+    tokenize_examples,
     tokenize_prompt,
     truncation_lengths,
 )
@@ -517,3 +518,40 @@ def test_the_dirichlet_mode_is_a_config_key():
     examples = _filter_and_subsample(DataConfig(max_examples=600), load_examples("dolly").examples, 3)
     assert sorted(category) == sorted(len(p) for p in partition(examples, "dirichlet", 4, 3, alpha=0.3,
                                                                 dirichlet_mode="category"))
+
+
+def _llama_style_tokenizer():
+    """A real fast tokenizer whose post-processor puts a BOS before every text, as Llama's, Mixtral's and Llama-4's
+    do (built in code: no such tokenizer ships with fedmoe)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "<pad>", "#", "##", "###", "Instruction", "Response", "Input", ":", "hello", "world",
+             "the", "answer", "Below", "is", "an"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def test_a_tokenizer_that_adds_a_bos_gets_it_before_every_prompt_truncated_or_not(tok):
+    """Training, test-loss and generation prompts began without the BOS a Llama-style tokenizer adds (every sequence
+    the model saw in pretraining began with it); a cut prompt keeps it and then its tail. OLMoE's adds none: unchanged."""
+    from fedmoe.data.tokenize import special_prefix
+
+    llama = _llama_style_tokenizer()
+    assert special_prefix(llama) == [1] and special_prefix(tok) == []
+    ex = Example("hello world " * 20, "the answer " * 10, "answer " * 30, "c", "t")
+    plain = llama(format_prompt(ex), add_special_tokens=False)["input_ids"]
+    full = tokenize_example(llama, ex, 1000)
+    assert full["input_ids"][: full["prompt_len"]] == [1] + plain
+    cut = tokenize_example(llama, ex, 40)
+    p = cut["prompt_len"]
+    assert len(cut["input_ids"]) == 40 and cut["input_ids"][:p] == [1] + plain[len(plain) - (p - 1):]
+    assert tokenize_examples(llama, [ex], 40) == [cut]
+    assert tokenize_prompt(llama, ex, 10) == [1] + plain[-9:]
+    assert tokenize_prompt(llama, ex, 1000) == [1] + plain
+    assert tokenize_prompt(llama, ex, 1) == [1]
+    olmoe = tokenize_example(tok, ex, 1000)
+    assert olmoe["input_ids"][: olmoe["prompt_len"]] == tok(format_prompt(ex), add_special_tokens=False)["input_ids"]

@@ -1,8 +1,10 @@
 """Tokenisation for supervised fine-tuning (loss on the response only) and for generation.
 
 A training sequence is ``prompt ids + response ids + [eos]``. Prompt and response are tokenised
-separately (``add_special_tokens=False``, so no BOS is added) and concatenated, which makes the
-prompt/response boundary exact. ``labels`` is ``-100`` on every prompt position and equals the
+separately (``add_special_tokens=False``) and concatenated, which makes the prompt/response boundary
+exact; the prompt then gets the ids the tokenizer puts before a text by default (:func:`special_prefix`:
+Llama's and Mixtral's BOS ``<s>``, nothing for OLMoE's or Qwen's tokenizer), as the model saw every
+sequence begin in pretraining. A truncated prompt keeps them. ``labels`` is ``-100`` on every prompt position and equals the
 token id on every response position (the model shifts labels itself).
 
 Truncation rule (when ``len(prompt) + len(response) + 1 > max_length``), with ``R`` the response
@@ -37,6 +39,7 @@ __all__ = [
     "option_ids",
     "collate_sft",
     "pad_token_id",
+    "special_prefix",
     "tokenize_example",
     "tokenize_examples",
     "tokenize_prompt",
@@ -69,10 +72,31 @@ def truncation_lengths(prompt_len: int, target_len: int, max_length: int) -> tup
     return p, min(target_len, max_length - p)
 
 
-def _assemble(prompt_ids: Sequence[int], resp_ids: Sequence[int], eos: int, max_length: int) -> dict:
+def special_prefix(tokenizer) -> list[int]:
+    """The ids ``tokenizer`` puts before a text when it adds its special tokens (its default): a BOS for Llama-style
+    tokenizers (Mixtral, Llama-4, DeepSeek), none for OLMoE's and Qwen's."""
+    plain = _ids(tokenizer, ["a"])[0]
+    full = list(tokenizer(["a"])["input_ids"][0])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+def _keep_tail(ids: Sequence[int], n: int, prefix: Sequence[int]) -> list[int]:
+    """``prefix`` and the last ``n − len(prefix)`` of ``ids`` (n tokens in all; the prefix's own tail when n is
+    shorter than the prefix)."""
+    if n <= len(prefix):
+        return list(prefix)[len(prefix) - n:]
+    rest = n - len(prefix)
+    return list(prefix) + list(ids[len(ids) - rest:])
+
+
+def _assemble(prompt_ids: Sequence[int], resp_ids: Sequence[int], eos: int, max_length: int,
+              prefix: Sequence[int] = ()) -> dict:
     target = list(resp_ids) + [eos]
-    p, r = truncation_lengths(len(prompt_ids), len(target), max_length)
-    prompt = list(prompt_ids[len(prompt_ids) - p:])
+    p, r = truncation_lengths(len(prefix) + len(prompt_ids), len(target), max_length)
+    prompt = _keep_tail(prompt_ids, p, prefix)
     target = target[:r]
     return {
         "input_ids": prompt + target,
@@ -89,7 +113,7 @@ def tokenize_example(tokenizer, ex: Example, max_length: int) -> dict:
     """``{"input_ids", "labels", "prompt_len"}`` for one example (lists of ints / an int)."""
     eos = _eos_id(tokenizer)
     prompt_ids, resp_ids = _ids(tokenizer, [format_prompt(ex), ex.output])
-    return _assemble(prompt_ids, resp_ids, eos, max_length)
+    return _assemble(prompt_ids, resp_ids, eos, max_length, special_prefix(tokenizer))
 
 
 def tokenize_examples(tokenizer, examples: Sequence[Example], max_length: int) -> list[dict]:
@@ -99,7 +123,8 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], max_length: int) -
     eos = _eos_id(tokenizer)
     prompts = _ids(tokenizer, [format_prompt(ex) for ex in examples])
     resps = _ids(tokenizer, [ex.output for ex in examples])
-    return [_assemble(p, r, eos, max_length) for p, r in zip(prompts, resps)]
+    prefix = special_prefix(tokenizer)
+    return [_assemble(p, r, eos, max_length, prefix) for p, r in zip(prompts, resps)]
 
 
 def option_ids(tokenizer, options: Sequence[str]) -> list[list[int]]:
@@ -111,11 +136,13 @@ def option_ids(tokenizer, options: Sequence[str]) -> list[list[int]]:
 
 
 def tokenize_prompt(tokenizer, ex: Example, max_length: int) -> list[int]:
-    """Prompt ids for generation, left-truncated to the last ``max_length`` tokens."""
+    """Prompt ids for generation (after :func:`special_prefix`), left-truncated to ``max_length`` tokens in all: the
+    prefix kept, then the prompt's last tokens."""
     if max_length < 1:
         raise DataError(f"max_length must be >= 1, got {max_length}")
     ids = _ids(tokenizer, [format_prompt(ex)])[0]
-    return ids[-max_length:]
+    prefix = special_prefix(tokenizer)
+    return _keep_tail(ids, min(max_length, len(prefix) + len(ids)), prefix)
 
 
 def collate_sft(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
