@@ -43,7 +43,7 @@ PROCESS_MODULES = {"test_flower.py", "test_worker.py", "test_secagg.py", "test_g
 # the longest of them, by their durations in full runs (20 s to 3 min each, alone; 2026-12-06)
 LONGEST_FIRST = ["test_superlink_and_two_supernodes_run_flex", "test_a_supernode_killed_mid_run_leaves_the_run_to_the_other",
                  "test_a_worker_killed_mid_train_is_restarted_and_the_client_comes_back",
-                 "test_a_worker_with_two_ranks_gives_the_in_process_numbers", "test_a_killed_simulation_resumes_exactly",
+                 "test_a_worker_with_two_ranks_gives_the_in_process_numbers", "test_a_stopped_simulation_exits_and_resumes_exactly",
                  "test_gpu_check_dry_run_succeeds_in_every_step", "test_supernodes_under_their_own_privacy_budgets",
                  "test_flower_simulation_gives_the_in_process_numbers"]
 

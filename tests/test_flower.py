@@ -519,23 +519,38 @@ def test_a_worker_with_two_ranks_gives_the_in_process_numbers(tmp_path):
     assert ranks["global"]["loss"] == pytest.approx(local["global"]["loss"], rel=1e-5)
 
 
-def test_a_killed_simulation_resumes_exactly(tmp_path):
+def test_a_stopped_simulation_exits_and_resumes_exactly(tmp_path):
+    """Ctrl-C, then SIGTERM, each after a checkpoint: the process says so and exits (130, 143). Before, Ctrl-C left
+    the ServerApp's thread polling an engine that was gone (the process never ended after printing "interrupted"),
+    and Ray's handler aborted SIGTERM (exit 134, no word of the checkpoint). Each resume goes on from the checkpoint,
+    and the end is the in-process run's numbers."""
     sets = TINY + ["federation.rounds=3", "algorithm.name=flame", "algorithm.budgets.top_k=[2,1]",
                    f"output_dir={tmp_path}", "name=cut"]
-    cmd = [sys.executable, "-m", "fedmoe.cli", "run", "--runtime", "flower-sim", "--quiet", *_sets(sets)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     ck = tmp_path / "cut" / "checkpoints" / "state.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ck.is_file() and torch.load(ck, weights_only=False)["round"] >= 1:
-            break
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "cut" / "summary.json").exists()
-    r = subprocess.run([sys.executable, "-m", "fedmoe.cli", "run", "--quiet", "--resume", str(tmp_path / "cut")],
-                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    starts = ([sys.executable, "-m", "fedmoe.cli", "run", "--runtime", "flower-sim", "--quiet", *_sets(sets)],
+              [sys.executable, "-m", "fedmoe.cli", "run", "--quiet", "--resume", str(tmp_path / "cut")])
+    for cmd, after, sig, status, name in ((starts[0], 1, signal.SIGINT, 130, "Ctrl-C"),
+                                          (starts[1], 2, signal.SIGTERM, 143, "SIGTERM")):
+        err = tmp_path / f"{name}.err"
+        with open(err, "w") as f:
+            proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=f,
+                                    start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None:
+                if ck.is_file() and torch.load(ck, weights_only=False)["round"] >= after:
+                    break
+                time.sleep(0.5)
+            assert proc.poll() is None, err.read_text()[-3000:]
+            proc.send_signal(sig)  # to the main process alone, as `timeout` and `kill` send it
+            assert proc.wait(timeout=120) == status, err.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        text = " ".join(err.read_text().split())
+        assert f"stopped ({name})" in text and "--resume" in text, text[-2000:]
+        assert not (tmp_path / "cut" / "summary.json").exists()
+    r = subprocess.run(starts[1], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     resumed = json.loads((tmp_path / "cut" / "summary.json").read_text())
     full = _local(tmp_path, "full", ["federation.rounds=3", "algorithm.name=flame", "algorithm.budgets.top_k=[2,1]"])

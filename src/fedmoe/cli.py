@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -45,6 +46,16 @@ def _on_sigterm(signum, frame):
         return
     _STOP["signal"] = "SIGTERM"
     raise KeyboardInterrupt
+
+
+def _exit_if_threads_are_stuck(status: int) -> None:
+    """End the process now with ``status`` where a stopped Flower simulation left threads that never end
+    (``launch.STUCK_THREADS``): Python's exit would wait for them forever after the run said it stopped."""
+    launch = sys.modules.get("fedmoe.federation.flower.launch")
+    if launch is not None and launch.STUCK_THREADS["now"]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def _interrupted(path: Optional[Path], sweep: Optional[str], cause: str = "Ctrl-C",
@@ -174,9 +185,10 @@ def run(
             console.print(f"[bold]fedmoe run[/]: {run_banner(cfg)}")
             summary, rd = start_run(cfg, show_progress=not quiet, federation=federation, overwrite=overwrite)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say what is left and how to go on
-        sigterm = _STOP["signal"] == "SIGTERM"
+        sigterm = _STOP["signal"] == "SIGTERM" or getattr(e, "signal", None) == "SIGTERM"
         _error(_interrupted(getattr(e, "path", None), sweep, "SIGTERM" if sigterm else "Ctrl-C",
                             getattr(e, "sweep_root", None)), label="interrupted")
+        _exit_if_threads_are_stuck(143 if sigterm else 130)
         raise typer.Exit(143 if sigterm else 130)
     except (ConfigError, ValueError, FileNotFoundError, KeyError, RuntimeError, TimeoutError) as e:
         _error(e)

@@ -139,11 +139,13 @@ def lock_existing(path: Path, log) -> RunDir:
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) during a run; ``path``: its run directory."""
+    """Ctrl-C (SIGINT) during a run; ``path``: its run directory; ``signal``: the signal's name where it was another
+    (SIGTERM) and its handler could not say so itself."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, signal: str | None = None):
         super().__init__(f"interrupted: {path}")
         self.path = Path(path)
+        self.signal = signal
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -200,8 +202,8 @@ def locked(rd: RunDir, work):
     try:
         try:
             return work()
-        except KeyboardInterrupt:
-            raise RunInterrupted(rd.path) from None
+        except KeyboardInterrupt as e:
+            raise RunInterrupted(rd.path, getattr(e, "signal", None)) from None
         except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
             if not _out_of_memory(e):
                 raise

@@ -113,10 +113,50 @@ def run_simulation(cfg: RunConfig, rd: RunDir, resume: bool = False, log=print) 
     _developer_notices_off()
     log(f"Flower simulation: each client reserves {resources['num_cpus']} CPU(s)"
         + (f" and {resources['num_gpus']:g} of a GPU" if resources["num_gpus"] else " and no GPU (it trains on the CPU)"))
-    flower_run_simulation(server_app=server_app, client_app=client_app,
-                          num_supernodes=cfg.data.partition.num_clients,
-                          backend_config={"client_resources": resources})
+    import signal
+    import threading
+
+    from .server import STOPPED
+
+    # Ray's driver installs a C++ failure handler that aborts the process on SIGTERM (exit 134, no word of the
+    # checkpoint) and a Python one that raises SystemExit(15) in place of fedmoe's; the first is turned off, the
+    # second's exit is read as the SIGTERM it is, and fedmoe's handler comes back afterwards
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    STOPPED.clear()
+    try:
+        flower_run_simulation(server_app=server_app, client_app=client_app,
+                              num_supernodes=cfg.data.partition.num_clients,
+                              backend_config={"client_resources": resources})
+    except KeyboardInterrupt:
+        STUCK_THREADS["now"] = True
+        raise
+    except SystemExit as e:
+        if e.code != signal.SIGTERM:
+            raise
+        STUCK_THREADS["now"] = True
+        raise Terminated("SIGTERM") from None
+    finally:
+        STOPPED.set()  # the ServerApp's thread stops waiting on an engine that is gone (Ctrl-C, SIGTERM)
+        if main and handler is not None:
+            signal.signal(signal.SIGTERM, handler)
     return _finished(rd, "Flower simulation")
+
+
+# set when a signal stopped Flower's simulation: its engine's worker threads may wait forever on Ray actors it has
+# shut down (a ray.get with no timeout), and Python's exit joins them; the command line then ends the process itself
+# (:func:`fedmoe.cli` after saying what was stopped), the checkpoint and the run's lock being as they should
+STUCK_THREADS = {"now": False}
+
+
+class Terminated(KeyboardInterrupt):
+    """A signal stopped the run (``signal``: its name), raised where the signal's own handler could not be fedmoe's
+    (Ray's replaced it): the command line says what was stopped, as after Ctrl-C, with the signal's exit status."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal = signal_name
 
 
 def app_pyproject(options: dict) -> dict:

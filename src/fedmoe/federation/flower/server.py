@@ -9,6 +9,7 @@ unchanged.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -35,6 +36,21 @@ def _message(content, kind: str, node: int, group: str):
 
 
 # a connected SuperNode that stays silent (no answer, or the SuperLink's "Node Unavailable": no heartbeat)
+# set when the process that runs a ServerApp in a thread of its own (Flower's simulation) was stopped (Ctrl-C,
+# SIGTERM): the thread's loops that wait on the grid end (ServerStopped) instead of polling an engine that is gone,
+# which kept the process alive after it had said it stopped
+STOPPED = threading.Event()
+
+
+class ServerStopped(RuntimeError):
+    """The run was stopped while the server waited for its clients (:data:`STOPPED`)."""
+
+
+def _check_stopped() -> None:
+    if STOPPED.is_set():
+        raise ServerStopped("the run was stopped (Ctrl-C or SIGTERM) while the server waited for its clients")
+
+
 SILENT_NODE_HINT = (
     "a SuperNode that is connected but silent may be one message behind: Flower 1.42's SuperNode keeps a message "
     "of a run that stopped (or that a restarted SuperLink lost) while it was pulling it, and from then on sends "
@@ -79,6 +95,7 @@ class FlowerTransport:
                     f"federation.node_wait_s = {self.cfg.federation.node_wait_s:g} s: start the missing ones "
                     f"(flower-supernode --superlink ... --node-config 'partition-id=N ...'), or lower "
                     f"data.partition.num_clients")
+            _check_stopped()
             time.sleep(self.poll_s)
         # ask which client each node is; a node that has not answered (a slow machine, a ClientApp still
         # starting) is asked again until node_wait_s is over
@@ -90,6 +107,7 @@ class FlowerTransport:
                 seen.setdefault(c, []).extend(ns)
             if len(seen) >= self.num_clients or time.time() >= deadline:
                 break
+            _check_stopped()
             time.sleep(self.poll_s)
         dup = {c: n for c, n in seen.items() if len(n) > 1}
         missing = sorted(set(range(self.num_clients)) - set(seen))
@@ -271,6 +289,7 @@ class FlowerTransport:
                 if waiting and end is not None and time.monotonic() >= end:
                     break
                 if waiting:
+                    _check_stopped()
                     time.sleep(self.reply_poll_s)
         return replies
 
