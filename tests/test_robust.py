@@ -161,6 +161,6 @@ def test_a_poisoning_client_in_a_run(tmp_path):
         _run_through(load_config(None, common + sets + [f"name={name}"]), transport)
         final[name] = load_checkpoint(tmp_path / name, log=lambda *a: None).state["global_state"]
     far, near = _distance(final["fedavg"], final["honest"]), _distance(final["median"], final["honest"])
-    assert far > 100 * near, (far, near)
+    assert far > 50 * near, (far, near)  # ~100x here (the honest clients' spread sets near); a mean would give ~1x
     rows = [json.loads(x) for x in (tmp_path / "median" / "metrics.jsonl").read_text().splitlines()]
     assert [r["robust_rule"] for r in rows if r["kind"] == "server"] == ["median"]
