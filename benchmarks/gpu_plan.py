@@ -30,7 +30,8 @@ common.setup_paths()
 
 import torch  # noqa: E402
 
-TOLERANCE = 0.15
+TOLERANCE = 0.15  # a plan under the measured peak by more than this fails (a run planned to fit would not)
+OVER_TOLERANCE = 0.25  # over it: the plan is an upper bound (every position labelled), more room on that side
 CASES = {  # name -> config overrides
     "bf16": ["model.dtype=bfloat16", "model.quantization=none", "train.bf16=off"],
     "nf4": ["model.dtype=bfloat16", "model.quantization=nf4", "train.bf16=off"],
@@ -45,7 +46,8 @@ def examples(n: int, length: int, vocab: int) -> list[dict]:
     out = []
     for _ in range(n):
         ids = torch.randint(2, vocab, (length,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2:]})
+        # a one-token prompt, the rest the response: the LM head on every position but the first, the plan's case
+        out.append({"input_ids": ids, "labels": [-100] + ids[1:]})
     return out
 
 
@@ -89,6 +91,7 @@ def run(res: common.Result, args) -> None:
     res["device"] = dev.info()
     res["errors"] = []
     res["tolerance"] = TOLERANCE
+    res["over_tolerance"] = OVER_TOLERANCE
     from gpu_fed_olmoe import patch_loader, write_model_folder
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,11 +111,11 @@ def run(res: common.Result, args) -> None:
                 res["errors"].append(f"{name}: {common.error_text(e)}")
                 res.save()
                 continue
-            ratio = plan.total / real["peak_bytes"]
-            res["cases"][name] = {"plan": plan.peak, "plan_total": plan.total, "measured": real,
-                                  "plan_over_measured": ratio}
-            if abs(ratio - 1) > TOLERANCE:
-                res["errors"].append(f"{name}: plan {plan.total / 2**30:.2f} GiB vs measured "
+            ratio = plan.training / real["peak_bytes"]  # the training step's plan against the measured step
+            res["cases"][name] = {"plan": plan.peak, "plan_total": plan.training, "plan_evaluation": plan.evaluating,
+                                  "measured": real, "plan_over_measured": ratio}
+            if ratio < 1 - TOLERANCE or ratio > 1 + OVER_TOLERANCE:
+                res["errors"].append(f"{name}: plan {plan.training / 2**30:.2f} GiB vs measured "
                                      f"{real['peak_bytes'] / 2**30:.2f} GiB ({ratio:.2f}x)")
             res.save()
     res["headline"] = [

@@ -59,5 +59,5 @@ def test_gpu_check_dry_run_succeeds_in_every_step(tmp_path):
     assert e["dequantize_vs_bitsandbytes"]["max_abs_diff"] == 0.0 and e["dequantize_vs_bitsandbytes"]["fedmoe_s"] > 0
     f = results["f_memory_plan"]  # the plan against train_local's tensors, every case within the tolerance
     assert set(f["cases"]) == {"bf16", "nf4", "fp32-autocast", "bf16-checkpointed"}
-    assert all(abs(c["plan_over_measured"] - 1) <= f["tolerance"] for c in f["cases"].values())
+    assert all(1 - f["tolerance"] <= c["plan_over_measured"] <= 1 + f["over_tolerance"] for c in f["cases"].values())
     assert "all steps succeeded" in (tmp_path / "summary.txt").read_text()

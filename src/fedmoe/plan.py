@@ -9,9 +9,14 @@ is what the tests compare with), once per budget level (its k; FLAME's clients a
 so they keep fewer activations). The peak it reports is what the real step
 holds in tensors at its peak: the frozen weights (quantized or not) and the trainable adapters, then
 what the step creates at its peak — the adapters' gradients and optimizer state (counted from their
-sizes) and the rest, activations and temporaries; it does not count the
-allocator's caching or fragmentation, the CUDA context, or the evaluation pass (which keeps no
-gradients and is smaller). ``fedmoe plan CONFIG`` prints it; ``fedmoe run`` checks it against the
+sizes), what the method's objective holds beside them (a FedProx reference, SCAFFOLD's correction and
+gradient sum: ``Client.plan_state_bytes``) and the rest, activations and temporaries. Every position but
+the first carries a label (a short prompt leaves the response nearly the whole sequence, and the LM head
+runs on every labelled position). The evaluation pass is planned too — the test loss's forward of
+``eval.batch_size`` sequences of ``data.max_length`` tokens without gradients, whose logits over the
+vocabulary at every position can outgrow a training step at a small batch — and a level's peak is the
+larger of the two. It does not count the allocator's caching or fragmentation, the CUDA context, or
+generation's key/value cache. ``fedmoe plan CONFIG`` prints it; ``fedmoe run`` checks it against the
 device before loading anything.
 """
 
@@ -24,20 +29,30 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-KINDS = ("weights", "adapters", "gradients", "optimizer", "activations")
+KINDS = ("weights", "adapters", "gradients", "optimizer", "method state", "activations")
 
 
 @dataclass
 class LevelPlan:
-    """The estimated peak of one budget level's training step, in bytes by kind."""
+    """The estimated peak of one budget level's training step, in bytes by kind, and of its evaluation pass
+    (``evaluation``: the activations of the test loss's forward, beside the weights and adapters)."""
 
     k: int
     clients: list[int]
     peak: dict[str, int]
+    evaluation: int = 0
+
+    @property
+    def training(self) -> int:
+        return sum(self.peak.values())
+
+    @property
+    def evaluating(self) -> int:
+        return self.peak["weights"] + self.peak["adapters"] + self.evaluation
 
     @property
     def total(self) -> int:
-        return sum(self.peak.values())
+        return max(self.training, self.evaluating)
 
 
 def _levels(cfg, method, default_k: int) -> dict[int, list[int]]:
@@ -95,6 +110,61 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
+def _frozen_bytes(mm) -> int:
+    from .moe.quant import QuantizedWeight
+
+    frozen = sum(w.nbytes_stored() for w in mm.model.modules() if isinstance(w, QuantizedWeight))
+    frozen += sum(p.numel() * p.element_size() for p in mm.model.parameters() if not p.requires_grad)
+    frozen += sum(buf.numel() * buf.element_size() for m in mm.model.modules() if not isinstance(m, QuantizedWeight)
+                  for buf in m.buffers(recurse=False))
+    return frozen
+
+
+def _planned_model(cfg, method, k: int):
+    """The configured model with the method's adapters and quantization at ``k`` (in the caller's fake mode)."""
+    from .moe.model import MoEModel, hf_from_config, load_model_config
+    from .moe.quant import quantize_model
+    from .seeds import Stream, derive_seed
+
+    config = load_model_config(cfg.model.name)
+    hf = hf_from_config(config, cfg.model.dtype, cfg.model.attn_implementation, cfg.seed)
+    mm = MoEModel(hf)
+    quantize_model(mm, cfg.model.quantization)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, Stream.ADAPTER_INIT))
+        method.client.build(cfg, mm)
+    mm.set_top_k(k)
+    return mm, config
+
+
+def evaluation_bytes(cfg, method, k: int, fake: bool = True) -> int:
+    """The bytes the evaluation's test-loss forward creates at its peak (no gradients): ``eval.batch_size``
+    sequences of ``data.max_length`` tokens, the logits of every position but the first in float32, as the loss
+    takes them (:func:`fedmoe.moe.loss.labelled_token_loss` on a sequence whose response is nearly all of it)."""
+    from contextlib import nullcontext
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .moe.loss import lm_logits
+    from .moe.model import resolve_device
+    from .train import use_bf16
+
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
+        mm, config = _planned_model(cfg, method, k)
+        mm.tracker.planning = fake
+        b, L = cfg.eval.batch_size, cfg.data.max_length
+        ids = torch.randint(0, config.vocab_size, (b, L), generator=torch.Generator().manual_seed(0))
+        mm.model.eval()
+        live = _LiveBytes()
+        live.exclude([*mm.model.parameters(), *mm.model.buffers()])
+        bf16 = use_bf16(cfg.train, resolve_device(cfg.model.device))
+        with live, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            hidden = mm.model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+            logits = lm_logits(mm.model, hidden.reshape(-1, hidden.shape[-1])).float()
+            torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="sum")
+    return int(live.peak)
+
+
 def training_step_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int]:
     """The bytes of one client's training step at k (see the module docstring), by kind. ``fake``:
     on fake tensors (the plan); False: on real ones (what a test measures it against)."""
@@ -103,36 +173,26 @@ def training_step_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .moe.loss import lm_logits
-    from .moe.model import MoEModel, hf_from_config, load_model_config, resolve_device
-    from .moe.quant import QuantizedWeight, quantize_model
-    from .seeds import Stream, derive_seed
+    from .moe.model import resolve_device
     from .train import activation_checkpointing, use_bf16
 
-    config = load_model_config(cfg.model.name)
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
-        hf = hf_from_config(config, cfg.model.dtype, cfg.model.attn_implementation, cfg.seed)
-        mm = MoEModel(hf)
+        mm, config = _planned_model(cfg, method, k)
         mm.tracker.planning = fake  # the experts take an even split of the routed slots (nothing read)
-        quantize_model(mm, cfg.model.quantization)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(cfg.seed, Stream.ADAPTER_INIT))
-            method.client.build(cfg, mm)
-        mm.set_top_k(k)
-        params = list(mm.trainable_parameters().values())
+        named = mm.trainable_parameters()
+        params = list(named.values())
         adamw = cfg.train.optimizer != "sgd"
         opt = (torch.optim.AdamW(params, lr=1e-3) if adamw
                else torch.optim.SGD(params, lr=1e-3, momentum=cfg.train.momentum))
         b, L = cfg.train.batch_size, cfg.data.max_length
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, config.vocab_size, (b, L), generator=g)
-        # a full batch (the longest sequences the run allows: no padding, no mask) with response-only
-        # labels on its second half: the LM head runs on half the positions, as labelled_token_loss does
-        half = L // 2
-        frozen = sum(w.nbytes_stored() for w in mm.model.modules() if isinstance(w, QuantizedWeight))
-        frozen += sum(p.numel() * p.element_size() for p in mm.model.parameters() if not p.requires_grad)
-        frozen += sum(buf.numel() * buf.element_size() for m in mm.model.modules() if not isinstance(m, QuantizedWeight)
-                      for buf in m.buffers(recurse=False))
+        # a full batch (the longest sequences the run allows: no padding, no mask) labelled at every position but
+        # the first: a one-token prompt leaves the response the rest (data.tokenize's truncation), and the LM head
+        # runs on every labelled position, as labelled_token_loss does
+        frozen = _frozen_bytes(mm)
         adapters = sum(p.numel() * p.element_size() for p in params)
+        state = method.client.plan_state_bytes(cfg, named)
         mm.model.train()
         live = _LiveBytes()
         live.exclude([*mm.model.parameters(), *mm.model.buffers()])
@@ -142,16 +202,16 @@ def training_step_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int
         with live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
                 activation_checkpointing(mm.model, cfg.train.activation_checkpointing):
             for _ in range(2):  # the second step holds the optimizer state of the first
-                hidden = mm.model.model(input_ids=ids, use_cache=False).last_hidden_state[:, half - 1 : -1]
+                hidden = mm.model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
                 logits = lm_logits(mm.model, hidden.reshape(-1, hidden.shape[-1])).float()
-                loss = torch.nn.functional.cross_entropy(logits, ids[:, half:].reshape(-1))
+                loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1))
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
     grads = adapters
     optim = 2 * adapters if adamw else (adapters if cfg.train.momentum else 0)
     return {"weights": int(frozen), "adapters": int(adapters), "gradients": int(grads), "optimizer": int(optim),
-            "activations": max(0, int(live.peak) - grads - optim)}
+            "method state": int(state), "activations": max(0, int(live.peak) - grads - optim)}
 
 
 # the config sections a plan reads (with data.max_length and the budget levels the clients run at): sweep points
@@ -176,6 +236,7 @@ def distinct_plans(points) -> list[tuple[object, list[str]]]:
             default_k[cfg.model.name] = int(getattr(load_model_config(cfg.model.name), "num_experts_per_tok"))
         levels = _levels(cfg, get_method(cfg.algorithm.name), default_k[cfg.model.name])
         key = json.dumps({**{s: dump[s] for s in PLAN_SECTIONS}, "max_length": cfg.data.max_length,
+                          "eval_batch_size": cfg.eval.batch_size,
                           "levels": {str(k): v for k, v in levels.items()}}, sort_keys=True)
         groups.setdefault(key, (cfg, []))[1].append(point)
     return list(groups.values())
@@ -194,7 +255,7 @@ def memory_plan(cfg) -> list[LevelPlan]:
     if cfg.train.aux_loss and load_balancing_loss(config) is None:  # nor a run that cannot start
         raise ValueError(no_aux_loss(config.model_type))
     default_k = int(getattr(config, "num_experts_per_tok"))
-    return [LevelPlan(k, clients, training_step_bytes(cfg, method, k))
+    return [LevelPlan(k, clients, training_step_bytes(cfg, method, k), evaluation_bytes(cfg, method, k))
             for k, clients in _levels(cfg, method, default_k).items()]
 
 
@@ -235,38 +296,57 @@ def fits(plans: list[LevelPlan], available: int | None) -> bool:
 HINTS = ("model.quantization=nf4 (the frozen base in 4 bits)",
          "train.activation_checkpointing=true (a decoder layer's activations are recomputed in the backward)",
          "train.batch_size (activations scale with it)",
-         "data.max_length (activations scale with it)", "lora.rank (adapters, gradients, optimizer state)")
+         "data.max_length (activations scale with it)", "lora.rank (adapters, gradients, optimizer state)",
+         "eval.batch_size (the evaluation's activations scale with it)")
 
 
 def remedies(cfg, plans: list[LevelPlan], available: int, max_plans: int = 6) -> list[tuple[list[str], int]]:
     """What makes the largest level fit, planned rather than guessed: changes tried one after the other,
-    each on top of the ones before, in the order of what they change — nothing (activation
-    checkpointing), the step's float rounding only (half the batch, twice the accumulation: the same
-    examples and token mean per step), the frozen base's numerics (NF4) — each planned again at the
-    largest level's k, until one fits (at most ``max_plans``). Returns (the change, the peak with it and
-    every change before it)."""
+    each on top of the ones before, in the order of what they change — nothing (a smaller evaluation batch where
+    the evaluation is over, activation checkpointing), the step's float rounding only (the batch divided by its
+    smallest factor, the accumulation multiplied by it: the same examples and token mean per step), the frozen
+    base's numerics (NF4) — each planned again at the largest level's k, until one fits (at most ``max_plans``).
+    Returns (the change, the peak with it and every change before it)."""
     from .algorithms import get_method
     from .config import apply_overrides, config_from_tree, config_to_dict
 
+    worst = max(plans, key=lambda p: p.total)
+    method = get_method(cfg.algorithm.name)
+    sets: list[str] = []
+    tried: list[tuple[list[str], int]] = []
+    training, evaluating = worst.training, worst.evaluating
+
+    def plan(step: list[str], parts: str) -> None:
+        nonlocal training, evaluating
+        sets.extend(step)  # a later value of a key replaces the earlier one
+        changed = config_from_tree(apply_overrides(config_to_dict(cfg), sets), "the plan's remedies")
+        if "training" in parts:
+            training = sum(training_step_bytes(changed, method, worst.k).values())
+        if "evaluation" in parts:
+            p = LevelPlan(worst.k, worst.clients, training_step_bytes(changed, method, worst.k) if "training" in parts
+                          else {**worst.peak}, evaluation_bytes(changed, method, worst.k))
+            evaluating = p.evaluating
+        tried.append((step, max(training, evaluating)))
+
+    # the evaluation first where it is over (its batching changes no trained number), then the training step
+    eval_batch = cfg.eval.batch_size
+    while evaluating > available and eval_batch > 1 and len(tried) < max_plans:
+        eval_batch //= 2
+        plan([f"eval.batch_size={eval_batch}"], "evaluation")
     steps: list[list[str]] = []
     if not cfg.train.activation_checkpointing:
         steps.append(["train.activation_checkpointing=true"])
     batch, accum = cfg.train.batch_size, cfg.train.grad_accum
-    while batch > 1 and batch % 2 == 0:
-        batch, accum = batch // 2, accum * 2
+    while batch > 1:  # by its smallest factor: the step keeps its examples (an odd batch too: 3 -> 1 x 3)
+        f = next(d for d in range(2, batch + 1) if batch % d == 0)
+        batch, accum = batch // f, accum * f
         steps.append([f"train.batch_size={batch}", f"train.grad_accum={accum}"])
-    if cfg.model.quantization == "none":
-        steps.append(["model.quantization=nf4"])
-    method = get_method(cfg.algorithm.name)
-    worst = max(plans, key=lambda p: p.total)
-    sets: list[str] = []
-    tried: list[tuple[list[str], int]] = []
-    for step in steps[:max_plans]:
-        sets += step  # a later value of a key replaces the earlier one
-        changed = config_from_tree(apply_overrides(config_to_dict(cfg), sets), "the plan's remedies")
-        tried.append((step, sum(training_step_bytes(changed, method, worst.k).values())))
-        if tried[-1][1] <= available:
+    for step in steps:
+        if training <= available or len(tried) >= max_plans:
             break
+        plan(step, "training")
+    if max(training, evaluating) > available and cfg.model.quantization == "none" and len(tried) < max_plans:
+        plan(["model.quantization=nf4"], "training evaluation")  # the weights of both
     return tried
 
 
@@ -284,10 +364,15 @@ def format_plan(cfg, plans: list[LevelPlan], what: str | None = None, available:
         precision += ", activation checkpointing " + ("on" if ac is True else f"every {ac} layers")
     lines = [f"memory plan of one training step: {cfg.model.name}, {cfg.algorithm.name}, quantization "
              f"{cfg.model.quantization}, batch {cfg.train.batch_size} x {cfg.data.max_length} tokens, {precision}",
-             "| k | clients | " + " | ".join(KINDS) + " | peak |", "|---:|---|" + "---:|" * (len(KINDS) + 1)]
+             "| k | clients | " + " | ".join(KINDS) + " | training | evaluation | peak |",
+             "|---:|---|" + "---:|" * (len(KINDS) + 3)]
     for p in plans:
         who = ", ".join(map(str, p.clients)) if len(p.clients) <= 8 else f"{len(p.clients)} clients"
-        lines.append(f"| {p.k} | {who} | " + " | ".join(gib(p.peak[kind]) for kind in KINDS) + f" | {gib(p.total)} |")
+        lines.append(f"| {p.k} | {who} | " + " | ".join(gib(p.peak[kind]) for kind in KINDS)
+                     + f" | {gib(p.training)} | {gib(p.evaluating)} | {gib(p.total)} |")
+    lines.append(f"training: the columns before it summed; evaluation: weights, adapters and the test loss's forward of "
+                 f"eval.batch_size {cfg.eval.batch_size} x {cfg.data.max_length} tokens without gradients; peak: the "
+                 "larger")
     if available is None and what:
         lines.append(what)
     if available is not None:
@@ -336,5 +421,5 @@ def check_fits(cfg, log=print) -> None:
     log(line)
 
 
-__all__ = ["KINDS", "LevelPlan", "check_fits", "client_memory", "device_memory", "fits", "format_plan", "memory_plan", "remedies",
-           "training_step_bytes"]
+__all__ = ["KINDS", "LevelPlan", "check_fits", "client_memory", "device_memory", "evaluation_bytes", "fits", "format_plan",
+           "memory_plan", "remedies", "training_step_bytes"]

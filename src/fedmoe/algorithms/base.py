@@ -293,6 +293,12 @@ class Client:
         the config is validated, before any model is built."""
 
     @classmethod
+    def plan_state_bytes(cls, cfg: RunConfig, params: dict[str, torch.Tensor]) -> int:
+        """The bytes its objective (:meth:`objective`) holds through a client's local training beside the
+        trainables ``params``: a FedProx reference, SCAFFOLD's correction and gradient sum (``fedmoe plan``)."""
+        return 0
+
+    @classmethod
     def budget_keys(cls, cfg: RunConfig) -> frozenset[str]:
         """The ``algorithm.budgets`` keys this method reads under ``cfg`` (none by default)."""
         return frozenset()

@@ -64,6 +64,11 @@ class FedITClient(Client):
     def build(cls, cfg, mm) -> None:
         add_adapters(cfg, mm, cfg.lora.rank)
 
+    @classmethod
+    def plan_state_bytes(cls, cfg, params) -> int:
+        # FedProx's reference: a copy of every trainable the message holds
+        return sum(p.numel() * p.element_size() for p in params.values()) if cfg.algorithm.fedit.proximal_mu > 0 else 0
+
     def objective(self, client, mm, message, private) -> Objective:
         mu = self.cfg.algorithm.fedit.proximal_mu
         if mu <= 0:

@@ -96,6 +96,13 @@ class ScaffoldServer(FedITServer):
 
 class ScaffoldClient(FedITClient):
     @classmethod
+    def plan_state_bytes(cls, cfg, params) -> int:
+        # the correction c − c_i (a tensor per trainable) and, for control: mean_gradient, the float64 gradient sum
+        size = sum(p.numel() * p.element_size() for p in params.values())
+        mean = sum(p.numel() * 8 for p in params.values()) if cfg.algorithm.scaffold.control == "mean_gradient" else 0
+        return super().plan_state_bytes(cfg, params) + size + mean
+
+    @classmethod
     def check_config(cls, cfg) -> None:
         if cfg.algorithm.scaffold.control == "option2" and cfg.train.optimizer != "sgd":
             raise ValueError("algorithm.scaffold.control = 'option2' computes c_i from (x − y)/(K·lr), a mean gradient "
