@@ -636,7 +636,9 @@ def unread_settings(cfg: RunConfig) -> list[tuple[str, str]]:
     setting in-process). A new single run refuses them (:func:`refuse_unread`); a sweep, whose base config may
     hold keys for only some of its points, refuses those no point reads."""
     out: list[tuple[str, str]] = []
-    changed = lambda section, keys: [k for k in keys if getattr(section, k) != getattr(type(section)(), k)]  # noqa: E731
+    def changed(section, keys) -> list[str]:  # those of ``keys`` set away from the section's defaults
+        return [k for k in _changed_keys(section, type(section)()) if k in keys]
+
     method = METHODS[cfg.algorithm.name]
     out += method.client.unread(cfg)
     out += server_optimizer_unread(cfg.algorithm.server_optimizer)

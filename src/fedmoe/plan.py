@@ -56,18 +56,13 @@ class LevelPlan:
 
 
 def _levels(cfg, method, default_k: int) -> dict[int, list[int]]:
-    """k -> the clients that run at it (the method's own k per client)."""
-    half = method.client(cfg)
+    """k -> the clients that run at it (the method's own k per client), largest k first."""
+    from .algorithms.base import client_profiles
 
-    class _K:  # what Client.top_k reads of a model
-        pass
-
-    probe = _K()
-    probe.default_top_k = default_k
     out: dict[int, list[int]] = {}
-    for cid in range(cfg.data.partition.num_clients):
-        out.setdefault(int(half.top_k(cid, probe)), []).append(cid)
-    return dict(sorted(out.items(), reverse=True))
+    for (k, _), clients in client_profiles(cfg, method, default_k).items():
+        out.setdefault(k, []).extend(clients)
+    return {k: sorted(out[k]) for k in sorted(out, reverse=True)}
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -110,16 +105,6 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
-def _frozen_bytes(mm) -> int:
-    from .moe.quant import QuantizedWeight
-
-    frozen = sum(w.nbytes_stored() for w in mm.model.modules() if isinstance(w, QuantizedWeight))
-    frozen += sum(p.numel() * p.element_size() for p in mm.model.parameters() if not p.requires_grad)
-    frozen += sum(buf.numel() * buf.element_size() for m in mm.model.modules() if not isinstance(m, QuantizedWeight)
-                  for buf in m.buffers(recurse=False))
-    return frozen
-
-
 def _planned_model(cfg, method, k: int):
     """The configured model with the method's adapters and quantization at ``k`` (in the caller's fake mode)."""
     from .moe.model import MoEModel, hf_from_config, load_model_config
@@ -137,81 +122,87 @@ def _planned_model(cfg, method, k: int):
     return mm, config
 
 
-def evaluation_bytes(cfg, method, k: int, fake: bool = True) -> int:
-    """The bytes the evaluation's test-loss forward creates at its peak (no gradients): ``eval.batch_size``
-    sequences of ``data.max_length`` tokens, the logits of every position but the first in float32, as the loss
-    takes them (:func:`fedmoe.moe.loss.labelled_token_loss` on a sequence whose response is nearly all of it)."""
+def _measured(cfg, method, k: int, fake: bool = True, training: bool = True,
+              evaluation: bool = True) -> tuple[dict[str, int] | None, int | None]:
+    """(the training step's bytes by kind, the evaluation's activation bytes) of one level, from one model built
+    (either None where not asked): see the module docstring, :func:`training_step_bytes`, :func:`evaluation_bytes`.
+    ``fake``: on fake tensors (the plan); False: on real ones (what a test measures it against)."""
     from contextlib import nullcontext
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .moe.loss import lm_logits
     from .moe.model import resolve_device
-    from .train import use_bf16
-
-    with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
-        mm, config = _planned_model(cfg, method, k)
-        mm.tracker.planning = fake
-        b, L = cfg.eval.batch_size, cfg.data.max_length
-        ids = torch.randint(0, config.vocab_size, (b, L), generator=torch.Generator().manual_seed(0))
-        mm.model.eval()
-        live = _LiveBytes()
-        live.exclude([*mm.model.parameters(), *mm.model.buffers()])
-        bf16 = use_bf16(cfg.train, resolve_device(cfg.model.device))
-        with live, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            hidden = mm.model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-            logits = lm_logits(mm.model, hidden.reshape(-1, hidden.shape[-1])).float()
-            torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="sum")
-    return int(live.peak)
-
-
-def training_step_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int]:
-    """The bytes of one client's training step at k (see the module docstring), by kind. ``fake``:
-    on fake tensors (the plan); False: on real ones (what a test measures it against)."""
-    from contextlib import nullcontext
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .moe.loss import lm_logits
-    from .moe.model import resolve_device
+    from .moe.quant import stored_bytes
     from .train import activation_checkpointing, use_bf16
 
+    peak = evaluated = None
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
         mm, config = _planned_model(cfg, method, k)
         mm.tracker.planning = fake  # the experts take an even split of the routed slots (nothing read)
         named = mm.trainable_parameters()
         params = list(named.values())
-        adamw = cfg.train.optimizer != "sgd"
-        opt = (torch.optim.AdamW(params, lr=1e-3) if adamw
-               else torch.optim.SGD(params, lr=1e-3, momentum=cfg.train.momentum))
-        b, L = cfg.train.batch_size, cfg.data.max_length
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, config.vocab_size, (b, L), generator=g)
-        # a full batch (the longest sequences the run allows: no padding, no mask) labelled at every position but
-        # the first: a one-token prompt leaves the response the rest (data.tokenize's truncation), and the LM head
-        # runs on every labelled position, as labelled_token_loss does
-        frozen = _frozen_bytes(mm)
-        adapters = sum(p.numel() * p.element_size() for p in params)
-        state = method.client.plan_state_bytes(cfg, named)
-        mm.model.train()
-        live = _LiveBytes()
-        live.exclude([*mm.model.parameters(), *mm.model.buffers()])
         # the step in the precision the run trains in: bf16 autocast on CUDA unless `train.bf16: off`
         # (CPU autocast's op lists stand in for CUDA's: matmuls and linears in bf16, reductions in fp32)
         bf16 = use_bf16(cfg.train, resolve_device(cfg.model.device))
-        with live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
-                activation_checkpointing(mm.model, cfg.train.activation_checkpointing):
-            for _ in range(2):  # the second step holds the optimizer state of the first
+        # full batches (the longest sequences the run allows: no padding, no mask) labelled at every position but
+        # the first: a one-token prompt leaves the response the rest (data.tokenize's truncation), and the LM head
+        # runs on every labelled position, as labelled_token_loss does
+        L = cfg.data.max_length
+        if evaluation:  # the test loss's forward, without gradients
+            ids = torch.randint(0, config.vocab_size, (cfg.eval.batch_size, L), generator=torch.Generator().manual_seed(0))
+            mm.model.eval()
+            live = _LiveBytes()
+            live.exclude([*mm.model.parameters(), *mm.model.buffers()])
+            with live, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 hidden = mm.model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
                 logits = lm_logits(mm.model, hidden.reshape(-1, hidden.shape[-1])).float()
-                loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1))
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-    grads = adapters
-    optim = 2 * adapters if adamw else (adapters if cfg.train.momentum else 0)
-    return {"weights": int(frozen), "adapters": int(adapters), "gradients": int(grads), "optimizer": int(optim),
-            "method state": int(state), "activations": max(0, int(live.peak) - grads - optim)}
+                torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="sum")
+            evaluated = int(live.peak)
+        if training:
+            adamw = cfg.train.optimizer != "sgd"
+            opt = (torch.optim.AdamW(params, lr=1e-3) if adamw
+                   else torch.optim.SGD(params, lr=1e-3, momentum=cfg.train.momentum))
+            ids = torch.randint(0, config.vocab_size, (cfg.train.batch_size, L), generator=torch.Generator().manual_seed(0))
+            adapters = sum(p.numel() * p.element_size() for p in params)
+            frozen = stored_bytes(mm.model) - adapters
+            state = method.client.plan_state_bytes(cfg, named)
+            mm.model.train()
+            live = _LiveBytes()
+            live.exclude([*mm.model.parameters(), *mm.model.buffers()])
+            with live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+                    activation_checkpointing(mm.model, cfg.train.activation_checkpointing):
+                for _ in range(2):  # the second step holds the optimizer state of the first
+                    hidden = mm.model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+                    logits = lm_logits(mm.model, hidden.reshape(-1, hidden.shape[-1])).float()
+                    loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1))
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            grads = adapters
+            optim = 2 * adapters if adamw else (adapters if cfg.train.momentum else 0)
+            peak = {"weights": int(frozen), "adapters": int(adapters), "gradients": int(grads), "optimizer": int(optim),
+                    "method state": int(state), "activations": max(0, int(live.peak) - grads - optim)}
+    return peak, evaluated
+
+
+def evaluation_bytes(cfg, method, k: int, fake: bool = True) -> int:
+    """The bytes the evaluation's test-loss forward creates at its peak (no gradients): ``eval.batch_size``
+    sequences of ``data.max_length`` tokens, the logits of every position but the first in float32, as the loss
+    takes them (:func:`fedmoe.moe.loss.labelled_token_loss` on a sequence whose response is nearly all of it)."""
+    return _measured(cfg, method, k, fake, training=False)[1]
+
+
+def training_step_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int]:
+    """The bytes of one client's training step at k (see the module docstring), by kind. ``fake``:
+    on fake tensors (the plan); False: on real ones (what a test measures it against)."""
+    return _measured(cfg, method, k, fake, evaluation=False)[0]
+
+
+def level_plan(cfg, method, k: int, clients: list[int]) -> LevelPlan:
+    """The plan of the level at ``k``: its training step and its evaluation, from one model built."""
+    peak, evaluated = _measured(cfg, method, k)
+    return LevelPlan(k, clients, peak, evaluated)
 
 
 # the config sections a plan reads (with data.max_length and the budget levels the clients run at): sweep points
@@ -255,8 +246,7 @@ def memory_plan(cfg) -> list[LevelPlan]:
     if cfg.train.aux_loss and load_balancing_loss(config) is None:  # nor a run that cannot start
         raise ValueError(no_aux_loss(config.model_type))
     default_k = int(getattr(config, "num_experts_per_tok"))
-    return [LevelPlan(k, clients, training_step_bytes(cfg, method, k), evaluation_bytes(cfg, method, k))
-            for k, clients in _levels(cfg, method, default_k).items()]
+    return [level_plan(cfg, method, k, clients) for k, clients in _levels(cfg, method, default_k).items()]
 
 
 def device_memory(device: str) -> tuple[str, int | None]:
@@ -320,12 +310,12 @@ def remedies(cfg, plans: list[LevelPlan], available: int, max_plans: int = 6) ->
         nonlocal training, evaluating
         sets.extend(step)  # a later value of a key replaces the earlier one
         changed = config_from_tree(apply_overrides(config_to_dict(cfg), sets), "the plan's remedies")
-        if "training" in parts:
-            training = sum(training_step_bytes(changed, method, worst.k).values())
-        if "evaluation" in parts:
-            p = LevelPlan(worst.k, worst.clients, training_step_bytes(changed, method, worst.k) if "training" in parts
-                          else {**worst.peak}, evaluation_bytes(changed, method, worst.k))
-            evaluating = p.evaluating
+        peak, evaluated = _measured(changed, method, worst.k, training="training" in parts,
+                                    evaluation="evaluation" in parts)
+        if peak is not None:
+            training = sum(peak.values())
+        if evaluated is not None:  # beside the weights and adapters (the new ones where the step changed them)
+            evaluating = LevelPlan(worst.k, worst.clients, peak or worst.peak, evaluated).evaluating
         tried.append((step, max(training, evaluating)))
 
     # the evaluation first where it is over (its batching changes no trained number), then the training step
@@ -422,4 +412,4 @@ def check_fits(cfg, log=print) -> None:
 
 
 __all__ = ["KINDS", "LevelPlan", "check_fits", "client_memory", "device_memory", "evaluation_bytes", "fits", "format_plan",
-           "memory_plan", "remedies", "training_step_bytes"]
+           "level_plan", "memory_plan", "remedies", "training_step_bytes"]

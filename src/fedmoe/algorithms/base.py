@@ -115,16 +115,18 @@ class ModelSpec:
                 "shared_trainable": inv["shared_trainable"]}
 
 
-def client_levels(cfg: RunConfig, method: Method) -> dict[tuple[int, int], list[int]]:
+def client_profiles(cfg: RunConfig, method: Method, model_top_k: int) -> dict[tuple[int, int], list[int]]:
     """(k_i, r_i) -> the clients of ``cfg`` that run at it, as the run's client half gives them (their profile at
-    setup; a rank that changes in the run, HetLoRA's self-pruning, at its start)."""
-    from ..moe import MoEModel
-
-    sk = MoEModel.skeleton(cfg.model.name, dtype=cfg.model.dtype)
+    setup; a rank that changes in the run, HetLoRA's self-pruning, at its start), for a model that routes each token
+    to ``model_top_k`` experts (nothing else of a model is read: no model is built)."""
     half = method.client(cfg)
+
+    class _Routing:  # what Client.top_k reads of a model
+        default_top_k = model_top_k
+
     out: dict[tuple[int, int], list[int]] = {}
     for cid in range(cfg.data.partition.num_clients):
-        out.setdefault((half.top_k(cid, sk), half.rank(cid, {})), []).append(cid)
+        out.setdefault((int(half.top_k(cid, _Routing)), half.rank(cid, {})), []).append(cid)
     return out
 
 
@@ -140,7 +142,7 @@ def method_flops(cfg: RunConfig, method: Method, ks: list[int] | None = None, se
     spec = model_spec(cfg, method)
     seq = cfg.eval.flops_seq_len if seq_len is None else int(seq_len)
     built = method.client(cfg).rank(None, {})  # the global model's rank: the adapters as built
-    levels = client_levels(cfg, method)
+    levels = client_profiles(cfg, method, spec.top_k)
     wanted = {(k, built) for k in (ks or default_k_list(spec.config))}
     if not ks:
         wanted |= set(levels)

@@ -135,13 +135,13 @@ def option_ids(tokenizer, options: Sequence[str]) -> list[list[int]]:
     return [ids + [eos] for ids in _ids(tokenizer, list(options))]
 
 
-def tokenize_prompt(tokenizer, ex: Example, max_length: int) -> list[int]:
-    """Prompt ids for generation (after :func:`special_prefix`), left-truncated to ``max_length`` tokens in all: the
-    prefix kept, then the prompt's last tokens."""
+def tokenize_prompt(tokenizer, ex: Example, max_length: int, prefix: Sequence[int] | None = None) -> list[int]:
+    """Prompt ids for generation (after :func:`special_prefix`, or ``prefix`` where the caller has it), left-truncated
+    to ``max_length`` tokens in all: the prefix kept, then the prompt's last tokens."""
     if max_length < 1:
         raise DataError(f"max_length must be >= 1, got {max_length}")
     ids = _ids(tokenizer, [format_prompt(ex)])[0]
-    prefix = special_prefix(tokenizer)
+    prefix = special_prefix(tokenizer) if prefix is None else prefix
     return _keep_tail(ids, min(max_length, len(prefix) + len(ids)), prefix)
 
 

@@ -58,7 +58,7 @@ def client_set(c, tokenizer, max_length: int, max_generated: int | None, labels:
                val: bool = False) -> ClientSet:
     """One client's examples tokenised (``c``: its ``ClientData``; ``labels``: a label task's label set; ``val``:
     its validation examples too, ``eval.val_loss``)."""
-    from ..data.tokenize import option_ids, pad_token_id
+    from ..data.tokenize import option_ids, pad_token_id, special_prefix
 
     gen = c.test if max_generated is None else c.test[:max_generated]
     options = answers = None
@@ -76,11 +76,12 @@ def client_set(c, tokenizer, max_length: int, max_generated: int | None, labels:
             answers.append(ex.options.index(ex.output))
         # prompt + the longest option within max_length (the model's context is checked against it)
         prompt_len = max(1, max_length - max(len(o) for opts in options for o in opts))
+    prefix = special_prefix(tokenizer)  # once for every prompt
     return ClientSet(
         id=c.id,
         train=tokenize_examples(tokenizer, c.train, max_length),
         test=tokenize_examples(tokenizer, c.test, max_length),
-        test_prompts=[tokenize_prompt(tokenizer, ex, prompt_len) for ex in gen],
+        test_prompts=[tokenize_prompt(tokenizer, ex, prompt_len, prefix) for ex in gen],
         test_references=[ex.output for ex in gen],
         test_categories=[ex.category for ex in gen],
         category_counts=c.category_counts,

@@ -374,10 +374,6 @@ class Federation:
     def _train(self, round_idx: int, sampled: list[int], prog: Progress) -> list[Reply]:
         messages = {cid: self._downlink(cid, TRAIN, round_idx) for cid in sampled}
         self._count_requests(sampled)
-        if hasattr(self.transport, "reply_spec"):  # a transport that decodes replies checks their names first
-            extras = self.receiver.reply_extras(self.global_state)
-            self.transport.reply_spec = {**{n: tuple(t.shape) for n, t in self.global_state.items()},
-                                         **{n: None if s is None else tuple(s[0]) for n, s in extras.items()}}
         replies, failures = self.transport.train(round_idx, messages, prog)
         for cid, why in failures.items():
             if cid in messages:  # the message went out: its bytes count as sent, whatever became of the reply
@@ -635,6 +631,11 @@ class Federation:
             from ..report.tensorboard import require_tensorboard
 
             require_tensorboard()
+        if hasattr(self.transport, "reply_spec"):  # a transport that decodes replies checks their names first
+            # (the global tensors' shapes and the method's extras do not change over a run)
+            extras = self.receiver.reply_extras(self.global_state)
+            self.transport.reply_spec = {**{n: tuple(t.shape) for n, t in self.global_state.items()},
+                                         **{n: None if s is None else tuple(s[0]) for n, s in extras.items()}}
         with Progress(self.show_progress) as prog:
             self.transport.wait_for_clients()
             self._log_starts(self.completed_rounds + 1)
