@@ -371,6 +371,43 @@ def test_a_second_run_into_a_busy_directory_is_refused_and_a_stale_lock_taken_ov
     assert not lock.exists()  # released at the end
 
 
+def test_two_runs_that_find_one_stale_lock_at_once_do_not_both_take_it(tmp_path):
+    """A and B both find the lock of a killed run. A is held between finding it stale and removing it while B
+    takes it over; A must then find B's live lock and be refused, not remove it and take the directory too."""
+    import socket
+    import threading
+
+    from fedmoe.rundir import RunDir
+
+    (tmp_path / "run").mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = {"pid": dead.pid, "host": socket.gethostname(), "since": "2026-01-01 00:00:00"}
+    (tmp_path / "run" / RunDir.LOCK).write_text(json.dumps(stale))
+    a_found, b_done, results = threading.Event(), threading.Event(), {}
+
+    def take(who, log):
+        try:
+            RunDir(tmp_path / "run", create=False).lock(log)
+            results[who] = "taken"
+        except RunDirBusy as e:
+            results[who] = str(e)
+
+    def log_a(_):  # A has found the lock stale: B goes now
+        a_found.set()
+        b_done.wait(60)
+
+    a = threading.Thread(target=take, args=("a", log_a))
+    a.start()
+    assert a_found.wait(60)
+    take("b", lambda _: None)
+    b_done.set()
+    a.join(60)
+    assert results["b"] == "taken"
+    assert results["a"].startswith(f"{tmp_path / 'run'} is in use by another fedmoe run (pid {os.getpid()} on ")
+    assert json.loads((tmp_path / "run" / RunDir.LOCK).read_text())["pid"] == os.getpid()
+
+
 # ------------------------------------------------------------------ 6. an unreadable checkpoint falls back
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_round(tmp_path):
     full, _ = run_federated(_cfg(tmp_path, "full", ["federation.rounds=3"]), log=_quiet)

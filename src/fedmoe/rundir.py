@@ -396,7 +396,8 @@ class RunDir:
     # One process writes a run directory at a time: two runs appending to one metrics.jsonl would
     # double every row. The lock is a file naming its holder (pid, host), created atomically (written
     # aside, then hard-linked into place, which fails if it exists), removed when the run ends. A lock
-    # whose process is gone (a crash, SIGKILL) is stale and taken over with a warning.
+    # whose process is gone (a crash, SIGKILL) is stale and taken over with a warning, by one process
+    # only when several find it at once (:meth:`RunDir._remove_stale_lock`).
 
     LOCK = "run.lock"
 
@@ -458,11 +459,27 @@ class RunDir:
                     f"{self.lock_path}")
             log(f"warning: {self.path}: the run that held it (pid {holder.get('pid')} on {holder.get('host')}) is no "
                 "longer running (it crashed or was killed); its stale lock is taken over")
-            try:
-                self.lock_path.unlink()
-            except FileNotFoundError:
-                pass
+            self._remove_stale_lock(holder)
         raise RunDirBusy(f"{self.path}: could not take the lock {self.lock_path} (another run keeps taking it)")
+
+    def _remove_stale_lock(self, stale: dict) -> None:
+        """Delete the lock file if it still names ``stale``. Two processes that both found the same stale lock
+        would otherwise both take it: the second's delete would remove the lock the first had just taken. The
+        check and the delete are made under an exclusive flock on the run directory itself (no file added to
+        it), so the second finds the first's live lock and is refused. Stale locks are only ever found on the
+        holder's own host (:func:`_holder_alive`), where the flock is shared."""
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if self.lock_holder() == stale:
+                try:
+                    self.lock_path.unlink()
+                except FileNotFoundError:
+                    pass
+        finally:
+            os.close(fd)  # releases the flock
 
     def unlock(self) -> None:
         """Release the lock if this process holds it."""
