@@ -12,18 +12,19 @@ what the step creates at its peak — the adapters' gradients and optimizer stat
 sizes), what the method's objective holds beside them (a FedProx reference, SCAFFOLD's correction and
 gradient sum: ``Client.plan_state_bytes``) and the rest, activations and temporaries. Every position but
 the first carries a label (a short prompt leaves the response nearly the whole sequence, and the LM head
-runs on every labelled position). The evaluation pass is planned too — the test loss's forward of
-``eval.batch_size`` sequences of ``data.max_length`` tokens without gradients, whose logits over the
-vocabulary at every position can outgrow a training step at a small batch — and a level's peak is the
-larger of the two. It does not count the allocator's caching or fragmentation, the CUDA context, or
-generation's key/value cache. ``fedmoe plan CONFIG`` prints it; ``fedmoe run`` checks it against the
+runs on every labelled position). The evaluation passes are planned too, without gradients: the test loss's
+forward of ``eval.batch_size`` sequences of ``data.max_length`` tokens, whose logits over the vocabulary at
+every position can outgrow a training step at a small batch; greedy generation where ROUGE-L is scored (the
+key/value cache of a prompt and ``eval.max_new_tokens``); MMLU's k-shot prompts where it is asked. A level's
+peak is the largest of them all. It does not count the allocator's caching or fragmentation, the CUDA context,
+or a choice task's option scoring. ``fedmoe plan CONFIG`` prints it; ``fedmoe run`` checks it against the
 device before loading anything.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils import _pytree as pytree
@@ -34,13 +35,21 @@ KINDS = ("weights", "adapters", "gradients", "optimizer", "method state", "activ
 
 @dataclass
 class LevelPlan:
-    """The estimated peak of one budget level's training step, in bytes by kind, and of its evaluation pass
-    (``evaluation``: the activations of the test loss's forward, beside the weights and adapters)."""
+    """The estimated peak of one budget level's training step, in bytes by kind, and of its evaluation passes
+    (``passes``: what each creates beside the weights and adapters; ``evaluation``: the largest)."""
 
     k: int
     clients: list[int]
     peak: dict[str, int]
-    evaluation: int = 0
+    passes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def evaluation(self) -> int:
+        return max(self.passes.values(), default=0)
+
+    @property
+    def largest_pass(self) -> str | None:
+        return max(self.passes, key=self.passes.__getitem__) if self.passes else None
 
     @property
     def training(self) -> int:
@@ -149,16 +158,9 @@ def _measured(cfg, method, k: int, fake: bool = True, training: bool = True,
         # the first: a one-token prompt leaves the response the rest (data.tokenize's truncation), and the LM head
         # runs on every labelled position, as labelled_token_loss does
         L = cfg.data.max_length
-        if evaluation:  # the test loss's forward, without gradients
-            ids = torch.randint(0, config.vocab_size, (cfg.eval.batch_size, L), generator=torch.Generator().manual_seed(0))
+        if evaluation:  # each evaluation pass the run makes, without gradients
             mm.model.eval()
-            live = _LiveBytes()
-            live.exclude([*mm.model.parameters(), *mm.model.buffers()])
-            with live, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                hidden = mm.model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-                logits = lm_logits(mm.model, hidden.reshape(-1, hidden.shape[-1])).float()
-                torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="sum")
-            evaluated = int(live.peak)
+            evaluated = {name: _pass_bytes(mm, bf16, run) for name, run in _evaluation_passes(cfg, config).items()}
         if training:
             adamw = cfg.train.optimizer != "sgd"
             opt = (torch.optim.AdamW(params, lr=1e-3) if adamw
@@ -186,10 +188,76 @@ def _measured(cfg, method, k: int, fake: bool = True, training: bool = True,
     return peak, evaluated
 
 
-def evaluation_bytes(cfg, method, k: int, fake: bool = True) -> int:
-    """The bytes the evaluation's test-loss forward creates at its peak (no gradients): ``eval.batch_size``
-    sequences of ``data.max_length`` tokens, the logits of every position but the first in float32, as the loss
-    takes them (:func:`fedmoe.moe.loss.labelled_token_loss` on a sequence whose response is nearly all of it)."""
+def _evaluation_passes(cfg, config) -> dict:
+    """{name: a function of the model running that pass at its largest shape} for each evaluation pass the run
+    makes (:class:`fedmoe.federation.evaluation.Evaluator`): the test loss always (and the general text's, the
+    same shape); greedy generation where ROUGE-L is scored; MMLU where it is asked. A choice task's option
+    scoring is not planned (its size is its label set's, read from the data): its prompts' forward is below
+    the test loss's."""
+    from .moe.loss import lm_logits
+
+    L, B = cfg.data.max_length, cfg.eval.batch_size
+
+    def ids(n):
+        return torch.randint(0, config.vocab_size, (B, n), generator=torch.Generator().manual_seed(0))
+
+    def test_loss(model, live):  # logits of every position but the last, in float32, as the loss takes them
+        with live:
+            hidden = model.model(input_ids=ids(L), use_cache=False).last_hidden_state[:, :-1]
+            logits = lm_logits(model, hidden.reshape(-1, hidden.shape[-1])).float()
+            torch.nn.functional.cross_entropy(logits, ids(L)[:, 1:].reshape(-1), reduction="sum")
+        return live.peak
+
+    def generation(model, live):
+        # greedy decoding of N tokens: the prompt's forward (up to L tokens) with its key/value cache and the
+        # logits of its last position only (generate's logits_to_keep), then N - 1 steps of one token, each
+        # adding to the cache. The peak is the prompt's forward or the last step, over a cache of L + N - 2
+        n = cfg.eval.max_new_tokens
+        with live:
+            out = model.model(input_ids=ids(L), use_cache=True)
+            lm_logits(model, out.last_hidden_state[:, -1]).float()
+            del out
+        prompt = live.peak
+        if n == 1:
+            return prompt
+        with live:
+            cache = model.model(input_ids=ids(L + n - 2), use_cache=True).past_key_values
+            live.peak = live.now  # the cache alone: the forward that built it is not a step generation takes
+            # the step's logits are copied to float32 (generate's next-token scores) while the previous step's are
+            # still held
+            previous = torch.empty((B, config.vocab_size), dtype=torch.float32)
+            out = model.model(input_ids=ids(1), past_key_values=cache, use_cache=True)
+            lm_logits(model, out.last_hidden_state[:, -1]).to(torch.float32, copy=True)
+            del out, cache, previous
+        return max(prompt, live.peak)
+
+    def mmlu(model, live):  # k-shot prompts of up to 4 L tokens (the Evaluator's limit), the letters' logits at the end
+        with live:
+            hidden = model.model(input_ids=ids(4 * L), use_cache=False).last_hidden_state[:, -1]
+            lm_logits(model, hidden).float()
+        return live.peak
+
+    passes = {"test loss": test_loss}
+    if cfg.eval.task == "generate" and cfg.eval.rouge:
+        passes["generation"] = generation
+    if cfg.eval.mmlu:
+        passes["MMLU"] = mmlu
+    return passes
+
+
+def _pass_bytes(mm, bf16: bool, run) -> int:
+    """The peak bytes one evaluation pass creates beside the model's own tensors."""
+    live = _LiveBytes()
+    live.exclude([*mm.model.parameters(), *mm.model.buffers()])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return int(run(mm.model, live))
+
+
+def evaluation_bytes(cfg, method, k: int, fake: bool = True) -> dict[str, int]:
+    """{pass: the bytes it creates at its peak} of each evaluation pass the run makes (no gradients; see
+    :func:`_evaluation_passes`). The test loss's: ``eval.batch_size`` sequences of ``data.max_length`` tokens, the
+    logits of every position but the first in float32, as the loss takes them
+    (:func:`fedmoe.moe.loss.labelled_token_loss` on a sequence whose response is nearly all of it)."""
     return _measured(cfg, method, k, fake, training=False)[1]
 
 
@@ -360,9 +428,15 @@ def format_plan(cfg, plans: list[LevelPlan], what: str | None = None, available:
         who = ", ".join(map(str, p.clients)) if len(p.clients) <= 8 else f"{len(p.clients)} clients"
         lines.append(f"| {p.k} | {who} | " + " | ".join(gib(p.peak[kind]) for kind in KINDS)
                      + f" | {gib(p.training)} | {gib(p.evaluating)} | {gib(p.total)} |")
-    lines.append(f"training: the columns before it summed; evaluation: weights, adapters and the test loss's forward of "
-                 f"eval.batch_size {cfg.eval.batch_size} x {cfg.data.max_length} tokens without gradients; peak: the "
-                 "larger")
+    L, N = cfg.data.max_length, cfg.eval.max_new_tokens
+    shapes = {"test loss": f"the test loss's forward of {L} tokens",
+              "generation": f"greedy generation of {N} tokens after {L} (its key/value cache)",
+              "MMLU": f"MMLU's prompts of up to {4 * L} tokens"}
+    passes = [shapes[name] for name in plans[0].passes]
+    largest = {p.largest_pass for p in plans}
+    lines.append(f"training: the columns before it summed; evaluation: weights, adapters and the largest of "
+                 f"{', '.join(passes)}, at eval.batch_size {cfg.eval.batch_size}, without gradients"
+                 + (f" (the largest: {', '.join(sorted(largest))})" if len(passes) > 1 else "") + "; peak: the larger")
     if available is None and what:
         lines.append(what)
     if available is not None:

@@ -489,13 +489,19 @@ class ExpertsWithLoRA(nn.Module):
         flat_expert = top_k_index.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)
         token_of_slot = order // k if rows is None else rows[order // k]
+        compute = self._compute_dtype(hidden_states)
+        grouped = self.grouped and self._grouped_ok(compute)  # the path the real step takes
         if tracker is not None and tracker.planning:
-            # a memory plan on fake tensors (fedmoe.plan): the routing's sizes without reading it, the
-            # T·k slots spread evenly over the first PLAN_EXPERT_GROUPS experts. The bytes the step keeps
-            # depend on the slots, not on how many experts share them; a quantized stack's per-expert
-            # loop then runs 8 times a layer, not E (Qwen3-30B-A3B in NF4: 48 x 128 on fake tensors took
-            # minutes), and its transients are those of E/8 experts' rows at once: a little more, never less
-            groups = min(self.num_experts, PLAN_EXPERT_GROUPS)
+            # a memory plan on fake tensors (fedmoe.plan): the routing's sizes without reading it. Where the real
+            # step takes the grouped path but fake tensors cannot trace it (fp32), the T·k slots go to one expert:
+            # the loop then holds what the grouped path holds, all slots' rows at once (with fewer groups the
+            # loop's transients were those of a group's rows only, which without gradients, in an evaluation,
+            # planned an eighth of the experts' intermediate). Where the real step takes the per-expert loop (a
+            # quantized stack), they are spread evenly over the first PLAN_EXPERT_GROUPS experts: the bytes a
+            # training step keeps depend on the slots, not on how many experts share them; the loop then runs 8
+            # times a layer, not E (Qwen3-30B-A3B in NF4: 48 x 128 on fake tensors took minutes), and its
+            # transients are those of E/8 experts' rows at once: a little more, never less
+            groups = 1 if grouped else min(self.num_experts, PLAN_EXPERT_GROUPS)
             per, extra = divmod(flat_expert.numel(), groups)
             count_list = [per + (e < extra) if e < groups else 0 for e in range(self.num_experts)]
             counts = torch.tensor(count_list, device=flat_expert.device)
@@ -509,11 +515,10 @@ class ExpertsWithLoRA(nn.Module):
         w_sorted = top_k_weights.reshape(-1).index_select(0, order)
         if self.scale_input:  # Llama-4: each routed row times its weight before the expert, in the rows' dtype
             x_sorted = x_sorted * w_sorted[:, None].to(x_sorted.dtype)
-        compute = self._compute_dtype(hidden_states)
         # a plan takes the grouped path where torch can trace it on fake tensors (bf16 only), so its
         # count is of what the run keeps (the per-expert loop under autocast keeps each cast weight)
         traceable = count_list is None or compute == torch.bfloat16
-        if self.grouped and traceable and self._grouped_ok(compute):
+        if grouped and traceable:
             # every one of the T·k slots belongs to an expert of this module: no count is read here
             y_sorted = self._experts_grouped(x_sorted.to(compute), counts)
         else:
