@@ -261,3 +261,24 @@ def test_a_residual_replaces_the_last_one_over_rounds():
         torch.testing.assert_close(mine[n], want)
     assert set(client._take(down, private)["residual"]) == set(r2)
     assert client._take(down, private)["residual_round"] == 2
+
+
+def test_with_some_experts_per_layer_each_row_is_weighed_by_its_own_experts_frequency():
+    """lora.experts_per_layer = 1: each layer's tensors hold one expert's LoRA, in row 0. The importance of that row
+    was read at expert 0's frequency, whichever expert the row holds (here 0 for both clients: the row kept its global
+    value though both trained it). It is read at the row's own expert, as FLAME reads it."""
+    cfg, mm, server, client, spec = _setup("lora.experts_per_layer=1", "lora.attention_targets=[]",
+                                           "algorithm.fcmoe.importance=n_f_t", "algorithm.fcmoe.temperature=1",
+                                           "algorithm.fcmoe.projection=false", "algorithm.fcmoe.retention=0")
+    g = server.initial_global()
+    name = next(n for n in g if n.endswith("layers.1.mlp.experts.down_lora_B"))
+    assert g[name].shape[0] == 1 and server.experts is not None
+    expert = server.experts[1][0]
+    assert expert != 0  # (the seed's draw: row 0 is not expert 0)
+    counts = [torch.zeros(2, 8, dtype=torch.long) for _ in range(3)]
+    counts[0][1, expert], counts[1][1, expert] = 30, 10  # a/S = 3/4 and 1/4; client 2 never routes to it
+    counts[2][1, 0] = 40  # (expert 0, which row 0 does not hold, is client 2's only)
+    replies = [reply(i, {**{n: torch.full_like(t, float(i + 1)) for n, t in g.items()}, COUNTS: counts[i],
+                         TOKENS: torch.tensor([40, 40])}, 10) for i in range(3)]
+    new, _, _ = server.aggregate(g, server.initial_server_state(g), replies, round_idx=1)
+    torch.testing.assert_close(new[name], torch.full_like(g[name], 0.75 * 1 + 0.25 * 2))

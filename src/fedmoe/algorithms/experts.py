@@ -30,4 +30,13 @@ def flat_group(state: dict[str, torch.Tensor], members) -> torch.Tensor:
     return torch.cat([(state[n] if j is None else state[n][j]).reshape(-1).to(torch.float64) for n, j in members])
 
 
-__all__ = ["expert_groups", "flat_group"]
+def expert_layout(inventory, num_experts: int) -> tuple[dict[str, int], dict[int, list[int]] | None]:
+    """(MoE layer of each expert LoRA tensor, the expert of each row per MoE layer, or None when every
+    tensor holds every expert; ``lora.experts_per_layer`` holds some: row j of a layer's tensors is then
+    expert ``experts[layer][j]``, which is what a per-expert count or frequency must be read at)."""
+    rows = inventory.expert_rows()
+    full = all(r == tuple(range(num_experts)) for r in rows.values())
+    return inventory.expert_layers(), None if full else {layer: list(r) for layer, r in rows.items()}
+
+
+__all__ = ["expert_groups", "expert_layout", "flat_group"]

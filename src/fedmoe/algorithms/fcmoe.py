@@ -14,8 +14,8 @@ Only the abstract is public; fedmoe's reading (docs/methods.md marks every choic
   ΔW_i = s·(B_i A_i − B A) (the coefficient and the decision from the dense updates, removed along
   the factors' consensus); a client with weight 0 for a group is neither projected nor given a
   residual (none of its update enters the global);
-* local knowledge retention: r_i is client i's: the server sends it to that client once, in its
-  next message, and the client keeps it privately (replacing the previous one) and starts from
+* local knowledge retention: r_i is client i's: the server sends it with that client's messages until
+  the client's next reply replaces it (a client keeps only the newest round's), and the client keeps it privately (replacing the previous one) and starts from
   θ_global + λ·r_i (λ = 0.5); its own model (evaluation) is θ_global + λ·r_i too. It never goes up.
 
 Client: FedIT's adapters (every expert, full k, and attention LoRA); reply: the trained tensors,
@@ -33,7 +33,7 @@ from ..configbase import StrictModel
 from ..messages import Message, Reply
 from .base import N_TRAIN, Method, State, sizes
 from .fedit import FedITClient, FedITServer
-from .experts import expert_groups, flat_group
+from .experts import expert_groups, expert_layout, flat_group
 from .flame import COUNTS, TOKENS
 
 RESIDUAL = "residual/"  # downlink: the client's retained residual, once
@@ -68,7 +68,8 @@ def conflict_aware_average(global_state: State, tensors: list[State], n: list[fl
                            layer_of: dict[str, int], cfg: FCMoEConfig,
                            pairs: dict[str, tuple[str, float]] | None = None):
     """(new global state, per-client residuals {name: tensor} of the groups they were projected in,
-    statistics). ``freq[i]``: {MoE layer: (E,) activation frequency a/S of client i} (None with
+    statistics). ``freq[i]``: {MoE layer: activation frequency a/S of client i of the expert each row of the layer's
+    tensors holds (E rows; fewer under ``lora.experts_per_layer``)} (None with
     ``importance: n``, which does not read it). ``pairs`` (the
     ``dense`` space): every LoRA A name -> (its B name, α/r), from the model's inventory."""
     if cfg.space == "dense" and pairs is None:
@@ -189,11 +190,12 @@ class FCMoEServer(FedITServer):
 
     def __init__(self, cfg, spec):
         super().__init__(cfg, spec)
-        self.layer_of = spec.inventory.expert_layers()
+        # row j of a layer's expert tensors is expert experts[layer][j] under lora.experts_per_layer
+        self.layer_of, self.experts = expert_layout(spec.inventory, spec.num_experts)
         self.pairs = {t.name: (t.partner, t.scaling) for t in spec.inventory if t.factor == "A"}
 
     def initial_server_state(self, global_state: State) -> dict:
-        return {"residuals": {}}  # client -> (round, its residual): sent to it once, in its next message
+        return {"residuals": {}}  # client -> (round, its residual): sent with its messages until its next reply
 
     def downlink(self, global_state, server_state, client, *, round_idx) -> Message:
         msg = Message(tensors=dict(global_state))
@@ -204,12 +206,16 @@ class FCMoEServer(FedITServer):
             msg.scalars[RESIDUAL_ROUND] = rnd
         return msg
 
+    def _rows(self, layer: int, per_expert: torch.Tensor) -> torch.Tensor:
+        """A layer's per-expert values read at the experts its LoRA tensors' rows hold."""
+        return per_expert if self.experts is None else per_expert[self.experts[layer]]
+
     def aggregate(self, global_state: State, server_state: dict, replies: list[Reply], *, round_idx: int):
         fc = self.cfg.algorithm.fcmoe
         msgs = [r.message for r in replies]
         # (importance: n reads no counts: under local DP with withheld reports the replies carry none)
         freq = None if fc.importance == "n" else [
-            {layer: m.tensors[COUNTS][layer].to(torch.float64) / max(int(m.tensors[TOKENS][layer]), 1)
+            {layer: self._rows(layer, m.tensors[COUNTS][layer].to(torch.float64) / max(int(m.tensors[TOKENS][layer]), 1))
              for layer in set(self.layer_of.values())} for m in msgs]
         new, residuals, stats = conflict_aware_average(
             global_state, [{k: m.tensors[k] for k in global_state} for m in msgs], sizes(replies), freq,

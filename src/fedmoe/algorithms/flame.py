@@ -22,6 +22,7 @@ from ..messages import ACTIVATION_COUNTS, TOKENS_PER_LAYER, Reply
 from ..moe.inventory import Role
 from .base import Method, Objective, Private, State, sizes, weighted_average
 from .budgets import client_levels, default_top_k_levels
+from .experts import expert_layout
 from .fedit import FedITClient, FedITServer
 from .server_opt import server_update
 
@@ -68,14 +69,6 @@ def activation_aware_average(global_state: State, tensors: list[State], counts: 
         if kept is not None:
             kept[name] = keep
     return out
-
-
-def expert_layout(inventory, num_experts: int) -> tuple[dict[str, int], dict[int, list[int]] | None]:
-    """(MoE layer of each expert LoRA tensor, the expert of each row per MoE layer, or None when every
-    tensor holds every expert; ``lora.experts_per_layer`` holds some)."""
-    rows = inventory.expert_rows()
-    full = all(r == tuple(range(num_experts)) for r in rows.values())
-    return inventory.expert_layers(), None if full else {layer: list(r) for layer, r in rows.items()}
 
 
 def own_expert_weights(reply, layer_of: dict[str, int], experts: dict[int, list[int]] | None,
