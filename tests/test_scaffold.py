@@ -2,6 +2,8 @@
 SGD, the mean local gradient with any optimizer: equal under SGD, gradient-sized under AdamW), the
 server control surviving a server optimizer, and MoE + X (one random expert per layer)."""
 
+import re
+
 import pytest
 import torch
 from helpers import built, reply
@@ -32,7 +34,7 @@ def _result(steps, lr, n=10):
 
 
 def test_control_variates_by_formula():
-    cfg, mm, server, client = _setup("algorithm.scaffold.control=option2", "train.optimizer=sgd")
+    cfg, mm, server, client = _setup("algorithm.scaffold.control=option2", "train.optimizer=sgd", "train.grad_clip=null")
     g = server.initial_global()
     ss = server.initial_server_state(g)
     down = server.downlink(g, ss, 0, round_idx=1)
@@ -67,7 +69,7 @@ def test_control_variates_by_formula():
         torch.testing.assert_close(new_g[n], 0.5 * y[n] + 0.5 * y2[n], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(new_ss["c"][n], c[n] + (msg.tensors[DC + n] + dc2[n]) / 4, rtol=1e-6, atol=1e-6)
     cfg_n, _, server_n, _ = _setup("algorithm.scaffold.control=option2", "train.optimizer=sgd",
-                                   "algorithm.scaffold.weights=n")
+                                   "train.grad_clip=null", "algorithm.scaffold.weights=n")
     new_g, new_ss_n, _ = server_n.aggregate(g, ss, [Reply(0, msg), other], round_idx=1)
     for n in g:
         torch.testing.assert_close(new_g[n], 0.25 * y[n] + 0.75 * y2[n], rtol=1e-6, atol=1e-6)  # n = 10, 30
@@ -178,5 +180,35 @@ def test_control_is_gradient_sized_under_adamw():
 def test_option_two_needs_sgd():
     with pytest.raises(ConfigError, match="train.optimizer: sgd"):
         load_config(None, ["algorithm.name=scaffold", "algorithm.scaffold.control=option2"])
+    plain = ["algorithm.name=scaffold", "algorithm.scaffold.control=option2", "train.optimizer=sgd", "train.grad_clip=null"]
+    load_config(None, plain)
+    for changed in ("train.momentum=0.9", "train.weight_decay=0.5", "train.grad_clip=1.0"):
+        with pytest.raises(ConfigError, match=re.escape(changed.replace("=", " = ")) + ".*changes the steps"):
+            load_config(None, [*plain, changed])
+
+
+@pytest.mark.parametrize("changed", ["train.momentum=0.9", "train.weight_decay=0.5", "train.grad_clip=0.01"])
+def test_what_option_two_refuses_takes_the_control_out_of_gradient_units(changed):
+    """Why momentum, weight decay and a binding clip are refused under option II: with each, (x − y)/(K lr) is not
+    the mean gradient (the mean_gradient control, which equals it under plain steps: the test above)."""
+    import fedmoe.algorithms.scaffold as scaffold
+
+    plain = ["train.optimizer=sgd", "train.grad_clip=null", "train.max_steps=5", "train.batch_size=4"]
+    out = {}
+    for control in ("option2", "mean_gradient"):
+        check = scaffold.ScaffoldClient.check_config
+        scaffold.ScaffoldClient.check_config = classmethod(lambda cls, cfg: None)  # to measure what it refuses
+        try:
+            cfg, mm, server, client = _setup(f"algorithm.scaffold.control={control}", *plain, changed)
+        finally:
+            scaffold.ScaffoldClient.check_config = check
+        g = server.initial_global()
+        down = server.downlink(g, server.initial_server_state(g), 0, round_idx=1)
+        _, new_private, _ = _train_round(client, mm, down, {"c_i": {n: torch.zeros_like(t) for n, t in g.items()}},
+                                         lr=0.05)
+        out[control] = new_private["c_i"]
+    ratio = _rms(out["option2"]) / _rms(out["mean_gradient"])
+    print(f"{changed}: option II / mean gradient RMS {ratio:.2f}")
+    assert not 0.8 < ratio < 1.25, ratio
     with pytest.raises(ConfigError, match="train.momentum"):
         load_config(None, ["train.momentum=0.9"])

@@ -17,7 +17,8 @@ The new control c_i⁺ (``algorithm.scaffold.control``):
 - ``option2``: the paper's formula c_i⁺ = c_i − c + (x − y_i)/(K·η), K·η with the round's lr. It is
   a mean gradient only for plain SGD steps (with AdamW each step moves each coordinate by about η, so
   (x − y)/(Kη) is ~1 per coordinate — measured 50–100× the gradient on the tiny OLMoE — and from
-  round 2 the correction swamps the gradient), so it requires ``train.optimizer: sgd``.
+  round 2 the correction swamps the gradient), so it requires ``train.optimizer: sgd`` without momentum,
+  weight decay or gradient clipping (``train.grad_clip: null``), each of which changes the step.
 """
 
 from __future__ import annotations
@@ -104,10 +105,24 @@ class ScaffoldClient(FedITClient):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.algorithm.scaffold.control == "option2" and cfg.train.optimizer != "sgd":
-            raise ValueError("algorithm.scaffold.control = 'option2' computes c_i from (x − y)/(K·lr), a mean gradient "
-                             f"only for plain SGD local steps, but train.optimizer is {cfg.train.optimizer!r}: set "
-                             "train.optimizer: sgd, or use algorithm.scaffold.control: mean_gradient")
+        if cfg.algorithm.scaffold.control != "option2":
+            return
+        why = ("algorithm.scaffold.control = 'option2' computes c_i from (x − y)/(K·lr), a mean gradient only for "
+               "plain SGD local steps")
+        if cfg.train.optimizer != "sgd":
+            raise ValueError(f"{why}, but train.optimizer is {cfg.train.optimizer!r}: set train.optimizer: sgd, or use "
+                             "algorithm.scaffold.control: mean_gradient")
+        # each of these changes the step (x − y is no longer lr times the summed corrected gradients), so c_i leaves
+        # gradient units: on the tiny OLMoE at K = 5 (tests/test_scaffold.py) momentum 0.9 made it 3.0x the mean
+        # gradient, weight decay 0.5 4.2x, a clip of 0.01 0.01x
+        changed = [f"{key} = {value}" for key, value, plain in (
+            ("train.momentum", cfg.train.momentum, 0.0), ("train.weight_decay", cfg.train.weight_decay, 0.0),
+            ("train.grad_clip", cfg.train.grad_clip, None)) if value != plain]
+        if changed:
+            raise ValueError(f"{why}, and {', '.join(changed)} changes the steps (c_i is then not gradient-sized): set "
+                             "train.momentum: 0, train.weight_decay: 0 and train.grad_clip: null (the paper's local "
+                             "steps), or use algorithm.scaffold.control: mean_gradient (the mean raw gradient, for "
+                             "any local optimizer)")
 
     def setup(self, client, mm, train):
         return {"c_i": {n: torch.zeros_like(t) for n, t in mm.get_state().items()}}, {}
