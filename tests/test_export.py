@@ -346,8 +346,8 @@ def test_a_private_store_of_another_run_or_client_is_refused(tmp_path):
         store = PrivateStore(tmp_path / run_id / f"client-{client}")
         for r in (0, 1, 2):
             store.save(r, {"s": torch.tensor([float(r)])})
-    assert float(_private_from(tmp_path, "aaaa", 1, 2)["s"]) == 2.0
-    assert float(_private_from(tmp_path / "aaaa" / "client-1", "aaaa", 1, 1)["s"]) == 1.0
+    assert float(_private_from(tmp_path, "aaaa", 1, 2)[0]["s"]) == 2.0
+    assert float(_private_from(tmp_path / "aaaa" / "client-1", "aaaa", 1, 1)[0]["s"]) == 1.0
     with pytest.raises(ExportError, match="client 0 of run bbbb, not of client 1 of run aaaa"):
         _private_from(tmp_path / "bbbb" / "client-0", "aaaa", 1, 2)
     with pytest.raises(ExportError, match="no private store of client 3 of run aaaa"):
@@ -574,3 +574,188 @@ def test_a_checkpoint_with_a_flipped_bit_is_refused_not_exported(runs, tmp_path)
             continue
         assert same(loaded, clean)  # never a changed number
     assert caught >= 40
+
+
+# ------------------------------------------------------------------ what a user hands export, found wanting
+def _as_flower_run(run, tmp_path):
+    """A copy of an in-process run made to look like a Flower deployment's (its clients' private states not in its
+    checkpoint, but in a SuperNode's store): (the copy, the store's client-0 folder, client 0's true private state)."""
+    import shutil
+
+    copy = tmp_path / "flw"
+    shutil.copytree(run, copy)
+    ck_path = copy / "checkpoints" / "state.pt"
+    ck = torch.load(ck_path, weights_only=False)
+    private = ck["transport"]["private"][0]
+    ck["transport"] = {"run_id": "RUNX"}
+    torch.save(ck, ck_path)
+    (copy / "checkpoints" / "state.prev.pt").unlink(missing_ok=True)
+    store = tmp_path / "store" / "RUNX" / "client-0"
+    store.mkdir(parents=True)
+    (store / "identity.json").write_text(json.dumps({"run_id": "RUNX", "client": 0}))
+    return copy, store, private
+
+
+def test_a_private_file_older_than_one_beside_it_is_refused(runs, tmp_path):
+    """--private FILE took that file even where a newer store of the round exported lay beside it: a personalised
+    model of an older round's private state (FLAME's rescaler of round 0), exported under the newer round's name."""
+    copy, store, private = _as_flower_run(runs["flame"], tmp_path)
+    stale = {k: (v * 0 + 1 if k.endswith("rescaler") else v) for k, v in private.items()}
+    torch.save(stale, store / "private-r00000.pt")
+    torch.save(private, store / "private-r00001.pt")
+    with pytest.raises(ExportError, match=r"private-r00000.pt is client 0's private state after round 0, but .* holds a "
+                                          r"newer one of round 1"):
+        export_model(copy, tmp_path / "o", client=0, private_path=store / "private-r00000.pt")
+    assert not (tmp_path / "o").exists()
+    exported = {}
+    export_model(copy, tmp_path / "ok", client=0, private_path=store, exported=exported)
+    assert exported["source"].endswith(f"(after round 1, with its private state from {store}, of round 1)")
+    loaded = load_run_model(copy, 0, private_path=store / "private-r00001.pt")
+    torch.testing.assert_close(_logits(loaded.mm.model), _ours(runs["flame"], 0)[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("damage", ["empty", "text", "truncated", "compressed", "identity", "keys"])
+def test_a_damaged_private_store_is_one_line_naming_the_file(runs, tmp_path, damage):
+    import zipfile
+
+    copy, store, private = _as_flower_run(runs["flame"], tmp_path)
+    f = store / "private-r00001.pt"
+    torch.save(private, f)
+    data = f.read_bytes()
+    if damage == "empty":
+        f.write_bytes(b"")
+    elif damage == "text":
+        f.write_text("hello\n")
+    elif damage == "truncated":
+        f.write_bytes(data[: len(data) // 2])
+    elif damage == "compressed":  # a few hundred KB that could inflate to GB: torch.save never compresses
+        with zipfile.ZipFile(f) as z:
+            records = [(i.filename, z.read(i.filename)) for i in z.infolist()]
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            for name, blob in records:
+                z.writestr(name, blob)
+    elif damage == "identity":
+        (store / "identity.json").write_text("[1]")
+    else:
+        torch.save({"something": torch.zeros(2)}, f)
+    r = subprocess.run([sys.executable, "-m", "fedmoe.cli", "export", str(copy), str(tmp_path / "o"), "--client", "0",
+                        "--private", str(store), "--quiet"], capture_output=True, text=True, env=_env())
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    named = store / "identity.json" if damage == "identity" else store if damage == "keys" else f
+    assert str(named) in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("craft", ["no server state", "global state a list", "missing client", "nan"])
+def test_a_crafted_checkpoint_is_one_line_naming_it(runs, tmp_path, craft):
+    import shutil
+
+    copy = tmp_path / "c"
+    shutil.copytree(runs["fedit"], copy)
+    ck_path = copy / "checkpoints" / "state.pt"
+    ck = torch.load(ck_path, weights_only=False)
+    if craft == "no server state":
+        del ck["server_state"]
+    elif craft == "global state a list":
+        ck["global_state"] = [1, 2]
+    elif craft == "missing client":
+        del ck["transport"]["private"][1]
+    else:
+        name = sorted(ck["global_state"])[0]
+        ck["global_state"][name] = ck["global_state"][name] * float("nan")
+    torch.save(ck, ck_path)
+    with pytest.raises(ExportError) as told:
+        export_model(copy, tmp_path / "o", client=1)
+    text = str(told.value)
+    assert str(copy / "checkpoints") in text and ("altered" in text or "non-finite" in text), text
+    assert not (tmp_path / "o").exists()
+
+
+def test_sigterm_midway_leaves_no_half_written_export(runs, tmp_path):
+    """SIGTERM (a scheduler, `kill`) during an export left OUT with a partial model.safetensors that
+    from_pretrained would load. It is now stopped as Ctrl-C is: the export's clean-up runs, exit 143, no OUT."""
+    import signal
+    import time
+
+    out, started = tmp_path / "o", tmp_path / "started"
+    script = (
+        "import sys, time, pathlib\n"
+        "import fedmoe.export as ex, fedmoe.cli as cli\n"
+        "real = ex.write_merged\n"
+        "def slow(loaded, out):\n"
+        "    real(loaded, out)\n"
+        f"    pathlib.Path({str(started)!r}).touch()\n"
+        "    time.sleep(120)\n"
+        "ex.write_merged = slow\n"
+        f"sys.argv = ['fedmoe', 'export', {str(runs['fedit'])!r}, {str(out)!r}, '--merged', '--quiet']\n"
+        "cli.main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while not started.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert started.exists() and (out / "model.safetensors").exists()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert f"stopped (SIGTERM): nothing of the export was left in {out}" in err
+    assert not out.exists()
+
+
+def test_flex_global_model_exports_in_every_form(runs, tmp_path):
+    """FLEx's global model has no grafts (switched off in it): its tensors were counted as the method's own, and
+    every form fell back to a fedmoe folder. It is the attention LoRA on the base."""
+    from transformers import AutoModelForCausalLM
+
+    assert export_model(runs["flex"], tmp_path / "m", merged=True) == ("merged", [])
+    _, ours = _ours(runs["flex"], None)
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m")), ours, rtol=0, atol=2e-4)
+    assert export_model(runs["flex"], tmp_path / "p")[0] == "peft"
+
+
+def test_the_fedmoe_form_on_purpose_and_strict(runs, tmp_path):
+    """--format fedmoe writes the model exactly as the run evaluated it (the form a quantized run's notes point to);
+    --strict refuses a form that cannot express the model instead of writing a fedmoe folder, naming the forms that
+    can; the command's fallback line names them too."""
+    assert export_model(runs["fedit"], tmp_path / "f", client=1, form="fedmoe") == ("fedmoe", [])
+    _, ours = _ours(runs["fedit"], 1)
+    torch.testing.assert_close(_logits(load_model(tmp_path / "f").model), ours, rtol=0, atol=0)
+    with pytest.raises(ExportError, match=r"--strict: client 1 of .* has no peft form \(.*rescaler.*\); it has a merged "
+                                          r"form\. Nothing was written"):
+        export_model(runs["flame"], tmp_path / "s", client=1, strict=True)
+    assert not (tmp_path / "s").exists()
+    r = subprocess.run([sys.executable, "-m", "fedmoe.cli", "export", str(runs["flame"]), str(tmp_path / "v"),
+                        "--client", "1", "--format", "vllm", "--quiet"], capture_output=True, text=True, env=_env())
+    assert r.returncode == 0 and "It has a merged form (--format merged)" in r.stdout, r.stdout + r.stderr
+
+
+def test_what_reads_an_export_refuses_an_unfinished_or_altered_one(runs, tmp_path):
+    from fedmoe.export import EXPORT_FILE, IN_PROGRESS
+
+    export_model(runs["flex"], tmp_path / "x", client=0, merged=True)
+    (tmp_path / "x" / IN_PROGRESS).touch()
+    for read in (lambda: load_model(tmp_path / "x"), lambda: load_for_answers(tmp_path / "x")):
+        with pytest.raises(ExportError, match="holds an unfinished export"):
+            read()
+    (tmp_path / "x" / IN_PROGRESS).unlink()
+    meta = json.loads((tmp_path / "x" / EXPORT_FILE).read_text())
+    (tmp_path / "x" / EXPORT_FILE).write_text(json.dumps({**meta, "client": 99}))
+    with pytest.raises(ValueError, match="client '99' is not one of its run's clients 0..1"):
+        load_model(tmp_path / "x")
+    # a failed export leaves none of the folders it made, OUT's parents included
+    with pytest.raises(ExportError):
+        export_model(runs["fedit"], tmp_path / "p1" / "p2" / "out", client=9)
+    assert not (tmp_path / "p1").exists()
+
+
+def test_export_errors_speak_of_exporting_not_resuming(runs, tmp_path):
+    import shutil
+
+    copy = tmp_path / "c"
+    shutil.copytree(runs["fedit"], copy)
+    for f in (copy / "checkpoints").glob("state*.pt"):
+        f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError, match="has no readable checkpoint .*, so there is no model to export") as told:
+        export_model(copy, tmp_path / "o")
+    assert "--overwrite" not in str(told.value) and "resumed" not in str(told.value)

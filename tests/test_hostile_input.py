@@ -759,8 +759,43 @@ def test_flower_asks_the_first_addressed_client_for_the_global_general_numbers()
     transport.infos = {0: {"data": {"n_test": 2}}, 1: {"data": {}}, 2: {"data": {"n_test": 2}},
                        3: {"data": {"n_test": 2}}}  # client 1's node keeps its evaluation
     sent = []
-    transport._send = lambda round_idx, kind, messages, infos, also, timeout: (sent.append(infos), ({}, {}))[1]
+    transport._send = lambda round_idx, kind, messages, infos, also, timeout, expect: (sent.append(infos), ({}, {}))[1]
     for messages in ([0, 1, 2, 3], [1, 2, 3], [3]):
         transport.evaluate_with_global(1, dict.fromkeys(messages), None, False, dict.fromkeys(messages, False), True,
                                        None)
     assert [[c for c, i in infos.items() if i["global"]["general"]] for infos in sent] == [[0], [2], [3]]
+
+
+def test_a_tensor_in_a_setup_or_evaluation_reply_is_refused_unread(monkeypatch):
+    """Only a train reply carries tensors; a setup or evaluation reply that holds one (256 MiB of it, say) was decoded
+    in full before anything looked at it. It is refused from its header: that client's failure, or for a setup the
+    node's unreadable answer."""
+    import numpy as np
+    from flwr.app import Array
+
+    import fedmoe.federation.flower.server as server
+    from fedmoe.config import load_config
+    from fedmoe.federation.flower.server import FlowerTransport
+    from fedmoe.messages import Message
+
+    monkeypatch.setattr(server, "_message", lambda *a: None)
+    transport = FlowerTransport(None, load_config(None, ["data.partition.num_clients=2"]))
+    transport.node_of, transport.run_id = {0: 10, 1: 11}, "r"
+    transport.infos = {c: {"client": c, "data": {"n_test": 4, "n_generated": 2}} for c in range(2)}
+    transport._refresh = lambda: set()
+
+    def with_junk(nid, info):
+        reply = _flower_reply(nid, info, Message({"w": torch.zeros(1)}))
+        reply.content["tensors"]["junk"] = Array(np.ones(4 << 20, dtype=np.float32))
+        return reply
+
+    result = {"loss": 2.0, "perplexity": 7.4, "tokens": 10}
+    transport._send_and_receive = lambda msgs, timeout=None: [_flower_reply(10, {"result": result}),
+                                                              with_junk(11, {"result": result})]
+    own, failed = transport.evaluate(1, {0: Message(), 1: Message()}, False, {0: False, 1: False}, None)
+    assert set(own) == {0} and "a tensor 'w' the method does not expect" in failed[1] and "refused unread" in failed[1]
+    logged = []
+    transport.log = logged.append
+    transport._send_and_receive = lambda msgs, timeout=None: [with_junk(12, {"client": 1})]
+    assert transport._query([12], partial=True) == {}
+    assert "answered which client it is unreadably (ValueError: a tensor 'w' the method does not expect" in logged[0]

@@ -210,7 +210,8 @@ def test_a_global_evaluation_that_fails_leaves_the_clients_own_and_a_malformed_o
     _, info = _ask(cache, cfg, node, "evaluate", evaluate, also=broken, with_answers=False, general=False,
                    **{"global": {"general": False}})
     assert info["result"]["tokens"] > 0 and info["result"]["loss"] > 0 and "global_result" not in info
-    assert info["global_error"].startswith(f"ValueError: '{name}': shape (3, 1) does not match"), info["global_error"]
+    assert info["global_error"].startswith(f"RefusedMessage: the global model it was sent does not load: '{name}': "
+                                           "shape (3, 1) does not match"), info["global_error"]
     _, info = _ask(cache, cfg, node, "evaluate", evaluate, also=evaluate, with_answers=False, general=False,
                    **{"global": {"general": False}})
     assert "global_error" not in info and info["global_result"]["tokens"] == info["result"]["tokens"]

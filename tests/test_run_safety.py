@@ -578,3 +578,20 @@ def test_a_resume_on_a_device_this_machine_lacks_is_refused_before_anything_is_w
     assert rd.config_path.read_bytes() == before
     summary, _ = continue_run(rd.path, log=_quiet, overrides=["model.device=cpu"])
     assert summary is not None and yaml.safe_load(rd.config_path.read_text())["model"]["device"] == "cpu"
+
+
+def test_the_command_that_continues_a_flower_deployment_names_its_superlink(tmp_path):
+    """A run on a Flower deployment resumes only with --federation NAME: the commands fedmoe suggests after a stop, a
+    lost SuperLink or a full disk named no federation, and failed when pasted."""
+    from fedmoe.cli import _interrupted
+    from fedmoe.rundir import FLOWER_RUN, resume_command
+
+    run = tmp_path / "my run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert resume_command(run) == f"fedmoe run --resume '{run}'"
+    (run / FLOWER_RUN).write_text(json.dumps({"flower_run_id": 7, "superlink": "lab two"}))
+    assert resume_command(run) == f"fedmoe run --resume '{run}' --federation 'lab two'"
+    torch.save({"round": 1}, run / "checkpoints" / "state.pt")
+    assert _interrupted(run, None).endswith(f"continue with `fedmoe run --resume '{run}' --federation 'lab two'`")
+    (run / FLOWER_RUN).write_text("{")  # unreadable: the plain command, not an error on top of the stop
+    assert resume_command(run) == f"fedmoe run --resume '{run}'"

@@ -63,7 +63,7 @@ def _interrupted(path: Optional[Path], sweep: Optional[str], cause: str = "Ctrl-
     """What Ctrl-C (or SIGTERM: ``cause``) left behind and how to go on; ``sweep``: the command line that continues
     the sweep; ``sweep_root``: its folder, where the signal came between its points' runs (or stopped several)."""
     from .federation.checkpoint import has_checkpoint
-    from .rundir import shell_quote
+    from .rundir import resume_command
 
     if path is None and sweep is not None and sweep_root is not None:
         return (f"stopped ({cause}) the sweep in {sweep_root}: its finished points are kept, a point that was running "
@@ -78,7 +78,7 @@ def _interrupted(path: Optional[Path], sweep: Optional[str], cause: str = "Ctrl-
                 "points are kept, this one " + ("resumes from its checkpoint)" if has_checkpoint(path) else "starts over)"))
     if has_checkpoint(path):
         return (f"stopped ({cause}): the last checkpoint is in {path / 'checkpoints'}; continue with "
-                f"`fedmoe run --resume {shell_quote(path)}`")
+                f"`{resume_command(path)}`")
     return (f"stopped ({cause}) before the first checkpoint: nothing to resume in {path}; run the same command again "
             "to start over")
 
@@ -680,8 +680,11 @@ def export(
     global_: Annotated[bool, typer.Option("--global", help="the global model (the default)")] = False,
     merged: Annotated[bool, typer.Option("--merged", help="a plain Hugging Face model with the LoRA folded in")] = False,
     format_: Annotated[Optional[str], typer.Option(
-        "--format", help="peft (default), merged (= --merged) or vllm (per-expert LoRA keys that serving "
-                         "engines load)")] = None,
+        "--format", help="peft (default), merged (= --merged), vllm (per-expert LoRA keys that serving "
+                         "engines load) or fedmoe (the model as the run evaluated it, a quantized base included)")] = None,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="refuse (exit 2, nothing written) where the form asked for cannot express the model, rather "
+                         "than write a fedmoe folder")] = False,
     private: Annotated[Optional[Path], typer.Option(
         "--private", help="Flower runs: the client's store: its SuperNode's state-dir (the run's folder in it is "
                           "found), that folder, or a private-r*.pt file")] = None,
@@ -693,7 +696,8 @@ def export(
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars (transformers' loading and writing)")] = False,
 ):
     """Export a trained model: a PEFT adapter (default), a merged Hugging Face model (--merged), or,
-    where neither can express the model, a fedmoe folder that fedmoe.export.load_model restores exactly."""
+    where neither can express the model, a fedmoe folder that fedmoe.export.load_model restores exactly.
+    Ctrl-C or SIGTERM midway leaves nothing of the export behind."""
     from .config import ConfigError
     from .export import export_model
 
@@ -706,8 +710,13 @@ def export(
             from .moe.model import check_device
 
             check_device(device, "--device")
+        _STOP["running"] = True  # SIGTERM as Ctrl-C: the export's own clean-up runs (a half-written OUT loads)
         form, why = export_model(run_dir, out, client=_which(client, global_), merged=merged, private_path=private,
-                                 form=format_, round_idx=round_, exported=exported, device=device)
+                                 form=format_, round_idx=round_, exported=exported, device=device, strict=strict)
+    except KeyboardInterrupt:
+        cause = _STOP["signal"] or "Ctrl-C"
+        _error(f"stopped ({cause}): nothing of the export was left in {out}")
+        raise typer.Exit(143 if cause == "SIGTERM" else 130)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _error(f"{e}")
         raise typer.Exit(2)
@@ -723,7 +732,10 @@ def export(
         print(f"note: {note}")
     if why:
         asked = format_ or ("merged" if merged else "peft")
-        print(f"not {asked}, because: " + "; ".join(why))
+        fit = exported.get("fits") or []
+        print(f"not {asked}, because: " + "; ".join(why) + ". "
+              + (f"It has a {' and a '.join(fit)} form (--format {fit[0]})" if fit else
+                 "Only a fedmoe folder holds it") + " (--strict refuses instead of writing a fedmoe folder)")
 
 
 @app.command()

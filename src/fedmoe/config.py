@@ -764,7 +764,7 @@ def shipped_configs() -> Path | None:
 def _not_a_config_file(p: Path) -> str:
     """What ``p``, given as a config, is instead (nothing, a run directory, a sweep's folder, another folder), and
     what to give: never a pointer back to a path that is not there."""
-    from .rundir import RunDir, shell_quote, sweep_points_in
+    from .rundir import RunDir, resume_command, shell_quote, sweep_points_in
 
     q = shell_quote(p)
     if (p / RunDir.CONFIG).is_file():  # a run directory: continue it, or use what it trained
@@ -772,7 +772,7 @@ def _not_a_config_file(p: Path) -> str:
             return (f"{p} is the directory of a finished run, not a config file: use what it trained with `fedmoe export "
                     f"{q} OUT`, `fedmoe generate {q}` or `fedmoe compare {q} ...`; to start a new run with its "
                     f"settings give its config, {shell_quote(p / RunDir.CONFIG)}")
-        return (f"{p} is a run directory, not a config file: continue that run with `fedmoe run --resume {q}`; to start "
+        return (f"{p} is a run directory, not a config file: continue that run with `{resume_command(p)}`; to start "
                 f"it over give its config, `fedmoe run {shell_quote(p / RunDir.CONFIG)} --overwrite`")
     if sweep_points_in(p) is not None:
         return (f"{p} is a sweep's folder, not a config file: a sweep runs (and continues) from its config, the YAML "

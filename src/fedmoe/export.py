@@ -43,7 +43,7 @@ from .algorithms import METHODS
 from .algorithms.base import model_spec
 from .config import ConfigError, config_from_tree, config_to_dict
 from .messages import Message
-from .rundir import load_tensor_file, ordinary_permissions, shell_quote
+from .rundir import load_tensor_file, ordinary_permissions, resume_command, shell_quote
 from .moe import MoEModel
 from .moe.arch import SPARSEMIXER_ARCHITECTURES, moe_block_attr
 from .moe.lora import ExpertsWithLoRA, LoRALinear, RouterWithLoRA, expert_lora_pairs
@@ -75,10 +75,12 @@ class LoadedModel:
     source: str  # where it came from, for messages
 
 
-def _private_from(path: Path, run_id: str | None, client: int, round_idx: int) -> dict:
-    """A Flower client's private state after round ``round_idx``: from its SuperNode's ``state-dir`` (the run's
-    folder ``<run id>/client-<N>`` is found in it), that folder itself, or one ``private-r*.pt`` file. A store
-    of another run or another client is refused (the folder names, and the ``identity.json`` a store keeps)."""
+def _private_from(path: Path, run_id: str | None, client: int, round_idx: int) -> tuple[dict, int]:
+    """(a Flower client's private state after round ``round_idx``, the round it was saved at): from its
+    SuperNode's ``state-dir`` (the run's folder ``<run id>/client-<N>`` is found in it), that folder itself, or one
+    ``private-r*.pt`` file (refused where a newer one at or before the round lies beside it: the model would
+    silently be an older one's). A store of another run or another client is refused (the folder names, and the
+    ``identity.json`` a store keeps)."""
     import re
 
     path = Path(path)
@@ -93,7 +95,13 @@ def _private_from(path: Path, run_id: str | None, client: int, round_idx: int) -
         files = sorted(folder.glob("private-r*.pt"))
     ident_file = folder / "identity.json"
     if ident_file.is_file():
-        ident = json.loads(ident_file.read_text())
+        try:
+            ident = json.loads(ident_file.read_text())
+        except (ValueError, UnicodeDecodeError):
+            ident = None
+        if not isinstance(ident, dict):
+            raise ExportError(f"{ident_file} is not the identity a private store keeps ({{\"run_id\": ..., \"client\": "
+                              "N}): this folder was not written by a fedmoe client, or was altered")
         who = (ident.get("run_id"), ident.get("client"))
     else:
         who = (folder.parent.name, int(folder.name[7:]) if re.fullmatch(r"client-\d+", folder.name) else None)
@@ -104,7 +112,15 @@ def _private_from(path: Path, run_id: str | None, client: int, round_idx: int) -
     upto = [r for r in rounds if r <= round_idx]
     if not upto:
         raise ExportError(f"{folder}: no private state of round {round_idx} or before ({sorted(rounds)})")
-    return load_tensor_file(rounds[max(upto)], "private store")
+    if path.is_file():  # one file named: it must be the state the client had after the round exported
+        beside = [int(m.group(1)) for f in folder.glob("private-r*.pt")
+                  if (m := re.fullmatch(r"private-r(\d+)\.pt", f.name)) and max(upto) < int(m.group(1)) <= round_idx]
+        if beside:
+            raise ExportError(f"--private {path} is client {client}'s private state after round {max(upto)}, but "
+                              f"{folder} holds a newer one of round {max(beside)}, which the model after round "
+                              f"{round_idx} has: pass the folder (--private {shell_quote(folder)}: the newest at or before "
+                              f"round {round_idx} is taken), or export round {max(upto)} on purpose with --round")
+    return load_tensor_file(rounds[max(upto)], "private store"), max(upto)
 
 
 # the command behind each verb, for what a path that is no run directory is told (rundir.run_dir_problem)
@@ -144,7 +160,7 @@ def _checkpoint_to_export(run_dir: str | Path, round_idx: int | None, verb: str 
         return cfg, rd, have[round_idx][1]
     if not finished:
         raise ExportError(f"{rd.path} did not finish (no summary.json; its newest readable checkpoint is round "
-                          f"{max(have)} of {rounds}): continue it with `fedmoe run --resume {shell_quote(rd.path)}`, "
+                          f"{max(have)} of {rounds}): continue it with `{resume_command(rd.path)}`, "
                           f"or {verb} a round it has on purpose with {offer}")
     if rounds not in have:
         bad = f" ({loaded.unreadable} is unreadable)" if loaded.unreadable is not None else ""
@@ -184,7 +200,16 @@ def load_run_model(run_dir: str | Path, client: int | None = None, private_path:
         raise ExportError(f"{rd.path} ran {cfg.algorithm.name}, which trains no global model (its global model is the "
                           f"initial one; each client trained alone): name a client's model with --client 0..{n - 1}")
     server = method.server(cfg, model_spec(cfg, method))
-    message = server.downlink(ck["global_state"], ck["server_state"], client, round_idx=ck["round"])
+    for key, kind in (("global_state", dict), ("server_state", dict), ("transport", dict), ("round", int)):
+        if not isinstance(ck.get(key), kind):
+            raise ExportError(f"{rd.checkpoint_dir}: its checkpoint's {key!r} is missing or not a {kind.__name__}: it "
+                              "was not written by fedmoe, or was altered")
+    _check_tensors(ck["global_state"], f"{rd.checkpoint_dir}: the checkpoint of round {ck['round']}")
+    try:
+        message = server.downlink(ck["global_state"], ck["server_state"], client, round_idx=ck["round"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise ExportError(f"{rd.checkpoint_dir}: its checkpoint's server state does not fit {cfg.algorithm.name} "
+                          f"({type(e).__name__}: {str(e)[:200]}): it was not written by fedmoe, or was altered") from None
     private: dict = {}
     if client is not None:
         stores = ck["transport"].get("private")
@@ -196,29 +221,65 @@ def load_run_model(run_dir: str | Path, client: int | None = None, private_path:
                               f"{client}'s private state itself (no store it could be checked against: another "
                               "client's or run's would be taken without a word); leave --private out")
         if private_path is not None:
-            private = _private_from(Path(private_path), run_id, client, ck["round"])
+            private, saved = _private_from(Path(private_path), run_id, client, ck["round"])
+            private_from = f"{private_path}, of round {saved}"
         else:
             if stores is None:
                 raise ExportError(f"{rd.path} ran on Flower: client {client}'s private state is on its SuperNode; pass "
                                   f"--private <that node's state-dir> (it holds {run_id}/client-{client}/private-r*.pt)")
-            private = stores[client]
+            if not isinstance(stores, (list, dict)) or (client not in stores if isinstance(stores, dict)
+                                                        else client >= len(stores)):
+                raise ExportError(f"{rd.checkpoint_dir}: its checkpoint holds no private state of client {client}: it "
+                                  "was not written by fedmoe, or was altered")
+            private, private_from = stores[client], None
+        _check_tensors(private, f"client {client}'s private state" + (f" ({private_from})" if private_from else ""))
     if dtype is not None or device is not None:  # where and in what precision it runs changes no trained tensor
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
             **({"dtype": dtype} if dtype is not None else {}), **({"device": device} if device is not None else {})})})
     mm = load_client_model(cfg, method)
-    method.client(cfg).load(mm, client, message, private)
+    half = method.client(cfg)
+    missing = [n for n in half.private_names(mm) if n not in private] if client is not None else []
+    if missing:  # the client's model would take the global model's values for them without a word
+        where = f"--private {private_path}" if private_path is not None else f"{rd.checkpoint_dir}'s checkpoint"
+        raise ExportError(f"{where}: client {client}'s private state lacks {len(missing)} of the tensors "
+                          f"{cfg.algorithm.name} keeps on a client (e.g. {missing[0]}): it is not this run's store, or "
+                          "was altered")
+    try:
+        half.load(mm, client, message, private)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        whose = "its checkpoint" if private_path is None else f"its checkpoint and --private {private_path}"
+        raise ExportError(f"{rd.path}: the model could not be rebuilt from {whose} ({type(e).__name__}: "
+                          f"{str(e)[:300]}): they were not written by this fedmoe for this run, or were altered") from None
     mm.model.eval()
     who = "the global model" if client is None else f"client {client}"
-    return LoadedModel(cfg, mm, client, message, private, f"{who} of {rd.path} (after round {ck['round']})")
+    mine = f", with its private state from {private_from}" if client is not None and private_from else ""
+    return LoadedModel(cfg, mm, client, message, private, f"{who} of {rd.path} (after round {ck['round']}{mine})")
+
+
+def _check_tensors(state, what: str) -> None:
+    """Refuse a state (a checkpoint's global tensors, a client's private state) holding a non-finite value: its
+    model computes NaN; an export of it would be a broken model written without a word."""
+    if not isinstance(state, dict):
+        raise ExportError(f"{what} is a {type(state).__name__}, not the tensors fedmoe writes: it was altered")
+    for name, t in state.items():
+        if isinstance(t, dict):
+            _check_tensors(t, what)
+        elif isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ExportError(f"{what}: its tensor {name} holds non-finite values (NaN or infinity): the run diverged "
+                              "there (its metrics say from which round); export an earlier round with --round, or "
+                              "train again with a lower train.lr")
 
 
 # ---------------------------------------------------------------------------------- what fits where
 def _adapted_modules(mm: MoEModel):
     """(name, module) of every module holding trainable tensors, and the names of those tensors no
-    known adapter holds (a method's own structure)."""
+    known adapter holds (a method's own structure). A module switched off (``enabled`` False: FLEx's grafts in
+    its global model, which has none) computes nothing, and its tensors are not part of the model exported."""
     known, owned = [], set()
     for name, mod in mm.model.named_modules():
-        if isinstance(mod, (LoRALinear, ExpertsWithLoRA, RouterWithLoRA)):
+        if getattr(mod, "enabled", True) is False:
+            owned |= {f"{name}.{p}" for p, _ in mod.named_parameters()}
+        elif isinstance(mod, (LoRALinear, ExpertsWithLoRA, RouterWithLoRA)):
             known.append((name, mod))
             owned |= {f"{name}.{p}" for p, _ in mod.named_parameters() if not p.startswith("base.")}
     other = [n for n in mm.trainable_names() if n not in owned]
@@ -231,7 +292,10 @@ def _base_source(cfg) -> str | None:
     if name.startswith(BUILTIN_PREFIX):
         folder = builtin_model_path(name)
         return None if folder is None else str(folder)
-    return name
+    local = Path(name).expanduser()
+    # a folder named relative to where the run started: absolute, so the adapter loads from anywhere (PEFT reads
+    # base_model_name_or_path as it is written; a relative one is another folder, or a hub id, elsewhere)
+    return str(local.resolve()) if not local.is_absolute() and local.exists() else name
 
 
 # the families whose fused expert stacks PEFT's target_parameters misreads: PEFT (0.21) takes a 3-D parameter as
@@ -538,12 +602,15 @@ IN_PROGRESS = ".fedmoe-export-in-progress"  # the file by which an export holds 
 def _claim(out: Path) -> bool:
     """Hold ``out`` (a new or empty folder) for this export: the folder made if needed and :data:`IN_PROGRESS`
     created in it exclusively, so that a second export into it — started at the same time, past the emptiness check
-    before either wrote — is refused instead of writing its files over this one's. Returns whether the folder was
-    made here."""
+    before either wrote — is refused instead of writing its files over this one's. Returns the outermost folder made
+    here (OUT, or a missing parent of it), or None."""
     import os
 
-    made = not out.exists()
+    made = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)  # the outermost folder made
     try:
+        if out.is_symlink() and not out.exists():
+            raise ExportError(f"{out} is a symbolic link to {os.readlink(out)}, which does not exist: give a new folder "
+                              "(or the link's target) as OUT")
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / IN_PROGRESS, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -560,16 +627,16 @@ def _claim(out: Path) -> bool:
     return made
 
 
-def _release(out: Path, made: bool, written: bool) -> None:
+def _release(out: Path, made: Path | None, written: bool) -> None:
     """End the hold of :func:`_claim`: a finished export keeps its files; one that failed midway leaves nothing of
-    itself (the folder, if it made it; else the folder empty, as it was)."""
+    itself (the folders it made, OUT's missing parents too; else the folder empty, as it was)."""
     import shutil
 
     (out / IN_PROGRESS).unlink(missing_ok=True)
     if written:
         return
-    if made:
-        shutil.rmtree(out, ignore_errors=True)
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
         return
     for p in out.iterdir():
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
@@ -578,23 +645,24 @@ def _release(out: Path, made: bool, written: bool) -> None:
 def export_model(run_dir: str | Path, out: str | Path, client: int | None = None, merged: bool = False,
                  private_path: str | Path | None = None, form: str | None = None,
                  round_idx: int | None = None, exported: dict | None = None,
-                 device: str | None = None) -> tuple[str, list[str]]:
+                 device: str | None = None, strict: bool = False) -> tuple[str, list[str]]:
     """Write the model to ``out`` (a new or empty folder) in ``form`` (``peft``, ``merged``, ``vllm``;
     None: ``merged`` when ``merged`` else ``peft``), or as a fedmoe folder when that form cannot express
-    it; returns (the form written, why not the one asked for: empty when it is the one asked for). ``merged`` with
-    another ``form`` asks for two forms and is refused."""
+    it (``strict``: refused instead, nothing written); returns (the form written, why not the one asked for: empty
+    when it is the one asked for). ``form`` ``fedmoe`` asks for that folder. ``merged`` with another ``form`` asks for
+    two forms and is refused."""
     if merged and form not in (None, "merged"):
         raise ExportError(f"--merged and --format {form} ask for two forms: --merged is --format merged (a plain Hugging "
                           f"Face model with the LoRA folded in), --format {form} another; give one of them")
     form = form or ("merged" if merged else "peft")
-    if form not in ("peft", "merged", "vllm"):
-        raise ExportError(f"--format {form!r}: use peft, merged or vllm")
+    if form not in ("peft", "merged", "vllm", "fedmoe"):
+        raise ExportError(f"--format {form!r}: use peft, merged, vllm or fedmoe")
     merged = form == "merged"
     out = Path(out)
     _check_out_folder(out)
     made, written = _claim(out), False
     try:
-        result = _export_into(out, run_dir, client, merged, private_path, form, round_idx, exported, device)
+        result = _export_into(out, run_dir, client, merged, private_path, form, round_idx, exported, device, strict)
         # safetensors writes 0600 files: a server running as another user could not read the export
         ordinary_permissions(p for p in out.rglob("*") if p.name != IN_PROGRESS)
         written = True
@@ -603,12 +671,32 @@ def export_model(run_dir: str | Path, out: str | Path, client: int | None = None
         _release(out, made, written)
 
 
+def forms_that_fit(loaded: LoadedModel) -> list[str]:
+    """The plain forms (``merged``, ``peft``, ``vllm``) that can express ``loaded``'s model."""
+    blockers = {"merged": merge_blockers(loaded.mm), "peft": peft_blockers(loaded.mm, loaded.cfg),
+                "vllm": vllm_blockers(loaded.mm, loaded.cfg)}
+    return [f for f, why in blockers.items() if not why]
+
+
 def _export_into(out: Path, run_dir, client, merged: bool, private_path, form: str, round_idx,
-                 exported: dict | None, device: str | None = None) -> tuple[str, list[str]]:
+                 exported: dict | None, device: str | None = None, strict: bool = False) -> tuple[str, list[str]]:
     loaded = load_run_model(run_dir, client, private_path, round_idx, device=device)
     if exported is not None:  # what was exported, for the caller's message: "client 1 of RUN (after round 3)"
         exported["source"] = loaded.source
         exported["notes"] = export_notes(loaded.cfg, form, loaded.mm)
+    if form == "fedmoe":  # asked for: the model exactly as the run evaluated it (a quantized base included)
+        write_fedmoe(loaded, out)
+        return "fedmoe", []
+    if exported is not None or strict:
+        fit = forms_that_fit(loaded)
+        if exported is not None:
+            exported["fits"] = fit
+        if strict and form not in fit:
+            why = (merge_blockers(loaded.mm) if merged else vllm_blockers(loaded.mm, loaded.cfg) if form == "vllm"
+                   else peft_blockers(loaded.mm, loaded.cfg))
+            raise ExportError(f"--strict: {loaded.source} has no {form} form ({'; '.join(why)}); "
+                              + (f"it has a {' and a '.join(fit)} form" if fit else "only a fedmoe folder holds it "
+                                 "(--format fedmoe)") + ". Nothing was written")
     if merged:
         why = merge_blockers(loaded.mm)
         if not why:
@@ -699,7 +787,7 @@ def export_notes(cfg, form: str, mm: MoEModel | None = None) -> list[str]:
     if q != "none" and form in ("peft", "merged", "vllm"):
         notes.append(f"the run trained and was evaluated on an {q.upper()} base; this export applies its adapters to the "
                      "full-precision base, so its outputs differ from the evaluated model's by the quantization "
-                     "error (fedmoe generate RUN, or a fedmoe folder, uses the quantized base)")
+                     "error (fedmoe generate RUN, or export --format fedmoe, uses the quantized base)")
     stored = _stored_dtype(cfg.model.name) if form == "peft" else None
     if form == "peft" and stored != cfg.model.dtype:
         notes.append(f"the run computed in {cfg.model.dtype}: load the base with dtype=torch.{cfg.model.dtype} "
@@ -746,7 +834,10 @@ def _load_exported(folder: str | Path, dtype: str | None = None, device: str | N
     from .federation.local import load_client_model
 
     folder = Path(folder)
+    _check_finished(folder)
     meta = json.loads((folder / EXPORT_FILE).read_text())
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ConfigError(f"{folder / EXPORT_FILE}: not the description a fedmoe export writes (it was altered)")
     if meta.get("format") != 1:
         raise ConfigError(f"{folder / EXPORT_FILE}: format {meta.get('format')!r} is not one this fedmoe reads (1)")
     tree = meta["config"]
@@ -759,9 +850,22 @@ def _load_exported(folder: str | Path, dtype: str | None = None, device: str | N
     method = METHODS[cfg.algorithm.name]
     mm = load_client_model(cfg, method)
     message = Message(tensors=load_file(str(folder / _STATE)), scalars=meta.get("scalars") or {})
-    method.client(cfg).load(mm, meta["client"], message, private)
+    client = meta.get("client")
+    n = cfg.data.partition.num_clients
+    if client is not None and (isinstance(client, bool) or not isinstance(client, int) or not 0 <= client < n):
+        raise ConfigError(f"{folder / EXPORT_FILE}: client {str(client)[:40]!r} is not one of its run's clients "
+                          f"0..{n - 1} (it was altered)")
+    method.client(cfg).load(mm, client, message, private)
     mm.model.eval()
     return mm, cfg, meta
+
+
+def _check_finished(folder: Path) -> None:
+    """Refuse a folder an export is still writing, or one it left midway (killed outright): what is in it may be
+    part of a model."""
+    if (folder / IN_PROGRESS).exists():
+        raise ExportError(f"{folder} holds an unfinished export ({IN_PROGRESS}): an export is writing it, or one was "
+                          "killed midway; export again into a new folder")
 
 
 def _read_source(folder: Path) -> dict:
@@ -786,6 +890,7 @@ def load_for_answers(path: str | Path, client: int | None = None, private_path: 
     folder without one: fedmoe's defaults). An adapter (PEFT or vllm form) is refused, naming the run. ``device``:
     load it there rather than on the run's ``model.device``."""
     path = Path(path)
+    _check_finished(path)
     is_export = (path / EXPORT_FILE).is_file() or (path / SOURCE_FILE).is_file()
     if is_export and (client is not None or private_path is not None or round_idx is not None):
         raise ExportError(f"{path} is an export of one model: --client, --private and --round choose a model of a run "
@@ -816,12 +921,14 @@ def load_for_answers(path: str | Path, client: int | None = None, private_path: 
     return load_run_model(path, client, private_path, round_idx, verb="generate from", device=device)
 
 
-def load_model(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu") -> MoEModel:
-    """Any model fedmoe can run: a fedmoe export folder (restored exactly) or what
-    :meth:`MoEModel.from_pretrained` loads (a hub id, a local Hugging Face folder, ``builtin:<name>``)."""
+def load_model(name_or_path: str | Path, dtype: str | None = None, device: str = "cpu") -> MoEModel:
+    """Any model fedmoe can run: a fedmoe export folder (restored exactly: in its run's ``model.dtype`` unless
+    ``dtype`` says otherwise) or what :meth:`MoEModel.from_pretrained` loads (a hub id, a local Hugging Face folder,
+    ``builtin:<name>``; float32 unless ``dtype``)."""
+    _check_finished(Path(name_or_path))
     if (Path(name_or_path) / EXPORT_FILE).is_file():
         return load_exported(name_or_path, dtype=dtype, device=device)
-    return MoEModel.from_pretrained(str(name_or_path), dtype=dtype, device=device)
+    return MoEModel.from_pretrained(str(name_or_path), dtype=dtype or "float32", device=device)
 
 
 def answer(loaded: LoadedModel, instruction: str, context: str = "", max_new_tokens: int | None = None) -> str:

@@ -119,6 +119,12 @@ def check_zip_records(path: str | Path, what: str = "file") -> None:
     except (zipfile.BadZipFile, EOFError, OSError, ValueError):  # not a zip, or torn: the reader says what it is
         return
     with z:
+        # torch.save stores every record as it is: a compressed one is no file fedmoe or torch wrote, and a few
+        # hundred kilobytes of it can inflate to gigabytes as it loads
+        packed = next((i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED), None)
+        if packed is not None:
+            raise DamagedFileError(f"{path}: this {what} holds a compressed record ({packed}), which torch.save never "
+                                   "writes, so it was not loaded")
         try:
             bad = z.testzip()
         except Exception as e:  # noqa: BLE001 - a damaged record header raises BadZipFile, a codec error, ...
@@ -132,7 +138,8 @@ def load_tensor_file(path: str | Path, what: str = "file"):
     """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers of them, never
     code, after every record's checksum (:func:`check_zip_records`: a damaged file is refused, not loaded
     with a changed number). A file holding other Python objects (an old fedmoe checkpoint, or a planted payload)
-    is refused with one line that names it; nothing in it runs."""
+    is refused with one line that names it; nothing in it runs. An empty, torn or foreign file is a
+    :class:`DamagedFileError` naming it (torch.load raises anything from EOFError to IndexError for one)."""
     import pickle
 
     import torch
@@ -141,11 +148,21 @@ def load_tensor_file(path: str | Path, what: str = "file"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = next((line.split("GLOBAL", 1)[1].split()[0] for line in str(e).splitlines() if "GLOBAL" in line), "?")
-        raise UnsafeFileError(f"{path}: this {what} holds a Python object ({found}), not only tensors and plain values, "
-                              "so it was not loaded (loading it could run code). A checkpoint written by fedmoe before "
-                              "2026-12-05 held numpy objects: if you wrote it yourself, convert it once with `fedmoe "
-                              "migrate-checkpoint RUN_DIR`") from None
+        raise _unsafe(path, what, e) from None
+    except IsADirectoryError:
+        raise DamagedFileError(f"{path}: this {what} is a folder, not a file") from None
+    except (EOFError, RuntimeError, KeyError, IndexError, AttributeError, ValueError) as e:  # what torch.load raises
+        size = Path(path).stat().st_size if Path(path).is_file() else 0
+        raise DamagedFileError(f"{path}: this {what} cannot be read ({'an empty file' if size == 0 else type(e).__name__}"
+                               f"): it is torn, or not a file torch.save wrote, so it was not loaded") from None
+
+
+def _unsafe(path, what: str, e: Exception) -> UnsafeFileError:
+    found = next((line.split("GLOBAL", 1)[1].split()[0] for line in str(e).splitlines() if "GLOBAL" in line), "?")
+    return UnsafeFileError(f"{path}: this {what} holds a Python object ({found}), not only tensors and plain values, "
+                           "so it was not loaded (loading it could run code). A checkpoint written by fedmoe before "
+                           "2026-12-05 held numpy objects: if you wrote it yourself, convert it once with `fedmoe "
+                           "migrate-checkpoint RUN_DIR`")
 
 
 def _nonfinite_text(value: float) -> str:
@@ -534,6 +551,20 @@ def shell_quote(value) -> str:
     import shlex
 
     return shlex.quote(str(value))
+
+
+FLOWER_RUN = "flower-run.json"  # in the run directory: the Flower run that writes it, and on which SuperLink
+
+
+def resume_command(path) -> str:
+    """The command that continues the run in ``path``: ``fedmoe run --resume PATH``, with ``--federation NAME`` for a
+    run on a Flower deployment (its SuperLink's name, from :data:`FLOWER_RUN`; a resume without it is refused)."""
+    cmd = f"fedmoe run --resume {shell_quote(path)}"
+    try:
+        superlink = json.loads((Path(path) / FLOWER_RUN).read_text(encoding="utf-8")).get("superlink")
+    except (OSError, ValueError, AttributeError):
+        return cmd
+    return cmd + (f" --federation {shell_quote(superlink)}" if isinstance(superlink, str) and superlink else "")
 
 
 SWEEP_REPORT = "sweep_report.md"

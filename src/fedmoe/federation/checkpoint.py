@@ -107,10 +107,10 @@ class Checkpoint:
     unreadable: Path | None = None
 
 
-def load_checkpoint(path: str | Path, log=print) -> Checkpoint:
+def load_checkpoint(path: str | Path, log=print, use: str = "resume") -> Checkpoint:
     """The newest readable checkpoint of the run in ``path``: ``state.pt``, or, when that is missing or
     cannot be read, the previous round's ``state.prev.pt`` (with a warning, and the unreadable file
-    named in the result)."""
+    named in the result). ``use``: what the caller does with it (``resume``; ``export``, ...), for the error."""
     folder = Path(path) / RunDir.CHECKPOINTS
     problems, unreadable = [], None
     for f in (folder / CHECKPOINT_FILE, folder / PREVIOUS_CHECKPOINT_FILE):
@@ -134,6 +134,10 @@ def load_checkpoint(path: str | Path, log=print) -> Checkpoint:
             log(f"warning: {'; '.join(problems)}: falling back to the previous checkpoint {f} (round {ck['round']}); "
                 "the rounds after it are run again")
         return Checkpoint(ck, f, unreadable)
+    if use != "resume":  # fedmoe export, generate, mmlu: there is no model to take, and the run is not replaced
+        raise RunDirError(f"{path} has no readable checkpoint ({'; '.join(problems)}), so there is no model to {use}; "
+                          f"its config.yaml runs it again (`fedmoe run {shell_quote(Path(path) / RunDir.CONFIG)} --set "
+                          "name=...`)")
     raise RunDirError(f"{path} has no readable checkpoint ({'; '.join(problems)}), so the run cannot be resumed: "
                       f"start it again with `fedmoe run {shell_quote(Path(path) / RunDir.CONFIG)} --overwrite` "
                       f"(replaces {path}) or under another name (--set name=...)")
@@ -194,7 +198,7 @@ def config_fingerprint(cfg: RunConfig) -> dict:
     return {"sha256": hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest(), "keys": keys}
 
 
-def check_fingerprint(cfg: RunConfig, ck: dict, path: str | Path, log=print) -> None:
+def check_fingerprint(cfg: RunConfig, ck: dict, path: str | Path, log=print, use: str = "resume") -> None:
     """Refuse a run directory whose config.yaml differs from the config its checkpoint was written
     with, naming the keys; a checkpoint written before fingerprints only gets a warning. A key a newer
     fedmoe added counts as its default in an older fingerprint."""
@@ -207,6 +211,10 @@ def check_fingerprint(cfg: RunConfig, ck: dict, path: str | Path, log=print) -> 
     if now["sha256"] == stored["sha256"]:
         return
     diffs = fingerprint_diffs(stored["keys"], now["keys"])
+    if diffs and use != "resume":
+        raise RunDirError(f"{Path(path) / RunDir.CONFIG} differs from the config its checkpoint was written with "
+                          f"({'; '.join(diffs)}): the checkpoint's model is read with the config it was trained with, "
+                          f"so put back {'that value' if len(diffs) == 1 else 'those values'} to {use} it")
     if diffs:
         raise RunDirError(f"{Path(path) / RunDir.CONFIG} differs from the config its checkpoint was written with "
                           f"({'; '.join(diffs)}): a resumed run continues the run it checkpointed, so put back "

@@ -11,7 +11,7 @@ import itertools
 from pathlib import Path
 
 from ..config import RunConfig, config_to_dict, load_config
-from ..rundir import RunDir, RunDirBusy, run_dir_problem, shell_quote
+from ..rundir import RunDir, RunDirBusy, resume_command, run_dir_problem, shell_quote
 from .checkpoint import (CHECKPOINT_FILE, Checkpoint, RunDirError, check_data_fingerprint, check_fingerprint,
                          check_resume_overrides, has_checkpoint, load_checkpoint)
 
@@ -80,7 +80,7 @@ def _claim(path: Path, overwrite: bool, fresh: bool, log) -> RunDir | None:
         kind = _run_dir_kind(path)  # again, now that no other run can change it
         if kind == "unfinished" and not overwrite:
             raise RunDirError(f"{path} holds an unfinished run (a checkpoint, no summary.json): continue it with "
-                              f"`fedmoe run --resume {shell_quote(path)}`, start it over with --overwrite (its checkpoint "
+                              f"`{resume_command(path)}`, start it over with --overwrite (its checkpoint "
                               "is lost), or choose another name with --set name=...")
         if kind == "other" or (kind == "finished" and not overwrite):
             rd.unlock()
@@ -213,7 +213,7 @@ def locked(rd: RunDir, work):
                 raise
             raise RunDirError(f"writing {e.filename or rd.path} failed: {e.strerror}. The last checkpoint in {rd.path} "
                               "is intact: make room (or make it writable), then "
-                              f"`fedmoe run --resume {shell_quote(rd.path)}`") from None
+                              f"`{resume_command(rd.path)}`") from None
     except BaseException:
         if rd.restore_replaced():
             import sys
@@ -241,6 +241,9 @@ def open_run_dir(path: str | Path, log=print, check_data: bool = False, override
     path = Path(path)
     if (problem := run_dir_problem(path, use)) is not None:
         raise RunDirError(problem)
+    if not has_checkpoint(path) and use != "resume":
+        raise RunDirError(f"{path} has no checkpoint ({path / RunDir.CHECKPOINTS / CHECKPOINT_FILE} is missing), so "
+                          f"there is no model to {use}")
     if not has_checkpoint(path):
         raise RunDirError(f"{path} has no checkpoint to resume from ({path / RunDir.CHECKPOINTS / CHECKPOINT_FILE} is "
                           f"missing): start it again with `fedmoe run {shell_quote(path / RunDir.CONFIG)} --overwrite`")
@@ -250,8 +253,8 @@ def open_run_dir(path: str | Path, log=print, check_data: bool = False, override
         RunDir(path).write_config(config_to_dict(changed))
         log(f"{path / RunDir.CONFIG}: " + ", ".join(overrides))
     cfg = load_config(path / RunDir.CONFIG)
-    ck = load_checkpoint(path, log)
-    check_fingerprint(cfg, ck.state, path, log)
+    ck = load_checkpoint(path, log, use)
+    check_fingerprint(cfg, ck.state, path, log, use)
     if check_data:
         check_data_fingerprint(cfg, ck.state, path, log)
     return cfg, RunDir(path), ck

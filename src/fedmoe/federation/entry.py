@@ -101,10 +101,12 @@ def start_run(cfg: RunConfig, show_progress: bool = False, federation: str | Non
     check_federation_name(federation, [cfg.federation.runtime])
     if cfg.federation.runtime == "local":
         return run_federated(cfg, show_progress=show_progress, log=log, overwrite=overwrite)
-    from .flower.launch import require_flower, run_deployment, run_simulation
+    from .flower.launch import absolute_local_paths, require_flower, run_deployment, run_simulation
 
     require_flower()
     name = _federation(federation) if cfg.federation.runtime == "flower" else None
+    if cfg.federation.runtime == "flower":  # its config.yaml names them so too: a resume reads them the same way
+        cfg = absolute_local_paths(cfg, log)
     check_model(cfg, log)
     cfg = resolve_noise(resolve_labels(cfg))
     rd = prepare_run_dir(cfg, overwrite=overwrite, log=log)

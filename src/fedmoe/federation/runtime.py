@@ -27,7 +27,7 @@ from ..data import format_histogram_table
 from ..algorithms.base import N_TRAIN
 from ..messages import EVALUATE, TOKENS_PER_LAYER, TRAIN, Message, Reply
 from ..report import write_report
-from ..rundir import RunDir, shell_quote
+from ..rundir import RunDir, resume_command
 from .checkpoint import (CHECKPOINT_FILE, Checkpoint, RunDirError, config_fingerprint, data_fingerprint,
                          remove_stale_temporaries, restore_rng_states, rng_states, write_checkpoint,
                          write_data_fingerprint)
@@ -436,7 +436,7 @@ class Federation:
             raise RoundFailed(f"round {round_idx}: {len(out)} of {len(sampled)} sampled clients replied, fewer than "
                               f"federation.min_replies ({need}); failed: {failures}. The last checkpoint "
                               f"(round {self.completed_rounds}) is intact: resume with "
-                              f"`fedmoe run --resume {shell_quote(self.rd.path)}`")
+                              f"`{resume_command(self.rd.path)}`")
         return out
 
     def _aggregate(self, round_idx: int, sampled: int, replies: list[Reply]) -> tuple[dict, dict, dict]:

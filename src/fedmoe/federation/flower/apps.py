@@ -73,14 +73,33 @@ def client_reply(message, context, options=None):
 
     opts = client_options(options, context)
     kind, node = message.metadata.message_type, context.node_config
-    path = worker_socket(node)
-    if path is not None:
-        return FlowerMessage(relay(path, kind, message.content, opts, node), reply_to=message)
-    if _CACHE is None:
-        from .client import ClientCache
+    deployed = options is None  # a SuperNode's ClientApp, not a simulated client in the server's process
+    try:
+        path = worker_socket(node)
+        if path is not None:
+            return FlowerMessage(relay(path, kind, message.content, opts, node), reply_to=message)
+        if _CACHE is None:
+            from .client import ClientCache
 
-        _CACHE = ClientCache()
-    return FlowerMessage(_CACHE.reply(kind, message.content, opts, node), reply_to=message)
+            _CACHE = ClientCache(deployed=deployed)
+        return FlowerMessage(_CACHE.reply(kind, message.content, opts, node), reply_to=message)
+    except Exception as e:
+        # Flower sends the server the text of what a ClientApp raises: on a node, only what quotes no data
+        # (paths.node_error_text); the whole of it goes to this node's own output
+        from .paths import node_error_text
+
+        text = node_error_text(e, node, deployed)
+        if text == f"{type(e).__name__}: {e}".strip():
+            raise
+        import sys
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        raise NodeError(text) from None
+
+
+class NodeError(RuntimeError):
+    """An error of a node's ClientApp, as its server is told of it (:func:`.paths.node_error_text`)."""
 
 
 def secagg_answer(message, context, options=None):

@@ -23,7 +23,7 @@ import yaml
 
 from ...algorithms import get_method
 from ...algorithms.base import N_TRAIN, check_top_k
-from ...config import ConfigError, RunConfig, config_from_tree
+from ...config import RunConfig, config_from_tree
 from ...data import prepare_client_data, prepare_federated_data
 from ...messages import Message
 from ...moe import load_tokenizer
@@ -35,7 +35,8 @@ from ..evaluation import WITHHELD_EVALUATION, WITHHELD_WITH_EVALUATION, ModelEva
 from ..local import load_client_model
 from .budget import BudgetRefusal, NodeBudget, PrivacyLedger, budget_refusal, node_budget
 from ..dp import withhold_setup
-from .paths import DEFAULT_STATE_DIR, node_identity, store_path  # noqa: F401 (re-exported)
+from .paths import (DEFAULT_STATE_DIR, NodeConfigError, RefusedMessage, node_error_text, node_flag, node_identity,  # noqa: F401
+                    store_path)
 from .records import also_from_records, from_records, jsonable, to_records
 
 _KEEP = 3  # private-store files kept per client (the newest)
@@ -60,8 +61,7 @@ def kept_here(values: dict, share: bool) -> tuple[dict, list[str]]:
 def node_shares(node_config, cfg) -> bool:
     """Whether this client sends its examples: the run asks (``eval.share_examples``) and its SuperNode does
     not refuse (node config ``share-examples=false``)."""
-    refuse = str(node_config.get("share-examples", "true")).strip().lower() in ("false", "0", "no")
-    return bool(cfg.eval.share_examples) and not refuse
+    return bool(cfg.eval.share_examples) and node_flag(node_config, "share-examples", True)
 
 
 class PrivateStore:
@@ -161,19 +161,22 @@ class FlowerClient:
     """One client in a process: its data, its private store, and the process's shared model."""
 
     def __init__(self, model: ClientModel, client: int, data_path: str | None, state_dir: Path,
-                 parallel: Parallel | None = None, share: bool = False, budget: NodeBudget | None = None):
+                 parallel: Parallel | None = None, share: bool = False, budget: NodeBudget | None = None,
+                 error_text=None):
         """``parallel``: this process's rank among the ranks that train this client together (a
         ``fedmoe worker --nproc N``); rank 0 answers, keeps the private store and evaluates. ``share``: send
         the server what :data:`WITHHELD` names (:func:`node_shares`). ``budget``: the node's own privacy budget
-        (:mod:`.budget`), enforced here whatever the run's config says."""
+        (:mod:`.budget`), enforced here whatever the run's config says. ``error_text``: what of an error the server
+        is told (:func:`.paths.node_error_text` on a node; default: all of it)."""
         t0 = time.perf_counter()
         cfg = model.cfg
         self.share, self.budget = share, budget
+        self.error_text = error_text or (lambda e: f"{type(e).__name__}: {e}".strip())
         self.parallel = parallel
         self.cfg, self.id, self.state_dir = cfg, client, Path(state_dir)
         n = cfg.data.partition.num_clients
         if not 0 <= client < n:
-            raise ConfigError(f"this SuperNode's partition-id is {client}, but the run has "
+            raise NodeConfigError(f"this SuperNode's partition-id is {client}, but the run has "
                               f"data.partition.num_clients = {n}: give it a partition-id in 0..{n - 1}")
         if data_path:
             data, skipped = prepare_client_data(cfg.data, cfg.seed, client, data_path)
@@ -274,20 +277,23 @@ class FlowerClient:
         if "global" in info:  # the global model too, on this client's test data, in the same message: read first
             asked = info["global"]
             if not isinstance(asked, dict) or not isinstance(asked.get("general"), bool):
-                raise ValueError(f"client {self.id}: an evaluate message's 'global' is {str(asked)[:80]!r}, not "
+                raise RefusedMessage(f"client {self.id}: an evaluate message's 'global' is {str(asked)[:80]!r}, not "
                                  "{'general': true or false}")
             global_msg = also_from_records(content, msg)
             if global_msg is None:
-                raise ValueError(f"client {self.id}: an evaluation of the global model that carries no global model")
+                raise RefusedMessage(f"client {self.id}: an evaluation of the global model that carries no global model")
         res = node.evaluate(self.half, self.mm, self.evaluator, msg, info["with_answers"], info["general"])
         out["result"], out["withheld"] = kept_here(jsonable(res), self.share)
         if global_msg is not None:
             t1 = time.perf_counter()
             try:
-                self.half.load(self.mm, None, global_msg, {})
+                try:
+                    self.half.load(self.mm, None, global_msg, {})
+                except (ValueError, KeyError) as e:  # the server's message: its text quotes no data of the node
+                    raise RefusedMessage(f"the global model it was sent does not load: {e}") from None
                 res = self.evaluator.evaluate_sets([self.set], info["with_answers"], info["global"]["general"])
             except Exception as e:  # noqa: BLE001 — its own evaluation stands; the server names this one's failure
-                out["global_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                out["global_error"] = self.error_text(e)[:500]
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             else:
@@ -302,9 +308,10 @@ class ClientCache:
     """The model of the run a process serves and every client it served, kept while the process lives
     (a simulation actor, a ``fedmoe worker``): a message of another run drops them and loads its own."""
 
-    def __init__(self, parallel: Parallel | None = None, cuda_index: int | None = None):
-        """``cuda_index``: the GPU of this rank (a run on CUDA is put on it)."""
-        self.parallel, self.cuda_index = parallel, cuda_index
+    def __init__(self, parallel: Parallel | None = None, cuda_index: int | None = None, deployed: bool = True):
+        """``cuda_index``: the GPU of this rank (a run on CUDA is put on it). ``deployed``: on a SuperNode (False: a
+        simulated client in the server's process, which tells the server every error in full)."""
+        self.parallel, self.cuda_index, self.deployed = parallel, cuda_index, deployed
         self.model: tuple[str, ClientModel] | None = None
         self.clients: dict[tuple, FlowerClient] = {}
 
@@ -312,7 +319,8 @@ class ClientCache:
         text = options["fedmoe-config"]
         cid, data_path, state_dir = node_identity(node_config, options)
         budget = node_budget(node_config)
-        key = (text, cid, data_path, state_dir, str(node_config.get("share-examples")), budget)
+        key = (text, cid, data_path, state_dir, str(node_config.get("share-examples")),
+               str(node_config.get("share-errors")), budget)
         if key not in self.clients:
             model_s = 0.0
             if self.model is None or self.model[0] != text:
@@ -329,12 +337,20 @@ class ClientCache:
                 self.model = (text, ClientModel(cfg))
                 model_s = self.model[1].load_s
             client = FlowerClient(self.model[1], cid, data_path, Path(state_dir), self.parallel,
-                                  share=node_shares(node_config, self.model[1].cfg), budget=budget)
+                                  share=node_shares(node_config, self.model[1].cfg), budget=budget,
+                                  error_text=lambda e: node_error_text(e, node_config, self.deployed))
             client.load_s += model_s
             client.model_s = model_s
             self.clients[key] = client
         return self.clients[key]
 
     def reply(self, kind: str, content, options: dict, node_config):
-        """A message's content -> its reply's content (None on a rank other than 0)."""
+        """A message's content -> its reply's content (None on a rank other than 0). A node's privacy budget refuses
+        a run it does not admit before anything of the node's data is read for it."""
+        budget = node_budget(node_config)
+        if budget is not None and kind in ("query", "train"):
+            cfg = config_from_tree(yaml.safe_load(options["fedmoe-config"]), "the Flower run config 'fedmoe-config'")
+            why = budget_refusal(cfg, budget)
+            if why:
+                raise PermissionError(f"client {node_identity(node_config, options)[0]}: {why}")
         return self.client(options, node_config).handle(kind, content)

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from ...config import ConfigError, RunConfig, config_to_dict
-from ...rundir import RunDir, shell_quote
+from ...rundir import FLOWER_RUN, RunDir, resume_command, shell_quote
 
 
 class FlowerMissing(ConfigError):
@@ -28,6 +28,40 @@ def require_flower() -> None:
                             "'flwr[simulation]==1.42.0')") from None
 
 
+def absolute_local_paths(cfg: RunConfig, log=print) -> RunConfig:
+    """``cfg`` with each relative path that names a file or folder here (``model.name``, ``model.tokenizer``, each
+    ``data.source``, with ``data.field_maps`` renamed after them) made absolute. A deployment's ServerApp runs in
+    the SuperLink's working directory (and a SuperNode reads ``data.source`` in its own): a path checked here
+    relative to this one was opened relative to that one — not found, or another file of the same name, or read as
+    a hub id. Values that name nothing here (hub ids, ``dolly``, ``builtin:``) are left as they are."""
+    from ...config import config_from_tree
+
+    tree = config_to_dict(cfg)
+    made: list[str] = []
+
+    def absolute(key: str, value):
+        if not isinstance(value, str) or value.startswith("builtin:"):
+            return value
+        path = Path(value).expanduser()
+        if path.is_absolute() or not path.exists():
+            return value
+        made.append(f"{key} = {value} -> {path.resolve()}")
+        return str(path.resolve())
+
+    model, data = tree["model"], tree["data"]
+    model["name"] = absolute("model.name", model["name"])
+    model["tokenizer"] = absolute("model.tokenizer", model.get("tokenizer"))
+    sources = data["source"] if isinstance(data["source"], list) else [data["source"]]
+    renamed = {src: absolute("data.source", src) for src in sources}
+    data["source"] = [renamed[s] for s in sources] if isinstance(data["source"], list) else renamed[sources[0]]
+    data["field_maps"] = {renamed.get(src, src): fm for src, fm in (data.get("field_maps") or {}).items()}
+    if not made:
+        return cfg
+    log("paths made absolute for the SuperLink's ServerApp and the SuperNodes (which run in other directories): "
+        + "; ".join(made))
+    return config_from_tree(tree, "the run config with absolute paths")
+
+
 def run_options(cfg: RunConfig, rd: RunDir, resume: bool) -> dict:
     return {"fedmoe-config": yaml.safe_dump(config_to_dict(cfg), sort_keys=False),
             "run-dir": str(Path(rd.path).resolve()), "resume": bool(resume)}
@@ -39,7 +73,7 @@ def _finished(rd: RunDir, what: str) -> dict | None:
         return rd.read_summary()
     if (rd.checkpoint_dir / "state.pt").is_file():
         raise RuntimeError(f"the {what} ended before the run finished; its last checkpoint is in {rd.checkpoint_dir}: "
-                           f"see the log above, then continue with `fedmoe run --resume {shell_quote(rd.path)}`")
+                           f"see the log above, then continue with `{resume_command(rd.path)}`")
     raise RuntimeError(f"the {what} ended without a checkpoint; see the log above")
 
 
@@ -189,7 +223,6 @@ def write_app(rd: RunDir, options: dict) -> Path:
     return app
 
 
-FLOWER_RUN = "flower-run.json"  # in the run directory: the Flower run that writes it, and on which SuperLink
 
 
 def _flwr() -> str:

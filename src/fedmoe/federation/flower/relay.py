@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from .paths import node_float, node_int
+
 MAGIC = b"FMW1"
 _PREFIX = struct.Struct(">4sIQ")
 MAX_HEADER = 64 << 20  # a header (JSON: the run config, metrics) larger than this is not a fedmoe frame
@@ -148,7 +150,7 @@ def relay_timeout(options: dict, node_config) -> float:
     tree = yaml.safe_load(options.get("fedmoe-config") or "{}") or {}
     value = (tree.get("federation") or {}).get("round_timeout_s")
     if value is None:
-        value = (node_config or {}).get("worker-timeout-s", DEFAULT_TIMEOUT_S)
+        return node_float(node_config, "worker-timeout-s", DEFAULT_TIMEOUT_S, example="3600")
     return float(value)
 
 
@@ -192,8 +194,8 @@ def start_worker(path: Path, node_config, wait_s: float = START_TIMEOUT_S) -> No
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     proc = None
     if not worker_alive(path):
-        nproc = int((node_config or {}).get("worker-nproc", 1))
-        idle = float((node_config or {}).get("worker-idle-s", IDLE_EXIT_S))
+        nproc = node_int(node_config, "worker-nproc", 1, lo=1)
+        idle = node_float(node_config, "worker-idle-s", IDLE_EXIT_S, lo=1.0, example="3600", inclusive=True)
         cmd = [sys.executable, "-m", "fedmoe.cli", "worker", "--socket", str(path), "--nproc", str(nproc),
                "--idle-exit-s", str(idle)]
         with open(log_path(path), "ab") as log:

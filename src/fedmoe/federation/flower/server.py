@@ -162,7 +162,7 @@ class FlowerTransport:
                 stuck = f"; {SILENT_NODE_HINT}" if "Node Unavailable" in str(reply.error.reason) else ""
                 raise RuntimeError(f"the SuperNode {nid} failed its setup: {reply.error.reason}{stuck}")
             try:
-                _, info = from_records(reply.content)
+                _, info = from_records(reply.content, expect={})  # a setup reply holds no tensor: one is refused unread
                 client = info.get("client") if isinstance(info, dict) else None
                 if isinstance(client, bool) or not isinstance(client, int) or not 0 <= client < self.num_clients:
                     raise ValueError(f"it says it is client {str(client)[:40]!r}, not one of 0..{self.num_clients - 1}")
@@ -323,7 +323,7 @@ class FlowerTransport:
     def evaluate(self, round_idx: int, messages: dict[int, Message], with_answers: bool, general_for: dict[int, bool],
                  prog) -> tuple[dict[int, dict], dict[int, str]]:
         infos = {cid: {"with_answers": with_answers, "general": general_for[cid]} for cid in messages}
-        got, failed = self._send(round_idx, EVALUATE, messages, infos)
+        got, failed = self._send(round_idx, EVALUATE, messages, infos, expect={cid: {} for cid in messages})
         return self._own_results(got), failed
 
     @staticmethod
@@ -353,7 +353,8 @@ class FlowerTransport:
         infos = {cid: {"with_answers": with_answers, "general": general_for[cid],
                        "global": {"general": general and cid == first}} for cid in messages}
         timeout = self.cfg.federation.round_timeout_s
-        got, failed = self._send(round_idx, EVALUATE, messages, infos, also=global_message,
+        got, failed = self._send(round_idx, EVALUATE, messages, infos, expect={cid: {} for cid in messages},
+                                 also=global_message,
                                  timeout=None if timeout is None else 2 * timeout)
         return self._both_results(got, failed)
 

@@ -193,9 +193,11 @@ class Worker:
                 frame = json.dumps(header).encode()
                 self._broadcast(len(frame).to_bytes(8, "big") + frame + bytes(payload))
             return self._handle(header, payload)
-        except Exception as e:  # noqa: BLE001 -- the relay turns it into the client's failure, with the reason
-            self.log(traceback.format_exc())
-            return {"ok": False, "error": f"{type(e).__name__}: {e}".strip()}, b""
+        except Exception as e:  # noqa: BLE001 -- the relay turns it into the client's failure; the reason is logged
+            self.log(traceback.format_exc())  # here, and goes to the server only where it quotes no data
+            from .paths import node_error_text
+
+            return {"ok": False, "error": node_error_text(e, header.get("node"))}, b""
 
     def _refuse(self, node: dict, options: dict) -> str | None:
         if not self.serves:
