@@ -213,6 +213,20 @@ def test_flops_of_a_run_config_as_the_readme_shows(tmp_path):
     # an option given overrides the config's value; the table names the config's model
     r = fedmoe("flops", default, "--lora-rank", "0", "--k", "4", cwd=tmp_path)
     assert r.returncode == 0 and f"{default}: builtin:tiny-moe (olmoe)" in r.stdout and "no LoRA" in r.stdout
+    # options the config has keys for count the adapters the run's method builds with them: FLEx's grafted experts
+    # (their FFN and gate) were left out, the options describing LoRA alone
+    from fedmoe.algorithms import METHODS
+    from fedmoe.algorithms.base import method_flops
+
+    flex = tmp_path / "flex.yaml"
+    flex.write_text("model: {name: 'builtin:tiny-moe'}\nalgorithm: {name: flex}\nlora: {experts: false}\n")
+    r = fedmoe("flops", flex, "--lora-rank", "4", "--k", "4", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    want = method_flops(load_config(flex, ["lora.rank=4"]), METHODS["flex"], [4])
+    assert [(row["total_trainable"], row["flops_per_seq"]) for row in json.loads(r.stdout)] == \
+        [(row["total_trainable"], row["flops_per_seq"]) for row in want]
+    r = fedmoe("flops", flex, "--lora-rank", "4", "--k", "4", cwd=tmp_path)
+    assert "the adapters flex builds with lora.rank=4" in r.stdout
     r = fedmoe("flops", tmp_path / "missing.yaml", cwd=tmp_path)
     assert "config file not found" in error_line(r)
 

@@ -386,7 +386,8 @@ def flops(
 
     MODEL: a config.json, a folder holding one, builtin:<name>, a hub id (cached, when offline), or a fedmoe
     run config (.yaml): its model.name with its LoRA settings and eval.flops_seq_len, the figures its run
-    reports (options given override them).
+    reports (options given override them: the adapters its method builds with those settings; --expert-lora-rank
+    and --lora-rank 0, which a run config has no key for, describe LoRA by hand).
     Example: fedmoe flops OLMoE-config.json --seq-len 128 --k 8 4 2 1 --lora-rank 20 [--json]
     FLAME's Table 1 layout: ... --lora-rank 20 --expert-layout split --router-lora
     """
@@ -417,14 +418,31 @@ def flops(
         builds them, or as the options describe them (each option not given: the config's value)."""
         name, r, r_exp, tgts, layout = source, lora_rank, expert_lora_rank, targets, expert_layout
         no_exp, no_attn, router, seq, exp_targets = no_expert_lora, no_attention_lora, router_lora, seq_len, None
-        if run_cfg is not None and not by_hand:
+        sets = []
+        if run_cfg is not None and by_hand and lora_rank != 0 and expert_lora_rank is None:
+            # options a run's config has keys for: counted as that run's method builds its adapters with them (FLEx
+            # grafts an expert whatever the LoRA options say), not as the options alone describe LoRA
+            sets = [*([f"lora.rank={lora_rank}"] if lora_rank is not None else []),
+                    *([f"lora.attention_targets=[{','.join(targets)}]"] if targets else []),
+                    *(["lora.attention_targets=[]"] if no_attention_lora else []),
+                    *(["lora.experts=false"] if no_expert_lora else []),
+                    *([f"lora.expert_layout={expert_layout}"] if expert_layout else []),
+                    *([f"lora.router={str(router_lora).lower()}"] if router_lora is not None else [])]
+            from .config import apply_overrides, config_from_tree, config_to_dict, unread_settings
+
+            run_cfg = config_from_tree(apply_overrides(config_to_dict(run_cfg), sets), "the options given")
+            unread = [(k, why) for k, why in unread_settings(run_cfg) if k.startswith("lora.")]
+            if unread:
+                raise ValueError("; ".join(f"{k}: {why}" for k, why in unread) + " (an option that would change "
+                                 "nothing is refused)")
+        if run_cfg is not None and (not by_hand or sets):
             # a fedmoe run config as it is: counted from the adapters its method builds (its summary's figures)
             from .algorithms import METHODS
             from .algorithms.base import method_flops
 
             rows = method_flops(run_cfg, METHODS[run_cfg.algorithm.name], ks or None, seq)
             mc = load_model_config(run_cfg.model.name)
-            lora = f"the adapters {run_cfg.algorithm.name} builds"
+            lora = f"the adapters {run_cfg.algorithm.name} builds" + (f" with {', '.join(sets)}" if sets else "")
             return rows, f"{run_cfg.model.name} ({mc.model_type}), {rows[0]['seq_len']} tokens, {lora}"
         if run_cfg is not None:  # a run config with adapters described by hand: its model, the options win
             lc = run_cfg.lora
