@@ -759,3 +759,34 @@ def test_export_errors_speak_of_exporting_not_resuming(runs, tmp_path):
     with pytest.raises(ValueError, match="has no readable checkpoint .*, so there is no model to export") as told:
         export_model(copy, tmp_path / "o")
     assert "--overwrite" not in str(told.value) and "resumed" not in str(told.value)
+
+
+@pytest.mark.parametrize("method", ["hetlora", "flexlora"])
+def test_a_lower_rank_clients_adapter_is_written_at_its_own_rank(tmp_path, method):
+    """A rank-r_i client's adapters were written at r_max with zero components (HetLoRA's truncation, FlexLoRA's
+    padding): exact, but a serving engine reserved r_max for it. They are written at r_i, lora_alpha = its scaling
+    times r_i, the same model: PEFT's logits and every ΔW of the vllm form match fedmoe's own."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run = _run(tmp_path, method, f"algorithm.name={method}", "algorithm.budgets.ranks=[4,2]", "lora.rank=4")
+    loaded, ours = _ours(run, 1)
+    assert export_model(run, tmp_path / "p", client=1) == ("peft", [])
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    scaling = next(m.scaling for m in loaded.mm.model.modules() if hasattr(m, "lora_A") and hasattr(m, "scaling"))
+    assert cfg["r"] == 2 and cfg["lora_alpha"] == pytest.approx(scaling * 2)
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], dtype=torch.float32)
+    torch.testing.assert_close(_logits(PeftModel.from_pretrained(base, tmp_path / "p")), ours, rtol=0, atol=2e-4)
+    assert export_model(run, tmp_path / "v", client=1, form="vllm") == ("vllm", [])
+    vcfg = json.loads((tmp_path / "v" / "adapter_config.json").read_text())
+    tensors = load_file(str(tmp_path / "v" / "adapter_model.safetensors"))
+    assert vcfg["r"] == 2 and all(t.shape[0] == 2 for k, t in tensors.items() if k.endswith("lora_A.weight"))
+    q = next(n for n, m in loaded.mm.model.named_modules() if n.endswith("self_attn.q_proj") and hasattr(m, "lora_A"))
+    mod = dict(loaded.mm.model.named_modules())[q]
+    delta = vcfg["lora_alpha"] / vcfg["r"] * tensors[f"base_model.model.{q}.lora_B.weight"] @ \
+        tensors[f"base_model.model.{q}.lora_A.weight"]
+    torch.testing.assert_close(delta, mod.delta_weight().float(), rtol=0, atol=1e-6)
+    # the client at the full rank keeps it
+    export_model(run, tmp_path / "p0", client=0)
+    assert json.loads((tmp_path / "p0" / "adapter_config.json").read_text())["r"] == 4

@@ -386,6 +386,34 @@ def write_merged(loaded: LoadedModel, out: Path) -> None:
     load_tokenizer(cfg.model.tokenizer or cfg.model.name).save_pretrained(out)
 
 
+def _lora_pairs(known):
+    """(A (..., r, in), B (..., out, r)) of every LoRA pair the adapted modules hold."""
+    for _, m in known:
+        if isinstance(m, (LoRALinear, RouterWithLoRA)) and m.rank:
+            yield m.lora_A, m.lora_B
+        elif isinstance(m, ExpertsWithLoRA) and m.targets:
+            for prefix, _, _ in expert_lora_pairs(m.layout, m.targets, 0, 0):
+                yield getattr(m, f"{prefix}_lora_A"), getattr(m, f"{prefix}_lora_B")
+
+
+def client_rank(loaded: LoadedModel) -> int | None:
+    """The rank a client trains at where it is below the rank its adapters are built at (HetLoRA's and FlexLoRA's
+    r_i, a pruned HetLoRA client's: the components above it are zero), else None. An adapter written at that rank
+    (with ``lora_alpha`` = scaling · r_i, the scaling it ran with) is the same model, and tells a serving engine its
+    real rank (``max_lora_rank``, its memory)."""
+    if loaded.client is None:
+        return None
+    rank = int(METHODS[loaded.cfg.algorithm.name].client(loaded.cfg).rank(loaded.client, loaded.private))
+    known, _ = _adapted_modules(loaded.mm)
+    built = {m.rank for _, m in known if getattr(m, "rank", 0)}
+    if len(built) != 1 or rank >= next(iter(built)):
+        return None
+    for A, B in _lora_pairs(known):  # exact only if no component above the rank is in use
+        if bool(((A[..., rank:, :] != 0).any(-1) & (B[..., rank:] != 0).any(-2)).any()):
+            return None
+    return rank
+
+
 def write_peft(loaded: LoadedModel, out: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.layer import ParamWrapper
@@ -398,7 +426,8 @@ def write_peft(loaded: LoadedModel, out: Path) -> None:
     target_modules = sorted({n.rsplit(".", 1)[-1] for n, _ in attention})
     block = moe_block_attr(mm.model_type)  # mlp; Granite-MoE's block_sparse_moe, LFM2-MoE's feed_forward
     target_parameters = sorted({f"{block}.experts.{t}" for _, m in experts for t in m.targets})
-    config = LoraConfig(r=first.rank, lora_alpha=first.scaling * first.rank, target_modules=target_modules,
+    r = client_rank(loaded) or first.rank
+    config = LoraConfig(r=r, lora_alpha=first.scaling * r, target_modules=target_modules,
                         target_parameters=target_parameters or None, lora_dropout=0.0)
     peft_model = get_peft_model(_plain_base(cfg), config)
     modules = dict(peft_model.named_modules())
@@ -409,14 +438,14 @@ def write_peft(loaded: LoadedModel, out: Path) -> None:
     with torch.no_grad():
         for name, mod in attention:
             pm = modules[f"base_model.model.{name}"]
-            pm.lora_A["default"].weight.copy_(mod.lora_A)
-            pm.lora_B["default"].weight.copy_(mod.lora_B)
+            pm.lora_A["default"].weight.copy_(mod.lora_A[:r])
+            pm.lora_B["default"].weight.copy_(mod.lora_B[:, :r])
         for name, mod in experts:
             layer = name.split(".layers.")[1].split(".")[0]
             for t in mod.targets:
                 prefix = t.removesuffix("_proj")
-                pa, pb = ExpertsWithLoRA.to_peft_layout(mod._full(getattr(mod, f"{prefix}_lora_A").detach()),
-                                                        mod._full(getattr(mod, f"{prefix}_lora_B").detach()))
+                pa, pb = ExpertsWithLoRA.to_peft_layout(mod._full(getattr(mod, f"{prefix}_lora_A").detach())[:, :r],
+                                                        mod._full(getattr(mod, f"{prefix}_lora_B").detach())[..., :r])
                 w = wrappers[(layer, t)]
                 w.lora_A["default"].weight.copy_(pa)
                 w.lora_B["default"].weight.copy_(pb)
@@ -479,26 +508,28 @@ def vllm_blockers(mm: MoEModel, cfg) -> list[str]:
     return [w for w in why if not w.startswith("split expert LoRA")]
 
 
-def vllm_tensors(mm: MoEModel) -> tuple[dict[str, torch.Tensor], list[str], int, float]:
+def vllm_tensors(mm: MoEModel, rank: int | None = None) -> tuple[dict[str, torch.Tensor], list[str], int, float]:
     """(tensors by key, target module names, rank, alpha) of the vllm form: attention LoRA as PEFT writes it, the
-    expert LoRA per expert (2-D), or for gpt-oss in PEFT's fused 3-D form (:data:`VLLM_3D_EXPERT_LORA`)."""
+    expert LoRA per expert (2-D), or for gpt-oss in PEFT's fused 3-D form (:data:`VLLM_3D_EXPERT_LORA`). ``rank``: the
+    client's own, below the adapters' (:func:`client_rank`): the pairs are written at it."""
     known, _ = _adapted_modules(mm)
+    cut = slice(None) if rank is None else slice(0, rank)
     gate, up, down = _EXPERT_PROJ.get(mm.model_type, ("gate_proj", "up_proj", "down_proj"))
     out, targets, first = {}, set(), None
     for name, mod in known:
         if isinstance(mod, LoRALinear):
-            out[f"base_model.model.{name}.lora_A.weight"] = mod.lora_A.detach().float().contiguous()
-            out[f"base_model.model.{name}.lora_B.weight"] = mod.lora_B.detach().float().contiguous()
+            out[f"base_model.model.{name}.lora_A.weight"] = mod.lora_A.detach()[cut].float().contiguous()
+            out[f"base_model.model.{name}.lora_B.weight"] = mod.lora_B.detach()[:, cut].float().contiguous()
             targets.add(name.rsplit(".", 1)[-1])
             first = first or mod
         elif isinstance(mod, ExpertsWithLoRA) and mod.targets and mm.model_type in VLLM_3D_EXPERT_LORA:
             # PEFT's target_parameters keys, both projections always (vLLM asserts both; zero where not adapted)
             first = first or mod
-            E, r, H, I = mod.num_experts, mod.rank, mod.hidden_size, mod.intermediate_size
+            E, r, H, I = mod.num_experts, rank or mod.rank, mod.hidden_size, mod.intermediate_size
             for prefix, key, fan_in, fan_out in (("gate_up", f"{name}.base_layer", H, 2 * I), ("down", name, I, H)):
                 if mod._targets(prefix):
-                    A = mod._full(getattr(mod, f"{prefix}_lora_A").detach().float())
-                    B = mod._full(getattr(mod, f"{prefix}_lora_B").detach().float())
+                    A = mod._full(getattr(mod, f"{prefix}_lora_A").detach().float())[:, cut]
+                    B = mod._full(getattr(mod, f"{prefix}_lora_B").detach().float())[..., cut]
                 else:
                     A, B = torch.zeros(E, r, fan_in), torch.zeros(E, fan_out, r)
                 pa, pb = ExpertsWithLoRA.to_peft_layout(A, B)
@@ -509,8 +540,8 @@ def vllm_tensors(mm: MoEModel) -> tuple[dict[str, torch.Tensor], list[str], int,
             inter = mod.intermediate_size
             pairs = {}  # projection -> (A (E, r, in), B (E, out, r))
             for prefix, _, _ in expert_lora_pairs(mod.layout, mod.targets, 0, 0):
-                A = mod._full(getattr(mod, f"{prefix}_lora_A").detach().float())
-                B = mod._full(getattr(mod, f"{prefix}_lora_B").detach().float())
+                A = mod._full(getattr(mod, f"{prefix}_lora_A").detach().float())[:, cut]
+                B = mod._full(getattr(mod, f"{prefix}_lora_B").detach().float())[..., cut]
                 if prefix == "gate_up":  # ΔW_gate_up = s·B·A, its rows the gate's then the up's
                     gate_rows, up_rows = mod.form.gate_rows(inter)
                     pairs[gate], pairs[up] = (A, B[:, gate_rows]), (A, B[:, up_rows])
@@ -518,7 +549,7 @@ def vllm_tensors(mm: MoEModel) -> tuple[dict[str, torch.Tensor], list[str], int,
                     pairs[{"gate": gate, "up": up, "down": down}[prefix]] = (A, B)
             # every expert carries all three projections (vLLM packs gate, up and down together and refuses an
             # expert without one): a projection not adapted gets a zero pair, ΔW = 0
-            E, r = mod.num_experts, mod.rank
+            E, r = mod.num_experts, rank or mod.rank
             hidden = mod.hidden_size
             for proj, fan_in, fan_out in ((gate, hidden, inter), (up, hidden, inter), (down, inter, hidden)):
                 pairs.setdefault(proj, (torch.zeros(E, r, fan_in), torch.zeros(E, fan_out, r)))
@@ -534,7 +565,8 @@ def vllm_tensors(mm: MoEModel) -> tuple[dict[str, torch.Tensor], list[str], int,
                     key = f"base_model.model.{name}.{e}.{proj}"
                     out[f"{key}.lora_A.weight"] = A[e].clone()  # gate and up share A: a copy each
                     out[f"{key}.lora_B.weight"] = B[e].clone()
-    return out, sorted(targets), first.rank, first.scaling * first.rank
+    r = rank or first.rank
+    return out, sorted(targets), r, first.scaling * r
 
 
 def write_vllm(loaded: LoadedModel, out: Path) -> None:
@@ -542,7 +574,7 @@ def write_vllm(loaded: LoadedModel, out: Path) -> None:
 
     from .rundir import atomic_write_text
 
-    tensors, targets, rank, alpha = vllm_tensors(loaded.mm)
+    tensors, targets, rank, alpha = vllm_tensors(loaded.mm, client_rank(loaded))
     save_file(tensors, str(out / "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": _base_source(loaded.cfg),
               "r": rank, "lora_alpha": alpha, "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
