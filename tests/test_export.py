@@ -790,3 +790,22 @@ def test_a_lower_rank_clients_adapter_is_written_at_its_own_rank(tmp_path, metho
     # the client at the full rank keeps it
     export_model(run, tmp_path / "p0", client=0)
     assert json.loads((tmp_path / "p0" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_a_failed_export_leaves_a_finished_one_beside_it(tmp_path):
+    """Two exports into sibling folders under a parent neither found: the first made the parent, and its failure
+    removed the parent with the second's finished export in it. It removes its own folder, then the parents it
+    made only while they are empty."""
+    from fedmoe.export import _claim, _release
+
+    first, second = tmp_path / "new" / "deeper" / "c0", tmp_path / "new" / "deeper" / "c1"
+    made_first = _claim(first)
+    assert made_first == tmp_path / "new"
+    made_second = _claim(second)
+    assert made_second == second
+    (second / "model.safetensors").write_bytes(b"x")
+    _release(second, made_second, written=True)
+    _release(first, made_first, written=False)
+    assert not first.exists() and (second / "model.safetensors").is_file()
+    _release(second, tmp_path / "new", written=False)  # alone now: its parents go with it
+    assert not (tmp_path / "new").exists()

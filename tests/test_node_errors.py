@@ -166,3 +166,24 @@ def test_a_deployments_local_paths_are_made_absolute_before_they_leave_this_dire
                       f"{tmp_path / 'notes.jsonl'}"]
     plain = load_config(None, [])
     assert absolute_local_paths(plain, logged.append) is plain and len(logged) == 1  # nothing to change: unchanged
+
+
+def test_what_quotes_no_data_still_reaches_the_server_in_full(tmp_path):
+    """Running out of memory (the CPU allocator's is a plain RuntimeError) keeps the server's remedy; a run config this
+    node cannot read (another fedmoe on the server) is the server's message, told in full; an empty partition-id is
+    an error naming the key."""
+    from fedmoe.federation.directories import with_memory_hint
+    from fedmoe.federation.flower.client import ClientCache
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                       "allocate 9663676416 bytes")
+    assert node_error_text(cpu, {}) == f"RuntimeError: {cpu}"
+    assert "activation_checkpointing" in with_memory_hint(node_error_text(cpu, {}))
+    node = {"partition-id": 0, "state-dir": str(tmp_path / "state"), "dp-epsilon": 8}
+    for cache_node in (node, {k: v for k, v in node.items() if k != "dp-epsilon"}):
+        with pytest.raises(Exception) as told:
+            ClientCache().reply("query", None, {"fedmoe-config": "model: {name: x, colour: blue}\n"}, cache_node)
+        text = node_error_text(told.value, cache_node)
+        assert text.startswith("RefusedMessage: this node cannot read the run's config: ") and "colour" in text
+    with pytest.raises(NodeConfigError, match="node config partition-id is empty"):
+        node_identity({"partition-id": "", "state-dir": "/srv"}, {})

@@ -350,3 +350,16 @@ def test_generation_and_mmlu_are_planned_against_the_real_passes(shape):
     without = memory_plan(load_config(None, ["model.name=builtin:tiny-olmoe", f"data.max_length={L}",
                                              f"eval.batch_size={B}", "eval.rouge=false"]))[0]
     assert list(without.passes) == ["test loss"]
+
+
+def test_sweep_points_that_differ_in_their_evaluation_passes_get_plans_of_their_own():
+    """A sweep's points with and without MMLU (or generation) were planned once together, the first point's
+    evaluation standing for both: a point whose MMLU pass did not fit was said to fit."""
+    from fedmoe.plan import distinct_plans
+
+    base = ["model.name=builtin:tiny-olmoe", "data.max_length=48", "train.batch_size=1"]
+    points = [(name, load_config(None, [*base, *sets])) for name, sets in (
+        ("plain", []), ("mmlu", ["eval.mmlu=quick"]), ("choice", ["eval.task=choice", "data.field_map={label: category}"]),
+        ("long answers", ["eval.max_new_tokens=200"]), ("plain again", ["eval.every_round=true"]))]
+    assert sorted(sorted(names) for _, names in distinct_plans(points)) == [
+        ["choice"], ["long answers"], ["mmlu"], ["plain", "plain again"]]

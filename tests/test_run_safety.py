@@ -595,3 +595,28 @@ def test_the_command_that_continues_a_flower_deployment_names_its_superlink(tmp_
     assert _interrupted(run, None).endswith(f"continue with `fedmoe run --resume '{run}' --federation 'lab two'`")
     (run / FLOWER_RUN).write_text("{")  # unreadable: the plain command, not an error on top of the stop
     assert resume_command(run) == f"fedmoe run --resume '{run}'"
+
+
+def test_a_stale_lock_is_taken_over_where_the_directory_cannot_be_read_or_flocked(tmp_path, monkeypatch):
+    """The guard of a stale lock's takeover is a flock on the run directory; a directory this user may write but not
+    read (or a file system without flock on directories) still has its stale lock taken over, by the compare alone."""
+    import socket
+
+    import fedmoe.rundir as rundir
+    from fedmoe.rundir import RunDir
+
+    (tmp_path / "run").mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = {"pid": dead.pid, "host": socket.gethostname(), "since": "2026-01-01 00:00:00"}
+    real_open = os.open
+
+    def no_read(path, flags, *a):
+        if str(path) == str(tmp_path / "run") and flags == os.O_RDONLY:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(rundir.os, "open", no_read)
+    (tmp_path / "run" / RunDir.LOCK).write_text(json.dumps(stale))
+    RunDir(tmp_path / "run", create=False).lock(lambda _: None)
+    assert json.loads((tmp_path / "run" / RunDir.LOCK).read_text())["pid"] == os.getpid()

@@ -543,7 +543,7 @@ def mmlu(
                                                       "the model's max_position_embeddings, else 2048)")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16 (default: float32; a "
-                                                 "run directory: its model.dtype)")] = None,
+                                                 "run directory or a fedmoe export folder: its run's model.dtype)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
     client: Annotated[Optional[int], typer.Option("--client", help="a run directory: this client's own model "
@@ -630,7 +630,7 @@ def mmlu(
             if max_length is None:  # the limit the run's own MMLU evaluation takes (federation.evaluation)
                 max_length = 4 * loaded.cfg.data.max_length
         else:
-            lm = load_model(source, dtype=dtype or "float32", device=device).model
+            lm = load_model(source, dtype=dtype, device=device).model  # an export: its run's dtype
             tokenizer = load_tokenizer(source)
     except (UnsupportedModelError, OSError, ValueError, KeyError) as e:
         _error(f"cannot load {others[0]}: {e}")

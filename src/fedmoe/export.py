@@ -204,12 +204,13 @@ def load_run_model(run_dir: str | Path, client: int | None = None, private_path:
         if not isinstance(ck.get(key), kind):
             raise ExportError(f"{rd.checkpoint_dir}: its checkpoint's {key!r} is missing or not a {kind.__name__}: it "
                               "was not written by fedmoe, or was altered")
-    _check_tensors(ck["global_state"], f"{rd.checkpoint_dir}: the checkpoint of round {ck['round']}")
     try:
         message = server.downlink(ck["global_state"], ck["server_state"], client, round_idx=ck["round"])
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise ExportError(f"{rd.checkpoint_dir}: its checkpoint's server state does not fit {cfg.algorithm.name} "
                           f"({type(e).__name__}: {str(e)[:200]}): it was not written by fedmoe, or was altered") from None
+    # what the client's model is built from: the global tensors and what the server adds for it (FC-MoE's residual)
+    _check_tensors(message.tensors, f"{rd.checkpoint_dir}: the checkpoint of round {ck['round']}")
     private: dict = {}
     if client is not None:
         stores = ck["transport"].get("private")
@@ -667,8 +668,15 @@ def _release(out: Path, made: Path | None, written: bool) -> None:
     (out / IN_PROGRESS).unlink(missing_ok=True)
     if written:
         return
-    if made is not None:
-        shutil.rmtree(made, ignore_errors=True)
+    if made is not None:  # OUT, then each parent it made while empty (another export may be finishing beside it)
+        shutil.rmtree(out, ignore_errors=True)
+        for parent in out.parents:
+            if parent == made.parent:
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         return
     for p in out.iterdir():
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)

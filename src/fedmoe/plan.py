@@ -280,8 +280,9 @@ PLAN_SECTIONS = ("model", "lora", "train", "algorithm")
 
 def distinct_plans(points) -> list[tuple[object, list[str]]]:
     """[(config, the sweep points that share its plan)] for [(point, config)]: points whose memory-relevant
-    settings agree — ``PLAN_SECTIONS``, ``data.max_length`` and the levels their clients run at (which a
-    seed decides under ``algorithm.budgets.assign: distribution``) — share one."""
+    settings agree — ``PLAN_SECTIONS``, ``data.max_length``, the evaluation's batch size and passes (``eval.task``,
+    ``rouge``, ``mmlu``, ``max_new_tokens``) and the levels their clients run at (which a seed decides under
+    ``algorithm.budgets.assign: distribution``) — share one."""
     import json
 
     from .algorithms import get_method
@@ -294,8 +295,9 @@ def distinct_plans(points) -> list[tuple[object, list[str]]]:
         if cfg.model.name not in default_k:
             default_k[cfg.model.name] = int(getattr(load_model_config(cfg.model.name), "num_experts_per_tok"))
         levels = _levels(cfg, get_method(cfg.algorithm.name), default_k[cfg.model.name])
+        ev = cfg.eval  # what decides the evaluation passes planned (_evaluation_passes)
         key = json.dumps({**{s: dump[s] for s in PLAN_SECTIONS}, "max_length": cfg.data.max_length,
-                          "eval_batch_size": cfg.eval.batch_size,
+                          "eval": [ev.batch_size, ev.task, ev.rouge, ev.mmlu, ev.max_new_tokens],
                           "levels": {str(k): v for k, v in levels.items()}}, sort_keys=True)
         groups.setdefault(key, (cfg, []))[1].append(point)
     return list(groups.values())

@@ -152,6 +152,8 @@ def load_tensor_file(path: str | Path, what: str = "file"):
     except IsADirectoryError:
         raise DamagedFileError(f"{path}: this {what} is a folder, not a file") from None
     except (EOFError, RuntimeError, KeyError, IndexError, AttributeError, ValueError) as e:  # what torch.load raises
+        if "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower():
+            raise  # the machine's problem, not the file's
         size = Path(path).stat().st_size if Path(path).is_file() else 0
         raise DamagedFileError(f"{path}: this {what} cannot be read ({'an empty file' if size == 0 else type(e).__name__}"
                                f"): it is torn, or not a file torch.save wrote, so it was not loaded") from None
@@ -487,16 +489,24 @@ class RunDir:
         holder's own host (:func:`_holder_alive`), where the flock is shared."""
         import fcntl
 
-        fd = os.open(self.path, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:  # a directory this user may write but not read: no guard, the compare alone
+            fd = None
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError:  # a file system without flock on directories: the compare alone
+                    pass
             if self.lock_holder() == stale:
                 try:
                     self.lock_path.unlink()
                 except FileNotFoundError:
                     pass
         finally:
-            os.close(fd)  # releases the flock
+            if fd is not None:
+                os.close(fd)  # releases the flock
 
     def unlock(self) -> None:
         """Release the lock if this process holds it."""

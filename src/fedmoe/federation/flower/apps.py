@@ -78,7 +78,7 @@ def client_reply(message, context, options=None):
         path = worker_socket(node)
         if path is not None:
             return FlowerMessage(relay(path, kind, message.content, opts, node), reply_to=message)
-        if _CACHE is None:
+        if _CACHE is None or _CACHE.deployed != deployed:  # (one process running both: a notebook, the tests)
             from .client import ClientCache
 
             _CACHE = ClientCache(deployed=deployed)

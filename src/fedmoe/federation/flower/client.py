@@ -304,6 +304,16 @@ class FlowerClient:
         return to_records(None, out)
 
 
+def run_config(options: dict) -> RunConfig:
+    """The run's config as the server sent it (Flower's run config ``fedmoe-config``). One this node cannot read
+    (another fedmoe version on the server) is the server's message: :class:`RefusedMessage`, its reason told."""
+    try:
+        return config_from_tree(yaml.safe_load(options["fedmoe-config"]), "the Flower run config 'fedmoe-config'")
+    except (ValueError, KeyError, TypeError, yaml.YAMLError) as e:
+        raise RefusedMessage(f"this node cannot read the run's config: {e} (does the server run the same fedmoe "
+                             "version as this node?)") from None
+
+
 class ClientCache:
     """The model of the run a process serves and every client it served, kept while the process lives
     (a simulation actor, a ``fedmoe worker``): a message of another run drops them and loads its own."""
@@ -331,7 +341,7 @@ class ClientCache:
                     gc.collect()
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
-                cfg = config_from_tree(yaml.safe_load(text), "the Flower run config 'fedmoe-config'")
+                cfg = run_config(options)
                 if self.cuda_index is not None and resolve_device(cfg.model.device).type == "cuda":
                     cfg.model.device = f"cuda:{self.cuda_index}"
                 self.model = (text, ClientModel(cfg))
@@ -349,7 +359,7 @@ class ClientCache:
         a run it does not admit before anything of the node's data is read for it."""
         budget = node_budget(node_config)
         if budget is not None and kind in ("query", "train"):
-            cfg = config_from_tree(yaml.safe_load(options["fedmoe-config"]), "the Flower run config 'fedmoe-config'")
+            cfg = run_config(options)
             why = budget_refusal(cfg, budget)
             if why:
                 raise PermissionError(f"client {node_identity(node_config, options)[0]}: {why}")

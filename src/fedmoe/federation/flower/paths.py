@@ -43,7 +43,11 @@ def node_error_text(e: BaseException, node_config, deployed: bool = True) -> str
         share = node_flag(node_config, "share-errors", False)
     except NodeConfigError:
         share = False
-    if not deployed or share or name in PUBLIC_ERRORS:
+    text = str(e).lower()
+    # running out of memory quotes no data, and the server has the remedy for it (directories.with_memory_hint);
+    # the CPU allocator raises a plain RuntimeError that says so
+    memory = name in ("OutOfMemoryError", "MemoryError") or "out of memory" in text or "can't allocate memory" in text
+    if not deployed or share or name in PUBLIC_ERRORS or memory:
         return f"{name}: {e}".strip()
     return (f"{name} on this node (its reason, which may quote the node's data, is in the node's log; the node config "
             "share-errors=true sends reasons to the server)")
@@ -112,8 +116,11 @@ def node_identity(node_config, options: dict) -> tuple[int, str | None, str]:
         raise NodeConfigError(f"node config state-dir = '{state_dir}': give it as an absolute path (e.g. "
                          "state-dir=\"/var/lib/fedmoe\"): a relative one depends on the directory the SuperNode "
                          "was started in")
-    return (node_int(node_config, "partition-id", None, example="0"), node_config.get("data-path") or None,
-            str(Path(str(state_dir)).expanduser()))
+    cid = node_int(node_config, "partition-id", None, example="0")
+    if cid is None:
+        raise NodeConfigError("node config partition-id is empty: give this SuperNode's client id, e.g. --node-config "
+                              "'partition-id=0'")
+    return cid, node_config.get("data-path") or None, str(Path(str(state_dir)).expanduser())
 
 
 __all__ = ["DEFAULT_STATE_DIR", "NodeConfigError", "PUBLIC_ERRORS", "RefusedMessage", "node_error_text", "node_flag", "node_float",

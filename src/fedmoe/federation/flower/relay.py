@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from .paths import node_float, node_int
+from .paths import NodeConfigError, node_float, node_int
 
 MAGIC = b"FMW1"
 _PREFIX = struct.Struct(">4sIQ")
@@ -121,7 +121,7 @@ def worker_socket(node_config) -> Path | None:
         return None
     path = Path(str(value)).expanduser()
     if not path.is_absolute():
-        raise ValueError(f"node config worker = '{value}': give the worker's Unix socket as an absolute path "
+        raise NodeConfigError(f"node config worker = '{value}': give the worker's Unix socket as an absolute path "
                          "(e.g. worker=\"/var/lib/fedmoe/worker.sock\")")
     # the worker serves its socket's resolved path, and keeps its lock and pid files beside it: a socket path that
     # is a symbolic link (or under one) is followed here too, or the relay would find neither and never stop a
@@ -210,19 +210,13 @@ def start_worker(path: Path, node_config, wait_s: float = START_TIMEOUT_S) -> No
             return
         except OSError:
             if proc is not None and proc.poll() is not None and not worker_alive(path):
-                raise WorkerError(f"the fedmoe worker started on {path} exited ({proc.returncode}): "
-                                  f"{_tail(log_path(path))}") from None
+                # (its log's lines are not quoted: this text reaches the server, and the log may quote the data)
+                raise WorkerError(f"the fedmoe worker started on {path} exited ({proc.returncode}): see its log "
+                                  f"{log_path(path)} on this node") from None
             if time.monotonic() > deadline:
                 raise WorkerError(f"the fedmoe worker on {path} did not start within {wait_s:g} s; see "
                                   f"{log_path(path)}") from None
             time.sleep(0.1)
-
-
-def _tail(path: Path, lines: int = 3) -> str:
-    try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
-    except OSError:
-        return f"(no log at {path})"
 
 
 def kill_worker(path: Path) -> None:
