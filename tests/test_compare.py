@@ -46,6 +46,12 @@ def test_the_table_holds_each_runs_numbers(runs, tmp_path):
     # flame is personalised: the mean of its clients' own models
     flame_mean = sum(c["loss"] for c in flame["clients"]) / 2
     assert row["client test loss, mean"][1] == f"{flame_mean:.4f}"
+    # and its answers: each client's own model scored on its own test set, averaged (the headline the paper reports)
+    key = "accuracy" if "client accuracy, mean (each client's own model)" in row else "rouge_l"
+    own = [c[key] for c in flame["clients"] if c.get(key) is not None]
+    want = sum(own) / len(own) if own else flame["global"].get(key)
+    assert row[f"client {'accuracy' if key == 'accuracy' else 'ROUGE-L'}, mean (each client's own model)"][1] == \
+        ("–" if want is None else f"{want:.2f}")
     assert row["wall"][2].rstrip(" |") == "–"  # unfinished: no wall time yet
     assert png is not None and png.stat().st_size > 0 and (tmp_path / "cmp" / "compare.md").read_text().count("|") > 20
 

@@ -50,7 +50,8 @@ def test_rouge_l_of_text_in_other_scripts():
     assert rouge_l_per_example(preds, refs, "unicode") == rouge_l_per_example(preds, refs)
     with pytest.raises(ValueError, match=r"2 of 3 references have no word in a-z or 0-9 .* eval.rouge_tokenizer: unicode"):
         rouge_l_per_example(["a", "b", "c"], [zh, ru, "the cat"])
-    assert rouge_l_per_example(["a", "b", "the cat"], [zh, "ok", "the cat"]) == [0.0, 0.0, 100.0]  # 1 of 3: scored
+    with pytest.warns(UserWarning, match=r"1 of 3 references have no word in a-z or 0-9 .* score 0 whatever the answer"):
+        assert rouge_l_per_example(["a", "b", "the cat"], [zh, "ok", "the cat"]) == [0.0, 0.0, 100.0]  # 1 of 3: scored
 
 
 def test_rouge_l_rejects_empty_and_mismatch():
@@ -440,6 +441,7 @@ def test_a_personalised_runs_mmlu_says_whose_it_is():
     from fedmoe.report.report import format_results_table
 
     summary = {"clients": [], "global": {"loss": 2.0, "mmlu": 15.625, "mmlu_global_model": 16.25}}
-    assert "MMLU 15.62 (clients' own models, mean; the global model 16.25)" in format_results_table(summary)
+    assert "MMLU (5-shot, mean over subjects) 15.62 (clients' own models, mean; the global model 16.25)" in \
+        format_results_table(summary)
     summary["global"]["mmlu_global_model"] = 15.625
-    assert "MMLU 15.62" in format_results_table(summary) and "clients' own" not in format_results_table(summary)
+    assert "MMLU (5-shot, mean over subjects) 15.62" in format_results_table(summary) and "clients' own" not in format_results_table(summary)

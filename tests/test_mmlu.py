@@ -259,3 +259,31 @@ def test_a_question_cut_to_fit_is_counted(lm):
     exact = evaluate_mmlu(model, tok, subjects=[s], max_per_subject=1, k_shot=0, max_length=n)
     assert exact["questions_cut"] == 0  # a question that fits exactly is not cut
     assert evaluate_mmlu(model, tok, subjects=[s], max_per_subject=1, k_shot=0, max_length=n - 1)["questions_cut"] == 1
+
+
+def test_a_runs_mmlu_prompts_stay_within_the_models_positions(tmp_path, monkeypatch):
+    """A run gives MMLU prompts of up to 4 × data.max_length tokens; the shipped FLEx configs (max_length 512 on the
+    built-in model's 1024 positions) let 5-shot prompts of up to 1489 tokens run past the model's positions. The limit
+    is now the smaller of the two, in the run's evaluation and in `fedmoe mmlu RUN`."""
+    import fedmoe.eval.mmlu as mmlu
+    from fedmoe.config import load_config
+    from fedmoe.federation import run_federated
+    from fedmoe.moe.model import load_model_config
+
+    assert mmlu.run_prompt_limit(load_model_config("builtin:tiny-moe"), 512) == 1024
+    assert mmlu.run_prompt_limit(load_model_config("builtin:tiny-moe"), 128) == 512
+    seen = []
+    real = mmlu.evaluate_mmlu
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["max_length"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mmlu, "evaluate_mmlu", spy)
+    cfg = load_config(None, ["model.name=builtin:tiny-moe", "data.max_examples=60", "data.max_length=512",
+                             "data.partition.num_clients=2", "train.max_steps=1", "train.batch_size=2",
+                             "eval.rouge=false", "data.max_test_per_client=2", "eval.mmlu=[anatomy]",
+                             "eval.mmlu_max_per_subject=2", "federation.rounds=1", "eval.zero_shot=false",
+                             f"output_dir={tmp_path}", "name=m"])
+    run_federated(cfg, log=lambda *a: None)
+    assert seen and set(seen) == {1024}

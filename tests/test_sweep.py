@@ -132,7 +132,7 @@ def test_sweep_report_rows_for_retention_balance_and_bytes():
     assert rows["0 (closed_qa)"][0].startswith("10.00") and "1 (summarization)" in rows
     assert rows["mean over clients"] == ["11.00", "10.00"]
     # personalised: the mean of the clients' own models; otherwise the global model's value
-    assert rows["MMLU, 5-shot (%)"] == ["35.0", "25.0"]
+    assert rows["MMLU, 5-shot, mean over subjects (%)"] == ["35.0", "25.0"]
     assert rows["general-text perplexity"] == ["25.00", "22.00"]
     assert rows["expert load std (mean over layers)"] == ["0.0200", "0.0200"]
     assert rows[BYTES_PER_ROUND] == ["1.00 MB", "1.00 MB"]  # 3 MB over 3 rounds trained

@@ -628,7 +628,9 @@ def mmlu(
             lm, source = loaded.mm.model, loaded.source
             tokenizer = load_tokenizer(loaded.cfg.model.tokenizer or loaded.cfg.model.name)
             if max_length is None:  # the limit the run's own MMLU evaluation takes (federation.evaluation)
-                max_length = 4 * loaded.cfg.data.max_length
+                from .eval.mmlu import run_prompt_limit
+
+                max_length = run_prompt_limit(lm.config, loaded.cfg.data.max_length)
         else:
             lm = load_model(source, dtype=dtype, device=device).model  # an export: its run's dtype
             tokenizer = load_tokenizer(source)

@@ -232,8 +232,10 @@ def _evaluation_passes(cfg, config) -> dict:
         return max(prompt, live.peak)
 
     def mmlu(model, live):  # k-shot prompts of up to 4 L tokens (the Evaluator's limit), the letters' logits at the end
+        from .eval.mmlu import run_prompt_limit
+
         with live:
-            hidden = model.model(input_ids=ids(4 * L), use_cache=False).last_hidden_state[:, -1]
+            hidden = model.model(input_ids=ids(run_prompt_limit(config, L)), use_cache=False).last_hidden_state[:, -1]
             lm_logits(model, hidden).float()
         return live.peak
 
@@ -433,7 +435,12 @@ def format_plan(cfg, plans: list[LevelPlan], what: str | None = None, available:
     L, N = cfg.data.max_length, cfg.eval.max_new_tokens
     shapes = {"test loss": f"the test loss's forward of {L} tokens",
               "generation": f"greedy generation of {N} tokens after {L} (its key/value cache)",
-              "MMLU": f"MMLU's prompts of up to {4 * L} tokens"}
+              "MMLU": "MMLU's prompts of up to {} tokens"}
+    if "MMLU" in plans[0].passes:
+        from .eval.mmlu import run_prompt_limit
+        from .moe.model import load_model_config
+
+        shapes["MMLU"] = shapes["MMLU"].format(run_prompt_limit(load_model_config(cfg.model.name), L))
     passes = [shapes[name] for name in plans[0].passes]
     largest = {p.largest_pass for p in plans}
     lines.append(f"training: the columns before it summed; evaluation: weights, adapters and the largest of "

@@ -46,6 +46,15 @@ LETTERS = ("A", "B", "C", "D")
 SPLITS = ("dev", "val", "test")
 DEFAULT_MAX_LENGTH = 2048
 
+
+def run_prompt_limit(model_config, max_length: int) -> int:
+    """The longest MMLU prompt a run's evaluation gives its model: 4 × ``data.max_length`` (five shots and a question
+    are longer than a training sequence), never past the model's ``max_position_embeddings`` (positions beyond it are
+    out of the model's range: transformers warns of indexing errors, and the answer is not the model's)."""
+    limit = 4 * int(max_length)
+    positions = getattr(model_config, "max_position_embeddings", None)
+    return min(limit, int(positions)) if positions else limit
+
 MMLU_SUBJECTS: tuple[str, ...] = (
     "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge",
     "college_biology", "college_chemistry", "college_computer_science", "college_mathematics",

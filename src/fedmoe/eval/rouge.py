@@ -65,6 +65,12 @@ def rouge_l_per_example(predictions: list[str], references: list[str], tokenizer
         raise ValueError(f"ROUGE-L: {bad} of {len(references)} references have no word in a-z or 0-9 (text in another "
                          "script), which rouge_score's tokenizer drops: each would score 0, a right answer too; set "
                          "eval.rouge_tokenizer: unicode (words of every script, a Han, kana or Hangul character each)")
+    if tokenizer == "latin" and references and bad:  # fewer than half: scored, but said (each scores 0)
+        import warnings
+
+        warnings.warn(f"ROUGE-L: {bad} of {len(references)} references have no word in a-z or 0-9 (text in another "
+                      "script) and score 0 whatever the answer; eval.rouge_tokenizer: unicode scores them",
+                      UserWarning, stacklevel=2)
     scorer = _scorer(tokenizer)
     # rouge_score's signature is score(target, prediction).
     return [100.0 * scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]

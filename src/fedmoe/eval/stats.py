@@ -49,9 +49,9 @@ def change_verdict(change: dict) -> str:
         return (f"too few examples ({change['n']}, fewer than {MIN_PAIRS}) for the interval to tell a change from "
                 "noise")
     if change["low"] > 0:
-        return "the interval excludes 0: a real improvement"
+        return "the interval excludes 0: an improvement beyond test-sample noise (this run's; seeds not varied)"
     if change["high"] < 0:
-        return "the interval excludes 0: a real drop"
+        return "the interval excludes 0: a drop beyond test-sample noise (this run's; seeds not varied)"
     return "the interval contains 0: no change distinguishable from noise"
 
 

@@ -145,10 +145,12 @@ class ModelEvaluator:
             g = self._loss(self.general())
             general_res = {"general_loss": g["loss"], "general_perplexity": g["perplexity"]}
         if general and ec.mmlu:
-            from ..eval.mmlu import evaluate_mmlu
+            from ..eval.mmlu import evaluate_mmlu, run_prompt_limit
 
             m = evaluate_mmlu(mm.model, self.tokenizer, subjects=ec.mmlu, max_per_subject=ec.mmlu_max_per_subject,
-                              batch_size=ec.batch_size, max_length=self.cfg.data.max_length * 4, device=mm.device)
+                              batch_size=ec.batch_size, max_length=run_prompt_limit(mm.model.config,
+                                                                                    self.cfg.data.max_length),
+                              device=mm.device)
             general_res["mmlu"] = 100.0 * m["macro_accuracy"]
         if general and self.heldout is not None:
             if ec.task == "choice":

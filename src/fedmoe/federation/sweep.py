@@ -389,7 +389,7 @@ def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
             format_change(s["global"].get(f"{key}_change")) for _, s in results) + " |")
     # knowledge retention, load balance and communication, where the runs measured them
     for label, k, digits in (("held-out accuracy, all labels (%)", "heldout_accuracy", 1),
-                             ("MMLU, 5-shot (%)", "mmlu", 1), ("general-text perplexity", "general_perplexity", 2)):
+                             ("MMLU, 5-shot, mean over subjects (%)", "mmlu", 1), ("general-text perplexity", "general_perplexity", 2)):
         vals = [personal_or_global(s, k) for _, s in results]
         if any(v is not None for v in vals):
             lines.append(f"| {label} | " + " | ".join(_cell(v, digits) for v in vals) + " |")

@@ -210,6 +210,10 @@ def format_comparison(runs: list[Run]) -> str:
         format_change(r.summary["global"].get(f"{key}_change")) if r.summary else "–" for r in runs])
     rows.append(["client test loss, mean"] + [
         _cell(personal_or_global(r.summary, "loss")) if r.summary else "–" for r in runs])
+    # what a personalised method (FLEx, FLAME's rescaled clients, FC-MoE with retention) reports: each client's own
+    # model on its own test set, averaged over the clients; the global model's where clients were not scored one by one
+    rows.append([f"client {name}, mean (each client's own model)"] + [
+        _cell(personal_or_global(r.summary, key), 2) if r.summary else "–" for r in runs])
     rows.append([BYTES_PER_ROUND] + [bytes_per_round(r.summary) if r.summary else "–" for r in runs])
     rows.append(["wall"] + [f"{r.summary['wall_s'] / 60:.1f} min" if r.summary else "–" for r in runs])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(runs)]

@@ -176,7 +176,7 @@ def format_results_table(summary: dict, seq_len: int | None = None) -> str:
         extras.append(f"perplexity {_num(g['perplexity'], 3)}")
     if g.get("mmlu") is not None:
         own = g.get("mmlu_global_model")  # a personalised method's figure is the mean over the clients' own models
-        extras.append(f"MMLU {_num(g['mmlu'], 2)}" + (f" (clients' own models, mean; the global model {_num(own, 2)})"
+        extras.append(f"MMLU (5-shot, mean over subjects) {_num(g['mmlu'], 2)}" + (f" (clients' own models, mean; the global model {_num(own, 2)})"
                                                       if own is not None and own != g["mmlu"] else ""))
     if g.get("heldout_accuracy") is not None:
         own = g.get("heldout_accuracy_global_model")
