@@ -177,19 +177,21 @@ def test_macro_and_micro_by_hand():
     assert r["n"] == 16 and r["per_subject"]["a"] == (3, 4, 0.75)
 
 
-def test_left_truncation_drops_oldest_shots(lm, dev, test_set):
+def test_a_long_prompt_keeps_its_first_shots(lm, dev, test_set):
+    """As Hendrycks et al.'s evaluate.py shortens a prompt: k -= 1 with the first k dev examples (fedmoe dropped the
+    first shots and kept the last ones)."""
     _, tok = lm
     s = "abstract_algebra"
     q = test_set[s][3]
     full = encode(tok, build_prompt(s, dev[s], q, 5))
-    two = encode(tok, build_prompt(s, dev[s][3:5], q, 2))  # the 2 newest shots
+    two = encode(tok, build_prompt(s, dev[s][:2], q, 2))  # the first 2 shots
     assert len(two) < len(full)
     ids, kept = fit_prompt(tok, s, dev[s], q, k=5, max_length=len(two))
     assert kept == 2 and ids == two
     text = tok.decode(ids)
     assert text.startswith("The following are multiple choice questions (with answers) about abstract algebra.")
-    assert dev[s][0].question not in text and dev[s][2].question not in text
-    assert dev[s][3].question in text and dev[s][4].question in text
+    assert dev[s][0].question in text and dev[s][1].question in text
+    assert dev[s][2].question not in text and dev[s][4].question not in text
     assert text.endswith(format_example(q, include_answer=False))
     assert fit_prompt(tok, s, dev[s], q, k=5, max_length=len(full)) == (full, 5)
     # shorter than the 0-shot prompt: tokens cut from the left, the end stays

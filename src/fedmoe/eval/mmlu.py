@@ -201,15 +201,16 @@ def fit_prompt(tokenizer, subject: str, dev_examples: Sequence[Question], questi
                max_length: int | None = None) -> tuple[list[int], int]:
     """The tokenized k-shot prompt, shortened to ``max_length`` tokens: returns (ids, shots kept).
 
-    Too long -> drop the oldest (leftmost) shots first, keeping the header and the test question
-    whole. If even the 0-shot prompt is too long, its tokens are cut from the left (the prompt's
-    end, "Answer:", always stays).
+    Too long -> fewer shots, the first ones kept (the last shot goes first), the header and the test question
+    whole: Hendrycks et al.'s evaluation (``evaluate.py``: k -= 1 with the first k dev examples until the prompt
+    fits). If even the 0-shot prompt is too long, its tokens are cut from the left (the prompt's end, "Answer:",
+    always stays).
     """
     ids = encode(tokenizer, build_prompt(subject, dev_examples, question, k))
     if max_length is None or len(ids) <= max_length:
         return ids, k
     for kept in range(k - 1, -1, -1):
-        ids = encode(tokenizer, build_prompt(subject, dev_examples[k - kept : k], question, kept))
+        ids = encode(tokenizer, build_prompt(subject, dev_examples[:kept], question, kept))
         if len(ids) <= max_length:
             return ids, kept
     return ids[-max_length:], 0
@@ -278,7 +279,7 @@ def evaluate_mmlu(model, tokenizer, subjects: str | Iterable[str] | None = None,
 
     ``subjects``: None (all 57), a preset ("quick") or names; ``max_per_subject``: the first N
     questions of each subject (file order). ``max_length``: token limit of a prompt (default: the
-    model's ``max_position_embeddings``, else 2048); longer prompts lose their oldest shots.
+    model's ``max_position_embeddings``, else 2048); longer prompts lose their last shots (Hendrycks' rule).
     Returns ``macro_accuracy`` (mean over subjects), ``micro_accuracy`` (over questions),
     ``per_subject`` ``{subject: (correct, total, accuracy)}``, ``n``, plus ``k_shot``,
     ``max_length``, ``truncated`` (prompts that lost shots) and ``questions_cut`` (prompts whose question itself
