@@ -106,7 +106,7 @@ def test_json_list_error_names_record(tmp_path):
     p.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "  "}]))
     with pytest.raises(DataError) as e:
         load_examples(str(p))
-    assert "list.json" in str(e.value) and "record 1" in str(e.value) and "empty" in str(e.value)
+    assert "list.json" in str(e.value) and "record 2" in str(e.value) and "empty" in str(e.value)  # the 2nd, from 1
 
 
 def test_skip_mode_counts_bad_rows(tmp_path):

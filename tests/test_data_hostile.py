@@ -50,7 +50,7 @@ def test_a_nan_or_null_is_no_answer_and_no_class(tmp_path):
     assert res.skipped_reasons == {"field 'stars' not a value": 1, "field 'stars' null": 1}
     full = tmp_path / "full.parquet"
     pq.write_table(pa.table({"text": ["a", "b", "c", "d"], "stars": [1.0, 2.0, 3.0, None]}), full)
-    with pytest.raises(DataError, match=r"record 3: field 'stars' \(label\) is null;"):
+    with pytest.raises(DataError, match=r"record 4: field 'stars' \(label\) is null;"):
         load_examples(str(full), field_map={"instruction": "text", "label": "stars"})
 
 

@@ -121,7 +121,7 @@ class DataConfig(_Strict):
     field_maps: dict[str, dict[str, str]] = Field(default_factory=dict)
     on_bad_row: Literal["error", "skip"] = "error"
     categories: list[str] | None = None  # keep only these categories
-    max_examples: int | None = Field(None, ge=1)  # random subsample (seeded) of the whole source
+    max_examples: int | None = Field(None, ge=1)  # random subsample (seeded), after data.categories, before partitioning
     max_length: int = Field(256, ge=8)
     # a label task (data.field_map.label): its label set, fixed for the run. None: every label of the
     # data (after data.categories and data.max_examples), sorted, read when the run starts and written

@@ -28,7 +28,8 @@ Schemes (docs/methods.md, "Data"):
     * Both modes refuse data with a single category (``Dir(α)`` over one category is ``[1.0]``
       for every client, so the split would silently be an even random one): map a category field
       (``data.field_map``) or use ``iid``.
-    * ``dirichlet_mode="category"`` (Hsu et al. 2019; FedML / Shepherd style). For each category
+    * ``dirichlet_mode="category"`` (Yurochkin et al. 2019's per-category split; FedML / Shepherd style; Hsu et al.
+      2019 draw a per-client mixture, as the client mode does, from Dir(α·p) with p the global mixture). For each category
       (in sorted order) ``q_c ~ Dir(α·1_N)`` over the clients and the category's shuffled examples
       are cut at ``floor(cumsum(q_c) * n_c)``. Client sizes vary too. If a client ends up empty the
       whole draw is repeated (same generator, so still deterministic) up to 100 times; after that

@@ -267,7 +267,7 @@ def _read_json_or_jsonl(path: Path, jsonl: bool) -> Iterator[tuple[str, Any]]:
     if not isinstance(data, list):
         raise DataError(f"{path}: the top level of a .json source must be a list of records")
     for i, rec in enumerate(data):
-        yield f"record {i}", rec
+        yield f"record {i + 1}", rec  # counted from 1, as lines are
 
 
 def _one_value(line: str) -> bool:
@@ -291,7 +291,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     except Exception as e:  # noqa: BLE001 - pyarrow raises many types
         raise DataError(f"{path}: cannot read the parquet file: {e}") from None
     for i, rec in enumerate(rows):
-        yield f"record {i}", rec
+        yield f"record {i + 1}", rec  # counted from 1, as lines are
 
 
 def _datasets_module(source: str):
@@ -338,7 +338,7 @@ def _read_hub(dataset_id: str, split: str = "train", revision: str | None = None
             f"{type(e).__name__}: {e}); {_hub_failure_advice(dataset_id, e)}"
         ) from None
     for i, rec in enumerate(ds):
-        yield f"record {i}", rec
+        yield f"record {i + 1}", rec  # counted from 1, as lines are
 
 
 def _read_dataset_dir(path: Path, split: str) -> Iterator[tuple[str, Any]]:
@@ -362,7 +362,7 @@ def _read_dataset_dir(path: Path, split: str) -> Iterator[tuple[str, Any]]:
     except Exception as e:  # noqa: BLE001
         raise DataError(f"cannot read the dataset folder {str(path)!r} ({type(e).__name__}: {e})") from None
     for i, rec in enumerate(ds):
-        yield f"record {i}", rec
+        yield f"record {i + 1}", rec  # counted from 1, as lines are
 
 
 # ----------------------------------------------------------------------------------------------
