@@ -86,7 +86,17 @@ def _load_all(cfg: DataConfig, sources=None) -> tuple[list[Example], int, dict[s
 
 
 def _filter_and_subsample(cfg: DataConfig, examples: list[Example], seed: int) -> list[Example]:
-    """Keep ``cfg.categories`` (unknown names raise :class:`DataError`), then subsample ``max_examples``."""
+    """``cfg.dedupe``: drop rows repeating an earlier row's instruction and input; keep ``cfg.categories`` (unknown
+    names raise :class:`DataError`), then subsample ``max_examples``."""
+    if cfg.dedupe:
+        seen: set[tuple[str, str]] = set()
+        unique = []
+        for ex in examples:
+            key = (ex.instruction.strip(), ex.input.strip())
+            if key not in seen:
+                seen.add(key)
+                unique.append(ex)
+        examples = unique
 
     if cfg.categories is not None:
         known = sorted({ex.category for ex in examples})
@@ -193,7 +203,8 @@ def _before_partitioning(cfg: DataConfig) -> str:
 def prepare_federated_data(cfg: DataConfig, seed: int) -> FederatedData:
     """Load, filter, subsample, partition and split the data of a run.
 
-    1. load every ``cfg.source`` (a list is concatenated in the given order);
+    1. load every ``cfg.source`` (a list is concatenated in the given order); ``cfg.dedupe``: drop each row whose
+       instruction and input an earlier row has;
     2. keep only ``cfg.categories`` when set (unknown names raise :class:`DataError`);
     3. subsample ``cfg.max_examples`` examples (seeded, original order kept);
     4. a label task: the label set (``cfg.labels`` or the data's) and every example's prompt form;
