@@ -247,3 +247,16 @@ def test_fedprox_is_named_for_every_method_that_honours_it():
         honours = name == "fedit" or "fedit" in method.reads
         assert info["proximal_mu"] == (0.5 if honours else None), name
     assert {n for n, m in METHODS.items() if "fedit" in m.reads} >= {"flame", "scaffold", "fcmoe", "hetlora"}
+
+
+def test_a_method_that_trains_no_global_model_shows_none_in_the_global_rows(runs, tmp_path):
+    """local_only's global model is the initial one: its "final" global numbers were the zero-shot ones, shown as if
+    trained. They are "–" with a note; the zero-shot value stays in brackets."""
+    _, rd = run_federated(load_config(None, TINY + ["algorithm.name=local_only", f"output_dir={tmp_path}",
+                                                    "name=local"]))
+    table, _ = compare_runs([runs["fedit"][1], rd.path], tmp_path / "cmp")
+    row = dict((line.split(" | ")[0].lstrip("| "), line.split(" | ")[1:]) for line in table.splitlines()[2:]
+               if line.startswith("| "))
+    assert row["global test loss (zero-shot)"][1].startswith("– ¹ (")
+    assert not row["global test loss (zero-shot)"][0].startswith("–")
+    assert "¹ local: the method trains no global model" in table

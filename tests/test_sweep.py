@@ -136,6 +136,13 @@ def test_sweep_report_rows_for_retention_balance_and_bytes():
     assert rows["general-text perplexity"] == ["25.00", "22.00"]
     assert rows["expert load std (mean over layers)"] == ["0.0200", "0.0200"]
     assert rows[BYTES_PER_ROUND] == ["1.00 MB", "1.00 MB"]  # 3 MB over 3 rounds trained
+    # a method that trains no global model: its global cells are not the initial model's numbers shown as trained
+    local = {**shared, "global_model_trained": False}
+    text = format_sweep_report("x.yaml", [("s", shared), ("local", local)])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ")}
+    assert rows["global model"] == ["10.00", "– ¹"] and rows["global test loss"] == ["5.1000", "– ¹"]
+    assert "¹ local: the method trains no global model" in text
 
 
 def test_a_mean_over_no_client_is_a_dash_not_zero():
@@ -188,3 +195,53 @@ def test_a_clients_category_label_holds_for_every_point_and_failures_are_counted
     assert nonfinite_points(results) == ["seed=1"]
     clean = format_sweep_report("s.yaml", [("seed=0", point("closed_qa"))])
     assert "client failures" not in clean
+
+
+def test_a_sweep_refuses_points_whose_names_would_not_say_what_they_run():
+    """A named variant setting a swept key made every point run its value while the names claimed the swept ones; two
+    values that name one folder (a '/' read as '_') made the second point keep the first's results as its own."""
+    from fedmoe.config import ConfigError
+    from fedmoe.federation.sweep import sweep_points
+
+    with pytest.raises(ConfigError, match=r"sweep.variant and sweep.lora.rank both set lora.rank"):
+        sweep_points({"lora.rank": [2, 4], "variant": {"big": {"lora.rank": 8, "train.lr": 0.1}}})
+    with pytest.raises(ConfigError, match=r"both named 'source=w_d.jsonl'"):
+        sweep_points({"data.source": ["w/d.jsonl", "w_d.jsonl"]})
+    assert [n for n, _ in sweep_points({"lora.rank": [2, 4], "v": {"a": {"train.lr": 0.1}, "b": {"train.lr": 0.2}}})] \
+        == ["rank=2,v=a", "rank=2,v=b", "rank=4,v=a", "rank=4,v=b"]
+
+
+def test_an_axis_of_named_variants_is_narrowed_by_its_labels(tmp_path):
+    from fedmoe.config import ConfigError
+    from fedmoe.federation.sweep import expand_sweep
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("sweep:\n  method:\n    FedIT: {algorithm.name: fedit}\n    FLEx: {algorithm.name: flex}\n"
+                   "    local: {algorithm.name: local_only}\n")
+    _, points, _, _ = expand_sweep(cfg, ["sweep.method=[FLEx,local]"])
+    assert [p for p, _ in points] == ["method=FLEx", "method=local"]
+    with pytest.raises(ConfigError, match=r"sweep.method is an axis of named variants \(FedIT, FLEx, local\), and "
+                                          r"FLAME is not one"):
+        expand_sweep(cfg, ["sweep.method=[FLAME]"])
+
+
+def test_a_point_another_sweep_wrote_meanwhile_is_refused_not_kept(tmp_path):
+    """The sweep checked every point's folder before it began; a second sweep into the same folder (other values, or
+    started at once) could then finish a point, which the first kept as its own. The point is checked again as it
+    comes."""
+    from fedmoe.config import ConfigError, config_to_dict, load_config
+    from fedmoe.federation import run_federated
+    from fedmoe.federation.sweep import _run_point
+
+    tiny = ["model.name=builtin:tiny-olmoe", "data.max_examples=60", "data.max_length=32", "data.partition.num_clients=2",
+            "train.max_steps=1", "train.batch_size=2", "eval.rouge=false", "data.max_test_per_client=2",
+            "federation.rounds=1", "eval.zero_shot=false", "lora.rank=2"]
+    run_federated(load_config(None, tiny + ["train.lr=0.05", f"output_dir={tmp_path}", "name=rank=2"]),
+                  log=lambda *a: None)  # what the other sweep wrote: lr 0.05
+    tree = config_to_dict(load_config(None, tiny + ["train.lr=0.002"]))
+    with pytest.raises(ConfigError, match=r"sweep point rank=2 .*train.lr: 0.05 -> 0.002.*its folder now holds a run "
+                                          r"of another config"):
+        _run_point("rank=2", tree, ["lora.rank=2"], str(tmp_path), "s.yaml", False, lambda *a: None, None)
+    tree = config_to_dict(load_config(None, tiny + ["train.lr=0.05"]))  # the same config: kept
+    assert _run_point("rank=2", tree, ["lora.rank=2"], str(tmp_path), "s.yaml", False, lambda *a: None, None) == \
+        str(tmp_path / "rank=2" / "summary.json")

@@ -52,10 +52,28 @@ def sweep_points(sweep: dict) -> list[tuple[str, list[str]]]:
             axes.append([(f"{k.split('.')[-1]}={_fmt(x)}", [f"{k}={_fmt(x)}"]) for x in v])
         else:
             raise ConfigError(f"sweep.{k}: give a non-empty list of values (or named variants), got {v!r}")
+    # a key set by two axes (a swept key a named variant sets too): the later one wins, and the point's name would
+    # claim the value the other axis gave it
+    owner: dict[str, str] = {}
+    for k, axis in zip(keys, axes):
+        for key in {o.split("=", 1)[0] for _, sets in axis for o in sets}:
+            clash = next((o for o in owner if o == key or o.startswith(key + ".") or key.startswith(o + ".")), None)
+            if clash is not None and owner[clash] != k:
+                raise ConfigError(f"sweep.{k} and sweep.{owner[clash]} both set {key if clash == key else clash}: a "
+                                  "point's value of it would be one axis's while its name says the other's; set it in "
+                                  "one axis only")
+            owner[key] = k
     points = []
     for combo in itertools.product(*axes):
         name = ",".join(label for label, _ in combo)
         points.append((name.replace("/", "_").replace(" ", ""), [s for _, sets in combo for s in sets]))
+    seen: dict[str, list[str]] = {}
+    for name, sets in points:
+        if name in seen:  # two combinations, one folder: the second would keep the first's results as its own
+            raise ConfigError(f"sweep points {seen[name]} and {sets} are both named {name!r} (a '/' or ' ' becomes "
+                              "'_' or nothing, a value its text): give the values distinct names, e.g. as named "
+                              "variants ({label: {key: value}})")
+        seen[name] = sets
     return points
 
 
@@ -113,6 +131,17 @@ def _run_point(point: str, tree: dict, sets: list[str], root: str, source: str, 
         torch.set_num_threads(threads)
     root_p = Path(root)
     summary_path = root_p / point / "summary.json"
+    cfg = config_from_tree(apply_overrides(json.loads(json.dumps(tree)), sets + [f"output_dir={root}", f"name={point}"]),
+                           f"{source} (sweep point {point})")
+    if summary_path.is_file() or has_checkpoint(root_p / point):
+        # checked again as the point comes: the sweep checked every point before it began, but another sweep into this
+        # folder (started at once, or narrowed to other values) may have written this one since
+        stale = stale_points(root_p, [(point, cfg)])
+        if stale:
+            raise ConfigError(f"sweep point {stale[0]}: its folder now holds a run of another config than this sweep "
+                              f"gives it (another sweep into {root} wrote it since this one began?); kept or continued, "
+                              "its results would be reported as this config's: run one sweep into a folder at a time, "
+                              "or give this sweep another name (--set name=NEW)")
     if summary_path.is_file():
         log(f"{point}: done before, kept")
         return str(summary_path)
@@ -121,8 +150,6 @@ def _run_point(point: str, tree: dict, sets: list[str], root: str, source: str, 
         continue_run(root_p / point, show_progress=show_progress, federation=federation, log=log,
                      overrides=resume_sets or None)
         return str(summary_path)
-    cfg = config_from_tree(apply_overrides(json.loads(json.dumps(tree)), sets + [f"output_dir={root}", f"name={point}"]),
-                           f"{source} (sweep point {point})")
     log(f"{point}: started")
     # a point's directory holds no run here (or one that stopped before its first checkpoint), so the run goes
     # there; were it taken by other files, where it went
@@ -172,7 +199,14 @@ def expand_sweep(path: str | Path, overrides: list[str] | None = None):
     for item in overrides or []:
         if item.startswith("sweep."):
             key, value = parse_override(item)
-            sweep[".".join(key[1:])] = value
+            axis = ".".join(key[1:])
+            if isinstance(sweep.get(axis), dict) and isinstance(value, list):  # named variants: a selection by label
+                unknown = [str(v) for v in value if str(v) not in sweep[axis]]
+                if unknown:
+                    raise ConfigError(f"--set {item}: sweep.{axis} is an axis of named variants ({', '.join(sweep[axis])})"
+                                      f", and {', '.join(unknown)} is not one: name variants it has")
+                value = {str(v): sweep[axis][str(v)] for v in value}
+            sweep[axis] = value
         else:
             plain.append(item)
     points = sweep_points(sweep)
@@ -376,8 +410,14 @@ def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
                          + (f", {fl / 1e6:.1f}M" if fl else "") + ")")
         lines.append(f"| {_client_label(results, cid)} | " + " | ".join(cells) + " |")
     lines.append("| mean over clients | " + " | ".join(_cell(_clients_mean(s, key)) for _, s in results) + " |")
-    lines.append("| global model | " + " | ".join(_cell(s["global"].get(key)) for _, s in results) + " |")
-    lines.append("| global test loss | " + " | ".join(_cell(s["global"].get("loss"), 4) for _, s in results) + " |")
+    # a method that trains no global model (local_only): its global numbers are the initial model's, not shown as
+    # a trained one's
+    untrained = [p for p, s in results if s.get("global_model_trained") is False]
+
+    def glob(s, k, digits=2):
+        return "– ¹" if s.get("global_model_trained") is False else _cell(s["global"].get(k), digits)
+    lines.append("| global model | " + " | ".join(glob(s, key) for _, s in results) + " |")
+    lines.append("| global test loss | " + " | ".join(glob(s, "loss", 4) for _, s in results) + " |")
     if any("val_loss" in s["global"] for _, s in results):  # eval.val_loss: choose a point by these, not by the test
         lines.append("| global validation loss | " + " | ".join(_cell(s["global"].get("val_loss"), 4)
                                                                for _, s in results) + " |")
@@ -404,5 +444,8 @@ def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
         lines.append("| client failures (of them non-finite updates left out) | " + " | ".join(
             f"{len(s.get('failures') or [])} ({sum(f.get('stage') == NONFINITE for f in s.get('failures') or [])})"
             for _, s in results) + " |")
+    if untrained:
+        lines += ["", f"¹ {', '.join(untrained)}: the method trains no global model (each client trains alone); its "
+                  "global model is the initial one (its numbers are the zero-shot ones, in the point's report)"]
     lines += ["", "Runs: " + ", ".join(f"[{p}]({p}/report.md)" for p, _ in results), ""]
     return "\n".join(lines)

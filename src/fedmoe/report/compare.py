@@ -190,10 +190,20 @@ def format_comparison(runs: list[Run]) -> str:
             ["rounds done"] + [f"{r.rounds_done} of {r.setting('federation', 'rounds', '?')}"
                                + ("" if r.summary else " (unfinished)") for r in runs]]
 
+    def trains_global(run) -> bool:
+        from ..algorithms import METHODS
+
+        method = METHODS.get(run.setting("algorithm", "name"))
+        return method is None or method.server.trains_global_model
+
+    untrained = [r.label for r in runs if not trains_global(r)]
+
     def zs(run, key, digits):
         pts = _global_test(run, key)
         last = pts[-1][1] if pts and pts[-1][0] > 0 else None
         first = pts[0][1] if pts and pts[0][0] == 0 else None
+        if not trains_global(run):  # its "final" global model is the initial one
+            return f"– ¹ ({_cell(first, digits)})"
         return f"{_cell(last, digits)} ({_cell(first, digits)})"
 
     choice = any(r.setting("eval", "task") == "choice" for r in runs)
@@ -218,6 +228,9 @@ def format_comparison(runs: list[Run]) -> str:
     rows.append(["wall"] + [f"{r.summary['wall_s'] / 60:.1f} min" if r.summary else "–" for r in runs])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(runs)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if untrained:
+        lines += ["", f"¹ {', '.join(untrained)}: the method trains no global model (each client trains alone): its "
+                  "global model is the initial one, whose numbers are the zero-shot ones in brackets"]
     differ = scoring_differences(runs)
     if differ and all(d.startswith("seed: ") for d in differ):  # a seed study: a spread that includes the split's
         lines += ["", f"Seeds differ ({differ[0]}): each run's seed also drew its partition and test split, so their "
