@@ -143,6 +143,14 @@ def test_sweep_report_rows_for_retention_balance_and_bytes():
             for line in text.splitlines() if line.startswith("| ")}
     assert rows["global model"] == ["10.00", "– ¹"] and rows["global test loss"] == ["5.1000", "– ¹"]
     assert "¹ local: the method trains no global model" in text
+    # a client whose last evaluation failed: its older score is marked, and the global numbers say it is missing
+    stale = {**shared, "rounds": 3, "clients": [{**shared["clients"][0], "evaluated_round": 3},
+                                                {**shared["clients"][1], "evaluated_round": 2}],
+             "global": {**shared["global"], "clients_missing": [1]}}
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in format_sweep_report("x.yaml", [("s", stale)]).splitlines() if line.startswith("| ")}
+    assert rows["1 (summarization)"][0].endswith("from round 2") and not rows["0 (closed_qa)"][0].endswith("round 3")
+    assert rows["clients missing from the global numbers (their evaluation failed)"] == ["1"]
 
 
 def test_a_mean_over_no_client_is_a_dash_not_zero():

@@ -406,8 +406,11 @@ def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
                 cells.append("–")
                 continue
             fl = c.get("flops_per_seq")
+            # a client whose last evaluation failed keeps an older round's score: said in its cell
+            old = c.get("evaluated_round") not in (None, s.get("rounds"))
             cells.append(f"{_cell(c.get(key))} (k={c.get('k')}, r={c.get('rank')}"
-                         + (f", {fl / 1e6:.1f}M" if fl else "") + ")")
+                         + (f", {fl / 1e6:.1f}M" if fl else "") + ")"
+                         + (f" from round {c['evaluated_round']}" if old else ""))
         lines.append(f"| {_client_label(results, cid)} | " + " | ".join(cells) + " |")
     lines.append("| mean over clients | " + " | ".join(_cell(_clients_mean(s, key)) for _, s in results) + " |")
     # a method that trains no global model (local_only): its global numbers are the initial model's, not shown as
@@ -417,6 +420,9 @@ def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
     def glob(s, k, digits=2):
         return "– ¹" if s.get("global_model_trained") is False else _cell(s["global"].get(k), digits)
     lines.append("| global model | " + " | ".join(glob(s, key) for _, s in results) + " |")
+    if any(s["global"].get("clients_missing") for _, s in results):  # what the pooled numbers leave out
+        lines.append("| clients missing from the global numbers (their evaluation failed) | " + " | ".join(
+            ", ".join(map(str, s["global"].get("clients_missing") or [])) or "–" for _, s in results) + " |")
     lines.append("| global test loss | " + " | ".join(glob(s, "loss", 4) for _, s in results) + " |")
     if any("val_loss" in s["global"] for _, s in results):  # eval.val_loss: choose a point by these, not by the test
         lines.append("| global validation loss | " + " | ".join(_cell(s["global"].get("val_loss"), 4)
