@@ -106,6 +106,12 @@ def fmt(mc, digits: int = 1) -> str:
     return f"{m:.{digits}f}" if math.isnan(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
 
 
+def global_of(run, key: str):
+    """The global model's ``key``; None ("–") for a method that trains no global model (local_only: its global model
+    is the initial one, whose numbers are the zero-shot ones)."""
+    return None if run.summary.get("global_model_trained") is False else run.summary["global"].get(key)
+
+
 def accuracy(scores: list[float]) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
@@ -199,7 +205,7 @@ def concept_shift(folder: Path) -> str:
               for s in seeds]
         out.append(f"| {m} | {cell(lambda r: accuracy(r.client_scores(all_c)))} | "
                    f"{cell(lambda r: accuracy(r.client_scores(major)))} | {cell(lambda r: accuracy(r.client_scores(minor)))} | "
-                   f"{cell(lambda r: r.summary['global'].get('accuracy'))} | "
+                   f"{cell(lambda r: global_of(r, 'accuracy'))} | "
                    f"{fmt(mean_ci([by[s].server_mean('update_conflict_experts') for s in seeds]), 3)} | "
                    f"{fmt(mean_ci([by[s].server_mean('projected_fraction') for s in seeds]), 3)} | "
                    f"{fmt(mean_ci(zs))} |")
@@ -268,7 +274,7 @@ def label_skew(folder: Path) -> str:
             zs_held = lambda r: (r.summary.get("zero_shot") or {}).get("heldout_accuracy")  # noqa: E731
             out.append(f"| {m} | {col(lambda r: accuracy(r.client_scores(cids)))} | "
                        f"{col(lambda r: accuracy(r.heldout_scores(cids)))} | {col(gp, 2)} | "
-                       f"{col(lambda r: r.summary['global'].get('heldout_accuracy_global_model'))} | "
+                       f"{col(lambda r: global_of(r, 'heldout_accuracy_global_model'))} | "
                        f"{col(zs_local)} | {col(zs_held)} |")
         flex, local = find(runs, skew=skew, method="FLEx"), find(runs, skew=skew, method="local")
         nogate = find(runs, skew=skew, method="FLEx-no-gate")
@@ -367,8 +373,8 @@ def fcmoe_paper(folder: Path) -> str:
             zs_held = lambda r: (r.summary.get("zero_shot") or {}).get("heldout_accuracy")  # noqa: E731
             out.append(f"| {a} | {m} | {col(lambda r: accuracy(r.client_scores(cids)))} | "
                        f"{col(lambda r: accuracy(r.heldout_scores(cids)))} | "
-                       f"{col(lambda r: r.summary['global'].get('accuracy'))} | "
-                       f"{col(lambda r: r.summary['global'].get('heldout_accuracy_global_model'))} | "
+                       f"{col(lambda r: global_of(r, 'accuracy'))} | "
+                       f"{col(lambda r: global_of(r, 'heldout_accuracy_global_model'))} | "
                        f"{col(lambda r: r.server_mean('update_conflict_experts'), 3)} | "
                        f"{col(lambda r: r.server_mean('projected_fraction'), 3)} | "
                        f"{col(zs_local)} | {col(zs_held)} |")
