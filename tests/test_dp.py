@@ -702,3 +702,44 @@ def test_a_target_epsilon_under_sampling_takes_the_doubled_sensitivity():
         return resolve_noise(cfg).federation.dp.noise_multiplier
 
     assert sigma_for(0.5) == pytest.approx(2 * sigma_for(1.0), rel=1e-4)
+
+
+def test_a_round_run_again_after_a_resume_is_a_second_central_release(tmp_path, monkeypatch):
+    """Central DP, secret noise: round 2's noised model went out (its evaluation) and the server died before its
+    checkpoint; the resumed run draws round 2 again, fresh noise on the same clipped sum, a second release (averaged
+    with the first, half its noise variance). ε counted the applied rounds only (2): it counts 3 releases."""
+    from fedmoe.federation import resume_federated
+    from fedmoe.federation.runtime import Federation
+
+    sigma, delta = 1.0, 1e-5
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "name=dp", "federation.rounds=2",
+                                    "federation.dp.clip_norm=0.01", f"federation.dp.noise_multiplier={sigma}",
+                                    f"federation.dp.delta={delta}", "eval.loss_every_round=true"])
+    real = Federation._evaluate
+
+    def dies_in_round_2(self, round_idx, *a, **kw):
+        out = real(self, round_idx, *a, **kw)  # the model went to the clients
+        if round_idx == 2:
+            raise RuntimeError("the server died after round 2's evaluation")
+        return out
+
+    monkeypatch.setattr(Federation, "_evaluate", dies_in_round_2)
+    with pytest.raises(RuntimeError, match="server died"):
+        run_federated(cfg, log=lambda *a: None)
+    monkeypatch.setattr(Federation, "_evaluate", real)
+    summary, rd = resume_federated(tmp_path / "dp", log=lambda *a: None)
+    p = summary["privacy"]
+    assert (p["rounds"], p["releases"]) == (2, 3)
+    assert p["epsilon"] == pytest.approx(epsilon(sigma, 3, delta)) and p["epsilon"] > epsilon(sigma, 2, delta)
+    assert [r["dp_epsilon"] for r in rd.read_metrics() if r["kind"] == "server"][-1] == pytest.approx(p["epsilon"])
+
+
+def test_local_dp_noise_beyond_secaggs_clipping_range_is_refused():
+    """Local DP with σ·C near SecAgg+'s clipping_range: every client's noised update has coordinates beyond it, each
+    client refuses its update, and every round stops with no mean (a node's ledger having counted the release)."""
+    sets = ["federation.runtime=flower-sim", "federation.secagg.clipping_range=8", "federation.dp.where=client",
+            "federation.dp.clip_norm=1"]
+    with pytest.raises(ConfigError, match=r"clipping_range = 8 is below what a client's noised update reaches .* at "
+                                          r"least 19 \(C·\(1 \+ 6σ\)\)"):
+        load_config(None, [*sets, "federation.dp.noise_multiplier=3"])
+    load_config(None, [*sets, "federation.dp.noise_multiplier=1"])  # 8 >= 1 + 4: taken

@@ -54,9 +54,10 @@ def _flower(fn, g, replies, *args):
     ("krum", lambda g, rs: _flower(aggregate_krum, g, rs, 1, 0)),
 ])
 def test_each_rule_is_flowers_aggregate(rule, reference):
-    """Odd (5) and even (4) client counts (the median of an even count is the mean of the two middle values);
-    the global model is θ + the statistic of the updates, which equals the statistic of the models."""
-    for n in (5, 4):
+    """Odd (5, 7) and even (4, 6) client counts (the median of an even count is the mean of the two middle values);
+    the global model is θ + the statistic of the updates, which equals the statistic of the models. (The trimmed mean
+    at trim 0.2 and Krum at f = 1 bound a poisoned update over 5 or more only: test below.)"""
+    for n in ((5, 4) if rule == "median" else (7, 6)):
         cfg, server, g, state = _server(f"federation.robust.rule={rule}", "federation.robust.trim=0.2",
                                         "federation.robust.krum_malicious=1")
         replies = _replies(g, n=n, seed=n)
@@ -164,3 +165,21 @@ def test_a_poisoning_client_in_a_run(tmp_path):
     assert far > 50 * near, (far, near)  # ~100x here (the honest clients' spread sets near); a mean would give ~1x
     rows = [json.loads(x) for x in (tmp_path / "median" / "metrics.jsonl").read_text().splitlines()]
     assert [r["robust_rule"] for r in rows if r["kind"] == "server"] == ["median"]
+
+
+
+@pytest.mark.parametrize("rule,sets,enough", [("median", [], 3), ("trimmed_mean", ["federation.robust.trim=0.2"], 5),
+                                              ("trimmed_mean", ["federation.robust.trim=0.1"], 10),
+                                              ("krum", ["federation.robust.krum_malicious=1"], 5)])
+def test_a_rule_that_would_be_the_plain_mean_is_refused(rule, sets, enough):
+    """With fewer updates than the rule needs it bounds nothing (the trimmed mean at ⌊trim·n⌋ = 0 is the mean: one
+    client scaling its update by 1e3 moved the model 500x as far as the honest mean). Refused in the config where too
+    few are sampled, and at a round where too few replied (dropouts)."""
+    from fedmoe.federation.robust import TooFewForTheRule
+
+    with pytest.raises(ConfigError, match=rf"federation.robust.rule = {rule}.* at least .*{enough} clients"):
+        load_config(None, [f"federation.robust.rule={rule}", *sets, f"data.partition.num_clients={enough - 1}"])
+    cfg, server, g, state = _server(f"federation.robust.rule={rule}", *sets, f"data.partition.num_clients={enough}")
+    with pytest.raises(TooFewForTheRule, match=rf"{enough - 1} clients replied, .*only over at least {enough}"):
+        _aggregate(cfg, server, g, state, _replies(g, n=enough - 1, seed=0))
+    _aggregate(cfg, server, g, state, _replies(g, n=enough, seed=0))  # enough: aggregated

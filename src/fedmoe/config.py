@@ -378,6 +378,19 @@ class RobustConfig(_Strict):
     krum_malicious: int = Field(1, ge=0)  # krum: f, the clients assumed malicious (score: the n − f − 2 nearest)
     krum_keep: int = Field(0, ge=0)  # krum: 0 = the one best update (Krum); m > 0: the n-weighted mean of the m best
 
+    def minimum_clients(self) -> int:
+        """The fewest updates over which the rule bounds a poisoned one: the median 3, the trimmed mean the n with
+        ⌊trim·n⌋ ≥ 1 (at least 3), Krum 2f + 3; the mean (a ``norm_bound`` alone) 1."""
+        import math
+
+        if self.rule == "median":
+            return 3
+        if self.rule == "trimmed_mean":
+            return max(3, math.ceil(1 / self.trim - 1e-12)) if self.trim > 0 else 1
+        if self.rule == "krum":
+            return 2 * self.krum_malicious + 3
+        return 1
+
 
 class SecAggConfig(_Strict):
     """Secure aggregation with Flower's SecAgg+ (``federation.secagg``; Bell et al. 2020): on the Flower
@@ -593,6 +606,14 @@ class RunConfig(_Strict):
                                  "median, trimmed mean or Krum is not; keep one of them, or let the clients add the "
                                  "noise (federation.dp.where: client), after which any aggregation is private")
             sampled = max(1, int(round(self.federation.fraction * self.data.partition.num_clients)))
+            if robust.rule in ("median", "trimmed_mean"):
+                need = robust.minimum_clients()
+                if sampled < need:
+                    raise ValueError(f"federation.robust.rule = {robust.rule}"
+                                     + (f" with trim = {robust.trim}" if robust.rule == "trimmed_mean" else "")
+                                     + f" bounds a poisoned update only over at least {need} clients (with fewer it is "
+                                     f"the plain mean: ⌊trim·n⌋ = 0, or no middle value), the run samples {sampled}: "
+                                     "sample more clients" + (", or raise trim" if robust.rule == "trimmed_mean" else ""))
             if robust.rule == "krum" and sampled < 2 * robust.krum_malicious + 3:
                 raise ValueError(f"federation.robust.rule = krum with krum_malicious = {robust.krum_malicious} needs "
                                  f"at least 2f + 3 = {2 * robust.krum_malicious + 3} clients per round, the run "
@@ -612,6 +633,18 @@ class RunConfig(_Strict):
             if clash:
                 raise ValueError(f"federation.secagg hides each client's update from the server, and {clash[0]} needs "
                                  "them one by one; keep one of the two")
+            dp = self.federation.dp
+            if dp is not None and dp.where == "client" and dp.noise_multiplier:
+                # each coordinate of a client's noised update is up to C of the clipped update plus N(0, (σC)²): at
+                # clipping_range below C·(1 + 4σ) a coordinate beyond it (p 6e-5 each) is all but sure in a LoRA's
+                # millions, and every client would refuse its update every round
+                floor = dp.clip_norm * (1 + 4 * dp.noise_multiplier)
+                if self.federation.secagg.clipping_range < floor:
+                    raise ValueError(f"federation.secagg.clipping_range = {self.federation.secagg.clipping_range:g} is "
+                                     f"below what a client's noised update reaches (clip_norm {dp.clip_norm:g} plus "
+                                     f"noise of std σ·C = {dp.noise_multiplier * dp.clip_norm:g} per value): every "
+                                     "client would refuse its update; set clipping_range to at least "
+                                     f"{dp.clip_norm * (1 + 6 * dp.noise_multiplier):g} (C·(1 + 6σ))")
             if self.federation.runtime == "local":
                 raise ValueError("federation.secagg protects the clients' updates from the server over Flower; "
                                  "in-process the server is the clients' own process: run with --runtime flower-sim "

@@ -359,8 +359,8 @@ def resolve_noise(cfg):
 
 
 def round_metrics(cfg, rounds: int, client_rounds: list[int] | None = None) -> dict:
-    """What a round's server row reports: ε after ``rounds`` applied rounds (where: client, ε of the client
-    that sent the most updates so far, ``client_rounds``), and δ."""
+    """What a round's server row reports: ε after ``rounds`` releases (where: server, the noised aggregates computed;
+    where: client, ε of the client that sent the most updates so far, ``client_rounds``), and δ."""
     dp = cfg.federation.dp
     if dp.where == "client":
         return {"dp_epsilon": client_epsilon(cfg, max(client_rounds or [0])), "dp_delta": dp.delta}
@@ -372,8 +372,10 @@ def _target(cfg) -> dict:
     return {"target_epsilon": dp.target_epsilon, "target_rounds": cfg.federation.rounds} if dp.target_epsilon else {}
 
 
-def privacy_summary(cfg, rounds: int, denominator: int, client_rounds: dict[int, int] | None = None) -> dict:
-    """summary.json's ``privacy`` block (where: client, with each client's ε over the updates it sent)."""
+def privacy_summary(cfg, rounds: int, denominator: int, client_rounds: dict[int, int] | None = None,
+                    releases: int | None = None) -> dict:
+    """summary.json's ``privacy`` block (where: client, with each client's ε over the updates it sent; where: server,
+    ε over ``releases``, the noised aggregates computed — more than ``rounds`` where a round ran again after a resume)."""
     dp = cfg.federation.dp
     if dp.where == "client":
         per = {cid: client_epsilon(cfg, n) for cid, n in sorted((client_rounds or {}).items())}
@@ -381,7 +383,9 @@ def privacy_summary(cfg, rounds: int, denominator: int, client_rounds: dict[int,
                 "delta": dp.delta, "rounds": rounds, "clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier,
                 "client_noise": dp.client_noise, "accounting": CLIENT_ACCOUNTING, "reports": dp.reports,
                 "not_covered": NOT_COVERED[dp.reports], **_target(cfg)}
-    return {"where": "server", "epsilon": epsilon(central_multiplier(cfg), rounds, dp.delta), "delta": dp.delta, "rounds": rounds,
+    releases = rounds if releases is None else max(rounds, releases)
+    return {"where": "server", "epsilon": epsilon(central_multiplier(cfg), releases, dp.delta), "delta": dp.delta,
+            "rounds": rounds, "releases": releases,
             "clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier, "clients_per_round": denominator,
             "noise_std_of_average": dp.noise_multiplier * dp.clip_norm / denominator,
             "accounting": ACCOUNTING if samples_everyone(cfg) else ACCOUNTING_SAMPLED, **_target(cfg)}

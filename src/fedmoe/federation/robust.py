@@ -64,10 +64,21 @@ def krum_scores(updates: list[State], malicious: int) -> list[float]:
     return scores
 
 
+class TooFewForTheRule(RuntimeError):
+    """Fewer updates than the rule bounds a poisoned one over (``RobustConfig.minimum_clients``): the runtime fails
+    the round (``RoundFailed``) rather than take what would be their plain mean."""
+
+
 def robust_aggregate(server, cfg, global_state: State, server_state: dict, replies: list[Reply],
                      round_idx: int) -> tuple[State, dict, dict]:
     """The round's aggregation under ``cfg.federation.robust``: (new global state, server state, metrics)."""
     rc = cfg.federation.robust
+    need = rc.minimum_clients()
+    if len(replies) < need:  # the rule would bound nothing: with fewer, it is the plain mean of what came
+        raise TooFewForTheRule(f"round {round_idx}: {len(replies)} clients replied, and federation.robust.rule = {rc.rule}"
+                          f"{f' (trim {rc.trim})' if rc.rule == 'trimmed_mean' else ''} bounds a poisoned update only over "
+                          f"at least {need}: with fewer it is the plain mean, so the round was not aggregated; resume "
+                          "when more clients answer, or sample more (federation.fraction)")
     deltas, bounded = [], 0
     for r in replies:
         d = {n: r.message.tensors[n].to(torch.float64) - t.to(torch.float64) for n, t in global_state.items()}
@@ -101,4 +112,4 @@ def robust_aggregate(server, cfg, global_state: State, server_state: dict, repli
     return new, server_state, metrics
 
 
-__all__ = ["coordinate_median", "krum_scores", "robust_aggregate", "trimmed_mean"]
+__all__ = ["TooFewForTheRule", "coordinate_median", "krum_scores", "robust_aggregate", "trimmed_mean"]

@@ -238,6 +238,7 @@ class Federation:
         self.policy = EvalPolicy(cfg, self.rd.log_metrics)
         self.records = {cid: ClientRecord() for cid in range(cfg.data.partition.num_clients)}
         self.completed_rounds = 0
+        self.central_releases = 0  # central DP: the noised aggregates computed, each one a release (RELEASES_FILE)
         self.wall_before = 0.0
         self.global_eval: dict = {}
         self.zero_shot: dict | None = None  # round-0 evaluation of the initial model
@@ -451,10 +452,13 @@ class Federation:
         if self.cfg.federation.secagg is not None:
             new, server_state, metrics = self._secure_aggregate(round_idx, sampled, replies)
         elif self.cfg.federation.robust is not None:
-            from .robust import robust_aggregate
+            from .robust import TooFewForTheRule, robust_aggregate
 
-            new, server_state, metrics = robust_aggregate(self.receiver, self.cfg, self.global_state, self.server_state,
-                                                          replies, round_idx)
+            try:
+                new, server_state, metrics = robust_aggregate(self.receiver, self.cfg, self.global_state,
+                                                              self.server_state, replies, round_idx)
+            except TooFewForTheRule as e:
+                raise RoundFailed(f"{e}; {self._intact()}") from None
         elif self.cfg.federation.dp is None or self.cfg.federation.dp.where == "client":
             new, server_state, metrics = self.receiver.aggregate(self.global_state, self.server_state, replies,
                                                                  round_idx=round_idx)
@@ -463,19 +467,49 @@ class Federation:
 
             new, server_state, metrics = private_aggregate(self.server, self.cfg, self.global_state, self.server_state,
                                                            replies, sampled, round_idx)
-        if self.cfg.federation.dp is not None:
-            from .dp import round_metrics
-
-            # local DP: every reply a client sent is a release, also one left out here (invalid, non-finite)
-            trained = [rec.replies_sent for rec in self.records.values()]
-            metrics = {**metrics, **round_metrics(self.cfg, self.completed_rounds + 1, trained)}
         metrics = {**conflict, **metrics}
         bad = [n for n, t in new.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if bad:
             raise RoundFailed(f"round {round_idx}: the aggregate of {len(replies)} finite client updates is not finite "
                               f"in {len(bad)} tensors ({', '.join(bad[:3])}): the round was not applied; "
                               f"{self._intact()}")
+        if self.cfg.federation.dp is not None:
+            from .dp import round_metrics
+
+            if self.cfg.federation.dp.where == "server":
+                self._count_release()  # before the noised model first leaves (its evaluation, the next round)
+            # local DP: every reply a client sent is a release, also one left out here (invalid, non-finite)
+            trained = [rec.replies_sent for rec in self.records.values()]
+            metrics = {**metrics, **round_metrics(self.cfg, self.central_releases, trained)}
         return new, server_state, metrics
+
+    RELEASES_FILE = "dp-releases.json"  # central DP: every noised aggregate computed, a round run again included
+
+    def _count_release(self) -> None:
+        """Central DP: a noised aggregate is a release once it leaves the server (the evaluation that sends it to the
+        clients, the next round's training). A round whose model left but that was not checkpointed (its evaluation
+        failed, the server was killed) runs again after a resume with fresh secret noise on the same clipped sum: a
+        second release of it, which averaged with the first halves its noise. So every aggregate is counted, written
+        to the run directory before the model leaves, and ε is over them all (a checkpoint holds only applied
+        rounds)."""
+        from ..rundir import atomic_write_text
+
+        self.central_releases += 1
+        atomic_write_text(self.rd.path / self.RELEASES_FILE, json.dumps({"releases": self.central_releases}) + "\n")
+
+    def _counted_releases(self) -> None:
+        """After a restore: the noised aggregates the run directory counted, where more than the rounds applied."""
+        self.central_releases = self.completed_rounds
+        path = self.rd.path / self.RELEASES_FILE
+        if not path.is_file():
+            return
+        try:
+            n = json.loads(path.read_text())["releases"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise RunDirError(f"{path} is not readable ({e}): it counts the noised aggregates this central-DP run "
+                              "released; restore it, or start a new run") from None
+        if isinstance(n, int) and not isinstance(n, bool) and n > self.central_releases:
+            self.central_releases = n
 
     def _secure_aggregate(self, round_idx: int, sampled: int, replies: list[Reply]) -> tuple[dict, dict, dict]:
         """SecAgg+ over the clients that trained: the server gets the weighted mean of their masked updates
@@ -617,6 +651,7 @@ class Federation:
                      f"{self.rd.checkpoint_dir}: {', '.join(f.name for f in stale)}")
         self.restore(ck.state)
         self._counted_requests()
+        self._counted_releases()
         self.rd.truncate_metrics(after_round=self.completed_rounds)
         if self.completed_rounds >= self.cfg.federation.rounds:
             self._t0 = time.time()
@@ -720,7 +755,8 @@ class Federation:
 
         sampled = len(sample_clients(len(self.records), self.cfg.federation.fraction, self.cfg.seed, 1))
         return privacy_summary(self.cfg, self.completed_rounds, sampled,
-                               {cid: r.replies_sent for cid, r in self.records.items()})
+                               {cid: r.replies_sent for cid, r in self.records.items()},
+                               releases=self.central_releases)
 
     def _tensorboard(self) -> None:
         """``report.tensorboard``: the scalars of metrics.jsonl so far, rebuilt after every round."""

@@ -194,8 +194,12 @@ def secagg_reply_content(vector, weight: float, instruction: SecAggInstruction, 
     ins = instruction
     if vec.size != ins.vector_len:
         raise ValueError(f"SecAgg+ round {ins.round_idx}: a vector of {ins.vector_len} values expected, got {vec.size}")
+    # the server reads what is raised here (Flower sends a ClientApp's error text): a statistic of this client's
+    # own update (how many values are not finite, how large the largest is) stays in the node's output
     if not np.all(np.isfinite(vec)):
-        raise ValueError(f"SecAgg+ round {ins.round_idx}: {int((~np.isfinite(vec)).sum())} non-finite values")
+        _here(f"SecAgg+ round {ins.round_idx}: {int((~np.isfinite(vec)).sum())} non-finite values")
+        raise ValueError(f"SecAgg+ round {ins.round_idx}: this client's update holds non-finite values, so it is not "
+                         "sent (the count is in the node's output)")
     weight = float(weight)
     if not (math.isfinite(weight) and 0 < weight <= ins.max_weight):
         raise ValueError(f"SecAgg+ round {ins.round_idx}: the weight {weight} must be in (0, max_weight = {ins.max_weight}]")
@@ -203,10 +207,20 @@ def secagg_reply_content(vector, weight: float, instruction: SecAggInstruction, 
         r = quantized_ratio(weight, ins.max_weight, ins.quantization_range)
         top = float(np.abs(vec).max()) * r
         if top > ins.clipping_range:
-            raise ValueError(f"SecAgg+ round {ins.round_idx}: weight/max_weight * |x| reaches {top:g} > clipping_range "
-                             f"{ins.clipping_range:g}; the mod would clip it")
+            _here(f"SecAgg+ round {ins.round_idx}: weight/max_weight * |x| reaches {top:g} > clipping_range "
+                  f"{ins.clipping_range:g}")
+            raise ValueError(f"SecAgg+ round {ins.round_idx}: this client's update exceeds federation.secagg."
+                             f"clipping_range = {ins.clipping_range:g} (the mod would clip it), so it is not sent: "
+                             "raise clipping_range, or bound the updates (federation.dp's clip_norm)")
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([vec]), weight, dict(metrics or {}))  # type: ignore[arg-type]
     return fitres_to_recorddict(res, keep_input=True)
+
+
+def _here(text: str) -> None:
+    """A detail for this node's own output only."""
+    import sys
+
+    print(f"fedmoe: {text}", file=sys.stderr, flush=True)
 
 
 def secagg_reply(message, vector, weight: float, **kw):
