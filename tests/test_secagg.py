@@ -43,12 +43,25 @@ CORRUPT = {6: (2, "collect_masked_vectors", "no configs record"), 7: (3, "collec
            8: (1, "unmask", "a share of a node not in the round")}
 
 
+# round 9: a malicious node adds to its share of the weight total (the first element of its masked vector), which
+# Flower divides the unmasked sum by: its mean would be scaled
+TAMPER = {9: 2}
+
+
 def _corrupt(msg, ctx, call_next):
     """Fault injection: the reply of :data:`CORRUPT`'s node, made after its SecAgg+ mod answered."""
     cfg = msg.content.config_records.get(sa.SECAGG_CONFIGS)
     asked = None if cfg is None else cfg.get("stage")  # read first: the SecAgg+ mod consumes the record
     rnd = int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else None
     reply = call_next(msg, ctx)
+    if rnd in TAMPER and int(ctx.node_config["partition-id"]) == TAMPER[rnd] and asked == "collect_masked_vectors":
+        from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+
+        out = reply.content.config_records[sa.SECAGG_CONFIGS]
+        first = bytes_to_ndarray(out["masked_params"][0])
+        first[0] = (int(first[0]) - 10**6) % 2**32  # the sum's weight total 10**6 smaller: the mean far larger
+        out["masked_params"] = [ndarray_to_bytes(first), *out["masked_params"][1:]]
+        return reply
     if rnd not in CORRUPT:
         return reply
     pid, stage, how = CORRUPT[rnd]
@@ -109,7 +122,7 @@ def _apps(results: dict):
         extra = RecordDict({"extra": MetricRecord({"shift": 0.25})})
         results[4] = sa.secure_weighted_sum(grid, nodes, {n: extra for n in nodes}, DIM, round_idx=4, **kw)
         results[5] = sa.secure_weighted_sum(grid, nodes[:1], None, DIM, round_idx=5, **kw)
-        for rnd in CORRUPT:
+        for rnd in [*CORRUPT, *TAMPER]:
             results[rnd] = sa.secure_weighted_sum(grid, nodes, None, DIM, round_idx=rnd, **kw)
         results["plain_last"] = plain(20.0)
 
@@ -194,6 +207,13 @@ def test_a_malformed_reply_is_that_nodes_dropout_not_the_end_of_the_run(sim, rnd
     (nid, why), = sim[rnd].failures.items()
     assert sim["pid_of"][nid] == pid and why.startswith(f"{stage}: a malformed reply")
     _check(sim[rnd], sim, rnd, [p for p in range(4) if p != pid] if stage != "unmask" else [0, 1, 2, 3])
+
+
+def test_a_node_that_alters_its_share_of_the_weight_total_halts_the_round(sim):
+    """Flower divides the unmasked sum by the weight total each client adds its share of: a client that lowers it
+    scales the mean (a billion times at a total of 1, a division by zero at 0). The total is checked against the
+    weights the clients reported: the round has no mean, and says why."""
+    assert sim[9].mean is None and "TamperedWeightTotal" in sim[9].halted and "altered its share" in sim[9].halted
 
 
 def test_one_node_halts(sim):

@@ -396,6 +396,10 @@ def _malformed_reply(m, stage: str, nodes: set[int], vector_len: int | None) -> 
     return None
 
 
+class TamperedWeightTotal(RuntimeError):
+    """SecAgg+'s unmasked weight total is not the one the clients' reported weights give (:meth:`Workflow.unmask_stage`)."""
+
+
 def _workflow_class():
     from flwr.server.workflow import SecAggPlusWorkflow
 
@@ -439,6 +443,31 @@ def _workflow_class():
                 for name, record in (self._records.get(nid) or {}).items():
                     rd[name] = record
             return super().collect_masked_vectors_stage(grid, context, state)
+
+        def unmask_stage(self, grid, context, state) -> bool:
+            """Flower divides the unmasked sum by the weight total in its first element, which each client adds its
+            own share to: one client could make it near 0 and scale the mean a billion times (or divide by 0). The
+            total is checked against the one the clients' weights give (each round(w / max_weight · Q), as the mod
+            computes it) before anything is divided by it; a mismatch halts the round."""
+            import flwr.server.workflow.secure_aggregation.secaggplus_workflow as workflow
+
+            expected = sum(round(float(res.num_examples) / state.max_weight * state.quantization_range)
+                           for _, res in state.legacy_results) % state.mod_range
+            real = workflow.factor_extract
+
+            def checked(parameters):
+                total, rest = real(parameters)
+                if int(total) != expected:
+                    raise TamperedWeightTotal(f"the masked sum's weight total is {int(total)}, the weights the "
+                                              f"clients reported give {expected}: a client altered its share of it "
+                                              "(its mean would be scaled); the round has no mean")
+                return total, rest
+
+            workflow.factor_extract = checked
+            try:
+                return super().unmask_stage(grid, context, state)
+            finally:
+                workflow.factor_extract = real
 
     return Workflow
 
