@@ -108,13 +108,15 @@ def _private_from(path: Path, run_id: str | None, client: int, round_idx: int) -
     if who != (run_id, client) and run_id is not None:
         raise ExportError(f"{folder} holds the private state of client {who[1]} of run {who[0]}, not of client {client} "
                           f"of run {run_id}: pass that run's and client's store (--private <its SuperNode's state-dir>)")
-    rounds = {int(m.group(1)): f for f in files if (m := re.fullmatch(r"private-r(\d+)\.pt", f.name))}
+    def rounds_of(paths) -> dict[int, Path]:
+        return {int(m.group(1)): f for f in paths if (m := re.fullmatch(r"private-r(\d+)\.pt", f.name))}
+
+    rounds = rounds_of(files)
     upto = [r for r in rounds if r <= round_idx]
     if not upto:
         raise ExportError(f"{folder}: no private state of round {round_idx} or before ({sorted(rounds)})")
     if path.is_file():  # one file named: it must be the state the client had after the round exported
-        beside = [int(m.group(1)) for f in folder.glob("private-r*.pt")
-                  if (m := re.fullmatch(r"private-r(\d+)\.pt", f.name)) and max(upto) < int(m.group(1)) <= round_idx]
+        beside = [r for r in rounds_of(folder.glob("private-r*.pt")) if max(upto) < r <= round_idx]
         if beside:
             raise ExportError(f"--private {path} is client {client}'s private state after round {max(upto)}, but "
                               f"{folder} holds a newer one of round {max(beside)}, which the model after round "
@@ -632,7 +634,7 @@ def _check_out_folder(out: Path) -> None:
 IN_PROGRESS = ".fedmoe-export-in-progress"  # the file by which an export holds its OUT until it is written
 
 
-def _claim(out: Path) -> bool:
+def _claim(out: Path) -> Path | None:
     """Hold ``out`` (a new or empty folder) for this export: the folder made if needed and :data:`IN_PROGRESS`
     created in it exclusively, so that a second export into it — started at the same time, past the emptiness check
     before either wrote — is refused instead of writing its files over this one's. Returns the outermost folder made
@@ -697,12 +699,11 @@ def export_model(run_dir: str | Path, out: str | Path, client: int | None = None
     form = form or ("merged" if merged else "peft")
     if form not in ("peft", "merged", "vllm", "fedmoe"):
         raise ExportError(f"--format {form!r}: use peft, merged, vllm or fedmoe")
-    merged = form == "merged"
     out = Path(out)
     _check_out_folder(out)
     made, written = _claim(out), False
     try:
-        result = _export_into(out, run_dir, client, merged, private_path, form, round_idx, exported, device, strict)
+        result = _export_into(out, run_dir, client, private_path, form, round_idx, exported, device, strict)
         # safetensors writes 0600 files: a server running as another user could not read the export
         ordinary_permissions(p for p in out.rglob("*") if p.name != IN_PROGRESS)
         written = True
@@ -711,14 +712,18 @@ def export_model(run_dir: str | Path, out: str | Path, client: int | None = None
         _release(out, made, written)
 
 
+def _blockers(loaded: LoadedModel) -> dict[str, list[str]]:
+    """Why each plain form (``merged``, ``peft``, ``vllm``) cannot express ``loaded``'s model (empty: it can)."""
+    return {"merged": merge_blockers(loaded.mm), "peft": peft_blockers(loaded.mm, loaded.cfg),
+            "vllm": vllm_blockers(loaded.mm, loaded.cfg)}
+
+
 def forms_that_fit(loaded: LoadedModel) -> list[str]:
     """The plain forms (``merged``, ``peft``, ``vllm``) that can express ``loaded``'s model."""
-    blockers = {"merged": merge_blockers(loaded.mm), "peft": peft_blockers(loaded.mm, loaded.cfg),
-                "vllm": vllm_blockers(loaded.mm, loaded.cfg)}
-    return [f for f, why in blockers.items() if not why]
+    return [f for f, why in _blockers(loaded).items() if not why]
 
 
-def _export_into(out: Path, run_dir, client, merged: bool, private_path, form: str, round_idx,
+def _export_into(out: Path, run_dir, client, private_path, form: str, round_idx,
                  exported: dict | None, device: str | None = None, strict: bool = False) -> tuple[str, list[str]]:
     loaded = load_run_model(run_dir, client, private_path, round_idx, device=device)
     if exported is not None:  # what was exported, for the caller's message: "client 1 of RUN (after round 3)"
@@ -727,34 +732,19 @@ def _export_into(out: Path, run_dir, client, merged: bool, private_path, form: s
     if form == "fedmoe":  # asked for: the model exactly as the run evaluated it (a quantized base included)
         write_fedmoe(loaded, out)
         return "fedmoe", []
-    if exported is not None or strict:
-        fit = forms_that_fit(loaded)
-        if exported is not None:
-            exported["fits"] = fit
-        if strict and form not in fit:
-            why = (merge_blockers(loaded.mm) if merged else vllm_blockers(loaded.mm, loaded.cfg) if form == "vllm"
-                   else peft_blockers(loaded.mm, loaded.cfg))
-            raise ExportError(f"--strict: {loaded.source} has no {form} form ({'; '.join(why)}); "
-                              + (f"it has a {' and a '.join(fit)} form" if fit else "only a fedmoe folder holds it "
-                                 "(--format fedmoe)") + ". Nothing was written")
-    if merged:
-        why = merge_blockers(loaded.mm)
-        if not why:
-            write_merged(loaded, out)
-            _write_source(loaded, out, "merged")
-            return "merged", []
-    elif form == "vllm":
-        why = vllm_blockers(loaded.mm, loaded.cfg)
-        if not why:
-            write_vllm(loaded, out)
-            _write_source(loaded, out, "vllm")
-            return "vllm", []
-    else:
-        why = peft_blockers(loaded.mm, loaded.cfg)
-        if not why:
-            write_peft(loaded, out)
-            _write_source(loaded, out, "peft")
-            return "peft", []
+    blockers = _blockers(loaded)
+    fit = [f for f, why in blockers.items() if not why]
+    if exported is not None:
+        exported["fits"] = fit
+    why = blockers[form]
+    if not why:
+        {"merged": write_merged, "peft": write_peft, "vllm": write_vllm}[form](loaded, out)
+        _write_source(loaded, out, form)
+        return form, []
+    if strict:
+        raise ExportError(f"--strict: {loaded.source} has no {form} form ({'; '.join(why)}); "
+                          + (f"it has a {' and a '.join(fit)} form" if fit else "only a fedmoe folder holds it "
+                             "(--format fedmoe)") + ". Nothing was written")
     write_fedmoe(loaded, out)
     return "fedmoe", why
 

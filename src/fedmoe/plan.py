@@ -131,16 +131,32 @@ def _planned_model(cfg, method, k: int):
     return mm, config
 
 
+def _live(mm) -> _LiveBytes:
+    """A count of what is created beside the model's own tensors."""
+    live = _LiveBytes()
+    live.exclude([*mm.model.parameters(), *mm.model.buffers()])
+    return live
+
+
+def _token_loss(model, ids: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, ...]:
+    """(hidden states, float32 logits, loss) of every position but the first, as labelled_token_loss takes them
+    (returned, not only the loss: a caller that keeps them alive counts them as the real step does)."""
+    from .moe.loss import lm_logits
+
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    logits = lm_logits(model, hidden.reshape(-1, hidden.shape[-1])).float()
+    return hidden, logits, torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction=reduction)
+
+
 def _measured(cfg, method, k: int, fake: bool = True, training: bool = True,
-              evaluation: bool = True) -> tuple[dict[str, int] | None, int | None]:
-    """(the training step's bytes by kind, the evaluation's activation bytes) of one level, from one model built
+              evaluation: bool = True) -> tuple[dict[str, int] | None, dict[str, int] | None]:
+    """(the training step's bytes by kind, each evaluation pass's bytes) of one level, from one model built
     (either None where not asked): see the module docstring, :func:`training_step_bytes`, :func:`evaluation_bytes`.
     ``fake``: on fake tensors (the plan); False: on real ones (what a test measures it against)."""
     from contextlib import nullcontext
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .moe.loss import lm_logits
     from .moe.model import resolve_device
     from .moe.quant import stored_bytes
     from .train import activation_checkpointing, use_bf16
@@ -170,14 +186,11 @@ def _measured(cfg, method, k: int, fake: bool = True, training: bool = True,
             frozen = stored_bytes(mm.model) - adapters
             state = method.client.plan_state_bytes(cfg, named)
             mm.model.train()
-            live = _LiveBytes()
-            live.exclude([*mm.model.parameters(), *mm.model.buffers()])
+            live = _live(mm)
             with live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
                     activation_checkpointing(mm.model, cfg.train.activation_checkpointing):
                 for _ in range(2):  # the second step holds the optimizer state of the first
-                    hidden = mm.model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-                    logits = lm_logits(mm.model, hidden.reshape(-1, hidden.shape[-1])).float()
-                    loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1))
+                    hidden, logits, loss = _token_loss(mm.model, ids)  # held into the next step, as the run holds them
                     loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
@@ -201,11 +214,9 @@ def _evaluation_passes(cfg, config) -> dict:
     def ids(n):
         return torch.randint(0, config.vocab_size, (B, n), generator=torch.Generator().manual_seed(0))
 
-    def test_loss(model, live):  # logits of every position but the last, in float32, as the loss takes them
+    def test_loss(model, live):
         with live:
-            hidden = model.model(input_ids=ids(L), use_cache=False).last_hidden_state[:, :-1]
-            logits = lm_logits(model, hidden.reshape(-1, hidden.shape[-1])).float()
-            torch.nn.functional.cross_entropy(logits, ids(L)[:, 1:].reshape(-1), reduction="sum")
+            _token_loss(model, ids(L), reduction="sum")
         return live.peak
 
     def generation(model, live):
@@ -249,8 +260,7 @@ def _evaluation_passes(cfg, config) -> dict:
 
 def _pass_bytes(mm, bf16: bool, run) -> int:
     """The peak bytes one evaluation pass creates beside the model's own tensors."""
-    live = _LiveBytes()
-    live.exclude([*mm.model.parameters(), *mm.model.buffers()])
+    live = _live(mm)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         return int(run(mm.model, live))
 

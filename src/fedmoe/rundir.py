@@ -563,6 +563,13 @@ def shell_quote(value) -> str:
     return shlex.quote(str(value))
 
 
+def says_out_of_memory(text: str) -> bool:
+    """Whether an error's text (its type's name and message) says the process ran out of memory: CUDA's
+    OutOfMemoryError, Python's MemoryError, the CPU allocator's "can't allocate memory"."""
+    low = text.lower()
+    return "out of memory" in low or "memoryerror" in low or "can't allocate memory" in low
+
+
 FLOWER_RUN = "flower-run.json"  # in the run directory: the Flower run that writes it, and on which SuperLink
 
 

@@ -11,7 +11,7 @@ import itertools
 from pathlib import Path
 
 from ..config import RunConfig, config_to_dict, load_config
-from ..rundir import RunDir, RunDirBusy, resume_command, run_dir_problem, shell_quote
+from ..rundir import RunDir, RunDirBusy, resume_command, run_dir_problem, says_out_of_memory, shell_quote
 from .checkpoint import (CHECKPOINT_FILE, Checkpoint, RunDirError, check_data_fingerprint, check_fingerprint,
                          check_resume_overrides, has_checkpoint, load_checkpoint)
 
@@ -184,8 +184,7 @@ def out_of_memory_advice(path: Path, e: BaseException) -> str:
 def with_memory_hint(failure: str) -> str:
     """A client's failure text, with what to do when it says the client ran out of memory (a node's
     reason arrives as text: CUDA's and the CPU allocator's wording are recognised)."""
-    low = failure.lower()
-    if "out of memory" in low or "memoryerror" in low or "can't allocate memory" in low:  # OutOfMemoryError too
+    if says_out_of_memory(failure):
         return (failure + " [out of memory: `train.activation_checkpointing: true` changes no number and may be set on "
                 "resume (`fedmoe run --resume DIR --set train.activation_checkpointing=true`); `fedmoe plan` says what "
                 "else fits]")

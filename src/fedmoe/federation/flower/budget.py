@@ -26,12 +26,12 @@ budget a node withholds them, and the size of its test set, unless its node conf
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...rundir import shell_quote
+from .paths import node_float
 
 LEDGER = "dp-ledger.json"
 BUDGET_KEYS = ("dp-epsilon", "dp-delta", "dp-evaluation")
@@ -48,32 +48,18 @@ class NodeBudget:
     send_evaluation: bool = False  # dp-evaluation=send: evaluation results leave the node (ε does not cover them)
 
 
-def _number(node_config, key: str, lo: float, hi: float, default: float | None) -> float | None:
-    raw = node_config.get(key)
-    if raw is None or str(raw).strip() == "":
-        return default
-    try:
-        value = math.nan if isinstance(raw, bool) else float(raw)  # Flower gives dp-epsilon=true as a boolean
-    except (TypeError, ValueError):
-        value = math.nan
-    if not (lo < value < hi):
-        raise ValueError(f"node config {key} = {raw!r}: give a number in ({lo:g}, {hi:g}), e.g. "
-                         f"--node-config '{key}={'8' if key == 'dp-epsilon' else '1e-5'}'")
-    return value
-
-
 def node_budget(node_config) -> NodeBudget | None:
     """The privacy budget a SuperNode's node config sets (``dp-epsilon``, ``dp-delta``, ``dp-evaluation``), or
     None (none set: the node follows the run's config). A malformed value is an error naming the key."""
     node_config = node_config or {}
-    eps = _number(node_config, "dp-epsilon", 0.0, math.inf, None)
+    eps = node_float(node_config, "dp-epsilon", None, example="8")
     if eps is None:
         stray = [k for k in BUDGET_KEYS[1:] if node_config.get(k) not in (None, "")]
         if stray:
             raise ValueError(f"node config {stray[0]} is set without dp-epsilon: give the node's budget too "
                              "(--node-config 'dp-epsilon=E ...'), or remove it")
         return None
-    delta = _number(node_config, "dp-delta", 0.0, 1.0, 1e-5)
+    delta = node_float(node_config, "dp-delta", 1e-5, hi=1.0, example="1e-5")
     evaluation = str(node_config.get("dp-evaluation", "withhold")).strip().lower()
     if evaluation not in ("withhold", "send"):
         raise ValueError(f"node config dp-evaluation = {node_config.get('dp-evaluation')!r}: give \"withhold\" (the "

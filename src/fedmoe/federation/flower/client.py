@@ -228,12 +228,9 @@ class FlowerClient:
         lead = self.parallel is None or self.parallel.rank == 0
         if not lead and kind != "train":  # the other ranks only train (with rank 0); rank 0 answers the rest
             return None
-        if self.budget is not None and kind in ("query", "train"):
-            why = budget_refusal(self.cfg, self.budget)
-            if why:
-                raise PermissionError(f"client {self.id}: {why}")
-            if kind == "train":  # refused before the work when even this release would exceed it
-                self._admit_release(lead)
+        # (a run the node's budget does not admit was refused by ClientCache.reply, before its data was read)
+        if self.budget is not None and kind == "train":  # refused before the work when this release would exceed it
+            self._admit_release(lead)
         node = ClientNode(self.set, store.load(before=round_idx + (0 if kind == "train" else 1)))
         load_s, model_s = (self.load_s, self.model_s) if self.fresh else (0.0, 0.0)
         self.fresh = False
@@ -359,8 +356,8 @@ class ClientCache:
         a run it does not admit before anything of the node's data is read for it."""
         budget = node_budget(node_config)
         if budget is not None and kind in ("query", "train"):
-            cfg = run_config(options)
-            why = budget_refusal(cfg, budget)
+            loaded = self.model is not None and self.model[0] == options["fedmoe-config"]
+            why = budget_refusal(self.model[1].cfg if loaded else run_config(options), budget)
             if why:
                 raise PermissionError(f"client {node_identity(node_config, options)[0]}: {why}")
         return self.client(options, node_config).handle(kind, content)

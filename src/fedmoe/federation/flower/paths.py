@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ...rundir import says_out_of_memory
+
 
 def store_path(state_dir: Path, run_id, client: int) -> Path:
     """Where client ``client`` keeps its private store for the run ``run_id`` (the id the server names in
@@ -43,12 +45,11 @@ def node_error_text(e: BaseException, node_config, deployed: bool = True) -> str
         share = node_flag(node_config, "share-errors", False)
     except NodeConfigError:
         share = False
-    text = str(e).lower()
+    text = f"{name}: {e}".strip()
     # running out of memory quotes no data, and the server has the remedy for it (directories.with_memory_hint);
     # the CPU allocator raises a plain RuntimeError that says so
-    memory = name in ("OutOfMemoryError", "MemoryError") or "out of memory" in text or "can't allocate memory" in text
-    if not deployed or share or name in PUBLIC_ERRORS or memory:
-        return f"{name}: {e}".strip()
+    if not deployed or share or name in PUBLIC_ERRORS or says_out_of_memory(text):
+        return text
     return (f"{name} on this node (its reason, which may quote the node's data, is in the node's log; the node config "
             "share-errors=true sends reasons to the server)")
 
@@ -69,23 +70,24 @@ def node_int(node_config, key: str, default: int | None, lo: int = 0, example: s
     text = str(raw).strip()
     if isinstance(raw, bool) or isinstance(raw, float) or not re.fullmatch(r"[+-]?\d+", text) or int(text) < lo:
         raise NodeConfigError(f"node config {key} = {raw!r}: give a whole number >= {lo}, e.g. --node-config "
-                         f"'{key}={example}'")
+                              f"'{key}={example}'")
     return int(text)
 
 
 def node_float(node_config, key: str, default: float | None, lo: float = 0.0, example: str = "1",
-               inclusive: bool = False) -> float | None:
-    """A finite number node config value > ``lo`` (>= with ``inclusive``)."""
+               inclusive: bool = False, hi: float = float("inf")) -> float | None:
+    """A finite number node config value > ``lo`` (>= with ``inclusive``) and < ``hi``."""
     raw = _given(node_config, key)
     if raw is None:
         return default
     try:
-        value = float("nan") if isinstance(raw, bool) else float(raw)
+        value = float("nan") if isinstance(raw, bool) else float(raw)  # Flower gives key=true as a boolean
     except (TypeError, ValueError):
         value = float("nan")
-    if not (value >= lo if inclusive else value > lo) or value == float("inf"):
-        raise NodeConfigError(f"node config {key} = {raw!r}: give a number {'>=' if inclusive else '>'} {lo:g}, e.g. "
-                         f"--node-config '{key}={example}'")
+    if not ((value >= lo if inclusive else value > lo) and value < hi) or value == float("inf"):
+        want = (f"in ({lo:g}, {hi:g})" if hi != float("inf") else f"{'>=' if inclusive else '>'} {lo:g}")
+        raise NodeConfigError(f"node config {key} = {raw!r}: give a number {want}, e.g. --node-config "
+                              f"'{key}={example}'")
     return value
 
 
