@@ -45,7 +45,7 @@ CORRUPT = {6: (2, "collect_masked_vectors", "no configs record"), 7: (3, "collec
 
 # round 9: a malicious node adds to its share of the weight total (the first element of its masked vector), which
 # Flower divides the unmasked sum by: its mean would be scaled
-TAMPER = {9: 2}
+TAMPER = {9: 2, 10: 3}  # round 10: a node reports a negative weight, which would cancel the others' in the total
 
 
 def _corrupt(msg, ctx, call_next):
@@ -57,6 +57,9 @@ def _corrupt(msg, ctx, call_next):
     if rnd in TAMPER and int(ctx.node_config["partition-id"]) == TAMPER[rnd] and asked == "collect_masked_vectors":
         from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 
+        if rnd == 10:
+            reply.content["fitres.num_examples"]["num_examples"] = -10**6
+            return reply
         out = reply.content.config_records[sa.SECAGG_CONFIGS]
         first = bytes_to_ndarray(out["masked_params"][0])
         first[0] = (int(first[0]) - 10**6) % 2**32  # the sum's weight total 10**6 smaller: the mean far larger
@@ -214,6 +217,8 @@ def test_a_node_that_alters_its_share_of_the_weight_total_halts_the_round(sim):
     scales the mean (a billion times at a total of 1, a division by zero at 0). The total is checked against the
     weights the clients reported: the round has no mean, and says why."""
     assert sim[9].mean is None and "TamperedWeightTotal" in sim[9].halted and "altered its share" in sim[9].halted
+    # a weight a node reports outside (0, max_weight] (a negative one would cancel the others' in the total): refused
+    assert sim[10].mean is None and "reported the weight -1000000, outside (0, max_weight = 100]" in sim[10].halted
 
 
 def test_one_node_halts(sim):

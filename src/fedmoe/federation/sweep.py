@@ -33,6 +33,11 @@ def _fmt(v) -> str:
     return json.dumps(v) if isinstance(v, (list, dict)) or v is None else str(v)
 
 
+def _overlaps(a: str, b: str) -> bool:
+    """Whether config keys ``a`` and ``b`` set the same value (one is the other, or a section of it)."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
 def sweep_points(sweep: dict) -> list[tuple[str, list[str]]]:
     """(point name, ``key=value`` overrides) for every combination, in a stable order."""
     if not isinstance(sweep, dict) or not sweep:
@@ -57,7 +62,7 @@ def sweep_points(sweep: dict) -> list[tuple[str, list[str]]]:
     owner: dict[str, str] = {}
     for k, axis in zip(keys, axes):
         for key in {o.split("=", 1)[0] for _, sets in axis for o in sets}:
-            clash = next((o for o in owner if o == key or o.startswith(key + ".") or key.startswith(o + ".")), None)
+            clash = next((o for o in owner if _overlaps(o, key)), None)
             if clash is not None and owner[clash] != k:
                 raise ConfigError(f"sweep.{k} and sweep.{owner[clash]} both set {key if clash == key else clash}: a "
                                   "point's value of it would be one axis's while its name says the other's; set it in "
@@ -213,7 +218,7 @@ def expand_sweep(path: str | Path, overrides: list[str] | None = None):
     swept = {o.split("=", 1)[0] for _, sets in points for o in sets}
     for item in plain:  # the point's own value would win, and the --set be ignored without a word
         key = ".".join(parse_override(item)[0])
-        hit = next((k for k in swept if k == key or k.startswith(key + ".") or key.startswith(k + ".")), None)
+        hit = next((k for k in swept if _overlaps(k, key)), None)
         if hit is not None:
             raise ConfigError(f"--set {item}: the sweep sets {hit} in each of its points, which would win over "
                               f"--set: give the sweep's values instead, --set 'sweep.{hit}=[...]' (or a named "

@@ -451,6 +451,12 @@ def _workflow_class():
             computes it) before anything is divided by it; a mismatch halts the round."""
             import flwr.server.workflow.secure_aggregation.secaggplus_workflow as workflow
 
+            # a weight outside (0, max_weight] (what an honest mod refuses to send) could cancel the others' in the total
+            bad = [res.num_examples for _, res in state.legacy_results
+                   if not (isinstance(res.num_examples, (int, float)) and 0 < res.num_examples <= state.max_weight)]
+            if bad:
+                raise TamperedWeightTotal(f"a client reported the weight {str(bad[0])[:40]}, outside (0, max_weight = "
+                                          f"{state.max_weight:g}]; the round has no mean")
             expected = sum(round(float(res.num_examples) / state.max_weight * state.quantization_range)
                            for _, res in state.legacy_results) % state.mod_range
             real = workflow.factor_extract
