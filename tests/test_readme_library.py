@@ -24,6 +24,29 @@ def test_the_library_example_runs_as_written():
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_the_library_run_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's run from Python, as pasted in the repository's root — but quick (two local steps, a few test
+    examples, no ROUGE) and into tmp_path: ``load_config`` gets those keys after the example's own. What it prints
+    is the run's summary: the global and client losses of summary.json in the run directory it names."""
+    import contextlib
+    import io
+    import json
+
+    import fedmoe.config
+
+    code = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text().split("## As a library", 1)[1], re.S)[1]
+    load = fedmoe.config.load_config
+    quick = ["train.max_steps=2", "eval.rouge=false", "data.max_test_per_client=4", f"output_dir={tmp_path}"]
+    monkeypatch.setattr(fedmoe.config, "load_config", lambda path, sets=(): load(ROOT / path, [*sets, *quick]))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md (As a library, a run)", "exec"), {})  # noqa: S102 - our own README
+    summary = json.loads((tmp_path / "one-round" / "summary.json").read_text())
+    assert summary["rounds"] == 1 and len(summary["clients"]) == 4
+    printed = out.getvalue().strip().splitlines()[-1]
+    assert printed == f"{summary['global']['loss']} {[c['loss'] for c in summary['clients']]} {tmp_path / 'one-round'}"
+
+
 def test_the_readmes_evidence_tables_command_runs_as_printed(tmp_path):
     """`python benchmarks/evidence_tables.py ...` as README prints it: argparse takes it (it needs a scenario), and
     without the sweeps' runs it says to run them first (exit 1), never a usage error (exit 2)."""

@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from .algorithms.budgets import BudgetConfig
-from .algorithms.registry import METHODS
+from .algorithms.registry import METHODS, unknown_method
 from .algorithms.server_opt import ServerOptimizerConfig
 from .algorithms.server_opt import unread as server_optimizer_unread
 from .configbase import ConfigError, StrictModel, format_errors, load_yaml
@@ -285,7 +285,14 @@ def _algorithm_config():
     for m in METHODS.values():
         if m.config is not None:
             fields[m.name] = (m.config, Field(default_factory=m.config))
-    return create_model("AlgorithmConfig", __base__=StrictModel, **fields)
+
+    def known(cls, v):  # a name no method has: which are known, and how another package's method becomes one
+        if isinstance(v, str) and v not in METHODS:
+            raise ValueError(unknown_method(v))
+        return v
+
+    return create_model("AlgorithmConfig", __base__=StrictModel,
+                        __validators__={"known": field_validator("name", mode="before")(known)}, **fields)
 
 
 AlgorithmConfig = _algorithm_config()

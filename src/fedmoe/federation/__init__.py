@@ -6,8 +6,8 @@ a SuperNode starts for every message) can be imported without torch."""
 
 from importlib import import_module
 
-_NAMES = {"Federation": ".runtime", "RunDirError": ".checkpoint", "resume_federated": ".entry",
-          "run_federated": ".entry", "sample_clients": ".sampling"}
+_NAMES = {"Federation": ".runtime", "RunDirError": ".checkpoint", "continue_run": ".entry", "resume_federated": ".entry",
+          "run_federated": ".entry", "run_sweep": ".sweep", "sample_clients": ".sampling", "start_run": ".entry"}
 
 __all__ = sorted(_NAMES)
 
