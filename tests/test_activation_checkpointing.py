@@ -5,6 +5,8 @@ FLAME's rescaler at a client's lower k, a quantized base, shared experts, dropou
 accumulated micro-batches), and a run that ran out of memory says to switch it on and resume, and then
 ends where the uninterrupted run ends."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from fedmoe.federation import resume_federated, run_federated
 from fedmoe.federation.local import load_client_model
 from fedmoe.moe.arch import token_mixers
 from fedmoe.plan import memory_plan, training_step_bytes
-from fedmoe.train import train_local
+from fedmoe.train import _steps, train_local
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,7 +75,8 @@ def test_checkpointed_training_gives_the_same_numbers(sets, hybrid):
     sets = [s.format(hybrid=hybrid) for s in sets]  # the hybrid model's recurrent layers recompute their state
     plain, state, calls = _train(sets, "false")
     n_layers, steps = max(calls) + 1, plain.steps
-    micro = steps * (2 if "train.grad_accum=2" in sets else 1)
+    accum = 2 if "train.grad_accum=2" in sets else 1  # six examples in steps of 4: micro-batches 2, 1, 2, ...
+    micro = sum(len(step) for step in itertools.islice(_steps(6, 2, accum, torch.Generator(), None), steps))
     assert len(calls) == micro * n_layers  # one forward per layer and micro-batch
     for setting, recomputed in (("true", n_layers), ("2", (n_layers + 1) // 2)):
         got, got_state, got_calls = _train(sets, setting)
@@ -172,4 +175,8 @@ def test_a_run_that_ran_out_of_memory_resumes_with_checkpointing_and_ends_as_the
     from fedmoe.federation.directories import out_of_memory_advice
 
     advice = out_of_memory_advice(run_dir, torch.OutOfMemoryError("CUDA out of memory"))
-    assert "is on already" in advice and f"`fedmoe plan {config}`" in advice and "--resume" not in advice
+    assert "is on at every layer already" in advice and f"`fedmoe plan {config}`" in advice and "--resume" not in advice
+    # on every 2nd layer only: at every layer it saves more and changes no number, so the run resumes with it
+    config.write_text(config.read_text().replace("activation_checkpointing: true", "activation_checkpointing: 2"))
+    advice = out_of_memory_advice(run_dir, torch.OutOfMemoryError("CUDA out of memory"))
+    assert f"`fedmoe run --resume {run_dir} --set train.activation_checkpointing=true`" in advice

@@ -155,7 +155,10 @@ def test_grouping_by_length_keeps_every_example_once_and_cuts_the_padding():
     from fedmoe.data import prepare_federated_data
     from fedmoe.federation.clients import client_set
     from fedmoe.moe import load_tokenizer
-    from fedmoe.train import _batches
+    from fedmoe.train import _steps
+
+    def _batches(n, bs, generator, lengths=None):  # one micro-batch a step (the default run's accumulation of 1)
+        return (batch for [batch] in _steps(n, bs, 1, generator, lengths))
 
     cfg = load_config(None, [])
     data = prepare_federated_data(cfg.data, cfg.seed)

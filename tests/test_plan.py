@@ -78,6 +78,8 @@ def test_plan_follows_the_precision_the_run_trains_in():
     assert on.peak["weights"] == off.peak["weights"] and on.peak["adapters"] == off.peak["adapters"]
     assert on.peak["activations"] != off.peak["activations"]
     assert auto_cpu.peak == off.peak
+    # the evaluation is not under autocast (train.bf16 is training's): the same passes as without it
+    assert on.passes == off.passes and auto_cpu.passes == off.passes
     real = training_step_bytes(on_cfg, get_method("fedit"), on.k, fake=False)
     assert abs(on.total - sum(real.values())) <= 0.01 * sum(real.values()), (on.peak, real)
     # planned here for a GPU run (`fedmoe plan --device cuda`): its precision, and no verdict without the GPU
@@ -182,6 +184,11 @@ def test_the_plan_says_which_changes_make_it_fit():
     text = format_plan(cfg, plans, "free memory of a test GPU", (ckpt.total + half.total) // 2)
     assert "train.batch_size=2 train.grad_accum=2: " in text and text.rstrip().endswith("fits")
     assert "other keys" not in text
+    # checkpointing every 2nd layer is not every layer: that is tried first (it changes no number), not the batch
+    every2 = load_config(None, [*SMALL, "train.batch_size=4", "train.activation_checkpointing=2"])
+    partial = memory_plan(every2)
+    assert partial[0].total > ckpt.total
+    assert remedies(every2, partial, available=ckpt.total) == [(["train.activation_checkpointing=true"], ckpt.total)]
     # every change already made: nothing to try, the other keys are named
     done = load_config(None, [*SMALL, "train.batch_size=1", "train.activation_checkpointing=true",
                               "model.quantization=nf4", "eval.batch_size=1"])
@@ -363,3 +370,19 @@ def test_sweep_points_that_differ_in_their_evaluation_passes_get_plans_of_their_
         ("long answers", ["eval.max_new_tokens=200"]), ("plain again", ["eval.every_round=true"]))]
     assert sorted(sorted(names) for _, names in distinct_plans(points)) == [
         ["choice"], ["long answers"], ["mmlu"], ["plain", "plain again"]]
+
+
+def test_tied_embeddings_are_weights_once():
+    """A model whose output head is its input embedding (tie_word_embeddings: Granite-MoE's checkpoints) holds that
+    matrix once: the plan's weights count every tensor once (they counted it twice: 12 MiB too many at 50k × 64)."""
+    from fedmoe.moe.model import hf_from_config
+    from fedmoe.moe.quant import stored_bytes
+    from fedmoe.moe.tiny import tiny_config
+
+    config = tiny_config("qwen3_moe", vocab_size=5000)
+    config.tie_word_embeddings = True
+    hf = hf_from_config(config)
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    unique = {id(t): t.numel() * t.element_size() for t in [*hf.parameters(), *hf.buffers()]}
+    assert stored_bytes(hf) == sum(unique.values())
+    assert stored_bytes(hf) < sum(t.numel() * t.element_size() for m in hf.modules() for t in m.parameters(recurse=False))

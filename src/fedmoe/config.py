@@ -236,6 +236,11 @@ class TrainConfig(_Strict):
     # memory for about one more forward's compute; the numbers are the same (CPU: bit for bit)
     activation_checkpointing: bool | int = False
 
+    @property
+    def checkpoints_every_layer(self) -> bool:
+        """Whether activation checkpointing is on at every decoder layer (true, or n = 1): the most it saves."""
+        return self.activation_checkpointing is True or self.activation_checkpointing == 1
+
     @field_validator("activation_checkpointing")
     @classmethod
     def _every_n_layers(cls, v):

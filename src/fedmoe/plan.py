@@ -176,7 +176,7 @@ def _measured(cfg, method, k: int, fake: bool = True, training: bool = True,
         L = cfg.data.max_length
         if evaluation:  # each evaluation pass the run makes, without gradients
             mm.model.eval()
-            evaluated = {name: _pass_bytes(mm, bf16, run) for name, run in _evaluation_passes(cfg, config).items()}
+            evaluated = {name: _pass_bytes(mm, run) for name, run in _evaluation_passes(cfg, config).items()}
         if training:
             adamw = cfg.train.optimizer != "sgd"
             opt = (torch.optim.AdamW(params, lr=1e-3) if adamw
@@ -258,10 +258,12 @@ def _evaluation_passes(cfg, config) -> dict:
     return passes
 
 
-def _pass_bytes(mm, bf16: bool, run) -> int:
-    """The peak bytes one evaluation pass creates beside the model's own tensors."""
+def _pass_bytes(mm, run) -> int:
+    """The peak bytes one evaluation pass creates beside the model's own tensors. In the model's dtype, never under
+    autocast: the run evaluates so (``train.bf16`` is training's; planned under it, an fp32 model's key/value cache
+    counted in bf16 was 0.70 of the real generation's)."""
     live = _live(mm)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad():
         return int(run(mm.model, live))
 
 
@@ -376,7 +378,8 @@ def remedies(cfg, plans: list[LevelPlan], available: int, max_plans: int = 6) ->
     """What makes the largest level fit, planned rather than guessed: changes tried one after the other,
     each on top of the ones before, in the order of what they change — nothing (a smaller evaluation batch where
     the evaluation is over, activation checkpointing), the step's float rounding only (the batch divided by its
-    smallest factor, the accumulation multiplied by it: the same examples and token mean per step), the frozen
+    smallest factor, the accumulation multiplied by it: the same examples and token mean per step, ``train._steps``;
+    where ``train.aux_loss`` is on, the load-balancing loss is each micro-batch's, averaged, so it changes), the frozen
     base's numerics (NF4) — each planned again at the largest level's k, until one fits (at most ``max_plans``).
     Returns (the change, the peak with it and every change before it)."""
     from .algorithms import get_method
@@ -406,7 +409,7 @@ def remedies(cfg, plans: list[LevelPlan], available: int, max_plans: int = 6) ->
         eval_batch //= 2
         plan([f"eval.batch_size={eval_batch}"], "evaluation")
     steps: list[list[str]] = []
-    if not cfg.train.activation_checkpointing:
+    if not cfg.train.checkpoints_every_layer:  # (off, or every n-th layer: every layer saves more)
         steps.append(["train.activation_checkpointing=true"])
     batch, accum = cfg.train.batch_size, cfg.train.grad_accum
     while batch > 1:  # by its smallest factor: the step keeps its examples (an odd batch too: 3 -> 1 x 3)
@@ -499,7 +502,7 @@ def check_fits(cfg, log=print) -> None:
     line = f"memory plan: peak {peak / 2**30:.2f} GiB of {available / 2**30:.2f} GiB ({what})"
     if peak > TIGHT * available:  # the allocator's cache and fragmentation are not in the plan
         line += (f"; tight (over {TIGHT:.0%}): the allocator's cache is not counted"
-                 + ("" if cfg.train.activation_checkpointing else
+                 + ("" if cfg.train.checkpoints_every_layer else
                     ", and train.activation_checkpointing=true would leave more room without changing a number"))
     log(line)
 

@@ -117,24 +117,32 @@ def steps_for(cfg: TrainConfig, n_train: int) -> int:
 GROUP_MEGABATCH = 50  # train.group_by_length: batches are formed within chunks of this many batches' examples
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator, lengths: Sequence[int] | None = None):
-    """Endless seeded shuffled index batches (a new permutation each pass over the data). ``lengths``
-    (``train.group_by_length``): each pass's permutation is cut into chunks of ``GROUP_MEGABATCH`` batches,
-    each chunk sorted by length (longest first, ties in shuffled order) and cut into batches, so a batch
-    holds examples of similar length and pads little (as transformers' ``LengthGroupedSampler``); then the
-    pass's batches are shuffled, so a round of ``max_steps`` shorter than a pass trains on batches drawn
-    from every length alike, not on the longest examples of a chunk first."""
+def _steps(n: int, batch_size: int, grad_accum: int, generator: torch.Generator,
+           lengths: Sequence[int] | None = None):
+    """Endless seeded shuffled steps, each a list of index micro-batches: a new permutation each pass over the
+    data, cut into steps of ``batch_size`` × ``grad_accum`` examples (the last of a pass shorter where they do not
+    divide it: a pass, and ``train.epochs``, trains every example once), each step cut into micro-batches of
+    ``batch_size``. So a step holds the same examples however its batch is split into micro-batches: halving
+    ``train.batch_size`` and doubling ``train.grad_accum`` changes only the float rounding of the step's token mean
+    (and, where ``train.aux_loss`` is on, the load-balancing loss, a function of each micro-batch's routing).
+
+    ``lengths`` (``train.group_by_length``): each pass's permutation is cut into chunks of ``GROUP_MEGABATCH``
+    steps, each chunk sorted by length (longest first, ties in shuffled order) and cut into steps, so a step (and
+    its micro-batches) holds examples of similar length and pads little (as transformers' ``LengthGroupedSampler``
+    does for batches); then the pass's steps are shuffled, so a round of ``max_steps`` shorter than a pass trains
+    on steps drawn from every length alike, not on the longest examples of a chunk first."""
+    size = batch_size * grad_accum
     while True:
         perm = torch.randperm(n, generator=generator).tolist()
         if lengths is None:
-            for i in range(0, n, batch_size):
-                yield perm[i : i + batch_size]
-            continue
-        size = GROUP_MEGABATCH * batch_size
-        grouped = [i for c in range(0, n, size) for i in sorted(perm[c : c + size], key=lambda j: -lengths[j])]
-        batches = [grouped[i : i + batch_size] for i in range(0, n, batch_size)]
-        for b in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[b]
+            steps = [perm[i : i + size] for i in range(0, n, size)]
+        else:
+            chunk = GROUP_MEGABATCH * size
+            grouped = [i for c in range(0, n, chunk) for i in sorted(perm[c : c + chunk], key=lambda j: -lengths[j])]
+            cut = [grouped[i : i + size] for i in range(0, n, size)]
+            steps = [cut[b] for b in torch.randperm(len(cut), generator=generator).tolist()]
+        for step in steps:
+            yield [step[i : i + batch_size] for i in range(0, len(step), batch_size)]
 
 
 def _rows(batch: dict, parallel: Parallel) -> dict | None:
@@ -245,7 +253,7 @@ def train_local(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(rank_seed(seed, 0 if parallel is None else parallel.rank))  # dropout, jitter: the rank's own
     lengths = [len(ex["input_ids"]) for ex in examples] if cfg.group_by_length else None
-    batches = _batches(len(examples), cfg.batch_size, gen, lengths)
+    steps = _steps(len(examples), cfg.batch_size, cfg.grad_accum, gen, lengths)
     n_steps = steps_for(cfg, len(examples))
 
     mm.reset_activation_counts()
@@ -259,7 +267,8 @@ def train_local(
         # token weighs the same, however the micro-batches split them), not a mean of micro-batch means,
         # which would weigh the tokens of a micro-batch with short answers up. The aux loss and the method's
         # terms are averaged over the micro-batches. With grad_accum = 1 both are the plain token mean.
-        micro = [collate_sft([examples[i] for i in next(batches)], pad_id) for _ in range(cfg.grad_accum)]
+        micro = [collate_sft([examples[i] for i in batch], pad_id) for batch in next(steps)]
+        parts = len(micro)  # cfg.grad_accum, fewer in a pass's last step where the batches do not divide it
         labelled = max(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), 1)
         if parallel is not None:  # this rank's rows of each micro-batch (the labelled count is the whole step's)
             micro = [_rows(b, parallel) for b in micro]
@@ -274,9 +283,9 @@ def train_local(
             loss = loss_sum / labelled  # this micro-batch's share of the step's token mean
             step_loss += loss.item()  # the reported loss: the language model's alone
             if aux is not None:
-                loss = loss + aux_coef * aux.float() / (cfg.grad_accum * ranks)
+                loss = loss + aux_coef * aux.float() / (parts * ranks)
             for term in terms:  # once in the sum over the ranks
-                loss = loss + term(params) / (cfg.grad_accum * ranks)
+                loss = loss + term(params) / (parts * ranks)
             loss.backward()
             tokens += int(batch["attention_mask"].sum())
         if parallel is not None:

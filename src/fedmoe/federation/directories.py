@@ -164,19 +164,19 @@ def out_of_memory_advice(path: Path, e: BaseException) -> str:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     head = f"out of memory ({first[:200]})"
     try:
-        on = bool(load_config(config).train.activation_checkpointing)
+        on = load_config(config).train.checkpoints_every_layer
     except Exception:  # noqa: BLE001 - an unreadable config.yaml: advise as if it were off
         on = False
     resumable = has_checkpoint(path)
-    if not on:
-        why = (" (activation checkpointing changes no number, only memory; `fedmoe plan "
+    if not on:  # off, or on every n-th layer only: at every layer it saves the most
+        why = (" (activation checkpointing at every layer changes no number, only memory; `fedmoe plan "
                f"{shell_quote(config)} --set train.activation_checkpointing=true` shows the new peak)")
         if resumable:
             return (head + ". The run stopped at its last checkpoint: continue it with `fedmoe run --resume "
                     f"{shell_quote(path)} --set train.activation_checkpointing=true`" + why)
         return (head + " before its first checkpoint: run it again with `--set train.activation_checkpointing=true`"
                 + why)
-    return (head + f". Activation checkpointing is on already: `fedmoe plan {shell_quote(config)}` says which keys "
+    return (head + f". Activation checkpointing is on at every layer already: `fedmoe plan {shell_quote(config)}` says which keys "
             "make the step fit (a smaller train.batch_size with more train.grad_accum, model.quantization=nf4, a shorter "
             "data.max_length); they change the run, so start a new run with them")
 

@@ -306,15 +306,18 @@ def quantize_model(mm, scheme: str) -> dict:
 
 def stored_bytes(module: nn.Module) -> int:
     """Bytes of a module's frozen weights as held: quantized ones by their codes and scales, the rest by
-    their parameters and buffers (adapters included)."""
+    their parameters and buffers (adapters included). A tensor two modules share (tied input and output
+    embeddings) is counted once."""
     total = 0
+    seen: set[int] = set()
     for m in module.modules():
-        for p in m.parameters(recurse=False):
-            total += p.numel() * p.element_size()
-        if isinstance(m, QuantizedWeight):
-            continue  # its buffers are counted below, once
-        for b in m.buffers(recurse=False):
-            total += b.numel() * b.element_size()
+        held = list(m.parameters(recurse=False))
+        if not isinstance(m, QuantizedWeight):  # (its buffers are counted below, once)
+            held += list(m.buffers(recurse=False))
+        for t in held:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
     for m in module.modules():
         if isinstance(m, QuantizedWeight):
             total += m.nbytes_stored()
