@@ -332,6 +332,23 @@ def test_compare_damaged_runs(tiny_run, tmp_path):
     line = compare(run)
     assert f"{run / 'summary.json'} is not valid JSON" in line and "truncated or damaged" in line
     assert "move it away to compare the run as unfinished" in line
+    run = damaged("xloss", "metrics.jsonl", metrics + b'{"kind": "test", "round": 1, "loss": "x"}\n')
+    line = compare(run)
+    assert f'{run / "metrics.jsonl"}: line {n + 1} has "loss": "x", not a number or null' in line
+    # a summary edited by hand: each reader's number checked (a string made a traceback; a client's entry without
+    # its loss left the mean to the other client, unsaid)
+    move = "move it away to compare the run as unfinished"
+    for name, edit, says in (
+            ("strloss", lambda t: t["clients"][0].update(loss="abc"), 'has client 0\'s "loss": "abc", not a number'),
+            ("nowall", lambda t: t.pop("wall_s"), 'has "wall_s": null, not a number'),
+            ("bare", lambda t: t["clients"].__setitem__(0, {"id": 0}), 'has client 0 without "loss"'),
+            ("noclient", lambda t: t["clients"].pop(0), "has clients with ids [1], not 0, 1, ... in order"),
+            ("strrouge", lambda t: t["global"].update(rouge_l="high"), 'has the global "rouge_l": "high"')):
+        edited = json.loads(summary)
+        edit(edited)
+        run = damaged(name, "summary.json", json.dumps(edited).encode())
+        line = compare(run)
+        assert f"{run / 'summary.json'} {says}" in line and "edited or damaged" in line and move in line, line
     run = damaged("binary", "metrics.jsonl", metrics + b'{"kind": "\xff"}\n')
     line = compare(run)
     assert f"{run / 'metrics.jsonl'} is not UTF-8 text (byte {len(metrics) + 10} is 0xff)" in line and leave_out in line

@@ -173,3 +173,13 @@ def test_a_sweep_axis_set_on_a_config_without_a_sweep_is_refused():
     with pytest.raises(ConfigError, match=r"--set sweep.seed=\[0,1\]: changes an axis of a sweep, and the default "
                                           r"config has no sweep: section"):
         load_config(None, ["sweep.seed=[0,1]"])
+
+
+def test_a_set_value_that_is_not_yaml_is_one_line_naming_where():
+    """`--set train.lr=[1`: the YAML error on one line, where and why, and how to give text (it printed the parser's
+    multi-line message with a caret drawing)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.lr=[1"])
+    assert str(e.value) == ("--set train.lr: value '[1' is not valid YAML (at line 1, column 3: expected ',' or ']', "
+                            "but got '<stream end>'); a text value with YAML's signs in it goes in quotes: "
+                            "--set 'train.lr=\"...\"'")

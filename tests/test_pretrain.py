@@ -209,3 +209,71 @@ def test_an_export_dir_holding_another_model_is_refused_before_training(tmp_path
     with pytest.raises(ConfigError, match="holds files this run did not write"):
         run_pretrain(_tiny_recipe(tmp_path, "p", 2).model_copy(update={"export_dir": str(other)}),
                      show_progress=False, log=lambda *_: None)
+
+
+def test_a_tokenizer_trained_for_other_settings_is_not_reused(tmp_path):
+    """A run stopped before its first checkpoint leaves its tokenizer in work_dir; started again with another
+    tokenizer.vocab_size it trained on the old tokenizer while its model card named the new size. The tokenizer
+    names the settings it was trained with, and one of other settings is trained again."""
+    logged = []
+    run_pretrain(_tiny_recipe(tmp_path, "t", 1), show_progress=False, log=lambda *_: None)
+    (tmp_path / "t" / "checkpoint.pt").unlink()  # as if it had stopped before its first checkpoint
+    bigger = _tiny_recipe(tmp_path, "t", 1).model_copy(deep=True)
+    bigger.tokenizer.vocab_size = 700
+    run_pretrain(bigger, show_progress=False, log=logged.append)
+    assert any("trained with other settings" in str(line) for line in logged)
+    vocab = json.loads((tmp_path / "t" / "export" / "config.json").read_text())["vocab_size"]
+    assert vocab == 700 and "vocabulary 700" in (tmp_path / "t" / "export" / "README.md").read_text()
+
+
+@pytest.mark.parametrize(("sets", "says"), [
+    (["train.eval_every=0"], "train.eval_every"), (["train.checkpoint_every=0"], "train.checkpoint_every"),
+    (["train.warmup_steps=-5"], "train.warmup_steps"), (["train.lr=-1"], "train.lr"),
+    (["model.top_k=8", "model.num_experts=4"], "model.top_k = 8 routes each token to more experts"),
+    (["model.hidden_size=32", "model.num_heads=3"], "model.hidden_size = 32 does not split into model.num_heads = 3"),
+    (["train.device=cuda:x"], "'cuda:x' is not a device"),
+])
+def test_a_recipe_that_cannot_train_is_refused_naming_the_key(sets, says):
+    """Before any work (they divided by zero after the first step, or trained with a negative warm-up)."""
+    from fedmoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\+ --set " + sets[0].replace(".", r"\.")) as e:
+        load_pretrain_config(None, sets)
+    assert says in str(e.value)
+
+
+def test_a_config_file_that_is_not_yaml_and_a_batch_larger_than_the_corpus_are_one_line_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedmoe.cli import app
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1\n")
+    res = CliRunner().invoke(app, ["pretrain", str(bad)])
+    assert res.exit_code == 2 and f"error: {bad}: line 2, column 1 is not valid YAML" in res.stderr, res.stderr
+    res = CliRunner().invoke(app, ["pretrain", str(tmp_path)])
+    assert res.exit_code == 2 and "is a folder, not a config file" in res.stderr
+    cfg = _tiny_recipe(tmp_path, "b", 1).model_copy(deep=True)
+    cfg.train.batch_size = 100000
+    from fedmoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.batch_size = 100000 is more than the \d+ blocks"):
+        run_pretrain(cfg, show_progress=False, log=lambda *_: None)
+
+
+def test_an_interrupted_pretraining_says_how_to_continue(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import fedmoe.pretrain
+    from fedmoe.cli import app
+
+    def stopped(cfg, **kw):
+        (tmp_path / "w").mkdir(exist_ok=True)
+        (tmp_path / "w" / "checkpoint.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fedmoe.pretrain, "run_pretrain", stopped)
+    res = CliRunner().invoke(app, ["pretrain", "--set", f"work_dir={tmp_path / 'w'}"])
+    assert res.exit_code == 130, res.output
+    assert f"interrupted (Ctrl-C): its last checkpoint, {tmp_path / 'w' / 'checkpoint.pt'}, is kept: the same command " \
+           "continues from it" in res.stderr

@@ -89,6 +89,15 @@ def test_sweep_runs_tabulates_and_resumes(tmp_path):
     assert yaml.safe_load((fedit_dir / "config.yaml").read_text())["train"]["activation_checkpointing"] is True
     flame_cfg = yaml.safe_load((tmp_path / "sw" / "name=flame" / "config.yaml").read_text())
     assert flame_cfg["train"]["activation_checkpointing"] is False
+    # a finished point whose summary.json was damaged since is named, not kept (its table had said "Expecting ','
+    # delimiter", naming no file)
+    flame_summary = tmp_path / "sw" / "name=flame" / "summary.json"
+    flame_summary.write_text(flame_summary.read_text()[:100])
+    logs.clear()
+    with pytest.raises(ValueError, match=rf"{flame_summary} is not valid JSON .*move the point's folder "
+                                         rf"{tmp_path / 'sw' / 'name=flame'} away"):
+        run_sweep(path, log=logs.append)
+    assert not any("name=flame: done before, kept" in line for line in logs)
 
 
 def test_every_shipped_config_and_sweep_point_validates():

@@ -344,14 +344,31 @@ def pretrain(
     holds anything this run did not write (the shipped model included) is refused before training, unless
     --overwrite."""
     from .config import ConfigError
+    from .data import DataError
     from .pretrain import load_pretrain_config, run_pretrain
+    from .rundir import DamagedFileError
 
+    cfg = None
     try:  # run_pretrain refuses an export_dir it would overwrite (and a bad precision) before any training
         cfg = load_pretrain_config(config, set_ or [])
+        _STOP["running"] = True  # SIGTERM as Ctrl-C: what to do next is said
         stats = run_pretrain(cfg, overwrite=overwrite)
     except ConfigError as e:
         _error(f"{e}")
         raise typer.Exit(2)
+    except (DataError, DamagedFileError) as e:  # the corpus, a checkpoint: each names its file
+        _error(f"{e}")
+        raise typer.Exit(1)
+    except OSError as e:
+        _error(_os_error(e))
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        cause = _STOP["signal"] or "Ctrl-C"
+        ck = Path(cfg.work_dir) / "checkpoint.pt" if cfg is not None else None
+        where = (f"its last checkpoint, {ck}, is kept: the same command continues from it" if ck is not None and
+                 ck.is_file() else "it stopped before its first checkpoint: the same command starts it again")
+        _error(f"interrupted ({cause}): {where}")
+        raise typer.Exit(143 if cause == "SIGTERM" else 130)
     print(f"held-out loss {stats['heldout_loss']:.4f}, perplexity {stats['heldout_perplexity']:.2f}; "
           f"model card: {cfg.export_dir}/README.md")
 

@@ -18,7 +18,7 @@ from .algorithms.budgets import BudgetConfig
 from .algorithms.registry import METHODS, unknown_method
 from .algorithms.server_opt import ServerOptimizerConfig
 from .algorithms.server_opt import unread as server_optimizer_unread
-from .configbase import ConfigError, StrictModel, format_errors, load_yaml
+from .configbase import ConfigError, StrictModel, check_device_name, format_errors, load_yaml
 
 _Strict = StrictModel
 
@@ -41,14 +41,7 @@ class ModelConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _a_device(cls, value: str) -> str:
-        import torch
-
-        if value != "auto":
-            try:
-                torch.device(value)
-            except RuntimeError:
-                raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-        return value
+        return check_device_name(value)
 
 
 class LoRAConfig(_Strict):
@@ -780,7 +773,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = load_yaml(raw, f"--set {key}") if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
+        where, why = _yaml_problem(e)
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML (at{where}: {why}); a text value with YAML's "
+                          f"signs in it goes in quotes: --set '{key}=\"...\"'") from None
     return key.split("."), value
 
 
@@ -841,29 +836,40 @@ def _not_a_config_file(p: Path) -> str:
             f"(configs/default.yaml written out); {there}{hint}")
 
 
+def _yaml_problem(e: yaml.YAMLError) -> tuple[str, str]:
+    """A YAML error on one line: (where — `` line L, column C``, 1-based, or "" —, why)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return where, getattr(e, "problem", None) or str(e).splitlines()[0]
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The tree of the YAML config at ``path``; a path that is not a config file, a file that is not UTF-8 text or
+    not YAML, or one whose top level is not a mapping, is a :class:`ConfigError` naming the file (and the line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(_not_a_config_file(p))
+    try:
+        loaded = load_yaml(p.read_text(encoding="utf-8"), str(p))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p} is not a text (UTF-8) file (byte {e.start} is 0x{e.object[e.start]:02x}): give "
+                          "the path of a YAML config") from None
+    except yaml.YAMLError as e:
+        where, why = _yaml_problem(e)
+        raise ConfigError(f"{p}:{where} is not valid YAML: {why}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     tree: dict = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(_not_a_config_file(p))
-        try:
-            loaded = load_yaml(p.read_text(encoding="utf-8"), str(p))
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{p} is not a text (UTF-8) file (byte {e.start} is 0x{e.object[e.start]:02x}): give "
-                              "the path of a YAML config") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            why = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"{p}:{where} is not valid YAML: {why}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
-        tree = loaded
+        source = str(Path(path))
+        tree = read_config_file(path)
     if overrides:
         if "sweep" not in tree and any(o.startswith("sweep.") for o in overrides):
             raise ConfigError(f"--set {next(o for o in overrides if o.startswith('sweep.'))}: changes an axis of a "

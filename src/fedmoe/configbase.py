@@ -161,6 +161,18 @@ def flat_keys(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def check_device_name(value: str) -> str:
+    """``value`` if torch reads it as a device (or it is ``auto``); else a ValueError saying what to give."""
+    import torch
+
+    if value != "auto":
+        try:
+            torch.device(value)
+        except RuntimeError:
+            raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    return value
+
+
 def format_errors(err: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
     """The errors of validating ``model`` (the config's class: it gives an unknown key's close match) read from
     ``source``, one line each, naming the key."""
@@ -177,4 +189,4 @@ def format_errors(err: ValidationError, source: str, model: type[BaseModel] | No
     return "\n".join(lines)
 
 
-__all__ = ["ConfigError", "StrictModel", "format_errors", "load_yaml"]
+__all__ = ["ConfigError", "StrictModel", "check_device_name", "format_errors", "load_yaml"]

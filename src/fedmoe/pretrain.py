@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .configbase import ConfigError, StrictModel, format_errors as _format_errors, load_yaml
+from .configbase import ConfigError, StrictModel, check_device_name, format_errors as _format_errors
 from .data.general import DEFAULT_CORPUS, corpus_split, pack
 from .data.template import format_prompt
 from .rundir import atomic_write_bytes, atomic_write_text
@@ -52,33 +52,43 @@ class TokenizerSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    num_experts: int = 16
-    top_k: int = 4
-    intermediate_size: int = 128
-    max_position_embeddings: int = 1024
-    router_aux_loss_coef: float = 0.1
+    hidden_size: int = Field(256, ge=1)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_experts: int = Field(16, ge=1)
+    top_k: int = Field(4, ge=1)
+    intermediate_size: int = Field(128, ge=1)
+    max_position_embeddings: int = Field(1024, ge=1)
+    router_aux_loss_coef: float = Field(0.1, ge=0)
     # per_layer: the load-balancing loss is computed in every MoE layer and averaged; global: Hugging
     # Face's, on the router outputs of all layers concatenated, which lets one layer leave an expert
     # unused as long as other layers use it (the first recipe shipped such a model)
     balance: Literal["per_layer", "global"] = "per_layer"
 
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.top_k > self.num_experts:
+            raise ValueError(f"model.top_k = {self.top_k} routes each token to more experts than model.num_experts = "
+                             f"{self.num_experts}: use top_k <= num_experts")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size = {self.hidden_size} does not split into model.num_heads = "
+                             f"{self.num_heads} heads: use a hidden_size that num_heads divides")
+        return self
+
 
 class TrainSpec(_Strict):
     seq_len: int = Field(256, ge=16)
     batch_size: int = Field(16, ge=1)
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 100
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(100, ge=0)
     max_steps: int = Field(1200, ge=1)
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 200
-    eval_blocks: int = 64  # held-out blocks used for the periodic and final evaluation
-    checkpoint_every: int = 100
-    threads: int | None = 1
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    eval_every: int = Field(200, ge=1)
+    eval_blocks: int = Field(64, ge=1)  # held-out blocks used for the periodic and final evaluation
+    checkpoint_every: int = Field(100, ge=1)
+    threads: int | None = Field(1, ge=1)
     # fraction of each batch's blocks whose second half repeats the first half (a span of corpus text
     # seen twice): copying is a skill natural text of this size does not teach (see copy_test)
     repeat_fraction: float = Field(0.0, ge=0.0, lt=1.0)
@@ -86,6 +96,11 @@ class TrainSpec(_Strict):
     # Neither is part of the recipe's identity: a checkpoint resumes on another device.
     device: str = "cpu"
     precision: Literal["fp32", "bf16"] = "fp32"
+
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, v):
+        return check_device_name(v)
 
 
 class PretrainConfig(_Strict):
@@ -101,20 +116,17 @@ class PretrainConfig(_Strict):
 
 
 def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
-    from .config import apply_overrides
+    from .config import apply_overrides, read_config_file
 
-    tree = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}: give the path of a YAML config "
-                              "(e.g. configs/pretrain-tiny-moe.yaml)")
-        tree = load_yaml(p.read_text(encoding="utf-8"), str(p)) or {}
-    tree = apply_overrides(tree, overrides or [])
+    tree = read_config_file(path) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
+    if overrides:
+        tree = apply_overrides(tree, overrides)
+        source += " + --set " + " ".join(overrides)
     try:
         return PretrainConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, str(path or "defaults"), PretrainConfig)) from None
+        raise ConfigError(_format_errors(e, source, PretrainConfig)) from None
 
 
 # ------------------------------------------------------------------------------ corpus
@@ -240,9 +252,33 @@ def _check_same_recipe(saved: dict | None, now: dict, ck_path: Path) -> None:
 
     a, b = flat(saved), flat(now)
     diff = [f"{k}: checkpoint {a.get(k)!r}, config {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    raise ValueError(f"{ck_path} was written by a different recipe ({'; '.join(diff)}). Resume with the "
+    raise ConfigError(f"{ck_path} was written by a different recipe ({'; '.join(diff)}). Resume with the "
                      f"config that wrote it, or set work_dir to a new folder (or delete {ck_path.parent}) "
                      f"to start again.")
+
+
+TOKENIZER_RECIPE = "fedmoe-recipe.json"  # beside work_dir's tokenizer: the settings it was trained with
+
+
+def _tokenizer_recipe(cfg: PretrainConfig) -> dict:
+    """What the tokenizer depends on: the corpus and its split (seed, held-out fraction) and its own settings."""
+    r = _recipe(cfg)
+    return {k: r[k] for k in ("seed", "corpus", "heldout_fraction", "tokenizer")}
+
+
+def _reusable_tokenizer(tok_dir: Path, cfg: PretrainConfig, checkpointed: bool) -> bool:
+    """Whether work_dir's tokenizer is this recipe's: it names the recipe it was trained with (or, from before it
+    did, a checkpoint of the same recipe stands beside it). A run stopped before its first checkpoint and started
+    again with other settings trained on the old tokenizer, and its model card named the new vocabulary."""
+    if not (tok_dir / "tokenizer.json").is_file():
+        return False
+    mark = tok_dir / TOKENIZER_RECIPE
+    if not mark.is_file():
+        return checkpointed
+    try:
+        return json.loads(mark.read_text()) == json.loads(json.dumps(_tokenizer_recipe(cfg)))
+    except (ValueError, OSError):
+        return False
 
 
 EXPORT_MARK = ".fedmoe-pretrain"  # in an export folder: the token of the work_dir whose run wrote it
@@ -302,21 +338,31 @@ def run_pretrain(cfg: PretrainConfig, show_progress: bool = True, log=print, ove
     from .rundir import load_tensor_file
 
     ck = load_tensor_file(ck_path, "pretraining checkpoint") if ck_path.is_file() else None
+    if ck is not None:  # a checkpoint of another recipe is refused before the corpus is read
+        _check_same_recipe(ck.get("recipe"), _recipe(cfg), ck_path)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
     train_texts, held_texts = load_corpus(cfg)
     tok_dir = work / "tokenizer"
-    if (tok_dir / "tokenizer.json").is_file():
+    if _reusable_tokenizer(tok_dir, cfg, ck is not None):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     else:
+        if (tok_dir / "tokenizer.json").is_file():
+            log(f"{tok_dir} holds a tokenizer trained with other settings (a run stopped before its first checkpoint): "
+                "training it again for this recipe")
         tokenizer = train_tokenizer(train_texts, cfg.tokenizer)
         tokenizer.save_pretrained(str(tok_dir))
+        atomic_write_text(tok_dir / TOKENIZER_RECIPE, json.dumps(_tokenizer_recipe(cfg), indent=1))
     train_blocks = pack(tokenizer, train_texts, t.seq_len)
     held_blocks = pack(tokenizer, held_texts, t.seq_len)
+    if len(train_blocks) < t.batch_size:
+        raise ConfigError(f"train.batch_size = {t.batch_size} is more than the {len(train_blocks)} blocks of "
+                          f"train.seq_len = {t.seq_len} tokens the corpus makes: use a batch of at most "
+                          f"{len(train_blocks)}, shorter blocks, or a larger corpus")
     log(f"corpus: {len(train_texts)} train / {len(held_texts)} held-out examples; "
         f"{train_blocks.numel():,} train tokens in {len(train_blocks)} blocks, {len(held_blocks)} held-out blocks")
 
@@ -331,7 +377,6 @@ def run_pretrain(cfg: PretrainConfig, show_progress: bool = True, log=print, ove
 
     step, history, wall_before = 0, [], 0.0
     if ck is not None:
-        _check_same_recipe(ck.get("recipe"), _recipe(cfg), ck_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]

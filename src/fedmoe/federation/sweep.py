@@ -25,8 +25,9 @@ from pathlib import Path
 from ..config import ConfigError, apply_overrides, config_from_tree, parse_override, unread_settings
 from ..configbase import load_yaml
 from ..eval.stats import format_change
-from ..report.compare import BYTES_PER_ROUND, bytes_per_round, personal_or_global  # noqa: F401  (re-exported)
-from ..rundir import atomic_write_text, loads, md_cell
+from ..report.compare import (BYTES_PER_ROUND, bytes_per_round, personal_or_global,  # noqa: F401  (re-exported)
+                              read_summary_file)
+from ..rundir import atomic_write_text, md_cell
 
 
 def _fmt(v) -> str:
@@ -122,6 +123,9 @@ def stale_points(root: Path, configs) -> list[str]:
     return stale
 
 
+_DAMAGED_POINT = "move the point's folder {folder} away and run the sweep again to run that point again"
+
+
 def _run_point(point: str, tree: dict, sets: list[str], root: str, source: str, show_progress: bool, log,
                federation: str | None, threads: int | None = None, resume_sets: list[str] | None = None) -> str:
     """Run (or continue, or keep) one sweep point; returns its summary.json's path. ``resume_sets``: the sweep's
@@ -148,6 +152,7 @@ def _run_point(point: str, tree: dict, sets: list[str], root: str, source: str, 
                               "its results would be reported as this config's: run one sweep into a folder at a time, "
                               "or give this sweep another name (--set name=NEW)")
     if summary_path.is_file():
+        read_summary_file(summary_path, _DAMAGED_POINT.format(folder=root_p / point))  # kept only if it can be read
         log(f"{point}: done before, kept")
         return str(summary_path)
     if has_checkpoint(root_p / point):
@@ -353,7 +358,8 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progres
             done = sum(p is not None for p in paths)
             raise RuntimeError(f"sweep point {point} failed ({type(e).__name__}: {e}); {done} of {len(points)} points "
                                f"finished (kept): run the sweep again to retry the others") from e
-    done = [(point, loads(Path(p).read_text())) for (point, _), p in zip(points, paths)]
+    done = [(point, read_summary_file(Path(p), _DAMAGED_POINT.format(folder=Path(p).parent)))
+            for (point, _), p in zip(points, paths)]
     if results is not None:  # the caller's: [(point, its summary)] as tabulated
         results.extend(done)
     report = root / "sweep_report.md"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..configbase import flat_keys
 from ..eval.stats import format_change
-from ..rundir import RunDir, atomic_write_bytes, run_dir_problem, shell_quote, sweep_points_in
+from ..rundir import RunDir, atomic_write_bytes, loads, run_dir_problem, shell_quote, sweep_points_in
 from .method import config_robust, format_method, method_info
 
 
@@ -83,6 +83,9 @@ def _read_config(path: Path) -> dict:
     return tree
 
 
+METRIC_NUMBERS = ("loss", "rouge_l", "accuracy", "val_loss")  # what the comparison reads of a row, beside "round"
+
+
 def _read_metrics(rd: RunDir) -> list[dict]:
     """The rows of metrics.jsonl, each a JSON object with a whole-number ``round`` (what every reader here
     relies on); anything else is refused naming the file and the line."""
@@ -100,29 +103,75 @@ def _read_metrics(rd: RunDir) -> list[dict]:
             why = 'has no "round"'
         elif not isinstance(row["round"], int) or isinstance(row["round"], bool) or row["round"] < 0:
             why = f'has "round": {json.dumps(row["round"])}, not a whole number >= 0'
+        elif (bad := next((k for k in METRIC_NUMBERS if row.get(k) is not None and not _number(row[k])), None)):
+            why = f'has "{bad}": {json.dumps(row[bad])[:40]}, not a number or null'
         else:
             continue
-        raise ValueError(f"{path}: line {lineno} {why} (every row `fedmoe run` writes has a whole-number \"round\"): "
-                         "repair or delete that line, or leave this run out of the comparison")
+        raise ValueError(f"{path}: line {lineno} {why} (every row `fedmoe run` writes has a whole-number \"round\", and "
+                         "its scores are numbers or null): repair or delete that line, or leave this run out of the "
+                         "comparison")
     return rows
+
+
+# what the readers of a summary.json (fedmoe compare, a sweep's table) compute with: where present, a number or null
+CLIENT_NUMBERS = ("loss", "rouge_l", "accuracy", "val_loss", "bytes_up", "bytes_down", "rounds_trained",
+                  "replies_received", "evaluated_round", "flops_per_seq", "perplexity", "mmlu", "general_perplexity",
+                  "heldout_accuracy")
+GLOBAL_NUMBERS = ("loss", "rouge_l", "accuracy", "val_loss", "mmlu", "perplexity", "general_perplexity",
+                  "heldout_accuracy")
+CLIENT_KEYS = ("id", "loss", "bytes_up", "bytes_down")  # in every client's entry fedmoe writes
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def summary_problem(summary) -> str | None:
+    """What in a summary.json's tree is not as ``fedmoe run`` writes it — where a reader would fail on it or, worse,
+    compute from part of it (a client's entry without its loss left the mean to the others) —, or None."""
+    if not (isinstance(summary, dict) and isinstance(summary.get("global"), dict)
+            and isinstance(summary.get("clients"), list) and all(isinstance(c, dict) for c in summary["clients"])):
+        return 'is not a fedmoe summary (a JSON object with "global" and "clients")'
+    if not _number(summary.get("wall_s")):
+        return f'has "wall_s": {json.dumps(summary.get("wall_s"))}, not a number'
+    clients = summary["clients"]
+    ids = [c.get("id") for c in clients]
+    if ids != list(range(len(clients))):
+        return f'has clients with ids {json.dumps(ids)[:80]}, not 0, 1, ... in order (every client is in a summary)'
+    for c in clients:
+        if (missing := [k for k in CLIENT_KEYS if k not in c]):
+            return f'has client {c["id"]} without "{missing[0]}"'
+        if (bad := next((k for k in CLIENT_NUMBERS if c.get(k) is not None and not _number(c[k])), None)):
+            return f'has client {c["id"]}\'s "{bad}": {json.dumps(c[bad])[:40]}, not a number or null'
+    g = summary["global"]
+    if (bad := next((k for k in GLOBAL_NUMBERS if g.get(k) is not None and not _number(g[k])), None)):
+        return f'has the global "{bad}": {json.dumps(g[bad])[:40]}, not a number or null'
+    if (bad := next((k for k, v in g.items() if k.endswith("_change") and v is not None and not isinstance(v, dict)),
+                    None)):
+        return f'has the global "{bad}": {json.dumps(g[bad])[:40]}, not the paired change fedmoe writes'
+    return None
+
+
+def read_summary_file(path: Path, remedy: str) -> dict:
+    """A summary.json, checked as its readers need it (:func:`summary_problem`); anything else is a ValueError
+    naming the file, ending in ``remedy``."""
+    try:
+        summary = loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the file is truncated or damaged; {remedy}") from None
+    if (problem := summary_problem(summary)) is not None:
+        raise ValueError(f"{path} {problem}: the file was edited or damaged; {remedy}")
+    return summary
 
 
 def _read_summary(rd: RunDir) -> dict | None:
     path = rd.summary_path
     if not path.exists():
         return None
-    try:
-        summary = rd.read_summary()
-    except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): the file is truncated or damaged; move it away to compare "
-                         "the run as unfinished (on its metrics.jsonl), or leave this run out") from None
-    if not (isinstance(summary, dict) and isinstance(summary.get("global"), dict)
-            and isinstance(summary.get("clients"), list) and all(isinstance(c, dict) for c in summary["clients"])):
-        raise ValueError(f"{path} is not a fedmoe summary (a JSON object with \"global\" and \"clients\"): move it "
-                         "away to compare the run as unfinished (on its metrics.jsonl), or leave this run out")
-    return summary
+    return read_summary_file(path, "move it away to compare the run as unfinished (on its metrics.jsonl), or leave "
+                                   "this run out")
 
 
 def load_run(path: str | Path, label: str | None = None) -> Run:
