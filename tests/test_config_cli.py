@@ -183,3 +183,10 @@ def test_a_set_value_that_is_not_yaml_is_one_line_naming_where():
     assert str(e.value) == ("--set train.lr: value '[1' is not valid YAML (at line 1, column 3: expected ',' or ']', "
                             "but got '<stream end>'); a text value with YAML's signs in it goes in quotes: "
                             "--set 'train.lr=\"...\"'")
+
+
+def test_min_replies_above_what_a_round_samples_is_refused():
+    """4 clients at fraction 0.5 sample 2 a round: min_replies 3 could never be met (it was lowered to 2, unsaid)."""
+    with pytest.raises(ConfigError, match=r"federation.min_replies = 3 is more than the 2 clients a round samples"):
+        load_config(None, ["federation.fraction=0.5", "federation.min_replies=3"])
+    assert load_config(None, ["federation.fraction=0.5", "federation.min_replies=2"]).federation.min_replies == 2

@@ -799,3 +799,130 @@ def test_a_tensor_in_a_setup_or_evaluation_reply_is_refused_unread(monkeypatch):
     transport._send_and_receive = lambda msgs, timeout=None: [with_junk(12, {"client": 1})]
     assert transport._query([12], partial=True) == {}
     assert "answered which client it is unreadably (ValueError: a tensor 'w' the method does not expect" in logged[0]
+
+
+_TINY2 = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32", "data.partition.num_clients=2",
+          "train.max_steps=1", "train.batch_size=2", "lora.rank=2", "eval.rouge=false", "eval.zero_shot=false",
+          "data.max_test_per_client=2", "federation.min_replies=1"]
+
+
+def test_a_reply_echoing_tensors_it_was_sent_is_left_out(tmp_path):
+    """In-process SCAFFOLD: client 1 returns the server's control variates (c/...) it was sent beside its update.
+    They are no update: the reply is invalid, not aggregated (they went into the global state, which then had 96
+    tensors for 48, and every honest client of the next round was refused)."""
+    from fedmoe.config import load_config
+    from fedmoe.federation.local import LocalTransport
+
+    cfg = load_config(None, [*_TINY2, "algorithm.name=scaffold", "train.grad_clip=null", "federation.rounds=2",
+                             f"output_dir={tmp_path}", "name=echo"])
+
+    class Echo(LocalTransport):
+        def train(self, round_idx, messages, prog):
+            replies, failures = super().train(round_idx, messages, prog)
+            reply, report = replies[1]
+            echoed = {n: t for n, t in messages[1].tensors.items() if n not in reply.tensors}
+            assert any(n.startswith("c/") for n in echoed)
+            reply.tensors.update(echoed)
+            return replies, failures
+
+    summary = _run_through(cfg, Echo)
+    assert [c["rounds_trained"] for c in summary["clients"]] == [2, 0]
+    assert [(f["round"], f["client"], f["stage"]) for f in summary["failures"]] == [(1, 1, "invalid"), (2, 1, "invalid")]
+    assert "a tensor 'c/" in summary["failures"][0]["error"]
+
+
+def test_activation_counts_the_method_aggregates_by_are_checked_as_the_reports_are(tmp_path):
+    """In-process FLAME aggregates by the counts in the reply, and the runtime checked those of the transport's
+    report. Client 1's reply counts are another client's routing (the experts rolled): valid numbers, not its own —
+    left out; so is a reply with negative counts (they were aggregated)."""
+    from fedmoe.config import load_config
+    from fedmoe.federation.local import LocalTransport
+    from fedmoe.messages import ACTIVATION_COUNTS
+
+    cfg = load_config(None, [*_TINY2, "algorithm.name=flame", "algorithm.budgets.top_k=[2,1]", "federation.rounds=2",
+                             f"output_dir={tmp_path}", "name=counts"])
+
+    class Miscount(LocalTransport):
+        def train(self, round_idx, messages, prog):
+            replies, failures = super().train(round_idx, messages, prog)
+            counts = replies[1][0].tensors[ACTIVATION_COUNTS]
+            replies[1][0].tensors[ACTIVATION_COUNTS] = counts.roll(1, dims=1) if round_idx == 1 else -counts
+            return replies, failures
+
+    summary = _run_through(cfg, Miscount)
+    assert [c["rounds_trained"] for c in summary["clients"]] == [2, 0]
+    errors = [f["error"] for f in summary["failures"]]
+    assert "activation counts in its reply that are not those of its training report" in errors[0]
+    assert "activation counts that are not non-negative integers" in errors[1]
+
+
+def test_an_in_process_client_writing_into_its_message_changes_no_one_elses(tmp_path):
+    """Client 0 adds 1 in place to the tensors it was sent (as a method's client half might): client 1 still gets
+    the global state as the server holds it (on Flower a message is the client's own; in-process it was the
+    server's tensors themselves)."""
+    from fedmoe.config import load_config
+    from fedmoe.federation.local import LocalTransport
+
+    cfg = load_config(None, [*_TINY2, "federation.rounds=1", f"output_dir={tmp_path}", "name=scribble"])
+    seen = {}
+
+    class Scribbled(LocalTransport):
+        def train(self, round_idx, messages, prog):
+            for cid, node in self.nodes.items():
+                real = node.train
+
+                def train(half, mm, msg, cfg, cid=cid, real=real, **kw):
+                    seen[cid] = {n: t.clone() for n, t in msg.tensors.items()}
+                    if cid == 0:
+                        for t in msg.tensors.values():
+                            t.add_(1.0)
+                    return real(half, mm, msg, cfg, **kw)
+
+                node.train = train
+            return super().train(round_idx, messages, prog)
+
+    _run_through(cfg, Scribbled)
+    assert seen[0].keys() == seen[1].keys() and all(torch.equal(seen[0][n], seen[1][n]) for n in seen[0])
+
+
+def test_a_secure_aggregation_dropout_is_not_counted_as_aggregated(tmp_path):
+    """The runtime's ledger under SecAgg+ (the transport's secure mean, Flower's in a real run, here one that leaves
+    client 1 out as SecAgg+ does a client whose weighted update exceeds clipping_range): client 1's update is in no
+    aggregate, so its rounds_trained, expert counts and reported values do not count it, and the server rows name
+    only client 0 (they counted it as aggregated)."""
+    from fedmoe.algorithms import get_method, model_spec
+    from fedmoe.config import load_config
+    from fedmoe.federation.directories import prepare_run_dir
+    from fedmoe.federation.local import LocalTransport
+    from fedmoe.federation.runtime import Federation
+    from fedmoe.messages import Message
+
+    cfg = load_config(None, [*_TINY2, "federation.rounds=2", "federation.runtime=flower-sim",
+                             "federation.secagg.clipping_range=8", f"output_dir={tmp_path}", "name=drop"])
+
+    class DropsOne(LocalTransport):
+        kept: dict = {}
+
+        def train(self, round_idx, messages, prog):  # replies as SecAgg+'s: no tensors, the update kept aside
+            replies, failures = super().train(round_idx, messages, prog)
+            for cid, (reply, report) in replies.items():
+                self.kept[cid] = {n: t.double() - messages[cid].tensors[n].double() for n, t in reply.tensors.items()}
+                replies[cid] = (Message({}, dict(reply.scalars), reply.header), report)
+            return replies, failures
+
+        def secure_mean(self, round_idx, weights, spec):
+            mean = {n: self.kept[0][n] for n, _ in spec}
+            return mean, [0], {1: "dropped out of SecAgg+"}, {"bytes": {}}
+
+    rd = prepare_run_dir(cfg, log=lambda *a: None)
+    method = get_method(cfg.algorithm.name)
+    try:
+        summary = Federation(cfg, rd, transport=DropsOne(cfg, method, model_spec(cfg, method)), log=lambda *a: None).run()
+    finally:
+        rd.unlock()
+    assert [c["rounds_trained"] for c in summary["clients"]] == [2, 0]
+    assert summary["clients"][1]["expert_activation"] is None and summary["clients"][1]["reported"] is None
+    assert [(f["round"], f["client"], f["stage"]) for f in summary["failures"]] == [(1, 1, "secure aggregation"),
+                                                                                   (2, 1, "secure aggregation")]
+    server_rows = [r for r in rd.read_metrics() if r["kind"] == "server"]
+    assert [r["clients"] for r in server_rows] == [[0], [0]]

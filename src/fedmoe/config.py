@@ -598,6 +598,14 @@ class RunConfig(_Strict):
         elif dp is not None and not method.server.supports_dp:
             raise ValueError(f"federation.dp (client-level differential privacy) needs an aggregation that is a sum "
                              f"of clipped client updates, but {alg.name} {method.server.dp_note}; remove federation.dp")
+        from .federation.sampling import clients_per_round
+
+        sampled = clients_per_round(self.data.partition.num_clients, self.federation.fraction)
+        if self.federation.min_replies is not None and self.federation.min_replies > sampled:
+            raise ValueError(f"federation.min_replies = {self.federation.min_replies} is more than the {sampled} "
+                             f"clients a round samples (federation.fraction {self.federation.fraction} of "
+                             f"{self.data.partition.num_clients}): no round could have that many replies; lower it "
+                             "or sample more clients")
         robust = self.federation.robust
         if robust is not None:
             if not method.server.supports_dp:
@@ -610,7 +618,6 @@ class RunConfig(_Strict):
                                  "(clip_norm) and its accounting assumes the sum of the clipped updates, which a "
                                  "median, trimmed mean or Krum is not; keep one of them, or let the clients add the "
                                  "noise (federation.dp.where: client), after which any aggregation is private")
-            sampled = max(1, int(round(self.federation.fraction * self.data.partition.num_clients)))
             if robust.rule in ("median", "trimmed_mean"):
                 need = robust.minimum_clients()
                 if sampled < need:

@@ -36,6 +36,12 @@ class Message:
     def with_header(self, **header: Any) -> "Message":
         return Message(self.tensors, self.scalars, {**self.header, **header})
 
+    def copy(self) -> "Message":
+        """The message with tensors of its own: what crosses a wire (Flower) arrives so, and an in-process client
+        that wrote into the tensors it was sent would otherwise write into the server's state and the next client's
+        message."""
+        return Message({n: t.clone() for n, t in self.tensors.items()}, dict(self.scalars), dict(self.header))
+
     def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors whose names start with ``prefix``, with the prefix removed."""
         return {n[len(prefix):]: t for n, t in self.tensors.items() if n.startswith(prefix)}

@@ -88,7 +88,7 @@ class LocalTransport:
             t0 = time.perf_counter()
             try:
                 reply, report = self.nodes[cid].train(
-                    self.half, self.mm, msg, self.cfg,
+                    self.half, self.mm, msg.copy(), self.cfg,
                     progress=lambda s, loss: prog.update(task, completed=s, info=f"loss {loss:.3f}"))
             except Exception as e:  # noqa: BLE001 -- any error of one client's training (out of memory, its data)
                 if self.cfg.federation.on_client_error != "skip":
@@ -117,7 +117,8 @@ class LocalTransport:
         out = {}
         for cid, msg in messages.items():
             self.observe("evaluate", cid, msg)
-            out[cid] = self.nodes[cid].evaluate(self.half, self.mm, self.evaluator, msg, with_answers, general_for[cid], prog)
+            out[cid] = self.nodes[cid].evaluate(self.half, self.mm, self.evaluator, msg.copy(), with_answers,
+                                                general_for[cid], prog)
         return out, {}
 
     def evaluate_with_global(self, round_idx: int, messages: dict[int, Message], global_message: Message,
@@ -127,7 +128,7 @@ class LocalTransport:
         own, failed = self.evaluate(round_idx, messages, with_answers, general_for, prog)
         self.observe("evaluate", None, global_message)
         t0 = time.perf_counter()
-        self.half.load(self.mm, None, global_message, {})
+        self.half.load(self.mm, None, global_message.copy(), {})
         res = self.evaluator.evaluate_sets(self.sets, with_answers, general, prog, "global")
         return own, failed, {**res, "eval_s": time.perf_counter() - t0}, {}
 

@@ -25,7 +25,7 @@ from ..algorithms import get_method, model_spec
 from ..config import ConfigError, RunConfig
 from ..data import format_histogram_table
 from ..algorithms.base import N_TRAIN
-from ..messages import EVALUATE, TOKENS_PER_LAYER, TRAIN, Message, Reply
+from ..messages import ACTIVATION_COUNTS, EVALUATE, TOKENS_PER_LAYER, TRAIN, Message, Reply
 from ..report import write_report
 from ..rundir import RunDir, resume_command
 from .checkpoint import (CHECKPOINT_FILE, Checkpoint, RunDirError, config_fingerprint, data_fingerprint,
@@ -99,8 +99,10 @@ def _metric_value(v) -> bool:
 def invalid_reply(sent: Message, reply: Message, global_state, declared_n: int | None, metrics: dict,
                   server=None, client_metrics=(), secure: bool = False, withheld: bool = False) -> str | None:
     """Why a client's reply cannot touch the aggregate, or None. Its tensors must be the global ones (all of
-    them; none only where the method aggregates no update, ``local_only``, or under SecAgg+), ones it was sent, or the extras its method declares (``server.reply_extras``: SCAFFOLD's
-    control change, FLAME's counts), each with the shape and dtype it was sent or declared (a (1,)-shaped
+    them; none only where the method aggregates no update, ``local_only``, or under SecAgg+) or the extras its
+    method declares (``server.reply_extras``: SCAFFOLD's control change, FLAME's counts) — not any other tensor
+    it was sent (SCAFFOLD's server control variate echoed back was aggregated into the global state) —, each
+    with the shape and dtype it was sent (a rank-heterogeneous client's truncated shape) or declared (a (1,)-shaped
     tensor would broadcast over a matrix, int64 zeros turn the global state into integers); its scalars
     the method's (``server.reply_scalars``); n_train a positive integer no larger than what the client
     declared at setup (one client's 1e15 would make the global model its own); its metrics from the
@@ -113,7 +115,7 @@ def invalid_reply(sent: Message, reply: Message, global_state, declared_n: int |
         extras = {}
         if reply.tensors:
             why.append(f"tensors in a SecAgg+ round, which must go masked ({sorted(reply.tensors)[:3]})")
-    allowed = set(global_state) | set(sent.tensors) | set(extras)
+    allowed = set(global_state) | set(extras)
     for name, t in reply.tensors.items():
         if name not in allowed:
             why.append(f"a tensor {name!r} the method does not expect")
@@ -238,6 +240,7 @@ class Federation:
         self.policy = EvalPolicy(cfg, self.rd.log_metrics)
         self.records = {cid: ClientRecord() for cid in range(cfg.data.partition.num_clients)}
         self.completed_rounds = 0
+        self._uncredited: dict[int, tuple] = {}  # under SecAgg+: valid replies of the round, credited by _secure_aggregate
         self.central_releases = 0  # central DP: the noised aggregates computed, each one a release (RELEASES_FILE)
         self.wall_before = 0.0
         self.global_eval: dict = {}
@@ -401,13 +404,22 @@ class Federation:
                        ": the update is left out of the aggregation")
             if bad is None and not withheld:
                 why = invalid_counts(report.activation_counts, shape, self.spec.top_k, reply.tensors.get(TOKENS_PER_LAYER))
+                sent_counts = reply.tensors.get(ACTIVATION_COUNTS)  # what the method aggregates by (FLAME, FC-MoE)
+                if why is None and sent_counts is not None:
+                    # in-process the report is the transport's and the reply the client half's: both are checked,
+                    # and must agree (on Flower the report's counts are the reply's)
+                    why = invalid_counts(sent_counts, shape, self.spec.top_k, reply.tensors.get(TOKENS_PER_LAYER))
+                    if why is None and not torch.equal(sent_counts, report.activation_counts):
+                        why = "activation counts in its reply that are not those of its training report"
                 bad = None if why is None else f"an invalid reply: {why}: the update is left out of the aggregation"
             bad = bad or nonfinite(report.loss, reply)
             if bad is None:
-                rec.rounds_trained += 1
-                if report.activation_counts is not None:  # (None when withheld: then nothing else is used)
-                    rec.add_counts(report.activation_counts)
-                rec.reported, rec.reported_round = dict(report.metrics), round_idx
+                # under SecAgg+ credited once the secure mean says which clients it holds (a dropout is not)
+                credit = (report.activation_counts, dict(report.metrics), round_idx)
+                if secure:
+                    self._uncredited[cid] = credit
+                else:
+                    self._credit(cid, *credit)
             timing = dict(report.overhead)
             if timing.get("train_s"):
                 if report.tokens is not None and not withheld:
@@ -439,6 +451,14 @@ class Federation:
                               f"(round {self.completed_rounds}) is intact: resume with "
                               f"`{resume_command(self.rd.path)}`")
         return out
+
+    def _credit(self, cid: int, counts, metrics: dict, round_idx: int) -> None:
+        """Client ``cid``'s update of ``round_idx`` went into the aggregate: its ledger says so."""
+        rec = self.records[cid]
+        rec.rounds_trained += 1
+        if counts is not None:  # (None when withheld: then nothing else is used)
+            rec.add_counts(counts)
+        rec.reported, rec.reported_round = metrics, round_idx
 
     def _aggregate(self, round_idx: int, sampled: int, replies: list[Reply]) -> tuple[dict, dict, dict]:
         """The method's aggregation, or under ``federation.dp`` its private form (clipped updates, Gaussian
@@ -520,6 +540,7 @@ class Federation:
         mean, included, failed, metrics = self.transport.secure_mean(round_idx, weights, spec)
         for cid, why in sorted(failed.items()):
             self._failed(round_idx, cid, "secure aggregation", why)
+        uncredited, self._uncredited = self._uncredited, {}
         sent = metrics.pop("bytes", {})  # what each client sent and received in SecAgg+'s four stages, measured
         for cid, (up, down) in sent.items():
             self.records[cid].bytes_up += up
@@ -529,6 +550,9 @@ class Federation:
             raise RoundFailed(f"round {round_idx}: secure aggregation gave no mean ({metrics.get('halted') or ''}): "
                               f"{len(included)} of {sampled} sampled clients took part, federation.min_replies is "
                               f"{need}; failed: {failed}. The round was not applied; {self._intact()}")
+        for cid in sorted(included):  # the clients the mean holds (a dropout's trained update is not in it)
+            if cid in uncredited:
+                self._credit(cid, *uncredited[cid])
         new, server_state, own = self.server.secure_aggregate(self.global_state, self.server_state, mean, len(included),
                                                               round_idx=round_idx)
         return new, server_state, {**own, **{k: v for k, v in metrics.items() if k != "halted"},
@@ -554,6 +578,7 @@ class Federation:
 
     def min_replies(self, sampled: int) -> int:
         m = self.cfg.federation.min_replies
+        # (a config asking more than a round samples is refused; here, fewer can only be a resumed run's own)
         return max(1, (sampled + 1) // 2) if m is None else min(m, sampled)
 
     def _general_wanted(self) -> bool:
@@ -690,7 +715,8 @@ class Federation:
                 self.global_state, self.server_state, metrics = self._aggregate(round_idx, len(sampled), replies)
                 aggregate_s = time.perf_counter() - t_agg
                 self.rd.log_metrics({"round": round_idx, "client": None, "kind": "server", "aggregate_s": aggregate_s,
-                                     "clients": [r.client for r in replies], **metrics})
+                                     # the clients whose updates the aggregate holds (under SecAgg+, secagg_clients)
+                                     "clients": metrics.get("secagg_clients", [r.client for r in replies]), **metrics})
                 final = round_idx == rounds
                 if final or cfg.eval.loss_every_round or cfg.eval.every_round:  # else the round is not evaluated
                     self.global_eval = self._evaluate(round_idx, final=final, prog=prog)

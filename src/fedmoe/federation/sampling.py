@@ -8,10 +8,15 @@ import numpy as np
 from ..seeds import Stream, derive_seed
 
 
+def clients_per_round(num_clients: int, fraction: float) -> int:
+    """How many clients a round samples: round(fraction × num_clients) (Python's rounding, ties to even:
+    5 × 0.5 → 2, 7 × 0.5 → 4), at least one, at most all."""
+    return min(num_clients, max(1, int(round(fraction * num_clients))))
+
+
 def sample_clients(num_clients: int, fraction: float, seed: int, round_idx: int) -> list[int]:
-    """The clients of round ``round_idx``: round(fraction × num_clients) of them (Python's rounding, ties to even:
-    5 × 0.5 → 2, 7 × 0.5 → 4; at least one), sorted."""
-    m = max(1, int(round(fraction * num_clients)))
+    """The clients of round ``round_idx``: :func:`clients_per_round` of them, sorted."""
+    m = clients_per_round(num_clients, fraction)
     if m >= num_clients:
         return list(range(num_clients))
     rng = np.random.default_rng(derive_seed(seed, Stream.CLIENT_SAMPLING, round_idx))
