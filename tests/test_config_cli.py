@@ -185,8 +185,13 @@ def test_a_set_value_that_is_not_yaml_is_one_line_naming_where():
                             "--set 'train.lr=\"...\"'")
 
 
-def test_min_replies_above_what_a_round_samples_is_refused():
-    """4 clients at fraction 0.5 sample 2 a round: min_replies 3 could never be met (it was lowered to 2, unsaid)."""
+def test_min_replies_above_what_a_round_samples_is_refused_for_a_new_run(tmp_path):
+    """4 clients at fraction 0.5 sample 2 a round: min_replies 3 could never be met (it was lowered to 2, unsaid).
+    A new run is refused before anything is written; the config itself still loads (an older fedmoe's run of it
+    resumes and exports)."""
+    from fedmoe.federation import start_run
+
+    cfg = load_config(None, ["federation.fraction=0.5", "federation.min_replies=3", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"federation.min_replies = 3 is more than the 2 clients a round samples"):
-        load_config(None, ["federation.fraction=0.5", "federation.min_replies=3"])
-    assert load_config(None, ["federation.fraction=0.5", "federation.min_replies=2"]).federation.min_replies == 2
+        start_run(cfg)
+    assert not any(tmp_path.iterdir())

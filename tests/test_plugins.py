@@ -37,6 +37,16 @@ PLUGIN = textwrap.dedent('''
                     notes={"scaled_scale": "the factor the server applied"})
     NOT_A_METHOD = 3
     OTHER_NAME = Method("other", ScaledServer, FedITClient)
+
+
+    class NeedsAValue(StrictModel):
+        scale: float
+
+
+    NO_DEFAULT = Method("nodefault", ScaledServer, FedITClient, config=NeedsAValue)
+    AN_INSTANCE = Method("instance", ScaledServer, FedITClient, config=ScaledConfig())
+    MODEL_CONFIG = Method("model_config", ScaledServer, FedITClient, config=ScaledConfig)
+    UNDERSCORED = Method("_hidden", ScaledServer, FedITClient, config=ScaledConfig)
 ''')
 
 
@@ -103,12 +113,21 @@ def test_each_unusable_declaration_is_left_out_with_its_reason(plugin_path):
         renamed = scaled_method:OTHER_NAME
         twice = scaled_method:METHOD
         twice = other_package:METHOD
+        nodefault = scaled_method:NO_DEFAULT
+        instance = scaled_method:AN_INSTANCE
+        model_config = scaled_method:MODEL_CONFIG
+        _hidden = scaled_method:UNDERSCORED
     """))
     assert list(methods) == ["scaled"] and methods["scaled"].server.__name__ == "ScaledServer"
-    assert set(broken) == {"fedit", "budgets", "not-a-name", "missing", "number", "renamed", "twice"}
+    assert set(broken) == {"fedit", "budgets", "not-a-name", "missing", "number", "renamed", "twice", "nodefault",
+                           "instance", "model_config", "_hidden"}
+    # each would have stopped the algorithm section being built, and so every fedmoe command
+    assert "its config section has no default (ValidationError" in broken["nodefault"]
+    assert "not a subclass of fedmoe.configbase.StrictModel" in broken["instance"]
+    assert "cannot name a config section" in broken["model_config"] and "cannot name" in broken["_hidden"]
     assert "one of fedmoe's own methods" in broken["fedit"]
     assert "a key of the algorithm section" in broken["budgets"]
-    assert "not a Python identifier" in broken["not-a-name"]
+    assert "cannot name a config section algorithm.<name>" in broken["not-a-name"]
     assert "could not be loaded: ModuleNotFoundError" in broken["missing"] and "no_such_module" in broken["missing"]
     assert "is a int, not a fedmoe.algorithms.Method" in broken["number"]
     assert "holds the method named 'other'" in broken["renamed"]
@@ -127,3 +146,22 @@ def test_a_method_that_is_not_installed_or_cannot_be_used_is_refused_with_the_re
     assert "'scaled' is installed but cannot be used: entry point 'scaled = x:Y' could not be loaded" in str(e.value)
     with pytest.raises(ValueError, match="installed but cannot be used"):
         registry.get_method("scaled")
+
+
+def test_only_a_run_of_the_installed_method_carries_its_section_and_an_import_circle_is_explained(tmp_path):
+    """In a process with the package installed: a FedIT run's config tree (its config.yaml) has no algorithm.scaled
+    (it had, and with the package uninstalled the run no longer loaded to resume or export), the scaled run's has;
+    a method module that imports fedmoe.config when imported (which imports the methods) is left out with a reason
+    that says what to import instead."""
+    path = _package(tmp_path / "site", "scaled = scaled_method:METHOD\ncircular = scaled_method.circular:METHOD\n")
+    (path / "scaled_method" / "circular.py").write_text(
+        "from fedmoe.config import RunConfig\nfrom scaled_method import METHOD\n")
+    code = ("import json\nfrom fedmoe.config import config_to_dict, load_config\n"
+            "print(json.dumps([sorted(config_to_dict(load_config(None, [f'algorithm.name={n}']))['algorithm'])"
+            " for n in ('fedit', 'scaled')]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ["PYTHONPATH"], str(path)])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fedit, scaled = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "scaled" not in fedit and "scaled" in scaled and "fedit" in fedit and "fedit" in scaled
+    assert "could not be loaded: ImportError" in r.stderr and "not fedmoe.config or fedmoe.federation" in r.stderr

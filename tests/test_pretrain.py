@@ -253,6 +253,8 @@ def test_a_config_file_that_is_not_yaml_and_a_batch_larger_than_the_corpus_are_o
     assert res.exit_code == 2 and f"error: {bad}: line 2, column 1 is not valid YAML" in res.stderr, res.stderr
     res = CliRunner().invoke(app, ["pretrain", str(tmp_path)])
     assert res.exit_code == 2 and "is a folder, not a config file" in res.stderr
+    res = CliRunner().invoke(app, ["pretrain", str(tmp_path / "none.yaml")])
+    assert res.exit_code == 2 and "give the path of a pretraining YAML config" in res.stderr
     cfg = _tiny_recipe(tmp_path, "b", 1).model_copy(deep=True)
     cfg.train.batch_size = 100000
     from fedmoe.config import ConfigError

@@ -200,3 +200,10 @@ def test_a_pass_trains_every_example_once_in_steps_of_the_whole_batch():
         assert sorted(i for b in first + second for i in b) == list(range(10))
         assert sorted(i for b in next(draw) + next(draw) for i in b) == list(range(10))  # the next pass alike
     assert steps_for(TrainConfig(max_steps=None, epochs=1, batch_size=4, grad_accum=2), 10) == 2
+    # two passes are two passes' steps, every example twice (counted as if steps ran across the pass's end, 2 × 10 /
+    # 8 rounded up was 3 steps: 18 examples, two of them once)
+    cfg = TrainConfig(max_steps=None, epochs=2, batch_size=4, grad_accum=2)
+    draw = _steps(10, 4, 2, torch.Generator().manual_seed(3), None)
+    trained = [i for _ in range(steps_for(cfg, 10)) for b in next(draw) for i in b]
+    assert sorted(trained) == sorted(list(range(10)) * 2)
+    assert steps_for(TrainConfig(max_steps=None, epochs=1.5, batch_size=4, grad_accum=2), 10) == 3  # 2 + half a pass

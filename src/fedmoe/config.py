@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from .algorithms.budgets import BudgetConfig
-from .algorithms.registry import METHODS, unknown_method
+from .algorithms.registry import INSTALLED, METHODS, unknown_method
 from .algorithms.server_opt import ServerOptimizerConfig
 from .algorithms.server_opt import unread as server_optimizer_unread
 from .configbase import ConfigError, StrictModel, check_device_name, format_errors, load_yaml
@@ -601,11 +601,6 @@ class RunConfig(_Strict):
         from .federation.sampling import clients_per_round
 
         sampled = clients_per_round(self.data.partition.num_clients, self.federation.fraction)
-        if self.federation.min_replies is not None and self.federation.min_replies > sampled:
-            raise ValueError(f"federation.min_replies = {self.federation.min_replies} is more than the {sampled} "
-                             f"clients a round samples (federation.fraction {self.federation.fraction} of "
-                             f"{self.data.partition.num_clients}): no round could have that many replies; lower it "
-                             "or sample more clients")
         robust = self.federation.robust
         if robust is not None:
             if not method.server.supports_dp:
@@ -725,6 +720,20 @@ def unread_settings(cfg: RunConfig) -> list[tuple[str, str]]:
     if not ec.val_loss and cfg.data.max_val_per_client != DataConfig().max_val_per_client:
         out.append(("data.max_val_per_client", "eval.val_loss is false (no validation loss is measured)"))
     return out
+
+
+def refuse_for_a_new_run(cfg: RunConfig) -> None:
+    """What an older fedmoe took and quietly changed, refused for a run that starts now (a run directory of such a
+    config still loads: to resume, export or compare it): ``federation.min_replies`` above the clients a round
+    samples, which it lowered to them."""
+    from .federation.sampling import clients_per_round
+
+    sampled = clients_per_round(cfg.data.partition.num_clients, cfg.federation.fraction)
+    if cfg.federation.min_replies is not None and cfg.federation.min_replies > sampled:
+        raise ConfigError(f"federation.min_replies = {cfg.federation.min_replies} is more than the {sampled} clients "
+                          f"a round samples (federation.fraction {cfg.federation.fraction} of "
+                          f"{cfg.data.partition.num_clients}): no round could have that many replies; lower it or "
+                          "sample more clients")
 
 
 def refuse_unread(cfg: RunConfig, source: str = "config") -> None:
@@ -850,10 +859,13 @@ def _yaml_problem(e: yaml.YAMLError) -> tuple[str, str]:
     return where, getattr(e, "problem", None) or str(e).splitlines()[0]
 
 
-def read_config_file(path: str | Path) -> dict:
+def read_config_file(path: str | Path, missing: str | None = None) -> dict:
     """The tree of the YAML config at ``path``; a path that is not a config file, a file that is not UTF-8 text or
-    not YAML, or one whose top level is not a mapping, is a :class:`ConfigError` naming the file (and the line)."""
+    not YAML, or one whose top level is not a mapping, is a :class:`ConfigError` naming the file (and the line).
+    ``missing``: what to say of a path where nothing is (default: a run config's hints)."""
     p = Path(path)
+    if missing is not None and not p.exists():
+        raise ConfigError(f"config file not found: {p}: {missing}")
     if not p.is_file():
         raise ConfigError(_not_a_config_file(p))
     try:
@@ -901,5 +913,12 @@ def config_from_tree(tree: dict, source: str = "config") -> RunConfig:
 
 
 def config_to_dict(cfg: RunConfig) -> dict:
-    return cfg.model_dump(mode="json")
+    """The config as a tree (config.yaml, a checkpoint's fingerprint, the Flower run config). An installed
+    package's method has its section there only in a run of that method: a run of another method reads, resumes and
+    exports where that package is not installed."""
+    tree = cfg.model_dump(mode="json")
+    for name in INSTALLED:
+        if name != cfg.algorithm.name:
+            tree["algorithm"].pop(name, None)
+    return tree
 

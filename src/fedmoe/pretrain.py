@@ -118,7 +118,9 @@ class PretrainConfig(_Strict):
 def load_pretrain_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
     from .config import apply_overrides, read_config_file
 
-    tree = read_config_file(path) if path is not None else {}
+    tree = read_config_file(path, missing="give the path of a pretraining YAML config (configs/pretrain-tiny-moe.yaml "
+                                          "in fedmoe's source repository), or none for the built-in model's recipe"
+                            ) if path is not None else {}
     source = str(path) if path is not None else "defaults"
     if overrides:
         tree = apply_overrides(tree, overrides)

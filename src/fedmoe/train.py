@@ -108,10 +108,14 @@ def round_lr(cfg: TrainConfig, round_idx: int, total_rounds: int) -> float:
 
 
 def steps_for(cfg: TrainConfig, n_train: int) -> int:
+    """``train.max_steps``, or the steps of ``train.epochs`` passes over ``n_train`` examples: a pass is
+    ⌈n / (batch × accumulation)⌉ steps (its last one short, :func:`_steps`), a fraction of a pass that fraction of
+    its examples, in whole steps."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    per_step = cfg.batch_size * cfg.grad_accum
-    return max(1, math.ceil(cfg.epochs * n_train / per_step))
+    size = cfg.batch_size * cfg.grad_accum
+    whole = math.floor(cfg.epochs)
+    return max(1, whole * math.ceil(n_train / size) + math.ceil((cfg.epochs - whole) * n_train / size))
 
 
 GROUP_MEGABATCH = 50  # train.group_by_length: batches are formed within chunks of this many batches' examples

@@ -4,10 +4,11 @@ whose name is the entry point's). ``algorithm.name`` takes these names, and ``al
 config section (see each method's file).
 
 An installed method is loaded when this module is imported, so the config, the command line, the export and a Flower
-node know it as they know fedmoe's own. One that cannot be used — its module fails to import, the object is not a
-``Method``, its name differs from the entry point's, is not an identifier, is one of fedmoe's own (or of the
-``algorithm`` section's keys), or two packages declare it — is left out with a warning, and a run that names it is
-refused with the reason (:func:`unknown_method`)."""
+node know it as they know fedmoe's own (its module may not import ``fedmoe.config`` or ``fedmoe.federation`` when it
+is imported: they import this one). One that cannot be used — its module fails to import, the object is not a
+``Method``, its name differs from the entry point's, cannot name a config section or is one of fedmoe's own (or of
+the ``algorithm`` section's keys), its config section is not a ``StrictModel`` with defaults, or two packages declare
+it — is left out with a warning, and a run that names it is refused with the reason (:func:`unknown_method`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import keyword
 import warnings
 
 from . import fcmoe, fedit, flame, flex, local, rank_hetero, scaffold
+from ..configbase import StrictModel
 from .base import Client, Method, Server
 
 ENTRY_POINT_GROUP = "fedmoe.methods"
@@ -42,7 +44,8 @@ def _where(ep) -> str:
 
 
 def _problem(ep, method) -> str | None:
-    """Why the object entry point ``ep`` loaded cannot be a method, or None."""
+    """Why the object entry point ``ep`` loaded cannot be a method, or None: anything that would stop the config's
+    ``algorithm`` section being built from it (and so every fedmoe command, whatever method it runs)."""
     if not isinstance(method, Method):
         return f"{_where(ep)} is a {type(method).__name__}, not a fedmoe.algorithms.Method"
     if method.name != ep.name:
@@ -51,7 +54,22 @@ def _problem(ep, method) -> str | None:
     if not (isinstance(method.server, type) and issubclass(method.server, Server)
             and isinstance(method.client, type) and issubclass(method.client, Client)):
         return f"{_where(ep)}: its server and client must be subclasses of fedmoe.algorithms.Server and Client"
+    if method.config is not None:
+        if not (isinstance(method.config, type) and issubclass(method.config, StrictModel)):
+            return (f"{_where(ep)}: its config is {method.config!r}, not a subclass of fedmoe.configbase.StrictModel "
+                    "(the class of its section algorithm.<name>, unknown keys refused)")
+        try:
+            method.config()
+        except Exception as e:  # noqa: BLE001 — the section must have a value when the config does not set it
+            return (f"{_where(ep)}: its config section has no default ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0]}...): give every field a default")
     return None
+
+
+_IMPORT_CIRCLE = ("; a method's module, when imported, may import fedmoe.algorithms, fedmoe.configbase, fedmoe.moe, "
+                  "fedmoe.train and fedmoe.messages, not fedmoe.config or fedmoe.federation (which import the methods): "
+                  "its halves read its settings from the config they are given, and RunConfig is for type hints under "
+                  "typing.TYPE_CHECKING")
 
 
 def installed_methods(builtin: dict[str, Method] = BUILTIN, entry_points=None) -> tuple[dict[str, Method],
@@ -77,14 +95,17 @@ def installed_methods(builtin: dict[str, Method] = BUILTIN, entry_points=None) -
                                                              "a key of the algorithm section")
                             + "; give the method another name")
             continue
-        if not name.isidentifier() or keyword.iskeyword(name):
-            broken[name] = (f"{_where(ep)}: {name!r} is not a Python identifier, which algorithm.name and the "
-                            "method's config section algorithm.<name> need")
+        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_") or hasattr(StrictModel, name):
+            broken[name] = (f"{_where(ep)}: {name!r} cannot name a config section algorithm.<name> (a Python "
+                            "identifier, not starting with '_', not a name pydantic's models use); give the method "
+                            "another name")
             continue
         try:
             method = ep.load()
         except Exception as e:  # noqa: BLE001 — any failure of another package's import is that package's reason
-            broken[name] = f"{_where(ep)} could not be loaded: {type(e).__name__}: {e}"
+            circle = isinstance(e, ImportError) and "partially initialized module 'fedmoe" in str(e)
+            broken[name] = f"{_where(ep)} could not be loaded: {type(e).__name__}: {e}" + (_IMPORT_CIRCLE if circle
+                                                                                          else "")
             continue
         if (problem := _problem(ep, method)) is not None:
             broken[name] = problem

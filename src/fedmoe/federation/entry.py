@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, load_config, refuse_unread
+from ..config import ConfigError, RunConfig, load_config, refuse_for_a_new_run, refuse_unread
 from ..data import resolve_labels
 from ..rundir import RunDir, loads, run_dir_problem
 from .checkpoint import RunDirError, check_resume_overrides
@@ -17,8 +17,9 @@ from .dp import resolve_noise
 from .runtime import Federation
 
 
-def check_model(cfg: RunConfig, log=print, fits: bool = True) -> None:
-    """Before anything is written: the model's config can be read (a hub id offline is not),
+def check_model(cfg: RunConfig, log=print, fits: bool = True, new: bool = True) -> None:
+    """Before anything is written: for a run that starts now (``new``), what an older fedmoe took and changed
+    (:func:`~fedmoe.config.refuse_for_a_new_run`); the model's config can be read (a hub id offline is not),
     ``data.max_length`` fits its context, ``train.aux_loss`` has the family's load-balancing loss, a simulated
     client's reservation fits this machine, and on a GPU the training step fits its memory
     (:func:`fedmoe.plan.check_fits`; ``fits=False`` leaves that out: a sweep checks its points' other settings
@@ -28,6 +29,8 @@ def check_model(cfg: RunConfig, log=print, fits: bool = True) -> None:
     from ..moe.model import check_context, check_device, load_model_config
     from ..plan import check_fits
 
+    if new:
+        refuse_for_a_new_run(cfg)
     try:
         config = load_model_config(cfg.model.name)
         check_supported(config.model_type)  # a dense model is refused before a directory is made
@@ -145,7 +148,7 @@ def continue_run(path: str | Path, show_progress: bool = False, federation: str 
         except ValueError as e:
             raise ConfigError(f"{path}: {e}; resume with --set model.device=cpu (or auto): where a run executes "
                               "changes none of its numbers") from None
-    check_model(now, log)
+    check_model(now, log, new=False)
     if was.federation.runtime == "local":
         return resume_federated(path, show_progress=show_progress, log=log, overrides=overrides)
     from .flower.launch import run_deployment, run_simulation

@@ -578,7 +578,8 @@ class Federation:
 
     def min_replies(self, sampled: int) -> int:
         m = self.cfg.federation.min_replies
-        # (a config asking more than a round samples is refused; here, fewer can only be a resumed run's own)
+        # (a new run asking more than a round samples is refused, config.refuse_for_a_new_run; an older run's config
+        # that asks it is lowered to them, as the fedmoe that started it did)
         return max(1, (sampled + 1) // 2) if m is None else min(m, sampled)
 
     def _general_wanted(self) -> bool:
