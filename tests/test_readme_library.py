@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_library_run_example_runs_as_written(tmp_path, monkeypatch):
-    """The README's run from Python, as pasted in the repository's root — but quick (two local steps, a few test
-    examples, no ROUGE) and into tmp_path: ``load_config`` gets those keys after the example's own. What it prints
-    is the run's summary: the global and client losses of summary.json in the run directory it names."""
+    """The README's run from Python, as pasted in the repository's root — but quick (two local steps, 400 examples,
+    a few test examples, no ROUGE) and into tmp_path: ``load_config`` gets those keys after the example's own. What
+    it prints is the run's summary: the global and client losses of summary.json in the run directory it names."""
     import contextlib
     import io
     import json
@@ -36,7 +36,8 @@ def test_the_library_run_example_runs_as_written(tmp_path, monkeypatch):
 
     code = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text().split("## As a library", 1)[1], re.S)[1]
     load = fedmoe.config.load_config
-    quick = ["train.max_steps=2", "eval.rouge=false", "data.max_test_per_client=4", f"output_dir={tmp_path}"]
+    quick = ["train.max_steps=2", "eval.rouge=false", "data.max_examples=400", "data.max_test_per_client=4",
+             f"output_dir={tmp_path}"]
     monkeypatch.setattr(fedmoe.config, "load_config", lambda path, sets=(): load(ROOT / path, [*sets, *quick]))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -67,8 +67,8 @@ def _problem(ep, method) -> str | None:
 
 
 _IMPORT_CIRCLE = ("; a method's module, when imported, may import fedmoe.algorithms, fedmoe.configbase, fedmoe.moe, "
-                  "fedmoe.train and fedmoe.messages, not fedmoe.config or fedmoe.federation (which import the methods): "
-                  "its halves read its settings from the config they are given, and RunConfig is for type hints under "
+                  "fedmoe.train and fedmoe.messages, not fedmoe.config or fedmoe.federation (which import the "
+                  "methods): its halves read its settings from the config they are given, and RunConfig is for type hints under "
                   "typing.TYPE_CHECKING")
 
 
