@@ -44,7 +44,6 @@ PROCESS_MODULES = {"test_flower.py", "test_worker.py", "test_secagg.py", "test_g
 LONGEST_FIRST = ["test_superlink_and_two_supernodes_run_flex", "test_a_supernode_killed_mid_run_leaves_the_run_to_the_other",
                  "test_a_worker_killed_mid_train_is_restarted_and_the_client_comes_back",
                  "test_a_worker_with_two_ranks_gives_the_in_process_numbers", "test_a_stopped_simulation_exits_and_resumes_exactly",
-                 "test_hostile_replies_through_flower_are_those_clients_failures",
                  "test_gpu_check_dry_run_succeeds_in_every_step", "test_supernodes_under_their_own_privacy_budgets",
                  "test_flower_simulation_gives_the_in_process_numbers"]
 
@@ -53,8 +52,7 @@ def _first(item) -> tuple[int, int]:
     name = item.originalname if hasattr(item, "originalname") else item.name
     if name in LONGEST_FIRST:
         return (0, LONGEST_FIRST.index(name))
-    # a test elsewhere marked `processes` (a Flower simulation in another file) waits on processes as they do
-    return (1, 0) if item.path.name in PROCESS_MODULES or item.get_closest_marker("processes") else (2, 0)
+    return (1, 0) if item.path.name in PROCESS_MODULES else (2, 0)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -51,19 +51,18 @@ def test_plan_counts_what_the_model_holds():
     from fedmoe.federation.local import load_client_model
     from fedmoe.moe.quant import stored_bytes
 
-    for sets in (["algorithm.name=fedit"], ["algorithm.name=fedit", "model.quantization=nf4"]):
+    planned = {}
+    for name, sets in (("full", ["algorithm.name=fedit"]), ("nf4", ["algorithm.name=fedit", "model.quantization=nf4"])):
         cfg = load_config(None, [*SMALL, *sets])
         mm = load_client_model(cfg, get_method("fedit"))
         trainable = sum(p.numel() * p.element_size() for p in mm.trainable_parameters().values())
-        (plan,) = memory_plan(cfg)
-        assert plan.peak["adapters"] == trainable
-        assert plan.peak["weights"] + plan.peak["adapters"] == stored_bytes(mm.model)
+        (planned[name],) = memory_plan(cfg)
+        assert planned[name].peak["adapters"] == trainable
+        assert planned[name].peak["weights"] + planned[name].peak["adapters"] == stored_bytes(mm.model)
     flame = memory_plan(load_config(None, [*SMALL, "algorithm.name=flame", "algorithm.budgets.top_k=[2,1]"]))
     assert [p.k for p in flame] == [2, 1] and flame[0].clients == [0, 2] and flame[1].clients == [1, 3]
     assert flame[0].peak["activations"] > flame[1].peak["activations"]
-    nf4 = memory_plan(load_config(None, [*SMALL, "model.quantization=nf4"]))[0]
-    full = memory_plan(load_config(None, SMALL))[0]
-    assert nf4.peak["weights"] < full.peak["weights"]
+    assert planned["nf4"].peak["weights"] < planned["full"].peak["weights"]
 
 
 def test_plan_follows_the_precision_the_run_trains_in():
