@@ -18,7 +18,7 @@ from .algorithms.budgets import BudgetConfig
 from .algorithms.registry import INSTALLED, METHODS, unknown_method
 from .algorithms.server_opt import ServerOptimizerConfig
 from .algorithms.server_opt import unread as server_optimizer_unread
-from .configbase import ConfigError, StrictModel, check_device_name, format_errors, load_yaml
+from .configbase import ConfigError, StrictModel, check_device_name, format_errors, load_yaml, yaml_problem
 
 _Strict = StrictModel
 
@@ -789,7 +789,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = load_yaml(raw, f"--set {key}") if raw.strip() else None
     except yaml.YAMLError as e:
-        where, why = _yaml_problem(e)
+        where, why = yaml_problem(e)
         raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML (at{where}: {why}); a text value with YAML's "
                           f"signs in it goes in quotes: --set '{key}=\"...\"'") from None
     return key.split("."), value
@@ -852,13 +852,6 @@ def _not_a_config_file(p: Path) -> str:
             f"(configs/default.yaml written out); {there}{hint}")
 
 
-def _yaml_problem(e: yaml.YAMLError) -> tuple[str, str]:
-    """A YAML error on one line: (where — `` line L, column C``, 1-based, or "" —, why)."""
-    mark = getattr(e, "problem_mark", None)
-    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    return where, getattr(e, "problem", None) or str(e).splitlines()[0]
-
-
 def read_config_file(path: str | Path, missing: str | None = None) -> dict:
     """The tree of the YAML config at ``path``; a path that is not a config file, a file that is not UTF-8 text or
     not YAML, or one whose top level is not a mapping, is a :class:`ConfigError` naming the file (and the line).
@@ -874,7 +867,7 @@ def read_config_file(path: str | Path, missing: str | None = None) -> dict:
         raise ConfigError(f"{p} is not a text (UTF-8) file (byte {e.start} is 0x{e.object[e.start]:02x}): give "
                           "the path of a YAML config") from None
     except yaml.YAMLError as e:
-        where, why = _yaml_problem(e)
+        where, why = yaml_problem(e)
         raise ConfigError(f"{p}:{where} is not valid YAML: {why}") from None
     if loaded is None:
         return {}

@@ -161,6 +161,13 @@ def flat_keys(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def yaml_problem(e: yaml.YAMLError) -> tuple[str, str]:
+    """A YAML error on one line: (where — `` line L, column C``, 1-based, or "" —, why)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return where, getattr(e, "problem", None) or str(e).splitlines()[0]
+
+
 def check_device_name(value: str) -> str:
     """``value`` if torch reads it as a device (or it is ``auto``); else a ValueError saying what to give."""
     import torch
@@ -189,4 +196,4 @@ def format_errors(err: ValidationError, source: str, model: type[BaseModel] | No
     return "\n".join(lines)
 
 
-__all__ = ["ConfigError", "StrictModel", "check_device_name", "format_errors", "load_yaml"]
+__all__ = ["ConfigError", "StrictModel", "check_device_name", "format_errors", "load_yaml", "yaml_problem"]

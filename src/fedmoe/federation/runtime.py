@@ -377,6 +377,7 @@ class Federation:
 
     def _train(self, round_idx: int, sampled: list[int], prog: Progress) -> list[Reply]:
         messages = {cid: self._downlink(cid, TRAIN, round_idx) for cid in sampled}
+        self._uncredited = {}  # (a round that failed before its secure mean credits no one later)
         self._count_requests(sampled)
         replies, failures = self.transport.train(round_idx, messages, prog)
         for cid, why in failures.items():

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..configbase import flat_keys
+from ..configbase import flat_keys, yaml_problem
 from ..eval.stats import format_change
 from ..rundir import RunDir, atomic_write_bytes, loads, run_dir_problem, shell_quote, sweep_points_in
 from .method import config_robust, format_method, method_info
@@ -73,9 +73,7 @@ def _read_config(path: Path) -> dict:
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        where, why = yaml_problem(e)
         raise ValueError(f"{path}:{where} is not valid YAML ({why}): {_LEAVE_OUT}") from None
     if not isinstance(tree, dict):
         raise ValueError(f"{path}: the top level is {type(tree).__name__ if tree is not None else 'empty'}, not the "
