@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 
 from fedmoe.algorithms.base import N_TRAIN, ModelSpec
@@ -179,3 +182,29 @@ def interruptible() -> None:
 
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def once_per_session(tmp_path_factory, name: str, compute):
+    """``compute(folder)``'s result, computed once per test session. Under pytest-xdist a module fixture is
+    computed by every worker that runs one of the module's tests (three times, for a Flower simulation of 28 s):
+    here the first worker to ask computes it in a folder all workers share, while the others wait on a file lock,
+    and they read the result back (pickled) with that folder. Its tests must only read the folder. A worker whose
+    computation failed leaves no result: the next one to ask computes it again (and fails with its own error)."""
+    import fcntl
+    import pickle
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above the workers' own
+    folder, done = base / f"once-{name}", base / f"once-{name}" / "result.pkl"
+    with open(base / f"once-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.is_file():
+            return pickle.loads(done.read_bytes())
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        result = compute(folder)
+        partial = done.with_suffix(".partial")
+        partial.write_bytes(pickle.dumps(result))
+        partial.replace(done)
+        return result

@@ -11,6 +11,7 @@ import pytest
 from fedmoe.config import load_config
 from fedmoe.federation import run_federated
 from fedmoe.report.compare import compare_runs, load_run, plot_comparison
+from helpers import once_per_session
 
 TINY = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32", "data.partition.num_clients=2",
         "train.max_steps=1", "train.batch_size=2", "eval.rouge=false", "data.max_test_per_client=2", "lora.rank=2",
@@ -19,7 +20,10 @@ TINY = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_leng
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
+    return once_per_session(tmp_path_factory, "compare-runs", _runs)  # one set for every worker
+
+
+def _runs(root):
     out = {}
     for name, sets in (("fedit", ["algorithm.name=fedit"]),
                        ("flame", ["algorithm.name=flame", "algorithm.budgets.top_k=[2,1]"])):
@@ -145,7 +149,10 @@ SCORED = [s for s in TINY if not s.startswith(("eval.rouge", "data.max_examples"
 @pytest.fixture(scope="module")
 def adam_runs(tmp_path_factory):
     """A FedIT run and a FedAdam + FedProx run of the same config, ROUGE-L scored on one example per client."""
-    root = tmp_path_factory.mktemp("adam")
+    return once_per_session(tmp_path_factory, "compare-adam", _adam_runs)
+
+
+def _adam_runs(root):
     out = {}
     for name, sets in (("fedit", []), ("fedadam", ADAM)):
         cfg = load_config(None, SCORED + sets + [f"output_dir={root}", f"name={name}"])

@@ -14,6 +14,7 @@ from fedmoe.export import ExportError, export_model, load_for_answers, load_mode
 from fedmoe.federation import run_federated
 from fedmoe.moe import SUPPORTED_ARCHITECTURES, MoEModel
 from fedmoe.moe.model import ModelLoadError
+from helpers import once_per_session
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +31,10 @@ def _run(root, name, *sets):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
+    return once_per_session(tmp_path_factory, "export-runs", _runs)  # one set for every worker
+
+
+def _runs(root):
     return {"fedit": _run(root, "fedit", "algorithm.name=fedit"),
             "flame": _run(root, "flame", "algorithm.name=flame", "algorithm.budgets.top_k=[4,1]",
                           "lora.expert_layout=split", "lora.router=true"),

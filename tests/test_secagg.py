@@ -16,6 +16,7 @@ import torch
 flwr = pytest.importorskip("flwr")
 
 from fedmoe.federation.flower import secagg as sa
+from helpers import once_per_session
 
 DIM = 257
 WEIGHTS = [10.0, 25.0, 40.0, 73.0]  # by partition id
@@ -133,7 +134,11 @@ def _apps(results: dict):
 
 
 @pytest.fixture(scope="module")
-def sim():
+def sim(tmp_path_factory):
+    return once_per_session(tmp_path_factory, "secagg-sim", _simulate)  # one simulation for every worker
+
+
+def _simulate(folder):
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     import sys
 

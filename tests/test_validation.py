@@ -11,6 +11,7 @@ import torch
 
 from fedmoe.config import load_config
 from fedmoe.federation import run_federated
+from helpers import once_per_session
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,8 +27,11 @@ def _rows(run_dir, kind):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same FedIT run with and without eval.val_loss."""
-    root = tmp_path_factory.mktemp("val")
+    """The same FedIT run with and without eval.val_loss (one pair for every worker)."""
+    return once_per_session(tmp_path_factory, "validation-runs", _runs)
+
+
+def _runs(root):
     out = {}
     for name, extra in (("val", VAL), ("plain", [])):
         cfg = load_config(None, TINY + extra + [f"output_dir={root}", f"name={name}"])
