@@ -47,6 +47,25 @@ def test_an_unknown_key_close_to_a_known_one_gets_a_suggestion(tmp_path):
     assert str(e.value).endswith("unknown key 'train.zzz': remove it or check its spelling")
 
 
+def test_a_value_that_fits_no_member_of_a_union_key_is_one_line():
+    """data.source is text or a list of text: pydantic gives an error per member (and per bad item of the list), which
+    were printed as keys no config has (data.source.str, data.source.list[str].0). One line names the key and its
+    members, with the value; other errors keep their own lines."""
+    cases = {"data.source=5": "  - data.source: should be str or list[str] (got 5)",
+             "data.source=[1, 2]": "  - data.source: should be str or list[str] (got [1, 2])",
+             "eval.mmlu={a: 1}": "  - eval.mmlu: should be str or list[str] (got {'a': 1})",
+             "train.activation_checkpointing=1.5": "  - train.activation_checkpointing: should be bool or int (got 1.5)"}
+    for override, line in cases.items():
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [override])
+        assert str(e.value).splitlines()[1:] == [line], str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.lr=x", "data.source=[1, 2]", "eval.batch_size=y"])
+    lines = str(e.value).splitlines()[1:]
+    assert len(lines) == 3 and lines[0] == cases["data.source=[1, 2]"], lines  # in the sections' order, as before
+    assert lines[1].startswith("  - train.lr: ") and lines[2].startswith("  - eval.batch_size: "), lines
+
+
 def test_bad_value_is_named():
     with pytest.raises(ConfigError, match=r"train.lr: .*greater than 0.*-1"):
         load_config(None, ["train.lr=-1"])

@@ -180,11 +180,49 @@ def check_device_name(value: str) -> str:
     return value
 
 
+def _union_key(model: type[BaseModel] | None, loc: tuple) -> int:
+    """How many leading parts of an error's ``loc`` name a key whose annotation is a union of two or more types
+    (``data.source: str | list[str]``), when the parts after it go on into one of its members (pydantic names the
+    member: ``data.source.list[str].0``); 0 otherwise."""
+    current = model
+    for i, part in enumerate(loc):
+        fields = getattr(current, "model_fields", None) if isinstance(current, type) else None
+        if not fields or part not in fields:
+            return 0
+        annotation = fields[part].annotation
+        while get_origin(annotation) is Annotated:
+            annotation = get_args(annotation)[0]
+        if get_origin(annotation) in (Union, types.UnionType):
+            members = [a for a in get_args(annotation) if a is not type(None)]
+            if len(members) > 1:
+                return i + 1 if len(loc) > i + 1 else 0
+            annotation = members[0]
+        current = annotation
+    return 0
+
+
+_NO_VALUE = object()
+
+
 def format_errors(err: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
     """The errors of validating ``model`` (the config's class: it gives an unknown key's close match) read from
-    ``source``, one line each, naming the key."""
+    ``source``, one line each, naming the key. A value that fits no member of a union key is one line naming the
+    members (pydantic gives one error per member, and per item of a list member)."""
     lines = [f"invalid configuration ({source}):"]
+    unions: dict[tuple, list] = {}  # a union key's loc -> [the members its value failed, the value, its line's index]
     for e in err.errors():
+        n = _union_key(model, e["loc"])
+        if n:
+            head = tuple(e["loc"][:n])
+            if head not in unions:
+                unions[head] = [[], _NO_VALUE, len(lines)]
+                lines.append("")
+            member = str(e["loc"][n])
+            if member not in unions[head][0]:
+                unions[head][0].append(member)
+            if len(e["loc"]) == n + 1:  # the member's own error holds the whole value (an item's, only the item)
+                unions[head][1] = e.get("input")
+            continue
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"  - unknown key '{key}': remove it or check its spelling{unknown_key_hint(model, e['loc'])}")
@@ -193,6 +231,9 @@ def format_errors(err: ValidationError, source: str, model: type[BaseModel] | No
             lines.append(f"  - {msg}" if key == "<root>" else f"  - {key}: {msg} (got {e.get('input')!r})")
         else:
             lines.append(f"  - {key}: {e['msg']} (got {e.get('input')!r})")
+    for head, (members, value, at) in unions.items():
+        got = "" if value is _NO_VALUE else f" (got {value!r})"
+        lines[at] = f"  - {'.'.join(map(str, head))}: should be {' or '.join(members)}{got}"
     return "\n".join(lines)
 
 
