@@ -470,9 +470,10 @@ class EvalConfig(_Strict):
     # keeps the words of every script, each Han, kana or Hangul character a word (the same scores on a-z text)
     rouge_tokenizer: Literal["latin", "unicode"] = "latin"
     max_new_tokens: int = Field(32, ge=1)
-    # Greedy decoding that never repeats an n-gram of this size (Hugging Face's no_repeat_ngram_size).
-    # 3 by default: small models otherwise loop ("8, 8, 8, 8, ...") and the loops, not the content,
-    # decide ROUGE-L. 0 = plain greedy, the papers' protocol (the paper-layout configs set it).
+    # Greedy decoding whose answer never repeats an n-gram of its own of this size (eval.generate.AnswerNoRepeat:
+    # Hugging Face's no_repeat_ngram_size over the answer alone; HF's own option bans the prompt's n-grams too, so
+    # an answer could not copy its context). 3 by default: small models otherwise loop ("8, 8, 8, 8, ...") and the
+    # loops, not the content, decide ROUGE-L. 0 = plain greedy, the papers' protocol (the paper-layout configs set it).
     no_repeat_ngram_size: int = Field(3, ge=0)
     batch_size: int = Field(8, ge=1)
     max_examples: int | None = Field(50, ge=1)  # per-client cap on generated test answers (null = all)

@@ -28,6 +28,23 @@ def _cut_at_eos(tokens: list[int], eos_id: int) -> list[int]:
         return tokens
 
 
+class AnswerNoRepeat:
+    """Hugging Face's ``no_repeat_ngram_size`` over the answer alone: no n-gram of the generated tokens is
+    generated twice. Hugging Face's own option counts every n-gram of ``input_ids``, prompt included, so an answer
+    could never copy n tokens of its instruction or context (most closed_qa, information_extraction and
+    summarization references do: "The Eiffel Tower was completed in 1889." from a context that says so), and in a
+    left-padded batch the padding's n-grams counted too. ``start``: the column where the answers begin (the
+    prompts' padded width: every row's answer starts there)."""
+
+    def __init__(self, n: int, start: int):
+        from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+        self.inner, self.start = NoRepeatNGramLogitsProcessor(n), start
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.inner(input_ids[:, self.start :], scores)
+
+
 def greedy_generate(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -44,9 +61,12 @@ def greedy_generate(
 
     Prompts are batched by length (longest first, so an out-of-memory shows up at once) and the
     results come back in the input order. ``progress(n)`` is called with the number of prompts
-    finished in each batch. ``no_repeat_ngram_size`` / ``repetition_penalty`` are Hugging Face's
+    finished in each batch. ``no_repeat_ngram_size``: no n-gram of an answer is generated twice in it
+    (:class:`AnswerNoRepeat`: the prompt's n-grams may be copied); ``repetition_penalty`` is Hugging Face's
     (0 / 1.0 = plain greedy).
     """
+    from transformers import LogitsProcessorList
+
     if batch_size < 1:
         raise ValueError(f"greedy_generate: batch_size must be >= 1, got {batch_size}")
     if max_new_tokens < 1:
@@ -68,7 +88,8 @@ def greedy_generate(
                 do_sample=False,
                 pad_token_id=pad_id,
                 eos_token_id=eos_id,
-                no_repeat_ngram_size=no_repeat_ngram_size,
+                logits_processor=LogitsProcessorList(
+                    [AnswerNoRepeat(no_repeat_ngram_size, input_ids.shape[1])] if no_repeat_ngram_size else []),
                 repetition_penalty=repetition_penalty,
             )
             new_tokens = generated[:, input_ids.shape[1] :].tolist()
