@@ -168,7 +168,7 @@ def _answer_only_reference(model, prompt, n, steps):
     for _ in range(steps):
         with torch.no_grad():
             logits = model(torch.tensor([seq])).logits[0, -1].clone()
-        if len(answer) >= n - 1:
+        if n and len(answer) >= n - 1:  # 0: plain greedy
             prefix = answer[len(answer) - (n - 1):]
             for i in range(len(answer) - n + 1):
                 if answer[i:i + n - 1] == prefix:
@@ -198,6 +198,20 @@ def test_no_repeat_ngram_lets_an_answer_copy_its_prompt(tiny_model):
     assert blocked[0][:2] == seq[t:t + 2]  # it copies a bigram of its prompt
     for answer in blocked:  # and repeats none of its own
         assert len(set(zip(answer, answer[1:]))) == len(answer) - 1, answer
+
+
+def test_a_models_own_generation_config_adds_no_ban(tiny_model):
+    """A checkpoint's generation_config.json may set Hugging Face's no_repeat_ngram_size (prompt included). The run's
+    eval.no_repeat_ngram_size decides alone: with 0 the answers are plain greedy, with 2 the answer-only reference's."""
+    prompts = [[5, 6, 7], [9, 9, 3, 4]]
+    tiny_model.generation_config.no_repeat_ngram_size = 2
+    try:
+        for n in (0, 2):
+            got = greedy_generate(tiny_model, prompts, pad_id=0, eos_id=EOS, max_new_tokens=12, batch_size=2,
+                                  device="cpu", no_repeat_ngram_size=n)
+            assert got == [_answer_only_reference(tiny_model, p, n, 12) for p in prompts], n
+    finally:
+        tiny_model.generation_config.no_repeat_ngram_size = None
 
 
 def test_evaluate_loss_token_weighted(tiny_model):

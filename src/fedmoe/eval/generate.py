@@ -90,6 +90,8 @@ def greedy_generate(
                 eos_token_id=eos_id,
                 logits_processor=LogitsProcessorList(
                     [AnswerNoRepeat(no_repeat_ngram_size, input_ids.shape[1])] if no_repeat_ngram_size else []),
+                no_repeat_ngram_size=0,  # never Hugging Face's (prompt-inclusive), even where the model's
+                # generation_config.json sets it: eval.no_repeat_ngram_size alone decides
                 repetition_penalty=repetition_penalty,
             )
             new_tokens = generated[:, input_ids.shape[1] :].tolist()
