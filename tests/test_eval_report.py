@@ -1,5 +1,6 @@
 
 
+import copy
 import os
 import json
 import math
@@ -200,18 +201,38 @@ def test_no_repeat_ngram_lets_an_answer_copy_its_prompt(tiny_model):
         assert len(set(zip(answer, answer[1:]))) == len(answer) - 1, answer
 
 
-def test_a_models_own_generation_config_adds_no_ban(tiny_model):
-    """A checkpoint's generation_config.json may set Hugging Face's no_repeat_ngram_size (prompt included). The run's
-    eval.no_repeat_ngram_size decides alone: with 0 the answers are plain greedy, with 2 the answer-only reference's."""
+@pytest.mark.parametrize("setting", ["no_repeat_ngram_size", "suppress_tokens", "bad_words_ids", "num_beams",
+                                     "begin_suppress_tokens"])
+def test_a_models_own_generation_config_changes_no_answer(tiny_model, setting):
+    """A checkpoint's generation_config.json fills every setting generate's caller leaves unset: Hugging Face's
+    no_repeat_ngram_size (prompt included), a token suppressed (at the first step or always) or banned, beam search. The run's
+    eval settings decide alone: with eval.no_repeat_ngram_size 0 the answers are plain greedy, with 2 the answer-only
+    reference's; the model's generation_config is as it was afterwards."""
     prompts = [[5, 6, 7], [9, 9, 3, 4]]
-    tiny_model.generation_config.no_repeat_ngram_size = 2
+    plain = [_answer_only_reference(tiny_model, p, 0, 12) for p in prompts]
+    first = plain[0][0]
+    value = {"no_repeat_ngram_size": 2, "suppress_tokens": [first], "bad_words_ids": [[first]], "num_beams": 3,
+             "begin_suppress_tokens": [first]}[setting]
+    own = tiny_model.generation_config
+    changed = copy.deepcopy(own)
+    setattr(changed, setting, value)
+    tiny_model.generation_config = changed
     try:
+        hf = []  # the setting does change Hugging Face's answers
+        for p in prompts:
+            with torch.inference_mode():
+                toks = tiny_model.generate(input_ids=torch.tensor([p]), max_new_tokens=12, do_sample=False,
+                                           attention_mask=torch.ones(1, len(p), dtype=torch.long), pad_token_id=0,
+                                           eos_token_id=EOS)[0, len(p):].tolist()
+            hf.append(toks[: toks.index(EOS)] if EOS in toks else toks)
+        assert hf != plain, setting
         for n in (0, 2):
             got = greedy_generate(tiny_model, prompts, pad_id=0, eos_id=EOS, max_new_tokens=12, batch_size=2,
                                   device="cpu", no_repeat_ngram_size=n)
             assert got == [_answer_only_reference(tiny_model, p, n, 12) for p in prompts], n
+        assert tiny_model.generation_config is changed
     finally:
-        tiny_model.generation_config.no_repeat_ngram_size = None
+        tiny_model.generation_config = own
 
 
 def test_evaluate_loss_token_weighted(tiny_model):
@@ -498,3 +519,16 @@ def test_a_personalised_runs_mmlu_says_whose_it_is():
         format_results_table(summary)
     summary["global"]["mmlu_global_model"] = 15.625
     assert "MMLU (5-shot, mean over subjects) 15.62" in format_results_table(summary) and "clients' own" not in format_results_table(summary)
+
+
+def test_mmlus_line_says_which_prompts_lost_shots():
+    """MMLU's line said "5-shot" while prompts too long for the limit had kept fewer shots (at the default
+    data.max_length, every prompt of two history subjects): it says how many, and the accuracy over questions."""
+    from fedmoe.report.report import format_results_table
+
+    g = {"loss": 2.0, "mmlu": 31.25, "mmlu_micro": 30.5, "mmlu_questions": 2850, "mmlu_fewer_shots": 0,
+         "mmlu_questions_cut": 0}
+    assert "MMLU (5-shot, mean over subjects) 31.25, 30.50 over its 2,850 questions" in format_results_table({"clients": [], "global": g})
+    g.update(mmlu_fewer_shots=1240, mmlu_questions_cut=3)
+    assert ("MMLU (5-shot; 1,240 of 2,850 prompts kept fewer shots to fit the prompt limit, 3 lost the start of the "
+            "question itself, mean over subjects) 31.25, 30.50 over its 2,850 questions") in format_results_table({"clients": [], "global": g})

@@ -291,3 +291,62 @@ def test_mmlu_in_a_run_equals_the_standalone_evaluation(tmp_path):
                         max_per_subject=2, max_length=64 * 4)
     assert zs == pytest.approx(100 * ref["macro_accuracy"])  # round 0 = the untouched initial model
     assert summary["global"]["mmlu"] is not None and 0 <= summary["global"]["mmlu"] <= 100
+    # the questions it is over and how the 5-shot prompts fitted 4 × data.max_length = 256 tokens: the same for every
+    # model of the run (the tokenizer's and the limit's), into the rows, the summary and the report
+    row = [r for r in rd.read_metrics() if r["round"] == 0 and r["client"] is None][0]
+    assert row["mmlu_micro"] == pytest.approx(100 * ref["micro_accuracy"])
+    facts = (ref["n"], ref["truncated"], ref["questions_cut"])
+    assert facts[0] == 4 and facts[1] > 0  # these prompts lost shots
+    for where in (row, summary["global"]):
+        assert (where["mmlu_questions"], where["mmlu_fewer_shots"], where["mmlu_questions_cut"]) == facts
+    assert 0 <= summary["global"]["mmlu_micro"] <= 100
+    report = rd.report_path.read_text()
+    assert f"MMLU (5-shot; {facts[1]} of 4 prompts kept fewer shots to fit the prompt limit, mean over subjects)" in report
+    assert f", {summary['global']['mmlu_micro']:.2f} over its 4 questions" in report
+
+
+def test_answers_and_their_prompts_stay_within_the_models_positions(tmp_path, monkeypatch):
+    """A prompt cut to data.max_length tokens with eval.max_new_tokens generated after it ran past the model's
+    positions (1024 + 32 on a 1024-position model: transformers only warns, and the answer is not the model's). The
+    prompts are cut from the left to positions − max_new_tokens, in a run's evaluation and in `fedmoe generate`; new
+    tokens that leave no position for a prompt are refused before the run starts."""
+    import fedmoe.eval.generate as generate
+    import fedmoe.federation.evaluation as evaluation
+    from fedmoe.config import ConfigError
+    from fedmoe.data.sources import Example
+    from fedmoe.data.tokenize import tokenize_prompt
+    from fedmoe.eval.generate import generation_prompt_limit
+    from fedmoe.export import answer, load_for_answers
+    from fedmoe.moe import load_tokenizer
+    from helpers import hf_folder
+
+    assert generation_prompt_limit(type("C", (), {"max_position_embeddings": 64})(), 64, 8) == 56
+    assert generation_prompt_limit(type("C", (), {"max_position_embeddings": 64})(), 48, 8) == 48
+    assert generation_prompt_limit(type("C", (), {})(), 64, 8) == 64  # no positions known: data.max_length's
+    folder = hf_folder(tmp_path, "olmoe", "short")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    seen = []
+
+    def spy(real):
+        def inner(model, prompts, *args, **kwargs):
+            new = kwargs["max_new_tokens"] if "max_new_tokens" in kwargs else args[2]
+            seen.append((max(map(len, prompts)), new))
+            return real(model, prompts, *args, **kwargs)
+        return inner
+
+    monkeypatch.setattr(evaluation, "greedy_generate", spy(evaluation.greedy_generate))
+    sets = [f"model.name={folder}", "data.max_length=64", "eval.max_new_tokens=8", "eval.max_examples=6",
+            "federation.rounds=1", "eval.zero_shot=false"]
+    summary, rd = run_federated(_cfg(tmp_path, "short", sets))
+    assert seen and max(n + new for n, new in seen) == 64  # the longest prompts cut to 56, the answers after them
+    tok = load_tokenizer(str(folder))
+    long = Example(instruction="Say it again. " * 40, input="", output="", category="", source="prompt")
+    monkeypatch.setattr(generate, "greedy_generate", spy(generate.greedy_generate))
+    seen.clear()
+    answer(load_for_answers(rd.path), long.instruction, max_new_tokens=8)
+    assert seen == [(56, 8)]
+    assert len(tokenize_prompt(tok, long, 64)) == 64  # (data.max_length alone would have given it 64)
+    with pytest.raises(ConfigError, match=r"eval.max_new_tokens = 64: 64 new tokens leave no position for a prompt"):
+        run_federated(_cfg(tmp_path, "none", [*sets[:2], "eval.max_new_tokens=64"]))
+    assert not (tmp_path / "none").exists()

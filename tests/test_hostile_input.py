@@ -396,6 +396,17 @@ def test_activation_counts_that_cannot_be_right_are_invalid():
     ({"loss": 2.0, "tokens": 5, "mmlu": 250.0}, "mmlu = 250.0"),
     ({"loss": 2.0, "tokens": 5, "general_loss": float("inf")}, "general_loss = inf"),
     ({"loss": 2.0, "tokens": 5, "mmlu": 10**400}, "mmlu = 1000"),  # no float holds it: refused, not a crash
+    ({"loss": 2.0, "tokens": 5, "mmlu": 50.0, "mmlu_micro": -1.0}, "mmlu_micro = -1.0"),
+    ({"loss": 2.0, "tokens": 5, "mmlu": 50.0, "mmlu_questions": 4, "mmlu_fewer_shots": 5, "mmlu_questions_cut": 0},
+     "MMLU prompt counts (questions 4, fewer shots 5, questions cut 0)"),
+    ({"loss": 2.0, "tokens": 5, "mmlu": 50.0, "mmlu_questions": 4, "mmlu_fewer_shots": 1, "mmlu_questions_cut": 2},
+     "MMLU prompt counts"),
+    ({"loss": 2.0, "tokens": 5, "mmlu": 50.0, "mmlu_questions": 4, "mmlu_fewer_shots": 1}, "questions cut None"),
+    ({"loss": 2.0, "tokens": 5, "mmlu_questions": 4, "mmlu_fewer_shots": 0, "mmlu_questions_cut": 0}, "beside an accuracy"),
+    ({"loss": 2.0, "tokens": 5, "mmlu": 50.0, "mmlu_questions": 0, "mmlu_fewer_shots": 0, "mmlu_questions_cut": 0},
+     "MMLU prompt counts"),
+    ({"loss": 2.0, "tokens": 5, "mmlu": 50.0, "mmlu_questions": True, "mmlu_fewer_shots": 0, "mmlu_questions_cut": 0},
+     "MMLU prompt counts"),
     ({"loss": 10**400, "tokens": 5}, "a non-finite test loss"),
     ({"loss": 2.0, "tokens": 5, "scores": [10**400], "categories": ["a"]}, "not numbers in [0, 100]"),
     ("nonsense", "not a mapping"),
@@ -407,6 +418,8 @@ def test_an_evaluation_that_cannot_be_right_is_invalid(result, want):
     assert why is not None and want in why, why
     assert invalid_evaluation({"loss": 2.0, "tokens": 5, "scores": [100.0, 0.0], "categories": ["a", "a"],
                                "labels": ["x", "y"], "confusion": [[1, 0], [1, 0]]}, 3) is None
+    assert invalid_evaluation({"loss": 2.0, "tokens": 5, "mmlu": 50.0, "mmlu_micro": 40.0, "mmlu_questions": 4,
+                               "mmlu_fewer_shots": 4, "mmlu_questions_cut": 4}, 3) is None
 
 
 def test_perplexity_and_the_answer_metric_are_derived_not_taken():

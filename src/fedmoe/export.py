@@ -966,14 +966,14 @@ def answer(loaded: LoadedModel, instruction: str, context: str = "", max_new_tok
     evaluation decodes (greedy, ``eval.no_repeat_ngram_size``, ``eval.max_new_tokens``)."""
     from .data.sources import Example
     from .data.tokenize import _eos_id, pad_token_id, tokenize_prompt
-    from .eval.generate import greedy_generate
+    from .eval.generate import generation_prompt_limit, greedy_generate
 
     cfg = loaded.cfg
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
     ex = Example(instruction=instruction, input=context, output="", category="", source="prompt")
-    ids = tokenize_prompt(tok, ex, cfg.data.max_length)
-    out = greedy_generate(loaded.mm.model, [ids], pad_token_id(tok), _eos_id(tok),
-                          cfg.eval.max_new_tokens if max_new_tokens is None else max_new_tokens, 1, loaded.mm.device,
+    new = cfg.eval.max_new_tokens if max_new_tokens is None else max_new_tokens
+    ids = tokenize_prompt(tok, ex, generation_prompt_limit(loaded.mm.model.config, cfg.data.max_length, new))
+    out = greedy_generate(loaded.mm.model, [ids], pad_token_id(tok), _eos_id(tok), new, 1, loaded.mm.device,
                           no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size)[0]
     return tok.decode(out, skip_special_tokens=True).strip()
 

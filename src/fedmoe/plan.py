@@ -220,19 +220,23 @@ def _evaluation_passes(cfg, config) -> dict:
         return live.peak
 
     def generation(model, live):
-        # greedy decoding of N tokens: the prompt's forward (up to L tokens) with its key/value cache and the
-        # logits of its last position only (generate's logits_to_keep), then N - 1 steps of one token, each
-        # adding to the cache. The peak is the prompt's forward or the last step, over a cache of L + N - 2
+        # greedy decoding of N tokens: the prompt's forward (up to P tokens: L, fewer where P + N would pass the
+        # model's positions) with its key/value cache and the logits of its last position only (generate's
+        # logits_to_keep), then N - 1 steps of one token, each adding to the cache. The peak is the prompt's forward
+        # or the last step, over a cache of P + N - 2
+        from .eval.generate import generation_prompt_limit
+
         n = cfg.eval.max_new_tokens
+        P = generation_prompt_limit(config, L, n)
         with live:
-            out = model.model(input_ids=ids(L), use_cache=True)
+            out = model.model(input_ids=ids(P), use_cache=True)
             lm_logits(model, out.last_hidden_state[:, -1]).float()
             del out
         prompt = live.peak
         if n == 1:
             return prompt
         with live:
-            cache = model.model(input_ids=ids(L + n - 2), use_cache=True).past_key_values
+            cache = model.model(input_ids=ids(P + n - 2), use_cache=True).past_key_values
             live.peak = live.now  # the cache alone: the forward that built it is not a step generation takes
             # the step's logits are copied to float32 (generate's next-token scores) while the previous step's are
             # still held

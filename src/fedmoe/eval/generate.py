@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -19,6 +20,22 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
     return input_ids, attention_mask
+
+
+def generation_prompt_limit(model_config, max_length: int, max_new_tokens: int) -> int:
+    """The longest prompt greedy generation gives a model: ``max_length`` tokens (``data.max_length``), fewer where
+    the prompt and ``max_new_tokens`` new tokens would run past the model's ``max_position_embeddings`` (positions it
+    was never trained at: transformers only warns, and the answer is not the model's). A prompt is cut to it from
+    the left, as ``data.max_length`` cuts it (``data.tokenize.tokenize_prompt``: the special prefix kept). A
+    ``max_new_tokens`` that leaves no position for a prompt is an error."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or isinstance(positions, bool):
+        return int(max_length)
+    if max_new_tokens >= positions:
+        raise ValueError(f"{max_new_tokens} new tokens leave no position for a prompt in the model's "
+                         f"{positions} (max_position_embeddings): generate at most {positions - 1} new tokens "
+                         "(eval.max_new_tokens)")
+    return min(int(max_length), positions - int(max_new_tokens))
 
 
 def _cut_at_eos(tokens: list[int], eos_id: int) -> list[int]:
@@ -43,6 +60,26 @@ class AnswerNoRepeat:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return self.inner(input_ids[:, self.start :], scores)
+
+
+@contextmanager
+def _own_decoding(model):
+    """The model's ``generation_config`` (a checkpoint's ``generation_config.json``) set aside while fedmoe decodes:
+    ``generate`` fills every setting its caller leaves unset from it, so a checkpoint that sets ``num_beams``,
+    ``suppress_tokens``, ``bad_words_ids``, ``min_new_tokens`` or Hugging Face's prompt-inclusive
+    ``no_repeat_ngram_size`` would change the answers a run scores. Greedy decoding with the run's ``eval`` settings
+    alone is what is measured."""
+    from transformers import GenerationConfig
+
+    own = getattr(model, "generation_config", None)
+    if own is None:
+        yield
+        return
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = own
 
 
 def greedy_generate(
@@ -76,7 +113,7 @@ def greedy_generate(
             raise ValueError(f"greedy_generate: prompt {i} is empty; every prompt needs at least one token")
     outputs: list[list[int] | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode(), _own_decoding(model):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             input_ids, attention_mask = left_pad([prompts[i] for i in idx], pad_id)
@@ -90,8 +127,7 @@ def greedy_generate(
                 eos_token_id=eos_id,
                 logits_processor=LogitsProcessorList(
                     [AnswerNoRepeat(no_repeat_ngram_size, input_ids.shape[1])] if no_repeat_ngram_size else []),
-                no_repeat_ngram_size=0,  # never Hugging Face's (prompt-inclusive), even where the model's
-                # generation_config.json sets it: eval.no_repeat_ngram_size alone decides
+                no_repeat_ngram_size=0,  # never Hugging Face's (prompt-inclusive): eval.no_repeat_ngram_size decides
                 repetition_penalty=repetition_penalty,
             )
             new_tokens = generated[:, input_ids.shape[1] :].tolist()

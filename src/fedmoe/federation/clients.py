@@ -55,14 +55,15 @@ class ClientSet:
 
 
 def client_set(c, tokenizer, max_length: int, max_generated: int | None, labels: list[str] | None = None,
-               val: bool = False) -> ClientSet:
+               val: bool = False, prompt_limit: int | None = None) -> ClientSet:
     """One client's examples tokenised (``c``: its ``ClientData``; ``labels``: a label task's label set; ``val``:
-    its validation examples too, ``eval.val_loss``)."""
+    its validation examples too, ``eval.val_loss``; ``prompt_limit``: the longest prompt to generate from,
+    ``eval.generate.generation_prompt_limit``, else ``max_length``)."""
     from ..data.tokenize import option_ids, pad_token_id, special_prefix
 
     gen = c.test if max_generated is None else c.test[:max_generated]
     options = answers = None
-    prompt_len = max_length
+    prompt_len = max_length if prompt_limit is None else min(max_length, prompt_limit)
     if any(ex.options is not None for ex in gen):
         cache: dict[tuple[str, ...], list[list[int]]] = {}
         options, answers = [], []
@@ -93,10 +94,21 @@ def client_set(c, tokenizer, max_length: int, max_generated: int | None, labels:
     )
 
 
-def client_sets(data, tokenizer, max_length: int, max_generated: int | None, val: bool = False) -> list[ClientSet]:
+def client_sets(data, tokenizer, max_length: int, max_generated: int | None, val: bool = False,
+                prompt_limit: int | None = None) -> list[ClientSet]:
     """The data pool: every client's examples tokenised (``data``: a ``FederatedData``; ``val``: with their
-    validation examples)."""
-    return [client_set(c, tokenizer, max_length, max_generated, data.labels, val) for c in data.clients]
+    validation examples; ``prompt_limit``: :func:`client_set`'s)."""
+    return [client_set(c, tokenizer, max_length, max_generated, data.labels, val, prompt_limit) for c in data.clients]
+
+
+def answer_prompt_limit(cfg, model_config) -> int | None:
+    """The longest prompt a run's evaluation generates from (``eval.generate.generation_prompt_limit``: within the
+    model's positions with ``eval.max_new_tokens`` after it), or None where it generates nothing."""
+    from ..eval.generate import generation_prompt_limit
+
+    if cfg.eval.task != "generate" or not cfg.eval.rouge:
+        return None
+    return generation_prompt_limit(model_config, cfg.data.max_length, cfg.eval.max_new_tokens)
 
 
 def heldout_set(data, tokenizer, max_length: int) -> ClientSet | None:

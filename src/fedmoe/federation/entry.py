@@ -37,6 +37,12 @@ def check_model(cfg: RunConfig, log=print, fits: bool = True, new: bool = True) 
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"model.name: {e}") from None
     check_context(config, cfg.data.max_length, cfg.model.name)
+    from .clients import answer_prompt_limit
+
+    try:  # the answers' new tokens leave room for a prompt in the model's positions
+        answer_prompt_limit(cfg, config)
+    except ValueError as e:
+        raise ConfigError(f"eval.max_new_tokens = {cfg.eval.max_new_tokens}: {e}") from None
     if cfg.train.aux_loss and load_balancing_loss(config) is None:
         raise ConfigError(no_aux_loss(config.model_type))
     if cfg.federation.runtime != "flower":  # a deployment's clients train on their own machines' devices

@@ -26,7 +26,7 @@ from .progress import Progress
 from .summary import ClientRecord
 from .transport import is_number
 
-ZERO_SHOT_KEYS = ("loss", "rouge_l", "accuracy", "perplexity", "general_loss", "general_perplexity", "mmlu",
+ZERO_SHOT_KEYS = ("loss", "rouge_l", "accuracy", "perplexity", "general_loss", "general_perplexity", "mmlu", "mmlu_micro",
                   "heldout_loss", "heldout_accuracy", "val_loss")
 # eval.val_loss: a model's loss on validation examples and the tokens it is the mean over (beside its test loss)
 VAL_KEYS = ("val_loss", "val_tokens")
@@ -36,7 +36,11 @@ VAL_KEYS = ("val_loss", "val_tokens")
 WITHHELD_EVALUATION = "evaluation"
 # what such a client keeps of its data's description besides: the size of its test and validation sets
 WITHHELD_WITH_EVALUATION = ("n_test", "n_generated", "n_val")
-GENERAL_KEYS = ("general_loss", "general_perplexity", "mmlu", "heldout_loss", "heldout_accuracy")
+# MMLU: ``mmlu`` is the macro accuracy (the mean over subjects, the papers' figure), ``mmlu_micro`` the accuracy over
+# its ``mmlu_questions``; ``mmlu_fewer_shots`` of them kept fewer than five shots to fit the prompt limit
+# (``eval.mmlu.run_prompt_limit``) and ``mmlu_questions_cut`` lost the start of the question itself (every shot gone)
+MMLU_FACTS = ("mmlu_micro", "mmlu_questions", "mmlu_fewer_shots", "mmlu_questions_cut")
+GENERAL_KEYS = ("general_loss", "general_perplexity", "mmlu", *MMLU_FACTS, "heldout_loss", "heldout_accuracy")
 GENERAL_PARTS = (*GENERAL_KEYS, "heldout_scores")  # what an evaluation with ``general`` adds to its results
 
 
@@ -151,7 +155,8 @@ class ModelEvaluator:
                               batch_size=ec.batch_size, max_length=run_prompt_limit(mm.model.config,
                                                                                     self.cfg.data.max_length),
                               device=mm.device)
-            general_res["mmlu"] = 100.0 * m["macro_accuracy"]
+            general_res.update(mmlu=100.0 * m["macro_accuracy"], mmlu_micro=100.0 * m["micro_accuracy"],
+                               mmlu_questions=m["n"], mmlu_fewer_shots=m["truncated"], mmlu_questions_cut=m["questions_cut"])
         if general and self.heldout is not None:
             if ec.task == "choice":
                 held = self._choices([self.heldout], prog, f"{label} held-out")
@@ -232,15 +237,35 @@ def invalid_evaluation(r, n_generated: int | None, max_tokens: int | None = None
                 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for row in conf for v in row)
                 or sum(map(sum, conf)) != len(scores or [])):
             return "a confusion matrix that is not labels × labels non-negative counts of its scored examples"
-    for key in ("mmlu", "heldout_accuracy"):
+    for key in ("mmlu", "mmlu_micro", "heldout_accuracy"):
         if r.get(key) is not None and not _number(r[key], 0.0, 100.0):
             return f"{key} = {r[key]!r}, not a number in [0, 100]"
+    why = _invalid_mmlu_counts(r)
+    if why:
+        return why
     for key in ("general_loss", "heldout_loss"):
         if r.get(key) is not None and not _number(r[key], 0.0):
             return f"{key} = {r[key]!r}, not a finite number ≥ 0"
     held = r.get("heldout_scores")
     if held is not None and (not isinstance(held, list) or not all(_number(s, 0.0, 100.0) for s in held)):
         return "held-out scores that are not numbers in [0, 100]"
+    return None
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _invalid_mmlu_counts(r: dict) -> str | None:
+    """Why a reply's MMLU prompt counts are impossible, or None: all three or none, with an accuracy; non-negative
+    integers; the questions cut among the prompts with fewer shots, and those among the questions asked."""
+    counts = [r.get(k) for k in ("mmlu_questions", "mmlu_fewer_shots", "mmlu_questions_cut")]
+    if all(v is None for v in counts):
+        return None
+    n, fewer, cut = counts
+    if not all(_count(v) for v in counts) or r.get("mmlu") is None or not n or not cut <= fewer <= n:
+        return (f"MMLU prompt counts (questions {n!r}, fewer shots {fewer!r}, questions cut {cut!r}) that are not "
+                "0 ≤ cut ≤ fewer shots ≤ questions > 0 beside an accuracy")
     return None
 
 
@@ -385,7 +410,7 @@ class EvalPolicy:
             g = evaluate_global()
             self.clients_s += g.get("eval_s", 0.0)
         if personalized:
-            for key in ("mmlu", "heldout_accuracy", "heldout_loss"):
+            for key in ("mmlu", "mmlu_micro", "heldout_accuracy", "heldout_loss"):
                 vals = [r[key] for r in per_client.values() if r.get(key) is not None]
                 if vals:
                     g[f"{key}_clients_mean"] = float(np.mean(vals))
@@ -402,6 +427,6 @@ class EvalPolicy:
                           "perplexity": g["perplexity"],
                           **{k: g[k] for k in ("tokens", *VAL_KEYS, metric, f"{metric}_by_category", "examples_by_category",
                                                *GENERAL_KEYS,
-                                               "mmlu_clients_mean", "heldout_accuracy_clients_mean",
+                                               "mmlu_clients_mean", "mmlu_micro_clients_mean", "heldout_accuracy_clients_mean",
                                                "heldout_loss_clients_mean", "clients_missing", "clients_withheld") if k in g}})
         return g

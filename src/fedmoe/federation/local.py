@@ -17,7 +17,7 @@ from ..data import prepare_federated_data
 from ..messages import Message
 from ..moe import MoEModel, load_tokenizer
 from ..seeds import Stream, derive_seed
-from .clients import ClientNode, client_sets, heldout_set
+from .clients import ClientNode, answer_prompt_limit, client_sets, heldout_set
 from .directories import with_memory_hint
 from .evaluation import ModelEvaluator
 from .progress import Progress
@@ -50,9 +50,9 @@ class LocalTransport:
         self.observe = observe or (lambda kind, client, message: None)
         self.data = prepare_federated_data(cfg.data, cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
-        self.sets = client_sets(self.data, self.tokenizer, cfg.data.max_length, cfg.eval.max_examples,
-                                cfg.eval.val_loss)
         self.mm = load_client_model(cfg, method, self.tokenizer)
+        self.sets = client_sets(self.data, self.tokenizer, cfg.data.max_length, cfg.eval.max_examples,
+                                cfg.eval.val_loss, answer_prompt_limit(cfg, self.mm.model.config))
         self.initial = spec.initial
         spec.check(self.mm)
         self.half = method.client(cfg)

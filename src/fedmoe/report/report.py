@@ -56,6 +56,17 @@ def _plain(x) -> str:
     return DASH if x is None else str(x)
 
 
+def mmlu_shots(g: dict) -> str:
+    """How many shots a run's MMLU prompts held: "5-shot" where every prompt fitted the prompt limit (4 ×
+    ``data.max_length``, at most the model's positions), else how many kept fewer shots and lost part of their
+    question (a summary from before these counts says "5-shot", as it did)."""
+    n, fewer, cut = (g.get(k) for k in ("mmlu_questions", "mmlu_fewer_shots", "mmlu_questions_cut"))
+    if not n or not fewer:
+        return "5-shot"
+    out = f"5-shot; {fewer:,} of {n:,} prompts kept fewer shots to fit the prompt limit"
+    return out + (f", {cut:,} lost the start of the question itself" if cut else "")
+
+
 def _test_num(x, digits: int, no_test: bool) -> str:
     """A test metric; ``no_test``: its model had no test data, so a missing value says so."""
     return NO_TEST if x is None and no_test else _num(x, digits)
@@ -176,8 +187,11 @@ def format_results_table(summary: dict, seq_len: int | None = None) -> str:
         extras.append(f"perplexity {_num(g['perplexity'], 3)}")
     if g.get("mmlu") is not None:
         own = g.get("mmlu_global_model")  # a personalised method's figure is the mean over the clients' own models
-        extras.append(f"MMLU (5-shot, mean over subjects) {_num(g['mmlu'], 2)}" + (f" (clients' own models, mean; the global model {_num(own, 2)})"
-                                                      if own is not None and own != g["mmlu"] else ""))
+        extras.append(f"MMLU ({mmlu_shots(g)}, mean over subjects) {_num(g['mmlu'], 2)}"
+                      + (f" (clients' own models, mean; the global model {_num(own, 2)})"
+                         if own is not None and own != g["mmlu"] else "")
+                      + (f", {_num(g['mmlu_micro'], 2)} over its {g['mmlu_questions']:,} questions"
+                         if g.get("mmlu_micro") is not None and g.get("mmlu_questions") else ""))
     if g.get("heldout_accuracy") is not None:
         own = g.get("heldout_accuracy_global_model")
         extras.append(f"held-out accuracy {_num(g['heldout_accuracy'], 2)}"

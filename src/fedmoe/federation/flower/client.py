@@ -30,7 +30,7 @@ from ...moe import load_tokenizer
 from ...moe.model import resolve_device
 from ...rundir import atomic_write_bytes, atomic_write_text, load_tensor_file
 from ...train import Parallel
-from ..clients import ClientNode, client_set, heldout_set
+from ..clients import ClientNode, answer_prompt_limit, client_set, heldout_set
 from ..evaluation import WITHHELD_EVALUATION, WITHHELD_WITH_EVALUATION, ModelEvaluator
 from ..local import load_client_model
 from .budget import BudgetRefusal, NodeBudget, PrivacyLedger, budget_refusal, node_budget
@@ -184,7 +184,7 @@ class FlowerClient:
             fd = model.shared_data()
             data, skipped = fd.clients[client], fd.skipped
         self.set = client_set(data, model.tokenizer, cfg.data.max_length, cfg.eval.max_examples, cfg.data.labels,
-                              cfg.eval.val_loss)
+                              cfg.eval.val_loss, answer_prompt_limit(cfg, model.mm.model.config))
         self.data_info = self.set.info(skipped, shared_source=not data_path)
         self.mm, self.initial, self.half = model.mm, model.initial, model.half
         # the shared held-out test set comes from the shared source (data.source), also for a client with its own file
