@@ -62,6 +62,39 @@ def _local(tmp_path, name, sets, threads=1):
         torch.set_num_threads(before)
 
 
+def _descendants(pid: int) -> set[int]:
+    """The processes ``pid`` started and theirs, alive now (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:200]
+    except OSError:
+        return f"{pid} (gone)"
+
+
 def _same_numbers(a, b):
     assert [c["loss"] for c in a["clients"]] == [c["loss"] for c in b["clients"]]
     assert [c["rouge_l"] for c in a["clients"]] == [c["rouge_l"] for c in b["clients"]]
@@ -549,13 +582,23 @@ def test_a_stopped_simulation_exits_and_resumes_exactly(tmp_path):
                     break
                 time.sleep(0.5)
             assert proc.poll() is None, err.read_text()[-3000:]
+            ray = _descendants(proc.pid)  # Ray's processes (its node's daemons, the clients' actors)
+            assert len(ray) >= 3, ray
             proc.send_signal(sig)  # to the main process alone, as `timeout` and `kill` send it
             assert proc.wait(timeout=120) == status, err.read_text()[-3000:]
+            # none outlives the run: a stopped simulation leaves Ray's shutdown to its exit, whose fate they share
+            deadline = time.time() + 60
+            while time.time() < deadline and any(map(_alive, ray)):
+                time.sleep(0.5)
+            assert not [_cmdline(p) for p in ray if _alive(p)]
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
         text = " ".join(err.read_text().split())
         assert f"stopped ({name})" in text and "--resume" in text, text[-2000:]
+        # Ray is shut down as the process ends, not under the engine's threads still waiting on its actors (a thread
+        # that touched it afterwards ended the process with status 1 before it could say the above)
+        assert "its owner has died" not in text, text[-2000:]
         assert not (tmp_path / "cut" / "summary.json").exists()
     r = subprocess.run(starts[1], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -55,6 +55,7 @@ def _exit_if_threads_are_stuck(status: int) -> None:
     if launch is not None and launch.STUCK_THREADS["now"]:
         sys.stdout.flush()
         sys.stderr.flush()
+        launch.finish_stopping()  # Ray, whose shutdown the stop left for now
         os._exit(status)
 
 

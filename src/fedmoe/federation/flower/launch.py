@@ -8,6 +8,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -160,9 +161,10 @@ def run_simulation(cfg: RunConfig, rd: RunDir, resume: bool = False, log=print) 
     handler = signal.getsignal(signal.SIGTERM) if main else None
     STOPPED.clear()
     try:
-        flower_run_simulation(server_app=server_app, client_app=client_app,
-                              num_supernodes=cfg.data.partition.num_clients,
-                              backend_config={"client_resources": resources})
+        with _ray_shutdown_deferred_on_a_signal():
+            flower_run_simulation(server_app=server_app, client_app=client_app,
+                                  num_supernodes=cfg.data.partition.num_clients,
+                                  backend_config={"client_resources": resources})
     except KeyboardInterrupt:
         STUCK_THREADS["now"] = True
         raise
@@ -176,6 +178,44 @@ def run_simulation(cfg: RunConfig, rd: RunDir, resume: bool = False, log=print) 
         if main and handler is not None:
             signal.signal(signal.SIGTERM, handler)
     return _finished(rd, "Flower simulation")
+
+
+@contextmanager
+def _ray_shutdown_deferred_on_a_signal():
+    """Flower's engine shuts Ray down in a ``finally`` as a signal's exception passes through it (Ctrl-C, or SIGTERM
+    as Ray's ``SystemExit``), right after killing the clients' actors, while its worker threads may still be taking
+    in the actors' deaths. A thread that lets go of a task's result after the shutdown calls into the shut-down Ray
+    core, which ends the process at once with status 1, before fedmoe says that the run stopped and where to resume
+    (seen under load: SIGTERM gave 1, not 143). While a signal stops the simulation, the shutdown is owed instead
+    (:data:`STUCK_THREADS`), and paid by :func:`finish_stopping` as the process ends, when fedmoe has said what it
+    had to and those threads have long let go. A run that ends otherwise shuts Ray down as before."""
+    import ray
+
+    real = ray.shutdown
+
+    def shutdown(*args, **kwargs):
+        if isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit)):
+            STUCK_THREADS["now"] = True
+            STUCK_THREADS["owed"] = lambda: real(*args, **kwargs)
+            return None
+        return real(*args, **kwargs)
+
+    ray.shutdown = shutdown
+    try:
+        yield
+    finally:
+        ray.shutdown = real
+
+
+def finish_stopping() -> None:
+    """Shut Ray down where a stopped simulation left it running (:func:`_ray_shutdown_deferred_on_a_signal`): its
+    node's processes (the dashboard's agent among them) do not all end with this process."""
+    owed = STUCK_THREADS.pop("owed", None)
+    if owed is not None:
+        try:
+            owed()
+        except Exception:  # noqa: BLE001 - the process is ending; what was to be said is said
+            pass
 
 
 # set when a signal stopped Flower's simulation: its engine's worker threads may wait forever on Ray actors it has
