@@ -55,7 +55,7 @@ def _exit_if_threads_are_stuck(status: int) -> None:
     if launch is not None and launch.STUCK_THREADS["now"]:
         sys.stdout.flush()
         sys.stderr.flush()
-        launch.finish_stopping()  # Ray, whose shutdown the stop left for now
+        launch.finish_stopping()  # the Ray processes the stopped simulation left running
         os._exit(status)
 
 

@@ -183,12 +183,11 @@ def run_simulation(cfg: RunConfig, rd: RunDir, resume: bool = False, log=print) 
 @contextmanager
 def _ray_shutdown_deferred_on_a_signal():
     """Flower's engine shuts Ray down in a ``finally`` as a signal's exception passes through it (Ctrl-C, or SIGTERM
-    as Ray's ``SystemExit``), right after killing the clients' actors, while its worker threads may still be taking
-    in the actors' deaths. A thread that lets go of a task's result after the shutdown calls into the shut-down Ray
-    core, which ends the process at once with status 1, before fedmoe says that the run stopped and where to resume
-    (seen under load: SIGTERM gave 1, not 143). While a signal stops the simulation, the shutdown is owed instead
-    (:data:`STUCK_THREADS`), and paid by :func:`finish_stopping` as the process ends, when fedmoe has said what it
-    had to and those threads have long let go. A run that ends otherwise shuts Ray down as before."""
+    as Ray's ``SystemExit``) while its worker threads may still wait on the clients' actors. A thread that lets go of
+    a task's result after the shutdown calls into the shut-down Ray core, which ends the process at once with status
+    1, before fedmoe says that the run stopped and where to resume (seen under load: SIGTERM gave 1, not 143). While
+    a signal stops the simulation, Ray is left running (:data:`STUCK_THREADS`) and :func:`finish_stopping` ends its
+    processes as this one ends. A run that ends otherwise shuts Ray down as before."""
     import ray
 
     real = ray.shutdown
@@ -196,7 +195,7 @@ def _ray_shutdown_deferred_on_a_signal():
     def shutdown(*args, **kwargs):
         if isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit)):
             STUCK_THREADS["now"] = True
-            STUCK_THREADS["owed"] = lambda: real(*args, **kwargs)
+            STUCK_THREADS["ray"] = lambda: real(*args, **kwargs)
             return None
         return real(*args, **kwargs)
 
@@ -207,14 +206,49 @@ def _ray_shutdown_deferred_on_a_signal():
         ray.shutdown = real
 
 
+def _descendants(pid: int) -> list[int] | None:
+    """The processes ``pid`` started and theirs (from /proc), or None where there is no /proc."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for d in entries:
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(d))
+            except (OSError, IndexError, ValueError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def finish_stopping() -> None:
-    """Shut Ray down where a stopped simulation left it running (:func:`_ray_shutdown_deferred_on_a_signal`): its
-    node's processes (the dashboard's agent among them) do not all end with this process."""
-    owed = STUCK_THREADS.pop("owed", None)
-    if owed is not None:
+    """As the process ends after a signal stopped its simulation: end the Ray processes it left running
+    (:func:`_ray_shutdown_deferred_on_a_signal`; its node's daemons, the dashboard's agent among them, do not all end
+    with this process). They are this process's descendants and are killed, without a call into Ray, which the
+    engine's threads may still be waiting on; without /proc (not Linux), Ray's own shutdown."""
+    import signal
+
+    owed = STUCK_THREADS.pop("ray", None)
+    if owed is None:
+        return
+    pids = _descendants(os.getpid())
+    if pids is None:
         try:
             owed()
         except Exception:  # noqa: BLE001 - the process is ending; what was to be said is said
+            pass
+        return
+    for pid in pids:  # every one found before any is killed: a killed parent's children would move to init
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
             pass
 
 
