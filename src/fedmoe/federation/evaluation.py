@@ -40,13 +40,15 @@ WITHHELD_WITH_EVALUATION = ("n_test", "n_generated", "n_val")
 # its ``mmlu_questions``; ``mmlu_fewer_shots`` of them kept fewer than five shots to fit the prompt limit
 # (``eval.mmlu.run_prompt_limit``) and ``mmlu_questions_cut`` lost the start of the question itself (every shot gone)
 MMLU_FACTS = ("mmlu_micro", "mmlu_questions", "mmlu_fewer_shots", "mmlu_questions_cut")
+# the numbers on shared data a reply must hold to have evaluated it (MMLU's facts come only beside its accuracy)
+GENERAL_HEADLINES = ("general_loss", "general_perplexity", "mmlu", "heldout_loss", "heldout_accuracy")
 GENERAL_KEYS = ("general_loss", "general_perplexity", "mmlu", *MMLU_FACTS, "heldout_loss", "heldout_accuracy")
 GENERAL_PARTS = (*GENERAL_KEYS, "heldout_scores")  # what an evaluation with ``general`` adds to its results
 
 
 def has_general(result: dict) -> bool:
     """Whether an evaluation's results hold the numbers on shared data (general text, MMLU, held-out set)."""
-    return any(k in result for k in GENERAL_KEYS)
+    return any(k in result for k in GENERAL_HEADLINES)
 
 
 def answer_metric(cfg) -> str:
@@ -260,6 +262,8 @@ def _invalid_mmlu_counts(r: dict) -> str | None:
     """Why a reply's MMLU prompt counts are impossible, or None: all three or none, with an accuracy; non-negative
     integers; the questions cut among the prompts with fewer shots, and those among the questions asked."""
     counts = [r.get(k) for k in ("mmlu_questions", "mmlu_fewer_shots", "mmlu_questions_cut")]
+    if r.get("mmlu_micro") is not None and r.get("mmlu") is None:
+        return "an MMLU accuracy over questions without the mean over subjects beside it"
     if all(v is None for v in counts):
         return None
     n, fewer, cut = counts
