@@ -743,3 +743,37 @@ def test_local_dp_noise_beyond_secaggs_clipping_range_is_refused():
                                           r"least 19 \(C·\(1 \+ 6σ\)\)"):
         load_config(None, [*sets, "federation.dp.noise_multiplier=3"])
     load_config(None, [*sets, "federation.dp.noise_multiplier=1"])  # 8 >= 1 + 4: taken
+
+
+def test_the_privacy_line_compares_with_the_target_and_counts_releases():
+    """The line said "within the target" whenever a target was set, also where a round released again after a resume
+    had put ε over it, and "after N rounds" of an ε over more releases than rounds; seeded noise went unmentioned in
+    central DP."""
+    from fedmoe.report.report import format_privacy, privacy_line
+
+    p = {"where": "server", "epsilon": 2.108, "delta": 1e-5, "rounds": 10, "releases": 11, "noise_multiplier": 1.5,
+         "clip_norm": 0.1, "target_epsilon": 2, "target_rounds": 10, "clients_per_round": 4, "noise_std_of_average": 0.04,
+         "accounting": "RDP", "server_noise": "secret"}
+    line = privacy_line({"privacy": p})
+    assert "after 11 releases (10 rounds)" in line and ", over the target 2 (a round was released again" in line
+    assert "within" not in line and "seeded" not in line
+    text = " ".join(format_privacy({"privacy": p}, []))
+    assert "after 11 releases (10 rounds)" in text and "This run's ε, 2.108, is over it" in text
+    p.update(epsilon=1.9, releases=10, server_noise="seeded")
+    line = privacy_line({"privacy": p})
+    assert "after 10 rounds," in line and ", within the target 2" in line and "(seeded noise: whoever has the config" in line
+    assert "server_noise: seeded" in " ".join(format_privacy({"privacy": p}, []))
+
+
+@pytest.mark.parametrize("noise", ["client_noise", "server_noise"])
+def test_seeded_noise_is_refused_on_a_real_deployment(tmp_path, noise):
+    """server_noise: seeded on runtime flower let any SuperNode rebuild a round's noise from the seed in its config and
+    subtract it (and client_noise: seeded, the server a client's): a new run is refused; a simulation keeps it."""
+    from fedmoe.config import ConfigError, refuse_for_a_new_run
+
+    where = "client" if noise == "client_noise" else "server"
+    sets = ["federation.dp.clip_norm=1", "federation.dp.noise_multiplier=1", f"federation.dp.where={where}",
+            f"federation.dp.{noise}=seeded"]
+    with pytest.raises(ConfigError, match=rf"federation.dp.{noise} = seeded draws the noise from the run's seed"):
+        refuse_for_a_new_run(load_config(None, [*sets, "federation.runtime=flower"]))
+    refuse_for_a_new_run(load_config(None, [*sets, "federation.runtime=flower-sim"]))

@@ -376,3 +376,15 @@ def test_ranks_training_together_follow_rank_0s_reading_of_the_ledger(run, tmp_p
     else:
         assert did[0].startswith("refused: this node's privacy budget is spent") and not releases
         assert did[1] == "refused: client 0: rank 0 refused this release (this node's privacy budget)"
+
+
+@pytest.mark.parametrize("value", ["Infinity", "1e999", "NaN", "-0.5", str(10 ** 400), "600000.0", "true"])
+def test_a_ledger_release_no_node_could_have_written_is_damage_not_a_free_one(tmp_path, value):
+    """A release whose noise multiplier is infinite counted as ε = 0: a thousand of them, and the next release was
+    admitted. One beyond σ/2 of the largest σ a run accepts (1e6), not finite, negative or a huge integer (which
+    crashed `fedmoe node-privacy` with an OverflowError) is a damaged ledger, refused naming the file."""
+    (tmp_path / LEDGER).write_text('{"releases": [' + ", ".join(['{"noise_multiplier": ' + value + "}"] * 1000) + "]}")
+    with pytest.raises(BudgetRefusal, match=f"ledger {tmp_path / LEDGER} cannot be read .*finite noise multiplier"):
+        PrivacyLedger(tmp_path).releases()
+    (tmp_path / LEDGER).write_text('{"releases": [{"noise_multiplier": 500000}, {"noise_multiplier": 0.5}]}')
+    assert len(PrivacyLedger(tmp_path).releases()) == 2  # what a node writes is read

@@ -726,9 +726,17 @@ def unread_settings(cfg: RunConfig) -> list[tuple[str, str]]:
 def refuse_for_a_new_run(cfg: RunConfig) -> None:
     """What an older fedmoe took and quietly changed, refused for a run that starts now (a run directory of such a
     config still loads: to resume, export or compare it): ``federation.min_replies`` above the clients a round
-    samples, which it lowered to them."""
+    samples, which it lowered to them; seeded DP noise on a real Flower deployment, whose nodes hold the seed."""
     from .federation.sampling import clients_per_round
 
+    dp = cfg.federation.dp
+    seeded = [k for k in ("client_noise", "server_noise") if dp is not None and getattr(dp, k) == "seeded"]
+    if seeded and cfg.federation.runtime == "flower":
+        raise ConfigError(f"federation.dp.{seeded[0]} = seeded draws the noise from the run's seed, which the server "
+                          "and every SuperNode hold in the run's config: on a real deployment they can subtract it, and "
+                          "ε protects nothing. It is for simulations whose numbers must repeat (runtime local or "
+                          f"flower-sim): remove federation.dp.{seeded[0]} (the default, secret, draws it from the "
+                          "operating system's cryptographic generator)")
     sampled = clients_per_round(cfg.data.partition.num_clients, cfg.federation.fraction)
     if cfg.federation.min_replies is not None and cfg.federation.min_replies > sampled:
         raise ConfigError(f"federation.min_replies = {cfg.federation.min_replies} is more than the {sampled} clients "

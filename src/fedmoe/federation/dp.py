@@ -385,7 +385,7 @@ def privacy_summary(cfg, rounds: int, denominator: int, client_rounds: dict[int,
                 "not_covered": NOT_COVERED[dp.reports], **_target(cfg)}
     releases = rounds if releases is None else max(rounds, releases)
     return {"where": "server", "epsilon": epsilon(central_multiplier(cfg), releases, dp.delta), "delta": dp.delta,
-            "rounds": rounds, "releases": releases,
+            "rounds": rounds, "releases": releases, "server_noise": dp.server_noise,
             "clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier, "clients_per_round": denominator,
             "noise_std_of_average": dp.noise_multiplier * dp.clip_norm / denominator,
             "accounting": ACCOUNTING if samples_everyone(cfg) else ACCOUNTING_SAMPLED, **_target(cfg)}

@@ -679,9 +679,26 @@ def privacy_line(summary: dict) -> str | None:
     if not p:
         return None
     where = "local DP, the client that sent the most" if p.get("where") == "client" else "central DP"
-    target = f", within the target {p['target_epsilon']:g}" if p.get("target_epsilon") else ""
-    return (f"privacy ({where}): ε = {_num(p.get('epsilon'), 3)} at δ = {p['delta']:g} after {p['rounds']} rounds, "
-            f"σ = {p['noise_multiplier']:g}, C = {p['clip_norm']:g}{target}")
+    seeded = " (seeded noise: whoever has the config can remove it)" if "seeded" in (
+        p.get("client_noise"), p.get("server_noise")) else ""
+    return (f"privacy ({where}): ε = {_num(p.get('epsilon'), 3)} at δ = {p['delta']:g} after {_releases(p)}, "
+            f"σ = {p['noise_multiplier']:g}, C = {p['clip_norm']:g}{_against_target(p)}{seeded}")
+
+
+def _releases(p: dict) -> str:
+    """"N rounds", or "R releases (N rounds)" where a round was released again after a resume (ε counts each)."""
+    rounds, releases = p.get("rounds"), p.get("releases")
+    return f"{releases} releases ({rounds} rounds)" if releases and releases != rounds else f"{rounds} rounds"
+
+
+def _against_target(p: dict) -> str:
+    """", within the target T" or ", over the target T" (``federation.dp.target_epsilon``), or ""."""
+    target = p.get("target_epsilon")
+    if not target:
+        return ""
+    if p.get("epsilon") is not None and p["epsilon"] > target:
+        return f", over the target {target:g} (a round was released again after a resume, or a client sent more often)"
+    return f", within the target {target:g}"
 
 
 def format_privacy(summary: dict, metrics: list[dict]) -> list[str]:
@@ -692,6 +709,9 @@ def format_privacy(summary: dict, metrics: list[dict]) -> list[str]:
     target = (f" σ = {p['noise_multiplier']:g} keeps ε within the target {p['target_epsilon']:g} over the run's "
               f"{p.get('target_rounds')} rounds (federation.dp.target_epsilon; without a σ given, the smallest that "
               "does)." if p.get("target_epsilon") else "")
+    if p.get("target_epsilon") and p.get("epsilon") is not None and p["epsilon"] > p["target_epsilon"]:
+        target += (f" This run's ε, {_num(p['epsilon'], 3)}, is over it: a round was released again after a resume, "
+                   "or a client sent more often than the target's rounds.")
     if p.get("where") == "client":
         per = ", ".join(f"client {c}: {_num(e, 3)}" for c, e in (p.get("epsilon_by_client") or {}).items())
         lines = ["## Differential privacy (local, on each client)", "",
@@ -714,11 +734,14 @@ def format_privacy(summary: dict, metrics: list[dict]) -> list[str]:
                  + target, ""]
         return lines
     lines = ["## Differential privacy (client level)", "",
-             f"(ε, δ) = ({_num(p['epsilon'], 3)}, {p['delta']:g}) after {p['rounds']} rounds: each round clips every "
+             f"(ε, δ) = ({_num(p['epsilon'], 3)}, {p['delta']:g}) after {_releases(p)}: each round clips every "
              f"client's update to L2 norm {p['clip_norm']:g}, adds Gaussian noise of std {p['noise_multiplier']:g} × "
              f"{p['clip_norm']:g} to their sum and divides by the {p['clients_per_round']} clients sampled per round "
              f"(noise std of the average: {p['noise_std_of_average']:.3g}). Accounting: {p['accounting']}. The guarantee "
-             "covers the global models; this report's per-client numbers are not private." + target,
+             "covers the global models; this report's per-client numbers are not private."
+             + (" The noise was seeded from the run's seed (server_noise: seeded): whoever has the config can remove "
+                "it, so this holds only against those who do not." if p.get("server_noise") == "seeded" else "")
+             + target,
              ""]
     rows = [r for r in metrics if r.get("kind") == "server" and r.get("dp_epsilon") is not None]
     if rows:

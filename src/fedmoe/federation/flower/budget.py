@@ -26,6 +26,7 @@ budget a node withholds them, and the size of its test set, unless its node conf
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,22 @@ def budget_refusal(cfg, budget: NodeBudget) -> str | None:
             f"(node config dp-epsilon = {budget.epsilon:g}), and this run asks otherwise: {why}")
 
 
+# the largest noise multiplier a node records: σ/2 of the largest σ a run accepts (federation.dp.noise_multiplier ≤ 1e6)
+MAX_RECORDED = 5e5
+
+
+def _recordable(v) -> bool:
+    """A noise multiplier a node could have written: a finite number in [0, MAX_RECORDED] (an infinite one would
+    count its release as free)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        f = float(v)
+    except OverflowError:  # an integer of hundreds of digits
+        return False
+    return math.isfinite(f) and 0 <= f <= MAX_RECORDED
+
+
 class PrivacyLedger:
     """The releases of one node (its state-dir): each locally privatised update it sent, with the noise
     multiplier of its Gaussian mechanism (σ/2: sensitivity 2C, noise σC)."""
@@ -139,11 +156,11 @@ class PrivacyLedger:
         try:
             data = json.loads(self.path.read_text())
             rel = data["releases"]
-            if not isinstance(rel, list) or not all(
-                    isinstance(r, dict) and isinstance(r.get("noise_multiplier"), (int, float))
-                    and not isinstance(r.get("noise_multiplier"), bool) and r["noise_multiplier"] >= 0 for r in rel):
-                raise ValueError("a release without a noise multiplier ≥ 0")
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            if not isinstance(rel, list) or not all(isinstance(r, dict) and _recordable(r.get("noise_multiplier"))
+                                                    for r in rel):
+                raise ValueError(f"a release without a finite noise multiplier in [0, {MAX_RECORDED:g}] (σ/2 of "
+                                 "a σ the run accepts)")
+        except (OSError, ValueError, KeyError, TypeError, OverflowError) as e:
             raise BudgetRefusal(f"this node's privacy ledger {self.path} cannot be read ({type(e).__name__}: {e}); "
                                 "it trains no more until the ledger is mended or restored from a backup — never "
                                 "removed, which would forget what its data has spent") from None
