@@ -3,6 +3,7 @@ empty test set reports "no test data" (never a perfect score), a resume checks i
 at a time per directory, and a checkpoint that cannot be read falls back to the previous round's."""
 
 import json
+import shutil
 import os
 import re
 import signal
@@ -14,13 +15,13 @@ import pytest
 import torch
 import yaml
 
-from fedmoe.config import load_config
+from fedmoe.config import ConfigError, load_config
 from fedmoe.data.sources import DataError
 from fedmoe.federation import resume_federated, run_federated
 from fedmoe.federation.evaluation import pooled
 from fedmoe.federation.checkpoint import EXECUTION_KEYS, RunDirError
 from fedmoe.rundir import RunDirBusy
-from fedmoe.federation.sweep import run_sweep
+from fedmoe.federation.sweep import run_sweep, sweep_points
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -207,6 +208,22 @@ def test_sweep_points_are_kept_resumed_or_run_in_place(tmp_path):
     assert "done before, kept" in logs[0] and "rank=4" in logs[1] and "kept" not in logs[1]
     assert (root / "rank=2" / "summary.json").read_bytes() == done and (root / "rank=4" / "summary.json").is_file()
     assert sorted(p.name for p in root.iterdir()) == ["rank=2", "rank=4", "sweep_report.md"]  # no rank=2-2
+    # a finished point whose config.yaml is gone was kept unchecked ("done before, kept") and tabulated as whatever
+    # config the sweep now gives it: what it ran is not known, so the sweep is refused, naming it
+    config = (root / "rank=4" / "config.yaml").read_bytes()
+    (root / "rank=4" / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"rank=4 .*its config.yaml is missing or cannot be read .*move the point's folder"):
+        run_sweep(path, log=_quiet)
+    (root / "rank=4" / "config.yaml").write_bytes(config)
+    # a point's folder holding files fedmoe did not mark as its own: the point ran into rank=4-2 (its table linked
+    # rank=4, and each start of the sweep ran it again, into rank=4-3, ...): refused, naming the folder
+    shutil.rmtree(root / "rank=4")
+    (root / "rank=4").mkdir()
+    (root / "rank=4" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"sweep point rank=4: .*rank=4 holds files fedmoe did not mark as its own run"):
+        run_sweep(path, log=_quiet)
+    assert sorted(p.name for p in root.iterdir()) == ["rank=2", "rank=4", "sweep_report.md"]
+    assert [p.name for p in (root / "rank=4").iterdir()] == ["notes.txt"]
 
 
 # ------------------------------------------------------------------ 3. no test data is not a perfect score
@@ -620,3 +637,24 @@ def test_a_stale_lock_is_taken_over_where_the_directory_cannot_be_read_or_flocke
     (tmp_path / "run" / RunDir.LOCK).write_text(json.dumps(stale))
     RunDir(tmp_path / "run", create=False).lock(lambda _: None)
     assert json.loads((tmp_path / "run" / RunDir.LOCK).read_text())["pid"] == os.getpid()
+
+
+def test_every_failed_point_of_a_parallel_sweep_is_named(tmp_path):
+    """--jobs 2, both points fail for their own reasons: the error named the first alone, the second's cause was lost.
+    Each is named, with its cause, and logged as it fails."""
+    (tmp_path / "a.jsonl").write_text("")  # no example at all
+    (tmp_path / "b.jsonl").write_text("not json\n")
+    tree = {"name": "sw", "output_dir": str(tmp_path), "model": {"name": "builtin:tiny-olmoe"},
+            "data": {"max_examples": 60, "max_length": 32, "partition": {"num_clients": 2}},
+            "train": {"max_steps": 1, "batch_size": 2}, "lora": {"rank": 2}, "eval": {"rouge": False},
+            "federation": {"rounds": 1}, "sweep": {"data.source": [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    logs = []
+    with pytest.raises(RuntimeError) as e:
+        run_sweep(path, jobs=2, log=logs.append)
+    text = str(e.value)
+    points = [p for p, _ in sweep_points(tree["sweep"])]
+    assert all(f"sweep point {p} failed (" in text for p in points) and "0 of 2 points finished" in text, text
+    assert "a.jsonl" in text and "b.jsonl" in text and "line 1" in text, text
+    assert sum(": failed (" in line for line in logs) == 2, logs

@@ -24,6 +24,21 @@ def test_sweep_points_are_the_cartesian_product():
     assert named[1][1] == ["algorithm.name=fedit", "algorithm.fedit.proximal_mu=0.01", "seed=1"]
 
 
+def test_a_text_value_reaches_its_point_as_written():
+    """A sweep's text value went into its override unquoted and was read again as YAML: "Pick one of {labels} #1
+    rule" lost what follows " #" (a comment), "~" became null, "'x'" lost its quotes, "yes" became true; two points
+    named apart ran one config."""
+    from fedmoe.config import parse_override
+
+    texts = ["Pick one of {labels} #1 rule: answer with the label only", "~", "'x'", "yes", " padded ", "a: b", "plain"]
+    for point, sets in sweep_points({"data.instruction": texts}):
+        (override,) = sets
+        assert parse_override(override)[1] == texts[[p for p, _ in sweep_points({"data.instruction": texts})].index(point)]
+    assert sweep_points({"data.instruction": ["plain"]})[0][1] == ["data.instruction=plain"]  # quoted only where needed
+    named = sweep_points({"v": {"a": {"data.instruction": "x #y"}, "b": {"data.instruction": "x"}}})
+    assert [parse_override(o)[1] for _, (o,) in named] == ["x #y", "x"]
+
+
 def test_a_config_with_a_sweep_is_not_a_single_run(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text("sweep: {seed: [1, 2]}\n")

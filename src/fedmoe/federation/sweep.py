@@ -31,7 +31,23 @@ from ..rundir import atomic_write_text, md_cell
 
 
 def _fmt(v) -> str:
+    """A value in a point's name."""
     return json.dumps(v) if isinstance(v, (list, dict)) or v is None else str(v)
+
+
+def _override(key: str, v) -> str:
+    """``key=value`` that sets ``v`` exactly: a string that YAML, which reads the override, would read otherwise
+    quoted (`` #`` starts a comment, ``~`` is null, ``'x'`` loses its quotes, ``yes`` is true), anything else as in
+    a name."""
+    text = f"{key}={_fmt(v)}"
+    if isinstance(v, str):
+        try:
+            same = parse_override(text)[1] == v
+        except ConfigError:  # not YAML as it stands: quoted
+            same = False
+        if not same:
+            text = f"{key}={json.dumps(v)}"
+    return text
 
 
 def _overlaps(a: str, b: str) -> bool:
@@ -52,10 +68,10 @@ def sweep_points(sweep: dict) -> list[tuple[str, list[str]]]:
             for label, sets in v.items():
                 if not isinstance(sets, dict):
                     raise ConfigError(f"sweep.{k}.{label}: a named variant maps config keys to values")
-                axis.append((f"{k}={label}", [f"{sk}={_fmt(sv)}" for sk, sv in sets.items()]))
+                axis.append((f"{k}={label}", [_override(sk, sv) for sk, sv in sets.items()]))
             axes.append(axis)
         elif isinstance(v, list) and v:
-            axes.append([(f"{k.split('.')[-1]}={_fmt(x)}", [f"{k}={_fmt(x)}"]) for x in v])
+            axes.append([(f"{k.split('.')[-1]}={_fmt(x)}", [_override(k, x)]) for x in v])
         else:
             raise ConfigError(f"sweep.{k}: give a non-empty list of values (or named variants), got {v!r}")
     # a key set by two axes (a swept key a named variant sets too): the later one wins, and the point's name would
@@ -108,9 +124,14 @@ def stale_points(root: Path, configs) -> list[str]:
     stale = []
     for point, cfg in configs:
         d = root / point
-        if not (d / RunDir.CONFIG).is_file() or not ((d / "summary.json").is_file() or has_checkpoint(d)):
+        if not ((d / "summary.json").is_file() or has_checkpoint(d)):
             continue
-        ran = config_fingerprint(load_config(d / RunDir.CONFIG))["keys"]
+        try:  # what the point ran: without its config.yaml it is not known, and its results are not this config's
+            ran = config_fingerprint(load_config(d / RunDir.CONFIG))["keys"]
+        except (ConfigError, OSError, ValueError) as e:
+            stale.append(f"{point} ({d}): its {RunDir.CONFIG} is missing or cannot be read ({str(e)[:200]}), so what "
+                         f"it ran is not known: {_DAMAGED_POINT.format(folder=d)}")
+            continue
         diffs = fingerprint_diffs(ran, config_fingerprint(resolve_noise(resolve_labels(cfg)))["keys"])
         if diffs:
             stale.append(f"{point} ({d}): {'; '.join(diffs)}")
@@ -160,9 +181,14 @@ def _run_point(point: str, tree: dict, sets: list[str], root: str, source: str, 
         continue_run(root_p / point, show_progress=show_progress, federation=federation, log=log,
                      overrides=resume_sets or None)
         return str(summary_path)
+    from .directories import _run_dir_kind
+
+    if _run_dir_kind(root_p / point) in ("other", "file"):  # a new run would go to a numbered folder beside it
+        raise ConfigError(f"sweep point {point}: {root_p / point} holds files fedmoe did not mark as its own run; a point "
+                          "runs in its own folder only (beside it, the sweep's table and its next start would not find "
+                          "it, and each start would run it again): move them away and run the sweep again")
     log(f"{point}: started")
-    # a point's directory holds no run here (or one that stopped before its first checkpoint), so the run goes
-    # there; were it taken by other files, where it went
+    # a point's directory holds no run here (or one that stopped before its first checkpoint), so the run goes there
     return str(start_run(cfg, show_progress=show_progress, federation=federation, log=log, unread_ok=True)[1].summary_path)
 
 
@@ -346,18 +372,19 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, show_progres
             for (point, _), fut in zip(points, futures):
                 try:
                     paths.append(fut.result())
-                except Exception as e:  # noqa: BLE001 -- the other points finish; the first error is raised below
+                except Exception as e:  # noqa: BLE001 -- the other points finish; every error is named below
                     errors.append((point, e))
                     paths.append(None)
+                    log(f"{point}: failed ({type(e).__name__}: {e})")
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: no queued point starts, the running ones stop at a checkpoint
             _stop_pool(pool)
             raise SweepInterrupted(root) from None
         pool.shutdown(wait=True)
         if errors:
-            point, e = errors[0]
             done = sum(p is not None for p in paths)
-            raise RuntimeError(f"sweep point {point} failed ({type(e).__name__}: {e}); {done} of {len(points)} points "
-                               f"finished (kept): run the sweep again to retry the others") from e
+            failed = "; ".join(f"sweep point {point} failed ({type(e).__name__}: {e})" for point, e in errors)
+            raise RuntimeError(f"{failed}; {done} of {len(points)} points finished (kept): run the sweep again to retry "
+                               "the others") from errors[0][1]
     done = [(point, read_summary_file(Path(p), _DAMAGED_POINT.format(folder=Path(p).parent)))
             for (point, _), p in zip(points, paths)]
     if results is not None:  # the caller's: [(point, its summary)] as tabulated
