@@ -267,3 +267,33 @@ def test_a_method_that_trains_no_global_model_shows_none_in_the_global_rows(runs
     assert row["global test loss (zero-shot)"][1].startswith("– ¹ (")
     assert not row["global test loss (zero-shot)"][0].startswith("–")
     assert "¹ local: the method trains no global model" in table
+
+
+def test_changed_data_files_and_what_the_numbers_leave_out_are_said(runs, tmp_path):
+    """Compare looked at the config's text only: the same data.source whose file's contents changed between two runs
+    went unmentioned, and so did the clients a run's global numbers leave out, the clients scored at an earlier round
+    and the client failures, which the sweep table shows."""
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(runs["fedit"][1], a)
+    shutil.copytree(runs["fedit"][1], b)
+    table, _ = compare_runs([a, b], tmp_path / "same")
+    assert "Not like for like" not in table and "clients missing" not in table and "client failures" not in table
+    fp = b / "checkpoints" / "data-fingerprint.json"
+    got = json.loads(fp.read_text())
+    files = got["data_fingerprint"]["sources"][0]["files"]
+    name = next(iter(files))
+    files[name] = [files[name][0], "0" * 64]  # the same file name, other contents
+    fp.write_text(json.dumps(got))
+    summary = json.loads((b / "summary.json").read_text())
+    summary["global"]["clients_missing"] = [1]
+    summary["failures"] = [{"round": 2, "client": 1, "stage": "evaluate", "error": "OutOfMemoryError"}]
+    summary["clients"][1]["evaluated_round"] = 1
+    (b / "summary.json").write_text(json.dumps(summary))
+    table, _ = compare_runs([a, b], tmp_path / "changed")
+    assert "Not like for like: these runs were scored on different test data or scoring (the data files' contents " \
+           "(size and SHA-256): a | b)" in table
+    assert "| clients missing from the global numbers (their evaluation failed) | – | 1 |" in table
+    assert "| clients scored at an earlier round (their last evaluation failed) | – | 1 |" in table
+    assert "| client failures (see each run's report) | 0 | 1 |" in table

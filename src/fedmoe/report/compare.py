@@ -273,6 +273,19 @@ def format_comparison(runs: list[Run]) -> str:
         _cell(personal_or_global(r.summary, key), 2) if r.summary else "–" for r in runs])
     rows.append([BYTES_PER_ROUND] + [bytes_per_round(r.summary) if r.summary else "–" for r in runs])
     rows.append(["wall"] + [f"{r.summary['wall_s'] / 60:.1f} min" if r.summary else "–" for r in runs])
+    # what the numbers above leave out, as the sweep table says it: clients whose evaluation failed (the pooled global
+    # numbers are without their test data), clients whose last score is of an earlier round, every client failure
+    done = [r.summary or {} for r in runs]
+    if any((d.get("global") or {}).get("clients_missing") for d in done):
+        rows.append(["clients missing from the global numbers (their evaluation failed)"] + [
+            ", ".join(map(str, (d.get("global") or {}).get("clients_missing") or [])) or "–" for d in done])
+    stale = [[c["id"] for c in d.get("clients") or [] if c.get("evaluated_round") not in (None, d.get("rounds"))]
+             for d in done]
+    if any(stale):
+        rows.append(["clients scored at an earlier round (their last evaluation failed)"] + [
+            ", ".join(map(str, ids)) or "–" for ids in stale])
+    if any(d.get("failures") for d in done):
+        rows.append(["client failures (see each run's report)"] + [str(len(d.get("failures") or [])) for d in done])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(runs)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     if untrained:
@@ -310,7 +323,29 @@ def scoring_differences(runs: list[Run]) -> list[str]:
     each = [settings(r) for r in runs]
     keys = sorted({k for s in each for k in s})
     value = [{k: json.dumps(s[k] if k in s else default.get(k)) for k in keys} for s in each]
-    return [f"{k}: " + " | ".join(v[k] for v in value) for k in keys if len({v[k] for v in value}) > 1]
+    out = [f"{k}: " + " | ".join(v[k] for v in value) for k in keys if len({v[k] for v in value}) > 1]
+    # the same data.source may name files whose contents changed between runs: their fingerprints (size and SHA-256
+    # of every file, beside each run's checkpoints) tell; a run without one is not compared by it
+    prints = [_data_fingerprint(r) for r in runs]
+    if all(p is not None for p in prints) and len({json.dumps(p, sort_keys=True) for p in prints}) > 1:
+        groups: dict[str, list[str]] = {}
+        for r, p in zip(runs, prints):
+            groups.setdefault(json.dumps(p, sort_keys=True), []).append(r.label)
+        out.append("the data files' contents (size and SHA-256): " + " | ".join(", ".join(g) for g in groups.values()))
+    return out
+
+
+def _data_fingerprint(run: Run) -> dict | None:
+    """The run's data fingerprint from ``checkpoints/data-fingerprint.json``, or None (a run written before that file,
+    or one whose file cannot be read: not read from a checkpoint here, which may be large)."""
+    from ..federation.checkpoint import DATA_FINGERPRINT_FILE
+    from ..rundir import RunDir
+
+    try:
+        got = json.loads((run.path / RunDir.CHECKPOINTS / DATA_FINGERPRINT_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return got.get("data_fingerprint") if isinstance(got, dict) else None
 
 
 def plot_comparison(runs: list[Run], path: str | Path) -> bool:
