@@ -39,6 +39,14 @@ def test_a_text_value_reaches_its_point_as_written():
     assert [parse_override(o)[1] for _, (o,) in named] == ["x #y", "x"]
 
 
+def test_two_swept_keys_of_one_last_part_are_named_in_full():
+    """A point was named by each key's last part: data.partition.alpha and lora.alpha gave alpha=0.1,alpha=16, two
+    axes one name could not tell apart (the evidence tables read both as one)."""
+    pts = sweep_points({"data.partition.alpha": [0.1], "lora.alpha": [16, 32], "lora.rank": [4]})
+    assert [p for p, _ in pts] == ["data.partition.alpha=0.1,lora.alpha=16,rank=4",
+                                   "data.partition.alpha=0.1,lora.alpha=32,rank=4"]
+
+
 def test_a_config_with_a_sweep_is_not_a_single_run(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text("sweep: {seed: [1, 2]}\n")
@@ -189,6 +197,9 @@ def test_a_mean_over_no_client_is_a_dash_not_zero():
             if line.startswith("| ")}
     assert rows["mean over clients"] == ["8.00", "–"]  # the one client that has it; none
     assert rows["global model"] == ["8.00", "–"]
+    # a point named by a text value holding a pipe: its header cell is escaped (it shifted every column after it)
+    header = format_sweep_report("x.yaml", [("prompt=a|b", scored), ("b", unscored)]).splitlines()[4]
+    assert header == "| client | prompt=a\\|b | b |"
 
 
 def test_the_mean_over_categories_compares_the_same_categories():

@@ -60,6 +60,9 @@ def sweep_points(sweep: dict) -> list[tuple[str, list[str]]]:
     if not isinstance(sweep, dict) or not sweep:
         raise ConfigError("sweep: must map config keys to lists of values, e.g. {lora.rank: [4, 8]}")
     keys = list(sweep)
+    # a swept key is named by its last part (lora.rank -> rank=4), by all of it where two keys share that part
+    # (data.partition.alpha and lora.alpha: alpha=0.1,alpha=16 would name two points alike)
+    leaves = [k.split(".")[-1] for k in keys]
     axes = []  # per key: list of (label, overrides)
     for k in keys:
         v = sweep[k]
@@ -71,7 +74,8 @@ def sweep_points(sweep: dict) -> list[tuple[str, list[str]]]:
                 axis.append((f"{k}={label}", [_override(sk, sv) for sk, sv in sets.items()]))
             axes.append(axis)
         elif isinstance(v, list) and v:
-            axes.append([(f"{k.split('.')[-1]}={_fmt(x)}", [_override(k, x)]) for x in v])
+            label = k if leaves.count(k.split(".")[-1]) > 1 else k.split(".")[-1]
+            axes.append([(f"{label}={_fmt(x)}", [_override(k, x)]) for x in v])
         else:
             raise ConfigError(f"sweep.{k}: give a non-empty list of values (or named variants), got {v!r}")
     # a key set by two axes (a swept key a named variant sets too): the later one wins, and the point's name would
@@ -434,7 +438,7 @@ def format_sweep_report(source: str, results: list[tuple[str, dict]]) -> str:
              "the global model, and where the runs measured them MMLU and general-text perplexity (the mean over "
              "the clients' own models for personalised methods), expert load balance and uplink bytes.", ""]
     n_clients = max(len(s["clients"]) for _, s in results)
-    lines.append("| client | " + " | ".join(p for p, _ in results) + " |")
+    lines.append("| client | " + " | ".join(md_cell(p) for p, _ in results) + " |")
     lines.append("|---|" + "---:|" * len(results))
     for cid in range(n_clients):
         cells = []
