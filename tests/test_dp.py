@@ -298,10 +298,11 @@ def test_a_client_clips_its_update_and_adds_the_noise_itself():
 
 
 def test_secret_noise_is_drawn_from_the_operating_systems_bytes_alone(monkeypatch):
-    """client_noise: secret: every noise value is Box–Muller of 16 fresh os.urandom bytes per pair, by hand —
-    no seed behind it (torch's generator keeps 32 bits of a seed: 2^32 noise streams a server could try against
-    a release and subtract). With the operating system's bytes all zero a release is the clipped update exactly.
-    The real draws are standard normal (moments and a Kolmogorov–Smirnov test)."""
+    """client_noise: secret: every noise value is Box–Muller of fresh os.urandom bytes, by hand — no seed behind it
+    (torch's generator keeps 32 bits of a seed: 2^32 noise streams a server could try against a release and
+    subtract): the radius's uniform in (0, 1) from a word of leading bits (its binade) and 52 bits of mantissa, the
+    angle's from 53 bits. A release is the clipped update plus σC times exactly those values. The real draws are
+    standard normal (moments and a Kolmogorov–Smirnov test)."""
     import os
     import struct
 
@@ -317,16 +318,18 @@ def test_secret_noise_is_drawn_from_the_operating_systems_bytes_alone(monkeypatc
 
     monkeypatch.setattr(os, "urandom", fake_urandom)
     z = secret_normal((5,))
-    assert asked == [48]  # 3 pairs, 16 bytes each
-    u = [(v >> 11) * 2.0 ** -53 for v in struct.unpack("<6Q", stream[:48])]
-    want = [math.sqrt(-2 * math.log(1 - u[i])) * f(2 * math.pi * u[3 + i]) for f in (math.cos, math.sin) for i in range(3)]
+    assert asked == [24, 24, 24]  # 3 pairs: the radius's leading word and mantissa, the angle, 8 bytes each
+    w = struct.unpack("<3Q", stream[:24])
+    u = [math.ldexp(1 + (x >> 12) * 2.0 ** -52, -(64 - x.bit_length() + 1)) for x in w]
+    want = [math.sqrt(-2 * math.log(u[i])) * f(2 * math.pi * (w[i] >> 11) * 2.0 ** -53)
+            for f in (math.cos, math.sin) for i in range(3)]
     assert z.dtype == torch.float64 and z.tolist() == pytest.approx(want[:5], rel=1e-12)
-    # all-zero bytes: radius 0, no noise at all (a seeded generator would still add its stream)
-    monkeypatch.setattr(os, "urandom", lambda n: bytes(n))
+    # a release: the clipped update plus σC times the values those bytes give, nothing else (no seeded stream)
+    noise = secret_normal((7, 3))
     theta = {"a": torch.zeros(7, 3)}
     cfg = load_config(None, ["federation.dp.clip_norm=10", "federation.dp.noise_multiplier=3", "federation.dp.where=client"])
     out, _ = privatize_reply(cfg, Message({"a": torch.full((7, 3), 0.5)}), Message(dict(theta)), 0, 1)
-    assert torch.equal(out.tensors["a"], torch.full((7, 3), 0.5))
+    assert torch.allclose(out.tensors["a"].double(), 0.5 + 30 * noise, rtol=1e-6)
     monkeypatch.undo()
     n = 400_001
     z = secret_normal((n,))
@@ -337,6 +340,24 @@ def test_secret_noise_is_drawn_from_the_operating_systems_bytes_alone(monkeypatc
     gap = max(float((torch.arange(1, n + 1) / n - cdf).max()), float((cdf - torch.arange(n) / n).max()))
     assert gap < math.sqrt(math.log(2 / 1e-4) / 2) / math.sqrt(n)
     assert not torch.equal(secret_normal((8,)), secret_normal((8,)))
+
+
+def test_secret_noise_has_the_gaussians_tail(monkeypatch):
+    """From a 53-bit uniform the radius could not pass √(106 ln 2) = 8.57: a Gaussian cut off there, whose missing
+    tail is a δ the accounting leaves out (2.4e-6 per release at σ = 0.5). The radius's uniform has every float's
+    share: a leading word of 1 (63 zero bits) puts it in [2^-64, 2^-63), one all-zero word and then 1 in
+    [2^-128, 2^-127)."""
+    import os
+    import struct
+
+    from fedmoe.federation.dp import secret_normal
+
+    for words, k in (([1], 63), ([0, 1], 127)):
+        calls = iter([struct.pack("<Q", x) for x in words] + [bytes(8), bytes(8)])  # then mantissa 0, angle 0
+        monkeypatch.setattr(os, "urandom", lambda n: next(calls))
+        z = secret_normal((2,))
+        assert z.tolist() == pytest.approx([math.sqrt(2 * (k + 1) * math.log(2)), 0.0], abs=1e-12)
+        assert z[0] > 9.3
 
 
 def test_a_run_with_local_dp(tmp_path):
