@@ -288,3 +288,16 @@ def test_a_point_another_sweep_wrote_meanwhile_is_refused_not_kept(tmp_path):
     tree = config_to_dict(load_config(None, tiny + ["train.lr=0.05"]))  # the same config: kept
     assert _run_point("rank=2", tree, ["lora.rank=2"], str(tmp_path), "s.yaml", False, lambda *a: None, None) == \
         str(tmp_path / "rank=2" / "summary.json")
+
+
+def test_a_section_valued_axis_sets_its_keys_and_keeps_the_sections_others(tmp_path):
+    """An axis whose values are sections (lora: [{rank: 2}]) replaced the whole section: the base config's
+    lora.alpha: 32 became the default 16, and the point's name did not say so. Each key it gives is set, the others
+    kept."""
+    from fedmoe.config import apply_overrides, config_from_tree
+
+    pts = sweep_points({"lora": [{"rank": 2}, {"rank": 4, "dropout": 0.1}]})
+    assert [sets for _, sets in pts] == [["lora.rank=2"], ["lora.rank=4", "lora.dropout=0.1"]]
+    tree = {"lora": {"rank": 8, "alpha": 32}}
+    cfgs = [config_from_tree(apply_overrides(json.loads(json.dumps(tree)), sets), "t") for _, sets in pts]
+    assert [(c.lora.rank, c.lora.alpha, c.lora.dropout) for c in cfgs] == [(2, 32, cfgs[0].lora.dropout), (4, 32, 0.1)]

@@ -55,6 +55,15 @@ def _overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
+def _section_overrides(key: str, v) -> list[str]:
+    """The overrides that set ``v`` at ``key``: a mapping (a section's values, ``lora: [{rank: 2}]``) sets each of its
+    keys and leaves the section's others as the base config has them (one override of the whole section replaced
+    them with their defaults: the base's ``lora.alpha: 32`` became 16 without a word); anything else, itself."""
+    if isinstance(v, dict) and v:
+        return [o for sk, sv in v.items() for o in _section_overrides(f"{key}.{sk}", sv)]
+    return [_override(key, v)]
+
+
 def sweep_points(sweep: dict) -> list[tuple[str, list[str]]]:
     """(point name, ``key=value`` overrides) for every combination, in a stable order."""
     if not isinstance(sweep, dict) or not sweep:
@@ -75,7 +84,7 @@ def sweep_points(sweep: dict) -> list[tuple[str, list[str]]]:
             axes.append(axis)
         elif isinstance(v, list) and v:
             label = k if leaves.count(k.split(".")[-1]) > 1 else k.split(".")[-1]
-            axes.append([(f"{label}={_fmt(x)}", [_override(k, x)]) for x in v])
+            axes.append([(f"{label}={_fmt(x)}", _section_overrides(k, x)) for x in v])
         else:
             raise ConfigError(f"sweep.{k}: give a non-empty list of values (or named variants), got {v!r}")
     # a key set by two axes (a swept key a named variant sets too): the later one wins, and the point's name would
