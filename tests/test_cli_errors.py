@@ -563,6 +563,16 @@ def test_a_sweep_folder_is_named_as_one(tiny_run, tmp_path):
     assert r.stdout.splitlines()[0] == (f"note: {sw} is a sweep's folder: comparing its 2 finished points; not finished "
                                         "(give a point's folder to compare it as it is so far): rank=2")
     assert r.stdout.splitlines()[1] == "|  | rank=8 | rank=4 |"  # the sweep's order, not the folders' sorted order
+    # what it left out is in compare.md too (it was said on the terminal alone); a finished point the sweep's report
+    # does not list (an earlier or wider run of the sweep) is compared and said to be one
+    assert "Note: " + r.stdout.splitlines()[0][len("note: "):] in " ".join((tmp_path / "cmp" / "compare.md").read_text().split())
+    shutil.copytree(tiny_run, sw / "rank=16")
+    r = cli("compare", sw, "--out", tmp_path / "cmp16")
+    said = " ".join(r.stdout.split())
+    assert f"{sw} is a sweep's folder whose sweep_report.md does not list the points rank=16: they were run by an " \
+           "earlier or wider run of the sweep" in said
+    assert "rank=16" in (tmp_path / "cmp16" / "compare.md").read_text().split("Note: ")[-1]
+    shutil.rmtree(sw / "rank=16")
     line = error_line(cli("compare", sw, sw / "rank=4", "--out", tmp_path / "cmp"))
     assert f"{sw / 'rank=4'} (a point of the sweep {sw}) and {sw / 'rank=4'} are the same run" in line
 

@@ -588,6 +588,15 @@ SWEEP_REPORT = "sweep_report.md"
 _REPORT_LINK = re.compile(r"\[([^\]\n]+)\]\(\1/report\.md\)")
 
 
+def sweep_report_points(path: str | Path) -> list[str] | None:
+    """The points a sweep's folder's ``sweep_report.md`` lists (those of the sweep's last run, in its order); None
+    without a readable report."""
+    try:
+        return _REPORT_LINK.findall((Path(path) / SWEEP_REPORT).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def sweep_points_in(path: str | Path) -> list[Path] | None:
     """The point directories (those holding a config.yaml) of a sweep's folder — ``output_dir/name`` of a config
     with a ``sweep:`` section, which holds its ``sweep_report.md`` (once the sweep finished) and one run directory
@@ -603,10 +612,7 @@ def sweep_points_in(path: str | Path) -> list[Path] | None:
     report = path / SWEEP_REPORT
     if not report.is_file() and not (points and all("=" in p.name for p in points)):
         return None
-    try:
-        order = _REPORT_LINK.findall(report.read_text(encoding="utf-8")) if report.is_file() else []
-    except (OSError, UnicodeDecodeError):
-        order = []
+    order = sweep_report_points(path) or []
     rank = {name: i for i, name in enumerate(order)}
     return sorted(points, key=lambda p: (rank.get(p.name, len(rank)), p.name))
 

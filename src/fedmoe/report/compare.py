@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..configbase import flat_keys, yaml_problem
 from ..eval.stats import format_change
-from ..rundir import RunDir, atomic_write_bytes, loads, run_dir_problem, shell_quote, sweep_points_in
+from ..rundir import RunDir, atomic_write_bytes, loads, run_dir_problem, shell_quote, sweep_points_in, sweep_report_points
 from .method import config_robust, format_method, method_info
 
 
@@ -399,6 +399,11 @@ def expand_sweeps(paths: list[str | Path], log=print) -> list[Path]:
         if rest:
             log(f"{p} is a sweep's folder: comparing its {len(done)} finished points; not finished (give a point's folder "
                 f"to compare it as it is so far): {', '.join(rest)}")
+        listed = sweep_report_points(p)
+        unlisted = [q.name for q in done if listed is not None and q.name not in listed]
+        if unlisted:  # finished points of an earlier (or wider) run of the sweep than the one its report tabulates
+            log(f"{p} is a sweep's folder whose sweep_report.md does not list the points {', '.join(unlisted)}: they "
+                "were run by an earlier or wider run of the sweep, perhaps with another config (compared as they are)")
         expanded += [(q, f"{q} (a point of the sweep {p})") for q in done]
     seen: dict[Path, str] = {}
     for p, given in expanded:
@@ -419,7 +424,13 @@ def compare_runs(paths: list[str | Path], out: str | Path, log=print) -> tuple[s
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder: give a folder for compare.md and compare.png (a new "
                          "one is created)")
-    ps = expand_sweeps(paths, log)
+    said: list[str] = []  # what the comparison leaves out or should be read with: also into compare.md
+
+    def note(msg: str) -> None:
+        said.append(msg)
+        log(msg)
+
+    ps = expand_sweeps(paths, note)
     runs = [load_run(p, label) for p, label in zip(ps, _labels(ps))]
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -436,5 +447,6 @@ def compare_runs(paths: list[str | Path], out: str | Path, log=print) -> tuple[s
 
     atomic_write_text(out / "compare.md", "# fedmoe compare\n\n" + table + "\n\n"
                       + ("![learning curves](compare.png)\n" if drawn else "") + "\nRuns: "
-                      + ", ".join(f"`{r.path}`" for r in runs) + "\n")
+                      + ", ".join(f"`{r.path}`" for r in runs) + "\n"
+                      + "".join(f"\nNote: {m}\n" for m in said))
     return table, png if drawn else None
