@@ -139,6 +139,10 @@ def test_node_config_values_that_can_be_read():
     assert [node_shares({"share-examples": v}, share) for v in ("false", "0", "no", False, "true", "YES", True)] == \
         [False] * 4 + [True] * 3
     assert node_shares({}, share) and not node_shares({}, load_config(None, []))
+    # a node under a privacy budget shares its answers and their references (its data verbatim, which no ε covers)
+    # only when its node config says so, also where it sends its evaluation numbers
+    budget = {"dp-epsilon": "8", "dp-evaluation": "send"}
+    assert not node_shares(budget, share) and node_shares({**budget, "share-examples": "true"}, share)
     assert node_identity({"partition-id": "2", "state-dir": "/srv"}, {})[0] == 2
     assert node_identity({"partition-id": 3, "state-dir": "/srv"}, {})[0] == 3
     assert relay_timeout({}, {}) == DEFAULT_TIMEOUT_S and relay_timeout({}, {"worker-timeout-s": "90"}) == 90.0

@@ -60,8 +60,11 @@ def kept_here(values: dict, share: bool) -> tuple[dict, list[str]]:
 
 def node_shares(node_config, cfg) -> bool:
     """Whether this client sends its examples: the run asks (``eval.share_examples``) and its SuperNode does
-    not refuse (node config ``share-examples=false``)."""
-    return bool(cfg.eval.share_examples) and node_flag(node_config, "share-examples", True)
+    not refuse (node config ``share-examples=false``). A node with a privacy budget (``dp-epsilon``) shares them
+    only where its node config says ``share-examples=true``: its answers and their references are its data
+    verbatim, which no ε covers, also where it sends its evaluation numbers (``dp-evaluation="send"``)."""
+    budget = (node_config or {}).get("dp-epsilon") not in (None, "")
+    return bool(cfg.eval.share_examples) and node_flag(node_config, "share-examples", not budget)
 
 
 class PrivateStore:
