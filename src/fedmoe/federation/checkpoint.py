@@ -310,15 +310,22 @@ def write_data_fingerprint(folder: Path, fingerprint: dict | None) -> None:
     atomic_write_text(path, text)
 
 
+def data_fingerprint_file(path: str | Path) -> dict | None:
+    """The data fingerprint in the run ``path``'s ``checkpoints/data-fingerprint.json``, or None where that file is
+    missing or cannot be read (a run written before it)."""
+    try:
+        got = json.loads((Path(path) / RunDir.CHECKPOINTS / DATA_FINGERPRINT_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return got["data_fingerprint"] if isinstance(got, dict) and isinstance(got.get("data_fingerprint"), dict) else None
+
+
 def stored_data_fingerprint(path: str | Path) -> dict:
     """``{"data_fingerprint": ...}`` of the run in ``path``: from ``checkpoints/data-fingerprint.json`` when it is
     readable, else from its checkpoint (a run written before that file: a full read)."""
-    try:
-        got = json.loads((Path(path) / RunDir.CHECKPOINTS / DATA_FINGERPRINT_FILE).read_text())
-        if isinstance(got, dict) and isinstance(got.get("data_fingerprint"), dict):
-            return got
-    except (OSError, UnicodeDecodeError, ValueError):
-        pass
+    got = data_fingerprint_file(path)
+    if got is not None:
+        return {"data_fingerprint": got}
     return load_checkpoint(path, log=lambda *a: None).state
 
 

@@ -42,7 +42,7 @@ WITHHELD_WITH_EVALUATION = ("n_test", "n_generated", "n_val")
 MMLU_FACTS = ("mmlu_micro", "mmlu_questions", "mmlu_fewer_shots", "mmlu_questions_cut")
 # the numbers on shared data a reply must hold to have evaluated it (MMLU's facts come only beside its accuracy)
 GENERAL_HEADLINES = ("general_loss", "general_perplexity", "mmlu", "heldout_loss", "heldout_accuracy")
-GENERAL_KEYS = ("general_loss", "general_perplexity", "mmlu", *MMLU_FACTS, "heldout_loss", "heldout_accuracy")
+GENERAL_KEYS = (*GENERAL_HEADLINES[:3], *MMLU_FACTS, *GENERAL_HEADLINES[3:])
 GENERAL_PARTS = (*GENERAL_KEYS, "heldout_scores")  # what an evaluation with ``general`` adds to its results
 
 
@@ -236,7 +236,7 @@ def invalid_evaluation(r, n_generated: int | None, max_tokens: int | None = None
         labels = r.get("labels")
         n = len(labels) if isinstance(labels, list) else -1
         if (not isinstance(conf, list) or len(conf) != n or any(not isinstance(row, list) or len(row) != n for row in conf)
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for row in conf for v in row)
+                or not all(_count(v) for row in conf for v in row)
                 or sum(map(sum, conf)) != len(scores or [])):
             return "a confusion matrix that is not labels × labels non-negative counts of its scored examples"
     for key in ("mmlu", "mmlu_micro", "heldout_accuracy"):
@@ -275,7 +275,7 @@ def _invalid_mmlu_counts(r: dict) -> str | None:
 
 def _invalid_loss(loss, tokens, max_tokens: int | None, what: str) -> str | None:
     """Why a reported (loss, tokens) on a client's ``what`` examples is impossible, or None."""
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+    if not _count(tokens):
         return f"{what} tokens = {tokens!r}, not a non-negative integer"
     if max_tokens is not None and tokens > max_tokens:
         return (f"{tokens} {what} tokens, more than the {max_tokens} its declared {what} examples hold at "

@@ -326,7 +326,9 @@ def scoring_differences(runs: list[Run]) -> list[str]:
     out = [f"{k}: " + " | ".join(v[k] for v in value) for k in keys if len({v[k] for v in value}) > 1]
     # the same data.source may name files whose contents changed between runs: their fingerprints (size and SHA-256
     # of every file, beside each run's checkpoints) tell; a run without one is not compared by it
-    prints = [_data_fingerprint(r) for r in runs]
+    from ..federation.checkpoint import data_fingerprint_file
+
+    prints = [data_fingerprint_file(r.path) for r in runs]
     if all(p is not None for p in prints) and len({json.dumps(p, sort_keys=True) for p in prints}) > 1:
         groups: dict[str, list[str]] = {}
         for r, p in zip(runs, prints):
@@ -334,18 +336,6 @@ def scoring_differences(runs: list[Run]) -> list[str]:
         out.append("the data files' contents (size and SHA-256): " + " | ".join(", ".join(g) for g in groups.values()))
     return out
 
-
-def _data_fingerprint(run: Run) -> dict | None:
-    """The run's data fingerprint from ``checkpoints/data-fingerprint.json``, or None (a run written before that file,
-    or one whose file cannot be read: not read from a checkpoint here, which may be large)."""
-    from ..federation.checkpoint import DATA_FINGERPRINT_FILE
-    from ..rundir import RunDir
-
-    try:
-        got = json.loads((run.path / RunDir.CHECKPOINTS / DATA_FINGERPRINT_FILE).read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return got.get("data_fingerprint") if isinstance(got, dict) else None
 
 
 def plot_comparison(runs: list[Run], path: str | Path) -> bool:

@@ -26,7 +26,6 @@ budget a node withholds them, and the size of its test set, unless its node conf
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,13 +101,9 @@ MAX_RECORDED = 5e5
 def _recordable(v) -> bool:
     """A noise multiplier a node could have written: a finite number in [0, MAX_RECORDED] (an infinite one would
     count its release as free)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        f = float(v)
-    except OverflowError:  # an integer of hundreds of digits
-        return False
-    return math.isfinite(f) and 0 <= f <= MAX_RECORDED
+    from ..transport import is_number
+
+    return is_number(v) and 0 <= v <= MAX_RECORDED
 
 
 class PrivacyLedger:
