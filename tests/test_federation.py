@@ -350,3 +350,20 @@ def test_answers_and_their_prompts_stay_within_the_models_positions(tmp_path, mo
     with pytest.raises(ConfigError, match=r"eval.max_new_tokens = 64: 64 new tokens leave no position for a prompt"):
         run_federated(_cfg(tmp_path, "none", [*sets[:2], "eval.max_new_tokens=64"]))
     assert not (tmp_path / "none").exists()
+
+
+def test_the_evaluation_carries_mmlus_own_numbers_under_their_names(monkeypatch):
+    """A run's MMLU prompts are as many per subject (eval.mmlu_max_per_subject), so there its mean over subjects and
+    its accuracy over questions coincide: which is which, and which count is which, is checked here on numbers that
+    differ."""
+    import fedmoe.eval.mmlu as mmlu
+    from fedmoe.federation.evaluation import ModelEvaluator
+    from fedmoe.moe import MoEModel, load_tokenizer
+
+    monkeypatch.setattr(mmlu, "evaluate_mmlu", lambda *a, **k: {"macro_accuracy": 0.5, "micro_accuracy": 0.25, "n": 9,
+                                                                "truncated": 4, "questions_cut": 1})
+    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "eval.mmlu=[anatomy]"])
+    ev = ModelEvaluator(cfg, MoEModel.from_pretrained("builtin:tiny-olmoe"), load_tokenizer("builtin:tiny-olmoe"), 0)
+    got = ev.evaluate_sets([], with_answers=False, general=True)
+    assert {k: got[k] for k in ("mmlu", "mmlu_micro", "mmlu_questions", "mmlu_fewer_shots", "mmlu_questions_cut")} == \
+        {"mmlu": 50.0, "mmlu_micro": 25.0, "mmlu_questions": 9, "mmlu_fewer_shots": 4, "mmlu_questions_cut": 1}
