@@ -13,7 +13,11 @@ degrees of freedom for 3 seeds). A comparison A − B: the per-seed differences'
 the pooled paired bootstrap over every test example of every client of every seed (the same seed gives
 both methods the same test examples, in the same order). Verdicts follow the rule EVIDENCE.md states:
 *shown* / *refuted* when the pooled paired interval excludes 0 in / against the predicted direction,
-*not shown* when it contains 0. ``all`` prints fcmoe-paper only when its sweep folder exists.
+*not shown* when it contains 0. That interval holds the training seeds fixed: a second column gives the verdict
+of the t interval over seeds (the same rule on it; "one seed" without one), which is what says whether a
+difference would survive other seeds (with 3 seeds it needs mean/se > 4.30). A mean over seeds with a seed
+lacking its value, and a comparison with a seed lacking test examples, say so. ``all`` prints fcmoe-paper only
+when its sweep folder exists.
 """
 
 from __future__ import annotations
@@ -99,22 +103,34 @@ def load_runs(folder: Path) -> dict[tuple, dict[int, Run]]:
 
 
 # ---------------------------------------------------------------------------------------- statistics
-def mean_ci(values: list[float]) -> tuple[float, float] | None:
+class CI(tuple):
+    """``(mean, half-width)`` of a 95% t interval over seeds, which also knows over how many of how many seeds: ``n``
+    values went in, of ``of`` (a seed without the value, e.g. a run that logged no such metric, is left out and said)."""
+
+    def __new__(cls, mean: float, half: float, n: int, of: int):
+        ci = super().__new__(cls, (mean, half))
+        ci.n, ci.of = n, of
+        return ci
+
+
+def mean_ci(values: list[float]) -> CI | None:
     vals = [v for v in values if v is not None]
     if not vals:
         return None
     m = sum(vals) / len(vals)
     if len(vals) < 2:
-        return m, float("nan")
+        return CI(m, float("nan"), 1, len(values))
     sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-    return m, t975(len(vals) - 1) * sd / math.sqrt(len(vals))
+    return CI(m, t975(len(vals) - 1) * sd / math.sqrt(len(vals)), len(vals), len(values))
 
 
 def fmt(mc, digits: int = 1) -> str:
     if mc is None:
         return "–"
     m, h = mc
-    return f"{m:.{digits}f}" if math.isnan(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
+    text = f"{m:.{digits}f}" if math.isnan(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
+    n, of = getattr(mc, "n", None), getattr(mc, "of", None)
+    return text + (f" ({n} of {of} seeds)" if n is not None and of is not None and n < of else "")
 
 
 def global_of(run, key: str):
@@ -127,23 +143,35 @@ def accuracy(scores: list[float]) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
 
+def seed_verdict(seed_ci, direction: int) -> str:
+    """The verdict of the t interval over seeds (each seed's difference a draw over training seeds and test samples):
+    shown / refuted when it excludes 0 in / against ``direction``; "one seed" when there is no interval."""
+    if seed_ci is None or math.isnan(seed_ci[1]):
+        return "one seed"
+    m, h = seed_ci
+    sign = 1 if m - h > 0 else -1 if m + h < 0 else 0
+    return "not shown" if sign == 0 else ("shown" if sign == direction else "refuted")
+
+
 def compare(a: dict[int, Run], b: dict[int, Run], scores, direction: int) -> dict:
-    """A − B on the per-example ``scores(run)``: per-seed means, pooled paired bootstrap, verdict."""
+    """A − B on the per-example ``scores(run)``: per-seed means, pooled paired bootstrap, verdict (the rule set before
+    the runs: the pooled interval, test-sample noise) and the seed interval's verdict (training seeds too)."""
     if not a or not b:
         return {"n": 0, "verdict": "not run"}
     seeds = sorted(set(a) & set(b))
-    per_seed, xa, xb = [], [], []
+    per_seed, xa, xb, empty = [], [], [], []
     for s in seeds:
         sa, sb = scores(a[s]), scores(b[s])
         if len(sa) != len(sb):
             raise ValueError(f"seed {s}: {len(sa)} vs {len(sb)} examples: not paired")
         if not sa:
+            empty.append(s)  # no test example of these clients in this seed: no difference, said so
             continue
         per_seed.append(accuracy(sa) - accuracy(sb))
         xa += sa
         xb += sb
     if not xa:
-        return {"n": 0}
+        return {"n": 0, "seeds_empty": empty}
     boot = paired_bootstrap(xa, xb, seed=0)
     if boot["low"] > 0:
         sign = 1
@@ -152,21 +180,25 @@ def compare(a: dict[int, Run], b: dict[int, Run], scores, direction: int) -> dic
     else:
         sign = 0
     verdict = "not shown" if sign == 0 else ("shown" if sign == direction else "refuted")
-    return {"n": boot["n"], "seeds": len(per_seed), "seed_ci": mean_ci(per_seed), "per_seed": per_seed,
+    seed_ci = mean_ci(per_seed)
+    return {"n": boot["n"], "seeds": len(per_seed), "seed_ci": seed_ci, "per_seed": per_seed,
             "seeds_unpaired": sorted(set(a) ^ set(b)),  # a seed one side lacks: left out of the comparison, said so
-            "mean": boot["mean"], "low": boot["low"], "high": boot["high"], "verdict": verdict}
+            "seeds_empty": empty, "mean": boot["mean"], "low": boot["low"], "high": boot["high"], "verdict": verdict,
+            "seed_verdict": seed_verdict(seed_ci, direction)}
 
 
 def fmt_compare(c: dict) -> str:
     if c.get("verdict") == "not run":
         return "(one side not run)"
+    empty = c.get("seeds_empty")
+    said = f"; seed(s) {', '.join(map(str, empty))} without a test example here, left out" if empty else ""
     if not c.get("n"):
-        return "no paired examples"
+        return "no paired examples" + said
     per = ", ".join(f"{d:+.1f}" for d in c["per_seed"])
     lacking = c.get("seeds_unpaired")
     return (f"{c['mean']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}] pooled over {c['n']} examples; "
             f"seeds {fmt(c['seed_ci'])} ({per})"
-            + (f"; seed(s) {', '.join(map(str, lacking))} run on one side only, left out" if lacking else ""))
+            + (f"; seed(s) {', '.join(map(str, lacking))} run on one side only, left out" if lacking else "") + said)
 
 
 def label_concentration(by: dict[int, Run]) -> tuple[float, float]:
@@ -191,9 +223,10 @@ def find(runs, **axes) -> dict[int, Run]:
 
 def verdict_rows(preds) -> list[str]:
     lines = ["| id | comparison | difference (points): pooled paired 95% interval; seeds: mean ± 95% interval (each) "
-             "| verdict |", "|---|---|---|---|"]
+             "| verdict | across seeds |", "|---|---|---|---|---|"]
     for pid, text, c in preds:
-        lines.append(f"| {pid} | {text} | {fmt_compare(c)} | **{c.get('verdict', '–')}** |")
+        lines.append(f"| {pid} | {text} | {fmt_compare(c)} | **{c.get('verdict', '–')}** | "
+                     f"{c.get('seed_verdict', '–')} |")
     return lines
 
 

@@ -72,7 +72,8 @@ def test_scenario_smoke_runs_and_gets_verdicts(tmp_path, scenario):
         assert [c["rank"] for c in summaries["seed=0,method=HetLoRA"]["clients"]] == [20, 12, 8, 6] * 2
     text = getattr(_tables(), scenario.replace("-", "_"))(folder)
     for pid in PREDICTIONS[scenario]:
-        verdicts = re.findall(rf"^\| {pid} \|.*\| \*\*(shown|not shown|refuted|not run)\*\* \|$", text, re.M)
+        verdicts = re.findall(rf"^\| {pid} \|.*\| \*\*(shown|not shown|refuted|not run)\*\* \| (one seed|–) \|$", text,
+                              re.M)  # one seed: no seed interval, no verdict across seeds
         assert verdicts, f"no verdict row for {pid}:\n{text}"
 
 
@@ -98,3 +99,50 @@ def test_the_seed_interval_uses_students_t_at_every_count_and_a_lacking_seed_is_
     assert c["seeds"] == 2 and c["seeds_unpaired"] == [2]
     assert mod.fmt_compare(c).endswith("; seed(s) 2 run on one side only, left out")
     assert "run on one side only" not in mod.fmt_compare(mod.compare(a, a, lambda r: r.scores, 1))
+
+
+def test_the_verdict_across_seeds_reads_the_seed_interval_and_nothing_is_left_out_unsaid():
+    """The rule set before the runs reads the pooled paired interval (test-sample noise only): C4 was "shown" with seed
+    differences +17.5, +3.8, +0.0, whose interval over seeds contains 0. Each comparison now also says what the t
+    interval over seeds says; and a seed without the value (a mean table cell) or without a test example (a
+    comparison) is named instead of dropped."""
+    mod = _tables()
+
+    class R:
+        def __init__(self, scores):
+            self.scores = scores
+
+    def runs(diffs, n=40):
+        """Two methods over seeds whose per-seed accuracy differences are ``diffs`` points (n examples a seed)."""
+        a, b = {}, {}
+        for s, d in enumerate(diffs):
+            k = round(d * n / 100)
+            a[s] = R([100.0] * (n // 2 + max(k, 0)) + [0.0] * (n // 2 - max(k, 0)))
+            b[s] = R([100.0] * (n // 2 - min(k, 0)) + [0.0] * (n // 2 + min(k, 0)))
+        return a, b
+
+    c4 = mod.compare(*runs([17.5, 5.0, 0.0]), lambda r: r.scores, 1)  # C4's shape
+    assert (c4["verdict"], c4["seed_verdict"]) == ("shown", "not shown")
+    # seeds +2.5, +5.0, +7.5: mean/se = 3.46 lies between 1.96 and t(2) = 4.30, so 1.96 would say shown
+    mid = mod.compare(*runs([2.5, 5.0, 7.5], n=80), lambda r: r.scores, 1)
+    m, h = mid["seed_ci"]
+    assert m / (h / 4.303) == pytest.approx(3.464, rel=1e-3)
+    assert (mid["verdict"], mid["seed_verdict"]) == ("shown", "not shown")
+    # seeds +3, +5, +7: t(2)·se = 4.97 < 5 (shown); the standard deviation in place of the standard error says not
+    tight = mod.compare(*runs([3.0, 5.0, 7.0], n=100), lambda r: r.scores, 1)
+    assert tight["seed_ci"][1] == pytest.approx(4.969, abs=1e-3) and tight["seed_verdict"] == "shown"
+    assert mod.compare(*runs([-3.0, -5.0, -7.0], n=100), lambda r: r.scores, 1)["seed_verdict"] == "refuted"
+    assert mod.compare(*runs([-3.0, -5.0, -7.0], n=100), lambda r: r.scores, -1)["seed_verdict"] == "shown"
+    row = mod.verdict_rows([("C4", "FLEx > FedIT, minority", c4)])[2]
+    assert row.endswith("| **shown** | not shown |")
+    one = mod.compare(*runs([10.0]), lambda r: r.scores, 1)
+    assert one["seed_verdict"] == "one seed"
+    # a mean over seeds with a seed lacking its value says over how many
+    assert mod.fmt(mod.mean_ci([10.0, None, 14.0])) == "12.0 ± 25.4 (2 of 3 seeds)"
+    assert mod.fmt(mod.mean_ci([10.0, 12.0, 14.0])) == "12.0 ± 5.0"
+    assert mod.fmt(mod.mean_ci([None, None])) == "–"
+    # a seed with no test example of the clients compared is named
+    a, b = runs([10.0, 20.0])
+    a[2], b[2] = R([]), R([])
+    c = mod.compare(a, b, lambda r: r.scores, 1)
+    assert c["seeds"] == 2 and mod.fmt_compare(c).endswith("; seed(s) 2 without a test example here, left out")
