@@ -71,6 +71,16 @@ def _ask(cache, cfg, node, kind, msg=None, also=None, **info):
     return from_records(cache.reply(kind, content, options, node))
 
 
+def _trained_round_1(run, tmp_path):
+    """A node with budget ε = 100 that set up the run and trained round 1: (its cache, node config, ledger path)."""
+    cfg, sent = run
+    node = _node(tmp_path, **{"dp-epsilon": "100"})
+    cache = ClientCache()
+    _ask(cache, cfg, node, "query")
+    _ask(cache, cfg, node, "train", sent[(1, 0)])
+    return cache, node, tmp_path / "state" / LEDGER
+
+
 def _with(*sets):
     """The fixture's run config with ``sets`` on top."""
     return load_config(None, TINY + LOCAL_DP + ["federation.rounds=3", *sets])
@@ -323,11 +333,7 @@ def test_a_missing_ledger_beside_trained_stores_stops_training_until_started_kno
     from fedmoe.cli import app
 
     cfg, sent = run
-    node = _node(tmp_path, **{"dp-epsilon": "100"})
-    cache = ClientCache()
-    _ask(cache, cfg, node, "query")
-    _ask(cache, cfg, node, "train", sent[(1, 0)])
-    ledger = tmp_path / "state" / LEDGER
+    cache, node, ledger = _trained_round_1(run, tmp_path)
     assert len(json.loads(ledger.read_text())["releases"]) == 1
     ledger.unlink()  # an operator's clean-up
     with pytest.raises(BudgetRefusal, match=rf"state-dir {tmp_path / 'state'} holds the stores of 1 round\(s\) .* "
@@ -388,3 +394,59 @@ def test_a_ledger_release_no_node_could_have_written_is_damage_not_a_free_one(tm
         PrivacyLedger(tmp_path).releases()
     (tmp_path / LEDGER).write_text('{"releases": [{"noise_multiplier": 500000}, {"noise_multiplier": 0.5}]}')
     assert len(PrivacyLedger(tmp_path).releases()) == 2  # what a node writes is read
+
+
+def test_a_ledger_lacking_the_releases_of_stores_beside_it_stops_training_until_they_are_accepted(run, tmp_path):
+    """An existing ledger was taken as complete: one restored from an older backup (or a node that trained a run
+    with its budget taken off) let the data spend again what it had spent. A release is recorded before its round's
+    store is written, so a store of a trained round with no release, and not accepted by the operator, refuses
+    training and `fedmoe node-privacy` (naming the store and --accept-stores); --accept-stores lists it as accepted
+    (not counted), and the node trains again. --start over existing stores accepts them the same way."""
+    from typer.testing import CliRunner
+
+    from fedmoe.cli import app
+
+    cfg, sent = run
+    cache, node, ledger = _trained_round_1(run, tmp_path)
+    backup = ledger.read_text()
+    _ask(cache, cfg, node, "train", sent[(2, 0)])
+    assert [r["round"] for r in PrivacyLedger(tmp_path / "state").releases()] == [1, 2]
+    ledger.write_text(backup)  # the backup of before round 2
+    store = tmp_path / "state" / "run-a" / "client-0" / "private-r00002.pt"
+    assert store.is_file()
+    why = rf"ledger {ledger} records no release for 1 store\(s\) .*\(e\.g\. {store}\).* --accept-stores"
+    with pytest.raises(BudgetRefusal, match=why):
+        _ask(cache, cfg, node, "train", sent[(3, 0)])
+    report = CliRunner().invoke(app, ["node-privacy", str(tmp_path / "state")])
+    assert report.exit_code == 2 and "records no release for 1 store(s)" in report.output
+    out = CliRunner().invoke(app, ["node-privacy", str(tmp_path / "state"), "--accept-stores"])
+    assert out.exit_code == 0, out.output
+    assert "1 store(s) without a recorded release accepted" in out.output and str(store) in out.output
+    assert "1 release(s)" in out.output and "1 store(s) of rounds accepted without a recorded release" in out.output
+    assert json.loads(ledger.read_text())["accepted_stores"] == ["run-a/client-0/private-r00002.pt"]
+    _ask(cache, cfg, node, "train", sent[(3, 0)])
+    assert [r["round"] for r in PrivacyLedger(tmp_path / "state").releases()] == [1, 3]
+    again = CliRunner().invoke(app, ["node-privacy", str(tmp_path / "state"), "--accept-stores"])
+    assert again.exit_code == 0 and "nothing to accept" in again.output
+
+    # a run trained with the budget taken off the node: its stores have no release in the ledger
+    free = ClientCache()
+    other = to_records(sent[(1, 0)].with_header(run_id="run-b"))
+    options = {"fedmoe-config": yaml.safe_dump(config_to_dict(cfg), sort_keys=False)}
+    free.reply("query", to_records(Message(header={"kind": "query", "round": 0}).with_header(run_id="run-b")), options,
+               _node(tmp_path))
+    free.reply("train", other, options, _node(tmp_path))
+    with pytest.raises(BudgetRefusal, match=r"records no release for 1 store\(s\) .*run-b/client-0/private-r00001\.pt"):
+        _ask(cache, cfg, node, "train", sent[(2, 0)])
+
+    # --start over a state-dir with stores accepts them: the node trains, counting from there
+    fresh = tmp_path / "fresh"
+    (fresh / "run-a" / "client-0").mkdir(parents=True)
+    (fresh / "run-a" / "client-0" / "private-r00004.pt").write_bytes(b"")
+    started = CliRunner().invoke(app, ["node-privacy", str(fresh), "--start"])
+    assert started.exit_code == 0 and "1 store(s) of rounds accepted" in started.output
+    assert PrivacyLedger(fresh).releases() == []
+    # what is not a list of names is a damaged ledger
+    (fresh / LEDGER).write_text('{"releases": [], "accepted_stores": "run-a/client-0/private-r00004.pt"}')
+    with pytest.raises(BudgetRefusal, match="cannot be read .*accepted_stores is not a list"):
+        PrivacyLedger(fresh).releases()

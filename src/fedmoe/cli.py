@@ -312,7 +312,12 @@ def node_privacy(
     budget: Annotated[Optional[float], typer.Option(help="the node's dp-epsilon, to show what is left")] = None,
     start: Annotated[bool, typer.Option("--start", help="start an empty ledger where there is none (what the node "
                                         "released before it is not counted), creating the state-dir if it does "
-                                        "not exist: never overwrites one")] = False,
+                                        "not exist: never overwrites one; the trained stores already there are "
+                                        "accepted as accounted for elsewhere")] = False,
+    accept_stores: Annotated[bool, typer.Option("--accept-stores", help="accept the stores of rounds the ledger "
+                                                "records no release for (an older ledger restored, rounds trained "
+                                                "without the budget) as accounted for elsewhere, so the node trains "
+                                                "again: their releases are not counted")] = False,
 ):
     """What a SuperNode's own privacy ledger holds (node config dp-epsilon): every update it released, by run,
     and the ε they make at δ, counted on the node itself. A STATE_DIR that does not exist or is a file is an
@@ -328,6 +333,12 @@ def node_privacy(
             ledger = PrivacyLedger(state_dir)
             print(f"{ledger.path}: started, empty" if ledger.start() else f"{ledger.path}: a ledger is there already, "
                   "kept as it is")
+        if accept_stores:
+            check_state_dir(state_dir)
+            new = PrivacyLedger(state_dir).accept_stores()
+            print(f"{len(new)} store(s) without a recorded release accepted as accounted for elsewhere (their "
+                  "releases are not counted): " + ", ".join(str(p) for p in new) if new
+                  else "every trained store has its release recorded or accepted: nothing to accept")
         print(ledger_report(state_dir, delta, budget))
     except (BudgetRefusal, OSError) as e:
         _error(f"{e}")

@@ -123,21 +123,86 @@ class PrivacyLedger:
                 found.append(p)
         return found
 
+    def _relative(self, store: Path) -> str:
+        return store.relative_to(self.path.parent).as_posix()
+
     def start(self) -> bool:
         """Start an empty ledger where there is none (the operator's word that what the data spent before is
-        accounted for elsewhere, or is to be ignored); False where one exists (it is never overwritten)."""
+        accounted for elsewhere, or is to be ignored: the trained stores already there are listed in it as
+        accepted); False where one exists (it is never overwritten)."""
         from ...rundir import atomic_write_text
 
         if self.path.exists():
             return False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps({"releases": []}, indent=1))
+        accepted = [self._relative(p) for p in self.trained_stores()]
+        atomic_write_text(self.path, json.dumps({"releases": [], "accepted_stores": accepted}, indent=1))
         return True
+
+    def unrecorded_stores(self, data: dict) -> list[Path]:
+        """The trained stores in this state-dir that no release of the ledger ``data`` accounts for (a release
+        is recorded before its round's store is written, so each store of a round the node trained in under its
+        budget has one) and that the operator did not accept (``--start`` over existing stores, ``--accept-stores``)."""
+        recorded = {(str(r.get("run_id")), r.get("client"), r.get("round")) for r in data["releases"]}
+        accepted = set(data.get("accepted_stores", []))
+        out = []
+        for p in self.trained_stores():
+            run_id, client = p.parent.parent.name, p.parent.name[len("client-"):]
+            key = (run_id, int(client) if client.isdigit() else client, int(p.stem[len("private-r"):]))
+            if key not in recorded and self._relative(p) not in accepted:
+                out.append(p)
+        return out
+
+    def _read(self) -> dict:
+        """The ledger's content, checked: a release without a noise multiplier a node could have written, or an
+        ``accepted_stores`` that is not a list of names, is a damaged ledger (:class:`BudgetRefusal`)."""
+        try:
+            data = json.loads(self.path.read_text())
+            rel = data["releases"]
+            if not isinstance(rel, list) or not all(isinstance(r, dict) and _recordable(r.get("noise_multiplier"))
+                                                    for r in rel):
+                raise ValueError(f"a release without a finite noise multiplier in [0, {MAX_RECORDED:g}] (σ/2 of "
+                                 "a σ the run accepts)")
+            accepted = data.get("accepted_stores", [])
+            if not isinstance(accepted, list) or not all(isinstance(a, str) for a in accepted):
+                raise ValueError("accepted_stores is not a list of store paths")
+        except (OSError, ValueError, KeyError, TypeError, OverflowError) as e:
+            raise BudgetRefusal(f"this node's privacy ledger {self.path} cannot be read ({type(e).__name__}: {e}); "
+                                "it trains no more until the ledger is mended or restored from a backup — never "
+                                "removed, which would forget what its data has spent") from None
+        return data
+
+    def accept_stores(self) -> list[Path]:
+        """Accept, in the ledger, every trained store it has no release for (the operator's word that what those
+        rounds released is accounted for elsewhere); the stores accepted. Under the ledger's lock."""
+        import fcntl
+
+        from ...rundir import atomic_write_text
+
+        if not self.path.exists():
+            raise BudgetRefusal(f"{self.path}: no ledger to accept stores into: start one with --start (which "
+                                "accepts the stores already there)")
+        with open(self.path.with_name(LEDGER + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                data = self._read()
+                new = self.unrecorded_stores(data)
+                if new:
+                    data["accepted_stores"] = [*data.get("accepted_stores", []), *map(self._relative, new)]
+                    atomic_write_text(self.path, json.dumps(data, indent=1))
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return new
 
     def releases(self) -> list[dict]:
         """The recorded releases. A ledger that cannot be read is an error, never taken for an empty one; so is a
         missing ledger in a state-dir whose stores show the node released updates before (a ledger deleted, or
-        a budget set on a node that trained without one): what its data spent then is not known."""
+        a budget set on a node that trained without one), and a ledger that lacks the releases of stores in its
+        state-dir (an older copy restored from a backup, or rounds trained with the budget taken off): what its
+        data spent then is not known."""
+        return self._checked()["releases"]
+
+    def _checked(self) -> dict:
         if not self.path.exists():
             trained = self.trained_stores()
             if trained:
@@ -147,19 +212,17 @@ class PrivacyLedger:
                     "then is not known, so it trains no more under a budget. Restore the ledger from a backup if it "
                     "was deleted, or start one knowingly: fedmoe node-privacy "
                     f"{shell_quote(self.path.parent)} --start")
-            return []
-        try:
-            data = json.loads(self.path.read_text())
-            rel = data["releases"]
-            if not isinstance(rel, list) or not all(isinstance(r, dict) and _recordable(r.get("noise_multiplier"))
-                                                    for r in rel):
-                raise ValueError(f"a release without a finite noise multiplier in [0, {MAX_RECORDED:g}] (σ/2 of "
-                                 "a σ the run accepts)")
-        except (OSError, ValueError, KeyError, TypeError, OverflowError) as e:
-            raise BudgetRefusal(f"this node's privacy ledger {self.path} cannot be read ({type(e).__name__}: {e}); "
-                                "it trains no more until the ledger is mended or restored from a backup — never "
-                                "removed, which would forget what its data has spent") from None
-        return rel
+            return {"releases": []}
+        data = self._read()
+        missing = self.unrecorded_stores(data)
+        if missing:
+            raise BudgetRefusal(
+                f"this node's privacy ledger {self.path} records no release for {len(missing)} store(s) of rounds its "
+                f"client trained in (e.g. {missing[0]}): the ledger may be an older copy (restored from a backup?), "
+                "or the node trained without its budget; what its data spent then is not known, so it trains no "
+                "more under a budget. Restore the newest ledger, or accept those rounds knowingly as accounted for "
+                f"elsewhere: fedmoe node-privacy {shell_quote(self.path.parent)} --accept-stores")
+        return data
 
     @staticmethod
     def spent(releases: list[dict], delta: float) -> float:
@@ -198,11 +261,12 @@ class PrivacyLedger:
         with open(self.path.with_name(LEDGER + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                releases = self.releases()
+                data = self._checked()
+                releases = data["releases"]
                 after = self.check(budget, noise_multiplier, releases)
                 releases.append({"run_id": str(run_id), "round": int(round_idx), "client": int(client),
                                  "noise_multiplier": float(noise_multiplier), "time": time.time()})
-                atomic_write_text(self.path, json.dumps({"releases": releases}, indent=1))
+                atomic_write_text(self.path, json.dumps({**data, "releases": releases}, indent=1))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         return after
@@ -227,9 +291,13 @@ def ledger_report(state_dir, delta: float = 1e-5, budget: float | None = None) -
     error (a mistyped path must not read as "nothing spent")."""
     check_state_dir(state_dir)
     ledger = PrivacyLedger(state_dir)
-    releases = ledger.releases()
+    data = ledger._checked()
+    releases = data["releases"]
+    accepted = data.get("accepted_stores", [])
+    said = (f"\n{len(accepted)} store(s) of rounds accepted without a recorded release (accounted for elsewhere, "
+            "not counted here)" if accepted else "")
     if not releases:
-        return f"{ledger.path}: no release recorded (ε = 0)"
+        return f"{ledger.path}: no release recorded (ε = 0)" + said
     by_run: dict[str, list[dict]] = {}
     for r in releases:
         by_run.setdefault(str(r.get("run_id")), []).append(r)
@@ -241,7 +309,7 @@ def ledger_report(state_dir, delta: float = 1e-5, budget: float | None = None) -
     spent = ledger.spent(releases, delta)
     lines.append(f"ε = {spent:.4g} at δ = {delta:g} over all of them"
                  + ("" if budget is None else f"; of dp-epsilon = {budget:g}, {max(0.0, budget - spent):.4g} left"))
-    return "\n".join(lines)
+    return "\n".join(lines) + said
 
 
 __all__ = ["BUDGET_KEYS", "LEDGER", "BudgetRefusal", "NodeBudget", "PrivacyLedger", "budget_refusal", "check_state_dir", "ledger_report", "node_budget"]
