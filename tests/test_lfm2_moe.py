@@ -142,7 +142,7 @@ def test_multi_token_options_are_scored_whole():
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     try:
-        forced = choice._cached_batch(mm.model, prompts, options, "cpu", 0)
+        forced = choice.cached_batch(mm.model, prompts, options, "cpu", 0)
     except AttributeError as e:
         assert "batch_select_indices" in str(e)
     else:

@@ -385,3 +385,52 @@ def test_tied_embeddings_are_weights_once():
     unique = {id(t): t.numel() * t.element_size() for t in [*hf.parameters(), *hf.buffers()]}
     assert stored_bytes(hf) == sum(unique.values())
     assert stored_bytes(hf) < sum(t.numel() * t.element_size() for m in hf.modules() for t in m.parameters(recurse=False))
+
+
+def test_a_choice_tasks_option_scoring_is_planned_against_the_real_pass(tmp_path):
+    """A choice task's option scoring was left out of the plan ("below the test loss's"), but the evaluator copies
+    its prompts' key/value cache for every option (each ends with eos, so each has a row) and takes the options'
+    logits twice in float32: on OLMoE-1B-7B's shape at eval.batch_size 8 and 512 tokens it is 4.1 GiB against the
+    test loss's 1.6. The plan runs the evaluator's own batch (eval.choice.cached_batch) on fake tensors: within 1%
+    of option_logprobs on real tensors, with the label set's options; a per-example options field plans its
+    largest count and longest option."""
+    import json
+
+    import torch
+
+    from fedmoe.data.prepare import answer_options
+    from fedmoe.data.tokenize import option_ids
+    from fedmoe.eval.choice import option_logprobs
+    from fedmoe.moe.model import load_tokenizer
+    from fedmoe.plan import _LiveBytes, _planned_model, choice_shape
+
+    L, B = 64, 16
+    cfg = load_config(None, ["model.name=builtin:tiny-moe", f"data.max_length={L}", f"eval.batch_size={B}",
+                             "eval.task=choice", "data.field_map={label: category}"])
+    (plan,) = memory_plan(cfg)
+    assert set(plan.passes) == {"test loss", "choice"}
+    tok = load_tokenizer(cfg.model.name)
+    (labels,) = answer_options(cfg)
+    assert len(labels) == 8 and "information_extraction" in labels
+    options = option_ids(tok, labels)
+    longest = max(len(o) for o in options)
+    assert choice_shape(cfg) == (8, longest) and min(len(o) for o in options) >= 2
+    mm, config = _planned_model(cfg, get_method("fedit"), plan.k)
+    mm.model.eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, config.vocab_size, (L - longest,), generator=g).tolist() for _ in range(B)]
+    live = _LiveBytes()
+    live.exclude([*mm.model.parameters(), *mm.model.buffers()])
+    with torch.no_grad(), live:
+        option_logprobs(mm.model, prompts, [options] * B, B, "cpu")
+    assert abs(plan.passes["choice"] - live.peak) <= 0.01 * live.peak, (plan.passes, live.peak)
+    assert plan.passes["choice"] > plan.passes["test loss"] and plan.largest_pass == "choice"  # here the largest
+    assert "the scoring of 8 options of up to" in format_plan(cfg, [plan], "", None)
+
+    quiz = tmp_path / "quiz.jsonl"
+    rows = [{"instruction": f"2 + {i} = ?", "output": str(2 + i), "options": [str(2 + i), "no"] + ["maybe so"] * (i % 3)}
+            for i in range(12)]
+    quiz.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    per = load_config(None, ["model.name=builtin:tiny-moe", f"data.source={quiz}", "data.field_map={options: options}",
+                             "eval.task=choice"])
+    assert choice_shape(per) == (4, max(len(o) for o in option_ids(tok, ["maybe so", "no", *map(str, range(2, 14))])))

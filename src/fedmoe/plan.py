@@ -15,9 +15,9 @@ the first carries a label (a short prompt leaves the response nearly the whole s
 runs on every labelled position). The evaluation passes are planned too, without gradients: the test loss's
 forward of ``eval.batch_size`` sequences of ``data.max_length`` tokens, whose logits over the vocabulary at
 every position can outgrow a training step at a small batch; greedy generation where ROUGE-L is scored (the
-key/value cache of a prompt and ``eval.max_new_tokens``); MMLU's k-shot prompts where it is asked. A level's
-peak is the largest of them all. It does not count the allocator's caching or fragmentation, the CUDA context,
-or a choice task's option scoring. ``fedmoe plan CONFIG`` prints it; ``fedmoe run`` checks it against the
+key/value cache of a prompt and ``eval.max_new_tokens``); a choice task's option scoring (its prompts' key/value
+cache copied for every option, and the options' logits); MMLU's k-shot prompts where it is asked. A level's
+peak is the largest of them all. It does not count the allocator's caching or fragmentation or the CUDA context. ``fedmoe plan CONFIG`` prints it; ``fedmoe run`` checks it against the
 device before loading anything.
 """
 
@@ -204,9 +204,8 @@ def _measured(cfg, method, k: int, fake: bool = True, training: bool = True,
 def _evaluation_passes(cfg, config) -> dict:
     """{name: a function of the model running that pass at its largest shape} for each evaluation pass the run
     makes (:class:`fedmoe.federation.evaluation.Evaluator`): the test loss always (and the general text's, the
-    same shape); greedy generation where ROUGE-L is scored; MMLU where it is asked. A choice task's option
-    scoring is not planned (its size is its label set's, read from the data): its prompts' forward is below
-    the test loss's."""
+    same shape); greedy generation where ROUGE-L is scored; a choice task's option scoring; MMLU where it is
+    asked."""
     from .moe.loss import lm_logits
 
     L, B = cfg.data.max_length, cfg.eval.batch_size
@@ -254,12 +253,53 @@ def _evaluation_passes(cfg, config) -> dict:
             lm_logits(model, hidden).float()
         return live.peak
 
+    def choice(model, live):
+        # the evaluator's own batch (eval.choice.cached_batch): eval.batch_size prompts of data.max_length minus the
+        # longest option, one forward with its key/value cache, the cache copied for each (prompt, option) row, and
+        # the options' tokens over it with their logits (every option ends with eos: each has a row)
+        from .eval.choice import cached_batch
+
+        n, longest = shape
+        prompts = [[1] * max(1, L - longest)] * B
+        with live:
+            cached_batch(model, prompts, [[[1] * longest] * n] * B, next(model.parameters()).device, 0)
+        return live.peak
+
     passes = {"test loss": test_loss}
     if cfg.eval.task == "generate" and cfg.eval.rouge:
         passes["generation"] = generation
+    shape = choice_shape(cfg) if cfg.eval.task == "choice" else None
+    if shape is not None:
+        passes["choice"] = choice
     if cfg.eval.mmlu:
         passes["MMLU"] = mmlu
     return passes
+
+
+_CHOICE_SHAPES: dict[str, tuple[int, int] | None] = {}
+
+
+def choice_shape(cfg) -> tuple[int, int] | None:
+    """(the most options an example has, the longest option in tokens with its eos) of a choice task, from its
+    label set or its examples' options (:func:`fedmoe.data.prepare.answer_options`) and the run's tokenizer; None
+    without options. Once per data, tokenizer and seed."""
+    import json
+
+    d = cfg.data
+    key = json.dumps([d.model_dump(mode="json"), cfg.model.tokenizer or cfg.model.name, cfg.seed], sort_keys=True)
+    if key not in _CHOICE_SHAPES:
+        from .data.prepare import answer_options
+        from .data.tokenize import option_ids
+        from .moe.model import load_tokenizer
+
+        lists = answer_options(cfg)
+        shape = None
+        if lists:
+            tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
+            texts = list(dict.fromkeys(o for opts in lists for o in opts))
+            shape = (max(len(opts) for opts in lists), max(len(ids) for ids in option_ids(tok, texts)))
+        _CHOICE_SHAPES[key] = shape
+    return _CHOICE_SHAPES[key]
 
 
 def _pass_bytes(mm, run) -> int:
@@ -316,6 +356,7 @@ def distinct_plans(points) -> list[tuple[object, list[str]]]:
         ev = cfg.eval  # what decides the evaluation passes planned (_evaluation_passes)
         key = json.dumps({**{s: dump[s] for s in PLAN_SECTIONS}, "max_length": cfg.data.max_length,
                           "eval": [ev.batch_size, ev.task, ev.rouge, ev.mmlu, ev.max_new_tokens],
+                          "choice": choice_shape(cfg) if ev.task == "choice" else None,
                           "levels": {str(k): v for k, v in levels.items()}}, sort_keys=True)
         groups.setdefault(key, (cfg, []))[1].append(point)
     return list(groups.values())
@@ -458,6 +499,10 @@ def format_plan(cfg, plans: list[LevelPlan], what: str | None = None, available:
         from .moe.model import load_model_config
 
         shapes["MMLU"] = shapes["MMLU"].format(run_prompt_limit(load_model_config(cfg.model.name), L))
+    if "choice" in plans[0].passes:
+        n, longest = choice_shape(cfg)
+        shapes["choice"] = (f"the scoring of {n} options of up to {longest} tokens after prompts of "
+                            f"{max(1, L - longest)} (their key/value cache copied for each option)")
     passes = [shapes[name] for name in plans[0].passes]
     largest = {p.largest_pass for p in plans}
     lines.append(f"training: the columns before it summed; evaluation: weights, adapters and the largest of "

@@ -15,7 +15,8 @@ from .tasks import as_choice, concept_shift, label_set, relabel
 if TYPE_CHECKING:
     from ..config import DataConfig
 
-__all__ = ["ClientData", "FederatedData", "prepare_client_data", "prepare_federated_data", "resolve_labels"]
+__all__ = ["ClientData", "FederatedData", "answer_options", "prepare_client_data", "prepare_federated_data",
+           "resolve_labels"]
 
 
 @dataclass
@@ -262,6 +263,19 @@ def resolve_labels(cfg):
         return cfg
     examples = _filter_and_subsample(d, _load_all(d)[0], cfg.seed)
     return cfg.model_copy(update={"data": d.model_copy(update={"labels": label_set(examples)})})
+
+
+def answer_options(cfg) -> list[tuple[str, ...]]:
+    """The distinct option lists a choice task's examples are scored over (``cfg``: a ``RunConfig``): a label
+    task's label set (``data.labels``, else read from the data), or every distinct ``options`` field of the
+    examples the run draws its test sets from; [] for a task without options."""
+    d = cfg.data
+    if "label" in d.field_map:
+        return [tuple(resolve_labels(cfg).data.labels)]
+    if "options" not in d.field_map:
+        return []
+    return list(dict.fromkeys(ex.options for ex in _filter_and_subsample(d, _load_all(d)[0], cfg.seed)
+                              if ex.options is not None))
 
 
 def _consecutive_parts(sizes: list[int]) -> list[list[int]]:

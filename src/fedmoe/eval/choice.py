@@ -39,7 +39,7 @@ def right_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tens
     """(input_ids, attention_mask, lengths): padded on the right, so the default position ids
     0..L-1 of a plain forward are right for every row and causal attention never sees the pad."""
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    width = int(lengths.max())
+    width = max(len(p) for p in prompts)  # (from the lists: no tensor read, so the memory plan runs it on fake tensors)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, ids in enumerate(prompts):
@@ -81,7 +81,7 @@ def _check(prompts, options) -> None:
                 raise ValueError(f"example {i}, option {j} has no tokens")
 
 
-def _cached_batch(model, prompts, options, device, pad_id) -> list[torch.Tensor]:
+def cached_batch(model, prompts, options, device, pad_id) -> list[torch.Tensor]:
     """One batch through the prompt-once path: per example, a float64 tensor of option log-likelihoods."""
     input_ids, attention_mask, lengths = right_pad(prompts, pad_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -159,7 +159,7 @@ def option_logprobs(model, prompts: Sequence[Sequence[int]], options: Sequence[S
         # a recurrent model continues no prompt: one-token options (MMLU's letters) still take the one forward
         if plain or (recurrent and any(len(o) > 1 for opts in options for o in opts)):
             return _reference_batch(model, prompts, options, device, pad_id)
-        return _cached_batch(model, prompts, options, device, pad_id)
+        return cached_batch(model, prompts, options, device, pad_id)
     out: list[torch.Tensor | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     with eval_mode(model), torch.inference_mode():

@@ -259,7 +259,7 @@ class ActivationTracker:
         or the new tokens after a key/value cache). Computed once per forward and row count: one
         device-to-host sync per forward, not one per layer."""
         m = self.forward_mask
-        if m is None:
+        if m is None or self.planning:  # (a plan's forward has every row real: its worst case, and nothing read)
             return None
         if num_tokens not in self._rows:
             b, s = m.shape
