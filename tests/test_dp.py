@@ -17,7 +17,8 @@ from fedmoe.federation.dp import clip_update, epsilon, private_aggregate, update
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32", "train.max_steps=1",
+TINY = ["report.figures=false",  # (no figure is checked here: ~0.5 s of drawing a run saved)
+        "model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32", "train.max_steps=1",
         "train.batch_size=2", "eval.rouge=false", "eval.batch_size=8", "data.max_test_per_client=4", "lora.rank=2",
         "data.partition.num_clients=2", "eval.zero_shot=false"]
 

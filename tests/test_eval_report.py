@@ -395,6 +395,14 @@ def test_write_report(tmp_path):
     png = rd.path / "learning_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert format_results_table(summary) in text
+    # report.figures: false: the same report up to its figures, which are not drawn, and it says so
+    bare = RunDir(tmp_path / "bare")
+    plain = write_report(bare, summary, metrics, histogram_markdown=hist, figures=False).read_text(encoding="utf-8")
+    assert not list(bare.path.glob("*.png")) and sorted(p.name for p in rd.path.glob("*.png"))
+    head = text.split("## Learning curve")[0]
+    assert plain.startswith(head.split("## Expert activation")[0]) and "![" not in plain
+    assert plain.endswith("None drawn (`report.figures: false`): the learning curve, expert activation, confusion "
+                          "matrices and per-layer metrics are in metrics.jsonl and summary.json.\n")
 
 
 def test_the_flops_column_says_its_sequence_length(tmp_path):

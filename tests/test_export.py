@@ -18,7 +18,8 @@ from helpers import once_per_session
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["model.name=builtin:tiny-moe", "data.max_examples=120", "data.max_length=32", "data.partition.num_clients=2",
+TINY = ["report.figures=false",  # (no figure is checked here: ~0.5 s of drawing a run saved)
+        "model.name=builtin:tiny-moe", "data.max_examples=120", "data.max_length=32", "data.partition.num_clients=2",
         "train.max_steps=2", "train.batch_size=2", "train.lr=0.02", "eval.rouge=false", "eval.zero_shot=false",
         "data.max_test_per_client=2", "lora.rank=4", "federation.rounds=1"]
 IDS = torch.tensor([[5, 17, 300, 42, 7, 9, 1200, 3], [8, 8, 15, 16, 23, 42, 99, 4]])

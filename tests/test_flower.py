@@ -27,7 +27,8 @@ from fedmoe.messages import Message
 from helpers import interruptible
 
 BIN = Path(sys.executable).parent
-TINY = ["model.name=builtin:tiny-olmoe", "data.max_examples=200", "data.max_length=48", "data.partition.num_clients=2",
+TINY = ["report.figures=false",  # (no figure is checked here: ~0.5 s of drawing a run saved)
+        "model.name=builtin:tiny-olmoe", "data.max_examples=200", "data.max_length=48", "data.partition.num_clients=2",
         "train.max_steps=2", "train.batch_size=2", "train.lr=0.05", "eval.max_examples=2", "eval.max_new_tokens=3",
         "data.max_test_per_client=3", "lora.rank=4", "federation.rounds=2"]
 METHODS = {"fedit": ["algorithm.name=fedit"],

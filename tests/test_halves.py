@@ -18,7 +18,8 @@ from fedmoe.moe import MoEModel, load_tokenizer
 from fedmoe.seeds import Stream, derive_seed
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedmoe"
-TINY = ["model.name=builtin:tiny-olmoe", "data.max_examples=200", "data.max_length=48", "data.partition.num_clients=2",
+TINY = ["report.figures=false",  # (no figure is checked here: ~0.5 s of drawing a run saved)
+        "model.name=builtin:tiny-olmoe", "data.max_examples=200", "data.max_length=48", "data.partition.num_clients=2",
         "train.max_steps=2", "train.batch_size=2", "train.lr=0.05", "eval.max_examples=2", "eval.max_new_tokens=3",
         "data.max_test_per_client=3", "lora.rank=4", "federation.rounds=2", "eval.zero_shot=false"]
 

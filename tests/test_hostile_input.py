@@ -255,7 +255,8 @@ def test_a_client_claiming_1e15_examples_is_left_out_and_the_round_goes_on(tmp_p
     from fedmoe.config import load_config
     from fedmoe.federation.local import LocalTransport
 
-    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32",
+    cfg = load_config(None, ["report.figures=false", "model.name=builtin:tiny-olmoe", "data.max_examples=120",
+                             "data.max_length=32",
                              "data.partition.num_clients=2", "train.max_steps=1", "train.batch_size=2", "lora.rank=2",
                              "eval.rouge=false", "eval.zero_shot=false", "data.max_test_per_client=2",
                              "federation.rounds=2", "federation.min_replies=1", f"output_dir={tmp_path}", "name=lie"])
@@ -286,7 +287,8 @@ def test_a_client_that_sends_what_local_dp_withholds_is_left_out(tmp_path):
     from fedmoe.federation.local import LocalTransport
     from fedmoe.federation.transport import TrainReport
 
-    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32",
+    cfg = load_config(None, ["report.figures=false", "model.name=builtin:tiny-olmoe", "data.max_examples=120",
+                             "data.max_length=32",
                              "data.partition.num_clients=2", "train.max_steps=1", "train.batch_size=2", "lora.rank=2",
                              "eval.rouge=false", "eval.zero_shot=false", "data.max_test_per_client=2",
                              "federation.rounds=2", "federation.min_replies=1", f"output_dir={tmp_path}", "name=tells",
@@ -326,7 +328,8 @@ def test_a_setup_report_that_cannot_be_right_stops_the_run_before_round_1(tmp_pa
     from fedmoe.config import load_config
     from fedmoe.federation.local import LocalTransport
 
-    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32",
+    cfg = load_config(None, ["report.figures=false", "model.name=builtin:tiny-olmoe", "data.max_examples=120",
+                             "data.max_length=32",
                              "data.partition.num_clients=2", "train.max_steps=1", "train.batch_size=2", "lora.rank=2",
                              "eval.rouge=false", "eval.zero_shot=false", "data.max_test_per_client=2",
                              "federation.rounds=1", f"output_dir={tmp_path}", "name=setup"])
@@ -349,7 +352,8 @@ def test_a_profile_out_of_bounds_in_an_evaluation_is_not_taken(tmp_path):
     from fedmoe.config import load_config
     from fedmoe.federation.local import LocalTransport
 
-    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32",
+    cfg = load_config(None, ["report.figures=false", "model.name=builtin:tiny-olmoe", "data.max_examples=120",
+                             "data.max_length=32",
                              "data.partition.num_clients=2", "train.max_steps=1", "train.batch_size=2", "lora.rank=2",
                              "eval.rouge=false", "eval.zero_shot=false", "data.max_test_per_client=2",
                              "federation.rounds=1", f"output_dir={tmp_path}", "name=profile"])
@@ -452,7 +456,8 @@ def test_a_client_reporting_a_negative_test_loss_is_left_out_of_the_global_loss(
     from fedmoe.config import load_config
     from fedmoe.federation.local import LocalTransport
 
-    cfg = load_config(None, ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32",
+    cfg = load_config(None, ["report.figures=false", "model.name=builtin:tiny-olmoe", "data.max_examples=120",
+                             "data.max_length=32",
                              "data.partition.num_clients=2", "train.max_steps=1", "train.batch_size=2", "lora.rank=2",
                              "eval.rouge=false", "eval.zero_shot=false", "data.max_test_per_client=2",
                              "federation.rounds=1", f"output_dir={tmp_path}", "name=evil-eval"])
@@ -680,7 +685,8 @@ def test_the_server_reads_each_half_of_an_evaluation_reply_on_its_own():
 
 
 # ------------------------------------------------------- the numbers on shared data when their client fails
-GENERAL_CFG = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32",
+GENERAL_CFG = ["report.figures=false",  # (no figure is checked here: ~0.5 s of drawing a run saved)
+               "model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32",
                "data.partition.num_clients=3", "train.max_steps=1", "train.batch_size=2", "lora.rank=2",
                "eval.rouge=false", "data.max_test_per_client=2", "federation.rounds=1", "eval.general_blocks=1",
                "eval.mmlu=[anatomy]", "eval.mmlu_max_per_subject=2"]

@@ -27,7 +27,8 @@ from fedmoe.train import train_local
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 T = 24  # tokens per sequence of the FLOPs figure
-RUN = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=40", "data.partition.num_clients=2",
+RUN = ["report.figures=false",  # (no figure is checked here: ~0.5 s of drawing a run saved)
+       "model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=40", "data.partition.num_clients=2",
        "train.max_steps=1", "train.batch_size=2", "eval.rouge=false", "eval.zero_shot=false", "federation.rounds=1",
        "data.max_test_per_client=2", f"eval.flops_seq_len={T}"]
 # token ids of a few training examples: enough tokens that every expert of every layer is routed to

@@ -25,7 +25,8 @@ from fedmoe.federation.sweep import run_sweep, sweep_points
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32", "data.partition.num_clients=2",
+TINY = ["report.figures=false",  # (no figure is checked here: ~0.5 s of drawing a run saved)
+        "model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32", "data.partition.num_clients=2",
         "train.max_steps=1", "train.batch_size=2", "eval.rouge=false", "eval.batch_size=4", "data.max_test_per_client=3",
         "lora.rank=4", "federation.rounds=1"]
 

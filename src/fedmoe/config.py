@@ -506,6 +506,9 @@ class EvalConfig(_Strict):
 class ReportConfig(_Strict):
     # every metrics row as TensorBoard scalars in <run>/tensorboard/ (extra: fedmoe[tensorboard])
     tensorboard: bool = False
+    # report.md's figures (learning curve, expert activation, confusion matrices, per-layer metrics) as PNGs beside
+    # it; false: the tables alone (a sweep of many short runs, ~0.5 s of drawing each)
+    figures: bool = True
 
 
 class RunConfig(_Strict):

@@ -51,12 +51,12 @@ class RunDirError(ConfigError):
 PREVIOUS_CHECKPOINT_FILE = "state.prev.pt"
 
 # Config keys that say where and how a run executes, not what it computes: a resumed run may change
-# them (another device or machine, other Flower timeouts, TensorBoard on or off, the directory moved,
+# them (another device or machine, other Flower timeouts, TensorBoard or the report's figures on or off, the directory moved,
 # activation checkpointing after running out of memory: the same numbers with less memory; the resources a
 # simulated client reserves on another machine).
 # Every other key is part of the run's fingerprint: a resume whose config.yaml differs in one is refused.
 EXECUTION_KEYS = ("name", "output_dir", "model.device", "federation.round_timeout_s", "federation.node_wait_s",
-                  "federation.max_inflight", "federation.on_client_error", "report.tensorboard",
+                  "federation.max_inflight", "federation.on_client_error", "report.tensorboard", "report.figures",
                   "train.activation_checkpointing", "federation.simulation")
 
 

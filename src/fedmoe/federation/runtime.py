@@ -771,7 +771,7 @@ class Federation:
                    **({} if self.cfg.federation.dp is None else {"privacy": self._privacy()})})
         counts = {cid: r.data["category_counts"] for cid, r in self.records.items() if r.data.get("category_counts") is not None}
         histogram = format_histogram_table(counts) if counts else None
-        write_report(self.rd, summary, metrics, histogram)
+        write_report(self.rd, summary, metrics, histogram, figures=self.cfg.report.figures)
         # summary.json last: it marks the run finished (for a resume, and for `fedmoe run` on Flower, which returns
         # when it sees it: a ServerApp that outlived its SuperLink's restart may still be writing)
         self.rd.write_summary(summary)

@@ -810,8 +810,10 @@ def write_report(
     summary: dict,
     metrics: list[dict],
     histogram_markdown: str | None = None,
+    figures: bool = True,
 ) -> Path:
-    """Write ``report.md`` (and ``learning_curve.png`` beside it); returns the report's path."""
+    """Write ``report.md`` (and its figures beside it, unless ``figures`` is False: ``report.figures``); returns
+    the report's path."""
     title = f"# fedmoe run: {summary.get('algorithm', DASH)} on {summary.get('model', DASH)}"
     facts = (
         f"rounds: {_plain(summary.get('rounds'))} · seed: {_plain(summary.get('seed'))} · "
@@ -824,7 +826,7 @@ def write_report(
     parts += format_failures(summary)
     parts += format_privacy(summary, metrics)
     parts += format_zero_shot_comparison(summary)
-    if plot_confusion(summary, run_dir.path / CONFUSION_NAME):
+    if figures and plot_confusion(summary, run_dir.path / CONFUSION_NAME):
         parts += ["## Confusion matrices (final models)", "",
                   "Each client's own model on its own test examples; rows: the right label, columns: the model's "
                   "answer (counts, coloured by the share of the row).", "", f"![confusion matrices]({CONFUSION_NAME})",
@@ -837,11 +839,16 @@ def write_report(
     parts += format_client_setup(summary)
     parts += format_client_reported(summary)
     parts += format_server_metrics(metrics, summary)
-    for key, name in plot_layer_metrics(metrics, run_dir.path):
+    for key, name in plot_layer_metrics(metrics, run_dir.path) if figures else []:
         note = (summary.get("metric_notes") or {}).get(key, "")
         parts += [f"## {key} per round and layer", "", note, "", f"![{key}]({name})", ""]
     parts += format_round_time(metrics)
     parts += format_client_time(metrics)
+    if not figures:
+        parts += ["## Figures", "", "None drawn (`report.figures: false`): the learning curve, expert activation, "
+                  "confusion matrices and per-layer metrics are in metrics.jsonl and summary.json.", ""]
+        atomic_write_text(run_dir.report_path, "\n".join(parts))
+        return run_dir.report_path
     parts += ["## Learning curve", ""]
     if plot_learning_curve(metrics, run_dir.path / PLOT_NAME, answer_metric(summary)):
         parts += [f"![learning curve]({PLOT_NAME})", ""]
