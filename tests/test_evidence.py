@@ -16,7 +16,8 @@ from fedmoe.federation.sweep import run_sweep
 from fedmoe.rundir import loads
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ["federation.rounds=1", "train.max_steps=1", "data.max_examples=300", "data.max_test_per_client=4",
+SMOKE = ["report.figures=false",  # (no figure is checked here: ~0.5 s of drawing a run saved)
+         "federation.rounds=1", "train.max_steps=1", "data.max_examples=300", "data.max_test_per_client=4",
          "eval.max_examples=4"]
 SCENARIOS = {
     "concept-shift": SMOKE + ["sweep.seed=[0]", "sweep.method={FedIT: {algorithm.name: fedit}, FC-MoE: "

@@ -121,11 +121,13 @@ TINY = [
 
 
 def _cfg(tmp_path, name, extra=()):
-    return load_config(None, TINY + [f"output_dir={tmp_path}", f"name={name}", *extra])
+    """TINY in ``tmp_path``/``name``, without the report's figures unless ``extra`` asks (the contract does)."""
+    return load_config(None, TINY + [f"output_dir={tmp_path}", f"name={name}", "report.figures=false", *extra])
 
 
 def test_run_directory_contract_and_bytes(tmp_path):
-    summary, rd = run_federated(_cfg(tmp_path, "contract", ["federation.rounds=2", "model.name=builtin:tiny-olmoe"]))
+    summary, rd = run_federated(_cfg(tmp_path, "contract", ["federation.rounds=2", "model.name=builtin:tiny-olmoe",
+                                                            "report.figures=true"]))
     on_disk = json.loads(rd.summary_path.read_text())
     assert on_disk == json.loads(json.dumps(summary))
     for key in ("algorithm", "model", "rounds", "seed", "wall_s", "clients", "global"):

@@ -239,7 +239,8 @@ def test_a_router_that_renormalises_its_top_k_weights_refuses_the_static_ratio()
     assert 0.4 < float((sums[1] / sums[2]).mean()) < 0.6
 
 
-TINY = ["data.max_examples=240", "data.max_length=64", "train.max_steps=2", "train.batch_size=2",
+TINY = ["report.figures=false",  # (no figure is checked here: ~0.5 s of drawing a run saved)
+        "data.max_examples=240", "data.max_length=64", "train.max_steps=2", "train.batch_size=2",
         "eval.max_examples=2", "eval.max_new_tokens=3", "data.max_test_per_client=4", "lora.rank=4",
         "model.name=builtin:tiny-olmoe", "algorithm.name=flame", "algorithm.budgets.top_k=[2,1]",
         "data.partition.num_clients=2", "eval.zero_shot=false"]

@@ -15,7 +15,8 @@ from fedmoe.moe.tiny import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["model.name=builtin:tiny-olmoe", "data.max_examples=200", "data.max_length=48", "data.partition.num_clients=3",
+TINY = ["report.figures=false",  # (no figure is checked here: ~0.5 s of drawing a run saved)
+        "model.name=builtin:tiny-olmoe", "data.max_examples=200", "data.max_length=48", "data.partition.num_clients=3",
         "train.max_steps=2", "train.batch_size=2", "train.lr=0.05", "eval.max_examples=2", "eval.max_new_tokens=3",
         "data.max_test_per_client=3", "lora.rank=4", "federation.rounds=2"]
 
