@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import torch
 
@@ -208,3 +209,19 @@ def once_per_session(tmp_path_factory, name: str, compute):
         partial.write_bytes(pickle.dumps(result))
         partial.replace(done)
         return result
+
+
+def cli(*args, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    """``fedmoe ARGS`` in this process (no interpreter start: these cases run many commands), as the
+    subprocess helper returns it; an exception that escaped the command is its traceback on stderr."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from fedmoe.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args], input=stdin)
+    err = res.stderr
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        err += "".join(traceback.format_exception(res.exception))
+    return subprocess.CompletedProcess(args, res.exit_code, res.stdout, err)

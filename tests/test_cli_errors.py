@@ -20,7 +20,7 @@ from fedmoe.config import load_config
 from fedmoe.eval import count_flops, load_model_config
 from fedmoe.federation import run_federated
 from fedmoe.moe.model import builtin_model_path
-from helpers import interruptible
+from helpers import cli, interruptible
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.name=builtin:tiny-olmoe", "data.max_examples=120", "data.max_length=32", "data.partition.num_clients=2",
@@ -232,22 +232,6 @@ def test_flops_of_a_run_config_as_the_readme_shows(tmp_path):
 
 
 # ------------------------------------------------- export, generate, compare and DP settings (issue 26)
-def cli(*args, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    """``fedmoe ARGS`` in this process (no interpreter start: these cases run many commands), as the
-    subprocess helper returns it; an exception that escaped the command is its traceback on stderr."""
-    import traceback
-
-    from typer.testing import CliRunner
-
-    from fedmoe.cli import app
-
-    res = CliRunner().invoke(app, [str(a) for a in args], input=stdin)
-    err = res.stderr
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        err += "".join(traceback.format_exception(res.exception))
-    return subprocess.CompletedProcess(args, res.exit_code, res.stdout, err)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """One finished one-round run, shared by the tests below (which only read it or copy its files)."""

@@ -14,6 +14,7 @@ from fedmoe.export import ExportError, export_model, load_for_answers, load_mode
 from fedmoe.federation import run_federated
 from fedmoe.moe import SUPPORTED_ARCHITECTURES, MoEModel
 from fedmoe.moe.model import ModelLoadError
+from helpers import cli
 from helpers import once_per_session
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -643,8 +644,7 @@ def test_a_damaged_private_store_is_one_line_naming_the_file(runs, tmp_path, dam
         (store / "identity.json").write_text("[1]")
     else:
         torch.save({"something": torch.zeros(2)}, f)
-    r = subprocess.run([sys.executable, "-m", "fedmoe.cli", "export", str(copy), str(tmp_path / "o"), "--client", "0",
-                        "--private", str(store), "--quiet"], capture_output=True, text=True, env=_env())
+    r = cli("export", copy, tmp_path / "o", "--client", "0", "--private", store, "--quiet")  # in this process
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     named = store / "identity.json" if damage == "identity" else store if damage == "keys" else f
