@@ -57,7 +57,7 @@ def main() -> None:
         print(f"| {L}, {B} | {tiny(L, B):.5f} |", flush=True)
     if args.tiny:
         return
-    print("\n| model | options, longest | test loss GiB | choice GiB | training step GiB |\n|---|---|---:|---:|---:|")
+    print("\n| model | options, longest, least longest | test loss GiB | choice GiB | training step GiB |\n|---|---|---:|---:|---:|")
     for name in MODELS:
         cfg = load_config(None, [f"model.name={ROOT}/benchmarks/model-configs/{name}.json",
                                  "model.tokenizer=builtin:tiny-moe", "model.dtype=bfloat16", "model.device=cuda",

@@ -414,7 +414,7 @@ def test_a_choice_tasks_option_scoring_is_planned_against_the_real_pass(tmp_path
     assert len(labels) == 8 and "information_extraction" in labels
     options = option_ids(tok, labels)
     longest = max(len(o) for o in options)
-    assert choice_shape(cfg) == (8, longest) and min(len(o) for o in options) >= 2
+    assert choice_shape(cfg) == (8, longest, longest) and min(len(o) for o in options) >= 2
     mm, config = _planned_model(cfg, get_method("fedit"), plan.k)
     mm.model.eval()
     g = torch.Generator().manual_seed(1)
@@ -428,9 +428,27 @@ def test_a_choice_tasks_option_scoring_is_planned_against_the_real_pass(tmp_path
     assert "the scoring of 8 options of up to" in format_plan(cfg, [plan], "", None)
 
     quiz = tmp_path / "quiz.jsonl"
-    rows = [{"instruction": f"2 + {i} = ?", "output": str(2 + i), "options": [str(2 + i), "no"] + ["maybe so"] * (i % 3)}
+    rows = [{"instruction": f"2 + {i} = ?", "output": str(2 + i),
+             "options": [str(2 + i), "no"] if i % 2 else [str(2 + i), "maybe so, or perhaps not at all", "no"]}
             for i in range(12)]
     quiz.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    per = load_config(None, ["model.name=builtin:tiny-moe", f"data.source={quiz}", "data.field_map={options: options}",
-                             "eval.task=choice"])
-    assert choice_shape(per) == (4, max(len(o) for o in option_ids(tok, ["maybe so", "no", *map(str, range(2, 14))])))
+    def per_sets(path):
+        return ["model.name=builtin:tiny-moe", f"data.source={path}", "data.field_map={options: options}",
+                "eval.task=choice"]
+
+    per = load_config(None, per_sets(quiz))
+    # each example's options: its longest in tokens; the plan takes the most options, the longest option and
+    # prompts cut for the example whose longest option is shortest (a client's prompts are cut to L minus its longest)
+    tops = [max(len(o) for o in option_ids(tok, r["options"])) for r in rows]
+    assert choice_shape(per) == (3, max(tops), min(tops)) and min(tops) < max(tops)
+    # the plan bounds a batch of the short-option examples (the longest prompts) and of the long-option ones (the most rows)
+    per = load_config(None, [*per_sets(quiz), f"data.max_length={L}", "eval.batch_size=4"])
+    (planned,) = memory_plan(per)
+    for opts in (option_ids(tok, rows[1]["options"]) + [option_ids(tok, ["no"])[0]], option_ids(tok, rows[0]["options"])):
+        prompts = [torch.randint(5, config.vocab_size, (L - max(len(o) for o in opts),), generator=g).tolist()
+                   for _ in range(4)]
+        live = _LiveBytes()
+        live.exclude([*mm.model.parameters(), *mm.model.buffers()])
+        with torch.no_grad(), live:
+            option_logprobs(mm.model, prompts, [opts] * 4, 4, "cpu")
+        assert planned.passes["choice"] >= live.peak, (planned.passes, live.peak, opts)

@@ -255,12 +255,14 @@ def _evaluation_passes(cfg, config) -> dict:
 
     def choice(model, live):
         # the evaluator's own batch (eval.choice.cached_batch): eval.batch_size prompts of data.max_length minus the
-        # longest option, one forward with its key/value cache, the cache copied for each (prompt, option) row, and
-        # the options' tokens over it with their logits (every option ends with eos: each has a row)
+        # longest option of their client (at most L minus the shortest of the examples' longest options), one forward
+        # with its key/value cache, the cache copied for each (prompt, option) row, and the options' tokens over it
+        # with their logits (every option ends with eos: each has a row); each example with the most options, each
+        # option the longest: an upper bound, exact for a label task (one option list)
         from .eval.choice import cached_batch
 
-        n, longest = shape
-        prompts = [[1] * max(1, L - longest)] * B
+        n, longest, least = shape
+        prompts = [[1] * max(1, L - least)] * B
         with live:
             cached_batch(model, prompts, [[[1] * longest] * n] * B, next(model.parameters()).device, 0)
         return live.peak
@@ -276,13 +278,14 @@ def _evaluation_passes(cfg, config) -> dict:
     return passes
 
 
-_CHOICE_SHAPES: dict[str, tuple[int, int] | None] = {}
+_CHOICE_SHAPES: dict[str, tuple[int, int, int] | None] = {}
 
 
-def choice_shape(cfg) -> tuple[int, int] | None:
-    """(the most options an example has, the longest option in tokens with its eos) of a choice task, from its
-    label set or its examples' options (:func:`fedmoe.data.prepare.answer_options`) and the run's tokenizer; None
-    without options. Once per data, tokenizer and seed."""
+def choice_shape(cfg) -> tuple[int, int, int] | None:
+    """(the most options an example has, the longest option in tokens with its eos, the shortest of the examples'
+    longest options: a client's prompts are cut to data.max_length minus its longest option) of a choice task, from
+    its label set or its examples' options (:func:`fedmoe.data.prepare.answer_options`) and the run's tokenizer;
+    None without options. Once per data, tokenizer and seed."""
     import json
 
     d = cfg.data
@@ -297,7 +300,9 @@ def choice_shape(cfg) -> tuple[int, int] | None:
         if lists:
             tok = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
             texts = list(dict.fromkeys(o for opts in lists for o in opts))
-            shape = (max(len(opts) for opts in lists), max(len(ids) for ids in option_ids(tok, texts)))
+            size = {t: len(ids) for t, ids in zip(texts, option_ids(tok, texts))}
+            tops = [max(size[o] for o in opts) for opts in lists]
+            shape = (max(len(opts) for opts in lists), max(tops), min(tops))
         _CHOICE_SHAPES[key] = shape
     return _CHOICE_SHAPES[key]
 
@@ -500,9 +505,9 @@ def format_plan(cfg, plans: list[LevelPlan], what: str | None = None, available:
 
         shapes["MMLU"] = shapes["MMLU"].format(run_prompt_limit(load_model_config(cfg.model.name), L))
     if "choice" in plans[0].passes:
-        n, longest = choice_shape(cfg)
-        shapes["choice"] = (f"the scoring of {n} options of up to {longest} tokens after prompts of "
-                            f"{max(1, L - longest)} (their key/value cache copied for each option)")
+        n, longest, least = choice_shape(cfg)
+        shapes["choice"] = (f"the scoring of {n} options of up to {longest} tokens after prompts of up to "
+                            f"{max(1, L - least)} (their key/value cache copied for each option)")
     passes = [shapes[name] for name in plans[0].passes]
     largest = {p.largest_pass for p in plans}
     lines.append(f"training: the columns before it summed; evaluation: weights, adapters and the largest of "
