@@ -231,3 +231,35 @@ def test_federated_rounds(tmp_path, method):
         mm = MoEModel.from_pretrained(str(folder))
         with pytest.raises(ValueError, match="LFM2-MoE ship none"):
             labelled_token_loss(mm.model, IDS, torch.ones_like(IDS), IDS, output_router_logits=True)
+
+
+def test_the_plan_scores_a_hybrid_models_options_as_the_evaluator_does(tmp_path):
+    """A hybrid model scores options of more than one token (every option: it ends with eos) as whole sequences, so
+    the plan's option scoring must too: it ran the prompt-once path, which a convolution's cache cannot take, and
+    `fedmoe plan` (and a GPU run's check) ended in an AttributeError. Planned on fake tensors, the evaluator's own
+    option_logprobs is within 1% of the same on real tensors, here eight times the test loss's pass."""
+    from fedmoe.algorithms import get_method
+    from fedmoe.config import load_config
+    from fedmoe.data.prepare import answer_options
+    from fedmoe.data.tokenize import option_ids
+    from fedmoe.eval.choice import option_logprobs
+    from fedmoe.moe.model import load_tokenizer
+    from fedmoe.plan import _LiveBytes, _planned_model, memory_plan
+
+    L, B = 64, 8
+    folder = hf_folder(tmp_path, "lfm2_moe")
+    cfg = load_config(None, [f"model.name={folder}", f"data.max_length={L}", f"eval.batch_size={B}", "eval.task=choice",
+                             "data.field_map={label: category}"])
+    (plan,) = memory_plan(cfg)
+    options = option_ids(load_tokenizer(str(folder)), answer_options(cfg)[0])
+    mm, config = _planned_model(cfg, get_method("fedit"), plan.k)
+    mm.model.eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, config.vocab_size, (L - max(len(o) for o in options),), generator=g).tolist()
+               for _ in range(B)]
+    live = _LiveBytes()
+    live.exclude([*mm.model.parameters(), *mm.model.buffers()])
+    with torch.no_grad(), live:
+        option_logprobs(mm.model, prompts, [options] * B, B, "cpu")
+    assert abs(plan.passes["choice"] - live.peak) <= 0.01 * live.peak, (plan.passes, live.peak)
+    assert plan.passes["choice"] > 4 * plan.passes["test loss"]

@@ -254,17 +254,19 @@ def _evaluation_passes(cfg, config) -> dict:
         return live.peak
 
     def choice(model, live):
-        # the evaluator's own batch (eval.choice.cached_batch): eval.batch_size prompts of data.max_length minus the
-        # longest option of their client (at most L minus the shortest of the examples' longest options), one forward
-        # with its key/value cache, the cache copied for each (prompt, option) row, and the options' tokens over it
-        # with their logits (every option ends with eos: each has a row); each example with the most options, each
-        # option the longest: an upper bound, exact for a label task (one option list)
-        from .eval.choice import cached_batch
+        # the evaluator's own scoring (eval.choice.option_logprobs) of one batch: eval.batch_size prompts of
+        # data.max_length minus the longest option of their client (at most L minus the shortest of the examples'
+        # longest options), each example with the most options, each option the longest (an upper bound, exact for a
+        # label task: one option list). Its prompt-once path: one forward with the key/value cache, the cache copied
+        # for each (prompt, option) row (every option ends with eos: each has a row), the options' tokens over it
+        # with their logits; a hybrid model's (linear attention, short convolutions): every (prompt, option) pair as
+        # a sequence of its own, logits at every position
+        from .eval.choice import option_logprobs
 
         n, longest, least = shape
         prompts = [[1] * max(1, L - least)] * B
         with live:
-            cached_batch(model, prompts, [[[1] * longest] * n] * B, next(model.parameters()).device, 0)
+            option_logprobs(model, prompts, [[[1] * longest] * n] * B, B, next(model.parameters()).device, 0)
         return live.peak
 
     passes = {"test loss": test_loss}

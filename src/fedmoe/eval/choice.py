@@ -137,7 +137,7 @@ def _reference_batch(model, prompts, options, device, pad_id) -> list[torch.Tens
     for r, (b, j, n_p, n_o) in enumerate(owner):
         toks = torch.tensor(seqs[r][n_p : n_p + n_o], dtype=torch.long)
         pos = torch.arange(n_p - 1, n_p - 1 + n_o)
-        scores[b][j] = float(logp[r, pos, toks].double().sum())
+        scores[b][j] = logp[r, pos, toks].double().sum()  # (no float(): the memory plan runs this on fake tensors)
     return scores
 
 
