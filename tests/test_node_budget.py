@@ -450,3 +450,53 @@ def test_a_ledger_lacking_the_releases_of_stores_beside_it_stops_training_until_
     (fresh / LEDGER).write_text('{"releases": [], "accepted_stores": "run-a/client-0/private-r00004.pt"}')
     with pytest.raises(BudgetRefusal, match="cannot be read .*accepted_stores is not a list"):
         PrivacyLedger(fresh).releases()
+
+
+@pytest.mark.parametrize("release", [{"client": [0]}, {"round": {"r": 1}}, {"run_id": ["abc"]}, {"client": True}])
+def test_a_ledger_release_naming_its_round_with_anything_but_a_number_is_damage(tmp_path, release):
+    """A release whose client or round is a list (unhashable) crashed the check of the stores against the releases
+    with a TypeError: on the node an error type without a reason, in `fedmoe node-privacy` a traceback. It is a
+    damaged ledger, named; so is a store folder or file whose digits are not ASCII ('²': isdigit() took it, int() not)."""
+    from typer.testing import CliRunner
+
+    from fedmoe.cli import app
+
+    (tmp_path / "abc" / "client-0").mkdir(parents=True)
+    (tmp_path / "abc" / "client-0" / "private-r00001.pt").write_bytes(b"x")
+    (tmp_path / LEDGER).write_text(json.dumps({"releases": [{"run_id": "abc", "client": 0, "round": 1,
+                                                             "noise_multiplier": 1.0, **release}]}))
+    with pytest.raises(BudgetRefusal, match=f"ledger {tmp_path / LEDGER} cannot be read .*a release whose"):
+        PrivacyLedger(tmp_path).releases()
+    out = CliRunner().invoke(app, ["node-privacy", str(tmp_path)])
+    assert out.exit_code == 2 and "cannot be read" in out.output and "Traceback" not in out.output, out.output
+    (tmp_path / LEDGER).write_text(json.dumps({"releases": [{"run_id": "abc", "client": 0, "round": 1,
+                                                             "noise_multiplier": 1.0}]}))
+    (tmp_path / "abc" / "client-²").mkdir()
+    (tmp_path / "abc" / "client-²" / "private-r00001.pt").write_bytes(b"x")
+    (tmp_path / "abc" / "client-0" / "private-r².pt").write_bytes(b"x")
+    with pytest.raises(BudgetRefusal, match=r"records no release for 1 store\(s\) .*client-²"):
+        PrivacyLedger(tmp_path).releases()  # a stray folder's store is unknown, not a crash; the '²' round is no store
+
+
+def test_a_store_written_while_the_ledger_is_read_is_not_taken_for_an_unrecorded_one(tmp_path, monkeypatch):
+    """Two processes of one node (two runs, or clients sharing a state-dir): one checked its next release without
+    the lock, read the ledger, and the other recorded a release and wrote its store before the first listed the
+    stores: a legitimate node was refused and told to --accept-stores. The stores are listed before the ledger is
+    read, so a store listed has its release in the ledger read after it."""
+    from fedmoe.federation.flower.budget import NodeBudget
+
+    budget = NodeBudget(epsilon=100.0)
+    read = PrivacyLedger._read
+
+    def the_other_process_trains_meanwhile(self):
+        data = read(self)
+        monkeypatch.setattr(PrivacyLedger, "_read", read)
+        PrivacyLedger(tmp_path).record(budget, 1.0, "run-b", 1, 1)
+        (tmp_path / "run-b" / "client-1").mkdir(parents=True)
+        (tmp_path / "run-b" / "client-1" / "private-r00001.pt").write_bytes(b"x")
+        return data
+
+    PrivacyLedger(tmp_path).record(budget, 1.0, "run-a", 1, 0)
+    monkeypatch.setattr(PrivacyLedger, "_read", the_other_process_trains_meanwhile)
+    PrivacyLedger(tmp_path).check(budget, 1.0)
+    assert [r["run_id"] for r in PrivacyLedger(tmp_path).releases()] == ["run-a", "run-b"]

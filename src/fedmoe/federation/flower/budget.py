@@ -26,6 +26,7 @@ budget a node withholds them, and the size of its test set, unless its node conf
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,7 @@ class PrivacyLedger:
         found = []
         for p in sorted(self.path.parent.glob("*/client-*/private-r*.pt")):
             digits = p.stem[len("private-r"):]
-            if digits.isdigit() and int(digits) >= 1:
+            if re.fullmatch(r"[0-9]+", digits) and int(digits) >= 1:  # (isdigit() takes "²", which int() refuses)
                 found.append(p)
         return found
 
@@ -132,23 +133,33 @@ class PrivacyLedger:
         accepted); False where one exists (it is never overwritten)."""
         from ...rundir import atomic_write_text
 
-        if self.path.exists():
-            return False
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        accepted = [self._relative(p) for p in self.trained_stores()]
-        atomic_write_text(self.path, json.dumps({"releases": [], "accepted_stores": accepted}, indent=1))
+        with open(self.path.with_name(LEDGER + ".lock"), "a") as lock:  # (a first release may be recording)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if self.path.exists():
+                    return False
+                accepted = [self._relative(p) for p in self.trained_stores()]
+                atomic_write_text(self.path, json.dumps({"releases": [], "accepted_stores": accepted}, indent=1))
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
         return True
 
-    def unrecorded_stores(self, data: dict) -> list[Path]:
-        """The trained stores in this state-dir that no release of the ledger ``data`` accounts for (a release
-        is recorded before its round's store is written, so each store of a round the node trained in under its
-        budget has one) and that the operator did not accept (``--start`` over existing stores, ``--accept-stores``)."""
+    def unrecorded_stores(self, data: dict, stores: list[Path] | None = None) -> list[Path]:
+        """The trained stores in this state-dir (``stores``, else listed now) that no release of the ledger ``data``
+        accounts for (a release is recorded before its round's store is written, so each store of a round the node
+        trained in under its budget has one) and that the operator did not accept (``--start`` over existing
+        stores, ``--accept-stores``). List the stores before reading the ledger: a store listed first has its release
+        in any later read, while one written after the read (another process of the node recording a release in
+        between) would have none."""
         recorded = {(str(r.get("run_id")), r.get("client"), r.get("round")) for r in data["releases"]}
         accepted = set(data.get("accepted_stores", []))
         out = []
-        for p in self.trained_stores():
+        for p in self.trained_stores() if stores is None else stores:
             run_id, client = p.parent.parent.name, p.parent.name[len("client-"):]
-            key = (run_id, int(client) if client.isdigit() else client, int(p.stem[len("private-r"):]))
+            key = (run_id, int(client) if re.fullmatch(r"[0-9]+", client) else client, int(p.stem[len("private-r"):]))
             if key not in recorded and self._relative(p) not in accepted:
                 out.append(p)
         return out
@@ -163,6 +174,12 @@ class PrivacyLedger:
                                                     for r in rel):
                 raise ValueError(f"a release without a finite noise multiplier in [0, {MAX_RECORDED:g}] (σ/2 of "
                                  "a σ the run accepts)")
+            named = {"run_id": (str,), "client": (int,), "round": (int,)}  # what record() writes (or nothing)
+            for r in rel:
+                for k, kinds in named.items():
+                    if r.get(k) is not None and (not isinstance(r[k], kinds) or isinstance(r[k], bool)):
+                        raise ValueError(f"a release whose {k} is {json.dumps(r[k])[:40]}, not a "
+                                         f"{'name' if k == 'run_id' else 'whole number'}")
             accepted = data.get("accepted_stores", [])
             if not isinstance(accepted, list) or not all(isinstance(a, str) for a in accepted):
                 raise ValueError("accepted_stores is not a list of store paths")
@@ -203,8 +220,9 @@ class PrivacyLedger:
         return self._checked()["releases"]
 
     def _checked(self) -> dict:
+        stores = self.trained_stores()  # before the ledger is read (unrecorded_stores)
         if not self.path.exists():
-            trained = self.trained_stores()
+            trained = stores
             if trained:
                 raise BudgetRefusal(
                     f"this node's state-dir {self.path.parent} holds the stores of {len(trained)} round(s) its client "
@@ -214,7 +232,7 @@ class PrivacyLedger:
                     f"{shell_quote(self.path.parent)} --start")
             return {"releases": []}
         data = self._read()
-        missing = self.unrecorded_stores(data)
+        missing = self.unrecorded_stores(data, stores)
         if missing:
             raise BudgetRefusal(
                 f"this node's privacy ledger {self.path} records no release for {len(missing)} store(s) of rounds its "
