@@ -405,6 +405,27 @@ def test_write_report(tmp_path):
                           "matrices and per-layer metrics are in metrics.jsonl and summary.json.\n")
 
 
+def test_without_figures_the_report_keeps_what_they_carried_besides_the_picture(tmp_path):
+    """report.figures: false dropped the per-layer metrics' sections, the only place report.md named those keys and
+    printed their notes (what a metric measures), and the learning curve's "no loss" notice: both stay, the figure
+    said not drawn; a per-layer metric never measured (all None) has no section either way."""
+    from fedmoe.federation.conflict import NOTES
+
+    summary = {"algorithm": "fedit", "model": "m", "rounds": 2, "seed": 0, "metric_notes": dict(NOTES)}
+    metrics = [{"kind": "server", "round": r, "update_conflict_by_layer": [0.1 * r, 0.2], "unmeasured_by_layer": [None]}
+               for r in (1, 2)]
+    drawn = write_report(RunDir(tmp_path / "on"), summary, metrics).read_text()
+    bare = write_report(RunDir(tmp_path / "off"), summary, metrics, figures=False).read_text()
+    for text in (drawn, bare):
+        assert "## update_conflict_by_layer per round and layer" in text and NOTES["update_conflict_by_layer"] in text
+        assert "unmeasured_by_layer" not in text and "(no loss was logged in metrics.jsonl)" in text
+    assert "![update_conflict_by_layer](" in drawn and "![" not in bare
+    assert bare.count("(figure not drawn: `report.figures: false`; its numbers are in metrics.jsonl)") == 1
+    with_loss = [*metrics, {"kind": "test", "round": 1, "client": None, "loss": 2.0}]
+    bare = write_report(RunDir(tmp_path / "loss"), summary, with_loss, figures=False).read_text()
+    assert "(no loss was logged" not in bare and bare.count("(figure not drawn") == 2
+
+
 def test_the_flops_column_says_its_sequence_length(tmp_path):
     """FLOPs/seq is the forward FLOPs of one sequence of eval.flops_seq_len tokens: the report's header says how many
     (from the run's config.yaml); without a readable config it says what it has, no length."""

@@ -14,6 +14,7 @@ from fedmoe.rundir import RunDir, atomic_write_bytes, atomic_write_text, md_cell
 DASH = "–"  # shown for a missing value (None)
 NO_TEST = "no test data"  # shown for a test metric of a model that had no test tokens (never 0)
 PLOT_NAME = "learning_curve.png"
+NOT_DRAWN = "(figure not drawn: `report.figures: false`; its numbers are in metrics.jsonl)"
 HEATMAP_NAME = "expert_activation.png"
 CONFUSION_NAME = "confusion.png"
 
@@ -377,11 +378,20 @@ def plot_expert_heatmap(summary: dict, path: str | Path) -> bool:
     return _save_cropped(expert_heatmap_figure(summary), path)
 
 
-def plot_layer_metrics(metrics: list[dict], folder: Path) -> list[tuple[str, str]]:
-    """A heatmap (round x MoE layer) of every server metric that is a per-layer list (``*_by_layer``);
-    returns (key, file name) of the figures written."""
+def layer_metric_keys(metrics: list[dict]) -> list[str]:
+    """The server metrics that are per-layer lists (``*_by_layer``) with a value measured in some round (not all
+    None or NaN: e.g. no client pair changed an expert)."""
     rows = [r for r in metrics if r.get("kind") == "server"]
     keys = sorted({k for r in rows for k, v in r.items() if k.endswith("_by_layer") and isinstance(v, list)})
+    measured = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)  # noqa: E731
+    return [k for k in keys if any(measured(v) for r in rows if isinstance(r.get(k), list) for v in r[k])]
+
+
+def plot_layer_metrics(metrics: list[dict], folder: Path) -> list[tuple[str, str]]:
+    """A heatmap (round x MoE layer) of every server metric that is a per-layer list (``*_by_layer``,
+    :func:`layer_metric_keys`); returns (key, file name) of the figures written."""
+    rows = [r for r in metrics if r.get("kind") == "server"]
+    keys = layer_metric_keys(metrics)
     if not keys:
         return []
     import numpy as np
@@ -839,22 +849,24 @@ def write_report(
     parts += format_client_setup(summary)
     parts += format_client_reported(summary)
     parts += format_server_metrics(metrics, summary)
-    for key, name in plot_layer_metrics(metrics, run_dir.path) if figures else []:
+    drawn = dict(plot_layer_metrics(metrics, run_dir.path)) if figures else {}
+    for key in layer_metric_keys(metrics):
         note = (summary.get("metric_notes") or {}).get(key, "")
-        parts += [f"## {key} per round and layer", "", note, "", f"![{key}]({name})", ""]
+        parts += [f"## {key} per round and layer", "", note, "",
+                  f"![{key}]({drawn[key]})" if key in drawn else NOT_DRAWN, ""]
     parts += format_round_time(metrics)
     parts += format_client_time(metrics)
+    parts += ["## Learning curve", ""]
+    if not (_curves(metrics, "test", "loss") or _curves(metrics, "train", "loss")):  # (what the curve would plot)
+        parts += ["(no loss was logged in metrics.jsonl)", ""]
+    elif not figures:
+        parts += [NOT_DRAWN, ""]
+    elif plot_learning_curve(metrics, run_dir.path / PLOT_NAME, answer_metric(summary)):
+        parts += [f"![learning curve]({PLOT_NAME})", ""]
     if not figures:
         parts += ["## Figures", "", "None drawn (`report.figures: false`): the learning curve, expert activation, "
                   "confusion matrices and per-layer metrics are in metrics.jsonl and summary.json.", ""]
-        atomic_write_text(run_dir.report_path, "\n".join(parts))
-        return run_dir.report_path
-    parts += ["## Learning curve", ""]
-    if plot_learning_curve(metrics, run_dir.path / PLOT_NAME, answer_metric(summary)):
-        parts += [f"![learning curve]({PLOT_NAME})", ""]
-    else:
-        parts += ["(no loss was logged in metrics.jsonl)", ""]
-    if plot_expert_heatmap(summary, run_dir.path / HEATMAP_NAME):
+    elif plot_expert_heatmap(summary, run_dir.path / HEATMAP_NAME):
         parts += ["## Expert activation per client", "",
                   "Share of each client's routed (token, expert) assignments per expert during local training "
                   "(all rounds), per MoE layer.", "", f"![expert activation]({HEATMAP_NAME})", ""]
