@@ -19,7 +19,7 @@
 #                         shape: base bytes, peak memory, step time, loss; NF4 dequantization, fedmoe vs bitsandbytes
 #   f  f_memory_plan      benchmarks/gpu_plan.py: `fedmoe plan` against the peak CUDA memory of train_local (bf16,
 #                         nf4, fp32 + bf16 autocast, bf16 + activation checkpointing) on the OLMoE-1B-7B shape cut
-#                         to 4 layers
+#                         to 4 layers, and its option-scoring pass (eval.task: choice) against the evaluator's peak
 # Then summary.json (the environment and every step's whole result) and summary.txt; the step files,
 # logs, pytest's JUnit XML and the profile tables go into logs.tar.gz. $OUT ends with 3 files:
 # summary.json, summary.txt, logs.tar.gz (the device machine returns at most 8).

@@ -10,7 +10,10 @@ config (fake tensors, nothing allocated), the measurement is ``torch.cuda.max_me
 the model's building and two optimizer steps of ``fedmoe.train.train_local`` on examples of exactly
 ``data.max_length`` tokens with labels on their second half (the batch the plan assumes: no padding).
 Recorded: both, by kind where the plan has kinds, and plan / measured (the CPU tests hold the plan
-within 15% of the same step counted on real tensors; this is the GPU's allocator itself).
+within 15% of the same step counted on real tensors; this is the GPU's allocator itself). Then one evaluation pass,
+a choice task's option scoring (``eval.task: choice`` on the Dolly labels, the built-in tokenizer's options; bf16,
+``eval.batch_size`` = the batch): the plan's pass against the peak of the evaluator's own ``option_logprobs`` beyond
+the model it evaluates (the CPU tests: within 1% on real tensors).
 
     python benchmarks/gpu_plan.py --json out.json          # GPU
     python benchmarks/gpu_plan.py --dry --json out.json    # CPU: the tiny-olmoe shape, tensors counted
@@ -83,6 +86,41 @@ def measure(cfg, dev: common.Device) -> dict:
     return out
 
 
+def measure_choice(cfg, dev: common.Device) -> int:
+    """The peak the evaluator's option scoring creates beyond the built client model (one batch of eval.batch_size
+    prompts of data.max_length minus the longest option, every label an option), as the plan's pass counts it."""
+    from fedmoe.algorithms import get_method
+    from fedmoe.data.prepare import answer_options
+    from fedmoe.data.tokenize import option_ids
+    from fedmoe.eval.choice import option_logprobs
+    from fedmoe.federation.local import load_client_model
+    from fedmoe.moe.model import load_tokenizer
+    from fedmoe.plan import _LiveBytes
+
+    mm = load_client_model(cfg, get_method(cfg.algorithm.name))
+    mm.model.eval()
+    options = option_ids(load_tokenizer(cfg.model.tokenizer), answer_options(cfg)[0])
+    B, P = cfg.eval.batch_size, cfg.data.max_length - max(len(o) for o in options)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, mm.config.vocab_size, (P,), generator=g).tolist() for _ in range(B)]
+    live = _LiveBytes()
+    live.exclude([*mm.model.parameters(), *mm.model.buffers()])
+    dev.free_cache()
+    base = dev.current_gb() * 2**30 if dev.cuda else 0
+    dev.reset_peak()
+    with torch.no_grad():
+        if dev.cuda:
+            option_logprobs(mm.model, prompts, [options] * B, B, dev.device)
+            peak = dev.peak_gb() * 2**30 - base
+        else:
+            with live:
+                option_logprobs(mm.model, prompts, [options] * B, B, dev.device)
+            peak = live.peak
+    del mm
+    dev.free_cache()
+    return int(peak)
+
+
 def run(res: common.Result, args) -> None:
     from fedmoe.config import load_config
     from fedmoe.plan import memory_plan
@@ -118,10 +156,31 @@ def run(res: common.Result, args) -> None:
                 res["errors"].append(f"{name}: plan {plan.training / 2**30:.2f} GiB vs measured "
                                      f"{real['peak_bytes'] / 2**30:.2f} GiB ({ratio:.2f}x)")
             res.save()
+        # one evaluation pass: a choice task's option scoring, bf16
+        cfg = load_config(None, [f"model.name={folder}", "model.tokenizer=builtin:tiny-moe", f"model.device={dev.device}",
+                                 "model.dtype=bfloat16", "lora.rank=8", f"eval.batch_size={args.batch}",
+                                 f"data.max_length={args.seq}", "eval.task=choice", "data.field_map={label: category}"])
+        try:
+            (plan,) = memory_plan(cfg)
+            real = measure_choice(cfg, dev)
+            ratio = plan.passes["choice"] / real
+            res["choice"] = {"plan": plan.passes["choice"], "measured": real, "plan_over_measured": ratio,
+                             "test_loss_plan": plan.passes["test loss"]}
+            if ratio < 1 - TOLERANCE or ratio > 1 + OVER_TOLERANCE:
+                res["errors"].append(f"choice: plan {plan.passes['choice'] / 2**30:.2f} GiB vs measured "
+                                     f"{real / 2**30:.2f} GiB ({ratio:.2f}x)")
+        except Exception as e:  # noqa: BLE001 - recorded
+            res["choice"] = {"error": common.error_text(e)}
+            res["errors"].append(f"choice: {common.error_text(e)}")
+        res.save()
     res["headline"] = [
         f"{n}: plan {c['plan_total'] / 2**30:.2f} GiB, measured {c['measured']['peak_bytes'] / 2**30:.2f} GiB "
         f"({c['plan_over_measured']:.3f}x)" if "error" not in c else f"{n}: {c['error']}"
         for n, c in res["cases"].items()]
+    c = res.get("choice") or {}
+    res["headline"].append(f"choice (evaluation, bf16): plan {c['plan'] / 2**30:.3f} GiB, measured "
+                           f"{c['measured'] / 2**30:.3f} GiB ({c['plan_over_measured']:.3f}x)" if "plan" in c
+                           else f"choice: {c.get('error')}")
     print("\n".join(res["headline"]), flush=True)
     print(json.dumps({n: c.get("plan_over_measured") for n, c in res["cases"].items()}), flush=True)
 

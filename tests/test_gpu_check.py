@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["a_cuda_tests", "b_expert_lora", "c_federated_olmoe", "d_bf16_step", "e_quantized_base", "f_memory_plan"]
 # at most 8 files come back from the GPU machine's $OUT: the step files travel in summary.json and the tarball
@@ -60,4 +62,6 @@ def test_gpu_check_dry_run_succeeds_in_every_step(tmp_path):
     f = results["f_memory_plan"]  # the plan against train_local's tensors, every case within the tolerance
     assert set(f["cases"]) == {"bf16", "nf4", "fp32-autocast", "bf16-checkpointed"}
     assert all(1 - f["tolerance"] <= c["plan_over_measured"] <= 1 + f["over_tolerance"] for c in f["cases"].values())
+    # and the option-scoring pass against the evaluator's tensors (on the CPU the same count: within 1%)
+    assert f["choice"]["plan_over_measured"] == pytest.approx(1.0, abs=0.01) and f["choice"]["measured"] > 0
     assert "all steps succeeded" in (tmp_path / "summary.txt").read_text()
