@@ -500,3 +500,19 @@ def test_a_store_written_while_the_ledger_is_read_is_not_taken_for_an_unrecorded
     monkeypatch.setattr(PrivacyLedger, "_read", the_other_process_trains_meanwhile)
     PrivacyLedger(tmp_path).check(budget, 1.0)
     assert [r["run_id"] for r in PrivacyLedger(tmp_path).releases()] == ["run-a", "run-b"]
+
+
+def test_a_release_accounts_for_its_own_clients_store_only(tmp_path):
+    """A release is matched to a store by run, client and round: client 0's release of round 1 does not account for
+    client 1's store of the same run and round (two clients sharing a state-dir), nor for round 2's."""
+    (tmp_path / LEDGER).write_text(json.dumps({"releases": [{"run_id": "run-a", "client": 0, "round": 1,
+                                                             "noise_multiplier": 1.0}]}))
+    (tmp_path / "run-a" / "client-0").mkdir(parents=True)
+    (tmp_path / "run-a" / "client-0" / "private-r00001.pt").write_bytes(b"x")
+    assert len(PrivacyLedger(tmp_path).releases()) == 1
+    for store in ("client-1/private-r00001.pt", "client-0/private-r00002.pt"):
+        (tmp_path / "run-a" / store).parent.mkdir(exist_ok=True)
+        (tmp_path / "run-a" / store).write_bytes(b"x")
+        with pytest.raises(BudgetRefusal, match=rf"records no release for 1 store\(s\) .*run-a/{store}"):
+            PrivacyLedger(tmp_path).releases()
+        (tmp_path / "run-a" / store).unlink()
