@@ -99,7 +99,7 @@ def measure_choice(cfg, dev: common.Device) -> int:
 
     mm = load_client_model(cfg, get_method(cfg.algorithm.name))
     mm.model.eval()
-    options = option_ids(load_tokenizer(cfg.model.tokenizer), answer_options(cfg)[0])
+    options = option_ids(load_tokenizer(cfg.model.tokenizer or cfg.model.name), answer_options(cfg)[0])
     B, P = cfg.eval.batch_size, cfg.data.max_length - max(len(o) for o in options)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, mm.config.vocab_size, (P,), generator=g).tolist() for _ in range(B)]

@@ -15,36 +15,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+from gpu_common import Device  # noqa: E402
+from gpu_plan import measure_choice  # noqa: E402
 
-from fedmoe.algorithms import get_method  # noqa: E402
 from fedmoe.config import load_config  # noqa: E402
-from fedmoe.data.prepare import answer_options  # noqa: E402
-from fedmoe.data.tokenize import option_ids  # noqa: E402
-from fedmoe.eval.choice import option_logprobs  # noqa: E402
-from fedmoe.moe.model import load_tokenizer  # noqa: E402
-from fedmoe.plan import _LiveBytes, _planned_model, choice_shape, memory_plan  # noqa: E402
+from fedmoe.plan import choice_shape, memory_plan  # noqa: E402
 
 CHOICE = ["eval.task=choice", "data.field_map={label: category}"]
 MODELS = ["allenai--OLMoE-1B-7B-0924", "mistralai--Mixtral-8x7B-v0.1", "Qwen--Qwen3-30B-A3B"]
 
 
 def tiny(L: int, B: int) -> float:
-    """plan / real of the option scoring, tiny OLMoE, prompts of L minus the longest option, batch B."""
+    """plan / real of the option scoring, tiny OLMoE, prompts of L minus the longest option, batch B (the real pass:
+    gpu_check step f's measurement, on the CPU every tensor counted)."""
     cfg = load_config(None, ["model.name=builtin:tiny-olmoe", f"data.max_length={L}", f"eval.batch_size={B}", *CHOICE])
     (plan,) = memory_plan(cfg)
-    mm, config = _planned_model(cfg, get_method("fedit"), plan.k)
-    mm.model.eval()
-    options = option_ids(load_tokenizer(cfg.model.name), answer_options(cfg)[0])
-    P = L - max(len(o) for o in options)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(5, config.vocab_size, (P,), generator=g).tolist() for _ in range(B)]
-    live = _LiveBytes()
-    live.exclude([*mm.model.parameters(), *mm.model.buffers()])
-    with torch.no_grad(), live:
-        option_logprobs(mm.model, prompts, [options] * B, B, "cpu")
-    return plan.passes["choice"] / live.peak
+    return plan.passes["choice"] / measure_choice(cfg, Device("cpu"))
 
 
 def main() -> None:
