@@ -15,7 +15,10 @@ How it is computed (``option_logprobs``): the prompts are batched longest first 
 one forward pass over the prompts gives every option's first token; when some option has more
 tokens, the prompt's key/value cache is reused for the rest (each option's remaining tokens as a
 row that attends to its prompt, positions continuing from the prompt's length), so a prompt is
-encoded once, not once per option. A model without the Hugging Face ``model`` + ``lm_head``
+encoded once, not once per option. Those rows go through at most as many at a time as the batch has
+prompts, each pass over its own copy of its rows' caches: the memory of the option scoring is then about
+twice the prompts' cache whatever the number of options (all rows at once held a copy per option: with
+8 options, 2.7 times the test loss's pass on OLMoE-1B-7B at 512 tokens). A model without the Hugging Face ``model`` + ``lm_head``
 structure is scored the plain way, one full sequence per (prompt, option) pair
 (``reference=True`` forces that path: the tests compare the two), and so are options of more than one
 token on a hybrid model (linear attention: Qwen3-Next, Qwen3.5; short convolutions: LFM2-MoE), whose recurrent
@@ -24,6 +27,7 @@ state cannot be continued from a right-padded prompt.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -93,33 +97,56 @@ def cached_batch(model, prompts, options, device, pad_id) -> list[torch.Tensor]:
     scores = [first[b, torch.tensor([o[0] for o in opts])].double() for b, opts in enumerate(options)]
     if not longer:
         return scores
-    # the rest of every option with more than one token: one row each, over its prompt's cache
+    # the rest of every option with more than one token: one row each, over its prompt's cache, at most a batch's
+    # number of rows at a time (all at once held a copy of the cache per option: 9 prompts' worth with 8 options)
     owner = [(b, j) for b, opts in enumerate(options) for j, o in enumerate(opts) if len(o) > 1]
-    width = max(len(options[b][j]) - 1 for b, j in owner)
-    cont = torch.full((len(owner), width), pad_id, dtype=torch.long)
-    cont_mask = torch.zeros((len(owner), width), dtype=torch.long)
-    targets = torch.zeros((len(owner), width), dtype=torch.long)
-    for r, (b, j) in enumerate(owner):
-        o = options[b][j]
-        cont[r, : len(o) - 1] = torch.tensor(o[:-1], dtype=torch.long)
-        targets[r, : len(o) - 1] = torch.tensor(o[1:], dtype=torch.long)
-        cont_mask[r, : len(o) - 1] = 1
-    which = torch.tensor([b for b, _ in owner], dtype=torch.long)
     # transformers 5.24 renamed the key/value cache `cache` (output field and forward argument; the old
     # name warns and goes in 5.40); 5.23 knows only `past_key_values`
     cache_name = "cache" if "cache" in getattr(out, "__dataclass_fields__", {}) else "past_key_values"
     cache = getattr(out, cache_name)
-    cache.batch_select_indices(which.to(device))
+    step = len(prompts)
+    for lo in range(0, len(owner), step):
+        part = owner[lo : lo + step]
+        rest = _continue(model, cache, cache_name, [options[b][j] for b, j in part], [b for b, _ in part],
+                         attention_mask, lengths, device, pad_id)
+        for r, (b, j) in enumerate(part):
+            scores[b][j] += rest[r]
+    return scores
+
+
+def _rows_of(cache, rows: torch.Tensor):
+    """A cache of ``rows`` of ``cache``, which is left as it is: each layer a shallow copy whose key/value tensors
+    are selected (selection makes new tensors, and the continuation appends to the copy's by concatenation)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # a cache kept some other way
+        sub = copy.deepcopy(cache)
+    else:
+        sub = copy.copy(cache)
+        sub.layers = [copy.copy(layer) for layer in layers]
+    sub.batch_select_indices(rows)
+    return sub
+
+
+def _continue(model, cache, cache_name, rests, which, attention_mask, lengths, device, pad_id) -> torch.Tensor:
+    """Σ_j≥1 log P(o_j | p, o_<j) of each option in ``rests`` (each of more than one token), the row of prompt
+    ``which[r]`` of ``cache`` continued by the option's tokens but its last."""
+    width = max(len(o) - 1 for o in rests)
+    cont = torch.full((len(rests), width), pad_id, dtype=torch.long)
+    cont_mask = torch.zeros((len(rests), width), dtype=torch.long)
+    targets = torch.zeros((len(rests), width), dtype=torch.long)
+    for r, o in enumerate(rests):
+        cont[r, : len(o) - 1] = torch.tensor(o[:-1], dtype=torch.long)
+        targets[r, : len(o) - 1] = torch.tensor(o[1:], dtype=torch.long)
+        cont_mask[r, : len(o) - 1] = 1
+    which = torch.tensor(which, dtype=torch.long)
+    sub = _rows_of(cache, which.to(device))
     mask = torch.cat([attention_mask[which.to(device)], cont_mask.to(device)], dim=1)
     position_ids = lengths[which][:, None] + torch.arange(width)[None, :]
     hidden = model.model(input_ids=cont.to(device), attention_mask=mask, position_ids=position_ids.to(device),
-                         use_cache=True, **{cache_name: cache}).last_hidden_state
+                         use_cache=True, **{cache_name: sub}).last_hidden_state
     logp = F.log_softmax(lm_logits(model, hidden).float(), dim=-1)  # (R, T, V)
     picked = logp.gather(-1, targets.to(device)[..., None]).squeeze(-1) * cont_mask.to(device)
-    rest = picked.sum(dim=1).double().cpu()
-    for r, (b, j) in enumerate(owner):
-        scores[b][j] += rest[r]
-    return scores
+    return picked.sum(dim=1).double().cpu()
 
 
 def _reference_batch(model, prompts, options, device, pad_id) -> list[torch.Tensor]:
