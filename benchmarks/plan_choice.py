@@ -53,7 +53,7 @@ def main() -> None:
                                  "data.max_length=512", "eval.batch_size=8", "train.batch_size=4", "lora.rank=8", *CHOICE])
         p = memory_plan(cfg)[0]
         gib = {k: v / 2**30 for k, v in p.passes.items()}
-        print(f"| {name} | {choice_shape(cfg)} | {gib['test loss']:.2f} | {gib['choice']:.2f} | "
+        print(f"| {name} | {tuple(choice_shape(cfg)[:3])} | {gib['test loss']:.2f} | {gib['choice']:.2f} | "
               f"{p.training / 2**30:.1f} |", flush=True)
 
 

@@ -165,3 +165,37 @@ def test_the_option_rows_hold_a_batch_of_caches_whatever_the_number_of_options()
     for a, b in zip(two, eight):
         torch.testing.assert_close(a, b[:2], rtol=0, atol=2e-5)
     assert p8 <= 1.15 * p2, (p8, p2)
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "llama4_text"])
+def test_a_windowed_attention_continues_a_prompt_only_within_its_window(arch, monkeypatch):
+    """gpt-oss's sliding window (every other layer) and Llama-4's chunked attention count their window over the
+    cache's positions, and a right-padded prompt's continuation starts after its padding: past the window an
+    option's tokens saw the wrong keys (the tiny models' window is 4: scores off by 0.16). Where the padded prompt
+    and the longest option pass the window, the pairs are scored as sequences of their own; where they fit it, the
+    prompt-once path is taken; both give each option's score run alone."""
+    import fedmoe.eval.choice as choice
+    from tests.helpers import tiny_hf
+
+    from fedmoe.moe.model import MoEModel
+
+    mm = MoEModel(tiny_hf(arch))
+    assert choice.attention_window(mm.model) == 4
+    calls = []
+    whole = choice._reference_batch
+    monkeypatch.setattr(choice, "_reference_batch", lambda *a: calls.append(len(a[1])) or whole(*a))
+    g = torch.Generator().manual_seed(4)
+    V = mm.config.vocab_size
+    prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (7, 3, 11, 5)]
+    options = [[torch.randint(3, V, (n,), generator=g).tolist() for n in lens]
+               for lens in ([1, 2, 4], [3, 1], [2, 2, 1], [4])]
+    _assert_alone(mm, prompts, options, option_logprobs(mm, prompts, options, batch_size=4))
+    assert calls == [4]  # 11 + 4 - 1 > 4: the pairs alone
+    short = [p[:2] for p in prompts[:3]]
+    fits = [[o[:3] for o in opts] for opts in options[:3]]  # 2 + 3 - 1 <= 4
+    _assert_alone(mm, short, fits, option_logprobs(mm, short, fits, batch_size=3))
+    assert calls == [4]  # the prompt-once path
+    over = [prompts[0][:3], prompts[1][:2]]  # 3 + 3 - 1 > 4, by one: the shorter prompt's first token out of sight
+    three = [[options[0][2][:3]], [options[1][0]]]
+    _assert_alone(mm, over, three, option_logprobs(mm, over, three, batch_size=2))
+    assert calls == [4, 2]

@@ -237,7 +237,9 @@ def test_the_plan_scores_a_hybrid_models_options_as_the_evaluator_does(tmp_path)
     """A hybrid model scores options of more than one token (every option: it ends with eos) as whole sequences, so
     the plan's option scoring must too: it ran the prompt-once path, which a convolution's cache cannot take, and
     `fedmoe plan` (and a GPU run's check) ended in an AttributeError. Planned on fake tensors, the evaluator's own
-    option_logprobs is within 1% of the same on real tensors, here eight times the test loss's pass."""
+    option_logprobs is within 1% of the same on real tensors (a label task: its options as they are). It was eight
+    times the test loss's pass here (every pair at once, logits at every position); a batch of pairs at a time with
+    the logits where an option's tokens are predicted, it is below it."""
     from fedmoe.algorithms import get_method
     from fedmoe.config import load_config
     from fedmoe.data.prepare import answer_options
@@ -262,4 +264,4 @@ def test_the_plan_scores_a_hybrid_models_options_as_the_evaluator_does(tmp_path)
     with torch.no_grad(), live:
         option_logprobs(mm.model, prompts, [options] * B, B, "cpu")
     assert abs(plan.passes["choice"] - live.peak) <= 0.01 * live.peak, (plan.passes, live.peak)
-    assert plan.passes["choice"] > 4 * plan.passes["test loss"]
+    assert plan.passes["choice"] < plan.passes["test loss"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch.utils import _pytree as pytree
@@ -256,17 +257,18 @@ def _evaluation_passes(cfg, config) -> dict:
     def choice(model, live):
         # the evaluator's own scoring (eval.choice.option_logprobs) of one batch: eval.batch_size prompts of
         # data.max_length minus the longest option of their client (at most L minus the shortest of the examples'
-        # longest options), each example with the most options, each option the longest (an upper bound, exact for a
-        # label task: one option list). Its prompt-once path: one forward with the key/value cache, the cache copied
-        # for each (prompt, option) row (every option ends with eos: each has a row), the options' tokens over it
-        # with their logits; a hybrid model's (linear attention, short convolutions): every (prompt, option) pair as
-        # a sequence of its own, logits at every position
+        # longest options), each example with a label task's options as they are, else the most options, each the
+        # longest (an upper bound). Its prompt-once path: one forward with the key/value cache, then a batch of
+        # (prompt, option) rows at a time (every option ends with eos: each has a row), each over a copy of its
+        # prompt's cache, the options' tokens with their logits; a hybrid model's (linear attention, short
+        # convolutions), and a windowed attention's past its window: a batch of (prompt, option) pairs at a time as
+        # sequences of their own, the logits where an option's tokens are predicted
         from .eval.choice import option_logprobs
 
-        n, longest, least = shape
-        prompts = [[1] * max(1, L - least)] * B
+        options = [[1] * n for n in shape.lengths] if shape.lengths else [[1] * shape.longest] * shape.options
+        prompts = [[1] * max(1, L - shape.least)] * B
         with live:
-            option_logprobs(model, prompts, [[[1] * longest] * n] * B, B, next(model.parameters()).device, 0)
+            option_logprobs(model, prompts, [options] * B, B, next(model.parameters()).device, 0)
         return live.peak
 
     passes = {"test loss": test_loss}
@@ -280,14 +282,24 @@ def _evaluation_passes(cfg, config) -> dict:
     return passes
 
 
-_CHOICE_SHAPES: dict[str, tuple[int, int, int] | None] = {}
+_CHOICE_SHAPES: dict[str, ChoiceShape | None] = {}
 
 
-def choice_shape(cfg) -> tuple[int, int, int] | None:
-    """(the most options an example has, the longest option in tokens with its eos, the shortest of the examples'
-    longest options: a client's prompts are cut to data.max_length minus its longest option) of a choice task, from
-    its label set or its examples' options (:func:`fedmoe.data.prepare.answer_options`) and the run's tokenizer;
-    None without options. Once per data, tokenizer and seed."""
+class ChoiceShape(NamedTuple):
+    """What a choice task's option scoring is planned at (:func:`choice_shape`)."""
+
+    options: int  # the most options an example has
+    longest: int  # the longest option in tokens, with its eos
+    least: int  # the shortest of the examples' longest options (a client's prompts are cut to data.max_length minus
+    # its longest)
+    lengths: tuple[int, ...] | None  # each option's tokens where every example has the same options (a label set),
+    # else None: the plan then takes each of ``options`` at ``longest``
+
+
+def choice_shape(cfg) -> ChoiceShape | None:
+    """The shape of a choice task's options (:class:`ChoiceShape`), from its label set or its examples' options
+    (:func:`fedmoe.data.prepare.answer_options`) and the run's tokenizer; None without options. Once per data,
+    tokenizer and seed."""
     import json
 
     d = cfg.data
@@ -304,7 +316,9 @@ def choice_shape(cfg) -> tuple[int, int, int] | None:
             texts = list(dict.fromkeys(o for opts in lists for o in opts))
             size = {t: len(ids) for t, ids in zip(texts, option_ids(tok, texts))}
             tops = [max(size[o] for o in opts) for opts in lists]
-            shape = (max(len(opts) for opts in lists), max(tops), min(tops))
+            same = all(list(opts) == list(lists[0]) for opts in lists)
+            shape = ChoiceShape(max(len(opts) for opts in lists), max(tops), min(tops),
+                                tuple(size[o] for o in lists[0]) if same else None)
         _CHOICE_SHAPES[key] = shape
     return _CHOICE_SHAPES[key]
 
@@ -507,9 +521,9 @@ def format_plan(cfg, plans: list[LevelPlan], what: str | None = None, available:
 
         shapes["MMLU"] = shapes["MMLU"].format(run_prompt_limit(load_model_config(cfg.model.name), L))
     if "choice" in plans[0].passes:
-        n, longest, least = choice_shape(cfg)
-        shapes["choice"] = (f"the scoring of {n} options of up to {longest} tokens after prompts of up to "
-                            f"{max(1, L - least)} (their key/value cache copied for each option)")
+        shape = choice_shape(cfg)
+        shapes["choice"] = (f"the scoring of {shape.options} options of up to {shape.longest} tokens after prompts of "
+                            f"up to {max(1, L - shape.least)} (a batch of option rows at a time)")
     passes = [shapes[name] for name in plans[0].passes]
     largest = {p.largest_pass for p in plans}
     lines.append(f"training: the columns before it summed; evaluation: weights, adapters and the largest of "

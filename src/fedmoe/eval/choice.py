@@ -72,6 +72,23 @@ def _recurrent(model) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) in HYBRID_ARCHITECTURES
 
 
+def attention_window(model) -> int | None:
+    """The fewest positions an attention layer of the model sees (a sliding window: gpt-oss's 128 every other layer;
+    Llama-4's chunks of 8,192), or None where every layer sees all before it. Read from the config as transformers'
+    cache reads it (``layer_types``, else ``sliding_window`` / ``attention_chunk_size``)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    sliding, chunk = getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None)
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        types = ["sliding_attention" if sliding is not None else "chunked_attention" if chunk is not None else "full"]
+    sizes = [sliding if t in ("sliding_attention", "hybrid_sliding") else chunk if t == "chunked_attention" else None
+             for t in types]
+    sizes = [int(x) for x in sizes if x]
+    return min(sizes) if sizes else None
+
+
 def _check(prompts, options) -> None:
     if len(prompts) != len(options):
         raise ValueError(f"option_logprobs: {len(prompts)} prompts but {len(options)} option lists")
@@ -150,21 +167,32 @@ def _continue(model, cache, cache_name, rests, which, attention_mask, lengths, d
 
 
 def _reference_batch(model, prompts, options, device, pad_id) -> list[torch.Tensor]:
-    """One batch the plain way: every (prompt, option) pair as its own full sequence."""
-    seqs, owner = [], []
-    for b, (p, opts) in enumerate(zip(prompts, options)):
-        for j, o in enumerate(opts):
-            seqs.append(list(p) + list(o))
-            owner.append((b, j, len(p), len(o)))
-    input_ids, attention_mask, _ = right_pad(seqs, pad_id)
-    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    logp = F.log_softmax(logits.float(), dim=-1).cpu()
+    """One batch the plain way: every (prompt, option) pair as its own full sequence, as many at a time as the batch
+    has prompts, the logits taken only where an option's tokens are predicted (on a model with the ``model`` +
+    ``lm_head`` structure; another's forward gives them at every position, of which those are read)."""
+    pairs = [(b, j) for b, opts in enumerate(options) for j in range(len(opts))]
     scores = [torch.zeros(len(opts), dtype=torch.float64) for opts in options]
-    for r, (b, j, n_p, n_o) in enumerate(owner):
-        toks = torch.tensor(seqs[r][n_p : n_p + n_o], dtype=torch.long)
-        pos = torch.arange(n_p - 1, n_p - 1 + n_o)
-        scores[b][j] = logp[r, pos, toks].double().sum()  # (no float(): the memory plan runs this on fake tensors)
+    structured = _structured(model)
+    step = len(prompts)
+    for lo in range(0, len(pairs), step):
+        part = pairs[lo : lo + step]
+        input_ids, attention_mask, _ = right_pad([list(prompts[b]) + list(options[b][j]) for b, j in part], pad_id)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        # (row, position, token) of every option token: the position before it predicts it
+        rows = torch.tensor([r for r, (b, j) in enumerate(part) for _ in options[b][j]], dtype=torch.long)
+        pos = torch.tensor([len(prompts[b]) - 1 + t for b, j in part for t in range(len(options[b][j]))],
+                           dtype=torch.long)
+        toks = torch.tensor([t for b, j in part for t in options[b][j]], dtype=torch.long)
+        if structured:
+            hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            logits = lm_logits(model, hidden[rows.to(device), pos.to(device)])  # (option tokens, V)
+        else:
+            out = model(input_ids=input_ids, attention_mask=attention_mask)
+            logits = (out.logits if hasattr(out, "logits") else out[0])[rows.to(device), pos.to(device)]
+        picked = F.log_softmax(logits.float(), dim=-1).gather(-1, toks.to(device)[:, None]).squeeze(-1)
+        per = torch.zeros(len(part), dtype=torch.float64).index_add_(0, rows, picked.double().cpu())
+        for r, (b, j) in enumerate(part):
+            scores[b][j] = per[r]  # (no float(): the memory plan runs this on fake tensors)
     return scores
 
 
@@ -181,10 +209,15 @@ def option_logprobs(model, prompts: Sequence[Sequence[int]], options: Sequence[S
         device = next(model.parameters()).device
     plain = reference or not _structured(model)
     recurrent = _recurrent(model)
+    window = attention_window(model)
 
     def score(model, prompts, options, device, pad_id):
-        # a recurrent model continues no prompt: one-token options (MMLU's letters) still take the one forward
-        if plain or (recurrent and any(len(o) > 1 for opts in options for o in opts)):
+        longest = max(len(o) for opts in options for o in opts)
+        # a recurrent model continues no prompt, and a windowed layer continues a right-padded prompt only while the
+        # padded prompt and the option fit its window (past it the window is counted over the padding): one-token
+        # options (MMLU's letters) still take the one forward
+        if plain or (longest > 1 and (recurrent or (window is not None
+                                                    and max(len(p) for p in prompts) + longest - 1 > window))):
             return _reference_batch(model, prompts, options, device, pad_id)
         return cached_batch(model, prompts, options, device, pad_id)
     out: list[torch.Tensor | None] = [None] * len(prompts)
