@@ -16,13 +16,17 @@ one forward pass over the prompts gives every option's first token; when some op
 tokens, the prompt's key/value cache is reused for the rest (each option's remaining tokens as a
 row that attends to its prompt, positions continuing from the prompt's length), so a prompt is
 encoded once, not once per option. Those rows go through at most as many at a time as the batch has
-prompts, each pass over its own copy of its rows' caches: the memory of the option scoring is then about
-twice the prompts' cache whatever the number of options (all rows at once held a copy per option: with
-8 options, 2.7 times the test loss's pass on OLMoE-1B-7B at 512 tokens). A model without the Hugging Face ``model`` + ``lm_head``
-structure is scored the plain way, one full sequence per (prompt, option) pair
-(``reference=True`` forces that path: the tests compare the two), and so are options of more than one
-token on a hybrid model (linear attention: Qwen3-Next, Qwen3.5; short convolutions: LFM2-MoE), whose recurrent
-state cannot be continued from a right-padded prompt.
+prompts, each pass over its own copy of its rows' caches: the option scoring holds about two batches
+of prompt caches whatever the number of options (all rows at once held a copy per option: with 8
+options, 2.7 times the test loss's pass on OLMoE-1B-7B at 512 tokens).
+
+A model without the Hugging Face ``model`` + ``lm_head`` structure is scored the plain way, one full
+sequence per (prompt, option) pair (``reference=True`` forces that path: the tests compare the two),
+and so are options of more than one token on a hybrid model (linear attention: Qwen3-Next, Qwen3.5;
+short convolutions: LFM2-MoE), whose recurrent state cannot be continued from a right-padded prompt,
+and on a windowed attention (gpt-oss's sliding window, Llama-4's chunks) where the padded prompt and
+the option pass its window, which counts positions over the cache, padding included. That path too
+goes a batch of pairs at a time, the logits taken only where an option's tokens are predicted.
 """
 
 from __future__ import annotations
