@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fedmoe.eval.choice import choose, confusion_matrix, option_logprobs
+from fedmoe.moe.arch import HYBRID_ARCHITECTURES, SUPPORTED_ARCHITECTURES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,11 +59,12 @@ def test_confusion_matrix_counts():
     assert sum(m[i][i] for i in range(3)) == 4
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("arch", [a for a in SUPPORTED_ARCHITECTURES if a not in HYBRID_ARCHITECTURES])
 def test_cached_path_equals_one_sequence_per_option(arch):
     """Prompts of different lengths in one batch (right padding), options of 1-4 tokens and a
     different number of options per example: the prompt-once path equals scoring every
-    (prompt, option) pair as its own sequence."""
+    (prompt, option) pair as its own sequence, on every family but the hybrids (their own test below; on two
+    families, olmoe and qwen2_moe, this test missed gpt-oss's and Llama-4's windows, 0.16 nat off)."""
     from tests.helpers import tiny_hf
 
     from fedmoe.moe.model import MoEModel
