@@ -7,6 +7,7 @@ neither a result nor a failure. The messages are those an in-process run sends, 
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -423,8 +424,22 @@ def test_a_ledger_lacking_the_releases_of_stores_beside_it_stops_training_until_
     assert out.exit_code == 0, out.output
     assert "1 store(s) without a recorded release accepted" in out.output and str(store) in out.output
     assert "1 release(s)" in out.output and "1 store(s) of rounds accepted without a recorded release" in out.output
-    assert json.loads(ledger.read_text())["accepted_stores"] == ["run-a/client-0/private-r00002.pt"]
+    st = store.stat()
+    assert json.loads(ledger.read_text())["accepted_stores"] == [
+        {"path": "run-a/client-0/private-r00002.pt", "size": st.st_size, "mtime_ns": st.st_mtime_ns}]
     _ask(cache, cfg, node, "train", sent[(3, 0)])
+    assert [r["round"] for r in PrivacyLedger(tmp_path / "state").releases()] == [1, 3]
+    # an accepted store written anew at its path (a round trained again there without the budget) is not the one
+    # accepted: the ledger keeps each accepted store's size and modification time, and refuses again
+    kept = store.read_bytes()
+    store.write_bytes(kept + b"\0")
+    with pytest.raises(BudgetRefusal, match=r"1 store\(s\) .*1 of them accepted before and written anew since"):
+        PrivacyLedger(tmp_path / "state").releases()
+    store.write_bytes(kept)  # the same size, a later time
+    os.utime(store, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    with pytest.raises(BudgetRefusal, match="written anew since"):
+        PrivacyLedger(tmp_path / "state").releases()
+    os.utime(store, ns=(st.st_atime_ns, st.st_mtime_ns))  # as it was accepted (a restore that keeps times)
     assert [r["round"] for r in PrivacyLedger(tmp_path / "state").releases()] == [1, 3]
     again = CliRunner().invoke(app, ["node-privacy", str(tmp_path / "state"), "--accept-stores"])
     assert again.exit_code == 0 and "nothing to accept" in again.output
@@ -446,10 +461,15 @@ def test_a_ledger_lacking_the_releases_of_stores_beside_it_stops_training_until_
     started = CliRunner().invoke(app, ["node-privacy", str(fresh), "--start"])
     assert started.exit_code == 0 and "1 store(s) of rounds accepted" in started.output
     assert PrivacyLedger(fresh).releases() == []
-    # what is not a list of names is a damaged ledger
-    (fresh / LEDGER).write_text('{"releases": [], "accepted_stores": "run-a/client-0/private-r00004.pt"}')
-    with pytest.raises(BudgetRefusal, match="cannot be read .*accepted_stores is not a list"):
-        PrivacyLedger(fresh).releases()
+    # an entry of a path alone (as --start and --accept-stores wrote them first) accepts the store whatever it holds
+    (fresh / LEDGER).write_text('{"releases": [], "accepted_stores": ["run-a/client-0/private-r00004.pt"]}')
+    assert PrivacyLedger(fresh).releases() == []
+    # what is not a list of stores is a damaged ledger
+    for bad in ['"run-a/client-0/private-r00004.pt"', '[{"path": "run-a/client-0/private-r00004.pt"}]',
+                '[{"path": "run-a/client-0/private-r00004.pt", "size": true, "mtime_ns": 1}]']:
+        (fresh / LEDGER).write_text('{"releases": [], "accepted_stores": ' + bad + "}")
+        with pytest.raises(BudgetRefusal, match="cannot be read .*accepted_stores is not a list of stores"):
+            PrivacyLedger(fresh).releases()
 
 
 @pytest.mark.parametrize("release", [{"client": [0]}, {"round": {"r": 1}}, {"run_id": ["abc"]}, {"client": True}])

@@ -107,6 +107,14 @@ def _recordable(v) -> bool:
     return is_number(v) and 0 <= v <= MAX_RECORDED
 
 
+def _is_stamp(a) -> bool:
+    """An accepted store as a ledger writes it: {"path": name, "size": bytes, "mtime_ns": time}."""
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    return isinstance(a, dict) and isinstance(a.get("path"), str) and whole(a.get("size")) and whole(a.get("mtime_ns"))
+
+
 class PrivacyLedger:
     """The releases of one node (its state-dir): each locally privatised update it sent, with the noise
     multiplier of its Gaussian mechanism (σ/2: sensitivity 2C, noise σC)."""
@@ -127,6 +135,28 @@ class PrivacyLedger:
     def _relative(self, store: Path) -> str:
         return store.relative_to(self.path.parent).as_posix()
 
+    def _stamp(self, store: Path) -> dict:
+        """What the ledger keeps of a store it accepts: its path in the state-dir, size and modification time (a store
+        written anew at that path later, by a round trained without the budget, is then not taken for it)."""
+        st = store.stat()
+        return {"path": self._relative(store), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    @staticmethod
+    def _accepted(data: dict) -> dict[str, dict | None]:
+        """The ledger's accepted stores, by path: each its stamp, or None for an entry of a path alone (as the
+        ledgers of 2026-12-07 morning wrote them: accepted whatever the file holds now)."""
+        return {a if isinstance(a, str) else a["path"]: None if isinstance(a, str) else a
+                for a in data.get("accepted_stores", [])}
+
+    def _still_accepted(self, store: Path, stamp: dict | None) -> bool:
+        if stamp is None:
+            return True
+        try:
+            st = store.stat()
+        except FileNotFoundError:  # removed since it was listed: nothing of it to account for
+            return True
+        return (st.st_size, st.st_mtime_ns) == (stamp["size"], stamp["mtime_ns"])
+
     def start(self) -> bool:
         """Start an empty ledger where there is none (the operator's word that what the data spent before is
         accounted for elsewhere, or is to be ignored: the trained stores already there are listed in it as
@@ -141,7 +171,7 @@ class PrivacyLedger:
             try:
                 if self.path.exists():
                     return False
-                accepted = [self._relative(p) for p in self.trained_stores()]
+                accepted = [self._stamp(p) for p in self.trained_stores()]
                 atomic_write_text(self.path, json.dumps({"releases": [], "accepted_stores": accepted}, indent=1))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
@@ -155,12 +185,13 @@ class PrivacyLedger:
         in any later read, while one written after the read (another process of the node recording a release in
         between) would have none."""
         recorded = {(str(r.get("run_id")), r.get("client"), r.get("round")) for r in data["releases"]}
-        accepted = set(data.get("accepted_stores", []))
+        accepted = self._accepted(data)
         out = []
         for p in self.trained_stores() if stores is None else stores:
             run_id, client = p.parent.parent.name, p.parent.name[len("client-"):]
             key = (run_id, int(client) if re.fullmatch(r"[0-9]+", client) else client, int(p.stem[len("private-r"):]))
-            if key not in recorded and self._relative(p) not in accepted:
+            rel = self._relative(p)
+            if key not in recorded and not (rel in accepted and self._still_accepted(p, accepted[rel])):
                 out.append(p)
         return out
 
@@ -181,8 +212,8 @@ class PrivacyLedger:
                         raise ValueError(f"a release whose {k} is {json.dumps(r[k])[:40]}, not a "
                                          f"{'name' if k == 'run_id' else 'whole number'}")
             accepted = data.get("accepted_stores", [])
-            if not isinstance(accepted, list) or not all(isinstance(a, str) for a in accepted):
-                raise ValueError("accepted_stores is not a list of store paths")
+            if not isinstance(accepted, list) or not all(isinstance(a, str) or _is_stamp(a) for a in accepted):
+                raise ValueError("accepted_stores is not a list of stores (each a path, size and mtime_ns)")
         except (OSError, ValueError, KeyError, TypeError, OverflowError) as e:
             raise BudgetRefusal(f"this node's privacy ledger {self.path} cannot be read ({type(e).__name__}: {e}); "
                                 "it trains no more until the ledger is mended or restored from a backup — never "
@@ -204,8 +235,11 @@ class PrivacyLedger:
             try:
                 data = self._read()
                 new = self.unrecorded_stores(data)
-                if new:
-                    data["accepted_stores"] = [*data.get("accepted_stores", []), *map(self._relative, new)]
+                if new:  # (a store accepted before and written anew since: its entry replaced)
+                    stamps = [self._stamp(p) for p in new]
+                    again = {st["path"] for st in stamps}
+                    data["accepted_stores"] = [a for a in data.get("accepted_stores", [])
+                                               if (a if isinstance(a, str) else a["path"]) not in again] + stamps
                     atomic_write_text(self.path, json.dumps(data, indent=1))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
@@ -234,11 +268,14 @@ class PrivacyLedger:
         data = self._read()
         missing = self.unrecorded_stores(data, stores)
         if missing:
+            accepted = self._accepted(data)
+            anew = [p for p in missing if self._relative(p) in accepted]
+            said = (f"; {len(anew)} of them accepted before and written anew since (e.g. {anew[0]})" if anew else "")
             raise BudgetRefusal(
                 f"this node's privacy ledger {self.path} records no release for {len(missing)} store(s) of rounds its "
-                f"client trained in (e.g. {missing[0]}): the ledger may be an older copy (restored from a backup?), "
-                "or the node trained without its budget; what its data spent then is not known, so it trains no "
-                "more under a budget. Restore the newest ledger, or accept those rounds knowingly as accounted for "
+                f"client trained in (e.g. {missing[0]}{said}): the ledger may be an older copy (restored from a "
+                "backup?), or the node trained without its budget; what its data spent then is not known, so it trains "
+                "no more under a budget. Restore the newest ledger, or accept those rounds knowingly as accounted for "
                 f"elsewhere: fedmoe node-privacy {shell_quote(self.path.parent)} --accept-stores")
         return data
 
