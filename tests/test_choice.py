@@ -169,20 +169,34 @@ def test_the_option_rows_hold_a_batch_of_caches_whatever_the_number_of_options()
     assert p8 <= 1.15 * p2, (p8, p2)
 
 
-@pytest.mark.parametrize("arch", ["gpt_oss", "llama4_text"])
-def test_a_windowed_attention_continues_a_prompt_only_within_its_window(arch, monkeypatch):
+@pytest.mark.parametrize("arch, window", [("gpt_oss", 4), ("llama4_text", 3)])
+def test_a_windowed_attention_continues_a_prompt_only_within_its_window(arch, window, monkeypatch):
     """gpt-oss's sliding window (every other layer) and Llama-4's chunked attention count their window over the
     cache's positions, and a right-padded prompt's continuation starts after its padding: past the window an
-    option's tokens saw the wrong keys (the tiny models' window is 4: scores off by 0.16). Where the padded prompt
-    and the longest option pass the window, the pairs are scored as sequences of their own; where they fit it, the
-    prompt-once path is taken; both give each option's score run alone."""
+    option's tokens saw the wrong keys (the tiny models' window is 4: scores off by 0.16). Llama-4's temperature
+    tuning (its layers without RoPE scale a query by log1p(floor((p + 1) / floor_scale))) also takes p from the
+    cache, so its floor_scale − 1 is a window too (here floor_scale 4 below the chunk of 4, and attn_scale 2 so that a
+    wrong p shows; a review finding). Where the padded prompt and the longest option pass the window, the pairs are
+    scored as sequences of their own; where they fit it, the prompt-once path is taken; both give each option's
+    score run alone, with prompts of different lengths in a batch."""
+    from transformers import AutoModelForCausalLM
+
     import fedmoe.eval.choice as choice
-    from tests.helpers import tiny_hf
+    from tests.helpers import random_zero_inits_, tiny_hf
 
     from fedmoe.moe.model import MoEModel
+    from fedmoe.moe.tiny import tiny_config
 
-    mm = MoEModel(tiny_hf(arch))
-    assert choice.attention_window(mm.model) == 4
+    if arch == "llama4_text":
+        config = tiny_config(arch)
+        config.floor_scale, config.attn_scale = 4, 2.0
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_config(config).float()
+        random_zero_inits_(hf)
+    else:
+        hf = tiny_hf(arch)
+    mm = MoEModel(hf)
+    assert choice.attention_window(mm.model) == window
     calls = []
     whole = choice._reference_batch
     monkeypatch.setattr(choice, "_reference_batch", lambda *a: calls.append(len(a[1])) or whole(*a))
@@ -192,12 +206,12 @@ def test_a_windowed_attention_continues_a_prompt_only_within_its_window(arch, mo
     options = [[torch.randint(3, V, (n,), generator=g).tolist() for n in lens]
                for lens in ([1, 2, 4], [3, 1], [2, 2, 1], [4])]
     _assert_alone(mm, prompts, options, option_logprobs(mm, prompts, options, batch_size=4))
-    assert calls == [4]  # 11 + 4 - 1 > 4: the pairs alone
-    short = [p[:2] for p in prompts[:3]]
-    fits = [[o[:3] for o in opts] for opts in options[:3]]  # 2 + 3 - 1 <= 4
+    assert calls == [4]  # 11 + 4 - 1 > window: the pairs alone
+    short = [prompts[0][: window - 1], prompts[1][:1], prompts[2][: window - 1]]
+    fits = [[o[:2] for o in opts] for opts in options[:3]]  # (window - 1) + 2 - 1 <= window
     _assert_alone(mm, short, fits, option_logprobs(mm, short, fits, batch_size=3))
     assert calls == [4]  # the prompt-once path
-    over = [prompts[0][:3], prompts[1][:2]]  # 3 + 3 - 1 > 4, by one: the shorter prompt's first token out of sight
+    over = [prompts[0][: window - 1], prompts[1][: window - 2]]  # (window - 1) + 3 - 1 > window, by one
     three = [[options[0][2][:3]], [options[1][0]]]
     _assert_alone(mm, over, three, option_logprobs(mm, over, three, batch_size=2))
     assert calls == [4, 2]

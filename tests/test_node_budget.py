@@ -441,6 +441,15 @@ def test_a_ledger_lacking_the_releases_of_stores_beside_it_stops_training_until_
         PrivacyLedger(tmp_path / "state").releases()
     os.utime(store, ns=(st.st_atime_ns, st.st_mtime_ns))  # as it was accepted (a restore that keeps times)
     assert [r["round"] for r in PrivacyLedger(tmp_path / "state").releases()] == [1, 3]
+    # the stores are compared as they were listed, before the ledger was read: a store written anew after that (by
+    # another process of the node, which records its release first) is not taken for an unrecorded one
+    state = PrivacyLedger(tmp_path / "state")
+    listed = state._listed()
+    store.write_bytes(kept + b"\0")
+    assert state.unrecorded_stores(json.loads(ledger.read_text()), listed) == []
+    assert state.unrecorded_stores(json.loads(ledger.read_text())) == [store]  # listed now
+    store.write_bytes(kept)
+    os.utime(store, ns=(st.st_atime_ns, st.st_mtime_ns))
     again = CliRunner().invoke(app, ["node-privacy", str(tmp_path / "state"), "--accept-stores"])
     assert again.exit_code == 0 and "nothing to accept" in again.output
 
@@ -458,8 +467,9 @@ def test_a_ledger_lacking_the_releases_of_stores_beside_it_stops_training_until_
     fresh = tmp_path / "fresh"
     (fresh / "run-a" / "client-0").mkdir(parents=True)
     (fresh / "run-a" / "client-0" / "private-r00004.pt").write_bytes(b"")
+    (fresh / "run-a" / "client-0" / "private-r00005.pt").symlink_to(fresh / "gone.pt")  # a link to nothing: no store
     started = CliRunner().invoke(app, ["node-privacy", str(fresh), "--start"])
-    assert started.exit_code == 0 and "1 store(s) of rounds accepted" in started.output
+    assert started.exit_code == 0 and "1 store(s) of rounds accepted" in started.output, started.output
     assert PrivacyLedger(fresh).releases() == []
     # an entry of a path alone (as --start and --accept-stores wrote them first) accepts the store whatever it holds
     (fresh / LEDGER).write_text('{"releases": [], "accepted_stores": ["run-a/client-0/private-r00004.pt"]}')

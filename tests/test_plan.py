@@ -392,7 +392,7 @@ def test_a_choice_tasks_option_scoring_is_planned_against_the_real_pass(tmp_path
     its prompts' key/value cache for every option (each ends with eos, so each has a row) and takes the options'
     logits twice in float32: on OLMoE-1B-7B's shape at eval.batch_size 8 and 512 tokens it was 4.2 GiB against the
     test loss's 1.6 (1.2 since the option rows go a batch at a time). The plan runs the evaluator's own batch
-    (eval.choice.cached_batch) on fake tensors: within 1% of option_logprobs on real tensors, with the label set's
+    (eval.choice.option_logprobs) on fake tensors: within 1% of option_logprobs on real tensors, with the label set's
     options; a per-example options field plans its largest count and longest option."""
     import json
 

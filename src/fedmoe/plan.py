@@ -523,7 +523,7 @@ def format_plan(cfg, plans: list[LevelPlan], what: str | None = None, available:
     if "choice" in plans[0].passes:
         shape = choice_shape(cfg)
         shapes["choice"] = (f"the scoring of {shape.options} options of up to {shape.longest} tokens after prompts of "
-                            f"up to {max(1, L - shape.least)} (a batch of option rows at a time)")
+                            f"up to {max(1, L - shape.least)} (a batch of (prompt, option) rows at a time)")
     passes = [shapes[name] for name in plans[0].passes]
     largest = {p.largest_pass for p in plans}
     lines.append(f"training: the columns before it summed; evaluation: weights, adapters and the largest of "

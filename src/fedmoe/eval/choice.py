@@ -77,9 +77,10 @@ def _recurrent(model) -> bool:
 
 
 def attention_window(model) -> int | None:
-    """The fewest positions an attention layer of the model sees (a sliding window: gpt-oss's 128 every other layer;
-    Llama-4's chunks of 8,192), or None where every layer sees all before it. Read from the config as transformers'
-    cache reads it (``layer_types``, else ``sliding_window`` / ``attention_chunk_size``)."""
+    """The most positions over which an attention layer of the model treats every row alike whatever its padding (a
+    sliding window: gpt-oss's 128 every other layer; Llama-4's chunks of 8,192 and its temperature tuning's
+    floor_scale − 1), or None where every layer sees all before it the same way. Read from the config as
+    transformers' cache reads it (``layer_types``, else ``sliding_window`` / ``attention_chunk_size``)."""
     config = getattr(model, "config", None)
     if config is None:
         return None
@@ -90,6 +91,11 @@ def attention_window(model) -> int | None:
     sizes = [sliding if t in ("sliding_attention", "hybrid_sliding") else chunk if t == "chunked_attention" else None
              for t in types]
     sizes = [int(x) for x in sizes if x]
+    floor = getattr(config, "floor_scale", None)
+    if getattr(config, "attn_temperature_tuning", False) and floor:
+        # Llama-4's layers without RoPE scale a query by log1p(floor((p + 1) / floor_scale)), p counted over the
+        # cache, padding included: the same for every row while p + 1 < floor_scale
+        sizes.append(int(floor) - 1)
     return min(sizes) if sizes else None
 
 

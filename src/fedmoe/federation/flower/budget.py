@@ -125,21 +125,29 @@ class PrivacyLedger:
     def trained_stores(self) -> list[Path]:
         """The private stores in this state-dir of rounds its client trained in (``<run>/client-<N>/private-rR.pt``,
         R ≥ 1): each after an update that left the node."""
+        return [p for p, _ in self._listed()]
+
+    def _listed(self) -> list[tuple[Path, tuple[int, int]]]:
+        """The trained stores, each with its (size, mtime_ns) as it was listed (a link to nothing, or a store
+        removed meanwhile, holds nothing and is none)."""
         found = []
         for p in sorted(self.path.parent.glob("*/client-*/private-r*.pt")):
             digits = p.stem[len("private-r"):]
             if re.fullmatch(r"[0-9]+", digits) and int(digits) >= 1:  # (isdigit() takes "²", which int() refuses)
-                found.append(p)
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                found.append((p, (st.st_size, st.st_mtime_ns)))
         return found
 
     def _relative(self, store: Path) -> str:
         return store.relative_to(self.path.parent).as_posix()
 
-    def _stamp(self, store: Path) -> dict:
+    def _stamp(self, store: Path, stat: tuple[int, int]) -> dict:
         """What the ledger keeps of a store it accepts: its path in the state-dir, size and modification time (a store
         written anew at that path later, by a round trained without the budget, is then not taken for it)."""
-        st = store.stat()
-        return {"path": self._relative(store), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return {"path": self._relative(store), "size": stat[0], "mtime_ns": stat[1]}
 
     @staticmethod
     def _accepted(data: dict) -> dict[str, dict | None]:
@@ -147,15 +155,6 @@ class PrivacyLedger:
         ledgers of 2026-12-07 morning wrote them: accepted whatever the file holds now)."""
         return {a if isinstance(a, str) else a["path"]: None if isinstance(a, str) else a
                 for a in data.get("accepted_stores", [])}
-
-    def _still_accepted(self, store: Path, stamp: dict | None) -> bool:
-        if stamp is None:
-            return True
-        try:
-            st = store.stat()
-        except FileNotFoundError:  # removed since it was listed: nothing of it to account for
-            return True
-        return (st.st_size, st.st_mtime_ns) == (stamp["size"], stamp["mtime_ns"])
 
     def start(self) -> bool:
         """Start an empty ledger where there is none (the operator's word that what the data spent before is
@@ -171,28 +170,35 @@ class PrivacyLedger:
             try:
                 if self.path.exists():
                     return False
-                accepted = [self._stamp(p) for p in self.trained_stores()]
+                accepted = [self._stamp(p, st) for p, st in self._listed()]
                 atomic_write_text(self.path, json.dumps({"releases": [], "accepted_stores": accepted}, indent=1))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         return True
 
-    def unrecorded_stores(self, data: dict, stores: list[Path] | None = None) -> list[Path]:
-        """The trained stores in this state-dir (``stores``, else listed now) that no release of the ledger ``data``
-        accounts for (a release is recorded before its round's store is written, so each store of a round the node
-        trained in under its budget has one) and that the operator did not accept (``--start`` over existing
-        stores, ``--accept-stores``). List the stores before reading the ledger: a store listed first has its release
-        in any later read, while one written after the read (another process of the node recording a release in
-        between) would have none."""
+    def unrecorded_stores(self, data: dict, listed: list[tuple[Path, tuple[int, int]]] | None = None) -> list[Path]:
+        """The trained stores in this state-dir (``listed``, with their size and mtime_ns, else listed now) that no
+        release of the ledger ``data`` accounts for (a release is recorded before its round's store is written, so
+        each store of a round the node trained in under its budget has one) and that the operator did not accept
+        (``--start`` over existing stores, ``--accept-stores``: each accepted as it was then, its size and mtime).
+        List the stores before reading the ledger: a store listed first has its release in any later read, while one
+        written after the read (another process of the node recording a release in between) would have none."""
+        return [p for p, _ in self._unrecorded(data, self._listed() if listed is None else listed)]
+
+    def _unrecorded(self, data: dict, listed) -> list[tuple[Path, tuple[int, int]]]:
         recorded = {(str(r.get("run_id")), r.get("client"), r.get("round")) for r in data["releases"]}
         accepted = self._accepted(data)
         out = []
-        for p in self.trained_stores() if stores is None else stores:
+        for p, st in listed:
             run_id, client = p.parent.parent.name, p.parent.name[len("client-"):]
             key = (run_id, int(client) if re.fullmatch(r"[0-9]+", client) else client, int(p.stem[len("private-r"):]))
+            if key in recorded:
+                continue
             rel = self._relative(p)
-            if key not in recorded and not (rel in accepted and self._still_accepted(p, accepted[rel])):
-                out.append(p)
+            stamp = accepted.get(rel, False)
+            if stamp is None or (stamp and st == (stamp["size"], stamp["mtime_ns"])):
+                continue  # accepted (a path alone: whatever it holds)
+            out.append((p, st))
         return out
 
     def _read(self) -> dict:
@@ -233,17 +239,18 @@ class PrivacyLedger:
         with open(self.path.with_name(LEDGER + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
+                listed = self._listed()
                 data = self._read()
-                new = self.unrecorded_stores(data)
+                new = self._unrecorded(data, listed)
                 if new:  # (a store accepted before and written anew since: its entry replaced)
-                    stamps = [self._stamp(p) for p in new]
+                    stamps = [self._stamp(p, st) for p, st in new]
                     again = {st["path"] for st in stamps}
                     data["accepted_stores"] = [a for a in data.get("accepted_stores", [])
                                                if (a if isinstance(a, str) else a["path"]) not in again] + stamps
                     atomic_write_text(self.path, json.dumps(data, indent=1))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        return new
+        return [p for p, _ in new]
 
     def releases(self) -> list[dict]:
         """The recorded releases. A ledger that cannot be read is an error, never taken for an empty one; so is a
@@ -254,7 +261,8 @@ class PrivacyLedger:
         return self._checked()["releases"]
 
     def _checked(self) -> dict:
-        stores = self.trained_stores()  # before the ledger is read (unrecorded_stores)
+        listed = self._listed()  # before the ledger is read (unrecorded_stores)
+        stores = [p for p, _ in listed]
         if not self.path.exists():
             trained = stores
             if trained:
@@ -266,7 +274,7 @@ class PrivacyLedger:
                     f"{shell_quote(self.path.parent)} --start")
             return {"releases": []}
         data = self._read()
-        missing = self.unrecorded_stores(data, stores)
+        missing = self.unrecorded_stores(data, listed)
         if missing:
             accepted = self._accepted(data)
             anew = [p for p in missing if self._relative(p) in accepted]
