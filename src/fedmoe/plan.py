@@ -15,8 +15,8 @@ the first carries a label (a short prompt leaves the response nearly the whole s
 runs on every labelled position). The evaluation passes are planned too, without gradients: the test loss's
 forward of ``eval.batch_size`` sequences of ``data.max_length`` tokens, whose logits over the vocabulary at
 every position can outgrow a training step at a small batch; greedy generation where ROUGE-L is scored (the
-key/value cache of a prompt and ``eval.max_new_tokens``); a choice task's option scoring (its prompts' key/value
-cache copied for every option, and the options' logits); MMLU's k-shot prompts where it is asked. A level's
+key/value cache of a prompt and ``eval.max_new_tokens``); a choice task's option scoring (the evaluator's own: its
+prompts' key/value cache, a batch of (prompt, option) rows over copies of it, and the options' logits); MMLU's k-shot prompts where it is asked. A level's
 peak is the largest of them all. It does not count the allocator's caching or fragmentation or the CUDA context. ``fedmoe plan CONFIG`` prints it; ``fedmoe run`` checks it against the
 device before loading anything.
 """
