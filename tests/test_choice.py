@@ -169,16 +169,17 @@ def test_the_option_rows_hold_a_batch_of_caches_whatever_the_number_of_options()
     assert p8 <= 1.15 * p2, (p8, p2)
 
 
-@pytest.mark.parametrize("arch, window", [("gpt_oss", 4), ("llama4_text", 3)])
-def test_a_windowed_attention_continues_a_prompt_only_within_its_window(arch, window, monkeypatch):
+@pytest.mark.parametrize("arch, window, past", [("gpt_oss", 4, "left"), ("llama4_text", 3, "whole")])
+def test_a_windowed_attention_continues_a_prompt_only_within_its_window(arch, window, past, monkeypatch):
     """gpt-oss's sliding window (every other layer) and Llama-4's chunked attention count their window over the
     cache's positions, and a right-padded prompt's continuation starts after its padding: past the window an
     option's tokens saw the wrong keys (the tiny models' window is 4: scores off by 0.16). Llama-4's temperature
     tuning (its layers without RoPE scale a query by log1p(floor((p + 1) / floor_scale))) also takes p from the
     cache, so its floor_scale − 1 is a window too (here floor_scale 4 below the chunk of 4, and attn_scale 2 so that a
-    wrong p shows; a review finding). Where the padded prompt and the longest option pass the window, the pairs are
-    scored as sequences of their own; where they fit it, the prompt-once path is taken; both give each option's
-    score run alone, with prompts of different lengths in a batch."""
+    wrong p shows; a review finding). Where the padded prompt and the longest option fit the window, the right-padded
+    prompt-once path is taken; past it, a sliding window takes the prompts padded on the left (every row's distances
+    as alone) and chunks or the temperature the pairs as sequences of their own. Each gives each option's score run
+    alone, with prompts of different lengths in a batch."""
     from transformers import AutoModelForCausalLM
 
     import fedmoe.eval.choice as choice
@@ -198,20 +199,25 @@ def test_a_windowed_attention_continues_a_prompt_only_within_its_window(arch, wi
     mm = MoEModel(hf)
     assert choice.attention_window(mm.model) == window
     calls = []
-    whole = choice._reference_batch
-    monkeypatch.setattr(choice, "_reference_batch", lambda *a: calls.append(len(a[1])) or whole(*a))
+    whole, once = choice._reference_batch, choice.cached_batch
+    monkeypatch.setattr(choice, "_reference_batch", lambda *a: calls.append("whole") or whole(*a))
+    monkeypatch.setattr(choice, "cached_batch",
+                        lambda *a, left=False: calls.append("left" if left else "right") or once(*a, left=left))
     g = torch.Generator().manual_seed(4)
     V = mm.config.vocab_size
     prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (7, 3, 11, 5)]
     options = [[torch.randint(3, V, (n,), generator=g).tolist() for n in lens]
                for lens in ([1, 2, 4], [3, 1], [2, 2, 1], [4])]
     _assert_alone(mm, prompts, options, option_logprobs(mm, prompts, options, batch_size=4))
-    assert calls == [4]  # 11 + 4 - 1 > window: the pairs alone
+    assert calls == [past]  # 11 + 4 - 1 > window
     short = [prompts[0][: window - 1], prompts[1][:1], prompts[2][: window - 1]]
     fits = [[o[:2] for o in opts] for opts in options[:3]]  # (window - 1) + 2 - 1 <= window
     _assert_alone(mm, short, fits, option_logprobs(mm, short, fits, batch_size=3))
-    assert calls == [4]  # the prompt-once path
+    assert calls == [past, "right"]
     over = [prompts[0][: window - 1], prompts[1][: window - 2]]  # (window - 1) + 3 - 1 > window, by one
     three = [[options[0][2][:3]], [options[1][0]]]
     _assert_alone(mm, over, three, option_logprobs(mm, over, three, batch_size=2))
-    assert calls == [4, 2]
+    assert calls == [past, "right", past]
+    letters = [[[5], [6]]] * 4  # one-token options: the prompts' one forward, right-padded, whatever their length
+    _assert_alone(mm, prompts, letters, option_logprobs(mm, prompts, letters, batch_size=4))
+    assert calls == [past, "right", past, "right"]

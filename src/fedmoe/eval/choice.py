@@ -24,9 +24,11 @@ A model without the Hugging Face ``model`` + ``lm_head`` structure is scored the
 sequence per (prompt, option) pair (``reference=True`` forces that path: the tests compare the two),
 and so are options of more than one token on a hybrid model (linear attention: Qwen3-Next, Qwen3.5;
 short convolutions: LFM2-MoE), whose recurrent state cannot be continued from a right-padded prompt,
-and on a windowed attention (gpt-oss's sliding window, Llama-4's chunks) where the padded prompt and
-the option pass its window, which counts positions over the cache, padding included. That path too
-goes a batch of pairs at a time, the logits taken only where an option's tokens are predicted.
+and on Llama-4's chunked attention and temperature tuning where the padded prompt and the option
+pass its window, which counts positions over the cache, padding included. That path too goes a batch
+of pairs at a time, the logits taken only where an option's tokens are predicted. Past a sliding
+window (gpt-oss's 128 tokens every other layer) the prompts are padded on the left instead: every
+row's prompt then ends at the same cache position, and the window sees the tokens it sees alone.
 """
 
 from __future__ import annotations
@@ -81,22 +83,29 @@ def attention_window(model) -> int | None:
     sliding window: gpt-oss's 128 every other layer; Llama-4's chunks of 8,192 and its temperature tuning's
     floor_scale − 1), or None where every layer sees all before it the same way. Read from the config as
     transformers' cache reads it (``layer_types``, else ``sliding_window`` / ``attention_chunk_size``)."""
+    sizes = [x for x in _windows(model) if x is not None]
+    return min(sizes) if sizes else None
+
+
+def _windows(model) -> tuple[int | None, int | None]:
+    """(the smallest sliding window, the smallest other window: chunks, Llama-4's temperature tuning) of
+    :func:`attention_window`. A sliding window sees the same tokens in a left-padded row as in the row alone (the
+    distances are the same); chunks and the temperature count from the sequence's first position."""
     config = getattr(model, "config", None)
     if config is None:
-        return None
+        return None, None
     sliding, chunk = getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None)
     types = getattr(config, "layer_types", None)
     if types is None:
         types = ["sliding_attention" if sliding is not None else "chunked_attention" if chunk is not None else "full"]
-    sizes = [sliding if t in ("sliding_attention", "hybrid_sliding") else chunk if t == "chunked_attention" else None
-             for t in types]
-    sizes = [int(x) for x in sizes if x]
+    slides = [int(sliding) for t in types if t in ("sliding_attention", "hybrid_sliding") and sliding]
+    others = [int(chunk) for t in types if t == "chunked_attention" and chunk]
     floor = getattr(config, "floor_scale", None)
     if getattr(config, "attn_temperature_tuning", False) and floor:
         # Llama-4's layers without RoPE scale a query by log1p(floor((p + 1) / floor_scale)), p counted over the
         # cache, padding included: the same for every row while p + 1 < floor_scale
-        sizes.append(int(floor) - 1)
-    return min(sizes) if sizes else None
+        others.append(int(floor) - 1)
+    return (min(slides) if slides else None), (min(others) if others else None)
 
 
 def _check(prompts, options) -> None:
@@ -112,14 +121,26 @@ def _check(prompts, options) -> None:
                 raise ValueError(f"example {i}, option {j} has no tokens")
 
 
-def cached_batch(model, prompts, options, device, pad_id) -> list[torch.Tensor]:
-    """One batch through the prompt-once path: per example, a float64 tensor of option log-likelihoods."""
-    input_ids, attention_mask, lengths = right_pad(prompts, pad_id)
+def cached_batch(model, prompts, options, device, pad_id, left: bool = False) -> list[torch.Tensor]:
+    """One batch through the prompt-once path: per example, a float64 tensor of option log-likelihoods. ``left``:
+    the prompts padded on the left (their positions from the mask), so that every row's prompt ends at the same
+    cache position: a sliding window then sees the same tokens in every row as the row alone."""
+    if left:
+        from fedmoe.eval.generate import left_pad
+
+        input_ids, attention_mask = left_pad([list(p) for p in prompts], pad_id)
+        lengths = attention_mask.sum(dim=1)
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        last = torch.full((len(prompts),), input_ids.shape[1] - 1, dtype=torch.long)
+        extra = {"position_ids": position_ids.to(device)}
+    else:
+        input_ids, attention_mask, lengths = right_pad(prompts, pad_id)
+        last, extra = lengths - 1, {}
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     rows = torch.arange(len(prompts), device=device)
-    last = (lengths - 1).to(device)
+    last = last.to(device)
     longer = any(len(o) > 1 for opts in options for o in opts)
-    out = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=longer)
+    out = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=longer, **extra)
     first = F.log_softmax(lm_logits(model, out.last_hidden_state[rows, last]).float(), dim=-1).cpu()  # (B, V)
     scores = [first[b, torch.tensor([o[0] for o in opts])].double() for b, opts in enumerate(options)]
     if not longer:
@@ -219,17 +240,19 @@ def option_logprobs(model, prompts: Sequence[Sequence[int]], options: Sequence[S
         device = next(model.parameters()).device
     plain = reference or not _structured(model)
     recurrent = _recurrent(model)
-    window = attention_window(model)
+    sliding, other = _windows(model)
 
     def score(model, prompts, options, device, pad_id):
         longest = max(len(o) for opts in options for o in opts)
+        need = max(len(p) for p in prompts) + longest - 1  # the cache positions the longest continuation reaches
         # a recurrent model continues no prompt, and a windowed layer continues a right-padded prompt only while the
-        # padded prompt and the option fit its window (past it the window is counted over the padding): one-token
-        # options (MMLU's letters) still take the one forward
-        if plain or (longest > 1 and (recurrent or (window is not None
-                                                    and max(len(p) for p in prompts) + longest - 1 > window))):
+        # padded prompt and the option fit its window (past it the window is counted over the padding): a sliding
+        # window then takes the prompts padded on the left, chunks and Llama-4's temperature the whole sequences;
+        # one-token options (MMLU's letters) still take the one forward
+        if plain or (longest > 1 and (recurrent or (other is not None and need > other))):
             return _reference_batch(model, prompts, options, device, pad_id)
-        return cached_batch(model, prompts, options, device, pad_id)
+        left = longest > 1 and sliding is not None and need > sliding
+        return cached_batch(model, prompts, options, device, pad_id, left=left)
     out: list[torch.Tensor | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     with eval_mode(model), torch.inference_mode():
