@@ -454,3 +454,39 @@ def test_a_choice_tasks_option_scoring_is_planned_against_the_real_pass(tmp_path
         with torch.no_grad(), live:
             option_logprobs(mm.model, prompts, [opts] * 4, 4, "cpu")
         assert planned.passes["choice"] >= live.peak, (planned.passes, live.peak, opts)
+
+
+def test_a_sliding_window_models_option_scoring_is_planned_as_it_runs(tmp_path, monkeypatch):
+    """Past gpt-oss's sliding window the evaluator encodes the prompts once padded on the left (right padding had
+    the window counted over the padding); the plan runs that same path on fake tensors, within 1% of the real pass
+    with prompts of three lengths."""
+    import torch
+    from helpers import hf_folder
+
+    import fedmoe.eval.choice as choice
+    from fedmoe.data.prepare import answer_options
+    from fedmoe.data.tokenize import option_ids
+    from fedmoe.moe.model import load_tokenizer
+    from fedmoe.plan import _LiveBytes, _planned_model
+
+    L, B = 64, 8
+    folder = hf_folder(tmp_path, "gpt_oss")
+    cfg = load_config(None, [f"model.name={folder}", f"data.max_length={L}", f"eval.batch_size={B}",
+                             "eval.task=choice", "data.field_map={label: category}"])
+    lefts = []
+    once = choice.cached_batch
+    monkeypatch.setattr(choice, "cached_batch", lambda *a, left=False: lefts.append(left) or once(*a, left=left))
+    (plan,) = memory_plan(cfg)
+    assert lefts == [True]  # the plan's batch: prompts of L - 5 tokens, past the window of 4
+    options = option_ids(load_tokenizer(str(folder)), answer_options(cfg)[0])
+    mm, config = _planned_model(cfg, get_method("fedit"), plan.k)
+    mm.model.eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, config.vocab_size, (L - max(len(o) for o in options) - i % 3,), generator=g).tolist()
+               for i in range(B)]
+    live = _LiveBytes()
+    live.exclude([*mm.model.parameters(), *mm.model.buffers()])
+    with torch.no_grad(), live:
+        choice.option_logprobs(mm.model, prompts, [options] * B, B, "cpu")
+    assert lefts == [True, True]
+    assert abs(plan.passes["choice"] - live.peak) <= 0.01 * live.peak, (plan.passes, live.peak)
