@@ -187,8 +187,9 @@ def _continue(model, cache, cache_name, rests, which, attention_mask, lengths, d
         targets[r, : len(o) - 1] = torch.tensor(o[1:], dtype=torch.long)
         cont_mask[r, : len(o) - 1] = 1
     which = torch.tensor(which, dtype=torch.long)
-    sub = _rows_of(cache, which.to(device))
-    mask = torch.cat([attention_mask[which.to(device)], cont_mask.to(device)], dim=1)
+    on_device = which.to(device)
+    sub = _rows_of(cache, on_device)
+    mask = torch.cat([attention_mask[on_device], cont_mask.to(device)], dim=1)
     position_ids = lengths[which][:, None] + torch.arange(width)[None, :]
     hidden = model.model(input_ids=cont.to(device), attention_mask=mask, position_ids=position_ids.to(device),
                          use_cache=True, **{cache_name: sub}).last_hidden_state

@@ -115,6 +115,11 @@ def _is_stamp(a) -> bool:
     return isinstance(a, dict) and isinstance(a.get("path"), str) and whole(a.get("size")) and whole(a.get("mtime_ns"))
 
 
+def _entry_path(a) -> str:
+    """The store path of an ``accepted_stores`` entry (a stamp, or a path alone)."""
+    return a if isinstance(a, str) else a["path"]
+
+
 class PrivacyLedger:
     """The releases of one node (its state-dir): each locally privatised update it sent, with the noise
     multiplier of its Gaussian mechanism (σ/2: sensitivity 2C, noise σC)."""
@@ -153,8 +158,7 @@ class PrivacyLedger:
     def _accepted(data: dict) -> dict[str, dict | None]:
         """The ledger's accepted stores, by path: each its stamp, or None for an entry of a path alone (as the
         ledgers of 2026-12-07 morning wrote them: accepted whatever the file holds now)."""
-        return {a if isinstance(a, str) else a["path"]: None if isinstance(a, str) else a
-                for a in data.get("accepted_stores", [])}
+        return {_entry_path(a): None if isinstance(a, str) else a for a in data.get("accepted_stores", [])}
 
     def start(self) -> bool:
         """Start an empty ledger where there is none (the operator's word that what the data spent before is
@@ -246,7 +250,7 @@ class PrivacyLedger:
                     stamps = [self._stamp(p, st) for p, st in new]
                     again = {st["path"] for st in stamps}
                     data["accepted_stores"] = [a for a in data.get("accepted_stores", [])
-                                               if (a if isinstance(a, str) else a["path"]) not in again] + stamps
+                                               if _entry_path(a) not in again] + stamps
                     atomic_write_text(self.path, json.dumps(data, indent=1))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
@@ -262,9 +266,8 @@ class PrivacyLedger:
 
     def _checked(self) -> dict:
         listed = self._listed()  # before the ledger is read (unrecorded_stores)
-        stores = [p for p, _ in listed]
         if not self.path.exists():
-            trained = stores
+            trained = [p for p, _ in listed]
             if trained:
                 raise BudgetRefusal(
                     f"this node's state-dir {self.path.parent} holds the stores of {len(trained)} round(s) its client "
